@@ -1,0 +1,271 @@
+/**
+ * The file-writing side of `ovms-mtls certs ...`: a complete mTLS PKI in one directory, more
+ * client certificates from its client CA, and revocation through the CRL. Replaces the nginx
+ * example's openssl script (self-signed CA:TRUE server cert without SAN, v1 client cert,
+ * world-readable keys). Pure Node: no openssl CLI needed.
+ */
+import { randomBytes, X509Certificate } from 'node:crypto';
+import { resolve } from 'node:path';
+import { ConfigError, isUserError } from './errors.js';
+import {
+  assertAbsent,
+  ensureDirectory,
+  KEY_MODE,
+  PUBLIC_MODE,
+  readMaterial,
+  readOptionalMaterial,
+  resolveCertPath,
+  writeFiles,
+  type PlannedFile,
+  type WrittenFile,
+} from './certs-command/files.js';
+import { checkClientName, checkDays, checkDnsName, checkKeyKind, checkUri, serverSubjectAltNames } from './certs-command/validate.js';
+import {
+  CLOCK_SKEW_MS,
+  createCa,
+  createCrl,
+  isCrlSignedBy,
+  issueClientCert,
+  issueServerCert,
+  normaliseSerial,
+  parseCrl,
+  type Issued,
+  type KeyKind,
+} from './x509.js';
+
+export type { WrittenFile } from './certs-command/files.js';
+export { parseSanEntry } from './certs-command/validate.js';
+
+/** File names inside the certs directory; the proxy's defaults point at the same names. */
+export const CERT_FILES = {
+  serverCert: 'server.pem',
+  serverKey: 'server.key',
+  serverCaCert: 'server_ca.pem',
+  serverCaKey: 'server_ca.key',
+  clientCaCert: 'client_cert_ca.pem',
+  clientCaKey: 'client_cert_ca.key',
+  clientCaCrl: 'client_cert_ca.crl',
+  clientCert: 'client.pem',
+  clientKey: 'client.key',
+} as const;
+
+const DAY_MS = 24 * 60 * 60 * 1000;
+
+export interface CertsInitOptions {
+  dir: string;
+  serverName?: string;
+  /** Extra server SAN entries: `DNS:name` or `IP:address`. */
+  san?: string[];
+  days?: number;
+  key?: KeyKind;
+  force?: boolean;
+}
+
+export interface CertsClientOptions {
+  dir: string;
+  name: string;
+  uri?: string[];
+  dns?: string[];
+  days?: number;
+  key?: KeyKind;
+  force?: boolean;
+}
+
+export interface CertsRevokeOptions {
+  dir: string;
+  /** Path of the client certificate to revoke; a bare NAME also finds DIR/NAME.pem. */
+  cert: string;
+}
+
+export interface CertsReport {
+  dir: string;
+  files: WrittenFile[];
+  /** When the issued certificates (or, for revoke, the new CRL) stop being valid. */
+  validUntil: Date;
+  /** Lines for the terminal. */
+  summary: string;
+}
+
+export interface RevokeReport extends CertsReport {
+  serialHex: string;
+  alreadyRevoked: boolean;
+  crlNumber: bigint;
+}
+
+export async function certsInit(o: CertsInitOptions): Promise<CertsReport> {
+  const dir = resolve(o.dir);
+  const days = checkDays(o.days ?? 1);
+  const key = checkKeyKind(o.key ?? 'ec');
+  const serverName = o.serverName ?? 'localhost';
+  const san = serverSubjectAltNames(serverName, o.san ?? []);
+  await ensureDirectory(dir);
+  if (!o.force) await assertAbsent(dir, Object.values(CERT_FILES));
+
+  // A random suffix keeps every init's CA names distinct: OpenSSL looks issuers and CRLs up by
+  // name, so a client cert from an earlier init must not find a same-named but different CA.
+  const runId = randomBytes(4).toString('hex');
+  const [serverCa, clientCa] = await Promise.all([
+    createCa({ commonName: `ovms-mtls server CA ${runId}`, days, key }),
+    createCa({ commonName: `ovms-mtls client CA ${runId}`, days, key }),
+  ]);
+  const [server, client, crl] = await Promise.all([
+    issueServerCert({ issuer: serverCa, commonName: serverName, days, key, ...san }),
+    issueClientCert({ issuer: clientCa, commonName: 'client', days, key }),
+    createCrl({ issuer: clientCa, days }),
+  ]);
+
+  const files = await writeFiles(dir, [
+    ...pairFiles(CERT_FILES.serverCert, CERT_FILES.serverKey, server, `server certificate (${describeSan(san)})`),
+    ...pairFiles(CERT_FILES.serverCaCert, CERT_FILES.serverCaKey, serverCa, 'CA of the server certificate: clients trust this'),
+    ...pairFiles(CERT_FILES.clientCaCert, CERT_FILES.clientCaKey, clientCa, 'CA the proxy accepts client certificates from'),
+    { name: CERT_FILES.clientCaCrl, contents: crl, mode: PUBLIC_MODE, description: 'CRL of the client CA (no revocations yet)' },
+    ...pairFiles(CERT_FILES.clientCert, CERT_FILES.clientKey, client, 'client certificate (CN=client)'),
+  ]);
+  const validUntil = notAfterOf(server);
+  return {
+    dir,
+    files,
+    validUntil,
+    summary: summarise(dir, files, validUntil, days, [
+      'The CAs and the CRL expire then too (an expired CRL makes the proxy refuse every client): run `certs init --force` before that.',
+    ]),
+  };
+}
+
+export async function certsClient(o: CertsClientOptions): Promise<CertsReport> {
+  const dir = resolve(o.dir);
+  const name = checkClientName(o.name);
+  const days = checkDays(o.days ?? 1);
+  const key = checkKeyKind(o.key ?? 'ec');
+  const uris = (o.uri ?? []).map(checkUri);
+  const dns = (o.dns ?? []).map((value) => checkDnsName(value, '--dns'));
+  const certName = `${name}.pem`;
+  const keyName = `${name}.key`;
+  if (!o.force) await assertAbsent(dir, [certName, keyName]);
+
+  const clientCa = await readClientCa(dir);
+  const client = await signingWith(dir, () => issueClientCert({ issuer: clientCa, commonName: name, days, key, uris, dns }));
+  const files = await writeFiles(dir, pairFiles(certName, keyName, client, `client certificate (CN=${name}${describeClientSan(uris, dns)})`));
+  const validUntil = notAfterOf(client);
+  const caValidUntil = notAfterOf(clientCa);
+  // Verification fails once the CA expires, however long the leaf claims to live.
+  const notes = caValidUntil < validUntil ? [`Note: the client CA expires earlier, at ${caValidUntil.toISOString()}; the certificate stops working then.`] : [];
+  return { dir, files, validUntil, summary: summarise(dir, files, validUntil, days, notes) };
+}
+
+export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> {
+  const dir = resolve(o.dir);
+  const clientCa = await readClientCa(dir);
+  const certPath = await resolveCertPath(dir, o.cert);
+  const target = parseCertFile(certPath, await readMaterial(certPath, dir));
+  assertIssuedBy(target, new X509Certificate(clientCa.certPem), certPath);
+
+  const crlPath = resolve(dir, CERT_FILES.clientCaCrl);
+  const previous = await readPreviousCrl(crlPath, clientCa);
+  const serialHex = normaliseSerial(target.serialNumber);
+  const subject = target.subject.replace(/\n/g, ', ');
+  const already = previous?.revoked.find((entry) => entry.serialHex === serialHex);
+  if (already && previous) {
+    const validUntil = previous.nextUpdate ?? previous.thisUpdate;
+    const summary = `${certPath} (serial ${serialHex}, ${subject}) was already revoked on ${already.date.toISOString()}; ${crlPath} is unchanged.`;
+    return { dir, files: [], validUntil, summary, serialHex, alreadyRevoked: true, crlNumber: previous.crlNumber ?? 0n };
+  }
+
+  const crlNumber = (previous?.crlNumber ?? 0n) + 1n;
+  // Whole seconds: the CRL stores no more, and the summary should print what the CRL says.
+  const thisUpdate = new Date(Math.floor((Date.now() - CLOCK_SKEW_MS) / 1000) * 1000);
+  // Keep the publisher's chosen lifetime: the new CRL lives as long as the one it replaces.
+  const span = previous?.nextUpdate ? previous.nextUpdate.getTime() - previous.thisUpdate.getTime() : DAY_MS;
+  const nextUpdate = new Date(thisUpdate.getTime() + span);
+  const crl = await signingWith(dir, () =>
+    createCrl({ issuer: clientCa, revoked: [...(previous?.revoked ?? []), { serialHex }], thisUpdate, nextUpdate, crlNumber }),
+  );
+  const files = await writeFiles(dir, [
+    { name: CERT_FILES.clientCaCrl, contents: crl, mode: PUBLIC_MODE, description: `CRL number ${crlNumber}, revokes serial ${serialHex}` },
+  ]);
+  const summary = [
+    `Revoked ${certPath} (serial ${serialHex}, ${subject}).`,
+    `Wrote ${crlPath}: CRL number ${crlNumber}, ${(previous?.revoked.length ?? 0) + 1} revoked, next update ${nextUpdate.toISOString()}.`,
+    'Proxies reject this certificate once they load the new CRL; connections already open are not closed by it.',
+  ].join('\n');
+  return { dir, files, validUntil: nextUpdate, summary, serialHex, alreadyRevoked: false, crlNumber };
+}
+
+async function readClientCa(dir: string): Promise<Issued> {
+  const certPath = resolve(dir, CERT_FILES.clientCaCert);
+  const keyPath = resolve(dir, CERT_FILES.clientCaKey);
+  return { certPem: await readMaterial(certPath, dir), keyPem: await readMaterial(keyPath, dir), serialHex: '' };
+}
+
+/** Turns a bad CA cert/key pair in DIR into a one-line ConfigError naming the files. */
+async function signingWith<T>(dir: string, sign: () => Promise<T>): Promise<T> {
+  try {
+    return await sign();
+  } catch (err) {
+    if (!isUserError(err)) throw err;
+    const files = `${resolve(dir, CERT_FILES.clientCaCert)} and ${resolve(dir, CERT_FILES.clientCaKey)}`;
+    throw new ConfigError(`cannot sign with ${files}: ${err.message}`, { cause: err });
+  }
+}
+
+function parseCertFile(path: string, pem: string): X509Certificate {
+  try {
+    return new X509Certificate(pem);
+  } catch (err) {
+    throw new ConfigError(`${path} is not a PEM certificate: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+function assertIssuedBy(cert: X509Certificate, ca: X509Certificate, certPath: string): void {
+  if (cert.fingerprint256 === ca.fingerprint256) throw new ConfigError(`${certPath} is the client CA itself, not a client certificate`);
+  // checkIssued compares names only; verify() proves the CA's key signed it.
+  if (!cert.checkIssued(ca) || !cert.verify(ca.publicKey)) {
+    throw new ConfigError(`${certPath} was not issued by ${CERT_FILES.clientCaCert} in this directory; its issuer is ${cert.issuer.replace(/\n/g, ', ')}`);
+  }
+}
+
+async function readPreviousCrl(crlPath: string, clientCa: Issued): Promise<ReturnType<typeof parseCrl> | undefined> {
+  const pem = await readOptionalMaterial(crlPath);
+  if (pem === undefined) return undefined;
+  try {
+    if (!(await isCrlSignedBy(pem, clientCa.certPem))) {
+      throw new ConfigError(`${crlPath} is not signed by ${CERT_FILES.clientCaCert}; move it away to start a new CRL`);
+    }
+    return parseCrl(pem);
+  } catch (err) {
+    if (err instanceof ConfigError) throw err;
+    throw new ConfigError(`${crlPath} cannot be read as a CRL: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+function pairFiles(certName: string, keyName: string, issued: Issued, description: string): PlannedFile[] {
+  return [
+    { name: certName, contents: issued.certPem, mode: PUBLIC_MODE, description },
+    { name: keyName, contents: issued.keyPem, mode: KEY_MODE, description: `private key of ${certName}` },
+  ];
+}
+
+function notAfterOf(issued: Issued): Date {
+  return new Date(new X509Certificate(issued.certPem).validTo);
+}
+
+function describeSan(san: { dns: string[]; ips: string[] }): string {
+  return [...san.dns.map((d) => `DNS:${d}`), ...san.ips.map((ip) => `IP:${ip}`)].join(', ');
+}
+
+function describeClientSan(uris: string[], dns: string[]): string {
+  const names = [...uris.map((u) => `URI:${u}`), ...dns.map((d) => `DNS:${d}`)];
+  return names.length > 0 ? `; ${names.join(', ')}` : '';
+}
+
+function summarise(dir: string, files: WrittenFile[], validUntil: Date, days: number, notes: string[]): string {
+  const width = Math.max(...files.map((f) => f.name.length));
+  const lines = [
+    `Wrote ${files.length} file${files.length === 1 ? '' : 's'} to ${dir}:`,
+    ...files.map((f) => `  ${f.name.padEnd(width)}  ${f.mode.toString(8).padStart(4, '0')}  ${f.description}`),
+    `Certificates are valid until ${validUntil.toISOString()}.`,
+    ...notes,
+  ];
+  if (days === 1) lines.push('Note: these certificates expire in 1 day (as in the OVMS nginx example); pass --days N for a longer validity.');
+  return lines.join('\n');
+}

@@ -1,0 +1,114 @@
+/** File handling for `ovms-mtls certs`: private keys never world-readable, no half-written files. */
+import { randomBytes } from 'node:crypto';
+import { chmod, lstat, mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { isAbsolute, join, resolve } from 'node:path';
+import { ConfigError } from '../errors.js';
+
+export const KEY_MODE = 0o600;
+export const PUBLIC_MODE = 0o644;
+const DIR_MODE = 0o755;
+
+export interface PlannedFile {
+  name: string;
+  contents: string;
+  mode: number;
+  description: string;
+}
+
+export interface WrittenFile {
+  name: string;
+  path: string;
+  mode: number;
+  description: string;
+}
+
+export async function ensureDirectory(dir: string): Promise<void> {
+  try {
+    await mkdir(dir, { recursive: true, mode: DIR_MODE });
+  } catch (err) {
+    throw new ConfigError(`cannot create directory ${dir}: ${(err as Error).message}`, { cause: err });
+  }
+  if (!(await stat(dir)).isDirectory()) throw new ConfigError(`${dir} exists and is not a directory`);
+}
+
+/** Refuses before anything is written, so a refused run leaves the directory as it was. */
+export async function assertAbsent(dir: string, names: string[]): Promise<void> {
+  const existing: string[] = [];
+  for (const name of names) {
+    if (await exists(join(dir, name))) existing.push(join(dir, name));
+  }
+  if (existing.length === 0) return;
+  const more = existing.length > 1 ? ` (and ${existing.length - 1} more of the files to write)` : '';
+  throw new ConfigError(`${existing[0]} already exists${more}; pass --force to overwrite`);
+}
+
+export async function writeFiles(dir: string, files: PlannedFile[]): Promise<WrittenFile[]> {
+  const written: WrittenFile[] = [];
+  for (const file of files) {
+    const path = join(dir, file.name);
+    await writeFileAtomically(path, file.contents, file.mode);
+    written.push({ name: file.name, path, mode: file.mode, description: file.description });
+  }
+  return written;
+}
+
+/**
+ * Temp file + rename: a reader (a proxy reloading its certs) sees the old file or the new one, never
+ * a torn one. The temp file is created with its final mode, so a key is never readable by others,
+ * and chmod'ed again because the process umask may have narrowed the mode given to open().
+ */
+async function writeFileAtomically(path: string, contents: string, mode: number): Promise<void> {
+  const temp = `${path}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+  try {
+    const handle = await open(temp, 'wx', mode);
+    try {
+      await handle.writeFile(contents);
+      await handle.chmod(mode);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await rename(temp, path);
+  } catch (err) {
+    await unlink(temp).catch(() => undefined);
+    throw new ConfigError(`cannot write ${path}: ${(err as Error).message}`, { cause: err });
+  }
+  await chmod(path, mode);
+}
+
+/** Reads a PEM file of the PKI; a missing one means `certs init` has not run for this directory. */
+export async function readMaterial(path: string, dir: string): Promise<string> {
+  const text = await readOptionalMaterial(path);
+  if (text === undefined) throw new ConfigError(`${path} not found: run \`ovms-mtls certs init --dir ${dir}\` first`);
+  return text;
+}
+
+export async function readOptionalMaterial(path: string): Promise<string | undefined> {
+  try {
+    return await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new ConfigError(`cannot read ${path}: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/** `--cert` is a path; a bare name that is not a file also finds DIR/NAME.pem (as `certs client --name` wrote it). */
+export async function resolveCertPath(dir: string, cert: string): Promise<string> {
+  const asGiven = resolve(cert);
+  if (await exists(asGiven)) return asGiven;
+  const candidates = isAbsolute(cert) || cert.includes('/') ? [] : [join(dir, cert), join(dir, `${cert}.pem`)];
+  for (const candidate of candidates) {
+    if (await exists(candidate)) return candidate;
+  }
+  throw new ConfigError(`--cert ${cert}: no such file${candidates.length > 0 ? ` (also looked for ${candidates.join(' and ')})` : ''}`);
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await lstat(path);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw err;
+  }
+}

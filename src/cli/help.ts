@@ -1,0 +1,26 @@
+import { ALL_OPTIONS, envVarName, type OptionSpec } from '../options.js';
+import { productVersion } from '../version.js';
+
+function optionLine(spec: OptionSpec): string {
+  const def = spec.defaultDescription ? ` (default: ${spec.defaultDescription})` : '';
+  return `  --${spec.name.padEnd(26)} ${spec.describe}${def}\n  ${''.padEnd(28)} env: ${envVarName(spec.name)}\n`;
+}
+
+export function helpText(): string {
+  return `ovms-mtls ${productVersion()} - mutual TLS front door for OpenVINO Model Server
+
+Usage:
+  ovms-mtls [OVMS options] [--mtls_* options]   drop-in OVMS entrypoint: starts OVMS on loopback behind mTLS
+  ovms-mtls proxy [options]                      mTLS proxy in front of a model server that runs elsewhere
+  ovms-mtls certs init|client|revoke [options]   make and manage certificates (no openssl needed)
+  ovms-mtls check [--mtls_* options]             validate the TLS material the proxy would load
+  ovms-mtls probe --host H [options]             check a running deployment like a client would
+  ovms-mtls demo                                 throwaway certs + stand-in model server + proxy, with commands to try
+  ovms-mtls --help | --version
+
+Options (every option also reads OVMS_MTLS_<NAME>, e.g. --mtls_cert -> OVMS_MTLS_CERT;
+the command line wins; --opt value and --opt=value both work; a repeated option keeps its last value):
+${ALL_OPTIONS.map(optionLine).join('')}
+OVMS's own help: ovms-mtls --mtls_ovms_help
+`;
+}

@@ -1,0 +1,49 @@
+import { isUserError } from '../errors.js';
+import { productVersion } from '../version.js';
+import { runProxyCommand } from './proxy-command.js';
+import { helpText } from './help.js';
+
+export interface Io {
+  readonly stdout: NodeJS.WritableStream;
+  readonly stderr: NodeJS.WritableStream;
+  readonly env: NodeJS.ProcessEnv;
+}
+
+type Command = (argv: readonly string[], io: Io) => Promise<number>;
+
+const COMMANDS: Record<string, Command> = {
+  proxy: (argv, io) => runProxyCommand(argv, io.env),
+};
+
+/** Runs one command line and returns the exit code; throws only on bugs or user errors. */
+export async function run(argv: readonly string[], io: Io): Promise<number> {
+  const [first, ...rest] = argv;
+  if (first === undefined || first === '--help' || first === '-h' || first === 'help') {
+    io.stdout.write(helpText());
+    return first === undefined ? 2 : 0;
+  }
+  if (first === '--version' || first === '-v') {
+    io.stdout.write(`ovms-mtls ${productVersion()}\n`);
+    return 0;
+  }
+  const command = COMMANDS[first];
+  if (command) return command(rest, io);
+  io.stderr.write(`ovms-mtls: unknown command '${first}' (see \`ovms-mtls --help\`)\n`);
+  return 2;
+}
+
+/** The process entry: the only place that exits. User errors print one line, no stack. */
+export function main(argv: readonly string[]): void {
+  const io: Io = { stdout: process.stdout, stderr: process.stderr, env: process.env };
+  run(argv, io).then(
+    (code) => process.exit(code),
+    (err: unknown) => {
+      if (isUserError(err)) {
+        process.stderr.write(`ovms-mtls: ${err.message}\n`);
+        process.exit(2);
+      }
+      process.stderr.write(`ovms-mtls: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
+      process.exit(70);
+    },
+  );
+}

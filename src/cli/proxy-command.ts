@@ -1,0 +1,30 @@
+import { ALL_OPTIONS, type OptionSpec } from '../options.js';
+import { proxyConfigFromOptions } from '../config.js';
+import { createLogger } from '../log.js';
+import { loadTlsMaterialSync } from '../tls-material.js';
+import { startProxy } from '../proxy.js';
+import { collectOptions, parseCommandLine } from './options-parser.js';
+import { waitForStopSignal } from './lifecycle.js';
+
+const ENTRYPOINT_ONLY = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_restart']);
+export const PROXY_OPTIONS: readonly OptionSpec[] = ALL_OPTIONS.filter((o) => !ENTRYPOINT_ONLY.has(o.name));
+
+export const PROXY_USAGE = `ovms-mtls proxy --port 9443 --mtls_grpc_upstream 127.0.0.1:9000 \\
+    --rest_port 8443 --mtls_rest_upstream 127.0.0.1:8000 \\
+    --mtls_cert server.pem --mtls_key server.key --mtls_client_ca client_cert_ca.pem [--mtls_crl client_cert_ca.crl]
+
+Terminates mutual TLS in front of a model server that runs elsewhere.`;
+
+/** `ovms-mtls proxy ...`: runs until SIGTERM/SIGINT, then drains and returns 0. */
+export async function runProxyCommand(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
+  const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
+  const config = proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, env));
+  const logger = createLogger({ level: config.logLevel });
+  const material = loadTlsMaterialSync(config.tls);
+  const proxy = await startProxy({ config, material, logger });
+  const stop = waitForStopSignal(logger);
+  await stop.signal;
+  await proxy.shutdown(config.shutdownTimeoutMs);
+  logger.info({ event: 'stopped' }, 'stopped');
+  return 0;
+}

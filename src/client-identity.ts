@@ -1,0 +1,169 @@
+import type { X509Certificate } from 'node:crypto';
+import type { TLSSocket } from 'node:tls';
+import type { AllowList } from './config.js';
+
+/** Who the client is, computed once per TLS connection. */
+export interface ClientIdentity {
+  /** RFC 2253 order and escaping, e.g. `CN=client,O=Example`. */
+  readonly subject: string;
+  readonly cn: string | undefined;
+  readonly ous: readonly string[];
+  readonly serial: string;
+  /** sha256 of the certificate DER, lowercase hex without colons. */
+  readonly fingerprint: string;
+  readonly uris: readonly string[];
+  readonly dns: readonly string[];
+  readonly validTo: string;
+  /** Envoy-format x-forwarded-client-cert value. */
+  readonly xfcc: string;
+}
+
+/** Why a client was refused; `reason` is a stable label for logs and metrics. */
+export interface Refusal {
+  readonly reason: RefusalReason;
+  readonly detail: string;
+}
+
+export type RefusalReason =
+  | 'no_certificate'
+  | 'unknown_ca'
+  | 'expired'
+  | 'not_yet_valid'
+  | 'revoked'
+  | 'wrong_purpose'
+  | 'crl_missing'
+  | 'crl_expired'
+  | 'chain_too_long'
+  | 'not_allowed'
+  | 'verify_failed';
+
+const OPENSSL_REASONS: Record<string, RefusalReason> = {
+  UNABLE_TO_VERIFY_LEAF_SIGNATURE: 'unknown_ca',
+  UNABLE_TO_GET_ISSUER_CERT: 'unknown_ca',
+  UNABLE_TO_GET_ISSUER_CERT_LOCALLY: 'unknown_ca',
+  SELF_SIGNED_CERT_IN_CHAIN: 'unknown_ca',
+  DEPTH_ZERO_SELF_SIGNED_CERT: 'unknown_ca',
+  CERT_SIGNATURE_FAILURE: 'unknown_ca',
+  CERT_HAS_EXPIRED: 'expired',
+  CERT_NOT_YET_VALID: 'not_yet_valid',
+  CERT_REVOKED: 'revoked',
+  INVALID_PURPOSE: 'wrong_purpose',
+  UNABLE_TO_GET_CRL: 'crl_missing',
+  CRL_HAS_EXPIRED: 'crl_expired',
+  CRL_NOT_YET_VALID: 'crl_expired',
+  CERT_CHAIN_TOO_LONG: 'chain_too_long',
+};
+
+const REASON_TEXT: Record<RefusalReason, string> = {
+  no_certificate: 'client sent no certificate',
+  unknown_ca: 'client certificate is not issued by a trusted client CA',
+  expired: 'client certificate has expired',
+  not_yet_valid: 'client certificate is not valid yet',
+  revoked: 'client certificate is revoked by the CRL',
+  wrong_purpose: 'client certificate key usage / EKU does not allow client authentication',
+  crl_missing: 'no CRL for the CA that issued the client certificate (give one CRL per trusted CA)',
+  crl_expired: 'the CRL for the client CA is expired or not yet valid; every client of that CA is refused until it is renewed',
+  chain_too_long: 'client certificate chain is longer than --mtls_verify_depth',
+  not_allowed: 'client certificate matches no --mtls_allow_* rule',
+  verify_failed: 'client certificate failed verification',
+};
+
+export function refusal(reason: RefusalReason, opensslCode?: string): Refusal {
+  return { reason, detail: opensslCode ? `${REASON_TEXT[reason]} (${opensslCode})` : REASON_TEXT[reason] };
+}
+
+/**
+ * Judges a finished handshake. Node's `authorizationError` reports a missing
+ * certificate as UNABLE_TO_GET_ISSUER_CERT (misleading), so look at the
+ * certificate itself first.
+ */
+export function verificationRefusal(socket: TLSSocket): Refusal | undefined {
+  if (socket.authorized) return undefined;
+  const peer = socket.getPeerX509Certificate();
+  if (!peer) return refusal('no_certificate');
+  const code = String(socket.authorizationError ?? 'UNKNOWN');
+  return refusal(OPENSSL_REASONS[code] ?? 'verify_failed', code);
+}
+
+/** `DNS:a, URI:spiffe://x, IP Address:1.2.3.4`; Node quotes entries holding commas. */
+export function parseSubjectAltName(san: string | undefined): { dns: string[]; uris: string[] } {
+  const dns: string[] = [];
+  const uris: string[] = [];
+  if (!san) return { dns, uris };
+  const entry = /(DNS|URI|IP Address|email|othername|DirName|Registered ID):("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)/g;
+  for (const match of san.matchAll(entry)) {
+    const raw = match[2]!;
+    const value = raw.startsWith('"') ? (JSON.parse(raw) as string) : raw;
+    if (match[1] === 'DNS') dns.push(value);
+    else if (match[1] === 'URI') uris.push(value);
+  }
+  return { dns, uris };
+}
+
+/** Node prints the subject one attribute per line in certificate order; RFC 2253 reverses it. */
+export function rfc2253Subject(subject: string): string {
+  return subject.split('\n').filter(Boolean).reverse().join(',');
+}
+
+function attributes(subject: string, name: string): string[] {
+  return subject
+    .split('\n')
+    .filter((line) => line.startsWith(name + '='))
+    .map((line) => line.slice(name.length + 1));
+}
+
+function quoteXfccValue(value: string): string {
+  return '"' + value.replace(/\\/g, '\\\\').replace(/"/g, '\\"') + '"';
+}
+
+/** Values holding `,;=` or quotes must be quoted in XFCC. */
+function xfccValue(value: string): string {
+  return /[,;="\\\s]/.test(value) ? quoteXfccValue(value) : value;
+}
+
+export function xfccHeaderValue(id: Omit<ClientIdentity, 'xfcc'>): string {
+  const parts = [`Hash=${id.fingerprint}`, `Subject=${quoteXfccValue(id.subject)}`];
+  for (const uri of id.uris) parts.push(`URI=${xfccValue(uri)}`);
+  for (const name of id.dns) parts.push(`DNS=${xfccValue(name)}`);
+  return parts.join(';');
+}
+
+export function identityFromCertificate(cert: X509Certificate): ClientIdentity {
+  const { dns, uris } = parseSubjectAltName(cert.subjectAltName);
+  const base = {
+    subject: rfc2253Subject(cert.subject),
+    cn: attributes(cert.subject, 'CN').at(-1),
+    ous: attributes(cert.subject, 'OU'),
+    serial: cert.serialNumber.toLowerCase(),
+    fingerprint: cert.fingerprint256.replace(/:/g, '').toLowerCase(),
+    uris,
+    dns,
+    validTo: cert.validTo,
+  };
+  return { ...base, xfcc: xfccHeaderValue(base) };
+}
+
+/** `*` matches one path segment, `**` (last) any suffix including none. */
+export function uriPatternMatches(pattern: string, uri: string): boolean {
+  const source = pattern
+    .split(/(\*\*|\*)/)
+    .map((part) => (part === '**' ? '.*' : part === '*' ? '[^/]*' : part.replace(/[.+?^${}()|[\]\\]/g, '\\$&')))
+    .join('');
+  return new RegExp(`^${source}$`).test(uri);
+}
+
+export function isAllowListEmpty(allow: AllowList): boolean {
+  return allow.cn.length + allow.ou.length + allow.dns.length + allow.uri.length + allow.fingerprint.length === 0;
+}
+
+/** Allow-lists are OR-ed: one matching rule of any kind admits the client. */
+export function isAllowed(id: ClientIdentity, allow: AllowList): boolean {
+  if (isAllowListEmpty(allow)) return true;
+  return (
+    (id.cn !== undefined && allow.cn.includes(id.cn)) ||
+    id.ous.some((ou) => allow.ou.includes(ou)) ||
+    id.dns.some((name) => allow.dns.includes(name)) ||
+    id.uris.some((uri) => allow.uri.some((pattern) => uriPatternMatches(pattern, uri))) ||
+    allow.fingerprint.includes(id.fingerprint)
+  );
+}

@@ -1,0 +1,285 @@
+import { isIP } from 'node:net';
+import { availableParallelism } from 'node:os';
+import { ConfigError } from './errors.js';
+import type { RawOptions } from './options.js';
+import type { LevelWithSilent } from 'pino';
+import { LOG_LEVELS } from './log.js';
+
+export interface HostPort {
+  readonly host: string;
+  readonly port: number;
+}
+
+export interface ListenerConfig {
+  /** Addresses to bind; OVMS accepts comma-separated lists, so do we. */
+  readonly hosts: readonly string[];
+  /** 0 asks the OS for a free port (library and tests only; the CLI treats 0 as "off"). */
+  readonly port: number;
+  readonly upstream: HostPort;
+}
+
+export interface TlsFiles {
+  readonly cert: string;
+  readonly key: string;
+  readonly clientCa: string;
+  readonly crl?: string | undefined;
+}
+
+/** Who may connect, beyond "the CA vouches for them". Lists are OR-ed; all empty = anyone. */
+export interface AllowList {
+  readonly cn: readonly string[];
+  readonly ou: readonly string[];
+  readonly dns: readonly string[];
+  readonly uri: readonly string[];
+  readonly fingerprint: readonly string[];
+}
+
+/** Limits applied to every public connection. */
+export interface Limits {
+  readonly handshakeTimeoutMs: number;
+  /** Per listener; 0 = unlimited. */
+  readonly maxConnections: number;
+  readonly maxConcurrentStreams: number;
+  readonly maxHeaderSize: number;
+  /** MiB, nghttp2's per-session budget before ENHANCE_YOUR_CALM. */
+  readonly maxSessionMemoryMiB: number;
+  readonly streamWindow: number;
+  readonly connectionWindow: number;
+  readonly verifyDepth: number;
+}
+
+export interface Config {
+  readonly grpc?: ListenerConfig | undefined;
+  readonly rest?: ListenerConfig | undefined;
+  readonly tls: TlsFiles;
+  readonly allow: AllowList;
+  readonly limits: Limits;
+  readonly shutdownTimeoutMs: number;
+  readonly logLevel: LevelWithSilent;
+  readonly accessLog: boolean;
+  readonly admin?: { readonly hosts: readonly string[]; readonly port: number } | undefined;
+  readonly workers: number;
+}
+
+/** Every default in one place. */
+export const DEFAULTS = {
+  bindAddress: '0.0.0.0',
+  adminBindAddress: '127.0.0.1',
+  shutdownTimeoutSeconds: 30,
+  logLevel: 'info' as LevelWithSilent,
+  accessLog: true,
+  limits: {
+    handshakeTimeoutMs: 10_000,
+    maxConnections: 0,
+    maxConcurrentStreams: 128,
+    maxHeaderSize: 64 * 1024,
+    maxSessionMemoryMiB: 64,
+    // FINDINGS: 64 KiB windows move MB-sized tensors at a fraction of nginx's speed.
+    streamWindow: 1024 * 1024,
+    connectionWindow: 16 * 1024 * 1024,
+    verifyDepth: 5,
+  } satisfies Limits,
+  tlsFilesInContainer: {
+    cert: '/certs/server.pem',
+    key: '/certs/server.key',
+    clientCa: '/certs/client_cert_ca.pem',
+    crl: '/certs/client_cert_ca.crl',
+  },
+} as const;
+
+export const EMPTY_ALLOW_LIST: AllowList = { cn: [], ou: [], dns: [], uri: [], fingerprint: [] };
+
+function flag(name: string): string {
+  return `--${name}`;
+}
+
+export function parseInteger(name: string, value: unknown, min: number, max: number): number {
+  const text = String(value).trim();
+  const n = /^-?\d+$/.test(text) ? Number(text) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) {
+    throw new ConfigError(`${flag(name)}: '${String(value)}' is not a whole number between ${min} and ${max}`);
+  }
+  return n;
+}
+
+export function parsePort(name: string, value: unknown): number {
+  return parseInteger(name, value, 0, 65535);
+}
+
+function parseSeconds(name: string, value: unknown): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0`);
+  return Math.round(n * 1000);
+}
+
+/** `host:port`, `[v6]:port`; the host must be an IP or a plain DNS name. */
+export function parseHostPort(name: string, value: unknown): HostPort {
+  const text = String(value ?? '').trim();
+  const match = /^\[([^\]]+)\]:(\d+)$/.exec(text) ?? /^([^:[\]]+):(\d+)$/.exec(text);
+  if (!match || !isHostName(match[1]!)) {
+    throw new ConfigError(`${flag(name)}: '${text}' is not host:port (example: 127.0.0.1:9000 or [::1]:9000)`);
+  }
+  const port = parseInteger(name, match[2], 1, 65535);
+  return { host: match[1]!, port };
+}
+
+function isHostName(host: string): boolean {
+  return isIP(host) !== 0 || /^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$/.test(host);
+}
+
+export function parseBindAddresses(name: string, value: unknown, fallback: string): string[] {
+  const text = value === undefined || value === '' ? fallback : String(value);
+  const hosts = text.split(',').map((h) => h.trim()).filter(Boolean);
+  for (const host of hosts) {
+    if (!isHostName(host)) throw new ConfigError(`${flag(name)}: '${host}' is not an IP address or host name`);
+  }
+  if (hosts.length === 0) throw new ConfigError(`${flag(name)}: no address given`);
+  return hosts;
+}
+
+function optionalString(raw: RawOptions, name: string): string | undefined {
+  const v = raw[name];
+  if (v === undefined || v === '') return undefined;
+  if (Array.isArray(v)) return v.at(-1);
+  return String(v);
+}
+
+function stringList(raw: RawOptions, name: string): string[] {
+  const v = raw[name];
+  if (v === undefined) return [];
+  const list = Array.isArray(v) ? v : [v];
+  return list.flatMap((item) => String(item).split(',')).map((s) => s.trim()).filter(Boolean);
+}
+
+function requiredString(raw: RawOptions, name: string, hint: string): string {
+  const v = optionalString(raw, name);
+  if (v === undefined) throw new ConfigError(`${flag(name)} is required (${hint})`);
+  return v;
+}
+
+function parseBoolean(name: string, value: unknown, fallback: boolean): boolean {
+  if (value === undefined) return fallback;
+  if (typeof value === 'boolean') return value;
+  const text = String(value).toLowerCase();
+  if (['1', 'true', 'yes', 'on'].includes(text)) return true;
+  if (['0', 'false', 'no', 'off'].includes(text)) return false;
+  throw new ConfigError(`${flag(name)}: '${String(value)}' is not true or false`);
+}
+
+function numberOr(raw: RawOptions, name: string, fallback: number, min: number, max: number): number {
+  const v = raw[name];
+  return v === undefined || v === '' ? fallback : parseInteger(name, v, min, max);
+}
+
+export function parseLimits(raw: RawOptions): Limits {
+  const d = DEFAULTS.limits;
+  const handshake = raw['mtls_handshake_timeout'];
+  return {
+    handshakeTimeoutMs: handshake === undefined ? d.handshakeTimeoutMs : Math.max(1, parseSeconds('mtls_handshake_timeout', handshake)),
+    maxConnections: numberOr(raw, 'mtls_max_connections', d.maxConnections, 0, 10_000_000),
+    maxConcurrentStreams: numberOr(raw, 'mtls_max_concurrent_streams', d.maxConcurrentStreams, 1, 2 ** 31 - 1),
+    maxHeaderSize: numberOr(raw, 'mtls_max_header_size', d.maxHeaderSize, 1024, 16 * 1024 * 1024),
+    maxSessionMemoryMiB: numberOr(raw, 'mtls_max_session_memory', d.maxSessionMemoryMiB, 1, 64 * 1024),
+    streamWindow: numberOr(raw, 'mtls_stream_window', d.streamWindow, 65535, 2 ** 31 - 1),
+    connectionWindow: numberOr(raw, 'mtls_connection_window', d.connectionWindow, 65535, 2 ** 31 - 1),
+    verifyDepth: numberOr(raw, 'mtls_verify_depth', d.verifyDepth, 1, 100),
+  };
+}
+
+export function parseAllowList(raw: RawOptions): AllowList {
+  return {
+    cn: stringList(raw, 'mtls_allow_cn'),
+    ou: stringList(raw, 'mtls_allow_ou'),
+    dns: stringList(raw, 'mtls_allow_dns'),
+    uri: stringList(raw, 'mtls_allow_uri'),
+    fingerprint: stringList(raw, 'mtls_allow_fingerprint').map((f) => normalizeFingerprint(f)),
+  };
+}
+
+function normalizeFingerprint(value: string): string {
+  const hex = value.replace(/:/g, '').toLowerCase();
+  if (!/^[0-9a-f]{64}$/.test(hex)) {
+    throw new ConfigError(`--mtls_allow_fingerprint: '${value}' is not a SHA-256 fingerprint (64 hex digits, colons optional)`);
+  }
+  return hex;
+}
+
+function parseLogLevel(raw: RawOptions): LevelWithSilent {
+  const level = optionalString(raw, 'mtls_log_level') ?? DEFAULTS.logLevel;
+  if (!LOG_LEVELS.includes(level as LevelWithSilent)) {
+    throw new ConfigError(`--mtls_log_level: '${level}' is not one of ${LOG_LEVELS.join(', ')}`);
+  }
+  return level as LevelWithSilent;
+}
+
+export function parseTlsFiles(raw: RawOptions, defaults?: Partial<TlsFiles>): TlsFiles {
+  const hint = 'a PEM file; `ovms-mtls certs init --dir certs` makes a set';
+  const pick = (name: string, fallback: string | undefined) => optionalString(raw, name) ?? fallback;
+  return {
+    cert: pick('mtls_cert', defaults?.cert) ?? requiredString(raw, 'mtls_cert', hint),
+    key: pick('mtls_key', defaults?.key) ?? requiredString(raw, 'mtls_key', hint),
+    clientCa: pick('mtls_client_ca', defaults?.clientCa) ?? requiredString(raw, 'mtls_client_ca', hint),
+    crl: pick('mtls_crl', defaults?.crl),
+  };
+}
+
+function parseWorkers(raw: RawOptions): number {
+  return numberOr(raw, 'mtls_workers', 1, 1, 1024);
+}
+
+export interface PublicListenerSpec {
+  readonly port?: number | undefined;
+  readonly hosts: readonly string[];
+}
+
+/** The public listeners as OVMS's own options describe them; 0 or absent = off. */
+export function parsePublicListeners(raw: RawOptions): { grpc?: PublicListenerSpec; rest?: PublicListenerSpec } {
+  const grpcPort = raw['port'] === undefined ? 0 : parsePort('port', lastOf(raw['port']));
+  const restPort = raw['rest_port'] === undefined ? 0 : parsePort('rest_port', lastOf(raw['rest_port']));
+  const result: { grpc?: PublicListenerSpec; rest?: PublicListenerSpec } = {};
+  if (grpcPort > 0) result.grpc = { port: grpcPort, hosts: parseBindAddresses('grpc_bind_address', lastOf(raw['grpc_bind_address']), DEFAULTS.bindAddress) };
+  if (restPort > 0) result.rest = { port: restPort, hosts: parseBindAddresses('rest_bind_address', lastOf(raw['rest_bind_address']), DEFAULTS.bindAddress) };
+  if (!result.grpc && !result.rest) {
+    throw new ConfigError('no public port: give --port (gRPC) and/or --rest_port (REST), as for OVMS');
+  }
+  return result;
+}
+
+function lastOf(value: RawOptions[string]): RawOptions[string] {
+  return Array.isArray(value) ? value.at(-1) : value;
+}
+
+/** Everything except the listeners, shared by `proxy` and the OVMS entrypoint. */
+export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFiles>): Omit<Config, 'grpc' | 'rest'> {
+  const adminPort = raw['mtls_admin_port'] === undefined ? 0 : parsePort('mtls_admin_port', raw['mtls_admin_port']);
+  return {
+    tls: parseTlsFiles(raw, tlsDefaults),
+    allow: parseAllowList(raw),
+    limits: parseLimits(raw),
+    shutdownTimeoutMs: raw['mtls_shutdown_timeout'] === undefined ? DEFAULTS.shutdownTimeoutSeconds * 1000 : parseSeconds('mtls_shutdown_timeout', raw['mtls_shutdown_timeout']),
+    logLevel: parseLogLevel(raw),
+    accessLog: parseBoolean('mtls_access_log', raw['mtls_access_log'], DEFAULTS.accessLog),
+    admin: adminPort > 0 ? { port: adminPort, hosts: parseBindAddresses('mtls_admin_bind_address', raw['mtls_admin_bind_address'], DEFAULTS.adminBindAddress) } : undefined,
+    workers: parseWorkers(raw),
+  };
+}
+
+/** `ovms-mtls proxy`: public listeners forward to upstreams given on the command line. */
+export function proxyConfigFromOptions(raw: RawOptions): Config {
+  const listeners = parsePublicListeners(raw);
+  const common = parseCommonConfig(raw);
+  const upstream = (name: string, listenerFlag: string) => {
+    const value = optionalString(raw, name);
+    if (value === undefined) throw new ConfigError(`--${name} is required with --${listenerFlag} (host:port of the model server, e.g. 127.0.0.1:9000)`);
+    return parseHostPort(name, value);
+  };
+  return {
+    ...common,
+    grpc: listeners.grpc ? { hosts: listeners.grpc.hosts, port: listeners.grpc.port ?? 0, upstream: upstream('mtls_grpc_upstream', 'port') } : undefined,
+    rest: listeners.rest ? { hosts: listeners.rest.hosts, port: listeners.rest.port ?? 0, upstream: upstream('mtls_rest_upstream', 'rest_port') } : undefined,
+  };
+}
+
+export function defaultWorkerCount(): number {
+  return availableParallelism();
+}

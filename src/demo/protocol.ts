@@ -1,0 +1,150 @@
+/**
+ * Loading of the two .proto files and the message shapes they produce.
+ * Shared by the stand-in model server and by the client helpers, so that
+ * both sides decode exactly the same way (keepCase, longs as strings,
+ * bytes as Buffer, defaults filled in).
+ */
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+/**
+ * Directory holding kserve_v2.proto and test_echo.proto. Resolved from the
+ * compiled file (dist/src/demo/protocol.js -> <repo>/proto/), because the
+ * package ships `proto/` next to `dist/`, not inside it.
+ */
+export const PROTO_DIR: string = fileURLToPath(new URL('../../../proto/', import.meta.url));
+
+export const KSERVE_SERVICE = 'inference.GRPCInferenceService';
+export const ECHO_SERVICE = 'ovmsmtls.test.Echo';
+
+const LOADER_OPTIONS: protoLoader.Options = {
+  keepCase: true,
+  longs: String,
+  enums: String,
+  bytes: Buffer,
+  defaults: true,
+  oneofs: true,
+  includeDirs: [PROTO_DIR],
+};
+
+let cached: grpc.GrpcObject | undefined;
+
+/** Parses both protos once per process; later calls reuse the result. */
+export function loadProtos(): grpc.GrpcObject {
+  cached ??= grpc.loadPackageDefinition(
+    protoLoader.loadSync(['kserve_v2.proto', 'test_echo.proto'], LOADER_OPTIONS),
+  );
+  return cached;
+}
+
+/** Finds a service constructor by its full name, e.g. `inference.GRPCInferenceService`. */
+export function serviceConstructor(fullName: string): grpc.ServiceClientConstructor {
+  let node: unknown = loadProtos();
+  for (const part of fullName.split('.')) {
+    node = (node as Record<string, unknown> | undefined)?.[part];
+  }
+  if (typeof node !== 'function' || !('service' in node)) {
+    throw new Error(`service ${fullName} not found in ${PROTO_DIR}`);
+  }
+  return node as grpc.ServiceClientConstructor;
+}
+
+// ---------------------------------------------------------------------------
+// Message shapes. Request types are loose (fields optional, as protobuf
+// allows); response types list what `defaults: true` guarantees.
+// int64 fields arrive as decimal strings (longs: String) and may be sent as
+// numbers or strings.
+
+export type Int64 = string | number;
+
+export interface InferParameter {
+  bool_param?: boolean;
+  int64_param?: Int64;
+  string_param?: string;
+  double_param?: number;
+  uint64_param?: Int64;
+  /** Which member of the oneof is set (filled in on decode). */
+  parameter_choice?: string;
+}
+
+export interface InferTensorContents {
+  bool_contents?: boolean[];
+  int_contents?: number[];
+  int64_contents?: Int64[];
+  uint_contents?: number[];
+  uint64_contents?: Int64[];
+  fp32_contents?: number[];
+  fp64_contents?: number[];
+  bytes_contents?: Buffer[];
+}
+
+export interface InferTensor {
+  name: string;
+  datatype: string;
+  shape: Int64[];
+  parameters?: Record<string, InferParameter>;
+  contents?: InferTensorContents | null;
+}
+
+export interface ModelInferRequest {
+  model_name: string;
+  model_version?: string;
+  id?: string;
+  parameters?: Record<string, InferParameter>;
+  inputs: InferTensor[];
+  outputs?: { name: string; parameters?: Record<string, InferParameter> }[];
+  raw_input_contents?: Buffer[];
+}
+
+export interface ModelInferResponse {
+  model_name: string;
+  model_version: string;
+  id: string;
+  parameters: Record<string, InferParameter>;
+  outputs: InferTensor[];
+  raw_output_contents: Buffer[];
+}
+
+export interface ModelStreamInferResponse {
+  error_message: string;
+  infer_response: ModelInferResponse | null;
+}
+
+export interface TensorMetadata {
+  name: string;
+  datatype: string;
+  shape: Int64[];
+}
+
+export interface ModelMetadataResponse {
+  name: string;
+  versions: string[];
+  platform: string;
+  inputs: TensorMetadata[];
+  outputs: TensorMetadata[];
+}
+
+export interface ServerMetadataResponse {
+  name: string;
+  version: string;
+  extensions: string[];
+}
+
+export interface ModelRef {
+  name: string;
+  version?: string;
+}
+
+export type Empty = Record<string, never>;
+
+export interface EchoRequest {
+  payload?: Buffer | Uint8Array;
+  count?: number;
+  fail_with_code?: number;
+}
+
+export interface EchoReply {
+  payload: Buffer;
+  count: number;
+}

@@ -1,0 +1,236 @@
+import { constants, type ClientHttp2Session, type ClientHttp2Stream, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import type { HostPort, Limits } from './config.js';
+import type { ConnectionContext } from './listeners.js';
+import type { ProxyObserver } from './observer.js';
+import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders } from './grpc-status.js';
+import { describeUpstreamError } from './upstream-errors.js';
+import { UpstreamH2Session } from './upstream-h2.js';
+
+const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_FLAG_END_STREAM } = constants;
+
+/** Headers that must not cross an HTTP/2 hop; `session.request` throws on them. */
+const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'http2-settings', 'host']);
+export const XFCC = 'x-forwarded-client-cert';
+
+export interface GrpcForwarderOptions {
+  readonly upstream: HostPort;
+  readonly limits: Limits;
+  readonly observer: ProxyObserver;
+  /** Returns why the upstream cannot take calls yet (OVMS still starting), or undefined when ready. */
+  readonly notReady?: () => string | undefined;
+}
+
+/**
+ * Forwards any gRPC method, byte for byte, from a client HTTP/2 stream to an
+ * upstream h2c stream: no method table, no protobuf decoding. Headers,
+ * metadata, trailers, Trailers-Only responses, resets and flow control pass
+ * through; only x-forwarded-client-cert is replaced and `:scheme` rewritten.
+ */
+export class GrpcForwarder {
+  readonly #options: GrpcForwarderOptions;
+  readonly #upstream: UpstreamH2Session;
+
+  constructor(options: GrpcForwarderOptions) {
+    this.#options = options;
+    this.#upstream = new UpstreamH2Session(options.upstream, options.limits);
+  }
+
+  handle(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext): void {
+    const notReady = this.#options.notReady?.();
+    if (notReady !== undefined) {
+      answerWithoutUpstream(stream, headers, context, this.#options.observer, notReady);
+      return;
+    }
+    new GrpcCall(stream, headers, context, this.#options, this.#upstream).start();
+  }
+
+  close(): Promise<void> {
+    return this.#upstream.close();
+  }
+
+  destroy(): void {
+    this.#upstream.destroy();
+  }
+}
+
+export function upstreamRequestHeaders(headers: IncomingHttpHeaders, xfcc: string): OutgoingHttpHeaders {
+  const out: OutgoingHttpHeaders = {};
+  for (const name in headers) {
+    if (HOP_BY_HOP.has(name) || name === XFCC) continue;
+    out[name] = headers[name];
+  }
+  out[':scheme'] = 'http';
+  // C-core servers (OVMS is one) reject requests without `te: trailers`.
+  if (headers['te'] !== 'trailers') delete out['te'];
+  if (out['te'] === undefined && String(headers['content-type'] ?? '').startsWith('application/grpc')) out['te'] = 'trailers';
+  out[XFCC] = xfcc;
+  return out;
+}
+
+function answerWithoutUpstream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, observer: ProxyObserver, message: string): void {
+  const started = performance.now();
+  stream.on('error', () => {});
+  stream.respond(grpcErrorHeaders(GRPC_STATUS.UNAVAILABLE, message), { endStream: true });
+  stream.resume();
+  observer.request(accessRecord(context, headers, { status: 200, grpcStatus: String(GRPC_STATUS.UNAVAILABLE), bytesIn: 0, bytesOut: 0, started, error: 'not_ready' }));
+}
+
+interface CallOutcome {
+  status: number;
+  grpcStatus: string | undefined;
+  bytesIn: number;
+  bytesOut: number;
+  started: number;
+  error?: string | undefined;
+}
+
+function accessRecord(context: ConnectionContext, headers: IncomingHttpHeaders, o: CallOutcome) {
+  return {
+    listener: context.listener,
+    protocol: 'h2' as const,
+    remote: context.remoteAddress,
+    subject: context.identity.subject,
+    serial: context.identity.serial,
+    method: String(headers[':method']),
+    path: String(headers[':path']),
+    status: o.status,
+    grpcStatus: o.grpcStatus,
+    bytesIn: o.bytesIn,
+    bytesOut: o.bytesOut,
+    durationMs: Math.round((performance.now() - o.started) * 1000) / 1000,
+    error: o.error,
+  };
+}
+
+/** One proxied call: client stream <-> upstream stream. */
+class GrpcCall {
+  readonly #client: ServerHttp2Stream;
+  readonly #headers: IncomingHttpHeaders;
+  readonly #context: ConnectionContext;
+  readonly #options: GrpcForwarderOptions;
+  readonly #pool: UpstreamH2Session;
+  readonly #outcome: CallOutcome;
+  #upstream: ClientHttp2Stream | undefined;
+  #session: ClientHttp2Session | undefined;
+  #trailers: OutgoingHttpHeaders | undefined;
+  /** The upstream finished the call properly (trailers or Trailers-Only seen). */
+  #upstreamDone = false;
+
+  constructor(client: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, options: GrpcForwarderOptions, pool: UpstreamH2Session) {
+    this.#client = client;
+    this.#headers = headers;
+    this.#context = context;
+    this.#options = options;
+    this.#pool = pool;
+    this.#outcome = { status: 0, grpcStatus: undefined, bytesIn: 0, bytesOut: 0, started: performance.now() };
+  }
+
+  start(): void {
+    const client = this.#client;
+    client.on('error', () => {});
+    client.once('close', () => this.#onClientClose());
+    client.on('wantTrailers', () => client.sendTrailers(this.#trailers ?? {}));
+    let upstream: ClientHttp2Stream;
+    try {
+      upstream = this.#openUpstream();
+    } catch (err) {
+      this.#fail(err);
+      return;
+    }
+    this.#upstream = upstream;
+    upstream.on('error', (err) => this.#onUpstreamError(err));
+    upstream.once('response', (headers, flags) => this.#onResponse(headers, flags));
+    upstream.once('trailers', (trailers) => {
+      this.#trailers = trailers;
+      this.#outcome.grpcStatus = trailers['grpc-status'] as string | undefined;
+      this.#upstreamDone = true;
+    });
+    upstream.once('close', () => this.#onUpstreamClose());
+    if (!client.endAfterHeaders) {
+      client.on('data', (chunk: Buffer) => (this.#outcome.bytesIn += chunk.length));
+      client.pipe(upstream);
+    }
+  }
+
+  #openUpstream(): ClientHttp2Stream {
+    const headers = upstreamRequestHeaders(this.#headers, this.#context.identity.xfcc);
+    const options = { endStream: this.#client.endAfterHeaders };
+    const session = this.#pool.current();
+    try {
+      this.#session = session;
+      return session.request(headers, options);
+    } catch {
+      // The session is closing (GOAWAY) but had not told us yet: one retry on a fresh one.
+      this.#pool.discard(session);
+      this.#session = this.#pool.current();
+      return this.#session.request(headers, options);
+    }
+  }
+
+  #onResponse(headers: IncomingHttpHeaders, flags: number): void {
+    const client = this.#client;
+    const upstream = this.#upstream!;
+    this.#outcome.status = Number(headers[':status']);
+    if (client.closed || client.destroyed) return;
+    if (flags & NGHTTP2_FLAG_END_STREAM) {
+      // Trailers-Only: one HEADERS frame carrying the status; keep it that way (FINDINGS).
+      this.#upstreamDone = true;
+      this.#outcome.grpcStatus = headers['grpc-status'] as string | undefined;
+      client.respond(headers, { endStream: true });
+      upstream.resume();
+      return;
+    }
+    client.respond(headers, { waitForTrailers: true });
+    upstream.on('data', (chunk: Buffer) => (this.#outcome.bytesOut += chunk.length));
+    upstream.pipe(client);
+  }
+
+  #onUpstreamError(err: unknown): void {
+    if (this.#outcome.error === undefined) this.#outcome.error = describeUpstreamError(this.#options.upstream, err).code;
+  }
+
+  #onUpstreamClose(): void {
+    const client = this.#client;
+    const upstream = this.#upstream!;
+    if (this.#upstreamDone || client.closed || client.destroyed) return;
+    const sessionGone = !this.#session || this.#session.destroyed || this.#session.closed;
+    if (!sessionGone && upstream.rstCode !== undefined && upstream.rstCode !== NGHTTP2_NO_ERROR) {
+      // The upstream reset this one stream (cancelled, refused...): pass the reset on.
+      this.#outcome.error = `upstream_reset_${upstream.rstCode}`;
+      client.close(upstream.rstCode);
+      return;
+    }
+    this.#fail(this.#outcome.error ? { code: this.#outcome.error } : { code: 'ECONNRESET' });
+  }
+
+  /** The upstream cannot finish the call: the client gets UNAVAILABLE, never a hang. */
+  #fail(err: unknown): void {
+    const client = this.#client;
+    const { code, message } = describeUpstreamError(this.#options.upstream, err);
+    this.#outcome.error = code;
+    this.#outcome.grpcStatus = String(GRPC_STATUS.UNAVAILABLE);
+    this.#options.observer.upstreamError(this.#context.listener, code);
+    if (client.closed || client.destroyed) return;
+    if (this.#upstream) this.#client.unpipe(this.#upstream);
+    client.resume();
+    if (!client.headersSent) {
+      this.#outcome.status = 200;
+      client.respond(grpcErrorHeaders(GRPC_STATUS.UNAVAILABLE, message), { endStream: true });
+      return;
+    }
+    this.#trailers = { 'grpc-status': String(GRPC_STATUS.UNAVAILABLE), 'grpc-message': encodeGrpcMessage(message) };
+    if (this.#upstream) this.#upstream.unpipe(client);
+    if (!client.writableEnded) client.end();
+  }
+
+  #onClientClose(): void {
+    const upstream = this.#upstream;
+    if (upstream && !upstream.closed && !upstream.destroyed) {
+      // Client cancelled (RST_STREAM) or went away: free the upstream call at once.
+      const code = this.#client.rstCode;
+      upstream.close(code === undefined || code === NGHTTP2_NO_ERROR ? NGHTTP2_CANCEL : code);
+      this.#outcome.error ??= 'client_cancelled';
+    }
+    this.#options.observer.request(accessRecord(this.#context, this.#headers, this.#outcome));
+  }
+}

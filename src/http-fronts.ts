@@ -1,0 +1,150 @@
+import { createServer as createHttp2Server, type Http2Server, type ServerHttp2Session, type ServerHttp2Stream, type IncomingHttpHeaders, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
+import { createServer as createHttpServer, type Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import type { Limits } from './config.js';
+import type { ConnectionContext } from './listeners.js';
+import type { ProxyObserver } from './observer.js';
+
+export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext) => void;
+export type RequestHandler = (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse, context: ConnectionContext) => void;
+
+/** What the shutdown needs from each protocol front. */
+export interface Drainable {
+  /** Finish in-flight work, refuse new work: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1. */
+  drain(): void;
+}
+
+/**
+ * The HTTP/2 side of a listener. Sockets arrive already authenticated; the
+ * server never listens itself. `'session'` is emitted synchronously inside
+ * `emit('connection')`, which is how each session learns its context.
+ */
+export class H2Front implements Drainable {
+  readonly #server: Http2Server;
+  readonly #contexts = new WeakMap<ServerHttp2Session, ConnectionContext>();
+  readonly #sessions = new Set<ServerHttp2Session>();
+  #arriving: ConnectionContext | undefined;
+  #draining = false;
+
+  constructor(options: { limits: Limits; observer: ProxyObserver; onStream?: StreamHandler; onRequest?: RequestHandler }) {
+    const { limits, observer } = options;
+    this.#server = createHttp2Server({
+      settings: {
+        maxConcurrentStreams: limits.maxConcurrentStreams,
+        initialWindowSize: limits.streamWindow,
+        maxHeaderListSize: limits.maxHeaderSize,
+      },
+      maxSessionMemory: limits.maxSessionMemoryMiB,
+    });
+    this.#server.on('session', (session) => this.#onSession(session, limits));
+    this.#server.on('sessionError', () => {});
+    const { onStream, onRequest } = options;
+    if (onStream) {
+      this.#server.on('stream', (stream, headers) => {
+        const context = this.#contexts.get(stream.session as ServerHttp2Session);
+        if (!context) return stream.close();
+        observer.streamOpened(context.listener);
+        stream.once('close', () => observer.streamClosed(context.listener));
+        onStream(stream, headers, context);
+      });
+    }
+    if (onRequest) {
+      this.#server.on('request', (req, res) => {
+        const context = this.#contexts.get(req.stream.session as ServerHttp2Session);
+        if (!context) return req.stream.close();
+        observer.streamOpened(context.listener);
+        res.once('close', () => observer.streamClosed(context.listener));
+        onRequest(req, res, context);
+      });
+    }
+  }
+
+  accept(socket: TLSSocket, context: ConnectionContext): void {
+    this.#arriving = context;
+    try {
+      this.#server.emit('connection', socket);
+    } finally {
+      this.#arriving = undefined;
+    }
+  }
+
+  drain(): void {
+    this.#draining = true;
+    for (const session of this.#sessions) session.close();
+  }
+
+  #onSession(session: ServerHttp2Session, limits: Limits): void {
+    if (!this.#arriving) {
+      session.destroy();
+      return;
+    }
+    this.#contexts.set(session, this.#arriving);
+    this.#sessions.add(session);
+    session.once('close', () => this.#sessions.delete(session));
+    session.on('error', () => {});
+    // FINDINGS: a 16 MiB connection window is what lets MB-sized tensors run at full speed.
+    session.setLocalWindowSize(limits.connectionWindow);
+    if (this.#draining) session.close();
+  }
+}
+
+/**
+ * The HTTP/1.1 side of a listener. Tracks requests per socket so a drain can
+ * close idle keep-alive connections at once and busy ones after their response.
+ */
+export class H1Front implements Drainable {
+  readonly #server: HttpServer;
+  readonly #contexts = new WeakMap<Socket, ConnectionContext>();
+  readonly #active = new Map<Socket, number>();
+  #draining = false;
+
+  constructor(options: { limits: Limits; onRequest: RequestHandler }) {
+    this.#server = createHttpServer(
+      {
+        maxHeaderSize: options.limits.maxHeaderSize,
+        // A live upload or SSE response may take as long as it takes.
+        requestTimeout: 0,
+        keepAliveTimeout: 65_000,
+      },
+      (req, res) => this.#onRequest(req, res, options.onRequest),
+    );
+    this.#server.on('clientError', (_err, socket) => {
+      if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+      else socket.destroy();
+    });
+  }
+
+  accept(socket: TLSSocket, context: ConnectionContext): void {
+    this.#contexts.set(socket, context);
+    this.#active.set(socket, 0);
+    socket.once('close', () => this.#active.delete(socket));
+    if (this.#draining) {
+      socket.destroy();
+      return;
+    }
+    this.#server.emit('connection', socket);
+  }
+
+  drain(): void {
+    this.#draining = true;
+    for (const [socket, active] of this.#active) if (active === 0) socket.end();
+  }
+
+  #onRequest(req: IncomingMessage, res: ServerResponse, handler: RequestHandler): void {
+    const socket = req.socket;
+    const context = this.#contexts.get(socket);
+    if (!context) {
+      socket.destroy();
+      return;
+    }
+    this.#active.set(socket, (this.#active.get(socket) ?? 0) + 1);
+    if (this.#draining) res.shouldKeepAlive = false;
+    res.once('close', () => {
+      const left = (this.#active.get(socket) ?? 1) - 1;
+      this.#active.set(socket, left);
+      if (this.#draining && left === 0) socket.end();
+    });
+    handler(req, res, context);
+  }
+}

@@ -1,0 +1,197 @@
+import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
+import type { AddressInfo } from 'node:net';
+import type { AllowList, Limits } from './config.js';
+import { ListenError } from './errors.js';
+import { identityFromCertificate, isAllowed, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
+import type { ListenerName, ProxyObserver } from './observer.js';
+
+/** What the protocol layer learns about a connection that passed every check. */
+export interface ConnectionContext {
+  readonly listener: ListenerName;
+  readonly identity: ClientIdentity;
+  readonly remoteAddress: string | undefined;
+  readonly socket: TLSSocket;
+}
+
+/** Where an authorized connection goes, by negotiated ALPN protocol. */
+export interface Handover {
+  h2(socket: TLSSocket, context: ConnectionContext): void;
+  http1(socket: TLSSocket, context: ConnectionContext): void;
+}
+
+export interface SecureListenerOptions {
+  readonly name: ListenerName;
+  readonly hosts: readonly string[];
+  readonly port: number;
+  readonly secureContext: SecureContextOptions;
+  readonly limits: Limits;
+  readonly allow: AllowList;
+  readonly observer: ProxyObserver;
+  readonly handover: Handover;
+}
+
+/** The flag a user changes when a bind fails, for the error message. */
+const PORT_FLAG: Record<ListenerName, string> = { grpc: '--port', rest: '--rest_port' };
+
+/**
+ * A public TLS port: verifies the client certificate and the allow-list after
+ * the handshake and before a single byte of HTTP is read, then hands the
+ * socket to the HTTP/2 or HTTP/1.1 server. Refused clients are logged with
+ * the reason and their socket destroyed.
+ */
+export class SecureListener {
+  readonly name: ListenerName;
+  readonly #options: SecureListenerOptions;
+  readonly #servers: TlsServer[] = [];
+  readonly #sockets = new Set<TLSSocket>();
+  #allow: AllowList;
+
+  constructor(options: SecureListenerOptions) {
+    this.name = options.name;
+    this.#options = options;
+    this.#allow = options.allow;
+  }
+
+  get connections(): ReadonlySet<TLSSocket> {
+    return this.#sockets;
+  }
+
+  addresses(): AddressInfo[] {
+    return this.#servers.map((s) => s.address() as AddressInfo).filter(Boolean);
+  }
+
+  async listen(): Promise<void> {
+    let port = this.#options.port;
+    for (const host of this.#options.hosts) {
+      const server = this.#createServer();
+      this.#servers.push(server);
+      await listenOn(server, host, port, this.name);
+      // With port 0 and several hosts, every host shares the port chosen first.
+      port = (server.address() as AddressInfo).port;
+    }
+  }
+
+  /** New handshakes use the new material; live connections keep theirs. */
+  setSecureContext(options: SecureContextOptions, allow?: AllowList): void {
+    for (const server of this.#servers) server.setSecureContext(options);
+    if (allow) this.#allow = allow;
+  }
+
+  /**
+   * Stop accepting. Resolves once every connection of this listener has
+   * closed: draining them is the protocol layer's job.
+   */
+  async stopAccepting(): Promise<void> {
+    await Promise.all(this.#servers.map((s) => new Promise<void>((resolve) => (s.listening ? s.close(() => resolve()) : resolve()))));
+  }
+
+  destroyAll(): void {
+    for (const socket of this.#sockets) socket.destroy();
+  }
+
+  #createServer(): TlsServer {
+    const { limits } = this.#options;
+    const server = createTlsServer({
+      ...this.#options.secureContext,
+      requestCert: true,
+      // We judge the certificate ourselves to log WHY it was refused; Node's
+      // own rejection gives no reason (FINDINGS).
+      rejectUnauthorized: false,
+      ALPNProtocols: ['h2', 'http/1.1'],
+      handshakeTimeout: limits.handshakeTimeoutMs,
+      noDelay: true,
+    });
+    if (limits.maxConnections > 0) server.maxConnections = limits.maxConnections;
+    server.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));
+    server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
+      this.#options.observer.handshakeFailed(this.name, handshakeErrorCode(err), socket.remoteAddress);
+      socket.destroy();
+    });
+    return server;
+  }
+
+  #onSecureConnection(socket: TLSSocket): void {
+    const { observer } = this.#options;
+    const refused = verificationRefusal(socket) ?? this.#chainRefusal(socket);
+    if (refused) {
+      observer.handshakeRefused(this.name, refused, socket.remoteAddress, socket.getPeerX509Certificate()?.subject.replace(/\n/g, ','));
+      socket.destroy();
+      return;
+    }
+    const identity = identityFromCertificate(socket.getPeerX509Certificate()!);
+    if (!isAllowed(identity, this.#allow)) {
+      observer.handshakeRefused(this.name, refusal('not_allowed'), socket.remoteAddress, identity.subject);
+      socket.destroy();
+      return;
+    }
+    observer.handshakeAccepted(this.name);
+    this.#track(socket);
+    const context: ConnectionContext = { listener: this.name, identity, remoteAddress: socket.remoteAddress, socket };
+    if (socket.alpnProtocol === 'h2') this.#options.handover.h2(socket, context);
+    else this.#options.handover.http1(socket, context);
+  }
+
+  /** Node has no verify-depth setting; count the chain the client presented. */
+  #chainRefusal(socket: TLSSocket) {
+    const depth = peerChainLength(socket);
+    return depth > this.#options.limits.verifyDepth ? refusal('chain_too_long', `depth ${depth}`) : undefined;
+  }
+
+  #track(socket: TLSSocket): void {
+    this.#sockets.add(socket);
+    this.#options.observer.connectionOpened(this.name);
+    socket.once('close', () => {
+      this.#sockets.delete(socket);
+      this.#options.observer.connectionClosed(this.name);
+    });
+  }
+}
+
+/** Certificates in the verified chain, leaf to root (the root points to itself). */
+function peerChainLength(socket: TLSSocket): number {
+  let cert = socket.getPeerCertificate(true);
+  let length = 0;
+  const seen = new Set<string>();
+  while (cert && cert.fingerprint256 && !seen.has(cert.fingerprint256)) {
+    seen.add(cert.fingerprint256);
+    length += 1;
+    cert = cert.issuerCertificate;
+  }
+  return length;
+}
+
+function handshakeErrorCode(err: NodeJS.ErrnoException): string {
+  if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') return 'not_tls';
+  if (/timed out/i.test(err.message)) return 'handshake_timeout';
+  return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase();
+}
+
+function listenOn(server: TlsServer, host: string, port: number, name: ListenerName): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException) => {
+      server.off('listening', onListening);
+      reject(describeListenError(err, host, port, name));
+    };
+    const onListening = () => {
+      server.off('error', onError);
+      resolve();
+    };
+    server.once('error', onError);
+    server.once('listening', onListening);
+    server.listen({ host, port, exclusive: false });
+  });
+}
+
+function describeListenError(err: NodeJS.ErrnoException, host: string, port: number, name: ListenerName): ListenError {
+  const where = `${PORT_FLAG[name]} ${port}: cannot listen on ${host}:${port}`;
+  switch (err.code) {
+    case 'EADDRINUSE':
+      return new ListenError(`${where}: the port is already in use (stop what uses it or pick another port)`);
+    case 'EACCES':
+      return new ListenError(`${where}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)`);
+    case 'EADDRNOTAVAIL':
+      return new ListenError(`${where}: the address is not on this machine (check ${name === 'grpc' ? '--grpc_bind_address' : '--rest_bind_address'})`);
+    default:
+      return new ListenError(`${where}: ${err.code ?? err.message}`);
+  }
+}

@@ -1,0 +1,22 @@
+import type { Logger } from './log.js';
+import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
+
+/** Access lines at info, refusals at warn: the log says who was refused and why. */
+export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
+  return {
+    ...NOOP_OBSERVER,
+    handshakeRefused(listener, refusal, remote, subject) {
+      logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject }, refusal.detail);
+    },
+    handshakeFailed(listener, code, remote) {
+      logger.info({ event: 'handshake_failed', listener, remote, reason: code }, 'TLS handshake failed');
+    },
+    upstreamError(listener, code) {
+      logger.warn({ event: 'upstream_error', listener, reason: code }, 'upstream error');
+    },
+    request(record) {
+      if (!options.accessLog) return;
+      logger.info({ event: 'access', ...record }, 'request');
+    },
+  };
+}

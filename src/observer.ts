@@ -1,0 +1,63 @@
+import type { Refusal } from './client-identity.js';
+
+export type ListenerName = 'grpc' | 'rest';
+
+/** One finished request or RPC: the access-log line and the request metrics. */
+export interface AccessRecord {
+  readonly listener: ListenerName;
+  readonly protocol: 'h2' | 'http/1.1';
+  readonly remote: string | undefined;
+  readonly subject: string;
+  readonly serial: string;
+  readonly method: string;
+  readonly path: string;
+  readonly status: number;
+  /** gRPC status from trailers (or Trailers-Only headers); undefined for REST or when none came. */
+  readonly grpcStatus?: string | undefined;
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+  readonly durationMs: number;
+  /** Set when the call failed because of the upstream or the client going away. */
+  readonly error?: string | undefined;
+}
+
+/**
+ * What the data path reports. The logger and the metrics registry each
+ * implement it; the data path knows neither.
+ */
+export interface ProxyObserver {
+  handshakeAccepted(listener: ListenerName): void;
+  handshakeRefused(listener: ListenerName, refusal: Refusal, remote: string | undefined, subject?: string): void;
+  handshakeFailed(listener: ListenerName, code: string, remote: string | undefined): void;
+  connectionOpened(listener: ListenerName): void;
+  connectionClosed(listener: ListenerName): void;
+  streamOpened(listener: ListenerName): void;
+  streamClosed(listener: ListenerName): void;
+  request(record: AccessRecord): void;
+  upstreamError(listener: ListenerName, code: string): void;
+}
+
+export const NOOP_OBSERVER: ProxyObserver = {
+  handshakeAccepted() {},
+  handshakeRefused() {},
+  handshakeFailed() {},
+  connectionOpened() {},
+  connectionClosed() {},
+  streamOpened() {},
+  streamClosed() {},
+  request() {},
+  upstreamError() {},
+};
+
+/** Fans every event out to several observers. */
+export function combineObservers(...observers: ProxyObserver[]): ProxyObserver {
+  const list = observers.filter((o) => o !== NOOP_OBSERVER);
+  if (list.length === 1) return list[0]!;
+  const combined = {} as Record<keyof ProxyObserver, (...args: unknown[]) => void>;
+  for (const key of Object.keys(NOOP_OBSERVER) as (keyof ProxyObserver)[]) {
+    combined[key] = (...args: unknown[]) => {
+      for (const o of list) (o[key] as (...a: unknown[]) => void)(...args);
+    };
+  }
+  return combined as unknown as ProxyObserver;
+}

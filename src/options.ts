@@ -1,0 +1,87 @@
+/**
+ * The one table of command-line options the product understands. yargs builds
+ * the `proxy` command and `--help` from it; the OVMS entrypoint uses it to
+ * pick our options out of an OVMS command line; the environment-variable
+ * mapping is derived from it. Every default lives in src/config.ts.
+ */
+export type OptionType = 'string' | 'number' | 'boolean' | 'array';
+
+export interface OptionSpec {
+  readonly name: string;
+  readonly type: OptionType;
+  readonly describe: string;
+  /** Shown in --help; the real default is applied in config.ts. */
+  readonly defaultDescription?: string;
+  readonly choices?: readonly string[];
+}
+
+/** Options OVMS itself also has: they name the PUBLIC listeners. */
+export const PUBLIC_OPTIONS: readonly OptionSpec[] = [
+  { name: 'port', type: 'number', describe: 'Public gRPC port (mTLS, HTTP/2)', defaultDescription: 'off' },
+  { name: 'rest_port', type: 'number', describe: 'Public REST port (mTLS, HTTP/1.1 and HTTP/2); 0 = off', defaultDescription: 'off' },
+  { name: 'grpc_bind_address', type: 'string', describe: 'Address(es) the public gRPC port binds, comma separated', defaultDescription: '0.0.0.0' },
+  { name: 'rest_bind_address', type: 'string', describe: 'Address(es) the public REST port binds, comma separated', defaultDescription: '0.0.0.0' },
+];
+
+/** Options owned by ovms-mtls; all start with `mtls_`. */
+export const MTLS_OPTIONS: readonly OptionSpec[] = [
+  { name: 'mtls_grpc_upstream', type: 'string', describe: 'proxy mode: host:port of the model server gRPC (h2c) endpoint' },
+  { name: 'mtls_rest_upstream', type: 'string', describe: 'proxy mode: host:port of the model server REST (HTTP/1.1) endpoint' },
+  { name: 'mtls_cert', type: 'string', describe: 'Server certificate (PEM, may include the chain)', defaultDescription: '/certs/server.pem in entrypoint mode' },
+  { name: 'mtls_key', type: 'string', describe: 'Server private key (PEM)', defaultDescription: '/certs/server.key in entrypoint mode' },
+  { name: 'mtls_client_ca', type: 'string', describe: 'CA bundle that client certificates must chain to (PEM)', defaultDescription: '/certs/client_cert_ca.pem in entrypoint mode' },
+  { name: 'mtls_crl', type: 'string', describe: 'Certificate revocation list(s) for client certificates (PEM)', defaultDescription: '/certs/client_cert_ca.crl if it exists (entrypoint mode)' },
+  { name: 'mtls_allow_cn', type: 'array', describe: 'Allow only clients with this subject CN (repeatable; allow-lists are OR-ed)' },
+  { name: 'mtls_allow_ou', type: 'array', describe: 'Allow only clients with this subject OU (repeatable)' },
+  { name: 'mtls_allow_dns', type: 'array', describe: 'Allow only clients with this DNS SAN (repeatable)' },
+  { name: 'mtls_allow_uri', type: 'array', describe: 'Allow only clients with a URI SAN matching this pattern; * = one path segment, ** = any suffix (repeatable)' },
+  { name: 'mtls_allow_fingerprint', type: 'array', describe: 'Allow only clients whose certificate DER has this SHA-256 (hex, colons optional; repeatable)' },
+  { name: 'mtls_verify_depth', type: 'number', describe: 'Maximum client certificate chain length', defaultDescription: '5' },
+  { name: 'mtls_log_level', type: 'string', describe: 'Log level', defaultDescription: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] },
+  { name: 'mtls_access_log', type: 'boolean', describe: 'Log one line per request/RPC', defaultDescription: 'true' },
+  { name: 'mtls_shutdown_timeout', type: 'number', describe: 'Seconds to let in-flight calls finish on shutdown', defaultDescription: '30' },
+  { name: 'mtls_handshake_timeout', type: 'number', describe: 'Seconds a client gets to complete the TLS handshake', defaultDescription: '10' },
+  { name: 'mtls_max_connections', type: 'number', describe: 'Maximum open connections per listener (0 = unlimited)', defaultDescription: '0' },
+  { name: 'mtls_max_concurrent_streams', type: 'number', describe: 'HTTP/2 streams a client may open at once per connection', defaultDescription: '128' },
+  { name: 'mtls_max_header_size', type: 'number', describe: 'Largest request header block accepted, in bytes', defaultDescription: '65536' },
+  { name: 'mtls_max_session_memory', type: 'number', describe: 'HTTP/2 memory per connection, in MiB, before the peer is told to calm down', defaultDescription: '64' },
+  { name: 'mtls_stream_window', type: 'number', describe: 'HTTP/2 per-stream flow-control window, in bytes', defaultDescription: '1048576' },
+  { name: 'mtls_connection_window', type: 'number', describe: 'HTTP/2 per-connection flow-control window, in bytes', defaultDescription: '16777216' },
+  { name: 'mtls_ovms_binary', type: 'string', describe: 'entrypoint mode: OVMS executable', defaultDescription: '/ovms/bin/ovms' },
+  { name: 'mtls_ovms_help', type: 'boolean', describe: "entrypoint mode: print OVMS's own --help" },
+  { name: 'mtls_ovms_user', type: 'string', describe: 'entrypoint mode, started as root: user OVMS runs as', defaultDescription: 'ovms' },
+  { name: 'mtls_user', type: 'string', describe: 'started as root: user the proxy drops to after binding ports and reading keys', defaultDescription: 'ovms' },
+  { name: 'mtls_restart', type: 'string', describe: 'entrypoint mode: restart OVMS when it fails', defaultDescription: 'never', choices: ['never', 'on-failure'] },
+  { name: 'mtls_admin_port', type: 'number', describe: 'Plain-HTTP admin port for /metrics, /healthz, /readyz', defaultDescription: 'off' },
+  { name: 'mtls_admin_bind_address', type: 'string', describe: 'Address the admin port binds', defaultDescription: '127.0.0.1' },
+  { name: 'mtls_workers', type: 'number', describe: 'Worker processes sharing the listeners', defaultDescription: 'number of CPUs' },
+];
+
+export const ALL_OPTIONS: readonly OptionSpec[] = [...PUBLIC_OPTIONS, ...MTLS_OPTIONS];
+
+const BY_NAME = new Map(ALL_OPTIONS.map((spec) => [spec.name, spec]));
+
+export function optionSpec(name: string): OptionSpec | undefined {
+  return BY_NAME.get(name);
+}
+
+/**
+ * `--mtls_cert` <-> `OVMS_MTLS_CERT`, `--port` <-> `OVMS_MTLS_PORT`: the
+ * prefix `OVMS_MTLS_` followed by the option name without `mtls_`, upper-cased.
+ */
+export function envVarName(optionName: string): string {
+  return 'OVMS_MTLS_' + optionName.replace(/^mtls_/, '').toUpperCase();
+}
+
+export type RawOptions = Record<string, string | number | boolean | string[] | undefined>;
+
+/** Values from the environment, for every option not given on the command line. */
+export function optionsFromEnv(env: NodeJS.ProcessEnv, specs: readonly OptionSpec[] = ALL_OPTIONS): RawOptions {
+  const out: RawOptions = {};
+  for (const spec of specs) {
+    const value = env[envVarName(spec.name)];
+    if (value === undefined || value === '') continue;
+    out[spec.name] = spec.type === 'array' ? value.split(',').map((v) => v.trim()).filter(Boolean) : value;
+  }
+  return out;
+}

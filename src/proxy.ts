@@ -1,0 +1,141 @@
+import type { AddressInfo } from 'node:net';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
+import type { Config, ListenerConfig } from './config.js';
+import type { Logger } from './log.js';
+import { SecureListener } from './listeners.js';
+import { H1Front, H2Front, type Drainable } from './http-fronts.js';
+import { GrpcForwarder } from './grpc-forwarder.js';
+import { RestForwarder } from './rest-forwarder.js';
+import { secureContextOptions, type TlsMaterial } from './tls-material.js';
+import { combineObservers, NOOP_OBSERVER, type ListenerName, type ProxyObserver } from './observer.js';
+import { loggingObserver } from './log-observer.js';
+
+export interface ProxyOptions {
+  readonly config: Config;
+  readonly material: TlsMaterial;
+  readonly logger: Logger;
+  /** Extra observer (metrics); the logging observer is always on. */
+  readonly observer?: ProxyObserver;
+  /** Per listener: returns why the upstream is not ready yet (OVMS starting), or undefined. */
+  readonly notReady?: Partial<Record<ListenerName, () => string | undefined>>;
+}
+
+export interface RunningProxy {
+  /** Bound addresses per listener (several when a bind address list was given). */
+  readonly addresses: Readonly<Partial<Record<ListenerName, readonly AddressInfo[]>>>;
+  /** The first bound port of a listener; handy with port 0. */
+  port(listener: ListenerName): number | undefined;
+  /** New handshakes use the new material; live connections keep going. */
+  reloadTls(material: TlsMaterial, allow?: Config['allow']): void;
+  /** Live connections by listener, for revocation checks. */
+  listeners(): readonly SecureListener[];
+  /**
+   * Stop accepting, let in-flight calls finish (GOAWAY on HTTP/2) for up to
+   * `timeoutMs`, then cut whatever is left.
+   */
+  shutdown(timeoutMs: number): Promise<void>;
+}
+
+const GRPC_PORT_HINT =
+  'This port speaks gRPC over HTTP/2 (TLS with ALPN h2). Point a gRPC client at it; ' +
+  'REST and plain HTTP/1.1 requests belong on the REST port (--rest_port).\n';
+
+function answerHttp1OnGrpcPort(_req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse): void {
+  res.writeHead(426, { 'content-type': 'text/plain; charset=utf-8', upgrade: 'h2', connection: 'close' });
+  res.end(GRPC_PORT_HINT);
+}
+
+interface Assembled {
+  listener: SecureListener;
+  fronts: Drainable[];
+  close(): Promise<void>;
+}
+
+function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
+  const { config } = options;
+  const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits: config.limits, observer, notReady: options.notReady?.grpc });
+  const h2 = new H2Front({ limits: config.limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
+  const h1 = new H1Front({ limits: config.limits, onRequest: answerHttp1OnGrpcPort });
+  const listener = new SecureListener({
+    name: 'grpc',
+    hosts: cfg.hosts,
+    port: cfg.port,
+    secureContext: secureContextOptions(options.material),
+    limits: config.limits,
+    allow: config.allow,
+    observer,
+    handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c) },
+  });
+  return { listener, fronts: [h2, h1], close: () => forwarder.close() };
+}
+
+function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
+  const { config } = options;
+  const forwarder = new RestForwarder({ upstream: cfg.upstream, observer, notReady: options.notReady?.rest });
+  const onRequest = forwarder.handle.bind(forwarder);
+  const h2 = new H2Front({ limits: config.limits, observer, onRequest });
+  const h1 = new H1Front({ limits: config.limits, onRequest });
+  const listener = new SecureListener({
+    name: 'rest',
+    hosts: cfg.hosts,
+    port: cfg.port,
+    secureContext: secureContextOptions(options.material),
+    limits: config.limits,
+    allow: config.allow,
+    observer,
+    handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c) },
+  });
+  return { listener, fronts: [h2, h1], close: async () => forwarder.close() };
+}
+
+/**
+ * Binds the public listeners (TLS material already validated) and starts
+ * forwarding. Resolves once every port listens; rejects with a ListenError
+ * (and nothing left listening) when one cannot bind.
+ */
+export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
+  const { config, logger } = options;
+  const observer = combineObservers(loggingObserver(logger, { accessLog: config.accessLog }), options.observer ?? NOOP_OBSERVER);
+  const parts: Assembled[] = [];
+  if (config.grpc) parts.push(assembleGrpc(config.grpc, options, observer));
+  if (config.rest) parts.push(assembleRest(config.rest, options, observer));
+  try {
+    for (const part of parts) await part.listener.listen();
+  } catch (err) {
+    await Promise.all(parts.map((p) => p.listener.stopAccepting()));
+    throw err;
+  }
+  const addresses: Partial<Record<ListenerName, AddressInfo[]>> = {};
+  for (const part of parts) addresses[part.listener.name] = part.listener.addresses();
+  for (const part of parts) {
+    logger.info({ event: 'listening', listener: part.listener.name, addresses: addresses[part.listener.name]?.map((a) => `${a.address}:${a.port}`) }, `${part.listener.name} listener ready`);
+  }
+  return {
+    addresses,
+    port: (name) => addresses[name]?.[0]?.port,
+    listeners: () => parts.map((p) => p.listener),
+    reloadTls(material, allow) {
+      for (const part of parts) part.listener.setSecureContext(secureContextOptions(material), allow);
+    },
+    shutdown: (timeoutMs) => shutdown(parts, timeoutMs, logger),
+  };
+}
+
+async function shutdown(parts: Assembled[], timeoutMs: number, logger: Logger): Promise<void> {
+  const allClosed = Promise.all(parts.map((p) => p.listener.stopAccepting()));
+  for (const part of parts) for (const front of part.fronts) front.drain();
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(true), timeoutMs);
+  });
+  const expired = await Promise.race([allClosed.then(() => false), timedOut]);
+  clearTimeout(timer);
+  if (expired) {
+    const left = parts.reduce((n, p) => n + p.listener.connections.size, 0);
+    logger.warn({ event: 'shutdown_timeout', connections: left }, `shutdown timeout: closing ${left} connection(s) still busy`);
+    for (const part of parts) part.listener.destroyAll();
+    await allClosed;
+  }
+  await Promise.all(parts.map((p) => p.close()));
+}

@@ -1,0 +1,152 @@
+import { Agent, request, type IncomingMessage, type ServerResponse, type OutgoingHttpHeaders, type IncomingHttpHeaders, type ClientRequest } from 'node:http';
+import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
+import type { HostPort } from './config.js';
+import type { ConnectionContext } from './listeners.js';
+import type { ProxyObserver } from './observer.js';
+import { describeUpstreamError } from './upstream-errors.js';
+import { XFCC } from './grpc-forwarder.js';
+
+type ClientRequestLike = IncomingMessage | Http2ServerRequest;
+type ClientResponseLike = ServerResponse | Http2ServerResponse;
+
+/** Hop-by-hop headers (RFC 9110 7.6.1) plus the HTTP/2-only ones. */
+const HOP_BY_HOP = new Set([
+  'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings', 'expect',
+]);
+
+export interface RestForwarderOptions {
+  readonly upstream: HostPort;
+  readonly observer: ProxyObserver;
+  /** Returns why the upstream cannot take requests yet, or undefined when ready. */
+  readonly notReady?: () => string | undefined;
+}
+
+/**
+ * HTTP/1.1 and HTTP/2 clients -> the HTTP/1.1 upstream over kept-alive
+ * connections. Bodies stream both ways with backpressure; nothing is
+ * buffered, so Server-Sent Events pass event by event. No timeout on a live
+ * response: LLM streams can be quiet for minutes.
+ */
+export class RestForwarder {
+  readonly #options: RestForwarderOptions;
+  readonly #agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' });
+
+  constructor(options: RestForwarderOptions) {
+    this.#options = options;
+  }
+
+  handle(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext): void {
+    const started = performance.now();
+    const notReady = this.#options.notReady?.();
+    if (notReady !== undefined) {
+      res.writeHead(503, { 'content-type': 'application/json', 'retry-after': '1' });
+      res.end(JSON.stringify({ error: notReady }));
+      req.resume();
+      this.#log(req, context, started, { status: 503, bytesIn: 0, bytesOut: 0, error: 'not_ready' });
+      return;
+    }
+    this.#forward(req, res, context, started);
+  }
+
+  close(): void {
+    this.#agent.destroy();
+  }
+
+  #forward(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number): void {
+    const { upstream } = this.#options;
+    const stats = { status: 0, bytesIn: 0, bytesOut: 0, error: undefined as string | undefined };
+    const upstreamReq: ClientRequest = request({
+      agent: this.#agent,
+      host: upstream.host,
+      port: upstream.port,
+      method: req.method,
+      path: req.url,
+      headers: upstreamHeaders(req, context),
+      setHost: false,
+    });
+    upstreamReq.setNoDelay(true);
+    upstreamReq.on('response', (upstreamRes) => {
+      stats.status = upstreamRes.statusCode ?? 502;
+      res.writeHead(stats.status, responseHeaders(upstreamRes.headers));
+      // Send the headers now: an SSE client should see the stream open before the first event.
+      if (!upstreamRes.headers['content-length']) (res as ServerResponse).flushHeaders();
+      upstreamRes.on('data', (chunk: Buffer) => (stats.bytesOut += chunk.length));
+      upstreamRes.pipe(res as NodeJS.WritableStream);
+      upstreamRes.on('aborted', () => res.destroy());
+    });
+    upstreamReq.on('error', (err) => {
+      const { code, message } = describeUpstreamError(upstream, err);
+      stats.error ??= code;
+      if (res.headersSent || res.destroyed) {
+        res.destroy();
+        return;
+      }
+      this.#options.observer.upstreamError(context.listener, code);
+      stats.status = 502;
+      res.writeHead(502, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: message }));
+    });
+    res.once('close', () => {
+      if (!res.writableFinished) {
+        // The client went away: abort the upstream request so the model stops working for nobody.
+        stats.error ??= 'client_closed';
+        upstreamReq.destroy();
+      }
+      this.#log(req, context, started, stats);
+    });
+    req.on('data', (chunk: Buffer) => (stats.bytesIn += chunk.length));
+    (req as NodeJS.ReadableStream).pipe(upstreamReq);
+  }
+
+  #log(req: ClientRequestLike, context: ConnectionContext, started: number, stats: { status: number; bytesIn: number; bytesOut: number; error?: string | undefined }): void {
+    this.#options.observer.request({
+      listener: context.listener,
+      protocol: req.httpVersionMajor === 2 ? 'h2' : 'http/1.1',
+      remote: context.remoteAddress,
+      subject: context.identity.subject,
+      serial: context.identity.serial,
+      method: req.method ?? '',
+      path: req.url ?? '',
+      status: stats.status,
+      bytesIn: stats.bytesIn,
+      bytesOut: stats.bytesOut,
+      durationMs: Math.round((performance.now() - started) * 1000) / 1000,
+      error: stats.error,
+    });
+  }
+}
+
+/** Connection names listed in `Connection:` are hop-by-hop too. */
+function connectionListed(headers: IncomingHttpHeaders): Set<string> {
+  const value = headers['connection'];
+  if (!value) return new Set();
+  return new Set(String(value).split(',').map((v) => v.trim().toLowerCase()).filter(Boolean));
+}
+
+export function upstreamHeaders(req: ClientRequestLike, context: ConnectionContext): OutgoingHttpHeaders {
+  const incoming = req.headers;
+  const listed = connectionListed(incoming);
+  const out: OutgoingHttpHeaders = {};
+  for (const name in incoming) {
+    if (name.startsWith(':') || HOP_BY_HOP.has(name) || listed.has(name) || name === XFCC) continue;
+    out[name] = incoming[name];
+  }
+  const authority = incoming[':authority'] ?? incoming['host'];
+  if (authority !== undefined) out['host'] = String(authority);
+  const previous = incoming['x-forwarded-for'];
+  const client = context.remoteAddress ?? 'unknown';
+  out['x-forwarded-for'] = previous ? `${Array.isArray(previous) ? previous.join(', ') : previous}, ${client}` : client;
+  out['x-forwarded-proto'] = 'https';
+  out[XFCC] = context.identity.xfcc;
+  return out;
+}
+
+function responseHeaders(headers: IncomingHttpHeaders): OutgoingHttpHeaders {
+  const listed = connectionListed(headers);
+  const out: OutgoingHttpHeaders = {};
+  for (const name in headers) {
+    if (HOP_BY_HOP.has(name) || listed.has(name)) continue;
+    out[name] = headers[name];
+  }
+  return out;
+}

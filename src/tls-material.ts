@@ -1,0 +1,204 @@
+import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { X509Certificate, createPrivateKey, type KeyObject } from 'node:crypto';
+import { createSecureContext, type SecureContextOptions } from 'node:tls';
+import { TlsMaterialError } from './errors.js';
+import type { TlsFiles } from './config.js';
+
+/** Everything a listener needs to build its TLS context, already validated. */
+export interface TlsMaterial {
+  readonly files: TlsFiles;
+  readonly key: Buffer;
+  readonly cert: Buffer;
+  readonly ca: Buffer;
+  readonly crl?: Buffer | undefined;
+  readonly serverCert: X509Certificate;
+  readonly clientCas: readonly X509Certificate[];
+}
+
+/**
+ * TLS 1.2 minimum; only forward-secret AEAD suites (no CBC, no SHA-1 MACs, no
+ * RSA key exchange). TLS 1.3 suites are Node's defaults and all qualify.
+ */
+export const CIPHERS = [
+  'TLS_AES_128_GCM_SHA256',
+  'TLS_AES_256_GCM_SHA384',
+  'TLS_CHACHA20_POLY1305_SHA256',
+  'ECDHE-ECDSA-AES128-GCM-SHA256',
+  'ECDHE-RSA-AES128-GCM-SHA256',
+  'ECDHE-ECDSA-AES256-GCM-SHA384',
+  'ECDHE-RSA-AES256-GCM-SHA384',
+  'ECDHE-ECDSA-CHACHA20-POLY1305',
+  'ECDHE-RSA-CHACHA20-POLY1305',
+].join(':');
+
+const PEM_CERT = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
+const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
+
+type FileRole = 'mtls_cert' | 'mtls_key' | 'mtls_client_ca' | 'mtls_crl';
+type FileContents = Record<FileRole, Buffer | undefined>;
+
+function describeReadError(role: FileRole, path: string, err: NodeJS.ErrnoException): TlsMaterialError {
+  const where = `--${role}: ${path}`;
+  switch (err.code) {
+    case 'ENOENT':
+      return new TlsMaterialError(`${where} does not exist (mount the certificates there or pass --${role} PATH; \`ovms-mtls certs init\` makes a set)`);
+    case 'EACCES':
+    case 'EPERM':
+      return new TlsMaterialError(`${where} cannot be read by uid ${process.getuid?.() ?? '?'} (check the file's owner and mode)`);
+    case 'EISDIR':
+      return new TlsMaterialError(`${where} is a directory, not a PEM file`);
+    default:
+      return new TlsMaterialError(`${where} cannot be read (${err.code ?? err.message})`);
+  }
+}
+
+function filesToRead(files: TlsFiles): [FileRole, string | undefined][] {
+  return [
+    ['mtls_cert', files.cert],
+    ['mtls_key', files.key],
+    ['mtls_client_ca', files.clientCa],
+    ['mtls_crl', files.crl],
+  ];
+}
+
+function readAllSync(files: TlsFiles): FileContents {
+  const out = {} as FileContents;
+  for (const [role, path] of filesToRead(files)) {
+    if (path === undefined) { out[role] = undefined; continue; }
+    try {
+      out[role] = readFileSync(path);
+    } catch (err) {
+      throw describeReadError(role, path, err as NodeJS.ErrnoException);
+    }
+  }
+  return out;
+}
+
+async function readAll(files: TlsFiles): Promise<FileContents> {
+  const out = {} as FileContents;
+  for (const [role, path] of filesToRead(files)) {
+    if (path === undefined) { out[role] = undefined; continue; }
+    try {
+      out[role] = await readFile(path);
+    } catch (err) {
+      throw describeReadError(role, path, err as NodeJS.ErrnoException);
+    }
+  }
+  return out;
+}
+
+export function parseCertificates(pem: string, role: FileRole, path: string): X509Certificate[] {
+  const blocks = pem.match(PEM_CERT) ?? [];
+  if (blocks.length === 0) throw new TlsMaterialError(`--${role}: ${path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)`);
+  return blocks.map((block, i) => {
+    try {
+      return new X509Certificate(block);
+    } catch {
+      throw new TlsMaterialError(`--${role}: ${path}: certificate #${i + 1} is not valid X.509`);
+    }
+  });
+}
+
+function parseKey(pem: Buffer, path: string): KeyObject {
+  try {
+    return createPrivateKey(pem);
+  } catch (err) {
+    const encrypted = /ENCRYPTED/.test(pem.toString('latin1')) || (err as { code?: string }).code === 'ERR_MISSING_PASSPHRASE';
+    throw new TlsMaterialError(
+      encrypted
+        ? `--mtls_key: ${path} is encrypted (give an unencrypted PEM key; decrypt it with \`openssl pkey -in KEY -out KEY.plain\`)`
+        : `--mtls_key: ${path} is not a PEM private key`,
+    );
+  }
+}
+
+/** `validTo` parsed; Node 20 has no `validToDate`. */
+export function validTo(cert: X509Certificate): Date {
+  return new Date(cert.validTo);
+}
+
+export function validFrom(cert: X509Certificate): Date {
+  return new Date(cert.validFrom);
+}
+
+export function subjectCn(cert: X509Certificate): string {
+  return /(?:^|\n)CN=([^\n]*)/.exec(cert.subject)?.[1] ?? cert.subject.replace(/\n/g, ', ');
+}
+
+function checkServerCert(cert: X509Certificate, path: string, now: Date): void {
+  if (validTo(cert) <= now) {
+    throw new TlsMaterialError(`--mtls_cert: ${path} expired on ${validTo(cert).toISOString()} (renew it; \`ovms-mtls certs init --force\` makes a new dev set)`);
+  }
+  if (validFrom(cert) > now) {
+    throw new TlsMaterialError(`--mtls_cert: ${path} is not valid before ${validFrom(cert).toISOString()} (check the clock)`);
+  }
+  if (cert.ca) {
+    throw new TlsMaterialError(`--mtls_cert: ${path} is a CA certificate; clients (Go, rustls, browsers) refuse CA certificates as server certificates - issue a leaf certificate`);
+  }
+}
+
+function checkClientCas(cas: X509Certificate[], path: string): void {
+  cas.forEach((ca, i) => {
+    if (!ca.ca) throw new TlsMaterialError(`--mtls_client_ca: ${path}: certificate #${i + 1} (${subjectCn(ca)}) is not a CA certificate`);
+  });
+}
+
+function checkCrlPem(crl: Buffer, path: string): void {
+  const text = crl.toString('latin1');
+  if (!/-----BEGIN X509 CRL-----/.test(text)) {
+    throw new TlsMaterialError(`--mtls_crl: ${path} holds no PEM CRL (expected -----BEGIN X509 CRL-----; convert DER with \`openssl crl -inform DER -in FILE -out FILE.pem\`)`);
+  }
+  try {
+    createSecureContext({ crl: pemBlocks(crl, PEM_CRL) });
+  } catch {
+    throw new TlsMaterialError(`--mtls_crl: ${path} is not a valid CRL`);
+  }
+}
+
+function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
+  const cert = raw.mtls_cert!;
+  const key = raw.mtls_key!;
+  const ca = raw.mtls_client_ca!;
+  const chain = parseCertificates(cert.toString('latin1'), 'mtls_cert', files.cert);
+  const serverCert = chain[0]!;
+  const privateKey = parseKey(key, files.key);
+  if (!serverCert.checkPrivateKey(privateKey)) {
+    throw new TlsMaterialError(`--mtls_key: ${files.key} does not match --mtls_cert ${files.cert} (check you mounted the pair)`);
+  }
+  checkServerCert(serverCert, files.cert, now);
+  const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
+  checkClientCas(clientCas, files.clientCa);
+  if (raw.mtls_crl) checkCrlPem(raw.mtls_crl, files.crl!);
+  return { files, key, cert, ca, crl: raw.mtls_crl, serverCert, clientCas };
+}
+
+/** Reads and validates at startup; throws TlsMaterialError with a one-line reason. */
+export function loadTlsMaterialSync(files: TlsFiles, now = new Date()): TlsMaterial {
+  return validate(files, readAllSync(files), now);
+}
+
+/** Same checks, for reloads. */
+export async function loadTlsMaterial(files: TlsFiles, now = new Date()): Promise<TlsMaterial> {
+  return validate(files, await readAll(files), now);
+}
+
+/**
+ * One array entry per PEM block: Node loads only the first CRL of a buffer,
+ * and only the first CA when blocks are not newline-separated.
+ */
+function pemBlocks(pem: Buffer, pattern: RegExp): string[] {
+  return pem.toString('latin1').match(pattern) ?? [];
+}
+
+export function secureContextOptions(material: TlsMaterial): SecureContextOptions {
+  return {
+    key: material.key,
+    cert: material.cert,
+    ca: pemBlocks(material.ca, PEM_CERT),
+    ...(material.crl ? { crl: pemBlocks(material.crl, PEM_CRL) } : {}),
+    minVersion: 'TLSv1.2',
+    ciphers: CIPHERS,
+    honorCipherOrder: true,
+  };
+}

@@ -1,0 +1,34 @@
+import type { HostPort } from './config.js';
+
+/**
+ * The one place upstream failures become client-visible text. Never echo raw
+ * internal error text: say which upstream and what kind of failure.
+ */
+export function describeUpstreamError(upstream: HostPort, err: unknown): { code: string; message: string } {
+  const code = errorCode(err);
+  const where = `upstream ${upstream.host}:${upstream.port}`;
+  switch (code) {
+    case 'ECONNREFUSED':
+      return { code, message: `${where} refused the connection (is the model server running?)` };
+    case 'ECONNRESET':
+    case 'EPIPE':
+      return { code, message: `${where} closed the connection` };
+    case 'ETIMEDOUT':
+      return { code, message: `${where} did not answer in time` };
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+      return { code, message: `${where}: host name does not resolve` };
+    case 'ERR_HTTP2_GOAWAY_SESSION':
+    case 'ERR_HTTP2_INVALID_SESSION':
+    case 'ERR_HTTP2_SESSION_ERROR':
+    case 'ERR_HTTP2_STREAM_CANCEL':
+      return { code, message: `${where} went away during the call` };
+    default:
+      return { code, message: `${where} failed (${code})` };
+  }
+}
+
+function errorCode(err: unknown): string {
+  if (err && typeof err === 'object' && 'code' in err && typeof err.code === 'string') return err.code;
+  return 'UPSTREAM_ERROR';
+}

@@ -1,0 +1,75 @@
+import { connect, type ClientHttp2Session } from 'node:http2';
+import { isIPv6, connect as netConnect } from 'node:net';
+import type { HostPort, Limits } from './config.js';
+
+/**
+ * One reusable h2c session to the upstream. Calls share it; when it dies
+ * (upstream restart, GOAWAY, connection refused) the next call opens a new
+ * one, so the proxy recovers without a restart.
+ */
+export class UpstreamH2Session {
+  readonly #upstream: HostPort;
+  readonly #limits: Limits;
+  readonly #url: string;
+  #session: ClientHttp2Session | undefined;
+
+  constructor(upstream: HostPort, limits: Limits) {
+    this.#upstream = upstream;
+    this.#limits = limits;
+    const host = isIPv6(upstream.host) ? `[${upstream.host}]` : upstream.host;
+    this.#url = `http://${host}:${upstream.port}`;
+  }
+
+  get upstream(): HostPort {
+    return this.#upstream;
+  }
+
+  /** The live session, or a new one (which may still be connecting). */
+  current(): ClientHttp2Session {
+    const session = this.#session;
+    if (session && !session.closed && !session.destroyed) return session;
+    this.#session = this.#connect();
+    return this.#session;
+  }
+
+  /** Forget a session that refused a new stream so the next call reconnects. */
+  discard(session: ClientHttp2Session): void {
+    if (this.#session === session) this.#session = undefined;
+    if (!session.destroyed) session.close();
+  }
+
+  /** Graceful: lets in-flight streams finish. */
+  async close(): Promise<void> {
+    const session = this.#session;
+    this.#session = undefined;
+    if (!session || session.destroyed) return;
+    await new Promise<void>((resolve) => session.close(() => resolve()));
+  }
+
+  destroy(): void {
+    this.#session?.destroy();
+    this.#session = undefined;
+  }
+
+  #connect(): ClientHttp2Session {
+    const limits = this.#limits;
+    const session = connect(this.#url, {
+      settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2 },
+      maxSessionMemory: limits.maxSessionMemoryMiB,
+      // Small gRPC frames must not wait for Nagle.
+      createConnection: () => netConnect({ host: this.#upstream.host, port: this.#upstream.port, noDelay: true }),
+    });
+    // Without an 'error' listener a GOAWAY or refused connect crashes the process (FINDINGS).
+    // Each call sees the failure on its own stream; nothing more to do here.
+    session.on('error', () => {});
+    const forget = () => {
+      if (this.#session === session) this.#session = undefined;
+    };
+    session.once('goaway', forget);
+    session.once('close', forget);
+    session.once('connect', () => {
+      session.setLocalWindowSize(limits.connectionWindow);
+    });
+    return session;
+  }
+}

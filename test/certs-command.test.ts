@@ -1,0 +1,323 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
+import { once } from 'node:events';
+import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import tls from 'node:tls';
+import { CERT_FILES, certsClient, certsInit, certsRevoke } from '../src/certs-command.js';
+import { ConfigError } from '../src/errors.js';
+import { parseCrl, parseCrlSerials } from '../src/x509.js';
+
+function openssl(args: string[], cwd: string): { status: number | null; out: string } {
+  const result = spawnSync('openssl', args, { cwd, encoding: 'utf8' });
+  return { status: result.status, out: `${result.stdout}${result.stderr}` };
+}
+
+function x509Text(path: string, cwd: string): string {
+  const { status, out } = openssl(['x509', '-noout', '-text', '-in', path], cwd);
+  assert.equal(status, 0, out);
+  return out;
+}
+
+function verifyClient(dir: string, cert: string): { status: number | null; out: string } {
+  const args = ['verify', '-crl_check', '-purpose', 'sslclient', '-CAfile', CERT_FILES.clientCaCert, '-CRLfile', CERT_FILES.clientCaCrl, cert];
+  return openssl(args, dir);
+}
+
+async function modeOf(path: string): Promise<number> {
+  return (await stat(path)).mode & 0o777;
+}
+
+/** Asserts a ConfigError whose one-line message matches `pattern`. */
+function configError(pattern: RegExp): (err: unknown) => true {
+  return (err: unknown) => {
+    assert.ok(err instanceof ConfigError, `expected ConfigError, got ${String(err)}`);
+    assert.match(err.message, pattern);
+    assert.doesNotMatch(err.message, /\n/);
+    return true;
+  };
+}
+
+let root: string;
+let counter = 0;
+/** A fresh, not yet existing directory below this file's temp root. */
+function freshDir(): string {
+  counter += 1;
+  return join(root, `case-${counter}`, 'certs');
+}
+
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), 'ovms-mtls-certs-'));
+});
+after(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+describe('certs init', () => {
+  test('creates the directory and writes nine files, keys readable by the owner only', async () => {
+    const dir = freshDir();
+    const report = await certsInit({ dir });
+    assert.deepEqual((await readdir(dir)).sort(), Object.values(CERT_FILES).sort());
+    assert.equal(await modeOf(dir), 0o755);
+    for (const file of report.files) {
+      assert.equal(await modeOf(file.path), file.name.endsWith('.key') ? 0o600 : 0o644, file.name);
+    }
+    assert.equal(report.files.length, 9);
+  });
+
+  test('sets the exact modes even under a restrictive umask', async () => {
+    const previous = process.umask(0o077);
+    try {
+      const dir = freshDir();
+      await certsInit({ dir });
+      assert.equal(await modeOf(join(dir, CERT_FILES.serverCert)), 0o644);
+      assert.equal(await modeOf(join(dir, CERT_FILES.clientCaCrl)), 0o644);
+      assert.equal(await modeOf(join(dir, CERT_FILES.serverKey)), 0o600);
+    } finally {
+      process.umask(previous);
+    }
+  });
+
+  test('produces a server certificate and a client certificate that openssl verifies for their purpose', async () => {
+    const dir = freshDir();
+    await certsInit({ dir });
+    const server = openssl(['verify', '-purpose', 'sslserver', '-CAfile', CERT_FILES.serverCaCert, CERT_FILES.serverCert], dir);
+    assert.equal(server.status, 0, server.out);
+    const client = verifyClient(dir, CERT_FILES.clientCert);
+    assert.equal(client.status, 0, client.out);
+    const serverText = x509Text(CERT_FILES.serverCert, dir);
+    assert.match(serverText, /Version: 3 \(0x2\)/);
+    assert.match(serverText, /CA:FALSE/);
+    assert.match(serverText, /TLS Web Server Authentication/);
+    assert.match(x509Text(CERT_FILES.clientCert, dir), /Version: 3 \(0x2\)[\s\S]*CA:FALSE[\s\S]*TLS Web Client Authentication/);
+  });
+
+  test('gives the two CAs different names so that OpenSSL never confuses them', async () => {
+    const dir = freshDir();
+    await certsInit({ dir });
+    const serverCa = new X509Certificate(await readFile(join(dir, CERT_FILES.serverCaCert)));
+    const clientCa = new X509Certificate(await readFile(join(dir, CERT_FILES.clientCaCert)));
+    assert.notEqual(serverCa.subject, clientCa.subject);
+  });
+
+  test('names localhost, 127.0.0.1 and ::1 in the server certificate, plus every --san entry', async () => {
+    const dir = freshDir();
+    await certsInit({ dir, san: ['DNS:ovms.example.com', 'ip:10.0.0.5', 'IP:fd00::5'] });
+    const cert = new X509Certificate(await readFile(join(dir, CERT_FILES.serverCert)));
+    assert.equal(
+      cert.subjectAltName,
+      'DNS:localhost, DNS:ovms.example.com, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1, IP Address:10.0.0.5, IP Address:FD00:0:0:0:0:0:0:5',
+    );
+  });
+
+  test('adds no loopback addresses for another server name and uses an IP server name as an IP SAN', async () => {
+    const named = freshDir();
+    await certsInit({ dir: named, serverName: 'ovms.internal' });
+    assert.equal(new X509Certificate(await readFile(join(named, CERT_FILES.serverCert))).subjectAltName, 'DNS:ovms.internal');
+    const numbered = freshDir();
+    await certsInit({ dir: numbered, serverName: '192.0.2.7' });
+    assert.equal(new X509Certificate(await readFile(join(numbered, CERT_FILES.serverCert))).subjectAltName, 'IP Address:192.0.2.7');
+  });
+
+  test('rejects malformed --san entries before writing anything', async () => {
+    for (const san of ['ovms.example.com', 'IP:999.1.1.1', 'DNS:bad name', 'URI:spiffe://x', 'DNS:']) {
+      const dir = freshDir();
+      await assert.rejects(certsInit({ dir, san: [san] }), configError(/--san .*expected DNS:<name> or IP:<address>|--san .*not a valid DNS name/));
+      await assert.rejects(stat(dir), { code: 'ENOENT' });
+    }
+  });
+
+  test('rejects a non-integer or non-positive --days and an unknown --key', async () => {
+    await assert.rejects(certsInit({ dir: freshDir(), days: 0 }), configError(/--days 0/));
+    await assert.rejects(certsInit({ dir: freshDir(), days: 1.5 }), configError(/--days 1\.5/));
+    await assert.rejects(certsInit({ dir: freshDir(), key: 'dsa' as never }), configError(/--key dsa: use one of ec, rsa2048/));
+  });
+
+  test('refuses to overwrite existing files without --force, naming the file, and overwrites with it', async () => {
+    const dir = freshDir();
+    await certsInit({ dir });
+    const before = await readFile(join(dir, CERT_FILES.serverCert), 'utf8');
+    await assert.rejects(certsInit({ dir }), configError(/server\.pem already exists.*--force/));
+    assert.equal(await readFile(join(dir, CERT_FILES.serverCert), 'utf8'), before);
+    await certsInit({ dir, force: true });
+    assert.notEqual(await readFile(join(dir, CERT_FILES.serverCert), 'utf8'), before);
+    assert.equal(await modeOf(join(dir, CERT_FILES.clientKey)), 0o600);
+    assert.deepEqual((await readdir(dir)).filter((name) => name.endsWith('.tmp')), []);
+  });
+
+  test('summarises the files and warns that one-day certificates expire tomorrow', async () => {
+    const report = await certsInit({ dir: freshDir() });
+    assert.match(report.summary, /Wrote 9 files to /);
+    assert.match(report.summary, /server\.key\s+0600/);
+    assert.match(report.summary, /expire in 1 day.*--days/);
+    assert.match(report.summary, new RegExp(`valid until ${report.validUntil.toISOString()}`));
+  });
+
+  test('issues certificates and a CRL for the requested number of days without the expiry warning', async () => {
+    const dir = freshDir();
+    const report = await certsInit({ dir, days: 30 });
+    assert.doesNotMatch(report.summary, /expire in 1 day/);
+    const days = (report.validUntil.getTime() - Date.now()) / 86_400_000;
+    assert.ok(days > 29.9 && days <= 30, String(days));
+    const crl = parseCrl(await readFile(join(dir, CERT_FILES.clientCaCrl), 'utf8'));
+    assert.deepEqual(crl.revoked, []);
+    assert.equal(crl.crlNumber, 1n);
+    assert.ok(crl.nextUpdate && crl.nextUpdate.getTime() - Date.now() > 29.9 * 86_400_000);
+  });
+
+  test('can use RSA keys throughout', async () => {
+    const dir = freshDir();
+    await certsInit({ dir, key: 'rsa2048' });
+    assert.match(x509Text(CERT_FILES.serverCert, dir), /rsaEncryption[\s\S]*Digital Signature, Key Encipherment/);
+    assert.equal(verifyClient(dir, CERT_FILES.clientCert).status, 0);
+  });
+});
+
+describe('certs client', () => {
+  let dir: string;
+  before(async () => {
+    dir = freshDir();
+    await certsInit({ dir });
+  });
+
+  test('issues NAME.pem and NAME.key from the client CA with the given URI and DNS names', async () => {
+    const report = await certsClient({ dir, name: 'alice', uri: ['spiffe://example.org/ns/ml/sa/alice'], dns: ['alice.example.org'] });
+    assert.deepEqual(report.files.map((f) => f.name), ['alice.pem', 'alice.key']);
+    assert.equal(await modeOf(join(dir, 'alice.key')), 0o600);
+    const verified = verifyClient(dir, 'alice.pem');
+    assert.equal(verified.status, 0, verified.out);
+    const text = x509Text('alice.pem', dir);
+    assert.match(text, /Subject: CN = alice/);
+    assert.match(text, /URI:spiffe:\/\/example\.org\/ns\/ml\/sa\/alice/);
+    assert.match(text, /DNS:alice\.example\.org/);
+  });
+
+  test('warns when the client certificate would outlive the client CA', async () => {
+    const report = await certsClient({ dir, name: 'long-lived', days: 365 });
+    assert.match(report.summary, /the client CA expires earlier/);
+    assert.doesNotMatch(report.summary, /expire in 1 day/);
+  });
+
+  test('refuses to replace an existing client without --force', async () => {
+    await certsClient({ dir, name: 'carol' });
+    await assert.rejects(certsClient({ dir, name: 'carol' }), configError(/carol\.pem already exists.*--force/));
+    await certsClient({ dir, name: 'carol', force: true });
+  });
+
+  test('says to run certs init first when the directory has no client CA', async () => {
+    const empty = freshDir();
+    await assert.rejects(certsClient({ dir: empty, name: 'alice' }), configError(/client_cert_ca\.pem not found: run `ovms-mtls certs init --dir .*` first/));
+  });
+
+  test('refuses names that are not plain file names or would overwrite the PKI itself', async () => {
+    await assert.rejects(certsClient({ dir, name: '../evil' }), configError(/--name "\.\.\/evil"/));
+    await assert.rejects(certsClient({ dir, name: 'client_cert_ca', force: true }), configError(/would overwrite/));
+  });
+
+  test('rejects a --uri that is not an absolute URI', async () => {
+    await assert.rejects(certsClient({ dir, name: 'dave', uri: ['example.org/alice'] }), configError(/--uri "example\.org\/alice" is not an absolute URI/));
+  });
+});
+
+describe('certs revoke', () => {
+  let dir: string;
+  before(async () => {
+    dir = freshDir();
+    await certsInit({ dir });
+    await certsClient({ dir, name: 'alice' });
+    await certsClient({ dir, name: 'bob' });
+  });
+
+  test('adds the serial to the CRL, bumps the CRL number and keeps the earlier entries', async () => {
+    const crlPath = join(dir, CERT_FILES.clientCaCrl);
+    const initial = parseCrl(await readFile(crlPath, 'utf8'));
+    const alice = await certsRevoke({ dir, cert: join(dir, 'alice.pem') });
+    const bob = await certsRevoke({ dir, cert: 'bob' });
+    const crlPem = await readFile(crlPath, 'utf8');
+    const crl = parseCrl(crlPem);
+    assert.deepEqual(parseCrlSerials(crlPem).sort(), [alice.serialHex, bob.serialHex].sort());
+    assert.equal(crl.crlNumber, 3n);
+    assert.equal(bob.crlNumber, 3n);
+    // The re-signed CRL lives as long as the one it replaced.
+    assert.equal(crl.nextUpdate!.getTime() - crl.thisUpdate.getTime(), initial.nextUpdate!.getTime() - initial.thisUpdate.getTime());
+    assert.equal(await modeOf(crlPath), 0o644);
+
+    const listed = openssl(['crl', '-noout', '-text', '-CAfile', CERT_FILES.clientCaCrl.replace('.crl', '.pem'), '-in', CERT_FILES.clientCaCrl], dir);
+    assert.match(listed.out, /verify OK/);
+    assert.ok(listed.out.includes(`Serial Number: ${alice.serialHex.toUpperCase()}`), listed.out);
+    assert.match(verifyClient(dir, 'alice.pem').out, /certificate revoked/);
+    assert.equal(verifyClient(dir, CERT_FILES.clientCert).status, 0);
+  });
+
+  test('revoking a certificate twice leaves the CRL untouched', async () => {
+    await certsClient({ dir, name: 'erin' });
+    await certsRevoke({ dir, cert: 'erin' });
+    const crlBefore = await readFile(join(dir, CERT_FILES.clientCaCrl), 'utf8');
+    const again = await certsRevoke({ dir, cert: 'erin' });
+    assert.equal(again.alreadyRevoked, true);
+    assert.deepEqual(again.files, []);
+    assert.match(again.summary, /already revoked/);
+    assert.equal(await readFile(join(dir, CERT_FILES.clientCaCrl), 'utf8'), crlBefore);
+  });
+
+  test('refuses a certificate issued by another CA, and the client CA itself', async () => {
+    const otherDir = freshDir();
+    await certsInit({ dir: otherDir });
+    await assert.rejects(certsRevoke({ dir, cert: join(otherDir, CERT_FILES.clientCert) }), configError(/was not issued by client_cert_ca\.pem/));
+    await assert.rejects(certsRevoke({ dir, cert: join(dir, CERT_FILES.serverCert) }), configError(/was not issued by client_cert_ca\.pem/));
+    await assert.rejects(certsRevoke({ dir, cert: join(dir, CERT_FILES.clientCaCert) }), configError(/is the client CA itself/));
+  });
+
+  test('names the missing file when the certificate to revoke does not exist', async () => {
+    await assert.rejects(certsRevoke({ dir, cert: 'nobody' }), configError(/--cert nobody: no such file/));
+  });
+});
+
+describe('files from certs init in a Node TLS server', () => {
+  test('the client is authorized and, once revoked, refused as CERT_REVOKED', async () => {
+    const dir = freshDir();
+    await certsInit({ dir });
+    await certsClient({ dir, name: 'frank' });
+    const read = (name: string) => readFile(join(dir, name), 'utf8');
+    const serverOptions = async (): Promise<tls.TlsOptions> => ({
+      key: await read(CERT_FILES.serverKey),
+      cert: await read(CERT_FILES.serverCert),
+      ca: await read(CERT_FILES.clientCaCert),
+      crl: await read(CERT_FILES.clientCaCrl),
+    });
+    const server = tls.createServer({ ...(await serverOptions()), requestCert: true, rejectUnauthorized: false }, (socket) => {
+      socket.end(socket.authorized ? 'authorized' : String(socket.authorizationError));
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const ask = async (name: string): Promise<string> => {
+      const socket = tls.connect({
+        host: '127.0.0.1',
+        port: (server.address() as AddressInfo).port,
+        servername: 'localhost',
+        ca: await read(CERT_FILES.serverCaCert),
+        cert: await read(`${name}.pem`),
+        key: await read(`${name}.key`),
+      });
+      let answer = '';
+      socket.setEncoding('utf8').on('data', (chunk: string) => (answer += chunk));
+      await once(socket, 'end');
+      socket.destroy();
+      return answer;
+    };
+    try {
+      assert.equal(await ask('client'), 'authorized');
+      assert.equal(await ask('frank'), 'authorized');
+      await certsRevoke({ dir, cert: 'frank' });
+      server.setSecureContext(await serverOptions());
+      assert.equal(await ask('frank'), 'CERT_REVOKED');
+      assert.equal(await ask('client'), 'authorized');
+    } finally {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+});

@@ -1,0 +1,234 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer, type Server, type Socket } from 'node:net';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { unary, type EchoReply } from '../src/demo/grpc-client.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+const inferRequest = (model = 'dummy') => ({ model_name: model, inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: INPUT } }] });
+
+/** A TCP relay in front of the upstream that counts connections; proves session reuse. */
+async function countingRelay(targetPort: number): Promise<{ server: Server; port: number; connections: () => number }> {
+  let count = 0;
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    count += 1;
+    const upstream = new (client.constructor as typeof Socket)();
+    upstream.connect(targetPort, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      s.setNoDelay(true);
+      sockets.add(s);
+      s.on('error', () => {});
+      s.on('close', () => { sockets.delete(s); client.destroy(); upstream.destroy(); });
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const close = server.close.bind(server);
+  server.close = (cb?: (err?: Error) => void) => { for (const s of sockets) s.destroy(); return close(cb); };
+  return { server, port: (server.address() as { port: number }).port, connections: () => count };
+}
+
+let pki: TestPki;
+let upstream: ModelServer;
+let relay: Awaited<ReturnType<typeof countingRelay>>;
+let front: StartedProxy;
+let clients: ReturnType<typeof grpcClients>;
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream();
+  relay = await countingRelay(upstream.grpcPort!);
+  front = await startTestProxy({ pki, upstream: { grpcPort: relay.port } });
+  clients = grpcClients(front.grpcAddress, pki);
+});
+
+after(async () => {
+  clients.close();
+  await front.proxy.shutdown(1000);
+  relay.server.close();
+  await upstream.close();
+  await pki.cleanup();
+});
+
+const lastReceived = (path: string) => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === path).at(-1);
+
+describe('grpc forwarding', () => {
+  test('a KServe ModelInfer through the proxy returns the dummy model output b + 1', async () => {
+    const { response } = await unary(clients.kserve, 'ModelInfer', inferRequest());
+    assert.deepEqual(response.outputs[0]?.contents?.fp32_contents, INPUT.map((x) => x + 1));
+  });
+
+  test('health and metadata RPCs pass through', async () => {
+    assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
+    assert.equal((await unary(clients.kserve, 'ServerReady', {})).response.ready, true);
+    assert.equal((await unary(clients.kserve, 'ModelReady', { name: 'dummy' })).response.ready, true);
+    assert.equal((await unary(clients.kserve, 'ModelMetadata', { name: 'dummy' })).response.name, 'dummy');
+  });
+
+  test('metadata, te: trailers, grpc-timeout and the client identity reach the upstream', async () => {
+    const md = new grpc.Metadata();
+    md.set('x-echo-id', 'abc');
+    md.set('x-echo-blob-bin', Buffer.from([9, 8, 7]));
+    const { metadata, status } = await unary(clients.echo, 'Unary', { payload: Buffer.from('hi') }, md, { deadline: Date.now() + 60_000 });
+    assert.deepEqual(metadata.get('x-echo-id'), ['abc']);
+    assert.deepEqual(metadata.get('x-echo-blob-bin'), [Buffer.from([9, 8, 7])]);
+    assert.deepEqual(status.metadata.get('x-trailer-echo'), ['ok']);
+    const seen = lastReceived('/ovmsmtls.test.Echo/Unary')!;
+    assert.equal(seen.headers.te, 'trailers');
+    assert.match(String(seen.headers['grpc-timeout']), /^\d+[HMSmun]$/);
+    assert.match(String(seen.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests";URI=spiffe:\/\/test.local\/client$/);
+  });
+
+  test('an error status keeps its non-ASCII message and -bin trailer metadata', async () => {
+    const md = new grpc.Metadata();
+    md.set('x-echo-blob-bin', Buffer.from([1, 2, 3]));
+    const err = await unary(clients.echo, 'Unary', { fail_with_code: grpc.status.PERMISSION_DENIED }, md).then(
+      () => assert.fail('call should fail'), (e: grpc.ServiceError) => e);
+    assert.equal(err.code, grpc.status.PERMISSION_DENIED);
+    assert.equal(err.details, 'requested failure: 7 ü%');
+    assert.deepEqual(err.metadata.get('x-echo-blob-bin'), [Buffer.from([1, 2, 3])]);
+    assert.deepEqual(err.metadata.get('x-trailer-bin'), [Buffer.from([0, 1, 2, 255])]);
+  });
+
+  test('a Trailers-Only error response stays one HEADERS frame with END_STREAM', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    try {
+      // An unknown model: the upstream answers NOT_FOUND with no message body.
+      const res = await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' },
+        grpcFrame(Buffer.from([0x18, 0x05]))); // fail_with_code = 5
+      assert.equal(res.endedWithHeaders, true);
+      assert.equal(res.headers['grpc-status'], '5');
+      assert.equal(res.trailers, undefined);
+      assert.equal(res.body.length, 0);
+    } finally {
+      session.close();
+    }
+  });
+
+  test('client-streaming, server-streaming and bidirectional calls pass message by message', async () => {
+    const reply = await new Promise<EchoReply>((resolve, reject) => {
+      const call = clients.echo.ClientStream(new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(res as EchoReply)));
+      for (const part of ['ab', 'cd', 'ef']) call.write({ payload: Buffer.from(part) });
+      call.end();
+    });
+    assert.deepEqual(reply, { payload: Buffer.from('abcdef'), count: 3 });
+
+    const counts: number[] = [];
+    for await (const r of clients.echo.ServerStream({ payload: Buffer.from('x'), count: 4 })) counts.push((r as EchoReply).count);
+    assert.deepEqual(counts, [0, 1, 2, 3]);
+
+    // Each reply is awaited before the next message is written: nothing is batched.
+    const bidi = clients.echo.Bidi();
+    const replies = bidi[Symbol.asyncIterator]();
+    for (const n of [1, 2, 3]) {
+      bidi.write({ payload: Buffer.from(`m${n}`), count: n });
+      assert.deepEqual((await replies.next()).value, { payload: Buffer.from(`m${n}`), count: n });
+    }
+    bidi.end();
+    assert.equal((await replies.next()).done, true);
+  });
+
+  test('KServe ModelStreamInfer answers each request on one open stream', async () => {
+    const call = clients.kserve.ModelStreamInfer();
+    const replies = call[Symbol.asyncIterator]();
+    for (let i = 0; i < 3; i++) {
+      call.write({ ...inferRequest(), id: `r${i}` });
+      const { value } = await replies.next();
+      assert.equal(value.infer_response.id, `r${i}`);
+    }
+    call.end();
+    assert.equal((await replies.next()).done, true);
+  });
+
+  test('a cancelled client call cancels the upstream call', async () => {
+    const call = clients.echo.Hold({}, new grpc.Metadata(), {}, () => {});
+    const status = once(call, 'status') as Promise<[grpc.StatusObject]>;
+    await once(call, 'metadata');
+    call.cancel();
+    await upstream.waitFor('cancelled', '/ovmsmtls.test.Echo/Hold');
+    assert.equal((await status)[0].code, grpc.status.CANCELLED);
+  });
+
+  test('a 64 MiB message passes both ways through the proxy', async () => {
+    const payload = Buffer.alloc(64 * 1024 * 1024, 7);
+    payload[12345] = 1;
+    const { response } = await unary(clients.echo, 'Unary', { payload });
+    assert.equal(response.payload.length, payload.length);
+    assert.ok(response.payload.equals(payload));
+  });
+
+  test('calls share one upstream connection', async () => {
+    const before = relay.connections();
+    await Promise.all(Array.from({ length: 20 }, () => unary(clients.echo, 'Unary', { payload: Buffer.from('x') })));
+    assert.ok(before >= 1);
+    assert.equal(relay.connections(), before);
+  });
+
+  test('an HTTP/1.1 client on the gRPC port gets a plain-text explanation', async () => {
+    const res = await https1(front.grpcPort, pki, { path: '/' });
+    assert.equal(res.status, 426);
+    assert.match(String(res.headers['content-type']), /^text\/plain/);
+    assert.match(res.body, /gRPC over HTTP\/2/);
+  });
+
+  test('every call is logged with listener, client, method, status and grpc-status', async () => {
+    await unary(clients.echo, 'Unary', { payload: Buffer.from('log me') });
+    const line = await front.logs.waitFor((l) => l.event === 'access' && l.path === '/ovmsmtls.test.Echo/Unary' && l.grpcStatus === '0');
+    assert.equal(line.listener, 'grpc');
+    assert.equal(line.subject, 'CN=client,OU=tests');
+    assert.equal(String(line.serial).replace(/^0+/, ''), pki.client.serialHex.replace(/^0+/, ''));
+    assert.equal(line.status, 200);
+    assert.ok(Number(line.bytesIn) > 0 && Number(line.bytesOut) > 0);
+  });
+});
+
+describe('grpc upstream failures', () => {
+  test('an unreachable upstream answers UNAVAILABLE with a readable message, and the proxy recovers when it restarts', async () => {
+    const pkiLocal = pki;
+    const server = await startUpstream({ restPort: null });
+    const port = server.grpcPort!;
+    const local = await startTestProxy({ pki: pkiLocal, upstream: { grpcPort: port } });
+    const c = grpcClients(local.grpcAddress, pkiLocal);
+    try {
+      await unary(c.echo, 'Unary', { payload: Buffer.from('1') });
+      await server.close();
+      const err = await unary(c.echo, 'Unary', { payload: Buffer.from('2') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+      assert.equal(err.code, grpc.status.UNAVAILABLE);
+      assert.match(err.details, new RegExp(`upstream 127\\.0\\.0\\.1:${port} (refused the connection|closed the connection|went away)`));
+      const restarted = await startUpstream({ grpcPort: port, restPort: null });
+      try {
+        const { response } = await unary(c.echo, 'Unary', { payload: Buffer.from('3') });
+        assert.equal(response.payload.toString(), '3');
+      } finally {
+        await restarted.close();
+      }
+    } finally {
+      c.close();
+      await local.proxy.shutdown(1000);
+    }
+  });
+
+  test('an upstream that dies mid-call ends the call with UNAVAILABLE, not a hang', async () => {
+    const server = await startUpstream({ restPort: null });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: server.grpcPort! } });
+    const c = grpcClients(local.grpcAddress, pki);
+    try {
+      const call = c.echo.Hold({}, new grpc.Metadata(), {}, () => {});
+      const status = once(call, 'status') as Promise<[grpc.StatusObject]>;
+      await once(call, 'metadata');
+      await server.close();
+      const [final] = await status;
+      assert.equal(final.code, grpc.status.UNAVAILABLE);
+      assert.match(final.details, /upstream 127\.0\.0\.1:\d+/);
+    } finally {
+      c.close();
+      await local.proxy.shutdown(1000);
+    }
+  });
+});

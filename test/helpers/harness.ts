@@ -1,0 +1,188 @@
+/**
+ * Starts the real proxy (library API) in front of the stand-in model server,
+ * with per-run certificates, and gives tests real clients: grpc-js with the
+ * KServe and Echo protos, HTTPS/1.1 and HTTP/2 clients presenting a chosen
+ * client certificate. Everything listens on 127.0.0.1.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
+import { request as httpsRequest, type RequestOptions } from 'node:https';
+import type { IncomingMessage } from 'node:http';
+import { startModelServer, type ModelServer, type ModelServerOptions } from '../../src/demo/model-server.js';
+import { echoClient, kserveClient, type EchoClient, type KserveClient } from '../../src/demo/grpc-client.js';
+import { startProxy, type RunningProxy } from '../../src/proxy.js';
+import { createLogger } from '../../src/log.js';
+import { loadTlsMaterialSync } from '../../src/tls-material.js';
+import { DEFAULTS, EMPTY_ALLOW_LIST, type Config, type Limits, type TlsFiles } from '../../src/config.js';
+import type { ProxyObserver } from '../../src/observer.js';
+import type { TestPki } from './pki.js';
+import type { Issued } from '../../src/x509.js';
+
+export interface LogLine {
+  level: string;
+  event?: string;
+  msg: string;
+  [key: string]: unknown;
+}
+
+/** A pino destination that keeps every line, parsed, for assertions. */
+export class LogCapture {
+  readonly lines: LogLine[] = [];
+  readonly #waiters: { match: (l: LogLine) => boolean; resolve: (l: LogLine) => void }[] = [];
+
+  write(text: string): void {
+    for (const raw of text.split('\n')) {
+      if (!raw) continue;
+      const line = JSON.parse(raw) as LogLine;
+      this.lines.push(line);
+      for (const w of [...this.#waiters]) {
+        if (w.match(line)) {
+          this.#waiters.splice(this.#waiters.indexOf(w), 1);
+          w.resolve(line);
+        }
+      }
+    }
+  }
+
+  /** Resolves with the first line (already logged or future) that matches. */
+  waitFor(match: (l: LogLine) => boolean): Promise<LogLine> {
+    const found = this.lines.find(match);
+    if (found) return Promise.resolve(found);
+    return new Promise((resolve) => this.#waiters.push({ match, resolve }));
+  }
+}
+
+export interface ProxySetup {
+  pki: TestPki;
+  upstream?: { grpcPort?: number; restPort?: number };
+  tls?: Partial<TlsFiles>;
+  limits?: Partial<Limits>;
+  allow?: Partial<Config['allow']>;
+  observer?: ProxyObserver;
+  notReady?: Parameters<typeof startProxy>[0]['notReady'];
+}
+
+export interface StartedProxy {
+  proxy: RunningProxy;
+  logs: LogCapture;
+  grpcPort: number;
+  restPort: number;
+  grpcAddress: string;
+}
+
+export function baseConfig(setup: ProxySetup): Config {
+  const { pki } = setup;
+  return {
+    grpc: setup.upstream?.grpcPort ? { hosts: ['127.0.0.1'], port: 0, upstream: { host: '127.0.0.1', port: setup.upstream.grpcPort } } : undefined,
+    rest: setup.upstream?.restPort ? { hosts: ['127.0.0.1'], port: 0, upstream: { host: '127.0.0.1', port: setup.upstream.restPort } } : undefined,
+    tls: { cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']!, crl: pki.paths['client_cert_ca.crl'], ...setup.tls },
+    allow: { ...EMPTY_ALLOW_LIST, ...setup.allow },
+    limits: { ...DEFAULTS.limits, ...setup.limits },
+    shutdownTimeoutMs: 5000,
+    logLevel: 'debug',
+    accessLog: true,
+    workers: 1,
+  };
+}
+
+export async function startTestProxy(setup: ProxySetup): Promise<StartedProxy> {
+  const config = baseConfig(setup);
+  const logs = new LogCapture();
+  const proxy = await startProxy({
+    config,
+    material: loadTlsMaterialSync(config.tls),
+    logger: createLogger({ level: 'debug', destination: logs }),
+    ...(setup.observer ? { observer: setup.observer } : {}),
+    ...(setup.notReady ? { notReady: setup.notReady } : {}),
+  });
+  const grpcPort = proxy.port('grpc') ?? 0;
+  return { proxy, logs, grpcPort, restPort: proxy.port('rest') ?? 0, grpcAddress: `localhost:${grpcPort}` };
+}
+
+export async function startUpstream(options: ModelServerOptions = {}): Promise<ModelServer> {
+  return startModelServer({ grpcPort: 0, restPort: 0, testService: true, ...options });
+}
+
+export function clientCredentials(pki: TestPki, client: Issued | undefined = pki.client): grpc.ChannelCredentials {
+  return grpc.credentials.createSsl(
+    Buffer.from(pki.serverCa.certPem),
+    client ? Buffer.from(client.keyPem) : null,
+    client ? Buffer.from(client.certPem) : null,
+  );
+}
+
+export function grpcClients(address: string, pki: TestPki, client?: Issued): { kserve: KserveClient; echo: EchoClient; close(): void } {
+  const credentials = clientCredentials(pki, client);
+  const kserve = kserveClient(address, credentials);
+  const echo = echoClient(address, credentials);
+  return { kserve, echo, close: () => { kserve.close(); echo.close(); } };
+}
+
+export function tlsClientOptions(pki: TestPki, client: Issued | undefined = pki.client) {
+  return {
+    ca: pki.serverCa.certPem,
+    ...(client ? { cert: client.certPem, key: client.keyPem } : {}),
+    servername: 'localhost',
+  };
+}
+
+export interface Http1Response {
+  status: number;
+  headers: IncomingMessage['headers'];
+  body: string;
+}
+
+/** One HTTPS/1.1 request with a client certificate; a fresh connection each time. */
+export function https1(port: number, pki: TestPki, options: RequestOptions & { body?: string | Buffer; client?: Issued | undefined } = {}): Promise<Http1Response> {
+  const { body, client, ...rest } = options;
+  return new Promise((resolve, reject) => {
+    const req = httpsRequest({ host: '127.0.0.1', port, agent: false, ...tlsClientOptions(pki, 'client' in options ? client : pki.client), ...rest }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+export function h2Session(port: number, pki: TestPki, client: Issued | undefined = pki.client): ClientHttp2Session {
+  const session = connectH2(`https://localhost:${port}`, tlsClientOptions(pki, client));
+  session.on('error', () => {});
+  return session;
+}
+
+export interface H2Response {
+  headers: Record<string, unknown>;
+  body: Buffer;
+  trailers: Record<string, unknown> | undefined;
+  endedWithHeaders: boolean;
+}
+
+/** One request on an HTTP/2 session; collects headers, body and trailers. */
+export function h2Request(session: ClientHttp2Session, headers: Record<string, string | string[]>, body?: Buffer | string): Promise<H2Response> {
+  return new Promise((resolve, reject) => {
+    const stream = session.request(headers, { endStream: body === undefined });
+    let response: Record<string, unknown> = {};
+    let trailers: Record<string, unknown> | undefined;
+    let endedWithHeaders = false;
+    const chunks: Buffer[] = [];
+    stream.on('response', (h, flags) => {
+      response = h;
+      endedWithHeaders = (flags & 1) === 1;
+    });
+    stream.on('trailers', (t) => (trailers = t));
+    stream.on('data', (c: Buffer) => chunks.push(c));
+    stream.on('end', () => resolve({ headers: response, body: Buffer.concat(chunks), trailers, endedWithHeaders }));
+    stream.on('error', reject);
+    if (body !== undefined) stream.end(body);
+  });
+}
+
+/** A gRPC length-prefixed message frame (uncompressed). */
+export function grpcFrame(payload: Buffer): Buffer {
+  const header = Buffer.alloc(5);
+  header.writeUInt32BE(payload.length, 1);
+  return Buffer.concat([header, payload]);
+}
