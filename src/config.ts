@@ -66,6 +66,8 @@ export const DEFAULTS = {
   bindAddress: '0.0.0.0',
   adminBindAddress: '127.0.0.1',
   shutdownTimeoutSeconds: 30,
+  /** Quiet time after the last change in a certificate directory before reloading: writers touch several files. */
+  reloadDebounceMs: 200,
   logLevel: 'info' as LevelWithSilent,
   accessLog: true,
   limits: {
@@ -84,6 +86,20 @@ export const DEFAULTS = {
     key: '/certs/server.key',
     clientCa: '/certs/client_cert_ca.pem',
     crl: '/certs/client_cert_ca.crl',
+  },
+  /** The OVMS entrypoint (src/cli/entrypoint-command.ts). */
+  ovms: {
+    binary: '/ovms/bin/ovms',
+    /** The OVMS image's user; OVMS runs as it (and the proxy drops to it) when started as root. */
+    user: 'ovms',
+    /** The container's orchestrator restarts; restarting inside too would hide crash loops. */
+    restart: 'never' as 'never' | 'on-failure',
+    restartInitialBackoffMs: 500,
+    restartMaxBackoffMs: 30_000,
+    /** A run this long resets the backoff. */
+    restartStableAfterMs: 60_000,
+    /** New loopback ports tried when one was taken before OVMS could bind it. */
+    portRetries: 3,
   },
 } as const;
 

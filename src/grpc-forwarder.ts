@@ -5,6 +5,7 @@ import type { ProxyObserver } from './observer.js';
 import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders } from './grpc-status.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { UpstreamH2Session } from './upstream-h2.js';
+import { forward } from './stream-forward.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_FLAG_END_STREAM } = constants;
 
@@ -115,6 +116,8 @@ class GrpcCall {
   #trailers: OutgoingHttpHeaders | undefined;
   /** The upstream finished the call properly (trailers or Trailers-Only seen). */
   #upstreamDone = false;
+  #unforwardRequest: (() => void) | undefined;
+  #unforwardResponse: (() => void) | undefined;
 
   constructor(client: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, options: GrpcForwarderOptions, pool: UpstreamH2Session) {
     this.#client = client;
@@ -146,10 +149,7 @@ class GrpcCall {
       this.#upstreamDone = true;
     });
     upstream.once('close', () => this.#onUpstreamClose());
-    if (!client.endAfterHeaders) {
-      client.on('data', (chunk: Buffer) => (this.#outcome.bytesIn += chunk.length));
-      client.pipe(upstream);
-    }
+    if (!client.endAfterHeaders) this.#unforwardRequest = forward(client, upstream, this.#options.limits.streamWindow, (n) => (this.#outcome.bytesIn += n));
   }
 
   #openUpstream(): ClientHttp2Stream {
@@ -181,8 +181,7 @@ class GrpcCall {
       return;
     }
     client.respond(headers, { waitForTrailers: true });
-    upstream.on('data', (chunk: Buffer) => (this.#outcome.bytesOut += chunk.length));
-    upstream.pipe(client);
+    this.#unforwardResponse = forward(upstream, client, this.#options.limits.streamWindow, (n) => (this.#outcome.bytesOut += n));
   }
 
   #onUpstreamError(err: unknown): void {
@@ -211,7 +210,7 @@ class GrpcCall {
     this.#outcome.grpcStatus = String(GRPC_STATUS.UNAVAILABLE);
     this.#options.observer.upstreamError(this.#context.listener, code);
     if (client.closed || client.destroyed) return;
-    if (this.#upstream) this.#client.unpipe(this.#upstream);
+    this.#unforwardRequest?.();
     client.resume();
     if (!client.headersSent) {
       this.#outcome.status = 200;
@@ -219,7 +218,7 @@ class GrpcCall {
       return;
     }
     this.#trailers = { 'grpc-status': String(GRPC_STATUS.UNAVAILABLE), 'grpc-message': encodeGrpcMessage(message) };
-    if (this.#upstream) this.#upstream.unpipe(client);
+    this.#unforwardResponse?.();
     if (!client.writableEnded) client.end();
   }
 

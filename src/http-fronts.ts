@@ -24,6 +24,7 @@ export class H2Front implements Drainable {
   readonly #server: Http2Server;
   readonly #contexts = new WeakMap<ServerHttp2Session, ConnectionContext>();
   readonly #sessions = new Set<ServerHttp2Session>();
+  readonly #bySocket = new WeakMap<TLSSocket, ServerHttp2Session>();
   #arriving: ConnectionContext | undefined;
   #draining = false;
 
@@ -74,12 +75,20 @@ export class H2Front implements Drainable {
     for (const session of this.#sessions) session.close();
   }
 
+  /** GOAWAY on one connection: streams in flight finish, no new ones start. */
+  closeConnection(socket: TLSSocket): void {
+    const session = this.#bySocket.get(socket);
+    if (session) session.close();
+    else socket.end();
+  }
+
   #onSession(session: ServerHttp2Session, limits: Limits): void {
     if (!this.#arriving) {
       session.destroy();
       return;
     }
     this.#contexts.set(session, this.#arriving);
+    this.#bySocket.set(this.#arriving.socket, session);
     this.#sessions.add(session);
     session.once('close', () => this.#sessions.delete(session));
     session.on('error', () => {});
@@ -97,6 +106,8 @@ export class H1Front implements Drainable {
   readonly #server: HttpServer;
   readonly #contexts = new WeakMap<Socket, ConnectionContext>();
   readonly #active = new Map<Socket, number>();
+  /** Connections to close once their current response is done (revoked clients). */
+  readonly #closing = new WeakSet<Socket>();
   #draining = false;
 
   constructor(options: { limits: Limits; onRequest: RequestHandler }) {
@@ -131,6 +142,12 @@ export class H1Front implements Drainable {
     for (const [socket, active] of this.#active) if (active === 0) socket.end();
   }
 
+  /** Closes one connection now if idle, else right after the response in progress. */
+  closeConnection(socket: TLSSocket): void {
+    this.#closing.add(socket);
+    if ((this.#active.get(socket) ?? 0) === 0) socket.end();
+  }
+
   #onRequest(req: IncomingMessage, res: ServerResponse, handler: RequestHandler): void {
     const socket = req.socket;
     const context = this.#contexts.get(socket);
@@ -139,11 +156,12 @@ export class H1Front implements Drainable {
       return;
     }
     this.#active.set(socket, (this.#active.get(socket) ?? 0) + 1);
-    if (this.#draining) res.shouldKeepAlive = false;
+    const closing = () => this.#draining || this.#closing.has(socket);
+    if (closing()) res.shouldKeepAlive = false;
     res.once('close', () => {
       const left = (this.#active.get(socket) ?? 1) - 1;
       this.#active.set(socket, left);
-      if (this.#draining && left === 0) socket.end();
+      if (closing() && left === 0) socket.end();
     });
     handler(req, res, context);
   }

@@ -17,6 +17,8 @@ export interface ConnectionContext {
 export interface Handover {
   h2(socket: TLSSocket, context: ConnectionContext): void;
   http1(socket: TLSSocket, context: ConnectionContext): void;
+  /** Ends one handed-over connection gracefully: GOAWAY on HTTP/2, close after the current response on HTTP/1.1. */
+  close?(socket: TLSSocket): void;
 }
 
 export interface SecureListenerOptions {
@@ -87,6 +89,19 @@ export class SecureListener {
 
   destroyAll(): void {
     for (const socket of this.#sockets) socket.destroy();
+  }
+
+  /**
+   * Ends one live connection (its client was just revoked): gracefully, then
+   * by force after `graceMs` so a never-ending stream cannot outlive revocation.
+   */
+  closeConnection(socket: TLSSocket, graceMs: number): void {
+    if (!this.#sockets.has(socket)) return;
+    const timer = setTimeout(() => socket.destroy(), graceMs);
+    timer.unref();
+    socket.once('close', () => clearTimeout(timer));
+    if (this.#options.handover.close) this.#options.handover.close(socket);
+    else socket.end();
   }
 
   #createServer(): TlsServer {
@@ -162,7 +177,7 @@ function peerChainLength(socket: TLSSocket): number {
 
 function handshakeErrorCode(err: NodeJS.ErrnoException): string {
   if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') return 'not_tls';
-  if (/timed out/i.test(err.message)) return 'handshake_timeout';
+  if (err.code === 'ERR_TLS_HANDSHAKE_TIMEOUT') return 'handshake_timeout';
   return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase();
 }
 

@@ -65,7 +65,7 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
     limits: config.limits,
     allow: config.allow,
     observer,
-    handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c) },
+    handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c), close: (s) => (s.alpnProtocol === 'h2' ? h2 : h1).closeConnection(s) },
   });
   return { listener, fronts: [h2, h1], close: () => forwarder.close() };
 }
@@ -84,7 +84,7 @@ function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
     limits: config.limits,
     allow: config.allow,
     observer,
-    handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c) },
+    handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c), close: (s) => (s.alpnProtocol === 'h2' ? h2 : h1).closeConnection(s) },
   });
   return { listener, fronts: [h2, h1], close: async () => forwarder.close() };
 }

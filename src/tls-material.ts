@@ -4,6 +4,7 @@ import { X509Certificate, createPrivateKey, type KeyObject } from 'node:crypto';
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
 import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
+import { checkTrust } from './tls-checks.js';
 
 /** Everything a listener needs to build its TLS context, already validated. */
 export interface TlsMaterial {
@@ -170,6 +171,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
   checkClientCas(clientCas, files.clientCa);
   if (raw.mtls_crl) checkCrlPem(raw.mtls_crl, files.crl!);
+  checkTrust({ files, serverChain: chain, clientCas, crl: raw.mtls_crl, now });
   return { files, key, cert, ca, crl: raw.mtls_crl, serverCert, clientCas };
 }
 

@@ -1,38 +1,14 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { createServer, type Server, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
 const inferRequest = (model = 'dummy') => ({ model_name: model, inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: INPUT } }] });
-
-/** A TCP relay in front of the upstream that counts connections; proves session reuse. */
-async function countingRelay(targetPort: number): Promise<{ server: Server; port: number; connections: () => number }> {
-  let count = 0;
-  const sockets = new Set<Socket>();
-  const server = createServer((client) => {
-    count += 1;
-    const upstream = new (client.constructor as typeof Socket)();
-    upstream.connect(targetPort, '127.0.0.1');
-    for (const s of [client, upstream]) {
-      s.setNoDelay(true);
-      sockets.add(s);
-      s.on('error', () => {});
-      s.on('close', () => { sockets.delete(s); client.destroy(); upstream.destroy(); });
-    }
-    client.pipe(upstream).pipe(client);
-  });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const close = server.close.bind(server);
-  server.close = (cb?: (err?: Error) => void) => { for (const s of sockets) s.destroy(); return close(cb); };
-  return { server, port: (server.address() as { port: number }).port, connections: () => count };
-}
 
 let pki: TestPki;
 let upstream: ModelServer;

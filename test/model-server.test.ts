@@ -4,6 +4,7 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { GateBoard, sseEvents } from './helpers/sse.js';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import http from 'node:http';
@@ -27,24 +28,6 @@ function rawFloats(values: number[]): Buffer {
 
 function inferRequest(model = 'dummy') {
   return { model_name: model, inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: INPUT } }] };
-}
-
-/** A promise per SSE event index, created on first use by either side. */
-class GateBoard {
-  private readonly gates = new Map<number, { promise: Promise<void>; open: () => void }>();
-  private entry(i: number) {
-    let e = this.gates.get(i);
-    if (!e) {
-      let open!: () => void;
-      const promise = new Promise<void>((resolve) => { open = resolve; });
-      e = { promise, open };
-      this.gates.set(i, e);
-    }
-    return e;
-  }
-  wait = (i: number): Promise<void> => this.entry(i).promise;
-  open(i: number): void { this.entry(i).open(); }
-  openAll(): void { for (let i = 0; i <= CHAT_REPLY_WORDS.length; i++) this.open(i); }
 }
 
 interface HttpReply { status: number; headers: http.IncomingHttpHeaders; body: Buffer }
@@ -74,19 +57,6 @@ function openStream(method: string, path: string, body: string): Promise<{ req: 
     req.on('error', reject);
     req.end(body);
   });
-}
-
-/** Yields SSE events (text up to each blank line) as they arrive. */
-async function* sseEvents(res: http.IncomingMessage): AsyncGenerator<string> {
-  let pending = '';
-  for await (const chunk of res) {
-    pending += (chunk as Buffer).toString('utf8');
-    let cut: number;
-    while ((cut = pending.indexOf('\n\n')) >= 0) {
-      yield pending.slice(0, cut);
-      pending = pending.slice(cut + 2);
-    }
-  }
 }
 
 before(async () => {

@@ -1,7 +1,11 @@
 import { isUserError } from '../errors.js';
 import { productVersion } from '../version.js';
 import { runProxyCommand } from './proxy-command.js';
+import { runCertsCommand } from './certs-cli.js';
+import { runCheckCommand } from './check-command.js';
+import { runProbeCommand } from './probe-command.js';
 import { helpText } from './help.js';
+import { runEntrypointCommand } from './entrypoint-command.js';
 
 export interface Io {
   readonly stdout: NodeJS.WritableStream;
@@ -13,6 +17,9 @@ type Command = (argv: readonly string[], io: Io) => Promise<number>;
 
 const COMMANDS: Record<string, Command> = {
   proxy: (argv, io) => runProxyCommand(argv, io.env),
+  certs: (argv, io) => runCertsCommand(argv, io),
+  check: (argv, io) => runCheckCommand(argv, io),
+  probe: (argv, io) => runProbeCommand(argv, io.stdout),
 };
 
 /** Runs one command line and returns the exit code; throws only on bugs or user errors. */
@@ -22,12 +29,14 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
     io.stdout.write(helpText());
     return first === undefined ? 2 : 0;
   }
-  if (first === '--version' || first === '-v') {
+  if (first === '-v') {
     io.stdout.write(`ovms-mtls ${productVersion()}\n`);
     return 0;
   }
   const command = COMMANDS[first];
   if (command) return command(rest, io);
+  // No subcommand: an OVMS command line (OVMS takes no positional arguments). `--version` lands here too: OVMS's version follows ours.
+  if (first.startsWith('-')) return runEntrypointCommand(argv, io);
   io.stderr.write(`ovms-mtls: unknown command '${first}' (see \`ovms-mtls --help\`)\n`);
   return 2;
 }

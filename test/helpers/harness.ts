@@ -8,6 +8,8 @@ import * as grpc from '@grpc/grpc-js';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
 import { request as httpsRequest, type RequestOptions } from 'node:https';
 import type { IncomingMessage } from 'node:http';
+import { createServer as createTcpServer, Socket, type Server as TcpServer } from 'node:net';
+import { once } from 'node:events';
 import { startModelServer, type ModelServer, type ModelServerOptions } from '../../src/demo/model-server.js';
 import { echoClient, kserveClient, type EchoClient, type KserveClient } from '../../src/demo/grpc-client.js';
 import { startProxy, type RunningProxy } from '../../src/proxy.js';
@@ -103,7 +105,8 @@ export async function startUpstream(options: ModelServerOptions = {}): Promise<M
   return startModelServer({ grpcPort: 0, restPort: 0, testService: true, ...options });
 }
 
-export function clientCredentials(pki: TestPki, client: Issued | undefined = pki.client): grpc.ChannelCredentials {
+/** `null` = present no client certificate at all. */
+export function clientCredentials(pki: TestPki, client: Issued | null = pki.client): grpc.ChannelCredentials {
   return grpc.credentials.createSsl(
     Buffer.from(pki.serverCa.certPem),
     client ? Buffer.from(client.keyPem) : null,
@@ -111,14 +114,14 @@ export function clientCredentials(pki: TestPki, client: Issued | undefined = pki
   );
 }
 
-export function grpcClients(address: string, pki: TestPki, client?: Issued): { kserve: KserveClient; echo: EchoClient; close(): void } {
+export function grpcClients(address: string, pki: TestPki, client: Issued | null = pki.client): { kserve: KserveClient; echo: EchoClient; close(): void } {
   const credentials = clientCredentials(pki, client);
   const kserve = kserveClient(address, credentials);
   const echo = echoClient(address, credentials);
   return { kserve, echo, close: () => { kserve.close(); echo.close(); } };
 }
 
-export function tlsClientOptions(pki: TestPki, client: Issued | undefined = pki.client) {
+export function tlsClientOptions(pki: TestPki, client: Issued | null = pki.client) {
   return {
     ca: pki.serverCa.certPem,
     ...(client ? { cert: client.certPem, key: client.keyPem } : {}),
@@ -133,10 +136,10 @@ export interface Http1Response {
 }
 
 /** One HTTPS/1.1 request with a client certificate; a fresh connection each time. */
-export function https1(port: number, pki: TestPki, options: RequestOptions & { body?: string | Buffer; client?: Issued | undefined } = {}): Promise<Http1Response> {
+export function https1(port: number, pki: TestPki, options: RequestOptions & { body?: string | Buffer; client?: Issued | null } = {}): Promise<Http1Response> {
   const { body, client, ...rest } = options;
   return new Promise((resolve, reject) => {
-    const req = httpsRequest({ host: '127.0.0.1', port, agent: false, ...tlsClientOptions(pki, 'client' in options ? client : pki.client), ...rest }, (res) => {
+    const req = httpsRequest({ host: '127.0.0.1', port, agent: false, ...tlsClientOptions(pki, client === undefined ? pki.client : client), ...rest }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
@@ -147,7 +150,7 @@ export function https1(port: number, pki: TestPki, options: RequestOptions & { b
   });
 }
 
-export function h2Session(port: number, pki: TestPki, client: Issued | undefined = pki.client): ClientHttp2Session {
+export function h2Session(port: number, pki: TestPki, client: Issued | null = pki.client): ClientHttp2Session {
   const session = connectH2(`https://localhost:${port}`, tlsClientOptions(pki, client));
   session.on('error', () => {});
   return session;
@@ -185,4 +188,27 @@ export function grpcFrame(payload: Buffer): Buffer {
   const header = Buffer.alloc(5);
   header.writeUInt32BE(payload.length, 1);
   return Buffer.concat([header, payload]);
+}
+
+/** A TCP relay in front of an upstream that counts connections; proves connection reuse. */
+export async function countingRelay(targetPort: number): Promise<{ server: TcpServer; port: number; connections: () => number }> {
+  let count = 0;
+  const sockets = new Set<Socket>();
+  const server = createTcpServer((client) => {
+    count += 1;
+    const upstream = new Socket();
+    upstream.connect(targetPort, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      s.setNoDelay(true);
+      sockets.add(s);
+      s.on('error', () => {});
+      s.on('close', () => { sockets.delete(s); client.destroy(); upstream.destroy(); });
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const close = server.close.bind(server);
+  server.close = (cb?: (err?: Error) => void) => { for (const s of sockets) s.destroy(); return close(cb); };
+  return { server, port: (server.address() as { port: number }).port, connections: () => count };
 }

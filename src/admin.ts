@@ -1,0 +1,105 @@
+/**
+ * The admin listener: plain HTTP, loopback by default, for Prometheus and
+ * Kubernetes probes. /metrics (Prometheus text), /healthz (the process
+ * answers), /readyz (the callback's report; 503 while not ready).
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { ListenError } from './errors.js';
+import type { HealthReport } from './health.js';
+import type { Logger } from './log.js';
+import type { ProxyMetrics } from './metrics.js';
+
+export interface AdminOptions {
+  readonly hosts: readonly string[];
+  /** 0 asks the OS for a free port (tests). */
+  readonly port: number;
+  readonly metrics: ProxyMetrics;
+  /** Computes the /readyz body; `ready` false answers 503. */
+  readonly health: () => Promise<HealthReport> | HealthReport;
+  readonly logger?: Logger;
+}
+
+export interface AdminServer {
+  readonly addresses: readonly AddressInfo[];
+  readonly port: number;
+  close(): Promise<void>;
+}
+
+type Route = (res: ServerResponse) => Promise<void>;
+
+function sendJson(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body) + '\n';
+  res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+function routes(options: AdminOptions, started: number): Record<string, Route> {
+  return {
+    '/metrics': async (res) => {
+      const text = await options.metrics.text();
+      res.writeHead(200, { 'content-type': options.metrics.contentType, 'cache-control': 'no-store' });
+      res.end(text);
+    },
+    '/healthz': async (res) => sendJson(res, 200, { status: 'alive', uptimeSeconds: Math.round((Date.now() - started) / 1000), pid: process.pid }),
+    '/readyz': async (res) => {
+      const report = await options.health();
+      sendJson(res, report.ready ? 200 : 503, report);
+    },
+  };
+}
+
+function handler(options: AdminOptions): (req: IncomingMessage, res: ServerResponse) => void {
+  const table = routes(options, Date.now());
+  return (req, res) => {
+    const path = (req.url ?? '/').split('?', 1)[0]!;
+    const route = Object.hasOwn(table, path) ? table[path] : undefined;
+    if (!route) return sendJson(res, 404, { error: `no such admin path; try ${Object.keys(table).join(', ')}` });
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      res.setHeader('allow', 'GET, HEAD');
+      return sendJson(res, 405, { error: 'use GET' });
+    }
+    route(res).catch((err: unknown) => {
+      options.logger?.error({ event: 'admin_error', path, err }, 'admin request failed');
+      if (!res.headersSent) sendJson(res, 500, { error: 'internal error' });
+      else res.destroy();
+    });
+  };
+}
+
+function listen(server: Server, host: string, port: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException) => {
+      const why = err.code === 'EADDRINUSE' ? 'is in use (pick another --mtls_admin_port)' : err.code === 'EACCES' ? 'needs privileges (use a port above 1023)' : `cannot be bound (${err.code ?? err.message})`;
+      reject(new ListenError(`--mtls_admin_port: ${host}:${port} ${why}`, { cause: err }));
+    };
+    server.once('error', onError);
+    server.listen(port, host, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+}
+
+/** Starts the admin listener on every host; rejects with a ListenError and nothing left bound. */
+export async function startAdminServer(options: AdminOptions): Promise<AdminServer> {
+  const servers: Server[] = [];
+  const close = () => Promise.all(servers.map((s) => new Promise<void>((resolve) => {
+    s.closeAllConnections();
+    s.close(() => resolve());
+  }))).then(() => undefined);
+  let port = options.port;
+  try {
+    for (const host of options.hosts) {
+      const server = createServer(handler(options));
+      servers.push(server);
+      await listen(server, host, port);
+      port = (server.address() as AddressInfo).port;
+    }
+  } catch (err) {
+    await Promise.all(servers.filter((s) => s.listening).map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    throw err;
+  }
+  const addresses = servers.map((s) => s.address() as AddressInfo);
+  return { addresses, port: addresses[0]?.port ?? 0, close };
+}

@@ -1,0 +1,108 @@
+/**
+ * `ovms-mtls check`: load the TLS material exactly as the proxy does at startup
+ * (same checks, same messages), then describe what was loaded: how long the
+ * server certificate lives, its names, the client CAs and each CRL.
+ */
+import type { X509Certificate } from 'node:crypto';
+import type { TlsFiles } from './config.js';
+import { isUserError } from './errors.js';
+import { loadTlsMaterialSync, validTo, type TlsMaterial } from './tls-material.js';
+import { crlSignedBy, crlsForCa, certificateNames, parseCrlFile, type CrlInfo } from './crl-index.js';
+import { describeCert } from './tls-checks.js';
+
+export type FindingLevel = 'ok' | 'warn' | 'fail' | 'info';
+
+export interface Finding {
+  readonly level: FindingLevel;
+  readonly text: string;
+}
+
+export interface CheckReport {
+  /** True when the proxy would start and serve with this material. */
+  readonly ok: boolean;
+  readonly findings: readonly Finding[];
+}
+
+const SERVER_AUTH_OID = '1.3.6.1.5.5.7.3.1';
+const ANY_EKU_OID = '2.5.29.37.0';
+
+export function checkTlsFiles(files: TlsFiles, now = new Date()): CheckReport {
+  let material: TlsMaterial;
+  try {
+    material = loadTlsMaterialSync(files, now);
+  } catch (err) {
+    if (!isUserError(err)) throw err;
+    return { ok: false, findings: [{ level: 'fail', text: err.message }] };
+  }
+  return { ok: true, findings: [...serverFindings(material, now), ...clientCaFindings(material, now), ...crlFindings(material, now)] };
+}
+
+export function formatReport(report: CheckReport): string {
+  const lines = report.findings.map((f) => `${f.level.toUpperCase().padEnd(5)} ${f.text.replace(/\n/g, '\n      ')}`);
+  lines.push(report.ok ? 'Result: OK - the proxy would start and serve with this material.' : 'Result: FAILED - the proxy would refuse to start with this material.');
+  return lines.join('\n') + '\n';
+}
+
+function serverFindings(m: TlsMaterial, now: Date): Finding[] {
+  const cert = m.serverCert;
+  const san = cert.subjectAltName;
+  const findings: Finding[] = [
+    { level: 'ok', text: `server certificate ${m.files.cert}: ${describeCert(cert)}, issued by ${issuerCn(cert)}, valid until ${validTo(cert).toISOString()} (${timeLeft(validTo(cert), now)} left)` },
+    { level: 'ok', text: `server key ${m.files.key} matches the certificate` },
+  ];
+  if (san) findings.push({ level: 'info', text: `server names (SAN): ${san}` });
+  else findings.push({ level: 'warn', text: `server certificate ${m.files.cert} has no subjectAltName: Go, rustls and browser clients refuse it (\`ovms-mtls certs init --server_name NAME\` makes one with SANs)` });
+  const eku = cert.keyUsage;
+  if (eku && !eku.includes(SERVER_AUTH_OID) && !eku.includes(ANY_EKU_OID)) {
+    findings.push({ level: 'warn', text: `server certificate ${m.files.cert} has an extended key usage without serverAuth: strict clients refuse it` });
+  }
+  return findings;
+}
+
+function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
+  const count = `${m.clientCas.length} CA${m.clientCas.length === 1 ? '' : 's'}`;
+  const findings: Finding[] = [{ level: 'ok', text: `client CA bundle ${m.files.clientCa}: ${count}` }];
+  for (const ca of m.clientCas) {
+    const expired = validTo(ca) <= now;
+    findings.push({
+      level: expired ? 'warn' : 'info',
+      text: expired
+        ? `client CA ${describeCert(ca)} expired on ${validTo(ca).toISOString()}: its clients are refused`
+        : `client CA ${describeCert(ca)}, valid until ${validTo(ca).toISOString()} (${timeLeft(validTo(ca), now)} left)`,
+    });
+  }
+  return findings;
+}
+
+function crlFindings(m: TlsMaterial, now: Date): Finding[] {
+  if (!m.crl || !m.files.crl) return [{ level: 'info', text: 'no CRL (--mtls_crl): revocation is not checked' }];
+  const crls = parseCrlFile(m.crl.toString('latin1'));
+  const findings: Finding[] = [{ level: 'ok', text: `CRL file ${m.files.crl}: ${crls.length} CRL${crls.length === 1 ? '' : 's'}, one for each trusted CA` }];
+  for (const crl of crls) findings.push(describeCrl(crl, m.clientCas, now));
+  return findings;
+}
+
+function describeCrl(crl: CrlInfo, cas: readonly X509Certificate[], now: Date): Finding {
+  const ca = cas.find((candidate) => crlsForCa([crl], candidate).length > 0);
+  const next = crl.nextUpdate ? `next update ${crl.nextUpdate.toISOString()} (${timeLeft(crl.nextUpdate, now)} left)` : 'no next update';
+  const revoked = `${crl.revokedSerials.size} revoked`;
+  if (!ca) {
+    return { level: 'info', text: `CRL #${crl.index}: issuer not in the client CA bundle (an intermediate CA clients send?), ${revoked}, ${next}; signature checked by OpenSSL at handshake` };
+  }
+  const signature = crlSignedBy(crl, ca) === undefined ? 'signature algorithm checked at handshake only' : 'signature ok';
+  return { level: 'info', text: `CRL #${crl.index} of ${describeCert(ca)}: ${revoked}, ${next}, ${signature}` };
+}
+
+function issuerCn(cert: X509Certificate): string {
+  const { issuerKey, subjectKey } = certificateNames(cert.raw);
+  if (issuerKey === subjectKey) return 'itself (self-signed)';
+  return /(?:^|\n)CN=([^\n]*)/.exec(cert.issuer)?.[1] ?? cert.issuer.replace(/\n/g, ', ');
+}
+
+/** "3 days", "5 h", "12 min": enough to notice a certificate about to expire. */
+export function timeLeft(until: Date, now: Date): string {
+  const minutes = Math.floor((until.getTime() - now.getTime()) / 60_000);
+  if (minutes >= 2 * 24 * 60) return `${Math.floor(minutes / (24 * 60))} days`;
+  if (minutes >= 120) return `${Math.floor(minutes / 60)} h`;
+  return `${Math.max(0, minutes)} min`;
+}

@@ -1,0 +1,169 @@
+/**
+ * `ovms-mtls [OVMS options]`: a drop-in for the `ovms` command. Binds the
+ * public mTLS listeners (as root if started so), starts OVMS on loopback
+ * ports behind them, drops privileges, and lives exactly as long as OVMS.
+ */
+import { accessSync, constants as fsConstants } from 'node:fs';
+import type { Config, PublicListenerSpec } from '../config.js';
+import { ChildProcessError, ConfigError } from '../errors.js';
+import { createLogger, type Logger } from '../log.js';
+import { loadTlsMaterialSync } from '../tls-material.js';
+import { startProxy, type RunningProxy } from '../proxy.js';
+import type { ProxyObserver } from '../observer.js';
+import { productVersion } from '../version.js';
+import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
+import { entrypointSettings, ovmsBinary, type EntrypointSettings } from '../entrypoint-config.js';
+import { exitCodeOf, findSetpriv, runToCompletion, spawnCommand } from '../ovms-child.js';
+import { OvmsSupervisor } from '../ovms-supervisor.js';
+import { ovmsReadinessProbe } from '../ovms-readiness.js';
+import { LoopbackUpstreams } from '../ports.js';
+import { dropPrivileges, isRoot, planPrivileges, type PrivilegePlan } from '../privileges.js';
+import { DEFAULTS } from '../config.js';
+import { helpText } from './help.js';
+import { logSupervisorEvents, runUntilDone } from './entrypoint-lifecycle.js';
+import type { Io } from './main.js';
+
+function isExecutable(path: string): boolean {
+  try {
+    accessSync(path, fsConstants.X_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function assertExecutable(binary: string): void {
+  if (!isExecutable(binary)) {
+    throw new ChildProcessError(`--mtls_ovms_binary: ${binary} does not exist or is not executable (pass --mtls_ovms_binary PATH to the ovms executable)`);
+  }
+}
+
+export async function runEntrypointCommand(argv: readonly string[], io: Io): Promise<number> {
+  const split = splitOvmsArgv(argv);
+  switch (split.mode.kind) {
+    case 'help':
+      io.stdout.write(helpText());
+      return 0;
+    case 'version':
+      return runVersion(split, io);
+    case 'ovms-help':
+      return runOneShot(split, io, ['--help'], {});
+    case 'direct':
+      return runOneShot(split, io, split.passthrough, oneShotPrivileges(split, io));
+    case 'serve': {
+      const { running, logger } = await startServing(entrypointSettings(split, io.env));
+      return runUntilDone({ ...running, logger });
+    }
+  }
+}
+
+/** Our version, then OVMS's own (drop-in users expect it), with OVMS's exit code. */
+async function runVersion(split: SplitOvmsArgv, io: Io): Promise<number> {
+  io.stdout.write(`ovms-mtls ${productVersion()}\n`);
+  const binary = ovmsBinary(split, io.env);
+  if (!isExecutable(binary)) return 0;
+  return exitCodeOf(await runToCompletion(spawnCommand({ binary, args: ['--version'], setpriv: findSetpriv() })));
+}
+
+/** --pull, --list_models ... write model files: as root they run as the OVMS user, like serving does. */
+function oneShotPrivileges(split: SplitOvmsArgv, io: Io): PrivilegePlan {
+  const user = split.mtls['mtls_ovms_user'] ?? io.env['OVMS_MTLS_OVMS_USER'] ?? DEFAULTS.ovms.user;
+  return planPrivileges({ ovmsUser: String(user), proxyUser: 'root', root: isRoot() });
+}
+
+/** A non-serving OVMS invocation: run OVMS with these arguments and exit with its code; nothing listens. */
+async function runOneShot(split: SplitOvmsArgv, io: Io, args: readonly string[], plan: PrivilegePlan): Promise<number> {
+  const binary = ovmsBinary(split, io.env);
+  assertExecutable(binary);
+  const status = await runToCompletion(spawnCommand({ binary, args, runAs: plan.ovms, setpriv: findSetpriv() }));
+  return exitCodeOf(status);
+}
+
+/** After the proxy dropped to its user, OVMS can be spawned again only as that same user. */
+function canRespawnAfterDrop(plan: PrivilegePlan): boolean {
+  if (!plan.proxy) return true;
+  return plan.ovms !== undefined && plan.ovms.uid === plan.proxy.uid;
+}
+
+function checkRestartPossible(settings: EntrypointSettings, plan: PrivilegePlan): void {
+  if (settings.restart.mode === 'on-failure' && !canRespawnAfterDrop(plan)) {
+    throw new ConfigError(
+      `--mtls_restart on-failure: OVMS runs as '${settings.ovmsUser}' but the proxy drops to '${settings.proxyUser}' and could not start OVMS again (use the same user for --mtls_ovms_user and --mtls_user)`,
+    );
+  }
+}
+
+function listenerConfig(spec: PublicListenerSpec | undefined, upstreams: LoopbackUpstreams, name: 'grpc' | 'rest'): Config['grpc'] {
+  if (!spec) return undefined;
+  return { hosts: spec.hosts, port: spec.port ?? 0, upstream: upstreams.upstream(name) };
+}
+
+export interface ServingOptions {
+  /** Where the product's JSON lines go; stdout by default. */
+  readonly logger?: Logger;
+  /** Extra observer for the proxy (metrics). */
+  readonly observer?: ProxyObserver;
+}
+
+export interface Serving {
+  readonly proxy: RunningProxy;
+  readonly supervisor: OvmsSupervisor;
+  readonly shutdownTimeoutMs: number;
+}
+
+/**
+ * Everything up to "OVMS is starting": resolve users, read the keys, bind
+ * the public ports (OVMS is never started when that fails), spawn OVMS,
+ * then drop the proxy's privileges.
+ */
+export async function startServing(settings: EntrypointSettings, options: ServingOptions = {}): Promise<{ running: Serving; logger: Logger }> {
+  const logger = options.logger ?? createLogger({ level: settings.common.logLevel });
+  const plan = planPrivileges({ ovmsUser: settings.ovmsUser, proxyUser: settings.proxyUser, root: isRoot() });
+  checkRestartPossible(settings, plan);
+  assertExecutable(settings.binary);
+  const material = loadTlsMaterialSync(settings.common.tls);
+  const upstreams = new LoopbackUpstreams({ grpc: settings.listeners.grpc !== undefined, rest: settings.listeners.rest !== undefined });
+  await upstreams.choose();
+  const config: Config = {
+    ...settings.common,
+    grpc: listenerConfig(settings.listeners.grpc, upstreams, 'grpc'),
+    rest: listenerConfig(settings.listeners.rest, upstreams, 'rest'),
+  };
+  const holder: { supervisor?: OvmsSupervisor } = {};
+  const notReady = () => {
+    const state = holder.supervisor?.state();
+    if (state?.ready) return undefined;
+    return state?.up ? 'OVMS is starting' : 'OVMS is not running';
+  };
+  const proxy = await startProxy({ config, material, logger, notReady: { grpc: notReady, rest: notReady }, ...(options.observer ? { observer: options.observer } : {}) });
+  const supervisor = createSupervisor(settings, plan, upstreams, logger);
+  holder.supervisor = supervisor;
+  logSupervisorEvents(supervisor, logger, () => upstreams.current());
+  supervisor.start();
+  if (plan.proxy) {
+    dropPrivileges(plan.proxy);
+    logger.info({ event: 'privileges_dropped', user: plan.proxy.name, uid: plan.proxy.uid, gid: plan.proxy.gid }, `proxy now runs as ${plan.proxy.name}`);
+  }
+  return { running: { proxy, supervisor, shutdownTimeoutMs: settings.common.shutdownTimeoutMs }, logger };
+}
+
+function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, upstreams: LoopbackUpstreams, logger: Logger): OvmsSupervisor {
+  const setpriv = findSetpriv();
+  if (!setpriv) logger.warn({ event: 'no_setpriv' }, 'setpriv not found: OVMS would outlive ovms-mtls if ovms-mtls were killed with SIGKILL');
+  let portRetries: number = DEFAULTS.ovms.portRetries;
+  return new OvmsSupervisor({
+    // As root at the first spawn; after the drop we already are the OVMS user (see canRespawnAfterDrop).
+    command: () => spawnCommand({ binary: settings.binary, args: ovmsServeArgv(settings.passthrough, upstreams.current()), runAs: isRoot() ? plan.ovms : undefined, setpriv }),
+    probe: ovmsReadinessProbe(upstreams.host, () => upstreams.current()),
+    restart: settings.restart,
+    retryStart: async () => {
+      if (portRetries <= 0 || !canRespawnAfterDrop(plan)) return false;
+      const taken = await upstreams.takenPort();
+      if (taken === undefined) return false;
+      portRetries -= 1;
+      logger.warn({ event: 'loopback_port_taken', port: taken }, `loopback port ${taken} was taken before OVMS could bind it: starting OVMS again on new ports`);
+      await upstreams.choose();
+      return true;
+    },
+  });
+}

@@ -1,0 +1,98 @@
+/**
+ * How an entrypoint run ends, and with which exit code:
+ *  - SIGTERM/SIGINT: stop accepting, forward the signal to OVMS, drain;
+ *    OVMS's exit code (SIGKILL after the shutdown timeout if it hangs).
+ *  - OVMS exits for good: drain the listeners; OVMS's exit code
+ *    (128+N when it died of signal N).
+ *  - The proxy fails (an uncaught error): OVMS gets SIGTERM, SIGKILL after
+ *    the shutdown timeout; exit code 70 (EX_SOFTWARE, as for internal errors).
+ */
+import type { Logger } from '../log.js';
+import { exitCodeOf, type ExitStatus } from '../ovms-child.js';
+import type { OvmsSupervisor } from '../ovms-supervisor.js';
+import type { RunningProxy } from '../proxy.js';
+import type { LoopbackPorts } from '../ovms-args.js';
+import { waitForStopSignal } from './lifecycle.js';
+
+export const PROXY_FATAL_EXIT_CODE = 70;
+
+export interface RunUntilDoneOptions {
+  readonly proxy: RunningProxy;
+  readonly supervisor: OvmsSupervisor;
+  readonly logger: Logger;
+  readonly shutdownTimeoutMs: number;
+  /** Rejects when the proxy fails; defaults to uncaught exceptions and unhandled rejections. */
+  readonly fatal?: Promise<never>;
+}
+
+type Ending =
+  | { kind: 'signal'; signal: NodeJS.Signals }
+  | { kind: 'ovms'; status: ExitStatus }
+  | { kind: 'fatal'; error: unknown };
+
+/** Turns uncaught errors into a rejection instead of a crash that would skip stopping OVMS. */
+function uncaughtErrors(): { promise: Promise<never>; dispose(): void } {
+  let reject!: (err: unknown) => void;
+  const promise = new Promise<never>((_resolve, rej) => (reject = rej));
+  promise.catch(() => undefined);
+  const onError = (err: unknown) => reject(err);
+  process.on('uncaughtException', onError);
+  process.on('unhandledRejection', onError);
+  return {
+    promise,
+    dispose() {
+      process.off('uncaughtException', onError);
+      process.off('unhandledRejection', onError);
+    },
+  };
+}
+
+export async function runUntilDone(options: RunUntilDoneOptions): Promise<number> {
+  const { proxy, supervisor, logger, shutdownTimeoutMs } = options;
+  const stop = waitForStopSignal(logger);
+  const uncaught = uncaughtErrors();
+  const fatal = options.fatal ?? uncaught.promise;
+  try {
+    const ending = await Promise.race<Ending>([
+      stop.signal.then((signal) => ({ kind: 'signal', signal })),
+      supervisor.done.then((status) => ({ kind: 'ovms', status })),
+      fatal.catch((error: unknown) => ({ kind: 'fatal', error })),
+    ]);
+    switch (ending.kind) {
+      case 'signal': {
+        const [status] = await Promise.all([supervisor.stop(ending.signal, shutdownTimeoutMs), proxy.shutdown(shutdownTimeoutMs)]);
+        return finish(logger, exitCodeOf(status), 'OVMS stopped');
+      }
+      case 'ovms':
+        await proxy.shutdown(shutdownTimeoutMs);
+        return finish(logger, exitCodeOf(ending.status), 'OVMS exited');
+      case 'fatal': {
+        const error = ending.error instanceof Error ? ending.error : new Error(String(ending.error));
+        logger.fatal({ event: 'proxy_failed', err: error }, `proxy failed: ${error.message}; stopping OVMS`);
+        await supervisor.stop('SIGTERM', shutdownTimeoutMs);
+        return finish(logger, PROXY_FATAL_EXIT_CODE, 'proxy failed');
+      }
+    }
+  } finally {
+    stop.dispose();
+    uncaught.dispose();
+  }
+}
+
+function finish(logger: Logger, exitCode: number, why: string): number {
+  logger.info({ event: 'stopped', exitCode }, `${why}: exiting with ${exitCode}`);
+  return exitCode;
+}
+
+/** One JSON line per OVMS state change. */
+export function logSupervisorEvents(supervisor: OvmsSupervisor, logger: Logger, ports: () => LoopbackPorts): void {
+  supervisor.on('spawn', (pid) => logger.info({ event: 'ovms_started', pid, ports: ports() }, 'OVMS started'));
+  supervisor.on('ready', (pid) => logger.info({ event: 'ovms_ready', pid, ports: ports() }, 'OVMS is ready'));
+  supervisor.on('exit', (status, pid) => {
+    const fields = { event: 'ovms_exited', pid, code: status.code, signal: status.signal, exitCode: exitCodeOf(status) };
+    if (status.code === 0) logger.info(fields, 'OVMS exited');
+    else logger.warn(fields, `OVMS exited with ${status.signal ?? status.code}`);
+  });
+  supervisor.on('restarting', (attempt, delayMs) => logger.warn({ event: 'ovms_restarting', attempt, delayMs }, `restarting OVMS in ${delayMs} ms`));
+  supervisor.on('retrying', () => logger.warn({ event: 'ovms_retrying' }, 'starting OVMS again'));
+}

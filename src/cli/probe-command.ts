@@ -1,0 +1,95 @@
+import { readFileSync } from 'node:fs';
+import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { ConfigError } from '../errors.js';
+import { parsePort } from '../config.js';
+import type { OptionSpec } from '../options.js';
+import { runProbe, type ProbeOptions, type StepResult } from '../probe.js';
+import { parseCommandLine } from './options-parser.js';
+
+/**
+ * The probe's own options. They are not product options (no OVMS_MTLS_*
+ * environment): inside the container OVMS_MTLS_CERT names the SERVER
+ * certificate, which must never be picked up as the probe's client cert.
+ */
+export const PROBE_OPTIONS: readonly OptionSpec[] = [
+  { name: 'host', type: 'string', describe: 'Host name or IP of the deployment' },
+  { name: 'port', type: 'number', describe: 'Public gRPC (mTLS) port to check' },
+  { name: 'rest_port', type: 'number', describe: 'Public REST (mTLS) port to check' },
+  { name: 'mtls_cert', type: 'string', describe: 'Client certificate (PEM)' },
+  { name: 'mtls_key', type: 'string', describe: 'Client private key (PEM)' },
+  { name: 'mtls_ca', type: 'string', describe: 'CA that issued the SERVER certificate (PEM)' },
+  { name: 'model', type: 'string', describe: 'Also fetch this model\'s metadata' },
+  { name: 'servername', type: 'string', describe: 'Name the server certificate must carry', defaultDescription: '--host' },
+  { name: 'timeout', type: 'number', describe: 'Seconds each step may take', defaultDescription: '10' },
+];
+
+export const PROBE_USAGE = `ovms-mtls probe --host HOST [--port P] [--rest_port R] \\
+    --mtls_cert client.pem --mtls_key client.key --mtls_ca server_ca.pem [--model NAME]
+
+Checks a running deployment like a client would: TLS handshake with the client
+certificate, then KServe ServerLive/ServerReady (and ModelMetadata) over gRPC and
+/v2/health/ready (and /v2/models/NAME) over REST. Exit 0 only if every step passes.`;
+
+function readPem(flag: string, value: unknown): Buffer {
+  if (typeof value !== 'string' || value === '') throw new ConfigError(`--${flag} is required (a PEM file; \`ovms-mtls certs init\` makes client.pem, client.key and server_ca.pem)`);
+  let pem: Buffer;
+  try {
+    pem = readFileSync(value);
+  } catch (err) {
+    throw new ConfigError(`--${flag}: ${value} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}; check the path)`);
+  }
+  return checkPem(flag, value, pem);
+}
+
+/** Fails with a one-line message before any connection when a file is not what its flag needs. */
+function checkPem(flag: string, path: string, pem: Buffer): Buffer {
+  try {
+    if (flag === 'mtls_key') createPrivateKey(pem);
+    else new X509Certificate(pem);
+    return pem;
+  } catch {
+    const what = flag === 'mtls_key' ? 'an unencrypted PEM private key' : 'a PEM certificate';
+    throw new ConfigError(`--${flag}: ${path} is not ${what} (check the path; \`ovms-mtls certs client\` makes a client pair)`);
+  }
+}
+
+function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
+  const last = (v: unknown) => (Array.isArray(v) ? v.at(-1) : v);
+  const host = last(parsed['host']);
+  if (typeof host !== 'string' || host === '') throw new ConfigError('--host is required (the address clients use, e.g. --host localhost)');
+  const grpcPort = parsed['port'] === undefined ? undefined : parsePort('port', last(parsed['port']));
+  const restPort = parsed['rest_port'] === undefined ? undefined : parsePort('rest_port', last(parsed['rest_port']));
+  if (!grpcPort && !restPort) throw new ConfigError('nothing to probe: give --port (gRPC) and/or --rest_port (REST)');
+  const timeout = parsed['timeout'] === undefined ? 10 : Number(last(parsed['timeout']));
+  if (!Number.isFinite(timeout) || timeout <= 0) throw new ConfigError(`--timeout: '${String(parsed['timeout'])}' is not a number of seconds > 0`);
+  return {
+    host,
+    grpcPort: grpcPort || undefined,
+    restPort: restPort || undefined,
+    servername: last(parsed['servername']) as string | undefined,
+    cert: readPem('mtls_cert', last(parsed['mtls_cert'])),
+    key: readPem('mtls_key', last(parsed['mtls_key'])),
+    ca: readPem('mtls_ca', last(parsed['mtls_ca'])),
+    model: last(parsed['model']) as string | undefined,
+    timeoutMs: Math.round(timeout * 1000),
+  };
+}
+
+export function formatStep(step: StepResult): string {
+  const head = `${step.ok ? 'ok  ' : 'FAIL'}  ${step.listener.padEnd(4)}  ${step.step}: ${step.detail}\n`;
+  return step.diagnosis ? `${head}      -> ${step.diagnosis.layer} layer: ${step.diagnosis.cause}\n` : head;
+}
+
+/** `ovms-mtls probe ...`: 0 when every step passed, 1 when one failed. */
+export async function runProbeCommand(argv: readonly string[], stdout: NodeJS.WritableStream): Promise<number> {
+  const options = probeOptions(await parseCommandLine(argv, PROBE_OPTIONS, PROBE_USAGE));
+  let failed = 0;
+  let passed = 0;
+  const ok = await runProbe(options, (step) => {
+    if (step.ok) passed += 1;
+    else failed += 1;
+    stdout.write(formatStep(step));
+  });
+  stdout.write(ok ? `probe: all ${passed} steps passed\n` : `probe: ${failed} step(s) failed, ${passed} passed\n`);
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,133 @@
+/**
+ * CRLs and certificates taken apart just enough to answer three questions
+ * synchronously (startup validation is synchronous): which CA signed this
+ * CRL, is it fresh, and does it revoke this certificate. Issuers are matched
+ * by the DER bytes of their Name, as OpenSSL matches them by name.
+ */
+import { verify as verifySignature, type X509Certificate } from 'node:crypto';
+import { encodeTlv, readSingleTlv, readTlvs, TAG_SEQUENCE, type Tlv } from './x509/der.js';
+import { normaliseSerial, parseCrl } from './x509.js';
+
+export interface CrlInfo {
+  /** 1-based position in the CRL file, for messages. */
+  readonly index: number;
+  readonly pem: string;
+  /** DER of the issuer Name, hex: the key that ties a CRL to its CA. */
+  readonly issuerKey: string;
+  readonly thisUpdate: Date;
+  readonly nextUpdate: Date | undefined;
+  readonly revokedSerials: ReadonlySet<string>;
+  readonly tbs: Buffer;
+  readonly signatureAlgorithm: string;
+  readonly signature: Buffer;
+}
+
+const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
+
+/** Signature algorithm OIDs (hex of the OID contents) -> hash for crypto.verify; null = the key decides (Ed25519). */
+const SIGNATURE_HASHES: Record<string, string | null> = {
+  '2a8648ce3d0401': 'sha1',
+  '2a8648ce3d040302': 'sha256',
+  '2a8648ce3d040303': 'sha384',
+  '2a8648ce3d040304': 'sha512',
+  '2a864886f70d010105': 'sha1',
+  '2a864886f70d01010b': 'sha256',
+  '2a864886f70d01010c': 'sha384',
+  '2a864886f70d01010d': 'sha512',
+  '2b6570': null,
+  '2b6571': null,
+};
+
+/** Each `X509 CRL` block of a PEM file, parsed; throws (plain Error) on malformed DER. */
+export function parseCrlFile(pem: string): CrlInfo[] {
+  return (pem.match(PEM_CRL) ?? []).map((block, i) => parseOneCrl(block, i + 1));
+}
+
+function parseOneCrl(pem: string, index: number): CrlInfo {
+  const der = Buffer.from(pem.replace(/-----[^-]+-----|\s/g, ''), 'base64');
+  const [tbs, algorithm, signature] = readTlvs(readSingleTlv(der).value);
+  if (!tbs || !algorithm || !signature) throw new Error('CRL is not a signed structure');
+  const fields = readTlvs(tbs.value);
+  // An optional INTEGER version comes first in a v2 CRL; then signature, issuer.
+  const issuer = fields[fields[0]?.tag === 0x02 ? 2 : 1];
+  if (!issuer || issuer.tag !== TAG_SEQUENCE) throw new Error('CRL has no issuer name');
+  const parsed = parseCrl(pem);
+  return {
+    index,
+    pem,
+    issuerKey: tlvHex(issuer),
+    thisUpdate: parsed.thisUpdate,
+    nextUpdate: parsed.nextUpdate,
+    revokedSerials: new Set(parsed.revoked.map((entry) => entry.serialHex)),
+    tbs: encodeTlv(tbs.tag, tbs.value),
+    signatureAlgorithm: readTlvs(algorithm.value)[0]?.value.toString('hex') ?? '',
+    // BIT STRING: the first octet counts unused bits (always 0 for signatures).
+    signature: signature.value.subarray(1),
+  };
+}
+
+/** Issuer and subject Name DER (hex) of a certificate, from its raw DER. */
+export function certificateNames(der: Buffer): { issuerKey: string; subjectKey: string } {
+  const [tbs] = readTlvs(readSingleTlv(der).value);
+  if (!tbs) throw new Error('certificate is not a signed structure');
+  const fields = readTlvs(tbs.value);
+  // [0] EXPLICIT version is optional (absent in v1 certificates).
+  const offset = fields[0]?.tag === 0xa0 ? 1 : 0;
+  const issuer = fields[offset + 2];
+  const subject = fields[offset + 4];
+  if (!issuer || !subject) throw new Error('certificate has no issuer or subject');
+  return { issuerKey: tlvHex(issuer), subjectKey: tlvHex(subject) };
+}
+
+/**
+ * Whether `ca` signed the CRL: true, false, or undefined when the signature
+ * algorithm is one we cannot check here (RSA-PSS); OpenSSL still checks it at handshake.
+ */
+export function crlSignedBy(crl: CrlInfo, ca: X509Certificate): boolean | undefined {
+  if (!(crl.signatureAlgorithm in SIGNATURE_HASHES)) return undefined;
+  try {
+    return verifySignature(SIGNATURE_HASHES[crl.signatureAlgorithm] ?? null, crl.tbs, ca.publicKey, crl.signature);
+  } catch {
+    return false;
+  }
+}
+
+/** The CRL whose issuer name is this CA's subject. */
+export function crlsForCa(crls: readonly CrlInfo[], ca: X509Certificate): CrlInfo[] {
+  const { subjectKey } = certificateNames(ca.raw);
+  return crls.filter((crl) => crl.issuerKey === subjectKey);
+}
+
+/** A certificate as the peer presented it: raw DER and serial. */
+export interface PresentedCertificate {
+  readonly raw: Buffer;
+  readonly serialNumber: string;
+}
+
+/** Answers "does any loaded CRL revoke this certificate?", by issuer name + serial. */
+export class RevocationIndex {
+  readonly #revoked = new Set<string>();
+
+  constructor(crls: readonly CrlInfo[]) {
+    for (const crl of crls) for (const serial of crl.revokedSerials) this.#revoked.add(`${crl.issuerKey}/${serial}`);
+  }
+
+  get size(): number {
+    return this.#revoked.size;
+  }
+
+  isRevoked(cert: PresentedCertificate): boolean {
+    if (this.#revoked.size === 0) return false;
+    const { issuerKey } = certificateNames(cert.raw);
+    return this.#revoked.has(`${issuerKey}/${normaliseSerial(cert.serialNumber)}`);
+  }
+
+  /** True when the leaf or any CA certificate of the presented chain is revoked. */
+  revokesAny(chain: readonly PresentedCertificate[]): boolean {
+    return chain.some((cert) => this.isRevoked(cert));
+  }
+}
+
+function tlvHex(tlv: Tlv): string {
+  return encodeTlv(tlv.tag, tlv.value).toString('hex');
+}

@@ -1,0 +1,72 @@
+/**
+ * Settings of the OVMS entrypoint, from an OVMS command line split by
+ * ovms-args.ts plus OVMS_MTLS_* environment variables (the command line wins).
+ */
+import { existsSync } from 'node:fs';
+import { ConfigError } from './errors.js';
+import { ALL_OPTIONS, optionsFromEnv, type RawOptions } from './options.js';
+import { DEFAULTS, parseCommonConfig, parsePublicListeners, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
+import type { SplitOvmsArgv } from './ovms-args.js';
+import type { RestartPolicy } from './ovms-supervisor.js';
+
+export interface EntrypointSettings {
+  readonly common: Omit<Config, 'grpc' | 'rest'>;
+  readonly listeners: { readonly grpc?: PublicListenerSpec; readonly rest?: PublicListenerSpec };
+  readonly binary: string;
+  readonly restart: RestartPolicy;
+  readonly ovmsUser: string;
+  readonly proxyUser: string;
+  /** The user's OVMS arguments minus ours and the listener options. */
+  readonly passthrough: readonly string[];
+}
+
+/** Our options and the listener options, environment first, command line on top. */
+export function entrypointOptions(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): RawOptions {
+  const specs = ALL_OPTIONS.filter((s) => s.name !== 'mtls_grpc_upstream' && s.name !== 'mtls_rest_upstream');
+  return { ...optionsFromEnv(env, specs), ...split.listeners, ...split.mtls };
+}
+
+function stringOption(raw: RawOptions, name: string, fallback: string): string {
+  const value = raw[name];
+  if (value === undefined || value === '') return fallback;
+  return String(Array.isArray(value) ? value.at(-1) : value);
+}
+
+/**
+ * The nginx example's mount points, so existing deployments keep working.
+ * Its CRL is optional; it is used only with the default client CA, because a
+ * CRL of another CA would make Node reject every client (FINDINGS).
+ */
+export function containerTlsDefaults(raw: RawOptions, exists: (path: string) => boolean = existsSync): Partial<TlsFiles> {
+  const d = DEFAULTS.tlsFilesInContainer;
+  const defaultCa = raw['mtls_client_ca'] === undefined || raw['mtls_client_ca'] === d.clientCa;
+  return { cert: d.cert, key: d.key, clientCa: d.clientCa, crl: defaultCa && exists(d.crl) ? d.crl : undefined };
+}
+
+function restartPolicy(raw: RawOptions): RestartPolicy {
+  const mode = stringOption(raw, 'mtls_restart', DEFAULTS.ovms.restart);
+  if (mode !== 'never' && mode !== 'on-failure') {
+    throw new ConfigError(`--mtls_restart: '${mode}' is not one of never, on-failure`);
+  }
+  const d = DEFAULTS.ovms;
+  return { mode, initialBackoffMs: d.restartInitialBackoffMs, maxBackoffMs: d.restartMaxBackoffMs, stableAfterMs: d.restartStableAfterMs };
+}
+
+export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv, exists?: (path: string) => boolean): EntrypointSettings {
+  const raw = entrypointOptions(split, env);
+  const ovmsUser = stringOption(raw, 'mtls_ovms_user', DEFAULTS.ovms.user);
+  return {
+    listeners: parsePublicListeners(raw),
+    common: parseCommonConfig(raw, containerTlsDefaults(raw, exists)),
+    binary: stringOption(raw, 'mtls_ovms_binary', DEFAULTS.ovms.binary),
+    restart: restartPolicy(raw),
+    ovmsUser,
+    proxyUser: stringOption(raw, 'mtls_user', ovmsUser),
+    passthrough: split.passthrough,
+  };
+}
+
+/** The OVMS binary, checked before anything listens; for one-shot modes too. */
+export function ovmsBinary(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): string {
+  return stringOption(entrypointOptions(split, env), 'mtls_ovms_binary', DEFAULTS.ovms.binary);
+}

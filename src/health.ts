@@ -1,0 +1,130 @@
+/**
+ * Readiness checks behind /readyz: are the listeners up, does the model
+ * server answer, is the TLS material still valid. Each check is a small
+ * function so the OVMS entrypoint can swap the upstream check for its own
+ * knowledge of the child process.
+ */
+import { connect as connectH2 } from 'node:http2';
+import { request as httpRequest } from 'node:http';
+import type { Config, HostPort } from './config.js';
+import type { RunningProxy } from './proxy.js';
+import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
+import { parseCrl } from './x509.js';
+
+export interface CheckResult {
+  readonly ok: boolean;
+  readonly detail: string;
+}
+
+export type HealthCheck = () => CheckResult | Promise<CheckResult>;
+
+export interface HealthReport {
+  readonly ready: boolean;
+  readonly checks: Readonly<Record<string, CheckResult>>;
+}
+
+/** Runs every check; ready only when all pass. A check that throws counts as failed. */
+export async function readinessReport(checks: Readonly<Record<string, HealthCheck>>): Promise<HealthReport> {
+  const entries = await Promise.all(
+    Object.entries(checks).map(async ([name, check]): Promise<[string, CheckResult]> => {
+      try {
+        return [name, await check()];
+      } catch (err) {
+        return [name, { ok: false, detail: (err as Error).message }];
+      }
+    }),
+  );
+  return { ready: entries.every(([, r]) => r.ok), checks: Object.fromEntries(entries) };
+}
+
+/** Up while every listener holds its ports; false once shutdown has begun. */
+export function listenersCheck(proxy: () => RunningProxy | undefined): HealthCheck {
+  return () => {
+    const running = proxy();
+    if (!running) return { ok: false, detail: 'listeners not started' };
+    const down = running.listeners().filter((l) => l.addresses().length === 0).map((l) => l.name);
+    return down.length === 0 ? { ok: true, detail: 'listening' } : { ok: false, detail: `not listening: ${down.join(', ')}` };
+  };
+}
+
+/** The certificates in use must be inside their validity and the CRLs fresh. */
+export function certificatesCheck(material: () => TlsMaterial, now: () => Date = () => new Date()): HealthCheck {
+  return () => {
+    const m = material();
+    const at = now();
+    const problems: string[] = [];
+    if (validTo(m.serverCert) <= at) problems.push(`server certificate ${subjectCn(m.serverCert)} expired ${validTo(m.serverCert).toISOString()}`);
+    for (const ca of m.clientCas) {
+      if (validTo(ca) <= at) problems.push(`client CA ${subjectCn(ca)} expired ${validTo(ca).toISOString()}`);
+    }
+    for (const pem of m.crl?.toString('latin1').match(/-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g) ?? []) {
+      const next = parseCrl(pem).nextUpdate;
+      if (next && next <= at) problems.push(`CRL expired ${next.toISOString()} (every client is refused until it is renewed)`);
+    }
+    return problems.length === 0 ? { ok: true, detail: `server certificate valid until ${validTo(m.serverCert).toISOString()}` } : { ok: false, detail: problems.join('; ') };
+  };
+}
+
+/**
+ * Proxy mode: the model server is ready when its REST `/v2/health/ready`
+ * answers 200 and its gRPC ServerReady says ready (whichever are configured).
+ */
+export function upstreamCheck(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs = 2000): HealthCheck {
+  return async () => {
+    const results: CheckResult[] = [];
+    if (config.rest) results.push(await restReady(config.rest.upstream, timeoutMs));
+    if (config.grpc) results.push(await grpcServerReady(config.grpc.upstream, timeoutMs));
+    return { ok: results.every((r) => r.ok), detail: results.map((r) => r.detail).join('; ') };
+  };
+}
+
+function hostForUrl(host: string): string {
+  return host.includes(':') ? `[${host}]` : host;
+}
+
+function restReady(upstream: HostPort, timeoutMs: number): Promise<CheckResult> {
+  const where = `REST ${hostForUrl(upstream.host)}:${upstream.port}`;
+  return new Promise((resolve) => {
+    const req = httpRequest({ host: upstream.host, port: upstream.port, path: '/v2/health/ready', agent: false, timeout: timeoutMs }, (res) => {
+      res.resume();
+      const ok = res.statusCode === 200;
+      resolve({ ok, detail: `${where} /v2/health/ready answered ${res.statusCode}` });
+    });
+    req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
+    req.on('error', (err: NodeJS.ErrnoException) => resolve({ ok: false, detail: `${where}: ${err.code ?? err.message}` }));
+    req.end();
+  });
+}
+
+/** An empty gRPC message: flag 0, length 0. ServerReadyRequest has no fields. */
+const EMPTY_GRPC_MESSAGE = Buffer.alloc(5);
+/** ServerReadyResponse{ready: true}: field 1, varint, value 1. */
+const READY_TRUE = Buffer.from([0x08, 0x01]);
+
+/** A raw h2c KServe ServerReady call: no .proto files needed. */
+function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<CheckResult> {
+  const where = `gRPC ${hostForUrl(upstream.host)}:${upstream.port}`;
+  return new Promise((resolve) => {
+    const session = connectH2(`http://${hostForUrl(upstream.host)}:${upstream.port}`);
+    const finish = (result: CheckResult) => {
+      clearTimeout(timer);
+      session.destroy();
+      resolve(result);
+    };
+    const timer = setTimeout(() => finish({ ok: false, detail: `${where}: no answer within ${timeoutMs} ms` }), timeoutMs);
+    session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, detail: `${where}: ${err.code ?? err.message}` }));
+    const stream = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerReady', 'content-type': 'application/grpc', te: 'trailers' });
+    const chunks: Buffer[] = [];
+    let grpcStatus: string | undefined;
+    stream.on('response', (headers) => (grpcStatus = headers['grpc-status'] as string | undefined ?? grpcStatus));
+    stream.on('trailers', (trailers) => (grpcStatus = trailers['grpc-status'] as string | undefined));
+    stream.on('data', (chunk: Buffer) => chunks.push(chunk));
+    stream.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, detail: `${where}: ${err.code ?? err.message}` }));
+    stream.on('end', () => {
+      const body = Buffer.concat(chunks).subarray(5);
+      if (grpcStatus !== '0') finish({ ok: false, detail: `${where} ServerReady: grpc-status ${grpcStatus ?? 'missing'}` });
+      else finish({ ok: body.equals(READY_TRUE), detail: `${where} ServerReady: ${body.equals(READY_TRUE) ? 'ready' : 'not ready'}` });
+    });
+    stream.end(EMPTY_GRPC_MESSAGE);
+  });
+}

@@ -1,0 +1,161 @@
+/**
+ * Prometheus metrics for one proxy: a registry of its own (never prom-client's
+ * global default, so two proxies in one process - tests, library users - do
+ * not mix their numbers) fed by the data path through the ProxyObserver
+ * interface, plus setters for what the data path cannot see (certificates,
+ * reloads, the OVMS child).
+ */
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { Refusal } from './client-identity.js';
+import type { AccessRecord, ListenerName, ProxyObserver } from './observer.js';
+import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
+import { parseCrl } from './x509.js';
+import { grpcRoute, restRoute } from './metric-routes.js';
+
+export const METRIC_PREFIX = 'ovms_mtls_';
+
+export interface MetricsOptions {
+  /** Node process metrics (CPU, memory, event loop lag) with the same prefix. Default true. */
+  readonly processMetrics?: boolean;
+}
+
+/** Seconds; from sub-millisecond health calls to multi-minute LLM streams. */
+const DURATION_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
+
+const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
+
+function defineMetrics(registry: Registry) {
+  const name = (n: string) => METRIC_PREFIX + n;
+  const registers = [registry];
+  return {
+    handshakes: new Counter({ name: name('handshakes_total'), help: 'TLS handshakes by listener, result (accepted, refused, failed) and reason', labelNames: ['listener', 'result', 'reason'], registers }),
+    requests: new Counter({ name: name('requests_total'), help: 'Finished requests and RPCs by listener, method, route, HTTP status and grpc-status', labelNames: ['listener', 'method', 'route', 'status', 'grpc_status'], registers }),
+    duration: new Histogram({ name: name('request_duration_seconds'), help: 'Time from request start to the end of the response, by listener and route', labelNames: ['listener', 'route'], buckets: DURATION_BUCKETS, registers }),
+    bytesIn: new Counter({ name: name('received_bytes_total'), help: 'Request body bytes received from clients', labelNames: ['listener'], registers }),
+    bytesOut: new Counter({ name: name('sent_bytes_total'), help: 'Response body bytes sent to clients', labelNames: ['listener'], registers }),
+    connections: new Gauge({ name: name('open_connections'), help: 'Open client connections (after a successful handshake)', labelNames: ['listener'], registers }),
+    connectionsTotal: new Counter({ name: name('connections_total'), help: 'Client connections accepted since start', labelNames: ['listener'], registers }),
+    streams: new Gauge({ name: name('open_streams'), help: 'Requests and RPCs in flight', labelNames: ['listener'], registers }),
+    upstreamErrors: new Counter({ name: name('upstream_errors_total'), help: 'Failures talking to the model server, by listener and error code', labelNames: ['listener', 'code'], registers }),
+    certExpiry: new Gauge({ name: name('certificate_expiry_timestamp_seconds'), help: 'notAfter (unix time) of the server certificate and of each trusted client CA', labelNames: ['role', 'subject', 'serial'], registers }),
+    crlNextUpdate: new Gauge({ name: name('crl_next_update_timestamp_seconds'), help: 'nextUpdate (unix time) of each loaded CRL; after it passes every client is refused', labelNames: ['crl'], registers }),
+    reloads: new Counter({ name: name('tls_reloads_total'), help: 'Certificate reloads by result (success, failure); a failure keeps the previous material', labelNames: ['result'], registers }),
+    lastReload: new Gauge({ name: name('tls_last_reload_success_timestamp_seconds'), help: 'When TLS material was last loaded successfully (unix time)', registers }),
+    ovmsUp: new Gauge({ name: name('ovms_up'), help: '1 when the model server is running and ready, else 0', registers }),
+    ovmsRestarts: new Counter({ name: name('ovms_restarts_total'), help: 'Times the OVMS child was restarted after it failed', registers }),
+  };
+}
+
+type Defined = ReturnType<typeof defineMetrics>;
+
+/** The metrics registry of one proxy; pass it to startProxy as `observer`. */
+export class ProxyMetrics implements ProxyObserver {
+  readonly registry = new Registry();
+  readonly #m: Defined;
+
+  constructor(options: MetricsOptions = {}) {
+    this.#m = defineMetrics(this.registry);
+    if (options.processMetrics !== false) collectDefaultMetrics({ register: this.registry, prefix: METRIC_PREFIX });
+    // Counters that should read 0, not be absent, before the first event.
+    for (const result of ['success', 'failure']) this.#m.reloads.inc({ result }, 0);
+    this.#m.ovmsRestarts.inc(0);
+    for (const listener of ['grpc', 'rest']) {
+      this.#m.connections.set({ listener }, 0);
+      this.#m.streams.set({ listener }, 0);
+    }
+  }
+
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+
+  /** The Prometheus text exposition of every metric. */
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  handshakeAccepted(listener: ListenerName): void {
+    this.#m.handshakes.inc({ listener, result: 'accepted', reason: '' });
+  }
+
+  handshakeRefused(listener: ListenerName, refusal: Refusal): void {
+    this.#m.handshakes.inc({ listener, result: 'refused', reason: refusal.reason });
+  }
+
+  handshakeFailed(listener: ListenerName, code: string): void {
+    this.#m.handshakes.inc({ listener, result: 'failed', reason: code });
+  }
+
+  connectionOpened(listener: ListenerName): void {
+    this.#m.connections.inc({ listener });
+    this.#m.connectionsTotal.inc({ listener });
+  }
+
+  connectionClosed(listener: ListenerName): void {
+    this.#m.connections.dec({ listener });
+  }
+
+  streamOpened(listener: ListenerName): void {
+    this.#m.streams.inc({ listener });
+  }
+
+  streamClosed(listener: ListenerName): void {
+    this.#m.streams.dec({ listener });
+  }
+
+  request(record: AccessRecord): void {
+    const { listener } = record;
+    const route = listener === 'grpc' ? grpcRoute(record.path) : restRoute(record.path);
+    const method = listener === 'grpc' ? 'POST' : normaliseMethod(record.method);
+    this.#m.requests.inc({ listener, method, route, status: String(record.status), grpc_status: record.grpcStatus ?? '' });
+    this.#m.duration.observe({ listener, route }, record.durationMs / 1000);
+    this.#m.bytesIn.inc({ listener }, record.bytesIn);
+    this.#m.bytesOut.inc({ listener }, record.bytesOut);
+  }
+
+  upstreamError(listener: ListenerName, code: string): void {
+    this.#m.upstreamErrors.inc({ listener, code });
+  }
+
+  /** Expiry gauges for the material now in use; call at start and after every reload. */
+  setCertificates(material: TlsMaterial): void {
+    this.#m.certExpiry.reset();
+    const serverCert = material.serverCert;
+    this.#m.certExpiry.set({ role: 'server', subject: subjectCn(serverCert), serial: serverCert.serialNumber.toLowerCase() }, unixSeconds(validTo(serverCert)));
+    for (const ca of material.clientCas) {
+      this.#m.certExpiry.set({ role: 'client_ca', subject: subjectCn(ca), serial: ca.serialNumber.toLowerCase() }, unixSeconds(validTo(ca)));
+    }
+    this.#m.crlNextUpdate.reset();
+    const crls = material.crl?.toString('latin1').match(PEM_CRL) ?? [];
+    crls.forEach((pem, i) => {
+      const next = parseCrl(pem).nextUpdate;
+      // A CRL without nextUpdate never goes stale; +Inf says so to alert rules.
+      this.#m.crlNextUpdate.set({ crl: String(i + 1) }, next ? unixSeconds(next) : Infinity);
+    });
+  }
+
+  /** A certificate reload finished; `ok` false means the old material stays in use. */
+  reloaded(ok: boolean): void {
+    this.#m.reloads.inc({ result: ok ? 'success' : 'failure' });
+    if (ok) this.#m.lastReload.set(unixSeconds(new Date()));
+  }
+
+  setOvmsUp(up: boolean): void {
+    this.#m.ovmsUp.set(up ? 1 : 0);
+  }
+
+  ovmsRestarted(): void {
+    this.#m.ovmsRestarts.inc();
+  }
+}
+
+function unixSeconds(date: Date): number {
+  return Math.floor(date.getTime() / 1000);
+}
+
+const METHODS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS']);
+
+/** Clients choose the method string: anything unusual shares one label. */
+function normaliseMethod(method: string): string {
+  return METHODS.has(method) ? method : 'OTHER';
+}

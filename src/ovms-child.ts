@@ -1,0 +1,111 @@
+/**
+ * Spawning and supervising OVMS. Knows processes, signals and exit codes;
+ * nothing about HTTP (readiness comes in as a probe callback) and nothing
+ * about logging (state changes go out as events, which the entrypoint logs
+ * and a metrics module can count).
+ */
+import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
+import { accessSync, constants as fsConstants } from 'node:fs';
+import { constants as osConstants } from 'node:os';
+import type { UserAccount } from './privileges.js';
+
+export interface ExitStatus {
+  readonly code: number | null;
+  readonly signal: NodeJS.Signals | null;
+}
+
+/** The shell convention: the code, or 128+N for death by signal N. */
+export function exitCodeOf(status: ExitStatus): number {
+  if (status.code !== null) return status.code;
+  const n = status.signal ? osConstants.signals[status.signal] : undefined;
+  return n === undefined ? 1 : 128 + n;
+}
+
+export function failed(status: ExitStatus): boolean {
+  return status.code !== 0;
+}
+
+const SETPRIV_CANDIDATES = ['/usr/bin/setpriv', '/bin/setpriv', '/usr/sbin/setpriv'];
+
+/** util-linux setpriv, which can give OVMS a parent-death signal; undefined when missing. */
+export function findSetpriv(candidates: readonly string[] = SETPRIV_CANDIDATES): string | undefined {
+  for (const path of candidates) {
+    try {
+      accessSync(path, fsConstants.X_OK);
+      return path;
+    } catch {
+      // try the next one
+    }
+  }
+  return undefined;
+}
+
+export interface CommandSpec {
+  readonly binary: string;
+  readonly args: readonly string[];
+  /** Run as this user; needs root at spawn time. */
+  readonly runAs?: UserAccount | undefined;
+  /** Path of setpriv; without it OVMS can outlive a SIGKILLed wrapper. */
+  readonly setpriv?: string | undefined;
+}
+
+export interface SpawnCommand {
+  readonly file: string;
+  readonly args: readonly string[];
+  readonly uid?: number;
+  readonly gid?: number;
+}
+
+/**
+ * OVMS must never outlive us, also when we are SIGKILLed (no handler runs
+ * then). `setpriv --pdeathsig SIGKILL` asks the kernel to kill OVMS when our
+ * thread dies. The kernel clears that signal when a process changes its uid,
+ * so setpriv changes the user first and sets the signal after; it also sets
+ * the supplementary groups (e.g. `render` for GPU access), which Node's own
+ * `uid` spawn option would clear.
+ */
+export function spawnCommand(spec: CommandSpec): SpawnCommand {
+  const { binary, args, runAs, setpriv } = spec;
+  if (!setpriv) return { file: binary, args, ...(runAs ? { uid: runAs.uid, gid: runAs.gid } : {}) };
+  const user = runAs ? [`--reuid=${runAs.uid}`, `--regid=${runAs.gid}`, runAs.inPasswd ? '--init-groups' : '--clear-groups'] : [];
+  return { file: setpriv, args: [...user, '--pdeathsig=SIGKILL', '--', binary, ...args] };
+}
+
+export function spawnChild(command: SpawnCommand, stdio: StdioOptions): ChildProcess {
+  return spawn(command.file, [...command.args], {
+    stdio,
+    // Own process group: a terminal's Ctrl-C reaches only us, and we forward it once.
+    detached: true,
+    ...(command.uid !== undefined ? { uid: command.uid, gid: command.gid } : {}),
+  });
+}
+
+export function waitForExit(child: ChildProcess): Promise<ExitStatus> {
+  return new Promise((resolve) => {
+    let settled = false;
+    const settle = (status: ExitStatus) => {
+      if (settled) return;
+      settled = true;
+      resolve(status);
+    };
+    // 127 as a shell reports a command it cannot run.
+    child.once('error', () => settle({ code: 127, signal: null }));
+    child.once('exit', (code, signal) => settle({ code, signal }));
+  });
+}
+
+/**
+ * Runs a one-shot OVMS command (--version, --pull ...) with our stdio,
+ * forwarding SIGTERM/SIGINT/SIGHUP; resolves with its exit status.
+ */
+export async function runToCompletion(command: SpawnCommand): Promise<ExitStatus> {
+  const child = spawnChild(command, 'inherit');
+  const forward = (signal: NodeJS.Signals) => child.kill(signal);
+  const signals: NodeJS.Signals[] = ['SIGTERM', 'SIGINT', 'SIGHUP'];
+  for (const s of signals) process.on(s, forward);
+  try {
+    return await waitForExit(child);
+  } finally {
+    for (const s of signals) process.off(s, forward);
+  }
+}

@@ -1,0 +1,58 @@
+/**
+ * "Is OVMS up?" for the supervisor, which itself knows nothing about HTTP:
+ * the gRPC port accepts a TCP connection, and REST (when on) answers
+ * `GET /v2/health/live` with 200. OVMS opens its ports only once the server
+ * has started, so this is the earliest moment requests can succeed.
+ */
+import { request } from 'node:http';
+import { connect } from 'node:net';
+import type { LoopbackPorts } from './ovms-args.js';
+import { listenerOwner } from './listener-owner.js';
+
+/** Per attempt; a healthy loopback peer answers in well under this. */
+const PROBE_TIMEOUT_MS = 2000;
+
+function tcpAccepts(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = connect({ host, port });
+    socket.setTimeout(PROBE_TIMEOUT_MS);
+    const done = (ok: boolean) => {
+      socket.destroy();
+      resolve(ok);
+    };
+    socket.once('connect', () => done(true));
+    socket.once('error', () => done(false));
+    socket.once('timeout', () => done(false));
+  });
+}
+
+function restLive(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const req = request({ host, port, path: '/v2/health/live', method: 'GET', agent: false, timeout: PROBE_TIMEOUT_MS }, (res) => {
+      res.resume();
+      resolve(res.statusCode === 200);
+    });
+    req.once('error', () => resolve(false));
+    req.once('timeout', () => req.destroy());
+    req.end();
+  });
+}
+
+/**
+ * A probe over OVMS's loopback listeners; the ports are read at each call
+ * because they can change. A port counts only when the listener on it is
+ * OVMS's own (`pid`): a process that took the port first must not pass for OVMS.
+ */
+export function ovmsReadinessProbe(host: string, ports: () => LoopbackPorts): (pid: number | undefined) => Promise<boolean> {
+  const ownedByOvms = async (pid: number | undefined, port: number) => {
+    const owner = pid === undefined ? 'unknown' : await listenerOwner(pid, port);
+    return owner === 'ours' || owner === 'unknown';
+  };
+  return async (pid) => {
+    const { grpc, rest } = ports();
+    const checks: Promise<boolean>[] = [];
+    if (grpc !== undefined) checks.push(ownedByOvms(pid, grpc).then((ours) => ours && tcpAccepts(host, grpc)));
+    if (rest !== undefined) checks.push(ownedByOvms(pid, rest).then((ours) => ours && restLive(host, rest)));
+    return (await Promise.all(checks)).every(Boolean);
+  };
+}

@@ -1,0 +1,176 @@
+/**
+ * Keeps one OVMS process: spawns it, polls readiness with backoff, reports
+ * its exit, restarts it with backoff when the policy says so, and stops it
+ * with a signal that escalates to SIGKILL. State changes are events; the
+ * supervisor neither logs nor knows HTTP.
+ */
+import { EventEmitter } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { ChildProcess } from 'node:child_process';
+import { failed, spawnChild, waitForExit, type ExitStatus, type SpawnCommand } from './ovms-child.js';
+
+export interface RestartPolicy {
+  readonly mode: 'never' | 'on-failure';
+  readonly initialBackoffMs: number;
+  readonly maxBackoffMs: number;
+  /** A run at least this long counts as healthy: the backoff starts over. */
+  readonly stableAfterMs: number;
+}
+
+export interface SupervisorOptions {
+  /** Built at each spawn: ports may differ between runs. */
+  readonly command: () => SpawnCommand;
+  /** True once OVMS (this pid) answers on its loopback ports. */
+  readonly probe: (pid: number | undefined) => Promise<boolean>;
+  readonly restart: RestartPolicy;
+  /**
+   * OVMS exited before it was ever ready: resolve true to spawn it again at
+   * once without counting a restart (e.g. a loopback port was taken meanwhile).
+   */
+  readonly retryStart?: (status: ExitStatus) => Promise<boolean>;
+  /** Readiness polling backoff bounds, ms. */
+  readonly probeInterval?: { readonly initial: number; readonly max: number };
+}
+
+export interface OvmsState {
+  readonly up: boolean;
+  readonly ready: boolean;
+  readonly restarts: number;
+  readonly pid: number | undefined;
+}
+
+export interface SupervisorEvents {
+  spawn: [pid: number | undefined];
+  ready: [pid: number | undefined];
+  exit: [status: ExitStatus, pid: number | undefined];
+  restarting: [attempt: number, delayMs: number];
+  /** Respawning at once after a start failure that `retryStart` accepted. */
+  retrying: [status: ExitStatus];
+  /** Final: OVMS is down and will not be started again. */
+  done: [status: ExitStatus];
+}
+
+/** Exponential: initial * 2^failures, capped. */
+export function nextBackoffMs(policy: RestartPolicy, consecutiveFailures: number): number {
+  return Math.min(policy.maxBackoffMs, policy.initialBackoffMs * 2 ** consecutiveFailures);
+}
+
+function killGroup(child: ChildProcess): void {
+  try {
+    // OVMS leads its own process group; take helpers it forked along.
+    if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
+  } catch {
+    child.kill('SIGKILL');
+  }
+}
+
+export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
+  readonly #options: SupervisorOptions;
+  /** Resolves with OVMS's last exit status once it will not run again. */
+  readonly done: Promise<ExitStatus>;
+  #resolveDone!: (status: ExitStatus) => void;
+  #child: ChildProcess | undefined;
+  #ready = false;
+  #readyThisRun = false;
+  #restarts = 0;
+  #consecutiveFailures = 0;
+  #stopping = false;
+  #finished = false;
+  #lastStatus: ExitStatus | undefined;
+  #restartTimer: NodeJS.Timeout | undefined;
+
+  constructor(options: SupervisorOptions) {
+    super();
+    this.#options = options;
+    this.done = new Promise((resolve) => (this.#resolveDone = resolve));
+  }
+
+  start(): void {
+    this.#spawn();
+  }
+
+  state(): OvmsState {
+    return { up: this.#child !== undefined, ready: this.#ready, restarts: this.#restarts, pid: this.#child?.pid };
+  }
+
+  /**
+   * Sends `signal` to OVMS, SIGKILL after `timeoutMs`; no restarts after
+   * this. Resolves with OVMS's exit status (the last one if it was down).
+   */
+  async stop(signal: NodeJS.Signals, timeoutMs: number): Promise<ExitStatus> {
+    this.#stopping = true;
+    clearTimeout(this.#restartTimer);
+    const child = this.#child;
+    if (!child) {
+      this.#finish(this.#lastStatus ?? { code: 0, signal: null });
+      return this.done;
+    }
+    child.kill(signal);
+    const escalate = setTimeout(() => killGroup(child), timeoutMs);
+    try {
+      return await this.done;
+    } finally {
+      clearTimeout(escalate);
+    }
+  }
+
+  #spawn(): void {
+    const child = spawnChild(this.#options.command(), ['ignore', 'inherit', 'inherit']);
+    this.#child = child;
+    this.#readyThisRun = false;
+    const started = performance.now();
+    const exited = waitForExit(child);
+    child.once('spawn', () => {
+      this.emit('spawn', child.pid);
+      void this.#pollReadiness(child, exited);
+    });
+    void exited.then((status) => this.#onExit(child, status, performance.now() - started));
+  }
+
+  async #pollReadiness(child: ChildProcess, exited: Promise<ExitStatus>): Promise<void> {
+    const { initial, max } = this.#options.probeInterval ?? { initial: 50, max: 1000 };
+    const gone = new AbortController();
+    void exited.then(() => gone.abort());
+    let delay = initial;
+    while (!gone.signal.aborted) {
+      if (await this.#options.probe(child.pid)) {
+        if (gone.signal.aborted || this.#child !== child) return;
+        this.#ready = true;
+        this.#readyThisRun = true;
+        this.emit('ready', child.pid);
+        return;
+      }
+      await sleep(delay, undefined, { signal: gone.signal }).catch(() => undefined);
+      delay = Math.min(max, Math.round(delay * 1.5));
+    }
+  }
+
+  async #onExit(child: ChildProcess, status: ExitStatus, ranMs: number): Promise<void> {
+    this.#child = undefined;
+    this.#ready = false;
+    this.#lastStatus = status;
+    this.emit('exit', status, child.pid);
+    if (this.#stopping) return this.#finish(status);
+    if (!this.#readyThisRun && this.#options.retryStart && (await this.#options.retryStart(status))) {
+      if (this.#stopping) return this.#finish(status);
+      this.emit('retrying', status);
+      return this.#spawn();
+    }
+    if (this.#options.restart.mode !== 'on-failure' || !failed(status)) return this.#finish(status);
+    if (ranMs >= this.#options.restart.stableAfterMs) this.#consecutiveFailures = 0;
+    const delay = nextBackoffMs(this.#options.restart, this.#consecutiveFailures);
+    this.#consecutiveFailures += 1;
+    this.emit('restarting', this.#restarts + 1, delay);
+    this.#restartTimer = setTimeout(() => {
+      this.#restarts += 1;
+      this.#spawn();
+    }, delay);
+  }
+
+  #finish(status: ExitStatus): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.emit('done', status);
+    this.#resolveDone(status);
+  }
+}

@@ -1,0 +1,96 @@
+/**
+ * Free loopback ports for OVMS. The nginx example hard-coded 7000/7001 and
+ * never checked them (FINDINGS). Here the OS picks: every port is held open
+ * until all are chosen, so the ports of one call are distinct, then released
+ * for OVMS to bind. Between release and OVMS's bind another process can take
+ * a port; the entrypoint detects that with `isPortTaken` after OVMS fails to
+ * start and picks new ports.
+ */
+import { once } from 'node:events';
+import { createServer, type AddressInfo, type Server } from 'node:net';
+
+async function listenOn(host: string, port: number): Promise<Server> {
+  const server = createServer();
+  server.listen({ host, port, exclusive: true });
+  await Promise.race([
+    once(server, 'listening'),
+    once(server, 'error').then(([err]) => {
+      throw err;
+    }),
+  ]);
+  return server;
+}
+
+function close(server: Server): Promise<void> {
+  return new Promise((resolve) => server.close(() => resolve()));
+}
+
+/** `count` distinct ports that were free on `host` a moment ago. */
+export async function freeLoopbackPorts(count: number, host = '127.0.0.1'): Promise<number[]> {
+  const servers: Server[] = [];
+  try {
+    for (let i = 0; i < count; i += 1) servers.push(await listenOn(host, 0));
+    return servers.map((s) => (s.address() as AddressInfo).port);
+  } finally {
+    await Promise.all(servers.map(close));
+  }
+}
+
+/** True when something already listens on host:port (we cannot bind it). */
+export async function isPortTaken(port: number, host = '127.0.0.1'): Promise<boolean> {
+  try {
+    await close(await listenOn(host, port));
+    return false;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') return true;
+    throw err;
+  }
+}
+
+/**
+ * OVMS's loopback ports, as the forwarders see them. The upstream objects
+ * read the current port at each connection, so after `choose()` picks new
+ * ports (one was taken before OVMS could bind it) the proxy follows without
+ * rebuilding its listeners.
+ */
+export class LoopbackUpstreams {
+  readonly host: string;
+  readonly #wanted: { readonly grpc: boolean; readonly rest: boolean };
+  #ports: { grpc?: number; rest?: number } = {};
+
+  constructor(wanted: { grpc: boolean; rest: boolean }, host = '127.0.0.1') {
+    this.#wanted = wanted;
+    this.host = host;
+  }
+
+  async choose(): Promise<void> {
+    const names = (['grpc', 'rest'] as const).filter((n) => this.#wanted[n]);
+    const ports = await freeLoopbackPorts(names.length, this.host);
+    const next: { grpc?: number; rest?: number } = {};
+    names.forEach((name, i) => (next[name] = ports[i]!));
+    this.#ports = next;
+  }
+
+  current(): { readonly grpc?: number; readonly rest?: number } {
+    return { ...this.#ports };
+  }
+
+  /** A host:port whose port follows `choose()`. */
+  upstream(name: 'grpc' | 'rest'): { readonly host: string; readonly port: number } {
+    const current = () => this.#ports[name] ?? 0;
+    return {
+      host: this.host,
+      get port() {
+        return current();
+      },
+    };
+  }
+
+  /** The first of our ports that something else now listens on, if any. */
+  async takenPort(): Promise<number | undefined> {
+    for (const port of Object.values(this.#ports)) {
+      if (await isPortTaken(port, this.host)) return port;
+    }
+    return undefined;
+  }
+}

@@ -1,0 +1,103 @@
+/**
+ * Running as a user instead of root. Started as root, ovms-mtls binds the
+ * public ports and reads the TLS key first, then OVMS runs as
+ * --mtls_ovms_user and the proxy drops to --mtls_user. Started as anybody
+ * else, nothing changes. The nginx example promised this and never did it.
+ */
+import { readFileSync } from 'node:fs';
+import { ConfigError } from './errors.js';
+
+export interface UserAccount {
+  readonly name: string;
+  readonly uid: number;
+  readonly gid: number;
+  /** False for a bare numeric id with no /etc/passwd entry: no supplementary groups to look up. */
+  readonly inPasswd: boolean;
+}
+
+/** Entries of an /etc/passwd text; malformed lines are skipped. */
+export function parsePasswd(text: string): UserAccount[] {
+  const accounts: UserAccount[] = [];
+  for (const line of text.split('\n')) {
+    if (!line || line.startsWith('#')) continue;
+    const [name, , uid, gid] = line.split(':');
+    if (!name || !/^\d+$/.test(uid ?? '') || !/^\d+$/.test(gid ?? '')) continue;
+    accounts.push({ name, uid: Number(uid), gid: Number(gid), inPasswd: true });
+  }
+  return accounts;
+}
+
+export interface LookupOptions {
+  /** The flag that named the user, for the error message. */
+  readonly flag: string;
+  /** /etc/passwd contents; read from disk when absent. */
+  readonly passwd?: string;
+}
+
+/**
+ * A user by name or numeric uid. Reads /etc/passwd instead of asking NSS:
+ * container images keep their users there, and no child process is needed.
+ */
+export function lookupUser(nameOrUid: string, options: LookupOptions): UserAccount {
+  const passwd = options.passwd ?? readPasswd(options.flag);
+  const accounts = parsePasswd(passwd);
+  const found = accounts.find((a) => a.name === nameOrUid) ?? (/^\d+$/.test(nameOrUid) ? accounts.find((a) => a.uid === Number(nameOrUid)) : undefined);
+  if (found) return found;
+  if (/^\d+$/.test(nameOrUid)) return { name: nameOrUid, uid: Number(nameOrUid), gid: Number(nameOrUid), inPasswd: false };
+  throw new ConfigError(`--${options.flag}: user '${nameOrUid}' does not exist (create it, e.g. \`useradd --system ${nameOrUid}\`, or pass an existing user or numeric uid)`);
+}
+
+function readPasswd(flag: string): string {
+  try {
+    return readFileSync('/etc/passwd', 'utf8');
+  } catch (err) {
+    throw new ConfigError(`--${flag}: cannot read /etc/passwd to look the user up (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+  }
+}
+
+export function isRoot(): boolean {
+  return process.getuid?.() === 0;
+}
+
+/** Who OVMS and the proxy run as; `undefined` = stay as we are. */
+export interface PrivilegePlan {
+  readonly ovms?: UserAccount | undefined;
+  readonly proxy?: UserAccount | undefined;
+}
+
+export interface PlanOptions {
+  readonly ovmsUser: string;
+  readonly proxyUser: string;
+  readonly root: boolean;
+  readonly passwd?: string;
+}
+
+/**
+ * Resolves both users when started as root (a missing user is a startup
+ * error); as anybody else there is nothing to drop. `root`/uid 0 means "stay".
+ */
+export function planPrivileges(options: PlanOptions): PrivilegePlan {
+  if (!options.root) return {};
+  const resolve = (name: string, flag: string) => {
+    const account = lookupUser(name, { flag, ...(options.passwd !== undefined ? { passwd: options.passwd } : {}) });
+    return account.uid === 0 ? undefined : account;
+  };
+  return { ovms: resolve(options.ovmsUser, 'mtls_ovms_user'), proxy: resolve(options.proxyUser, 'mtls_user') };
+}
+
+/**
+ * Irreversibly becomes `user`: supplementary groups, then gid, then uid
+ * (after setuid we could no longer change the groups). Call after the ports
+ * are bound and the keys read.
+ */
+export function dropPrivileges(user: UserAccount): void {
+  // Node has process.initgroups on POSIX; @types/node 20 does not declare it.
+  const { initgroups } = process as NodeJS.Process & { initgroups?: (user: string, extraGroup: number) => void };
+  if (user.inPasswd && initgroups) initgroups.call(process, user.name, user.gid);
+  else process.setgroups!([user.gid]);
+  process.setgid!(user.gid);
+  process.setuid!(user.uid);
+  if (process.getuid!() !== user.uid || process.geteuid!() !== user.uid) {
+    throw new Error(`privilege drop to ${user.name} did not take effect`);
+  }
+}

@@ -1,0 +1,109 @@
+/**
+ * The probe's first step on each port: a TLS handshake presenting the client
+ * certificate, held open until the server has shown it accepted us. With TLS
+ * 1.3 a client sees `secureConnect` before the server has judged its
+ * certificate (FINDINGS), so "handshake done" proves nothing about the client
+ * cert; the server speaking (HTTP/2 SETTINGS, or an HTTP/1.1 answer) does.
+ */
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+
+export type Layer = 'network' | 'server certificate' | 'client certificate' | 'protocol' | 'upstream' | 'model';
+
+/** Why a step failed: the layer, and the likely cause in words a user can act on. */
+export interface Diagnosis {
+  readonly layer: Layer;
+  readonly cause: string;
+}
+
+export interface TlsTarget {
+  readonly host: string;
+  readonly port: number;
+  readonly servername: string;
+  readonly cert: Buffer;
+  readonly key: Buffer;
+  readonly ca: Buffer;
+  readonly timeoutMs: number;
+}
+
+export interface HandshakeResult {
+  readonly ok: boolean;
+  readonly detail: string;
+  readonly diagnosis?: Diagnosis;
+}
+
+const UNTRUSTED_SERVER = new Set([
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'SELF_SIGNED_CERT_IN_CHAIN', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'CERT_SIGNATURE_FAILURE', 'CERT_UNTRUSTED',
+]);
+
+/** Maps a client-side socket error to the layer that failed. */
+export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, secured: boolean): Diagnosis {
+  const code = err.code ?? '';
+  const at = `${target.host}:${target.port}`;
+  if (code === 'ECONNREFUSED') return { layer: 'network', cause: `nothing listens on ${at} (wrong port, or the server is not running)` };
+  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return { layer: 'network', cause: `host name ${target.host} does not resolve` };
+  if (code === 'ETIMEDOUT' || code === 'PROBE_TIMEOUT') return { layer: 'network', cause: `no answer from ${at} within ${target.timeoutMs} ms (firewall, or the wrong host)` };
+  if (UNTRUSTED_SERVER.has(code)) return { layer: 'server certificate', cause: `the server certificate is not trusted by --mtls_ca (${code}): pass the CA that issued the server certificate` };
+  if (code === 'CERT_HAS_EXPIRED') return { layer: 'server certificate', cause: 'the server certificate has expired: renew it on the server' };
+  if (code === 'CERT_NOT_YET_VALID') return { layer: 'server certificate', cause: 'the server certificate is not valid yet: check the clocks' };
+  if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') return { layer: 'server certificate', cause: `the server certificate does not name ${target.servername} (${err.message}); use --servername or reissue it with that SAN` };
+  if (code === 'ERR_SSL_WRONG_VERSION_NUMBER' || code === 'ERR_SSL_PACKET_LENGTH_TOO_LONG' || /wrong version number|packet length too long|http request/i.test(err.message)) {
+    return { layer: 'protocol', cause: `${at} does not speak TLS: is it the model server's own plain port instead of the mTLS port?` };
+  }
+  if (/alert (certificate required|bad certificate|unknown ca|certificate revoked|certificate expired|certificate unknown|access denied|handshake failure)/i.test(err.message)) {
+    return { layer: 'client certificate', cause: `the server refused the client certificate (${err.message.replace(/^.*alert /i, 'alert ')}): check it was issued by the server's client CA, is valid and not revoked` };
+  }
+  if (secured) return refusedAfterHandshake();
+  return { layer: 'network', cause: `the connection failed before the TLS handshake finished (${code || err.message})` };
+}
+
+function refusedAfterHandshake(): Diagnosis {
+  return {
+    layer: 'client certificate',
+    cause: 'the server closed the connection right after the handshake: it refused the client certificate (unknown CA, expired, revoked, wrong purpose, or not on its allow-list; the server log names the reason)',
+  };
+}
+
+function describeSession(socket: TLSSocket): string {
+  const peer = socket.getPeerX509Certificate();
+  const cn = peer ? (/CN=([^\n]*)/.exec(peer.subject)?.[1] ?? peer.subject) : 'unknown';
+  const alpn = socket.alpnProtocol || 'no ALPN';
+  return `${socket.getProtocol() ?? 'TLS'}, ${alpn}, server certificate "${cn}" valid until ${peer ? new Date(peer.validTo).toISOString().slice(0, 10) : '?'}, client certificate accepted`;
+}
+
+/**
+ * Connects, completes the handshake and waits for the server's first bytes.
+ * HTTP/2 servers send SETTINGS unasked; on HTTP/1.1 we ask for /v2/health/live.
+ */
+export function tlsHandshake(target: TlsTarget): Promise<HandshakeResult> {
+  return new Promise((resolve) => {
+    let secured = false;
+    let settled = false;
+    const socket = tlsConnect({
+      host: target.host, port: target.port, servername: target.servername,
+      cert: target.cert, key: target.key, ca: target.ca, ALPNProtocols: ['h2', 'http/1.1'],
+    });
+    const finish = (result: HandshakeResult) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(result);
+    };
+    const fail = (err: NodeJS.ErrnoException) => {
+      const diagnosis = diagnoseTlsError(err, target, secured);
+      finish({ ok: false, detail: err.code ?? err.message, diagnosis });
+    };
+    const timer = setTimeout(() => fail(Object.assign(new Error('timeout'), { code: 'PROBE_TIMEOUT' })), target.timeoutMs);
+    socket.on('secureConnect', () => {
+      secured = true;
+      if (socket.alpnProtocol !== 'h2') socket.write(`HEAD /v2/health/live HTTP/1.1\r\nHost: ${target.servername}\r\nConnection: close\r\n\r\n`);
+    });
+    socket.once('data', () => finish({ ok: true, detail: describeSession(socket) }));
+    socket.on('error', fail);
+    socket.on('close', () => {
+      if (secured) finish({ ok: false, detail: 'closed by the server', diagnosis: refusedAfterHandshake() });
+      else fail(Object.assign(new Error('closed before the handshake finished'), { code: 'ECONNRESET' }));
+    });
+  });
+}

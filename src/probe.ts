@@ -1,0 +1,163 @@
+/**
+ * `ovms-mtls probe`: checks a running deployment the way a client would, one
+ * step at a time, and says which layer failed (network, server certificate,
+ * client certificate, protocol, upstream, model) when one does.
+ */
+import { request as httpsRequest } from 'node:https';
+import * as grpc from '@grpc/grpc-js';
+import { kserveClient, unary, type KserveClient } from './demo/grpc-client.js';
+import { tlsHandshake, type Diagnosis, type TlsTarget } from './probe-tls.js';
+
+export type { Diagnosis, Layer } from './probe-tls.js';
+
+export interface ProbeOptions {
+  readonly host: string;
+  readonly grpcPort?: number | undefined;
+  readonly restPort?: number | undefined;
+  /** Name the server certificate must carry; default `host`. */
+  readonly servername?: string | undefined;
+  readonly cert: Buffer;
+  readonly key: Buffer;
+  readonly ca: Buffer;
+  readonly model?: string | undefined;
+  readonly timeoutMs: number;
+}
+
+export interface StepResult {
+  readonly listener: 'grpc' | 'rest';
+  readonly step: string;
+  readonly ok: boolean;
+  readonly detail: string;
+  readonly diagnosis?: Diagnosis | undefined;
+}
+
+type Report = (step: StepResult) => void;
+
+/** Runs every step asked for, reporting each as it finishes; true when all passed. */
+export async function runProbe(options: ProbeOptions, report: Report): Promise<boolean> {
+  let allOk = true;
+  const record: Report = (step) => {
+    allOk &&= step.ok;
+    report(step);
+  };
+  if (options.grpcPort !== undefined) await probeGrpc(options, options.grpcPort, record);
+  if (options.restPort !== undefined) await probeRest(options, options.restPort, record);
+  return allOk;
+}
+
+function target(options: ProbeOptions, port: number): TlsTarget {
+  return { host: options.host, port, servername: options.servername ?? options.host, cert: options.cert, key: options.key, ca: options.ca, timeoutMs: options.timeoutMs };
+}
+
+async function handshakeStep(options: ProbeOptions, port: number, listener: StepResult['listener'], report: Report): Promise<boolean> {
+  const result = await tlsHandshake(target(options, port));
+  report({ listener, step: `TLS handshake with ${options.host}:${port}`, ...result });
+  return result.ok;
+}
+
+// ---------------------------------------------------------------- gRPC
+
+function grpcDiagnosis(err: grpc.ServiceError): Diagnosis {
+  const http = /Received HTTP status code (\d+)/.exec(err.details ?? '');
+  if (http) return { layer: 'protocol', cause: `the port answered plain HTTP ${http[1]}, not gRPC: is --port the REST port? (use --rest_port for it)` };
+  if (err.code === grpc.status.NOT_FOUND) return { layer: 'model', cause: `the model is not served (${err.details}): check --model_name or config.json` };
+  if (err.code === grpc.status.UNAVAILABLE) return { layer: 'upstream', cause: `the proxy accepted the client but could not reach a ready model server: ${err.details}` };
+  if (err.code === grpc.status.DEADLINE_EXCEEDED) return { layer: 'upstream', cause: 'no answer before the deadline: the model server may be overloaded or hung' };
+  if (err.code === grpc.status.UNIMPLEMENTED) return { layer: 'protocol', cause: 'the server does not implement KServe GRPCInferenceService: is this a model server port?' };
+  return { layer: 'upstream', cause: `the call failed with ${grpc.status[err.code]}: ${err.details}` };
+}
+
+async function grpcStep<T>(report: Report, step: string, call: () => Promise<T>, judge: (value: T) => { ok: boolean; detail: string; diagnosis?: Diagnosis }): Promise<boolean> {
+  try {
+    const verdict = judge(await call());
+    report({ listener: 'grpc', step, ...verdict });
+    return verdict.ok;
+  } catch (err) {
+    const e = err as grpc.ServiceError;
+    report({ listener: 'grpc', step, ok: false, detail: `${grpc.status[e.code] ?? 'ERROR'}: ${e.details ?? e.message}`, diagnosis: grpcDiagnosis(e) });
+    return false;
+  }
+}
+
+function grpcClient(options: ProbeOptions, port: number): KserveClient {
+  const credentials = grpc.credentials.createSsl(options.ca, options.key, options.cert);
+  const address = options.host.includes(':') ? `[${options.host}]:${port}` : `${options.host}:${port}`;
+  return kserveClient(address, credentials, options.servername ? { 'grpc.ssl_target_name_override': options.servername } : {});
+}
+
+async function probeGrpc(options: ProbeOptions, port: number, report: Report): Promise<void> {
+  if (!(await handshakeStep(options, port, 'grpc', report))) return;
+  const client = grpcClient(options, port);
+  const deadline = () => ({ deadline: Date.now() + options.timeoutMs });
+  try {
+    const live = await grpcStep(report, 'gRPC ServerLive', () => unary(client, 'ServerLive', {}, new grpc.Metadata(), deadline()),
+      (r) => ({ ok: r.response.live, detail: r.response.live ? 'live' : 'not live' }));
+    if (!live) return;
+    const ready = await grpcStep(report, 'gRPC ServerReady', () => unary(client, 'ServerReady', {}, new grpc.Metadata(), deadline()),
+      (r) => r.response.ready
+        ? { ok: true, detail: 'ready' }
+        : { ok: false, detail: 'not ready', diagnosis: { layer: 'upstream', cause: 'the model server answers but is not ready yet (starting, or models still loading)' } });
+    if (!ready || !options.model) return;
+    const model = options.model;
+    await grpcStep(report, `gRPC ModelMetadata ${model}`, () => unary(client, 'ModelMetadata', { name: model }, new grpc.Metadata(), deadline()),
+      (r) => ({ ok: true, detail: `versions [${r.response.versions.join(', ')}], inputs ${r.response.inputs.map((t) => `${t.name} ${t.datatype} [${t.shape.join(',')}]`).join('; ')}` }))
+  } finally {
+    client.close();
+  }
+}
+
+// ---------------------------------------------------------------- REST
+
+interface RestAnswer {
+  status: number;
+  body: string;
+}
+
+function httpsGet(options: ProbeOptions, port: number, path: string): Promise<RestAnswer> {
+  return new Promise((resolve, reject) => {
+    const req = httpsRequest({
+      host: options.host, port, path, agent: false, servername: options.servername ?? options.host,
+      cert: options.cert, key: options.key, ca: options.ca, timeout: options.timeoutMs,
+    }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8').trim() }));
+      res.on('error', reject);
+    });
+    req.on('timeout', () => req.destroy(Object.assign(new Error('timeout'), { code: 'PROBE_TIMEOUT' })));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+function restDiagnosis(answer: RestAnswer, what: 'server' | 'model', model?: string): Diagnosis {
+  if (answer.status === 426) return { layer: 'protocol', cause: 'this is the gRPC port: REST belongs on --rest_port' };
+  if (answer.status === 502 || answer.status === 504) return { layer: 'upstream', cause: `the proxy accepted the client but cannot reach the model server (${short(answer.body)})` };
+  if (answer.status === 503) return { layer: 'upstream', cause: `the model server is not ready yet (${short(answer.body) || 'starting, or models still loading'})` };
+  if (what === 'model' && answer.status === 404) return { layer: 'model', cause: `model ${model} is not served: check --model_name or config.json` };
+  return { layer: what === 'model' ? 'model' : 'upstream', cause: `unexpected HTTP ${answer.status}` };
+}
+
+function short(text: string): string {
+  return text.length > 160 ? `${text.slice(0, 157)}...` : text;
+}
+
+async function restStep(options: ProbeOptions, port: number, path: string, what: 'server' | 'model', report: Report): Promise<boolean> {
+  const step = `REST GET ${path}`;
+  try {
+    const answer = await httpsGet(options, port, path);
+    const ok = answer.status === 200;
+    report({ listener: 'rest', step, ok, detail: `HTTP ${answer.status}${ok && what === 'model' ? ` ${short(answer.body)}` : ''}`, diagnosis: ok ? undefined : restDiagnosis(answer, what, options.model) });
+    return ok;
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    report({ listener: 'rest', step, ok: false, detail: e.code ?? e.message, diagnosis: { layer: 'protocol', cause: `the request failed after a good handshake (${e.code ?? e.message}): is --rest_port an HTTP port?` } });
+    return false;
+  }
+}
+
+async function probeRest(options: ProbeOptions, port: number, report: Report): Promise<void> {
+  if (!(await handshakeStep(options, port, 'rest', report))) return;
+  const ready = await restStep(options, port, '/v2/health/ready', 'server', report);
+  if (ready && options.model) await restStep(options, port, `/v2/models/${encodeURIComponent(options.model)}`, 'model', report);
+}

@@ -1,0 +1,94 @@
+/**
+ * The checks beyond "each file parses": the server chain is in order, the
+ * client CAs are usable, and every CRL is signed by its CA and fresh, with
+ * one CRL per trusted CA. Startup, reload and `ovms-mtls check` all run them,
+ * so each fails with the same one-line message.
+ */
+import type { X509Certificate } from 'node:crypto';
+import { TlsMaterialError } from './errors.js';
+import type { TlsFiles } from './config.js';
+import { crlSignedBy, crlsForCa, parseCrlFile, type CrlInfo } from './crl-index.js';
+
+export interface TrustInput {
+  readonly files: TlsFiles;
+  /** The server certificate file: leaf first, then the CAs that signed it. */
+  readonly serverChain: readonly X509Certificate[];
+  readonly clientCas: readonly X509Certificate[];
+  readonly crl?: Buffer | undefined;
+  readonly now: Date;
+}
+
+/** Throws TlsMaterialError with one line naming the flag, the file and the fix. */
+export function checkTrust(input: TrustInput): void {
+  checkServerChain(input.serverChain, input.files.cert, input.now);
+  checkClientCaValidity(input.clientCas, input.files.clientCa, input.now);
+  if (input.crl) checkCrls(readCrls(input.crl, input.files.crl!), input);
+}
+
+export function describeCert(cert: X509Certificate): string {
+  return /(?:^|\n)CN=([^\n]*)/.exec(cert.subject)?.[1] ?? cert.subject.replace(/\n/g, ', ');
+}
+
+/** Each intermediate in the file must have issued the certificate before it. */
+function checkServerChain(chain: readonly X509Certificate[], path: string, now: Date): void {
+  for (let i = 1; i < chain.length; i++) {
+    const child = chain[i - 1]!;
+    const parent = chain[i]!;
+    if (!child.checkIssued(parent) || !child.verify(parent.publicKey)) {
+      throw new TlsMaterialError(
+        `--mtls_cert: ${path}: certificate #${i + 1} (${describeCert(parent)}) did not issue certificate #${i} (${describeCert(child)}); put the server certificate first, then each CA in signing order`,
+      );
+    }
+    if (new Date(parent.validTo) <= now) {
+      throw new TlsMaterialError(`--mtls_cert: ${path}: chain certificate #${i + 1} (${describeCert(parent)}) expired on ${new Date(parent.validTo).toISOString()} (replace it with the CA's current certificate)`);
+    }
+  }
+}
+
+/** One expired CA among several may be a rotation leftover; all expired means no client can connect. */
+function checkClientCaValidity(cas: readonly X509Certificate[], path: string, now: Date): void {
+  if (cas.length > 0 && cas.every((ca) => new Date(ca.validTo) <= now)) {
+    const first = cas[0]!;
+    throw new TlsMaterialError(`--mtls_client_ca: ${path}: every CA has expired (${describeCert(first)} on ${new Date(first.validTo).toISOString()}); no client certificate can verify (renew the CA; \`ovms-mtls certs init --force\` makes a new dev set)`);
+  }
+}
+
+export function readCrls(pem: Buffer, path: string): CrlInfo[] {
+  try {
+    return parseCrlFile(pem.toString('latin1'));
+  } catch (err) {
+    throw new TlsMaterialError(`--mtls_crl: ${path} is not a valid CRL (${(err as Error).message})`, { cause: err });
+  }
+}
+
+function checkCrls(crls: readonly CrlInfo[], input: TrustInput): void {
+  const path = input.files.crl!;
+  for (const crl of crls) checkFreshness(crl, path, input.now);
+  input.clientCas.forEach((ca, i) => {
+    const own = crlsForCa(crls, ca);
+    if (own.length === 0) {
+      throw new TlsMaterialError(
+        `--mtls_crl: ${path} has no CRL for CA #${i + 1} (${describeCert(ca)}) of --mtls_client_ca ${input.files.clientCa}; with CRLs on, every client of that CA is refused (append that CA's CRL to the file)`,
+      );
+    }
+    for (const crl of own) {
+      if (crlSignedBy(crl, ca) === false) {
+        throw new TlsMaterialError(
+          `--mtls_crl: ${path}: CRL #${crl.index} names ${describeCert(ca)} as its issuer but is not signed by that CA's key (a CRL of an older CA with the same name?); publish a CRL from the current CA`,
+        );
+      }
+    }
+  });
+}
+
+/** An expired CRL makes OpenSSL refuse every client of its CA (CRL_HAS_EXPIRED). */
+function checkFreshness(crl: CrlInfo, path: string, now: Date): void {
+  if (crl.nextUpdate && crl.nextUpdate <= now) {
+    throw new TlsMaterialError(
+      `--mtls_crl: ${path}: CRL #${crl.index} expired on ${crl.nextUpdate.toISOString()} (its next update); every client of its CA would be refused - publish a fresh CRL from the CA`,
+    );
+  }
+  if (crl.thisUpdate > now) {
+    throw new TlsMaterialError(`--mtls_crl: ${path}: CRL #${crl.index} is not valid before ${crl.thisUpdate.toISOString()} (check the clock)`);
+  }
+}

@@ -1,0 +1,195 @@
+/**
+ * Reloads the server certificate, key, client CA bundle and CRL on SIGHUP and
+ * whenever a file in one of their directories changes, the way ghostunnel and
+ * Envoy do. All-or-nothing: the whole set is loaded and validated first; a
+ * broken or half-written set leaves the old one serving and is retried on the
+ * next change. After a CRL update, live connections of now-revoked clients are
+ * closed - Node (and every mainstream proxy) otherwise lets them run on.
+ */
+import { watch, realpathSync, type FSWatcher } from 'node:fs';
+import { dirname } from 'node:path';
+import type { TLSSocket, DetailedPeerCertificate } from 'node:tls';
+import { DEFAULTS, type TlsFiles } from './config.js';
+import type { Logger } from './log.js';
+import type { RunningProxy } from './proxy.js';
+import { loadTlsMaterial, type TlsMaterial } from './tls-material.js';
+import { parseCrlFile, RevocationIndex, type PresentedCertificate } from './crl-index.js';
+
+export type ReloadTrigger = 'signal' | 'file' | 'api';
+
+export type ReloadOutcome =
+  | { readonly ok: true; readonly trigger: ReloadTrigger; readonly material: TlsMaterial; readonly changed: boolean; readonly revokedConnections: number }
+  | { readonly ok: false; readonly trigger: ReloadTrigger; readonly reason: string };
+
+export interface TlsReloaderOptions {
+  readonly files: TlsFiles;
+  /** The material the proxy started with. */
+  readonly current: TlsMaterial;
+  readonly proxy: Pick<RunningProxy, 'reloadTls' | 'listeners'>;
+  readonly logger: Logger;
+  /** How long a revoked client's connection may finish its in-flight calls before it is cut. */
+  readonly revokedGraceMs: number;
+  readonly debounceMs?: number;
+  /** Every reload attempt, for metrics (reloads, failures) and for whoever shows the current certificate. */
+  readonly onReload?: (outcome: ReloadOutcome) => void;
+}
+
+export class TlsReloader {
+  readonly #options: TlsReloaderOptions;
+  readonly #watchers = new Map<string, FSWatcher>();
+  #current: TlsMaterial;
+  #queue: Promise<unknown> = Promise.resolve();
+  #debounce: NodeJS.Timeout | undefined;
+  #watching = false;
+  #reloads = 0;
+  #failures = 0;
+
+  constructor(options: TlsReloaderOptions) {
+    this.#options = options;
+    this.#current = options.current;
+  }
+
+  /** The material new handshakes use now. */
+  get material(): TlsMaterial {
+    return this.#current;
+  }
+
+  get counts(): { reloads: number; failures: number } {
+    return { reloads: this.#reloads, failures: this.#failures };
+  }
+
+  /** Start watching the directories of the files (and of their symlink targets). */
+  watch(): void {
+    this.#watching = true;
+    this.#refreshWatchers();
+  }
+
+  /** Reloads now; concurrent requests run one after another. Never rejects. */
+  reload(trigger: ReloadTrigger): Promise<ReloadOutcome> {
+    const next = this.#queue.then(() => this.#reloadOnce(trigger));
+    this.#queue = next;
+    return next;
+  }
+
+  close(): void {
+    this.#watching = false;
+    clearTimeout(this.#debounce);
+    for (const watcher of this.#watchers.values()) watcher.close();
+    this.#watchers.clear();
+  }
+
+  async #reloadOnce(trigger: ReloadTrigger): Promise<ReloadOutcome> {
+    const { logger, files } = this.#options;
+    let material: TlsMaterial;
+    try {
+      material = await loadTlsMaterial(files);
+      // A directory event for an unrelated file is no reason to rebuild contexts; an explicit request is.
+      if (trigger === 'file' && sameMaterial(material, this.#current)) {
+        logger.debug({ event: 'reload_unchanged', trigger }, 'certificate directory changed; TLS material unchanged');
+        return this.#report({ ok: true, trigger, material, changed: false, revokedConnections: 0 });
+      }
+      this.#options.proxy.reloadTls(material);
+    } catch (err) {
+      this.#failures += 1;
+      const reason = (err as Error).message;
+      logger.error({ event: 'reload_failed', trigger, reason }, `TLS reload failed, still serving the previous certificates: ${reason}`);
+      return this.#report({ ok: false, trigger, reason });
+    } finally {
+      if (this.#watching) this.#refreshWatchers();
+    }
+    this.#current = material;
+    this.#reloads += 1;
+    const revokedConnections = this.#closeRevoked(material);
+    logger.info(
+      { event: 'reloaded', trigger, server_cert_valid_to: material.serverCert.validTo, client_cas: material.clientCas.length, revoked_connections: revokedConnections },
+      'TLS material reloaded for new connections',
+    );
+    return this.#report({ ok: true, trigger, material, changed: true, revokedConnections });
+  }
+
+  #report(outcome: ReloadOutcome): ReloadOutcome {
+    this.#options.onReload?.(outcome);
+    return outcome;
+  }
+
+  /** Setting a new CRL only affects new handshakes: find and end the live connections it revokes. */
+  #closeRevoked(material: TlsMaterial): number {
+    if (!material.crl) return 0;
+    const index = new RevocationIndex(parseCrlFile(material.crl.toString('latin1')));
+    if (index.size === 0) return 0;
+    let closed = 0;
+    for (const listener of this.#options.proxy.listeners()) {
+      for (const socket of [...listener.connections]) {
+        if (!index.revokesAny(presentedChain(socket))) continue;
+        const peer = socket.getPeerX509Certificate();
+        this.#options.logger.warn(
+          { event: 'connection_revoked', listener: listener.name, remote: socket.remoteAddress, subject: peer?.subject.replace(/\n/g, ','), serial: peer?.serialNumber.toLowerCase() },
+          'closing a live connection: its client certificate is revoked by the new CRL',
+        );
+        listener.closeConnection(socket, this.#options.revokedGraceMs);
+        closed += 1;
+      }
+    }
+    return closed;
+  }
+
+  /** Watches follow symlink targets, which move when a Kubernetes secret swaps its `..data` link. */
+  #refreshWatchers(): void {
+    const wanted = watchedDirectories(this.#options.files);
+    for (const [dir, watcher] of this.#watchers) {
+      if (wanted.has(dir)) continue;
+      watcher.close();
+      this.#watchers.delete(dir);
+    }
+    for (const dir of wanted) {
+      if (this.#watchers.has(dir)) continue;
+      try {
+        const watcher = watch(dir, { persistent: false }, () => this.#onDirectoryEvent());
+        watcher.on('error', () => {
+          watcher.close();
+          this.#watchers.delete(dir);
+        });
+        this.#watchers.set(dir, watcher);
+      } catch (err) {
+        this.#options.logger.warn({ event: 'watch_failed', dir, reason: (err as Error).message }, `cannot watch ${dir} for certificate changes; SIGHUP still reloads`);
+      }
+    }
+  }
+
+  #onDirectoryEvent(): void {
+    clearTimeout(this.#debounce);
+    this.#debounce = setTimeout(() => void this.reload('file'), this.#options.debounceMs ?? DEFAULTS.reloadDebounceMs);
+  }
+}
+
+function watchedDirectories(files: TlsFiles): Set<string> {
+  const dirs = new Set<string>();
+  for (const path of [files.cert, files.key, files.clientCa, files.crl]) {
+    if (path === undefined) continue;
+    dirs.add(dirname(path));
+    try {
+      dirs.add(dirname(realpathSync(path)));
+    } catch {
+      // Missing right now (mid-swap): the directory watch above sees it come back.
+    }
+  }
+  return dirs;
+}
+
+function sameMaterial(a: TlsMaterial, b: TlsMaterial): boolean {
+  const same = (x: Buffer | undefined, y: Buffer | undefined) => (x === undefined ? y === undefined : y !== undefined && x.equals(y));
+  return same(a.key, b.key) && same(a.cert, b.cert) && same(a.ca, b.ca) && same(a.crl, b.crl);
+}
+
+/** The certificates the client presented, leaf first; the root's issuer points to itself (FINDINGS). */
+function presentedChain(socket: TLSSocket): PresentedCertificate[] {
+  const chain: PresentedCertificate[] = [];
+  const seen = new Set<string>();
+  let cert: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
+  while (cert && cert.raw && !seen.has(cert.fingerprint256)) {
+    seen.add(cert.fingerprint256);
+    chain.push({ raw: cert.raw, serialNumber: cert.serialNumber });
+    cert = cert.issuerCertificate;
+  }
+  return chain;
+}

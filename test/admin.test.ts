@@ -1,0 +1,131 @@
+import { test, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { baseConfig, https1, startTestProxy, startUpstream } from './helpers/harness.js';
+import { eventually, freePort, httpGet, sample } from './helpers/ops.js';
+import { startModelServer } from '../src/demo/model-server.js';
+import { startAdminServer } from '../src/admin.js';
+import { ProxyMetrics } from '../src/metrics.js';
+import { certificatesCheck, listenersCheck, readinessReport, upstreamCheck, type HealthReport } from '../src/health.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
+import type { RunningProxy } from '../src/proxy.js';
+
+const pkiPromise = createTestPki();
+let pki: TestPki;
+after(async () => (await pkiPromise).cleanup());
+
+const BIN = fileURLToPath(new URL('../../bin/ovms-mtls', import.meta.url));
+
+describe('admin listener', () => {
+  test('/healthz answers 200 with JSON, /metrics serves Prometheus text, and unknown paths and methods are refused', async () => {
+    const metrics = new ProxyMetrics();
+    const admin = await startAdminServer({ hosts: ['127.0.0.1'], port: 0, metrics, health: () => ({ ready: true, checks: {} }) });
+    try {
+      const health = await httpGet(admin.port, '/healthz');
+      assert.equal(health.status, 200);
+      assert.equal(JSON.parse(health.body).status, 'alive');
+      const text = await httpGet(admin.port, '/metrics');
+      assert.equal(text.status, 200);
+      assert.match(String(text.headers['content-type']), /^text\/plain; version=0\.0\.4/);
+      assert.equal(sample(text.body, 'ovms_mtls_ovms_restarts_total'), 0);
+      assert.equal((await httpGet(admin.port, '/nope')).status, 404);
+      assert.equal((await httpGet(admin.port, '/metrics', 'POST')).status, 405);
+    } finally {
+      await admin.close();
+    }
+  });
+
+  test('/readyz is 503 while the model server starts and 200 once it answers', async () => {
+    pki = await pkiPromise;
+    const [grpcPort, restPort] = [await freePort(), await freePort()];
+    const front = await startTestProxy({ pki, upstream: { grpcPort, restPort } });
+    const config = baseConfig({ pki, upstream: { grpcPort, restPort } });
+    const material = loadTlsMaterialSync(config.tls);
+    let proxy: RunningProxy | undefined = front.proxy;
+    const checks = { listeners: listenersCheck(() => proxy), upstream: upstreamCheck(config), certificates: certificatesCheck(() => material) };
+    const admin = await startAdminServer({ hosts: ['127.0.0.1'], port: 0, metrics: new ProxyMetrics(), health: () => readinessReport(checks) });
+    let upstream: Awaited<ReturnType<typeof startModelServer>> | undefined;
+    try {
+      const starting = await httpGet(admin.port, '/readyz');
+      assert.equal(starting.status, 503);
+      const report = JSON.parse(starting.body) as HealthReport;
+      assert.equal(report.ready, false);
+      assert.equal(report.checks['upstream']?.ok, false);
+      assert.equal(report.checks['listeners']?.ok, true);
+      assert.equal(report.checks['certificates']?.ok, true);
+
+      upstream = await startModelServer({ grpcPort, restPort });
+      await eventually(async () => (await httpGet(admin.port, '/readyz')).status === 200, '/readyz to turn 200');
+      const ready = JSON.parse((await httpGet(admin.port, '/readyz')).body) as HealthReport;
+      assert.equal(ready.ready, true);
+      assert.match(ready.checks['upstream']!.detail, /ServerReady: ready/);
+
+      await front.proxy.shutdown(1000);
+      proxy = undefined;
+      assert.equal((await httpGet(admin.port, '/readyz')).status, 503);
+    } finally {
+      await admin.close();
+      await upstream?.close();
+    }
+  });
+
+  test('the certificate check fails once the server certificate or the CRL has expired', async () => {
+    pki = await pkiPromise;
+    const config = baseConfig({ pki });
+    const material = loadTlsMaterialSync(config.tls);
+    const inTwoDays = () => new Date(Date.now() + 2 * 24 * 3600 * 1000);
+    assert.equal((await certificatesCheck(() => material)()).ok, true);
+    const late = await certificatesCheck(() => material, inTwoDays)();
+    assert.equal(late.ok, false);
+    assert.match(late.detail, /CRL expired/);
+    const muchLater = await certificatesCheck(() => material, () => new Date(Date.now() + 5000 * 24 * 3600 * 1000))();
+    assert.match(muchLater.detail, /server certificate localhost expired/);
+  });
+
+  test('a busy admin port is a one-line ListenError naming the flag', async () => {
+    const first = await startAdminServer({ hosts: ['127.0.0.1'], port: 0, metrics: new ProxyMetrics(), health: () => ({ ready: true, checks: {} }) });
+    try {
+      await assert.rejects(
+        startAdminServer({ hosts: ['127.0.0.1'], port: first.port, metrics: new ProxyMetrics(), health: () => ({ ready: true, checks: {} }) }),
+        (err: Error & { code?: string }) => err.code === 'ERR_LISTEN' && /--mtls_admin_port: 127\.0\.0\.1:\d+ is in use/.test(err.message),
+      );
+    } finally {
+      await first.close();
+    }
+  });
+});
+
+describe('proxy command with --mtls_admin_port', () => {
+  test('serves metrics that count the traffic it forwards and readiness of its upstream, then exits 0 on SIGTERM', async () => {
+    pki = await pkiPromise;
+    const upstream = await startUpstream();
+    const [restPort, adminPort] = [await freePort(), await freePort()];
+    const child = spawn(process.execPath, [BIN, 'proxy',
+      '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!,
+      '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_crl', pki.paths['client_cert_ca.crl']!,
+      '--mtls_admin_port', String(adminPort)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      const lines = createInterface({ input: child.stdout! });
+      for await (const line of lines) if (/"listener":"rest"/.test(line) && /"event":"listening"/.test(line)) break;
+      child.stdout!.resume();
+      assert.equal((await httpGet(adminPort, '/readyz')).status, 200);
+      assert.equal((await https1(restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      // The request is recorded when its response closes; no event reaches this process, so poll.
+      await eventually(async () => sample((await httpGet(adminPort, '/metrics')).body, 'ovms_mtls_requests_total', { route: '/v2/health/ready', status: '200' }) === 1, 'the request to be counted');
+      const text = (await httpGet(adminPort, '/metrics')).body;
+      assert.ok(sample(text, 'ovms_mtls_certificate_expiry_timestamp_seconds', { role: 'server' })! > Date.now() / 1000);
+      assert.equal(sample(text, 'ovms_mtls_ovms_up'), 1);
+      child.kill('SIGTERM');
+      const [code] = await once(child, 'exit');
+      assert.equal(code, 0);
+    } finally {
+      child.kill('SIGKILL');
+      await upstream.close();
+    }
+  });
+});

@@ -1,0 +1,154 @@
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { X509Certificate } from 'node:crypto';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { https1, startTestProxy, startUpstream, type ProxySetup, type StartedProxy } from './helpers/harness.js';
+import { issueClientCert, type Issued } from '../src/x509.js';
+import { uriPatternMatches } from '../src/client-identity.js';
+import { parseAllowList } from '../src/config.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+let pki: TestPki;
+let upstream: ModelServer;
+/** CN=alice, OU=ml, DNS alice.example, a SPIFFE ID three segments below the service account. */
+let alice: Issued;
+
+before(async () => {
+  [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
+  alice = await issueClientCert({
+    issuer: pki.clientCa,
+    commonName: 'alice',
+    organizationalUnit: 'ml',
+    dns: ['alice.example'],
+    uris: ['spiffe://example.org/ns/prod/sa/reader/replica/1'],
+  });
+});
+after(async () => {
+  await upstream.close();
+  await pki.cleanup();
+});
+
+type Verdict = 'accepted' | string;
+
+/** One REST request as `client`: 'accepted', or the reason the proxy logged for refusing it. */
+async function attempt(front: StartedProxy, client: Issued): Promise<Verdict> {
+  const refusals = front.logs.lines.filter((l) => l.event === 'client_refused').length;
+  try {
+    const response = await https1(front.restPort, pki, { path: '/v2/health/live', client });
+    assert.equal(response.status, 200);
+    return 'accepted';
+  } catch {
+    const line = await front.logs.waitFor((l) => l.event === 'client_refused' && front.logs.lines.filter((m) => m.event === 'client_refused').indexOf(l) >= refusals);
+    return String(line.reason);
+  }
+}
+
+async function withProxy(setup: Omit<ProxySetup, 'pki' | 'upstream'>, body: (front: StartedProxy) => Promise<void>): Promise<void> {
+  const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, ...setup });
+  try {
+    await body(front);
+  } finally {
+    await front.proxy.shutdown(1000);
+  }
+}
+
+const fingerprintOf = (issued: Issued) => new X509Certificate(issued.certPem).fingerprint256;
+
+describe('allow-lists', () => {
+  test('with no allow-list every client the CA vouches for is accepted', async () => {
+    await withProxy({}, async (front) => {
+      assert.equal(await attempt(front, pki.client), 'accepted');
+      assert.equal(await attempt(front, alice), 'accepted');
+    });
+  });
+
+  const cases: [string, ProxySetup['allow'], () => Issued, () => Issued][] = [
+    ['--mtls_allow_cn', { cn: ['alice'] }, () => alice, () => pki.client],
+    ['--mtls_allow_ou', { ou: ['ml'] }, () => alice, () => pki.client],
+    ['--mtls_allow_dns', { dns: ['alice.example'] }, () => alice, () => pki.client],
+    ['--mtls_allow_uri with * and **', { uri: ['spiffe://example.org/ns/*/sa/**'] }, () => alice, () => pki.client],
+    ['--mtls_allow_uri with an exact URI', { uri: ['spiffe://test.local/client'] }, () => pki.client, () => alice],
+  ];
+  for (const [label, allow, admitted, refused] of cases) {
+    test(`${label} admits the matching client and refuses another at the connection, logging not_allowed`, async () => {
+      await withProxy({ allow }, async (front) => {
+        assert.equal(await attempt(front, admitted()), 'accepted');
+        assert.equal(await attempt(front, refused()), 'not_allowed');
+        const line = front.logs.lines.find((l) => l.event === 'client_refused')!;
+        assert.equal(line.level, 'warn');
+        assert.match(String(line.subject), /CN=/);
+      });
+    });
+  }
+
+  test('--mtls_allow_fingerprint admits the certificate whose DER has that SHA-256 and refuses others', async () => {
+    // Parsed as the CLI does: colons and case do not matter.
+    const allow = parseAllowList({ mtls_allow_fingerprint: [fingerprintOf(alice)] });
+    await withProxy({ allow }, async (front) => {
+      assert.equal(await attempt(front, alice), 'accepted');
+      assert.equal(await attempt(front, pki.client), 'not_allowed');
+    });
+  });
+
+  test('allow-lists of different kinds are OR-ed: a client matching any one rule gets in', async () => {
+    const stranger = await issueClientCert({ issuer: pki.clientCa, commonName: 'stranger', organizationalUnit: 'ops' });
+    await withProxy({ allow: { cn: ['client'], ou: ['ml'] } }, async (front) => {
+      assert.equal(await attempt(front, pki.client), 'accepted');
+      assert.equal(await attempt(front, alice), 'accepted');
+      assert.equal(await attempt(front, stranger), 'not_allowed');
+    });
+  });
+
+  test('a URI pattern: * spans exactly one path segment and ** any suffix, including none', () => {
+    assert.equal(uriPatternMatches('spiffe://example.org/ns/*/sa/reader', 'spiffe://example.org/ns/prod/sa/reader'), true);
+    assert.equal(uriPatternMatches('spiffe://example.org/ns/*/sa/reader', 'spiffe://example.org/ns/a/b/sa/reader'), false);
+    assert.equal(uriPatternMatches('spiffe://example.org/ns/*/sa/reader', 'spiffe://example.org/ns/prod/sa/reader/x'), false);
+    assert.equal(uriPatternMatches('spiffe://example.org/ns/prod/**', 'spiffe://example.org/ns/prod/sa/a/b'), true);
+    assert.equal(uriPatternMatches('spiffe://example.org/ns/prod/**', 'spiffe://example.org/ns/prod/'), true);
+    assert.equal(uriPatternMatches('spiffe://example.org/ns/prod/**', 'spiffe://example.org/ns/staging/sa'), false);
+    // Regex characters in a pattern are literal.
+    assert.equal(uriPatternMatches('spiffe://example.org/a.b', 'spiffe://example.org/aXb'), false);
+  });
+
+  test('a * URI pattern refuses, at the connection, a client whose ID has more segments there', async () => {
+    await withProxy({ allow: { uri: ['spiffe://example.org/ns/*/sa/reader'] } }, async (front) => {
+      assert.equal(await attempt(front, alice), 'not_allowed');
+    });
+  });
+});
+
+describe('CA bundles and chains', () => {
+  test('a client behind an intermediate CA is accepted when the CRL file holds the root and intermediate CRLs', async () => {
+    await withProxy({ tls: { crl: pki.paths['client_cert_ca_chain.crl']! } }, async (front) => {
+      assert.equal(await attempt(front, pki.chainedClient), 'accepted');
+      assert.equal(await attempt(front, pki.client), 'accepted');
+    });
+  });
+
+  test('without the intermediate CRL a chained client is refused as crl_missing, since Node checks every CA of the chain', async () => {
+    await withProxy({}, async (front) => {
+      assert.equal(await attempt(front, pki.chainedClient), 'crl_missing');
+    });
+  });
+
+  test('--mtls_verify_depth 2 refuses a leaf + intermediate + root chain and still accepts a leaf + root one', async () => {
+    await withProxy({ tls: { crl: pki.paths['client_cert_ca_chain.crl']! }, limits: { verifyDepth: 2 } }, async (front) => {
+      assert.equal(await attempt(front, pki.chainedClient), 'chain_too_long');
+      assert.equal(await attempt(front, pki.client), 'accepted');
+    });
+  });
+
+  test('a bundle of two CAs, each with its CRL in one file, accepts clients of both and still refuses the revoked one', async () => {
+    const clientCa = join(pki.dir, 'two_client_cas.pem');
+    const crl = join(pki.dir, 'two_client_cas.crl');
+    await writeFile(clientCa, pki.clientCa.certPem + pki.otherCa.certPem);
+    await writeFile(crl, pki.crlPem + pki.otherCaCrlPem);
+    await withProxy({ tls: { clientCa, crl } }, async (front) => {
+      assert.equal(await attempt(front, pki.client), 'accepted');
+      assert.equal(await attempt(front, pki.foreignClient), 'accepted');
+      assert.equal(await attempt(front, pki.revokedClient), 'revoked');
+    });
+  });
+});

@@ -1,0 +1,205 @@
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
+import { once } from 'node:events';
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { connect as tlsConnect } from 'node:tls';
+import { runCli } from './helpers/cli.js';
+import { startProxy } from '../src/proxy.js';
+import { createLogger } from '../src/log.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
+import { DEFAULTS, EMPTY_ALLOW_LIST, type Config } from '../src/config.js';
+import { LogCapture } from './helpers/harness.js';
+
+let root: string;
+let counter = 0;
+const freshDir = () => join(root, `set-${++counter}`);
+
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), 'ovms-mtls-certs-cli-'));
+});
+after(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+function openssl(args: string[], cwd: string): { status: number | null; out: string } {
+  const result = spawnSync('openssl', args, { cwd, encoding: 'utf8' });
+  return { status: result.status, out: `${result.stdout}${result.stderr}` };
+}
+
+const verifyServer = (dir: string) => openssl(['verify', '-purpose', 'sslserver', '-CAfile', 'server_ca.pem', 'server.pem'], dir);
+const verifyClient = (dir: string, cert: string) =>
+  openssl(['verify', '-crl_check', '-purpose', 'sslclient', '-CAfile', 'client_cert_ca.pem', '-CRLfile', 'client_cert_ca.crl', cert], dir);
+
+async function init(extra: string[] = []): Promise<string> {
+  const dir = freshDir();
+  const result = await runCli(['certs', 'init', '--dir', dir, ...extra]);
+  assert.equal(result.code, 0, result.stderr);
+  return dir;
+}
+
+describe('certs init (CLI)', () => {
+  test('writes the nginx example file names plus the server CA, with private keys readable by the owner only', async () => {
+    const dir = freshDir();
+    const result = await runCli(['certs', 'init', '--dir', dir]);
+    assert.equal(result.code, 0, result.stderr);
+    for (const name of ['server.pem', 'server_ca.pem', 'client_cert_ca.pem', 'client_cert_ca.crl', 'client.pem']) {
+      assert.equal((await stat(join(dir, name))).mode & 0o777, 0o644, name);
+    }
+    for (const name of ['server.key', 'server_ca.key', 'client_cert_ca.key', 'client.key']) {
+      assert.equal((await stat(join(dir, name))).mode & 0o777, 0o600, name);
+    }
+    assert.match(result.stdout, /server_ca\.pem .*clients trust this/);
+    assert.match(result.stdout, /expire in 1 day/);
+  });
+
+  test('the server certificate passes openssl verify -purpose sslserver, is no CA, and names localhost and the loopback addresses', async () => {
+    const dir = await init();
+    const verdict = verifyServer(dir);
+    assert.equal(verdict.status, 0, verdict.out);
+    const server = new X509Certificate(await readFile(join(dir, 'server.pem')));
+    assert.equal(server.ca, false);
+    assert.match(server.subjectAltName ?? '', /DNS:localhost/);
+    assert.match(server.subjectAltName ?? '', /IP Address:127\.0\.0\.1/);
+    assert.deepEqual(server.keyUsage, ['1.3.6.1.5.5.7.3.1']);
+    assert.equal(server.publicKey.asymmetricKeyType, 'ec');
+  });
+
+  test('the client certificate passes openssl verify -purpose sslclient with the CRL checked, and the empty CRL verifies against the client CA', async () => {
+    const dir = await init();
+    const verdict = verifyClient(dir, 'client.pem');
+    assert.equal(verdict.status, 0, verdict.out);
+    const crl = openssl(['crl', '-in', 'client_cert_ca.crl', '-CAfile', 'client_cert_ca.pem', '-noout', '-text'], dir);
+    assert.equal(crl.status, 0, crl.out);
+    assert.match(crl.out, /verify OK/);
+    assert.match(crl.out, /No Revoked Certificates/);
+    const ca = openssl(['x509', '-in', 'client_cert_ca.pem', '-noout', '-text'], dir).out;
+    assert.match(ca, /CA:TRUE/);
+    assert.match(ca, /Certificate Sign, CRL Sign/);
+  });
+
+  test('--server_name, --san, --days and --key shape the server certificate', async () => {
+    const dir = await init(['--server_name', 'ovms.example.com', '--san', 'DNS:alt.example.com,IP:10.1.2.3', '--days', '30', '--key', 'rsa2048']);
+    const server = new X509Certificate(await readFile(join(dir, 'server.pem')));
+    assert.match(server.subject, /CN=ovms\.example\.com/);
+    assert.match(server.subjectAltName ?? '', /DNS:ovms\.example\.com/);
+    assert.match(server.subjectAltName ?? '', /DNS:alt\.example\.com/);
+    assert.match(server.subjectAltName ?? '', /IP Address:10\.1\.2\.3/);
+    assert.equal(server.publicKey.asymmetricKeyType, 'rsa');
+    const days = (new Date(server.validTo).getTime() - Date.now()) / 86_400_000;
+    assert.ok(days > 29 && days <= 30, `valid for ${days} days`);
+    assert.equal(verifyServer(dir).status, 0);
+  });
+
+  test('refuses to overwrite an existing set without --force, in one line, and overwrites it with --force', async () => {
+    const dir = await init();
+    const before = await readFile(join(dir, 'server.pem'), 'utf8');
+    const refused = await runCli(['certs', 'init', '--dir', dir]);
+    assert.equal(refused.code, 2);
+    assert.match(refused.stderr, /^ovms-mtls: .*server\.pem already exists .*pass --force to overwrite\n$/);
+    assert.equal(await readFile(join(dir, 'server.pem'), 'utf8'), before);
+    const forced = await runCli(['certs', 'init', '--dir', dir, '--force']);
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.notEqual(await readFile(join(dir, 'server.pem'), 'utf8'), before);
+  });
+
+  test('a malformed --san, --days or --key is one line naming the flag, exit 2', async () => {
+    for (const [args, pattern] of [
+      [['--san', 'foo.example'], /--san "foo\.example": expected DNS:<name> or IP:<address>/],
+      [['--days', 'ten'], /--days: 'ten' is not a whole number/],
+      [['--key', 'dsa'], /--key dsa: use one of ec, rsa2048/],
+    ] as [string[], RegExp][]) {
+      const result = await runCli(['certs', 'init', '--dir', freshDir(), ...args]);
+      assert.equal(result.code, 2, result.stdout);
+      assert.match(result.stderr, pattern);
+      assert.equal(result.stderr.trim().split('\n').length, 1, result.stderr);
+    }
+  });
+
+  test('an unknown subcommand is refused with a hint, and `certs --help` prints the usage', async () => {
+    const unknown = await runCli(['certs', 'renew']);
+    assert.equal(unknown.code, 2);
+    assert.match(unknown.stderr, /unknown subcommand 'renew' \(use init, client or revoke/);
+    const help = await runCli(['certs', '--help']);
+    assert.equal(help.code, 0);
+    assert.match(help.stdout, /ovms-mtls certs init/);
+  });
+});
+
+describe('certs client and revoke (CLI)', () => {
+  test('certs client issues a clientAuth certificate with a SPIFFE URI that openssl verifies against the client CA', async () => {
+    const dir = await init();
+    const result = await runCli(['certs', 'client', '--dir', dir, '--name', 'reader', '--uri', 'spiffe://example.org/ns/ml/sa/reader', '--days', '7']);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal((await stat(join(dir, 'reader.key'))).mode & 0o777, 0o600);
+    const verdict = verifyClient(dir, 'reader.pem');
+    assert.equal(verdict.status, 0, verdict.out);
+    const cert = new X509Certificate(await readFile(join(dir, 'reader.pem')));
+    assert.match(cert.subject, /CN=reader/);
+    assert.equal(cert.subjectAltName, 'URI:spiffe://example.org/ns/ml/sa/reader');
+    assert.deepEqual(cert.keyUsage, ['1.3.6.1.5.5.7.3.2']);
+  });
+
+  test('certs client without --name says which flag is missing', async () => {
+    const dir = await init();
+    const result = await runCli(['certs', 'client', '--dir', dir]);
+    assert.equal(result.code, 2);
+    assert.match(result.stderr, /--name is required/);
+  });
+
+  test('certs revoke puts the certificate on the CRL: openssl then reports it revoked while other clients still verify', async () => {
+    const dir = await init();
+    assert.equal((await runCli(['certs', 'client', '--dir', dir, '--name', 'leaver'])).code, 0);
+    const result = await runCli(['certs', 'revoke', '--dir', dir, '--cert', join(dir, 'leaver.pem')]);
+    assert.equal(result.code, 0, result.stderr);
+    assert.match(result.stdout, /Revoked .*leaver\.pem/);
+    const revoked = verifyClient(dir, 'leaver.pem');
+    assert.notEqual(revoked.status, 0);
+    assert.match(revoked.out, /certificate revoked/);
+    assert.equal(verifyClient(dir, 'client.pem').status, 0);
+    const crl = openssl(['crl', '-in', 'client_cert_ca.crl', '-CAfile', 'client_cert_ca.pem', '-noout'], dir);
+    assert.match(crl.out, /verify OK/);
+  });
+});
+
+describe('a set made by certs init serves the proxy', () => {
+  test('the proxy starts on the files of `certs init` and accepts client.pem, verified against server_ca.pem', async () => {
+    const dir = await init();
+    const config: Config = {
+      rest: { hosts: ['127.0.0.1'], port: 0, upstream: { host: '127.0.0.1', port: 9 } },
+      tls: { cert: join(dir, 'server.pem'), key: join(dir, 'server.key'), clientCa: join(dir, 'client_cert_ca.pem'), crl: join(dir, 'client_cert_ca.crl') },
+      allow: EMPTY_ALLOW_LIST,
+      limits: DEFAULTS.limits,
+      shutdownTimeoutMs: 1000,
+      logLevel: 'debug',
+      accessLog: false,
+      workers: 1,
+    };
+    const logs = new LogCapture();
+    const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'debug', destination: logs }) });
+    try {
+      const socket = tlsConnect({
+        host: '127.0.0.1',
+        port: proxy.port('rest')!,
+        servername: 'localhost',
+        ca: await readFile(join(dir, 'server_ca.pem')),
+        cert: await readFile(join(dir, 'client.pem')),
+        key: await readFile(join(dir, 'client.key')),
+        ALPNProtocols: ['http/1.1'],
+      });
+      await once(socket, 'secureConnect');
+      assert.equal(socket.authorized, true, String(socket.authorizationError));
+      socket.write('GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n');
+      const [first] = (await once(socket, 'data')) as [Buffer];
+      // No model server behind it: a 502 still proves the client got through TLS and the checks.
+      assert.match(first.toString('latin1'), /^HTTP\/1\.1 \d{3} /);
+      socket.destroy();
+      assert.equal(logs.lines.filter((l) => l.event === 'client_refused').length, 0);
+    } finally {
+      await proxy.shutdown(1000);
+    }
+  });
+});

@@ -1,0 +1,142 @@
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { runCli } from './helpers/cli.js';
+import { createCa, createCrl } from '../src/x509.js';
+import { checkTlsFiles } from '../src/check.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
+import { TlsMaterialError } from '../src/errors.js';
+import type { TlsFiles } from '../src/config.js';
+
+let pki: TestPki;
+before(async () => {
+  pki = await createTestPki();
+});
+after(async () => {
+  await pki.cleanup();
+});
+
+const DAY_MS = 86_400_000;
+
+function goodFiles(): TlsFiles {
+  return { cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']!, crl: pki.paths['client_cert_ca.crl']! };
+}
+
+function flags(files: TlsFiles): string[] {
+  return ['--mtls_cert', files.cert, '--mtls_key', files.key, '--mtls_client_ca', files.clientCa, ...(files.crl ? ['--mtls_crl', files.crl] : [])];
+}
+
+async function write(name: string, contents: string): Promise<string> {
+  const path = join(pki.dir, name);
+  await writeFile(path, contents);
+  return path;
+}
+
+/** Asserts `check` fails with `pattern`, and that loading for startup throws the very same message. */
+async function assertRefused(files: TlsFiles, pattern: RegExp): Promise<void> {
+  const result = await runCli(['check', ...flags(files)]);
+  assert.equal(result.code, 1, result.stdout + result.stderr);
+  assert.match(result.stdout, pattern);
+  assert.match(result.stdout, /Result: FAILED/);
+  const startup = (() => {
+    try {
+      loadTlsMaterialSync(files);
+    } catch (err) {
+      return err;
+    }
+    return undefined;
+  })();
+  assert.ok(startup instanceof TlsMaterialError, 'startup must refuse the same material');
+  assert.match(startup.message, pattern);
+  assert.ok(result.stdout.includes(startup.message), 'check prints the startup message verbatim');
+}
+
+describe('ovms-mtls check', () => {
+  test('a good set exits 0 and reports the server names, how long the certificate lives, the client CA and the CRL', async () => {
+    const result = await runCli(['check', ...flags(goodFiles())]);
+    assert.equal(result.code, 0, result.stdout + result.stderr);
+    assert.match(result.stdout, /OK {4}server certificate .*server\.pem: localhost, issued by ovms-mtls test server CA, valid until \S+ \(\d+ h left\)/);
+    assert.match(result.stdout, /server names \(SAN\): DNS:localhost, IP Address:127\.0\.0\.1/);
+    assert.match(result.stdout, /client CA bundle .*: 1 CA\n/);
+    assert.match(result.stdout, /CRL #1 of ovms-mtls test client CA: 1 revoked, next update .*signature ok/);
+    assert.match(result.stdout, /Result: OK/);
+  });
+
+  test('the same options from OVMS_MTLS_* environment variables are checked too', async () => {
+    const files = goodFiles();
+    const env = { OVMS_MTLS_CERT: files.cert, OVMS_MTLS_KEY: files.key, OVMS_MTLS_CLIENT_CA: files.clientCa, OVMS_MTLS_CRL: files.crl };
+    const result = await runCli(['check'], { env });
+    assert.equal(result.code, 0, result.stdout + result.stderr);
+  });
+
+  test('an expired CRL is reported, since it would lock every client out', async () => {
+    const expired = await createCrl({ issuer: pki.clientCa, thisUpdate: new Date(Date.now() - 3 * DAY_MS), nextUpdate: new Date(Date.now() - DAY_MS) });
+    const crl = await write('expired.crl', expired);
+    await assertRefused({ ...goodFiles(), crl }, /--mtls_crl: .*expired\.crl: CRL #1 expired on .*every client of its CA would be refused/);
+  });
+
+  test('a second trusted CA without a CRL is reported when CRLs are on', async () => {
+    const clientCa = await write('two_cas.pem', pki.clientCa.certPem + pki.otherCa.certPem);
+    await assertRefused({ ...goodFiles(), clientCa }, /--mtls_crl: .*client_cert_ca\.crl has no CRL for CA #2 \(ovms-mtls test other CA\)/);
+  });
+
+  test('two trusted CAs each with its CRL pass', async () => {
+    const clientCa = await write('two_cas_ok.pem', pki.clientCa.certPem + pki.otherCa.certPem);
+    const crl = await write('two_crls.crl', pki.crlPem + pki.otherCaCrlPem);
+    const result = await runCli(['check', ...flags({ ...goodFiles(), clientCa, crl })]);
+    assert.equal(result.code, 0, result.stdout);
+    assert.match(result.stdout, /2 CRLs/);
+  });
+
+  test('a CRL bearing the client CA name but signed by another key is reported', async () => {
+    const impostor = await createCa({ commonName: 'ovms-mtls test client CA' });
+    const crl = await write('impostor.crl', await createCrl({ issuer: impostor }));
+    await assertRefused({ ...goodFiles(), crl }, /CRL #1 names ovms-mtls test client CA as its issuer but is not signed by that CA's key/);
+  });
+
+  test('a key that does not match the certificate is reported', async () => {
+    await assertRefused({ ...goodFiles(), key: pki.paths['client.key']! }, /--mtls_key: .*client\.key does not match --mtls_cert .*server\.pem/);
+  });
+
+  test('a server certificate file whose chain is in the wrong order or from the wrong CA is reported', async () => {
+    const cert = await write('server_wrong_chain.pem', pki.server.certPem + pki.otherCa.certPem);
+    await assertRefused({ ...goodFiles(), cert }, /--mtls_cert: .*server_wrong_chain\.pem: certificate #2 \(ovms-mtls test other CA\) did not issue certificate #1 \(localhost\)/);
+  });
+
+  test('a server certificate followed by the CA that issued it passes', async () => {
+    const cert = await write('server_with_chain.pem', pki.server.certPem + pki.serverCa.certPem);
+    const report = checkTlsFiles({ ...goodFiles(), cert });
+    assert.equal(report.ok, true, JSON.stringify(report.findings));
+  });
+
+  test('a missing file is reported with the flag and the path', async () => {
+    await assertRefused({ ...goodFiles(), crl: join(pki.dir, 'nope.crl') }, /--mtls_crl: .*nope\.crl does not exist/);
+  });
+
+  test('a CRL file holding the client CA and intermediate CRLs passes; the CRL for a CA outside the bundle is described, not refused', () => {
+    const report = checkTlsFiles({ ...goodFiles(), crl: pki.paths['client_cert_ca_chain.crl']! });
+    assert.equal(report.ok, true);
+    assert.ok(report.findings.some((f) => /CRL #2: issuer not in the client CA bundle/.test(f.text)));
+  });
+
+  test('a bad allow-list option fails check as it would fail the proxy', async () => {
+    const result = await runCli(['check', ...flags(goodFiles()), '--mtls_allow_fingerprint', 'abc']);
+    assert.equal(result.code, 2);
+    assert.match(result.stderr, /--mtls_allow_fingerprint: 'abc' is not a SHA-256 fingerprint/);
+  });
+
+  test('the proxy refuses to start on an expired CRL with the message check prints', async () => {
+    const expired = await createCrl({ issuer: pki.clientCa, thisUpdate: new Date(Date.now() - 3 * DAY_MS), nextUpdate: new Date(Date.now() - DAY_MS) });
+    const crl = await write('expired_for_proxy.crl', expired);
+    const files = { ...goodFiles(), crl };
+    const checked = await runCli(['check', ...flags(files)]);
+    const started = await runCli(['proxy', '--rest_port', '1', '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...flags(files)]);
+    assert.equal(started.code, 2, started.stdout + started.stderr);
+    const message = /^ovms-mtls: (.*)$/m.exec(started.stderr)?.[1];
+    assert.ok(message, started.stderr);
+    assert.match(message, /CRL #1 expired on/);
+    assert.ok(checked.stdout.includes(message), `${checked.stdout} lacks ${message}`);
+  });
+});

@@ -1,0 +1,145 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { connect as tlsConnect } from 'node:tls';
+import { connect as tcpConnect } from 'node:net';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { unary } from '../src/demo/grpc-client.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import type { Issued } from '../src/x509.js';
+
+let pki: TestPki;
+let upstream: ModelServer;
+let front: StartedProxy;
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream();
+  front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, limits: { handshakeTimeoutMs: 300 } });
+});
+
+after(async () => {
+  await front.proxy.shutdown(1000);
+  await upstream.close();
+  await pki.cleanup();
+});
+
+const refusedCases: [string, () => Issued | null, string][] = [
+  ['no certificate', () => null, 'no_certificate'],
+  ['a certificate from another CA', () => pki.foreignClient, 'unknown_ca'],
+  ['an expired certificate', () => pki.expiredClient, 'expired'],
+  ['a certificate not valid yet', () => pki.notYetValidClient, 'not_yet_valid'],
+  ['a certificate revoked by the CRL', () => pki.revokedClient, 'revoked'],
+  ['a certificate whose EKU forbids client use', () => pki.serverOnlyEkuClient, 'wrong_purpose'],
+];
+
+describe('refused clients', () => {
+  for (const [label, client, reason] of refusedCases) {
+    test(`a client with ${label} is refused on both ports before anything reaches the upstream, and the log says ${reason}`, async () => {
+      const receivedBefore = upstream.received.length;
+      const refusalsBefore = front.logs.lines.filter((l) => l.event === 'client_refused' && l.reason === reason).length;
+      const c = grpcClients(front.grpcAddress, pki, client());
+      try {
+        const err = await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('call should be refused'), (e: grpc.ServiceError) => e);
+        assert.equal(err.code, grpc.status.UNAVAILABLE);
+      } finally {
+        c.close();
+      }
+      await assert.rejects(https1(front.restPort, pki, { path: '/v2/health/ready', client: client() }));
+      await front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === reason && front.logs.lines.filter((m) => m.event === 'client_refused' && m.reason === reason).length >= refusalsBefore + 2);
+      const line = front.logs.lines.find((l) => l.event === 'client_refused' && l.reason === reason)!;
+      assert.equal(line.level, 'warn');
+      assert.equal(upstream.received.length, receivedBefore);
+    });
+  }
+
+  test('a client presenting a valid certificate is accepted on both ports', async () => {
+    const c = grpcClients(front.grpcAddress, pki);
+    try {
+      assert.equal((await unary(c.kserve, 'ServerLive', {})).response.live, true);
+    } finally {
+      c.close();
+    }
+    assert.equal((await https1(front.restPort, pki, { path: '/v2/health/live' })).status, 200);
+  });
+});
+
+describe('spoofed identity headers', () => {
+  test('x-forwarded-client-cert sent by a REST client is removed in any casing and count, then set from the certificate', async () => {
+    // Written by hand: Node's client would merge the duplicate headers.
+    const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), ALPNProtocols: ['http/1.1'] });
+    await once(socket, 'secureConnect');
+    socket.write('GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n' +
+      'X-Forwarded-Client-Cert: Hash=evil\r\nx-forwarded-client-cert: Subject="CN=admin"\r\nX-FORWARDED-CLIENT-CERT: URI=spiffe://evil\r\n\r\n');
+    let answer = '';
+    for await (const chunk of socket) answer += String(chunk);
+    assert.match(answer, /^HTTP\/1\.1 200 /);
+    const seen = upstream.received.filter((r) => r.protocol === 'rest' && r.path === '/v2/health/ready').at(-1)!;
+    const xfcc = seen.headers['x-forwarded-client-cert'];
+    assert.equal(typeof xfcc, 'string');
+    assert.doesNotMatch(String(xfcc), /evil|admin/);
+    assert.match(String(xfcc), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests"/);
+  });
+
+  test('x-forwarded-client-cert sent as gRPC metadata is replaced, whatever the count', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    try {
+      await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers', 'x-forwarded-client-cert': ['Hash=evil', 'Subject="CN=admin"'] }, grpcFrame(Buffer.alloc(0)));
+    } finally {
+      session.close();
+    }
+    const seen = upstream.received.filter((r) => r.protocol === 'grpc' && r.path === '/ovmsmtls.test.Echo/Unary').at(-1)!;
+    assert.doesNotMatch(String(seen.headers['x-forwarded-client-cert']), /evil|admin/);
+    assert.match(String(seen.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests"/);
+  });
+});
+
+describe('TLS settings', () => {
+  test('TLS 1.3 is negotiated by a modern client', async () => {
+    const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), ALPNProtocols: ['http/1.1'] });
+    await once(socket, 'secureConnect');
+    assert.equal(socket.getProtocol(), 'TLSv1.3');
+    socket.destroy();
+  });
+
+  test('TLS 1.1 is refused', async () => {
+    const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), minVersion: 'TLSv1.1', maxVersion: 'TLSv1.1', ciphers: 'DEFAULT@SECLEVEL=0' });
+    const [err] = (await once(socket, 'error').catch((e: unknown) => [e])) as [NodeJS.ErrnoException];
+    assert.match(String(err.code ?? err.message), /VERSION|PROTOCOL|ALERT|ECONNRESET/i);
+  });
+
+  test('a TLS 1.2 client offering only CBC suites finds no shared cipher', async () => {
+    const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), maxVersion: 'TLSv1.2', ciphers: 'ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA:ECDHE-ECDSA-AES128-SHA' });
+    const [err] = (await once(socket, 'error').catch((e: unknown) => [e])) as [NodeJS.ErrnoException];
+    assert.match(String(err.code ?? err.message), /HANDSHAKE_FAILURE|NO_SHARED_CIPHER|ALERT/i);
+  });
+
+  test('a TLS 1.2 client offering an ECDHE AEAD suite is served', async () => {
+    const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), maxVersion: 'TLSv1.2', ciphers: 'ECDHE-ECDSA-AES128-GCM-SHA256' });
+    await once(socket, 'secureConnect');
+    assert.equal(socket.getProtocol(), 'TLSv1.2');
+    socket.destroy();
+  });
+
+  test('a connection that never completes its handshake is closed by the handshake timeout', async () => {
+    const socket = tcpConnect(front.restPort, '127.0.0.1');
+    socket.on('error', () => {});
+    await once(socket, 'connect');
+    await once(socket, 'close');
+    await front.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === 'handshake_timeout');
+  });
+
+  test('HTTP/2 clients are told the bounded stream count and the larger flow-control window', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    try {
+      await once(session, 'remoteSettings');
+      assert.equal(session.remoteSettings.maxConcurrentStreams, 128);
+      assert.equal(session.remoteSettings.initialWindowSize, 1024 * 1024);
+      assert.equal(session.remoteSettings.maxHeaderListSize, 64 * 1024);
+    } finally {
+      session.close();
+    }
+  });
+});

@@ -1,0 +1,320 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { grpcClients, https1, LogCapture } from './helpers/harness.js';
+import { eventually, fakeRuns, FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, tlsArgs, type Wrapper } from './helpers/entrypoint.js';
+import { unary } from '../src/demo/grpc-client.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+import { splitOvmsArgv } from '../src/ovms-args.js';
+import { entrypointSettings } from '../src/entrypoint-config.js';
+import { startServing } from '../src/cli/entrypoint-command.js';
+import { PROXY_FATAL_EXIT_CODE, runUntilDone } from '../src/cli/entrypoint-lifecycle.js';
+import { createLogger } from '../src/log.js';
+
+const JSON_VALUE = '{"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}';
+const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+const inferRequest = (id = '') => ({ id, model_name: 'dummy', inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: INPUT } }] });
+
+let pki: TestPki;
+let dir: string;
+let runCounter = 0;
+
+before(async () => {
+  makeFakeExecutable();
+  pki = await createTestPki();
+  dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-entrypoint-'));
+});
+
+after(async () => {
+  await pki.cleanup();
+  await rm(dir, { recursive: true, force: true });
+});
+
+interface Started {
+  wrapper: Wrapper;
+  argvFile: string;
+  grpcPort: number;
+  restPort: number;
+}
+
+/** `ovms-mtls <ovmsArgs> --mtls_* <per-run certs> --mtls_ovms_binary <fake>`; {grpc}/{rest} become free public ports. */
+async function start(ovmsArgs: string[], env: Record<string, string> = {}, extra: string[] = []): Promise<Started> {
+  const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+  runCounter += 1;
+  const argvFile = join(dir, `argv-${runCounter}.jsonl`);
+  const args = ovmsArgs.map((a) => a.replace('{grpc}', String(grpcPort)).replace('{rest}', String(restPort)));
+  // Root here (CI too): stay root unless a test is about users (test/privileges.test.ts).
+  const wrapper = startWrapper([...args, ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', ...extra], { FAKE_OVMS_ARGV_FILE: argvFile, ...env });
+  return { wrapper, argvFile, grpcPort, restPort };
+}
+
+async function stopWrapper(wrapper: Wrapper): Promise<void> {
+  if (wrapper.child.exitCode === null && wrapper.child.signalCode === null) wrapper.child.kill('SIGTERM');
+  await wrapper.exited;
+}
+
+describe('serving: listeners and the argv OVMS gets', () => {
+  test('with both ports in = and repeated spellings, OVMS gets only loopback listeners and the rest of argv intact, and both listeners forward', async () => {
+    const s = await start([
+      '--port={grpc}', '--grpc_bind_address', 'localhost', '--grpc_bind_address=127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address=127.0.0.1',
+      '--plugin_config', JSON_VALUE, '--model_name', 'my "quoted" model', '--metrics_enable',
+    ]);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const [run] = fakeRuns(s.argvFile);
+      assert.deepEqual(run!.argv.slice(0, 5), ['--plugin_config', JSON_VALUE, '--model_name', 'my "quoted" model', '--metrics_enable']);
+      assert.equal(run!.options['grpc_bind_address'], '127.0.0.1');
+      assert.equal(run!.options['rest_bind_address'], '127.0.0.1');
+      assert.notEqual(Number(run!.options['port']), s.grpcPort);
+      assert.notEqual(Number(run!.options['rest_port']), s.restPort);
+      assert.equal(run!.argv.filter((a) => a.startsWith('--port') || a.startsWith('--rest_port')).length, 2);
+      const grpcListening = await s.wrapper.waitForLog((l) => l.event === 'listening' && l['listener'] === 'grpc');
+      assert.deepEqual(grpcListening['addresses'], [`127.0.0.1:${s.grpcPort}`]);
+      const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
+      try {
+        const { response } = await unary(clients.kserve, 'ModelInfer', inferRequest());
+        assert.deepEqual(response.outputs[0]?.contents?.fp32_contents, INPUT.map((x) => x + 1));
+      } finally {
+        clients.close();
+      }
+      assert.equal((await https1(s.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('Started gRPC server on 127.0.0.1')), 'OVMS output passes through');
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('gRPC only: OVMS gets no REST port and gRPC calls flow', async () => {
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--model_name', 'dummy']);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const [run] = fakeRuns(s.argvFile);
+      assert.equal(run!.options['rest_port'], undefined);
+      assert.ok(run!.options['port']);
+      const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
+      try {
+        assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
+      } finally {
+        clients.close();
+      }
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('REST only: OVMS gets no gRPC port and REST requests flow', async () => {
+    const s = await start(['--rest_port={rest}', '--rest_bind_address', '127.0.0.1']);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const [run] = fakeRuns(s.argvFile);
+      assert.equal(run!.options['port'], undefined);
+      assert.equal(run!.options['grpc_bind_address'], '127.0.0.1');
+      const res = await https1(s.restPort, pki, { path: '/v2/models/dummy' });
+      assert.equal(res.status, 200);
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('while OVMS starts, REST answers 503 with Retry-After and gRPC answers UNAVAILABLE; then calls succeed', async () => {
+    const gate = join(dir, `gate-${runCounter + 1}`);
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_START_GATE_FILE: gate });
+    const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
+    try {
+      await s.wrapper.waitForEvent('ovms_started');
+      await s.wrapper.waitForLog((l) => l.event === 'listening' && l['listener'] === 'rest');
+      const early = await https1(s.restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(early.status, 503);
+      assert.ok(early.headers['retry-after']);
+      await assert.rejects(unary(clients.kserve, 'ServerLive', {}), (err: grpc.ServiceError) => err.code === grpc.status.UNAVAILABLE);
+      await writeFile(gate, '');
+      await s.wrapper.waitForEvent('ovms_ready');
+      assert.equal((await https1(s.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
+    } finally {
+      clients.close();
+      await writeFile(gate, '');
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('a public port that cannot be bound is a startup error, and OVMS is never started', async () => {
+    const blocker = createServer().listen(0, '127.0.0.1');
+    await once(blocker, 'listening');
+    const taken = (blocker.address() as { port: number }).port;
+    try {
+      const s = await start(['--rest_port', String(taken), '--rest_bind_address', '127.0.0.1']);
+      const result = await s.wrapper.exited;
+      assert.equal(result.code, 2);
+      assert.match(s.wrapper.stderr(), new RegExp(String(taken)));
+      assert.deepEqual(fakeRuns(s.argvFile), []);
+    } finally {
+      blocker.close();
+    }
+  });
+
+  test('a loopback port taken between choosing it and OVMS binding it is detected, and OVMS is started again on new ports', async () => {
+    const thiefPidFile = join(dir, 'thief.pid');
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1'], { FAKE_OVMS_STEAL_PORT_RUNS: '1', FAKE_OVMS_THIEF_PID_FILE: thiefPidFile });
+    try {
+      const taken = await s.wrapper.waitForEvent('loopback_port_taken');
+      await s.wrapper.waitForEvent('ovms_ready');
+      const runs = fakeRuns(s.argvFile);
+      assert.equal(runs.length, 2);
+      assert.equal(Number(runs[0]!.options['port']), taken['port']);
+      assert.notEqual(runs[1]!.options['port'], runs[0]!.options['port']);
+      const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
+      try {
+        assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
+      } finally {
+        clients.close();
+      }
+    } finally {
+      await stopWrapper(s.wrapper);
+      try {
+        process.kill(Number(readFileSync(thiefPidFile, 'utf8')), 'SIGKILL');
+      } catch {
+        // the thief never started
+      }
+    }
+  });
+});
+
+describe('exit codes and signals', () => {
+  test("OVMS failing with code 3 makes the wrapper exit 3 (not xargs's 123)", async () => {
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1'], { FAKE_OVMS_EXIT_CODE: '3' });
+    assert.deepEqual(await s.wrapper.exited, { code: 3, signal: null });
+    assert.equal((await s.wrapper.waitForEvent('ovms_exited'))['code'], 3);
+  });
+
+  test('OVMS dying of SIGUSR2 (12) makes the wrapper exit 128+12', async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_DIE_SIGNAL: 'SIGUSR2' });
+    assert.deepEqual(await s.wrapper.exited, { code: 140, signal: null });
+  });
+
+  test('SIGTERM with a gRPC stream in flight: the signal reaches OVMS, the stream finishes, the wrapper exits with OVMS code 0', async () => {
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1']);
+    const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const call = clients.kserve.ModelStreamInfer();
+      const replies = call[Symbol.asyncIterator]();
+      call.write(inferRequest('before'));
+      assert.equal((await replies.next()).value.infer_response.id, 'before');
+      s.wrapper.child.kill('SIGTERM');
+      await s.wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
+      call.write(inferRequest('during'));
+      assert.equal((await replies.next()).value.infer_response.id, 'during');
+      call.end();
+      assert.equal((await replies.next()).done, true);
+      assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
+    } finally {
+      clients.close();
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('an OVMS that ignores SIGTERM gets SIGKILL after --mtls_shutdown_timeout, and the wrapper exits 128+9', async () => {
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1'], { FAKE_OVMS_IGNORE_SIGTERM: '1' }, ['--mtls_shutdown_timeout', '0.3']);
+    await s.wrapper.waitForEvent('ovms_ready');
+    const [run] = fakeRuns(s.argvFile);
+    s.wrapper.child.kill('SIGTERM');
+    await s.wrapper.waitForOvmsLine((l) => l.includes('ignoring SIGTERM'));
+    assert.deepEqual(await s.wrapper.exited, { code: 137, signal: null });
+    assert.ok(processGone(run!.pid));
+  });
+
+  test('SIGKILL of the wrapper leaves no OVMS behind', async () => {
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1']);
+    await s.wrapper.waitForEvent('ovms_ready');
+    const [run] = fakeRuns(s.argvFile);
+    assert.equal(processGone(run!.pid), false);
+    s.wrapper.child.kill('SIGKILL');
+    await s.wrapper.exited;
+    await eventually(() => processGone(run!.pid), `OVMS pid ${run!.pid} is gone`);
+  });
+
+  test('with --mtls_restart on-failure a crashed OVMS is started again while the listeners stay up', async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_restart', 'on-failure'], { FAKE_OVMS_EXIT_CODE: '5', FAKE_OVMS_FAIL_RUNS: '1' });
+    try {
+      const restarting = await s.wrapper.waitForEvent('ovms_restarting');
+      assert.equal(restarting['attempt'], 1);
+      await s.wrapper.waitForEvent('ovms_ready');
+      assert.equal(fakeRuns(s.argvFile).length, 2);
+      assert.equal((await https1(s.restPort, pki, { path: '/v2/health/live' })).status, 200);
+      s.wrapper.child.kill('SIGTERM');
+      assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('when the proxy fails fatally, OVMS is stopped (SIGKILL if it ignores SIGTERM) and the exit code is 70', async () => {
+    const argvFile = join(dir, 'fatal.jsonl');
+    process.env['FAKE_OVMS_ARGV_FILE'] = argvFile;
+    process.env['FAKE_OVMS_IGNORE_SIGTERM'] = '1';
+    try {
+      const [rest] = await freeLoopbackPorts(1);
+      const split = splitOvmsArgv(['--rest_port', String(rest), '--rest_bind_address', '127.0.0.1', ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_shutdown_timeout', '0.3']);
+      const logs = new LogCapture();
+      const { running, logger } = await startServing(entrypointSettings(split, {}), { logger: createLogger({ level: 'info', destination: logs }) });
+      await logs.waitFor((l) => l.event === 'ovms_started');
+      let failProxy!: (err: Error) => void;
+      const fatal = new Promise<never>((_resolve, reject) => (failProxy = reject));
+      const done = runUntilDone({ ...running, logger, fatal });
+      await logs.waitFor((l) => l.event === 'ovms_ready');
+      const [run] = fakeRuns(argvFile);
+      failProxy(new Error('listener broke'));
+      assert.equal(await done, PROXY_FATAL_EXIT_CODE);
+      assert.equal((await logs.waitFor((l) => l.event === 'proxy_failed')).level, 'fatal');
+      assert.deepEqual(await running.supervisor.done, { code: null, signal: 'SIGKILL' });
+      assert.ok(processGone(run!.pid));
+      await running.proxy.shutdown(100);
+    } finally {
+      delete process.env['FAKE_OVMS_ARGV_FILE'];
+      delete process.env['FAKE_OVMS_IGNORE_SIGTERM'];
+    }
+  });
+});
+
+describe('non-serving invocations', () => {
+  test('--list_models runs OVMS with its arguments and exits with its code; nothing listens', async () => {
+    const s = await start(['--list_models', '--model_repository_path', '/models', '--port', '{grpc}'], { FAKE_OVMS_ONESHOT_EXIT_CODE: '4' });
+    assert.deepEqual(await s.wrapper.exited, { code: 4, signal: null });
+    assert.deepEqual(fakeRuns(s.argvFile).map((r) => r.argv), [['--list_models', '--model_repository_path', '/models']]);
+    assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+  });
+
+  test('--pull runs OVMS with its arguments untouched, spaces included, and exits with its code', async () => {
+    const s = await start(['--pull', '--source_model', 'OpenVINO/model name', '--model_repository_path', '/models']);
+    assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
+    assert.deepEqual(fakeRuns(s.argvFile)[0]!.argv, ['--pull', '--source_model', 'OpenVINO/model name', '--model_repository_path', '/models']);
+  });
+
+  test("--version prints ours, then OVMS's, with OVMS's exit code", async () => {
+    const s = await start(['--version'], { FAKE_OVMS_ONESHOT_EXIT_CODE: '6' });
+    assert.deepEqual(await s.wrapper.exited, { code: 6, signal: null });
+    assert.match(s.wrapper.ovmsLines[0]!, /^ovms-mtls \d+\.\d+\.\d+/);
+    assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('OpenVINO Model Server fake')));
+  });
+
+  test("--mtls_ovms_help shows OVMS's own help", async () => {
+    const s = await start(['--mtls_ovms_help']);
+    assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
+    assert.deepEqual(fakeRuns(s.argvFile)[0]!.argv, ['--help']);
+    assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('usage: ovms')));
+  });
+
+  test('an unknown --mtls_ option is one line on stderr and exit 2', async () => {
+    const s = await start(['--port', '{grpc}', '--mtls_nonsense', 'x']);
+    assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
+    assert.match(s.wrapper.stderr(), /^ovms-mtls: unknown option --mtls_nonsense .*\n$/);
+  });
+});

@@ -1,0 +1,49 @@
+/** Runs the built CLI (`bin/ovms-mtls`) as users do: a child process, exit code, output. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { LogCapture } from './harness.js';
+
+export const BIN = fileURLToPath(new URL('../../../bin/ovms-mtls', import.meta.url));
+
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+export async function runCli(args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
+  const child = spawn(process.execPath, [BIN, ...args], { cwd: options.cwd, env: { ...cleanEnv(), ...options.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
+  child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+  const [code] = (await once(child, 'close')) as [number | null];
+  return { code, stdout, stderr };
+}
+
+export interface LongRunningCli {
+  child: ChildProcess;
+  logs: LogCapture;
+  stderr(): string;
+  exited: Promise<number | null>;
+}
+
+/** Starts a long-running command; its JSON log lines on stdout land in `logs`. */
+export function startCli(args: string[], options: { env?: NodeJS.ProcessEnv } = {}): LongRunningCli {
+  const child = spawn(process.execPath, [BIN, ...args], { env: { ...cleanEnv(), ...options.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const logs = new LogCapture();
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    if (line.startsWith('{')) logs.write(line);
+  });
+  const exited = once(child, 'exit').then(([code]) => code as number | null);
+  return { child, logs, stderr: () => stderr, exited };
+}
+
+/** No OVMS_MTLS_* from the developer's shell may change what a test runs. */
+function cleanEnv(): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('OVMS_MTLS_')));
+}

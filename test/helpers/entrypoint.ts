@@ -1,0 +1,134 @@
+/**
+ * Runs the built `bin/ovms-mtls` as the OVMS entrypoint with the stand-in
+ * OVMS (test/fixtures/fake-ovms.ts) and reads its output back: the
+ * product's JSON lines and OVMS's own lines, which must pass through as is.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { chmodSync, existsSync, readFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { TestPki } from './pki.js';
+import type { LogLine } from './harness.js';
+
+export const BIN = fileURLToPath(new URL('../../../bin/ovms-mtls', import.meta.url));
+export const FAKE_OVMS = fileURLToPath(new URL('../fixtures/fake-ovms.js', import.meta.url));
+
+/** tsc does not keep the executable bit; the wrapper spawns the fake like a real binary. */
+export function makeFakeExecutable(): void {
+  chmodSync(FAKE_OVMS, 0o755);
+}
+
+export function tlsArgs(pki: TestPki): string[] {
+  return [
+    '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!,
+    '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_crl', pki.paths['client_cert_ca.crl']!,
+  ];
+}
+
+export interface ExitResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+export interface Wrapper {
+  readonly child: ChildProcess;
+  /** The product's JSON lines. */
+  readonly logs: LogLine[];
+  /** stdout lines that are not JSON: OVMS's own output. */
+  readonly ovmsLines: string[];
+  stderr(): string;
+  readonly exited: Promise<ExitResult>;
+  /** Resolves with the first matching JSON line; rejects if the wrapper exits first. */
+  waitForLog(match: (l: LogLine) => boolean): Promise<LogLine>;
+  waitForEvent(event: string): Promise<LogLine>;
+  waitForOvmsLine(match: (line: string) => boolean): Promise<string>;
+}
+
+function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('OVMS_MTLS_') && !k.startsWith('FAKE_OVMS_')) env[k] = v;
+  return { ...env, ...extra };
+}
+
+export function startWrapper(args: readonly string[], env: Record<string, string> = {}): Wrapper {
+  const child = spawn(process.execPath, [BIN, ...args], { env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+  const logs: LogLine[] = [];
+  const ovmsLines: string[] = [];
+  let stderr = '';
+  const checks = new Set<() => void>();
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    try {
+      const parsed = JSON.parse(line) as LogLine;
+      if (parsed && typeof parsed === 'object') logs.push(parsed);
+      else ovmsLines.push(line);
+    } catch {
+      ovmsLines.push(line);
+    }
+    for (const check of [...checks]) check();
+  });
+  const exited = once(child, 'exit').then(([code, signal]) => ({ code, signal }) as ExitResult);
+  const waitFor = <T>(find: () => T | undefined, what: string): Promise<T> =>
+    new Promise((resolve, reject) => {
+      const check = () => {
+        const found = find();
+        if (found === undefined) return;
+        checks.delete(check);
+        resolve(found);
+      };
+      checks.add(check);
+      check();
+      void exited.then(async (r) => {
+        // Lines still in the pipe arrive before 'close'; look once more then.
+        if (child.stdout && !child.stdout.readableEnded) await once(child.stdout, 'close').catch(() => undefined);
+        check();
+        if (checks.delete(check)) reject(new Error(`wrapper exited (${r.code ?? r.signal}) before ${what}; stderr: ${stderr}`));
+      });
+    });
+  return {
+    child,
+    logs,
+    ovmsLines,
+    stderr: () => stderr,
+    exited,
+    waitForLog: (match) => waitFor(() => logs.find(match), 'the expected log line'),
+    waitForEvent: (event) => waitFor(() => logs.find((l) => l.event === event), `event ${event}`),
+    waitForOvmsLine: (match) => waitFor(() => ovmsLines.find(match), 'the expected OVMS line'),
+  };
+}
+
+export interface FakeRun {
+  argv: string[];
+  options: Record<string, string>;
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+export function fakeRuns(argvFile: string): FakeRun[] {
+  if (!existsSync(argvFile)) return [];
+  return readFileSync(argvFile, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as FakeRun);
+}
+
+/** Dead = gone or a zombie nobody reaped (PID 1 here does not reap orphans). */
+export function processGone(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z');
+  } catch {
+    return true;
+  }
+}
+
+/** Polls with backoff up to a deadline, for states no event reports (another process dying). */
+export async function eventually(check: () => boolean, what: string, deadlineMs = 10_000): Promise<void> {
+  const end = Date.now() + deadlineMs;
+  let delay = 10;
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting until ${what}`);
+    await sleep(delay);
+    delay = Math.min(delay * 2, 250);
+  }
+}

@@ -1,0 +1,72 @@
+/**
+ * Helpers for the operations tests: a free loopback port, plain-HTTP GETs
+ * against the admin listener, metric lookups in Prometheus text, and an
+ * observer that lets a test await the next finished request.
+ */
+import { EventEmitter, once } from 'node:events';
+import { request as httpRequest } from 'node:http';
+import { createServer } from 'node:net';
+import { NOOP_OBSERVER, type AccessRecord, type ProxyObserver } from '../../src/observer.js';
+
+/**
+ * A port that was free a moment ago. Only for what cannot take port 0 (the
+ * CLI treats 0 as "off"; a server that must appear later on a known port).
+ */
+export async function freePort(): Promise<number> {
+  const server = createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as { port: number };
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return port;
+}
+
+export interface PlainResponse {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: string;
+}
+
+export function httpGet(port: number, path: string, method = 'GET'): Promise<PlainResponse> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest({ host: '127.0.0.1', port, path, method, agent: false }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** The value of one sample, matching every given label; undefined when absent. */
+export function sample(text: string, name: string, labels: Record<string, string> = {}): number | undefined {
+  for (const line of text.split('\n')) {
+    if (line.startsWith('#')) continue;
+    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line);
+    if (!match || match[1] !== name) continue;
+    const have = Object.fromEntries([...(match[2] ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((m) => [m[1], m[2]]));
+    if (Object.entries(labels).every(([k, v]) => have[k] === v)) return Number(match[3]);
+  }
+  return undefined;
+}
+
+/** Emits 'request' after the observers before it in combineObservers have seen the record. */
+export function requestEvents(): { observer: ProxyObserver; next(): Promise<AccessRecord> } {
+  const events = new EventEmitter();
+  return {
+    observer: { ...NOOP_OBSERVER, request: (record) => events.emit('request', record) },
+    next: async () => ((await once(events, 'request')) as [AccessRecord])[0],
+  };
+}
+
+/** Polls `probe` with backoff until it returns true; fails after `deadlineMs`. For states no event announces. */
+export async function eventually(probe: () => Promise<boolean>, what: string, deadlineMs = 20_000): Promise<void> {
+  const until = Date.now() + deadlineMs;
+  let delay = 10;
+  while (!(await probe())) {
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    delay = Math.min(delay * 2, 500);
+  }
+}

@@ -1,0 +1,126 @@
+/**
+ * Helpers for the reload tests: certificate directories laid out plainly or
+ * as a Kubernetes secret volume (`..data` symlink), the ways operators swap
+ * files in them, and calls kept in flight across a reload.
+ */
+import assert from 'node:assert/strict';
+import { on, once } from 'node:events';
+import { mkdir, mkdtemp, rename, symlink, writeFile } from 'node:fs/promises';
+import { request as httpsRequest, type Agent } from 'node:https';
+import type { ClientRequest, IncomingMessage } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { connect as tlsConnect } from 'node:tls';
+import * as grpc from '@grpc/grpc-js';
+import { echoClient } from '../../src/demo/grpc-client.js';
+import { CHAT_REPLY_WORDS } from '../../src/demo/openai-chat.js';
+import { normaliseSerial } from '../../src/x509.js';
+import type { TlsFiles } from '../../src/config.js';
+import { sseEvents, type GateBoard } from './sse.js';
+
+export const FILE_NAMES = { cert: 'server.pem', key: 'server.key', clientCa: 'client_cert_ca.pem', crl: 'client_cert_ca.crl' } as const;
+export type SetContents = Record<keyof typeof FILE_NAMES, string>;
+
+export interface CertDir {
+  dir: string;
+  files: TlsFiles;
+}
+
+function filesIn(dir: string): TlsFiles {
+  return { cert: join(dir, FILE_NAMES.cert), key: join(dir, FILE_NAMES.key), clientCa: join(dir, FILE_NAMES.clientCa), crl: join(dir, FILE_NAMES.crl) };
+}
+
+export async function plainCertDir(contents: SetContents): Promise<CertDir> {
+  const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-reload-'));
+  for (const role of Object.keys(FILE_NAMES) as (keyof SetContents)[]) await writeFile(join(dir, FILE_NAMES[role]), contents[role]);
+  return { dir, files: filesIn(dir) };
+}
+
+/** What kubelet mounts: DIR/NAME -> ..data/NAME, ..data -> ..VERSION/ holding the files. */
+export async function kubernetesCertDir(contents: SetContents): Promise<CertDir> {
+  const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-reload-k8s-'));
+  await writeVersion(dir, 'v1', contents);
+  await symlink('..v1', join(dir, '..data'));
+  for (const name of Object.values(FILE_NAMES)) await symlink(join('..data', name), join(dir, name));
+  return { dir, files: filesIn(dir) };
+}
+
+async function writeVersion(dir: string, version: string, contents: SetContents): Promise<void> {
+  await mkdir(join(dir, `..${version}`));
+  for (const role of Object.keys(FILE_NAMES) as (keyof SetContents)[]) await writeFile(join(dir, `..${version}`, FILE_NAMES[role]), contents[role]);
+}
+
+/** Kubelet's update: a new version directory, then one atomic rename of the `..data` link. */
+export async function kubernetesSwap(dir: string, version: string, contents: SetContents): Promise<void> {
+  await writeVersion(dir, version, contents);
+  await symlink(`..${version}`, join(dir, '..data_tmp'));
+  await rename(join(dir, '..data_tmp'), join(dir, '..data'));
+}
+
+/** Write a temp file, then rename it over the old one: readers see old or new, never half. */
+export async function replaceAtomically(path: string, contents: string): Promise<void> {
+  await writeFile(`${path}.tmp`, contents);
+  await rename(`${path}.tmp`, path);
+}
+
+export interface TlsClient {
+  ca: string;
+  cert: string;
+  key: string;
+}
+
+/** Serial (normalised hex) of the certificate the server presents to a new handshake. */
+export async function servedSerial(port: number, client: TlsClient): Promise<string> {
+  const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ...client, ALPNProtocols: ['h2'] });
+  socket.on('error', () => {});
+  await once(socket, 'secureConnect');
+  const serial = normaliseSerial(socket.getPeerX509Certificate()!.serialNumber);
+  socket.destroy();
+  return serial;
+}
+
+/** A gRPC bidi stream and an SSE response, both started and mid-way; `finish` completes both and asserts no error. */
+export interface InFlight {
+  finish(board: GateBoard): Promise<void>;
+}
+
+export async function startInFlight(options: { grpcAddress: string; restPort: number; client: TlsClient }): Promise<InFlight> {
+  const credentials = grpc.credentials.createSsl(Buffer.from(options.client.ca), Buffer.from(options.client.key), Buffer.from(options.client.cert));
+  const echo = echoClient(options.grpcAddress, credentials);
+  const call = echo.Bidi();
+  const status = once(call, 'status');
+  const replies = on(call, 'data');
+  call.write({ payload: Buffer.from('before'), count: 1 });
+  assert.equal(((await replies.next()).value as [{ count: number }])[0].count, 1);
+  const { res } = await postSse(options.restPort, options.client);
+  const events = sseEvents(res);
+  return {
+    async finish(board) {
+      call.write({ payload: Buffer.from('after'), count: 2 });
+      assert.equal(((await replies.next()).value as [{ count: number }])[0].count, 2);
+      call.end();
+      const [final] = (await status) as [grpc.StatusObject];
+      assert.equal(final.code, grpc.status.OK, final.details);
+      echo.close();
+      board.openAll();
+      let count = 0;
+      for await (const event of events) {
+        count += 1;
+        if (event === 'data: [DONE]') break;
+      }
+      assert.equal(count, CHAT_REPLY_WORDS.length + 1);
+    },
+  };
+}
+
+/** Starts a streamed chat completion and resolves once its response headers arrive. */
+export function postSse(port: number, client: TlsClient, agent: Agent | false = false): Promise<{ req: ClientRequest; res: IncomingMessage }> {
+  return new Promise((resolve, reject) => {
+    const req = httpsRequest(
+      { host: '127.0.0.1', port, method: 'POST', path: '/v3/chat/completions', agent, servername: 'localhost', headers: { 'content-type': 'application/json' }, ...client },
+      (res) => resolve({ req, res }),
+    );
+    req.on('error', reject);
+    req.end(JSON.stringify({ model: 'dummy', stream: true }));
+  });
+}

@@ -1,0 +1,189 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { connect as tlsConnect } from 'node:tls';
+import { once } from 'node:events';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { grpcClients, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { requestEvents, sample } from './helpers/ops.js';
+import { unary } from '../src/demo/grpc-client.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import { ProxyMetrics } from '../src/metrics.js';
+import { grpcRoute, restRoute, OTHER_ROUTE } from '../src/metric-routes.js';
+import { combineObservers } from '../src/observer.js';
+import { loadTlsMaterialSync, validTo } from '../src/tls-material.js';
+import { createCrl } from '../src/x509.js';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+
+let pki: TestPki;
+let upstream: ModelServer;
+let front: StartedProxy;
+let metrics: ProxyMetrics;
+let requests: ReturnType<typeof requestEvents>;
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream();
+  metrics = new ProxyMetrics();
+  requests = requestEvents();
+  front = await startTestProxy({
+    pki,
+    upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! },
+    observer: combineObservers(metrics, requests.observer),
+  });
+});
+
+let frontStopped = false;
+
+after(async () => {
+  if (!frontStopped) await front.proxy.shutdown(1000);
+  await upstream.close();
+  await pki.cleanup();
+});
+
+/** Opens a TLS connection with `client` and resolves once the proxy has closed it. */
+async function refusedConnection(port: number, client: TestPki['client']): Promise<void> {
+  const socket = tlsConnect({ host: '127.0.0.1', port, ...tlsClientOptions(pki, client) });
+  socket.on('error', () => {});
+  await once(socket, 'close');
+}
+
+describe('metrics from real traffic', () => {
+  test('a gRPC call counts one request with its method path, HTTP status and grpc-status', async () => {
+    const clients = grpcClients(front.grpcAddress, pki);
+    try {
+      const seen = requests.next();
+      await unary(clients.kserve, 'ServerReady', {});
+      await seen;
+    } finally {
+      clients.close();
+    }
+    const text = await metrics.text();
+    const labels = { listener: 'grpc', method: 'POST', route: '/inference.GRPCInferenceService/ServerReady', status: '200', grpc_status: '0' };
+    assert.equal(sample(text, 'ovms_mtls_requests_total', labels), 1);
+    assert.equal(sample(text, 'ovms_mtls_request_duration_seconds_count', { listener: 'grpc', route: labels.route }), 1);
+    assert.ok(sample(text, 'ovms_mtls_sent_bytes_total', { listener: 'grpc' })! > 0);
+    assert.ok(sample(text, 'ovms_mtls_handshakes_total', { listener: 'grpc', result: 'accepted' })! >= 1);
+  });
+
+  test('a REST call is counted under its normalised route, not the model name', async () => {
+    const seen = requests.next();
+    const res = await https1(front.restPort, pki, { path: '/v2/models/dummy/ready' });
+    assert.equal(res.status, 200);
+    await seen;
+    const text = await metrics.text();
+    assert.equal(sample(text, 'ovms_mtls_requests_total', { listener: 'rest', method: 'GET', route: '/v2/models/{model}/ready', status: '200' }), 1);
+    assert.doesNotMatch(text, /route="\/v2\/models\/dummy/);
+  });
+
+  test('a refused client certificate increments the handshake counter for its reason', async () => {
+    const before = sample(await metrics.text(), 'ovms_mtls_handshakes_total', { listener: 'rest', result: 'refused', reason: 'unknown_ca' }) ?? 0;
+    await refusedConnection(front.restPort, pki.foreignClient);
+    await refusedConnection(front.restPort, pki.revokedClient);
+    const text = await metrics.text();
+    assert.equal(sample(text, 'ovms_mtls_handshakes_total', { listener: 'rest', result: 'refused', reason: 'unknown_ca' }), before + 1);
+    assert.equal(sample(text, 'ovms_mtls_handshakes_total', { listener: 'rest', result: 'refused', reason: 'revoked' }), 1);
+  });
+
+  test('an upstream that is down shows up as upstream errors and a 5xx request', async () => {
+    const closed = await startUpstream();
+    const restPort = closed.restPort!;
+    await closed.close();
+    const m = new ProxyMetrics({ processMetrics: false });
+    const events = requestEvents();
+    const broken = await startTestProxy({ pki, upstream: { restPort }, observer: combineObservers(m, events.observer) });
+    try {
+      const seen = events.next();
+      const res = await https1(broken.restPort, pki, { path: '/v2/health/ready' });
+      assert.ok(res.status >= 500);
+      await seen;
+      const text = await m.text();
+      assert.ok(sample(text, 'ovms_mtls_upstream_errors_total', { listener: 'rest' })! >= 1);
+      assert.equal(sample(text, 'ovms_mtls_requests_total', { listener: 'rest', route: '/v2/health/ready', status: String(res.status) }), 1);
+    } finally {
+      await broken.proxy.shutdown(1000);
+    }
+  });
+
+  test('open connection gauges go back to zero once clients disconnect', async () => {
+    // Every client above used a fresh connection and has closed it; wait for the proxy to notice.
+    frontStopped = true;
+    await front.proxy.shutdown(1000);
+    const text = await metrics.text();
+    assert.equal(sample(text, 'ovms_mtls_open_connections', { listener: 'rest' }), 0);
+    assert.equal(sample(text, 'ovms_mtls_open_connections', { listener: 'grpc' }), 0);
+    assert.equal(sample(text, 'ovms_mtls_open_streams', { listener: 'grpc' }), 0);
+    assert.ok(sample(text, 'ovms_mtls_connections_total', { listener: 'rest' })! >= 1);
+  });
+});
+
+describe('metrics the data path does not see', () => {
+  test('certificate expiry gauges hold the notAfter of the server certificate and each client CA', async () => {
+    const m = new ProxyMetrics({ processMetrics: false });
+    const material = loadTlsMaterialSync({ cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']!, crl: pki.paths['client_cert_ca.crl'] });
+    m.setCertificates(material);
+    const text = await m.text();
+    const expected = Math.floor(validTo(material.serverCert).getTime() / 1000);
+    assert.equal(sample(text, 'ovms_mtls_certificate_expiry_timestamp_seconds', { role: 'server', subject: 'localhost' }), expected);
+    assert.equal(sample(text, 'ovms_mtls_certificate_expiry_timestamp_seconds', { role: 'client_ca', subject: 'ovms-mtls test client CA' }), Math.floor(validTo(material.clientCas[0]!).getTime() / 1000));
+    assert.ok(sample(text, 'ovms_mtls_crl_next_update_timestamp_seconds', { crl: '1' })! > Date.now() / 1000);
+  });
+
+  test('the CRL gauge follows the CRL loaded last', async () => {
+    const nextUpdate = new Date(Date.now() + 3 * 24 * 3600 * 1000);
+    const path = join(pki.dir, 'metrics-test.crl');
+    await writeFile(path, await createCrl({ issuer: pki.clientCa, nextUpdate }));
+    const m = new ProxyMetrics({ processMetrics: false });
+    m.setCertificates(loadTlsMaterialSync({ cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']!, crl: path }));
+    assert.equal(sample(await m.text(), 'ovms_mtls_crl_next_update_timestamp_seconds', { crl: '1' }), Math.floor(nextUpdate.getTime() / 1000));
+  });
+
+  test('reloads, reload failures, OVMS up and restarts are counted', async () => {
+    const m = new ProxyMetrics({ processMetrics: false });
+    assert.equal(sample(await m.text(), 'ovms_mtls_tls_reloads_total', { result: 'failure' }), 0);
+    m.reloaded(true);
+    m.reloaded(false);
+    m.reloaded(false);
+    m.setOvmsUp(true);
+    m.ovmsRestarted();
+    const text = await m.text();
+    assert.equal(sample(text, 'ovms_mtls_tls_reloads_total', { result: 'success' }), 1);
+    assert.equal(sample(text, 'ovms_mtls_tls_reloads_total', { result: 'failure' }), 2);
+    assert.equal(sample(text, 'ovms_mtls_ovms_up'), 1);
+    assert.equal(sample(text, 'ovms_mtls_ovms_restarts_total'), 1);
+  });
+
+  test('two registries in one process keep their numbers apart', async () => {
+    const a = new ProxyMetrics();
+    const b = new ProxyMetrics();
+    a.ovmsRestarted();
+    assert.equal(sample(await a.text(), 'ovms_mtls_ovms_restarts_total'), 1);
+    assert.equal(sample(await b.text(), 'ovms_mtls_ovms_restarts_total'), 0);
+    assert.ok(sample(await b.text(), 'ovms_mtls_process_cpu_seconds_total') !== undefined);
+  });
+});
+
+describe('route labels stay bounded', () => {
+  const cases: [string, string][] = [
+    ['/v2/models/resnet/versions/3/infer?x=1', '/v2/models/{model}/versions/{version}/infer'],
+    ['/v2/models/face-detection/infer', '/v2/models/{model}/infer'],
+    ['/v2/models/dummy', '/v2/models/{model}'],
+    ['/v2/health/ready', '/v2/health/ready'],
+    ['/v3/chat/completions', '/v3/chat/completions'],
+    ['/v3/v1/embeddings', '/v3/v1/embeddings'],
+    ['/v1/models/resnet:predict', '/v1/models/{model}:predict'],
+    ['/v1/config/reload', '/v1/config/reload'],
+    ['/etc/passwd', OTHER_ROUTE],
+    ['/v2/models/a/b/c/d', OTHER_ROUTE],
+  ];
+  for (const [path, route] of cases) {
+    test(`REST ${path} is labelled ${route}`, () => assert.equal(restRoute(path), route));
+  }
+
+  test('gRPC methods of known services keep their path and anything else is {other}', () => {
+    assert.equal(grpcRoute('/inference.GRPCInferenceService/ModelInfer'), '/inference.GRPCInferenceService/ModelInfer');
+    assert.equal(grpcRoute('/tensorflow.serving.PredictionService/Predict'), '/tensorflow.serving.PredictionService/Predict');
+    assert.equal(grpcRoute('/random.Service/Method'), OTHER_ROUTE);
+    assert.equal(grpcRoute('/inference.GRPCInferenceService/../x'), OTHER_ROUTE);
+  });
+});

@@ -1,0 +1,137 @@
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { splitOvmsArgv, ovmsServeArgv } from '../src/ovms-args.js';
+import { ConfigError } from '../src/errors.js';
+import { containerTlsDefaults, entrypointSettings } from '../src/entrypoint-config.js';
+
+const JSON_VALUE = '{"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}';
+
+describe('listener options in every OVMS spelling', () => {
+  const cases: { name: string; argv: string[]; listeners: Record<string, string> }[] = [
+    { name: 'space-separated values', argv: ['--port', '9000', '--rest_port', '8000'], listeners: { port: '9000', rest_port: '8000' } },
+    { name: '= values', argv: ['--port=9000', '--rest_port=8000'], listeners: { port: '9000', rest_port: '8000' } },
+    { name: 'bind addresses with =', argv: ['--grpc_bind_address=0.0.0.0', '--rest_bind_address=::'], listeners: { grpc_bind_address: '0.0.0.0', rest_bind_address: '::' } },
+    { name: 'bind addresses with space', argv: ['--grpc_bind_address', '10.0.0.1,127.0.0.1', '--rest_bind_address', '0.0.0.0'], listeners: { grpc_bind_address: '10.0.0.1,127.0.0.1', rest_bind_address: '0.0.0.0' } },
+    { name: 'repeated: the last one wins, across spellings', argv: ['--port=1', '--port', '2', '--grpc_bind_address', 'a', '--grpc_bind_address=b'], listeners: { port: '2', grpc_bind_address: 'b' } },
+    { name: 'an empty = value is kept for validation', argv: ['--rest_port='], listeners: { rest_port: '' } },
+  ];
+  for (const c of cases) {
+    test(`${c.name} are taken out of what OVMS gets`, () => {
+      const split = splitOvmsArgv(['--model_name', 'resnet', ...c.argv, '--model_path', '/models/resnet']);
+      assert.deepEqual(split.listeners, c.listeners);
+      assert.deepEqual(split.passthrough, ['--model_name', 'resnet', '--model_path', '/models/resnet']);
+      assert.deepEqual(split.mode, { kind: 'serve' });
+    });
+  }
+
+  test('a listener option without a value is a ConfigError naming it', () => {
+    assert.throws(() => splitOvmsArgv(['--port']), (err: unknown) => err instanceof ConfigError && /--port needs a value/.test(err.message));
+    assert.throws(() => splitOvmsArgv(['--rest_port', '--port', '1']), /--rest_port needs a value/);
+  });
+});
+
+describe('passthrough arguments', () => {
+  test('JSON values, spaces, quotes and unknown OVMS options reach OVMS as the same argv elements', () => {
+    const argv = ['--plugin_config', JSON_VALUE, '--model_name', 'my "quoted" model', '--shape=(1,3,224,224)', '--metrics_enable', '--log_level', 'DEBUG', "it's"];
+    const split = splitOvmsArgv(['--port', '9000', ...argv]);
+    assert.deepEqual(split.passthrough, argv);
+  });
+
+  test("'--' is refused because OVMS would take what follows as positionals", () => {
+    assert.throws(() => splitOvmsArgv(['--port', '1', '--', '--model_name', 'x']), ConfigError);
+  });
+});
+
+describe('--mtls_* options', () => {
+  test('both spellings are ours and never reach OVMS; arrays collect, scalars keep the last', () => {
+    const split = splitOvmsArgv([
+      '--mtls_cert', '/a.pem', '--mtls_cert=/b.pem', '--mtls_key=/k', '--mtls_allow_cn', 'x', '--mtls_allow_cn=y',
+      '--mtls_access_log', '--mtls_restart', 'on-failure', '--model_name', 'm',
+    ]);
+    assert.deepEqual(split.mtls, { mtls_cert: '/b.pem', mtls_key: '/k', mtls_allow_cn: ['x', 'y'], mtls_access_log: true, mtls_restart: 'on-failure' });
+    assert.deepEqual(split.passthrough, ['--model_name', 'm']);
+  });
+
+  test('an unknown --mtls_ option is a ConfigError naming it', () => {
+    assert.throws(() => splitOvmsArgv(['--mtls_certificate', 'x']), (err: unknown) => err instanceof ConfigError && err.message.includes('--mtls_certificate'));
+  });
+
+  test('proxy-mode upstream options are refused with the reason', () => {
+    assert.throws(() => splitOvmsArgv(['--mtls_grpc_upstream=127.0.0.1:1']), /ovms-mtls proxy/);
+  });
+
+  test('a value-taking --mtls_ option without a value is a ConfigError', () => {
+    assert.throws(() => splitOvmsArgv(['--mtls_cert', '--port', '1']), /--mtls_cert needs a value/);
+  });
+});
+
+describe('modes', () => {
+  const cases: { argv: string[]; mode: unknown }[] = [
+    { argv: ['--port', '9000'], mode: { kind: 'serve' } },
+    { argv: ['--model_name', 'x', '--help'], mode: { kind: 'help' } },
+    { argv: ['-h'], mode: { kind: 'help' } },
+    { argv: ['--mtls_ovms_help'], mode: { kind: 'ovms-help' } },
+    { argv: ['--mtls_ovms_help=false', '--port', '1'], mode: { kind: 'serve' } },
+    { argv: ['--version'], mode: { kind: 'version' } },
+    { argv: ['--pull', '--source_model', 'OpenVINO/x', '--model_repository_path', '/models'], mode: { kind: 'direct', flag: 'pull' } },
+    { argv: ['--list_models', '--model_repository_path', '/models'], mode: { kind: 'direct', flag: 'list_models' } },
+    { argv: ['--add_to_config', '--config_path', '/c', '--model_name', 'm'], mode: { kind: 'direct', flag: 'add_to_config' } },
+    { argv: ['--remove_from_config', '--config_path', '/c', '--model_name', 'm'], mode: { kind: 'direct', flag: 'remove_from_config' } },
+    { argv: ['--configure'], mode: { kind: 'direct', flag: 'configure' } },
+    { argv: ['--pull=false', '--port', '1'], mode: { kind: 'serve' } },
+  ];
+  for (const c of cases) {
+    test(`${c.argv.join(' ')} is ${JSON.stringify(c.mode)}`, () => {
+      assert.deepEqual(splitOvmsArgv(c.argv).mode, c.mode);
+    });
+  }
+
+  test('in a non-serving invocation the non-serving flag itself reaches OVMS', () => {
+    assert.deepEqual(splitOvmsArgv(['--list_models', '--model_repository_path', '/m']).passthrough, ['--list_models', '--model_repository_path', '/m']);
+  });
+});
+
+describe('the argv OVMS is started with', () => {
+  test('loopback listeners come last, so that by last-one-wins they override anything', () => {
+    assert.deepEqual(ovmsServeArgv(['--model_name', 'm'], { grpc: 41000, rest: 41001 }), [
+      '--model_name', 'm', '--port', '41000', '--grpc_bind_address', '127.0.0.1', '--rest_port', '41001', '--rest_bind_address', '127.0.0.1',
+    ]);
+  });
+
+  test('gRPC only: no REST port is given to OVMS', () => {
+    assert.deepEqual(ovmsServeArgv([], { grpc: 41000 }), ['--port', '41000', '--grpc_bind_address', '127.0.0.1', '--rest_bind_address', '127.0.0.1']);
+  });
+
+  test('REST only: no gRPC port is given to OVMS, and its bind address is still loopback', () => {
+    assert.deepEqual(ovmsServeArgv([], { rest: 41001 }), ['--grpc_bind_address', '127.0.0.1', '--rest_port', '41001', '--rest_bind_address', '127.0.0.1']);
+  });
+});
+
+describe('entrypoint settings', () => {
+  test('the nginx example mount points are the TLS defaults; its CRL only when the file exists', () => {
+    assert.deepEqual(containerTlsDefaults({}, () => true), { cert: '/certs/server.pem', key: '/certs/server.key', clientCa: '/certs/client_cert_ca.pem', crl: '/certs/client_cert_ca.crl' });
+    assert.equal(containerTlsDefaults({}, () => false).crl, undefined);
+  });
+
+  test('the default CRL is not applied to a client CA given by the user', () => {
+    assert.equal(containerTlsDefaults({ mtls_client_ca: '/other/ca.pem' }, () => true).crl, undefined);
+  });
+
+  test('users default to ovms, the proxy user to the OVMS user; environment values apply under the command line', () => {
+    const settings = entrypointSettings(splitOvmsArgv(['--port', '9000', '--mtls_ovms_user', 'model']), { OVMS_MTLS_RESTART: 'on-failure', OVMS_MTLS_OVMS_USER: 'ignored' }, () => false);
+    assert.equal(settings.ovmsUser, 'model');
+    assert.equal(settings.proxyUser, 'model');
+    assert.equal(settings.restart.mode, 'on-failure');
+    assert.deepEqual(settings.listeners.grpc, { port: 9000, hosts: ['0.0.0.0'] });
+    assert.equal(settings.listeners.rest, undefined);
+    assert.equal(settings.binary, '/ovms/bin/ovms');
+  });
+
+  test('no public port at all is a ConfigError', () => {
+    assert.throws(() => entrypointSettings(splitOvmsArgv(['--model_name', 'x']), {}, () => false), /no public port/);
+  });
+
+  test('an unknown --mtls_restart value is a ConfigError naming the choices', () => {
+    assert.throws(() => entrypointSettings(splitOvmsArgv(['--port', '1', '--mtls_restart', 'always']), {}, () => false), /never, on-failure/);
+  });
+});

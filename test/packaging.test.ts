@@ -1,0 +1,218 @@
+/**
+ * The packaging files cannot be run here (no Docker engine, no cluster), so
+ * this checks what can go stale without anyone noticing: they parse, every
+ * path they name exists, every ovms-mtls flag they pass is one the CLI knows,
+ * and the pieces agree with each other (ports, names, labels).
+ */
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parse, parseAllDocuments } from 'yaml';
+import { ALL_OPTIONS, envVarName, optionSpec } from '../src/options.js';
+import { DEFAULTS, proxyConfigFromOptions } from '../src/config.js';
+import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
+import { PROXY_OPTIONS, PROXY_USAGE } from '../src/cli/proxy-command.js';
+import { PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const read = (path: string) => readFileSync(join(ROOT, path), 'utf8');
+
+type Yaml = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+/** A `proxy` command line must get through the real parser and config validation. */
+async function assertValidProxyArgs(argv: string[]): Promise<void> {
+  const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
+  proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, {}));
+}
+
+/** Entrypoint argv mixes OVMS options with ours: at least every --mtls_* flag must exist. */
+function assertKnownMtlsFlags(argv: string[]): void {
+  for (const arg of argv) {
+    const name = /^--(mtls_[a-z_]+)/.exec(arg)?.[1];
+    if (name) assert.ok(optionSpec(name), `${arg} is not an ovms-mtls option`);
+  }
+}
+
+function flagValue(argv: string[], flag: string): string | undefined {
+  return argv.find((a) => a.startsWith(`--${flag}=`))?.split('=')[1];
+}
+
+describe('docker-compose.yml', () => {
+  const compose = parse(read('docker-compose.yml'), { merge: true }) as Yaml;
+  const services = compose['services'] as Record<string, Yaml>;
+
+  test('has the single-container layout, the sidecar layout and the one-shot certs-init service', () => {
+    for (const name of ['certs-init', 'ovms-secure', 'ovms', 'ovms-mtls-proxy']) assert.ok(services[name], `service ${name}`);
+    assert.deepEqual(services['ovms-secure']!['profiles'], ['single']);
+    assert.deepEqual(services['ovms']!['profiles'], ['sidecar']);
+    assert.match(services['certs-init']!['command'].join(' '), /ovms-mtls certs init --dir \/certs/);
+  });
+
+  test('every host path it mounts or reads exists in the repository', () => {
+    for (const [name, service] of Object.entries(services)) {
+      for (const volume of (service['volumes'] ?? []) as string[]) {
+        const source = volume.split(':')[0]!;
+        if (source.startsWith('.')) assert.ok(existsSync(join(ROOT, source)), `${name}: ${source} is missing`);
+        else assert.ok(source in (compose['volumes'] ?? {}), `${name}: named volume ${source} is not declared`);
+      }
+      for (const file of (service['env_file'] ?? []) as string[]) assert.ok(existsSync(join(ROOT, file)), `${name}: ${file} is missing`);
+      if (service['build']) assert.ok(existsSync(join(ROOT, service['build']['context'], 'Dockerfile')));
+    }
+  });
+
+  test('servers mount the certificates read-only', () => {
+    for (const name of ['ovms-secure', 'ovms-mtls-proxy', 'probe']) {
+      assert.ok((services[name]!['volumes'] as string[]).includes('certs:/certs:ro'), name);
+    }
+  });
+
+  test('in the sidecar layout OVMS binds loopback only and publishes only the proxy ports', async () => {
+    const ovms = services['ovms']!['command'] as string[];
+    const proxy = services['ovms-mtls-proxy']!['command'] as string[];
+    assert.equal(services['ovms-mtls-proxy']!['network_mode'], 'service:ovms');
+    assert.equal(flagValue(ovms, 'grpc_bind_address'), '127.0.0.1');
+    assert.equal(flagValue(ovms, 'rest_bind_address'), '127.0.0.1');
+    assert.equal(proxy[0], 'proxy');
+    await assertValidProxyArgs(proxy.slice(1));
+    assert.equal(flagValue(proxy, 'mtls_grpc_upstream'), `127.0.0.1:${flagValue(ovms, 'port')}`);
+    assert.equal(flagValue(proxy, 'mtls_rest_upstream'), `127.0.0.1:${flagValue(ovms, 'rest_port')}`);
+    const published = (services['ovms']!['ports'] as string[]).map((p) => p.split(':').at(-1)).sort();
+    assert.deepEqual(published, [flagValue(proxy, 'port'), flagValue(proxy, 'rest_port')].sort());
+  });
+
+  test('the entrypoint and probe services pass only options ovms-mtls knows', async () => {
+    assertKnownMtlsFlags(services['ovms-secure']!['command']);
+    const probe = services['probe']!['command'] as string[];
+    assert.equal(probe[0], 'probe');
+    await parseCommandLine(probe.slice(1), PROBE_OPTIONS, PROBE_USAGE);
+  });
+
+  const dockerCompose = spawnSync('docker-compose', ['version'], { encoding: 'utf8' });
+  test('docker-compose config accepts it', { skip: dockerCompose.status !== 0 && 'docker-compose (Debian package) is not installed' }, () => {
+    execFileSync('docker-compose', ['-f', 'docker-compose.yml', '--profile', 'single', '--profile', 'sidecar', 'config', '-q'], { cwd: ROOT, stdio: 'pipe' });
+  });
+});
+
+describe('Dockerfile', () => {
+  const dockerfile = read('Dockerfile');
+  const stages = dockerfile.split(/^FROM /m).slice(1);
+  const finalStage = stages.at(-1)!;
+  const copies = [...dockerfile.matchAll(/^COPY\s+(--from=(\S+)\s+)?(.+)$/gm)].map((m) => ({ from: m[2], paths: m[3]!.trim().split(/\s+/) }));
+
+  test('builds on openvino/model_server with the tag as a build argument', () => {
+    assert.match(dockerfile, /^ARG OVMS_TAG=\S+$/m);
+    assert.match(finalStage, /^openvino\/model_server:\$\{OVMS_TAG\}/);
+  });
+
+  test('runs as ovms under tini, with no npm or node in the final stage', () => {
+    assert.equal([...finalStage.matchAll(/^USER (\S+)$/gm)].at(-1)?.[1], 'ovms');
+    assert.match(finalStage, /^ENTRYPOINT \["\/usr\/bin\/tini", "--", "\/usr\/local\/bin\/ovms-mtls"\]$/m);
+    assert.doesNotMatch(finalStage, /^RUN .*\b(npm|node|apt-get)\b/m);
+    assert.match(stages[0]!, /apt-get install .*\btini\b/);
+  });
+
+  test('every file it copies from the build context exists and is not excluded by .dockerignore', () => {
+    const allowed = read('.dockerignore').split('\n').filter((l) => l.startsWith('!')).map((l) => l.slice(1).replace(/\/$/, ''));
+    for (const copy of copies.filter((c) => !c.from)) {
+      for (const source of copy.paths.slice(0, -1)) {
+        const path = source.replace(/\/$/, '');
+        assert.ok(existsSync(join(ROOT, path)), `COPY ${source}: missing`);
+        assert.ok(allowed.some((a) => path === a || path.startsWith(a + '/')), `COPY ${source}: excluded by .dockerignore`);
+      }
+    }
+  });
+
+  test('what it copies out of the build stage is what `npm run build:binary` produces', () => {
+    const fromBuild = copies.filter((c) => c.from === 'build').map((c) => c.paths[0]!);
+    const output = execFileSync(process.execPath, ['scripts/build-binary.mjs', '--print-output'], { cwd: ROOT, encoding: 'utf8' }).trim();
+    assert.ok(fromBuild.includes(`/src/${output}`), `Dockerfile copies ${fromBuild.join(', ')}; build-binary writes ${output}`);
+    for (const path of fromBuild.filter((p) => p.startsWith('/src/') && !p.startsWith('/src/dist/sea/'))) {
+      assert.ok(existsSync(join(ROOT, path.slice('/src/'.length))), `${path} is not produced by the build`);
+    }
+    const pkg = JSON.parse(read('package.json')) as { scripts: Record<string, string> };
+    assert.match(pkg.scripts['build:binary']!, /scripts\/build-binary\.mjs/);
+  });
+});
+
+describe('Kubernetes manifests', () => {
+  const dir = 'deploy/kubernetes';
+  const docs = readdirSync(join(ROOT, dir)).filter((f) => f.endsWith('.yaml')).flatMap((file) =>
+    parseAllDocuments(read(join(dir, file))).map((doc) => {
+      assert.deepEqual(doc.errors, [], `${file} does not parse`);
+      return doc.toJSON() as Yaml;
+    }));
+  const byKind = (kind: string) => docs.filter((d) => d['kind'] === kind);
+  const deployment = byKind('Deployment')[0]!;
+  const pod = deployment['spec']['template']['spec'] as Yaml;
+  const container = pod['containers'][0] as Yaml;
+  const args = container['args'] as string[];
+
+  test('the kustomization lists every manifest and nothing missing', () => {
+    const resources = byKind('Kustomization')[0]!['resources'] as string[];
+    for (const r of resources) assert.ok(existsSync(join(ROOT, dir, r)), r);
+    const files = readdirSync(join(ROOT, dir)).filter((f) => f.endsWith('.yaml') && f !== 'kustomization.yaml');
+    assert.deepEqual([...resources].sort(), files.sort());
+  });
+
+  test('the Deployment runs non-root with probes on the admin port', () => {
+    assert.equal(pod['securityContext']['runAsNonRoot'], true);
+    assert.equal(container['securityContext']['allowPrivilegeEscalation'], false);
+    const admin = container['ports'].find((p: Yaml) => p['name'] === 'admin');
+    assert.equal(String(admin['containerPort']), flagValue(args, 'mtls_admin_port'));
+    assert.notEqual(flagValue(args, 'mtls_admin_bind_address'), '127.0.0.1', 'kubelet probes cannot reach a loopback-only admin port');
+    assert.deepEqual([container['livenessProbe']['httpGet'], container['readinessProbe']['httpGet']], [{ path: '/healthz', port: 'admin' }, { path: '/readyz', port: 'admin' }]);
+    assertKnownMtlsFlags(args);
+  });
+
+  test('certificates come from a Secret mounted where the entrypoint looks, without subPath', () => {
+    const certsVolume = pod['volumes'].find((v: Yaml) => v['secret']) as Yaml;
+    const mount = container['volumeMounts'].find((m: Yaml) => m['name'] === certsVolume['name']) as Yaml;
+    assert.equal(mount['mountPath'], dirname(DEFAULTS.tlsFilesInContainer.cert));
+    assert.equal(mount['subPath'], undefined);
+  });
+
+  test('the model config file is in the mounted ConfigMap', () => {
+    const configPath = flagValue(args, 'config_path')!;
+    const mount = container['volumeMounts'].find((m: Yaml) => configPath.startsWith(m['mountPath'] + '/')) as Yaml;
+    const volume = pod['volumes'].find((v: Yaml) => v['name'] === mount['name']) as Yaml;
+    const configMap = byKind('ConfigMap').find((c) => c['metadata']['name'] === volume['configMap']['name'])!;
+    const json = JSON.parse(configMap['data'][configPath.slice(mount['mountPath'].length + 1)]);
+    assert.equal(json.model_config_list[0].config.name, 'dummy');
+  });
+
+  test('the Service selects the pods and targets their mTLS ports', () => {
+    const service = byKind('Service')[0]!;
+    const labels = deployment['spec']['template']['metadata']['labels'];
+    for (const [k, v] of Object.entries(service['spec']['selector'])) assert.equal(labels[k], v);
+    const named = new Set(container['ports'].map((p: Yaml) => p['name']));
+    for (const port of service['spec']['ports']) assert.ok(named.has(port['targetPort']), port['targetPort']);
+    assert.ok(!service['spec']['ports'].some((p: Yaml) => p['targetPort'] === 'admin'), 'the admin port stays inside the cluster node');
+  });
+});
+
+describe('example configuration', () => {
+  test('config/ovms-mtls.env documents every OVMS_MTLS_* variable and no other', () => {
+    const text = read('config/ovms-mtls.env');
+    const listed = [...text.matchAll(/^#?(OVMS_MTLS_[A-Z0-9_]+)=/gm)].map((m) => m[1]!).sort();
+    const expected = ALL_OPTIONS.map((o) => envVarName(o.name)).sort();
+    assert.deepEqual(listed, expected, 'regenerate the entries for new or removed options in src/options.ts');
+    for (const option of ALL_OPTIONS) assert.ok(text.includes(`# --${option.name}: `), `--${option.name} has no description line`);
+  });
+
+  test('config/config.json serves the demo dummy model', () => {
+    const config = JSON.parse(read('config/config.json'));
+    assert.deepEqual(config.model_config_list.map((m: Yaml) => m.config.name), ['dummy']);
+  });
+
+  test('the systemd unit runs a proxy command line the CLI accepts', async () => {
+    const unit = read('deploy/systemd/ovms-mtls.service').replace(/\\\n/g, ' ');
+    const execStart = /^ExecStart=(\S+) (.*)$/m.exec(unit)!;
+    assert.equal(execStart[1], '/usr/local/bin/ovms-mtls');
+    const argv = execStart[2]!.trim().split(/\s+/);
+    assert.equal(argv[0], 'proxy');
+    await assertValidProxyArgs(argv.slice(1));
+  });
+});

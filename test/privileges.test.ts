@@ -1,0 +1,115 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { chmod, mkdtemp, rm } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { https1 } from './helpers/harness.js';
+import { fakeRuns, FAKE_OVMS, makeFakeExecutable, startWrapper, tlsArgs } from './helpers/entrypoint.js';
+import { lookupUser, parsePasswd, planPrivileges } from '../src/privileges.js';
+import { spawnCommand } from '../src/ovms-child.js';
+import { ConfigError } from '../src/errors.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+
+const PASSWD = ['root:x:0:0:root:/root:/bin/bash', '# comment', 'ovms:x:5000:5000::/home/ovms:/bin/sh', 'broken line', 'nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin'].join('\n');
+const root = process.getuid?.() === 0;
+
+describe('user lookup', () => {
+  test('/etc/passwd entries are parsed and malformed lines skipped', () => {
+    assert.deepEqual(parsePasswd(PASSWD).map((a) => a.name), ['root', 'ovms', 'nobody']);
+  });
+
+  test('a user is found by name or by uid; a bare uid without entry stands for itself', () => {
+    assert.deepEqual(lookupUser('ovms', { flag: 'mtls_user', passwd: PASSWD }), { name: 'ovms', uid: 5000, gid: 5000, inPasswd: true });
+    assert.equal(lookupUser('65534', { flag: 'mtls_user', passwd: PASSWD }).name, 'nobody');
+    assert.deepEqual(lookupUser('1234', { flag: 'mtls_user', passwd: PASSWD }), { name: '1234', uid: 1234, gid: 1234, inPasswd: false });
+  });
+
+  test('a user that does not exist is a ConfigError naming the flag and the fix', () => {
+    assert.throws(
+      () => lookupUser('model', { flag: 'mtls_ovms_user', passwd: PASSWD }),
+      (err: unknown) => err instanceof ConfigError && /^--mtls_ovms_user: user 'model' does not exist \(create it/.test(err.message),
+    );
+  });
+
+  test('started as non-root nothing changes, even for users that do not exist', () => {
+    assert.deepEqual(planPrivileges({ ovmsUser: 'missing', proxyUser: 'missing', root: false, passwd: PASSWD }), {});
+  });
+
+  test('started as root both users are resolved; root means staying root', () => {
+    const plan = planPrivileges({ ovmsUser: 'ovms', proxyUser: 'root', root: true, passwd: PASSWD });
+    assert.equal(plan.ovms?.uid, 5000);
+    assert.equal(plan.proxy, undefined);
+  });
+});
+
+describe('the OVMS spawn command', () => {
+  test('setpriv changes the user first and sets the parent-death signal after, then runs OVMS with its argv', () => {
+    const cmd = spawnCommand({ binary: '/ovms/bin/ovms', args: ['--plugin_config', '{"A": 1}'], runAs: { name: 'ovms', uid: 5000, gid: 5000, inPasswd: true }, setpriv: '/usr/bin/setpriv' });
+    assert.deepEqual(cmd, { file: '/usr/bin/setpriv', args: ['--reuid=5000', '--regid=5000', '--init-groups', '--pdeathsig=SIGKILL', '--', '/ovms/bin/ovms', '--plugin_config', '{"A": 1}'] });
+  });
+
+  test('without setpriv, Node switches the user', () => {
+    assert.deepEqual(spawnCommand({ binary: '/x', args: [], runAs: { name: 'n', uid: 7, gid: 8, inPasswd: false } }), { file: '/x', args: [], uid: 7, gid: 8 });
+  });
+});
+
+describe('privilege drop as root', { skip: root ? false : 'needs root' }, () => {
+  let pki: TestPki;
+  let dir: string;
+
+  before(async () => {
+    makeFakeExecutable();
+    pki = await createTestPki();
+    dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-priv-'));
+    // The fake OVMS runs as nobody and records its argv here.
+    await chmod(dir, 0o777);
+  });
+
+  after(async () => {
+    await pki.cleanup();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test('OVMS runs as --mtls_ovms_user and the proxy drops to --mtls_user after reading the root-only key', async () => {
+    const argvFile = join(dir, 'argv.jsonl');
+    const [rest] = await freeLoopbackPorts(1);
+    const wrapper = startWrapper(
+      ['--rest_port', String(rest), '--rest_bind_address', '127.0.0.1', ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'nobody', '--mtls_user', 'nobody'],
+      { FAKE_OVMS_ARGV_FILE: argvFile },
+    );
+    try {
+      const dropped = await wrapper.waitForEvent('privileges_dropped');
+      assert.equal(dropped['uid'], 65534);
+      await wrapper.waitForEvent('ovms_ready');
+      const [run] = fakeRuns(argvFile);
+      assert.equal(run!.uid, 65534);
+      assert.equal(run!.gid, 65534);
+      const status = readFileSync(`/proc/${wrapper.child.pid}/status`, 'utf8');
+      assert.match(status, /^Uid:\s+65534\s+65534\s+65534\s+65534$/m);
+      assert.equal((await https1(rest!, pki, { path: '/v2/health/ready' })).status, 200);
+      wrapper.child.kill('SIGTERM');
+      assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
+    } finally {
+      wrapper.child.kill('SIGKILL');
+      await wrapper.exited;
+    }
+  });
+
+  test('a --mtls_ovms_user that does not exist is a one-line startup error and OVMS never starts', async () => {
+    const argvFile = join(dir, 'missing.jsonl');
+    const [rest] = await freeLoopbackPorts(1);
+    const wrapper = startWrapper(['--rest_port', String(rest), ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'no-such-user-ovms-mtls'], { FAKE_OVMS_ARGV_FILE: argvFile });
+    assert.deepEqual(await wrapper.exited, { code: 2, signal: null });
+    assert.match(wrapper.stderr(), /^ovms-mtls: --mtls_ovms_user: user 'no-such-user-ovms-mtls' does not exist/);
+    assert.deepEqual(fakeRuns(argvFile), []);
+  });
+
+  test('--mtls_restart on-failure with different OVMS and proxy users is refused at startup', async () => {
+    const [rest] = await freeLoopbackPorts(1);
+    const wrapper = startWrapper(['--rest_port', String(rest), ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_user', 'nobody', '--mtls_restart', 'on-failure']);
+    assert.deepEqual(await wrapper.exited, { code: 2, signal: null });
+    assert.match(wrapper.stderr(), /--mtls_restart on-failure/);
+  });
+});

@@ -1,0 +1,110 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { PassThrough } from 'node:stream';
+import { fileURLToPath } from 'node:url';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { freePort } from './helpers/ops.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import { run } from '../src/cli/main.js';
+
+const BIN = fileURLToPath(new URL('../../bin/ovms-mtls', import.meta.url));
+
+let pki: TestPki;
+let upstream: ModelServer;
+let front: StartedProxy;
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream();
+  front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! } });
+});
+
+after(async () => {
+  await front.proxy.shutdown(1000);
+  await upstream.close();
+  await pki.cleanup();
+});
+
+function clientFlags(client = 'client', ca = 'server_ca'): string[] {
+  return ['--mtls_cert', pki.paths[`${client}.pem`]!, '--mtls_key', pki.paths[`${client}.key`]!, '--mtls_ca', pki.paths[`${ca}.pem`]!];
+}
+
+/** Runs `ovms-mtls probe` in this process; returns exit code and printed lines. */
+async function probe(args: string[]): Promise<{ code: number; out: string }> {
+  const stdout = new PassThrough();
+  const chunks: Buffer[] = [];
+  stdout.on('data', (c: Buffer) => chunks.push(c));
+  const code = await run(['probe', '--host', '127.0.0.1', '--timeout', '20', ...args], { stdout, stderr: stdout, env: {} });
+  return { code, out: Buffer.concat(chunks).toString('utf8') };
+}
+
+describe('probe', () => {
+  test('passes every step against the proxied stand-in model server and exits 0', async () => {
+    const { code, out } = await probe(['--port', String(front.grpcPort), '--rest_port', String(front.restPort), '--model', 'dummy', ...clientFlags()]);
+    assert.equal(code, 0, out);
+    for (const step of ['TLS handshake', 'gRPC ServerLive: live', 'gRPC ServerReady: ready', 'gRPC ModelMetadata dummy', 'REST GET /v2/health/ready: HTTP 200', 'REST GET /v2/models/dummy: HTTP 200']) {
+      assert.match(out, new RegExp(`^ok .*${step.replace(/[/.]/g, '\\$&')}`, 'm'));
+    }
+    assert.match(out, /client certificate accepted/);
+    assert.match(out, /^probe: all 7 steps passed$/m);
+  });
+
+  test('a client certificate from a foreign CA fails the handshake step and names the client certificate layer', async () => {
+    const { code, out } = await probe(['--port', String(front.grpcPort), '--rest_port', String(front.restPort), ...clientFlags('foreign_client')]);
+    assert.equal(code, 1);
+    assert.equal(out.match(/-> client certificate layer: .*refused the client certificate/g)?.length, 2, out);
+    assert.doesNotMatch(out, /ServerLive/);
+  });
+
+  test('a stopped model server fails ServerLive and /v2/health/ready and names the upstream layer', async () => {
+    const gone = await startUpstream();
+    const ports = { grpcPort: gone.grpcPort!, restPort: gone.restPort! };
+    await gone.close();
+    const orphan = await startTestProxy({ pki, upstream: ports });
+    try {
+      const { code, out } = await probe(['--port', String(orphan.grpcPort), '--rest_port', String(orphan.restPort), ...clientFlags()]);
+      assert.equal(code, 1);
+      assert.match(out, /^ok .*TLS handshake/m);
+      assert.match(out, /^FAIL .*gRPC ServerLive: UNAVAILABLE.*\n.*-> upstream layer:/m);
+      assert.match(out, /^FAIL .*REST GET \/v2\/health\/ready: HTTP 50\d\n.*-> upstream layer:/m);
+    } finally {
+      await orphan.proxy.shutdown(1000);
+    }
+  });
+
+  test('a server certificate the given CA did not issue is reported as the server certificate layer', async () => {
+    const { code, out } = await probe(['--rest_port', String(front.restPort), ...clientFlags('client', 'other_ca')]);
+    assert.equal(code, 1);
+    assert.match(out, /-> server certificate layer: the server certificate is not trusted by --mtls_ca/);
+  });
+
+  test('ports mixed up are reported as the protocol layer: REST on the gRPC port, TLS on a plain port, gRPC on the REST port', async () => {
+    const restOnGrpc = await probe(['--rest_port', String(front.grpcPort), ...clientFlags()]);
+    assert.match(restOnGrpc.out, /-> protocol layer: this is the gRPC port/);
+    const tlsOnPlain = await probe(['--rest_port', String(upstream.restPort), ...clientFlags()]);
+    assert.match(tlsOnPlain.out, /-> protocol layer: .* does not speak TLS/);
+    const grpcOnRest = await probe(['--port', String(front.restPort), ...clientFlags()]);
+    assert.match(grpcOnRest.out, /-> protocol layer: /);
+    assert.equal(restOnGrpc.code + tlsOnPlain.code + grpcOnRest.code, 3);
+  });
+
+  test('nothing listening is reported as the network layer', async () => {
+    const { code, out } = await probe(['--port', String(await freePort()), ...clientFlags()]);
+    assert.equal(code, 1);
+    assert.match(out, /-> network layer: nothing listens on 127\.0\.0\.1:\d+/);
+  });
+
+  test('the built CLI exits 0 on success and a missing client key is a one-line usage error with exit 2', async () => {
+    const ok = spawn(process.execPath, [BIN, 'probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags()], { stdio: ['ignore', 'pipe', 'pipe'] });
+    ok.stdout.resume();
+    assert.equal((await once(ok, 'exit'))[0], 0);
+    const bad = spawn(process.execPath, [BIN, 'probe', '--host', '127.0.0.1', '--rest_port', '1', '--mtls_cert', pki.paths['client.pem']!, '--mtls_ca', pki.paths['server_ca.pem']!], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const err: Buffer[] = [];
+    bad.stderr.on('data', (c: Buffer) => err.push(c));
+    assert.equal((await once(bad, 'exit'))[0], 2);
+    assert.equal(Buffer.concat(err).toString(), 'ovms-mtls: --mtls_key is required (a PEM file; `ovms-mtls certs init` makes client.pem, client.key and server_ca.pem)\n');
+  });
+});

@@ -1,0 +1,322 @@
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { readFile, rm, writeFile } from 'node:fs/promises';
+import { Agent } from 'node:https';
+import { join } from 'node:path';
+import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { GateBoard, sseEvents } from './helpers/sse.js';
+import { freePort } from './helpers/ops.js';
+import { runCli, startCli } from './helpers/cli.js';
+import {
+  FILE_NAMES, kubernetesCertDir, kubernetesSwap, plainCertDir, postSse, replaceAtomically, servedSerial, startInFlight,
+  type CertDir, type SetContents, type TlsClient,
+} from './helpers/reload.js';
+import { TlsReloader, type ReloadOutcome } from '../src/tls-reload.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
+import { createLogger } from '../src/log.js';
+import { echoClient } from '../src/demo/grpc-client.js';
+import { createCrl, issueClientCert, issueServerCert, normaliseSerial, type Issued } from '../src/x509.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+let pki: TestPki;
+let upstream: ModelServer;
+let board = new GateBoard();
+/** A second client of the client CA, revoked in the revocation tests. */
+let bob: Issued;
+let newServer: Issued;
+const dirs: string[] = [];
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream({ sseGate: (i) => board.wait(i) });
+  [bob, newServer] = await Promise.all([
+    issueClientCert({ issuer: pki.clientCa, commonName: 'bob' }),
+    issueServerCert({ issuer: pki.serverCa, commonName: 'localhost', dns: ['localhost'], ips: ['127.0.0.1'] }),
+  ]);
+});
+after(async () => {
+  await upstream.close();
+  await pki.cleanup();
+  await Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true })));
+});
+
+const originalSet = (): SetContents => ({ cert: pki.server.certPem, key: pki.server.keyPem, clientCa: pki.clientCa.certPem, crl: pki.crlPem });
+const as = (client: Issued): TlsClient => ({ ca: pki.serverCa.certPem, cert: client.certPem, key: client.keyPem });
+
+interface Running {
+  front: StartedProxy;
+  reloader: TlsReloader;
+  outcomes: ReloadOutcome[];
+  certs: CertDir;
+  stop(): Promise<void>;
+}
+
+async function startWithReloader(certs: CertDir, options: { watch?: boolean; graceMs?: number } = {}): Promise<Running> {
+  dirs.push(certs.dir);
+  board = new GateBoard();
+  const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, tls: certs.files });
+  const outcomes: ReloadOutcome[] = [];
+  const reloader = new TlsReloader({
+    files: certs.files,
+    current: loadTlsMaterialSync(certs.files),
+    proxy: front.proxy,
+    logger: createLogger({ level: 'debug', destination: front.logs }),
+    // An hour: only a graceful close can end a revoked connection, unless a test asks for the cut.
+    revokedGraceMs: options.graceMs ?? 3_600_000,
+    debounceMs: 20,
+    onReload: (o) => outcomes.push(o),
+  });
+  if (options.watch) reloader.watch();
+  return {
+    front,
+    reloader,
+    outcomes,
+    certs,
+    async stop() {
+      reloader.close();
+      board.openAll();
+      await front.proxy.shutdown(1000);
+    },
+  };
+}
+
+const reloadedLine = (r: Running, trigger: string) => r.front.logs.waitFor((l) => l.event === 'reloaded' && l.trigger === trigger);
+
+// The timeouts are safety nets so a regression fails instead of hanging; nothing asserts on time.
+const SAFETY = { timeout: 120_000 };
+
+describe('reload keeps every call alive', SAFETY, () => {
+  test('a reload on request (SIGHUP) serves the new server certificate to new handshakes while a gRPC stream and an SSE response in flight finish', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    try {
+      const inFlight = await startInFlight({ grpcAddress: r.front.grpcAddress, restPort: r.front.restPort, client: as(pki.client) });
+      await writeFile(r.certs.files.cert, newServer.certPem);
+      await writeFile(r.certs.files.key, newServer.keyPem);
+      const outcome = await r.reloader.reload('signal');
+      assert.equal(outcome.ok, true);
+      await reloadedLine(r, 'signal');
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+      assert.equal(await servedSerial(r.front.grpcPort, as(pki.client)), newServer.serialHex);
+      await inFlight.finish(board);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('replacing the files by atomic rename is caught by the directory watch, with calls in flight unharmed', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true });
+    try {
+      const inFlight = await startInFlight({ grpcAddress: r.front.grpcAddress, restPort: r.front.restPort, client: as(pki.client) });
+      await replaceAtomically(r.certs.files.key, newServer.keyPem);
+      await replaceAtomically(r.certs.files.cert, newServer.certPem);
+      await r.front.logs.waitFor((l) => l.event === 'reloaded' && l.trigger === 'file' && r.reloader.material.cert.toString() === newServer.certPem);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+      await inFlight.finish(board);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a Kubernetes secret update (the ..data symlink swapped to a new directory) is caught, with calls in flight unharmed', async () => {
+    const r = await startWithReloader(await kubernetesCertDir(originalSet()), { watch: true });
+    try {
+      const inFlight = await startInFlight({ grpcAddress: r.front.grpcAddress, restPort: r.front.restPort, client: as(pki.client) });
+      await kubernetesSwap(r.certs.dir, 'v2', { ...originalSet(), cert: newServer.certPem, key: newServer.keyPem });
+      await reloadedLine(r, 'file');
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+      await inFlight.finish(board);
+      // The watch follows the link: a second swap is caught as well.
+      await kubernetesSwap(r.certs.dir, 'v3', originalSet());
+      await r.front.logs.waitFor((l) => l.event === 'reloaded' && r.reloader.material.cert.toString() === pki.server.certPem);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), pki.server.serialHex);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a half-rotated or broken set keeps the old one serving, logs why, and the next change is retried', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true });
+    try {
+      // The new key lands before its certificate: they do not match yet.
+      await replaceAtomically(r.certs.files.key, newServer.keyPem);
+      const failed = await r.front.logs.waitFor((l) => l.event === 'reload_failed');
+      assert.match(String(failed.reason), /--mtls_key: .*server\.key does not match --mtls_cert/);
+      assert.equal(failed.level, 'error');
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), pki.server.serialHex);
+      assert.equal(r.reloader.material.cert.toString(), pki.server.certPem);
+      await replaceAtomically(r.certs.files.cert, newServer.certPem);
+      await reloadedLine(r, 'file');
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+      assert.ok(r.reloader.counts.failures >= 1 && r.reloader.counts.reloads === 1, JSON.stringify(r.reloader.counts));
+      assert.deepEqual(r.outcomes.filter((o) => o.ok && o.changed).length, 1);
+      assert.ok(r.outcomes.some((o) => !o.ok));
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a change to an unrelated file in the directory reloads nothing', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true });
+    try {
+      await writeFile(join(r.certs.dir, 'notes.txt'), 'not a certificate');
+      await r.front.logs.waitFor((l) => l.event === 'reload_unchanged');
+      assert.deepEqual(r.reloader.counts, { reloads: 0, failures: 0 });
+      assert.equal(r.front.logs.lines.filter((l) => l.event === 'reloaded').length, 0);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a truncated certificate fails the reload with the startup message and keeps the old one', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    try {
+      await writeFile(r.certs.files.cert, pki.server.certPem.slice(0, 200));
+      const outcome = await r.reloader.reload('signal');
+      assert.equal(outcome.ok, false);
+      assert.match(outcome.ok ? '' : outcome.reason, /--mtls_cert: .*server\.pem holds no PEM certificate/);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), pki.server.serialHex);
+    } finally {
+      await r.stop();
+    }
+  });
+});
+
+/** A CRL revoking the usual revoked client and `extra`, newer than the original. */
+const crlRevoking = (extra: Issued) => createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: pki.revokedClient.serialHex }, { serialHex: extra.serialHex }], crlNumber: 2 });
+
+function h2(port: number, client: Issued): ClientHttp2Session {
+  const session = connectH2(`https://localhost:${port}`, as(client));
+  session.on('error', () => {});
+  return session;
+}
+
+async function h2Get(session: ClientHttp2Session, path = '/v2/health/live'): Promise<number> {
+  const stream = session.request({ ':path': path });
+  stream.resume();
+  const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
+  await once(stream, 'end');
+  return Number(headers[':status']);
+}
+
+describe('revocation reaches live connections', SAFETY, () => {
+  test('a CRL reload sends GOAWAY to the HTTP/2 connection of a client it now revokes, while another client carries on', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    const alice = h2(r.front.restPort, pki.client);
+    const revoked = h2(r.front.restPort, bob);
+    try {
+      assert.equal(await h2Get(alice), 200);
+      assert.equal(await h2Get(revoked), 200);
+      const goaway = once(revoked, 'goaway');
+      await writeFile(r.certs.files.crl!, await crlRevoking(bob));
+      const outcome = await r.reloader.reload('signal');
+      assert.equal(outcome.ok && outcome.revokedConnections, 1);
+      await goaway;
+      await once(revoked, 'close');
+      const line = await r.front.logs.waitFor((l) => l.event === 'connection_revoked');
+      assert.match(String(line.subject), /CN=bob/);
+      assert.equal(line.serial, normaliseSerial(bob.serialHex));
+      assert.equal(alice.closed, false);
+      assert.equal(await h2Get(alice), 200);
+      // And bob cannot come back.
+      const again = h2(r.front.restPort, bob);
+      await once(again, 'close');
+      await r.front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'revoked');
+    } finally {
+      alice.close();
+      revoked.destroy();
+      await r.stop();
+    }
+  });
+
+  test('a revoked HTTP/1.1 client gets the rest of its response in progress, then its connection closes', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    try {
+      const { res } = await postSse(r.front.restPort, as(bob), agent);
+      const closed = once(res.socket, 'close');
+      await writeFile(r.certs.files.crl!, await crlRevoking(bob));
+      assert.equal((await r.reloader.reload('signal')).ok, true);
+      await r.front.logs.waitFor((l) => l.event === 'connection_revoked');
+      board.openAll();
+      const events: string[] = [];
+      for await (const event of sseEvents(res)) events.push(event);
+      assert.equal(events.at(-1), 'data: [DONE]');
+      await closed;
+    } finally {
+      agent.destroy();
+      await r.stop();
+    }
+  });
+
+  test('a revoked client whose call never ends is cut once the grace period is over', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()), { graceMs: 50 });
+    const credentials = grpc.credentials.createSsl(Buffer.from(pki.serverCa.certPem), Buffer.from(bob.keyPem), Buffer.from(bob.certPem));
+    const echo = echoClient(r.front.grpcAddress, credentials);
+    try {
+      const ended = new Promise<grpc.ServiceError | null>((resolve) => {
+        const call = echo.Hold({ payload: Buffer.from('x') }, new grpc.Metadata(), {}, (err) => resolve(err));
+        call.on('metadata', () => void revoke());
+      });
+      const revoke = async () => {
+        await writeFile(r.certs.files.crl!, await crlRevoking(bob));
+        await r.reloader.reload('signal');
+      };
+      const err = await ended;
+      assert.ok(err, 'the call must end with an error');
+      assert.equal(err.code, grpc.status.UNAVAILABLE);
+    } finally {
+      echo.close();
+      await r.stop();
+    }
+  });
+});
+
+describe('the proxy command reloads on SIGHUP and on file changes', SAFETY, () => {
+  test('SIGHUP reloads with calls in flight; `certs revoke` then closes the revoked client and the other continues; SIGTERM exits 0', async () => {
+    const dir = join(pki.dir, 'cli-set');
+    assert.equal((await runCli(['certs', 'init', '--dir', dir])).code, 0);
+    assert.equal((await runCli(['certs', 'client', '--dir', dir, '--name', 'carol'])).code, 0);
+    const read = (name: string) => readFile(join(dir, name), 'utf8');
+    const ca = await read('server_ca.pem');
+    const client: TlsClient = { ca, cert: await read('client.pem'), key: await read('client.key') };
+    const carol: TlsClient = { ca, cert: await read('carol.pem'), key: await read('carol.key') };
+    board = new GateBoard();
+    const port = await freePort();
+    const cli = startCli([
+      'proxy', '--rest_port', String(port), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_cert', join(dir, FILE_NAMES.cert), '--mtls_key', join(dir, FILE_NAMES.key),
+      '--mtls_client_ca', join(dir, FILE_NAMES.clientCa), '--mtls_crl', join(dir, FILE_NAMES.crl),
+    ]);
+    try {
+      await Promise.race([cli.logs.waitFor((l) => l.event === 'listening'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
+      const { res } = await postSse(port, client);
+      const events = sseEvents(res);
+      const carolSession = connectH2(`https://localhost:${port}`, carol);
+      carolSession.on('error', () => {});
+      assert.equal(await h2Get(carolSession), 200);
+
+      cli.child.kill('SIGHUP');
+      await cli.logs.waitFor((l) => l.event === 'reloaded' && l.trigger === 'signal');
+
+      const closed = once(carolSession, 'close');
+      assert.equal((await runCli(['certs', 'revoke', '--dir', dir, '--cert', 'carol'])).code, 0);
+      const revoked = await cli.logs.waitFor((l) => l.event === 'connection_revoked');
+      assert.match(String(revoked.subject), /CN=carol/);
+      await closed;
+
+      board.openAll();
+      let last = '';
+      for await (const event of events) last = event;
+      assert.equal(last, 'data: [DONE]');
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0, cli.stderr());
+    } finally {
+      board.openAll();
+      if (cli.child.exitCode === null) cli.child.kill('SIGKILL');
+    }
+  });
+});

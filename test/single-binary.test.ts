@@ -1,0 +1,98 @@
+/**
+ * Builds the single executable once (about 5 s; needs the compiled dist/), copies
+ * it away from the repository, runs it with an empty PATH (no node, no
+ * node_modules within reach) and sends real gRPC and REST calls through it.
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { copyFile, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { grpcClients, https1, startUpstream } from './helpers/harness.js';
+import { freePort, httpGet, sample } from './helpers/ops.js';
+import { unary } from '../src/demo/grpc-client.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const run = promisify(execFile);
+
+let pki: TestPki;
+let upstream: ModelServer;
+let dir: string;
+let exe: string;
+let child: ChildProcess | undefined;
+const ports = { grpc: 0, rest: 0, admin: 0 };
+
+before(async () => {
+  const { stdout } = await run(process.execPath, ['scripts/build-binary.mjs'], { cwd: ROOT, maxBuffer: 16 * 1024 * 1024 });
+  assert.match(stdout, /wrote dist\/sea\/ovms-mtls/);
+  dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-sea-'));
+  exe = join(dir, 'ovms-mtls');
+  await copyFile(join(ROOT, 'dist/sea/ovms-mtls'), exe);
+  pki = await createTestPki();
+  upstream = await startUpstream();
+});
+
+after(async () => {
+  child?.kill('SIGKILL');
+  await upstream?.close();
+  await pki?.cleanup();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+const bareEnv = { PATH: '/nonexistent', HOME: '/nonexistent' };
+
+describe('single executable', () => {
+  test('prints its version with no node on PATH and no node_modules nearby', async () => {
+    const pkg = JSON.parse(await readFile(join(ROOT, 'package.json'), 'utf8')) as { version: string };
+    const { stdout } = await run(exe, ['--version'], { cwd: dir, env: bareEnv });
+    assert.equal(stdout, `ovms-mtls ${pkg.version}\n`);
+  });
+
+  test('runs the proxy and carries a real gRPC call and a real REST call', async () => {
+    [ports.grpc, ports.rest, ports.admin] = [await freePort(), await freePort(), await freePort()];
+    child = spawn(exe, ['proxy',
+      '--port', String(ports.grpc), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
+      '--rest_port', String(ports.rest), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!,
+      '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_crl', pki.paths['client_cert_ca.crl']!,
+      '--mtls_admin_port', String(ports.admin)], { cwd: dir, env: bareEnv, stdio: ['ignore', 'pipe', 'inherit'] });
+    let listening = 0;
+    for await (const line of createInterface({ input: child.stdout! })) {
+      if (/"event":"listening"/.test(line) && /"listener":"(grpc|rest)"/.test(line)) listening += 1;
+      if (listening === 2) break;
+    }
+    child.stdout!.resume();
+
+    const clients = grpcClients(`localhost:${ports.grpc}`, pki);
+    try {
+      const { response } = await unary(clients.kserve, 'ModelInfer', { model_name: 'dummy', inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] } }] });
+      assert.deepEqual(response.outputs[0]?.contents?.fp32_contents, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    } finally {
+      clients.close();
+    }
+    const rest = await https1(ports.rest, pki, { path: '/v2/models/dummy' });
+    assert.equal(rest.status, 200);
+    assert.equal(JSON.parse(rest.body).name, 'dummy');
+    assert.ok(sample((await httpGet(ports.admin, '/metrics')).body, 'ovms_mtls_handshakes_total', { listener: 'grpc', result: 'accepted' })! >= 1);
+  });
+
+  test('its probe command (which needs the bundled .proto files) passes against itself', async () => {
+    const { stdout } = await run(exe, ['probe', '--host', '127.0.0.1', '--port', String(ports.grpc), '--rest_port', String(ports.rest), '--model', 'dummy',
+      '--mtls_cert', pki.paths['client.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!], { cwd: dir, env: bareEnv });
+    assert.match(stdout, /^probe: all 7 steps passed$/m);
+  });
+
+  test('stops on SIGTERM with exit code 0', async () => {
+    child!.kill('SIGTERM');
+    const [code] = await once(child!, 'exit');
+    assert.equal(code, 0);
+    child = undefined;
+  });
+});
