@@ -68,6 +68,8 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, xfcc: strin
   return out;
 }
 
+function ignore(): void {}
+
 function answerWithoutUpstream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, observer: ProxyObserver, message: string): void {
   const started = performance.now();
   stream.on('error', () => {});
@@ -130,8 +132,9 @@ class GrpcCall {
 
   start(): void {
     const client = this.#client;
-    client.on('error', () => {});
-    client.once('close', () => this.#onClientClose());
+    // `on`, not `once`, for events a stream emits at most once: no wrapper per call (issue #6).
+    client.on('error', ignore);
+    client.on('close', () => this.#onClientClose());
     client.on('wantTrailers', () => client.sendTrailers(this.#trailers ?? {}));
     let upstream: ClientHttp2Stream;
     try {
@@ -142,13 +145,13 @@ class GrpcCall {
     }
     this.#upstream = upstream;
     upstream.on('error', (err) => this.#onUpstreamError(err));
-    upstream.once('response', (headers, flags) => this.#onResponse(headers, flags));
-    upstream.once('trailers', (trailers) => {
+    upstream.on('response', (headers, flags) => this.#onResponse(headers, flags));
+    upstream.on('trailers', (trailers) => {
       this.#trailers = trailers;
       this.#outcome.grpcStatus = trailers['grpc-status'] as string | undefined;
       this.#upstreamDone = true;
     });
-    upstream.once('close', () => this.#onUpstreamClose());
+    upstream.on('close', () => this.#onUpstreamClose());
     if (!client.endAfterHeaders) this.#unforwardRequest = forward(client, upstream, this.#options.limits.streamWindow, (n) => (this.#outcome.bytesIn += n));
   }
 

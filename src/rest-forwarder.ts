@@ -1,10 +1,12 @@
 import { Agent, request, type IncomingMessage, type ServerResponse, type OutgoingHttpHeaders, type IncomingHttpHeaders, type ClientRequest } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
+import type { Readable, Writable } from 'node:stream';
 import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import type { ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { XFCC } from './grpc-forwarder.js';
+import { forward } from './stream-forward.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -13,6 +15,13 @@ type ClientResponseLike = ServerResponse | Http2ServerResponse;
 const HOP_BY_HOP = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings', 'expect',
 ]);
+
+/**
+ * Body bytes a request or response may have waiting for the other side before
+ * we stop reading it; as large as the default HTTP/2 stream window, so an
+ * HTTP/2 client's window is not held back on every 16 KiB (see stream-forward.ts).
+ */
+const BODY_BUFFER = 1024 * 1024;
 
 export interface RestForwarderOptions {
   readonly upstream: HostPort;
@@ -70,8 +79,7 @@ export class RestForwarder {
       res.writeHead(stats.status, responseHeaders(upstreamRes.headers));
       // Send the headers now: an SSE client should see the stream open before the first event.
       if (!upstreamRes.headers['content-length']) (res as ServerResponse).flushHeaders();
-      upstreamRes.on('data', (chunk: Buffer) => (stats.bytesOut += chunk.length));
-      upstreamRes.pipe(res as NodeJS.WritableStream);
+      forward(upstreamRes, res as unknown as Writable, BODY_BUFFER, (n) => (stats.bytesOut += n));
       upstreamRes.on('aborted', () => res.destroy());
     });
     upstreamReq.on('error', (err) => {
@@ -94,8 +102,7 @@ export class RestForwarder {
       }
       this.#log(req, context, started, stats);
     });
-    req.on('data', (chunk: Buffer) => (stats.bytesIn += chunk.length));
-    (req as NodeJS.ReadableStream).pipe(upstreamReq);
+    forward(req as Readable, upstreamReq, BODY_BUFFER, (n) => (stats.bytesIn += n));
   }
 
   #log(req: ClientRequestLike, context: ConnectionContext, started: number, stats: { status: number; bytesIn: number; bytesOut: number; error?: string | undefined }): void {
@@ -116,10 +123,12 @@ export class RestForwarder {
   }
 }
 
+const NONE_LISTED: ReadonlySet<string> = new Set();
+
 /** Connection names listed in `Connection:` are hop-by-hop too. */
-function connectionListed(headers: IncomingHttpHeaders): Set<string> {
+function connectionListed(headers: IncomingHttpHeaders): ReadonlySet<string> {
   const value = headers['connection'];
-  if (!value) return new Set();
+  if (!value) return NONE_LISTED;
   return new Set(String(value).split(',').map((v) => v.trim().toLowerCase()).filter(Boolean));
 }
 

@@ -145,6 +145,35 @@ describe('serving: listeners and the argv OVMS gets', () => {
     }
   });
 
+  test('the admin listener reports /readyz false while OVMS starts, true once it is ready, and counts the traffic', async () => {
+    const gate = join(dir, `gate-admin-${runCounter + 1}`);
+    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_START_GATE_FILE: gate }, ['--mtls_admin_port', String(adminPort)]);
+    const admin = (path: string) => fetch(`http://127.0.0.1:${adminPort}${path}`);
+    try {
+      await s.wrapper.waitForEvent('ovms_started');
+      await s.wrapper.waitForLog((l) => l.event === 'listening' && l['listener'] === 'rest');
+      const starting = await admin('/readyz');
+      assert.equal(starting.status, 503);
+      const report = (await starting.json()) as { ready: boolean; checks: Record<string, { ok: boolean; detail: string }> };
+      assert.equal(report.ready, false);
+      assert.equal(report.checks['upstream']?.detail, 'OVMS is starting');
+      assert.equal((await admin('/healthz')).status, 200);
+      await writeFile(gate, '');
+      await s.wrapper.waitForEvent('ovms_ready');
+      const ready = await admin('/readyz');
+      assert.equal(ready.status, 200);
+      assert.equal(((await ready.json()) as { ready: boolean }).ready, true);
+      assert.equal((await https1(s.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      const metrics = await (await admin('/metrics')).text();
+      assert.match(metrics, /^ovms_mtls_ovms_up 1$/m);
+      assert.match(metrics, /ovms_mtls_requests_total\{[^}]*listener="rest"[^}]*\} [1-9]/);
+    } finally {
+      await writeFile(gate, '');
+      await stopWrapper(s.wrapper);
+    }
+  });
+
   test('a public port that cannot be bound is a startup error, and OVMS is never started', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');

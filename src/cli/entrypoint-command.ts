@@ -9,7 +9,9 @@ import { ChildProcessError, ConfigError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
-import type { ProxyObserver } from '../observer.js';
+import { combineObservers, type ProxyObserver } from '../observer.js';
+import type { CheckResult, ProxyMetrics } from '../operations.js';
+import { ServingOperations } from './serving-operations.js';
 import { productVersion } from '../version.js';
 import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
 import { entrypointSettings, ovmsBinary, type EntrypointSettings } from '../entrypoint-config.js';
@@ -52,7 +54,11 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
       return runOneShot(split, io, split.passthrough, oneShotPrivileges(split, io));
     case 'serve': {
       const { running, logger } = await startServing(entrypointSettings(split, io.env));
-      return runUntilDone({ ...running, logger });
+      try {
+        return await runUntilDone({ ...running, logger, onReload: () => running.operations.reload() });
+      } finally {
+        await running.operations.close();
+      }
     }
   }
 }
@@ -107,6 +113,8 @@ export interface ServingOptions {
 
 export interface Serving {
   readonly proxy: RunningProxy;
+  /** Metrics, admin listener, certificate hot reload. */
+  readonly operations: ServingOperations;
   readonly supervisor: OvmsSupervisor;
   readonly shutdownTimeoutMs: number;
 }
@@ -135,16 +143,39 @@ export async function startServing(settings: EntrypointSettings, options: Servin
     if (state?.ready) return undefined;
     return state?.up ? 'OVMS is starting' : 'OVMS is not running';
   };
-  const proxy = await startProxy({ config, material, logger, notReady: { grpc: notReady, rest: notReady }, ...(options.observer ? { observer: options.observer } : {}) });
+  const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: () => () => ovmsReadiness(holder.supervisor) });
+  const observer = options.observer ? combineObservers(operations.metrics, options.observer) : operations.metrics;
+  let proxy: RunningProxy;
+  try {
+    proxy = await startProxy({ config, material, logger, notReady: { grpc: notReady, rest: notReady }, observer });
+  } catch (err) {
+    await operations.close();
+    throw err;
+  }
   const supervisor = createSupervisor(settings, plan, upstreams, logger);
   holder.supervisor = supervisor;
   logSupervisorEvents(supervisor, logger, () => upstreams.current());
+  countSupervisorEvents(supervisor, operations.metrics);
   supervisor.start();
   if (plan.proxy) {
     dropPrivileges(plan.proxy);
     logger.info({ event: 'privileges_dropped', user: plan.proxy.name, uid: plan.proxy.uid, gid: plan.proxy.gid }, `proxy now runs as ${plan.proxy.name}`);
   }
-  return { running: { proxy, supervisor, shutdownTimeoutMs: settings.common.shutdownTimeoutMs }, logger };
+  // After the drop, so reloads read the files as the proxy's user (see README).
+  operations.attach(proxy);
+  return { running: { proxy, supervisor, operations, shutdownTimeoutMs: settings.common.shutdownTimeoutMs }, logger };
+}
+
+function ovmsReadiness(supervisor: OvmsSupervisor | undefined): CheckResult {
+  const state = supervisor?.state();
+  if (state?.ready) return { ok: true, detail: `OVMS ready (pid ${state.pid})` };
+  return { ok: false, detail: state?.up ? 'OVMS is starting' : 'OVMS is not running' };
+}
+
+function countSupervisorEvents(supervisor: OvmsSupervisor, metrics: ProxyMetrics): void {
+  supervisor.on('ready', () => metrics.setOvmsUp(true));
+  supervisor.on('exit', () => metrics.setOvmsUp(false));
+  supervisor.on('restarting', () => metrics.ovmsRestarted());
 }
 
 function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, upstreams: LoopbackUpstreams, logger: Logger): OvmsSupervisor {

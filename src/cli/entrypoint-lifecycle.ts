@@ -21,6 +21,8 @@ export interface RunUntilDoneOptions {
   readonly supervisor: OvmsSupervisor;
   readonly logger: Logger;
   readonly shutdownTimeoutMs: number;
+  /** SIGHUP: certificate reload. */
+  readonly onReload?: () => void;
   /** Rejects when the proxy fails; defaults to uncaught exceptions and unhandled rejections. */
   readonly fatal?: Promise<never>;
 }
@@ -49,7 +51,7 @@ function uncaughtErrors(): { promise: Promise<never>; dispose(): void } {
 
 export async function runUntilDone(options: RunUntilDoneOptions): Promise<number> {
   const { proxy, supervisor, logger, shutdownTimeoutMs } = options;
-  const stop = waitForStopSignal(logger);
+  const stop = waitForStopSignal(logger, options.onReload ? { onReload: options.onReload } : {});
   const uncaught = uncaughtErrors();
   const fatal = options.fatal ?? uncaught.promise;
   try {

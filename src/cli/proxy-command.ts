@@ -3,10 +3,10 @@ import { proxyConfigFromOptions } from '../config.js';
 import { createLogger } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
-import { ProxyMetrics, certificatesCheck, listenersCheck, startAdminIfConfigured, updatingOvmsUp, upstreamCheck } from '../operations.js';
+import { updatingOvmsUp, upstreamCheck } from '../operations.js';
+import { ServingOperations } from './serving-operations.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
 import { waitForStopSignal } from './lifecycle.js';
-import { TlsReloader } from '../tls-reload.js';
 
 const ENTRYPOINT_ONLY = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_restart']);
 export const PROXY_OPTIONS: readonly OptionSpec[] = ALL_OPTIONS.filter((o) => !ENTRYPOINT_ONLY.has(o.name));
@@ -22,41 +22,21 @@ export async function runProxyCommand(argv: readonly string[], env: NodeJS.Proce
   const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
   const config = proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, env));
   const logger = createLogger({ level: config.logLevel });
-  let material = loadTlsMaterialSync(config.tls);
-  const metrics = new ProxyMetrics();
-  metrics.setCertificates(material);
-  let proxy: RunningProxy | undefined;
-  // Admin first: /healthz answers while the public listeners bind, /readyz says they are not up yet.
-  const admin = await startAdminIfConfigured({
-    config, metrics, logger,
-    checks: { listeners: listenersCheck(() => proxy), upstream: updatingOvmsUp(metrics, upstreamCheck(config)), certificates: certificatesCheck(() => material) },
-  });
+  const material = loadTlsMaterialSync(config.tls);
+  const ops = await ServingOperations.start({ config, material, logger, upstreamCheck: (metrics) => updatingOvmsUp(metrics, upstreamCheck(config)) });
+  let proxy: RunningProxy;
   try {
-    proxy = await startProxy({ config, material, logger, observer: metrics });
+    proxy = await startProxy({ config, material, logger, observer: ops.metrics });
   } catch (err) {
-    await admin?.close();
+    await ops.close();
     throw err;
   }
-  const reloader = new TlsReloader({
-    files: config.tls,
-    current: material,
-    proxy,
-    logger,
-    revokedGraceMs: config.shutdownTimeoutMs,
-    onReload: (outcome) => {
-      if (outcome.ok && !outcome.changed) return;
-      metrics.reloaded(outcome.ok);
-      if (!outcome.ok) return;
-      material = outcome.material;
-      metrics.setCertificates(material);
-    },
-  });
-  reloader.watch();
-  const stop = waitForStopSignal(logger, { onReload: () => void reloader.reload('signal') });
+  ops.attach(proxy);
+  const stop = waitForStopSignal(logger, { onReload: () => ops.reload() });
   await stop.signal;
-  reloader.close();
+  ops.stopWatching();
   await proxy.shutdown(config.shutdownTimeoutMs);
-  await admin?.close();
+  await ops.close();
   logger.info({ event: 'stopped' }, 'stopped');
   return 0;
 }

@@ -1,0 +1,86 @@
+/**
+ * What both serving commands (`proxy` and the OVMS entrypoint) run beside
+ * the listeners: metrics, the admin listener and certificate hot reload.
+ */
+import type { Config } from '../config.js';
+import type { Logger } from '../log.js';
+import type { RunningProxy } from '../proxy.js';
+import type { TlsMaterial } from '../tls-material.js';
+import type { AdminServer } from '../admin.js';
+import { TlsReloader } from '../tls-reload.js';
+import { ProxyMetrics, certificatesCheck, listenersCheck, startAdminIfConfigured, type HealthCheck } from '../operations.js';
+
+export interface ServingOperationsOptions {
+  readonly config: Config;
+  readonly material: TlsMaterial;
+  readonly logger: Logger;
+  /** Is the model server ready (proxy mode: it answers; entrypoint: the OVMS child is ready)? */
+  readonly upstreamCheck: (metrics: ProxyMetrics) => HealthCheck;
+}
+
+export class ServingOperations {
+  readonly metrics = new ProxyMetrics();
+  readonly #options: ServingOperationsOptions;
+  #material: TlsMaterial;
+  #proxy: RunningProxy | undefined;
+  #admin: AdminServer | undefined;
+  #reloader: TlsReloader | undefined;
+
+  private constructor(options: ServingOperationsOptions) {
+    this.#options = options;
+    this.#material = options.material;
+    this.metrics.setCertificates(options.material);
+  }
+
+  /** Admin first: /healthz answers while the public listeners bind, /readyz says they are not up yet. */
+  static async start(options: ServingOperationsOptions): Promise<ServingOperations> {
+    const ops = new ServingOperations(options);
+    ops.#admin = await startAdminIfConfigured({
+      config: options.config,
+      metrics: ops.metrics,
+      logger: options.logger,
+      checks: {
+        listeners: listenersCheck(() => ops.#proxy),
+        upstream: options.upstreamCheck(ops.metrics),
+        certificates: certificatesCheck(() => ops.#material),
+      },
+    });
+    return ops;
+  }
+
+  /** Starts hot reload (directory watch) for the running proxy. */
+  attach(proxy: RunningProxy): void {
+    const { config, logger } = this.#options;
+    this.#proxy = proxy;
+    this.#reloader = new TlsReloader({
+      files: config.tls,
+      current: this.#material,
+      proxy,
+      logger,
+      revokedGraceMs: config.shutdownTimeoutMs,
+      onReload: (outcome) => {
+        if (outcome.ok && !outcome.changed) return;
+        this.metrics.reloaded(outcome.ok);
+        if (!outcome.ok) return;
+        this.#material = outcome.material;
+        this.metrics.setCertificates(outcome.material);
+      },
+    });
+    this.#reloader.watch();
+  }
+
+  /** SIGHUP. */
+  reload(): void {
+    void this.#reloader?.reload('signal');
+  }
+
+  /** Stops watching now; the admin listener closes last so probes see the drain. */
+  stopWatching(): void {
+    this.#reloader?.close();
+  }
+
+  async close(): Promise<void> {
+    this.stopWatching();
+    await this.#admin?.close();
+  }
+}

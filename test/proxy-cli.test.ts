@@ -1,0 +1,152 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer, connect as tcpConnect } from 'node:net';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
+import { grpcClients, h2Session, startUpstream } from './helpers/harness.js';
+import { GateBoard, sseEvents } from './helpers/sse.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+import { unary, type EchoReply } from '../src/demo/grpc-client.js';
+import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+let pki: TestPki;
+let upstream: ModelServer;
+let board = new GateBoard();
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream({ sseGate: (i) => board.wait(i) });
+});
+
+after(async () => {
+  board.openAll();
+  await upstream.close();
+  await pki.cleanup();
+});
+
+function tlsFlags(): string[] {
+  return ['--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!];
+}
+
+async function startProxyCli(extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<{ cli: LongRunningCli; grpcPort: number; restPort: number }> {
+  const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+  const cli = startCli([
+    'proxy', `--port=${grpcPort}`, '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
+    '--rest_port', String(restPort), '--rest_bind_address=127.0.0.1', `--mtls_rest_upstream=127.0.0.1:${upstream.restPort}`, ...extra,
+  ], { env });
+  await cli.logs.waitFor((l) => l.event === 'listening' && l['listener'] === 'rest');
+  return { cli, grpcPort, restPort };
+}
+
+describe('proxy command line', () => {
+  test('--help describes the commands and the environment variable naming', async () => {
+    const res = await runCli(['--help']);
+    assert.equal(res.code, 0);
+    assert.match(res.stdout, /ovms-mtls proxy/);
+    assert.match(res.stdout, /--mtls_cert[\s\S]*env: OVMS_MTLS_CERT/);
+  });
+
+  test('--version prints the product version', async () => {
+    const res = await runCli(['proxy', '--help']).then(() => runCli(['-v']));
+    assert.equal(res.code, 0);
+    assert.match(res.stdout, /^ovms-mtls \d+\.\d+\.\d+/);
+  });
+
+  const cases: [string, () => string[], RegExp][] = [
+    ['a missing certificate file', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', '/nonexistent/server.pem', '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!], /^ovms-mtls: --mtls_cert: \/nonexistent\/server\.pem does not exist/],
+    ['a key that does not match the certificate', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!], /--mtls_key: .*client\.key does not match --mtls_cert .*server\.pem \(check you mounted the pair\)/],
+    ['an upstream that is not host:port', () => ['--port', '1', '--mtls_grpc_upstream', 'localhost', ...tlsFlags()], /--mtls_grpc_upstream: 'localhost' is not host:port/],
+    ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
+    ['no public port at all', () => [...tlsFlags()], /no public port: give --port \(gRPC\) and\/or --rest_port \(REST\)/],
+    ['a port that is not a number', () => ['--port=abc', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags()], /--port: 'abc' is not a whole number between 0 and 65535/],
+    ['a listener without its upstream', () => ['--rest_port', '8443', ...tlsFlags()], /--mtls_rest_upstream is required with --rest_port/],
+  ];
+  for (const [label, args, message] of cases) {
+    test(`${label} exits 2 with one clear line and no stack trace`, async () => {
+      const res = await runCli(['proxy', ...args()]);
+      assert.equal(res.code, 2);
+      assert.match(res.stderr, message);
+      assert.equal(res.stderr.trim().split('\n').length, 1, res.stderr);
+      assert.equal(res.stdout, '');
+    });
+  }
+
+  test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
+    const blocker = createServer().listen(0, '127.0.0.1');
+    await once(blocker, 'listening');
+    const busy = (blocker.address() as { port: number }).port;
+    const [free] = (await freeLoopbackPorts(1)) as [number];
+    try {
+      const res = await runCli(['proxy', '--rest_port', String(free), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9',
+        '--port', String(busy), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags()]);
+      assert.equal(res.code, 2);
+      assert.match(res.stderr, new RegExp(`^ovms-mtls: --port ${busy}: cannot listen on 127\\.0\\.0\\.1:${busy}: the port is already in use`));
+    } finally {
+      blocker.close();
+    }
+  });
+
+  test('options come from OVMS_MTLS_* variables and --opt=value spellings', async () => {
+    const { cli, grpcPort } = await startProxyCli([], {
+      OVMS_MTLS_CERT: pki.paths['server.pem']!, OVMS_MTLS_KEY: pki.paths['server.key']!, OVMS_MTLS_CLIENT_CA: pki.paths['client_cert_ca.pem']!,
+    });
+    const clients = grpcClients(`localhost:${grpcPort}`, pki);
+    try {
+      assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
+    } finally {
+      clients.close();
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
+    }
+  });
+});
+
+describe('proxy graceful shutdown', () => {
+  test('SIGTERM stops accepting, lets an SSE response and a gRPC stream in flight finish, then exits 0', async () => {
+    board = new GateBoard();
+    const { cli, grpcPort, restPort } = await startProxyCli(tlsFlags());
+    const clients = grpcClients(`localhost:${grpcPort}`, pki);
+    const rest = h2Session(restPort, pki);
+    try {
+      const bidi = clients.echo.Bidi();
+      const replies = bidi[Symbol.asyncIterator]();
+      bidi.write({ payload: Buffer.from('before') });
+      assert.equal(((await replies.next()).value as EchoReply).payload.toString(), 'before');
+
+      const sse = rest.request({ ':method': 'POST', ':path': '/v3/chat/completions', 'content-type': 'application/json' });
+      sse.end(JSON.stringify({ stream: true }));
+      const events = sseEvents(sse);
+      board.open(0);
+      assert.match(String((await events.next()).value), /chat\.completion\.chunk/);
+
+      cli.child.kill('SIGTERM');
+      await cli.logs.waitFor((l) => l.event === 'signal');
+      const refused = tcpConnect(grpcPort, '127.0.0.1');
+      const [err] = (await once(refused, 'error')) as [NodeJS.ErrnoException];
+      // RESET when the connection raced into the backlog as the socket closed; a live
+      // listener would instead hold a silent connection open until the handshake timeout.
+      assert.match(String(err.code), /^(ECONNREFUSED|ECONNRESET)$/);
+
+      bidi.write({ payload: Buffer.from('during drain') });
+      assert.equal(((await replies.next()).value as EchoReply).payload.toString(), 'during drain');
+      const status = once(bidi, 'status') as Promise<[grpc.StatusObject]>;
+      bidi.end();
+      assert.equal((await replies.next()).done, true);
+      assert.equal((await status)[0].code, grpc.status.OK);
+
+      board.openAll();
+      const rest2: string[] = [];
+      for await (const e of events) rest2.push(e);
+      assert.equal(rest2.length, CHAT_REPLY_WORDS.length);
+      assert.equal(rest2.at(-1), 'data: [DONE]');
+      assert.equal(await cli.exited, 0);
+    } finally {
+      clients.close();
+      rest.destroy();
+      if (cli.child.exitCode === null) cli.child.kill('SIGKILL');
+    }
+  });
+});
