@@ -186,7 +186,7 @@ export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> 
   const summary = [
     `Revoked ${certPath} (serial ${serialHex}, ${subject}).`,
     `Wrote ${crlPath}: CRL number ${crlNumber}, ${(previous?.revoked.length ?? 0) + 1} revoked, next update ${nextUpdate.toISOString()}.`,
-    'Proxies reject this certificate once they load the new CRL; connections already open are not closed by it.',
+    'ovms-mtls reloads the CRL on its own (file watch or SIGHUP), refuses this certificate from then on and closes its open connections.',
   ].join('\n');
   return { dir, files, validUntil: nextUpdate, summary, serialHex, alreadyRevoked: false, crlNumber };
 }

@@ -24,7 +24,7 @@ export function serverSubjectAltNames(serverName: string, extra: string[]): { dn
   const dns = new Set<string>();
   const ips = new Set<string>();
   if (isIP(serverName) !== 0) ips.add(serverName);
-  else dns.add(checkDnsName(serverName, '--server-name'));
+  else dns.add(checkDnsName(serverName, '--server_name'));
   // Clients dialling the loopback address by number must match too.
   if (serverName === 'localhost') ['127.0.0.1', '::1'].forEach((ip) => ips.add(ip));
   for (const entry of extra) {

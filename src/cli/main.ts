@@ -5,6 +5,7 @@ import { runCertsCommand } from './certs-cli.js';
 import { runCheckCommand } from './check-command.js';
 import { runProbeCommand } from './probe-command.js';
 import { helpText } from './help.js';
+import { runDemoCommand } from './demo-command.js';
 import { runEntrypointCommand } from './entrypoint-command.js';
 
 export interface Io {
@@ -20,6 +21,7 @@ const COMMANDS: Record<string, Command> = {
   certs: (argv, io) => runCertsCommand(argv, io),
   check: (argv, io) => runCheckCommand(argv, io),
   probe: (argv, io) => runProbeCommand(argv, io.stdout),
+  demo: (argv, io) => runDemoCommand(argv, io),
 };
 
 /** Runs one command line and returns the exit code; throws only on bugs or user errors. */

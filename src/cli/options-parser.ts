@@ -16,9 +16,9 @@ export function yargsOption(spec: OptionSpec): Options {
   const type = spec.type === 'array' ? 'array' : spec.type === 'boolean' ? 'boolean' : 'string';
   const option: Options = {
     type,
-    describe: `${spec.describe} [env ${envVarName(spec.name)}]`,
+    // `choices` are listed in the text, not enforced by yargs: its error is several lines; config.ts validates.
+    describe: `${spec.describe}${spec.choices ? ` (${spec.choices.join('|')})` : ''} [env ${envVarName(spec.name)}]`,
     ...(spec.defaultDescription ? { defaultDescription: spec.defaultDescription } : {}),
-    ...(spec.choices ? { choices: [...spec.choices] } : {}),
   };
   if (spec.type === 'array') option.string = true;
   return option;

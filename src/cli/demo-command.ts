@@ -1,0 +1,95 @@
+/**
+ * `ovms-mtls demo`: throwaway certificates, the stand-in model server and the
+ * proxy on loopback, plus commands to paste. Nothing to install, nothing left
+ * behind (unless --dir keeps the certificates).
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { certsInit } from '../certs-command.js';
+import { DEFAULTS, EMPTY_ALLOW_LIST, parsePort, type Config } from '../config.js';
+import { createLogger } from '../log.js';
+import { loadTlsMaterialSync } from '../tls-material.js';
+import { startProxy } from '../proxy.js';
+import { startModelServer } from '../demo/model-server.js';
+import { PROTO_DIR } from '../demo/grpc-client.js';
+import type { OptionSpec } from '../options.js';
+import { parseCommandLine } from './options-parser.js';
+import { waitForStopSignal } from './lifecycle.js';
+import type { Io } from './main.js';
+
+const DEMO_OPTIONS: readonly OptionSpec[] = [
+  { name: 'port', type: 'number', describe: 'Public gRPC port', defaultDescription: '9443' },
+  { name: 'rest_port', type: 'number', describe: 'Public REST port', defaultDescription: '8443' },
+  { name: 'dir', type: 'string', describe: 'Keep the demo certificates in this directory', defaultDescription: 'a temporary directory, removed on exit' },
+  { name: 'mtls_log_level', type: 'string', describe: 'Log level of the proxy', defaultDescription: 'warn' },
+];
+
+const USAGE = 'ovms-mtls demo [--port 9443] [--rest_port 8443] [--dir DIR]\n\nStarts throwaway certificates + a stand-in model server + the mTLS proxy on 127.0.0.1.';
+
+function demoConfig(certDir: string, ports: { grpc: number; rest: number }, upstream: { grpc: number; rest: number }, logLevel: Config['logLevel']): Config {
+  return {
+    grpc: { hosts: ['127.0.0.1'], port: ports.grpc, upstream: { host: '127.0.0.1', port: upstream.grpc } },
+    rest: { hosts: ['127.0.0.1'], port: ports.rest, upstream: { host: '127.0.0.1', port: upstream.rest } },
+    tls: { cert: join(certDir, 'server.pem'), key: join(certDir, 'server.key'), clientCa: join(certDir, 'client_cert_ca.pem'), crl: join(certDir, 'client_cert_ca.crl') },
+    allow: EMPTY_ALLOW_LIST,
+    limits: DEFAULTS.limits,
+    shutdownTimeoutMs: 2000,
+    logLevel,
+    accessLog: true,
+    admin: undefined,
+    workers: 1,
+  };
+}
+
+/** The commands printed for the user, with the real paths and ports filled in. */
+export function demoInstructions(certDir: string, grpcPort: number, restPort: number): string {
+  const tls = `--cacert ${certDir}/server_ca.pem --cert ${certDir}/client.pem --key ${certDir}/client.key`;
+  const infer = `'{"inputs":[{"name":"b","shape":[1,10],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9,10]}]}'`;
+  return `
+ovms-mtls demo is running: mTLS gRPC on 127.0.0.1:${grpcPort}, mTLS REST on 127.0.0.1:${restPort}
+in front of a stand-in model server with one model, "dummy" (output a = input b + 1).
+Throwaway certificates (valid 1 day): ${certDir}
+
+REST inference with the client certificate:
+  curl -sS ${tls} -H 'content-type: application/json' -d ${infer} https://localhost:${restPort}/v2/models/dummy/infer
+
+Server-Sent Events, event by event:
+  curl -sSN ${tls} -H 'content-type: application/json' -d '{"model":"dummy","stream":true,"messages":[]}' https://localhost:${restPort}/v3/chat/completions
+
+Refused without a client certificate (the proxy logs why):
+  curl -sS --cacert ${certDir}/server_ca.pem https://localhost:${restPort}/v2/health/ready
+
+gRPC (KServe ServerLive/ServerReady/ModelMetadata) like a client would:
+  bin/ovms-mtls probe --host localhost --port ${grpcPort} --rest_port ${restPort} --mtls_cert ${certDir}/client.pem --mtls_key ${certDir}/client.key --mtls_ca ${certDir}/server_ca.pem --model dummy
+
+gRPC with grpcurl, if you have it:
+  grpcurl -cacert ${certDir}/server_ca.pem -cert ${certDir}/client.pem -key ${certDir}/client.key -import-path ${PROTO_DIR} -proto kserve_v2.proto localhost:${grpcPort} inference.GRPCInferenceService/ServerReady
+
+Press Ctrl-C to stop.
+`;
+}
+
+export async function runDemoCommand(argv: readonly string[], io: Io): Promise<number> {
+  const parsed = await parseCommandLine(argv, DEMO_OPTIONS, USAGE);
+  const grpcPort = parsed['port'] === undefined ? 9443 : parsePort('port', parsed['port']);
+  const restPort = parsed['rest_port'] === undefined ? 8443 : parsePort('rest_port', parsed['rest_port']);
+  const keep = typeof parsed['dir'] === 'string';
+  const certDir = keep ? resolve(String(parsed['dir'])) : await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-'));
+  const logLevel = (parsed['mtls_log_level'] ?? 'warn') as Config['logLevel'];
+  const logger = createLogger({ level: logLevel });
+  await certsInit({ dir: certDir, force: true });
+  const model = await startModelServer({ grpcPort: 0, restPort: 0 });
+  try {
+    const config = demoConfig(certDir, { grpc: grpcPort, rest: restPort }, { grpc: model.grpcPort!, rest: model.restPort! }, logLevel);
+    const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger });
+    io.stdout.write(demoInstructions(certDir, proxy.port('grpc')!, proxy.port('rest')!));
+    const stop = waitForStopSignal(logger);
+    await stop.signal;
+    await proxy.shutdown(config.shutdownTimeoutMs);
+    return 0;
+  } finally {
+    await model.close();
+    if (!keep) await rm(certDir, { recursive: true, force: true });
+  }
+}
