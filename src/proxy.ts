@@ -52,13 +52,11 @@ interface Assembled {
   close(): Promise<void>;
 }
 
-function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
+/** A public TLS port handing authorized sockets to its HTTP/2 and HTTP/1.1 fronts. */
+function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver, h2: H2Front, h1: H1Front): SecureListener {
   const { config } = options;
-  const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits: config.limits, observer, notReady: options.notReady?.grpc });
-  const h2 = new H2Front({ limits: config.limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
-  const h1 = new H1Front({ limits: config.limits, onRequest: answerHttp1OnGrpcPort });
-  const listener = new SecureListener({
-    name: 'grpc',
+  return new SecureListener({
+    name,
     hosts: cfg.hosts,
     port: cfg.port,
     secureContext: secureContextOptions(options.material),
@@ -67,26 +65,23 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
     observer,
     handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c), close: (s) => (s.alpnProtocol === 'h2' ? h2 : h1).closeConnection(s) },
   });
-  return { listener, fronts: [h2, h1], close: () => forwarder.close() };
+}
+
+function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
+  const { limits } = options.config;
+  const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits, observer, notReady: options.notReady?.grpc });
+  const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
+  const h1 = new H1Front({ limits, onRequest: answerHttp1OnGrpcPort });
+  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1), fronts: [h2, h1], close: () => forwarder.close() };
 }
 
 function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
-  const { config } = options;
+  const { limits } = options.config;
   const forwarder = new RestForwarder({ upstream: cfg.upstream, observer, notReady: options.notReady?.rest });
   const onRequest = forwarder.handle.bind(forwarder);
-  const h2 = new H2Front({ limits: config.limits, observer, onRequest });
-  const h1 = new H1Front({ limits: config.limits, onRequest });
-  const listener = new SecureListener({
-    name: 'rest',
-    hosts: cfg.hosts,
-    port: cfg.port,
-    secureContext: secureContextOptions(options.material),
-    limits: config.limits,
-    allow: config.allow,
-    observer,
-    handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c), close: (s) => (s.alpnProtocol === 'h2' ? h2 : h1).closeConnection(s) },
-  });
-  return { listener, fronts: [h2, h1], close: async () => forwarder.close() };
+  const h2 = new H2Front({ limits, observer, onRequest });
+  const h1 = new H1Front({ limits, onRequest });
+  return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1), fronts: [h2, h1], close: async () => forwarder.close() };
 }
 
 /**
