@@ -2,7 +2,7 @@ import { constants, type ClientHttp2Session, type ClientHttp2Stream, type Incomi
 import type { HostPort, Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import type { ProxyObserver } from './observer.js';
-import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders } from './grpc-status.js';
+import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, statusForReset } from './grpc-status.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { UpstreamH2Session } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
@@ -197,9 +197,11 @@ class GrpcCall {
     if (this.#upstreamDone || client.closed || client.destroyed) return;
     const sessionGone = !this.#session || this.#session.destroyed || this.#session.closed;
     if (!sessionGone && upstream.rstCode !== undefined && upstream.rstCode !== NGHTTP2_NO_ERROR) {
-      // The upstream reset this one stream (cancelled, refused...): pass the reset on.
-      this.#outcome.error = `upstream_reset_${upstream.rstCode}`;
-      client.close(upstream.rstCode);
+      // The upstream reset this one stream. Node cannot send a bare RST_STREAM with a chosen
+      // code on a stream whose response is open (close(code) writes END_STREAM first), so the
+      // client gets the status the gRPC spec derives from that reset code, with a message.
+      const reset = statusForReset(upstream.rstCode);
+      this.#finishWithStatus(reset.status, `upstream ${this.#options.upstream.host}:${this.#options.upstream.port} reset the call (${reset.name})`, `upstream_reset_${upstream.rstCode}`);
       return;
     }
     this.#fail(this.#outcome.error ? { code: this.#outcome.error } : { code: 'ECONNRESET' });
@@ -207,20 +209,25 @@ class GrpcCall {
 
   /** The upstream cannot finish the call: the client gets UNAVAILABLE, never a hang. */
   #fail(err: unknown): void {
-    const client = this.#client;
     const { code, message } = describeUpstreamError(this.#options.upstream, err);
-    this.#outcome.error = code;
-    this.#outcome.grpcStatus = String(GRPC_STATUS.UNAVAILABLE);
     this.#options.observer.upstreamError(this.#context.listener, code);
+    this.#finishWithStatus(GRPC_STATUS.UNAVAILABLE, message, code);
+  }
+
+  /** Ends the client call with this status: Trailers-Only before the response started, trailers after. */
+  #finishWithStatus(status: number, message: string, errorCode: string): void {
+    const client = this.#client;
+    this.#outcome.error = errorCode;
+    this.#outcome.grpcStatus = String(status);
     if (client.closed || client.destroyed) return;
     this.#unforwardRequest?.();
     client.resume();
     if (!client.headersSent) {
       this.#outcome.status = 200;
-      client.respond(grpcErrorHeaders(GRPC_STATUS.UNAVAILABLE, message), { endStream: true });
+      client.respond(grpcErrorHeaders(status, message), { endStream: true });
       return;
     }
-    this.#trailers = { 'grpc-status': String(GRPC_STATUS.UNAVAILABLE), 'grpc-message': encodeGrpcMessage(message) };
+    this.#trailers = { 'grpc-status': String(status), 'grpc-message': encodeGrpcMessage(message) };
     this.#unforwardResponse?.();
     if (!client.writableEnded) client.end();
   }

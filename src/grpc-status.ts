@@ -2,8 +2,31 @@
 export const GRPC_STATUS = {
   OK: 0,
   CANCELLED: 1,
+  RESOURCE_EXHAUSTED: 8,
+  PERMISSION_DENIED: 7,
+  INTERNAL: 13,
   UNAVAILABLE: 14,
 } as const;
+
+const RESET_NAMES = ['NO_ERROR', 'PROTOCOL_ERROR', 'INTERNAL_ERROR', 'FLOW_CONTROL_ERROR', 'SETTINGS_TIMEOUT', 'STREAM_CLOSED',
+  'FRAME_SIZE_ERROR', 'REFUSED_STREAM', 'CANCEL', 'COMPRESSION_ERROR', 'CONNECT_ERROR', 'ENHANCE_YOUR_CALM', 'INADEQUATE_SECURITY', 'HTTP_1_1_REQUIRED'];
+
+/** The gRPC status a client derives from an RST_STREAM code (gRPC over HTTP/2 spec, "Errors"). */
+export function statusForReset(rstCode: number): { status: number; name: string } {
+  const name = RESET_NAMES[rstCode] ?? `code ${rstCode}`;
+  switch (name) {
+    case 'REFUSED_STREAM':
+      return { status: GRPC_STATUS.UNAVAILABLE, name };
+    case 'CANCEL':
+      return { status: GRPC_STATUS.CANCELLED, name };
+    case 'ENHANCE_YOUR_CALM':
+      return { status: GRPC_STATUS.RESOURCE_EXHAUSTED, name };
+    case 'INADEQUATE_SECURITY':
+      return { status: GRPC_STATUS.PERMISSION_DENIED, name };
+    default:
+      return { status: GRPC_STATUS.INTERNAL, name };
+  }
+}
 
 /**
  * grpc-message is percent-encoded outside printable ASCII and for `%` itself

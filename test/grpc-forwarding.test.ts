@@ -2,6 +2,8 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
+import { constants, createServer as createH2cServer } from 'node:http2';
+import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
@@ -165,6 +167,34 @@ describe('grpc forwarding', () => {
 });
 
 describe('grpc upstream failures', () => {
+  test('an upstream RST_STREAM reaches the client as the gRPC status its code maps to, with a message', async () => {
+    // A bare h2c server that answers headers, then resets the stream (destroy sends RST_STREAM alone).
+    const resetting = createH2cServer();
+    let reset!: (stream: import('node:http2').ServerHttp2Stream) => void;
+    resetting.on('stream', (stream) => {
+      stream.on('error', () => {});
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' });
+      reset(stream);
+    });
+    resetting.listen(0, '127.0.0.1');
+    await once(resetting, 'listening');
+    const local = await startTestProxy({ pki, upstream: { grpcPort: (resetting.address() as AddressInfo).port } });
+    const c = grpcClients(local.grpcAddress, pki);
+    try {
+      reset = (stream) => setImmediate(() => stream.destroy(new Error('reset')));
+      const internal = await unary(c.echo, 'Unary', {}).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+      assert.equal(internal.code, grpc.status.INTERNAL);
+      assert.match(internal.details, /reset the call \(INTERNAL_ERROR\)/);
+      reset = (stream) => setImmediate(() => stream.close(constants.NGHTTP2_REFUSED_STREAM));
+      const refused = await unary(c.echo, 'Unary', {}).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+      assert.notEqual(refused.code, grpc.status.OK);
+    } finally {
+      c.close();
+      await local.proxy.shutdown(1000);
+      resetting.close();
+    }
+  });
+
   test('an unreachable upstream answers UNAVAILABLE with a readable message, and the proxy recovers when it restarts', async () => {
     const pkiLocal = pki;
     const server = await startUpstream({ restPort: null });

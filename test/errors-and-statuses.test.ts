@@ -1,0 +1,41 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { constants } from 'node:http2';
+import { ChildProcessError, ConfigError, ListenError, OvmsMtlsError, TlsMaterialError, isUserError } from '../src/errors.js';
+import { encodeGrpcMessage, statusForReset } from '../src/grpc-status.js';
+import { describeUpstreamError } from '../src/upstream-errors.js';
+
+test('every user error class has its stable code and is recognised as a user error', () => {
+  const table: [OvmsMtlsError, string][] = [
+    [new ConfigError('x'), 'ERR_CONFIG'],
+    [new TlsMaterialError('x'), 'ERR_TLS_MATERIAL'],
+    [new ListenError('x'), 'ERR_LISTEN'],
+    [new ChildProcessError('x'), 'ERR_OVMS_CHILD'],
+  ];
+  for (const [err, code] of table) {
+    assert.equal(err.code, code);
+    assert.equal(isUserError(err), true);
+  }
+  assert.equal(isUserError(new Error('bug')), false);
+});
+
+test('RST_STREAM codes map to the gRPC statuses the gRPC spec gives them', () => {
+  assert.deepEqual(statusForReset(constants.NGHTTP2_REFUSED_STREAM), { status: 14, name: 'REFUSED_STREAM' });
+  assert.deepEqual(statusForReset(constants.NGHTTP2_CANCEL), { status: 1, name: 'CANCEL' });
+  assert.deepEqual(statusForReset(constants.NGHTTP2_ENHANCE_YOUR_CALM), { status: 8, name: 'ENHANCE_YOUR_CALM' });
+  assert.deepEqual(statusForReset(constants.NGHTTP2_INADEQUATE_SECURITY), { status: 7, name: 'INADEQUATE_SECURITY' });
+  assert.deepEqual(statusForReset(constants.NGHTTP2_INTERNAL_ERROR), { status: 13, name: 'INTERNAL_ERROR' });
+  assert.equal(statusForReset(99).status, 13);
+});
+
+test('grpc-message is percent-encoded outside printable ASCII and for % only', () => {
+  assert.equal(encodeGrpcMessage('plain text: ok'), 'plain text: ok');
+  assert.equal(encodeGrpcMessage('100% ü'), '100%25 %C3%BC');
+});
+
+test('upstream failures become readable messages that name the upstream and never echo internal text', () => {
+  const upstream = { host: '127.0.0.1', port: 9000 };
+  assert.match(describeUpstreamError(upstream, { code: 'ECONNREFUSED' }).message, /^upstream 127\.0\.0\.1:9000 refused the connection/);
+  assert.match(describeUpstreamError(upstream, { code: 'ECONNRESET' }).message, /closed the connection/);
+  assert.equal(describeUpstreamError(upstream, new Error('secret internal detail')).message, 'upstream 127.0.0.1:9000 failed (UPSTREAM_ERROR)');
+});
