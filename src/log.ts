@@ -1,4 +1,5 @@
 import { pino, type Logger, type DestinationStream, type LevelWithSilent } from 'pino';
+import pretty from 'pino-pretty';
 
 export type { Logger };
 
@@ -10,12 +11,19 @@ export interface LoggerOptions {
   destination?: DestinationStream;
 }
 
+/** A person at a terminal reads colourised lines; pipes and log collectors get JSON. */
+function defaultDestination(): DestinationStream {
+  if (process.stdout.isTTY) return pretty({ sync: true, colorize: true, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname,name' });
+  return pino.destination({ dest: 1, sync: true });
+}
+
 /**
- * One JSON line per event on stdout. Writes are synchronous: a line is never
- * lost when the process exits right after logging it (fatal errors, signals).
+ * One JSON line per event on stdout (pretty lines on a terminal). Writes are
+ * synchronous: a line is never lost when the process exits right after
+ * logging it (fatal errors, signals).
  */
 export function createLogger(options: LoggerOptions): Logger {
-  const destination = options.destination ?? pino.destination({ dest: 1, sync: true });
+  const destination = options.destination ?? defaultDestination();
   return pino(
     {
       level: options.level,
