@@ -8,13 +8,14 @@ import type { AddressInfo } from 'node:net';
 import { ListenError } from './errors.js';
 import type { HealthReport } from './health.js';
 import type { Logger } from './log.js';
-import type { ProxyMetrics } from './metrics.js';
+import type { MetricsSource } from './metrics-aggregate.js';
 
 export interface AdminOptions {
   readonly hosts: readonly string[];
   /** 0 asks the OS for a free port (tests). */
   readonly port: number;
-  readonly metrics: ProxyMetrics;
+  /** A ProxyMetrics, or several workers' merged (src/metrics-aggregate.ts). */
+  readonly metrics: MetricsSource;
   /** Computes the /readyz body; `ready` false answers 503. */
   readonly health: () => Promise<HealthReport> | HealthReport;
   readonly logger?: Logger;

@@ -240,7 +240,7 @@ export function parseTlsFiles(raw: RawOptions, defaults?: Partial<TlsFiles>): Tl
 }
 
 function parseWorkers(raw: RawOptions): number {
-  return numberOr(raw, 'mtls_workers', 1, 1, 1024);
+  return numberOr(raw, 'mtls_workers', defaultWorkerCount(), 1, 1024);
 }
 
 export interface PublicListenerSpec {

@@ -38,7 +38,7 @@ export async function readinessReport(checks: Readonly<Record<string, HealthChec
 }
 
 /** Up while every listener holds its ports; false once shutdown has begun. */
-export function listenersCheck(proxy: () => RunningProxy | undefined): HealthCheck {
+export function listenersCheck(proxy: () => Pick<RunningProxy, 'listeners'> | undefined): HealthCheck {
   return () => {
     const running = proxy();
     if (!running) return { ok: false, detail: 'listeners not started' };

@@ -5,6 +5,7 @@
 import type { Config } from './config.js';
 import type { Logger } from './log.js';
 import { ProxyMetrics } from './metrics.js';
+import type { MetricsSource } from './metrics-aggregate.js';
 import { startAdminServer, type AdminServer } from './admin.js';
 import { readinessReport, type HealthCheck } from './health.js';
 
@@ -13,7 +14,7 @@ export { certificatesCheck, listenersCheck, upstreamCheck, readinessReport, type
 
 export interface AdminSetup {
   readonly config: Pick<Config, 'admin'>;
-  readonly metrics: ProxyMetrics;
+  readonly metrics: MetricsSource;
   /** Named readiness checks; /readyz is ready when all pass (e.g. listeners, upstream, certificates). */
   readonly checks: Readonly<Record<string, HealthCheck>>;
   readonly logger: Logger;

@@ -108,10 +108,11 @@ describe('proxy command with --mtls_admin_port', () => {
       '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
       '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!,
       '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_crl', pki.paths['client_cert_ca.crl']!,
-      '--mtls_admin_port', String(adminPort)], { stdio: ['ignore', 'pipe', 'inherit'] });
+      '--mtls_admin_port', String(adminPort), '--mtls_workers', '2'], { stdio: ['ignore', 'pipe', 'inherit'] });
     try {
       const lines = createInterface({ input: child.stdout! });
-      for await (const line of lines) if (/"listener":"rest"/.test(line) && /"event":"listening"/.test(line)) break;
+      // With workers, the primary says when every one of them listens.
+      for await (const line of lines) if (/"event":"workers_listening"/.test(line)) break;
       child.stdout!.resume();
       assert.equal((await httpGet(adminPort, '/readyz')).status, 200);
       assert.equal((await https1(restPort, pki, { path: '/v2/health/ready' })).status, 200);

@@ -107,7 +107,9 @@ describe('proxy command line', () => {
 describe('proxy graceful shutdown', () => {
   test('SIGTERM stops accepting, lets an SSE response and a gRPC stream in flight finish, then exits 0', async () => {
     board = new GateBoard();
-    const { cli, grpcPort, restPort } = await startProxyCli(tlsFlags());
+    // One process: the listening socket closes before the `signal` line. With workers it closes
+    // once every worker has stopped accepting, a moment later (test/workers.test.ts).
+    const { cli, grpcPort, restPort } = await startProxyCli([...tlsFlags(), '--mtls_workers', '1']);
     const clients = grpcClients(`localhost:${grpcPort}`, pki);
     const rest = h2Session(restPort, pki);
     try {

@@ -12,6 +12,7 @@ import { startProxy, type RunningProxy } from '../proxy.js';
 import { combineObservers, type ProxyObserver } from '../observer.js';
 import type { CheckResult, ProxyMetrics } from '../operations.js';
 import { ServingOperations } from './serving-operations.js';
+import { WorkerPool } from '../workers.js';
 import { productVersion } from '../version.js';
 import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
 import { entrypointSettings, ovmsBinary, type EntrypointSettings } from '../entrypoint-config.js';
@@ -107,7 +108,7 @@ function listenerConfig(spec: PublicListenerSpec | undefined, upstreams: Loopbac
 export interface ServingOptions {
   /** Where the product's JSON lines go; stdout by default. */
   readonly logger?: Logger;
-  /** Extra observer for the proxy (metrics). */
+  /** Extra observer for the proxy (metrics); single-process only (--mtls_workers 1). */
   readonly observer?: ProxyObserver;
 }
 
@@ -143,11 +144,13 @@ export async function startServing(settings: EntrypointSettings, options: Servin
     if (state?.ready) return undefined;
     return state?.up ? 'OVMS is starting' : 'OVMS is not running';
   };
-  const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: () => () => ovmsReadiness(holder.supervisor) });
+  // --mtls_workers > 1: forked workers serve and drop privileges themselves; OVMS stays this process's child.
+  const workers = config.workers > 1 ? new WorkerPool({ config, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current() }) : undefined;
+  const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: () => () => ovmsReadiness(holder.supervisor), workers });
   const observer = options.observer ? combineObservers(operations.metrics, options.observer) : operations.metrics;
   let proxy: RunningProxy;
   try {
-    proxy = await startProxy({ config, material, logger, notReady: { grpc: notReady, rest: notReady }, observer });
+    proxy = workers ? await workers.start() : await startProxy({ config, material, logger, notReady: { grpc: notReady, rest: notReady }, observer });
   } catch (err) {
     await operations.close();
     throw err;
@@ -156,7 +159,9 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   holder.supervisor = supervisor;
   logSupervisorEvents(supervisor, logger, () => upstreams.current());
   countSupervisorEvents(supervisor, operations.metrics);
+  if (workers) tellWorkersAboutOvms(supervisor, workers);
   supervisor.start();
+  workers?.upstreamChanged();
   if (plan.proxy) {
     dropPrivileges(plan.proxy);
     logger.info({ event: 'privileges_dropped', user: plan.proxy.name, uid: plan.proxy.uid, gid: plan.proxy.gid }, `proxy now runs as ${plan.proxy.name}`);
@@ -170,6 +175,11 @@ function ovmsReadiness(supervisor: OvmsSupervisor | undefined): CheckResult {
   const state = supervisor?.state();
   if (state?.ready) return { ok: true, detail: `OVMS ready (pid ${state.pid})` };
   return { ok: false, detail: state?.up ? 'OVMS is starting' : 'OVMS is not running' };
+}
+
+/** Workers answer 503/UNAVAILABLE while OVMS is not ready, and follow its loopback ports: tell them every change. */
+function tellWorkersAboutOvms(supervisor: OvmsSupervisor, workers: WorkerPool): void {
+  for (const event of ['spawn', 'ready', 'exit', 'retrying', 'restarting'] as const) supervisor.on(event, () => workers.upstreamChanged());
 }
 
 function countSupervisorEvents(supervisor: OvmsSupervisor, metrics: ProxyMetrics): void {

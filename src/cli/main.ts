@@ -1,3 +1,4 @@
+import cluster from 'node:cluster';
 import { isUserError } from '../errors.js';
 import { productVersion } from '../version.js';
 import { runProxyCommand } from './proxy-command.js';
@@ -7,6 +8,7 @@ import { runProbeCommand } from './probe-command.js';
 import { helpText } from './help.js';
 import { runDemoCommand } from './demo-command.js';
 import { runEntrypointCommand } from './entrypoint-command.js';
+import { runWorker } from '../worker-main.js';
 
 export interface Io {
   readonly stdout: NodeJS.WritableStream;
@@ -43,10 +45,13 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
   return 2;
 }
 
-/** The process entry: the only place that exits. User errors print one line, no stack. */
+/**
+ * The process entry: the only place that exits. User errors print one line, no stack.
+ * A proxy worker (--mtls_workers) gets its orders from the primary, not from argv.
+ */
 export function main(argv: readonly string[]): void {
   const io: Io = { stdout: process.stdout, stderr: process.stderr, env: process.env };
-  run(argv, io).then(
+  (cluster.isWorker ? runWorker() : run(argv, io)).then(
     (code) => process.exit(code),
     (err: unknown) => {
       if (isUserError(err)) {

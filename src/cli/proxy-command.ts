@@ -5,6 +5,7 @@ import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
 import { updatingOvmsUp, upstreamCheck } from '../operations.js';
 import { ServingOperations } from './serving-operations.js';
+import { WorkerPool } from '../workers.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
 import { waitForStopSignal } from './lifecycle.js';
 
@@ -23,16 +24,20 @@ export async function runProxyCommand(argv: readonly string[], env: NodeJS.Proce
   const config = proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, env));
   const logger = createLogger({ level: config.logLevel });
   const material = loadTlsMaterialSync(config.tls);
-  const ops = await ServingOperations.start({ config, material, logger, upstreamCheck: (metrics) => updatingOvmsUp(metrics, upstreamCheck(config)) });
+  // --mtls_workers > 1: forked workers serve; this process keeps the admin port, the reload watch and the signals.
+  const workers = config.workers > 1 ? new WorkerPool({ config, logger }) : undefined;
+  const ops = await ServingOperations.start({ config, material, logger, upstreamCheck: (metrics) => updatingOvmsUp(metrics, upstreamCheck(config)), workers });
+  // Before the listeners: a worker logs `listening` before the last one is up, and a SIGTERM then must drain, not kill.
+  const stop = waitForStopSignal(logger, { onReload: () => ops.reload() });
   let proxy: RunningProxy;
   try {
-    proxy = await startProxy({ config, material, logger, observer: ops.metrics });
+    proxy = workers ? await workers.start() : await startProxy({ config, material, logger, observer: ops.metrics });
   } catch (err) {
+    stop.dispose();
     await ops.close();
     throw err;
   }
   ops.attach(proxy);
-  const stop = waitForStopSignal(logger, { onReload: () => ops.reload() });
   await stop.signal;
   ops.stopWatching();
   await proxy.shutdown(config.shutdownTimeoutMs);

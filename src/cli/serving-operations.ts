@@ -8,6 +8,8 @@ import type { RunningProxy } from '../proxy.js';
 import type { TlsMaterial } from '../tls-material.js';
 import type { AdminServer } from '../admin.js';
 import { TlsReloader } from '../tls-reload.js';
+import type { WorkerPool } from '../workers.js';
+import { aggregatedMetrics } from '../metrics-aggregate.js';
 import { ProxyMetrics, certificatesCheck, listenersCheck, startAdminIfConfigured, type HealthCheck } from '../operations.js';
 
 export interface ServingOperationsOptions {
@@ -16,6 +18,8 @@ export interface ServingOperationsOptions {
   readonly logger: Logger;
   /** Is the model server ready (proxy mode: it answers; entrypoint: the OVMS child is ready)? */
   readonly upstreamCheck: (metrics: ProxyMetrics) => HealthCheck;
+  /** --mtls_workers > 1: /metrics merges the workers' numbers, /readyz asks the pool. */
+  readonly workers?: WorkerPool | undefined;
 }
 
 export class ServingOperations {
@@ -25,6 +29,7 @@ export class ServingOperations {
   #proxy: RunningProxy | undefined;
   #admin: AdminServer | undefined;
   #reloader: TlsReloader | undefined;
+  #reloadPending = false;
 
   private constructor(options: ServingOperationsOptions) {
     this.#options = options;
@@ -35,12 +40,13 @@ export class ServingOperations {
   /** Admin first: /healthz answers while the public listeners bind, /readyz says they are not up yet. */
   static async start(options: ServingOperationsOptions): Promise<ServingOperations> {
     const ops = new ServingOperations(options);
+    const { workers } = options;
     ops.#admin = await startAdminIfConfigured({
       config: options.config,
-      metrics: ops.metrics,
+      metrics: workers ? aggregatedMetrics(ops.metrics.registry, () => workers.collectMetrics()) : ops.metrics,
       logger: options.logger,
       checks: {
-        listeners: listenersCheck(() => ops.#proxy),
+        listeners: workers ? () => workers.check() : listenersCheck(() => ops.#proxy),
         upstream: options.upstreamCheck(ops.metrics),
         certificates: certificatesCheck(() => ops.#material),
       },
@@ -67,11 +73,16 @@ export class ServingOperations {
       },
     });
     this.#reloader.watch();
+    if (this.#reloadPending) {
+      this.#reloadPending = false;
+      void this.#reloader.reload('signal');
+    }
   }
 
-  /** SIGHUP. */
+  /** SIGHUP. One that arrives while the listeners still start is run once they are up, not lost. */
   reload(): void {
-    void this.#reloader?.reload('signal');
+    if (this.#reloader) void this.#reloader.reload('signal');
+    else this.#reloadPending = true;
   }
 
   /** Stops watching now; the admin listener closes last so probes see the drain. */

@@ -1,0 +1,98 @@
+/**
+ * KServe-style JSON inference over HTTP/1.1 (kept-alive sockets, one request
+ * in flight each) and over HTTP/2 (streams on a few sessions). Every answer
+ * must be 200 with the echoed body.
+ */
+import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
+import type { OutgoingHttpHeaders } from 'node:http2';
+import { PATHS, type DriverSpec } from '../protocol.js';
+import { H2Pool, h2Exchange, readClientTls } from './h2-pool.js';
+import { elapsedUs } from './phase.js';
+import type { Load } from './load.js';
+
+/** A KServe v2 JSON infer request of about `bytes` bytes (FP32 data, like a real one). */
+export function kserveJsonBody(bytes: number): Buffer {
+  const head = '{"id":"bench","inputs":[{"name":"input","shape":[1,N],"datatype":"FP32","data":[';
+  const tail = ']}]}';
+  const values: string[] = [];
+  let length = head.length + tail.length;
+  while (length < bytes) {
+    const v = (values.length % 97) / 8;
+    const text = String(v);
+    values.push(text);
+    length += text.length + 1;
+  }
+  return Buffer.from(head.replace('N', String(values.length)) + values.join(',') + tail);
+}
+
+export function restH1Load(spec: DriverSpec): Load {
+  const body = kserveJsonBody(spec.payloadBytes);
+  const tls = spec.endpoint.tls ? { ...readClientTls(spec.endpoint.tls), servername: 'localhost' } : undefined;
+  const agentOptions = { keepAlive: true, maxSockets: spec.connections, maxFreeSockets: spec.connections, scheduling: 'fifo' as const };
+  const agent = tls ? new HttpsAgent({ ...agentOptions, ...tls }) : new HttpAgent(agentOptions);
+  const send = tls ? httpsRequest : httpRequest;
+  const options = {
+    agent,
+    host: spec.endpoint.host,
+    port: spec.endpoint.port,
+    method: 'POST',
+    path: PATHS.restInfer,
+    headers: { host: 'localhost', 'content-type': 'application/json', 'content-length': body.length },
+  };
+  const exchange = () =>
+    new Promise<string | undefined>((resolve) => {
+      const req = send(options, (res: IncomingMessage) => {
+        let bytes = 0;
+        res.on('data', (c: Buffer) => (bytes += c.length));
+        res.on('end', () => resolve(res.statusCode !== 200 ? `http status ${res.statusCode}` : bytes !== body.length ? `reply ${bytes} bytes, expected ${body.length}` : undefined));
+        res.on('error', (err) => resolve(`response: ${(err as NodeJS.ErrnoException).code ?? err.message}`));
+      });
+      req.on('error', (err) => resolve(`request: ${(err as NodeJS.ErrnoException).code ?? err.message}`));
+      req.end(body);
+    });
+  return {
+    // Sockets open on first use; the warm-up phase pays for that.
+    prepare: async () => {},
+    slots: spec.connections,
+    async loop(_slot, recorder) {
+      while (recorder.more()) {
+        const started = process.hrtime.bigint();
+        const problem = await exchange();
+        if (problem) recorder.fail(problem);
+        else recorder.ok(elapsedUs(started));
+      }
+    },
+    close: () => agent.destroy(),
+  };
+}
+
+export function restH2Load(spec: DriverSpec): Load {
+  const body = kserveJsonBody(spec.payloadBytes);
+  const pool = new H2Pool(spec.endpoint, spec.connections);
+  const headers: OutgoingHttpHeaders = {
+    ':method': 'POST',
+    ':path': PATHS.restInfer,
+    ':authority': 'localhost',
+    'content-type': 'application/json',
+    'content-length': body.length,
+  };
+  return {
+    prepare: () => pool.ready(),
+    slots: spec.connections * spec.streamsPerConnection,
+    async loop(slot, recorder) {
+      while (recorder.more()) {
+        const started = process.hrtime.bigint();
+        const o = await h2Exchange(pool.session(slot), headers, body);
+        const problem =
+          o.rstCode !== undefined ? `stream reset ${o.rstCode}`
+          : o.status !== 200 ? `http status ${o.status}`
+          : o.bytes !== body.length ? `reply ${o.bytes} bytes, expected ${body.length}`
+          : undefined;
+        if (problem) recorder.fail(problem);
+        else recorder.ok(elapsedUs(started));
+      }
+    },
+    close: () => pool.close(),
+  };
+}

@@ -1,0 +1,98 @@
+/**
+ * The bench command line. Defaults live in scenarios.ts (PROFILES, SCENARIOS);
+ * the experiment options (--compare, --node-flags, --proxy-args, load
+ * overrides) exist for A/B measurements of a change.
+ */
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import type { ScenarioId } from './protocol.js';
+import { PROFILES, SCENARIOS, type Profile, type ProfileSettings } from './scenarios.js';
+
+export const USAGE = `usage: npm run bench -- [options]
+  --full                 longer runs and 10,000 idle connections (default: quick profile, ~10 min)
+  --workers 1,2          worker counts to compare (proxy --mtls_workers and nginx worker_processes)
+  --scenarios a,b        subset of: ${SCENARIOS.map((s) => s.id).join(', ')}
+  --targets a,b          subset of: direct, nginx, proxy, proxy-log
+  --duration S           measured seconds per run        --warmup S   warm-up seconds per run
+  --idle N               idle connections to hold        --no-nginx   skip nginx even if installed
+  --cpu-prof SCENARIO    profile the proxy (1 worker, no access log) during that scenario (node --cpu-prof)
+  --rounds N             run every scenario N times, targets interleaved; report each target's best round
+  --node-flags "F ..."   extra node options for the proxy processes (experiments)
+  --drivers N  --connections N  --streams N
+                         override every scenario's driver processes, connections per driver,
+                         and requests in flight per HTTP/2 connection (defaults: bench/scenarios.ts)
+  --proxy-args "A ..."   extra options for every proxy (experiments)
+  --compare FILE         A/B: also run the proxy launched by FILE (another build's bin/ovms-mtls)
+  --compare-node-flags "F ..."  --compare-args "A ..."
+                         A/B: node options or proxy options for those B rows (FILE defaults to bin/ovms-mtls)
+  --out DIR              where results go (default bench/results)
+  --keep                 keep the temporary directory (configs, logs, certificates)`;
+
+export interface Options {
+  profile: Profile;
+  settings: ProfileSettings;
+  workers: number[];
+  scenarios: ScenarioId[];
+  kinds: Set<string>;
+  nginx: boolean;
+  cpuProf: ScenarioId | undefined;
+  nodeFlags: string[];
+  compare: string | undefined;
+  compareNodeFlags: string[] | undefined;
+  compareArgs: string[] | undefined;
+  proxyArgs: string[];
+  load: { drivers?: number; connections?: number; streams?: number };
+  out: string;
+  keep: boolean;
+}
+
+/** The parsed command line, or undefined when help was asked for. Throws on an unknown scenario. */
+export function parseOptions(argv: string[], repoRoot: string): Options | undefined {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      full: { type: 'boolean' }, workers: { type: 'string' }, scenarios: { type: 'string' }, targets: { type: 'string' },
+      duration: { type: 'string' }, warmup: { type: 'string' }, idle: { type: 'string' }, rounds: { type: 'string' },
+      'no-nginx': { type: 'boolean' }, 'cpu-prof': { type: 'string' }, 'node-flags': { type: 'string' }, 'proxy-args': { type: 'string' },
+      compare: { type: 'string' }, 'compare-node-flags': { type: 'string' }, 'compare-args': { type: 'string' }, drivers: { type: 'string' }, connections: { type: 'string' }, streams: { type: 'string' },
+      out: { type: 'string' }, keep: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) return undefined;
+  const profile: Profile = values.full ? 'full' : 'quick';
+  const base = PROFILES[profile];
+  const seconds = (v: string | undefined, fallback: number) => (v === undefined ? fallback : Math.max(0.2, Number(v)) * 1000);
+  const count = (v: string, max: number) => Math.max(1, Math.min(max, Math.floor(Number(v)) || 1));
+  const list = (v: string | undefined) => v?.split(',').map((s) => s.trim()).filter(Boolean);
+  const scenarios = (list(values.scenarios) ?? SCENARIOS.map((s) => s.id)) as ScenarioId[];
+  for (const s of [...scenarios, ...(values['cpu-prof'] ? [values['cpu-prof']] : [])]) {
+    if (!SCENARIOS.some((d) => d.id === s)) throw new Error(`unknown scenario '${s}' (one of ${SCENARIOS.map((d) => d.id).join(', ')})`);
+  }
+  return {
+    profile,
+    settings: {
+      warmupMs: seconds(values.warmup, base.warmupMs),
+      durationMs: seconds(values.duration, base.durationMs),
+      maxOps: base.maxOps,
+      idleConnections: values.idle === undefined ? base.idleConnections : Math.max(1, Math.min(15_000, Number(values.idle))),
+      rounds: Math.max(1, Math.min(20, Number(values.rounds ?? base.rounds) || 1)),
+    },
+    workers: (list(values.workers) ?? ['1', '2']).map(Number).filter((n) => Number.isInteger(n) && n > 0),
+    scenarios,
+    kinds: new Set(list(values.targets) ?? ['direct', 'nginx', 'proxy', 'proxy-log']),
+    nginx: !values['no-nginx'],
+    cpuProf: values['cpu-prof'] as ScenarioId | undefined,
+    load: {
+      ...(values.drivers ? { drivers: count(values.drivers, 16) } : {}),
+      ...(values.connections ? { connections: count(values.connections, 1000) } : {}),
+      ...(values.streams ? { streams: count(values.streams, 1000) } : {}),
+    },
+    compare: values.compare !== undefined ? resolve(values.compare) : values['compare-node-flags'] !== undefined || values['compare-args'] !== undefined ? join(repoRoot, 'bin/ovms-mtls') : undefined,
+    compareNodeFlags: values['compare-node-flags']?.split(' ').filter(Boolean),
+    compareArgs: values['compare-args']?.split(' ').filter(Boolean),
+    proxyArgs: values['proxy-args']?.split(' ').filter(Boolean) ?? [],
+    nodeFlags: values['node-flags']?.split(' ').filter(Boolean) ?? [],
+    out: resolve(values.out ?? join(repoRoot, 'bench/results')),
+    keep: values.keep ?? false,
+  };
+}

@@ -1,0 +1,139 @@
+/**
+ * One proxy worker (`--mtls_workers` > 1): runs startProxy with the
+ * primary's Config on the listeners cluster shares, with its own upstream
+ * sessions and metrics, and does what the primary asks over IPC (reload,
+ * metrics, drain). It never watches files or talks to OVMS itself.
+ */
+import cluster from 'node:cluster';
+import { createLogger, type Logger } from './log.js';
+import { isUserError } from './errors.js';
+import { ProxyMetrics } from './metrics.js';
+import { startProxy, type RunningProxy } from './proxy.js';
+import { loadTlsMaterialSync } from './tls-material.js';
+import { TlsReloader } from './tls-reload.js';
+import { dropPrivileges, isRoot } from './privileges.js';
+import type { Config } from './config.js';
+import { isMessage, type FromWorker, type ToWorker, type UpstreamPorts } from './worker-protocol.js';
+
+type StartMessage = Extract<ToWorker, { type: 'start' }>;
+
+/** The forwarders read the upstream port at each connection: moving it here redirects new upstream sessions. */
+class LiveUpstreams {
+  readonly config: Config;
+  readonly #grpc: { host: string; port: number } | undefined;
+  readonly #rest: { host: string; port: number } | undefined;
+
+  constructor(config: Config) {
+    this.#grpc = config.grpc ? { ...config.grpc.upstream } : undefined;
+    this.#rest = config.rest ? { ...config.rest.upstream } : undefined;
+    this.config = {
+      ...config,
+      grpc: config.grpc && this.#grpc ? { ...config.grpc, upstream: this.#grpc } : undefined,
+      rest: config.rest && this.#rest ? { ...config.rest, upstream: this.#rest } : undefined,
+    };
+  }
+
+  move(ports: UpstreamPorts | undefined): void {
+    if (ports?.grpc && this.#grpc) this.#grpc.port = ports.grpc;
+    if (ports?.rest && this.#rest) this.#rest.port = ports.rest;
+  }
+}
+
+/** What the primary told this worker so far; the message handler fills it in. */
+class Inbox {
+  notReady: string | undefined;
+  upstreams: LiveUpstreams | undefined;
+  reloader: TlsReloader | undefined;
+  readonly started: Promise<StartMessage>;
+  readonly drain: Promise<number>;
+  #start!: (m: StartMessage) => void;
+  #drain!: (timeoutMs: number) => void;
+
+  constructor(readonly metrics: ProxyMetrics) {
+    this.started = new Promise((resolve) => (this.#start = resolve));
+    this.drain = new Promise((resolve) => (this.#drain = resolve));
+  }
+
+  handle(message: ToWorker): void {
+    switch (message.type) {
+      case 'start':
+        this.notReady = message.notReady;
+        return this.#start(message);
+      case 'upstream':
+        this.notReady = message.notReady;
+        this.upstreams?.move(message.ports);
+        return;
+      case 'reload':
+        // Before the proxy is up there is nothing to reload: it loads the current files at start.
+        void this.reloader?.reload('api');
+        return;
+      case 'metrics':
+        void this.metrics.registry.getMetricsAsJSON().then((metrics) => send({ type: 'metrics', id: message.id, metrics }));
+        return;
+      case 'drain':
+        return this.#drain(message.timeoutMs);
+    }
+  }
+
+  /** A terminal's Ctrl-C reaches the whole process group: drain as if the primary asked. */
+  drainOnSignal(timeoutMs: number): void {
+    this.#drain(timeoutMs);
+  }
+}
+
+function send(message: FromWorker): void {
+  if (process.connected) process.send!(message);
+}
+
+/** Signals: SIGINT/SIGTERM drain (the primary sends `drain` too); SIGHUP is the primary's to handle. */
+function handleSignals(inbox: Inbox, timeoutMs: () => number): void {
+  const onStop = () => inbox.drainOnSignal(timeoutMs());
+  process.on('SIGINT', onStop);
+  process.on('SIGTERM', onStop);
+  process.on('SIGHUP', () => undefined);
+}
+
+async function serve(start: StartMessage, inbox: Inbox, logger: Logger): Promise<RunningProxy | undefined> {
+  inbox.upstreams = new LiveUpstreams(start.config);
+  inbox.upstreams.move(start.ports);
+  const { config } = inbox.upstreams;
+  const notReady = () => inbox.notReady;
+  try {
+    const material = loadTlsMaterialSync(config.tls);
+    const proxy = await startProxy({ config, material, logger, observer: inbox.metrics, ...(start.gated ? { notReady: { grpc: notReady, rest: notReady } } : {}) });
+    if (start.dropTo && isRoot()) {
+      dropPrivileges(start.dropTo);
+      logger.info({ event: 'privileges_dropped', user: start.dropTo.name, uid: start.dropTo.uid, gid: start.dropTo.gid }, `worker now runs as ${start.dropTo.name}`);
+    }
+    inbox.reloader = new TlsReloader({ files: config.tls, current: material, proxy, logger, revokedGraceMs: config.shutdownTimeoutMs });
+    send({ type: 'listening', addresses: proxy.addresses });
+    return proxy;
+  } catch (err) {
+    // The primary prints user errors as its one startup line; anything else is logged here.
+    if (!isUserError(err)) logger.error({ event: 'worker_failed', err }, `worker failed to start: ${(err as Error).message}`);
+    send({ type: 'failed', message: (err as Error).message, code: isUserError(err) ? err.code : undefined });
+    return undefined;
+  }
+}
+
+/** The worker process's whole life; resolves with its exit code. */
+export async function runWorker(): Promise<number> {
+  const inbox = new Inbox(new ProxyMetrics());
+  process.on('message', (message: unknown) => {
+    if (isMessage<ToWorker>(message)) inbox.handle(message);
+  });
+  send({ type: 'hello' });
+  let shutdownTimeoutMs = 0;
+  handleSignals(inbox, () => shutdownTimeoutMs);
+  // Told to stop before being told to start (the primary is shutting down): nothing to drain.
+  const start = await Promise.race([inbox.started, inbox.drain.then(() => undefined)]);
+  if (!start) return 0;
+  shutdownTimeoutMs = start.config.shutdownTimeoutMs;
+  const logger = createLogger({ level: start.config.logLevel }).child({ worker: cluster.worker?.id, pid: process.pid });
+  const proxy = await serve(start, inbox, logger);
+  if (!proxy) return 1;
+  const timeoutMs = await inbox.drain;
+  logger.info({ event: 'worker_draining' }, 'worker draining');
+  await proxy.shutdown(timeoutMs);
+  return 0;
+}

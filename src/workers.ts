@@ -1,0 +1,222 @@
+/**
+ * `--mtls_workers N` (N > 1): the primary forks N proxy workers with
+ * node:cluster. The listening sockets are the primary's (cluster creates
+ * them on the first worker's listen, so a bind as root happens before any
+ * privilege drop) and it hands connections round-robin, Node's default on
+ * Linux. Everything that must exist once stays in the primary: OVMS, the
+ * admin port, the certificate watch, signals and the exit code. A worker
+ * that dies outside shutdown is logged and replaced.
+ */
+import cluster, { type Worker } from 'node:cluster';
+import type { AddressInfo } from 'node:net';
+import { fileURLToPath } from 'node:url';
+import type { Config } from './config.js';
+import type { Logger } from './log.js';
+import type { ListenerName } from './observer.js';
+import type { RunningProxy } from './proxy.js';
+import type { UserAccount } from './privileges.js';
+import type { CheckResult } from './health.js';
+import type { MetricsJson } from './metrics-aggregate.js';
+import { ListenError, TlsMaterialError } from './errors.js';
+import { isMessage, type FromWorker, type ToWorker, type UpstreamPorts } from './worker-protocol.js';
+
+/** The module a worker process starts from; a single executable ignores it and runs its own main. */
+const WORKER_ENTRY = fileURLToPath(new URL('./cli/worker-entry.js', import.meta.url));
+/** A worker past its drain timeout is killed this much later: its own timeout should have ended it. */
+const DRAIN_BACKSTOP_MS = 5000;
+const REPLACE_BACKOFF = { initialMs: 500, maxMs: 30_000 };
+
+export interface WorkerPoolOptions {
+  readonly config: Config;
+  readonly logger: Logger;
+  /** Started as root: the user each worker becomes once its listeners are up. */
+  readonly dropTo?: UserAccount | undefined;
+  /** Entrypoint mode: why calls cannot go to OVMS yet (undefined = ready). Proxy mode: absent. */
+  readonly notReady?: () => string | undefined;
+  /** Entrypoint mode: OVMS's current loopback ports, sent with every upstream change. */
+  readonly ports?: () => UpstreamPorts;
+  /** How long a /metrics scrape waits for each worker. Default 2000 ms. */
+  readonly metricsTimeoutMs?: number;
+}
+
+interface Member {
+  readonly worker: Worker;
+  readonly listening: Promise<void>;
+  /** Said hello: its messages are heard from now on (see FromWorker). */
+  greeted: boolean;
+  up: boolean;
+}
+
+export class WorkerPool implements RunningProxy {
+  readonly addresses: Partial<Record<ListenerName, readonly AddressInfo[]>> = {};
+  readonly #options: WorkerPoolOptions;
+  readonly #members = new Map<number, Member>();
+  readonly #pending = new Map<number, (metrics: MetricsJson) => void>();
+  #nextRequest = 1;
+  #started = false;
+  #stopping = false;
+  #failuresInARow = 0;
+  #replaceTimer: NodeJS.Timeout | undefined;
+  #allExited: (() => void) | undefined;
+
+  constructor(options: WorkerPoolOptions) {
+    this.#options = options;
+  }
+
+  /** Forks every worker; resolves when all listen. Rejects with the first worker's startup error, every worker gone. */
+  async start(): Promise<this> {
+    cluster.setupPrimary({ exec: WORKER_ENTRY, args: [] });
+    const members = Array.from({ length: this.#options.config.workers }, () => this.#fork());
+    try {
+      await Promise.all(members.map((m) => m.listening));
+    } catch (err) {
+      await this.#stopAll(0);
+      throw err;
+    }
+    this.#started = true;
+    this.#options.logger.info({ event: 'workers_listening', workers: members.length, pids: members.map((m) => m.worker.process.pid) }, `${members.length} workers listening`);
+    return this;
+  }
+
+  port(listener: ListenerName): number | undefined {
+    return this.addresses[listener]?.[0]?.port;
+  }
+
+  /** The primary holds no connections: each worker closes its own revoked ones when it reloads. */
+  listeners(): [] {
+    return [];
+  }
+
+  /** The primary's reloader validated the new set: every worker loads it. A broken set never gets here. */
+  reloadTls(): void {
+    this.#broadcast({ type: 'reload' });
+  }
+
+  /** OVMS started, became ready, exited, or moved to new loopback ports. */
+  upstreamChanged(): void {
+    this.#broadcast({ type: 'upstream', notReady: this.#options.notReady?.(), ports: this.#options.ports?.() });
+  }
+
+  /** For /readyz: listening while at least one worker is, until shutdown begins. */
+  check(): CheckResult {
+    const up = [...this.#members.values()].filter((m) => m.up).length;
+    const detail = `${up} of ${this.#options.config.workers} workers listening`;
+    return { ok: up > 0 && !this.#stopping, detail: this.#stopping ? `draining; ${detail}` : detail };
+  }
+
+  /** Every listening worker's metrics; a worker that does not answer in time is left out of this scrape. */
+  async collectMetrics(): Promise<MetricsJson[]> {
+    const timeoutMs = this.#options.metricsTimeoutMs ?? 2000;
+    const asks = [...this.#members.values()].filter((m) => m.up).map((m) => this.#askMetrics(m.worker, timeoutMs));
+    return (await Promise.all(asks)).filter((m): m is MetricsJson => m !== undefined);
+  }
+
+  /** Every worker drains (stops accepting, in-flight calls finish for up to `timeoutMs`) and exits. */
+  shutdown(timeoutMs: number): Promise<void> {
+    return this.#stopAll(timeoutMs);
+  }
+
+  #fork(): Member {
+    const worker = cluster.fork();
+    let settle!: { resolve: () => void; reject: (err: Error) => void };
+    const listening = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
+    listening.catch(() => undefined);
+    const member: Member = { worker, listening, greeted: false, up: false };
+    this.#members.set(worker.id, member);
+    worker.on('message', (message: unknown) => {
+      if (isMessage<FromWorker>(message)) this.#onMessage(member, message, settle);
+    });
+    worker.on('exit', (code, signal) => {
+      settle.reject(new Error(`worker ${worker.id} exited (${signal ?? code}) before listening`));
+      this.#onExit(member, code, signal);
+    });
+    return member;
+  }
+
+  #onMessage(member: Member, message: FromWorker, settle: { resolve: () => void; reject: (err: Error) => void }): void {
+    switch (message.type) {
+      case 'hello': {
+        member.greeted = true;
+        if (this.#stopping) return this.#send(member.worker, { type: 'drain', timeoutMs: 0 });
+        const { config, dropTo, notReady, ports } = this.#options;
+        return this.#send(member.worker, { type: 'start', config, dropTo, gated: notReady !== undefined, notReady: notReady?.(), ports: ports?.() });
+      }
+      case 'listening':
+        member.up = true;
+        this.#failuresInARow = 0;
+        for (const [name, list] of Object.entries(message.addresses)) this.addresses[name as ListenerName] ??= list;
+        return settle.resolve();
+      case 'failed':
+        return settle.reject(startupError(message));
+      case 'metrics':
+        this.#pending.get(message.id)?.(message.metrics);
+        return;
+    }
+  }
+
+  #onExit(member: Member, code: number | null, signal: string | null): void {
+    this.#members.delete(member.worker.id);
+    if (this.#members.size === 0) this.#allExited?.();
+    if (!this.#started || this.#stopping) return;
+    const pid = member.worker.process.pid;
+    this.#options.logger.error({ event: 'worker_exited', worker: member.worker.id, pid, code, signal }, `worker ${member.worker.id} (pid ${pid}) exited with ${signal ?? code}: starting a new one`);
+    this.#scheduleReplacement(member.up);
+  }
+
+  /** At once after a crash of a worker that served; with backoff while new workers keep failing to start. */
+  #scheduleReplacement(wasUp: boolean): void {
+    if (!wasUp) this.#failuresInARow += 1;
+    const delay = wasUp ? 0 : Math.min(REPLACE_BACKOFF.maxMs, REPLACE_BACKOFF.initialMs * 2 ** (this.#failuresInARow - 1));
+    this.#replaceTimer = setTimeout(() => {
+      if (this.#stopping) return;
+      this.#fork().listening.catch((err: Error) => this.#options.logger.error({ event: 'worker_start_failed', reason: err.message }, `a new worker failed to start: ${err.message}`));
+    }, delay);
+  }
+
+  async #stopAll(timeoutMs: number): Promise<void> {
+    this.#stopping = true;
+    clearTimeout(this.#replaceTimer);
+    if (this.#members.size === 0) return;
+    const exited = new Promise<void>((resolve) => (this.#allExited = resolve));
+    this.#broadcast({ type: 'drain', timeoutMs });
+    const backstop = setTimeout(() => {
+      for (const m of this.#members.values()) m.worker.process.kill('SIGKILL');
+    }, timeoutMs + DRAIN_BACKSTOP_MS);
+    await exited;
+    clearTimeout(backstop);
+  }
+
+  #askMetrics(worker: Worker, timeoutMs: number): Promise<MetricsJson | undefined> {
+    const id = this.#nextRequest++;
+    return new Promise((resolve) => {
+      const done = (metrics: MetricsJson | undefined) => {
+        clearTimeout(timer);
+        this.#pending.delete(id);
+        resolve(metrics);
+      };
+      const timer = setTimeout(() => done(undefined), timeoutMs);
+      this.#pending.set(id, done);
+      this.#send(worker, { type: 'metrics', id });
+    });
+  }
+
+  /** Only to workers that said hello: a message sent earlier would be lost; `start` carries the state they missed. */
+  #broadcast(message: ToWorker): void {
+    for (const m of this.#members.values()) if (m.greeted) this.#send(m.worker, message);
+  }
+
+  /** A worker that is exiting has no channel left; its exit event tells the rest. */
+  #send(worker: Worker, message: ToWorker): void {
+    if (!worker.isConnected()) return;
+    worker.send(message, (err: Error | null) => {
+      if (err) this.#options.logger.debug({ event: 'worker_send_failed', worker: worker.id, reason: err.message }, 'message to a worker not delivered');
+    });
+  }
+}
+
+/** A worker's startup error as the same one-line user error the single-process path throws. */
+function startupError(message: Extract<FromWorker, { type: 'failed' }>): Error {
+  if (message.code === 'ERR_LISTEN') return new ListenError(message.message);
+  if (message.code === 'ERR_TLS_MATERIAL') return new TlsMaterialError(message.message);
+  return new Error(`a proxy worker failed to start: ${message.message}`);
+}

@@ -1,0 +1,280 @@
+/**
+ * `--mtls_workers 2`: the built CLI with two proxy workers behind one set of
+ * public ports, in proxy mode and as the OVMS entrypoint (fake OVMS).
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startCli, BIN, type LongRunningCli } from './helpers/cli.js';
+import { grpcClients, h2Request, h2Session, https1, startUpstream, LogCapture, type LogLine } from './helpers/harness.js';
+import { httpGet, eventually } from './helpers/ops.js';
+import { plainCertDir, replaceAtomically, servedSerial, type CertDir, type TlsClient } from './helpers/reload.js';
+import { FAKE_OVMS, makeFakeExecutable, startWrapper, tlsArgs } from './helpers/entrypoint.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+import { unary, type EchoReply } from '../src/demo/grpc-client.js';
+import { createCrl, issueClientCert, issueServerCert, type Issued } from '../src/x509.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+let pki: TestPki;
+let upstream: ModelServer;
+let dir: string;
+
+before(async () => {
+  makeFakeExecutable();
+  [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
+  dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-workers-'));
+});
+
+after(async () => {
+  await upstream.close();
+  await pki.cleanup();
+  await rm(dir, { recursive: true, force: true });
+});
+
+// Safety net so a regression fails instead of hanging; nothing asserts on time.
+const SAFETY = { timeout: 120_000 };
+
+function certFlags(files: { cert: string; key: string; clientCa: string; crl?: string | undefined } = { cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']! }): string[] {
+  return ['--mtls_cert', files.cert, '--mtls_key', files.key, '--mtls_client_ca', files.clientCa, ...(files.crl ? ['--mtls_crl', files.crl] : [])];
+}
+
+interface Running {
+  cli: LongRunningCli;
+  grpcPort: number;
+  restPort: number;
+  adminPort: number;
+}
+
+async function startWorkersCli(flags: string[] = certFlags()): Promise<Running> {
+  const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3)) as [number, number, number];
+  const cli = startCli([
+    'proxy', '--mtls_workers', '2', '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
+    '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+    '--mtls_admin_port', String(adminPort), ...flags,
+  ]);
+  await Promise.race([cli.logs.waitFor((l) => l.event === 'workers_listening'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
+  return { cli, grpcPort, restPort, adminPort };
+}
+
+async function stop(cli: LongRunningCli): Promise<number | null> {
+  if (cli.child.exitCode === null && cli.child.signalCode === null) cli.child.kill('SIGTERM');
+  return cli.exited;
+}
+
+const workersOf = (lines: LogLine[]) => new Set(lines.map((l) => l['worker']));
+
+/** Resolves once `count` lines match: the workers log each finished call after the client has its answer. */
+async function linesMatching(logs: LogCapture, count: number, match: (l: LogLine) => boolean): Promise<LogLine[]> {
+  for (let seen = 0; seen < count; ) {
+    await logs.waitFor((l) => match(l) && logs.lines.filter(match).length > seen);
+    seen = logs.lines.filter(match).length;
+  }
+  return logs.lines.filter(match);
+}
+
+function sumOf(metrics: string, name: string): number {
+  return metrics.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `)).reduce((n, l) => n + Number(l.split(' ').at(-1)), 0);
+}
+
+describe('proxy mode with two workers', SAFETY, () => {
+  test('calls on separate connections are served by both workers through one port, and /metrics counts every call once', async () => {
+    const r = await startWorkersCli();
+    try {
+      const calls = 6;
+      for (let i = 0; i < calls; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      const lines = await linesMatching(r.cli.logs, calls, (l) => l.event === 'access');
+      assert.equal(workersOf(lines).size, 2, 'both workers served calls');
+      assert.equal(new Set(lines.map((l) => l['pid'])).size, 2);
+      const metrics = (await httpGet(r.adminPort, '/metrics')).body;
+      assert.equal(sumOf(metrics, 'ovms_mtls_requests_total'), calls);
+      assert.equal(metrics.split('\n').filter((l) => l.startsWith('ovms_mtls_certificate_expiry_timestamp_seconds{role="server"')).length, 1);
+      assert.equal(sumOf(metrics, 'ovms_mtls_open_connections'), 0);
+      assert.equal((await httpGet(r.adminPort, '/readyz')).status, 200);
+    } finally {
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  test('SIGTERM with a gRPC stream in flight: every worker drains, the stream finishes, and the proxy exits 0', async () => {
+    const r = await startWorkersCli();
+    const clients = grpcClients(`localhost:${r.grpcPort}`, pki);
+    try {
+      const bidi = clients.echo.Bidi();
+      const replies = bidi[Symbol.asyncIterator]();
+      bidi.write({ payload: Buffer.from('before') });
+      assert.equal(((await replies.next()).value as EchoReply).payload.toString(), 'before');
+      r.cli.child.kill('SIGTERM');
+      await linesMatching(r.cli.logs, 2, (l) => l.event === 'worker_draining');
+      bidi.write({ payload: Buffer.from('during drain') });
+      assert.equal(((await replies.next()).value as EchoReply).payload.toString(), 'during drain');
+      const status = once(bidi, 'status') as Promise<[grpc.StatusObject]>;
+      bidi.end();
+      assert.equal((await replies.next()).done, true);
+      assert.equal((await status)[0].code, grpc.status.OK);
+      assert.equal(await r.cli.exited, 0, r.cli.stderr());
+      assert.equal(r.cli.logs.lines.filter((l) => l.event === 'worker_exited').length, 0, 'no worker was replaced during shutdown');
+    } finally {
+      clients.close();
+      await stop(r.cli);
+    }
+  });
+
+  test('a worker killed with SIGKILL is replaced while the port keeps serving', async () => {
+    const r = await startWorkersCli();
+    try {
+      const started = await r.cli.logs.waitFor((l) => l.event === 'workers_listening');
+      const [victim] = started['pids'] as number[];
+      process.kill(victim!, 'SIGKILL');
+      const exited = await r.cli.logs.waitFor((l) => l.event === 'worker_exited');
+      assert.equal(exited['pid'], victim);
+      assert.equal(exited['signal'], 'SIGKILL');
+      const replacement = await r.cli.logs.waitFor((l) => l.event === 'listening' && Number(l['worker']) > 2);
+      assert.notEqual(replacement['pid'], victim);
+      for (let i = 0; i < 4; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/live' })).status, 200);
+      const served = await linesMatching(r.cli.logs, 4, (l) => l.event === 'access');
+      assert.ok(served.every((l) => l['pid'] !== victim));
+    } finally {
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  test("a terminal's Ctrl-C (SIGINT to the whole process group) drains every worker and exits 0", async () => {
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const child = spawn(process.execPath, [BIN, 'proxy', '--mtls_workers', '2', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, ...certFlags()], {
+      detached: true,
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    const logs = new LogCapture();
+    createInterface({ input: child.stdout! }).on('line', (line) => line.startsWith('{') && logs.write(line));
+    const exited = once(child, 'exit');
+    try {
+      await logs.waitFor((l) => l.event === 'workers_listening');
+      process.kill(-child.pid!, 'SIGINT');
+      assert.deepEqual(await exited, [0, null]);
+      assert.equal(logs.lines.filter((l) => l.event === 'worker_draining').length, 2);
+      assert.equal(logs.lines.filter((l) => l.event === 'worker_exited').length, 0);
+    } finally {
+      if (child.exitCode === null) process.kill(-child.pid!, 'SIGKILL');
+    }
+  });
+});
+
+describe('certificate reload with two workers', SAFETY, () => {
+  let bob: Issued;
+  let newServer: Issued;
+  const dirs: string[] = [];
+  after(() => Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true }))));
+  before(async () => {
+    [bob, newServer] = await Promise.all([
+      issueClientCert({ issuer: pki.clientCa, commonName: 'bob' }),
+      issueServerCert({ issuer: pki.serverCa, commonName: 'localhost', dns: ['localhost'], ips: ['127.0.0.1'] }),
+    ]);
+  });
+
+  async function certDir(): Promise<CertDir> {
+    const certs = await plainCertDir({ cert: pki.server.certPem, key: pki.server.keyPem, clientCa: pki.clientCa.certPem, crl: pki.crlPem });
+    dirs.push(certs.dir);
+    return certs;
+  }
+
+  const alice = (): TlsClient => ({ ca: pki.serverCa.certPem, cert: pki.client.certPem, key: pki.client.keyPem });
+
+  test('SIGHUP reaches every worker: each reloads, and new connections get the new server certificate', async () => {
+    const certs = await certDir();
+    const r = await startWorkersCli(certFlags(certs.files));
+    try {
+      await replaceAtomically(certs.files.key, newServer.keyPem);
+      await replaceAtomically(certs.files.cert, newServer.certPem);
+      r.cli.child.kill('SIGHUP');
+      await r.cli.logs.waitFor((l) => l.event === 'reloaded' && l.trigger === 'signal' && l['worker'] === undefined);
+      const reloaded = await linesMatching(r.cli.logs, 2, (l) => l.event === 'reloaded' && l['worker'] !== undefined);
+      assert.equal(workersOf(reloaded).size, 2);
+      const serials = [];
+      for (let i = 0; i < 4; i += 1) serials.push(await servedSerial(r.restPort, alice()));
+      assert.deepEqual(new Set(serials), new Set([newServer.serialHex]));
+    } finally {
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  test("a CRL that revokes a client closes its live connections in both workers, and a broken set reaches no worker", async () => {
+    const certs = await certDir();
+    const r = await startWorkersCli(certFlags(certs.files));
+    const sessions = Array.from({ length: 4 }, () => h2Session(r.restPort, pki, bob));
+    try {
+      for (const s of sessions) assert.equal((await h2Request(s, { ':method': 'GET', ':path': '/v2/health/live' })).headers[':status'], 200);
+      assert.equal(workersOf(await linesMatching(r.cli.logs, 4, (l) => l.event === 'access')).size, 2, "bob's connections are spread over both workers");
+
+      await writeFile(certs.files.cert, 'not a certificate');
+      r.cli.child.kill('SIGHUP');
+      await r.cli.logs.waitFor((l) => l.event === 'reload_failed' && l.trigger === 'signal');
+      await replaceAtomically(certs.files.cert, pki.server.certPem);
+
+      const closed = Promise.all(sessions.map((s) => once(s, 'close')));
+      await replaceAtomically(certs.files.crl!, await createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: bob.serialHex }] }));
+      r.cli.child.kill('SIGHUP');
+      await closed;
+      const revoked = await linesMatching(r.cli.logs, 4, (l) => l.event === 'connection_revoked');
+      assert.equal(workersOf(revoked).size, 2);
+      assert.ok(revoked.every((l) => /CN=bob/.test(String(l['subject']))));
+      assert.equal(r.cli.logs.lines.filter((l) => l.event === 'reload_failed' && l['worker'] !== undefined).length, 0, 'workers never saw the broken set');
+    } finally {
+      for (const s of sessions) s.destroy();
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+});
+
+describe('the OVMS entrypoint with two workers', SAFETY, () => {
+  test('while OVMS starts /readyz is false and both workers answer 503 / UNAVAILABLE; once ready calls flow; SIGTERM mid-stream exits with OVMS code 0', async () => {
+    const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3)) as [number, number, number];
+    const gate = join(dir, 'gate');
+    const wrapper = startWrapper([
+      '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1',
+      ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_workers', '2', '--mtls_admin_port', String(adminPort),
+    ], { FAKE_OVMS_START_GATE_FILE: gate });
+    const clients = grpcClients(`localhost:${grpcPort}`, pki);
+    try {
+      await wrapper.waitForEvent('ovms_started');
+      await wrapper.waitForEvent('workers_listening');
+      const readyz = await httpGet(adminPort, '/readyz');
+      assert.equal(readyz.status, 503);
+      assert.equal((JSON.parse(readyz.body) as { checks: Record<string, { detail: string }> }).checks['upstream']?.detail, 'OVMS is starting');
+      for (let i = 0; i < 4; i += 1) assert.equal((await https1(restPort, pki, { path: '/v2/health/ready' })).status, 503);
+      const isEarly = (l: LogLine) => l.event === 'access' && l['status'] === 503;
+      await wrapper.waitForLog(() => wrapper.logs.filter(isEarly).length >= 4);
+      const early = wrapper.logs.filter(isEarly);
+      assert.equal(workersOf(early).size, 2, 'both workers refused while OVMS started');
+      await assert.rejects(unary(clients.kserve, 'ServerLive', {}), (err: grpc.ServiceError) => err.code === grpc.status.UNAVAILABLE);
+
+      await writeFile(gate, '');
+      await wrapper.waitForEvent('ovms_ready');
+      assert.equal((await httpGet(adminPort, '/readyz')).status, 200);
+      // The primary tells the workers right after logging ovms_ready; no line says they heard it.
+      await eventually(async () => (await https1(restPort, pki, { path: '/v2/health/ready' })).status === 200, 'the workers forward to OVMS');
+      const call = clients.kserve.ModelStreamInfer();
+      const replies = call[Symbol.asyncIterator]();
+      const infer = (id: string) => ({ id, model_name: 'dummy', inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] } }] });
+      call.write(infer('before'));
+      assert.equal((await replies.next()).value.infer_response.id, 'before');
+      wrapper.child.kill('SIGTERM');
+      await wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
+      call.write(infer('during'));
+      assert.equal((await replies.next()).value.infer_response.id, 'during');
+      call.end();
+      assert.equal((await replies.next()).done, true);
+      assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
+    } finally {
+      clients.close();
+      await writeFile(gate, '');
+      if (wrapper.child.exitCode === null) wrapper.child.kill('SIGKILL');
+    }
+  });
+});
