@@ -174,6 +174,20 @@ describe('serving: listeners and the argv OVMS gets', () => {
     }
   });
 
+  test('a SIGTERM that arrives while the wrapper is still starting drains and exits with OVMS code, instead of killing the wrapper', async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1']);
+    await s.wrapper.waitForLog((l) => l.event === 'listening');
+    s.wrapper.child.kill('SIGTERM');
+    const result = await s.wrapper.exited;
+    // The wrapper was not killed by the signal: it exits with OVMS's status, which is 0, or
+    // 128+15 when the signal reached OVMS before OVMS had installed its own handler.
+    assert.equal(result.signal, null);
+    const stopped = s.wrapper.logs.find((l) => l.event === 'stopped');
+    assert.equal(result.code, stopped?.['exitCode']);
+    assert.ok(result.code === 0 || result.code === 143, `exit code ${result.code}`);
+    assert.ok(s.wrapper.logs.some((l) => l.event === 'signal'));
+  });
+
   test('a public port that cannot be bound is a startup error, and OVMS is never started', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');

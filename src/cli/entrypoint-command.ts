@@ -24,6 +24,7 @@ import { dropPrivileges, isRoot, planPrivileges, type PrivilegePlan } from '../p
 import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
 import { logSupervisorEvents, runUntilDone } from './entrypoint-lifecycle.js';
+import { waitForStopSignal } from './lifecycle.js';
 import type { Io } from './main.js';
 
 function isExecutable(path: string): boolean {
@@ -54,9 +55,23 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
     case 'direct':
       return runOneShot(split, io, split.passthrough, oneShotPrivileges(split, io));
     case 'serve': {
-      const { running, logger } = await startServing(entrypointSettings(split, io.env));
+      const settings = entrypointSettings(split, io.env);
+      const logger = createLogger({ level: settings.common.logLevel });
+      // Installed before anything starts: a SIGTERM while OVMS starts drains; a SIGHUP is kept for later.
+      let operations: ServingOperations | undefined;
+      let reloadPending = false;
+      const stop = waitForStopSignal(logger, { onReload: () => (operations ? operations.reload() : (reloadPending = true)) });
+      let running: Serving;
       try {
-        return await runUntilDone({ ...running, logger, onReload: () => running.operations.reload() });
+        ({ running } = await startServing(settings, { logger }));
+      } catch (err) {
+        stop.dispose();
+        throw err;
+      }
+      operations = running.operations;
+      if (reloadPending) operations.reload();
+      try {
+        return await runUntilDone({ ...running, logger, stop });
       } finally {
         await running.operations.close();
       }

@@ -12,7 +12,7 @@ import { exitCodeOf, type ExitStatus } from '../ovms-child.js';
 import type { OvmsSupervisor } from '../ovms-supervisor.js';
 import type { RunningProxy } from '../proxy.js';
 import type { LoopbackPorts } from '../ovms-args.js';
-import { waitForStopSignal } from './lifecycle.js';
+import { waitForStopSignal, type StopSignal } from './lifecycle.js';
 
 export const PROXY_FATAL_EXIT_CODE = 70;
 
@@ -23,6 +23,8 @@ export interface RunUntilDoneOptions {
   readonly shutdownTimeoutMs: number;
   /** SIGHUP: certificate reload. */
   readonly onReload?: () => void;
+  /** Signal handlers installed before startup, so a SIGTERM while starting drains instead of killing. */
+  readonly stop?: StopSignal;
   /** Rejects when the proxy fails; defaults to uncaught exceptions and unhandled rejections. */
   readonly fatal?: Promise<never>;
 }
@@ -51,7 +53,7 @@ function uncaughtErrors(): { promise: Promise<never>; dispose(): void } {
 
 export async function runUntilDone(options: RunUntilDoneOptions): Promise<number> {
   const { proxy, supervisor, logger, shutdownTimeoutMs } = options;
-  const stop = waitForStopSignal(logger, options.onReload ? { onReload: options.onReload } : {});
+  const stop = options.stop ?? waitForStopSignal(logger, options.onReload ? { onReload: options.onReload } : {});
   const uncaught = uncaughtErrors();
   const fatal = options.fatal ?? uncaught.promise;
   try {

@@ -10,7 +10,12 @@ export interface SignalHandlers {
  * reload. The handlers are removed when the promise settles, so a second
  * SIGINT during a long drain falls back to Node's default (immediate exit).
  */
-export function waitForStopSignal(logger: Logger, handlers: SignalHandlers = {}): { signal: Promise<NodeJS.Signals>; dispose(): void } {
+export interface StopSignal {
+  readonly signal: Promise<NodeJS.Signals>;
+  dispose(): void;
+}
+
+export function waitForStopSignal(logger: Logger, handlers: SignalHandlers = {}): StopSignal {
   let resolveSignal!: (s: NodeJS.Signals) => void;
   const signal = new Promise<NodeJS.Signals>((resolve) => (resolveSignal = resolve));
   const onStop = (s: NodeJS.Signals) => {
