@@ -58,9 +58,8 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
       const settings = entrypointSettings(split, io.env);
       const logger = createLogger({ level: settings.common.logLevel });
       // Installed before anything starts: a SIGTERM while OVMS starts drains; a SIGHUP is kept for later.
-      let operations: ServingOperations | undefined;
-      let reloadPending = false;
-      const stop = waitForStopSignal(logger, { onReload: () => (operations ? operations.reload() : (reloadPending = true)) });
+      const reload = deferredReload();
+      const stop = waitForStopSignal(logger, { onReload: reload.onReload });
       let running: Serving;
       try {
         ({ running } = await startServing(settings, { logger }));
@@ -68,8 +67,7 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
         stop.dispose();
         throw err;
       }
-      operations = running.operations;
-      if (reloadPending) operations.reload();
+      reload.attach(running.operations);
       try {
         return await runUntilDone({ ...running, logger, stop });
       } finally {
@@ -77,6 +75,22 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
       }
     }
   }
+}
+
+/** SIGHUPs that arrive before the operations exist are replayed once they do. */
+function deferredReload(): { onReload: () => void; attach(operations: ServingOperations): void } {
+  let target: ServingOperations | undefined;
+  let pending = false;
+  return {
+    onReload: () => {
+      if (target) target.reload();
+      else pending = true;
+    },
+    attach(operations) {
+      target = operations;
+      if (pending) operations.reload();
+    },
+  };
 }
 
 /** Our version, then OVMS's own (drop-in users expect it), with OVMS's exit code. */
