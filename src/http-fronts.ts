@@ -110,7 +110,10 @@ export class H1Front implements Drainable {
   readonly #closing = new WeakSet<Socket>();
   #draining = false;
 
-  constructor(options: { limits: Limits; onRequest: RequestHandler }) {
+  readonly #observer: ProxyObserver;
+
+  constructor(options: { limits: Limits; observer: ProxyObserver; onRequest: RequestHandler }) {
+    this.#observer = options.observer;
     this.#server = createHttpServer(
       {
         maxHeaderSize: options.limits.maxHeaderSize,
@@ -156,9 +159,12 @@ export class H1Front implements Drainable {
       return;
     }
     this.#active.set(socket, (this.#active.get(socket) ?? 0) + 1);
+    // An HTTP/1.1 request in flight counts as an open stream, as an HTTP/2 stream does.
+    this.#observer.streamOpened(context.listener);
     const closing = () => this.#draining || this.#closing.has(socket);
     if (closing()) res.shouldKeepAlive = false;
     res.once('close', () => {
+      this.#observer.streamClosed(context.listener);
       const left = (this.#active.get(socket) ?? 1) - 1;
       this.#active.set(socket, left);
       if (closing() && left === 0) socket.end();

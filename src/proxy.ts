@@ -71,7 +71,7 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
   const { limits } = options.config;
   const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits, observer, notReady: options.notReady?.grpc });
   const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
-  const h1 = new H1Front({ limits, onRequest: answerHttp1OnGrpcPort });
+  const h1 = new H1Front({ limits, observer, onRequest: answerHttp1OnGrpcPort });
   return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1), fronts: [h2, h1], close: () => forwarder.close() };
 }
 
@@ -80,7 +80,7 @@ function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
   const forwarder = new RestForwarder({ upstream: cfg.upstream, observer, notReady: options.notReady?.rest });
   const onRequest = forwarder.handle.bind(forwarder);
   const h2 = new H2Front({ limits, observer, onRequest });
-  const h1 = new H1Front({ limits, onRequest });
+  const h1 = new H1Front({ limits, observer, onRequest });
   return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1), fronts: [h2, h1], close: async () => forwarder.close() };
 }
 

@@ -14,6 +14,9 @@ import { loadTlsMaterialSync, validTo } from '../src/tls-material.js';
 import { createCrl } from '../src/x509.js';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { request as httpsRequest } from 'node:https';
+import type { IncomingMessage } from 'node:http';
+import { GateBoard } from './helpers/sse.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -114,6 +117,29 @@ describe('metrics from real traffic', () => {
     assert.equal(sample(text, 'ovms_mtls_open_connections', { listener: 'grpc' }), 0);
     assert.equal(sample(text, 'ovms_mtls_open_streams', { listener: 'grpc' }), 0);
     assert.ok(sample(text, 'ovms_mtls_connections_total', { listener: 'rest' })! >= 1);
+  });
+});
+
+describe('open streams', () => {
+  test('an HTTP/1.1 request in flight counts as an open stream until its response ends', async () => {
+    const board = new GateBoard();
+    const sse = await startUpstream({ sseGate: (i) => board.wait(i) });
+    const m = new ProxyMetrics({ processMetrics: false });
+    const local = await startTestProxy({ pki, upstream: { restPort: sse.restPort! }, observer: m });
+    try {
+      const req = httpsRequest({ host: '127.0.0.1', port: local.restPort, method: 'POST', path: '/v3/chat/completions', agent: false, ...tlsClientOptions(pki) });
+      req.end(JSON.stringify({ stream: true }));
+      const [res] = (await once(req, 'response')) as [IncomingMessage];
+      assert.equal(sample(await m.text(), 'ovms_mtls_open_streams', { listener: 'rest' }), 1);
+      board.openAll();
+      for await (const _chunk of res) { /* drain to the end */ }
+      await local.proxy.shutdown(1000);
+      assert.equal(sample(await m.text(), 'ovms_mtls_open_streams', { listener: 'rest' }), 0);
+    } finally {
+      board.openAll();
+      await local.proxy.shutdown(1000);
+      await sse.close();
+    }
   });
 });
 
