@@ -46,6 +46,17 @@ function openHttps1(path: string, body: string): Promise<{ req: ClientRequest; r
   });
 }
 
+/** Releases the upstream's SSE events one at a time: event i+1 is not even written upstream until event i arrived here. */
+async function expectEventsOneByOne(events: AsyncGenerator<string>): Promise<void> {
+  for (let i = 0; i < CHAT_REPLY_WORDS.length; i++) {
+    board.open(i);
+    const chunk = JSON.parse(String((await events.next()).value).replace(/^data: /, ''));
+    assert.equal(chunk.choices[0].delta.content, CHAT_REPLY_WORDS[i]);
+  }
+  board.open(CHAT_REPLY_WORDS.length);
+  assert.equal((await events.next()).value, 'data: [DONE]');
+}
+
 describe('rest forwarding', () => {
   test('a KServe JSON infer over HTTP/1.1 returns the dummy model output', async () => {
     const res = await https1(front.restPort, pki, { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY, headers: { 'content-type': 'application/json' } });
@@ -96,15 +107,7 @@ describe('rest forwarding', () => {
     board = new GateBoard();
     const { res } = await openHttps1('/v3/chat/completions', JSON.stringify({ model: 'dummy', stream: true }));
     assert.equal(res.headers['content-type'], 'text/event-stream');
-    const events = sseEvents(res);
-    for (let i = 0; i < CHAT_REPLY_WORDS.length; i++) {
-      // Event i+1 is not even written upstream until event i has arrived here.
-      board.open(i);
-      const chunk = JSON.parse(String((await events.next()).value).replace(/^data: /, ''));
-      assert.equal(chunk.choices[0].delta.content, CHAT_REPLY_WORDS[i]);
-    }
-    board.open(CHAT_REPLY_WORDS.length);
-    assert.equal((await events.next()).value, 'data: [DONE]');
+    await expectEventsOneByOne(sseEvents(res));
   });
 
   test('Server-Sent Events reach an HTTP/2 client one by one as the upstream writes them', async () => {
@@ -115,14 +118,7 @@ describe('rest forwarding', () => {
       stream.end(JSON.stringify({ model: 'dummy', stream: true }));
       const [headers] = (await once(stream, 'response')) as [Record<string, string>];
       assert.equal(headers['content-type'], 'text/event-stream');
-      const events = sseEvents(stream);
-      for (let i = 0; i < CHAT_REPLY_WORDS.length; i++) {
-        board.open(i);
-        const chunk = JSON.parse(String((await events.next()).value).replace(/^data: /, ''));
-        assert.equal(chunk.choices[0].delta.content, CHAT_REPLY_WORDS[i]);
-      }
-      board.open(CHAT_REPLY_WORDS.length);
-      assert.equal((await events.next()).value, 'data: [DONE]');
+      await expectEventsOneByOne(sseEvents(stream));
     } finally {
       session.close();
     }
