@@ -1,4 +1,4 @@
-import { Agent, request, type IncomingMessage, type ServerResponse, type OutgoingHttpHeaders, type IncomingHttpHeaders, type ClientRequest } from 'node:http';
+import { Agent, request, type AgentOptions, type IncomingMessage, type ServerResponse, type OutgoingHttpHeaders, type IncomingHttpHeaders, type ClientRequest } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Readable, Writable } from 'node:stream';
 import type { HostPort } from './config.js';
@@ -38,7 +38,8 @@ export interface RestForwarderOptions {
  */
 export class RestForwarder {
   readonly #options: RestForwarderOptions;
-  readonly #agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' });
+  // noDelay at connect (net.connect option), not per request: one setsockopt per connection.
+  readonly #agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo', noDelay: true } as AgentOptions);
 
   constructor(options: RestForwarderOptions) {
     this.#options = options;
@@ -73,7 +74,6 @@ export class RestForwarder {
       headers: upstreamHeaders(req, context),
       setHost: false,
     });
-    upstreamReq.setNoDelay(true);
     upstreamReq.on('response', (upstreamRes) => {
       stats.status = upstreamRes.statusCode ?? 502;
       res.writeHead(stats.status, responseHeaders(upstreamRes.headers));
