@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { ConfigError } from './errors.js';
 import type { RawOptions } from './options.js';
 import type { LevelWithSilent } from 'pino';
@@ -296,6 +297,27 @@ export function proxyConfigFromOptions(raw: RawOptions): Config {
   };
 }
 
-export function defaultWorkerCount(): number {
-  return availableParallelism();
+/**
+ * One worker per CPU this process may use: the CPUs it may run on, capped by a
+ * cgroup v2 CPU quota (a Kubernetes CPU limit of 2 on a 64-core node means 2).
+ */
+export function defaultWorkerCount(cpuMax: string | undefined = readCgroupCpuMax()): number {
+  return Math.max(1, Math.min(availableParallelism(), cpusFromCgroupQuota(cpuMax) ?? Infinity));
+}
+
+/** `cpu.max` holds "QUOTA PERIOD" or "max PERIOD"; undefined when there is no quota. */
+export function cpusFromCgroupQuota(cpuMax: string | undefined): number | undefined {
+  const [quota, period] = (cpuMax ?? '').trim().split(/\s+/);
+  const q = Number(quota);
+  const p = Number(period);
+  if (!Number.isFinite(q) || !Number.isFinite(p) || q <= 0 || p <= 0) return undefined;
+  return Math.max(1, Math.ceil(q / p));
+}
+
+function readCgroupCpuMax(): string | undefined {
+  try {
+    return readFileSync('/sys/fs/cgroup/cpu.max', 'utf8');
+  } catch {
+    return undefined;
+  }
 }
