@@ -56,6 +56,10 @@ export class UpstreamH2Session {
     const session = connect(this.#url, {
       settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2 },
       maxSessionMemory: limits.maxSessionMemoryMiB,
+      // Until the upstream's SETTINGS arrive, open one stream at a time: a burst sent before
+      // them would be refused by an upstream with a low stream limit. nghttp2 queues the rest
+      // and keeps queueing whenever the upstream's own limit is reached.
+      peerMaxConcurrentStreams: 1,
       // Small gRPC frames must not wait for Nagle.
       createConnection: () => netConnect({ host: this.#upstream.host, port: this.#upstream.port, noDelay: true }),
     });

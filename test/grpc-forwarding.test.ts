@@ -167,6 +167,39 @@ describe('grpc forwarding', () => {
 });
 
 describe('grpc upstream failures', () => {
+  test('calls beyond an upstream stream limit are queued for it, not refused', async () => {
+    const limited = createH2cServer({ settings: { maxConcurrentStreams: 2 } });
+    let open = 0;
+    let mostOpen = 0;
+    limited.on('stream', (stream) => {
+      open += 1;
+      mostOpen = Math.max(mostOpen, open);
+      stream.on('error', () => {});
+      stream.on('close', () => (open -= 1));
+      stream.resume();
+      setImmediate(() => {
+        stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+        stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+        stream.end();
+      });
+    });
+    limited.listen(0, '127.0.0.1');
+    await once(limited, 'listening');
+    const local = await startTestProxy({ pki, upstream: { grpcPort: (limited.address() as AddressInfo).port } });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      const calls = Array.from({ length: 12 }, () =>
+        h2Request(session, { ':method': 'POST', ':path': '/x.Y/Z', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.alloc(3))));
+      const statuses = (await Promise.all(calls)).map((r) => r.trailers?.['grpc-status'] ?? r.headers['grpc-status']);
+      assert.deepEqual(statuses, Array(12).fill('0'));
+      assert.ok(mostOpen <= 2);
+    } finally {
+      session.close();
+      await local.proxy.shutdown(1000);
+      limited.close();
+    }
+  });
+
   test('an upstream RST_STREAM reaches the client as the gRPC status its code maps to, with a message', async () => {
     // A bare h2c server that answers headers, then resets the stream (destroy sends RST_STREAM alone).
     const resetting = createH2cServer();
