@@ -7,8 +7,8 @@ import type { X509Certificate } from 'node:crypto';
 import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
 import { loadTlsMaterialSync, validTo, type TlsMaterial } from './tls-material.js';
-import { crlSignedBy, crlsForCa, certificateNames, parseCrlFile, type CrlInfo } from './crl-index.js';
-import { describeCert } from './tls-checks.js';
+import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
+import { commonName, subjectCn } from './tls-checks.js';
 
 export type FindingLevel = 'ok' | 'warn' | 'fail' | 'info';
 
@@ -47,7 +47,7 @@ function serverFindings(m: TlsMaterial, now: Date): Finding[] {
   const cert = m.serverCert;
   const san = cert.subjectAltName;
   const findings: Finding[] = [
-    { level: 'ok', text: `server certificate ${m.files.cert}: ${describeCert(cert)}, issued by ${issuerCn(cert)}, valid until ${validTo(cert).toISOString()} (${timeLeft(validTo(cert), now)} left)` },
+    { level: 'ok', text: `server certificate ${m.files.cert}: ${subjectCn(cert)}, issued by ${issuerCn(cert)}, valid until ${validTo(cert).toISOString()} (${timeLeft(validTo(cert), now)} left)` },
     { level: 'ok', text: `server key ${m.files.key} matches the certificate` },
   ];
   if (san) findings.push({ level: 'info', text: `server names (SAN): ${san}` });
@@ -67,8 +67,8 @@ function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
     findings.push({
       level: expired ? 'warn' : 'info',
       text: expired
-        ? `client CA ${describeCert(ca)} expired on ${validTo(ca).toISOString()}: its clients are refused`
-        : `client CA ${describeCert(ca)}, valid until ${validTo(ca).toISOString()} (${timeLeft(validTo(ca), now)} left)`,
+        ? `client CA ${subjectCn(ca)} expired on ${validTo(ca).toISOString()}: its clients are refused`
+        : `client CA ${subjectCn(ca)}, valid until ${validTo(ca).toISOString()} (${timeLeft(validTo(ca), now)} left)`,
     });
   }
   return findings;
@@ -76,7 +76,7 @@ function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
 
 function crlFindings(m: TlsMaterial, now: Date): Finding[] {
   if (!m.crl || !m.files.crl) return [{ level: 'info', text: 'no CRL (--mtls_crl): revocation is not checked' }];
-  const crls = parseCrlFile(m.crl.toString('latin1'));
+  const { crls } = m;
   const findings: Finding[] = [{ level: 'ok', text: `CRL file ${m.files.crl}: ${crls.length} CRL${crls.length === 1 ? '' : 's'}, one for each trusted CA` }];
   for (const crl of crls) findings.push(describeCrl(crl, m.clientCas, now));
   return findings;
@@ -90,13 +90,13 @@ function describeCrl(crl: CrlInfo, cas: readonly X509Certificate[], now: Date): 
     return { level: 'info', text: `CRL #${crl.index}: issuer not in the client CA bundle (an intermediate CA clients send?), ${revoked}, ${next}; signature checked by OpenSSL at handshake` };
   }
   const signature = crlSignedBy(crl, ca) === undefined ? 'signature algorithm checked at handshake only' : 'signature ok';
-  return { level: 'info', text: `CRL #${crl.index} of ${describeCert(ca)}: ${revoked}, ${next}, ${signature}` };
+  return { level: 'info', text: `CRL #${crl.index} of ${subjectCn(ca)}: ${revoked}, ${next}, ${signature}` };
 }
 
 function issuerCn(cert: X509Certificate): string {
   const { issuerKey, subjectKey } = certificateNames(cert.raw);
   if (issuerKey === subjectKey) return 'itself (self-signed)';
-  return /(?:^|\n)CN=([^\n]*)/.exec(cert.issuer)?.[1] ?? cert.issuer.replace(/\n/g, ', ');
+  return commonName(cert.issuer);
 }
 
 /** "3 days", "5 h", "12 min": enough to notice a certificate about to expire. */

@@ -77,9 +77,8 @@ export function refusal(reason: RefusalReason, opensslCode?: string): Refusal {
  * certificate as UNABLE_TO_GET_ISSUER_CERT (misleading), so look at the
  * certificate itself first.
  */
-export function verificationRefusal(socket: TLSSocket): Refusal | undefined {
+export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | undefined): Refusal | undefined {
   if (socket.authorized) return undefined;
-  const peer = socket.getPeerX509Certificate();
   if (!peer) return refusal('no_certificate');
   const code = String(socket.authorizationError ?? 'UNKNOWN');
   return refusal(OPENSSL_REASONS[code] ?? 'verify_failed', code);

@@ -22,7 +22,8 @@ export interface CrlInfo {
   readonly signature: Buffer;
 }
 
-const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
+/** Each `X509 CRL` block of a PEM file; the one pattern every CRL reader here splits files with. */
+export const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
 
 /** Signature algorithm OIDs (hex of the OID contents) -> hash for crypto.verify; null = the key decides (Ed25519). */
 const SIGNATURE_HASHES: Record<string, string | null> = {

@@ -1,7 +1,7 @@
 import { constants, type ClientHttp2Session, type ClientHttp2Stream, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
 import type { HostPort, Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
-import type { ProxyObserver } from './observer.js';
+import { elapsedMs, type ProxyObserver } from './observer.js';
 import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, statusForReset } from './grpc-status.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { UpstreamH2Session } from './upstream-h2.js';
@@ -48,10 +48,6 @@ export class GrpcForwarder {
   close(): Promise<void> {
     return this.#upstream.close();
   }
-
-  destroy(): void {
-    this.#upstream.destroy();
-  }
 }
 
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, xfcc: string): OutgoingHttpHeaders {
@@ -72,7 +68,7 @@ function ignore(): void {}
 
 function answerWithoutUpstream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, observer: ProxyObserver, message: string): void {
   const started = performance.now();
-  stream.on('error', () => {});
+  stream.on('error', ignore);
   stream.respond(grpcErrorHeaders(GRPC_STATUS.UNAVAILABLE, message), { endStream: true });
   stream.resume();
   observer.request(accessRecord(context, headers, { status: 200, grpcStatus: String(GRPC_STATUS.UNAVAILABLE), bytesIn: 0, bytesOut: 0, started, error: 'not_ready' }));
@@ -100,7 +96,7 @@ function accessRecord(context: ConnectionContext, headers: IncomingHttpHeaders, 
     grpcStatus: o.grpcStatus,
     bytesIn: o.bytesIn,
     bytesOut: o.bytesOut,
-    durationMs: Math.round((performance.now() - o.started) * 1000) / 1000,
+    durationMs: elapsedMs(o.started),
     error: o.error,
   };
 }

@@ -9,7 +9,6 @@ import { request as httpRequest } from 'node:http';
 import type { Config, HostPort } from './config.js';
 import type { RunningProxy } from './proxy.js';
 import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
-import { parseCrl } from './x509.js';
 
 export interface CheckResult {
   readonly ok: boolean;
@@ -57,8 +56,7 @@ export function certificatesCheck(material: () => TlsMaterial, now: () => Date =
     for (const ca of m.clientCas) {
       if (validTo(ca) <= at) problems.push(`client CA ${subjectCn(ca)} expired ${validTo(ca).toISOString()}`);
     }
-    for (const pem of m.crl?.toString('latin1').match(/-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g) ?? []) {
-      const next = parseCrl(pem).nextUpdate;
+    for (const { nextUpdate: next } of m.crls) {
       if (next && next <= at) problems.push(`CRL expired ${next.toISOString()} (every client is refused until it is renewed)`);
     }
     return problems.length === 0 ? { ok: true, detail: `server certificate valid until ${validTo(m.serverCert).toISOString()}` } : { ok: false, detail: problems.join('; ') };

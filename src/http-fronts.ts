@@ -43,22 +43,28 @@ export class H2Front implements Drainable {
     const { onStream, onRequest } = options;
     if (onStream) {
       this.#server.on('stream', (stream, headers) => {
-        const context = this.#contexts.get(stream.session as ServerHttp2Session);
-        if (!context) return stream.close();
-        observer.streamOpened(context.listener);
-        stream.once('close', () => observer.streamClosed(context.listener));
-        onStream(stream, headers, context);
+        const context = this.#enter(stream, observer);
+        if (context) onStream(stream, headers, context);
       });
     }
     if (onRequest) {
       this.#server.on('request', (req, res) => {
-        const context = this.#contexts.get(req.stream.session as ServerHttp2Session);
-        if (!context) return req.stream.close();
-        observer.streamOpened(context.listener);
-        res.once('close', () => observer.streamClosed(context.listener));
-        onRequest(req, res, context);
+        const context = this.#enter(req.stream, observer);
+        if (context) onRequest(req, res, context);
       });
     }
+  }
+
+  /** The stream's connection context, counted as an open stream until it closes. */
+  #enter(stream: ServerHttp2Stream, observer: ProxyObserver): ConnectionContext | undefined {
+    const context = this.#contexts.get(stream.session as ServerHttp2Session);
+    if (!context) {
+      stream.close();
+      return undefined;
+    }
+    observer.streamOpened(context.listener);
+    stream.once('close', () => observer.streamClosed(context.listener));
+    return context;
   }
 
   accept(socket: TLSSocket, context: ConnectionContext): void {

@@ -1,4 +1,5 @@
-import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
+import { createServer as createTlsServer, type DetailedPeerCertificate, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
+import type { PresentedCertificate } from './crl-index.js';
 import type { AddressInfo } from 'node:net';
 import type { AllowList, Limits } from './config.js';
 import { ListenError } from './errors.js';
@@ -9,6 +10,8 @@ import type { ListenerName, ProxyObserver } from './observer.js';
 export interface ConnectionContext {
   readonly listener: ListenerName;
   readonly identity: ClientIdentity;
+  /** What the client presented, leaf first: revocation checks on reload use it. */
+  readonly chain: readonly PresentedCertificate[];
   readonly remoteAddress: string | undefined;
   readonly socket: TLSSocket;
 }
@@ -45,7 +48,7 @@ export class SecureListener {
   readonly name: ListenerName;
   readonly #options: SecureListenerOptions;
   readonly #servers: TlsServer[] = [];
-  readonly #sockets = new Set<TLSSocket>();
+  readonly #connections = new Map<TLSSocket, ConnectionContext>();
   #allow: AllowList;
 
   constructor(options: SecureListenerOptions) {
@@ -54,8 +57,9 @@ export class SecureListener {
     this.#allow = options.allow;
   }
 
-  get connections(): ReadonlySet<TLSSocket> {
-    return this.#sockets;
+  /** Live, authorized connections and what is known about each. */
+  get connections(): ReadonlyMap<TLSSocket, ConnectionContext> {
+    return this.#connections;
   }
 
   addresses(): AddressInfo[] {
@@ -88,7 +92,7 @@ export class SecureListener {
   }
 
   destroyAll(): void {
-    for (const socket of this.#sockets) socket.destroy();
+    for (const socket of this.#connections.keys()) socket.destroy();
   }
 
   /**
@@ -96,7 +100,7 @@ export class SecureListener {
    * by force after `graceMs` so a never-ending stream cannot outlive revocation.
    */
   closeConnection(socket: TLSSocket, graceMs: number): void {
-    if (!this.#sockets.has(socket)) return;
+    if (!this.#connections.has(socket)) return;
     const timer = setTimeout(() => socket.destroy(), graceMs);
     timer.unref();
     socket.once('close', () => clearTimeout(timer));
@@ -127,52 +131,55 @@ export class SecureListener {
 
   #onSecureConnection(socket: TLSSocket): void {
     const { observer } = this.#options;
-    const refused = verificationRefusal(socket) ?? this.#chainRefusal(socket);
+    // Order matters: once getPeerX509Certificate() has run, Node 20's getPeerCertificate(true)
+    // reports a one-certificate chain. Each call parses anew, so read the leaf once.
+    const chain = presentedChain(socket);
+    const peer = socket.getPeerX509Certificate();
+    const refused = verificationRefusal(socket, peer) ?? this.#chainRefusal(chain.length);
     if (refused) {
-      observer.handshakeRefused(this.name, refused, socket.remoteAddress, socket.getPeerX509Certificate()?.subject.replace(/\n/g, ','));
+      observer.handshakeRefused(this.name, refused, socket.remoteAddress, peer?.subject.replace(/\n/g, ','));
       socket.destroy();
       return;
     }
-    const identity = identityFromCertificate(socket.getPeerX509Certificate()!);
+    const identity = identityFromCertificate(peer!);
     if (!isAllowed(identity, this.#allow)) {
       observer.handshakeRefused(this.name, refusal('not_allowed'), socket.remoteAddress, identity.subject);
       socket.destroy();
       return;
     }
     observer.handshakeAccepted(this.name);
-    this.#track(socket);
-    const context: ConnectionContext = { listener: this.name, identity, remoteAddress: socket.remoteAddress, socket };
+    const context: ConnectionContext = { listener: this.name, identity, chain, remoteAddress: socket.remoteAddress, socket };
+    this.#track(socket, context);
     if (socket.alpnProtocol === 'h2') this.#options.handover.h2(socket, context);
     else this.#options.handover.http1(socket, context);
   }
 
   /** Node has no verify-depth setting; count the chain the client presented. */
-  #chainRefusal(socket: TLSSocket) {
-    const depth = peerChainLength(socket);
+  #chainRefusal(depth: number) {
     return depth > this.#options.limits.verifyDepth ? refusal('chain_too_long', `depth ${depth}`) : undefined;
   }
 
-  #track(socket: TLSSocket): void {
-    this.#sockets.add(socket);
+  #track(socket: TLSSocket, context: ConnectionContext): void {
+    this.#connections.set(socket, context);
     this.#options.observer.connectionOpened(this.name);
     socket.once('close', () => {
-      this.#sockets.delete(socket);
+      this.#connections.delete(socket);
       this.#options.observer.connectionClosed(this.name);
     });
   }
 }
 
-/** Certificates in the verified chain, leaf to root (the root points to itself). */
-function peerChainLength(socket: TLSSocket): number {
-  let cert = socket.getPeerCertificate(true);
-  let length = 0;
+/** The certificates the client presented, leaf first; the root's issuer points to itself (FINDINGS). */
+function presentedChain(socket: TLSSocket): PresentedCertificate[] {
+  const chain: PresentedCertificate[] = [];
   const seen = new Set<string>();
-  while (cert && cert.fingerprint256 && !seen.has(cert.fingerprint256)) {
+  let cert: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
+  while (cert && cert.raw && !seen.has(cert.fingerprint256)) {
     seen.add(cert.fingerprint256);
-    length += 1;
+    chain.push({ raw: cert.raw, serialNumber: cert.serialNumber });
     cert = cert.issuerCertificate;
   }
-  return length;
+  return chain;
 }
 
 function handshakeErrorCode(err: NodeJS.ErrnoException): string {

@@ -34,8 +34,3 @@ export function createLogger(options: LoggerOptions): Logger {
     destination,
   );
 }
-
-/** A logger that drops everything; for library users who bring none. */
-export function silentLogger(): Logger {
-  return pino({ level: 'silent' });
-}

@@ -9,7 +9,6 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 import type { Refusal } from './client-identity.js';
 import type { AccessRecord, ListenerName, ProxyObserver } from './observer.js';
 import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
-import { parseCrl } from './x509.js';
 import { grpcRoute, restRoute } from './metric-routes.js';
 
 export const METRIC_PREFIX = 'ovms_mtls_';
@@ -21,8 +20,6 @@ export interface MetricsOptions {
 
 /** Seconds; from sub-millisecond health calls to multi-minute LLM streams. */
 const DURATION_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
-
-const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
 
 function defineMetrics(registry: Registry) {
   const name = (n: string) => METRIC_PREFIX + n;
@@ -126,12 +123,10 @@ export class ProxyMetrics implements ProxyObserver {
       this.#m.certExpiry.set({ role: 'client_ca', subject: subjectCn(ca), serial: ca.serialNumber.toLowerCase() }, unixSeconds(validTo(ca)));
     }
     this.#m.crlNextUpdate.reset();
-    const crls = material.crl?.toString('latin1').match(PEM_CRL) ?? [];
-    crls.forEach((pem, i) => {
-      const next = parseCrl(pem).nextUpdate;
+    for (const crl of material.crls) {
       // A CRL without nextUpdate never goes stale; +Inf says so to alert rules.
-      this.#m.crlNextUpdate.set({ crl: String(i + 1) }, next ? unixSeconds(next) : Infinity);
-    });
+      this.#m.crlNextUpdate.set({ crl: String(crl.index) }, crl.nextUpdate ? unixSeconds(crl.nextUpdate) : Infinity);
+    }
   }
 
   /** A certificate reload finished; `ok` false means the old material stays in use. */

@@ -2,6 +2,11 @@ import type { Refusal } from './client-identity.js';
 
 export type ListenerName = 'grpc' | 'rest';
 
+/** Milliseconds since `started` (a performance.now() reading), to the microsecond. */
+export function elapsedMs(started: number): number {
+  return Math.round((performance.now() - started) * 1000) / 1000;
+}
+
 /** One finished request or RPC: the access-log line and the request metrics. */
 export interface AccessRecord {
   readonly listener: ListenerName;

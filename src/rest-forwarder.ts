@@ -3,7 +3,7 @@ import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Readable, Writable } from 'node:stream';
 import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
-import type { ProxyObserver } from './observer.js';
+import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { XFCC } from './grpc-forwarder.js';
 import { forward } from './stream-forward.js';
@@ -117,7 +117,7 @@ export class RestForwarder {
       status: stats.status,
       bytesIn: stats.bytesIn,
       bytesOut: stats.bytesOut,
-      durationMs: Math.round((performance.now() - started) * 1000) / 1000,
+      durationMs: elapsedMs(started),
       error: stats.error,
     });
   }

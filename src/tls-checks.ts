@@ -18,15 +18,26 @@ export interface TrustInput {
   readonly now: Date;
 }
 
-/** Throws TlsMaterialError with one line naming the flag, the file and the fix. */
-export function checkTrust(input: TrustInput): void {
+/**
+ * Throws TlsMaterialError with one line naming the flag, the file and the fix.
+ * Returns the CRLs it parsed (none without a CRL file), so that nobody parses them again.
+ */
+export function checkTrust(input: TrustInput): readonly CrlInfo[] {
   checkServerChain(input.serverChain, input.files.cert, input.now);
   checkClientCaValidity(input.clientCas, input.files.clientCa, input.now);
-  if (input.crl) checkCrls(readCrls(input.crl, input.files.crl!), input);
+  if (!input.crl) return [];
+  const crls = readCrls(input.crl, input.files.crl!);
+  checkCrls(crls, input);
+  return crls;
 }
 
-export function describeCert(cert: X509Certificate): string {
-  return /(?:^|\n)CN=([^\n]*)/.exec(cert.subject)?.[1] ?? cert.subject.replace(/\n/g, ', ');
+/** The CN of a distinguished name as Node prints it (one RDN a line), else the whole name on one line. */
+export function commonName(dn: string): string {
+  return /(?:^|\n)CN=([^\n]*)/.exec(dn)?.[1] ?? dn.replace(/\n/g, ', ');
+}
+
+export function subjectCn(cert: X509Certificate): string {
+  return commonName(cert.subject);
 }
 
 /** Each intermediate in the file must have issued the certificate before it. */
@@ -36,11 +47,11 @@ function checkServerChain(chain: readonly X509Certificate[], path: string, now: 
     const parent = chain[i]!;
     if (!child.checkIssued(parent) || !child.verify(parent.publicKey)) {
       throw new TlsMaterialError(
-        `--mtls_cert: ${path}: certificate #${i + 1} (${describeCert(parent)}) did not issue certificate #${i} (${describeCert(child)}); put the server certificate first, then each CA in signing order`,
+        `--mtls_cert: ${path}: certificate #${i + 1} (${subjectCn(parent)}) did not issue certificate #${i} (${subjectCn(child)}); put the server certificate first, then each CA in signing order`,
       );
     }
     if (new Date(parent.validTo) <= now) {
-      throw new TlsMaterialError(`--mtls_cert: ${path}: chain certificate #${i + 1} (${describeCert(parent)}) expired on ${new Date(parent.validTo).toISOString()} (replace it with the CA's current certificate)`);
+      throw new TlsMaterialError(`--mtls_cert: ${path}: chain certificate #${i + 1} (${subjectCn(parent)}) expired on ${new Date(parent.validTo).toISOString()} (replace it with the CA's current certificate)`);
     }
   }
 }
@@ -49,11 +60,11 @@ function checkServerChain(chain: readonly X509Certificate[], path: string, now: 
 function checkClientCaValidity(cas: readonly X509Certificate[], path: string, now: Date): void {
   if (cas.length > 0 && cas.every((ca) => new Date(ca.validTo) <= now)) {
     const first = cas[0]!;
-    throw new TlsMaterialError(`--mtls_client_ca: ${path}: every CA has expired (${describeCert(first)} on ${new Date(first.validTo).toISOString()}); no client certificate can verify (renew the CA; \`ovms-mtls certs init --force\` makes a new dev set)`);
+    throw new TlsMaterialError(`--mtls_client_ca: ${path}: every CA has expired (${subjectCn(first)} on ${new Date(first.validTo).toISOString()}); no client certificate can verify (renew the CA; \`ovms-mtls certs init --force\` makes a new dev set)`);
   }
 }
 
-export function readCrls(pem: Buffer, path: string): CrlInfo[] {
+function readCrls(pem: Buffer, path: string): CrlInfo[] {
   try {
     return parseCrlFile(pem.toString('latin1'));
   } catch (err) {
@@ -68,13 +79,13 @@ function checkCrls(crls: readonly CrlInfo[], input: TrustInput): void {
     const own = crlsForCa(crls, ca);
     if (own.length === 0) {
       throw new TlsMaterialError(
-        `--mtls_crl: ${path} has no CRL for CA #${i + 1} (${describeCert(ca)}) of --mtls_client_ca ${input.files.clientCa}; with CRLs on, every client of that CA is refused (append that CA's CRL to the file)`,
+        `--mtls_crl: ${path} has no CRL for CA #${i + 1} (${subjectCn(ca)}) of --mtls_client_ca ${input.files.clientCa}; with CRLs on, every client of that CA is refused (append that CA's CRL to the file)`,
       );
     }
     for (const crl of own) {
       if (crlSignedBy(crl, ca) === false) {
         throw new TlsMaterialError(
-          `--mtls_crl: ${path}: CRL #${crl.index} names ${describeCert(ca)} as its issuer but is not signed by that CA's key (a CRL of an older CA with the same name?); publish a CRL from the current CA`,
+          `--mtls_crl: ${path}: CRL #${crl.index} names ${subjectCn(ca)} as its issuer but is not signed by that CA's key (a CRL of an older CA with the same name?); publish a CRL from the current CA`,
         );
       }
     }

@@ -4,7 +4,10 @@ import { X509Certificate, createPrivateKey, type KeyObject } from 'node:crypto';
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
 import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
-import { checkTrust } from './tls-checks.js';
+import { checkTrust, subjectCn } from './tls-checks.js';
+import { PEM_CRL, type CrlInfo } from './crl-index.js';
+
+export { subjectCn };
 
 /** Everything a listener needs to build its TLS context, already validated. */
 export interface TlsMaterial {
@@ -13,6 +16,8 @@ export interface TlsMaterial {
   readonly cert: Buffer;
   readonly ca: Buffer;
   readonly crl?: Buffer | undefined;
+  /** `crl` parsed, one entry per CRL in the file; empty without a CRL. */
+  readonly crls: readonly CrlInfo[];
   readonly serverCert: X509Certificate;
   readonly clientCas: readonly X509Certificate[];
 }
@@ -34,7 +39,6 @@ export const CIPHERS = [
 ].join(':');
 
 const PEM_CERT = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
-const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
 
 type FileRole = 'mtls_cert' | 'mtls_key' | 'mtls_client_ca' | 'mtls_crl';
 type FileContents = Record<FileRole, Buffer | undefined>;
@@ -123,10 +127,6 @@ export function validFrom(cert: X509Certificate): Date {
   return new Date(cert.validFrom);
 }
 
-export function subjectCn(cert: X509Certificate): string {
-  return /(?:^|\n)CN=([^\n]*)/.exec(cert.subject)?.[1] ?? cert.subject.replace(/\n/g, ', ');
-}
-
 function checkServerCert(cert: X509Certificate, path: string, now: Date): void {
   if (validTo(cert) <= now) {
     throw new TlsMaterialError(`--mtls_cert: ${path} expired on ${validTo(cert).toISOString()} (renew it; \`ovms-mtls certs init --force\` makes a new dev set)`);
@@ -171,8 +171,8 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
   checkClientCas(clientCas, files.clientCa);
   if (raw.mtls_crl) checkCrlPem(raw.mtls_crl, files.crl!);
-  checkTrust({ files, serverChain: chain, clientCas, crl: raw.mtls_crl, now });
-  return { files, key, cert, ca, crl: raw.mtls_crl, serverCert, clientCas };
+  const crls = checkTrust({ files, serverChain: chain, clientCas, crl: raw.mtls_crl, now });
+  return { files, key, cert, ca, crl: raw.mtls_crl, crls, serverCert, clientCas };
 }
 
 /** Reads and validates at startup; throws TlsMaterialError with a one-line reason. */

@@ -8,12 +8,11 @@
  */
 import { watch, realpathSync, type FSWatcher } from 'node:fs';
 import { dirname } from 'node:path';
-import type { TLSSocket, DetailedPeerCertificate } from 'node:tls';
 import { DEFAULTS, type TlsFiles } from './config.js';
 import type { Logger } from './log.js';
 import type { RunningProxy } from './proxy.js';
 import { loadTlsMaterial, type TlsMaterial } from './tls-material.js';
-import { parseCrlFile, RevocationIndex, type PresentedCertificate } from './crl-index.js';
+import { RevocationIndex } from './crl-index.js';
 
 export type ReloadTrigger = 'signal' | 'file' | 'api';
 
@@ -114,16 +113,16 @@ export class TlsReloader {
 
   /** Setting a new CRL only affects new handshakes: find and end the live connections it revokes. */
   #closeRevoked(material: TlsMaterial): number {
-    if (!material.crl) return 0;
-    const index = new RevocationIndex(parseCrlFile(material.crl.toString('latin1')));
+    const index = new RevocationIndex(material.crls);
     if (index.size === 0) return 0;
     let closed = 0;
     for (const listener of this.#options.proxy.listeners()) {
-      for (const socket of [...listener.connections]) {
-        if (!index.revokesAny(presentedChain(socket))) continue;
-        const peer = socket.getPeerX509Certificate();
+      // The chain was read at the handshake: read now, after the identity was taken, Node
+      // would report the leaf alone and miss a revoked intermediate.
+      for (const [socket, { chain, identity }] of [...listener.connections]) {
+        if (!index.revokesAny(chain)) continue;
         this.#options.logger.warn(
-          { event: 'connection_revoked', listener: listener.name, remote: socket.remoteAddress, subject: peer?.subject.replace(/\n/g, ','), serial: peer?.serialNumber.toLowerCase() },
+          { event: 'connection_revoked', listener: listener.name, remote: socket.remoteAddress, subject: identity.subject, serial: identity.serial },
           'closing a live connection: its client certificate is revoked by the new CRL',
         );
         listener.closeConnection(socket, this.#options.revokedGraceMs);
@@ -181,15 +180,3 @@ function sameMaterial(a: TlsMaterial, b: TlsMaterial): boolean {
   return same(a.key, b.key) && same(a.cert, b.cert) && same(a.ca, b.ca) && same(a.crl, b.crl);
 }
 
-/** The certificates the client presented, leaf first; the root's issuer points to itself (FINDINGS). */
-function presentedChain(socket: TLSSocket): PresentedCertificate[] {
-  const chain: PresentedCertificate[] = [];
-  const seen = new Set<string>();
-  let cert: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
-  while (cert && cert.raw && !seen.has(cert.fingerprint256)) {
-    seen.add(cert.fingerprint256);
-    chain.push({ raw: cert.raw, serialNumber: cert.serialNumber });
-    cert = cert.issuerCertificate;
-  }
-  return chain;
-}

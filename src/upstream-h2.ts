@@ -20,10 +20,6 @@ export class UpstreamH2Session {
     this.#url = `http://${host}:${upstream.port}`;
   }
 
-  get upstream(): HostPort {
-    return this.#upstream;
-  }
-
   /** The live session, or a new one (which may still be connecting). */
   current(): ClientHttp2Session {
     const session = this.#session;
@@ -44,11 +40,6 @@ export class UpstreamH2Session {
     this.#session = undefined;
     if (!session || session.destroyed) return;
     await new Promise<void>((resolve) => session.close(() => resolve()));
-  }
-
-  destroy(): void {
-    this.#session?.destroy();
-    this.#session = undefined;
   }
 
   #connect(): ClientHttp2Session {

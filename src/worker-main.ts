@@ -100,7 +100,7 @@ async function serve(start: StartMessage, inbox: Inbox, logger: Logger): Promise
   const notReady = () => inbox.notReady;
   try {
     const material = loadTlsMaterialSync(config.tls);
-    const proxy = await startProxy({ config, material, logger, observer: inbox.metrics, ...(start.gated ? { notReady: { grpc: notReady, rest: notReady } } : {}) });
+    const proxy = await startProxy({ config, material, logger, ...(config.admin ? { observer: inbox.metrics } : {}), ...(start.gated ? { notReady: { grpc: notReady, rest: notReady } } : {}) });
     if (start.dropTo && isRoot()) {
       dropPrivileges(start.dropTo);
       logger.info({ event: 'privileges_dropped', user: start.dropTo.name, uid: start.dropTo.uid, gid: start.dropTo.gid }, `worker now runs as ${start.dropTo.name}`);

@@ -3,10 +3,11 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, https1, startTestProxy, startUpstream } from './helpers/harness.js';
-import { eventually, freePort, httpGet, sample } from './helpers/ops.js';
+import { eventually, httpGet, sample } from './helpers/ops.js';
+import { BIN } from './helpers/cli.js';
+import { freeLoopbackPorts } from '../src/ports.js';
 import { startModelServer } from '../src/demo/model-server.js';
 import { startAdminServer } from '../src/admin.js';
 import { ProxyMetrics } from '../src/metrics.js';
@@ -18,7 +19,6 @@ const pkiPromise = createTestPki();
 let pki: TestPki;
 after(async () => (await pkiPromise).cleanup());
 
-const BIN = fileURLToPath(new URL('../../bin/ovms-mtls', import.meta.url));
 
 describe('admin listener', () => {
   test('/healthz answers 200 with JSON, /metrics serves Prometheus text, and unknown paths and methods are refused', async () => {
@@ -41,7 +41,7 @@ describe('admin listener', () => {
 
   test('/readyz is 503 while the model server starts and 200 once it answers', async () => {
     pki = await pkiPromise;
-    const [grpcPort, restPort] = [await freePort(), await freePort()];
+    const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
     const front = await startTestProxy({ pki, upstream: { grpcPort, restPort } });
     const config = baseConfig({ pki, upstream: { grpcPort, restPort } });
     const material = loadTlsMaterialSync(config.tls);
@@ -103,7 +103,7 @@ describe('proxy command with --mtls_admin_port', () => {
   test('serves metrics that count the traffic it forwards and readiness of its upstream, then exits 0 on SIGTERM', async () => {
     pki = await pkiPromise;
     const upstream = await startUpstream();
-    const [restPort, adminPort] = [await freePort(), await freePort()];
+    const [restPort, adminPort] = (await freeLoopbackPorts(2)) as [number, number];
     const child = spawn(process.execPath, [BIN, 'proxy',
       '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
       '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!,

@@ -8,8 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
+import { eventually } from './helpers/ops.js';
 import { grpcClients, https1, LogCapture } from './helpers/harness.js';
-import { eventually, fakeRuns, FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, tlsArgs, type Wrapper } from './helpers/entrypoint.js';
+import { fakeRuns, FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, tlsArgs, type Wrapper } from './helpers/entrypoint.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { splitOvmsArgv } from '../src/ovms-args.js';
@@ -60,6 +61,16 @@ async function stopWrapper(wrapper: Wrapper): Promise<void> {
   await wrapper.exited;
 }
 
+/** A KServe ServerLive call on a fresh mTLS channel answers live. */
+async function assertServerLive(grpcPort: number): Promise<void> {
+  const clients = grpcClients(`localhost:${grpcPort}`, pki);
+  try {
+    assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
+  } finally {
+    clients.close();
+  }
+}
+
 describe('serving: listeners and the argv OVMS gets', () => {
   test('with both ports in = and repeated spellings, OVMS gets only loopback listeners and the rest of argv intact, and both listeners forward', async () => {
     const s = await start([
@@ -98,12 +109,7 @@ describe('serving: listeners and the argv OVMS gets', () => {
       const [run] = fakeRuns(s.argvFile);
       assert.equal(run!.options['rest_port'], undefined);
       assert.ok(run!.options['port']);
-      const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
-      try {
-        assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
-      } finally {
-        clients.close();
-      }
+      await assertServerLive(s.grpcPort);
     } finally {
       await stopWrapper(s.wrapper);
     }
@@ -213,12 +219,7 @@ describe('serving: listeners and the argv OVMS gets', () => {
       assert.equal(runs.length, 2);
       assert.equal(Number(runs[0]!.options['port']), taken['port']);
       assert.notEqual(runs[1]!.options['port'], runs[0]!.options['port']);
-      const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
-      try {
-        assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
-      } finally {
-        clients.close();
-      }
+      await assertServerLive(s.grpcPort);
     } finally {
       await stopWrapper(s.wrapper);
       try {
@@ -281,7 +282,7 @@ describe('exit codes and signals', () => {
     assert.equal(processGone(run!.pid), false);
     s.wrapper.child.kill('SIGKILL');
     await s.wrapper.exited;
-    await eventually(() => processGone(run!.pid), `OVMS pid ${run!.pid} is gone`);
+    await eventually(() => processGone(run!.pid), `OVMS pid ${run!.pid} is gone`, 10_000);
   });
 
   test('with --mtls_restart on-failure a crashed OVMS is started again while the listeners stay up', async () => {

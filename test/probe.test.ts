@@ -3,14 +3,13 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { PassThrough } from 'node:stream';
-import { fileURLToPath } from 'node:url';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { freePort } from './helpers/ops.js';
+import { BIN } from './helpers/cli.js';
+import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { run } from '../src/cli/main.js';
 
-const BIN = fileURLToPath(new URL('../../bin/ovms-mtls', import.meta.url));
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -92,7 +91,7 @@ describe('probe', () => {
   });
 
   test('nothing listening is reported as the network layer', async () => {
-    const { code, out } = await probe(['--port', String(await freePort()), ...clientFlags()]);
+    const { code, out } = await probe(['--port', String((await freeLoopbackPorts(1))[0]), ...clientFlags()]);
     assert.equal(code, 1);
     assert.match(out, /-> network layer: nothing listens on 127\.0\.0\.1:\d+/);
   });

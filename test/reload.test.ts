@@ -9,7 +9,7 @@ import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
-import { freePort } from './helpers/ops.js';
+import { freeLoopbackPorts } from '../src/ports.js';
 import { runCli, startCli } from './helpers/cli.js';
 import {
   FILE_NAMES, kubernetesCertDir, kubernetesSwap, plainCertDir, postSse, replaceAtomically, servedSerial, startInFlight,
@@ -285,7 +285,7 @@ describe('the proxy command reloads on SIGHUP and on file changes', SAFETY, () =
     const client: TlsClient = { ca, cert: await read('client.pem'), key: await read('client.key') };
     const carol: TlsClient = { ca, cert: await read('carol.pem'), key: await read('carol.key') };
     board = new GateBoard();
-    const port = await freePort();
+    const [port] = (await freeLoopbackPorts(1)) as [number];
     const cli = startCli([
       'proxy', '--rest_port', String(port), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
       '--mtls_cert', join(dir, FILE_NAMES.cert), '--mtls_key', join(dir, FILE_NAMES.key),

@@ -15,7 +15,8 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, https1, startUpstream } from './helpers/harness.js';
-import { freePort, httpGet, sample } from './helpers/ops.js';
+import { httpGet, sample } from './helpers/ops.js';
+import { freeLoopbackPorts } from '../src/ports.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
@@ -56,7 +57,7 @@ describe('single executable', () => {
   });
 
   test('runs the proxy and carries a real gRPC call and a real REST call', async () => {
-    [ports.grpc, ports.rest, ports.admin] = [await freePort(), await freePort(), await freePort()];
+    [ports.grpc, ports.rest, ports.admin] = (await freeLoopbackPorts(3)) as [number, number, number];
     child = spawn(exe, ['proxy',
       '--port', String(ports.grpc), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
       '--rest_port', String(ports.rest), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,

@@ -6,7 +6,7 @@
 import { constants, type ClientHttp2Stream, type OutgoingHttpHeaders } from 'node:http2';
 import { PATHS, REPLY_BYTES_HEADER, type DriverSpec } from '../protocol.js';
 import { H2Pool, grpcFrame, h2Exchange, judgeGrpc } from './h2-pool.js';
-import { elapsedUs, type Recorder } from './phase.js';
+import { elapsedUs, timedLoop, type Recorder } from './phase.js';
 import type { Load } from './load.js';
 
 function grpcHeaders(path: string, spec: DriverSpec): OutgoingHttpHeaders {
@@ -31,15 +31,7 @@ export function grpcUnaryLoad(spec: DriverSpec): Load {
   return {
     prepare: () => pool.ready(),
     slots: spec.connections * spec.streamsPerConnection,
-    async loop(slot, recorder) {
-      while (recorder.more()) {
-        const started = process.hrtime.bigint();
-        const outcome = await h2Exchange(pool.session(slot), headers, body);
-        const problem = judgeGrpc(outcome, expect);
-        if (problem) recorder.fail(problem);
-        else recorder.ok(elapsedUs(started));
-      }
-    },
+    loop: timedLoop(async (slot) => judgeGrpc(await h2Exchange(pool.session(slot), headers, body), expect)),
     close: () => pool.close(),
   };
 }

@@ -28,8 +28,13 @@ export function readClientTls(tls: ClientTls): TlsFiles {
   return files;
 }
 
+/** The client certificate and CA for a TLS endpoint (servername localhost); undefined for plain ones. */
+export function clientTlsOptions(endpoint: Endpoint): (TlsFiles & { servername: string }) | undefined {
+  return endpoint.tls ? { ...readClientTls(endpoint.tls), servername: 'localhost' } : undefined;
+}
+
 export function connectH2(endpoint: Endpoint): ClientHttp2Session {
-  const tls = endpoint.tls ? { ...readClientTls(endpoint.tls), servername: 'localhost' } : {};
+  const tls = clientTlsOptions(endpoint);
   const scheme = endpoint.tls ? 'https' : 'http';
   const session = connect(`${scheme}://${endpoint.host}:${endpoint.port}`, {
     ...tls,

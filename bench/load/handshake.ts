@@ -6,8 +6,8 @@
  */
 import { connect, type ConnectionOptions } from 'node:tls';
 import { PATHS, type DriverSpec } from '../protocol.js';
-import { readClientTls } from './h2-pool.js';
-import { elapsedUs } from './phase.js';
+import { clientTlsOptions } from './h2-pool.js';
+import { timedLoop } from './phase.js';
 import type { Load } from './load.js';
 
 const REQUEST = `GET ${PATHS.restReady} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`;
@@ -15,10 +15,9 @@ const REQUEST = `GET ${PATHS.restReady} HTTP/1.1\r\nHost: localhost\r\nConnectio
 export function handshakeLoad(spec: DriverSpec): Load {
   if (!spec.endpoint.tls) throw new Error('the handshake scenario needs a TLS endpoint');
   const options: ConnectionOptions = {
-    ...readClientTls(spec.endpoint.tls),
+    ...clientTlsOptions(spec.endpoint),
     host: spec.endpoint.host,
     port: spec.endpoint.port,
-    servername: 'localhost',
     ALPNProtocols: ['http/1.1'],
   };
   const once = () =>
@@ -39,14 +38,7 @@ export function handshakeLoad(spec: DriverSpec): Load {
   return {
     prepare: async () => {},
     slots: spec.connections,
-    async loop(_slot, recorder) {
-      while (recorder.more()) {
-        const started = process.hrtime.bigint();
-        const problem = await once();
-        if (problem) recorder.fail(problem);
-        else recorder.ok(elapsedUs(started));
-      }
-    },
+    loop: timedLoop(once),
     close: () => {},
   };
 }

@@ -70,6 +70,22 @@ export async function runPhase(slots: number, budget: PhaseBudget, loop: SlotLoo
   return { ops, errors, elapsedMs: performance.now() - started, histogram: histogram.toJSON(), errorSamples };
 }
 
+/**
+ * A slot loop that repeats one timed operation while the phase wants more:
+ * `op` resolves with a problem (counted as an error) or undefined (counted
+ * with its latency).
+ */
+export function timedLoop(op: (slot: number) => Promise<string | undefined>): SlotLoop {
+  return async (slot, recorder) => {
+    while (recorder.more()) {
+      const started = process.hrtime.bigint();
+      const problem = await op(slot);
+      if (problem) recorder.fail(problem);
+      else recorder.ok(elapsedUs(started));
+    }
+  };
+}
+
 export function elapsedUs(startNs: bigint): number {
   return Number(process.hrtime.bigint() - startNs) / 1000;
 }

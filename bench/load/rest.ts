@@ -7,8 +7,8 @@ import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import type { OutgoingHttpHeaders } from 'node:http2';
 import { PATHS, type DriverSpec } from '../protocol.js';
-import { H2Pool, h2Exchange, readClientTls } from './h2-pool.js';
-import { elapsedUs } from './phase.js';
+import { H2Pool, clientTlsOptions, h2Exchange } from './h2-pool.js';
+import { timedLoop } from './phase.js';
 import type { Load } from './load.js';
 
 /** A KServe v2 JSON infer request of about `bytes` bytes (FP32 data, like a real one). */
@@ -28,7 +28,7 @@ export function kserveJsonBody(bytes: number): Buffer {
 
 export function restH1Load(spec: DriverSpec): Load {
   const body = kserveJsonBody(spec.payloadBytes);
-  const tls = spec.endpoint.tls ? { ...readClientTls(spec.endpoint.tls), servername: 'localhost' } : undefined;
+  const tls = clientTlsOptions(spec.endpoint);
   const agentOptions = { keepAlive: true, maxSockets: spec.connections, maxFreeSockets: spec.connections, scheduling: 'fifo' as const };
   const agent = tls ? new HttpsAgent({ ...agentOptions, ...tls }) : new HttpAgent(agentOptions);
   const send = tls ? httpsRequest : httpRequest;
@@ -55,14 +55,7 @@ export function restH1Load(spec: DriverSpec): Load {
     // Sockets open on first use; the warm-up phase pays for that.
     prepare: async () => {},
     slots: spec.connections,
-    async loop(_slot, recorder) {
-      while (recorder.more()) {
-        const started = process.hrtime.bigint();
-        const problem = await exchange();
-        if (problem) recorder.fail(problem);
-        else recorder.ok(elapsedUs(started));
-      }
-    },
+    loop: timedLoop(exchange),
     close: () => agent.destroy(),
   };
 }
@@ -80,19 +73,13 @@ export function restH2Load(spec: DriverSpec): Load {
   return {
     prepare: () => pool.ready(),
     slots: spec.connections * spec.streamsPerConnection,
-    async loop(slot, recorder) {
-      while (recorder.more()) {
-        const started = process.hrtime.bigint();
-        const o = await h2Exchange(pool.session(slot), headers, body);
-        const problem =
-          o.rstCode !== undefined ? `stream reset ${o.rstCode}`
-          : o.status !== 200 ? `http status ${o.status}`
-          : o.bytes !== body.length ? `reply ${o.bytes} bytes, expected ${body.length}`
-          : undefined;
-        if (problem) recorder.fail(problem);
-        else recorder.ok(elapsedUs(started));
-      }
-    },
+    loop: timedLoop(async (slot) => {
+      const o = await h2Exchange(pool.session(slot), headers, body);
+      return o.rstCode !== undefined ? `stream reset ${o.rstCode}`
+        : o.status !== 200 ? `http status ${o.status}`
+        : o.bytes !== body.length ? `reply ${o.bytes} bytes, expected ${body.length}`
+        : undefined;
+    }),
     close: () => pool.close(),
   };
 }

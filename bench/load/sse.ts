@@ -7,14 +7,14 @@
 import { Agent as HttpAgent, get as httpGet, type IncomingMessage } from 'node:http';
 import { Agent as HttpsAgent, get as httpsGet } from 'node:https';
 import { PATHS, type DriverSpec } from '../protocol.js';
-import { readClientTls } from './h2-pool.js';
+import { clientTlsOptions } from './h2-pool.js';
 import type { Recorder } from './phase.js';
 import type { Load } from './load.js';
 
 const STAMP = /"t":(\d+)/;
 
 export function sseLoad(spec: DriverSpec): Load {
-  const tls = spec.endpoint.tls ? { ...readClientTls(spec.endpoint.tls), servername: 'localhost' } : undefined;
+  const tls = clientTlsOptions(spec.endpoint);
   const agentOptions = { keepAlive: true, maxSockets: spec.connections };
   const agent = tls ? new HttpsAgent({ ...agentOptions, ...tls }) : new HttpAgent(agentOptions);
   const get = tls ? httpsGet : httpGet;

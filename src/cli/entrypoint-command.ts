@@ -57,9 +57,7 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
     case 'serve': {
       const settings = entrypointSettings(split, io.env);
       const logger = createLogger({ level: settings.common.logLevel });
-      // Installed before anything starts: a SIGTERM while OVMS starts drains; a SIGHUP is kept for later.
-      const reload = deferredReload();
-      const stop = waitForStopSignal(logger, { onReload: reload.onReload });
+      const stop = waitForStopSignal(logger);
       let running: Serving;
       try {
         ({ running } = await startServing(settings, { logger }));
@@ -67,7 +65,7 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
         stop.dispose();
         throw err;
       }
-      reload.attach(running.operations);
+      stop.onReload(() => running.operations.reload());
       try {
         return await runUntilDone({ ...running, logger, stop });
       } finally {
@@ -75,22 +73,6 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
       }
     }
   }
-}
-
-/** SIGHUPs that arrive before the operations exist are replayed once they do. */
-function deferredReload(): { onReload: () => void; attach(operations: ServingOperations): void } {
-  let target: ServingOperations | undefined;
-  let pending = false;
-  return {
-    onReload: () => {
-      if (target) target.reload();
-      else pending = true;
-    },
-    attach(operations) {
-      target = operations;
-      if (pending) operations.reload();
-    },
-  };
 }
 
 /** Our version, then OVMS's own (drop-in users expect it), with OVMS's exit code. */
@@ -176,7 +158,7 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   // --mtls_workers > 1: forked workers serve and drop privileges themselves; OVMS stays this process's child.
   const workers = config.workers > 1 ? new WorkerPool({ config, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current() }) : undefined;
   const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: () => () => ovmsReadiness(holder.supervisor), workers });
-  const observer = options.observer ? combineObservers(operations.metrics, options.observer) : operations.metrics;
+  const observer = options.observer ? combineObservers(operations.requestObserver, options.observer) : operations.requestObserver;
   let proxy: RunningProxy;
   try {
     proxy = workers ? await workers.start() : await startProxy({ config, material, logger, notReady: { grpc: notReady, rest: notReady }, observer });

@@ -21,8 +21,6 @@ export interface RunUntilDoneOptions {
   readonly supervisor: OvmsSupervisor;
   readonly logger: Logger;
   readonly shutdownTimeoutMs: number;
-  /** SIGHUP: certificate reload. */
-  readonly onReload?: () => void;
   /** Signal handlers installed before startup, so a SIGTERM while starting drains instead of killing. */
   readonly stop?: StopSignal;
   /** Rejects when the proxy fails; defaults to uncaught exceptions and unhandled rejections. */
@@ -53,7 +51,7 @@ function uncaughtErrors(): { promise: Promise<never>; dispose(): void } {
 
 export async function runUntilDone(options: RunUntilDoneOptions): Promise<number> {
   const { proxy, supervisor, logger, shutdownTimeoutMs } = options;
-  const stop = options.stop ?? waitForStopSignal(logger, options.onReload ? { onReload: options.onReload } : {});
+  const stop = options.stop ?? waitForStopSignal(logger);
   const uncaught = uncaughtErrors();
   const fatal = options.fatal ?? uncaught.promise;
   try {

@@ -1,31 +1,35 @@
 import type { Logger } from '../log.js';
 
-export interface SignalHandlers {
-  /** SIGHUP: reload certificates. */
-  onReload?: () => void;
-}
-
-/**
- * Resolves with the first SIGTERM or SIGINT. Until then SIGHUP triggers a
- * reload. The handlers are removed when the promise settles, so a second
- * SIGINT during a long drain falls back to Node's default (immediate exit).
- */
 export interface StopSignal {
+  /** The first SIGTERM or SIGINT. */
   readonly signal: Promise<NodeJS.Signals>;
+  /**
+   * Sets what SIGHUP does (reload certificates). A SIGHUP that arrived before
+   * a handler was set (listeners still starting) runs it now instead of being lost.
+   */
+  onReload(handler: () => void): void;
   dispose(): void;
 }
 
-export function waitForStopSignal(logger: Logger, handlers: SignalHandlers = {}): StopSignal {
+/**
+ * Install first, before anything starts: a SIGTERM while starting then drains
+ * instead of killing the process. The handlers are removed when a stop signal
+ * arrives, so a second SIGINT during a long drain falls back to Node's
+ * default (immediate exit).
+ */
+export function waitForStopSignal(logger: Logger): StopSignal {
   let resolveSignal!: (s: NodeJS.Signals) => void;
   const signal = new Promise<NodeJS.Signals>((resolve) => (resolveSignal = resolve));
+  let reload: (() => void) | undefined;
+  let reloadPending = false;
   const onStop = (s: NodeJS.Signals) => {
     logger.info({ event: 'signal', signal: s }, `${s} received: draining`);
     dispose();
     resolveSignal(s);
   };
   const onHup = () => {
-    if (handlers.onReload) handlers.onReload();
-    else logger.info({ event: 'signal', signal: 'SIGHUP' }, 'SIGHUP received: nothing to reload');
+    if (reload) reload();
+    else reloadPending = true;
   };
   const dispose = () => {
     process.off('SIGTERM', onStop);
@@ -35,5 +39,15 @@ export function waitForStopSignal(logger: Logger, handlers: SignalHandlers = {})
   process.on('SIGTERM', onStop);
   process.on('SIGINT', onStop);
   process.on('SIGHUP', onHup);
-  return { signal, dispose };
+  return {
+    signal,
+    dispose,
+    onReload(handler) {
+      reload = handler;
+      if (reloadPending) {
+        reloadPending = false;
+        handler();
+      }
+    },
+  };
 }

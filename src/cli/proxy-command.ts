@@ -28,16 +28,17 @@ export async function runProxyCommand(argv: readonly string[], env: NodeJS.Proce
   const workers = config.workers > 1 ? new WorkerPool({ config, logger }) : undefined;
   const ops = await ServingOperations.start({ config, material, logger, upstreamCheck: (metrics) => updatingOvmsUp(metrics, upstreamCheck(config)), workers });
   // Before the listeners: a worker logs `listening` before the last one is up, and a SIGTERM then must drain, not kill.
-  const stop = waitForStopSignal(logger, { onReload: () => ops.reload() });
+  const stop = waitForStopSignal(logger);
   let proxy: RunningProxy;
   try {
-    proxy = workers ? await workers.start() : await startProxy({ config, material, logger, observer: ops.metrics });
+    proxy = workers ? await workers.start() : await startProxy({ config, material, logger, observer: ops.requestObserver });
   } catch (err) {
     stop.dispose();
     await ops.close();
     throw err;
   }
   ops.attach(proxy);
+  stop.onReload(() => ops.reload());
   await stop.signal;
   ops.stopWatching();
   await proxy.shutdown(config.shutdownTimeoutMs);

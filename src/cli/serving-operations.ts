@@ -6,6 +6,7 @@ import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { RunningProxy } from '../proxy.js';
 import type { TlsMaterial } from '../tls-material.js';
+import { NOOP_OBSERVER, type ProxyObserver } from '../observer.js';
 import type { AdminServer } from '../admin.js';
 import { TlsReloader } from '../tls-reload.js';
 import type { WorkerPool } from '../workers.js';
@@ -29,12 +30,16 @@ export class ServingOperations {
   #proxy: RunningProxy | undefined;
   #admin: AdminServer | undefined;
   #reloader: TlsReloader | undefined;
-  #reloadPending = false;
 
   private constructor(options: ServingOperationsOptions) {
     this.#options = options;
     this.#material = options.material;
     this.metrics.setCertificates(options.material);
+  }
+
+  /** What the data path reports to: the metrics, or nothing when no admin port would ever serve them. */
+  get requestObserver(): ProxyObserver {
+    return this.#options.config.admin ? this.metrics : NOOP_OBSERVER;
   }
 
   /** Admin first: /healthz answers while the public listeners bind, /readyz says they are not up yet. */
@@ -73,16 +78,11 @@ export class ServingOperations {
       },
     });
     this.#reloader.watch();
-    if (this.#reloadPending) {
-      this.#reloadPending = false;
-      void this.#reloader.reload('signal');
-    }
   }
 
-  /** SIGHUP. One that arrives while the listeners still start is run once they are up, not lost. */
+  /** SIGHUP. */
   reload(): void {
-    if (this.#reloader) void this.#reloader.reload('signal');
-    else this.#reloadPending = true;
+    void this.#reloader?.reload('signal');
   }
 
   /** Stops watching now; the admin listener closes last so probes see the drain. */

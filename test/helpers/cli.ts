@@ -43,7 +43,8 @@ export function startCli(args: string[], options: { env?: NodeJS.ProcessEnv } = 
   return { child, logs, stderr: () => stderr, exited };
 }
 
-/** No OVMS_MTLS_* from the developer's shell may change what a test runs. */
-function cleanEnv(): NodeJS.ProcessEnv {
-  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('OVMS_MTLS_')));
+/** No OVMS_MTLS_* (nor `alsoDrop`-prefixed) variable from the developer's shell may change what a test runs. */
+export function cleanEnv(...alsoDrop: string[]): NodeJS.ProcessEnv {
+  const prefixes = ['OVMS_MTLS_', ...alsoDrop];
+  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !prefixes.some((p) => k.startsWith(p))));
 }

@@ -8,11 +8,10 @@ import { once } from 'node:events';
 import { chmodSync, existsSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { BIN, cleanEnv } from './cli.js';
 import type { TestPki } from './pki.js';
 import type { LogLine } from './harness.js';
 
-export const BIN = fileURLToPath(new URL('../../../bin/ovms-mtls', import.meta.url));
 export const FAKE_OVMS = fileURLToPath(new URL('../fixtures/fake-ovms.js', import.meta.url));
 
 /** tsc does not keep the executable bit; the wrapper spawns the fake like a real binary. */
@@ -46,14 +45,8 @@ export interface Wrapper {
   waitForOvmsLine(match: (line: string) => boolean): Promise<string>;
 }
 
-function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('OVMS_MTLS_') && !k.startsWith('FAKE_OVMS_')) env[k] = v;
-  return { ...env, ...extra };
-}
-
 export function startWrapper(args: readonly string[], env: Record<string, string> = {}): Wrapper {
-  const child = spawn(process.execPath, [BIN, ...args], { env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [BIN, ...args], { env: { ...cleanEnv('FAKE_OVMS_'), ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   const logs: LogLine[] = [];
   const ovmsLines: string[] = [];
   let stderr = '';
@@ -119,16 +112,5 @@ export function processGone(pid: number): boolean {
     return stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z');
   } catch {
     return true;
-  }
-}
-
-/** Polls with backoff up to a deadline, for states no event reports (another process dying). */
-export async function eventually(check: () => boolean, what: string, deadlineMs = 10_000): Promise<void> {
-  const end = Date.now() + deadlineMs;
-  let delay = 10;
-  while (!check()) {
-    if (Date.now() > end) throw new Error(`timed out waiting until ${what}`);
-    await sleep(delay);
-    delay = Math.min(delay * 2, 250);
   }
 }

@@ -1,25 +1,11 @@
 /**
- * Helpers for the operations tests: a free loopback port, plain-HTTP GETs
+ * Helpers for the operations tests: plain-HTTP GETs
  * against the admin listener, metric lookups in Prometheus text, and an
  * observer that lets a test await the next finished request.
  */
 import { EventEmitter, once } from 'node:events';
 import { request as httpRequest } from 'node:http';
-import { createServer } from 'node:net';
 import { NOOP_OBSERVER, type AccessRecord, type ProxyObserver } from '../../src/observer.js';
-
-/**
- * A port that was free a moment ago. Only for what cannot take port 0 (the
- * CLI treats 0 as "off"; a server that must appear later on a known port).
- */
-export async function freePort(): Promise<number> {
-  const server = createServer();
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 export interface PlainResponse {
   status: number;
@@ -61,7 +47,7 @@ export function requestEvents(): { observer: ProxyObserver; next(): Promise<Acce
 }
 
 /** Polls `probe` with backoff until it returns true; fails after `deadlineMs`. For states no event announces. */
-export async function eventually(probe: () => Promise<boolean>, what: string, deadlineMs = 20_000): Promise<void> {
+export async function eventually(probe: () => boolean | Promise<boolean>, what: string, deadlineMs = 20_000): Promise<void> {
   const until = Date.now() + deadlineMs;
   let delay = 10;
   while (!(await probe())) {
