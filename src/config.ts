@@ -60,7 +60,12 @@ export interface Config {
   readonly accessLog: boolean;
   readonly admin?: { readonly hosts: readonly string[]; readonly port: number } | undefined;
   readonly workers: number;
+  /** `terminate`: every call through our HTTP/2 server (XFCC, per-call log). `relay`: frames passed as they are. */
+  readonly grpcMode: GrpcMode;
 }
+
+export const GRPC_MODES = ['terminate', 'relay'] as const;
+export type GrpcMode = (typeof GRPC_MODES)[number];
 
 /** Every default in one place. */
 export const DEFAULTS = {
@@ -71,6 +76,7 @@ export const DEFAULTS = {
   reloadDebounceMs: 200,
   logLevel: 'info' as LevelWithSilent,
   accessLog: true,
+  grpcMode: 'terminate' as GrpcMode,
   limits: {
     handshakeTimeoutMs: 10_000,
     maxConnections: 0,
@@ -278,7 +284,16 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     accessLog: parseBoolean('mtls_access_log', raw['mtls_access_log'], DEFAULTS.accessLog),
     admin: adminPort > 0 ? { port: adminPort, hosts: parseBindAddresses('mtls_admin_bind_address', raw['mtls_admin_bind_address'], DEFAULTS.adminBindAddress) } : undefined,
     workers: parseWorkers(raw),
+    grpcMode: parseGrpcMode(raw),
   };
+}
+
+function parseGrpcMode(raw: RawOptions): GrpcMode {
+  const mode = optionalString(raw, 'mtls_grpc_mode') ?? DEFAULTS.grpcMode;
+  if (!(GRPC_MODES as readonly string[]).includes(mode)) {
+    throw new ConfigError(`--mtls_grpc_mode: '${mode}' is not one of ${GRPC_MODES.join(', ')}`);
+  }
+  return mode as GrpcMode;
 }
 
 /** `ovms-mtls proxy`: public listeners forward to upstreams given on the command line. */

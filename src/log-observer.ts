@@ -18,5 +18,9 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
       if (!options.accessLog) return;
       logger.info({ event: 'access', ...record }, 'request');
     },
+    relayed(record) {
+      if (!options.accessLog) return;
+      logger.info({ event: 'relay_access', ...record }, 'relayed connection closed');
+    },
   };
 }

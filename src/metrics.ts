@@ -7,7 +7,7 @@
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { Refusal } from './client-identity.js';
-import type { AccessRecord, ListenerName, ProxyObserver } from './observer.js';
+import type { AccessRecord, ListenerName, ProxyObserver, RelayRecord } from './observer.js';
 import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
 import { grpcRoute, restRoute } from './metric-routes.js';
 
@@ -30,6 +30,7 @@ function defineMetrics(registry: Registry) {
     duration: new Histogram({ name: name('request_duration_seconds'), help: 'Time from request start to the end of the response, by listener and route', labelNames: ['listener', 'route'], buckets: DURATION_BUCKETS, registers }),
     bytesIn: new Counter({ name: name('received_bytes_total'), help: 'Request body bytes received from clients', labelNames: ['listener'], registers }),
     bytesOut: new Counter({ name: name('sent_bytes_total'), help: 'Response body bytes sent to clients', labelNames: ['listener'], registers }),
+    relayedBytes: new Counter({ name: name('relayed_bytes_total'), help: 'HTTP/2 bytes relayed in --mtls_grpc_mode relay (frames included), by direction (in = from clients), counted when a connection closes', labelNames: ['listener', 'direction'], registers }),
     connections: new Gauge({ name: name('open_connections'), help: 'Open client connections (after a successful handshake)', labelNames: ['listener'], registers }),
     connectionsTotal: new Counter({ name: name('connections_total'), help: 'Client connections accepted since start', labelNames: ['listener'], registers }),
     streams: new Gauge({ name: name('open_streams'), help: 'Requests and RPCs in flight', labelNames: ['listener'], registers }),
@@ -108,6 +109,11 @@ export class ProxyMetrics implements ProxyObserver {
     this.#m.duration.observe({ listener, route }, record.durationMs / 1000);
     this.#m.bytesIn.inc({ listener }, record.bytesIn);
     this.#m.bytesOut.inc({ listener }, record.bytesOut);
+  }
+
+  relayed(record: RelayRecord): void {
+    this.#m.relayedBytes.inc({ listener: record.listener, direction: 'in' }, record.bytesIn);
+    this.#m.relayedBytes.inc({ listener: record.listener, direction: 'out' }, record.bytesOut);
   }
 
   upstreamError(listener: ListenerName, code: string): void {

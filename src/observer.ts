@@ -26,6 +26,20 @@ export interface AccessRecord {
   readonly error?: string | undefined;
 }
 
+/** One relayed connection (`--mtls_grpc_mode relay`), reported when it closes: the relay sees no calls. */
+export interface RelayRecord {
+  readonly listener: ListenerName;
+  readonly remote: string | undefined;
+  readonly subject: string;
+  readonly serial: string;
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+  readonly durationMs: number;
+  /** We sent the client a GOAWAY (drain or revocation). */
+  readonly goAway: boolean;
+  readonly error?: string | undefined;
+}
+
 /**
  * What the data path reports. The logger and the metrics registry each
  * implement it; the data path knows neither.
@@ -39,6 +53,7 @@ export interface ProxyObserver {
   streamOpened(listener: ListenerName): void;
   streamClosed(listener: ListenerName): void;
   request(record: AccessRecord): void;
+  relayed(record: RelayRecord): void;
   upstreamError(listener: ListenerName, code: string): void;
 }
 
@@ -51,6 +66,7 @@ export const NOOP_OBSERVER: ProxyObserver = {
   streamOpened() {},
   streamClosed() {},
   request() {},
+  relayed() {},
   upstreamError() {},
 };
 

@@ -1,4 +1,5 @@
 import type { AddressInfo } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Config, ListenerConfig } from './config.js';
@@ -7,6 +8,7 @@ import { SecureListener } from './listeners.js';
 import { H1Front, H2Front, type Drainable } from './http-fronts.js';
 import { GrpcForwarder } from './grpc-forwarder.js';
 import { RestForwarder } from './rest-forwarder.js';
+import { GrpcRelay } from './grpc-relay.js';
 import { secureContextOptions, type TlsMaterial } from './tls-material.js';
 import { combineObservers, NOOP_OBSERVER, type ListenerName, type ProxyObserver } from './observer.js';
 import { loggingObserver } from './log-observer.js';
@@ -53,8 +55,9 @@ interface Assembled {
 }
 
 /** A public TLS port handing authorized sockets to its HTTP/2 and HTTP/1.1 fronts. */
-function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver, h2: H2Front, h1: H1Front): SecureListener {
+function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver, h2: H2Front, h1: H1Front, relay?: GrpcRelay): SecureListener {
   const { config } = options;
+  const closeH2 = (s: TLSSocket) => relay?.closeConnection(s) || h2.closeConnection(s);
   return new SecureListener({
     name,
     hosts: cfg.hosts,
@@ -63,16 +66,24 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
     limits: config.limits,
     allow: config.allow,
     observer,
-    handover: { h2: (s, c) => h2.accept(s, c), http1: (s, c) => h1.accept(s, c), close: (s) => (s.alpnProtocol === 'h2' ? h2 : h1).closeConnection(s) },
+    handover: {
+      h2: (s, c) => (relay ?? h2).accept(s, c),
+      http1: (s, c) => h1.accept(s, c),
+      close: (s) => (s.alpnProtocol === 'h2' ? closeH2(s) : h1.closeConnection(s)),
+    },
   });
 }
 
 function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
-  const { limits } = options.config;
-  const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits, observer, notReady: options.notReady?.grpc });
+  const { limits, grpcMode } = options.config;
+  const notReady = options.notReady?.grpc;
+  const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits, observer, notReady });
   const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
   const h1 = new H1Front({ limits, observer, onRequest: answerHttp1OnGrpcPort });
-  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1), fronts: [h2, h1], close: () => forwarder.close() };
+  // The terminating front stays: it answers while the upstream is not ready or unreachable.
+  const relay = grpcMode === 'relay' ? new GrpcRelay({ upstream: cfg.upstream, observer, notReady, fallback: (s, c) => h2.accept(s, c) }) : undefined;
+  const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
+  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, relay), fronts, close: () => forwarder.close() };
 }
 
 function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {

@@ -177,6 +177,7 @@ describe('a set made by certs init serves the proxy', () => {
       logLevel: 'debug',
       accessLog: false,
       workers: 1,
+      grpcMode: 'terminate',
     };
     const logs = new LogCapture();
     const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'debug', destination: logs }) });

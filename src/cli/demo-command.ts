@@ -39,6 +39,7 @@ function demoConfig(certDir: string, ports: { grpc: number; rest: number }, upst
     accessLog: true,
     admin: undefined,
     workers: 1,
+    grpcMode: DEFAULTS.grpcMode,
   };
 }
 

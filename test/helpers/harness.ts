@@ -62,6 +62,7 @@ export interface ProxySetup {
   allow?: Partial<Config['allow']>;
   observer?: ProxyObserver;
   notReady?: Parameters<typeof startProxy>[0]['notReady'];
+  grpcMode?: Config['grpcMode'];
 }
 
 export interface StartedProxy {
@@ -84,6 +85,7 @@ export function baseConfig(setup: ProxySetup): Config {
     logLevel: 'debug',
     accessLog: true,
     workers: 1,
+    grpcMode: setup.grpcMode ?? 'terminate',
   };
 }
 

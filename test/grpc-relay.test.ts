@@ -1,0 +1,250 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { eventually } from './helpers/ops.js';
+import { unary, type EchoReply } from '../src/demo/grpc-client.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+const inferRequest = { model_name: 'dummy', inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: INPUT } }] };
+
+let pki: TestPki;
+let upstream: ModelServer;
+let counter: Awaited<ReturnType<typeof countingRelay>>;
+let front: StartedProxy;
+let clients: ReturnType<typeof grpcClients>;
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream();
+  counter = await countingRelay(upstream.grpcPort!);
+  front = await startTestProxy({ pki, upstream: { grpcPort: counter.port }, grpcMode: 'relay' });
+  clients = grpcClients(front.grpcAddress, pki);
+});
+
+after(async () => {
+  clients.close();
+  await front.proxy.shutdown(1000);
+  counter.server.close();
+  await upstream.close();
+  await pki.cleanup();
+});
+
+const lastReceived = (path: string) => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === path).at(-1);
+
+describe('grpc relay mode: calls pass unchanged', () => {
+  test('a KServe ModelInfer returns the dummy model output b + 1', async () => {
+    const { response } = await unary(clients.kserve, 'ModelInfer', inferRequest);
+    assert.deepEqual(response.outputs[0]?.contents?.fp32_contents, INPUT.map((x) => x + 1));
+  });
+
+  test('metadata, -bin values, trailers and error messages pass; no x-forwarded-client-cert is added', async () => {
+    const md = new grpc.Metadata();
+    md.set('x-echo-id', 'abc');
+    md.set('x-echo-blob-bin', Buffer.from([9, 8, 7]));
+    const { metadata, status } = await unary(clients.echo, 'Unary', { payload: Buffer.from('hi') }, md);
+    assert.deepEqual(metadata.get('x-echo-id'), ['abc']);
+    assert.deepEqual(metadata.get('x-echo-blob-bin'), [Buffer.from([9, 8, 7])]);
+    assert.deepEqual(status.metadata.get('x-trailer-echo'), ['ok']);
+    const seen = lastReceived('/ovmsmtls.test.Echo/Unary')!;
+    assert.equal(seen.headers.te, 'trailers');
+    assert.equal(seen.headers['x-forwarded-client-cert'], undefined);
+
+    const err = await unary(clients.echo, 'Unary', { fail_with_code: grpc.status.PERMISSION_DENIED }).then(
+      () => assert.fail('call should fail'), (e: grpc.ServiceError) => e);
+    assert.equal(err.code, grpc.status.PERMISSION_DENIED);
+    assert.equal(err.details, 'requested failure: 7 ü%');
+    assert.deepEqual(err.metadata.get('x-trailer-bin'), [Buffer.from([0, 1, 2, 255])]);
+  });
+
+  test('a Trailers-Only response stays one HEADERS frame with END_STREAM', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    try {
+      const res = await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' },
+        grpcFrame(Buffer.from([0x18, 0x05])));
+      assert.equal(res.endedWithHeaders, true);
+      assert.equal(res.headers['grpc-status'], '5');
+    } finally {
+      session.close();
+    }
+  });
+
+  test('client-streaming, server-streaming and bidirectional calls pass message by message', async () => {
+    const reply = await new Promise<EchoReply>((resolve, reject) => {
+      const call = clients.echo.ClientStream(new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(res as EchoReply)));
+      for (const part of ['ab', 'cd', 'ef']) call.write({ payload: Buffer.from(part) });
+      call.end();
+    });
+    assert.deepEqual(reply, { payload: Buffer.from('abcdef'), count: 3 });
+    const counts: number[] = [];
+    for await (const r of clients.echo.ServerStream({ payload: Buffer.from('x'), count: 4 })) counts.push((r as EchoReply).count);
+    assert.deepEqual(counts, [0, 1, 2, 3]);
+    const bidi = clients.echo.Bidi();
+    const replies = bidi[Symbol.asyncIterator]();
+    for (const n of [1, 2, 3]) {
+      bidi.write({ payload: Buffer.from(`m${n}`), count: n });
+      assert.deepEqual((await replies.next()).value, { payload: Buffer.from(`m${n}`), count: n });
+    }
+    bidi.end();
+    assert.equal((await replies.next()).done, true);
+  });
+
+  test('a cancelled client call cancels the upstream call', async () => {
+    const call = clients.echo.Hold({}, new grpc.Metadata(), {}, () => {});
+    const status = once(call, 'status') as Promise<[grpc.StatusObject]>;
+    await once(call, 'metadata');
+    call.cancel();
+    await upstream.waitFor('cancelled', '/ovmsmtls.test.Echo/Hold');
+    assert.equal((await status)[0].code, grpc.status.CANCELLED);
+  });
+
+  test('a 32 MiB message passes both ways, with flow control end to end', async () => {
+    const payload = Buffer.alloc(32 * 1024 * 1024, 3);
+    payload[4321] = 9;
+    const { response } = await unary(clients.echo, 'Unary', { payload });
+    assert.ok(response.payload.equals(payload));
+  });
+
+  test('each client connection gets its own upstream connection, reused by all its calls', async () => {
+    const before = counter.connections();
+    const other = grpcClients(front.grpcAddress, pki);
+    try {
+      await Promise.all(Array.from({ length: 10 }, () => unary(other.echo, 'Unary', { payload: Buffer.from('x') })));
+      assert.equal(counter.connections(), before + 1);
+    } finally {
+      other.close();
+    }
+  });
+
+  test('an HTTP/1.1 client on the gRPC port still gets the plain-text explanation', async () => {
+    const res = await https1(front.grpcPort, pki, { path: '/' });
+    assert.equal(res.status, 426);
+    assert.match(res.body, /gRPC over HTTP\/2/);
+  });
+
+  test('a closed connection is logged once, with the client and the bytes each way', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])));
+    session.close();
+    const line = await front.logs.waitFor((l) => l.event === 'relay_access' && (l.bytesIn as number) > 0);
+    assert.equal(line.listener, 'grpc');
+    assert.equal(line.subject, 'CN=client,OU=tests');
+    assert.ok((line.bytesOut as number) > 0);
+    assert.equal(line.goAway, false);
+  });
+});
+
+describe('grpc relay mode: when the upstream cannot take the connection', () => {
+  test('before the upstream is ready, calls get UNAVAILABLE with the reason; once ready, new connections are relayed', async () => {
+    let reason: string | undefined = 'model server starting';
+    const server = await startUpstream({ restPort: null });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: server.grpcPort! }, grpcMode: 'relay', notReady: { grpc: () => reason } });
+    const early = grpcClients(local.grpcAddress, pki);
+    try {
+      const err = await unary(early.echo, 'Unary', { payload: Buffer.from('1') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+      assert.equal(err.code, grpc.status.UNAVAILABLE);
+      assert.match(err.details, /model server starting/);
+      reason = undefined;
+      const late = grpcClients(local.grpcAddress, pki);
+      try {
+        await unary(late.echo, 'Unary', { payload: Buffer.from('2') });
+      } finally {
+        late.close();
+      }
+      await local.logs.waitFor((l) => l.event === 'relay_access');
+    } finally {
+      early.close();
+      await local.proxy.shutdown(1000);
+      await server.close();
+    }
+  });
+
+  test('an unreachable upstream answers UNAVAILABLE with a readable message instead of dropping the client', async () => {
+    const server = await startUpstream({ restPort: null });
+    const port = server.grpcPort!;
+    await server.close();
+    const local = await startTestProxy({ pki, upstream: { grpcPort: port }, grpcMode: 'relay' });
+    const c = grpcClients(local.grpcAddress, pki);
+    try {
+      const err = await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+      assert.equal(err.code, grpc.status.UNAVAILABLE);
+      assert.match(err.details, new RegExp(`upstream 127\\.0\\.0\\.1:${port}`));
+      await local.logs.waitFor((l) => l.event === 'upstream_error' && l.reason === 'ECONNREFUSED');
+    } finally {
+      c.close();
+      await local.proxy.shutdown(1000);
+    }
+  });
+
+  test('an upstream connection that drops mid-call ends the call with UNAVAILABLE, not a hang', async () => {
+    // A crash, not a graceful stop: the TCP connection to the upstream just goes away.
+    const dropping = await countingRelay(upstream.grpcPort!);
+    const local = await startTestProxy({ pki, upstream: { grpcPort: dropping.port }, grpcMode: 'relay' });
+    const c = grpcClients(local.grpcAddress, pki);
+    try {
+      const call = c.echo.Hold({}, new grpc.Metadata(), {}, () => {});
+      const status = once(call, 'status') as Promise<[grpc.StatusObject]>;
+      await once(call, 'metadata');
+      dropping.server.close();
+      assert.equal((await status)[0].code, grpc.status.UNAVAILABLE);
+    } finally {
+      c.close();
+      await local.proxy.shutdown(1000);
+    }
+  });
+});
+
+describe('grpc relay mode: graceful endings', () => {
+  const hold = { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Hold', 'content-type': 'application/grpc', te: 'trailers' };
+
+  test('shutdown sends GOAWAY between frames; the stream already open keeps going, and the connection closes when the client is done, before the timeout', async () => {
+    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, grpcMode: 'relay' });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      const stream = session.request(hold, { endStream: false });
+      stream.on('error', () => {});
+      stream.end(grpcFrame(Buffer.alloc(0)));
+      await once(stream, 'response');
+      const goaway = once(session, 'goaway') as Promise<[number, number]>;
+      const stopped = local.proxy.shutdown(30_000);
+      const [code, lastStreamId] = await goaway;
+      assert.equal(code, 0);
+      assert.equal(lastStreamId, 2 ** 31 - 1);
+      // The stream opened before the GOAWAY still works: its end reaches the upstream.
+      assert.equal(stream.closed, false);
+      stream.close();
+      await stopped;
+      assert.equal(local.logs.lines.some((l) => l.event === 'shutdown_timeout'), false);
+      const line = await local.logs.waitFor((l) => l.event === 'relay_access');
+      assert.equal(line.goAway, true);
+    } finally {
+      session.destroy();
+    }
+  });
+
+  test('closing one relayed connection (what revocation does) sends it a GOAWAY and leaves the others alone', async () => {
+    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, grpcMode: 'relay' });
+    const first = h2Session(local.grpcPort, pki);
+    const second = h2Session(local.grpcPort, pki);
+    try {
+      const echo = { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' };
+      await Promise.all([first, second].map((s) => h2Request(s, echo, grpcFrame(Buffer.alloc(0)))));
+      const [listener] = local.proxy.listeners();
+      await eventually(() => listener!.connections.size === 2, 'both connections tracked');
+      const goaway = once(first, 'goaway');
+      const firstSocket = [...listener!.connections.keys()].find((s) => s.remotePort === first.socket.localPort)!;
+      listener!.closeConnection(firstSocket, 30_000);
+      await goaway;
+      await once(first, 'close');
+      const res = await h2Request(second, echo, grpcFrame(Buffer.alloc(0)));
+      assert.equal(res.trailers?.['grpc-status'], '0');
+    } finally {
+      first.destroy();
+      second.destroy();
+      await local.proxy.shutdown(1000);
+    }
+  });
+});
