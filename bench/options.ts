@@ -12,7 +12,7 @@ export const USAGE = `usage: npm run bench -- [options]
   --full                 longer runs and 10,000 idle connections (default: quick profile, ~10 min)
   --workers 1,2          worker counts to compare (proxy --mtls_workers and nginx worker_processes)
   --scenarios a,b        subset of: ${SCENARIOS.map((s) => s.id).join(', ')}
-  --targets a,b          subset of: direct, nginx, proxy, proxy-log
+  --targets a,b          subset of: direct, nginx, proxy, proxy-log, proxy-relay
   --duration S           measured seconds per run        --warmup S   warm-up seconds per run
   --idle N               idle connections to hold        --no-nginx   skip nginx even if installed
   --cpu-prof SCENARIO    profile the proxy (1 worker, no access log) during that scenario (node --cpu-prof)
@@ -79,7 +79,7 @@ export function parseOptions(argv: string[], repoRoot: string): Options | undefi
     },
     workers: (list(values.workers) ?? ['1', '2']).map(Number).filter((n) => Number.isInteger(n) && n > 0),
     scenarios,
-    kinds: new Set(list(values.targets) ?? ['direct', 'nginx', 'proxy', 'proxy-log']),
+    kinds: new Set(list(values.targets) ?? ['direct', 'nginx', 'proxy', 'proxy-log', 'proxy-relay']),
     nginx: !values['no-nginx'],
     cpuProf: values['cpu-prof'] as ScenarioId | undefined,
     load: {

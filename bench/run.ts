@@ -11,7 +11,8 @@ import { writeBenchPki } from './pki.js';
 import { SCENARIOS } from './scenarios.js';
 import { USAGE, parseOptions, type Options } from './options.js';
 import { findNginx, loadAverage, machine } from './machine.js';
-import { startTarget, startUpstream, type BenchContext, type TargetSpec } from './targets.js';
+import { startTarget, startUpstream, usesGrpcPort, type BenchContext, type TargetSpec } from './targets.js';
+import type { ScenarioId } from './protocol.js';
 import { measure, type Measurement } from './measure.js';
 import { markdownReport, num, verdicts, withRatios, type BenchResults } from './report.js';
 import { svgChart } from './chart.js';
@@ -28,6 +29,9 @@ function targetList(options: Options, workers: number[], nginx: boolean): Target
     if (nginx && options.kinds.has('nginx')) list.push({ id: `nginx-${n}w`, label: `nginx, ${w(n)}`, kind: 'nginx', workers: n, accessLog: true });
     if (options.kinds.has('proxy')) list.push({ id: `ovms-mtls-${n}w`, label: `ovms-mtls, ${w(n)}`, kind: 'proxy', workers: n, accessLog: false });
     if (options.kinds.has('proxy-log')) list.push({ id: `ovms-mtls-${n}w-log`, label: `ovms-mtls, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true });
+    if (options.kinds.has('proxy-relay')) {
+      list.push({ id: `ovms-mtls-${n}w-relay`, label: `ovms-mtls relay, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, extraArgs: ['--mtls_grpc_mode', 'relay'], grpcPortOnly: true });
+    }
     if (options.compare) {
       if (options.kinds.has('proxy')) list.push({ id: `compare-${n}w`, label: `B: ovms-mtls, ${w(n)}`, kind: 'proxy', workers: n, accessLog: false, cli: options.compare, nodeFlags: options.compareNodeFlags, extraArgs: options.compareArgs });
       if (options.kinds.has('proxy-log')) list.push({ id: `compare-${n}w-log`, label: `B: ovms-mtls, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, cli: options.compare, nodeFlags: options.compareNodeFlags, extraArgs: options.compareArgs });
@@ -122,12 +126,13 @@ async function main(): Promise<number> {
     });
     if (Object.keys(options.load).length > 0) notes.push(`load overridden: ${JSON.stringify(options.load)}`);
     const measurements: Measurement[] = [];
-    const total = scenarios.reduce((n, s) => n + targets.length * (s.id === 'idle' ? 1 : options.settings.rounds), 0);
+    const targetsFor = (id: ScenarioId) => targets.filter((t) => !t.grpcPortOnly || usesGrpcPort(id));
+    const total = scenarios.reduce((n, s) => n + targetsFor(s.id).length * (s.id === 'idle' ? 1 : options.settings.rounds), 0);
     process.stderr.write(`bench: ${options.profile} profile, ${total} runs (${(options.settings.warmupMs / 1000).toFixed(1)} s warm-up + ${(options.settings.durationMs / 1000).toFixed(1)} s each), load average ${loadBefore}\n`);
     let i = 0;
     for (const scenario of scenarios) {
       // Rounds interleave the targets, so a burst of load from elsewhere on the machine hits them alike.
-      for (let round = 0; round < (scenario.id === 'idle' ? 1 : options.settings.rounds); round++) for (const spec of targets) {
+      for (let round = 0; round < (scenario.id === 'idle' ? 1 : options.settings.rounds); round++) for (const spec of targetsFor(scenario.id)) {
         i += 1;
         const profileThis = round === 0 && scenario.id === options.cpuProf && spec.kind === 'proxy' && spec.workers === 1 && !spec.accessLog;
         try {

@@ -32,6 +32,8 @@ export interface TargetSpec {
   readonly nodeFlags?: readonly string[] | undefined;
   /** Proxy only: options added after the context's (A/B of an option). */
   readonly extraArgs?: readonly string[] | undefined;
+  /** Measured only in the scenarios that use the gRPC port (the relay mode changes nothing else). */
+  readonly grpcPortOnly?: boolean;
 }
 
 export interface BenchContext {
@@ -71,7 +73,7 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-function usesGrpcPort(scenario: ScenarioId): boolean {
+export function usesGrpcPort(scenario: ScenarioId): boolean {
   return scenario.startsWith('grpc') || scenario === 'idle';
 }
 

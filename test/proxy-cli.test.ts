@@ -62,6 +62,7 @@ describe('proxy command line', () => {
     ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
     ['no public port at all', () => [...tlsFlags()], /no public port: give --port \(gRPC\) and\/or --rest_port \(REST\)/],
     ['a port that is not a number', () => ['--port=abc', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags()], /--port: 'abc' is not a whole number between 0 and 65535/],
+    ['an unknown gRPC mode', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_grpc_mode', 'fast', ...tlsFlags()], /--mtls_grpc_mode: 'fast' is not one of terminate, relay/],
     ['a listener without its upstream', () => ['--rest_port', '8443', ...tlsFlags()], /--mtls_rest_upstream is required with --rest_port/],
   ];
   for (const [label, args, message] of cases) {
@@ -98,6 +99,25 @@ describe('proxy command line', () => {
       assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
     } finally {
       clients.close();
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
+    }
+  });
+});
+
+describe('proxy gRPC relay mode from the command line', () => {
+  test('OVMS_MTLS_GRPC_MODE=relay relays the gRPC port with 2 workers and logs each connection, not each call', async () => {
+    const { cli, grpcPort } = await startProxyCli([...tlsFlags(), '--mtls_workers', '2'], { OVMS_MTLS_GRPC_MODE: 'relay' });
+    try {
+      for (let i = 0; i < 4; i++) {
+        const clients = grpcClients(`localhost:${grpcPort}`, pki);
+        assert.equal((await unary(clients.echo, 'Unary', { payload: Buffer.from(`c${i}`) })).response.payload.toString(), `c${i}`);
+        clients.close();
+      }
+      const line = await cli.logs.waitFor((l) => l.event === 'relay_access');
+      assert.equal(line['subject'], 'CN=client,OU=tests');
+      assert.equal(cli.logs.lines.some((l) => l.event === 'access' && l['listener'] === 'grpc'), false);
+    } finally {
       cli.child.kill('SIGTERM');
       assert.equal(await cli.exited, 0);
     }
