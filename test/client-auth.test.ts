@@ -123,6 +123,24 @@ describe('TLS settings', () => {
     socket.destroy();
   });
 
+  for (const version of ['TLSv1.2', 'TLSv1.3'] as const) {
+    test(`no ${version} session is resumed: every connection gets a full handshake and a fresh certificate check`, async () => {
+      const options = { host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), maxVersion: version, ALPNProtocols: ['http/1.1'] };
+      const first = tlsConnect(options);
+      let ticket: Buffer | undefined;
+      first.on('session', (s: Buffer) => (ticket = s));
+      await once(first, 'secureConnect');
+      // Any ticket arrives before the response to a first request; read until the server closes.
+      first.end('GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
+      first.resume();
+      await once(first, 'close');
+      const second = tlsConnect({ ...options, session: ticket ?? first.getSession() });
+      await once(second, 'secureConnect');
+      assert.equal(second.isSessionReused(), false);
+      second.destroy();
+    });
+  }
+
   test('a connection that never completes its handshake is closed by the handshake timeout', async () => {
     const socket = tcpConnect(front.restPort, '127.0.0.1');
     socket.on('error', () => {});
