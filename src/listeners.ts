@@ -1,4 +1,5 @@
-import { createServer as createTlsServer, type DetailedPeerCertificate, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
+import type { X509Certificate } from 'node:crypto';
+import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
 import type { PresentedCertificate } from './crl-index.js';
 import type { AddressInfo } from 'node:net';
 import type { AllowList, Limits } from './config.js';
@@ -10,8 +11,11 @@ import type { ListenerName, ProxyObserver } from './observer.js';
 export interface ConnectionContext {
   readonly listener: ListenerName;
   readonly identity: ClientIdentity;
-  /** What the client presented, leaf first: revocation checks on reload use it. */
-  readonly chain: readonly PresentedCertificate[];
+  /**
+   * The leaf as read at the handshake, linked to the CA certificates the client sent. Read
+   * later, Node no longer links them, so the reload's revocation check uses this one.
+   */
+  readonly certificate: X509Certificate;
   readonly remoteAddress: string | undefined;
   readonly socket: TLSSocket;
 }
@@ -131,11 +135,9 @@ export class SecureListener {
 
   #onSecureConnection(socket: TLSSocket): void {
     const { observer } = this.#options;
-    // Order matters: once getPeerX509Certificate() has run, Node 20's getPeerCertificate(true)
-    // reports a one-certificate chain. Each call parses anew, so read the leaf once.
-    const chain = presentedChain(socket);
+    // Read once: each call parses anew.
     const peer = socket.getPeerX509Certificate();
-    const refused = verificationRefusal(socket, peer) ?? this.#chainRefusal(chain.length);
+    const refused = verificationRefusal(socket, peer) ?? this.#chainRefusal(peer);
     if (refused) {
       observer.handshakeRefused(this.name, refused, socket.remoteAddress, peer?.subject.replace(/\n/g, ','));
       socket.destroy();
@@ -148,14 +150,17 @@ export class SecureListener {
       return;
     }
     observer.handshakeAccepted(this.name);
-    const context: ConnectionContext = { listener: this.name, identity, chain, remoteAddress: socket.remoteAddress, socket };
+    const context: ConnectionContext = { listener: this.name, identity, certificate: peer!, remoteAddress: socket.remoteAddress, socket };
     this.#track(socket, context);
     if (socket.alpnProtocol === 'h2') this.#options.handover.h2(socket, context);
     else this.#options.handover.http1(socket, context);
   }
 
-  /** Node has no verify-depth setting; count the chain the client presented. */
-  #chainRefusal(depth: number) {
+  /** Node has no verify-depth setting; count the verified chain: what the client presented, plus the root from our store. */
+  #chainRefusal(peer: X509Certificate | undefined) {
+    const presented = peer ? x509Chain(peer) : [];
+    const last = presented.at(-1);
+    const depth = presented.length + (last && !last.checkIssued(last) ? 1 : 0);
     return depth > this.#options.limits.verifyDepth ? refusal('chain_too_long', `depth ${depth}`) : undefined;
   }
 
@@ -169,17 +174,20 @@ export class SecureListener {
   }
 }
 
-/** The certificates the client presented, leaf first; the root's issuer points to itself (FINDINGS). */
-function presentedChain(socket: TLSSocket): PresentedCertificate[] {
-  const chain: PresentedCertificate[] = [];
+/** Leaf first, then the CA certificates the client sent; Node links them through `issuerCertificate`. */
+function x509Chain(leaf: X509Certificate): X509Certificate[] {
+  const chain: X509Certificate[] = [];
   const seen = new Set<string>();
-  let cert: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
-  while (cert && cert.raw && !seen.has(cert.fingerprint256)) {
+  for (let cert: X509Certificate | undefined = leaf; cert && !seen.has(cert.fingerprint256); cert = cert.issuerCertificate) {
     seen.add(cert.fingerprint256);
-    chain.push({ raw: cert.raw, serialNumber: cert.serialNumber });
-    cert = cert.issuerCertificate;
+    chain.push(cert);
   }
   return chain;
+}
+
+/** What a connection's client presented, leaf first: the reload's revocation check. */
+export function presentedChain(context: ConnectionContext): PresentedCertificate[] {
+  return x509Chain(context.certificate);
 }
 
 function handshakeErrorCode(err: NodeJS.ErrnoException): string {

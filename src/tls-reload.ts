@@ -13,6 +13,7 @@ import type { Logger } from './log.js';
 import type { RunningProxy } from './proxy.js';
 import { loadTlsMaterial, type TlsMaterial } from './tls-material.js';
 import { RevocationIndex } from './crl-index.js';
+import { presentedChain } from './listeners.js';
 
 export type ReloadTrigger = 'signal' | 'file' | 'api';
 
@@ -117,10 +118,9 @@ export class TlsReloader {
     if (index.size === 0) return 0;
     let closed = 0;
     for (const listener of this.#options.proxy.listeners()) {
-      // The chain was read at the handshake: read now, after the identity was taken, Node
-      // would report the leaf alone and miss a revoked intermediate.
-      for (const [socket, { chain, identity }] of [...listener.connections]) {
-        if (!index.revokesAny(chain)) continue;
+      for (const [socket, context] of [...listener.connections]) {
+        if (!index.revokesAny(presentedChain(context))) continue;
+        const { identity } = context;
         this.#options.logger.warn(
           { event: 'connection_revoked', listener: listener.name, remote: socket.remoteAddress, subject: identity.subject, serial: identity.serial },
           'closing a live connection: its client certificate is revoked by the new CRL',

@@ -4,7 +4,8 @@ import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { eventually } from './helpers/ops.js';
+import { eventually, sample } from './helpers/ops.js';
+import { ProxyMetrics } from '../src/metrics.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
@@ -134,6 +135,25 @@ describe('grpc relay mode: calls pass unchanged', () => {
     assert.equal(line.subject, 'CN=client,OU=tests');
     assert.ok((line.bytesOut as number) > 0);
     assert.equal(line.goAway, false);
+  });
+});
+
+describe('grpc relay mode: metrics', () => {
+  test('relayed bytes are counted per direction when a connection closes; relayed calls are not counted as requests', async () => {
+    const metrics = new ProxyMetrics({ processMetrics: false });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, grpcMode: 'relay', observer: metrics });
+    try {
+      const session = h2Session(local.grpcPort, pki);
+      await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.alloc(100)));
+      session.close();
+      await local.logs.waitFor((l) => l.event === 'relay_access');
+      const text = await metrics.registry.metrics();
+      assert.ok((sample(text, 'ovms_mtls_relayed_bytes_total', { listener: 'grpc', direction: 'in' }) ?? 0) > 100);
+      assert.ok((sample(text, 'ovms_mtls_relayed_bytes_total', { listener: 'grpc', direction: 'out' }) ?? 0) > 100);
+      assert.equal(sample(text, 'ovms_mtls_requests_total', { listener: 'grpc' }), undefined);
+    } finally {
+      await local.proxy.shutdown(1000);
+    }
   });
 });
 
