@@ -4,7 +4,7 @@ import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import type { Drainable } from './http-fronts.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { GoAwayInserter } from './h2-frames.js';
+import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, TYPE_HEADERS } from './h2-frames.js';
 
 /** A blackholed upstream must not hold a client forever before it falls back. */
 const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
@@ -84,6 +84,10 @@ class RelayedConnection {
   readonly #started = performance.now();
   /** Upstream-to-client frames, so a GOAWAY of ours never lands inside one of the upstream's. */
   readonly #toClient = new GoAwayInserter();
+  /** Client-to-upstream frames: a HEADERS frame on a new stream id is a new call. */
+  readonly #fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: (type, id) => this.#onClientFrame(type, id) });
+  #calls = 0;
+  #lastStreamId = 0;
   #bytesIn = 0;
   #bytesOut = 0;
   #error: string | undefined;
@@ -95,6 +99,7 @@ class RelayedConnection {
     this.#observer = observer;
     client.on('data', (chunk: Buffer) => {
       this.#bytesIn += chunk.length;
+      this.#fromClient.advance(chunk);
       if (!upstream.write(chunk)) client.pause();
     });
     upstream.on('drain', () => client.resume());
@@ -130,6 +135,13 @@ class RelayedConnection {
     if (!this.#client.write(chunk)) this.#upstream.pause();
   };
 
+  #onClientFrame(type: number, streamId: number): void {
+    // Client stream ids only grow; a later HEADERS on a known stream is trailers.
+    if (type !== TYPE_HEADERS || streamId <= this.#lastStreamId) return;
+    this.#lastStreamId = streamId;
+    this.#calls++;
+  }
+
   #failed(reason: string): void {
     this.#error ??= reason;
   }
@@ -141,6 +153,7 @@ class RelayedConnection {
       remote: remoteAddress,
       subject: identity.subject,
       serial: identity.serial,
+      calls: this.#calls,
       bytesIn: this.#bytesIn,
       bytesOut: this.#bytesOut,
       durationMs: elapsedMs(this.#started),

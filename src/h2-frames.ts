@@ -8,11 +8,29 @@ const FRAME_HEADER_BYTES = 9;
 const TYPE_GOAWAY = 0x7;
 const MAX_STREAM_ID = 0x7fffffff;
 
+/** The client's connection preface (RFC 9113 section 3.4) comes before its first frame. */
+export const CLIENT_PREFACE_BYTES = 24;
+export const TYPE_HEADERS = 0x1;
+
+export interface FrameCursorOptions {
+  /** Bytes before the first frame (the client's preface). */
+  readonly skip?: number;
+  /** Called with each frame header as it is read. */
+  readonly onFrame?: (type: number, streamId: number) => void;
+}
+
 export class FrameCursor {
   readonly #header = Buffer.alloc(FRAME_HEADER_BYTES);
+  readonly #onFrame: ((type: number, streamId: number) => void) | undefined;
+  #skip: number;
   #headerFill = 0;
   #payloadLeft = 0;
   #frames = 0;
+
+  constructor(options: FrameCursorOptions = {}) {
+    this.#skip = options.skip ?? 0;
+    this.#onFrame = options.onFrame;
+  }
 
   /** Between two frames, after at least one whole frame (a GOAWAY may not precede the peer's SETTINGS). */
   get atBoundary(): boolean {
@@ -28,12 +46,19 @@ export class FrameCursor {
     const length = chunk.length;
     let i = 0;
     while (i < length) {
+      if (this.#skip > 0) {
+        const n = Math.min(this.#skip, length - i);
+        this.#skip -= n;
+        i += n;
+        continue;
+      }
       if (this.#payloadLeft > 0) {
         const n = Math.min(this.#payloadLeft, length - i);
         this.#payloadLeft -= n;
         i += n;
       } else if (this.#headerFill === 0 && length - i >= FRAME_HEADER_BYTES) {
         this.#payloadLeft = chunk.readUIntBE(i, 3);
+        this.#onFrame?.(chunk[i + 3]!, chunk.readUInt32BE(i + 5) & MAX_STREAM_ID);
         i += FRAME_HEADER_BYTES;
       } else {
         const n = Math.min(FRAME_HEADER_BYTES - this.#headerFill, length - i);
@@ -43,6 +68,7 @@ export class FrameCursor {
         if (this.#headerFill < FRAME_HEADER_BYTES) continue;
         this.#headerFill = 0;
         this.#payloadLeft = this.#header.readUIntBE(0, 3);
+        this.#onFrame?.(this.#header[3]!, this.#header.readUInt32BE(5) & MAX_STREAM_ID);
       }
       if (this.#payloadLeft === 0 && this.#headerFill === 0) {
         this.#frames++;

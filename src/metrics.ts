@@ -30,6 +30,7 @@ function defineMetrics(registry: Registry) {
     duration: new Histogram({ name: name('request_duration_seconds'), help: 'Time from request start to the end of the response, by listener and route', labelNames: ['listener', 'route'], buckets: DURATION_BUCKETS, registers }),
     bytesIn: new Counter({ name: name('received_bytes_total'), help: 'Request body bytes received from clients', labelNames: ['listener'], registers }),
     bytesOut: new Counter({ name: name('sent_bytes_total'), help: 'Response body bytes sent to clients', labelNames: ['listener'], registers }),
+    relayedCalls: new Counter({ name: name('relayed_calls_total'), help: 'Calls (HTTP/2 streams) clients started in --mtls_grpc_mode relay, counted when their connection closes', labelNames: ['listener'], registers }),
     relayedBytes: new Counter({ name: name('relayed_bytes_total'), help: 'HTTP/2 bytes relayed in --mtls_grpc_mode relay (frames included), by direction (in = from clients), counted when a connection closes', labelNames: ['listener', 'direction'], registers }),
     connections: new Gauge({ name: name('open_connections'), help: 'Open client connections (after a successful handshake)', labelNames: ['listener'], registers }),
     connectionsTotal: new Counter({ name: name('connections_total'), help: 'Client connections accepted since start', labelNames: ['listener'], registers }),
@@ -112,6 +113,7 @@ export class ProxyMetrics implements ProxyObserver {
   }
 
   relayed(record: RelayRecord): void {
+    this.#m.relayedCalls.inc({ listener: record.listener }, record.calls);
     this.#m.relayedBytes.inc({ listener: record.listener, direction: 'in' }, record.bytesIn);
     this.#m.relayedBytes.inc({ listener: record.listener, direction: 'out' }, record.bytesOut);
   }

@@ -32,6 +32,8 @@ export interface RelayRecord {
   readonly remote: string | undefined;
   readonly subject: string;
   readonly serial: string;
+  /** Calls the client started (HTTP/2 streams), counted from frame headers. */
+  readonly calls: number;
   readonly bytesIn: number;
   readonly bytesOut: number;
   readonly durationMs: number;

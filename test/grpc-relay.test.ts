@@ -134,12 +134,13 @@ describe('grpc relay mode: calls pass unchanged', () => {
     assert.equal(line.listener, 'grpc');
     assert.equal(line.subject, 'CN=client,OU=tests');
     assert.ok((line.bytesOut as number) > 0);
+    assert.equal(line.calls, 1);
     assert.equal(line.goAway, false);
   });
 });
 
 describe('grpc relay mode: metrics', () => {
-  test('relayed bytes are counted per direction when a connection closes; relayed calls are not counted as requests', async () => {
+  test('relayed calls and bytes per direction are counted when a connection closes, not as requests', async () => {
     const metrics = new ProxyMetrics({ processMetrics: false });
     const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, grpcMode: 'relay', observer: metrics });
     try {
@@ -150,6 +151,7 @@ describe('grpc relay mode: metrics', () => {
       const text = await metrics.registry.metrics();
       assert.ok((sample(text, 'ovms_mtls_relayed_bytes_total', { listener: 'grpc', direction: 'in' }) ?? 0) > 100);
       assert.ok((sample(text, 'ovms_mtls_relayed_bytes_total', { listener: 'grpc', direction: 'out' }) ?? 0) > 100);
+      assert.equal(sample(text, 'ovms_mtls_relayed_calls_total', { listener: 'grpc' }), 1);
       assert.equal(sample(text, 'ovms_mtls_requests_total', { listener: 'grpc' }), undefined);
     } finally {
       await local.proxy.shutdown(1000);

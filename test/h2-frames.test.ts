@@ -1,18 +1,18 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { GoAwayInserter, gracefulGoAway } from '../src/h2-frames.js';
+import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, gracefulGoAway } from '../src/h2-frames.js';
 
 interface Frame {
   type: number;
   payload: Buffer;
 }
 
-function encode(frame: Frame): Buffer {
+function encode(frame: Frame, streamId = 1): Buffer {
   const header = Buffer.alloc(9);
   header.writeUIntBE(frame.payload.length, 0, 3);
   header[3] = frame.type;
-  header.writeUInt32BE(1, 5);
+  header.writeUInt32BE(streamId, 5);
   return Buffer.concat([header, frame.payload]);
 }
 
@@ -42,6 +42,23 @@ function chunked(bytes: Buffer, cuts: number[]): Buffer[] {
   }
   return chunks.filter((c) => c.length > 0);
 }
+
+describe('frame headers toward the upstream', () => {
+  test('after the client preface, every frame header is seen once, in order, however the bytes are chunked', () => {
+    const preface = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
+    assert.equal(preface.length, CLIENT_PREFACE_BYTES);
+    fc.assert(
+      fc.property(fc.array(fc.tuple(frameArb, fc.integer({ min: 0, max: 2 ** 31 - 1 })), { maxLength: 12 }), fc.array(fc.nat(), { maxLength: 10 }), (frames, cuts) => {
+        const input = Buffer.concat([preface, ...frames.map(([f, id]) => encode(f, id))]);
+        const seen: [number, number][] = [];
+        const cursor = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: (type, id) => seen.push([type, id]) });
+        for (const chunk of chunked(input, cuts)) cursor.advance(chunk);
+        assert.deepEqual(seen, frames.map(([f, id]) => [f.type, id]));
+      }),
+      { numRuns: 500 },
+    );
+  });
+});
 
 describe('GOAWAY insertion between upstream frames', () => {
   test('the GOAWAY lands between two whole frames, after the first, however the bytes are chunked', () => {
