@@ -6,6 +6,9 @@
  */
 const FRAME_HEADER_BYTES = 9;
 const TYPE_GOAWAY = 0x7;
+const TYPE_PUSH_PROMISE = 0x5;
+const TYPE_CONTINUATION = 0x9;
+const FLAG_END_HEADERS = 0x4;
 const MAX_STREAM_ID = 0x7fffffff;
 
 /** The client's connection preface (RFC 9113 section 3.4) comes before its first frame. */
@@ -26,15 +29,20 @@ export class FrameCursor {
   #headerFill = 0;
   #payloadLeft = 0;
   #frames = 0;
+  /** Inside a header block (HEADERS or PUSH_PROMISE without END_HEADERS, then CONTINUATION): no other frame may come between. */
+  #inHeaderBlock = false;
 
   constructor(options: FrameCursorOptions = {}) {
     this.#skip = options.skip ?? 0;
     this.#onFrame = options.onFrame;
   }
 
-  /** Between two frames, after at least one whole frame (a GOAWAY may not precede the peer's SETTINGS). */
+  /**
+   * Between two frames where another frame may go: after at least one whole frame (a GOAWAY
+   * may not precede the peer's SETTINGS) and not inside a header block.
+   */
   get atBoundary(): boolean {
-    return this.#frames > 0 && this.#headerFill === 0 && this.#payloadLeft === 0;
+    return this.#frames > 0 && this.#headerFill === 0 && this.#payloadLeft === 0 && !this.#inHeaderBlock;
   }
 
   /**
@@ -58,7 +66,7 @@ export class FrameCursor {
         i += n;
       } else if (this.#headerFill === 0 && length - i >= FRAME_HEADER_BYTES) {
         this.#payloadLeft = chunk.readUIntBE(i, 3);
-        this.#onFrame?.(chunk[i + 3]!, chunk.readUInt32BE(i + 5) & MAX_STREAM_ID);
+        this.#frameHeader(chunk[i + 3]!, chunk[i + 4]!, chunk.readUInt32BE(i + 5) & MAX_STREAM_ID);
         i += FRAME_HEADER_BYTES;
       } else {
         const n = Math.min(FRAME_HEADER_BYTES - this.#headerFill, length - i);
@@ -68,14 +76,19 @@ export class FrameCursor {
         if (this.#headerFill < FRAME_HEADER_BYTES) continue;
         this.#headerFill = 0;
         this.#payloadLeft = this.#header.readUIntBE(0, 3);
-        this.#onFrame?.(this.#header[3]!, this.#header.readUInt32BE(5) & MAX_STREAM_ID);
+        this.#frameHeader(this.#header[3]!, this.#header[4]!, this.#header.readUInt32BE(5) & MAX_STREAM_ID);
       }
       if (this.#payloadLeft === 0 && this.#headerFill === 0) {
         this.#frames++;
-        if (stopAtBoundary && i < length) return i;
+        if (stopAtBoundary && i < length && !this.#inHeaderBlock) return i;
       }
     }
     return length;
+  }
+
+  #frameHeader(type: number, flags: number, streamId: number): void {
+    if (type === TYPE_HEADERS || type === TYPE_PUSH_PROMISE || type === TYPE_CONTINUATION) this.#inHeaderBlock = (flags & FLAG_END_HEADERS) === 0;
+    this.#onFrame?.(type, streamId);
   }
 }
 
@@ -84,9 +97,11 @@ export class FrameCursor {
  * asked, slips a graceful GOAWAY in at the next frame boundary.
  */
 export class GoAwayInserter {
-  readonly #cursor = new FrameCursor();
+  readonly #cursor = new FrameCursor({ onFrame: (type) => this.#onFrame(type) });
   #pending = false;
   #sent = false;
+  /** The upstream's own GOAWAY went by: ours (last stream id 2^31-1) would raise its last stream id, a protocol error. */
+  #upstreamWentAway = false;
 
   get sent(): boolean {
     return this.#sent;
@@ -94,7 +109,7 @@ export class GoAwayInserter {
 
   /** Sends the GOAWAY now if between frames, else with the next boundary that `pass` crosses. */
   request(write: (chunk: Buffer) => void): void {
-    if (this.#sent || this.#pending) return;
+    if (this.#sent || this.#pending || this.#upstreamWentAway) return;
     this.#pending = true;
     if (this.#cursor.atBoundary) this.#send(write);
   }
@@ -113,6 +128,11 @@ export class GoAwayInserter {
       this.#cursor.advance(rest);
       write(rest);
     }
+  }
+
+  #onFrame(type: number): void {
+    // Ours, if pending, goes out at the boundary before this frame: the lower id then follows it.
+    if (type === TYPE_GOAWAY && !this.#sent) this.#upstreamWentAway = true;
   }
 
   #send(write: (chunk: Buffer) => void): void {

@@ -9,9 +9,9 @@ import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { eventually } from './helpers/ops.js';
-import { grpcClients, https1, LogCapture } from './helpers/harness.js';
-import { fakeRuns, FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, tlsArgs, type Wrapper } from './helpers/entrypoint.js';
-import { unary } from '../src/demo/grpc-client.js';
+import { clientCredentials, grpcClients, https1, LogCapture } from './helpers/harness.js';
+import { fakeRuns, FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, streamAcrossSigterm, tlsArgs, type Wrapper } from './helpers/entrypoint.js';
+import { kserveClient, unary } from '../src/demo/grpc-client.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { splitOvmsArgv } from '../src/ovms-args.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
@@ -248,19 +248,41 @@ describe('exit codes and signals', () => {
     const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
     try {
       await s.wrapper.waitForEvent('ovms_ready');
-      const call = clients.kserve.ModelStreamInfer();
-      const replies = call[Symbol.asyncIterator]();
-      call.write(inferRequest('before'));
-      assert.equal((await replies.next()).value.infer_response.id, 'before');
-      s.wrapper.child.kill('SIGTERM');
-      await s.wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
-      call.write(inferRequest('during'));
-      assert.equal((await replies.next()).value.infer_response.id, 'during');
-      call.end();
-      assert.equal((await replies.next()).done, true);
-      assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
+      await streamAcrossSigterm(clients.kserve, s.wrapper);
     } finally {
       clients.close();
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('--mtls_grpc_mode relay on an OVMS command line: UNAVAILABLE while OVMS starts, relayed once ready, and SIGTERM lets the relayed stream finish', async () => {
+    const gate = join(dir, `gate-relay-${runCounter + 1}`);
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_mode', 'relay', '--mtls_workers', '1'], { FAKE_OVMS_START_GATE_FILE: gate });
+    const early = grpcClients(`localhost:${s.grpcPort}`, pki);
+    // Connections of their own: grpc-js would reuse the early one, which stays on the terminating path.
+    const fresh = () => kserveClient(`localhost:${s.grpcPort}`, clientCredentials(pki), { 'grpc.use_local_subchannel_pool': 1 });
+    let kserve: ReturnType<typeof kserveClient> | undefined;
+    try {
+      await s.wrapper.waitForEvent('ovms_started');
+      await s.wrapper.waitForLog((l) => l.event === 'listening' && l['listener'] === 'grpc');
+      await assert.rejects(unary(early.kserve, 'ServerLive', {}), (err: grpc.ServiceError) => err.code === grpc.status.UNAVAILABLE);
+      await writeFile(gate, '');
+      await s.wrapper.waitForEvent('ovms_ready');
+      // The worker hears of readiness a moment after the primary: a connection that comes first is served, not relayed.
+      await eventually(async () => {
+        const probe = fresh();
+        await unary(probe, 'ServerLive', {});
+        probe.close();
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        return s.wrapper.logs.some((l) => l.event === 'relay_access' && l['calls'] === 1);
+      }, 'a relayed connection');
+      kserve = fresh();
+      await streamAcrossSigterm(kserve, s.wrapper);
+      assert.equal(s.wrapper.logs.some((l) => l.event === 'shutdown_timeout'), false);
+    } finally {
+      early.close();
+      kserve?.close();
+      await writeFile(gate, '');
       await stopWrapper(s.wrapper);
     }
   });

@@ -5,6 +5,7 @@ import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, gracefulGoAway } fro
 
 interface Frame {
   type: number;
+  flags: number;
   payload: Buffer;
 }
 
@@ -12,6 +13,7 @@ function encode(frame: Frame, streamId = 1): Buffer {
   const header = Buffer.alloc(9);
   header.writeUIntBE(frame.payload.length, 0, 3);
   header[3] = frame.type;
+  header[4] = frame.flags;
   header.writeUInt32BE(streamId, 5);
   return Buffer.concat([header, frame.payload]);
 }
@@ -20,17 +22,24 @@ function decode(bytes: Buffer): Frame[] {
   const frames: Frame[] = [];
   for (let i = 0; i < bytes.length;) {
     const length = bytes.readUIntBE(i, 3);
-    frames.push({ type: bytes[i + 3]!, payload: bytes.subarray(i + 9, i + 9 + length) });
+    frames.push({ type: bytes[i + 3]!, flags: bytes[i + 4]!, payload: bytes.subarray(i + 9, i + 9 + length) });
     i += 9 + length;
   }
   return frames;
 }
 
-/** Frames whose payload may hold bytes that look like a GOAWAY header, cut into arbitrary chunks. */
-const frameArb = fc.record({
-  type: fc.constantFrom(0x0, 0x1, 0x4, 0x6, 0x8),
-  payload: fc.oneof(fc.uint8Array({ maxLength: 40 }), fc.constant(gracefulGoAway()), fc.uint8Array({ minLength: 0, maxLength: 0 })).map((a) => Buffer.from(a)),
-});
+/** Payloads that may hold bytes looking like a GOAWAY frame. */
+const payloadArb = fc.oneof(fc.uint8Array({ maxLength: 40 }), fc.constant(gracefulGoAway()), fc.constant(new Uint8Array(0))).map((a) => Buffer.from(a));
+
+/** A frame that stands alone: DATA, RST_STREAM, SETTINGS, PING, WINDOW_UPDATE with any flags. */
+const frameArb = fc.record({ type: fc.constantFrom(0x0, 0x3, 0x4, 0x6, 0x8), flags: fc.nat(255), payload: payloadArb });
+
+/** HEADERS then CONTINUATION frames; only the last carries END_HEADERS. Nothing may come between them. */
+const headerBlockArb = fc.tuple(fc.array(payloadArb, { minLength: 1, maxLength: 3 }), fc.constantFrom(0x0, 0x1, 0x20)).map(([parts, extra]) =>
+  parts.map((payload, i) => ({ type: i === 0 ? 0x1 : 0x9, flags: (i === parts.length - 1 ? 0x4 : 0) | (i === 0 ? extra : 0), payload })));
+
+/** Frames grouped so that a GOAWAY may go between two groups and nowhere else. */
+const unitsArb = fc.array(fc.oneof(frameArb.map((f) => [f]), headerBlockArb), { minLength: 1, maxLength: 10 });
 
 function chunked(bytes: Buffer, cuts: number[]): Buffer[] {
   const points = [...new Set(cuts.map((c) => c % (bytes.length + 1)))].sort((a, b) => a - b);
@@ -61,10 +70,12 @@ describe('frame headers toward the upstream', () => {
 });
 
 describe('GOAWAY insertion between upstream frames', () => {
-  test('the GOAWAY lands between two whole frames, after the first, however the bytes are chunked', () => {
+  test('the GOAWAY lands between two whole frames, after the first, never inside a header block, however the bytes are chunked', () => {
     fc.assert(
-      fc.property(fc.array(frameArb, { minLength: 1, maxLength: 12 }), fc.array(fc.nat(), { maxLength: 10 }), fc.nat(), (frames, cuts, when) => {
-        const input = Buffer.concat(frames.map(encode));
+      fc.property(unitsArb, fc.array(fc.nat(), { maxLength: 10 }), fc.nat(), (units, cuts, when) => {
+        const frames = units.flat();
+        const allowed = new Set(units.map((_, i) => units.slice(0, i + 1).flat().length));
+        const input = Buffer.concat(frames.map((f) => encode(f)));
         const chunks = chunked(input, cuts);
         const askAt = when % (chunks.length + 1);
         const out: Buffer[] = [];
@@ -80,19 +91,41 @@ describe('GOAWAY insertion between upstream frames', () => {
         const result = decode(Buffer.concat(out));
         assert.equal(result.length, frames.length + 1);
         const at = result.findIndex((f) => f.type === 0x7);
-        assert.ok(at >= 1, 'never before the first upstream frame');
-        assert.deepEqual(result[at], { type: 0x7, payload: gracefulGoAway().subarray(9) });
+        assert.ok(allowed.has(at), `GOAWAY at ${at}, allowed after ${[...allowed].join(',')}`);
+        assert.deepEqual(result[at], { type: 0x7, flags: 0, payload: gracefulGoAway().subarray(9) });
         const rest = result.filter((_, i) => i !== at);
-        assert.deepEqual(rest.map((f) => [f.type, f.payload.toString('hex')]), frames.map((f) => [f.type, f.payload.toString('hex')]));
+        assert.deepEqual(rest.map((f) => [f.type, f.flags, f.payload.toString('hex')]), frames.map((f) => [f.type, f.flags, f.payload.toString('hex')]));
       }),
       { numRuns: 500 },
     );
   });
 
+  test("after the upstream's own GOAWAY none of ours follows (it would raise the last stream id)", () => {
+    const out: Buffer[] = [];
+    const inserter = new GoAwayInserter();
+    const theirs = encode({ type: 0x7, flags: 0, payload: Buffer.from('0000000300000000', 'hex') }, 0);
+    inserter.pass(Buffer.concat([encode({ type: 0x4, flags: 0, payload: Buffer.alloc(0) }, 0), theirs]), (b) => out.push(b));
+    inserter.request((b) => out.push(b));
+    assert.equal(inserter.sent, false);
+    assert.deepEqual(decode(Buffer.concat(out)).map((f) => f.type), [0x4, 0x7]);
+  });
+
+  test("a GOAWAY of ours that is waiting goes out before the upstream's own", () => {
+    const out: Buffer[] = [];
+    const inserter = new GoAwayInserter();
+    inserter.request((b) => out.push(b));
+    const theirs = encode({ type: 0x7, flags: 0, payload: Buffer.from('0000000300000000', 'hex') }, 0);
+    inserter.pass(Buffer.concat([encode({ type: 0x4, flags: 0, payload: Buffer.alloc(0) }, 0), theirs]), (b) => out.push(b));
+    const frames = decode(Buffer.concat(out));
+    assert.deepEqual(frames.map((f) => f.type), [0x4, 0x7, 0x7]);
+    assert.equal(frames[1]!.payload.readUInt32BE(0), 0x7fffffff);
+    assert.equal(frames[2]!.payload.readUInt32BE(0), 3);
+  });
+
   test('asked twice, it sends one GOAWAY', () => {
     const out: Buffer[] = [];
     const inserter = new GoAwayInserter();
-    inserter.pass(encode({ type: 0x4, payload: Buffer.alloc(0) }), (b) => out.push(b));
+    inserter.pass(encode({ type: 0x4, flags: 0, payload: Buffer.alloc(0) }), (b) => out.push(b));
     inserter.request((b) => out.push(b));
     inserter.request((b) => out.push(b));
     assert.equal(decode(Buffer.concat(out)).filter((f) => f.type === 0x7).length, 1);

@@ -16,7 +16,7 @@ import { startCli, BIN, type LongRunningCli } from './helpers/cli.js';
 import { grpcClients, h2Request, h2Session, https1, startUpstream, LogCapture, type LogLine } from './helpers/harness.js';
 import { httpGet, eventually } from './helpers/ops.js';
 import { plainCertDir, replaceAtomically, servedSerial, type CertDir, type TlsClient } from './helpers/reload.js';
-import { FAKE_OVMS, makeFakeExecutable, startWrapper, tlsArgs } from './helpers/entrypoint.js';
+import { FAKE_OVMS, makeFakeExecutable, startWrapper, streamAcrossSigterm, tlsArgs } from './helpers/entrypoint.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
 import { createCrl, issueClientCert, issueServerCert, type Issued } from '../src/x509.js';
@@ -259,18 +259,7 @@ describe('the OVMS entrypoint with two workers', SAFETY, () => {
       assert.equal((await httpGet(adminPort, '/readyz')).status, 200);
       // The primary tells the workers right after logging ovms_ready; no line says they heard it.
       await eventually(async () => (await https1(restPort, pki, { path: '/v2/health/ready' })).status === 200, 'the workers forward to OVMS');
-      const call = clients.kserve.ModelStreamInfer();
-      const replies = call[Symbol.asyncIterator]();
-      const infer = (id: string) => ({ id, model_name: 'dummy', inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] } }] });
-      call.write(infer('before'));
-      assert.equal((await replies.next()).value.infer_response.id, 'before');
-      wrapper.child.kill('SIGTERM');
-      await wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
-      call.write(infer('during'));
-      assert.equal((await replies.next()).value.infer_response.id, 'during');
-      call.end();
-      assert.equal((await replies.next()).done, true);
-      assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
+      await streamAcrossSigterm(clients.kserve, wrapper);
     } finally {
       clients.close();
       await writeFile(gate, '');

@@ -10,7 +10,9 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { BIN, cleanEnv } from './cli.js';
 import type { TestPki } from './pki.js';
+import assert from 'node:assert/strict';
 import type { LogLine } from './harness.js';
+import type { KserveClient } from '../../src/demo/grpc-client.js';
 
 export const FAKE_OVMS = fileURLToPath(new URL('../fixtures/fake-ovms.js', import.meta.url));
 
@@ -113,4 +115,21 @@ export function processGone(pid: number): boolean {
   } catch {
     return true;
   }
+}
+
+const streamRequest = (id: string) => ({ id, model_name: 'dummy', inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] } }] });
+
+/** A ModelStreamInfer answered before and after the wrapper's SIGTERM reaches OVMS; then the wrapper exits 0. */
+export async function streamAcrossSigterm(kserve: KserveClient, wrapper: Wrapper): Promise<void> {
+  const call = kserve.ModelStreamInfer();
+  const replies = call[Symbol.asyncIterator]();
+  call.write(streamRequest('before'));
+  assert.equal((await replies.next()).value.infer_response.id, 'before');
+  wrapper.child.kill('SIGTERM');
+  await wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
+  call.write(streamRequest('during'));
+  assert.equal((await replies.next()).value.infer_response.id, 'during');
+  call.end();
+  assert.equal((await replies.next()).done, true);
+  assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
 }
