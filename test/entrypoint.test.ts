@@ -255,7 +255,7 @@ describe('exit codes and signals', () => {
     }
   });
 
-  test('--mtls_grpc_mode relay on an OVMS command line: UNAVAILABLE while OVMS starts, relayed once ready, and SIGTERM lets the relayed stream finish', async () => {
+  test('--mtls_grpc_mode relay on an OVMS command line: UNAVAILABLE while OVMS starts, relayed once ready, and SIGTERM lets the relayed stream finish and logs its connection', async () => {
     const gate = join(dir, `gate-relay-${runCounter + 1}`);
     const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_mode', 'relay', '--mtls_workers', '1'], { FAKE_OVMS_START_GATE_FILE: gate });
     const early = grpcClients(`localhost:${s.grpcPort}`, pki);
@@ -276,9 +276,14 @@ describe('exit codes and signals', () => {
         await new Promise((resolve) => setTimeout(resolve, 50));
         return s.wrapper.logs.some((l) => l.event === 'relay_access' && l['calls'] === 1);
       }, 'a relayed connection');
+      const relayLines = () => s.wrapper.logs.filter((l) => l.event === 'relay_access');
+      const before = relayLines().length;
       kserve = fresh();
       await streamAcrossSigterm(kserve, s.wrapper);
       assert.equal(s.wrapper.logs.some((l) => l.event === 'shutdown_timeout'), false);
+      // The streamed connection's line is written before the process exits.
+      assert.equal(relayLines().length, before + 1);
+      assert.equal(relayLines().at(-1)!['calls'], 1);
     } finally {
       early.close();
       kserve?.close();
