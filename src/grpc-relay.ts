@@ -91,6 +91,10 @@ class RelayedConnection {
   #bytesIn = 0;
   #bytesOut = 0;
   #error: string | undefined;
+  /** Toward the client, pausing the upstream while the client is slow. */
+  readonly #write = (chunk: Buffer): void => {
+    if (!this.#client.write(chunk)) this.#upstream.pause();
+  };
 
   constructor(client: TLSSocket, upstream: Socket, context: ConnectionContext, observer: ProxyObserver) {
     this.#client = client;
@@ -130,10 +134,6 @@ class RelayedConnection {
   goAway(): void {
     this.#toClient.request(this.#write);
   }
-
-  readonly #write = (chunk: Buffer): void => {
-    if (!this.#client.write(chunk)) this.#upstream.pause();
-  };
 
   #onClientFrame(type: number, streamId: number): void {
     // Client stream ids only grow; a later HEADERS on a known stream is trailers.
