@@ -66,6 +66,7 @@ export interface Config {
 
 export const GRPC_MODES = ['terminate', 'relay'] as const;
 export type GrpcMode = (typeof GRPC_MODES)[number];
+export const RESTART_MODES = ['never', 'on-failure'] as const;
 
 /** Every default in one place. */
 export const DEFAULTS = {
@@ -100,7 +101,7 @@ export const DEFAULTS = {
     /** The OVMS image's user; OVMS runs as it (and the proxy drops to it) when started as root. */
     user: 'ovms',
     /** The container's orchestrator restarts; restarting inside too would hide crash loops. */
-    restart: 'never' as 'never' | 'on-failure',
+    restart: 'never' as (typeof RESTART_MODES)[number],
     restartInitialBackoffMs: 500,
     restartMaxBackoffMs: 30_000,
     /** A run this long resets the backoff. */
@@ -227,12 +228,13 @@ function normalizeFingerprint(value: string): string {
   return hex;
 }
 
-function parseLogLevel(raw: RawOptions): LevelWithSilent {
-  const level = optionalString(raw, 'mtls_log_level') ?? DEFAULTS.logLevel;
-  if (!LOG_LEVELS.includes(level as LevelWithSilent)) {
-    throw new ConfigError(`--mtls_log_level: '${level}' is not one of ${LOG_LEVELS.join(', ')}`);
+/** The option's value (last one wins) when it is one of `choices`, else `fallback` when absent. */
+export function parseChoice<T extends string>(raw: RawOptions, name: string, choices: readonly T[], fallback: T): T {
+  const value = optionalString(raw, name) ?? fallback;
+  if (!(choices as readonly string[]).includes(value)) {
+    throw new ConfigError(`--${name}: '${value}' is not one of ${choices.join(', ')}`);
   }
-  return level as LevelWithSilent;
+  return value as T;
 }
 
 export function parseTlsFiles(raw: RawOptions, defaults?: Partial<TlsFiles>): TlsFiles {
@@ -280,20 +282,12 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     allow: parseAllowList(raw),
     limits: parseLimits(raw),
     shutdownTimeoutMs: raw['mtls_shutdown_timeout'] === undefined ? DEFAULTS.shutdownTimeoutSeconds * 1000 : parseSeconds('mtls_shutdown_timeout', raw['mtls_shutdown_timeout']),
-    logLevel: parseLogLevel(raw),
+    logLevel: parseChoice(raw, 'mtls_log_level', LOG_LEVELS, DEFAULTS.logLevel),
     accessLog: parseBoolean('mtls_access_log', raw['mtls_access_log'], DEFAULTS.accessLog),
     admin: adminPort > 0 ? { port: adminPort, hosts: parseBindAddresses('mtls_admin_bind_address', raw['mtls_admin_bind_address'], DEFAULTS.adminBindAddress) } : undefined,
     workers: parseWorkers(raw),
-    grpcMode: parseGrpcMode(raw),
+    grpcMode: parseChoice(raw, 'mtls_grpc_mode', GRPC_MODES, DEFAULTS.grpcMode),
   };
-}
-
-function parseGrpcMode(raw: RawOptions): GrpcMode {
-  const mode = optionalString(raw, 'mtls_grpc_mode') ?? DEFAULTS.grpcMode;
-  if (!(GRPC_MODES as readonly string[]).includes(mode)) {
-    throw new ConfigError(`--mtls_grpc_mode: '${mode}' is not one of ${GRPC_MODES.join(', ')}`);
-  }
-  return mode as GrpcMode;
 }
 
 /** `ovms-mtls proxy`: public listeners forward to upstreams given on the command line. */

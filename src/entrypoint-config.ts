@@ -3,9 +3,8 @@
  * ovms-args.ts plus OVMS_MTLS_* environment variables (the command line wins).
  */
 import { existsSync } from 'node:fs';
-import { ConfigError } from './errors.js';
 import { ALL_OPTIONS, optionsFromEnv, type RawOptions } from './options.js';
-import { DEFAULTS, parseCommonConfig, parsePublicListeners, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
+import { DEFAULTS, RESTART_MODES, parseChoice, parseCommonConfig, parsePublicListeners, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
 import type { SplitOvmsArgv } from './ovms-args.js';
 import type { RestartPolicy } from './ovms-supervisor.js';
 
@@ -44,10 +43,7 @@ export function containerTlsDefaults(raw: RawOptions, exists: (path: string) => 
 }
 
 function restartPolicy(raw: RawOptions): RestartPolicy {
-  const mode = stringOption(raw, 'mtls_restart', DEFAULTS.ovms.restart);
-  if (mode !== 'never' && mode !== 'on-failure') {
-    throw new ConfigError(`--mtls_restart: '${mode}' is not one of never, on-failure`);
-  }
+  const mode = parseChoice(raw, 'mtls_restart', RESTART_MODES, DEFAULTS.ovms.restart);
   const d = DEFAULTS.ovms;
   return { mode, initialBackoffMs: d.restartInitialBackoffMs, maxBackoffMs: d.restartMaxBackoffMs, stableAfterMs: d.restartStableAfterMs };
 }

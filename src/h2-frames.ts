@@ -28,7 +28,7 @@ export class FrameCursor {
   #skip: number;
   #headerFill = 0;
   #payloadLeft = 0;
-  #frames = 0;
+  #sawFrame = false;
   /** Inside a header block (HEADERS or PUSH_PROMISE without END_HEADERS, then CONTINUATION): no other frame may come between. */
   #inHeaderBlock = false;
 
@@ -42,7 +42,7 @@ export class FrameCursor {
    * may not precede the peer's SETTINGS) and not inside a header block.
    */
   get atBoundary(): boolean {
-    return this.#frames > 0 && this.#headerFill === 0 && this.#payloadLeft === 0 && !this.#inHeaderBlock;
+    return this.#sawFrame && this.#headerFill === 0 && this.#payloadLeft === 0 && !this.#inHeaderBlock;
   }
 
   /**
@@ -79,7 +79,7 @@ export class FrameCursor {
         this.#frameHeader(this.#header[3]!, this.#header[4]!, this.#header.readUInt32BE(5) & MAX_STREAM_ID);
       }
       if (this.#payloadLeft === 0 && this.#headerFill === 0) {
-        this.#frames++;
+        this.#sawFrame = true;
         if (stopAtBoundary && i < length && !this.#inHeaderBlock) return i;
       }
     }

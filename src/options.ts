@@ -4,6 +4,9 @@
  * pick our options out of an OVMS command line; the environment-variable
  * mapping is derived from it. Every default lives in src/config.ts.
  */
+import { GRPC_MODES, RESTART_MODES } from './config.js';
+import { LOG_LEVELS } from './log.js';
+
 export type OptionType = 'string' | 'number' | 'boolean' | 'array';
 
 export interface OptionSpec {
@@ -37,9 +40,9 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_allow_uri', type: 'array', describe: 'Allow only clients with a URI SAN matching this pattern; * = one path segment, ** = any suffix (repeatable)' },
   { name: 'mtls_allow_fingerprint', type: 'array', describe: 'Allow only clients whose certificate DER has this SHA-256 (hex, colons optional; repeatable)' },
   { name: 'mtls_verify_depth', type: 'number', describe: 'Maximum client certificate chain length', defaultDescription: '5' },
-  { name: 'mtls_log_level', type: 'string', describe: 'Log level', defaultDescription: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] },
+  { name: 'mtls_log_level', type: 'string', describe: 'Log level', defaultDescription: 'info', choices: LOG_LEVELS },
   { name: 'mtls_access_log', type: 'boolean', describe: 'Log one line per request/RPC', defaultDescription: 'true' },
-  { name: 'mtls_grpc_mode', type: 'string', describe: 'gRPC port: terminate (per-call HTTP/2, XFCC, per-call access log) or relay (HTTP/2 frames passed to one upstream connection per client; fastest, per-connection log, no XFCC)', defaultDescription: 'terminate', choices: ['terminate', 'relay'] },
+  { name: 'mtls_grpc_mode', type: 'string', describe: 'gRPC port: terminate (per-call HTTP/2, XFCC, per-call access log) or relay (HTTP/2 frames passed to one upstream connection per client; fastest, per-connection log, no XFCC)', defaultDescription: 'terminate', choices: GRPC_MODES },
   { name: 'mtls_shutdown_timeout', type: 'number', describe: 'Seconds to let in-flight calls finish on shutdown', defaultDescription: '30' },
   { name: 'mtls_handshake_timeout', type: 'number', describe: 'Seconds a client gets to complete the TLS handshake', defaultDescription: '10' },
   { name: 'mtls_max_connections', type: 'number', describe: 'Maximum open connections per listener (0 = unlimited)', defaultDescription: '0' },
@@ -52,7 +55,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_ovms_help', type: 'boolean', describe: "entrypoint mode: print OVMS's own --help" },
   { name: 'mtls_ovms_user', type: 'string', describe: 'entrypoint mode, started as root: user OVMS runs as', defaultDescription: 'ovms' },
   { name: 'mtls_user', type: 'string', describe: 'started as root: user the proxy drops to after binding ports and reading keys', defaultDescription: 'ovms' },
-  { name: 'mtls_restart', type: 'string', describe: 'entrypoint mode: restart OVMS when it fails', defaultDescription: 'never', choices: ['never', 'on-failure'] },
+  { name: 'mtls_restart', type: 'string', describe: 'entrypoint mode: restart OVMS when it fails', defaultDescription: 'never', choices: RESTART_MODES },
   { name: 'mtls_admin_port', type: 'number', describe: 'Plain-HTTP admin port for /metrics, /healthz, /readyz', defaultDescription: 'off' },
   { name: 'mtls_admin_bind_address', type: 'string', describe: 'Address the admin port binds', defaultDescription: '127.0.0.1' },
   { name: 'mtls_workers', type: 'number', describe: 'Worker processes sharing the listeners', defaultDescription: 'number of CPUs' },

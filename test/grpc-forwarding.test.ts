@@ -6,11 +6,9 @@ import { constants, createServer as createH2cServer } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { unary, type EchoReply } from '../src/demo/grpc-client.js';
+import { checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly, inferRequest } from './helpers/grpc-calls.js';
+import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
-
-const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
-const inferRequest = (model = 'dummy') => ({ model_name: model, inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: INPUT } }] });
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -37,10 +35,7 @@ after(async () => {
 const lastReceived = (path: string) => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === path).at(-1);
 
 describe('grpc forwarding', () => {
-  test('a KServe ModelInfer through the proxy returns the dummy model output b + 1', async () => {
-    const { response } = await unary(clients.kserve, 'ModelInfer', inferRequest());
-    assert.deepEqual(response.outputs[0]?.contents?.fp32_contents, INPUT.map((x) => x + 1));
-  });
+  test('a KServe ModelInfer through the proxy returns the dummy model output b + 1', () => checkModelInfer(clients.kserve));
 
   test('health and metadata RPCs pass through', async () => {
     assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
@@ -50,67 +45,18 @@ describe('grpc forwarding', () => {
   });
 
   test('metadata, te: trailers, grpc-timeout and the client identity reach the upstream', async () => {
-    const md = new grpc.Metadata();
-    md.set('x-echo-id', 'abc');
-    md.set('x-echo-blob-bin', Buffer.from([9, 8, 7]));
-    const { metadata, status } = await unary(clients.echo, 'Unary', { payload: Buffer.from('hi') }, md, { deadline: Date.now() + 60_000 });
-    assert.deepEqual(metadata.get('x-echo-id'), ['abc']);
-    assert.deepEqual(metadata.get('x-echo-blob-bin'), [Buffer.from([9, 8, 7])]);
-    assert.deepEqual(status.metadata.get('x-trailer-echo'), ['ok']);
+    await checkMetadataRoundTrip(clients.echo, { deadline: Date.now() + 60_000 });
     const seen = lastReceived('/ovmsmtls.test.Echo/Unary')!;
     assert.equal(seen.headers.te, 'trailers');
     assert.match(String(seen.headers['grpc-timeout']), /^\d+[HMSmun]$/);
     assert.match(String(seen.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests";URI=spiffe:\/\/test.local\/client$/);
   });
 
-  test('an error status keeps its non-ASCII message and -bin trailer metadata', async () => {
-    const md = new grpc.Metadata();
-    md.set('x-echo-blob-bin', Buffer.from([1, 2, 3]));
-    const err = await unary(clients.echo, 'Unary', { fail_with_code: grpc.status.PERMISSION_DENIED }, md).then(
-      () => assert.fail('call should fail'), (e: grpc.ServiceError) => e);
-    assert.equal(err.code, grpc.status.PERMISSION_DENIED);
-    assert.equal(err.details, 'requested failure: 7 ü%');
-    assert.deepEqual(err.metadata.get('x-echo-blob-bin'), [Buffer.from([1, 2, 3])]);
-    assert.deepEqual(err.metadata.get('x-trailer-bin'), [Buffer.from([0, 1, 2, 255])]);
-  });
+  test('an error status keeps its non-ASCII message and -bin trailer metadata', () => checkErrorStatus(clients.echo));
 
-  test('a Trailers-Only error response stays one HEADERS frame with END_STREAM', async () => {
-    const session = h2Session(front.grpcPort, pki);
-    try {
-      // An unknown model: the upstream answers NOT_FOUND with no message body.
-      const res = await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' },
-        grpcFrame(Buffer.from([0x18, 0x05]))); // fail_with_code = 5
-      assert.equal(res.endedWithHeaders, true);
-      assert.equal(res.headers['grpc-status'], '5');
-      assert.equal(res.trailers, undefined);
-      assert.equal(res.body.length, 0);
-    } finally {
-      session.close();
-    }
-  });
+  test('a Trailers-Only error response stays one HEADERS frame with END_STREAM', () => checkTrailersOnly(front.grpcPort, pki));
 
-  test('client-streaming, server-streaming and bidirectional calls pass message by message', async () => {
-    const reply = await new Promise<EchoReply>((resolve, reject) => {
-      const call = clients.echo.ClientStream(new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(res as EchoReply)));
-      for (const part of ['ab', 'cd', 'ef']) call.write({ payload: Buffer.from(part) });
-      call.end();
-    });
-    assert.deepEqual(reply, { payload: Buffer.from('abcdef'), count: 3 });
-
-    const counts: number[] = [];
-    for await (const r of clients.echo.ServerStream({ payload: Buffer.from('x'), count: 4 })) counts.push((r as EchoReply).count);
-    assert.deepEqual(counts, [0, 1, 2, 3]);
-
-    // Each reply is awaited before the next message is written: nothing is batched.
-    const bidi = clients.echo.Bidi();
-    const replies = bidi[Symbol.asyncIterator]();
-    for (const n of [1, 2, 3]) {
-      bidi.write({ payload: Buffer.from(`m${n}`), count: n });
-      assert.deepEqual((await replies.next()).value, { payload: Buffer.from(`m${n}`), count: n });
-    }
-    bidi.end();
-    assert.equal((await replies.next()).done, true);
-  });
+  test('client-streaming, server-streaming and bidirectional calls pass message by message', () => checkStreaming(clients.echo));
 
   test('KServe ModelStreamInfer answers each request on one open stream', async () => {
     const call = clients.kserve.ModelStreamInfer();
@@ -124,22 +70,9 @@ describe('grpc forwarding', () => {
     assert.equal((await replies.next()).done, true);
   });
 
-  test('a cancelled client call cancels the upstream call', async () => {
-    const call = clients.echo.Hold({}, new grpc.Metadata(), {}, () => {});
-    const status = once(call, 'status') as Promise<[grpc.StatusObject]>;
-    await once(call, 'metadata');
-    call.cancel();
-    await upstream.waitFor('cancelled', '/ovmsmtls.test.Echo/Hold');
-    assert.equal((await status)[0].code, grpc.status.CANCELLED);
-  });
+  test('a cancelled client call cancels the upstream call', () => checkCancellation(clients.echo, upstream));
 
-  test('a 64 MiB message passes both ways through the proxy', async () => {
-    const payload = Buffer.alloc(64 * 1024 * 1024, 7);
-    payload[12345] = 1;
-    const { response } = await unary(clients.echo, 'Unary', { payload });
-    assert.equal(response.payload.length, payload.length);
-    assert.ok(response.payload.equals(payload));
-  });
+  test('a 64 MiB message passes both ways through the proxy', () => checkLargeMessage(clients.echo, 64 * 1024 * 1024));
 
   test('calls share one upstream connection', async () => {
     const before = relay.connections();

@@ -6,11 +6,9 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
-import { unary, type EchoReply } from '../src/demo/grpc-client.js';
+import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly } from './helpers/grpc-calls.js';
+import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
-
-const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
-const inferRequest = { model_name: 'dummy', inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: INPUT } }] };
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -37,77 +35,23 @@ after(async () => {
 const lastReceived = (path: string) => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === path).at(-1);
 
 describe('grpc relay mode: calls pass unchanged', () => {
-  test('a KServe ModelInfer returns the dummy model output b + 1', async () => {
-    const { response } = await unary(clients.kserve, 'ModelInfer', inferRequest);
-    assert.deepEqual(response.outputs[0]?.contents?.fp32_contents, INPUT.map((x) => x + 1));
-  });
+  test('a KServe ModelInfer returns the dummy model output b + 1', () => checkModelInfer(clients.kserve));
 
   test('metadata, -bin values, trailers and error messages pass; no x-forwarded-client-cert is added', async () => {
-    const md = new grpc.Metadata();
-    md.set('x-echo-id', 'abc');
-    md.set('x-echo-blob-bin', Buffer.from([9, 8, 7]));
-    const { metadata, status } = await unary(clients.echo, 'Unary', { payload: Buffer.from('hi') }, md);
-    assert.deepEqual(metadata.get('x-echo-id'), ['abc']);
-    assert.deepEqual(metadata.get('x-echo-blob-bin'), [Buffer.from([9, 8, 7])]);
-    assert.deepEqual(status.metadata.get('x-trailer-echo'), ['ok']);
+    await checkMetadataRoundTrip(clients.echo);
     const seen = lastReceived('/ovmsmtls.test.Echo/Unary')!;
     assert.equal(seen.headers.te, 'trailers');
     assert.equal(seen.headers['x-forwarded-client-cert'], undefined);
-
-    const err = await unary(clients.echo, 'Unary', { fail_with_code: grpc.status.PERMISSION_DENIED }).then(
-      () => assert.fail('call should fail'), (e: grpc.ServiceError) => e);
-    assert.equal(err.code, grpc.status.PERMISSION_DENIED);
-    assert.equal(err.details, 'requested failure: 7 ü%');
-    assert.deepEqual(err.metadata.get('x-trailer-bin'), [Buffer.from([0, 1, 2, 255])]);
+    await checkErrorStatus(clients.echo);
   });
 
-  test('a Trailers-Only response stays one HEADERS frame with END_STREAM', async () => {
-    const session = h2Session(front.grpcPort, pki);
-    try {
-      const res = await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' },
-        grpcFrame(Buffer.from([0x18, 0x05])));
-      assert.equal(res.endedWithHeaders, true);
-      assert.equal(res.headers['grpc-status'], '5');
-    } finally {
-      session.close();
-    }
-  });
+  test('a Trailers-Only response stays one HEADERS frame with END_STREAM', () => checkTrailersOnly(front.grpcPort, pki));
 
-  test('client-streaming, server-streaming and bidirectional calls pass message by message', async () => {
-    const reply = await new Promise<EchoReply>((resolve, reject) => {
-      const call = clients.echo.ClientStream(new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(res as EchoReply)));
-      for (const part of ['ab', 'cd', 'ef']) call.write({ payload: Buffer.from(part) });
-      call.end();
-    });
-    assert.deepEqual(reply, { payload: Buffer.from('abcdef'), count: 3 });
-    const counts: number[] = [];
-    for await (const r of clients.echo.ServerStream({ payload: Buffer.from('x'), count: 4 })) counts.push((r as EchoReply).count);
-    assert.deepEqual(counts, [0, 1, 2, 3]);
-    const bidi = clients.echo.Bidi();
-    const replies = bidi[Symbol.asyncIterator]();
-    for (const n of [1, 2, 3]) {
-      bidi.write({ payload: Buffer.from(`m${n}`), count: n });
-      assert.deepEqual((await replies.next()).value, { payload: Buffer.from(`m${n}`), count: n });
-    }
-    bidi.end();
-    assert.equal((await replies.next()).done, true);
-  });
+  test('client-streaming, server-streaming and bidirectional calls pass message by message', () => checkStreaming(clients.echo));
 
-  test('a cancelled client call cancels the upstream call', async () => {
-    const call = clients.echo.Hold({}, new grpc.Metadata(), {}, () => {});
-    const status = once(call, 'status') as Promise<[grpc.StatusObject]>;
-    await once(call, 'metadata');
-    call.cancel();
-    await upstream.waitFor('cancelled', '/ovmsmtls.test.Echo/Hold');
-    assert.equal((await status)[0].code, grpc.status.CANCELLED);
-  });
+  test('a cancelled client call cancels the upstream call', () => checkCancellation(clients.echo, upstream));
 
-  test('a 32 MiB message passes both ways, with flow control end to end', async () => {
-    const payload = Buffer.alloc(32 * 1024 * 1024, 3);
-    payload[4321] = 9;
-    const { response } = await unary(clients.echo, 'Unary', { payload });
-    assert.ok(response.payload.equals(payload));
-  });
+  test('a 32 MiB message passes both ways, with flow control end to end', () => checkLargeMessage(clients.echo, 32 * 1024 * 1024));
 
   test('each client connection gets its own upstream connection, reused by all its calls', async () => {
     const before = counter.connections();
@@ -128,7 +72,7 @@ describe('grpc relay mode: calls pass unchanged', () => {
 
   test('a closed connection is logged once, with the client and the bytes each way', async () => {
     const session = h2Session(front.grpcPort, pki);
-    await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])));
+    await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])));
     session.close();
     const line = await front.logs.waitFor((l) => l.event === 'relay_access' && (l.bytesIn as number) > 0);
     assert.equal(line.listener, 'grpc');
@@ -145,7 +89,7 @@ describe('grpc relay mode: metrics', () => {
     const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, grpcMode: 'relay', observer: metrics });
     try {
       const session = h2Session(local.grpcPort, pki);
-      await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.alloc(100)));
+      await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(100)));
       session.close();
       await local.logs.waitFor((l) => l.event === 'relay_access');
       const text = await metrics.registry.metrics();
@@ -252,8 +196,7 @@ describe('grpc relay mode: graceful endings', () => {
     const first = h2Session(local.grpcPort, pki);
     const second = h2Session(local.grpcPort, pki);
     try {
-      const echo = { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers' };
-      await Promise.all([first, second].map((s) => h2Request(s, echo, grpcFrame(Buffer.alloc(0)))));
+      await Promise.all([first, second].map((s) => h2Request(s, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)))));
       const [listener] = local.proxy.listeners();
       await eventually(() => listener!.connections.size === 2, 'both connections tracked');
       const goaway = once(first, 'goaway');
@@ -261,7 +204,7 @@ describe('grpc relay mode: graceful endings', () => {
       listener!.closeConnection(firstSocket, 30_000);
       await goaway;
       await once(first, 'close');
-      const res = await h2Request(second, echo, grpcFrame(Buffer.alloc(0)));
+      const res = await h2Request(second, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)));
       assert.equal(res.trailers?.['grpc-status'], '0');
     } finally {
       first.destroy();

@@ -16,6 +16,7 @@ import {
   echoClient, kserveClient, unary, type EchoClient, type EchoReply, type KserveClient, type ModelStreamInferResponse,
 } from '../src/demo/grpc-client.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
+import { checkBidi } from './helpers/grpc-calls.js';
 
 const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8.5, -9.25];
 const EXPECTED = INPUT.map((v) => v + 1);
@@ -185,16 +186,7 @@ describe('Echo gRPC service', () => {
     assert.deepEqual(final.metadata.get('x-trailer-echo'), ['ok']);
   });
 
-  test('Bidi echoes each message before the next one is sent', async () => {
-    const call = echo.Bidi();
-    const replies = call[Symbol.asyncIterator]();
-    for (const n of [1, 2, 3]) {
-      call.write({ payload: Buffer.from(`m${n}`), count: n });
-      assert.deepEqual((await replies.next()).value, { payload: Buffer.from(`m${n}`), count: n });
-    }
-    call.end();
-    assert.equal((await replies.next()).done, true);
-  });
+  test('Bidi echoes each message before the next one is sent', () => checkBidi(echo));
 
   test('streaming calls with fail_with_code end with that status and the -bin trailer', async () => {
     const serverStream = echo.ServerStream({ count: 5, fail_with_code: grpc.status.RESOURCE_EXHAUSTED });

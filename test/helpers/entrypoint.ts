@@ -13,6 +13,7 @@ import type { TestPki } from './pki.js';
 import assert from 'node:assert/strict';
 import type { LogLine } from './harness.js';
 import type { KserveClient } from '../../src/demo/grpc-client.js';
+import { inferRequest } from './grpc-calls.js';
 
 export const FAKE_OVMS = fileURLToPath(new URL('../fixtures/fake-ovms.js', import.meta.url));
 
@@ -117,7 +118,7 @@ export function processGone(pid: number): boolean {
   }
 }
 
-const streamRequest = (id: string) => ({ id, model_name: 'dummy', inputs: [{ name: 'b', datatype: 'FP32', shape: [1, 10], contents: { fp32_contents: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] } }] });
+const streamRequest = (id: string) => ({ ...inferRequest(), id });
 
 /** A ModelStreamInfer answered before and after the wrapper's SIGTERM reaches OVMS; then the wrapper exits 0. */
 export async function streamAcrossSigterm(kserve: KserveClient, wrapper: Wrapper): Promise<void> {
