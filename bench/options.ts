@@ -15,7 +15,7 @@ export const USAGE = `usage: npm run bench -- [options]
   --targets a,b          subset of: direct, nginx, proxy, proxy-log, proxy-relay
   --duration S           measured seconds per run        --warmup S   warm-up seconds per run
   --idle N               idle connections to hold        --no-nginx   skip nginx even if installed
-  --cpu-prof SCENARIO    profile the proxy (1 worker, no access log) during that scenario (node --cpu-prof)
+  --cpu-prof SCENARIO    profile the first ovms-mtls target with 1 worker (in --targets order) during that scenario (node --cpu-prof)
   --rounds N             run every scenario N times, targets interleaved; report each target's best round
   --node-flags "F ..."   extra node options for the proxy processes (experiments)
   --drivers N  --connections N  --streams N

@@ -11,8 +11,7 @@ import { writeBenchPki } from './pki.js';
 import { SCENARIOS } from './scenarios.js';
 import { USAGE, parseOptions, type Options } from './options.js';
 import { findNginx, loadAverage, machine } from './machine.js';
-import { startTarget, startUpstream, usesGrpcPort, type BenchContext, type TargetSpec } from './targets.js';
-import type { ScenarioId } from './protocol.js';
+import { startTarget, startUpstream, type BenchContext, type TargetSpec } from './targets.js';
 import { measure, type Measurement } from './measure.js';
 import { markdownReport, num, verdicts, withRatios, type BenchResults } from './report.js';
 import { svgChart } from './chart.js';
@@ -30,7 +29,7 @@ function targetList(options: Options, workers: number[], nginx: boolean): Target
     if (options.kinds.has('proxy')) list.push({ id: `ovms-mtls-${n}w`, label: `ovms-mtls, ${w(n)}`, kind: 'proxy', workers: n, accessLog: false });
     if (options.kinds.has('proxy-log')) list.push({ id: `ovms-mtls-${n}w-log`, label: `ovms-mtls, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true });
     if (options.kinds.has('proxy-relay')) {
-      list.push({ id: `ovms-mtls-${n}w-relay`, label: `ovms-mtls relay, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, extraArgs: ['--mtls_grpc_mode', 'relay'], grpcPortOnly: true });
+      list.push({ id: `ovms-mtls-${n}w-relay`, label: `ovms-mtls relay, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, extraArgs: ['--mtls_grpc_mode', 'relay', '--mtls_rest_mode', 'relay'] });
     }
     if (options.compare) {
       if (options.kinds.has('proxy')) list.push({ id: `compare-${n}w`, label: `B: ovms-mtls, ${w(n)}`, kind: 'proxy', workers: n, accessLog: false, cli: options.compare, nodeFlags: options.compareNodeFlags, extraArgs: options.compareArgs });
@@ -126,15 +125,16 @@ async function main(): Promise<number> {
     });
     if (Object.keys(options.load).length > 0) notes.push(`load overridden: ${JSON.stringify(options.load)}`);
     const measurements: Measurement[] = [];
-    const targetsFor = (id: ScenarioId) => targets.filter((t) => !t.grpcPortOnly || usesGrpcPort(id));
-    const total = scenarios.reduce((n, s) => n + targetsFor(s.id).length * (s.id === 'idle' ? 1 : options.settings.rounds), 0);
+    const total = scenarios.reduce((n, s) => n + targets.length * (s.id === 'idle' ? 1 : options.settings.rounds), 0);
     process.stderr.write(`bench: ${options.profile} profile, ${total} runs (${(options.settings.warmupMs / 1000).toFixed(1)} s warm-up + ${(options.settings.durationMs / 1000).toFixed(1)} s each), load average ${loadBefore}\n`);
     let i = 0;
+    // The first ovms-mtls target with 1 worker, in --targets order, is the one profiled.
+    const profiled = targets.find((t) => t.kind === 'proxy' && t.workers === 1);
     for (const scenario of scenarios) {
       // Rounds interleave the targets, so a burst of load from elsewhere on the machine hits them alike.
-      for (let round = 0; round < (scenario.id === 'idle' ? 1 : options.settings.rounds); round++) for (const spec of targetsFor(scenario.id)) {
+      for (let round = 0; round < (scenario.id === 'idle' ? 1 : options.settings.rounds); round++) for (const spec of targets) {
         i += 1;
-        const profileThis = round === 0 && scenario.id === options.cpuProf && spec.kind === 'proxy' && spec.workers === 1 && !spec.accessLog;
+        const profileThis = round === 0 && scenario.id === options.cpuProf && spec === profiled;
         try {
           const target = await startTarget(spec, ctx, scenario.id, profileThis ? cpuProfileDir : undefined);
           try {
@@ -156,7 +156,7 @@ async function main(): Promise<number> {
       const file = readdirSync(cpuProfileDir).find((f) => f.endsWith('.cpuprofile'));
       if (file) {
         const title = SCENARIOS.find((s) => s.id === options.cpuProf)!.title;
-        profileSummary = `### CPU profile: ovms-mtls, 1 worker, no access log, ${title}\n\n${summarizeProfile(join(cpuProfileDir, file))}`;
+        profileSummary = `### CPU profile: ${profiled?.label}, ${title}\n\n${summarizeProfile(join(cpuProfileDir, file))}`;
         mkdirSync(options.out, { recursive: true });
         writeFileSync(join(options.out, `${options.cpuProf}.cpuprofile`), readFileSync(join(cpuProfileDir, file)));
       }

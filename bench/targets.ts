@@ -32,8 +32,6 @@ export interface TargetSpec {
   readonly nodeFlags?: readonly string[] | undefined;
   /** Proxy only: options added after the context's (A/B of an option). */
   readonly extraArgs?: readonly string[] | undefined;
-  /** Measured only in the scenarios that use the gRPC port (the relay mode changes nothing else). */
-  readonly grpcPortOnly?: boolean;
 }
 
 export interface BenchContext {

@@ -120,10 +120,19 @@ function xfccValue(value: string): string {
   return /[,;="\\\s]/.test(value) ? quoteXfccValue(value) : value;
 }
 
+/**
+ * RFC 4514's escape for what is not printable ASCII: each UTF-8 byte as `\XX`
+ * (what OpenSSL's RFC 2253 output and Envoy do). A header value cannot carry
+ * such characters: Node refuses to send them, which once took the process down.
+ */
+function escapeNonAscii(value: string): string {
+  return value.replace(/[^\x20-\x7e]+/g, (run) => [...Buffer.from(run, 'utf8')].map((b) => '\\' + b.toString(16).toUpperCase().padStart(2, '0')).join(''));
+}
+
 export function xfccHeaderValue(id: Omit<ClientIdentity, 'xfcc'>): string {
-  const parts = [`Hash=${id.fingerprint}`, `Subject=${quoteXfccValue(id.subject)}`];
-  for (const uri of id.uris) parts.push(`URI=${xfccValue(uri)}`);
-  for (const name of id.dns) parts.push(`DNS=${xfccValue(name)}`);
+  const parts = [`Hash=${id.fingerprint}`, `Subject=${quoteXfccValue(escapeNonAscii(id.subject))}`];
+  for (const uri of id.uris) parts.push(`URI=${xfccValue(escapeNonAscii(uri))}`);
+  for (const name of id.dns) parts.push(`DNS=${xfccValue(escapeNonAscii(name))}`);
   return parts.join(';');
 }
 

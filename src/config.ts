@@ -38,6 +38,8 @@ export interface AllowList {
 /** Limits applied to every public connection. */
 export interface Limits {
   readonly handshakeTimeoutMs: number;
+  /** An HTTP/1.1 connection with no request in flight and nothing moving is closed after this. */
+  readonly idleTimeoutMs: number;
   /** Per listener; 0 = unlimited. */
   readonly maxConnections: number;
   readonly maxConcurrentStreams: number;
@@ -61,11 +63,13 @@ export interface Config {
   readonly admin?: { readonly hosts: readonly string[]; readonly port: number } | undefined;
   readonly workers: number;
   /** `terminate`: every call through our HTTP/2 server (XFCC, per-call log). `relay`: frames passed as they are. */
-  readonly grpcMode: GrpcMode;
+  readonly grpcMode: ForwardMode;
+  /** `terminate`: Node's HTTP server and client per request. `relay`: HTTP/1.1 heads parsed, bodies passed as they are. */
+  readonly restMode: ForwardMode;
 }
 
-export const GRPC_MODES = ['terminate', 'relay'] as const;
-export type GrpcMode = (typeof GRPC_MODES)[number];
+export const FORWARD_MODES = ['terminate', 'relay'] as const;
+export type ForwardMode = (typeof FORWARD_MODES)[number];
 export const RESTART_MODES = ['never', 'on-failure'] as const;
 
 /** Every default in one place. */
@@ -77,9 +81,11 @@ export const DEFAULTS = {
   reloadDebounceMs: 200,
   logLevel: 'info' as LevelWithSilent,
   accessLog: true,
-  grpcMode: 'terminate' as GrpcMode,
+  grpcMode: 'terminate' as ForwardMode,
+  restMode: 'terminate' as ForwardMode,
   limits: {
     handshakeTimeoutMs: 10_000,
+    idleTimeoutMs: 65_000,
     maxConnections: 0,
     maxConcurrentStreams: 128,
     maxHeaderSize: 64 * 1024,
@@ -200,6 +206,7 @@ export function parseLimits(raw: RawOptions): Limits {
   const handshake = raw['mtls_handshake_timeout'];
   return {
     handshakeTimeoutMs: handshake === undefined ? d.handshakeTimeoutMs : Math.max(1, parseSeconds('mtls_handshake_timeout', handshake)),
+    idleTimeoutMs: raw['mtls_idle_timeout'] === undefined ? d.idleTimeoutMs : Math.max(1, parseSeconds('mtls_idle_timeout', raw['mtls_idle_timeout'])),
     maxConnections: numberOr(raw, 'mtls_max_connections', d.maxConnections, 0, 10_000_000),
     maxConcurrentStreams: numberOr(raw, 'mtls_max_concurrent_streams', d.maxConcurrentStreams, 1, 2 ** 31 - 1),
     maxHeaderSize: numberOr(raw, 'mtls_max_header_size', d.maxHeaderSize, 1024, 16 * 1024 * 1024),
@@ -286,7 +293,8 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     accessLog: parseBoolean('mtls_access_log', raw['mtls_access_log'], DEFAULTS.accessLog),
     admin: adminPort > 0 ? { port: adminPort, hosts: parseBindAddresses('mtls_admin_bind_address', raw['mtls_admin_bind_address'], DEFAULTS.adminBindAddress) } : undefined,
     workers: parseWorkers(raw),
-    grpcMode: parseChoice(raw, 'mtls_grpc_mode', GRPC_MODES, DEFAULTS.grpcMode),
+    grpcMode: parseChoice(raw, 'mtls_grpc_mode', FORWARD_MODES, DEFAULTS.grpcMode),
+    restMode: parseChoice(raw, 'mtls_rest_mode', FORWARD_MODES, DEFAULTS.restMode),
   };
 }
 

@@ -1,82 +1,25 @@
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
-import type { Drainable } from './http-fronts.js';
+import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, TYPE_HEADERS } from './h2-frames.js';
 
-/** A blackholed upstream must not hold a client forever before it falls back. */
-const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
-
-export interface GrpcRelayOptions {
-  readonly upstream: HostPort;
-  readonly observer: ProxyObserver;
-  /** Why the upstream cannot take calls yet, or undefined when ready. */
-  readonly notReady?: (() => string | undefined) | undefined;
-  /** Where a connection goes when it cannot be relayed: the terminating HTTP/2 front, which answers UNAVAILABLE per call. */
-  readonly fallback: (socket: TLSSocket, context: ConnectionContext) => void;
-}
+/** The fallback is the terminating HTTP/2 front, which answers UNAVAILABLE per call. */
+export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'>;
 
 /**
- * `--mtls_grpc_mode relay`: after the client certificate has been judged, the
- * decrypted HTTP/2 bytes go to one upstream h2c connection per client
- * connection, as they are. No per-call HTTP/2 work, so a call costs a fraction
+ * `--mtls_grpc_mode relay`: the decrypted HTTP/2 bytes go to the upstream h2c
+ * connection as they are. No per-call HTTP/2 work, so a call costs a fraction
  * of what terminating costs; the price is no x-forwarded-client-cert and one
- * access line per connection instead of per call (README, "gRPC modes").
+ * access line per connection instead of per call (README, "Relay modes").
  */
-export class GrpcRelay implements Drainable {
-  readonly #options: GrpcRelayOptions;
-  readonly #relayed = new Map<TLSSocket, RelayedConnection>();
-  #draining = false;
-
-  constructor(options: GrpcRelayOptions) {
-    this.#options = options;
-  }
-
-  accept(socket: TLSSocket, context: ConnectionContext): void {
-    if (this.#draining || this.#options.notReady?.() !== undefined) {
-      this.#options.fallback(socket, context);
-      return;
-    }
-    const upstream = connect({ host: this.#options.upstream.host, port: this.#options.upstream.port, noDelay: true });
-    upstream.setTimeout(UPSTREAM_CONNECT_TIMEOUT_MS, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' })));
-    const onConnectError = (err: NodeJS.ErrnoException) => {
-      this.#options.observer.upstreamError('grpc', err.code ?? 'connect_error');
-      // Not one byte has been read from the client yet: the HTTP/2 front gets the whole connection.
-      if (!socket.destroyed) this.#options.fallback(socket, context);
-    };
-    upstream.once('error', onConnectError);
-    upstream.once('connect', () => {
-      upstream.off('error', onConnectError);
-      upstream.setTimeout(0);
-      if (socket.destroyed) {
-        upstream.destroy();
-        return;
-      }
-      const relayed = new RelayedConnection(socket, upstream, context, this.#options.observer);
-      this.#relayed.set(socket, relayed);
-      socket.once('close', () => this.#relayed.delete(socket));
-      if (this.#draining) relayed.goAway();
-    });
-  }
-
-  /** Tells every relayed client to open no new calls; each connection closes when its client is done. */
-  drain(): void {
-    this.#draining = true;
-    for (const relayed of this.#relayed.values()) relayed.goAway();
-  }
-
-  /** False when the socket is not relayed (it went to the fallback front). */
-  closeConnection(socket: TLSSocket): boolean {
-    const relayed = this.#relayed.get(socket);
-    relayed?.goAway();
-    return relayed !== undefined;
-  }
+export function grpcRelay(options: GrpcRelayOptions): Relay {
+  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, options.observer) });
 }
 
 /** One client connection and its own upstream connection, with backpressure both ways. */
-class RelayedConnection {
+class RelayedH2Connection implements RelayedConnection {
   readonly #client: TLSSocket;
   readonly #upstream: Socket;
   readonly #context: ConnectionContext;
@@ -130,8 +73,8 @@ class RelayedConnection {
     });
   }
 
-  /** Graceful: at the next frame boundary toward the client. */
-  goAway(): void {
+  /** A graceful GOAWAY at the next frame boundary toward the client. */
+  closeGracefully(): void {
     this.#toClient.request(this.#write);
   }
 

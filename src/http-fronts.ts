@@ -125,7 +125,7 @@ export class H1Front implements Drainable {
         maxHeaderSize: options.limits.maxHeaderSize,
         // A live upload or SSE response may take as long as it takes.
         requestTimeout: 0,
-        keepAliveTimeout: 65_000,
+        keepAliveTimeout: options.limits.idleTimeoutMs,
       },
       (req, res) => this.#onRequest(req, res, options.onRequest),
     );

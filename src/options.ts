@@ -4,7 +4,7 @@
  * pick our options out of an OVMS command line; the environment-variable
  * mapping is derived from it. Every default lives in src/config.ts.
  */
-import { GRPC_MODES, RESTART_MODES } from './config.js';
+import { FORWARD_MODES, RESTART_MODES } from './config.js';
 import { LOG_LEVELS } from './log.js';
 
 export type OptionType = 'string' | 'number' | 'boolean' | 'array';
@@ -42,9 +42,11 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_verify_depth', type: 'number', describe: 'Maximum client certificate chain length', defaultDescription: '5' },
   { name: 'mtls_log_level', type: 'string', describe: 'Log level', defaultDescription: 'info', choices: LOG_LEVELS },
   { name: 'mtls_access_log', type: 'boolean', describe: 'Log one line per request/RPC', defaultDescription: 'true' },
-  { name: 'mtls_grpc_mode', type: 'string', describe: 'gRPC port: terminate (per-call HTTP/2, XFCC, per-call access log) or relay (HTTP/2 frames passed to one upstream connection per client; fastest, per-connection log, no XFCC)', defaultDescription: 'terminate', choices: GRPC_MODES },
+  { name: 'mtls_grpc_mode', type: 'string', describe: 'gRPC port: terminate (per-call HTTP/2, XFCC, per-call access log) or relay (HTTP/2 frames passed to one upstream connection per client; fastest, per-connection log, no XFCC)', defaultDescription: 'terminate', choices: FORWARD_MODES },
+  { name: 'mtls_rest_mode', type: 'string', describe: 'REST port: terminate (Node HTTP server and client per request) or relay (HTTP/1.1 clients get one upstream connection each; heads parsed for XFCC and the access log, bodies passed as they are; fastest)', defaultDescription: 'terminate', choices: FORWARD_MODES },
   { name: 'mtls_shutdown_timeout', type: 'number', describe: 'Seconds to let in-flight calls finish on shutdown', defaultDescription: '30' },
   { name: 'mtls_handshake_timeout', type: 'number', describe: 'Seconds a client gets to complete the TLS handshake', defaultDescription: '10' },
+  { name: 'mtls_idle_timeout', type: 'number', describe: 'Seconds an HTTP/1.1 connection with no request in flight may stay silent before it is closed', defaultDescription: '65' },
   { name: 'mtls_max_connections', type: 'number', describe: 'Maximum open connections per listener (0 = unlimited)', defaultDescription: '0' },
   { name: 'mtls_max_concurrent_streams', type: 'number', describe: 'HTTP/2 streams a client may open at once per connection', defaultDescription: '128' },
   { name: 'mtls_max_header_size', type: 'number', describe: 'Largest request header block accepted, in bytes', defaultDescription: '65536' },

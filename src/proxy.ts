@@ -8,7 +8,9 @@ import { SecureListener } from './listeners.js';
 import { H1Front, H2Front, type Drainable } from './http-fronts.js';
 import { GrpcForwarder } from './grpc-forwarder.js';
 import { RestForwarder } from './rest-forwarder.js';
-import { GrpcRelay } from './grpc-relay.js';
+import { grpcRelay } from './grpc-relay.js';
+import { restRelay } from './rest-relay.js';
+import type { Relay } from './relay.js';
 import { secureContextOptions, type TlsMaterial } from './tls-material.js';
 import { combineObservers, NOOP_OBSERVER, type ListenerName, type ProxyObserver } from './observer.js';
 import { loggingObserver } from './log-observer.js';
@@ -54,10 +56,17 @@ interface Assembled {
   close(): Promise<void>;
 }
 
-/** A public TLS port handing authorized sockets to its HTTP/2 and HTTP/1.1 fronts. */
-function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver, h2: H2Front, h1: H1Front, relay?: GrpcRelay): SecureListener {
+/** A relay (when its mode is on) takes a protocol's connections first; the terminating front is its fallback. */
+interface Relays {
+  readonly h2?: Relay | undefined;
+  readonly http1?: Relay | undefined;
+}
+
+/** A public TLS port handing authorized sockets to its relays or its HTTP/2 and HTTP/1.1 fronts. */
+function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver, h2: H2Front, h1: H1Front, relays: Relays): SecureListener {
   const { config } = options;
-  const closeH2 = (s: TLSSocket) => relay?.closeConnection(s) || h2.closeConnection(s);
+  const closeH2 = (s: TLSSocket) => relays.h2?.closeConnection(s) || h2.closeConnection(s);
+  const closeHttp1 = (s: TLSSocket) => relays.http1?.closeConnection(s) || h1.closeConnection(s);
   return new SecureListener({
     name,
     hosts: cfg.hosts,
@@ -67,9 +76,9 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
     allow: config.allow,
     observer,
     handover: {
-      h2: (s, c) => (relay ?? h2).accept(s, c),
-      http1: (s, c) => h1.accept(s, c),
-      close: (s) => (s.alpnProtocol === 'h2' ? closeH2(s) : h1.closeConnection(s)),
+      h2: (s, c) => (relays.h2 ?? h2).accept(s, c),
+      http1: (s, c) => (relays.http1 ?? h1).accept(s, c),
+      close: (s) => (s.alpnProtocol === 'h2' ? closeH2(s) : closeHttp1(s)),
     },
   });
 }
@@ -81,18 +90,22 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
   const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
   const h1 = new H1Front({ limits, observer, onRequest: answerHttp1OnGrpcPort });
   // The terminating front stays: it answers while the upstream is not ready or unreachable.
-  const relay = grpcMode === 'relay' ? new GrpcRelay({ upstream: cfg.upstream, observer, notReady, fallback: (s, c) => h2.accept(s, c) }) : undefined;
+  const relay = grpcMode === 'relay' ? grpcRelay({ upstream: cfg.upstream, observer, notReady, fallback: (s, c) => h2.accept(s, c) }) : undefined;
   const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
-  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, relay), fronts, close: () => forwarder.close() };
+  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, { h2: relay }), fronts, close: () => forwarder.close() };
 }
 
 function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
-  const { limits } = options.config;
-  const forwarder = new RestForwarder({ upstream: cfg.upstream, observer, notReady: options.notReady?.rest });
+  const { limits, restMode } = options.config;
+  const notReady = options.notReady?.rest;
+  const forwarder = new RestForwarder({ upstream: cfg.upstream, observer, notReady });
   const onRequest = forwarder.handle.bind(forwarder);
   const h2 = new H2Front({ limits, observer, onRequest });
   const h1 = new H1Front({ limits, observer, onRequest });
-  return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1), fronts: [h2, h1], close: async () => forwarder.close() };
+  // HTTP/2 clients of the REST port keep the terminating front: the upstream speaks HTTP/1.1 only.
+  const relay = restMode === 'relay' ? restRelay({ upstream: cfg.upstream, observer, notReady, limits, fallback: (s, c) => h1.accept(s, c) }) : undefined;
+  const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
+  return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1, { http1: relay }), fronts, close: async () => forwarder.close() };
 }
 
 /**

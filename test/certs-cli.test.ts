@@ -178,6 +178,7 @@ describe('a set made by certs init serves the proxy', () => {
       accessLog: false,
       workers: 1,
       grpcMode: 'terminate',
+      restMode: 'terminate',
     };
     const logs = new LogCapture();
     const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'debug', destination: logs }) });

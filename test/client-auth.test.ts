@@ -8,7 +8,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
-import type { Issued } from '../src/x509.js';
+import { issueClientCert, type Issued } from '../src/x509.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -81,6 +81,21 @@ describe('spoofed identity headers', () => {
     assert.equal(typeof xfcc, 'string');
     assert.doesNotMatch(String(xfcc), /evil|admin/);
     assert.match(String(xfcc), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests"/);
+  });
+
+  test('a subject outside ASCII (CN=Jürgen 日本) works on both ports, escaped in XFCC as RFC 4514 UTF-8 bytes', async () => {
+    // Such a value in a header once made Node throw ERR_INVALID_CHAR and took the whole process down.
+    const client = await issueClientCert({ issuer: pki.clientCa, commonName: 'Jürgen 日本' });
+    const escaped = /;Subject="CN=J\\\\C3\\\\BCrgen \\\\E6\\\\97\\\\A5\\\\E6\\\\9C\\\\AC"$/;
+    assert.equal((await https1(front.restPort, pki, { path: '/v2/health/live', client })).status, 200);
+    assert.match(String(upstream.received.filter((r) => r.protocol === 'rest').at(-1)!.headers['x-forwarded-client-cert']), escaped);
+    const c = grpcClients(front.grpcAddress, pki, client);
+    try {
+      assert.equal((await unary(c.kserve, 'ServerLive', {})).response.live, true);
+    } finally {
+      c.close();
+    }
+    assert.match(String(upstream.received.filter((r) => r.protocol === 'grpc').at(-1)!.headers['x-forwarded-client-cert']), escaped);
   });
 
   test('x-forwarded-client-cert sent as gRPC metadata is replaced, whatever the count', async () => {

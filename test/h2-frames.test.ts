@@ -1,6 +1,7 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { chunked } from './helpers/chunks.js';
 import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, gracefulGoAway } from '../src/h2-frames.js';
 
 interface Frame {
@@ -40,17 +41,6 @@ const headerBlockArb = fc.tuple(fc.array(payloadArb, { minLength: 1, maxLength: 
 
 /** Frames grouped so that a GOAWAY may go between two groups and nowhere else. */
 const unitsArb = fc.array(fc.oneof(frameArb.map((f) => [f]), headerBlockArb), { minLength: 1, maxLength: 10 });
-
-function chunked(bytes: Buffer, cuts: number[]): Buffer[] {
-  const points = [...new Set(cuts.map((c) => c % (bytes.length + 1)))].sort((a, b) => a - b);
-  const chunks: Buffer[] = [];
-  let last = 0;
-  for (const p of [...points, bytes.length]) {
-    chunks.push(bytes.subarray(last, p));
-    last = p;
-  }
-  return chunks.filter((c) => c.length > 0);
-}
 
 describe('frame headers toward the upstream', () => {
   test('after the client preface, every frame header is seen once, in order, however the bytes are chunked', () => {

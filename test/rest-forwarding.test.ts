@@ -2,49 +2,34 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createHash } from 'node:crypto';
-import { request as httpsRequest } from 'node:https';
+import { request as httpsRequest, Agent as HttpsAgent } from 'node:https';
 import type { IncomingMessage, ClientRequest } from 'node:http';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
+import { FORWARD_MODES } from '../src/config.js';
 
 const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
 const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: INPUT }] });
 
 let pki: TestPki;
 let upstream: ModelServer;
-let relay: Awaited<ReturnType<typeof countingRelay>>;
-let front: StartedProxy;
 let board = new GateBoard();
 
 before(async () => {
   pki = await createTestPki();
   upstream = await startUpstream({ sseGate: (i) => board.wait(i) });
-  relay = await countingRelay(upstream.restPort!);
-  front = await startTestProxy({ pki, upstream: { restPort: relay.port } });
 });
 
 after(async () => {
   board.openAll();
-  await front.proxy.shutdown(1000);
-  relay.server.close();
   await upstream.close();
   await pki.cleanup();
 });
 
 const lastRest = (path: string) => upstream.received.filter((r) => r.protocol === 'rest' && r.path === path).at(-1)!;
-
-/** Opens a streaming HTTPS/1.1 request and resolves once response headers arrive. */
-function openHttps1(path: string, body: string): Promise<{ req: ClientRequest; res: IncomingMessage }> {
-  return new Promise((resolve, reject) => {
-    const req = httpsRequest({ host: '127.0.0.1', port: front.restPort, method: 'POST', path, agent: false, headers: { 'content-type': 'application/json' }, ...tlsClientOptions(pki) },
-      (res) => resolve({ req, res }));
-    req.on('error', reject);
-    req.end(body);
-  });
-}
 
 /** Releases the upstream's SSE events one at a time: event i+1 is not even written upstream until event i arrived here. */
 async function expectEventsOneByOne(events: AsyncGenerator<string>): Promise<void> {
@@ -57,136 +42,175 @@ async function expectEventsOneByOne(events: AsyncGenerator<string>): Promise<voi
   assert.equal((await events.next()).value, 'data: [DONE]');
 }
 
-describe('rest forwarding', () => {
-  test('a KServe JSON infer over HTTP/1.1 returns the dummy model output', async () => {
-    const res = await https1(front.restPort, pki, { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY, headers: { 'content-type': 'application/json' } });
-    assert.equal(res.status, 200);
-    assert.deepEqual(JSON.parse(res.body).outputs[0].data, INPUT.map((x) => x + 1));
-  });
+for (const mode of FORWARD_MODES) {
+  describe(`rest forwarding, --mtls_rest_mode ${mode}`, () => {
+    let relay: Awaited<ReturnType<typeof countingRelay>>;
+    let front: StartedProxy;
 
-  test('a KServe JSON infer over HTTP/2 returns the dummy model output', async () => {
-    const session = h2Session(front.restPort, pki);
-    try {
-      const res = await h2Request(session, { ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-type': 'application/json' }, INFER_BODY);
-      assert.equal(res.headers[':status'], 200);
-      assert.deepEqual(JSON.parse(res.body.toString()).outputs[0].data, INPUT.map((x) => x + 1));
-      const health = await h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' });
-      assert.equal(health.headers[':status'], 200);
-    } finally {
-      session.close();
-    }
-  });
+    before(async () => {
+      relay = await countingRelay(upstream.restPort!);
+      front = await startTestProxy({ pki, upstream: { restPort: relay.port }, restMode: mode });
+    });
 
-  test('Host passes through and X-Forwarded-For, X-Forwarded-Proto and the client identity are set', async () => {
-    await https1(front.restPort, pki, { path: '/v2/health/live', headers: { host: 'models.example:8443', 'x-forwarded-for': '203.0.113.7' } });
-    const seen = lastRest('/v2/health/live');
-    assert.equal(seen.headers.host, 'models.example:8443');
-    assert.equal(seen.headers['x-forwarded-for'], '203.0.113.7, 127.0.0.1');
-    assert.equal(seen.headers['x-forwarded-proto'], 'https');
-    assert.match(String(seen.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests";URI=spiffe:\/\/test\.local\/client$/);
-  });
+    after(async () => {
+      board.openAll();
+      await front.proxy.shutdown(1000);
+      relay.server.close();
+    });
 
-  test('HTTP/2 :authority becomes the upstream Host header', async () => {
-    const session = h2Session(front.restPort, pki);
-    try {
-      await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy', ':authority': 'models.example' });
-      assert.equal(lastRest('/v2/models/dummy').headers.host, 'models.example');
-    } finally {
-      session.close();
-    }
-  });
-
-  test('requests reuse kept-alive upstream connections', async () => {
-    await https1(front.restPort, pki, { path: '/v2/health/ready' });
-    const before = relay.connections();
-    for (let i = 0; i < 10; i++) assert.equal((await https1(front.restPort, pki, { path: '/v2/health/ready' })).status, 200);
-    assert.equal(relay.connections(), before);
-  });
-
-  test('Server-Sent Events reach an HTTP/1.1 client one by one as the upstream writes them', async () => {
-    board = new GateBoard();
-    const { res } = await openHttps1('/v3/chat/completions', JSON.stringify({ model: 'dummy', stream: true }));
-    assert.equal(res.headers['content-type'], 'text/event-stream');
-    await expectEventsOneByOne(sseEvents(res));
-  });
-
-  test('Server-Sent Events reach an HTTP/2 client one by one as the upstream writes them', async () => {
-    board = new GateBoard();
-    const session = h2Session(front.restPort, pki);
-    try {
-      const stream = session.request({ ':method': 'POST', ':path': '/v3/chat/completions', 'content-type': 'application/json' });
-      stream.end(JSON.stringify({ model: 'dummy', stream: true }));
-      const [headers] = (await once(stream, 'response')) as [Record<string, string>];
-      assert.equal(headers['content-type'], 'text/event-stream');
-      await expectEventsOneByOne(sseEvents(stream));
-    } finally {
-      session.close();
-    }
-  });
-
-  test('a client that drops an SSE stream aborts its upstream request', async () => {
-    board = new GateBoard();
-    const { req, res } = await openHttps1('/v3/chat/completions', JSON.stringify({ stream: true }));
-    board.open(0);
-    await sseEvents(res).next();
-    req.destroy();
-    await upstream.waitFor('restAborted', '/v3/chat/completions');
-    board.openAll();
-  });
-
-  test('a 256 MiB upload and a 256 MiB download stream through without being held in memory', async () => {
-    const total = 256 * 1024 * 1024;
-    const chunk = Buffer.alloc(1024 * 1024, 0x5a);
-    const expected = createHash('sha256');
-    const baseline = process.memoryUsage().rss;
-    let peak = baseline;
-    const reply = await new Promise<string>((resolve, reject) => {
-      const req = httpsRequest({ host: '127.0.0.1', port: front.restPort, method: 'POST', path: '/echo-body', agent: false, ...tlsClientOptions(pki) }, (res) => {
-        let text = '';
-        res.on('data', (c: Buffer) => (text += c.toString()));
-        res.on('end', () => resolve(text));
+    /** Opens a streaming HTTPS/1.1 request and resolves once response headers arrive. */
+    function openHttps1(path: string, body: string): Promise<{ req: ClientRequest; res: IncomingMessage }> {
+      return new Promise((resolve, reject) => {
+        const req = httpsRequest({ host: '127.0.0.1', port: front.restPort, method: 'POST', path, agent: false, headers: { 'content-type': 'application/json' }, ...tlsClientOptions(pki) },
+          (res) => resolve({ req, res }));
+        req.on('error', reject);
+        req.end(body);
       });
-      req.on('error', reject);
-      let sent = 0;
-      const pump = () => {
-        while (sent < total) {
-          sent += chunk.length;
-          expected.update(chunk);
-          peak = Math.max(peak, process.memoryUsage().rss);
-          if (!req.write(chunk)) return void req.once('drain', pump);
+    }
+
+    test('a KServe JSON infer over HTTP/1.1 returns the dummy model output', async () => {
+      const res = await https1(front.restPort, pki, { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY, headers: { 'content-type': 'application/json' } });
+      assert.equal(res.status, 200);
+      assert.deepEqual(JSON.parse(res.body).outputs[0].data, INPUT.map((x) => x + 1));
+    });
+
+    test('a KServe JSON infer over HTTP/2 returns the dummy model output', async () => {
+      const session = h2Session(front.restPort, pki);
+      try {
+        const res = await h2Request(session, { ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-type': 'application/json' }, INFER_BODY);
+        assert.equal(res.headers[':status'], 200);
+        assert.deepEqual(JSON.parse(res.body.toString()).outputs[0].data, INPUT.map((x) => x + 1));
+        const health = await h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' });
+        assert.equal(health.headers[':status'], 200);
+      } finally {
+        session.close();
+      }
+    });
+
+    test('Host passes through and X-Forwarded-For, X-Forwarded-Proto and the client identity are set', async () => {
+      await https1(front.restPort, pki, { path: '/v2/health/live', headers: { host: 'models.example:8443', 'x-forwarded-for': '203.0.113.7' } });
+      const seen = lastRest('/v2/health/live');
+      assert.equal(seen.headers.host, 'models.example:8443');
+      assert.equal(seen.headers['x-forwarded-for'], '203.0.113.7, 127.0.0.1');
+      assert.equal(seen.headers['x-forwarded-proto'], 'https');
+      assert.match(String(seen.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests";URI=spiffe:\/\/test\.local\/client$/);
+    });
+
+    test('HTTP/2 :authority becomes the upstream Host header', async () => {
+      const session = h2Session(front.restPort, pki);
+      try {
+        await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy', ':authority': 'models.example' });
+        assert.equal(lastRest('/v2/models/dummy').headers.host, 'models.example');
+      } finally {
+        session.close();
+      }
+    });
+
+    if (mode === 'terminate') {
+      test('requests from separate client connections reuse kept-alive upstream connections', async () => {
+        await https1(front.restPort, pki, { path: '/v2/health/ready' });
+        const before = relay.connections();
+        for (let i = 0; i < 10; i++) assert.equal((await https1(front.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+        assert.equal(relay.connections(), before);
+      });
+    } else {
+      test('each client connection gets one upstream connection, reused by all of its requests', async () => {
+        const agent = new HttpsAgent({ keepAlive: true, maxSockets: 1 });
+        try {
+          const before = relay.connections();
+          for (let i = 0; i < 10; i++) assert.equal((await https1(front.restPort, pki, { path: '/v2/health/ready', agent })).status, 200);
+          assert.equal(relay.connections(), before + 1);
+        } finally {
+          agent.destroy();
         }
-        req.end();
-      };
-      pump();
-    });
-    assert.deepEqual(JSON.parse(reply), { bytes: total, sha256: expected.digest('hex') });
-
-    const download = await new Promise<number>((resolve, reject) => {
-      const req = httpsRequest({ host: '127.0.0.1', port: front.restPort, path: `/stream-bytes?n=${total}`, agent: false, ...tlsClientOptions(pki) }, (res) => {
-        let bytes = 0;
-        res.on('data', (c: Buffer) => {
-          bytes += c.length;
-          peak = Math.max(peak, process.memoryUsage().rss);
-        });
-        res.on('end', () => resolve(bytes));
       });
-      req.on('error', reject);
-      req.end();
-    });
-    assert.equal(download, total);
-    // Client, proxy and upstream share this process: holding either body would add 256 MiB.
-    assert.ok(peak - baseline < 128 * 1024 * 1024, `RSS grew by ${Math.round((peak - baseline) / 1048576)} MiB`);
-  });
+    }
 
-  test('every request is logged with listener, protocol, client, path and status', async () => {
-    await https1(front.restPort, pki, { path: '/v2/models/dummy/ready' });
-    const line = await front.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/ready');
-    assert.equal(line.listener, 'rest');
-    assert.equal(line.protocol, 'http/1.1');
-    assert.equal(line.subject, 'CN=client,OU=tests');
-    assert.equal(line.status, 200);
+    test('Server-Sent Events reach an HTTP/1.1 client one by one as the upstream writes them', async () => {
+      board = new GateBoard();
+      const { res } = await openHttps1('/v3/chat/completions', JSON.stringify({ model: 'dummy', stream: true }));
+      assert.equal(res.headers['content-type'], 'text/event-stream');
+      await expectEventsOneByOne(sseEvents(res));
+    });
+
+    test('Server-Sent Events reach an HTTP/2 client one by one as the upstream writes them', async () => {
+      board = new GateBoard();
+      const session = h2Session(front.restPort, pki);
+      try {
+        const stream = session.request({ ':method': 'POST', ':path': '/v3/chat/completions', 'content-type': 'application/json' });
+        stream.end(JSON.stringify({ model: 'dummy', stream: true }));
+        const [headers] = (await once(stream, 'response')) as [Record<string, string>];
+        assert.equal(headers['content-type'], 'text/event-stream');
+        await expectEventsOneByOne(sseEvents(stream));
+      } finally {
+        session.close();
+      }
+    });
+
+    test('a client that drops an SSE stream aborts its upstream request', async () => {
+      board = new GateBoard();
+      const { req, res } = await openHttps1('/v3/chat/completions', JSON.stringify({ stream: true }));
+      board.open(0);
+      await sseEvents(res).next();
+      req.destroy();
+      await upstream.waitFor('restAborted', '/v3/chat/completions');
+      board.openAll();
+    });
+
+    test('a 256 MiB upload and a 256 MiB download stream through without being held in memory', async () => {
+      const total = 256 * 1024 * 1024;
+      const chunk = Buffer.alloc(1024 * 1024, 0x5a);
+      const expected = createHash('sha256');
+      const baseline = process.memoryUsage().rss;
+      let peak = baseline;
+      const reply = await new Promise<string>((resolve, reject) => {
+        const req = httpsRequest({ host: '127.0.0.1', port: front.restPort, method: 'POST', path: '/echo-body', agent: false, ...tlsClientOptions(pki) }, (res) => {
+          let text = '';
+          res.on('data', (c: Buffer) => (text += c.toString()));
+          res.on('end', () => resolve(text));
+        });
+        req.on('error', reject);
+        let sent = 0;
+        const pump = () => {
+          while (sent < total) {
+            sent += chunk.length;
+            expected.update(chunk);
+            peak = Math.max(peak, process.memoryUsage().rss);
+            if (!req.write(chunk)) return void req.once('drain', pump);
+          }
+          req.end();
+        };
+        pump();
+      });
+      assert.deepEqual(JSON.parse(reply), { bytes: total, sha256: expected.digest('hex') });
+
+      const download = await new Promise<number>((resolve, reject) => {
+        const req = httpsRequest({ host: '127.0.0.1', port: front.restPort, path: `/stream-bytes?n=${total}`, agent: false, ...tlsClientOptions(pki) }, (res) => {
+          let bytes = 0;
+          res.on('data', (c: Buffer) => {
+            bytes += c.length;
+            peak = Math.max(peak, process.memoryUsage().rss);
+          });
+          res.on('end', () => resolve(bytes));
+        });
+        req.on('error', reject);
+        req.end();
+      });
+      assert.equal(download, total);
+      // Client, proxy and upstream share this process: holding either body would add 256 MiB.
+      assert.ok(peak - baseline < 128 * 1024 * 1024, `RSS grew by ${Math.round((peak - baseline) / 1048576)} MiB`);
+    });
+
+    test('every request is logged with listener, protocol, client, path and status', async () => {
+      await https1(front.restPort, pki, { path: '/v2/models/dummy/ready' });
+      const line = await front.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/ready');
+      assert.equal(line.listener, 'rest');
+      assert.equal(line.protocol, 'http/1.1');
+      assert.equal(line.subject, 'CN=client,OU=tests');
+      assert.equal(line.status, 200);
+    });
   });
-});
+}
 
 describe('rest upstream failures', () => {
   test('an unreachable upstream answers 502 with a small JSON error body', async () => {

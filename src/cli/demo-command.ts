@@ -40,6 +40,7 @@ function demoConfig(certDir: string, ports: { grpc: number; rest: number }, upst
     admin: undefined,
     workers: 1,
     grpcMode: DEFAULTS.grpcMode,
+    restMode: DEFAULTS.restMode,
   };
 }
 

@@ -63,6 +63,7 @@ export interface ProxySetup {
   observer?: ProxyObserver;
   notReady?: Parameters<typeof startProxy>[0]['notReady'];
   grpcMode?: Config['grpcMode'];
+  restMode?: Config['restMode'];
 }
 
 export interface StartedProxy {
@@ -86,6 +87,7 @@ export function baseConfig(setup: ProxySetup): Config {
     accessLog: true,
     workers: 1,
     grpcMode: setup.grpcMode ?? 'terminate',
+    restMode: setup.restMode ?? 'terminate',
   };
 }
 

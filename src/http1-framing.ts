@@ -1,0 +1,365 @@
+/**
+ * Where HTTP/1.1 messages begin and end in a byte stream (RFC 9112), for the
+ * REST relay: heads are parsed (and may be replaced), bodies pass through
+ * untouched while their framing is followed. Parsing is strict on purpose:
+ * whatever we accept, the server behind us must split at the same place, so
+ * anything two parsers could read differently (both Content-Length and
+ * Transfer-Encoding, bare LF, folded headers, odd chunk lines) is refused.
+ */
+
+/** A message the reader refuses; `status` is the answer a client gets for it. */
+export class FramingError extends Error {
+  readonly status: number;
+  constructor(status: number, message: string) {
+    super(message);
+    this.status = status;
+  }
+}
+
+export interface HeaderField {
+  /** Lower-cased. */
+  readonly name: string;
+  readonly value: string;
+  /** The line as received, without its CRLF. */
+  readonly line: string;
+}
+
+export interface Http1Head {
+  readonly startLine: string;
+  /** Requests only. */
+  readonly method: string;
+  readonly target: string;
+  /** Responses only; 0 for requests. */
+  readonly status: number;
+  readonly minorVersion: 0 | 1;
+  readonly fields: readonly HeaderField[];
+}
+
+export type BodyFraming =
+  | { readonly kind: 'none' }
+  | { readonly kind: 'length'; readonly length: number }
+  | { readonly kind: 'chunked' }
+  /** Response body that ends when the server closes the connection. */
+  | { readonly kind: 'until-close' };
+
+export const NO_BODY: BodyFraming = { kind: 'none' };
+
+export interface MessageHandler {
+  /** A whole head arrived: the bytes to send in its place and how its body is framed; undefined stops the reader here. */
+  head(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } | undefined;
+  /** Payload bytes of the body (chunk framing not counted). */
+  body(bytes: number): void;
+  /** The message is complete, all of its bytes already passed on. */
+  end(): void;
+}
+
+const CR = 0x0d;
+const LF = 0x0a;
+const HEAD_END = Buffer.from('\r\n\r\n');
+/** Chunk-size lines carry extensions nobody uses; a long one is an attack, not a request. */
+const MAX_CHUNK_LINE = 4096;
+/** 13 hex digits stay below 2^53. */
+const MAX_CHUNK_SIZE_DIGITS = 13;
+
+const TOKEN = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]+";
+const REQUEST_LINE = new RegExp(`^(${TOKEN}) ([^\\x00-\\x20\\x7f]+) HTTP/1\\.([01])$`);
+/** Control characters other than HTAB: never allowed in a field value, reason phrase or chunk extension. */
+const CTL = '\\x00-\\x08\\x0a-\\x1f\\x7f';
+const STATUS_LINE = new RegExp(`^HTTP/1\\.([01]) ([1-9][0-9]{2})(?: [^${CTL}]*)?$`);
+const FIELD_LINE = new RegExp(`^(${TOKEN}):[ \\t]*(.*?)[ \\t]*$`);
+const BAD_VALUE_CHAR = new RegExp(`[${CTL}]`);
+const CHUNK_LINE = new RegExp(`^([0-9A-Fa-f]+)(?:[ \\t]*;[^${CTL}]*)?$`);
+const DIGITS = /^[0-9]{1,15}$/;
+
+type State = 'head' | 'length' | 'until-close' | 'chunk-size' | 'chunk-data' | 'chunk-crlf' | 'trailers' | 'stopped';
+
+/**
+ * Follows one direction of an HTTP/1.1 connection, message after message
+ * (pipelining included). `push` hands every byte to `out`, in order: each head
+ * as the handler rewrote it, body and chunk framing as received.
+ */
+export class Http1Reader {
+  readonly #kind: 'request' | 'response';
+  readonly #maxHeadSize: number;
+  readonly #handler: MessageHandler;
+  #state: State = 'head';
+  /** A head (or chunk line, or trailer section) split across reads. */
+  #pending: Buffer | undefined;
+  #remaining = 0;
+  /** Bytes of the current chunk line or trailer section seen so far. */
+  #lineBytes = 0;
+  /** Of the CRLF after chunk data, how many bytes have been checked. */
+  #crlfSeen = 0;
+
+  constructor(kind: 'request' | 'response', maxHeadSize: number, handler: MessageHandler) {
+    this.#kind = kind;
+    this.#maxHeadSize = maxHeadSize;
+    this.#handler = handler;
+  }
+
+  /** True between messages: nothing of a next message has arrived. */
+  get atBoundary(): boolean {
+    return this.#state === 'head' && this.#pending === undefined;
+  }
+
+  get stopped(): boolean {
+    return this.#state === 'stopped';
+  }
+
+  /** TypeScript narrows `#state` across the call in push(); asking through a method reads it afresh. */
+  #bodyEnded(): boolean {
+    return this.#state === 'head';
+  }
+
+  /** Throws FramingError; after that the connection cannot be trusted and must close. */
+  push(chunk: Buffer, out: (bytes: Buffer) => void): void {
+    let pos = 0;
+    while (pos < chunk.length && this.#state !== 'stopped') {
+      if (this.#state === 'head') {
+        pos = this.#readHead(chunk, pos, out);
+        continue;
+      }
+      const from = pos;
+      pos = this.#readBody(chunk, pos);
+      if (pos > from) out(chunk.subarray(from, pos));
+      if (this.#bodyEnded()) this.#handler.end();
+    }
+  }
+
+  /** The connection closed: ends a body that runs until close; false when a message was cut short. */
+  finish(): boolean {
+    if (this.#state === 'until-close') {
+      this.#state = 'head';
+      this.#handler.end();
+      return true;
+    }
+    return this.atBoundary || this.#state === 'stopped';
+  }
+
+  #readHead(chunk: Buffer, pos: number, out: (bytes: Buffer) => void): number {
+    let data = chunk.subarray(pos);
+    const carried = this.#pending?.length ?? 0;
+    if (this.#pending) data = Buffer.concat([this.#pending, data]);
+    // RFC 9112 2.2: empty lines before a request line are ignored.
+    let start = 0;
+    if (this.#kind === 'request') while (data[start] === CR && data[start + 1] === LF) start += 2;
+    const end = data.indexOf(HEAD_END, start);
+    if (end < 0) {
+      if (data.length - start > this.#maxHeadSize) throw this.#tooLarge();
+      this.#pending = data.length > start ? data.subarray(start) : undefined;
+      return chunk.length;
+    }
+    const headBytes = end + 4 - start;
+    if (headBytes > this.#maxHeadSize) throw this.#tooLarge();
+    this.#pending = undefined;
+    const raw = data.subarray(start, end + 4);
+    const head = this.#kind === 'request' ? parseRequestHead(raw) : parseResponseHead(raw);
+    const result = this.#handler.head(head, raw);
+    if (!result) {
+      this.#state = 'stopped';
+      return chunk.length;
+    }
+    out(result.bytes);
+    this.#startBody(result.body);
+    return pos + (end + 4 - carried);
+  }
+
+  #startBody(body: BodyFraming): void {
+    switch (body.kind) {
+      case 'none':
+        this.#handler.end();
+        return;
+      case 'length':
+        if (body.length === 0) {
+          this.#handler.end();
+          return;
+        }
+        this.#remaining = body.length;
+        this.#state = 'length';
+        return;
+      case 'chunked':
+        this.#state = 'chunk-size';
+        this.#lineBytes = 0;
+        return;
+      case 'until-close':
+        this.#state = 'until-close';
+    }
+  }
+
+  /** Consumes body bytes from `pos`; returns where it stopped (the state says why). */
+  #readBody(chunk: Buffer, pos: number): number {
+    switch (this.#state) {
+      case 'length': {
+        const take = Math.min(this.#remaining, chunk.length - pos);
+        this.#remaining -= take;
+        this.#handler.body(take);
+        if (this.#remaining === 0) this.#state = 'head';
+        return pos + take;
+      }
+      case 'until-close':
+        this.#handler.body(chunk.length - pos);
+        return chunk.length;
+      case 'chunk-size':
+        return this.#readChunkLine(chunk, pos);
+      case 'chunk-data': {
+        const take = Math.min(this.#remaining, chunk.length - pos);
+        this.#remaining -= take;
+        this.#handler.body(take);
+        if (this.#remaining === 0) {
+          this.#state = 'chunk-crlf';
+          this.#crlfSeen = 0;
+        }
+        return pos + take;
+      }
+      case 'chunk-crlf':
+        return this.#readChunkCrlf(chunk, pos);
+      case 'trailers':
+        return this.#readTrailers(chunk, pos);
+      default:
+        return chunk.length;
+    }
+  }
+
+  #readChunkLine(chunk: Buffer, pos: number): number {
+    const lf = chunk.indexOf(LF, pos);
+    const stop = lf < 0 ? chunk.length : lf + 1;
+    this.#lineBytes += stop - pos;
+    if (this.#lineBytes > MAX_CHUNK_LINE) throw new FramingError(400, 'chunk-size line too long');
+    const piece = chunk.subarray(pos, stop);
+    this.#pending = this.#pending ? Buffer.concat([this.#pending, piece]) : piece;
+    if (lf < 0) return stop;
+    const line = this.#takeLine();
+    const match = CHUNK_LINE.exec(line);
+    if (!match) throw new FramingError(400, 'malformed chunk-size line');
+    const digits = match[1]!.replace(/^0+(?=.)/, '');
+    if (digits.length > MAX_CHUNK_SIZE_DIGITS) throw new FramingError(400, 'chunk size too large');
+    this.#remaining = parseInt(digits, 16);
+    this.#lineBytes = 0;
+    this.#state = this.#remaining === 0 ? 'trailers' : 'chunk-data';
+    return stop;
+  }
+
+  #readChunkCrlf(chunk: Buffer, pos: number): number {
+    while (this.#crlfSeen < 2 && pos < chunk.length) {
+      if (chunk[pos] !== (this.#crlfSeen === 0 ? CR : LF)) throw new FramingError(400, 'chunk data not followed by CRLF');
+      this.#crlfSeen++;
+      pos++;
+    }
+    if (this.#crlfSeen === 2) {
+      this.#state = 'chunk-size';
+      this.#lineBytes = 0;
+    }
+    return pos;
+  }
+
+  /** Trailer fields pass through; the section (and the message) ends at the first empty line. */
+  #readTrailers(chunk: Buffer, pos: number): number {
+    while (pos < chunk.length) {
+      const lf = chunk.indexOf(LF, pos);
+      const stop = lf < 0 ? chunk.length : lf + 1;
+      this.#lineBytes += stop - pos;
+      if (this.#lineBytes > this.#maxHeadSize) throw this.#tooLarge();
+      const piece = chunk.subarray(pos, stop);
+      this.#pending = this.#pending ? Buffer.concat([this.#pending, piece]) : piece;
+      pos = stop;
+      if (lf < 0) return pos;
+      const line = this.#takeLine();
+      if (line === '') {
+        this.#state = 'head';
+        return pos;
+      }
+      if (!FIELD_LINE.test(line) || BAD_VALUE_CHAR.test(line)) throw new FramingError(400, 'malformed trailer field');
+    }
+    return pos;
+  }
+
+  /** The pending line without its CRLF; a lone LF or a stray CR is refused. */
+  #takeLine(): string {
+    const bytes = this.#pending!;
+    this.#pending = undefined;
+    if (bytes.length < 2 || bytes[bytes.length - 2] !== CR) throw new FramingError(400, 'line not ended by CRLF');
+    const line = bytes.toString('latin1', 0, bytes.length - 2);
+    if (line.includes('\r')) throw new FramingError(400, 'stray CR in a line');
+    return line;
+  }
+
+  #tooLarge(): FramingError {
+    return this.#kind === 'request'
+      ? new FramingError(431, `request header section larger than ${this.#maxHeadSize} bytes`)
+      : new FramingError(502, `response header section larger than ${this.#maxHeadSize} bytes`);
+  }
+}
+
+function splitHead(raw: Buffer): string[] {
+  const text = raw.toString('latin1', 0, raw.length - 4);
+  const lines = text.split('\r\n');
+  for (const line of lines) {
+    if (line.includes('\n') || line.includes('\r')) throw new FramingError(400, 'header lines must end with CRLF (bare CR or LF found)');
+  }
+  return lines;
+}
+
+function parseFields(lines: readonly string[]): HeaderField[] {
+  const fields: HeaderField[] = [];
+  for (let i = 1; i < lines.length; i++) {
+    const line = lines[i]!;
+    if (line[0] === ' ' || line[0] === '\t') throw new FramingError(400, 'folded header lines (obs-fold) are not accepted');
+    const match = FIELD_LINE.exec(line);
+    if (!match) throw new FramingError(400, `malformed header line: ${JSON.stringify(line.slice(0, 64))}`);
+    const value = match[2]!;
+    if (BAD_VALUE_CHAR.test(value)) throw new FramingError(400, `control character in header ${match[1]}`);
+    fields.push({ name: match[1]!.toLowerCase(), value, line });
+  }
+  return fields;
+}
+
+export function parseRequestHead(raw: Buffer): Http1Head {
+  const lines = splitHead(raw);
+  const match = REQUEST_LINE.exec(lines[0]!);
+  if (!match) throw new FramingError(400, 'malformed request line (expected "METHOD target HTTP/1.1")');
+  return { startLine: lines[0]!, method: match[1]!, target: match[2]!, status: 0, minorVersion: match[3] === '0' ? 0 : 1, fields: parseFields(lines) };
+}
+
+export function parseResponseHead(raw: Buffer): Http1Head {
+  const lines = splitHead(raw);
+  const match = STATUS_LINE.exec(lines[0]!);
+  if (!match) throw new FramingError(502, 'malformed status line from the upstream');
+  return { startLine: lines[0]!, method: '', target: '', status: Number(match[2]), minorVersion: match[1] === '0' ? 0 : 1, fields: parseFields(lines) };
+}
+
+function values(head: Http1Head, name: string): string[] {
+  const out: string[] = [];
+  for (const field of head.fields) if (field.name === name) out.push(...field.value.split(',').map((v) => v.trim()));
+  return out;
+}
+
+/** One Content-Length, or several that agree (RFC 9112 6.3); undefined when absent. */
+function contentLength(head: Http1Head, status: number): number | undefined {
+  const lengths = values(head, 'content-length');
+  if (lengths.length === 0) return undefined;
+  const first = lengths[0]!;
+  if (!DIGITS.test(first) || lengths.some((l) => l !== first)) throw new FramingError(status, `invalid Content-Length: ${JSON.stringify(lengths.join(', '))}`);
+  return Number(first);
+}
+
+/** RFC 9112 6.3 for requests, refusing everything a second parser might read differently. */
+export function requestFraming(head: Http1Head): BodyFraming {
+  const codings = values(head, 'transfer-encoding');
+  if (codings.length > 0) {
+    if (head.minorVersion === 0) throw new FramingError(400, 'Transfer-Encoding is not allowed in an HTTP/1.0 request');
+    if (head.fields.some((f) => f.name === 'content-length')) throw new FramingError(400, 'request has both Content-Length and Transfer-Encoding');
+    if (codings.length !== 1 || codings[0]!.toLowerCase() !== 'chunked') throw new FramingError(501, `Transfer-Encoding ${JSON.stringify(codings.join(', '))} is not supported (only chunked)`);
+    return { kind: 'chunked' };
+  }
+  const length = contentLength(head, 400);
+  return length === undefined ? NO_BODY : { kind: 'length', length };
+}
+
+/** RFC 9112 6.3 for a response to a request made with `method`. */
+export function responseFraming(head: Http1Head, method: string): BodyFraming {
+  if (method === 'HEAD' || head.status < 200 || head.status === 204 || head.status === 304) return NO_BODY;
+  const codings = values(head, 'transfer-encoding');
+  if (codings.length > 0) return codings.at(-1)!.toLowerCase() === 'chunked' ? { kind: 'chunked' } : { kind: 'until-close' };
+  const length = contentLength(head, 502);
+  return length === undefined ? { kind: 'until-close' } : { kind: 'length', length };
+}

@@ -1,0 +1,83 @@
+import { connect, type Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import type { HostPort } from './config.js';
+import type { ConnectionContext } from './listeners.js';
+import type { Drainable } from './http-fronts.js';
+import type { ListenerName, ProxyObserver } from './observer.js';
+
+/** A blackholed upstream must not hold a client forever before it falls back. */
+const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
+
+/** One client connection joined to its own upstream connection. */
+export interface RelayedConnection {
+  /** Let what is in flight finish, start nothing new, then close (drain, revocation). */
+  closeGracefully(): void;
+}
+
+export interface RelayOptions {
+  readonly listener: ListenerName;
+  readonly upstream: HostPort;
+  readonly observer: ProxyObserver;
+  /** Why the upstream cannot take requests yet, or undefined when ready. */
+  readonly notReady?: (() => string | undefined) | undefined;
+  /** Where a connection goes when it cannot be relayed: the terminating front, which answers with the reason. */
+  readonly fallback: (socket: TLSSocket, context: ConnectionContext) => void;
+  /** Joins an authorized client socket and a connected upstream socket. */
+  readonly join: (client: TLSSocket, upstream: Socket, context: ConnectionContext) => RelayedConnection;
+}
+
+/**
+ * The relay modes (ghostunnel's model): after the client certificate has been
+ * judged, each client connection gets one upstream connection of its own and
+ * the decrypted bytes flow between them. What is relayed per protocol is in
+ * grpc-relay.ts (HTTP/2 frames) and rest-relay.ts (HTTP/1.1 messages).
+ */
+export class Relay implements Drainable {
+  readonly #options: RelayOptions;
+  readonly #relayed = new Map<TLSSocket, RelayedConnection>();
+  #draining = false;
+
+  constructor(options: RelayOptions) {
+    this.#options = options;
+  }
+
+  accept(socket: TLSSocket, context: ConnectionContext): void {
+    const { upstream: target, observer, listener, fallback } = this.#options;
+    if (this.#draining || this.#options.notReady?.() !== undefined) {
+      fallback(socket, context);
+      return;
+    }
+    const upstream = connect({ host: target.host, port: target.port, noDelay: true });
+    upstream.setTimeout(UPSTREAM_CONNECT_TIMEOUT_MS, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' })));
+    const onConnectError = (err: NodeJS.ErrnoException) => {
+      observer.upstreamError(listener, err.code ?? 'connect_error');
+      // Not one byte has been read from the client yet: the terminating front gets the whole connection.
+      if (!socket.destroyed) fallback(socket, context);
+    };
+    upstream.once('error', onConnectError);
+    upstream.once('connect', () => {
+      upstream.off('error', onConnectError);
+      upstream.setTimeout(0);
+      if (socket.destroyed) {
+        upstream.destroy();
+        return;
+      }
+      const relayed = this.#options.join(socket, upstream, context);
+      this.#relayed.set(socket, relayed);
+      socket.once('close', () => this.#relayed.delete(socket));
+      if (this.#draining) relayed.closeGracefully();
+    });
+  }
+
+  drain(): void {
+    this.#draining = true;
+    for (const relayed of this.#relayed.values()) relayed.closeGracefully();
+  }
+
+  /** False when the socket is not relayed (it went to the fallback front). */
+  closeConnection(socket: TLSSocket): boolean {
+    const relayed = this.#relayed.get(socket);
+    relayed?.closeGracefully();
+    return relayed !== undefined;
+  }
+}

@@ -1,0 +1,374 @@
+import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import type { Limits } from './config.js';
+import type { ConnectionContext } from './listeners.js';
+import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
+import { elapsedMs, type ProxyObserver } from './observer.js';
+import { XFCC } from './grpc-forwarder.js';
+import { describeUpstreamError } from './upstream-errors.js';
+import { FramingError, Http1Reader, requestFraming, responseFraming, type BodyFraming, type Http1Head } from './http1-framing.js';
+
+/** The fallback is the terminating HTTP/1.1 front, which answers 503/502 with the reason. */
+export type RestRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { readonly limits: Pick<Limits, 'maxHeaderSize' | 'idleTimeoutMs'> };
+
+/**
+ * `--mtls_rest_mode relay` for HTTP/1.1 clients: one upstream connection per
+ * client connection, request and response heads parsed (XFCC and
+ * X-Forwarded-* set, one access line per request), bodies passed through as
+ * they are. HTTP/2 clients of the REST port keep the terminating path.
+ */
+export function restRelay(options: RestRelayOptions): Relay {
+  const { observer, limits, upstream } = options;
+  const describe = (err: unknown) => describeUpstreamError(upstream, err);
+  return new Relay({
+    ...options,
+    listener: 'rest',
+    join: (client, upstreamSocket, context) => new RelayedHttp1Connection({ client, upstream: upstreamSocket, context, observer, limits, describe }),
+  });
+}
+
+/** Replaced by ours: a client must not be able to claim another certificate or address. */
+const REPLACED_REQUEST_FIELDS = new Set([XFCC, 'x-forwarded-for', 'x-forwarded-proto']);
+/** The relay never switches protocols; terminate mode drops these too. */
+const DROPPED_REQUEST_FIELDS = new Set(['upgrade', 'http2-settings']);
+
+/** The request head as the upstream gets it: the client's fields in order, then ours. */
+export function relayedRequestHead(head: Http1Head, context: ConnectionContext): Buffer {
+  let text = head.startLine + '\r\n';
+  const forwardedFor: string[] = [];
+  for (const field of head.fields) {
+    if (field.name === 'x-forwarded-for') forwardedFor.push(field.value);
+    if (REPLACED_REQUEST_FIELDS.has(field.name) || DROPPED_REQUEST_FIELDS.has(field.name)) continue;
+    text += field.line + '\r\n';
+  }
+  forwardedFor.push(context.remoteAddress ?? 'unknown');
+  text += `x-forwarded-for: ${forwardedFor.join(', ')}\r\nx-forwarded-proto: https\r\n${XFCC}: ${context.identity.xfcc}\r\n\r\n`;
+  return Buffer.from(text, 'latin1');
+}
+
+/** A response head that tells the client this connection ends after it. */
+function withConnectionClose(head: Http1Head): Buffer {
+  let text = head.startLine + '\r\n';
+  for (const field of head.fields) if (field.name !== 'connection' && field.name !== 'keep-alive') text += field.line + '\r\n';
+  return Buffer.from(text + 'connection: close\r\n\r\n', 'latin1');
+}
+
+function answer(status: number, reason: string, contentType: string, body: string): Buffer {
+  const payload = Buffer.from(body);
+  const head = `HTTP/1.1 ${status} ${reason}\r\ncontent-type: ${contentType}\r\ncontent-length: ${payload.length}\r\nconnection: close\r\n\r\n`;
+  return Buffer.concat([Buffer.from(head, 'latin1'), payload]);
+}
+
+const REASONS: Record<number, string> = { 400: 'Bad Request', 405: 'Method Not Allowed', 431: 'Request Header Fields Too Large', 501: 'Not Implemented', 502: 'Bad Gateway' };
+
+/** What our own answer to a request the client framed wrongly looks like. */
+function refusalAnswer(err: FramingError): Buffer {
+  return answer(err.status, REASONS[err.status] ?? 'Bad Request', 'text/plain; charset=utf-8', `${err.message}\n`);
+}
+
+function badGatewayAnswer(message: string): Buffer {
+  return answer(502, 'Bad Gateway', 'application/json', JSON.stringify({ error: message }));
+}
+
+/** Small enough to copy into one buffer; larger reads go out as they are. */
+const COALESCE_BYTES = 64 * 1024;
+
+/**
+ * What one read turned into (a rewritten head, body slices), written as one
+ * buffer: each write to a TLS socket is a record and a syscall of its own, and
+ * those, not the parsing, are what a small request costs.
+ */
+class WriteBatch {
+  #parts: Buffer[] = [];
+  #bytes = 0;
+
+  readonly add = (bytes: Buffer): void => {
+    const last = this.#parts.at(-1);
+    // Slices that follow each other in the same read merge without a copy.
+    if (last && last.buffer === bytes.buffer && last.byteOffset + last.length === bytes.byteOffset) {
+      this.#parts[this.#parts.length - 1] = Buffer.from(last.buffer, last.byteOffset, last.length + bytes.length);
+    } else {
+      this.#parts.push(bytes);
+    }
+    this.#bytes += bytes.length;
+  };
+
+  /** Writes what was collected; false when the socket asked us to wait. */
+  flush(socket: Socket): boolean {
+    const parts = this.#parts;
+    if (parts.length === 0) return true;
+    const bytes = this.#bytes;
+    this.#parts = [];
+    this.#bytes = 0;
+    if (parts.length === 1) return socket.write(parts[0]!);
+    if (bytes <= COALESCE_BYTES) return socket.write(Buffer.concat(parts, bytes));
+    let ok = true;
+    for (const part of parts) ok = socket.write(part) && ok;
+    return ok;
+  }
+}
+
+/** One request from its head to the end of its response. */
+interface Exchange {
+  readonly method: string;
+  readonly path: string;
+  readonly started: number;
+  bytesIn: number;
+  bytesOut: number;
+  status: number;
+  /** Bytes of the response already went to the client: an upstream failure can no longer become a 502. */
+  answered: boolean;
+  error?: string | undefined;
+}
+
+interface Http1ConnectionParts {
+  readonly client: TLSSocket;
+  readonly upstream: Socket;
+  readonly context: ConnectionContext;
+  readonly observer: ProxyObserver;
+  readonly limits: Pick<Limits, 'maxHeaderSize' | 'idleTimeoutMs'>;
+  readonly describe: (err: unknown) => { code: string; message: string };
+}
+
+/**
+ * Requests go upstream in order (pipelining too) and each response comes
+ * back in the same order, so a queue pairs them. Backpressure both ways.
+ */
+class RelayedHttp1Connection implements RelayedConnection {
+  readonly #parts: Http1ConnectionParts;
+  /** Requests sent upstream whose responses have not ended, oldest first. */
+  readonly #exchanges: Exchange[] = [];
+  /** The request whose body is arriving from the client. */
+  #receiving: Exchange | undefined;
+  /** Set when the response now arriving is interim (1xx): its request waits for another. */
+  #interim = false;
+  /** Drain or revocation: responses say `connection: close`; the connection ends when the last one is done. */
+  #closing = false;
+  /** A request we refused (bad framing): answered once the responses before it are done. */
+  #refusal: FramingError | undefined;
+  #finished = false;
+  readonly #fromClient: Http1Reader;
+  readonly #fromUpstream: Http1Reader;
+  readonly #toUpstream = new WriteBatch();
+  readonly #toClient = new WriteBatch();
+
+  constructor(parts: Http1ConnectionParts) {
+    this.#parts = parts;
+    const { client, upstream } = parts;
+    this.#fromClient = new Http1Reader('request', parts.limits.maxHeaderSize, {
+      head: (head) => this.#requestHead(head),
+      body: (n) => {
+        this.#receiving!.bytesIn += n;
+      },
+      end: () => {
+        this.#receiving = undefined;
+        this.#closeIfDone();
+      },
+    });
+    this.#fromUpstream = new Http1Reader('response', parts.limits.maxHeaderSize, {
+      head: (head, raw) => this.#responseHead(head, raw),
+      body: (n) => {
+        this.#exchanges[0]!.bytesOut += n;
+      },
+      end: () => this.#responseEnded(),
+    });
+    client.on('data', (chunk: Buffer) => this.#fromClientData(chunk));
+    // Fires after that long without a byte either way; a quiet SSE stream has a request in flight and stays.
+    client.setTimeout(parts.limits.idleTimeoutMs, () => {
+      if (this.#exchanges.length === 0 && this.#receiving === undefined) this.#end();
+    });
+    upstream.on('data', (chunk: Buffer) => this.#fromUpstreamData(chunk));
+    upstream.on('drain', () => {
+      if (!this.#refusal) client.resume();
+    });
+    client.on('drain', () => upstream.resume());
+    client.once('end', () => upstream.end());
+    upstream.once('end', () => this.#upstreamClosed(undefined));
+    client.on('error', () => this.#clientGone());
+    upstream.on('error', (err) => this.#upstreamClosed(err));
+    client.once('close', () => this.#clientGone());
+    upstream.once('close', () => this.#upstreamClosed(undefined));
+  }
+
+  closeGracefully(): void {
+    this.#closing = true;
+    this.#closeIfDone();
+  }
+
+  #fromClientData(chunk: Buffer): void {
+    if (this.#finished || this.#refusal) return;
+    try {
+      this.#fromClient.push(chunk, this.#toUpstream.add);
+    } catch (err) {
+      this.#clientFramingError(err as FramingError);
+    }
+    if (!this.#finished && !this.#toUpstream.flush(this.#parts.upstream)) this.#parts.client.pause();
+  }
+
+  /** Before anything that ends the connection: what the client should get is still in the batch. */
+  #flushToClient(): void {
+    if (!this.#toClient.flush(this.#parts.client)) this.#parts.upstream.pause();
+  }
+
+  #fromUpstreamData(chunk: Buffer): void {
+    if (this.#finished) return;
+    try {
+      this.#fromUpstream.push(chunk, this.#toClient.add);
+    } catch (err) {
+      this.#upstreamFailed('bad_response', (err as FramingError).message);
+    }
+    if (!this.#finished) this.#flushToClient();
+  }
+
+  #requestHead(head: Http1Head): { bytes: Buffer; body: BodyFraming } {
+    if (head.method === 'CONNECT') throw new FramingError(405, 'CONNECT is not supported');
+    const body = requestFraming(head);
+    const exchange: Exchange = { method: head.method, path: head.target, started: performance.now(), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
+    this.#exchanges.push(exchange);
+    this.#receiving = exchange;
+    this.#parts.observer.streamOpened('rest');
+    return { bytes: relayedRequestHead(head, this.#parts.context), body };
+  }
+
+  #responseHead(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } {
+    const exchange = this.#exchanges[0];
+    if (!exchange) throw new FramingError(502, 'the upstream answered a request nobody sent');
+    if (head.status === 101) throw new FramingError(502, 'the upstream switched protocols, which the relay never asks for');
+    this.#interim = head.status < 200;
+    if (!this.#interim) exchange.status = head.status;
+    const last = this.#exchanges.length === 1 && this.#receiving === undefined;
+    const body = responseFraming(head, exchange.method);
+    const bytes = this.#closing && !this.#interim && last ? withConnectionClose(head) : raw;
+    exchange.answered = true;
+    return { bytes, body };
+  }
+
+  #responseEnded(): void {
+    if (this.#interim) return;
+    this.#report(this.#exchanges.shift()!);
+    this.#closeIfDone();
+  }
+
+  /** Ends the connection once nothing is in flight and a drain, revocation or refusal asked for it. */
+  #closeIfDone(): void {
+    if (this.#finished || this.#exchanges.length > 0 || this.#receiving !== undefined) return;
+    if (this.#refusal) {
+      this.#end(refusalAnswer(this.#refusal));
+      return;
+    }
+    if (this.#closing && (this.#fromClient.atBoundary || this.#fromClient.stopped)) this.#end();
+  }
+
+  #clientFramingError(err: FramingError): void {
+    if (!(err instanceof FramingError)) throw err;
+    if (this.#receiving) {
+      // Part of this request's body already went upstream: nothing can be answered on this connection.
+      this.#receiving.error = 'bad_request_body';
+      this.#fail();
+      return;
+    }
+    this.#refusal = err;
+    this.#parts.client.pause();
+    this.#reportRefusal(err);
+    this.#closeIfDone();
+  }
+
+  /** The upstream closed or failed: a request still waiting gets a 502 if nothing of its answer was sent. */
+  #upstreamClosed(err: Error | undefined): void {
+    if (this.#finished) return;
+    if (!this.#fromUpstream.finish()) {
+      this.#upstreamFailed('upstream_closed_mid_response', `upstream ${this.#where()} closed the connection in the middle of a response`);
+      return;
+    }
+    const waiting = this.#exchanges[0];
+    if (!waiting) {
+      this.#end();
+      return;
+    }
+    const { code, message } = err ? this.#parts.describe(err) : { code: 'upstream_closed', message: `upstream ${this.#where()} closed the connection before answering` };
+    this.#upstreamFailed(code, message);
+  }
+
+  #upstreamFailed(code: string, message: string): void {
+    const waiting = this.#exchanges[0];
+    this.#parts.observer.upstreamError('rest', code);
+    if (waiting && !waiting.answered) {
+      waiting.status = 502;
+      waiting.error = code;
+      this.#end(badGatewayAnswer(message));
+      return;
+    }
+    if (waiting) waiting.error = code;
+    this.#fail();
+  }
+
+  #where(): string {
+    const { remoteAddress, remotePort } = this.#parts.upstream;
+    return `${remoteAddress ?? '?'}:${remotePort ?? '?'}`;
+  }
+
+  /** Closes both sides after `last` (our own answer) and what was written before it. */
+  #end(last?: Buffer): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    const { client, upstream } = this.#parts;
+    this.#flushToClient();
+    upstream.destroy();
+    if (last) client.end(last);
+    else client.end();
+    this.#reportUnfinished('closed');
+  }
+
+  /** Cuts both sides: a half-relayed message cannot be finished. */
+  #fail(): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.#parts.upstream.destroy();
+    this.#parts.client.destroy();
+    this.#reportUnfinished('aborted');
+  }
+
+  #clientGone(): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.#parts.upstream.destroy();
+    this.#reportUnfinished('client_closed');
+  }
+
+  /** Every exchange still open is logged once, with why it did not finish. */
+  #reportUnfinished(error: string): void {
+    for (const exchange of this.#exchanges.splice(0)) {
+      exchange.error ??= error;
+      this.#report(exchange);
+    }
+    this.#receiving = undefined;
+  }
+
+  #report(exchange: Exchange): void {
+    this.#parts.observer.streamClosed('rest');
+    this.#log(exchange);
+  }
+
+  /** A request refused before it reached the upstream still gets its access line. */
+  #reportRefusal(err: FramingError): void {
+    this.#log({ method: '', path: '', started: performance.now(), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error: 'bad_request' });
+  }
+
+  #log(exchange: Exchange): void {
+    const { context, observer } = this.#parts;
+    observer.request({
+      listener: 'rest',
+      protocol: 'http/1.1',
+      remote: context.remoteAddress,
+      subject: context.identity.subject,
+      serial: context.identity.serial,
+      method: exchange.method,
+      path: exchange.path,
+      status: exchange.status,
+      bytesIn: exchange.bytesIn,
+      bytesOut: exchange.bytesOut,
+      durationMs: elapsedMs(exchange.started),
+      error: exchange.error,
+    });
+  }
+}

@@ -1,0 +1,202 @@
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { chunked } from './helpers/chunks.js';
+import { FramingError, Http1Reader, requestFraming, responseFraming, type BodyFraming, type Http1Head } from '../src/http1-framing.js';
+
+/** One message as generated: its bytes, the payload length, and for responses the request method it answers. */
+interface Message {
+  bytes: Buffer;
+  payload: number;
+  method: string;
+}
+
+const tokenArb = fc.stringMatching(/^[a-z][a-z0-9-]{0,11}$/);
+const valueArb = fc.stringMatching(/^[\x21-\x7e]([\x20-\x7e]{0,20}[\x21-\x7e])?$/);
+const fieldsArb = fc.array(fc.tuple(tokenArb, valueArb), { maxLength: 4 }).map((fields) =>
+  fields.filter(([name]) => !['content-length', 'transfer-encoding'].includes(name)).map(([n, v]) => `${n}: ${v}\r\n`).join(''));
+const payloadArb = fc.uint8Array({ maxLength: 300 }).map((a) => Buffer.from(a));
+
+/** A chunked body: the payload cut into chunks (with or without extensions), then trailers. */
+const chunkedBodyArb = fc.tuple(payloadArb, fc.array(fc.nat(), { maxLength: 4 }), fc.boolean(), fieldsArb).map(([payload, cuts, ext, trailers]) => {
+  const parts = chunked(payload, cuts).map((c) => Buffer.concat([Buffer.from(`${c.length.toString(16)}${ext ? ';name="v"' : ''}\r\n`), c, Buffer.from('\r\n')]));
+  return { body: Buffer.concat([...parts, Buffer.from(`0\r\n${trailers}\r\n`)]), payload: payload.length };
+});
+
+const framedBodyArb = fc.oneof(
+  payloadArb.map((p) => ({ header: `content-length: ${p.length}\r\n`, body: p, payload: p.length })),
+  chunkedBodyArb.map((c) => ({ header: 'transfer-encoding: chunked\r\n', ...c })),
+);
+/** A request without either header has no body; a response without either would run until close (tested on its own). */
+const bodyArb = fc.oneof(framedBodyArb, fc.constant({ header: '', body: Buffer.alloc(0), payload: 0 }));
+
+const requestArb = fc.tuple(fc.constantFrom('GET', 'POST', 'PUT', 'DELETE'), fc.stringMatching(/^\/[a-z0-9/?=&%-]{0,20}$/), fieldsArb, bodyArb, fc.boolean()).map(
+  ([method, target, fields, body, leadingCrlf]): Message => ({
+    bytes: Buffer.concat([Buffer.from(`${leadingCrlf ? '\r\n' : ''}${method} ${target} HTTP/1.1\r\nhost: a\r\n${fields}${body.header}\r\n`), body.body]),
+    payload: body.payload,
+    method,
+  }),
+);
+
+/** Responses, including those whose framing says nothing comes after the head: HEAD, 1xx, 204, 304. */
+const responseArb = fc.oneof(
+  fc.tuple(fc.constantFrom(200, 201, 404, 500), fieldsArb, framedBodyArb).map(([status, fields, body]): Message => ({
+    bytes: Buffer.concat([Buffer.from(`HTTP/1.1 ${status} Whatever\r\n${fields}${body.header}\r\n`), body.body]),
+    payload: body.payload,
+    method: 'POST',
+  })),
+  fc.tuple(fc.constantFrom(204, 304), fieldsArb).map(([status, fields]): Message => ({ bytes: Buffer.from(`HTTP/1.1 ${status} \r\n${fields}\r\n`), payload: 0, method: 'GET' })),
+  fc.tuple(fc.nat(5000), fieldsArb).map(([length, fields]): Message => ({ bytes: Buffer.from(`HTTP/1.1 200 OK\r\ncontent-length: ${length}\r\n${fields}\r\n`), payload: 0, method: 'HEAD' })),
+  fieldsArb.map((fields): Message => ({ bytes: Buffer.from(`HTTP/1.1 100 Continue\r\n${fields}\r\n`), payload: 0, method: 'POST' })),
+);
+
+interface Observed {
+  out: Buffer[];
+  /** Output length at each end(): where each message ended. */
+  ends: number[];
+  payload: number;
+}
+
+/** Reads `messages`, cut anywhere, with heads passed as they are. */
+function readAll(kind: 'request' | 'response', messages: readonly Message[], cuts: number[]): Observed {
+  const seen: Observed = { out: [], ends: [], payload: 0 };
+  let written = 0;
+  let index = 0;
+  const reader = new Http1Reader(kind, 64 * 1024, {
+    head: (head, raw) => {
+      const body = kind === 'request' ? requestFraming(head) : responseFraming(head, messages[index]!.method);
+      index++;
+      return { bytes: raw, body };
+    },
+    body: (n) => (seen.payload += n),
+    end: () => seen.ends.push(written),
+  });
+  for (const chunk of chunked(Buffer.concat(messages.map((m) => m.bytes)), cuts)) {
+    reader.push(chunk, (bytes) => {
+      seen.out.push(bytes);
+      written += bytes.length;
+    });
+  }
+  assert.ok(reader.atBoundary, 'reader ends between messages');
+  return seen;
+}
+
+/** Where each message ends in the concatenated stream, minus the empty lines a reader drops before a request line. */
+function expectedEnds(messages: readonly Message[]): number[] {
+  let at = 0;
+  return messages.map((m) => (at += m.bytes.length - (m.bytes.subarray(0, 2).toString() === '\r\n' ? 2 : 0)));
+}
+
+describe('HTTP/1.1 message framing', () => {
+  test('requests: every byte passes in order, each message ends exactly at its last byte, payload counted, however the bytes are cut', () => {
+    fc.assert(
+      fc.property(fc.array(requestArb, { minLength: 1, maxLength: 5 }), fc.array(fc.nat(), { maxLength: 12 }), (messages, cuts) => {
+        const seen = readAll('request', messages, cuts);
+        const stripped = Buffer.concat(messages.map((m) => (m.bytes.subarray(0, 2).toString() === '\r\n' ? m.bytes.subarray(2) : m.bytes)));
+        assert.deepEqual(Buffer.concat(seen.out), stripped);
+        assert.deepEqual(seen.ends, expectedEnds(messages));
+        assert.equal(seen.payload, messages.reduce((n, m) => n + m.payload, 0));
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  test('responses: same, with HEAD, 1xx, 204 and 304 answers carrying no body', () => {
+    fc.assert(
+      fc.property(fc.array(responseArb, { minLength: 1, maxLength: 5 }), fc.array(fc.nat(), { maxLength: 12 }), (messages, cuts) => {
+        const seen = readAll('response', messages, cuts);
+        assert.deepEqual(Buffer.concat(seen.out), Buffer.concat(messages.map((m) => m.bytes)));
+        assert.deepEqual(seen.ends, expectedEnds(messages));
+        assert.equal(seen.payload, messages.reduce((n, m) => n + m.payload, 0));
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  test('a head the handler rewrites goes out rewritten; the body after it is unchanged', () => {
+    const out: Buffer[] = [];
+    const reader = new Http1Reader('request', 1024, {
+      head: (head) => ({ bytes: Buffer.from(`${head.startLine}\r\nx: 1\r\n\r\n`), body: requestFraming(head) }),
+      body: () => {},
+      end: () => {},
+    });
+    reader.push(Buffer.from('POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc'), (b) => out.push(b));
+    assert.equal(Buffer.concat(out).toString(), 'POST / HTTP/1.1\r\nx: 1\r\n\r\nabc');
+  });
+
+  test('a response without Content-Length or chunked runs until the connection closes', () => {
+    let ended = 0;
+    let payload = 0;
+    const reader = new Http1Reader('response', 1024, { head: (head, raw) => ({ bytes: raw, body: responseFraming(head, 'GET') }), body: (n) => (payload += n), end: () => ended++ });
+    reader.push(Buffer.from('HTTP/1.0 200 OK\r\n\r\nsome bytes'), () => {});
+    assert.equal(ended, 0);
+    assert.equal(reader.finish(), true);
+    assert.equal(ended, 1);
+    assert.equal(payload, 10);
+  });
+
+  test('a connection that closes inside a message says so', () => {
+    const reader = new Http1Reader('request', 1024, { head: (head, raw) => ({ bytes: raw, body: requestFraming(head) }), body: () => {}, end: () => {} });
+    reader.push(Buffer.from('POST / HTTP/1.1\r\ncontent-length: 9\r\n\r\nabc'), () => {});
+    assert.equal(reader.finish(), false);
+  });
+
+  test('a handler that returns nothing stops the reader there', () => {
+    const out: Buffer[] = [];
+    let heads = 0;
+    const reader = new Http1Reader('request', 1024, { head: (head, raw) => (heads++ === 0 ? { bytes: raw, body: requestFraming(head) } : undefined), body: () => {}, end: () => {} });
+    reader.push(Buffer.from('GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n'), (b) => out.push(b));
+    assert.equal(Buffer.concat(out).toString(), 'GET /a HTTP/1.1\r\n\r\n');
+    assert.equal(reader.stopped, true);
+  });
+});
+
+/** Requests two parsers could split differently, or that we do not relay: each must be refused before a byte goes upstream. */
+const REFUSED_REQUESTS: readonly [string, string, number, RegExp][] = [
+  ['both Content-Length and Transfer-Encoding', 'POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n', 400, /both Content-Length and Transfer-Encoding/],
+  ['a transfer coding other than chunked', 'POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n', 501, /only chunked/],
+  ['chunked named twice', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n', 501, /only chunked/],
+  ['Transfer-Encoding in HTTP/1.0', 'POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n', 400, /HTTP\/1\.0/],
+  ['two different Content-Lengths', 'POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n', 400, /invalid Content-Length/],
+  ['a signed Content-Length', 'POST / HTTP/1.1\r\ncontent-length: +3\r\n\r\n', 400, /invalid Content-Length/],
+  ['a hex Content-Length', 'POST / HTTP/1.1\r\ncontent-length: 0x3\r\n\r\n', 400, /invalid Content-Length/],
+  ['a bare LF ending a header line', 'GET / HTTP/1.1\nhost: a\r\n\r\n', 400, /bare CR or LF/],
+  ['a bare CR inside a header line', 'GET / HTTP/1.1\r\nhost: a\rb\r\n\r\n', 400, /bare CR or LF/],
+  ['a folded header line', 'GET / HTTP/1.1\r\nx-a: 1\r\n 2\r\n\r\n', 400, /obs-fold/],
+  ['white space before the colon', 'GET / HTTP/1.1\r\nhost : a\r\n\r\n', 400, /malformed header line/],
+  ['a NUL in a value', 'GET / HTTP/1.1\r\nx-a: a\0b\r\n\r\n', 400, /control character/],
+  ['a space in the request target', 'GET /a b HTTP/1.1\r\n\r\n', 400, /malformed request line/],
+  ['an HTTP/2 request line', 'GET / HTTP/2.0\r\n\r\n', 400, /malformed request line/],
+  ['a head larger than the limit', `GET / HTTP/1.1\r\nx-a: ${'a'.repeat(300)}\r\n\r\n`, 431, /larger than 256 bytes/],
+  ['a head that never ends and outgrows the limit', `GET / HTTP/1.1\r\nx-a: ${'a'.repeat(300)}`, 431, /larger than 256 bytes/],
+  ['a chunk size that is not hex', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n', 400, /malformed chunk-size/],
+  ['a chunk size of 14 hex digits', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n10000000000000\r\n', 400, /chunk size too large/],
+  ['a chunk size line ended by a bare LF', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\nabc\r\n', 400, /CRLF/],
+  ['chunk data longer than its size', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcd\r\n', 400, /not followed by CRLF/],
+  ['a malformed trailer', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\nbad trailer\r\n\r\n', 400, /malformed trailer/],
+  ['a chunk-size line that never ends', `POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1;${'x'.repeat(5000)}`, 400, /chunk-size line too long/],
+];
+
+describe('HTTP/1.1 requests refused', () => {
+  for (const [what, text, status, message] of REFUSED_REQUESTS) {
+    test(`${what}: ${status}`, () => {
+      // Byte by byte too: a rule must hold however the bytes arrive.
+      for (const cuts of [[], Array.from(text, (_c, i) => i)]) {
+        const out: Buffer[] = [];
+        const reader = new Http1Reader('request', 256, { head: (head, raw) => ({ bytes: raw, body: requestFraming(head) }), body: () => {}, end: () => {} });
+        assert.throws(() => {
+          for (const chunk of chunked(Buffer.from(text, 'latin1'), cuts)) reader.push(chunk, (b) => out.push(b));
+        }, (err: unknown) => err instanceof FramingError && err.status === status && message.test(err.message));
+      }
+    });
+  }
+
+  test('what stays accepted: agreeing Content-Length values, chunk extensions, trailers, empty lines before the request line', () => {
+    const bodies: BodyFraming[] = [];
+    let ended = 0;
+    const reader = new Http1Reader('request', 1024, { head: (head: Http1Head, raw) => { const body = requestFraming(head); bodies.push(body); return { bytes: raw, body }; }, body: () => {}, end: () => ended++ });
+    reader.push(Buffer.from('\r\nPOST / HTTP/1.1\r\ncontent-length: 3, 3\r\n\r\nabcPOST / HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n3;a=b\r\nabc\r\n0\r\nx-t: 1\r\n\r\n'), () => {});
+    assert.deepEqual(bodies, [{ kind: 'length', length: 3 }, { kind: 'chunked' }]);
+    assert.equal(ended, 2);
+  });
+});

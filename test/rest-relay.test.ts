@@ -1,0 +1,257 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { createServer as createTcpServer } from 'node:net';
+import { createServer as createHttpServer, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }] });
+
+let pki: TestPki;
+let upstream: ModelServer;
+let front: StartedProxy;
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream({ grpcPort: null });
+  front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode: 'relay' });
+});
+
+after(async () => {
+  await front.proxy.shutdown(1000);
+  await upstream.close();
+  await pki.cleanup();
+});
+
+async function openRaw(port: number): Promise<TLSSocket> {
+  const socket = tlsConnect({ host: '127.0.0.1', port, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki) });
+  await once(socket, 'secureConnect');
+  return socket;
+}
+
+/** Everything the server sends until it closes the connection. */
+async function readToClose(socket: TLSSocket): Promise<string> {
+  const chunks: Buffer[] = [];
+  socket.on('data', (c: Buffer) => chunks.push(c));
+  await once(socket, 'close');
+  return Buffer.concat(chunks).toString('latin1');
+}
+
+/** Resolves with what arrived once `pattern` shows up in it. */
+function readUntil(socket: TLSSocket, pattern: RegExp): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let text = '';
+    const onData = (c: Buffer) => {
+      text += c.toString('latin1');
+      if (pattern.test(text)) {
+        socket.off('data', onData);
+        resolve(text);
+      }
+    };
+    socket.on('data', onData);
+    socket.once('close', () => reject(new Error(`closed before ${pattern}; got ${JSON.stringify(text)}`)));
+  });
+}
+
+const statuses = (text: string) => [...text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1]));
+
+describe('rest relay: HTTP/1.1 framing', () => {
+  test('a request two parsers could split differently gets 400 naming the problem, and nothing of it reaches the model server', async () => {
+    const before = upstream.received.length;
+    const socket = await openRaw(front.restPort);
+    // The classic smuggling shape: a front that trusts Content-Length and a back that trusts chunked would see a second request.
+    socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /v2/health/live HTTP/1.1\r\nhost: a\r\n\r\n');
+    const text = await readToClose(socket);
+    assert.deepEqual(statuses(text), [400]);
+    assert.match(text, /connection: close/);
+    assert.match(text, /both Content-Length and Transfer-Encoding/);
+    assert.equal(upstream.received.length, before);
+    const line = await front.logs.waitFor((l) => l.event === 'access' && l.status === 400 && l.error === 'bad_request');
+    assert.equal(line.subject, 'CN=client,OU=tests');
+  });
+
+  test('a refused request after good ones is answered after their responses, in order', async () => {
+    const socket = await openRaw(front.restPort);
+    socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\nGET /v2/health/live HTTP/1.1\r\nhost : a\r\n\r\n');
+    const text = await readToClose(socket);
+    assert.deepEqual(statuses(text), [200, 400]);
+    assert.match(text, /malformed header line/);
+  });
+
+  test('pipelined requests are answered in order on one connection', async () => {
+    const socket = await openRaw(front.restPort);
+    socket.write(
+      'GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\n\r\n' +
+        'GET /v2/models/nope HTTP/1.1\r\nhost: a\r\n\r\n' +
+        `POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: ${INFER_BODY.length}\r\nconnection: close\r\n\r\n${INFER_BODY}`,
+    );
+    const text = await readToClose(socket);
+    assert.deepEqual(statuses(text), [200, 404, 200]);
+    assert.match(text, /"name":"dummy"/);
+    assert.match(text, /"data":\[1,2,3,4,5,6,7,8,9,10\]/);
+  });
+
+  test('Expect: 100-continue: the client gets 100 Continue before it sends the body, then the answer', async () => {
+    const socket = await openRaw(front.restPort);
+    socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: ${INFER_BODY.length}\r\nexpect: 100-continue\r\n\r\n`);
+    assert.match(await readUntil(socket, /\r\n\r\n/), /^HTTP\/1\.1 100 Continue\r\n/);
+    const answer = readUntil(socket, /\[1,2,3,4,5,6,7,8,9,10\]/);
+    socket.write(INFER_BODY);
+    assert.deepEqual(statuses(await answer), [200]);
+    socket.destroy();
+  });
+
+  test('a HEAD response carries no body, and the next request on the connection is read right', async () => {
+    const socket = await openRaw(front.restPort);
+    socket.write('HEAD /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\nGET /v2/models/dummy HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+    const text = await readToClose(socket);
+    assert.equal(statuses(text).length, 2);
+    assert.match(text, /"name":"dummy"/);
+  });
+
+  test('a client Upgrade request is served as a plain request, never switched', async () => {
+    const res = await https1(front.restPort, pki, { path: '/v2/health/ready', headers: { connection: 'upgrade', upgrade: 'websocket' } });
+    assert.equal(res.status, 200);
+    assert.equal(upstream.received.at(-1)!.headers.upgrade, undefined);
+  });
+
+  test('a client-supplied x-forwarded-client-cert is replaced by the verified one', async () => {
+    await https1(front.restPort, pki, { path: '/v2/health/live', headers: { 'x-forwarded-client-cert': 'Hash=evil;Subject="CN=admin"', 'x-forwarded-proto': 'http' } });
+    const seen = upstream.received.at(-1)!;
+    assert.match(String(seen.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests"/);
+    assert.equal(seen.headers['x-forwarded-proto'], 'https');
+  });
+});
+
+/** An upstream whose responses wait until the test releases them. */
+async function gatedUpstream(): Promise<{ port: number; release(): void; arrived: Promise<void>; close(): Promise<void> }> {
+  const held: ServerResponse[] = [];
+  let arrive!: () => void;
+  const arrived = new Promise<void>((resolve) => (arrive = resolve));
+  const server = createHttpServer((req, res) => {
+    if (req.url === '/slow') {
+      held.push(res);
+      arrive();
+    } else {
+      res.end('quick');
+    }
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return {
+    port: (server.address() as AddressInfo).port,
+    arrived,
+    release: () => {
+      for (const res of held) res.end('slow done');
+    },
+    close: async () => {
+      server.closeAllConnections();
+      server.close();
+    },
+  };
+}
+
+describe('rest relay: drain and upstream failures', () => {
+  test('on shutdown an idle connection closes at once; a response still coming says connection: close and completes', async () => {
+    const gated = await gatedUpstream();
+    const local = await startTestProxy({ pki, upstream: { restPort: gated.port }, restMode: 'relay' });
+    try {
+      const idle = await openRaw(local.restPort);
+      idle.write('GET /quick HTTP/1.1\r\nhost: a\r\n\r\n');
+      await readUntil(idle, /quick$/);
+      const idleClosed = once(idle, 'close');
+      const busy = await openRaw(local.restPort);
+      busy.write('GET /slow HTTP/1.1\r\nhost: a\r\n\r\n');
+      const busyText = readToClose(busy);
+      await gated.arrived;
+      const stopped = local.proxy.shutdown(10_000);
+      await idleClosed;
+      gated.release();
+      const text = await busyText;
+      assert.match(text, /^HTTP\/1\.1 200 OK\r\n/);
+      assert.match(text, /\r\nconnection: close\r\n/i);
+      assert.match(text, /slow done$/);
+      await stopped;
+      assert.equal(local.logs.lines.some((l) => l.event === 'shutdown_timeout'), false);
+    } finally {
+      await local.proxy.shutdown(1000);
+      await gated.close();
+    }
+  });
+
+  test('a connection silent for --mtls_idle_timeout with nothing in flight is closed; one waiting for its response is not', { timeout: 30_000 }, async () => {
+    const gated = await gatedUpstream();
+    const local = await startTestProxy({ pki, upstream: { restPort: gated.port }, restMode: 'relay', limits: { idleTimeoutMs: 300 } });
+    try {
+      const idle = await openRaw(local.restPort);
+      idle.write('GET /quick HTTP/1.1\r\nhost: a\r\n\r\n');
+      await readUntil(idle, /quick$/);
+      const busy = await openRaw(local.restPort);
+      busy.write('GET /slow HTTP/1.1\r\nhost: a\r\n\r\n');
+      const answer = readUntil(busy, /slow done$/);
+      await gated.arrived;
+      await once(idle, 'close');
+      // A connection opened only now and never used closes one idle timeout later: by then the busy one has been silent longer than that.
+      const late = await openRaw(local.restPort);
+      await once(late, 'close');
+      assert.equal(busy.destroyed, false);
+      gated.release();
+      assert.match(await answer, /^HTTP\/1\.1 200 OK\r\n/);
+      busy.destroy();
+    } finally {
+      await local.proxy.shutdown(1000);
+      await gated.close();
+    }
+  });
+
+  test('an upstream that closes before answering gives the client a 502 naming it', async () => {
+    const dropping = createTcpServer((s) => s.once('data', () => s.end()));
+    dropping.listen(0, '127.0.0.1');
+    await once(dropping, 'listening');
+    const port = (dropping.address() as AddressInfo).port;
+    const local = await startTestProxy({ pki, upstream: { restPort: port }, restMode: 'relay' });
+    try {
+      const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(res.status, 502);
+      assert.equal(res.headers['content-type'], 'application/json');
+      assert.match(JSON.parse(res.body).error, new RegExp(`upstream 127\\.0\\.0\\.1:${port} closed the connection before answering`));
+    } finally {
+      await local.proxy.shutdown(1000);
+      dropping.close();
+    }
+  });
+
+  test('while the model server is not ready the client gets 503 with the reason; once ready, relayed', async () => {
+    let reason: string | undefined = 'model server starting';
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode: 'relay', notReady: { rest: () => reason } });
+    try {
+      const waiting = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(waiting.status, 503);
+      assert.match(waiting.body, /model server starting/);
+      reason = undefined;
+      const before = upstream.received.length;
+      assert.equal((await https1(local.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      assert.equal(upstream.received.length, before + 1);
+    } finally {
+      await local.proxy.shutdown(1000);
+    }
+  });
+
+  test('an unreachable upstream gives 502 with the reason', async () => {
+    const server = await startUpstream({ grpcPort: null });
+    const port = server.restPort!;
+    await server.close();
+    const local = await startTestProxy({ pki, upstream: { restPort: port }, restMode: 'relay' });
+    try {
+      const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(res.status, 502);
+      assert.match(JSON.parse(res.body).error, /refused the connection/);
+    } finally {
+      await local.proxy.shutdown(1000);
+    }
+  });
+});
