@@ -1,0 +1,51 @@
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { openSync, closeSync, readFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { accessBufferedDestination, createLogger } from '../src/log.js';
+import { eventually } from './helpers/ops.js';
+
+const LOG_MODULE = fileURLToPath(new URL('../src/log.js', import.meta.url));
+
+function events(text: string): string[] {
+  return text.split('\n').filter(Boolean).map((l) => `${JSON.parse(l).event}:${JSON.parse(l).n}`);
+}
+
+describe('log destination', () => {
+  test('access lines are batched; any other line writes them and itself at once, in order; a quiet buffer is written soon after', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'ovms-mtls-log-'));
+    const file = join(dir, 'out.log');
+    const fd = openSync(file, 'w');
+    try {
+      const logger = createLogger({ level: 'info', destination: accessBufferedDestination(fd) });
+      logger.info({ event: 'access', n: 1 });
+      logger.info({ event: 'relay_access', n: 2 });
+      assert.equal(readFileSync(file, 'utf8'), '', 'access lines wait in the buffer');
+      logger.warn({ event: 'upstream_error', n: 3 });
+      assert.deepEqual(events(readFileSync(file, 'utf8')), ['access:1', 'relay_access:2', 'upstream_error:3']);
+      logger.info({ event: 'access', n: 4 });
+      await eventually(() => events(readFileSync(file, 'utf8')).at(-1) === 'access:4', 'the periodic flush');
+    } finally {
+      closeSync(fd);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('access lines still in the buffer are written when the process exits', () => {
+    const script = `import { createLogger } from ${JSON.stringify(LOG_MODULE)};
+      const logger = createLogger({ level: 'info' });
+      for (let n = 1; n <= 5; n++) logger.info({ event: 'access', n });
+      process.exit(3);`;
+    let stdout = '';
+    try {
+      execFileSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    } catch (err) {
+      stdout = (err as { stdout: string; status: number }).stdout;
+      assert.equal((err as { status: number }).status, 3);
+    }
+    assert.deepEqual(events(stdout), ['access:1', 'access:2', 'access:3', 'access:4', 'access:5']);
+  });
+});
