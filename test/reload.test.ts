@@ -18,6 +18,7 @@ import {
 import { TlsReloader, type ReloadOutcome } from '../src/tls-reload.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { createLogger } from '../src/log.js';
+import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import { echoClient } from '../src/demo/grpc-client.js';
 import { createCrl, issueClientCert, issueServerCert, normaliseSerial, type Issued } from '../src/x509.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -55,10 +56,10 @@ interface Running {
   stop(): Promise<void>;
 }
 
-async function startWithReloader(certs: CertDir, options: { watch?: boolean; graceMs?: number } = {}): Promise<Running> {
+async function startWithReloader(certs: CertDir, options: { watch?: boolean; graceMs?: number; restMode?: ForwardMode } = {}): Promise<Running> {
   dirs.push(certs.dir);
   board = new GateBoard();
-  const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, tls: certs.files });
+  const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, tls: certs.files, restMode: options.restMode ?? 'terminate' });
   const outcomes: ReloadOutcome[] = [];
   const reloader = new TlsReloader({
     files: certs.files,
@@ -232,25 +233,27 @@ describe('revocation reaches live connections', SAFETY, () => {
     }
   });
 
-  test('a revoked HTTP/1.1 client gets the rest of its response in progress, then its connection closes', async () => {
-    const r = await startWithReloader(await plainCertDir(originalSet()));
-    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
-    try {
-      const { res } = await postSse(r.front.restPort, as(bob), agent);
-      const closed = once(res.socket, 'close');
-      await writeFile(r.certs.files.crl!, await crlRevoking(bob));
-      assert.equal((await r.reloader.reload('signal')).ok, true);
-      await r.front.logs.waitFor((l) => l.event === 'connection_revoked');
-      board.openAll();
-      const events: string[] = [];
-      for await (const event of sseEvents(res)) events.push(event);
-      assert.equal(events.at(-1), 'data: [DONE]');
-      await closed;
-    } finally {
-      agent.destroy();
-      await r.stop();
-    }
-  });
+  for (const restMode of FORWARD_MODES) {
+    test(`a revoked HTTP/1.1 client gets the rest of its response in progress, then its connection closes (--mtls_rest_mode ${restMode})`, async () => {
+      const r = await startWithReloader(await plainCertDir(originalSet()), { restMode });
+      const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+      try {
+        const { res } = await postSse(r.front.restPort, as(bob), agent);
+        const closed = once(res.socket, 'close');
+        await writeFile(r.certs.files.crl!, await crlRevoking(bob));
+        assert.equal((await r.reloader.reload('signal')).ok, true);
+        await r.front.logs.waitFor((l) => l.event === 'connection_revoked');
+        board.openAll();
+        const events: string[] = [];
+        for await (const event of sseEvents(res)) events.push(event);
+        assert.equal(events.at(-1), 'data: [DONE]');
+        await closed;
+      } finally {
+        agent.destroy();
+        await r.stop();
+      }
+    });
+  }
 
   test('a revoked client whose call never ends is cut once the grace period is over', async () => {
     const r = await startWithReloader(await plainCertDir(originalSet()), { graceMs: 50 });
