@@ -19,7 +19,8 @@ export type RestRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { reado
  */
 export function restRelay(options: RestRelayOptions): Relay {
   const { observer, limits, upstream } = options;
-  const describe = (err: unknown) => describeUpstreamError(upstream, err);
+  const describe = (err: unknown) =>
+    err ? describeUpstreamError(upstream, err) : { code: 'upstream_closed', message: `upstream ${upstream.host}:${upstream.port} closed the connection before answering` };
   return new Relay({
     ...options,
     listener: 'rest',
@@ -127,7 +128,8 @@ interface Http1ConnectionParts {
   readonly context: ConnectionContext;
   readonly observer: ProxyObserver;
   readonly limits: Pick<Limits, 'maxHeaderSize' | 'idleTimeoutMs'>;
-  readonly describe: (err: unknown) => { code: string; message: string };
+  /** What a client is told when the upstream fails (undefined: it closed) before answering. */
+  readonly describe: (err: Error | undefined) => { code: string; message: string };
 }
 
 /**
@@ -147,6 +149,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   /** A request we refused (bad framing): answered once the responses before it are done. */
   #refusal: FramingError | undefined;
   #finished = false;
+  /** A parsed head whose framing is being checked: a refusal's access line names its method and path. */
+  #judging: Http1Head | undefined;
   readonly #fromClient: Http1Reader;
   readonly #fromUpstream: Http1Reader;
   readonly #toUpstream = new WriteBatch();
@@ -221,12 +225,14 @@ class RelayedHttp1Connection implements RelayedConnection {
   }
 
   #requestHead(head: Http1Head): { bytes: Buffer; body: BodyFraming } {
+    this.#judging = head;
     if (head.method === 'CONNECT') throw new FramingError(405, 'CONNECT is not supported');
     const body = requestFraming(head);
     const exchange: Exchange = { method: head.method, path: head.target, started: performance.now(), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
     this.#exchanges.push(exchange);
     this.#receiving = exchange;
     this.#parts.observer.streamOpened('rest');
+    this.#judging = undefined;
     return { bytes: relayedRequestHead(head, this.#parts.context), body };
   }
 
@@ -277,7 +283,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   #upstreamClosed(err: Error | undefined): void {
     if (this.#finished) return;
     if (!this.#fromUpstream.finish()) {
-      this.#upstreamFailed('upstream_closed_mid_response', `upstream ${this.#where()} closed the connection in the middle of a response`);
+      // Part of a response (maybe only part of its head) came: to the client this is a reset.
+      this.#upstreamFailed('upstream_closed_mid_response', this.#parts.describe(Object.assign(new Error('closed mid-response'), { code: 'ECONNRESET' })).message);
       return;
     }
     const waiting = this.#exchanges[0];
@@ -285,7 +292,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#end();
       return;
     }
-    const { code, message } = err ? this.#parts.describe(err) : { code: 'upstream_closed', message: `upstream ${this.#where()} closed the connection before answering` };
+    const { code, message } = this.#parts.describe(err);
     this.#upstreamFailed(code, message);
   }
 
@@ -300,11 +307,6 @@ class RelayedHttp1Connection implements RelayedConnection {
     }
     if (waiting) waiting.error = code;
     this.#fail();
-  }
-
-  #where(): string {
-    const { remoteAddress, remotePort } = this.#parts.upstream;
-    return `${remoteAddress ?? '?'}:${remotePort ?? '?'}`;
   }
 
   /** Closes both sides after `last` (our own answer) and what was written before it. */
@@ -351,7 +353,7 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   /** A request refused before it reached the upstream still gets its access line. */
   #reportRefusal(err: FramingError): void {
-    this.#log({ method: '', path: '', started: performance.now(), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error: 'bad_request' });
+    this.#log({ method: this.#judging?.method ?? '', path: this.#judging?.target ?? '', started: performance.now(), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error: 'bad_request' });
   }
 
   #log(exchange: Exchange): void {

@@ -72,6 +72,8 @@ describe('rest relay: HTTP/1.1 framing', () => {
     assert.equal(upstream.received.length, before);
     const line = await front.logs.waitFor((l) => l.event === 'access' && l.status === 400 && l.error === 'bad_request');
     assert.equal(line.subject, 'CN=client,OU=tests');
+    assert.equal(line.method, 'POST');
+    assert.equal(line.path, '/v2/models/dummy/infer');
   });
 
   test('a refused request after good ones is answered after their responses, in order', async () => {
