@@ -136,19 +136,37 @@ export function xfccHeaderValue(id: Omit<ClientIdentity, 'xfcc'>): string {
   return parts.join(';');
 }
 
+/**
+ * Identities of recently seen certificates, by SHA-256 fingerprint. A client
+ * opens many connections with one certificate and each connection holds its
+ * identity for its life: one shared, frozen copy saves ~1 KiB per connection.
+ */
+const IDENTITY_CACHE_SIZE = 1024;
+const identities = new Map<string, ClientIdentity>();
+
 export function identityFromCertificate(cert: X509Certificate): ClientIdentity {
+  const fingerprint = cert.fingerprint256;
+  const known = identities.get(fingerprint);
+  if (known) return known;
+  const identity = buildIdentity(cert, fingerprint);
+  if (identities.size >= IDENTITY_CACHE_SIZE) identities.delete(identities.keys().next().value!);
+  identities.set(fingerprint, identity);
+  return identity;
+}
+
+function buildIdentity(cert: X509Certificate, fingerprint: string): ClientIdentity {
   const { dns, uris } = parseSubjectAltName(cert.subjectAltName);
   const base = {
     subject: rfc2253Subject(cert.subject),
     cn: attributes(cert.subject, 'CN').at(-1),
-    ous: attributes(cert.subject, 'OU'),
+    ous: Object.freeze(attributes(cert.subject, 'OU')),
     serial: cert.serialNumber.toLowerCase(),
-    fingerprint: cert.fingerprint256.replace(/:/g, '').toLowerCase(),
-    uris,
-    dns,
+    fingerprint: fingerprint.replace(/:/g, '').toLowerCase(),
+    uris: Object.freeze(uris),
+    dns: Object.freeze(dns),
     validTo: cert.validTo,
   };
-  return { ...base, xfcc: xfccHeaderValue(base) };
+  return Object.freeze({ ...base, xfcc: xfccHeaderValue(base) });
 }
 
 /** `*` matches one path segment, `**` (last) any suffix including none. */

@@ -12,7 +12,7 @@ export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'>;
  * `--mtls_grpc_mode relay`: the decrypted HTTP/2 bytes go to the upstream h2c
  * connection as they are. No per-call HTTP/2 work, so a call costs a fraction
  * of what terminating costs; the price is no x-forwarded-client-cert and one
- * access line per connection instead of per call (README, "Relay modes").
+ * access line per connection instead of per call (README, "gRPC modes").
  */
 export function grpcRelay(options: GrpcRelayOptions): Relay {
   return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, options.observer) });
@@ -55,19 +55,20 @@ class RelayedH2Connection implements RelayedConnection {
       this.#toClient.pass(chunk, this.#write);
     });
     client.on('drain', () => upstream.resume());
-    client.once('end', () => upstream.end());
-    upstream.once('end', () => client.end());
+    // 'end' and 'close' come once; on() spares the wrapper once() keeps per listener for the connection's life.
+    client.on('end', () => upstream.end());
+    upstream.on('end', () => client.end());
     client.on('error', (err: NodeJS.ErrnoException) => this.#failed('client_' + (err.code ?? 'error')));
     upstream.on('error', (err: NodeJS.ErrnoException) => {
       this.#failed('upstream_' + (err.code ?? 'error'));
       observer.upstreamError('grpc', err.code ?? 'error');
     });
     // Whichever side goes first, the other follows; written bytes are flushed before the FIN.
-    client.once('close', () => {
+    client.on('close', () => {
       upstream.destroy();
       this.#report();
     });
-    upstream.once('close', () => {
+    upstream.on('close', () => {
       if (this.#error) client.destroy();
       else client.end();
     });

@@ -167,7 +167,7 @@ export class SecureListener {
   #track(socket: TLSSocket, context: ConnectionContext): void {
     this.#connections.set(socket, context);
     this.#options.observer.connectionOpened(this.name);
-    socket.once('close', () => {
+    socket.on('close', () => {
       this.#connections.delete(socket);
       this.#options.observer.connectionClosed(this.name);
     });

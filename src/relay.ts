@@ -48,8 +48,10 @@ export class Relay implements Drainable {
       return;
     }
     const upstream = connect({ host: target.host, port: target.port, noDelay: true });
-    upstream.setTimeout(UPSTREAM_CONNECT_TIMEOUT_MS, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' })));
+    // A timer of our own, not socket.setTimeout(): a socket keeps its cleared timer, a bound callback and the listener for life.
+    const connectTimer = setTimeout(() => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' })), UPSTREAM_CONNECT_TIMEOUT_MS);
     const onConnectError = (err: NodeJS.ErrnoException) => {
+      clearTimeout(connectTimer);
       observer.upstreamError(listener, err.code ?? 'connect_error');
       // Not one byte has been read from the client yet: the terminating front gets the whole connection.
       if (!socket.destroyed) fallback(socket, context);
@@ -57,14 +59,14 @@ export class Relay implements Drainable {
     upstream.once('error', onConnectError);
     upstream.once('connect', () => {
       upstream.off('error', onConnectError);
-      upstream.setTimeout(0);
+      clearTimeout(connectTimer);
       if (socket.destroyed) {
         upstream.destroy();
         return;
       }
       const relayed = this.#options.join(socket, upstream, context);
       this.#relayed.set(socket, relayed);
-      socket.once('close', () => this.#relayed.delete(socket));
+      socket.on('close', () => this.#relayed.delete(socket));
       if (this.#draining) relayed.closeGracefully();
     });
   }

@@ -186,12 +186,12 @@ class RelayedHttp1Connection implements RelayedConnection {
       if (!this.#refusal) client.resume();
     });
     client.on('drain', () => upstream.resume());
-    client.once('end', () => upstream.end());
-    upstream.once('end', () => this.#upstreamClosed(undefined));
+    client.on('end', () => upstream.end());
+    upstream.on('end', () => this.#upstreamClosed(undefined));
     client.on('error', () => this.#clientGone());
     upstream.on('error', (err) => this.#upstreamClosed(err));
-    client.once('close', () => this.#clientGone());
-    upstream.once('close', () => this.#upstreamClosed(undefined));
+    client.on('close', () => this.#clientGone());
+    upstream.on('close', () => this.#upstreamClosed(undefined));
   }
 
   closeGracefully(): void {
