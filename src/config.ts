@@ -167,7 +167,8 @@ export function parseBindAddresses(name: string, value: unknown, fallback: strin
   return hosts;
 }
 
-function optionalString(raw: RawOptions, name: string): string | undefined {
+/** The option's value as a string (last one wins), or undefined when absent or empty. */
+export function optionalString(raw: RawOptions, name: string): string | undefined {
   const v = raw[name];
   if (v === undefined || v === '') return undefined;
   if (Array.isArray(v)) return v.at(-1);

@@ -4,7 +4,7 @@
  */
 import { existsSync } from 'node:fs';
 import { ALL_OPTIONS, optionsFromEnv, type RawOptions } from './options.js';
-import { DEFAULTS, RESTART_MODES, parseChoice, parseCommonConfig, parsePublicListeners, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
+import { DEFAULTS, RESTART_MODES, optionalString, parseChoice, parseCommonConfig, parsePublicListeners, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
 import type { SplitOvmsArgv } from './ovms-args.js';
 import type { RestartPolicy } from './ovms-supervisor.js';
 
@@ -23,12 +23,6 @@ export interface EntrypointSettings {
 export function entrypointOptions(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): RawOptions {
   const specs = ALL_OPTIONS.filter((s) => s.name !== 'mtls_grpc_upstream' && s.name !== 'mtls_rest_upstream');
   return { ...optionsFromEnv(env, specs), ...split.listeners, ...split.mtls };
-}
-
-function stringOption(raw: RawOptions, name: string, fallback: string): string {
-  const value = raw[name];
-  if (value === undefined || value === '') return fallback;
-  return String(Array.isArray(value) ? value.at(-1) : value);
 }
 
 /**
@@ -50,19 +44,19 @@ function restartPolicy(raw: RawOptions): RestartPolicy {
 
 export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv, exists?: (path: string) => boolean): EntrypointSettings {
   const raw = entrypointOptions(split, env);
-  const ovmsUser = stringOption(raw, 'mtls_ovms_user', DEFAULTS.ovms.user);
+  const ovmsUser = optionalString(raw, 'mtls_ovms_user') ?? DEFAULTS.ovms.user;
   return {
     listeners: parsePublicListeners(raw),
     common: parseCommonConfig(raw, containerTlsDefaults(raw, exists)),
-    binary: stringOption(raw, 'mtls_ovms_binary', DEFAULTS.ovms.binary),
+    binary: optionalString(raw, 'mtls_ovms_binary') ?? DEFAULTS.ovms.binary,
     restart: restartPolicy(raw),
     ovmsUser,
-    proxyUser: stringOption(raw, 'mtls_user', ovmsUser),
+    proxyUser: optionalString(raw, 'mtls_user') ?? ovmsUser,
     passthrough: split.passthrough,
   };
 }
 
 /** The OVMS binary, checked before anything listens; for one-shot modes too. */
 export function ovmsBinary(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): string {
-  return stringOption(entrypointOptions(split, env), 'mtls_ovms_binary', DEFAULTS.ovms.binary);
+  return optionalString(entrypointOptions(split, env), 'mtls_ovms_binary') ?? DEFAULTS.ovms.binary;
 }

@@ -117,9 +117,11 @@ export class H1Front implements Drainable {
   #draining = false;
 
   readonly #observer: ProxyObserver;
+  readonly #idleTimeoutMs: number;
 
   constructor(options: { limits: Limits; observer: ProxyObserver; onRequest: RequestHandler }) {
     this.#observer = options.observer;
+    this.#idleTimeoutMs = options.limits.idleTimeoutMs;
     this.#server = createHttpServer(
       {
         maxHeaderSize: options.limits.maxHeaderSize,
@@ -129,6 +131,10 @@ export class H1Front implements Drainable {
       },
       (req, res) => this.#onRequest(req, res, options.onRequest),
     );
+    // Any socket timeout (ours above, Node's keep-alive one) lands here; without a listener Node would cut a busy connection too.
+    this.#server.on('timeout', (socket: Socket) => {
+      if ((this.#active.get(socket) ?? 0) === 0) socket.destroy();
+    });
     this.#server.on('clientError', (_err, socket) => {
       if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
       else socket.destroy();
@@ -143,6 +149,8 @@ export class H1Front implements Drainable {
       socket.destroy();
       return;
     }
+    // Node's keepAliveTimeout starts after a first response; a connection that never sends a request needs this one.
+    socket.setTimeout(this.#idleTimeoutMs);
     this.#server.emit('connection', socket);
   }
 

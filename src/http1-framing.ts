@@ -45,8 +45,8 @@ export type BodyFraming =
 export const NO_BODY: BodyFraming = { kind: 'none' };
 
 export interface MessageHandler {
-  /** A whole head arrived: the bytes to send in its place and how its body is framed; undefined stops the reader here. */
-  head(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } | undefined;
+  /** A whole head arrived: the bytes to send in its place and how its body is framed (throw FramingError to refuse it). */
+  head(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming };
   /** Payload bytes of the body (chunk framing not counted). */
   body(bytes: number): void;
   /** The message is complete, all of its bytes already passed on. */
@@ -71,7 +71,7 @@ const BAD_VALUE_CHAR = new RegExp(`[${CTL}]`);
 const CHUNK_LINE = new RegExp(`^([0-9A-Fa-f]+)(?:[ \\t]*;[^${CTL}]*)?$`);
 const DIGITS = /^[0-9]{1,15}$/;
 
-type State = 'head' | 'length' | 'until-close' | 'chunk-size' | 'chunk-data' | 'chunk-crlf' | 'trailers' | 'stopped';
+type State = 'head' | 'length' | 'until-close' | 'chunk-size' | 'chunk-data' | 'chunk-crlf' | 'trailers';
 
 /**
  * Follows one direction of an HTTP/1.1 connection, message after message
@@ -102,19 +102,10 @@ export class Http1Reader {
     return this.#state === 'head' && this.#pending === undefined;
   }
 
-  get stopped(): boolean {
-    return this.#state === 'stopped';
-  }
-
-  /** TypeScript narrows `#state` across the call in push(); asking through a method reads it afresh. */
-  #bodyEnded(): boolean {
-    return this.#state === 'head';
-  }
-
   /** Throws FramingError; after that the connection cannot be trusted and must close. */
   push(chunk: Buffer, out: (bytes: Buffer) => void): void {
     let pos = 0;
-    while (pos < chunk.length && this.#state !== 'stopped') {
+    while (pos < chunk.length) {
       if (this.#state === 'head') {
         pos = this.#readHead(chunk, pos, out);
         continue;
@@ -122,7 +113,8 @@ export class Http1Reader {
       const from = pos;
       pos = this.#readBody(chunk, pos);
       if (pos > from) out(chunk.subarray(from, pos));
-      if (this.#bodyEnded()) this.#handler.end();
+      // A cast: TypeScript would keep `#state` narrowed across the call above.
+      if ((this.#state as State) === 'head') this.#handler.end();
     }
   }
 
@@ -133,7 +125,7 @@ export class Http1Reader {
       this.#handler.end();
       return true;
     }
-    return this.atBoundary || this.#state === 'stopped';
+    return this.atBoundary;
   }
 
   #readHead(chunk: Buffer, pos: number, out: (bytes: Buffer) => void): number {
@@ -155,10 +147,6 @@ export class Http1Reader {
     const raw = data.subarray(start, end + 4);
     const head = this.#kind === 'request' ? parseRequestHead(raw) : parseResponseHead(raw);
     const result = this.#handler.head(head, raw);
-    if (!result) {
-      this.#state = 'stopped';
-      return chunk.length;
-    }
     out(result.bytes);
     this.#startBody(result.body);
     return pos + (end + 4 - carried);

@@ -1,4 +1,4 @@
-import type { Logger } from './log.js';
+import { ACCESS_EVENTS, type Logger } from './log.js';
 import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
@@ -16,11 +16,11 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
     },
     request(record) {
       if (!options.accessLog) return;
-      logger.info({ event: 'access', ...record }, 'request');
+      logger.info({ event: ACCESS_EVENTS.request, ...record }, 'request');
     },
     relayed(record) {
       if (!options.accessLog) return;
-      logger.info({ event: 'relay_access', ...record }, 'relayed connection closed');
+      logger.info({ event: ACCESS_EVENTS.relayed, ...record }, 'relayed connection closed');
     },
   };
 }

@@ -15,8 +15,12 @@ export interface LoggerOptions {
 const ACCESS_BUFFER_BYTES = 8 * 1024;
 const ACCESS_FLUSH_MS = 250;
 
+/** The `event` of the lines the log observer writes per request and per relayed connection. */
+export const ACCESS_EVENTS = { request: 'access', relayed: 'relay_access' } as const;
+const ACCESS_MARKERS = Object.values(ACCESS_EVENTS).map((event) => `"event":"${event}"`);
+
 function isAccessLine(line: string): boolean {
-  return line.includes('"event":"access"') || line.includes('"event":"relay_access"');
+  return ACCESS_MARKERS.some((marker) => line.includes(marker));
 }
 
 /**
@@ -25,7 +29,7 @@ function isAccessLine(line: string): boolean {
  * once, with the access lines before it, so order holds and a warning is
  * never late. The buffer is written every 250 ms and when the process exits.
  */
-export function accessBufferedDestination(fd: number): DestinationStream & { flushSync(): void } {
+export function accessBufferedDestination(fd: number): DestinationStream {
   const out = pino.destination({ dest: fd, sync: true, minLength: ACCESS_BUFFER_BYTES, periodicFlush: ACCESS_FLUSH_MS });
   process.once('exit', () => out.flushSync());
   return {
@@ -33,7 +37,6 @@ export function accessBufferedDestination(fd: number): DestinationStream & { flu
       out.write(line);
       if (!isAccessLine(line)) out.flushSync();
     },
-    flushSync: () => out.flushSync(),
   };
 }
 

@@ -132,6 +132,11 @@ function connectionListed(headers: IncomingHttpHeaders): ReadonlySet<string> {
   return new Set(String(value).split(',').map((v) => v.trim().toLowerCase()).filter(Boolean));
 }
 
+/** X-Forwarded-For as the upstream gets it: what the client sent, then the client's own address. */
+export function forwardedFor(previous: readonly string[], context: ConnectionContext): string {
+  return [...previous, context.remoteAddress ?? 'unknown'].join(', ');
+}
+
 export function upstreamHeaders(req: ClientRequestLike, context: ConnectionContext): OutgoingHttpHeaders {
   const incoming = req.headers;
   const listed = connectionListed(incoming);
@@ -143,8 +148,7 @@ export function upstreamHeaders(req: ClientRequestLike, context: ConnectionConte
   const authority = incoming[':authority'] ?? incoming['host'];
   if (authority !== undefined) out['host'] = String(authority);
   const previous = incoming['x-forwarded-for'];
-  const client = context.remoteAddress ?? 'unknown';
-  out['x-forwarded-for'] = previous ? `${Array.isArray(previous) ? previous.join(', ') : previous}, ${client}` : client;
+  out['x-forwarded-for'] = forwardedFor(previous ? [previous].flat() : [], context);
   out['x-forwarded-proto'] = 'https';
   out[XFCC] = context.identity.xfcc;
   return out;

@@ -1,10 +1,11 @@
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import type { Limits } from './config.js';
+import type { HostPort, Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { XFCC } from './grpc-forwarder.js';
+import { forwardedFor } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { FramingError, Http1Reader, requestFraming, responseFraming, type BodyFraming, type Http1Head } from './http1-framing.js';
 
@@ -18,13 +19,11 @@ export type RestRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { reado
  * they are. HTTP/2 clients of the REST port keep the terminating path.
  */
 export function restRelay(options: RestRelayOptions): Relay {
-  const { observer, limits, upstream } = options;
-  const describe = (err: unknown) =>
-    err ? describeUpstreamError(upstream, err) : { code: 'upstream_closed', message: `upstream ${upstream.host}:${upstream.port} closed the connection before answering` };
+  const { observer, limits, upstream: target } = options;
   return new Relay({
     ...options,
     listener: 'rest',
-    join: (client, upstreamSocket, context) => new RelayedHttp1Connection({ client, upstream: upstreamSocket, context, observer, limits, describe }),
+    join: (client, upstream, context) => new RelayedHttp1Connection({ client, upstream, target, context, observer, limits }),
   });
 }
 
@@ -36,14 +35,13 @@ const DROPPED_REQUEST_FIELDS = new Set(['upgrade', 'http2-settings']);
 /** The request head as the upstream gets it: the client's fields in order, then ours. */
 export function relayedRequestHead(head: Http1Head, context: ConnectionContext): Buffer {
   let text = head.startLine + '\r\n';
-  const forwardedFor: string[] = [];
+  const previous: string[] = [];
   for (const field of head.fields) {
-    if (field.name === 'x-forwarded-for') forwardedFor.push(field.value);
+    if (field.name === 'x-forwarded-for') previous.push(field.value);
     if (REPLACED_REQUEST_FIELDS.has(field.name) || DROPPED_REQUEST_FIELDS.has(field.name)) continue;
     text += field.line + '\r\n';
   }
-  forwardedFor.push(context.remoteAddress ?? 'unknown');
-  text += `x-forwarded-for: ${forwardedFor.join(', ')}\r\nx-forwarded-proto: https\r\n${XFCC}: ${context.identity.xfcc}\r\n\r\n`;
+  text += `x-forwarded-for: ${forwardedFor(previous, context)}\r\nx-forwarded-proto: https\r\n${XFCC}: ${context.identity.xfcc}\r\n\r\n`;
   return Buffer.from(text, 'latin1');
 }
 
@@ -125,11 +123,11 @@ interface Exchange {
 interface Http1ConnectionParts {
   readonly client: TLSSocket;
   readonly upstream: Socket;
+  /** The configured upstream, for what a client is told when it fails. */
+  readonly target: HostPort;
   readonly context: ConnectionContext;
   readonly observer: ProxyObserver;
   readonly limits: Pick<Limits, 'maxHeaderSize' | 'idleTimeoutMs'>;
-  /** What a client is told when the upstream fails (undefined: it closed) before answering. */
-  readonly describe: (err: Error | undefined) => { code: string; message: string };
 }
 
 /**
@@ -262,7 +260,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#end(refusalAnswer(this.#refusal));
       return;
     }
-    if (this.#closing && (this.#fromClient.atBoundary || this.#fromClient.stopped)) this.#end();
+    if (this.#closing && this.#fromClient.atBoundary) this.#end();
   }
 
   #clientFramingError(err: FramingError): void {
@@ -284,7 +282,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (this.#finished) return;
     if (!this.#fromUpstream.finish()) {
       // Part of a response (maybe only part of its head) came: to the client this is a reset.
-      this.#upstreamFailed('upstream_closed_mid_response', this.#parts.describe(Object.assign(new Error('closed mid-response'), { code: 'ECONNRESET' })).message);
+      this.#upstreamFailed('upstream_closed_mid_response', describeUpstreamError(this.#parts.target, { code: 'ECONNRESET' }).message);
       return;
     }
     const waiting = this.#exchanges[0];
@@ -292,7 +290,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#end();
       return;
     }
-    const { code, message } = this.#parts.describe(err);
+    const { code, message } = describeUpstreamError(this.#parts.target, err ?? { code: 'UPSTREAM_CLOSED' });
     this.#upstreamFailed(code, message);
   }
 

@@ -10,6 +10,8 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
   switch (code) {
     case 'ECONNREFUSED':
       return { code, message: `${where} refused the connection (is the model server running?)` };
+    case 'UPSTREAM_CLOSED':
+      return { code, message: `${where} closed the connection before answering` };
     case 'ECONNRESET':
     case 'EPIPE':
       return { code, message: `${where} closed the connection` };

@@ -140,15 +140,6 @@ describe('HTTP/1.1 message framing', () => {
     reader.push(Buffer.from('POST / HTTP/1.1\r\ncontent-length: 9\r\n\r\nabc'), () => {});
     assert.equal(reader.finish(), false);
   });
-
-  test('a handler that returns nothing stops the reader there', () => {
-    const out: Buffer[] = [];
-    let heads = 0;
-    const reader = new Http1Reader('request', 1024, { head: (head, raw) => (heads++ === 0 ? { bytes: raw, body: requestFraming(head) } : undefined), body: () => {}, end: () => {} });
-    reader.push(Buffer.from('GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n'), (b) => out.push(b));
-    assert.equal(Buffer.concat(out).toString(), 'GET /a HTTP/1.1\r\n\r\n');
-    assert.equal(reader.stopped, true);
-  });
 });
 
 /** Requests two parsers could split differently, or that we do not relay: each must be refused before a byte goes upstream. */

@@ -8,6 +8,7 @@ import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import type { ModelServer } from '../src/demo/model-server.js';
+import { FORWARD_MODES } from '../src/config.js';
 
 const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }] });
 
@@ -185,30 +186,32 @@ describe('rest relay: drain and upstream failures', () => {
     }
   });
 
-  test('a connection silent for --mtls_idle_timeout with nothing in flight is closed; one waiting for its response is not', { timeout: 30_000 }, async () => {
-    const gated = await gatedUpstream();
-    const local = await startTestProxy({ pki, upstream: { restPort: gated.port }, restMode: 'relay', limits: { idleTimeoutMs: 300 } });
-    try {
-      const idle = await openRaw(local.restPort);
-      idle.write('GET /quick HTTP/1.1\r\nhost: a\r\n\r\n');
-      await readUntil(idle, /quick$/);
-      const busy = await openRaw(local.restPort);
-      busy.write('GET /slow HTTP/1.1\r\nhost: a\r\n\r\n');
-      const answer = readUntil(busy, /slow done$/);
-      await gated.arrived;
-      await once(idle, 'close');
-      // A connection opened only now and never used closes one idle timeout later: by then the busy one has been silent longer than that.
-      const late = await openRaw(local.restPort);
-      await once(late, 'close');
-      assert.equal(busy.destroyed, false);
-      gated.release();
-      assert.match(await answer, /^HTTP\/1\.1 200 OK\r\n/);
-      busy.destroy();
-    } finally {
-      await local.proxy.shutdown(1000);
-      await gated.close();
-    }
-  });
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: a connection silent for --mtls_idle_timeout with nothing in flight is closed, whether it was used or not; one waiting for its response is not`, { timeout: 30_000 }, async () => {
+      const gated = await gatedUpstream();
+      const local = await startTestProxy({ pki, upstream: { restPort: gated.port }, restMode, limits: { idleTimeoutMs: 300 } });
+      try {
+        const idle = await openRaw(local.restPort);
+        idle.write('GET /quick HTTP/1.1\r\nhost: a\r\n\r\n');
+        await readUntil(idle, /quick$/);
+        const busy = await openRaw(local.restPort);
+        busy.write('GET /slow HTTP/1.1\r\nhost: a\r\n\r\n');
+        const answer = readUntil(busy, /slow done$/);
+        await gated.arrived;
+        await once(idle, 'close');
+        // A connection opened only now and never used closes one idle timeout later: by then the busy one has been silent longer than that.
+        const late = await openRaw(local.restPort);
+        await once(late, 'close');
+        assert.equal(busy.destroyed, false);
+        gated.release();
+        assert.match(await answer, /^HTTP\/1\.1 200 OK\r\n/);
+        busy.destroy();
+      } finally {
+        await local.proxy.shutdown(1000);
+        await gated.close();
+      }
+    });
+  }
 
   test('an upstream that closes before answering gives the client a 502 naming it', async () => {
     const dropping = createTcpServer((s) => s.once('data', () => s.end()));
@@ -224,6 +227,26 @@ describe('rest relay: drain and upstream failures', () => {
     } finally {
       await local.proxy.shutdown(1000);
       dropping.close();
+    }
+  });
+
+  test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', async () => {
+    const cutting = createTcpServer((s) => s.once('data', () => s.end('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b')));
+    cutting.listen(0, '127.0.0.1');
+    await once(cutting, 'listening');
+    const local = await startTestProxy({ pki, upstream: { restPort: (cutting.address() as AddressInfo).port }, restMode: 'relay' });
+    try {
+      const socket = await openRaw(local.restPort);
+      socket.on('error', () => {});
+      socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.match(text, /^HTTP\/1\.1 200 OK\r\n[\s\S]*only ten b$/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assert.equal(line.error, 'upstream_closed_mid_response');
+      assert.equal(line.bytesOut, 10);
+    } finally {
+      await local.proxy.shutdown(1000);
+      cutting.close();
     }
   });
 
