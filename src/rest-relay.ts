@@ -115,7 +115,7 @@ interface Exchange {
   bytesIn: number;
   bytesOut: number;
   status: number;
-  /** Bytes of the response already went to the client: an upstream failure can no longer become a 502. */
+  /** A final response head went to the client: an upstream failure can no longer become a 502. */
   answered: boolean;
   error?: string | undefined;
 }
@@ -243,7 +243,8 @@ class RelayedHttp1Connection implements RelayedConnection {
     const last = this.#exchanges.length === 1 && this.#receiving === undefined;
     const body = responseFraming(head, exchange.method);
     const bytes = this.#closing && !this.#interim && last ? withConnectionClose(head) : raw;
-    exchange.answered = true;
+    // An interim response (100 Continue) does not answer the request: a 502 can still follow it.
+    if (!this.#interim) exchange.answered = true;
     return { bytes, body };
   }
 

@@ -230,6 +230,25 @@ describe('rest relay: drain and upstream failures', () => {
     }
   });
 
+  test('an upstream that sends 100 Continue and then closes still gives the client a 502 after the 100', async () => {
+    const continuing = createTcpServer((s) => s.once('data', () => s.end('HTTP/1.1 100 Continue\r\n\r\n')));
+    continuing.listen(0, '127.0.0.1');
+    await once(continuing, 'listening');
+    const local = await startTestProxy({ pki, upstream: { restPort: (continuing.address() as AddressInfo).port }, restMode: 'relay' });
+    try {
+      const socket = await openRaw(local.restPort);
+      socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-length: ${INFER_BODY.length}\r\nexpect: 100-continue\r\n\r\n`);
+      const text = await readToClose(socket);
+      assert.deepEqual(statuses(text), [100, 502]);
+      assert.match(text, /closed the connection before answering/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
+      assert.equal(line.status, 502);
+    } finally {
+      await local.proxy.shutdown(1000);
+      continuing.close();
+    }
+  });
+
   test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', async () => {
     const cutting = createTcpServer((s) => s.once('data', () => s.end('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b')));
     cutting.listen(0, '127.0.0.1');
