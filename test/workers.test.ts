@@ -96,6 +96,10 @@ describe('proxy mode with two workers', SAFETY, () => {
       assert.equal(sumOf(metrics, 'ovms_mtls_requests_total'), calls);
       assert.equal(metrics.split('\n').filter((l) => l.startsWith('ovms_mtls_certificate_expiry_timestamp_seconds{role="server"')).length, 1);
       assert.equal(sumOf(metrics, 'ovms_mtls_open_connections'), 0);
+      // The service's start, once: prom-client's merge would drop it.
+      const started = metrics.split('\n').filter((l) => l.startsWith('ovms_mtls_process_start_time_seconds '));
+      assert.equal(started.length, 1);
+      assert.ok(Math.abs(Number(started[0]!.split(' ')[1]) - Date.now() / 1000) < 3600);
       assert.equal((await httpGet(r.adminPort, '/readyz')).status, 200);
     } finally {
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
