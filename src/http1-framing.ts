@@ -24,7 +24,8 @@ export interface HeaderField {
   readonly line: string;
 }
 
-export interface Http1Head {
+/** What a head says before its fields: the request line or the status line. */
+interface StartLine {
   readonly startLine: string;
   /** Requests only. */
   readonly method: string;
@@ -32,7 +33,64 @@ export interface Http1Head {
   /** Responses only; 0 for requests. */
   readonly status: number;
   readonly minorVersion: 0 | 1;
-  readonly fields: readonly HeaderField[];
+}
+
+/**
+ * A parsed head. Its field lines are split into objects only when someone
+ * asks for all of them; `values()` and `has()` read the text directly, which
+ * is all a request or response on the hot path needs.
+ */
+export class Http1Head implements StartLine {
+  readonly startLine: string;
+  readonly method: string;
+  readonly target: string;
+  readonly status: number;
+  readonly minorVersion: 0 | 1;
+  /** The head as received, CRLF CRLF included. */
+  readonly #text: string;
+  #lower: string | undefined;
+  #fields: readonly HeaderField[] | undefined;
+
+  constructor(text: string, start: StartLine, fields?: readonly HeaderField[]) {
+    this.#text = text;
+    this.startLine = start.startLine;
+    this.method = start.method;
+    this.target = start.target;
+    this.status = start.status;
+    this.minorVersion = start.minorVersion;
+    this.#fields = fields;
+  }
+
+  get fields(): readonly HeaderField[] {
+    return (this.#fields ??= parseFields(splitHead(this.#text)));
+  }
+
+  /** True when a field of that (lower-case) name is present. */
+  has(name: string): boolean {
+    if (this.#fields) return this.#fields.some((f) => f.name === name);
+    return this.#lowerText().includes(`\r\n${name}:`);
+  }
+
+  /** Every value of the fields of that (lower-case) name, split at commas and trimmed. */
+  values(name: string): string[] {
+    const out: string[] = [];
+    if (this.#fields) {
+      for (const field of this.#fields) if (field.name === name) out.push(...commaList(field.value));
+      return out;
+    }
+    // The head's grammar was checked whole: every CRLF but the last starts a field line, and no value holds a CR.
+    const lower = this.#lowerText();
+    const needle = `\r\n${name}:`;
+    for (let at = lower.indexOf(needle); at >= 0; at = lower.indexOf(needle, at + needle.length)) {
+      const start = at + needle.length;
+      out.push(...commaList(this.#text.slice(start, this.#text.indexOf('\r\n', start))));
+    }
+    return out;
+  }
+
+  #lowerText(): string {
+    return (this.#lower ??= this.#text.toLowerCase());
+  }
 }
 
 export type BodyFraming =
@@ -70,6 +128,13 @@ const FIELD_LINE = new RegExp(`^(${TOKEN}):[ \\t]*(.*?)[ \\t]*$`);
 const BAD_VALUE_CHAR = new RegExp(`[${CTL}]`);
 const CHUNK_LINE = new RegExp(`^([0-9A-Fa-f]+)(?:[ \\t]*;[^${CTL}]*)?$`);
 const DIGITS = /^[0-9]{1,15}$/;
+/**
+ * Whole heads in one pass, the same grammar as the line-by-line parser
+ * below: that one runs only for heads these refuse, to name what is wrong.
+ */
+const FIELD_LINES = `(?:${TOKEN}:[^${CTL}]*\\r\\n)*\\r\\n$`;
+const REQUEST_HEAD = new RegExp(`^(${TOKEN}) ([^\\x00-\\x20\\x7f]+) HTTP/1\\.([01])\\r\\n${FIELD_LINES}`);
+const RESPONSE_HEAD = new RegExp(`^HTTP/1\\.([01]) ([1-9][0-9]{2})(?: [^${CTL}]*)?\\r\\n${FIELD_LINES}`);
 
 type State = 'head' | 'length' | 'until-close' | 'chunk-size' | 'chunk-data' | 'chunk-crlf' | 'trailers';
 
@@ -278,9 +343,9 @@ export class Http1Reader {
   }
 }
 
-function splitHead(raw: Buffer): string[] {
-  const text = raw.toString('latin1', 0, raw.length - 4);
-  const lines = text.split('\r\n');
+/** The lines of a head's text (CRLF CRLF included), without their CRLFs. */
+function splitHead(text: string): string[] {
+  const lines = text.slice(0, -4).split('\r\n');
   for (const line of lines) {
     if (line.includes('\n') || line.includes('\r')) throw new FramingError(400, 'header lines must end with CRLF (bare CR or LF found)');
   }
@@ -302,28 +367,48 @@ function parseFields(lines: readonly string[]): HeaderField[] {
 }
 
 export function parseRequestHead(raw: Buffer): Http1Head {
-  const lines = splitHead(raw);
-  const match = REQUEST_LINE.exec(lines[0]!);
-  if (!match) throw new FramingError(400, 'malformed request line (expected "METHOD target HTTP/1.1")');
-  return { startLine: lines[0]!, method: match[1]!, target: match[2]!, status: 0, minorVersion: match[3] === '0' ? 0 : 1, fields: parseFields(lines) };
+  const text = raw.toString('latin1');
+  const match = REQUEST_HEAD.exec(text);
+  if (!match) return parseRequestHeadByLine(text);
+  const startLine = text.slice(0, text.indexOf('\r\n'));
+  return new Http1Head(text, { startLine, method: match[1]!, target: match[2]!, status: 0, minorVersion: match[3] === '0' ? 0 : 1 });
 }
 
 export function parseResponseHead(raw: Buffer): Http1Head {
-  const lines = splitHead(raw);
-  const match = STATUS_LINE.exec(lines[0]!);
-  if (!match) throw new FramingError(502, 'malformed status line from the upstream');
-  return { startLine: lines[0]!, method: '', target: '', status: Number(match[2]), minorVersion: match[1] === '0' ? 0 : 1, fields: parseFields(lines) };
+  const text = raw.toString('latin1');
+  const match = RESPONSE_HEAD.exec(text);
+  if (!match) return parseResponseHeadByLine(text);
+  const startLine = text.slice(0, text.indexOf('\r\n'));
+  return new Http1Head(text, { startLine, method: '', target: '', status: Number(match[2]), minorVersion: match[1] === '0' ? 0 : 1 });
 }
 
-function values(head: Http1Head, name: string): string[] {
-  const out: string[] = [];
-  for (const field of head.fields) if (field.name === name) out.push(...field.value.split(',').map((v) => v.trim()));
-  return out;
+/** The reference parser: slower, and it says which line is wrong. Exported for the test that holds both to the same grammar. */
+export function parseRequestHeadByLine(text: string): Http1Head {
+  const lines = splitHead(text);
+  const match = REQUEST_LINE.exec(lines[0]!);
+  if (!match) throw new FramingError(400, 'malformed request line (expected "METHOD target HTTP/1.1")');
+  const start = { startLine: lines[0]!, method: match[1]!, target: match[2]!, status: 0, minorVersion: match[3] === '0' ? 0 : 1 } as const;
+  return new Http1Head(text, start, parseFields(lines));
+}
+
+export function parseResponseHeadByLine(text: string): Http1Head {
+  const lines = splitHead(text);
+  const match = STATUS_LINE.exec(lines[0]!);
+  if (!match) throw new FramingError(502, 'malformed status line from the upstream');
+  const start = { startLine: lines[0]!, method: '', target: '', status: Number(match[2]), minorVersion: match[1] === '0' ? 0 : 1 } as const;
+  return new Http1Head(text, start, parseFields(lines));
+}
+
+/** RFC 9110 5.6.1: a comma-separated list, each element trimmed. */
+function commaList(value: string): string[] {
+  // Nearly every value is a single element: no array to split into and map over.
+  if (!value.includes(',')) return [value.trim()];
+  return value.split(',').map((v) => v.trim());
 }
 
 /** One Content-Length, or several that agree (RFC 9112 6.3); undefined when absent. */
 function contentLength(head: Http1Head, status: number): number | undefined {
-  const lengths = values(head, 'content-length');
+  const lengths = head.values('content-length');
   if (lengths.length === 0) return undefined;
   const first = lengths[0]!;
   if (!DIGITS.test(first) || lengths.some((l) => l !== first)) throw new FramingError(status, `invalid Content-Length: ${JSON.stringify(lengths.join(', '))}`);
@@ -332,10 +417,10 @@ function contentLength(head: Http1Head, status: number): number | undefined {
 
 /** RFC 9112 6.3 for requests, refusing everything a second parser might read differently. */
 export function requestFraming(head: Http1Head): BodyFraming {
-  const codings = values(head, 'transfer-encoding');
+  const codings = head.values('transfer-encoding');
   if (codings.length > 0) {
     if (head.minorVersion === 0) throw new FramingError(400, 'Transfer-Encoding is not allowed in an HTTP/1.0 request');
-    if (head.fields.some((f) => f.name === 'content-length')) throw new FramingError(400, 'request has both Content-Length and Transfer-Encoding');
+    if (head.has('content-length')) throw new FramingError(400, 'request has both Content-Length and Transfer-Encoding');
     if (codings.length !== 1 || codings[0]!.toLowerCase() !== 'chunked') throw new FramingError(501, `Transfer-Encoding ${JSON.stringify(codings.join(', '))} is not supported (only chunked)`);
     return { kind: 'chunked' };
   }
@@ -346,7 +431,7 @@ export function requestFraming(head: Http1Head): BodyFraming {
 /** RFC 9112 6.3 for a response to a request made with `method`. */
 export function responseFraming(head: Http1Head, method: string): BodyFraming {
   if (method === 'HEAD' || head.status < 200 || head.status === 204 || head.status === 304) return NO_BODY;
-  const codings = values(head, 'transfer-encoding');
+  const codings = head.values('transfer-encoding');
   if (codings.length > 0) return codings.at(-1)!.toLowerCase() === 'chunked' ? { kind: 'chunked' } : { kind: 'until-close' };
   const length = contentLength(head, 502);
   return length === undefined ? { kind: 'until-close' } : { kind: 'length', length };

@@ -31,9 +31,28 @@ export function restRelay(options: RestRelayOptions): Relay {
 const REPLACED_REQUEST_FIELDS = new Set([XFCC, 'x-forwarded-for', 'x-forwarded-proto']);
 /** The relay never switches protocols; terminate mode drops these too. */
 const DROPPED_REQUEST_FIELDS = new Set(['upgrade', 'http2-settings']);
+const REWRITTEN_REQUEST_FIELDS = [...REPLACED_REQUEST_FIELDS, ...DROPPED_REQUEST_FIELDS];
 
-/** The request head as the upstream gets it: the client's fields in order, then ours. */
-export function relayedRequestHead(head: Http1Head, context: ConnectionContext): Buffer {
+/** The fields we add, and the empty line that ends the head. */
+function forwardingFields(previousForwardedFor: readonly string[], context: ConnectionContext): string {
+  return `x-forwarded-for: ${forwardedFor(previousForwardedFor, context)}\r\nx-forwarded-proto: https\r\n${XFCC}: ${context.identity.xfcc}\r\n\r\n`;
+}
+
+/**
+ * The request head as the upstream gets it: the client's fields in order,
+ * then ours. When the client sent none of the fields we replace or drop, that
+ * is its head as it came plus `ours` (forwardingFields() for a client without
+ * X-Forwarded-For, the same for every request of a connection).
+ */
+export function relayedRequestHead(head: Http1Head, raw: Buffer, context: ConnectionContext, ours?: Buffer): Buffer {
+  if (REWRITTEN_REQUEST_FIELDS.some((name) => head.has(name))) return rebuiltRequestHead(head, context);
+  const fields = ours ?? Buffer.from(forwardingFields([], context), 'latin1');
+  // raw ends with the empty line; ours brings its own.
+  return Buffer.concat([raw.subarray(0, raw.length - 2), fields], raw.length - 2 + fields.length);
+}
+
+/** Field by field: what relayedRequestHead() must always equal. */
+export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext): Buffer {
   let text = head.startLine + '\r\n';
   const previous: string[] = [];
   for (const field of head.fields) {
@@ -41,8 +60,7 @@ export function relayedRequestHead(head: Http1Head, context: ConnectionContext):
     if (REPLACED_REQUEST_FIELDS.has(field.name) || DROPPED_REQUEST_FIELDS.has(field.name)) continue;
     text += field.line + '\r\n';
   }
-  text += `x-forwarded-for: ${forwardedFor(previous, context)}\r\nx-forwarded-proto: https\r\n${XFCC}: ${context.identity.xfcc}\r\n\r\n`;
-  return Buffer.from(text, 'latin1');
+  return Buffer.from(text + forwardingFields(previous, context), 'latin1');
 }
 
 /** A response head that tells the client this connection ends after it. */
@@ -153,12 +171,14 @@ class RelayedHttp1Connection implements RelayedConnection {
   readonly #fromUpstream: Http1Reader;
   readonly #toUpstream = new WriteBatch();
   readonly #toClient = new WriteBatch();
+  /** forwardingFields() for a client that sent no X-Forwarded-For: the same for every request of the connection. */
+  #ourFields: Buffer | undefined;
 
   constructor(parts: Http1ConnectionParts) {
     this.#parts = parts;
     const { client, upstream } = parts;
     this.#fromClient = new Http1Reader('request', parts.limits.maxHeaderSize, {
-      head: (head) => this.#requestHead(head),
+      head: (head, raw) => this.#requestHead(head, raw),
       body: (n) => {
         this.#receiving!.bytesIn += n;
       },
@@ -222,7 +242,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (!this.#finished) this.#flushToClient();
   }
 
-  #requestHead(head: Http1Head): { bytes: Buffer; body: BodyFraming } {
+  #requestHead(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } {
     this.#judging = head;
     if (head.method === 'CONNECT') throw new FramingError(405, 'CONNECT is not supported');
     const body = requestFraming(head);
@@ -231,7 +251,8 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#receiving = exchange;
     this.#parts.observer.streamOpened('rest');
     this.#judging = undefined;
-    return { bytes: relayedRequestHead(head, this.#parts.context), body };
+    this.#ourFields ??= Buffer.from(forwardingFields([], this.#parts.context), 'latin1');
+    return { bytes: relayedRequestHead(head, raw, this.#parts.context, this.#ourFields), body };
   }
 
   #responseHead(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } {

@@ -2,7 +2,11 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { chunked } from './helpers/chunks.js';
-import { FramingError, Http1Reader, requestFraming, responseFraming, type BodyFraming, type Http1Head } from '../src/http1-framing.js';
+import {
+  FramingError, Http1Reader, parseRequestHead, parseRequestHeadByLine, parseResponseHead, parseResponseHeadByLine, requestFraming, responseFraming, type BodyFraming, type Http1Head,
+} from '../src/http1-framing.js';
+import { rebuiltRequestHead, relayedRequestHead } from '../src/rest-relay.js';
+import type { ConnectionContext } from '../src/listeners.js';
 
 /** One message as generated: its bytes, the payload length, and for responses the request method it answers. */
 interface Message {
@@ -189,5 +193,75 @@ describe('HTTP/1.1 requests refused', () => {
     reader.push(Buffer.from('\r\nPOST / HTTP/1.1\r\ncontent-length: 3, 3\r\n\r\nabcPOST / HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n3;a=b\r\nabc\r\n0\r\nx-t: 1\r\n\r\n'), () => {});
     assert.deepEqual(bodies, [{ kind: 'length', length: 3 }, { kind: 'chunked' }]);
     assert.equal(ended, 2);
+  });
+});
+
+/** Names the relay looks up, in any case, with values that are lists, empty, padded or odd. */
+const NAMES = ['content-length', 'transfer-encoding', 'x-forwarded-for', 'x-forwarded-client-cert', 'x-forwarded-proto', 'upgrade', 'connection', 'host'];
+const headFieldArb = fc.tuple(
+  fc.oneof(fc.constantFrom(...NAMES), tokenArb).chain((name) => fc.constantFrom(name, name.toUpperCase(), name[0]!.toUpperCase() + name.slice(1))),
+  fc.constantFrom('', ' ', '\t', '  '),
+  fc.oneof(valueArb, fc.constantFrom('', '1, 2', ' a ,b,, c ', 'chunked', '\xe9t\xe9', 'x\ty')),
+  fc.constantFrom('', ' ', '\t'),
+).map(([name, before, value, after]) => `${name}:${before}${value}${after}\r\n`);
+const headArb = fc.tuple(
+  fc.oneof(
+    fc.tuple(fc.constantFrom('GET', 'POST', 'M-SEARCH'), fc.stringMatching(/^\/[a-z0-9/?=&%-]{0,12}$/), fc.constantFrom('0', '1')).map(([m, t, v]) => `${m} ${t} HTTP/1.${v}\r\n`),
+    fc.tuple(fc.constantFrom('0', '1'), fc.constantFrom('200', '404', '101'), fc.constantFrom('', ' ', ' OK', ' Not \xe9')).map(([v, st, r]) => `HTTP/1.${v} ${st}${r}\r\n`),
+  ),
+  fc.array(headFieldArb, { maxLength: 6 }),
+).map(([start, fields]) => `${start}${fields.join('')}\r\n`);
+
+/** A head with up to three bytes inserted, replaced or deleted anywhere before its last CRLF CRLF. */
+const nastyHeadArb = fc.tuple(headArb, fc.array(fc.tuple(fc.nat(), fc.constantFrom('\r', '\n', '\0', '\t', ' ', ':', ',', '\x7f', '\x80', '\x0b', 'A', '/'), fc.constantFrom('insert', 'replace', 'delete')), { maxLength: 3 }))
+  .map(([head, edits]) => {
+    let text = head.slice(0, -4);
+    for (const [at, byte, how] of edits) {
+      const i = at % (text.length + 1);
+      text = text.slice(0, i) + (how === 'delete' ? '' : byte) + text.slice(how === 'insert' ? i : i + 1);
+    }
+    const full = text + '\r\n\r\n';
+    // The reader hands a parser everything up to the first empty line.
+    return full.slice(0, full.indexOf('\r\n\r\n') + 4);
+  });
+
+/** Everything a head tells its reader; values and has before fields, so the text lookups are what is checked. */
+function reading(parse: () => Http1Head): unknown {
+  let head: Http1Head;
+  try {
+    head = parse();
+  } catch (err) {
+    if (!(err instanceof FramingError)) throw err;
+    return { refused: err.status, message: err.message };
+  }
+  const { startLine, method, target, status, minorVersion } = head;
+  const lookups = NAMES.map((name) => [head.has(name), head.values(name)]);
+  return { startLine, method, target, status, minorVersion, lookups, fields: head.fields.map((f) => ({ ...f })) };
+}
+
+describe('HTTP/1.1 heads: the one-pass grammar and the line-by-line parser', () => {
+  test('read every head alike: the same refusal, or the same start line, fields and lookups', () => {
+    fc.assert(
+      fc.property(nastyHeadArb, (text) => {
+        const raw = Buffer.from(text, 'latin1');
+        const [fast, byLine] = text.startsWith('HTTP/') ? [parseResponseHead, parseResponseHeadByLine] : [parseRequestHead, parseRequestHeadByLine];
+        assert.deepEqual(reading(() => fast(raw)), reading(() => byLine(text)));
+      }),
+      { numRuns: 3000 },
+    );
+  });
+
+  test('the relayed head is the client head field by field minus what we replace, then ours, whichever way it is built', () => {
+    const context = { remoteAddress: '127.0.0.1', identity: { xfcc: 'Hash=ab;Subject="CN=c"' } } as unknown as ConnectionContext;
+    fc.assert(
+      fc.property(headArb.filter((t) => !t.startsWith('HTTP/')), (text) => {
+        const raw = Buffer.from(text, 'latin1');
+        const expected = rebuiltRequestHead(parseRequestHeadByLine(text), context).toString('latin1');
+        assert.equal(relayedRequestHead(parseRequestHead(raw), raw, context).toString('latin1'), expected);
+        assert.doesNotMatch(expected, /\r\nupgrade:/i);
+        assert.deepEqual(expected.match(/\r\nx-forwarded-client-cert:[^\r]*/gi), ['\r\nx-forwarded-client-cert: Hash=ab;Subject="CN=c"']);
+      }),
+      { numRuns: 1000 },
+    );
   });
 });
