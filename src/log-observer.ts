@@ -3,6 +3,9 @@ import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
 export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
+  // Children carry the event name already serialized: an access line costs one object less to copy and write.
+  const accessLines = logger.child({ event: ACCESS_EVENTS.request });
+  const relayLines = logger.child({ event: ACCESS_EVENTS.relayed });
   return {
     ...NOOP_OBSERVER,
     handshakeRefused(listener, refusal, remote, subject) {
@@ -16,11 +19,11 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
     },
     request(record) {
       if (!options.accessLog) return;
-      logger.info({ event: ACCESS_EVENTS.request, ...record }, 'request');
+      accessLines.info(record, 'request');
     },
     relayed(record) {
       if (!options.accessLog) return;
-      logger.info({ event: ACCESS_EVENTS.relayed, ...record }, 'relayed connection closed');
+      relayLines.info(record, 'relayed connection closed');
     },
   };
 }

@@ -49,3 +49,23 @@ describe('log destination', () => {
     assert.deepEqual(events(stdout), ['access:1', 'access:2', 'access:3', 'access:4', 'access:5']);
   });
 });
+
+describe('log lines', () => {
+  test('each line carries the ISO time it was written, not a stale one (the stamp is formatted once per millisecond)', async () => {
+    const lines: string[] = [];
+    const logger = createLogger({ level: 'info', destination: { write: (line: string) => lines.push(line) } });
+    const timeOf = (line: string) => Date.parse(JSON.parse(line).time as string);
+    const before = Date.now();
+    logger.info('first');
+    logger.info('second');
+    const after = Date.now();
+    for (const line of lines) {
+      assert.match(JSON.parse(line).time, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+      assert.ok(timeOf(line) >= before && timeOf(line) <= after);
+    }
+    const later = Date.now() + 5;
+    while (Date.now() < later) await new Promise((resolve) => setTimeout(resolve, 5));
+    logger.info('third');
+    assert.ok(timeOf(lines[2]!) >= later);
+  });
+});
