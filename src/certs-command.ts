@@ -171,17 +171,10 @@ export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> 
     return { dir, files: [], validUntil, summary, serialHex, alreadyRevoked: true, crlNumber: previous.crlNumber ?? 0n };
   }
 
-  const crlNumber = (previous?.crlNumber ?? 0n) + 1n;
-  // Whole seconds: the CRL stores no more, and the summary should print what the CRL says.
-  const thisUpdate = new Date(Math.floor((Date.now() - CLOCK_SKEW_MS) / 1000) * 1000);
-  // Keep the publisher's chosen lifetime: the new CRL lives as long as the one it replaces.
-  const span = previous?.nextUpdate ? previous.nextUpdate.getTime() - previous.thisUpdate.getTime() : DAY_MS;
-  const nextUpdate = new Date(thisUpdate.getTime() + span);
-  const crl = await signingWith(dir, () =>
-    createCrl({ issuer: clientCa, revoked: [...(previous?.revoked ?? []), { serialHex }], thisUpdate, nextUpdate, crlNumber }),
-  );
+  const next = await signNextCrl(dir, clientCa, previous, [...(previous?.revoked ?? []), { serialHex }]);
+  const { crlNumber, nextUpdate } = next;
   const files = await writeFiles(dir, [
-    { name: CERT_FILES.clientCaCrl, contents: crl, mode: PUBLIC_MODE, description: `CRL number ${crlNumber}, revokes serial ${serialHex}` },
+    { name: CERT_FILES.clientCaCrl, contents: next.pem, mode: PUBLIC_MODE, description: `CRL number ${crlNumber}, revokes serial ${serialHex}` },
   ]);
   const summary = [
     `Revoked ${certPath} (serial ${serialHex}, ${subject}).`,
@@ -189,6 +182,52 @@ export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> 
     'ovms-mtls reloads the CRL on its own (file watch or SIGHUP), refuses this certificate from then on and closes its open connections.',
   ].join('\n');
   return { dir, files, validUntil: nextUpdate, summary, serialHex, alreadyRevoked: false, crlNumber };
+}
+
+export interface CertsRenewCrlOptions {
+  dir: string;
+  /** Lifetime of the new CRL; by default as long as the one it replaces. */
+  days?: number | undefined;
+}
+
+/**
+ * Re-signs DIR/client_cert_ca.crl with fresh dates and the same revocations.
+ * Every CRL has a next update, and once it passes, the proxy (like OpenSSL)
+ * refuses every client: this is what to run before then.
+ */
+export async function certsRenewCrl(o: CertsRenewCrlOptions): Promise<CertsReport & { crlNumber: bigint }> {
+  const dir = resolve(o.dir);
+  const clientCa = await readClientCa(dir);
+  const crlPath = resolve(dir, CERT_FILES.clientCaCrl);
+  const previous = await readPreviousCrl(crlPath, clientCa);
+  const revoked = previous?.revoked ?? [];
+  const next = await signNextCrl(dir, clientCa, previous, revoked, o.days === undefined ? undefined : checkDays(o.days) * DAY_MS);
+  const files = await writeFiles(dir, [
+    { name: CERT_FILES.clientCaCrl, contents: next.pem, mode: PUBLIC_MODE, description: `CRL number ${next.crlNumber}, ${revoked.length} revoked` },
+  ]);
+  const summary = [
+    `Wrote ${crlPath}: CRL number ${next.crlNumber}, ${revoked.length} revoked, next update ${next.nextUpdate.toISOString()}.`,
+    'ovms-mtls reloads the CRL on its own (file watch or SIGHUP).',
+  ].join('\n');
+  return { dir, files, validUntil: next.nextUpdate, summary, crlNumber: next.crlNumber };
+}
+
+/** The CRL after `previous`: number + 1, issued now, living `spanMs` (default: as long as `previous` did). */
+async function signNextCrl(
+  dir: string,
+  clientCa: Issued,
+  previous: ReturnType<typeof parseCrl> | undefined,
+  revoked: Parameters<typeof createCrl>[0]['revoked'],
+  spanMs?: number,
+): Promise<{ pem: string; crlNumber: bigint; nextUpdate: Date }> {
+  const crlNumber = (previous?.crlNumber ?? 0n) + 1n;
+  // Whole seconds: the CRL stores no more, and the summary should print what the CRL says.
+  const thisUpdate = new Date(Math.floor((Date.now() - CLOCK_SKEW_MS) / 1000) * 1000);
+  // Keep the publisher's chosen lifetime: the new CRL lives as long as the one it replaces.
+  const span = spanMs ?? (previous?.nextUpdate ? previous.nextUpdate.getTime() - previous.thisUpdate.getTime() : DAY_MS);
+  const nextUpdate = new Date(thisUpdate.getTime() + span);
+  const pem = await signingWith(dir, () => createCrl({ issuer: clientCa, revoked, thisUpdate, nextUpdate, crlNumber }));
+  return { pem, crlNumber, nextUpdate };
 }
 
 async function readClientCa(dir: string): Promise<Issued> {

@@ -96,7 +96,7 @@ function checkCrls(crls: readonly CrlInfo[], input: TrustInput): void {
 function checkFreshness(crl: CrlInfo, path: string, now: Date): void {
   if (crl.nextUpdate && crl.nextUpdate <= now) {
     throw new TlsMaterialError(
-      `--mtls_crl: ${path}: CRL #${crl.index} expired on ${crl.nextUpdate.toISOString()} (its next update); every client of its CA would be refused - publish a fresh CRL from the CA`,
+      `--mtls_crl: ${path}: CRL #${crl.index} expired on ${crl.nextUpdate.toISOString()} (its next update); every client of its CA would be refused - publish a fresh CRL from the CA (for a set made by ovms-mtls certs init: run ovms-mtls certs renew-crl)`,
     );
   }
   if (crl.thisUpdate > now) {

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
@@ -13,6 +13,7 @@ import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { DEFAULTS, EMPTY_ALLOW_LIST, type Config } from '../src/config.js';
 import { LogCapture } from './helpers/harness.js';
+import { createCrl, parseCrl } from '../src/x509.js';
 
 let root: string;
 let counter = 0;
@@ -122,7 +123,7 @@ describe('certs init (CLI)', () => {
   test('an unknown subcommand is refused with a hint, and `certs --help` prints the usage', async () => {
     const unknown = await runCli(['certs', 'renew']);
     assert.equal(unknown.code, 2);
-    assert.match(unknown.stderr, /unknown subcommand 'renew' \(use init, client or revoke/);
+    assert.match(unknown.stderr, /unknown subcommand 'renew' \(use init, client, revoke or renew-crl/);
     const help = await runCli(['certs', '--help']);
     assert.equal(help.code, 0);
     assert.match(help.stdout, /ovms-mtls certs init/);
@@ -162,6 +163,50 @@ describe('certs client and revoke (CLI)', () => {
     assert.equal(verifyClient(dir, 'client.pem').status, 0);
     const crl = openssl(['crl', '-in', 'client_cert_ca.crl', '-CAfile', 'client_cert_ca.pem', '-noout'], dir);
     assert.match(crl.out, /verify OK/);
+  });
+});
+
+describe('certs renew-crl (CLI)', () => {
+  const DAY_MS = 24 * 60 * 60 * 1000;
+  const checkFlags = (dir: string) =>
+    ['--mtls_cert', 'server.pem', '--mtls_key', 'server.key', '--mtls_client_ca', 'client_cert_ca.pem', '--mtls_crl', 'client_cert_ca.crl'].map((a) => (a.includes('.') ? join(dir, a) : a));
+
+  test('an expired CRL, which locks every client out, is re-signed with the same revocations and fresh dates', async () => {
+    const dir = await init();
+    assert.equal((await runCli(['certs', 'client', '--dir', dir, '--name', 'leaver'])).code, 0);
+    assert.equal((await runCli(['certs', 'revoke', '--dir', dir, '--cert', 'leaver'])).code, 0);
+    const crlPath = join(dir, 'client_cert_ca.crl');
+    const revoked = parseCrl(await readFile(crlPath, 'utf8')).revoked;
+    const issuer = { certPem: await readFile(join(dir, 'client_cert_ca.pem'), 'utf8'), keyPem: await readFile(join(dir, 'client_cert_ca.key'), 'utf8'), serialHex: '' };
+    await writeFile(crlPath, await createCrl({ issuer, revoked, thisUpdate: new Date(Date.now() - 3 * DAY_MS), nextUpdate: new Date(Date.now() - DAY_MS), crlNumber: 7n }));
+    const stale = await runCli(['check', ...checkFlags(dir)]);
+    assert.notEqual(stale.code, 0);
+    assert.match(stale.stdout + stale.stderr, /expired on/);
+
+    const renewed = await runCli(['certs', 'renew-crl', '--dir', dir, '--days', '30']);
+    assert.equal(renewed.code, 0, renewed.stderr);
+    assert.match(renewed.stdout, /CRL number 8, 1 revoked, next update/);
+    const crl = parseCrl(await readFile(crlPath, 'utf8'));
+    assert.equal(crl.crlNumber, 8n);
+    assert.deepEqual(crl.revoked, revoked);
+    assert.ok(Math.abs(crl.nextUpdate!.getTime() - (Date.now() + 30 * DAY_MS)) < DAY_MS);
+    assert.equal((await runCli(['check', ...checkFlags(dir)])).code, 0);
+    assert.match(verifyClient(dir, 'leaver.pem').out, /certificate revoked/);
+    assert.equal(verifyClient(dir, 'client.pem').status, 0);
+  });
+
+  test('without --days the new CRL lives as long as the one it replaces; a bad --days is refused in one line', async () => {
+    const dir = await init(['--days', '10']);
+    const crlPath = join(dir, 'client_cert_ca.crl');
+    const before = parseCrl(await readFile(crlPath, 'utf8'));
+    assert.equal((await runCli(['certs', 'renew-crl', '--dir', dir])).code, 0);
+    const after = parseCrl(await readFile(crlPath, 'utf8'));
+    assert.equal(after.nextUpdate!.getTime() - after.thisUpdate.getTime(), before.nextUpdate!.getTime() - before.thisUpdate.getTime());
+    assert.equal(after.crlNumber, (before.crlNumber ?? 0n) + 1n);
+    const bad = await runCli(['certs', 'renew-crl', '--dir', dir, '--days', '0']);
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /--days/);
+    assert.equal(bad.stderr.trim().split('\n').length, 1, bad.stderr);
   });
 });
 

@@ -1,4 +1,4 @@
-import { certsClient, certsInit, certsRevoke, type CertsReport } from '../certs-command.js';
+import { certsClient, certsInit, certsRenewCrl, certsRevoke, type CertsReport } from '../certs-command.js';
 import { parseInteger } from '../config.js';
 import { ConfigError } from '../errors.js';
 import type { OptionSpec } from '../options.js';
@@ -12,12 +12,16 @@ export const CERTS_USAGE = `Usage:
   ovms-mtls certs init   [--dir ${DEFAULT_DIR}] [--server_name localhost] [--san DNS:x,IP:y,...] [--days 1] [--key ec|rsa2048|rsa3072|rsa4096] [--force]
   ovms-mtls certs client [--dir ${DEFAULT_DIR}] --name NAME [--uri spiffe://...] [--dns NAME] [--days 1] [--key ec] [--force]
   ovms-mtls certs revoke [--dir ${DEFAULT_DIR}] --cert FILE
+  ovms-mtls certs renew-crl [--dir ${DEFAULT_DIR}] [--days N]
 
 init    writes a complete mTLS set (server cert + key, the CA clients trust, the client CA + key,
         an empty CRL, one client cert + key) in the file names of the OVMS nginx example.
 client  issues another client certificate from the client CA in DIR.
 revoke  adds a client certificate to DIR/client_cert_ca.crl; a running proxy reloads it and
         closes that client's open connections.
+renew-crl  re-signs DIR/client_cert_ca.crl with fresh dates and the same revocations, for --days
+        (default: as long as the CRL it replaces). Run it before the CRL's next update: past it,
+        every client is refused. \`ovms-mtls check\` shows the time left.
 Certificates are valid for 1 day unless --days says otherwise. No openssl needed.
 `;
 
@@ -46,6 +50,7 @@ const SPECS = {
     FORCE,
   ],
   revoke: [DIR, { name: 'cert', type: 'string', describe: 'Client certificate file to revoke (or NAME of DIR/NAME.pem)' }],
+  'renew-crl': [DIR, { ...DAYS, describe: 'Lifetime of the new CRL in days', defaultDescription: 'that of the CRL it replaces' }],
 } satisfies Record<string, OptionSpec[]>;
 
 type Subcommand = keyof typeof SPECS;
@@ -72,16 +77,17 @@ const RUN: Record<Subcommand, (p: Parsed) => Promise<CertsReport>> = {
       force: p['force'] === true,
     }),
   revoke: (p) => certsRevoke({ dir: text(p, 'dir') ?? DEFAULT_DIR, cert: required(p, 'cert', 'the client certificate file, e.g. --cert certs/client.pem') }),
+  'renew-crl': (p) => certsRenewCrl({ dir: text(p, 'dir') ?? DEFAULT_DIR, days: days(p) }),
 };
 
-/** `ovms-mtls certs init|client|revoke ...`: prints what was written and returns 0. */
+/** `ovms-mtls certs init|client|revoke|renew-crl ...`: prints what was written and returns 0. */
 export async function runCertsCommand(argv: readonly string[], io: Io): Promise<number> {
   const [sub, ...rest] = argv;
   if (sub === undefined || sub === '--help' || sub === '-h' || sub === 'help') {
     io.stdout.write(CERTS_USAGE);
     return sub === undefined ? 2 : 0;
   }
-  if (!(sub in SPECS)) throw new ConfigError(`certs: unknown subcommand '${sub}' (use init, client or revoke; see \`ovms-mtls certs --help\`)`);
+  if (!(sub in SPECS)) throw new ConfigError(`certs: unknown subcommand '${sub}' (use init, client, revoke or renew-crl; see \`ovms-mtls certs --help\`)`);
   const subcommand = sub as Subcommand;
   const parsed = await parseCommandLine(rest, SPECS[subcommand], CERTS_USAGE);
   const report = await RUN[subcommand](parsed);

@@ -12,7 +12,7 @@ export function helpText(): string {
 Usage:
   ovms-mtls [OVMS options] [--mtls_* options]   drop-in OVMS entrypoint: starts OVMS on loopback behind mTLS
   ovms-mtls proxy [options]                      mTLS proxy in front of a model server that runs elsewhere
-  ovms-mtls certs init|client|revoke [options]   make and manage certificates (no openssl needed)
+  ovms-mtls certs init|client|revoke|renew-crl [options]   make and manage certificates (no openssl needed)
   ovms-mtls check [--mtls_* options]             validate the TLS material the proxy would load
   ovms-mtls probe --host H [options]             check a running deployment like a client would
   ovms-mtls demo                                 throwaway certs + stand-in model server + proxy, with commands to try
