@@ -40,6 +40,8 @@ export interface Limits {
   readonly handshakeTimeoutMs: number;
   /** An HTTP/1.1 connection with no request in flight and nothing moving is closed after this. */
   readonly idleTimeoutMs: number;
+  /** A connection to the model server not established by then fails (an upstream that drops SYNs would otherwise hold a request for minutes). */
+  readonly upstreamConnectTimeoutMs: number;
   /** Per listener; 0 = unlimited. */
   readonly maxConnections: number;
   readonly maxConcurrentStreams: number;
@@ -86,6 +88,7 @@ export const DEFAULTS = {
   limits: {
     handshakeTimeoutMs: 10_000,
     idleTimeoutMs: 65_000,
+    upstreamConnectTimeoutMs: 10_000,
     maxConnections: 0,
     maxConcurrentStreams: 128,
     maxHeaderSize: 64 * 1024,
@@ -208,6 +211,8 @@ export function parseLimits(raw: RawOptions): Limits {
   return {
     handshakeTimeoutMs: handshake === undefined ? d.handshakeTimeoutMs : Math.max(1, parseSeconds('mtls_handshake_timeout', handshake)),
     idleTimeoutMs: raw['mtls_idle_timeout'] === undefined ? d.idleTimeoutMs : Math.max(1, parseSeconds('mtls_idle_timeout', raw['mtls_idle_timeout'])),
+    upstreamConnectTimeoutMs:
+      raw['mtls_upstream_connect_timeout'] === undefined ? d.upstreamConnectTimeoutMs : Math.max(1, parseSeconds('mtls_upstream_connect_timeout', raw['mtls_upstream_connect_timeout'])),
     maxConnections: numberOr(raw, 'mtls_max_connections', d.maxConnections, 0, 10_000_000),
     maxConcurrentStreams: numberOr(raw, 'mtls_max_concurrent_streams', d.maxConcurrentStreams, 1, 2 ** 31 - 1),
     maxHeaderSize: numberOr(raw, 'mtls_max_header_size', d.maxHeaderSize, 1024, 16 * 1024 * 1024),

@@ -46,6 +46,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_rest_mode', type: 'string', describe: 'REST port: terminate (Node HTTP server and client per request) or relay (HTTP/1.1 clients get one upstream connection each; heads parsed for XFCC and the access log, bodies passed as they are; fastest)', defaultDescription: 'terminate', choices: FORWARD_MODES },
   { name: 'mtls_shutdown_timeout', type: 'number', describe: 'Seconds to let in-flight calls finish on shutdown', defaultDescription: '30' },
   { name: 'mtls_handshake_timeout', type: 'number', describe: 'Seconds a client gets to complete the TLS handshake', defaultDescription: '10' },
+  { name: 'mtls_upstream_connect_timeout', type: 'number', describe: 'Seconds a connection to the model server may take to be established before the request fails with 502 / UNAVAILABLE', defaultDescription: '10' },
   { name: 'mtls_idle_timeout', type: 'number', describe: 'Seconds an HTTP/1.1 connection with no request in flight may stay silent before it is closed', defaultDescription: '65' },
   { name: 'mtls_max_connections', type: 'number', describe: 'Maximum open connections per listener (0 = unlimited)', defaultDescription: '0' },
   { name: 'mtls_max_concurrent_streams', type: 'number', describe: 'HTTP/2 streams a client may open at once per connection', defaultDescription: '128' },

@@ -90,7 +90,10 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
   const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
   const h1 = new H1Front({ limits, observer, onRequest: answerHttp1OnGrpcPort });
   // The terminating front stays: it answers while the upstream is not ready or unreachable.
-  const relay = grpcMode === 'relay' ? grpcRelay({ upstream: cfg.upstream, observer, notReady, fallback: (s, c) => h2.accept(s, c) }) : undefined;
+  const relay =
+    grpcMode === 'relay'
+      ? grpcRelay({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, observer, notReady, fallback: (s, c) => h2.accept(s, c) })
+      : undefined;
   const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
   return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, { h2: relay }), fronts, close: () => forwarder.close() };
 }
@@ -98,12 +101,15 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
 function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
   const { limits, restMode } = options.config;
   const notReady = options.notReady?.rest;
-  const forwarder = new RestForwarder({ upstream: cfg.upstream, observer, notReady });
+  const forwarder = new RestForwarder({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, observer, notReady });
   const onRequest = forwarder.handle.bind(forwarder);
   const h2 = new H2Front({ limits, observer, onRequest });
   const h1 = new H1Front({ limits, observer, onRequest });
   // HTTP/2 clients of the REST port keep the terminating front: the upstream speaks HTTP/1.1 only.
-  const relay = restMode === 'relay' ? restRelay({ upstream: cfg.upstream, observer, notReady, limits, fallback: (s, c) => h1.accept(s, c) }) : undefined;
+  const relay =
+    restMode === 'relay'
+      ? restRelay({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, observer, notReady, limits, fallback: (s, c) => h1.accept(s, c) })
+      : undefined;
   const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
   return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1, { http1: relay }), fronts, close: async () => forwarder.close() };
 }

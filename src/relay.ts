@@ -4,9 +4,7 @@ import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import type { Drainable } from './http-fronts.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
-
-/** A blackholed upstream must not hold a client forever before it falls back. */
-const UPSTREAM_CONNECT_TIMEOUT_MS = 10_000;
+import { failIfNotConnectedWithin } from './upstream-connect.js';
 
 /** One client connection joined to its own upstream connection. */
 export interface RelayedConnection {
@@ -17,6 +15,8 @@ export interface RelayedConnection {
 export interface RelayOptions {
   readonly listener: ListenerName;
   readonly upstream: HostPort;
+  /** A blackholed upstream must not hold a client for long before it falls back. */
+  readonly connectTimeoutMs: number;
   readonly observer: ProxyObserver;
   /** Why the upstream cannot take requests yet, or undefined when ready. */
   readonly notReady?: (() => string | undefined) | undefined;
@@ -48,10 +48,8 @@ export class Relay implements Drainable {
       return;
     }
     const upstream = connect({ host: target.host, port: target.port, noDelay: true });
-    // A timer of our own, not socket.setTimeout(): a socket keeps its cleared timer, a bound callback and the listener for life.
-    const connectTimer = setTimeout(() => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' })), UPSTREAM_CONNECT_TIMEOUT_MS);
+    failIfNotConnectedWithin(upstream, this.#options.connectTimeoutMs);
     const onConnectError = (err: NodeJS.ErrnoException) => {
-      clearTimeout(connectTimer);
       observer.upstreamError(listener, err.code ?? 'connect_error');
       // Not one byte has been read from the client yet: the terminating front gets the whole connection.
       if (!socket.destroyed) fallback(socket, context);
@@ -59,7 +57,6 @@ export class Relay implements Drainable {
     upstream.once('error', onConnectError);
     upstream.once('connect', () => {
       upstream.off('error', onConnectError);
-      clearTimeout(connectTimer);
       if (socket.destroyed) {
         upstream.destroy();
         return;

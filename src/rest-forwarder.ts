@@ -7,6 +7,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { XFCC } from './grpc-forwarder.js';
 import { forward } from './stream-forward.js';
+import { failIfNotConnectedWithin } from './upstream-connect.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -25,6 +26,8 @@ const BODY_BUFFER = 1024 * 1024;
 
 export interface RestForwarderOptions {
   readonly upstream: HostPort;
+  /** A new connection to the upstream not established by then fails the request with 502. */
+  readonly connectTimeoutMs: number;
   readonly observer: ProxyObserver;
   /** Returns why the upstream cannot take requests yet, or undefined when ready. */
   readonly notReady?: () => string | undefined;
@@ -74,6 +77,8 @@ export class RestForwarder {
       headers: upstreamHeaders(req, context),
       setHost: false,
     });
+    // Only a new connection is still connecting; a kept-alive one is not touched.
+    upstreamReq.on('socket', (socket) => failIfNotConnectedWithin(socket, this.#options.connectTimeoutMs));
     upstreamReq.on('response', (upstreamRes) => {
       stats.status = upstreamRes.statusCode ?? 502;
       res.writeHead(stats.status, responseHeaders(upstreamRes.headers));

@@ -1,4 +1,5 @@
 import type { HostPort } from './config.js';
+import { CONNECT_TIMEOUT } from './upstream-connect.js';
 
 /**
  * The one place upstream failures become client-visible text. Never echo raw
@@ -15,6 +16,8 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
     case 'ECONNRESET':
     case 'EPIPE':
       return { code, message: `${where} closed the connection` };
+    case CONNECT_TIMEOUT:
+      return { code, message: `${where} did not accept the connection in time (--mtls_upstream_connect_timeout)` };
     case 'ETIMEDOUT':
       return { code, message: `${where} did not answer in time` };
     case 'ENOTFOUND':
@@ -31,6 +34,12 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
 }
 
 function errorCode(err: unknown): string {
-  if (err && typeof err === 'object' && 'code' in err && typeof err.code === 'string') return err.code;
-  return 'UPSTREAM_ERROR';
+  const code = ownCode(err);
+  // A call waiting on a session that never connected is cancelled with the session's failure as its cause: name that.
+  if (code === 'ERR_HTTP2_STREAM_CANCEL' && err && typeof err === 'object' && 'cause' in err) return ownCode(err.cause) ?? code;
+  return code ?? 'UPSTREAM_ERROR';
+}
+
+function ownCode(err: unknown): string | undefined {
+  return err && typeof err === 'object' && 'code' in err && typeof err.code === 'string' ? err.code : undefined;
 }

@@ -1,5 +1,6 @@
 import { connect, type ClientHttp2Session } from 'node:http2';
 import { isIPv6, connect as netConnect } from 'node:net';
+import { failIfNotConnectedWithin } from './upstream-connect.js';
 import type { HostPort, Limits } from './config.js';
 
 /**
@@ -52,7 +53,11 @@ export class UpstreamH2Session {
       // and keeps queueing whenever the upstream's own limit is reached.
       peerMaxConcurrentStreams: 1,
       // Small gRPC frames must not wait for Nagle.
-      createConnection: () => netConnect({ host: this.#upstream.host, port: this.#upstream.port, noDelay: true }),
+      createConnection: () => {
+        const socket = netConnect({ host: this.#upstream.host, port: this.#upstream.port, noDelay: true });
+        failIfNotConnectedWithin(socket, limits.upstreamConnectTimeoutMs);
+        return socket;
+      },
     });
     // Without an 'error' listener a GOAWAY or refused connect crashes the process (FINDINGS).
     // Each call sees the failure on its own stream; nothing more to do here.

@@ -1,0 +1,69 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { connect } from 'node:net';
+import { once } from 'node:events';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { grpcClients, https1, startTestProxy } from './helpers/harness.js';
+import { startBlackhole, type Blackhole } from './helpers/blackhole.js';
+import { unary } from '../src/demo/grpc-client.js';
+import { parseLimits, FORWARD_MODES } from '../src/config.js';
+
+let pki: TestPki;
+let blackhole: Blackhole;
+
+before(async () => {
+  pki = await createTestPki();
+  blackhole = await startBlackhole();
+});
+
+after(async () => {
+  blackhole.close();
+  await pki.cleanup();
+});
+
+const CONNECT_TIMEOUT_MS = 300;
+const NAMED = /upstream 127\.0\.0\.1:\d+ did not accept the connection in time \(--mtls_upstream_connect_timeout\)/;
+
+describe('an upstream that never accepts the connection (SYNs dropped)', () => {
+  test('the helper really hangs a connection, so the tests below test the timeout', async () => {
+    const socket = connect({ port: blackhole.port, host: '127.0.0.1' });
+    const connected = once(socket, 'connect').then(() => true);
+    const still = await Promise.race([connected, new Promise((resolve) => setTimeout(() => resolve(false), 200))]);
+    socket.destroy();
+    assert.equal(still, false);
+  });
+
+  for (const mode of FORWARD_MODES) {
+    test(`REST, --mtls_rest_mode ${mode}: the client gets 502 naming the timeout, not a two-minute wait`, async () => {
+      const local = await startTestProxy({ pki, upstream: { restPort: blackhole.port }, restMode: mode, limits: { upstreamConnectTimeoutMs: CONNECT_TIMEOUT_MS } });
+      try {
+        const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+        assert.equal(res.status, 502);
+        assert.match(JSON.parse(res.body).error, NAMED);
+        await local.logs.waitFor((l) => l.event === 'upstream_error' && l.reason === 'UPSTREAM_CONNECT_TIMEOUT');
+      } finally {
+        await local.proxy.shutdown(1000);
+      }
+    });
+
+    test(`gRPC, --mtls_grpc_mode ${mode}: the call ends UNAVAILABLE naming the timeout`, async () => {
+      const local = await startTestProxy({ pki, upstream: { grpcPort: blackhole.port }, grpcMode: mode, limits: { upstreamConnectTimeoutMs: CONNECT_TIMEOUT_MS } });
+      const c = grpcClients(local.grpcAddress, pki);
+      try {
+        const err = await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+        assert.equal(err.code, grpc.status.UNAVAILABLE);
+        assert.match(err.details, NAMED);
+      } finally {
+        c.close();
+        await local.proxy.shutdown(1000);
+      }
+    });
+  }
+});
+
+test('--mtls_upstream_connect_timeout is seconds (10 by default); a bad value names the option', () => {
+  assert.equal(parseLimits({}).upstreamConnectTimeoutMs, 10_000);
+  assert.equal(parseLimits({ mtls_upstream_connect_timeout: '0.5' }).upstreamConnectTimeoutMs, 500);
+  assert.throws(() => parseLimits({ mtls_upstream_connect_timeout: 'soon' }), /--mtls_upstream_connect_timeout/);
+});
