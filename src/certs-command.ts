@@ -171,17 +171,13 @@ export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> 
     return { dir, files: [], validUntil, summary, serialHex, alreadyRevoked: true, crlNumber: previous.crlNumber ?? 0n };
   }
 
-  const next = await signNextCrl(dir, clientCa, previous, [...(previous?.revoked ?? []), { serialHex }]);
-  const { crlNumber, nextUpdate } = next;
-  const files = await writeFiles(dir, [
-    { name: CERT_FILES.clientCaCrl, contents: next.pem, mode: PUBLIC_MODE, description: `CRL number ${crlNumber}, revokes serial ${serialHex}` },
-  ]);
+  const next = await writeNextCrl(dir, clientCa, previous, [...(previous?.revoked ?? []), { serialHex }], `revokes serial ${serialHex}`);
   const summary = [
     `Revoked ${certPath} (serial ${serialHex}, ${subject}).`,
-    `Wrote ${crlPath}: CRL number ${crlNumber}, ${(previous?.revoked.length ?? 0) + 1} revoked, next update ${nextUpdate.toISOString()}.`,
+    next.wrote,
     'ovms-mtls reloads the CRL on its own (file watch or SIGHUP), refuses this certificate from then on and closes its open connections.',
   ].join('\n');
-  return { dir, files, validUntil: nextUpdate, summary, serialHex, alreadyRevoked: false, crlNumber };
+  return { dir, files: next.files, validUntil: next.nextUpdate, summary, serialHex, alreadyRevoked: false, crlNumber: next.crlNumber };
 }
 
 export interface CertsRenewCrlOptions {
@@ -201,25 +197,23 @@ export async function certsRenewCrl(o: CertsRenewCrlOptions): Promise<CertsRepor
   const crlPath = resolve(dir, CERT_FILES.clientCaCrl);
   const previous = await readPreviousCrl(crlPath, clientCa);
   const revoked = previous?.revoked ?? [];
-  const next = await signNextCrl(dir, clientCa, previous, revoked, o.days === undefined ? undefined : checkDays(o.days) * DAY_MS);
-  const files = await writeFiles(dir, [
-    { name: CERT_FILES.clientCaCrl, contents: next.pem, mode: PUBLIC_MODE, description: `CRL number ${next.crlNumber}, ${revoked.length} revoked` },
-  ]);
-  const summary = [
-    `Wrote ${crlPath}: CRL number ${next.crlNumber}, ${revoked.length} revoked, next update ${next.nextUpdate.toISOString()}.`,
-    'ovms-mtls reloads the CRL on its own (file watch or SIGHUP).',
-  ].join('\n');
-  return { dir, files, validUntil: next.nextUpdate, summary, crlNumber: next.crlNumber };
+  const next = await writeNextCrl(dir, clientCa, previous, revoked, `${revoked.length} revoked`, o.days === undefined ? undefined : checkDays(o.days) * DAY_MS);
+  const summary = [next.wrote, 'ovms-mtls reloads the CRL on its own (file watch or SIGHUP).'].join('\n');
+  return { dir, files: next.files, validUntil: next.nextUpdate, summary, crlNumber: next.crlNumber };
 }
 
-/** The CRL after `previous`: number + 1, issued now, living `spanMs` (default: as long as `previous` did). */
-async function signNextCrl(
+/**
+ * Writes the CRL after `previous` to DIR: number + 1, issued now, living
+ * `spanMs` (default: as long as `previous` did). `wrote` is the summary line.
+ */
+async function writeNextCrl(
   dir: string,
   clientCa: Issued,
   previous: ReturnType<typeof parseCrl> | undefined,
-  revoked: Parameters<typeof createCrl>[0]['revoked'],
+  revoked: NonNullable<Parameters<typeof createCrl>[0]['revoked']>,
+  change: string,
   spanMs?: number,
-): Promise<{ pem: string; crlNumber: bigint; nextUpdate: Date }> {
+): Promise<{ files: WrittenFile[]; crlNumber: bigint; nextUpdate: Date; wrote: string }> {
   const crlNumber = (previous?.crlNumber ?? 0n) + 1n;
   // Whole seconds: the CRL stores no more, and the summary should print what the CRL says.
   const thisUpdate = new Date(Math.floor((Date.now() - CLOCK_SKEW_MS) / 1000) * 1000);
@@ -227,7 +221,9 @@ async function signNextCrl(
   const span = spanMs ?? (previous?.nextUpdate ? previous.nextUpdate.getTime() - previous.thisUpdate.getTime() : DAY_MS);
   const nextUpdate = new Date(thisUpdate.getTime() + span);
   const pem = await signingWith(dir, () => createCrl({ issuer: clientCa, revoked, thisUpdate, nextUpdate, crlNumber }));
-  return { pem, crlNumber, nextUpdate };
+  const files = await writeFiles(dir, [{ name: CERT_FILES.clientCaCrl, contents: pem, mode: PUBLIC_MODE, description: `CRL number ${crlNumber}, ${change}` }]);
+  const wrote = `Wrote ${resolve(dir, CERT_FILES.clientCaCrl)}: CRL number ${crlNumber}, ${revoked.length} revoked, next update ${nextUpdate.toISOString()}.`;
+  return { files, crlNumber, nextUpdate, wrote };
 }
 
 async function readClientCa(dir: string): Promise<Issued> {

@@ -137,9 +137,10 @@ export function xfccHeaderValue(id: Omit<ClientIdentity, 'xfcc'>): string {
 }
 
 /**
- * Identities of recently seen certificates, by SHA-256 fingerprint. A client
- * opens many connections with one certificate and each connection holds its
- * identity for its life: one shared, frozen copy saves ~1 KiB per connection.
+ * Identities by SHA-256 fingerprint, at most 1,024, the oldest entry evicted
+ * first. A client opens many connections with one certificate and each
+ * connection holds its identity for its life: one shared, frozen copy saves
+ * ~1 KiB per connection.
  */
 const IDENTITY_CACHE_SIZE = 1024;
 const identities = new Map<string, ClientIdentity>();

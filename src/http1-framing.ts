@@ -37,8 +37,10 @@ interface StartLine {
 
 /**
  * A parsed head. Its field lines are split into objects only when someone
- * asks for all of them; `values()` and `has()` read the text directly, which
- * is all a request or response on the hot path needs.
+ * asks for all of them; `values()` and `has()`, all a request or response on
+ * the hot path needs, read the text directly. That is sound because a head is
+ * built only once its grammar holds: every CRLF but the last starts a field
+ * line, and no value holds a CR.
  */
 export class Http1Head implements StartLine {
   readonly startLine: string;
@@ -67,18 +69,12 @@ export class Http1Head implements StartLine {
 
   /** True when a field of that (lower-case) name is present. */
   has(name: string): boolean {
-    if (this.#fields) return this.#fields.some((f) => f.name === name);
     return this.#lowerText().includes(`\r\n${name}:`);
   }
 
   /** Every value of the fields of that (lower-case) name, split at commas and trimmed. */
   values(name: string): string[] {
     const out: string[] = [];
-    if (this.#fields) {
-      for (const field of this.#fields) if (field.name === name) out.push(...commaList(field.value));
-      return out;
-    }
-    // The head's grammar was checked whole: every CRLF but the last starts a field line, and no value holds a CR.
     const lower = this.#lowerText();
     const needle = `\r\n${name}:`;
     for (let at = lower.indexOf(needle); at >= 0; at = lower.indexOf(needle, at + needle.length)) {
@@ -120,21 +116,37 @@ const MAX_CHUNK_LINE = 4096;
 const MAX_CHUNK_SIZE_DIGITS = 13;
 
 const TOKEN = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]+";
-const REQUEST_LINE = new RegExp(`^(${TOKEN}) ([^\\x00-\\x20\\x7f]+) HTTP/1\\.([01])$`);
 /** Control characters other than HTAB: never allowed in a field value, reason phrase or chunk extension. */
 const CTL = '\\x00-\\x08\\x0a-\\x1f\\x7f';
-const STATUS_LINE = new RegExp(`^HTTP/1\\.([01]) ([1-9][0-9]{2})(?: [^${CTL}]*)?$`);
+const REQUEST_START = `(${TOKEN}) ([^\\x00-\\x20\\x7f]+) HTTP/1\\.([01])`;
+const STATUS_START = `HTTP/1\\.([01]) ([1-9][0-9]{2})(?: [^${CTL}]*)?`;
 const FIELD_LINE = new RegExp(`^(${TOKEN}):[ \\t]*(.*?)[ \\t]*$`);
 const BAD_VALUE_CHAR = new RegExp(`[${CTL}]`);
 const CHUNK_LINE = new RegExp(`^([0-9A-Fa-f]+)(?:[ \\t]*;[^${CTL}]*)?$`);
 const DIGITS = /^[0-9]{1,15}$/;
-/**
- * Whole heads in one pass, the same grammar as the line-by-line parser
- * below: that one runs only for heads these refuse, to name what is wrong.
- */
+/** Field lines and the empty line after them; a whole head is its start line, CRLF, then these. */
 const FIELD_LINES = `(?:${TOKEN}:[^${CTL}]*\\r\\n)*\\r\\n$`;
-const REQUEST_HEAD = new RegExp(`^(${TOKEN}) ([^\\x00-\\x20\\x7f]+) HTTP/1\\.([01])\\r\\n${FIELD_LINES}`);
-const RESPONSE_HEAD = new RegExp(`^HTTP/1\\.([01]) ([1-9][0-9]{2})(?: [^${CTL}]*)?\\r\\n${FIELD_LINES}`);
+
+export type MessageKind = 'request' | 'response';
+
+/**
+ * Per kind: the start line alone (for the line-by-line reader) and the whole
+ * head (one pass), with the same capture groups, so one function reads both.
+ */
+const GRAMMAR: Record<MessageKind, { line: RegExp; head: RegExp; malformed: () => FramingError; start: (line: string, m: RegExpExecArray) => StartLine }> = {
+  request: {
+    line: new RegExp(`^${REQUEST_START}$`),
+    head: new RegExp(`^${REQUEST_START}\\r\\n${FIELD_LINES}`),
+    malformed: () => new FramingError(400, 'malformed request line (expected "METHOD target HTTP/1.1")'),
+    start: (line, m) => ({ startLine: line, method: m[1]!, target: m[2]!, status: 0, minorVersion: m[3] === '0' ? 0 : 1 }),
+  },
+  response: {
+    line: new RegExp(`^${STATUS_START}$`),
+    head: new RegExp(`^${STATUS_START}\\r\\n${FIELD_LINES}`),
+    malformed: () => new FramingError(502, 'malformed status line from the upstream'),
+    start: (line, m) => ({ startLine: line, method: '', target: '', status: Number(m[2]), minorVersion: m[1] === '0' ? 0 : 1 }),
+  },
+};
 
 type State = 'head' | 'length' | 'until-close' | 'chunk-size' | 'chunk-data' | 'chunk-crlf' | 'trailers';
 
@@ -144,7 +156,7 @@ type State = 'head' | 'length' | 'until-close' | 'chunk-size' | 'chunk-data' | '
  * as the handler rewrote it, body and chunk framing as received.
  */
 export class Http1Reader {
-  readonly #kind: 'request' | 'response';
+  readonly #kind: MessageKind;
   readonly #maxHeadSize: number;
   readonly #handler: MessageHandler;
   #state: State = 'head';
@@ -156,7 +168,7 @@ export class Http1Reader {
   /** Of the CRLF after chunk data, how many bytes have been checked. */
   #crlfSeen = 0;
 
-  constructor(kind: 'request' | 'response', maxHeadSize: number, handler: MessageHandler) {
+  constructor(kind: MessageKind, maxHeadSize: number, handler: MessageHandler) {
     this.#kind = kind;
     this.#maxHeadSize = maxHeadSize;
     this.#handler = handler;
@@ -210,7 +222,7 @@ export class Http1Reader {
     if (headBytes > this.#maxHeadSize) throw this.#tooLarge();
     this.#pending = undefined;
     const raw = data.subarray(start, end + 4);
-    const head = this.#kind === 'request' ? parseRequestHead(raw) : parseResponseHead(raw);
+    const head = parseHead(raw, this.#kind);
     const result = this.#handler.head(head, raw);
     out(result.bytes);
     this.#startBody(result.body);
@@ -366,37 +378,26 @@ function parseFields(lines: readonly string[]): HeaderField[] {
   return fields;
 }
 
-export function parseRequestHead(raw: Buffer): Http1Head {
+/**
+ * A whole head (CRLF CRLF included), checked in one pass; one the grammar
+ * refuses is read again line by line, which throws the FramingError naming
+ * what is wrong.
+ */
+export function parseHead(raw: Buffer, kind: MessageKind): Http1Head {
   const text = raw.toString('latin1');
-  const match = REQUEST_HEAD.exec(text);
-  if (!match) return parseRequestHeadByLine(text);
-  const startLine = text.slice(0, text.indexOf('\r\n'));
-  return new Http1Head(text, { startLine, method: match[1]!, target: match[2]!, status: 0, minorVersion: match[3] === '0' ? 0 : 1 });
+  const grammar = GRAMMAR[kind];
+  const match = grammar.head.exec(text);
+  if (!match) return parseHeadByLine(text, kind);
+  return new Http1Head(text, grammar.start(text.slice(0, text.indexOf('\r\n')), match));
 }
 
-export function parseResponseHead(raw: Buffer): Http1Head {
-  const text = raw.toString('latin1');
-  const match = RESPONSE_HEAD.exec(text);
-  if (!match) return parseResponseHeadByLine(text);
-  const startLine = text.slice(0, text.indexOf('\r\n'));
-  return new Http1Head(text, { startLine, method: '', target: '', status: Number(match[2]), minorVersion: match[1] === '0' ? 0 : 1 });
-}
-
-/** The reference parser: slower, and it says which line is wrong. Exported for the test that holds both to the same grammar. */
-export function parseRequestHeadByLine(text: string): Http1Head {
+/** The reference reader: slower, and it says which line is wrong. Exported for the test that holds both to the same grammar. */
+export function parseHeadByLine(text: string, kind: MessageKind): Http1Head {
   const lines = splitHead(text);
-  const match = REQUEST_LINE.exec(lines[0]!);
-  if (!match) throw new FramingError(400, 'malformed request line (expected "METHOD target HTTP/1.1")');
-  const start = { startLine: lines[0]!, method: match[1]!, target: match[2]!, status: 0, minorVersion: match[3] === '0' ? 0 : 1 } as const;
-  return new Http1Head(text, start, parseFields(lines));
-}
-
-export function parseResponseHeadByLine(text: string): Http1Head {
-  const lines = splitHead(text);
-  const match = STATUS_LINE.exec(lines[0]!);
-  if (!match) throw new FramingError(502, 'malformed status line from the upstream');
-  const start = { startLine: lines[0]!, method: '', target: '', status: Number(match[2]), minorVersion: match[1] === '0' ? 0 : 1 } as const;
-  return new Http1Head(text, start, parseFields(lines));
+  const grammar = GRAMMAR[kind];
+  const match = grammar.line.exec(lines[0]!);
+  if (!match) throw grammar.malformed();
+  return new Http1Head(text, grammar.start(lines[0]!, match), parseFields(lines));
 }
 
 /** RFC 9110 5.6.1: a comma-separated list, each element trimmed. */

@@ -8,6 +8,7 @@ import { describeUpstreamError } from './upstream-errors.js';
 import { XFCC } from './grpc-forwarder.js';
 import { forward } from './stream-forward.js';
 import { failIfNotConnectedWithin } from './upstream-connect.js';
+import { Socket } from 'node:net';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -41,11 +42,11 @@ export interface RestForwarderOptions {
  */
 export class RestForwarder {
   readonly #options: RestForwarderOptions;
-  // noDelay at connect (net.connect option), not per request: one setsockopt per connection.
-  readonly #agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo', noDelay: true } as AgentOptions);
+  readonly #agent: Agent;
 
   constructor(options: RestForwarderOptions) {
     this.#options = options;
+    this.#agent = connectionTimingAgent(options.connectTimeoutMs);
   }
 
   handle(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext): void {
@@ -77,8 +78,6 @@ export class RestForwarder {
       headers: upstreamHeaders(req, context),
       setHost: false,
     });
-    // Only a new connection is still connecting; a kept-alive one is not touched.
-    upstreamReq.on('socket', (socket) => failIfNotConnectedWithin(socket, this.#options.connectTimeoutMs));
     upstreamReq.on('response', (upstreamRes) => {
       stats.status = upstreamRes.statusCode ?? 502;
       res.writeHead(stats.status, responseHeaders(upstreamRes.headers));
@@ -126,6 +125,22 @@ export class RestForwarder {
       error: stats.error,
     });
   }
+}
+
+/**
+ * Kept-alive upstream connections. noDelay at connect (a net.connect option)
+ * and the connect timeout where each connection is made: once per
+ * connection, not per request.
+ */
+function connectionTimingAgent(connectTimeoutMs: number): Agent {
+  const agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo', noDelay: true } as AgentOptions);
+  const connect = agent.createConnection.bind(agent);
+  agent.createConnection = (options, callback) => {
+    const socket = connect(options, callback);
+    if (socket instanceof Socket) failIfNotConnectedWithin(socket, connectTimeoutMs);
+    return socket;
+  };
+  return agent;
 }
 
 const NONE_LISTED: ReadonlySet<string> = new Set();

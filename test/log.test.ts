@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { accessBufferedDestination, createLogger } from '../src/log.js';
+import { accessBufferedDestination, createLogger, type Logger } from '../src/log.js';
 import { eventually } from './helpers/ops.js';
 
 const LOG_MODULE = fileURLToPath(new URL('../src/log.js', import.meta.url));
@@ -14,23 +14,53 @@ function events(text: string): string[] {
   return text.split('\n').filter(Boolean).map((l) => `${JSON.parse(l).event}:${JSON.parse(l).n}`);
 }
 
+/** A logger writing through accessBufferedDestination to a file of its own. */
+function fileLogger(): { logger: Logger; read(): string; close(): void; remove(): void } {
+  const dir = mkdtempSync(join(tmpdir(), 'ovms-mtls-log-'));
+  const file = join(dir, 'out.log');
+  const fd = openSync(file, 'w');
+  let open = true;
+  return {
+    logger: createLogger({ level: 'info', destination: accessBufferedDestination(fd) }),
+    read: () => readFileSync(file, 'utf8'),
+    close() {
+      if (open) closeSync(fd);
+      open = false;
+    },
+    remove: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
 describe('log destination', () => {
   test('access lines are batched; any other line writes them and itself at once, in order; a quiet buffer is written soon after', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'ovms-mtls-log-'));
-    const file = join(dir, 'out.log');
-    const fd = openSync(file, 'w');
+    const log = fileLogger();
     try {
-      const logger = createLogger({ level: 'info', destination: accessBufferedDestination(fd) });
+      const { logger, read } = log;
       logger.info({ event: 'access', n: 1 });
       logger.info({ event: 'relay_access', n: 2 });
-      assert.equal(readFileSync(file, 'utf8'), '', 'access lines wait in the buffer');
+      assert.equal(read(), '', 'access lines wait in the buffer');
       logger.warn({ event: 'upstream_error', n: 3 });
-      assert.deepEqual(events(readFileSync(file, 'utf8')), ['access:1', 'relay_access:2', 'upstream_error:3']);
+      assert.deepEqual(events(read()), ['access:1', 'relay_access:2', 'upstream_error:3']);
       logger.info({ event: 'access', n: 4 });
-      await eventually(() => events(readFileSync(file, 'utf8')).at(-1) === 'access:4', 'the periodic flush');
+      await eventually(() => events(read()).at(-1) === 'access:4', 'the periodic flush');
     } finally {
-      closeSync(fd);
-      rmSync(dir, { recursive: true, force: true });
+      log.close();
+      log.remove();
+    }
+  });
+
+  test('once nothing waits, nothing more is written: the fd may even be closed', async () => {
+    const log = fileLogger();
+    try {
+      log.logger.info({ event: 'access', n: 1 });
+      await eventually(() => events(log.read()).length === 1, 'the flush of the waiting line');
+      log.close();
+      // Three flush periods: a writer that kept flushing on a timer would now hit the closed fd (EBADF, an uncaught error).
+      await new Promise((resolve) => setTimeout(resolve, 750));
+      assert.deepEqual(events(log.read()), ['access:1']);
+    } finally {
+      log.close();
+      log.remove();
     }
   });
 

@@ -60,6 +60,21 @@ function readUntil(socket: TLSSocket, pattern: RegExp): Promise<string> {
 
 const statuses = (text: string) => [...text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1]));
 
+/** A relay in front of an upstream that answers the first bytes of each connection with `reply` and closes. */
+async function withScriptedUpstream(reply: string, run: (local: StartedProxy, upstreamPort: number) => Promise<void>): Promise<void> {
+  const scripted = createTcpServer((s) => s.once('data', () => s.end(reply)));
+  scripted.listen(0, '127.0.0.1');
+  await once(scripted, 'listening');
+  const port = (scripted.address() as AddressInfo).port;
+  const local = await startTestProxy({ pki, upstream: { restPort: port }, restMode: 'relay' });
+  try {
+    await run(local, port);
+  } finally {
+    await local.proxy.shutdown(1000);
+    scripted.close();
+  }
+}
+
 describe('rest relay: HTTP/1.1 framing', () => {
   test('a request two parsers could split differently gets 400 naming the problem, and nothing of it reaches the model server', async () => {
     const before = upstream.received.length;
@@ -213,29 +228,16 @@ describe('rest relay: drain and upstream failures', () => {
     });
   }
 
-  test('an upstream that closes before answering gives the client a 502 naming it', async () => {
-    const dropping = createTcpServer((s) => s.once('data', () => s.end()));
-    dropping.listen(0, '127.0.0.1');
-    await once(dropping, 'listening');
-    const port = (dropping.address() as AddressInfo).port;
-    const local = await startTestProxy({ pki, upstream: { restPort: port }, restMode: 'relay' });
-    try {
+  test('an upstream that closes before answering gives the client a 502 naming it', () =>
+    withScriptedUpstream('', async (local, port) => {
       const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
       assert.equal(res.status, 502);
       assert.equal(res.headers['content-type'], 'application/json');
       assert.match(JSON.parse(res.body).error, new RegExp(`upstream 127\\.0\\.0\\.1:${port} closed the connection before answering`));
-    } finally {
-      await local.proxy.shutdown(1000);
-      dropping.close();
-    }
-  });
+    }));
 
-  test('an upstream that sends 100 Continue and then closes still gives the client a 502 after the 100', async () => {
-    const continuing = createTcpServer((s) => s.once('data', () => s.end('HTTP/1.1 100 Continue\r\n\r\n')));
-    continuing.listen(0, '127.0.0.1');
-    await once(continuing, 'listening');
-    const local = await startTestProxy({ pki, upstream: { restPort: (continuing.address() as AddressInfo).port }, restMode: 'relay' });
-    try {
+  test('an upstream that sends 100 Continue and then closes still gives the client a 502 after the 100', () =>
+    withScriptedUpstream('HTTP/1.1 100 Continue\r\n\r\n', async (local) => {
       const socket = await openRaw(local.restPort);
       socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-length: ${INFER_BODY.length}\r\nexpect: 100-continue\r\n\r\n`);
       const text = await readToClose(socket);
@@ -243,18 +245,10 @@ describe('rest relay: drain and upstream failures', () => {
       assert.match(text, /closed the connection before answering/);
       const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
       assert.equal(line.status, 502);
-    } finally {
-      await local.proxy.shutdown(1000);
-      continuing.close();
-    }
-  });
+    }));
 
-  test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', async () => {
-    const cutting = createTcpServer((s) => s.once('data', () => s.end('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b')));
-    cutting.listen(0, '127.0.0.1');
-    await once(cutting, 'listening');
-    const local = await startTestProxy({ pki, upstream: { restPort: (cutting.address() as AddressInfo).port }, restMode: 'relay' });
-    try {
+  test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', () =>
+    withScriptedUpstream('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b', async (local) => {
       const socket = await openRaw(local.restPort);
       socket.on('error', () => {});
       socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
@@ -263,11 +257,7 @@ describe('rest relay: drain and upstream failures', () => {
       const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
       assert.equal(line.error, 'upstream_closed_mid_response');
       assert.equal(line.bytesOut, 10);
-    } finally {
-      await local.proxy.shutdown(1000);
-      cutting.close();
-    }
-  });
+    }));
 
   test('while the model server is not ready the client gets 503 with the reason; once ready, relayed', async () => {
     let reason: string | undefined = 'model server starting';
