@@ -1,10 +1,11 @@
 import { ACCESS_EVENTS, type Logger } from './log.js';
 import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
+import { accessLineWriter } from './access-line.js';
 
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
 export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
   // Children carry the event name already serialized: an access line costs one object less to copy and write.
-  const accessLines = logger.child({ event: ACCESS_EVENTS.request });
+  const accessLine = accessLineWriter(logger.child({ event: ACCESS_EVENTS.request }), 'request');
   const relayLines = logger.child({ event: ACCESS_EVENTS.relayed });
   return {
     ...NOOP_OBSERVER,
@@ -19,7 +20,7 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
     },
     request(record) {
       if (!options.accessLog) return;
-      accessLines.info(record, 'request');
+      accessLine(record);
     },
     relayed(record) {
       if (!options.accessLog) return;
