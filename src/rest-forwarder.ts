@@ -128,12 +128,23 @@ export class RestForwarder {
 }
 
 /**
+ * An upstream connection idle this long is closed by us. A server closes its
+ * idle connections too (Node after 5 s, OVMS's Drogon after 60 s, nginx after
+ * 75 s); when it does so just as we send a request, that request fails with
+ * 502. Closing first removes that race. Node's agent would also honour a
+ * shorter `Keep-Alive: timeout=` from the server, but only once it has a
+ * timeout of its own. A request in flight is never cut by it: the agent
+ * destroys only sockets in its free list.
+ */
+export const UPSTREAM_IDLE_MS = 4000;
+
+/**
  * Kept-alive upstream connections. noDelay at connect (a net.connect option)
  * and the connect timeout where each connection is made: once per
  * connection, not per request.
  */
 function connectionTimingAgent(connectTimeoutMs: number): Agent {
-  const agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo', noDelay: true } as AgentOptions);
+  const agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo', noDelay: true, timeout: UPSTREAM_IDLE_MS } as AgentOptions);
   const connect = agent.createConnection.bind(agent);
   agent.createConnection = (options, callback) => {
     const socket = connect(options, callback);
