@@ -1,0 +1,123 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { connect as netConnect, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
+import { connect as tlsConnect } from 'node:tls';
+import { connect as h2Connect } from 'node:http2';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import type { Config } from '../src/config.js';
+
+let pki: TestPki;
+let upstream: ModelServer;
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream({});
+});
+
+after(async () => {
+  await upstream.close();
+  await pki.cleanup();
+});
+
+/**
+ * A loopback hop in front of `targetPort` that passes the client's first
+ * flight (ClientHello) and holds the rest until released: the proxy has
+ * accepted the connection and answered, but the handshake ends only when the
+ * test says so.
+ */
+async function heldHandshake(targetPort: number): Promise<{ port: number; serverAnswered: Promise<void>; release(): void; close(): void }> {
+  let release = (): void => {};
+  let answered = (): void => {};
+  const serverAnswered = new Promise<void>((resolve) => (answered = resolve));
+  const hop = createTcpServer((client: Socket) => {
+    const target = netConnect({ host: '127.0.0.1', port: targetPort });
+    const held: Buffer[] = [];
+    let passing = false;
+    let first = true;
+    client.on('data', (chunk: Buffer) => {
+      if (first || passing) target.write(chunk);
+      else held.push(chunk);
+      first = false;
+    });
+    release = () => {
+      passing = true;
+      for (const chunk of held.splice(0)) target.write(chunk);
+    };
+    target.once('data', () => answered());
+    target.on('data', (chunk: Buffer) => client.write(chunk));
+    target.on('close', () => client.destroy());
+    client.on('close', () => target.destroy());
+    for (const s of [client, target]) s.on('error', () => {});
+  });
+  hop.listen(0, '127.0.0.1');
+  await once(hop, 'listening');
+  return { port: (hop.address() as AddressInfo).port, serverAnswered, release: () => release(), close: () => hop.close() };
+}
+
+/** Starts a drain while a client's handshake is half done, then lets the handshake finish. */
+async function arriveDuringDrain(local: StartedProxy, port: number, connect: (hopPort: number) => Promise<string>): Promise<string> {
+  const hop = await heldHandshake(port);
+  try {
+    const outcome = connect(hop.port);
+    await hop.serverAnswered;
+    const drained = local.proxy.shutdown(20_000);
+    hop.release();
+    const seen = await outcome;
+    await drained;
+    assert.equal(local.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain had to force connections closed');
+    return seen;
+  } finally {
+    hop.close();
+  }
+}
+
+/** HTTP/1.1 over the hop: everything the proxy sends after a request, until it closes. */
+function http1Exchange(hopPort: number): Promise<string> {
+  return new Promise((resolve) => {
+    const socket = tlsConnect({ host: '127.0.0.1', port: hopPort, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki) });
+    let text = '';
+    socket.on('secureConnect', () => socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n'));
+    socket.on('data', (c: Buffer) => (text += c.toString('latin1')));
+    socket.on('error', () => {});
+    socket.on('close', () => resolve(text));
+  });
+}
+
+/** HTTP/2 over the hop: the status of one gRPC call, or how it failed, once the connection is gone. */
+function http2Exchange(hopPort: number): Promise<string> {
+  return new Promise((resolve) => {
+    const session = h2Connect(`https://127.0.0.1:${hopPort}`, { ...tlsClientOptions(pki) });
+    let outcome = 'no answer';
+    session.on('error', (err: NodeJS.ErrnoException) => (outcome = err.code ?? err.message));
+    const call = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerLive', 'content-type': 'application/grpc', te: 'trailers' });
+    call.on('response', (headers) => (outcome = `status ${headers[':status']}`));
+    call.on('error', (err: NodeJS.ErrnoException) => (outcome = err.code ?? err.message));
+    call.end(Buffer.alloc(5));
+    call.resume();
+    session.on('close', () => resolve(outcome));
+  });
+}
+
+const MODES: { name: string; restMode: Config['restMode']; grpcMode: Config['grpcMode'] }[] = [
+  { name: 'terminate', restMode: 'terminate', grpcMode: 'terminate' },
+  { name: 'relay', restMode: 'relay', grpcMode: 'relay' },
+];
+
+describe('a connection whose handshake finishes during a drain', () => {
+  for (const { name, restMode, grpcMode } of MODES) {
+    test(`REST, ${name} mode: closed without being served, and the drain does not wait for it`, { timeout: 30_000 }, async () => {
+      const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, restMode, grpcMode });
+      const seen = await arriveDuringDrain(local, local.restPort, http1Exchange);
+      assert.doesNotMatch(seen, /HTTP\/1\.1 200/);
+    });
+
+    test(`gRPC, ${name} mode: the call is not served, and the drain does not wait for it`, { timeout: 30_000 }, async () => {
+      const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, restMode, grpcMode });
+      const seen = await arriveDuringDrain(local, local.grpcPort, http2Exchange);
+      assert.notEqual(seen, 'status 200');
+    });
+  }
+});
