@@ -135,6 +135,8 @@ interface Exchange {
   status: number;
   /** A final response head went to the client: an upstream failure can no longer become a 502. */
   answered: boolean;
+  /** Its response has ended; if its body is still arriving (an early 413, say), it is logged once that is done. */
+  responded?: boolean;
   error?: string | undefined;
 }
 
@@ -183,7 +185,9 @@ class RelayedHttp1Connection implements RelayedConnection {
         this.#receiving!.bytesIn += n;
       },
       end: () => {
+        const received = this.#receiving!;
         this.#receiving = undefined;
+        if (received.responded) this.#report(received);
         this.#closeIfDone();
       },
     });
@@ -271,7 +275,9 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   #responseEnded(): void {
     if (this.#interim) return;
-    this.#report(this.#exchanges.shift()!);
+    const exchange = this.#exchanges.shift()!;
+    exchange.responded = true;
+    if (exchange !== this.#receiving) this.#report(exchange);
     this.#closeIfDone();
   }
 
@@ -359,7 +365,10 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   /** Every exchange still open is logged once, with why it did not finish. */
   #reportUnfinished(error: string): void {
-    for (const exchange of this.#exchanges.splice(0)) {
+    const open = this.#exchanges.splice(0);
+    // Answered already, its body still arriving: not in the queue any more, still not logged.
+    if (this.#receiving?.responded) open.push(this.#receiving);
+    for (const exchange of open) {
       exchange.error ??= error;
       this.#report(exchange);
     }

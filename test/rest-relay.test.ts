@@ -60,9 +60,12 @@ function readUntil(socket: TLSSocket, pattern: RegExp): Promise<string> {
 
 const statuses = (text: string) => [...text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1]));
 
-/** A relay in front of an upstream that answers the first bytes of each connection with `reply` and closes. */
-async function withScriptedUpstream(reply: string, run: (local: StartedProxy, upstreamPort: number) => Promise<void>): Promise<void> {
-  const scripted = createTcpServer((s) => s.once('data', () => s.end(reply)));
+/** A relay in front of an upstream that answers the first bytes of each connection with `reply` and closes (or, with keepOpen, reads on). */
+async function withScriptedUpstream(reply: string, run: (local: StartedProxy, upstreamPort: number) => Promise<void>, options: { keepOpen?: boolean } = {}): Promise<void> {
+  const scripted = createTcpServer((s) => {
+    s.on('error', () => {});
+    s.once('data', () => (options.keepOpen ? s.write(reply) : s.end(reply)));
+  });
   scripted.listen(0, '127.0.0.1');
   await once(scripted, 'listening');
   const port = (scripted.address() as AddressInfo).port;
@@ -258,6 +261,23 @@ describe('rest relay: drain and upstream failures', () => {
       assert.equal(line.error, 'upstream_closed_mid_response');
       assert.equal(line.bytesOut, 10);
     }));
+
+  test('a response that comes before the whole request body (an early 413) is logged once the body has passed, with all of its bytes', () =>
+    withScriptedUpstream(
+      'HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n',
+      async (local) => {
+        const socket = await openRaw(local.restPort);
+        socket.on('error', () => {});
+        socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n0123');
+        await readUntil(socket, /^HTTP\/1\.1 413 /);
+        socket.write('456789');
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
+        assert.equal(line.status, 413);
+        assert.equal(line.bytesIn, 10);
+        socket.destroy();
+      },
+      { keepOpen: true },
+    ));
 
   test('while the model server is not ready the client gets 503 with the reason; once ready, relayed', async () => {
     let reason: string | undefined = 'model server starting';
