@@ -25,8 +25,6 @@ function accessFields(r: AccessRecord): string {
   return json;
 }
 
-const ACCESS_KEYS: readonly (keyof AccessRecord)[] = ['listener', 'protocol', 'remote', 'subject', 'serial', 'method', 'path', 'status', 'grpcStatus', 'bytesIn', 'bytesOut', 'durationMs', 'error'];
-
 /** pino's per-logger state, reached through the symbols it exports for integrations. */
 type PinoState = Record<symbol, unknown>;
 /** Exported at run time, missing from pino's type declarations. */
@@ -34,8 +32,8 @@ const msgPrefixSym = (pino.symbols as unknown as Record<string, symbol>)['msgPre
 
 /**
  * Whether pino would write an access record as accessFields() does: nothing
- * configured that rewrites a line (mixin, log formatter, serializers or
- * redaction of our keys, a nested key, a message prefix, a write hook) and a
+ * configured that rewrites a line (mixin, log formatter, serializers beyond
+ * pino's own for `err`, redaction, a nested key, a message prefix, a write hook) and a
  * destination that needs no per-line metadata. createLogger() configures none.
  */
 function writesPlainLines(state: PinoState): boolean {
@@ -47,7 +45,7 @@ function writesPlainLines(state: PinoState): boolean {
   const stream = state[s.streamSym] as Record<symbol, unknown>;
   return state[s.mixinSym] === undefined && !state[s.nestedKeySym] && state[s.messageKeySym] === 'msg' && state[msgPrefixSym] === undefined
     && formatters.log === undefined && hooks.streamWrite === undefined && stream[s.needsMetadataGsym] !== true
-    && Reflect.ownKeys(stringifiers).length === 0 && !ACCESS_KEYS.some((key) => serializers[key]);
+    && Reflect.ownKeys(stringifiers).length === 0 && Object.keys(serializers).every((key) => key === 'err');
 }
 
 /**

@@ -187,7 +187,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       end: () => {
         const received = this.#receiving!;
         this.#receiving = undefined;
-        if (received.responded) this.#report(received);
+        this.#settle(received);
         this.#closeIfDone();
       },
     });
@@ -277,8 +277,13 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (this.#interim) return;
     const exchange = this.#exchanges.shift()!;
     exchange.responded = true;
-    if (exchange !== this.#receiving) this.#report(exchange);
+    this.#settle(exchange);
     this.#closeIfDone();
+  }
+
+  /** Logs an exchange once both its response and its request body are done; an early answer (a 413) comes before the body's end. */
+  #settle(exchange: Exchange): void {
+    if (exchange.responded && exchange !== this.#receiving) this.#report(exchange);
   }
 
   /** Ends the connection once nothing is in flight and a drain, revocation or refusal asked for it. */

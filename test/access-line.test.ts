@@ -76,13 +76,15 @@ describe('access lines', () => {
     assert.deepEqual(lines, []);
   });
 
-  test('a logger configured to rewrite lines (redaction, a mixin) is left to pino', () => {
+  test('a logger configured to rewrite lines (redaction, a mixin, a serializer) is left to pino', () => {
     const lines: string[] = [];
     const destination = { write: (line: string) => lines.push(line) };
     const record: AccessRecord = { listener: 'rest', protocol: 'http/1.1', remote: '10.0.0.1', subject: 'CN=secret', serial: '01', method: 'GET', path: '/', status: 200, bytesIn: 0, bytesOut: 0, durationMs: 1 };
     accessLineWriter(pino({ redact: ['subject'] }, destination), 'request')(record);
     accessLineWriter(pino({ mixin: () => ({ pod: 'a' }) }, destination), 'request')(record);
+    accessLineWriter(pino({ serializers: { path: () => '/hidden' } }, destination), 'request')(record);
     assert.equal(JSON.parse(lines[0]!).subject, '[Redacted]');
     assert.equal(JSON.parse(lines[1]!).pod, 'a');
+    assert.equal(JSON.parse(lines[2]!).path, '/hidden');
   });
 });

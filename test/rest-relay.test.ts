@@ -2,11 +2,11 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
-import { createServer as createTcpServer } from 'node:net';
 import { createServer as createHttpServer, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
 
@@ -62,16 +62,10 @@ const statuses = (text: string) => [...text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].ma
 
 /** A relay in front of an upstream that answers the first bytes of each connection with `reply` and closes (or, with keepOpen, reads on). */
 async function withScriptedUpstream(reply: string, run: (local: StartedProxy, upstreamPort: number) => Promise<void>, options: { keepOpen?: boolean } = {}): Promise<void> {
-  const scripted = createTcpServer((s) => {
-    s.on('error', () => {});
-    s.once('data', () => (options.keepOpen ? s.write(reply) : s.end(reply)));
-  });
-  scripted.listen(0, '127.0.0.1');
-  await once(scripted, 'listening');
-  const port = (scripted.address() as AddressInfo).port;
-  const local = await startTestProxy({ pki, upstream: { restPort: port }, restMode: 'relay' });
+  const scripted = await scriptedUpstream((s) => (options.keepOpen ? s.write(reply) : s.end(reply)));
+  const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay' });
   try {
-    await run(local, port);
+    await run(local, scripted.port);
   } finally {
     await local.proxy.shutdown(1000);
     scripted.close();
@@ -262,22 +256,37 @@ describe('rest relay: drain and upstream failures', () => {
       assert.equal(line.bytesOut, 10);
     }));
 
-  test('a response that comes before the whole request body (an early 413) is logged once the body has passed, with all of its bytes', () =>
+  /** A relay whose upstream answers 413 on a request's head; the client has sent 4 of its 10 body bytes when the answer arrives. */
+  const withEarly413 = (path: string, run: (local: StartedProxy, socket: TLSSocket) => Promise<void>) =>
     withScriptedUpstream(
       'HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n',
       async (local) => {
         const socket = await openRaw(local.restPort);
         socket.on('error', () => {});
-        socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n0123');
+        socket.write(`POST ${path} HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n0123`);
         await readUntil(socket, /^HTTP\/1\.1 413 /);
-        socket.write('456789');
-        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
-        assert.equal(line.status, 413);
-        assert.equal(line.bytesIn, 10);
-        socket.destroy();
+        await run(local, socket);
       },
       { keepOpen: true },
-    ));
+    );
+
+  test('a response that comes before the whole request body (an early 413) is logged once the body has passed, with all of its bytes', () =>
+    withEarly413('/v2/models/dummy/infer', async (local, socket) => {
+      socket.write('456789');
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
+      assert.equal(line.status, 413);
+      assert.equal(line.bytesIn, 10);
+      socket.destroy();
+    }));
+
+  test('a request answered early whose client then leaves without the rest of its body is still logged, with what came and why', () =>
+    withEarly413('/v2/models/dummy/gone', async (local, socket) => {
+      socket.destroy();
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/gone');
+      assert.equal(line.status, 413);
+      assert.equal(line.bytesIn, 4);
+      assert.equal(line.error, 'client_closed');
+    }));
 
   test('while the model server is not ready the client gets 503 with the reason; once ready, relayed', async () => {
     let reason: string | undefined = 'model server starting';

@@ -1,10 +1,10 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1, startTestProxy } from './helpers/harness.js';
+import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { UPSTREAM_IDLE_MS } from '../src/rest-forwarder.js';
 
 let pki: TestPki;
@@ -17,22 +17,9 @@ after(async () => {
   await pki.cleanup();
 });
 
-/** A raw HTTP/1.1 upstream that never closes a connection itself; `answer` writes each response. */
-async function keptAliveUpstream(answer: (socket: Socket) => void): Promise<{ port: number; sockets: Socket[]; close(): void }> {
-  const sockets: Socket[] = [];
-  const server = createTcpServer((socket) => {
-    sockets.push(socket);
-    socket.on('data', () => answer(socket));
-    socket.on('error', () => {});
-  });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  return { port: (server.address() as AddressInfo).port, sockets, close: () => server.close() };
-}
-
 describe('kept-alive upstream connections (--mtls_rest_mode terminate)', () => {
   test('an idle one is closed by the proxy, so a server closing its own idle connections never races a new request', { timeout: 30_000 }, async (t) => {
-    const upstream = await keptAliveUpstream((s) => s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'));
+    const upstream = await scriptedUpstream((s) => s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'));
     const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
     try {
       const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
@@ -47,7 +34,7 @@ describe('kept-alive upstream connections (--mtls_rest_mode terminate)', () => {
   });
 
   test('one carrying a response that is quiet for longer than that stays open to its end', { timeout: 30_000 }, async () => {
-    const upstream = await keptAliveUpstream((s) => {
+    const upstream = await scriptedUpstream((s) => {
       s.write('HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n');
       s.write(chunk('data: first\n\n'));
       void sleep(UPSTREAM_IDLE_MS + 1500).then(() => s.write(chunk('data: second\n\n') + '0\r\n\r\n'));
