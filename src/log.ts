@@ -30,6 +30,13 @@ function isAccessLine(line: string): boolean {
  * never late. A waiting line is written within 250 ms, and at exit. Our own
  * timer rather than sonic-boom's periodic flush, which writes even when
  * nothing waits (an empty write every 250 ms, for ever).
+ *
+ * `flush()`, not `flushSync()`: in sync mode both write synchronously, but
+ * flushSync() also fsyncs, and on a log file that held the event loop for
+ * 1-5 ms four times a second under load (every request waited behind it).
+ * Nothing needs the disk sync: written bytes outlive the process anyway.
+ * flush() writes everything held, because the buffer is always emptied down
+ * to under minLength, which is below sonic-boom's maxWrite (one chunk).
  */
 export function accessBufferedDestination(fd: number): DestinationStream {
   const out = pino.destination({ dest: fd, sync: true, minLength: ACCESS_BUFFER_BYTES });
@@ -37,7 +44,7 @@ export function accessBufferedDestination(fd: number): DestinationStream {
   const flush = (): void => {
     clearTimeout(waiting);
     waiting = undefined;
-    out.flushSync();
+    out.flush();
   };
   process.once('exit', () => {
     if (waiting) flush();
