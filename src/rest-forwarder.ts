@@ -1,5 +1,5 @@
 import { Agent, request, type AgentOptions, type IncomingMessage, type ServerResponse, type OutgoingHttpHeaders, type IncomingHttpHeaders, type ClientRequest } from 'node:http';
-import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
+import { constants as http2Constants, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
 import type { Readable, Writable } from 'node:stream';
 import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
@@ -29,6 +29,8 @@ export interface RestForwarderOptions {
   readonly upstream: HostPort;
   /** A new connection to the upstream not established by then fails the request with 502. */
   readonly connectTimeoutMs: number;
+  /** A request body with no byte for this long is given up (408); --mtls_idle_timeout. */
+  readonly bodyTimeoutMs: number;
   readonly observer: ProxyObserver;
   /** Returns why the upstream cannot take requests yet, or undefined when ready. */
   readonly notReady?: () => string | undefined;
@@ -38,7 +40,9 @@ export interface RestForwarderOptions {
  * HTTP/1.1 and HTTP/2 clients -> the HTTP/1.1 upstream over kept-alive
  * connections. Bodies stream both ways with backpressure; nothing is
  * buffered, so Server-Sent Events pass event by event. No timeout on a live
- * response: LLM streams can be quiet for minutes.
+ * response: LLM streams can be quiet for minutes. A request body that stops
+ * arriving is another matter (nginx's client_body_timeout): it would hold a
+ * model server connection for as long as the client likes.
  */
 export class RestForwarder {
   readonly #options: RestForwarderOptions;
@@ -69,6 +73,8 @@ export class RestForwarder {
   #forward(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number): void {
     const { upstream } = this.#options;
     const stats = { status: 0, bytesIn: 0, bytesOut: 0, error: undefined as string | undefined };
+    /** Set once we answered the client ourselves (a stalled body): nothing from the upstream may follow. */
+    let givenUp = false;
     const upstreamReq: ClientRequest = request({
       agent: this.#agent,
       host: upstream.host,
@@ -79,6 +85,7 @@ export class RestForwarder {
       setHost: false,
     });
     upstreamReq.on('response', (upstreamRes) => {
+      if (givenUp) return;
       stats.status = upstreamRes.statusCode ?? 502;
       res.writeHead(stats.status, responseHeaders(upstreamRes.headers));
       // Send the headers now: an SSE client should see the stream open before the first event.
@@ -87,6 +94,7 @@ export class RestForwarder {
       upstreamRes.on('aborted', () => res.destroy());
     });
     upstreamReq.on('error', (err) => {
+      if (givenUp) return;
       const { code, message } = describeUpstreamError(upstream, err);
       stats.error ??= code;
       if (res.headersSent || res.destroyed) {
@@ -98,7 +106,24 @@ export class RestForwarder {
       res.writeHead(502, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ error: message }));
     });
+    const stall = this.#watchBody(req, () => {
+      givenUp = true;
+      stats.error = 'client_body_timeout';
+      upstreamReq.destroy();
+      if (res.headersSent) {
+        res.destroy();
+        return;
+      }
+      stats.status = 408;
+      // The rest of this body will not come; on HTTP/1.1 the connection cannot carry another request.
+      if (req.httpVersionMajor === 1) (res as ServerResponse).shouldKeepAlive = false;
+      res.writeHead(408, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: bodyStalledMessage(this.#options.bodyTimeoutMs) }));
+      // HTTP/2: RST_STREAM(NO_ERROR) once the answer is out tells the client to stop sending (RFC 9113 8.1); Node waits for the stream's 'finish'.
+      if (req.httpVersionMajor === 2) (req as Http2ServerRequest).stream.close(http2Constants.NGHTTP2_NO_ERROR);
+    });
     res.once('close', () => {
+      clearTimeout(stall);
       if (!res.writableFinished) {
         // The client went away: abort the upstream request so the model stops working for nobody.
         stats.error ??= 'client_closed';
@@ -106,7 +131,18 @@ export class RestForwarder {
       }
       this.#log(req, context, started, stats);
     });
-    forward(req as Readable, upstreamReq, BODY_BUFFER, (n) => (stats.bytesIn += n));
+    forward(req as Readable, upstreamReq, BODY_BUFFER, (n) => {
+      stats.bytesIn += n;
+      stall?.refresh();
+    });
+  }
+
+  /** Calls `stalled` when the body has had no byte for bodyTimeoutMs; the timer is refreshed per chunk and ends with the body. */
+  #watchBody(req: ClientRequestLike, stalled: () => void): NodeJS.Timeout | undefined {
+    if (req.complete) return undefined;
+    const timer = setTimeout(stalled, this.#options.bodyTimeoutMs);
+    req.once('end', () => clearTimeout(timer));
+    return timer;
   }
 
   #log(req: ClientRequestLike, context: ConnectionContext, started: number, stats: { status: number; bytesIn: number; bytesOut: number; error?: string | undefined }): void {
@@ -152,6 +188,11 @@ function connectionTimingAgent(connectTimeoutMs: number): Agent {
     return socket;
   };
   return agent;
+}
+
+/** What a client whose request body stopped arriving is told, in both REST modes. */
+export function bodyStalledMessage(timeoutMs: number): string {
+  return `the request body stopped arriving: no byte of it for ${timeoutMs / 1000} s (--mtls_idle_timeout)`;
 }
 
 const NONE_LISTED: ReadonlySet<string> = new Set();

@@ -5,7 +5,7 @@ import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { XFCC } from './grpc-forwarder.js';
-import { forwardedFor } from './rest-forwarder.js';
+import { bodyStalledMessage, forwardedFor } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { FramingError, Http1Reader, requestFraming, responseFraming, type BodyFraming, type Http1Head } from './http1-framing.js';
 
@@ -201,7 +201,8 @@ class RelayedHttp1Connection implements RelayedConnection {
     client.on('data', (chunk: Buffer) => this.#fromClientData(chunk));
     // Fires after that long without a byte either way; a quiet SSE stream has a request in flight and stays.
     client.setTimeout(parts.limits.idleTimeoutMs, () => {
-      if (this.#exchanges.length === 0 && this.#receiving === undefined) this.#end();
+      if (this.#receiving !== undefined) this.#bodyStalled(this.#receiving);
+      else if (this.#exchanges.length === 0) this.#end();
     });
     upstream.on('data', (chunk: Buffer) => this.#fromUpstreamData(chunk));
     upstream.on('drain', () => {
@@ -308,6 +309,21 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#parts.client.pause();
     this.#reportRefusal(err);
     this.#closeIfDone();
+  }
+
+  /**
+   * A request body that stopped arriving (nginx's client_body_timeout): it
+   * would hold the upstream connection for as long as the client likes. 408
+   * if nothing of an answer went out yet, else the connection is cut.
+   */
+  #bodyStalled(exchange: Exchange): void {
+    exchange.error = 'client_body_timeout';
+    if (this.#exchanges.length === 1 && this.#exchanges[0] === exchange && !exchange.answered) {
+      exchange.status = 408;
+      this.#end(answer(408, 'Request Timeout', 'application/json', JSON.stringify({ error: bodyStalledMessage(this.#parts.limits.idleTimeoutMs) })));
+      return;
+    }
+    this.#fail();
   }
 
   /** The upstream closed or failed: a request still waiting gets a 502 if nothing of its answer was sent. */

@@ -1,12 +1,13 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import type { TLSSocket } from 'node:tls';
 import { createServer as createHttpServer, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { scriptedUpstream } from './helpers/scripted-upstream.js';
+import { openRaw as openRawWith, readToClose, readUntil } from './helpers/raw-http1.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
 
@@ -28,35 +29,7 @@ after(async () => {
   await pki.cleanup();
 });
 
-async function openRaw(port: number): Promise<TLSSocket> {
-  const socket = tlsConnect({ host: '127.0.0.1', port, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki) });
-  await once(socket, 'secureConnect');
-  return socket;
-}
-
-/** Everything the server sends until it closes the connection. */
-async function readToClose(socket: TLSSocket): Promise<string> {
-  const chunks: Buffer[] = [];
-  socket.on('data', (c: Buffer) => chunks.push(c));
-  await once(socket, 'close');
-  return Buffer.concat(chunks).toString('latin1');
-}
-
-/** Resolves with what arrived once `pattern` shows up in it. */
-function readUntil(socket: TLSSocket, pattern: RegExp): Promise<string> {
-  return new Promise((resolve, reject) => {
-    let text = '';
-    const onData = (c: Buffer) => {
-      text += c.toString('latin1');
-      if (pattern.test(text)) {
-        socket.off('data', onData);
-        resolve(text);
-      }
-    };
-    socket.on('data', onData);
-    socket.once('close', () => reject(new Error(`closed before ${pattern}; got ${JSON.stringify(text)}`)));
-  });
-}
+const openRaw = (port: number): Promise<TLSSocket> => openRawWith(port, pki);
 
 const statuses = (text: string) => [...text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1]));
 
