@@ -137,10 +137,18 @@ export class RestForwarder {
     });
   }
 
-  /** Calls `stalled` when the body has had no byte for bodyTimeoutMs; the timer is refreshed per chunk and ends with the body. */
+  /**
+   * Calls `stalled` when the body has had no byte for bodyTimeoutMs; the
+   * timer is refreshed per chunk and ends with the body. While we hold the
+   * body back (the upstream is not reading it) the client is not the one
+   * stalling: the timer starts again instead.
+   */
   #watchBody(req: ClientRequestLike, stalled: () => void): NodeJS.Timeout | undefined {
     if (req.complete) return undefined;
-    const timer = setTimeout(stalled, this.#options.bodyTimeoutMs);
+    const timer = setTimeout(() => {
+      if (req.isPaused()) timer.refresh();
+      else stalled();
+    }, this.#options.bodyTimeoutMs);
     req.once('end', () => clearTimeout(timer));
     return timer;
   }

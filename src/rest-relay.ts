@@ -199,11 +199,10 @@ class RelayedHttp1Connection implements RelayedConnection {
       end: () => this.#responseEnded(),
     });
     client.on('data', (chunk: Buffer) => this.#fromClientData(chunk));
-    // Fires after that long without a byte either way; a quiet SSE stream has a request in flight and stays.
-    client.setTimeout(parts.limits.idleTimeoutMs, () => {
-      if (this.#receiving !== undefined) this.#bodyStalled(this.#receiving);
-      else if (this.#exchanges.length === 0) this.#end();
-    });
+    // Fires after that long without a byte either way, again after each new quiet spell (a listener
+    // of its own: setTimeout's callback would be a once() listener, gone after a first quiet SSE stream).
+    client.setTimeout(parts.limits.idleTimeoutMs);
+    client.on('timeout', () => this.#quiet());
     upstream.on('data', (chunk: Buffer) => this.#fromUpstreamData(chunk));
     upstream.on('drain', () => {
       if (!this.#refusal) client.resume();
@@ -215,6 +214,18 @@ class RelayedHttp1Connection implements RelayedConnection {
     upstream.on('error', (err) => this.#upstreamClosed(err));
     client.on('close', () => this.#clientGone());
     upstream.on('close', () => this.#upstreamClosed(undefined));
+  }
+
+  /** Nothing moved for --mtls_idle_timeout: an idle connection closes; a quiet response (SSE) stays. */
+  #quiet(): void {
+    if (this.#receiving === undefined) {
+      if (this.#exchanges.length === 0) this.#end();
+      return;
+    }
+    const { client, limits } = this.#parts;
+    // Paused by us: the upstream is not taking the body, so the client is not the one stalling. Watch again.
+    if (client.isPaused()) client.setTimeout(limits.idleTimeoutMs);
+    else this.#bodyStalled(this.#receiving);
   }
 
   closeGracefully(): void {

@@ -1,6 +1,7 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TLSSocket } from 'node:tls';
 import { createTestPki, type TestPki } from './helpers/pki.js';
@@ -42,6 +43,42 @@ async function silentUpstream() {
   const closed = eventually(() => upstream.sockets.length > 0, 'a connection at the model server').then(() => once(upstream.sockets[0]!, 'close'));
   return { upstream, closed };
 }
+
+/**
+ * A model server that does not read a request until `release()`, then reads
+ * all of it (head and `bodyBytes`) and answers 200 "done": the proxy has to
+ * hold the client back meanwhile, and that is not the client stalling.
+ */
+async function slowReadingUpstream(bodyBytes: number) {
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  const server = createTcpServer((socket: Socket) => {
+    socket.on('error', () => {});
+    socket.pause();
+    void released.then(() => {
+      let head = '';
+      let body = -1;
+      socket.on('data', (chunk: Buffer) => {
+        if (body < 0) {
+          head += chunk.toString('latin1');
+          const end = head.indexOf('\r\n\r\n');
+          if (end < 0) return;
+          body = head.length - end - 4;
+        } else {
+          body += chunk.length;
+        }
+        if (body >= bodyBytes) socket.end('HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndone');
+      });
+      socket.resume();
+    });
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return { port: (server.address() as AddressInfo).port, release, close: () => server.close() };
+}
+
+/** More than the socket buffers and the proxy's own body buffer take, so the client is held back. */
+const LARGE_BODY = Buffer.alloc(48 * 1024 * 1024, 0x61);
 
 describe('a request body that stops arriving', () => {
   for (const restMode of FORWARD_MODES) {
@@ -88,6 +125,45 @@ describe('a request body that stops arriving', () => {
       }
     });
   }
+
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}, HTTP/1.1: a body held back because the model server is not reading it is not a stall`, { timeout: 30_000 }, async () => {
+      const slow = await slowReadingUpstream(LARGE_BODY.length);
+      const local = await startTestProxy({ pki, upstream: { restPort: slow.port }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+      try {
+        const socket = await openRaw(local.restPort);
+        const answer = readToClose(socket);
+        socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-length: ${LARGE_BODY.length}\r\n\r\n`);
+        socket.write(LARGE_BODY);
+        // Three idle timeouts with the client's bytes stuck behind the model server.
+        await sleep(3 * IDLE_MS);
+        assert.ok(socket.writableLength > 0, 'the client is being held back');
+        slow.release();
+        assert.match(await answer, /^HTTP\/1\.1 200 OK\r\n[\s\S]*done$/);
+      } finally {
+        await local.proxy.shutdown(1000);
+        slow.close();
+      }
+    });
+  }
+
+  test('HTTP/2: a body held back because the model server is not reading it is not a stall', { timeout: 30_000 }, async () => {
+    const slow = await slowReadingUpstream(LARGE_BODY.length);
+    const local = await startTestProxy({ pki, upstream: { restPort: slow.port }, limits: { idleTimeoutMs: IDLE_MS } });
+    const session = h2Session(local.restPort, pki);
+    try {
+      const answer = h2Request(session, { ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-length': String(LARGE_BODY.length) }, LARGE_BODY);
+      await sleep(3 * IDLE_MS);
+      slow.release();
+      const res = await answer;
+      assert.equal(res.headers[':status'], 200);
+      assert.equal(res.body.toString(), 'done');
+    } finally {
+      session.destroy();
+      await local.proxy.shutdown(1000);
+      slow.close();
+    }
+  });
 
   test('HTTP/2: the stream gets 408, the model server connection is dropped, and the session goes on serving', { timeout: 20_000 }, async () => {
     const { upstream, closed } = await silentUpstream();
