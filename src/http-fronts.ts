@@ -104,6 +104,16 @@ export class H2Front implements Drainable {
   }
 }
 
+/** What a client whose request head did not arrive in time is told, in both REST modes. */
+export function headStalledMessage(timeoutMs: number): string {
+  return `the request head did not arrive within ${timeoutMs / 1000} s (--mtls_idle_timeout)`;
+}
+
+function plainAnswer(status: number, reason: string, message: string): string {
+  const body = `${message}\n`;
+  return `HTTP/1.1 ${status} ${reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`;
+}
+
 /**
  * The HTTP/1.1 side of a listener. Tracks requests per socket so a drain can
  * close idle keep-alive connections at once and busy ones after their response.
@@ -122,22 +132,29 @@ export class H1Front implements Drainable {
   constructor(options: { limits: Limits; observer: ProxyObserver; onRequest: RequestHandler }) {
     this.#observer = options.observer;
     this.#idleTimeoutMs = options.limits.idleTimeoutMs;
+    const idleMs = options.limits.idleTimeoutMs;
     this.#server = createHttpServer(
       {
         maxHeaderSize: options.limits.maxHeaderSize,
         // A live upload or SSE response may take as long as it takes.
         requestTimeout: 0,
-        keepAliveTimeout: options.limits.idleTimeoutMs,
+        // A head trickled in byte by byte would otherwise hold the connection for ever (nginx: client_header_timeout).
+        headersTimeout: idleMs,
+        connectionsCheckingInterval: Math.max(50, Math.min(30_000, Math.floor(idleMs / 4))),
+        keepAliveTimeout: idleMs,
       },
       (req, res) => this.#onRequest(req, res, options.onRequest),
     );
+    // Node checks headersTimeout from a timer it starts on 'listening'; this server never listens itself (sockets are handed in).
+    this.#server.emit('listening');
     // Any socket timeout (ours above, Node's keep-alive one) lands here; without a listener Node would cut a busy connection too.
     this.#server.on('timeout', (socket: Socket) => {
       if ((this.#active.get(socket) ?? 0) === 0) socket.destroy();
     });
-    this.#server.on('clientError', (_err, socket) => {
-      if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
-      else socket.destroy();
+    this.#server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
+      if (!socket.writable) socket.destroy();
+      else if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') socket.end(plainAnswer(408, 'Request Timeout', headStalledMessage(idleMs)));
+      else socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
     });
   }
 
@@ -157,6 +174,11 @@ export class H1Front implements Drainable {
   drain(): void {
     this.#draining = true;
     for (const [socket, active] of this.#active) if (active === 0) socket.end();
+  }
+
+  /** Once every connection is gone: stops Node's headersTimeout check timer. */
+  close(): void {
+    this.#server.close();
   }
 
   /** Closes one connection now if idle, else right after the response in progress. */

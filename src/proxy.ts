@@ -95,7 +95,11 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
       ? grpcRelay({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, observer, notReady, fallback: (s, c) => h2.accept(s, c) })
       : undefined;
   const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
-  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, { h2: relay }), fronts, close: () => forwarder.close() };
+  const close = (): Promise<void> => {
+    h1.close();
+    return forwarder.close();
+  };
+  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, { h2: relay }), fronts, close };
 }
 
 function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
@@ -111,7 +115,11 @@ function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
       ? restRelay({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, observer, notReady, limits, fallback: (s, c) => h1.accept(s, c) })
       : undefined;
   const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
-  return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1, { http1: relay }), fronts, close: async () => forwarder.close() };
+  const close = async (): Promise<void> => {
+    h1.close();
+    forwarder.close();
+  };
+  return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1, { http1: relay }), fronts, close };
 }
 
 /**

@@ -7,6 +7,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { XFCC } from './grpc-forwarder.js';
 import { bodyStalledMessage, forwardedFor } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
+import { headStalledMessage } from './http-fronts.js';
 import { FramingError, Http1Reader, requestFraming, responseFraming, type BodyFraming, type Http1Head } from './http1-framing.js';
 
 /** The fallback is the terminating HTTP/1.1 front, which answers 503/502 with the reason. */
@@ -76,7 +77,7 @@ function answer(status: number, reason: string, contentType: string, body: strin
   return Buffer.concat([Buffer.from(head, 'latin1'), payload]);
 }
 
-const REASONS: Record<number, string> = { 400: 'Bad Request', 405: 'Method Not Allowed', 431: 'Request Header Fields Too Large', 501: 'Not Implemented', 502: 'Bad Gateway' };
+const REASONS: Record<number, string> = { 400: 'Bad Request', 408: 'Request Timeout', 405: 'Method Not Allowed', 431: 'Request Header Fields Too Large', 501: 'Not Implemented', 502: 'Bad Gateway' };
 
 /** What our own answer to a request the client framed wrongly looks like. */
 function refusalAnswer(err: FramingError): Buffer {
@@ -175,6 +176,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   readonly #toClient = new WriteBatch();
   /** forwardingFields() for a client that sent no X-Forwarded-For: the same for every request of the connection. */
   #ourFields: Buffer | undefined;
+  /** Runs while part of a request head is buffered: a head trickled in byte by byte must still end in time. */
+  #headDeadline: NodeJS.Timeout | undefined;
 
   constructor(parts: Http1ConnectionParts) {
     this.#parts = parts;
@@ -240,7 +243,35 @@ class RelayedHttp1Connection implements RelayedConnection {
     } catch (err) {
       this.#clientFramingError(err as FramingError);
     }
-    if (!this.#finished && !this.#toUpstream.flush(this.#parts.upstream)) this.#parts.client.pause();
+    if (this.#finished) return;
+    if (!this.#toUpstream.flush(this.#parts.upstream)) this.#parts.client.pause();
+    this.#watchHead();
+  }
+
+  /** Starts the head deadline when a read ended inside a request head (rarely: a head usually comes in one read). */
+  #watchHead(): void {
+    const inHead = this.#receiving === undefined && !this.#fromClient.atBoundary;
+    if (inHead && !this.#refusal) this.#headDeadline ??= setTimeout(() => this.#headStalled(), this.#parts.limits.idleTimeoutMs);
+  }
+
+  #stopHeadDeadline(): void {
+    clearTimeout(this.#headDeadline);
+    this.#headDeadline = undefined;
+  }
+
+  /** nginx's client_header_timeout: 408 once the responses before it are done, then the connection closes. */
+  #headStalled(): void {
+    this.#headDeadline = undefined;
+    if (this.#finished || this.#refusal) return;
+    // Paused by us (the upstream is not reading): the rest of the head cannot come yet.
+    if (this.#parts.client.isPaused()) {
+      this.#watchHead();
+      return;
+    }
+    this.#refusal = new FramingError(408, headStalledMessage(this.#parts.limits.idleTimeoutMs));
+    this.#parts.client.pause();
+    this.#reportRefusal(this.#refusal, 'client_header_timeout');
+    this.#closeIfDone();
   }
 
   /** Before anything that ends the connection: what the client should get is still in the batch. */
@@ -259,6 +290,7 @@ class RelayedHttp1Connection implements RelayedConnection {
   }
 
   #requestHead(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } {
+    this.#stopHeadDeadline();
     this.#judging = head;
     if (head.method === 'CONNECT') throw new FramingError(405, 'CONNECT is not supported');
     const body = requestFraming(head);
@@ -397,6 +429,7 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   /** Every exchange still open is logged once, with why it did not finish. */
   #reportUnfinished(error: string): void {
+    this.#stopHeadDeadline();
     const open = this.#exchanges.splice(0);
     // Answered already, its body still arriving: not in the queue any more, still not logged.
     if (this.#receiving?.responded) open.push(this.#receiving);
@@ -413,8 +446,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   }
 
   /** A request refused before it reached the upstream still gets its access line. */
-  #reportRefusal(err: FramingError): void {
-    this.#log({ method: this.#judging?.method ?? '', path: this.#judging?.target ?? '', started: performance.now(), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error: 'bad_request' });
+  #reportRefusal(err: FramingError, error = 'bad_request'): void {
+    this.#log({ method: this.#judging?.method ?? '', path: this.#judging?.target ?? '', started: performance.now(), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error });
   }
 
   #log(exchange: Exchange): void {

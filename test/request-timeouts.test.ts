@@ -13,9 +13,10 @@ import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
 
 /**
- * A REST request whose body stops arriving is given up after
- * --mtls_idle_timeout (nginx's client_body_timeout): otherwise it holds a
- * model server connection for as long as the client likes.
+ * A REST request whose head or body stops arriving is given up after
+ * --mtls_idle_timeout (nginx's client_header_timeout and
+ * client_body_timeout): otherwise a client holds a connection, and with a
+ * body a model server connection too, for as long as it likes.
  */
 
 const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }] });
@@ -194,4 +195,53 @@ describe('a request body that stops arriving', () => {
       upstream.close();
     }
   });
+});
+
+describe('a request head that does not arrive in time', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: a head trickled in a line at a time gets 408 naming --mtls_idle_timeout and the connection closes; nothing reaches the model server`, { timeout: 20_000 }, async () => {
+      let reached = false;
+      const upstream = await scriptedUpstream(() => (reached = true));
+      // Long enough that the trickle (every 50 ms) always keeps the connection from looking idle.
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, limits: { idleTimeoutMs: 1000 } });
+      try {
+        const socket = await openRaw(local.restPort);
+        const text = readToClose(socket);
+        socket.write('GET /v2/health/ready HTTP/1.1\r\n');
+        const trickle = setInterval(() => socket.write('x-a: b\r\n'), 50);
+        try {
+          const answer = await text;
+          assert.match(answer, /^HTTP\/1\.1 408 Request Timeout\r\n/);
+          assert.match(answer, /\r\nconnection: close\r\n/i);
+          assert.match(answer, /the request head did not arrive within 1 s \(--mtls_idle_timeout\)/);
+        } finally {
+          clearInterval(trickle);
+        }
+        assert.equal(reached, false);
+        if (restMode === 'relay') {
+          const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 408);
+          assert.equal(line.error, 'client_header_timeout');
+        }
+      } finally {
+        await local.proxy.shutdown(1000);
+        upstream.close();
+      }
+    });
+
+    test(`--mtls_rest_mode ${restMode}: a kept-alive connection quiet between requests is closed as idle, without a 408`, { timeout: 20_000 }, async () => {
+      const model: ModelServer = await startUpstream({ grpcPort: null });
+      const local = await startTestProxy({ pki, upstream: { restPort: model.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+      try {
+        const socket = await openRaw(local.restPort);
+        const text = readToClose(socket);
+        socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
+        const answer = await text;
+        assert.match(answer, /^HTTP\/1\.1 200 OK\r\n/);
+        assert.doesNotMatch(answer, /408/);
+      } finally {
+        await local.proxy.shutdown(1000);
+        await model.close();
+      }
+    });
+  }
 });
