@@ -151,10 +151,14 @@ export class H1Front implements Drainable {
     this.#server.on('timeout', (socket: Socket) => {
       if ((this.#active.get(socket) ?? 0) === 0) socket.destroy();
     });
-    this.#server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
-      if (!socket.writable) socket.destroy();
-      else if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') socket.end(plainAnswer(408, 'Request Timeout', headStalledMessage(idleMs)));
-      else socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+    this.#server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
+      if (!socket.writable) {
+        socket.destroy();
+        return;
+      }
+      const timedOut = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
+      socket.end(timedOut ? plainAnswer(408, 'Request Timeout', headStalledMessage(idleMs)) : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+      this.#logRefusal(socket, timedOut ? 408 : 400, timedOut ? 'client_header_timeout' : 'bad_request');
     });
   }
 
@@ -185,6 +189,14 @@ export class H1Front implements Drainable {
   closeConnection(socket: TLSSocket): void {
     this.#closing.add(socket);
     if ((this.#active.get(socket) ?? 0) === 0) socket.end();
+  }
+
+  /** A request answered before it was one (unparsable, or its head never completed) still gets its access line, as in relay mode. */
+  #logRefusal(socket: Socket, status: number, error: string): void {
+    const context = this.#contexts.get(socket);
+    if (!context) return;
+    const { identity } = context;
+    this.#observer.request({ listener: context.listener, protocol: 'http/1.1', remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, method: '', path: '', status, bytesIn: 0, bytesOut: 0, durationMs: 0, error });
   }
 
   #onRequest(req: IncomingMessage, res: ServerResponse, handler: RequestHandler): void {

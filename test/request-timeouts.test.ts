@@ -218,10 +218,9 @@ describe('a request head that does not arrive in time', () => {
           clearInterval(trickle);
         }
         assert.equal(reached, false);
-        if (restMode === 'relay') {
-          const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 408);
-          assert.equal(line.error, 'client_header_timeout');
-        }
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 408);
+        assert.equal(line.error, 'client_header_timeout');
+        assert.equal(line.subject, 'CN=client,OU=tests');
       } finally {
         await local.proxy.shutdown(1000);
         upstream.close();

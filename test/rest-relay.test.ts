@@ -174,6 +174,21 @@ describe('rest relay: drain and upstream failures', () => {
   });
 
   for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: a head no parser accepts gets 400, the connection closes, and the refusal has its access line`, { timeout: 20_000 }, async () => {
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode });
+      try {
+        const socket = await openRaw(local.restPort);
+        socket.write('GET /v2/health/ready HTTP/1.1\r\nno colon here\r\n\r\n');
+        assert.deepEqual(statuses(await readToClose(socket)), [400]);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 400 && l.error === 'bad_request');
+        assert.equal(line.subject, 'CN=client,OU=tests');
+      } finally {
+        await local.proxy.shutdown(1000);
+      }
+    });
+  }
+
+  for (const restMode of FORWARD_MODES) {
     test(`--mtls_rest_mode ${restMode}: a connection silent for --mtls_idle_timeout with nothing in flight is closed, whether it was used or not; one waiting for its response is not, and closes once idle after it`, { timeout: 30_000 }, async () => {
       const gated = await gatedUpstream();
       const local = await startTestProxy({ pki, upstream: { restPort: gated.port }, restMode, limits: { idleTimeoutMs: 300 } });
