@@ -109,9 +109,11 @@ export function headStalledMessage(timeoutMs: number): string {
   return `the request head did not arrive within ${timeoutMs / 1000} s (--mtls_idle_timeout)`;
 }
 
-function plainAnswer(status: number, reason: string, message: string): string {
-  const body = `${message}\n`;
-  return `HTTP/1.1 ${status} ${reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`;
+/** A whole HTTP/1.1 response of our own, after which the connection closes. */
+export function closingAnswer(status: number, reason: string, contentType: string, body: string): Buffer {
+  const payload = Buffer.from(body);
+  const head = `HTTP/1.1 ${status} ${reason}\r\ncontent-type: ${contentType}\r\ncontent-length: ${payload.length}\r\nconnection: close\r\n\r\n`;
+  return Buffer.concat([Buffer.from(head, 'latin1'), payload]);
 }
 
 /**
@@ -157,7 +159,7 @@ export class H1Front implements Drainable {
         return;
       }
       const timedOut = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
-      socket.end(timedOut ? plainAnswer(408, 'Request Timeout', headStalledMessage(idleMs)) : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+      socket.end(timedOut ? closingAnswer(408, 'Request Timeout', 'text/plain; charset=utf-8', `${headStalledMessage(idleMs)}\n`) : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
       this.#logRefusal(socket, timedOut ? 408 : 400, timedOut ? 'client_header_timeout' : 'bad_request');
     });
   }

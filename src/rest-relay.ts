@@ -7,7 +7,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { XFCC } from './grpc-forwarder.js';
 import { bodyStalledMessage, forwardedFor } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { headStalledMessage } from './http-fronts.js';
+import { closingAnswer, headStalledMessage } from './http-fronts.js';
 import { FramingError, Http1Reader, requestFraming, responseFraming, type BodyFraming, type Http1Head } from './http1-framing.js';
 
 /** The fallback is the terminating HTTP/1.1 front, which answers 503/502 with the reason. */
@@ -71,21 +71,16 @@ function withConnectionClose(head: Http1Head): Buffer {
   return Buffer.from(text + 'connection: close\r\n\r\n', 'latin1');
 }
 
-function answer(status: number, reason: string, contentType: string, body: string): Buffer {
-  const payload = Buffer.from(body);
-  const head = `HTTP/1.1 ${status} ${reason}\r\ncontent-type: ${contentType}\r\ncontent-length: ${payload.length}\r\nconnection: close\r\n\r\n`;
-  return Buffer.concat([Buffer.from(head, 'latin1'), payload]);
-}
 
 const REASONS: Record<number, string> = { 400: 'Bad Request', 408: 'Request Timeout', 405: 'Method Not Allowed', 431: 'Request Header Fields Too Large', 501: 'Not Implemented', 502: 'Bad Gateway' };
 
 /** What our own answer to a request the client framed wrongly looks like. */
 function refusalAnswer(err: FramingError): Buffer {
-  return answer(err.status, REASONS[err.status] ?? 'Bad Request', 'text/plain; charset=utf-8', `${err.message}\n`);
+  return closingAnswer(err.status, REASONS[err.status] ?? 'Bad Request', 'text/plain; charset=utf-8', `${err.message}\n`);
 }
 
 function badGatewayAnswer(message: string): Buffer {
-  return answer(502, 'Bad Gateway', 'application/json', JSON.stringify({ error: message }));
+  return closingAnswer(502, 'Bad Gateway', 'application/json', JSON.stringify({ error: message }));
 }
 
 /** Small enough to copy into one buffer; larger reads go out as they are. */
@@ -363,7 +358,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     exchange.error = 'client_body_timeout';
     if (this.#exchanges.length === 1 && this.#exchanges[0] === exchange && !exchange.answered) {
       exchange.status = 408;
-      this.#end(answer(408, 'Request Timeout', 'application/json', JSON.stringify({ error: bodyStalledMessage(this.#parts.limits.idleTimeoutMs) })));
+      this.#end(closingAnswer(408, 'Request Timeout', 'application/json', JSON.stringify({ error: bodyStalledMessage(this.#parts.limits.idleTimeoutMs) })));
       return;
     }
     this.#fail();
