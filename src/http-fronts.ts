@@ -109,6 +109,15 @@ export function headStalledMessage(timeoutMs: number): string {
   return `the request head did not arrive within ${timeoutMs / 1000} s (--mtls_idle_timeout)`;
 }
 
+/** What a client whose request Node's parser refused is told, as the relay's own parser words it. */
+function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Limits): { status: number; reason: string; message: string; error: string } {
+  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, reason: 'Request Timeout', message: headStalledMessage(limits.idleTimeoutMs), error: 'client_header_timeout' };
+  if (err.code === 'HPE_HEADER_OVERFLOW') {
+    return { status: 431, reason: 'Request Header Fields Too Large', message: `request header section larger than ${limits.maxHeaderSize} bytes (--mtls_max_header_size)`, error: 'bad_request' };
+  }
+  return { status: 400, reason: 'Bad Request', message: `malformed request: ${err.reason ?? err.code ?? err.message}`, error: 'bad_request' };
+}
+
 /** A whole HTTP/1.1 response of our own, after which the connection closes. */
 export function closingAnswer(status: number, reason: string, contentType: string, body: string): Buffer {
   const payload = Buffer.from(body);
@@ -158,9 +167,9 @@ export class H1Front implements Drainable {
         socket.destroy();
         return;
       }
-      const timedOut = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
-      socket.end(timedOut ? closingAnswer(408, 'Request Timeout', 'text/plain; charset=utf-8', `${headStalledMessage(idleMs)}\n`) : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
-      this.#logRefusal(socket, timedOut ? 408 : 400, timedOut ? 'client_header_timeout' : 'bad_request');
+      const refusal = refusalOf(err, options.limits);
+      socket.end(closingAnswer(refusal.status, refusal.reason, 'text/plain; charset=utf-8', `${refusal.message}\n`));
+      this.#logRefusal(socket, refusal.status, refusal.error);
     });
   }
 

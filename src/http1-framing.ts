@@ -350,7 +350,7 @@ export class Http1Reader {
 
   #tooLarge(): FramingError {
     return this.#kind === 'request'
-      ? new FramingError(431, `request header section larger than ${this.#maxHeadSize} bytes`)
+      ? new FramingError(431, `request header section larger than ${this.#maxHeadSize} bytes (--mtls_max_header_size)`)
       : new FramingError(502, `response header section larger than ${this.#maxHeadSize} bytes`);
   }
 }

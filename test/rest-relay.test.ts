@@ -179,9 +179,28 @@ describe('rest relay: drain and upstream failures', () => {
       try {
         const socket = await openRaw(local.restPort);
         socket.write('GET /v2/health/ready HTTP/1.1\r\nno colon here\r\n\r\n');
-        assert.deepEqual(statuses(await readToClose(socket)), [400]);
+        const text = await readToClose(socket);
+        assert.deepEqual(statuses(text), [400]);
+        // Each parser words it its own way; both name the problem.
+        assert.match(text, /\r\n\r\nmalformed (request: Invalid header token|header line: "no colon here")\n$/);
         const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 400 && l.error === 'bad_request');
         assert.equal(line.subject, 'CN=client,OU=tests');
+      } finally {
+        await local.proxy.shutdown(1000);
+      }
+    });
+
+    test(`--mtls_rest_mode ${restMode}: a head larger than --mtls_max_header_size gets 431 naming the option`, { timeout: 20_000 }, async () => {
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { maxHeaderSize: 2048 } });
+      try {
+        const socket = await openRaw(local.restPort);
+        socket.on('error', () => {});
+        socket.write(`GET /v2/health/ready HTTP/1.1\r\nhost: a\r\nx-big: ${'a'.repeat(4096)}\r\n\r\n`);
+        const text = await readToClose(socket);
+        assert.deepEqual(statuses(text), [431]);
+        assert.match(text, /larger than 2048 bytes \(--mtls_max_header_size\)/);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 431);
+        assert.equal(line.error, 'bad_request');
       } finally {
         await local.proxy.shutdown(1000);
       }
