@@ -1,5 +1,5 @@
 import { createServer as createHttp2Server, type Http2Server, type ServerHttp2Session, type ServerHttp2Stream, type IncomingHttpHeaders, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
-import { createServer as createHttpServer, type Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { STATUS_CODES, createServer as createHttpServer, type Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { Limits } from './config.js';
@@ -110,18 +110,16 @@ export function headStalledMessage(timeoutMs: number): string {
 }
 
 /** What a client whose request Node's parser refused is told, as the relay's own parser words it. */
-function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Limits): { status: number; reason: string; message: string; error: string } {
-  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, reason: 'Request Timeout', message: headStalledMessage(limits.idleTimeoutMs), error: 'client_header_timeout' };
-  if (err.code === 'HPE_HEADER_OVERFLOW') {
-    return { status: 431, reason: 'Request Header Fields Too Large', message: `request header section larger than ${limits.maxHeaderSize} bytes (--mtls_max_header_size)`, error: 'bad_request' };
-  }
-  return { status: 400, reason: 'Bad Request', message: `malformed request: ${err.reason ?? err.code ?? err.message}`, error: 'bad_request' };
+function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Limits): { status: number; message: string; error: string } {
+  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, message: headStalledMessage(limits.idleTimeoutMs), error: 'client_header_timeout' };
+  if (err.code === 'HPE_HEADER_OVERFLOW') return { status: 431, message: `request header section larger than ${limits.maxHeaderSize} bytes (--mtls_max_header_size)`, error: 'bad_request' };
+  return { status: 400, message: `malformed request: ${err.reason ?? err.code ?? err.message}`, error: 'bad_request' };
 }
 
 /** A whole HTTP/1.1 response of our own, after which the connection closes. */
-export function closingAnswer(status: number, reason: string, contentType: string, body: string): Buffer {
+export function closingAnswer(status: number, contentType: string, body: string): Buffer {
   const payload = Buffer.from(body);
-  const head = `HTTP/1.1 ${status} ${reason}\r\ncontent-type: ${contentType}\r\ncontent-length: ${payload.length}\r\nconnection: close\r\n\r\n`;
+  const head = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Unknown'}\r\ncontent-type: ${contentType}\r\ncontent-length: ${payload.length}\r\nconnection: close\r\n\r\n`;
   return Buffer.concat([Buffer.from(head, 'latin1'), payload]);
 }
 
@@ -142,8 +140,7 @@ export class H1Front implements Drainable {
 
   constructor(options: { limits: Limits; observer: ProxyObserver; onRequest: RequestHandler }) {
     this.#observer = options.observer;
-    this.#idleTimeoutMs = options.limits.idleTimeoutMs;
-    const idleMs = options.limits.idleTimeoutMs;
+    const idleMs = (this.#idleTimeoutMs = options.limits.idleTimeoutMs);
     this.#server = createHttpServer(
       {
         maxHeaderSize: options.limits.maxHeaderSize,
@@ -168,7 +165,7 @@ export class H1Front implements Drainable {
         return;
       }
       const refusal = refusalOf(err, options.limits);
-      socket.end(closingAnswer(refusal.status, refusal.reason, 'text/plain; charset=utf-8', `${refusal.message}\n`));
+      socket.end(closingAnswer(refusal.status, 'text/plain; charset=utf-8', `${refusal.message}\n`));
       this.#logRefusal(socket, refusal.status, refusal.error);
     });
   }

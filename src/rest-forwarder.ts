@@ -139,17 +139,18 @@ export class RestForwarder {
 
   /**
    * Calls `stalled` when the body has had no byte for bodyTimeoutMs; the
-   * timer is refreshed per chunk and ends with the body. While we hold the
-   * body back (the upstream is not reading it) the client is not the one
-   * stalling: the timer starts again instead.
+   * timer is refreshed per chunk and cleared when the response closes. A
+   * body that has ended by then is fine (no per-request 'end' listener just
+   * to clear it earlier). While we hold the body back (the upstream is not
+   * reading it) the client is not the one stalling: the timer starts again.
    */
   #watchBody(req: ClientRequestLike, stalled: () => void): NodeJS.Timeout | undefined {
     if (req.complete) return undefined;
     const timer = setTimeout(() => {
+      if (req.complete) return;
       if (req.isPaused()) timer.refresh();
       else stalled();
     }, this.#options.bodyTimeoutMs);
-    req.once('end', () => clearTimeout(timer));
     return timer;
   }
 

@@ -72,15 +72,13 @@ function withConnectionClose(head: Http1Head): Buffer {
 }
 
 
-const REASONS: Record<number, string> = { 400: 'Bad Request', 408: 'Request Timeout', 405: 'Method Not Allowed', 431: 'Request Header Fields Too Large', 501: 'Not Implemented', 502: 'Bad Gateway' };
-
 /** What our own answer to a request the client framed wrongly looks like. */
 function refusalAnswer(err: FramingError): Buffer {
-  return closingAnswer(err.status, REASONS[err.status] ?? 'Bad Request', 'text/plain; charset=utf-8', `${err.message}\n`);
+  return closingAnswer(err.status, 'text/plain; charset=utf-8', `${err.message}\n`);
 }
 
 function badGatewayAnswer(message: string): Buffer {
-  return closingAnswer(502, 'Bad Gateway', 'application/json', JSON.stringify({ error: message }));
+  return closingAnswer(502, 'application/json', JSON.stringify({ error: message }));
 }
 
 /** Small enough to copy into one buffer; larger reads go out as they are. */
@@ -358,7 +356,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     exchange.error = 'client_body_timeout';
     if (this.#exchanges.length === 1 && this.#exchanges[0] === exchange && !exchange.answered) {
       exchange.status = 408;
-      this.#end(closingAnswer(408, 'Request Timeout', 'application/json', JSON.stringify({ error: bodyStalledMessage(this.#parts.limits.idleTimeoutMs) })));
+      this.#end(closingAnswer(408, 'application/json', JSON.stringify({ error: bodyStalledMessage(this.#parts.limits.idleTimeoutMs) })));
       return;
     }
     this.#fail();
