@@ -32,11 +32,7 @@ after(async () => {
   await pki.cleanup();
 });
 
-async function openRaw(port: number): Promise<TLSSocket> {
-  const socket = await openRawWith(port, pki);
-  socket.on('error', () => {});
-  return socket;
-}
+const openRaw = (port: number): Promise<TLSSocket> => openRawWith(port, pki);
 
 /** A model server that reads what it gets and never answers; `closed` settles when the proxy drops its connection. */
 async function silentUpstream() {

@@ -194,7 +194,6 @@ describe('rest relay: drain and upstream failures', () => {
       const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { maxHeaderSize: 2048 } });
       try {
         const socket = await openRaw(local.restPort);
-        socket.on('error', () => {});
         socket.write(`GET /v2/health/ready HTTP/1.1\r\nhost: a\r\nx-big: ${'a'.repeat(4096)}\r\n\r\n`);
         const text = await readToClose(socket);
         assert.deepEqual(statuses(text), [431]);
@@ -257,7 +256,6 @@ describe('rest relay: drain and upstream failures', () => {
   test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', () =>
     withScriptedUpstream('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b', async (local) => {
       const socket = await openRaw(local.restPort);
-      socket.on('error', () => {});
       socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
       const text = await readToClose(socket);
       assert.match(text, /^HTTP\/1\.1 200 OK\r\n[\s\S]*only ten b$/);
@@ -272,7 +270,6 @@ describe('rest relay: drain and upstream failures', () => {
       'HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n',
       async (local) => {
         const socket = await openRaw(local.restPort);
-        socket.on('error', () => {});
         socket.write(`POST ${path} HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n0123`);
         await readUntil(socket, /^HTTP\/1\.1 413 /);
         await run(local, socket);

@@ -3,9 +3,10 @@ import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import type { TestPki } from './pki.js';
 import { tlsClientOptions } from './harness.js';
 
-/** An mTLS connection that speaks HTTP/1.1 as the test writes it, byte for byte. */
+/** An mTLS connection that speaks HTTP/1.1 as the test writes it, byte for byte; a reset shows as 'close'. */
 export async function openRaw(port: number, pki: TestPki): Promise<TLSSocket> {
   const socket = tlsConnect({ host: '127.0.0.1', port, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki) });
+  socket.on('error', () => {});
   await once(socket, 'secureConnect');
   return socket;
 }
