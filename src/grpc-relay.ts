@@ -3,10 +3,14 @@ import type { TLSSocket } from 'node:tls';
 import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, TYPE_HEADERS } from './h2-frames.js';
+import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams } from './h2-frames.js';
+import { IdleWatch } from './idle-watch.js';
 
-/** The fallback is the terminating HTTP/2 front, which answers UNAVAILABLE per call. */
-export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'>;
+/**
+ * The fallback is the terminating HTTP/2 front, which answers UNAVAILABLE per
+ * call. A connection with no stream open for `idleTimeoutMs` is closed.
+ */
+export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { readonly idleTimeoutMs: number };
 
 /**
  * `--mtls_grpc_mode relay`: the decrypted HTTP/2 bytes go to the upstream h2c
@@ -15,7 +19,8 @@ export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'>;
  * access line per connection instead of per call (README, "gRPC modes").
  */
 export function grpcRelay(options: GrpcRelayOptions): Relay {
-  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, options.observer) });
+  const { observer, idleTimeoutMs } = options;
+  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, observer, idleTimeoutMs) });
 }
 
 /** One client connection and its own upstream connection, with backpressure both ways. */
@@ -25,12 +30,15 @@ class RelayedH2Connection implements RelayedConnection {
   readonly #context: ConnectionContext;
   readonly #observer: ProxyObserver;
   readonly #started = performance.now();
+  /** After a first idle spell a GOAWAY; after a second one with the client still there, the connection ends. */
+  readonly #idle: IdleWatch;
+  /** Followed from both directions' frame headers: each call, and whether any is open. */
+  readonly #streams: OpenStreams;
   /** Upstream-to-client frames, so a GOAWAY of ours never lands inside one of the upstream's. */
-  readonly #toClient = new GoAwayInserter();
-  /** Client-to-upstream frames: a HEADERS frame on a new stream id is a new call. */
-  readonly #fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: (type, id) => this.#onClientFrame(type, id) });
-  #calls = 0;
-  #lastStreamId = 0;
+  readonly #toClient: GoAwayInserter;
+  /** Client-to-upstream frames. */
+  readonly #fromClient: FrameCursor;
+  #idleClosed = false;
   #bytesIn = 0;
   #bytesOut = 0;
   #error: string | undefined;
@@ -39,11 +47,15 @@ class RelayedH2Connection implements RelayedConnection {
     if (!this.#client.write(chunk)) this.#upstream.pause();
   };
 
-  constructor(client: TLSSocket, upstream: Socket, context: ConnectionContext, observer: ProxyObserver) {
+  constructor(client: TLSSocket, upstream: Socket, context: ConnectionContext, observer: ProxyObserver, idleTimeoutMs: number) {
     this.#client = client;
     this.#upstream = upstream;
     this.#context = context;
     this.#observer = observer;
+    this.#idle = new IdleWatch(idleTimeoutMs, () => this.#idleSpell());
+    this.#streams = new OpenStreams(this.#idle);
+    this.#toClient = new GoAwayInserter(this.#streams.fromServer);
+    this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.#streams.fromClient });
     client.on('data', (chunk: Buffer) => {
       this.#bytesIn += chunk.length;
       this.#fromClient.advance(chunk);
@@ -66,6 +78,7 @@ class RelayedH2Connection implements RelayedConnection {
     // Whichever side goes first, the other follows; written bytes are flushed before the FIN.
     client.on('close', () => {
       upstream.destroy();
+      this.#idle.stop();
       this.#report();
     });
     upstream.on('close', () => {
@@ -79,11 +92,19 @@ class RelayedH2Connection implements RelayedConnection {
     this.#toClient.request(this.#write);
   }
 
-  #onClientFrame(type: number, streamId: number): void {
-    // Client stream ids only grow; a later HEADERS on a known stream is trailers.
-    if (type !== TYPE_HEADERS || streamId <= this.#lastStreamId) return;
-    this.#lastStreamId = streamId;
-    this.#calls++;
+  /**
+   * No stream open for the idle timeout: a graceful GOAWAY, after which a client
+   * closes the connection itself; one still there after another idle spell is ended.
+   */
+  #idleSpell(): boolean {
+    if (this.#idleClosed) {
+      this.#client.end();
+      this.#upstream.end();
+      return false;
+    }
+    this.#idleClosed = true;
+    this.closeGracefully();
+    return true;
   }
 
   #failed(reason: string): void {
@@ -97,11 +118,12 @@ class RelayedH2Connection implements RelayedConnection {
       remote: remoteAddress,
       subject: identity.subject,
       serial: identity.serial,
-      calls: this.#calls,
+      calls: this.#streams.started,
       bytesIn: this.#bytesIn,
       bytesOut: this.#bytesOut,
       durationMs: elapsedMs(this.#started),
       goAway: this.#toClient.sent,
+      idle: this.#idleClosed,
       error: this.#error,
     });
   }

@@ -5,9 +5,12 @@
  * HPACK are never looked at.
  */
 const FRAME_HEADER_BYTES = 9;
+const TYPE_DATA = 0x0;
+const TYPE_RST_STREAM = 0x3;
 const TYPE_GOAWAY = 0x7;
 const TYPE_PUSH_PROMISE = 0x5;
 const TYPE_CONTINUATION = 0x9;
+const FLAG_END_STREAM = 0x1;
 const FLAG_END_HEADERS = 0x4;
 const MAX_STREAM_ID = 0x7fffffff;
 
@@ -19,12 +22,14 @@ export interface FrameCursorOptions {
   /** Bytes before the first frame (the client's preface). */
   readonly skip?: number;
   /** Called with each frame header as it is read. */
-  readonly onFrame?: (type: number, streamId: number) => void;
+  readonly onFrame?: OnFrame;
 }
+
+export type OnFrame = (type: number, streamId: number, flags: number) => void;
 
 export class FrameCursor {
   readonly #header = Buffer.alloc(FRAME_HEADER_BYTES);
-  readonly #onFrame: ((type: number, streamId: number) => void) | undefined;
+  readonly #onFrame: OnFrame | undefined;
   #skip: number;
   #headerFill = 0;
   #payloadLeft = 0;
@@ -88,7 +93,7 @@ export class FrameCursor {
 
   #frameHeader(type: number, flags: number, streamId: number): void {
     if (type === TYPE_HEADERS || type === TYPE_PUSH_PROMISE || type === TYPE_CONTINUATION) this.#inHeaderBlock = (flags & FLAG_END_HEADERS) === 0;
-    this.#onFrame?.(type, streamId);
+    this.#onFrame?.(type, streamId, flags);
   }
 }
 
@@ -97,11 +102,18 @@ export class FrameCursor {
  * asked, slips a graceful GOAWAY in at the next frame boundary.
  */
 export class GoAwayInserter {
-  readonly #cursor = new FrameCursor({ onFrame: (type) => this.#onFrame(type) });
+  readonly #cursor: FrameCursor;
+  readonly #onUpstreamFrame: OnFrame | undefined;
   #pending = false;
   #sent = false;
   /** The upstream's own GOAWAY went by: ours (last stream id 2^31-1) would raise its last stream id, a protocol error. */
   #upstreamWentAway = false;
+
+  /** `onFrame` sees each of the upstream's frame headers as it goes by. */
+  constructor(onFrame?: OnFrame) {
+    this.#onUpstreamFrame = onFrame;
+    this.#cursor = new FrameCursor({ onFrame: (type, id, flags) => this.#onFrame(type, id, flags) });
+  }
 
   get sent(): boolean {
     return this.#sent;
@@ -130,15 +142,82 @@ export class GoAwayInserter {
     }
   }
 
-  #onFrame(type: number): void {
+  #onFrame(type: number, streamId: number, flags: number): void {
     // Ours, if pending, goes out at the boundary before this frame: the lower id then follows it.
     if (type === TYPE_GOAWAY && !this.#sent) this.#upstreamWentAway = true;
+    this.#onUpstreamFrame?.(type, streamId, flags);
   }
 
   #send(write: (chunk: Buffer) => void): void {
     this.#pending = false;
     this.#sent = true;
     write(gracefulGoAway());
+  }
+}
+
+/** What follows streams opening and closing (an IdleWatch). */
+export interface StreamWatch {
+  opened(): void;
+  closed(): void;
+}
+
+const CLIENT_ENDED = 1;
+const SERVER_ENDED = 2;
+
+/**
+ * Which client-initiated streams are open (RFC 9113 section 5.1), from the frame
+ * headers of both directions: a stream opens with the client's HEADERS on a new
+ * id and closes when both sides have sent END_STREAM or either has sent
+ * RST_STREAM. Server-pushed streams are not counted (gRPC never pushes).
+ */
+export class OpenStreams {
+  /** Open stream id -> which sides have ended it. */
+  readonly #ended = new Map<number, number>();
+  readonly #watch: StreamWatch | undefined;
+  #lastClientId = 0;
+  #started = 0;
+
+  /** `watch` is told of each stream that opens and closes. */
+  constructor(watch?: StreamWatch) {
+    this.#watch = watch;
+  }
+
+  /** Streams open now. */
+  get count(): number {
+    return this.#ended.size;
+  }
+
+  /** Streams the client has opened (calls). */
+  get started(): number {
+    return this.#started;
+  }
+
+  readonly fromClient: OnFrame = (type, streamId, flags) => {
+    if (type === TYPE_HEADERS && streamId > this.#lastClientId && (streamId & 1) === 1) {
+      this.#lastClientId = streamId;
+      this.#started++;
+      this.#ended.set(streamId, 0);
+      this.#watch?.opened();
+    }
+    this.#frame(type, streamId, flags, CLIENT_ENDED);
+  };
+
+  readonly fromServer: OnFrame = (type, streamId, flags) => this.#frame(type, streamId, flags, SERVER_ENDED);
+
+  #frame(type: number, streamId: number, flags: number, side: number): void {
+    if (type === TYPE_RST_STREAM) {
+      this.#close(streamId);
+      return;
+    }
+    if ((flags & FLAG_END_STREAM) === 0 || (type !== TYPE_HEADERS && type !== TYPE_DATA)) return;
+    const ended = this.#ended.get(streamId);
+    if (ended === undefined) return;
+    if ((ended | side) === (CLIENT_ENDED | SERVER_ENDED)) this.#close(streamId);
+    else this.#ended.set(streamId, ended | side);
+  }
+
+  #close(streamId: number): void {
+    if (this.#ended.delete(streamId)) this.#watch?.closed();
   }
 }
 

@@ -5,6 +5,7 @@ import type { TLSSocket } from 'node:tls';
 import type { Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import type { ProxyObserver } from './observer.js';
+import { IdleWatch } from './idle-watch.js';
 
 export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext) => void;
 export type RequestHandler = (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse, context: ConnectionContext) => void;
@@ -15,6 +16,13 @@ export interface Drainable {
   drain(): void;
 }
 
+/** What the front keeps per HTTP/2 connection. */
+interface SessionState {
+  readonly context: ConnectionContext;
+  /** No stream open for --mtls_idle_timeout: GOAWAY, and the connection closes. */
+  readonly idle: IdleWatch;
+}
+
 /**
  * The HTTP/2 side of a listener. Sockets arrive already authenticated; the
  * server never listens itself. `'session'` is emitted synchronously inside
@@ -22,7 +30,7 @@ export interface Drainable {
  */
 export class H2Front implements Drainable {
   readonly #server: Http2Server;
-  readonly #contexts = new WeakMap<ServerHttp2Session, ConnectionContext>();
+  readonly #states = new WeakMap<ServerHttp2Session, SessionState>();
   readonly #sessions = new Set<ServerHttp2Session>();
   readonly #bySocket = new WeakMap<TLSSocket, ServerHttp2Session>();
   #arriving: ConnectionContext | undefined;
@@ -57,13 +65,18 @@ export class H2Front implements Drainable {
 
   /** The stream's connection context, counted as an open stream until it closes. */
   #enter(stream: ServerHttp2Stream, observer: ProxyObserver): ConnectionContext | undefined {
-    const context = this.#contexts.get(stream.session as ServerHttp2Session);
-    if (!context) {
+    const state = this.#states.get(stream.session as ServerHttp2Session);
+    if (!state) {
       stream.close();
       return undefined;
     }
+    const { context, idle } = state;
     observer.streamOpened(context.listener);
-    stream.once('close', () => observer.streamClosed(context.listener));
+    idle.opened();
+    stream.once('close', () => {
+      observer.streamClosed(context.listener);
+      idle.closed();
+    });
     return context;
   }
 
@@ -93,10 +106,18 @@ export class H2Front implements Drainable {
       session.destroy();
       return;
     }
-    this.#contexts.set(session, this.#arriving);
+    // session.close() sends GOAWAY (last stream id: the last one it took) and ends the connection once no stream is open.
+    const idle = new IdleWatch(limits.idleTimeoutMs, () => {
+      session.close();
+      return false;
+    });
+    this.#states.set(session, { context: this.#arriving, idle });
     this.#bySocket.set(this.#arriving.socket, session);
     this.#sessions.add(session);
-    session.once('close', () => this.#sessions.delete(session));
+    session.once('close', () => {
+      this.#sessions.delete(session);
+      idle.stop();
+    });
     session.on('error', () => {});
     // FINDINGS: a 16 MiB connection window is what lets MB-sized tensors run at full speed.
     session.setLocalWindowSize(limits.connectionWindow);

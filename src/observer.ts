@@ -37,8 +37,10 @@ export interface RelayRecord {
   readonly bytesIn: number;
   readonly bytesOut: number;
   readonly durationMs: number;
-  /** We sent the client a GOAWAY (drain or revocation). */
+  /** We sent the client a GOAWAY (drain, revocation or idle). */
   readonly goAway: boolean;
+  /** We closed it for having no stream open for --mtls_idle_timeout. */
+  readonly idle: boolean;
   readonly error?: string | undefined;
 }
 

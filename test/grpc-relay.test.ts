@@ -80,6 +80,7 @@ describe('grpc relay mode: calls pass unchanged', () => {
     assert.ok((line.bytesOut as number) > 0);
     assert.equal(line.calls, 1);
     assert.equal(line.goAway, false);
+    assert.equal(line.idle, false);
   });
 });
 

@@ -2,7 +2,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { chunked } from './helpers/chunks.js';
-import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, gracefulGoAway } from '../src/h2-frames.js';
+import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams, gracefulGoAway } from '../src/h2-frames.js';
 
 interface Frame {
   type: number;
@@ -128,5 +128,48 @@ describe('GOAWAY insertion between upstream frames', () => {
     assert.equal(frame.readUInt32BE(5), 0);
     assert.equal(frame.readUInt32BE(9), 0x7fffffff);
     assert.equal(frame.readUInt32BE(13), 0);
+  });
+});
+
+const [DATA, HEADERS, RST_STREAM, PUSH_PROMISE, WINDOW_UPDATE] = [0x0, 0x1, 0x3, 0x5, 0x8];
+const END_STREAM = 0x1;
+
+/** Frames in order: C = from the client, S = from the server; [type, flags, stream id]. */
+type Step = ['C' | 'S', number, number, number];
+
+function follow(steps: readonly Step[]): { streams: OpenStreams; watched: number[] } {
+  let open = 0;
+  const watched: number[] = [];
+  const streams = new OpenStreams({ opened: () => watched.push(++open), closed: () => watched.push(--open) });
+  for (const [side, type, flags, id] of steps) (side === 'C' ? streams.fromClient : streams.fromServer)(type, id, flags);
+  return { streams, watched };
+}
+
+describe('open streams, from the frame headers of both directions', () => {
+  const cases: [string, Step[], number][] = [
+    ['a unary call in flight: the client has ended its side, the server not yet', [['C', HEADERS, 0x4, 1], ['C', DATA, END_STREAM, 1], ['S', HEADERS, 0x4, 1], ['S', DATA, 0, 1]], 1],
+    ['a unary call answered: both sides sent END_STREAM (the server on its trailers)', [['C', HEADERS, 0x4, 1], ['C', DATA, END_STREAM, 1], ['S', HEADERS, 0x4, 1], ['S', DATA, 0, 1], ['S', HEADERS, 0x4 | END_STREAM, 1]], 0],
+    ['a Trailers-Only answer to a request without a body', [['C', HEADERS, 0x4 | END_STREAM, 1], ['S', HEADERS, 0x4 | END_STREAM, 1]], 0],
+    ['the server answered first; the client is still sending', [['C', HEADERS, 0x4, 1], ['S', HEADERS, 0x4 | END_STREAM, 1], ['C', DATA, 0, 1]], 1],
+    ['then the client ends too', [['C', HEADERS, 0x4, 1], ['S', HEADERS, 0x4 | END_STREAM, 1], ['C', DATA, END_STREAM, 1]], 0],
+    ['the client cancels (RST_STREAM)', [['C', HEADERS, 0x4, 1], ['C', RST_STREAM, 0, 1]], 0],
+    ['the server refuses (RST_STREAM)', [['C', HEADERS, 0x4, 1], ['S', RST_STREAM, 0, 1]], 0],
+    ['client trailers (HEADERS on a known id) open nothing new', [['C', HEADERS, 0x4, 1], ['C', DATA, 0, 1], ['C', HEADERS, 0x4 | END_STREAM, 1]], 1],
+    ['END_STREAM means nothing on other frame types', [['C', HEADERS, 0x4, 1], ['C', WINDOW_UPDATE, END_STREAM, 1], ['S', WINDOW_UPDATE, END_STREAM, 1]], 1],
+    ['frames of a stream already closed change nothing', [['C', HEADERS, 0x4, 1], ['C', RST_STREAM, 0, 1], ['S', DATA, END_STREAM, 1], ['C', RST_STREAM, 0, 1], ['C', HEADERS, 0x4, 1]], 0],
+    ['server-pushed streams are not counted', [['S', PUSH_PROMISE, 0x4, 1], ['S', HEADERS, 0x4, 2]], 0],
+    ['several calls at once', [['C', HEADERS, 0x4, 1], ['C', HEADERS, 0x4, 3], ['C', HEADERS, 0x4, 5], ['S', RST_STREAM, 0, 3]], 2],
+  ];
+  for (const [name, steps, open] of cases) {
+    test(`${name}: ${open} open`, () => {
+      const { streams, watched } = follow(steps);
+      assert.equal(streams.count, open);
+      assert.equal(watched.at(-1) ?? 0, open, 'the watch was told of each opening and closing');
+    });
+  }
+
+  test('each new stream id is a call; trailers and frames of old ids are not', () => {
+    const { streams } = follow([['C', HEADERS, 0x4, 1], ['C', HEADERS, 0x4 | END_STREAM, 1], ['C', HEADERS, 0x4, 3], ['C', HEADERS, 0x4, 1]]);
+    assert.equal(streams.started, 2);
   });
 });

@@ -1,0 +1,147 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import type { ClientHttp2Session } from 'node:http2';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
+import { unary } from '../src/demo/grpc-client.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import { NOOP_OBSERVER } from '../src/observer.js';
+
+/** Short, so that each test waits through a few idle spells. */
+const IDLE_MS = 400;
+/** A connection that is never closed fails its test instead of hanging the run. */
+const NOT_FOR_EVER = { timeout: 30_000 };
+const BIDI_HEADERS = { ...ECHO_UNARY_HEADERS, ':path': '/ovmsmtls.test.Echo/Bidi' };
+/** EchoRequest { payload: "hi" } */
+const HI = grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69]));
+
+let pki: TestPki;
+let upstream: ModelServer;
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream();
+});
+
+after(async () => {
+  await upstream.close();
+  await pki.cleanup();
+});
+
+/** What a session saw: the GOAWAY's error code, and whether it came before `mark()`. */
+function watchGoAway(session: ClientHttp2Session) {
+  let marked = false;
+  const seen: { code: number; beforeMark: boolean }[] = [];
+  session.on('goaway', (code) => seen.push({ code, beforeMark: !marked }));
+  return { seen, mark: () => (marked = true), closed: once(session, 'close') };
+}
+
+/** A client that speaks just enough HTTP/2 to be connected (preface, SETTINGS and their ACK) and ignores a GOAWAY. */
+async function stubbornH2Client(port: number): Promise<{ goAwayCodes: number[]; ended: Promise<unknown> }> {
+  const socket: TLSSocket = tlsConnect({ port, host: '127.0.0.1', ...tlsClientOptions(pki), ALPNProtocols: ['h2'] });
+  socket.on('error', () => {});
+  const ended = once(socket, 'close');
+  await once(socket, 'secureConnect');
+  socket.write(Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0])]));
+  const goAwayCodes: number[] = [];
+  let buffered = Buffer.alloc(0);
+  socket.on('data', (chunk: Buffer) => {
+    buffered = Buffer.concat([buffered, chunk]);
+    while (buffered.length >= 9 && buffered.length >= 9 + buffered.readUIntBE(0, 3)) {
+      const length = buffered.readUIntBE(0, 3);
+      const [type, flags] = [buffered[3], buffered[4]];
+      if (type === 0x4 && (flags! & 1) === 0) socket.write(Buffer.from([0, 0, 0, 4, 1, 0, 0, 0, 0]));
+      if (type === 0x7) goAwayCodes.push(buffered.readUInt32BE(9 + 4));
+      buffered = buffered.subarray(9 + length);
+    }
+  });
+  return { goAwayCodes, ended };
+}
+
+for (const grpcMode of ['terminate', 'relay'] as const) {
+  describe(`gRPC port, ${grpcMode} mode: an HTTP/2 connection with no stream open for --mtls_idle_timeout`, () => {
+    let front: StartedProxy;
+    let handshakes = 0;
+
+    before(async () => {
+      const observer = { ...NOOP_OBSERVER, handshakeAccepted: () => void handshakes++ };
+      front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, grpcMode, limits: { idleTimeoutMs: IDLE_MS }, observer });
+    });
+
+    after(() => front.proxy.shutdown(1000));
+
+    test('gets a GOAWAY with NO_ERROR after its last call and closes', NOT_FOR_EVER, async () => {
+      const session = h2Session(front.grpcPort, pki);
+      const watch = watchGoAway(session);
+      const res = await h2Request(session, ECHO_UNARY_HEADERS, HI);
+      assert.equal(res.trailers?.['grpc-status'], '0');
+      await watch.closed;
+      assert.deepEqual(watch.seen.map((g) => g.code), [0]);
+    });
+
+    test('stays open while a stream is open, however quiet, and closes once it has ended', NOT_FOR_EVER, async () => {
+      const session = h2Session(front.grpcPort, pki);
+      const watch = watchGoAway(session);
+      const stream = session.request(BIDI_HEADERS);
+      const replies: Buffer[] = [];
+      stream.on('data', (chunk: Buffer) => replies.push(chunk));
+      stream.write(HI);
+      await once(stream, 'data');
+      await sleep(IDLE_MS * 4);
+      stream.end(HI);
+      const [trailers] = (await once(stream, 'trailers')) as [Record<string, string>];
+      watch.mark();
+      assert.equal(trailers['grpc-status'], '0');
+      assert.equal(Buffer.concat(replies).length, 2 * (5 + 4 + 2), 'both messages were answered');
+      await watch.closed;
+      assert.deepEqual(watch.seen, [{ code: 0, beforeMark: false }]);
+    });
+
+    test('a gRPC client makes its next call on a new connection as if nothing happened', NOT_FOR_EVER, async () => {
+      const clients = grpcClients(front.grpcAddress, pki);
+      const before = handshakes;
+      try {
+        await unary(clients.echo, 'Unary', { payload: Buffer.from('one') });
+        await sleep(IDLE_MS * 3);
+        const { response } = await unary(clients.echo, 'Unary', { payload: Buffer.from('two') });
+        assert.equal(Buffer.from(response.payload).toString(), 'two');
+        assert.equal(handshakes - before, 2, 'the first connection was closed while idle');
+      } finally {
+        clients.close();
+      }
+    });
+
+    test('a client that ignores the GOAWAY has its connection ended', NOT_FOR_EVER, async () => {
+      const client = await stubbornH2Client(front.grpcPort);
+      await client.ended;
+      assert.deepEqual(client.goAwayCodes, [0]);
+      if (grpcMode === 'relay') {
+        const line = await front.logs.waitFor((l) => l.event === 'relay_access' && l.calls === 0);
+        assert.equal(line.idle, true, 'the connection line says why it closed');
+        assert.equal(line.goAway, true);
+      }
+    });
+  });
+}
+
+describe('REST port: an HTTP/2 connection with no request open for --mtls_idle_timeout', () => {
+  for (const restMode of ['terminate', 'relay'] as const) {
+    test(`gets a GOAWAY with NO_ERROR and closes (${restMode} mode)`, NOT_FOR_EVER, async () => {
+      const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+      try {
+        const session = h2Session(front.restPort, pki);
+        const watch = watchGoAway(session);
+        const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/health/live' });
+        assert.equal(res.headers[':status'], 200);
+        await watch.closed;
+        assert.deepEqual(watch.seen.map((g) => g.code), [0]);
+      } finally {
+        await front.proxy.shutdown(1000);
+      }
+    });
+  }
+});
