@@ -4,7 +4,7 @@ import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams } from './h2-frames.js';
-import { IdleWatch } from './idle-watch.js';
+import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
 /**
  * The fallback is the terminating HTTP/2 front, which answers UNAVAILABLE per
@@ -19,21 +19,19 @@ export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { reado
  * access line per connection instead of per call (README, "gRPC modes").
  */
 export function grpcRelay(options: GrpcRelayOptions): Relay {
-  const { observer, idleTimeoutMs } = options;
-  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, observer, idleTimeoutMs) });
+  const idle = new IdleSweeper(options.idleTimeoutMs);
+  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, options.observer, idle) });
 }
 
 /** One client connection and its own upstream connection, with backpressure both ways. */
-class RelayedH2Connection implements RelayedConnection {
+class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #client: TLSSocket;
   readonly #upstream: Socket;
   readonly #context: ConnectionContext;
   readonly #observer: ProxyObserver;
   readonly #started = performance.now();
-  /** After a first idle spell a GOAWAY; after a second one with the client still there, the connection ends. */
-  readonly #idle: IdleWatch;
   /** Followed from both directions' frame headers: each call, and whether any is open. */
-  readonly #streams: OpenStreams;
+  readonly streams = new OpenStreams();
   /** Upstream-to-client frames, so a GOAWAY of ours never lands inside one of the upstream's. */
   readonly #toClient: GoAwayInserter;
   /** Client-to-upstream frames. */
@@ -47,15 +45,14 @@ class RelayedH2Connection implements RelayedConnection {
     if (!this.#client.write(chunk)) this.#upstream.pause();
   };
 
-  constructor(client: TLSSocket, upstream: Socket, context: ConnectionContext, observer: ProxyObserver, idleTimeoutMs: number) {
+  constructor(client: TLSSocket, upstream: Socket, context: ConnectionContext, observer: ProxyObserver, idle: IdleSweeper) {
     this.#client = client;
     this.#upstream = upstream;
     this.#context = context;
     this.#observer = observer;
-    this.#idle = new IdleWatch(idleTimeoutMs, () => this.#idleSpell());
-    this.#streams = new OpenStreams(this.#idle);
-    this.#toClient = new GoAwayInserter(this.#streams.fromServer);
-    this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.#streams.fromClient });
+    this.#toClient = new GoAwayInserter(this.streams.fromServer);
+    this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.streams.fromClient });
+    idle.add(this);
     client.on('data', (chunk: Buffer) => {
       this.#bytesIn += chunk.length;
       this.#fromClient.advance(chunk);
@@ -78,7 +75,7 @@ class RelayedH2Connection implements RelayedConnection {
     // Whichever side goes first, the other follows; written bytes are flushed before the FIN.
     client.on('close', () => {
       upstream.destroy();
-      this.#idle.stop();
+      idle.delete(this);
       this.#report();
     });
     upstream.on('close', () => {
@@ -96,7 +93,7 @@ class RelayedH2Connection implements RelayedConnection {
    * No stream open for the idle timeout: a graceful GOAWAY, after which a client
    * closes the connection itself; one still there after another idle spell is ended.
    */
-  #idleSpell(): boolean {
+  closeIdle(): boolean {
     if (this.#idleClosed) {
       this.#client.end();
       this.#upstream.end();
@@ -118,7 +115,7 @@ class RelayedH2Connection implements RelayedConnection {
       remote: remoteAddress,
       subject: identity.subject,
       serial: identity.serial,
-      calls: this.#streams.started,
+      calls: this.streams.started,
       bytesIn: this.#bytesIn,
       bytesOut: this.#bytesOut,
       durationMs: elapsedMs(this.#started),

@@ -1,3 +1,5 @@
+import type { StreamActivity } from './idle-sweep.js';
+
 /**
  * Just enough HTTP/2 framing for the relay: where frames begin and end in one
  * direction of a connection, read from the 9-byte frame headers alone (RFC 9113
@@ -155,12 +157,6 @@ export class GoAwayInserter {
   }
 }
 
-/** What follows streams opening and closing (an IdleWatch). */
-export interface StreamWatch {
-  opened(): void;
-  closed(): void;
-}
-
 const CLIENT_ENDED = 1;
 const SERVER_ENDED = 2;
 
@@ -170,21 +166,15 @@ const SERVER_ENDED = 2;
  * id and closes when both sides have sent END_STREAM or either has sent
  * RST_STREAM. Server-pushed streams are not counted (gRPC never pushes).
  */
-export class OpenStreams {
-  /** Open stream id -> which sides have ended it. */
-  readonly #ended = new Map<number, number>();
-  readonly #watch: StreamWatch | undefined;
+export class OpenStreams implements StreamActivity {
+  /** Open stream id -> which sides have ended it; made with the first stream (most idle connections never have one). */
+  #ended: Map<number, number> | undefined;
   #lastClientId = 0;
   #started = 0;
+  idleSince = performance.now();
 
-  /** `watch` is told of each stream that opens and closes. */
-  constructor(watch?: StreamWatch) {
-    this.#watch = watch;
-  }
-
-  /** Streams open now. */
-  get count(): number {
-    return this.#ended.size;
+  get open(): number {
+    return this.#ended?.size ?? 0;
   }
 
   /** Streams the client has opened (calls). */
@@ -196,8 +186,7 @@ export class OpenStreams {
     if (type === TYPE_HEADERS && streamId > this.#lastClientId && (streamId & 1) === 1) {
       this.#lastClientId = streamId;
       this.#started++;
-      this.#ended.set(streamId, 0);
-      this.#watch?.opened();
+      (this.#ended ??= new Map()).set(streamId, 0);
     }
     this.#frame(type, streamId, flags, CLIENT_ENDED);
   };
@@ -210,14 +199,14 @@ export class OpenStreams {
       return;
     }
     if ((flags & FLAG_END_STREAM) === 0 || (type !== TYPE_HEADERS && type !== TYPE_DATA)) return;
-    const ended = this.#ended.get(streamId);
+    const ended = this.#ended?.get(streamId);
     if (ended === undefined) return;
     if ((ended | side) === (CLIENT_ENDED | SERVER_ENDED)) this.#close(streamId);
-    else this.#ended.set(streamId, ended | side);
+    else this.#ended!.set(streamId, ended | side);
   }
 
   #close(streamId: number): void {
-    if (this.#ended.delete(streamId)) this.#watch?.closed();
+    if (this.#ended?.delete(streamId) && this.#ended.size === 0) this.idleSince = performance.now();
   }
 }
 

@@ -5,7 +5,7 @@ import type { TLSSocket } from 'node:tls';
 import type { Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import type { ProxyObserver } from './observer.js';
-import { IdleWatch } from './idle-watch.js';
+import { IdleSweeper, StreamCount, type IdleConnection } from './idle-sweep.js';
 
 export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext) => void;
 export type RequestHandler = (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse, context: ConnectionContext) => void;
@@ -17,10 +17,21 @@ export interface Drainable {
 }
 
 /** What the front keeps per HTTP/2 connection. */
-interface SessionState {
+class SessionState implements IdleConnection {
+  readonly streams = new StreamCount();
+  readonly session: ServerHttp2Session;
   readonly context: ConnectionContext;
-  /** No stream open for --mtls_idle_timeout: GOAWAY, and the connection closes. */
-  readonly idle: IdleWatch;
+
+  constructor(session: ServerHttp2Session, context: ConnectionContext) {
+    this.session = session;
+    this.context = context;
+  }
+
+  /** GOAWAY (last stream id: the last one taken); Node ends the connection once no stream is open. */
+  closeIdle(): boolean {
+    this.session.close();
+    return false;
+  }
 }
 
 /**
@@ -31,6 +42,7 @@ interface SessionState {
 export class H2Front implements Drainable {
   readonly #server: Http2Server;
   readonly #states = new WeakMap<ServerHttp2Session, SessionState>();
+  readonly #idle: IdleSweeper;
   readonly #sessions = new Set<ServerHttp2Session>();
   readonly #bySocket = new WeakMap<TLSSocket, ServerHttp2Session>();
   #arriving: ConnectionContext | undefined;
@@ -38,6 +50,7 @@ export class H2Front implements Drainable {
 
   constructor(options: { limits: Limits; observer: ProxyObserver; onStream?: StreamHandler; onRequest?: RequestHandler }) {
     const { limits, observer } = options;
+    this.#idle = new IdleSweeper(limits.idleTimeoutMs);
     this.#server = createHttp2Server({
       settings: {
         maxConcurrentStreams: limits.maxConcurrentStreams,
@@ -70,12 +83,12 @@ export class H2Front implements Drainable {
       stream.close();
       return undefined;
     }
-    const { context, idle } = state;
+    const { context, streams } = state;
     observer.streamOpened(context.listener);
-    idle.opened();
+    streams.opened();
     stream.once('close', () => {
       observer.streamClosed(context.listener);
-      idle.closed();
+      streams.closed();
     });
     return context;
   }
@@ -106,17 +119,14 @@ export class H2Front implements Drainable {
       session.destroy();
       return;
     }
-    // session.close() sends GOAWAY (last stream id: the last one it took) and ends the connection once no stream is open.
-    const idle = new IdleWatch(limits.idleTimeoutMs, () => {
-      session.close();
-      return false;
-    });
-    this.#states.set(session, { context: this.#arriving, idle });
+    const state = new SessionState(session, this.#arriving);
+    this.#states.set(session, state);
     this.#bySocket.set(this.#arriving.socket, session);
     this.#sessions.add(session);
+    this.#idle.add(state);
     session.once('close', () => {
       this.#sessions.delete(session);
-      idle.stop();
+      this.#idle.delete(state);
     });
     session.on('error', () => {});
     // FINDINGS: a 16 MiB connection window is what lets MB-sized tensors run at full speed.

@@ -137,12 +137,9 @@ const END_STREAM = 0x1;
 /** Frames in order: C = from the client, S = from the server; [type, flags, stream id]. */
 type Step = ['C' | 'S', number, number, number];
 
-function follow(steps: readonly Step[]): { streams: OpenStreams; watched: number[] } {
-  let open = 0;
-  const watched: number[] = [];
-  const streams = new OpenStreams({ opened: () => watched.push(++open), closed: () => watched.push(--open) });
+function follow(steps: readonly Step[], streams = new OpenStreams()): OpenStreams {
   for (const [side, type, flags, id] of steps) (side === 'C' ? streams.fromClient : streams.fromServer)(type, id, flags);
-  return { streams, watched };
+  return streams;
 }
 
 describe('open streams, from the frame headers of both directions', () => {
@@ -162,14 +159,21 @@ describe('open streams, from the frame headers of both directions', () => {
   ];
   for (const [name, steps, open] of cases) {
     test(`${name}: ${open} open`, () => {
-      const { streams, watched } = follow(steps);
-      assert.equal(streams.count, open);
-      assert.equal(watched.at(-1) ?? 0, open, 'the watch was told of each opening and closing');
+      assert.equal(follow(steps).open, open);
     });
   }
 
+  test('the connection is idle from when its last open stream closed', async () => {
+    const streams = follow([['C', HEADERS, 0x4, 1], ['C', HEADERS, 0x4, 3], ['C', RST_STREAM, 0, 1]]);
+    const busySince = streams.idleSince;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.equal(streams.idleSince, busySince, 'a stream is still open');
+    follow([['S', RST_STREAM, 0, 3]], streams);
+    assert.ok(streams.idleSince > busySince);
+  });
+
   test('each new stream id is a call; trailers and frames of old ids are not', () => {
-    const { streams } = follow([['C', HEADERS, 0x4, 1], ['C', HEADERS, 0x4 | END_STREAM, 1], ['C', HEADERS, 0x4, 3], ['C', HEADERS, 0x4, 1]]);
+    const streams = follow([['C', HEADERS, 0x4, 1], ['C', HEADERS, 0x4 | END_STREAM, 1], ['C', HEADERS, 0x4, 3], ['C', HEADERS, 0x4, 1]]);
     assert.equal(streams.started, 2);
   });
 });

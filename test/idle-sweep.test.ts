@@ -1,0 +1,59 @@
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createHook } from 'node:async_hooks';
+import { IdleSweeper, StreamCount, type IdleConnection } from '../src/idle-sweep.js';
+
+const MS = 80;
+
+/** A connection that records when it was told, and answers with `again`. */
+function connection(again: boolean): IdleConnection & { told: number[]; streams: StreamCount } {
+  const told: number[] = [];
+  return { streams: new StreamCount(), told, closeIdle: () => (told.push(performance.now()), again) };
+}
+
+describe('idle sweeper', () => {
+  test('a connection with a stream open is never told, however long; once the stream closes, it is', async () => {
+    const sweeper = new IdleSweeper(MS);
+    const busy = connection(false);
+    busy.streams.opened();
+    sweeper.add(busy);
+    await sleep(MS * 4);
+    assert.deepEqual(busy.told, []);
+    busy.streams.closed();
+    const closedAt = performance.now();
+    while (busy.told.length === 0) await sleep(MS / 4);
+    assert.ok(busy.told[0]! - closedAt >= MS - 1, 'not before a whole idle spell');
+    sweeper.delete(busy);
+  });
+
+  test('told once unless it asks again; asked again, not before another whole idle spell', async () => {
+    const sweeper = new IdleSweeper(MS);
+    const once = connection(false);
+    const twice = connection(true);
+    sweeper.add(once);
+    sweeper.add(twice);
+    while (twice.told.length < 2) await sleep(MS / 4);
+    assert.equal(once.told.length, 1);
+    assert.ok(twice.told[1]! - twice.told[0]! >= MS - 1);
+    sweeper.delete(twice);
+  });
+
+  test('one timer for all its connections, stopped when the last one leaves', () => {
+    let made = 0;
+    const hook = createHook({ init: (_id, type) => void (type === 'Timeout' && made++) }).enable();
+    try {
+      const sweeper = new IdleSweeper(MS);
+      const many = Array.from({ length: 100 }, () => connection(false));
+      for (const c of many) sweeper.add(c);
+      assert.equal(made, 1, 'one timer for 100 connections');
+      for (const c of many) sweeper.delete(c);
+      const late = connection(false);
+      sweeper.add(late);
+      assert.equal(made, 2, 'the first timer stopped with the last connection; the next one starts its own');
+      sweeper.delete(late);
+    } finally {
+      hook.disable();
+    }
+  });
+});
