@@ -8,14 +8,22 @@ import { parseArgs } from 'node:util';
 import type { ScenarioId } from './protocol.js';
 import { PROFILES, SCENARIOS, type Profile, type ProfileSettings } from './scenarios.js';
 
+/** A command line the bench cannot run: its message says what to change, with no stack. */
+export class UsageError extends Error {}
+
+const DEFAULT_TARGETS = ['direct', 'nginx', 'proxy', 'proxy-log', 'proxy-relay'];
+const TARGETS = [...DEFAULT_TARGETS, 'node-pipe'];
+
 export const USAGE = `usage: npm run bench -- [options]
   --full                 longer runs and 10,000 idle connections (default: quick profile, ~10 min)
   --workers 1,2          worker counts to compare (proxy --mtls_workers and nginx worker_processes)
   --scenarios a,b        subset of: ${SCENARIOS.map((s) => s.id).join(', ')}
-  --targets a,b          subset of: direct, nginx, proxy, proxy-log, proxy-relay
+  --targets a,b          subset of: direct, nginx, proxy, proxy-log, proxy-relay (default: all of these),
+                         node-pipe (a bare Node TLS pipe: the floor of any Node proxy; only when named)
   --duration S           measured seconds per run        --warmup S   warm-up seconds per run
   --idle N               idle connections to hold        --no-nginx   skip nginx even if installed
-  --cpu-prof SCENARIO    profile the first ovms-mtls target with 1 worker (in --targets order) during that scenario (node --cpu-prof)
+  --cpu-prof SCENARIO    profile the first ovms-mtls target with 1 worker during that scenario (node --cpu-prof);
+                         the bare pipe when it is the only Node target
   --rounds N             run every scenario N times, targets interleaved; report each target's best round
   --node-flags "F ..."   extra node options for the proxy processes (experiments)
   --drivers N  --connections N  --streams N
@@ -66,8 +74,10 @@ export function parseOptions(argv: string[], repoRoot: string): Options | undefi
   const list = (v: string | undefined) => v?.split(',').map((s) => s.trim()).filter(Boolean);
   const scenarios = (list(values.scenarios) ?? SCENARIOS.map((s) => s.id)) as ScenarioId[];
   for (const s of [...scenarios, ...(values['cpu-prof'] ? [values['cpu-prof']] : [])]) {
-    if (!SCENARIOS.some((d) => d.id === s)) throw new Error(`unknown scenario '${s}' (one of ${SCENARIOS.map((d) => d.id).join(', ')})`);
+    if (!SCENARIOS.some((d) => d.id === s)) throw new UsageError(`unknown scenario '${s}' (one of ${SCENARIOS.map((d) => d.id).join(', ')})`);
   }
+  const kinds = list(values.targets) ?? DEFAULT_TARGETS;
+  for (const k of kinds) if (!TARGETS.includes(k)) throw new UsageError(`unknown target '${k}' (one of ${TARGETS.join(', ')})`);
   return {
     profile,
     settings: {
@@ -79,7 +89,7 @@ export function parseOptions(argv: string[], repoRoot: string): Options | undefi
     },
     workers: (list(values.workers) ?? ['1', '2']).map(Number).filter((n) => Number.isInteger(n) && n > 0),
     scenarios,
-    kinds: new Set(list(values.targets) ?? ['direct', 'nginx', 'proxy', 'proxy-log', 'proxy-relay']),
+    kinds: new Set(kinds),
     nginx: !values['no-nginx'],
     cpuProf: values['cpu-prof'] as ScenarioId | undefined,
     load: {

@@ -9,7 +9,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { writeBenchPki } from './pki.js';
 import { SCENARIOS } from './scenarios.js';
-import { USAGE, parseOptions, type Options } from './options.js';
+import { USAGE, UsageError, parseOptions, type Options } from './options.js';
 import { findNginx, loadAverage, machine } from './machine.js';
 import { startTarget, startUpstream, type BenchContext, type TargetSpec } from './targets.js';
 import { measure, type Measurement } from './measure.js';
@@ -31,6 +31,8 @@ function targetList(options: Options, workers: number[], nginx: boolean): Target
     if (options.kinds.has('proxy-relay')) {
       list.push({ id: `ovms-mtls-${n}w-relay`, label: `ovms-mtls relay, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, extraArgs: ['--mtls_grpc_mode', 'relay', '--mtls_rest_mode', 'relay'] });
     }
+    // One process, nothing to scale: measured once, beside the 1-worker rows.
+    if (options.kinds.has('node-pipe') && n === 1) list.push({ id: 'node-pipe', label: 'bare Node TLS pipe (reference)', kind: 'pipe', workers: 1, accessLog: false });
     if (options.compare) {
       if (options.kinds.has('proxy')) list.push({ id: `compare-${n}w`, label: `B: ovms-mtls, ${w(n)}`, kind: 'proxy', workers: n, accessLog: false, cli: options.compare, nodeFlags: options.compareNodeFlags, extraArgs: options.compareArgs });
       if (options.kinds.has('proxy-log')) list.push({ id: `compare-${n}w-log`, label: `B: ovms-mtls, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, cli: options.compare, nodeFlags: options.compareNodeFlags, extraArgs: options.compareArgs });
@@ -86,7 +88,7 @@ async function main(): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
-  if (!existsSync(join(REPO, 'dist/src/cli/main.js'))) throw new Error('dist/src is missing: build first (npx tsc -p tsconfig.json)');
+  if (!existsSync(join(REPO, 'dist/src/cli/main.js'))) throw new UsageError('dist/src is missing: build first (npx tsc -p tsconfig.json)');
   const loadBefore = loadAverage();
   const notes: string[] = [];
   const nginx = options.nginx ? findNginx() : undefined;
@@ -128,8 +130,8 @@ async function main(): Promise<number> {
     const total = scenarios.reduce((n, s) => n + targets.length * (s.id === 'idle' ? 1 : options.settings.rounds), 0);
     process.stderr.write(`bench: ${options.profile} profile, ${total} runs (${(options.settings.warmupMs / 1000).toFixed(1)} s warm-up + ${(options.settings.durationMs / 1000).toFixed(1)} s each), load average ${loadBefore}\n`);
     let i = 0;
-    // The first ovms-mtls target with 1 worker, in --targets order, is the one profiled.
-    const profiled = targets.find((t) => t.kind === 'proxy' && t.workers === 1);
+    // The first Node target (ovms-mtls or the bare pipe) with 1 worker, in list order, is the one profiled.
+    const profiled = targets.find((t) => (t.kind === 'proxy' || t.kind === 'pipe') && t.workers === 1);
     for (const scenario of scenarios) {
       // Rounds interleave the targets, so a burst of load from elsewhere on the machine hits them alike.
       for (let round = 0; round < (scenario.id === 'idle' ? 1 : options.settings.rounds); round++) for (const spec of targets) {
@@ -190,7 +192,8 @@ main().then(
     process.exitCode = code;
   },
   (err: unknown) => {
-    process.stderr.write(`bench: ${(err as Error).stack ?? String(err)}\n`);
+    const usage = err instanceof UsageError || (err as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS');
+    process.stderr.write(usage ? `bench: ${(err as Error).message} (npm run bench -- --help)\n` : `bench: ${(err as Error).stack ?? String(err)}\n`);
     process.exitCode = 1;
   },
 );

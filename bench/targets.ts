@@ -18,7 +18,8 @@ import { connectH2, grpcFrame, h2Exchange, judgeGrpc } from './load/h2-pool.js';
 import { PATHS } from './protocol.js';
 import { processTree } from './procstat.js';
 
-export type TargetKind = 'direct' | 'nginx' | 'proxy';
+/** `pipe`: node-pipe.ts, the floor of any Node.js proxy, launched like the proxy. */
+export type TargetKind = 'direct' | 'nginx' | 'proxy' | 'pipe';
 
 export interface TargetSpec {
   readonly id: string;
@@ -195,14 +196,16 @@ async function proxied(spec: TargetSpec, ctx: BenchContext, scenario: ScenarioId
   } else {
     const node = [process.execPath, ...(spec.nodeFlags ?? ctx.nodeFlags)];
     if (cpuProfileDir) node.push('--cpu-prof', `--cpu-prof-dir=${cpuProfileDir}`);
-    argv = [...node, spec.cli ?? join(ctx.repoRoot, 'bin/ovms-mtls'), 'proxy',
+    const cli = spec.kind === 'pipe' ? fileURLToPath(new URL('./node-pipe.js', import.meta.url)) : (spec.cli ?? join(ctx.repoRoot, 'bin/ovms-mtls'));
+    argv = [...node, cli, 'proxy',
       '--port', String(grpcPort), '--grpc_bind_address', HOST, '--rest_port', String(restPort), '--rest_bind_address', HOST,
       '--mtls_grpc_upstream', `${HOST}:${ctx.upstream.grpc}`, '--mtls_rest_upstream', `${HOST}:${ctx.upstream.rest}`,
       '--mtls_cert', ctx.pki.serverCert, '--mtls_key', ctx.pki.serverKey, '--mtls_client_ca', ctx.pki.clientCa, '--mtls_crl', ctx.pki.crl,
       '--mtls_log_level', 'info', '--mtls_access_log', String(spec.accessLog),
       // nginx's keepalive_timeout here: the idle scenario's connections must outlive their opening.
       '--mtls_idle_timeout', '600',
-      '--mtls_workers', String(spec.workers), '--mtls_shutdown_timeout', '2', ...ctx.proxyArgs, ...(spec.extraArgs ?? [])];
+      '--mtls_workers', String(spec.workers), '--mtls_shutdown_timeout', '2', ...ctx.proxyArgs, ...(spec.extraArgs ?? []),
+      ...(spec.kind === 'pipe' ? ['--rest_h2c_upstream', `${HOST}:${ctx.upstream.restH2c}`] : [])];
   }
   const child = spawnWithFdLimit(argv, spec.kind === 'nginx' ? join(dir, 'stdout.log') : log, ctx.repoRoot);
   child.on('error', () => {});
