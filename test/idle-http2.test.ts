@@ -7,6 +7,7 @@ import type { ClientHttp2Session } from 'node:http2';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
+import { eventually } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { NOOP_OBSERVER } from '../src/observer.js';
@@ -66,9 +67,10 @@ for (const grpcMode of ['terminate', 'relay'] as const) {
   describe(`gRPC port, ${grpcMode} mode: an HTTP/2 connection with no stream open for --mtls_idle_timeout`, () => {
     let front: StartedProxy;
     let handshakes = 0;
+    let open = 0;
 
     before(async () => {
-      const observer = { ...NOOP_OBSERVER, handshakeAccepted: () => void handshakes++ };
+      const observer = { ...NOOP_OBSERVER, handshakeAccepted: () => void handshakes++, connectionOpened: () => void open++, connectionClosed: () => void open-- };
       front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, grpcMode, limits: { idleTimeoutMs: IDLE_MS }, observer });
     });
 
@@ -106,7 +108,8 @@ for (const grpcMode of ['terminate', 'relay'] as const) {
       const before = handshakes;
       try {
         await unary(clients.echo, 'Unary', { payload: Buffer.from('one') });
-        await sleep(IDLE_MS * 3);
+        // Waits for the close itself, however loaded the machine: no race between the sweep and the next call.
+        await eventually(() => open === 0, 'the idle connection to close');
         const { response } = await unary(clients.echo, 'Unary', { payload: Buffer.from('two') });
         assert.equal(Buffer.from(response.payload).toString(), 'two');
         assert.equal(handshakes - before, 2, 'the first connection was closed while idle');
