@@ -9,17 +9,7 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { connect } from 'node:net';
 import { createServer, type TLSSocket } from 'node:tls';
-
-interface HostPort {
-  host: string;
-  port: number;
-}
-
-function hostPort(value: string | undefined, flag: string): HostPort {
-  const match = /^(.+):(\d+)$/.exec(value ?? '');
-  if (!match) throw new Error(`node-pipe: ${flag} must be host:port`);
-  return { host: match[1]!, port: Number(match[2]) };
-}
+import { parseHostPort, type HostPort } from '../src/config.js';
 
 /** Joins a verified client to a fresh upstream connection, both ways, and closes them together. */
 function pipeTo(upstream: HostPort): (client: TLSSocket) => void {
@@ -50,9 +40,9 @@ function main(): void {
     return value;
   };
   const tls = { cert: readFileSync(text('mtls_cert')), key: readFileSync(text('mtls_key')), ca: readFileSync(text('mtls_client_ca')), requestCert: true, rejectUnauthorized: true };
-  createServer({ ...tls, ALPNProtocols: ['h2'] }, pipeTo(hostPort(text('mtls_grpc_upstream'), '--mtls_grpc_upstream'))).listen(Number(text('port')), text('grpc_bind_address'));
-  const rest = pipeTo(hostPort(text('mtls_rest_upstream'), '--mtls_rest_upstream'));
-  const restH2 = pipeTo(hostPort(text('rest_h2c_upstream'), '--rest_h2c_upstream'));
+  createServer({ ...tls, ALPNProtocols: ['h2'] }, pipeTo(parseHostPort('mtls_grpc_upstream', text('mtls_grpc_upstream')))).listen(Number(text('port')), text('grpc_bind_address'));
+  const rest = pipeTo(parseHostPort('mtls_rest_upstream', text('mtls_rest_upstream')));
+  const restH2 = pipeTo(parseHostPort('rest_h2c_upstream', text('rest_h2c_upstream')));
   // HTTP/2 clients of the REST port go to the upstream's h2c REST server, as the proxy's terminating path would.
   createServer({ ...tls, ALPNProtocols: ['h2', 'http/1.1'] }, (client) => (client.alpnProtocol === 'h2' ? restH2 : rest)(client)).listen(Number(text('rest_port')), text('rest_bind_address'));
 }

@@ -103,6 +103,21 @@ for (const grpcMode of ['terminate', 'relay'] as const) {
       assert.deepEqual(watch.seen, [{ code: 0, beforeMark: false }]);
     });
 
+    test('PINGs do not count as use: a connection that only pings is closed too', NOT_FOR_EVER, async () => {
+      const session = h2Session(front.grpcPort, pki);
+      const watch = watchGoAway(session);
+      await h2Request(session, ECHO_UNARY_HEADERS, HI);
+      let acked = 0;
+      const pinger = setInterval(() => session.ping((err) => void (err || acked++)), IDLE_MS / 8);
+      try {
+        await watch.closed;
+      } finally {
+        clearInterval(pinger);
+      }
+      assert.ok(acked >= 2, `pings went both ways while it was open (${acked} acknowledged)`);
+      assert.deepEqual(watch.seen.map((g) => g.code), [0]);
+    });
+
     test('a gRPC client makes its next call on a new connection as if nothing happened', NOT_FOR_EVER, async () => {
       const clients = grpcClients(front.grpcAddress, pki);
       const before = handshakes;
