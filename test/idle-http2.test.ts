@@ -108,7 +108,8 @@ for (const grpcMode of ['terminate', 'relay'] as const) {
       const watch = watchGoAway(session);
       await h2Request(session, ECHO_UNARY_HEADERS, HI);
       let acked = 0;
-      const pinger = setInterval(() => session.ping((err) => void (err || acked++)), IDLE_MS / 8);
+      // ping() throws on a session already closing, which it is between our GOAWAY and its 'close'.
+      const pinger = setInterval(() => session.closed || session.destroyed || session.ping((err) => void (err || acked++)), IDLE_MS / 8);
       try {
         await watch.closed;
       } finally {
