@@ -45,6 +45,8 @@ export interface Measurement {
   readonly seconds: number;
   /** With several rounds: every round's throughput; the other figures are the best round's. */
   readonly runs?: readonly number[];
+  /** With several rounds: every round's CPU per operation, in the order of `runs` (A/B work compares these round by round). */
+  readonly cpuUsPerOpRuns?: readonly (number | undefined)[];
 }
 
 class Drivers {

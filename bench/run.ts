@@ -71,7 +71,9 @@ function bestRuns(all: Measurement[]): Measurement[] {
   const better = (a: Measurement, b: Measurement) => (a.scenario === 'sse' ? (b.p99Ms ?? Infinity) < (a.p99Ms ?? Infinity) : b.throughput > a.throughput);
   return [...groups.values()].map((runs) => {
     const best = runs.reduce((a, b) => (better(a, b) ? b : a));
-    return runs.length === 1 ? best : { ...best, runs: runs.map((r) => Math.round(r.throughput * 10) / 10) };
+    if (runs.length === 1) return best;
+    const tenths = (n: number | undefined) => (n === undefined ? undefined : Math.round(n * 10) / 10);
+    return { ...best, runs: runs.map((r) => tenths(r.throughput)!), cpuUsPerOpRuns: runs.map((r) => tenths(r.cpuUsPerOp)) };
   });
 }
 
