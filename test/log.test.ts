@@ -86,6 +86,23 @@ describe('log destination', () => {
     }
   });
 
+  test('text beyond ASCII is written as UTF-8, byte for byte, batched or not', () => {
+    const log = fileLogger();
+    try {
+      const { logger, read } = log;
+      const subject = 'CN=Zoë Ångström,O=日本 😀';
+      const path = '/v2/models/modèle/infer?q=\u2028';
+      for (let n = 1; n <= 3; n++) logger.info({ event: 'access', n, subject, path });
+      logger.warn({ event: 'upstream_error', n: 4, subject });
+      const lines = read().split('\n').filter(Boolean).map((l) => JSON.parse(l) as { n: number; subject: string; path?: string });
+      assert.deepEqual(lines.map((l) => [l.n, l.subject, l.path]), [[1, subject, path], [2, subject, path], [3, subject, path], [4, subject, undefined]]);
+      assert.ok(!read().includes('\ufffd'), 'no byte sequence was invalid UTF-8');
+    } finally {
+      log.close();
+      log.remove();
+    }
+  });
+
   test('access lines still in the buffer are written when the process exits', () => {
     const script = `import { createLogger } from ${JSON.stringify(LOG_MODULE)};
       const logger = createLogger({ level: 'info' });
