@@ -72,8 +72,8 @@ function bestRuns(all: Measurement[]): Measurement[] {
   return [...groups.values()].map((runs) => {
     const best = runs.reduce((a, b) => (better(a, b) ? b : a));
     if (runs.length === 1) return best;
-    const tenths = (n: number | undefined) => (n === undefined ? undefined : Math.round(n * 10) / 10);
-    return { ...best, runs: runs.map((r) => tenths(r.throughput)!), cpuUsPerOpRuns: runs.map((r) => tenths(r.cpuUsPerOp)) };
+    const tenths = (n: number) => Math.round(n * 10) / 10;
+    return { ...best, runs: runs.map((r) => tenths(r.throughput)), cpuUsPerOpRuns: runs.map((r) => (r.cpuUsPerOp === undefined ? undefined : tenths(r.cpuUsPerOp))) };
   });
 }
 

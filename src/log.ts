@@ -47,7 +47,7 @@ interface ByteSink {
  * Each line goes in as UTF-8 bytes (sonic-boom's buffer mode): in its string
  * mode every write measured the whole pending batch again (a flatten and a
  * UTF-8 count of up to 8 KiB per line) and every flush encoded the batch
- * twice; a line cost 1.95 µs in-process, 1.2 µs this way.
+ * twice; a line cost 1.95 µs in-process, 1.25 µs this way.
  */
 export function accessBufferedDestination(fd: number): DestinationStream {
   const out = pino.destination({ dest: fd, sync: true, minLength: ACCESS_BUFFER_BYTES, contentMode: 'buffer' }) as unknown as ByteSink;

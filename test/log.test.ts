@@ -103,6 +103,26 @@ describe('log destination', () => {
     }
   });
 
+  test('a batched line is measured alone: the batch waiting before it is not measured again on every line', () => {
+    // sonic-boom's string mode called Buffer.byteLength on the whole pending batch for each line written.
+    const measured = mock.method(Buffer, 'byteLength');
+    const log = fileLogger();
+    try {
+      const { logger, read } = log;
+      for (let n = 1; n <= 100; n++) logger.info({ event: 'access', n, path: '/v2/models/bench/infer' });
+      logger.warn({ event: 'upstream_error', n: 101 });
+      const lines = read().split('\n').filter(Boolean);
+      assert.equal(lines.length, 101);
+      const longestLine = Math.max(...lines.map((l) => Buffer.from(l).length + 1));
+      const longestMeasured = Math.max(0, ...measured.mock.calls.map((c) => String(c.arguments[0]).length));
+      assert.ok(longestMeasured <= longestLine, `measured ${longestMeasured} characters at once, a line is at most ${longestLine} bytes`);
+    } finally {
+      measured.mock.restore();
+      log.close();
+      log.remove();
+    }
+  });
+
   test('access lines still in the buffer are written when the process exits', () => {
     const script = `import { createLogger } from ${JSON.stringify(LOG_MODULE)};
       const logger = createLogger({ level: 'info' });
