@@ -38,4 +38,10 @@ test('upstream failures become readable messages that name the upstream and neve
   assert.match(describeUpstreamError(upstream, { code: 'ECONNREFUSED' }).message, /^upstream 127\.0\.0\.1:9000 refused the connection/);
   assert.match(describeUpstreamError(upstream, { code: 'ECONNRESET' }).message, /closed the connection/);
   assert.equal(describeUpstreamError(upstream, new Error('secret internal detail')).message, 'upstream 127.0.0.1:9000 failed (UPSTREAM_ERROR)');
+  // undici's codes (the REST forwarder's client) become ours.
+  assert.deepEqual(describeUpstreamError(upstream, { code: 'UND_ERR_CONNECT_TIMEOUT' }), {
+    code: 'UPSTREAM_CONNECT_TIMEOUT',
+    message: 'upstream 127.0.0.1:9000 did not accept the connection in time (--mtls_upstream_connect_timeout)',
+  });
+  assert.deepEqual(describeUpstreamError(upstream, { code: 'UND_ERR_SOCKET' }), { code: 'UPSTREAM_CLOSED', message: 'upstream 127.0.0.1:9000 closed the connection before answering' });
 });

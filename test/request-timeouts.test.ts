@@ -84,7 +84,8 @@ describe('a request body that stops arriving', () => {
       const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
       try {
         const socket = await openRaw(local.restPort);
-        socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{"in');
+        // Chunked, so both modes stream it to the model server as it comes (see the next test for a body of known size).
+        socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\na\r\n{"in');
         const text = await readToClose(socket);
         assert.match(text, /^HTTP\/1\.1 408 Request Timeout\r\n/);
         assert.match(text, /\r\nconnection: close\r\n/i);
@@ -99,6 +100,32 @@ describe('a request body that stops arriving', () => {
         upstream.close();
       }
     });
+
+    if (restMode === 'terminate') {
+      test('--mtls_rest_mode terminate: a small body of known size is read whole before the model server sees the request, so a stalled one never reaches it (408 all the same)', { timeout: 20_000 }, async () => {
+        const upstream = await scriptedUpstream(() => {});
+        const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+        let session: ReturnType<typeof h2Session> | undefined;
+        try {
+          const socket = await openRaw(local.restPort);
+          socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{"in');
+          assert.match(await readToClose(socket), /^HTTP\/1\.1 408 Request Timeout\r\n[\s\S]*the request body stopped arriving/);
+          // Opened now: a session idle through the wait above would be closed as idle.
+          session = h2Session(local.restPort, pki);
+          const stream = session.request({ ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-length': '10' });
+          stream.write('{"in');
+          const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
+          assert.equal(headers[':status'], 408);
+          const lines = await local.logs.waitFor((l) => l.event === 'access' && l.protocol === 'h2');
+          assert.equal(lines.error, 'client_body_timeout');
+          assert.equal(upstream.sockets.length, 0, 'the model server never got a connection');
+        } finally {
+          session?.destroy();
+          await local.proxy.shutdown(1000);
+          upstream.close();
+        }
+      });
+    }
 
     test(`--mtls_rest_mode ${restMode}, HTTP/1.1: a slow upload that keeps moving is not cut, though it takes several times the timeout`, { timeout: 20_000 }, async () => {
       const model: ModelServer = await startUpstream({ grpcPort: null });
@@ -163,11 +190,14 @@ describe('a request body that stops arriving', () => {
   });
 
   test('HTTP/2: the stream gets 408, the model server connection is dropped, and the session goes on serving', { timeout: 20_000 }, async () => {
-    const { upstream, closed } = await silentUpstream();
+    const heads: string[] = [];
+    const upstream = await scriptedUpstream((_socket, first) => heads.push(first.toString('latin1')));
+    const closed = eventually(() => upstream.sockets.length > 0, 'a connection at the model server').then(() => once(upstream.sockets[0]!, 'close'));
     const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, limits: { idleTimeoutMs: IDLE_MS } });
     const session = h2Session(local.restPort, pki);
     try {
-      const stream = session.request({ ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-type': 'application/json', 'content-length': '10' });
+      // No content-length: the body streams to the model server as it comes.
+      const stream = session.request({ ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-type': 'application/json' });
       stream.write('{"in');
       const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
       assert.equal(headers[':status'], 408);
@@ -183,7 +213,7 @@ describe('a request body that stops arriving', () => {
       // The next request on the same connection reaches the model server (which never answers it): the session was not torn down.
       const next = h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' });
       next.catch(() => {});
-      await eventually(() => upstream.sockets.length === 2, 'the second request at the model server');
+      await eventually(() => heads.some((head) => head.startsWith('GET /v2/health/ready ')), 'the second request at the model server');
       assert.equal(session.closed || session.destroyed, false);
     } finally {
       session.destroy();

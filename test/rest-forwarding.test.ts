@@ -7,6 +7,8 @@ import type { IncomingMessage, ClientRequest } from 'node:http';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
+import { openRaw, readToClose } from './helpers/raw-http1.js';
+import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
@@ -212,7 +214,42 @@ for (const mode of FORWARD_MODES) {
   });
 }
 
+describe('request targets (--mtls_rest_mode terminate)', () => {
+  test('the asterisk form (OPTIONS *) gets 400 naming the target, and the connection goes on serving', async () => {
+    const model = await startUpstream({ grpcPort: null });
+    const local = await startTestProxy({ pki, upstream: { restPort: model.restPort! }, restMode: 'terminate' });
+    try {
+      const socket = await openRaw(local.restPort, pki);
+      socket.write('OPTIONS * HTTP/1.1\r\nhost: a\r\n\r\nGET /v2/health/ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.match(text, /^HTTP\/1\.1 400 Bad Request\r\n[\s\S]*request target \\"\*\\" is not forwarded/);
+      assert.match(text, /\r\n\r\n[^]*HTTP\/1\.1 200 OK\r\n/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.method === 'OPTIONS');
+      assert.equal(line.status, 400);
+      assert.equal(line.error, 'bad_request_target');
+    } finally {
+      await local.proxy.shutdown(1000);
+      await model.close();
+    }
+  });
+});
+
 describe('rest upstream failures', () => {
+  test('--mtls_rest_mode terminate: an upstream that closes before answering gives the client a 502 naming it', async () => {
+    const upstream = await scriptedUpstream((socket) => socket.end());
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
+    try {
+      const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(res.status, 502);
+      assert.match(JSON.parse(res.body).error, new RegExp(`upstream 127\\.0\\.0\\.1:${upstream.port} closed the connection before answering`));
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assert.equal(line.error, 'UPSTREAM_CLOSED');
+    } finally {
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+
   test('an unreachable upstream answers 502 with a small JSON error body', async () => {
     const server = await startUpstream({ grpcPort: null });
     const port = server.restPort!;

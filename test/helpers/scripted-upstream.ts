@@ -10,15 +10,15 @@ export interface ScriptedUpstream {
 
 /**
  * A raw TCP "model server" on loopback that answers the first bytes of each
- * connection by running `answer` on its socket: whatever bytes, timing or
+ * connection by running `answer` on its socket (with those bytes): whatever bytes, timing or
  * closing a test needs, without an HTTP library smoothing them over.
  */
-export async function scriptedUpstream(answer: (socket: Socket) => void): Promise<ScriptedUpstream> {
+export async function scriptedUpstream(answer: (socket: Socket, first: Buffer) => void): Promise<ScriptedUpstream> {
   const sockets: Socket[] = [];
   const server = createTcpServer((socket) => {
     sockets.push(socket);
     socket.on('error', () => {});
-    socket.once('data', () => answer(socket));
+    socket.once('data', (first: Buffer) => answer(socket, first));
   });
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
