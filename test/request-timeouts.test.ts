@@ -21,6 +21,8 @@ import { FORWARD_MODES } from '../src/config.js';
 
 const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }] });
 const IDLE_MS = 400;
+/** A body part past the 64 KiB that terminate mode reads whole before it sends a request on. */
+const STREAMED_BYTES = 70_000;
 
 let pki: TestPki;
 
@@ -84,8 +86,8 @@ describe('a request body that stops arriving', () => {
       const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
       try {
         const socket = await openRaw(local.restPort);
-        // Chunked, so both modes stream it to the model server as it comes (see the next test for a body of known size).
-        socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\na\r\n{"in');
+        // Past 64 KiB, so both modes stream it to the model server as it comes (the next test: a smaller one).
+        socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: 200000\r\n\r\n${'x'.repeat(STREAMED_BYTES)}`);
         const text = await readToClose(socket);
         assert.match(text, /^HTTP\/1\.1 408 Request Timeout\r\n/);
         assert.match(text, /\r\nconnection: close\r\n/i);
@@ -94,7 +96,7 @@ describe('a request body that stops arriving', () => {
         const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
         assert.equal(line.status, 408);
         assert.equal(line.error, 'client_body_timeout');
-        assert.equal(line.bytesIn, 4);
+        assert.equal(line.bytesIn, STREAMED_BYTES);
       } finally {
         await local.proxy.shutdown(1000);
         upstream.close();
@@ -102,13 +104,13 @@ describe('a request body that stops arriving', () => {
     });
 
     if (restMode === 'terminate') {
-      test('--mtls_rest_mode terminate: a small body of known size is read whole before the model server sees the request, so a stalled one never reaches it (408 all the same)', { timeout: 20_000 }, async () => {
+      test('--mtls_rest_mode terminate: a body up to 64 KiB, chunked or not, is read whole before the model server sees the request, so a stalled one never reaches it (408 all the same)', { timeout: 20_000 }, async () => {
         const upstream = await scriptedUpstream(() => {});
         const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
         let session: ReturnType<typeof h2Session> | undefined;
         try {
           const socket = await openRaw(local.restPort);
-          socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{"in');
+          socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\na\r\n{"in');
           assert.match(await readToClose(socket), /^HTTP\/1\.1 408 Request Timeout\r\n[\s\S]*the request body stopped arriving/);
           // Opened now: a session idle through the wait above would be closed as idle.
           session = h2Session(local.restPort, pki);
@@ -196,9 +198,9 @@ describe('a request body that stops arriving', () => {
     const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, limits: { idleTimeoutMs: IDLE_MS } });
     const session = h2Session(local.restPort, pki);
     try {
-      // No content-length: the body streams to the model server as it comes.
+      // Past 64 KiB: the body streams to the model server as it comes.
       const stream = session.request({ ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-type': 'application/json' });
-      stream.write('{"in');
+      stream.write('x'.repeat(STREAMED_BYTES));
       const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
       assert.equal(headers[':status'], 408);
       const chunks: Buffer[] = [];
