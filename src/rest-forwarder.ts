@@ -112,7 +112,7 @@ export class RestForwarder {
       clearTimeout(stall);
       // The client went away: the model should stop working for nobody.
       if (!res.writableFinished) stats.error ??= 'client_closed';
-      // Only now, when our own answer (a 408) is out: an HTTP/2 client's session stalled when the abort came first.
+      // Only now, with our own answer (a 408) out: aborting before it stalled an HTTP/2 client session sharing our process (tests; cause not found).
       exchange.abort();
       this.#log(req, context, started, stats);
     });
@@ -255,6 +255,9 @@ function bodyStream(req: ClientRequestLike, count: (n: number) => void, received
   return body;
 }
 
+/** Why we abort an upstream request (the client left, or we answered it ourselves); one object, no stack per request. */
+const GIVEN_UP = new Error('the proxy gave up this request');
+
 /** One request's upstream side: undici calls these as the answer arrives. */
 class UpstreamExchange implements Dispatcher.DispatchHandler {
   readonly #res: ClientResponseLike;
@@ -262,6 +265,8 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   readonly #options: RestForwarderOptions;
   readonly #context: ConnectionContext;
   #controller: Dispatcher.DispatchController | undefined;
+  /** The upstream request has ended, answered or failed. */
+  #ended = false;
   /** Set once we answered the client ourselves or it left: nothing from the upstream may follow. */
   givenUp = false;
 
@@ -277,15 +282,15 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.givenUp = true;
   }
 
-  /** Ends the upstream request unless it has completed (a no-op then). */
+  /** Ends the upstream request unless it has ended already (the usual case: then nothing to do). */
   abort(): void {
     this.givenUp = true;
-    this.#controller?.abort(new Error('given up'));
+    if (!this.#ended) this.#controller?.abort(GIVEN_UP);
   }
 
   onRequestStart(controller: Dispatcher.DispatchController): void {
     this.#controller = controller;
-    if (this.givenUp) controller.abort(new Error('given up'));
+    if (this.givenUp) controller.abort(GIVEN_UP);
   }
 
   onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
@@ -308,10 +313,12 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   }
 
   onResponseEnd(): void {
+    this.#ended = true;
     if (!this.givenUp) this.#res.end();
   }
 
   onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
+    this.#ended = true;
     if (this.givenUp) return;
     const res = this.#res;
     const { code, message } = describeUpstreamError(this.#options.upstream, err);
