@@ -34,15 +34,15 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
 }
 
 /** undici's names for failures we already name (the REST forwarder's upstream client). */
-const UNDICI_CODES: Record<string, string> = {
-  UND_ERR_CONNECT_TIMEOUT: CONNECT_TIMEOUT,
+const UNDICI_CODES: ReadonlyMap<string, string> = new Map([
+  ['UND_ERR_CONNECT_TIMEOUT', CONNECT_TIMEOUT],
   // The model server closed the connection: before answering, or the client would have been cut instead.
-  UND_ERR_SOCKET: 'UPSTREAM_CLOSED',
-};
+  ['UND_ERR_SOCKET', 'UPSTREAM_CLOSED'],
+]);
 
 function errorCode(err: unknown): string {
   const own = ownCode(err);
-  const code = own === undefined ? undefined : (UNDICI_CODES[own] ?? own);
+  const code = own === undefined ? undefined : (UNDICI_CODES.get(own) ?? own);
   // A call waiting on a session that never connected is cancelled with the session's failure as its cause: name that.
   if (code === 'ERR_HTTP2_STREAM_CANCEL' && err && typeof err === 'object' && 'cause' in err) return ownCode(err.cause) ?? code;
   return code ?? 'UPSTREAM_ERROR';
