@@ -50,11 +50,10 @@ interface ExchangeStats {
  * own HTTP client, measured side by side). A request body up to 64 KiB is
  * read whole first, so head and body leave in one write and a stalled one
  * never reaches the model server; larger bodies, and every response, stream
- * with backpressure, so Server-Sent Events pass event
- * by event. No timeout on a live response: LLM streams can be quiet for
- * minutes. A request body that stops arriving is another matter (nginx's
- * client_body_timeout): it would hold a model server connection for as long
- * as the client likes.
+ * with backpressure, so Server-Sent Events pass event by event. No timeout on
+ * a live response: LLM streams can be quiet for minutes. A request body that
+ * stops arriving is another matter (nginx's client_body_timeout): it would
+ * hold a model server connection for as long as the client likes.
  */
 export class RestForwarder {
   readonly #options: RestForwarderOptions;
@@ -69,21 +68,23 @@ export class RestForwarder {
     const started = performance.now();
     const notReady = this.#options.notReady?.();
     if (notReady !== undefined) {
-      res.writeHead(503, { 'content-type': 'application/json', 'retry-after': '1' });
-      res.end(JSON.stringify({ error: notReady }));
-      req.resume();
-      this.#log(req, context, started, { status: 503, bytesIn: 0, bytesOut: 0, error: 'not_ready' });
+      this.#refuse(req, res, context, started, { status: 503, message: notReady, error: 'not_ready', headers: { 'retry-after': '1' } });
       return;
     }
     const target = req.url ?? '';
     if (!isForwardableTarget(target)) {
-      res.writeHead(400, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ error: `request target ${JSON.stringify(target.slice(0, 64))} is not forwarded: a path (/v2/...) or an http(s) URL is` }));
-      req.resume();
-      this.#log(req, context, started, { status: 400, bytesIn: 0, bytesOut: 0, error: 'bad_request_target' });
+      const message = `request target ${JSON.stringify(target.slice(0, 64))} is not forwarded: a path (/v2/...) or an http(s) URL is`;
+      this.#refuse(req, res, context, started, { status: 400, message, error: 'bad_request_target' });
       return;
     }
     this.#forward(req, res, context, started);
+  }
+
+  /** Answered by us before anything goes upstream; the body is read and dropped. */
+  #refuse(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number, refusal: { status: number; message: string; error: string; headers?: OutgoingHttpHeaders }): void {
+    answerJson(res, refusal.status, refusal.message, refusal.headers);
+    req.resume();
+    this.#log(req, context, started, { status: refusal.status, bytesIn: 0, bytesOut: 0, error: refusal.error });
   }
 
   close(): void {
@@ -103,8 +104,7 @@ export class RestForwarder {
       stats.status = 408;
       // The rest of this body will not come; on HTTP/1.1 the connection cannot carry another request.
       if (req.httpVersionMajor === 1) (res as ServerResponse).shouldKeepAlive = false;
-      res.writeHead(408, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ error: bodyStalledMessage(this.#options.bodyTimeoutMs) }));
+      answerJson(res, 408, bodyStalledMessage(this.#options.bodyTimeoutMs));
       // HTTP/2: RST_STREAM(NO_ERROR) once the answer is out tells the client to stop sending (RFC 9113 8.1); Node waits for the stream's 'finish'.
       if (req.httpVersionMajor === 2) (req as Http2ServerRequest).stream.close(http2Constants.NGHTTP2_NO_ERROR);
     });
@@ -146,7 +146,7 @@ export class RestForwarder {
     return timer;
   }
 
-  #log(req: ClientRequestLike, context: ConnectionContext, started: number, stats: { status: number; bytesIn: number; bytesOut: number; error?: string | undefined }): void {
+  #log(req: ClientRequestLike, context: ConnectionContext, started: number, stats: ExchangeStats): void {
     this.#options.observer.request({
       listener: context.listener,
       protocol: req.httpVersionMajor === 2 ? 'h2' : 'http/1.1',
@@ -293,7 +293,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     if (this.givenUp) controller.abort(GIVEN_UP);
   }
 
-  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+  onResponseStart(_controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
     // An interim answer (103) is not passed on; the final one follows.
     if (this.givenUp || statusCode < 200) return;
     const res = this.#res;
@@ -301,7 +301,6 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     res.writeHead(statusCode, responseHeaders(headers));
     // Send the headers now: an SSE client should see the stream open before the first event.
     if (headers['content-length'] === undefined) (res as ServerResponse).flushHeaders();
-    res.on('drain', () => controller.resume());
   }
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
@@ -309,7 +308,11 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     const res = this.#res;
     if (this.givenUp || res.destroyed) return;
     (res as ServerResponse).write(chunk);
-    if (res.writableLength >= BODY_BUFFER) controller.pause();
+    // A listener only when needed: most responses never fill the buffer.
+    if (res.writableLength >= BODY_BUFFER && !controller.paused) {
+      controller.pause();
+      res.once('drain', () => controller.resume());
+    }
   }
 
   onResponseEnd(): void {
@@ -329,9 +332,14 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     }
     this.#options.observer.upstreamError(this.#context.listener, code);
     this.#stats.status = 502;
-    res.writeHead(502, { 'content-type': 'application/json' });
-    res.end(JSON.stringify({ error: message }));
+    answerJson(res, 502, message);
   }
+}
+
+/** An answer of our own (REST errors are small JSON bodies: README, "REST errors"). */
+function answerJson(res: ClientResponseLike, status: number, error: string, headers?: OutgoingHttpHeaders): void {
+  res.writeHead(status, { 'content-type': 'application/json', ...headers });
+  res.end(JSON.stringify({ error }));
 }
 
 /** What a client whose request body stopped arriving is told, in both REST modes. */

@@ -36,11 +36,16 @@ after(async () => {
 
 const openRaw = (port: number): Promise<TLSSocket> => openRawWith(port, pki);
 
-/** A model server that reads what it gets and never answers; `closed` settles when the proxy drops its connection. */
+/**
+ * A model server that reads what it gets and never answers; `closed` settles
+ * when the proxy drops its first connection; `heads` holds each connection's
+ * first bytes.
+ */
 async function silentUpstream() {
-  const upstream = await scriptedUpstream(() => {});
+  const heads: string[] = [];
+  const upstream = await scriptedUpstream((_socket, first) => heads.push(first.toString('latin1')));
   const closed = eventually(() => upstream.sockets.length > 0, 'a connection at the model server').then(() => once(upstream.sockets[0]!, 'close'));
-  return { upstream, closed };
+  return { upstream, closed, heads };
 }
 
 /**
@@ -192,9 +197,7 @@ describe('a request body that stops arriving', () => {
   });
 
   test('HTTP/2: the stream gets 408, the model server connection is dropped, and the session goes on serving', { timeout: 20_000 }, async () => {
-    const heads: string[] = [];
-    const upstream = await scriptedUpstream((_socket, first) => heads.push(first.toString('latin1')));
-    const closed = eventually(() => upstream.sockets.length > 0, 'a connection at the model server').then(() => once(upstream.sockets[0]!, 'close'));
+    const { upstream, closed, heads } = await silentUpstream();
     const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, limits: { idleTimeoutMs: IDLE_MS } });
     const session = h2Session(local.restPort, pki);
     try {

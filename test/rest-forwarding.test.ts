@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createHash } from 'node:crypto';
 import { request as httpsRequest, Agent as HttpsAgent } from 'node:https';
-import type { IncomingMessage, ClientRequest } from 'node:http';
+import { createServer as createHttpServer, type IncomingMessage, type ClientRequest } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
@@ -230,6 +231,39 @@ describe('request targets (--mtls_rest_mode terminate)', () => {
     } finally {
       await local.proxy.shutdown(1000);
       await model.close();
+    }
+  });
+});
+
+describe('upstream answers (--mtls_rest_mode terminate)', () => {
+  test('an interim 103 Early Hints is not passed on; the final answer is', async () => {
+    const upstream = await scriptedUpstream((socket) => socket.write('HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'));
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
+    try {
+      const socket = await openRaw(local.restPort, pki);
+      socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.match(text, /^HTTP\/1\.1 200 OK\r\n[^]*\r\n\r\nok$/);
+      assert.doesNotMatch(text, /103|rel=preload/);
+    } finally {
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+
+  test('a model server on an IPv6 address ([::1]) is reached', async () => {
+    const server = createHttpServer((req, res) => res.end(`seen ${req.url}`));
+    server.listen(0, '::1');
+    await once(server, 'listening');
+    const { port } = server.address() as AddressInfo;
+    const local = await startTestProxy({ pki, upstream: { restPort: port, host: '::1' }, restMode: 'terminate' });
+    try {
+      const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(res.status, 200);
+      assert.equal(res.body, 'seen /v2/health/ready');
+    } finally {
+      await local.proxy.shutdown(1000);
+      server.close();
     }
   });
 });
