@@ -3,7 +3,7 @@ import type { TLSSocket } from 'node:tls';
 import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams } from './h2-frames.js';
+import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, goAway, type OnFrame } from './h2-frames.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
 /**
@@ -23,6 +23,14 @@ export function grpcRelay(options: GrpcRelayOptions): Relay {
   return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, options.observer, idle) });
 }
 
+/**
+ * How long after our GOAWAY a new stream from the client is still taken as one
+ * it sent before the GOAWAY reached it. The relay cannot refuse a single stream
+ * (it would have to decode HPACK), so a client that opens one later loses the
+ * connection, as RFC 9113 section 6.8 forbids it to open any.
+ */
+export const GOAWAY_GRACE_MS = 1000;
+
 /** One client connection and its own upstream connection, with backpressure both ways. */
 class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #client: TLSSocket;
@@ -37,6 +45,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   /** Client-to-upstream frames. */
   readonly #fromClient: FrameCursor;
   #idleClosed = false;
+  /** Set by the frame that opened a stream past our GOAWAY's grace: the last stream id opened before it. */
+  #ignoredGoAwayAfter: number | undefined;
   #bytesIn = 0;
   #bytesOut = 0;
   #error: string | undefined;
@@ -51,12 +61,15 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     this.#context = context;
     this.#observer = observer;
     this.#toClient = new GoAwayInserter(this.streams.fromServer);
-    this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.streams.fromClient });
+    this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.#clientFrame });
     idle.add(this);
     client.on('data', (chunk: Buffer) => {
+      // The upstream has gone: what the client still sends is read (so its FIN is seen) and dropped.
+      if (upstream.writableEnded || upstream.destroyed) return;
       this.#bytesIn += chunk.length;
       this.#fromClient.advance(chunk);
-      if (!upstream.write(chunk)) client.pause();
+      if (this.#ignoredGoAwayAfter !== undefined) this.#cutOff(this.#ignoredGoAwayAfter);
+      else if (!upstream.write(chunk)) client.pause();
     });
     upstream.on('drain', () => client.resume());
     upstream.on('data', (chunk: Buffer) => {
@@ -79,9 +92,35 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
       this.#report();
     });
     upstream.on('close', () => {
-      if (this.#error) client.destroy();
-      else client.end();
+      if (this.#error) {
+        if (!client.writableEnded) client.destroy();
+        return;
+      }
+      client.end();
+      // Paused while the upstream was full, the client would never be read again, nor its FIN.
+      client.resume();
     });
+  }
+
+  readonly #clientFrame: OnFrame = (type, streamId, flags) => {
+    const sentAt = this.#toClient.sentAt;
+    if (sentAt > 0 && this.streams.opens(type, streamId) && performance.now() - sentAt > GOAWAY_GRACE_MS) {
+      this.#ignoredGoAwayAfter ??= this.streams.lastClientId;
+    }
+    this.streams.fromClient(type, streamId, flags);
+  };
+
+  /**
+   * The client opened a stream well after our GOAWAY: nothing of this read goes
+   * upstream, the client is told the last stream that was taken, and both
+   * connections close.
+   */
+  #cutOff(lastTaken: number): void {
+    this.#failed('client_ignored_goaway');
+    this.#upstream.destroy();
+    const client = this.#client;
+    if (this.#toClient.atBoundary) client.end(goAway(lastTaken, PROTOCOL_ERROR), () => client.destroy());
+    else client.destroy();
   }
 
   /** A graceful GOAWAY at the next frame boundary toward the client. */

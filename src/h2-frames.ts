@@ -15,6 +15,8 @@ const TYPE_CONTINUATION = 0x9;
 const FLAG_END_STREAM = 0x1;
 const FLAG_END_HEADERS = 0x4;
 const MAX_STREAM_ID = 0x7fffffff;
+const NO_ERROR = 0x0;
+export const PROTOCOL_ERROR = 0x1;
 
 /** The client's connection preface (RFC 9113 section 3.4) comes before its first frame. */
 export const CLIENT_PREFACE_BYTES = 24;
@@ -108,6 +110,7 @@ export class GoAwayInserter {
   readonly #onUpstreamFrame: OnFrame | undefined;
   #pending = false;
   #sent = false;
+  #sentAt = 0;
   /** The upstream's own GOAWAY went by: ours (last stream id 2^31-1) would raise its last stream id, a protocol error. */
   #upstreamWentAway = false;
 
@@ -119,6 +122,16 @@ export class GoAwayInserter {
 
   get sent(): boolean {
     return this.#sent;
+  }
+
+  /** When our GOAWAY went out (performance.now()); 0 before. */
+  get sentAt(): number {
+    return this.#sentAt;
+  }
+
+  /** Between two of the upstream's frames, where a frame of ours may go. */
+  get atBoundary(): boolean {
+    return this.#cursor.atBoundary;
   }
 
   /** Sends the GOAWAY now if between frames, else with the next boundary that `pass` crosses. */
@@ -153,6 +166,7 @@ export class GoAwayInserter {
   #send(write: (chunk: Buffer) => void): void {
     this.#pending = false;
     this.#sent = true;
+    this.#sentAt = performance.now();
     write(gracefulGoAway());
   }
 }
@@ -182,8 +196,18 @@ export class OpenStreams implements StreamActivity {
     return this.#started;
   }
 
+  /** The highest stream id the client has opened. */
+  get lastClientId(): number {
+    return this.#lastClientId;
+  }
+
+  /** Whether this client frame opens a new stream (a call). */
+  opens(type: number, streamId: number): boolean {
+    return type === TYPE_HEADERS && streamId > this.#lastClientId && (streamId & 1) === 1;
+  }
+
   readonly fromClient: OnFrame = (type, streamId, flags) => {
-    if (type === TYPE_HEADERS && streamId > this.#lastClientId && (streamId & 1) === 1) {
+    if (this.opens(type, streamId)) {
       this.#lastClientId = streamId;
       this.#started++;
       (this.#ended ??= new Map()).set(streamId, 0);
@@ -210,15 +234,21 @@ export class OpenStreams implements StreamActivity {
   }
 }
 
-/**
- * The first GOAWAY of a graceful shutdown (RFC 9113 section 6.8): last stream
- * id 2^31-1 and NO_ERROR, so the client opens no new streams and lets the
- * ones in flight finish.
- */
-export function gracefulGoAway(): Buffer {
+/** A GOAWAY frame (RFC 9113 section 6.8). */
+export function goAway(lastStreamId: number, errorCode: number): Buffer {
   const frame = Buffer.alloc(FRAME_HEADER_BYTES + 8);
   frame.writeUIntBE(8, 0, 3);
   frame[3] = TYPE_GOAWAY;
-  frame.writeUInt32BE(MAX_STREAM_ID, FRAME_HEADER_BYTES);
+  frame.writeUInt32BE(lastStreamId, FRAME_HEADER_BYTES);
+  frame.writeUInt32BE(errorCode, FRAME_HEADER_BYTES + 4);
   return frame;
+}
+
+/**
+ * The first GOAWAY of a graceful shutdown: last stream id 2^31-1 and
+ * NO_ERROR, so the client opens no new streams and lets the ones in flight
+ * finish.
+ */
+export function gracefulGoAway(): Buffer {
+  return goAway(MAX_STREAM_ID, NO_ERROR);
 }

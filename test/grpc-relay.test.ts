@@ -1,10 +1,15 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
+import { scriptedUpstream } from './helpers/scripted-upstream.js';
+import { END_HEADERS, H2, H2FrameReader, h2Frame, rawH2Client } from './helpers/raw-h2.js';
+import { CLIENT_PREFACE_BYTES } from '../src/h2-frames.js';
+import { GOAWAY_GRACE_MS } from '../src/grpc-relay.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -211,6 +216,68 @@ describe('grpc relay mode: graceful endings', () => {
       first.destroy();
       second.destroy();
       await local.proxy.shutdown(1000);
+    }
+  });
+
+  test('a client that opens a stream after the GOAWAY (past the grace for one already on its way) is told the last stream taken and cut off; the stream never reaches the model server', { timeout: 30_000 }, async () => {
+    const received = new H2FrameReader();
+    const model = await scriptedUpstream((socket, first) => {
+      socket.write(h2Frame(H2.SETTINGS, 0, 0));
+      received.push(first.subarray(CLIENT_PREFACE_BYTES));
+      socket.on('data', (chunk: Buffer) => received.push(chunk));
+    });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
+    try {
+      const client = await rawH2Client(local.grpcPort, pki);
+      // The relay never decodes HPACK: any header block will do for the stand-in.
+      client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
+      await eventually(() => received.frames.some((f) => f.type === H2.HEADERS), 'the first stream at the model server');
+      const [listener] = local.proxy.listeners();
+      listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
+      assert.equal((await client.waitForFrame(H2.GOAWAY)).payload.readUInt32BE(0), 2 ** 31 - 1);
+      await sleep(GOAWAY_GRACE_MS + 200);
+      client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 3, Buffer.from([0x83])));
+      await client.closed;
+      const goAways = client.frames.filter((f) => f.type === H2.GOAWAY).map((f) => [f.payload.readUInt32BE(0), f.payload.readUInt32BE(4)]);
+      assert.deepEqual(goAways, [[2 ** 31 - 1, 0], [1, 1]], 'a final GOAWAY: last stream 1, PROTOCOL_ERROR');
+      const line = await local.logs.waitFor((l) => l.event === 'relay_access');
+      assert.equal(line.error, 'client_ignored_goaway');
+      assert.deepEqual(received.frames.filter((f) => f.type === H2.HEADERS).map((f) => f.streamId), [1]);
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+});
+
+describe('grpc relay mode: a model server that closes first', () => {
+  test('while the client is still sending, the client connection is still read to its end, closed and logged, never left paused', { timeout: 30_000 }, async () => {
+    // Takes 64 KiB and closes cleanly (FIN): the relay holds the rest of the client's bytes.
+    const model = await scriptedUpstream((socket, first) => {
+      socket.write(h2Frame(H2.SETTINGS, 0, 0));
+      let received = first.length;
+      socket.on('data', (chunk: Buffer) => {
+        received += chunk.length;
+        if (received > 64 * 1024) socket.end();
+      });
+    });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
+    try {
+      const client = await rawH2Client(local.grpcPort, pki);
+      client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
+      // 4 MiB of DATA at once, ignoring flow control, as a client streaming a large request may.
+      const data = h2Frame(H2.DATA, 0, 1, Buffer.alloc(16 * 1024));
+      for (let i = 0; i < 256; i++) client.socket.write(data);
+      // The relay ended the connection; the client gives up on what it could not send.
+      await once(client.socket, 'end');
+      client.socket.destroy();
+      const [listener] = local.proxy.listeners();
+      await eventually(() => listener!.connections.size === 0, 'the client connection released');
+      const line = await local.logs.waitFor((l) => l.event === 'relay_access');
+      assert.equal(line.calls, 1);
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
     }
   });
 });

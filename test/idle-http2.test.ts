@@ -2,12 +2,12 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import type { ClientHttp2Session } from 'node:http2';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { eventually } from './helpers/ops.js';
+import { H2, rawH2Client } from './helpers/raw-h2.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { NOOP_OBSERVER } from '../src/observer.js';
@@ -41,26 +41,11 @@ function watchGoAway(session: ClientHttp2Session) {
   return { seen, mark: () => (marked = true), closed: once(session, 'close') };
 }
 
-/** A client that speaks just enough HTTP/2 to be connected (preface, SETTINGS and their ACK) and ignores a GOAWAY. */
-async function stubbornH2Client(port: number): Promise<{ goAwayCodes: number[]; ended: Promise<unknown> }> {
-  const socket: TLSSocket = tlsConnect({ port, host: '127.0.0.1', ...tlsClientOptions(pki), ALPNProtocols: ['h2'] });
-  socket.on('error', () => {});
-  const ended = once(socket, 'close');
-  await once(socket, 'secureConnect');
-  socket.write(Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0])]));
-  const goAwayCodes: number[] = [];
-  let buffered = Buffer.alloc(0);
-  socket.on('data', (chunk: Buffer) => {
-    buffered = Buffer.concat([buffered, chunk]);
-    while (buffered.length >= 9 && buffered.length >= 9 + buffered.readUIntBE(0, 3)) {
-      const length = buffered.readUIntBE(0, 3);
-      const [type, flags] = [buffered[3], buffered[4]];
-      if (type === 0x4 && (flags! & 1) === 0) socket.write(Buffer.from([0, 0, 0, 4, 1, 0, 0, 0, 0]));
-      if (type === 0x7) goAwayCodes.push(buffered.readUInt32BE(9 + 4));
-      buffered = buffered.subarray(9 + length);
-    }
-  });
-  return { goAwayCodes, ended };
+/** A client that ignores a GOAWAY, and the GOAWAY error codes it got. */
+async function stubbornH2Client(port: number): Promise<{ goAwayCodes: () => number[]; ended: Promise<unknown> }> {
+  const client = await rawH2Client(port, pki);
+  const goAwayCodes = () => client.frames.filter((f) => f.type === H2.GOAWAY).map((f) => f.payload.readUInt32BE(4));
+  return { goAwayCodes, ended: client.closed };
 }
 
 for (const grpcMode of ['terminate', 'relay'] as const) {
@@ -137,7 +122,7 @@ for (const grpcMode of ['terminate', 'relay'] as const) {
     test('a client that ignores the GOAWAY has its connection ended', NOT_FOR_EVER, async () => {
       const client = await stubbornH2Client(front.grpcPort);
       await client.ended;
-      assert.deepEqual(client.goAwayCodes, [0]);
+      assert.deepEqual(client.goAwayCodes(), [0]);
       if (grpcMode === 'relay') {
         const line = await front.logs.waitFor((l) => l.event === 'relay_access' && l.calls === 0);
         assert.equal(line.idle, true, 'the connection line says why it closed');

@@ -1,0 +1,76 @@
+import { once } from 'node:events';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import type { TestPki } from './pki.js';
+import { tlsClientOptions } from './harness.js';
+import { eventually } from './ops.js';
+
+export const H2 = { DATA: 0x0, HEADERS: 0x1, SETTINGS: 0x4, GOAWAY: 0x7 } as const;
+export const END_STREAM = 0x1;
+export const END_HEADERS = 0x4;
+const ACK = 0x1;
+
+export interface H2Frame {
+  readonly type: number;
+  readonly flags: number;
+  readonly streamId: number;
+  readonly payload: Buffer;
+}
+
+/** One HTTP/2 frame's bytes. */
+export function h2Frame(type: number, flags: number, streamId: number, payload: Buffer = Buffer.alloc(0)): Buffer {
+  const header = Buffer.alloc(9);
+  header.writeUIntBE(payload.length, 0, 3);
+  header[3] = type;
+  header[4] = flags;
+  header.writeUInt32BE(streamId, 5);
+  return Buffer.concat([header, payload]);
+}
+
+/** Splits a byte stream into whole frames, keeping what is left over. */
+export class H2FrameReader {
+  readonly frames: H2Frame[] = [];
+  #buffered = Buffer.alloc(0);
+
+  push(chunk: Buffer): H2Frame[] {
+    this.#buffered = Buffer.concat([this.#buffered, chunk]);
+    const found: H2Frame[] = [];
+    while (this.#buffered.length >= 9 && this.#buffered.length >= 9 + this.#buffered.readUIntBE(0, 3)) {
+      const length = this.#buffered.readUIntBE(0, 3);
+      const b = this.#buffered;
+      found.push({ type: b[3]!, flags: b[4]!, streamId: b.readUInt32BE(5) & 0x7fffffff, payload: b.subarray(9, 9 + length) });
+      this.#buffered = b.subarray(9 + length);
+    }
+    this.frames.push(...found);
+    return found;
+  }
+}
+
+export interface RawH2Client {
+  readonly socket: TLSSocket;
+  /** Every frame received so far. */
+  readonly frames: H2Frame[];
+  readonly closed: Promise<unknown>;
+  waitForFrame(type: number): Promise<H2Frame>;
+}
+
+/**
+ * A client that speaks just enough HTTP/2 to be connected (preface, SETTINGS
+ * and their ACK) and otherwise sends only what a test writes: it ignores
+ * flow control and GOAWAY, as a broken or hostile client would.
+ */
+export async function rawH2Client(port: number, pki: TestPki): Promise<RawH2Client> {
+  const socket: TLSSocket = tlsConnect({ port, host: '127.0.0.1', ...tlsClientOptions(pki), ALPNProtocols: ['h2'] });
+  socket.on('error', () => {});
+  const closed = once(socket, 'close');
+  await once(socket, 'secureConnect');
+  socket.write(Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]));
+  const reader = new H2FrameReader();
+  socket.on('data', (chunk: Buffer) => {
+    for (const frame of reader.push(chunk)) if (frame.type === H2.SETTINGS && (frame.flags & ACK) === 0) socket.write(h2Frame(H2.SETTINGS, ACK, 0));
+  });
+  const waitForFrame = async (type: number): Promise<H2Frame> => {
+    await eventually(() => reader.frames.some((f) => f.type === type), `an HTTP/2 frame of type ${type}`);
+    return reader.frames.find((f) => f.type === type)!;
+  };
+  return { socket, frames: reader.frames, closed, waitForFrame };
+}
