@@ -72,7 +72,7 @@ export class Http1Head implements StartLine {
     return this.#lowerText().includes(`\r\n${name}:`);
   }
 
-  /** Every value of the fields of that (lower-case) name, split at commas and trimmed. */
+  /** Every value of the fields of that (lower-case) name, split at commas and trimmed of SP and HTAB. */
   values(name: string): string[] {
     const out: string[] = [];
     const lower = this.#lowerText();
@@ -400,11 +400,18 @@ export function parseHeadByLine(text: string, kind: MessageKind): Http1Head {
   return new Http1Head(text, grammar.start(lines[0]!, match), parseFields(lines));
 }
 
-/** RFC 9110 5.6.1: a comma-separated list, each element trimmed. */
+/** Optional white space is SP and HTAB only (RFC 9110 5.6.3); String.trim() would also take 0xA0 and read "5\xa0" as 5. */
+const OWS_AROUND = /^[ \t]+|[ \t]+$/g;
+
+function trimOws(value: string): string {
+  return value.replace(OWS_AROUND, '');
+}
+
+/** RFC 9110 5.6.1: a comma-separated list, each element trimmed of optional white space. */
 function commaList(value: string): string[] {
   // Nearly every value is a single element: no array to split into and map over.
-  if (!value.includes(',')) return [value.trim()];
-  return value.split(',').map((v) => v.trim());
+  if (!value.includes(',')) return [trimOws(value)];
+  return value.split(',').map(trimOws);
 }
 
 /** One Content-Length, or several that agree (RFC 9112 6.3); undefined when absent. */

@@ -155,6 +155,9 @@ const REFUSED_REQUESTS: readonly [string, string, number, RegExp][] = [
   ['two different Content-Lengths', 'POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n', 400, /invalid Content-Length/],
   ['a signed Content-Length', 'POST / HTTP/1.1\r\ncontent-length: +3\r\n\r\n', 400, /invalid Content-Length/],
   ['a hex Content-Length', 'POST / HTTP/1.1\r\ncontent-length: 0x3\r\n\r\n', 400, /invalid Content-Length/],
+  // 0xA0 is not white space in HTTP (RFC 9110 5.6.3), though String.trim() says it is: an upstream may read these differently.
+  ['a no-break space after a Content-Length', 'POST / HTTP/1.1\r\ncontent-length: 5\xa0\r\n\r\nhello', 400, /invalid Content-Length/],
+  ['a no-break space after chunked', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\xa0\r\n\r\n0\r\n\r\n', 501, /only chunked/],
   ['a bare LF ending a header line', 'GET / HTTP/1.1\nhost: a\r\n\r\n', 400, /bare CR or LF/],
   ['a bare CR inside a header line', 'GET / HTTP/1.1\r\nhost: a\rb\r\n\r\n', 400, /bare CR or LF/],
   ['a folded header line', 'GET / HTTP/1.1\r\nx-a: 1\r\n 2\r\n\r\n', 400, /obs-fold/],
@@ -201,7 +204,7 @@ const NAMES = ['content-length', 'transfer-encoding', 'x-forwarded-for', 'x-forw
 const headFieldArb = fc.tuple(
   fc.oneof(fc.constantFrom(...NAMES), tokenArb).chain((name) => fc.constantFrom(name, name.toUpperCase(), name[0]!.toUpperCase() + name.slice(1))),
   fc.constantFrom('', ' ', '\t', '  '),
-  fc.oneof(valueArb, fc.constantFrom('', '1, 2', ' a ,b,, c ', 'chunked', '\xe9t\xe9', 'x\ty')),
+  fc.oneof(valueArb, fc.constantFrom('', '1, 2', ' a ,b,, c ', 'chunked', '\xe9t\xe9', 'x\ty', '\xa0chunked\xa0, 5\xa0')),
   fc.constantFrom('', ' ', '\t'),
 ).map(([name, before, value, after]) => `${name}:${before}${value}${after}\r\n`);
 const headArb = fc.tuple(
@@ -239,7 +242,7 @@ function reading(parse: () => Http1Head): unknown {
   // The text lookups against the split fields, the reference.
   const fromFields = NAMES.map((name) => {
     const named = head.fields.filter((f) => f.name === name);
-    return [named.length > 0, named.flatMap((f) => f.value.split(',').map((v) => v.trim()))];
+    return [named.length > 0, named.flatMap((f) => f.value.split(',').map((v) => v.replace(/^[ \t]+|[ \t]+$/g, '')))];
   });
   assert.deepEqual(lookups, fromFields);
   return { startLine, method, target, status, minorVersion, lookups, fields: head.fields.map((f) => ({ ...f })) };
