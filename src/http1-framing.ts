@@ -105,6 +105,8 @@ export interface MessageHandler {
   body(bytes: number): void;
   /** The message is complete, all of its bytes already passed on. */
   end(): void;
+  /** Whether a trailer field of that (lower-case) name is passed on; without this method every one is. */
+  keepTrailer?(name: string): boolean;
 }
 
 const CR = 0x0d;
@@ -185,6 +187,11 @@ export class Http1Reader {
     while (pos < chunk.length) {
       if (this.#state === 'head') {
         pos = this.#readHead(chunk, pos, out);
+        continue;
+      }
+      if (this.#state === 'trailers') {
+        pos = this.#readTrailers(chunk, pos, out);
+        if ((this.#state as State) === 'head') this.#handler.end();
         continue;
       }
       const from = pos;
@@ -278,8 +285,6 @@ export class Http1Reader {
       }
       case 'chunk-crlf':
         return this.#readChunkCrlf(chunk, pos);
-      case 'trailers':
-        return this.#readTrailers(chunk, pos);
       default:
         return chunk.length;
     }
@@ -317,8 +322,11 @@ export class Http1Reader {
     return pos;
   }
 
-  /** Trailer fields pass through; the section (and the message) ends at the first empty line. */
-  #readTrailers(chunk: Buffer, pos: number): number {
+  /**
+   * Trailer fields pass on line by line, those the handler does not keep
+   * left out; the section (and the message) ends at the first empty line.
+   */
+  #readTrailers(chunk: Buffer, pos: number, out: (bytes: Buffer) => void): number {
     while (pos < chunk.length) {
       const lf = chunk.indexOf(LF, pos);
       const stop = lf < 0 ? chunk.length : lf + 1;
@@ -328,12 +336,16 @@ export class Http1Reader {
       this.#pending = this.#pending ? Buffer.concat([this.#pending, piece]) : piece;
       pos = stop;
       if (lf < 0) return pos;
+      const bytes = this.#pending;
       const line = this.#takeLine();
       if (line === '') {
+        out(bytes);
         this.#state = 'head';
         return pos;
       }
-      if (!FIELD_LINE.test(line) || BAD_VALUE_CHAR.test(line)) throw new FramingError(400, 'malformed trailer field');
+      const field = FIELD_LINE.exec(line);
+      if (!field || BAD_VALUE_CHAR.test(line)) throw new FramingError(400, 'malformed trailer field');
+      if (this.#handler.keepTrailer?.(field[1]!.toLowerCase()) ?? true) out(bytes);
     }
     return pos;
   }

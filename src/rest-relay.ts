@@ -33,6 +33,15 @@ const REPLACED_REQUEST_FIELDS = new Set([XFCC, 'x-forwarded-for', 'x-forwarded-p
 /** The relay never switches protocols; terminate mode drops these too. */
 const DROPPED_REQUEST_FIELDS = new Set(['upgrade', 'http2-settings']);
 const REWRITTEN_REQUEST_FIELDS = [...REPLACED_REQUEST_FIELDS, ...DROPPED_REQUEST_FIELDS];
+/**
+ * Request trailers left out: the fields we replace, and framing, routing and
+ * connection fields, which a trailer must not carry (RFC 9110 6.5.1). An
+ * upstream that merges trailers into the header section would otherwise take
+ * a client's X-Forwarded-Client-Cert for ours. Dropped, not refused: by the
+ * time a trailer arrives the head and body are upstream, and a refusal could
+ * only cut the connection; a recipient may discard trailers (RFC 9110 6.5.1).
+ */
+const DROPPED_REQUEST_TRAILERS = new Set([...REWRITTEN_REQUEST_FIELDS, 'content-length', 'transfer-encoding', 'host', 'connection', 'keep-alive', 'te', 'trailer', 'expect']);
 
 /** The fields we add, and the empty line that ends the head. */
 function forwardingFields(previousForwardedFor: readonly string[], context: ConnectionContext): string {
@@ -186,6 +195,7 @@ class RelayedHttp1Connection implements RelayedConnection {
         this.#settle(received);
         this.#closeIfDone();
       },
+      keepTrailer: (name) => !DROPPED_REQUEST_TRAILERS.has(name),
     });
     this.#fromUpstream = new Http1Reader('response', parts.limits.maxHeaderSize, {
       head: (head, raw) => this.#responseHead(head, raw),
