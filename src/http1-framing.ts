@@ -426,13 +426,16 @@ function commaList(value: string): string[] {
   return value.split(',').map(trimOws);
 }
 
-/** One Content-Length, or several that agree (RFC 9112 6.3); undefined when absent. */
+/**
+ * Exactly one Content-Length; undefined when absent. Several that agree are
+ * refused too (as Node's parser does): passed on as they came they would break
+ * RFC 9110 8.6, which forbids forwarding such a list.
+ */
 function contentLength(head: Http1Head, status: number): number | undefined {
   const lengths = head.values('content-length');
   if (lengths.length === 0) return undefined;
-  const first = lengths[0]!;
-  if (!DIGITS.test(first) || lengths.some((l) => l !== first)) throw new FramingError(status, `invalid Content-Length: ${JSON.stringify(lengths.join(', '))}`);
-  return Number(first);
+  if (lengths.length > 1 || !DIGITS.test(lengths[0]!)) throw new FramingError(status, `invalid Content-Length: ${JSON.stringify(lengths.join(', '))}`);
+  return Number(lengths[0]);
 }
 
 /** RFC 9112 6.3 for requests, refusing everything a second parser might read differently. */

@@ -153,6 +153,9 @@ const REFUSED_REQUESTS: readonly [string, string, number, RegExp][] = [
   ['chunked named twice', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n', 501, /only chunked/],
   ['Transfer-Encoding in HTTP/1.0', 'POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n', 400, /HTTP\/1\.0/],
   ['two different Content-Lengths', 'POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n', 400, /invalid Content-Length/],
+  // RFC 9110 8.6: a list of agreeing values must not be forwarded as it came.
+  ['a list of agreeing Content-Lengths', 'POST / HTTP/1.1\r\ncontent-length: 3, 3\r\n\r\nabc', 400, /invalid Content-Length: "3, 3"/],
+  ['two agreeing Content-Length fields', 'POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc', 400, /invalid Content-Length/],
   ['a signed Content-Length', 'POST / HTTP/1.1\r\ncontent-length: +3\r\n\r\n', 400, /invalid Content-Length/],
   ['a hex Content-Length', 'POST / HTTP/1.1\r\ncontent-length: 0x3\r\n\r\n', 400, /invalid Content-Length/],
   // 0xA0 is not white space in HTTP (RFC 9110 5.6.3), though String.trim() says it is: an upstream may read these differently.
@@ -189,11 +192,11 @@ describe('HTTP/1.1 requests refused', () => {
     });
   }
 
-  test('what stays accepted: agreeing Content-Length values, chunk extensions, trailers, empty lines before the request line', () => {
+  test('what stays accepted: chunk extensions, trailers, empty lines before the request line', () => {
     const bodies: BodyFraming[] = [];
     let ended = 0;
     const reader = new Http1Reader('request', 1024, { head: (head: Http1Head, raw) => { const body = requestFraming(head); bodies.push(body); return { bytes: raw, body }; }, body: () => {}, end: () => ended++ });
-    reader.push(Buffer.from('\r\nPOST / HTTP/1.1\r\ncontent-length: 3, 3\r\n\r\nabcPOST / HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n3;a=b\r\nabc\r\n0\r\nx-t: 1\r\n\r\n'), () => {});
+    reader.push(Buffer.from('\r\nPOST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabcPOST / HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n3;a=b\r\nabc\r\n0\r\nx-t: 1\r\n\r\n'), () => {});
     assert.deepEqual(bodies, [{ kind: 'length', length: 3 }, { kind: 'chunked' }]);
     assert.equal(ended, 2);
   });
