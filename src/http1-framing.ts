@@ -455,7 +455,12 @@ export function requestFraming(head: Http1Head): BodyFraming {
 export function responseFraming(head: Http1Head, method: string): BodyFraming {
   if (method === 'HEAD' || head.status < 200 || head.status === 204 || head.status === 304) return NO_BODY;
   const codings = head.values('transfer-encoding');
-  if (codings.length > 0) return codings.at(-1)!.toLowerCase() === 'chunked' ? { kind: 'chunked' } : { kind: 'until-close' };
+  if (codings.length > 0) {
+    // Faulty framing (RFC 9112 6.1, 6.3), which the client might read otherwise; nginx answers 502 too.
+    if (head.has('content-length')) throw new FramingError(502, 'the upstream sent both Content-Length and Transfer-Encoding');
+    if (head.minorVersion === 0) throw new FramingError(502, 'the upstream sent Transfer-Encoding in an HTTP/1.0 response');
+    return codings.at(-1)!.toLowerCase() === 'chunked' ? { kind: 'chunked' } : { kind: 'until-close' };
+  }
   const length = contentLength(head, 502);
   return length === undefined ? { kind: 'until-close' } : { kind: 'length', length };
 }

@@ -202,6 +202,24 @@ describe('HTTP/1.1 requests refused', () => {
   });
 });
 
+/** Responses whose framing the client might read otherwise than we do: each is refused before a byte goes to the client. */
+const REFUSED_RESPONSES: readonly [string, string, RegExp][] = [
+  ['both Content-Length and Transfer-Encoding', 'HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n', /both Content-Length and Transfer-Encoding/],
+  ['Transfer-Encoding in HTTP/1.0', 'HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n', /HTTP\/1\.0/],
+  ['a list of agreeing Content-Lengths', 'HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok', /invalid Content-Length/],
+];
+
+describe('HTTP/1.1 responses refused', () => {
+  for (const [what, text, message] of REFUSED_RESPONSES) {
+    test(`${what}: 502`, () => {
+      const out: Buffer[] = [];
+      const reader = new Http1Reader('response', 1024, { head: (head, raw) => ({ bytes: raw, body: responseFraming(head, 'GET') }), body: () => {}, end: () => {} });
+      assert.throws(() => reader.push(Buffer.from(text), (b) => out.push(b)), (err: unknown) => err instanceof FramingError && err.status === 502 && message.test(err.message));
+      assert.deepEqual(out, []);
+    });
+  }
+});
+
 /** Names the relay looks up, in any case, with values that are lists, empty, padded or odd. */
 const NAMES = ['content-length', 'transfer-encoding', 'x-forwarded-for', 'x-forwarded-client-cert', 'x-forwarded-proto', 'upgrade', 'connection', 'host'];
 const headFieldArb = fc.tuple(

@@ -277,6 +277,18 @@ describe('rest relay: drain and upstream failures', () => {
       assert.equal(line.status, 502);
     }));
 
+  test('a response framed by both Content-Length and Transfer-Encoding becomes a 502 and never reaches the client', () =>
+    withScriptedUpstream('HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n', async (local) => {
+      const socket = await openRaw(local.restPort);
+      socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.deepEqual(statuses(text), [502]);
+      assert.match(text, /both Content-Length and Transfer-Encoding/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assert.equal(line.status, 502);
+      assert.equal(line.error, 'bad_response');
+    }, { keepOpen: true }));
+
   test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', () =>
     withScriptedUpstream('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b', async (local) => {
       const socket = await openRaw(local.restPort);
