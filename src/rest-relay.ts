@@ -392,13 +392,18 @@ class RelayedHttp1Connection implements RelayedConnection {
   #upstreamFailed(code: string, message: string): void {
     const waiting = this.#exchanges[0];
     this.#parts.observer.upstreamError('rest', code);
-    if (waiting && !waiting.answered) {
+    if (!waiting) {
+      // Every response owed is complete (what failed came after them, unasked): they still go to the client.
+      this.#end();
+      return;
+    }
+    if (!waiting.answered) {
       waiting.status = 502;
       waiting.error = code;
       this.#end(badGatewayAnswer(message));
       return;
     }
-    if (waiting) waiting.error = code;
+    waiting.error = code;
     this.#fail();
   }
 

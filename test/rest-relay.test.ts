@@ -289,6 +289,18 @@ describe('rest relay: drain and upstream failures', () => {
       assert.equal(line.error, 'bad_response');
     }, { keepOpen: true }));
 
+  test('a response nobody asked for, in the same read as a complete one, closes the connection only after the complete one reached the client', () =>
+    withScriptedUpstream('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n', async (local) => {
+      const socket = await openRaw(local.restPort);
+      socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.deepEqual(statuses(text), [200]);
+      assert.match(text, /\r\n\r\nok$/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assert.equal(line.status, 200);
+      assert.equal(line.error, undefined);
+    }, { keepOpen: true }));
+
   test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', () =>
     withScriptedUpstream('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b', async (local) => {
       const socket = await openRaw(local.restPort);
