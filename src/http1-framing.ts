@@ -169,6 +169,7 @@ export class Http1Reader {
   #lineBytes = 0;
   /** Of the CRLF after chunk data, how many bytes have been checked. */
   #crlfSeen = 0;
+  #stopped = false;
 
   constructor(kind: MessageKind, maxHeadSize: number, handler: MessageHandler) {
     this.#kind = kind;
@@ -181,11 +182,17 @@ export class Http1Reader {
     return this.#state === 'head' && this.#pending === undefined;
   }
 
+  /** No message after the one under way is read: push() ignores whatever follows it. */
+  stop(): void {
+    this.#stopped = true;
+  }
+
   /** Throws FramingError; after that the connection cannot be trusted and must close. */
   push(chunk: Buffer, out: (bytes: Buffer) => void): void {
     let pos = 0;
     while (pos < chunk.length) {
       if (this.#state === 'head') {
+        if (this.#stopped) return;
         pos = this.#readHead(chunk, pos, out);
         continue;
       }

@@ -73,6 +73,12 @@ export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext):
   return Buffer.from(text + forwardingFields(previous, context), 'latin1');
 }
 
+/** RFC 9112 9.3, 9.6: the server closes the connection after this response. */
+function closesAfter(head: Http1Head): boolean {
+  const options = head.values('connection').map((option) => option.toLowerCase());
+  return options.includes('close') || (head.minorVersion === 0 && !options.includes('keep-alive'));
+}
+
 /** A response head that tells the client this connection ends after it. */
 function withConnectionClose(head: Http1Head): Buffer {
   let text = head.startLine + '\r\n';
@@ -165,6 +171,12 @@ class RelayedHttp1Connection implements RelayedConnection {
   #receiving: Exchange | undefined;
   /** Set when the response now arriving is interim (1xx): its request waits for another. */
   #interim = false;
+  /**
+   * The response arriving is the upstream's last (`connection: close`, or a body that ends at
+   * close): once it is done the connection closes, requests after it unanswered, which a client
+   * may retry (RFC 9112 9.3.2); nothing written after it could be read as an answer to them.
+   */
+  #upstreamLast = false;
   /** Drain or revocation: responses say `connection: close`; the connection ends when the last one is done. */
   #closing = false;
   /** A request we refused (bad framing): answered once the responses before it are done. */
@@ -314,6 +326,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (!this.#interim) exchange.status = head.status;
     const last = this.#exchanges.length === 1 && this.#receiving === undefined;
     const body = responseFraming(head, exchange.method);
+    if (!this.#interim) this.#upstreamLast = body.kind === 'until-close' || closesAfter(head);
     const bytes = this.#closing && !this.#interim && last ? withConnectionClose(head) : raw;
     // An interim response (100 Continue) does not answer the request: a 502 can still follow it.
     if (!this.#interim) exchange.answered = true;
@@ -325,6 +338,11 @@ class RelayedHttp1Connection implements RelayedConnection {
     const exchange = this.#exchanges.shift()!;
     exchange.responded = true;
     this.#settle(exchange);
+    if (this.#upstreamLast) {
+      this.#fromUpstream.stop();
+      this.#end(undefined, 'UPSTREAM_CLOSED');
+      return;
+    }
     this.#closeIfDone();
   }
 
@@ -407,8 +425,8 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#fail();
   }
 
-  /** Closes both sides after `last` (our own answer) and what was written before it. */
-  #end(last?: Buffer): void {
+  /** Closes both sides after `last` (our own answer) and what was written before it; `unfinished` is logged for requests left unanswered. */
+  #end(last?: Buffer, unfinished = 'closed'): void {
     if (this.#finished) return;
     this.#finished = true;
     const { client, upstream } = this.#parts;
@@ -416,7 +434,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     upstream.destroy();
     if (last) client.end(last);
     else client.end();
-    this.#reportUnfinished('closed');
+    this.#reportUnfinished(unfinished);
   }
 
   /** Cuts both sides: a half-relayed message cannot be finished. */

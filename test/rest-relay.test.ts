@@ -301,6 +301,26 @@ describe('rest relay: drain and upstream failures', () => {
       assert.equal(line.error, undefined);
     }, { keepOpen: true }));
 
+  for (const [what, reply, body] of [
+    ['a body that ends when the upstream closes', 'HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nbody-of-1', 'body-of-1'],
+    ['a connection: close response', 'HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok', 'ok'],
+  ] as const) {
+    test(`after ${what} nothing more is written: a request pipelined behind it gets a plain close, no 502 the client would read as part of the answer`, () =>
+      withScriptedUpstream(reply, async (local) => {
+        const socket = await openRaw(local.restPort);
+        socket.write('GET /first HTTP/1.1\r\nhost: a\r\n\r\nGET /second HTTP/1.1\r\nhost: a\r\n\r\n');
+        const text = await readToClose(socket);
+        assert.deepEqual(statuses(text), [200]);
+        assert.equal(text.slice(text.indexOf('\r\n\r\n') + 4), body);
+        const first = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/first');
+        assert.equal(first.status, 200);
+        assert.equal(first.error, undefined);
+        const second = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second');
+        assert.equal(second.status, 0);
+        assert.equal(second.error, 'UPSTREAM_CLOSED');
+      }));
+  }
+
   test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', () =>
     withScriptedUpstream('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b', async (local) => {
       const socket = await openRaw(local.restPort);
