@@ -246,8 +246,11 @@ class RelayedHttp1Connection implements RelayedConnection {
     else this.#bodyStalled(this.#receiving);
   }
 
+  /** Requests already forwarded are answered, the last with `connection: close`; none after them is read. */
   closeGracefully(): void {
     this.#closing = true;
+    this.#fromClient.stop();
+    this.#stopHeadDeadline();
     this.#closeIfDone();
   }
 
@@ -266,7 +269,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   /** Starts the head deadline when a read ended inside a request head (rarely: a head usually comes in one read). */
   #watchHead(): void {
     const inHead = this.#receiving === undefined && !this.#fromClient.atBoundary;
-    if (inHead && !this.#refusal) this.#headDeadline ??= setTimeout(() => this.#headStalled(), this.#parts.limits.idleTimeoutMs);
+    // Closing: the rest of that head will not be read.
+    if (inHead && !this.#refusal && !this.#closing) this.#headDeadline ??= setTimeout(() => this.#headStalled(), this.#parts.limits.idleTimeoutMs);
   }
 
   #stopHeadDeadline(): void {
@@ -324,7 +328,8 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (head.status === 101) throw new FramingError(502, 'the upstream switched protocols, which the relay never asks for');
     this.#interim = head.status < 200;
     if (!this.#interim) exchange.status = head.status;
-    const last = this.#exchanges.length === 1 && this.#receiving === undefined;
+    // Once closing, no request after those in the queue is read: the only one left is the last.
+    const last = this.#exchanges.length === 1;
     const body = responseFraming(head, exchange.method);
     if (!this.#interim) this.#upstreamLast = body.kind === 'until-close' || closesAfter(head);
     const bytes = this.#closing && !this.#interim && last ? withConnectionClose(head) : raw;
@@ -358,7 +363,8 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#end(refusalAnswer(this.#refusal));
       return;
     }
-    if (this.#closing && this.#fromClient.atBoundary) this.#end();
+    // A head begun before the drain is never finished: nothing of it went upstream.
+    if (this.#closing) this.#end();
   }
 
   #clientFramingError(err: FramingError): void {

@@ -197,6 +197,41 @@ describe('rest relay: drain and upstream failures', () => {
     }
   });
 
+  test('on shutdown the request in flight is answered with connection: close, and a request pipelined after the drain began never reaches the model server', async () => {
+    let received = '';
+    let answered = 0;
+    let headArrived!: () => void;
+    const arrived = new Promise<void>((resolve) => (headArrived = resolve));
+    // Answers the first request once its whole body is in, and any request after it at once.
+    const scripted = await scriptedUpstream((s, first) => {
+      const take = (bytes: Buffer) => {
+        received += bytes.toString('latin1');
+        const requests = (received.includes('0123456789') ? 1 : 0) + (received.match(/GET \/late /g) ?? []).length;
+        for (; answered < requests; answered++) s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+      };
+      s.on('data', take);
+      take(first);
+      headArrived();
+    });
+    const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay' });
+    try {
+      const socket = await openRaw(local.restPort);
+      socket.write('POST /in-flight HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n01234');
+      await arrived;
+      const stopped = local.proxy.shutdown(10_000);
+      // In one write with the end of the body: a relay that still read requests would pass it on before the answer could come.
+      socket.write('56789GET /late HTTP/1.1\r\nhost: a\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.deepEqual(statuses(text), [200]);
+      assert.match(text, /\r\nconnection: close\r\n\r\nok$/);
+      await stopped;
+      assert.doesNotMatch(received, /\/late/);
+    } finally {
+      await local.proxy.shutdown(1000);
+      scripted.close();
+    }
+  });
+
   for (const restMode of FORWARD_MODES) {
     test(`--mtls_rest_mode ${restMode}: a head no parser accepts gets 400, the connection closes, and the refusal has its access line`, { timeout: 20_000 }, async () => {
       const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode });
