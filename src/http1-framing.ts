@@ -1,3 +1,5 @@
+import { PendingBytes } from './pending-bytes.js';
+
 /**
  * Where HTTP/1.1 messages begin and end in a byte stream (RFC 9112), for the
  * REST relay: heads are parsed (and may be replaced), bodies pass through
@@ -162,8 +164,8 @@ export class Http1Reader {
   readonly #maxHeadSize: number;
   readonly #handler: MessageHandler;
   #state: State = 'head';
-  /** A head (or chunk line, or trailer section) split across reads. */
-  #pending: Buffer | undefined;
+  /** A head (or chunk line, or trailer line) split across reads. */
+  readonly #pending = new PendingBytes();
   #remaining = 0;
   /** Bytes of the current chunk line or trailer section seen so far. */
   #lineBytes = 0;
@@ -179,7 +181,7 @@ export class Http1Reader {
 
   /** True between messages: nothing of a next message has arrived. */
   get atBoundary(): boolean {
-    return this.#state === 'head' && this.#pending === undefined;
+    return this.#state === 'head' && this.#pending.length === 0;
   }
 
   /** No message after the one under way is read: push() ignores whatever follows it. */
@@ -220,27 +222,36 @@ export class Http1Reader {
   }
 
   #readHead(chunk: Buffer, pos: number, out: (bytes: Buffer) => void): number {
-    let data = chunk.subarray(pos);
-    const carried = this.#pending?.length ?? 0;
-    if (this.#pending) data = Buffer.concat([this.#pending, data]);
-    // RFC 9112 2.2: empty lines before a request line are ignored.
-    let start = 0;
-    if (this.#kind === 'request') while (data[start] === CR && data[start + 1] === LF) start += 2;
-    const end = data.indexOf(HEAD_END, start);
+    if (this.#kind === 'request') pos = this.#skipEmptyLines(chunk, pos);
+    if (pos === chunk.length) return pos;
+    const carried = this.#pending.length;
+    // Bytes past the limit cannot belong to a head we accept: they are not collected.
+    this.#pending.append(chunk.subarray(pos, pos + this.#maxHeadSize + 1 - carried));
+    const data = this.#pending.bytes;
+    // Only what this read added is searched, with the three bytes before it: CRLF CRLF may straddle two reads.
+    const end = data.indexOf(HEAD_END, Math.max(0, carried - 3));
     if (end < 0) {
-      if (data.length - start > this.#maxHeadSize) throw this.#tooLarge();
-      this.#pending = data.length > start ? data.subarray(start) : undefined;
+      if (data.length > this.#maxHeadSize) throw this.#tooLarge();
       return chunk.length;
     }
-    const headBytes = end + 4 - start;
-    if (headBytes > this.#maxHeadSize) throw this.#tooLarge();
-    this.#pending = undefined;
-    const raw = data.subarray(start, end + 4);
+    if (end + 4 > this.#maxHeadSize) throw this.#tooLarge();
+    const raw = this.#pending.take().subarray(0, end + 4);
     const head = parseHead(raw, this.#kind);
     const result = this.#handler.head(head, raw);
     out(result.bytes);
     this.#startBody(result.body);
     return pos + (end + 4 - carried);
+  }
+
+  /** RFC 9112 2.2: empty lines before a request line are ignored, one split across two reads too. */
+  #skipEmptyLines(chunk: Buffer, pos: number): number {
+    if (this.#pending.length === 1 && this.#pending.bytes[0] === CR && chunk[pos] === LF) {
+      this.#pending.take();
+      pos++;
+    }
+    if (this.#pending.length > 0) return pos;
+    while (chunk[pos] === CR && chunk[pos + 1] === LF) pos += 2;
+    return pos;
   }
 
   #startBody(body: BodyFraming): void {
@@ -302,8 +313,7 @@ export class Http1Reader {
     const stop = lf < 0 ? chunk.length : lf + 1;
     this.#lineBytes += stop - pos;
     if (this.#lineBytes > MAX_CHUNK_LINE) throw new FramingError(400, 'chunk-size line too long');
-    const piece = chunk.subarray(pos, stop);
-    this.#pending = this.#pending ? Buffer.concat([this.#pending, piece]) : piece;
+    this.#pending.append(chunk.subarray(pos, stop));
     if (lf < 0) return stop;
     const line = this.#takeLine();
     const match = CHUNK_LINE.exec(line);
@@ -339,12 +349,11 @@ export class Http1Reader {
       const stop = lf < 0 ? chunk.length : lf + 1;
       this.#lineBytes += stop - pos;
       if (this.#lineBytes > this.#maxHeadSize) throw this.#tooLarge();
-      const piece = chunk.subarray(pos, stop);
-      this.#pending = this.#pending ? Buffer.concat([this.#pending, piece]) : piece;
+      this.#pending.append(chunk.subarray(pos, stop));
       pos = stop;
       if (lf < 0) return pos;
-      const bytes = this.#pending;
-      const line = this.#takeLine();
+      const bytes = this.#pending.take();
+      const line = lineOf(bytes);
       if (line === '') {
         out(bytes);
         this.#state = 'head';
@@ -357,14 +366,9 @@ export class Http1Reader {
     return pos;
   }
 
-  /** The pending line without its CRLF; a lone LF or a stray CR is refused. */
+  /** The pending line without its CRLF. */
   #takeLine(): string {
-    const bytes = this.#pending!;
-    this.#pending = undefined;
-    if (bytes.length < 2 || bytes[bytes.length - 2] !== CR) throw new FramingError(400, 'line not ended by CRLF');
-    const line = bytes.toString('latin1', 0, bytes.length - 2);
-    if (line.includes('\r')) throw new FramingError(400, 'stray CR in a line');
-    return line;
+    return lineOf(this.#pending.take());
   }
 
   #tooLarge(): FramingError {
@@ -372,6 +376,14 @@ export class Http1Reader {
       ? new FramingError(431, `request header section larger than ${this.#maxHeadSize} bytes (--mtls_max_header_size)`)
       : new FramingError(502, `response header section larger than ${this.#maxHeadSize} bytes`);
   }
+}
+
+/** A line's text without its CRLF; a lone LF or a stray CR is refused. */
+function lineOf(bytes: Buffer): string {
+  if (bytes.length < 2 || bytes[bytes.length - 2] !== CR) throw new FramingError(400, 'line not ended by CRLF');
+  const line = bytes.toString('latin1', 0, bytes.length - 2);
+  if (line.includes('\r')) throw new FramingError(400, 'stray CR in a line');
+  return line;
 }
 
 /** The lines of a head's text (CRLF CRLF included), without their CRLFs. */

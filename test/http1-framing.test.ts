@@ -117,6 +117,38 @@ describe('HTTP/1.1 message framing', () => {
     );
   });
 
+  test('a byte per read: every message passes and ends exactly as when it all comes in one read', () => {
+    const everyByte = (messages: readonly Message[]) => Array.from({ length: messages.reduce((n, m) => n + m.bytes.length, 0) }, (_c, i) => i);
+    for (const [kind, arb] of [['request', requestArb], ['response', responseArb]] as const) {
+      fc.assert(
+        fc.property(fc.array(arb, { minLength: 1, maxLength: 3 }), (messages) => {
+          const whole = readAll(kind, messages, []);
+          const trickled = readAll(kind, messages, everyByte(messages));
+          assert.deepEqual(Buffer.concat(trickled.out), Buffer.concat(whole.out));
+          assert.deepEqual(trickled.ends, whole.ends);
+          assert.equal(trickled.payload, whole.payload);
+        }),
+        { numRuns: 100 },
+      );
+    }
+  });
+
+  test('a head of exactly the size limit is read, one byte longer is refused, whole or a byte per read', () => {
+    const head = (size: number) => Buffer.from(`GET / HTTP/1.1\r\nx: ${'a'.repeat(size - 23)}\r\n\r\n`);
+    for (const step of [1, 7, 4096]) {
+      const heads: string[] = [];
+      const reader = new Http1Reader('request', 1024, { head: (h, raw) => { heads.push(h.startLine); return { bytes: raw, body: requestFraming(h) }; }, body: () => {}, end: () => {} });
+      const exact = head(1024);
+      assert.equal(exact.length, 1024);
+      for (let i = 0; i < exact.length; i += step) reader.push(exact.subarray(i, i + step), () => {});
+      assert.deepEqual(heads, ['GET / HTTP/1.1']);
+      const over = head(1025);
+      assert.throws(() => {
+        for (let i = 0; i < over.length; i += step) reader.push(over.subarray(i, i + step), () => {});
+      }, (err: unknown) => err instanceof FramingError && err.status === 431);
+    }
+  });
+
   test('a head the handler rewrites goes out rewritten; the body after it is unchanged', () => {
     const out: Buffer[] = [];
     const reader = new Http1Reader('request', 1024, {
