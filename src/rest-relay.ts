@@ -399,7 +399,9 @@ class RelayedHttp1Connection implements RelayedConnection {
   /** The upstream closed or failed: a request still waiting gets a 502 if nothing of its answer was sent. */
   #upstreamClosed(err: Error | undefined): void {
     if (this.#finished) return;
-    if (!this.#fromUpstream.finish()) {
+    // Only a clean close ends a body that runs until close (RFC 9112 6.3); a reset cut it short.
+    const complete = err === undefined ? this.#fromUpstream.finish() : this.#fromUpstream.atBoundary;
+    if (!complete) {
       // Part of a response (maybe only part of its head) came: to the client this is a reset.
       this.#upstreamFailed('upstream_closed_mid_response', describeUpstreamError(this.#parts.target, { code: 'ECONNRESET' }).message);
       return;

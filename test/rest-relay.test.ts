@@ -356,6 +356,23 @@ describe('rest relay: drain and upstream failures', () => {
       }));
   }
 
+  test('a body that runs until close, ended by a reset instead, is logged as cut short, not as a whole answer', async () => {
+    const scripted = await scriptedUpstream((s) => s.write('HTTP/1.1 200 OK\r\n\r\npartial'));
+    const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay' });
+    try {
+      const socket = await openRaw(local.restPort);
+      socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
+      await readUntil(socket, /partial$/);
+      scripted.sockets[0]!.resetAndDestroy();
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assert.equal(line.status, 200);
+      assert.equal(line.error, 'upstream_closed_mid_response');
+    } finally {
+      await local.proxy.shutdown(1000);
+      scripted.close();
+    }
+  });
+
   test('an upstream that closes in the middle of a response cuts the client connection; the access line says why', () =>
     withScriptedUpstream('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b', async (local) => {
       const socket = await openRaw(local.restPort);
