@@ -1,5 +1,5 @@
 import type { IncomingMessage, ServerResponse, OutgoingHttpHeaders, IncomingHttpHeaders } from 'node:http';
-import { constants as http2Constants, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
+import { constants as http2Constants, Http2ServerResponse, type Http2ServerRequest } from 'node:http2';
 import { Readable } from 'node:stream';
 import { Pool, type Dispatcher } from 'undici';
 import type { HostPort } from './config.js';
@@ -14,6 +14,20 @@ type ClientResponseLike = ServerResponse | Http2ServerResponse;
 /** Hop-by-hop headers (RFC 9110 7.6.1) plus the HTTP/2-only ones. */
 const HOP_BY_HOP = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings', 'expect',
+]);
+
+/**
+ * The headers Node's HTTP/2 layer sends once at most (its kSingleValueHeaders,
+ * Node 20: writeHead throws ERR_HTTP2_HEADER_SINGLE_VALUE on a second value).
+ * An HTTP/1.1 upstream may repeat one (two `date` lines); an HTTP/2 client
+ * gets the first, as Node itself keeps the first of a repeated one it receives.
+ */
+const HTTP2_SINGLE_VALUE: ReadonlySet<string> = new Set([
+  'access-control-allow-credentials', 'access-control-max-age', 'access-control-request-method', 'age', 'authorization',
+  'content-encoding', 'content-language', 'content-length', 'content-location', 'content-md5', 'content-range', 'content-type',
+  'date', 'dnt', 'etag', 'expires', 'from', 'host', 'if-match', 'if-modified-since', 'if-none-match', 'if-range',
+  'if-unmodified-since', 'last-modified', 'location', 'max-forwards', 'proxy-authorization', 'range', 'referer', 'retry-after',
+  'tk', 'upgrade-insecure-requests', 'user-agent', 'x-content-type-options',
 ]);
 
 /**
@@ -94,11 +108,13 @@ export class RestForwarder {
   #forward(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number): void {
     const stats: ExchangeStats = { status: 0, bytesIn: 0, bytesOut: 0 };
     const exchange = new UpstreamExchange(res, stats, this.#options, context);
-    const stall = this.#watchBody(req, () => {
+    const length = bodyLength(req);
+    // A request without a body cannot stall, and an HTTP/2 one is never read (req.complete stays false): no timer, or it would cut a slow answer or a live stream.
+    const stall = length === 0 ? undefined : this.#watchBody(req, () => {
       stats.error = 'client_body_timeout';
       exchange.giveUp();
       if (res.headersSent) {
-        res.destroy();
+        cutShort(res);
         return;
       }
       stats.status = 408;
@@ -111,7 +127,7 @@ export class RestForwarder {
     res.once('close', () => {
       clearTimeout(stall);
       // The client went away: the model should stop working for nobody.
-      if (!res.writableFinished) stats.error ??= 'client_closed';
+      if (!deliveredWhole(res)) stats.error ??= 'client_closed';
       // Only now, with our own answer (a 408) out: aborting before it stalled an HTTP/2 client session sharing our process (tests; cause not found).
       exchange.abort();
       this.#log(req, context, started, stats);
@@ -123,7 +139,6 @@ export class RestForwarder {
       stats.bytesIn += n;
       stall?.refresh();
     };
-    const length = bodyLength(req);
     if (length === 0) dispatch(null);
     else if (length !== undefined && length > WHOLE_BODY_BYTES) dispatch(bodyStream(req, counted, []));
     else readWholeOrStream(req, counted, dispatch);
@@ -264,6 +279,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   readonly #stats: ExchangeStats;
   readonly #options: RestForwarderOptions;
   readonly #context: ConnectionContext;
+  readonly #http2: boolean;
   #controller: Dispatcher.DispatchController | undefined;
   /** The upstream request has ended, answered or failed. */
   #ended = false;
@@ -275,6 +291,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#stats = stats;
     this.#options = options;
     this.#context = context;
+    this.#http2 = res instanceof Http2ServerResponse;
   }
 
   /** Nothing more from the upstream goes to the client; a request not sent yet never will be. */
@@ -293,12 +310,18 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     if (this.givenUp) controller.abort(GIVEN_UP);
   }
 
-  onResponseStart(_controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
     // An interim answer (103) is not passed on; the final one follows.
     if (this.givenUp || statusCode < 200) return;
     const res = this.#res;
     this.#stats.status = statusCode;
-    res.writeHead(statusCode, responseHeaders(headers));
+    try {
+      res.writeHead(statusCode, responseHeaders(headers, this.#http2));
+    } catch (err) {
+      // A head Node refuses to send (HTTP/2: a status past 599, say) fails the request: onResponseError answers 502, no stream is left open.
+      controller.abort(err as Error);
+      return;
+    }
     // Send the headers now: an SSE client should see the stream open before the first event.
     if (headers['content-length'] === undefined) (res as ServerResponse).flushHeaders();
   }
@@ -327,7 +350,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     const { code, message } = describeUpstreamError(this.#options.upstream, err);
     this.#stats.error ??= code;
     if (res.headersSent || res.destroyed) {
-      res.destroy();
+      cutShort(res);
       return;
     }
     this.#options.observer.upstreamError(this.#context.listener, code);
@@ -336,10 +359,38 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   }
 }
 
-/** An answer of our own (REST errors are small JSON bodies: README, "REST errors"). */
+/**
+ * An answer of our own (REST errors are small JSON bodies: README, "REST
+ * errors"), with our headers only: an upstream head whose writeHead threw
+ * has left its headers set (a content-length of its own, say).
+ */
 function answerJson(res: ClientResponseLike, status: number, error: string, headers?: OutgoingHttpHeaders): void {
+  for (const name of res.getHeaderNames()) if (!name.startsWith(':')) res.removeHeader(name);
+  // Http2ServerResponse's removeHeader('date') only turns its own date off, leaving the upstream's.
+  if (res.hasHeader('date')) res.setHeader('date', new Date().toUTCString());
   res.writeHead(status, { 'content-type': 'application/json', ...headers });
   res.end(JSON.stringify({ error }));
+}
+
+/**
+ * Ends a response that cannot be finished so the client sees it was cut:
+ * HTTP/1.1 by closing the connection short of its length or last chunk,
+ * HTTP/2 by RST_STREAM(INTERNAL_ERROR) as nginx and Envoy do (RFC 9113 8.1);
+ * a plain destroy() sends NO_ERROR there, which reads as a clean end.
+ */
+function cutShort(res: ClientResponseLike): void {
+  if (res instanceof Http2ServerResponse) res.stream.close(http2Constants.NGHTTP2_INTERNAL_ERROR);
+  else res.destroy();
+}
+
+/**
+ * The whole response went out. Not Http2ServerResponse's writableFinished:
+ * it turns true when the client resets the stream. The stream's own end
+ * counts, not the response's: Node ends a 304's or a HEAD's itself.
+ */
+function deliveredWhole(res: ClientResponseLike): boolean {
+  if (res instanceof Http2ServerResponse) return res.stream.writableEnded && res.stream.rstCode === http2Constants.NGHTTP2_NO_ERROR;
+  return res.writableFinished;
 }
 
 /** What a client whose request body stopped arriving is told, in both REST modes. */
@@ -378,12 +429,13 @@ export function upstreamHeaders(req: ClientRequestLike, context: ConnectionConte
   return out;
 }
 
-function responseHeaders(headers: IncomingHttpHeaders): OutgoingHttpHeaders {
+function responseHeaders(headers: IncomingHttpHeaders, forHttp2: boolean): OutgoingHttpHeaders {
   const listed = connectionListed(headers);
   const out: OutgoingHttpHeaders = {};
   for (const name in headers) {
     if (HOP_BY_HOP.has(name) || listed.has(name)) continue;
-    out[name] = headers[name];
+    const value = headers[name];
+    out[name] = forHttp2 && Array.isArray(value) && HTTP2_SINGLE_VALUE.has(name) ? value[0] : value;
   }
   return out;
 }

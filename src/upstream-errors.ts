@@ -13,6 +13,8 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
       return { code, message: `${where} refused the connection (is the model server running?)` };
     case 'UPSTREAM_CLOSED':
       return { code, message: `${where} closed the connection before answering` };
+    case 'UPSTREAM_BAD_RESPONSE':
+      return { code, message: `${where} sent a response that is not valid HTTP/1.1` };
     case 'ECONNRESET':
     case 'EPIPE':
       return { code, message: `${where} closed the connection` };
@@ -40,8 +42,16 @@ const UNDICI_CODES: ReadonlyMap<string, string> = new Map([
   ['UND_ERR_SOCKET', 'UPSTREAM_CLOSED'],
 ]);
 
+/**
+ * undici's messages when it drops the connection itself over what the model
+ * server sent (a final 100, an upgrade nobody asked for): the same
+ * UND_ERR_SOCKET as the model server closing it.
+ */
+const UNDICI_BAD_RESPONSE = new Set(['bad response', 'bad upgrade']);
+
 function errorCode(err: unknown): string {
   const own = ownCode(err);
+  if (own === 'UND_ERR_SOCKET' && err instanceof Error && UNDICI_BAD_RESPONSE.has(err.message)) return 'UPSTREAM_BAD_RESPONSE';
   const code = own === undefined ? undefined : (UNDICI_CODES.get(own) ?? own);
   // A call waiting on a session that never connected is cancelled with the session's failure as its cause: name that.
   if (code === 'ERR_HTTP2_STREAM_CANCEL' && err && typeof err === 'object' && 'cause' in err) return ownCode(err.cause) ?? code;

@@ -44,4 +44,9 @@ test('upstream failures become readable messages that name the upstream and neve
     message: 'upstream 127.0.0.1:9000 did not accept the connection in time (--mtls_upstream_connect_timeout)',
   });
   assert.deepEqual(describeUpstreamError(upstream, { code: 'UND_ERR_SOCKET' }), { code: 'UPSTREAM_CLOSED', message: 'upstream 127.0.0.1:9000 closed the connection before answering' });
+  // The same code when undici itself drops the connection over what the upstream sent.
+  assert.deepEqual(describeUpstreamError(upstream, Object.assign(new Error('bad response'), { code: 'UND_ERR_SOCKET' })), {
+    code: 'UPSTREAM_BAD_RESPONSE',
+    message: 'upstream 127.0.0.1:9000 sent a response that is not valid HTTP/1.1',
+  });
 });

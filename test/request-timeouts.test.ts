@@ -228,6 +228,53 @@ describe('a request body that stops arriving', () => {
   });
 });
 
+describe('a request without a body (--mtls_rest_mode terminate)', () => {
+  test('HTTP/2: a GET and a POST with content-length: 0 whose answers take longer than --mtls_idle_timeout get them, not a 408', { timeout: 20_000 }, async () => {
+    // Every answer on its own connection, each after three idle timeouts.
+    const upstream = await scriptedUpstream((socket) => setTimeout(() => socket.end('HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\nslow'), 3 * IDLE_MS));
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, limits: { idleTimeoutMs: IDLE_MS } });
+    const session = h2Session(local.restPort, pki);
+    try {
+      const answers = await Promise.all([
+        h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy' }),
+        h2Request(session, { ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-length': '0' }, ''),
+      ]);
+      for (const answer of answers) {
+        assert.equal(answer.headers[':status'], 200);
+        assert.equal(answer.body.toString(), 'slow');
+      }
+      for (const method of ['GET', 'POST']) {
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.method === method);
+        assert.deepEqual([line.status, line.error], [200, undefined]);
+      }
+    } finally {
+      session.destroy();
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+
+  test('HTTP/2: an event stream answering a GET outlives --mtls_idle_timeout and ends cleanly', { timeout: 20_000 }, async () => {
+    const upstream = await scriptedUpstream((socket) => {
+      socket.write('HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n');
+      setTimeout(() => socket.write('9\r\ndata: 2\n\n\r\n0\r\n\r\n'), 3 * IDLE_MS);
+    });
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, limits: { idleTimeoutMs: IDLE_MS } });
+    const session = h2Session(local.restPort, pki);
+    try {
+      const answer = await h2Request(session, { ':method': 'GET', ':path': '/v3/events' });
+      assert.equal(answer.headers[':status'], 200);
+      assert.equal(answer.body.toString(), 'data: 1\n\ndata: 2\n\n');
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v3/events');
+      assert.equal(line.error, undefined);
+    } finally {
+      session.destroy();
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+});
+
 describe('a request head that does not arrive in time', () => {
   for (const restMode of FORWARD_MODES) {
     test(`--mtls_rest_mode ${restMode}: a head trickled in a line at a time gets 408 naming --mtls_idle_timeout and the connection closes; nothing reaches the model server`, { timeout: 20_000 }, async () => {

@@ -1,6 +1,7 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { constants as http2Constants } from 'node:http2';
 import { createHash } from 'node:crypto';
 import { request as httpsRequest, Agent as HttpsAgent } from 'node:https';
 import { createServer as createHttpServer, type IncomingMessage, type ClientRequest } from 'node:http';
@@ -13,6 +14,7 @@ import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
+import { eventually } from './helpers/ops.js';
 
 const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
 const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: INPUT }] });
@@ -251,6 +253,64 @@ describe('upstream answers (--mtls_rest_mode terminate)', () => {
     }
   });
 
+  test('an HTTP/2 client gets the first value of a header the model server repeats but HTTP/2 carries once (date, etag, content-type)', async () => {
+    const head = 'HTTP/1.1 200 OK\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\ndate: Tue, 02 Jan 2024 00:00:00 GMT\r\netag: "a"\r\netag: "b"\r\n'
+      + 'content-type: text/plain\r\ncontent-type: text/html\r\nx-many: 1\r\nx-many: 2\r\ncontent-length: 2\r\n\r\nok';
+    const upstream = await scriptedUpstream((socket) => socket.write(head));
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
+    const session = h2Session(local.restPort, pki);
+    try {
+      const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy' });
+      assert.equal(res.headers[':status'], 200);
+      assert.equal(res.headers['date'], 'Mon, 01 Jan 2024 00:00:00 GMT');
+      assert.equal(res.headers['etag'], '"a"');
+      assert.equal(res.headers['content-type'], 'text/plain');
+      // Any other header may repeat: it is passed on whole.
+      assert.equal(res.headers['x-many'], '1, 2');
+      assert.equal(res.body.toString(), 'ok');
+    } finally {
+      session.destroy();
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+
+  test('a head Node cannot send to an HTTP/2 client (status 600) gets a 502 carrying only our own headers, not a stream left open', async () => {
+    const upstream = await scriptedUpstream((socket) => socket.write('HTTP/1.1 600 Odd\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\ncontent-length: 2\r\nx-upstream: 1\r\n\r\nok'));
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
+    const session = h2Session(local.restPort, pki);
+    try {
+      const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy' });
+      assert.equal(res.headers[':status'], 502);
+      assert.equal(res.headers['content-type'], 'application/json');
+      assert.equal(res.headers['content-length'], undefined);
+      assert.equal(res.headers['x-upstream'], undefined);
+      assert.notEqual(res.headers['date'], 'Mon, 01 Jan 2024 00:00:00 GMT');
+      assert.match(JSON.parse(res.body.toString()).error, new RegExp(`^upstream 127\\.0\\.0\\.1:${upstream.port} failed`));
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy');
+      assert.equal(line.status, 502);
+    } finally {
+      session.destroy();
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+
+  test('a response undici refuses (a final 100 Continue nobody asked for) gets a 502 saying the response was not valid, not that the connection closed', async () => {
+    const upstream = await scriptedUpstream((socket) => socket.write('HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'));
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
+    try {
+      const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(res.status, 502);
+      assert.equal(JSON.parse(res.body).error, `upstream 127.0.0.1:${upstream.port} sent a response that is not valid HTTP/1.1`);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assert.equal(line.error, 'UPSTREAM_BAD_RESPONSE');
+    } finally {
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+
   test('a model server on an IPv6 address ([::1]) is reached', async () => {
     const server = createHttpServer((req, res) => res.end(`seen ${req.url}`));
     server.listen(0, '::1');
@@ -284,6 +344,30 @@ describe('rest upstream failures', () => {
     }
   });
 
+  test('--mtls_rest_mode terminate: an upstream that closes in the middle of a response resets the HTTP/2 client\'s stream with INTERNAL_ERROR, not a clean end', async () => {
+    const upstream = await scriptedUpstream((socket) => socket.end('HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n0123456789'));
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
+    const session = h2Session(local.restPort, pki);
+    try {
+      const stream = session.request({ ':method': 'GET', ':path': '/v2/models/dummy' }, { endStream: true });
+      const errors: NodeJS.ErrnoException[] = [];
+      stream.on('error', (err) => errors.push(err));
+      const closed = new Promise((resolve) => stream.once('close', resolve));
+      stream.resume();
+      const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
+      assert.equal(headers[':status'], 200);
+      await closed;
+      assert.equal(stream.rstCode, http2Constants.NGHTTP2_INTERNAL_ERROR);
+      assert.equal(errors[0]?.code, 'ERR_HTTP2_STREAM_ERROR');
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy');
+      assert.equal(line.error, 'UPSTREAM_CLOSED');
+    } finally {
+      session.destroy();
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+
   test('an unreachable upstream answers 502 with a small JSON error body', async () => {
     const server = await startUpstream({ grpcPort: null });
     const port = server.restPort!;
@@ -296,6 +380,29 @@ describe('rest upstream failures', () => {
       assert.match(JSON.parse(res.body).error, new RegExp(`upstream 127\\.0\\.0\\.1:${port} refused the connection`));
     } finally {
       await local.proxy.shutdown(1000);
+    }
+  });
+});
+
+describe('clients that leave (--mtls_rest_mode terminate)', () => {
+  test('an HTTP/2 client that cancels its stream mid-upload is logged as client_closed, as an HTTP/1.1 one is', async () => {
+    const upstream = await scriptedUpstream(() => {});
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
+    const session = h2Session(local.restPort, pki);
+    try {
+      const stream = session.request({ ':method': 'POST', ':path': '/v2/models/dummy/infer' });
+      stream.on('error', () => {});
+      // Past 64 KiB: the request is at the model server while the body still comes.
+      stream.write(Buffer.alloc(100_000, 0x61));
+      await eventually(() => upstream.sockets.length > 0, 'the request at the model server');
+      stream.close(http2Constants.NGHTTP2_CANCEL);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
+      assert.equal(line.protocol, 'h2');
+      assert.equal(line.error, 'client_closed');
+    } finally {
+      session.destroy();
+      await local.proxy.shutdown(1000);
+      upstream.close();
     }
   });
 });
