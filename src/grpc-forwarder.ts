@@ -4,8 +4,9 @@ import type { ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, statusForReset } from './grpc-status.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { UpstreamH2Session } from './upstream-h2.js';
+import { UpstreamH2Session, isSessionRefusal } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
+import { forwardedFor } from './rest-forwarder.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_FLAG_END_STREAM } = constants;
 
@@ -25,7 +26,8 @@ export interface GrpcForwarderOptions {
  * Forwards any gRPC method, byte for byte, from a client HTTP/2 stream to an
  * upstream h2c stream: no method table, no protobuf decoding. Headers,
  * metadata, trailers, Trailers-Only responses, resets and flow control pass
- * through; only x-forwarded-client-cert is replaced and `:scheme` rewritten.
+ * through; x-forwarded-client-cert is replaced, X-Forwarded-For/-Proto are
+ * set as the REST forwarder sets them, and `:scheme` is rewritten.
  */
 export class GrpcForwarder {
   readonly #options: GrpcForwarderOptions;
@@ -42,6 +44,10 @@ export class GrpcForwarder {
       answerWithoutUpstream(stream, headers, context, this.#options.observer, notReady);
       return;
     }
+    if (headers[':method'] === 'CONNECT') {
+      refuseConnect(stream, headers, context, this.#options.observer);
+      return;
+    }
     new GrpcCall(stream, headers, context, this.#options, this.#upstream).start();
   }
 
@@ -50,17 +56,21 @@ export class GrpcForwarder {
   }
 }
 
-export function upstreamRequestHeaders(headers: IncomingHttpHeaders, xfcc: string): OutgoingHttpHeaders {
+export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ConnectionContext): OutgoingHttpHeaders {
   const out: OutgoingHttpHeaders = {};
   for (const name in headers) {
     if (HOP_BY_HOP.has(name) || name === XFCC) continue;
     out[name] = headers[name];
   }
+  // What a client claims about earlier hops is kept, but its own address and TLS are ours to say (as for REST).
+  const previous = headers['x-forwarded-for'];
+  out['x-forwarded-for'] = forwardedFor(previous ? [previous].flat() : [], context);
+  out['x-forwarded-proto'] = 'https';
   out[':scheme'] = 'http';
   // C-core servers (OVMS is one) reject requests without `te: trailers`.
   if (headers['te'] !== 'trailers') delete out['te'];
   if (out['te'] === undefined && String(headers['content-type'] ?? '').startsWith('application/grpc')) out['te'] = 'trailers';
-  out[XFCC] = xfcc;
+  out[XFCC] = context.identity.xfcc;
   return out;
 }
 
@@ -70,8 +80,33 @@ function answerWithoutUpstream(stream: ServerHttp2Stream, headers: IncomingHttpH
   const started = performance.now();
   stream.on('error', ignore);
   stream.respond(grpcErrorHeaders(GRPC_STATUS.UNAVAILABLE, message), { endStream: true });
-  stream.resume();
+  stopRequestBody(stream);
   observer.request(accessRecord(context, headers, { status: 200, grpcStatus: String(GRPC_STATUS.UNAVAILABLE), bytesIn: 0, bytesOut: 0, started, error: 'not_ready' }));
+}
+
+/**
+ * A CONNECT (a tunnel request, not a call) can never be forwarded: Node's client
+ * will not send one with `:scheme`. Answered here, as gRPC servers answer any
+ * method but POST: 405 with an INTERNAL gRPC status (grpc-go does the same),
+ * then RST_STREAM(NO_ERROR) so the tunnel's bytes stop.
+ */
+function refuseConnect(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, observer: ProxyObserver): void {
+  const started = performance.now();
+  stream.on('error', ignore);
+  stream.respond({ ...grpcErrorHeaders(GRPC_STATUS.INTERNAL, 'CONNECT is not forwarded: gRPC calls are POST requests'), ':status': 405, allow: 'POST' }, { endStream: true });
+  stopRequestBody(stream);
+  observer.request(accessRecord(context, headers, { status: 405, grpcStatus: String(GRPC_STATUS.INTERNAL), bytesIn: 0, bytesOut: 0, started, error: 'method_not_allowed' }));
+}
+
+/**
+ * The answer is complete: a client still sending is told to stop with
+ * RST_STREAM(NO_ERROR) once the answer is out (RFC 9113 8.1; Node waits for the
+ * stream's 'finish'), and what it still sends is dropped. Without this the
+ * stream stays open for as long as the client keeps sending.
+ */
+function stopRequestBody(stream: ServerHttp2Stream): void {
+  stream.resume();
+  if (!stream.readableEnded && !stream.closed && !stream.destroyed) stream.close(NGHTTP2_NO_ERROR);
 }
 
 interface CallOutcome {
@@ -131,12 +166,16 @@ class GrpcCall {
     // `on`, not `once`, for events a stream emits at most once: no wrapper per call (issue #6).
     client.on('error', ignore);
     client.on('close', () => this.#onClientClose());
-    client.on('wantTrailers', () => client.sendTrailers(this.#trailers ?? {}));
+    client.on('wantTrailers', () => {
+      client.sendTrailers(this.#trailers ?? {});
+      this.#stopRequest();
+    });
     let upstream: ClientHttp2Stream;
     try {
       upstream = this.#openUpstream();
     } catch (err) {
-      this.#fail(err);
+      if (this.#session && isSessionRefusal(this.#session, err)) this.#fail(err);
+      else this.#finishWithStatus(GRPC_STATUS.INTERNAL, 'this request cannot be forwarded over HTTP/2', 'request_not_forwardable');
       return;
     }
     this.#upstream = upstream;
@@ -152,13 +191,15 @@ class GrpcCall {
   }
 
   #openUpstream(): ClientHttp2Stream {
-    const headers = upstreamRequestHeaders(this.#headers, this.#context.identity.xfcc);
+    const headers = upstreamRequestHeaders(this.#headers, this.#context);
     const options = { endStream: this.#client.endAfterHeaders };
     const session = this.#pool.current();
     try {
       this.#session = session;
       return session.request(headers, options);
-    } catch {
+    } catch (err) {
+      // A request Node will not build says nothing about the session every client shares: that call alone fails.
+      if (!isSessionRefusal(session, err)) throw err;
       // The session is closing (GOAWAY) but had not told us yet: one retry on a fresh one.
       this.#pool.discard(session);
       this.#session = this.#pool.current();
@@ -177,6 +218,7 @@ class GrpcCall {
       this.#outcome.grpcStatus = headers['grpc-status'] as string | undefined;
       client.respond(headers, { endStream: true });
       upstream.resume();
+      this.#stopRequest();
       return;
     }
     client.respond(headers, { waitForTrailers: true });
@@ -192,15 +234,23 @@ class GrpcCall {
     const upstream = this.#upstream!;
     if (this.#upstreamDone || client.closed || client.destroyed) return;
     const sessionGone = !this.#session || this.#session.destroyed || this.#session.closed;
-    if (!sessionGone && upstream.rstCode !== undefined && upstream.rstCode !== NGHTTP2_NO_ERROR) {
-      // The upstream reset this one stream. Node cannot send a bare RST_STREAM with a chosen
-      // code on a stream whose response is open (close(code) writes END_STREAM first), so the
-      // client gets the status the gRPC spec derives from that reset code, with a message.
-      const reset = statusForReset(upstream.rstCode);
-      this.#finishWithStatus(reset.status, `upstream ${this.#options.upstream.host}:${this.#options.upstream.port} reset the call (${reset.name})`, `upstream_reset_${upstream.rstCode}`);
+    if (sessionGone) {
+      this.#fail(this.#outcome.error ? { code: this.#outcome.error } : { code: 'ECONNRESET' });
       return;
     }
-    this.#fail(this.#outcome.error ? { code: this.#outcome.error } : { code: 'ECONNRESET' });
+    const where = `upstream ${this.#options.upstream.host}:${this.#options.upstream.port}`;
+    const rstCode = upstream.rstCode ?? NGHTTP2_NO_ERROR;
+    if (rstCode === NGHTTP2_NO_ERROR) {
+      // END_STREAM or RST_STREAM(NO_ERROR) without a grpc-status: INTERNAL by the gRPC spec, and
+      // not worth a retry. The connection is fine, so this is no upstream connection failure.
+      this.#finishWithStatus(GRPC_STATUS.INTERNAL, `${where} ended the call without a gRPC status`, 'upstream_no_status');
+      return;
+    }
+    // The upstream reset this one stream. Node cannot send a bare RST_STREAM with a chosen
+    // code on a stream whose response is open (close(code) writes END_STREAM first), so the
+    // client gets the status the gRPC spec derives from that reset code, with a message.
+    const reset = statusForReset(rstCode);
+    this.#finishWithStatus(reset.status, `${where} reset the call (${reset.name})`, `upstream_reset_${rstCode}`);
   }
 
   /** The upstream cannot finish the call: the client gets UNAVAILABLE, never a hang. */
@@ -216,25 +266,37 @@ class GrpcCall {
     this.#outcome.error = errorCode;
     this.#outcome.grpcStatus = String(status);
     if (client.closed || client.destroyed) return;
-    this.#unforwardRequest?.();
-    client.resume();
     if (!client.headersSent) {
       this.#outcome.status = 200;
       client.respond(grpcErrorHeaders(status, message), { endStream: true });
+      this.#stopRequest();
       return;
     }
+    this.#unforwardRequest?.();
+    client.resume();
     this.#trailers = { 'grpc-status': String(status), 'grpc-message': encodeGrpcMessage(message) };
     this.#unforwardResponse?.();
     if (!client.writableEnded) client.end();
   }
 
+  /** The response to the client is complete: none of its request body goes upstream any more. */
+  #stopRequest(): void {
+    this.#unforwardRequest?.();
+    stopRequestBody(this.#client);
+  }
+
   #onClientClose(): void {
     const upstream = this.#upstream;
     if (upstream && !upstream.closed && !upstream.destroyed) {
-      // Client cancelled (RST_STREAM) or went away: free the upstream call at once.
-      const code = this.#client.rstCode;
-      upstream.close(code === undefined || code === NGHTTP2_NO_ERROR ? NGHTTP2_CANCEL : code);
-      this.#outcome.error ??= 'client_cancelled';
+      if (this.#upstreamDone) {
+        // The upstream answered before it had the whole request; we stopped sending it.
+        upstream.close(NGHTTP2_NO_ERROR);
+      } else {
+        // Client cancelled (RST_STREAM) or went away: free the upstream call at once.
+        const code = this.#client.rstCode;
+        upstream.close(code === undefined || code === NGHTTP2_NO_ERROR ? NGHTTP2_CANCEL : code);
+        this.#outcome.error ??= 'client_cancelled';
+      }
     }
     this.#options.observer.request(accessRecord(this.#context, this.#headers, this.#outcome));
   }

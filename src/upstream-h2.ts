@@ -3,6 +3,18 @@ import { isIPv6, connect as netConnect } from 'node:net';
 import { failIfNotConnectedWithin } from './upstream-connect.js';
 import type { HostPort, Limits } from './config.js';
 
+/** Errors `session.request()` throws because of the session, not of the request. */
+const SESSION_REFUSALS = new Set(['ERR_HTTP2_GOAWAY_SESSION', 'ERR_HTTP2_INVALID_SESSION', 'ERR_HTTP2_OUT_OF_STREAMS']);
+
+/**
+ * Whether `session.request()` threw because this session can take no more
+ * streams (closing, destroyed, out of stream ids): only then is it replaced.
+ */
+export function isSessionRefusal(session: ClientHttp2Session, err: unknown): boolean {
+  if (session.closed || session.destroyed) return true;
+  return err instanceof Error && 'code' in err && SESSION_REFUSALS.has(String(err.code));
+}
+
 /**
  * One reusable h2c session to the upstream. Calls share it; when it dies
  * (upstream restart, GOAWAY, connection refused) the next call opens a new

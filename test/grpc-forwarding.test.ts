@@ -6,7 +6,8 @@ import { constants, createServer as createH2cServer } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly, inferRequest } from './helpers/grpc-calls.js';
+import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly, inferRequest } from './helpers/grpc-calls.js';
+import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, h2Frame } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
@@ -31,6 +32,9 @@ after(async () => {
   await upstream.close();
   await pki.cleanup();
 });
+
+/** A test that would hang without the fix it checks fails instead (its waits take `t.signal`). */
+const NOT_FOR_EVER = { timeout: 30_000 };
 
 const lastReceived = (path: string) => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === path).at(-1);
 
@@ -73,6 +77,44 @@ describe('grpc forwarding', () => {
   test('a cancelled client call cancels the upstream call', () => checkCancellation(clients.echo, upstream));
 
   test('a 64 MiB message passes both ways through the proxy', () => checkLargeMessage(clients.echo, 64 * 1024 * 1024));
+
+  test('X-Forwarded-For gets the client address appended and X-Forwarded-Proto is https, whatever the client sent, as for REST', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    try {
+      const spoofed = { 'x-forwarded-for': '203.0.113.7', 'x-forwarded-proto': 'http', forwarded: 'for=203.0.113.7' };
+      await h2Request(session, { ...ECHO_UNARY_HEADERS, ...spoofed }, grpcFrame(Buffer.alloc(0)));
+    } finally {
+      session.close();
+    }
+    const seen = lastReceived('/ovmsmtls.test.Echo/Unary')!;
+    assert.equal(seen.headers['x-forwarded-for'], '203.0.113.7, 127.0.0.1');
+    assert.equal(seen.headers['x-forwarded-proto'], 'https');
+    // Like the REST forwarders, `forwarded` passes as the client's claim; the proxy vouches only for X-Forwarded-For's last hop.
+    assert.equal(seen.headers['forwarded'], 'for=203.0.113.7');
+  });
+
+  test('a CONNECT on the gRPC port is answered 405 by the proxy and leaves the shared upstream connection to the other clients', async () => {
+    await unary(clients.echo, 'Unary', { payload: Buffer.from('x') });
+    const before = relay.connections();
+    const tunnel = h2Session(front.grpcPort, pki);
+    const other = h2Session(front.grpcPort, pki);
+    try {
+      const connect = tunnel.request({ ':method': 'CONNECT', ':authority': 'elsewhere.example:443' });
+      connect.on('error', () => {});
+      const [headers] = await once(connect, 'response');
+      const res = await h2Request(other, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)));
+      assert.equal(res.trailers?.['grpc-status'], '0');
+      assert.equal(relay.connections(), before);
+      assert.equal(headers[':status'], 405);
+      assert.equal(headers['allow'], 'POST');
+      const line = await front.logs.waitFor((l) => l.event === 'access' && l.method === 'CONNECT');
+      assert.equal(line.status, 405);
+      assert.equal(line.error, 'method_not_allowed');
+    } finally {
+      tunnel.close();
+      other.close();
+    }
+  });
 
   test('calls share one upstream connection', async () => {
     const before = relay.connections();
@@ -158,6 +200,85 @@ describe('grpc upstream failures', () => {
       c.close();
       await local.proxy.shutdown(1000);
       resetting.close();
+    }
+  });
+
+  test('a call the upstream ends without a gRPC status is INTERNAL, as the gRPC spec says, and no upstream failure', async () => {
+    const responses: Record<string, (id: number) => Buffer> = {
+      // DATA with END_STREAM, no trailers.
+      '/t.S/NoTrailers': (id) => Buffer.concat([h2Frame(0x1, 0x4, id, GRPC_RESPONSE_HEADER_BLOCK), h2Frame(0x0, 0x1, id, grpcFrame(Buffer.from('hi')))]),
+      // A message, then RST_STREAM(NO_ERROR) with the response still open.
+      '/t.S/ResetNoError': (id) => Buffer.concat([h2Frame(0x1, 0x4, id, GRPC_RESPONSE_HEADER_BLOCK), h2Frame(0x0, 0, id, grpcFrame(Buffer.from('hi'))), h2Frame(0x3, 0, id, Buffer.alloc(4))]),
+    };
+    const paths = Object.keys(responses);
+    let next = 0;
+    const scripted = await framedH2cUpstream((id) => responses[paths[next++]!]!(id));
+    const local = await startTestProxy({ pki, upstream: { grpcPort: scripted.port } });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      for (const path of paths) {
+        const res = await h2Request(session, { ...ECHO_UNARY_HEADERS, ':path': path }, grpcFrame(Buffer.alloc(1)));
+        assert.equal(res.trailers?.['grpc-status'], String(grpc.status.INTERNAL), path);
+        assert.match(String(res.trailers?.['grpc-message']), /upstream 127\.0\.0\.1:\d+ ended the call without a gRPC status/);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === path);
+        assert.equal(line.error, 'upstream_no_status');
+      }
+      assert.equal(local.logs.lines.filter((l) => l.event === 'upstream_error').length, 0);
+      assert.equal(scripted.sockets.length, 1);
+    } finally {
+      session.close();
+      await local.proxy.shutdown(1000);
+      scripted.close();
+    }
+  });
+
+  test('a status the upstream sends before reading the whole request ends the client stream too, with RST_STREAM(NO_ERROR), and is logged', NOT_FOR_EVER, async (t) => {
+    // As a server answers a message over its size limit: Trailers-Only at once, the request unread.
+    const refusing = createH2cServer();
+    refusing.on('stream', (stream) => {
+      stream.on('error', () => {});
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '8', 'grpc-message': 'too big' }, { endStream: true });
+    });
+    refusing.listen(0, '127.0.0.1');
+    await once(refusing, 'listening');
+    const local = await startTestProxy({ pki, upstream: { grpcPort: (refusing.address() as AddressInfo).port } });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      const call = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Big' });
+      call.on('error', () => {});
+      call.resume();
+      // The client keeps sending: 8 MiB, more than any window lets through, and never ends its request.
+      call.write(grpcFrame(Buffer.alloc(8 * 1024 * 1024, 1)));
+      const [headers] = await once(call, 'response');
+      assert.equal(headers['grpc-status'], '8');
+      // On the test's timeout the wait is given up, so the proxy is still shut down.
+      await once(call, 'close', { signal: t.signal });
+      assert.equal(call.rstCode, constants.NGHTTP2_NO_ERROR);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Big');
+      assert.equal(line.grpcStatus, '8');
+      assert.equal(line.error, undefined);
+    } finally {
+      session.close();
+      await local.proxy.shutdown(1000);
+      refusing.close();
+    }
+  });
+
+  test('before the upstream is ready, a call still sending its request gets UNAVAILABLE and its stream ends with RST_STREAM(NO_ERROR)', NOT_FOR_EVER, async (t) => {
+    const local = await startTestProxy({ pki, upstream: { grpcPort: relay.port }, notReady: { grpc: () => 'model server starting' } });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      const call = session.request(ECHO_UNARY_HEADERS);
+      call.on('error', () => {});
+      call.resume();
+      call.write(grpcFrame(Buffer.alloc(8 * 1024 * 1024, 1)));
+      const [headers] = await once(call, 'response');
+      assert.equal(headers['grpc-status'], String(grpc.status.UNAVAILABLE));
+      await once(call, 'close', { signal: t.signal });
+      assert.equal(call.rstCode, constants.NGHTTP2_NO_ERROR);
+    } finally {
+      session.close();
+      await local.proxy.shutdown(1000);
     }
   });
 

@@ -1,5 +1,6 @@
 import { once } from 'node:events';
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
+import { CLIENT_PREFACE_BYTES, FrameCursor, TYPE_HEADERS } from '../../src/h2-frames.js';
 
 export interface ScriptedUpstream {
   readonly port: number;
@@ -23,4 +24,35 @@ export async function scriptedUpstream(answer: (socket: Socket, first: Buffer) =
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   return { port: (server.address() as AddressInfo).port, sockets, close: () => server.close() };
+}
+
+/** One HTTP/2 frame (RFC 9113 4.1), for an upstream that must send exactly these frames. */
+export function h2Frame(type: number, flags: number, streamId: number, payload: Buffer = Buffer.alloc(0)): Buffer {
+  const header = Buffer.alloc(9);
+  header.writeUIntBE(payload.length, 0, 3);
+  header[3] = type;
+  header[4] = flags;
+  header.writeUInt32BE(streamId, 5);
+  return Buffer.concat([header, payload]);
+}
+
+/** HPACK of `:status: 200` (static entry 8) and `content-type: application/grpc` (name from static entry 31). */
+export const GRPC_RESPONSE_HEADER_BLOCK = Buffer.concat([Buffer.from([0x88, 0x0f, 0x10, 16]), Buffer.from('application/grpc')]);
+
+/**
+ * An h2c "model server" written frame by frame: it sends its SETTINGS (and
+ * acknowledges the proxy's), then answers each stream the proxy opens with the
+ * frames `answer` returns for its id; what the proxy sends otherwise is ignored.
+ * Node's http2 server cannot send some things a real server may, such as a
+ * bare RST_STREAM(NO_ERROR) in the middle of a response.
+ */
+export function framedH2cUpstream(answer: (streamId: number) => Buffer): Promise<ScriptedUpstream> {
+  return scriptedUpstream((socket, first) => {
+    socket.write(Buffer.concat([h2Frame(0x4, 0, 0), h2Frame(0x4, 0x1, 0)]));
+    const cursor = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: (type, streamId) => {
+      if (type === TYPE_HEADERS) socket.write(answer(streamId));
+    } });
+    cursor.advance(first);
+    socket.on('data', (chunk: Buffer) => cursor.advance(chunk));
+  });
 }
