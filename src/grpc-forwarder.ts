@@ -6,13 +6,12 @@ import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, statusForReset } from
 import { describeUpstreamError } from './upstream-errors.js';
 import { UpstreamH2Session, isSessionRefusal } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
-import { forwardedFor } from './rest-forwarder.js';
+import { XFCC, setForwardingHeaders } from './forwarding-headers.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_FLAG_END_STREAM } = constants;
 
 /** Headers that must not cross an HTTP/2 hop; `session.request` throws on them. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'http2-settings', 'host']);
-export const XFCC = 'x-forwarded-client-cert';
 
 export interface GrpcForwarderOptions {
   readonly upstream: HostPort;
@@ -62,15 +61,11 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Co
     if (HOP_BY_HOP.has(name) || name === XFCC) continue;
     out[name] = headers[name];
   }
-  // What a client claims about earlier hops is kept, but its own address and TLS are ours to say (as for REST).
-  const previous = headers['x-forwarded-for'];
-  out['x-forwarded-for'] = forwardedFor(previous ? [previous].flat() : [], context);
-  out['x-forwarded-proto'] = 'https';
   out[':scheme'] = 'http';
   // C-core servers (OVMS is one) reject requests without `te: trailers`.
   if (headers['te'] !== 'trailers') delete out['te'];
   if (out['te'] === undefined && String(headers['content-type'] ?? '').startsWith('application/grpc')) out['te'] = 'trailers';
-  out[XFCC] = context.identity.xfcc;
+  setForwardingHeaders(out, headers['x-forwarded-for'], context);
   return out;
 }
 

@@ -224,6 +224,11 @@ export class Http1Reader {
   #readHead(chunk: Buffer, pos: number, out: (bytes: Buffer) => void): number {
     if (this.#kind === 'request') pos = this.#skipEmptyLines(chunk, pos);
     if (pos === chunk.length) return pos;
+    if (this.#pending.length === 0) {
+      // The usual case, a whole head in one read: found in place, nothing collected.
+      const end = chunk.indexOf(HEAD_END, pos);
+      if (end >= 0 && end + 4 - pos <= this.#maxHeadSize) return this.#head(chunk.subarray(pos, end + 4), out, end + 4);
+    }
     const carried = this.#pending.length;
     // Bytes past the limit cannot belong to a head we accept: they are not collected.
     this.#pending.append(chunk.subarray(pos, pos + this.#maxHeadSize + 1 - carried));
@@ -235,12 +240,15 @@ export class Http1Reader {
       return chunk.length;
     }
     if (end + 4 > this.#maxHeadSize) throw this.#tooLarge();
-    const raw = this.#pending.take().subarray(0, end + 4);
-    const head = parseHead(raw, this.#kind);
-    const result = this.#handler.head(head, raw);
+    return this.#head(this.#pending.take().subarray(0, end + 4), out, pos + (end + 4 - carried));
+  }
+
+  /** A whole head: parsed, handed over, its body framing set; returns `next`, where the read goes on. */
+  #head(raw: Buffer, out: (bytes: Buffer) => void, next: number): number {
+    const result = this.#handler.head(parseHead(raw, this.#kind), raw);
     out(result.bytes);
     this.#startBody(result.body);
-    return pos + (end + 4 - carried);
+    return next;
   }
 
   /** RFC 9112 2.2: empty lines before a request line are ignored, one split across two reads too. */
@@ -431,11 +439,18 @@ export function parseHeadByLine(text: string, kind: MessageKind): Http1Head {
   return new Http1Head(text, grammar.start(lines[0]!, match), parseFields(lines));
 }
 
-/** Optional white space is SP and HTAB only (RFC 9110 5.6.3); String.trim() would also take 0xA0 and read "5\xa0" as 5. */
-const OWS_AROUND = /^[ \t]+|[ \t]+$/g;
+const SP = 0x20;
+const HTAB = 0x09;
+const isOws = (code: number): boolean => code === SP || code === HTAB;
 
+/** Optional white space is SP and HTAB only (RFC 9110 5.6.3); String.trim() would also take 0xA0 and read "5\xa0" as 5. */
 function trimOws(value: string): string {
-  return value.replace(OWS_AROUND, '');
+  let start = 0;
+  let end = value.length;
+  while (start < end && isOws(value.charCodeAt(start))) start++;
+  while (end > start && isOws(value.charCodeAt(end - 1))) end--;
+  // Most values have none: no new string.
+  return start === 0 && end === value.length ? value : value.slice(start, end);
 }
 
 /** RFC 9110 5.6.1: a comma-separated list, each element trimmed of optional white space. */

@@ -6,7 +6,7 @@ import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { XFCC } from './grpc-forwarder.js';
+import { XFCC, setForwardingHeaders } from './forwarding-headers.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -407,11 +407,6 @@ function connectionListed(headers: IncomingHttpHeaders): ReadonlySet<string> {
   return new Set(String(value).split(',').map((v) => v.trim().toLowerCase()).filter(Boolean));
 }
 
-/** X-Forwarded-For as the upstream gets it: what the client sent, then the client's own address. */
-export function forwardedFor(previous: readonly string[], context: ConnectionContext): string {
-  return [...previous, context.remoteAddress ?? 'unknown'].join(', ');
-}
-
 export function upstreamHeaders(req: ClientRequestLike, context: ConnectionContext): Record<string, string | string[]> {
   const incoming = req.headers;
   const listed = connectionListed(incoming);
@@ -422,10 +417,7 @@ export function upstreamHeaders(req: ClientRequestLike, context: ConnectionConte
   }
   const authority = incoming[':authority'] ?? incoming['host'];
   if (authority !== undefined) out['host'] = String(authority);
-  const previous = incoming['x-forwarded-for'];
-  out['x-forwarded-for'] = forwardedFor(previous ? [previous].flat() : [], context);
-  out['x-forwarded-proto'] = 'https';
-  out[XFCC] = context.identity.xfcc;
+  setForwardingHeaders(out, incoming['x-forwarded-for'], context);
   return out;
 }
 

@@ -3,6 +3,9 @@ import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import type { TestPki } from './pki.js';
 import { tlsClientOptions } from './harness.js';
 import { eventually } from './ops.js';
+import { h2Frame } from './scripted-upstream.js';
+
+export { h2Frame };
 
 export const H2 = { DATA: 0x0, HEADERS: 0x1, SETTINGS: 0x4, GOAWAY: 0x7 } as const;
 export const END_STREAM = 0x1;
@@ -14,16 +17,6 @@ export interface H2Frame {
   readonly flags: number;
   readonly streamId: number;
   readonly payload: Buffer;
-}
-
-/** One HTTP/2 frame's bytes. */
-export function h2Frame(type: number, flags: number, streamId: number, payload: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(9);
-  header.writeUIntBE(payload.length, 0, 3);
-  header[3] = type;
-  header[4] = flags;
-  header.writeUInt32BE(streamId, 5);
-  return Buffer.concat([header, payload]);
 }
 
 /** Splits a byte stream into whole frames, keeping what is left over. */
