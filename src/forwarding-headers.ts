@@ -10,7 +10,8 @@ export function forwardedFor(previous: readonly string[], context: ConnectionCon
 
 /** The headers that say who the client is and how it came: ours to set, in both forwarders. */
 export function setForwardingHeaders(out: Record<string, unknown>, clientForwardedFor: string | string[] | undefined, context: ConnectionContext): void {
-  out['x-forwarded-for'] = forwardedFor(clientForwardedFor ? [clientForwardedFor].flat() : [], context);
+  // Per call and request: most clients send none, and then no list is built.
+  out['x-forwarded-for'] = clientForwardedFor === undefined ? (context.remoteAddress ?? 'unknown') : forwardedFor([clientForwardedFor].flat(), context);
   out['x-forwarded-proto'] = 'https';
   out[XFCC] = context.identity.xfcc;
 }

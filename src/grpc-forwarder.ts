@@ -163,7 +163,8 @@ class GrpcCall {
     client.on('close', () => this.#onClientClose());
     client.on('wantTrailers', () => {
       client.sendTrailers(this.#trailers ?? {});
-      this.#stopRequest();
+      // Most calls have sent their whole request by now: nothing to stop.
+      if (!client.readableEnded) this.#stopRequest();
     });
     let upstream: ClientHttp2Stream;
     try {
