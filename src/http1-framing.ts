@@ -454,7 +454,7 @@ function trimOws(value: string): string {
 }
 
 /** RFC 9110 5.6.1: a comma-separated list, each element trimmed of optional white space. */
-function commaList(value: string): string[] {
+export function commaList(value: string): string[] {
   // Nearly every value is a single element: no array to split into and map over.
   if (!value.includes(',')) return [trimOws(value)];
   return value.split(',').map(trimOws);

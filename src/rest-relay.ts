@@ -8,7 +8,7 @@ import { XFCC, forwardedFor } from './forwarding-headers.js';
 import { bodyStalledMessage } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { closingAnswer, headStalledMessage } from './http-fronts.js';
-import { FramingError, Http1Reader, requestFraming, responseFraming, type BodyFraming, type Http1Head } from './http1-framing.js';
+import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
 
 /** The fallback is the terminating HTTP/1.1 front, which answers 503/502 with the reason. */
 export type RestRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { readonly limits: Pick<Limits, 'maxHeaderSize' | 'idleTimeoutMs'> };
@@ -55,10 +55,28 @@ function forwardingFields(previousForwardedFor: readonly string[], context: Conn
  * X-Forwarded-For, the same for every request of a connection).
  */
 export function relayedRequestHead(head: Http1Head, raw: Buffer, context: ConnectionContext, ours?: Buffer): Buffer {
-  if (REWRITTEN_REQUEST_FIELDS.some((name) => head.has(name))) return rebuiltRequestHead(head, context);
+  if (REWRITTEN_REQUEST_FIELDS.some((name) => head.has(name)) || namesOurFields(head)) return rebuiltRequestHead(head, context);
   const fields = ours ?? Buffer.from(forwardingFields([], context), 'latin1');
   // raw ends with the empty line; ours brings its own.
   return Buffer.concat([raw.subarray(0, raw.length - 2), fields], raw.length - 2 + fields.length);
+}
+
+/**
+ * A Connection field naming one of the fields we set: an HTTP hop after the
+ * model server would drop ours (RFC 9110 7.6.1), so those options are left out.
+ */
+function namesOurFields(head: Http1Head): boolean {
+  return head.has('connection') && head.values('connection').some(isOurField);
+}
+
+const isOurField = (option: string): boolean => REWRITTEN_REQUEST_FIELDS.includes(option.toLowerCase());
+
+/** A Connection field line as it came, or without the options naming our fields (gone if none is left). */
+function withoutOurOptions(field: HeaderField): string {
+  const options = commaList(field.value);
+  if (!options.some(isOurField)) return field.line + '\r\n';
+  const kept = options.filter((option) => option !== '' && !isOurField(option));
+  return kept.length === 0 ? '' : `${field.line.slice(0, field.line.indexOf(':'))}: ${kept.join(', ')}\r\n`;
 }
 
 /** Field by field: what relayedRequestHead() must always equal. */
@@ -68,7 +86,7 @@ export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext):
   for (const field of head.fields) {
     if (field.name === 'x-forwarded-for') previous.push(field.value);
     if (REPLACED_REQUEST_FIELDS.has(field.name) || DROPPED_REQUEST_FIELDS.has(field.name)) continue;
-    text += field.line + '\r\n';
+    text += field.name === 'connection' ? withoutOurOptions(field) : field.line + '\r\n';
   }
   return Buffer.from(text + forwardingFields(previous, context), 'latin1');
 }
@@ -77,6 +95,15 @@ export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext):
 function closesAfter(head: Http1Head): boolean {
   const options = head.values('connection').map((option) => option.toLowerCase());
   return options.includes('close') || (head.minorVersion === 0 && !options.includes('keep-alive'));
+}
+
+/**
+ * RFC 9112 3.2: an HTTP/1.1 request without a Host field, or with more than
+ * one, gets 400. Terminate mode refuses the first (Node's server) and sends a
+ * second on as one Host; the relay would pass both, for the model server to pick.
+ */
+function requireOneHost(head: Http1Head): void {
+  if (head.minorVersion === 1 && head.values('host').length !== 1) throw new FramingError(400, 'an HTTP/1.1 request needs exactly one Host field');
 }
 
 /** A response head that tells the client this connection ends after it. */
@@ -312,6 +339,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#stopHeadDeadline();
     this.#judging = head;
     if (head.method === 'CONNECT') throw new FramingError(405, 'CONNECT is not supported');
+    requireOneHost(head);
     const body = requestFraming(head);
     const exchange: Exchange = { method: head.method, path: head.target, started: performance.now(), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
     this.#exchanges.push(exchange);

@@ -131,6 +131,38 @@ describe('rest relay: HTTP/1.1 framing', () => {
     }
   });
 
+  for (const [shape, fields] of [['no Host', ''], ['two Host fields', 'host: a\r\nhost: b\r\n']] as const) {
+    test(`an HTTP/1.1 request with ${shape} gets 400 and never reaches the model server (RFC 9112 3.2)`, async () => {
+      const before = upstream.received.length;
+      const socket = await openRaw(front.restPort);
+      socket.write(`GET /v2/health/live HTTP/1.1\r\n${fields}\r\n`);
+      const text = await readToClose(socket);
+      assert.deepEqual(statuses(text), [400]);
+      assert.match(text, /exactly one Host field/);
+      assert.equal(upstream.received.length, before);
+    });
+  }
+
+  test('a Connection field naming a field we set loses that option, so no hop after the model server drops ours; its other options stay', async () => {
+    let head = '';
+    const scripted = await scriptedUpstream((s, first) => {
+      head = first.toString('latin1');
+      s.end('HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok');
+    });
+    const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay' });
+    try {
+      const socket = await openRaw(local.restPort);
+      socket.write('GET /v2/health/live HTTP/1.1\r\nhost: a\r\nConnection: keep-alive, X-Forwarded-Client-Cert , x-forwarded-for\r\n\r\n');
+      assert.match(await readToClose(socket), /^HTTP\/1\.1 200 OK\r\n/);
+      assert.match(head, /\r\nConnection: keep-alive\r\n/);
+      assert.doesNotMatch(head, /connection:[^\r]*forwarded/i);
+      assert.match(head, /\r\nx-forwarded-client-cert: Hash=[0-9a-f]{64};/);
+    } finally {
+      await local.proxy.shutdown(1000);
+      scripted.close();
+    }
+  });
+
   test('a client-supplied x-forwarded-client-cert is replaced by the verified one', async () => {
     await https1(front.restPort, pki, { path: '/v2/health/live', headers: { 'x-forwarded-client-cert': 'Hash=evil;Subject="CN=admin"', 'x-forwarded-proto': 'http' } });
     const seen = upstream.received.at(-1)!;
