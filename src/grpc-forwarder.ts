@@ -40,11 +40,11 @@ export class GrpcForwarder {
   handle(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext): void {
     const notReady = this.#options.notReady?.();
     if (notReady !== undefined) {
-      answerWithoutUpstream(stream, headers, context, this.#options.observer, notReady);
+      answerLocally(stream, headers, context, this.#options.observer, { grpcStatus: GRPC_STATUS.UNAVAILABLE, message: notReady, error: 'not_ready' });
       return;
     }
     if (headers[':method'] === 'CONNECT') {
-      refuseConnect(stream, headers, context, this.#options.observer);
+      answerLocally(stream, headers, context, this.#options.observer, CONNECT_REFUSED);
       return;
     }
     new GrpcCall(stream, headers, context, this.#options, this.#upstream).start();
@@ -71,26 +71,37 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Co
 
 function ignore(): void {}
 
-function answerWithoutUpstream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, observer: ProxyObserver, message: string): void {
-  const started = performance.now();
-  stream.on('error', ignore);
-  stream.respond(grpcErrorHeaders(GRPC_STATUS.UNAVAILABLE, message), { endStream: true });
-  stopRequestBody(stream);
-  observer.request(accessRecord(context, headers, { status: 200, grpcStatus: String(GRPC_STATUS.UNAVAILABLE), bytesIn: 0, bytesOut: 0, started, error: 'not_ready' }));
+/** What the proxy answers by itself, without the upstream. */
+interface LocalAnswer {
+  readonly grpcStatus: number;
+  readonly message: string;
+  readonly error: string;
+  /** HTTP status; 200 (a gRPC error rides on a 200) unless said. */
+  readonly status?: number;
+  readonly headers?: OutgoingHttpHeaders;
 }
 
 /**
  * A CONNECT (a tunnel request, not a call) can never be forwarded: Node's client
- * will not send one with `:scheme`. Answered here, as gRPC servers answer any
- * method but POST: 405 with an INTERNAL gRPC status (grpc-go does the same),
- * then RST_STREAM(NO_ERROR) so the tunnel's bytes stop.
+ * will not send one with `:scheme`. Answered as gRPC servers answer any method
+ * but POST: 405 with an INTERNAL gRPC status (grpc-go does the same).
  */
-function refuseConnect(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, observer: ProxyObserver): void {
+const CONNECT_REFUSED: LocalAnswer = {
+  grpcStatus: GRPC_STATUS.INTERNAL,
+  message: 'CONNECT is not forwarded: gRPC calls are POST requests',
+  error: 'method_not_allowed',
+  status: 405,
+  headers: { allow: 'POST' },
+};
+
+/** A Trailers-Only answer of ours; a client still sending is stopped, and the call logged. */
+function answerLocally(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, observer: ProxyObserver, answer: LocalAnswer): void {
   const started = performance.now();
+  const status = answer.status ?? 200;
   stream.on('error', ignore);
-  stream.respond({ ...grpcErrorHeaders(GRPC_STATUS.INTERNAL, 'CONNECT is not forwarded: gRPC calls are POST requests'), ':status': 405, allow: 'POST' }, { endStream: true });
+  stream.respond({ ...grpcErrorHeaders(answer.grpcStatus, answer.message), ...answer.headers, ':status': status }, { endStream: true });
   stopRequestBody(stream);
-  observer.request(accessRecord(context, headers, { status: 405, grpcStatus: String(GRPC_STATUS.INTERNAL), bytesIn: 0, bytesOut: 0, started, error: 'method_not_allowed' }));
+  observer.request(accessRecord(context, headers, { status, grpcStatus: String(answer.grpcStatus), bytesIn: 0, bytesOut: 0, started, error: answer.error }));
 }
 
 /**

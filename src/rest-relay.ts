@@ -93,9 +93,11 @@ export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext):
 
 /** RFC 9112 9.3, 9.6: the server closes the connection after this response. */
 function closesAfter(head: Http1Head): boolean {
-  const options = head.values('connection').map((option) => option.toLowerCase());
-  return options.includes('close') || (head.minorVersion === 0 && !options.includes('keep-alive'));
+  const options = head.values('connection');
+  return head.minorVersion === 0 ? !hasOption(options, 'keep-alive') : hasOption(options, 'close');
 }
+
+const hasOption = (options: readonly string[], name: string): boolean => options.some((option) => option.toLowerCase() === name);
 
 /**
  * RFC 9112 3.2: an HTTP/1.1 request without a Host field, or with more than

@@ -10,7 +10,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
-import { scriptedUpstream } from './helpers/scripted-upstream.js';
+import { behindProxy } from './helpers/scripted-upstream.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
@@ -238,78 +238,61 @@ describe('request targets (--mtls_rest_mode terminate)', () => {
 });
 
 describe('upstream answers (--mtls_rest_mode terminate)', () => {
-  test('an interim 103 Early Hints is not passed on; the final answer is', async () => {
-    const upstream = await scriptedUpstream((socket) => socket.write('HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'));
-    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
-    try {
+  test('an interim 103 Early Hints is not passed on; the final answer is', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.write('HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok') }, async (local) => {
       const socket = await openRaw(local.restPort, pki);
       socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
       const text = await readToClose(socket);
       assert.match(text, /^HTTP\/1\.1 200 OK\r\n[^]*\r\n\r\nok$/);
       assert.doesNotMatch(text, /103|rel=preload/);
-    } finally {
-      await local.proxy.shutdown(1000);
-      upstream.close();
-    }
-  });
+    }));
 
-  test('an HTTP/2 client gets the first value of a header the model server repeats but HTTP/2 carries once (date, etag, content-type)', async () => {
+  test('an HTTP/2 client gets the first value of a header the model server repeats but HTTP/2 carries once (date, etag, content-type)', () => {
     const head = 'HTTP/1.1 200 OK\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\ndate: Tue, 02 Jan 2024 00:00:00 GMT\r\netag: "a"\r\netag: "b"\r\n'
       + 'content-type: text/plain\r\ncontent-type: text/html\r\nx-many: 1\r\nx-many: 2\r\ncontent-length: 2\r\n\r\nok';
-    const upstream = await scriptedUpstream((socket) => socket.write(head));
-    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
-    const session = h2Session(local.restPort, pki);
-    try {
-      const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy' });
-      assert.equal(res.headers[':status'], 200);
-      assert.equal(res.headers['date'], 'Mon, 01 Jan 2024 00:00:00 GMT');
-      assert.equal(res.headers['etag'], '"a"');
-      assert.equal(res.headers['content-type'], 'text/plain');
-      // Any other header may repeat: it is passed on whole.
-      assert.equal(res.headers['x-many'], '1, 2');
-      assert.equal(res.body.toString(), 'ok');
-    } finally {
-      session.destroy();
-      await local.proxy.shutdown(1000);
-      upstream.close();
-    }
+    return behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.write(head) }, async (local) => {
+      const session = h2Session(local.restPort, pki);
+      try {
+        const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy' });
+        assert.equal(res.headers[':status'], 200);
+        assert.equal(res.headers['date'], 'Mon, 01 Jan 2024 00:00:00 GMT');
+        assert.equal(res.headers['etag'], '"a"');
+        assert.equal(res.headers['content-type'], 'text/plain');
+        // Any other header may repeat: it is passed on whole.
+        assert.equal(res.headers['x-many'], '1, 2');
+        assert.equal(res.body.toString(), 'ok');
+      } finally {
+        session.destroy();
+      }
+    });
   });
 
-  test('a head Node cannot send to an HTTP/2 client (status 600) gets a 502 carrying only our own headers, not a stream left open', async () => {
-    const upstream = await scriptedUpstream((socket) => socket.write('HTTP/1.1 600 Odd\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\ncontent-length: 2\r\nx-upstream: 1\r\n\r\nok'));
-    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
-    const session = h2Session(local.restPort, pki);
-    try {
-      const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy' });
-      assert.equal(res.headers[':status'], 502);
-      assert.equal(res.headers['content-type'], 'application/json');
-      assert.equal(res.headers['content-length'], undefined);
-      assert.equal(res.headers['x-upstream'], undefined);
-      assert.notEqual(res.headers['date'], 'Mon, 01 Jan 2024 00:00:00 GMT');
-      assert.match(JSON.parse(res.body.toString()).error, new RegExp(`^upstream 127\\.0\\.0\\.1:${upstream.port} failed`));
-      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy');
-      assert.equal(line.status, 502);
-    } finally {
-      session.destroy();
-      await local.proxy.shutdown(1000);
-      upstream.close();
-    }
-  });
+  test('a head Node cannot send to an HTTP/2 client (status 600) gets a 502 carrying only our own headers, not a stream left open', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.write('HTTP/1.1 600 Odd\r\ndate: Mon, 01 Jan 2024 00:00:00 GMT\r\ncontent-length: 2\r\nx-upstream: 1\r\n\r\nok') }, async (local, upstream) => {
+      const session = h2Session(local.restPort, pki);
+      try {
+        const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy' });
+        assert.equal(res.headers[':status'], 502);
+        assert.equal(res.headers['content-type'], 'application/json');
+        assert.equal(res.headers['content-length'], undefined);
+        assert.equal(res.headers['x-upstream'], undefined);
+        assert.notEqual(res.headers['date'], 'Mon, 01 Jan 2024 00:00:00 GMT');
+        assert.match(JSON.parse(res.body.toString()).error, new RegExp(`^upstream 127\\.0\\.0\\.1:${upstream.port} failed`));
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy');
+        assert.equal(line.status, 502);
+      } finally {
+        session.destroy();
+      }
+    }));
 
-  test('a response undici refuses (a final 100 Continue nobody asked for) gets a 502 saying the response was not valid, not that the connection closed', async () => {
-    const upstream = await scriptedUpstream((socket) => socket.write('HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'));
-    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
-    try {
+  test('a response undici refuses (a final 100 Continue nobody asked for) gets a 502 saying the response was not valid, not that the connection closed', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.write('HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok') }, async (local, upstream) => {
       const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
       assert.equal(res.status, 502);
       assert.equal(JSON.parse(res.body).error, `upstream 127.0.0.1:${upstream.port} sent a response that is not valid HTTP/1.1`);
       const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
       assert.equal(line.error, 'UPSTREAM_BAD_RESPONSE');
-    } finally {
-      await local.proxy.shutdown(1000);
-      upstream.close();
-    }
-  });
+    }));
 
   test('a model server on an IPv6 address ([::1]) is reached', async () => {
     const server = createHttpServer((req, res) => res.end(`seen ${req.url}`));
@@ -329,44 +312,35 @@ describe('upstream answers (--mtls_rest_mode terminate)', () => {
 });
 
 describe('rest upstream failures', () => {
-  test('--mtls_rest_mode terminate: an upstream that closes before answering gives the client a 502 naming it', async () => {
-    const upstream = await scriptedUpstream((socket) => socket.end());
-    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
-    try {
+  test('--mtls_rest_mode terminate: an upstream that closes before answering gives the client a 502 naming it', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.end() }, async (local, upstream) => {
       const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
       assert.equal(res.status, 502);
       assert.match(JSON.parse(res.body).error, new RegExp(`upstream 127\\.0\\.0\\.1:${upstream.port} closed the connection before answering`));
       const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
       assert.equal(line.error, 'UPSTREAM_CLOSED');
-    } finally {
-      await local.proxy.shutdown(1000);
-      upstream.close();
-    }
-  });
+    }));
 
-  test('--mtls_rest_mode terminate: an upstream that closes in the middle of a response resets the HTTP/2 client\'s stream with INTERNAL_ERROR, not a clean end', async () => {
-    const upstream = await scriptedUpstream((socket) => socket.end('HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n0123456789'));
-    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
-    const session = h2Session(local.restPort, pki);
-    try {
-      const stream = session.request({ ':method': 'GET', ':path': '/v2/models/dummy' }, { endStream: true });
-      const errors: NodeJS.ErrnoException[] = [];
-      stream.on('error', (err) => errors.push(err));
-      const closed = new Promise((resolve) => stream.once('close', resolve));
-      stream.resume();
-      const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
-      assert.equal(headers[':status'], 200);
-      await closed;
-      assert.equal(stream.rstCode, http2Constants.NGHTTP2_INTERNAL_ERROR);
-      assert.equal(errors[0]?.code, 'ERR_HTTP2_STREAM_ERROR');
-      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy');
-      assert.equal(line.error, 'UPSTREAM_CLOSED');
-    } finally {
-      session.destroy();
-      await local.proxy.shutdown(1000);
-      upstream.close();
-    }
-  });
+  test('--mtls_rest_mode terminate: an upstream that closes in the middle of a response resets the HTTP/2 client\'s stream with INTERNAL_ERROR, not a clean end', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.end('HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n0123456789') }, async (local) => {
+      const session = h2Session(local.restPort, pki);
+      try {
+        const stream = session.request({ ':method': 'GET', ':path': '/v2/models/dummy' }, { endStream: true });
+        const errors: NodeJS.ErrnoException[] = [];
+        stream.on('error', (err) => errors.push(err));
+        const closed = new Promise((resolve) => stream.once('close', resolve));
+        stream.resume();
+        const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
+        assert.equal(headers[':status'], 200);
+        await closed;
+        assert.equal(stream.rstCode, http2Constants.NGHTTP2_INTERNAL_ERROR);
+        assert.equal(errors[0]?.code, 'ERR_HTTP2_STREAM_ERROR');
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy');
+        assert.equal(line.error, 'UPSTREAM_CLOSED');
+      } finally {
+        session.destroy();
+      }
+    }));
 
   test('an unreachable upstream answers 502 with a small JSON error body', async () => {
     const server = await startUpstream({ grpcPort: null });
@@ -385,24 +359,21 @@ describe('rest upstream failures', () => {
 });
 
 describe('clients that leave (--mtls_rest_mode terminate)', () => {
-  test('an HTTP/2 client that cancels its stream mid-upload is logged as client_closed, as an HTTP/1.1 one is', async () => {
-    const upstream = await scriptedUpstream(() => {});
-    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode: 'terminate' });
-    const session = h2Session(local.restPort, pki);
-    try {
-      const stream = session.request({ ':method': 'POST', ':path': '/v2/models/dummy/infer' });
-      stream.on('error', () => {});
-      // Past 64 KiB: the request is at the model server while the body still comes.
-      stream.write(Buffer.alloc(100_000, 0x61));
-      await eventually(() => upstream.sockets.length > 0, 'the request at the model server');
-      stream.close(http2Constants.NGHTTP2_CANCEL);
-      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
-      assert.equal(line.protocol, 'h2');
-      assert.equal(line.error, 'client_closed');
-    } finally {
-      session.destroy();
-      await local.proxy.shutdown(1000);
-      upstream.close();
-    }
-  });
+  test('an HTTP/2 client that cancels its stream mid-upload is logged as client_closed, as an HTTP/1.1 one is', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: () => {} }, async (local, upstream) => {
+      const session = h2Session(local.restPort, pki);
+      try {
+        const stream = session.request({ ':method': 'POST', ':path': '/v2/models/dummy/infer' });
+        stream.on('error', () => {});
+        // Past 64 KiB: the request is at the model server while the body still comes.
+        stream.write(Buffer.alloc(100_000, 0x61));
+        await eventually(() => upstream.sockets.length > 0, 'the request at the model server');
+        stream.close(http2Constants.NGHTTP2_CANCEL);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
+        assert.equal(line.protocol, 'h2');
+        assert.equal(line.error, 'client_closed');
+      } finally {
+        session.destroy();
+      }
+    }));
 });

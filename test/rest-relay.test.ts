@@ -3,10 +3,10 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import type { TLSSocket } from 'node:tls';
 import { createServer as createHttpServer, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { scriptedUpstream } from './helpers/scripted-upstream.js';
+import { behindProxy, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw as openRawWith, readToClose, readUntil } from './helpers/raw-http1.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
@@ -31,18 +31,12 @@ after(async () => {
 
 const openRaw = (port: number): Promise<TLSSocket> => openRawWith(port, pki);
 
-const statuses = (text: string) => [...text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1]));
+const statuses = (text: string) => [...text.matchAll(/HTTP\/1\.[01] (\d{3}) /g)].map((m) => Number(m[1]));
 
 /** A relay in front of an upstream that answers the first bytes of each connection with `reply` and closes (or, with keepOpen, reads on). */
-async function withScriptedUpstream(reply: string, run: (local: StartedProxy, upstreamPort: number) => Promise<void>, options: { keepOpen?: boolean } = {}): Promise<void> {
-  const scripted = await scriptedUpstream((s) => (options.keepOpen ? s.write(reply) : s.end(reply)));
-  const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay' });
-  try {
-    await run(local, scripted.port);
-  } finally {
-    await local.proxy.shutdown(1000);
-    scripted.close();
-  }
+function withScriptedUpstream(reply: string, run: (local: StartedProxy, upstreamPort: number) => Promise<void>, options: { keepOpen?: boolean } = {}): Promise<void> {
+  const answer = (s: Socket): void => void (options.keepOpen ? s.write(reply) : s.end(reply));
+  return behindProxy({ pki, restMode: 'relay', answer }, (local, upstream) => run(local, upstream.port));
 }
 
 describe('rest relay: HTTP/1.1 framing', () => {
@@ -368,11 +362,14 @@ describe('rest relay: drain and upstream failures', () => {
       assert.equal(line.error, undefined);
     }, { keepOpen: true }));
 
-  for (const [what, reply, body] of [
-    ['a body that ends when the upstream closes', 'HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nbody-of-1', 'body-of-1'],
-    ['a connection: close response', 'HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok', 'ok'],
+  // keepOpen: the upstream keeps its connection open, so only the response itself can tell the relay to close.
+  for (const [what, reply, body, keepOpen] of [
+    ['a body that ends when the upstream closes', 'HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nbody-of-1', 'body-of-1', false],
+    ['a connection: close response', 'HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok', 'ok', false],
+    ['a connection: close response, the upstream leaving its end open', 'HTTP/1.1 200 OK\r\nConnection: Close\r\ncontent-length: 2\r\n\r\nok', 'ok', true],
+    ['an HTTP/1.0 response without keep-alive, the upstream leaving its end open', 'HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok', 'ok', true],
   ] as const) {
-    test(`after ${what} nothing more is written: a request pipelined behind it gets a plain close, no 502 the client would read as part of the answer`, () =>
+    test(`after ${what} nothing more is written: a request pipelined behind it gets a plain close, no 502 the client would read as part of the answer`, { timeout: 30_000 }, () =>
       withScriptedUpstream(reply, async (local) => {
         const socket = await openRaw(local.restPort);
         socket.write('GET /first HTTP/1.1\r\nhost: a\r\n\r\nGET /second HTTP/1.1\r\nhost: a\r\n\r\n');
@@ -385,7 +382,7 @@ describe('rest relay: drain and upstream failures', () => {
         const second = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second');
         assert.equal(second.status, 0);
         assert.equal(second.error, 'UPSTREAM_CLOSED');
-      }));
+      }, { keepOpen }));
   }
 
   test('a body that runs until close, ended by a reset instead, is logged as cut short, not as a whole answer', async () => {

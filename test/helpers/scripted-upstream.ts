@@ -1,6 +1,9 @@
 import { once } from 'node:events';
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { CLIENT_PREFACE_BYTES, FrameCursor, TYPE_HEADERS } from '../../src/h2-frames.js';
+import type { ForwardMode } from '../../src/config.js';
+import { startTestProxy, type StartedProxy } from './harness.js';
+import type { TestPki } from './pki.js';
 
 export interface ScriptedUpstream {
   readonly port: number;
@@ -55,4 +58,22 @@ export function framedH2cUpstream(answer: (streamId: number) => Buffer): Promise
     cursor.advance(first);
     socket.on('data', (chunk: Buffer) => cursor.advance(chunk));
   });
+}
+
+/**
+ * A proxy whose REST port, in `restMode`, forwards to a scripted upstream
+ * answering with `answer`; both are closed after `run`, however it ends.
+ */
+export async function behindProxy(
+  setup: { pki: TestPki; restMode: ForwardMode; answer: (socket: Socket, first: Buffer) => void },
+  run: (local: StartedProxy, upstream: ScriptedUpstream) => Promise<void>,
+): Promise<void> {
+  const upstream = await scriptedUpstream(setup.answer);
+  const local = await startTestProxy({ pki: setup.pki, upstream: { restPort: upstream.port }, restMode: setup.restMode });
+  try {
+    await run(local, upstream);
+  } finally {
+    await local.proxy.shutdown(1000);
+    upstream.close();
+  }
 }
