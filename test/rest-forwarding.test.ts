@@ -162,6 +162,14 @@ for (const mode of FORWARD_MODES) {
       board.openAll();
     });
 
+    /** A response cut short ends in 'close' without 'end', which would leave the test waiting: it fails, with what the proxy logged. */
+    const failOnCutResponse = (res: IncomingMessage, reject: (err: Error) => void) => {
+      res.on('error', () => {});
+      res.on('close', () => {
+        if (!res.complete) reject(new Error(`response cut short; proxy log: ${JSON.stringify(front.logs.lines.slice(-5))}`));
+      });
+    };
+
     test('a 256 MiB upload and a 256 MiB download stream through without being held in memory', async () => {
       const total = 256 * 1024 * 1024;
       const chunk = Buffer.alloc(1024 * 1024, 0x5a);
@@ -173,6 +181,7 @@ for (const mode of FORWARD_MODES) {
           let text = '';
           res.on('data', (c: Buffer) => (text += c.toString()));
           res.on('end', () => resolve(text));
+          failOnCutResponse(res, reject);
         });
         req.on('error', reject);
         let sent = 0;
@@ -197,6 +206,7 @@ for (const mode of FORWARD_MODES) {
             peak = Math.max(peak, process.memoryUsage().rss);
           });
           res.on('end', () => resolve(bytes));
+          failOnCutResponse(res, reject);
         });
         req.on('error', reject);
         req.end();

@@ -204,11 +204,16 @@ export async function countingRelay(targetPort: number): Promise<{ server: TcpSe
     count += 1;
     const upstream = new Socket();
     upstream.connect(targetPort, '127.0.0.1');
-    for (const s of [client, upstream]) {
+    for (const [s, other] of [[client, upstream], [upstream, client]] as const) {
       s.setNoDelay(true);
       sockets.add(s);
       s.on('error', () => {});
-      s.on('close', () => { sockets.delete(s); client.destroy(); upstream.destroy(); });
+      // After a clean end, pipe() ends the other side once what it still holds is written;
+      // destroying it here could drop the last bytes of a response on their way.
+      s.on('close', () => {
+        sockets.delete(s);
+        if (!s.readableEnded) other.destroy();
+      });
     }
     client.pipe(upstream).pipe(client);
   });
