@@ -3,6 +3,22 @@ import type { ConnectionContext } from './listeners.js';
 /** The verified client identity, as Envoy names it; any copy a client sends is replaced. */
 export const XFCC = 'x-forwarded-client-cert';
 
+/** The fields we set on every forwarded request and call. */
+export const FORWARDING_FIELDS: ReadonlySet<string> = new Set([XFCC, 'x-forwarded-for', 'x-forwarded-proto']);
+
+/**
+ * A (lower-case) name that is one of ours with underscores for hyphens
+ * (`x_forwarded_client_cert`). Servers behind CGI-style gateways (WSGI, PHP)
+ * read both spellings as the same variable, so a client's copy could stand in
+ * for ours: it is dropped, where nginx drops every name with an underscore.
+ */
+export function disguisesOurs(name: string): boolean {
+  return name.includes('_') && FORWARDING_FIELDS.has(name.replaceAll('_', '-'));
+}
+
+/** In a lower-cased HTTP/1.1 head: a field line naming one of ours, in either spelling. */
+export const FORWARDING_FIELD_LINE = new RegExp(`\\r\\n(?:${[...FORWARDING_FIELDS].map((name) => name.replaceAll('-', '[-_]')).join('|')}):`);
+
 /** X-Forwarded-For: what the client claims about earlier hops is kept, and its own address appended. */
 export function forwardedFor(previous: readonly string[], context: ConnectionContext): string {
   return [...previous, context.remoteAddress ?? 'unknown'].join(', ');

@@ -6,7 +6,7 @@ import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, statusForReset } from
 import { describeUpstreamError } from './upstream-errors.js';
 import { UpstreamH2Session, isSessionRefusal } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
-import { XFCC, setForwardingHeaders } from './forwarding-headers.js';
+import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_FLAG_END_STREAM } = constants;
 
@@ -58,7 +58,7 @@ export class GrpcForwarder {
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ConnectionContext): OutgoingHttpHeaders {
   const out: OutgoingHttpHeaders = {};
   for (const name in headers) {
-    if (HOP_BY_HOP.has(name) || name === XFCC) continue;
+    if (HOP_BY_HOP.has(name) || name === XFCC || disguisesOurs(name)) continue;
     out[name] = headers[name];
   }
   out[':scheme'] = 'http';

@@ -74,6 +74,11 @@ export class Http1Head implements StartLine {
     return this.#lowerText().includes(`\r\n${name}:`);
   }
 
+  /** Whether the head, lower-cased, matches: a search over field lines, for names in several spellings. */
+  matches(pattern: RegExp): boolean {
+    return pattern.test(this.#lowerText());
+  }
+
   /** Every value of the fields of that (lower-case) name, split at commas and trimmed of SP and HTAB. */
   values(name: string): string[] {
     const out: string[] = [];

@@ -6,7 +6,7 @@ import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { XFCC, setForwardingHeaders } from './forwarding-headers.js';
+import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -412,7 +412,7 @@ export function upstreamHeaders(req: ClientRequestLike, context: ConnectionConte
   const listed = connectionListed(incoming);
   const out: Record<string, string | string[]> = {};
   for (const name in incoming) {
-    if (name.startsWith(':') || HOP_BY_HOP.has(name) || listed.has(name) || name === XFCC) continue;
+    if (name.startsWith(':') || HOP_BY_HOP.has(name) || listed.has(name) || name === XFCC || disguisesOurs(name)) continue;
     out[name] = incoming[name]!;
   }
   const authority = incoming[':authority'] ?? incoming['host'];

@@ -4,7 +4,7 @@ import type { HostPort, Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { XFCC, forwardedFor } from './forwarding-headers.js';
+import { FORWARDING_FIELDS, FORWARDING_FIELD_LINE, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
 import { bodyStalledMessage } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { closingAnswer, headStalledMessage } from './http-fronts.js';
@@ -28,11 +28,13 @@ export function restRelay(options: RestRelayOptions): Relay {
   });
 }
 
-/** Replaced by ours: a client must not be able to claim another certificate or address. */
-const REPLACED_REQUEST_FIELDS = new Set([XFCC, 'x-forwarded-for', 'x-forwarded-proto']);
 /** The relay never switches protocols; terminate mode drops these too. */
 const DROPPED_REQUEST_FIELDS = new Set(['upgrade', 'http2-settings']);
-const REWRITTEN_REQUEST_FIELDS = [...REPLACED_REQUEST_FIELDS, ...DROPPED_REQUEST_FIELDS];
+const DROPPED_REQUEST_FIELDS_LIST = [...DROPPED_REQUEST_FIELDS];
+/** Ours (FORWARDING_FIELDS), which a client must not be able to set, and the dropped ones. */
+const REWRITTEN_REQUEST_FIELDS = [...FORWARDING_FIELDS, ...DROPPED_REQUEST_FIELDS];
+/** A client's field the upstream does not get: ours, in any spelling, are replaced; the others dropped. */
+const isRewritten = (name: string): boolean => FORWARDING_FIELDS.has(name) || DROPPED_REQUEST_FIELDS.has(name) || disguisesOurs(name);
 /**
  * Request trailers left out: the fields we replace, and framing, routing and
  * connection fields, which a trailer must not carry (RFC 9110 6.5.1). An
@@ -41,7 +43,7 @@ const REWRITTEN_REQUEST_FIELDS = [...REPLACED_REQUEST_FIELDS, ...DROPPED_REQUEST
  * time a trailer arrives the head and body are upstream, and a refusal could
  * only cut the connection; a recipient may discard trailers (RFC 9110 6.5.1).
  */
-const DROPPED_REQUEST_TRAILERS = new Set([...REWRITTEN_REQUEST_FIELDS, 'content-length', 'transfer-encoding', 'host', 'connection', 'keep-alive', 'te', 'trailer', 'expect']);
+const DROPPED_REQUEST_TRAILERS = new Set(['content-length', 'transfer-encoding', 'host', 'connection', 'keep-alive', 'te', 'trailer', 'expect']);
 
 /** The fields we add, and the empty line that ends the head. */
 function forwardingFields(previousForwardedFor: readonly string[], context: ConnectionContext): string {
@@ -55,7 +57,7 @@ function forwardingFields(previousForwardedFor: readonly string[], context: Conn
  * X-Forwarded-For, the same for every request of a connection).
  */
 export function relayedRequestHead(head: Http1Head, raw: Buffer, context: ConnectionContext, ours?: Buffer): Buffer {
-  if (REWRITTEN_REQUEST_FIELDS.some((name) => head.has(name)) || namesOurFields(head)) return rebuiltRequestHead(head, context);
+  if (head.matches(FORWARDING_FIELD_LINE) || DROPPED_REQUEST_FIELDS_LIST.some((name) => head.has(name)) || namesOurFields(head)) return rebuiltRequestHead(head, context);
   const fields = ours ?? Buffer.from(forwardingFields([], context), 'latin1');
   // raw ends with the empty line; ours brings its own.
   return Buffer.concat([raw.subarray(0, raw.length - 2), fields], raw.length - 2 + fields.length);
@@ -85,7 +87,7 @@ export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext):
   const previous: string[] = [];
   for (const field of head.fields) {
     if (field.name === 'x-forwarded-for') previous.push(field.value);
-    if (REPLACED_REQUEST_FIELDS.has(field.name) || DROPPED_REQUEST_FIELDS.has(field.name)) continue;
+    if (isRewritten(field.name)) continue;
     text += field.name === 'connection' ? withoutOurOptions(field) : field.line + '\r\n';
   }
   return Buffer.from(text + forwardingFields(previous, context), 'latin1');
@@ -236,7 +238,7 @@ class RelayedHttp1Connection implements RelayedConnection {
         this.#settle(received);
         this.#closeIfDone();
       },
-      keepTrailer: (name) => !DROPPED_REQUEST_TRAILERS.has(name),
+      keepTrailer: (name) => !DROPPED_REQUEST_TRAILERS.has(name) && !isRewritten(name),
     });
     this.#fromUpstream = new Http1Reader('response', parts.limits.maxHeaderSize, {
       head: (head, raw) => this.#responseHead(head, raw),

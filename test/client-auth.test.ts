@@ -83,6 +83,43 @@ describe('spoofed identity headers', () => {
     assert.match(String(xfcc), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests"/);
   });
 
+  /** Our three fields with underscores for hyphens: one name to a CGI-style server (WSGI, PHP), which would take it for ours. */
+  const DISGUISED = 'X_Forwarded_Client_Cert: Hash=evil\r\nx-forwarded_for: 6.6.6.6\r\nX_FORWARDED_PROTO: http\r\n';
+  const disguisedNames = (headers: Record<string, unknown>) => Object.keys(headers).filter((name) => name.includes('_'));
+
+  for (const restMode of ['terminate', 'relay'] as const) {
+    test(`--mtls_rest_mode ${restMode}: our fields spelled with underscores never reach the model server; ours do`, async () => {
+      const local = restMode === 'terminate' ? front : await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode });
+      try {
+        const socket = tlsConnect({ host: '127.0.0.1', port: local.restPort, ...tlsClientOptions(pki), ALPNProtocols: ['http/1.1'] });
+        await once(socket, 'secureConnect');
+        socket.write(`GET /v2/health/ready?underscores=${restMode} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nx_other_field: kept\r\n${DISGUISED}\r\n`);
+        let answer = '';
+        for await (const chunk of socket) answer += String(chunk);
+        assert.match(answer, /^HTTP\/1\.1 200 /);
+        const seen = upstream.received.filter((r) => r.protocol === 'rest' && r.path === `/v2/health/ready?underscores=${restMode}`).at(-1)!;
+        assert.deepEqual(disguisedNames(seen.headers), ['x_other_field']);
+        assert.match(String(seen.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests"/);
+        assert.equal(seen.headers['x-forwarded-proto'], 'https');
+      } finally {
+        if (local !== front) await local.proxy.shutdown(1000);
+      }
+    });
+  }
+
+  test('gRPC metadata naming our fields with underscores never reaches the model server', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    try {
+      const disguised = { x_forwarded_client_cert: 'Hash=evil', 'x-forwarded_for': '6.6.6.6', x_forwarded_proto: 'http', x_other_field: 'kept' };
+      await h2Request(session, { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers', ...disguised }, grpcFrame(Buffer.alloc(0)));
+    } finally {
+      session.close();
+    }
+    const seen = upstream.received.filter((r) => r.protocol === 'grpc' && r.path === '/ovmsmtls.test.Echo/Unary').at(-1)!;
+    assert.deepEqual(disguisedNames(seen.headers), ['x_other_field']);
+    assert.match(String(seen.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests"/);
+  });
+
   test('a subject outside ASCII (CN=Jürgen 日本) works on both ports, escaped in XFCC as RFC 4514 UTF-8 bytes', async () => {
     // Such a value in a header once made Node throw ERR_INVALID_CHAR and took the whole process down.
     const client = await issueClientCert({ issuer: pki.clientCa, commonName: 'Jürgen 日本' });

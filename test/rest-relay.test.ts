@@ -114,7 +114,7 @@ describe('rest relay: HTTP/1.1 framing', () => {
     const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay' });
     try {
       const socket = await openRaw(local.restPort);
-      const forged = ['X-Forwarded-Client-Cert: Hash=evil;Subject="CN=admin"', 'x-forwarded-for: 6.6.6.6', 'X-Forwarded-Proto: http', 'Content-Length: 99', 'transfer-encoding: chunked', 'Host: admin'];
+      const forged = ['X-Forwarded-Client-Cert: Hash=evil;Subject="CN=admin"', 'X_Forwarded_Client_Cert: Hash=evil', 'x-forwarded-for: 6.6.6.6', 'X-Forwarded-Proto: http', 'Content-Length: 99', 'transfer-encoding: chunked', 'Host: admin'];
       socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n${forged.join('\r\n')}\r\nx-checksum: abc\r\n\r\n`);
       assert.match(await readUntil(socket, /ok$/), /^HTTP\/1\.1 200 OK\r\n/);
       assert.equal(received.slice(received.indexOf('\r\n\r\n') + 4), '5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n');
