@@ -225,12 +225,25 @@ export function parseLimits(raw: RawOptions): Limits {
 
 export function parseAllowList(raw: RawOptions): AllowList {
   return {
-    cn: stringList(raw, 'mtls_allow_cn'),
-    ou: stringList(raw, 'mtls_allow_ou'),
-    dns: stringList(raw, 'mtls_allow_dns'),
-    uri: stringList(raw, 'mtls_allow_uri'),
-    fingerprint: stringList(raw, 'mtls_allow_fingerprint').map((f) => normalizeFingerprint(f)),
+    cn: allowRules(raw, 'mtls_allow_cn'),
+    ou: allowRules(raw, 'mtls_allow_ou'),
+    dns: allowRules(raw, 'mtls_allow_dns'),
+    uri: allowRules(raw, 'mtls_allow_uri'),
+    fingerprint: allowRules(raw, 'mtls_allow_fingerprint').map((f) => normalizeFingerprint(f)),
   };
+}
+
+/**
+ * An allow option given with nothing in it (`--mtls_allow_cn $UNSET_VAR`, `--mtls_allow_cn=`)
+ * would leave every list empty, and empty lists admit every client the CA vouches for: the
+ * restriction the user asked for would silently be off.
+ */
+function allowRules(raw: RawOptions, name: string): string[] {
+  const rules = stringList(raw, name);
+  if (raw[name] !== undefined && rules.length === 0) {
+    throw new ConfigError(`${flag(name)} was given without a value; an empty allow-list would admit every client the CA vouches for (give a value, or leave the option out)`);
+  }
+  return rules;
 }
 
 function normalizeFingerprint(value: string): string {

@@ -41,6 +41,20 @@ async function startProxyCli(extra: string[] = [], env: NodeJS.ProcessEnv = {}):
   return { cli, grpcPort, restPort };
 }
 
+/**
+ * Runs `proxy` on a free loopback REST port with `extra` options until it exits, or until it
+ * listens (then stops it): a configuration the proxy must refuse shows as `listened: false`.
+ */
+async function startupOutcome(extra: string[]): Promise<{ listened: boolean; code: number | null; stderr: string }> {
+  const [restPort] = (await freeLoopbackPorts(1)) as [number];
+  const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags(), ...extra]);
+  const closed = once(cli.child, 'close');
+  const listened = await Promise.race([cli.exited.then(() => false), cli.logs.waitFor((l) => l.event === 'listening').then(() => true)]);
+  if (listened) cli.child.kill('SIGTERM');
+  const [code] = (await closed) as [number | null];
+  return { listened, code, stderr: cli.stderr() };
+}
+
 describe('proxy command line', () => {
   test('--help describes the commands and the environment variable naming', async () => {
     const res = await runCli(['--help']);
@@ -74,6 +88,16 @@ describe('proxy command line', () => {
       assert.equal(res.stdout, '');
     });
   }
+
+  test('an allow option given without a value exits 2 before listening, instead of admitting every client', async () => {
+    for (const args of [['--mtls_allow_cn', '--mtls_workers', '1'], ['--mtls_allow_uri='], ['--mtls_allow_fingerprint', ',']]) {
+      const res = await startupOutcome(args);
+      assert.equal(res.listened, false, `${args.join(' ')} started the proxy`);
+      assert.equal(res.code, 2);
+      assert.match(res.stderr, /^ovms-mtls: --mtls_allow_\w+ was given without a value; an empty allow-list would admit every client/);
+      assert.equal(res.stderr.trim().split('\n').length, 1, res.stderr);
+    }
+  });
 
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
