@@ -140,7 +140,8 @@ export function parsePort(name: string, value: unknown): number {
 }
 
 function parseSeconds(name: string, value: unknown): number {
-  const n = Number(value);
+  // Number('') is 0: a flag given without a value (`--mtls_handshake_timeout $UNSET`) would be a 1 ms timeout.
+  const n = String(value).trim() === '' ? NaN : Number(value);
   if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0`);
   return Math.round(n * 1000);
 }
@@ -200,9 +201,10 @@ function parseBoolean(name: string, value: unknown, fallback: boolean): boolean 
   throw new ConfigError(`${flag(name)}: '${String(value)}' is not true or false`);
 }
 
+/** Absent = the default; given without a value is an error, as for ports, not the default in disguise. */
 function numberOr(raw: RawOptions, name: string, fallback: number, min: number, max: number): number {
   const v = raw[name];
-  return v === undefined || v === '' ? fallback : parseInteger(name, v, min, max);
+  return v === undefined ? fallback : parseInteger(name, v, min, max);
 }
 
 export function parseLimits(raw: RawOptions): Limits {

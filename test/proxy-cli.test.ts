@@ -99,6 +99,20 @@ describe('proxy command line', () => {
     }
   });
 
+  test('a duration or number option given without a value exits 2 before listening, instead of a 0 s timeout or the default', async () => {
+    const cases: [string[], RegExp][] = [
+      [['--mtls_handshake_timeout', '--mtls_workers', '1'], /^ovms-mtls: --mtls_handshake_timeout: '' is not a number of seconds >= 0/],
+      [['--mtls_idle_timeout='], /^ovms-mtls: --mtls_idle_timeout: '' is not a number of seconds >= 0/],
+      [['--mtls_max_connections', '--mtls_workers', '1'], /^ovms-mtls: --mtls_max_connections: '' is not a whole number between 0 and/],
+    ];
+    for (const [args, message] of cases) {
+      const res = await startupOutcome(args);
+      assert.equal(res.listened, false, `${args.join(' ')} started the proxy`);
+      assert.equal(res.code, 2);
+      assert.match(res.stderr, message);
+    }
+  });
+
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');
