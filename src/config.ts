@@ -139,10 +139,19 @@ export function parsePort(name: string, value: unknown): number {
   return parseInteger(name, value, 0, 65535);
 }
 
+/**
+ * Node timers hold at most 2^31-1 ms (24.8 days) and fire after 1 ms when
+ * given more: `--mtls_idle_timeout 9999999` would close connections at once
+ * and spin the idle sweep. The margin keeps a timeout plus a backstop (the
+ * workers' drain) in range.
+ */
+const MAX_SECONDS = 2_000_000;
+
 function parseSeconds(name: string, value: unknown): number {
   // Number('') is 0: a flag given without a value (`--mtls_handshake_timeout $UNSET`) would be a 1 ms timeout.
   const n = String(value).trim() === '' ? NaN : Number(value);
   if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0`);
+  if (n > MAX_SECONDS) throw new ConfigError(`${flag(name)}: '${String(value)}' is more than ${MAX_SECONDS} seconds (23 days), the longest timeout supported`);
   return Math.round(n * 1000);
 }
 

@@ -113,6 +113,13 @@ describe('proxy command line', () => {
     }
   });
 
+  test('a duration too long for a Node timer exits 2 before listening, instead of becoming a 1 ms timeout', async () => {
+    const res = await startupOutcome(['--mtls_idle_timeout', '9999999', '--mtls_workers', '1']);
+    assert.equal(res.listened, false, 'the proxy started');
+    assert.equal(res.code, 2);
+    assert.match(res.stderr, /^ovms-mtls: --mtls_idle_timeout: '9999999' is more than 2000000 seconds \(23 days\), the longest timeout supported\n$/);
+  });
+
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');
