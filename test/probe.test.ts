@@ -3,9 +3,11 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { PassThrough } from 'node:stream';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { BIN } from './helpers/cli.js';
+import { BIN, runCli } from './helpers/cli.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { run } from '../src/cli/main.js';
@@ -94,6 +96,23 @@ describe('probe', () => {
     const { code, out } = await probe(['--port', String((await freeLoopbackPorts(1))[0]), ...clientFlags()]);
     assert.equal(code, 1);
     assert.match(out, /-> network layer: nothing listens on 127\.0\.0\.1:\d+/);
+  });
+
+  test('a client key of another certificate, or a damaged block in the client chain, is a one-line usage error with exit 2, not a stack trace', async () => {
+    const damagedChain = join(pki.dir, 'client_damaged_chain.pem');
+    await writeFile(damagedChain, `${pki.client.certPem}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n`);
+    const cases: [string[], string][] = [
+      [['--mtls_cert', pki.paths['client.pem']!, '--mtls_key', pki.paths['server.key']!],
+        `ovms-mtls: --mtls_key: ${pki.paths['server.key']} does not match --mtls_cert ${pki.paths['client.pem']} (give the key of that client certificate)\n`],
+      [['--mtls_cert', damagedChain, '--mtls_key', pki.paths['client.key']!],
+        `ovms-mtls: --mtls_cert: ${damagedChain} holds a PEM block after the certificate that is not a valid certificate (a chain file holds the client certificate, then its CAs)\n`],
+    ];
+    for (const [files, message] of cases) {
+      const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...files, '--mtls_ca', pki.paths['server_ca.pem']!]);
+      assert.equal(res.code, 2, res.stderr);
+      assert.equal(res.stderr, message);
+      assert.equal(res.stdout, '');
+    }
   });
 
   test('the built CLI exits 0 on success and a missing client key is a one-line usage error with exit 2', async () => {

@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { createSecureContext } from 'node:tls';
 import { ConfigError } from '../errors.js';
 import { parsePort } from '../config.js';
 import type { OptionSpec } from '../options.js';
@@ -53,6 +54,22 @@ function checkPem(flag: string, path: string, pem: Buffer): Buffer {
   }
 }
 
+/**
+ * The client files as the TLS connection will load them, checked before any connection:
+ * a key of another certificate, or a damaged block after the certificate (a chain file),
+ * would otherwise throw from tls.connect as an internal error with a stack trace.
+ */
+function checkClientPair(certPath: string, cert: Buffer, keyPath: string, key: Buffer): void {
+  if (!new X509Certificate(cert).checkPrivateKey(createPrivateKey(key))) {
+    throw new ConfigError(`--mtls_key: ${keyPath} does not match --mtls_cert ${certPath} (give the key of that client certificate)`);
+  }
+  try {
+    createSecureContext({ cert, key });
+  } catch {
+    throw new ConfigError(`--mtls_cert: ${certPath} holds a PEM block after the certificate that is not a valid certificate (a chain file holds the client certificate, then its CAs)`);
+  }
+}
+
 function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   const last = (v: unknown) => (Array.isArray(v) ? v.at(-1) : v);
   const host = last(parsed['host']);
@@ -62,13 +79,16 @@ function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   if (!grpcPort && !restPort) throw new ConfigError('nothing to probe: give --port (gRPC) and/or --rest_port (REST)');
   const timeout = parsed['timeout'] === undefined ? 10 : Number(last(parsed['timeout']));
   if (!Number.isFinite(timeout) || timeout <= 0) throw new ConfigError(`--timeout: '${String(parsed['timeout'])}' is not a number of seconds > 0`);
+  const cert = readPem('mtls_cert', last(parsed['mtls_cert']));
+  const key = readPem('mtls_key', last(parsed['mtls_key']));
+  checkClientPair(String(last(parsed['mtls_cert'])), cert, String(last(parsed['mtls_key'])), key);
   return {
     host,
     grpcPort: grpcPort || undefined,
     restPort: restPort || undefined,
     servername: last(parsed['servername']) as string | undefined,
-    cert: readPem('mtls_cert', last(parsed['mtls_cert'])),
-    key: readPem('mtls_key', last(parsed['mtls_key'])),
+    cert,
+    key,
     ca: readPem('mtls_ca', last(parsed['mtls_ca'])),
     model: last(parsed['model']) as string | undefined,
     timeoutMs: Math.round(timeout * 1000),
