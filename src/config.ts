@@ -145,7 +145,7 @@ export function parsePort(name: string, value: unknown): number {
  * and spin the idle sweep. The margin keeps a timeout plus a backstop (the
  * workers' drain) in range.
  */
-const MAX_SECONDS = 2_000_000;
+export const MAX_SECONDS = 2_000_000;
 
 function parseSeconds(name: string, value: unknown): number {
   // Number('') is 0: a flag given without a value (`--mtls_handshake_timeout $UNSET`) would be a 1 ms timeout.

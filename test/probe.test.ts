@@ -115,6 +115,12 @@ describe('probe', () => {
     }
   });
 
+  test('a --timeout too long for a Node timer is a one-line usage error with exit 2, not a step failing at once', async () => {
+    const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags(), '--timeout', '99999999999']);
+    assert.equal(res.code, 2, res.stdout);
+    assert.equal(res.stderr, "ovms-mtls: --timeout: '99999999999' is not a number of seconds > 0 and <= 2000000\n");
+  });
+
   test('the built CLI exits 0 on success and a missing client key is a one-line usage error with exit 2', async () => {
     const ok = spawn(process.execPath, [BIN, 'probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags()], { stdio: ['ignore', 'pipe', 'pipe'] });
     ok.stdout.resume();

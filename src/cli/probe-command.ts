@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { createSecureContext } from 'node:tls';
 import { ConfigError } from '../errors.js';
-import { parsePort } from '../config.js';
+import { MAX_SECONDS, parsePort } from '../config.js';
 import type { OptionSpec } from '../options.js';
 import { runProbe, type ProbeOptions, type StepResult } from '../probe.js';
 import { parseCommandLine } from './options-parser.js';
@@ -78,7 +78,10 @@ function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   const restPort = parsed['rest_port'] === undefined ? undefined : parsePort('rest_port', last(parsed['rest_port']));
   if (!grpcPort && !restPort) throw new ConfigError('nothing to probe: give --port (gRPC) and/or --rest_port (REST)');
   const timeout = parsed['timeout'] === undefined ? 10 : Number(last(parsed['timeout']));
-  if (!Number.isFinite(timeout) || timeout <= 0) throw new ConfigError(`--timeout: '${String(parsed['timeout'])}' is not a number of seconds > 0`);
+  // Past MAX_SECONDS Node fires timers after 1 ms: every step would fail as "no answer within" that long.
+  if (!Number.isFinite(timeout) || timeout <= 0 || timeout > MAX_SECONDS) {
+    throw new ConfigError(`--timeout: '${String(parsed['timeout'])}' is not a number of seconds > 0 and <= ${MAX_SECONDS}`);
+  }
   const cert = readPem('mtls_cert', last(parsed['mtls_cert']));
   const key = readPem('mtls_key', last(parsed['mtls_key']));
   checkClientPair(String(last(parsed['mtls_cert'])), cert, String(last(parsed['mtls_key'])), key);
@@ -91,7 +94,7 @@ function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
     key,
     ca: readPem('mtls_ca', last(parsed['mtls_ca'])),
     model: last(parsed['model']) as string | undefined,
-    timeoutMs: Math.round(timeout * 1000),
+    timeoutMs: Math.max(1, Math.round(timeout * 1000)),
   };
 }
 
