@@ -120,6 +120,14 @@ describe('proxy command line', () => {
     assert.match(res.stderr, /^ovms-mtls: --mtls_idle_timeout: '9999999' is more than 2000000 seconds \(23 days\), the longest timeout supported\n$/);
   });
 
+  test('the same port for gRPC and REST exits 2 saying so, not that another process uses the port', async () => {
+    const [port] = (await freeLoopbackPorts(1)) as [number];
+    const res = await runCli(['proxy', '--port', String(port), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', '127.0.0.1:9',
+      '--rest_port', String(port), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags()]);
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, `ovms-mtls: --port and --rest_port are both ${port}: gRPC and REST need a port each, as for OVMS\n`);
+  });
+
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');
