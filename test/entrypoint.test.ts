@@ -383,6 +383,13 @@ describe('non-serving invocations', () => {
     assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('usage: ovms')));
   });
 
+  test('a directory as --mtls_ovms_binary is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_ovms_binary', dir]);
+    assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
+    assert.equal(s.wrapper.stderr(), `ovms-mtls: --mtls_ovms_binary: ${dir} does not exist or is not an executable file (pass --mtls_ovms_binary PATH to the ovms executable)\n`);
+    assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+  });
+
   test('an unknown --mtls_ option is one line on stderr and exit 2', async () => {
     const s = await start(['--port', '{grpc}', '--mtls_nonsense', 'x']);
     assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });

@@ -3,7 +3,7 @@
  * public mTLS listeners (as root if started so), starts OVMS on loopback
  * ports behind them, drops privileges, and lives exactly as long as OVMS.
  */
-import { accessSync, constants as fsConstants } from 'node:fs';
+import { accessSync, statSync, constants as fsConstants } from 'node:fs';
 import type { Config, PublicListenerSpec } from '../config.js';
 import { ChildProcessError, ConfigError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
@@ -27,10 +27,11 @@ import { logSupervisorEvents, runUntilDone } from './entrypoint-lifecycle.js';
 import { waitForStopSignal } from './lifecycle.js';
 import type { Io } from './main.js';
 
+/** A directory passes the X_OK check (search permission) but cannot be run: the listeners would start, then OVMS fail with 126. */
 function isExecutable(path: string): boolean {
   try {
     accessSync(path, fsConstants.X_OK);
-    return true;
+    return statSync(path).isFile();
   } catch {
     return false;
   }
@@ -38,7 +39,7 @@ function isExecutable(path: string): boolean {
 
 function assertExecutable(binary: string): void {
   if (!isExecutable(binary)) {
-    throw new ChildProcessError(`--mtls_ovms_binary: ${binary} does not exist or is not executable (pass --mtls_ovms_binary PATH to the ovms executable)`);
+    throw new ChildProcessError(`--mtls_ovms_binary: ${binary} does not exist or is not an executable file (pass --mtls_ovms_binary PATH to the ovms executable)`);
   }
 }
 
