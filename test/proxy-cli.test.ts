@@ -74,6 +74,8 @@ describe('proxy command line', () => {
     ['a key that does not match the certificate', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!], /--mtls_key: .*client\.key does not match --mtls_cert .*server\.pem \(check you mounted the pair\)/],
     ['an upstream that is not host:port', () => ['--port', '1', '--mtls_grpc_upstream', 'localhost', ...tlsFlags()], /--mtls_grpc_upstream: 'localhost' is not host:port/],
     ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
+    ['a stray word after a boolean option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()],
+      /^ovms-mtls: unexpected argument 'maybe'; options take their value as --name VALUE or --name=VALUE \(see `ovms-mtls --help`\)\n$/],
     ['no public port at all', () => [...tlsFlags()], /no public port: give --port \(gRPC\) and\/or --rest_port \(REST\)/],
     ['a port that is not a number', () => ['--port=abc', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags()], /--port: 'abc' is not a whole number between 0 and 65535/],
     ['an unknown gRPC mode', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_grpc_mode', 'fast', ...tlsFlags()], /--mtls_grpc_mode: 'fast' is not one of terminate, relay/],

@@ -54,15 +54,26 @@ export async function parseCommandLine(argv: readonly string[], specs: readonly 
     .help(false)
     .exitProcess(false)
     .fail((message, err) => {
-      throw err ?? new ConfigError(unknownOptionMessage(message));
+      throw err ?? new ConfigError(unknownOptionMessage(message, argv));
     });
   addOptions(y, specs);
   return (await y.parseAsync()) as Record<string, unknown>;
 }
 
-function unknownOptionMessage(message: string): string {
+/**
+ * yargs lists stray words (`--mtls_access_log maybe`, `proxy extra`) with unknown options, by
+ * bare name; printed as `--maybe` they would send the user after an option never typed.
+ */
+function unknownOptionMessage(message: string, argv: readonly string[]): string {
   const unknown = /^Unknown arguments?: (.*)$/.exec(message);
   if (!unknown) return message;
-  const names = unknown[1]!.split(', ').map((n) => (n.length > 1 ? `--${n}` : n));
-  return `unknown option ${names.join(', ')} (see \`ovms-mtls --help\`)`;
+  const names = unknown[1]!.split(', ');
+  const stray = names.filter((n) => argv.includes(n));
+  const options = names.filter((n) => !stray.includes(n)).map((n) => (n.length > 1 ? `--${n}` : `-${n}`));
+  const parts = [
+    ...(options.length > 0 ? [`unknown option ${options.join(', ')}`] : []),
+    ...(stray.length > 0 ? [`unexpected argument ${stray.map((w) => `'${w}'`).join(', ')}`] : []),
+  ];
+  const hint = stray.length > 0 ? '; options take their value as --name VALUE or --name=VALUE' : '';
+  return `${parts.join('; ')}${hint} (see \`ovms-mtls --help\`)`;
 }
