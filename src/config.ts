@@ -311,6 +311,21 @@ export function parsePublicListeners(raw: RawOptions): { grpc?: PublicListenerSp
   return result;
 }
 
+const WILDCARD_ADDRESSES = new Set(['0.0.0.0', '::']);
+
+/**
+ * The admin port on an address a public port also binds: the second bind would fail as
+ * "the port is already in use (stop what uses it ...)", sending the user after another process.
+ */
+export function checkAdminPort(admin: Config['admin'], listeners: { grpc?: PublicListenerSpec; rest?: PublicListenerSpec }): void {
+  if (!admin) return;
+  for (const [name, spec] of [['port', listeners.grpc], ['rest_port', listeners.rest]] as const) {
+    if (spec?.port !== admin.port) continue;
+    const shared = [...admin.hosts, ...spec.hosts].some((host) => WILDCARD_ADDRESSES.has(host)) || admin.hosts.some((host) => spec.hosts.includes(host));
+    if (shared) throw new ConfigError(`--mtls_admin_port and --${name} are both ${admin.port} on the same address: the admin listener needs a port of its own`);
+  }
+}
+
 function lastOf(value: RawOptions[string]): RawOptions[string] {
   return Array.isArray(value) ? value.at(-1) : value;
 }
@@ -336,6 +351,7 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
 export function proxyConfigFromOptions(raw: RawOptions): Config {
   const listeners = parsePublicListeners(raw);
   const common = parseCommonConfig(raw);
+  checkAdminPort(common.admin, listeners);
   const upstream = (name: string, listenerFlag: string) => {
     const value = optionalString(raw, name);
     if (value === undefined) throw new ConfigError(`--${name} is required with --${listenerFlag} (host:port of the model server, e.g. 127.0.0.1:9000)`);

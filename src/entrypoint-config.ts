@@ -4,7 +4,7 @@
  */
 import { existsSync } from 'node:fs';
 import { ALL_OPTIONS, optionsFromEnv, type RawOptions } from './options.js';
-import { DEFAULTS, RESTART_MODES, optionalString, parseChoice, parseCommonConfig, parsePublicListeners, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
+import { DEFAULTS, RESTART_MODES, checkAdminPort, optionalString, parseChoice, parseCommonConfig, parsePublicListeners, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
 import type { SplitOvmsArgv } from './ovms-args.js';
 import type { RestartPolicy } from './ovms-supervisor.js';
 
@@ -45,9 +45,12 @@ function restartPolicy(raw: RawOptions): RestartPolicy {
 export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv, exists?: (path: string) => boolean): EntrypointSettings {
   const raw = entrypointOptions(split, env);
   const ovmsUser = optionalString(raw, 'mtls_ovms_user') ?? DEFAULTS.ovms.user;
+  const listeners = parsePublicListeners(raw);
+  const common = parseCommonConfig(raw, containerTlsDefaults(raw, exists));
+  checkAdminPort(common.admin, listeners);
   return {
-    listeners: parsePublicListeners(raw),
-    common: parseCommonConfig(raw, containerTlsDefaults(raw, exists)),
+    listeners,
+    common,
     binary: optionalString(raw, 'mtls_ovms_binary') ?? DEFAULTS.ovms.binary,
     restart: restartPolicy(raw),
     ovmsUser,

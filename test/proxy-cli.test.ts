@@ -130,6 +130,14 @@ describe('proxy command line', () => {
     assert.equal(res.stderr, `ovms-mtls: --port and --rest_port are both ${port}: gRPC and REST need a port each, as for OVMS\n`);
   });
 
+  test('the admin port on a public port\'s address exits 2 saying so, not that another process uses the port', async () => {
+    const [port] = (await freeLoopbackPorts(1)) as [number];
+    const res = await runCli(['proxy', '--rest_port', String(port), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9',
+      '--mtls_admin_port', String(port), ...tlsFlags()]);
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, `ovms-mtls: --mtls_admin_port and --rest_port are both ${port} on the same address: the admin listener needs a port of its own\n`);
+  });
+
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');
