@@ -138,6 +138,13 @@ describe('proxy command line', () => {
     assert.equal(res.stderr, `ovms-mtls: --mtls_admin_port and --rest_port are both ${port} on the same address: the admin listener needs a port of its own\n`);
   });
 
+  test('--mtls_user, which only the entrypoint acts on, exits 2 before listening instead of leaving the proxy as root', async () => {
+    const res = await startupOutcome(['--mtls_user', 'nobody', '--mtls_workers', '1']);
+    assert.equal(res.listened, false, 'the proxy started');
+    assert.equal(res.code, 2);
+    assert.match(res.stderr, /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only: `ovms-mtls proxy` keeps the user that starts it .*\n$/);
+  });
+
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');

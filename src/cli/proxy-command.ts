@@ -1,4 +1,5 @@
 import { ALL_OPTIONS, type OptionSpec } from '../options.js';
+import { ConfigError } from '../errors.js';
 import { proxyConfigFromOptions } from '../config.js';
 import { createLogger } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
@@ -18,9 +19,19 @@ export const PROXY_USAGE = `ovms-mtls proxy --port 9443 --mtls_grpc_upstream 127
 
 Terminates mutual TLS in front of a model server that runs elsewhere.`;
 
+/**
+ * Only the entrypoint drops privileges. Accepted here, --mtls_user left the proxy running as
+ * root while the user believed otherwise (a user that does not exist passed too).
+ */
+function refuseEntrypointUser(parsed: Record<string, unknown>): void {
+  if (parsed['mtls_user'] === undefined) return;
+  throw new ConfigError('--mtls_user applies to the OVMS entrypoint only: `ovms-mtls proxy` keeps the user that starts it (start it as that user, e.g. with setpriv or the container\'s USER)');
+}
+
 /** `ovms-mtls proxy ...`: runs until SIGTERM/SIGINT, then drains and returns 0. */
 export async function runProxyCommand(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
   const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
+  refuseEntrypointUser(parsed);
   const config = proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, env));
   const logger = createLogger({ level: config.logLevel });
   const material = loadTlsMaterialSync(config.tls);
