@@ -63,6 +63,23 @@ describe('proxy command line', () => {
     assert.match(res.stdout, /--mtls_cert[\s\S]*env: OVMS_MTLS_CERT/);
   });
 
+  // Each command's --help was refused as an unknown option (exit 2).
+  const commandHelps: [string[], RegExp][] = [
+    [['proxy', '--help'], /^ovms-mtls proxy --port[\s\S]*\n {2}--mtls_grpc_upstream +proxy mode: host:port/],
+    [['check', '-h'], /^ovms-mtls check [\s\S]*\n {2}--mtls_crl /],
+    [['probe', '--help'], /^ovms-mtls probe --host[\s\S]*\n {2}--servername +Name the server certificate must carry \(default: --host\)/],
+    [['demo', '--help'], /^ovms-mtls demo [\s\S]*\n {2}--port +Public gRPC port \(default: 9443\)/],
+    [['certs', 'init', '--help'], /ovms-mtls certs init [\s\S]*\n {2}--server_name +Server certificate CN/],
+  ];
+  for (const [argv, expected] of commandHelps) {
+    test(`${argv.join(' ')} prints that command's usage and options and exits 0`, async () => {
+      const res = await runCli(argv);
+      assert.equal(res.stderr, '');
+      assert.equal(res.code, 0);
+      assert.match(res.stdout, expected);
+    });
+  }
+
   test('--version prints the product version', async () => {
     const res = await runCli(['proxy', '--help']).then(() => runCli(['-v']));
     assert.equal(res.code, 0);

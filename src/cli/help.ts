@@ -17,6 +17,7 @@ Usage:
   ovms-mtls probe --host H [options]             check a running deployment like a client would
   ovms-mtls demo                                 throwaway certs + stand-in model server + proxy, with commands to try
   ovms-mtls --help | --version
+  ovms-mtls COMMAND --help                       one command's usage and options
 
 Options (every option also reads OVMS_MTLS_<NAME>, e.g. --mtls_cert -> OVMS_MTLS_CERT;
 the command line wins; --opt value and --opt=value both work; a repeated option keeps its last value):

@@ -6,6 +6,7 @@ import { runCertsCommand } from './certs-cli.js';
 import { runCheckCommand } from './check-command.js';
 import { runProbeCommand } from './probe-command.js';
 import { helpText } from './help.js';
+import { HelpRequested } from './options-parser.js';
 import { runDemoCommand } from './demo-command.js';
 import { runEntrypointCommand } from './entrypoint-command.js';
 import { runWorker } from '../worker-main.js';
@@ -38,7 +39,15 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
     return 0;
   }
   const command = COMMANDS[first];
-  if (command) return command(rest, io);
+  if (command) {
+    try {
+      return await command(rest, io);
+    } catch (err) {
+      if (!(err instanceof HelpRequested)) throw err;
+      io.stdout.write(err.text);
+      return 0;
+    }
+  }
   // No subcommand: an OVMS command line (OVMS takes no positional arguments). `--version` lands here too: OVMS's version follows ours.
   if (first.startsWith('-')) return runEntrypointCommand(argv, io);
   io.stderr.write(`ovms-mtls: unknown command '${first}' (see \`ovms-mtls --help\`)\n`);

@@ -43,8 +43,26 @@ export function collectOptions(parsed: Record<string, unknown>, specs: readonly 
   return out;
 }
 
-/** Parses `argv` for one command; user mistakes become one-line ConfigErrors. */
+/** `COMMAND --help`: thrown by parseCommandLine so every command gets it; main prints `text` and exits 0. */
+export class HelpRequested extends Error {
+  constructor(readonly text: string) {
+    super('help requested');
+  }
+}
+
+/** A command's usage followed by its options, with defaults and choices, as `--help` prints them. */
+export function commandHelp(usage: string, specs: readonly OptionSpec[]): string {
+  const lines = specs.map((spec) => {
+    const choices = spec.choices ? ` (${spec.choices.join('|')})` : '';
+    const def = spec.defaultDescription ? ` (default: ${spec.defaultDescription})` : '';
+    return `  --${spec.name.padEnd(30)} ${spec.describe}${choices}${def}\n`;
+  });
+  return `${usage.trimEnd()}\n\nOptions:\n${lines.join('')}`;
+}
+
+/** Parses `argv` for one command; user mistakes become one-line ConfigErrors, `--help` / `-h` a HelpRequested. */
 export async function parseCommandLine(argv: readonly string[], specs: readonly OptionSpec[], usage: string): Promise<Record<string, unknown>> {
+  if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(commandHelp(usage, specs));
   const y = yargsFactory([...argv])
     .parserConfiguration(PARSER_CONFIGURATION)
     .scriptName('ovms-mtls')
