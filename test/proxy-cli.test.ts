@@ -97,6 +97,9 @@ describe('proxy command line', () => {
     ['a port that is not a number', () => ['--port=abc', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags()], /--port: 'abc' is not a whole number between 0 and 65535/],
     ['an unknown gRPC mode', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_grpc_mode', 'fast', ...tlsFlags()], /--mtls_grpc_mode: 'fast' is not one of terminate, relay/],
     ['a listener without its upstream', () => ['--rest_port', '8443', ...tlsFlags()], /--mtls_rest_upstream is required with --rest_port/],
+    // Only the entrypoint drops privileges: `proxy` took --mtls_user and went on serving as root.
+    ['--mtls_user, which only the entrypoint honours', () => ['--mtls_user', 'nobody', ...tlsFlags()], /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only: start `ovms-mtls proxy` as the user it should run as/],
+    ['--mtls_user=NAME, in that spelling too', () => ['--mtls_user=nobody', ...tlsFlags()], /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only/],
   ];
   for (const [label, args, message] of cases) {
     test(`${label} exits 2 with one clear line and no stack trace`, async () => {
@@ -159,7 +162,7 @@ describe('proxy command line', () => {
     const res = await startupOutcome(['--mtls_user', 'nobody', '--mtls_workers', '1']);
     assert.equal(res.listened, false, 'the proxy started');
     assert.equal(res.code, 2);
-    assert.match(res.stderr, /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only: `ovms-mtls proxy` keeps the user that starts it .*\n$/);
+    assert.match(res.stderr, /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only: start `ovms-mtls proxy` as the user it should run as .*\n$/);
   });
 
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {

@@ -10,8 +10,19 @@ import { WorkerPool } from '../workers.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
 import { waitForStopSignal } from './lifecycle.js';
 
-const ENTRYPOINT_ONLY = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_restart']);
+// --mtls_user too: only the entrypoint drops privileges, and a proxy that took the option would stay root without a word.
+const ENTRYPOINT_ONLY = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_restart', 'mtls_user']);
 export const PROXY_OPTIONS: readonly OptionSpec[] = ALL_OPTIONS.filter((o) => !ENTRYPOINT_ONLY.has(o.name));
+
+/** An entrypoint option given to `proxy`: one line saying so, rather than yargs' "unknown option". */
+function refuseEntrypointOptions(argv: readonly string[]): void {
+  for (const arg of argv) {
+    const name = /^--(mtls_[a-z_]+)(=|$)/.exec(arg)?.[1];
+    if (name === undefined || !ENTRYPOINT_ONLY.has(name)) continue;
+    const hint = name === 'mtls_user' ? 'start `ovms-mtls proxy` as the user it should run as (systemd User=, docker --user)' : '`ovms-mtls proxy` starts no OVMS';
+    throw new ConfigError(`--${name} applies to the OVMS entrypoint only: ${hint}`);
+  }
+}
 
 export const PROXY_USAGE = `ovms-mtls proxy --port 9443 --mtls_grpc_upstream 127.0.0.1:9000 \\
     --rest_port 8443 --mtls_rest_upstream 127.0.0.1:8000 \\
@@ -19,19 +30,10 @@ export const PROXY_USAGE = `ovms-mtls proxy --port 9443 --mtls_grpc_upstream 127
 
 Terminates mutual TLS in front of a model server that runs elsewhere.`;
 
-/**
- * Only the entrypoint drops privileges. Accepted here, --mtls_user left the proxy running as
- * root while the user believed otherwise (a user that does not exist passed too).
- */
-function refuseEntrypointUser(parsed: Record<string, unknown>): void {
-  if (parsed['mtls_user'] === undefined) return;
-  throw new ConfigError('--mtls_user applies to the OVMS entrypoint only: `ovms-mtls proxy` keeps the user that starts it (start it as that user, e.g. with setpriv or the container\'s USER)');
-}
-
 /** `ovms-mtls proxy ...`: runs until SIGTERM/SIGINT, then drains and returns 0. */
 export async function runProxyCommand(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
+  refuseEntrypointOptions(argv);
   const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
-  refuseEntrypointUser(parsed);
   const config = proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, env));
   const logger = createLogger({ level: config.logLevel });
   const material = loadTlsMaterialSync(config.tls);
