@@ -193,6 +193,19 @@ describe('proxy command line', () => {
       assert.equal(await cli.exited, 0);
     }
   });
+  test('a bad value from an OVMS_MTLS_* variable is reported naming the variable; from the command line, naming only the option', async () => {
+    const proxy = (extra: string[]) => ['proxy', '--rest_port', '18443', '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags(), ...extra];
+    const fromEnv = await runCli(proxy([]), { env: { OVMS_MTLS_WORKERS: 'abc' } });
+    assert.equal(fromEnv.code, 2);
+    assert.match(fromEnv.stderr, /^ovms-mtls: --mtls_workers: 'abc' .* \(set by OVMS_MTLS_WORKERS in the environment\)\n$/);
+    const fromArgv = await runCli(proxy(['--mtls_workers=abc']), { env: { OVMS_MTLS_WORKERS: '1' } });
+    assert.equal(fromArgv.code, 2);
+    assert.match(fromArgv.stderr, /^ovms-mtls: --mtls_workers: 'abc' /);
+    assert.doesNotMatch(fromArgv.stderr, /OVMS_MTLS_WORKERS/);
+    const missingFile = await runCli(['proxy', '--rest_port', '18443', '--mtls_rest_upstream', '127.0.0.1:9'], { env: { OVMS_MTLS_CERT: '/nonexistent/server.pem', OVMS_MTLS_KEY: '/nonexistent/server.key', OVMS_MTLS_CLIENT_CA: '/nonexistent/ca.pem' } });
+    assert.equal(missingFile.code, 2);
+    assert.match(missingFile.stderr, /^ovms-mtls: --mtls_\w+: \/nonexistent\/.* \(set by OVMS_MTLS_\w+ in the environment\)\n$/);
+  });
 });
 
 describe('proxy gRPC relay mode from the command line', () => {

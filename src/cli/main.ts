@@ -10,6 +10,7 @@ import { HelpRequested } from './options-parser.js';
 import { runDemoCommand } from './demo-command.js';
 import { runEntrypointCommand } from './entrypoint-command.js';
 import { runWorker } from '../worker-main.js';
+import { ALL_OPTIONS, envVarName } from '../options.js';
 
 export interface Io {
   readonly stdout: NodeJS.WritableStream;
@@ -54,6 +55,21 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
   return 2;
 }
 
+const OPTION_NAMES = new Set(ALL_OPTIONS.map((spec) => spec.name));
+
+/**
+ * A user error as printed. One about an option the command line did not give
+ * is about a value from the environment: the line names the variable, which is
+ * what the user has to change (a Kubernetes manifest, an EnvironmentFile).
+ */
+export function userErrorLine(message: string, argv: readonly string[], env: NodeJS.ProcessEnv): string {
+  const name = /^--([a-z_]+)\b/.exec(message)?.[1];
+  if (name === undefined || !OPTION_NAMES.has(name)) return message;
+  const onCommandLine = argv.some((arg) => arg === `--${name}` || arg.startsWith(`--${name}=`));
+  const variable = envVarName(name);
+  return onCommandLine || !env[variable] ? message : `${message} (set by ${variable} in the environment)`;
+}
+
 /**
  * The process entry: the only place that exits. User errors print one line, no stack.
  * A proxy worker (--mtls_workers) gets its orders from the primary, not from argv.
@@ -64,7 +80,7 @@ export function main(argv: readonly string[]): void {
     (code) => process.exit(code),
     (err: unknown) => {
       if (isUserError(err)) {
-        process.stderr.write(`ovms-mtls: ${err.message}\n`);
+        process.stderr.write(`ovms-mtls: ${userErrorLine(err.message, argv, io.env)}\n`);
         process.exit(2);
       }
       process.stderr.write(`ovms-mtls: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
