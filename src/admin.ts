@@ -5,6 +5,7 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { bindsIpv6Only } from './config.js';
 import { ListenError } from './errors.js';
 import type { HealthReport } from './health.js';
 import type { Logger } from './log.js';
@@ -68,14 +69,14 @@ function handler(options: AdminOptions): (req: IncomingMessage, res: ServerRespo
   };
 }
 
-function listen(server: Server, host: string, port: number): Promise<void> {
+function listen(server: Server, host: string, port: number, ipv6Only: boolean): Promise<void> {
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException) => {
       const why = err.code === 'EADDRINUSE' ? 'is in use (pick another --mtls_admin_port)' : err.code === 'EACCES' ? 'needs privileges (use a port above 1023)' : `cannot be bound (${err.code ?? err.message})`;
       reject(new ListenError(`--mtls_admin_port: ${host}:${port} ${why}`, { cause: err }));
     };
     server.once('error', onError);
-    server.listen(port, host, () => {
+    server.listen({ port, host, ipv6Only }, () => {
       server.off('error', onError);
       resolve();
     });
@@ -94,7 +95,7 @@ export async function startAdminServer(options: AdminOptions): Promise<AdminServ
     for (const host of options.hosts) {
       const server = createServer(handler(options));
       servers.push(server);
-      await listen(server, host, port);
+      await listen(server, host, port, bindsIpv6Only(host, options.hosts));
       port = (server.address() as AddressInfo).port;
     }
   } catch (err) {

@@ -172,12 +172,37 @@ function isHostName(host: string): boolean {
 
 export function parseBindAddresses(name: string, value: unknown, fallback: string): string[] {
   const text = value === undefined || value === '' ? fallback : String(value);
-  const hosts = text.split(',').map((h) => h.trim()).filter(Boolean);
+  // A repeated address would be a second bind of the same port, refused as "in use".
+  const hosts = [...new Set(text.split(',').map((h) => h.trim()).filter(Boolean))];
   for (const host of hosts) {
     if (!isHostName(host)) throw new ConfigError(`${flag(name)}: '${host}' is not an IP address or host name`);
   }
   if (hosts.length === 0) throw new ConfigError(`${flag(name)}: no address given`);
+  refuseCoveredAddresses(name, hosts);
   return hosts;
+}
+
+/**
+ * 0.0.0.0 takes the port on every IPv4 address (and :: on every IPv6 one), so
+ * a second bind of an address it covers fails, blamed on "another process".
+ * `::` next to IPv4 addresses is fine: it is bound IPv6-only then (bindsIpv6Only).
+ */
+function refuseCoveredAddresses(name: string, hosts: readonly string[]): void {
+  for (const [wildcard, family] of [['0.0.0.0', 4], ['::', 6]] as const) {
+    const covered = hosts.find((host) => host !== wildcard && isIP(host) === family);
+    if (hosts.includes(wildcard) && covered !== undefined) {
+      throw new ConfigError(`${flag(name)}: ${wildcard} already covers ${covered} (list one or the other)`);
+    }
+  }
+}
+
+/**
+ * `::` listed with an IPv4 address is bound IPv6-only, as nginx binds [::]:
+ * dual-stack, it would also take the port on the IPv4 addresses and their
+ * own bind would fail. Alone, `::` stays dual-stack.
+ */
+export function bindsIpv6Only(host: string, hosts: readonly string[]): boolean {
+  return host === '::' && hosts.some((other) => isIP(other) === 4);
 }
 
 /** The option's value as a string (last one wins), or undefined when absent or empty. */

@@ -1,8 +1,8 @@
 import type { X509Certificate } from 'node:crypto';
 import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
 import type { PresentedCertificate } from './crl-index.js';
-import type { AddressInfo } from 'node:net';
-import type { AllowList, Limits } from './config.js';
+import type { AddressInfo, ListenOptions } from 'node:net';
+import { bindsIpv6Only, type AllowList, type Limits } from './config.js';
 import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
@@ -72,10 +72,11 @@ export class SecureListener {
 
   async listen(): Promise<void> {
     let port = this.#options.port;
-    for (const host of this.#options.hosts) {
+    const { hosts } = this.#options;
+    for (const host of hosts) {
       const server = this.#createServer();
       this.#servers.push(server);
-      await listenOn(server, host, port, this.name);
+      await listenOn(server, { host, port, exclusive: false, ipv6Only: bindsIpv6Only(host, hosts) }, this.name);
       // With port 0 and several hosts, every host shares the port chosen first.
       port = (server.address() as AddressInfo).port;
     }
@@ -196,11 +197,11 @@ function handshakeErrorCode(err: NodeJS.ErrnoException): string {
   return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase();
 }
 
-function listenOn(server: TlsServer, host: string, port: number, name: ListenerName): Promise<void> {
+function listenOn(server: TlsServer, options: ListenOptions & { host: string; port: number }, name: ListenerName): Promise<void> {
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException) => {
       server.off('listening', onListening);
-      reject(describeListenError(err, host, port, name));
+      reject(describeListenError(err, options.host, options.port, name));
     };
     const onListening = () => {
       server.off('error', onError);
@@ -208,7 +209,7 @@ function listenOn(server: TlsServer, host: string, port: number, name: ListenerN
     };
     server.once('error', onError);
     server.once('listening', onListening);
-    server.listen({ host, port, exclusive: false });
+    server.listen(options);
   });
 }
 

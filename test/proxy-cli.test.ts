@@ -5,7 +5,8 @@ import { createServer, connect as tcpConnect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
-import { grpcClients, h2Session, startUpstream } from './helpers/harness.js';
+import { grpcClients, h2Session, startUpstream, tlsClientOptions } from './helpers/harness.js';
+import { connect as tlsConnect } from 'node:tls';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
@@ -37,7 +38,10 @@ async function startProxyCli(extra: string[] = [], env: NodeJS.ProcessEnv = {}):
     'proxy', `--port=${grpcPort}`, '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
     '--rest_port', String(restPort), '--rest_bind_address=127.0.0.1', `--mtls_rest_upstream=127.0.0.1:${upstream.restPort}`, ...extra,
   ], { env });
-  await cli.logs.waitFor((l) => l.event === 'listening' && l['listener'] === 'rest');
+  // A proxy that refuses its options exits: the test fails with what it said instead of waiting.
+  const exited = cli.exited.then((code) => Promise.reject(new Error(`the proxy exited with ${code}: ${cli.stderr()}`)));
+  await Promise.race([cli.logs.waitFor((l) => l.event === 'listening' && l['listener'] === 'rest'), exited]);
+  exited.catch(() => {});
   return { cli, grpcPort, restPort };
 }
 
@@ -193,6 +197,33 @@ describe('proxy command line', () => {
       assert.equal(await cli.exited, 0);
     }
   });
+  /** The status line of GET /v2/health/live sent to `host`. */
+  async function liveOver(host: string, port: number): Promise<string> {
+    const socket = tlsConnect({ host, port, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki) });
+    await once(socket, 'secureConnect');
+    socket.write('GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n');
+    let text = '';
+    for await (const chunk of socket) text += String(chunk);
+    return text.slice(0, text.indexOf('\r\n'));
+  }
+
+  test('--rest_bind_address 127.0.0.1,:: serves on both (:: bound IPv6-only, as nginx binds [::]), with 2 workers; a repeated address is bound once', async () => {
+    const { cli, restPort } = await startProxyCli(['--rest_bind_address', '127.0.0.1,::,127.0.0.1', '--mtls_workers', '2', ...tlsFlags()]);
+    try {
+      assert.equal(await liveOver('127.0.0.1', restPort), 'HTTP/1.1 200 OK');
+      assert.equal(await liveOver('::1', restPort), 'HTTP/1.1 200 OK');
+    } finally {
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
+    }
+  });
+
+  test('0.0.0.0 with an IPv4 address it covers is refused with the configuration, not blamed on another process', async () => {
+    const res = await runCli(['proxy', '--rest_port', '18443', '--rest_bind_address', '0.0.0.0,127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags()]);
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, 'ovms-mtls: --rest_bind_address: 0.0.0.0 already covers 127.0.0.1 (list one or the other)\n');
+  });
+
   test('a bad value from an OVMS_MTLS_* variable is reported naming the variable; from the command line, naming only the option', async () => {
     const proxy = (extra: string[]) => ['proxy', '--rest_port', '18443', '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags(), ...extra];
     const fromEnv = await runCli(proxy([]), { env: { OVMS_MTLS_WORKERS: 'abc' } });
