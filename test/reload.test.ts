@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { grpcClients, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { runCli, startCli } from './helpers/cli.js';
@@ -19,7 +19,7 @@ import { TlsReloader, type ReloadOutcome } from '../src/tls-reload.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { createLogger } from '../src/log.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
-import { echoClient } from '../src/demo/grpc-client.js';
+import { echoClient, type EchoReply } from '../src/demo/grpc-client.js';
 import { createCrl, issueClientCert, issueServerCert, normaliseSerial, type Issued } from '../src/x509.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
@@ -279,6 +279,39 @@ describe('revocation reaches live connections', SAFETY, () => {
 });
 
 describe('the proxy command reloads on SIGHUP and on file changes', SAFETY, () => {
+  test('a SIGHUP during the drain reloads instead of killing the proxy: the stream in flight finishes and the exit code is 0', async () => {
+    const [port] = (await freeLoopbackPorts(1)) as [number];
+    const cli = startCli([
+      'proxy', '--port', String(port), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!,
+    ]);
+    const clients = grpcClients(`localhost:${port}`, pki);
+    // Dying of the SIGHUP would leave the awaited lines unwritten: fail at once instead.
+    const died = cli.exited.then((code) => assert.fail(`proxy exited (${code ?? cli.child.signalCode}) before the stream finished`));
+    const meanwhile = <T>(p: Promise<T>) => Promise.race([p, died]);
+    try {
+      await meanwhile(cli.logs.waitFor((l) => l.event === 'listening'));
+      const bidi = clients.echo.Bidi();
+      const replies = bidi[Symbol.asyncIterator]();
+      bidi.write({ payload: Buffer.from('before') });
+      assert.equal(((await meanwhile(replies.next())).value as EchoReply).payload.toString(), 'before');
+      cli.child.kill('SIGTERM');
+      await meanwhile(cli.logs.waitFor((l) => l.event === 'signal'));
+      cli.child.kill('SIGHUP');
+      await meanwhile(cli.logs.waitFor((l) => l.event === 'reloaded' && l.trigger === 'signal'));
+      bidi.write({ payload: Buffer.from('after the SIGHUP') });
+      assert.equal(((await meanwhile(replies.next())).value as EchoReply).payload.toString(), 'after the SIGHUP');
+      const status = once(bidi, 'status') as Promise<[grpc.StatusObject]>;
+      bidi.end();
+      assert.equal((await meanwhile(status))[0].code, grpc.status.OK);
+      assert.equal(await cli.exited, 0, cli.stderr());
+    } finally {
+      died.catch(() => undefined);
+      clients.close();
+      if (cli.child.exitCode === null && cli.child.signalCode === null) cli.child.kill('SIGKILL');
+    }
+  });
+
   test('SIGHUP reloads with calls in flight; `certs revoke` then closes the revoked client and the other continues; SIGTERM exits 0', async () => {
     const dir = join(pki.dir, 'cli-set');
     assert.equal((await runCli(['certs', 'init', '--dir', dir])).code, 0);

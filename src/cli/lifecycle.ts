@@ -13,9 +13,11 @@ export interface StopSignal {
 
 /**
  * Install first, before anything starts: a SIGTERM while starting then drains
- * instead of killing the process. The handlers are removed when a stop signal
- * arrives, so a second SIGINT during a long drain falls back to Node's
- * default (immediate exit).
+ * instead of killing the process. The stop handlers are removed when a stop
+ * signal arrives, so a second SIGINT during a long drain falls back to Node's
+ * default (immediate exit). SIGHUP keeps its handler until `dispose`: Node's
+ * default for it is to die, and a certificate rotation that lands during a
+ * drain must neither cut the calls finishing nor change the exit code.
  */
 export function waitForStopSignal(logger: Logger): StopSignal {
   let resolveSignal!: (s: NodeJS.Signals) => void;
@@ -24,7 +26,8 @@ export function waitForStopSignal(logger: Logger): StopSignal {
   let reloadPending = false;
   const onStop = (s: NodeJS.Signals) => {
     logger.info({ event: 'signal', signal: s }, `${s} received: draining`);
-    dispose();
+    process.off('SIGTERM', onStop);
+    process.off('SIGINT', onStop);
     resolveSignal(s);
   };
   const onHup = () => {
