@@ -6,7 +6,9 @@
  * averaged). prom-client omits the start time when merging; the primary's is
  * kept, since that is when the service started. Gauges only the primary sets
  * (certificate expiry, ovms_up) have no samples in the workers, so they
- * appear once.
+ * appear once. Counters and histograms of a worker that exited stay in the
+ * sum as last scraped (`monotonicPart`, `sumMonotonic`): Prometheus reads a
+ * total that falls as a counter reset and turns it into a spike in rate().
  */
 import { AggregatorRegistry, type MetricObjectWithValues, type MetricValue, type Registry } from 'prom-client';
 
@@ -31,4 +33,31 @@ export function aggregatedMetrics(own: Registry, others: () => Promise<MetricsJs
 /** Merging takes the aggregator of the first registry's copy, and the primary's comes first. */
 function keepOmitted(metric: MetricsJson[number]): MetricsJson[number] {
   return metric.aggregator === 'omit' ? { ...metric, aggregator: 'first' } : metric;
+}
+
+const MONOTONIC_TYPES = new Set(['counter', 'histogram']);
+
+/** The samples that must never fall: counters and histograms (gauges describe only the living). */
+export function monotonicPart(metrics: MetricsJson): MetricsJson {
+  return metrics.filter((metric) => MONOTONIC_TYPES.has(String(metric.type)));
+}
+
+/** Two snapshots of counters and histograms added sample by sample (same metric, same labels). */
+export function sumMonotonic(a: MetricsJson, b: MetricsJson): MetricsJson {
+  const sums = new Map<string, { metric: MetricsJson[number]; samples: Map<string, MetricValue<string>> }>();
+  for (const metric of monotonicPart([...a, ...b])) {
+    let entry = sums.get(metric.name);
+    if (!entry) sums.set(metric.name, (entry = { metric, samples: new Map() }));
+    for (const sample of metric.values) {
+      const key = sampleKey(sample);
+      const known = entry.samples.get(key);
+      entry.samples.set(key, known ? { ...known, value: known.value + sample.value } : sample);
+    }
+  }
+  return [...sums.values()].map(({ metric, samples }) => ({ ...metric, values: [...samples.values()] }));
+}
+
+function sampleKey(sample: MetricValue<string>): string {
+  const labels = Object.entries(sample.labels).sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0));
+  return JSON.stringify([(sample as { metricName?: string }).metricName ?? '', labels]);
 }

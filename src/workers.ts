@@ -16,7 +16,7 @@ import type { ListenerName } from './observer.js';
 import type { RunningProxy } from './proxy.js';
 import type { UserAccount } from './privileges.js';
 import type { CheckResult } from './health.js';
-import type { MetricsJson } from './metrics-aggregate.js';
+import { monotonicPart, sumMonotonic, type MetricsJson } from './metrics-aggregate.js';
 import { ListenError, TlsMaterialError } from './errors.js';
 import { isMessage, type FromWorker, type ToWorker, type UpstreamPorts } from './worker-protocol.js';
 
@@ -45,6 +45,8 @@ interface Member {
   /** Said hello: its messages are heard from now on (see FromWorker). */
   greeted: boolean;
   up: boolean;
+  /** Its counters and histograms as last scraped: what it leaves in the sums when it exits or falls silent. */
+  counted?: MetricsJson | undefined;
 }
 
 export class WorkerPool implements RunningProxy {
@@ -58,6 +60,8 @@ export class WorkerPool implements RunningProxy {
   #failuresInARow = 0;
   #replaceTimer: NodeJS.Timeout | undefined;
   #allExited: (() => void) | undefined;
+  /** Counters and histograms of the workers that exited, summed: /metrics totals must never fall. */
+  #retired: MetricsJson = [];
 
   constructor(options: WorkerPoolOptions) {
     this.#options = options;
@@ -104,11 +108,19 @@ export class WorkerPool implements RunningProxy {
     return { ok: up > 0 && !this.#stopping, detail: this.#stopping ? `draining; ${detail}` : detail };
   }
 
-  /** Every listening worker's metrics; a worker that does not answer in time is left out of this scrape. */
+  /**
+   * Every listening worker's metrics, and the counts of those that exited. A worker that does not
+   * answer in time adds its counts as last scraped; one that exited meanwhile is in the retired sum.
+   */
   async collectMetrics(): Promise<MetricsJson[]> {
     const timeoutMs = this.#options.metricsTimeoutMs ?? 2000;
-    const asks = [...this.#members.values()].filter((m) => m.up).map((m) => this.#askMetrics(m.worker, timeoutMs));
-    return (await Promise.all(asks)).filter((m): m is MetricsJson => m !== undefined);
+    const asks = [...this.#members.values()].filter((m) => m.up).map(async (m) => {
+      const metrics = await this.#askMetrics(m.worker, timeoutMs);
+      if (metrics) m.counted = monotonicPart(metrics);
+      return this.#members.has(m.worker.id) ? metrics ?? m.counted : undefined;
+    });
+    const live = (await Promise.all(asks)).filter((m): m is MetricsJson => m !== undefined);
+    return [...live, this.#retired];
   }
 
   /** Every worker drains (stops accepting, in-flight calls finish for up to `timeoutMs`) and exits. */
@@ -156,6 +168,7 @@ export class WorkerPool implements RunningProxy {
 
   #onExit(member: Member, code: number | null, signal: string | null): void {
     this.#members.delete(member.worker.id);
+    if (member.counted) this.#retired = sumMonotonic(this.#retired, member.counted);
     if (this.#members.size === 0) this.#allExited?.();
     if (!this.#started || this.#stopping) return;
     const pid = member.worker.process.pid;

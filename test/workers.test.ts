@@ -149,6 +149,29 @@ describe('proxy mode with two workers', SAFETY, () => {
     }
   });
 
+  test('a worker that exits takes none of its counts away: /metrics totals stay where they were once it is replaced', async () => {
+    const r = await startWorkersCli();
+    try {
+      const calls = 6;
+      for (let i = 0; i < calls; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      const lines = await linesMatching(r.cli.logs, calls, (l) => l.event === 'access');
+      const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      assert.ok(lines.some((l) => l['pid'] === victim), 'the worker to be killed served calls');
+      const before = (await httpGet(r.adminPort, '/metrics')).body;
+      assert.equal(sumOf(before, 'ovms_mtls_requests_total'), calls);
+      process.kill(victim!, 'SIGKILL');
+      await r.cli.logs.waitFor((l) => l.event === 'worker_exited');
+      await r.cli.logs.waitFor((l) => l.event === 'listening' && Number(l['worker']) > 2);
+      const after = (await httpGet(r.adminPort, '/metrics')).body;
+      for (const counter of ['ovms_mtls_requests_total', 'ovms_mtls_connections_total', 'ovms_mtls_handshakes_total', 'ovms_mtls_request_duration_seconds_count']) {
+        assert.equal(sumOf(after, counter), sumOf(before, counter), counter);
+      }
+      assert.equal(sumOf(after, 'ovms_mtls_open_connections'), 0, 'gauges count only the living');
+    } finally {
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
   test("a terminal's Ctrl-C (SIGINT to the whole process group) drains every worker and exits 0", async () => {
     const [restPort] = (await freeLoopbackPorts(1)) as [number];
     const child = spawn(process.execPath, [BIN, 'proxy', '--mtls_workers', '2', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, ...certFlags()], {
