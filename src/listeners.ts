@@ -1,6 +1,5 @@
 import type { X509Certificate } from 'node:crypto';
 import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
-import type { PresentedCertificate } from './crl-index.js';
 import type { AddressInfo, ListenOptions } from 'node:net';
 import { bindsIpv6Only, type AllowList, type Limits } from './config.js';
 import { ListenError } from './errors.js';
@@ -186,8 +185,8 @@ function x509Chain(leaf: X509Certificate): X509Certificate[] {
   return chain;
 }
 
-/** What a connection's client presented, leaf first: the reload's revocation check. */
-export function presentedChain(context: ConnectionContext): PresentedCertificate[] {
+/** What a connection's client presented, leaf first: the reload's trust and revocation check. */
+export function presentedChain(context: ConnectionContext): X509Certificate[] {
   return x509Chain(context.certificate);
 }
 

@@ -3,9 +3,11 @@
  * whenever a file in one of their directories changes, the way ghostunnel and
  * Envoy do. All-or-nothing: the whole set is loaded and validated first; a
  * broken or half-written set leaves the old one serving and is retried on the
- * next change. After a CRL update, live connections of now-revoked clients are
- * closed - Node (and every mainstream proxy) otherwise lets them run on.
+ * next change. After a CRL or client CA update, live connections of clients
+ * now revoked or no longer trusted are closed - Node (and every mainstream
+ * proxy) otherwise lets them run on.
  */
+import type { X509Certificate } from 'node:crypto';
 import { watch, realpathSync, type FSWatcher } from 'node:fs';
 import { dirname } from 'node:path';
 import { DEFAULTS, type TlsFiles } from './config.js';
@@ -112,18 +114,25 @@ export class TlsReloader {
     return outcome;
   }
 
-  /** Setting a new CRL only affects new handshakes: find and end the live connections it revokes. */
+  /** A new CRL or client CA bundle only affects new handshakes: find and end the live connections it refuses. */
   #closeRevoked(material: TlsMaterial): number {
     const index = new RevocationIndex(material.crls);
-    if (index.size === 0) return 0;
+    // Many connections share one certificate: judge each presented chain once.
+    const verdicts = new Map<string, LiveRefusal | undefined>();
     let closed = 0;
     for (const listener of this.#options.proxy.listeners()) {
       for (const [socket, context] of [...listener.connections]) {
-        if (!index.revokesAny(presentedChain(context))) continue;
+        const chain = presentedChain(context);
+        const key = chain.map((cert) => cert.fingerprint256).join('/');
+        if (!verdicts.has(key)) verdicts.set(key, liveRefusal(chain, material.clientCas, index));
+        const reason = verdicts.get(key);
+        if (!reason) continue;
         const { identity } = context;
         this.#options.logger.warn(
-          { event: 'connection_revoked', listener: listener.name, remote: socket.remoteAddress, subject: identity.subject, serial: identity.serial },
-          'closing a live connection: its client certificate is revoked by the new CRL',
+          { event: 'connection_revoked', reason, listener: listener.name, remote: socket.remoteAddress, subject: identity.subject, serial: identity.serial },
+          reason === 'revoked'
+            ? 'closing a live connection: its client certificate is revoked by the new CRL'
+            : 'closing a live connection: its client certificate is not issued by a CA of the new --mtls_client_ca',
         );
         listener.closeConnection(socket, this.#options.revokedGraceMs);
         closed += 1;
@@ -180,3 +189,45 @@ function sameMaterial(a: TlsMaterial, b: TlsMaterial): boolean {
   return same(a.key, b.key) && same(a.cert, b.cert) && same(a.ca, b.ca) && same(a.crl, b.crl);
 }
 
+
+type LiveRefusal = 'revoked' | 'unknown_ca';
+
+/** Longer than any chain --mtls_verify_depth admits; only guards the walk. */
+const MAX_PATH = 32;
+
+/** Why a connection verified at its handshake would be refused by a handshake under the new material. */
+function liveRefusal(presented: readonly X509Certificate[], cas: readonly X509Certificate[], index: RevocationIndex): LiveRefusal | undefined {
+  const path = pathToTrust(presented, cas);
+  if (!path) return 'unknown_ca';
+  return index.revokesAny(path) ? 'revoked' : undefined;
+}
+
+/**
+ * The chain a handshake would build now, leaf first: each issuer taken from the
+ * new client CA bundle when it holds one (so a bundled intermediate the client did
+ * not send is checked against the CRLs too), else from what the client sent.
+ * Undefined when it reaches no certificate of the bundle.
+ */
+function pathToTrust(presented: readonly X509Certificate[], cas: readonly X509Certificate[]): X509Certificate[] | undefined {
+  const leaf = presented[0];
+  if (!leaf) return undefined;
+  const path = [leaf];
+  let trusted = cas.some((ca) => ca.fingerprint256 === leaf.fingerprint256);
+  for (let cert = leaf; path.length < MAX_PATH && !cert.checkIssued(cert); ) {
+    const fromBundle = cas.find((ca) => issuedBy(cert, ca));
+    const issuer = fromBundle ?? presented.find((candidate) => candidate !== cert && issuedBy(cert, candidate));
+    if (!issuer || path.some((known) => known.fingerprint256 === issuer.fingerprint256)) break;
+    trusted ||= fromBundle !== undefined;
+    path.push(issuer);
+    cert = issuer;
+  }
+  return trusted ? path : undefined;
+}
+
+function issuedBy(cert: X509Certificate, issuer: X509Certificate): boolean {
+  try {
+    return cert.checkIssued(issuer) && cert.verify(issuer.publicKey);
+  } catch {
+    return false;
+  }
+}
