@@ -185,6 +185,24 @@ export async function loadTlsMaterial(files: TlsFiles, now = new Date()): Promis
   return validate(files, await readAll(files), now);
 }
 
+/** The file contents a validated set was made of, as text (latin1 keeps every byte): what the primary sends its workers. */
+export interface TlsTexts {
+  readonly key: string;
+  readonly cert: string;
+  readonly ca: string;
+  readonly crl?: string | undefined;
+}
+
+export function tlsTexts(material: TlsMaterial): TlsTexts {
+  return { key: material.key.toString('latin1'), cert: material.cert.toString('latin1'), ca: material.ca.toString('latin1'), crl: material.crl?.toString('latin1') };
+}
+
+/** The same checks on contents read elsewhere (a worker gets them from the primary). */
+export function tlsMaterialFromTexts(files: TlsFiles, texts: TlsTexts, now = new Date()): TlsMaterial {
+  const bytes = (text: string | undefined) => (text === undefined ? undefined : Buffer.from(text, 'latin1'));
+  return validate(files, { mtls_cert: bytes(texts.cert), mtls_key: bytes(texts.key), mtls_client_ca: bytes(texts.ca), mtls_crl: bytes(texts.crl) }, now);
+}
+
 /**
  * One array entry per PEM block: Node loads only the first CRL of a buffer,
  * and only the first CA when blocks are not newline-separated.

@@ -32,6 +32,8 @@ export interface TlsReloaderOptions {
   /** How long a revoked client's connection may finish its in-flight calls before it is cut. */
   readonly revokedGraceMs: number;
   readonly debounceMs?: number;
+  /** Where a new set comes from; default: the files. A worker's comes from the primary, which read and validated the files. */
+  readonly load?: () => Promise<TlsMaterial>;
   /** Every reload attempt, for metrics (reloads, failures) and for whoever shows the current certificate. */
   readonly onReload?: (outcome: ReloadOutcome) => void;
 }
@@ -84,7 +86,7 @@ export class TlsReloader {
     const { logger, files } = this.#options;
     let material: TlsMaterial;
     try {
-      material = await loadTlsMaterial(files);
+      material = await (this.#options.load ?? (() => loadTlsMaterial(files)))();
       // A directory event for an unrelated file is no reason to rebuild contexts; an explicit request is.
       if (trigger === 'file' && sameMaterial(material, this.#current)) {
         logger.debug({ event: 'reload_unchanged', trigger }, 'certificate directory changed; TLS material unchanged');

@@ -2,14 +2,15 @@
  * One proxy worker (`--mtls_workers` > 1): runs startProxy with the
  * primary's Config on the listeners cluster shares, with its own upstream
  * sessions and metrics, and does what the primary asks over IPC (reload,
- * metrics, drain). It never watches files or talks to OVMS itself.
+ * metrics, drain). It never reads or watches the certificate files (the
+ * primary sends the set it validated) and never talks to OVMS.
  */
 import cluster from 'node:cluster';
 import { createLogger, type Logger } from './log.js';
 import { isUserError } from './errors.js';
 import { ProxyMetrics } from './metrics.js';
 import { startProxy, type RunningProxy } from './proxy.js';
-import { loadTlsMaterialSync } from './tls-material.js';
+import { tlsMaterialFromTexts, type TlsTexts } from './tls-material.js';
 import { TlsReloader } from './tls-reload.js';
 import { dropPrivileges, isRoot } from './privileges.js';
 import type { Config } from './config.js';
@@ -42,6 +43,8 @@ class LiveUpstreams {
 /** What the primary told this worker so far; the message handler fills it in. */
 class Inbox {
   notReady: string | undefined;
+  /** The certificate set the primary sent last. */
+  tls: TlsTexts | undefined;
   upstreams: LiveUpstreams | undefined;
   reloader: TlsReloader | undefined;
   readonly started: Promise<StartMessage>;
@@ -58,13 +61,15 @@ class Inbox {
     switch (message.type) {
       case 'start':
         this.notReady = message.notReady;
+        this.tls = message.tls;
         return this.#start(message);
       case 'upstream':
         this.notReady = message.notReady;
         this.upstreams?.move(message.ports);
         return;
       case 'reload':
-        // Before the proxy is up there is nothing to reload: it loads the current files at start.
+        this.tls = message.tls;
+        // Before the reloader exists, serve() loads this set once it does.
         void this.reloader?.reload('api');
         return;
       case 'metrics':
@@ -99,13 +104,17 @@ async function serve(start: StartMessage, inbox: Inbox, logger: Logger): Promise
   const { config } = inbox.upstreams;
   const notReady = () => inbox.notReady;
   try {
-    const material = loadTlsMaterialSync(config.tls);
+    // The primary's validated set, not the files: they may be broken now (a failed reload), and the old set must keep serving.
+    const material = tlsMaterialFromTexts(config.tls, start.tls);
     const proxy = await startProxy({ config, material, logger, ...(config.admin ? { observer: inbox.metrics } : {}), ...(start.gated ? { notReady: { grpc: notReady, rest: notReady } } : {}) });
     if (start.dropTo && isRoot()) {
       dropPrivileges(start.dropTo);
       logger.info({ event: 'privileges_dropped', user: start.dropTo.name, uid: start.dropTo.uid, gid: start.dropTo.gid }, `worker now runs as ${start.dropTo.name}`);
     }
-    inbox.reloader = new TlsReloader({ files: config.tls, current: material, proxy, logger, revokedGraceMs: config.shutdownTimeoutMs });
+    const load = async () => tlsMaterialFromTexts(config.tls, inbox.tls ?? start.tls);
+    inbox.reloader = new TlsReloader({ files: config.tls, current: material, proxy, logger, revokedGraceMs: config.shutdownTimeoutMs, load });
+    // A reload that came while the listeners were starting found no reloader: apply it now.
+    if (inbox.tls !== start.tls) void inbox.reloader.reload('api');
     send({ type: 'listening', addresses: proxy.addresses });
     return proxy;
   } catch (err) {

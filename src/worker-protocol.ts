@@ -9,6 +9,7 @@ import type { Config } from './config.js';
 import type { ListenerName } from './observer.js';
 import type { UserAccount } from './privileges.js';
 import type { MetricsJson } from './metrics-aggregate.js';
+import type { TlsTexts } from './tls-material.js';
 
 /** Entrypoint mode: OVMS's loopback ports, which change when one was taken before OVMS bound it. */
 export type UpstreamPorts = { readonly grpc?: number; readonly rest?: number };
@@ -18,6 +19,8 @@ export type ToWorker =
   | {
       readonly type: 'start';
       readonly config: Config;
+      /** The set the primary validated last: a worker never reads the files, which may be broken by now. */
+      readonly tls: TlsTexts;
       /** Started as root: the user the worker becomes once its listeners are up. */
       readonly dropTo?: UserAccount | undefined;
       /** Entrypoint mode: calls wait for OVMS; `notReady` is the reason while it is not ready. */
@@ -27,7 +30,7 @@ export type ToWorker =
     }
   | { readonly type: 'upstream'; readonly notReady?: string | undefined; readonly ports?: UpstreamPorts | undefined }
   /** The primary validated a new certificate set: load it and close revoked connections. */
-  | { readonly type: 'reload' }
+  | { readonly type: 'reload'; readonly tls: TlsTexts }
   | { readonly type: 'metrics'; readonly id: number }
   | { readonly type: 'drain'; readonly timeoutMs: number };
 

@@ -16,6 +16,7 @@ import type { ListenerName } from './observer.js';
 import type { RunningProxy } from './proxy.js';
 import type { UserAccount } from './privileges.js';
 import type { CheckResult } from './health.js';
+import { tlsTexts, type TlsMaterial, type TlsTexts } from './tls-material.js';
 import { monotonicPart, sumMonotonic, type MetricsJson } from './metrics-aggregate.js';
 import { ListenError, TlsMaterialError } from './errors.js';
 import { isMessage, type FromWorker, type ToWorker, type UpstreamPorts } from './worker-protocol.js';
@@ -28,6 +29,8 @@ const REPLACE_BACKOFF = { initialMs: 500, maxMs: 30_000 };
 
 export interface WorkerPoolOptions {
   readonly config: Config;
+  /** The validated set the proxy starts with; reloads replace it. */
+  readonly material: TlsMaterial;
   readonly logger: Logger;
   /** Started as root: the user each worker becomes once its listeners are up. */
   readonly dropTo?: UserAccount | undefined;
@@ -60,11 +63,14 @@ export class WorkerPool implements RunningProxy {
   #failuresInARow = 0;
   #replaceTimer: NodeJS.Timeout | undefined;
   #allExited: (() => void) | undefined;
+  /** What every worker serves, including one started after the files went bad. */
+  #tls: TlsTexts;
   /** Counters and histograms of the workers that exited, summed: /metrics totals must never fall. */
   #retired: MetricsJson = [];
 
   constructor(options: WorkerPoolOptions) {
     this.#options = options;
+    this.#tls = tlsTexts(options.material);
   }
 
   /** Forks every worker; resolves when all listen. Rejects with the first worker's startup error, every worker gone. */
@@ -91,9 +97,10 @@ export class WorkerPool implements RunningProxy {
     return [];
   }
 
-  /** The primary's reloader validated the new set: every worker loads it. A broken set never gets here. */
-  reloadTls(): void {
-    this.#broadcast({ type: 'reload' });
+  /** The primary's reloader validated the new set: every worker loads it, and so will every worker started later. A broken set never gets here. */
+  reloadTls(material: TlsMaterial): void {
+    this.#tls = tlsTexts(material);
+    this.#broadcast({ type: 'reload', tls: this.#tls });
   }
 
   /** OVMS started, became ready, exited, or moved to new loopback ports. */
@@ -151,7 +158,7 @@ export class WorkerPool implements RunningProxy {
         member.greeted = true;
         if (this.#stopping) return this.#send(member.worker, { type: 'drain', timeoutMs: 0 });
         const { config, dropTo, notReady, ports } = this.#options;
-        return this.#send(member.worker, { type: 'start', config, dropTo, gated: notReady !== undefined, notReady: notReady?.(), ports: ports?.() });
+        return this.#send(member.worker, { type: 'start', config, tls: this.#tls, dropTo, gated: notReady !== undefined, notReady: notReady?.(), ports: ports?.() });
       }
       case 'listening':
         member.up = true;

@@ -231,6 +231,25 @@ describe('certificate reload with two workers', SAFETY, () => {
     }
   });
 
+  test('with the files broken (a failed reload), workers that die are replaced and serve the set still in force', async () => {
+    const certs = await certDir();
+    const r = await startWorkersCli(certFlags(certs.files));
+    try {
+      const { pids } = await r.cli.logs.waitFor((l) => l.event === 'workers_listening');
+      await writeFile(certs.files.cert, 'not a certificate');
+      r.cli.child.kill('SIGHUP');
+      await r.cli.logs.waitFor((l) => l.event === 'reload_failed' && l.trigger === 'signal');
+      for (const pid of pids as number[]) process.kill(pid, 'SIGKILL');
+      const failed = r.cli.logs.waitFor((l) => l.event === 'worker_start_failed').then((l) => assert.fail(`a replacement failed: ${String(l['reason'])}`));
+      await Promise.race([linesMatching(r.cli.logs, 2, (l) => l.event === 'listening' && Number(l['worker']) > 2), failed]);
+      assert.equal((await httpGet(r.adminPort, '/readyz')).status, 200);
+      for (let i = 0; i < 4; i += 1) assert.equal(await servedSerial(r.restPort, alice()), pki.server.serialHex);
+      assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+    } finally {
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
   test("a CRL that revokes a client closes its live connections in both workers, and a broken set reaches no worker", async () => {
     const certs = await certDir();
     const r = await startWorkersCli(certFlags(certs.files));

@@ -157,7 +157,7 @@ export async function startServing(settings: EntrypointSettings, options: Servin
     return state?.up ? 'OVMS is starting' : 'OVMS is not running';
   };
   // --mtls_workers > 1: forked workers serve and drop privileges themselves; OVMS stays this process's child.
-  const workers = config.workers > 1 ? new WorkerPool({ config, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current() }) : undefined;
+  const workers = config.workers > 1 ? new WorkerPool({ config, material, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current() }) : undefined;
   const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: () => () => ovmsReadiness(holder.supervisor), workers });
   const observer = options.observer ? combineObservers(operations.requestObserver, options.observer) : operations.requestObserver;
   let proxy: RunningProxy;
