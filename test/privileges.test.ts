@@ -106,10 +106,26 @@ describe('privilege drop as root', { skip: root ? false : 'needs root' }, () => 
     assert.deepEqual(fakeRuns(argvFile), []);
   });
 
+  test('a proxy user other than the OVMS user is refused at startup: after the drop it could not signal OVMS, which outlived it', async () => {
+    const argvFile = join(dir, 'two-users.jsonl');
+    const [rest] = await freeLoopbackPorts(1);
+    const wrapper = startWrapper(['--rest_port', String(rest), ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_user', 'nobody'], { FAKE_OVMS_ARGV_FILE: argvFile });
+    try {
+      // Without the check the wrapper serves: OVMS starting means the check is missing.
+      const outcome = await Promise.race([wrapper.exited, wrapper.waitForEvent('ovms_started').then(() => 'OVMS started', () => wrapper.exited)]);
+      assert.deepEqual(outcome, { code: 2, signal: null });
+      assert.match(wrapper.stderr(), /^ovms-mtls: --mtls_user: OVMS runs as 'root' but the proxy would drop to 'nobody' and could then neither stop OVMS nor start it again/);
+      assert.deepEqual(fakeRuns(argvFile), []);
+    } finally {
+      wrapper.child.kill('SIGKILL');
+      await wrapper.exited;
+    }
+  });
+
   test('--mtls_restart on-failure with different OVMS and proxy users is refused at startup', async () => {
     const [rest] = await freeLoopbackPorts(1);
     const wrapper = startWrapper(['--rest_port', String(rest), ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_user', 'nobody', '--mtls_restart', 'on-failure']);
     assert.deepEqual(await wrapper.exited, { code: 2, signal: null });
-    assert.match(wrapper.stderr(), /--mtls_restart on-failure/);
+    assert.match(wrapper.stderr(), /--mtls_user: .*could then neither stop OVMS nor start it again/);
   });
 });

@@ -98,16 +98,20 @@ async function runOneShot(split: SplitOvmsArgv, io: Io, args: readonly string[],
   return exitCodeOf(status);
 }
 
-/** After the proxy dropped to its user, OVMS can be spawned again only as that same user. */
-function canRespawnAfterDrop(plan: PrivilegePlan): boolean {
+/**
+ * After the proxy dropped to its user, it can signal OVMS (SIGTERM, SIGKILL after the timeout)
+ * and spawn it again only as that same user: the kernel refuses signals to another uid.
+ */
+function sameUserAfterDrop(plan: PrivilegePlan): boolean {
   if (!plan.proxy) return true;
   return plan.ovms !== undefined && plan.ovms.uid === plan.proxy.uid;
 }
 
-function checkRestartPossible(settings: EntrypointSettings, plan: PrivilegePlan): void {
-  if (settings.restart.mode === 'on-failure' && !canRespawnAfterDrop(plan)) {
+/** Otherwise SIGTERM would fail with EPERM, OVMS would pass for exited (127) and outlive us (pdeathsig is refused too). */
+function checkUsersCompatible(settings: EntrypointSettings, plan: PrivilegePlan): void {
+  if (!sameUserAfterDrop(plan)) {
     throw new ConfigError(
-      `--mtls_restart on-failure: OVMS runs as '${settings.ovmsUser}' but the proxy drops to '${settings.proxyUser}' and could not start OVMS again (use the same user for --mtls_ovms_user and --mtls_user)`,
+      `--mtls_user: OVMS runs as '${settings.ovmsUser}' but the proxy would drop to '${settings.proxyUser}' and could then neither stop OVMS nor start it again (use the same user for --mtls_ovms_user and --mtls_user, or --mtls_user root)`,
     );
   }
 }
@@ -140,7 +144,7 @@ export interface Serving {
 export async function startServing(settings: EntrypointSettings, options: ServingOptions = {}): Promise<{ running: Serving; logger: Logger }> {
   const logger = options.logger ?? createLogger({ level: settings.common.logLevel });
   const plan = planPrivileges({ ovmsUser: settings.ovmsUser, proxyUser: settings.proxyUser, root: isRoot() });
-  checkRestartPossible(settings, plan);
+  checkUsersCompatible(settings, plan);
   assertExecutable(settings.binary);
   const material = loadTlsMaterialSync(settings.common.tls);
   const upstreams = new LoopbackUpstreams({ grpc: settings.listeners.grpc !== undefined, rest: settings.listeners.rest !== undefined });
@@ -205,12 +209,12 @@ function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, ups
   if (!setpriv) logger.warn({ event: 'no_setpriv' }, 'setpriv not found: OVMS would outlive ovms-mtls if ovms-mtls were killed with SIGKILL');
   let portRetries: number = DEFAULTS.ovms.portRetries;
   return new OvmsSupervisor({
-    // As root at the first spawn; after the drop we already are the OVMS user (see canRespawnAfterDrop).
+    // As root at the first spawn; after the drop we already are the OVMS user (see checkUsersCompatible).
     command: () => spawnCommand({ binary: settings.binary, args: ovmsServeArgv(settings.passthrough, upstreams.current()), runAs: isRoot() ? plan.ovms : undefined, setpriv }),
     probe: ovmsReadinessProbe(upstreams.host, () => upstreams.current()),
     restart: settings.restart,
     retryStart: async () => {
-      if (portRetries <= 0 || !canRespawnAfterDrop(plan)) return false;
+      if (portRetries <= 0) return false;
       const taken = await upstreams.takenPort();
       if (taken === undefined) return false;
       portRetries -= 1;
