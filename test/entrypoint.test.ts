@@ -302,6 +302,24 @@ describe('exit codes and signals', () => {
     assert.ok(processGone(run!.pid));
   });
 
+  test('a SIGHUP during the drain reloads the certificates instead of killing the wrapper (and OVMS with it)', async () => {
+    // OVMS ignores SIGTERM, so the drain lasts until it exits: the test kills it once the SIGHUP was handled.
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1'], { FAKE_OVMS_IGNORE_SIGTERM: '1' });
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const [run] = fakeRuns(s.argvFile);
+      s.wrapper.child.kill('SIGTERM');
+      await s.wrapper.waitForOvmsLine((l) => l.includes('ignoring SIGTERM'));
+      s.wrapper.child.kill('SIGHUP');
+      assert.equal((await s.wrapper.waitForEvent('reloaded'))['trigger'], 'signal');
+      process.kill(run!.pid, 'SIGKILL');
+      assert.deepEqual(await s.wrapper.exited, { code: 137, signal: null });
+    } finally {
+      s.wrapper.child.kill('SIGKILL');
+      await s.wrapper.exited;
+    }
+  });
+
   test('SIGKILL of the wrapper leaves no OVMS behind', async () => {
     const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1']);
     await s.wrapper.waitForEvent('ovms_ready');
