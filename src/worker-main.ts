@@ -7,6 +7,7 @@
  */
 import cluster from 'node:cluster';
 import { createLogger, type Logger } from './log.js';
+import { keepInspectorOff } from './inspector-signal.js';
 import { isUserError } from './errors.js';
 import { ProxyMetrics } from './metrics.js';
 import { startProxy, type RunningProxy } from './proxy.js';
@@ -133,12 +134,16 @@ export async function runWorker(): Promise<number> {
   });
   send({ type: 'hello' });
   let shutdownTimeoutMs = 0;
+  // Set once started: a SIGUSR1 before that is ignored without a line.
+  const logging: { logger?: Logger } = {};
   handleSignals(inbox, () => shutdownTimeoutMs);
+  keepInspectorOff(() => logging.logger);
   // Told to stop before being told to start (the primary is shutting down): nothing to drain.
   const start = await Promise.race([inbox.started, inbox.drain.then(() => undefined)]);
   if (!start) return 0;
   shutdownTimeoutMs = start.config.shutdownTimeoutMs;
   const logger = createLogger({ level: start.config.logLevel }).child({ worker: cluster.worker?.id, pid: process.pid });
+  logging.logger = logger;
   const proxy = await serve(start, inbox, logger);
   if (!proxy) return 1;
   const timeoutMs = await inbox.drain;

@@ -9,6 +9,8 @@ import { grpcClients, h2Session, startUpstream, tlsClientOptions } from './helpe
 import { connect as tlsConnect } from 'node:tls';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
+import { readFileSync } from 'node:fs';
+import { eventually } from './helpers/ops.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -216,6 +218,25 @@ describe('proxy command line', () => {
       cli.child.kill('SIGTERM');
       assert.equal(await cli.exited, 0);
     }
+  });
+
+  test('SIGUSR1 to the primary or a worker is logged and ignored: no Node.js inspector opens on 127.0.0.1:9229', { timeout: 60_000 }, async () => {
+    const { cli } = await startProxyCli(['--mtls_workers', '2', ...tlsFlags()]);
+    try {
+      const restListening = () => cli.logs.lines.filter((l) => l.event === 'listening' && l['listener'] === 'rest');
+      await eventually(() => restListening().length >= 2, 'both workers listening');
+      const pid = cli.child.pid!;
+      const workers = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
+      assert.equal(workers.length, 2);
+      for (const target of [pid, ...workers]) process.kill(target, 'SIGUSR1');
+      const ignored = () => cli.logs.lines.filter((l) => l.event === 'signal_ignored' && l['signal'] === 'SIGUSR1');
+      await eventually(() => ignored().length === 3, 'three signal_ignored lines');
+      assert.deepEqual(ignored().map((l) => l['pid'] ?? pid).sort(), [pid, ...workers].sort());
+    } finally {
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
+    }
+    assert.doesNotMatch(cli.stderr(), /Debugger listening/);
   });
 
   test('0.0.0.0 with an IPv4 address it covers is refused with the configuration, not blamed on another process', async () => {

@@ -1,4 +1,5 @@
 import type { Logger } from '../log.js';
+import { keepInspectorOff } from '../inspector-signal.js';
 
 export interface StopSignal {
   /** The first SIGTERM or SIGINT. */
@@ -42,6 +43,7 @@ export function waitForStopSignal(logger: Logger): StopSignal {
   process.on('SIGTERM', onStop);
   process.on('SIGINT', onStop);
   process.on('SIGHUP', onHup);
+  keepInspectorOff(() => logger);
   return {
     signal,
     dispose,
