@@ -35,6 +35,7 @@ export type RefusalReason =
   | 'crl_expired'
   | 'chain_too_long'
   | 'not_allowed'
+  | 'too_many_connections'
   | 'verify_failed';
 
 const OPENSSL_REASONS: Record<string, RefusalReason> = {
@@ -65,6 +66,7 @@ const REASON_TEXT: Record<RefusalReason, string> = {
   crl_expired: 'the CRL for the client CA is expired or not yet valid; every client of that CA is refused until it is renewed',
   chain_too_long: 'client certificate chain is longer than --mtls_verify_depth',
   not_allowed: 'client certificate matches no --mtls_allow_* rule',
+  too_many_connections: 'the listener already holds --mtls_max_connections open connections',
   verify_failed: 'client certificate failed verification',
 };
 

@@ -1,6 +1,6 @@
 import type { X509Certificate } from 'node:crypto';
 import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
-import type { AddressInfo, ListenOptions } from 'node:net';
+import { createServer as createTcpServer, type AddressInfo, type ListenOptions, type Server as TcpServer, type Socket } from 'node:net';
 import { bindsIpv6Only, type AllowList, type Limits } from './config.js';
 import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
@@ -50,8 +50,11 @@ const PORT_FLAG: Record<ListenerName, string> = { grpc: '--port', rest: '--rest_
 export class SecureListener {
   readonly name: ListenerName;
   readonly #options: SecureListenerOptions;
-  readonly #servers: TlsServer[] = [];
+  /** What listens: one TCP server per host, handing what it accepts to the TLS server of the same host. */
+  readonly #servers: { tcp: TcpServer; tls: TlsServer }[] = [];
   readonly #connections = new Map<TLSSocket, ConnectionContext>();
+  /** TCP connections of every host, handshakes included: what --mtls_max_connections counts. */
+  #open = 0;
   #allow: AllowList;
 
   constructor(options: SecureListenerOptions) {
@@ -66,7 +69,7 @@ export class SecureListener {
   }
 
   addresses(): AddressInfo[] {
-    return this.#servers.map((s) => s.address() as AddressInfo).filter(Boolean);
+    return this.#servers.map((s) => s.tcp.address() as AddressInfo).filter(Boolean);
   }
 
   async listen(): Promise<void> {
@@ -75,15 +78,15 @@ export class SecureListener {
     for (const host of hosts) {
       const server = this.#createServer();
       this.#servers.push(server);
-      await listenOn(server, { host, port, exclusive: false, ipv6Only: bindsIpv6Only(host, hosts) }, this.name);
+      await listenOn(server.tcp, { host, port, exclusive: false, ipv6Only: bindsIpv6Only(host, hosts) }, this.name);
       // With port 0 and several hosts, every host shares the port chosen first.
-      port = (server.address() as AddressInfo).port;
+      port = (server.tcp.address() as AddressInfo).port;
     }
   }
 
   /** New handshakes use the new material; live connections keep theirs. */
   setSecureContext(options: SecureContextOptions, allow?: AllowList): void {
-    for (const server of this.#servers) server.setSecureContext(options);
+    for (const server of this.#servers) server.tls.setSecureContext(options);
     if (allow) this.#allow = allow;
   }
 
@@ -92,7 +95,7 @@ export class SecureListener {
    * closed: draining them is the protocol layer's job.
    */
   async stopAccepting(): Promise<void> {
-    await Promise.all(this.#servers.map((s) => new Promise<void>((resolve) => (s.listening ? s.close(() => resolve()) : resolve()))));
+    await Promise.all(this.#servers.map(({ tcp }) => new Promise<void>((resolve) => (tcp.listening ? tcp.close(() => resolve()) : resolve()))));
   }
 
   destroyAll(): void {
@@ -112,9 +115,15 @@ export class SecureListener {
     else socket.end();
   }
 
-  #createServer(): TlsServer {
+  /**
+   * The limit is ours, not Node's `server.maxConnections`: in a cluster worker
+   * Node answers a connection over it by handing it back to the primary, which
+   * offers it to a worker again at once, so it waited (no answer, no log) until
+   * a connection closed while the primary and the workers spun on it.
+   */
+  #createServer(): { tcp: TcpServer; tls: TlsServer } {
     const { limits } = this.#options;
-    const server = createTlsServer({
+    const tls = createTlsServer({
       ...this.#options.secureContext,
       requestCert: true,
       // We judge the certificate ourselves to log WHY it was refused; Node's
@@ -122,15 +131,23 @@ export class SecureListener {
       rejectUnauthorized: false,
       ALPNProtocols: ['h2', 'http/1.1'],
       handshakeTimeout: limits.handshakeTimeoutMs,
-      noDelay: true,
     });
-    if (limits.maxConnections > 0) server.maxConnections = limits.maxConnections;
-    server.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));
-    server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
+    tls.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));
+    tls.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
       this.#options.observer.handshakeFailed(this.name, handshakeErrorCode(err), socket.remoteAddress);
       socket.destroy();
     });
-    return server;
+    const tcp = createTcpServer({ noDelay: true }, (socket: Socket) => {
+      if (limits.maxConnections > 0 && this.#open >= limits.maxConnections) {
+        this.#options.observer.handshakeRefused(this.name, refusal('too_many_connections', `${limits.maxConnections}`), socket.remoteAddress);
+        socket.destroy();
+        return;
+      }
+      this.#open++;
+      socket.once('close', () => this.#open--);
+      tls.emit('connection', socket);
+    });
+    return { tcp, tls };
   }
 
   #onSecureConnection(socket: TLSSocket): void {
@@ -196,7 +213,7 @@ function handshakeErrorCode(err: NodeJS.ErrnoException): string {
   return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase();
 }
 
-function listenOn(server: TlsServer, options: ListenOptions & { host: string; port: number }, name: ListenerName): Promise<void> {
+function listenOn(server: TcpServer, options: ListenOptions & { host: string; port: number }, name: ListenerName): Promise<void> {
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException) => {
       server.off('listening', onListening);

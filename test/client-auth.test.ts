@@ -9,6 +9,8 @@ import { grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, s
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { issueClientCert, type Issued } from '../src/x509.js';
+import { ProxyMetrics } from '../src/metrics.js';
+import { sample } from './helpers/ops.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -210,6 +212,29 @@ describe('TLS settings', () => {
       assert.equal(session.remoteSettings.maxHeaderListSize, 64 * 1024);
     } finally {
       session.close();
+    }
+  });
+});
+
+describe('connection limit', () => {
+  test('a connection over --mtls_max_connections is closed before its handshake, logged client_refused too_many_connections and counted', async () => {
+    const metrics = new ProxyMetrics({ processMetrics: false });
+    const limited = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, limits: { maxConnections: 1 }, observer: metrics });
+    const held = tlsConnect({ host: '127.0.0.1', port: limited.restPort, ...tlsClientOptions(pki), ALPNProtocols: ['http/1.1'] });
+    try {
+      await once(held, 'secureConnect');
+      const over = tlsConnect({ host: '127.0.0.1', port: limited.restPort, ...tlsClientOptions(pki), ALPNProtocols: ['http/1.1'] });
+      const [err] = (await once(over, 'error')) as [NodeJS.ErrnoException];
+      assert.equal(err.code, 'ECONNRESET');
+      // The refusal is logged before the socket is destroyed, so it is there by the time the client sees the reset.
+      const line = limited.logs.lines.find((l) => l.event === 'client_refused' && l.reason === 'too_many_connections');
+      assert.ok(line, 'the refusal is logged');
+      assert.equal(line.level, 'warn');
+      assert.equal(line.listener, 'rest');
+      assert.equal(sample(await metrics.text(), 'ovms_mtls_handshakes_total', { listener: 'rest', result: 'refused', reason: 'too_many_connections' }), 1);
+    } finally {
+      held.destroy();
+      await limited.proxy.shutdown(1000);
     }
   });
 });
