@@ -4,15 +4,15 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Config, ListenerConfig } from './config.js';
 import type { Logger } from './log.js';
-import { SecureListener } from './listeners.js';
-import { H1Front, H2Front, type Drainable } from './http-fronts.js';
+import { SecureListener, type ConnectionContext } from './listeners.js';
+import { H1Front, H2Front, type Drainable, type RequestHandler } from './http-fronts.js';
 import { GrpcForwarder } from './grpc-forwarder.js';
 import { RestForwarder } from './rest-forwarder.js';
 import { grpcRelay } from './grpc-relay.js';
 import { restRelay } from './rest-relay.js';
 import type { Relay } from './relay.js';
 import { secureContextOptions, type TlsMaterial } from './tls-material.js';
-import { combineObservers, NOOP_OBSERVER, type ListenerName, type ProxyObserver } from './observer.js';
+import { combineObservers, elapsedMs, NOOP_OBSERVER, type ListenerName, type ProxyObserver } from './observer.js';
 import { loggingObserver } from './log-observer.js';
 
 export interface ProxyOptions {
@@ -45,9 +45,18 @@ const GRPC_PORT_HINT =
   'This port speaks gRPC over HTTP/2 (TLS with ALPN h2). Point a gRPC client at it; ' +
   'REST and plain HTTP/1.1 requests belong on the REST port (--rest_port).\n';
 
-function answerHttp1OnGrpcPort(_req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse): void {
-  res.writeHead(426, { 'content-type': 'text/plain; charset=utf-8', upgrade: 'h2', connection: 'close' });
-  res.end(GRPC_PORT_HINT);
+/** The 426 an HTTP/1.1 request on the gRPC port gets, with its access line: an operator sees who is pointed at the wrong port. */
+function answerHttp1OnGrpcPort(observer: ProxyObserver): RequestHandler {
+  return (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse, context: ConnectionContext) => {
+    const started = performance.now();
+    res.writeHead(426, { 'content-type': 'text/plain; charset=utf-8', upgrade: 'h2', connection: 'close' });
+    res.end(GRPC_PORT_HINT);
+    const { identity } = context;
+    observer.request({
+      listener: context.listener, protocol: 'http/1.1', remote: context.remoteAddress, subject: identity.subject, serial: identity.serial,
+      method: req.method ?? '', path: req.url ?? '', status: 426, bytesIn: 0, bytesOut: Buffer.byteLength(GRPC_PORT_HINT), durationMs: elapsedMs(started),
+    });
+  };
 }
 
 interface Assembled {
@@ -88,7 +97,7 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
   const notReady = options.notReady?.grpc;
   const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits, observer, notReady });
   const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
-  const h1 = new H1Front({ limits, observer, onRequest: answerHttp1OnGrpcPort });
+  const h1 = new H1Front({ limits, observer, onRequest: answerHttp1OnGrpcPort(observer) });
   // The terminating front stays: it answers while the upstream is not ready or unreachable.
   const relay =
     grpcMode === 'relay'

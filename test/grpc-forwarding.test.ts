@@ -123,11 +123,20 @@ describe('grpc forwarding', () => {
     assert.equal(relay.connections(), before);
   });
 
-  test('an HTTP/1.1 client on the gRPC port gets a plain-text explanation', async () => {
-    const res = await https1(front.grpcPort, pki, { path: '/' });
+  test('an HTTP/1.1 client on the gRPC port gets a plain-text explanation, and an access line', async () => {
+    const res = await https1(front.grpcPort, pki, { path: '/v2/health/ready?from=h1' });
     assert.equal(res.status, 426);
     assert.match(String(res.headers['content-type']), /^text\/plain/);
     assert.match(res.body, /gRPC over HTTP\/2/);
+    // Logged before the answer leaves, so it is there once the client has it.
+    const line = front.logs.lines.find((l) => l.event === 'access' && l.path === '/v2/health/ready?from=h1');
+    assert.ok(line, 'the refused request has an access line');
+    assert.equal(line.listener, 'grpc');
+    assert.equal(line.protocol, 'http/1.1');
+    assert.equal(line.method, 'GET');
+    assert.equal(line.status, 426);
+    assert.equal(line.subject, 'CN=client,OU=tests');
+    assert.equal(line.bytesOut, Buffer.byteLength(res.body));
   });
 
   test('every call is logged with listener, client, method, status and grpc-status', async () => {
