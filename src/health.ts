@@ -117,7 +117,11 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<CheckRe
     stream.on('response', (headers) => (grpcStatus = headers['grpc-status'] as string | undefined ?? grpcStatus));
     stream.on('trailers', (trailers) => (grpcStatus = trailers['grpc-status'] as string | undefined));
     stream.on('data', (chunk: Buffer) => chunks.push(chunk));
-    stream.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, detail: `${where}: ${err.code ?? err.message}` }));
+    // A connection that fails cancels the pending stream first (ERR_HTTP2_STREAM_CANCEL): name the connection's error, as REST does.
+    stream.on('error', (err: NodeJS.ErrnoException) => {
+      const why = (err.cause as NodeJS.ErrnoException | undefined) ?? err;
+      finish({ ok: false, detail: `${where}: ${why.code ?? why.message}` });
+    });
     stream.on('end', () => {
       const body = Buffer.concat(chunks).subarray(5);
       if (grpcStatus !== '0') finish({ ok: false, detail: `${where} ServerReady: grpc-status ${grpcStatus ?? 'missing'}` });

@@ -55,6 +55,7 @@ describe('admin listener', () => {
       const report = JSON.parse(starting.body) as HealthReport;
       assert.equal(report.ready, false);
       assert.equal(report.checks['upstream']?.ok, false);
+      assert.equal(report.checks['upstream']?.detail, `REST 127.0.0.1:${restPort}: ECONNREFUSED; gRPC 127.0.0.1:${grpcPort}: ECONNREFUSED`);
       assert.equal(report.checks['listeners']?.ok, true);
       assert.equal(report.checks['certificates']?.ok, true);
 
