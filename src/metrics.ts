@@ -105,7 +105,8 @@ export class ProxyMetrics implements ProxyObserver {
   request(record: AccessRecord): void {
     const { listener } = record;
     const route = listener === 'grpc' ? grpcRoute(record.path) : restRoute(record.path);
-    const method = listener === 'grpc' ? 'POST' : normaliseMethod(record.method);
+    // Not 'POST' for every gRPC-port record: an HTTP/1.1 client's GET there (answered 426) is a GET.
+    const method = normaliseMethod(record.method);
     this.#m.requests.inc({ listener, method, route, status: String(record.status), grpc_status: record.grpcStatus ?? '' });
     this.#m.duration.observe({ listener, route }, record.durationMs / 1000);
     this.#m.bytesIn.inc({ listener }, record.bytesIn);

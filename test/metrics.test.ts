@@ -69,6 +69,15 @@ describe('metrics from real traffic', () => {
     assert.ok(sample(text, 'ovms_mtls_handshakes_total', { listener: 'grpc', result: 'accepted' })! >= 1);
   });
 
+  test('an HTTP/1.1 request on the gRPC port is counted with its own method and the 426 it got', async () => {
+    const seen = requests.next();
+    assert.equal((await https1(front.grpcPort, pki, { path: '/v2/health/ready' })).status, 426);
+    await seen;
+    const text = await metrics.text();
+    assert.equal(sample(text, 'ovms_mtls_requests_total', { listener: 'grpc', method: 'GET', route: '{other}', status: '426' }), 1);
+    assert.equal(sample(text, 'ovms_mtls_requests_total', { listener: 'grpc', method: 'POST', status: '426' }), undefined);
+  });
+
   test('a REST call is counted under its normalised route, not the model name', async () => {
     const seen = requests.next();
     const res = await https1(front.restPort, pki, { path: '/v2/models/dummy/ready' });
