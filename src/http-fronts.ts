@@ -35,6 +35,19 @@ class SessionState implements IdleConnection {
 }
 
 /**
+ * Node refuses every new stream (RST_STREAM ENHANCE_YOUR_CALM, RESOURCE_EXHAUSTED
+ * to a gRPC client) once a session's memory passes maxSessionMemory, and counts in
+ * it the response bytes it holds for a client that reads slowly. The gRPC forwarder
+ * holds up to a stream window per stream for such a client (stream-forward.ts; the
+ * REST one 1 MiB, the default window), so that much comes on top of the configured
+ * budget: without it, ~60 slow streams on one connection (defaults) made every
+ * further call on it fail. Node's unit is 10^6 bytes.
+ */
+function frontSessionMemory(limits: Limits): number {
+  return limits.maxSessionMemoryMiB + (limits.maxConcurrentStreams * limits.streamWindow) / 1_000_000;
+}
+
+/**
  * The HTTP/2 side of a listener. Sockets arrive already authenticated; the
  * server never listens itself. `'session'` is emitted synchronously inside
  * `emit('connection')`, which is how each session learns its context.
@@ -57,7 +70,7 @@ export class H2Front implements Drainable {
         initialWindowSize: limits.streamWindow,
         maxHeaderListSize: limits.maxHeaderSize,
       },
-      maxSessionMemory: limits.maxSessionMemoryMiB,
+      maxSessionMemory: frontSessionMemory(limits),
     });
     this.#server.on('session', (session) => this.#onSession(session, limits));
     this.#server.on('sessionError', () => {});

@@ -2,10 +2,10 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
-import { constants, createServer as createH2cServer } from 'node:http2';
+import { connect as connectH2, constants, createServer as createH2cServer } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly, inferRequest } from './helpers/grpc-calls.js';
 import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, h2Frame } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -331,6 +331,55 @@ describe('grpc upstream failures', () => {
     } finally {
       c.close();
       await local.proxy.shutdown(1000);
+    }
+  });
+});
+
+describe('grpc: clients that read slowly', () => {
+  test('response bytes the proxy holds for clients that read slowly leave room for their next call (not RESOURCE_EXHAUSTED)', NOT_FOR_EVER, async () => {
+    const limits = { streamWindow: 256 * 1024, maxConcurrentStreams: 32, maxSessionMemoryMiB: 1 };
+    // Each ServerStream call answers 2 stream windows: once written, the proxy has read one and holds it for the client.
+    const flushed: Promise<void>[] = [];
+    const upstreamServer = createH2cServer();
+    upstreamServer.on('stream', (stream, headers) => {
+      stream.on('error', () => {});
+      stream.resume();
+      if (headers[':path'] !== '/ovmsmtls.test.Echo/ServerStream') {
+        stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '0' }, { endStream: true });
+        return;
+      }
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' });
+      flushed.push(new Promise((resolve) => stream.write(Buffer.alloc(2 * limits.streamWindow), () => resolve())));
+    });
+    upstreamServer.listen(0, '127.0.0.1');
+    await once(upstreamServer, 'listening');
+    const local = await startTestProxy({ pki, upstream: { grpcPort: (upstreamServer.address() as AddressInfo).port }, limits });
+    // Stream windows of 0 until the proxy holds what it read for each call.
+    const session = connectH2(`https://localhost:${local.grpcPort}`, { ...tlsClientOptions(pki), settings: { initialWindowSize: 0 } });
+    session.on('error', () => {});
+    try {
+      await once(session, 'connect');
+      session.setLocalWindowSize(16 * 1024 * 1024);
+      const firstData: Promise<unknown>[] = [];
+      for (let i = 0; i < 24; i++) {
+        const stream = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/ovmsmtls.test.Echo/ServerStream' });
+        stream.on('error', () => {});
+        stream.end(grpcFrame(Buffer.alloc(1)));
+        await once(stream, 'response');
+        // The client reads one chunk, then no more: a consumer busy with its first message.
+        firstData.push(once(stream, 'data').then(() => stream.pause()));
+      }
+      await Promise.all(flushed);
+      // Now the client takes a little: what the proxy held for it moves into Node's HTTP/2 session.
+      session.settings({ initialWindowSize: 16_384 });
+      await Promise.all(firstData);
+      const next = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(1))).catch((err: Error) => err);
+      assert.ok(!(next instanceof Error), `the next call failed: ${String(next)}`);
+      assert.equal(next.headers['grpc-status'], '0');
+    } finally {
+      session.destroy();
+      await local.proxy.shutdown(1000);
+      upstreamServer.close();
     }
   });
 });
