@@ -55,6 +55,28 @@ export class GrpcForwarder {
   }
 }
 
+/**
+ * Node joins the values of a repeated field into one ("a, b") and would send them
+ * on as one field: a gRPC server then reads one metadata value "a, b" where the
+ * client sent two, and a repeated `-bin` value as base64 that does not decode.
+ * Each value Node joined goes on as a field of its own, as the relay passes them.
+ * `raw` is the flat name, value list Node passes with the headers; only a field
+ * Node joined is touched (it keeps the first of a single-value field, cookies are
+ * joined with "; "), so most calls get their headers object back as it is.
+ */
+export function separateRepeated(headers: IncomingHttpHeaders, raw: readonly string[] | undefined): IncomingHttpHeaders {
+  if (!raw) return headers;
+  let out: IncomingHttpHeaders | undefined;
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!;
+    const joined = headers[name];
+    if (typeof joined !== 'string' || joined === raw[i + 1]) continue;
+    const values = raw.filter((_, j) => j % 2 === 1 && raw[j - 1] === name);
+    if (values.length > 1 && values.join(', ') === joined) (out ??= { ...headers })[name] = values;
+  }
+  return out ?? headers;
+}
+
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ConnectionContext): OutgoingHttpHeaders {
   const out: OutgoingHttpHeaders = {};
   for (const name in headers) {
@@ -187,8 +209,9 @@ class GrpcCall {
     }
     this.#upstream = upstream;
     upstream.on('error', (err) => this.#onUpstreamError(err));
-    upstream.on('response', (headers, flags) => this.#onResponse(headers, flags));
-    upstream.on('trailers', (trailers) => {
+    upstream.on('response', (headers, flags, raw?: string[]) => this.#onResponse(separateRepeated(headers, raw), flags));
+    upstream.on('trailers', (received, _flags, raw?: string[]) => {
+      const trailers = separateRepeated(received, raw);
       this.#trailers = trailers;
       this.#outcome.grpcStatus = trailers['grpc-status'] as string | undefined;
       this.#upstreamDone = true;

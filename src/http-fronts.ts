@@ -7,7 +7,8 @@ import type { ConnectionContext } from './listeners.js';
 import type { ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, type IdleConnection } from './idle-sweep.js';
 
-export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext) => void;
+/** `rawHeaders`: the fields as received, a flat name, value list (Node passes it; @types/node does not declare it). */
+export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, rawHeaders?: string[]) => void;
 export type RequestHandler = (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse, context: ConnectionContext) => void;
 
 /** What the shutdown needs from each protocol front. */
@@ -76,9 +77,9 @@ export class H2Front implements Drainable {
     this.#server.on('sessionError', () => {});
     const { onStream, onRequest } = options;
     if (onStream) {
-      this.#server.on('stream', (stream, headers) => {
+      this.#server.on('stream', (stream, headers, _flags, rawHeaders?: string[]) => {
         const context = this.#enter(stream, observer);
-        if (context) onStream(stream, headers, context);
+        if (context) onStream(stream, headers, context, rawHeaders);
       });
     }
     if (onRequest) {

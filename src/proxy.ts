@@ -6,7 +6,7 @@ import type { Config, ListenerConfig } from './config.js';
 import type { Logger } from './log.js';
 import { SecureListener, type ConnectionContext } from './listeners.js';
 import { H1Front, H2Front, type Drainable, type RequestHandler } from './http-fronts.js';
-import { GrpcForwarder } from './grpc-forwarder.js';
+import { GrpcForwarder, separateRepeated } from './grpc-forwarder.js';
 import { RestForwarder } from './rest-forwarder.js';
 import { grpcRelay } from './grpc-relay.js';
 import { restRelay } from './rest-relay.js';
@@ -96,7 +96,7 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
   const { limits, grpcMode } = options.config;
   const notReady = options.notReady?.grpc;
   const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits, observer, notReady });
-  const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx) => forwarder.handle(stream, headers, ctx) });
+  const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx, raw) => forwarder.handle(stream, separateRepeated(headers, raw), ctx) });
   const h1 = new H1Front({ limits, observer, onRequest: answerHttp1OnGrpcPort(observer) });
   // The terminating front stays: it answers while the upstream is not ready or unreachable.
   const relay =

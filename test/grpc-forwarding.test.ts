@@ -335,6 +335,44 @@ describe('grpc upstream failures', () => {
   });
 });
 
+describe('grpc: repeated metadata', () => {
+  /** The values of each field named `name` in a flat name, value list, in order. */
+  const fields = (raw: string[], name: string) => raw.filter((_, i) => i % 2 === 1 && raw[i - 1] === name);
+
+  test('a key sent twice arrives as two fields both ways, as sent (not one "a, b" value), -bin keys included', NOT_FOR_EVER, async () => {
+    let received: string[] = [];
+    const upstreamServer = createH2cServer();
+    upstreamServer.on('stream', (stream, _headers, _flags, raw?: string[]) => {
+      received = raw ?? [];
+      stream.on('error', () => {});
+      stream.resume();
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'x-r': ['1', '2'], 'x-r-bin': ['AAH/', 'CQ'] }, { waitForTrailers: true });
+      stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0', 'x-t': ['3', '4'] }));
+      stream.end();
+    });
+    upstreamServer.listen(0, '127.0.0.1');
+    await once(upstreamServer, 'listening');
+    const local = await startTestProxy({ pki, upstream: { grpcPort: (upstreamServer.address() as AddressInfo).port } });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      const stream = session.request({ ...ECHO_UNARY_HEADERS, 'x-a': ['x', 'y'], 'x-b-bin': ['AAH/', 'CQ'] });
+      stream.end(grpcFrame(Buffer.alloc(1)));
+      const [, , responseRaw] = (await once(stream, 'response')) as [unknown, number, string[]];
+      stream.resume();
+      const [, , trailersRaw] = (await once(stream, 'trailers')) as [unknown, number, string[]];
+      assert.deepEqual(fields(received, 'x-a'), ['x', 'y']);
+      assert.deepEqual(fields(received, 'x-b-bin'), ['AAH/', 'CQ']);
+      assert.deepEqual(fields(responseRaw, 'x-r'), ['1', '2']);
+      assert.deepEqual(fields(responseRaw, 'x-r-bin'), ['AAH/', 'CQ']);
+      assert.deepEqual(fields(trailersRaw, 'x-t'), ['3', '4']);
+    } finally {
+      session.close();
+      await local.proxy.shutdown(1000);
+      upstreamServer.close();
+    }
+  });
+});
+
 describe('grpc: clients that read slowly', () => {
   test('response bytes the proxy holds for clients that read slowly leave room for their next call (not RESOURCE_EXHAUSTED)', NOT_FOR_EVER, async () => {
     const limits = { streamWindow: 256 * 1024, maxConcurrentStreams: 32, maxSessionMemoryMiB: 1 };
