@@ -7,6 +7,7 @@
 import { randomBytes, X509Certificate } from 'node:crypto';
 import { resolve } from 'node:path';
 import { ConfigError, isUserError } from './errors.js';
+import { issuedBy } from './tls-checks.js';
 import {
   assertAbsent,
   ensureDirectory,
@@ -253,8 +254,7 @@ function parseCertFile(path: string, pem: string): X509Certificate {
 
 function assertIssuedBy(cert: X509Certificate, ca: X509Certificate, certPath: string): void {
   if (cert.fingerprint256 === ca.fingerprint256) throw new ConfigError(`${certPath} is the client CA itself, not a client certificate`);
-  // checkIssued compares names only; verify() proves the CA's key signed it.
-  if (!cert.checkIssued(ca) || !cert.verify(ca.publicKey)) {
+  if (!issuedBy(cert, ca)) {
     throw new ConfigError(`${certPath} was not issued by ${CERT_FILES.clientCaCert} in this directory; its issuer is ${cert.issuer.replace(/\n/g, ', ')}`);
   }
 }

@@ -170,6 +170,10 @@ function isHostName(host: string): boolean {
   return isIP(host) !== 0 || /^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$/.test(host);
 }
 
+/** Each address that takes a port on every address of its family. */
+const WILDCARDS = [['0.0.0.0', 4], ['::', 6]] as const;
+const WILDCARD_ADDRESSES: ReadonlySet<string> = new Set(WILDCARDS.map(([address]) => address));
+
 export function parseBindAddresses(name: string, value: unknown, fallback: string): string[] {
   const text = value === undefined || value === '' ? fallback : String(value);
   // A repeated address would be a second bind of the same port, refused as "in use".
@@ -188,7 +192,7 @@ export function parseBindAddresses(name: string, value: unknown, fallback: strin
  * `::` next to IPv4 addresses is fine: it is bound IPv6-only then (bindsIpv6Only).
  */
 function refuseCoveredAddresses(name: string, hosts: readonly string[]): void {
-  for (const [wildcard, family] of [['0.0.0.0', 4], ['::', 6]] as const) {
+  for (const [wildcard, family] of WILDCARDS) {
     const covered = hosts.find((host) => host !== wildcard && isIP(host) === family);
     if (hosts.includes(wildcard) && covered !== undefined) {
       throw new ConfigError(`${flag(name)}: ${wildcard} already covers ${covered} (list one or the other)`);
@@ -336,7 +340,6 @@ export function parsePublicListeners(raw: RawOptions): { grpc?: PublicListenerSp
   return result;
 }
 
-const WILDCARD_ADDRESSES = new Set(['0.0.0.0', '::']);
 
 /**
  * The admin port on an address a public port also binds: the second bind would fail as

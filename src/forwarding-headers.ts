@@ -16,9 +16,6 @@ export function disguisesOurs(name: string): boolean {
   return name.includes('_') && FORWARDING_FIELDS.has(name.replaceAll('_', '-'));
 }
 
-/** In a lower-cased HTTP/1.1 head: a field line naming one of ours, in either spelling. */
-export const FORWARDING_FIELD_LINE = new RegExp(`\\r\\n(?:${[...FORWARDING_FIELDS].map((name) => name.replaceAll('-', '[-_]')).join('|')}):`);
-
 /** X-Forwarded-For: what the client claims about earlier hops is kept, and its own address appended. */
 export function forwardedFor(previous: readonly string[], context: ConnectionContext): string {
   return [...previous, context.remoteAddress ?? 'unknown'].join(', ');

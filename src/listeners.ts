@@ -138,16 +138,21 @@ export class SecureListener {
       socket.destroy();
     });
     const tcp = createTcpServer({ noDelay: true }, (socket: Socket) => {
-      if (limits.maxConnections > 0 && this.#open >= limits.maxConnections) {
-        this.#options.observer.handshakeRefused(this.name, refusal('too_many_connections', `${limits.maxConnections}`), socket.remoteAddress);
-        socket.destroy();
-        return;
-      }
-      this.#open++;
-      socket.once('close', () => this.#open--);
-      tls.emit('connection', socket);
+      if (limits.maxConnections === 0 || this.#admit(socket, limits.maxConnections)) tls.emit('connection', socket);
     });
     return { tcp, tls };
+  }
+
+  /** Under --mtls_max_connections: counted until it closes. Over it: refused, logged and counted, before any handshake. */
+  #admit(socket: Socket, max: number): boolean {
+    if (this.#open >= max) {
+      this.#options.observer.handshakeRefused(this.name, refusal('too_many_connections', `${max}`), socket.remoteAddress);
+      socket.destroy();
+      return false;
+    }
+    this.#open++;
+    socket.once('close', () => this.#open--);
+    return true;
   }
 
   #onSecureConnection(socket: TLSSocket): void {

@@ -42,22 +42,13 @@ export function monotonicPart(metrics: MetricsJson): MetricsJson {
   return metrics.filter((metric) => MONOTONIC_TYPES.has(String(metric.type)));
 }
 
-/** Two snapshots of counters and histograms added sample by sample (same metric, same labels). */
+/**
+ * Two snapshots of counters and histograms added sample by sample (same metric,
+ * same labels), by prom-client's own merge. Synchronous, unlike a registry's
+ * getMetricsAsJSON(): the sum must be in place before the next scrape reads it.
+ */
 export function sumMonotonic(a: MetricsJson, b: MetricsJson): MetricsJson {
-  const sums = new Map<string, { metric: MetricsJson[number]; samples: Map<string, MetricValue<string>> }>();
-  for (const metric of monotonicPart([...a, ...b])) {
-    let entry = sums.get(metric.name);
-    if (!entry) sums.set(metric.name, (entry = { metric, samples: new Map() }));
-    for (const sample of metric.values) {
-      const key = sampleKey(sample);
-      const known = entry.samples.get(key);
-      entry.samples.set(key, known ? { ...known, value: known.value + sample.value } : sample);
-    }
-  }
-  return [...sums.values()].map(({ metric, samples }) => ({ ...metric, values: [...samples.values()] }));
-}
-
-function sampleKey(sample: MetricValue<string>): string {
-  const labels = Object.entries(sample.labels).sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0));
-  return JSON.stringify([(sample as { metricName?: string }).metricName ?? '', labels]);
+  const merged = AggregatorRegistry.aggregate([monotonicPart(a), monotonicPart(b)]).getMetricsAsArray() as unknown as (MetricsJson[number] & { get?: unknown })[];
+  // Each merged metric comes wrapped with a get(); the snapshot is the data alone.
+  return merged.map(({ get: _get, ...metric }) => metric);
 }

@@ -40,12 +40,21 @@ export function subjectCn(cert: X509Certificate): string {
   return commonName(cert.subject);
 }
 
+/** checkIssued() compares names only; verify() proves the issuer's key signed it (false, not a throw, for a key it cannot use). */
+export function issuedBy(cert: X509Certificate, issuer: X509Certificate): boolean {
+  try {
+    return cert.checkIssued(issuer) && cert.verify(issuer.publicKey);
+  } catch {
+    return false;
+  }
+}
+
 /** Each intermediate in the file must have issued the certificate before it. */
 function checkServerChain(chain: readonly X509Certificate[], path: string, now: Date): void {
   for (let i = 1; i < chain.length; i++) {
     const child = chain[i - 1]!;
     const parent = chain[i]!;
-    if (!child.checkIssued(parent) || !child.verify(parent.publicKey)) {
+    if (!issuedBy(child, parent)) {
       throw new TlsMaterialError(
         `--mtls_cert: ${path}: certificate #${i + 1} (${subjectCn(parent)}) did not issue certificate #${i} (${subjectCn(child)}); put the server certificate first, then each CA in signing order`,
       );

@@ -16,6 +16,7 @@ import type { RunningProxy } from './proxy.js';
 import { loadTlsMaterial, type TlsMaterial } from './tls-material.js';
 import { RevocationIndex } from './crl-index.js';
 import { presentedChain } from './listeners.js';
+import { issuedBy } from './tls-checks.js';
 
 export type ReloadTrigger = 'signal' | 'file' | 'api';
 
@@ -224,12 +225,4 @@ function pathToTrust(presented: readonly X509Certificate[], cas: readonly X509Ce
     cert = issuer;
   }
   return trusted ? path : undefined;
-}
-
-function issuedBy(cert: X509Certificate, issuer: X509Certificate): boolean {
-  try {
-    return cert.checkIssued(issuer) && cert.verify(issuer.publicKey);
-  } catch {
-    return false;
-  }
 }

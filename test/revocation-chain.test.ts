@@ -10,7 +10,7 @@ import { h2Request, h2Session, startTestProxy, startUpstream } from './helpers/h
 import { TlsReloader } from '../src/tls-reload.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { createLogger } from '../src/log.js';
-import { createCrl } from '../src/x509.js';
+import { createCrl, type Issued } from '../src/x509.js';
 
 test('a CRL reload that revokes an intermediate CA closes the live connection of a client chained through it', async () => {
   const pki = await createTestPki();
@@ -77,54 +77,48 @@ describe('a reload closes what a new handshake would refuse', () => {
     await pki.cleanup();
   });
 
-  test('a CA taken out of --mtls_client_ca: the live connections of its clients are closed, the other CA\'s client carries on', async () => {
-    const { front, reloader, caFile } = await startOnOwnFiles(pki, upstream, pki.clientCa.certPem + pki.otherCa.certPem, undefined);
-    const foreign = h2Session(front.restPort, pki, pki.foreignClient);
+  /**
+   * A client of `client` and one of the plain CA connect; `change` rewrites a file and the
+   * reload runs: the first connection must close, logged with `subject` and `reason`, and
+   * the plain client must be served on.
+   */
+  async function closedByReload(files: Awaited<ReturnType<typeof startOnOwnFiles>>, client: Issued, change: () => Promise<void>, subject: RegExp, reason: string) {
+    const { front, reloader } = files;
+    const target = h2Session(front.restPort, pki, client);
     const plain = h2Session(front.restPort, pki);
     try {
-      assert.equal(await ready(foreign), 200);
+      assert.equal(await ready(target), 200);
       assert.equal(await ready(plain), 200);
-      const closed = once(foreign, 'close');
-      await writeFile(caFile, pki.clientCa.certPem);
+      const closed = once(target, 'close');
+      await change();
       const outcome = await reloader.reload('api');
       assert.equal(outcome.ok && outcome.revokedConnections, 1);
       await closed;
       const line = await front.logs.waitFor((l) => l.event === 'connection_revoked');
-      assert.match(String(line['subject']), /CN=foreign client/);
-      assert.equal(line['reason'], 'unknown_ca');
+      assert.match(String(line['subject']), subject);
+      assert.equal(line['reason'], reason);
       assert.equal(await ready(plain), 200);
     } finally {
       reloader.close();
-      foreign.destroy();
+      target.destroy();
       plain.close();
       await front.proxy.shutdown(1000);
     }
+  }
+
+  test('a CA taken out of --mtls_client_ca: the live connections of its clients are closed, the other CA\'s client carries on', async () => {
+    const files = await startOnOwnFiles(pki, upstream, pki.clientCa.certPem + pki.otherCa.certPem, undefined);
+    await closedByReload(files, pki.foreignClient, () => writeFile(files.caFile, pki.clientCa.certPem), /CN=foreign client/, 'unknown_ca');
   });
 
   test('a CRL that revokes an intermediate CA held in --mtls_client_ca closes a client that sent only its leaf', async () => {
     const bundle = pki.clientCa.certPem + pki.intermediateCa.certPem;
-    const { front, reloader, crlFile } = await startOnOwnFiles(pki, upstream, bundle, pki.crlPem + pki.intermediateCrlPem);
+    const files = await startOnOwnFiles(pki, upstream, bundle, pki.crlPem + pki.intermediateCrlPem);
     const leafOnly = { ...pki.chainedClient, certPem: pki.chainedClient.certPem.slice(0, pki.chainedClient.certPem.indexOf(pki.intermediateCa.certPem)) };
-    const chained = h2Session(front.restPort, pki, leafOnly);
-    const plain = h2Session(front.restPort, pki);
-    try {
-      assert.equal(await ready(chained), 200);
-      assert.equal(await ready(plain), 200);
-      const closed = once(chained, 'close');
+    const revokeIntermediate = async () => {
       const rootCrl = await createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: pki.intermediateCa.serialHex }] });
-      await writeFile(crlFile!, rootCrl + pki.intermediateCrlPem);
-      const outcome = await reloader.reload('api');
-      assert.equal(outcome.ok && outcome.revokedConnections, 1);
-      await closed;
-      const line = await front.logs.waitFor((l) => l.event === 'connection_revoked');
-      assert.match(String(line['subject']), /CN=chained client/);
-      assert.equal(line['reason'], 'revoked');
-      assert.equal(await ready(plain), 200);
-    } finally {
-      reloader.close();
-      chained.destroy();
-      plain.close();
-      await front.proxy.shutdown(1000);
-    }
+      await writeFile(files.crlFile!, rootCrl + pki.intermediateCrlPem);
+    };
+    await closedByReload(files, leafOnly, revokeIntermediate, /CN=chained client/, 'revoked');
   });
 });

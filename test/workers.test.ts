@@ -79,6 +79,12 @@ async function linesMatching(logs: LogCapture, count: number, match: (l: LogLine
   return logs.lines.filter(match);
 }
 
+/** `calls` REST requests, each on a connection of its own and answered 200: their access lines. */
+async function servedCalls(r: Running, calls: number): Promise<LogLine[]> {
+  for (let i = 0; i < calls; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+  return linesMatching(r.cli.logs, calls, (l) => l.event === 'access');
+}
+
 function sumOf(metrics: string, name: string): number {
   return metrics.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `)).reduce((n, l) => n + Number(l.split(' ').at(-1)), 0);
 }
@@ -88,8 +94,7 @@ describe('proxy mode with two workers', SAFETY, () => {
     const r = await startWorkersCli();
     try {
       const calls = 6;
-      for (let i = 0; i < calls; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
-      const lines = await linesMatching(r.cli.logs, calls, (l) => l.event === 'access');
+      const lines = await servedCalls(r, calls);
       assert.equal(workersOf(lines).size, 2, 'both workers served calls');
       assert.equal(new Set(lines.map((l) => l['pid'])).size, 2);
       const metrics = (await httpGet(r.adminPort, '/metrics')).body;
@@ -153,8 +158,7 @@ describe('proxy mode with two workers', SAFETY, () => {
     const r = await startWorkersCli();
     try {
       const calls = 6;
-      for (let i = 0; i < calls; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
-      const lines = await linesMatching(r.cli.logs, calls, (l) => l.event === 'access');
+      const lines = await servedCalls(r, calls);
       const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
       assert.ok(lines.some((l) => l['pid'] === victim), 'the worker to be killed served calls');
       const before = (await httpGet(r.adminPort, '/metrics')).body;
