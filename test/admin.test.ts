@@ -87,6 +87,16 @@ describe('admin listener', () => {
     assert.match(muchLater.detail, /server certificate localhost expired/);
   });
 
+  test('--mtls_admin_bind_address 127.0.0.1,:: serves on both (:: bound IPv6-only next to an IPv4 address)', async () => {
+    const admin = await startAdminServer({ hosts: ['127.0.0.1', '::'], port: 0, metrics: new ProxyMetrics(), health: () => ({ ready: true, checks: {} }) });
+    try {
+      assert.equal((await httpGet(admin.port, '/healthz')).status, 200);
+      assert.equal((await httpGet(admin.port, '/healthz', 'GET', '::1')).status, 200);
+    } finally {
+      await admin.close();
+    }
+  });
+
   test('a busy admin port is a one-line ListenError naming the flag', async () => {
     const first = await startAdminServer({ hosts: ['127.0.0.1'], port: 0, metrics: new ProxyMetrics(), health: () => ({ ready: true, checks: {} }) });
     try {

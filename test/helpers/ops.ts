@@ -13,9 +13,9 @@ export interface PlainResponse {
   body: string;
 }
 
-export function httpGet(port: number, path: string, method = 'GET'): Promise<PlainResponse> {
+export function httpGet(port: number, path: string, method = 'GET', host = '127.0.0.1'): Promise<PlainResponse> {
   return new Promise((resolve, reject) => {
-    const req = httpRequest({ host: '127.0.0.1', port, path, method, agent: false }, (res) => {
+    const req = httpRequest({ host, port, path, method, agent: false }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
