@@ -246,7 +246,8 @@ describe('certificate reload with two workers', SAFETY, () => {
       for (const pid of pids as number[]) process.kill(pid, 'SIGKILL');
       const failed = r.cli.logs.waitFor((l) => l.event === 'worker_start_failed').then((l) => assert.fail(`a replacement failed: ${String(l['reason'])}`));
       await Promise.race([linesMatching(r.cli.logs, 2, (l) => l.event === 'listening' && Number(l['worker']) > 2), failed]);
-      assert.equal((await httpGet(r.adminPort, '/readyz')).status, 200);
+      // A worker logs `listening` before the primary hears it over IPC: readiness follows a moment later.
+      await eventually(async () => (await httpGet(r.adminPort, '/readyz')).status === 200, '/readyz to turn 200 with both replacements');
       for (let i = 0; i < 4; i += 1) assert.equal(await servedSerial(r.restPort, alice()), pki.server.serialHex);
       assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
     } finally {
