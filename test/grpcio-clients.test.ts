@@ -1,0 +1,162 @@
+/**
+ * Real C-core gRPC (Debian's python3-grpcio, the stack of OVMS itself and of most Python
+ * and C++ clients) on both sides of the proxy, in both gRPC modes. grpc-js alone would not
+ * catch what only C-core checks: it refuses a call without `te: trailers`, it sends its
+ * chain and metadata its own way, and it reports a refused handshake as UNAVAILABLE.
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { connect as connectH2 } from 'node:http2';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startTestProxy, type StartedProxy } from './helpers/harness.js';
+import { eventually } from './helpers/ops.js';
+
+const PYTHON = '/usr/bin/python3';
+const SCRIPT = fileURLToPath(new URL('../../test/fixtures/kserve_grpcio.py', import.meta.url));
+const PROTO_DIR = fileURLToPath(new URL('../../proto', import.meta.url));
+const SERVICE = '/inference.GRPCInferenceService';
+const XFCC_OF_CLIENT = /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests";URI=spiffe:\/\/test.local\/client$/;
+
+const run = promisify(execFile);
+
+let pki: TestPki;
+let stubs: string;
+let upstream: { child: ChildProcessWithoutNullStreams; port: number; events: Record<string, unknown>[] };
+const fronts: Partial<Record<'terminate' | 'relay', StartedProxy>> = {};
+
+/** Python's environment: the generated stubs, and no HTTP proxy (C-core honours http_proxy even for 127.0.0.1). */
+const pythonEnv = (): NodeJS.ProcessEnv => ({ PATH: process.env.PATH, PYTHONPATH: stubs, LANG: 'C.UTF-8' });
+
+async function startGrpcioServer(): Promise<typeof upstream> {
+  const child = spawn(PYTHON, [SCRIPT, 'server'], { env: pythonEnv() });
+  let stderr = '';
+  child.stderr.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
+  const events: Record<string, unknown>[] = [];
+  const lines = createInterface({ input: child.stdout });
+  const port = await new Promise<number>((resolve, reject) => {
+    child.once('exit', (code) => reject(new Error(`the grpcio server exited (${code}) before listening: ${stderr}`)));
+    lines.on('line', (line) => {
+      const announced = /^PORT (\d+)$/.exec(line);
+      if (announced) resolve(Number(announced[1]));
+      else events.push(JSON.parse(line) as Record<string, unknown>);
+    });
+  });
+  return { child, port, events };
+}
+
+const clientsLeft = () => upstream.events.filter((e) => e.event === 'client_left').length;
+
+type Result = Record<string, unknown> & { code: string };
+
+/** Runs the grpcio client with a certificate of the test PKI by base name (`null`: none), one JSON result per case. */
+async function grpcioClient(port: number, cert: string | null, cases: string[]): Promise<Record<string, Result>> {
+  const identity = cert ? [pki.paths[`${cert}.pem`]!, pki.paths[`${cert}.key`]!] : [];
+  const { stdout } = await run(PYTHON, [SCRIPT, 'client', `127.0.0.1:${port}`, pki.paths['server_ca.pem']!, ...identity, cases.join(',')],
+    { env: pythonEnv(), timeout: 120_000 });
+  return JSON.parse(stdout) as Record<string, Result>;
+}
+
+/** A bare HTTP/2 gRPC call straight to the grpcio server: its grpc-status, or the stream error. */
+async function directCallStatus(headers: Record<string, string>): Promise<string> {
+  const session = connectH2(`http://127.0.0.1:${upstream.port}`);
+  try {
+    const stream = session.request({ ':method': 'POST', ':path': `${SERVICE}/ServerLive`, 'content-type': 'application/grpc', ...headers });
+    let status = 'none';
+    stream.on('response', (h) => { status = String(h['grpc-status'] ?? status); });
+    stream.on('trailers', (h) => { status = String(h['grpc-status'] ?? status); });
+    stream.resume();
+    stream.end(Buffer.alloc(5));
+    await once(stream, 'close');
+    return status;
+  } finally {
+    session.close();
+  }
+}
+
+before(async () => {
+  pki = await createTestPki();
+  await run(PYTHON, ['-c', 'import grpc, google.protobuf'], { env: pythonEnv() }).catch(() => {
+    throw new Error(`${PYTHON} cannot import grpc: these tests need Debian's python3-grpcio, python3-protobuf and protobuf-compiler (apt-get install -y python3-grpcio python3-protobuf protobuf-compiler; .ci/run does it)`);
+  });
+  stubs = await mkdtemp(join(tmpdir(), 'ovms-mtls-grpcio-'));
+  await run('protoc', ['-I', PROTO_DIR, '--python_out', stubs, join(PROTO_DIR, 'kserve_v2.proto')]);
+  upstream = await startGrpcioServer();
+  // The chain CRL file: a client that sends its intermediate needs the intermediate's CRL too.
+  const tls = { crl: pki.paths['client_cert_ca_chain.crl']! };
+  for (const mode of ['terminate', 'relay'] as const) {
+    fronts[mode] = await startTestProxy({ pki, tls, upstream: { grpcPort: upstream.port }, grpcMode: mode });
+  }
+});
+
+after(async () => {
+  for (const front of Object.values(fronts)) await front.proxy.shutdown(1000);
+  upstream.child.stdin.end();
+  if (upstream.child.exitCode === null) await once(upstream.child, 'exit');
+  await rm(stubs, { recursive: true, force: true });
+  await pki.cleanup();
+});
+
+describe('grpcio (C-core) clients and server through the proxy', () => {
+  test('the grpcio stand-in refuses a call without te: trailers, as OVMS does', async () => {
+    assert.equal(await directCallStatus({ te: 'trailers' }), '0');
+    assert.equal(await directCallStatus({}), '2');
+  });
+
+  for (const mode of ['terminate', 'relay'] as const) {
+    describe(`${mode} mode`, () => {
+      test('unary infer with text and -bin metadata, NOT_FOUND with its details and -bin trailer, a 2.9 MB request, a bidi stream, a deadline', async () => {
+        const front = fronts[mode]!;
+        const leftBefore = clientsLeft();
+        const results = await grpcioClient(front.grpcPort, 'client', ['live', 'infer', 'not_found', 'large', 'stream', 'deadline']);
+        assert.deepEqual(results.live, { code: 'OK', live: true });
+
+        const infer = results.infer!;
+        assert.equal(infer.code, 'OK');
+        assert.deepEqual(infer.fp32, [2, 3, 4]);
+        assert.equal(infer.raw, `base64:${Buffer.from(Array.from({ length: 256 }, (_, i) => i)).toString('base64')}`);
+        assert.equal((infer.initial as Record<string, string>)['x-echo-request-id'], 'req-7');
+        assert.deepEqual(infer.trailing, { 'x-echo-trace-bin': 'base64:AAH+/w==' });
+        // Terminate mode names the client to the model server; the relay passes frames as they are.
+        if (mode === 'terminate') assert.match(String(infer.xfcc), XFCC_OF_CLIENT);
+        else assert.equal(infer.xfcc, '');
+
+        const notFound = results.not_found!;
+        assert.equal(notFound.code, 'NOT_FOUND');
+        assert.equal(notFound.details, 'Model with requested name is not found');
+        assert.equal((notFound.trailing as Record<string, string>)['x-detail-bin'], `base64:${Buffer.from('\x00\xffnot-found', 'latin1').toString('base64')}`);
+
+        assert.deepEqual(results.large, { code: 'OK', received_bytes: 2_900_000 });
+        assert.deepEqual(results.stream, { code: 'OK', ids: ['s0', 's1', 's2'] });
+        assert.equal(results.deadline!.code, 'DEADLINE_EXCEEDED');
+        // The expired call ended at the model server as well, not only at the client.
+        await eventually(() => clientsLeft() > leftBefore, `the grpcio server to see the ${mode} call end at its deadline`);
+        const access = front.logs.lines.filter((l) => l.event === (mode === 'terminate' ? 'access' : 'relay_access'));
+        assert.ok(access.some((l) => l.subject === 'CN=client,OU=tests'), 'an access line names the grpcio client');
+      });
+
+      test('a grpcio client that sends its leaf and intermediate is served', async () => {
+        const results = await grpcioClient(fronts[mode]!.grpcPort, 'chained_client', ['live']);
+        assert.deepEqual(results.live, { code: 'OK', live: true });
+      });
+
+      for (const [cert, reason] of [[null, 'no_certificate'], ['foreign_client', 'unknown_ca'], ['revoked_client', 'revoked'], ['expired_client', 'expired']] as const) {
+        test(`a grpcio client with ${cert ?? 'no certificate'} gets UNAVAILABLE and the proxy logs ${reason}`, async () => {
+          const front = fronts[mode]!;
+          const before = front.logs.lines.length;
+          const results = await grpcioClient(front.grpcPort, cert, ['live']);
+          assert.equal(results.live!.code, 'UNAVAILABLE');
+          await eventually(() => front.logs.lines.slice(before).some((l) => l.event === 'client_refused' && l.reason === reason),
+            `a client_refused line with reason ${reason}`);
+        });
+      }
+    });
+  }
+});
