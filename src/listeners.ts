@@ -5,6 +5,7 @@ import { bindsIpv6Only, type AllowList, type Limits } from './config.js';
 import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
+import { handshakeFailureReason } from './handshake-failures.js';
 
 /** What the protocol layer learns about a connection that passed every check. */
 export interface ConnectionContext {
@@ -134,10 +135,12 @@ export class SecureListener {
     });
     tls.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));
     tls.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
-      this.#options.observer.handshakeFailed(this.name, handshakeErrorCode(err), socket.remoteAddress);
+      this.#options.observer.handshakeFailed(this.name, handshakeFailureReason(err), remoteOf(socket));
       socket.destroy();
     });
     const tcp = createTcpServer({ noDelay: true }, (socket: Socket) => {
+      // Read now, while the socket is open: Node caches it, and a client that resets mid-handshake is still named.
+      void socket.remoteAddress;
       if (limits.maxConnections === 0 || this.#admit(socket, limits.maxConnections)) tls.emit('connection', socket);
     });
     return { tcp, tls };
@@ -161,18 +164,18 @@ export class SecureListener {
     const peer = socket.getPeerX509Certificate();
     const refused = verificationRefusal(socket, peer) ?? this.#chainRefusal(peer);
     if (refused) {
-      observer.handshakeRefused(this.name, refused, socket.remoteAddress, peer?.subject.replace(/\n/g, ','));
+      observer.handshakeRefused(this.name, refused, remoteOf(socket), peer?.subject.replace(/\n/g, ','));
       socket.destroy();
       return;
     }
     const identity = identityFromCertificate(peer!);
     if (!isAllowed(identity, this.#allow)) {
-      observer.handshakeRefused(this.name, refusal('not_allowed'), socket.remoteAddress, identity.subject);
+      observer.handshakeRefused(this.name, refusal('not_allowed'), remoteOf(socket), identity.subject);
       socket.destroy();
       return;
     }
     observer.handshakeAccepted(this.name);
-    const context: ConnectionContext = { listener: this.name, identity, certificate: peer!, remoteAddress: socket.remoteAddress, socket };
+    const context: ConnectionContext = { listener: this.name, identity, certificate: peer!, remoteAddress: remoteOf(socket), socket };
     this.#track(socket, context);
     if (socket.alpnProtocol === 'h2') this.#options.handover.h2(socket, context);
     else this.#options.handover.http1(socket, context);
@@ -212,10 +215,13 @@ export function presentedChain(context: ConnectionContext): X509Certificate[] {
   return x509Chain(context.certificate);
 }
 
-function handshakeErrorCode(err: NodeJS.ErrnoException): string {
-  if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') return 'not_tls';
-  if (err.code === 'ERR_TLS_HANDSHAKE_TIMEOUT') return 'handshake_timeout';
-  return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase();
+/**
+ * The client's address as cached at accept on the TCP socket the TLS socket wraps
+ * (`_parent`, set by Node's TLS server): once a client has reset, the TLS socket's
+ * own lookup finds nothing.
+ */
+function remoteOf(socket: TLSSocket): string | undefined {
+  return (socket as TLSSocket & { _parent?: Socket | null })._parent?.remoteAddress ?? socket.remoteAddress;
 }
 
 function listenOn(server: TcpServer, options: ListenOptions & { host: string; port: number }, name: ListenerName): Promise<void> {

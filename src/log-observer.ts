@@ -1,6 +1,7 @@
 import { ACCESS_EVENTS, type Logger } from './log.js';
 import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 import { accessLineWriter } from './access-line.js';
+import { handshakeFailureDetail } from './handshake-failures.js';
 
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
 export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
@@ -13,7 +14,7 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
       logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject }, refusal.detail);
     },
     handshakeFailed(listener, code, remote) {
-      logger.info({ event: 'handshake_failed', listener, remote, reason: code }, 'TLS handshake failed');
+      logger.info({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));
     },
     upstreamError(listener, code) {
       logger.warn({ event: 'upstream_error', listener, reason: code }, 'upstream error');

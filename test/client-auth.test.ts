@@ -10,7 +10,8 @@ import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { issueClientCert, type Issued } from '../src/x509.js';
 import { ProxyMetrics } from '../src/metrics.js';
-import { sample } from './helpers/ops.js';
+import { eventually, sample } from './helpers/ops.js';
+import { runCommand } from './helpers/cli.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -201,6 +202,46 @@ describe('TLS settings', () => {
     await once(socket, 'connect');
     await once(socket, 'close');
     await front.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === 'handshake_timeout');
+  });
+
+  /** The first handshake_failed line logged after `from` lines. */
+  async function failureAfter(from: number) {
+    await eventually(() => front.logs.lines.slice(from).some((l) => l.event === 'handshake_failed'), 'a handshake_failed line');
+    return front.logs.lines.slice(from).find((l) => l.event === 'handshake_failed')!;
+  }
+
+  test('a client that distrusts our certificate and hangs up is named, and told where the fix usually is', async () => {
+    const from = front.logs.lines.length;
+    // Node (like grpc-js and grpcio) closes without an alert: the server sees only the reset, after which the socket has no address.
+    const socket = tlsConnect({ port: front.grpcPort, host: '127.0.0.1', servername: 'localhost', ca: pki.clientCa.certPem, ALPNProtocols: ['h2'] });
+    const [err] = await once(socket, 'error') as [NodeJS.ErrnoException];
+    assert.equal(err.code, 'UNABLE_TO_VERIFY_LEAF_SIGNATURE');
+    const line = await failureAfter(from);
+    assert.equal(line.reason, 'client_closed');
+    assert.equal(line.remote, '127.0.0.1');
+    assert.match(line.msg, /closed the connection before the TLS handshake finished.*does not trust our server certificate/);
+  });
+
+  test('a client that refuses our certificate with a TLS alert (curl) is told to trust the CA of --mtls_cert', async () => {
+    const from = front.logs.lines.length;
+    const curl = await runCommand('curl', ['-s', '--http1.1', '--cacert', pki.paths['client_cert_ca.pem']!, '--cert', pki.paths['client.pem']!,
+      '--key', pki.paths['client.key']!, `https://localhost:${front.restPort}/v2/health/live`]);
+    assert.equal(curl.code, 60, 'curl: peer certificate cannot be authenticated with the given CA');
+    const line = await failureAfter(from);
+    assert.equal(line.reason, 'tlsv1_alert_unknown_ca');
+    assert.equal(line.remote, '127.0.0.1');
+    assert.match(line.msg, /refused our server certificate: give it the CA that signed --mtls_cert.*\(TLS alert unknown_ca\)$/);
+  });
+
+  test('a plaintext client on a TLS port is told so', async () => {
+    const from = front.logs.lines.length;
+    const socket = tcpConnect(front.restPort, '127.0.0.1');
+    socket.on('error', () => {});
+    socket.end('GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n');
+    socket.resume();
+    const line = await failureAfter(from);
+    assert.equal(line.reason, 'not_tls');
+    assert.match(line.msg, /did not start TLS: a plaintext client/);
   });
 
   test('HTTP/2 clients are told the bounded stream count and the larger flow-control window', async () => {

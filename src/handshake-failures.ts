@@ -1,0 +1,36 @@
+/**
+ * Why a TLS handshake failed, for the log and the metrics label, and what an
+ * operator can do about it. A refused client certificate is not here: that is
+ * a refusal (client-identity.ts), judged after a handshake that succeeded.
+ */
+
+/** Client alerts that mean "I do not accept your server certificate". */
+const DISTRUST_ALERTS = new Set(['tlsv1_alert_unknown_ca', 'sslv3_alert_bad_certificate', 'sslv3_alert_certificate_unknown',
+  'sslv3_alert_certificate_expired', 'sslv3_alert_unsupported_certificate', 'tlsv1_alert_access_denied']);
+
+const DETAILS: Record<string, string> = {
+  not_tls: 'the client did not start TLS: a plaintext client (an insecure gRPC channel, http://) on a TLS port?',
+  handshake_timeout: 'the client did not finish the TLS handshake within --mtls_handshake_timeout',
+  client_closed: 'the client closed the connection before the TLS handshake finished: a TCP health check, or a client that does not trust our server certificate',
+  unsupported_protocol: 'the client offers no TLS version we accept (TLS 1.2 and 1.3)',
+  tlsv1_alert_protocol_version: 'the client accepts no TLS version we offer (TLS 1.2 and 1.3)',
+  no_shared_cipher: 'the client offers no cipher suite we accept',
+  no_application_protocol: 'the client offers no application protocol we speak (ALPN h2 or http/1.1)',
+};
+
+const DISTRUST_DETAIL = 'the client refused our server certificate: give it the CA that signed --mtls_cert, and connect by a name the certificate holds';
+
+/** A short, stable reason: `not_tls`, `client_closed`, or OpenSSL's code in lower case (`tlsv1_alert_unknown_ca`). */
+export function handshakeFailureReason(err: NodeJS.ErrnoException): string {
+  if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') return 'not_tls';
+  if (err.code === 'ERR_TLS_HANDSHAKE_TIMEOUT') return 'handshake_timeout';
+  // Node reports a client's FIN during the handshake as ECONNRESET ("socket hang up") too.
+  if (err.code === 'ECONNRESET' || err.code === 'EPIPE') return 'client_closed';
+  return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase();
+}
+
+/** One sentence for the log line: what happened, and where the fix usually is. */
+export function handshakeFailureDetail(reason: string): string {
+  if (DISTRUST_ALERTS.has(reason)) return `${DISTRUST_DETAIL} (TLS alert ${reason.replace(/^(tlsv1|sslv3)_alert_/, '')})`;
+  return DETAILS[reason] ?? `TLS handshake failed (${reason})`;
+}
