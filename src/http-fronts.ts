@@ -154,8 +154,14 @@ export function headStalledMessage(timeoutMs: number): string {
   return `the request head did not arrive within ${timeoutMs / 1000} s (--mtls_idle_timeout)`;
 }
 
+interface Refusal {
+  readonly status: number;
+  readonly message: string;
+  readonly error: string;
+}
+
 /** What a client whose request Node's parser refused is told, as the relay's own parser words it. */
-function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Limits): { status: number; message: string; error: string } {
+function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Limits): Refusal {
   if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, message: headStalledMessage(limits.idleTimeoutMs), error: 'client_header_timeout' };
   if (err.code === 'HPE_HEADER_OVERFLOW') return { status: 431, message: `request header section larger than ${limits.maxHeaderSize} bytes (--mtls_max_header_size)`, error: 'bad_request' };
   return { status: 400, message: `malformed request: ${err.reason ?? err.code ?? err.message}`, error: 'bad_request' };
@@ -178,6 +184,10 @@ export class H1Front implements Drainable {
   readonly #active = new Map<Socket, number>();
   /** Connections to close once their current response is done (revoked clients). */
   readonly #closing = new WeakSet<Socket>();
+  /** The last request Node parsed on each connection. */
+  readonly #latest = new WeakMap<Socket, IncomingMessage>();
+  /** What Node's parser refused behind requests still in flight: answered, and the connection closed, once they are. */
+  readonly #refuseAfterAnswers = new WeakMap<Socket, Refusal>();
   #draining = false;
 
   readonly #observer: ProxyObserver;
@@ -210,9 +220,25 @@ export class H1Front implements Drainable {
         return;
       }
       const refusal = refusalOf(err, options.limits);
-      socket.end(closingAnswer(refusal.status, 'text/plain; charset=utf-8', `${refusal.message}\n`));
-      this.#logRefusal(socket, refusal.status, refusal.error);
+      // The bad bytes follow whole requests still being answered: a 400 now would reach the client as the answer to the first of them.
+      if (this.#owesAnswers(socket)) this.#refuseAfterAnswers.set(socket, refusal);
+      else this.#refuse(socket, refusal);
     });
+  }
+
+  /** Requests that arrived whole before the bad bytes are still waiting for their answers. */
+  #owesAnswers(socket: Socket): boolean {
+    return (this.#active.get(socket) ?? 0) > 0 && this.#latest.get(socket)?.complete === true;
+  }
+
+  /** Our own answer to what Node's parser refused; the connection then closes. */
+  #refuse(socket: Socket, refusal: Refusal): void {
+    if (!socket.writable) {
+      socket.destroy();
+      return;
+    }
+    socket.end(closingAnswer(refusal.status, 'text/plain; charset=utf-8', `${refusal.message}\n`));
+    this.#logRefusal(socket, refusal.status, refusal.error);
   }
 
   accept(socket: TLSSocket, context: ConnectionContext): void {
@@ -260,6 +286,7 @@ export class H1Front implements Drainable {
       return;
     }
     this.#active.set(socket, (this.#active.get(socket) ?? 0) + 1);
+    this.#latest.set(socket, req);
     // An HTTP/1.1 request in flight counts as an open stream, as an HTTP/2 stream does.
     this.#observer.streamOpened(context.listener);
     const closing = () => this.#draining || this.#closing.has(socket);
@@ -268,7 +295,10 @@ export class H1Front implements Drainable {
       this.#observer.streamClosed(context.listener);
       const left = (this.#active.get(socket) ?? 1) - 1;
       this.#active.set(socket, left);
-      if (closing() && left === 0) socket.end();
+      if (left > 0) return;
+      const refusal = this.#refuseAfterAnswers.get(socket);
+      if (refusal) this.#refuse(socket, refusal);
+      else if (closing()) socket.end();
     });
     handler(req, res, context);
   }

@@ -224,6 +224,14 @@ for (const mode of FORWARD_MODES) {
       assert.equal(line.subject, 'CN=client,OU=tests');
       assert.equal(line.status, 200);
     });
+
+    // Python requests 2.28 (Debian's) ends a chunked body at a generator's empty chunk and sends the rest as bytes after it.
+    test('bytes that are no request, behind a whole one, get their 400 after that one is answered, and the connection closes', async () => {
+      const socket = await openRaw(front.restPort, pki);
+      socket.write('GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\n\r\n3\r\ndef\r\n0\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.match(text, /^HTTP\/1\.1 200 OK\r\n[^]*"name":"b"[^]*HTTP\/1\.1 400 Bad Request\r\n[^]*connection: close\r\n/);
+    });
   });
 }
 
