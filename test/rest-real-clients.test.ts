@@ -1,0 +1,265 @@
+/**
+ * The REST port driven by the clients users copy from READMEs: curl (the command lines the
+ * demo prints: --cert/--key/--cacert, HTTP/1.1 and HTTP/2) and Python (Debian's requests on
+ * urllib3, and the stdlib http.client), in both REST modes, with the stand-in model server
+ * behind the proxy. Node's own clients, which the other tests use, are lenient where these
+ * are not (curl's Expect: 100-continue on large uploads, requests' chunked generators,
+ * urllib3's per-chunk streaming of an event stream).
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { once } from 'node:events';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { GateBoard } from './helpers/sse.js';
+import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import { FORWARD_MODES } from '../src/config.js';
+import { eventually } from './helpers/ops.js';
+
+const PYTHON = '/usr/bin/python3';
+const SCRIPT = fileURLToPath(new URL('../../test/fixtures/rest_requests.py', import.meta.url));
+const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: INPUT }] });
+/** Over 1 MiB: curl sends `Expect: 100-continue` and waits for the 100 (1 s at most) before the body. */
+const LARGE_BYTES = 3_000_000;
+
+let pki: TestPki;
+let upstream: ModelServer;
+let board = new GateBoard();
+let largeFile: string;
+let largeSha256: string;
+let inferFile: string;
+
+/**
+ * No proxy variables, and none of the CA-bundle ones this machine sets: requests lets
+ * REQUESTS_CA_BUNDLE override a Session's `verify`, and curl would read CURL_CA_BUNDLE.
+ */
+const clientEnv = (): NodeJS.ProcessEnv => ({ PATH: process.env.PATH, LANG: 'C.UTF-8' });
+
+before(async () => {
+  const requests = await runClient(PYTHON, ['-c', 'import requests']);
+  if (requests.code !== 0) throw new Error(`${PYTHON} cannot import requests: these tests need Debian's python3-requests (apt-get install -y python3-requests; .ci/run does it)`);
+  pki = await createTestPki();
+  upstream = await startUpstream({ grpcPort: null, sseGate: (i) => board.wait(i) });
+  const large = Buffer.alloc(LARGE_BYTES);
+  for (let i = 0; i < LARGE_BYTES; i++) large[i] = (i * 7) & 0xff;
+  largeFile = join(pki.dir, 'large.bin');
+  largeSha256 = createHash('sha256').update(large).digest('hex');
+  inferFile = join(pki.dir, 'infer.json');
+  await Promise.all([writeFile(largeFile, large), writeFile(inferFile, INFER_BODY)]);
+});
+
+after(async () => {
+  board.openAll();
+  await upstream.close();
+  await pki.cleanup();
+});
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function runClient(file: string, args: string[]): Promise<Run> {
+  return new Promise((resolve) => {
+    execFile(file, args, { env: clientEnv(), timeout: 30_000, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
+      const code = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+/** curl with a certificate of the test PKI by base name (`null`: none), trusting the server CA. */
+function curlArgs(client: string | null = 'client'): string[] {
+  const cert = client ? ['--cert', pki.paths[`${client}.pem`]!, '--key', pki.paths[`${client}.key`]!] : [];
+  return ['-sS', ...cert, '--cacert', pki.paths['server_ca.pem']!];
+}
+
+/** Each case's result, in order; SSE events are skipped here (see pythonSse). */
+async function python(port: number, client: string, cases: string[]): Promise<Record<string, Record<string, unknown>>> {
+  const run = await runClient(PYTHON, [SCRIPT, String(port), pki.dir, client, ...cases]);
+  assert.equal(run.code, 0, run.stderr);
+  const results: Record<string, Record<string, unknown>> = {};
+  for (const line of run.stdout.split('\n').filter(Boolean)) {
+    const result = JSON.parse(line) as Record<string, unknown>;
+    if (!('event' in result)) results[String(result.case)] = result;
+  }
+  return results;
+}
+
+/**
+ * Releases the upstream's events one at a time: event i+1 is not even written upstream until
+ * the client has printed event i, so a client that got them only at the end would hang here.
+ * Returns what the client printed, one line per event.
+ */
+async function releasedOneByOne(command: string, args: string[], eventOf: (line: string) => string | undefined): Promise<{ events: string[]; code: number; lines: string[] }> {
+  board = new GateBoard();
+  const child = spawn(command, args, { env: clientEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
+  const exited = once(child, 'exit');
+  const events: string[] = [];
+  const lines: string[] = [];
+  try {
+    board.open(0);
+    for await (const line of createInterface({ input: child.stdout })) {
+      lines.push(line);
+      const event = eventOf(line);
+      if (event === undefined) continue;
+      events.push(event);
+      // Still running: this event came before the stream ended.
+      assert.equal(child.exitCode, null, `exited before event ${events.length}: ${stderr}`);
+      board.open(events.length);
+    }
+    const [code] = await exited;
+    return { events, code: code as number, lines };
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
+/** The chat reply's words, then [DONE]: what a client of the stand-in's stream must see. */
+function assertChatStream(events: string[]): void {
+  const words = events.slice(0, -1).map((e) => JSON.parse(e.replace(/^data: /, '')).choices[0].delta.content as string);
+  assert.deepEqual(words, CHAT_REPLY_WORDS);
+  assert.equal(events.at(-1), 'data: [DONE]');
+}
+
+for (const mode of FORWARD_MODES) {
+  describe(`real REST clients, --mtls_rest_mode ${mode}`, () => {
+    let front: StartedProxy;
+    const url = (path: string) => `https://localhost:${front.restPort}${path}`;
+    const refusedWithoutCertificate = () => front.logs.lines.filter((l) => l.event === 'client_refused' && l.reason === 'no_certificate').length;
+
+    /** Runs a client that presents no certificate; the refusal must be logged, and nothing reach the model server. */
+    async function refused<T>(client: () => Promise<T>): Promise<T> {
+      const [logged, received] = [refusedWithoutCertificate(), upstream.received.length];
+      const result = await client();
+      await eventually(() => refusedWithoutCertificate() === logged + 1, 'the client_refused line');
+      assert.equal(upstream.received.length, received);
+      return result;
+    }
+
+    before(async () => {
+      front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode: mode });
+    });
+
+    after(async () => {
+      board.openAll();
+      await front.proxy.shutdown(1000);
+    });
+
+    for (const version of ['1.1', '2'] as const) {
+      const flag = `--http${version}`;
+
+      test(`curl ${flag}: a KServe JSON infer returns the dummy model output`, async () => {
+        const run = await runClient('curl', [...curlArgs(), flag, '-w', '\n%{http_version}', url('/v2/models/dummy/infer'), '-H', 'content-type: application/json', '-d', INFER_BODY]);
+        assert.equal(run.code, 0, run.stderr);
+        const [body, httpVersion] = run.stdout.split('\n');
+        assert.equal(httpVersion, version === '1.1' ? '1.1' : '2');
+        assert.deepEqual(JSON.parse(body!).outputs[0].data, INPUT.map((x) => x + 1));
+      });
+
+      test(`curl ${flag}: a 3 MB upload arrives whole${version === '1.1' ? ', its Expect: 100-continue answered with 100 (curl does not wait out its timeout)' : ''}`, async () => {
+        const run = await runClient('curl', [...curlArgs(), flag, '-v', url('/echo-body'), '--data-binary', `@${largeFile}`]);
+        assert.equal(run.code, 0, run.stderr);
+        assert.deepEqual(JSON.parse(run.stdout), { bytes: LARGE_BYTES, sha256: largeSha256 });
+        if (version === '1.1') {
+          assert.match(run.stderr, /^> Expect: 100-continue\r?$/m);
+          assert.match(run.stderr, /^< HTTP\/1\.1 100 Continue\r?$/m);
+        }
+        assert.doesNotMatch(run.stderr, /Done waiting for 100-continue/);
+      });
+
+      test(`curl ${flag}: a chunked upload (-H 'Transfer-Encoding: chunked' --data-binary @file) arrives whole`, async () => {
+        for (const [file, bytes, sha256] of [[inferFile, INFER_BODY.length, createHash('sha256').update(INFER_BODY).digest('hex')], [largeFile, LARGE_BYTES, largeSha256]] as const) {
+          const run = await runClient('curl', [...curlArgs(), flag, url('/echo-body'), '-H', 'Transfer-Encoding: chunked', '--data-binary', `@${file}`]);
+          assert.equal(run.code, 0, run.stderr);
+          assert.deepEqual(JSON.parse(run.stdout), { bytes, sha256 });
+        }
+      });
+
+      test(`curl ${flag} -I (HEAD): the GET's status and headers, no body, and curl ends`, async () => {
+        const run = await runClient('curl', [...curlArgs(), flag, '-I', url('/v2/models/dummy')]);
+        assert.equal(run.code, 0, run.stderr);
+        assert.match(run.stdout, /^HTTP\/(?:1\.1 200 OK|2 200 )\r\n/);
+        assert.match(run.stdout, /^content-length: \d+\r$/im);
+        assert.ok(run.stdout.endsWith('\r\n\r\n'), JSON.stringify(run.stdout));
+      });
+
+      test(`curl ${flag}: a model that does not exist gets the model server's 404 and its JSON error`, async () => {
+        const run = await runClient('curl', [...curlArgs(), flag, '-w', '\n%{http_code}', url('/v2/models/missing/infer'), '-d', INFER_BODY]);
+        assert.equal(run.code, 0, run.stderr);
+        const [body, status] = run.stdout.split('\n');
+        assert.equal(status, '404');
+        assert.deepEqual(JSON.parse(body!), { error: 'Model with requested name is not found' });
+      });
+
+      test(`curl ${flag} URL1 URL2 URL3 (after an upload) reuses one connection for all`, async () => {
+        const run = await runClient('curl', [
+          ...curlArgs(), flag, '-o', '/dev/null', '-w', '%{http_code} %{num_connects}\n', url('/echo-body'), '--data-binary', `@${largeFile}`,
+          '--next', ...curlArgs(), flag, '-o', '/dev/null', '-o', '/dev/null', '-o', '/dev/null', '-w', '%{http_code} %{num_connects}\n',
+          url('/v2/health/ready'), url('/v2/models/dummy'), url('/v2/models/missing'),
+        ]);
+        assert.equal(run.code, 0, run.stderr);
+        assert.deepEqual(run.stdout.trim().split('\n'), ['200 1', '200 0', '200 0', '404 0']);
+      });
+
+      test(`curl ${flag} -N: Server-Sent Events arrive one by one, each before the stream ends`, async () => {
+        const body = JSON.stringify({ model: 'm', stream: true });
+        const { events, code } = await releasedOneByOne('curl', [...curlArgs(), flag, '-N', url('/v3/chat/completions'), '-H', 'content-type: application/json', '-d', body],
+          (line) => (line.startsWith('data: ') ? line : undefined));
+        assert.equal(code, 0);
+        assertChatStream(events);
+      });
+
+      test(`curl ${flag} without a client certificate fails with no answer; the model server never sees it`, async () => {
+        const run = await refused(() => runClient('curl', [...curlArgs(null), flag, url('/v2/models/dummy/infer'), '-d', INFER_BODY]));
+        assert.notEqual(run.code, 0);
+        assert.equal(run.stdout, '');
+        assert.match(run.stderr, /^curl: \(\d+\) /);
+      });
+    }
+
+    test('Python requests and http.client: infer, 404, a chunked upload from a generator, three requests on one http.client connection', async () => {
+      const results = await python(front.restPort, 'client', ['infer', 'not_found', 'chunked_upload', 'stdlib']);
+      assert.deepEqual(results.infer, { case: 'infer', status: 200, data: INPUT.map((x) => x + 1) });
+      assert.deepEqual(results.not_found, { case: 'not_found', status: 404, body: { error: 'Model with requested name is not found' } });
+      const upload = results.chunked_upload as { status: number; body: { bytes: number; sha256: string }; expected: string };
+      assert.equal(upload.status, 200);
+      assert.deepEqual(upload.body, { bytes: 3_000_000, sha256: upload.expected });
+      const stdlib = results.stdlib as { infers: unknown[]; upload: typeof upload };
+      assert.deepEqual(stdlib.infers, Array(3).fill({ status: 200, data: INPUT.map((x) => x + 1) }));
+      assert.deepEqual(stdlib.upload.body, { bytes: 3_000_000, sha256: stdlib.upload.expected });
+    });
+
+    test('Python requests: a generator that yields an empty chunk ends the body there (requests 2.28 sends "0\\r\\n\\r\\n"), and the user gets the model server\'s answer to what came before it, not a 400', async () => {
+      const results = await python(front.restPort, 'client', ['empty_chunk_upload']);
+      assert.equal(results.empty_chunk_upload!.status, 200, JSON.stringify(results.empty_chunk_upload));
+      assert.equal(JSON.parse(String(results.empty_chunk_upload!.body)).bytes, 3);
+    });
+
+    test('Python requests stream=True, iter_lines(): Server-Sent Events arrive one by one, each before the stream ends', async () => {
+      const { events, code, lines } = await releasedOneByOne(PYTHON, [SCRIPT, String(front.restPort), pki.dir, 'client', 'sse'], (line) => {
+        const printed = JSON.parse(line) as { event?: string };
+        return printed.event;
+      });
+      assert.equal(code, 0);
+      assertChatStream(events);
+      assert.deepEqual(JSON.parse(lines.at(-1)!), { case: 'sse', status: 200, contentType: 'text/event-stream', events: CHAT_REPLY_WORDS.length + 1 });
+    });
+
+    test('Python requests without a client certificate: a requests.exceptions.ConnectionError, the model server never sees it', async () => {
+      const results = await refused(() => python(front.restPort, 'none', ['infer']));
+      assert.equal(results.infer!.connectionError, true, JSON.stringify(results.infer));
+    });
+  });
+}
