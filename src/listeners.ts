@@ -130,7 +130,8 @@ export class SecureListener {
       // We judge the certificate ourselves to log WHY it was refused; Node's
       // own rejection gives no reason (FINDINGS).
       rejectUnauthorized: false,
-      ALPNProtocols: ['h2', 'http/1.1'],
+      // http/1.0 too (as nginx): Node refuses the handshake of a client offering no protocol it lists (curl --http1.0), though both fronts serve HTTP/1.0.
+      ALPNProtocols: ['h2', 'http/1.1', 'http/1.0'],
       handshakeTimeout: limits.handshakeTimeoutMs,
     });
     tls.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));

@@ -229,6 +229,16 @@ for (const mode of FORWARD_MODES) {
       });
     }
 
+    test('curl --http1.0 (ALPN http/1.0, as nginx accepts it): an infer, and Server-Sent Events one by one on a connection that closes at their end', async () => {
+      const run = await runClient('curl', [...curlArgs(), '--http1.0', url('/v2/models/dummy/infer'), '-d', INFER_BODY]);
+      assert.equal(run.code, 0, run.stderr);
+      assert.deepEqual(JSON.parse(run.stdout).outputs[0].data, INPUT.map((x) => x + 1));
+      const { events, code } = await releasedOneByOne('curl', [...curlArgs(), '--http1.0', '-N', url('/v3/chat/completions'), '-d', JSON.stringify({ stream: true })],
+        (line) => (line.startsWith('data: ') ? line : undefined));
+      assert.equal(code, 0);
+      assertChatStream(events);
+    });
+
     test('Python requests and http.client: infer, 404, a chunked upload from a generator, three requests on one http.client connection', async () => {
       const results = await python(front.restPort, 'client', ['infer', 'not_found', 'chunked_upload', 'stdlib']);
       assert.deepEqual(results.infer, { case: 'infer', status: 200, data: INPUT.map((x) => x + 1) });
