@@ -15,7 +15,7 @@ const DETAILS: Record<string, string> = {
   unsupported_protocol: 'the client offers no TLS version we accept (TLS 1.2 and 1.3)',
   tlsv1_alert_protocol_version: 'the client accepts no TLS version we offer (TLS 1.2 and 1.3)',
   no_shared_cipher: 'the client offers no cipher suite we accept',
-  no_application_protocol: 'the client offers no application protocol we speak (ALPN h2 or http/1.1)',
+  no_application_protocol: 'the client offers no application protocol we speak (ALPN h2, http/1.1 or http/1.0)',
 };
 
 const DISTRUST_DETAIL = 'the client refused our server certificate: give it the CA that signed --mtls_cert, and connect by a name the certificate holds';
