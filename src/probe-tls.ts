@@ -5,7 +5,8 @@
  * certificate (FINDINGS), so "handshake done" proves nothing about the client
  * cert; the server speaking (HTTP/2 SETTINGS, or an HTTP/1.1 answer) does.
  */
-import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { isIP } from 'node:net';
+import { checkServerIdentity, connect as tlsConnect, type ConnectionOptions, type PeerCertificate, type TLSSocket } from 'node:tls';
 
 export type Layer = 'network' | 'server certificate' | 'client certificate' | 'protocol' | 'upstream' | 'model';
 
@@ -31,6 +32,9 @@ export interface HandshakeResult {
   readonly diagnosis?: Diagnosis;
 }
 
+// The TLS alerts a server sends when it refuses the client certificate, as OpenSSL names them in its messages.
+const CLIENT_CERT_ALERT = /alert (certificate required|bad certificate|unknown ca|certificate revoked|certificate expired|certificate unknown|access denied|handshake failure)/i;
+
 const UNTRUSTED_SERVER = new Set([
   'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
   'SELF_SIGNED_CERT_IN_CHAIN', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'CERT_SIGNATURE_FAILURE', 'CERT_UNTRUSTED',
@@ -42,6 +46,7 @@ export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, 
   const at = `${target.host}:${target.port}`;
   if (code === 'ECONNREFUSED') return { layer: 'network', cause: `nothing listens on ${at} (wrong port, or the server is not running)` };
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return { layer: 'network', cause: `host name ${target.host} does not resolve` };
+  if (code === 'PROBE_TIMEOUT' && secured) return silentAfterHandshake(target);
   if (code === 'ETIMEDOUT' || code === 'PROBE_TIMEOUT') return { layer: 'network', cause: `no answer from ${at} within ${target.timeoutMs} ms (firewall, or the wrong host)` };
   if (UNTRUSTED_SERVER.has(code)) return { layer: 'server certificate', cause: `the server certificate is not trusted by --mtls_ca (${code}): pass the CA that issued the server certificate` };
   if (code === 'CERT_HAS_EXPIRED') return { layer: 'server certificate', cause: 'the server certificate has expired: renew it on the server' };
@@ -50,8 +55,9 @@ export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, 
   if (code === 'ERR_SSL_WRONG_VERSION_NUMBER' || code === 'ERR_SSL_PACKET_LENGTH_TOO_LONG' || /wrong version number|packet length too long|http request/i.test(err.message)) {
     return { layer: 'protocol', cause: `${at} does not speak TLS: is it the model server's own plain port instead of the mTLS port?` };
   }
-  if (/alert (certificate required|bad certificate|unknown ca|certificate revoked|certificate expired|certificate unknown|access denied|handshake failure)/i.test(err.message)) {
-    return { layer: 'client certificate', cause: `the server refused the client certificate (${err.message.replace(/^.*alert /i, 'alert ')}): check it was issued by the server's client CA, is valid and not revoked` };
+  const alert = CLIENT_CERT_ALERT.exec(err.message);
+  if (alert) {
+    return { layer: 'client certificate', cause: `the server refused the client certificate (TLS alert "${alert[1]!.toLowerCase()}"): check it was issued by the server's client CA, is valid and not revoked` };
   }
   if (secured) return refusedAfterHandshake();
   return { layer: 'network', cause: `the connection failed before the TLS handshake finished (${code || err.message})` };
@@ -61,6 +67,25 @@ function refusedAfterHandshake(): Diagnosis {
   return {
     layer: 'client certificate',
     cause: 'the server closed the connection right after the handshake: it refused the client certificate (unknown CA, expired, revoked, wrong purpose, or not on its allow-list; the server log names the reason)',
+  };
+}
+
+// A server that finished the handshake and then says nothing is no HTTP server: ours and nginx answer or close.
+function silentAfterHandshake(target: TlsTarget): Diagnosis {
+  return {
+    layer: 'protocol',
+    cause: `the TLS handshake with ${target.host}:${target.port} finished but the server sent nothing within ${target.timeoutMs} ms after it (no HTTP/2 SETTINGS, no answer to an HTTP/1.1 request): is it an HTTP server?`,
+  };
+}
+
+/**
+ * SNI and the name the server certificate must carry. RFC 6066 forbids an IP address as SNI (Node warns
+ * on stderr and will drop it), so an IP is sent as no SNI and still checked against the certificate's IP SANs.
+ */
+export function serverNameOptions(servername: string): Pick<ConnectionOptions, 'servername' | 'checkServerIdentity'> {
+  return {
+    servername: isIP(servername) === 0 ? servername : '',
+    checkServerIdentity: (_host: string, cert: PeerCertificate) => checkServerIdentity(servername, cert),
   };
 }
 
@@ -80,7 +105,7 @@ export function tlsHandshake(target: TlsTarget): Promise<HandshakeResult> {
     let secured = false;
     let settled = false;
     const socket = tlsConnect({
-      host: target.host, port: target.port, servername: target.servername,
+      host: target.host, port: target.port, ...serverNameOptions(target.servername),
       cert: target.cert, key: target.key, ca: target.ca, ALPNProtocols: ['h2', 'http/1.1'],
     });
     const finish = (result: HandshakeResult) => {

@@ -6,7 +6,7 @@
 import { request as httpsRequest } from 'node:https';
 import * as grpc from '@grpc/grpc-js';
 import { kserveClient, unary, type KserveClient } from './demo/grpc-client.js';
-import { tlsHandshake, type Diagnosis, type TlsTarget } from './probe-tls.js';
+import { serverNameOptions, tlsHandshake, type Diagnosis, type TlsTarget } from './probe-tls.js';
 
 export type { Diagnosis, Layer } from './probe-tls.js';
 
@@ -116,7 +116,7 @@ interface RestAnswer {
 function httpsGet(options: ProbeOptions, port: number, path: string): Promise<RestAnswer> {
   return new Promise((resolve, reject) => {
     const req = httpsRequest({
-      host: options.host, port, path, agent: false, servername: options.servername ?? options.host,
+      host: options.host, port, path, agent: false, ...serverNameOptions(options.servername ?? options.host),
       cert: options.cert, key: options.key, ca: options.ca, timeout: options.timeoutMs,
     }, (res) => {
       const chunks: Buffer[] = [];

@@ -4,10 +4,12 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { PassThrough } from 'node:stream';
 import { writeFile } from 'node:fs/promises';
+import { createServer as createTlsServer, type Server as TlsServer, type TlsOptions } from 'node:tls';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { BIN, runCli } from './helpers/cli.js';
+import { eventually } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { run } from '../src/cli/main.js';
@@ -40,6 +42,15 @@ async function probe(args: string[]): Promise<{ code: number; out: string }> {
   stdout.on('data', (c: Buffer) => chunks.push(c));
   const code = await run(['probe', '--host', '127.0.0.1', '--timeout', '20', ...args], { stdout, stderr: stdout, env: {} });
   return { code, out: Buffer.concat(chunks).toString('utf8') };
+}
+
+/** A bare TLS server on 127.0.0.1 serving the test server certificate; `onSecure` gets each accepted connection. */
+async function bareTlsServer(options: TlsOptions, onSecure: (socket: import('node:tls').TLSSocket) => void = () => undefined): Promise<{ server: TlsServer; port: number }> {
+  const server = createTlsServer({ cert: pki.server.certPem, key: pki.server.keyPem, ...options }, onSecure);
+  server.on('tlsClientError', () => undefined);
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return { server, port: (server.address() as import('node:net').AddressInfo).port };
 }
 
 describe('probe', () => {
@@ -90,6 +101,49 @@ describe('probe', () => {
     const grpcOnRest = await probe(['--port', String(front.restPort), ...clientFlags()]);
     assert.match(grpcOnRest.out, /-> protocol layer: /);
     assert.equal(restOnGrpc.code + tlsOnPlain.code + grpcOnRest.code, 3);
+  });
+
+  test('a server that refuses the client certificate with a TLS alert (openssl s_server, as nginx-style OpenSSL servers do) is named on one line with the alert', async () => {
+    const [port] = await freeLoopbackPorts(1);
+    // -Verify makes the client certificate mandatory; -verify_return_error refuses a foreign one with an alert.
+    const server = spawn('openssl', ['s_server', '-accept', `127.0.0.1:${port}`, '-cert', pki.paths['server.pem']!, '-key', pki.paths['server.key']!,
+      '-CAfile', pki.paths['client_cert_ca.pem']!, '-Verify', '2', '-verify_return_error', '-www'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    try {
+      let banner = '';
+      server.stdout.setEncoding('utf8').on('data', (chunk: string) => (banner += chunk));
+      await eventually(() => banner.includes('ACCEPT'), 'openssl s_server accepting');
+      const { code, out } = await probe(['--rest_port', String(port), ...clientFlags('foreign_client')]);
+      assert.equal(code, 1);
+      // Before: 'refused the client certificate (alert number 48\n): check...': the alert's name lost, the line broken.
+      assert.match(out, /^ {6}-> client certificate layer: the server refused the client certificate \(TLS alert "unknown ca"\): check it was issued by the server's client CA.*$/m);
+      assert.equal(out.split('\n').length, 4, out);
+    } finally {
+      server.kill();
+    }
+  });
+
+  test('a server that finishes the handshake and then says nothing is the protocol layer, not the network', async () => {
+    const held: import('node:tls').TLSSocket[] = [];
+    const { server, port } = await bareTlsServer({ ca: pki.clientCa.certPem, requestCert: true, rejectUnauthorized: true, ALPNProtocols: ['http/1.1'] }, (socket) => held.push(socket));
+    try {
+      const { code, out } = await probe(['--rest_port', String(port), '--timeout', '1', ...clientFlags()]);
+      assert.equal(code, 1);
+      assert.match(out, /-> protocol layer: the TLS handshake with 127\.0\.0\.1:\d+ finished but the server sent nothing within 1000 ms after it/);
+      assert.doesNotMatch(out, /network layer|firewall/);
+    } finally {
+      held.forEach((socket) => socket.destroy());
+      server.close();
+    }
+  });
+
+  test('probing by IP address sends no IP as SNI (no Node deprecation warning on stderr) and still checks the IP against the certificate', async () => {
+    const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags()]);
+    assert.equal(res.code, 0, res.stdout);
+    assert.equal(res.stderr, '');
+    const wrongIp = await runCli(['probe', '--host', '127.0.0.1', '--servername', '10.9.8.7', '--rest_port', String(front.restPort), ...clientFlags()]);
+    assert.equal(wrongIp.code, 1);
+    assert.match(wrongIp.stdout, /-> server certificate layer: the server certificate does not name 10\.9\.8\.7/);
+    assert.equal(wrongIp.stderr, '');
   });
 
   test('nothing listening is reported as the network layer', async () => {
