@@ -25,6 +25,8 @@ export interface CheckReport {
 
 const SERVER_AUTH_OID = '1.3.6.1.5.5.7.3.1';
 const ANY_EKU_OID = '2.5.29.37.0';
+// OpenSSL's security level 2, the default on Debian and Ubuntu, refuses smaller RSA keys.
+const MIN_RSA_BITS = 2048;
 
 export function checkTlsFiles(files: TlsFiles, now = new Date()): CheckReport {
   let material: TlsMaterial;
@@ -52,6 +54,10 @@ function serverFindings(m: TlsMaterial, now: Date): Finding[] {
   ];
   if (san) findings.push({ level: 'info', text: `server names (SAN): ${san}` });
   else findings.push({ level: 'warn', text: `server certificate ${m.files.cert} has no subjectAltName: Go, rustls and browser clients refuse it (\`ovms-mtls certs init --server_name NAME\` makes one with SANs)` });
+  const rsaBits = cert.publicKey.asymmetricKeyType === 'rsa' ? cert.publicKey.asymmetricKeyDetails?.modulusLength : undefined;
+  if (rsaBits !== undefined && rsaBits < MIN_RSA_BITS) {
+    findings.push({ level: 'warn', text: `server certificate ${m.files.cert} has a ${rsaBits}-bit RSA key: OpenSSL clients at security level 2 (Debian's and Ubuntu's default: curl, Python, openssl s_client) refuse it as "key too weak"; reissue it with ${MIN_RSA_BITS} bits or more (\`ovms-mtls certs init --key rsa2048\`, or the default EC key)` });
+  }
   const eku = cert.keyUsage;
   if (eku && !eku.includes(SERVER_AUTH_OID) && !eku.includes(ANY_EKU_OID)) {
     findings.push({ level: 'warn', text: `server certificate ${m.files.cert} has an extended key usage without serverAuth: strict clients refuse it` });

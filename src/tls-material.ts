@@ -157,6 +157,17 @@ function checkCrlPem(crl: Buffer, path: string): void {
   }
 }
 
+/** A key that fits a later certificate of the file means the chain is upside down (CA first), not a wrong key. */
+function keyMismatch(chain: X509Certificate[], privateKey: KeyObject, files: TlsFiles): TlsMaterialError {
+  const holder = chain.findIndex((cert) => cert.checkPrivateKey(privateKey));
+  if (holder > 0) {
+    return new TlsMaterialError(
+      `--mtls_cert: ${files.cert}: the key ${files.key} belongs to certificate #${holder + 1} (${subjectCn(chain[holder]!)}), not to certificate #1 (${subjectCn(chain[0]!)}); put the server certificate first, then each CA in signing order`,
+    );
+  }
+  return new TlsMaterialError(`--mtls_key: ${files.key} does not match --mtls_cert ${files.cert} (check you mounted the pair)`);
+}
+
 function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const cert = raw.mtls_cert!;
   const key = raw.mtls_key!;
@@ -164,9 +175,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const chain = parseCertificates(cert.toString('latin1'), 'mtls_cert', files.cert);
   const serverCert = chain[0]!;
   const privateKey = parseKey(key, files.key);
-  if (!serverCert.checkPrivateKey(privateKey)) {
-    throw new TlsMaterialError(`--mtls_key: ${files.key} does not match --mtls_cert ${files.cert} (check you mounted the pair)`);
-  }
+  if (!serverCert.checkPrivateKey(privateKey)) throw keyMismatch(chain, privateKey, files);
   checkServerCert(serverCert, files.cert, now);
   const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
   checkClientCas(clientCas, files.clientCa);

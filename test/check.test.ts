@@ -1,5 +1,7 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
@@ -53,6 +55,17 @@ async function assertRefused(files: TlsFiles, pattern: RegExp): Promise<void> {
   assert.ok(result.stdout.includes(startup.message), 'check prints the startup message verbatim');
 }
 
+/** Runs the openssl CLI; returns its output (stdout and stderr), which must exit 0 unless `mayFail`. */
+async function openssl(args: string[], mayFail = false): Promise<string> {
+  const child = spawn('openssl', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.setEncoding('utf8').on('data', (c: string) => (out += c));
+  child.stderr.setEncoding('utf8').on('data', (c: string) => (out += c));
+  const [code] = (await once(child, 'close')) as [number | null];
+  if (!mayFail) assert.equal(code, 0, `openssl ${args.join(' ')}: ${out}`);
+  return out;
+}
+
 describe('ovms-mtls check', () => {
   test('a good set exits 0 and reports the server names, how long the certificate lives, the client CA and the CRL', async () => {
     const result = await runCli(['check', ...flags(goodFiles())]);
@@ -103,6 +116,30 @@ describe('ovms-mtls check', () => {
   test('a server certificate file whose chain is in the wrong order or from the wrong CA is reported', async () => {
     const cert = await write('server_wrong_chain.pem', pki.server.certPem + pki.otherCa.certPem);
     await assertRefused({ ...goodFiles(), cert }, /--mtls_cert: .*server_wrong_chain\.pem: certificate #2 \(ovms-mtls test other CA\) did not issue certificate #1 \(localhost\)/);
+  });
+
+  test('a server certificate file with the CA first and the server certificate after it names the order, not a wrong key', async () => {
+    const cert = await write('server_ca_first.pem', pki.serverCa.certPem + pki.server.certPem);
+    await assertRefused(
+      { ...goodFiles(), cert },
+      /--mtls_cert: .*server_ca_first\.pem: the key .*server\.key belongs to certificate #2 \(localhost\), not to certificate #1 \(ovms-mtls test server CA\); put the server certificate first, then each CA in signing order/,
+    );
+  });
+
+  test('an RSA key under 2048 bits passes (the proxy serves it) with a warning: openssl at security level 2 refuses it', async () => {
+    const key = join(pki.dir, 'rsa1024.key');
+    const csr = join(pki.dir, 'rsa1024.csr');
+    const cert = join(pki.dir, 'rsa1024.pem');
+    const ext = await write('rsa1024.ext', 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n');
+    await openssl(['req', '-new', '-newkey', 'rsa:1024', '-nodes', '-keyout', key, '-subj', '/CN=localhost', '-out', csr]);
+    await openssl(['x509', '-req', '-in', csr, '-CA', pki.paths['server_ca.pem']!, '-CAkey', pki.paths['server_ca.key']!, '-days', '2', '-extfile', ext, '-out', cert]);
+    const strict = await openssl(['verify', '-auth_level', '2', '-CAfile', pki.paths['server_ca.pem']!, cert], true);
+    assert.match(strict, /key too weak/);
+    const result = await runCli(['check', ...flags({ ...goodFiles(), cert, key })]);
+    assert.equal(result.code, 0, result.stdout);
+    assert.match(result.stdout, /^WARN {2}server certificate .*rsa1024\.pem has a 1024-bit RSA key: OpenSSL clients at security level 2 .* refuse it as "key too weak"; reissue it with 2048 bits or more/m);
+    const good = await runCli(['check', ...flags(goodFiles())]);
+    assert.doesNotMatch(good.stdout, /RSA key/);
   });
 
   test('a server certificate followed by the CA that issued it passes', async () => {
