@@ -42,22 +42,41 @@ export async function assertAbsent(dir: string, names: string[]): Promise<void> 
   throw new ConfigError(`${existing[0]} already exists${more}; pass --force to overwrite`);
 }
 
+/**
+ * All files are written to temp files first and renamed into place only once every one of them is on
+ * disk: a write that fails (disk full, quota, file size limit) replaces nothing, instead of leaving a new
+ * server.pem next to the old server.key, which no proxy can load.
+ */
 export async function writeFiles(dir: string, files: PlannedFile[]): Promise<WrittenFile[]> {
-  const written: WrittenFile[] = [];
-  for (const file of files) {
-    const path = join(dir, file.name);
-    await writeFileAtomically(path, file.contents, file.mode);
-    written.push({ name: file.name, path, mode: file.mode, description: file.description });
+  const staged: { temp: string; path: string; mode: number }[] = [];
+  try {
+    for (const file of files) {
+      const path = join(dir, file.name);
+      staged.push({ temp: await stageFile(path, file.contents, file.mode), path, mode: file.mode });
+    }
+  } catch (err) {
+    await removeTemps(staged);
+    const unchanged = files.length > 1 ? `; none of the ${files.length} files was replaced` : '';
+    throw new ConfigError(`${(err as Error).message}${unchanged}`, { cause: err });
   }
-  return written;
+  for (const [i, file] of staged.entries()) {
+    try {
+      await rename(file.temp, file.path);
+    } catch (err) {
+      await removeTemps(staged.slice(i));
+      throw new ConfigError(`cannot write ${file.path}: ${(err as Error).message}`, { cause: err });
+    }
+    await chmod(file.path, file.mode);
+  }
+  return files.map((file) => ({ name: file.name, path: join(dir, file.name), mode: file.mode, description: file.description }));
 }
 
 /**
- * Temp file + rename: a reader (a proxy reloading its certs) sees the old file or the new one, never
- * a torn one. The temp file is created with its final mode, so a key is never readable by others,
- * and chmod'ed again because the process umask may have narrowed the mode given to open().
+ * Writes a temp file next to `path` for a later rename, so that a reader (a proxy reloading its certs)
+ * sees the old file or the new one, never a torn one. The temp file is created with its final mode, so a
+ * key is never readable by others, and chmod'ed again because the process umask may have narrowed it.
  */
-async function writeFileAtomically(path: string, contents: string, mode: number): Promise<void> {
+async function stageFile(path: string, contents: string, mode: number): Promise<string> {
   const temp = `${path}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
   try {
     const handle = await open(temp, 'wx', mode);
@@ -68,12 +87,15 @@ async function writeFileAtomically(path: string, contents: string, mode: number)
     } finally {
       await handle.close();
     }
-    await rename(temp, path);
+    return temp;
   } catch (err) {
     await unlink(temp).catch(() => undefined);
-    throw new ConfigError(`cannot write ${path}: ${(err as Error).message}`, { cause: err });
+    throw new Error(`cannot write ${path}: ${(err as Error).message}`, { cause: err });
   }
-  await chmod(path, mode);
+}
+
+async function removeTemps(staged: { temp: string }[]): Promise<void> {
+  await Promise.all(staged.map((file) => unlink(file.temp).catch(() => undefined)));
 }
 
 /** Reads a PEM file of the PKI; a missing one means `certs init` has not run for this directory. */
