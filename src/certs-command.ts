@@ -16,6 +16,7 @@ import {
   readMaterial,
   readOptionalMaterial,
   resolveCertPath,
+  withFileLock,
   writeFiles,
   type PlannedFile,
   type WrittenFile,
@@ -162,6 +163,11 @@ export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> 
   assertIssuedBy(target, new X509Certificate(clientCa.certPem), certPath);
 
   const crlPath = resolve(dir, CERT_FILES.clientCaCrl);
+  return withFileLock(crlPath, () => revokeInCrl(dir, clientCa, crlPath, certPath, target));
+}
+
+/** Reads, extends and rewrites the CRL: only under its lock (see withFileLock). */
+async function revokeInCrl(dir: string, clientCa: Issued, crlPath: string, certPath: string, target: X509Certificate): Promise<RevokeReport> {
   const previous = await readPreviousCrl(crlPath, clientCa);
   const serialHex = normaliseSerial(target.serialNumber);
   const subject = target.subject.replace(/\n/g, ', ');
@@ -196,11 +202,14 @@ export async function certsRenewCrl(o: CertsRenewCrlOptions): Promise<CertsRepor
   const dir = resolve(o.dir);
   const clientCa = await readClientCa(dir);
   const crlPath = resolve(dir, CERT_FILES.clientCaCrl);
-  const previous = await readPreviousCrl(crlPath, clientCa);
-  const revoked = previous?.revoked ?? [];
-  const next = await writeNextCrl(dir, clientCa, previous, revoked, `${revoked.length} revoked`, o.days === undefined ? undefined : checkDays(o.days) * DAY_MS);
-  const summary = [next.wrote, 'ovms-mtls reloads the CRL on its own (file watch or SIGHUP).'].join('\n');
-  return { dir, files: next.files, validUntil: next.nextUpdate, summary, crlNumber: next.crlNumber };
+  const spanMs = o.days === undefined ? undefined : checkDays(o.days) * DAY_MS;
+  return withFileLock(crlPath, async () => {
+    const previous = await readPreviousCrl(crlPath, clientCa);
+    const revoked = previous?.revoked ?? [];
+    const next = await writeNextCrl(dir, clientCa, previous, revoked, `${revoked.length} revoked`, spanMs);
+    const summary = [next.wrote, 'ovms-mtls reloads the CRL on its own (file watch or SIGHUP).'].join('\n');
+    return { dir, files: next.files, validUntil: next.nextUpdate, summary, crlNumber: next.crlNumber };
+  });
 }
 
 /**

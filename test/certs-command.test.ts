@@ -1,14 +1,14 @@
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import tls from 'node:tls';
-import { CERT_FILES, certsClient, certsInit, certsRevoke } from '../src/certs-command.js';
+import { CERT_FILES, certsClient, certsInit, certsRenewCrl, certsRevoke } from '../src/certs-command.js';
 import { ConfigError } from '../src/errors.js';
 import { parseCrl, parseCrlSerials } from '../src/x509.js';
 
@@ -270,6 +270,35 @@ describe('certs revoke', () => {
     await assert.rejects(certsRevoke({ dir, cert: join(otherDir, CERT_FILES.clientCert) }), configError(/was not issued by client_cert_ca\.pem/));
     await assert.rejects(certsRevoke({ dir, cert: join(dir, CERT_FILES.serverCert) }), configError(/was not issued by client_cert_ca\.pem/));
     await assert.rejects(certsRevoke({ dir, cert: join(dir, CERT_FILES.clientCaCert) }), configError(/is the client CA itself/));
+  });
+
+  test('revokes run at the same time all land on the CRL, each with its own CRL number', async () => {
+    const names = ['p1', 'p2', 'p3', 'p4', 'p5', 'p6'];
+    for (const name of names) await certsClient({ dir, name });
+    const crlPath = join(dir, CERT_FILES.clientCaCrl);
+    const numberBefore = parseCrl(await readFile(crlPath, 'utf8')).crlNumber!;
+    // Before the lock, each read the same old CRL and the last rename won: 1 of 6 revocations survived.
+    const reports = await Promise.all(names.map((name) => certsRevoke({ dir, cert: name })));
+    const crl = parseCrl(await readFile(crlPath, 'utf8'));
+    const onCrl = new Set(crl.revoked.map((entry) => entry.serialHex));
+    for (const report of reports) assert.ok(onCrl.has(report.serialHex), `serial ${report.serialHex} reported revoked but missing from the CRL`);
+    assert.equal(crl.crlNumber, numberBefore + BigInt(names.length));
+    assert.deepEqual(reports.map((r) => r.crlNumber).sort((a, b) => Number(a - b)), names.map((_, i) => numberBefore + BigInt(i + 1)));
+    for (const name of names) assert.match(verifyClient(dir, `${name}.pem`).out, /certificate revoked/);
+    assert.deepEqual((await readdir(dir)).filter((name) => name.endsWith('.lock') || name.endsWith('.tmp')), []);
+  });
+
+  test('a CRL lock left by a process that no longer runs is named, with what to do, instead of waiting', async () => {
+    const gone = spawn(process.execPath, ['-e', ''], { stdio: 'ignore' });
+    await once(gone, 'exit');
+    const lock = join(dir, `${CERT_FILES.clientCaCrl}.lock`);
+    await writeFile(lock, `${gone.pid}\n`);
+    try {
+      await assert.rejects(certsRenewCrl({ dir }), configError(new RegExp(`client_cert_ca\\.crl\\.lock was left by process ${gone.pid}, which no longer runs; remove it if no other certs command`)));
+    } finally {
+      await rm(lock);
+    }
+    await certsRenewCrl({ dir });
   });
 
   test('names the missing file when the certificate to revoke does not exist', async () => {

@@ -1,12 +1,15 @@
 /** File handling for `ovms-mtls certs`: private keys never world-readable, no half-written files. */
 import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { isAbsolute, join, resolve } from 'node:path';
 import { ConfigError } from '../errors.js';
 
 export const KEY_MODE = 0o600;
 export const PUBLIC_MODE = 0o644;
 const DIR_MODE = 0o755;
+/** How long a second `certs revoke`/`renew-crl` waits for the first one to finish with the CRL. */
+const LOCK_WAIT_MS = 30_000;
 
 export interface PlannedFile {
   name: string;
@@ -132,5 +135,68 @@ async function exists(path: string): Promise<boolean> {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
     throw err;
+  }
+}
+
+/**
+ * Runs `work` holding PATH.lock (created with O_EXCL, holding our pid). Revoke and renew-crl read the CRL,
+ * add to it and write it back: two at once would each write their own revocation onto the same old CRL,
+ * and the second rename would drop the first one's revocation while both reported success.
+ */
+export async function withFileLock<T>(path: string, work: () => Promise<T>): Promise<T> {
+  const lock = `${path}.lock`;
+  await acquireLock(lock);
+  try {
+    return await work();
+  } finally {
+    await unlink(lock).catch(() => undefined);
+  }
+}
+
+async function acquireLock(lock: string): Promise<void> {
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  for (let delayMs = 10; ; delayMs = Math.min(delayMs * 2, 250)) {
+    if (await tryCreateLock(lock)) return;
+    const holder = await lockHolder(lock);
+    // A holder killed mid-way leaves its lock behind; removing it automatically could remove a live one.
+    if (holder !== undefined && !isRunning(holder)) {
+      throw new ConfigError(`${lock} was left by process ${holder}, which no longer runs; remove it if no other certs command is working on this directory, then retry`);
+    }
+    if (Date.now() >= deadline) {
+      const who = holder === undefined ? 'another process' : `process ${holder}`;
+      throw new ConfigError(`${lock} is still held by ${who} (another certs revoke or renew-crl on this directory) after ${LOCK_WAIT_MS / 1000} s; retry when it is done`);
+    }
+    await sleep(delayMs);
+  }
+}
+
+async function tryCreateLock(lock: string): Promise<boolean> {
+  try {
+    const handle = await open(lock, 'wx', PUBLIC_MODE);
+    try {
+      await handle.writeFile(`${process.pid}\n`);
+    } finally {
+      await handle.close();
+    }
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw new ConfigError(`cannot create ${lock}: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/** The pid in the lock file; undefined while its creator has not written it yet, or once it is gone. */
+async function lockHolder(lock: string): Promise<number | undefined> {
+  const text = await readFile(lock, 'utf8').catch(() => '');
+  const pid = Number.parseInt(text, 10);
+  return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
