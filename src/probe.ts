@@ -130,7 +130,14 @@ function httpsGet(options: ProbeOptions, port: number, path: string): Promise<Re
   });
 }
 
+// nginx (as in the OVMS example) finishes the handshake with any client certificate and refuses a bad one with these 400 pages.
+const NGINX_CLIENT_CERT_REFUSAL = /The SSL certificate error|No required SSL certificate was sent/;
+
 function restDiagnosis(answer: RestAnswer, what: 'server' | 'model', model?: string): Diagnosis {
+  const refusal = answer.status === 400 ? NGINX_CLIENT_CERT_REFUSAL.exec(answer.body) : null;
+  if (refusal) {
+    return { layer: 'client certificate', cause: `the server finished the TLS handshake but refused the client certificate with HTTP 400 "${refusal[0]}" (nginx's way): check it was issued by the server's client CA, is valid and not revoked` };
+  }
   if (answer.status === 426) return { layer: 'protocol', cause: 'this is the gRPC port: REST belongs on --rest_port' };
   if (answer.status === 502 || answer.status === 504) return { layer: 'upstream', cause: `the proxy accepted the client but cannot reach the model server (${short(answer.body)})` };
   if (answer.status === 503) return { layer: 'upstream', cause: `the model server is not ready yet (${short(answer.body) || 'starting, or models still loading'})` };

@@ -3,7 +3,10 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { PassThrough } from 'node:stream';
-import { writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { connect as netConnect } from 'node:net';
+import { tmpdir } from 'node:os';
 import { createServer as createTlsServer, type Server as TlsServer, type TlsOptions } from 'node:tls';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
@@ -51,6 +54,37 @@ async function bareTlsServer(options: TlsOptions, onSecure: (socket: import('nod
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   return { server, port: (server.address() as import('node:net').AddressInfo).port };
+}
+
+/** nginx as the OVMS example runs it: ssl_verify_client on, a bad client certificate answered with a 400 page. */
+async function startNginx(): Promise<{ port: number; stop(): Promise<void> }> {
+  const binary = ['/usr/sbin/nginx', ...(process.env['PATH'] ?? '').split(':').map((dir) => join(dir, 'nginx'))].find((path) => existsSync(path));
+  assert.ok(binary, 'nginx is needed for this test (apt-get install nginx-light)');
+  const [port] = await freeLoopbackPorts(1);
+  const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-probe-nginx-'));
+  const conf = join(dir, 'nginx.conf');
+  await writeFile(conf, [
+    `pid ${join(dir, 'nginx.pid')}; error_log ${join(dir, 'error.log')}; worker_processes 1;`,
+    'events {}',
+    `http { access_log off; client_body_temp_path ${dir}; proxy_temp_path ${dir}; fastcgi_temp_path ${dir}; uwsgi_temp_path ${dir}; scgi_temp_path ${dir};`,
+    `  server { listen 127.0.0.1:${port} ssl; ssl_certificate ${pki.paths['server.pem']}; ssl_certificate_key ${pki.paths['server.key']};`,
+    `    ssl_client_certificate ${pki.paths['client_cert_ca.pem']}; ssl_verify_client on; ssl_crl ${pki.paths['client_cert_ca.crl']};`,
+    '    location / { return 200 "ready\\n"; } } }',
+  ].join('\n'));
+  const nginx = spawn(binary, ['-e', join(dir, 'error.log'), '-p', dir, '-c', conf, '-g', 'daemon off;'], { stdio: 'ignore' });
+  const listening = () => new Promise<boolean>((resolve) => {
+    const socket = netConnect(port!, '127.0.0.1', () => resolve(true)).on('error', () => resolve(false));
+    socket.on('connect', () => socket.destroy());
+  });
+  await eventually(listening, `nginx listening on ${port}`);
+  return {
+    port: port!,
+    async stop() {
+      nginx.kill();
+      await once(nginx, 'exit');
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
 }
 
 describe('probe', () => {
@@ -144,6 +178,21 @@ describe('probe', () => {
     assert.equal(wrongIp.code, 1);
     assert.match(wrongIp.stdout, /-> server certificate layer: the server certificate does not name 10\.9\.8\.7/);
     assert.equal(wrongIp.stderr, '');
+  });
+
+  test('nginx refusing the client certificate with its 400 page is the client certificate layer, not the upstream', async () => {
+    const nginx = await startNginx();
+    try {
+      const good = await probe(['--rest_port', String(nginx.port), ...clientFlags()]);
+      assert.equal(good.code, 0, good.out);
+      for (const client of ['foreign_client', 'revoked_client']) {
+        const { code, out } = await probe(['--rest_port', String(nginx.port), ...clientFlags(client)]);
+        assert.equal(code, 1);
+        assert.match(out, /^FAIL .*REST GET \/v2\/health\/ready: HTTP 400\n {6}-> client certificate layer: the server finished the TLS handshake but refused the client certificate with HTTP 400 "The SSL certificate error"/m);
+      }
+    } finally {
+      await nginx.stop();
+    }
   });
 
   test('nothing listening is reported as the network layer', async () => {
