@@ -221,6 +221,14 @@ describe('certs client', () => {
   test('rejects a --uri that is not an absolute URI', async () => {
     await assert.rejects(certsClient({ dir, name: 'dave', uri: ['example.org/alice'] }), configError(/--uri "example\.org\/alice" is not an absolute URI/));
   });
+
+  test('rejects a --uri with characters a URI SAN cannot hold, which Go and Python refuse the certificate for, and names the encoded form', async () => {
+    await assert.rejects(certsClient({ dir, name: 'eve', uri: ['spiffe://example.org/ns/é'] }),
+      configError(/^--uri "spiffe:\/\/example\.org\/ns\/é" holds characters a URI cannot .*; percent-encode them, e\.g\. "spiffe:\/\/example\.org\/ns\/%C3%A9"$/));
+    await assert.rejects(certsClient({ dir, name: 'eve', uri: ['spiffe://example.org/a b'] }), configError(/e\.g\. "spiffe:\/\/example\.org\/a%20b"/));
+    await assert.rejects(readFile(join(dir, 'eve.pem')), /ENOENT/);
+    await certsClient({ dir, name: 'eve', uri: ['spiffe://example.org/ns/%C3%A9', 'urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66'] });
+  });
 });
 
 describe('certs revoke', () => {

@@ -44,9 +44,16 @@ export function checkDnsName(value: string, what: string): string {
   return value;
 }
 
+// RFC 3986's characters (unreserved, reserved, '%'). A URI SAN is an IA5String: a non-ASCII byte makes Go's
+// crypto/x509 ('SAN uniformResourceIdentifier is malformed') and Python's cryptography refuse the whole certificate.
+const URI_CHARACTERS = /^[A-Za-z0-9\-._~:/?#[\]@!$&'()*+,;=%]+$/;
+
 export function checkUri(value: string): string {
   if (!/^[A-Za-z][A-Za-z0-9+.-]*:/.test(value) || !URL.canParse(value)) {
     throw new ConfigError(`--uri "${value}" is not an absolute URI, e.g. spiffe://example.org/ns/ml/sa/client`);
+  }
+  if (!URI_CHARACTERS.test(value)) {
+    throw new ConfigError(`--uri "${value}" holds characters a URI cannot (spaces, non-ASCII letters, <>"{}|\\^\`); percent-encode them, e.g. "${new URL(value).href}"`);
   }
   return value;
 }
