@@ -146,6 +146,7 @@ export async function certsClient(o: CertsClientOptions): Promise<CertsReport> {
   if (!o.force) await assertAbsent(dir, [certName, keyName]);
 
   const clientCa = await readClientCa(dir);
+  assertCaStillValid(clientCa, dir);
   const client = await signingWith(dir, () => issueClientCert({ issuer: clientCa, commonName: name, days, key, uris, dns }));
   const files = await writeFiles(dir, pairFiles(certName, keyName, client, `client certificate (CN=${name}${describeClientSan(uris, dns)})`));
   const validUntil = notAfterOf(client);
@@ -250,6 +251,16 @@ async function signingWith<T>(dir: string, sign: () => Promise<T>): Promise<T> {
     if (!isUserError(err)) throw err;
     const files = `${resolve(dir, CERT_FILES.clientCaCert)} and ${resolve(dir, CERT_FILES.clientCaKey)}`;
     throw new ConfigError(`cannot sign with ${files}: ${err.message}`, { cause: err });
+  }
+}
+
+/** An expired CA signs happily, but nothing it issues will ever verify. */
+function assertCaStillValid(ca: Issued, dir: string): void {
+  const expiry = notAfterOf(ca);
+  if (expiry.getTime() <= Date.now()) {
+    throw new ConfigError(
+      `${resolve(dir, CERT_FILES.clientCaCert)} expired on ${expiry.toISOString()}: no certificate it issues can verify; make a new set with \`ovms-mtls certs init --dir ${dir} --force\``,
+    );
   }
 }
 

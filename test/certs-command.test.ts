@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import tls from 'node:tls';
 import { CERT_FILES, certsClient, certsInit, certsRenewCrl, certsRevoke } from '../src/certs-command.js';
 import { ConfigError } from '../src/errors.js';
-import { parseCrl, parseCrlSerials } from '../src/x509.js';
+import { createCa, parseCrl, parseCrlSerials } from '../src/x509.js';
 
 function openssl(args: string[], cwd: string): { status: number | null; out: string } {
   const result = spawnSync('openssl', args, { cwd, encoding: 'utf8' });
@@ -200,6 +200,19 @@ describe('certs client', () => {
     const report = await certsClient({ dir, name: 'long-lived', days: 365 });
     assert.match(report.summary, /the client CA expires earlier/);
     assert.doesNotMatch(report.summary, /expire in 1 day/);
+  });
+
+  test('refuses to issue from a client CA that has expired, instead of writing a certificate that can never verify', async () => {
+    const expiredDir = freshDir();
+    await certsInit({ dir: expiredDir });
+    const oldCa = await createCa({ commonName: 'ovms-mtls expired client CA', notBefore: new Date(Date.now() - 5 * 86_400_000), days: 2 });
+    await writeFile(join(expiredDir, CERT_FILES.clientCaCert), oldCa.certPem);
+    await writeFile(join(expiredDir, CERT_FILES.clientCaKey), oldCa.keyPem, { mode: 0o600 });
+    await assert.rejects(
+      certsClient({ dir: expiredDir, name: 'late', days: 5 }),
+      configError(/client_cert_ca\.pem expired on \S+: no certificate it issues can verify; make a new set with `ovms-mtls certs init --dir .* --force`/),
+    );
+    await assert.rejects(readFile(join(expiredDir, 'late.pem')), /ENOENT/);
   });
 
   test('refuses to replace an existing client without --force', async () => {
