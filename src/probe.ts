@@ -59,6 +59,10 @@ async function handshakeStep(options: ProbeOptions, port: number, listener: Step
 
 function grpcDiagnosis(err: grpc.ServiceError): Diagnosis {
   const http = /Received HTTP status code (\d+)/.exec(err.details ?? '');
+  // nginx answers every request on a connection whose client certificate it refused with 400, gRPC calls included.
+  if (http?.[1] === '400') {
+    return { layer: 'client certificate', cause: 'the server answered the gRPC call with plain HTTP 400, as nginx does when it refuses the client certificate: check it was issued by the server\'s client CA, is valid and not revoked (or, if --port is a REST port, use --rest_port for it)' };
+  }
   if (http) return { layer: 'protocol', cause: `the port answered plain HTTP ${http[1]}, not gRPC: is --port the REST port? (use --rest_port for it)` };
   if (err.code === grpc.status.NOT_FOUND) return { layer: 'model', cause: `the model is not served (${err.details}): check --model_name or config.json` };
   if (err.code === grpc.status.UNAVAILABLE) return { layer: 'upstream', cause: `the proxy accepted the client but could not reach a ready model server: ${err.details}` };

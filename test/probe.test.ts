@@ -67,7 +67,7 @@ async function startNginx(): Promise<{ port: number; stop(): Promise<void> }> {
     `pid ${join(dir, 'nginx.pid')}; error_log ${join(dir, 'error.log')}; worker_processes 1;`,
     'events {}',
     `http { access_log off; client_body_temp_path ${dir}; proxy_temp_path ${dir}; fastcgi_temp_path ${dir}; uwsgi_temp_path ${dir}; scgi_temp_path ${dir};`,
-    `  server { listen 127.0.0.1:${port} ssl; ssl_certificate ${pki.paths['server.pem']}; ssl_certificate_key ${pki.paths['server.key']};`,
+    `  server { listen 127.0.0.1:${port} ssl http2; ssl_certificate ${pki.paths['server.pem']}; ssl_certificate_key ${pki.paths['server.key']};`,
     `    ssl_client_certificate ${pki.paths['client_cert_ca.pem']}; ssl_verify_client on; ssl_crl ${pki.paths['client_cert_ca.crl']};`,
     '    location / { return 200 "ready\\n"; } } }',
   ].join('\n'));
@@ -180,15 +180,16 @@ describe('probe', () => {
     assert.equal(wrongIp.stderr, '');
   });
 
-  test('nginx refusing the client certificate with its 400 page is the client certificate layer, not the upstream', async () => {
+  test('nginx refusing the client certificate with its 400 page (REST) or a bare 400 (gRPC) is the client certificate layer, not the upstream or a wrong port', async () => {
     const nginx = await startNginx();
     try {
       const good = await probe(['--rest_port', String(nginx.port), ...clientFlags()]);
       assert.equal(good.code, 0, good.out);
       for (const client of ['foreign_client', 'revoked_client']) {
-        const { code, out } = await probe(['--rest_port', String(nginx.port), ...clientFlags(client)]);
+        const { code, out } = await probe(['--port', String(nginx.port), '--rest_port', String(nginx.port), ...clientFlags(client)]);
         assert.equal(code, 1);
         assert.match(out, /^FAIL .*REST GET \/v2\/health\/ready: HTTP 400\n {6}-> client certificate layer: the server finished the TLS handshake but refused the client certificate with HTTP 400 "The SSL certificate error"/m);
+        assert.match(out, /^FAIL .*gRPC ServerLive: .*HTTP status code 400\n {6}-> client certificate layer: the server answered the gRPC call with plain HTTP 400, as nginx does when it refuses the client certificate/m);
       }
     } finally {
       await nginx.stop();
