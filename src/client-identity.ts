@@ -56,7 +56,9 @@ const OPENSSL_REASONS: Record<string, RefusalReason> = {
 };
 
 const REASON_TEXT: Record<RefusalReason, string> = {
-  no_certificate: 'client sent no certificate',
+  // Go's and Java's TLS send only a certificate issued by a CA the server's request names, so a
+  // wrong-CA certificate there shows up as none at all: say so, or the operator hunts a missing file.
+  no_certificate: 'client sent no certificate (Go and Java clients send none when theirs is not issued by a CA of --mtls_client_ca, which the handshake names)',
   unknown_ca: 'client certificate is not issued by a trusted client CA',
   expired: 'client certificate has expired',
   not_yet_valid: 'client certificate is not valid yet',

@@ -6,61 +6,32 @@
  */
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtemp, rm } from 'node:fs/promises';
 import { connect as connectH2 } from 'node:http2';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
+import { GRPCIO_SCRIPT, PYTHON, pythonStubs, startGrpcioServer, type GrpcioServer, type PythonStubs } from './helpers/grpcio.js';
 
-const PYTHON = '/usr/bin/python3';
-const SCRIPT = fileURLToPath(new URL('../../test/fixtures/kserve_grpcio.py', import.meta.url));
-const PROTO_DIR = fileURLToPath(new URL('../../proto', import.meta.url));
 const SERVICE = '/inference.GRPCInferenceService';
 const XFCC_OF_CLIENT = /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests";URI=spiffe:\/\/test.local\/client$/;
 
 const run = promisify(execFile);
 
 let pki: TestPki;
-let stubs: string;
-let upstream: { child: ChildProcessWithoutNullStreams; port: number; events: Record<string, unknown>[] };
+let stubs: PythonStubs;
+let upstream: GrpcioServer;
 const fronts: Partial<Record<'terminate' | 'relay', StartedProxy>> = {};
-
-/** Python's environment: the generated stubs, and no HTTP proxy (C-core honours http_proxy even for 127.0.0.1). */
-const pythonEnv = (): NodeJS.ProcessEnv => ({ PATH: process.env.PATH, PYTHONPATH: stubs, LANG: 'C.UTF-8' });
-
-async function startGrpcioServer(): Promise<typeof upstream> {
-  const child = spawn(PYTHON, [SCRIPT, 'server'], { env: pythonEnv() });
-  let stderr = '';
-  child.stderr.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
-  const events: Record<string, unknown>[] = [];
-  const lines = createInterface({ input: child.stdout });
-  const port = await new Promise<number>((resolve, reject) => {
-    child.once('exit', (code) => reject(new Error(`the grpcio server exited (${code}) before listening: ${stderr}`)));
-    lines.on('line', (line) => {
-      const announced = /^PORT (\d+)$/.exec(line);
-      if (announced) resolve(Number(announced[1]));
-      else events.push(JSON.parse(line) as Record<string, unknown>);
-    });
-  });
-  return { child, port, events };
-}
-
-const clientsLeft = () => upstream.events.filter((e) => e.event === 'client_left').length;
 
 type Result = Record<string, unknown> & { code: string };
 
 /** Runs the grpcio client with a certificate of the test PKI by base name (`null`: none), one JSON result per case. */
 async function grpcioClient(port: number, cert: string | null, cases: string[]): Promise<Record<string, Result>> {
   const identity = cert ? [pki.paths[`${cert}.pem`]!, pki.paths[`${cert}.key`]!] : [];
-  const { stdout } = await run(PYTHON, [SCRIPT, 'client', `127.0.0.1:${port}`, pki.paths['server_ca.pem']!, ...identity, cases.join(',')],
-    { env: pythonEnv(), timeout: 120_000 });
+  const { stdout } = await run(PYTHON, [GRPCIO_SCRIPT, 'client', `127.0.0.1:${port}`, pki.paths['server_ca.pem']!, ...identity, cases.join(',')],
+    { env: stubs.env(), timeout: 120_000 });
   return JSON.parse(stdout) as Record<string, Result>;
 }
 
@@ -83,12 +54,8 @@ async function directCallStatus(headers: Record<string, string>): Promise<string
 
 before(async () => {
   pki = await createTestPki();
-  await run(PYTHON, ['-c', 'import grpc, google.protobuf'], { env: pythonEnv() }).catch(() => {
-    throw new Error(`${PYTHON} cannot import grpc: these tests need Debian's python3-grpcio, python3-protobuf and protobuf-compiler (apt-get install -y python3-grpcio python3-protobuf protobuf-compiler; .ci/run does it)`);
-  });
-  stubs = await mkdtemp(join(tmpdir(), 'ovms-mtls-grpcio-'));
-  await run('protoc', ['-I', PROTO_DIR, '--python_out', stubs, join(PROTO_DIR, 'kserve_v2.proto')]);
-  upstream = await startGrpcioServer();
+  stubs = await pythonStubs();
+  upstream = await startGrpcioServer(stubs);
   // The chain CRL file: a client that sends its intermediate needs the intermediate's CRL too.
   const tls = { crl: pki.paths['client_cert_ca_chain.crl']! };
   for (const mode of ['terminate', 'relay'] as const) {
@@ -98,9 +65,8 @@ before(async () => {
 
 after(async () => {
   for (const front of Object.values(fronts)) await front.proxy.shutdown(1000);
-  upstream.child.stdin.end();
-  if (upstream.child.exitCode === null) await once(upstream.child, 'exit');
-  await rm(stubs, { recursive: true, force: true });
+  await upstream.stop();
+  await stubs.cleanup();
   await pki.cleanup();
 });
 
@@ -114,7 +80,7 @@ describe('grpcio (C-core) clients and server through the proxy', () => {
     describe(`${mode} mode`, () => {
       test('unary infer with text and -bin metadata, NOT_FOUND with its details and -bin trailer, a 2.9 MB request, a bidi stream, a deadline', async () => {
         const front = fronts[mode]!;
-        const leftBefore = clientsLeft();
+        const leftBefore = upstream.clientsLeft();
         const results = await grpcioClient(front.grpcPort, 'client', ['live', 'infer', 'not_found', 'large', 'stream', 'deadline']);
         assert.deepEqual(results.live, { code: 'OK', live: true });
 
@@ -137,7 +103,7 @@ describe('grpcio (C-core) clients and server through the proxy', () => {
         assert.deepEqual(results.stream, { code: 'OK', ids: ['s0', 's1', 's2'] });
         assert.equal(results.deadline!.code, 'DEADLINE_EXCEEDED');
         // The expired call ended at the model server as well, not only at the client.
-        await eventually(() => clientsLeft() > leftBefore, `the grpcio server to see the ${mode} call end at its deadline`);
+        await eventually(() => upstream.clientsLeft() > leftBefore, `the grpcio server to see the ${mode} call end at its deadline`);
         const access = front.logs.lines.filter((l) => l.event === (mode === 'terminate' ? 'access' : 'relay_access'));
         assert.ok(access.some((l) => l.subject === 'CN=client,OU=tests'), 'an access line names the grpcio client');
       });
