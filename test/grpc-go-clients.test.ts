@@ -9,18 +9,19 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { countingRelay, startTestProxy, startUpstream, type LogLine, type StartedProxy } from './helpers/harness.js';
+import { baseConfig, countingRelay, startTestProxy, startUpstream, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { PROTO_DIR, pythonStubs, startGrpcioServer, type GrpcioServer, type PythonStubs } from './helpers/grpcio.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FAILURE_TRAILER_BIN, failureMessage } from '../src/demo/echo-grpc.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
 
 const CLIENT_SOURCE = fileURLToPath(new URL('../../test/fixtures/kserve-go-client', import.meta.url));
 /** Reused across runs: a cold build of grpc-go takes ~15 s on two cores, a warm one ~1 s. */
@@ -41,7 +42,7 @@ interface GoCall {
   method: string;
   requests: unknown[];
   stream?: boolean;
-  metadata?: Record<string, string>;
+  metadata?: Record<string, string[]>;
   timeout_ms?: number;
   raw_bytes?: number;
   pause_ms?: number;
@@ -52,8 +53,8 @@ interface GoCall {
 interface GoResult {
   code: string;
   message: string;
-  header: Record<string, string>;
-  trailer: Record<string, string>;
+  header: Record<string, string[]>;
+  trailer: Record<string, string[]>;
   replies: Record<string, unknown>[] | null;
 }
 
@@ -187,7 +188,7 @@ describe('grpc-go clients through the proxy', () => {
           {
             method: `${KSERVE}/ModelInfer`,
             requests: [inferRequest('dummy', { id: 'r1', raw_input_contents: [BYTES_0_TO_255], parameters: { echo_raw: { bool_param: true } } })],
-            metadata: { 'x-request-id': 'req-7', 'x-trace-bin': 'AAH+/w==' },
+            metadata: { 'x-request-id': ['req-7'], 'x-trace-bin': ['AAH+/w=='] },
           },
           { method: `${KSERVE}/ModelInfer`, requests: [inferRequest('missing')] },
           { method: `${KSERVE}/ModelInfer`, requests: [inferRequest('dummy', { parameters: { echo_raw: { bool_param: true } } })], raw_bytes: LARGE_BYTES, timeout_ms: 60_000 },
@@ -199,15 +200,15 @@ describe('grpc-go clients through the proxy', () => {
         const reply = onlyReply(infer!);
         assert.deepEqual((reply.outputs as { contents: { fp32_contents: number[] } }[])[0]!.contents.fp32_contents, [2, 3, 4]);
         assert.deepEqual(reply.raw_output_contents, [BYTES_0_TO_255]);
-        assert.equal(infer!.header['x-echo-request-id'], 'req-7');
-        assert.equal(infer!.trailer['x-echo-trace-bin'], 'base64:AAH+/w==');
+        assert.deepEqual(infer!.header['x-echo-request-id'], ['req-7']);
+        assert.deepEqual(infer!.trailer['x-echo-trace-bin'], ['base64:AAH+/w==']);
         // Terminate mode names the client to the model server; the relay passes frames as they are.
         if (mode === 'terminate') assert.match(String(param(reply, 'xfcc')!.string_param), XFCC_OF_CLIENT);
         else assert.equal(param(reply, 'xfcc')!.string_param, '');
 
         assert.equal(notFound!.code, 'NOT_FOUND');
         assert.equal(notFound!.message, 'Model with requested name is not found');
-        assert.equal(notFound!.trailer['x-detail-bin'], `base64:${Buffer.from('\x00\xffnot-found', 'latin1').toString('base64')}`);
+        assert.deepEqual(notFound!.trailer['x-detail-bin'], [`base64:${Buffer.from('\x00\xffnot-found', 'latin1').toString('base64')}`]);
 
         const largeReply = onlyReply(large!);
         assert.equal(param(largeReply, 'received_bytes')!.int64_param, String(LARGE_BYTES));
@@ -221,11 +222,11 @@ describe('grpc-go clients through the proxy', () => {
         assert.ok(access.some((l) => l.subject === 'CN=client,OU=tests'), 'an access line names the Go client');
       });
 
-      test('to the grpc-js stand-in: the dummy model, echoed metadata and trailers, a failure with a percent-encoded message and -bin trailer, a bidi failure before any reply', async () => {
+      test('to the grpc-js stand-in: the dummy model, echoed metadata (a repeated -bin key too) and trailers, a failure with a percent-encoded message and -bin trailer, a bidi failure before any reply', async () => {
         const [infer, echo, failed, bidiFailed] = await goClient(toStandIn[mode]!.grpcPort, [
           { method: `${KSERVE}/ModelInfer`, requests: [inferRequest('dummy', { id: 'r2' }, TEN_VALUES)] },
-          { method: `${ECHO}/Unary`, requests: [{ payload: 'AAE=', count: 3 }], metadata: { 'x-echo-text': 'a b', 'x-echo-data-bin': 'AP8=' } },
-          { method: `${ECHO}/Unary`, requests: [{ fail_with_code: 5 }], metadata: { 'x-echo-text': 'kept' } },
+          { method: `${ECHO}/Unary`, requests: [{ payload: 'AAE=', count: 3 }], metadata: { 'x-echo-text': ['a b'], 'x-echo-data-bin': ['AP8=', 'AQ=='] } },
+          { method: `${ECHO}/Unary`, requests: [{ fail_with_code: 5 }], metadata: { 'x-echo-text': ['kept'] } },
           { method: `${ECHO}/Bidi`, stream: true, requests: [{ fail_with_code: 9 }] },
         ]);
         const reply = onlyReply(infer!);
@@ -233,14 +234,16 @@ describe('grpc-go clients through the proxy', () => {
         assert.deepEqual((reply.outputs as { contents: { fp32_contents: number[] } }[])[0]!.contents.fp32_contents, TEN_VALUES.map((v) => v + 1));
 
         assert.deepEqual(onlyReply(echo!), { payload: 'AAE=', count: 3 });
-        assert.equal(echo!.header['x-echo-text'], 'a b');
-        assert.equal(echo!.header['x-echo-data-bin'], 'base64:AP8=');
-        assert.equal(echo!.trailer['x-trailer-echo'], 'ok');
+        // A repeated -bin key stays two values (grpc-go sends them as unpadded base64). A repeated
+        // text key is not checked here: grpc-js itself joins its values into one.
+        assert.deepEqual(echo!.header['x-echo-text'], ['a b']);
+        assert.deepEqual(echo!.header['x-echo-data-bin'], ['base64:AP8=', 'base64:AQ==']);
+        assert.deepEqual(echo!.trailer['x-trailer-echo'], ['ok']);
 
         assert.equal(failed!.code, 'NOT_FOUND');
         assert.equal(failed!.message, failureMessage(5));
-        assert.equal(failed!.trailer['x-echo-text'], 'kept');
-        assert.equal(failed!.trailer['x-trailer-bin'], `base64:${FAILURE_TRAILER_BIN.toString('base64')}`);
+        assert.deepEqual(failed!.trailer['x-echo-text'], ['kept']);
+        assert.deepEqual(failed!.trailer['x-trailer-bin'], [`base64:${FAILURE_TRAILER_BIN.toString('base64')}`]);
 
         assert.equal(bidiFailed!.code, 'FAILED_PRECONDITION');
         assert.equal(bidiFailed!.message, failureMessage(9));
@@ -277,6 +280,22 @@ describe('grpc-go clients through the proxy', () => {
           assert.ok(counting.connections() >= 3, `the proxy closed idle connections (${counting.connections()} made)`);
         } finally {
           counting.server.close();
+        }
+      });
+
+      test('a client CA added by a reload is named in the handshake, so a Go client of that CA is served', async () => {
+        const front = await startTestProxy({ pki, tls: { crl: pki.paths['client_cert_ca_chain.crl']! }, upstream: { grpcPort: grpcio.port }, grpcMode: mode });
+        try {
+          assert.equal((await refusedGoClient(front, 'foreign_client')).reason, 'no_certificate');
+          const clientCa = join(workDir, `${mode}-client-cas.pem`);
+          const crl = join(workDir, `${mode}-crls.pem`);
+          await writeFile(clientCa, pki.clientCa.certPem + pki.otherCa.certPem);
+          await writeFile(crl, pki.crlPem + pki.intermediateCrlPem + pki.otherCaCrlPem);
+          front.proxy.reloadTls(loadTlsMaterialSync({ ...baseConfig({ pki }).tls, clientCa, crl }));
+          const [result] = await goClient(front.grpcPort, [live], { cert: 'foreign_client' });
+          assert.equal(result!.code, 'OK', result!.message);
+        } finally {
+          await front.proxy.shutdown(1000);
         }
       });
 
