@@ -91,6 +91,17 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Co
   return out;
 }
 
+/** RFC 9113 section 6.5.2: each field's name and value octets plus 32. */
+export function headerListSize(headers: OutgoingHttpHeaders): number {
+  let size = 0;
+  for (const name in headers) {
+    const value = headers[name];
+    if (value === undefined) continue;
+    for (const one of Array.isArray(value) ? value : [value]) size += Buffer.byteLength(name) + Buffer.byteLength(String(one)) + 32;
+  }
+  return size;
+}
+
 function ignore(): void {}
 
 /** What the proxy answers by itself, without the upstream. */
@@ -199,9 +210,16 @@ class GrpcCall {
       // Most calls have sent their whole request by now: nothing to stop.
       if (!client.readableEnded) this.#stopRequest();
     });
+    const headers = upstreamRequestHeaders(this.#headers, this.#context);
+    const size = headerListSize(headers);
+    if (size > this.#pool.maxHeaderListSize) {
+      const message = `request metadata of ${size} bytes is over the ${this.#pool.maxHeaderListSize} bytes the model server accepts (its HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, x-forwarded-client-cert included)`;
+      this.#finishWithStatus(GRPC_STATUS.RESOURCE_EXHAUSTED, message, 'request_headers_too_large');
+      return;
+    }
     let upstream: ClientHttp2Stream;
     try {
-      upstream = this.#openUpstream();
+      upstream = this.#openUpstream(headers);
     } catch (err) {
       if (this.#session && isSessionRefusal(this.#session, err)) this.#fail(err);
       else this.#finishWithStatus(GRPC_STATUS.INTERNAL, 'this request cannot be forwarded over HTTP/2', 'request_not_forwardable');
@@ -220,8 +238,7 @@ class GrpcCall {
     if (!client.endAfterHeaders) this.#unforwardRequest = forward(client, upstream, this.#options.limits.streamWindow, (n) => (this.#outcome.bytesIn += n));
   }
 
-  #openUpstream(): ClientHttp2Stream {
-    const headers = upstreamRequestHeaders(this.#headers, this.#context);
+  #openUpstream(headers: OutgoingHttpHeaders): ClientHttp2Stream {
     const options = { endStream: this.#client.endAfterHeaders };
     const session = this.#pool.current();
     try {

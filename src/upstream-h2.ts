@@ -25,6 +25,7 @@ export class UpstreamH2Session {
   readonly #limits: Limits;
   readonly #url: string;
   #session: ClientHttp2Session | undefined;
+  #maxHeaderListSize = Infinity;
 
   constructor(upstream: HostPort, limits: Limits) {
     this.#upstream = upstream;
@@ -39,6 +40,15 @@ export class UpstreamH2Session {
     if (session && !session.closed && !session.destroyed) return session;
     this.#session = this.#connect();
     return this.#session;
+  }
+
+  /**
+   * The upstream's SETTINGS_MAX_HEADER_LIST_SIZE as it last advertised it (none yet: no limit).
+   * C-core (OVMS) advertises 8 KiB and closes its whole connection, every client's calls on it,
+   * when a request's headers go over; a conforming client (grpc-go) refuses to send such a request.
+   */
+  get maxHeaderListSize(): number {
+    return this.#maxHeaderListSize;
   }
 
   /** Forget a session that refused a new stream so the next call reconnects. */
@@ -79,6 +89,9 @@ export class UpstreamH2Session {
     };
     session.once('goaway', forget);
     session.once('close', forget);
+    session.on('remoteSettings', (settings) => {
+      this.#maxHeaderListSize = settings.maxHeaderListSize ?? Infinity;
+    });
     session.once('connect', () => {
       session.setLocalWindowSize(limits.connectionWindow);
     });

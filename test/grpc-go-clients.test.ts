@@ -48,6 +48,8 @@ interface GoCall {
   pause_ms?: number;
   gzip?: boolean;
   parallel?: number;
+  /** Stream calls: made once the first reply has come, while the stream is open. */
+  during?: GoCall;
 }
 
 interface GoResult {
@@ -56,6 +58,7 @@ interface GoResult {
   header: Record<string, string[]>;
   trailer: Record<string, string[]>;
   replies: Record<string, unknown>[] | null;
+  during?: GoResult;
 }
 
 let pki: TestPki;
@@ -261,6 +264,29 @@ describe('grpc-go clients through the proxy', () => {
         assert.equal(gzippedStream!.code, 'OK', gzippedStream!.message);
         assert.deepEqual(gzippedStream!.replies!.map((r) => (r.infer_response as { id: string }).id), ['g0', 'g1']);
         assert.deepEqual(onlyReply(parallel!).raw_output_contents, [BYTES_0_TO_255]);
+      });
+
+      test('metadata over the model server\'s header list limit fails that call alone: a stream open on the same upstream connection goes on', async () => {
+        const oversized = { method: `${KSERVE}/ModelInfer`, requests: [inferRequest('dummy')], metadata: { 'x-big': ['a'.repeat(20_000)] } };
+        const [stream, fits, after] = await goClient(toGrpcio[mode]!.grpcPort, [
+          { method: `${KSERVE}/ModelStreamInfer`, stream: true, requests: ['s0', 's1'].map((id) => inferRequest('dummy', { id })), during: oversized },
+          { ...oversized, metadata: { 'x-big': ['a'.repeat(4000)] } },
+          live,
+        ]);
+        // The stream and the calls after it are untouched by the refused one.
+        assert.equal(stream!.code, 'OK', stream!.message);
+        assert.deepEqual(stream!.replies!.map((r) => (r.infer_response as { id: string }).id), ['s0', 's1']);
+        assert.equal(fits!.code, 'OK', fits!.message);
+        assert.equal(after!.code, 'OK', after!.message);
+        const refused = stream!.during!;
+        if (mode === 'terminate') {
+          // The proxy refuses it as grpc-go itself does when it talks to the model server (relay).
+          assert.equal(refused.code, 'RESOURCE_EXHAUSTED', refused.message);
+          assert.match(refused.message, /request metadata of \d+ bytes is over the 8192 bytes the model server accepts/);
+        } else {
+          assert.equal(refused.code, 'INTERNAL');
+          assert.match(refused.message, /header list size to send violates the maximum size \(8192 bytes\) set by server/);
+        }
       });
 
       test('with the model server down, a call fails UNAVAILABLE', async () => {
