@@ -207,8 +207,11 @@ class GrpcCall {
     client.on('close', () => this.#onClientClose());
     client.on('wantTrailers', () => {
       client.sendTrailers(this.#trailers ?? {});
-      // Most calls have sent their whole request by now: nothing to stop.
-      if (!client.readableEnded) this.#stopRequest();
+      // Most calls have sent their whole request by now: nothing to stop. Otherwise the reset
+      // that stops the client waits a turn: Node frames the trailers after this handler
+      // returns, and a reset submitted here goes out first and discards them (the client then
+      // sees RST_STREAM(NO_ERROR) with no status at all).
+      if (!client.readableEnded) setImmediate(() => this.#stopRequest());
     });
     const headers = upstreamRequestHeaders(this.#headers, this.#context);
     const size = headerListSize(headers);

@@ -50,6 +50,8 @@ interface GoCall {
   parallel?: number;
   /** Stream calls: made once the first reply has come, while the stream is open. */
   during?: GoCall;
+  /** Stream calls: read to the end before closing the client's side. */
+  keep_open?: boolean;
 }
 
 interface GoResult {
@@ -287,6 +289,32 @@ describe('grpc-go clients through the proxy', () => {
           assert.equal(refused.code, 'INTERNAL');
           assert.match(refused.message, /header list size to send violates the maximum size \(8192 bytes\) set by server/);
         }
+      });
+
+      test('the upstream connection lost during a call whose response has begun: the call ends UNAVAILABLE, saying so', async () => {
+        const cut = await countingRelay(standIn.grpcPort!);
+        const front = await startTestProxy({ pki, upstream: { grpcPort: cut.port }, grpcMode: mode });
+        try {
+          const holds = () => standIn.received.filter((r) => r.path === `${ECHO}/Hold`).length;
+          const holdsBefore = holds();
+          const call = goClient(front.grpcPort, [{ method: `${ECHO}/Hold`, requests: [{}], metadata: { 'x-echo-a': ['1'] } }]);
+          await eventually(() => holds() > holdsBefore, 'the held call to reach the stand-in');
+          cut.server.close();
+          const [held] = await call;
+          assert.equal(held!.code, 'UNAVAILABLE', held!.message);
+        } finally {
+          await front.proxy.shutdown(1000);
+        }
+      });
+
+      test('a server that fails a bidi stream while the client is still sending: the client gets the status and its -bin trailer', async () => {
+        const [result] = await goClient(toStandIn[mode]!.grpcPort, [
+          { method: `${ECHO}/Bidi`, stream: true, keep_open: true, requests: [{ payload: 'AA==', count: 1 }, { fail_with_code: 9 }] },
+        ]);
+        assert.equal(result!.code, 'FAILED_PRECONDITION', result!.message);
+        assert.equal(result!.message, failureMessage(9));
+        assert.deepEqual(result!.trailer['x-trailer-bin'], [`base64:${FAILURE_TRAILER_BIN.toString('base64')}`]);
+        assert.deepEqual(result!.replies, [{ payload: 'AA==', count: 1 }]);
       });
 
       test('with the model server down, a call fails UNAVAILABLE', async () => {
