@@ -91,13 +91,17 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Co
   return out;
 }
 
-/** RFC 9113 section 6.5.2: each field's name and value octets plus 32. */
+/**
+ * RFC 9113 section 6.5.2: each field's name and value octets plus 32. Node reads and writes
+ * HTTP/2 fields as Latin-1, one octet per character, so a string's length is its size on the wire.
+ */
 export function headerListSize(headers: OutgoingHttpHeaders): number {
   let size = 0;
   for (const name in headers) {
     const value = headers[name];
     if (value === undefined) continue;
-    for (const one of Array.isArray(value) ? value : [value]) size += Buffer.byteLength(name) + Buffer.byteLength(String(one)) + 32;
+    if (Array.isArray(value)) for (const one of value) size += name.length + one.length + 32;
+    else size += name.length + String(value).length + 32;
   }
   return size;
 }
