@@ -178,6 +178,33 @@ describe('serving: listeners and the argv OVMS gets', () => {
     }
   });
 
+  test('/readyz stays 503 while OVMS answers on its ports but is still loading its models, and turns 200 once OVMS says ready', async () => {
+    const loaded = join(dir, `models-loaded-${runCounter + 1}`);
+    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
+    const s = await start(
+      ['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'],
+      { FAKE_OVMS_LOAD_GATE_FILE: loaded },
+      ['--mtls_admin_port', String(adminPort)],
+    );
+    const readyz = async () => {
+      const res = await fetch(`http://127.0.0.1:${adminPort}/readyz`);
+      return { status: res.status, report: (await res.json()) as { checks: Record<string, { ok: boolean; detail: string }> } };
+    };
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      // Calls are forwarded: OVMS itself answers live, and not ready.
+      await assertServerLive(s.grpcPort);
+      assert.equal((await https1(s.restPort, pki, { path: '/v2/health/ready' })).status, 503);
+      const loading = await readyz();
+      assert.equal(loading.status, 503);
+      assert.match(loading.report.checks['upstream']!.detail, /not ready yet \(loading models\?\): .*\/v2\/health\/ready answered 503; .*ServerReady: not ready/);
+      await writeFile(loaded, '');
+      await eventually(async () => (await readyz()).status === 200, '/readyz 200 once the models are loaded');
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
   test('a SIGTERM that arrives while the wrapper is still starting drains and exits with OVMS code, instead of killing the wrapper', async () => {
     const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1']);
     await s.wrapper.waitForLog((l) => l.event === 'listening');

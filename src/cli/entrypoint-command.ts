@@ -10,7 +10,7 @@ import { createLogger, type Logger } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
 import { combineObservers, type ProxyObserver } from '../observer.js';
-import type { CheckResult, ProxyMetrics } from '../operations.js';
+import { upstreamCheck, type CheckResult, type HealthCheck, type ProxyMetrics } from '../operations.js';
 import { ServingOperations } from './serving-operations.js';
 import { WorkerPool } from '../workers.js';
 import { productVersion } from '../version.js';
@@ -162,7 +162,7 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   };
   // --mtls_workers > 1: forked workers serve and drop privileges themselves; OVMS stays this process's child.
   const workers = config.workers > 1 ? new WorkerPool({ config, material, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current() }) : undefined;
-  const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: () => () => ovmsReadiness(holder.supervisor), workers });
+  const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: () => ovmsReadiness(() => holder.supervisor, upstreamCheck(config)), workers });
   const observer = options.observer ? combineObservers(operations.requestObserver, options.observer) : operations.requestObserver;
   let proxy: RunningProxy;
   try {
@@ -187,10 +187,20 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   return { running: { proxy, supervisor, operations, shutdownTimeoutMs: settings.common.shutdownTimeoutMs }, logger };
 }
 
-function ovmsReadiness(supervisor: OvmsSupervisor | undefined): CheckResult {
-  const state = supervisor?.state();
-  if (state?.ready) return { ok: true, detail: `OVMS ready (pid ${state.pid})` };
-  return { ok: false, detail: state?.up ? 'OVMS is starting' : 'OVMS is not running' };
+/**
+ * OVMS opens its ports (and answers /v2/health/live) before it loads the
+ * models, which can take minutes: the supervisor's "ready" only means calls
+ * can be forwarded. /readyz asks OVMS's own readiness on top, so that an
+ * orchestrator sends traffic once the models are loaded.
+ */
+function ovmsReadiness(supervisor: () => OvmsSupervisor | undefined, modelsLoaded: HealthCheck): HealthCheck {
+  return async (): Promise<CheckResult> => {
+    const state = supervisor()?.state();
+    if (!state?.ready) return { ok: false, detail: state?.up ? 'OVMS is starting' : 'OVMS is not running' };
+    const loaded = await modelsLoaded();
+    if (loaded.ok) return { ok: true, detail: `OVMS ready (pid ${state.pid})` };
+    return { ok: false, detail: `OVMS (pid ${state.pid}) answers but is not ready yet (loading models?): ${loaded.detail}` };
+  };
 }
 
 /** Workers answer 503/UNAVAILABLE while OVMS is not ready, and follow its loopback ports: tell them every change. */
