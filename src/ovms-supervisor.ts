@@ -64,6 +64,20 @@ function killGroup(child: ChildProcess): void {
   }
 }
 
+/**
+ * Once OVMS itself has exited, helpers it forked (same process group) would
+ * outlive it: reparented, holding memory and maybe its loopback ports, and
+ * zombies once they end if we are PID 1. No group left is the usual case.
+ */
+function killLeftovers(pid: number | undefined): void {
+  if (pid === undefined) return;
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    // ESRCH: OVMS left nothing behind
+  }
+}
+
 export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
   readonly #options: SupervisorOptions;
   /** Resolves with OVMS's last exit status once it will not run again. */
@@ -124,7 +138,10 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
       this.emit('spawn', child.pid);
       void this.#pollReadiness(child, exited);
     });
-    void exited.then((status) => this.#onExit(child, status, performance.now() - started));
+    void exited.then((status) => {
+      killLeftovers(child.pid);
+      return this.#onExit(child, status, performance.now() - started);
+    });
   }
 
   async #pollReadiness(child: ChildProcess, exited: Promise<ExitStatus>): Promise<void> {

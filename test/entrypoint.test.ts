@@ -357,6 +357,27 @@ describe('exit codes and signals', () => {
     await eventually(() => processGone(run!.pid), `OVMS pid ${run!.pid} is gone`, 10_000);
   });
 
+  for (const ending of ['crashes', 'is stopped with SIGTERM'] as const) {
+    test(`a helper process OVMS forked does not outlive OVMS when OVMS ${ending}`, async () => {
+      const pidFile = join(dir, `helper-${runCounter + 1}.pid`);
+      const crash: Record<string, string> = ending === 'crashes' ? { FAKE_OVMS_CRASH_AFTER_MS: '500' } : {};
+      const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_HELPER_PID_FILE: pidFile, ...crash });
+      await s.wrapper.waitForEvent('ovms_ready');
+      const helper = Number(readFileSync(pidFile, 'utf8'));
+      try {
+        if (ending !== 'crashes') s.wrapper.child.kill('SIGTERM');
+        assert.equal((await s.wrapper.exited).code, ending === 'crashes' ? 1 : 0);
+        await eventually(() => processGone(helper), `OVMS's helper pid ${helper} is gone`, 10_000);
+      } finally {
+        try {
+          process.kill(helper, 'SIGKILL');
+        } catch {
+          // gone, as it should be
+        }
+      }
+    });
+  }
+
   test('with --mtls_restart on-failure a crashed OVMS is started again while the listeners stay up', async () => {
     const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_restart', 'on-failure'], { FAKE_OVMS_EXIT_CODE: '5', FAKE_OVMS_FAIL_RUNS: '1' });
     try {
