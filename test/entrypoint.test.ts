@@ -10,7 +10,7 @@ import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { eventually } from './helpers/ops.js';
 import { clientCredentials, grpcClients, https1, LogCapture } from './helpers/harness.js';
-import { checkModelInfer } from './helpers/grpc-calls.js';
+import { checkModelInfer, inferRequest } from './helpers/grpc-calls.js';
 import { fakeRuns, FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, streamAcrossSigterm, tlsArgs, type Wrapper } from './helpers/entrypoint.js';
 import { kserveClient, unary } from '../src/demo/grpc-client.js';
 import { freeLoopbackPorts } from '../src/ports.js';
@@ -377,6 +377,27 @@ describe('exit codes and signals', () => {
       }
     });
   }
+
+  test('a gRPC stream in flight when OVMS is killed ends with UNAVAILABLE naming the model server, not INTERNAL without a status', async () => {
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--mtls_restart', 'on-failure', '--mtls_workers', '1']);
+    const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const call = clients.kserve.ModelStreamInfer();
+      const replies = call[Symbol.asyncIterator]();
+      call.write({ ...inferRequest(), id: 'before' });
+      assert.equal((await replies.next()).value.infer_response.id, 'before');
+      process.kill(fakeRuns(s.argvFile)[0]!.pid, 'SIGKILL');
+      await assert.rejects(replies.next(), (err: grpc.ServiceError) => {
+        assert.equal(err.code, grpc.status.UNAVAILABLE, err.message);
+        assert.match(err.details, /upstream 127\.0\.0\.1:\d+/);
+        return true;
+      });
+    } finally {
+      clients.close();
+      await stopWrapper(s.wrapper);
+    }
+  });
 
   test('with --mtls_restart on-failure a crashed OVMS is started again while the listeners stay up', async () => {
     const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_restart', 'on-failure'], { FAKE_OVMS_EXIT_CODE: '5', FAKE_OVMS_FAIL_RUNS: '1' });
