@@ -14,6 +14,12 @@ export interface LoggerOptions {
 /** Access lines wait for this many bytes or this long; a loaded proxy writes them in batches, as nginx's `buffer=` does. */
 const ACCESS_BUFFER_BYTES = 8 * 1024;
 const ACCESS_FLUSH_MS = 250;
+/**
+ * In the entrypoint, OVMS writes to the same stdout pipe. A pipe write of up
+ * to PIPE_BUF bytes lands whole; a longer one can be split (partially
+ * written when the reader lags) and OVMS's lines land inside our JSON lines.
+ */
+const ATOMIC_PIPE_WRITE_BYTES = 4096;
 
 /** The `event` of the lines the log observer writes per request and per relayed connection. */
 export const ACCESS_EVENTS = { request: 'access', relayed: 'relay_access' } as const;
@@ -52,9 +58,11 @@ interface ByteSink {
 export function accessBufferedDestination(fd: number): DestinationStream {
   const out = pino.destination({ dest: fd, sync: true, minLength: ACCESS_BUFFER_BYTES, contentMode: 'buffer' }) as unknown as ByteSink;
   let waiting: NodeJS.Timeout | undefined;
+  let held = 0;
   const flush = (): void => {
     clearTimeout(waiting);
     waiting = undefined;
+    held = 0;
     out.flush();
   };
   process.once('exit', () => {
@@ -62,8 +70,12 @@ export function accessBufferedDestination(fd: number): DestinationStream {
   });
   return {
     write(line: string): void {
-      out.write(Buffer.from(line, 'utf8'));
-      if (!isAccessLine(line)) flush();
+      const bytes = Buffer.from(line, 'utf8');
+      // Each write is whole lines, at most PIPE_BUF bytes of them; a longer line goes alone.
+      if (held > 0 && held + bytes.length > ATOMIC_PIPE_WRITE_BYTES) flush();
+      out.write(bytes);
+      held += bytes.length;
+      if (!isAccessLine(line) || held > ATOMIC_PIPE_WRITE_BYTES) flush();
       else if (!waiting) waiting = setTimeout(flush, ACCESS_FLUSH_MS).unref();
     },
   };

@@ -86,6 +86,32 @@ describe('log destination', () => {
     }
   });
 
+  test('each write is whole lines of at most PIPE_BUF (4096) bytes, or one longer line alone: OVMS shares the stdout pipe and cannot land inside a line', async () => {
+    const writes = mock.method(fs, 'writeSync');
+    const log = fileLogger();
+    try {
+      const { logger, read } = log;
+      const path = '/v2/models/m/infer'.padEnd(150, 'p');
+      for (let n = 1; n <= 60; n++) logger.info({ event: 'access', n, path });
+      logger.warn({ event: 'upstream_error', n: 61 });
+      logger.info({ event: 'access', n: 62, path: 'x'.repeat(6000) });
+      for (let n = 63; n <= 90; n++) logger.info({ event: 'access', n, path });
+      await eventually(() => events(read()).at(-1) === 'access:90', 'the periodic flush');
+      assert.deepEqual(events(read()), Array.from({ length: 90 }, (_, i) => `${i === 60 ? 'upstream_error' : 'access'}:${i + 1}`));
+      const chunks = writes.mock.calls.map((c) => Buffer.from(c.arguments[1] as Buffer | string));
+      assert.ok(chunks.length > 0);
+      for (const chunk of chunks) {
+        const lines = chunk.toString('utf8').split('\n').length - 1;
+        assert.equal(chunk.at(-1), 0x0a, 'a write ends with a whole line');
+        assert.ok(chunk.length <= 4096 || lines === 1, `a write of ${chunk.length} bytes carries ${lines} lines`);
+      }
+    } finally {
+      writes.mock.restore();
+      log.close();
+      log.remove();
+    }
+  });
+
   test('text beyond ASCII is written as UTF-8, byte for byte, batched or not', () => {
     const log = fileLogger();
     try {
