@@ -60,6 +60,24 @@ function isFalse(value: string): boolean {
   return ['false', '0', 'no', 'off'].includes(value.toLowerCase());
 }
 
+function isBooleanWord(value: string | undefined): boolean {
+  return value !== undefined && ['true', 'false', '1', '0', 'yes', 'no', 'on', 'off'].includes(value.toLowerCase());
+}
+
+/**
+ * A flag takes its value only as `--flag=value`, as cxxopts does for OVMS's own
+ * flags: `--mtls_access_log false` would turn the access log ON and hand OVMS a
+ * stray `false`, which it refuses as an unmatched argument after our listeners
+ * are up. Refused here, naming the spelling that works.
+ */
+function flagValue(option: LongOption, next: string | undefined): string | true {
+  if (option.inlineValue !== undefined) return option.inlineValue;
+  if (isBooleanWord(next)) {
+    throw new ConfigError(`--${option.name} is a flag and takes no separate value: write --${option.name}=${next} (or --${option.name} alone for true)`);
+  }
+  return true;
+}
+
 /** Takes the value of a value-taking option; `next` is the following argument. */
 function optionValue(option: LongOption, next: string | undefined): { value: string; consumed: number } {
   if (option.inlineValue !== undefined) return { value: option.inlineValue, consumed: 0 };
@@ -108,7 +126,7 @@ export function splitOvmsArgv(argv: readonly string[]): SplitOvmsArgv {
     if (name.startsWith('mtls_')) {
       const spec = mtlsSpec(name);
       if (spec.type === 'boolean') {
-        store(mtls, spec, option.inlineValue === undefined ? true : option.inlineValue);
+        store(mtls, spec, flagValue(option, argv[i + 1]));
       } else {
         const { value, consumed } = optionValue(option, argv[i + 1]);
         store(mtls, spec, value);

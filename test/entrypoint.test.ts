@@ -477,6 +477,14 @@ describe('non-serving invocations', () => {
     assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
   });
 
+  test('--mtls_access_log false (separate value) is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_access_log', 'false']);
+    assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
+    assert.match(s.wrapper.stderr(), /^ovms-mtls: --mtls_access_log is a flag and takes no separate value: write --mtls_access_log=false .*\n$/);
+    assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+    assert.deepEqual(fakeRuns(s.argvFile), []);
+  });
+
   test('an unknown --mtls_ option is one line on stderr and exit 2', async () => {
     const s = await start(['--port', '{grpc}', '--mtls_nonsense', 'x']);
     assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });

@@ -60,6 +60,14 @@ describe('--mtls_* options', () => {
     assert.throws(() => splitOvmsArgv(['--mtls_grpc_upstream=127.0.0.1:1']), /ovms-mtls proxy/);
   });
 
+  test('a flag followed by a separate true/false is refused, naming the --flag=value spelling; other next arguments stay OVMS\'s', () => {
+    // cxxopts flags take a value only after '=': the separate word would turn the flag on and reach OVMS as a stray argument.
+    assert.throws(() => splitOvmsArgv(['--port', '1', '--mtls_access_log', 'false']), (err: unknown) => err instanceof ConfigError && err.message.includes('--mtls_access_log=false'));
+    assert.throws(() => splitOvmsArgv(['--mtls_ovms_help', 'no']), /--mtls_ovms_help=no/);
+    assert.deepEqual(splitOvmsArgv(['--mtls_access_log=false', '--port', '1']).mtls, { mtls_access_log: 'false' });
+    assert.deepEqual(splitOvmsArgv(['--mtls_access_log', '--model_name', 'false']).passthrough, ['--model_name', 'false']);
+  });
+
   test('a value-taking --mtls_ option without a value is a ConfigError', () => {
     assert.throws(() => splitOvmsArgv(['--mtls_cert', '--port', '1']), /--mtls_cert needs a value/);
   });
