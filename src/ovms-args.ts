@@ -167,15 +167,59 @@ export interface LoopbackPorts {
 
 export const LOOPBACK_HOST = '127.0.0.1';
 
+export interface ServeArgvOptions {
+  /**
+   * True when every gRPC client reaches OVMS over the proxy's one upstream connection
+   * (`--mtls_grpc_mode terminate`); in relay mode each client has a connection of its own.
+   */
+  readonly sharedGrpcConnection: boolean;
+}
+
+/**
+ * OVMS limits the streams of each gRPC connection, "from a single client", to its core
+ * count unless --grpc_channel_arguments sets grpc.max_concurrent_streams (grpcservermodule.cpp,
+ * setDefaultGrpcChannelArgs). Over one shared connection that would cap all clients together:
+ * on 2 cores, two open ModelStreamInfer streams would leave every other call waiting. Our
+ * own per-client limit is --mtls_max_concurrent_streams. The largest value OVMS's stoi takes.
+ */
+export const UNCAPPED_OVMS_STREAMS = 2147483647;
+
+/** The value of the last `--name V` / `--name=V` in an argv, as cxxopts keeps it. */
+function lastValueOf(args: readonly string[], name: string): string | undefined {
+  let value: string | undefined;
+  for (let i = 0; i < args.length; i += 1) {
+    const option = longOption(args[i]!);
+    if (option?.name !== name) continue;
+    if (option.inlineValue !== undefined) {
+      value = option.inlineValue;
+    } else if (i + 1 < args.length) {
+      value = args[i + 1];
+      i += 1;
+    }
+  }
+  return value;
+}
+
+/** The user's channel arguments plus the lifted stream cap; undefined when the user set the cap (their choice stands). */
+function uncappedChannelArguments(userValue: string | undefined): string | undefined {
+  const entries = (userValue ?? '').split(',').filter((entry) => entry.trim() !== '');
+  const key = (entry: string) => entry.split('=')[0]!.replace(/\s/g, '');
+  if (entries.some((entry) => key(entry) === 'grpc.max_concurrent_streams')) return undefined;
+  return [...entries, `grpc.max_concurrent_streams=${UNCAPPED_OVMS_STREAMS}`].join(',');
+}
+
 /**
  * The argv OVMS is started with: the user's arguments, then ours. Ours come
  * last so that, with OVMS's last-one-wins rule, they win even over a spelling
  * this module failed to recognise. Both bind addresses are always given: an
  * OVMS version that starts gRPC by default must not start it publicly.
  */
-export function ovmsServeArgv(passthrough: readonly string[], ports: LoopbackPorts): string[] {
+export function ovmsServeArgv(passthrough: readonly string[], ports: LoopbackPorts, options: ServeArgvOptions = { sharedGrpcConnection: false }): string[] {
   const args = [...passthrough];
   if (ports.grpc !== undefined) args.push('--port', String(ports.grpc));
+  const channelArguments = ports.grpc !== undefined && options.sharedGrpcConnection ? uncappedChannelArguments(lastValueOf(passthrough, 'grpc_channel_arguments')) : undefined;
+  // After the user's, so that by last-one-wins this merged list is the one OVMS applies.
+  if (channelArguments !== undefined) args.push('--grpc_channel_arguments', channelArguments);
   args.push('--grpc_bind_address', LOOPBACK_HOST);
   if (ports.rest !== undefined) args.push('--rest_port', String(ports.rest));
   args.push('--rest_bind_address', LOOPBACK_HOST);

@@ -127,6 +127,30 @@ describe('serving: listeners and the argv OVMS gets', () => {
     }
   });
 
+  test("OVMS caps gRPC streams per connection at its core count; every client shares the proxy's upstream connection, so the cap is lifted for OVMS and a third client is served while two streams stay open", async () => {
+    // OVMS sets grpc.max_concurrent_streams = cores per connection (grpcservermodule.cpp): through one shared
+    // connection that would be a cap on all clients together, and two open streams would starve everyone on 2 cores.
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--grpc_channel_arguments', 'grpc.max_connection_age_ms=600000'], { FAKE_OVMS_CORES: '2' }, ['--mtls_workers', '1']);
+    const fresh = () => kserveClient(`localhost:${s.grpcPort}`, clientCredentials(pki), { 'grpc.use_local_subchannel_pool': 1 });
+    await s.wrapper.waitForEvent('ovms_ready');
+    const clients = [fresh(), fresh(), fresh()];
+    const streams = clients.slice(0, 2).map((client) => client.ModelStreamInfer());
+    try {
+      for (const [i, stream] of streams.entries()) {
+        stream.write({ ...inferRequest(), id: `open-${i}` });
+        assert.equal((await stream[Symbol.asyncIterator]().next()).value.infer_response.id, `open-${i}`);
+      }
+      // The deadline only bounds the failure: without the lifted cap the call waits for a stream to end.
+      const live = await unary(clients[2]!, 'ServerLive', {}, new grpc.Metadata(), { deadline: Date.now() + 15_000 });
+      assert.equal(live.response.live, true);
+      assert.equal(fakeRuns(s.argvFile)[0]!.options['grpc_channel_arguments'], 'grpc.max_connection_age_ms=600000,grpc.max_concurrent_streams=2147483647');
+    } finally {
+      for (const stream of streams) stream.end();
+      for (const client of clients) client.close();
+      await stopWrapper(s.wrapper);
+    }
+  });
+
   test('while OVMS starts, REST answers 503 with Retry-After and gRPC answers UNAVAILABLE; then calls succeed', async () => {
     const gate = join(dir, `gate-${runCounter + 1}`);
     const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_START_GATE_FILE: gate });

@@ -106,6 +106,25 @@ describe('the argv OVMS is started with', () => {
     ]);
   });
 
+  test("one shared gRPC connection (terminate mode): OVMS's per-connection stream cap is lifted, merged into the user's channel arguments", () => {
+    const shared = { sharedGrpcConnection: true };
+    assert.deepEqual(ovmsServeArgv(['--model_name', 'm'], { grpc: 41000 }, shared), [
+      '--model_name', 'm', '--port', '41000', '--grpc_channel_arguments', 'grpc.max_concurrent_streams=2147483647', '--grpc_bind_address', '127.0.0.1', '--rest_bind_address', '127.0.0.1',
+    ]);
+    // Every spelling, the last one as cxxopts keeps it; the merged list comes after it and wins.
+    const user = ['--grpc_channel_arguments', 'grpc.http2.min_ping_interval_without_data_ms=1', '--grpc_channel_arguments=grpc.keepalive_time_ms=1000, grpc.max_connection_age_ms=5'];
+    const args = ovmsServeArgv(user, { grpc: 41000 }, shared);
+    assert.deepEqual(args.slice(0, 3), user);
+    assert.equal(args[args.indexOf('--grpc_channel_arguments', 3) + 1], 'grpc.keepalive_time_ms=1000, grpc.max_connection_age_ms=5,grpc.max_concurrent_streams=2147483647');
+  });
+
+  test("a stream cap the user set, relay mode (a connection per client) and REST only leave OVMS's channel arguments alone", () => {
+    const own = ['--grpc_channel_arguments', 'grpc.max_concurrent_streams = 8'];
+    assert.deepEqual(ovmsServeArgv(own, { grpc: 41000 }, { sharedGrpcConnection: true }).filter((a) => a.startsWith('--grpc_channel')), ['--grpc_channel_arguments']);
+    assert.ok(!ovmsServeArgv([], { grpc: 41000 }, { sharedGrpcConnection: false }).includes('--grpc_channel_arguments'));
+    assert.ok(!ovmsServeArgv([], { rest: 41001 }, { sharedGrpcConnection: true }).includes('--grpc_channel_arguments'));
+  });
+
   test('gRPC only: no REST port is given to OVMS', () => {
     assert.deepEqual(ovmsServeArgv([], { grpc: 41000 }), ['--port', '41000', '--grpc_bind_address', '127.0.0.1', '--rest_bind_address', '127.0.0.1']);
   });

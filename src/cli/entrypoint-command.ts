@@ -220,7 +220,7 @@ function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, ups
   let portRetries: number = DEFAULTS.ovms.portRetries;
   return new OvmsSupervisor({
     // As root at the first spawn; after the drop we already are the OVMS user (see checkUsersCompatible).
-    command: () => spawnCommand({ binary: settings.binary, args: ovmsServeArgv(settings.passthrough, upstreams.current()), runAs: isRoot() ? plan.ovms : undefined, setpriv }),
+    command: () => spawnCommand({ binary: settings.binary, args: ovmsServeArgv(settings.passthrough, upstreams.current(), { sharedGrpcConnection: settings.common.grpcMode === 'terminate' }), runAs: isRoot() ? plan.ovms : undefined, setpriv }),
     probe: ovmsReadinessProbe(upstreams.host, () => upstreams.current()),
     restart: settings.restart,
     retryStart: async () => {
