@@ -216,7 +216,8 @@ function uncappedChannelArguments(userValue: string | undefined): string | undef
  */
 export function ovmsServeArgv(passthrough: readonly string[], ports: LoopbackPorts, options: ServeArgvOptions = { sharedGrpcConnection: false }): string[] {
   const args = [...passthrough];
-  if (ports.grpc !== undefined) args.push('--port', String(ports.grpc));
+  // 0 when gRPC is off: older OVMS releases default --port to 9178 and would take that port on loopback.
+  args.push('--port', String(ports.grpc ?? 0));
   const channelArguments = ports.grpc !== undefined && options.sharedGrpcConnection ? uncappedChannelArguments(lastValueOf(passthrough, 'grpc_channel_arguments')) : undefined;
   // After the user's, so that by last-one-wins this merged list is the one OVMS applies.
   if (channelArguments !== undefined) args.push('--grpc_channel_arguments', channelArguments);

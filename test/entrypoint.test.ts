@@ -113,12 +113,12 @@ describe('serving: listeners and the argv OVMS gets', () => {
     }
   });
 
-  test('REST only: OVMS gets no gRPC port and REST requests flow', async () => {
+  test('REST only: OVMS gets --port 0 (gRPC off) and REST requests flow', async () => {
     const s = await start(['--rest_port={rest}', '--rest_bind_address', '127.0.0.1']);
     try {
       await s.wrapper.waitForEvent('ovms_ready');
       const [run] = fakeRuns(s.argvFile);
-      assert.equal(run!.options['port'], undefined);
+      assert.equal(run!.options['port'], '0');
       assert.equal(run!.options['grpc_bind_address'], '127.0.0.1');
       const res = await https1(s.restPort, pki, { path: '/v2/models/dummy' });
       assert.equal(res.status, 200);
@@ -147,6 +147,18 @@ describe('serving: listeners and the argv OVMS gets', () => {
     } finally {
       for (const stream of streams) stream.end();
       for (const client of clients) client.close();
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('REST only with an older OVMS whose --port defaults to 9178: it is told --port 0, so its gRPC port cannot collide with a public port', async () => {
+    // The public REST port doubles as the old default here: without --port, OVMS would bind gRPC on it and fail.
+    const [rest] = (await freeLoopbackPorts(1)) as [number];
+    const s = await start(['--rest_port', String(rest), '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_DEFAULT_PORT: String(rest) });
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      assert.equal((await https1(rest, pki, { path: '/v2/health/ready' })).status, 200);
+    } finally {
       await stopWrapper(s.wrapper);
     }
   });

@@ -129,8 +129,8 @@ describe('the argv OVMS is started with', () => {
     assert.deepEqual(ovmsServeArgv([], { grpc: 41000 }), ['--port', '41000', '--grpc_bind_address', '127.0.0.1', '--rest_bind_address', '127.0.0.1']);
   });
 
-  test('REST only: no gRPC port is given to OVMS, and its bind address is still loopback', () => {
-    assert.deepEqual(ovmsServeArgv([], { rest: 41001 }), ['--grpc_bind_address', '127.0.0.1', '--rest_port', '41001', '--rest_bind_address', '127.0.0.1']);
+  test('REST only: OVMS gets --port 0, not its own default (9178 in older releases), and its bind address is still loopback', () => {
+    assert.deepEqual(ovmsServeArgv([], { rest: 41001 }), ['--port', '0', '--grpc_bind_address', '127.0.0.1', '--rest_port', '41001', '--rest_bind_address', '127.0.0.1']);
   });
 });
 
