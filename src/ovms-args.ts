@@ -142,9 +142,8 @@ export function splitOvmsArgv(argv: readonly string[]): SplitOvmsArgv {
       continue;
     }
     if (name === 'help') { help = true; continue; }
-    if (NON_SERVING_FLAGS.includes(name) && !(option.inlineValue !== undefined && isFalse(option.inlineValue))) {
-      nonServing ??= name;
-    }
+    // OVMS picks its mode by presence (cxxopts count()), whatever the value: `--pull=false` still pulls.
+    if (NON_SERVING_FLAGS.includes(name)) nonServing ??= name;
     passthrough.push(arg);
   }
   return { mode: modeOf(help, nonServing, mtls), mtls, listeners, passthrough };

@@ -486,6 +486,13 @@ describe('non-serving invocations', () => {
     assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
   });
 
+  test('--list_models=false is still --list_models, as for OVMS (presence decides): OVMS runs it, nothing listens', async () => {
+    const s = await start(['--list_models=false', '--model_repository_path', '/models'], { FAKE_OVMS_ONESHOT_EXIT_CODE: '5' });
+    assert.deepEqual(await s.wrapper.exited, { code: 5, signal: null });
+    assert.deepEqual(fakeRuns(s.argvFile).map((r) => r.argv), [['--list_models=false', '--model_repository_path', '/models']]);
+    assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+  });
+
   test('--pull runs OVMS with its arguments untouched, spaces included, and exits with its code', async () => {
     const s = await start(['--pull', '--source_model', 'OpenVINO/model name', '--model_repository_path', '/models']);
     assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });

@@ -86,7 +86,9 @@ describe('modes', () => {
     { argv: ['--add_to_config', '--config_path', '/c', '--model_name', 'm'], mode: { kind: 'direct', flag: 'add_to_config' } },
     { argv: ['--remove_from_config', '--config_path', '/c', '--model_name', 'm'], mode: { kind: 'direct', flag: 'remove_from_config' } },
     { argv: ['--configure'], mode: { kind: 'direct', flag: 'configure' } },
-    { argv: ['--pull=false', '--port', '1'], mode: { kind: 'serve' } },
+    // OVMS decides by presence (result->count("pull"), count("list_models")), not by the value.
+    { argv: ['--pull=false', '--source_model', 'OpenVINO/x', '--port', '1'], mode: { kind: 'direct', flag: 'pull' } },
+    { argv: ['--list_models=false', '--model_repository_path', '/models'], mode: { kind: 'direct', flag: 'list_models' } },
   ];
   for (const c of cases) {
     test(`${c.argv.join(' ')} is ${JSON.stringify(c.mode)}`, () => {
