@@ -91,6 +91,12 @@ export class RestForwarder {
       this.#refuse(req, res, context, started, { status: 400, message, error: 'bad_request_target' });
       return;
     }
+    const authority = requestAuthority(req.headers);
+    if (authority !== undefined && !isHostAndPort(authority)) {
+      const message = `request authority ${JSON.stringify(authority.slice(0, 64))} is not forwarded: send host[:port] only, without a user@ part`;
+      this.#refuse(req, res, context, started, { status: 400, message, error: 'bad_request_authority' });
+      return;
+    }
     this.#forward(req, res, context, started);
   }
 
@@ -212,6 +218,26 @@ function upstreamPool(upstream: HostPort, connectTimeoutMs: number): Pool {
  */
 function isForwardableTarget(target: string): boolean {
   return target.startsWith('/') || /^https?:\/\//i.test(target);
+}
+
+/**
+ * An authority as the Host line of an HTTP/1.1 request may carry it (RFC 9112
+ * 3.2): an IP literal or a reg-name (RFC 3986 3.2.2), then an optional port.
+ * nghttp2 lets an HTTP/2 client's `:authority` through with userinfo
+ * (`user@host`) or a second colon, which RFC 9113 8.3.1 makes malformed and
+ * 8.1.1 forbids an intermediary to forward; as a Host line it would be one the
+ * model server must refuse, or may read differently from us.
+ */
+const HOST_AND_PORT = /^(?:\[[0-9A-Za-z:.%_~-]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?$/;
+
+function isHostAndPort(authority: string): boolean {
+  return HOST_AND_PORT.test(authority);
+}
+
+/** Who the request is for: HTTP/2's `:authority` when present (RFC 9113 8.3.1), else the Host line. */
+function requestAuthority(headers: IncomingHttpHeaders): string | undefined {
+  const authority = headers[':authority'] ?? headers['host'];
+  return authority === undefined ? undefined : String(authority);
 }
 
 /** The request body's declared length (0: none), undefined when not declared (chunked, or HTTP/2 without content-length). */
@@ -415,8 +441,8 @@ export function upstreamHeaders(req: ClientRequestLike, context: ConnectionConte
     if (name.startsWith(':') || HOP_BY_HOP.has(name) || listed.has(name) || name === XFCC || disguisesOurs(name)) continue;
     out[name] = incoming[name]!;
   }
-  const authority = incoming[':authority'] ?? incoming['host'];
-  if (authority !== undefined) out['host'] = String(authority);
+  const authority = requestAuthority(incoming);
+  if (authority !== undefined) out['host'] = authority;
   setForwardingHeaders(out, incoming['x-forwarded-for'], context);
   return out;
 }

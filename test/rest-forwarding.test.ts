@@ -255,6 +255,37 @@ describe('request targets (--mtls_rest_mode terminate)', () => {
   });
 });
 
+describe('request authorities (both REST modes serve HTTP/2 by forwarding)', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: an HTTP/2 :authority with a user@ part (malformed, RFC 9113 8.3.1) gets 400 naming it and never reaches the model server as a Host line`, () =>
+      behindProxy({ pki, restMode, answer: (socket) => socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok') }, async (local, upstream) => {
+        const session = h2Session(local.restPort, pki);
+        try {
+          for (const authority of ['user@localhost', 'localhost:1:2']) {
+            const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy', ':authority': authority });
+            assert.equal(res.headers[':status'], 400, authority);
+            assert.equal(JSON.parse(res.body.toString()).error, `request authority ${JSON.stringify(authority)} is not forwarded: send host[:port] only, without a user@ part`);
+          }
+          // A valid one on the same session still goes through.
+          const ok = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy', ':authority': `localhost:${local.restPort}` });
+          assert.equal(ok.headers[':status'], 200);
+          assert.equal(upstream.sockets.length, 1);
+          const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 400);
+          assert.equal(line.error, 'bad_request_authority');
+          // The relay passes an HTTP/1.1 head on as it came; terminate mode checks it as it does HTTP/2's.
+          if (restMode === 'terminate') {
+            const http1 = await https1(local.restPort, pki, { path: '/v2/models/dummy', headers: { host: 'user@localhost' } });
+            assert.equal(http1.status, 400);
+            assert.match(JSON.parse(http1.body).error, /^request authority "user@localhost" is not forwarded/);
+          }
+          assert.equal(upstream.sockets.length, 1);
+        } finally {
+          session.destroy();
+        }
+      }));
+  }
+});
+
 describe('upstream answers (--mtls_rest_mode terminate)', () => {
   test('an interim 103 Early Hints is not passed on; the final answer is', () =>
     behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.write('HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok') }, async (local) => {
