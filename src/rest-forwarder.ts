@@ -87,7 +87,7 @@ export class RestForwarder {
     }
     const target = req.url ?? '';
     if (!isForwardableTarget(target)) {
-      const message = `request target ${JSON.stringify(target.slice(0, 64))} is not forwarded: a path (/v2/...) or an http(s) URL is`;
+      const message = `request target ${JSON.stringify(target.slice(0, 64))} is not forwarded: a path (/v2/...) or an http(s) URL without a #fragment is`;
       this.#refuse(req, res, context, started, { status: 400, message, error: 'bad_request_target' });
       return;
     }
@@ -214,10 +214,14 @@ function upstreamPool(upstream: HostPort, connectTimeoutMs: number): Pool {
 
 /**
  * What the upstream client can send: a path, or an absolute http(s) URL. Not
- * the asterisk form (`OPTIONS *`), which nginx refuses too.
+ * the asterisk form (`OPTIONS *`), which nginx refuses too. Nor one with a
+ * fragment: clients keep it to themselves, no request target carries one
+ * (RFC 9112 3.2, RFC 9113 8.3.1), yet nghttp2 and llhttp let `/a#b` through,
+ * and a model server that cuts it off would serve a path our access line
+ * does not show.
  */
 function isForwardableTarget(target: string): boolean {
-  return target.startsWith('/') || /^https?:\/\//i.test(target);
+  return (target.startsWith('/') || /^https?:\/\//i.test(target)) && !target.includes('#');
 }
 
 /**

@@ -255,6 +255,29 @@ describe('request targets (--mtls_rest_mode terminate)', () => {
   });
 });
 
+describe('request targets with a #fragment', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: an HTTP/2 :path with a #fragment (nghttp2 lets it through) gets 400 naming it and never reaches the model server`, () =>
+      behindProxy({ pki, restMode, answer: (socket) => socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok') }, async (local, upstream) => {
+        const session = h2Session(local.restPort, pki);
+        try {
+          const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy#ready' });
+          assert.equal(res.headers[':status'], 400);
+          assert.equal(JSON.parse(res.body.toString()).error, 'request target "/v2/models/dummy#ready" is not forwarded: a path (/v2/...) or an http(s) URL without a #fragment is');
+          const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 400);
+          assert.equal(line.error, 'bad_request_target');
+          if (restMode === 'terminate') {
+            const http1 = await https1(local.restPort, pki, { path: '/v2/models/dummy#ready' });
+            assert.equal(http1.status, 400);
+          }
+          assert.equal(upstream.sockets.length, 0);
+        } finally {
+          session.destroy();
+        }
+      }));
+  }
+});
+
 describe('request authorities (both REST modes serve HTTP/2 by forwarding)', () => {
   for (const restMode of FORWARD_MODES) {
     test(`--mtls_rest_mode ${restMode}: an HTTP/2 :authority with a user@ part (malformed, RFC 9113 8.3.1) gets 400 naming it and never reaches the model server as a Host line`, () =>
