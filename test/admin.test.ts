@@ -140,4 +140,29 @@ describe('proxy command with --mtls_admin_port', () => {
       await upstream.close();
     }
   });
+
+  test('ovms_up follows the upstream on each scrape, with nothing probing /readyz (Prometheus alone)', async () => {
+    pki = await pkiPromise;
+    const upstream = await startUpstream();
+    const [restPort, adminPort] = (await freeLoopbackPorts(2)) as [number, number];
+    const child = spawn(process.execPath, [BIN, 'proxy', '--mtls_workers', '1',
+      '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!,
+      '--mtls_admin_port', String(adminPort)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let upstreamOpen = true;
+    try {
+      for await (const line of createInterface({ input: child.stdout! })) if (/"event":"listening","listener":"rest"/.test(line)) break;
+      child.stdout!.resume();
+      assert.equal(sample((await httpGet(adminPort, '/metrics')).body, 'ovms_mtls_ovms_up'), 1, 'the upstream answers');
+      await upstream.close();
+      upstreamOpen = false;
+      assert.equal(sample((await httpGet(adminPort, '/metrics')).body, 'ovms_mtls_ovms_up'), 0, 'the upstream is gone');
+      child.kill('SIGTERM');
+      const [code] = await once(child, 'exit');
+      assert.equal(code, 0);
+    } finally {
+      child.kill('SIGKILL');
+      if (upstreamOpen) await upstream.close();
+    }
+  });
 });

@@ -39,7 +39,7 @@ export async function runProxyCommand(argv: readonly string[], env: NodeJS.Proce
   const material = loadTlsMaterialSync(config.tls);
   // --mtls_workers > 1: forked workers serve; this process keeps the admin port, the reload watch and the signals.
   const workers = config.workers > 1 ? new WorkerPool({ config, material, logger }) : undefined;
-  const ops = await ServingOperations.start({ config, material, logger, upstreamCheck: (metrics) => updatingOvmsUp(metrics, upstreamCheck(config)), workers });
+  const ops = await ServingOperations.start({ config, material, logger, upstreamCheck: (metrics) => updatingOvmsUp(metrics, upstreamCheck(config)), workers, scrapeChecksUpstream: true });
   // Before the listeners: a worker logs `listening` before the last one is up, and a SIGTERM then must drain, not kill.
   const stop = waitForStopSignal(logger);
   let proxy: RunningProxy;

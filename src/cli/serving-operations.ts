@@ -10,7 +10,7 @@ import { NOOP_OBSERVER, type ProxyObserver } from '../observer.js';
 import type { AdminServer } from '../admin.js';
 import { TlsReloader } from '../tls-reload.js';
 import type { WorkerPool } from '../workers.js';
-import { aggregatedMetrics } from '../metrics-aggregate.js';
+import { aggregatedMetrics, type MetricsSource } from '../metrics-aggregate.js';
 import { ProxyMetrics, certificatesCheck, listenersCheck, startAdminIfConfigured, type HealthCheck } from '../operations.js';
 
 export interface ServingOperationsOptions {
@@ -21,6 +21,11 @@ export interface ServingOperationsOptions {
   readonly upstreamCheck: (metrics: ProxyMetrics) => HealthCheck;
   /** --mtls_workers > 1: /metrics merges the workers' numbers, /readyz asks the pool. */
   readonly workers?: WorkerPool | undefined;
+  /**
+   * Proxy mode: ovms_up comes from the upstream check, so each scrape runs it
+   * too; else it stays 0 wherever nothing probes /readyz (Prometheus alone).
+   */
+  readonly scrapeChecksUpstream?: boolean;
 }
 
 export class ServingOperations {
@@ -46,13 +51,15 @@ export class ServingOperations {
   static async start(options: ServingOperationsOptions): Promise<ServingOperations> {
     const ops = new ServingOperations(options);
     const { workers } = options;
+    const upstream = options.upstreamCheck(ops.metrics);
+    const metrics = workers ? aggregatedMetrics(ops.metrics.registry, () => workers.collectMetrics()) : ops.metrics;
     ops.#admin = await startAdminIfConfigured({
       config: options.config,
-      metrics: workers ? aggregatedMetrics(ops.metrics.registry, () => workers.collectMetrics()) : ops.metrics,
+      metrics: options.scrapeChecksUpstream ? checkingBeforeScrape(metrics, upstream) : metrics,
       logger: options.logger,
       checks: {
         listeners: workers ? () => workers.check() : listenersCheck(() => ops.#proxy),
-        upstream: options.upstreamCheck(ops.metrics),
+        upstream,
         certificates: certificatesCheck(() => ops.#material),
       },
     });
@@ -94,4 +101,14 @@ export class ServingOperations {
     this.stopWatching();
     await this.#admin?.close();
   }
+}
+
+function checkingBeforeScrape(metrics: MetricsSource, check: HealthCheck): MetricsSource {
+  return {
+    contentType: metrics.contentType,
+    text: async () => {
+      await check();
+      return metrics.text();
+    },
+  };
 }
