@@ -7,18 +7,21 @@
 
 export const OTHER_ROUTE = '{other}';
 
-/** Services OVMS serves (FINDINGS), plus the test suite's Echo service. */
-const GRPC_SERVICES = new Set([
-  'inference.GRPCInferenceService',
-  'tensorflow.serving.PredictionService',
-  'tensorflow.serving.ModelService',
-  'ovmsmtls.test.Echo',
+/**
+ * Methods OVMS serves (FINDINGS), plus the test suite's Echo service. Methods,
+ * not just services: a client may call any method name of a known service
+ * (the server answers UNIMPLEMENTED), and each one would be a new series.
+ */
+const GRPC_METHODS = new Set([
+  ...['ServerLive', 'ServerReady', 'ModelReady', 'ServerMetadata', 'ModelMetadata', 'ModelInfer', 'ModelStreamInfer'].map((m) => `/inference.GRPCInferenceService/${m}`),
+  ...['Predict', 'GetModelMetadata'].map((m) => `/tensorflow.serving.PredictionService/${m}`),
+  ...['GetModelStatus', 'HandleReloadConfigRequest'].map((m) => `/tensorflow.serving.ModelService/${m}`),
+  ...['Unary', 'ClientStream', 'ServerStream', 'Bidi', 'Hold'].map((m) => `/ovmsmtls.test.Echo/${m}`),
 ]);
 
-/** `/package.Service/Method` for known services, else {other}. */
+/** `/package.Service/Method` for the methods above, else {other}. */
 export function grpcRoute(path: string): string {
-  const match = /^\/([A-Za-z0-9_.]+)\/([A-Za-z0-9_]{1,64})$/.exec(path);
-  return match && GRPC_SERVICES.has(match[1]!) ? path : OTHER_ROUTE;
+  return GRPC_METHODS.has(path) ? path : OTHER_ROUTE;
 }
 
 const SEGMENT = '[^/]+';

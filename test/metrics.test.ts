@@ -3,8 +3,8 @@ import assert from 'node:assert/strict';
 import { connect as tlsConnect } from 'node:tls';
 import { once } from 'node:events';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { grpcClients, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
-import { requestEvents, sample } from './helpers/ops.js';
+import { grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { eventually, requestEvents, sample } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { ProxyMetrics } from '../src/metrics.js';
@@ -220,5 +220,27 @@ describe('route labels stay bounded', () => {
     assert.equal(grpcRoute('/tensorflow.serving.PredictionService/Predict'), '/tensorflow.serving.PredictionService/Predict');
     assert.equal(grpcRoute('/random.Service/Method'), OTHER_ROUTE);
     assert.equal(grpcRoute('/inference.GRPCInferenceService/../x'), OTHER_ROUTE);
+  });
+
+  test('a gRPC client calling made-up methods of a known service over real TLS adds one {other} series, not one per name', async () => {
+    const pki = await createTestPki();
+    const upstream = await startUpstream();
+    const metrics = new ProxyMetrics({ processMetrics: false });
+    const { proxy, grpcPort } = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort }, observer: metrics });
+    const session = h2Session(grpcPort, pki);
+    try {
+      for (const name of ['JunkA', 'JunkB', 'JunkC']) {
+        const res = await h2Request(session, { ':method': 'POST', ':path': `/inference.GRPCInferenceService/${name}`, 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.alloc(0)));
+        assert.equal(res.headers['grpc-status'] ?? res.trailers?.['grpc-status'], '12', 'the model server does not know the method');
+      }
+      await eventually(async () => sample(await metrics.text(), 'ovms_mtls_requests_total', { route: OTHER_ROUTE }) === 3, 'three calls counted');
+      const routes = (await metrics.text()).split('\n').filter((l) => l.startsWith('ovms_mtls_requests_total{')).map((l) => /route="([^"]*)"/.exec(l)![1]);
+      assert.deepEqual(routes, [OTHER_ROUTE]);
+    } finally {
+      session.close();
+      await proxy.shutdown(1000);
+      await upstream.close();
+      await pki.cleanup();
+    }
   });
 });
