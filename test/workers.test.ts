@@ -235,6 +235,56 @@ describe('certificate reload with two workers', SAFETY, () => {
     }
   });
 
+  test('streams in flight on both workers carry on across SIGHUP; a worker killed takes only its own streams, the other finishes them, and counters never fall', async () => {
+    const certs = await certDir();
+    const r = await startWorkersCli(certFlags(certs.files));
+    // A certificate each: equal credentials would share one connection (grpc-js pools them), and one connection is one worker.
+    const identities = await Promise.all(['s1', 's2', 's3', 's4'].map((commonName) => issueClientCert({ issuer: pki.clientCa, commonName })));
+    const clients = identities.map((identity) => grpcClients(`localhost:${r.grpcPort}`, pki, identity));
+    try {
+      const streams = clients.map((c) => {
+        const bidi = c.echo.Bidi();
+        // Not once(): it rejects on the 'error' event that comes with a stream that failed.
+        const status = new Promise<grpc.StatusObject>((resolve) => bidi.on('status', resolve));
+        bidi.on('error', () => undefined);
+        return { bidi, replies: bidi[Symbol.asyncIterator](), status };
+      });
+      const echoAll = async (text: string) => Promise.all(streams.map(async (s) => {
+        s.bidi.write({ payload: Buffer.from(text) });
+        const next = await s.replies.next().catch(() => ({ done: true, value: undefined }));
+        return next.done ? undefined : (next.value as EchoReply).payload.toString();
+      }));
+      assert.deepEqual(await echoAll('before'), ['before', 'before', 'before', 'before']);
+
+      await replaceAtomically(certs.files.key, newServer.keyPem);
+      await replaceAtomically(certs.files.cert, newServer.certPem);
+      r.cli.child.kill('SIGHUP');
+      await linesMatching(r.cli.logs, 2, (l) => l.event === 'reloaded' && l['worker'] !== undefined);
+      assert.equal(await servedSerial(r.grpcPort, alice()), newServer.serialHex);
+      assert.deepEqual(await echoAll('after reload'), ['after reload', 'after reload', 'after reload', 'after reload']);
+
+      const before = (await httpGet(r.adminPort, '/metrics')).body;
+      const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      process.kill(victim!, 'SIGKILL');
+      await r.cli.logs.waitFor((l) => l.event === 'worker_exited');
+      const answers = await echoAll('after kill');
+      const survivors = streams.filter((_, i) => answers[i] === 'after kill');
+      const lost = streams.filter((_, i) => answers[i] === undefined);
+      assert.ok(survivors.length > 0 && lost.length > 0, `streams on both workers (answers: ${JSON.stringify(answers)})`);
+      for (const s of lost) assert.equal((await s.status).code, grpc.status.UNAVAILABLE);
+      for (const s of survivors) s.bidi.end();
+      for (const s of survivors) assert.equal((await s.status).code, grpc.status.OK);
+      await r.cli.logs.waitFor((l) => l.event === 'listening' && Number(l['worker']) > 2);
+      const after = (await httpGet(r.adminPort, '/metrics')).body;
+      for (const counter of ['ovms_mtls_handshakes_total', 'ovms_mtls_connections_total', 'ovms_mtls_requests_total']) {
+        assert.ok(sumOf(after, counter) >= sumOf(before, counter), counter);
+      }
+    } finally {
+      for (const c of clients) c.close();
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
   test('with the files broken (a failed reload), workers that die are replaced and serve the set still in force', async () => {
     const certs = await certDir();
     const r = await startWorkersCli(certFlags(certs.files));
