@@ -56,12 +56,15 @@ function longOption(arg: string): LongOption | undefined {
   return { name: match[1]!, inlineValue: match[2] };
 }
 
+const FALSE_WORDS = ['false', '0', 'no', 'off'];
+const BOOLEAN_WORDS = [...FALSE_WORDS, 'true', '1', 'yes', 'on'];
+
 function isFalse(value: string): boolean {
-  return ['false', '0', 'no', 'off'].includes(value.toLowerCase());
+  return FALSE_WORDS.includes(value.toLowerCase());
 }
 
 function isBooleanWord(value: string | undefined): boolean {
-  return value !== undefined && ['true', 'false', '1', '0', 'yes', 'no', 'on', 'off'].includes(value.toLowerCase());
+  return value !== undefined && BOOLEAN_WORDS.includes(value.toLowerCase());
 }
 
 /**

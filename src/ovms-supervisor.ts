@@ -64,20 +64,6 @@ function killGroup(child: ChildProcess): void {
   }
 }
 
-/**
- * Once OVMS itself has exited, helpers it forked (same process group) would
- * outlive it: reparented, holding memory and maybe its loopback ports, and
- * zombies once they end if we are PID 1. No group left is the usual case.
- */
-function killLeftovers(pid: number | undefined): void {
-  if (pid === undefined) return;
-  try {
-    process.kill(-pid, 'SIGKILL');
-  } catch {
-    // ESRCH: OVMS left nothing behind
-  }
-}
-
 export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
   readonly #options: SupervisorOptions;
   /** Resolves with OVMS's last exit status once it will not run again. */
@@ -139,7 +125,8 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
       void this.#pollReadiness(child, exited);
     });
     void exited.then((status) => {
-      killLeftovers(child.pid);
+      // Helpers OVMS forked would outlive it: reparented, holding memory and maybe its loopback ports, zombies if we are PID 1.
+      killGroup(child);
       return this.#onExit(child, status, performance.now() - started);
     });
   }
