@@ -2,7 +2,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
-import { connect as connectH2, constants, createServer as createH2cServer } from 'node:http2';
+import { connect as connectH2, constants, createServer as createH2cServer, type IncomingHttpHeaders, type ServerHttp2Stream, type Settings } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
@@ -10,6 +10,7 @@ import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMess
 import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, h2Frame } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
+import type { Limits } from '../src/config.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -35,6 +36,29 @@ after(async () => {
 
 /** A test that would hang without the fix it checks fails instead (its waits take `t.signal`). */
 const NOT_FOR_EVER = { timeout: 30_000 };
+
+type OnH2cStream = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, flags: number, raw?: string[]) => void;
+
+/**
+ * A proxy in front of a bare h2c server whose streams `onStream` answers (what no gRPC
+ * server library would send); both are closed after `run`, however it ends.
+ */
+async function behindH2cUpstream(
+  setup: { onStream: OnH2cStream; settings?: Settings; limits?: Partial<Limits> },
+  run: (local: StartedProxy) => Promise<void>,
+): Promise<void> {
+  const server = createH2cServer(setup.settings ? { settings: setup.settings } : {});
+  server.on('stream', setup.onStream);
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const local = await startTestProxy({ pki, upstream: { grpcPort: (server.address() as AddressInfo).port }, ...(setup.limits ? { limits: setup.limits } : {}) });
+  try {
+    await run(local);
+  } finally {
+    await local.proxy.shutdown(1000);
+    server.close();
+  }
+}
 
 const lastReceived = (path: string) => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === path).at(-1);
 
@@ -152,10 +176,9 @@ describe('grpc forwarding', () => {
 
 describe('grpc upstream failures', () => {
   test('calls beyond an upstream stream limit are queued for it, not refused', async () => {
-    const limited = createH2cServer({ settings: { maxConcurrentStreams: 2 } });
     let open = 0;
     let mostOpen = 0;
-    limited.on('stream', (stream) => {
+    const onStream = (stream: ServerHttp2Stream) => {
       open += 1;
       mostOpen = Math.max(mostOpen, open);
       stream.on('error', () => {});
@@ -166,50 +189,43 @@ describe('grpc upstream failures', () => {
         stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
         stream.end();
       });
+    };
+    await behindH2cUpstream({ onStream, settings: { maxConcurrentStreams: 2 } }, async (local) => {
+      const session = h2Session(local.grpcPort, pki);
+      try {
+        const calls = Array.from({ length: 12 }, () =>
+          h2Request(session, { ':method': 'POST', ':path': '/x.Y/Z', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.alloc(3))));
+        const statuses = (await Promise.all(calls)).map((r) => r.trailers?.['grpc-status'] ?? r.headers['grpc-status']);
+        assert.deepEqual(statuses, Array(12).fill('0'));
+        assert.ok(mostOpen <= 2);
+      } finally {
+        session.close();
+      }
     });
-    limited.listen(0, '127.0.0.1');
-    await once(limited, 'listening');
-    const local = await startTestProxy({ pki, upstream: { grpcPort: (limited.address() as AddressInfo).port } });
-    const session = h2Session(local.grpcPort, pki);
-    try {
-      const calls = Array.from({ length: 12 }, () =>
-        h2Request(session, { ':method': 'POST', ':path': '/x.Y/Z', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.alloc(3))));
-      const statuses = (await Promise.all(calls)).map((r) => r.trailers?.['grpc-status'] ?? r.headers['grpc-status']);
-      assert.deepEqual(statuses, Array(12).fill('0'));
-      assert.ok(mostOpen <= 2);
-    } finally {
-      session.close();
-      await local.proxy.shutdown(1000);
-      limited.close();
-    }
   });
 
   test('an upstream RST_STREAM reaches the client as the gRPC status its code maps to, with a message', async () => {
     // A bare h2c server that answers headers, then resets the stream (destroy sends RST_STREAM alone).
-    const resetting = createH2cServer();
-    let reset!: (stream: import('node:http2').ServerHttp2Stream) => void;
-    resetting.on('stream', (stream) => {
+    let reset!: (stream: ServerHttp2Stream) => void;
+    const onStream = (stream: ServerHttp2Stream) => {
       stream.on('error', () => {});
       stream.respond({ ':status': 200, 'content-type': 'application/grpc' });
       reset(stream);
+    };
+    await behindH2cUpstream({ onStream }, async (local) => {
+      const c = grpcClients(local.grpcAddress, pki);
+      try {
+        reset = (stream) => setImmediate(() => stream.destroy(new Error('reset')));
+        const internal = await unary(c.echo, 'Unary', {}).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+        assert.equal(internal.code, grpc.status.INTERNAL);
+        assert.match(internal.details, /reset the call \(INTERNAL_ERROR\)/);
+        reset = (stream) => setImmediate(() => stream.close(constants.NGHTTP2_REFUSED_STREAM));
+        const refused = await unary(c.echo, 'Unary', {}).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+        assert.notEqual(refused.code, grpc.status.OK);
+      } finally {
+        c.close();
+      }
     });
-    resetting.listen(0, '127.0.0.1');
-    await once(resetting, 'listening');
-    const local = await startTestProxy({ pki, upstream: { grpcPort: (resetting.address() as AddressInfo).port } });
-    const c = grpcClients(local.grpcAddress, pki);
-    try {
-      reset = (stream) => setImmediate(() => stream.destroy(new Error('reset')));
-      const internal = await unary(c.echo, 'Unary', {}).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
-      assert.equal(internal.code, grpc.status.INTERNAL);
-      assert.match(internal.details, /reset the call \(INTERNAL_ERROR\)/);
-      reset = (stream) => setImmediate(() => stream.close(constants.NGHTTP2_REFUSED_STREAM));
-      const refused = await unary(c.echo, 'Unary', {}).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
-      assert.notEqual(refused.code, grpc.status.OK);
-    } finally {
-      c.close();
-      await local.proxy.shutdown(1000);
-      resetting.close();
-    }
   });
 
   test('a call the upstream ends without a gRPC status is INTERNAL, as the gRPC spec says, and no upstream failure', async () => {
@@ -243,34 +259,30 @@ describe('grpc upstream failures', () => {
 
   test('a status the upstream sends before reading the whole request ends the client stream too, with RST_STREAM(NO_ERROR), and is logged', NOT_FOR_EVER, async (t) => {
     // As a server answers a message over its size limit: Trailers-Only at once, the request unread.
-    const refusing = createH2cServer();
-    refusing.on('stream', (stream) => {
+    const onStream = (stream: ServerHttp2Stream) => {
       stream.on('error', () => {});
       stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '8', 'grpc-message': 'too big' }, { endStream: true });
+    };
+    await behindH2cUpstream({ onStream }, async (local) => {
+      const session = h2Session(local.grpcPort, pki);
+      try {
+        const call = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Big' });
+        call.on('error', () => {});
+        call.resume();
+        // The client keeps sending: 8 MiB, more than any window lets through, and never ends its request.
+        call.write(grpcFrame(Buffer.alloc(8 * 1024 * 1024, 1)));
+        const [headers] = await once(call, 'response');
+        assert.equal(headers['grpc-status'], '8');
+        // On the test's timeout the wait is given up, so the proxy is still shut down.
+        await once(call, 'close', { signal: t.signal });
+        assert.equal(call.rstCode, constants.NGHTTP2_NO_ERROR);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Big');
+        assert.equal(line.grpcStatus, '8');
+        assert.equal(line.error, undefined);
+      } finally {
+        session.close();
+      }
     });
-    refusing.listen(0, '127.0.0.1');
-    await once(refusing, 'listening');
-    const local = await startTestProxy({ pki, upstream: { grpcPort: (refusing.address() as AddressInfo).port } });
-    const session = h2Session(local.grpcPort, pki);
-    try {
-      const call = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Big' });
-      call.on('error', () => {});
-      call.resume();
-      // The client keeps sending: 8 MiB, more than any window lets through, and never ends its request.
-      call.write(grpcFrame(Buffer.alloc(8 * 1024 * 1024, 1)));
-      const [headers] = await once(call, 'response');
-      assert.equal(headers['grpc-status'], '8');
-      // On the test's timeout the wait is given up, so the proxy is still shut down.
-      await once(call, 'close', { signal: t.signal });
-      assert.equal(call.rstCode, constants.NGHTTP2_NO_ERROR);
-      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Big');
-      assert.equal(line.grpcStatus, '8');
-      assert.equal(line.error, undefined);
-    } finally {
-      session.close();
-      await local.proxy.shutdown(1000);
-      refusing.close();
-    }
   });
 
   test('before the upstream is ready, a call still sending its request gets UNAVAILABLE and its stream ends with RST_STREAM(NO_ERROR)', NOT_FOR_EVER, async (t) => {
@@ -341,35 +353,31 @@ describe('grpc: repeated metadata', () => {
 
   test('a key sent twice arrives as two fields both ways, as sent (not one "a, b" value), -bin keys included', NOT_FOR_EVER, async () => {
     let received: string[] = [];
-    const upstreamServer = createH2cServer();
-    upstreamServer.on('stream', (stream, _headers, _flags, raw?: string[]) => {
+    const onStream: OnH2cStream = (stream, _headers, _flags, raw) => {
       received = raw ?? [];
       stream.on('error', () => {});
       stream.resume();
       stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'x-r': ['1', '2'], 'x-r-bin': ['AAH/', 'CQ'] }, { waitForTrailers: true });
       stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0', 'x-t': ['3', '4'] }));
       stream.end();
+    };
+    await behindH2cUpstream({ onStream }, async (local) => {
+      const session = h2Session(local.grpcPort, pki);
+      try {
+        const stream = session.request({ ...ECHO_UNARY_HEADERS, 'x-a': ['x', 'y'], 'x-b-bin': ['AAH/', 'CQ'] });
+        stream.end(grpcFrame(Buffer.alloc(1)));
+        const [, , responseRaw] = (await once(stream, 'response')) as [unknown, number, string[]];
+        stream.resume();
+        const [, , trailersRaw] = (await once(stream, 'trailers')) as [unknown, number, string[]];
+        assert.deepEqual(fields(received, 'x-a'), ['x', 'y']);
+        assert.deepEqual(fields(received, 'x-b-bin'), ['AAH/', 'CQ']);
+        assert.deepEqual(fields(responseRaw, 'x-r'), ['1', '2']);
+        assert.deepEqual(fields(responseRaw, 'x-r-bin'), ['AAH/', 'CQ']);
+        assert.deepEqual(fields(trailersRaw, 'x-t'), ['3', '4']);
+      } finally {
+        session.close();
+      }
     });
-    upstreamServer.listen(0, '127.0.0.1');
-    await once(upstreamServer, 'listening');
-    const local = await startTestProxy({ pki, upstream: { grpcPort: (upstreamServer.address() as AddressInfo).port } });
-    const session = h2Session(local.grpcPort, pki);
-    try {
-      const stream = session.request({ ...ECHO_UNARY_HEADERS, 'x-a': ['x', 'y'], 'x-b-bin': ['AAH/', 'CQ'] });
-      stream.end(grpcFrame(Buffer.alloc(1)));
-      const [, , responseRaw] = (await once(stream, 'response')) as [unknown, number, string[]];
-      stream.resume();
-      const [, , trailersRaw] = (await once(stream, 'trailers')) as [unknown, number, string[]];
-      assert.deepEqual(fields(received, 'x-a'), ['x', 'y']);
-      assert.deepEqual(fields(received, 'x-b-bin'), ['AAH/', 'CQ']);
-      assert.deepEqual(fields(responseRaw, 'x-r'), ['1', '2']);
-      assert.deepEqual(fields(responseRaw, 'x-r-bin'), ['AAH/', 'CQ']);
-      assert.deepEqual(fields(trailersRaw, 'x-t'), ['3', '4']);
-    } finally {
-      session.close();
-      await local.proxy.shutdown(1000);
-      upstreamServer.close();
-    }
   });
 });
 
@@ -378,8 +386,7 @@ describe('grpc: clients that read slowly', () => {
     const limits = { streamWindow: 256 * 1024, maxConcurrentStreams: 32, maxSessionMemoryMiB: 1 };
     // Each ServerStream call answers 2 stream windows: once written, the proxy has read one and holds it for the client.
     const flushed: Promise<void>[] = [];
-    const upstreamServer = createH2cServer();
-    upstreamServer.on('stream', (stream, headers) => {
+    const onStream: OnH2cStream = (stream, headers) => {
       stream.on('error', () => {});
       stream.resume();
       if (headers[':path'] !== '/ovmsmtls.test.Echo/ServerStream') {
@@ -388,36 +395,33 @@ describe('grpc: clients that read slowly', () => {
       }
       stream.respond({ ':status': 200, 'content-type': 'application/grpc' });
       flushed.push(new Promise((resolve) => stream.write(Buffer.alloc(2 * limits.streamWindow), () => resolve())));
-    });
-    upstreamServer.listen(0, '127.0.0.1');
-    await once(upstreamServer, 'listening');
-    const local = await startTestProxy({ pki, upstream: { grpcPort: (upstreamServer.address() as AddressInfo).port }, limits });
-    // Stream windows of 0 until the proxy holds what it read for each call.
-    const session = connectH2(`https://localhost:${local.grpcPort}`, { ...tlsClientOptions(pki), settings: { initialWindowSize: 0 } });
-    session.on('error', () => {});
-    try {
-      await once(session, 'connect');
-      session.setLocalWindowSize(16 * 1024 * 1024);
-      const firstData: Promise<unknown>[] = [];
-      for (let i = 0; i < 24; i++) {
-        const stream = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/ovmsmtls.test.Echo/ServerStream' });
-        stream.on('error', () => {});
-        stream.end(grpcFrame(Buffer.alloc(1)));
-        await once(stream, 'response');
-        // The client reads one chunk, then no more: a consumer busy with its first message.
-        firstData.push(once(stream, 'data').then(() => stream.pause()));
+    };
+    await behindH2cUpstream({ onStream, limits }, async (local) => {
+      // Stream windows of 0 until the proxy holds what it read for each call.
+      const session = connectH2(`https://localhost:${local.grpcPort}`, { ...tlsClientOptions(pki), settings: { initialWindowSize: 0 } });
+      session.on('error', () => {});
+      try {
+        await once(session, 'connect');
+        session.setLocalWindowSize(16 * 1024 * 1024);
+        const firstData: Promise<unknown>[] = [];
+        for (let i = 0; i < 24; i++) {
+          const stream = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/ovmsmtls.test.Echo/ServerStream' });
+          stream.on('error', () => {});
+          stream.end(grpcFrame(Buffer.alloc(1)));
+          await once(stream, 'response');
+          // The client reads one chunk, then no more: a consumer busy with its first message.
+          firstData.push(once(stream, 'data').then(() => stream.pause()));
+        }
+        await Promise.all(flushed);
+        // Now the client takes a little: what the proxy held for it moves into Node's HTTP/2 session.
+        session.settings({ initialWindowSize: 16_384 });
+        await Promise.all(firstData);
+        const next = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(1))).catch((err: Error) => err);
+        assert.ok(!(next instanceof Error), `the next call failed: ${String(next)}`);
+        assert.equal(next.headers['grpc-status'], '0');
+      } finally {
+        session.destroy();
       }
-      await Promise.all(flushed);
-      // Now the client takes a little: what the proxy held for it moves into Node's HTTP/2 session.
-      session.settings({ initialWindowSize: 16_384 });
-      await Promise.all(firstData);
-      const next = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(1))).catch((err: Error) => err);
-      assert.ok(!(next instanceof Error), `the next call failed: ${String(next)}`);
-      assert.equal(next.headers['grpc-status'], '0');
-    } finally {
-      session.destroy();
-      await local.proxy.shutdown(1000);
-      upstreamServer.close();
-    }
+    });
   });
 });
