@@ -1,13 +1,13 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
-import { BIN, runCli } from './helpers/cli.js';
+import { BIN, runCli, runCommand } from './helpers/cli.js';
 import { startProxy } from '../src/proxy.js';
 import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
@@ -112,10 +112,7 @@ describe('certs init (CLI)', () => {
     const names = (await readdir(dir)).sort();
     const before = await Promise.all(names.map((name) => readFile(join(dir, name), 'utf8')));
     // A real write failure: with RLIMIT_FSIZE at 2 KiB the RSA-3072 server.pem (~1.5 KiB) fits, its key (~2.5 KiB) gets EFBIG.
-    const child = spawn('bash', ['-c', 'ulimit -f 2; exec "$@"', 'bash', process.execPath, BIN, 'certs', 'init', '--dir', dir, '--key', 'rsa3072', '--force'], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-    const [code] = (await once(child, 'close')) as [number | null];
+    const { code, stderr } = await runCommand('bash', ['-c', 'ulimit -f 2; exec "$@"', 'bash', process.execPath, BIN, 'certs', 'init', '--dir', dir, '--key', 'rsa3072', '--force']);
     assert.equal(code, 2, stderr);
     assert.match(stderr, /^ovms-mtls: cannot write .*server\.key: EFBIG.*; none of the 9 files was replaced\n$/);
     assert.deepEqual((await readdir(dir)).sort(), names);

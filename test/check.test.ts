@@ -1,11 +1,9 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { runCli } from './helpers/cli.js';
+import { runCli, runCommand } from './helpers/cli.js';
 import { createCa, createCrl } from '../src/x509.js';
 import { checkTlsFiles } from '../src/check.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
@@ -57,11 +55,8 @@ async function assertRefused(files: TlsFiles, pattern: RegExp): Promise<void> {
 
 /** Runs the openssl CLI; returns its output (stdout and stderr), which must exit 0 unless `mayFail`. */
 async function openssl(args: string[], mayFail = false): Promise<string> {
-  const child = spawn('openssl', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  child.stdout.setEncoding('utf8').on('data', (c: string) => (out += c));
-  child.stderr.setEncoding('utf8').on('data', (c: string) => (out += c));
-  const [code] = (await once(child, 'close')) as [number | null];
+  const { code, stdout, stderr } = await runCommand('openssl', args);
+  const out = stdout + stderr;
   if (!mayFail) assert.equal(code, 0, `openssl ${args.join(' ')}: ${out}`);
   return out;
 }
