@@ -43,6 +43,14 @@ export interface SecureListenerOptions {
 const PORT_FLAG: Record<ListenerName, string> = { grpc: '--port', rest: '--rest_port' };
 
 /**
+ * TCP keepalive probes start after this long without a byte. A client whose host
+ * vanished (node lost, NAT entry dropped) sends no FIN; without probes its open
+ * streams, and the upstream resources behind them, would be held for ever.
+ * Detected after this plus the kernel's probe interval times count (Linux: 9 x 75 s).
+ */
+export const TCP_KEEPALIVE_DELAY_MS = 60_000;
+
+/**
  * A public TLS port: verifies the client certificate and the allow-list after
  * the handshake and before a single byte of HTTP is read, then hands the
  * socket to the HTTP/2 or HTTP/1.1 server. Refused clients are logged with
@@ -139,7 +147,7 @@ export class SecureListener {
       this.#options.observer.handshakeFailed(this.name, handshakeFailureReason(err), remoteOf(socket));
       socket.destroy();
     });
-    const tcp = createTcpServer({ noDelay: true }, (socket: Socket) => {
+    const tcp = createTcpServer({ noDelay: true, keepAlive: true, keepAliveInitialDelay: TCP_KEEPALIVE_DELAY_MS }, (socket: Socket) => {
       // Read now, while the socket is open: Node caches it, and a client that resets mid-handshake is still named.
       void socket.remoteAddress;
       if (limits.maxConnections === 0 || this.#admit(socket, limits.maxConnections)) tls.emit('connection', socket);
