@@ -37,6 +37,34 @@ export interface SplitOvmsArgv {
 /** OVMS flags that make it do one job and exit instead of serving. */
 export const NON_SERVING_FLAGS: readonly string[] = ['version', 'pull', 'list_models', 'add_to_config', 'remove_from_config', 'configure'];
 
+/**
+ * OVMS's boolean flags (cxxopts `value<bool>`, implicit value true): they take a value only
+ * as `--flag=value` and never consume the next argument. The non-serving ones are above;
+ * `--add_to_config`/`--remove_from_config` took a path in later releases, so they are in
+ * neither list.
+ */
+const OVMS_FLAGS = new Set([
+  'help', 'version', 'pull', 'list_models', 'configure', 'metrics_enable', 'allow_credentials', 'overwrite_models',
+  'stateful', 'idle_sequence_cleanup', 'low_latency_transformation', 'draft_eagle3_mode',
+]);
+
+/**
+ * OVMS options that take a value (cli_parser.cpp, graph_cli_parser.cpp). cxxopts gives such
+ * an option the next argument whatever it is, so one left without a value would take
+ * whatever comes next: another of the user's options, or the `--port` we append.
+ */
+const OVMS_VALUE_OPTIONS = new Set([
+  'grpc_workers', 'grpc_max_threads', 'grpc_memory_quota', 'rest_workers', 'log_level', 'log_path', 'trace_path',
+  'grpc_channel_arguments', 'file_system_poll_wait_seconds', 'sequence_cleaner_poll_wait_minutes',
+  'custom_node_resources_cleaner_interval_seconds', 'cache_dir', 'metrics_list', 'cpu_extension', 'allowed_local_media_path',
+  'allowed_origins', 'allowed_methods', 'allowed_headers', 'config_path', 'source_model', 'gguf_filename',
+  'model_repository_path', 'task', 'weight-format', 'extra_quantization_params', 'model_name', 'model_path', 'batch_size',
+  'shape', 'layout', 'model_version_policy', 'nireq', 'target_device', 'plugin_config', 'max_sequence_number',
+  'max_num_seqs', 'pipeline_type', 'enable_prefix_caching', 'max_num_batched_tokens', 'cache_size', 'draft_source_model',
+  'dynamic_split_fuse', 'reasoning_parser', 'tool_parser', 'enable_tool_guided_generation', 'kv_cache_precision',
+  'max_prompt_len', 'model_distribution_policy',
+]);
+
 /** Proxy-mode options: meaningless here because OVMS's loopback ports are chosen at start. */
 const PROXY_ONLY = new Set(['mtls_grpc_upstream', 'mtls_rest_upstream']);
 
@@ -81,13 +109,54 @@ function flagValue(option: LongOption, next: string | undefined): string | true 
   return true;
 }
 
+function needsValue(name: string): ConfigError {
+  return new ConfigError(`--${name} needs a value (--${name} VALUE or --${name}=VALUE)`);
+}
+
+/** `next` can be the value of a value-taking option: a `--` option after it is a missing value instead. */
+function isValue(next: string | undefined): next is string {
+  return next !== undefined && !next.startsWith('--');
+}
+
 /** Takes the value of a value-taking option; `next` is the following argument. */
 function optionValue(option: LongOption, next: string | undefined): { value: string; consumed: number } {
   if (option.inlineValue !== undefined) return { value: option.inlineValue, consumed: 0 };
-  if (next === undefined || next.startsWith('--')) {
-    throw new ConfigError(`--${option.name} needs a value (--${option.name} VALUE or --${option.name}=VALUE)`);
-  }
+  if (!isValue(next)) throw needsValue(option.name);
   return { value: next, consumed: 1 };
+}
+
+/** An option of OVMS's or ours, as opposed to a value that merely starts with `--` (`--extra_quantization_params --sym`). */
+function isKnownOption(arg: string): boolean {
+  const name = longOption(arg)?.name;
+  if (name === undefined) return false;
+  return name.startsWith('mtls_') || PUBLIC_BY_NAME.has(name) || OVMS_FLAGS.has(name) || OVMS_VALUE_OPTIONS.has(name);
+}
+
+/**
+ * The argv elements an OVMS option of the user's takes: itself, and its value when given
+ * separately. A value-taking option takes the next argument, as cxxopts does, unless there
+ * is none or it is an option we know: then the value was forgotten, and the option would
+ * take the next option (or the `--port` we append) as its value. An option we do not know
+ * (a newer OVMS) takes the next argument when that is no option; otherwise it may be a flag
+ * and stands alone.
+ */
+function ovmsOption(option: LongOption, arg: string, next: string | undefined): string[] {
+  if (option.inlineValue !== undefined || OVMS_FLAGS.has(option.name)) return [arg];
+  if (OVMS_VALUE_OPTIONS.has(option.name)) {
+    if (next === undefined || isKnownOption(next)) throw needsValue(option.name);
+    return [arg, next];
+  }
+  return next !== undefined && longOption(next) === undefined ? [arg, next] : [arg];
+}
+
+/**
+ * An option of the user's that OVMS would get last without a value: the listener options
+ * we append come right after it, and it would take our `--port` as its value (and OVMS our
+ * port number as a stray argument). A known value-taking option never gets here without its
+ * value (ovmsOption); an unknown one may be a flag of a newer OVMS, which `=true` makes certain.
+ */
+function unknownOptionLast(name: string): ConfigError {
+  return new ConfigError(`--${name} has no value and is not an OVMS flag ovms-mtls knows: give it a value (--${name}=VALUE), or write --${name}=true if it is a flag`);
 }
 
 function store(target: RawOptions, spec: OptionSpec, value: string | boolean): void {
@@ -115,6 +184,8 @@ export function splitOvmsArgv(argv: readonly string[]): SplitOvmsArgv {
   const passthrough: string[] = [];
   let help = false;
   let nonServing: string | undefined;
+  /** The last argument OVMS gets, when it is an unknown option standing alone. */
+  let openOption: string | undefined;
   for (let i = 0; i < argv.length; i += 1) {
     const arg = argv[i]!;
     if (arg === '--') {
@@ -124,7 +195,7 @@ export function splitOvmsArgv(argv: readonly string[]): SplitOvmsArgv {
     }
     if (arg === '-h') { help = true; continue; }
     const option = longOption(arg);
-    if (!option) { passthrough.push(arg); continue; }
+    if (!option) { passthrough.push(arg); openOption = undefined; continue; }
     const { name } = option;
     if (name.startsWith('mtls_')) {
       const spec = mtlsSpec(name);
@@ -147,9 +218,15 @@ export function splitOvmsArgv(argv: readonly string[]): SplitOvmsArgv {
     if (name === 'help') { help = true; continue; }
     // OVMS picks its mode by presence (cxxopts count()), whatever the value: `--pull=false` still pulls.
     if (NON_SERVING_FLAGS.includes(name)) nonServing ??= name;
-    passthrough.push(arg);
+    const taken = ovmsOption(option, arg, argv[i + 1]);
+    passthrough.push(...taken);
+    openOption = taken.length === 1 && option.inlineValue === undefined && !OVMS_FLAGS.has(name) ? name : undefined;
+    i += taken.length - 1;
   }
-  return { mode: modeOf(help, nonServing, mtls), mtls, listeners, passthrough };
+  const mode = modeOf(help, nonServing, mtls);
+  // Only when serving do our options follow the user's; a one-shot run gets their argv as is.
+  if (mode.kind === 'serve' && openOption !== undefined) throw unknownOptionLast(openOption);
+  return { mode, mtls, listeners, passthrough };
 }
 
 function modeOf(help: boolean, nonServing: string | undefined, mtls: RawOptions): OvmsMode {

@@ -528,6 +528,15 @@ describe('non-serving invocations', () => {
     assert.deepEqual(fakeRuns(s.argvFile), []);
   });
 
+  test('a last OVMS option without its value (--model_path) is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {
+    // Appended after it, our `--port` would become OVMS's model path and the port number a stray argument.
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--model_name', 'm'], {}, ['--model_path']);
+    assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
+    assert.equal(s.wrapper.stderr(), 'ovms-mtls: --model_path needs a value (--model_path VALUE or --model_path=VALUE)\n');
+    assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+    assert.deepEqual(fakeRuns(s.argvFile), []);
+  });
+
   test('an unknown --mtls_ option is one line on stderr and exit 2', async () => {
     const s = await start(['--port', '{grpc}', '--mtls_nonsense', 'x']);
     assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });

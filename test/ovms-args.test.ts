@@ -37,6 +37,52 @@ describe('passthrough arguments', () => {
     assert.deepEqual(split.passthrough, argv);
   });
 
+  test('an OVMS option left without its value is refused, naming it, instead of taking the --port appended after it', () => {
+    // cxxopts gives a value-taking option the next argument whatever it is: last, it would take our `--port`.
+    const needsValue = (name: string) => (err: unknown) => err instanceof ConfigError && err.message === `--${name} needs a value (--${name} VALUE or --${name}=VALUE)`;
+    assert.throws(() => splitOvmsArgv(['--port', '9000', '--model_name', 'm', '--model_path']), needsValue('model_path'));
+    assert.throws(() => splitOvmsArgv(['--rest_port', '8000', '--config_path']), needsValue('config_path'));
+    // Followed by one of ours, which we take out: OVMS would see it last all the same.
+    assert.throws(() => splitOvmsArgv(['--model_path', '--port', '9000']), needsValue('model_path'));
+    assert.throws(() => splitOvmsArgv(['--config_path', '--mtls_access_log', '--port', '9000']), needsValue('config_path'));
+    // Followed by another OVMS option, which cxxopts would take as the model path.
+    assert.throws(() => splitOvmsArgv(['--port', '9000', '--model_path', '--model_name', 'm']), needsValue('model_path'));
+  });
+
+  test('a value that starts with -- but is no option we know is a value, as for cxxopts (optimum-cli arguments)', () => {
+    for (const value of ['--sym', '--sym --ratio 1.0 --group-size -1']) {
+      const argv = ['--source_model', 'org/model', '--task', 'text_generation', '--extra_quantization_params', value];
+      assert.deepEqual(splitOvmsArgv(['--rest_port', '8000', ...argv]).passthrough, argv);
+      assert.deepEqual(splitOvmsArgv(['--pull', ...argv]).passthrough, ['--pull', ...argv]);
+    }
+  });
+
+  test('a last option with its value, in either spelling, or a last OVMS flag, is fine', () => {
+    for (const tail of [['--model_path', '/m'], ['--model_path=/m'], ['--config_path='], ['--metrics_enable'], ['--stateful'], ['--low_latency_transformation=false']]) {
+      assert.deepEqual(splitOvmsArgv(['--port', '9000', ...tail]).passthrough, tail);
+    }
+  });
+
+  test('an option ovms-mtls does not know (a newer OVMS) passes with a value, or as a flag in the middle; left last without a value it is refused with the spellings that work', () => {
+    assert.deepEqual(splitOvmsArgv(['--port', '9000', '--newer_option', 'v']).passthrough, ['--newer_option', 'v']);
+    assert.deepEqual(splitOvmsArgv(['--newer_flag', '--model_name', 'm', '--port', '9000']).passthrough, ['--newer_flag', '--model_name', 'm']);
+    assert.deepEqual(splitOvmsArgv(['--port', '9000', '--newer_flag=true']).passthrough, ['--newer_flag=true']);
+    assert.throws(() => splitOvmsArgv(['--port', '9000', '--newer_flag']), (err: unknown) => err instanceof ConfigError && /^--newer_flag has no value .*--newer_flag=VALUE.*--newer_flag=true/.test(err.message));
+    assert.throws(() => splitOvmsArgv(['--newer_flag', '--port', '9000']), /--newer_flag has no value/);
+  });
+
+  test('a one-shot run gets nothing appended: an unknown last option is left to OVMS', () => {
+    const split = splitOvmsArgv(['--list_models', '--model_repository_path', '/m', '--newer_flag']);
+    assert.deepEqual(split.mode, { kind: 'direct', flag: 'list_models' });
+    assert.deepEqual(split.passthrough, ['--list_models', '--model_repository_path', '/m', '--newer_flag']);
+  });
+
+  test("a value is the value, as for cxxopts: --model_name -h names a model '-h' and is no request for help", () => {
+    const split = splitOvmsArgv(['--port', '9000', '--model_name', '-h']);
+    assert.deepEqual(split.mode, { kind: 'serve' });
+    assert.deepEqual(split.passthrough, ['--model_name', '-h']);
+  });
+
   test("'--' is refused because OVMS would take what follows as positionals", () => {
     assert.throws(() => splitOvmsArgv(['--port', '1', '--', '--model_name', 'x']), ConfigError);
   });
