@@ -44,7 +44,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_access_log', type: 'boolean', describe: 'Log one line per request/RPC', defaultDescription: 'true' },
   { name: 'mtls_grpc_mode', type: 'string', describe: 'gRPC port: terminate (per-call HTTP/2, XFCC, per-call access log) or relay (HTTP/2 frames passed to one upstream connection per client; fastest, per-connection log, no XFCC)', defaultDescription: 'terminate', choices: FORWARD_MODES },
   { name: 'mtls_rest_mode', type: 'string', describe: 'REST port: terminate (Node HTTP server and client per request) or relay (HTTP/1.1 clients get one upstream connection each; heads parsed for XFCC and the access log, bodies passed as they are; fastest)', defaultDescription: 'terminate', choices: FORWARD_MODES },
-  { name: 'mtls_shutdown_timeout', type: 'number', describe: 'Seconds to let in-flight calls finish on shutdown', defaultDescription: '30' },
+  { name: 'mtls_shutdown_timeout', type: 'number', describe: 'Seconds to let in-flight calls finish on shutdown (the entrypoint stops OVMS after them, within this time)', defaultDescription: '30' },
   { name: 'mtls_handshake_timeout', type: 'number', describe: 'Seconds a client gets to complete the TLS handshake', defaultDescription: '10' },
   { name: 'mtls_upstream_connect_timeout', type: 'number', describe: 'Seconds a connection to the model server may take to be established before the request fails with 502 / UNAVAILABLE', defaultDescription: '10' },
   { name: 'mtls_idle_timeout', type: 'number', describe: 'Seconds before an HTTP/1.1 connection with no request in flight is closed, an HTTP/2 connection with no stream open gets a GOAWAY, and a request head or body that stops arriving gets 408', defaultDescription: '65' },

@@ -94,17 +94,23 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
   }
 
   /**
+   * OVMS keeps running, but is not started again once it exits (a
+   * restart already scheduled is cancelled): the entrypoint is stopping.
+   */
+  stopRestarting(): void {
+    this.#stopping = true;
+    clearTimeout(this.#restartTimer);
+    if (!this.#child) this.#finish(this.#lastStatus ?? { code: 0, signal: null });
+  }
+
+  /**
    * Sends `signal` to OVMS, SIGKILL after `timeoutMs`; no restarts after
    * this. Resolves with OVMS's exit status (the last one if it was down).
    */
   async stop(signal: NodeJS.Signals, timeoutMs: number): Promise<ExitStatus> {
-    this.#stopping = true;
-    clearTimeout(this.#restartTimer);
+    this.stopRestarting();
     const child = this.#child;
-    if (!child) {
-      this.#finish(this.#lastStatus ?? { code: 0, signal: null });
-      return this.done;
-    }
+    if (!child) return this.done;
     child.kill(signal);
     const escalate = setTimeout(() => killGroup(child), timeoutMs);
     try {

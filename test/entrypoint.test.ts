@@ -9,7 +9,10 @@ import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { eventually } from './helpers/ops.js';
-import { clientCredentials, grpcClients, https1, LogCapture } from './helpers/harness.js';
+import { request as httpsRequest } from 'node:https';
+import type { IncomingMessage } from 'node:http';
+import { clientCredentials, grpcClients, https1, LogCapture, tlsClientOptions } from './helpers/harness.js';
+import { sseEvents } from './helpers/sse.js';
 import { checkModelInfer, inferRequest } from './helpers/grpc-calls.js';
 import { fakeRuns, FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, streamAcrossSigterm, tlsArgs, type Wrapper } from './helpers/entrypoint.js';
 import { kserveClient, unary } from '../src/demo/grpc-client.js';
@@ -58,6 +61,15 @@ async function start(ovmsArgs: string[], env: Record<string, string> = {}, extra
 async function stopWrapper(wrapper: Wrapper): Promise<void> {
   if (wrapper.child.exitCode === null && wrapper.child.signalCode === null) wrapper.child.kill('SIGTERM');
   await wrapper.exited;
+}
+
+/** A streamed chat completion through the public REST port (HTTP/1.1): its SSE events as they come. */
+async function openChatStream(restPort: number): Promise<AsyncGenerator<string>> {
+  const req = httpsRequest({ host: '127.0.0.1', port: restPort, method: 'POST', path: '/v3/chat/completions', agent: false, headers: { 'content-type': 'application/json' }, ...tlsClientOptions(pki) });
+  req.end(JSON.stringify({ model: 'dummy-llm', stream: true, messages: [{ role: 'user', content: 'hi' }] }));
+  const [res] = (await once(req, 'response')) as [IncomingMessage];
+  assert.equal(res.statusCode, 200);
+  return sseEvents(res);
 }
 
 /** A KServe ServerLive call on a fresh mTLS channel answers live. */
@@ -304,7 +316,7 @@ describe('exit codes and signals', () => {
     assert.deepEqual(await s.wrapper.exited, { code: 140, signal: null });
   });
 
-  test('SIGTERM with a gRPC stream in flight: the signal reaches OVMS, the stream finishes, the wrapper exits with OVMS code 0', async () => {
+  test('SIGTERM with a gRPC stream in flight: the stream finishes, then the signal reaches OVMS, and the wrapper exits with OVMS code 0', async () => {
     const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1']);
     const clients = grpcClients(`localhost:${s.grpcPort}`, pki);
     try {
@@ -313,6 +325,70 @@ describe('exit codes and signals', () => {
     } finally {
       clients.close();
       await stopWrapper(s.wrapper);
+    }
+  });
+
+  for (const mode of ['terminate', 'relay'] as const) {
+    test(`SIGTERM with a REST SSE stream in flight (--mtls_rest_mode ${mode}): the stream finishes, then OVMS gets the signal, and the wrapper exits with its code 0`, async () => {
+      // REST only: as OVMS's HTTP server quits when OVMS is signalled, the stand-in then ends every REST reply at once.
+      const gate = join(dir, `sse-gate-${runCounter + 1}`);
+      const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_rest_mode', mode], { FAKE_OVMS_SSE_GATE_FILE: gate });
+      try {
+        await s.wrapper.waitForEvent('ovms_ready');
+        const events = await openChatStream(s.restPort);
+        assert.match((await events.next()).value as string, /"content":"Hello"/);
+        s.wrapper.child.kill('SIGTERM');
+        await s.wrapper.waitForEvent('signal');
+        await writeFile(gate, '');
+        const rest: string[] = [];
+        for await (const event of events) rest.push(event);
+        assert.equal(rest.at(-1), 'data: [DONE]', 'the stream ran to its end');
+        assert.equal((await s.wrapper.waitForEvent('ovms_stopping'))['signal'], 'SIGTERM');
+        assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
+        assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('SIGTERM received')));
+      } finally {
+        await writeFile(gate, '');
+        await stopWrapper(s.wrapper);
+      }
+    });
+  }
+
+  test('a stream that never ends and an OVMS that ignores SIGTERM: the drain is cut, OVMS gets SIGTERM then SIGKILL, all within --mtls_shutdown_timeout, and the wrapper exits 128+9', async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_SSE_GATE_FILE: join(dir, 'never-opened'), FAKE_OVMS_IGNORE_SIGTERM: '1' }, ['--mtls_shutdown_timeout', '1']);
+    await s.wrapper.waitForEvent('ovms_ready');
+    const [run] = fakeRuns(s.argvFile);
+    const events = await openChatStream(s.restPort);
+    await events.next();
+    s.wrapper.child.kill('SIGTERM');
+    await assert.rejects(async () => {
+      for await (const _event of events) { /* until the drain cuts it */ }
+    });
+    assert.deepEqual(await s.wrapper.exited, { code: 137, signal: null });
+    const order = s.wrapper.logs.map((l) => l.event).filter((e) => ['signal', 'shutdown_timeout', 'ovms_stopping', 'ovms_exited'].includes(e as string));
+    assert.deepEqual(order, ['signal', 'shutdown_timeout', 'ovms_stopping', 'ovms_exited']);
+    // Its share of the timeout: half of 1 s.
+    assert.equal(s.wrapper.logs.find((l) => l.event === 'ovms_stopping')!['killAfterMs'], 500);
+    assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('ignoring SIGTERM')));
+    assert.ok(processGone(run!.pid));
+  });
+
+  test('a second SIGINT during the drain (impatient Ctrl-C) ends the wrapper at once, and neither OVMS nor a worker outlives it', async () => {
+    const gate = join(dir, `sse-gate-int-${runCounter + 1}`);
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_SSE_GATE_FILE: gate }, ['--mtls_workers', '2']);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const workers = (await s.wrapper.waitForEvent('workers_listening'))['pids'] as number[];
+      const [run] = fakeRuns(s.argvFile);
+      // A stream in flight holds the drain open, and OVMS is signalled only after the drain.
+      const events = await openChatStream(s.restPort);
+      await events.next();
+      s.wrapper.child.kill('SIGINT');
+      await s.wrapper.waitForEvent('signal');
+      s.wrapper.child.kill('SIGINT');
+      assert.deepEqual(await s.wrapper.exited, { code: null, signal: 'SIGINT' });
+      for (const pid of [run!.pid, ...workers]) await eventually(() => processGone(pid), `pid ${pid} is gone`, 10_000);
+    } finally {
+      await writeFile(gate, '');
     }
   });
 

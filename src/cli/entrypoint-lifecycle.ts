@@ -1,7 +1,8 @@
 /**
  * How an entrypoint run ends, and with which exit code:
- *  - SIGTERM/SIGINT: stop accepting, forward the signal to OVMS, drain;
- *    OVMS's exit code (SIGKILL after the shutdown timeout if it hangs).
+ *  - SIGTERM/SIGINT: stop accepting and drain, then forward the signal to
+ *    OVMS; OVMS's exit code (SIGKILL if it hangs). All within the shutdown
+ *    timeout (see shutdownBudget).
  *  - OVMS exits for good: drain the listeners; OVMS's exit code
  *    (128+N when it died of signal N).
  *  - The proxy fails (an uncaught error): OVMS gets SIGTERM, SIGKILL after
@@ -15,6 +16,35 @@ import type { LoopbackPorts } from '../ovms-args.js';
 import { waitForStopSignal, type StopSignal } from './lifecycle.js';
 
 export const PROXY_FATAL_EXIT_CODE = 70;
+
+/** OVMS's share of the shutdown timeout, at most: time to exit by itself after its signal. */
+const OVMS_STOP_SHARE_MS = 5000;
+
+/**
+ * The drain comes first, OVMS's signal after: OVMS closes its REST connections
+ * when signalled (its HTTP server quits), which would cut every REST call and
+ * streamed reply still in flight through the proxy. The whole stop fits in the
+ * shutdown timeout, so that an orchestrator's grace period set from it holds:
+ * the drain may take all of it but OVMS's share, and OVMS gets what is left,
+ * at least that share, before SIGKILL.
+ */
+export function shutdownBudget(timeoutMs: number): { drainMs: number; ovmsMs: (drainedMs: number) => number } {
+  const ovmsShare = Math.min(OVMS_STOP_SHARE_MS, timeoutMs / 2);
+  return { drainMs: timeoutMs - ovmsShare, ovmsMs: (drainedMs) => Math.max(ovmsShare, timeoutMs - drainedMs) };
+}
+
+/** Proxy first, OVMS second; resolves with OVMS's exit status. */
+async function stopInOrder(options: RunUntilDoneOptions, signal: NodeJS.Signals): Promise<ExitStatus> {
+  const { proxy, supervisor, logger, shutdownTimeoutMs } = options;
+  // OVMS stays up for the calls draining, but is not started again if it exits meanwhile.
+  supervisor.stopRestarting();
+  const budget = shutdownBudget(shutdownTimeoutMs);
+  const started = performance.now();
+  await proxy.shutdown(budget.drainMs);
+  const ovmsMs = budget.ovmsMs(performance.now() - started);
+  if (supervisor.state().up) logger.info({ event: 'ovms_stopping', signal, killAfterMs: Math.round(ovmsMs) }, `listeners drained: sending ${signal} to OVMS`);
+  return supervisor.stop(signal, ovmsMs);
+}
 
 export interface RunUntilDoneOptions {
   readonly proxy: RunningProxy;
@@ -62,7 +92,7 @@ export async function runUntilDone(options: RunUntilDoneOptions): Promise<number
     ]);
     switch (ending.kind) {
       case 'signal': {
-        const [status] = await Promise.all([supervisor.stop(ending.signal, shutdownTimeoutMs), proxy.shutdown(shutdownTimeoutMs)]);
+        const status = await stopInOrder(options, ending.signal);
         return finish(logger, exitCodeOf(status), 'OVMS stopped');
       }
       case 'ovms':

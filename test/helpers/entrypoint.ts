@@ -120,17 +120,23 @@ export function processGone(pid: number): boolean {
 
 const streamRequest = (id: string) => ({ ...inferRequest(), id });
 
-/** A ModelStreamInfer answered before and after the wrapper's SIGTERM reaches OVMS; then the wrapper exits 0. */
+/**
+ * A ModelStreamInfer answered before and after the wrapper's SIGTERM; the signal reaches
+ * OVMS only once the stream has ended (the drain comes first); then the wrapper exits 0.
+ */
 export async function streamAcrossSigterm(kserve: KserveClient, wrapper: Wrapper): Promise<void> {
   const call = kserve.ModelStreamInfer();
   const replies = call[Symbol.asyncIterator]();
   call.write(streamRequest('before'));
   assert.equal((await replies.next()).value.infer_response.id, 'before');
   wrapper.child.kill('SIGTERM');
-  await wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
+  await wrapper.waitForEvent('signal');
   call.write(streamRequest('during'));
   assert.equal((await replies.next()).value.infer_response.id, 'during');
+  assert.equal(wrapper.logs.some((l) => l.event === 'ovms_stopping'), false, 'OVMS is signalled while a stream is in flight');
   call.end();
   assert.equal((await replies.next()).done, true);
+  assert.equal((await wrapper.waitForEvent('ovms_stopping'))['signal'], 'SIGTERM');
+  await wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
   assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
 }
