@@ -115,6 +115,8 @@ export const DEFAULTS = {
     restartMaxBackoffMs: 30_000,
     /** A run this long resets the backoff. */
     restartStableAfterMs: 60_000,
+    /** Failed runs in a row after which --mtls_restart on-failure gives up and the entrypoint exits with OVMS's code. */
+    restartMaxFailuresInARow: 5,
     /** New loopback ports tried when one was taken before OVMS could bind it. */
     portRetries: 3,
   },

@@ -39,7 +39,7 @@ export function containerTlsDefaults(raw: RawOptions, exists: (path: string) => 
 function restartPolicy(raw: RawOptions): RestartPolicy {
   const mode = parseChoice(raw, 'mtls_restart', RESTART_MODES, DEFAULTS.ovms.restart);
   const d = DEFAULTS.ovms;
-  return { mode, initialBackoffMs: d.restartInitialBackoffMs, maxBackoffMs: d.restartMaxBackoffMs, stableAfterMs: d.restartStableAfterMs };
+  return { mode, initialBackoffMs: d.restartInitialBackoffMs, maxBackoffMs: d.restartMaxBackoffMs, stableAfterMs: d.restartStableAfterMs, maxFailuresInARow: d.restartMaxFailuresInARow };
 }
 
 export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv, exists?: (path: string) => boolean): EntrypointSettings {

@@ -58,7 +58,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_ovms_help', type: 'boolean', describe: "entrypoint mode: print OVMS's own --help" },
   { name: 'mtls_ovms_user', type: 'string', describe: 'entrypoint mode, started as root: user OVMS runs as', defaultDescription: 'ovms' },
   { name: 'mtls_user', type: 'string', describe: 'entrypoint mode, started as root: user the proxy drops to after binding ports and reading keys; the --mtls_ovms_user or root (another user could not signal OVMS)', defaultDescription: 'the --mtls_ovms_user' },
-  { name: 'mtls_restart', type: 'string', describe: 'entrypoint mode: restart OVMS when it fails', defaultDescription: 'never', choices: RESTART_MODES },
+  { name: 'mtls_restart', type: 'string', describe: 'entrypoint mode: restart OVMS when it fails, with backoff; after 5 failures in a row, exit with its code', defaultDescription: 'never', choices: RESTART_MODES },
   { name: 'mtls_admin_port', type: 'number', describe: 'Plain-HTTP admin port for /metrics, /healthz, /readyz', defaultDescription: 'off' },
   { name: 'mtls_admin_bind_address', type: 'string', describe: 'Address the admin port binds', defaultDescription: '127.0.0.1' },
   { name: 'mtls_workers', type: 'number', describe: 'Worker processes sharing the listeners', defaultDescription: 'number of CPUs' },

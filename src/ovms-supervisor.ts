@@ -15,6 +15,12 @@ export interface RestartPolicy {
   readonly maxBackoffMs: number;
   /** A run at least this long counts as healthy: the backoff starts over. */
   readonly stableAfterMs: number;
+  /**
+   * Failed runs in a row (none of them healthy) after which OVMS is not started again:
+   * a model that cannot load must end the container with OVMS's error, not leave a
+   * proxy in front of nothing.
+   */
+  readonly maxFailuresInARow: number;
 }
 
 export interface SupervisorOptions {
@@ -44,6 +50,8 @@ export interface SupervisorEvents {
   ready: [pid: number | undefined];
   exit: [status: ExitStatus, pid: number | undefined];
   restarting: [attempt: number, delayMs: number];
+  /** OVMS failed `maxFailuresInARow` times in a row: no restart; `done` follows. */
+  givingUp: [failuresInARow: number, status: ExitStatus];
   /** Respawning at once after a start failure that `retryStart` accepted. */
   retrying: [status: ExitStatus];
   /** Final: OVMS is down and will not be started again. */
@@ -168,6 +176,10 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
     }
     if (this.#options.restart.mode !== 'on-failure' || !failed(status)) return this.#finish(status);
     if (ranMs >= this.#options.restart.stableAfterMs) this.#consecutiveFailures = 0;
+    if (this.#consecutiveFailures + 1 >= this.#options.restart.maxFailuresInARow) {
+      this.emit('givingUp', this.#consecutiveFailures + 1, status);
+      return this.#finish(status);
+    }
     const delay = nextBackoffMs(this.#options.restart, this.#consecutiveFailures);
     this.#consecutiveFailures += 1;
     this.emit('restarting', this.#restarts + 1, delay);

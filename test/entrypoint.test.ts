@@ -526,6 +526,29 @@ describe('exit codes and signals', () => {
     }
   });
 
+  test('with --mtls_restart on-failure an OVMS that fails at every start is given up after 5 failures in a row: the wrapper exits with its code, its error in the log; /readyz and ovms_up say down meanwhile', async () => {
+    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_restart', 'on-failure'], { FAKE_OVMS_EXIT_CODE: '7' }, ['--mtls_admin_port', String(adminPort)]);
+    try {
+      await s.wrapper.waitForEvent('ovms_restarting');
+      const readyz = await fetch(`http://127.0.0.1:${adminPort}/readyz`);
+      assert.equal(readyz.status, 503);
+      assert.match(((await readyz.json()) as { checks: Record<string, { detail: string }> }).checks['upstream']!.detail, /^OVMS is (not running|starting)$/);
+      assert.match(await (await fetch(`http://127.0.0.1:${adminPort}/metrics`)).text(), /^ovms_mtls_ovms_up 0$/m);
+      // The fifth failure ends it: a fifth restart would mean restarting for ever.
+      const ending = await s.wrapper.waitForLog((l) => l.event === 'ovms_gave_up' || (l.event === 'ovms_restarting' && l['attempt'] === 5));
+      assert.equal(ending.event, 'ovms_gave_up');
+      assert.equal(ending['failures'], 5);
+      assert.equal(ending['level'], 'error');
+      assert.deepEqual(await s.wrapper.exited, { code: 7, signal: null });
+      assert.equal(fakeRuns(s.argvFile).length, 5);
+      assert.equal(s.wrapper.logs.filter((l) => l.event === 'ovms_restarting').length, 4);
+      assert.match(s.wrapper.stderr(), /failing at start as asked/);
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
   test('when the proxy fails fatally, OVMS is stopped (SIGKILL if it ignores SIGTERM) and the exit code is 70', async () => {
     const argvFile = join(dir, 'fatal.jsonl');
     process.env['FAKE_OVMS_ARGV_FILE'] = argvFile;

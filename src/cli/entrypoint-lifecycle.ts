@@ -3,8 +3,8 @@
  *  - SIGTERM/SIGINT: stop accepting and drain, then forward the signal to
  *    OVMS; OVMS's exit code (SIGKILL if it hangs). All within the shutdown
  *    timeout (see shutdownBudget).
- *  - OVMS exits for good: drain the listeners; OVMS's exit code
- *    (128+N when it died of signal N).
+ *  - OVMS exits for good (also when --mtls_restart on-failure gives up):
+ *    drain the listeners; OVMS's exit code (128+N when it died of signal N).
  *  - The proxy fails (an uncaught error): OVMS gets SIGTERM, SIGKILL after
  *    the shutdown timeout; exit code 70 (EX_SOFTWARE, as for internal errors).
  */
@@ -127,4 +127,8 @@ export function logSupervisorEvents(supervisor: OvmsSupervisor, logger: Logger, 
   });
   supervisor.on('restarting', (attempt, delayMs) => logger.warn({ event: 'ovms_restarting', attempt, delayMs }, `restarting OVMS in ${delayMs} ms`));
   supervisor.on('retrying', () => logger.warn({ event: 'ovms_retrying' }, 'starting OVMS again'));
+  supervisor.on('givingUp', (failures, status) => {
+    const exitCode = exitCodeOf(status);
+    logger.error({ event: 'ovms_gave_up', failures, exitCode }, `OVMS failed ${failures} times in a row: not restarting it, exiting with ${exitCode}`);
+  });
 }
