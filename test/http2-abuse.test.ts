@@ -1,0 +1,199 @@
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer as createH2cServer, constants, type Http2Server, type ServerHttp2Stream } from 'node:http2';
+import type { AddressInfo } from 'node:net';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { eventually } from './helpers/ops.js';
+import { END_HEADERS, END_STREAM, H2, h2Frame, rawH2Client } from './helpers/raw-h2.js';
+import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
+import { unary } from '../src/demo/grpc-client.js';
+import { CANCELS_BEFORE_DEFERRED_OPEN } from '../src/grpc-forwarder.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+const RST_STREAM = 0x3;
+const SETTINGS_INITIAL_WINDOW_SIZE = 0x4;
+const CANCEL = Buffer.from([0, 0, 0, constants.NGHTTP2_CANCEL]);
+
+/** HPACK literal field without indexing, new name (RFC 7541 6.2.2); names and values here stay under 127 bytes. */
+function literalField(name: string, value: string): Buffer {
+  return Buffer.concat([Buffer.from([0x00, name.length]), Buffer.from(name), Buffer.from([value.length]), Buffer.from(value)]);
+}
+
+/** The header block of a gRPC call to `path`, as a hostile client would write it by hand. */
+function grpcHeaderBlock(path: string): Buffer {
+  const fields: [string, string][] = [[':method', 'POST'], [':scheme', 'https'], [':path', path], [':authority', 'localhost'], ['content-type', 'application/grpc'], ['te', 'trailers']];
+  return Buffer.concat(fields.map(([name, value]) => literalField(name, value)));
+}
+
+/** One SETTINGS parameter (RFC 9113 6.5.1). */
+function setting(id: number, value: number): Buffer {
+  const entry = Buffer.alloc(6);
+  entry.writeUInt16BE(id, 0);
+  entry.writeUInt32BE(value, 2);
+  return entry;
+}
+
+let pki: TestPki;
+
+before(async () => {
+  pki = await createTestPki();
+});
+
+after(async () => {
+  await pki.cleanup();
+});
+
+describe('rapid reset (CVE-2023-44487), terminate mode', () => {
+  let upstream: ModelServer;
+  let front: StartedProxy;
+
+  before(async () => {
+    upstream = await startUpstream();
+    front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! } });
+  });
+
+  after(async () => {
+    await front.proxy.shutdown(1000);
+    await upstream.close();
+  });
+
+  const PATH = '/ovmsmtls.test.Echo/Unary';
+  const seenUpstream = () => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === PATH).length;
+  const cancelledLines = () => front.logs.lines.filter((l) => l.path === PATH && l.error === 'client_cancelled').length;
+
+  test('streams a client opens and resets in the same breath do not reach the shared model server connection; other clients carry on', async () => {
+    const pairs = 500; // under nghttp2's own burst of 1,000 resets, so every one is processed
+    const upstreamBefore = seenUpstream();
+    const loggedBefore = cancelledLines();
+    const offender = await rawH2Client(front.grpcPort, pki);
+    try {
+      for (let sent = 0; sent < pairs; sent += 50) {
+        const batch: Buffer[] = [];
+        for (let i = sent; i < sent + 50; i += 1) {
+          const id = 1 + 2 * i;
+          batch.push(h2Frame(H2.HEADERS, END_HEADERS, id, grpcHeaderBlock(PATH)), h2Frame(RST_STREAM, 0, id, CANCEL));
+        }
+        offender.socket.write(Buffer.concat(batch));
+      }
+      await eventually(() => cancelledLines() - loggedBefore >= pairs, `${pairs} cancelled calls logged`);
+    } finally {
+      offender.socket.destroy();
+    }
+    // Another client's call completes; it goes up the same upstream connection after whatever the
+    // offender's did, so once it is answered the model server has seen all of those.
+    const victim = grpcClients(front.grpcAddress, pki);
+    try {
+      const reply = await unary(victim.echo, 'Unary', { payload: Buffer.from('still here') });
+      assert.equal(Buffer.from(reply.response.payload!).toString(), 'still here');
+    } finally {
+      victim.close();
+    }
+    const opened = seenUpstream() - upstreamBefore - 1;
+    // Without the deferred open every pair was a stream opened and reset upstream (500 here).
+    // A pair split across two reads may still get through; a handful, never hundreds.
+    assert.ok(opened <= CANCELS_BEFORE_DEFERRED_OPEN + 20, `the model server saw ${opened} of the ${pairs} reset streams`);
+  });
+
+  test('a connection that has cancelled many calls still gets its next calls answered', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    try {
+      for (let i = 0; i < CANCELS_BEFORE_DEFERRED_OPEN + 5; i += 1) {
+        const call = session.request(ECHO_UNARY_HEADERS);
+        call.on('error', () => {});
+        call.close(constants.NGHTTP2_CANCEL);
+      }
+      for (let i = 0; i < 3; i += 1) {
+        const res = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])));
+        assert.equal(res.headers[':status'], 200);
+        assert.equal(res.trailers?.['grpc-status'], '0');
+        assert.deepEqual(res.body.subarray(5, 9), Buffer.from([0x0a, 0x02, 0x68, 0x69]), 'the echoed payload');
+      }
+    } finally {
+      session.close();
+    }
+  });
+});
+
+/**
+ * An h2c model server whose every answer to `/big` is `bytes` long, written under flow
+ * control, so that a stream the proxy stops reading is seen here as one waiting for 'drain'.
+ */
+async function bulkUpstream(bytes: number): Promise<{ server: Http2Server; port: number; waiting: () => number; streams: () => number }> {
+  let waiting = 0;
+  let streams = 0;
+  const server = createH2cServer({ maxSessionMemory: 1000 });
+  server.on('session', (session) => session.on('error', () => {}));
+  server.on('stream', (stream: ServerHttp2Stream, headers) => {
+    streams += 1;
+    stream.on('error', () => {});
+    stream.resume();
+    stream.on('end', () => {
+      if (stream.destroyed) return;
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+      const size = headers[':path'] === '/big' ? bytes : 16;
+      const chunk = Buffer.alloc(64 * 1024, 1);
+      let left = size;
+      const messageHead = Buffer.alloc(5);
+      messageHead.writeUInt32BE(size, 1);
+      stream.write(messageHead);
+      const pump = (): void => {
+        while (left > 0) {
+          const part = left >= chunk.length ? chunk : chunk.subarray(0, left);
+          left -= part.length;
+          if (!stream.write(part)) {
+            waiting += 1;
+            stream.once('drain', () => {
+              waiting -= 1;
+              pump();
+            });
+            return;
+          }
+        }
+        stream.end();
+      };
+      pump();
+    });
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return { server, port: (server.address() as AddressInfo).port, waiting: () => waiting, streams: () => streams };
+}
+
+describe('slow reader on the shared upstream connection, terminate mode', () => {
+  test('a client that never opens its receive window holds its own streams only: another client\'s calls, small and large, complete', async () => {
+    const big = 4 * 1024 * 1024;
+    const upstream = await bulkUpstream(big);
+    const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.port } });
+    const offender = await rawH2Client(front.grpcPort, pki);
+    const streams = 24;
+    try {
+      offender.socket.write(h2Frame(H2.SETTINGS, 0, 0, setting(SETTINGS_INITIAL_WINDOW_SIZE, 0)));
+      const frames: Buffer[] = [];
+      for (let i = 0; i < streams; i += 1) {
+        const id = 1 + 2 * i;
+        frames.push(h2Frame(H2.HEADERS, END_HEADERS, id, grpcHeaderBlock('/big')), h2Frame(H2.DATA, END_STREAM, id, grpcFrame(Buffer.from('x'))));
+      }
+      offender.socket.write(Buffer.concat(frames));
+      // Every offender stream stalls upstream: the proxy stopped reading it, as flow control says.
+      await eventually(() => upstream.waiting() === streams, `all ${streams} offender streams held back upstream`);
+      const session = h2Session(front.grpcPort, pki);
+      try {
+        const small = await h2Request(session, { ...ECHO_UNARY_HEADERS, ':path': '/small' }, grpcFrame(Buffer.from('hi')));
+        assert.equal(small.trailers?.['grpc-status'], '0');
+        const large = await h2Request(session, { ...ECHO_UNARY_HEADERS, ':path': '/big' }, grpcFrame(Buffer.from('hi')));
+        assert.equal(large.trailers?.['grpc-status'], '0');
+        assert.equal(large.body.length, 5 + big);
+      } finally {
+        session.close();
+      }
+      assert.equal(upstream.waiting(), streams, 'the offender\'s streams are still held, not reset');
+    } finally {
+      offender.socket.destroy();
+      await front.proxy.shutdown(1000);
+      upstream.server.close();
+    }
+  });
+});
