@@ -7,6 +7,7 @@ import { describeUpstreamError } from './upstream-errors.js';
 import { UpstreamH2Session, isSessionRefusal } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
+import { CancelTally } from './cancel-tally.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_FLAG_END_STREAM } = constants;
 
@@ -22,16 +23,6 @@ export interface GrpcForwarderOptions {
 }
 
 /**
- * Rapid reset (CVE-2023-44487): a client that opens streams and resets them at once had each
- * one opened and reset on the upstream connection every client shares, ~1,100 per connection
- * before nghttp2's own limit answers GOAWAY. A connection that has cancelled this many calls
- * gets its next calls opened upstream one event-loop turn later, once the rest of what it sent
- * in the same read (its resets) has been processed: a stream already reset by then never
- * reaches the model server. Connections that do not cancel keep the direct path.
- */
-export const CANCELS_BEFORE_DEFERRED_OPEN = 10;
-
-/**
  * Forwards any gRPC method, byte for byte, from a client HTTP/2 stream to an
  * upstream h2c stream: no method table, no protobuf decoding. Headers,
  * metadata, trailers, Trailers-Only responses, resets and flow control pass
@@ -41,11 +32,7 @@ export const CANCELS_BEFORE_DEFERRED_OPEN = 10;
 export class GrpcForwarder {
   readonly #options: GrpcForwarderOptions;
   readonly #upstream: UpstreamH2Session;
-  /** Calls each client connection cancelled before their end (only connections that cancelled any). */
-  readonly #cancels = new WeakMap<ConnectionContext, number>();
-  readonly #countCancel = (context: ConnectionContext): void => {
-    this.#cancels.set(context, (this.#cancels.get(context) ?? 0) + 1);
-  };
+  readonly #cancels = new CancelTally();
 
   constructor(options: GrpcForwarderOptions) {
     this.#options = options;
@@ -62,11 +49,11 @@ export class GrpcForwarder {
       answerLocally(stream, headers, context, this.#options.observer, CONNECT_REFUSED);
       return;
     }
-    if ((this.#cancels.get(context) ?? 0) >= CANCELS_BEFORE_DEFERRED_OPEN) {
+    if (this.#cancels.defers(context)) {
       setImmediate(() => this.#startUnlessReset(stream, headers, context));
       return;
     }
-    new GrpcCall(stream, headers, context, this.#options, this.#upstream, this.#countCancel).start();
+    new GrpcCall(stream, headers, context, this.#options, this.#upstream, this.#cancels).start();
   }
 
   #startUnlessReset(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext): void {
@@ -74,7 +61,7 @@ export class GrpcForwarder {
       this.#options.observer.request(accessRecord(context, headers, { status: 0, grpcStatus: undefined, bytesIn: 0, bytesOut: 0, started: performance.now(), error: 'client_cancelled' }));
       return;
     }
-    new GrpcCall(stream, headers, context, this.#options, this.#upstream, this.#countCancel).start();
+    new GrpcCall(stream, headers, context, this.#options, this.#upstream, this.#cancels).start();
   }
 
   close(): Promise<void> {
@@ -213,7 +200,7 @@ class GrpcCall {
   readonly #context: ConnectionContext;
   readonly #options: GrpcForwarderOptions;
   readonly #pool: UpstreamH2Session;
-  readonly #countCancel: (context: ConnectionContext) => void;
+  readonly #cancels: CancelTally;
   readonly #outcome: CallOutcome;
   #upstream: ClientHttp2Stream | undefined;
   #session: ClientHttp2Session | undefined;
@@ -223,9 +210,9 @@ class GrpcCall {
   #unforwardRequest: (() => void) | undefined;
   #unforwardResponse: (() => void) | undefined;
 
-  constructor(client: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, options: GrpcForwarderOptions, pool: UpstreamH2Session, countCancel: (context: ConnectionContext) => void) {
+  constructor(client: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, options: GrpcForwarderOptions, pool: UpstreamH2Session, cancels: CancelTally) {
     this.#client = client;
-    this.#countCancel = countCancel;
+    this.#cancels = cancels;
     this.#headers = headers;
     this.#context = context;
     this.#options = options;
@@ -379,7 +366,7 @@ class GrpcCall {
         const code = this.#client.rstCode;
         upstream.close(code === undefined || code === NGHTTP2_NO_ERROR ? NGHTTP2_CANCEL : code);
         this.#outcome.error ??= 'client_cancelled';
-        this.#countCancel(this.#context);
+        this.#cancels.count(this.#context);
       }
     }
     this.#options.observer.request(accessRecord(this.#context, this.#headers, this.#outcome));

@@ -7,6 +7,7 @@ import type { ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
+import { CancelTally } from './cancel-tally.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -72,6 +73,8 @@ interface ExchangeStats {
 export class RestForwarder {
   readonly #options: RestForwarderOptions;
   readonly #pool: Pool;
+  /** HTTP/2 requests each client connection reset before their answer was complete. */
+  readonly #cancels = new CancelTally();
 
   constructor(options: RestForwarderOptions) {
     this.#options = options;
@@ -95,6 +98,18 @@ export class RestForwarder {
     if (authority !== undefined && !isHostAndPort(authority)) {
       const message = `request authority ${JSON.stringify(authority.slice(0, 64))} is not forwarded: send host[:port] only, without a user@ part`;
       this.#refuse(req, res, context, started, { status: 400, message, error: 'bad_request_authority' });
+      return;
+    }
+    if (req.httpVersionMajor === 2 && this.#cancels.defers(context)) {
+      setImmediate(() => this.#forwardUnlessReset(req as Http2ServerRequest, res, context, started));
+      return;
+    }
+    this.#forward(req, res, context, started);
+  }
+
+  #forwardUnlessReset(req: Http2ServerRequest, res: ClientResponseLike, context: ConnectionContext, started: number): void {
+    if (req.stream.closed || req.stream.destroyed) {
+      this.#log(req, context, started, { status: 0, bytesIn: 0, bytesOut: 0, error: 'client_closed' });
       return;
     }
     this.#forward(req, res, context, started);
@@ -134,6 +149,7 @@ export class RestForwarder {
       clearTimeout(stall);
       // The client went away: the model should stop working for nobody.
       if (!deliveredWhole(res)) stats.error ??= 'client_closed';
+      if (stats.error === 'client_closed' && req.httpVersionMajor === 2) this.#cancels.count(context);
       // Only now, with our own answer (a 408) out: aborting before it stalled an HTTP/2 client session sharing our process (tests; cause not found).
       exchange.abort();
       this.#log(req, context, started, stats);

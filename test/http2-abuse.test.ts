@@ -4,17 +4,29 @@ import { once } from 'node:events';
 import { createServer as createH2cServer, constants, type Http2Server, type ServerHttp2Stream } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { END_HEADERS, END_STREAM, H2, h2Frame, rawH2Client } from './helpers/raw-h2.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
-import { CANCELS_BEFORE_DEFERRED_OPEN } from '../src/grpc-forwarder.js';
+import { CANCELS_BEFORE_DEFERRED_OPEN } from '../src/cancel-tally.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 const RST_STREAM = 0x3;
 const SETTINGS_INITIAL_WINDOW_SIZE = 0x4;
 const CANCEL = Buffer.from([0, 0, 0, constants.NGHTTP2_CANCEL]);
+
+/** HEADERS + RST_STREAM(CANCEL) for `pairs` streams, written in bursts as a rapid-reset client does. */
+function rapidReset(socket: { write(bytes: Buffer): unknown }, block: Buffer, pairs: number, flags = END_HEADERS): void {
+  for (let sent = 0; sent < pairs; sent += 50) {
+    const burst: Buffer[] = [];
+    for (let i = sent; i < Math.min(pairs, sent + 50); i += 1) {
+      const id = 1 + 2 * i;
+      burst.push(h2Frame(H2.HEADERS, flags, id, block), h2Frame(RST_STREAM, 0, id, CANCEL));
+    }
+    socket.write(Buffer.concat(burst));
+  }
+}
 
 /** HPACK literal field without indexing, new name (RFC 7541 6.2.2); names and values here stay under 127 bytes. */
 function literalField(name: string, value: string): Buffer {
@@ -69,14 +81,7 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     const loggedBefore = cancelledLines();
     const offender = await rawH2Client(front.grpcPort, pki);
     try {
-      for (let sent = 0; sent < pairs; sent += 50) {
-        const batch: Buffer[] = [];
-        for (let i = sent; i < sent + 50; i += 1) {
-          const id = 1 + 2 * i;
-          batch.push(h2Frame(H2.HEADERS, END_HEADERS, id, grpcHeaderBlock(PATH)), h2Frame(RST_STREAM, 0, id, CANCEL));
-        }
-        offender.socket.write(Buffer.concat(batch));
-      }
+      rapidReset(offender.socket, grpcHeaderBlock(PATH), pairs);
       await eventually(() => cancelledLines() - loggedBefore >= pairs, `${pairs} cancelled calls logged`);
     } finally {
       offender.socket.destroy();
@@ -109,6 +114,70 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
         assert.equal(res.headers[':status'], 200);
         assert.equal(res.trailers?.['grpc-status'], '0');
         assert.deepEqual(res.body.subarray(5, 9), Buffer.from([0x0a, 0x02, 0x68, 0x69]), 'the echoed payload');
+      }
+    } finally {
+      session.close();
+    }
+  });
+});
+
+describe('rapid reset on the REST port (HTTP/2 to HTTP/1.1), terminate mode', () => {
+  let upstream: ModelServer;
+  let counter: Awaited<ReturnType<typeof countingRelay>>;
+  let front: StartedProxy;
+
+  before(async () => {
+    upstream = await startUpstream();
+    counter = await countingRelay(upstream.restPort!);
+    front = await startTestProxy({ pki, upstream: { restPort: counter.port } });
+  });
+
+  after(async () => {
+    await front.proxy.shutdown(1000);
+    counter.server.close();
+    await upstream.close();
+  });
+
+  const PATH = '/v2/health/ready';
+  const GET = Buffer.concat([literalField(':method', 'GET'), literalField(':scheme', 'https'), literalField(':path', PATH), literalField(':authority', 'localhost')]);
+  const closedLines = () => front.logs.lines.filter((l) => l.path === PATH && l.error === 'client_closed').length;
+
+  test('requests a client opens and resets in the same breath open no model server connections', async () => {
+    const pairs = 500;
+    const connectionsBefore = counter.connections();
+    const loggedBefore = closedLines();
+    const offender = await rawH2Client(front.restPort, pki);
+    try {
+      rapidReset(offender.socket, GET, pairs, END_HEADERS | END_STREAM);
+      await eventually(() => closedLines() - loggedBefore >= pairs, `${pairs} reset requests logged`);
+    } finally {
+      offender.socket.destroy();
+    }
+    // Another client is answered; by then the model server has accepted whatever connections the offender caused.
+    const session = h2Session(front.restPort, pki);
+    try {
+      const res = await h2Request(session, { ':method': 'GET', ':path': PATH });
+      assert.equal(res.headers[':status'], 200);
+    } finally {
+      session.close();
+    }
+    const opened = counter.connections() - connectionsBefore;
+    // Without the deferred forward each reset request opened (and dropped) a connection of its own: 500 here.
+    assert.ok(opened <= CANCELS_BEFORE_DEFERRED_OPEN + 20, `${opened} model server connections for ${pairs} reset requests`);
+  });
+
+  test('a connection that has reset many requests still gets its next requests answered', async () => {
+    const session = h2Session(front.restPort, pki);
+    try {
+      for (let i = 0; i < CANCELS_BEFORE_DEFERRED_OPEN + 5; i += 1) {
+        const request = session.request({ ':method': 'GET', ':path': PATH });
+        request.on('error', () => {});
+        request.close(constants.NGHTTP2_CANCEL);
+      }
+      for (let i = 0; i < 3; i += 1) {
+        const res = await h2Request(session, { ':method': 'POST', ':path': '/v2/models/dummy/infer', 'content-type': 'application/json' }, JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }] }));
+        assert.equal(res.headers[':status'], 200);
+        assert.deepEqual((JSON.parse(res.body.toString()) as { outputs: { data: number[] }[] }).outputs[0]!.data, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
       }
     } finally {
       session.close();
