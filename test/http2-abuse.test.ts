@@ -192,6 +192,9 @@ describe('rapid reset on the REST port (HTTP/2 to HTTP/1.1), terminate mode', ()
 async function bulkUpstream(bytes: number): Promise<{ server: Http2Server; port: number; waiting: () => number; streams: () => number }> {
   let waiting = 0;
   let streams = 0;
+  // Node's default of 10 MB per session would make this server itself refuse every new stream on
+  // the proxy's shared connection while the offender's answers wait in it (seen: the victim got
+  // RESOURCE_EXHAUSTED): the model server's limit, not the proxy's, so it is lifted here.
   const server = createH2cServer({ maxSessionMemory: 1000 });
   server.on('session', (session) => session.on('error', () => {}));
   server.on('stream', (stream: ServerHttp2Stream, headers) => {
