@@ -50,6 +50,8 @@ export class GrpcForwarder {
       return;
     }
     if (this.#cancels.defers(context)) {
+      // A reset with an error code meanwhile makes the stream emit 'error': unheard, it would end the process.
+      stream.on('error', ignore);
       setImmediate(() => this.#startUnlessReset(stream, headers, context));
       return;
     }

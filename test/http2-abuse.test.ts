@@ -15,14 +15,15 @@ import type { ModelServer } from '../src/demo/model-server.js';
 const RST_STREAM = 0x3;
 const SETTINGS_INITIAL_WINDOW_SIZE = 0x4;
 const CANCEL = Buffer.from([0, 0, 0, constants.NGHTTP2_CANCEL]);
+const INTERNAL_ERROR = Buffer.from([0, 0, 0, constants.NGHTTP2_INTERNAL_ERROR]);
 
-/** HEADERS + RST_STREAM(CANCEL) for `pairs` streams, written in bursts as a rapid-reset client does. */
-function rapidReset(socket: { write(bytes: Buffer): unknown }, block: Buffer, pairs: number, flags = END_HEADERS): void {
+/** HEADERS + RST_STREAM (CANCEL unless `code` says) for `pairs` streams, written in bursts as a rapid-reset client does. */
+function rapidReset(socket: { write(bytes: Buffer): unknown }, block: Buffer, pairs: number, flags = END_HEADERS, code = CANCEL): void {
   for (let sent = 0; sent < pairs; sent += 50) {
     const burst: Buffer[] = [];
     for (let i = sent; i < Math.min(pairs, sent + 50); i += 1) {
       const id = 1 + 2 * i;
-      burst.push(h2Frame(H2.HEADERS, flags, id, block), h2Frame(RST_STREAM, 0, id, CANCEL));
+      burst.push(h2Frame(H2.HEADERS, flags, id, block), h2Frame(RST_STREAM, 0, id, code));
     }
     socket.write(Buffer.concat(burst));
   }
@@ -99,6 +100,25 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     // Without the deferred open every pair was a stream opened and reset upstream (500 here).
     // A pair split across two reads may still get through; a handful, never hundreds.
     assert.ok(opened <= CANCELS_BEFORE_DEFERRED_OPEN + 20, `the model server saw ${opened} of the ${pairs} reset streams`);
+  });
+
+  test('resets with an error code (a stream error, not a cancel) are handled the same way and take nothing down', async () => {
+    const pairs = 100;
+    const loggedBefore = cancelledLines();
+    const offender = await rawH2Client(front.grpcPort, pki);
+    try {
+      rapidReset(offender.socket, grpcHeaderBlock(PATH), pairs, END_HEADERS, INTERNAL_ERROR);
+      await eventually(() => cancelledLines() - loggedBefore >= pairs, `${pairs} reset calls logged`);
+    } finally {
+      offender.socket.destroy();
+    }
+    const victim = grpcClients(front.grpcAddress, pki);
+    try {
+      const reply = await unary(victim.echo, 'Unary', { payload: Buffer.from('up') });
+      assert.equal(Buffer.from(reply.response.payload!).toString(), 'up');
+    } finally {
+      victim.close();
+    }
   });
 
   test('a connection that has cancelled many calls still gets its next calls answered', async () => {
