@@ -5,19 +5,25 @@ import type { ConnectionContext } from './listeners.js';
  * had each one forwarded: on the gRPC port a stream opened and reset on the upstream
  * connection every client shares, on the REST port a new model server connection opened and
  * dropped, ~1,100 per connection before nghttp2's own limit answers GOAWAY. A connection that
- * has cancelled this many requests gets its next ones forwarded one event-loop turn later,
- * once the rest of what it sent in the same read (its resets) has been processed: a stream
- * already reset by then never reaches the model server. Connections that do not cancel keep
- * the direct path.
+ * has cancelled this many more requests than it completed gets its next ones forwarded one
+ * event-loop turn later, once the rest of what it sent in the same read (its resets) has been
+ * processed: a stream already reset by then never reaches the model server. Connections that
+ * complete most of their requests (a deadline missed now and then) keep the direct path.
  */
 export const CANCELS_BEFORE_DEFERRED_OPEN = 10;
 
-/** Requests each client connection cancelled; only connections that cancelled any are kept. */
+/** Requests each client connection cancelled, less those it completed since; only connections that cancelled any are kept. */
 export class CancelTally {
   readonly #counts = new WeakMap<ConnectionContext, number>();
 
   count(context: ConnectionContext): void {
     this.#counts.set(context, (this.#counts.get(context) ?? 0) + 1);
+  }
+
+  /** A request completed: one cancel fewer counts against the connection. */
+  settle(context: ConnectionContext): void {
+    const cancels = this.#counts.get(context);
+    if (cancels) this.#counts.set(context, cancels - 1);
   }
 
   /** Whether this connection's new streams should wait a turn before going upstream. */

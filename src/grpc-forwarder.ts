@@ -371,6 +371,7 @@ class GrpcCall {
         this.#cancels.count(this.#context);
       }
     }
+    if (this.#upstreamDone) this.#cancels.settle(this.#context);
     this.#options.observer.request(accessRecord(this.#context, this.#headers, this.#outcome));
   }
 }

@@ -73,7 +73,7 @@ interface ExchangeStats {
 export class RestForwarder {
   readonly #options: RestForwarderOptions;
   readonly #pool: Pool;
-  /** HTTP/2 requests each client connection reset before their answer was complete. */
+  /** HTTP/2 requests each client connection reset before their answer was complete, less those it completed. */
   readonly #cancels = new CancelTally();
 
   constructor(options: RestForwarderOptions) {
@@ -149,7 +149,10 @@ export class RestForwarder {
       clearTimeout(stall);
       // The client went away: the model should stop working for nobody.
       if (!deliveredWhole(res)) stats.error ??= 'client_closed';
-      if (stats.error === 'client_closed' && req.httpVersionMajor === 2) this.#cancels.count(context);
+      if (req.httpVersionMajor === 2) {
+        if (stats.error === 'client_closed') this.#cancels.count(context);
+        else this.#cancels.settle(context);
+      }
       // Only now, with our own answer (a 408) out: aborting before it stalled an HTTP/2 client session sharing our process (tests; cause not found).
       exchange.abort();
       this.#log(req, context, started, stats);

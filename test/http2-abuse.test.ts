@@ -121,6 +121,37 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     }
   });
 
+  test('a connection that completes its calls and cancels one now and then keeps the direct path', async () => {
+    const client = await rawH2Client(front.grpcPort, pki);
+    let nextId = 1;
+    const completeOne = async () => {
+      const id = nextId;
+      nextId += 2;
+      client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, id, grpcHeaderBlock(PATH)), h2Frame(H2.DATA, END_STREAM, id, grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])))]));
+      await eventually(() => client.frames.some((f) => f.streamId === id && f.type === H2.HEADERS && (f.flags & END_STREAM) !== 0), `call ${id} answered`);
+    };
+    // HEADERS and RST_STREAM in one write, one TLS record: read together, as in a rapid reset.
+    const cancelOne = async (block: Buffer) => {
+      const id = nextId;
+      nextId += 2;
+      const logged = cancelledLines();
+      client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, id, block), h2Frame(RST_STREAM, 0, id, CANCEL)]));
+      await eventually(() => cancelledLines() > logged, `call ${id} logged as cancelled`);
+    };
+    try {
+      for (let i = 0; i < 2 * CANCELS_BEFORE_DEFERRED_OPEN; i += 1) {
+        await completeOne();
+        await cancelOne(grpcHeaderBlock(PATH));
+      }
+      // On the direct path a call is opened upstream as it arrives, so even one reset at once reaches the model server.
+      await cancelOne(Buffer.concat([grpcHeaderBlock(PATH), literalField('x-probe', 'cancelled-at-once')]));
+      await completeOne();
+      assert.ok(upstream.received.some((r) => r.headers['x-probe'] === 'cancelled-at-once'), 'the cancelled call went upstream without waiting a turn');
+    } finally {
+      client.socket.destroy();
+    }
+  });
+
   test('a connection that has cancelled many calls still gets its next calls answered', async () => {
     const session = h2Session(front.grpcPort, pki);
     try {
