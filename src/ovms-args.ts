@@ -102,11 +102,15 @@ function isBooleanWord(value: string | undefined): boolean {
  * are up. Refused here, naming the spelling that works.
  */
 function flagValue(option: LongOption, next: string | undefined): string | true {
-  if (option.inlineValue !== undefined) return option.inlineValue;
-  if (isBooleanWord(next)) {
+  refuseSeparateFlagValue(option, next);
+  return option.inlineValue ?? true;
+}
+
+/** Ours and OVMS's flags alike (`--metrics_enable false` makes OVMS exit 64, after our listeners are up). */
+function refuseSeparateFlagValue(option: LongOption, next: string | undefined): void {
+  if (option.inlineValue === undefined && isBooleanWord(next)) {
     throw new ConfigError(`--${option.name} is a flag and takes no separate value: write --${option.name}=${next} (or --${option.name} alone for true)`);
   }
-  return true;
 }
 
 function needsValue(name: string): ConfigError {
@@ -141,6 +145,7 @@ function isKnownOption(arg: string): boolean {
  * and stands alone.
  */
 function ovmsOption(option: LongOption, arg: string, next: string | undefined): string[] {
+  if (OVMS_FLAGS.has(option.name)) refuseSeparateFlagValue(option, next);
   if (option.inlineValue !== undefined || OVMS_FLAGS.has(option.name)) return [arg];
   if (OVMS_VALUE_OPTIONS.has(option.name)) {
     if (next === undefined || isKnownOption(next)) throw needsValue(option.name);

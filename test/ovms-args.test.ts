@@ -114,6 +114,13 @@ describe('--mtls_* options', () => {
     assert.deepEqual(splitOvmsArgv(['--mtls_access_log', '--model_name', 'false']).passthrough, ['--model_name', 'false']);
   });
 
+  test('an OVMS flag followed by a separate true/false is refused the same way, before OVMS would exit 64 on the stray word', () => {
+    assert.throws(() => splitOvmsArgv(['--port', '1', '--metrics_enable', 'false']), (err: unknown) => err instanceof ConfigError && err.message.includes('--metrics_enable=false'));
+    assert.throws(() => splitOvmsArgv(['--allow_credentials', 'TRUE', '--rest_port', '2']), /--allow_credentials=TRUE/);
+    assert.deepEqual(splitOvmsArgv(['--metrics_enable', '--rest_port', '2', '--metrics_list', 'ovms_requests_success']).passthrough, ['--metrics_enable', '--metrics_list', 'ovms_requests_success']);
+    assert.deepEqual(splitOvmsArgv(['--metrics_enable=false', '--port', '1']).passthrough, ['--metrics_enable=false']);
+  });
+
   test('a value-taking --mtls_ option without a value is a ConfigError', () => {
     assert.throws(() => splitOvmsArgv(['--mtls_cert', '--port', '1']), /--mtls_cert needs a value/);
   });
