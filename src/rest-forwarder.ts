@@ -88,16 +88,9 @@ export class RestForwarder {
       this.#refuse(req, res, context, started, { status: 503, message: notReady, error: 'not_ready', headers: { 'retry-after': '1' } });
       return;
     }
-    const target = req.url ?? '';
-    if (!isForwardableTarget(target)) {
-      const message = `request target ${JSON.stringify(target.slice(0, 64))} is not forwarded: a path (/v2/...) or an http(s) URL without a #fragment is`;
-      this.#refuse(req, res, context, started, { status: 400, message, error: 'bad_request_target' });
-      return;
-    }
-    const authority = requestAuthority(req.headers);
-    if (authority !== undefined && !isHostAndPort(authority)) {
-      const message = `request authority ${JSON.stringify(authority.slice(0, 64))} is not forwarded: send host[:port] only, without a user@ part`;
-      this.#refuse(req, res, context, started, { status: 400, message, error: 'bad_request_authority' });
+    const refusal = routingRefusal(req.url ?? '', requestAuthority(req.url ?? '', req.headers));
+    if (refusal) {
+      this.#refuse(req, res, context, started, { status: 400, ...refusal });
       return;
     }
     if (req.httpVersionMajor === 2 && this.#cancels.defers(context)) {
@@ -240,8 +233,11 @@ function upstreamPool(upstream: HostPort, connectTimeoutMs: number): Pool {
  * does not show.
  */
 function isForwardableTarget(target: string): boolean {
-  return (target.startsWith('/') || /^https?:\/\//i.test(target)) && !target.includes('#');
+  return (target.startsWith('/') || ABSOLUTE_FORM.test(target)) && !target.includes('#');
 }
+
+/** An absolute-form target (`http://host:port/path`); its authority is the first group. */
+const ABSOLUTE_FORM = /^https?:\/\/([^/?#]*)/i;
 
 /**
  * An authority as the Host line of an HTTP/1.1 request may carry it (RFC 9112
@@ -253,12 +249,33 @@ function isForwardableTarget(target: string): boolean {
  */
 const HOST_AND_PORT = /^(?:\[[0-9A-Za-z:.%_~-]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?$/;
 
-function isHostAndPort(authority: string): boolean {
-  return HOST_AND_PORT.test(authority);
+/** Why a request is answered 400 instead of forwarded, in both REST modes: its target, or its authority, is not one the model server reads as we do. */
+export interface RoutingRefusal {
+  readonly message: string;
+  /** The access line's `error`. */
+  readonly error: 'bad_request_target' | 'bad_request_authority';
 }
 
-/** Who the request is for: HTTP/2's `:authority` when present (RFC 9113 8.3.1), else the Host line. */
-function requestAuthority(headers: IncomingHttpHeaders): string | undefined {
+/** The refusal for a request target and the authority it is for (requestAuthority()), undefined when both may be forwarded. */
+export function routingRefusal(target: string, authority: string | undefined): RoutingRefusal | undefined {
+  if (!isForwardableTarget(target)) {
+    return { message: `request target ${JSON.stringify(target.slice(0, 64))} is not forwarded: a path (/v2/...) or an http(s) URL without a #fragment is`, error: 'bad_request_target' };
+  }
+  if (authority !== undefined && !HOST_AND_PORT.test(authority)) {
+    return { message: `request authority ${JSON.stringify(authority.slice(0, 64))} is not forwarded: send host[:port] only, without a user@ part`, error: 'bad_request_authority' };
+  }
+  return undefined;
+}
+
+/**
+ * Who the request is for, as the model server gets it in its Host line: the
+ * authority of an absolute-form target, which wins over Host (RFC 9112 3.2.2:
+ * a proxy forwarding such a request generates Host from it), else HTTP/2's
+ * `:authority` (RFC 9113 8.3.1), else the Host line.
+ */
+export function requestAuthority(target: string, headers: IncomingHttpHeaders): string | undefined {
+  const absolute = ABSOLUTE_FORM.exec(target);
+  if (absolute) return absolute[1];
   const authority = headers[':authority'] ?? headers['host'];
   return authority === undefined ? undefined : String(authority);
 }
@@ -464,7 +481,7 @@ export function upstreamHeaders(req: ClientRequestLike, context: ConnectionConte
     if (name.startsWith(':') || HOP_BY_HOP.has(name) || listed.has(name) || name === XFCC || disguisesOurs(name)) continue;
     out[name] = incoming[name]!;
   }
-  const authority = requestAuthority(incoming);
+  const authority = requestAuthority(req.url ?? '', incoming);
   if (authority !== undefined) out['host'] = authority;
   setForwardingHeaders(out, incoming['x-forwarded-for'], context);
   return out;

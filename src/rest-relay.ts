@@ -5,7 +5,7 @@ import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
-import { bodyStalledMessage } from './rest-forwarder.js';
+import { bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { closingAnswer, headStalledMessage } from './http-fronts.js';
 import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
@@ -82,13 +82,18 @@ function withoutOurOptions(field: HeaderField): string {
   return kept.length === 0 ? '' : `${field.line.slice(0, field.line.indexOf(':'))}: ${kept.join(', ')}\r\n`;
 }
 
-/** Field by field: what relayedRequestHead() must always equal. */
-export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext): Buffer {
+/**
+ * Field by field: what relayedRequestHead() must always equal. With `host`,
+ * the Host line is that instead of the client's (an absolute-form target's
+ * authority, RFC 9112 3.2.2).
+ */
+export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext, host?: string): Buffer {
   let text = head.startLine + '\r\n';
+  if (host !== undefined) text += `host: ${host}\r\n`;
   const previous: string[] = [];
   for (const field of head.fields) {
     if (field.name === 'x-forwarded-for') previous.push(field.value);
-    if (isRewritten(field.name)) continue;
+    if (isRewritten(field.name) || (host !== undefined && field.name === 'host')) continue;
     text += field.name === 'connection' ? withoutOurOptions(field) : field.line + '\r\n';
   }
   return Buffer.from(text + forwardingFields(previous, context), 'latin1');
@@ -103,12 +108,26 @@ function closesAfter(head: Http1Head): boolean {
 const hasOption = (options: readonly string[], name: string): boolean => options.some((option) => option.toLowerCase() === name);
 
 /**
- * RFC 9112 3.2: an HTTP/1.1 request without a Host field, or with more than
- * one, gets 400. Terminate mode refuses the first (Node's server) and sends a
- * second on as one Host; the relay would pass both, for the model server to pick.
+ * The Host field's value. RFC 9112 3.2: an HTTP/1.1 request without a Host
+ * field, or with more than one, gets 400; so does an HTTP/1.0 one with more
+ * than one, from which the model server would have to pick. Terminate mode
+ * refuses the first (Node's server) and sends the first of several on as the
+ * one Host; the relay would pass them all.
  */
-function requireOneHost(head: Http1Head): void {
-  if (head.minorVersion === 1 && head.values('host').length !== 1) throw new FramingError(400, 'an HTTP/1.1 request needs exactly one Host field');
+function hostOf(head: Http1Head): string | undefined {
+  const hosts = head.values('host');
+  if (head.minorVersion === 1 && hosts.length !== 1) throw new FramingError(400, 'an HTTP/1.1 request needs exactly one Host field');
+  if (hosts.length > 1) throw new FramingError(400, 'a request may have one Host field at most');
+  return hosts[0];
+}
+
+/** A request whose target or authority terminate mode refuses too: answered and logged as there. */
+class RoutingRefused extends FramingError {
+  readonly refusal: RoutingRefusal;
+  constructor(refusal: RoutingRefusal) {
+    super(400, refusal.message);
+    this.refusal = refusal;
+  }
 }
 
 /** A response head that tells the client this connection ends after it. */
@@ -121,6 +140,7 @@ function withConnectionClose(head: Http1Head): Buffer {
 
 /** What our own answer to a request the client framed wrongly looks like. */
 function refusalAnswer(err: FramingError): Buffer {
+  if (err instanceof RoutingRefused) return closingAnswer(err.status, 'application/json', JSON.stringify({ error: err.message }));
   return closingAnswer(err.status, 'text/plain; charset=utf-8', `${err.message}\n`);
 }
 
@@ -344,7 +364,10 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#stopHeadDeadline();
     this.#judging = head;
     if (head.method === 'CONNECT') throw new FramingError(405, 'CONNECT is not supported');
-    requireOneHost(head);
+    const host = hostOf(head);
+    const authority = requestAuthority(head.target, { host });
+    const refusal = routingRefusal(head.target, authority);
+    if (refusal) throw new RoutingRefused(refusal);
     const body = requestFraming(head);
     const exchange: Exchange = { method: head.method, path: head.target, started: performance.now(), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
     this.#exchanges.push(exchange);
@@ -352,7 +375,9 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#parts.observer.streamOpened('rest');
     this.#judging = undefined;
     this.#ourFields ??= Buffer.from(forwardingFields([], this.#parts.context), 'latin1');
-    return { bytes: relayedRequestHead(head, raw, this.#parts.context, this.#ourFields), body };
+    // An absolute-form target names its own authority: the model server gets it as Host too, so the two cannot disagree.
+    const bytes = authority === host ? relayedRequestHead(head, raw, this.#parts.context, this.#ourFields) : rebuiltRequestHead(head, this.#parts.context, authority);
+    return { bytes, body };
   }
 
   #responseHead(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } {
@@ -410,7 +435,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     }
     this.#refusal = err;
     this.#parts.client.pause();
-    this.#reportRefusal(err);
+    this.#reportRefusal(err, err instanceof RoutingRefused ? err.refusal.error : undefined);
     this.#closeIfDone();
   }
 

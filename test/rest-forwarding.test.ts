@@ -5,7 +5,7 @@ import { constants as http2Constants } from 'node:http2';
 import { createHash } from 'node:crypto';
 import { request as httpsRequest, Agent as HttpsAgent } from 'node:https';
 import { createServer as createHttpServer, type IncomingMessage, type ClientRequest } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
@@ -266,10 +266,6 @@ describe('request targets with a #fragment', () => {
           assert.equal(JSON.parse(res.body.toString()).error, 'request target "/v2/models/dummy#ready" is not forwarded: a path (/v2/...) or an http(s) URL without a #fragment is');
           const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 400);
           assert.equal(line.error, 'bad_request_target');
-          if (restMode === 'terminate') {
-            const http1 = await https1(local.restPort, pki, { path: '/v2/models/dummy#ready' });
-            assert.equal(http1.status, 400);
-          }
           assert.equal(upstream.sockets.length, 0);
         } finally {
           session.destroy();
@@ -295,18 +291,101 @@ describe('request authorities (both REST modes serve HTTP/2 by forwarding)', () 
           assert.equal(upstream.sockets.length, 1);
           const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 400);
           assert.equal(line.error, 'bad_request_authority');
-          // The relay passes an HTTP/1.1 head on as it came; terminate mode checks it as it does HTTP/2's.
-          if (restMode === 'terminate') {
-            const http1 = await https1(local.restPort, pki, { path: '/v2/models/dummy', headers: { host: 'user@localhost' } });
-            assert.equal(http1.status, 400);
-            assert.match(JSON.parse(http1.body).error, /^request authority "user@localhost" is not forwarded/);
-          }
-          assert.equal(upstream.sockets.length, 1);
         } finally {
           session.destroy();
         }
       }));
   }
+});
+
+/** A model server that records each connection's first bytes (a request head) and answers it once, closing. */
+const recordingHeads = (heads: string[]) => (socket: Socket, first: Buffer): void => {
+  heads.push(first.toString('latin1'));
+  socket.end('HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok');
+};
+
+/** One HTTP/1.1 request written as it is, on a connection of its own: the status and body of the answer. */
+async function rawRequest(port: number, head: string): Promise<{ status: number; body: string }> {
+  const socket = await openRaw(port, pki);
+  socket.write(head);
+  const text = await readToClose(socket);
+  return { status: Number(/^HTTP\/1\.1 (\d{3}) /.exec(text)?.[1]), body: text.slice(text.indexOf('\r\n\r\n') + 4) };
+}
+
+/** The `error` of our JSON answer, whether it came chunked (terminate) or with a length (relay). */
+const errorOf = (body: string): string => (JSON.parse(body.slice(body.indexOf('{'), body.lastIndexOf('}') + 1)) as { error: string }).error;
+
+describe('HTTP/1.1 Host lines and absolute-form targets: the model server sees one host and the path our access line shows', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: a Host with a user@ part, a second colon, a port that is no number, a #fragment or a space gets 400 naming it (bad_request_authority) and never reaches the model server`, () => {
+      const heads: string[] = [];
+      return behindProxy({ pki, restMode, answer: recordingHeads(heads) }, async (local) => {
+        const hosts = ['user@localhost', 'localhost:1:2', 'localhost:http', 'localhost#a', 'local host'];
+        for (const host of hosts) {
+          const res = await rawRequest(local.restPort, `GET /v2/models/dummy HTTP/1.1\r\nHost: ${host}\r\nconnection: close\r\n\r\n`);
+          assert.equal(res.status, 400, host);
+          assert.equal(errorOf(res.body), `request authority ${JSON.stringify(host)} is not forwarded: send host[:port] only, without a user@ part`);
+        }
+        const refused = () => local.logs.lines.filter((l) => l.event === 'access' && l.status === 400);
+        await eventually(() => refused().length === hosts.length, 'an access line per refusal');
+        const lines = refused();
+        assert.ok(lines.every((l) => l.error === 'bad_request_authority' && l.path === '/v2/models/dummy'), JSON.stringify(lines));
+        assert.deepEqual(heads, []);
+        // A good one on a fresh connection still goes through.
+        assert.equal((await rawRequest(local.restPort, `GET /v2/models/dummy HTTP/1.1\r\nHost: localhost:${local.restPort}\r\nconnection: close\r\n\r\n`)).status, 200);
+        assert.equal(heads.length, 1);
+      });
+    });
+
+    test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 target with a #fragment (llhttp lets it through), or the asterisk form, gets 400 naming it (bad_request_target) and never reaches the model server`, () => {
+      const heads: string[] = [];
+      return behindProxy({ pki, restMode, answer: recordingHeads(heads) }, async (local) => {
+        for (const [method, target] of [['GET', '/v2/models/dummy#ready'], ['OPTIONS', '*']] as const) {
+          const res = await rawRequest(local.restPort, `${method} ${target} HTTP/1.1\r\nHost: localhost\r\nconnection: close\r\n\r\n`);
+          assert.equal(res.status, 400, target);
+          assert.equal(errorOf(res.body), `request target ${JSON.stringify(target)} is not forwarded: a path (/v2/...) or an http(s) URL without a #fragment is`);
+          const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === target);
+          assert.equal(line.error, 'bad_request_target');
+        }
+        assert.deepEqual(heads, []);
+      });
+    });
+
+    test(`--mtls_rest_mode ${restMode}: an absolute-form target's authority wins over Host (RFC 9112 3.2.2): the model server gets it as its one Host line, and one with a user@ part gets 400`, () => {
+      const heads: string[] = [];
+      return behindProxy({ pki, restMode, answer: recordingHeads(heads) }, async (local) => {
+        const res = await rawRequest(local.restPort, 'GET http://localhost:9/v2/models/dummy HTTP/1.1\r\nHost: 127.0.0.1\r\nconnection: close\r\n\r\n');
+        assert.equal(res.status, 200);
+        assert.equal(heads.length, 1);
+        assert.match(heads[0]!, /^GET http:\/\/localhost:9\/v2\/models\/dummy HTTP\/1\.1\r\n/);
+        assert.deepEqual([...heads[0]!.matchAll(/^host: *(.*)\r$/gim)].map((m) => m[1]), ['localhost:9']);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.status === 200);
+        assert.equal(line.path, 'http://localhost:9/v2/models/dummy');
+
+        const userinfo = await rawRequest(local.restPort, 'GET http://admin@localhost/v2/models/dummy HTTP/1.1\r\nHost: localhost\r\nconnection: close\r\n\r\n');
+        assert.equal(userinfo.status, 400);
+        assert.equal(errorOf(userinfo.body), 'request authority "admin@localhost" is not forwarded: send host[:port] only, without a user@ part');
+        assert.equal((await local.logs.waitFor((l) => l.event === 'access' && l.status === 400)).error, 'bad_request_authority');
+        assert.equal(heads.length, 1);
+      });
+    });
+  }
+
+  // Node's parser refuses these before terminate mode sees them (400 bad_request, or the first Host kept).
+  test('--mtls_rest_mode relay: an HTTP/1.0 request with two Host lines gets 400 (the model server would have to pick one); a target that is neither a path nor an http(s) URL gets 400 naming it', () => {
+    const heads: string[] = [];
+    return behindProxy({ pki, restMode: 'relay', answer: recordingHeads(heads) }, async (local) => {
+      const twoHosts = await rawRequest(local.restPort, 'GET /v2/models/dummy HTTP/1.0\r\nHost: localhost\r\nHost: admin\r\n\r\n');
+      assert.equal(twoHosts.status, 400);
+      assert.match(twoHosts.body, /one Host field at most/);
+      for (const target of ['v2/models/dummy', 'ftp://localhost/v2/models/dummy']) {
+        const res = await rawRequest(local.restPort, `OPTIONS ${target} HTTP/1.1\r\nHost: localhost\r\n\r\n`);
+        assert.equal(res.status, 400);
+        assert.equal(errorOf(res.body), `request target ${JSON.stringify(target)} is not forwarded: a path (/v2/...) or an http(s) URL without a #fragment is`);
+      }
+      assert.deepEqual(heads, []);
+    });
+  });
 });
 
 describe('upstream answers (--mtls_rest_mode terminate)', () => {
