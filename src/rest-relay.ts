@@ -130,6 +130,13 @@ class RoutingRefused extends FramingError {
   }
 }
 
+/** RFC 9110 15.2: no 1xx goes to an HTTP/1.0 client, which would take it for the final answer; a model server should not send one. */
+function interimFor(exchange: Exchange, raw: Buffer): Buffer {
+  return exchange.http10 ? NOTHING : raw;
+}
+
+const NOTHING = Buffer.alloc(0);
+
 /** A response head that tells the client this connection ends after it. */
 function withConnectionClose(head: Http1Head): Buffer {
   let text = head.startLine + '\r\n';
@@ -190,6 +197,8 @@ class WriteBatch {
 interface Exchange {
   readonly method: string;
   readonly path: string;
+  /** An HTTP/1.0 request, whose client knows no interim (1xx) response. */
+  readonly http10?: boolean;
   readonly started: number;
   bytesIn: number;
   bytesOut: number;
@@ -369,7 +378,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     const refusal = routingRefusal(head.target, authority);
     if (refusal) throw new RoutingRefused(refusal);
     const body = requestFraming(head);
-    const exchange: Exchange = { method: head.method, path: head.target, started: performance.now(), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
+    const exchange: Exchange = { method: head.method, path: head.target, http10: head.minorVersion === 0, started: performance.now(), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
     this.#exchanges.push(exchange);
     this.#receiving = exchange;
     this.#parts.observer.streamOpened('rest');
@@ -390,7 +399,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     const last = this.#exchanges.length === 1;
     const body = responseFraming(head, exchange.method);
     if (!this.#interim) this.#upstreamLast = body.kind === 'until-close' || closesAfter(head);
-    const bytes = this.#closing && !this.#interim && last ? withConnectionClose(head) : raw;
+    const bytes = this.#interim ? interimFor(exchange, raw) : this.#closing && last ? withConnectionClose(head) : raw;
     // An interim response (100 Continue) does not answer the request: a 502 can still follow it.
     if (!this.#interim) exchange.answered = true;
     return { bytes, body };
@@ -507,6 +516,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   #fail(): void {
     if (this.#finished) return;
     this.#finished = true;
+    // Whole responses that came in the same read as the failure are owed to the client still.
+    this.#flushToClient();
     this.#parts.upstream.destroy();
     this.#parts.client.destroy();
     this.#reportUnfinished('aborted');

@@ -385,6 +385,42 @@ describe('rest relay: drain and upstream failures', () => {
       }, { keepOpen }));
   }
 
+  // Each shape is followed in the same write by a response to the pipelined /second: an answer made of the broken one's tail.
+  for (const [what, broken, clientGets, close] of [
+    ['a chunked body cut by the close', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n', true],
+    ['a Content-Length body cut by the close', 'HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello', 'HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello', true],
+    ['a malformed chunk line', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5x\r\nhello\r\n0\r\n\r\n', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n', false],
+    ['101 Switching Protocols', 'HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n', /^HTTP\/1\.1 502 Bad Gateway\r\n[^]*switched protocols/, false],
+    ['connection: close, then more bytes', 'HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok', 'HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok', false],
+  ] as const) {
+    const tail = 'HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!';
+    test(`after ${what}, a whole response before it still reaches the client, and the connection ends: a request pipelined behind is never answered with what followed`, { timeout: 30_000 }, () =>
+      withScriptedUpstream(`HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nwhole${broken}${close ? '' : tail}`, async (local) => {
+        const socket = await openRaw(local.restPort);
+        socket.write('GET /whole HTTP/1.1\r\nhost: a\r\n\r\nGET /first HTTP/1.1\r\nhost: a\r\n\r\nGET /second HTTP/1.1\r\nhost: a\r\n\r\n');
+        const text = await readToClose(socket);
+        const whole = 'HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nwhole';
+        assert.ok(text.startsWith(whole), JSON.stringify(text));
+        if (typeof clientGets === 'string') assert.equal(text.slice(whole.length), clientGets);
+        else assert.match(text.slice(whole.length), clientGets);
+        assert.doesNotMatch(text, /EVIL/);
+        const second = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second');
+        assert.equal(second.status, 0);
+        assert.equal((await local.logs.waitFor((l) => l.event === 'access' && l.path === '/whole')).error, undefined);
+      }, { keepOpen: !close }));
+  }
+
+  test('an interim 103 Early Hints reaches an HTTP/1.1 client before the answer, and never an HTTP/1.0 one, which would take it for the answer (RFC 9110 15.2)', () =>
+    withScriptedUpstream('HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok', async (local) => {
+      for (const version of ['1.1', '1.0']) {
+        const socket = await openRaw(local.restPort);
+        socket.write(`GET /v2/health/ready HTTP/${version}\r\nhost: a\r\n\r\n`);
+        const text = await readToClose(socket);
+        const answer = 'HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok';
+        assert.equal(text, version === '1.1' ? `HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n${answer}` : answer);
+      }
+    }, { keepOpen: true }));
+
   test('a body that runs until close, ended by a reset instead, is logged as cut short, not as a whole answer', async () => {
     const scripted = await scriptedUpstream((s) => s.write('HTTP/1.1 200 OK\r\n\r\npartial'));
     const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay' });
