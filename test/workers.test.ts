@@ -5,6 +5,8 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { createHash } from 'node:crypto';
+import type { TLSSocket } from 'node:tls';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -15,6 +17,9 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startCli, BIN, type LongRunningCli } from './helpers/cli.js';
 import { grpcClients, h2Request, h2Session, https1, startUpstream, LogCapture, type LogLine } from './helpers/harness.js';
 import { httpGet, eventually } from './helpers/ops.js';
+import { openRaw } from './helpers/raw-http1.js';
+import { GateBoard } from './helpers/sse.js';
+import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import { plainCertDir, replaceAtomically, servedSerial, type CertDir, type TlsClient } from './helpers/reload.js';
 import { FAKE_OVMS, makeFakeExecutable, startWrapper, streamAcrossSigterm, tlsArgs } from './helpers/entrypoint.js';
 import { freeLoopbackPorts } from '../src/ports.js';
@@ -87,6 +92,28 @@ async function servedCalls(r: Running, calls: number): Promise<LogLine[]> {
 
 function sumOf(metrics: string, name: string): number {
   return metrics.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `)).reduce((n, l) => n + Number(l.split(' ').at(-1)), 0);
+}
+
+/** A raw HTTP/1.1 connection and what came on it; `answer` is all of it once a response has ended, undefined if it closed first. */
+interface Tracked {
+  readonly socket: TLSSocket;
+  text(): string;
+  readonly answer: Promise<string | undefined>;
+}
+
+/** The end of an SSE stream (its last chunk) or of a JSON answer. */
+const ANSWER_END = /(?:data: \[DONE\]\n\n\r\n0\r\n\r\n|"sha256":"[0-9a-f]{64}"\})$/;
+
+function track(socket: TLSSocket): Tracked {
+  let text = '';
+  const answer = new Promise<string | undefined>((resolve) => {
+    socket.on('data', (chunk: Buffer) => {
+      text += chunk.toString('latin1');
+      if (ANSWER_END.test(text)) resolve(text);
+    });
+    socket.once('close', () => resolve(undefined));
+  });
+  return { socket, text: () => text, answer };
 }
 
 describe('proxy mode with two workers', SAFETY, () => {
@@ -282,6 +309,83 @@ describe('certificate reload with two workers', SAFETY, () => {
     } finally {
       for (const c of clients) c.close();
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  test('--mtls_rest_mode relay: SSE streams and slow uploads in flight on both workers carry on across SIGHUP; a worker killed ends only its own connections, the other worker finishes its intact, and counters never fall', async () => {
+    const board = new GateBoard();
+    const model = await startUpstream({ grpcPort: null, sseGate: (i) => board.wait(i) });
+    const certs = await certDir();
+    const r = await startWorkersCli([...certFlags(certs.files), '--mtls_rest_mode', 'relay', '--mtls_rest_upstream', `127.0.0.1:${model.restPort}`]);
+    const sockets: TLSSocket[] = [];
+    try {
+      const connect = async (): Promise<Tracked> => {
+        const socket = await openRaw(r.restPort, pki);
+        sockets.push(socket);
+        return track(socket);
+      };
+      // Round-robin: connections alternate between the two workers, so each gets two streams and two uploads.
+      const streams: Tracked[] = [];
+      const uploads: Tracked[] = [];
+      const chat = JSON.stringify({ model: 'm', stream: true });
+      const upload = Buffer.from('0123456789abcdefghijABCDEFGHIJ');
+      for (let i = 0; i < 4; i += 1) {
+        const stream = await connect();
+        stream.socket.write(`POST /v3/chat/completions HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: ${chat.length}\r\n\r\n${chat}`);
+        streams.push(stream);
+      }
+      for (let i = 0; i < 4; i += 1) {
+        const slow = await connect();
+        slow.socket.write(Buffer.concat([Buffer.from(`POST /echo-body HTTP/1.1\r\nhost: a\r\ncontent-length: ${upload.length}\r\n\r\n`), upload.subarray(0, 10)]));
+        uploads.push(slow);
+      }
+      const eventsOf = (t: Tracked) => (t.text().match(/\n\n/g) ?? []).length;
+      board.open(0);
+      await eventually(() => streams.every((t) => eventsOf(t) === 1), 'the first event on every stream');
+
+      await replaceAtomically(certs.files.key, newServer.keyPem);
+      await replaceAtomically(certs.files.cert, newServer.certPem);
+      r.cli.child.kill('SIGHUP');
+      await linesMatching(r.cli.logs, 2, (l) => l.event === 'reloaded' && l['worker'] !== undefined);
+      assert.equal(await servedSerial(r.restPort, alice()), newServer.serialHex);
+      board.open(1);
+      await eventually(() => streams.every((t) => eventsOf(t) === 2), 'the second event on every stream, after the reload');
+      for (const t of uploads) t.socket.write(upload.subarray(10, 20));
+      assert.ok([...streams, ...uploads].every((t) => !t.socket.destroyed), 'no connection ended on SIGHUP');
+
+      const before = (await httpGet(r.adminPort, '/metrics')).body;
+      const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      process.kill(victim!, 'SIGKILL');
+      await r.cli.logs.waitFor((l) => l.event === 'worker_exited');
+      for (const t of uploads) if (!t.socket.destroyed) t.socket.write(upload.subarray(20));
+      board.openAll();
+      const answers = await Promise.all([...streams, ...uploads].map((t) => t.answer));
+      const streamAnswers = answers.slice(0, streams.length);
+      const uploadAnswers = answers.slice(streams.length);
+      for (const kind of [streamAnswers, uploadAnswers]) {
+        const survived = kind.filter((a) => a !== undefined).length;
+        assert.ok(survived > 0 && survived < kind.length, `some on each worker (survived: ${JSON.stringify(answers.map((a) => a !== undefined))})`);
+      }
+      for (const text of streamAnswers) {
+        if (text === undefined) continue;
+        const events = [...text.matchAll(/data: (.*)\n\n/g)].map((m) => m[1]!);
+        assert.deepEqual(events.slice(0, -1).map((e) => (JSON.parse(e) as { choices: { delta: { content: string } }[] }).choices[0]!.delta.content), CHAT_REPLY_WORDS);
+        assert.equal(events.at(-1), '[DONE]');
+      }
+      for (const text of uploadAnswers) {
+        if (text === undefined) continue;
+        assert.deepEqual(JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4)), { bytes: upload.length, sha256: createHash('sha256').update(upload).digest('hex') });
+      }
+      await r.cli.logs.waitFor((l) => l.event === 'listening' && Number(l['worker']) > 2);
+      const after = (await httpGet(r.adminPort, '/metrics')).body;
+      for (const counter of ['ovms_mtls_handshakes_total', 'ovms_mtls_connections_total', 'ovms_mtls_requests_total']) {
+        assert.ok(sumOf(after, counter) >= sumOf(before, counter), counter);
+      }
+    } finally {
+      board.openAll();
+      for (const socket of sockets) socket.destroy();
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+      await model.close();
     }
   });
 
