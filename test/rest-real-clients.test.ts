@@ -251,6 +251,12 @@ for (const mode of FORWARD_MODES) {
       assert.deepEqual(stdlib.upload.body, { bytes: 3_000_000, sha256: stdlib.upload.expected });
     });
 
+    test('Python requests: one Session serves a GET, a chunked upload, a whole event stream and an infer in a row on one connection', async () => {
+      board.openAll();
+      const results = await python(front.restPort, 'client', ['session_reuse']);
+      assert.deepEqual(results.session_reuse, { case: 'session_reuse', statuses: [200, 200, 200, 200], events: CHAT_REPLY_WORDS.length + 1, connections: 1 });
+    });
+
     test('Python requests: a generator that yields an empty chunk ends the body there (requests 2.28 sends "0\\r\\n\\r\\n"), and the user gets the model server\'s answer to what came before it, not a 400', async () => {
       const results = await python(front.restPort, 'client', ['empty_chunk_upload']);
       assert.equal(results.empty_chunk_upload!.status, 200, JSON.stringify(results.empty_chunk_upload));
