@@ -297,6 +297,11 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   /** Nothing moved for --mtls_idle_timeout: an idle connection closes; a quiet response (SSE) stays. */
   #quiet(): void {
+    // Ended by us, and the client neither sends nor closes its end: nothing more can happen on it.
+    if (this.#finished) {
+      this.#parts.client.destroy();
+      return;
+    }
     if (this.#receiving === undefined) {
       if (this.#exchanges.length === 0) this.#end();
       return;
@@ -509,6 +514,10 @@ class RelayedHttp1Connection implements RelayedConnection {
     upstream.destroy();
     if (last) client.end(last);
     else client.end();
+    // What the client still sends (the rest of a body refused or answered early) is read and dropped, as
+    // nginx's lingering close does: left paused, a client that writes its whole body before reading (Python's
+    // requests) could never finish that write nor see our close.
+    client.resume();
     this.#reportUnfinished(unfinished);
   }
 

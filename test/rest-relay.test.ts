@@ -1,15 +1,16 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import type { TLSSocket } from 'node:tls';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { createServer as createHttpServer, type ServerResponse } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { behindProxy, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw as openRawWith, readToClose, readUntil } from './helpers/raw-http1.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
+import { NOOP_OBSERVER } from '../src/observer.js';
 
 const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }] });
 
@@ -154,6 +155,40 @@ describe('rest relay: HTTP/1.1 framing', () => {
     } finally {
       await local.proxy.shutdown(1000);
       scripted.close();
+    }
+  });
+
+  test('a client that sends its whole body before reading (as Python requests does), behind a head we refuse, can finish that write: it gets the 400 and the close', { timeout: 60_000 }, async () => {
+    const socket = await openRaw(front.restPort);
+    // Far more than the kernel buffers between us: the write ends only if the relay reads it.
+    const body = Buffer.alloc(32 * 1024 * 1024, 7);
+    socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: user@localhost\r\ncontent-length: ${body.length}\r\n\r\n`);
+    const written = new Promise<Error | null | undefined>((resolve) => socket.write(body, resolve));
+    const text = readToClose(socket);
+    assert.ifError(await written);
+    assert.match(await text, /^HTTP\/1\.1 400 Bad Request\r\n[^]*connection: close\r\n[^]*request authority \\"user@localhost\\" is not forwarded/);
+  });
+
+  test('a client that keeps its end open after the relay closed its own is let go after --mtls_idle_timeout, not held for ever', { timeout: 30_000 }, async () => {
+    let released!: () => void;
+    const connectionClosed = new Promise<void>((resolve) => (released = resolve));
+    const observer = { ...NOOP_OBSERVER, connectionClosed: () => released() };
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode: 'relay', limits: { idleTimeoutMs: 300 }, observer });
+    // A TLS socket is half-open when the TCP socket under it is.
+    const tcp = netConnect({ host: '127.0.0.1', port: local.restPort, allowHalfOpen: true });
+    const socket = tlsConnect({ socket: tcp, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki) });
+    socket.on('error', () => {});
+    try {
+      await once(socket, 'secureConnect');
+      const ended = once(socket, 'end');
+      socket.write('GET /v2/health/live HTTP/1.1\r\nhost: a\r\ncontent-length: x\r\n\r\n');
+      socket.resume();
+      await ended;
+      // Our end stays open and silent; the client cannot see the proxy let go (its FIN came already), the proxy's count can.
+      await connectionClosed;
+    } finally {
+      socket.destroy();
+      await local.proxy.shutdown(1000);
     }
   });
 
