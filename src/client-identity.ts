@@ -1,6 +1,7 @@
 import type { X509Certificate } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import type { AllowList } from './config.js';
+import { unsupportedCriticalExtensions } from './crl-index.js';
 
 /** Who the client is, computed once per TLS connection. */
 export interface ClientIdentity {
@@ -85,7 +86,33 @@ export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | u
   if (socket.authorized) return undefined;
   if (!peer) return refusal('no_certificate');
   const code = String(socket.authorizationError ?? 'UNKNOWN');
-  return refusal(OPENSSL_REASONS[code] ?? 'verify_failed', code);
+  const reason = OPENSSL_REASONS[code];
+  if (reason) return refusal(reason, code);
+  return refusal('verify_failed', `${code}${unsupportedCriticalNote(peer)}`);
+}
+
+/**
+ * Node names none of OpenSSL's codes for an unknown critical extension (it says UNSPECIFIED):
+ * name the extension, which is what the certificate's issuer has to change.
+ */
+function unsupportedCriticalNote(leaf: X509Certificate): string {
+  const seen = new Set<string>();
+  for (let cert: X509Certificate | undefined = leaf; cert && !seen.has(cert.fingerprint256); cert = cert.issuerCertificate) {
+    seen.add(cert.fingerprint256);
+    const oids = safely(() => unsupportedCriticalExtensions(cert!.raw));
+    if (oids.length > 0) {
+      return `; ${rfc2253Subject(cert.subject)} marks extension ${oids.join(', ')} critical, which OpenSSL cannot process: reissue it with that extension non-critical or without it`;
+    }
+  }
+  return '';
+}
+
+function safely(parse: () => string[]): string[] {
+  try {
+    return parse();
+  } catch {
+    return [];
+  }
 }
 
 /** `DNS:a, URI:spiffe://x, IP Address:1.2.3.4`; Node quotes entries holding commas. */

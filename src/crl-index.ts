@@ -20,10 +20,17 @@ export interface CrlInfo {
   readonly tbs: Buffer;
   readonly signatureAlgorithm: string;
   readonly signature: Buffer;
+  /** Holds a Delta CRL Indicator: only the changes since a base CRL. */
+  readonly delta: boolean;
 }
 
 /** Each `X509 CRL` block of a PEM file; the one pattern every CRL reader here splits files with. */
 export const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
+
+/** 2.5.29.27, Delta CRL Indicator (contents octets of the OID). */
+const DELTA_CRL_INDICATOR_OID = '551d1b';
+const TAG_OID = 0x06;
+const TAG_CRL_EXTENSIONS = 0xa0;
 
 /** Signature algorithm OIDs (hex of the OID contents) -> hash for crypto.verify; null = the key decides (Ed25519). */
 const SIGNATURE_HASHES: Record<string, string | null> = {
@@ -64,7 +71,16 @@ function parseOneCrl(pem: string, index: number): CrlInfo {
     signatureAlgorithm: readTlvs(algorithm.value)[0]?.value.toString('hex') ?? '',
     // BIT STRING: the first octet counts unused bits (always 0 for signatures).
     signature: signature.value.subarray(1),
+    delta: extensionOids(fields).includes(DELTA_CRL_INDICATOR_OID),
   };
+}
+
+/** OIDs (hex of their contents) of the crlExtensions, the [0] field that ends a v2 CRL's TBS. */
+function extensionOids(tbsFields: readonly Tlv[]): string[] {
+  const wrapper = tbsFields.find((field) => field.tag === TAG_CRL_EXTENSIONS);
+  if (!wrapper) return [];
+  const extensions = readTlvs(readSingleTlv(wrapper.value).value);
+  return extensions.map((extension) => readTlvs(extension.value)[0]).filter((oid) => oid?.tag === TAG_OID).map((oid) => oid!.value.toString('hex'));
 }
 
 /** Issuer and subject Name DER (hex) of a certificate, from its raw DER. */
@@ -78,6 +94,40 @@ export function certificateNames(der: Buffer): { issuerKey: string; subjectKey: 
   const subject = fields[offset + 4];
   if (!issuer || !subject) throw new Error('certificate has no issuer or subject');
   return { issuerKey: tlvHex(issuer), subjectKey: tlvHex(subject) };
+}
+
+/** Extensions OpenSSL 3 verifies when critical (X509_supported_extension); any other critical one fails verification. */
+const OPENSSL_CRITICAL_EXTENSIONS = new Set([
+  '2.16.840.1.113730.1.1', '2.5.29.15', '2.5.29.17', '2.5.29.19', '2.5.29.32', '2.5.29.31', '2.5.29.37',
+  '1.3.6.1.5.5.7.1.7', '1.3.6.1.5.5.7.1.8', '1.3.6.1.5.5.7.48.1.5', '2.5.29.36', '1.3.6.1.5.5.7.1.14',
+  '2.5.29.30', '2.5.29.33', '2.5.29.54',
+]);
+const TAG_CERT_EXTENSIONS = 0xa3;
+const TAG_BOOLEAN = 0x01;
+
+/** Dotted OIDs of the extensions a certificate marks critical that OpenSSL cannot process. */
+export function unsupportedCriticalExtensions(der: Buffer): string[] {
+  const [tbs] = readTlvs(readSingleTlv(der).value);
+  const wrapper = tbs && readTlvs(tbs.value).find((field) => field.tag === TAG_CERT_EXTENSIONS);
+  if (!wrapper) return [];
+  return readTlvs(readSingleTlv(wrapper.value).value)
+    .map((extension) => readTlvs(extension.value))
+    .filter(([oid, critical]) => oid?.tag === TAG_OID && critical?.tag === TAG_BOOLEAN && critical.value[0] !== 0)
+    .map(([oid]) => dottedOid(oid!.value))
+    .filter((oid) => !OPENSSL_CRITICAL_EXTENSIONS.has(oid));
+}
+
+function dottedOid(value: Buffer): string {
+  const arcs: number[] = [];
+  let arc = 0;
+  for (const byte of value) {
+    arc = arc * 128 + (byte & 0x7f);
+    if (byte & 0x80) continue;
+    if (arcs.length === 0) arcs.push(Math.min(2, Math.floor(arc / 40)), arc - Math.min(2, Math.floor(arc / 40)) * 40);
+    else arcs.push(arc);
+    arc = 0;
+  }
+  return arcs.join('.');
 }
 
 /**

@@ -83,7 +83,10 @@ function readCrls(pem: Buffer, path: string): CrlInfo[] {
 
 function checkCrls(crls: readonly CrlInfo[], input: TrustInput): void {
   const path = input.files.crl!;
-  for (const crl of crls) checkFreshness(crl, path, input.now);
+  for (const crl of crls) {
+    checkFreshness(crl, path, input.now);
+    refuseDelta(crl, path);
+  }
   input.clientCas.forEach((ca, i) => {
     const own = crlsForCa(crls, ca);
     if (own.length === 0) {
@@ -99,6 +102,18 @@ function checkCrls(crls: readonly CrlInfo[], input: TrustInput): void {
       }
     }
   });
+}
+
+/**
+ * OpenSSL, as Node drives it, applies no delta CRL as one: it takes the first CRL of an
+ * issuer, so a delta after its base is ignored (its revoked clients get in) and a delta alone
+ * or first stands in for the full list (the base CRL's revoked clients get in).
+ */
+function refuseDelta(crl: CrlInfo, path: string): void {
+  if (!crl.delta) return;
+  throw new TlsMaterialError(
+    `--mtls_crl: ${path}: CRL #${crl.index} is a delta CRL (Delta CRL Indicator), which the proxy cannot apply: the revocations of the delta or of its base CRL would be ignored; give only the CA's full CRL (with every revocation), not the delta`,
+  );
 }
 
 /** An expired CRL makes OpenSSL refuse every client of its CA (CRL_HAS_EXPIRED). */

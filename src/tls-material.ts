@@ -6,6 +6,7 @@ import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
 import { checkTrust, subjectCn } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
+import { readSingleTlv, readTlvs } from './x509/der.js';
 
 export { subjectCn };
 
@@ -39,6 +40,8 @@ export const CIPHERS = [
 ].join(':');
 
 const PEM_CERT = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
+/** 1.2.840.113549.1.7 (PKCS #7 content types), contents octets. */
+const PKCS7_OID_PREFIX = '2a864886f70d0107';
 
 type FileRole = 'mtls_cert' | 'mtls_key' | 'mtls_client_ca' | 'mtls_crl';
 type FileContents = Record<FileRole, Buffer | undefined>;
@@ -95,7 +98,7 @@ async function readAll(files: TlsFiles): Promise<FileContents> {
 
 export function parseCertificates(pem: string, role: FileRole, path: string): X509Certificate[] {
   const blocks = pem.match(PEM_CERT) ?? [];
-  if (blocks.length === 0) throw new TlsMaterialError(`--${role}: ${path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)`);
+  if (blocks.length === 0) throw new TlsMaterialError(`--${role}: ${path} ${notPemCertificate(Buffer.from(pem, 'latin1'), path)}`);
   return blocks.map((block, i) => {
     try {
       return new X509Certificate(block);
@@ -113,8 +116,66 @@ function parseKey(pem: Buffer, path: string): KeyObject {
     throw new TlsMaterialError(
       encrypted
         ? `--mtls_key: ${path} is encrypted (give an unencrypted PEM key; decrypt it with \`openssl pkey -in KEY -out KEY.plain\`)`
-        : `--mtls_key: ${path} is not a PEM private key`,
+        : `--mtls_key: ${path} ${notPemKey(pem, path)}`,
     );
+  }
+}
+
+/*
+ * What users hand us instead of PEM: an empty file (a secret key that was never filled),
+ * DER (Windows, Java keytool) or a PKCS#12 bundle (.pfx/.p12 exports). Each gets the command that converts it.
+ */
+function notPemCertificate(bytes: Buffer, path: string): string {
+  if (isBlank(bytes)) return 'is empty (expected a PEM certificate, -----BEGIN CERTIFICATE-----)';
+  if (isPkcs12(bytes)) return pkcs12Hint(path);
+  if (isDerCertificate(bytes)) return `holds a DER (binary) certificate, not PEM (convert it: \`openssl x509 -inform DER -in ${path} -out ${path}.pem\`)`;
+  return 'holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)';
+}
+
+function notPemKey(bytes: Buffer, path: string): string {
+  if (isBlank(bytes)) return 'is empty (expected a PEM private key, -----BEGIN PRIVATE KEY-----)';
+  if (isPkcs12(bytes)) return pkcs12Hint(path);
+  if (isDerKey(bytes)) return `holds a DER (binary) key, not PEM (convert it: \`openssl pkey -inform DER -in ${path} -out ${path}.pem\`)`;
+  if (bytes.toString('latin1').includes('-----BEGIN CERTIFICATE-----')) return 'holds a certificate, not a private key (--mtls_cert and --mtls_key swapped?)';
+  return 'is not a PEM private key (expected -----BEGIN PRIVATE KEY-----, or the RSA / EC forms)';
+}
+
+function pkcs12Hint(path: string): string {
+  return `is a PKCS#12 bundle (.pfx/.p12), not PEM (split it: \`openssl pkcs12 -in ${path} -nokeys -out server.pem\` for --mtls_cert and \`openssl pkcs12 -in ${path} -nocerts -nodes -out server.key\` for --mtls_key)`;
+}
+
+function isBlank(bytes: Buffer): boolean {
+  return bytes.toString('latin1').trim() === '';
+}
+
+function isDerCertificate(bytes: Buffer): boolean {
+  try {
+    new X509Certificate(bytes);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function isDerKey(bytes: Buffer): boolean {
+  return (['pkcs8', 'pkcs1', 'sec1'] as const).some((type) => {
+    try {
+      createPrivateKey({ key: bytes, format: 'der', type });
+      return true;
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** PFX: SEQUENCE { INTEGER 3, ContentInfo { OID pkcs7-data or pkcs7-signedData, ... }, ... }. */
+function isPkcs12(bytes: Buffer): boolean {
+  try {
+    const [version, content] = readTlvs(readSingleTlv(bytes).value);
+    const contentType = content && readTlvs(content.value)[0];
+    return version?.tag === 0x02 && version.value.equals(Buffer.from([3])) && contentType?.tag === 0x06 && contentType.value.toString('hex').startsWith(PKCS7_OID_PREFIX);
+  } catch {
+    return false;
   }
 }
 
@@ -147,6 +208,7 @@ function checkClientCas(cas: X509Certificate[], path: string): void {
 
 function checkCrlPem(crl: Buffer, path: string): void {
   const text = crl.toString('latin1');
+  if (isBlank(crl)) throw new TlsMaterialError(`--mtls_crl: ${path} is empty (expected a PEM CRL, -----BEGIN X509 CRL-----; leave --mtls_crl out to run without revocation checks)`);
   if (!/-----BEGIN X509 CRL-----/.test(text)) {
     throw new TlsMaterialError(`--mtls_crl: ${path} holds no PEM CRL (expected -----BEGIN X509 CRL-----; convert DER with \`openssl crl -inform DER -in FILE -out FILE.pem\`)`);
   }

@@ -1,0 +1,249 @@
+/**
+ * Certificates and keys as users bring them: made by the openssl CLI (as cert-manager,
+ * Vault, step-ca and Windows exports lay them out), not by our `certs` command.
+ * Everything is generated per run into a temporary directory.
+ */
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { once } from 'node:events';
+import { request as httpsRequest } from 'node:https';
+import { connect as tlsConnect, createServer as createTlsServer, type TLSSocket } from 'node:tls';
+import { runCommand } from './helpers/cli.js';
+import { baseConfig, LogCapture, startUpstream } from './helpers/harness.js';
+import type { TestPki } from './helpers/pki.js';
+import { checkTlsFiles } from '../src/check.js';
+import { loadTlsMaterialSync, secureContextOptions } from '../src/tls-material.js';
+import { TlsMaterialError } from '../src/errors.js';
+import { startProxy } from '../src/proxy.js';
+import { createLogger } from '../src/log.js';
+import type { TlsFiles } from '../src/config.js';
+
+const EXTENSIONS = `[req]
+distinguished_name = dn
+[dn]
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost,IP:127.0.0.1
+[client]
+basicConstraints = CA:FALSE
+extendedKeyUsage = clientAuth
+[client_private_critical]
+basicConstraints = CA:FALSE
+extendedKeyUsage = clientAuth
+1.3.6.1.4.1.55555.1 = critical,ASN1:UTF8String:internal
+`;
+
+let dir: string;
+
+async function openssl(...args: string[]): Promise<void> {
+  const { code, stdout, stderr } = await runCommand('openssl', args, { cwd: dir });
+  assert.equal(code, 0, `openssl ${args.join(' ')}: ${stdout}${stderr}`);
+}
+
+function path(name: string): string {
+  return join(dir, name);
+}
+
+async function makeCa(name: string, cn: string): Promise<void> {
+  await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', `${name}.key`);
+  await openssl('req', '-new', '-x509', '-key', `${name}.key`, '-subj', `/CN=${cn}`, '-days', '2', '-config', 'ext.cnf', '-extensions', 'ca', '-out', `${name}.pem`);
+}
+
+/** `name.pem` for the key `keyFile`, signed by the CA `ca` with the extension section `section`. */
+async function issue(name: string, keyFile: string, ca: string, section: string): Promise<void> {
+  await openssl('req', '-new', '-key', keyFile, '-subj', `/CN=${name}`, '-config', 'ext.cnf', '-out', `${name}.csr`);
+  await openssl('x509', '-req', '-in', `${name}.csr`, '-CA', `${ca}.pem`, '-CAkey', `${ca}.key`, '-CAcreateserial', '-days', '1', '-extfile', 'ext.cnf', '-extensions', section, '-out', `${name}.pem`);
+}
+
+/** The CRL of `clientca`, full or delta, revoking what its little database says. */
+async function makeCrl(out: string, delta: boolean): Promise<void> {
+  await writeFile(path('crl.cnf'), `[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncrlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 1\ncrl_extensions = ext\n[ext]\nauthorityKeyIdentifier = keyid\n${delta ? 'deltaCRL = critical,DER:02:01:01\n' : ''}`);
+  await openssl('ca', '-config', 'crl.cnf', '-gencrl', '-keyfile', 'clientca.key', '-cert', 'clientca.pem', '-out', out);
+}
+
+function files(cert: string, key: string, clientCa = 'clientca.pem', crl?: string): TlsFiles {
+  return { cert: path(cert), key: path(key), clientCa: path(clientCa), crl: crl === undefined ? undefined : path(crl) };
+}
+
+function refusalOf(tls: TlsFiles): string | undefined {
+  try {
+    loadTlsMaterialSync(tls);
+  } catch (err) {
+    assert.ok(err instanceof TlsMaterialError, `a user error, not ${String(err)}`);
+    return err.message;
+  }
+  return undefined;
+}
+
+/** A TLS server built as the proxy builds its contexts, one handshake by a client of `clientca`; resolves whether the server verified it. */
+async function handshake(tls: TlsFiles, maxVersion: 'TLSv1.2' | 'TLSv1.3'): Promise<boolean> {
+  const server = createTlsServer({ ...secureContextOptions(loadTlsMaterialSync(tls)), requestCert: true, rejectUnauthorized: false });
+  const verdict = once(server, 'secureConnection').then(([socket]) => (socket as TLSSocket).authorized);
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as { port: number };
+  const [ca, cert, key] = await Promise.all([readFile(path('serverca.pem')), readFile(path('client.pem')), readFile(path('client.key'))]);
+  const client = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca, cert, key, maxVersion });
+  client.on('error', () => {});
+  await once(client, 'secureConnect');
+  try {
+    return await verdict;
+  } finally {
+    client.destroy();
+    server.close();
+  }
+}
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-material-'));
+  await writeFile(path('ext.cnf'), EXTENSIONS);
+  await writeFile(path('index.txt'), '');
+  await writeFile(path('crlnumber'), '01\n');
+  await makeCa('serverca', 'Material Server CA');
+  await makeCa('clientca', 'Material Client CA');
+  await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'server.key');
+  await issue('server', 'server.key', 'serverca', 'server');
+  await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'client.key');
+  await issue('client', 'client.key', 'clientca', 'client');
+  await makeCrl('clientca.crl', false);
+});
+
+after(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('server keys in every form openssl writes', () => {
+  const forms: [string, string[][]][] = [
+    ['RSA PKCS#1 (BEGIN RSA PRIVATE KEY)', [['genrsa', '-traditional', '-out', 'KEY', '2048']]],
+    ['PKCS#8 (BEGIN PRIVATE KEY)', [['genpkey', '-algorithm', 'EC', '-pkeyopt', 'ec_paramgen_curve:P-256', '-out', 'KEY']]],
+    ['EC SEC1 (BEGIN EC PRIVATE KEY)', [['ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'KEY']]],
+    ['EC SEC1 after an EC PARAMETERS block', [['ecparam', '-name', 'prime256v1', '-genkey', '-out', 'KEY']]],
+    ['Ed25519', [['genpkey', '-algorithm', 'ed25519', '-out', 'KEY']]],
+    ['P-384', [['ecparam', '-name', 'secp384r1', '-genkey', '-noout', '-out', 'KEY']]],
+    ['P-521', [['ecparam', '-name', 'secp521r1', '-genkey', '-noout', '-out', 'KEY']]],
+    ['RSA-PSS', [['genpkey', '-algorithm', 'RSA-PSS', '-pkeyopt', 'rsa_keygen_bits:2048', '-out', 'KEY']]],
+  ];
+  forms.forEach(([form, commands], i) => {
+    test(`${form}: loads, and clients complete TLS 1.3 and 1.2 handshakes`, async () => {
+      for (const command of commands) await openssl(...command.map((arg) => (arg === 'KEY' ? `form${i}.key` : arg)));
+      await issue(`form${i}`, `form${i}.key`, 'serverca', 'server');
+      const tls = files(`form${i}.pem`, `form${i}.key`, 'clientca.pem', 'clientca.crl');
+      assert.equal(refusalOf(tls), undefined);
+      assert.equal(await handshake(tls, 'TLSv1.3'), true);
+      assert.equal(await handshake(tls, 'TLSv1.2'), true);
+    });
+  });
+});
+
+describe('PEM files as editors and tools leave them', () => {
+  test('CRLF line endings, a UTF-8 BOM, openssl -text output above the PEM and text after the key all load and serve', async () => {
+    const shapes: Record<string, (text: string) => string> = {
+      crlf: (text) => text.replace(/\n/g, '\r\n'),
+      bom: (text) => '\ufeff' + text,
+      noise: (text) => `Certificate:\n    Data: (what openssl -text prints)\n${text}# trailing comment\n`,
+    };
+    for (const [shape, reshape] of Object.entries(shapes)) {
+      for (const name of ['server.pem', 'server.key', 'clientca.pem', 'clientca.crl']) {
+        await writeFile(path(`${shape}-${name}`), reshape(await readFile(path(name), 'utf8')));
+      }
+      const tls = files(`${shape}-server.pem`, `${shape}-server.key`, `${shape}-clientca.pem`, `${shape}-clientca.crl`);
+      assert.equal(refusalOf(tls), undefined, shape);
+      assert.equal(await handshake(tls, 'TLSv1.3'), true, shape);
+    }
+  });
+});
+
+describe('files that are not what the flag wants get one line naming the file and the fix', () => {
+  before(async () => {
+    await openssl('x509', '-in', 'server.pem', '-outform', 'DER', '-out', 'server.der');
+    await openssl('x509', '-in', 'clientca.pem', '-outform', 'DER', '-out', 'clientca.der');
+    await openssl('pkey', '-in', 'server.key', '-outform', 'DER', '-out', 'server-key.der');
+    await openssl('pkcs12', '-export', '-in', 'server.pem', '-inkey', 'server.key', '-passout', 'pass:', '-out', 'server.p12');
+    await openssl('pkcs12', '-export', '-in', 'server.pem', '-inkey', 'server.key', '-passout', 'pass:secret', '-out', 'server.pfx');
+    await openssl('genrsa', '-traditional', '-out', 'rsa.key', '2048');
+    await openssl('rsa', '-in', 'rsa.key', '-traditional', '-aes256', '-passout', 'pass:secret', '-out', 'rsa-encrypted.key');
+    await openssl('pkcs8', '-topk8', '-in', 'server.key', '-passout', 'pass:secret', '-out', 'pkcs8-encrypted.key');
+    await writeFile(path('empty'), '');
+  });
+
+  const cases: [string, () => TlsFiles, RegExp][] = [
+    ['a DER certificate', () => files('server.der', 'server.key'), /^--mtls_cert: \S+server\.der holds a DER \(binary\) certificate, not PEM \(convert it: `openssl x509 -inform DER -in \S+server\.der -out \S+server\.der\.pem`\)$/],
+    ['a DER client CA', () => files('server.pem', 'server.key', 'clientca.der'), /^--mtls_client_ca: \S+clientca\.der holds a DER \(binary\) certificate.*openssl x509 -inform DER/],
+    ['a DER key', () => files('server.pem', 'server-key.der'), /^--mtls_key: \S+server-key\.der holds a DER \(binary\) key, not PEM \(convert it: `openssl pkey -inform DER -in \S+server-key\.der -out \S+`\)$/],
+    ['a PKCS#12 bundle as the certificate', () => files('server.p12', 'server.key'), /^--mtls_cert: \S+server\.p12 is a PKCS#12 bundle \(\.pfx\/\.p12\), not PEM \(split it: `openssl pkcs12 -in \S+server\.p12 -nokeys .*-nocerts -nodes/],
+    ['a password-protected PKCS#12 bundle as the key', () => files('server.pem', 'server.pfx'), /^--mtls_key: \S+server\.pfx is a PKCS#12 bundle/],
+    ['an empty certificate file', () => files('empty', 'server.key'), /^--mtls_cert: \S+empty is empty \(expected a PEM certificate/],
+    ['an empty key file', () => files('server.pem', 'empty'), /^--mtls_key: \S+empty is empty \(expected a PEM private key/],
+    ['an empty CRL file', () => files('server.pem', 'server.key', 'clientca.pem', 'empty'), /^--mtls_crl: \S+empty is empty .*leave --mtls_crl out/],
+    ['the certificate given as the key', () => files('server.pem', 'server.pem'), /^--mtls_key: \S+server\.pem holds a certificate, not a private key \(--mtls_cert and --mtls_key swapped\?\)$/],
+    ['a PKCS#1 key with Proc-Type: 4,ENCRYPTED', () => files('server.pem', 'rsa-encrypted.key'), /^--mtls_key: \S+rsa-encrypted\.key is encrypted .*openssl pkey/],
+    ['an encrypted PKCS#8 key', () => files('server.pem', 'pkcs8-encrypted.key'), /^--mtls_key: \S+pkcs8-encrypted\.key is encrypted .*openssl pkey/],
+  ];
+  for (const [what, tls, message] of cases) {
+    test(`${what}: startup and check refuse it with the same line`, () => {
+      const refused = refusalOf(tls());
+      assert.ok(refused, 'refused');
+      assert.match(refused, message);
+      assert.doesNotMatch(refused, /\n/);
+      const report = checkTlsFiles(tls());
+      assert.equal(report.ok, false);
+      assert.deepEqual(report.findings.map((f) => f.text), [refused]);
+    });
+  }
+});
+
+describe('CRLs', () => {
+  test('a delta CRL is refused: OpenSSL would ignore its revocations (after its base) or the base CRL\'s (alone or first)', async () => {
+    await writeFile(path('index.txt'), '');
+    await openssl('ca', '-config', 'crl.cnf', '-revoke', 'client.pem', '-keyfile', 'clientca.key', '-cert', 'clientca.pem');
+    await makeCrl('delta.crl', true);
+    await writeFile(path('base-and-delta.crl'), (await readFile(path('clientca.crl'), 'utf8')) + (await readFile(path('delta.crl'), 'utf8')));
+    for (const crl of ['base-and-delta.crl', 'delta.crl']) {
+      const refused = refusalOf(files('server.pem', 'server.key', 'clientca.pem', crl));
+      assert.match(refused ?? '', /^--mtls_crl: \S+: CRL #\d is a delta CRL \(Delta CRL Indicator\), .*give only the CA's full CRL/, crl);
+    }
+    await writeFile(path('index.txt'), '');
+  });
+});
+
+describe('client certificates from other tools', () => {
+  test('a client certificate with an unknown critical extension is refused, and the log names the extension instead of only UNSPECIFIED', async (t) => {
+    await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'private-critical.key');
+    await issue('private-critical', 'private-critical.key', 'clientca', 'client_private_critical');
+    const upstream = await startUpstream();
+    t.after(() => upstream.close());
+    const logs = new LogCapture();
+    // baseConfig reads the default paths from a TestPki; every one of them is overridden here.
+    const config = baseConfig({ pki: { paths: {} } as unknown as TestPki, upstream: { restPort: upstream.restPort }, tls: files('server.pem', 'server.key', 'clientca.pem', 'clientca.crl') });
+    const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'debug', destination: logs }) });
+    t.after(() => proxy.shutdown(1000));
+    const port = proxy.port('rest')!;
+    assert.equal(await restStatus(port, 'client'), 200);
+    assert.equal(await restStatus(port, 'private-critical'), 'refused');
+    const line = await logs.waitFor((l) => l.event === 'client_refused');
+    assert.equal(line.reason, 'verify_failed');
+    assert.match(line.msg, /CN=private-critical marks extension 1\.3\.6\.1\.4\.1\.55555\.1 critical, which OpenSSL cannot process: reissue it with that extension non-critical or without it/);
+  });
+});
+
+/** One HTTPS/1.1 request to /v2/health/live presenting `client`: the status, or 'refused' when the connection fails. */
+async function restStatus(port: number, client: string): Promise<number | 'refused'> {
+  const [ca, cert, key] = await Promise.all([readFile(path('serverca.pem')), readFile(path(`${client}.pem`)), readFile(path(`${client}.key`))]);
+  return new Promise((resolve) => {
+    const req = httpsRequest({ host: '127.0.0.1', port, servername: 'localhost', path: '/v2/health/live', ca, cert, key, agent: false }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode ?? 0));
+    });
+    req.on('error', () => resolve('refused'));
+    req.end();
+  });
+}
