@@ -2,6 +2,7 @@ import type { X509Certificate } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import type { AllowList } from './config.js';
 import { unsupportedCriticalExtensions } from './crl-index.js';
+import { pathToTrust } from './tls-checks.js';
 
 /** Who the client is, computed once per TLS connection. */
 export interface ClientIdentity {
@@ -56,6 +57,8 @@ const OPENSSL_REASONS: Record<string, RefusalReason> = {
   CERT_CHAIN_TOO_LONG: 'chain_too_long',
 };
 
+const CRL_REASONS = new Set<RefusalReason | undefined>(['crl_missing', 'crl_expired']);
+
 const REASON_TEXT: Record<RefusalReason, string> = {
   // Go's and Java's TLS send only a certificate issued by a CA the server's request names, so a
   // wrong-CA certificate there shows up as none at all: say so, or the operator hunts a missing file.
@@ -82,11 +85,19 @@ export function refusal(reason: RefusalReason, opensslCode?: string): Refusal {
  * certificate as UNABLE_TO_GET_ISSUER_CERT (misleading), so look at the
  * certificate itself first.
  */
-export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | undefined): Refusal | undefined {
+export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | undefined, trustedCas: readonly X509Certificate[]): Refusal | undefined {
   if (socket.authorized) return undefined;
   if (!peer) return refusal('no_certificate');
   const code = String(socket.authorizationError ?? 'UNKNOWN');
   const reason = OPENSSL_REASONS[code];
+  // The issuer is what the operator compares with --mtls_client_ca: a client intermediate left out
+  // of the bundle, or a bundle holding the server's CA (cert-manager's ca.crt) instead of the clients'.
+  if (reason === 'unknown_ca') return refusal(reason, `${code}; issued by ${rfc2253Subject(peer.issuer)}`);
+  // OpenSSL reports the last of its errors: a client that sends its own root along (OpenSSL clients
+  // add the CA they trust to their chain) ends on "no CRL" for a CA we never trusted.
+  if (CRL_REASONS.has(reason) && !pathToTrust(presentedCertificates(peer), trustedCas)) {
+    return refusal('unknown_ca', `no trusted CA in its chain, OpenSSL's last error ${code}; issued by ${rfc2253Subject(peer.issuer)}`);
+  }
   if (reason) return refusal(reason, code);
   return refusal('verify_failed', `${code}${unsupportedCriticalNote(peer)}`);
 }
@@ -96,15 +107,24 @@ export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | u
  * name the extension, which is what the certificate's issuer has to change.
  */
 function unsupportedCriticalNote(leaf: X509Certificate): string {
-  const seen = new Set<string>();
-  for (let cert: X509Certificate | undefined = leaf; cert && !seen.has(cert.fingerprint256); cert = cert.issuerCertificate) {
-    seen.add(cert.fingerprint256);
-    const oids = safely(() => unsupportedCriticalExtensions(cert!.raw));
+  for (const cert of presentedCertificates(leaf)) {
+    const oids = safely(() => unsupportedCriticalExtensions(cert.raw));
     if (oids.length > 0) {
       return `; ${rfc2253Subject(cert.subject)} marks extension ${oids.join(', ')} critical, which OpenSSL cannot process: reissue it with that extension non-critical or without it`;
     }
   }
   return '';
+}
+
+/** Leaf first, then the certificates the client sent with it, as Node links them. */
+export function presentedCertificates(leaf: X509Certificate): X509Certificate[] {
+  const chain: X509Certificate[] = [];
+  const seen = new Set<string>();
+  for (let cert: X509Certificate | undefined = leaf; cert && !seen.has(cert.fingerprint256); cert = cert.issuerCertificate) {
+    seen.add(cert.fingerprint256);
+    chain.push(cert);
+  }
+  return chain;
 }
 
 function safely(parse: () => string[]): string[] {

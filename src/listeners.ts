@@ -1,4 +1,4 @@
-import type { X509Certificate } from 'node:crypto';
+import { X509Certificate } from 'node:crypto';
 import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
 import { createServer as createTcpServer, type AddressInfo, type ListenOptions, type Server as TcpServer, type Socket } from 'node:net';
 import { bindsIpv6Only, type AllowList, type Limits } from './config.js';
@@ -65,11 +65,14 @@ export class SecureListener {
   /** TCP connections of every host, handshakes included: what --mtls_max_connections counts. */
   #open = 0;
   #allow: AllowList;
+  /** The client CAs of the context in force, to tell an untrusted client from a CRL problem. */
+  #trustedCas: readonly X509Certificate[];
 
   constructor(options: SecureListenerOptions) {
     this.name = options.name;
     this.#options = options;
     this.#allow = options.allow;
+    this.#trustedCas = trustedCasOf(options.secureContext);
   }
 
   /** Live, authorized connections and what is known about each. */
@@ -96,6 +99,7 @@ export class SecureListener {
   /** New handshakes use the new material; live connections keep theirs. */
   setSecureContext(options: SecureContextOptions, allow?: AllowList): void {
     for (const server of this.#servers) server.tls.setSecureContext(options);
+    this.#trustedCas = trustedCasOf(options);
     if (allow) this.#allow = allow;
   }
 
@@ -171,7 +175,7 @@ export class SecureListener {
     const { observer } = this.#options;
     // Read once: each call parses anew.
     const peer = socket.getPeerX509Certificate();
-    const refused = verificationRefusal(socket, peer) ?? this.#chainRefusal(peer);
+    const refused = verificationRefusal(socket, peer, this.#trustedCas) ?? this.#chainRefusal(peer);
     if (refused) {
       observer.handshakeRefused(this.name, refused, remoteOf(socket), peer?.subject.replace(/\n/g, ','));
       socket.destroy();
@@ -206,6 +210,12 @@ export class SecureListener {
       this.#options.observer.connectionClosed(this.name);
     });
   }
+}
+
+/** secureContextOptions() gives the client CAs one PEM string each. */
+function trustedCasOf(options: SecureContextOptions): X509Certificate[] {
+  const blocks = Array.isArray(options.ca) ? options.ca : options.ca === undefined ? [] : [options.ca];
+  return blocks.map((block) => new X509Certificate(block));
 }
 
 /** Leaf first, then the CA certificates the client sent; Node links them through `issuerCertificate`. */

@@ -127,3 +127,28 @@ function checkFreshness(crl: CrlInfo, path: string, now: Date): void {
     throw new TlsMaterialError(`--mtls_crl: ${path}: CRL #${crl.index} is not valid before ${crl.thisUpdate.toISOString()} (check the clock)`);
   }
 }
+
+/** Longer than any chain --mtls_verify_depth admits; only guards the walk. */
+const MAX_PATH = 32;
+
+/**
+ * The chain a handshake would build now, leaf first: each issuer taken from the
+ * new client CA bundle when it holds one (so a bundled intermediate the client did
+ * not send is checked against the CRLs too), else from what the client sent.
+ * Undefined when it reaches no certificate of the bundle.
+ */
+export function pathToTrust(presented: readonly X509Certificate[], cas: readonly X509Certificate[]): X509Certificate[] | undefined {
+  const leaf = presented[0];
+  if (!leaf) return undefined;
+  const path = [leaf];
+  let trusted = cas.some((ca) => ca.fingerprint256 === leaf.fingerprint256);
+  for (let cert = leaf; path.length < MAX_PATH && !cert.checkIssued(cert); ) {
+    const fromBundle = cas.find((ca) => issuedBy(cert, ca));
+    const issuer = fromBundle ?? presented.find((candidate) => candidate !== cert && issuedBy(cert, candidate));
+    if (!issuer || path.some((known) => known.fingerprint256 === issuer.fingerprint256)) break;
+    trusted ||= fromBundle !== undefined;
+    path.push(issuer);
+    cert = issuer;
+  }
+  return trusted ? path : undefined;
+}

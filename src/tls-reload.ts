@@ -16,7 +16,7 @@ import type { RunningProxy } from './proxy.js';
 import { loadTlsMaterial, type TlsMaterial } from './tls-material.js';
 import { RevocationIndex } from './crl-index.js';
 import { presentedChain } from './listeners.js';
-import { issuedBy } from './tls-checks.js';
+import { pathToTrust } from './tls-checks.js';
 
 export type ReloadTrigger = 'signal' | 'file' | 'api';
 
@@ -195,34 +195,9 @@ function sameMaterial(a: TlsMaterial, b: TlsMaterial): boolean {
 
 type LiveRefusal = 'revoked' | 'unknown_ca';
 
-/** Longer than any chain --mtls_verify_depth admits; only guards the walk. */
-const MAX_PATH = 32;
-
 /** Why a connection verified at its handshake would be refused by a handshake under the new material. */
 function liveRefusal(presented: readonly X509Certificate[], cas: readonly X509Certificate[], index: RevocationIndex): LiveRefusal | undefined {
   const path = pathToTrust(presented, cas);
   if (!path) return 'unknown_ca';
   return index.revokesAny(path) ? 'revoked' : undefined;
-}
-
-/**
- * The chain a handshake would build now, leaf first: each issuer taken from the
- * new client CA bundle when it holds one (so a bundled intermediate the client did
- * not send is checked against the CRLs too), else from what the client sent.
- * Undefined when it reaches no certificate of the bundle.
- */
-function pathToTrust(presented: readonly X509Certificate[], cas: readonly X509Certificate[]): X509Certificate[] | undefined {
-  const leaf = presented[0];
-  if (!leaf) return undefined;
-  const path = [leaf];
-  let trusted = cas.some((ca) => ca.fingerprint256 === leaf.fingerprint256);
-  for (let cert = leaf; path.length < MAX_PATH && !cert.checkIssued(cert); ) {
-    const fromBundle = cas.find((ca) => issuedBy(cert, ca));
-    const issuer = fromBundle ?? presented.find((candidate) => candidate !== cert && issuedBy(cert, candidate));
-    if (!issuer || path.some((known) => known.fingerprint256 === issuer.fingerprint256)) break;
-    trusted ||= fromBundle !== undefined;
-    path.push(issuer);
-    cert = issuer;
-  }
-  return trusted ? path : undefined;
 }

@@ -13,11 +13,12 @@ import { request as httpsRequest } from 'node:https';
 import { connect as tlsConnect, createServer as createTlsServer, type TLSSocket } from 'node:tls';
 import { runCommand } from './helpers/cli.js';
 import { baseConfig, LogCapture, startUpstream } from './helpers/harness.js';
+import type { ModelServer } from '../src/demo/model-server.js';
 import type { TestPki } from './helpers/pki.js';
 import { checkTlsFiles } from '../src/check.js';
 import { loadTlsMaterialSync, secureContextOptions } from '../src/tls-material.js';
 import { TlsMaterialError } from '../src/errors.js';
-import { startProxy } from '../src/proxy.js';
+import { startProxy, type RunningProxy } from '../src/proxy.js';
 import { createLogger } from '../src/log.js';
 import type { TlsFiles } from '../src/config.js';
 
@@ -215,23 +216,74 @@ describe('CRLs', () => {
   });
 });
 
-describe('client certificates from other tools', () => {
-  test('a client certificate with an unknown critical extension is refused, and the log names the extension instead of only UNSPECIFIED', async (t) => {
-    await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'private-critical.key');
-    await issue('private-critical', 'private-critical.key', 'clientca', 'client_private_critical');
-    const upstream = await startUpstream();
-    t.after(() => upstream.close());
-    const logs = new LogCapture();
+describe('client certificates from other tools, over a real proxy', () => {
+  let proxy: RunningProxy;
+  let upstream: ModelServer;
+  const logs = new LogCapture();
+  before(async () => {
+    upstream = await startUpstream();
     // baseConfig reads the default paths from a TestPki; every one of them is overridden here.
     const config = baseConfig({ pki: { paths: {} } as unknown as TestPki, upstream: { restPort: upstream.restPort }, tls: files('server.pem', 'server.key', 'clientca.pem', 'clientca.crl') });
-    const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'debug', destination: logs }) });
-    t.after(() => proxy.shutdown(1000));
+    proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'debug', destination: logs }) });
+  });
+  after(async () => {
+    await proxy.shutdown(1000);
+    await upstream.close();
+  });
+
+  test('a client certificate with an unknown critical extension is refused, and the log names the extension instead of only UNSPECIFIED', async () => {
+    await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'private-critical.key');
+    await issue('private-critical', 'private-critical.key', 'clientca', 'client_private_critical');
     const port = proxy.port('rest')!;
     assert.equal(await restStatus(port, 'client'), 200);
     assert.equal(await restStatus(port, 'private-critical'), 'refused');
-    const line = await logs.waitFor((l) => l.event === 'client_refused');
+    const line = await logs.waitFor((l) => l.event === 'client_refused' && l.subject === 'CN=private-critical');
     assert.equal(line.reason, 'verify_failed');
     assert.match(line.msg, /CN=private-critical marks extension 1\.3\.6\.1\.4\.1\.55555\.1 critical, which OpenSSL cannot process: reissue it with that extension non-critical or without it/);
+  });
+
+  test('a client of a CA outside --mtls_client_ca is refused as unknown_ca, with its issuer, even when it sends that CA along (not as crl_missing)', async () => {
+    await makeCa('otherca', 'Material Other CA');
+    for (const [client, ca] of [['server-ca-client', 'serverca'], ['other-ca-client', 'otherca']] as const) {
+      await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', `${client}.key`);
+      await issue(client, `${client}.key`, ca, 'client');
+    }
+    // The first client trusts its own issuer (it verifies the server with it), so OpenSSL sends that root
+    // with its certificate; verification then ends on "no CRL" for that root.
+    assert.equal(await restStatus(proxy.port('rest')!, 'server-ca-client'), 'refused');
+    const sentRoot = await logs.waitFor((l) => l.event === 'client_refused' && l.subject === 'CN=server-ca-client');
+    assert.equal(sentRoot.reason, 'unknown_ca', sentRoot.msg);
+    assert.match(sentRoot.msg, /^client certificate is not issued by a trusted client CA \(no trusted CA in its chain, OpenSSL's last error UNABLE_TO_GET_CRL; issued by CN=Material Server CA\)$/);
+    assert.equal(await restStatus(proxy.port('rest')!, 'other-ca-client'), 'refused');
+    const leafOnly = await logs.waitFor((l) => l.event === 'client_refused' && l.subject === 'CN=other-ca-client');
+    assert.equal(leafOnly.reason, 'unknown_ca');
+    assert.match(leafOnly.msg, /\(UNABLE_TO_VERIFY_LEAF_SIGNATURE; issued by CN=Material Other CA\)$/);
+  });
+});
+
+describe('check: what loads but bites later', () => {
+  before(async () => {
+    await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'server-intermediate.key');
+    await openssl('req', '-new', '-key', 'server-intermediate.key', '-subj', '/CN=Material Server Intermediate', '-config', 'ext.cnf', '-out', 'server-intermediate.csr');
+    await openssl('x509', '-req', '-in', 'server-intermediate.csr', '-CA', 'serverca.pem', '-CAkey', 'serverca.key', '-CAcreateserial', '-days', '1', '-extfile', 'ext.cnf', '-extensions', 'ca', '-out', 'server-intermediate.pem');
+    await issue('leaf', 'server.key', 'server-intermediate', 'server');
+    await writeFile(path('leaf-chain.pem'), (await readFile(path('leaf.pem'), 'utf8')) + (await readFile(path('server-intermediate.pem'), 'utf8')));
+  });
+
+  const texts = (tls: TlsFiles) => checkTlsFiles(tls).findings.map((f) => `${f.level} ${f.text}`);
+
+  test('a server certificate file without the intermediate that issued it names the CA clients must then trust', () => {
+    const leafOnly = texts(files('leaf.pem', 'server.key'));
+    assert.ok(leafOnly.some((t) => /^info server certificate file \S+leaf\.pem holds no CA certificate: clients must trust Material Server Intermediate itself; if that is an intermediate CA, append it/.test(t)), leafOnly.join('\n'));
+    assert.ok(!texts(files('leaf-chain.pem', 'server.key')).some((t) => t.includes('holds no CA certificate')));
+  });
+
+  test('cert-manager\'s ca.crt of the server secret as --mtls_client_ca: check says clients of another CA will be refused', () => {
+    for (const bundle of ['serverca.pem', 'server-intermediate.pem']) {
+      const found = texts(files('leaf-chain.pem', 'server.key', bundle));
+      assert.ok(found.some((t) => /^info client CA Material Server (CA|Intermediate) also issued the server certificate or its chain: .*clients are refused as unknown_ca/.test(t)), found.join('\n'));
+    }
+    assert.ok(!texts(files('leaf-chain.pem', 'server.key')).some((t) => t.includes('also issued the server certificate')));
   });
 });
 
