@@ -115,7 +115,7 @@ function parseKey(pem: Buffer, path: string): KeyObject {
     const encrypted = /ENCRYPTED/.test(pem.toString('latin1')) || (err as { code?: string }).code === 'ERR_MISSING_PASSPHRASE';
     throw new TlsMaterialError(
       encrypted
-        ? `--mtls_key: ${path} is encrypted (give an unencrypted PEM key; decrypt it with \`openssl pkey -in KEY -out KEY.plain\`)`
+        ? `--mtls_key: ${path} is encrypted, and the proxy takes no passphrase (decrypt it: \`openssl pkey -in ${path} -out ${path}.plain\` asks for the passphrase once)`
         : `--mtls_key: ${path} ${notPemKey(pem, path)}`,
     );
   }
