@@ -293,7 +293,10 @@ export class H1Front implements Drainable {
     if (closing()) res.shouldKeepAlive = false;
     res.once('close', () => {
       this.#observer.streamClosed(context.listener);
-      const left = (this.#active.get(socket) ?? 1) - 1;
+      const active = this.#active.get(socket);
+      // A connection cut mid-request closes before its response does; counting it again would keep it (and its request) for good.
+      if (active === undefined) return;
+      const left = active - 1;
       this.#active.set(socket, left);
       if (left > 0) return;
       const refusal = this.#refuseAfterAnswers.get(socket);
