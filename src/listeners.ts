@@ -205,6 +205,7 @@ export class SecureListener {
   #track(socket: TLSSocket, context: ConnectionContext): void {
     this.#connections.set(socket, context);
     this.#options.observer.connectionOpened(this.name);
+    socket.once('finish', () => destroyIfPeerStaysOpen(socket, this.#options.limits.idleTimeoutMs));
     socket.on('close', () => {
       this.#connections.delete(socket);
       this.#options.observer.connectionClosed(this.name);
@@ -216,6 +217,20 @@ export class SecureListener {
 function trustedCasOf(options: SecureContextOptions): X509Certificate[] {
   const blocks = Array.isArray(options.ca) ? options.ca : options.ca === undefined ? [] : [options.ca];
   return blocks.map((block) => new X509Certificate(block));
+}
+
+/**
+ * Our side of the connection has ended (idle timeout, GOAWAY done, `connection: close`,
+ * the model server gone): the client is expected to close its side. One that never does,
+ * a stuck or half-open client, would otherwise hold the socket, its file descriptor and
+ * its open_connections count for ever. A timer only for connections in this state, which
+ * most leave at once.
+ */
+function destroyIfPeerStaysOpen(socket: TLSSocket, graceMs: number): void {
+  if (socket.destroyed) return;
+  const timer = setTimeout(() => socket.destroy(), graceMs);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
 }
 
 /** Leaf first, then the CA certificates the client sent; Node links them through `issuerCertificate`. */

@@ -118,3 +118,46 @@ for (const restMode of ['terminate', 'relay'] as const) {
     });
   });
 }
+
+/** An idle timeout short enough for a few spells per test. */
+const SHORT_IDLE_MS = 300;
+const HALF_OPEN_CLIENTS = 10;
+const H2_PREFACE_AND_SETTINGS = Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0])]);
+const LAST_REQUEST = 'GET /v2/health/ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n';
+
+/** A client that reads what comes and never closes its end, even after the proxy has closed its own. */
+async function neverClosingClient(port: number, protocol: 'h2' | 'http/1.1'): Promise<TLSSocket> {
+  // Node's TLSSocket takes allowHalfOpen as net.Socket does; @types/node leaves it out of ConnectionOptions.
+  const options = { host: '127.0.0.1', port, ...tlsClientOptions(pki), allowHalfOpen: true, ALPNProtocols: [protocol] };
+  const socket = tlsConnect(options);
+  socket.on('error', () => {});
+  socket.resume();
+  await once(socket, 'secureConnect');
+  socket.write(protocol === 'h2' ? H2_PREFACE_AND_SETTINGS : LAST_REQUEST);
+  return socket;
+}
+
+const halfOpenCases = [
+  { listener: 'grpc', mode: 'terminate', protocol: 'h2', why: 'an HTTP/2 connection closed for being idle' },
+  { listener: 'grpc', mode: 'relay', protocol: 'h2', why: 'a relayed HTTP/2 connection closed for being idle' },
+  { listener: 'rest', mode: 'relay', protocol: 'http/1.1', why: 'a relayed HTTP/1.1 connection closed after its `connection: close` response' },
+] as const;
+
+for (const { listener: name, mode, protocol, why } of halfOpenCases) {
+  test(`${name} port, ${mode} mode: after ${why}, ${HALF_OPEN_CLIENTS} clients that never close their end no longer hold the proxy's connections (open_connections back to 0)`, async () => {
+    const metrics = new ProxyMetrics({ processMetrics: false });
+    const ports = name === 'grpc' ? { grpcPort: upstream.grpcPort! } : { restPort: upstream.restPort! };
+    const front = await startTestProxy({ pki, upstream: ports, grpcMode: mode, restMode: mode, observer: metrics, limits: { idleTimeoutMs: SHORT_IDLE_MS } });
+    const port = name === 'grpc' ? front.grpcPort : front.restPort;
+    const clients: TLSSocket[] = [];
+    try {
+      for (let i = 0; i < HALF_OPEN_CLIENTS; i++) clients.push(await neverClosingClient(port, protocol));
+      const listener = front.proxy.listeners().find((l) => l.name === name)!;
+      const open = async () => sample(await metrics.text(), 'ovms_mtls_open_connections', { listener: name });
+      await eventually(async () => listener.connections.size === 0 && (await open()) === 0, 'the proxy to let go of every connection whose client never closed');
+    } finally {
+      for (const client of clients) client.destroy();
+      await front.proxy.shutdown(1000);
+    }
+  });
+}
