@@ -205,7 +205,8 @@ export class SecureListener {
   #track(socket: TLSSocket, context: ConnectionContext): void {
     this.#connections.set(socket, context);
     this.#options.observer.connectionOpened(this.name);
-    socket.once('finish', () => destroyIfPeerStaysOpen(socket, this.#options.limits.idleTimeoutMs));
+    // on(), not once(): 'finish' comes once anyway, and once() keeps a wrapper per idle connection.
+    socket.on('finish', () => destroyIfPeerStaysOpen(socket, this.#options.limits.idleTimeoutMs));
     socket.on('close', () => {
       this.#connections.delete(socket);
       this.#options.observer.connectionClosed(this.name);
@@ -230,7 +231,7 @@ function destroyIfPeerStaysOpen(socket: TLSSocket, graceMs: number): void {
   if (socket.destroyed) return;
   const timer = setTimeout(() => socket.destroy(), graceMs);
   timer.unref();
-  socket.once('close', () => clearTimeout(timer));
+  socket.on('close', () => clearTimeout(timer));
 }
 
 /** Leaf first, then the CA certificates the client sent; Node links them through `issuerCertificate`. */
