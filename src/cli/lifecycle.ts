@@ -14,9 +14,13 @@ export interface StopSignal {
 
 /**
  * Install first, before anything starts: a SIGTERM while starting then drains
- * instead of killing the process. The stop handlers are removed when a stop
- * signal arrives, so a second SIGINT during a long drain falls back to Node's
- * default (immediate exit). SIGHUP keeps its handler until `dispose`: Node's
+ * instead of killing the process. A second SIGINT or SIGTERM during a long drain
+ * ends the process at once, by that signal (the default action). The second one
+ * is caught and raised again with the handlers gone, rather than left to the
+ * default by removing the handlers at the first: a signal that comes before
+ * the first one's handler has run (one right after our 'signal' line, which a
+ * pipe carries at once) would be caught by the handler on its way out and lost.
+ * SIGHUP keeps its handler until `dispose`: Node's
  * default for it is to die, and a certificate rotation that lands during a
  * drain must neither cut the calls finishing nor change the exit code.
  */
@@ -25,10 +29,16 @@ export function waitForStopSignal(logger: Logger): StopSignal {
   const signal = new Promise<NodeJS.Signals>((resolve) => (resolveSignal = resolve));
   let reload: (() => void) | undefined;
   let reloadPending = false;
+  let stopping = false;
   const onStop = (s: NodeJS.Signals) => {
+    if (stopping) {
+      process.off('SIGTERM', onStop);
+      process.off('SIGINT', onStop);
+      process.kill(process.pid, s);
+      return;
+    }
+    stopping = true;
     logger.info({ event: 'signal', signal: s }, `${s} received: draining`);
-    process.off('SIGTERM', onStop);
-    process.off('SIGINT', onStop);
     resolveSignal(s);
   };
   const onHup = () => {
