@@ -3,7 +3,7 @@ import { createServer as createTlsServer, type Server as TlsServer, type TLSSock
 import { createServer as createTcpServer, type AddressInfo, type ListenOptions, type Server as TcpServer, type Socket } from 'node:net';
 import { bindsIpv6Only, type AllowList, type Limits } from './config.js';
 import { ListenError } from './errors.js';
-import { identityFromCertificate, isAllowed, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
+import { identityFromCertificate, isAllowed, presentedCertificates, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
 import { handshakeFailureReason } from './handshake-failures.js';
 
@@ -196,7 +196,7 @@ export class SecureListener {
 
   /** Node has no verify-depth setting; count the verified chain: what the client presented, plus the root from our store. */
   #chainRefusal(peer: X509Certificate | undefined) {
-    const presented = peer ? x509Chain(peer) : [];
+    const presented = peer ? presentedCertificates(peer) : [];
     const last = presented.at(-1);
     const depth = presented.length + (last && !last.checkIssued(last) ? 1 : 0);
     return depth > this.#options.limits.verifyDepth ? refusal('chain_too_long', `depth ${depth}`) : undefined;
@@ -234,20 +234,9 @@ function destroyIfPeerStaysOpen(socket: TLSSocket, graceMs: number): void {
   socket.on('close', () => clearTimeout(timer));
 }
 
-/** Leaf first, then the CA certificates the client sent; Node links them through `issuerCertificate`. */
-function x509Chain(leaf: X509Certificate): X509Certificate[] {
-  const chain: X509Certificate[] = [];
-  const seen = new Set<string>();
-  for (let cert: X509Certificate | undefined = leaf; cert && !seen.has(cert.fingerprint256); cert = cert.issuerCertificate) {
-    seen.add(cert.fingerprint256);
-    chain.push(cert);
-  }
-  return chain;
-}
-
 /** What a connection's client presented, leaf first: the reload's trust and revocation check. */
 export function presentedChain(context: ConnectionContext): X509Certificate[] {
-  return x509Chain(context.certificate);
+  return presentedCertificates(context.certificate);
 }
 
 /**
