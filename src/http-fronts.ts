@@ -215,7 +215,8 @@ export class H1Front implements Drainable {
       if ((this.#active.get(socket) ?? 0) === 0) socket.destroy();
     });
     this.#server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
-      if (!socket.writable) {
+      // A client that leaves in the middle of a body (an upload it gave up, once answered early) has a request with its own access line: no answer, no second line.
+      if (!socket.writable || this.#leftMidBody(socket, err)) {
         socket.destroy();
         return;
       }
@@ -224,6 +225,11 @@ export class H1Front implements Drainable {
       if (this.#owesAnswers(socket)) this.#refuseAfterAnswers.set(socket, refusal);
       else this.#refuse(socket, refusal);
     });
+  }
+
+  /** The connection ended while the body of a request we took was still arriving. */
+  #leftMidBody(socket: Socket, err: NodeJS.ErrnoException): boolean {
+    return err.code === 'HPE_INVALID_EOF_STATE' && this.#latest.get(socket)?.complete === false;
   }
 
   /** Requests that arrived whole before the bad bytes are still waiting for their answers. */

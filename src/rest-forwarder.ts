@@ -138,6 +138,14 @@ export class RestForwarder {
       // HTTP/2: RST_STREAM(NO_ERROR) once the answer is out tells the client to stop sending (RFC 9113 8.1); Node waits for the stream's 'finish'.
       if (req.httpVersionMajor === 2) (req as Http2ServerRequest).stream.close(http2Constants.NGHTTP2_NO_ERROR);
     });
+    /** The body as it streams upstream, once it does: dropped, with its hold on the request, when the answer ends first. */
+    let body: Readable | undefined;
+    // HTTP/1.1 only: an HTTP/2 client answered early still waits for a RST_STREAM(NO_ERROR) we do not send yet (README).
+    if (req.httpVersionMajor === 1) {
+      res.once('finish', () => {
+        if (!(req as IncomingMessage).complete) stopReadingBody(req as IncomingMessage, body);
+      });
+    }
     res.once('close', () => {
       clearTimeout(stall);
       // The client went away: the model should stop working for nobody.
@@ -150,8 +158,10 @@ export class RestForwarder {
       exchange.abort();
       this.#log(req, context, started, stats);
     });
-    const dispatch = (body: Buffer | Readable | null) => {
-      if (!exchange.givenUp) this.#pool.dispatch({ method: req.method ?? 'GET', path: req.url ?? '/', headers: upstreamHeaders(req, context), body }, exchange);
+    const dispatch = (sent: Buffer | Readable | null) => {
+      if (sent instanceof Readable) body = sent;
+      if (exchange.givenUp) body?.destroy();
+      else this.#pool.dispatch({ method: req.method ?? 'GET', path: req.url ?? '/', headers: upstreamHeaders(req, context), body: sent }, exchange);
     };
     const counted = (n: number) => {
       stats.bytesIn += n;
@@ -286,6 +296,20 @@ function bodyLength(req: ClientRequestLike): number | undefined {
   if (declared !== undefined) return Number(declared);
   if (req.httpVersionMajor === 2) return (req as Http2ServerRequest).stream.endAfterHeaders ? 0 : undefined;
   return req.headers['transfer-encoding'] === undefined ? 0 : undefined;
+}
+
+/**
+ * The answer is out before the whole body came in (the model server answered
+ * early, a 413 say, or failed, or we did). Left alone, the client would wait
+ * for ever: its body is held back once the buffer towards the upstream, which
+ * has stopped, is full. The rest is read and dropped, so the connection serves
+ * the client's next request (curl --next); a client that stops sending instead
+ * is let go by the idle timeout.
+ */
+function stopReadingBody(req: IncomingMessage, body: Readable | undefined): void {
+  // A body still being gathered (under 64 KiB so far) becomes a stream after this, which dispatch drops.
+  body?.destroy();
+  req.resume();
 }
 
 /**

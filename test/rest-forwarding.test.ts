@@ -1,4 +1,7 @@
 import { test, before, after, describe } from 'node:test';
+import { execFile } from 'node:child_process';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { constants as http2Constants } from 'node:http2';
@@ -527,4 +530,76 @@ describe('clients that leave (--mtls_rest_mode terminate)', () => {
         session.destroy();
       }
     }));
+});
+
+/** curl over the test PKI, ended by `timeout` if it hangs: its exit code (124 then) and output. */
+function curl(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const tls = ['-sS', '--cert', pki.paths['client.pem']!, '--key', pki.paths['client.key']!, '--cacert', pki.paths['server_ca.pem']!];
+  return new Promise((resolve) => {
+    execFile('timeout', ['20', 'curl', ...tls, ...args.flatMap((a) => (a === '--next' ? ['--next', ...tls] : [a]))], { env: { PATH: process.env.PATH } }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, stdout, stderr });
+    });
+  });
+}
+
+/**
+ * A model server that answers each POST with `status` before reading its body: it stops
+ * reading at once and answers a little later (by then the proxy holds back the client's body,
+ * the buffer towards it being full), then closes. Other requests get 200 "ok".
+ */
+function answersUploadsEarly(status: string): (socket: Socket, first: Buffer) => void {
+  return (socket, first) => {
+    const onHead = (bytes: Buffer) => {
+      if (bytes.toString('latin1').startsWith('POST ')) {
+        socket.pause();
+        setTimeout(() => {
+          socket.write(`HTTP/1.1 ${status}\r\ncontent-length: 5\r\n\r\nearly`);
+          setTimeout(() => socket.destroy(), 200);
+        }, 300);
+      } else if (bytes.toString('latin1').startsWith('GET ')) {
+        socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+      }
+    };
+    onHead(first);
+    socket.on('data', onHead);
+  };
+}
+
+describe('a model server that answers before the whole upload arrived (--mtls_rest_mode terminate)', () => {
+  const UPLOAD_BYTES = 8_000_000;
+  let upload: string;
+
+  before(async () => {
+    upload = join(pki.dir, 'early-upload.bin');
+    await writeFile(upload, Buffer.alloc(UPLOAD_BYTES, 0x61));
+  });
+
+  for (const status of ['413 Payload Too Large', '200 OK']) {
+    test(`curl --http1.1, ${status.slice(0, 3)} early: the rest of the body is read and dropped, and curl --next gets its second answer on the same connection (10 runs)`, () =>
+      behindProxy({ pki, restMode: 'terminate', answer: answersUploadsEarly(status) }, async (local) => {
+        const url = (path: string) => `https://localhost:${local.restPort}${path}`;
+        for (let run = 0; run < 10; run++) {
+          const result = await curl(['--http1.1', '-w', ' %{http_code} %{num_connects}\n', url('/upload'), '--data-binary', `@${upload}`,
+            '--next', '--http1.1', '-w', ' %{http_code}\n', url('/second')]);
+          assert.equal(result.code, 0, `run ${run}: curl exited ${result.code} (124: it hung) ${result.stderr}`);
+          assert.deepEqual(result.stdout.split('\n'), [`early ${status.slice(0, 3)} 1`, 'ok 200', ''], `run ${run}`);
+        }
+        const access = () => local.logs.lines.filter((l) => l.event === 'access');
+        await eventually(() => access().length >= 20, '20 access lines');
+        assert.deepEqual(access().map((l) => [l.path, l.status, l.error]), Array(10).fill([['/upload', Number(status.slice(0, 3)), undefined], ['/second', 200, undefined]]).flat());
+      }));
+  }
+
+  test('curl --http1.1 that gives its upload up after an early 413 and closes leaves one access line, not a second 400 with no method', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.write('HTTP/1.1 413 Payload Too Large\r\ncontent-length: 5\r\n\r\nlarge') }, async (local) => {
+      const result = await curl(['--http1.1', '-w', ' %{http_code}', `https://localhost:${local.restPort}/upload`, '--data-binary', `@${upload}`]);
+      assert.equal(result.code, 0, result.stderr);
+      assert.equal(result.stdout, 'large 413');
+      await local.logs.waitFor((l) => l.event === 'access' && l.path === '/upload');
+      // curl closed its connection in the middle of the body: Node's parser reports that after the answer.
+      const rest = local.proxy.listeners().find((l) => l.name === 'rest')!;
+      await eventually(() => rest.connections.size === 0, 'the connection closed');
+      assert.deepEqual(local.logs.lines.filter((l) => l.event === 'access').map((l) => [l.method, l.path, l.status, l.error]), [['POST', '/upload', 413, undefined]]);
+    }));
+
 });
