@@ -58,7 +58,7 @@ function serverFindings(m: TlsMaterial, now: Date): Finding[] {
   if (rsaBits !== undefined && rsaBits < MIN_RSA_BITS) {
     findings.push({ level: 'warn', text: `server certificate ${m.files.cert} has a ${rsaBits}-bit RSA key: OpenSSL clients at security level 2 (Debian's and Ubuntu's default: curl, Python, openssl s_client) refuse it as "key too weak"; reissue it with ${MIN_RSA_BITS} bits or more (\`ovms-mtls certs init --key rsa2048\`, or the default EC key)` });
   }
-  const missingIssuer = chainEndNote(m);
+  const missingIssuer = chainEndNote(m, serverChainOf(m));
   if (missingIssuer) findings.push({ level: 'info', text: missingIssuer });
   const eku = cert.keyUsage;
   if (eku && !eku.includes(SERVER_AUTH_OID) && !eku.includes(ANY_EKU_OID)) {
@@ -72,10 +72,9 @@ function serverFindings(m: TlsMaterial, now: Date): Finding[] {
  * the root fail ("unable to get local issuer certificate"); the proxy cannot tell a root from an
  * intermediate it does not hold, so name the CA clients must trust.
  */
-function chainEndNote(m: TlsMaterial): string | undefined {
+function chainEndNote(m: TlsMaterial, serverChain: readonly X509Certificate[]): string | undefined {
   const cert = m.serverCert;
-  const blocks = m.cert.toString('latin1').match(/-----BEGIN CERTIFICATE-----/g)?.length ?? 0;
-  if (blocks > 1 || cert.checkIssued(cert)) return undefined;
+  if (serverChain.length > 1 || cert.checkIssued(cert)) return undefined;
   return `server certificate file ${m.files.cert} holds no CA certificate: clients must trust ${issuerCn(cert)} itself; if that is an intermediate CA, append it after the server certificate, or clients fail with "unable to get local issuer certificate"`;
 }
 
@@ -88,10 +87,15 @@ function serverIssuerNote(ca: X509Certificate, serverChain: readonly X509Certifi
   };
 }
 
+/** The server certificate file as loaded: leaf first, then the chain it carries. */
+function serverChainOf(m: TlsMaterial): X509Certificate[] {
+  return parseCertificates(m.cert.toString('latin1'), 'mtls_cert', m.files.cert);
+}
+
 function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
   const count = `${m.clientCas.length} CA${m.clientCas.length === 1 ? '' : 's'}`;
   const findings: Finding[] = [{ level: 'ok', text: `client CA bundle ${m.files.clientCa}: ${count}` }];
-  const serverChain = parseCertificates(m.cert.toString('latin1'), 'mtls_cert', m.files.cert);
+  const serverChain = serverChainOf(m);
   for (const ca of m.clientCas) {
     const shared = serverIssuerNote(ca, serverChain, m);
     if (shared) findings.push(shared);

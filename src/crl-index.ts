@@ -5,7 +5,7 @@
  * by the DER bytes of their Name, as OpenSSL matches them by name.
  */
 import { verify as verifySignature, type X509Certificate } from 'node:crypto';
-import { encodeTlv, readSingleTlv, readTlvs, TAG_SEQUENCE, type Tlv } from './x509/der.js';
+import { dottedOid, encodeTlv, readSingleTlv, readTlvs, TAG_BOOLEAN, TAG_OID, TAG_SEQUENCE, type Tlv } from './x509/der.js';
 import { normaliseSerial, parseCrl } from './x509.js';
 
 export interface CrlInfo {
@@ -29,7 +29,6 @@ export const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g
 
 /** 2.5.29.27, Delta CRL Indicator (contents octets of the OID). */
 const DELTA_CRL_INDICATOR_OID = '551d1b';
-const TAG_OID = 0x06;
 const TAG_CRL_EXTENSIONS = 0xa0;
 
 /** Signature algorithm OIDs (hex of the OID contents) -> hash for crypto.verify; null = the key decides (Ed25519). */
@@ -103,7 +102,6 @@ const OPENSSL_CRITICAL_EXTENSIONS = new Set([
   '2.5.29.30', '2.5.29.33', '2.5.29.54',
 ]);
 const TAG_CERT_EXTENSIONS = 0xa3;
-const TAG_BOOLEAN = 0x01;
 
 /** Dotted OIDs of the extensions a certificate marks critical that OpenSSL cannot process. */
 export function unsupportedCriticalExtensions(der: Buffer): string[] {
@@ -117,18 +115,6 @@ export function unsupportedCriticalExtensions(der: Buffer): string[] {
     .filter((oid) => !OPENSSL_CRITICAL_EXTENSIONS.has(oid));
 }
 
-function dottedOid(value: Buffer): string {
-  const arcs: number[] = [];
-  let arc = 0;
-  for (const byte of value) {
-    arc = arc * 128 + (byte & 0x7f);
-    if (byte & 0x80) continue;
-    if (arcs.length === 0) arcs.push(Math.min(2, Math.floor(arc / 40)), arc - Math.min(2, Math.floor(arc / 40)) * 40);
-    else arcs.push(arc);
-    arc = 0;
-  }
-  return arcs.join('.');
-}
 
 /**
  * Whether `ca` signed the CRL: true, false, or undefined when the signature

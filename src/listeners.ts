@@ -1,4 +1,4 @@
-import { X509Certificate } from 'node:crypto';
+import type { X509Certificate } from 'node:crypto';
 import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
 import { createServer as createTcpServer, type AddressInfo, type ListenOptions, type Server as TcpServer, type Socket } from 'node:net';
 import { bindsIpv6Only, type AllowList, type Limits } from './config.js';
@@ -33,6 +33,8 @@ export interface SecureListenerOptions {
   readonly hosts: readonly string[];
   readonly port: number;
   readonly secureContext: SecureContextOptions;
+  /** The client CAs of that context, as the material parsed them. */
+  readonly clientCas: readonly X509Certificate[];
   readonly limits: Limits;
   readonly allow: AllowList;
   readonly observer: ProxyObserver;
@@ -72,7 +74,7 @@ export class SecureListener {
     this.name = options.name;
     this.#options = options;
     this.#allow = options.allow;
-    this.#trustedCas = trustedCasOf(options.secureContext);
+    this.#trustedCas = options.clientCas;
   }
 
   /** Live, authorized connections and what is known about each. */
@@ -97,9 +99,9 @@ export class SecureListener {
   }
 
   /** New handshakes use the new material; live connections keep theirs. */
-  setSecureContext(options: SecureContextOptions, allow?: AllowList): void {
+  setSecureContext(options: SecureContextOptions, clientCas: readonly X509Certificate[], allow?: AllowList): void {
     for (const server of this.#servers) server.tls.setSecureContext(options);
-    this.#trustedCas = trustedCasOf(options);
+    this.#trustedCas = clientCas;
     if (allow) this.#allow = allow;
   }
 
@@ -214,12 +216,6 @@ export class SecureListener {
   }
 }
 
-/** secureContextOptions() gives the client CAs one PEM string each. */
-function trustedCasOf(options: SecureContextOptions): X509Certificate[] {
-  const blocks = Array.isArray(options.ca) ? options.ca : options.ca === undefined ? [] : [options.ca];
-  return blocks.map((block) => new X509Certificate(block));
-}
-
 /**
  * Our side of the connection has ended (idle timeout, GOAWAY done, `connection: close`,
  * the model server gone): the client is expected to close its side. One that never does,
@@ -232,11 +228,6 @@ function destroyIfPeerStaysOpen(socket: TLSSocket, graceMs: number): void {
   const timer = setTimeout(() => socket.destroy(), graceMs);
   timer.unref();
   socket.on('close', () => clearTimeout(timer));
-}
-
-/** What a connection's client presented, leaf first: the reload's trust and revocation check. */
-export function presentedChain(context: ConnectionContext): X509Certificate[] {
-  return presentedCertificates(context.certificate);
 }
 
 /**

@@ -145,8 +145,11 @@ function isKnownOption(arg: string): boolean {
  * and stands alone.
  */
 function ovmsOption(option: LongOption, arg: string, next: string | undefined): string[] {
-  if (OVMS_FLAGS.has(option.name)) refuseSeparateFlagValue(option, next);
-  if (option.inlineValue !== undefined || OVMS_FLAGS.has(option.name)) return [arg];
+  if (OVMS_FLAGS.has(option.name)) {
+    refuseSeparateFlagValue(option, next);
+    return [arg];
+  }
+  if (option.inlineValue !== undefined) return [arg];
   if (OVMS_VALUE_OPTIONS.has(option.name)) {
     if (next === undefined || isKnownOption(next)) throw needsValue(option.name);
     return [arg, next];

@@ -81,6 +81,7 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
     hosts: cfg.hosts,
     port: cfg.port,
     secureContext: secureContextOptions(options.material),
+    clientCas: options.material.clientCas,
     limits: config.limits,
     allow: config.allow,
     observer,
@@ -158,7 +159,7 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
     port: (name) => addresses[name]?.[0]?.port,
     listeners: () => parts.map((p) => p.listener),
     reloadTls(material, allow) {
-      for (const part of parts) part.listener.setSecureContext(secureContextOptions(material), allow);
+      for (const part of parts) part.listener.setSecureContext(secureContextOptions(material), material.clientCas, allow);
     },
     shutdown: (timeoutMs) => shutdown(parts, timeoutMs, logger),
   };

@@ -6,7 +6,7 @@ import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
 import { checkTrust, subjectCn } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
-import { readSingleTlv, readTlvs } from './x509/der.js';
+import { readSingleTlv, readTlvs, TAG_INTEGER, TAG_OID } from './x509/der.js';
 
 export { subjectCn };
 
@@ -173,7 +173,7 @@ function isPkcs12(bytes: Buffer): boolean {
   try {
     const [version, content] = readTlvs(readSingleTlv(bytes).value);
     const contentType = content && readTlvs(content.value)[0];
-    return version?.tag === 0x02 && version.value.equals(Buffer.from([3])) && contentType?.tag === 0x06 && contentType.value.toString('hex').startsWith(PKCS7_OID_PREFIX);
+    return version?.tag === TAG_INTEGER && version.value.equals(Buffer.from([3])) && contentType?.tag === TAG_OID && contentType.value.toString('hex').startsWith(PKCS7_OID_PREFIX);
   } catch {
     return false;
   }

@@ -15,7 +15,7 @@ import type { Logger } from './log.js';
 import type { RunningProxy } from './proxy.js';
 import { loadTlsMaterial, type TlsMaterial } from './tls-material.js';
 import { RevocationIndex } from './crl-index.js';
-import { presentedChain } from './listeners.js';
+import { presentedCertificates } from './client-identity.js';
 import { pathToTrust } from './tls-checks.js';
 
 export type ReloadTrigger = 'signal' | 'file' | 'api';
@@ -125,7 +125,7 @@ export class TlsReloader {
     let closed = 0;
     for (const listener of this.#options.proxy.listeners()) {
       for (const [socket, context] of [...listener.connections]) {
-        const chain = presentedChain(context);
+        const chain = presentedCertificates(context.certificate);
         const key = chain.map((cert) => cert.fingerprint256).join('/');
         if (!verdicts.has(key)) verdicts.set(key, liveRefusal(chain, material.clientCas, index));
         const reason = verdicts.get(key);

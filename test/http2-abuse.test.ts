@@ -76,26 +76,36 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
   const seenUpstream = () => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === PATH).length;
   const cancelledLines = () => front.logs.lines.filter((l) => l.path === PATH && l.error === 'client_cancelled').length;
 
+  /** A client sends `pairs` HEADERS + RST_STREAM(code) pairs and leaves once `logged()` says the proxy took them all. */
+  async function offendAndLeave(pairs: number, code: typeof CANCEL, logged: () => boolean): Promise<void> {
+    const offender = await rawH2Client(front.grpcPort, pki);
+    try {
+      rapidReset(offender.socket, grpcHeaderBlock(PATH), pairs, END_HEADERS, code);
+      await eventually(logged, `${pairs} reset calls logged`);
+    } finally {
+      offender.socket.destroy();
+    }
+  }
+
+  /** Another client's unary call is answered, echoing `text`. */
+  async function assertOthersServed(text: string): Promise<void> {
+    const victim = grpcClients(front.grpcAddress, pki);
+    try {
+      const reply = await unary(victim.echo, 'Unary', { payload: Buffer.from(text) });
+      assert.equal(Buffer.from(reply.response.payload!).toString(), text);
+    } finally {
+      victim.close();
+    }
+  }
+
   test('streams a client opens and resets in the same breath do not reach the shared model server connection; other clients carry on', async () => {
     const pairs = 500; // under nghttp2's own burst of 1,000 resets, so every one is processed
     const upstreamBefore = seenUpstream();
     const loggedBefore = cancelledLines();
-    const offender = await rawH2Client(front.grpcPort, pki);
-    try {
-      rapidReset(offender.socket, grpcHeaderBlock(PATH), pairs);
-      await eventually(() => cancelledLines() - loggedBefore >= pairs, `${pairs} cancelled calls logged`);
-    } finally {
-      offender.socket.destroy();
-    }
+    await offendAndLeave(pairs, CANCEL, () => cancelledLines() - loggedBefore >= pairs);
     // Another client's call completes; it goes up the same upstream connection after whatever the
     // offender's did, so once it is answered the model server has seen all of those.
-    const victim = grpcClients(front.grpcAddress, pki);
-    try {
-      const reply = await unary(victim.echo, 'Unary', { payload: Buffer.from('still here') });
-      assert.equal(Buffer.from(reply.response.payload!).toString(), 'still here');
-    } finally {
-      victim.close();
-    }
+    await assertOthersServed('still here');
     const opened = seenUpstream() - upstreamBefore - 1;
     // Without the deferred open every pair was a stream opened and reset upstream (500 here).
     // A pair split across two reads may still get through; a handful, never hundreds.
@@ -105,20 +115,8 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
   test('resets with an error code (a stream error, not a cancel) are handled the same way and take nothing down', async () => {
     const pairs = 100;
     const loggedBefore = cancelledLines();
-    const offender = await rawH2Client(front.grpcPort, pki);
-    try {
-      rapidReset(offender.socket, grpcHeaderBlock(PATH), pairs, END_HEADERS, INTERNAL_ERROR);
-      await eventually(() => cancelledLines() - loggedBefore >= pairs, `${pairs} reset calls logged`);
-    } finally {
-      offender.socket.destroy();
-    }
-    const victim = grpcClients(front.grpcAddress, pki);
-    try {
-      const reply = await unary(victim.echo, 'Unary', { payload: Buffer.from('up') });
-      assert.equal(Buffer.from(reply.response.payload!).toString(), 'up');
-    } finally {
-      victim.close();
-    }
+    await offendAndLeave(pairs, INTERNAL_ERROR, () => cancelledLines() - loggedBefore >= pairs);
+    await assertOthersServed('up');
   });
 
   test('a connection that completes its calls and cancels one now and then keeps the direct path', async () => {

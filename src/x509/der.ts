@@ -7,6 +7,9 @@ export interface Tlv {
 
 export const TAG_SEQUENCE = 0x30;
 export const TAG_BIT_STRING = 0x03;
+export const TAG_BOOLEAN = 0x01;
+export const TAG_INTEGER = 0x02;
+export const TAG_OID = 0x06;
 
 /** Splits consecutive TLVs (single-byte tags only, which is all X.509 uses at the levels we touch). */
 export function readTlvs(der: Buffer): Tlv[] {
@@ -53,4 +56,20 @@ function encodeLength(length: number): Buffer {
   const bytes: number[] = [];
   for (let rest = length; rest > 0; rest = Math.floor(rest / 256)) bytes.unshift(rest % 256);
   return Buffer.from([0x80 | bytes.length, ...bytes]);
+}
+
+/** An OBJECT IDENTIFIER's contents octets in dotted form (X.690 8.19). */
+export function dottedOid(value: Buffer): string {
+  const arcs: number[] = [];
+  let arc = 0;
+  for (const byte of value) {
+    arc = arc * 128 + (byte & 0x7f);
+    if (byte & 0x80) continue;
+    if (arcs.length === 0) {
+      const first = Math.min(2, Math.floor(arc / 40));
+      arcs.push(first, arc - first * 40);
+    } else arcs.push(arc);
+    arc = 0;
+  }
+  return arcs.join('.');
 }
