@@ -1,5 +1,5 @@
 import type { IncomingMessage, ServerResponse, OutgoingHttpHeaders, IncomingHttpHeaders } from 'node:http';
-import { constants as http2Constants, Http2ServerResponse, type Http2ServerRequest } from 'node:http2';
+import { constants as http2Constants, Http2ServerResponse, type Http2ServerRequest, type ServerHttp2Stream } from 'node:http2';
 import { Readable } from 'node:stream';
 import { Pool, type Dispatcher } from 'undici';
 import type { HostPort } from './config.js';
@@ -135,17 +135,10 @@ export class RestForwarder {
       // The rest of this body will not come; on HTTP/1.1 the connection cannot carry another request.
       if (req.httpVersionMajor === 1) (res as ServerResponse).shouldKeepAlive = false;
       answerJson(res, 408, bodyStalledMessage(this.#options.bodyTimeoutMs));
-      // HTTP/2: RST_STREAM(NO_ERROR) once the answer is out tells the client to stop sending (RFC 9113 8.1); Node waits for the stream's 'finish'.
-      if (req.httpVersionMajor === 2) (req as Http2ServerRequest).stream.close(http2Constants.NGHTTP2_NO_ERROR);
     });
     /** The body as it streams upstream, once it does: dropped, with its hold on the request, when the answer ends first. */
     let body: Readable | undefined;
-    // HTTP/1.1 only: an HTTP/2 client answered early still waits for a RST_STREAM(NO_ERROR) we do not send yet (README).
-    if (req.httpVersionMajor === 1) {
-      res.once('finish', () => {
-        if (!(req as IncomingMessage).complete) stopReadingBody(req as IncomingMessage, body);
-      });
-    }
+    if (length !== 0) whenAnsweredMidBody(req, res, () => stopReadingBody(req, body));
     res.once('close', () => {
       clearTimeout(stall);
       // The client went away: the model should stop working for nobody.
@@ -306,10 +299,51 @@ function bodyLength(req: ClientRequestLike): number | undefined {
  * the client's next request (curl --next); a client that stops sending instead
  * is let go by the idle timeout.
  */
-function stopReadingBody(req: IncomingMessage, body: Readable | undefined): void {
+function stopReadingBody(req: ClientRequestLike, body: Readable | undefined): void {
   // A body still being gathered (under 64 KiB so far) becomes a stream after this, which dispatch drops.
   body?.destroy();
   req.resume();
+}
+
+/**
+ * Calls `then` when our whole answer is out (the model server's, or our 408)
+ * while the request body is still arriving; HTTP/2 then also resets the
+ * stream. There the stream's 'finish', not the compatibility response's: that
+ * one waits for the stream's close, which a client still sending delays. Not
+ * for a stream the client reset first.
+ */
+function whenAnsweredMidBody(req: ClientRequestLike, res: ClientResponseLike, then: () => void): void {
+  if (req.httpVersionMajor === 1) {
+    res.once('finish', () => {
+      if (!req.complete) then();
+    });
+    return;
+  }
+  const stream = (req as Http2ServerRequest).stream;
+  stream.once('finish', () => {
+    if (stream.aborted || req.readableEnded) return;
+    then();
+    resetOnceEnded(stream);
+  });
+}
+
+/** Event-loop turns resetOnceEnded() looks again in before it looks every RESET_RECHECK_MS instead. */
+const RESET_RECHECK_TURNS = 4;
+const RESET_RECHECK_MS = 100;
+
+/**
+ * RST_STREAM(NO_ERROR) once our END_STREAM has left tells a client answered
+ * early to stop sending (RFC 9113 8.1), as nginx does. Not at once: 'finish'
+ * comes before nghttp2 frames the END_STREAM, and Node then sends the reset
+ * ahead of it, which the client reads as an answer cut short (seen frame by
+ * frame). The END_STREAM leaves within a turn or two of the event loop,
+ * unless the client does not read its connection; then look now and then.
+ */
+function resetOnceEnded(stream: ServerHttp2Stream, turns = 0): void {
+  if (stream.closed || stream.destroyed) return;
+  if (stream.state.localClose === 1) stream.close(http2Constants.NGHTTP2_NO_ERROR);
+  else if (turns < RESET_RECHECK_TURNS) setImmediate(resetOnceEnded, stream, turns + 1);
+  else setTimeout(resetOnceEnded, RESET_RECHECK_MS, stream, turns).unref();
 }
 
 /**

@@ -6,13 +6,12 @@ import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
-import { END_HEADERS, END_STREAM, H2, h2Frame, rawH2Client } from './helpers/raw-h2.js';
+import { END_HEADERS, END_STREAM, H2, h2Frame, literalField, rawH2Client } from './helpers/raw-h2.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { CANCELS_BEFORE_DEFERRED_OPEN } from '../src/cancel-tally.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
-const RST_STREAM = 0x3;
 const SETTINGS_INITIAL_WINDOW_SIZE = 0x4;
 const CANCEL = Buffer.from([0, 0, 0, constants.NGHTTP2_CANCEL]);
 const INTERNAL_ERROR = Buffer.from([0, 0, 0, constants.NGHTTP2_INTERNAL_ERROR]);
@@ -23,15 +22,10 @@ function rapidReset(socket: { write(bytes: Buffer): unknown }, block: Buffer, pa
     const burst: Buffer[] = [];
     for (let i = sent; i < Math.min(pairs, sent + 50); i += 1) {
       const id = 1 + 2 * i;
-      burst.push(h2Frame(H2.HEADERS, flags, id, block), h2Frame(RST_STREAM, 0, id, code));
+      burst.push(h2Frame(H2.HEADERS, flags, id, block), h2Frame(H2.RST_STREAM, 0, id, code));
     }
     socket.write(Buffer.concat(burst));
   }
-}
-
-/** HPACK literal field without indexing, new name (RFC 7541 6.2.2); names and values here stay under 127 bytes. */
-function literalField(name: string, value: string): Buffer {
-  return Buffer.concat([Buffer.from([0x00, name.length]), Buffer.from(name), Buffer.from([value.length]), Buffer.from(value)]);
 }
 
 /** The header block of a gRPC call to `path`, as a hostile client would write it by hand. */
@@ -133,7 +127,7 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
       const id = nextId;
       nextId += 2;
       const logged = cancelledLines();
-      client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, id, block), h2Frame(RST_STREAM, 0, id, CANCEL)]));
+      client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, id, block), h2Frame(H2.RST_STREAM, 0, id, CANCEL)]));
       await eventually(() => cancelledLines() > logged, `call ${id} logged as cancelled`);
     };
     try {

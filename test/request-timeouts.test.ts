@@ -9,6 +9,7 @@ import { h2Request, h2Session, startTestProxy, startUpstream } from './helpers/h
 import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw as openRawWith, readToClose } from './helpers/raw-http1.js';
 import { eventually } from './helpers/ops.js';
+import { END_HEADERS, H2, h2Frame, headerBlock, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
 
@@ -226,6 +227,29 @@ describe('a request body that stops arriving', () => {
       upstream.close();
     }
   });
+});
+
+describe('the end of a stream answered 408', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}, HTTP/2: the whole 408 and its END_STREAM leave before the RST_STREAM(NO_ERROR) that stops the upload (RFC 9113 8.1)`, { timeout: 20_000 }, async () => {
+      const { upstream } = await silentUpstream();
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+      const client = await rawH2Client(local.restPort, pki);
+      try {
+        const head = headerBlock({ ':method': 'POST', ':scheme': 'https', ':path': '/v2/models/dummy/infer', ':authority': 'localhost' });
+        const body = Array.from({ length: 5 }, () => h2Frame(H2.DATA, 0, 1, Buffer.alloc(16 * 1024, 0x78)));
+        client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 1, head), ...body]));
+        await client.waitForFrame(H2.RST_STREAM);
+        assert.deepEqual(streamFrames(client.frames, 1).filter((f) => f !== 'data'), ['headers', 'end', 'reset 0']);
+        const answer = Buffer.concat(client.frames.filter((f) => f.streamId === 1 && f.type === H2.DATA).map((f) => f.payload));
+        assert.match(JSON.parse(answer.toString()).error, /stopped arriving/);
+      } finally {
+        client.socket.destroy();
+        await local.proxy.shutdown(1000);
+        upstream.close();
+      }
+    });
+  }
 });
 
 describe('a request without a body (--mtls_rest_mode terminate)', () => {

@@ -18,6 +18,7 @@ import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
 import { eventually } from './helpers/ops.js';
+import { END_HEADERS, H2, h2Frame, headerBlock, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 
 const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
 const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: INPUT }] });
@@ -602,4 +603,56 @@ describe('a model server that answers before the whole upload arrived (--mtls_re
       assert.deepEqual(local.logs.lines.filter((l) => l.event === 'access').map((l) => [l.method, l.path, l.status, l.error]), [['POST', '/upload', 413, undefined]]);
     }));
 
+  for (const status of [200, 413]) {
+    test(`HTTP/2, ${status} early: the client gets the whole answer, END_STREAM and then RST_STREAM(NO_ERROR), so it stops sending (RFC 9113 8.1); the access line has the status and no error`, () =>
+      behindProxy({ pki, restMode: 'terminate', answer: answersUploadsEarly(`${status} Early`) }, async (local) => {
+        const client = await rawH2Client(local.restPort, pki);
+        try {
+          const head = headerBlock({ ':method': 'POST', ':scheme': 'https', ':path': '/upload', ':authority': 'localhost', 'content-length': String(UPLOAD_BYTES) });
+          // 256 KiB of the 8 MB, within every window: the rest would come as the proxy reads.
+          const part = Array.from({ length: 16 }, () => h2Frame(H2.DATA, 0, 1, Buffer.alloc(16 * 1024, 0x61)));
+          client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 1, head), ...part]));
+          await client.waitForFrame(H2.RST_STREAM);
+          assert.deepEqual(streamFrames(client.frames, 1).filter((f) => f !== 'data'), ['headers', 'end', `reset ${http2Constants.NGHTTP2_NO_ERROR}`]);
+          const body = Buffer.concat(client.frames.filter((f) => f.streamId === 1 && f.type === H2.DATA).map((f) => f.payload));
+          assert.equal(body.toString(), 'early');
+          const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/upload');
+          assert.equal(line.status, status);
+          assert.equal(line.error, undefined);
+        } finally {
+          client.socket.destroy();
+        }
+      }));
+  }
+
+  test('HTTP/2, Node\'s client answered early while it still writes its upload: its stream is reset with NO_ERROR after the whole answer, and the session serves the next request', { timeout: 30_000 }, () =>
+    behindProxy({ pki, restMode: 'terminate', answer: answersUploadsEarly('413 Payload Too Large') }, async (local) => {
+      const session = h2Session(local.restPort, pki);
+      try {
+        const stream = session.request({ ':method': 'POST', ':path': '/upload', 'content-length': String(UPLOAD_BYTES) });
+        stream.on('error', () => {});
+        // Node's client keeps its unsent writes and never emits 'close' for such a stream; 'aborted' is the reset.
+        const aborted = once(stream, 'aborted');
+        const chunk = Buffer.alloc(64 * 1024, 0x61);
+        const pump = () => {
+          while (!stream.destroyed && stream.write(chunk));
+        };
+        stream.on('drain', pump);
+        pump();
+        const chunks: Buffer[] = [];
+        stream.on('data', (c: Buffer) => chunks.push(c));
+        const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
+        assert.equal(headers[':status'], 413);
+        await aborted;
+        assert.equal(stream.rstCode, http2Constants.NGHTTP2_NO_ERROR);
+        assert.equal(Buffer.concat(chunks).toString(), 'early');
+        const next = await h2Request(session, { ':method': 'GET', ':path': '/second' });
+        assert.equal(next.headers[':status'], 200);
+        assert.equal(next.body.toString(), 'ok');
+        const lines = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second').then(() => local.logs.lines.filter((l) => l.event === 'access'));
+        assert.deepEqual(lines.map((l) => [l.path, l.status, l.error]), [['/upload', 413, undefined], ['/second', 200, undefined]]);
+      } finally {
+        session.destroy();
+      }
+    }));
 });

@@ -7,10 +7,32 @@ import { h2Frame } from './scripted-upstream.js';
 
 export { h2Frame };
 
-export const H2 = { DATA: 0x0, HEADERS: 0x1, SETTINGS: 0x4, GOAWAY: 0x7 } as const;
+export const H2 = { DATA: 0x0, HEADERS: 0x1, RST_STREAM: 0x3, SETTINGS: 0x4, GOAWAY: 0x7 } as const;
 export const END_STREAM = 0x1;
 export const END_HEADERS = 0x4;
 const ACK = 0x1;
+
+/** HPACK literal field without indexing, new name (RFC 7541 6.2.2); names and values here stay under 127 bytes. */
+export function literalField(name: string, value: string): Buffer {
+  return Buffer.concat([Buffer.from([0x00, name.length]), Buffer.from(name), Buffer.from([value.length]), Buffer.from(value)]);
+}
+
+/** A header block of literal fields, as a hand-written client sends it. */
+export function headerBlock(fields: Record<string, string>): Buffer {
+  return Buffer.concat(Object.entries(fields).map(([name, value]) => literalField(name, value)));
+}
+
+/**
+ * What a stream got, in order: `end` for a frame with END_STREAM, `reset <code>` for a
+ * RST_STREAM, `data` and `headers` for the rest.
+ */
+export function streamFrames(frames: readonly H2Frame[], streamId: number): string[] {
+  return frames.filter((f) => f.streamId === streamId).map((f) => {
+    if (f.type === H2.RST_STREAM) return `reset ${f.payload.readUInt32BE(0)}`;
+    if ((f.flags & END_STREAM) !== 0) return 'end';
+    return f.type === H2.HEADERS ? 'headers' : 'data';
+  });
+}
 
 export interface H2Frame {
   readonly type: number;
