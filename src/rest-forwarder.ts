@@ -88,7 +88,7 @@ export class RestForwarder {
       this.#refuse(req, res, context, started, { status: 503, message: notReady, error: 'not_ready', headers: { 'retry-after': '1' } });
       return;
     }
-    const refusal = routingRefusal(req.url ?? '', requestAuthority(req.url ?? '', req.headers));
+    const refusal = req.httpVersionMajor === 1 && hostLines(req.rawHeaders) > 1 ? SECOND_HOST : routingRefusal(req.url ?? '', requestAuthority(req.url ?? '', req.headers));
     if (refusal) {
       this.#refuse(req, res, context, started, { status: 400, ...refusal });
       return;
@@ -257,6 +257,22 @@ export interface RoutingRefusal {
   readonly message: string;
   /** The access line's `error`. */
   readonly error: 'bad_request_target' | 'bad_request_authority';
+}
+
+/**
+ * Two Host lines (RFC 9112 3.2: a server answers 400). Node's parser keeps the
+ * first; a model server may keep the last, and route by a host we never checked.
+ */
+export const SECOND_HOST: RoutingRefusal = { message: 'a request may have one Host field at most', error: 'bad_request_authority' };
+
+/** How many Host lines an HTTP/1.x head has (Node's headers object keeps one). */
+function hostLines(rawHeaders: readonly string[]): number {
+  let count = 0;
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i]!;
+    if (name.length === 4 && name.toLowerCase() === 'host') count++;
+  }
+  return count;
 }
 
 /** The refusal for a request target and the authority it is for (requestAuthority()), undefined when both may be forwarded. */

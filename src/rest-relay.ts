@@ -5,7 +5,7 @@ import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
-import { bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
+import { SECOND_HOST, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { closingAnswer, headStalledMessage } from './http-fronts.js';
 import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
@@ -110,14 +110,13 @@ const hasOption = (options: readonly string[], name: string): boolean => options
 /**
  * The Host field's value. RFC 9112 3.2: an HTTP/1.1 request without a Host
  * field, or with more than one, gets 400; so does an HTTP/1.0 one with more
- * than one, from which the model server would have to pick. Terminate mode
- * refuses the first (Node's server) and sends the first of several on as the
- * one Host; the relay would pass them all.
+ * than one, from which the model server would have to pick. As in terminate
+ * mode, where Node's server refuses the first.
  */
 function hostOf(head: Http1Head): string | undefined {
   const hosts = head.values('host');
-  if (head.minorVersion === 1 && hosts.length !== 1) throw new FramingError(400, 'an HTTP/1.1 request needs exactly one Host field');
-  if (hosts.length > 1) throw new FramingError(400, 'a request may have one Host field at most');
+  if (hosts.length > 1) throw new RoutingRefused(SECOND_HOST);
+  if (head.minorVersion === 1 && hosts.length === 0) throw new FramingError(400, 'an HTTP/1.1 request needs a Host field');
   return hosts[0];
 }
 

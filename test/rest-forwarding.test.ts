@@ -375,13 +375,26 @@ describe('HTTP/1.1 Host lines and absolute-form targets: the model server sees o
     });
   }
 
-  // Node's parser refuses these before terminate mode sees them (400 bad_request, or the first Host kept).
-  test('--mtls_rest_mode relay: an HTTP/1.0 request with two Host lines gets 400 (the model server would have to pick one); a target that is neither a path nor an http(s) URL gets 400 naming it', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: a request with two Host lines gets 400 (RFC 9112 3.2), HTTP/1.1 and 1.0, logged bad_request_authority, and never reaches the model server, which might route by the other one`, () => {
+      const heads: string[] = [];
+      return behindProxy({ pki, restMode, answer: recordingHeads(heads) }, async (local) => {
+        for (const version of ['1.1', '1.0']) {
+          const res = await rawRequest(local.restPort, `GET /v2/models/dummy HTTP/${version}\r\nHost: localhost\r\nHOST: admin\r\nconnection: close\r\n\r\n`);
+          assert.equal(res.status, 400, version);
+          assert.equal(errorOf(res.body), 'a request may have one Host field at most');
+        }
+        await eventually(() => local.logs.lines.filter((l) => l.event === 'access').length === 2, 'two access lines');
+        assert.deepEqual(local.logs.lines.filter((l) => l.event === 'access').map((l) => [l.path, l.status, l.error]), Array(2).fill(['/v2/models/dummy', 400, 'bad_request_authority']));
+        assert.deepEqual(heads, []);
+      });
+    });
+  }
+
+  // Node's parser refuses these before terminate mode sees them (400 bad_request).
+  test('--mtls_rest_mode relay: a target that is neither a path nor an http(s) URL gets 400 naming it', () => {
     const heads: string[] = [];
     return behindProxy({ pki, restMode: 'relay', answer: recordingHeads(heads) }, async (local) => {
-      const twoHosts = await rawRequest(local.restPort, 'GET /v2/models/dummy HTTP/1.0\r\nHost: localhost\r\nHost: admin\r\n\r\n');
-      assert.equal(twoHosts.status, 400);
-      assert.match(twoHosts.body, /one Host field at most/);
       for (const target of ['v2/models/dummy', 'ftp://localhost/v2/models/dummy']) {
         const res = await rawRequest(local.restPort, `OPTIONS ${target} HTTP/1.1\r\nHost: localhost\r\n\r\n`);
         assert.equal(res.status, 400);

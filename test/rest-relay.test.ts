@@ -126,14 +126,14 @@ describe('rest relay: HTTP/1.1 framing', () => {
     }
   });
 
-  for (const [shape, fields] of [['no Host', ''], ['two Host fields', 'host: a\r\nhost: b\r\n']] as const) {
+  for (const [shape, fields, says] of [['no Host', '', /needs a Host field/], ['two Host fields', 'host: a\r\nhost: b\r\n', /one Host field at most/]] as const) {
     test(`an HTTP/1.1 request with ${shape} gets 400 and never reaches the model server (RFC 9112 3.2)`, async () => {
       const before = upstream.received.length;
       const socket = await openRaw(front.restPort);
       socket.write(`GET /v2/health/live HTTP/1.1\r\n${fields}\r\n`);
       const text = await readToClose(socket);
       assert.deepEqual(statuses(text), [400]);
-      assert.match(text, /exactly one Host field/);
+      assert.match(text, says);
       assert.equal(upstream.received.length, before);
     });
   }
