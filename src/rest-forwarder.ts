@@ -108,8 +108,9 @@ export class RestForwarder {
     this.#forward(req, res, context, started);
   }
 
-  /** Answered by us before anything goes upstream; the body is read and dropped. */
+  /** Answered by us before anything goes upstream; the body is read and dropped (HTTP/2: and the client told to stop sending it). */
   #refuse(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number, refusal: { status: number; message: string; error: string; headers?: OutgoingHttpHeaders }): void {
+    if (req.httpVersionMajor === 2 && bodyLength(req) !== 0) whenAnsweredMidBody(req, res, () => {});
     answerJson(res, refusal.status, refusal.message, refusal.headers);
     req.resume();
     this.#log(req, context, started, { status: refusal.status, bytesIn: 0, bytesOut: 0, error: refusal.error });

@@ -579,7 +579,7 @@ function answersUploadsEarly(status: string): (socket: Socket, first: Buffer) =>
   };
 }
 
-describe('a model server that answers before the whole upload arrived (--mtls_rest_mode terminate)', () => {
+describe('an answer before the whole upload arrived, from the model server or the proxy (--mtls_rest_mode terminate)', () => {
   const UPLOAD_BYTES = 8_000_000;
   let upload: string;
 
@@ -636,6 +636,25 @@ describe('a model server that answers before the whole upload arrived (--mtls_re
           client.socket.destroy();
         }
       }));
+  }
+
+  for (const [answer, path, notReady] of [['503 before the model server is ready', '/v2/models/dummy/infer', true], ['400 for a target with a #fragment', '/v2/models/dummy#x', false]] as const) {
+    test(`HTTP/2, answered by the proxy itself while still uploading (${answer}): END_STREAM, then RST_STREAM(NO_ERROR)`, async () => {
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, ...(notReady ? { notReady: { rest: () => 'model server starting' } } : {}) });
+      const client = await rawH2Client(local.restPort, pki);
+      try {
+        const head = headerBlock({ ':method': 'POST', ':scheme': 'https', ':path': path, ':authority': 'localhost', 'content-length': String(UPLOAD_BYTES) });
+        const part = Array.from({ length: 4 }, () => h2Frame(H2.DATA, 0, 1, Buffer.alloc(16 * 1024, 0x61)));
+        client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 1, head), ...part]));
+        await client.waitForFrame(H2.RST_STREAM);
+        assert.deepEqual(streamFrames(client.frames, 1).filter((f) => f !== 'data'), ['headers', 'end', `reset ${http2Constants.NGHTTP2_NO_ERROR}`]);
+        const line = await local.logs.waitFor((l) => l.event === 'access');
+        assert.equal(line.status, Number(answer.slice(0, 3)));
+      } finally {
+        client.socket.destroy();
+        await local.proxy.shutdown(1000);
+      }
+    });
   }
 
   test('HTTP/2, Node\'s client answered early while it still writes its upload: its stream is reset with NO_ERROR after the whole answer, and the session serves the next request', { timeout: 30_000 }, () =>
