@@ -137,6 +137,7 @@ function notPemKey(bytes: Buffer, path: string): string {
   if (isPkcs12(bytes)) return pkcs12Hint(path);
   if (isDerKey(bytes)) return `holds a DER (binary) key, not PEM (convert it: \`openssl pkey -inform DER -in ${path} -out ${path}.pem\`)`;
   if (bytes.toString('latin1').includes('-----BEGIN CERTIFICATE-----')) return 'holds a certificate, not a private key (--mtls_cert and --mtls_key swapped?)';
+  if (isDerCertificate(bytes)) return 'holds a DER (binary) certificate, not a private key (--mtls_cert and --mtls_key swapped?)';
   return 'is not a PEM private key (expected -----BEGIN PRIVATE KEY-----, or the RSA / EC forms)';
 }
 

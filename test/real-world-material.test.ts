@@ -186,6 +186,7 @@ describe('files that are not what the flag wants get one line naming the file an
     ['an empty key file', () => files('server.pem', 'empty'), /^--mtls_key: \S+empty is empty \(expected a PEM private key/],
     ['an empty CRL file', () => files('server.pem', 'server.key', 'clientca.pem', 'empty'), /^--mtls_crl: \S+empty is empty .*leave --mtls_crl out/],
     ['the certificate given as the key', () => files('server.pem', 'server.pem'), /^--mtls_key: \S+server\.pem holds a certificate, not a private key \(--mtls_cert and --mtls_key swapped\?\)$/],
+    ['a DER certificate given as the key', () => files('server.pem', 'server.der'), /^--mtls_key: \S+server\.der holds a DER \(binary\) certificate, not a private key \(--mtls_cert and --mtls_key swapped\?\)$/],
     ['a PKCS#1 key with Proc-Type: 4,ENCRYPTED', () => files('server.pem', 'rsa-encrypted.key'), /^--mtls_key: \S+rsa-encrypted\.key is encrypted, and the proxy takes no passphrase \(decrypt it: `openssl pkey -in \S+rsa-encrypted\.key -out \S+rsa-encrypted\.key\.plain` asks for the passphrase once\)$/],
     ['an encrypted PKCS#8 key', () => files('server.pem', 'pkcs8-encrypted.key'), /^--mtls_key: \S+pkcs8-encrypted\.key is encrypted, and the proxy takes no passphrase \(decrypt it: `openssl pkey -in \S+pkcs8-encrypted\.key /],
   ];
