@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { eventually } from './helpers/ops.js';
+import { eventually, sample } from './helpers/ops.js';
 import { request as httpsRequest } from 'node:https';
 import type { IncomingMessage } from 'node:http';
 import { clientCredentials, grpcClients, https1, LogCapture, tlsClientOptions } from './helpers/harness.js';
@@ -226,7 +226,7 @@ describe('serving: listeners and the argv OVMS gets', () => {
     }
   });
 
-  test('/readyz stays 503 while OVMS answers on its ports but is still loading its models, and turns 200 once OVMS says ready', async () => {
+  test('/readyz stays 503 and ovms_up 0 while OVMS answers on its ports but is still loading its models; both turn once OVMS says ready', async () => {
     const loaded = join(dir, `models-loaded-${runCounter + 1}`);
     const [adminPort] = (await freeLoopbackPorts(1)) as [number];
     const s = await start(
@@ -238,6 +238,7 @@ describe('serving: listeners and the argv OVMS gets', () => {
       const res = await fetch(`http://127.0.0.1:${adminPort}/readyz`);
       return { status: res.status, report: (await res.json()) as { checks: Record<string, { ok: boolean; detail: string }> } };
     };
+    const ovmsMetrics = async () => (await fetch(`http://127.0.0.1:${adminPort}/metrics`)).text();
     try {
       await s.wrapper.waitForEvent('ovms_ready');
       // Calls are forwarded: OVMS itself answers live, and not ready.
@@ -246,7 +247,10 @@ describe('serving: listeners and the argv OVMS gets', () => {
       const loading = await readyz();
       assert.equal(loading.status, 503);
       assert.match(loading.report.checks['upstream']!.detail, /not ready yet \(loading models\?\): .*\/v2\/health\/ready answered 503; .*ServerReady: not ready/);
+      // Prometheus alone, nothing probing /readyz: ovms_up says what /readyz would.
+      assert.equal(sample(await ovmsMetrics(), 'ovms_mtls_ovms_up'), 0, 'OVMS live but not ready is not up');
       await writeFile(loaded, '');
+      await eventually(async () => sample(await ovmsMetrics(), 'ovms_mtls_ovms_up') === 1, 'ovms_up 1 once the models are loaded');
       await eventually(async () => (await readyz()).status === 200, '/readyz 200 once the models are loaded');
     } finally {
       await stopWrapper(s.wrapper);

@@ -10,7 +10,7 @@ import { createLogger, type Logger } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
 import { combineObservers, type ProxyObserver } from '../observer.js';
-import { upstreamCheck, type CheckResult, type HealthCheck, type ProxyMetrics } from '../operations.js';
+import { updatingOvmsUp, upstreamCheck, type CheckResult, type HealthCheck, type ProxyMetrics } from '../operations.js';
 import { ServingOperations } from './serving-operations.js';
 import { WorkerPool } from '../workers.js';
 import { productVersion } from '../version.js';
@@ -162,7 +162,9 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   };
   // --mtls_workers > 1: forked workers serve and drop privileges themselves; OVMS stays this process's child.
   const workers = config.workers > 1 ? new WorkerPool({ config, material, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current() }) : undefined;
-  const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: () => ovmsReadiness(() => holder.supervisor, upstreamCheck(config)), workers });
+  // ovms_up means what /readyz's upstream check says (models loaded), as in proxy mode, so each scrape runs it.
+  const ovmsReady = (metrics: ProxyMetrics) => updatingOvmsUp(metrics, ovmsReadiness(() => holder.supervisor, upstreamCheck(config)));
+  const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: ovmsReady, workers, scrapeChecksUpstream: true });
   const observer = options.observer ? combineObservers(operations.requestObserver, options.observer) : operations.requestObserver;
   let proxy: RunningProxy;
   try {
@@ -208,8 +210,8 @@ function tellWorkersAboutOvms(supervisor: OvmsSupervisor, workers: WorkerPool): 
   for (const event of ['spawn', 'ready', 'exit', 'retrying', 'restarting'] as const) supervisor.on(event, () => workers.upstreamChanged());
 }
 
+/** ovms_up turns 1 only through the readiness check: OVMS's ports open (the supervisor's 'ready') before its models load. */
 function countSupervisorEvents(supervisor: OvmsSupervisor, metrics: ProxyMetrics): void {
-  supervisor.on('ready', () => metrics.setOvmsUp(true));
   supervisor.on('exit', () => metrics.setOvmsUp(false));
   supervisor.on('restarting', () => metrics.ovmsRestarted());
 }
