@@ -138,10 +138,15 @@ export class ProxyMetrics implements ProxyObserver {
     }
   }
 
+  /** The material in force was loaded: at start too, or the gauge reads 1970 and any alert on its age fires until a reload. */
+  materialLoaded(): void {
+    this.#m.lastReload.set(unixSeconds(new Date()));
+  }
+
   /** A certificate reload finished; `ok` false means the old material stays in use. */
   reloaded(ok: boolean): void {
     this.#m.reloads.inc({ result: ok ? 'success' : 'failure' });
-    if (ok) this.#m.lastReload.set(unixSeconds(new Date()));
+    if (ok) this.materialLoaded();
   }
 
   setOvmsUp(up: boolean): void {

@@ -111,9 +111,10 @@ describe('admin listener', () => {
 });
 
 describe('proxy command with --mtls_admin_port', () => {
-  test('serves metrics that count the traffic it forwards and readiness of its upstream, then exits 0 on SIGTERM', async () => {
+  test('serves metrics that count the traffic it forwards and readiness of its upstream, with the load at start as the last successful TLS load, then exits 0 on SIGTERM', async () => {
     pki = await pkiPromise;
     const upstream = await startUpstream();
+    const spawnedAt = Math.floor(Date.now() / 1000);
     const [restPort, adminPort] = (await freeLoopbackPorts(2)) as [number, number];
     const child = spawn(process.execPath, [BIN, 'proxy',
       '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
@@ -132,6 +133,9 @@ describe('proxy command with --mtls_admin_port', () => {
       const text = (await httpGet(adminPort, '/metrics')).body;
       assert.ok(sample(text, 'ovms_mtls_certificate_expiry_timestamp_seconds', { role: 'server' })! > Date.now() / 1000);
       assert.equal(sample(text, 'ovms_mtls_ovms_up'), 1);
+      assert.equal(sample(text, 'ovms_mtls_tls_reloads_total', { result: 'success' }), 0);
+      const loadedAt = sample(text, 'ovms_mtls_tls_last_reload_success_timestamp_seconds')!;
+      assert.ok(loadedAt >= spawnedAt && loadedAt <= Date.now() / 1000, `the material was loaded at start, not at ${loadedAt}`);
       child.kill('SIGTERM');
       const [code] = await once(child, 'exit');
       assert.equal(code, 0);

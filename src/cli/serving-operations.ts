@@ -40,6 +40,7 @@ export class ServingOperations {
     this.#options = options;
     this.#material = options.material;
     this.metrics.setCertificates(options.material);
+    this.metrics.materialLoaded();
   }
 
   /** What the data path reports to: the metrics, or nothing when no admin port would ever serve them. */
