@@ -188,6 +188,8 @@ export class H1Front implements Drainable {
   readonly #latest = new WeakMap<Socket, IncomingMessage>();
   /** What Node's parser refused behind requests still in flight: answered, and the connection closed, once they are. */
   readonly #refuseAfterAnswers = new WeakMap<Socket, Refusal>();
+  /** socket.bytesRead when its last request in flight was answered. */
+  readonly #readAtRest = new WeakMap<Socket, number>();
   #draining = false;
 
   readonly #observer: ProxyObserver;
@@ -212,7 +214,10 @@ export class H1Front implements Drainable {
     this.#server.emit('listening');
     // Any socket timeout (ours above, Node's keep-alive one) lands here; without a listener Node would cut a busy connection too.
     this.#server.on('timeout', (socket: Socket) => {
-      if ((this.#active.get(socket) ?? 0) === 0) socket.destroy();
+      if ((this.#active.get(socket) ?? 0) > 0) return;
+      // Node's headersTimeout check would answer a head that stopped arriving up to a quarter of the timeout later: closing it as idle first left no answer and no access line.
+      if (this.#headArriving(socket)) this.#refuse(socket, { status: 408, message: headStalledMessage(idleMs), error: 'client_header_timeout' });
+      else socket.destroy();
     });
     this.#server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
       // A client that leaves in the middle of a body (an upload it gave up, once answered early) has a request with its own access line: no answer, no second line.
@@ -225,6 +230,11 @@ export class H1Front implements Drainable {
       if (this.#owesAnswers(socket)) this.#refuseAfterAnswers.set(socket, refusal);
       else this.#refuse(socket, refusal);
     });
+  }
+
+  /** Bytes came after the last answer and made no request yet: part of a head. */
+  #headArriving(socket: Socket): boolean {
+    return socket.bytesRead > (this.#readAtRest.get(socket) ?? 0);
   }
 
   /** The connection ended while the body of a request we took was still arriving. */
@@ -305,6 +315,7 @@ export class H1Front implements Drainable {
       const left = active - 1;
       this.#active.set(socket, left);
       if (left > 0) return;
+      this.#readAtRest.set(socket, socket.bytesRead);
       const refusal = this.#refuseAfterAnswers.get(socket);
       if (refusal) this.#refuse(socket, refusal);
       else if (closing()) socket.end();

@@ -302,7 +302,11 @@ class RelayedHttp1Connection implements RelayedConnection {
       return;
     }
     if (this.#receiving === undefined) {
-      if (this.#exchanges.length === 0) this.#end();
+      // The socket's timer and the head deadline expire together, and this one fires first: a head that stopped arriving gets its 408, not an idle close.
+      if (this.#headDeadline !== undefined) {
+        this.#stopHeadDeadline();
+        this.#headStalled();
+      } else if (this.#exchanges.length === 0) this.#end();
       return;
     }
     const { client, limits } = this.#parts;
