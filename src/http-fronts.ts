@@ -232,9 +232,9 @@ export class H1Front implements Drainable {
     });
   }
 
-  /** Bytes came after the last answer and made no request yet: part of a head. */
+  /** Bytes came after the last answer and made no request yet: part of a head (not the rest of a body answered early, read and dropped). */
   #headArriving(socket: Socket): boolean {
-    return socket.bytesRead > (this.#readAtRest.get(socket) ?? 0);
+    return socket.bytesRead > (this.#readAtRest.get(socket) ?? 0) && this.#latest.get(socket)?.complete !== false;
   }
 
   /** The connection ended while the body of a request we took was still arriving. */

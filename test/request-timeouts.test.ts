@@ -354,6 +354,29 @@ describe('a request head that does not arrive in time', () => {
       }
     });
 
+    if (restMode === 'terminate') {
+      test('--mtls_rest_mode terminate: an upload answered early (413) whose client then goes quiet mid-body is closed as idle: no 408 after the 413, one access line', { timeout: 20_000 }, async () => {
+        const upstream = await scriptedUpstream((socket) => socket.write('HTTP/1.1 413 Payload Too Large\r\ncontent-length: 5\r\n\r\nlarge'));
+        const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+        try {
+          const socket = await openRaw(local.restPort);
+          const text = readToClose(socket);
+          socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ncontent-length: 200000\r\n\r\n${'x'.repeat(STREAMED_BYTES)}`);
+          await once(socket, 'data');
+          // The rest of the body, part of it, after the answer: read and dropped, then nothing more.
+          socket.write('x'.repeat(1000));
+          const answer = await text;
+          assert.match(answer, /^HTTP\/1\.1 413 Payload Too Large\r\n/);
+          assert.doesNotMatch(answer, /408/);
+          await eventually(() => local.logs.lines.some((l) => l.event === 'access'), 'the access line');
+          assert.deepEqual(local.logs.lines.filter((l) => l.event === 'access').map((l) => [l.status, l.error]), [[413, undefined]]);
+        } finally {
+          await local.proxy.shutdown(1000);
+          upstream.close();
+        }
+      });
+    }
+
     test(`--mtls_rest_mode ${restMode}: a kept-alive connection quiet between requests is closed as idle, without a 408`, { timeout: 20_000 }, async () => {
       const model: ModelServer = await startUpstream({ grpcPort: null });
       const local = await startTestProxy({ pki, upstream: { restPort: model.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
