@@ -23,8 +23,6 @@ export interface CheckReport {
   readonly findings: readonly Finding[];
 }
 
-const SERVER_AUTH_OID = '1.3.6.1.5.5.7.3.1';
-const ANY_EKU_OID = '2.5.29.37.0';
 // OpenSSL's security level 2, the default on Debian and Ubuntu, refuses smaller RSA keys.
 const MIN_RSA_BITS = 2048;
 
@@ -60,10 +58,6 @@ function serverFindings(m: TlsMaterial, now: Date): Finding[] {
   }
   const missingIssuer = chainEndNote(m, serverChainOf(m));
   if (missingIssuer) findings.push({ level: 'info', text: missingIssuer });
-  const eku = cert.keyUsage;
-  if (eku && !eku.includes(SERVER_AUTH_OID) && !eku.includes(ANY_EKU_OID)) {
-    findings.push({ level: 'warn', text: `server certificate ${m.files.cert} has an extended key usage without serverAuth: strict clients refuse it` });
-  }
   return findings;
 }
 

@@ -199,6 +199,18 @@ function checkServerCert(cert: X509Certificate, path: string, now: Date): void {
   if (cert.ca) {
     throw new TlsMaterialError(`--mtls_cert: ${path} is a CA certificate; clients (Go, rustls, browsers) refuse CA certificates as server certificates - issue a leaf certificate`);
   }
+  if (!allowsServerAuth(cert)) {
+    throw new TlsMaterialError(`--mtls_cert: ${path} is not a server certificate (its extended key usage lacks serverAuth, as a client certificate's does); every client refuses it ("unsuitable certificate purpose"): give the server certificate (server.pem of \`ovms-mtls certs init\`)`);
+  }
+}
+
+const SERVER_AUTH_OID = '1.3.6.1.5.5.7.3.1';
+const ANY_EKU_OID = '2.5.29.37.0';
+
+/** OpenSSL clients check the purpose of the server's certificate: an EKU, when present, must name serverAuth. */
+function allowsServerAuth(cert: X509Certificate): boolean {
+  const eku = cert.keyUsage;
+  return !eku || eku.includes(SERVER_AUTH_OID) || eku.includes(ANY_EKU_OID);
 }
 
 function checkClientCas(cas: X509Certificate[], path: string): void {

@@ -1,6 +1,9 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
+import type { AddressInfo } from 'node:net';
+import { connect as tlsConnect, createServer as createTlsServer } from 'node:tls';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { runCli, runCommand } from './helpers/cli.js';
@@ -61,6 +64,22 @@ async function openssl(args: string[], mayFail = false): Promise<string> {
   return out;
 }
 
+/** The error code a Node TLS client trusting `files.clientCa` gets from a plain TLS server serving `files.cert`. */
+async function nodeClientErrorAgainst(files: TlsFiles): Promise<string | undefined> {
+  const server = createTlsServer({ cert: await readFile(files.cert), key: await readFile(files.key) }, (socket) => socket.end());
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  try {
+    const { port } = server.address() as AddressInfo;
+    return await new Promise((resolve) => {
+      const socket = tlsConnect({ host: '127.0.0.1', port, ca: readFileSync(files.clientCa), checkServerIdentity: () => undefined });
+      socket.once('secureConnect', () => { socket.destroy(); resolve(undefined); });
+      socket.once('error', (err: NodeJS.ErrnoException) => resolve(err.code));
+    });
+  } finally {
+    server.close();
+  }
+}
+
 describe('ovms-mtls check', () => {
   test('a good set exits 0 and reports the server names, how long the certificate lives, the client CA and the CRL', async () => {
     const result = await runCli(['check', ...flags(goodFiles())]);
@@ -106,6 +125,13 @@ describe('ovms-mtls check', () => {
 
   test('a key that does not match the certificate is reported', async () => {
     await assertRefused({ ...goodFiles(), key: pki.paths['client.key']! }, /--mtls_key: .*client\.key does not match --mtls_cert .*server\.pem/);
+  });
+
+  test('a client certificate given as the server certificate is refused, as every OpenSSL client refuses it (Node included)', async () => {
+    const files = { ...goodFiles(), cert: pki.paths['client.pem']!, key: pki.paths['client.key']! };
+    assert.match(await openssl(['verify', '-purpose', 'sslserver', '-CAfile', files.clientCa, files.cert], true), /unsuitable certificate purpose/);
+    assert.equal(await nodeClientErrorAgainst(files), 'INVALID_PURPOSE');
+    await assertRefused(files, /--mtls_cert: .*client\.pem is not a server certificate \(its extended key usage lacks serverAuth/);
   });
 
   test('a server certificate file whose chain is in the wrong order or from the wrong CA is reported', async () => {

@@ -95,6 +95,9 @@ describe('proxy command line', () => {
   const cases: [string, () => string[], RegExp][] = [
     ['a missing certificate file', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', '/nonexistent/server.pem', '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!], /^ovms-mtls: --mtls_cert: \/nonexistent\/server\.pem does not exist/],
     ['a key that does not match the certificate', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!], /--mtls_key: .*client\.key does not match --mtls_cert .*server\.pem \(check you mounted the pair\)/],
+    // A client certificate as --mtls_cert: the proxy served it and every client failed with "unsuitable certificate purpose".
+    ['the client certificate given as the server certificate', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', pki.paths['client.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!],
+      /^ovms-mtls: --mtls_cert: .*client\.pem is not a server certificate \(its extended key usage lacks serverAuth, as a client certificate's does\).*give the server certificate/],
     ['an upstream that is not host:port', () => ['--port', '1', '--mtls_grpc_upstream', 'localhost', ...tlsFlags()], /--mtls_grpc_upstream: 'localhost' is not host:port/],
     ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
     ['a stray word after a boolean option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()],
