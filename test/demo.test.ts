@@ -3,9 +3,13 @@ import assert from 'node:assert/strict';
 import { spawn, execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync } from 'node:fs';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { createServer, type AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
-import { BIN } from './helpers/cli.js';
+import { BIN, runCli } from './helpers/cli.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 
 const run = promisify(execFile);
@@ -40,5 +44,34 @@ test('demo starts certificates, a model server and the proxy, and every printed 
     assert.equal(existsSync(certDir), false);
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');
+  }
+});
+
+test('demo with a bad --mtls_log_level exits 2 with one line and leaves no temporary directory behind', async () => {
+  const scratch = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-test-'));
+  try {
+    const res = await runCli(['demo', '--mtls_log_level', 'loud', '--port', '0', '--rest_port', '0'], { env: { ...process.env, TMPDIR: scratch } });
+    assert.equal(res.code, 2, res.stderr);
+    assert.equal(res.stderr, "ovms-mtls: --mtls_log_level: 'loud' is not one of fatal, error, warn, info, debug, trace, silent\n");
+    assert.deepEqual(await readdir(scratch), []);
+  } finally {
+    await rm(scratch, { recursive: true, force: true });
+  }
+});
+
+test('demo --dir on a directory that holds a certificate set exits 2 with one line and leaves the set as it was', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-dir-'));
+  try {
+    assert.equal((await runCli(['certs', 'init', '--dir', dir])).code, 0);
+    const caKey = await readFile(join(dir, 'client_cert_ca.key'));
+    // A port in use ends a demo that went ahead and overwrote the set, instead of leaving it running.
+    const taken = createServer();
+    await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+    const res = await runCli(['demo', '--dir', dir, '--port', String((taken.address() as AddressInfo).port), '--rest_port', '0']).finally(() => taken.close());
+    assert.equal(res.code, 2, res.stdout + res.stderr);
+    assert.match(res.stderr, /^ovms-mtls: demo --dir: .*server\.pem already exists \(and 8 more of the files to write\); the demo writes a new set and keeps no existing one: give a new or empty --dir\n$/);
+    assert.deepEqual(await readFile(join(dir, 'client_cert_ca.key')), caKey);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
   }
 });

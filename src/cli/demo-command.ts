@@ -6,14 +6,16 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { certsInit } from '../certs-command.js';
-import { DEFAULTS, EMPTY_ALLOW_LIST, parsePort, type Config } from '../config.js';
-import { createLogger } from '../log.js';
+import { CERT_FILES, certsInit } from '../certs-command.js';
+import { assertAbsent } from '../certs-command/files.js';
+import { DEFAULTS, EMPTY_ALLOW_LIST, parseChoice, parsePort, type Config } from '../config.js';
+import { ConfigError } from '../errors.js';
+import { createLogger, LOG_LEVELS } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy } from '../proxy.js';
 import { startModelServer } from '../demo/model-server.js';
 import { PROTO_DIR } from '../demo/grpc-client.js';
-import type { OptionSpec } from '../options.js';
+import type { OptionSpec, RawOptions } from '../options.js';
 import { parseCommandLine } from './options-parser.js';
 import { waitForStopSignal } from './lifecycle.js';
 import type { Io } from './main.js';
@@ -21,7 +23,7 @@ import type { Io } from './main.js';
 const DEMO_OPTIONS: readonly OptionSpec[] = [
   { name: 'port', type: 'number', describe: 'Public gRPC port', defaultDescription: '9443' },
   { name: 'rest_port', type: 'number', describe: 'Public REST port', defaultDescription: '8443' },
-  { name: 'dir', type: 'string', describe: 'Keep the demo certificates in this directory', defaultDescription: 'a temporary directory, removed on exit' },
+  { name: 'dir', type: 'string', describe: 'Keep the demo certificates in this directory (a new or empty one: an existing set is never overwritten)', defaultDescription: 'a temporary directory, removed on exit' },
   { name: 'mtls_log_level', type: 'string', describe: 'Log level of the proxy', defaultDescription: 'warn' },
 ];
 
@@ -72,14 +74,26 @@ Press Ctrl-C to stop.
 `;
 }
 
+/** A --dir that already holds certificates may hold CA keys in use: the demo never overwrites them. */
+async function assertNoCertificateSet(dir: string): Promise<void> {
+  try {
+    await assertAbsent(dir, Object.values(CERT_FILES));
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    throw new ConfigError(`demo --dir: ${err.message.replace(/; pass --force to overwrite$/, '')}; the demo writes a new set and keeps no existing one: give a new or empty --dir`);
+  }
+}
+
 export async function runDemoCommand(argv: readonly string[], io: Io): Promise<number> {
   const parsed = await parseCommandLine(argv, DEMO_OPTIONS, USAGE);
   const grpcPort = parsed['port'] === undefined ? 9443 : parsePort('port', parsed['port']);
   const restPort = parsed['rest_port'] === undefined ? 8443 : parsePort('rest_port', parsed['rest_port']);
+  // Checked before the temporary directory exists: a bad value would otherwise leave it behind.
+  const logLevel = parseChoice(parsed as RawOptions, 'mtls_log_level', LOG_LEVELS, 'warn');
   const keep = typeof parsed['dir'] === 'string';
   const certDir = keep ? resolve(String(parsed['dir'])) : await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-'));
-  const logLevel = (parsed['mtls_log_level'] ?? 'warn') as Config['logLevel'];
   const logger = createLogger({ level: logLevel });
+  if (keep) await assertNoCertificateSet(certDir);
   await certsInit({ dir: certDir, force: true });
   const model = await startModelServer({ grpcPort: 0, restPort: 0 });
   try {
