@@ -50,6 +50,7 @@ export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, 
   if (code === 'ETIMEDOUT' || code === 'PROBE_TIMEOUT') return { layer: 'network', cause: `no answer from ${at} within ${target.timeoutMs} ms (firewall, or the wrong host)` };
   if (UNTRUSTED_SERVER.has(code)) return { layer: 'server certificate', cause: `the server certificate is not trusted by --mtls_ca (${code}): pass the CA that issued the server certificate` };
   if (code === 'CERT_HAS_EXPIRED') return { layer: 'server certificate', cause: 'the server certificate has expired: renew it on the server' };
+  if (code === 'INVALID_PURPOSE') return { layer: 'server certificate', cause: 'the server certificate is not for servers (its extended key usage lacks serverAuth; a client certificate?): give the server its server certificate' };
   if (code === 'CERT_NOT_YET_VALID') return { layer: 'server certificate', cause: 'the server certificate is not valid yet: check the clocks' };
   if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') return { layer: 'server certificate', cause: `the server certificate does not name ${target.servername} (${err.message}); use --servername or reissue it with that SAN` };
   if (code === 'ERR_SSL_WRONG_VERSION_NUMBER' || code === 'ERR_SSL_PACKET_LENGTH_TOO_LONG' || /wrong version number|packet length too long|http request/i.test(err.message)) {

@@ -127,6 +127,17 @@ describe('probe', () => {
     assert.match(out, /-> server certificate layer: the server certificate is not trusted by --mtls_ca/);
   });
 
+  test('a server serving a client certificate is the server certificate layer, not the network', async () => {
+    const { server, port } = await bareTlsServer({ cert: pki.client.certPem, key: pki.client.keyPem });
+    try {
+      const { code, out } = await probe(['--rest_port', String(port), ...clientFlags('client', 'client_cert_ca')]);
+      assert.equal(code, 1);
+      assert.match(out, /FAIL {2}rest {2}TLS handshake with 127\.0\.0\.1:\d+: INVALID_PURPOSE\n {6}-> server certificate layer: the server certificate is not for servers \(its extended key usage lacks serverAuth/);
+    } finally {
+      server.close();
+    }
+  });
+
   test('ports mixed up are reported as the protocol layer: REST on the gRPC port, TLS on a plain port, gRPC on the REST port', async () => {
     const restOnGrpc = await probe(['--rest_port', String(front.grpcPort), ...clientFlags()]);
     assert.match(restOnGrpc.out, /-> protocol layer: this is the gRPC port/);
