@@ -90,6 +90,31 @@ describe('single executable', () => {
     assert.match(stdout, /^probe: all 7 steps passed$/m);
   });
 
+  test('its demo prints a probe command that works as pasted next to the executable alone (no bin/ovms-mtls there)', async () => {
+    const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+    const demo = spawn(exe, ['demo', '--port', String(grpcPort), '--rest_port', String(restPort)], { cwd: dir, env: bareEnv, stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      let out = '';
+      demo.stdout!.setEncoding('utf8');
+      await new Promise<void>((resolve, reject) => {
+        demo.stdout!.on('data', (chunk: string) => {
+          out += chunk;
+          if (out.includes('Press Ctrl-C')) resolve();
+        });
+        demo.once('exit', (code) => reject(new Error(`demo exited ${code}: ${out}`)));
+      });
+      const probeLine = out.split('\n').map((line) => line.trim()).find((line) => / probe --host /.test(line));
+      assert.ok(probeLine, out);
+      const { stdout } = await run('/bin/sh', ['-c', probeLine], { cwd: dir, env: bareEnv });
+      assert.match(stdout, /^probe: all 7 steps passed$/m);
+      demo.kill('SIGINT');
+      const [code] = await once(demo, 'exit');
+      assert.equal(code, 0);
+    } finally {
+      if (demo.exitCode === null) demo.kill('SIGKILL');
+    }
+  });
+
   test('stops on SIGTERM with exit code 0', async () => {
     child!.kill('SIGTERM');
     const [code] = await once(child!, 'exit');

@@ -5,6 +5,7 @@
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { isSea } from 'node:sea';
 import { join, resolve } from 'node:path';
 import { CERT_FILES, certsInit } from '../certs-command.js';
 import { assertAbsent } from '../certs-command/files.js';
@@ -46,8 +47,13 @@ function demoConfig(certDir: string, ports: { grpc: number; rest: number }, upst
   };
 }
 
+/** The command that runs this CLI again: the single executable has no bin/ovms-mtls beside it. */
+function ownCommand(): string {
+  return isSea() ? process.execPath : 'bin/ovms-mtls';
+}
+
 /** The commands printed for the user, with the real paths and ports filled in. */
-export function demoInstructions(certDir: string, grpcPort: number, restPort: number): string {
+export function demoInstructions(certDir: string, grpcPort: number, restPort: number, cli = ownCommand()): string {
   const tls = `--cacert ${certDir}/server_ca.pem --cert ${certDir}/client.pem --key ${certDir}/client.key`;
   const infer = `'{"inputs":[{"name":"b","shape":[1,10],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9,10]}]}'`;
   return `
@@ -65,7 +71,7 @@ Refused without a client certificate (the proxy logs why):
   curl -sS --cacert ${certDir}/server_ca.pem https://localhost:${restPort}/v2/health/ready
 
 gRPC (KServe ServerLive/ServerReady/ModelMetadata) like a client would:
-  bin/ovms-mtls probe --host localhost --port ${grpcPort} --rest_port ${restPort} --mtls_cert ${certDir}/client.pem --mtls_key ${certDir}/client.key --mtls_ca ${certDir}/server_ca.pem --model dummy
+  ${cli} probe --host localhost --port ${grpcPort} --rest_port ${restPort} --mtls_cert ${certDir}/client.pem --mtls_key ${certDir}/client.key --mtls_ca ${certDir}/server_ca.pem --model dummy
 
 gRPC with grpcurl, if you have it:
   grpcurl -cacert ${certDir}/server_ca.pem -cert ${certDir}/client.pem -key ${certDir}/client.key -import-path ${PROTO_DIR} -proto kserve_v2.proto localhost:${grpcPort} inference.GRPCInferenceService/ServerReady
