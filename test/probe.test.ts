@@ -11,7 +11,7 @@ import { createServer as createTlsServer, type Server as TlsServer, type TlsOpti
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { BIN, runCli } from './helpers/cli.js';
+import { BIN, cleanEnv, runCli } from './helpers/cli.js';
 import { eventually } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -234,6 +234,13 @@ describe('probe', () => {
     const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags(), '--timeout', '99999999999']);
     assert.equal(res.code, 2, res.stdout);
     assert.equal(res.stderr, "ovms-mtls: --timeout: '99999999999' is not a number of seconds > 0 and <= 2000000\n");
+  });
+
+  test('in the container, where OVMS_MTLS_CERT names the server certificate, a missing --mtls_cert does not blame that variable, which probe never reads', async () => {
+    const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', '1', '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!],
+      { env: { ...cleanEnv(), OVMS_MTLS_CERT: pki.paths['server.pem']! } });
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, 'ovms-mtls: --mtls_cert is required (a PEM file; `ovms-mtls certs init` makes client.pem, client.key and server_ca.pem)\n');
   });
 
   test('the built CLI exits 0 on success and a missing client key is a one-line usage error with exit 2', async () => {

@@ -63,6 +63,8 @@ const OPTION_NAMES = new Set(ALL_OPTIONS.map((spec) => spec.name));
  * what the user has to change (a Kubernetes manifest, an EnvironmentFile).
  */
 export function userErrorLine(message: string, argv: readonly string[], env: NodeJS.ProcessEnv): string {
+  // probe reads no OVMS_MTLS_* (in the container they describe the server): naming one would mislead.
+  if (argv[0] === 'probe') return message;
   const name = /^--([a-z_]+)\b/.exec(message)?.[1];
   if (name === undefined || !OPTION_NAMES.has(name)) return message;
   const onCommandLine = argv.some((arg) => arg === `--${name}` || arg.startsWith(`--${name}=`));
