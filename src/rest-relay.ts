@@ -110,8 +110,9 @@ const hasOption = (options: readonly string[], name: string): boolean => options
 /**
  * The Host field's value. RFC 9112 3.2: an HTTP/1.1 request without a Host
  * field, or with more than one, gets 400; so does an HTTP/1.0 one with more
- * than one, from which the model server would have to pick. As in terminate
- * mode, where Node's server refuses the first.
+ * than one, from which the model server would have to pick. Terminate mode
+ * answers both the same: Node's server refuses a missing Host, RestForwarder
+ * a second one.
  */
 function hostOf(head: Http1Head): string | undefined {
   const hosts = head.values('host');
