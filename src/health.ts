@@ -69,9 +69,11 @@ export function certificatesCheck(material: () => TlsMaterial, now: () => Date =
  */
 export function upstreamCheck(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs = 2000): HealthCheck {
   return async () => {
-    const results: CheckResult[] = [];
-    if (config.rest) results.push(await restReady(config.rest.upstream, timeoutMs));
-    if (config.grpc) results.push(await grpcServerReady(config.grpc.upstream, timeoutMs));
+    // Both at once: a model server that answers neither takes one timeout, not two, within the kubelet's probe timeout or the scrape's.
+    const results = await Promise.all([
+      ...(config.rest ? [restReady(config.rest.upstream, timeoutMs)] : []),
+      ...(config.grpc ? [grpcServerReady(config.grpc.upstream, timeoutMs)] : []),
+    ]);
     return { ok: results.every((r) => r.ok), detail: results.map((r) => r.detail).join('; ') };
   };
 }

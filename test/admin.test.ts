@@ -2,6 +2,9 @@ import { test, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer as createH2cServer } from 'node:http2';
+import type { AddressInfo } from 'node:net';
 import { createInterface } from 'node:readline';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, https1, startTestProxy, startUpstream } from './helpers/harness.js';
@@ -36,6 +39,36 @@ describe('admin listener', () => {
       assert.equal((await httpGet(admin.port, '/metrics', 'POST')).status, 405);
     } finally {
       await admin.close();
+    }
+  });
+
+  test('the upstream check asks REST and gRPC at once: a model server whose REST answer waits on its gRPC one is ready, not a REST timeout', async () => {
+    pki = await pkiPromise;
+    let grpcAsked!: () => void;
+    const grpcWasAsked = new Promise<void>((resolve) => (grpcAsked = resolve));
+    const rest = createHttpServer((req, res) => {
+      req.resume();
+      void grpcWasAsked.then(() => res.end('ready'));
+    });
+    const grpc = createH2cServer();
+    grpc.on('stream', (stream) => {
+      grpcAsked();
+      stream.resume();
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+      // ServerReadyResponse{ready: true} in one gRPC message.
+      stream.end(Buffer.from([0, 0, 0, 0, 2, 0x08, 0x01]));
+    });
+    rest.listen(0, '127.0.0.1');
+    grpc.listen(0, '127.0.0.1');
+    await Promise.all([once(rest, 'listening'), once(grpc, 'listening')]);
+    try {
+      const config = baseConfig({ pki, upstream: { restPort: (rest.address() as AddressInfo).port, grpcPort: (grpc.address() as AddressInfo).port } });
+      const result = await upstreamCheck(config, 1000)();
+      assert.equal(result.ok, true, result.detail);
+    } finally {
+      rest.close();
+      grpc.close();
     }
   });
 
