@@ -6,7 +6,7 @@
 import type { X509Certificate } from 'node:crypto';
 import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
-import { loadTlsMaterialSync, parseCertificates, validTo, type TlsMaterial } from './tls-material.js';
+import { loadTlsMaterialSync, validTo, type TlsMaterial } from './tls-material.js';
 import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
 import { commonName, issuedBy, subjectCn } from './tls-checks.js';
 
@@ -56,7 +56,7 @@ function serverFindings(m: TlsMaterial, now: Date): Finding[] {
   if (rsaBits !== undefined && rsaBits < MIN_RSA_BITS) {
     findings.push({ level: 'warn', text: `server certificate ${m.files.cert} has a ${rsaBits}-bit RSA key: OpenSSL clients at security level 2 (Debian's and Ubuntu's default: curl, Python, openssl s_client) refuse it as "key too weak"; reissue it with ${MIN_RSA_BITS} bits or more (\`ovms-mtls certs init --key rsa2048\`, or the default EC key)` });
   }
-  const missingIssuer = chainEndNote(m, serverChainOf(m));
+  const missingIssuer = chainEndNote(m);
   if (missingIssuer) findings.push({ level: 'info', text: missingIssuer });
   return findings;
 }
@@ -66,32 +66,26 @@ function serverFindings(m: TlsMaterial, now: Date): Finding[] {
  * the root fail ("unable to get local issuer certificate"); the proxy cannot tell a root from an
  * intermediate it does not hold, so name the CA clients must trust.
  */
-function chainEndNote(m: TlsMaterial, serverChain: readonly X509Certificate[]): string | undefined {
+function chainEndNote(m: TlsMaterial): string | undefined {
   const cert = m.serverCert;
-  if (serverChain.length > 1 || cert.checkIssued(cert)) return undefined;
+  if (m.serverChain.length > 1 || cert.checkIssued(cert)) return undefined;
   return `server certificate file ${m.files.cert} holds no CA certificate: clients must trust ${issuerCn(cert)} itself; if that is an intermediate CA, append it after the server certificate, or clients fail with "unable to get local issuer certificate"`;
 }
 
 /** One CA may sign servers and clients; but the server's issuing CA as the only client CA is often cert-manager's ca.crt taken from the server's secret. */
-function serverIssuerNote(ca: X509Certificate, serverChain: readonly X509Certificate[], m: TlsMaterial): Finding | undefined {
-  if (!serverChain.some((cert) => issuedBy(cert, ca))) return undefined;
+function serverIssuerNote(ca: X509Certificate, m: TlsMaterial): Finding | undefined {
+  if (!m.serverChain.some((cert) => issuedBy(cert, ca))) return undefined;
   return {
     level: 'info',
     text: `client CA ${subjectCn(ca)} also issued the server certificate or its chain: right if it also issues the client certificates; if ${m.files.clientCa} is the ca.crt of the server's secret, clients are refused as unknown_ca (give the CA that issues the client certificates)`,
   };
 }
 
-/** The server certificate file as loaded: leaf first, then the chain it carries. */
-function serverChainOf(m: TlsMaterial): X509Certificate[] {
-  return parseCertificates(m.cert.toString('latin1'), 'mtls_cert', m.files.cert);
-}
-
 function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
   const count = `${m.clientCas.length} CA${m.clientCas.length === 1 ? '' : 's'}`;
   const findings: Finding[] = [{ level: 'ok', text: `client CA bundle ${m.files.clientCa}: ${count}` }];
-  const serverChain = serverChainOf(m);
   for (const ca of m.clientCas) {
-    const shared = serverIssuerNote(ca, serverChain, m);
+    const shared = serverIssuerNote(ca, m);
     if (shared) findings.push(shared);
     const expired = validTo(ca) <= now;
     findings.push({

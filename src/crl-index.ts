@@ -27,8 +27,7 @@ export interface CrlInfo {
 /** Each `X509 CRL` block of a PEM file; the one pattern every CRL reader here splits files with. */
 export const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
 
-/** 2.5.29.27, Delta CRL Indicator (contents octets of the OID). */
-const DELTA_CRL_INDICATOR_OID = '551d1b';
+const DELTA_CRL_INDICATOR_OID = '2.5.29.27';
 const TAG_CRL_EXTENSIONS = 0xa0;
 
 /** Signature algorithm OIDs (hex of the OID contents) -> hash for crypto.verify; null = the key decides (Ed25519). */
@@ -70,16 +69,22 @@ function parseOneCrl(pem: string, index: number): CrlInfo {
     signatureAlgorithm: readTlvs(algorithm.value)[0]?.value.toString('hex') ?? '',
     // BIT STRING: the first octet counts unused bits (always 0 for signatures).
     signature: signature.value.subarray(1),
-    delta: extensionOids(fields).includes(DELTA_CRL_INDICATOR_OID),
+    delta: extensionsIn(fields, TAG_CRL_EXTENSIONS).some((extension) => extension.oid === DELTA_CRL_INDICATOR_OID),
   };
 }
 
-/** OIDs (hex of their contents) of the crlExtensions, the [0] field that ends a v2 CRL's TBS. */
-function extensionOids(tbsFields: readonly Tlv[]): string[] {
-  const wrapper = tbsFields.find((field) => field.tag === TAG_CRL_EXTENSIONS);
+/**
+ * The extensions of a TBS: its `wrapperTag` field (a v2 CRL's [0] crlExtensions, a v3
+ * certificate's [3] extensions) holds a SEQUENCE of Extension { OID, critical BOOLEAN
+ * DEFAULT FALSE, value }.
+ */
+function extensionsIn(tbsFields: readonly Tlv[], wrapperTag: number): { oid: string; critical: boolean }[] {
+  const wrapper = tbsFields.find((field) => field.tag === wrapperTag);
   if (!wrapper) return [];
-  const extensions = readTlvs(readSingleTlv(wrapper.value).value);
-  return extensions.map((extension) => readTlvs(extension.value)[0]).filter((oid) => oid?.tag === TAG_OID).map((oid) => oid!.value.toString('hex'));
+  return readTlvs(readSingleTlv(wrapper.value).value)
+    .map((extension) => readTlvs(extension.value))
+    .filter(([oid]) => oid?.tag === TAG_OID)
+    .map(([oid, critical]) => ({ oid: dottedOid(oid!.value), critical: critical?.tag === TAG_BOOLEAN && critical.value[0] !== 0 }));
 }
 
 /** Issuer and subject Name DER (hex) of a certificate, from its raw DER. */
@@ -106,15 +111,11 @@ const TAG_CERT_EXTENSIONS = 0xa3;
 /** Dotted OIDs of the extensions a certificate marks critical that OpenSSL cannot process. */
 export function unsupportedCriticalExtensions(der: Buffer): string[] {
   const [tbs] = readTlvs(readSingleTlv(der).value);
-  const wrapper = tbs && readTlvs(tbs.value).find((field) => field.tag === TAG_CERT_EXTENSIONS);
-  if (!wrapper) return [];
-  return readTlvs(readSingleTlv(wrapper.value).value)
-    .map((extension) => readTlvs(extension.value))
-    .filter(([oid, critical]) => oid?.tag === TAG_OID && critical?.tag === TAG_BOOLEAN && critical.value[0] !== 0)
-    .map(([oid]) => dottedOid(oid!.value))
-    .filter((oid) => !OPENSSL_CRITICAL_EXTENSIONS.has(oid));
+  if (!tbs) return [];
+  return extensionsIn(readTlvs(tbs.value), TAG_CERT_EXTENSIONS)
+    .filter((extension) => extension.critical && !OPENSSL_CRITICAL_EXTENSIONS.has(extension.oid))
+    .map((extension) => extension.oid);
 }
-
 
 /**
  * Whether `ca` signed the CRL: true, false, or undefined when the signature

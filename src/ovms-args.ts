@@ -37,14 +37,16 @@ export interface SplitOvmsArgv {
 /** OVMS flags that make it do one job and exit instead of serving. */
 export const NON_SERVING_FLAGS: readonly string[] = ['version', 'pull', 'list_models', 'add_to_config', 'remove_from_config', 'configure'];
 
+/** Non-serving flags that took a path in later OVMS releases: in neither list below. */
+const FLAG_OR_VALUE = new Set(['add_to_config', 'remove_from_config']);
+
 /**
  * OVMS's boolean flags (cxxopts `value<bool>`, implicit value true): they take a value only
- * as `--flag=value` and never consume the next argument. The non-serving ones are above;
- * `--add_to_config`/`--remove_from_config` took a path in later releases, so they are in
- * neither list.
+ * as `--flag=value` and never consume the next argument.
  */
 const OVMS_FLAGS = new Set([
-  'help', 'version', 'pull', 'list_models', 'configure', 'metrics_enable', 'allow_credentials', 'overwrite_models',
+  ...NON_SERVING_FLAGS.filter((flag) => !FLAG_OR_VALUE.has(flag)),
+  'help', 'metrics_enable', 'allow_credentials', 'overwrite_models',
   'stateful', 'idle_sequence_cleanup', 'low_latency_transformation', 'draft_eagle3_mode',
 ]);
 

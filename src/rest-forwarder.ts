@@ -88,29 +88,31 @@ export class RestForwarder {
       this.#refuse(req, res, context, started, { status: 503, message: notReady, error: 'not_ready', headers: { 'retry-after': '1' } });
       return;
     }
-    const refusal = req.httpVersionMajor === 1 && hostLines(req.rawHeaders) > 1 ? SECOND_HOST : routingRefusal(req.url ?? '', requestAuthority(req.url ?? '', req.headers));
+    // Read once: the check and the Host line the model server gets are the same authority.
+    const authority = requestAuthority(req.url ?? '', req.headers);
+    const refusal = req.httpVersionMajor === 1 && hostLines(req.rawHeaders) > 1 ? SECOND_HOST : routingRefusal(req.url ?? '', authority);
     if (refusal) {
       this.#refuse(req, res, context, started, { status: 400, ...refusal });
       return;
     }
     if (req.httpVersionMajor === 2 && this.#cancels.defers(context)) {
-      setImmediate(() => this.#forwardUnlessReset(req as Http2ServerRequest, res, context, started));
+      setImmediate(() => this.#forwardUnlessReset(req as Http2ServerRequest, res, context, started, authority));
       return;
     }
-    this.#forward(req, res, context, started);
+    this.#forward(req, res, context, started, authority);
   }
 
-  #forwardUnlessReset(req: Http2ServerRequest, res: ClientResponseLike, context: ConnectionContext, started: number): void {
+  #forwardUnlessReset(req: Http2ServerRequest, res: ClientResponseLike, context: ConnectionContext, started: number, authority: string | undefined): void {
     if (req.stream.closed || req.stream.destroyed) {
       this.#log(req, context, started, { status: 0, bytesIn: 0, bytesOut: 0, error: 'client_closed' });
       return;
     }
-    this.#forward(req, res, context, started);
+    this.#forward(req, res, context, started, authority);
   }
 
   /** Answered by us before anything goes upstream; the body is read and dropped (HTTP/2: and the client told to stop sending it). */
   #refuse(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number, refusal: { status: number; message: string; error: string; headers?: OutgoingHttpHeaders }): void {
-    if (req.httpVersionMajor === 2 && bodyLength(req) !== 0) whenAnsweredMidBody(req, res, () => {});
+    if (req.httpVersionMajor === 2 && bodyLength(req) !== 0) whenAnsweredMidBody(req, res);
     answerJson(res, refusal.status, refusal.message, refusal.headers);
     req.resume();
     this.#log(req, context, started, { status: refusal.status, bytesIn: 0, bytesOut: 0, error: refusal.error });
@@ -120,7 +122,7 @@ export class RestForwarder {
     this.#pool.destroy().catch(() => {});
   }
 
-  #forward(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number): void {
+  #forward(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number, authority: string | undefined): void {
     const stats: ExchangeStats = { status: 0, bytesIn: 0, bytesOut: 0 };
     const exchange = new UpstreamExchange(res, stats, this.#options, context);
     const length = bodyLength(req);
@@ -155,7 +157,7 @@ export class RestForwarder {
     const dispatch = (sent: Buffer | Readable | null) => {
       if (sent instanceof Readable) body = sent;
       if (exchange.givenUp) body?.destroy();
-      else this.#pool.dispatch({ method: req.method ?? 'GET', path: req.url ?? '/', headers: upstreamHeaders(req, context), body: sent }, exchange);
+      else this.#pool.dispatch({ method: req.method ?? 'GET', path: req.url ?? '/', headers: upstreamHeaders(req, context, authority), body: sent }, exchange);
     };
     const counted = (n: number) => {
       stats.bytesIn += n;
@@ -329,17 +331,17 @@ function stopReadingBody(req: ClientRequestLike, body: Readable | undefined): vo
  * one waits for the stream's close, which a client still sending delays. Not
  * for a stream the client reset first.
  */
-function whenAnsweredMidBody(req: ClientRequestLike, res: ClientResponseLike, then: () => void): void {
+function whenAnsweredMidBody(req: ClientRequestLike, res: ClientResponseLike, then?: () => void): void {
   if (req.httpVersionMajor === 1) {
     res.once('finish', () => {
-      if (!req.complete) then();
+      if (!req.complete) then?.();
     });
     return;
   }
   const stream = (req as Http2ServerRequest).stream;
   stream.once('finish', () => {
     if (stream.aborted || req.readableEnded) return;
-    then();
+    then?.();
     resetOnceEnded(stream);
   });
 }
@@ -548,7 +550,8 @@ function connectionListed(headers: IncomingHttpHeaders): ReadonlySet<string> {
   return new Set(String(value).split(',').map((v) => v.trim().toLowerCase()).filter(Boolean));
 }
 
-export function upstreamHeaders(req: ClientRequestLike, context: ConnectionContext): Record<string, string | string[]> {
+/** `authority`: requestAuthority() of the request, its Host line upstream. */
+export function upstreamHeaders(req: ClientRequestLike, context: ConnectionContext, authority: string | undefined): Record<string, string | string[]> {
   const incoming = req.headers;
   const listed = connectionListed(incoming);
   const out: Record<string, string | string[]> = {};
@@ -556,7 +559,6 @@ export function upstreamHeaders(req: ClientRequestLike, context: ConnectionConte
     if (name.startsWith(':') || HOP_BY_HOP.has(name) || listed.has(name) || name === XFCC || disguisesOurs(name)) continue;
     out[name] = incoming[name]!;
   }
-  const authority = requestAuthority(req.url ?? '', incoming);
   if (authority !== undefined) out['host'] = authority;
   setForwardingHeaders(out, incoming['x-forwarded-for'], context);
   return out;

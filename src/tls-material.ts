@@ -20,6 +20,8 @@ export interface TlsMaterial {
   /** `crl` parsed, one entry per CRL in the file; empty without a CRL. */
   readonly crls: readonly CrlInfo[];
   readonly serverCert: X509Certificate;
+  /** `cert` parsed: the server certificate first, then the chain the file carries. */
+  readonly serverChain: readonly X509Certificate[];
   readonly clientCas: readonly X509Certificate[];
 }
 
@@ -256,7 +258,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   checkClientCas(clientCas, files.clientCa);
   if (raw.mtls_crl) checkCrlPem(raw.mtls_crl, files.crl!);
   const crls = checkTrust({ files, serverChain: chain, clientCas, crl: raw.mtls_crl, now });
-  return { files, key, cert, ca, crl: raw.mtls_crl, crls, serverCert, clientCas };
+  return { files, key, cert, ca, crl: raw.mtls_crl, crls, serverCert, serverChain: chain, clientCas };
 }
 
 /** Reads and validates at startup; throws TlsMaterialError with a one-line reason. */
