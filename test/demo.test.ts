@@ -15,18 +15,30 @@ import { freeLoopbackPorts } from '../src/ports.js';
 const run = promisify(execFile);
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 
-test('demo starts certificates, a model server and the proxy, and every printed command works as pasted', async () => {
-  const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
-  const child = spawn(process.execPath, [BIN, 'demo', '--port', String(grpcPort), '--rest_port', String(restPort)], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+/** Starts `demo ARGS` and resolves with it and what it printed once it says it is running. */
+async function startDemo(args: string[]): Promise<{ child: ReturnType<typeof spawn>; out: string }> {
+  const child = spawn(process.execPath, [BIN, 'demo', ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
-  child.stdout.setEncoding('utf8');
+  child.stdout!.setEncoding('utf8');
   await new Promise<void>((resolve, reject) => {
-    child.stdout.on('data', (c: string) => {
+    child.stdout!.on('data', (c: string) => {
       out += c;
       if (out.includes('Press Ctrl-C')) resolve();
     });
     child.once('exit', (code) => reject(new Error(`demo exited ${code}: ${out}`)));
   });
+  return { child, out };
+}
+
+async function interrupt(child: ReturnType<typeof spawn>): Promise<number | null> {
+  child.kill('SIGINT');
+  const [code] = (await once(child, 'exit')) as [number | null];
+  return code;
+}
+
+test('demo starts certificates, a model server and the proxy, and every printed command works as pasted', async () => {
+  const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+  const { child, out } = await startDemo(['--port', String(grpcPort), '--rest_port', String(restPort)]);
   try {
     const commands = out.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('curl ') || l.startsWith('bin/ovms-mtls probe'));
     assert.equal(commands.length, 4);
@@ -36,14 +48,27 @@ test('demo starts certificates, a model server and the proxy, and every printed 
     assert.match((await run('bash', ['-c', sse], { cwd: ROOT })).stdout, /data: \[DONE\]/);
     await assert.rejects(run('bash', ['-c', refused], { cwd: ROOT }));
     assert.match((await run('bash', ['-c', probe], { cwd: ROOT })).stdout, /ServerReady/);
-    const certDir = /Throwaway certificates \(valid 1 day\): (\S+)/.exec(out)![1]!;
+    const certDir = /Throwaway certificates \(valid 1 day\), removed on exit: (\S+)/.exec(out)![1]!;
     assert.ok(existsSync(certDir));
-    child.kill('SIGINT');
-    const [code] = await once(child, 'exit');
-    assert.equal(code, 0);
+    assert.equal(await interrupt(child), 0);
     assert.equal(existsSync(certDir), false);
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');
+  }
+});
+
+test('demo --dir on a new directory says the certificates are kept, and keeps them after Ctrl-C', async () => {
+  const parent = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-keep-'));
+  const dir = join(parent, 'certs');
+  const { child, out } = await startDemo(['--dir', dir, '--port', '0', '--rest_port', '0']);
+  try {
+    assert.ok(out.includes(`Demo certificates (valid 1 day), kept after exit: ${dir}\n`), out);
+    assert.doesNotMatch(out, /[Tt]hrowaway/);
+    assert.equal(await interrupt(child), 0);
+    assert.ok(existsSync(join(dir, 'client.key')) && existsSync(join(dir, 'client_cert_ca.key')), 'the set outlives the demo');
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+    await rm(parent, { recursive: true, force: true });
   }
 });
 

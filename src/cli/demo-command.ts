@@ -14,7 +14,7 @@ import { ConfigError } from '../errors.js';
 import { createLogger, LOG_LEVELS } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy } from '../proxy.js';
-import { startModelServer } from '../demo/model-server.js';
+import { startModelServer, type ModelServer } from '../demo/model-server.js';
 import { PROTO_DIR } from '../demo/grpc-client.js';
 import type { OptionSpec, RawOptions } from '../options.js';
 import { parseCommandLine } from './options-parser.js';
@@ -52,14 +52,15 @@ function ownCommand(): string {
   return isSea() ? process.execPath : 'bin/ovms-mtls';
 }
 
-/** The commands printed for the user, with the real paths and ports filled in. */
-export function demoInstructions(certDir: string, grpcPort: number, restPort: number, cli = ownCommand()): string {
+/** The commands printed for the user, with the real paths and ports filled in. `kept`: the certificates outlive the demo (--dir). */
+function demoInstructions({ certDir, grpcPort, restPort, kept }: { certDir: string; grpcPort: number; restPort: number; kept: boolean }): string {
+  const cli = ownCommand();
   const tls = `--cacert ${certDir}/server_ca.pem --cert ${certDir}/client.pem --key ${certDir}/client.key`;
   const infer = `'{"inputs":[{"name":"b","shape":[1,10],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9,10]}]}'`;
   return `
 ovms-mtls demo is running: mTLS gRPC on 127.0.0.1:${grpcPort}, mTLS REST on 127.0.0.1:${restPort}
 in front of a stand-in model server with one model, "dummy" (output a = input b + 1).
-Throwaway certificates (valid 1 day): ${certDir}
+${kept ? 'Demo certificates (valid 1 day), kept after exit' : 'Throwaway certificates (valid 1 day), removed on exit'}: ${certDir}
 
 REST inference with the client certificate:
   curl -sS ${tls} -H 'content-type: application/json' -d ${infer} https://localhost:${restPort}/v2/models/dummy/infer
@@ -100,18 +101,20 @@ export async function runDemoCommand(argv: readonly string[], io: Io): Promise<n
   const certDir = keep ? resolve(String(parsed['dir'])) : await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-'));
   const logger = createLogger({ level: logLevel });
   if (keep) await assertNoCertificateSet(certDir);
-  await certsInit({ dir: certDir, force: true });
-  const model = await startModelServer({ grpcPort: 0, restPort: 0 });
+  let model: ModelServer | undefined;
+  // Everything after the temporary directory exists is inside the try: a failure anywhere removes it.
   try {
+    await certsInit({ dir: certDir, force: true });
+    model = await startModelServer({ grpcPort: 0, restPort: 0 });
     const config = demoConfig(certDir, { grpc: grpcPort, rest: restPort }, { grpc: model.grpcPort!, rest: model.restPort! }, logLevel);
     const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger });
-    io.stdout.write(demoInstructions(certDir, proxy.port('grpc')!, proxy.port('rest')!));
+    io.stdout.write(demoInstructions({ certDir, grpcPort: proxy.port('grpc')!, restPort: proxy.port('rest')!, kept: keep }));
     const stop = waitForStopSignal(logger);
     await stop.signal;
     await proxy.shutdown(config.shutdownTimeoutMs);
     return 0;
   } finally {
-    await model.close();
+    await model?.close();
     if (!keep) await rm(certDir, { recursive: true, force: true });
   }
 }
