@@ -6,6 +6,7 @@ import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, presentedCertificates, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
 import { handshakeFailureReason } from './handshake-failures.js';
+import { clientAddress } from './addresses.js';
 
 /** What the protocol layer learns about a connection that passed every check. */
 export interface ConnectionContext {
@@ -164,7 +165,7 @@ export class SecureListener {
   /** Under --mtls_max_connections: counted until it closes. Over it: refused, logged and counted, before any handshake. */
   #admit(socket: Socket, max: number): boolean {
     if (this.#open >= max) {
-      this.#options.observer.handshakeRefused(this.name, refusal('too_many_connections', `${max}`), socket.remoteAddress);
+      this.#options.observer.handshakeRefused(this.name, refusal('too_many_connections', `${max}`), clientAddress(socket.remoteAddress));
       socket.destroy();
       return false;
     }
@@ -233,10 +234,11 @@ function destroyIfPeerStaysOpen(socket: TLSSocket, graceMs: number): void {
 /**
  * The client's address as cached at accept on the TCP socket the TLS socket wraps
  * (`_parent`, set by Node's TLS server): once a client has reset, the TLS socket's
- * own lookup finds nothing.
+ * own lookup finds nothing. An IPv4 client of a dual-stack `::` listener is named
+ * by its IPv4 address (clientAddress).
  */
 function remoteOf(socket: TLSSocket): string | undefined {
-  return (socket as TLSSocket & { _parent?: Socket | null })._parent?.remoteAddress ?? socket.remoteAddress;
+  return clientAddress((socket as TLSSocket & { _parent?: Socket | null })._parent?.remoteAddress ?? socket.remoteAddress);
 }
 
 function listenOn(server: TcpServer, options: ListenOptions & { host: string; port: number }, name: ListenerName): Promise<void> {

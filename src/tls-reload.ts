@@ -132,7 +132,7 @@ export class TlsReloader {
         if (!reason) continue;
         const { identity } = context;
         this.#options.logger.warn(
-          { event: 'connection_revoked', reason, listener: listener.name, remote: socket.remoteAddress, subject: identity.subject, serial: identity.serial },
+          { event: 'connection_revoked', reason, listener: listener.name, remote: context.remoteAddress, subject: identity.subject, serial: identity.serial },
           reason === 'revoked'
             ? 'closing a live connection: its client certificate is revoked by the new CRL'
             : 'closing a live connection: its client certificate is not issued by a CA of the new --mtls_client_ca',

@@ -1,0 +1,18 @@
+/** How IP addresses are written where a user or a model server reads them. */
+import { isIPv4 } from 'node:net';
+
+const IPV4_MAPPED = '::ffff:';
+
+/**
+ * A client's address as the logs and X-Forwarded-For name it. A dual-stack `::`
+ * listener receives IPv4 clients as IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`,
+ * RFC 4291 2.5.5.2), where a 0.0.0.0 listener, or nginx's `[::]` (IPv6-only by
+ * default, IPv4 arriving on its IPv4 socket), shows `10.1.2.3`: the same client
+ * would change address with our bind setting, and a model server's IPv4 allow-list,
+ * log search or rate limit would miss it. Envoy unmaps them too (ipv4_compat).
+ */
+export function clientAddress(address: string | undefined): string | undefined {
+  if (address === undefined || !address.startsWith(IPV4_MAPPED)) return address;
+  const ipv4 = address.slice(IPV4_MAPPED.length);
+  return isIPv4(ipv4) ? ipv4 : address;
+}

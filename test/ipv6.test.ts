@@ -1,0 +1,156 @@
+/**
+ * IPv6 end to end: public ports bound to `::` (dual-stack, IPv4 clients arriving as
+ * IPv4-mapped addresses) and `::1`, a model server on [::1], and every place an
+ * address is shown to a user or the model server.
+ */
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { rm, writeFile } from 'node:fs/promises';
+import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
+import { connect as tlsConnect } from 'node:tls';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { LogCapture, baseConfig, grpcFrame, h2Request, https1, startUpstream, tlsClientOptions, type ProxySetup } from './helpers/harness.js';
+import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
+import { plainCertDir } from './helpers/reload.js';
+import { startProxy, type RunningProxy } from '../src/proxy.js';
+import { createLogger } from '../src/log.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
+import { TlsReloader } from '../src/tls-reload.js';
+import { FORWARD_MODES, type Config } from '../src/config.js';
+import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+let pki: TestPki;
+/** The stand-in model server, on [::1] only. */
+let upstream: ModelServer;
+const dirs: string[] = [];
+/** A hang guard, not a timing assertion. */
+const SAFETY = { timeout: 120_000 };
+
+before(async () => {
+  pki = await createTestPki();
+  upstream = await startUpstream({ host: '::1' });
+});
+after(async () => {
+  await upstream.close();
+  await pki.cleanup();
+  await Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true })));
+});
+
+interface Front {
+  proxy: RunningProxy;
+  logs: LogCapture;
+  grpcPort: number;
+  restPort: number;
+}
+
+/** The proxy in front of the stand-in on [::1], both public ports bound to `hosts`. */
+async function startOn(hosts: string[], setup: Omit<ProxySetup, 'pki' | 'upstream'> = {}): Promise<Front> {
+  const base = baseConfig({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort!, host: '::1' }, ...setup });
+  const config: Config = { ...base, grpc: { ...base.grpc!, hosts }, rest: { ...base.rest!, hosts } };
+  const logs = new LogCapture();
+  const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'debug', destination: logs }) });
+  return { proxy, logs, grpcPort: proxy.port('grpc')!, restPort: proxy.port('rest')! };
+}
+
+const url = (host: string, port: number) => `https://${host.includes(':') ? `[${host}]` : host}:${port}`;
+
+function h2Over(host: string, port: number, client: Issued = pki.client): ClientHttp2Session {
+  const session = connectH2(url(host, port), tlsClientOptions(pki, client));
+  session.on('error', () => {});
+  return session;
+}
+
+const lastSeen = (protocol: 'grpc' | 'rest', path: string) => upstream.received.filter((r) => r.protocol === protocol && r.path === path).at(-1)!;
+
+/** One Echo/Unary call over `host`, marked with `x-test` so the stand-in's record of it is found. */
+async function echoOver(host: string, port: number, mark: string): Promise<void> {
+  const session = h2Over(host, port);
+  try {
+    const res = await h2Request(session, { ...ECHO_UNARY_HEADERS, 'x-test': mark }, grpcFrame(Buffer.alloc(0)));
+    assert.equal(res.trailers?.['grpc-status'] ?? res.headers['grpc-status'], '0');
+  } finally {
+    session.close();
+  }
+}
+
+const seenWithMark = (mark: string) => upstream.received.find((r) => r.protocol === 'grpc' && r.headers['x-test'] === mark);
+
+describe('public ports bound to :: alone (dual-stack)', SAFETY, () => {
+  for (const mode of FORWARD_MODES) {
+    test(`${mode} mode: an IPv4 client is 127.0.0.1 in X-Forwarded-For and the access lines, not the IPv4-mapped ::ffff:127.0.0.1; an IPv6 client is ::1`, async () => {
+      const front = await startOn(['::'], { grpcMode: mode, restMode: mode });
+      try {
+        for (const host of ['127.0.0.1', '::1']) {
+          const path = `/v2/health/live?from=${host}`;
+          assert.equal((await https1(front.restPort, pki, { host, path })).status, 200);
+          assert.equal(lastSeen('rest', path).headers['x-forwarded-for'], host);
+          const line = await front.logs.waitFor((l) => l.event === 'access' && l.listener === 'rest' && l.path === path);
+          assert.equal(line.remote, host);
+          const mark = `${mode} ${host}`;
+          await echoOver(host, front.grpcPort, mark);
+          if (mode === 'terminate') {
+            assert.equal(seenWithMark(mark)!.headers['x-forwarded-for'], host);
+            const grpcLine = await front.logs.waitFor((l) => l.event === 'access' && l.listener === 'grpc' && l.remote === host);
+            assert.equal(grpcLine.path, '/ovmsmtls.test.Echo/Unary');
+          } else {
+            // Relay mode sets no headers on gRPC (README); its per-connection line names the client.
+            await front.logs.waitFor((l) => l.event === 'relay_access' && l.listener === 'grpc' && l.remote === host);
+          }
+        }
+        assert.equal(front.logs.lines.some((l) => String(l.remote).startsWith('::ffff:')), false);
+      } finally {
+        await front.proxy.shutdown(1000);
+      }
+    });
+  }
+
+  test('a refused IPv4 client is logged as 127.0.0.1: no client certificate, and one over --mtls_max_connections', async () => {
+    const front = await startOn(['::'], { limits: { maxConnections: 1 } });
+    const connect = (port: number, client: Issued | null) => {
+      const socket = tlsConnect({ host: '127.0.0.1', port, ...tlsClientOptions(pki, client), ALPNProtocols: ['h2'] });
+      socket.on('error', () => {});
+      return socket;
+    };
+    // Each listener counts its own connections: the gRPC one takes the refused handshake.
+    connect(front.grpcPort, null);
+    const held = connect(front.restPort, pki.client);
+    const secured = once(held, 'secureConnect');
+    try {
+      const noCert = await front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'no_certificate');
+      assert.equal(noCert.remote, '127.0.0.1');
+      await secured;
+      connect(front.restPort, pki.client);
+      const tooMany = await front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'too_many_connections');
+      assert.equal(tooMany.remote, '127.0.0.1');
+    } finally {
+      held.destroy();
+      await front.proxy.shutdown(1000);
+    }
+  });
+
+  test('a live IPv4 connection closed by a CRL reload is logged as 127.0.0.1', async () => {
+    const bob = await issueClientCert({ issuer: pki.clientCa, commonName: 'bob' });
+    const certs = await plainCertDir({ cert: pki.server.certPem, key: pki.server.keyPem, clientCa: pki.clientCa.certPem, crl: pki.crlPem });
+    dirs.push(certs.dir);
+    const front = await startOn(['::'], { tls: certs.files });
+    const reloader = new TlsReloader({
+      files: certs.files, current: loadTlsMaterialSync(certs.files), proxy: front.proxy,
+      logger: createLogger({ level: 'debug', destination: front.logs }), revokedGraceMs: 1000, debounceMs: 20,
+    });
+    const session = h2Over('127.0.0.1', front.restPort, bob);
+    try {
+      assert.equal((await h2Request(session, { ':path': '/v2/health/live' })).headers[':status'], 200);
+      await writeFile(certs.files.crl!, await createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: bob.serialHex }], crlNumber: 2 }));
+      const outcome = await reloader.reload('signal');
+      assert.equal(outcome.ok && outcome.revokedConnections, 1);
+      const line = await front.logs.waitFor((l) => l.event === 'connection_revoked');
+      assert.equal(line.remote, '127.0.0.1');
+    } finally {
+      session.destroy();
+      reloader.close();
+      await front.proxy.shutdown(1000);
+    }
+  });
+});
