@@ -1,6 +1,15 @@
 /** How IP addresses are written where a user or a model server reads them. */
 import { isIPv4 } from 'node:net';
 
+/**
+ * `host:port` as RFC 3986 writes an authority: an IPv6 address in brackets
+ * (`[::1]:9000`). Without them `:::9443` or `::1:9000` cannot be split, and
+ * cannot be pasted into a URL, a curl command or --mtls_grpc_upstream.
+ */
+export function hostAndPort(host: string, port: number | string): string {
+  return `${host.includes(':') ? `[${host}]` : host}:${port}`;
+}
+
 const IPV4_MAPPED = '::ffff:';
 
 /**

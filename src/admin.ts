@@ -10,6 +10,7 @@ import { ListenError } from './errors.js';
 import type { HealthReport } from './health.js';
 import type { Logger } from './log.js';
 import type { MetricsSource } from './metrics-aggregate.js';
+import { hostAndPort } from './addresses.js';
 
 export interface AdminOptions {
   readonly hosts: readonly string[];
@@ -73,7 +74,7 @@ function listen(server: Server, host: string, port: number, ipv6Only: boolean): 
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException) => {
       const why = err.code === 'EADDRINUSE' ? 'is in use (pick another --mtls_admin_port)' : err.code === 'EACCES' ? 'needs privileges (use a port above 1023)' : `cannot be bound (${err.code ?? err.message})`;
-      reject(new ListenError(`--mtls_admin_port: ${host}:${port} ${why}`, { cause: err }));
+      reject(new ListenError(`--mtls_admin_port: ${hostAndPort(host, port)} ${why}`, { cause: err }));
     };
     server.once('error', onError);
     server.listen({ port, host, ipv6Only }, () => {

@@ -8,6 +8,7 @@ import { UpstreamH2Session, isSessionRefusal } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
+import { hostAndPort } from './addresses.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_FLAG_END_STREAM } = constants;
 
@@ -310,7 +311,7 @@ class GrpcCall {
       this.#fail(this.#outcome.error ? { code: this.#outcome.error } : { code: 'ECONNRESET' });
       return;
     }
-    const where = `upstream ${this.#options.upstream.host}:${this.#options.upstream.port}`;
+    const where = `upstream ${hostAndPort(this.#options.upstream.host, this.#options.upstream.port)}`;
     const rstCode = upstream.rstCode ?? NGHTTP2_NO_ERROR;
     if (rstCode === NGHTTP2_NO_ERROR) {
       // END_STREAM or RST_STREAM(NO_ERROR) without a grpc-status: INTERNAL by the gRPC spec, and

@@ -9,6 +9,7 @@ import { request as httpRequest } from 'node:http';
 import type { Config, HostPort } from './config.js';
 import type { RunningProxy } from './proxy.js';
 import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
+import { hostAndPort } from './addresses.js';
 
 export interface CheckResult {
   readonly ok: boolean;
@@ -78,12 +79,8 @@ export function upstreamCheck(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs =
   };
 }
 
-function hostForUrl(host: string): string {
-  return host.includes(':') ? `[${host}]` : host;
-}
-
 function restReady(upstream: HostPort, timeoutMs: number): Promise<CheckResult> {
-  const where = `REST ${hostForUrl(upstream.host)}:${upstream.port}`;
+  const where = `REST ${hostAndPort(upstream.host, upstream.port)}`;
   return new Promise((resolve) => {
     const req = httpRequest({ host: upstream.host, port: upstream.port, path: '/v2/health/ready', agent: false, timeout: timeoutMs }, (res) => {
       res.resume();
@@ -103,9 +100,9 @@ const READY_TRUE = Buffer.from([0x08, 0x01]);
 
 /** A raw h2c KServe ServerReady call: no .proto files needed. */
 function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<CheckResult> {
-  const where = `gRPC ${hostForUrl(upstream.host)}:${upstream.port}`;
+  const where = `gRPC ${hostAndPort(upstream.host, upstream.port)}`;
   return new Promise((resolve) => {
-    const session = connectH2(`http://${hostForUrl(upstream.host)}:${upstream.port}`);
+    const session = connectH2(`http://${hostAndPort(upstream.host, upstream.port)}`);
     const finish = (result: CheckResult) => {
       clearTimeout(timer);
       session.destroy();

@@ -6,7 +6,7 @@ import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, presentedCertificates, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
 import { handshakeFailureReason } from './handshake-failures.js';
-import { clientAddress } from './addresses.js';
+import { clientAddress, hostAndPort } from './addresses.js';
 
 /** What the protocol layer learns about a connection that passed every check. */
 export interface ConnectionContext {
@@ -258,7 +258,7 @@ function listenOn(server: TcpServer, options: ListenOptions & { host: string; po
 }
 
 function describeListenError(err: NodeJS.ErrnoException, host: string, port: number, name: ListenerName): ListenError {
-  const where = `${PORT_FLAG[name]} ${port}: cannot listen on ${host}:${port}`;
+  const where = `${PORT_FLAG[name]} ${port}: cannot listen on ${hostAndPort(host, port)}`;
   switch (err.code) {
     case 'EADDRINUSE':
       return new ListenError(`${where}: the port is already in use (stop what uses it or pick another port)`);

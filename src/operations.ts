@@ -8,6 +8,7 @@ import { ProxyMetrics } from './metrics.js';
 import type { MetricsSource } from './metrics-aggregate.js';
 import { startAdminServer, type AdminServer } from './admin.js';
 import { readinessReport, type HealthCheck } from './health.js';
+import { hostAndPort } from './addresses.js';
 
 export { ProxyMetrics } from './metrics.js';
 export { certificatesCheck, listenersCheck, upstreamCheck, readinessReport, type HealthCheck, type HealthReport, type CheckResult } from './health.js';
@@ -31,7 +32,7 @@ export async function startAdminIfConfigured(setup: AdminSetup): Promise<AdminSe
     health: () => readinessReport(setup.checks),
     logger: setup.logger,
   });
-  setup.logger.info({ event: 'listening', listener: 'admin', addresses: server.addresses.map((a) => `${a.address}:${a.port}`) }, 'admin listener ready (/metrics /healthz /readyz)');
+  setup.logger.info({ event: 'listening', listener: 'admin', addresses: server.addresses.map((a) => hostAndPort(a.address, a.port)) }, 'admin listener ready (/metrics /healthz /readyz)');
   return server;
 }
 

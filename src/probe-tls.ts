@@ -7,6 +7,7 @@
  */
 import { isIP } from 'node:net';
 import { checkServerIdentity, connect as tlsConnect, type ConnectionOptions, type PeerCertificate, type TLSSocket } from 'node:tls';
+import { hostAndPort } from './addresses.js';
 
 export type Layer = 'network' | 'server certificate' | 'client certificate' | 'protocol' | 'upstream' | 'model';
 
@@ -43,7 +44,7 @@ const UNTRUSTED_SERVER = new Set([
 /** Maps a client-side socket error to the layer that failed. */
 export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, secured: boolean): Diagnosis {
   const code = err.code ?? '';
-  const at = `${target.host}:${target.port}`;
+  const at = hostAndPort(target.host, target.port);
   if (code === 'ECONNREFUSED') return { layer: 'network', cause: `nothing listens on ${at} (wrong port, or the server is not running)` };
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return { layer: 'network', cause: `host name ${target.host} does not resolve` };
   if (code === 'PROBE_TIMEOUT' && secured) return silentAfterHandshake(target);
@@ -75,7 +76,7 @@ function refusedAfterHandshake(): Diagnosis {
 function silentAfterHandshake(target: TlsTarget): Diagnosis {
   return {
     layer: 'protocol',
-    cause: `the TLS handshake with ${target.host}:${target.port} finished but the server sent nothing within ${target.timeoutMs} ms after it (no HTTP/2 SETTINGS, no answer to an HTTP/1.1 request): is it an HTTP server?`,
+    cause: `the TLS handshake with ${hostAndPort(target.host, target.port)} finished but the server sent nothing within ${target.timeoutMs} ms after it (no HTTP/2 SETTINGS, no answer to an HTTP/1.1 request): is it an HTTP server?`,
   };
 }
 

@@ -7,6 +7,7 @@ import { request as httpsRequest } from 'node:https';
 import * as grpc from '@grpc/grpc-js';
 import { kserveClient, unary, type KserveClient } from './demo/grpc-client.js';
 import { serverNameOptions, tlsHandshake, type Diagnosis, type TlsTarget } from './probe-tls.js';
+import { hostAndPort } from './addresses.js';
 
 export type { Diagnosis, Layer } from './probe-tls.js';
 
@@ -51,7 +52,7 @@ function target(options: ProbeOptions, port: number): TlsTarget {
 
 async function handshakeStep(options: ProbeOptions, port: number, listener: StepResult['listener'], report: Report): Promise<boolean> {
   const result = await tlsHandshake(target(options, port));
-  report({ listener, step: `TLS handshake with ${options.host}:${port}`, ...result });
+  report({ listener, step: `TLS handshake with ${hostAndPort(options.host, port)}`, ...result });
   return result.ok;
 }
 
@@ -85,8 +86,7 @@ async function grpcStep<T>(report: Report, step: string, call: () => Promise<T>,
 
 function grpcClient(options: ProbeOptions, port: number): KserveClient {
   const credentials = grpc.credentials.createSsl(options.ca, options.key, options.cert);
-  const address = options.host.includes(':') ? `[${options.host}]:${port}` : `${options.host}:${port}`;
-  return kserveClient(address, credentials, options.servername ? { 'grpc.ssl_target_name_override': options.servername } : {});
+  return kserveClient(hostAndPort(options.host, port), credentials, options.servername ? { 'grpc.ssl_target_name_override': options.servername } : {});
 }
 
 async function probeGrpc(options: ProbeOptions, port: number, report: Report): Promise<void> {

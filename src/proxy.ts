@@ -14,6 +14,7 @@ import type { Relay } from './relay.js';
 import { secureContextOptions, type TlsMaterial } from './tls-material.js';
 import { combineObservers, elapsedMs, NOOP_OBSERVER, type ListenerName, type ProxyObserver } from './observer.js';
 import { loggingObserver } from './log-observer.js';
+import { hostAndPort } from './addresses.js';
 
 export interface ProxyOptions {
   readonly config: Config;
@@ -152,7 +153,7 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
   const addresses: Partial<Record<ListenerName, AddressInfo[]>> = {};
   for (const part of parts) addresses[part.listener.name] = part.listener.addresses();
   for (const part of parts) {
-    logger.info({ event: 'listening', listener: part.listener.name, addresses: addresses[part.listener.name]?.map((a) => `${a.address}:${a.port}`) }, `${part.listener.name} listener ready`);
+    logger.info({ event: 'listening', listener: part.listener.name, addresses: addresses[part.listener.name]?.map((a) => hostAndPort(a.address, a.port)) }, `${part.listener.name} listener ready`);
   }
   return {
     addresses,

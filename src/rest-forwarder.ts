@@ -8,6 +8,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
+import { hostAndPort } from './addresses.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -219,8 +220,7 @@ export const UPSTREAM_IDLE_MS = 4000;
  * minutes.
  */
 function upstreamPool(upstream: HostPort, connectTimeoutMs: number): Pool {
-  const host = upstream.host.includes(':') ? `[${upstream.host}]` : upstream.host;
-  return new Pool(`http://${host}:${upstream.port}`, {
+  return new Pool(`http://${hostAndPort(upstream.host, upstream.port)}`, {
     pipelining: 1,
     keepAliveTimeout: UPSTREAM_IDLE_MS,
     keepAliveMaxTimeout: UPSTREAM_IDLE_MS,

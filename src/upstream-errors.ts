@@ -1,5 +1,6 @@
 import type { HostPort } from './config.js';
 import { CONNECT_TIMEOUT } from './upstream-connect.js';
+import { hostAndPort } from './addresses.js';
 
 /**
  * The one place upstream failures become client-visible text. Never echo raw
@@ -7,7 +8,7 @@ import { CONNECT_TIMEOUT } from './upstream-connect.js';
  */
 export function describeUpstreamError(upstream: HostPort, err: unknown): { code: string; message: string } {
   const code = errorCode(err);
-  const where = `upstream ${upstream.host}:${upstream.port}`;
+  const where = `upstream ${hostAndPort(upstream.host, upstream.port)}`;
   switch (code) {
     case 'ECONNREFUSED':
       return { code, message: `${where} refused the connection (is the model server running?)` };

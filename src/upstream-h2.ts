@@ -1,7 +1,8 @@
 import { connect, type ClientHttp2Session } from 'node:http2';
-import { isIPv6, connect as netConnect } from 'node:net';
+import { connect as netConnect } from 'node:net';
 import { failIfNotConnectedWithin } from './upstream-connect.js';
 import type { HostPort, Limits } from './config.js';
+import { hostAndPort } from './addresses.js';
 
 /** Errors `session.request()` throws because of the session, not of the request. */
 const SESSION_REFUSALS = new Set(['ERR_HTTP2_GOAWAY_SESSION', 'ERR_HTTP2_INVALID_SESSION', 'ERR_HTTP2_OUT_OF_STREAMS']);
@@ -30,8 +31,7 @@ export class UpstreamH2Session {
   constructor(upstream: HostPort, limits: Limits) {
     this.#upstream = upstream;
     this.#limits = limits;
-    const host = isIPv6(upstream.host) ? `[${upstream.host}]` : upstream.host;
-    this.#url = `http://${host}:${upstream.port}`;
+    this.#url = `http://${hostAndPort(upstream.host, upstream.port)}`;
   }
 
   /** The live session, or a new one (which may still be connecting). */

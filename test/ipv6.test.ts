@@ -8,9 +8,10 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { rm, writeFile } from 'node:fs/promises';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
+import { createServer as createTcpServer, type AddressInfo } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { LogCapture, baseConfig, grpcFrame, h2Request, https1, startUpstream, tlsClientOptions, type ProxySetup } from './helpers/harness.js';
+import { LogCapture, baseConfig, grpcFrame, h2Request, https1, startTestProxy, startUpstream, tlsClientOptions, type ProxySetup } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { plainCertDir } from './helpers/reload.js';
 import { startProxy, type RunningProxy } from '../src/proxy.js';
@@ -18,6 +19,7 @@ import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { TlsReloader } from '../src/tls-reload.js';
 import { FORWARD_MODES, type Config } from '../src/config.js';
+import { freeLoopbackPorts } from '../src/ports.js';
 import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
@@ -151,6 +153,58 @@ describe('public ports bound to :: alone (dual-stack)', SAFETY, () => {
       session.destroy();
       reloader.close();
       await front.proxy.shutdown(1000);
+    }
+  });
+
+  test('the listening lines write the addresses with brackets: [::]:port', async () => {
+    const front = await startOn(['::']);
+    try {
+      const rest = await front.logs.waitFor((l) => l.event === 'listening' && l.listener === 'rest');
+      assert.deepEqual(rest['addresses'], [`[::]:${front.restPort}`]);
+    } finally {
+      await front.proxy.shutdown(1000);
+    }
+  });
+});
+
+describe('a model server on [::1]', SAFETY, () => {
+
+  test('one that is gone is named [::1]:port in what the clients get, in both modes', async () => {
+    const [gone] = (await freeLoopbackPorts(1, '::1')) as [number];
+    for (const mode of FORWARD_MODES) {
+      const front = await startTestProxy({ pki, upstream: { grpcPort: gone, restPort: gone, host: '::1' }, grpcMode: mode, restMode: mode });
+      const session = h2Over('127.0.0.1', front.grpcPort);
+      try {
+        const res = await https1(front.restPort, pki, { path: '/v2/health/ready' });
+        assert.equal(res.status, 502);
+        assert.equal(JSON.parse(res.body).error, `upstream [::1]:${gone} refused the connection (is the model server running?)`);
+        if (mode === 'terminate') {
+          const call = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)));
+          assert.equal(call.headers['grpc-status'], '14');
+          assert.equal(decodeURIComponent(String(call.headers['grpc-message'])), `upstream [::1]:${gone} refused the connection (is the model server running?)`);
+        }
+      } finally {
+        session.destroy();
+        await front.proxy.shutdown(1000);
+      }
+    }
+  });
+});
+
+describe('IPv6 in options', SAFETY, () => {
+
+  test('a port taken on ::1 is reported as [::1]:port', async () => {
+    const blocker = createTcpServer();
+    blocker.listen(0, '::1');
+    await once(blocker, 'listening');
+    const busy = (blocker.address() as AddressInfo).port;
+    const base = baseConfig({ pki, upstream: { restPort: upstream.restPort!, host: '::1' } });
+    const config: Config = { ...base, rest: { ...base.rest!, hosts: ['::1'], port: busy } };
+    try {
+      await assert.rejects(startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'silent' }) }),
+        { message: `--rest_port ${busy}: cannot listen on [::1]:${busy}: the port is already in use (stop what uses it or pick another port)` });
+    } finally {
+      blocker.close();
     }
   });
 });

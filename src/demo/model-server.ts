@@ -15,6 +15,7 @@ import { kserveHandlers } from './kserve-grpc.js';
 import type { SseGate } from './openai-chat.js';
 import { ECHO_SERVICE, KSERVE_SERVICE, serviceConstructor } from './protocol.js';
 import { createRestServer } from './rest-server.js';
+import { hostAndPort } from '../addresses.js';
 
 export interface ModelServerOptions {
   /** Default '127.0.0.1'. */
@@ -110,7 +111,7 @@ function tapRawHeaders(server: grpc.Server, onStream: (headers: IncomingHttpHead
 }
 
 function bindGrpc(server: grpc.Server, host: string, port: number): Promise<number> {
-  const address = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+  const address = hostAndPort(host, port);
   return new Promise((resolve, reject) => {
     server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, bound) => {
       if (err) reject(new Error(`stand-in gRPC cannot listen on ${address}: ${err.message}`, { cause: err }));
@@ -138,7 +139,7 @@ async function startRest(options: ModelServerOptions, host: string, port: number
     onAborted: (path) => rec.record('restAborted', path),
   });
   await new Promise<void>((resolve, reject) => {
-    server.once('error', (err) => reject(new Error(`stand-in REST cannot listen on ${host}:${port}: ${err.message}`, { cause: err })));
+    server.once('error', (err) => reject(new Error(`stand-in REST cannot listen on ${hostAndPort(host, port)}: ${err.message}`, { cause: err })));
     server.listen(port, host, resolve);
   });
   return { server, port: (server.address() as AddressInfo).port };
