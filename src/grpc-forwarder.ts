@@ -101,6 +101,9 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Co
     out[name] = headers[name];
   }
   out[':scheme'] = 'http';
+  // A client may name the authority by a Host line alone (RFC 9113 8.3.1): it goes on as :authority, not
+  // replaced by Node's default, our upstream's address, which for an IPv6 one even loses its brackets (`::1:9000`).
+  if (out[':authority'] === undefined && headers.host !== undefined) out[':authority'] = headers.host;
   // C-core servers (OVMS is one) reject requests without `te: trailers`.
   if (headers['te'] !== 'trailers') delete out['te'];
   if (out['te'] === undefined && String(headers['content-type'] ?? '').startsWith('application/grpc')) out['te'] = 'trailers';

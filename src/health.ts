@@ -110,7 +110,9 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<CheckRe
     };
     const timer = setTimeout(() => finish({ ok: false, detail: `${where}: no answer within ${timeoutMs} ms` }), timeoutMs);
     session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, detail: `${where}: ${err.code ?? err.message}` }));
-    const stream = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerReady', 'content-type': 'application/grpc', te: 'trailers' });
+    // Given, not left to Node: from an IPv6 URL it builds `::1:9000`, without the brackets an authority needs.
+    const authority = hostAndPort(upstream.host, upstream.port);
+    const stream = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerReady', ':authority': authority, 'content-type': 'application/grpc', te: 'trailers' });
     const chunks: Buffer[] = [];
     let grpcStatus: string | undefined;
     stream.on('response', (headers) => (grpcStatus = headers['grpc-status'] as string | undefined ?? grpcStatus));

@@ -13,12 +13,15 @@ import { connect as tlsConnect } from 'node:tls';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { LogCapture, baseConfig, grpcFrame, h2Request, https1, startTestProxy, startUpstream, tlsClientOptions, type ProxySetup } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
+import { END_HEADERS, END_STREAM, H2, h2Frame, headerBlock, rawH2Client } from './helpers/raw-h2.js';
 import { plainCertDir } from './helpers/reload.js';
+import { eventually } from './helpers/ops.js';
 import { startProxy, type RunningProxy } from '../src/proxy.js';
 import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { TlsReloader } from '../src/tls-reload.js';
 import { FORWARD_MODES, type Config } from '../src/config.js';
+import { upstreamCheck } from '../src/health.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -168,6 +171,27 @@ describe('public ports bound to :: alone (dual-stack)', SAFETY, () => {
 });
 
 describe('a model server on [::1]', SAFETY, () => {
+  test('a gRPC call naming its authority by a Host line alone reaches it with that authority, not Node\'s bracketless ::1:port', async () => {
+    const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, host: '::1' } });
+    const client = await rawH2Client(front.grpcPort, pki);
+    try {
+      const fields = { ':method': 'POST', ':scheme': 'https', ':path': '/ovmsmtls.test.Echo/Unary', 'content-type': 'application/grpc', te: 'trailers', host: 'models.example', 'x-test': 'host-only' };
+      client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 1, headerBlock(fields)), h2Frame(H2.DATA, END_STREAM, 1, grpcFrame(Buffer.alloc(0)))]));
+      await eventually(() => seenWithMark('host-only') !== undefined, 'the call reached the model server');
+      assert.equal(seenWithMark('host-only')!.headers[':authority'], 'models.example');
+    } finally {
+      client.socket.destroy();
+      await front.proxy.shutdown(1000);
+    }
+  });
+
+  test('the readiness check\'s ServerReady call carries the authority [::1]:port, and its detail names it so', async () => {
+    const grpc = { hosts: ['127.0.0.1'], port: 0, upstream: { host: '::1', port: upstream.grpcPort! } };
+    const result = await upstreamCheck({ grpc, rest: undefined })();
+    assert.equal(result.ok, true);
+    assert.equal(result.detail, `gRPC [::1]:${upstream.grpcPort} ServerReady: ready`);
+    assert.equal(lastSeen('grpc', '/inference.GRPCInferenceService/ServerReady').headers[':authority'], `[::1]:${upstream.grpcPort}`);
+  });
 
   test('one that is gone is named [::1]:port in what the clients get, in both modes', async () => {
     const [gone] = (await freeLoopbackPorts(1, '::1')) as [number];
