@@ -1,5 +1,5 @@
 /** How IP addresses are written where a user or a model server reads them. */
-import { isIPv4 } from 'node:net';
+import { isIPv4, isIPv6 } from 'node:net';
 
 /**
  * `host:port` as RFC 3986 writes an authority: an IPv6 address in brackets
@@ -8,6 +8,12 @@ import { isIPv4 } from 'node:net';
  */
 export function hostAndPort(host: string, port: number | string): string {
   return `${host.includes(':') ? `[${host}]` : host}:${port}`;
+}
+
+/** `[::1]` as `::1`: the bracketed spelling of URLs and nginx's `listen`, which users give where an address is asked for. */
+export function unbracketed(host: string): string {
+  const inner = /^\[(.*)\]$/.exec(host)?.[1];
+  return inner !== undefined && isIPv6(inner) ? inner : host;
 }
 
 const IPV4_MAPPED = '::ffff:';

@@ -2,6 +2,7 @@ import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { ConfigError } from './errors.js';
+import { unbracketed } from './addresses.js';
 import type { RawOptions } from './options.js';
 import type { LevelWithSilent } from 'pino';
 import { LOG_LEVELS } from './log.js';
@@ -162,10 +163,23 @@ export function parseHostPort(name: string, value: unknown): HostPort {
   const text = String(value ?? '').trim();
   const match = /^\[([^\]]+)\]:(\d+)$/.exec(text) ?? /^([^:[\]]+):(\d+)$/.exec(text);
   if (!match || !isHostName(match[1]!)) {
-    throw new ConfigError(`${flag(name)}: '${text}' is not host:port (example: 127.0.0.1:9000 or [::1]:9000)`);
+    throw new ConfigError(`${flag(name)}: '${text}' is not host:port (${hostPortExample(text)})`);
+  }
+  // A scoped address (fe80::1%eth0) has no spelling in the http:// URL the upstream clients are built from.
+  if (match[1]!.includes('%')) {
+    throw new ConfigError(`${flag(name)}: '${text}': an IPv6 address with a zone (%...) is not supported; give one without (a global or unique local address)`);
   }
   const port = parseInteger(name, match[2], 1, 65535);
   return { host: match[1]!, port };
+}
+
+/** `::1:9000` is one IPv6 address and no port: the spelling meant is shown. */
+function hostPortExample(text: string): string {
+  const colon = text.lastIndexOf(':');
+  const host = text.slice(0, colon);
+  const port = text.slice(colon + 1);
+  if (isIP(host) === 6 && /^\d+$/.test(port)) return `an IPv6 address goes in brackets: [${host}]:${port}`;
+  return 'example: 127.0.0.1:9000 or [::1]:9000';
 }
 
 function isHostName(host: string): boolean {
@@ -179,7 +193,8 @@ const WILDCARD_ADDRESSES: ReadonlySet<string> = new Set(WILDCARDS.map(([address]
 export function parseBindAddresses(name: string, value: unknown, fallback: string): string[] {
   const text = value === undefined || value === '' ? fallback : String(value);
   // A repeated address would be a second bind of the same port, refused as "in use".
-  const hosts = [...new Set(text.split(',').map((h) => h.trim()).filter(Boolean))];
+  // `[::]` as nginx's `listen` and URLs write it: the address is the same.
+  const hosts = [...new Set(text.split(',').map((h) => unbracketed(h.trim())).filter(Boolean))];
   for (const host of hosts) {
     if (!isHostName(host)) throw new ConfigError(`${flag(name)}: '${host}' is not an IP address or host name`);
   }

@@ -10,20 +10,23 @@ import { rm, writeFile } from 'node:fs/promises';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
 import { createServer as createTcpServer, type AddressInfo } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
+import { PassThrough } from 'node:stream';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { LogCapture, baseConfig, grpcFrame, h2Request, https1, startTestProxy, startUpstream, tlsClientOptions, type ProxySetup } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { END_HEADERS, END_STREAM, H2, h2Frame, headerBlock, rawH2Client } from './helpers/raw-h2.js';
 import { plainCertDir } from './helpers/reload.js';
+import { runCli, startCli } from './helpers/cli.js';
 import { eventually } from './helpers/ops.js';
 import { startProxy, type RunningProxy } from '../src/proxy.js';
 import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { TlsReloader } from '../src/tls-reload.js';
-import { FORWARD_MODES, type Config } from '../src/config.js';
+import { FORWARD_MODES, parseBindAddresses, parseHostPort, type Config } from '../src/config.js';
 import { upstreamCheck } from '../src/health.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
+import { run } from '../src/cli/main.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 let pki: TestPki;
@@ -216,6 +219,24 @@ describe('a model server on [::1]', SAFETY, () => {
 });
 
 describe('IPv6 in options', SAFETY, () => {
+  test('--mtls_rest_upstream ::1:8000 (no brackets) says where the brackets go', () => {
+    assert.throws(() => parseHostPort('mtls_rest_upstream', '::1:8000'), {
+      message: "--mtls_rest_upstream: '::1:8000' is not host:port (an IPv6 address goes in brackets: [::1]:8000)",
+    });
+    assert.deepEqual(parseHostPort('mtls_rest_upstream', '[::1]:8000'), { host: '::1', port: 8000 });
+  });
+
+  test('an upstream with an IPv6 zone is refused in one line, not with an internal error and a stack trace', async () => {
+    const res = await runCli(['proxy', '--rest_port', '18443', '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '[fe80::1%eth0]:8000',
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!]);
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, "ovms-mtls: --mtls_rest_upstream: '[fe80::1%eth0]:8000': an IPv6 address with a zone (%...) is not supported; give one without (a global or unique local address)\n");
+  });
+
+  test('bind addresses may be written with brackets, as nginx\'s listen writes them: [::] is ::', () => {
+    assert.deepEqual(parseBindAddresses('rest_bind_address', '0.0.0.0,[::]', '0.0.0.0'), ['0.0.0.0', '::']);
+    assert.deepEqual(parseBindAddresses('rest_bind_address', '[::1]', '0.0.0.0'), ['::1']);
+  });
 
   test('a port taken on ::1 is reported as [::1]:port', async () => {
     const blocker = createTcpServer();
@@ -229,6 +250,35 @@ describe('IPv6 in options', SAFETY, () => {
         { message: `--rest_port ${busy}: cannot listen on [::1]:${busy}: the port is already in use (stop what uses it or pick another port)` });
     } finally {
       blocker.close();
+    }
+  });
+});
+
+describe('ovms-mtls proxy bound to ::1, and probe', SAFETY, () => {
+  test('the listening lines (admin too) read [::1]:port, and probe --host [::1] passes without --servername', async () => {
+    const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3, '::1')) as [number, number, number];
+    const cli = startCli(['proxy', '--port', String(grpcPort), '--grpc_bind_address', '::1', '--mtls_grpc_upstream', `[::1]:${upstream.grpcPort}`,
+      '--rest_port', String(restPort), '--rest_bind_address', '::1', '--mtls_rest_upstream', `[::1]:${upstream.restPort}`,
+      '--mtls_admin_port', String(adminPort), '--mtls_admin_bind_address', '::1', '--mtls_workers', '1',
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!]);
+    try {
+      const exited = cli.exited.then((code) => Promise.reject(new Error(`the proxy exited with ${code}: ${cli.stderr()}`)));
+      exited.catch(() => {});
+      const listening = (name: string) => Promise.race([cli.logs.waitFor((l) => l.event === 'listening' && l.listener === name), exited]);
+      assert.deepEqual((await listening('admin'))['addresses'], [`[::1]:${adminPort}`]);
+      assert.deepEqual((await listening('grpc'))['addresses'], [`[::1]:${grpcPort}`]);
+      assert.deepEqual((await listening('rest'))['addresses'], [`[::1]:${restPort}`]);
+      const out = new PassThrough();
+      const chunks: Buffer[] = [];
+      out.on('data', (c: Buffer) => chunks.push(c));
+      const code = await run(['probe', '--host', '[::1]', '--port', String(grpcPort), '--rest_port', String(restPort), '--timeout', '20',
+        '--mtls_cert', pki.paths['client.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!], { stdout: out, stderr: out, env: {} });
+      const text = Buffer.concat(chunks).toString('utf8');
+      assert.equal(code, 0, text);
+      assert.match(text, new RegExp(`TLS handshake with \\[::1\\]:${grpcPort}: `));
+    } finally {
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
     }
   });
 });

@@ -6,6 +6,7 @@ import { MAX_SECONDS, parsePort } from '../config.js';
 import type { OptionSpec } from '../options.js';
 import { runProbe, type ProbeOptions, type StepResult } from '../probe.js';
 import { parseCommandLine } from './options-parser.js';
+import { unbracketed } from '../addresses.js';
 
 /**
  * The probe's own options. They are not product options (no OVMS_MTLS_*
@@ -72,8 +73,10 @@ function checkClientPair(certPath: string, cert: Buffer, keyPath: string, key: B
 
 function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   const last = (v: unknown) => (Array.isArray(v) ? v.at(-1) : v);
-  const host = last(parsed['host']);
-  if (typeof host !== 'string' || host === '') throw new ConfigError('--host is required (the address clients use, e.g. --host localhost)');
+  const given = last(parsed['host']);
+  if (typeof given !== 'string' || given === '') throw new ConfigError('--host is required (the address clients use, e.g. --host localhost)');
+  // `[::1]`, as in the URL a client is given, would be looked up as a host name and "not resolve".
+  const host = unbracketed(given);
   const grpcPort = parsed['port'] === undefined ? undefined : parsePort('port', last(parsed['port']));
   const restPort = parsed['rest_port'] === undefined ? undefined : parsePort('rest_port', last(parsed['rest_port']));
   if (!grpcPort && !restPort) throw new ConfigError('nothing to probe: give --port (gRPC) and/or --rest_port (REST)');
