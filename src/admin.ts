@@ -70,11 +70,25 @@ function handler(options: AdminOptions): (req: IncomingMessage, res: ServerRespo
   };
 }
 
+/** Why the admin port could not be bound, said so that the user knows what to change. */
+export function adminBindProblem(err: NodeJS.ErrnoException): string {
+  switch (err.code) {
+    case 'EADDRINUSE':
+      return 'is in use (pick another --mtls_admin_port)';
+    case 'EACCES':
+      return 'needs privileges (use a port above 1023)';
+    case 'EAFNOSUPPORT':
+      // A kernel booted with ipv6.disable=1 has no IPv6 sockets at all.
+      return 'cannot be bound: IPv6 is turned off on this machine (give --mtls_admin_bind_address an IPv4 address)';
+    default:
+      return `cannot be bound (${err.code ?? err.message})`;
+  }
+}
+
 function listen(server: Server, host: string, port: number, ipv6Only: boolean): Promise<void> {
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException) => {
-      const why = err.code === 'EADDRINUSE' ? 'is in use (pick another --mtls_admin_port)' : err.code === 'EACCES' ? 'needs privileges (use a port above 1023)' : `cannot be bound (${err.code ?? err.message})`;
-      reject(new ListenError(`--mtls_admin_port: ${hostAndPort(host, port)} ${why}`, { cause: err }));
+      reject(new ListenError(`--mtls_admin_port: ${hostAndPort(host, port)} ${adminBindProblem(err)}`, { cause: err }));
     };
     server.once('error', onError);
     server.listen({ port, host, ipv6Only }, () => {

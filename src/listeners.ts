@@ -257,15 +257,19 @@ function listenOn(server: TcpServer, options: ListenOptions & { host: string; po
   });
 }
 
-function describeListenError(err: NodeJS.ErrnoException, host: string, port: number, name: ListenerName): ListenError {
+export function describeListenError(err: NodeJS.ErrnoException, host: string, port: number, name: ListenerName): ListenError {
   const where = `${PORT_FLAG[name]} ${port}: cannot listen on ${hostAndPort(host, port)}`;
+  const flag = name === 'grpc' ? '--grpc_bind_address' : '--rest_bind_address';
   switch (err.code) {
     case 'EADDRINUSE':
       return new ListenError(`${where}: the port is already in use (stop what uses it or pick another port)`);
     case 'EACCES':
       return new ListenError(`${where}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)`);
     case 'EADDRNOTAVAIL':
-      return new ListenError(`${where}: the address is not on this machine (check ${name === 'grpc' ? '--grpc_bind_address' : '--rest_bind_address'})`);
+      return new ListenError(`${where}: the address is not on this machine (check ${flag})`);
+    case 'EAFNOSUPPORT':
+      // A kernel booted with ipv6.disable=1 (some hardened nodes) has no IPv6 sockets at all, `::` included.
+      return new ListenError(`${where}: IPv6 is turned off on this machine (give ${flag} an IPv4 address, e.g. 0.0.0.0)`);
     default:
       return new ListenError(`${where}: ${err.code ?? err.message}`);
   }

@@ -24,6 +24,8 @@ import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { TlsReloader } from '../src/tls-reload.js';
 import { FORWARD_MODES, parseBindAddresses, parseHostPort, type Config } from '../src/config.js';
 import { upstreamCheck } from '../src/health.js';
+import { describeListenError } from '../src/listeners.js';
+import { adminBindProblem } from '../src/admin.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
 import { run } from '../src/cli/main.js';
@@ -251,6 +253,17 @@ describe('IPv6 in options', SAFETY, () => {
     } finally {
       blocker.close();
     }
+  });
+});
+
+describe('a machine without IPv6 (kernel booted with ipv6.disable=1)', () => {
+  // Such a kernel cannot be had here: the error its bind() gives is built as Node builds it.
+  const noIpv6 = Object.assign(new Error('listen EAFNOSUPPORT: address family not supported :::9443'), { code: 'EAFNOSUPPORT', syscall: 'listen' });
+
+  test('binding :: says IPv6 is off and which flag to change, not the bare EAFNOSUPPORT', () => {
+    assert.equal(describeListenError(noIpv6, '::', 9443, 'rest').message,
+      '--rest_port 9443: cannot listen on [::]:9443: IPv6 is turned off on this machine (give --rest_bind_address an IPv4 address, e.g. 0.0.0.0)');
+    assert.equal(adminBindProblem(noIpv6), 'cannot be bound: IPv6 is turned off on this machine (give --mtls_admin_bind_address an IPv4 address)');
   });
 });
 
