@@ -16,6 +16,8 @@ import { DEFAULTS, proxyConfigFromOptions } from '../src/config.js';
 import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
 import { PROXY_OPTIONS, PROXY_USAGE } from '../src/cli/proxy-command.js';
 import { PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
+import { entrypointSettings } from '../src/entrypoint-config.js';
+import { splitOvmsArgv } from '../src/ovms-args.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const read = (path: string) => readFileSync(join(ROOT, path), 'utf8');
@@ -165,6 +167,15 @@ describe('Kubernetes manifests', () => {
     assert.notEqual(flagValue(args, 'mtls_admin_bind_address'), '127.0.0.1', 'kubelet probes cannot reach a loopback-only admin port');
     assert.deepEqual([container['livenessProbe']['httpGet'], container['readinessProbe']['httpGet']], [{ path: '/healthz', port: 'admin' }, { path: '/readyz', port: 'admin' }]);
     assertKnownMtlsFlags(args);
+  });
+
+  /** What the entrypoint makes of the Deployment's args (the CRL taken as present, as the Secret has it). */
+  const settings = () => entrypointSettings(splitOvmsArgv(args), {}, () => true);
+
+  test('the number of proxy workers does not follow the node: without a CPU limit the default is every CPU of it', () => {
+    const cpuLimit = container['resources']?.['limits']?.['cpu'];
+    assert.ok(flagValue(args, 'mtls_workers') !== undefined || cpuLimit !== undefined, 'set --mtls_workers (or a CPU limit): on a 64-CPU node the default starts 64 workers inside the memory limit');
+    if (cpuLimit === undefined) assert.equal(settings().common.workers, Number(flagValue(args, 'mtls_workers')));
   });
 
   test('certificates come from a Secret mounted where the entrypoint looks, without subPath', () => {
