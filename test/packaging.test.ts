@@ -178,6 +178,16 @@ describe('Kubernetes manifests', () => {
     if (cpuLimit === undefined) assert.equal(settings().common.workers, Number(flagValue(args, 'mtls_workers')));
   });
 
+  test('a preStop pause lets the endpoints forget the pod before SIGTERM, and the grace period covers it and the whole shutdown', () => {
+    const command = container['lifecycle']?.['preStop']?.['exec']?.['command'] as string[] | undefined;
+    assert.ok(command, 'no preStop hook: ovms-mtls stops accepting at SIGTERM, while the Service may still send it new connections');
+    assert.equal(command[0], '/bin/sleep');
+    const pauseSeconds = Number(command[1]);
+    const shutdownSeconds = settings().common.shutdownTimeoutMs / 1000;
+    assert.ok(pauseSeconds > 0, `preStop sleeps ${command[1]}`);
+    assert.ok(pauseSeconds + shutdownSeconds < pod['terminationGracePeriodSeconds'], `preStop ${pauseSeconds} s + --mtls_shutdown_timeout ${shutdownSeconds} s do not fit in terminationGracePeriodSeconds ${pod['terminationGracePeriodSeconds']}`);
+  });
+
   test('certificates come from a Secret mounted where the entrypoint looks, without subPath', () => {
     const certsVolume = pod['volumes'].find((v: Yaml) => v['secret']) as Yaml;
     const mount = container['volumeMounts'].find((m: Yaml) => m['name'] === certsVolume['name']) as Yaml;
