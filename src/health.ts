@@ -64,11 +64,14 @@ export function certificatesCheck(material: () => TlsMaterial, now: () => Date =
   };
 }
 
+/** How long /readyz waits for the model server; an orchestrator's probe timeout must be longer (deploy/kubernetes). */
+export const UPSTREAM_CHECK_TIMEOUT_MS = 2000;
+
 /**
  * Proxy mode: the model server is ready when its REST `/v2/health/ready`
  * answers 200 and its gRPC ServerReady says ready (whichever are configured).
  */
-export function upstreamCheck(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs = 2000): HealthCheck {
+export function upstreamCheck(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs = UPSTREAM_CHECK_TIMEOUT_MS): HealthCheck {
   return async () => {
     // Both at once: a model server that answers neither takes one timeout, not two, within the kubelet's probe timeout or the scrape's.
     const results = await Promise.all([

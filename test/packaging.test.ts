@@ -18,6 +18,7 @@ import { PROXY_OPTIONS, PROXY_USAGE } from '../src/cli/proxy-command.js';
 import { PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv } from '../src/ovms-args.js';
+import { UPSTREAM_CHECK_TIMEOUT_MS } from '../src/health.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const read = (path: string) => readFileSync(join(ROOT, path), 'utf8');
@@ -186,6 +187,11 @@ describe('Kubernetes manifests', () => {
     const shutdownSeconds = settings().common.shutdownTimeoutMs / 1000;
     assert.ok(pauseSeconds > 0, `preStop sleeps ${command[1]}`);
     assert.ok(pauseSeconds + shutdownSeconds < pod['terminationGracePeriodSeconds'], `preStop ${pauseSeconds} s + --mtls_shutdown_timeout ${shutdownSeconds} s do not fit in terminationGracePeriodSeconds ${pod['terminationGracePeriodSeconds']}`);
+  });
+
+  test('the readiness probe waits longer than /readyz waits for OVMS', () => {
+    const timeoutSeconds = container['readinessProbe']['timeoutSeconds'] ?? 1; // the kubelet's default
+    assert.ok(timeoutSeconds * 1000 > UPSTREAM_CHECK_TIMEOUT_MS, `readinessProbe.timeoutSeconds ${timeoutSeconds}: the kubelet gives up before /readyz has OVMS's answer (up to ${UPSTREAM_CHECK_TIMEOUT_MS} ms)`);
   });
 
   test('certificates come from a Secret mounted where the entrypoint looks, without subPath', () => {
