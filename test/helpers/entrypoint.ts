@@ -48,8 +48,10 @@ export interface Wrapper {
   waitForOvmsLine(match: (line: string) => boolean): Promise<string>;
 }
 
-export function startWrapper(args: readonly string[], env: Record<string, string> = {}): Wrapper {
-  const child = spawn(process.execPath, [BIN, ...args], { env: { ...cleanEnv('FAKE_OVMS_'), ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+/** `launcher`: what the image puts in front of ovms-mtls, e.g. ['/usr/bin/tini', '--']; the child is then the launcher. */
+export function startWrapper(args: readonly string[], env: Record<string, string> = {}, launcher: readonly string[] = []): Wrapper {
+  const argv = [...launcher, process.execPath, BIN, ...args];
+  const child = spawn(argv[0]!, argv.slice(1), { env: { ...cleanEnv('FAKE_OVMS_'), ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   const logs: LogLine[] = [];
   const ovmsLines: string[] = [];
   let stderr = '';
