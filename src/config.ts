@@ -25,6 +25,12 @@ export interface TlsFiles {
   readonly key: string;
   readonly clientCa: string;
   readonly crl?: string | undefined;
+  /**
+   * The CRL is the container's default file: used whenever it is there, at
+   * start and at every reload, since a Secret may gain it later. A CRL the
+   * user named must exist.
+   */
+  readonly crlOptional?: boolean | undefined;
 }
 
 /** Who may connect, beyond "the CA vouches for them". Lists are OR-ed; all empty = anyone. */
@@ -328,6 +334,7 @@ export function parseTlsFiles(raw: RawOptions, defaults?: Partial<TlsFiles>): Tl
     key: pick('mtls_key', defaults?.key) ?? requiredString(raw, 'mtls_key', hint),
     clientCa: pick('mtls_client_ca', defaults?.clientCa) ?? requiredString(raw, 'mtls_client_ca', hint),
     crl: pick('mtls_crl', defaults?.crl),
+    ...(optionalString(raw, 'mtls_crl') === undefined && defaults?.crlOptional ? { crlOptional: true } : {}),
   };
 }
 

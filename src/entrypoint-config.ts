@@ -2,7 +2,6 @@
  * Settings of the OVMS entrypoint, from an OVMS command line split by
  * ovms-args.ts plus OVMS_MTLS_* environment variables (the command line wins).
  */
-import { existsSync } from 'node:fs';
 import { ALL_OPTIONS, optionsFromEnv, type RawOptions } from './options.js';
 import { DEFAULTS, RESTART_MODES, checkAdminPort, optionalString, parseChoice, parseCommonConfig, parsePublicListeners, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
 import type { SplitOvmsArgv } from './ovms-args.js';
@@ -27,13 +26,15 @@ export function entrypointOptions(split: SplitOvmsArgv, env: NodeJS.ProcessEnv):
 
 /**
  * The nginx example's mount points, so existing deployments keep working.
- * Its CRL is optional; it is used only with the default client CA, because a
- * CRL of another CA would make Node reject every client (FINDINGS).
+ * Its CRL is optional: used whenever the file is there, so one added to the
+ * Secret later is picked up by the reload like any other change. Only with the
+ * default client CA, because a CRL of another CA would make Node reject every
+ * client (FINDINGS).
  */
-export function containerTlsDefaults(raw: RawOptions, exists: (path: string) => boolean = existsSync): Partial<TlsFiles> {
+export function containerTlsDefaults(raw: RawOptions): Partial<TlsFiles> {
   const d = DEFAULTS.tlsFilesInContainer;
   const defaultCa = raw['mtls_client_ca'] === undefined || raw['mtls_client_ca'] === d.clientCa;
-  return { cert: d.cert, key: d.key, clientCa: d.clientCa, crl: defaultCa && exists(d.crl) ? d.crl : undefined };
+  return { cert: d.cert, key: d.key, clientCa: d.clientCa, ...(defaultCa ? { crl: d.crl, crlOptional: true } : {}) };
 }
 
 function restartPolicy(raw: RawOptions): RestartPolicy {
@@ -42,11 +43,11 @@ function restartPolicy(raw: RawOptions): RestartPolicy {
   return { mode, initialBackoffMs: d.restartInitialBackoffMs, maxBackoffMs: d.restartMaxBackoffMs, stableAfterMs: d.restartStableAfterMs, maxFailuresInARow: d.restartMaxFailuresInARow };
 }
 
-export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv, exists?: (path: string) => boolean): EntrypointSettings {
+export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): EntrypointSettings {
   const raw = entrypointOptions(split, env);
   const ovmsUser = optionalString(raw, 'mtls_ovms_user') ?? DEFAULTS.ovms.user;
   const listeners = parsePublicListeners(raw);
-  const common = parseCommonConfig(raw, containerTlsDefaults(raw, exists));
+  const common = parseCommonConfig(raw, containerTlsDefaults(raw));
   checkAdminPort(common.admin, listeners);
   return {
     listeners,

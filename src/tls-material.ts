@@ -72,14 +72,22 @@ function filesToRead(files: TlsFiles): [FileRole, string | undefined][] {
   ];
 }
 
+/** A missing optional CRL (the container default) means no CRL; any other read error is fatal. */
+function unreadable(role: FileRole, path: string, files: TlsFiles, err: NodeJS.ErrnoException): TlsMaterialError | undefined {
+  if (role === 'mtls_crl' && files.crlOptional && err.code === 'ENOENT') return undefined;
+  return describeReadError(role, path, err);
+}
+
 function readAllSync(files: TlsFiles): FileContents {
   const out = {} as FileContents;
   for (const [role, path] of filesToRead(files)) {
-    if (path === undefined) { out[role] = undefined; continue; }
+    out[role] = undefined;
+    if (path === undefined) continue;
     try {
       out[role] = readFileSync(path);
     } catch (err) {
-      throw describeReadError(role, path, err as NodeJS.ErrnoException);
+      const error = unreadable(role, path, files, err as NodeJS.ErrnoException);
+      if (error) throw error;
     }
   }
   return out;
@@ -88,11 +96,13 @@ function readAllSync(files: TlsFiles): FileContents {
 async function readAll(files: TlsFiles): Promise<FileContents> {
   const out = {} as FileContents;
   for (const [role, path] of filesToRead(files)) {
-    if (path === undefined) { out[role] = undefined; continue; }
+    out[role] = undefined;
+    if (path === undefined) continue;
     try {
       out[role] = await readFile(path);
     } catch (err) {
-      throw describeReadError(role, path, err as NodeJS.ErrnoException);
+      const error = unreadable(role, path, files, err as NodeJS.ErrnoException);
+      if (error) throw error;
     }
   }
   return out;

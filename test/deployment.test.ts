@@ -137,7 +137,7 @@ describe('deploy/kubernetes/deployment.yaml run as written', () => {
       pod.wrapper.child.kill('SIGTERM');
       assert.deepEqual(await pod.wrapper.exited, { code: 0, signal: null });
       const stopping = pod.wrapper.logs.find((l) => l.event === 'ovms_stopping');
-      const shutdownMs = entrypointSettings(splitOvmsArgv(pod.args), {}, () => true).common.shutdownTimeoutMs;
+      const shutdownMs = entrypointSettings(splitOvmsArgv(pod.args), {}).common.shutdownTimeoutMs;
       assert.ok(stopping && Number(stopping['killAfterMs']) <= shutdownMs, JSON.stringify(stopping));
       assert.equal(pod.wrapper.logs.find((l) => l.event === 'stopped')?.['exitCode'], 0);
     } finally {

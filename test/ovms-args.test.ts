@@ -190,17 +190,25 @@ describe('the argv OVMS is started with', () => {
 });
 
 describe('entrypoint settings', () => {
-  test('the nginx example mount points are the TLS defaults; its CRL only when the file exists', () => {
-    assert.deepEqual(containerTlsDefaults({}, () => true), { cert: '/certs/server.pem', key: '/certs/server.key', clientCa: '/certs/client_cert_ca.pem', crl: '/certs/client_cert_ca.crl' });
-    assert.equal(containerTlsDefaults({}, () => false).crl, undefined);
+  test('the nginx example mount points are the TLS defaults; its CRL optional (used whenever the file is there)', () => {
+    assert.deepEqual(containerTlsDefaults({}), { cert: '/certs/server.pem', key: '/certs/server.key', clientCa: '/certs/client_cert_ca.pem', crl: '/certs/client_cert_ca.crl', crlOptional: true });
+    assert.deepEqual(entrypointSettings(splitOvmsArgv(['--port', '9000']), {}).common.tls, { cert: '/certs/server.pem', key: '/certs/server.key', clientCa: '/certs/client_cert_ca.pem', crl: '/certs/client_cert_ca.crl', crlOptional: true });
+  });
+
+  test('a CRL the user names is not optional, also at the default path', () => {
+    for (const crl of ['/certs/client_cert_ca.crl', '/elsewhere/ca.crl']) {
+      const { tls } = entrypointSettings(splitOvmsArgv(['--port', '9000', '--mtls_crl', crl]), {}).common;
+      assert.equal(tls.crl, crl);
+      assert.equal(tls.crlOptional, undefined);
+    }
   });
 
   test('the default CRL is not applied to a client CA given by the user', () => {
-    assert.equal(containerTlsDefaults({ mtls_client_ca: '/other/ca.pem' }, () => true).crl, undefined);
+    assert.equal(containerTlsDefaults({ mtls_client_ca: '/other/ca.pem' }).crl, undefined);
   });
 
   test('users default to ovms, the proxy user to the OVMS user; environment values apply under the command line', () => {
-    const settings = entrypointSettings(splitOvmsArgv(['--port', '9000', '--mtls_ovms_user', 'model']), { OVMS_MTLS_RESTART: 'on-failure', OVMS_MTLS_OVMS_USER: 'ignored' }, () => false);
+    const settings = entrypointSettings(splitOvmsArgv(['--port', '9000', '--mtls_ovms_user', 'model']), { OVMS_MTLS_RESTART: 'on-failure', OVMS_MTLS_OVMS_USER: 'ignored' });
     assert.equal(settings.ovmsUser, 'model');
     assert.equal(settings.proxyUser, 'model');
     assert.equal(settings.restart.mode, 'on-failure');
@@ -210,10 +218,10 @@ describe('entrypoint settings', () => {
   });
 
   test('no public port at all is a ConfigError', () => {
-    assert.throws(() => entrypointSettings(splitOvmsArgv(['--model_name', 'x']), {}, () => false), /no public port/);
+    assert.throws(() => entrypointSettings(splitOvmsArgv(['--model_name', 'x']), {}), /no public port/);
   });
 
   test('an unknown --mtls_restart value is a ConfigError naming the choices', () => {
-    assert.throws(() => entrypointSettings(splitOvmsArgv(['--port', '1', '--mtls_restart', 'always']), {}, () => false), /never, on-failure/);
+    assert.throws(() => entrypointSettings(splitOvmsArgv(['--port', '1', '--mtls_restart', 'always']), {}), /never, on-failure/);
   });
 });

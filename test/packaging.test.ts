@@ -170,8 +170,8 @@ describe('Kubernetes manifests', () => {
     assertKnownMtlsFlags(args);
   });
 
-  /** What the entrypoint makes of the Deployment's args (the CRL taken as present, as the Secret has it). */
-  const settings = () => entrypointSettings(splitOvmsArgv(args), {}, () => true);
+  /** What the entrypoint makes of the Deployment's args. */
+  const settings = () => entrypointSettings(splitOvmsArgv(args), {});
 
   test('the number of proxy workers does not follow the node: without a CPU limit the default is every CPU of it', () => {
     const cpuLimit = container['resources']?.['limits']?.['cpu'];

@@ -1,7 +1,7 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { readFile, rm, writeFile } from 'node:fs/promises';
+import { readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { Agent } from 'node:https';
 import { join } from 'node:path';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
@@ -228,6 +228,30 @@ describe('revocation reaches live connections', SAFETY, () => {
       await r.front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'revoked');
     } finally {
       alice.close();
+      revoked.destroy();
+      await r.stop();
+    }
+  });
+
+  test('the container default CRL, not in the Secret at start, is used once a Secret update brings it: the client it revokes is cut and refused', async () => {
+    // The Secret without the optional CRL: no user-visible link for it.
+    const certs = await kubernetesCertDir(originalSet());
+    await rm(certs.files.crl!);
+    const r = await startWithReloader({ ...certs, files: { ...certs.files, crlOptional: true } }, { watch: true });
+    const revoked = h2(r.front.restPort, bob);
+    try {
+      assert.equal(await h2Get(revoked), 200);
+      const goaway = once(revoked, 'goaway');
+      await kubernetesSwap(certs.dir, 'v2', { ...originalSet(), crl: await crlRevoking(bob) });
+      // The kubelet links a key new to the Secret after the swap.
+      await symlink(join('..data', FILE_NAMES.crl), certs.files.crl!);
+      await goaway;
+      const line = await r.front.logs.waitFor((l) => l.event === 'connection_revoked');
+      assert.match(String(line.subject), /CN=bob/);
+      const again = h2(r.front.restPort, bob);
+      await once(again, 'close');
+      await r.front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'revoked');
+    } finally {
       revoked.destroy();
       await r.stop();
     }
