@@ -86,6 +86,11 @@ describe('docker-compose.yml', () => {
     assert.deepEqual(published, [flagValue(proxy, 'port'), flagValue(proxy, 'rest_port')].sort());
   });
 
+  test('the probe service waits until ovms-secure passes its healthcheck, not merely until it started', () => {
+    assert.ok(services['ovms-secure']!['healthcheck'], 'ovms-secure has no healthcheck to wait for');
+    assert.deepEqual(services['probe']!['depends_on'], { 'ovms-secure': { condition: 'service_healthy' } });
+  });
+
   test('the entrypoint and probe services pass only options ovms-mtls knows', async () => {
     assertKnownMtlsFlags(services['ovms-secure']!['command']);
     const probe = services['probe']!['command'] as string[];
