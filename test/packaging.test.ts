@@ -91,6 +91,15 @@ describe('docker-compose.yml', () => {
     assert.deepEqual(services['probe']!['depends_on'], { 'ovms-secure': { condition: 'service_healthy' } });
   });
 
+  test('the servers get longer than their shutdown timeout to stop (compose SIGKILLs after 10 s by default)', () => {
+    for (const name of ['ovms-secure', 'ovms-mtls-proxy']) {
+      const command = services[name]!['command'] as string[];
+      const shutdown = Number(flagValue(command, 'mtls_shutdown_timeout') ?? DEFAULTS.shutdownTimeoutSeconds);
+      const grace = /^(\d+)s$/.exec(String(services[name]!['stop_grace_period']))?.[1];
+      assert.ok(grace !== undefined && Number(grace) > shutdown, `${name}: stop_grace_period ${services[name]!['stop_grace_period']} (need more than --mtls_shutdown_timeout ${shutdown} s)`);
+    }
+  });
+
   test('the entrypoint and probe services pass only options ovms-mtls knows', async () => {
     assertKnownMtlsFlags(services['ovms-secure']!['command']);
     const probe = services['probe']!['command'] as string[];
