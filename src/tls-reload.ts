@@ -88,6 +88,7 @@ export class TlsReloader {
     let material: TlsMaterial;
     try {
       material = await (this.#options.load ?? (() => loadTlsMaterial(files)))();
+      checkCrlKept(files, this.#current, material);
       // A directory event for an unrelated file is no reason to rebuild contexts; an explicit request is.
       if (trigger === 'file' && sameMaterial(material, this.#current)) {
         logger.debug({ event: 'reload_unchanged', trigger }, 'certificate directory changed; TLS material unchanged');
@@ -185,6 +186,17 @@ function watchedDirectories(files: TlsFiles): Set<string> {
     }
   }
   return dirs;
+}
+
+/**
+ * The container's default CRL may appear after start, but once in force its
+ * disappearance (a Secret re-created without it) would quietly let every
+ * revoked client back in: refuse that set like any broken one.
+ */
+function checkCrlKept(files: TlsFiles, current: TlsMaterial, next: TlsMaterial): void {
+  if (files.crlOptional && current.crl && !next.crl) {
+    throw new Error(`--mtls_crl: ${files.crl} is gone; its revocations stay in force (put the CRL back, or restart to run without one)`);
+  }
 }
 
 function sameMaterial(a: TlsMaterial, b: TlsMaterial): boolean {

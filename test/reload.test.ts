@@ -233,7 +233,7 @@ describe('revocation reaches live connections', SAFETY, () => {
     }
   });
 
-  test('the container default CRL, not in the Secret at start, is used once a Secret update brings it: the client it revokes is cut and refused', async () => {
+  test('the container default CRL, not in the Secret at start, is used once a Secret update brings it: the client it revokes is cut and refused, also after the file goes away', async () => {
     // The Secret without the optional CRL: no user-visible link for it.
     const certs = await kubernetesCertDir(originalSet());
     await rm(certs.files.crl!);
@@ -251,6 +251,14 @@ describe('revocation reaches live connections', SAFETY, () => {
       const again = h2(r.front.restPort, bob);
       await once(again, 'close');
       await r.front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'revoked');
+      // Once in force, the CRL does not lapse because its file went away.
+      await rm(certs.files.crl!);
+      const failed = await r.front.logs.waitFor((l) => l.event === 'reload_failed');
+      assert.match(String(failed.reason), /client_cert_ca\.crl is gone; its revocations stay in force/);
+      const refusedBefore = r.front.logs.lines.filter((l) => l.event === 'client_refused').length;
+      const third = h2(r.front.restPort, bob);
+      await once(third, 'close');
+      await r.front.logs.waitFor((l) => l.event === 'client_refused' && r.front.logs.lines.filter((x) => x.event === 'client_refused').length > refusedBefore);
     } finally {
       revoked.destroy();
       await r.stop();
