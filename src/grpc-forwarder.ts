@@ -32,12 +32,11 @@ export interface GrpcForwarderOptions {
  */
 export class GrpcForwarder {
   readonly #options: GrpcForwarderOptions;
-  readonly #upstream: UpstreamH2Session;
-  readonly #cancels = new CancelTally();
+  readonly #shared: CallShared;
 
   constructor(options: GrpcForwarderOptions) {
     this.#options = options;
-    this.#upstream = new UpstreamH2Session(options.upstream, options.limits);
+    this.#shared = { pool: new UpstreamH2Session(options.upstream, options.limits), cancels: new CancelTally(), calls: new Set() };
   }
 
   handle(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext): void {
@@ -50,13 +49,13 @@ export class GrpcForwarder {
       answerLocally(stream, headers, context, this.#options.observer, CONNECT_REFUSED);
       return;
     }
-    if (this.#cancels.defers(context)) {
+    if (this.#shared.cancels.defers(context)) {
       // A reset with an error code meanwhile makes the stream emit 'error': unheard, it would end the process.
       stream.on('error', ignore);
       setImmediate(() => this.#startUnlessReset(stream, headers, context));
       return;
     }
-    new GrpcCall(stream, headers, context, this.#options, this.#upstream, this.#cancels).start();
+    new GrpcCall(stream, headers, context, this.#options, this.#shared).start();
   }
 
   #startUnlessReset(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext): void {
@@ -64,12 +63,29 @@ export class GrpcForwarder {
       this.#options.observer.request(accessRecord(context, headers, { status: 0, grpcStatus: undefined, bytesIn: 0, bytesOut: 0, started: performance.now(), error: 'client_cancelled' }));
       return;
     }
-    new GrpcCall(stream, headers, context, this.#options, this.#upstream, this.#cancels).start();
+    new GrpcCall(stream, headers, context, this.#options, this.#shared).start();
+  }
+
+  /**
+   * The shutdown timeout is running out: every call still in flight gets `message` as an
+   * UNAVAILABLE status (Trailers-Only, or trailers after its response), and its upstream
+   * call is cancelled, rather than the connection being cut under it.
+   */
+  endAll(message: string): void {
+    for (const call of this.#shared.calls) call.end(message);
   }
 
   close(): Promise<void> {
-    return this.#upstream.close();
+    return this.#shared.pool.close();
   }
+}
+
+/** What every call of a forwarder shares. */
+interface CallShared {
+  readonly pool: UpstreamH2Session;
+  readonly cancels: CancelTally;
+  /** Calls whose client stream is still open. */
+  readonly calls: Set<GrpcCall>;
 }
 
 /**
@@ -205,29 +221,30 @@ class GrpcCall {
   readonly #headers: IncomingHttpHeaders;
   readonly #context: ConnectionContext;
   readonly #options: GrpcForwarderOptions;
-  readonly #pool: UpstreamH2Session;
-  readonly #cancels: CancelTally;
+  readonly #shared: CallShared;
   readonly #outcome: CallOutcome;
   #upstream: ClientHttp2Stream | undefined;
   #session: ClientHttp2Session | undefined;
   #trailers: OutgoingHttpHeaders | undefined;
   /** The upstream finished the call properly (trailers or Trailers-Only seen). */
   #upstreamDone = false;
+  /** The client has been given a status of ours; the first one given is the one it gets. */
+  #statusGiven = false;
   #unforwardRequest: (() => void) | undefined;
   #unforwardResponse: (() => void) | undefined;
 
-  constructor(client: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, options: GrpcForwarderOptions, pool: UpstreamH2Session, cancels: CancelTally) {
+  constructor(client: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, options: GrpcForwarderOptions, shared: CallShared) {
     this.#client = client;
-    this.#cancels = cancels;
     this.#headers = headers;
     this.#context = context;
     this.#options = options;
-    this.#pool = pool;
+    this.#shared = shared;
     this.#outcome = { status: 0, grpcStatus: undefined, bytesIn: 0, bytesOut: 0, started: performance.now() };
   }
 
   start(): void {
     const client = this.#client;
+    this.#shared.calls.add(this);
     // `on`, not `once`, for events a stream emits at most once: no wrapper per call (issue #6).
     client.on('error', ignore);
     client.on('close', () => this.#onClientClose());
@@ -241,8 +258,8 @@ class GrpcCall {
     });
     const headers = upstreamRequestHeaders(this.#headers, this.#context);
     const size = headerListSize(headers);
-    if (size > this.#pool.maxHeaderListSize) {
-      const message = `request metadata of ${size} bytes is over the ${this.#pool.maxHeaderListSize} bytes the model server accepts (its HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, x-forwarded-client-cert included)`;
+    if (size > this.#shared.pool.maxHeaderListSize) {
+      const message = `request metadata of ${size} bytes is over the ${this.#shared.pool.maxHeaderListSize} bytes the model server accepts (its HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, x-forwarded-client-cert included)`;
       this.#finishWithStatus(GRPC_STATUS.RESOURCE_EXHAUSTED, message, 'request_headers_too_large');
       return;
     }
@@ -269,7 +286,7 @@ class GrpcCall {
 
   #openUpstream(headers: OutgoingHttpHeaders): ClientHttp2Stream {
     const options = { endStream: this.#client.endAfterHeaders };
-    const session = this.#pool.current();
+    const session = this.#shared.pool.current();
     try {
       this.#session = session;
       return session.request(headers, options);
@@ -277,8 +294,8 @@ class GrpcCall {
       // A request Node will not build says nothing about the session every client shares: that call alone fails.
       if (!isSessionRefusal(session, err)) throw err;
       // The session is closing (GOAWAY) but had not told us yet: one retry on a fresh one.
-      this.#pool.discard(session);
-      this.#session = this.#pool.current();
+      this.#shared.pool.discard(session);
+      this.#session = this.#shared.pool.current();
       return this.#session.request(headers, options);
     }
   }
@@ -329,6 +346,15 @@ class GrpcCall {
     this.#finishWithStatus(reset.status, `${where} reset the call (${reset.name})`, `upstream_reset_${rstCode}`);
   }
 
+  /** The proxy stops (endAll): the client gets UNAVAILABLE saying so, the model server a cancel. */
+  end(message: string): void {
+    // Answered in full by the model server, still on its way to a slow client: that answer stands.
+    if (this.#upstreamDone) return;
+    this.#finishWithStatus(GRPC_STATUS.UNAVAILABLE, message, 'shutdown_timeout');
+    const upstream = this.#upstream;
+    if (upstream && !upstream.closed && !upstream.destroyed) upstream.close(NGHTTP2_CANCEL);
+  }
+
   /** The upstream cannot finish the call: the client gets UNAVAILABLE, never a hang. */
   #fail(err: unknown): void {
     const { code, message } = describeUpstreamError(this.#options.upstream, err);
@@ -339,6 +365,8 @@ class GrpcCall {
   /** Ends the client call with this status: Trailers-Only before the response started, trailers after. */
   #finishWithStatus(status: number, message: string, errorCode: string): void {
     const client = this.#client;
+    if (this.#statusGiven) return;
+    this.#statusGiven = true;
     this.#outcome.error = errorCode;
     this.#outcome.grpcStatus = String(status);
     if (client.closed || client.destroyed) return;
@@ -362,6 +390,7 @@ class GrpcCall {
   }
 
   #onClientClose(): void {
+    this.#shared.calls.delete(this);
     const upstream = this.#upstream;
     if (upstream && !upstream.closed && !upstream.destroyed) {
       if (this.#upstreamDone) {
@@ -372,10 +401,10 @@ class GrpcCall {
         const code = this.#client.rstCode;
         upstream.close(code === undefined || code === NGHTTP2_NO_ERROR ? NGHTTP2_CANCEL : code);
         this.#outcome.error ??= 'client_cancelled';
-        this.#cancels.count(this.#context);
+        this.#shared.cancels.count(this.#context);
       }
     }
-    if (this.#upstreamDone) this.#cancels.settle(this.#context);
+    if (this.#upstreamDone) this.#shared.cancels.settle(this.#context);
     this.#options.observer.request(accessRecord(this.#context, this.#headers, this.#outcome));
   }
 }

@@ -63,6 +63,8 @@ function answerHttp1OnGrpcPort(observer: ProxyObserver): RequestHandler {
 interface Assembled {
   listener: SecureListener;
   fronts: Drainable[];
+  /** The shutdown timeout is running out: each call or request in flight is ended, told `message`. */
+  endInFlight(message: string): void;
   close(): Promise<void>;
 }
 
@@ -110,7 +112,8 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
     h1.close();
     return forwarder.close();
   };
-  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, { h2: relay }), fronts, close };
+  const endInFlight = (message: string) => forwarder.endAll(message);
+  return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, { h2: relay }), fronts, endInFlight, close };
 }
 
 function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
@@ -130,7 +133,11 @@ function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
     h1.close();
     forwarder.close();
   };
-  return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1, { http1: relay }), fronts, close };
+  const endInFlight = (message: string) => {
+    relay?.endAll(message);
+    forwarder.endAll(message);
+  };
+  return { listener: listenerWithFronts('rest', cfg, options, observer, h2, h1, { http1: relay }), fronts, endInFlight, close };
 }
 
 /**
@@ -166,20 +173,41 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
   };
 }
 
+/** What a call or request still in flight when the shutdown timeout runs out is told (gRPC UNAVAILABLE, REST 503). */
+export const SHUTTING_DOWN_MESSAGE = 'the proxy is shutting down: --mtls_shutdown_timeout ran out before this call finished (retry it)';
+
+/**
+ * The last part of the shutdown timeout, at most 1 s, in which the calls still in flight are
+ * ended with a status saying why and their connections close; only what is left after it is cut.
+ */
+export function goodbyeMs(timeoutMs: number): number {
+  return Math.min(1000, timeoutMs / 10);
+}
+
+/** Resolves true if `done` has not settled within `ms`. */
+async function outlasts(done: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(true), ms);
+  });
+  const expired = await Promise.race([done.then(() => false), timedOut]);
+  clearTimeout(timer);
+  return expired;
+}
+
 async function shutdown(parts: Assembled[], timeoutMs: number, logger: Logger): Promise<void> {
   const allClosed = Promise.all(parts.map((p) => p.listener.stopAccepting()));
   for (const part of parts) for (const front of part.fronts) front.drain();
-  let timer: NodeJS.Timeout | undefined;
-  const timedOut = new Promise<boolean>((resolve) => {
-    timer = setTimeout(() => resolve(true), timeoutMs);
-  });
-  const expired = await Promise.race([allClosed.then(() => false), timedOut]);
-  clearTimeout(timer);
-  if (expired) {
+  const goodbye = goodbyeMs(timeoutMs);
+  if (await outlasts(allClosed, timeoutMs - goodbye)) {
     const left = parts.reduce((n, p) => n + p.listener.connections.size, 0);
-    logger.warn({ event: 'shutdown_timeout', connections: left }, `shutdown timeout: closing ${left} connection(s) still busy`);
-    for (const part of parts) part.listener.destroyAll();
-    await allClosed;
+    logger.warn({ event: 'shutdown_timeout', connections: left }, `shutdown timeout: ending what is still in flight on ${left} connection(s)`);
+    // Cut under them, clients would read a dropped connection (UNAVAILABLE "Connection dropped", a reset) and not know why.
+    for (const part of parts) part.endInFlight(SHUTTING_DOWN_MESSAGE);
+    if (await outlasts(allClosed, goodbye)) {
+      for (const part of parts) part.listener.destroyAll();
+      await allClosed;
+    }
   }
   await Promise.all(parts.map((p) => p.close()));
 }

@@ -10,6 +10,8 @@ import { failIfNotConnectedWithin } from './upstream-connect.js';
 export interface RelayedConnection {
   /** Let what is in flight finish, start nothing new, then close (drain, revocation). */
   closeGracefully(): void;
+  /** The shutdown timeout is running out: end what is in flight now, saying why where the protocol can. */
+  endNow?(message: string): void;
 }
 
 export interface RelayOptions {
@@ -71,6 +73,11 @@ export class Relay implements Drainable {
   drain(): void {
     this.#draining = true;
     for (const relayed of this.#relayed.values()) relayed.closeGracefully();
+  }
+
+  /** Ends what each relayed connection has in flight (RelayedConnection.endNow). */
+  endAll(message: string): void {
+    for (const relayed of this.#relayed.values()) relayed.endNow?.(message);
   }
 
   /** False when the socket is not relayed (it went to the fallback front). */

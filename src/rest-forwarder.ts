@@ -76,6 +76,8 @@ export class RestForwarder {
   readonly #pool: Pool;
   /** HTTP/2 requests each client connection reset before their answer was complete, less those it completed. */
   readonly #cancels = new CancelTally();
+  /** Per request whose response to the client is still open: what ends it at shutdown (endAll). */
+  readonly #live = new Set<(message: string) => void>();
 
   constructor(options: RestForwarderOptions) {
     this.#options = options;
@@ -119,6 +121,15 @@ export class RestForwarder {
     this.#log(req, context, started, { status: refusal.status, bytesIn: 0, bytesOut: 0, error: refusal.error });
   }
 
+  /**
+   * The shutdown timeout is running out: a request still waiting for its answer gets 503
+   * with `message`, one whose answer has begun is cut short (so it is never taken for
+   * complete), and its upstream request is aborted, rather than the connection being cut under it.
+   */
+  endAll(message: string): void {
+    for (const end of this.#live) end(message);
+  }
+
   close(): void {
     this.#pool.destroy().catch(() => {});
   }
@@ -129,22 +140,19 @@ export class RestForwarder {
     const length = bodyLength(req);
     // A request without a body cannot stall, and an HTTP/2 one is never read (req.complete stays false): no timer, or it would cut a slow answer or a live stream.
     const stall = length === 0 ? undefined : this.#watchBody(req, () => {
-      stats.error = 'client_body_timeout';
-      exchange.giveUp();
-      if (res.headersSent) {
-        cutShort(res);
-        return;
-      }
-      stats.status = 408;
-      // The rest of this body will not come; on HTTP/1.1 the connection cannot carry another request.
-      if (req.httpVersionMajor === 1) (res as ServerResponse).shouldKeepAlive = false;
-      answerJson(res, 408, bodyStalledMessage(this.#options.bodyTimeoutMs));
+      answerInstead(req, res, exchange, stats, { status: 408, message: bodyStalledMessage(this.#options.bodyTimeoutMs), error: 'client_body_timeout' });
     });
+    const endNow = (message: string) => {
+      // Answered in full by the model server, still on its way to a slow client: that answer stands.
+      if (!exchange.upstreamEnded) answerInstead(req, res, exchange, stats, { status: 503, message, error: 'shutdown_timeout' });
+    };
+    this.#live.add(endNow);
     /** The body as it streams upstream, once it does: dropped, with its hold on the request, when the answer ends first. */
     let body: Readable | undefined;
     if (length !== 0) whenAnsweredMidBody(req, res, () => stopReadingBody(req, body));
     res.once('close', () => {
       clearTimeout(stall);
+      this.#live.delete(endNow);
       // The client went away: the model should stop working for nobody.
       if (!deliveredWhole(res)) stats.error ??= 'client_closed';
       if (req.httpVersionMajor === 2) {
@@ -437,6 +445,11 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#http2 = res instanceof Http2ServerResponse;
   }
 
+  /** The upstream request has ended, answered or failed. */
+  get upstreamEnded(): boolean {
+    return this.#ended;
+  }
+
   /** Nothing more from the upstream goes to the client; a request not sent yet never will be. */
   giveUp(): void {
     this.givenUp = true;
@@ -513,6 +526,23 @@ function answerJson(res: ClientResponseLike, status: number, error: string, head
   if (res.hasHeader('date')) res.setHeader('date', new Date().toUTCString());
   res.writeHead(status, { 'content-type': 'application/json', ...headers });
   res.end(JSON.stringify({ error }));
+}
+
+/**
+ * We end the request ourselves (its body stalled, the proxy stops): nothing more from the
+ * model server reaches the client, which gets our answer, or a cut if its response has begun.
+ */
+function answerInstead(req: ClientRequestLike, res: ClientResponseLike, exchange: UpstreamExchange, stats: ExchangeStats, answer: { status: number; message: string; error: string }): void {
+  stats.error = answer.error;
+  exchange.giveUp();
+  if (res.headersSent) {
+    cutShort(res);
+    return;
+  }
+  stats.status = answer.status;
+  // The rest of a body will not be read; on HTTP/1.1 the connection cannot carry another request.
+  if (req.httpVersionMajor === 1) (res as ServerResponse).shouldKeepAlive = false;
+  answerJson(res, answer.status, answer.message);
 }
 
 /**

@@ -458,6 +458,23 @@ class RelayedHttp1Connection implements RelayedConnection {
   }
 
   /**
+   * The shutdown timeout is running out (Relay.endAll): the request waiting for its answer
+   * gets 503 with `message` if nothing of that answer went out yet, else the connection is cut.
+   * Requests pipelined behind it are left unanswered, which a client may retry.
+   */
+  endNow(message: string): void {
+    const waiting = this.#exchanges[0];
+    if (this.#finished || !waiting) return;
+    waiting.error = 'shutdown_timeout';
+    if (waiting.answered) {
+      this.#fail();
+      return;
+    }
+    waiting.status = 503;
+    this.#end(closingAnswer(503, 'application/json', JSON.stringify({ error: message })));
+  }
+
+  /**
    * A request body that stopped arriving (nginx's client_body_timeout): it
    * would hold the upstream connection for as long as the client likes. 408
    * if nothing of an answer went out yet, else the connection is cut.

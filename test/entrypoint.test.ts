@@ -370,8 +370,9 @@ describe('exit codes and signals', () => {
     assert.deepEqual(await s.wrapper.exited, { code: 137, signal: null });
     const order = s.wrapper.logs.map((l) => l.event).filter((e) => ['signal', 'shutdown_timeout', 'ovms_stopping', 'ovms_exited'].includes(e as string));
     assert.deepEqual(order, ['signal', 'shutdown_timeout', 'ovms_stopping', 'ovms_exited']);
-    // Its share of the timeout: half of 1 s.
-    assert.equal(s.wrapper.logs.find((l) => l.event === 'ovms_stopping')!['killAfterMs'], 500);
+    // What the drain left of 1 s, at least its share (half): the calls cut in the drain's last part may close before its end.
+    const killAfterMs = s.wrapper.logs.find((l) => l.event === 'ovms_stopping')!['killAfterMs'] as number;
+    assert.ok(killAfterMs >= 500 && killAfterMs <= 1000, String(killAfterMs));
     assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('ignoring SIGTERM')));
     assert.ok(processGone(run!.pid));
   });

@@ -1,0 +1,240 @@
+/**
+ * A model server that hangs: it accepts and never answers, stops in the middle of a
+ * response, or does not read an upload. The proxy has no upstream response timeout on
+ * purpose (README: no default timeout on a live response), so clients wait; what these
+ * tests hold is that whatever ends the wait (the client, or the proxy's own shutdown)
+ * ends it cleanly, says why, and frees what the call held on both sides.
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer as createH2cServer, constants as h2, type Http2Server, type ServerHttp2Stream } from 'node:http2';
+import type { AddressInfo, Socket } from 'node:net';
+import * as grpc from '@grpc/grpc-js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { clientCredentials, h2Session, https1, startTestProxy, type StartedProxy } from './helpers/harness.js';
+import { scriptedUpstream, type ScriptedUpstream } from './helpers/scripted-upstream.js';
+import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
+import { eventually, sample } from './helpers/ops.js';
+import { ProxyMetrics } from '../src/metrics.js';
+
+const SHUTDOWN_MS = 2000;
+/** An SSE head and first event, then nothing more: a stream that stalls. */
+const SSE_START = 'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n';
+/** One gRPC message of one byte. */
+const ONE_MESSAGE = Buffer.from([0, 0, 0, 0, 1, 7]);
+
+let pki: TestPki;
+
+before(async () => {
+  pki = await createTestPki();
+});
+
+after(async () => {
+  await pki.cleanup();
+});
+
+/**
+ * An h2c model server that never finishes a call: `/hung.Svc/Hold` gets nothing at all,
+ * `/hung.Svc/Stall` its response headers and one message. It records how each call ended.
+ */
+async function hungGrpcServer(): Promise<{ server: Http2Server; port: number; open: Set<ServerHttp2Stream>; resets: number[] }> {
+  const open = new Set<ServerHttp2Stream>();
+  const resets: number[] = [];
+  const server = createH2cServer();
+  server.on('stream', (stream, headers) => {
+    open.add(stream);
+    stream.on('error', () => {});
+    stream.on('close', () => {
+      open.delete(stream);
+      resets.push(stream.rstCode);
+    });
+    if (headers[':path'] === '/hung.Svc/Stall') {
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' });
+      stream.write(ONE_MESSAGE);
+    }
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return { server, port: (server.address() as AddressInfo).port, open, resets };
+}
+
+/** A REST model server that reads every request and never answers, except `/sse`, which starts an event stream and stalls. */
+function hungRestServer(): Promise<ScriptedUpstream> {
+  return scriptedUpstream((socket: Socket, first: Buffer) => {
+    if (first.toString('latin1').startsWith('GET /sse ')) socket.write(SSE_START);
+    socket.resume();
+  });
+}
+
+const openSockets = (upstream: ScriptedUpstream) => upstream.sockets.filter((s) => !s.destroyed).length;
+
+interface CallEnd {
+  code: grpc.status;
+  details: string;
+}
+
+/** A unary call with raw bytes (no protobuf): the upstream never decodes it anyway. */
+function unary(client: grpc.Client, path: string, options: grpc.CallOptions = {}): { ended: Promise<CallEnd>; call: grpc.ClientUnaryCall } {
+  let call!: grpc.ClientUnaryCall;
+  const ended = new Promise<CallEnd>((resolve) => {
+    call = client.makeUnaryRequest(path, (b: Buffer) => b, (b: Buffer) => b, Buffer.from('x'), new grpc.Metadata(), options, (err) => resolve({ code: err?.code ?? grpc.status.OK, details: err?.details ?? '' }));
+  });
+  return { ended, call };
+}
+
+/** A server-streaming call that resolves once its first message is in. */
+function streamToFirstMessage(client: grpc.Client, path: string): { ended: Promise<CallEnd>; first: Promise<void> } {
+  const call = client.makeServerStreamRequest(path, (b: Buffer) => b, (b: Buffer) => b, Buffer.from('x'));
+  const first = once(call, 'data').then(() => undefined);
+  const ended = new Promise<CallEnd>((resolve) => {
+    call.on('error', (err: grpc.ServiceError) => resolve({ code: err.code, details: err.details }));
+    call.on('status', (s: grpc.StatusObject) => {
+      if (s.code === grpc.status.OK) resolve({ code: s.code, details: s.details });
+    });
+  });
+  return { ended, first };
+}
+
+describe('shutdown with calls stuck on a model server that never answers', () => {
+  for (const mode of ['terminate', 'relay'] as const) {
+    test(`REST ${mode}: requests waiting for an answer get 503 saying the proxy is shutting down (HTTP/1.1 and HTTP/2), a stalled event stream is cut short, and the model server's connections close`, { timeout: 30_000 }, async () => {
+      const rest = await hungRestServer();
+      const local = await startTestProxy({ pki, upstream: { restPort: rest.port }, restMode: mode });
+      const session = h2Session(local.restPort, pki);
+      try {
+        const waitingH1 = https1(local.restPort, pki, { path: '/v2/models/m/ready' });
+        const waitingH2 = new Promise<{ status: unknown; body: string }>((resolve, reject) => {
+          const stream = session.request({ ':path': '/v2/models/m/ready' });
+          let status: unknown;
+          let body = '';
+          stream.on('response', (h) => (status = h[':status']));
+          stream.on('data', (c: Buffer) => (body += c.toString()));
+          stream.on('end', () => resolve({ status, body }));
+          stream.on('error', reject);
+        });
+        const sse = await openRaw(local.restPort, pki);
+        sse.write('GET /sse HTTP/1.1\r\nhost: localhost\r\n\r\n');
+        await readUntil(sse, /data: 1/);
+        const sseRest = readToClose(sse);
+        await eventually(() => rest.sockets.length === 3, 'the three requests at the model server');
+
+        await local.proxy.shutdown(SHUTDOWN_MS);
+
+        for (const [client, answer] of [['HTTP/1.1', await waitingH1], ['HTTP/2', await waitingH2]] as const) {
+          assert.equal(answer.status, 503, client);
+          assert.match(JSON.parse(answer.body).error, /the proxy is shutting down: --mtls_shutdown_timeout ran out/, client);
+        }
+        // Cut short: no last chunk, so the client cannot take it for a whole answer.
+        assert.doesNotMatch(await sseRest, /\r\n0\r\n\r\n/);
+        await eventually(() => openSockets(rest) === 0, "the model server's connections closed");
+        const lines = local.logs.lines.filter((l) => l.event === 'access');
+        assert.equal(lines.filter((l) => l.error === 'shutdown_timeout').length, 3, JSON.stringify(lines));
+      } finally {
+        session.destroy();
+        rest.close();
+      }
+    });
+  }
+
+  test('gRPC terminate: a call never answered gets UNAVAILABLE saying the proxy is shutting down, a stalled server stream too (in its trailers), and the model server sees both cancelled', { timeout: 30_000 }, async () => {
+    const upstream = await hungGrpcServer();
+    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.port } });
+    const client = new grpc.Client(local.grpcAddress, clientCredentials(pki));
+    try {
+      const held = unary(client, '/hung.Svc/Hold');
+      const stalled = streamToFirstMessage(client, '/hung.Svc/Stall');
+      await stalled.first;
+      await eventually(() => upstream.open.size === 2, 'both calls at the model server');
+
+      await local.proxy.shutdown(SHUTDOWN_MS);
+
+      for (const [what, ended] of [['unanswered', await held.ended], ['stalled stream', await stalled.ended]] as const) {
+        assert.equal(ended.code, grpc.status.UNAVAILABLE, what);
+        assert.match(ended.details, /the proxy is shutting down: --mtls_shutdown_timeout ran out/, what);
+      }
+      await eventually(() => upstream.open.size === 0, 'both calls ended at the model server');
+      assert.deepEqual(upstream.resets, [h2.NGHTTP2_CANCEL, h2.NGHTTP2_CANCEL]);
+      const lines = local.logs.lines.filter((l) => l.event === 'access');
+      assert.deepEqual(lines.map((l) => [l.grpcStatus, l.error]), [['14', 'shutdown_timeout'], ['14', 'shutdown_timeout']]);
+    } finally {
+      client.close();
+      upstream.server.close();
+    }
+  });
+
+  test('gRPC relay: frames are not decoded, so a call still open is ended with its connection (UNAVAILABLE), and the model server connection closes', { timeout: 30_000 }, async () => {
+    const upstream = await hungGrpcServer();
+    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.port }, grpcMode: 'relay' });
+    const client = new grpc.Client(local.grpcAddress, clientCredentials(pki));
+    try {
+      const held = unary(client, '/hung.Svc/Hold');
+      await eventually(() => upstream.open.size === 1, 'the call at the model server');
+      await local.proxy.shutdown(SHUTDOWN_MS);
+      assert.equal((await held.ended).code, grpc.status.UNAVAILABLE);
+      await eventually(() => upstream.open.size === 0, 'the call ended at the model server');
+    } finally {
+      client.close();
+      upstream.server.close();
+    }
+  });
+});
+
+describe('a client that stops waiting for a model server that never answers', () => {
+  let upstream: Awaited<ReturnType<typeof hungGrpcServer>>;
+  let rest: ScriptedUpstream;
+
+  before(async () => {
+    upstream = await hungGrpcServer();
+    rest = await hungRestServer();
+  });
+
+  after(() => {
+    upstream.server.close();
+    rest.close();
+  });
+
+  for (const mode of ['terminate', 'relay'] as const) {
+    test(`${mode} mode: a gRPC deadline, a gRPC stream cancelled mid-response, an HTTP/2 reset and an HTTP/1.1 hang-up (mid-event-stream too) free the model server's calls and connections, and the proxy's gauges are back at rest`, { timeout: 30_000 }, async () => {
+      const metrics = new ProxyMetrics({ processMetrics: false });
+      const local: StartedProxy = await startTestProxy({ pki, upstream: { grpcPort: upstream.port, restPort: rest.port }, grpcMode: mode, restMode: mode, observer: metrics });
+      try {
+        const client = new grpc.Client(local.grpcAddress, clientCredentials(pki));
+        const deadline = await unary(client, '/hung.Svc/Hold', { deadline: Date.now() + 300 }).ended;
+        assert.equal(deadline.code, grpc.status.DEADLINE_EXCEEDED);
+        const stalled = client.makeServerStreamRequest('/hung.Svc/Stall', (b: Buffer) => b, (b: Buffer) => b, Buffer.from('x'));
+        stalled.on('error', () => {});
+        await once(stalled, 'data');
+        stalled.cancel();
+        await eventually(() => upstream.open.size === 0, 'the gRPC calls ended at the model server');
+        client.close();
+
+        const session = h2Session(local.restPort, pki);
+        const stream = session.request({ ':path': '/v2/models/m/ready' });
+        stream.on('error', () => {});
+        await eventually(() => openSockets(rest) === 1, 'the HTTP/2 request at the model server');
+        stream.close(h2.NGHTTP2_CANCEL);
+        await eventually(() => openSockets(rest) === 0, 'the HTTP/2 request ended at the model server');
+        session.close();
+
+        const waiting = await openRaw(local.restPort, pki);
+        waiting.write('GET /v2/models/m/ready HTTP/1.1\r\nhost: localhost\r\n\r\n');
+        const sse = await openRaw(local.restPort, pki);
+        sse.write('GET /sse HTTP/1.1\r\nhost: localhost\r\n\r\n');
+        await readUntil(sse, /data: 1/);
+        await eventually(() => openSockets(rest) === 2, 'both HTTP/1.1 requests at the model server');
+        waiting.destroy();
+        sse.destroy();
+        await eventually(() => openSockets(rest) === 0, 'the HTTP/1.1 requests ended at the model server');
+
+        const gauges = async () => {
+          const text = await metrics.text();
+          return ['grpc', 'rest'].flatMap((listener) => ['open_connections', 'open_streams'].map((name) => sample(text, `ovms_mtls_${name}`, { listener })));
+        };
+        await eventually(async () => (await gauges()).every((v) => v === 0), 'open_connections and open_streams at 0 on both listeners');
+      } finally {
+        await local.proxy.shutdown(1000);
+      }
+    });
+  }
+});
