@@ -75,8 +75,9 @@ export class GrpcForwarder {
     for (const call of this.#shared.calls) call.end(message);
   }
 
-  close(): Promise<void> {
-    return this.#shared.pool.close();
+  /** Closes the upstream connection: gracefully, destroyed after `graceMs`. */
+  close(graceMs: number): Promise<void> {
+    return this.#shared.pool.close(graceMs);
   }
 }
 

@@ -65,7 +65,8 @@ interface Assembled {
   fronts: Drainable[];
   /** The shutdown timeout is running out: each call or request in flight is ended, told `message`. */
   endInFlight(message: string): void;
-  close(): Promise<void>;
+  /** Once no client connection is left: closes the upstream side, taking `graceMs` at most. */
+  close(graceMs: number): Promise<void>;
 }
 
 /** A relay (when its mode is on) takes a protocol's connections first; the terminating front is its fallback. */
@@ -108,9 +109,9 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
       ? grpcRelay({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, idleTimeoutMs: limits.idleTimeoutMs, observer, notReady, fallback: (s, c) => h2.accept(s, c) })
       : undefined;
   const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
-  const close = (): Promise<void> => {
+  const close = (graceMs: number): Promise<void> => {
     h1.close();
-    return forwarder.close();
+    return forwarder.close(graceMs);
   };
   const endInFlight = (message: string) => forwarder.endAll(message);
   return { listener: listenerWithFronts('grpc', cfg, options, observer, h2, h1, { h2: relay }), fronts, endInFlight, close };
@@ -196,6 +197,7 @@ async function outlasts(done: Promise<unknown>, ms: number): Promise<boolean> {
 }
 
 async function shutdown(parts: Assembled[], timeoutMs: number, logger: Logger): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
   const allClosed = Promise.all(parts.map((p) => p.listener.stopAccepting()));
   for (const part of parts) for (const front of part.fronts) front.drain();
   const goodbye = goodbyeMs(timeoutMs);
@@ -209,5 +211,6 @@ async function shutdown(parts: Assembled[], timeoutMs: number, logger: Logger): 
       await allClosed;
     }
   }
-  await Promise.all(parts.map((p) => p.close()));
+  const left = Math.max(0, deadline - performance.now());
+  await Promise.all(parts.map((p) => p.close(left)));
 }

@@ -1,5 +1,5 @@
 import { connect, type ClientHttp2Session } from 'node:http2';
-import { connect as netConnect } from 'node:net';
+import { connect as netConnect, type Socket } from 'node:net';
 import { failIfNotConnectedWithin } from './upstream-connect.js';
 import type { HostPort, Limits } from './config.js';
 import { hostAndPort } from './addresses.js';
@@ -26,6 +26,8 @@ export class UpstreamH2Session {
   readonly #limits: Limits;
   readonly #url: string;
   #session: ClientHttp2Session | undefined;
+  /** The TCP connection under #session (see close()). */
+  #socket: Socket | undefined;
   #maxHeaderListSize = Infinity;
 
   constructor(upstream: HostPort, limits: Limits) {
@@ -57,12 +59,21 @@ export class UpstreamH2Session {
     if (!session.destroyed) session.close();
   }
 
-  /** Graceful: lets in-flight streams finish. */
-  async close(): Promise<void> {
+  /**
+   * Graceful (GOAWAY, in-flight streams finish) for up to `graceMs`, then destroyed. A model
+   * server that has stopped reading (SIGSTOP, stuck) with our socket's buffers full never lets
+   * the GOAWAY, or the RST_STREAMs of the calls we cancelled, out, and a session waits for its
+   * write in progress even when destroyed: the session never closed and the proxy never
+   * exited. Destroying its socket ends it.
+   */
+  async close(graceMs: number): Promise<void> {
     const session = this.#session;
+    const socket = this.#socket;
     this.#session = undefined;
     if (!session || session.destroyed) return;
+    const timer = setTimeout(() => socket?.destroy(), graceMs);
     await new Promise<void>((resolve) => session.close(() => resolve()));
+    clearTimeout(timer);
   }
 
   #connect(): ClientHttp2Session {
@@ -78,6 +89,7 @@ export class UpstreamH2Session {
       createConnection: () => {
         const socket = netConnect({ host: this.#upstream.host, port: this.#upstream.port, noDelay: true });
         failIfNotConnectedWithin(socket, limits.upstreamConnectTimeoutMs);
+        this.#socket = socket;
         return socket;
       },
     });

@@ -13,7 +13,7 @@ import type { AddressInfo, Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { clientCredentials, h2Session, https1, startTestProxy, type StartedProxy } from './helpers/harness.js';
-import { scriptedUpstream, type ScriptedUpstream } from './helpers/scripted-upstream.js';
+import { h2Frame, scriptedUpstream, type ScriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
@@ -160,6 +160,62 @@ describe('shutdown with calls stuck on a model server that never answers', () =>
     } finally {
       client.close();
       upstream.server.close();
+    }
+  });
+
+  test('gRPC terminate: a model server that stops reading its connection mid-upload (as a SIGSTOPped one does) does not keep the proxy from finishing its shutdown, and the call gets UNAVAILABLE saying why', { timeout: 60_000 }, async () => {
+    // Its SETTINGS and WINDOW_UPDATE open every window wide, then it reads nothing more: what the proxy
+    // forwards fills the socket buffers between them, and the proxy's writes to it never complete.
+    const wide = 0x7fffffff;
+    const settings = Buffer.alloc(6);
+    settings.writeUInt16BE(0x4, 0);
+    settings.writeUInt32BE(wide, 2);
+    const increment = Buffer.alloc(4);
+    increment.writeUInt32BE(wide - 65535);
+    const stopped = await scriptedUpstream((socket) => {
+      socket.write(Buffer.concat([h2Frame(0x4, 0, 0, settings), h2Frame(0x4, 0x1, 0), h2Frame(0x8, 0, 0, increment)]));
+      socket.pause();
+    });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: stopped.port } });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      const upload = session.request({ ':method': 'POST', ':path': '/hung.Svc/Upload', 'content-type': 'application/grpc', te: 'trailers' });
+      const status = new Promise<unknown[]>((resolve, reject) => {
+        upload.on('response', (headers) => resolve([headers['grpc-status'], headers['grpc-message']]));
+        upload.on('error', reject);
+      });
+      const chunk = Buffer.alloc(1 << 20);
+      let sent = 0;
+      let blocked = false;
+      const pump = () => {
+        while (sent < 256 << 20) {
+          sent += chunk.length;
+          if (!upload.write(chunk)) {
+            blocked = true;
+            upload.once('drain', () => {
+              blocked = false;
+              pump();
+            });
+            return;
+          }
+        }
+      };
+      pump();
+      let before = -1;
+      await eventually(() => {
+        const still = stopped.sockets.length === 1 && blocked && sent === before;
+        before = sent;
+        return still;
+      }, 'the upload stuck: every buffer between the client and the model server full');
+
+      await local.proxy.shutdown(SHUTDOWN_MS);
+
+      const [grpcStatus, message] = await status;
+      assert.equal(grpcStatus, String(grpc.status.UNAVAILABLE));
+      assert.match(String(message), /the proxy is shutting down/);
+    } finally {
+      session.destroy();
+      stopped.close();
     }
   });
 
