@@ -72,26 +72,43 @@ export const UPSTREAM_CHECK_TIMEOUT_MS = 2000;
  * answers 200 and its gRPC ServerReady says ready (whichever are configured).
  */
 export function upstreamCheck(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs = UPSTREAM_CHECK_TIMEOUT_MS): HealthCheck {
+  const ask = upstreamReadiness(config, timeoutMs);
+  return async () => {
+    const { ok, detail } = await ask();
+    return { ok, detail };
+  };
+}
+
+/** What upstreamCheck finds, and whether a port gave no answer at all (refused, reset, or silent until the timeout). */
+export interface UpstreamReadiness extends CheckResult {
+  readonly unanswered: boolean;
+}
+
+export function upstreamReadiness(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs = UPSTREAM_CHECK_TIMEOUT_MS): () => Promise<UpstreamReadiness> {
   return async () => {
     // Both at once: a model server that answers neither takes one timeout, not two, within the kubelet's probe timeout or the scrape's.
     const results = await Promise.all([
       ...(config.rest ? [restReady(config.rest.upstream, timeoutMs)] : []),
       ...(config.grpc ? [grpcServerReady(config.grpc.upstream, timeoutMs)] : []),
     ]);
-    return { ok: results.every((r) => r.ok), detail: results.map((r) => r.detail).join('; ') };
+    return { ok: results.every((r) => r.ok), detail: results.map((r) => r.detail).join('; '), unanswered: results.some((r) => !r.answered) };
   };
 }
 
-function restReady(upstream: HostPort, timeoutMs: number): Promise<CheckResult> {
+interface PortAnswer extends CheckResult {
+  readonly answered: boolean;
+}
+
+function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
   const where = `REST ${hostAndPort(upstream.host, upstream.port)}`;
   return new Promise((resolve) => {
     const req = httpRequest({ host: upstream.host, port: upstream.port, path: '/v2/health/ready', agent: false, timeout: timeoutMs }, (res) => {
       res.resume();
       const ok = res.statusCode === 200;
-      resolve({ ok, detail: `${where} /v2/health/ready answered ${res.statusCode}` });
+      resolve({ ok, answered: true, detail: `${where} /v2/health/ready answered ${res.statusCode}` });
     });
     req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
-    req.on('error', (err: NodeJS.ErrnoException) => resolve({ ok: false, detail: `${where}: ${err.code ?? err.message}` }));
+    req.on('error', (err: NodeJS.ErrnoException) => resolve({ ok: false, answered: false, detail: `${where}: ${err.code ?? err.message}` }));
     req.end();
   });
 }
@@ -102,17 +119,17 @@ const EMPTY_GRPC_MESSAGE = Buffer.alloc(5);
 const READY_TRUE = Buffer.from([0x08, 0x01]);
 
 /** A raw h2c KServe ServerReady call: no .proto files needed. */
-function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<CheckResult> {
+function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
   const where = `gRPC ${hostAndPort(upstream.host, upstream.port)}`;
   return new Promise((resolve) => {
     const session = connectH2(`http://${hostAndPort(upstream.host, upstream.port)}`);
-    const finish = (result: CheckResult) => {
+    const finish = (result: PortAnswer) => {
       clearTimeout(timer);
       session.destroy();
       resolve(result);
     };
-    const timer = setTimeout(() => finish({ ok: false, detail: `${where}: no answer within ${timeoutMs} ms` }), timeoutMs);
-    session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, detail: `${where}: ${err.code ?? err.message}` }));
+    const timer = setTimeout(() => finish({ ok: false, answered: false, detail: `${where}: no answer within ${timeoutMs} ms` }), timeoutMs);
+    session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, answered: false, detail: `${where}: ${err.code ?? err.message}` }));
     // Given, not left to Node: from an IPv6 URL it builds `::1:9000`, without the brackets an authority needs.
     const authority = hostAndPort(upstream.host, upstream.port);
     const stream = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerReady', ':authority': authority, 'content-type': 'application/grpc', te: 'trailers' });
@@ -124,12 +141,12 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<CheckRe
     // A connection that fails cancels the pending stream first (ERR_HTTP2_STREAM_CANCEL): name the connection's error, as REST does.
     stream.on('error', (err: NodeJS.ErrnoException) => {
       const why = (err.cause as NodeJS.ErrnoException | undefined) ?? err;
-      finish({ ok: false, detail: `${where}: ${why.code ?? why.message}` });
+      finish({ ok: false, answered: false, detail: `${where}: ${why.code ?? why.message}` });
     });
     stream.on('end', () => {
       const body = Buffer.concat(chunks).subarray(5);
-      if (grpcStatus !== '0') finish({ ok: false, detail: `${where} ServerReady: grpc-status ${grpcStatus ?? 'missing'}` });
-      else finish({ ok: body.equals(READY_TRUE), detail: `${where} ServerReady: ${body.equals(READY_TRUE) ? 'ready' : 'not ready'}` });
+      if (grpcStatus !== '0') finish({ ok: false, answered: true, detail: `${where} ServerReady: grpc-status ${grpcStatus ?? 'missing'}` });
+      else finish({ ok: body.equals(READY_TRUE), answered: true, detail: `${where} ServerReady: ${body.equals(READY_TRUE) ? 'ready' : 'not ready'}` });
     });
     stream.end(EMPTY_GRPC_MESSAGE);
   });

@@ -11,7 +11,7 @@ import { readinessReport, type HealthCheck } from './health.js';
 import { hostAndPort } from './addresses.js';
 
 export { ProxyMetrics } from './metrics.js';
-export { certificatesCheck, listenersCheck, upstreamCheck, readinessReport, type HealthCheck, type HealthReport, type CheckResult } from './health.js';
+export { certificatesCheck, listenersCheck, upstreamCheck, upstreamReadiness, readinessReport, type HealthCheck, type HealthReport, type CheckResult, type UpstreamReadiness } from './health.js';
 
 export interface AdminSetup {
   readonly config: Pick<Config, 'admin'>;

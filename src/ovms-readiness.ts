@@ -4,6 +4,7 @@
  * `GET /v2/health/live` with 200. OVMS opens its ports only once the server
  * has started, so this is the earliest moment requests can succeed.
  */
+import { readFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { connect } from 'node:net';
 import type { LoopbackPorts } from './ovms-args.js';
@@ -36,6 +37,20 @@ function restLive(host: string, port: number): Promise<boolean> {
     req.once('timeout', () => req.destroy());
     req.end();
   });
+}
+
+/**
+ * Whether the process is stopped (SIGSTOP, SIGTSTP, a debugger): state `T` or `t` in
+ * /proc/<pid>/stat, after the command name in parentheses. False where /proc is not there.
+ */
+export async function processStopped(pid: number): Promise<boolean> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.charAt(stat.lastIndexOf(')') + 2);
+    return state === 'T' || state === 't';
+  } catch {
+    return false;
+  }
 }
 
 /**

@@ -120,6 +120,10 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
     const child = this.#child;
     if (!child) return this.done;
     child.kill(signal);
+    // A stopped OVMS (SIGSTOP, SIGTSTP) acts on no signal until it is continued: without this it
+    // would sit out its whole share and be SIGKILLed (exit 137) instead of exiting by itself, its
+    // own code. systemd sends SIGCONT after SIGTERM for the same reason.
+    child.kill('SIGCONT');
     const escalate = setTimeout(() => killGroup(child), timeoutMs);
     try {
       return await this.done;

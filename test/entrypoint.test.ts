@@ -377,6 +377,29 @@ describe('exit codes and signals', () => {
     assert.ok(processGone(run!.pid));
   });
 
+  test('a stopped OVMS (SIGSTOP): /readyz says so and ovms_up is 0, the wrapper leaves it be (no restart), and SIGTERM continues it so it exits by itself with its code, not SIGKILL', async () => {
+    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_admin_port', String(adminPort), '--mtls_shutdown_timeout', '20']);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const [run] = fakeRuns(s.argvFile);
+      process.kill(run!.pid, 'SIGSTOP');
+      const readyz = await fetch(`http://127.0.0.1:${adminPort}/readyz`);
+      assert.equal(readyz.status, 503);
+      const report = (await readyz.json()) as { checks: Record<string, { ok: boolean; detail: string }> };
+      assert.match(report.checks['upstream']!.detail, new RegExp(`^OVMS \\(pid ${run!.pid}\\) is stopped \\(SIGSTOP or SIGTSTP; it answers nothing until SIGCONT\\): REST .*: no answer within 2000 ms; gRPC .*: no answer within 2000 ms$`));
+      assert.match(await (await fetch(`http://127.0.0.1:${adminPort}/metrics`)).text(), /^ovms_mtls_ovms_up 0$/m);
+      s.wrapper.child.kill('SIGTERM');
+      assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
+      const exited = s.wrapper.logs.find((l) => l.event === 'ovms_exited')!;
+      assert.equal(exited['code'], 0);
+      assert.equal(s.wrapper.logs.filter((l) => l.event === 'ovms_started').length, 1);
+      assert.ok(processGone(run!.pid));
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
   test('a second SIGINT during the drain (impatient Ctrl-C) ends the wrapper at once, and neither OVMS nor a worker outlives it', async () => {
     const gate = join(dir, `sse-gate-int-${runCounter + 1}`);
     const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_SSE_GATE_FILE: gate }, ['--mtls_workers', '2']);

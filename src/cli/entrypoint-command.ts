@@ -10,7 +10,7 @@ import { createLogger, type Logger } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
 import { combineObservers, type ProxyObserver } from '../observer.js';
-import { updatingOvmsUp, upstreamCheck, type CheckResult, type HealthCheck, type ProxyMetrics } from '../operations.js';
+import { updatingOvmsUp, upstreamReadiness, type CheckResult, type HealthCheck, type ProxyMetrics, type UpstreamReadiness } from '../operations.js';
 import { ServingOperations } from './serving-operations.js';
 import { WorkerPool } from '../workers.js';
 import { productVersion } from '../version.js';
@@ -18,7 +18,7 @@ import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.j
 import { entrypointSettings, ovmsBinary, type EntrypointSettings } from '../entrypoint-config.js';
 import { exitCodeOf, findSetpriv, runToCompletion, spawnCommand } from '../ovms-child.js';
 import { OvmsSupervisor } from '../ovms-supervisor.js';
-import { ovmsReadinessProbe } from '../ovms-readiness.js';
+import { ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
 import { LoopbackUpstreams } from '../ports.js';
 import { dropPrivileges, isRoot, planPrivileges, type PrivilegePlan } from '../privileges.js';
 import { DEFAULTS } from '../config.js';
@@ -163,7 +163,7 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   // --mtls_workers > 1: forked workers serve and drop privileges themselves; OVMS stays this process's child.
   const workers = config.workers > 1 ? new WorkerPool({ config, material, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current() }) : undefined;
   // ovms_up means what /readyz's upstream check says (models loaded), as in proxy mode, so each scrape runs it.
-  const ovmsReady = (metrics: ProxyMetrics) => updatingOvmsUp(metrics, ovmsReadiness(() => holder.supervisor, upstreamCheck(config)));
+  const ovmsReady = (metrics: ProxyMetrics) => updatingOvmsUp(metrics, ovmsReadiness(() => holder.supervisor, upstreamReadiness(config)));
   const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: ovmsReady, workers, scrapeChecksUpstream: true });
   const observer = options.observer ? combineObservers(operations.requestObserver, options.observer) : operations.requestObserver;
   let proxy: RunningProxy;
@@ -195,14 +195,25 @@ export async function startServing(settings: EntrypointSettings, options: Servin
  * can be forwarded. /readyz asks OVMS's own readiness on top, so that an
  * orchestrator sends traffic once the models are loaded.
  */
-function ovmsReadiness(supervisor: () => OvmsSupervisor | undefined, modelsLoaded: HealthCheck): HealthCheck {
+function ovmsReadiness(supervisor: () => OvmsSupervisor | undefined, modelsLoaded: () => Promise<UpstreamReadiness>): HealthCheck {
   return async (): Promise<CheckResult> => {
     const state = supervisor()?.state();
     if (!state?.ready) return { ok: false, detail: state?.up ? 'OVMS is starting' : 'OVMS is not running' };
     const loaded = await modelsLoaded();
     if (loaded.ok) return { ok: true, detail: `OVMS ready (pid ${state.pid})` };
-    return { ok: false, detail: `OVMS (pid ${state.pid}) answers but is not ready yet (loading models?): ${loaded.detail}` };
+    return { ok: false, detail: `OVMS (pid ${state.pid}) ${await notReadyBecause(state.pid, loaded)}: ${loaded.detail}` };
   };
+}
+
+/**
+ * Once ready, the supervisor watches only for OVMS's exit: an OVMS that hangs or is
+ * stopped is neither restarted nor killed by us (a liveness probe on /readyz decides),
+ * so the operator is told which it is, not "loading models".
+ */
+async function notReadyBecause(pid: number | undefined, loaded: UpstreamReadiness): Promise<string> {
+  if (!loaded.unanswered) return 'answers but is not ready yet (loading models?)';
+  if (pid !== undefined && (await processStopped(pid))) return 'is stopped (SIGSTOP or SIGTSTP; it answers nothing until SIGCONT)';
+  return 'does not answer (hung?)';
 }
 
 /** Workers answer 503/UNAVAILABLE while OVMS is not ready, and follow its loopback ports: tell them every change. */
