@@ -8,11 +8,11 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { createServer as createH2cServer, constants as h2, type Http2Server, type ServerHttp2Stream } from 'node:http2';
+import { createServer as createH2cServer, constants as h2, type ClientHttp2Stream, type Http2Server, type ServerHttp2Stream } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { clientCredentials, h2Session, https1, startTestProxy, type StartedProxy } from './helpers/harness.js';
+import { clientCredentials, grpcFrame, h2Request, h2Session, https1, startTestProxy, type StartedProxy } from './helpers/harness.js';
 import { h2Frame, scriptedUpstream, type ScriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { eventually, sample } from './helpers/ops.js';
@@ -53,6 +53,11 @@ async function hungGrpcServer(): Promise<{ server: Http2Server; port: number; op
       stream.respond({ ':status': 200, 'content-type': 'application/grpc' });
       stream.write(ONE_MESSAGE);
     }
+    if (headers[':path'] === '/hung.Svc/Echo') {
+      stream.resume();
+      stream.on('end', () => stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '0' }, { endStream: true }));
+    }
+    // Any other call's request body is never read: an upload stuck at the model server.
   });
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
@@ -94,6 +99,36 @@ function streamToFirstMessage(client: grpc.Client, path: string): { ended: Promi
     });
   });
   return { ended, first };
+}
+
+/**
+ * Writes an endless upload into `stream` and resolves once it is stuck: the write blocked and
+ * nothing more taken since the last look (every buffer on the way full), and `arrived()` true.
+ */
+async function uploadUntilStuck(stream: ClientHttp2Stream, arrived: () => boolean): Promise<void> {
+  const chunk = Buffer.alloc(1 << 20);
+  let sent = 0;
+  let blocked = false;
+  const pump = () => {
+    while (!stream.destroyed) {
+      sent += chunk.length;
+      if (!stream.write(chunk)) {
+        blocked = true;
+        stream.once('drain', () => {
+          blocked = false;
+          pump();
+        });
+        return;
+      }
+    }
+  };
+  pump();
+  let before = -1;
+  await eventually(() => {
+    const stuck = arrived() && blocked && sent === before;
+    before = sent;
+    return stuck;
+  }, 'the upload stuck: every buffer between the client and the model server full');
 }
 
 describe('shutdown with calls stuck on a model server that never answers', () => {
@@ -184,29 +219,7 @@ describe('shutdown with calls stuck on a model server that never answers', () =>
         upload.on('response', (headers) => resolve([headers['grpc-status'], headers['grpc-message']]));
         upload.on('error', reject);
       });
-      const chunk = Buffer.alloc(1 << 20);
-      let sent = 0;
-      let blocked = false;
-      const pump = () => {
-        while (sent < 256 << 20) {
-          sent += chunk.length;
-          if (!upload.write(chunk)) {
-            blocked = true;
-            upload.once('drain', () => {
-              blocked = false;
-              pump();
-            });
-            return;
-          }
-        }
-      };
-      pump();
-      let before = -1;
-      await eventually(() => {
-        const still = stopped.sockets.length === 1 && blocked && sent === before;
-        before = sent;
-        return still;
-      }, 'the upload stuck: every buffer between the client and the model server full');
+      await uploadUntilStuck(upload, () => stopped.sockets.length === 1);
 
       await local.proxy.shutdown(SHUTDOWN_MS);
 
@@ -293,4 +306,27 @@ describe('a client that stops waiting for a model server that never answers', ()
       }
     });
   }
+});
+
+describe('an upload the model server does not read', () => {
+  test('gRPC terminate: it stalls only its own call; calls of another client, 2.9 MB ones too, complete on the upstream connection all clients share', { timeout: 60_000 }, async () => {
+    const upstream = await hungGrpcServer();
+    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.port } });
+    const stuckClient = h2Session(local.grpcPort, pki);
+    const otherClient = h2Session(local.grpcPort, pki);
+    try {
+      const upload = stuckClient.request({ ':method': 'POST', ':path': '/hung.Svc/Upload', 'content-type': 'application/grpc', te: 'trailers' });
+      upload.on('error', () => {});
+      await uploadUntilStuck(upload, () => upstream.open.size === 1);
+      const echo = { ':method': 'POST', ':path': '/hung.Svc/Echo', 'content-type': 'application/grpc', te: 'trailers' };
+      const answers = await Promise.all([0, 1, 2].map(() => h2Request(otherClient, echo, grpcFrame(Buffer.alloc(2_900_000)))));
+      assert.deepEqual(answers.map((a) => a.headers['grpc-status']), ['0', '0', '0']);
+      assert.equal(upstream.open.size, 1, 'the stuck upload is still open');
+    } finally {
+      stuckClient.destroy();
+      otherClient.destroy();
+      await local.proxy.shutdown(1000);
+      upstream.server.close();
+    }
+  });
 });
