@@ -175,13 +175,13 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
 }
 
 /** What a call or request still in flight when the shutdown timeout runs out is told (gRPC UNAVAILABLE, REST 503). */
-export const SHUTTING_DOWN_MESSAGE = 'the proxy is shutting down: --mtls_shutdown_timeout ran out before this call finished (retry it)';
+const SHUTTING_DOWN_MESSAGE = 'the proxy is shutting down: --mtls_shutdown_timeout ran out before this call finished (retry it)';
 
 /**
  * The last part of the shutdown timeout, at most 1 s, in which the calls still in flight are
  * ended with a status saying why and their connections close; only what is left after it is cut.
  */
-export function goodbyeMs(timeoutMs: number): number {
+function goodbyeMs(timeoutMs: number): number {
   return Math.min(1000, timeoutMs / 10);
 }
 
@@ -211,6 +211,6 @@ async function shutdown(parts: Assembled[], timeoutMs: number, logger: Logger): 
       await allClosed;
     }
   }
-  const left = Math.max(0, deadline - performance.now());
-  await Promise.all(parts.map((p) => p.close(left)));
+  const remaining = Math.max(0, deadline - performance.now());
+  await Promise.all(parts.map((p) => p.close(remaining)));
 }
