@@ -1,0 +1,81 @@
+/**
+ * The README's client snippets (Usage > Clients), run as a user pastes them:
+ * Debian's python3 with grpcio and requests, against the proxy and the
+ * stand-in model server, with the README's paths and ports swapped for this
+ * run's. The refused case uses a certificate of a CA the proxy does not trust.
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { promisify } from 'node:util';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { PYTHON } from './helpers/grpcio.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+const run = promisify(execFile);
+const README = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
+
+/** The ```python blocks of the README's Clients section, in order. */
+function clientSnippets(): string[] {
+  const section = README.slice(README.indexOf('### Clients'), README.indexOf('## Command-line reference'));
+  return [...section.matchAll(/```python\n([\s\S]*?)```/g)].map((m) => m[1]!);
+}
+
+let pki: TestPki;
+let upstream: ModelServer;
+let local: StartedProxy;
+
+before(async () => {
+  [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
+  local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! } });
+});
+
+after(async () => {
+  await local.proxy.shutdown(1000);
+  await upstream.close();
+  await pki.cleanup();
+});
+
+/** The snippet with this run's files and ports; `client` names the certificate and key files to present. */
+function asRun(snippet: string, client = 'client'): string {
+  return snippet
+    .replaceAll('certs/server_ca.pem', pki.paths['server_ca.pem']!)
+    .replaceAll('certs/client.pem', pki.paths[`${client}.pem`]!)
+    .replaceAll('certs/client.key', pki.paths[`${client}.key`]!)
+    .replaceAll('localhost:9443', `localhost:${local.grpcPort}`)
+    .replaceAll('localhost:8443', `localhost:${local.restPort}`);
+}
+
+/** No HTTP proxy: C-core and requests honour http_proxy even for localhost. */
+function runPython(code: string): Promise<{ stdout: string; stderr: string }> {
+  return run(PYTHON, ['-c', code], { env: { PATH: process.env.PATH, LANG: 'C.UTF-8' }, timeout: 60_000 });
+}
+
+describe('README client snippets', () => {
+  test('the README has the grpcio and the requests snippet', () => {
+    const snippets = clientSnippets();
+    assert.equal(snippets.length, 2);
+    assert.match(snippets[0]!, /grpc\.secure_channel/);
+    assert.match(snippets[1]!, /requests\.get/);
+  });
+
+  test('grpcio, as pasted: ServerReady over mTLS says ready', async () => {
+    const { stdout } = await runPython(asRun(clientSnippets()[0]!));
+    assert.equal(stdout, 'ready: True\n');
+  });
+
+  test('requests, as pasted: the REST readiness answers 200', async () => {
+    const { stdout } = await runPython(asRun(clientSnippets()[1]!));
+    assert.equal(stdout, '200\n');
+  });
+
+  test('a certificate the proxy does not trust: grpcio gets UNAVAILABLE and requests an SSLError or ConnectionError, as the README says', async () => {
+    const [grpcSnippet, restSnippet] = clientSnippets() as [string, string];
+    await assert.rejects(runPython(asRun(grpcSnippet, 'foreign_client')), (err: { stderr: string }) => /StatusCode\.UNAVAILABLE/.test(err.stderr));
+    await assert.rejects(runPython(asRun(restSnippet, 'foreign_client')), (err: { stderr: string }) => /requests\.exceptions\.(SSLError|ConnectionError)/.test(err.stderr));
+    const refused = local.logs.lines.filter((l) => l.event === 'client_refused');
+    assert.ok(refused.length >= 2, 'the proxy logged both refusals');
+  });
+});
