@@ -6,7 +6,8 @@
  */
 import { verify as verifySignature, type X509Certificate } from 'node:crypto';
 import { dottedOid, encodeTlv, readSingleTlv, readTlvs, TAG_BOOLEAN, TAG_OID, TAG_SEQUENCE, type Tlv } from './x509/der.js';
-import { normaliseSerial, parseCrl } from './x509.js';
+import { normaliseSerial, parseCrlSummary } from './x509.js';
+import { SIGNATURE_HASHES } from './x509/crl.js';
 
 export interface CrlInfo {
   /** 1-based position in the CRL file, for messages. */
@@ -30,19 +31,6 @@ export const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g
 const DELTA_CRL_INDICATOR_OID = '2.5.29.27';
 const TAG_CRL_EXTENSIONS = 0xa0;
 
-/** Signature algorithm OIDs (hex of the OID contents) -> hash for crypto.verify; null = the key decides (Ed25519). */
-const SIGNATURE_HASHES: Record<string, string | null> = {
-  '2a8648ce3d0401': 'sha1',
-  '2a8648ce3d040302': 'sha256',
-  '2a8648ce3d040303': 'sha384',
-  '2a8648ce3d040304': 'sha512',
-  '2a864886f70d010105': 'sha1',
-  '2a864886f70d01010b': 'sha256',
-  '2a864886f70d01010c': 'sha384',
-  '2a864886f70d01010d': 'sha512',
-  '2b6570': null,
-  '2b6571': null,
-};
 
 /** Each `X509 CRL` block of a PEM file, parsed; throws (plain Error) on malformed DER. */
 export function parseCrlFile(pem: string): CrlInfo[] {
@@ -57,14 +45,14 @@ function parseOneCrl(pem: string, index: number): CrlInfo {
   // An optional INTEGER version comes first in a v2 CRL; then signature, issuer.
   const issuer = fields[fields[0]?.tag === 0x02 ? 2 : 1];
   if (!issuer || issuer.tag !== TAG_SEQUENCE) throw new Error('CRL has no issuer name');
-  const parsed = parseCrl(pem);
+  const parsed = parseCrlSummary(pem);
   return {
     index,
     pem,
     issuerKey: tlvHex(issuer),
     thisUpdate: parsed.thisUpdate,
     nextUpdate: parsed.nextUpdate,
-    revokedSerials: new Set(parsed.revoked.map((entry) => entry.serialHex)),
+    revokedSerials: new Set(parsed.serials),
     tbs: encodeTlv(tbs.tag, tbs.value),
     signatureAlgorithm: readTlvs(algorithm.value)[0]?.value.toString('hex') ?? '',
     // BIT STRING: the first octet counts unused bits (always 0 for signatures).
@@ -144,20 +132,32 @@ export interface PresentedCertificate {
 
 /** Answers "does any loaded CRL revoke this certificate?", by issuer name + serial. */
 export class RevocationIndex {
-  readonly #revoked = new Set<string>();
+  /** Issuer Name DER (hex) -> the serial sets of its CRLs: the CRLs' own sets, not copies (100,000 entries are common). */
+  readonly #byIssuer = new Map<string, ReadonlySet<string>[]>();
+  readonly #size: number;
 
   constructor(crls: readonly CrlInfo[]) {
-    for (const crl of crls) for (const serial of crl.revokedSerials) this.#revoked.add(`${crl.issuerKey}/${serial}`);
+    let size = 0;
+    for (const crl of crls) {
+      if (crl.revokedSerials.size === 0) continue;
+      const sets = this.#byIssuer.get(crl.issuerKey) ?? [];
+      sets.push(crl.revokedSerials);
+      this.#byIssuer.set(crl.issuerKey, sets);
+      size += crl.revokedSerials.size;
+    }
+    this.#size = size;
   }
 
+  /** Revoked entries over all CRLs. */
   get size(): number {
-    return this.#revoked.size;
+    return this.#size;
   }
 
   isRevoked(cert: PresentedCertificate): boolean {
-    if (this.#revoked.size === 0) return false;
-    const { issuerKey } = certificateNames(cert.raw);
-    return this.#revoked.has(`${issuerKey}/${normaliseSerial(cert.serialNumber)}`);
+    if (this.#byIssuer.size === 0) return false;
+    const sets = this.#byIssuer.get(certificateNames(cert.raw).issuerKey);
+    const serial = normaliseSerial(cert.serialNumber);
+    return sets !== undefined && sets.some((set) => set.has(serial));
   }
 
   /** True when the leaf or any CA certificate of the presented chain is revoked. */

@@ -1,8 +1,8 @@
 import { x509 } from './peculiar.js';
-import { sign } from 'node:crypto';
+import { sign, verify, X509Certificate } from 'node:crypto';
 import { TlsMaterialError } from '../errors.js';
 import { crypto, loadAuthority } from './authority.js';
-import { encodeSequence, readSingleTlv, readTlvs, TAG_BIT_STRING, TAG_SEQUENCE, type Tlv } from './der.js';
+import { dottedOid, encodeSequence, encodeTlv, readSingleTlv, readTlvs, TAG_BIT_STRING, TAG_INTEGER, TAG_OID, TAG_SEQUENCE, type Tlv } from './der.js';
 import { toPem } from './keys.js';
 import type { CrlOptions, ParsedCrl } from './types.js';
 import { addDays, assertPositiveDays, CLOCK_SKEW_MS } from './validity.js';
@@ -21,10 +21,6 @@ export async function createCrl(o: CrlOptions): Promise<string> {
       issuer: authority.cert.subjectName,
       thisUpdate,
       nextUpdate: o.nextUpdate ?? addDays(new Date(now), days),
-      entries: uniqueBySerial(o.revoked ?? []).map((entry) => ({
-        serialNumber: entry.serialHex,
-        revocationDate: entry.date ?? thisUpdate,
-      })),
       extensions: [
         new x509.AuthorityKeyIdentifierExtension(authority.keyId),
         new x509.Extension(CRL_NUMBER_OID, false, derInteger(BigInt(o.crlNumber ?? 1))),
@@ -34,23 +30,25 @@ export async function createCrl(o: CrlOptions): Promise<string> {
     },
     crypto,
   );
-  const der = withoutEmptyEntryExtensions(Buffer.from(crl.rawData), o.issuer.keyPem, authority.signer.signingAlgorithm);
+  const entries = uniqueBySerial(o.revoked ?? []).map((entry) => revokedEntry(entry.serialHex, entry.date ?? thisUpdate));
+  const der = withRevokedEntries(Buffer.from(crl.rawData), entries, o.issuer.keyPem, authority.signer.signingAlgorithm);
   return toPem(der, 'X509 CRL');
 }
 
 /**
- * @peculiar/x509 gives every revoked entry an empty `crlEntryExtensions` SEQUENCE. RFC 5280 requires
- * at least one extension when the field is present; OpenSSL tolerates the empty one, stricter DER
- * parsers (rustls-webpki) reject the whole CRL. Drop the empty fields and sign the result again.
+ * The library parses every CRL it makes back through asn1js, which refuses more than 10,000 ASN.1
+ * nodes (about 2,400 entries), and checks each entry for duplicates against all before it. So it
+ * signs an entry-less CRL, and the entries (without the empty crlEntryExtensions it would add,
+ * which strict parsers such as rustls-webpki reject) go in here, after nextUpdate; then it is signed again.
  */
-function withoutEmptyEntryExtensions(crlDer: Buffer, keyPem: string, algorithm: { name: string; hash?: unknown }): Buffer {
+function withRevokedEntries(crlDer: Buffer, entries: Buffer[], keyPem: string, algorithm: { name: string; hash?: unknown }): Buffer {
+  if (entries.length === 0) return crlDer;
   const [tbs, signatureAlgorithm] = readTlvs(readSingleTlv(crlDer).value);
   if (!tbs || !signatureAlgorithm) throw new TlsMaterialError('generated CRL is malformed');
   const fields = readTlvs(tbs.value);
-  // version, signature, issuer come first; the only later SEQUENCE is revokedCertificates.
-  const revokedIndex = fields.findIndex((field, index) => index > 2 && field.tag === TAG_SEQUENCE);
-  if (revokedIndex === -1) return crlDer;
-  fields[revokedIndex] = { tag: TAG_SEQUENCE, value: Buffer.concat(readTlvs(fields[revokedIndex]!.value).map(entryWithoutEmptyExtensions)) };
+  // version, signature, issuer, thisUpdate, then nextUpdate when it is a time; crlExtensions [0] follow.
+  const afterTimes = fields.findIndex((field, index) => index > 3 && !TIME_TAGS.has(field.tag));
+  fields.splice(afterTimes === -1 ? fields.length : afterTimes, 0, { tag: TAG_SEQUENCE, value: Buffer.concat(entries) });
   const newTbs = encodeSequence(fields);
   const hash = String(algorithm.hash).replace('-', '').toLowerCase();
   // Node's sign() emits ECDSA signatures DER-encoded, as X.509 wants (WebCrypto gives raw r||s).
@@ -62,9 +60,15 @@ function withoutEmptyEntryExtensions(crlDer: Buffer, keyPem: string, algorithm: 
   ]);
 }
 
-function entryWithoutEmptyExtensions(entry: Tlv): Buffer {
-  const parts = readTlvs(entry.value).filter((part) => !(part.tag === TAG_SEQUENCE && part.value.length === 0));
-  return encodeSequence(parts);
+/** SEQUENCE { userCertificate INTEGER, revocationDate Time }. */
+function revokedEntry(serialHex: string, date: Date): Buffer {
+  const hex = normaliseSerial(serialHex);
+  let serial = Buffer.from(hex.length % 2 === 1 ? `0${hex}` : hex, 'hex');
+  if (serial[0]! & 0x80) serial = Buffer.concat([Buffer.from([0]), serial]);
+  return encodeSequence([
+    { tag: TAG_INTEGER, value: serial },
+    encodeTime(date),
+  ]);
 }
 
 /** Serials (lower-case hex) of every certificate the CRL revokes. */
@@ -72,34 +76,126 @@ export function parseCrlSerials(crlPem: string): string[] {
   return parseCrl(crlPem).revoked.map((entry) => entry.serialHex);
 }
 
+/**
+ * Read with our own DER walk, not the library's: asn1js refuses any CRL of more than 10,000
+ * ASN.1 nodes (about 2,400 revoked certificates) and recurses per node, and real PKIs publish far more.
+ */
 export function parseCrl(crlPem: string): ParsedCrl {
-  const crl = readCrl(crlPem);
-  const numberExtension = crl.extensions.find((extension) => extension.type === CRL_NUMBER_OID);
-  return {
-    revoked: crl.entries.map((entry) => ({ serialHex: normaliseSerial(entry.serialNumber), date: entry.revocationDate })),
-    thisUpdate: crl.thisUpdate,
-    nextUpdate: crl.nextUpdate,
-    crlNumber: numberExtension ? readDerInteger(new Uint8Array(numberExtension.value)) : undefined,
-  };
+  try {
+    return parseCrlDer(pemBody(crlPem));
+  } catch (err) {
+    throw new TlsMaterialError(`cannot read CRL: ${(err as Error).message}`, { cause: err });
+  }
 }
 
-/** Whether the CRL's signature verifies with the public key of `caCertPem`. */
+function pemBody(pem: string): Buffer {
+  const block = /-----BEGIN X509 CRL-----([\s\S]+?)-----END X509 CRL-----/.exec(pem);
+  if (!block) throw new Error('no -----BEGIN X509 CRL----- block');
+  return Buffer.from(block[1]!.replace(/\s/g, ''), 'base64');
+}
+
+/** A CRL's dates and serials only: what the proxy checks clients against (no per-entry dates to parse). */
+export interface CrlSummary {
+  serials: string[];
+  thisUpdate: Date;
+  nextUpdate: Date | undefined;
+}
+
+export function parseCrlSummary(crlPem: string): CrlSummary {
+  try {
+    const { entries, thisUpdate, nextUpdate } = crlParts(pemBody(crlPem));
+    return { serials: entries.map((entry) => entrySerial(readTlvs(entry.value)[0])), thisUpdate, nextUpdate };
+  } catch (err) {
+    throw new TlsMaterialError(`cannot read CRL: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+function parseCrlDer(der: Buffer): ParsedCrl {
+  const { entries, thisUpdate, nextUpdate, extensions } = crlParts(der);
+  const revoked = entries.map((entry) => {
+    const [serial, date] = readTlvs(entry.value);
+    return { serialHex: entrySerial(serial), date: readTime(date) };
+  });
+  const crlNumber = extensions.map((extension) => readTlvs(extension.value)).find(([oid]) => oid?.tag === TAG_OID && dottedOid(oid.value) === CRL_NUMBER_OID)?.at(-1);
+  return { revoked, thisUpdate, nextUpdate, crlNumber: crlNumber ? readDerInteger(new Uint8Array(crlNumber.value)) : undefined };
+}
+
+/** TBSCertList: version?, signature, issuer, thisUpdate, nextUpdate?, revokedCertificates?, [0] crlExtensions?. */
+function crlParts(der: Buffer): { entries: Tlv[]; thisUpdate: Date; nextUpdate: Date | undefined; extensions: Tlv[] } {
+  const [tbs] = readTlvs(readSingleTlv(der).value);
+  if (!tbs || tbs.tag !== TAG_SEQUENCE) throw new Error('CRL is not a signed structure');
+  const fields = readTlvs(tbs.value);
+  let at = fields[0]?.tag === TAG_INTEGER ? 3 : 2;
+  const thisUpdate = readTime(fields[at++]);
+  const nextUpdate = fields[at] && TIME_TAGS.has(fields[at]!.tag) ? readTime(fields[at++]) : undefined;
+  const entries = fields[at]?.tag === TAG_SEQUENCE ? readTlvs(fields[at++]!.value) : [];
+  const extensions = fields[at]?.tag === TAG_CRL_EXTENSIONS ? readTlvs(readSingleTlv(fields[at]!.value).value) : [];
+  return { entries, thisUpdate, nextUpdate, extensions };
+}
+
+/** The serial as normaliseSerial writes it (lower-case hex, no leading zero octets), without a regex per entry. */
+function entrySerial(serial: Tlv | undefined): string {
+  if (serial?.tag !== TAG_INTEGER || serial.value.length === 0) throw new Error('revoked entry has no serial number');
+  let start = 0;
+  while (start < serial.value.length - 1 && serial.value[start] === 0) start++;
+  return serial.value.toString('hex', start);
+}
+
+const TAG_UTC_TIME = 0x17;
+const TAG_GENERALIZED_TIME = 0x18;
+const TAG_CRL_EXTENSIONS = 0xa0;
+const TIME_TAGS = new Set([TAG_UTC_TIME, TAG_GENERALIZED_TIME]);
+
+/** UTCTime YYMMDDHHMMSSZ (50-99 = 19xx) or GeneralizedTime YYYYMMDDHHMMSS[.f]Z, as RFC 5280 writes them. */
+function readTime(tlv: Tlv | undefined): Date {
+  const text = tlv && TIME_TAGS.has(tlv.tag) ? tlv.value.toString('latin1') : '';
+  const match = /^(\d{2}|\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(?:\.(\d+))?Z$/.exec(text);
+  const long = tlv?.tag === TAG_GENERALIZED_TIME;
+  if (!match || match[1]!.length !== (long ? 4 : 2)) throw new Error(`bad time ${JSON.stringify(text)}`);
+  const [, y, mo, d, h, mi, sec, fraction] = match.map(Number) as number[];
+  const year = long ? y! : y! < 50 ? 2000 + y! : 1900 + y!;
+  const ms = fraction === undefined || Number.isNaN(fraction) ? 0 : Math.floor(Number(`0.${match[7]}`) * 1000);
+  return new Date(Date.UTC(year, mo! - 1, d!, h!, mi!, sec!, ms));
+}
+
+/** UTCTime through 2049, GeneralizedTime after (RFC 5280 4.1.2.5). */
+function encodeTime(date: Date): Tlv {
+  const iso = date.toISOString();
+  const digits = `${iso.slice(0, 4)}${iso.slice(5, 7)}${iso.slice(8, 10)}${iso.slice(11, 13)}${iso.slice(14, 16)}${iso.slice(17, 19)}Z`;
+  const utc = date.getUTCFullYear() >= 1950 && date.getUTCFullYear() < 2050;
+  return { tag: utc ? TAG_UTC_TIME : TAG_GENERALIZED_TIME, value: Buffer.from(utc ? digits.slice(2) : digits, 'latin1') };
+}
+
+/** Signature algorithm OIDs (hex of the OID contents) -> hash for crypto.verify; null = the key decides (Ed25519). */
+export const SIGNATURE_HASHES: Record<string, string | null> = {
+  '2a8648ce3d0401': 'sha1',
+  '2a8648ce3d040302': 'sha256',
+  '2a8648ce3d040303': 'sha384',
+  '2a8648ce3d040304': 'sha512',
+  '2a864886f70d010105': 'sha1',
+  '2a864886f70d01010b': 'sha256',
+  '2a864886f70d01010c': 'sha384',
+  '2a864886f70d01010d': 'sha512',
+  '2b6570': null,
+  '2b6571': null,
+};
+
+/** Whether the CRL's signature verifies with the public key of `caCertPem` (false for an algorithm not in SIGNATURE_HASHES). */
 export async function isCrlSignedBy(crlPem: string, caCertPem: string): Promise<boolean> {
-  const crl = readCrl(crlPem);
-  const ca = new x509.X509Certificate(x509.PemConverter.decodeFirst(caCertPem));
-  return crl.verify({ publicKey: ca.publicKey }, crypto);
+  const [tbs, algorithm, signature] = readTlvs(readSingleTlv(pemBody(crlPem)).value);
+  const oid = algorithm && readTlvs(algorithm.value)[0]?.value.toString('hex');
+  if (!tbs || !signature || oid === undefined || !(oid in SIGNATURE_HASHES)) return false;
+  const ca = new X509Certificate(caCertPem);
+  try {
+    // BIT STRING: the first octet counts unused bits (always 0 for signatures).
+    return verify(SIGNATURE_HASHES[oid] ?? null, encodeTlv(tbs.tag, tbs.value), ca.publicKey, signature.value.subarray(1));
+  } catch {
+    return false;
+  }
 }
 
 export function normaliseSerial(serialHex: string): string {
   return serialHex.replace(/:/g, '').toLowerCase().replace(/^(00)+(?=.)/, '');
-}
-
-function readCrl(crlPem: string): x509.X509Crl {
-  try {
-    return new x509.X509Crl(x509.PemConverter.decodeFirst(crlPem));
-  } catch (err) {
-    throw new TlsMaterialError(`cannot read CRL: ${(err as Error).message}`, { cause: err });
-  }
 }
 
 // The library throws on a duplicate serial; revoking twice should simply be a no-op.

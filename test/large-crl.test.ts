@@ -1,0 +1,115 @@
+/**
+ * CRLs the size real PKIs publish (10,000 revoked certificates). asn1js, under the x509 library,
+ * refuses more than 10,000 ASN.1 nodes (about 2,400 entries): the proxy and `check` called such a
+ * CRL "not a valid CRL" and would not start, and `certs revoke` could neither read nor write one.
+ */
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { spawnSync } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { h2Request, h2Session, https1, startTestProxy, startUpstream } from './helpers/harness.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import { TlsReloader } from '../src/tls-reload.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
+import { createLogger } from '../src/log.js';
+import { CERT_FILES, certsClient, certsInit, certsRevoke } from '../src/certs-command.js';
+import { createCrl, issueClientCert, parseCrl, parseCrlSerials, type Issued } from '../src/x509.js';
+
+const ENTRIES = 10_000;
+/** Where the serial under test sits in the list: deep, not first or last. */
+const DEPTH = 7_000;
+
+const plusOne = (serialHex: string, delta: bigint) => (BigInt(`0x${serialHex}`) + delta).toString(16);
+
+/** ENTRIES serials: filler, with `deep` at DEPTH and the numeric neighbours of each of `spared` (but not `spared` itself). */
+function largeRevocationList(deep: string, spared: readonly string[]): { serialHex: string }[] {
+  const serials = Array.from({ length: ENTRIES - 1 - 2 * spared.length }, (_, i) => ({ serialHex: (0x7e57_0000_0000n + BigInt(i)).toString(16) }));
+  serials.splice(DEPTH, 0, { serialHex: deep });
+  for (const serial of spared) serials.push({ serialHex: plusOne(serial, -1n) }, { serialHex: plusOne(serial, 1n) });
+  return serials;
+}
+
+const ready = async (session: ReturnType<typeof h2Session>) => (await h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' })).headers[':status'];
+
+describe('a CRL with 10,000 revoked certificates', () => {
+  let pki: TestPki;
+  let upstream: ModelServer;
+  let bigCrl: string;
+  before(async () => {
+    [pki, upstream] = await Promise.all([createTestPki(), startUpstream({ grpcPort: null })]);
+    bigCrl = join(pki.dir, 'big.crl');
+    await writeFile(bigCrl, await createCrl({ issuer: pki.clientCa, revoked: largeRevocationList(pki.revokedClient.serialHex, [pki.client.serialHex]) }));
+  });
+  after(async () => {
+    await upstream.close();
+    await pki.cleanup();
+  });
+
+  test('the proxy starts with it, refuses the client revoked at entry 7,000 and admits the client whose neighbouring serials are revoked', async () => {
+    assert.equal(parseCrlSerials(await readFile(bigCrl, 'utf8')).length, ENTRIES);
+    const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, tls: { crl: bigCrl } });
+    try {
+      assert.equal((await https1(front.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      await assert.rejects(https1(front.restPort, pki, { path: '/v2/health/ready', client: pki.revokedClient }));
+      await front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'revoked');
+    } finally {
+      await front.proxy.shutdown(1000);
+    }
+  });
+
+  test('a reload onto it closes the live connection of a client revoked deep in the list; the spared client keeps its connection', async () => {
+    const victim = await issueClientCert({ issuer: pki.clientCa, commonName: 'victim' });
+    const crl = join(pki.dir, 'reloaded.crl');
+    await writeFile(crl, pki.crlPem);
+    const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, tls: { crl } });
+    const files = { cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']!, crl };
+    const reloader = new TlsReloader({ files, current: loadTlsMaterialSync(files), proxy: front.proxy, logger: createLogger({ level: 'debug', destination: front.logs }), revokedGraceMs: 0 });
+    const doomed = h2Session(front.restPort, pki, victim);
+    const spared = h2Session(front.restPort, pki);
+    try {
+      assert.equal(await ready(doomed), 200);
+      assert.equal(await ready(spared), 200);
+      const closed = once(doomed, 'close');
+      await writeFile(crl, await createCrl({ issuer: pki.clientCa, revoked: largeRevocationList(victim.serialHex, [pki.client.serialHex]), crlNumber: 2 }));
+      const outcome = await reloader.reload('api');
+      assert.equal(outcome.ok, true, outcome.ok ? '' : outcome.reason);
+      assert.equal(outcome.ok && outcome.revokedConnections, 1);
+      await closed;
+      assert.match(String((await front.logs.waitFor((l) => l.event === 'connection_revoked'))['subject']), /CN=victim/);
+      assert.equal(await ready(spared), 200);
+    } finally {
+      reloader.close();
+      doomed.destroy();
+      spared.close();
+      await front.proxy.shutdown(1000);
+    }
+  });
+});
+
+test('certs revoke adds to a CRL that already holds 10,000 entries, keeping them all; openssl then refuses the revoked client only', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-big-crl-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  await certsInit({ dir });
+  await certsClient({ dir, name: 'alice' });
+  await certsClient({ dir, name: 'bob' });
+  const read = (name: string) => readFile(join(dir, name), 'utf8');
+  const clientCa: Issued = { certPem: await read(CERT_FILES.clientCaCert), keyPem: await read(CERT_FILES.clientCaKey), serialHex: '' };
+  const serial = async (name: string) => new X509Certificate(await read(name)).serialNumber.toLowerCase();
+  const earlier = largeRevocationList(await serial('bob.pem'), [await serial('alice.pem')]);
+  await writeFile(join(dir, CERT_FILES.clientCaCrl), await createCrl({ issuer: clientCa, revoked: earlier, crlNumber: 41 }));
+
+  const alice = await certsRevoke({ dir, cert: 'alice' });
+  const crlPem = await read(CERT_FILES.clientCaCrl);
+  const crl = parseCrl(crlPem);
+  assert.equal(crl.crlNumber, 42n);
+  assert.deepEqual(new Set(crl.revoked.map((entry) => entry.serialHex)), new Set([...earlier.map((entry) => entry.serialHex), alice.serialHex]));
+  const verify = (cert: string) => spawnSync('openssl', ['verify', '-crl_check', '-CAfile', CERT_FILES.clientCaCert, '-CRLfile', CERT_FILES.clientCaCrl, cert], { cwd: dir, encoding: 'utf8' });
+  assert.match(verify('alice.pem').stdout + verify('alice.pem').stderr, /certificate revoked/);
+  assert.match(verify('bob.pem').stdout + verify('bob.pem').stderr, /certificate revoked/);
+  assert.equal(verify(CERT_FILES.clientCert).status, 0, verify(CERT_FILES.clientCert).stderr);
+});
