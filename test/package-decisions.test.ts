@@ -1,6 +1,7 @@
 /**
- * Why two packages the product card names are not in the data path. Each test
- * shows the behaviour that decided it; the README says so in one sentence.
+ * Why two packages the product card names are not in the data path, and why CRLs are not
+ * read by the X.509 library. Each test shows the behaviour that decided it; the README says
+ * so in one sentence.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,6 +15,8 @@ import httpProxy from 'http-proxy';
 import { createTestPki } from './helpers/pki.js';
 import { clientCredentials, startUpstream } from './helpers/harness.js';
 import { echoClient, unary } from '../src/demo/grpc-client.js';
+import { x509 } from '../src/x509/peculiar.js';
+import { createCrl, parseCrl } from '../src/x509.js';
 
 test('http2-proxy cannot carry gRPC: it forwards over HTTP/1.1 and drops te, so a plain unary call fails', async () => {
   const pki = await createTestPki();
@@ -82,5 +85,17 @@ test('http-proxy 1.18 keeps the upstream SSE response running after the client i
     front.close();
     upstreamServer.close();
     upstreamServer.closeAllConnections();
+  }
+});
+
+test('@peculiar/x509 cannot read a CRL of 10,000 entries (asn1js stops at 10,000 ASN.1 nodes), which our own DER reader does', async () => {
+  const pki = await createTestPki();
+  try {
+    const revoked = Array.from({ length: 10_000 }, (_, i) => ({ serialHex: (0x100000 + i).toString(16) }));
+    const crlPem = await createCrl({ issuer: pki.clientCa, revoked });
+    assert.throws(() => new x509.X509Crl(x509.PemConverter.decodeFirst(crlPem)), /Maximum ASN\.1 node count/);
+    assert.equal(parseCrl(crlPem).revoked.length, 10_000);
+  } finally {
+    await pki.cleanup();
   }
 });
