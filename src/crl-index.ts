@@ -4,10 +4,10 @@
  * CRL, is it fresh, and does it revoke this certificate. Issuers are matched
  * by the DER bytes of their Name, as OpenSSL matches them by name.
  */
-import { verify as verifySignature, type X509Certificate } from 'node:crypto';
-import { dottedOid, encodeTlv, readSingleTlv, readTlvs, TAG_BOOLEAN, TAG_OID, TAG_SEQUENCE, type Tlv } from './x509/der.js';
-import { normaliseSerial, parseCrlSummary } from './x509.js';
-import { SIGNATURE_HASHES } from './x509/crl.js';
+import type { X509Certificate } from 'node:crypto';
+import { dottedOid, encodeTlv, readSingleTlv, readTlvs, TAG_BOOLEAN, TAG_OID, type Tlv } from './x509/der.js';
+import { normaliseSerial } from './x509.js';
+import { crlPemBody, crlSignatureValid, readCrlDer, revokedSerials, TAG_CRL_EXTENSIONS } from './x509/crl.js';
 
 export interface CrlInfo {
   /** 1-based position in the CRL file, for messages. */
@@ -29,8 +29,6 @@ export interface CrlInfo {
 export const PEM_CRL = /-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g;
 
 const DELTA_CRL_INDICATOR_OID = '2.5.29.27';
-const TAG_CRL_EXTENSIONS = 0xa0;
-
 
 /** Each `X509 CRL` block of a PEM file, parsed; throws (plain Error) on malformed DER. */
 export function parseCrlFile(pem: string): CrlInfo[] {
@@ -38,26 +36,18 @@ export function parseCrlFile(pem: string): CrlInfo[] {
 }
 
 function parseOneCrl(pem: string, index: number): CrlInfo {
-  const der = Buffer.from(pem.replace(/-----[^-]+-----|\s/g, ''), 'base64');
-  const [tbs, algorithm, signature] = readTlvs(readSingleTlv(der).value);
-  if (!tbs || !algorithm || !signature) throw new Error('CRL is not a signed structure');
-  const fields = readTlvs(tbs.value);
-  // An optional INTEGER version comes first in a v2 CRL; then signature, issuer.
-  const issuer = fields[fields[0]?.tag === 0x02 ? 2 : 1];
-  if (!issuer || issuer.tag !== TAG_SEQUENCE) throw new Error('CRL has no issuer name');
-  const parsed = parseCrlSummary(pem);
+  const crl = readCrlDer(crlPemBody(pem));
   return {
     index,
     pem,
-    issuerKey: tlvHex(issuer),
-    thisUpdate: parsed.thisUpdate,
-    nextUpdate: parsed.nextUpdate,
-    revokedSerials: new Set(parsed.serials),
-    tbs: encodeTlv(tbs.tag, tbs.value),
-    signatureAlgorithm: readTlvs(algorithm.value)[0]?.value.toString('hex') ?? '',
-    // BIT STRING: the first octet counts unused bits (always 0 for signatures).
-    signature: signature.value.subarray(1),
-    delta: extensionsIn(fields, TAG_CRL_EXTENSIONS).some((extension) => extension.oid === DELTA_CRL_INDICATOR_OID),
+    issuerKey: tlvHex(crl.issuer),
+    thisUpdate: crl.thisUpdate,
+    nextUpdate: crl.nextUpdate,
+    revokedSerials: new Set(revokedSerials(crl)),
+    tbs: crl.tbs,
+    signatureAlgorithm: crl.signatureAlgorithm,
+    signature: crl.signature,
+    delta: extensionsIn(crl.tbsFields, TAG_CRL_EXTENSIONS).some((extension) => extension.oid === DELTA_CRL_INDICATOR_OID),
   };
 }
 
@@ -110,12 +100,7 @@ export function unsupportedCriticalExtensions(der: Buffer): string[] {
  * algorithm is one we cannot check here (RSA-PSS); OpenSSL still checks it at handshake.
  */
 export function crlSignedBy(crl: CrlInfo, ca: X509Certificate): boolean | undefined {
-  if (!(crl.signatureAlgorithm in SIGNATURE_HASHES)) return undefined;
-  try {
-    return verifySignature(SIGNATURE_HASHES[crl.signatureAlgorithm] ?? null, crl.tbs, ca.publicKey, crl.signature);
-  } catch {
-    return false;
-  }
+  return crlSignatureValid(crl, ca.publicKey);
 }
 
 /** The CRL whose issuer name is this CA's subject. */

@@ -3,7 +3,7 @@
  * CAs, server and client certificates, and CRLs, all accepted by OpenSSL 3 and Node's TLS.
  */
 export { createCa, issueClientCert, issueServerCert } from './x509/certificates.js';
-export { createCrl, isCrlSignedBy, normaliseSerial, parseCrl, parseCrlSerials, parseCrlSummary } from './x509/crl.js';
+export { createCrl, isCrlSignedBy, normaliseSerial, parseCrl, parseCrlSerials } from './x509/crl.js';
 export { KEY_KINDS } from './x509/types.js';
 export { CLOCK_SKEW_MS } from './x509/validity.js';
 export type {

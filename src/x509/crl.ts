@@ -1,5 +1,5 @@
 import { x509 } from './peculiar.js';
-import { sign, verify, X509Certificate } from 'node:crypto';
+import { sign, verify, X509Certificate, type KeyObject } from 'node:crypto';
 import { TlsMaterialError } from '../errors.js';
 import { crypto, loadAuthority } from './authority.js';
 import { dottedOid, encodeSequence, encodeTlv, readSingleTlv, readTlvs, TAG_BIT_STRING, TAG_INTEGER, TAG_OID, TAG_SEQUENCE, type Tlv } from './der.js';
@@ -82,55 +82,74 @@ export function parseCrlSerials(crlPem: string): string[] {
  */
 export function parseCrl(crlPem: string): ParsedCrl {
   try {
-    return parseCrlDer(pemBody(crlPem));
+    const crl = readCrlDer(crlPemBody(crlPem));
+    const revoked = crl.entries.map((entry) => {
+      const [serial, date] = readTlvs(entry.value);
+      return { serialHex: entrySerial(serial), date: readTime(date) };
+    });
+    const crlNumber = crl.extensions.map((extension) => readTlvs(extension.value)).find(([oid]) => oid?.tag === TAG_OID && dottedOid(oid.value) === CRL_NUMBER_OID)?.at(-1);
+    return { revoked, thisUpdate: crl.thisUpdate, nextUpdate: crl.nextUpdate, crlNumber: crlNumber ? readDerInteger(new Uint8Array(crlNumber.value)) : undefined };
   } catch (err) {
     throw new TlsMaterialError(`cannot read CRL: ${(err as Error).message}`, { cause: err });
   }
 }
 
-function pemBody(pem: string): Buffer {
+/** The DER of the first `X509 CRL` block of a PEM text. */
+export function crlPemBody(pem: string): Buffer {
   const block = /-----BEGIN X509 CRL-----([\s\S]+?)-----END X509 CRL-----/.exec(pem);
   if (!block) throw new Error('no -----BEGIN X509 CRL----- block');
   return Buffer.from(block[1]!.replace(/\s/g, ''), 'base64');
 }
 
-/** A CRL's dates and serials only: what the proxy checks clients against (no per-entry dates to parse). */
-export interface CrlSummary {
-  serials: string[];
-  thisUpdate: Date;
-  nextUpdate: Date | undefined;
+export const TAG_CRL_EXTENSIONS = 0xa0;
+
+/** A CRL's parts, each read once: what parseCrl, the proxy's CRL index and the signature check need. */
+export interface CrlDer {
+  /** The TBSCertList as signed (tag and length included). */
+  readonly tbs: Buffer;
+  readonly tbsFields: readonly Tlv[];
+  readonly issuer: Tlv;
+  readonly thisUpdate: Date;
+  readonly nextUpdate: Date | undefined;
+  /** revokedCertificates: one SEQUENCE { serial, date, extensions? } each. */
+  readonly entries: readonly Tlv[];
+  /** crlExtensions: one Extension SEQUENCE each. */
+  readonly extensions: readonly Tlv[];
+  /** Signature algorithm OID (hex of its contents), a key of SIGNATURE_HASHES when we can check it. */
+  readonly signatureAlgorithm: string;
+  readonly signature: Buffer;
 }
 
-export function parseCrlSummary(crlPem: string): CrlSummary {
-  try {
-    const { entries, thisUpdate, nextUpdate } = crlParts(pemBody(crlPem));
-    return { serials: entries.map((entry) => entrySerial(readTlvs(entry.value)[0])), thisUpdate, nextUpdate };
-  } catch (err) {
-    throw new TlsMaterialError(`cannot read CRL: ${(err as Error).message}`, { cause: err });
-  }
-}
-
-function parseCrlDer(der: Buffer): ParsedCrl {
-  const { entries, thisUpdate, nextUpdate, extensions } = crlParts(der);
-  const revoked = entries.map((entry) => {
-    const [serial, date] = readTlvs(entry.value);
-    return { serialHex: entrySerial(serial), date: readTime(date) };
-  });
-  const crlNumber = extensions.map((extension) => readTlvs(extension.value)).find(([oid]) => oid?.tag === TAG_OID && dottedOid(oid.value) === CRL_NUMBER_OID)?.at(-1);
-  return { revoked, thisUpdate, nextUpdate, crlNumber: crlNumber ? readDerInteger(new Uint8Array(crlNumber.value)) : undefined };
-}
-
-/** TBSCertList: version?, signature, issuer, thisUpdate, nextUpdate?, revokedCertificates?, [0] crlExtensions?. */
-function crlParts(der: Buffer): { entries: Tlv[]; thisUpdate: Date; nextUpdate: Date | undefined; extensions: Tlv[] } {
-  const [tbs] = readTlvs(readSingleTlv(der).value);
-  if (!tbs || tbs.tag !== TAG_SEQUENCE) throw new Error('CRL is not a signed structure');
+/** CertificateList { TBSCertList { version?, signature, issuer, thisUpdate, nextUpdate?, revokedCertificates?, [0] crlExtensions? }, algorithm, signature }. Throws a plain Error on malformed DER. */
+export function readCrlDer(der: Buffer): CrlDer {
+  const [tbs, algorithm, signature] = readTlvs(readSingleTlv(der).value);
+  if (!tbs || tbs.tag !== TAG_SEQUENCE || !algorithm || !signature) throw new Error('CRL is not a signed structure');
   const fields = readTlvs(tbs.value);
-  let at = fields[0]?.tag === TAG_INTEGER ? 3 : 2;
+  let at = fields[0]?.tag === TAG_INTEGER ? 1 : 0;
+  const issuer = fields[at + 1];
+  if (!issuer || issuer.tag !== TAG_SEQUENCE) throw new Error('CRL has no issuer name');
+  at += 2;
   const thisUpdate = readTime(fields[at++]);
   const nextUpdate = fields[at] && TIME_TAGS.has(fields[at]!.tag) ? readTime(fields[at++]) : undefined;
   const entries = fields[at]?.tag === TAG_SEQUENCE ? readTlvs(fields[at++]!.value) : [];
   const extensions = fields[at]?.tag === TAG_CRL_EXTENSIONS ? readTlvs(readSingleTlv(fields[at]!.value).value) : [];
-  return { entries, thisUpdate, nextUpdate, extensions };
+  return {
+    tbs: encodeTlv(tbs.tag, tbs.value),
+    tbsFields: fields,
+    issuer,
+    thisUpdate,
+    nextUpdate,
+    entries,
+    extensions,
+    signatureAlgorithm: readTlvs(algorithm.value)[0]?.value.toString('hex') ?? '',
+    // BIT STRING: the first octet counts unused bits (always 0 for signatures).
+    signature: signature.value.subarray(1),
+  };
+}
+
+/** Serials (lower-case hex, as normaliseSerial writes them) of every entry. */
+export function revokedSerials(crl: CrlDer): string[] {
+  return crl.entries.map((entry) => entrySerial(readTlvs(entry.value)[0]));
 }
 
 /** The serial as normaliseSerial writes it (lower-case hex, no leading zero octets), without a regex per entry. */
@@ -143,7 +162,6 @@ function entrySerial(serial: Tlv | undefined): string {
 
 const TAG_UTC_TIME = 0x17;
 const TAG_GENERALIZED_TIME = 0x18;
-const TAG_CRL_EXTENSIONS = 0xa0;
 const TIME_TAGS = new Set([TAG_UTC_TIME, TAG_GENERALIZED_TIME]);
 
 /** UTCTime YYMMDDHHMMSSZ (50-99 = 19xx) or GeneralizedTime YYYYMMDDHHMMSS[.f]Z, as RFC 5280 writes them. */
@@ -167,7 +185,7 @@ function encodeTime(date: Date): Tlv {
 }
 
 /** Signature algorithm OIDs (hex of the OID contents) -> hash for crypto.verify; null = the key decides (Ed25519). */
-export const SIGNATURE_HASHES: Record<string, string | null> = {
+const SIGNATURE_HASHES: Record<string, string | null> = {
   '2a8648ce3d0401': 'sha1',
   '2a8648ce3d040302': 'sha256',
   '2a8648ce3d040303': 'sha384',
@@ -180,18 +198,19 @@ export const SIGNATURE_HASHES: Record<string, string | null> = {
   '2b6571': null,
 };
 
-/** Whether the CRL's signature verifies with the public key of `caCertPem` (false for an algorithm not in SIGNATURE_HASHES). */
-export async function isCrlSignedBy(crlPem: string, caCertPem: string): Promise<boolean> {
-  const [tbs, algorithm, signature] = readTlvs(readSingleTlv(pemBody(crlPem)).value);
-  const oid = algorithm && readTlvs(algorithm.value)[0]?.value.toString('hex');
-  if (!tbs || !signature || oid === undefined || !(oid in SIGNATURE_HASHES)) return false;
-  const ca = new X509Certificate(caCertPem);
+/** Whether `publicKey` signed the CRL: undefined when its algorithm is one we cannot check here (RSA-PSS). */
+export function crlSignatureValid(crl: Pick<CrlDer, 'tbs' | 'signatureAlgorithm' | 'signature'>, publicKey: KeyObject): boolean | undefined {
+  if (!(crl.signatureAlgorithm in SIGNATURE_HASHES)) return undefined;
   try {
-    // BIT STRING: the first octet counts unused bits (always 0 for signatures).
-    return verify(SIGNATURE_HASHES[oid] ?? null, encodeTlv(tbs.tag, tbs.value), ca.publicKey, signature.value.subarray(1));
+    return verify(SIGNATURE_HASHES[crl.signatureAlgorithm] ?? null, crl.tbs, publicKey, crl.signature);
   } catch {
     return false;
   }
+}
+
+/** Whether the CRL's signature verifies with the public key of `caCertPem` (false for an algorithm we cannot check). */
+export async function isCrlSignedBy(crlPem: string, caCertPem: string): Promise<boolean> {
+  return crlSignatureValid(readCrlDer(crlPemBody(crlPem)), new X509Certificate(caCertPem).publicKey) === true;
 }
 
 export function normaliseSerial(serialHex: string): string {
