@@ -24,11 +24,16 @@ const ENTRIES = 10_000;
 /** Where the serial under test sits in the list: deep, not first or last. */
 const DEPTH = 7_000;
 
-const plusOne = (serialHex: string, delta: bigint) => (BigInt(`0x${serialHex}`) + delta).toString(16);
+/** A serial as the CRL reader returns it: whole bytes in hex, no leading zero byte. */
+const canonicalSerial = (value: bigint) => {
+  const hex = value.toString(16);
+  return hex.length % 2 === 1 ? `0${hex}` : hex;
+};
+const plusOne = (serialHex: string, delta: bigint) => canonicalSerial(BigInt(`0x${serialHex}`) + delta);
 
 /** ENTRIES serials: filler, with `deep` at DEPTH and the numeric neighbours of each of `spared` (but not `spared` itself). */
 function largeRevocationList(deep: string, spared: readonly string[]): { serialHex: string }[] {
-  const serials = Array.from({ length: ENTRIES - 1 - 2 * spared.length }, (_, i) => ({ serialHex: (0x7e57_0000_0000n + BigInt(i)).toString(16) }));
+  const serials = Array.from({ length: ENTRIES - 1 - 2 * spared.length }, (_, i) => ({ serialHex: canonicalSerial(0x7e57_0000_0000n + BigInt(i)) }));
   serials.splice(DEPTH, 0, { serialHex: deep });
   for (const serial of spared) serials.push({ serialHex: plusOne(serial, -1n) }, { serialHex: plusOne(serial, 1n) });
   return serials;

@@ -9,7 +9,7 @@ import { after, before, describe, test } from 'node:test';
 import tls from 'node:tls';
 import { isUserError } from '../src/errors.js';
 import { readSingleTlv, readTlvs, TAG_SEQUENCE } from '../src/x509/der.js';
-import { createCa, createCrl, issueClientCert, issueServerCert, parseCrl, parseCrlSerials, type Issued } from '../src/x509.js';
+import { createCa, createCrl, issueClientCert, issueServerCert, normaliseSerial, parseCrl, parseCrlSerials, type Issued } from '../src/x509.js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 
 /** Runs the openssl CLI (tests only: the product never shells out to it). */
@@ -194,6 +194,13 @@ describe('CRLs as openssl sees them', () => {
     assert.deepEqual(parsed.revoked.map((r) => r.serialHex), [serialHex]);
     assert.equal(parsed.crlNumber, 300n);
     assert.equal(parsed.nextUpdate?.getTime(), Math.floor(nextUpdate.getTime() / 1000) * 1000);
+  });
+
+  test('one serial spelled with or without a leading zero digit, a zero byte, colons or capitals is one entry, read back in whole bytes', async () => {
+    const spellings = ['8b86c', '08b86c', '08:B8:6C', '8B86C', '0008b86c'];
+    const crl = await createCrl({ issuer: pki.clientCa, revoked: spellings.map((serialHex) => ({ serialHex })) });
+    assert.deepEqual(parseCrlSerials(crl), ['08b86c']);
+    assert.deepEqual(spellings.map(normaliseSerial), spellings.map(() => '08b86c'));
   });
 });
 

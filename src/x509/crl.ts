@@ -62,8 +62,7 @@ function withRevokedEntries(crlDer: Buffer, entries: Buffer[], keyPem: string, a
 
 /** SEQUENCE { userCertificate INTEGER, revocationDate Time }. */
 function revokedEntry(serialHex: string, date: Date): Buffer {
-  const hex = normaliseSerial(serialHex);
-  let serial = Buffer.from(hex.length % 2 === 1 ? `0${hex}` : hex, 'hex');
+  let serial = Buffer.from(normaliseSerial(serialHex), 'hex');
   if (serial[0]! & 0x80) serial = Buffer.concat([Buffer.from([0]), serial]);
   return encodeSequence([
     { tag: TAG_INTEGER, value: serial },
@@ -213,8 +212,10 @@ export async function isCrlSignedBy(crlPem: string, caCertPem: string): Promise<
   return crlSignatureValid(readCrlDer(crlPemBody(crlPem)), new X509Certificate(caCertPem).publicKey) === true;
 }
 
+/** A serial in the reader's spelling: lower-case hex in whole bytes, no leading zero byte, so that `8b86c`, `08:B8:6C` and `0008b86c` compare equal. */
 export function normaliseSerial(serialHex: string): string {
-  return serialHex.replace(/:/g, '').toLowerCase().replace(/^(00)+(?=.)/, '');
+  const digits = serialHex.replace(/:/g, '').toLowerCase();
+  return (digits.length % 2 === 1 ? `0${digits}` : digits).replace(/^(00)+(?=.)/, '');
 }
 
 // The library throws on a duplicate serial; revoking twice should simply be a no-op.
