@@ -4,10 +4,12 @@
  * path they name exists, every ovms-mtls flag they pass is one the CLI knows,
  * and the pieces agree with each other (ports, names, labels).
  */
-import { test, describe } from 'node:test';
+import { test, describe, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse, parseAllDocuments } from 'yaml';
@@ -19,6 +21,7 @@ import { PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv } from '../src/ovms-args.js';
 import { UPSTREAM_CHECK_TIMEOUT_MS } from '../src/health.js';
+import { createCrl } from '../src/x509.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const read = (path: string) => readFileSync(join(ROOT, path), 'utf8');
@@ -105,6 +108,56 @@ describe('docker-compose.yml', () => {
     const probe = services['probe']!['command'] as string[];
     assert.equal(probe[0], 'probe');
     await parseCommandLine(probe.slice(1), PROBE_OPTIONS, PROBE_USAGE);
+  });
+
+  describe('certs-init, run as compose runs it (sh -c) on a directory standing in for the certs volume', () => {
+    const script = (services['certs-init']!['command'] as string[])[0]!;
+    const runIn = (dir: string) => {
+      const local = script.replaceAll('/usr/local/bin/ovms-mtls', join(ROOT, 'bin/ovms-mtls')).replaceAll('/certs', dir);
+      const run = spawnSync('/bin/sh', ['-c', local], { encoding: 'utf8' });
+      assert.equal(run.status, 0, run.stdout + run.stderr);
+      return run.stdout;
+    };
+    const serverPem = (dir: string) => readFileSync(join(dir, 'server.pem'), 'utf8');
+    /** The state a 30-day set reaches: its CRL is past its next update, so the proxy would refuse to start. */
+    const outliveCrl = async (dir: string) => {
+      const issuer = { certPem: readFileSync(join(dir, 'client_cert_ca.pem'), 'utf8'), keyPem: readFileSync(join(dir, 'client_cert_ca.key'), 'utf8'), serialHex: '' };
+      writeFileSync(join(dir, 'client_cert_ca.crl'), await createCrl({ issuer, thisUpdate: new Date(Date.now() - 31 * 86_400_000), nextUpdate: new Date(Date.now() - 86_400_000) }));
+    };
+    const withDir = async (t: TestContext) => {
+      const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-certs-init-'));
+      t.after(() => rm(dir, { recursive: true, force: true }));
+      return dir;
+    };
+
+    test('writes a set once, then leaves a valid one as it is', async (t) => {
+      const dir = await withDir(t);
+      runIn(dir);
+      const first = serverPem(dir);
+      assert.ok(existsSync(join(dir, '.certs-init')));
+      assert.match(runIn(dir), /already holds a set/);
+      assert.equal(serverPem(dir), first);
+    });
+
+    test('writes its own set again once it fails the check (expired), instead of leaving the proxy unable to start', async (t) => {
+      const dir = await withDir(t);
+      runIn(dir);
+      const first = serverPem(dir);
+      await outliveCrl(dir);
+      assert.match(runIn(dir), /writing a new one/);
+      assert.notEqual(serverPem(dir), first);
+      assert.match(runIn(dir), /already holds a set/);
+    });
+
+    test('never touches a set it did not write, even an expired one', async (t) => {
+      const dir = await withDir(t);
+      runIn(dir);
+      rmSync(join(dir, '.certs-init'));
+      await outliveCrl(dir);
+      const crl = readFileSync(join(dir, 'client_cert_ca.crl'), 'utf8');
+      assert.match(runIn(dir), /did not write; left as it is/);
+      assert.equal(readFileSync(join(dir, 'client_cert_ca.crl'), 'utf8'), crl);
+    });
   });
 
   const dockerCompose = spawnSync('docker-compose', ['version'], { encoding: 'utf8' });
