@@ -123,6 +123,7 @@ describe('certs init (CLI)', () => {
   test('a malformed --san, --days or --key is one line naming the flag, exit 2', async () => {
     for (const [args, pattern] of [
       [['--san', 'foo.example'], /--san "foo\.example": expected DNS:<name> or IP:<address>/],
+      [['--san', 'IP:fe80::1%eth0'], /--san "IP:fe80::1%eth0": a certificate cannot hold a zone \(%eth0\); write IP:fe80::1/],
       [['--days', 'ten'], /--days: 'ten' is not a whole number/],
       [['--key', 'dsa'], /--key dsa: use one of ec, rsa2048/],
     ] as [string[], RegExp][]) {

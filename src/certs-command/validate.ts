@@ -15,6 +15,9 @@ export function parseSanEntry(entry: string): { dns?: string; ip?: string } {
   const [, kind, value] = match as unknown as [string, string, string];
   if (kind.toUpperCase() === 'IP') {
     if (isIP(value) === 0) throw new ConfigError(`--san "${entry}": "${value}" is not an IPv4 or IPv6 address (${hint})`);
+    // A SAN holds the 16 address bytes only; the library would drop the zone without a word.
+    const zone = value.indexOf('%');
+    if (zone !== -1) throw new ConfigError(`--san "${entry}": a certificate cannot hold a zone (${value.slice(zone)}); write IP:${value.slice(0, zone)}, the address without it`);
     return { ip: value };
   }
   return { dns: checkDnsName(value, `--san "${entry}":`) };
