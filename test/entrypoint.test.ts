@@ -500,12 +500,15 @@ describe('exit codes and signals', () => {
   for (const ending of ['crashes', 'is stopped with SIGTERM'] as const) {
     test(`a helper process OVMS forked does not outlive OVMS when OVMS ${ending}`, async () => {
       const pidFile = join(dir, `helper-${runCounter + 1}.pid`);
-      const crash: Record<string, string> = ending === 'crashes' ? { FAKE_OVMS_CRASH_AFTER_MS: '500' } : {};
+      // A crash on a timer could come before the wrapper's readiness probe saw OVMS up (its probes back off to 1 s apart).
+      const crashGate = join(dir, `crash-gate-${runCounter + 1}`);
+      const crash: Record<string, string> = ending === 'crashes' ? { FAKE_OVMS_CRASH_GATE_FILE: crashGate } : {};
       const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_HELPER_PID_FILE: pidFile, ...crash });
       await s.wrapper.waitForEvent('ovms_ready');
       const helper = Number(readFileSync(pidFile, 'utf8'));
       try {
-        if (ending !== 'crashes') s.wrapper.child.kill('SIGTERM');
+        if (ending === 'crashes') await writeFile(crashGate, '');
+        else s.wrapper.child.kill('SIGTERM');
         assert.equal((await s.wrapper.exited).code, ending === 'crashes' ? 1 : 0);
         await eventually(() => processGone(helper), `OVMS's helper pid ${helper} is gone`, 10_000);
       } finally {
