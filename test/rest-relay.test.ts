@@ -332,13 +332,15 @@ describe('rest relay: drain and upstream failures', () => {
       const local = await startTestProxy({ pki, upstream: { restPort: gated.port }, restMode, limits: { idleTimeoutMs: 300 } });
       try {
         const idle = await openRaw(local.restPort);
+        // Watched from the start: it may close while the busy one is still being set up.
+        const idleClosed = once(idle, 'close');
         idle.write('GET /quick HTTP/1.1\r\nhost: a\r\n\r\n');
         await readUntil(idle, /quick$/);
         const busy = await openRaw(local.restPort);
         busy.write('GET /slow HTTP/1.1\r\nhost: a\r\n\r\n');
         const answer = readUntil(busy, /slow done$/);
         await gated.arrived;
-        await once(idle, 'close');
+        await idleClosed;
         // A connection opened only now and never used closes one idle timeout later: by then the busy one has been silent longer than that.
         const late = await openRaw(local.restPort);
         await once(late, 'close');
