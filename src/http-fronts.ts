@@ -225,6 +225,12 @@ export class H1Front implements Drainable {
         socket.destroy();
         return;
       }
+      // Node's head timeout also counts a connection that has sent nothing yet; when its check runs before our idle
+      // timer (a late event loop), that connection is idle, as our timer would have found it: closed, no 408.
+      if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' && !this.#headArriving(socket)) {
+        socket.destroy();
+        return;
+      }
       const refusal = refusalOf(err, options.limits);
       // The bad bytes follow whole requests still being answered: a 400 now would reach the client as the answer to the first of them.
       if (this.#owesAnswers(socket)) this.#refuseAfterAnswers.set(socket, refusal);

@@ -12,6 +12,7 @@ import { eventually } from './helpers/ops.js';
 import { END_HEADERS, H2, h2Frame, headerBlock, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
+import { NOOP_OBSERVER } from '../src/observer.js';
 
 /**
  * A REST request whose head or body stops arriving is given up after
@@ -387,6 +388,27 @@ describe('a request head that does not arrive in time', () => {
         const answer = await text;
         assert.match(answer, /^HTTP\/1\.1 200 OK\r\n/);
         assert.doesNotMatch(answer, /408/);
+      } finally {
+        await local.proxy.shutdown(1000);
+        await model.close();
+      }
+    });
+
+    test(`--mtls_rest_mode ${restMode}: a connection that never sends a byte is closed as idle, without a 408 or an access line, also when the event loop stalls past the timeout (as on a loaded machine)`, { timeout: 20_000 }, async () => {
+      const model: ModelServer = await startUpstream({ grpcPort: null });
+      // Once the connection is handed over, the proxy's event loop is held for two idle timeouts: every timer then runs late, in whatever order.
+      const stall = () => setImmediate(() => {
+        const until = Date.now() + 2 * IDLE_MS;
+        while (Date.now() < until);
+      });
+      const observer = { ...NOOP_OBSERVER, handshakeAccepted: stall };
+      const local = await startTestProxy({ pki, upstream: { restPort: model.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS }, observer });
+      try {
+        const socket = await openRaw(local.restPort);
+        assert.equal(await readToClose(socket), '');
+        const rest = local.proxy.listeners().find((l) => l.name === 'rest')!;
+        await eventually(() => rest.connections.size === 0, 'the connection closed on the proxy side');
+        assert.deepEqual(local.logs.lines.filter((l) => l.event === 'access'), []);
       } finally {
         await local.proxy.shutdown(1000);
         await model.close();
