@@ -126,6 +126,8 @@ export const DEFAULTS = {
     restartMaxFailuresInARow: 5,
     /** New loopback ports tried when one was taken before OVMS could bind it. */
     portRetries: 3,
+    /** Off: a watchdog that kills OVMS is opted into (deploy/ sets 60 s); see README. */
+    hangTimeoutMs: 0,
   },
 } as const;
 
@@ -156,7 +158,7 @@ export function parsePort(name: string, value: unknown): number {
  */
 export const MAX_SECONDS = 2_000_000;
 
-function parseSeconds(name: string, value: unknown): number {
+export function parseSeconds(name: string, value: unknown): number {
   // Number('') is 0: a flag given without a value (`--mtls_handshake_timeout $UNSET`) would be a 1 ms timeout.
   const n = String(value).trim() === '' ? NaN : Number(value);
   if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0`);

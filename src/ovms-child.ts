@@ -12,17 +12,23 @@ import type { UserAccount } from './privileges.js';
 export interface ExitStatus {
   readonly code: number | null;
   readonly signal: NodeJS.Signals | null;
+  /** Ended by the hang watchdog (--mtls_ovms_hang_timeout): a failure, whatever the code. */
+  readonly hung?: boolean;
 }
 
-/** The shell convention: the code, or 128+N for death by signal N. */
+/** What `timeout` (coreutils) exits with when the command ran out of time: OVMS's own code may be 0 (it took SIGTERM) or 137. */
+export const HUNG_EXIT_CODE = 124;
+
+/** The shell convention: the code, or 128+N for death by signal N; HUNG_EXIT_CODE for a hung OVMS. */
 export function exitCodeOf(status: ExitStatus): number {
+  if (status.hung) return HUNG_EXIT_CODE;
   if (status.code !== null) return status.code;
   const n = status.signal ? osConstants.signals[status.signal] : undefined;
   return n === undefined ? 1 : 128 + n;
 }
 
 export function failed(status: ExitStatus): boolean {
-  return status.code !== 0;
+  return status.hung === true || status.code !== 0;
 }
 
 const SETPRIV_CANDIDATES = ['/usr/bin/setpriv', '/bin/setpriv', '/usr/sbin/setpriv'];

@@ -9,6 +9,9 @@ import { request } from 'node:http';
 import { connect } from 'node:net';
 import type { LoopbackPorts } from './ovms-args.js';
 import { listenerOwner } from './listener-owner.js';
+import type { Config } from './config.js';
+import { upstreamReadiness } from './health.js';
+import type { Liveness } from './ovms-watchdog.js';
 
 /** Per attempt; a healthy loopback peer answers in well under this. */
 const PROBE_TIMEOUT_MS = 2000;
@@ -69,5 +72,19 @@ export function ovmsReadinessProbe(host: string, ports: () => LoopbackPorts): (p
     if (grpc !== undefined) checks.push(ownedByOvms(pid, grpc).then((ours) => ours && tcpAccepts(host, grpc)));
     if (rest !== undefined) checks.push(ownedByOvms(pid, rest).then((ours) => ours && restLive(host, rest)));
     return (await Promise.all(checks)).every(Boolean);
+  };
+}
+
+/**
+ * One hang-watchdog check: alive means every OVMS port gave an answer, whatever it says
+ * ("not ready" while a model reloads is alive). It is /readyz's own upstream check, so the
+ * watchdog acts on exactly what /readyz reports as "does not answer" or "is stopped". The
+ * kernel is asked first: a stopped OVMS could only make the network check wait out `timeoutMs`.
+ */
+export function ovmsLivenessCheck(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs: number): (pid: number) => Promise<Liveness> {
+  const ask = upstreamReadiness(config, timeoutMs);
+  return async (pid) => {
+    if (await processStopped(pid)) return 'stopped';
+    return (await ask()).unanswered ? 'silent' : 'answers';
   };
 }

@@ -1,13 +1,15 @@
 /**
  * Keeps one OVMS process: spawns it, polls readiness with backoff, reports
  * its exit, restarts it with backoff when the policy says so, and stops it
- * with a signal that escalates to SIGKILL. State changes are events; the
+ * with a signal that escalates to SIGKILL: at shutdown, or (with a hang
+ * watch) once ready OVMS answered nothing for the hang timeout. State changes are events; the
  * supervisor neither logs nor knows HTTP.
  */
 import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ChildProcess } from 'node:child_process';
 import { failed, spawnChild, waitForExit, type ExitStatus, type SpawnCommand } from './ovms-child.js';
+import { HangWatch, type Hang, type HangWatchOptions } from './ovms-watchdog.js';
 
 export interface RestartPolicy {
   readonly mode: 'never' | 'on-failure';
@@ -36,6 +38,13 @@ export interface SupervisorOptions {
   readonly retryStart?: (status: ExitStatus) => Promise<boolean>;
   /** Readiness polling backoff bounds, ms. */
   readonly probeInterval?: { readonly initial: number; readonly max: number };
+  /** Off when absent: an OVMS that hangs once ready is then left as it is. */
+  readonly hangWatch?: HangWatchSettings;
+}
+
+export interface HangWatchSettings extends HangWatchOptions {
+  /** A hung OVMS gets SIGTERM (and SIGCONT), then SIGKILL after this. */
+  readonly stopGraceMs: number;
 }
 
 export interface OvmsState {
@@ -54,6 +63,8 @@ export interface SupervisorEvents {
   givingUp: [failuresInARow: number, status: ExitStatus];
   /** Respawning at once after a start failure that `retryStart` accepted. */
   retrying: [status: ExitStatus];
+  /** OVMS answered nothing for the hang timeout: it is being ended; its `exit` follows, then the restart policy applies as for a failure. */
+  hung: [hang: Hang, restart: boolean];
   /** Final: OVMS is down and will not be started again. */
   done: [status: ExitStatus];
 }
@@ -86,6 +97,11 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
   #finished = false;
   #lastStatus: ExitStatus | undefined;
   #restartTimer: NodeJS.Timeout | undefined;
+  #hangWatch: HangWatch | undefined;
+  /** The run the watchdog is ending: its exit is a failure whatever its code. */
+  #hungChild: ChildProcess | undefined;
+  /** SIGKILL timers of the current run, cleared when it exits. */
+  readonly #escalations = new Set<NodeJS.Timeout>();
 
   constructor(options: SupervisorOptions) {
     super();
@@ -108,6 +124,8 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
   stopRestarting(): void {
     this.#stopping = true;
     clearTimeout(this.#restartTimer);
+    // A drain can outlast the hang timeout; OVMS must not be killed under it.
+    this.#hangWatch?.end();
     if (!this.#child) this.#finish(this.#lastStatus ?? { code: 0, signal: null });
   }
 
@@ -119,17 +137,22 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
     this.stopRestarting();
     const child = this.#child;
     if (!child) return this.done;
+    this.#terminate(child, signal, timeoutMs);
+    return this.done;
+  }
+
+  /** `signal`, then SIGKILL to its group after `timeoutMs` unless it exited by then. */
+  #terminate(child: ChildProcess, signal: NodeJS.Signals, timeoutMs: number): void {
     child.kill(signal);
     // A stopped OVMS (SIGSTOP, SIGTSTP) acts on no signal until it is continued: without this it
     // would sit out its whole share and be SIGKILLed (exit 137) instead of exiting by itself, its
     // own code. systemd sends SIGCONT after SIGTERM for the same reason.
     child.kill('SIGCONT');
-    const escalate = setTimeout(() => killGroup(child), timeoutMs);
-    try {
-      return await this.done;
-    } finally {
-      clearTimeout(escalate);
-    }
+    const escalate = setTimeout(() => {
+      this.#escalations.delete(escalate);
+      killGroup(child);
+    }, timeoutMs);
+    this.#escalations.add(escalate);
   }
 
   #spawn(): void {
@@ -143,6 +166,7 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
       void this.#pollReadiness(child, exited);
     });
     void exited.then((status) => {
+      this.#endWatching();
       // Helpers OVMS forked would outlive it: reparented, holding memory and maybe its loopback ports, zombies if we are PID 1.
       killGroup(child);
       return this.#onExit(child, status, performance.now() - started);
@@ -160,6 +184,7 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
         this.#ready = true;
         this.#readyThisRun = true;
         this.emit('ready', child.pid);
+        this.#watchForHang(child);
         return;
       }
       await sleep(delay, undefined, { signal: gone.signal }).catch(() => undefined);
@@ -167,11 +192,36 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
     }
   }
 
-  async #onExit(child: ChildProcess, status: ExitStatus, ranMs: number): Promise<void> {
+  /** From the first readiness on: loading models at start (ports not yet open) is never a hang. */
+  #watchForHang(child: ChildProcess): void {
+    const settings = this.#options.hangWatch;
+    if (!settings || this.#stopping || child.pid === undefined) return;
+    this.#hangWatch = new HangWatch(child.pid, settings, (hang) => this.#endHung(child, hang, settings.stopGraceMs));
+  }
+
+  #endHung(child: ChildProcess, hang: Hang, stopGraceMs: number): void {
+    if (this.#stopping || this.#child !== child) return;
+    this.#hungChild = child;
+    this.emit('hung', hang, this.#options.restart.mode === 'on-failure');
+    this.#terminate(child, 'SIGTERM', stopGraceMs);
+  }
+
+  /** The run is over: no hang check and no SIGKILL may reach it (or a later process given its pid). */
+  #endWatching(): void {
+    this.#hangWatch?.end();
+    this.#hangWatch = undefined;
+    for (const timer of this.#escalations) clearTimeout(timer);
+    this.#escalations.clear();
+  }
+
+  async #onExit(child: ChildProcess, exitStatus: ExitStatus, ranMs: number): Promise<void> {
     this.#child = undefined;
     this.#ready = false;
+    this.emit('exit', exitStatus, child.pid);
+    // Ended by the watchdog: a failure even when OVMS took its SIGTERM and exited 0.
+    const status: ExitStatus = this.#hungChild === child ? { ...exitStatus, hung: true } : exitStatus;
+    this.#hungChild = undefined;
     this.#lastStatus = status;
-    this.emit('exit', status, child.pid);
     if (this.#stopping) return this.#finish(status);
     if (!this.#readyThisRun && this.#options.retryStart && (await this.#options.retryStart(status))) {
       if (this.#stopping) return this.#finish(status);

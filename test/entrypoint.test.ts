@@ -608,6 +608,119 @@ describe('exit codes and signals', () => {
   });
 });
 
+describe('the hang watchdog (--mtls_ovms_hang_timeout)', () => {
+  const BOTH_PORTS = ['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'];
+  const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  test('on-failure: an OVMS stopped (SIGSTOP) once ready is ended after the timeout, logged ovms_hung, and started again: a new pid answers, one restart counted', async () => {
+    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
+    const s = await start(BOTH_PORTS, {}, ['--mtls_ovms_hang_timeout', '1', '--mtls_restart', 'on-failure', '--mtls_admin_port', String(adminPort)]);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const [first] = fakeRuns(s.argvFile);
+      process.kill(first!.pid, 'SIGSTOP');
+      const hung = await s.wrapper.waitForEvent('ovms_hung');
+      assert.equal(hung['pid'], first!.pid);
+      assert.equal(hung['state'], 'stopped');
+      assert.equal(hung['level'], 'error');
+      assert.ok((hung['silentMs'] as number) >= 1000, String(hung['silentMs']));
+      assert.match(hung['msg'] as string, /is stopped \(SIGSTOP or SIGTSTP\): no answer for .* s \(--mtls_ovms_hang_timeout\); ending it \(SIGTERM, then SIGKILL\), then restarting it/);
+      // SIGCONT came with the SIGTERM: it exits by itself (0), which still counts as a failure.
+      await s.wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
+      assert.equal((await s.wrapper.waitForEvent('ovms_restarting'))['attempt'], 1);
+      const second = await s.wrapper.waitForLog((l) => l.event === 'ovms_ready' && l['pid'] !== first!.pid);
+      assert.equal(fakeRuns(s.argvFile)[1]!.pid, second['pid']);
+      assert.ok(processGone(first!.pid));
+      await assertServerLive(s.grpcPort);
+      assert.equal((await https1(s.restPort, pki, { path: '/v2/health/live' })).status, 200);
+      assert.equal(sample(await (await fetch(`http://127.0.0.1:${adminPort}/metrics`)).text(), 'ovms_mtls_ovms_restarts_total'), 1);
+      assert.equal(s.wrapper.logs.filter((l) => l.event === 'ovms_hung').length, 1);
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('never: an OVMS that deadlocks (running, answering nothing, deaf to SIGTERM) is SIGKILLed and the wrapper exits 124 saying why', async () => {
+    const freeze = join(dir, `freeze-${runCounter + 1}`);
+    const s = await start(BOTH_PORTS, { FAKE_OVMS_FREEZE_GATE_FILE: freeze }, ['--mtls_ovms_hang_timeout', '1', '--mtls_shutdown_timeout', '2']);
+    try {
+      await s.wrapper.waitForEvent('ovms_ready');
+      const [run] = fakeRuns(s.argvFile);
+      await writeFile(freeze, '');
+      await s.wrapper.waitForOvmsLine((l) => l.includes('freezing'));
+      const hung = await s.wrapper.waitForEvent('ovms_hung');
+      assert.equal(hung['pid'], run!.pid);
+      assert.equal(hung['state'], 'not_answering');
+      assert.match(hung['msg'] as string, /does not answer: .*then exiting with 124 \(--mtls_restart never\) so that the orchestrator restarts the container/);
+      assert.deepEqual(await s.wrapper.exited, { code: 124, signal: null });
+      const exited = s.wrapper.logs.find((l) => l.event === 'ovms_exited')!;
+      assert.equal(exited['signal'], 'SIGKILL');
+      const stopped = s.wrapper.logs.find((l) => l.event === 'stopped')!;
+      assert.equal(stopped['exitCode'], 124);
+      assert.match(stopped['msg'] as string, /OVMS hung/);
+      assert.equal(s.wrapper.logs.filter((l) => l.event === 'ovms_started').length, 1);
+      assert.ok(processGone(run!.pid));
+    } finally {
+      await writeFile(freeze, '').catch(() => undefined);
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  test('an OVMS slow to open its ports and then to load its models (each longer than the timeout) is not killed; once ready and then stopped, it is', async () => {
+    const opened = join(dir, `ports-open-${runCounter + 1}`);
+    const loaded = join(dir, `models-loaded-${runCounter + 1}`);
+    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
+    const s = await start(BOTH_PORTS, { FAKE_OVMS_START_GATE_FILE: opened, FAKE_OVMS_LOAD_GATE_FILE: loaded }, ['--mtls_ovms_hang_timeout', '1', '--mtls_admin_port', String(adminPort)]);
+    const readyz = async () => (await fetch(`http://127.0.0.1:${adminPort}/readyz`)).json() as Promise<{ checks: Record<string, { detail: string }> }>;
+    try {
+      await s.wrapper.waitForEvent('ovms_started');
+      // Three timeouts with its ports closed, then three live but loading: the watchdog's checks would have fired in either.
+      await pause(3000);
+      await writeFile(opened, '');
+      await s.wrapper.waitForEvent('ovms_ready');
+      await pause(3000);
+      assert.match((await readyz()).checks['upstream']!.detail, /answers but is not ready yet \(loading models\?\)/);
+      await writeFile(loaded, '');
+      await eventually(async () => (await readyz()).checks['upstream']!.detail.startsWith('OVMS ready'), '/readyz says ready');
+      assert.equal(s.wrapper.logs.some((l) => l.event === 'ovms_hung'), false);
+      const runs = fakeRuns(s.argvFile);
+      assert.equal(runs.length, 1);
+      // The watchdog was on all along.
+      process.kill(runs[0]!.pid, 'SIGSTOP');
+      assert.equal((await s.wrapper.waitForEvent('ovms_hung'))['pid'], runs[0]!.pid);
+      assert.deepEqual(await s.wrapper.exited, { code: 124, signal: null });
+    } finally {
+      await writeFile(opened, '').catch(() => undefined);
+      await writeFile(loaded, '').catch(() => undefined);
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  for (const [value, error] of [
+    ['-1', "--mtls_ovms_hang_timeout: '-1' is not a number of seconds >= 0"],
+    ['soon', "--mtls_ovms_hang_timeout: 'soon' is not a number of seconds >= 0"],
+    ['9999999', "--mtls_ovms_hang_timeout: '9999999' is more than 2000000 seconds (23 days), the longest timeout supported"],
+  ] as const) {
+    test(`--mtls_ovms_hang_timeout ${value} is one line on stderr and exit 2, before anything listens or OVMS is run`, async () => {
+      const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', `--mtls_ovms_hang_timeout=${value}`]);
+      assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
+      assert.equal(s.wrapper.stderr(), `ovms-mtls: ${error}\n`);
+      assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+      assert.deepEqual(fakeRuns(s.argvFile), []);
+    });
+  }
+
+  test('OVMS_MTLS_OVMS_HANG_TIMEOUT that is not a number is refused the same way', async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { OVMS_MTLS_OVMS_HANG_TIMEOUT: '1m' });
+    try {
+      assert.deepEqual(await Promise.race([s.wrapper.exited, s.wrapper.waitForEvent('listening')]), { code: 2, signal: null });
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+    assert.equal(s.wrapper.stderr(), "ovms-mtls: --mtls_ovms_hang_timeout: '1m' is not a number of seconds >= 0 (set by OVMS_MTLS_OVMS_HANG_TIMEOUT in the environment)\n");
+  });
+});
+
 describe('non-serving invocations', () => {
   test('--list_models runs OVMS with its arguments and exits with its code; nothing listens', async () => {
     const s = await start(['--list_models', '--model_repository_path', '/models', '--port', '{grpc}'], { FAKE_OVMS_ONESHOT_EXIT_CODE: '4' });

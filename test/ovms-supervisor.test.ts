@@ -1,7 +1,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { OvmsSupervisor, type RestartPolicy } from '../src/ovms-supervisor.js';
-import type { SpawnCommand } from '../src/ovms-child.js';
+import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { OvmsSupervisor, type HangWatchSettings, type RestartPolicy } from '../src/ovms-supervisor.js';
+import { exitCodeOf, HUNG_EXIT_CODE, type ExitStatus, type SpawnCommand } from '../src/ovms-child.js';
+import { hangCheckPeriodMs, type Hang, type Liveness } from '../src/ovms-watchdog.js';
 
 /** An OVMS stand-in that fails with code 3, after `seconds`. */
 function failingAfter(seconds: number): SpawnCommand {
@@ -25,4 +28,89 @@ test('--mtls_restart on-failure: a run as long as stableAfterMs (60 s in the ent
   assert.equal(spawned, 5);
   assert.equal(gaveUp, 3);
   assert.deepEqual(delays, [10, 20, 10, 20]);
+});
+
+/** Runs until killed; `onTerm` is the shell's SIGTERM trap ('' = ignore it). */
+function runningUntilSignalled(onTerm: string): SpawnCommand {
+  return { file: '/bin/sh', args: ['-c', `trap '${onTerm}' TERM; while :; do sleep 0.05; done`] };
+}
+
+const NEVER: RestartPolicy = { mode: 'never', initialBackoffMs: 10, maxBackoffMs: 10, stableAfterMs: 60_000, maxFailuresInARow: 5 };
+
+/** One long-running stand-in, ready at once, watched for hangs. */
+function watched(onTerm: string, hangWatch: HangWatchSettings): OvmsSupervisor {
+  return new OvmsSupervisor({ command: () => runningUntilSignalled(onTerm), probe: async () => true, restart: NEVER, hangWatch });
+}
+
+/** The supervisor's events in order, as names. */
+function recordEvents(supervisor: OvmsSupervisor): string[] {
+  const seen: string[] = [];
+  for (const event of ['spawn', 'ready', 'exit', 'restarting', 'hung', 'done'] as const) supervisor.on(event, () => seen.push(event));
+  return seen;
+}
+
+test('hang watch: a check that never returns is not doubled, and counts as no answer; OVMS that exits by itself on the SIGTERM ends with one outcome, a failure though it chose its code', { timeout: 60_000 }, async () => {
+  let checks = 0;
+  const supervisor = watched('exit 3', { timeoutMs: 500, stopGraceMs: 30_000, check: () => ((checks += 1), new Promise<Liveness>(() => undefined)) });
+  const seen = recordEvents(supervisor);
+  let hang: Hang | undefined;
+  supervisor.on('hung', (h) => (hang = h));
+  supervisor.start();
+  const status = await supervisor.done;
+  assert.deepEqual(status, { code: 3, signal: null, hung: true });
+  assert.equal(exitCodeOf(status), HUNG_EXIT_CODE);
+  assert.deepEqual(seen, ['spawn', 'ready', 'hung', 'exit', 'done']);
+  assert.equal(checks, 1);
+  assert.equal(hang?.stopped, false);
+  assert.ok(hang!.silentMs >= 500, String(hang!.silentMs));
+});
+
+test('hang watch: an OVMS deaf to SIGTERM is SIGKILLed after the stop grace, and on-failure starts it again', { timeout: 60_000 }, async () => {
+  const policy: RestartPolicy = { ...NEVER, mode: 'on-failure' };
+  let spawned = 0;
+  const supervisor = new OvmsSupervisor({
+    command: () => runningUntilSignalled(spawned++ === 0 ? '' : 'exit 0'),
+    probe: async () => spawned === 1,
+    restart: policy,
+    hangWatch: { timeoutMs: 500, stopGraceMs: 200, check: async () => 'stopped' },
+  });
+  const exits: ExitStatus[] = [];
+  const restarted: boolean[] = [];
+  supervisor.on('exit', (status) => exits.push(status));
+  supervisor.on('hung', (_hang, restart) => restarted.push(restart));
+  supervisor.start();
+  await once(supervisor, 'restarting');
+  assert.deepEqual(exits, [{ code: null, signal: 'SIGKILL' }]);
+  assert.deepEqual(restarted, [true]);
+  await once(supervisor, 'spawn');
+  assert.equal(supervisor.state().restarts, 1);
+  assert.equal(spawned, 2);
+  // It may not have set its trap yet: how it ends is not the point.
+  await supervisor.stop('SIGKILL', 0);
+});
+
+test('hang watch: once the entrypoint is stopping (draining), a silent OVMS is not killed under the drain', { timeout: 60_000 }, async () => {
+  let checks = 0;
+  const supervisor = watched('exit 0', { timeoutMs: 200, stopGraceMs: 1000, check: async () => ((checks += 1), 'silent') });
+  const seen = recordEvents(supervisor);
+  supervisor.start();
+  try {
+    await once(supervisor, 'ready');
+    supervisor.stopRestarting();
+    // Several hang timeouts and check periods.
+    await sleep(3000);
+    assert.deepEqual(seen, ['spawn', 'ready']);
+    assert.equal(checks, 0);
+    assert.equal(supervisor.state().up, true);
+    assert.deepEqual(await supervisor.stop('SIGTERM', 5000), { code: 0, signal: null });
+  } finally {
+    await supervisor.stop('SIGKILL', 0);
+  }
+});
+
+test('hang watch: six checks per timeout, one every 1 to 10 s', () => {
+  assert.equal(hangCheckPeriodMs(60_000), 10_000);
+  assert.equal(hangCheckPeriodMs(12_000), 2000);
+  assert.equal(hangCheckPeriodMs(1000), 1000);
+  assert.equal(hangCheckPeriodMs(600_000), 10_000);
 });

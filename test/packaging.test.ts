@@ -103,6 +103,12 @@ describe('docker-compose.yml', () => {
     }
   });
 
+  test('a hung OVMS in ovms-secure is ended (--mtls_ovms_hang_timeout) and the container started again (a restart policy for the exit code 124)', () => {
+    const command = services['ovms-secure']!['command'] as string[];
+    assert.ok(entrypointSettings(splitOvmsArgv(command), {}).hangTimeoutMs > 0, 'no --mtls_ovms_hang_timeout: a hung OVMS stays hung');
+    assert.match(String(services['ovms-secure']!['restart']), /^(on-failure|always|unless-stopped)/, 'without a restart policy the container stays down after the watchdog ends OVMS');
+  });
+
   test('the entrypoint and probe services pass only options ovms-mtls knows', async () => {
     assertKnownMtlsFlags(services['ovms-secure']!['command']);
     const probe = services['probe']!['command'] as string[];
@@ -254,6 +260,11 @@ describe('Kubernetes manifests', () => {
     const shutdownSeconds = settings().common.shutdownTimeoutMs / 1000;
     assert.ok(pauseSeconds > 0, `preStop sleeps ${command[1]}`);
     assert.ok(pauseSeconds + shutdownSeconds < pod['terminationGracePeriodSeconds'], `preStop ${pauseSeconds} s + --mtls_shutdown_timeout ${shutdownSeconds} s do not fit in terminationGracePeriodSeconds ${pod['terminationGracePeriodSeconds']}`);
+  });
+
+  test('a hung OVMS is ended (--mtls_ovms_hang_timeout) and the kubelet restarts the container: the liveness probe answers for ovms-mtls only', () => {
+    assert.ok(settings().hangTimeoutMs > 0, 'no --mtls_ovms_hang_timeout: a hung OVMS stays hung, the replica lost until someone notices');
+    assert.equal(pod['restartPolicy'] ?? 'Always', 'Always');
   });
 
   test('the readiness probe waits longer than /readyz waits for OVMS', () => {

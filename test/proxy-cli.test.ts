@@ -109,6 +109,7 @@ describe('proxy command line', () => {
     // Only the entrypoint drops privileges: `proxy` took --mtls_user and went on serving as root.
     ['--mtls_user, which only the entrypoint honours', () => ['--mtls_user', 'nobody', ...tlsFlags()], /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only: start `ovms-mtls proxy` as the user it should run as/],
     ['--mtls_user=NAME, in that spelling too', () => ['--mtls_user=nobody', ...tlsFlags()], /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only/],
+    ['--mtls_ovms_hang_timeout, which watches the OVMS the entrypoint starts', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_ovms_hang_timeout', '60', ...tlsFlags()], /^ovms-mtls: --mtls_ovms_hang_timeout applies to the OVMS entrypoint only: `ovms-mtls proxy` starts no OVMS/],
   ];
   for (const [label, args, message] of cases) {
     test(`${label} exits 2 with one clear line and no stack trace`, async () => {

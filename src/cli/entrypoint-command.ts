@@ -17,13 +17,14 @@ import { productVersion } from '../version.js';
 import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
 import { entrypointSettings, ovmsBinary, type EntrypointSettings } from '../entrypoint-config.js';
 import { exitCodeOf, findSetpriv, runToCompletion, spawnCommand } from '../ovms-child.js';
-import { OvmsSupervisor } from '../ovms-supervisor.js';
-import { ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
+import { OvmsSupervisor, type HangWatchSettings } from '../ovms-supervisor.js';
+import { ovmsLivenessCheck, ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
+import { hangCheckPeriodMs } from '../ovms-watchdog.js';
 import { LoopbackUpstreams } from '../ports.js';
 import { dropPrivileges, isRoot, planPrivileges, type PrivilegePlan } from '../privileges.js';
 import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
-import { logSupervisorEvents, runUntilDone } from './entrypoint-lifecycle.js';
+import { logSupervisorEvents, ovmsStopShareMs, runUntilDone } from './entrypoint-lifecycle.js';
 import { waitForStopSignal } from './lifecycle.js';
 import type { Io } from './main.js';
 
@@ -173,7 +174,7 @@ export async function startServing(settings: EntrypointSettings, options: Servin
     await operations.close();
     throw err;
   }
-  const supervisor = createSupervisor(settings, plan, upstreams, logger);
+  const supervisor = createSupervisor(settings, plan, upstreams, config, logger);
   holder.supervisor = supervisor;
   logSupervisorEvents(supervisor, logger, () => upstreams.current());
   countSupervisorEvents(supervisor, operations.metrics);
@@ -206,9 +207,9 @@ function ovmsReadiness(supervisor: () => OvmsSupervisor | undefined, modelsLoade
 }
 
 /**
- * Once ready, the supervisor watches only for OVMS's exit: an OVMS that hangs or is
- * stopped is neither restarted nor killed by us (a liveness probe on /readyz decides),
- * so the operator is told which it is, not "loading models".
+ * An OVMS that hangs or is stopped is not "loading models": the operator is told which it is.
+ * Without --mtls_ovms_hang_timeout it stays so (nothing restarts it); with it, the watchdog
+ * ends it once the same check has found it so for the whole timeout.
  */
 async function notReadyBecause(pid: number | undefined, loaded: UpstreamReadiness): Promise<string> {
   if (!loaded.unanswered) return 'answers but is not ready yet (loading models?)';
@@ -227,7 +228,7 @@ function countSupervisorEvents(supervisor: OvmsSupervisor, metrics: ProxyMetrics
   supervisor.on('restarting', () => metrics.ovmsRestarted());
 }
 
-function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, upstreams: LoopbackUpstreams, logger: Logger): OvmsSupervisor {
+function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, upstreams: LoopbackUpstreams, config: Config, logger: Logger): OvmsSupervisor {
   const setpriv = findSetpriv();
   if (!setpriv) logger.warn({ event: 'no_setpriv' }, 'setpriv not found: OVMS would outlive ovms-mtls if ovms-mtls were killed with SIGKILL');
   let portRetries: number = DEFAULTS.ovms.portRetries;
@@ -236,6 +237,7 @@ function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, ups
     command: () => spawnCommand({ binary: settings.binary, args: ovmsServeArgv(settings.passthrough, upstreams.current(), { sharedGrpcConnection: settings.common.grpcMode === 'terminate' }), runAs: isRoot() ? plan.ovms : undefined, setpriv }),
     probe: ovmsReadinessProbe(upstreams.host, () => upstreams.current()),
     restart: settings.restart,
+    ...(settings.hangTimeoutMs > 0 ? { hangWatch: hangWatchSettings(settings, config) } : {}),
     retryStart: async () => {
       if (portRetries <= 0) return false;
       const taken = await upstreams.takenPort();
@@ -246,4 +248,10 @@ function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, ups
       return true;
     },
   });
+}
+
+/** Each check may take until the next is due; a hung OVMS gets the same time to exit after SIGTERM as at shutdown. */
+function hangWatchSettings(settings: EntrypointSettings, config: Config): HangWatchSettings {
+  const timeoutMs = settings.hangTimeoutMs;
+  return { timeoutMs, check: ovmsLivenessCheck(config, hangCheckPeriodMs(timeoutMs)), stopGraceMs: ovmsStopShareMs(settings.common.shutdownTimeoutMs) };
 }

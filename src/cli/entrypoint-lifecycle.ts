@@ -9,7 +9,7 @@
  *    the shutdown timeout; exit code 70 (EX_SOFTWARE, as for internal errors).
  */
 import type { Logger } from '../log.js';
-import { exitCodeOf, type ExitStatus } from '../ovms-child.js';
+import { exitCodeOf, HUNG_EXIT_CODE, type ExitStatus } from '../ovms-child.js';
 import type { OvmsSupervisor } from '../ovms-supervisor.js';
 import type { RunningProxy } from '../proxy.js';
 import type { LoopbackPorts } from '../ovms-args.js';
@@ -20,6 +20,11 @@ export const PROXY_FATAL_EXIT_CODE = 70;
 /** OVMS's share of the shutdown timeout, at most: time to exit by itself after its signal. */
 const OVMS_STOP_SHARE_MS = 5000;
 
+/** Time OVMS gets to exit by itself after its signal before SIGKILL, when nothing else needs the time: half the shutdown timeout, at most 5 s. */
+export function ovmsStopShareMs(shutdownTimeoutMs: number): number {
+  return Math.min(OVMS_STOP_SHARE_MS, shutdownTimeoutMs / 2);
+}
+
 /**
  * The drain comes first, OVMS's signal after: OVMS closes its REST connections
  * when signalled (its HTTP server quits), which would cut every REST call and
@@ -29,7 +34,7 @@ const OVMS_STOP_SHARE_MS = 5000;
  * at least that share, before SIGKILL.
  */
 export function shutdownBudget(timeoutMs: number): { drainMs: number; ovmsMs: (drainedMs: number) => number } {
-  const ovmsShare = Math.min(OVMS_STOP_SHARE_MS, timeoutMs / 2);
+  const ovmsShare = ovmsStopShareMs(timeoutMs);
   return { drainMs: timeoutMs - ovmsShare, ovmsMs: (drainedMs) => Math.max(ovmsShare, timeoutMs - drainedMs) };
 }
 
@@ -97,7 +102,7 @@ export async function runUntilDone(options: RunUntilDoneOptions): Promise<number
       }
       case 'ovms':
         await proxy.shutdown(shutdownTimeoutMs);
-        return finish(logger, exitCodeOf(ending.status), 'OVMS exited');
+        return finish(logger, exitCodeOf(ending.status), ending.status.hung ? 'OVMS hung (--mtls_ovms_hang_timeout)' : 'OVMS exited');
       case 'fatal': {
         const error = ending.error instanceof Error ? ending.error : new Error(String(ending.error));
         logger.fatal({ event: 'proxy_failed', err: error }, `proxy failed: ${error.message}; stopping OVMS`);
@@ -126,6 +131,14 @@ export function logSupervisorEvents(supervisor: OvmsSupervisor, logger: Logger, 
     else logger.warn(fields, `OVMS exited with ${status.signal ?? status.code}`);
   });
   supervisor.on('restarting', (attempt, delayMs) => logger.warn({ event: 'ovms_restarting', attempt, delayMs }, `restarting OVMS in ${delayMs} ms`));
+  supervisor.on('hung', (hang, restart) => {
+    const what = hang.stopped ? 'is stopped (SIGSTOP or SIGTSTP)' : 'does not answer';
+    const then = restart ? 'then restarting it (--mtls_restart on-failure)' : `then exiting with ${HUNG_EXIT_CODE} (--mtls_restart never) so that the orchestrator restarts the container`;
+    logger.error(
+      { event: 'ovms_hung', pid: hang.pid, state: hang.stopped ? 'stopped' : 'not_answering', silentMs: hang.silentMs },
+      `OVMS (pid ${hang.pid}) ${what}: no answer for ${(hang.silentMs / 1000).toFixed(1)} s (--mtls_ovms_hang_timeout); ending it (SIGTERM, then SIGKILL), ${then}`,
+    );
+  });
   supervisor.on('retrying', () => logger.warn({ event: 'ovms_retrying' }, 'starting OVMS again'));
   supervisor.on('givingUp', (failures, status) => {
     const exitCode = exitCodeOf(status);

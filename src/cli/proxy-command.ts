@@ -11,7 +11,7 @@ import { collectOptions, parseCommandLine } from './options-parser.js';
 import { waitForStopSignal } from './lifecycle.js';
 
 // --mtls_user too: only the entrypoint drops privileges, and a proxy that took the option would stay root without a word.
-const ENTRYPOINT_ONLY = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_restart', 'mtls_user']);
+const ENTRYPOINT_ONLY = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_ovms_hang_timeout', 'mtls_restart', 'mtls_user']);
 export const PROXY_OPTIONS: readonly OptionSpec[] = ALL_OPTIONS.filter((o) => !ENTRYPOINT_ONLY.has(o.name));
 
 /** An entrypoint option given to `proxy`: one line saying so, rather than yargs' "unknown option". */
