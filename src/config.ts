@@ -158,7 +158,7 @@ export function parsePort(name: string, value: unknown): number {
  */
 export const MAX_SECONDS = 2_000_000;
 
-export function parseSeconds(name: string, value: unknown): number {
+function parseSeconds(name: string, value: unknown): number {
   // Number('') is 0: a flag given without a value (`--mtls_handshake_timeout $UNSET`) would be a 1 ms timeout.
   const n = String(value).trim() === '' ? NaN : Number(value);
   if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0`);
@@ -264,6 +264,12 @@ function parseBoolean(name: string, value: unknown, fallback: boolean): boolean 
   throw new ConfigError(`${flag(name)}: '${String(value)}' is not true or false`);
 }
 
+/** A number of seconds, in ms; absent = `fallbackMs`. `minMs` keeps a timeout from being 0 (at once). */
+export function secondsOr(raw: RawOptions, name: string, fallbackMs: number, minMs = 0): number {
+  const value = raw[name];
+  return value === undefined ? fallbackMs : Math.max(minMs, parseSeconds(name, value));
+}
+
 /** Absent = the default; given without a value is an error, as for ports, not the default in disguise. */
 function numberOr(raw: RawOptions, name: string, fallback: number, min: number, max: number): number {
   const v = raw[name];
@@ -272,12 +278,10 @@ function numberOr(raw: RawOptions, name: string, fallback: number, min: number, 
 
 export function parseLimits(raw: RawOptions): Limits {
   const d = DEFAULTS.limits;
-  const handshake = raw['mtls_handshake_timeout'];
   return {
-    handshakeTimeoutMs: handshake === undefined ? d.handshakeTimeoutMs : Math.max(1, parseSeconds('mtls_handshake_timeout', handshake)),
-    idleTimeoutMs: raw['mtls_idle_timeout'] === undefined ? d.idleTimeoutMs : Math.max(1, parseSeconds('mtls_idle_timeout', raw['mtls_idle_timeout'])),
-    upstreamConnectTimeoutMs:
-      raw['mtls_upstream_connect_timeout'] === undefined ? d.upstreamConnectTimeoutMs : Math.max(1, parseSeconds('mtls_upstream_connect_timeout', raw['mtls_upstream_connect_timeout'])),
+    handshakeTimeoutMs: secondsOr(raw, 'mtls_handshake_timeout', d.handshakeTimeoutMs, 1),
+    idleTimeoutMs: secondsOr(raw, 'mtls_idle_timeout', d.idleTimeoutMs, 1),
+    upstreamConnectTimeoutMs: secondsOr(raw, 'mtls_upstream_connect_timeout', d.upstreamConnectTimeoutMs, 1),
     maxConnections: numberOr(raw, 'mtls_max_connections', d.maxConnections, 0, 10_000_000),
     maxConcurrentStreams: numberOr(raw, 'mtls_max_concurrent_streams', d.maxConcurrentStreams, 1, 2 ** 31 - 1),
     maxHeaderSize: numberOr(raw, 'mtls_max_header_size', d.maxHeaderSize, 1024, 16 * 1024 * 1024),
@@ -391,7 +395,7 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     tls: parseTlsFiles(raw, tlsDefaults),
     allow: parseAllowList(raw),
     limits: parseLimits(raw),
-    shutdownTimeoutMs: raw['mtls_shutdown_timeout'] === undefined ? DEFAULTS.shutdownTimeoutSeconds * 1000 : parseSeconds('mtls_shutdown_timeout', raw['mtls_shutdown_timeout']),
+    shutdownTimeoutMs: secondsOr(raw, 'mtls_shutdown_timeout', DEFAULTS.shutdownTimeoutSeconds * 1000),
     logLevel: parseChoice(raw, 'mtls_log_level', LOG_LEVELS, DEFAULTS.logLevel),
     accessLog: parseBoolean('mtls_access_log', raw['mtls_access_log'], DEFAULTS.accessLog),
     admin: adminPort > 0 ? { port: adminPort, hosts: parseBindAddresses('mtls_admin_bind_address', raw['mtls_admin_bind_address'], DEFAULTS.adminBindAddress) } : undefined,

@@ -3,7 +3,7 @@
  * ovms-args.ts plus OVMS_MTLS_* environment variables (the command line wins).
  */
 import { ALL_OPTIONS, optionsFromEnv, type RawOptions } from './options.js';
-import { DEFAULTS, RESTART_MODES, checkAdminPort, optionalString, parseChoice, parseCommonConfig, parsePublicListeners, parseSeconds, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
+import { DEFAULTS, RESTART_MODES, checkAdminPort, optionalString, parseChoice, parseCommonConfig, parsePublicListeners, secondsOr, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
 import type { SplitOvmsArgv } from './ovms-args.js';
 import type { RestartPolicy } from './ovms-supervisor.js';
 
@@ -56,7 +56,7 @@ export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv)
     common,
     binary: optionalString(raw, 'mtls_ovms_binary') ?? DEFAULTS.ovms.binary,
     restart: restartPolicy(raw),
-    hangTimeoutMs: raw['mtls_ovms_hang_timeout'] === undefined ? DEFAULTS.ovms.hangTimeoutMs : parseSeconds('mtls_ovms_hang_timeout', raw['mtls_ovms_hang_timeout']),
+    hangTimeoutMs: secondsOr(raw, 'mtls_ovms_hang_timeout', DEFAULTS.ovms.hangTimeoutMs),
     ovmsUser,
     proxyUser: optionalString(raw, 'mtls_user') ?? ovmsUser,
     passthrough: split.passthrough,

@@ -15,13 +15,12 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { LogCapture, baseConfig, grpcFrame, h2Request, https1, startTestProxy, startUpstream, tlsClientOptions, type ProxySetup } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { END_HEADERS, END_STREAM, H2, h2Frame, headerBlock, rawH2Client } from './helpers/raw-h2.js';
-import { plainCertDir } from './helpers/reload.js';
+import { plainCertDir, reloaderFor } from './helpers/reload.js';
 import { runCli, startCli } from './helpers/cli.js';
 import { eventually } from './helpers/ops.js';
 import { startProxy, type RunningProxy } from '../src/proxy.js';
 import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
-import { TlsReloader } from '../src/tls-reload.js';
 import { FORWARD_MODES, parseBindAddresses, parseHostPort, type Config } from '../src/config.js';
 import { upstreamCheck } from '../src/health.js';
 import { describeListenError } from '../src/listeners.js';
@@ -145,10 +144,7 @@ describe('public ports bound to :: alone (dual-stack)', SAFETY, () => {
     const certs = await plainCertDir({ cert: pki.server.certPem, key: pki.server.keyPem, clientCa: pki.clientCa.certPem, crl: pki.crlPem });
     dirs.push(certs.dir);
     const front = await startOn(['::'], { tls: certs.files });
-    const reloader = new TlsReloader({
-      files: certs.files, current: loadTlsMaterialSync(certs.files), proxy: front.proxy,
-      logger: createLogger({ level: 'debug', destination: front.logs }), revokedGraceMs: 1000, debounceMs: 20,
-    });
+    const reloader = reloaderFor(front, certs.files, { revokedGraceMs: 1000, debounceMs: 20 });
     const session = h2Over('127.0.0.1', front.restPort, bob);
     try {
       assert.equal((await h2Request(session, { ':path': '/v2/health/live' })).headers[':status'], 200);

@@ -5,18 +5,15 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import { spawnSync } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { h2Request, h2Session, https1, startTestProxy, startUpstream } from './helpers/harness.js';
+import { https1, startTestProxy, startUpstream } from './helpers/harness.js';
+import { closedByReload, reloaderFor } from './helpers/reload.js';
 import type { ModelServer } from '../src/demo/model-server.js';
-import { TlsReloader } from '../src/tls-reload.js';
-import { loadTlsMaterialSync } from '../src/tls-material.js';
-import { createLogger } from '../src/log.js';
 import { CERT_FILES, certsClient, certsInit, certsRevoke } from '../src/certs-command.js';
 import { createCrl, issueClientCert, parseCrl, parseCrlSerials, type Issued } from '../src/x509.js';
 
@@ -38,8 +35,6 @@ function largeRevocationList(deep: string, spared: readonly string[]): { serialH
   for (const serial of spared) serials.push({ serialHex: plusOne(serial, -1n) }, { serialHex: plusOne(serial, 1n) });
   return serials;
 }
-
-const ready = async (session: ReturnType<typeof h2Session>) => (await h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' })).headers[':status'];
 
 describe('a CRL with 10,000 revoked certificates', () => {
   let pki: TestPki;
@@ -73,26 +68,9 @@ describe('a CRL with 10,000 revoked certificates', () => {
     await writeFile(crl, pki.crlPem);
     const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, tls: { crl } });
     const files = { cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']!, crl };
-    const reloader = new TlsReloader({ files, current: loadTlsMaterialSync(files), proxy: front.proxy, logger: createLogger({ level: 'debug', destination: front.logs }), revokedGraceMs: 0 });
-    const doomed = h2Session(front.restPort, pki, victim);
-    const spared = h2Session(front.restPort, pki);
-    try {
-      assert.equal(await ready(doomed), 200);
-      assert.equal(await ready(spared), 200);
-      const closed = once(doomed, 'close');
-      await writeFile(crl, await createCrl({ issuer: pki.clientCa, revoked: largeRevocationList(victim.serialHex, [pki.client.serialHex]), crlNumber: 2 }));
-      const outcome = await reloader.reload('api');
-      assert.equal(outcome.ok, true, outcome.ok ? '' : outcome.reason);
-      assert.equal(outcome.ok && outcome.revokedConnections, 1);
-      await closed;
-      assert.match(String((await front.logs.waitFor((l) => l.event === 'connection_revoked'))['subject']), /CN=victim/);
-      assert.equal(await ready(spared), 200);
-    } finally {
-      reloader.close();
-      doomed.destroy();
-      spared.close();
-      await front.proxy.shutdown(1000);
-    }
+    const reloader = reloaderFor(front, files, { revokedGraceMs: 0 });
+    const revokeDeep = async () => writeFile(crl, await createCrl({ issuer: pki.clientCa, revoked: largeRevocationList(victim.serialHex, [pki.client.serialHex]), crlNumber: 2 }));
+    await closedByReload(pki, { front, reloader }, victim, revokeDeep, /CN=victim/, 'revoked');
   });
 });
 

@@ -12,12 +12,10 @@ import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { runCli, startCli } from './helpers/cli.js';
 import {
-  FILE_NAMES, kubernetesCertDir, kubernetesSwap, plainCertDir, postSse, replaceAtomically, servedSerial, startInFlight,
+  FILE_NAMES, kubernetesCertDir, kubernetesSwap, plainCertDir, postSse, reloaderFor, replaceAtomically, servedSerial, startInFlight,
   type CertDir, type SetContents, type TlsClient,
 } from './helpers/reload.js';
-import { TlsReloader, type ReloadOutcome } from '../src/tls-reload.js';
-import { loadTlsMaterialSync } from '../src/tls-material.js';
-import { createLogger } from '../src/log.js';
+import type { ReloadOutcome, TlsReloader } from '../src/tls-reload.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import { echoClient, type EchoReply } from '../src/demo/grpc-client.js';
 import { createCrl, issueClientCert, issueServerCert, normaliseSerial, type Issued } from '../src/x509.js';
@@ -61,11 +59,7 @@ async function startWithReloader(certs: CertDir, options: { watch?: boolean; gra
   board = new GateBoard();
   const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, tls: certs.files, restMode: options.restMode ?? 'terminate' });
   const outcomes: ReloadOutcome[] = [];
-  const reloader = new TlsReloader({
-    files: certs.files,
-    current: loadTlsMaterialSync(certs.files),
-    proxy: front.proxy,
-    logger: createLogger({ level: 'debug', destination: front.logs }),
+  const reloader = reloaderFor(front, certs.files, {
     // An hour: only a graceful close can end a revoked connection, unless a test asks for the cut.
     revokedGraceMs: options.graceMs ?? 3_600_000,
     debounceMs: 20,

@@ -170,6 +170,11 @@ export interface H2Response {
 }
 
 /** One request on an HTTP/2 session; collects headers, body and trailers. */
+/** The :status a REST GET /v2/health/ready gets on `session`. */
+export async function readyStatus(session: ClientHttp2Session): Promise<unknown> {
+  return (await h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' })).headers[':status'];
+}
+
 export function h2Request(session: ClientHttp2Session, headers: Record<string, string | string[]>, body?: Buffer | string): Promise<H2Response> {
   return new Promise((resolve, reject) => {
     const stream = session.request(headers, { endStream: body === undefined });

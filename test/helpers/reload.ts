@@ -14,9 +14,49 @@ import { connect as tlsConnect } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { echoClient } from '../../src/demo/grpc-client.js';
 import { CHAT_REPLY_WORDS } from '../../src/demo/openai-chat.js';
-import { normaliseSerial } from '../../src/x509.js';
+import { normaliseSerial, type Issued } from '../../src/x509.js';
 import type { TlsFiles } from '../../src/config.js';
+import { TlsReloader, type TlsReloaderOptions } from '../../src/tls-reload.js';
+import { loadTlsMaterialSync } from '../../src/tls-material.js';
+import { createLogger } from '../../src/log.js';
+import { h2Session, readyStatus, type StartedProxy } from './harness.js';
+import type { TestPki } from './pki.js';
 import { sseEvents, type GateBoard } from './sse.js';
+
+/** A reloader for a test proxy started on `files`: it starts from what they hold now and logs into the proxy's own capture. */
+export function reloaderFor(front: Pick<StartedProxy, 'proxy' | 'logs'>, files: TlsFiles, options: Omit<TlsReloaderOptions, 'files' | 'current' | 'proxy' | 'logger'>): TlsReloader {
+  return new TlsReloader({ files, current: loadTlsMaterialSync(files), proxy: front.proxy, logger: createLogger({ level: 'debug', destination: front.logs }), ...options });
+}
+
+/**
+ * A client of `client` and one of the plain CA connect; `change` rewrites a file and the
+ * reload runs: the first connection must close, logged with `subject` and `reason`, and
+ * the plain client must be served on. Ends the proxy and the reloader.
+ */
+export async function closedByReload(pki: TestPki, running: { front: StartedProxy; reloader: TlsReloader }, client: Issued, change: () => Promise<void>, subject: RegExp, reason: string): Promise<void> {
+  const { front, reloader } = running;
+  const target = h2Session(front.restPort, pki, client);
+  const plain = h2Session(front.restPort, pki);
+  try {
+    assert.equal(await readyStatus(target), 200);
+    assert.equal(await readyStatus(plain), 200);
+    const closed = once(target, 'close');
+    await change();
+    const outcome = await reloader.reload('api');
+    assert.equal(outcome.ok, true, outcome.ok ? '' : outcome.reason);
+    assert.equal(outcome.ok && outcome.revokedConnections, 1);
+    await closed;
+    const line = await front.logs.waitFor((l) => l.event === 'connection_revoked');
+    assert.match(String(line['subject']), subject);
+    assert.equal(line['reason'], reason);
+    assert.equal(await readyStatus(plain), 200);
+  } finally {
+    reloader.close();
+    target.destroy();
+    plain.close();
+    await front.proxy.shutdown(1000);
+  }
+}
 
 export const FILE_NAMES = { cert: 'server.pem', key: 'server.key', clientCa: 'client_cert_ca.pem', crl: 'client_cert_ca.crl' } as const;
 export type SetContents = Record<keyof typeof FILE_NAMES, string>;
