@@ -7,6 +7,7 @@ import { identityFromCertificate, isAllowed, presentedCertificates, refusal, ver
 import type { ListenerName, ProxyObserver } from './observer.js';
 import { handshakeFailureReason } from './handshake-failures.js';
 import { clientAddress, hostAndPort } from './addresses.js';
+import { answerRefusal } from './refusal-answer.js';
 
 /** What the protocol layer learns about a connection that passed every check. */
 export interface ConnectionContext {
@@ -57,7 +58,7 @@ export const TCP_KEEPALIVE_DELAY_MS = 60_000;
  * A public TLS port: verifies the client certificate and the allow-list after
  * the handshake and before a single byte of HTTP is read, then hands the
  * socket to the HTTP/2 or HTTP/1.1 server. Refused clients are logged with
- * the reason and their socket destroyed.
+ * the reason, told it in their protocol, and closed (refusal-answer.ts).
  */
 export class SecureListener {
   readonly name: ListenerName;
@@ -181,13 +182,14 @@ export class SecureListener {
     const refused = verificationRefusal(socket, peer, this.#trustedCas) ?? this.#chainRefusal(peer);
     if (refused) {
       observer.handshakeRefused(this.name, refused, remoteOf(socket), peer?.subject.replace(/\n/g, ','));
-      socket.destroy();
+      answerRefusal(socket, refused);
       return;
     }
     const identity = identityFromCertificate(peer!);
     if (!isAllowed(identity, this.#allow)) {
-      observer.handshakeRefused(this.name, refusal('not_allowed'), remoteOf(socket), identity.subject);
-      socket.destroy();
+      const notAllowed = refusal('not_allowed');
+      observer.handshakeRefused(this.name, notAllowed, remoteOf(socket), identity.subject);
+      answerRefusal(socket, notAllowed);
       return;
     }
     observer.handshakeAccepted(this.name);

@@ -95,7 +95,8 @@ function describeSession(socket: TLSSocket): string {
   const peer = socket.getPeerX509Certificate();
   const cn = peer ? (/CN=([^\n]*)/.exec(peer.subject)?.[1] ?? peer.subject) : 'unknown';
   const alpn = socket.alpnProtocol || 'no ALPN';
-  return `${socket.getProtocol() ?? 'TLS'}, ${alpn}, server certificate "${cn}" valid until ${peer ? new Date(peer.validTo).toISOString().slice(0, 10) : '?'}, client certificate accepted`;
+  // Not "client certificate accepted": a server may finish the handshake and refuse it with its first answer (ours, nginx).
+  return `${socket.getProtocol() ?? 'TLS'}, ${alpn}, server certificate "${cn}" valid until ${peer ? new Date(peer.validTo).toISOString().slice(0, 10) : '?'}`;
 }
 
 /**

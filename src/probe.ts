@@ -8,6 +8,7 @@ import * as grpc from '@grpc/grpc-js';
 import { kserveClient, unary, type KserveClient } from './demo/grpc-client.js';
 import { serverNameOptions, tlsHandshake, type Diagnosis, type TlsTarget } from './probe-tls.js';
 import { hostAndPort } from './addresses.js';
+import { REFUSAL_PREFIX } from './refusal-answer.js';
 
 export type { Diagnosis, Layer } from './probe-tls.js';
 
@@ -58,7 +59,15 @@ async function handshakeStep(options: ProbeOptions, port: number, listener: Step
 
 // ---------------------------------------------------------------- gRPC
 
+/** ovms-mtls answers a refused client with the reason (refusal-answer.ts): pass it on. */
+function proxyRefusal(text: string): Diagnosis | undefined {
+  if (!text.startsWith(REFUSAL_PREFIX)) return undefined;
+  return { layer: 'client certificate', cause: `the server refused the client certificate and says why: ${text}` };
+}
+
 function grpcDiagnosis(err: grpc.ServiceError): Diagnosis {
+  const refused = err.code === grpc.status.UNAUTHENTICATED || err.code === grpc.status.PERMISSION_DENIED ? proxyRefusal(err.details ?? '') : undefined;
+  if (refused) return refused;
   const http = /Received HTTP status code (\d+)/.exec(err.details ?? '');
   // nginx answers every request on a connection whose client certificate it refused with 400, gRPC calls included.
   if (http?.[1] === '400') {
@@ -138,6 +147,8 @@ function httpsGet(options: ProbeOptions, port: number, path: string): Promise<Re
 const NGINX_CLIENT_CERT_REFUSAL = /The SSL certificate error|No required SSL certificate was sent/;
 
 function restDiagnosis(answer: RestAnswer, what: 'server' | 'model', model?: string): Diagnosis {
+  const refused = answer.status === 403 ? proxyRefusal(jsonError(answer.body)) : undefined;
+  if (refused) return refused;
   const refusal = answer.status === 400 ? NGINX_CLIENT_CERT_REFUSAL.exec(answer.body) : null;
   if (refusal) {
     return { layer: 'client certificate', cause: `the server finished the TLS handshake but refused the client certificate with HTTP 400 "${refusal[0]}" (nginx's way): check it was issued by the server's client CA, is valid and not revoked` };
@@ -147,6 +158,15 @@ function restDiagnosis(answer: RestAnswer, what: 'server' | 'model', model?: str
   if (answer.status === 503) return { layer: 'upstream', cause: `the model server is not ready yet (${short(answer.body) || 'starting, or models still loading'})` };
   if (what === 'model' && answer.status === 404) return { layer: 'model', cause: `model ${model} is not served: check --model_name or config.json` };
   return { layer: what === 'model' ? 'model' : 'upstream', cause: `unexpected HTTP ${answer.status}` };
+}
+
+function jsonError(body: string): string {
+  try {
+    const error: unknown = (JSON.parse(body) as { error?: unknown }).error;
+    return typeof error === 'string' ? error : '';
+  } catch {
+    return '';
+  }
 }
 
 function short(text: string): string {

@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { baseConfig, countingRelay, startTestProxy, startUpstream, type LogLine, type StartedProxy } from './helpers/harness.js';
+import { baseConfig, countingRelay, refusedWording, startTestProxy, startUpstream, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { PROTO_DIR, pythonStubs, startGrpcioServer, type GrpcioServer, type PythonStubs } from './helpers/grpcio.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -150,8 +150,11 @@ async function closedPort(): Promise<number> {
 async function refusedGoClient(front: StartedProxy, cert: string | null): Promise<LogLine> {
   const before = front.logs.lines.length;
   const [result] = await goClient(front.grpcPort, [live], { cert });
-  assert.equal(result!.code, 'UNAVAILABLE', result!.message);
-  return front.logs.waitFor((l) => front.logs.lines.indexOf(l) >= before && l.event === 'client_refused');
+  const line = await front.logs.waitFor((l) => front.logs.lines.indexOf(l) >= before && l.event === 'client_refused');
+  // The call is answered with the reason the log names, not cut.
+  assert.equal(result!.code, 'UNAUTHENTICATED', result!.message);
+  assert.match(result!.message, refusedWording(String(line.reason)));
+  return line;
 }
 
 before(async () => {

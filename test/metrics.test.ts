@@ -48,6 +48,8 @@ after(async () => {
 async function refusedConnection(port: number, client: TestPki['client']): Promise<void> {
   const socket = tlsConnect({ host: '127.0.0.1', port, ...tlsClientOptions(pki, client) });
   socket.on('error', () => {});
+  // Read the refusal's answer: a paused socket would never see the close behind it.
+  socket.resume();
   await once(socket, 'close');
 }
 

@@ -94,15 +94,17 @@ describe('probe', () => {
     for (const step of ['TLS handshake', 'gRPC ServerLive: live', 'gRPC ServerReady: ready', 'gRPC ModelMetadata dummy', 'REST GET /v2/health/ready: HTTP 200', 'REST GET /v2/models/dummy: HTTP 200']) {
       assert.match(out, new RegExp(`^ok .*${step.replace(/[/.]/g, '\\$&')}`, 'm'));
     }
-    assert.match(out, /client certificate accepted/);
+    assert.match(out, /^ok .*TLS handshake with .*: TLSv1\.3, h2, server certificate "localhost" valid until \d{4}-\d\d-\d\d$/m);
     assert.match(out, /^probe: all 7 steps passed$/m);
   });
 
-  test('a client certificate from a foreign CA fails the handshake step and names the client certificate layer', async () => {
+  test('a client certificate from a foreign CA fails the first call on each port, naming the client certificate layer and the proxy\'s reason', async () => {
     const { code, out } = await probe(['--port', String(front.grpcPort), '--rest_port', String(front.restPort), ...clientFlags('foreign_client')]);
     assert.equal(code, 1);
-    assert.equal(out.match(/-> client certificate layer: .*refused the client certificate/g)?.length, 2, out);
-    assert.doesNotMatch(out, /ServerLive/);
+    assert.match(out, /^FAIL +grpc +gRPC ServerLive: UNAUTHENTICATED: client certificate refused \(unknown_ca\)/m);
+    assert.match(out, /^FAIL +rest +REST GET \/v2\/health\/ready: HTTP 403/m);
+    assert.equal(out.match(/-> client certificate layer: the server refused the client certificate and says why: client certificate refused \(unknown_ca\): client certificate is not issued by a trusted client CA/g)?.length, 2, out);
+    assert.doesNotMatch(out, /ServerReady/);
   });
 
   test('a stopped model server fails ServerLive and /v2/health/ready and names the upstream layer', async () => {

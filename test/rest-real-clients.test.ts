@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { refusedWording, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { GateBoard } from './helpers/sse.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -221,11 +221,12 @@ for (const mode of FORWARD_MODES) {
         assertChatStream(events);
       });
 
-      test(`curl ${flag} without a client certificate fails with no answer; the model server never sees it`, async () => {
-        const run = await refused(() => runClient('curl', [...curlArgs(null), flag, url('/v2/models/dummy/infer'), '-d', INFER_BODY]));
-        assert.notEqual(run.code, 0);
-        assert.equal(run.stdout, '');
-        assert.match(run.stderr, /^curl: \(\d+\) /);
+      test(`curl ${flag} without a client certificate gets 403 naming no_certificate; the model server never sees it`, async () => {
+        const run = await refused(() => runClient('curl', [...curlArgs(null), flag, '-w', '\n%{http_code}', url('/v2/models/dummy/infer'), '-d', INFER_BODY]));
+        assert.equal(run.code, 0, run.stderr);
+        const [body, status] = run.stdout.split('\n');
+        assert.equal(status, '403');
+        assert.match((JSON.parse(body!) as { error: string }).error, refusedWording('no_certificate'));
       });
     }
 
@@ -273,9 +274,11 @@ for (const mode of FORWARD_MODES) {
       assert.deepEqual(JSON.parse(lines.at(-1)!), { case: 'sse', status: 200, contentType: 'text/event-stream', events: CHAT_REPLY_WORDS.length + 1 });
     });
 
-    test('Python requests without a client certificate: a requests.exceptions.ConnectionError, the model server never sees it', async () => {
-      const results = await refused(() => python(front.restPort, 'none', ['infer']));
-      assert.equal(results.infer!.connectionError, true, JSON.stringify(results.infer));
+    test('Python requests without a client certificate: 403 naming no_certificate, the model server never sees it', async () => {
+      // not_found: a POST whose status and JSON body the script reports as they come.
+      const { not_found: answer } = await refused(() => python(front.restPort, 'none', ['not_found']));
+      assert.equal(answer!.status, 403, JSON.stringify(answer));
+      assert.match((answer!.body as { error: string }).error, refusedWording('no_certificate'));
     });
   });
 }

@@ -68,7 +68,7 @@ REST inference with the client certificate:
 Server-Sent Events, event by event:
   curl -sSN ${tls} -H 'content-type: application/json' -d '{"model":"dummy","stream":true,"messages":[]}' https://localhost:${restPort}/v3/chat/completions
 
-Refused without a client certificate (the proxy logs why):
+Refused without a client certificate (answered 403 with the reason the proxy logs):
   curl -sS --cacert ${certDir}/server_ca.pem https://localhost:${restPort}/v2/health/ready
 
 gRPC (KServe ServerLive/ServerReady/ModelMetadata) like a client would:

@@ -4,6 +4,7 @@
  * KServe and Echo protos, HTTPS/1.1 and HTTP/2 clients presenting a chosen
  * client certificate. Everything listens on 127.0.0.1.
  */
+import assert from 'node:assert/strict';
 import * as grpc from '@grpc/grpc-js';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
 import { request as httpsRequest, type RequestOptions } from 'node:https';
@@ -169,12 +170,12 @@ export interface H2Response {
   endedWithHeaders: boolean;
 }
 
-/** One request on an HTTP/2 session; collects headers, body and trailers. */
 /** The :status a REST GET /v2/health/ready gets on `session`. */
 export async function readyStatus(session: ClientHttp2Session): Promise<unknown> {
   return (await h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' })).headers[':status'];
 }
 
+/** One request on an HTTP/2 session; collects headers, body and trailers. */
 export function h2Request(session: ClientHttp2Session, headers: Record<string, string | string[]>, body?: Buffer | string): Promise<H2Response> {
   return new Promise((resolve, reject) => {
     const stream = session.request(headers, { endStream: body === undefined });
@@ -227,4 +228,21 @@ export async function countingRelay(targetPort: number): Promise<{ server: TcpSe
   const close = server.close.bind(server);
   server.close = (cb?: (err?: Error) => void) => { for (const s of sockets) s.destroy(); return close(cb); };
   return { server, port: (server.address() as { port: number }).port, connections: () => count };
+}
+
+/** The words a refused client reads, starting with the reason the proxy's `client_refused` line logs. */
+export function refusedWording(reason: string): RegExp {
+  return new RegExp(`^client certificate refused \\(${reason}\\): `);
+}
+
+/** A refused REST client's answer: 403, JSON naming the reason. */
+export function assertRefusedAnswer(answer: { status: number; body: string }, reason: string): void {
+  assert.equal(answer.status, 403, answer.body);
+  assert.match((JSON.parse(answer.body) as { error: string }).error, refusedWording(reason));
+}
+
+/** A refused gRPC client's call: UNAUTHENTICATED (PERMISSION_DENIED for the allow-list), naming the reason. */
+export function assertRefusedCall(err: grpc.ServiceError, reason: string): void {
+  assert.equal(err.code, reason === 'not_allowed' ? grpc.status.PERMISSION_DENIED : grpc.status.UNAUTHENTICATED, err.details);
+  assert.match(err.details, refusedWording(reason));
 }

@@ -1,0 +1,100 @@
+import { createServer as createHttp2Server, type Http2Server, type IncomingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
+import type { TLSSocket } from 'node:tls';
+import type { Refusal } from './client-identity.js';
+import { GRPC_STATUS, grpcErrorHeaders } from './grpc-status.js';
+import { closingAnswer } from './http-fronts.js';
+
+/**
+ * How long a refused connection stays open for its answer to be read. Nothing from
+ * the client is used meanwhile: HTTP/1.1 bytes are discarded, HTTP/2 requests get
+ * the same fixed answer.
+ */
+export const REFUSAL_ANSWER_MS = 2000;
+
+/**
+ * Tells a client whose certificate was refused why, in the protocol it speaks, then closes.
+ *
+ * Node cannot send a TLS alert once the handshake is over (its verify callback accepts
+ * every certificate; FINDINGS), so a bare close was all a client saw: "Socket closed",
+ * "Empty reply from server", ECONNRESET. Here gRPC clients get UNAUTHENTICATED (or
+ * PERMISSION_DENIED for the allow-list) and HTTP clients 403, each with the reason our
+ * log names. A GOAWAY alone would not do: C-core retries on it until its deadline.
+ */
+export function answerRefusal(socket: TLSSocket, refused: Refusal): void {
+  const timer = setTimeout(() => socket.destroy(), REFUSAL_ANSWER_MS);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
+  socket.on('error', () => socket.destroy());
+  if (socket.alpnProtocol === 'h2') {
+    answerOverHttp2(socket, refused);
+    return;
+  }
+  socket.end(closingAnswer(403, 'application/json', JSON.stringify({ error: refusalMessage(refused) })));
+  // Read and drop the request: closing with it unread would reset the connection and lose the answer.
+  socket.resume();
+}
+
+/** How every refusal answer begins; `probe` looks for it. */
+export const REFUSAL_PREFIX = 'client certificate refused';
+
+/** What the client reads; `reason` is the word our `client_refused` log line carries. */
+export function refusalMessage(refused: Refusal): string {
+  return `${REFUSAL_PREFIX} (${refused.reason}): ${refused.detail}`;
+}
+
+/** One HTTP/2 server for every refused connection; it never listens, sockets are handed to it. */
+let refusalServer: Http2Server | undefined;
+let arriving: Refusal | undefined;
+const refusals = new WeakMap<ServerHttp2Session, Refusal>();
+
+function answerOverHttp2(socket: TLSSocket, refused: Refusal): void {
+  refusalServer ??= createRefusalServer();
+  arriving = refused;
+  try {
+    refusalServer.emit('connection', socket);
+  } finally {
+    arriving = undefined;
+  }
+}
+
+function createRefusalServer(): Http2Server {
+  // Small limits: the client is not trusted, and each request gets the same short answer.
+  const server = createHttp2Server({ settings: { maxConcurrentStreams: 8, maxHeaderListSize: 16 * 1024 }, maxSessionMemory: 1 });
+  server.on('session', (session) => {
+    if (arriving) refusals.set(session, arriving);
+    session.on('error', () => session.destroy());
+  });
+  server.on('sessionError', () => {});
+  server.on('stream', (stream, headers) => {
+    const session = stream.session as ServerHttp2Session;
+    const refused = refusals.get(session);
+    if (refused) answerStream(stream, headers, refused);
+    closeAfterThisRead(session);
+  });
+  return server;
+}
+
+const closing = new WeakSet<ServerHttp2Session>();
+
+/**
+ * GOAWAY once the requests that came with this one have been seen: a client that sent
+ * several at once gets an answer to each, not a GOAWAY that refuses the rest.
+ */
+function closeAfterThisRead(session: ServerHttp2Session): void {
+  if (closing.has(session)) return;
+  closing.add(session);
+  setImmediate(() => session.close());
+}
+
+function answerStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, refused: Refusal): void {
+  stream.on('error', () => {});
+  const message = refusalMessage(refused);
+  if (String(headers['content-type'] ?? '').startsWith('application/grpc')) {
+    const code = refused.reason === 'not_allowed' ? GRPC_STATUS.PERMISSION_DENIED : GRPC_STATUS.UNAUTHENTICATED;
+    stream.respond(grpcErrorHeaders(code, message), { endStream: true });
+    return;
+  }
+  const head = headers[':method'] === 'HEAD';
+  stream.respond({ ':status': 403, 'content-type': 'application/json' }, { endStream: head });
+  if (!head) stream.end(JSON.stringify({ error: message }));
+}
