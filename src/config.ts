@@ -1,4 +1,4 @@
-import { isIP } from 'node:net';
+import { SocketAddress, isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { ConfigError } from './errors.js';
@@ -196,13 +196,12 @@ function isHostName(host: string): boolean {
 
 /** Each address that takes a port on every address of its family. */
 const WILDCARDS = [['0.0.0.0', 4], ['::', 6]] as const;
-const WILDCARD_ADDRESSES: ReadonlySet<string> = new Set(WILDCARDS.map(([address]) => address));
 
 export function parseBindAddresses(name: string, value: unknown, fallback: string): string[] {
   const text = value === undefined || value === '' ? fallback : String(value);
   // A repeated address would be a second bind of the same port, refused as "in use".
-  // `[::]` as nginx's `listen` and URLs write it: the address is the same.
-  const hosts = [...new Set(text.split(',').map((h) => unbracketed(h.trim())).filter(Boolean))];
+  // `[::]` as nginx's `listen` and URLs write it, or `0:0::1` for `::1`: the address is the same.
+  const hosts = [...new Set(text.split(',').map((h) => canonicalAddress(unbracketed(h.trim()))).filter(Boolean))];
   for (const host of hosts) {
     if (!isHostName(host)) throw new ConfigError(`${flag(name)}: '${host}' is not an IP address or host name`);
   }
@@ -379,9 +378,44 @@ export function checkAdminPort(admin: Config['admin'], listeners: { grpc?: Publi
   if (!admin) return;
   for (const [name, spec] of [['port', listeners.grpc], ['rest_port', listeners.rest]] as const) {
     if (spec?.port !== admin.port) continue;
-    const shared = [...admin.hosts, ...spec.hosts].some((host) => WILDCARD_ADDRESSES.has(host)) || admin.hosts.some((host) => spec.hosts.includes(host));
-    if (shared) throw new ConfigError(`--mtls_admin_port and --${name} are both ${admin.port} on the same address: the admin listener needs a port of its own`);
+    if (listsClash(admin.hosts, spec.hosts)) throw new ConfigError(`--mtls_admin_port and --${name} are both ${admin.port} on the same address: the admin listener needs a port of its own`);
   }
+}
+
+/** One (family, address) a bind takes on its port; `*` = every address of the family. */
+interface PortClaim {
+  readonly family: number;
+  readonly address: string;
+}
+
+/**
+ * What binding `host` (one of `hosts`) takes, as Linux decides a clash: 0.0.0.0 every IPv4
+ * address, `::` every IPv6 one and, dual-stack, every IPv4 one too. 0.0.0.0 and ::1 on the
+ * same port do not clash, nor do an IPv6-only `::` and 0.0.0.0. A host name claims nothing
+ * here: its addresses are checked once resolved (bind-addresses.ts).
+ */
+function portClaims(host: string, hosts: readonly string[]): PortClaim[] {
+  if (host === '::') return bindsIpv6Only(host, hosts) ? [{ family: 6, address: '*' }] : [{ family: 6, address: '*' }, { family: 4, address: '*' }];
+  if (host === '0.0.0.0') return [{ family: 4, address: '*' }];
+  const family = isIP(host);
+  return family === 0 ? [] : [{ family, address: canonicalAddress(host) }];
+}
+
+/** Could a bind of one list and a bind of the other, on the same port, take the same (family, address)? */
+function listsClash(hosts: readonly string[], others: readonly string[]): boolean {
+  const theirs = others.flatMap((host) => portClaims(host, others));
+  return hosts.flatMap((host) => portClaims(host, hosts)).some((mine) => theirs.some((other) => claimsOverlap(mine, other)));
+}
+
+function claimsOverlap(a: PortClaim, b: PortClaim): boolean {
+  return a.family === b.family && (a.address === '*' || b.address === '*' || a.address === b.address);
+}
+
+/** `0:0::1` and `::1` are one address (and one bind); IPv4 has one spelling already (isIP refuses the others). */
+export function canonicalAddress(host: string): string {
+  if (isIP(host) !== 6) return host;
+  const [address, zone] = host.split('%');
+  return new SocketAddress({ address: address!, family: 'ipv6' }).address + (zone === undefined ? '' : `%${zone}`);
 }
 
 function lastOf(value: RawOptions[string]): RawOptions[string] {
