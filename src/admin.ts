@@ -5,15 +5,15 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { bindsIpv6Only } from './config.js';
+import { bindsIpv6Only, type BindSpec } from './config.js';
+import { bindEach, type SkippedAddress } from './bind-addresses.js';
 import { ListenError } from './errors.js';
 import type { HealthReport } from './health.js';
 import type { Logger } from './log.js';
 import type { MetricsSource } from './metrics-aggregate.js';
 import { hostAndPort } from './addresses.js';
 
-export interface AdminOptions {
-  readonly hosts: readonly string[];
+export interface AdminOptions extends BindSpec {
   /** 0 asks the OS for a free port (tests). */
   readonly port: number;
   /** A ProxyMetrics, or several workers' merged (src/metrics-aggregate.ts). */
@@ -26,6 +26,8 @@ export interface AdminOptions {
 export interface AdminServer {
   readonly addresses: readonly AddressInfo[];
   readonly port: number;
+  /** Addresses of a host name not bound: not on this machine (bindEach). */
+  readonly skipped: readonly SkippedAddress[];
   close(): Promise<void>;
 }
 
@@ -106,17 +108,18 @@ export async function startAdminServer(options: AdminOptions): Promise<AdminServ
     s.close(() => resolve());
   }))).then(() => undefined);
   let port = options.port;
+  let skipped: SkippedAddress[];
   try {
-    for (const host of options.hosts) {
+    skipped = await bindEach(options, async (host) => {
       const server = createServer(handler(options));
-      servers.push(server);
       await listen(server, host, port, bindsIpv6Only(host, options.hosts));
+      servers.push(server);
       port = (server.address() as AddressInfo).port;
-    }
+    });
   } catch (err) {
     await Promise.all(servers.filter((s) => s.listening).map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
     throw err;
   }
   const addresses = servers.map((s) => s.address() as AddressInfo);
-  return { addresses, port: addresses[0]?.port ?? 0, close };
+  return { addresses, port: addresses[0]?.port ?? 0, skipped, close };
 }

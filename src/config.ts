@@ -12,9 +12,15 @@ export interface HostPort {
   readonly port: number;
 }
 
-export interface ListenerConfig {
-  /** Addresses to bind; OVMS accepts comma-separated lists, so do we. */
+/** Where a listener binds. */
+export interface BindSpec {
+  /** Addresses to bind; OVMS accepts comma-separated lists, so do we. Host names until resolved at start (bind-addresses.ts). */
   readonly hosts: readonly string[];
+  /** Resolved: each address a host name gave, with that name (its addresses that are not on this machine are skipped). */
+  readonly resolvedFrom?: Readonly<Record<string, string>> | undefined;
+}
+
+export interface ListenerConfig extends BindSpec {
   /** 0 asks the OS for a free port (library and tests only; the CLI treats 0 as "off"). */
   readonly port: number;
   readonly upstream: HostPort;
@@ -69,7 +75,7 @@ export interface Config {
   readonly shutdownTimeoutMs: number;
   readonly logLevel: LevelWithSilent;
   readonly accessLog: boolean;
-  readonly admin?: { readonly hosts: readonly string[]; readonly port: number } | undefined;
+  readonly admin?: (BindSpec & { readonly port: number }) | undefined;
   readonly workers: number;
   /** `terminate`: every call through our HTTP/2 server (XFCC, per-call log). `relay`: frames passed as they are. */
   readonly grpcMode: ForwardMode;
@@ -215,11 +221,12 @@ export function parseBindAddresses(name: string, value: unknown, fallback: strin
  * a second bind of an address it covers fails, blamed on "another process".
  * `::` next to IPv4 addresses is fine: it is bound IPv6-only then (bindsIpv6Only).
  */
-function refuseCoveredAddresses(name: string, hosts: readonly string[]): void {
+export function refuseCoveredAddresses(name: string, hosts: readonly string[], resolvedFrom: BindSpec['resolvedFrom'] = {}): void {
   for (const [wildcard, family] of WILDCARDS) {
     const covered = hosts.find((host) => host !== wildcard && isIP(host) === family);
     if (hosts.includes(wildcard) && covered !== undefined) {
-      throw new ConfigError(`${flag(name)}: ${wildcard} already covers ${covered} (list one or the other)`);
+      const from = resolvedFrom[covered];
+      throw new ConfigError(`${flag(name)}: ${wildcard} already covers ${covered}${from === undefined ? '' : ` from ${from}`} (list one or the other)`);
     }
   }
 }
@@ -347,9 +354,8 @@ function parseWorkers(raw: RawOptions): number {
   return numberOr(raw, 'mtls_workers', defaultWorkerCount(), 1, 1024);
 }
 
-export interface PublicListenerSpec {
+export interface PublicListenerSpec extends BindSpec {
   readonly port?: number | undefined;
-  readonly hosts: readonly string[];
 }
 
 /** The public listeners as OVMS's own options describe them; 0 or absent = off. */

@@ -1,7 +1,8 @@
 import type { X509Certificate } from 'node:crypto';
 import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
 import { createServer as createTcpServer, type AddressInfo, type ListenOptions, type Server as TcpServer, type Socket } from 'node:net';
-import { bindsIpv6Only, type AllowList, type Limits } from './config.js';
+import { bindsIpv6Only, type AllowList, type BindSpec, type Limits } from './config.js';
+import { bindEach, type SkippedAddress } from './bind-addresses.js';
 import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, presentedCertificates, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
@@ -30,9 +31,8 @@ export interface Handover {
   close?(socket: TLSSocket): void;
 }
 
-export interface SecureListenerOptions {
+export interface SecureListenerOptions extends BindSpec {
   readonly name: ListenerName;
-  readonly hosts: readonly string[];
   readonly port: number;
   readonly secureContext: SecureContextOptions;
   /** The client CAs of that context, as the material parsed them. */
@@ -43,8 +43,9 @@ export interface SecureListenerOptions {
   readonly handover: Handover;
 }
 
-/** The flag a user changes when a bind fails, for the error message. */
+/** The flags a user changes when a bind fails, for the error message. */
 const PORT_FLAG: Record<ListenerName, string> = { grpc: '--port', rest: '--rest_port' };
+export const BIND_FLAG: Record<ListenerName, string> = { grpc: 'grpc_bind_address', rest: 'rest_bind_address' };
 
 /**
  * TCP keepalive probes start after this long without a byte. A client whose host
@@ -88,16 +89,17 @@ export class SecureListener {
     return this.#servers.map((s) => s.tcp.address() as AddressInfo).filter(Boolean);
   }
 
-  async listen(): Promise<void> {
+  /** Binds every address; resolves with those of a host name skipped as not on this machine (bindEach). */
+  async listen(): Promise<SkippedAddress[]> {
     let port = this.#options.port;
     const { hosts } = this.#options;
-    for (const host of hosts) {
+    return bindEach(this.#options, async (host) => {
       const server = this.#createServer();
-      this.#servers.push(server);
       await listenOn(server.tcp, { host, port, exclusive: false, ipv6Only: bindsIpv6Only(host, hosts) }, this.name);
+      this.#servers.push(server);
       // With port 0 and several hosts, every host shares the port chosen first.
       port = (server.tcp.address() as AddressInfo).port;
-    }
+    });
   }
 
   /** New handshakes use the new material; live connections keep theirs. */
@@ -261,18 +263,20 @@ function listenOn(server: TcpServer, options: ListenOptions & { host: string; po
 
 export function describeListenError(err: NodeJS.ErrnoException, host: string, port: number, name: ListenerName): ListenError {
   const where = `${PORT_FLAG[name]} ${port}: cannot listen on ${hostAndPort(host, port)}`;
-  const flag = name === 'grpc' ? '--grpc_bind_address' : '--rest_bind_address';
+  const flag = `--${BIND_FLAG[name]}`;
+  // The system's error stays attached: bindEach tells an address that is not here from a port in use by its code.
+  const cause = { cause: err };
   switch (err.code) {
     case 'EADDRINUSE':
-      return new ListenError(`${where}: the port is already in use (stop what uses it or pick another port)`);
+      return new ListenError(`${where}: the port is already in use (stop what uses it or pick another port)`, cause);
     case 'EACCES':
-      return new ListenError(`${where}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)`);
+      return new ListenError(`${where}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)`, cause);
     case 'EADDRNOTAVAIL':
-      return new ListenError(`${where}: the address is not on this machine (check ${flag})`);
+      return new ListenError(`${where}: the address is not on this machine (check ${flag})`, cause);
     case 'EAFNOSUPPORT':
       // A kernel booted with ipv6.disable=1 (some hardened nodes) has no IPv6 sockets at all, `::` included.
-      return new ListenError(`${where}: IPv6 is turned off on this machine (give ${flag} an IPv4 address, e.g. 0.0.0.0)`);
+      return new ListenError(`${where}: IPv6 is turned off on this machine (give ${flag} an IPv4 address, e.g. 0.0.0.0)`, cause);
     default:
-      return new ListenError(`${where}: ${err.code ?? err.message}`);
+      return new ListenError(`${where}: ${err.code ?? err.message}`, cause);
   }
 }

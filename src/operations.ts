@@ -9,6 +9,7 @@ import type { MetricsSource } from './metrics-aggregate.js';
 import { startAdminServer, type AdminServer } from './admin.js';
 import { readinessReport, type HealthCheck } from './health.js';
 import { hostAndPort } from './addresses.js';
+import { logSkipped } from './bind-addresses.js';
 
 export { ProxyMetrics } from './metrics.js';
 export { certificatesCheck, listenersCheck, upstreamCheck, upstreamReadiness, readinessReport, type HealthCheck, type HealthReport, type CheckResult, type UpstreamReadiness } from './health.js';
@@ -27,11 +28,13 @@ export async function startAdminIfConfigured(setup: AdminSetup): Promise<AdminSe
   if (!admin) return undefined;
   const server = await startAdminServer({
     hosts: admin.hosts,
+    resolvedFrom: admin.resolvedFrom,
     port: admin.port,
     metrics: setup.metrics,
     health: () => readinessReport(setup.checks),
     logger: setup.logger,
   });
+  for (const skipped of server.skipped) logSkipped(setup.logger, 'admin', 'mtls_admin_bind_address', server.port, skipped);
   setup.logger.info({ event: 'listening', listener: 'admin', addresses: server.addresses.map((a) => hostAndPort(a.address, a.port)) }, 'admin listener ready (/metrics /healthz /readyz)');
   return server;
 }

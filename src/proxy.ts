@@ -4,7 +4,8 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Config, ListenerConfig } from './config.js';
 import type { Logger } from './log.js';
-import { SecureListener, type ConnectionContext } from './listeners.js';
+import { BIND_FLAG, SecureListener, type ConnectionContext } from './listeners.js';
+import { logSkipped, type SkippedAddress } from './bind-addresses.js';
 import { H1Front, H2Front, type Drainable, type RequestHandler } from './http-fronts.js';
 import { GrpcForwarder, separateRepeated } from './grpc-forwarder.js';
 import { RestForwarder } from './rest-forwarder.js';
@@ -83,6 +84,7 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
   return new SecureListener({
     name,
     hosts: cfg.hosts,
+    resolvedFrom: cfg.resolvedFrom,
     port: cfg.port,
     secureContext: secureContextOptions(options.material),
     clientCas: options.material.clientCas,
@@ -152,8 +154,9 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
   const parts: Assembled[] = [];
   if (config.grpc) parts.push(assembleGrpc(config.grpc, options, observer));
   if (config.rest) parts.push(assembleRest(config.rest, options, observer));
+  const skipped: Partial<Record<ListenerName, SkippedAddress[]>> = {};
   try {
-    for (const part of parts) await part.listener.listen();
+    for (const part of parts) skipped[part.listener.name] = await part.listener.listen();
   } catch (err) {
     await Promise.all(parts.map((p) => p.listener.stopAccepting()));
     throw err;
@@ -161,7 +164,9 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
   const addresses: Partial<Record<ListenerName, AddressInfo[]>> = {};
   for (const part of parts) addresses[part.listener.name] = part.listener.addresses();
   for (const part of parts) {
-    logger.info({ event: 'listening', listener: part.listener.name, addresses: addresses[part.listener.name]?.map((a) => hostAndPort(a.address, a.port)) }, `${part.listener.name} listener ready`);
+    const { name } = part.listener;
+    for (const s of skipped[name] ?? []) logSkipped(logger, name, BIND_FLAG[name], addresses[name]?.[0]?.port ?? 0, s);
+    logger.info({ event: 'listening', listener: name, addresses: addresses[name]?.map((a) => hostAndPort(a.address, a.port)) }, `${name} listener ready`);
   }
   return {
     addresses,

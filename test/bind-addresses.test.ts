@@ -4,11 +4,23 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createServer as createTcpServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { https1, startUpstream } from './helpers/harness.js';
+import { grpcClients, https1, startUpstream, type LogLine } from './helpers/harness.js';
+import { unary } from '../src/demo/grpc-client.js';
 import { httpGet } from './helpers/ops.js';
-import { startCli } from './helpers/cli.js';
-import { checkAdminPort, parseBindAddresses } from '../src/config.js';
+import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
+import { checkAdminPort, parseBindAddresses, type BindSpec } from '../src/config.js';
+import { startAdminServer } from '../src/admin.js';
+import { ProxyMetrics } from '../src/metrics.js';
+import { resolveBindAddresses, resolveListenAddresses, type Lookup } from '../src/bind-addresses.js';
+import { hostAndPort } from '../src/addresses.js';
+import { FAKE_OVMS, makeFakeExecutable, startWrapper, tlsArgs } from './helpers/entrypoint.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
@@ -19,7 +31,8 @@ const SAFETY = { timeout: 120_000 };
 before(async () => {
   [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
 });
-after(() => Promise.all([upstream.close(), pki.cleanup()]));
+const dirs: string[] = [];
+after(() => Promise.all([upstream.close(), pki.cleanup(), ...dirs.map((d) => rm(d, { recursive: true, force: true }))]));
 
 function tlsFlags(): string[] {
   return ['--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!];
@@ -67,6 +80,198 @@ describe('the admin port and a public port with the same number', SAFETY, () => 
     } finally {
       cli.child.kill('SIGTERM');
       assert.equal(await cli.exited, 0);
+    }
+  });
+});
+
+/** A name service of our own: `names` maps each name to its addresses, in order; any other name is not found. */
+function namesOf(names: Record<string, string[]>): Lookup {
+  return async (name) => {
+    const addresses = names[name];
+    if (!addresses) throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${name}`), { code: 'ENOTFOUND' });
+    return addresses.map((address) => ({ address }));
+  };
+}
+
+describe('host names as bind addresses, resolved at start', () => {
+  const lookup = namesOf({ both: ['127.0.0.1', '::1'], v4: ['127.0.0.1'], long: ['0:0:0:0:0:0:0:1'] });
+
+  test('each address of a name is bound, in the order the system gives them, a repeat once', async () => {
+    assert.deepEqual(await resolveBindAddresses('rest_bind_address', ['both'], lookup), { hosts: ['127.0.0.1', '::1'], resolvedFrom: { '127.0.0.1': 'both', '::1': 'both' } });
+    assert.deepEqual(await resolveBindAddresses('rest_bind_address', ['127.0.0.1', 'both', 'v4', 'long'], lookup), { hosts: ['127.0.0.1', '::1'], resolvedFrom: { '127.0.0.1': 'both', '::1': 'both' } });
+    assert.deepEqual(await resolveBindAddresses('rest_bind_address', ['127.0.0.1', '::1'], lookup), { hosts: ['127.0.0.1', '::1'] });
+  });
+
+  test('the rules for addresses hold for a name\'s: a wildcard covering one is refused naming the name', async () => {
+    await assert.rejects(resolveBindAddresses('grpc_bind_address', ['0.0.0.0', 'v4'], lookup), { message: '--grpc_bind_address: 0.0.0.0 already covers 127.0.0.1 from v4 (list one or the other)' });
+    await assert.rejects(resolveBindAddresses('grpc_bind_address', ['::', 'both'], lookup), { message: '--grpc_bind_address: :: already covers ::1 from both (list one or the other)' });
+  });
+
+  test('a name that resolves to nothing is one line naming the flag', async () => {
+    await assert.rejects(resolveBindAddresses('mtls_admin_bind_address', ['nowhere'], lookup), { message: "--mtls_admin_bind_address: 'nowhere' does not resolve to an address (ENOTFOUND); give an IP address, or a name /etc/hosts or DNS knows" });
+    await assert.rejects(resolveBindAddresses('rest_bind_address', ['empty'], async () => []), { message: "--rest_bind_address: 'empty' does not resolve to an address; give an IP address, or a name /etc/hosts or DNS knows" });
+  });
+
+  test('the admin port is checked on the addresses: a name for 127.0.0.1 and 127.0.0.1 on one port clash; a name for ::1 and 0.0.0.0 do not', async () => {
+    await assert.rejects(resolveListenAddresses({ rest: { port: 9100, hosts: ['127.0.0.1'] }, admin: { port: 9100, hosts: ['v4'] } }, lookup), clash(9100, 'rest_port'));
+    const ipv6 = namesOf({ six: ['::1'] });
+    const binds = await resolveListenAddresses({ grpc: { port: 9100, hosts: ['six'] }, admin: { port: 9100, hosts: ['0.0.0.0'] } }, ipv6);
+    assert.deepEqual(binds.grpc, { port: 9100, hosts: ['::1'], resolvedFrom: { '::1': 'six' } });
+  });
+});
+
+describe('a host name\'s address that is not on this machine', () => {
+  // 2001:db8::/32 is for documentation: never on a machine. Only a bind is tried, nothing is sent.
+  const startAdmin = (spec: BindSpec) => startAdminServer({ ...spec, port: 0, metrics: new ProxyMetrics(), health: () => ({ ready: true, checks: {} }) });
+
+  test('is skipped while another address of the name binds, also one listed as such too (127.0.0.1,localhost)', async () => {
+    const admin = await startAdmin({ hosts: ['127.0.0.1', '2001:db8::1'], resolvedFrom: { '127.0.0.1': 'localhost', '2001:db8::1': 'localhost' } });
+    try {
+      assert.deepEqual(admin.skipped, [{ address: '2001:db8::1', name: 'localhost', reason: 'the address is not on this machine' }]);
+      assert.deepEqual(admin.addresses.map((a) => a.address), ['127.0.0.1']);
+      assert.equal((await httpGet(admin.port, '/healthz')).status, 200);
+    } finally {
+      await admin.close();
+    }
+  });
+
+  test('is refused when given as an address, or when the name has no address here', async () => {
+    await assert.rejects(startAdmin({ hosts: ['127.0.0.1', '2001:db8::1'], resolvedFrom: { '127.0.0.1': 'localhost' } }), { code: 'ERR_LISTEN', message: /^--mtls_admin_port: \[2001:db8::1\]:\d+ cannot be bound \(EADDRNOTAVAIL\)$/ });
+    await assert.rejects(startAdmin({ hosts: ['127.0.0.1', '2001:db8::1'], resolvedFrom: { '2001:db8::1': 'elsewhere' } }), { code: 'ERR_LISTEN' });
+  });
+});
+
+/**
+ * The CLI with an /etc/hosts of our own (and `hosts: files` alone, so no DNS server is asked),
+ * in a mount namespace of its own: `localhost` can be 127.0.0.1 and ::1 whatever this machine's file says.
+ */
+const NAMESPACES = spawnSync('unshare', ['--user', '--map-root-user', '--mount', 'true']).status === 0;
+const NEEDS_NAMESPACES = { ...SAFETY, skip: NAMESPACES ? false : 'unshare --user --mount is not available here' };
+
+async function withHosts(hosts: string): Promise<string[]> {
+  const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-hosts-'));
+  dirs.push(dir);
+  await writeFile(join(dir, 'hosts'), hosts);
+  await writeFile(join(dir, 'nsswitch.conf'), 'hosts: files\n');
+  const script = 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/nsswitch.conf && shift 2 && exec "$@"';
+  return ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', script, 'sh', join(dir, 'hosts'), join(dir, 'nsswitch.conf')];
+}
+
+const BOTH = '127.0.0.1 localhost\n::1 localhost\n';
+
+/**
+ * The proxy started under `wrap`; rejects with what it said if it exits instead of listening.
+ * Once the REST port's `listening` line is in, so is every line logged before it: the other
+ * listeners' and the bind_skipped warnings.
+ */
+async function started(args: string[], wrap: string[]): Promise<LongRunningCli> {
+  const cli = startCli(['proxy', ...args, ...tlsFlags()], { wrap });
+  const exited = cli.exited.then((code) => Promise.reject(new Error(`the proxy exited with ${code}: ${cli.stderr()}`)));
+  exited.catch(() => {});
+  await Promise.race([cli.logs.waitFor((l) => l.event === 'listening' && l.listener === 'rest'), exited]);
+  return cli;
+}
+
+/** The line already logged that matches. */
+function loggedOnce(cli: LongRunningCli, match: (line: LogLine) => boolean): LogLine {
+  const line = cli.logs.lines.find(match);
+  assert.ok(line, 'no such line was logged');
+  return line;
+}
+
+async function stopped(cli: LongRunningCli): Promise<void> {
+  cli.child.kill('SIGTERM');
+  assert.equal(await cli.exited, 0);
+}
+
+describe('ovms-mtls proxy with host names as bind addresses', () => {
+  test('localhost for 127.0.0.1 and ::1 listens on both, public and admin ports, with 2 workers; the listening lines name each address', NEEDS_NAMESPACES, async () => {
+    const [grpc, rest, admin] = (await freeLoopbackPorts(3, '::1')) as [number, number, number];
+    const cli = await started(['--port', String(grpc), '--grpc_bind_address', 'localhost', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
+      '--rest_port', String(rest), '--rest_bind_address', 'localhost', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_admin_port', String(admin), '--mtls_admin_bind_address', 'localhost', '--mtls_workers', '2'], await withHosts(BOTH));
+    try {
+      for (const [listener, port] of [['grpc', grpc], ['rest', rest], ['admin', admin]] as const) {
+        const line = loggedOnce(cli, (l) => l.event === 'listening' && l.listener === listener);
+        // In the order the system's resolver gives (glibc puts ::1 first).
+        assert.deepEqual([...(line['addresses'] as string[])].sort(), [`127.0.0.1:${port}`, `[::1]:${port}`], listener);
+      }
+      for (const host of ['127.0.0.1', '::1']) {
+        assert.equal((await https1(rest, pki, { host, path: '/v2/health/live' })).status, 200, host);
+        const clients = grpcClients(hostAndPort(host, grpc), pki);
+        try {
+          assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true, host);
+        } finally {
+          clients.close();
+        }
+        assert.equal((await httpGet(admin, '/healthz', 'GET', host)).status, 200, host);
+      }
+    } finally {
+      await stopped(cli);
+    }
+  });
+
+  test('a name that resolves to nothing exits 2 with one line naming the flag', NEEDS_NAMESPACES, async () => {
+    const res = await runCli(['proxy', '--rest_port', '18443', '--rest_bind_address', 'nowhere.test', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags()], { wrap: await withHosts(BOTH) });
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, "ovms-mtls: --rest_bind_address: 'nowhere.test' does not resolve to an address (ENOTFOUND); give an IP address, or a name /etc/hosts or DNS knows\n");
+  });
+
+  test('an address of the name that is not on this machine is skipped with a warning, the others serve; a name with no address here is refused', NEEDS_NAMESPACES, async () => {
+    // 2001:db8::/32 is for documentation: never on a machine. Only a bind is tried, nothing is sent.
+    const wrap = await withHosts('2001:db8::1 twohomed\n127.0.0.1 twohomed\n2001:db8::2 elsewhere\n');
+    const [rest, admin] = (await freeLoopbackPorts(2)) as [number, number];
+    const cli = await started(['--rest_port', String(rest), '--rest_bind_address', 'twohomed', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_admin_port', String(admin), '--mtls_admin_bind_address', 'twohomed', '--mtls_workers', '1'], wrap);
+    try {
+      const warning = loggedOnce(cli, (l) => l.event === 'bind_skipped' && l.listener === 'rest');
+      assert.equal(warning['level'], 'warn');
+      assert.equal(warning['msg'], `--rest_bind_address: twohomed also resolves to 2001:db8::1, not bound ([2001:db8::1]:${rest}: the address is not on this machine); rest serves twohomed on its other addresses`);
+      assert.equal(loggedOnce(cli, (l) => l.event === 'bind_skipped' && l.listener === 'admin')['address'], `[2001:db8::1]:${admin}`);
+      for (const [listener, port] of [['rest', rest], ['admin', admin]] as const) {
+        assert.deepEqual(loggedOnce(cli, (l) => l.event === 'listening' && l.listener === listener)['addresses'], [`127.0.0.1:${port}`]);
+      }
+      assert.equal((await https1(rest, pki, { path: '/v2/health/live' })).status, 200);
+      assert.equal((await httpGet(admin, '/healthz')).status, 200);
+    } finally {
+      await stopped(cli);
+    }
+    const refused = await runCli(['proxy', '--rest_port', String(rest), '--rest_bind_address', 'elsewhere', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags()], { wrap });
+    assert.equal(refused.code, 2);
+    assert.equal(refused.stderr, `ovms-mtls: --rest_port ${rest}: cannot listen on [2001:db8::2]:${rest}: the address is not on this machine (check --rest_bind_address)\n`);
+  });
+
+  test('the port taken on one of the name\'s addresses is refused as for any address: a client of the name could reach the other process', NEEDS_NAMESPACES, async () => {
+    const blocker = createTcpServer().listen(0, '::1');
+    await once(blocker, 'listening');
+    const busy = (blocker.address() as { port: number }).port;
+    const cli = startCli(['proxy', '--rest_port', String(busy), '--rest_bind_address', 'localhost', '--mtls_rest_upstream', '127.0.0.1:9', '--mtls_workers', '1', ...tlsFlags()], { wrap: await withHosts(BOTH) });
+    try {
+      const outcome = await Promise.race([cli.exited, cli.logs.waitFor((l) => l.event === 'listening').then(() => 'listening')]);
+      assert.equal(outcome, 2, cli.stderr());
+      assert.equal(cli.stderr(), `ovms-mtls: --rest_port ${busy}: cannot listen on [::1]:${busy}: the port is already in use (stop what uses it or pick another port)\n`);
+    } finally {
+      cli.child.kill('SIGTERM');
+      await cli.exited;
+      blocker.close();
+    }
+  });
+});
+
+describe('the OVMS entrypoint with a host name as bind address', () => {
+  test('--rest_bind_address localhost (127.0.0.1 and ::1) serves OVMS on both', NEEDS_NAMESPACES, async () => {
+    makeFakeExecutable();
+    const [rest] = (await freeLoopbackPorts(1, '::1')) as [number];
+    const wrapper = startWrapper(['--rest_port', String(rest), '--rest_bind_address', 'localhost', '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_workers', '1', ...tlsArgs(pki)],
+      {}, await withHosts(BOTH));
+    try {
+      const listening = await wrapper.waitForLog((l) => l.event === 'listening' && l.listener === 'rest');
+      assert.deepEqual([...(listening['addresses'] as string[])].sort(), [`127.0.0.1:${rest}`, `[::1]:${rest}`]);
+      await wrapper.waitForEvent('ovms_ready');
+      for (const host of ['127.0.0.1', '::1']) assert.equal((await https1(rest, pki, { host, path: '/v2/health/live' })).status, 200, host);
+    } finally {
+      wrapper.child.kill('SIGTERM');
+      assert.equal((await wrapper.exited).code, 0);
     }
   });
 });

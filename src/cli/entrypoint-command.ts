@@ -13,6 +13,7 @@ import { combineObservers, type ProxyObserver } from '../observer.js';
 import { updatingOvmsUp, upstreamReadiness, type CheckResult, type HealthCheck, type ProxyMetrics, type UpstreamReadiness } from '../operations.js';
 import { ServingOperations } from './serving-operations.js';
 import { WorkerPool } from '../workers.js';
+import { resolveListenAddresses } from '../bind-addresses.js';
 import { productVersion } from '../version.js';
 import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
 import { entrypointSettings, ovmsBinary, type EntrypointSettings } from '../entrypoint-config.js';
@@ -119,7 +120,7 @@ function checkUsersCompatible(settings: EntrypointSettings, plan: PrivilegePlan)
 
 function listenerConfig(spec: PublicListenerSpec | undefined, upstreams: LoopbackUpstreams, name: 'grpc' | 'rest'): Config['grpc'] {
   if (!spec) return undefined;
-  return { hosts: spec.hosts, port: spec.port ?? 0, upstream: upstreams.upstream(name) };
+  return { hosts: spec.hosts, resolvedFrom: spec.resolvedFrom, port: spec.port ?? 0, upstream: upstreams.upstream(name) };
 }
 
 export interface ServingOptions {
@@ -147,13 +148,16 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   const plan = planPrivileges({ ovmsUser: settings.ovmsUser, proxyUser: settings.proxyUser, root: isRoot() });
   checkUsersCompatible(settings, plan);
   assertExecutable(settings.binary);
+  // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
+  const binds = await resolveListenAddresses({ ...settings.listeners, admin: settings.common.admin });
   const material = loadTlsMaterialSync(settings.common.tls);
-  const upstreams = new LoopbackUpstreams({ grpc: settings.listeners.grpc !== undefined, rest: settings.listeners.rest !== undefined });
+  const upstreams = new LoopbackUpstreams({ grpc: binds.grpc !== undefined, rest: binds.rest !== undefined });
   await upstreams.choose();
   const config: Config = {
     ...settings.common,
-    grpc: listenerConfig(settings.listeners.grpc, upstreams, 'grpc'),
-    rest: listenerConfig(settings.listeners.rest, upstreams, 'rest'),
+    admin: binds.admin,
+    grpc: listenerConfig(binds.grpc, upstreams, 'grpc'),
+    rest: listenerConfig(binds.rest, upstreams, 'rest'),
   };
   const holder: { supervisor?: OvmsSupervisor } = {};
   const notReady = () => {

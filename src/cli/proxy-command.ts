@@ -1,6 +1,7 @@
 import { ALL_OPTIONS, type OptionSpec } from '../options.js';
 import { ConfigError } from '../errors.js';
 import { proxyConfigFromOptions } from '../config.js';
+import { resolveListenAddresses } from '../bind-addresses.js';
 import { createLogger } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
@@ -34,7 +35,9 @@ Terminates mutual TLS in front of a model server that runs elsewhere.`;
 export async function runProxyCommand(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
   refuseEntrypointOptions(argv);
   const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
-  const config = proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, env));
+  const options = proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, env));
+  // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
+  const config = { ...options, ...(await resolveListenAddresses(options)) };
   const logger = createLogger({ level: config.logLevel });
   const material = loadTlsMaterialSync(config.tls);
   // --mtls_workers > 1: forked workers serve; this process keeps the admin port, the reload watch and the signals.

@@ -13,8 +13,20 @@ export interface CliResult {
   stderr: string;
 }
 
-export function runCli(args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
-  return runCommand(process.execPath, [BIN, ...args], options);
+/** `wrap`: a command line the CLI runs under (`unshare ...`), its own last. */
+export interface CliOptions {
+  env?: NodeJS.ProcessEnv;
+  wrap?: readonly string[];
+}
+
+/** The program and arguments that run the CLI, under `wrap` if given. */
+function cliCommand(args: readonly string[], wrap: readonly string[] = []): [string, string[]] {
+  const [command, ...prefix] = [...wrap, process.execPath];
+  return [command!, [...prefix, BIN, ...args]];
+}
+
+export function runCli(args: string[], options: CliOptions & { cwd?: string } = {}): Promise<CliResult> {
+  return runCommand(...cliCommand(args, options.wrap), options);
 }
 
 /** Any program (curl, openssl) run to its end: exit code and output. */
@@ -36,8 +48,8 @@ export interface LongRunningCli {
 }
 
 /** Starts a long-running command; its JSON log lines on stdout land in `logs`. */
-export function startCli(args: string[], options: { env?: NodeJS.ProcessEnv } = {}): LongRunningCli {
-  const child = spawn(process.execPath, [BIN, ...args], { env: { ...cleanEnv(), ...options.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+export function startCli(args: string[], options: CliOptions = {}): LongRunningCli {
+  const child = spawn(...cliCommand(args, options.wrap), { env: { ...cleanEnv(), ...options.env }, stdio: ['ignore', 'pipe', 'pipe'] });
   const logs = new LogCapture();
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr += c));
