@@ -211,6 +211,18 @@ describe('ovms-mtls proxy with host names as bind addresses', () => {
     }
   });
 
+  test(':: next to a name for an IPv4 address is bound IPv6-only, as next to the address itself: both serve', NEEDS_NAMESPACES, async () => {
+    const [rest] = (await freeLoopbackPorts(1, '::1')) as [number];
+    const cli = await started(['--rest_port', String(rest), '--rest_bind_address', '::,v4only', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, '--mtls_workers', '1'],
+      await withHosts('127.0.0.1 v4only\n'));
+    try {
+      assert.deepEqual(loggedOnce(cli, (l) => l.event === 'listening' && l.listener === 'rest')['addresses'], [`[::]:${rest}`, `127.0.0.1:${rest}`]);
+      for (const host of ['127.0.0.1', '::1']) assert.equal((await https1(rest, pki, { host, path: '/v2/health/live' })).status, 200, host);
+    } finally {
+      await stopped(cli);
+    }
+  });
+
   test('a name that resolves to nothing exits 2 with one line naming the flag', NEEDS_NAMESPACES, async () => {
     const res = await runCli(['proxy', '--rest_port', '18443', '--rest_bind_address', 'nowhere.test', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags()], { wrap: await withHosts(BOTH) });
     assert.equal(res.code, 2);
