@@ -9,6 +9,7 @@ import type { ListenerName, ProxyObserver } from './observer.js';
 import { handshakeFailureReason } from './handshake-failures.js';
 import { clientAddress, hostAndPort } from './addresses.js';
 import { answerRefusal } from './refusal-answer.js';
+import type { DescriptorHeadroom } from './fd-headroom.js';
 
 /** What the protocol layer learns about a connection that passed every check. */
 export interface ConnectionContext {
@@ -41,6 +42,8 @@ export interface SecureListenerOptions extends BindSpec {
   readonly allow: AllowList;
   readonly observer: ProxyObserver;
   readonly handover: Handover;
+  /** Shared by the process's listeners; none where the open-files limit is unknown. */
+  readonly descriptors?: DescriptorHeadroom | undefined;
 }
 
 /** The flags a user changes when a bind fails, for the error message. */
@@ -160,6 +163,10 @@ export class SecureListener {
     const tcp = createTcpServer({ noDelay: true, keepAlive: true, keepAliveInitialDelay: TCP_KEEPALIVE_DELAY_MS }, (socket: Socket) => {
       // Read now, while the socket is open: Node caches it, and a client that resets mid-handshake is still named.
       void socket.remoteAddress;
+      if (this.#options.descriptors?.admit() === false) {
+        socket.destroy();
+        return;
+      }
       if (limits.maxConnections === 0 || this.#admit(socket, limits.maxConnections)) tls.emit('connection', socket);
     });
     return { tcp, tls };

@@ -16,6 +16,7 @@ import { secureContextOptions, type TlsMaterial } from './tls-material.js';
 import { combineObservers, elapsedMs, NOOP_OBSERVER, type ListenerName, type ProxyObserver } from './observer.js';
 import { loggingObserver } from './log-observer.js';
 import { hostAndPort } from './addresses.js';
+import { DescriptorHeadroom } from './fd-headroom.js';
 
 export interface ProxyOptions {
   readonly config: Config;
@@ -25,6 +26,8 @@ export interface ProxyOptions {
   readonly observer?: ProxyObserver;
   /** Per listener: returns why the upstream is not ready yet (OVMS starting), or undefined. */
   readonly notReady?: Partial<Record<ListenerName, () => string | undefined>>;
+  /** Refuses connections short of the open-files limit; default: this process's limit, if known. */
+  readonly descriptors?: DescriptorHeadroom | undefined;
 }
 
 export interface RunningProxy {
@@ -91,6 +94,7 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
     limits: config.limits,
     allow: config.allow,
     observer,
+    descriptors: options.descriptors,
     handover: {
       h2: (s, c) => (relays.h2 ?? h2).accept(s, c),
       http1: (s, c) => (relays.http1 ?? h1).accept(s, c),
@@ -148,8 +152,10 @@ function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
  * forwarding. Resolves once every port listens; rejects with a ListenError
  * (and nothing left listening) when one cannot bind.
  */
-export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
-  const { config, logger } = options;
+export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningProxy> {
+  const { config, logger } = proxyOptions;
+  // One for both listeners: they share the process's descriptors.
+  const options = { ...proxyOptions, descriptors: proxyOptions.descriptors ?? DescriptorHeadroom.forThisProcess(logger) };
   const observer = combineObservers(loggingObserver(logger, { accessLog: config.accessLog }), options.observer ?? NOOP_OBSERVER);
   const parts: Assembled[] = [];
   if (config.grpc) parts.push(assembleGrpc(config.grpc, options, observer));

@@ -1,0 +1,114 @@
+/**
+ * The proxy under a small open-files limit (`prlimit --nofile`, as a container's nofile ulimit
+ * sets it): excess clients are refused at once with one warning naming the limit, open
+ * connections keep working, and new clients are served again once connections end.
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startCli } from './helpers/cli.js';
+import { startUpstream, tlsClientOptions } from './helpers/harness.js';
+import { readUntil } from './helpers/raw-http1.js';
+import { eventually } from './helpers/ops.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+
+const LIMIT = 64;
+/** Far more than LIMIT descriptors could hold: the proxy must have refused one by then. */
+const MAX_CONNECTIONS_TRIED = 3 * LIMIT;
+/** A handshake neither done nor refused by then is one that waits for ever. */
+const HANDSHAKE_BOUND_MS = 15_000;
+
+let pki: TestPki;
+let upstream: ModelServer;
+
+before(async () => {
+  [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
+});
+
+after(() => Promise.all([upstream.close(), pki.cleanup()]));
+
+type Outcome = { served: TLSSocket } | { refused: true } | { waiting: true };
+
+function handshake(port: number): Promise<Outcome> {
+  return new Promise((resolve) => {
+    const socket = tlsConnect({ host: '127.0.0.1', port, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki) });
+    socket.on('error', () => {});
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve({ waiting: true });
+    }, HANDSHAKE_BOUND_MS);
+    socket.once('secureConnect', () => {
+      clearTimeout(timer);
+      resolve({ served: socket });
+    });
+    socket.once('close', () => {
+      clearTimeout(timer);
+      resolve({ refused: true });
+    });
+  });
+}
+
+/** Fails the test instead of letting it wait past the file's timeout. */
+function within<T>(promise: Promise<T>, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const bound = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`no ${what} after ${HANDSHAKE_BOUND_MS} ms`)), HANDSHAKE_BOUND_MS)));
+  return Promise.race([promise, bound]).finally(() => clearTimeout(timer));
+}
+
+async function getConfig(socket: TLSSocket): Promise<string> {
+  socket.write('GET /v1/config HTTP/1.1\r\nhost: localhost\r\n\r\n');
+  return (await readUntil(socket, /\r\n\r\n/)).split('\r\n')[0]!;
+}
+
+describe(`the proxy under an open-files limit of ${LIMIT}`, () => {
+  // Two workers: a worker at its limit could not take the connections the primary handed it,
+  // and the primary stopped handing it any: new clients waited for ever, also once freed.
+  for (const workers of [1, 2]) {
+    test(`--mtls_workers ${workers}: excess clients are refused with one line naming the limit; open connections work; freed, new clients are served`, async () => {
+      const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+      const cli = startCli([
+        'proxy', `--port=${grpcPort}`, '--grpc_bind_address=127.0.0.1', `--mtls_grpc_upstream=127.0.0.1:${upstream.grpcPort}`,
+        `--rest_port=${restPort}`, '--rest_bind_address=127.0.0.1', `--mtls_rest_upstream=127.0.0.1:${upstream.restPort}`, `--mtls_workers=${workers}`,
+        '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!,
+      ], { wrap: ['prlimit', `--nofile=${LIMIT}:${LIMIT}`] });
+      const held: TLSSocket[] = [];
+      try {
+        await Promise.race([
+          cli.logs.waitFor((l) => l.event === (workers > 1 ? 'workers_listening' : 'listening') && (workers > 1 || l['listener'] === 'rest')),
+          cli.exited.then((code) => Promise.reject(new Error(`the proxy exited with ${code}: ${cli.stderr()}`))),
+        ]);
+        let refused = false;
+        while (!refused && held.length < MAX_CONNECTIONS_TRIED) {
+          const outcome = await handshake(restPort);
+          assert.ok(!('waiting' in outcome), `connection ${held.length + 1}: neither served nor refused after ${HANDSHAKE_BOUND_MS} ms`);
+          if ('served' in outcome) held.push(outcome.served);
+          else refused = true;
+        }
+        assert.ok(refused, `${held.length} connections served under a limit of ${LIMIT}`);
+        const warning = await within(cli.logs.waitFor((l) => l.event === 'open_files_exhausted'), 'open_files_exhausted line');
+        assert.equal(warning.level, 'warn');
+        assert.equal(warning['limit'], LIMIT);
+        assert.match(String(warning.msg), new RegExp(`open-files limit ${LIMIT} .*raise the limit \\(ulimit -n`));
+
+        assert.equal(await getConfig(held[0]!), 'HTTP/1.1 200 OK', 'a connection opened before the limit still works');
+
+        for (const socket of held.splice(0)) socket.destroy();
+        await eventually(async () => {
+          const outcome = await handshake(restPort);
+          assert.ok(!('waiting' in outcome), 'a new client waits although every other connection has closed');
+          if (!('served' in outcome)) return false;
+          held.push(outcome.served);
+          return (await getConfig(outcome.served)) === 'HTTP/1.1 200 OK';
+        }, 'a new client to be served once the connections closed');
+        assert.equal(cli.child.exitCode, null, 'the proxy is still running');
+        assert.ok(cli.logs.lines.filter((l) => l.event === 'open_files_exhausted').length <= workers, 'one warning per process, not one per refusal');
+      } finally {
+        for (const socket of held) socket.destroy();
+        cli.child.kill('SIGTERM');
+        await cli.exited;
+      }
+    });
+  }
+});
