@@ -23,6 +23,11 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
       return { code, message: `${where} did not accept the connection in time (--mtls_upstream_connect_timeout)` };
     case 'ETIMEDOUT':
       return { code, message: `${where} did not answer in time` };
+    // Our own shortage, not the model server's: say which limit to raise.
+    case 'EMFILE':
+      return { code, message: `cannot connect to ${where}: this proxy is at its open-files limit (raise ulimit -n / the nofile limit)` };
+    case 'ENFILE':
+      return { code, message: `cannot connect to ${where}: the machine is out of file descriptors (fs.file-max)` };
     case 'ENOTFOUND':
     case 'EAI_AGAIN':
       return { code, message: `${where}: host name does not resolve` };

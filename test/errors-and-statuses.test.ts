@@ -37,6 +37,12 @@ test('upstream failures become readable messages that name the upstream and neve
   const upstream = { host: '127.0.0.1', port: 9000 };
   assert.match(describeUpstreamError(upstream, { code: 'ECONNREFUSED' }).message, /^upstream 127\.0\.0\.1:9000 refused the connection/);
   assert.match(describeUpstreamError(upstream, { code: 'ECONNRESET' }).message, /closed the connection/);
+  // Out of descriptors is the proxy's limit to raise, not a failing model server ("upstream ... failed (EMFILE)" said so).
+  assert.deepEqual(describeUpstreamError(upstream, { code: 'EMFILE' }), {
+    code: 'EMFILE',
+    message: 'cannot connect to upstream 127.0.0.1:9000: this proxy is at its open-files limit (raise ulimit -n / the nofile limit)',
+  });
+  assert.match(describeUpstreamError(upstream, { code: 'ENFILE' }).message, /^cannot connect to upstream 127\.0\.0\.1:9000: the machine is out of file descriptors/);
   assert.equal(describeUpstreamError(upstream, new Error('secret internal detail')).message, 'upstream 127.0.0.1:9000 failed (UPSTREAM_ERROR)');
   // undici's codes (the REST forwarder's client) become ours.
   assert.deepEqual(describeUpstreamError(upstream, { code: 'UND_ERR_CONNECT_TIMEOUT' }), {
