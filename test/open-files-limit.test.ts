@@ -1,7 +1,8 @@
 /**
  * The proxy under a small open-files limit (`prlimit --nofile`, as a container's nofile ulimit
  * sets it): excess clients are refused at once with one warning naming the limit, open
- * connections keep working, and new clients are served again once connections end.
+ * connections, the admin port and certificate reloads keep working, and new clients are
+ * served again once connections end.
  */
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,7 +11,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startCli } from './helpers/cli.js';
 import { startUpstream, tlsClientOptions } from './helpers/harness.js';
 import { readUntil } from './helpers/raw-http1.js';
-import { eventually } from './helpers/ops.js';
+import { eventually, httpGet } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
@@ -66,11 +67,12 @@ describe(`the proxy under an open-files limit of ${LIMIT}`, () => {
   // Two workers: a worker at its limit could not take the connections the primary handed it,
   // and the primary stopped handing it any: new clients waited for ever, also once freed.
   for (const workers of [1, 2]) {
-    test(`--mtls_workers ${workers}: excess clients are refused with one line naming the limit; open connections work; freed, new clients are served`, async () => {
-      const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+    test(`--mtls_workers ${workers}: excess clients are refused with one line naming the limit; open connections, the admin port and reloads work; freed, new clients are served`, async () => {
+      const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3)) as [number, number, number];
       const cli = startCli([
         'proxy', `--port=${grpcPort}`, '--grpc_bind_address=127.0.0.1', `--mtls_grpc_upstream=127.0.0.1:${upstream.grpcPort}`,
         `--rest_port=${restPort}`, '--rest_bind_address=127.0.0.1', `--mtls_rest_upstream=127.0.0.1:${upstream.restPort}`, `--mtls_workers=${workers}`,
+        `--mtls_admin_port=${adminPort}`,
         '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!,
       ], { wrap: ['prlimit', `--nofile=${LIMIT}:${LIMIT}`] });
       const held: TLSSocket[] = [];
@@ -93,6 +95,11 @@ describe(`the proxy under an open-files limit of ${LIMIT}`, () => {
         assert.match(String(warning.msg), new RegExp(`open-files limit ${LIMIT} .*raise the limit \\(ulimit -n`));
 
         assert.equal(await getConfig(held[0]!), 'HTTP/1.1 200 OK', 'a connection opened before the limit still works');
+        // Without the spare, one process at its limit reset the probes (a liveness probe would restart it) and could not read the files to reload.
+        assert.equal((await within(httpGet(adminPort, '/healthz'), '/healthz answer')).status, 200);
+        cli.child.kill('SIGHUP');
+        await within(cli.logs.waitFor((l) => l.event === 'reloaded' || l.event === 'reload_failed'), 'reload outcome');
+        assert.equal(cli.logs.lines.filter((l) => l.event === 'reload_failed').length, 0, 'the reload could open its files');
 
         for (const socket of held.splice(0)) socket.destroy();
         await eventually(async () => {
