@@ -16,6 +16,8 @@ import type { Logger } from './log.js';
 const DESCRIPTORS_PER_CONNECTION = 2;
 /** At most one warning per this long while connections are refused; the others are counted in the next. */
 const REFUSAL_LOG_INTERVAL_MS = 10_000;
+/** While no connection fits, the descriptors are counted again at most this often (or 10 times as long as counting took). */
+const MIN_RECOUNT_WHILE_FULL_MS = 100;
 
 /** The soft open-files limit from /proc/self/limits; undefined where unknown (not Linux) or unlimited. */
 export function openFilesLimit(limitsText?: string): number | undefined {
@@ -49,23 +51,43 @@ function openDescriptors(): number {
   }
 }
 
+/** What admit() needs of a connection: to hear when it closes. */
+export interface Closable {
+  once(event: 'close', listener: () => void): unknown;
+}
+
+export interface HeadroomProbes {
+  /** Open descriptors now (default: listed in /proc/self/fd). */
+  readonly count?: () => number;
+  /** Milliseconds, monotonic (default: performance.now). */
+  readonly now?: () => number;
+}
+
 export class DescriptorHeadroom {
   readonly limit: number;
   readonly #ceiling: number;
   readonly #logger: Logger;
   readonly #count: () => number;
-  /** Never below the descriptors open: the last count plus two per connection admitted since, so most admissions count nothing. */
+  readonly #now: () => number;
+  /**
+   * Never below the descriptors open, so most admissions count nothing: the last count, plus
+   * two per connection admitted since, less one per such connection closed (its own
+   * descriptor; a pooled upstream one may stay).
+   */
   #estimate: number;
+  /** Listing /proc/self/fd takes ~0.8 µs per descriptor: never again before this, so that a flood at the limit cannot spin on it. */
+  #nextCountAt = Number.NEGATIVE_INFINITY;
   #refusing = false;
   #refusedSinceLine = 0;
   #lastLineAt = Number.NEGATIVE_INFINITY;
 
-  constructor(limit: number, logger: Logger, count: () => number = openDescriptors) {
+  constructor(limit: number, logger: Logger, probes: HeadroomProbes = {}) {
     this.limit = limit;
     this.#ceiling = limit - reservedDescriptors(limit);
     this.#logger = logger;
-    this.#count = count;
-    this.#estimate = count();
+    this.#count = probes.count ?? openDescriptors;
+    this.#now = probes.now ?? (() => performance.now());
+    this.#estimate = this.#count();
   }
 
   /** This process's, or none where the limit is unknown or unlimited. */
@@ -75,32 +97,42 @@ export class DescriptorHeadroom {
   }
 
   /** Called for a connection just accepted (already holding its descriptor): false = close it now. */
-  admit(): boolean {
-    if (this.#estimate + DESCRIPTORS_PER_CONNECTION > this.#ceiling) {
-      const open = this.#count();
-      // This connection is in the count; its upstream one may not be yet.
-      this.#estimate = open + DESCRIPTORS_PER_CONNECTION - 1;
-      if (this.#estimate > this.#ceiling) {
-        this.#refused(open);
-        return false;
-      }
-    } else {
+  admit(connection: Closable): boolean {
+    if (this.#estimate + DESCRIPTORS_PER_CONNECTION <= this.#ceiling) {
       this.#estimate += DESCRIPTORS_PER_CONNECTION;
+    } else if (!this.#roomAfterCounting()) {
+      this.#refused();
+      return false;
     }
+    connection.once('close', () => this.#estimate--);
     if (this.#refusing) this.#maybeRecovered();
     return true;
   }
 
-  #refused(open: number): void {
+  /** Counts the descriptors unless it did so too recently; true when this connection may stay. */
+  #roomAfterCounting(): boolean {
+    const started = this.#now();
+    if (started < this.#nextCountAt) return false;
+    const open = this.#count();
+    const took = this.#now() - started;
+    // This connection is in the count; its upstream one may not be yet.
+    const room = open + DESCRIPTORS_PER_CONNECTION - 1 <= this.#ceiling;
+    // Refused, this connection's descriptor is freed at once.
+    this.#estimate = room ? open + DESCRIPTORS_PER_CONNECTION - 1 : open - 1;
+    this.#nextCountAt = started + (room ? 10 * took : Math.max(MIN_RECOUNT_WHILE_FULL_MS, 10 * took));
+    return room;
+  }
+
+  #refused(): void {
     this.#refusing = true;
     this.#refusedSinceLine++;
-    const now = performance.now();
+    const now = this.#now();
     if (now - this.#lastLineAt < REFUSAL_LOG_INTERVAL_MS) return;
     this.#lastLineAt = now;
-    const openText = Number.isFinite(open) ? `${open} open` : 'all in use';
+    const open = Math.min(this.#estimate, this.limit);
     this.#logger.warn(
-      { event: 'open_files_exhausted', limit: this.limit, open: Number.isFinite(open) ? open : this.limit, refused: this.#refusedSinceLine },
-      `open-files limit ${this.limit} nearly reached (${openText}, ${this.limit - this.#ceiling} kept spare): new connections are closed at once ` +
+      { event: 'open_files_exhausted', limit: this.limit, open, refused: this.#refusedSinceLine },
+      `open-files limit ${this.limit} nearly reached (about ${open} open, ${this.limit - this.#ceiling} kept spare): new connections are closed at once ` +
         `until connections end; raise the limit (ulimit -n, the container's nofile ulimit or systemd LimitNOFILE) or lower --mtls_max_connections`,
     );
     this.#refusedSinceLine = 0;
@@ -108,7 +140,7 @@ export class DescriptorHeadroom {
 
   /** Said once the warning's interval has passed: at the limit, admissions and refusals alternate as connections end. */
   #maybeRecovered(): void {
-    const now = performance.now();
+    const now = this.#now();
     if (now - this.#lastLineAt < REFUSAL_LOG_INTERVAL_MS) return;
     this.#refusing = false;
     this.#lastLineAt = now;

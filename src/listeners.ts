@@ -163,7 +163,7 @@ export class SecureListener {
     const tcp = createTcpServer({ noDelay: true, keepAlive: true, keepAliveInitialDelay: TCP_KEEPALIVE_DELAY_MS }, (socket: Socket) => {
       // Read now, while the socket is open: Node caches it, and a client that resets mid-handshake is still named.
       void socket.remoteAddress;
-      if (this.#options.descriptors?.admit() === false) {
+      if (this.#options.descriptors?.admit(socket) === false) {
         socket.destroy();
         return;
       }
