@@ -14,12 +14,26 @@ export interface ExitStatus {
   readonly signal: NodeJS.Signals | null;
   /** Ended by the hang watchdog (--mtls_ovms_hang_timeout): a failure, whatever the code. */
   readonly hung?: boolean;
+  /** OVMS never ran: why the spawn failed (EMFILE, ENOENT ...), reported as exit code 127. */
+  readonly spawnError?: string;
 }
 
 /** What `timeout` (coreutils) exits with when the command ran out of time: OVMS's own code may be 0 (it took SIGTERM) or 137. */
 export const HUNG_EXIT_CODE = 124;
 
 /** The shell convention: the code, or 128+N for death by signal N; HUNG_EXIT_CODE for a hung OVMS. */
+/** The ovms_exited line's text: a spawn that failed is not an OVMS that exited, and EMFILE is our limit to raise. */
+export function describeExit(status: ExitStatus): string {
+  if (status.spawnError === undefined) return status.code === 0 ? 'OVMS exited' : `OVMS exited with ${status.signal ?? status.code}`;
+  const hint = SPAWN_ERROR_HINTS[status.spawnError];
+  return `OVMS could not be started (${status.spawnError}${hint ? `: ${hint}` : ''})`;
+}
+
+const SPAWN_ERROR_HINTS: Readonly<Record<string, string>> = {
+  EMFILE: 'this process is at its open-files limit; raise ulimit -n / the nofile limit',
+  ENFILE: 'the machine is out of file descriptors (fs.file-max)',
+};
+
 export function exitCodeOf(status: ExitStatus): number {
   if (status.hung) return HUNG_EXIT_CODE;
   if (status.code !== null) return status.code;
@@ -95,7 +109,7 @@ export function waitForExit(child: ChildProcess): Promise<ExitStatus> {
       resolve(status);
     };
     // 127 as a shell reports a command it cannot run.
-    child.once('error', () => settle({ code: 127, signal: null }));
+    child.once('error', (err: NodeJS.ErrnoException) => settle({ code: 127, signal: null, spawnError: err.code ?? err.message }));
     child.once('exit', (code, signal) => settle({ code, signal }));
   });
 }

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { OvmsSupervisor, type HangWatchSettings, type RestartPolicy } from '../src/ovms-supervisor.js';
-import { exitCodeOf, HUNG_EXIT_CODE, type ExitStatus, type SpawnCommand } from '../src/ovms-child.js';
+import { describeExit, exitCodeOf, HUNG_EXIT_CODE, spawnChild, waitForExit, type ExitStatus, type SpawnCommand } from '../src/ovms-child.js';
 import { hangCheckPeriodMs, type Hang, type Liveness } from '../src/ovms-watchdog.js';
 
 /** An OVMS stand-in that fails with code 3, after `seconds`. */
@@ -113,4 +113,14 @@ test('hang watch: six checks per timeout, one every 1 to 10 s', () => {
   assert.equal(hangCheckPeriodMs(12_000), 2000);
   assert.equal(hangCheckPeriodMs(1000), 1000);
   assert.equal(hangCheckPeriodMs(600_000), 10_000);
+});
+
+// Under the open-files limit the spawn itself fails (EMFILE): that was logged 'OVMS exited with 127', as if OVMS had run, the reason dropped.
+test('a spawn that fails is reported with its reason, and EMFILE names the limit to raise', async () => {
+  const status = await waitForExit(spawnChild({ file: '/nonexistent/ovms', args: [] }, 'ignore'));
+  assert.deepEqual(status, { code: 127, signal: null, spawnError: 'ENOENT' });
+  assert.equal(describeExit(status), 'OVMS could not be started (ENOENT)');
+  assert.equal(describeExit({ code: 127, signal: null, spawnError: 'EMFILE' }), 'OVMS could not be started (EMFILE: this process is at its open-files limit; raise ulimit -n / the nofile limit)');
+  assert.equal(describeExit({ code: 3, signal: null }), 'OVMS exited with 3');
+  assert.equal(describeExit({ code: null, signal: 'SIGKILL' }), 'OVMS exited with SIGKILL');
 });

@@ -9,7 +9,7 @@
  *    the shutdown timeout; exit code 70 (EX_SOFTWARE, as for internal errors).
  */
 import type { Logger } from '../log.js';
-import { exitCodeOf, HUNG_EXIT_CODE, type ExitStatus } from '../ovms-child.js';
+import { describeExit, exitCodeOf, HUNG_EXIT_CODE, type ExitStatus } from '../ovms-child.js';
 import type { OvmsSupervisor } from '../ovms-supervisor.js';
 import type { RunningProxy } from '../proxy.js';
 import type { LoopbackPorts } from '../ovms-args.js';
@@ -126,9 +126,9 @@ export function logSupervisorEvents(supervisor: OvmsSupervisor, logger: Logger, 
   supervisor.on('spawn', (pid) => logger.info({ event: 'ovms_started', pid, ports: ports() }, 'OVMS started'));
   supervisor.on('ready', (pid) => logger.info({ event: 'ovms_ready', pid, ports: ports() }, 'OVMS is ready'));
   supervisor.on('exit', (status, pid) => {
-    const fields = { event: 'ovms_exited', pid, code: status.code, signal: status.signal, exitCode: exitCodeOf(status) };
-    if (status.code === 0) logger.info(fields, 'OVMS exited');
-    else logger.warn(fields, `OVMS exited with ${status.signal ?? status.code}`);
+    const fields = { event: 'ovms_exited', pid, code: status.code, signal: status.signal, exitCode: exitCodeOf(status), spawnError: status.spawnError };
+    if (status.code === 0) logger.info(fields, describeExit(status));
+    else logger.warn(fields, describeExit(status));
   });
   supervisor.on('restarting', (attempt, delayMs) => logger.warn({ event: 'ovms_restarting', attempt, delayMs }, `restarting OVMS in ${delayMs} ms`));
   supervisor.on('hung', (hang, restart) => {
