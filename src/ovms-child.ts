@@ -21,7 +21,6 @@ export interface ExitStatus {
 /** What `timeout` (coreutils) exits with when the command ran out of time: OVMS's own code may be 0 (it took SIGTERM) or 137. */
 export const HUNG_EXIT_CODE = 124;
 
-/** The shell convention: the code, or 128+N for death by signal N; HUNG_EXIT_CODE for a hung OVMS. */
 /** The ovms_exited line's text: a spawn that failed is not an OVMS that exited, and EMFILE is our limit to raise. */
 export function describeExit(status: ExitStatus): string {
   if (status.spawnError === undefined) return status.code === 0 ? 'OVMS exited' : `OVMS exited with ${status.signal ?? status.code}`;
@@ -34,6 +33,7 @@ const SPAWN_ERROR_HINTS: Readonly<Record<string, string>> = {
   ENFILE: 'the machine is out of file descriptors (fs.file-max)',
 };
 
+/** The shell convention: the code, or 128+N for death by signal N; HUNG_EXIT_CODE for a hung OVMS. */
 export function exitCodeOf(status: ExitStatus): number {
   if (status.hung) return HUNG_EXIT_CODE;
   if (status.code !== null) return status.code;

@@ -9,7 +9,7 @@ import { closingAnswer } from './http-fronts.js';
  * the client is used meanwhile: HTTP/1.1 bytes are discarded, HTTP/2 requests get
  * the same fixed answer.
  */
-export const REFUSAL_ANSWER_MS = 2000;
+const REFUSAL_ANSWER_MS = 2000;
 
 /**
  * Tells a client whose certificate was refused why, in the protocol it speaks, then closes.
@@ -38,52 +38,38 @@ export function answerRefusal(socket: TLSSocket, refused: Refusal): void {
 export const REFUSAL_PREFIX = 'client certificate refused';
 
 /** What the client reads; `reason` is the word our `client_refused` log line carries. */
-export function refusalMessage(refused: Refusal): string {
+function refusalMessage(refused: Refusal): string {
   return `${REFUSAL_PREFIX} (${refused.reason}): ${refused.detail}`;
 }
 
 /** One HTTP/2 server for every refused connection; it never listens, sockets are handed to it. */
 let refusalServer: Http2Server | undefined;
-let arriving: Refusal | undefined;
-const refusals = new WeakMap<ServerHttp2Session, Refusal>();
 
 function answerOverHttp2(socket: TLSSocket, refused: Refusal): void {
-  refusalServer ??= createRefusalServer();
-  arriving = refused;
+  const server = (refusalServer ??= createRefusalServer());
+  // 'session' is emitted inside emit('connection'): this listener sees this socket's session only.
+  const onSession = (session: ServerHttp2Session) => answerSession(session, refused);
+  server.once('session', onSession);
   try {
-    refusalServer.emit('connection', socket);
+    server.emit('connection', socket);
   } finally {
-    arriving = undefined;
+    server.off('session', onSession);
   }
 }
 
 function createRefusalServer(): Http2Server {
   // Small limits: the client is not trusted, and each request gets the same short answer.
   const server = createHttp2Server({ settings: { maxConcurrentStreams: 8, maxHeaderListSize: 16 * 1024 }, maxSessionMemory: 1 });
-  server.on('session', (session) => {
-    if (arriving) refusals.set(session, arriving);
-    session.on('error', () => session.destroy());
-  });
   server.on('sessionError', () => {});
-  server.on('stream', (stream, headers) => {
-    const session = stream.session as ServerHttp2Session;
-    const refused = refusals.get(session);
-    if (refused) answerStream(stream, headers, refused);
-    closeAfterThisRead(session);
-  });
   return server;
 }
 
-const closing = new WeakSet<ServerHttp2Session>();
-
-/**
- * GOAWAY once the requests that came with this one have been seen: a client that sent
- * several at once gets an answer to each, not a GOAWAY that refuses the rest.
- */
-function closeAfterThisRead(session: ServerHttp2Session): void {
-  if (closing.has(session)) return;
-  closing.add(session);
-  setImmediate(() => session.close());
+function answerSession(session: ServerHttp2Session, refused: Refusal): void {
+  session.on('error', () => session.destroy());
+  session.on('stream', (stream, headers) => answerStream(stream, headers, refused));
+  // GOAWAY once the requests that came with the first have been seen: a client that sent
+  // several at once gets an answer to each, not a GOAWAY that refuses the rest.
+  session.once('stream', () => setImmediate(() => session.close()));
 }
 
 function answerStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, refused: Refusal): void {

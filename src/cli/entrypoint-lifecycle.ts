@@ -127,8 +127,7 @@ export function logSupervisorEvents(supervisor: OvmsSupervisor, logger: Logger, 
   supervisor.on('ready', (pid) => logger.info({ event: 'ovms_ready', pid, ports: ports() }, 'OVMS is ready'));
   supervisor.on('exit', (status, pid) => {
     const fields = { event: 'ovms_exited', pid, code: status.code, signal: status.signal, exitCode: exitCodeOf(status), spawnError: status.spawnError };
-    if (status.code === 0) logger.info(fields, describeExit(status));
-    else logger.warn(fields, describeExit(status));
+    logger[status.code === 0 ? 'info' : 'warn'](fields, describeExit(status));
   });
   supervisor.on('restarting', (attempt, delayMs) => logger.warn({ event: 'ovms_restarting', attempt, delayMs }, `restarting OVMS in ${delayMs} ms`));
   supervisor.on('hung', (hang, restart) => {
