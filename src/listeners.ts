@@ -164,6 +164,7 @@ export class SecureListener {
       // Read now, while the socket is open: Node caches it, and a client that resets mid-handshake is still named.
       void socket.remoteAddress;
       if (this.#options.descriptors?.admit(socket) === false) {
+        this.#options.observer.openFilesRefused(this.name);
         socket.destroy();
         return;
       }

@@ -85,6 +85,10 @@ export class ProxyMetrics implements ProxyObserver {
     this.#m.handshakes.inc({ listener, result: 'failed', reason: code });
   }
 
+  openFilesRefused(listener: ListenerName): void {
+    this.#m.handshakes.inc({ listener, result: 'refused', reason: 'open_files_limit' });
+  }
+
   connectionOpened(listener: ListenerName): void {
     this.#m.connections.inc({ listener });
     this.#m.connectionsTotal.inc({ listener });

@@ -52,6 +52,8 @@ export interface ProxyObserver {
   handshakeAccepted(listener: ListenerName): void;
   handshakeRefused(listener: ListenerName, refusal: Refusal, remote: string | undefined, subject?: string): void;
   handshakeFailed(listener: ListenerName, code: string, remote: string | undefined): void;
+  /** Closed before its handshake to keep descriptors spare; the headroom logs these itself, a line per interval. */
+  openFilesRefused(listener: ListenerName): void;
   connectionOpened(listener: ListenerName): void;
   connectionClosed(listener: ListenerName): void;
   streamOpened(listener: ListenerName): void;
@@ -65,6 +67,7 @@ export const NOOP_OBSERVER: ProxyObserver = {
   handshakeAccepted() {},
   handshakeRefused() {},
   handshakeFailed() {},
+  openFilesRefused() {},
   connectionOpened() {},
   connectionClosed() {},
   streamOpened() {},

@@ -97,6 +97,8 @@ describe(`the proxy under an open-files limit of ${LIMIT}`, () => {
         assert.equal(await getConfig(held[0]!), 'HTTP/1.1 200 OK', 'a connection opened before the limit still works');
         // Without the spare, one process at its limit reset the probes (a liveness probe would restart it) and could not read the files to reload.
         assert.equal((await within(httpGet(adminPort, '/healthz'), '/healthz answer')).status, 200);
+        const metrics = (await within(httpGet(adminPort, '/metrics'), '/metrics answer')).body;
+        assert.match(metrics, /ovms_mtls_handshakes_total\{listener="rest",result="refused",reason="open_files_limit"\} [1-9]/, 'the refusals are counted');
         cli.child.kill('SIGHUP');
         await within(cli.logs.waitFor((l) => l.event === 'reloaded' || l.event === 'reload_failed'), 'reload outcome');
         assert.equal(cli.logs.lines.filter((l) => l.event === 'reload_failed').length, 0, 'the reload could open its files');
