@@ -2,7 +2,7 @@ import { SocketAddress, isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { ConfigError } from './errors.js';
-import { unbracketed } from './addresses.js';
+import { clientAddress, unbracketed } from './addresses.js';
 import type { RawOptions } from './options.js';
 import type { LevelWithSilent } from 'pino';
 import { LOG_LEVELS } from './log.js';
@@ -403,8 +403,9 @@ interface PortClaim {
 function portClaims(host: string, hosts: readonly string[]): PortClaim[] {
   if (host === '::') return bindsIpv6Only(host, hosts) ? [{ family: 6, address: '*' }] : [{ family: 6, address: '*' }, { family: 4, address: '*' }];
   if (host === '0.0.0.0') return [{ family: 4, address: '*' }];
-  const family = isIP(host);
-  return family === 0 ? [] : [{ family, address: canonicalAddress(host) }];
+  const address = canonicalAddress(host);
+  const family = isIP(address);
+  return family === 0 ? [] : [{ family, address }];
 }
 
 /** Could a bind of one list and a bind of the other, on the same port, take the same (family, address)? */
@@ -417,11 +418,14 @@ function claimsOverlap(a: PortClaim, b: PortClaim): boolean {
   return a.family === b.family && (a.address === '*' || b.address === '*' || a.address === b.address);
 }
 
-/** `0:0::1` and `::1` are one address (and one bind); IPv4 has one spelling already (isIP refuses the others). */
+/** `0:0::1` and `::1` are one address (and one bind), `::ffff:127.0.0.1` and 127.0.0.1 too; IPv4 has one spelling already (isIP refuses the others). */
 export function canonicalAddress(host: string): string {
   if (isIP(host) !== 6) return host;
   const [address, zone] = host.split('%');
-  return new SocketAddress({ address: address!, family: 'ipv6' }).address + (zone === undefined ? '' : `%${zone}`);
+  const canonical = new SocketAddress({ address: address!, family: 'ipv6' }).address;
+  // An IPv4-mapped address reaches only that IPv4 address's clients, so it takes its port:
+  // as itself, its clash with 127.0.0.1 or 0.0.0.0 is named as such, not as "in use".
+  return zone === undefined ? clientAddress(canonical)! : `${canonical}%${zone}`;
 }
 
 function lastOf(value: RawOptions[string]): RawOptions[string] {

@@ -67,6 +67,13 @@ describe('the admin port and a public port with the same number', SAFETY, () => 
     assert.deepEqual(parseBindAddresses('rest_bind_address', '::1,0:0::1,[0:0:0:0:0:0:0:1]', '0.0.0.0'), ['::1']);
   });
 
+  test('an IPv4-mapped address is its IPv4 address: bound once next to it, covered by 0.0.0.0, a clash with an admin port on it', () => {
+    // Bound as given, the second bind of the pair failed as "the port is already in use".
+    assert.deepEqual(parseBindAddresses('rest_bind_address', '::ffff:127.0.0.1,127.0.0.1,[::FFFF:7f00:1]', '0.0.0.0'), ['127.0.0.1']);
+    assert.throws(() => parseBindAddresses('rest_bind_address', '0.0.0.0,::ffff:127.0.0.1', '0.0.0.0'), /--rest_bind_address: 0\.0\.0\.0 already covers 127\.0\.0\.1 \(list one or the other\)/);
+    assert.throws(() => checkAdminPort(admin('::ffff:127.0.0.1'), rest('127.0.0.1')), clash(9100, 'rest_port'));
+  });
+
   test('ovms-mtls proxy with the admin port on 0.0.0.0 and the REST port on ::1, the same number, starts and serves both', async () => {
     const [port] = (await freeLoopbackPorts(1, '::1')) as [number];
     const cli = startCli(['proxy', '--rest_port', String(port), '--rest_bind_address', '::1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
