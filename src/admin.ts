@@ -79,6 +79,8 @@ export function adminBindProblem(err: NodeJS.ErrnoException): string {
       return 'is in use (pick another --mtls_admin_port)';
     case 'EACCES':
       return 'needs privileges (use a port above 1023)';
+    case 'EADDRNOTAVAIL':
+      return 'cannot be bound: the address is not on this machine (check --mtls_admin_bind_address)';
     case 'EAFNOSUPPORT':
       // A kernel booted with ipv6.disable=1 has no IPv6 sockets at all.
       return 'cannot be bound: IPv6 is turned off on this machine (give --mtls_admin_bind_address an IPv4 address)';
