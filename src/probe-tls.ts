@@ -91,6 +91,30 @@ export function serverNameOptions(servername: string): Pick<ConnectionOptions, '
   };
 }
 
+const IP_SNI_WARNING = 'DEP0123';
+let ipSniWarningDropped = false;
+
+/**
+ * grpc-js sends the host it dials as SNI, an IP address too (no channel option turns that off), and
+ * Node then prints DEP0123 on stderr in the middle of the report. Only that warning is dropped: the
+ * address is still checked against the certificate's IP SANs, as serverNameOptions does for our own
+ * connections.
+ */
+export function dropIpSniWarning(): void {
+  if (ipSniWarningDropped) return;
+  ipSniWarningDropped = true;
+  const emitWarning = process.emitWarning;
+  process.emitWarning = ((...args: unknown[]) => {
+    if (args.some(isIpSniWarningCode)) return;
+    Reflect.apply(emitWarning, process, args);
+  }) as typeof process.emitWarning;
+}
+
+/** emitWarning takes the code as its third argument or in an options object. */
+function isIpSniWarningCode(arg: unknown): boolean {
+  return arg === IP_SNI_WARNING || (typeof arg === 'object' && arg !== null && (arg as { code?: unknown }).code === IP_SNI_WARNING);
+}
+
 function describeSession(socket: TLSSocket): string {
   const peer = socket.getPeerX509Certificate();
   const cn = peer ? (/CN=([^\n]*)/.exec(peer.subject)?.[1] ?? peer.subject) : 'unknown';

@@ -4,9 +4,10 @@
  * client certificate, protocol, upstream, model) when one does.
  */
 import { request as httpsRequest } from 'node:https';
+import { isIP } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { kserveClient, unary, type KserveClient } from './demo/grpc-client.js';
-import { serverNameOptions, tlsHandshake, type Diagnosis, type TlsTarget } from './probe-tls.js';
+import { dropIpSniWarning, serverNameOptions, tlsHandshake, type Diagnosis, type TlsTarget } from './probe-tls.js';
 import { hostAndPort } from './addresses.js';
 import { REFUSAL_PREFIX } from './refusal-answer.js';
 
@@ -94,6 +95,7 @@ async function grpcStep<T>(report: Report, step: string, call: () => Promise<T>,
 }
 
 function grpcClient(options: ProbeOptions, port: number): KserveClient {
+  if (isIP(options.servername ?? options.host) !== 0) dropIpSniWarning();
   const credentials = grpc.credentials.createSsl(options.ca, options.key, options.cert);
   return kserveClient(hostAndPort(options.host, port), credentials, options.servername ? { 'grpc.ssl_target_name_override': options.servername } : {});
 }

@@ -187,6 +187,14 @@ describe('probe', () => {
     const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags()]);
     assert.equal(res.code, 0, res.stdout);
     assert.equal(res.stderr, '');
+    // grpc-js sends the IP as SNI whatever we pass: its DEP0123 warning must not reach the report either.
+    const grpcPort = await runCli(['probe', '--host', '127.0.0.1', '--port', String(front.grpcPort), ...clientFlags()]);
+    assert.equal(grpcPort.code, 0, grpcPort.stdout);
+    assert.equal(grpcPort.stderr, '');
+    const grpcWrongIp = await runCli(['probe', '--host', '127.0.0.1', '--servername', '10.9.8.7', '--port', String(front.grpcPort), ...clientFlags()]);
+    assert.equal(grpcWrongIp.code, 1);
+    assert.match(grpcWrongIp.stdout, /-> server certificate layer: the server certificate does not name 10\.9\.8\.7/);
+    assert.equal(grpcWrongIp.stderr, '');
     const wrongIp = await runCli(['probe', '--host', '127.0.0.1', '--servername', '10.9.8.7', '--rest_port', String(front.restPort), ...clientFlags()]);
     assert.equal(wrongIp.code, 1);
     assert.match(wrongIp.stdout, /-> server certificate layer: the server certificate does not name 10\.9\.8\.7/);
