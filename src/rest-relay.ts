@@ -28,8 +28,11 @@ export function restRelay(options: RestRelayOptions): Relay {
   });
 }
 
-/** The relay never switches protocols; terminate mode drops these too. */
-const DROPPED_REQUEST_FIELDS = new Set(['upgrade', 'http2-settings']);
+/**
+ * The relay never switches protocols, and answers `Expect: 100-continue` itself
+ * (awaitsContinue()); terminate mode drops these too.
+ */
+const DROPPED_REQUEST_FIELDS = new Set(['upgrade', 'http2-settings', 'expect']);
 /** Ours (FORWARDING_FIELDS), which a client must not be able to set, and the dropped ones. */
 const REWRITTEN_REQUEST_FIELDS = [...FORWARDING_FIELDS, ...DROPPED_REQUEST_FIELDS];
 /** A client's field the upstream does not get: ours, in any spelling, are replaced; the others dropped. */
@@ -130,10 +133,28 @@ class RoutingRefused extends FramingError {
   }
 }
 
-/** RFC 9110 15.2: no 1xx goes to an HTTP/1.0 client, which would take it for the final answer; a model server should not send one. */
-function interimFor(exchange: Exchange, raw: Buffer): Buffer {
-  return exchange.http10 ? NOTHING : raw;
+/**
+ * RFC 9110 15.2: no 1xx goes to an HTTP/1.0 client, which would take it for the final answer; a model server should not send one.
+ * Nor a second 100 (Continue) to a client that had ours.
+ */
+function interimFor(exchange: Exchange, head: Http1Head, raw: Buffer): Buffer {
+  return exchange.http10 || (head.status === 100 && exchange.ownContinue !== undefined) ? NOTHING : raw;
 }
+
+/**
+ * The client waits for a 100 (Continue) before it sends its body (RFC 9110 10.1.1).
+ * The relay sends it and the model server never sees the Expect field: OVMS's
+ * Drogon (v1.9.7, HttpRequestParser) answers one on a chunked body (curl's
+ * `-T -`, or `-H 'Transfer-Encoding: chunked'` above 1 MiB) with 400, and
+ * newer Drogon sends no 100 for it (curl then waits a second). Not for HTTP/1.0
+ * (RFC 9110 10.1.1: ignored there) nor a request without a body.
+ */
+function awaitsContinue(head: Http1Head, body: BodyFraming): boolean {
+  if (head.minorVersion === 0 || body.kind === 'none' || (body.kind === 'length' && body.length === 0)) return false;
+  return head.has('expect') && head.values('expect').some((value) => value.toLowerCase() === '100-continue');
+}
+
+const CONTINUE = Buffer.from('HTTP/1.1 100 Continue\r\n\r\n', 'latin1');
 
 const NOTHING = Buffer.alloc(0);
 
@@ -199,6 +220,8 @@ interface Exchange {
   readonly path: string;
   /** An HTTP/1.0 request, whose client knows no interim (1xx) response. */
   readonly http10?: boolean;
+  /** The 100 (Continue) the relay answers `Expect: 100-continue` with: owed until the responses before this one are done. */
+  ownContinue?: 'owed' | 'sent';
   readonly started: number;
   bytesIn: number;
   bytesOut: number;
@@ -395,6 +418,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#ourFields ??= Buffer.from(forwardingFields([], this.#parts.context), 'latin1');
     // An absolute-form target names its own authority: the model server gets it as Host too, so the two cannot disagree.
     const bytes = authority === host ? relayedRequestHead(head, raw, this.#parts.context, this.#ourFields) : rebuiltRequestHead(head, this.#parts.context, authority);
+    if (awaitsContinue(head, body)) this.#continueWhenFirst(exchange);
     return { bytes, body };
   }
 
@@ -408,7 +432,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     const last = this.#exchanges.length === 1;
     const body = responseFraming(head, exchange.method);
     if (!this.#interim) this.#upstreamLast = body.kind === 'until-close' || closesAfter(head);
-    const bytes = this.#interim ? interimFor(exchange, raw) : this.#closing && last ? withConnectionClose(head) : raw;
+    const bytes = this.#interim ? interimFor(exchange, head, raw) : this.#closing && last ? withConnectionClose(head) : raw;
     // An interim response (100 Continue) does not answer the request: a 502 can still follow it.
     if (!this.#interim) exchange.answered = true;
     return { bytes, body };
@@ -424,7 +448,25 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#end(undefined, 'UPSTREAM_CLOSED');
       return;
     }
+    const next = this.#exchanges[0];
+    if (next?.ownContinue === 'owed') this.#sendContinue(next, this.#toClient.add);
     this.#closeIfDone();
+  }
+
+  /**
+   * Our 100 (Continue) goes out at once when no response before it is still
+   * coming (the usual case: nothing is pipelined ahead of a request that waits),
+   * else right after the last of them, never inside one.
+   */
+  #continueWhenFirst(exchange: Exchange): void {
+    // Outside an upstream read nothing waits in #toClient: a direct write keeps the order.
+    if (this.#exchanges[0] === exchange) this.#sendContinue(exchange, (bytes) => this.#parts.client.write(bytes));
+    else exchange.ownContinue = 'owed';
+  }
+
+  #sendContinue(exchange: Exchange, write: (bytes: Buffer) => void): void {
+    exchange.ownContinue = 'sent';
+    write(CONTINUE);
   }
 
   /** Logs an exchange once both its response and its request body are done; an early answer (a 413) comes before the body's end. */

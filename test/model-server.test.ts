@@ -8,6 +8,7 @@ import { GateBoard, sseEvents } from './helpers/sse.js';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import http from 'node:http';
+import { connect as connectTcp } from 'node:net';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import * as grpc from '@grpc/grpc-js';
@@ -344,6 +345,31 @@ describe('REST', () => {
     });
     const reply = await replied;
     assert.deepEqual(JSON.parse(reply.body.toString()), { bytes: total, sha256: expected.digest('hex') });
+  });
+
+  test('Expect: 100-continue is answered as OVMS\'s Drogon 1.9.7 does: 100 then the answer with a Content-Length, 400 and a close for a chunked body', async () => {
+    const exchange = async (head: string, body: string): Promise<string> => {
+      const socket = connectTcp(server.restPort!, '127.0.0.1');
+      await once(socket, 'connect');
+      let text = '';
+      let sent = false;
+      socket.on('data', (c: Buffer) => {
+        text += c.toString('latin1');
+        // The body goes once the 100 came, as from a client waiting for it.
+        if (!sent && text.startsWith('HTTP/1.1 100 ')) {
+          sent = true;
+          socket.write(body);
+        }
+      });
+      socket.write(head);
+      await once(socket, 'close');
+      return text;
+    };
+    const withLength = await exchange('POST /echo-body HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n', 'abc');
+    assert.match(withLength, /^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 200 OK\r\n[\s\S]*"bytes":3/);
+    const chunked = await exchange('POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n', '3\r\nabc\r\n0\r\n\r\n');
+    assert.match(chunked, /^HTTP\/1\.1 400 Bad Request\r\n/);
+    assert.match(chunked, /^connection: close\r$/im);
   });
 
   test('/stream-bytes sends exactly n bytes of the i & 0xff pattern', async () => {

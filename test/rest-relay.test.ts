@@ -88,6 +88,32 @@ describe('rest relay: HTTP/1.1 framing', () => {
     socket.destroy();
   });
 
+  test('Expect: 100-continue on a chunked body (curl -T -): the relay sends the 100 itself and the model server never sees the field, which OVMS\'s Drogon 1.9.7 (as the stand-in) answers there with 400', async () => {
+    const socket = await openRaw(front.restPort);
+    socket.write('POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n');
+    assert.match(await readUntil(socket, /\r\n\r\n/), /^HTTP\/1\.1 100 Continue\r\n\r\n$/);
+    const answer = readUntil(socket, /"sha256"/);
+    socket.write('3\r\nabc\r\n0\r\n\r\n');
+    const text = await answer;
+    assert.deepEqual(statuses(text), [200]);
+    assert.match(text, /"bytes":3/);
+    assert.equal(upstream.received.at(-1)?.headers['expect'], undefined);
+    socket.destroy();
+  });
+
+  test('Expect: 100-continue behind a request still being answered: the relay\'s 100 comes after that whole response, never inside it', async () => {
+    const socket = await openRaw(front.restPort);
+    socket.write('GET /stream-bytes?n=300000 HTTP/1.1\r\nhost: a\r\n\r\nPOST /echo-body HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n');
+    const before = await readUntil(socket, /HTTP\/1\.1 100 Continue\r\n\r\n/);
+    const [first, rest] = before.split(/(?=HTTP\/1\.1 100 )/);
+    assert.match(first!, /^HTTP\/1\.1 200 OK\r\n/);
+    assert.equal(first!.length - first!.indexOf('\r\n\r\n') - 4, 300_000);
+    assert.equal(rest, 'HTTP/1.1 100 Continue\r\n\r\n');
+    const closed = readToClose(socket);
+    socket.write('abc');
+    assert.match(await closed, /^HTTP\/1\.1 200 OK\r\n[\s\S]*"bytes":3/);
+  });
+
   test('a HEAD response carries no body, and the next request on the connection is read right', async () => {
     const socket = await openRaw(front.restPort);
     socket.write('HEAD /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\nGET /v2/models/dummy HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
