@@ -154,9 +154,10 @@ export class RestForwarder {
       clearTimeout(stall);
       this.#live.delete(endNow);
       // The client went away: the model should stop working for nobody.
-      if (!deliveredWhole(res)) stats.error ??= 'client_closed';
+      const cut = stats.error === undefined && !deliveredWhole(res);
+      if (cut) stats.error = cutBy(req);
       if (req.httpVersionMajor === 2) {
-        if (stats.error === 'client_closed') this.#cancels.count(context);
+        if (cut) this.#cancels.count(context);
         else this.#cancels.settle(context);
       }
       // Only now, with our own answer (a 408) out: aborting before it stalled an HTTP/2 client session sharing our process (tests; cause not found).
@@ -554,6 +555,18 @@ function answerInstead(req: ClientRequestLike, res: ClientResponseLike, exchange
 function cutShort(res: ClientResponseLike): void {
   if (res instanceof Http2ServerResponse) res.stream.close(http2Constants.NGHTTP2_INTERNAL_ERROR);
   else res.destroy();
+}
+
+/**
+ * Who cut short a response that we did not: the client, or, on HTTP/2, nghttp2,
+ * which resets a stream with PROTOCOL_ERROR (RFC 9113 8.1.1) whose DATA does not
+ * add up to its content-length, before we see its end. That is the client's
+ * malformed request, not a client that left: Go's client, for one, sends it
+ * again at once, in a loop, which the access lines should show.
+ */
+function cutBy(req: ClientRequestLike): 'client_closed' | 'bad_request_body' {
+  if (req.httpVersionMajor === 2 && (req as Http2ServerRequest).stream.rstCode === http2Constants.NGHTTP2_PROTOCOL_ERROR) return 'bad_request_body';
+  return 'client_closed';
 }
 
 /**

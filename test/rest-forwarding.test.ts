@@ -527,6 +527,26 @@ describe('rest upstream failures', () => {
 });
 
 describe('clients that leave (--mtls_rest_mode terminate)', () => {
+  test('an HTTP/2 body that does not add up to its content-length (reset by nghttp2, PROTOCOL_ERROR) is logged as bad_request_body, not as a client that left, and never reaches the model server', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: () => {} }, async (local, upstream) => {
+      const session = h2Session(local.restPort, pki);
+      try {
+        // What Go's client sends when a caller sets ContentLength above the body's length; it then retries at once.
+        const stream = session.request({ ':method': 'POST', ':path': '/echo-body', 'content-length': '20' });
+        const closed = new Promise((resolve) => stream.once('close', resolve));
+        stream.on('error', () => {});
+        stream.end('0123456789');
+        await closed;
+        assert.equal(stream.rstCode, http2Constants.NGHTTP2_PROTOCOL_ERROR);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/echo-body');
+        assert.equal(line.error, 'bad_request_body');
+        assert.equal(line.status, 0);
+        assert.equal(upstream.sockets.length, 0);
+      } finally {
+        session.destroy();
+      }
+    }));
+
   test('an HTTP/2 client that cancels its stream mid-upload is logged as client_closed, as an HTTP/1.1 one is', () =>
     behindProxy({ pki, restMode: 'terminate', answer: () => {} }, async (local, upstream) => {
       const session = h2Session(local.restPort, pki);
