@@ -10,7 +10,7 @@ import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.
 import { CancelTally } from './cancel-tally.js';
 import { hostAndPort } from './addresses.js';
 
-const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_FLAG_END_STREAM } = constants;
+const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_REFUSED_STREAM, NGHTTP2_FLAG_END_STREAM } = constants;
 
 /** Headers that must not cross an HTTP/2 hop; `session.request` throws on them. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'http2-settings', 'host']);
@@ -327,6 +327,10 @@ class GrpcCall {
     const client = this.#client;
     const upstream = this.#upstream!;
     if (this.#upstreamDone || client.closed || client.destroyed) return;
+    if (upstream.rstCode === NGHTTP2_REFUSED_STREAM && !client.headersSent) {
+      this.#refuse();
+      return;
+    }
     const sessionGone = !this.#session || this.#session.destroyed || this.#session.closed;
     if (sessionGone) {
       this.#fail(this.#outcome.error ? { code: this.#outcome.error } : { code: 'ECONNRESET' });
@@ -345,6 +349,20 @@ class GrpcCall {
     // client gets the status the gRPC spec derives from that reset code, with a message.
     const reset = statusForReset(rstCode);
     this.#finishWithStatus(reset.status, `${where} reset the call (${reset.name})`, `upstream_reset_${rstCode}`);
+  }
+
+  /**
+   * The model server did not process the call: a stream past the last one its GOAWAY took (a
+   * restart), still queued for a free stream when the GOAWAY came, or refused by an RST_STREAM.
+   * The client gets RST_STREAM(REFUSED_STREAM) too, on which gRPC clients retry the call
+   * transparently (here, on the proxy's next upstream connection), as they would have on the
+   * model server's own; a status of ours (UNAVAILABLE) would end the call.
+   */
+  #refuse(): void {
+    this.#statusGiven = true;
+    this.#outcome.error = 'upstream_refused_stream';
+    this.#unforwardRequest?.();
+    this.#client.close(NGHTTP2_REFUSED_STREAM);
   }
 
   /** The proxy stops (endAll): the client gets UNAVAILABLE saying so, the model server a cancel. */

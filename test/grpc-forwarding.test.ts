@@ -2,13 +2,14 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
-import { connect as connectH2, constants, createServer as createH2cServer, type IncomingHttpHeaders, type ServerHttp2Stream, type Settings } from 'node:http2';
+import { connect as connectH2, constants, createServer as createH2cServer, type Http2Session, type IncomingHttpHeaders, type ServerHttp2Stream, type Settings } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly, inferRequest } from './helpers/grpc-calls.js';
 import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, h2Frame } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
+import { eventually } from './helpers/ops.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import type { Limits } from '../src/config.js';
 
@@ -58,6 +59,13 @@ async function behindH2cUpstream(
     await local.proxy.shutdown(1000);
     server.close();
   }
+}
+
+/** A successful gRPC answer with one empty message. */
+function answerOk(stream: ServerHttp2Stream): void {
+  stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+  stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+  stream.end(grpcFrame(Buffer.alloc(0)));
 }
 
 const lastReceived = (path: string) => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === path).at(-1);
@@ -226,6 +234,43 @@ describe('grpc upstream failures', () => {
         c.close();
       }
     });
+  });
+
+  test('calls the model server did not take before its GOAWAY (a restart, a connection age limit) are retried by the client on a new connection, not failed', async () => {
+    // Upstream stream limit 1: the calls after the first wait at the proxy and never reach the
+    // first connection. No limit: they reach it after the stream its GOAWAY names as the last taken.
+    for (const maxConcurrentStreams of [1, 100]) {
+      const connections: Http2Session[] = [];
+      let first: ServerHttp2Stream | undefined;
+      const onStream = (stream: ServerHttp2Stream) => {
+        stream.on('error', () => {});
+        stream.resume();
+        const session = stream.session!;
+        if (!connections.includes(session)) connections.push(session);
+        if (session !== connections[0]) return answerOk(stream);
+        first ??= stream;
+        // The first connection: once the first call and, with no limit, a second have arrived, a
+        // GOAWAY that takes the first call only, which is answered; then the connection closes.
+        if (stream.id !== (maxConcurrentStreams === 1 ? 1 : 3)) return;
+        session.goaway(constants.NGHTTP2_NO_ERROR, first.id);
+        answerOk(first);
+        setTimeout(() => session.close(), 200);
+      };
+      await behindH2cUpstream({ onStream, settings: { maxConcurrentStreams } }, async (local) => {
+        const c = grpcClients(local.grpcAddress, pki);
+        try {
+          const results = await Promise.all([1, 2, 3, 4].map(() => unary(c.echo, 'Unary', {}).then(() => 'OK', (e: grpc.ServiceError) => `${grpc.status[e.code]}: ${e.details}`)));
+          assert.deepEqual(results, ['OK', 'OK', 'OK', 'OK'], `stream limit ${maxConcurrentStreams}`);
+          assert.equal(connections.length, 2);
+          // With no limit the second stream is past the GOAWAY's last one for sure; with a limit of 1,
+          // a call the client sent late may find the new connection without waiting.
+          if (maxConcurrentStreams > 1) await eventually(() => local.logs.lines.some((l) => l.event === 'access' && l.error === 'upstream_refused_stream'), 'the refused call logged');
+          assert.equal(local.logs.lines.filter((l) => l.event === 'upstream_error').length, 0);
+        } finally {
+          c.close();
+        }
+      });
+    }
   });
 
   test('a call the upstream ends without a gRPC status is INTERNAL, as the gRPC spec says, and no upstream failure', async () => {
