@@ -145,6 +145,15 @@ export function headerListSize(headers: OutgoingHttpHeaders): number {
 
 function ignore(): void {}
 
+/** Why a request's metadata is not sent on: the model server's limit, or ours when it is the lower. */
+function metadataTooLarge(size: number, pool: UpstreamH2Session): string {
+  const included = 'x-forwarded-client-cert included';
+  if (size > pool.maxHeaderListSize) {
+    return `request metadata of ${size} bytes is over the ${pool.maxHeaderListSize} bytes the model server accepts (its HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, ${included})`;
+  }
+  return `request metadata of ${size} bytes is over the ${pool.maxSendHeaderListSize} bytes this proxy forwards (twice --mtls_max_header_size, ${included})`;
+}
+
 /** What the proxy answers by itself, without the upstream. */
 interface LocalAnswer {
   readonly grpcStatus: number;
@@ -259,9 +268,9 @@ class GrpcCall {
     });
     const headers = upstreamRequestHeaders(this.#headers, this.#context);
     const size = headerListSize(headers);
-    if (size > this.#shared.pool.maxHeaderListSize) {
-      const message = `request metadata of ${size} bytes is over the ${this.#shared.pool.maxHeaderListSize} bytes the model server accepts (its HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, x-forwarded-client-cert included)`;
-      this.#finishWithStatus(GRPC_STATUS.RESOURCE_EXHAUSTED, message, 'request_headers_too_large');
+    const pool = this.#shared.pool;
+    if (size > pool.maxHeaderListSize || size > pool.maxSendHeaderListSize) {
+      this.#finishWithStatus(GRPC_STATUS.RESOURCE_EXHAUSTED, metadataTooLarge(size, pool), 'request_headers_too_large');
       return;
     }
     let upstream: ClientHttp2Stream;

@@ -29,10 +29,18 @@ export class UpstreamH2Session {
   /** The TCP connection under #session (see close()). */
   #socket: Socket | undefined;
   #maxHeaderListSize = Infinity;
+  /**
+   * The largest request header list we send: twice --mtls_max_header_size, as for the
+   * responses we accept. Node refuses a larger block itself (RST_STREAM(REFUSED_STREAM) on a
+   * stream the model server never saw), by default one over 64 KiB, though our front takes
+   * about 150 KB in a request sent before the client has acknowledged the 64 KiB it advertises.
+   */
+  readonly maxSendHeaderListSize: number;
 
   constructor(upstream: HostPort, limits: Limits) {
     this.#upstream = upstream;
     this.#limits = limits;
+    this.maxSendHeaderListSize = limits.maxHeaderSize * 2;
     this.#url = `http://${hostAndPort(upstream.host, upstream.port)}`;
   }
 
@@ -81,6 +89,9 @@ export class UpstreamH2Session {
     const session = connect(this.#url, {
       settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2 },
       maxSessionMemory: limits.maxSessionMemoryMiB,
+      // nghttp2 compares its bound of the encoded block (11 bytes a field over name and value),
+      // which is below our list size (32 bytes a field), so a list within ours always goes out.
+      maxSendHeaderBlockLength: this.maxSendHeaderListSize,
       // Until the upstream's SETTINGS arrive, open one stream at a time: a burst sent before
       // them would be refused by an upstream with a low stream limit. nghttp2 queues the rest
       // and keeps queueing whenever the upstream's own limit is reached.

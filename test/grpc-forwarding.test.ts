@@ -10,6 +10,7 @@ import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMess
 import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, h2Frame } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { eventually } from './helpers/ops.js';
+import { END_STREAM, H2, headerBlock, headerFrames, literalField, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import type { Limits } from '../src/config.js';
 
@@ -271,6 +272,35 @@ describe('grpc upstream failures', () => {
         }
       });
     }
+  });
+
+  test('metadata over 64 KiB in a request sent before the client has our SETTINGS: up to twice --mtls_max_header_size reaches the model server, more gets RESOURCE_EXHAUSTED naming the option', async () => {
+    // Our front holds a client to the 64 KiB it advertises only once the client has acknowledged
+    // it; a first request sent with the preface (RFC 9113 allows it) may carry about 150 KB.
+    const received: number[] = [];
+    const onStream = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
+      received.push(Object.keys(headers).filter((name) => name.startsWith('x-big')).length);
+      stream.on('error', () => {});
+      stream.resume();
+      answerOk(stream);
+    };
+    await behindH2cUpstream({ onStream, settings: { maxHeaderListSize: 1 << 20 } }, async (local) => {
+      // 4 x 27,000 bytes: Node's own 64 KiB limit on what it sends refused it at the proxy (the
+      // model server never saw it; the client read RST_STREAM(REFUSED_STREAM)). 5: over 128 KiB.
+      for (const { fields, refused } of [{ fields: 4, refused: false }, { fields: 5, refused: true }]) {
+        const client = await rawH2Client(local.grpcPort, pki);
+        const metadata = Array.from({ length: fields }, (_, i) => literalField(`x-big${i}`, 'a'.repeat(27_000)));
+        const block = Buffer.concat([headerBlock({ ':method': 'POST', ':scheme': 'https', ':path': ECHO_UNARY_HEADERS[':path'], ':authority': 'localhost', 'content-type': 'application/grpc', te: 'trailers' }), ...metadata]);
+        client.socket.write(Buffer.concat([headerFrames(1, block), h2Frame(H2.DATA, END_STREAM, 1, grpcFrame(Buffer.alloc(0)))]));
+        await eventually(() => streamFrames(client.frames, 1).some((f) => f === 'end' || f.startsWith('reset')), `an answer to ${fields} fields`);
+        client.socket.destroy();
+        // A status on the stream (Trailers-Only when refused, then RST_STREAM(NO_ERROR) as for any early status).
+        assert.equal(streamFrames(client.frames, 1)[0], refused ? 'end' : 'headers', `${fields} fields`);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === ECHO_UNARY_HEADERS[':path'] && (l.error !== undefined) === refused);
+        assert.equal(line.grpcStatus, String(refused ? grpc.status.RESOURCE_EXHAUSTED : grpc.status.OK), `${fields} fields`);
+      }
+      assert.deepEqual(received, [4]);
+    });
   });
 
   test('a call the upstream ends without a gRPC status is INTERNAL, as the gRPC spec says, and no upstream failure', async () => {

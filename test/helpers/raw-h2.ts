@@ -7,14 +7,35 @@ import { h2Frame } from './scripted-upstream.js';
 
 export { h2Frame };
 
-export const H2 = { DATA: 0x0, HEADERS: 0x1, RST_STREAM: 0x3, SETTINGS: 0x4, GOAWAY: 0x7 } as const;
+export const H2 = { DATA: 0x0, HEADERS: 0x1, RST_STREAM: 0x3, SETTINGS: 0x4, GOAWAY: 0x7, CONTINUATION: 0x9 } as const;
 export const END_STREAM = 0x1;
 export const END_HEADERS = 0x4;
 const ACK = 0x1;
+const MAX_FRAME_PAYLOAD = 16_384;
 
-/** HPACK literal field without indexing, new name (RFC 7541 6.2.2); names and values here stay under 127 bytes. */
+/** An HPACK string length: an integer with a 7-bit prefix, Huffman bit clear (RFC 7541 5.1). */
+function stringLength(length: number): Buffer {
+  if (length < 127) return Buffer.from([length]);
+  const octets = [127];
+  let rest = length - 127;
+  for (; rest >= 128; rest = Math.floor(rest / 128)) octets.push((rest % 128) + 128);
+  octets.push(rest);
+  return Buffer.from(octets);
+}
+
+/** HPACK literal field without indexing, new name (RFC 7541 6.2.2). */
 export function literalField(name: string, value: string): Buffer {
-  return Buffer.concat([Buffer.from([0x00, name.length]), Buffer.from(name), Buffer.from([value.length]), Buffer.from(value)]);
+  return Buffer.concat([Buffer.from([0x00]), stringLength(name.length), Buffer.from(name), stringLength(value.length), Buffer.from(value)]);
+}
+
+/** A header block as HEADERS and CONTINUATION frames of at most 16 KiB (the default SETTINGS_MAX_FRAME_SIZE). */
+export function headerFrames(streamId: number, block: Buffer): Buffer {
+  const frames: Buffer[] = [];
+  for (let at = 0; at < block.length; at += MAX_FRAME_PAYLOAD) {
+    const last = at + MAX_FRAME_PAYLOAD >= block.length;
+    frames.push(h2Frame(at === 0 ? H2.HEADERS : H2.CONTINUATION, last ? END_HEADERS : 0, streamId, block.subarray(at, at + MAX_FRAME_PAYLOAD)));
+  }
+  return Buffer.concat(frames);
 }
 
 /** A header block of literal fields, as a hand-written client sends it. */
