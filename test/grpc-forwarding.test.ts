@@ -2,12 +2,12 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
-import { connect as connectH2, constants, createServer as createH2cServer, type Http2Session, type IncomingHttpHeaders, type ServerHttp2Stream, type Settings } from 'node:http2';
+import { connect as connectH2, constants, createServer as createH2cServer, type IncomingHttpHeaders, type ServerHttp2Stream, type Settings } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly, inferRequest } from './helpers/grpc-calls.js';
-import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, h2Frame } from './helpers/scripted-upstream.js';
+import { GRPC_RESPONSE_HEADER_BLOCK, answerOk, framedH2cUpstream, goAwayOnFirstConnection, h2Frame } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { eventually } from './helpers/ops.js';
 import { END_STREAM, H2, headerBlock, headerFrames, literalField, rawH2Client, streamFrames } from './helpers/raw-h2.js';
@@ -60,13 +60,6 @@ async function behindH2cUpstream(
     await local.proxy.shutdown(1000);
     server.close();
   }
-}
-
-/** A successful gRPC answer with one empty message. */
-function answerOk(stream: ServerHttp2Stream): void {
-  stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
-  stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
-  stream.end(grpcFrame(Buffer.alloc(0)));
 }
 
 const lastReceived = (path: string) => upstream.received.filter((r) => r.protocol === 'grpc' && r.path === path).at(-1);
@@ -241,22 +234,8 @@ describe('grpc upstream failures', () => {
     // Upstream stream limit 1: the calls after the first wait at the proxy and never reach the
     // first connection. No limit: they reach it after the stream its GOAWAY names as the last taken.
     for (const maxConcurrentStreams of [1, 100]) {
-      const connections: Http2Session[] = [];
-      let first: ServerHttp2Stream | undefined;
-      const onStream = (stream: ServerHttp2Stream) => {
-        stream.on('error', () => {});
-        stream.resume();
-        const session = stream.session!;
-        if (!connections.includes(session)) connections.push(session);
-        if (session !== connections[0]) return answerOk(stream);
-        first ??= stream;
-        // The first connection: once the first call and, with no limit, a second have arrived, a
-        // GOAWAY that takes the first call only, which is answered; then the connection closes.
-        if (stream.id !== (maxConcurrentStreams === 1 ? 1 : 3)) return;
-        session.goaway(constants.NGHTTP2_NO_ERROR, first.id);
-        answerOk(first);
-        setTimeout(() => session.close(), 200);
-      };
+      // The first connection's GOAWAY comes once the first call and, with no limit, a second have arrived.
+      const { onStream, connections } = goAwayOnFirstConnection(maxConcurrentStreams === 1 ? 1 : 3);
       await behindH2cUpstream({ onStream, settings: { maxConcurrentStreams } }, async (local) => {
         const c = grpcClients(local.grpcAddress, pki);
         try {

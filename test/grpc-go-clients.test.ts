@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createServer as createH2cServer } from 'node:http2';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,6 +19,7 @@ import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, countingRelay, refusedWording, startTestProxy, startUpstream, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
+import { goAwayOnFirstConnection } from './helpers/scripted-upstream.js';
 import { PROTO_DIR, pythonStubs, startGrpcioServer, type GrpcioServer, type PythonStubs } from './helpers/grpcio.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FAILURE_TRAILER_BIN, failureMessage } from '../src/demo/echo-grpc.js';
@@ -324,6 +326,22 @@ describe('grpc-go clients through the proxy', () => {
         const [result] = await goClient(toNowhere[mode]!.grpcPort, [live]);
         assert.equal(result!.code, 'UNAVAILABLE', result!.message);
         assert.match(result!.message, /refused the connection \(is the model server running\?\)/);
+      });
+
+      test('calls the model server did not take before its GOAWAY (a restart) are retried by grpc-go on a new connection and succeed', async () => {
+        // Its GOAWAY takes the first of the four calls only, once a second has arrived.
+        const { onStream, connections } = goAwayOnFirstConnection(3);
+        const server = createH2cServer().on('stream', onStream).listen(0, '127.0.0.1');
+        await once(server, 'listening');
+        const front = await startTestProxy({ pki, upstream: { grpcPort: (server.address() as AddressInfo).port }, grpcMode: mode });
+        try {
+          const [result] = await goClient(front.grpcPort, [{ method: `${ECHO}/Unary`, requests: [{}], parallel: 4 }]);
+          assert.equal(result!.code, 'OK', result!.message);
+          assert.equal(connections.length, 2);
+        } finally {
+          await front.proxy.shutdown(1000);
+          server.close();
+        }
       });
 
       test('after the proxy closes an idle connection (GOAWAY), the next call succeeds on a new one', async () => {

@@ -1,8 +1,9 @@
 import { once } from 'node:events';
+import { constants, type Http2Session, type ServerHttp2Stream } from 'node:http2';
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { CLIENT_PREFACE_BYTES, FrameCursor, TYPE_HEADERS } from '../../src/h2-frames.js';
 import type { ForwardMode } from '../../src/config.js';
-import { startTestProxy, type StartedProxy } from './harness.js';
+import { grpcFrame, startTestProxy, type StartedProxy } from './harness.js';
 import type { TestPki } from './pki.js';
 
 export interface ScriptedUpstream {
@@ -76,4 +77,36 @@ export async function behindProxy(
     await local.proxy.shutdown(1000);
     upstream.close();
   }
+}
+
+/** A successful gRPC answer with one empty message. */
+export function answerOk(stream: ServerHttp2Stream): void {
+  stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+  stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+  stream.end(grpcFrame(Buffer.alloc(0)));
+}
+
+/**
+ * The 'stream' handler of an h2c model server that does to its first connection what a restart
+ * or a connection age limit does: once stream `triggerId` has arrived, a GOAWAY that takes only
+ * the first stream, which is answered, then the connection closes; the streams past it were
+ * not processed. Every call on a later connection gets one empty message. `connections` lists
+ * each connection as its first stream arrives.
+ */
+export function goAwayOnFirstConnection(triggerId: number): { onStream: (stream: ServerHttp2Stream) => void; connections: Http2Session[] } {
+  const connections: Http2Session[] = [];
+  let first: ServerHttp2Stream | undefined;
+  const onStream = (stream: ServerHttp2Stream) => {
+    stream.on('error', () => {});
+    stream.resume();
+    const session = stream.session!;
+    if (!connections.includes(session)) connections.push(session);
+    if (session !== connections[0]) return answerOk(stream);
+    first ??= stream;
+    if (stream.id !== triggerId) return;
+    session.goaway(constants.NGHTTP2_NO_ERROR, first.id);
+    answerOk(first);
+    setTimeout(() => session.close(), 200);
+  };
+  return { onStream, connections };
 }
