@@ -66,6 +66,15 @@ export interface Limits {
   readonly verifyDepth: number;
 }
 
+/**
+ * The most fields a header list of `bytes` can hold: each counts its name, value and 32 octets
+ * (RFC 9113 6.5.2). Node's own cap, 128 fields, refused a gRPC call with ~120 metadata entries
+ * (RST_STREAM(ENHANCE_YOUR_CALM)) that was well within the size limit and that OVMS takes.
+ */
+export function headerFieldsWithin(bytes: number): number {
+  return Math.floor(bytes / 32);
+}
+
 export interface Config {
   readonly grpc?: ListenerConfig | undefined;
   readonly rest?: ListenerConfig | undefined;

@@ -2,7 +2,7 @@ import { createServer as createHttp2Server, type Http2Server, type ServerHttp2Se
 import { STATUS_CODES, createServer as createHttpServer, type Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import type { Limits } from './config.js';
+import { headerFieldsWithin, type Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import type { ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, type IdleConnection } from './idle-sweep.js';
@@ -71,6 +71,7 @@ export class H2Front implements Drainable {
         initialWindowSize: limits.streamWindow,
         maxHeaderListSize: limits.maxHeaderSize,
       },
+      maxHeaderListPairs: headerFieldsWithin(limits.maxHeaderSize),
       maxSessionMemory: frontSessionMemory(limits),
     });
     this.#server.on('session', (session) => this.#onSession(session, limits));

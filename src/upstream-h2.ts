@@ -1,7 +1,7 @@
 import { connect, type ClientHttp2Session } from 'node:http2';
 import { connect as netConnect, type Socket } from 'node:net';
 import { failIfNotConnectedWithin } from './upstream-connect.js';
-import type { HostPort, Limits } from './config.js';
+import { headerFieldsWithin, type HostPort, type Limits } from './config.js';
 import { hostAndPort } from './addresses.js';
 
 /** Errors `session.request()` throws because of the session, not of the request. */
@@ -88,6 +88,7 @@ export class UpstreamH2Session {
     const limits = this.#limits;
     const session = connect(this.#url, {
       settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2 },
+      maxHeaderListPairs: headerFieldsWithin(limits.maxHeaderSize * 2),
       maxSessionMemory: limits.maxSessionMemoryMiB,
       // nghttp2 compares its bound of the encoded block (11 bytes a field over name and value),
       // which is below our list size (32 bytes a field), so a list within ours always goes out.

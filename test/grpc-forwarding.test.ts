@@ -2,7 +2,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
-import { connect as connectH2, constants, createServer as createH2cServer, type IncomingHttpHeaders, type ServerHttp2Stream, type Settings } from 'node:http2';
+import { connect as connectH2, constants, createServer as createH2cServer, type IncomingHttpHeaders, type ServerHttp2Stream, type ServerOptions, type Settings } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
@@ -46,10 +46,10 @@ type OnH2cStream = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, fla
  * server library would send); both are closed after `run`, however it ends.
  */
 async function behindH2cUpstream(
-  setup: { onStream: OnH2cStream; settings?: Settings; limits?: Partial<Limits> },
+  setup: { onStream: OnH2cStream; settings?: Settings; serverOptions?: ServerOptions; limits?: Partial<Limits> },
   run: (local: StartedProxy) => Promise<void>,
 ): Promise<void> {
-  const server = createH2cServer(setup.settings ? { settings: setup.settings } : {});
+  const server = createH2cServer({ ...setup.serverOptions, ...(setup.settings ? { settings: setup.settings } : {}) });
   server.on('stream', setup.onStream);
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
@@ -251,6 +251,30 @@ describe('grpc upstream failures', () => {
         }
       });
     }
+  });
+
+  test('150 metadata entries pass both ways, as OVMS takes them (Node takes 128 header fields unless told more)', async () => {
+    const echoed = (headers: IncomingHttpHeaders) => Object.fromEntries(Object.entries(headers).filter(([name]) => name.startsWith('x-echo-')));
+    const onStream = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
+      stream.on('error', () => {});
+      stream.resume();
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc', ...echoed(headers) }, { waitForTrailers: true });
+      stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+      stream.end(grpcFrame(Buffer.alloc(0)));
+    };
+    await behindH2cUpstream({ onStream, serverOptions: { maxHeaderListPairs: 1000 } }, async (local) => {
+      // A client that takes that many fields back (grpc-js, like Node, takes 128).
+      const session = connectH2(`https://localhost:${local.grpcPort}`, { ...tlsClientOptions(pki), maxHeaderListPairs: 1000 });
+      session.on('error', () => {});
+      try {
+        const fields = Object.fromEntries(Array.from({ length: 150 }, (_, i) => [`x-echo-m${i}`, String(i)]));
+        const res = await h2Request(session, { ...ECHO_UNARY_HEADERS, ...fields }, grpcFrame(Buffer.alloc(0)));
+        assert.equal(res.trailers?.['grpc-status'], '0', String(res.headers['grpc-message'] ?? ''));
+        assert.equal(Object.keys(res.headers).filter((name) => name.startsWith('x-echo-m')).length, 150);
+      } finally {
+        session.close();
+      }
+    });
   });
 
   test('metadata over 64 KiB in a request sent before the client has our SETTINGS: up to twice --mtls_max_header_size reaches the model server, more gets RESOURCE_EXHAUSTED naming the option', async () => {
