@@ -72,6 +72,10 @@ export class H2Front implements Drainable {
         maxHeaderListSize: limits.maxHeaderSize,
       },
       maxHeaderListPairs: headerFieldsWithin(limits.maxHeaderSize),
+      // As large as the model server's answers we take (upstream-h2.ts: twice the limit). Node's
+      // default, 64 KiB, failed a larger one (RST_STREAM(FRAME_SIZE_ERROR)), and a frame that
+      // cannot be sent makes Node close the whole session: the client's next calls were refused.
+      maxSendHeaderBlockLength: limits.maxHeaderSize * 2,
       maxSessionMemory: frontSessionMemory(limits),
     });
     this.#server.on('session', (session) => this.#onSession(session, limits));

@@ -277,6 +277,31 @@ describe('grpc upstream failures', () => {
     });
   });
 
+  test('a model server answer with 80 KB of metadata reaches a client that takes it, and the client connection goes on', async () => {
+    const onStream = (stream: ServerHttp2Stream) => {
+      stream.on('error', () => {});
+      stream.resume();
+      const big = Object.fromEntries(Array.from({ length: 4 }, (_, i) => [`x-big${i}`, 'a'.repeat(20_000)]));
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc', ...big }, { waitForTrailers: true });
+      stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+      stream.end(grpcFrame(Buffer.alloc(0)));
+    };
+    await behindH2cUpstream({ onStream, serverOptions: { maxSendHeaderBlockLength: 1 << 20 } }, async (local) => {
+      const session = connectH2(`https://localhost:${local.grpcPort}`, { ...tlsClientOptions(pki), settings: { maxHeaderListSize: 1 << 20 } });
+      session.on('error', () => {});
+      try {
+        // Twice: Node's 64 KiB default failed the first (RST_STREAM(FRAME_SIZE_ERROR)) and closed the session under the second.
+        for (const call of [1, 2]) {
+          const res = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)));
+          assert.equal(Object.keys(res.headers).filter((name) => name.startsWith('x-big')).length, 4, `call ${call}`);
+          assert.equal(res.trailers?.['grpc-status'], '0');
+        }
+      } finally {
+        session.close();
+      }
+    });
+  });
+
   test('metadata over 64 KiB in a request sent before the client has our SETTINGS: up to twice --mtls_max_header_size reaches the model server, more gets RESOURCE_EXHAUSTED naming the option', async () => {
     // Our front holds a client to the 64 KiB it advertises only once the client has acknowledged
     // it; a first request sent with the preface (RFC 9113 allows it) may carry about 150 KB.
