@@ -7,6 +7,7 @@ import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, presentedCertificates, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
 import { handshakeFailureReason } from './handshake-failures.js';
+import { namesIssuer, pathToTrust } from './tls-checks.js';
 import { clientAddress, hostAndPort } from './addresses.js';
 import { answerRefusal } from './refusal-answer.js';
 import type { DescriptorHeadroom } from './fd-headroom.js';
@@ -209,11 +210,17 @@ export class SecureListener {
     else this.#options.handover.http1(socket, context);
   }
 
-  /** Node has no verify-depth setting; count the verified chain: what the client presented, plus the root from our store. */
+  /**
+   * Node has no verify-depth setting; count the chain OpenSSL verified, as it builds it: each
+   * issuer from --mtls_client_ca when it holds one, else from what the client sent. Counting
+   * only what the client sent, plus a root, missed a bundled intermediate, so a client
+   * sending its leaf alone passed a chain one longer than the limit.
+   */
   #chainRefusal(peer: X509Certificate | undefined) {
-    const presented = peer ? presentedCertificates(peer) : [];
-    const last = presented.at(-1);
-    const depth = presented.length + (last && !last.checkIssued(last) ? 1 : 0);
+    if (!peer) return undefined;
+    const presented = presentedCertificates(peer);
+    // No path by names (not seen for a verified chain): what the client sent plus a root, as before.
+    const depth = pathToTrust(presented, this.#trustedCas, namesIssuer)?.length ?? presented.length + 1;
     return depth > this.#options.limits.verifyDepth ? refusal('chain_too_long', `depth ${depth}`) : undefined;
   }
 

@@ -132,19 +132,33 @@ function checkFreshness(crl: CrlInfo, path: string, now: Date): void {
 const MAX_PATH = 32;
 
 /**
+ * Whether `issuer`'s name (and key identifier) is the one `cert` names as its issuer, as
+ * OpenSSL picks issuers while building a chain; no signature check, so cheap enough for
+ * every handshake of a chain OpenSSL has already verified.
+ */
+export function namesIssuer(cert: X509Certificate, issuer: X509Certificate): boolean {
+  return cert.checkIssued(issuer);
+}
+
+/**
  * The chain a handshake would build now, leaf first: each issuer taken from the
  * new client CA bundle when it holds one (so a bundled intermediate the client did
  * not send is checked against the CRLs too), else from what the client sent.
- * Undefined when it reaches no certificate of the bundle.
+ * Undefined when it reaches no certificate of the bundle. `isIssuer` proves each link by
+ * its signature unless told otherwise.
  */
-export function pathToTrust(presented: readonly X509Certificate[], cas: readonly X509Certificate[]): X509Certificate[] | undefined {
+export function pathToTrust(
+  presented: readonly X509Certificate[],
+  cas: readonly X509Certificate[],
+  isIssuer: (cert: X509Certificate, issuer: X509Certificate) => boolean = issuedBy,
+): X509Certificate[] | undefined {
   const leaf = presented[0];
   if (!leaf) return undefined;
   const path = [leaf];
   let trusted = cas.some((ca) => ca.fingerprint256 === leaf.fingerprint256);
   for (let cert = leaf; path.length < MAX_PATH && !cert.checkIssued(cert); ) {
-    const fromBundle = cas.find((ca) => issuedBy(cert, ca));
-    const issuer = fromBundle ?? presented.find((candidate) => candidate !== cert && issuedBy(cert, candidate));
+    const fromBundle = cas.find((ca) => isIssuer(cert, ca));
+    const issuer = fromBundle ?? presented.find((candidate) => candidate !== cert && isIssuer(cert, candidate));
     if (!issuer || path.some((known) => known.fingerprint256 === issuer.fingerprint256)) break;
     trusted ||= fromBundle !== undefined;
     path.push(issuer);

@@ -137,6 +137,19 @@ describe('CA bundles and chains', () => {
     });
   });
 
+  test('--mtls_verify_depth counts an intermediate CA taken from --mtls_client_ca: a client sending only its leaf is refused at 2, accepted at 3', async () => {
+    const clientCa = join(pki.dir, 'root_and_intermediate.pem');
+    await writeFile(clientCa, pki.clientCa.certPem + pki.intermediateCa.certPem);
+    const tls = { clientCa, crl: pki.paths['client_cert_ca_chain.crl']! };
+    await withProxy({ tls, limits: { verifyDepth: 2 } }, async (front) => {
+      assert.equal(await attempt(front, pki.chainedLeafOnly), 'chain_too_long');
+      assert.equal(await attempt(front, pki.client), 'accepted');
+    });
+    await withProxy({ tls, limits: { verifyDepth: 3 } }, async (front) => {
+      assert.equal(await attempt(front, pki.chainedLeafOnly), 'accepted');
+    });
+  });
+
   test('a bundle of two CAs, each with its CRL in one file, accepts clients of both and still refuses the revoked one', async () => {
     const clientCa = join(pki.dir, 'two_client_cas.pem');
     const crl = join(pki.dir, 'two_client_cas.crl');

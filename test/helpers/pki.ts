@@ -29,6 +29,8 @@ export interface TestPki {
   intermediateCa: Issued;
   /** Signed by intermediateCa; certPem holds leaf + intermediate so it can be sent as a chain. */
   chainedClient: Issued;
+  /** chainedClient's leaf alone, as a client sends it whose intermediate is in the server's CA bundle. */
+  chainedLeafOnly: Issued;
   /** clientCa CRL revoking revokedClient. */
   crlPem: string;
   /**
@@ -116,6 +118,7 @@ export async function createTestPki(): Promise<TestPki> {
     serverOnlyEkuClient,
     intermediateCa,
     chainedClient,
+    chainedLeafOnly: chainedLeaf,
     crlPem,
     intermediateCrlPem,
     otherCaCrlPem,
