@@ -221,13 +221,27 @@ function buildIdentity(cert: X509Certificate, fingerprint: string): ClientIdenti
   return Object.freeze({ ...base, xfcc: xfccHeaderValue(base) });
 }
 
-/** `*` matches one path segment, `**` (last) any suffix including none. */
+/**
+ * `*` matches one path segment, `**` (last) any suffix including none. A wildcard takes no
+ * `?`, `#` or `%` (a query, a fragment, an escape such as `%2F`), and admits no URI whose
+ * path has a `.`, `..` or empty segment: `spiffe://example.org/ns/a/../admin/sa/x` names
+ * ns/admin, so `spiffe://example.org/ns/a/**` must not vouch for it (SPIFFE IDs have none
+ * of these).
+ */
 export function uriPatternMatches(pattern: string, uri: string): boolean {
+  if (!pattern.includes('*')) return pattern === uri;
+  if (hasDotOrEmptySegment(uri)) return false;
   const source = pattern
     .split(/(\*\*|\*)/)
-    .map((part) => (part === '**' ? '.*' : part === '*' ? '[^/]*' : part.replace(/[.+?^${}()|[\]\\]/g, '\\$&')))
+    .map((part) => (part === '**' ? '[^?#%]*' : part === '*' ? '[^/?#%]*' : part.replace(/[.+?^${}()|[\]\\]/g, '\\$&')))
     .join('');
   return new RegExp(`^${source}$`).test(uri);
+}
+
+/** The path's segments between its first and last slash (a trailing slash, `ns/prod/`, is no empty segment). */
+function hasDotOrEmptySegment(uri: string): boolean {
+  const path = uri.replace(/^[a-z][a-z0-9+.-]*:(?:\/\/[^/?#]*)?/i, '').split(/[?#]/)[0]!;
+  return path.split('/').some((segment, i, all) => segment === '.' || segment === '..' || (segment === '' && i > 0 && i < all.length - 1));
 }
 
 export function isAllowListEmpty(allow: AllowList): boolean {

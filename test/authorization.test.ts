@@ -109,6 +109,30 @@ describe('allow-lists', () => {
     assert.equal(uriPatternMatches('spiffe://example.org/a.b', 'spiffe://example.org/aXb'), false);
   });
 
+  test('a URI pattern: no wildcard vouches for a dot or empty segment, a query, a fragment or a %-escape', () => {
+    const refused: [string, string][] = [
+      ['spiffe://example.org/ns/a/**', 'spiffe://example.org/ns/a/../admin/sa/x'],
+      ['spiffe://example.org/ns/a/**', 'spiffe://example.org/ns/a/./b'],
+      ['spiffe://example.org/ns/*/sa/web', 'spiffe://example.org/ns/../sa/web'],
+      ['spiffe://example.org/ns/*/sa/web', 'spiffe://example.org/ns//sa/web'],
+      ['spiffe://example.org/ns/a/sa/*', 'spiffe://example.org/ns/a/sa/web?x=1'],
+      ['spiffe://example.org/ns/a/sa/*', 'spiffe://example.org/ns/a/sa/web#x'],
+      ['spiffe://example.org/ns/*/sa/web', 'spiffe://example.org/ns/a%2Fb/sa/web'],
+    ];
+    for (const [pattern, uri] of refused) assert.equal(uriPatternMatches(pattern, uri), false, `${pattern} must not match ${uri}`);
+    assert.equal(uriPatternMatches('spiffe://example.org/ns/a/**', 'spiffe://example.org/ns/a/b.c/d'), true);
+    // Without a wildcard the URI is compared as written.
+    assert.equal(uriPatternMatches('spiffe://example.org/x?y', 'spiffe://example.org/x?y'), true);
+  });
+
+  test('a ** URI pattern refuses, at the connection, a client whose ID climbs out of it with ..', async () => {
+    const climber = await issueClientCert({ issuer: pki.clientCa, commonName: 'climber', uris: ['spiffe://example.org/ns/prod/../admin/sa/root'] });
+    await withProxy({ allow: { uri: ['spiffe://example.org/ns/prod/**'] } }, async (front) => {
+      assert.equal(await attempt(front, climber), 'not_allowed');
+      assert.equal(await attempt(front, alice), 'accepted');
+    });
+  });
+
   test('a * URI pattern refuses, at the connection, a client whose ID has more segments there', async () => {
     await withProxy({ allow: { uri: ['spiffe://example.org/ns/*/sa/reader'] } }, async (front) => {
       assert.equal(await attempt(front, alice), 'not_allowed');
