@@ -155,11 +155,21 @@ export function rfc2253Subject(subject: string): string {
   return subject.split('\n').filter(Boolean).reverse().join(',');
 }
 
+/**
+ * The values of one attribute, as the certificate holds them. Node prints one RDN a line, the
+ * attributes of a multi-valued RDN joined by ` + `, and values RFC 2253-escaped (`\,`, `\+`,
+ * `\\`, a control byte as `\0A`): a `+` inside a value is always `\+`, so ` + ` only joins.
+ */
 function attributes(subject: string, name: string): string[] {
   return subject
     .split('\n')
-    .filter((line) => line.startsWith(name + '='))
-    .map((line) => line.slice(name.length + 1));
+    .flatMap((rdn) => rdn.split(' + '))
+    .filter((attribute) => attribute.startsWith(name + '='))
+    .map((attribute) => unescapeRfc2253(attribute.slice(name.length + 1)));
+}
+
+function unescapeRfc2253(value: string): string {
+  return value.includes('\\') ? value.replace(/\\(?:([0-9A-Fa-f]{2})|(.))/g, (_, hex: string | undefined, char: string) => (hex ? String.fromCharCode(parseInt(hex, 16)) : char)) : value;
 }
 
 function quoteXfccValue(value: string): string {

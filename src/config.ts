@@ -257,11 +257,11 @@ export function optionalString(raw: RawOptions, name: string): string | undefine
   return String(v);
 }
 
-function stringList(raw: RawOptions, name: string): string[] {
+function stringList(raw: RawOptions, name: string, separator: string | RegExp = ','): string[] {
   const v = raw[name];
   if (v === undefined) return [];
   const list = Array.isArray(v) ? v : [v];
-  return list.flatMap((item) => String(item).split(',')).map((s) => s.trim()).filter(Boolean);
+  return list.flatMap((item) => String(item).split(separator)).map((s) => s.trim()).filter(Boolean);
 }
 
 function requiredString(raw: RawOptions, name: string, hint: string): string {
@@ -323,7 +323,8 @@ export function parseAllowList(raw: RawOptions): AllowList {
  * restriction the user asked for would silently be off.
  */
 function allowRules(raw: RawOptions, name: string): string[] {
-  const rules = stringList(raw, name);
+  // `\,` is a comma inside a value: subject names hold commas (CN=Smith\, John), and a plain comma separates values.
+  const rules = stringList(raw, name, /(?<!\\),/).map((rule) => rule.replace(/\\,/g, ','));
   if (raw[name] !== undefined && rules.length === 0) {
     throw new ConfigError(`${flag(name)} was given without a value; an empty allow-list would admit every client the CA vouches for (give a value, or leave the option out)`);
   }

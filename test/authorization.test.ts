@@ -6,7 +6,8 @@ import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, https1, startTestProxy, startUpstream, type ProxySetup, type StartedProxy } from './helpers/harness.js';
 import { issueClientCert, type Issued } from '../src/x509.js';
-import { uriPatternMatches } from '../src/client-identity.js';
+import { identityFromCertificate, uriPatternMatches } from '../src/client-identity.js';
+import { runCommand } from './helpers/cli.js';
 import { parseAllowList } from '../src/config.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
@@ -87,6 +88,34 @@ describe('allow-lists', () => {
       assert.equal(await attempt(front, alice), 'accepted');
       assert.equal(await attempt(front, pki.client), 'not_allowed');
     });
+  });
+
+  test('a CN or OU holding a comma or a plus is allowed as written, the comma escaped as \\, on the command line; a plain comma still separates values', async () => {
+    const allow = parseAllowList({ mtls_allow_cn: ['Smith\\, John', 'a, b'], mtls_allow_ou: 'R+D\\, Europe' });
+    assert.deepEqual(allow.cn, ['Smith, John', 'a', 'b']);
+    assert.deepEqual(allow.ou, ['R+D, Europe']);
+    const [john, smith, europe] = await Promise.all([
+      issueClientCert({ issuer: pki.clientCa, commonName: 'Smith, John' }),
+      issueClientCert({ issuer: pki.clientCa, commonName: 'Smith' }),
+      issueClientCert({ issuer: pki.clientCa, commonName: 'x', organizationalUnit: 'R+D, Europe' }),
+    ]);
+    await withProxy({ allow }, async (front) => {
+      assert.equal(await attempt(front, john), 'accepted');
+      assert.equal(await attempt(front, europe), 'accepted');
+      assert.equal(await attempt(front, smith), 'not_allowed');
+    });
+  });
+
+  test('the CN and OUs are the attributes themselves: not text inside another value, also in a multi-valued RDN, the last CN when there are several', async () => {
+    const subject = async (subj: string) => {
+      const made = await runCommand('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', '/dev/null', '-subj', subj, '-multivalue-rdn', '-days', '1']);
+      assert.equal(made.code, 0, made.stderr);
+      const { cn, ous, subject } = identityFromCertificate(new X509Certificate(made.stdout));
+      return { cn, ous, subject };
+    };
+    assert.deepEqual(await subject('/O=x\\, CN=admin/CN=user'), { cn: 'user', ous: [], subject: 'CN=user,O=x\\, CN=admin' });
+    assert.deepEqual(await subject('/OU=ops+CN=admin/OU=a\\+b'), { cn: 'admin', ous: ['ops', 'a+b'], subject: 'OU=a\\+b,OU=ops + CN=admin' });
+    assert.deepEqual(await subject('/CN=admin/CN=user'), { cn: 'user', ous: [], subject: 'CN=user,CN=admin' });
   });
 
   test('allow-lists of different kinds are OR-ed: a client matching any one rule gets in', async () => {
