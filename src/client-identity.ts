@@ -264,7 +264,7 @@ export function isAllowed(id: ClientIdentity, allow: AllowList): boolean {
   return (
     (id.cn !== undefined && allow.cn.includes(id.cn)) ||
     id.ous.some((ou) => allow.ou.includes(ou)) ||
-    id.dns.some((name) => allow.dns.includes(name)) ||
+    id.dns.some((name) => allow.dns.includes(name.toLowerCase())) ||
     id.uris.some((uri) => allow.uri.some((pattern) => uriPatternMatches(pattern, uri))) ||
     allow.fingerprint.includes(id.fingerprint)
   );

@@ -311,7 +311,8 @@ export function parseAllowList(raw: RawOptions): AllowList {
   return {
     cn: allowRules(raw, 'mtls_allow_cn'),
     ou: allowRules(raw, 'mtls_allow_ou'),
-    dns: allowRules(raw, 'mtls_allow_dns'),
+    // DNS names are case-insensitive (RFC 4343): isAllowed compares lower case.
+    dns: allowRules(raw, 'mtls_allow_dns').map((name) => name.toLowerCase()),
     uri: allowRules(raw, 'mtls_allow_uri'),
     fingerprint: allowRules(raw, 'mtls_allow_fingerprint').map((f) => normalizeFingerprint(f)),
   };

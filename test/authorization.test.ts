@@ -106,6 +106,18 @@ describe('allow-lists', () => {
     });
   });
 
+  test('--mtls_allow_dns compares DNS names without regard to case, and a wildcard SAN is no name it covers', async () => {
+    const allow = parseAllowList({ mtls_allow_dns: ['Api.Example.org'] });
+    const [shouting, wildcard] = await Promise.all([
+      issueClientCert({ issuer: pki.clientCa, commonName: 'shouting', dns: ['API.EXAMPLE.ORG'] }),
+      issueClientCert({ issuer: pki.clientCa, commonName: 'wildcard', dns: ['*.example.org'] }),
+    ]);
+    await withProxy({ allow }, async (front) => {
+      assert.equal(await attempt(front, shouting), 'accepted');
+      assert.equal(await attempt(front, wildcard), 'not_allowed');
+    });
+  });
+
   test('the CN and OUs are the attributes themselves: not text inside another value, also in a multi-valued RDN, the last CN when there are several', async () => {
     const subject = async (subj: string) => {
       const made = await runCommand('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', '/dev/null', '-subj', subj, '-multivalue-rdn', '-days', '1']);
