@@ -3,6 +3,7 @@ import type { TLSSocket } from 'node:tls';
 import type { AllowList } from './config.js';
 import { unsupportedCriticalExtensions } from './crl-index.js';
 import { pathToTrust } from './tls-checks.js';
+import { x509 } from './x509/peculiar.js';
 
 /** Who the client is, computed once per TLS connection. */
 export interface ClientIdentity {
@@ -98,8 +99,46 @@ export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | u
   if (CRL_REASONS.has(reason) && !pathToTrust(presentedCertificates(peer), trustedCas)) {
     return refusal('unknown_ca', `no trusted CA in its chain, OpenSSL's last error ${code}; issued by ${rfc2253Subject(peer.issuer)}`);
   }
+  // Also when OpenSSL's last error is about a CRL: that of a CA nobody may add a CRL for.
+  const unfit = !reason || CRL_REASONS.has(reason) ? unfitIssuer(peer) : undefined;
+  if (unfit) return refusal('verify_failed', `${code}; ${unfit}`);
   if (reason) return refusal(reason, code);
   return refusal('verify_failed', `${code}${unsupportedCriticalNote(peer)}`);
+}
+
+/**
+ * A certificate the client sent that signed the one before it without being allowed to: not a
+ * CA, a key usage without keyCertSign (OpenSSL's errors for both reach Node as UNSPECIFIED), or
+ * more CAs below it than its pathlen allows. Only read for a refused chain.
+ */
+function unfitIssuer(leaf: X509Certificate): string | undefined {
+  const chain = presentedCertificates(leaf);
+  for (let i = 1; i < chain.length; i++) {
+    const issuer = chain[i]!;
+    const parsed = safelyParse(issuer);
+    if (!parsed) continue;
+    // Not Node's `ca`: OpenSSL's X509_check_ca, false for a CA:TRUE certificate without keyCertSign too.
+    const constraints = parsed.getExtension(x509.BasicConstraintsExtension);
+    const usage = parsed.getExtension(x509.KeyUsagesExtension);
+    const pathLength = constraints?.pathLength;
+    const lack = !constraints?.ca
+      ? 'is no CA (no basicConstraints CA:TRUE)'
+      : usage && (usage.usages & x509.KeyUsageFlags.keyCertSign) === 0
+        ? 'has a key usage without keyCertSign'
+        : pathLength !== undefined && i - 1 > pathLength
+          ? `allows ${pathLength} CA certificate(s) below it (pathlen), and the chain has ${i - 1}`
+          : undefined;
+    if (lack) return `${rfc2253Subject(issuer.subject)}, sent by the client, signed ${rfc2253Subject(chain[i - 1]!.subject)} but ${lack}: it may not issue that certificate`;
+  }
+  return undefined;
+}
+
+function safelyParse(cert: X509Certificate): x509.X509Certificate | undefined {
+  try {
+    return new x509.X509Certificate(cert.raw);
+  } catch {
+    return undefined;
+  }
 }
 
 /**

@@ -1,11 +1,11 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { X509Certificate } from 'node:crypto';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, https1, startTestProxy, startUpstream, type ProxySetup, type StartedProxy } from './helpers/harness.js';
-import { issueClientCert, type Issued } from '../src/x509.js';
+import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
 import { identityFromCertificate, uriPatternMatches } from '../src/client-identity.js';
 import { runCommand } from './helpers/cli.js';
 import { parseAllowList } from '../src/config.js';
@@ -177,6 +177,66 @@ describe('allow-lists', () => {
   test('a * URI pattern refuses, at the connection, a client whose ID has more segments there', async () => {
     await withProxy({ allow: { uri: ['spiffe://example.org/ns/*/sa/reader'] } }, async (front) => {
       assert.equal(await attempt(front, alice), 'not_allowed');
+    });
+  });
+});
+
+/** A certificate the openssl CLI signs with `ca` (a base name in pki.dir: BASE.pem, BASE.key), written as NAME.pem / NAME.key; `extensions` are config lines. */
+async function opensslIssue(name: string, subject: string, extensions: string, ca: string): Promise<Issued> {
+  const at = (file: string) => join(pki.dir, file);
+  await writeFile(at(`${name}.cnf`), `[req]\ndistinguished_name=dn\n[dn]\n[ext]\n${extensions}\n`);
+  const steps = [
+    ['ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', at(`${name}.key`)],
+    ['req', '-new', '-key', at(`${name}.key`), '-subj', subject, '-config', at(`${name}.cnf`), '-out', at(`${name}.csr`)],
+    ['x509', '-req', '-in', at(`${name}.csr`), '-CA', at(`${ca}.pem`), '-CAkey', at(`${ca}.key`), '-CAcreateserial', '-days', '1', '-extfile', at(`${name}.cnf`), '-extensions', 'ext', '-out', at(`${name}.pem`)],
+  ];
+  for (const step of steps) {
+    const run = await runCommand('openssl', step);
+    assert.equal(run.code, 0, run.stderr);
+  }
+  return { certPem: await readFile(at(`${name}.pem`), 'utf8'), keyPem: await readFile(at(`${name}.key`), 'utf8'), serialHex: '' };
+}
+
+const CLIENT_EXTENSIONS = 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth';
+const CA_EXTENSIONS = 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign';
+const sentWith = (leaf: Issued, ...cas: Issued[]): Issued => ({ ...leaf, certPem: leaf.certPem + cas.map((ca) => ca.certPem).join('') });
+
+describe('chains a client builds to get past the CA', () => {
+  test('a client certificate used to sign another, a CA without keyCertSign, and a CA under a pathlen:0 CA are refused verify_failed, naming the certificate at fault, with CRLs on or off', async () => {
+    const plainLeaf = await opensslIssue('plain_leaf', '/CN=plain leaf', CLIENT_EXTENSIONS, 'client_cert_ca');
+    const noCertSign = await opensslIssue('no_certsign', '/CN=no certsign CA', 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,digitalSignature,cRLSign', 'client_cert_ca');
+    const pathLen0 = await opensslIssue('pathlen0', '/CN=pathlen0 CA', 'basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign', 'client_cert_ca');
+    const below = await opensslIssue('below_pathlen0', '/CN=below pathlen0 CA', CA_EXTENSIONS, 'pathlen0');
+    const cases: [Issued, RegExp][] = [
+      [sentWith(await opensslIssue('admin1', '/CN=admin', CLIENT_EXTENSIONS, 'plain_leaf'), plainLeaf), /CN=plain leaf, sent by the client, signed CN=admin but is no CA \(no basicConstraints CA:TRUE\): it may not issue that certificate/],
+      [sentWith(await opensslIssue('admin2', '/CN=admin', CLIENT_EXTENSIONS, 'no_certsign'), noCertSign), /CN=no certsign CA, sent by the client, signed CN=admin but has a key usage without keyCertSign/],
+      [sentWith(await opensslIssue('admin3', '/CN=admin', CLIENT_EXTENSIONS, 'below_pathlen0'), below, pathLen0), /CN=pathlen0 CA, sent by the client, signed CN=below pathlen0 CA but allows 0 CA certificate\(s\) below it \(pathlen\), and the chain has 1/],
+    ];
+    // With CRLs on, OpenSSL's last error for a forged CA can be the CRL it has none of (crl_missing, "give one CRL per CA"): either way the chain's own fault is named.
+    for (const crl of [undefined, pki.paths['client_cert_ca.crl']!]) {
+      await withProxy({ tls: { crl } }, async (front) => {
+        for (const [client, detail] of cases) {
+          assert.equal(await attempt(front, client), 'verify_failed');
+          assert.match(String(front.logs.lines.filter((l) => l.event === 'client_refused').at(-1)!.msg), detail);
+        }
+      });
+    }
+  });
+
+  test('a revoked intermediate CA refuses its clients at the handshake, and a CRL that lapses while the proxy runs refuses every client of its CA', async () => {
+    const revokedIntermediate = join(pki.dir, 'revoked_intermediate.crl');
+    await writeFile(revokedIntermediate, (await createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: pki.intermediateCa.serialHex }] })) + pki.intermediateCrlPem);
+    await withProxy({ tls: { crl: revokedIntermediate } }, async (front) => {
+      assert.equal(await attempt(front, pki.chainedClient), 'revoked');
+      assert.equal(await attempt(front, pki.client), 'accepted');
+    });
+    const lapsing = join(pki.dir, 'lapsing.crl');
+    const nextUpdate = new Date(Date.now() + 2000);
+    await writeFile(lapsing, await createCrl({ issuer: pki.clientCa, thisUpdate: new Date(Date.now() - 60_000), nextUpdate }));
+    await withProxy({ tls: { crl: lapsing } }, async (front) => {
+      assert.equal(await attempt(front, pki.client), 'accepted');
+      await new Promise((resolve) => setTimeout(resolve, nextUpdate.getTime() - Date.now() + 1100));
+      assert.equal(await attempt(front, pki.client), 'crl_expired');
     });
   });
 });
