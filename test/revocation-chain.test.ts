@@ -1,9 +1,14 @@
 import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import type * as grpc from '@grpc/grpc-js';
 import { copyFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import type { ModelServer } from '../src/demo/model-server.js';
-import { startTestProxy, startUpstream } from './helpers/harness.js';
+import { assertRefusedCall, grpcClients, startTestProxy, startUpstream } from './helpers/harness.js';
+import { eventually } from './helpers/ops.js';
+import { unary } from '../src/demo/grpc-client.js';
+import { FORWARD_MODES } from '../src/config.js';
 import { closedByReload, reloaderFor } from './helpers/reload.js';
 import { createCrl } from '../src/x509.js';
 
@@ -44,7 +49,7 @@ describe('a reload closes what a new handshake would refuse', () => {
   let pki: TestPki;
   let upstream: ModelServer;
   before(async () => {
-    [pki, upstream] = await Promise.all([createTestPki(), startUpstream({ grpcPort: null })]);
+    [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
   });
   after(async () => {
     await upstream.close();
@@ -65,4 +70,29 @@ describe('a reload closes what a new handshake would refuse', () => {
     };
     await closedByReload(pki, files, pki.chainedLeafOnly, revokeIntermediate, /CN=chained client/, 'revoked');
   });
+
+  for (const grpcMode of FORWARD_MODES) {
+    test(`--mtls_grpc_mode ${grpcMode}: the idle connection closes without waiting for the grace period, and the next call is refused revoked`, async () => {
+      const crl = join(pki.dir, `grpc-${grpcMode}.crl`);
+      await writeFile(crl, pki.crlPem);
+      const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, tls: { crl }, grpcMode });
+      const files = { cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']!, crl };
+      const reloader = reloaderFor(front, files, { revokedGraceMs: 3_600_000 });
+      const c = grpcClients(front.grpcAddress, pki, pki.client);
+      try {
+        await unary(c.echo, 'Unary', { payload: Buffer.from('x') });
+        await writeFile(crl, await createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: pki.client.serialHex }] }));
+        const outcome = await reloader.reload('api');
+        assert.equal(outcome.ok && outcome.revokedConnections, 1);
+        await front.logs.waitFor((l) => l.event === 'connection_revoked' && l.reason === 'revoked');
+        await eventually(() => front.proxy.listeners().every((listener) => listener.connections.size === 0), 'the revoked connection closes');
+        const err = await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('the revoked client must be refused'), (e: grpc.ServiceError) => e);
+        assertRefusedCall(err, 'revoked');
+      } finally {
+        c.close();
+        reloader.close();
+        await front.proxy.shutdown(1000);
+      }
+    });
+  }
 });
