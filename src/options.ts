@@ -34,7 +34,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_key', type: 'string', describe: 'Server private key (PEM)', defaultDescription: '/certs/server.key in entrypoint mode' },
   { name: 'mtls_client_ca', type: 'string', describe: 'CA bundle that client certificates must chain to (PEM)', defaultDescription: '/certs/client_cert_ca.pem in entrypoint mode' },
   { name: 'mtls_crl', type: 'string', describe: 'Certificate revocation list(s) for client certificates (PEM)', defaultDescription: '/certs/client_cert_ca.crl whenever it exists, also when added later (entrypoint mode)' },
-  { name: 'mtls_allow_cn', type: 'array', describe: 'Allow only clients with this subject CN (repeatable; allow-lists are OR-ed)' },
+  { name: 'mtls_allow_cn', type: 'array', describe: 'Allow only clients with this subject CN (repeatable; allow-lists are OR-ed; a comma separates values, \\, is a comma inside one)' },
   { name: 'mtls_allow_ou', type: 'array', describe: 'Allow only clients with this subject OU (repeatable)' },
   { name: 'mtls_allow_dns', type: 'array', describe: 'Allow only clients with this DNS SAN (repeatable)' },
   { name: 'mtls_allow_uri', type: 'array', describe: 'Allow only clients with a URI SAN matching this pattern; * = one path segment, ** = any suffix (repeatable)' },
