@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -34,3 +35,41 @@ for (const [first, second] of [['SIGINT', 'SIGINT'], ['SIGTERM', 'SIGINT'], ['SI
     }
   });
 }
+
+/** A new PID namespace (root, or user namespaces allowed): the child is its PID 1, as in a container without tini. */
+const PID_NAMESPACE = spawnSync('unshare', ['--pid', '--fork', 'true']).status === 0;
+
+/** Outside pid of the process `unshare --fork` started (its only child). */
+function childOf(pid: number): number | undefined {
+  const children = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim();
+  return children === '' ? undefined : Number(children.split(' ')[0]);
+}
+
+test(
+  'as PID 1 of its namespace (a container without tini), a second SIGTERM during the drain still ends the process, with 128+15: the kernel drops the raised signal there',
+  { skip: PID_NAMESPACE ? false : 'unshare --pid is not available here' },
+  async () => {
+    const unshare = spawn('unshare', ['--pid', '--fork', process.execPath, CHILD], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const exited = once(unshare, 'exit') as Promise<[number | null, NodeJS.Signals | null]>;
+    let pid1: number | undefined;
+    // SIGKILL reaches a namespace's PID 1 from outside; killing unshare alone would leave it draining.
+    const watchdog = setTimeout(() => {
+      if (pid1 !== undefined) process.kill(pid1, 'SIGKILL');
+      unshare.kill('SIGKILL');
+    }, 30_000);
+    for await (const line of createInterface({ input: unshare.stdout })) {
+      if (line === 'ready') {
+        pid1 = childOf(unshare.pid!);
+        assert.ok(pid1, 'the process in the namespace');
+        process.kill(pid1, 'SIGTERM');
+      } else if (line.includes('"event":"signal"')) {
+        process.kill(pid1!, 'SIGTERM');
+        break;
+      }
+    }
+    const [code] = await exited;
+    clearTimeout(watchdog);
+    // unshare exits with its child's code; without the fix the child drained on until the watchdog.
+    assert.equal(code, 128 + 15);
+  },
+);

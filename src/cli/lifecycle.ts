@@ -1,4 +1,5 @@
 import type { Logger } from '../log.js';
+import { constants as osConstants } from 'node:os';
 import { keepInspectorOff } from '../inspector-signal.js';
 
 export interface StopSignal {
@@ -20,6 +21,8 @@ export interface StopSignal {
  * default by removing the handlers at the first: a signal that comes before
  * the first one's handler has run (one right after our 'signal' line, which a
  * pipe carries at once) would be caught by the handler on its way out and lost.
+ * As PID 1 (a container started without tini) the process exits with 128+N instead:
+ * the kernel drops a signal PID 1 has no handler for, so the raise would be lost.
  * SIGHUP keeps its handler until `dispose`: Node's
  * default for it is to die, and a certificate rotation that lands during a
  * drain must neither cut the calls finishing nor change the exit code.
@@ -34,7 +37,7 @@ export function waitForStopSignal(logger: Logger): StopSignal {
     if (stopping) {
       process.off('SIGTERM', onStop);
       process.off('SIGINT', onStop);
-      process.kill(process.pid, s);
+      endBySignal(s);
       return;
     }
     stopping = true;
@@ -65,4 +68,15 @@ export function waitForStopSignal(logger: Logger): StopSignal {
       }
     },
   };
+}
+
+/**
+ * Dies of `signal` (its default action), as if no handler had caught it. PID 1 of a PID
+ * namespace cannot: the kernel ignores a signal it has no handler for, from inside the
+ * namespace and from outside (SIGKILL aside), so the drain would go on. It exits with the
+ * code a shell (and tini) reports for death by that signal instead.
+ */
+function endBySignal(signal: NodeJS.Signals): void {
+  if (process.pid === 1) process.exit(128 + osConstants.signals[signal]);
+  process.kill(process.pid, signal);
 }
