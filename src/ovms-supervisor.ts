@@ -58,7 +58,10 @@ export interface SupervisorEvents {
   spawn: [pid: number | undefined];
   ready: [pid: number | undefined];
   exit: [status: ExitStatus, pid: number | undefined];
+  /** A restart is scheduled after the backoff; a stop before its end cancels it. */
   restarting: [attempt: number, delayMs: number];
+  /** The backoff is over and OVMS is started again (`spawn` follows): the restart happened. */
+  restarted: [restarts: number];
   /** OVMS failed `maxFailuresInARow` times in a row: no restart; `done` follows. */
   givingUp: [failuresInARow: number, status: ExitStatus];
   /** Respawning at once after a start failure that `retryStart` accepted. */
@@ -239,6 +242,7 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
     this.emit('restarting', this.#restarts + 1, delay);
     this.#restartTimer = setTimeout(() => {
       this.#restarts += 1;
+      this.emit('restarted', this.#restarts);
       this.#spawn();
     }, delay);
   }

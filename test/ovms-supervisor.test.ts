@@ -124,3 +124,29 @@ test('a spawn that fails is reported with its reason, and EMFILE names the limit
   assert.equal(describeExit({ code: 3, signal: null }), 'OVMS exited with 3');
   assert.equal(describeExit({ code: null, signal: 'SIGKILL' }), 'OVMS exited with SIGKILL');
 });
+
+test('--mtls_restart on-failure: a restart is counted (restarted) when OVMS starts again, not when it is scheduled; a stop during the backoff cancels it uncounted', { timeout: 60_000 }, async () => {
+  const slow: RestartPolicy = { mode: 'on-failure', initialBackoffMs: 60_000, maxBackoffMs: 60_000, stableAfterMs: 60_000, maxFailuresInARow: 5 };
+  const cancelled = new OvmsSupervisor({ command: () => failingAfter(0), probe: async () => false, restart: slow });
+  const counted: number[] = [];
+  cancelled.on('restarted', (restarts) => counted.push(restarts));
+  cancelled.start();
+  await once(cancelled, 'restarting');
+  assert.deepEqual(await cancelled.stop('SIGTERM', 0), { code: 3, signal: null });
+  assert.deepEqual(counted, [], 'a restart that never happened was counted');
+  assert.equal(cancelled.state().restarts, 0);
+
+  const quick: RestartPolicy = { ...slow, initialBackoffMs: 10, maxBackoffMs: 10 };
+  let spawned = 0;
+  const restarted = new OvmsSupervisor({ command: () => (spawned++ === 0 ? failingAfter(0) : runningUntilSignalled('exit 0')), probe: async () => false, restart: quick });
+  const countedAfter: number[] = [];
+  restarted.on('restarted', (restarts) => countedAfter.push(restarts));
+  restarted.start();
+  try {
+    await once(restarted, 'restarting');
+    await once(restarted, 'spawn');
+    assert.deepEqual(countedAfter, [1]);
+  } finally {
+    await restarted.stop('SIGKILL', 0);
+  }
+});

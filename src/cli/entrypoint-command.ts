@@ -229,7 +229,8 @@ function tellWorkersAboutOvms(supervisor: OvmsSupervisor, workers: WorkerPool): 
 /** ovms_up turns 1 only through the readiness check: OVMS's ports open (the supervisor's 'ready') before its models load. */
 function countSupervisorEvents(supervisor: OvmsSupervisor, metrics: ProxyMetrics): void {
   supervisor.on('exit', () => metrics.setOvmsUp(false));
-  supervisor.on('restarting', () => metrics.ovmsRestarted());
+  // Counted when OVMS starts again, not when the restart is scheduled: a stop during the backoff cancels it.
+  supervisor.on('restarted', () => metrics.ovmsRestarted());
 }
 
 function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, upstreams: LoopbackUpstreams, config: Config, logger: Logger): OvmsSupervisor {
