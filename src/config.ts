@@ -88,6 +88,8 @@ export interface Config {
   readonly workers: number;
   /** `terminate`: every call through our HTTP/2 server (XFCC, per-call log). `relay`: frames passed as they are. */
   readonly grpcMode: ForwardMode;
+  /** gRPC terminate: h2c connections each worker opens to the model server, calls taking them in turn. */
+  readonly grpcUpstreamConnections: number;
   /** `terminate`: Node's HTTP server and client per request. `relay`: HTTP/1.1 heads parsed, bodies passed as they are. */
   readonly restMode: ForwardMode;
 }
@@ -106,6 +108,10 @@ export const DEFAULTS = {
   logLevel: 'info' as LevelWithSilent,
   accessLog: true,
   grpcMode: 'terminate' as ForwardMode,
+  /** Proxy mode; the entrypoint opens as many as OVMS runs gRPC servers (ovms-args.ts ovmsGrpcServers). */
+  grpcUpstreamConnections: 1,
+  /** Each is a descriptor and an HTTP/2 session per worker; OVMS caps --grpc_workers at its core count. */
+  maxGrpcUpstreamConnections: 64,
   restMode: 'terminate' as ForwardMode,
   limits: {
     handshakeTimeoutMs: 10_000,
@@ -456,6 +462,7 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     admin: adminPort > 0 ? { port: adminPort, hosts: parseBindAddresses('mtls_admin_bind_address', raw['mtls_admin_bind_address'], DEFAULTS.adminBindAddress) } : undefined,
     workers: parseWorkers(raw),
     grpcMode: parseChoice(raw, 'mtls_grpc_mode', FORWARD_MODES, DEFAULTS.grpcMode),
+    grpcUpstreamConnections: numberOr(raw, 'mtls_grpc_upstream_connections', DEFAULTS.grpcUpstreamConnections, 1, DEFAULTS.maxGrpcUpstreamConnections),
     restMode: parseChoice(raw, 'mtls_rest_mode', FORWARD_MODES, DEFAULTS.restMode),
   };
 }

@@ -4,7 +4,7 @@
  */
 import { ALL_OPTIONS, optionsFromEnv, type RawOptions } from './options.js';
 import { DEFAULTS, RESTART_MODES, checkAdminPort, optionalString, parseChoice, parseCommonConfig, parsePublicListeners, secondsOr, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
-import type { SplitOvmsArgv } from './ovms-args.js';
+import { ovmsGrpcServers, type SplitOvmsArgv } from './ovms-args.js';
 import type { RestartPolicy } from './ovms-supervisor.js';
 
 export interface EntrypointSettings {
@@ -49,8 +49,9 @@ export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv)
   const raw = entrypointOptions(split, env);
   const ovmsUser = optionalString(raw, 'mtls_ovms_user') ?? DEFAULTS.ovms.user;
   const listeners = parsePublicListeners(raw);
-  const common = parseCommonConfig(raw, containerTlsDefaults(raw));
-  checkAdminPort(common.admin, listeners);
+  const parsed = parseCommonConfig(raw, containerTlsDefaults(raw));
+  checkAdminPort(parsed.admin, listeners);
+  const common = raw['mtls_grpc_upstream_connections'] === undefined ? { ...parsed, grpcUpstreamConnections: ovmsGrpcServers(split.passthrough, env, DEFAULTS.maxGrpcUpstreamConnections) } : parsed;
   return {
     listeners,
     common,

@@ -4,7 +4,7 @@ import type { ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, statusForReset } from './grpc-status.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { UpstreamH2Session, isSessionRefusal } from './upstream-h2.js';
+import { UpstreamH2Sessions, isSessionRefusal } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
@@ -18,6 +18,8 @@ const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'tra
 export interface GrpcForwarderOptions {
   readonly upstream: HostPort;
   readonly limits: Limits;
+  /** h2c connections to the upstream that calls take in turn (--mtls_grpc_upstream_connections); 1 when not given. */
+  readonly upstreamConnections?: number;
   readonly observer: ProxyObserver;
   /** Returns why the upstream cannot take calls yet (OVMS still starting), or undefined when ready. */
   readonly notReady?: () => string | undefined;
@@ -36,7 +38,7 @@ export class GrpcForwarder {
 
   constructor(options: GrpcForwarderOptions) {
     this.#options = options;
-    this.#shared = { pool: new UpstreamH2Session(options.upstream, options.limits), cancels: new CancelTally(), calls: new Set() };
+    this.#shared = { pool: new UpstreamH2Sessions(options.upstream, options.limits, options.upstreamConnections ?? 1), cancels: new CancelTally(), calls: new Set() };
   }
 
   handle(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext): void {
@@ -75,7 +77,7 @@ export class GrpcForwarder {
     for (const call of this.#shared.calls) call.end(message);
   }
 
-  /** Closes the upstream connection: gracefully, destroyed after `graceMs`. */
+  /** Closes the upstream connections: gracefully, destroyed after `graceMs`. */
   close(graceMs: number): Promise<void> {
     return this.#shared.pool.close(graceMs);
   }
@@ -83,7 +85,7 @@ export class GrpcForwarder {
 
 /** What every call of a forwarder shares. */
 interface CallShared {
-  readonly pool: UpstreamH2Session;
+  readonly pool: UpstreamH2Sessions;
   readonly cancels: CancelTally;
   /** Calls whose client stream is still open. */
   readonly calls: Set<GrpcCall>;
@@ -146,7 +148,7 @@ export function headerListSize(headers: OutgoingHttpHeaders): number {
 function ignore(): void {}
 
 /** Why a request's metadata is not sent on: the model server's limit, or ours when it is the lower. */
-function metadataTooLarge(size: number, pool: UpstreamH2Session): string {
+function metadataTooLarge(size: number, pool: UpstreamH2Sessions): string {
   const included = 'x-forwarded-client-cert included';
   if (size > pool.maxHeaderListSize) {
     return `request metadata of ${size} bytes is over the ${pool.maxHeaderListSize} bytes the model server accepts (its HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, ${included})`;

@@ -104,9 +104,9 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
 }
 
 function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
-  const { limits, grpcMode } = options.config;
+  const { limits, grpcMode, grpcUpstreamConnections } = options.config;
   const notReady = options.notReady?.grpc;
-  const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits, observer, notReady });
+  const forwarder = new GrpcForwarder({ upstream: cfg.upstream, limits, upstreamConnections: grpcUpstreamConnections, observer, notReady });
   const h2 = new H2Front({ limits, observer, onStream: (stream, headers, ctx, raw) => forwarder.handle(stream, separateRepeated(headers, raw), ctx) });
   const h1 = new H1Front({ limits, observer, onRequest: answerHttp1OnGrpcPort(observer) });
   // The terminating front stays: it answers while the upstream is not ready or unreachable.

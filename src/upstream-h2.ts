@@ -64,7 +64,6 @@ export class UpstreamH2Session {
   /** Forget a session that refused a new stream so the next call reconnects. */
   discard(session: ClientHttp2Session): void {
     if (this.#session === session) this.#session = undefined;
-    if (!session.destroyed) session.close();
   }
 
   /**
@@ -120,5 +119,48 @@ export class UpstreamH2Session {
       session.setLocalWindowSize(limits.connectionWindow);
     });
     return session;
+  }
+}
+
+/**
+ * Calls spread, in turn, over `count` upstream sessions. OVMS runs --grpc_workers gRPC
+ * servers on one port (SO_REUSEPORT: the kernel hands each connection to one of them, by a
+ * hash of its addresses), so over a single shared connection one server took every call and
+ * the others stayed idle; several connections reach them as direct clients would, and no
+ * one connection's flow-control window or reader is shared by every call.
+ */
+export class UpstreamH2Sessions {
+  readonly #sessions: readonly UpstreamH2Session[];
+  #next = 0;
+  readonly maxSendHeaderListSize: number;
+
+  constructor(upstream: HostPort, limits: Limits, count: number) {
+    this.#sessions = Array.from({ length: Math.max(1, count) }, () => new UpstreamH2Session(upstream, limits));
+    this.maxSendHeaderListSize = this.#sessions[0]!.maxSendHeaderListSize;
+  }
+
+  /** The next session in turn (opened, or reopened, when it is not live). */
+  current(): ClientHttp2Session {
+    const sessions = this.#sessions;
+    const one = sessions[this.#next]!;
+    this.#next = (this.#next + 1) % sessions.length;
+    return one.current();
+  }
+
+  /** The lowest limit any session's upstream advertised: they are one server, or its servers on one port. */
+  get maxHeaderListSize(): number {
+    let lowest = Infinity;
+    for (const one of this.#sessions) lowest = Math.min(lowest, one.maxHeaderListSize);
+    return lowest;
+  }
+
+  /** Closes a session that refused a new stream; the next call its slot gets reconnects. */
+  discard(session: ClientHttp2Session): void {
+    for (const one of this.#sessions) one.discard(session);
+    if (!session.destroyed) session.close();
+  }
+
+  close(graceMs: number): Promise<void> {
+    return Promise.all(this.#sessions.map((one) => one.close(graceMs))).then(() => undefined);
   }
 }

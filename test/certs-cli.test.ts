@@ -237,6 +237,7 @@ describe('a set made by certs init serves the proxy', () => {
       accessLog: false,
       workers: 1,
       grpcMode: 'terminate',
+      grpcUpstreamConnections: 1,
       restMode: 'terminate',
     };
     const logs = new LogCapture();

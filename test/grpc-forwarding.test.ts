@@ -2,7 +2,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
-import { connect as connectH2, constants, createServer as createH2cServer, type IncomingHttpHeaders, type ServerHttp2Stream, type ServerOptions, type Settings } from 'node:http2';
+import { connect as connectH2, constants, createServer as createH2cServer, type Http2Session, type IncomingHttpHeaders, type ServerHttp2Stream, type ServerOptions, type Settings } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
@@ -46,14 +46,19 @@ type OnH2cStream = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, fla
  * server library would send); both are closed after `run`, however it ends.
  */
 async function behindH2cUpstream(
-  setup: { onStream: OnH2cStream; settings?: Settings; serverOptions?: ServerOptions; limits?: Partial<Limits> },
+  setup: { onStream: OnH2cStream; settings?: Settings; serverOptions?: ServerOptions; limits?: Partial<Limits>; grpcUpstreamConnections?: number },
   run: (local: StartedProxy) => Promise<void>,
 ): Promise<void> {
   const server = createH2cServer({ ...setup.serverOptions, ...(setup.settings ? { settings: setup.settings } : {}) });
   server.on('stream', setup.onStream);
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
-  const local = await startTestProxy({ pki, upstream: { grpcPort: (server.address() as AddressInfo).port }, ...(setup.limits ? { limits: setup.limits } : {}) });
+  const local = await startTestProxy({
+    pki,
+    upstream: { grpcPort: (server.address() as AddressInfo).port },
+    ...(setup.limits ? { limits: setup.limits } : {}),
+    ...(setup.grpcUpstreamConnections ? { grpcUpstreamConnections: setup.grpcUpstreamConnections } : {}),
+  });
   try {
     await run(local);
   } finally {
@@ -227,6 +232,62 @@ describe('grpc upstream failures', () => {
       } finally {
         c.close();
       }
+    });
+  });
+
+  describe('--mtls_grpc_upstream_connections', () => {
+    /** Six calls at once from one client connection; how many calls each upstream connection carried. */
+    async function callsPerUpstreamConnection(connections: number | undefined): Promise<number[]> {
+      const carried = new Map<Http2Session, number>();
+      const onStream = (stream: ServerHttp2Stream) => {
+        stream.on('error', () => {});
+        stream.resume();
+        carried.set(stream.session!, (carried.get(stream.session!) ?? 0) + 1);
+        answerOk(stream);
+      };
+      await behindH2cUpstream({ onStream, ...(connections ? { grpcUpstreamConnections: connections } : {}) }, async (local) => {
+        const c = grpcClients(local.grpcAddress, pki);
+        try {
+          const results = await Promise.all(Array.from({ length: 6 }, () => unary(c.echo, 'Unary', {}).then(() => 'OK', (e: grpc.ServiceError) => e.details)));
+          assert.deepEqual(results, Array(6).fill('OK'));
+        } finally {
+          c.close();
+        }
+      });
+      return [...carried.values()];
+    }
+
+    test('calls take the upstream connections in turn (OVMS --grpc_workers N: N servers on one port, each reached only by its own connections)', async () => {
+      assert.deepEqual(await callsPerUpstreamConnection(3), [2, 2, 2]);
+    });
+
+    test('by default (proxy mode) every call shares one upstream connection', async () => {
+      assert.deepEqual(await callsPerUpstreamConnection(undefined), [6]);
+    });
+
+    test('a connection the model server closes is opened again, and calls keep taking every connection', NOT_FOR_EVER, async () => {
+      const sessions: Http2Session[] = [];
+      const onStream = (stream: ServerHttp2Stream) => {
+        stream.on('error', () => {});
+        stream.resume();
+        if (!sessions.includes(stream.session!)) sessions.push(stream.session!);
+        answerOk(stream);
+      };
+      await behindH2cUpstream({ onStream, grpcUpstreamConnections: 2 }, async (local) => {
+        const c = grpcClients(local.grpcAddress, pki);
+        try {
+          const call = () => unary(c.echo, 'Unary', {}).then(() => 'OK', (e: grpc.ServiceError) => e.details);
+          assert.deepEqual(await Promise.all([call(), call()]), ['OK', 'OK']);
+          assert.equal(sessions.length, 2);
+          // The model server restarting, or its connection age limit: GOAWAY with nothing in flight, then close.
+          const closed = once(sessions[0]!, 'close');
+          sessions[0]!.close();
+          await closed;
+          await eventually(async () => (await Promise.all([call(), call(), call(), call()])).every((r) => r === 'OK') && sessions.length === 3, 'a third connection carries calls');
+        } finally {
+          c.close();
+        }
+      });
     });
   });
 

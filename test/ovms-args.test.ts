@@ -1,6 +1,6 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { splitOvmsArgv, ovmsServeArgv } from '../src/ovms-args.js';
+import { splitOvmsArgv, ovmsGrpcServers, ovmsServeArgv } from '../src/ovms-args.js';
 import { ConfigError } from '../src/errors.js';
 import { containerTlsDefaults, entrypointSettings } from '../src/entrypoint-config.js';
 
@@ -190,6 +190,21 @@ describe('the argv OVMS is started with', () => {
 });
 
 describe('entrypoint settings', () => {
+  test("gRPC terminate opens one upstream connection per gRPC server OVMS runs: GRPC_SERVERS, else --grpc_workers, as OVMS counts them", () => {
+    const connections = (argv: string[], env: NodeJS.ProcessEnv = {}) => entrypointSettings(splitOvmsArgv(['--port', '9000', ...argv]), env).common.grpcUpstreamConnections;
+    assert.equal(connections([]), 1);
+    assert.equal(connections(['--grpc_workers', '4']), 4);
+    assert.equal(connections(['--grpc_workers=2', '--grpc_workers=3']), 3);
+    assert.equal(connections(['--grpc_workers', '4'], { GRPC_SERVERS: '6' }), 6);
+    // OVMS ignores a GRPC_SERVERS that is no positive number, and starts at least one server.
+    assert.equal(connections(['--grpc_workers', '2'], { GRPC_SERVERS: 'many' }), 2);
+    assert.equal(connections(['--grpc_workers', '0']), 1);
+    // Ours wins, from the command line or the environment.
+    assert.equal(connections(['--grpc_workers', '4', '--mtls_grpc_upstream_connections', '1']), 1);
+    assert.equal(connections(['--grpc_workers', '4'], { OVMS_MTLS_GRPC_UPSTREAM_CONNECTIONS: '2' }), 2);
+    assert.equal(ovmsGrpcServers(['--grpc_workers', '500'], {}, 64), 64);
+  });
+
   test('the nginx example mount points are the TLS defaults; its CRL optional (used whenever the file is there)', () => {
     assert.deepEqual(containerTlsDefaults({}), { cert: '/certs/server.pem', key: '/certs/server.key', clientCa: '/certs/client_cert_ca.pem', crl: '/certs/client_cert_ca.crl', crlOptional: true });
     assert.deepEqual(entrypointSettings(splitOvmsArgv(['--port', '9000']), {}).common.tls, { cert: '/certs/server.pem', key: '/certs/server.key', clientCa: '/certs/client_cert_ca.pem', crl: '/certs/client_cert_ca.crl', crlOptional: true });

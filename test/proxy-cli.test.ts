@@ -104,6 +104,7 @@ describe('proxy command line', () => {
       /^ovms-mtls: unexpected argument 'maybe'; options take their value as --name VALUE or --name=VALUE \(see `ovms-mtls --help`\)\n$/],
     ['no public port at all', () => [...tlsFlags()], /no public port: give --port \(gRPC\) and\/or --rest_port \(REST\)/],
     ['a port that is not a number', () => ['--port=abc', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags()], /--port: 'abc' is not a whole number between 0 and 65535/],
+    ['no upstream connection at all', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_grpc_upstream_connections', '0', ...tlsFlags()], /^ovms-mtls: --mtls_grpc_upstream_connections: '0' is not a whole number between 1 and 64/],
     ['an unknown gRPC mode', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_grpc_mode', 'fast', ...tlsFlags()], /--mtls_grpc_mode: 'fast' is not one of terminate, relay/],
     ['a listener without its upstream', () => ['--rest_port', '8443', ...tlsFlags()], /--mtls_rest_upstream is required with --rest_port/],
     // Only the entrypoint drops privileges: `proxy` took --mtls_user and went on serving as root.

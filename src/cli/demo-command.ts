@@ -43,6 +43,7 @@ function demoConfig(certDir: string, ports: { grpc: number; rest: number }, upst
     admin: undefined,
     workers: 1,
     grpcMode: DEFAULTS.grpcMode,
+    grpcUpstreamConnections: DEFAULTS.grpcUpstreamConnections,
     restMode: DEFAULTS.restMode,
   };
 }

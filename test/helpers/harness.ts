@@ -66,6 +66,7 @@ export interface ProxySetup {
   notReady?: Parameters<typeof startProxy>[0]['notReady'];
   grpcMode?: Config['grpcMode'];
   restMode?: Config['restMode'];
+  grpcUpstreamConnections?: number;
 }
 
 export interface StartedProxy {
@@ -90,6 +91,7 @@ export function baseConfig(setup: ProxySetup): Config {
     accessLog: true,
     workers: 1,
     grpcMode: setup.grpcMode ?? 'terminate',
+    grpcUpstreamConnections: setup.grpcUpstreamConnections ?? 1,
     restMode: setup.restMode ?? 'terminate',
   };
 }
