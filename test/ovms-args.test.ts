@@ -190,14 +190,16 @@ describe('the argv OVMS is started with', () => {
 });
 
 describe('entrypoint settings', () => {
-  test("gRPC terminate opens one upstream connection per gRPC server OVMS runs: GRPC_SERVERS, else --grpc_workers, as OVMS counts them", () => {
+  test('gRPC terminate opens four upstream connections per gRPC server OVMS runs (GRPC_SERVERS, else --grpc_workers, as OVMS counts them), one for one', () => {
     const connections = (argv: string[], env: NodeJS.ProcessEnv = {}) => entrypointSettings(splitOvmsArgv(['--port', '9000', ...argv]), env).common.grpcUpstreamConnections;
     assert.equal(connections([]), 1);
-    assert.equal(connections(['--grpc_workers', '4']), 4);
-    assert.equal(connections(['--grpc_workers=2', '--grpc_workers=3']), 3);
-    assert.equal(connections(['--grpc_workers', '4'], { GRPC_SERVERS: '6' }), 6);
+    assert.equal(connections(['--grpc_workers', '1']), 1);
+    assert.equal(connections(['--grpc_workers', '4']), 16);
+    assert.equal(connections(['--grpc_workers=2', '--grpc_workers=3']), 12);
+    assert.equal(connections(['--grpc_workers', '4'], { GRPC_SERVERS: '6' }), 24);
+    assert.equal(connections(['--grpc_workers', '40']), 64);
     // OVMS ignores a GRPC_SERVERS that is no positive number, and starts at least one server.
-    assert.equal(connections(['--grpc_workers', '2'], { GRPC_SERVERS: 'many' }), 2);
+    assert.equal(connections(['--grpc_workers', '2'], { GRPC_SERVERS: 'many' }), 8);
     assert.equal(connections(['--grpc_workers', '0']), 1);
     // Ours wins, from the command line or the environment.
     assert.equal(connections(['--grpc_workers', '4', '--mtls_grpc_upstream_connections', '1']), 1);
