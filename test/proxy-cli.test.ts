@@ -176,6 +176,18 @@ describe('proxy command line', () => {
     assert.match(res.stderr, /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only: start `ovms-mtls proxy` as the user it should run as .*\n$/);
   });
 
+  test('an entrypoint-only variable in the environment (a shared env file) is named in a warning, OVMS_MTLS_USER with the user the proxy stays', async () => {
+    const { cli } = await startProxyCli(tlsFlags(), { OVMS_MTLS_USER: 'nobody', OVMS_MTLS_RESTART: 'on-failure' });
+    try {
+      const ignored = cli.logs.lines.filter((l) => l.event === 'variable_ignored');
+      assert.deepEqual(ignored.map((l) => [l.level, l['variable']]), [['warn', 'OVMS_MTLS_RESTART'], ['warn', 'OVMS_MTLS_USER']]);
+      assert.match(String(ignored[1]!.msg), /^OVMS_MTLS_USER applies to the OVMS entrypoint only: `ovms-mtls proxy` ignores it; it runs as the user that started it \(uid \d+\)$/);
+    } finally {
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
+    }
+  });
+
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');

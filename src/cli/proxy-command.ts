@@ -1,4 +1,5 @@
-import { ALL_OPTIONS, type OptionSpec } from '../options.js';
+import { ALL_OPTIONS, envVarName, type OptionSpec } from '../options.js';
+import type { Logger } from 'pino';
 import { ConfigError } from '../errors.js';
 import { proxyConfigFromOptions } from '../config.js';
 import { resolveListenAddresses } from '../bind-addresses.js';
@@ -25,6 +26,20 @@ function refuseEntrypointOptions(argv: readonly string[]): void {
   }
 }
 
+/**
+ * An entrypoint variable in the environment, where an env file shared with the OVMS container
+ * may put it: `proxy` goes on without it, but says so. Silently, OVMS_MTLS_USER read as a
+ * privilege drop while the proxy went on as the user that started it.
+ */
+function warnEntrypointOnlyVariables(env: NodeJS.ProcessEnv, logger: Logger): void {
+  for (const name of ENTRYPOINT_ONLY) {
+    const variable = envVarName(name);
+    if (env[variable] === undefined) continue;
+    const consequence = name === 'mtls_user' ? `; it runs as the user that started it (uid ${process.getuid?.() ?? '?'})` : '';
+    logger.warn({ event: 'variable_ignored', variable }, `${variable} applies to the OVMS entrypoint only: \`ovms-mtls proxy\` ignores it${consequence}`);
+  }
+}
+
 export const PROXY_USAGE = `ovms-mtls proxy --port 9443 --mtls_grpc_upstream 127.0.0.1:9000 \\
     --rest_port 8443 --mtls_rest_upstream 127.0.0.1:8000 \\
     --mtls_cert server.pem --mtls_key server.key --mtls_client_ca client_cert_ca.pem [--mtls_crl client_cert_ca.crl]
@@ -39,6 +54,7 @@ export async function runProxyCommand(argv: readonly string[], env: NodeJS.Proce
   // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
   const config = { ...options, ...(await resolveListenAddresses(options)) };
   const logger = createLogger({ level: config.logLevel });
+  warnEntrypointOnlyVariables(env, logger);
   const material = loadTlsMaterialSync(config.tls);
   // --mtls_workers > 1: forked workers serve; this process keeps the admin port, the reload watch and the signals.
   const workers = config.workers > 1 ? new WorkerPool({ config, material, logger }) : undefined;
