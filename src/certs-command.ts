@@ -110,10 +110,12 @@ export async function certsInit(o: CertsInitOptions): Promise<CertsReport> {
     createCa({ commonName: `ovms-mtls server CA ${runId}`, days, key }),
     createCa({ commonName: `ovms-mtls client CA ${runId}`, days, key }),
   ]);
+  // Keys are made after the CAs' (seconds later for RSA 4096), so the same --days would end the
+  // leaves and the CRL after their CA; they end with it instead.
   const [server, client, crl] = await Promise.all([
-    issueServerCert({ issuer: serverCa, commonName: serverName, days, key, ...san }),
-    issueClientCert({ issuer: clientCa, commonName: 'client', days, key }),
-    createCrl({ issuer: clientCa, days }),
+    issueServerCert({ issuer: serverCa, commonName: serverName, days, key, ...san, notAfterCap: notAfterOf(serverCa) }),
+    issueClientCert({ issuer: clientCa, commonName: 'client', days, key, notAfterCap: notAfterOf(clientCa) }),
+    createCrl({ issuer: clientCa, nextUpdate: earlier(new Date(Date.now() + days * DAY_MS), notAfterOf(clientCa)) }),
   ]);
 
   const files = await writeFiles(dir, [
@@ -128,8 +130,9 @@ export async function certsInit(o: CertsInitOptions): Promise<CertsReport> {
     dir,
     files,
     validUntil,
-    summary: summarise(dir, files, validUntil, days, [
+    summary: summarise(dir, files, validUntil, [
       'The CAs and the CRL expire then too (an expired CRL makes the proxy refuse every client): run `certs init --force` before that.',
+      ...oneDayNote(days),
     ]),
   };
 }
@@ -147,13 +150,15 @@ export async function certsClient(o: CertsClientOptions): Promise<CertsReport> {
 
   const clientCa = await readClientCa(dir);
   assertCaStillValid(clientCa, dir);
-  const client = await signingWith(dir, () => issueClientCert({ issuer: clientCa, commonName: name, days, key, uris, dns }));
+  const caEnd = notAfterOf(clientCa);
+  const askedEnd = Date.now() + days * DAY_MS;
+  const client = await signingWith(dir, () => issueClientCert({ issuer: clientCa, commonName: name, days, key, uris, dns, notAfterCap: caEnd }));
   const files = await writeFiles(dir, pairFiles(certName, keyName, client, `client certificate (CN=${name}${describeClientSan(uris, dns)})`));
   const validUntil = notAfterOf(client);
-  const caValidUntil = notAfterOf(clientCa);
-  // Verification fails once the CA expires, however long the leaf claims to live.
-  const notes = caValidUntil < validUntil ? [`Note: the client CA expires earlier, at ${caValidUntil.toISOString()}; the certificate stops working then.`] : [];
-  return { dir, files, validUntil, summary: summarise(dir, files, validUntil, days, notes) };
+  const asked = o.days === undefined ? undefined : { days, shortMs: askedEnd - caEnd.getTime() };
+  // A longer --days cannot help once the CA is what ends the certificate.
+  const notes = askedEnd > caEnd.getTime() ? [endsWithCaNote('the certificate', caEnd, dir, asked)] : oneDayNote(days);
+  return { dir, files, validUntil, summary: summarise(dir, files, validUntil, notes) };
 }
 
 export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> {
@@ -182,7 +187,7 @@ async function revokeInCrl(dir: string, clientCa: Issued, crlPath: string, certP
   const next = await writeNextCrl(dir, clientCa, previous, [...(previous?.revoked ?? []), { serialHex }], `revokes serial ${serialHex}`);
   const summary = [
     `Revoked ${certPath} (serial ${serialHex}, ${subject}).`,
-    next.wrote,
+    ...next.wrote,
     'ovms-mtls reloads the CRL on its own (file watch or SIGHUP), refuses this certificate from then on and closes its open connections.',
   ].join('\n');
   return { dir, files: next.files, validUntil: next.nextUpdate, summary, serialHex, alreadyRevoked: false, crlNumber: next.crlNumber };
@@ -208,14 +213,15 @@ export async function certsRenewCrl(o: CertsRenewCrlOptions): Promise<CertsRepor
     const previous = await readPreviousCrl(crlPath, clientCa);
     const revoked = previous?.revoked ?? [];
     const next = await writeNextCrl(dir, clientCa, previous, revoked, `${revoked.length} revoked`, spanMs);
-    const summary = [next.wrote, 'ovms-mtls reloads the CRL on its own (file watch or SIGHUP).'].join('\n');
+    const summary = [...next.wrote, 'ovms-mtls reloads the CRL on its own (file watch or SIGHUP).'].join('\n');
     return { dir, files: next.files, validUntil: next.nextUpdate, summary, crlNumber: next.crlNumber };
   });
 }
 
 /**
  * Writes the CRL after `previous` to DIR: number + 1, issued now, living
- * `spanMs` (default: as long as `previous` did). `wrote` is the summary line.
+ * `spanMs` (default: as long as `previous` did) or until the CA expires if
+ * that is sooner. `wrote` is the summary lines.
  */
 async function writeNextCrl(
   dir: string,
@@ -224,16 +230,23 @@ async function writeNextCrl(
   revoked: NonNullable<Parameters<typeof createCrl>[0]['revoked']>,
   change: string,
   spanMs?: number,
-): Promise<{ files: WrittenFile[]; crlNumber: bigint; nextUpdate: Date; wrote: string }> {
+): Promise<{ files: WrittenFile[]; crlNumber: bigint; nextUpdate: Date; wrote: string[] }> {
   const crlNumber = (previous?.crlNumber ?? 0n) + 1n;
   // Whole seconds: the CRL stores no more, and the summary should print what the CRL says.
   const thisUpdate = new Date(Math.floor((Date.now() - CLOCK_SKEW_MS) / 1000) * 1000);
   // Keep the publisher's chosen lifetime: the new CRL lives as long as the one it replaces.
   const span = spanMs ?? (previous?.nextUpdate ? previous.nextUpdate.getTime() - previous.thisUpdate.getTime() : DAY_MS);
-  const nextUpdate = new Date(thisUpdate.getTime() + span);
+  const caEnd = notAfterOf(clientCa);
+  const spanEnd = thisUpdate.getTime() + span;
+  const nextUpdate = spanEnd > caEnd.getTime() ? caEnd : new Date(spanEnd);
   const pem = await signingWith(dir, () => createCrl({ issuer: clientCa, revoked, thisUpdate, nextUpdate, crlNumber }));
   const files = await writeFiles(dir, [{ name: CERT_FILES.clientCaCrl, contents: pem, mode: PUBLIC_MODE, description: `CRL number ${crlNumber}, ${change}` }]);
-  const wrote = `Wrote ${resolve(dir, CERT_FILES.clientCaCrl)}: CRL number ${crlNumber}, ${revoked.length} revoked, next update ${nextUpdate.toISOString()}.`;
+  const wrote = [`Wrote ${resolve(dir, CERT_FILES.clientCaCrl)}: CRL number ${crlNumber}, ${revoked.length} revoked, next update ${nextUpdate.toISOString()}.`];
+  if (spanEnd > caEnd.getTime()) {
+    // Only a --days given is a lifetime asked for; one taken over from the old CRL is not the user's word.
+    const asked = spanMs === undefined ? undefined : { days: spanMs / DAY_MS, shortMs: spanEnd - caEnd.getTime() };
+    wrote.push(endsWithCaNote("the CRL's next update", caEnd, dir, asked));
+  }
   return { files, crlNumber, nextUpdate, wrote };
 }
 
@@ -252,6 +265,32 @@ async function signingWith<T>(dir: string, sign: () => Promise<T>): Promise<T> {
     const files = `${resolve(dir, CERT_FILES.clientCaCert)} and ${resolve(dir, CERT_FILES.clientCaKey)}`;
     throw new ConfigError(`cannot sign with ${files}: ${err.message}`, { cause: err });
   }
+}
+
+/**
+ * Nothing a CA signs is of use after the CA expires: a certificate stops verifying then, whatever
+ * date it carries. So what it signs ends with it, and this line says so (and by how much, when a
+ * lifetime was asked for) instead of letting the holder read a later date than the one that counts.
+ */
+function endsWithCaNote(what: string, caEnd: Date, dir: string, asked?: { days: number; shortMs: number }): string {
+  const shortfall = asked ? `, ${roughDuration(asked.shortMs)} short of the ${asked.days} day${asked.days === 1 ? '' : 's'} asked` : '';
+  return (
+    `Note: ${what} ends with the client CA, at ${caEnd.toISOString()}${shortfall}: nothing outlives the CA that signs it. ` +
+    `For longer, make a new set before then: \`ovms-mtls certs init --dir ${dir} --force\``
+  );
+}
+
+function roughDuration(ms: number): string {
+  const units: [string, number][] = [['day', DAY_MS], ['hour', 60 * 60 * 1000], ['minute', 60 * 1000], ['second', 1000]];
+  for (const [unit, size] of units) {
+    const count = Math.floor(ms / size);
+    if (count >= 1) return `${count} ${unit}${count === 1 ? '' : 's'}`;
+  }
+  return 'less than a second';
+}
+
+function earlier(a: Date, b: Date): Date {
+  return a < b ? a : b;
 }
 
 /** An expired CA signs happily, but nothing it issues will ever verify. */
@@ -313,7 +352,11 @@ function describeClientSan(uris: string[], dns: string[]): string {
   return names.length > 0 ? `; ${names.join(', ')}` : '';
 }
 
-function summarise(dir: string, files: WrittenFile[], validUntil: Date, days: number, notes: string[]): string {
+function oneDayNote(days: number): string[] {
+  return days === 1 ? ['Note: these certificates expire in 1 day (as in the OVMS nginx example); pass --days N for a longer validity.'] : [];
+}
+
+function summarise(dir: string, files: WrittenFile[], validUntil: Date, notes: string[]): string {
   const width = Math.max(...files.map((f) => f.name.length));
   const lines = [
     `Wrote ${files.length} file${files.length === 1 ? '' : 's'} to ${dir}:`,
@@ -321,6 +364,5 @@ function summarise(dir: string, files: WrittenFile[], validUntil: Date, days: nu
     `Certificates are valid until ${validUntil.toISOString()}.`,
     ...notes,
   ];
-  if (days === 1) lines.push('Note: these certificates expire in 1 day (as in the OVMS nginx example); pass --days N for a longer validity.');
   return lines.join('\n');
 }

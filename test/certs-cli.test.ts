@@ -186,7 +186,7 @@ describe('certs renew-crl (CLI)', () => {
     ['--mtls_cert', 'server.pem', '--mtls_key', 'server.key', '--mtls_client_ca', 'client_cert_ca.pem', '--mtls_crl', 'client_cert_ca.crl'].map((a) => (a.includes('.') ? join(dir, a) : a));
 
   test('an expired CRL, which locks every client out, is re-signed with the same revocations and fresh dates', async () => {
-    const dir = await init();
+    const dir = await init(['--days', '60']);
     assert.equal((await runCli(['certs', 'client', '--dir', dir, '--name', 'leaver'])).code, 0);
     assert.equal((await runCli(['certs', 'revoke', '--dir', dir, '--cert', 'leaver'])).code, 0);
     const crlPath = join(dir, 'client_cert_ca.crl');
@@ -210,7 +210,8 @@ describe('certs renew-crl (CLI)', () => {
   });
 
   test('without --days the new CRL lives as long as the one it replaces; a bad --days is refused in one line', async () => {
-    const dir = await init(['--days', '10']);
+    const dir = await init(['--days', '30']);
+    assert.equal((await runCli(['certs', 'renew-crl', '--dir', dir, '--days', '5'])).code, 0);
     const crlPath = join(dir, 'client_cert_ca.crl');
     const before = parseCrl(await readFile(crlPath, 'utf8'));
     assert.equal((await runCli(['certs', 'renew-crl', '--dir', dir])).code, 0);
@@ -221,6 +222,38 @@ describe('certs renew-crl (CLI)', () => {
     assert.equal(bad.code, 2);
     assert.match(bad.stderr, /--days/);
     assert.equal(bad.stderr.trim().split('\n').length, 1, bad.stderr);
+  });
+});
+
+describe('nothing certs signs outlives the client CA (CLI)', () => {
+  const DAY_MS = 24 * 60 * 60 * 1000;
+  const opensslDate = (dir: string, args: string[]) => openssl(args, dir).out.trim().split('=')[1];
+
+  test('certs client and renew-crl with a --days past the client CA\'s expiry end with the CA and say so; the CRL still serves', async () => {
+    const dir = await init(['--days', '30']);
+    const caEnd = opensslDate(dir, ['x509', '-noout', '-enddate', '-in', 'client_cert_ca.pem']);
+    const caEndIso = new Date(new X509Certificate(await readFile(join(dir, 'client_cert_ca.pem'))).validTo).toISOString();
+
+    const client = await runCli(['certs', 'client', '--dir', dir, '--name', 'yearly', '--days', '365']);
+    assert.equal(client.code, 0, client.stderr);
+    assert.equal(opensslDate(dir, ['x509', '-noout', '-enddate', '-in', 'yearly.pem']), caEnd);
+    assert.match(client.stdout, new RegExp(`Certificates are valid until ${caEndIso}\\.`));
+    assert.match(client.stdout, new RegExp(`Note: the certificate ends with the client CA, at ${caEndIso}, 33\\d days short of the 365 days asked: nothing outlives the CA that signs it\\. For longer, make a new set before then: \`ovms-mtls certs init --dir ${dir} --force\``));
+
+    const renewed = await runCli(['certs', 'renew-crl', '--dir', dir, '--days', '365']);
+    assert.equal(renewed.code, 0, renewed.stderr);
+    assert.equal(opensslDate(dir, ['crl', '-noout', '-nextupdate', '-in', 'client_cert_ca.crl']), caEnd);
+    assert.match(renewed.stdout, new RegExp(`next update ${caEndIso}\\.\nNote: the CRL's next update ends with the client CA, at ${caEndIso}, 33\\d days short of the 365 days asked`));
+    assert.equal(verifyClient(dir, 'yearly.pem').status, 0);
+
+    // A lifetime taken over from the old CRL (here one of 401 days) is cut the same way, without an 'asked'.
+    const issuer = { certPem: await readFile(join(dir, 'client_cert_ca.pem'), 'utf8'), keyPem: await readFile(join(dir, 'client_cert_ca.key'), 'utf8'), serialHex: '' };
+    await writeFile(join(dir, 'client_cert_ca.crl'), await createCrl({ issuer, thisUpdate: new Date(Date.now() - DAY_MS), nextUpdate: new Date(Date.now() + 400 * DAY_MS), crlNumber: 9n }));
+    const inherited = await runCli(['certs', 'renew-crl', '--dir', dir]);
+    assert.equal(inherited.code, 0, inherited.stderr);
+    assert.equal(opensslDate(dir, ['crl', '-noout', '-nextupdate', '-in', 'client_cert_ca.crl']), caEnd);
+    assert.match(inherited.stdout, new RegExp(`Note: the CRL's next update ends with the client CA, at ${caEndIso}: nothing outlives`));
+    assert.equal((await runCli(['check', '--mtls_cert', join(dir, 'server.pem'), '--mtls_key', join(dir, 'server.key'), '--mtls_client_ca', join(dir, 'client_cert_ca.pem'), '--mtls_crl', join(dir, 'client_cert_ca.crl')])).code, 0);
   });
 });
 

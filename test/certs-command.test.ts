@@ -169,6 +169,16 @@ describe('certs init', () => {
     assert.ok(crl.nextUpdate && crl.nextUpdate.getTime() - Date.now() > 29.9 * 86_400_000);
   });
 
+  test('leaves and CRL end no later than their CA even when their keys take seconds to make (RSA 4096)', async () => {
+    const dir = freshDir();
+    await certsInit({ dir, key: 'rsa4096' });
+    const end = async (name: string) => new Date(new X509Certificate(await readFile(join(dir, name))).validTo).getTime();
+    assert.ok((await end(CERT_FILES.serverCert)) <= (await end(CERT_FILES.serverCaCert)), 'server.pem outlives server_ca.pem');
+    assert.ok((await end(CERT_FILES.clientCert)) <= (await end(CERT_FILES.clientCaCert)), 'client.pem outlives client_cert_ca.pem');
+    const crl = parseCrl(await readFile(join(dir, CERT_FILES.clientCaCrl), 'utf8'));
+    assert.ok(crl.nextUpdate!.getTime() <= (await end(CERT_FILES.clientCaCert)), 'the CRL outlives client_cert_ca.pem');
+  });
+
   test('can use RSA keys throughout', async () => {
     const dir = freshDir();
     await certsInit({ dir, key: 'rsa2048' });
@@ -196,10 +206,15 @@ describe('certs client', () => {
     assert.match(text, /DNS:alice\.example\.org/);
   });
 
-  test('warns when the client certificate would outlive the client CA', async () => {
+  test('a --days past the client CA\'s expiry ends the certificate with the CA and says by how much, instead of a date that never counts', async () => {
     const report = await certsClient({ dir, name: 'long-lived', days: 365 });
-    assert.match(report.summary, /the client CA expires earlier/);
+    const caEnd = new X509Certificate(await readFile(join(dir, CERT_FILES.clientCaCert))).validTo;
+    assert.equal(new X509Certificate(await readFile(join(dir, 'long-lived.pem'))).validTo, caEnd);
+    assert.equal(report.validUntil.getTime(), new Date(caEnd).getTime());
+    const iso = new Date(caEnd).toISOString();
+    assert.match(report.summary, new RegExp(`Note: the certificate ends with the client CA, at ${iso}, 364 days short of the 365 days asked: .*certs init --dir .* --force`));
     assert.doesNotMatch(report.summary, /expire in 1 day/);
+    assert.equal(verifyClient(dir, 'long-lived.pem').status, 0);
   });
 
   test('refuses to issue from a client CA that has expired, instead of writing a certificate that can never verify', async () => {
@@ -263,8 +278,10 @@ describe('certs revoke', () => {
     assert.deepEqual(parseCrlSerials(crlPem).sort(), [alice.serialHex, bob.serialHex].sort());
     assert.equal(crl.crlNumber, 3n);
     assert.equal(bob.crlNumber, 3n);
-    // The re-signed CRL lives as long as the one it replaced.
-    assert.equal(crl.nextUpdate!.getTime() - crl.thisUpdate.getTime(), initial.nextUpdate!.getTime() - initial.thisUpdate.getTime());
+    // The re-signed CRL lives as long as the one it replaced, unless that would outlive the CA.
+    const caEnd = new Date(new X509Certificate(await readFile(join(dir, CERT_FILES.clientCaCert))).validTo);
+    const span = initial.nextUpdate!.getTime() - initial.thisUpdate.getTime();
+    assert.equal(crl.nextUpdate!.getTime(), Math.min(crl.thisUpdate.getTime() + span, caEnd.getTime()));
     assert.equal(await modeOf(crlPath), 0o644);
 
     const listed = openssl(['crl', '-noout', '-text', '-CAfile', CERT_FILES.clientCaCrl.replace('.crl', '.pem'), '-in', CERT_FILES.clientCaCrl], dir);

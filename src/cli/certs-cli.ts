@@ -22,7 +22,8 @@ revoke  adds a client certificate to DIR/client_cert_ca.crl; a running proxy rel
 renew-crl  re-signs DIR/client_cert_ca.crl with fresh dates and the same revocations, for --days
         (default: as long as the CRL it replaces). Run it before the CRL's next update: past it,
         every client is refused. \`ovms-mtls check\` shows the time left.
-Certificates are valid for 1 day unless --days says otherwise. No openssl needed.
+Certificates are valid for 1 day unless --days says otherwise, and never past the CA that signs
+them (a longer --days is cut to the CA's expiry, with a note). No openssl needed.
 `;
 
 const DIR: OptionSpec = { name: 'dir', type: 'string', describe: 'Directory of the certificate set', defaultDescription: DEFAULT_DIR };

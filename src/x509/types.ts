@@ -17,6 +17,8 @@ export interface ValidityOptions {
   days?: number;
   /** Default: now minus 5 minutes, so a peer whose clock is slightly behind accepts the cert. */
   notBefore?: Date;
+  /** An end earlier than `days` gives, e.g. the issuing CA's own end: a certificate cannot outlive its issuer. */
+  notAfterCap?: Date;
 }
 
 export interface CaOptions extends ValidityOptions {

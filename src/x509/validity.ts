@@ -15,9 +15,10 @@ export function validityPeriod(o: ValidityOptions, now = new Date()): Validity {
   const days = o.days ?? 1;
   assertPositiveDays(days);
   const start = o.notBefore ?? now;
+  const notAfter = addDays(start, days);
   return {
     notBefore: o.notBefore ?? new Date(now.getTime() - CLOCK_SKEW_MS),
-    notAfter: addDays(start, days),
+    notAfter: o.notAfterCap && o.notAfterCap < notAfter ? o.notAfterCap : notAfter,
   };
 }
 
