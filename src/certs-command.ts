@@ -149,7 +149,7 @@ export async function certsClient(o: CertsClientOptions): Promise<CertsReport> {
   if (!o.force) await assertAbsent(dir, [certName, keyName]);
 
   const clientCa = await readClientCa(dir);
-  assertCaStillValid(clientCa, dir);
+  assertCaInValidity(clientCa, dir, 'a certificate');
   const caEnd = notAfterOf(clientCa);
   const askedEnd = Date.now() + days * DAY_MS;
   const client = await signingWith(dir, () => issueClientCert({ issuer: clientCa, commonName: name, days, key, uris, dns, notAfterCap: caEnd }));
@@ -164,6 +164,7 @@ export async function certsClient(o: CertsClientOptions): Promise<CertsReport> {
 export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> {
   const dir = resolve(o.dir);
   const clientCa = await readClientCa(dir);
+  assertCaInValidity(clientCa, dir, 'a CRL');
   const certPath = await resolveCertPath(dir, o.cert);
   const target = parseCertFile(certPath, await readMaterial(certPath, dir));
   assertIssuedBy(target, new X509Certificate(clientCa.certPem), certPath);
@@ -207,6 +208,7 @@ export interface CertsRenewCrlOptions {
 export async function certsRenewCrl(o: CertsRenewCrlOptions): Promise<CertsReport & { crlNumber: bigint }> {
   const dir = resolve(o.dir);
   const clientCa = await readClientCa(dir);
+  assertCaInValidity(clientCa, dir, 'a CRL');
   const crlPath = resolve(dir, CERT_FILES.clientCaCrl);
   const spanMs = o.days === undefined ? undefined : checkDays(o.days) * DAY_MS;
   return withFileLock(crlPath, async () => {
@@ -293,12 +295,23 @@ function earlier(a: Date, b: Date): Date {
   return a < b ? a : b;
 }
 
-/** An expired CA signs happily, but nothing it issues will ever verify. */
-function assertCaStillValid(ca: Issued, dir: string): void {
-  const expiry = notAfterOf(ca);
-  if (expiry.getTime() <= Date.now()) {
+/**
+ * A CA outside its validity signs happily, but nothing it signs verifies: not after it expired,
+ * and not before its notBefore (this machine's clock is behind the one that made it). A start
+ * within CLOCK_SKEW_MS is let through: the same clock difference our own backdating absorbs.
+ */
+function assertCaInValidity(ca: Issued, dir: string, signs: 'a certificate' | 'a CRL'): void {
+  const cert = new X509Certificate(ca.certPem);
+  const path = resolve(dir, CERT_FILES.clientCaCert);
+  const now = new Date();
+  const expiry = new Date(cert.validTo);
+  if (expiry <= now) {
+    throw new ConfigError(`${path} expired on ${expiry.toISOString()}: no ${signs.slice(2)} it signs can verify; make a new set with \`ovms-mtls certs init --dir ${dir} --force\``);
+  }
+  const start = new Date(cert.validFrom);
+  if (start.getTime() > now.getTime() + CLOCK_SKEW_MS) {
     throw new ConfigError(
-      `${resolve(dir, CERT_FILES.clientCaCert)} expired on ${expiry.toISOString()}: no certificate it issues can verify; make a new set with \`ovms-mtls certs init --dir ${dir} --force\``,
+      `${path} is not valid before ${start.toISOString()} and this machine's clock reads ${now.toISOString()}: ${signs} it signs now would not verify until then; set this machine's clock right, or wait`,
     );
   }
 }

@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import tls from 'node:tls';
 import { CERT_FILES, certsClient, certsInit, certsRenewCrl, certsRevoke } from '../src/certs-command.js';
 import { ConfigError } from '../src/errors.js';
-import { createCa, parseCrl, parseCrlSerials } from '../src/x509.js';
+import { createCa, issueClientCert, parseCrl, parseCrlSerials } from '../src/x509.js';
 
 function openssl(args: string[], cwd: string): { status: number | null; out: string } {
   const result = spawnSync('openssl', args, { cwd, encoding: 'utf8' });
@@ -225,7 +225,7 @@ describe('certs client', () => {
     await writeFile(join(expiredDir, CERT_FILES.clientCaKey), oldCa.keyPem, { mode: 0o600 });
     await assert.rejects(
       certsClient({ dir: expiredDir, name: 'late', days: 5 }),
-      configError(/client_cert_ca\.pem expired on \S+: no certificate it issues can verify; make a new set with `ovms-mtls certs init --dir .* --force`/),
+      configError(/client_cert_ca\.pem expired on \S+: no certificate it signs can verify; make a new set with `ovms-mtls certs init --dir .* --force`/),
     );
     await assert.rejects(readFile(join(expiredDir, 'late.pem')), /ENOENT/);
   });
@@ -256,6 +256,55 @@ describe('certs client', () => {
     await assert.rejects(certsClient({ dir, name: 'eve', uri: ['spiffe://example.org/a b'] }), configError(/e\.g\. "spiffe:\/\/example\.org\/a%20b"/));
     await assert.rejects(readFile(join(dir, 'eve.pem')), /ENOENT/);
     await certsClient({ dir, name: 'eve', uri: ['spiffe://example.org/ns/%C3%A9', 'urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66'] });
+  });
+});
+
+describe('a client CA outside its validity', () => {
+  const DAY_MS = 86_400_000;
+  /** A set whose client CA is replaced by `ca`, with a client certificate `held.pem` that CA signed. */
+  async function setWithClientCa(ca: Awaited<ReturnType<typeof createCa>>): Promise<string> {
+    const dir = freshDir();
+    await certsInit({ dir, days: 30 });
+    await writeFile(join(dir, CERT_FILES.clientCaCert), ca.certPem);
+    await writeFile(join(dir, CERT_FILES.clientCaKey), ca.keyPem, { mode: 0o600 });
+    await writeFile(join(dir, 'held.pem'), (await issueClientCert({ issuer: ca, commonName: 'held', notBefore: new Date(Date.now() - 6 * DAY_MS), days: 60 })).certPem);
+    return dir;
+  }
+
+  /** Client, renew-crl and revoke are each refused with `pattern`, and the directory keeps its CRL and gains no certificate. */
+  async function assertAllRefused(dir: string, pattern: (signs: string) => RegExp): Promise<void> {
+    const crlBefore = await readFile(join(dir, CERT_FILES.clientCaCrl), 'utf8');
+    await assert.rejects(certsClient({ dir, name: 'late', days: 5 }), configError(pattern('certificate')));
+    await assert.rejects(certsRenewCrl({ dir, days: 5 }), configError(pattern('CRL')));
+    await assert.rejects(certsRenewCrl({ dir }), configError(pattern('CRL')));
+    await assert.rejects(certsRevoke({ dir, cert: 'held' }), configError(pattern('CRL')));
+    await assert.rejects(readFile(join(dir, 'late.pem')), /ENOENT/);
+    assert.equal(await readFile(join(dir, CERT_FILES.clientCaCrl), 'utf8'), crlBefore);
+  }
+
+  test('an expired one is refused for certs client, renew-crl and revoke alike, instead of a CRL that ends before it begins', async () => {
+    const ca = await createCa({ commonName: 'ovms-mtls expired client CA', notBefore: new Date(Date.now() - 5 * DAY_MS), days: 2 });
+    const dir = await setWithClientCa(ca);
+    await assertAllRefused(dir, (signs) => new RegExp(`client_cert_ca\\.pem expired on \\S+: no ${signs} it signs can verify; make a new set with \`ovms-mtls certs init --dir .* --force\`$`));
+  });
+
+  test('one not valid yet (this clock behind the one that made it) is refused with both times, for certs client, renew-crl and revoke alike', async () => {
+    const ca = await createCa({ commonName: 'ovms-mtls future client CA', notBefore: new Date(Date.now() + 2 * DAY_MS), days: 30 });
+    const dir = await setWithClientCa(ca);
+    const start = new Date(new X509Certificate(ca.certPem).validFrom).toISOString();
+    await assertAllRefused(
+      dir,
+      (signs) => new RegExp(`client_cert_ca\\.pem is not valid before ${start} and this machine's clock reads \\S+: a ${signs} it signs now would not verify until then; set this machine's clock right, or wait$`),
+    );
+  });
+
+  test('one starting a minute ahead of this clock (a skew the 5 minutes of backdating absorb) still signs', async () => {
+    const ca = await createCa({ commonName: 'ovms-mtls skewed client CA', notBefore: new Date(Date.now() + 60_000), days: 30 });
+    const dir = await setWithClientCa(ca);
+    await rm(join(dir, CERT_FILES.clientCaCrl));
+    await certsClient({ dir, name: 'soon', days: 5 });
+    await certsRenewCrl({ dir, days: 5 });
+    await certsRevoke({ dir, cert: 'held' });
   });
 });
 
