@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
@@ -132,6 +132,27 @@ describe('certs init (CLI)', () => {
       assert.match(result.stderr, pattern);
       assert.equal(result.stderr.trim().split('\n').length, 1, result.stderr);
     }
+  });
+
+  test('a flag given without a value (an unset shell variable) is one line naming it, exit 2, and writes nothing', async () => {
+    for (const args of [['--days', ''], ['--days'], ['--days', '--force'], ['--days='], ['--key', ''], ['--server_name', ' ']]) {
+      const dir = freshDir();
+      const result = await runCli(['certs', 'init', '--dir', dir, ...args]);
+      const flag = args[0]!.replace('=', '');
+      assert.equal(result.code, 2, `${args.join(' ')}: ${result.stdout}`);
+      assert.equal(result.stderr.trim(), `ovms-mtls: ${flag} needs a value (${flag} VALUE or ${flag}=VALUE)`);
+      await assert.rejects(stat(dir), /ENOENT/);
+    }
+    const root = freshDir();
+    await mkdir(root);
+    const noDir = await runCli(['certs', 'init', '--dir', ''], { cwd: root });
+    assert.equal(noDir.code, 2);
+    assert.match(noDir.stderr, /--dir needs a value/);
+    assert.deepEqual(await readdir(root), []);
+    const dir = await init(['--days', '30']);
+    const renew = await runCli(['certs', 'renew-crl', '--dir', dir, '--days', '']);
+    assert.equal(renew.code, 2);
+    assert.match(renew.stderr, /^ovms-mtls: --days needs a value/);
   });
 
   test('an unknown subcommand is refused with a hint, and `certs --help` prints the usage', async () => {

@@ -96,11 +96,17 @@ export async function runCertsCommand(argv: readonly string[], io: Io): Promise<
   return 0;
 }
 
-/** Scalars given twice keep the last value, as everywhere else. */
+/**
+ * Scalars given twice keep the last value, as everywhere else. A flag given with nothing (an unset
+ * shell variable, `--days "$DAYS"`) is refused: taking the default instead wrote a 1-day set, or
+ * one in ./certs, with exit 0.
+ */
 function text(p: Parsed, name: string): string | undefined {
   const value = p[name];
-  const last = Array.isArray(value) ? value.at(-1) : value;
-  return last === undefined || last === '' ? undefined : String(last);
+  const last: unknown = Array.isArray(value) ? value.at(-1) : value;
+  if (last === undefined) return undefined;
+  if (String(last).trim() === '') throw new ConfigError(`--${name} needs a value (--${name} VALUE or --${name}=VALUE)`);
+  return String(last);
 }
 
 function required(p: Parsed, name: string, hint: string): string {
