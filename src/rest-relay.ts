@@ -151,7 +151,28 @@ function interimFor(exchange: Exchange, head: Http1Head, raw: Buffer): Buffer {
  */
 function awaitsContinue(head: Http1Head, body: BodyFraming): boolean {
   if (head.minorVersion === 0 || body.kind === 'none' || (body.kind === 'length' && body.length === 0)) return false;
-  return head.has('expect') && head.values('expect').some((value) => value.toLowerCase() === '100-continue');
+  return expectations(head).includes('100-continue');
+}
+
+/**
+ * The expectation names of an HTTP/1.1 request's Expect field, lower-cased, parameters and
+ * empty members left out. HTTP/1.0 has none: RFC 9110 10.1.1 has the server ignore a
+ * 100-continue there, and Node (terminate mode) ignores every Expect of an HTTP/1.0 request.
+ */
+function expectations(head: Http1Head): string[] {
+  if (head.minorVersion === 0 || !head.has('expect')) return [];
+  return head.values('expect').map((member) => member.split(/[;=]/, 1)[0]!.trim().toLowerCase()).filter((name) => name !== '');
+}
+
+/**
+ * An expectation the relay cannot meet gets 417 (RFC 9110 10.1.1), as from Node in terminate
+ * mode. 100-continue is the only one defined; another must not reach the model server either
+ * (Drogon 1.9.7 answers it with 417 and a close), and dropped unanswered it would look met.
+ */
+function checkExpectations(head: Http1Head): void {
+  const names = expectations(head);
+  if (names.length === 0 || names.includes('100-continue')) return;
+  throw new FramingError(417, `Expect: ${JSON.stringify(head.values('expect').join(', '))} cannot be met; the only expectation supported is 100-continue`);
 }
 
 const CONTINUE = Buffer.from('HTTP/1.1 100 Continue\r\n\r\n', 'latin1');
@@ -410,6 +431,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     const refusal = routingRefusal(head.target, authority);
     if (refusal) throw new RoutingRefused(refusal);
     const body = requestFraming(head);
+    checkExpectations(head);
     const exchange: Exchange = { method: head.method, path: head.target, http10: head.minorVersion === 0, started: performance.now(), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
     this.#exchanges.push(exchange);
     this.#receiving = exchange;
