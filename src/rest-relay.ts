@@ -40,14 +40,14 @@ const isRewritten = (name: string): boolean => FORWARDING_FIELDS.has(name) || DR
 /** In the lower-cased head, a field line isRewritten() would take out: one search of the head for all of them. */
 const REWRITTEN_FIELD_LINE = new RegExp(`\\r\\n(?:${[...[...FORWARDING_FIELDS].map((name) => name.replaceAll('-', '[-_]')), ...DROPPED_REQUEST_FIELDS].join('|')}):`);
 /**
- * Request trailers left out: the fields we replace, and framing, routing and
- * connection fields, which a trailer must not carry (RFC 9110 6.5.1). An
- * upstream that merges trailers into the header section would otherwise take
- * a client's X-Forwarded-Client-Cert for ours. Dropped, not refused: by the
- * time a trailer arrives the head and body are upstream, and a refusal could
- * only cut the connection; a recipient may discard trailers (RFC 9110 6.5.1).
+ * Request trailer fields are all left out, the chunked framing kept (the last chunk and
+ * the empty line), as terminate mode does in effect (undici sends the body alone). OVMS's
+ * Drogon (v1.9.7, HttpRequestParser) takes nothing but that empty line after the last chunk:
+ * a trailer field gets 400 and a close, after the whole request had gone upstream. A
+ * recipient may discard trailers (RFC 9110 6.5.1), and one of ours passed on could be taken
+ * for the header field of that name by a server that merges them (X-Forwarded-Client-Cert).
  */
-const DROPPED_REQUEST_TRAILERS = new Set(['content-length', 'transfer-encoding', 'host', 'connection', 'keep-alive', 'te', 'trailer', 'expect']);
+const keepNoTrailer = (): boolean => false;
 
 /** The fields we add, and the empty line that ends the head. */
 function forwardingFields(previousForwardedFor: readonly string[], context: ConnectionContext): string {
@@ -312,7 +312,7 @@ class RelayedHttp1Connection implements RelayedConnection {
         this.#settle(received);
         this.#closeIfDone();
       },
-      keepTrailer: (name) => !DROPPED_REQUEST_TRAILERS.has(name) && !isRewritten(name),
+      keepTrailer: keepNoTrailer,
     });
     this.#fromUpstream = new Http1Reader('response', parts.limits.maxHeaderSize, {
       head: (head, raw) => this.#responseHead(head, raw),

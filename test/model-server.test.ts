@@ -372,6 +372,23 @@ describe('REST', () => {
     assert.match(chunked, /^connection: close\r$/im);
   });
 
+  test('a chunked request with a trailer is answered as OVMS\'s Drogon 1.9.7 does: 400 and a close; without one, the answer', async () => {
+    const exchange = async (bytes: string): Promise<string> => {
+      const socket = connectTcp(server.restPort!, '127.0.0.1');
+      await once(socket, 'connect');
+      let text = '';
+      socket.on('data', (c: Buffer) => (text += c.toString('latin1')));
+      socket.write(bytes);
+      await once(socket, 'close');
+      return text;
+    };
+    const head = 'POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n';
+    assert.match(await exchange(`${head}\r\n`), /^HTTP\/1\.1 200 OK\r\n[\s\S]*"bytes":3/);
+    const trailed = await exchange(`${head}x-checksum: abc\r\n\r\n`);
+    assert.match(trailed, /^HTTP\/1\.1 400 Bad Request\r\n/);
+    assert.match(trailed, /^connection: close\r$/im);
+  });
+
   test('/stream-bytes sends exactly n bytes of the i & 0xff pattern', async () => {
     const n = 3 * 64 * 1024 + 123;
     const reply = await send('GET', `/stream-bytes?n=${n}`);

@@ -85,3 +85,20 @@ describe('REST Expect as Drogon 1.9.7 would have it, both modes', () => {
     }
   }
 });
+
+describe('REST request trailers as Drogon 1.9.7 would have them, both modes', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: a chunked upload with trailers reaches the model server without them (the stand-in, as Drogon, answers a trailer with 400 and a close), its framing whole: the request pipelined behind is answered too`, { timeout: 20_000 }, async () => {
+      const from = upstream.received.length;
+      const socket = await openRaw(restMode);
+      socket.write(
+        'POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n3\r\nabc\r\n0\r\nx-checksum: abc\r\nx-forwarded-client-cert: Hash=evil\r\n\r\n' +
+          'GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n',
+      );
+      const text = await readToClose(socket);
+      assert.deepEqual(statuses(text), [200, 200]);
+      assert.match(text, /"bytes":3,"sha256":"ba7816bf[^]*"name":"dummy"/);
+      assert.deepEqual(seenSince(from).paths, ['/echo-body', '/v2/models/dummy']);
+    });
+  }
+});

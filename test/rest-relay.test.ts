@@ -136,12 +136,12 @@ describe('rest relay: HTTP/1.1 framing', () => {
     assert.equal(upstream.received.at(-1)!.headers.upgrade, undefined);
   });
 
-  test('request trailers that would forge our fields or reframe the request never reach the model server; other trailers do', async () => {
+  test('no request trailer reaches the model server, neither one that would forge our fields or reframe the request nor any other; the chunked framing stays whole', async () => {
     let received = '';
     const scripted = await scriptedUpstream((s, first) => {
       const take = (bytes: Buffer) => {
         received += bytes.toString('latin1');
-        if (received.endsWith('x-checksum: abc\r\n\r\n')) s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+        if (received.endsWith('\r\n0\r\n\r\n')) s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
       };
       s.on('data', take);
       take(first);
@@ -152,7 +152,7 @@ describe('rest relay: HTTP/1.1 framing', () => {
       const forged = ['X-Forwarded-Client-Cert: Hash=evil;Subject="CN=admin"', 'X_Forwarded_Client_Cert: Hash=evil', 'x-forwarded-for: 6.6.6.6', 'X-Forwarded-Proto: http', 'Content-Length: 99', 'transfer-encoding: chunked', 'Host: admin'];
       socket.write(`POST /v2/models/dummy/infer HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n${forged.join('\r\n')}\r\nx-checksum: abc\r\n\r\n`);
       assert.match(await readUntil(socket, /ok$/), /^HTTP\/1\.1 200 OK\r\n/);
-      assert.equal(received.slice(received.indexOf('\r\n\r\n') + 4), '5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n');
+      assert.equal(received.slice(received.indexOf('\r\n\r\n') + 4), '5\r\nhello\r\n0\r\n\r\n');
       socket.destroy();
     } finally {
       await local.proxy.shutdown(1000);

@@ -1,7 +1,9 @@
 /**
  * The stand-in's REST port: node:http (HTTP/1.1, keep-alive), the OVMS REST
  * routes for the dummy model, the OpenAI-style chat endpoint, and two
- * streaming helpers for proxy tests (/echo-body, /stream-bytes).
+ * streaming helpers for proxy tests (/echo-body, /stream-bytes). Where OVMS's
+ * Drogon refuses what Node accepts (Expect on a chunked body, request trailers),
+ * it refuses as Drogon does.
  */
 import { createHash } from 'node:crypto';
 import http from 'node:http';
@@ -48,6 +50,7 @@ async function echoBody(req: IncomingMessage, res: ServerResponse): Promise<void
     bytes += chunk.length;
     hash.update(chunk);
   }
+  refuseTrailers(req);
   sendJson(res, 200, { bytes, sha256: hash.digest('hex') });
 }
 
@@ -87,7 +90,7 @@ function routes(hooks: RestHooks): Route[] {
       method: 'POST', pattern: new RegExp(`^/v2/models/${model}${version}/infer$`),
       handler: async (req, res, [m, v]) => {
         const header = req.headers['inference-header-content-length'];
-        const body = await readBody(req);
+        const body = await bodyOf(req);
         sendJson(res, 200, inferRest(m, v, body, Array.isArray(header) ? header[0] : header));
       },
     },
@@ -99,7 +102,7 @@ function routes(hooks: RestHooks): Route[] {
     },
     {
       method: 'POST', pattern: /^\/v3\/(?:v1\/)?chat\/completions$/,
-      handler: async (req, res) => handleChatCompletions(res, parseJson(await readBody(req)), hooks.sseGate),
+      handler: async (req, res) => handleChatCompletions(res, parseJson(await bodyOf(req)), hooks.sseGate),
     },
     { method: 'POST', pattern: /^\/echo-body$/, handler: (req, res) => echoBody(req, res) },
     { method: 'GET', pattern: /^\/stream-bytes$/, handler: (_q, res, _p, url) => streamBytes(res, url) },
@@ -114,11 +117,35 @@ function headersOf(req: IncomingMessage): Record<string, string | string[]> {
   return out;
 }
 
+/**
+ * OVMS's REST server, Drogon v1.9.7 (HttpRequestParser), takes nothing but the empty line
+ * after a chunked body's last chunk: a request trailer field gets 400 and the connection
+ * closed. Node reads trailers into req.trailers, which would hide that from proxy tests.
+ */
+class TrailerRefused extends Error {}
+
+function refuseTrailers(req: IncomingMessage): void {
+  if (req.rawTrailers.length > 0) throw new TrailerRefused('request trailers');
+}
+
+async function bodyOf(req: IncomingMessage): Promise<Buffer> {
+  const body = await readBody(req);
+  refuseTrailers(req);
+  return body;
+}
+
+/** Drogon's own refusals: a bare status line, `connection: close`, no body. */
+function refuseAsDrogon(res: ServerResponse, status: number): void {
+  res.writeHead(status, { connection: 'close', 'content-length': 0 });
+  res.end();
+}
+
 function sendFailure(res: ServerResponse, err: unknown): void {
   if (res.headersSent) {
     res.destroy();
     return;
   }
+  if (err instanceof TrailerRefused) return refuseAsDrogon(res, 400);
   if (err instanceof HttpError) sendJson(res, err.status, { error: err.message });
   else sendJson(res, 500, { error: err instanceof Error ? err.message : String(err) });
 }
@@ -176,6 +203,5 @@ function answerExpectContinue(req: IncomingMessage, res: ServerResponse, onReque
     onRequest(req, res);
     return;
   }
-  res.writeHead(400, { connection: 'close', 'content-length': 0 });
-  res.end();
+  refuseAsDrogon(res, 400);
 }
