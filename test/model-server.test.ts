@@ -347,7 +347,7 @@ describe('REST', () => {
     assert.deepEqual(JSON.parse(reply.body.toString()), { bytes: total, sha256: expected.digest('hex') });
   });
 
-  test('Expect: 100-continue is answered as OVMS\'s Drogon 1.9.7 does: 100 then the answer with a Content-Length, 400 and a close for a chunked body', async () => {
+  test('Expect is answered as OVMS\'s Drogon 1.9.7 does: 100-continue gets 100 then the answer with a Content-Length, 400 and a close for a chunked body; any other value, 100-Continue, or an HTTP/1.0 request\'s gets 417 and a close', async () => {
     const exchange = async (head: string, body: string): Promise<string> => {
       const socket = connectTcp(server.restPort!, '127.0.0.1');
       await once(socket, 'connect');
@@ -370,6 +370,11 @@ describe('REST', () => {
     const chunked = await exchange('POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n', '3\r\nabc\r\n0\r\n\r\n');
     assert.match(chunked, /^HTTP\/1\.1 400 Bad Request\r\n/);
     assert.match(chunked, /^connection: close\r$/im);
+    for (const [version, value] of [['1.1', '100-Continue'], ['1.1', 'x-fast-lane'], ['1.0', '100-continue']]) {
+      const refused = await exchange(`POST /echo-body HTTP/${version}\r\nhost: a\r\ncontent-length: 3\r\nexpect: ${value}\r\n\r\n`, 'abc');
+      assert.match(refused, /^HTTP\/1\.1 417 Expectation Failed\r\n/, `${version} ${value}`);
+      assert.match(refused, /^connection: close\r$/im);
+    }
   });
 
   test('a chunked request with a trailer is answered as OVMS\'s Drogon 1.9.7 does: 400 and a close; without one, the answer', async () => {

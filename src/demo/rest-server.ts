@@ -2,8 +2,8 @@
  * The stand-in's REST port: node:http (HTTP/1.1, keep-alive), the OVMS REST
  * routes for the dummy model, the OpenAI-style chat endpoint, and two
  * streaming helpers for proxy tests (/echo-body, /stream-bytes). Where OVMS's
- * Drogon refuses what Node accepts (Expect on a chunked body, request trailers),
- * it refuses as Drogon does.
+ * Drogon refuses what Node accepts (Expect fields, request trailers), it refuses
+ * as Drogon does.
  */
 import { createHash } from 'node:crypto';
 import http from 'node:http';
@@ -185,19 +185,26 @@ export function createRestServer(hooks: RestHooks): http.Server {
     });
     dispatch(table, req, res).catch((err: unknown) => sendFailure(res, err));
   };
-  const server = http.createServer({ keepAlive: true }, onRequest);
-  server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => answerExpectContinue(req, res, onRequest));
+  // Node emits 'request' for an HTTP/1.0 request whatever its Expect, 'checkContinue' or 'checkExpectation' for an HTTP/1.1 one.
+  const server = http.createServer({ keepAlive: true }, (req, res) => (req.headers.expect ? answerExpect(req, res, onRequest) : onRequest(req, res)));
+  server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => answerExpect(req, res, onRequest));
+  server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => answerExpect(req, res, onRequest));
   return server;
 }
 
 /**
- * `Expect: 100-continue` as OVMS's REST server, Drogon v1.9.7 (HttpRequestParser),
- * answers it before any handler runs: 100 when the request declares a Content-Length
- * above 0, else 400 and the connection closed, so a chunked upload that carries it
- * (curl sends it with `-T -` or `-H 'Transfer-Encoding: chunked'` above 1 MiB) is
- * refused. Node alone would send 100 for all of them, hiding that from proxy tests.
+ * Expect as OVMS's REST server, Drogon v1.9.7 (HttpRequestParser), answers it before any
+ * handler runs. Exactly `100-continue` (compared as sent) on HTTP/1.1: 100 when the request
+ * declares a Content-Length above 0, else 400 and the connection closed, so a chunked
+ * upload that carries it (curl sends it with `-T -` or `-H 'Transfer-Encoding: chunked'`
+ * above 1 MiB) is refused. Any other value, `100-Continue` and any Expect of an HTTP/1.0
+ * request included: 417 and a close. Node alone would send 100 for the first, take
+ * HTTP/1.0 ones and keep the connection, hiding all of that from proxy tests.
  */
-function answerExpectContinue(req: IncomingMessage, res: ServerResponse, onRequest: (req: IncomingMessage, res: ServerResponse) => void): void {
+function answerExpect(req: IncomingMessage, res: ServerResponse, onRequest: (req: IncomingMessage, res: ServerResponse) => void): void {
+  const expect = req.headers.expect ?? '';
+  if (expect === '') return onRequest(req, res);
+  if (expect !== '100-continue' || req.httpVersion === '1.0') return refuseAsDrogon(res, 417);
   if (Number(req.headers['content-length'] ?? 0) > 0) {
     res.writeContinue();
     onRequest(req, res);
