@@ -61,7 +61,7 @@ export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv)
   const listeners = parsePublicListeners(raw);
   const parsed = parseCommonConfig(raw, containerTlsDefaults(raw));
   checkAdminPort(parsed.admin, listeners);
-  const common = raw['mtls_grpc_upstream_connections'] === undefined ? { ...parsed, grpcUpstreamConnections: grpcConnectionsForServers(ovmsGrpcServers(split.passthrough, env, DEFAULTS.maxGrpcUpstreamConnections)) } : parsed;
+  const common = raw['mtls_grpc_upstream_connections'] === undefined ? { ...parsed, grpcUpstreamConnections: grpcConnectionsForServers(ovmsGrpcServers(split.passthrough, env)) } : parsed;
   return {
     listeners,
     common,

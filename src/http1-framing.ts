@@ -112,8 +112,8 @@ export interface MessageHandler {
   body(bytes: number): void;
   /** The message is complete, all of its bytes already passed on. */
   end(): void;
-  /** Whether a trailer field of that (lower-case) name is passed on; without this method every one is. */
-  keepTrailer?(name: string): boolean;
+  /** Trailer fields are checked and left out (the empty line that ends the message still goes on); by default passed on. */
+  readonly dropTrailers?: boolean;
 }
 
 const CR = 0x0d;
@@ -372,9 +372,8 @@ export class Http1Reader {
         this.#state = 'head';
         return pos;
       }
-      const field = FIELD_LINE.exec(line);
-      if (!field || BAD_VALUE_CHAR.test(line)) throw new FramingError(400, 'malformed trailer field');
-      if (this.#handler.keepTrailer?.(field[1]!.toLowerCase()) ?? true) out(bytes);
+      if (!FIELD_LINE.test(line) || BAD_VALUE_CHAR.test(line)) throw new FramingError(400, 'malformed trailer field');
+      if (!this.#handler.dropTrailers) out(bytes);
     }
     return pos;
   }

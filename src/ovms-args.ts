@@ -293,13 +293,12 @@ function lastValueOf(args: readonly string[], name: string): string | undefined 
  * How many gRPC servers OVMS starts on its port, as grpcservermodule.cpp counts them: the
  * GRPC_SERVERS environment variable when it is a positive integer, else --grpc_workers (at
  * least 1). Each is a listener of its own under SO_REUSEPORT, reached only by the connections
- * the kernel hands it. Capped at `max`; a value OVMS itself would refuse counts as 1 (OVMS
- * then exits and says why).
+ * the kernel hands it. A value OVMS itself would refuse counts as 1 (OVMS then exits and
+ * says why).
  */
-export function ovmsGrpcServers(passthrough: readonly string[], env: NodeJS.ProcessEnv, max: number): number {
+export function ovmsGrpcServers(passthrough: readonly string[], env: NodeJS.ProcessEnv): number {
   const positive = (value: string | undefined) => (value !== undefined && /^\s*\d+\s*$/.test(value) ? Number(value) : 0);
-  const count = positive(env['GRPC_SERVERS']) || positive(lastValueOf(passthrough, 'grpc_workers')) || 1;
-  return Math.min(count, max);
+  return positive(env['GRPC_SERVERS']) || positive(lastValueOf(passthrough, 'grpc_workers')) || 1;
 }
 
 /** The user's channel arguments plus the lifted stream cap; undefined when the user set the cap (their choice stands). */

@@ -39,15 +39,6 @@ const REWRITTEN_REQUEST_FIELDS = [...FORWARDING_FIELDS, ...DROPPED_REQUEST_FIELD
 const isRewritten = (name: string): boolean => FORWARDING_FIELDS.has(name) || DROPPED_REQUEST_FIELDS.has(name) || disguisesOurs(name);
 /** In the lower-cased head, a field line isRewritten() would take out: one search of the head for all of them. */
 const REWRITTEN_FIELD_LINE = new RegExp(`\\r\\n(?:${[...[...FORWARDING_FIELDS].map((name) => name.replaceAll('-', '[-_]')), ...DROPPED_REQUEST_FIELDS].join('|')}):`);
-/**
- * Request trailer fields are all left out, the chunked framing kept (the last chunk and
- * the empty line), as terminate mode does in effect (undici sends the body alone). OVMS's
- * Drogon (v1.9.7, HttpRequestParser) takes nothing but that empty line after the last chunk:
- * a trailer field gets 400 and a close, after the whole request had gone upstream. A
- * recipient may discard trailers (RFC 9110 6.5.1), and one of ours passed on could be taken
- * for the header field of that name by a server that merges them (X-Forwarded-Client-Cert).
- */
-const keepNoTrailer = (): boolean => false;
 
 /** The fields we add, and the empty line that ends the head. */
 function forwardingFields(previousForwardedFor: readonly string[], context: ConnectionContext): string {
@@ -312,7 +303,12 @@ class RelayedHttp1Connection implements RelayedConnection {
         this.#settle(received);
         this.#closeIfDone();
       },
-      keepTrailer: keepNoTrailer,
+      // Trailer fields all left out, the chunked framing kept, as terminate mode does in effect (undici
+      // sends the body alone). OVMS's Drogon (v1.9.7, HttpRequestParser) takes nothing but the empty
+      // line after the last chunk: a trailer field gets 400 and a close, after the whole request went
+      // upstream. A recipient may discard trailers (RFC 9110 6.5.1), and one passed on could be taken
+      // for the header field of that name (X-Forwarded-Client-Cert) by a server that merges them.
+      dropTrailers: true,
     });
     this.#fromUpstream = new Http1Reader('response', parts.limits.maxHeaderSize, {
       head: (head, raw) => this.#responseHead(head, raw),

@@ -37,9 +37,13 @@ export class UpstreamH2Session {
    */
   readonly maxSendHeaderListSize: number;
 
-  constructor(upstream: HostPort, limits: Limits) {
+  readonly #onSettings: () => void;
+
+  /** `onSettings`: the upstream advertised its SETTINGS (maxHeaderListSize may have changed). */
+  constructor(upstream: HostPort, limits: Limits, onSettings: () => void = () => {}) {
     this.#upstream = upstream;
     this.#limits = limits;
+    this.#onSettings = onSettings;
     this.maxSendHeaderListSize = limits.maxHeaderSize * 2;
     this.#url = `http://${hostAndPort(upstream.host, upstream.port)}`;
   }
@@ -114,6 +118,7 @@ export class UpstreamH2Session {
     session.once('close', forget);
     session.on('remoteSettings', (settings) => {
       this.#maxHeaderListSize = settings.maxHeaderListSize ?? Infinity;
+      this.#onSettings();
     });
     session.once('connect', () => {
       session.setLocalWindowSize(limits.connectionWindow);
@@ -132,10 +137,12 @@ export class UpstreamH2Session {
 export class UpstreamH2Sessions {
   readonly #sessions: readonly UpstreamH2Session[];
   #next = 0;
+  #maxHeaderListSize = Infinity;
   readonly maxSendHeaderListSize: number;
 
   constructor(upstream: HostPort, limits: Limits, count: number) {
-    this.#sessions = Array.from({ length: Math.max(1, count) }, () => new UpstreamH2Session(upstream, limits));
+    const onSettings = () => this.#settingsChanged();
+    this.#sessions = Array.from({ length: Math.max(1, count) }, () => new UpstreamH2Session(upstream, limits, onSettings));
     this.maxSendHeaderListSize = this.#sessions[0]!.maxSendHeaderListSize;
   }
 
@@ -147,11 +154,18 @@ export class UpstreamH2Sessions {
     return one.current();
   }
 
-  /** The lowest limit any session's upstream advertised: they are one server, or its servers on one port. */
+  /**
+   * The lowest limit any session's upstream advertised (they are one server, or its servers on
+   * one port): read by every call, so worked out when SETTINGS arrive, not per call.
+   */
   get maxHeaderListSize(): number {
+    return this.#maxHeaderListSize;
+  }
+
+  #settingsChanged(): void {
     let lowest = Infinity;
     for (const one of this.#sessions) lowest = Math.min(lowest, one.maxHeaderListSize);
-    return lowest;
+    this.#maxHeaderListSize = lowest;
   }
 
   /** Closes a session that refused a new stream; the next call its slot gets reconnects. */

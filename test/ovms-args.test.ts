@@ -204,7 +204,7 @@ describe('entrypoint settings', () => {
     // Ours wins, from the command line or the environment.
     assert.equal(connections(['--grpc_workers', '4', '--mtls_grpc_upstream_connections', '1']), 1);
     assert.equal(connections(['--grpc_workers', '4'], { OVMS_MTLS_GRPC_UPSTREAM_CONNECTIONS: '2' }), 2);
-    assert.equal(ovmsGrpcServers(['--grpc_workers', '500'], {}, 64), 64);
+    assert.equal(ovmsGrpcServers(['--grpc_workers', '500'], {}), 500);
   });
 
   test('the nginx example mount points are the TLS defaults; its CRL optional (used whenever the file is there)', () => {
