@@ -103,6 +103,8 @@ export async function runDemoCommand(argv: readonly string[], io: Io): Promise<n
   const logger = createLogger({ level: logLevel });
   if (keep) await assertNoCertificateSet(certDir);
   let model: ModelServer | undefined;
+  // Before the instructions say "Press Ctrl-C": a Ctrl-C right after them would otherwise kill the demo outright, leaving its temporary directory behind.
+  const stop = waitForStopSignal(logger);
   // Everything after the temporary directory exists is inside the try: a failure anywhere removes it.
   try {
     await certsInit({ dir: certDir, force: true });
@@ -110,11 +112,11 @@ export async function runDemoCommand(argv: readonly string[], io: Io): Promise<n
     const config = demoConfig(certDir, { grpc: grpcPort, rest: restPort }, { grpc: model.grpcPort!, rest: model.restPort! }, logLevel);
     const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger });
     io.stdout.write(demoInstructions({ certDir, grpcPort: proxy.port('grpc')!, restPort: proxy.port('rest')!, kept: keep }));
-    const stop = waitForStopSignal(logger);
     await stop.signal;
     await proxy.shutdown(config.shutdownTimeoutMs);
     return 0;
   } finally {
+    stop.dispose();
     await model?.close();
     if (!keep) await rm(certDir, { recursive: true, force: true });
   }
