@@ -172,6 +172,26 @@ function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Lim
   return { status: 400, message: `malformed request: ${err.reason ?? err.code ?? err.message}`, error: 'bad_request' };
 }
 
+/** An answer of our own to a request Node parsed, given instead of the request handler's. */
+interface OwnAnswer {
+  readonly status: number;
+  readonly error: string;
+  /** The connection closes after it. */
+  readonly close: boolean;
+  readonly body?: string;
+}
+
+/**
+ * llhttp takes `HTTP/2.0` (and 0.9) in a request line, and Node then reports
+ * httpVersionMajor 2, which the REST forwarder reads as a request from the
+ * HTTP/2 front: it threw on the missing stream and took the whole proxy down.
+ * Every other version llhttp already refuses (400, clientError); so does the relay this one.
+ */
+function versionRefusal(req: IncomingMessage): OwnAnswer | undefined {
+  if (req.httpVersionMajor === 1) return undefined;
+  return { status: 400, error: 'bad_request', close: true, body: `malformed request: HTTP/${req.httpVersion} is not served on an HTTP/1.1 connection; send HTTP/1.1, or negotiate h2 by ALPN\n` };
+}
+
 /** A whole HTTP/1.1 response of our own, after which the connection closes. */
 export function closingAnswer(status: number, contentType: string, body: string): Buffer {
   const payload = Buffer.from(body);
@@ -300,9 +320,13 @@ export class H1Front implements Drainable {
   /** A request answered before it was one (unparsable, or its head never completed) still gets its access line, as in relay mode. */
   #logRefusal(socket: Socket, status: number, error: string): void {
     const context = this.#contexts.get(socket);
-    if (!context) return;
+    if (context) this.#logAnswer(context, { method: '', path: '', status, error });
+  }
+
+  /** The access line of an answer of ours that no request handler saw. */
+  #logAnswer(context: ConnectionContext, answer: { method: string; path: string; status: number; error: string }): void {
     const { identity } = context;
-    this.#observer.request({ listener: context.listener, protocol: 'http/1.1', remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, method: '', path: '', status, bytesIn: 0, bytesOut: 0, durationMs: 0, error });
+    this.#observer.request({ listener: context.listener, protocol: 'http/1.1', remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: 0, durationMs: 0, error: answer.error });
   }
 
   #onRequest(req: IncomingMessage, res: ServerResponse, handler: RequestHandler): void {
@@ -331,6 +355,19 @@ export class H1Front implements Drainable {
       if (refusal) this.#refuse(socket, refusal);
       else if (closing()) socket.end();
     });
-    handler(req, res, context);
+    const own = versionRefusal(req);
+    if (own) this.#answerOurselves(req, res, context, own);
+    else handler(req, res, context);
+  }
+
+  /** Answered here, after Node parsed the request, in its turn among the requests pipelined with it. */
+  #answerOurselves(req: IncomingMessage, res: ServerResponse, context: ConnectionContext, answer: OwnAnswer): void {
+    if (answer.close) res.shouldKeepAlive = false;
+    if (answer.body === undefined) res.writeHead(answer.status);
+    else res.writeHead(answer.status, { 'content-type': 'text/plain; charset=utf-8' });
+    res.end(answer.body);
+    // Whatever body it has is read and dropped (Node does so once the answer is out).
+    req.resume();
+    this.#logAnswer(context, { method: req.method ?? '', path: req.url ?? '', status: answer.status, error: answer.error });
   }
 }

@@ -5,6 +5,7 @@
  * client certificate. Everything listens on 127.0.0.1.
  */
 import assert from 'node:assert/strict';
+import { before, after } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
 import { request as httpsRequest, type RequestOptions } from 'node:https';
@@ -16,9 +17,9 @@ import { echoClient, kserveClient, type EchoClient, type KserveClient } from '..
 import { startProxy, type RunningProxy } from '../../src/proxy.js';
 import { createLogger } from '../../src/log.js';
 import { loadTlsMaterialSync } from '../../src/tls-material.js';
-import { DEFAULTS, EMPTY_ALLOW_LIST, type Config, type Limits, type TlsFiles } from '../../src/config.js';
+import { DEFAULTS, EMPTY_ALLOW_LIST, FORWARD_MODES, type Config, type ForwardMode, type Limits, type TlsFiles } from '../../src/config.js';
 import type { ProxyObserver } from '../../src/observer.js';
-import type { TestPki } from './pki.js';
+import { createTestPki, type TestPki } from './pki.js';
 import type { Issued } from '../../src/x509.js';
 
 export interface LogLine {
@@ -112,6 +113,39 @@ export async function startTestProxy(setup: ProxySetup): Promise<StartedProxy> {
 
 export async function startUpstream(options: ModelServerOptions = {}): Promise<ModelServer> {
   return startModelServer({ grpcPort: 0, restPort: 0, testService: true, ...options });
+}
+
+/** A REST-only model server and a proxy in front of it in each REST mode, for tests that hold the two modes to the same answers. */
+export interface RestModeFronts {
+  readonly pki: TestPki;
+  readonly upstream: ModelServer;
+  front(restMode: ForwardMode): StartedProxy;
+}
+
+/** Starts them before the file's tests and stops them after. */
+export function restModeFronts(): RestModeFronts {
+  let pki: TestPki | undefined;
+  let upstream: ModelServer | undefined;
+  const fronts = new Map<ForwardMode, StartedProxy>();
+  before(async () => {
+    pki = await createTestPki();
+    upstream = await startUpstream({ grpcPort: null });
+    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode }));
+  });
+  after(async () => {
+    for (const front of fronts.values()) await front.proxy.shutdown(1000);
+    await upstream?.close();
+    await pki?.cleanup();
+  });
+  return {
+    get pki() {
+      return pki!;
+    },
+    get upstream() {
+      return upstream!;
+    },
+    front: (restMode) => fronts.get(restMode)!,
+  };
 }
 
 /** `null` = present no client certificate at all. */

@@ -1,0 +1,50 @@
+/**
+ * Requests Node's HTTP/1.1 server and its HTTP/2 compatibility layer would answer (or drop)
+ * on their own in REST terminate mode, before our code saw them: each gets an answer and
+ * exactly one access line, as in relay mode, where the relay answers them itself.
+ */
+import { test, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { restModeFronts, type LogLine } from './helpers/harness.js';
+import { openRaw, readToClose } from './helpers/raw-http1.js';
+import { eventually } from './helpers/ops.js';
+import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
+
+const both = restModeFronts();
+
+const statuses = (text: string) => [...text.matchAll(/HTTP\/1\.[01] (\d{3}) /g)].map((m) => Number(m[1]));
+
+/** `raw` on a new HTTP/1.1 connection: what came back until the proxy closed it, and the access lines it made, once `lineCount` are in. */
+async function exchangeHttp1(restMode: ForwardMode, raw: string, lineCount: number): Promise<{ text: string; lines: LogLine[] }> {
+  const front = both.front(restMode);
+  const from = front.logs.lines.length;
+  const socket = await openRaw(front.restPort, both.pki);
+  socket.write(raw);
+  const text = await readToClose(socket);
+  const accessLines = () => front.logs.lines.slice(from).filter((l) => l.event === 'access');
+  await eventually(() => accessLines().length >= lineCount, `${lineCount} access line(s)`);
+  // A second line for the same request would come from the same turn of events as the first.
+  await new Promise((resolve) => setImmediate(resolve));
+  return { text, lines: accessLines() };
+}
+
+/** Who the access line names: the client certificate's, never empty. */
+function identity(l: LogLine): { subject: unknown; serial: unknown } {
+  assert.ok(typeof l.subject === 'string' && l.subject !== '' && typeof l.serial === 'string' && l.serial !== '', JSON.stringify(l));
+  return { subject: l.subject, serial: l.serial };
+}
+
+describe('REST requests Node would answer on its own get an answer and one access line, both modes', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 connection's request line saying HTTP/2.0 gets 400 and a close, and its access line; the proxy keeps running`, { timeout: 20_000 }, async () => {
+      const { text, lines } = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/2.0\r\nhost: a\r\n\r\n', 1);
+      assert.deepEqual(statuses(text), [400]);
+      assert.match(text, /connection: close\r\n/i);
+      assert.equal(lines.length, 1);
+      assert.deepEqual({ status: lines[0]!.status, error: lines[0]!.error }, { status: 400, error: 'bad_request' });
+      const after = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n', 1);
+      assert.deepEqual(statuses(after.text), [200]);
+      assert.deepEqual(identity(lines[0]!), identity(after.lines[0]!));
+    });
+  }
+});
