@@ -92,6 +92,11 @@ export class H2Front implements Drainable {
         const context = this.#enter(req.stream, observer);
         if (context) onRequest(req, res, context);
       });
+      // Node's own answer (417, any value but the exact `100-continue`) would reach the client with no access line.
+      this.#server.on('checkExpectation', (req, res) => {
+        const context = this.#enter(req.stream, observer);
+        if (context) meetExpectation(req, res, context, observer, onRequest);
+      });
     }
   }
 
@@ -152,6 +157,41 @@ export class H2Front implements Drainable {
     session.setLocalWindowSize(limits.connectionWindow);
     if (this.#draining) session.close();
   }
+}
+
+/**
+ * The names in an Expect field, lower-cased, parameters and empty members left out:
+ * `100-Continue` and `100-continue;x=1` are a 100-continue (RFC 9110 10.1.1, names are
+ * case-insensitive), as Node's HTTP/1.1 server and the relay read them.
+ */
+export function expectationNames(value: string): string[] {
+  return value.split(',').map((member) => member.split(/[;=]/, 1)[0]!.trim().toLowerCase()).filter((name) => name !== '');
+}
+
+/** The answer to an expectation that cannot be met, as Node gives it (no body), in terminate mode. */
+const EXPECTATION_FAILED: OwnAnswer = { status: 417, error: 'bad_request', close: false };
+
+/**
+ * An HTTP/2 request whose Expect is not exactly `100-continue`: Node's compatibility
+ * layer compares the value as sent, so `100-Continue` got 417 where HTTP/1.1 gets its
+ * 100. A 100-continue in any spelling gets the 100 and goes on; anything else gets 417.
+ */
+function meetExpectation(req: Http2ServerRequest, res: Http2ServerResponse, context: ConnectionContext, observer: ProxyObserver, onRequest: RequestHandler): void {
+  if (expectationNames(String(req.headers['expect'])).includes('100-continue')) {
+    res.writeContinue();
+    onRequest(req, res, context);
+    return;
+  }
+  res.statusCode = EXPECTATION_FAILED.status;
+  res.end();
+  req.resume();
+  logOwnAnswer(observer, context, 'h2', { method: req.method, path: req.url, status: EXPECTATION_FAILED.status, error: EXPECTATION_FAILED.error });
+}
+
+/** The access line of an answer of ours that no request handler saw. */
+function logOwnAnswer(observer: ProxyObserver, context: ConnectionContext, protocol: 'h2' | 'http/1.1', answer: { method: string; path: string; status: number; error: string }): void {
+  const { identity } = context;
+  observer.request({ listener: context.listener, protocol, remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: 0, durationMs: 0, error: answer.error });
 }
 
 /** What a client whose request head did not arrive in time is told, in both REST modes. */
@@ -235,6 +275,8 @@ export class H1Front implements Drainable {
       },
       (req, res) => this.#onRequest(req, res, options.onRequest),
     );
+    // Node answers any Expect but 100-continue with 417 on its own, which would leave the request without its access line.
+    this.#server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => this.#onRequest(req, res, options.onRequest, EXPECTATION_FAILED));
     // Node checks headersTimeout from a timer it starts on 'listening'; this server never listens itself (sockets are handed in).
     this.#server.emit('listening');
     // Any socket timeout (ours above, Node's keep-alive one) lands here; without a listener Node would cut a busy connection too.
@@ -320,16 +362,12 @@ export class H1Front implements Drainable {
   /** A request answered before it was one (unparsable, or its head never completed) still gets its access line, as in relay mode. */
   #logRefusal(socket: Socket, status: number, error: string): void {
     const context = this.#contexts.get(socket);
-    if (context) this.#logAnswer(context, { method: '', path: '', status, error });
+    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: '', path: '', status, error });
   }
 
-  /** The access line of an answer of ours that no request handler saw. */
-  #logAnswer(context: ConnectionContext, answer: { method: string; path: string; status: number; error: string }): void {
-    const { identity } = context;
-    this.#observer.request({ listener: context.listener, protocol: 'http/1.1', remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: 0, durationMs: 0, error: answer.error });
-  }
 
-  #onRequest(req: IncomingMessage, res: ServerResponse, handler: RequestHandler): void {
+  /** `unmet`: what Node found the request cannot have (its Expect), answered instead of the handler. */
+  #onRequest(req: IncomingMessage, res: ServerResponse, handler: RequestHandler, unmet?: OwnAnswer): void {
     const socket = req.socket;
     const context = this.#contexts.get(socket);
     if (!context) {
@@ -355,7 +393,7 @@ export class H1Front implements Drainable {
       if (refusal) this.#refuse(socket, refusal);
       else if (closing()) socket.end();
     });
-    const own = versionRefusal(req);
+    const own = versionRefusal(req) ?? unmet;
     if (own) this.#answerOurselves(req, res, context, own);
     else handler(req, res, context);
   }
@@ -368,6 +406,6 @@ export class H1Front implements Drainable {
     res.end(answer.body);
     // Whatever body it has is read and dropped (Node does so once the answer is out).
     req.resume();
-    this.#logAnswer(context, { method: req.method ?? '', path: req.url ?? '', status: answer.status, error: answer.error });
+    logOwnAnswer(this.#observer, context, 'http/1.1', { method: req.method ?? '', path: req.url ?? '', status: answer.status, error: answer.error });
   }
 }

@@ -7,7 +7,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
 import { SECOND_HOST, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { closingAnswer, headStalledMessage } from './http-fronts.js';
+import { closingAnswer, expectationNames, headStalledMessage } from './http-fronts.js';
 import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
 
 /** The fallback is the terminating HTTP/1.1 front, which answers 503/502 with the reason. */
@@ -152,7 +152,7 @@ function awaitsContinue(head: Http1Head, body: BodyFraming): boolean {
  */
 function expectations(head: Http1Head): string[] {
   if (head.minorVersion === 0 || !head.has('expect')) return [];
-  return head.values('expect').map((member) => member.split(/[;=]/, 1)[0]!.trim().toLowerCase()).filter((name) => name !== '');
+  return expectationNames(head.values('expect').join(','));
 }
 
 /**

@@ -5,7 +5,7 @@
  */
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { restModeFronts, type LogLine } from './helpers/harness.js';
+import { h2Request, h2Session, restModeFronts, type LogLine } from './helpers/harness.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
 import { eventually } from './helpers/ops.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
@@ -28,6 +28,25 @@ async function exchangeHttp1(restMode: ForwardMode, raw: string, lineCount: numb
   return { text, lines: accessLines() };
 }
 
+/** What a test checks of an access line. */
+const summary = (l: LogLine) => ({ status: l.status, error: l.error, method: l.method, path: l.path, protocol: l.protocol });
+
+/** One HTTP/2 request on a new connection: its status and body, and the access lines made once `lineCount` are in. */
+async function exchangeH2(restMode: ForwardMode, headers: Record<string, string>, body: string, lineCount: number): Promise<{ status: unknown; body: string; lines: LogLine[] }> {
+  const front = both.front(restMode);
+  const from = front.logs.lines.length;
+  const session = h2Session(front.restPort, both.pki);
+  try {
+    const answer = await h2Request(session, headers, body);
+    const accessLines = () => front.logs.lines.slice(from).filter((l) => l.event === 'access');
+    await eventually(() => accessLines().length >= lineCount, `${lineCount} access line(s)`);
+    await new Promise((resolve) => setImmediate(resolve));
+    return { status: answer.headers[':status'], body: answer.body.toString(), lines: accessLines() };
+  } finally {
+    session.close();
+  }
+}
+
 /** Who the access line names: the client certificate's, never empty. */
 function identity(l: LogLine): { subject: unknown; serial: unknown } {
   assert.ok(typeof l.subject === 'string' && l.subject !== '' && typeof l.serial === 'string' && l.serial !== '', JSON.stringify(l));
@@ -45,6 +64,32 @@ describe('REST requests Node would answer on its own get an answer and one acces
       const after = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n', 1);
       assert.deepEqual(statuses(after.text), [200]);
       assert.deepEqual(identity(lines[0]!), identity(after.lines[0]!));
+    });
+
+    test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 Expect other than 100-continue gets 417 and an access line naming the request`, { timeout: 20_000 }, async () => {
+      const { text, lines } = await exchangeHttp1(
+        restMode,
+        'POST /echo-body HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nexpect: x-fast-lane\r\n\r\nabc' + 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n',
+        restMode === 'terminate' ? 2 : 1,
+      );
+      // Node keeps the connection for the next request (the relay closes it, rest-relay-drogon.test.ts): both are logged.
+      assert.deepEqual(statuses(text), restMode === 'terminate' ? [417, 200] : [417]);
+      assert.deepEqual(lines.map(summary), [
+        { status: 417, error: 'bad_request', method: 'POST', path: '/echo-body', protocol: 'http/1.1' },
+        ...(restMode === 'terminate' ? [{ status: 200, error: undefined, method: 'GET', path: '/v2/health/live', protocol: 'http/1.1' }] : []),
+      ]);
+      identity(lines[0]!);
+    });
+
+    test(`--mtls_rest_mode ${restMode}: an HTTP/2 Expect other than 100-continue gets 417 and an access line; 100-Continue is a 100-continue there too`, { timeout: 20_000 }, async () => {
+      const refused = await exchangeH2(restMode, { ':method': 'POST', ':path': '/echo-body', expect: 'x-fast-lane' }, 'abc', 1);
+      assert.equal(refused.status, 417);
+      assert.deepEqual(refused.lines.map(summary), [{ status: 417, error: 'bad_request', method: 'POST', path: '/echo-body', protocol: 'h2' }]);
+      identity(refused.lines[0]!);
+      const met = await exchangeH2(restMode, { ':method': 'POST', ':path': '/echo-body', expect: '100-Continue' }, 'abc', 1);
+      assert.equal(met.status, 200);
+      assert.match(met.body, /"bytes":3/);
+      assert.deepEqual(met.lines.map(summary), [{ status: 200, error: undefined, method: 'POST', path: '/echo-body', protocol: 'h2' }]);
     });
   }
 });
