@@ -232,6 +232,16 @@ function versionRefusal(req: IncomingMessage): OwnAnswer | undefined {
   return { status: 400, error: 'bad_request', close: true, body: `malformed request: HTTP/${req.httpVersion} is not served on an HTTP/1.1 connection; send HTTP/1.1, or negotiate h2 by ALPN\n` };
 }
 
+/**
+ * RFC 9112 3.2: an HTTP/1.1 request without Host gets 400. Node's server answers it
+ * (requireHostHeader) before any event our code sees, so the request had no access line;
+ * it is answered here instead, as Node did (no body, the connection closed).
+ */
+function missingHostRefusal(req: IncomingMessage): OwnAnswer | undefined {
+  if (req.httpVersionMinor === 0 || req.headers.host !== undefined) return undefined;
+  return { status: 400, error: 'bad_request', close: true };
+}
+
 /** A whole HTTP/1.1 response of our own, after which the connection closes. */
 export function closingAnswer(status: number, contentType: string, body: string): Buffer {
   const payload = Buffer.from(body);
@@ -272,6 +282,8 @@ export class H1Front implements Drainable {
         headersTimeout: idleMs,
         connectionsCheckingInterval: Math.max(50, Math.min(30_000, Math.floor(idleMs / 4))),
         keepAliveTimeout: idleMs,
+        // Checked by missingHostRefusal() instead, which logs the request.
+        requireHostHeader: false,
       },
       (req, res) => this.#onRequest(req, res, options.onRequest),
     );
@@ -393,7 +405,7 @@ export class H1Front implements Drainable {
       if (refusal) this.#refuse(socket, refusal);
       else if (closing()) socket.end();
     });
-    const own = versionRefusal(req) ?? unmet;
+    const own = versionRefusal(req) ?? missingHostRefusal(req) ?? unmet;
     if (own) this.#answerOurselves(req, res, context, own);
     else handler(req, res, context);
   }

@@ -66,6 +66,17 @@ describe('REST requests Node would answer on its own get an answer and one acces
       assert.deepEqual(identity(lines[0]!), identity(after.lines[0]!));
     });
 
+    test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 request without a Host field gets 400 and a close, and an access line naming it; an HTTP/1.0 one needs none`, { timeout: 20_000 }, async () => {
+      const { text, lines } = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\n\r\n' + 'GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\n\r\n', 1);
+      assert.deepEqual(statuses(text), [400]);
+      assert.match(text, /connection: close\r\n/i);
+      assert.deepEqual(lines.map(summary), [{ status: 400, error: 'bad_request', method: 'GET', path: '/v2/health/live', protocol: 'http/1.1' }]);
+      identity(lines[0]!);
+      const http10 = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.0\r\n\r\n', 1);
+      assert.deepEqual(statuses(http10.text), [200]);
+      assert.deepEqual(http10.lines.map(summary), [{ status: 200, error: undefined, method: 'GET', path: '/v2/health/live', protocol: 'http/1.1' }]);
+    });
+
     test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 Expect other than 100-continue gets 417 and an access line naming the request`, { timeout: 20_000 }, async () => {
       const { text, lines } = await exchangeHttp1(
         restMode,
