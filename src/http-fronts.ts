@@ -203,7 +203,13 @@ interface Refusal {
   readonly status: number;
   readonly message: string;
   readonly error: string;
+  /** The request's, when Node parsed its head; else the access line has empty ones. */
+  readonly method?: string;
+  readonly path?: string;
 }
+
+/** As the relay answers a CONNECT: the proxy opens no tunnels. */
+const CONNECT_REFUSED: Refusal = { status: 405, message: 'CONNECT is not supported', error: 'bad_request' };
 
 /** What a client whose request Node's parser refused is told, as the relay's own parser words it. */
 function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Limits): Refusal {
@@ -298,6 +304,8 @@ export class H1Front implements Drainable {
       if (this.#headArriving(socket)) this.#refuse(socket, { status: 408, message: headStalledMessage(idleMs), error: 'client_header_timeout' });
       else socket.destroy();
     });
+    // Without a listener Node closes a CONNECT's connection with no answer and no access line; the relay answers 405.
+    this.#server.on('connect', (req: IncomingMessage, socket: Socket) => this.#refuseOrDefer(socket, { ...CONNECT_REFUSED, method: 'CONNECT', path: req.url ?? '' }));
     this.#server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
       // A client that leaves in the middle of a body (an upload it gave up, once answered early) has a request with its own access line: no answer, no second line.
       if (!socket.writable || this.#leftMidBody(socket, err)) {
@@ -310,11 +318,14 @@ export class H1Front implements Drainable {
         socket.destroy();
         return;
       }
-      const refusal = refusalOf(err, options.limits);
-      // The bad bytes follow whole requests still being answered: a 400 now would reach the client as the answer to the first of them.
-      if (this.#owesAnswers(socket)) this.#refuseAfterAnswers.set(socket, refusal);
-      else this.#refuse(socket, refusal);
+      this.#refuseOrDefer(socket, refusalOf(err, options.limits));
     });
+  }
+
+  #refuseOrDefer(socket: Socket, refusal: Refusal): void {
+    // The refused bytes follow whole requests still being answered: an answer now would reach the client as the answer to the first of them.
+    if (this.#owesAnswers(socket)) this.#refuseAfterAnswers.set(socket, refusal);
+    else this.#refuse(socket, refusal);
   }
 
   /** Bytes came after the last answer and made no request yet: part of a head (not the rest of a body answered early, read and dropped). */
@@ -339,7 +350,8 @@ export class H1Front implements Drainable {
       return;
     }
     socket.end(closingAnswer(refusal.status, 'text/plain; charset=utf-8', `${refusal.message}\n`));
-    this.#logRefusal(socket, refusal.status, refusal.error);
+    const context = this.#contexts.get(socket);
+    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: refusal.method ?? '', path: refusal.path ?? '', status: refusal.status, error: refusal.error });
   }
 
   accept(socket: TLSSocket, context: ConnectionContext): void {
@@ -370,13 +382,6 @@ export class H1Front implements Drainable {
     this.#closing.add(socket);
     if ((this.#active.get(socket) ?? 0) === 0) socket.end();
   }
-
-  /** A request answered before it was one (unparsable, or its head never completed) still gets its access line, as in relay mode. */
-  #logRefusal(socket: Socket, status: number, error: string): void {
-    const context = this.#contexts.get(socket);
-    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: '', path: '', status, error });
-  }
-
 
   /** `unmet`: what Node found the request cannot have (its Expect), answered instead of the handler. */
   #onRequest(req: IncomingMessage, res: ServerResponse, handler: RequestHandler, unmet?: OwnAnswer): void {

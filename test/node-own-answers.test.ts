@@ -77,6 +77,19 @@ describe('REST requests Node would answer on its own get an answer and one acces
       assert.deepEqual(http10.lines.map(summary), [{ status: 200, error: undefined, method: 'GET', path: '/v2/health/live', protocol: 'http/1.1' }]);
     });
 
+    test(`--mtls_rest_mode ${restMode}: CONNECT gets 405 and a close, after the answer to the request before it, and an access line naming it`, { timeout: 20_000 }, async () => {
+      const { text, lines } = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\n\r\n' + 'CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n', 2);
+      assert.deepEqual(statuses(text), [200, 405]);
+      assert.match(text, /connection: close\r\n[^]*CONNECT is not supported\n$/);
+      // In the order each mode logs them: the refusal may come first.
+      const byStatus = lines.map(summary).sort((a, b) => Number(a.status) - Number(b.status));
+      assert.deepEqual(byStatus, [
+        { status: 200, error: undefined, method: 'GET', path: '/v2/health/live', protocol: 'http/1.1' },
+        { status: 405, error: 'bad_request', method: 'CONNECT', path: 'a:443', protocol: 'http/1.1' },
+      ]);
+      identity(lines.find((l) => l.status === 405)!);
+    });
+
     test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 Expect other than 100-continue gets 417 and an access line naming the request`, { timeout: 20_000 }, async () => {
       const { text, lines } = await exchangeHttp1(
         restMode,
