@@ -97,6 +97,11 @@ export class H2Front implements Drainable {
         const context = this.#enter(req.stream, observer);
         if (context) meetExpectation(req, res, context, observer, onRequest);
       });
+      // Likewise its 405 to a CONNECT (the proxy opens no tunnels); its target is the authority.
+      this.#server.on('connect', (req: Http2ServerRequest, res: Http2ServerResponse) => {
+        const context = this.#enter(req.stream, observer);
+        if (context) answerH2Ourselves(req, res, context, observer, { ...CONNECT_REFUSED, path: req.authority });
+      });
     }
   }
 
@@ -182,10 +187,15 @@ function meetExpectation(req: Http2ServerRequest, res: Http2ServerResponse, cont
     onRequest(req, res, context);
     return;
   }
-  res.statusCode = EXPECTATION_FAILED.status;
+  answerH2Ourselves(req, res, context, observer, { ...EXPECTATION_FAILED, path: req.url });
+}
+
+/** As Node's compatibility layer answers on its own (a status, no body), with the access line it would not give. */
+function answerH2Ourselves(req: Http2ServerRequest, res: Http2ServerResponse, context: ConnectionContext, observer: ProxyObserver, answer: { status: number; error: string; path: string }): void {
+  res.statusCode = answer.status;
   res.end();
   req.resume();
-  logOwnAnswer(observer, context, 'h2', { method: req.method, path: req.url, status: EXPECTATION_FAILED.status, error: EXPECTATION_FAILED.error });
+  logOwnAnswer(observer, context, 'h2', { method: req.method, path: answer.path, status: answer.status, error: answer.error });
 }
 
 /** The access line of an answer of ours that no request handler saw. */

@@ -90,6 +90,13 @@ describe('REST requests Node would answer on its own get an answer and one acces
       identity(lines.find((l) => l.status === 405)!);
     });
 
+    test(`--mtls_rest_mode ${restMode}: an HTTP/2 CONNECT gets 405 and an access line naming it`, { timeout: 20_000 }, async () => {
+      const { status, lines } = await exchangeH2(restMode, { ':method': 'CONNECT', ':authority': 'a:443' }, '', 1);
+      assert.equal(status, 405);
+      assert.deepEqual(lines.map(summary), [{ status: 405, error: 'bad_request', method: 'CONNECT', path: 'a:443', protocol: 'h2' }]);
+      identity(lines[0]!);
+    });
+
     test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 Expect other than 100-continue gets 417 and an access line naming the request`, { timeout: 20_000 }, async () => {
       const { text, lines } = await exchangeHttp1(
         restMode,
