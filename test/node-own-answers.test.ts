@@ -5,9 +5,10 @@
  */
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { h2Request, h2Session, restModeFronts, type LogLine } from './helpers/harness.js';
+import { h2Request, h2Session, restModeFronts, startTestProxy, type LogLine } from './helpers/harness.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
-import { eventually } from './helpers/ops.js';
+import { eventually, sample } from './helpers/ops.js';
+import { ProxyMetrics } from '../src/metrics.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 
 const both = restModeFronts();
@@ -122,5 +123,32 @@ describe('REST requests Node would answer on its own get an answer and one acces
       assert.match(met.body, /"bytes":3/);
       assert.deepEqual(met.lines.map(summary), [{ status: 200, error: undefined, method: 'POST', path: '/echo-body', protocol: 'h2' }]);
     });
+  }
+});
+
+test('terminate mode: requests Node would have answered itself are in the request metrics, and leave no stream counted open', { timeout: 30_000 }, async () => {
+  const metrics = new ProxyMetrics({ processMetrics: false });
+  const local = await startTestProxy({ pki: both.pki, upstream: { restPort: both.upstream.restPort! }, observer: metrics });
+  try {
+    for (const raw of ['GET /v2/health/live HTTP/2.0\r\nhost: a\r\n\r\n', 'GET /v2/health/live HTTP/1.1\r\n\r\n', 'CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n', 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\nexpect: x-fast-lane\r\nconnection: close\r\n\r\n']) {
+      const socket = await openRaw(local.restPort, both.pki);
+      socket.write(raw);
+      await readToClose(socket);
+    }
+    const session = h2Session(local.restPort, both.pki);
+    try {
+      await h2Request(session, { ':method': 'POST', ':path': '/echo-body', expect: 'x-fast-lane' }, 'abc');
+      await h2Request(session, { ':method': 'CONNECT', ':authority': 'a:443' }, '');
+    } finally {
+      session.close();
+    }
+    const count = async (method: string, status: string) => sample(await metrics.text(), 'ovms_mtls_requests_total', { listener: 'rest', method, status });
+    await eventually(async () => (await count('OTHER', '405')) === 2, 'both CONNECTs counted (method OTHER)');
+    assert.equal(await count('GET', '400'), 2);
+    assert.equal(await count('GET', '417'), 1);
+    assert.equal(await count('POST', '417'), 1);
+    await eventually(async () => sample(await metrics.text(), 'ovms_mtls_open_streams', { listener: 'rest' }) === 0, 'no stream left open');
+  } finally {
+    await local.proxy.shutdown(1000);
   }
 });
