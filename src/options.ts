@@ -90,7 +90,8 @@ export function optionsFromEnv(env: NodeJS.ProcessEnv, specs: readonly OptionSpe
   for (const spec of specs) {
     const value = env[envVarName(spec.name)];
     if (value === undefined || value === '') continue;
-    out[spec.name] = spec.type === 'array' ? value.split(',').map((v) => v.trim()).filter(Boolean) : value;
+    // A list stays whole here: config.ts splits it at the commas that are not `\,`, as it does a command-line value.
+    out[spec.name] = spec.type === 'array' ? [value] : value;
   }
   return out;
 }

@@ -9,6 +9,7 @@ import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
 import { identityFromCertificate, uriPatternMatches } from '../src/client-identity.js';
 import { runCommand } from './helpers/cli.js';
 import { parseAllowList } from '../src/config.js';
+import { optionsFromEnv } from '../src/options.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 let pki: TestPki;
@@ -103,6 +104,20 @@ describe('allow-lists', () => {
       assert.equal(await attempt(front, john), 'accepted');
       assert.equal(await attempt(front, europe), 'accepted');
       assert.equal(await attempt(front, smith), 'not_allowed');
+    });
+  });
+
+  test('an allow-list from the environment reads \\, as a comma inside a value, as the command line does: OVMS_MTLS_ALLOW_CN=Smith\\, John admits CN "Smith, John" and not CN "John"', async () => {
+    const allow = parseAllowList(optionsFromEnv({ OVMS_MTLS_ALLOW_CN: 'Smith\\, John,b', OVMS_MTLS_ALLOW_OU: 'R+D\\, Europe' }));
+    assert.deepEqual(allow.cn, ['Smith, John', 'b']);
+    assert.deepEqual(allow.ou, ['R+D, Europe']);
+    const [smithJohn, john] = await Promise.all([
+      issueClientCert({ issuer: pki.clientCa, commonName: 'Smith, John' }),
+      issueClientCert({ issuer: pki.clientCa, commonName: 'John' }),
+    ]);
+    await withProxy({ allow }, async (front) => {
+      assert.equal(await attempt(front, smithJohn), 'accepted');
+      assert.equal(await attempt(front, john), 'not_allowed');
     });
   });
 
