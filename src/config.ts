@@ -285,10 +285,22 @@ function parseBoolean(name: string, value: unknown, fallback: boolean): boolean 
   throw new ConfigError(`${flag(name)}: '${String(value)}' is not true or false`);
 }
 
-/** A number of seconds, in ms; absent = `fallbackMs`. `minMs` keeps a timeout from being 0 (at once). */
-export function secondsOr(raw: RawOptions, name: string, fallbackMs: number, minMs = 0): number {
+/** A number of seconds, in ms; absent = `fallbackMs`. */
+export function secondsOr(raw: RawOptions, name: string, fallbackMs: number): number {
   const value = raw[name];
-  return value === undefined ? fallbackMs : Math.max(minMs, parseSeconds(name, value));
+  return value === undefined ? fallbackMs : parseSeconds(name, value);
+}
+
+/**
+ * A timeout that has no "off": 0 (or less than 1 ms) would time out every client at once, a
+ * proxy that starts and serves no one, where a reader of `0 = off` elsewhere expects no limit.
+ */
+function timeoutOr(raw: RawOptions, name: string, fallbackMs: number): number {
+  const ms = secondsOr(raw, name, fallbackMs);
+  if (ms < 1) {
+    throw new ConfigError(`${flag(name)}: '${String(raw[name])}' would time out at once, and this timeout cannot be turned off: give a number of seconds above 0 (default ${fallbackMs / 1000})`);
+  }
+  return ms;
 }
 
 /** Absent = the default; given without a value is an error, as for ports, not the default in disguise. */
@@ -300,9 +312,9 @@ function numberOr(raw: RawOptions, name: string, fallback: number, min: number, 
 export function parseLimits(raw: RawOptions): Limits {
   const d = DEFAULTS.limits;
   return {
-    handshakeTimeoutMs: secondsOr(raw, 'mtls_handshake_timeout', d.handshakeTimeoutMs, 1),
-    idleTimeoutMs: secondsOr(raw, 'mtls_idle_timeout', d.idleTimeoutMs, 1),
-    upstreamConnectTimeoutMs: secondsOr(raw, 'mtls_upstream_connect_timeout', d.upstreamConnectTimeoutMs, 1),
+    handshakeTimeoutMs: timeoutOr(raw, 'mtls_handshake_timeout', d.handshakeTimeoutMs),
+    idleTimeoutMs: timeoutOr(raw, 'mtls_idle_timeout', d.idleTimeoutMs),
+    upstreamConnectTimeoutMs: timeoutOr(raw, 'mtls_upstream_connect_timeout', d.upstreamConnectTimeoutMs),
     maxConnections: numberOr(raw, 'mtls_max_connections', d.maxConnections, 0, 10_000_000),
     maxConcurrentStreams: numberOr(raw, 'mtls_max_concurrent_streams', d.maxConcurrentStreams, 1, 2 ** 31 - 1),
     maxHeaderSize: numberOr(raw, 'mtls_max_header_size', d.maxHeaderSize, 1024, 16 * 1024 * 1024),

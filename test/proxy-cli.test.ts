@@ -153,6 +153,20 @@ describe('proxy command line', () => {
     assert.match(res.stderr, /^ovms-mtls: --mtls_idle_timeout: '9999999' is more than 2000000 seconds \(23 days\), the longest timeout supported\n$/);
   });
 
+  test('a timeout of 0, which cannot mean off, exits 2 before listening instead of a proxy that times out every client at once', async () => {
+    const cases: [string[], string][] = [
+      [['--mtls_handshake_timeout', '0'], `--mtls_handshake_timeout: '0' would time out at once, and this timeout cannot be turned off: give a number of seconds above 0 (default 10)`],
+      [['--mtls_idle_timeout=0'], `--mtls_idle_timeout: '0' would time out at once, and this timeout cannot be turned off: give a number of seconds above 0 (default 65)`],
+      [['--mtls_upstream_connect_timeout', '0.0001'], `--mtls_upstream_connect_timeout: '0.0001' would time out at once, and this timeout cannot be turned off: give a number of seconds above 0 (default 10)`],
+    ];
+    for (const [args, message] of cases) {
+      const res = await startupOutcome([...args, '--mtls_workers', '1']);
+      assert.equal(res.listened, false, `${args.join(' ')} started the proxy`);
+      assert.equal(res.code, 2);
+      assert.equal(res.stderr, `ovms-mtls: ${message}\n`);
+    }
+  });
+
   test('the same port for gRPC and REST exits 2 saying so, not that another process uses the port', async () => {
     const [port] = (await freeLoopbackPorts(1)) as [number];
     const res = await runCli(['proxy', '--port', String(port), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', '127.0.0.1:9',
