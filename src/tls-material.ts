@@ -227,7 +227,11 @@ function allowsServerAuth(cert: X509Certificate): boolean {
 
 function checkClientCas(cas: X509Certificate[], path: string): void {
   cas.forEach((ca, i) => {
-    if (!ca.ca) throw new TlsMaterialError(`--mtls_client_ca: ${path}: certificate #${i + 1} (${subjectCn(ca)}) is not a CA certificate`);
+    if (!ca.ca) {
+      throw new TlsMaterialError(
+        `--mtls_client_ca: ${path}: certificate #${i + 1} (${subjectCn(ca)}) is not a CA certificate: give the CA that issues the client certificates (client_cert_ca.pem of \`ovms-mtls certs init\`), not a client's or the server's own certificate`,
+      );
+    }
   });
 }
 
