@@ -484,15 +484,16 @@ export function proxyConfigFromOptions(raw: RawOptions): Config {
   const listeners = parsePublicListeners(raw);
   const common = parseCommonConfig(raw);
   checkAdminPort(common.admin, listeners);
-  const upstream = (name: string, listenerFlag: string) => {
+  // The example is the port OVMS's docs (and ours) give that protocol: REST pointed at the gRPC port answers nothing useful.
+  const upstream = (name: string, listenerFlag: string, example: string) => {
     const value = optionalString(raw, name);
-    if (value === undefined) throw new ConfigError(`--${name} is required with --${listenerFlag} (host:port of the model server, e.g. 127.0.0.1:9000)`);
+    if (value === undefined) throw new ConfigError(`--${name} is required with --${listenerFlag} (host:port of the model server, e.g. ${example})`);
     return parseHostPort(name, value);
   };
   return {
     ...common,
-    grpc: listeners.grpc ? { hosts: listeners.grpc.hosts, port: listeners.grpc.port ?? 0, upstream: upstream('mtls_grpc_upstream', 'port') } : undefined,
-    rest: listeners.rest ? { hosts: listeners.rest.hosts, port: listeners.rest.port ?? 0, upstream: upstream('mtls_rest_upstream', 'rest_port') } : undefined,
+    grpc: listeners.grpc ? { hosts: listeners.grpc.hosts, port: listeners.grpc.port ?? 0, upstream: upstream('mtls_grpc_upstream', 'port', '127.0.0.1:9000') } : undefined,
+    rest: listeners.rest ? { hosts: listeners.rest.hosts, port: listeners.rest.port ?? 0, upstream: upstream('mtls_rest_upstream', 'rest_port', '127.0.0.1:8000') } : undefined,
   };
 }
 

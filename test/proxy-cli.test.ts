@@ -109,7 +109,8 @@ describe('proxy command line', () => {
     ['a port that is not a number', () => ['--port=abc', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags()], /--port: 'abc' is not a whole number between 0 and 65535/],
     ['no upstream connection at all', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_grpc_upstream_connections', '0', ...tlsFlags()], /^ovms-mtls: --mtls_grpc_upstream_connections: '0' is not a whole number between 1 and 64/],
     ['an unknown gRPC mode', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_grpc_mode', 'fast', ...tlsFlags()], /--mtls_grpc_mode: 'fast' is not one of terminate, relay/],
-    ['a listener without its upstream', () => ['--rest_port', '8443', ...tlsFlags()], /--mtls_rest_upstream is required with --rest_port/],
+    // Its example was the gRPC port, 9000, which a REST upstream pasted from it would point at.
+    ['a listener without its upstream', () => ['--rest_port', '8443', ...tlsFlags()], /^ovms-mtls: --mtls_rest_upstream is required with --rest_port \(host:port of the model server, e\.g\. 127\.0\.0\.1:8000\)\n$/],
     // Only the entrypoint drops privileges: `proxy` took --mtls_user and went on serving as root.
     ['--mtls_user, which only the entrypoint honours', () => ['--mtls_user', 'nobody', ...tlsFlags()], /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only: start `ovms-mtls proxy` as the user it should run as/],
     ['--mtls_user=NAME, in that spelling too', () => ['--mtls_user=nobody', ...tlsFlags()], /^ovms-mtls: --mtls_user applies to the OVMS entrypoint only/],
