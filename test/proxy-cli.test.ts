@@ -67,6 +67,9 @@ describe('proxy command line', () => {
     assert.equal(res.code, 0);
     assert.match(res.stdout, /ovms-mtls proxy/);
     assert.match(res.stdout, /--mtls_cert[\s\S]*env: OVMS_MTLS_CERT/);
+    // The values of a choice option, as `proxy --help` lists them: without them `on-failure` was named nowhere here.
+    assert.match(res.stdout, /\n {2}--mtls_restart +[^\n]*\(never\|on-failure\) \(default: never\)\n/);
+    assert.match(res.stdout, /\n {2}--mtls_log_level +Log level \(fatal\|error\|warn\|info\|debug\|trace\|silent\) \(default: info\)\n/);
   });
 
   // Each command's --help was refused as an unknown option (exit 2).

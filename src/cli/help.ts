@@ -2,8 +2,10 @@ import { ALL_OPTIONS, envVarName, type OptionSpec } from '../options.js';
 import { productVersion } from '../version.js';
 
 function optionLine(spec: OptionSpec): string {
+  // The values an option takes, as each command's --help lists them: `--mtls_restart` would otherwise not name `on-failure`.
+  const choices = spec.choices ? ` (${spec.choices.join('|')})` : '';
   const def = spec.defaultDescription ? ` (default: ${spec.defaultDescription})` : '';
-  return `  --${spec.name.padEnd(26)} ${spec.describe}${def}\n  ${''.padEnd(28)} env: ${envVarName(spec.name)}\n`;
+  return `  --${spec.name.padEnd(26)} ${spec.describe}${choices}${def}\n  ${''.padEnd(28)} env: ${envVarName(spec.name)}\n`;
 }
 
 export function helpText(): string {
