@@ -19,7 +19,7 @@ import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
 import { PROXY_OPTIONS, PROXY_USAGE } from '../src/cli/proxy-command.js';
 import { PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
-import { splitOvmsArgv } from '../src/ovms-args.js';
+import { splitOvmsArgv, UNCAPPED_OVMS_STREAMS } from '../src/ovms-args.js';
 import { UPSTREAM_CHECK_TIMEOUT_MS } from '../src/health.js';
 import { createCrl } from '../src/x509.js';
 
@@ -43,7 +43,7 @@ function assertKnownMtlsFlags(argv: string[]): void {
 }
 
 function flagValue(argv: string[], flag: string): string | undefined {
-  return argv.find((a) => a.startsWith(`--${flag}=`))?.split('=')[1];
+  return argv.find((a) => a.startsWith(`--${flag}=`))?.slice(`--${flag}=`.length);
 }
 
 describe('docker-compose.yml', () => {
@@ -81,6 +81,8 @@ describe('docker-compose.yml', () => {
     assert.equal(services['ovms-mtls-proxy']!['network_mode'], 'service:ovms');
     assert.equal(flagValue(ovms, 'grpc_bind_address'), '127.0.0.1');
     assert.equal(flagValue(ovms, 'rest_bind_address'), '127.0.0.1');
+    // All clients share the proxy's connection (terminate mode): OVMS's per-connection cap, its core count, must not hold them.
+    assert.equal(flagValue(ovms, 'grpc_channel_arguments'), `grpc.max_concurrent_streams=${UNCAPPED_OVMS_STREAMS}`);
     assert.equal(proxy[0], 'proxy');
     await assertValidProxyArgs(proxy.slice(1));
     assert.equal(flagValue(proxy, 'mtls_grpc_upstream'), `127.0.0.1:${flagValue(ovms, 'port')}`);
