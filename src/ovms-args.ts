@@ -9,7 +9,7 @@
  * else reaches OVMS as the same argv elements, untouched.
  */
 import { ConfigError } from './errors.js';
-import { MTLS_OPTIONS, PUBLIC_OPTIONS, type OptionSpec, type RawOptions } from './options.js';
+import { MTLS_OPTIONS, PUBLIC_OPTIONS, envVarName, type OptionSpec, type RawOptions } from './options.js';
 
 /** What the command line asks for. */
 export type OvmsMode =
@@ -246,6 +246,17 @@ function modeOf(help: boolean, nonServing: string | undefined, mtls: RawOptions)
   if (nonServing === 'version') return { kind: 'version' };
   if (nonServing !== undefined) return { kind: 'direct', flag: nonServing };
   return { kind: 'serve' };
+}
+
+/**
+ * OVMS_MTLS_OVMS_HELP, as every option may come from the environment: it was read by nothing, and
+ * the wrapper served instead of showing OVMS's help. The command line wins (`--mtls_ovms_help=false`),
+ * and only a run that would serve turns into the help, as `--mtls_ovms_help` does not outrank `--help`.
+ */
+export function withOvmsHelpFromEnv(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): SplitOvmsArgv {
+  const value = env[envVarName('mtls_ovms_help')];
+  if (split.mode.kind !== 'serve' || split.mtls['mtls_ovms_help'] !== undefined || !value || isFalse(value)) return split;
+  return { ...split, mode: { kind: 'ovms-help' } };
 }
 
 /** OVMS's own loopback listeners; a port is present only for a listener the user asked for. */

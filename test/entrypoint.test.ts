@@ -756,6 +756,22 @@ describe('non-serving invocations', () => {
     assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('usage: ovms')));
   });
 
+  test("OVMS_MTLS_OVMS_HELP shows OVMS's own help as --mtls_ovms_help does, and --mtls_ovms_help=false on the command line wins over it", async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { OVMS_MTLS_OVMS_HELP: 'true' });
+    try {
+      assert.deepEqual(await Promise.race([s.wrapper.exited, s.wrapper.waitForEvent('listening')]), { code: 0, signal: null });
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+    assert.deepEqual(fakeRuns(s.argvFile).map((r) => r.argv), [['--help']]);
+    const overruled = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_ovms_help=false'], { OVMS_MTLS_OVMS_HELP: 'true' });
+    try {
+      await overruled.wrapper.waitForEvent('listening');
+    } finally {
+      await stopWrapper(overruled.wrapper);
+    }
+  });
+
   test('a directory as --mtls_ovms_binary is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {
     const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_ovms_binary', dir]);
     assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
