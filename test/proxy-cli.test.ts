@@ -10,6 +10,10 @@ import { connect as tlsConnect } from 'node:tls';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { readFileSync } from 'node:fs';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { spawnSync } from 'node:child_process';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { eventually } from './helpers/ops.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
@@ -273,6 +277,31 @@ describe('proxy command line', () => {
     } finally {
       cli.child.kill('SIGTERM');
       assert.equal(await cli.exited, 0);
+    }
+    assert.doesNotMatch(cli.stderr(), /Debugger listening/);
+  });
+
+  test('SIGUSR1 while the proxy is still starting (reading its key) is ignored too: no inspector opens, and the start goes on', { timeout: 60_000 }, async () => {
+    // A FIFO as the key holds the proxy inside its read until this test writes the key: a start-up that lasts as long as it must, no timing.
+    const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-fifo-'));
+    const fifo = join(dir, 'server.key');
+    assert.equal(spawnSync('mkfifo', [fifo]).status, 0, 'mkfifo');
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', fifo, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_workers', '1']);
+    try {
+      // Opening the writing end returns once the proxy has opened the reading end.
+      const writer = await open(fifo, 'w');
+      process.kill(cli.child.pid!, 'SIGUSR1');
+      await writer.writeFile(readFileSync(pki.paths['server.key']!));
+      await writer.close();
+      const exited = cli.exited.then((code) => Promise.reject(new Error(`the proxy exited with ${code}: ${cli.stderr()}`)));
+      exited.catch(() => {});
+      await Promise.race([cli.logs.waitFor((l) => l.event === 'listening'), exited]);
+    } finally {
+      cli.child.kill('SIGTERM');
+      await cli.exited;
+      await rm(dir, { recursive: true, force: true });
     }
     assert.doesNotMatch(cli.stderr(), /Debugger listening/);
   });

@@ -10,6 +10,7 @@ import { HelpRequested } from './options-parser.js';
 import { runDemoCommand } from './demo-command.js';
 import { runEntrypointCommand } from './entrypoint-command.js';
 import { runWorker } from '../worker-main.js';
+import { keepInspectorOff } from '../inspector-signal.js';
 import { ALL_OPTIONS, envVarName } from '../options.js';
 
 export interface Io {
@@ -77,6 +78,8 @@ export function userErrorLine(message: string, argv: readonly string[], env: Nod
  * A proxy worker (--mtls_workers) gets its orders from the primary, not from argv.
  */
 export function main(argv: readonly string[]): void {
+  // First: until a listener exists, SIGUSR1 opens the inspector, and startup (reading keys, binding) takes a while.
+  keepInspectorOff(() => undefined);
   const io: Io = { stdout: process.stdout, stderr: process.stderr, env: process.env };
   (cluster.isWorker ? runWorker() : run(argv, io)).then(
     (code) => process.exit(code),
