@@ -22,6 +22,9 @@ import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv, UNCAPPED_OVMS_STREAMS } from '../src/ovms-args.js';
 import { UPSTREAM_CHECK_TIMEOUT_MS } from '../src/health.js';
 import { createCrl } from '../src/x509.js';
+import { createTestPki } from './helpers/pki.js';
+import { https1 } from './helpers/harness.js';
+import { freeLoopbackPorts } from '../src/ports.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const read = (path: string) => readFileSync(join(ROOT, path), 'utf8');
@@ -301,6 +304,32 @@ describe('Kubernetes manifests', () => {
 });
 
 describe('example configuration', () => {
+  // main, types and exports named dist/src/index.js, which nothing built: `import 'ovms-mtls'` failed with ERR_MODULE_NOT_FOUND.
+  test('the package entry (package.json main, types, exports) is built, and a program that imports the package by name starts a proxy with it', async () => {
+    const pkg = JSON.parse(read('package.json')) as { main: string; types: string; exports: Record<string, string> };
+    for (const file of [pkg.main, pkg.types, pkg.exports['.']!]) assert.ok(existsSync(join(ROOT, file)), `${file} does not exist`);
+    // By name, as a dependent program would (Node resolves a package's own name through its exports).
+    const packageName = 'ovms-mtls';
+    const lib = (await import(packageName)) as typeof import('../src/index.js');
+    const pki = await createTestPki();
+    const [restPort, deadPort] = (await freeLoopbackPorts(2)) as [number, number];
+    const options = lib.proxyConfigFromOptions({
+      rest_port: String(restPort), rest_bind_address: '127.0.0.1', mtls_rest_upstream: `127.0.0.1:${deadPort}`,
+      mtls_cert: pki.paths['server.pem']!, mtls_key: pki.paths['server.key']!, mtls_client_ca: pki.paths['client_cert_ca.pem']!,
+    });
+    const config = { ...options, ...(await lib.resolveListenAddresses(options)) };
+    const proxy = await lib.startProxy({ config, material: lib.loadTlsMaterialSync(config.tls), logger: lib.createLogger({ level: 'silent' }) });
+    try {
+      assert.equal(proxy.port('rest'), restPort);
+      const answer = await https1(restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(answer.status, 502);
+      assert.match(answer.body, /refused the connection/);
+    } finally {
+      await proxy.shutdown(1000);
+      await pki.cleanup();
+    }
+  });
+
   test('config/ovms-mtls.env documents every OVMS_MTLS_* variable and no other', () => {
     const text = read('config/ovms-mtls.env');
     const listed = [...text.matchAll(/^#?(OVMS_MTLS_[A-Z0-9_]+)=/gm)].map((m) => m[1]!).sort();

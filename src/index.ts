@@ -1,0 +1,16 @@
+/**
+ * The package's entry (package.json `main`, `types`, `exports`): what `ovms-mtls proxy` does, from
+ * code. The configuration comes from the command line's own option names through the same
+ * checks and defaults, so a program gets what the CLI would:
+ *
+ *   const options = proxyConfigFromOptions({ rest_port: '8443', mtls_rest_upstream: '127.0.0.1:8000', mtls_cert: 'server.pem', ... });
+ *   const config = { ...options, ...(await resolveListenAddresses(options)) };
+ *   const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: config.logLevel }) });
+ *   ...
+ *   await proxy.shutdown(config.shutdownTimeoutMs);
+ */
+export { startProxy, type ProxyOptions, type RunningProxy } from './proxy.js';
+export { proxyConfigFromOptions, type Config } from './config.js';
+export { resolveListenAddresses } from './bind-addresses.js';
+export { loadTlsMaterialSync, type TlsMaterial } from './tls-material.js';
+export { createLogger, type Logger } from './log.js';
