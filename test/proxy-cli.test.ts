@@ -283,30 +283,33 @@ describe('proxy command line', () => {
     assert.doesNotMatch(cli.stderr(), /Debugger listening/);
   });
 
-  test('SIGUSR1 while the proxy is still starting (reading its key) is ignored too: no inspector opens, and the start goes on', { timeout: 60_000 }, async () => {
-    // A FIFO as the key holds the proxy inside its read until this test writes the key: a start-up that lasts as long as it must, no timing.
-    const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-fifo-'));
-    const fifo = join(dir, 'server.key');
-    assert.equal(spawnSync('mkfifo', [fifo]).status, 0, 'mkfifo');
-    const [restPort] = (await freeLoopbackPorts(1)) as [number];
-    const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
-      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', fifo, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_workers', '1']);
-    try {
-      // Opening the writing end returns once the proxy has opened the reading end.
-      const writer = await open(fifo, 'w');
-      process.kill(cli.child.pid!, 'SIGUSR1');
-      await writer.writeFile(readFileSync(pki.paths['server.key']!));
-      await writer.close();
-      const exited = cli.exited.then((code) => Promise.reject(new Error(`the proxy exited with ${code}: ${cli.stderr()}`)));
-      exited.catch(() => {});
-      await Promise.race([cli.logs.waitFor((l) => l.event === 'listening'), exited]);
-    } finally {
-      cli.child.kill('SIGTERM');
-      await cli.exited;
-      await rm(dir, { recursive: true, force: true });
-    }
-    assert.doesNotMatch(cli.stderr(), /Debugger listening/);
-  });
+  // SIGUSR1 opened the inspector and SIGHUP (a `systemctl reload` right after start) ended the process, by its default action.
+  for (const signal of ['SIGUSR1', 'SIGHUP'] as const) {
+    test(`${signal} while the proxy is still starting (reading its key) neither opens the inspector nor ends it: the start goes on`, { timeout: 60_000 }, async () => {
+      // A FIFO as the key holds the proxy inside its read until this test writes the key: a start-up that lasts as long as it must, no timing.
+      const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-fifo-'));
+      const fifo = join(dir, 'server.key');
+      assert.equal(spawnSync('mkfifo', [fifo]).status, 0, 'mkfifo');
+      const [restPort] = (await freeLoopbackPorts(1)) as [number];
+      const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+        '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', fifo, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_workers', '1']);
+      const exitedEarly = once(cli.child, 'exit').then(([code, by]) => Promise.reject(new Error(`the proxy exited (${code ?? by}): ${cli.stderr()}`)));
+      exitedEarly.catch(() => {});
+      try {
+        // Opening the writing end returns once the proxy has opened the reading end.
+        const writer = await open(fifo, 'w');
+        process.kill(cli.child.pid!, signal);
+        await writer.writeFile(readFileSync(pki.paths['server.key']!)).catch(() => {});
+        await writer.close();
+        await Promise.race([cli.logs.waitFor((l) => l.event === 'listening'), exitedEarly]);
+      } finally {
+        cli.child.kill('SIGTERM');
+        await cli.exited;
+        await rm(dir, { recursive: true, force: true });
+      }
+      assert.doesNotMatch(cli.stderr(), /Debugger listening/);
+    });
+  }
 
   test('0.0.0.0 with an IPv4 address it covers is refused with the configuration, not blamed on another process', async () => {
     const res = await runCli(['proxy', '--rest_port', '18443', '--rest_bind_address', '0.0.0.0,127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags()]);

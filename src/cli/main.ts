@@ -73,6 +73,8 @@ export function userErrorLine(message: string, argv: readonly string[], env: Nod
   return onCommandLine || !env[variable] ? message : `${message} (set by ${variable} in the environment)`;
 }
 
+function ignoreHangup(): void {}
+
 /**
  * The process entry: the only place that exits. User errors print one line, no stack.
  * A proxy worker (--mtls_workers) gets its orders from the primary, not from argv.
@@ -80,6 +82,9 @@ export function userErrorLine(message: string, argv: readonly string[], env: Nod
 export function main(argv: readonly string[]): void {
   // First: until a listener exists, SIGUSR1 opens the inspector, and startup (reading keys, binding) takes a while.
   keepInspectorOff(() => undefined);
+  // SIGHUP's default ends the process, and the serving commands take it (reload) only once started:
+  // ignored until then, as the files read a moment later are the current ones anyway.
+  process.on('SIGHUP', ignoreHangup);
   const io: Io = { stdout: process.stdout, stderr: process.stderr, env: process.env };
   (cluster.isWorker ? runWorker() : run(argv, io)).then(
     (code) => process.exit(code),
