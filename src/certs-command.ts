@@ -282,11 +282,17 @@ function endsWithCaNote(what: string, caEnd: Date, dir: string, asked?: { days: 
   );
 }
 
+/**
+ * The largest unit the span fills at least once, counted to the nearest: a CRL asked for 5 days
+ * under a CA with 1 day left falls 3 days 23 h short (its thisUpdate is backdated for clock skew),
+ * and "3 days short of the 5 days asked" read as 2 days granted.
+ */
 function roughDuration(ms: number): string {
   const units: [string, number][] = [['day', DAY_MS], ['hour', 60 * 60 * 1000], ['minute', 60 * 1000], ['second', 1000]];
   for (const [unit, size] of units) {
-    const count = Math.floor(ms / size);
-    if (count >= 1) return `${count} ${unit}${count === 1 ? '' : 's'}`;
+    if (ms < size) continue;
+    const count = Math.round(ms / size);
+    return `${count} ${unit}${count === 1 ? '' : 's'}`;
   }
   return 'less than a second';
 }

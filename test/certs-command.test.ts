@@ -217,6 +217,12 @@ describe('certs client', () => {
     assert.equal(verifyClient(dir, 'long-lived.pem').status, 0);
   });
 
+  test('a renew-crl --days past the client CA\'s expiry says how much shorter the CRL lives, to the nearest day, not a day less', async () => {
+    // The CA has 1 day left and the new CRL's thisUpdate is backdated a few minutes: it lives 1 day and minutes, 3 days 23 h short of 5.
+    const report = await certsRenewCrl({ dir, days: 5 });
+    assert.match(report.summary, /, 4 days short of the 5 days asked: nothing outlives the CA that signs it/);
+  });
+
   test('refuses to issue from a client CA that has expired, instead of writing a certificate that can never verify', async () => {
     const expiredDir = freshDir();
     await certsInit({ dir: expiredDir });
