@@ -24,7 +24,7 @@ COPY src ./src
 # final image needs neither node nor node_modules.
 RUN npm run build:binary
 
-# ---- final stage: the unmodified OVMS image plus two files ----
+# ---- final stage: the unmodified OVMS image plus tini, the executable and the env file ----
 FROM openvino/model_server:${OVMS_TAG}
 ARG OVMS_TAG
 LABEL org.opencontainers.image.title="ovms-mtls" \
