@@ -110,7 +110,7 @@ async function readAll(files: TlsFiles): Promise<FileContents> {
 
 export function parseCertificates(pem: string, role: FileRole, path: string): X509Certificate[] {
   const blocks = pem.match(PEM_CERT) ?? [];
-  if (blocks.length === 0) throw new TlsMaterialError(`--${role}: ${path} ${notPemCertificate(Buffer.from(pem, 'latin1'), path)}`);
+  if (blocks.length === 0) throw new TlsMaterialError(`--${role}: ${path} ${notPemCertificate(Buffer.from(pem, 'latin1'), path, role)}`);
   return blocks.map((block, i) => {
     try {
       return new X509Certificate(block);
@@ -137,11 +137,17 @@ function parseKey(pem: Buffer, path: string): KeyObject {
  * What users hand us instead of PEM: an empty file (a secret key that was never filled),
  * DER (Windows, Java keytool) or a PKCS#12 bundle (.pfx/.p12 exports). Each gets the command that converts it.
  */
-function notPemCertificate(bytes: Buffer, path: string): string {
+function notPemCertificate(bytes: Buffer, path: string, role: FileRole): string {
   if (isBlank(bytes)) return 'is empty (expected a PEM certificate, -----BEGIN CERTIFICATE-----)';
+  if (/-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----/.test(bytes.toString('latin1'))) return `holds a private key, not a certificate (${keyInsteadOfCertificateHint(role)})`;
   if (isPkcs12(bytes)) return pkcs12Hint(path);
   if (isDerCertificate(bytes)) return `holds a DER (binary) certificate, not PEM (convert it: \`openssl x509 -inform DER -in ${path} -out ${path}.pem\`)`;
   return 'holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)';
+}
+
+/** The key file where a certificate belongs: the pair given the wrong way round, or a CA's key for the CA. */
+function keyInsteadOfCertificateHint(role: FileRole): string {
+  return role === 'mtls_cert' ? '--mtls_cert and --mtls_key swapped?' : `give the certificate (.pem) to --${role}, not its key`;
 }
 
 function notPemKey(bytes: Buffer, path: string): string {

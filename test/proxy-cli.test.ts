@@ -107,6 +107,9 @@ describe('proxy command line', () => {
     // A client certificate as --mtls_cert: the proxy served it and every client failed with "unsuitable certificate purpose".
     ['the client certificate given as the server certificate', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', pki.paths['client.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!],
       /^ovms-mtls: --mtls_cert: .*client\.pem is not a server certificate \(its extended key usage lacks serverAuth, as a client certificate's does\).*give the server certificate/],
+    // The pair swapped: the certificate is read first, and its line said only "holds no PEM certificate".
+    ['the key given as the certificate (the pair swapped)', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', pki.paths['server.key']!, '--mtls_key', pki.paths['server.pem']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!],
+      /^ovms-mtls: --mtls_cert: .*server\.key holds a private key, not a certificate \(--mtls_cert and --mtls_key swapped\?\)\n$/],
     // A leaf as the client CA: the line named the certificate but not what to give instead.
     ['a client certificate given as the client CA', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client.pem']!],
       /^ovms-mtls: --mtls_client_ca: .*client\.pem: certificate #1 \(.*\) is not a CA certificate: give the CA that issues the client certificates \(client_cert_ca\.pem of `ovms-mtls certs init`\)/],
