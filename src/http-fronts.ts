@@ -303,6 +303,9 @@ export class H1Front implements Drainable {
       },
       (req, res) => this.#onRequest(req, res, options.onRequest),
     );
+    // Node's default keeps the first 1000 fields of a head (2000 names and values) and drops the rest without a word, where
+    // the relay forwards all of them: maxHeaderSize is the one limit, in both modes.
+    this.#server.maxHeadersCount = 0;
     // Node answers any Expect but 100-continue with 417 on its own, which would leave the request without its access line.
     this.#server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => this.#onRequest(req, res, options.onRequest, EXPECTATION_FAILED));
     // Node checks headersTimeout from a timer it starts on 'listening'; this server never listens itself (sockets are handed in).

@@ -1,0 +1,91 @@
+/**
+ * How many header fields pass, in both REST modes: --mtls_max_header_size (bytes) is the
+ * one limit, whatever the count. The model server here is raw TCP, so no HTTP library in
+ * front of it counts or drops fields: it reports how many `x-f-` fields a request had,
+ * and answers with as many `x-r-` fields as the request's `?fields=` asks for.
+ */
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer as createTcpServer, type AddressInfo, type Server as TcpServer } from 'node:net';
+import { startTestProxy, type StartedProxy, type LogLine } from './helpers/harness.js';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { openRaw, readToClose } from './helpers/raw-http1.js';
+import { eventually } from './helpers/ops.js';
+import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
+
+/** What the upstream saw of each request: its count of `x-f-` fields. */
+interface FieldCountingUpstream {
+  readonly port: number;
+  readonly counts: number[];
+  close(): void;
+}
+
+async function fieldCountingUpstream(): Promise<FieldCountingUpstream> {
+  const counts: number[] = [];
+  const server: TcpServer = createTcpServer((socket) => {
+    let head = '';
+    socket.on('error', () => {});
+    socket.on('data', (chunk: Buffer) => {
+      head += chunk.toString('latin1');
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      const lines = head.slice(0, end).split('\r\n');
+      head = '';
+      counts.push(lines.filter((l) => l.startsWith('x-f-')).length);
+      const wanted = Number(/[?&]fields=(\d+)/.exec(lines[0]!)?.[1] ?? 0);
+      // One answer per connection: the relay passes the client's `connection: close` on and waits for the model server to close.
+      socket.end(`HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n${numberedFields('x-r-', wanted)}\r\nok`);
+    });
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return { port: (server.address() as AddressInfo).port, counts, close: () => server.close() };
+}
+
+/** `count` lines `<prefix>N: 1`, each with its CRLF. */
+function numberedFields(prefix: string, count: number): string {
+  let text = '';
+  for (let i = 0; i < count; i++) text += `${prefix}${i}: 1\r\n`;
+  return text;
+}
+
+describe('header fields within --mtls_max_header_size all pass, however many, both REST modes', () => {
+  let pki: TestPki;
+  let upstream: FieldCountingUpstream;
+  const fronts = new Map<ForwardMode, StartedProxy>();
+
+  before(async () => {
+    pki = await createTestPki();
+    upstream = await fieldCountingUpstream();
+    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode }));
+  });
+  after(async () => {
+    for (const front of fronts.values()) await front.proxy.shutdown(1000);
+    upstream.close();
+    await pki.cleanup();
+  });
+
+  /** One request on its own connection: the answer's text and its access line. */
+  async function exchange(restMode: ForwardMode, head: string): Promise<{ text: string; line: LogLine }> {
+    const front = fronts.get(restMode)!;
+    const from = front.logs.lines.length;
+    const socket = await openRaw(front.restPort, pki);
+    socket.write(head);
+    const text = await readToClose(socket);
+    const accessLines = () => front.logs.lines.slice(from).filter((l) => l.event === 'access');
+    await eventually(() => accessLines().length >= 1, 'an access line');
+    return { text, line: accessLines()[0]! };
+  }
+
+  for (const restMode of FORWARD_MODES) {
+    // ~30 KB: past Node's default count (1000 fields), well within the 64 KiB default.
+    test(`--mtls_rest_mode ${restMode}: a request with 2500 fields reaches the model server with all 2500`, { timeout: 20_000 }, async () => {
+      const seen = upstream.counts.length;
+      const { text, line } = await exchange(restMode, `GET /v2/health/live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n${numberedFields('x-f-', 2500)}\r\n`);
+      assert.match(text, /^HTTP\/1\.1 200 /);
+      assert.deepEqual(upstream.counts.slice(seen), [2500]);
+      assert.equal(line.status, 200);
+    });
+  }
+});
