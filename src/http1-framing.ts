@@ -386,8 +386,13 @@ export class Http1Reader {
   #tooLarge(): FramingError {
     return this.#kind === 'request'
       ? new FramingError(431, `request header section larger than ${this.#maxHeadSize} bytes (--mtls_max_header_size)`)
-      : new FramingError(502, `response header section larger than ${this.#maxHeadSize} bytes`);
+      : new FramingError(502, responseHeadTooLargeMessage(this.#maxHeadSize));
   }
+}
+
+/** What the client of a model server whose response head is over the limit is told (a 502), in both REST modes. */
+export function responseHeadTooLargeMessage(maxHeadSize: number): string {
+  return `the model server's response header section is larger than ${maxHeadSize} bytes (--mtls_max_header_size)`;
 }
 
 /** A line's text without its CRLF; a lone LF or a stray CR is refused. */

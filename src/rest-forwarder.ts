@@ -9,6 +9,7 @@ import { describeUpstreamError } from './upstream-errors.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
 import { hostAndPort } from './addresses.js';
+import { responseHeadTooLargeMessage } from './http1-framing.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -48,6 +49,8 @@ export interface RestForwarderOptions {
   readonly connectTimeoutMs: number;
   /** A request body with no byte for this long is given up (408); --mtls_idle_timeout. */
   readonly bodyTimeoutMs: number;
+  /** A response head larger than this is refused (502), as the relay refuses it; --mtls_max_header_size. */
+  readonly maxHeaderSize: number;
   readonly observer: ProxyObserver;
   /** Returns why the upstream cannot take requests yet, or undefined when ready. */
   readonly notReady?: () => string | undefined;
@@ -81,7 +84,7 @@ export class RestForwarder {
 
   constructor(options: RestForwarderOptions) {
     this.#options = options;
-    this.#pool = upstreamPool(options.upstream, options.connectTimeoutMs);
+    this.#pool = upstreamPool(options);
   }
 
   handle(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext): void {
@@ -226,16 +229,20 @@ export const UPSTREAM_IDLE_MS = 4000;
 /**
  * Kept-alive upstream connections, as many as requests in flight. No
  * headers or body timeout: a model may think, and a stream may be quiet, for
- * minutes.
+ * minutes. undici's head limit is Node's (16 KiB by default) unless given:
+ * a response head between that and --mtls_max_header_size, which the relay
+ * passes on, was a 502.
  */
-function upstreamPool(upstream: HostPort, connectTimeoutMs: number): Pool {
+function upstreamPool(options: Pick<RestForwarderOptions, 'upstream' | 'connectTimeoutMs' | 'maxHeaderSize'>): Pool {
+  const { upstream } = options;
   return new Pool(`http://${hostAndPort(upstream.host, upstream.port)}`, {
     pipelining: 1,
     keepAliveTimeout: UPSTREAM_IDLE_MS,
     keepAliveMaxTimeout: UPSTREAM_IDLE_MS,
     headersTimeout: 0,
     bodyTimeout: 0,
-    connect: { timeout: connectTimeoutMs },
+    maxHeaderSize: options.maxHeaderSize,
+    connect: { timeout: options.connectTimeoutMs },
   });
 }
 
@@ -504,7 +511,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#ended = true;
     if (this.givenUp) return;
     const res = this.#res;
-    const { code, message } = describeUpstreamError(this.#options.upstream, err);
+    const { code, message } = this.#describe(err);
     this.#stats.error ??= code;
     if (res.headersSent || res.destroyed) {
       cutShort(res);
@@ -513,6 +520,12 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#options.observer.upstreamError(this.#context.listener, code);
     this.#stats.status = 502;
     answerJson(res, 502, message);
+  }
+
+  /** A head over the limit is named as the relay names it (undici's own words name neither the limit nor the option). */
+  #describe(err: Error): { code: string; message: string } {
+    if ((err as NodeJS.ErrnoException).code === 'UND_ERR_HEADERS_OVERFLOW') return { code: 'bad_response', message: responseHeadTooLargeMessage(this.#options.maxHeaderSize) };
+    return describeUpstreamError(this.#options.upstream, err);
   }
 }
 

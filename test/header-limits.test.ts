@@ -2,7 +2,8 @@
  * How many header fields pass, in both REST modes: --mtls_max_header_size (bytes) is the
  * one limit, whatever the count. The model server here is raw TCP, so no HTTP library in
  * front of it counts or drops fields: it reports how many `x-f-` fields a request had,
- * and answers with as many `x-r-` fields as the request's `?fields=` asks for.
+ * and answers with as many `x-r-` fields as the request's `?fields=` asks for, each value
+ * `?size=` bytes long (1 unless given).
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -34,8 +35,9 @@ async function fieldCountingUpstream(): Promise<FieldCountingUpstream> {
       head = '';
       counts.push(lines.filter((l) => l.startsWith('x-f-')).length);
       const wanted = Number(/[?&]fields=(\d+)/.exec(lines[0]!)?.[1] ?? 0);
+      const size = Number(/[?&]size=(\d+)/.exec(lines[0]!)?.[1] ?? 1);
       // One answer per connection: the relay passes the client's `connection: close` on and waits for the model server to close.
-      socket.end(`HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n${numberedFields('x-r-', wanted)}\r\nok`);
+      socket.end(`HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n${numberedFields('x-r-', wanted, size)}\r\nok`);
     });
   });
   server.listen(0, '127.0.0.1');
@@ -43,11 +45,18 @@ async function fieldCountingUpstream(): Promise<FieldCountingUpstream> {
   return { port: (server.address() as AddressInfo).port, counts, close: () => server.close() };
 }
 
-/** `count` lines `<prefix>N: 1`, each with its CRLF. */
-function numberedFields(prefix: string, count: number): string {
+/** `count` lines `<prefix>N: 111...` (`size` digits), each with its CRLF. */
+function numberedFields(prefix: string, count: number, size = 1): string {
+  const value = '1'.repeat(size);
   let text = '';
-  for (let i = 0; i < count; i++) text += `${prefix}${i}: 1\r\n`;
+  for (let i = 0; i < count; i++) text += `${prefix}${i}: ${value}\r\n`;
   return text;
+}
+
+/** The fields of a response head named `<prefix>N`. */
+function countFields(text: string, prefix: string): number {
+  const head = text.slice(0, text.indexOf('\r\n\r\n'));
+  return head.split('\r\n').filter((l) => l.startsWith(prefix)).length;
 }
 
 describe('header fields within --mtls_max_header_size all pass, however many, both REST modes', () => {
@@ -86,6 +95,23 @@ describe('header fields within --mtls_max_header_size all pass, however many, bo
       assert.match(text, /^HTTP\/1\.1 200 /);
       assert.deepEqual(upstream.counts.slice(seen), [2500]);
       assert.equal(line.status, 200);
+    });
+
+    // ~30 KB again: past Node's default for undici's head limit (16 KiB), well within the 64 KiB default.
+    test(`--mtls_rest_mode ${restMode}: a response with 2500 fields reaches the client with all 2500`, { timeout: 20_000 }, async () => {
+      const { text, line } = await exchange(restMode, 'GET /v2/health/live?fields=2500 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+      assert.match(text, /^HTTP\/1\.1 200 /);
+      assert.equal(countFields(text, 'x-r-'), 2500);
+      assert.equal(line.status, 200);
+    });
+
+    test(`--mtls_rest_mode ${restMode}: a response head over the limit becomes a 502 naming --mtls_max_header_size, logged bad_response`, { timeout: 20_000 }, async () => {
+      const { text, line } = await exchange(restMode, 'GET /v2/health/live?fields=100&size=1000 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+      assert.match(text, /^HTTP\/1\.1 502 /);
+      assert.equal(countFields(text, 'x-r-'), 0);
+      // Terminate mode sends it chunked, the relay with a length: the JSON is what counts.
+      assert.deepEqual(JSON.parse(/\{.*\}/.exec(text)![0]), { error: "the model server's response header section is larger than 65536 bytes (--mtls_max_header_size)" });
+      assert.deepEqual({ status: line.status, error: line.error }, { status: 502, error: 'bad_response' });
     });
   }
 });
