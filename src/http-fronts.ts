@@ -22,14 +22,55 @@ class SessionState implements IdleConnection {
   readonly streams = new StreamCount();
   readonly session: ServerHttp2Session;
   readonly context: ConnectionContext;
+  readonly #observer: ProxyObserver;
+  /** The highest stream id our handlers saw (client ids are odd: -1 before stream 1). */
+  #lastSeen = -1;
 
-  constructor(session: ServerHttp2Session, context: ConnectionContext) {
+  constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver) {
     this.session = session;
     this.context = context;
+    this.#observer = observer;
+  }
+
+  /**
+   * A stream reached our handlers. Client stream ids rise by two, so ids skipped since the
+   * last one are streams Node reset itself without a JavaScript event (a header list over
+   * maxHeaderListSize, say): no access line, no metric, unless counted here. One comparison a stream.
+   */
+  seen(id: number): void {
+    this.#reportUnseenUpTo(id - 2);
+    this.#lastSeen = id;
+  }
+
+  /** The connection is ending: streams Node took in after the last one we saw never reached us either. */
+  ending(): void {
+    const last = this.session.state.lastProcStreamID;
+    if (last !== undefined) this.#reportUnseenUpTo(last);
+  }
+
+  /**
+   * The client's GOAWAY: Node emits the streams of the same read on the next tick, so the
+   * stream ids are compared after them, and Node destroys the session soon after: its last id is read now.
+   */
+  goingAway(): void {
+    // After our own GOAWAY Node refuses new streams itself, as it should: those are no limit's doing (ending() counted the rest).
+    if (this.session.closed) return;
+    const last = this.session.state.lastProcStreamID;
+    if (last !== undefined) setImmediate(() => this.#reportUnseenUpTo(last));
+  }
+
+  /** `id`: a client stream id, or 0 (lastProcStreamID before any stream). */
+  #reportUnseenUpTo(id: number): void {
+    if (id < 1 || id <= this.#lastSeen) return;
+    const streams = (id - this.#lastSeen) / 2;
+    this.#lastSeen = id;
+    const { context } = this;
+    this.#observer.unseenResets({ listener: context.listener, remote: context.remoteAddress, subject: context.identity.subject, serial: context.identity.serial, streams });
   }
 
   /** GOAWAY (last stream id: the last one taken); Node ends the connection once no stream is open. */
   closeIdle(): boolean {
+    this.ending();
     this.session.close();
     return false;
   }
@@ -78,7 +119,7 @@ export class H2Front implements Drainable {
       maxSendHeaderBlockLength: limits.maxHeaderSize * 2,
       maxSessionMemory: frontSessionMemory(limits),
     });
-    this.#server.on('session', (session) => this.#onSession(session, limits));
+    this.#server.on('session', (session) => this.#onSession(session, limits, observer));
     this.#server.on('sessionError', () => {});
     const { onStream, onRequest } = options;
     if (onStream) {
@@ -113,6 +154,7 @@ export class H2Front implements Drainable {
       return undefined;
     }
     const { context, streams } = state;
+    if (stream.id !== undefined) state.seen(stream.id);
     observer.streamOpened(context.listener);
     streams.opened();
     stream.once('close', () => {
@@ -133,22 +175,27 @@ export class H2Front implements Drainable {
 
   drain(): void {
     this.#draining = true;
-    for (const session of this.#sessions) session.close();
+    for (const session of this.#sessions) this.#close(session);
   }
 
   /** GOAWAY on one connection: streams in flight finish, no new ones start. */
   closeConnection(socket: TLSSocket): void {
     const session = this.#bySocket.get(socket);
-    if (session) session.close();
+    if (session) this.#close(session);
     else socket.end();
   }
 
-  #onSession(session: ServerHttp2Session, limits: Limits): void {
+  #close(session: ServerHttp2Session): void {
+    this.#states.get(session)?.ending();
+    session.close();
+  }
+
+  #onSession(session: ServerHttp2Session, limits: Limits, observer: ProxyObserver): void {
     if (!this.#arriving) {
       session.destroy();
       return;
     }
-    const state = new SessionState(session, this.#arriving);
+    const state = new SessionState(session, this.#arriving, observer);
     this.#states.set(session, state);
     this.#bySocket.set(this.#arriving.socket, session);
     this.#sessions.add(session);
@@ -158,6 +205,7 @@ export class H2Front implements Drainable {
       this.#idle.delete(state);
     });
     session.on('error', () => {});
+    session.once('goaway', () => state.goingAway());
     // FINDINGS: a 16 MiB connection window is what lets MB-sized tensors run at full speed.
     session.setLocalWindowSize(limits.connectionWindow);
     if (this.#draining) session.close();

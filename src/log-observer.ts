@@ -3,6 +3,16 @@ import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 import { accessLineWriter } from './access-line.js';
 import { handshakeFailureDetail } from './handshake-failures.js';
 
+/**
+ * Node resets such a stream inside its HTTP/2 layer (RST_STREAM ENHANCE_YOUR_CALM for a header list
+ * over the limit, PROTOCOL_ERROR for a malformed one) and tells no JavaScript code: the client sees
+ * the reset (grpc-js: RESOURCE_EXHAUSTED "Bandwidth exhausted or memory limit exceeded"), and
+ * without this line the operator saw nothing at all.
+ */
+function unseenResetsMessage(streams: number): string {
+  return `${streams} HTTP/2 request(s) on this connection were reset by Node before the proxy saw them (no access line): most likely a header list over --mtls_max_header_size (HTTP/2 counts 32 bytes more per field); else a malformed request, or more at once than --mtls_max_concurrent_streams or --mtls_max_session_memory allow`;
+}
+
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
 export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
   // Children carry the event name already serialized: an access line costs one object less to copy and write.
@@ -18,6 +28,9 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
     },
     upstreamError(listener, code) {
       logger.warn({ event: 'upstream_error', listener, reason: code }, 'upstream error');
+    },
+    unseenResets(record) {
+      logger.warn({ event: 'h2_streams_reset_unseen', ...record }, unseenResetsMessage(record.streams));
     },
     request(record) {
       if (!options.accessLog) return;

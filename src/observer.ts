@@ -44,6 +44,16 @@ export interface RelayRecord {
   readonly error?: string | undefined;
 }
 
+/** HTTP/2 requests Node reset on a connection before any handler of ours saw them, so they have no access line. */
+export interface UnseenResets {
+  readonly listener: ListenerName;
+  readonly remote: string | undefined;
+  readonly subject: string;
+  readonly serial: string;
+  /** How many: stream ids the client used that never reached our handlers. */
+  readonly streams: number;
+}
+
 /**
  * What the data path reports. The logger and the metrics registry each
  * implement it; the data path knows neither.
@@ -61,6 +71,7 @@ export interface ProxyObserver {
   request(record: AccessRecord): void;
   relayed(record: RelayRecord): void;
   upstreamError(listener: ListenerName, code: string): void;
+  unseenResets(record: UnseenResets): void;
 }
 
 export const NOOP_OBSERVER: ProxyObserver = {
@@ -75,6 +86,7 @@ export const NOOP_OBSERVER: ProxyObserver = {
   request() {},
   relayed() {},
   upstreamError() {},
+  unseenResets() {},
 };
 
 /** Fans every event out to several observers. */

@@ -8,12 +8,17 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { connect as connectH2, constants as h2Constants, type ClientHttp2Session } from 'node:http2';
 import { createServer as createTcpServer, type AddressInfo, type Server as TcpServer } from 'node:net';
-import { startTestProxy, type StartedProxy, type LogLine } from './helpers/harness.js';
+import * as grpc from '@grpc/grpc-js';
+import { grpcClients, h2Request, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy, type LogLine } from './helpers/harness.js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
-import { eventually } from './helpers/ops.js';
+import { eventually, sample } from './helpers/ops.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
+import { ProxyMetrics } from '../src/metrics.js';
+import { unary } from '../src/demo/grpc-client.js';
+import type { ModelServer } from '../src/demo/model-server.js';
 
 /** What the upstream saw of each request: its count of `x-f-` fields. */
 interface FieldCountingUpstream {
@@ -63,11 +68,16 @@ describe('header fields within --mtls_max_header_size all pass, however many, bo
   let pki: TestPki;
   let upstream: FieldCountingUpstream;
   const fronts = new Map<ForwardMode, StartedProxy>();
+  const metrics = new Map<ForwardMode, ProxyMetrics>();
 
   before(async () => {
     pki = await createTestPki();
     upstream = await fieldCountingUpstream();
-    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode }));
+    for (const restMode of FORWARD_MODES) {
+      const observer = new ProxyMetrics({ processMetrics: false });
+      metrics.set(restMode, observer);
+      fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, observer }));
+    }
   });
   after(async () => {
     for (const front of fronts.values()) await front.proxy.shutdown(1000);
@@ -113,5 +123,78 @@ describe('header fields within --mtls_max_header_size all pass, however many, bo
       assert.deepEqual(JSON.parse(/\{.*\}/.exec(text)![0]), { error: "the model server's response header section is larger than 65536 bytes (--mtls_max_header_size)" });
       assert.deepEqual({ status: line.status, error: line.error }, { status: 502, error: 'bad_response' });
     });
+
+    // HTTP/2 takes the terminating front in both REST modes.
+    test(`--mtls_rest_mode ${restMode}: an HTTP/2 request whose header list is over the limit, reset by Node, is logged and counted`, { timeout: 20_000 }, async () => {
+      const front = fronts.get(restMode)!;
+      const from = front.logs.lines.length;
+      // Node's client refuses to send a header block over 64 KiB unless told otherwise.
+      const session = connectH2(`https://localhost:${front.restPort}`, { ...tlsClientOptions(pki), maxSendHeaderBlockLength: 1 << 20 });
+      session.on('error', () => {});
+      try {
+        // Node enforces the limit once the client has acknowledged our SETTINGS: after a first answer it has.
+        assert.equal((await h2Request(session, { ':method': 'GET', ':path': '/v2/health/live' })).headers[':status'], 200);
+        assert.equal(await resetCode(session, { ':method': 'GET', ':path': '/v2/health/live', 'x-big': 'a'.repeat(70_000) }), h2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
+        assert.equal((await h2Request(session, { ':method': 'GET', ':path': '/v2/health/live' })).headers[':status'], 200);
+      } finally {
+        session.close();
+      }
+      const line = await warnLine(front, from);
+      assert.deepEqual({ level: line.level, listener: line.listener, streams: line.streams }, { level: 'warn', listener: 'rest', streams: 1 });
+      assert.match(line.msg, /--mtls_max_header_size/);
+      assert.ok(typeof line.subject === 'string' && line.subject !== '');
+      const text = await metrics.get(restMode)!.registry.metrics();
+      assert.equal(sample(text, 'ovms_mtls_h2_streams_reset_unseen_total', { listener: 'rest' }), 1);
+    });
   }
+});
+
+/** The line that tells of requests Node reset unseen, logged since line `from`. */
+async function warnLine(front: StartedProxy, from: number): Promise<LogLine> {
+  const find = () => front.logs.lines.slice(from).find((l) => l.event === 'h2_streams_reset_unseen');
+  await eventually(() => find() !== undefined, 'a h2_streams_reset_unseen line', 5000);
+  return find()!;
+}
+
+/** The RST_STREAM code a request got instead of an answer. */
+function resetCode(session: ClientHttp2Session, headers: Record<string, string>): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const stream = session.request(headers);
+    stream.on('response', (h) => reject(new Error(`answered ${String(h[':status'])}, not reset`)));
+    stream.on('error', () => {});
+    stream.on('close', () => resolve(stream.rstCode ?? -1));
+    stream.resume();
+  });
+}
+
+describe('gRPC port: a call whose metadata is over --mtls_max_header_size, reset by Node, is logged', () => {
+  let pki: TestPki;
+  let upstream: ModelServer;
+  let front: StartedProxy;
+
+  before(async () => {
+    pki = await createTestPki();
+    upstream = await startUpstream({ restPort: null });
+    front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! } });
+  });
+  after(async () => {
+    await front.proxy.shutdown(1000);
+    await upstream.close();
+    await pki.cleanup();
+  });
+
+  test('grpc-js gets RESOURCE_EXHAUSTED, and the operator a warn line naming the option once the client closes', { timeout: 20_000 }, async () => {
+    const clients = grpcClients(front.grpcAddress, pki);
+    try {
+      const md = new grpc.Metadata();
+      md.set('x-big', 'a'.repeat(70_000));
+      await assert.rejects(unary(clients.echo, 'Unary', { payload: Buffer.from('hi') }, md), (err: grpc.ServiceError) => err.code === grpc.status.RESOURCE_EXHAUSTED);
+    } finally {
+      clients.close();
+    }
+    const line = await warnLine(front, 0);
+    assert.deepEqual({ level: line.level, listener: line.listener, streams: line.streams }, { level: 'warn', listener: 'grpc', streams: 1 });
+    assert.match(line.msg, /--mtls_max_header_size/);
+    assert.equal(front.logs.lines.filter((l) => l.event === 'access').length, 0);
+  });
 });
