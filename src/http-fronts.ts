@@ -6,6 +6,7 @@ import { headerFieldsWithin, type Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import type { ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, type IdleConnection } from './idle-sweep.js';
+import { requestHeadTooLargeMessage } from './http1-framing.js';
 
 /** `rawHeaders`: the fields as received, a flat name, value list (Node passes it; @types/node does not declare it). */
 export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, rawHeaders?: string[]) => void;
@@ -272,7 +273,7 @@ const CONNECT_REFUSED: Refusal = { status: 405, message: 'CONNECT is not support
 /** What a client whose request Node's parser refused is told, as the relay's own parser words it. */
 function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Limits): Refusal {
   if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, message: headStalledMessage(limits.idleTimeoutMs), error: 'client_header_timeout' };
-  if (err.code === 'HPE_HEADER_OVERFLOW') return { status: 431, message: `request header section larger than ${limits.maxHeaderSize} bytes (--mtls_max_header_size)`, error: 'bad_request' };
+  if (err.code === 'HPE_HEADER_OVERFLOW') return { status: 431, message: requestHeadTooLargeMessage(limits.maxHeaderSize), error: 'bad_request' };
   return { status: 400, message: `malformed request: ${err.reason ?? err.code ?? err.message}`, error: 'bad_request' };
 }
 
@@ -283,6 +284,26 @@ interface OwnAnswer {
   /** The connection closes after it. */
   readonly close: boolean;
   readonly body?: string;
+  /** The access line leaves out the request's method and path, as for a head nobody parsed. */
+  readonly unparsed?: boolean;
+}
+
+/**
+ * A request head's size as sent: its request line, and each field as `name: value`, with
+ * their CRLFs (exact for the one space after the colon nearly every client puts there).
+ * Node's maxHeaderSize counts the target, names and values only, so a head of many short
+ * fields passed it at several times the size the relay, which counts the bytes, refuses.
+ */
+function headSizeAsSent(req: IncomingMessage): number {
+  const raw = req.rawHeaders;
+  let size = (req.method ?? '').length + (req.url ?? '').length + 'HTTP/1.1'.length + 4 + 2;
+  for (let i = 0; i < raw.length; i += 2) size += raw[i]!.length + raw[i + 1]!.length + 4;
+  return size;
+}
+
+function headTooLarge(req: IncomingMessage, maxHeaderSize: number): OwnAnswer | undefined {
+  if (headSizeAsSent(req) <= maxHeaderSize) return undefined;
+  return { status: 431, error: 'bad_request', close: true, body: `${requestHeadTooLargeMessage(maxHeaderSize)}\n`, unparsed: true };
 }
 
 /**
@@ -333,9 +354,11 @@ export class H1Front implements Drainable {
 
   readonly #observer: ProxyObserver;
   readonly #idleTimeoutMs: number;
+  readonly #maxHeaderSize: number;
 
   constructor(options: { limits: Limits; observer: ProxyObserver; onRequest: RequestHandler }) {
     this.#observer = options.observer;
+    this.#maxHeaderSize = options.limits.maxHeaderSize;
     const idleMs = (this.#idleTimeoutMs = options.limits.idleTimeoutMs);
     this.#server = createHttpServer(
       {
@@ -471,7 +494,7 @@ export class H1Front implements Drainable {
       if (refusal) this.#refuse(socket, refusal);
       else if (closing()) socket.end();
     });
-    const own = versionRefusal(req) ?? missingHostRefusal(req) ?? unmet;
+    const own = headTooLarge(req, this.#maxHeaderSize) ?? versionRefusal(req) ?? missingHostRefusal(req) ?? unmet;
     if (own) this.#answerOurselves(req, res, context, own);
     else handler(req, res, context);
   }
@@ -480,10 +503,11 @@ export class H1Front implements Drainable {
   #answerOurselves(req: IncomingMessage, res: ServerResponse, context: ConnectionContext, answer: OwnAnswer): void {
     if (answer.close) res.shouldKeepAlive = false;
     if (answer.body === undefined) res.writeHead(answer.status);
-    else res.writeHead(answer.status, { 'content-type': 'text/plain; charset=utf-8' });
+    else res.writeHead(answer.status, { 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(answer.body) });
     res.end(answer.body);
     // Whatever body it has is read and dropped (Node does so once the answer is out).
     req.resume();
-    logOwnAnswer(this.#observer, context, 'http/1.1', { method: req.method ?? '', path: req.url ?? '', status: answer.status, error: answer.error });
+    const [method, path] = answer.unparsed ? ['', ''] : [req.method ?? '', req.url ?? ''];
+    logOwnAnswer(this.#observer, context, 'http/1.1', { method, path, status: answer.status, error: answer.error });
   }
 }

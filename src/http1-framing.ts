@@ -385,9 +385,14 @@ export class Http1Reader {
 
   #tooLarge(): FramingError {
     return this.#kind === 'request'
-      ? new FramingError(431, `request header section larger than ${this.#maxHeadSize} bytes (--mtls_max_header_size)`)
+      ? new FramingError(431, requestHeadTooLargeMessage(this.#maxHeadSize))
       : new FramingError(502, responseHeadTooLargeMessage(this.#maxHeadSize));
   }
+}
+
+/** What a client whose request head is over the limit is told (a 431), in both REST modes. */
+export function requestHeadTooLargeMessage(maxHeadSize: number): string {
+  return `request header section larger than ${maxHeadSize} bytes (--mtls_max_header_size)`;
 }
 
 /** What the client of a model server whose response head is over the limit is told (a 502), in both REST modes. */

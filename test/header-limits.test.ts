@@ -58,6 +58,16 @@ function numberedFields(prefix: string, count: number, size = 1): string {
   return text;
 }
 
+const DEFAULT_LIMIT = 65_536;
+
+/** A request head of `bytes` bytes as sent, CRLFs included, with `fields` fields `x-f-N: 1` and one more to pad it. */
+function headOfSize(bytes: number, fields: number): string {
+  const start = `GET /v2/health/live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n${numberedFields('x-f-', fields)}`;
+  const padding = bytes - start.length - 'x-pad: \r\n\r\n'.length;
+  assert.ok(padding >= 0, `a head of ${fields} fields is already over ${bytes} bytes`);
+  return `${start}x-pad: ${'a'.repeat(padding)}\r\n\r\n`;
+}
+
 /** The fields of a response head named `<prefix>N`. */
 function countFields(text: string, prefix: string): number {
   const head = text.slice(0, text.indexOf('\r\n\r\n'));
@@ -105,6 +115,19 @@ describe('header fields within --mtls_max_header_size all pass, however many, bo
       assert.match(text, /^HTTP\/1\.1 200 /);
       assert.deepEqual(upstream.counts.slice(seen), [2500]);
       assert.equal(line.status, 200);
+    });
+
+    // Node's own check counts the target, names and values only: 5000 fields `x-f-N: 1` are ~45 KB to it.
+    test(`--mtls_rest_mode ${restMode}: a head of many short fields exactly --mtls_max_header_size bytes long passes; one byte more gets 431 naming the option`, { timeout: 20_000 }, async () => {
+      const seen = upstream.counts.length;
+      const fits = await exchange(restMode, headOfSize(DEFAULT_LIMIT, 5000));
+      assert.match(fits.text, /^HTTP\/1\.1 200 /);
+      assert.deepEqual(upstream.counts.slice(seen), [5000]);
+      const over = await exchange(restMode, headOfSize(DEFAULT_LIMIT + 1, 5000));
+      assert.match(over.text, /^HTTP\/1\.1 431 /);
+      assert.match(over.text, /request header section larger than 65536 bytes \(--mtls_max_header_size\)\n$/);
+      assert.deepEqual(upstream.counts.slice(seen), [5000]);
+      assert.deepEqual({ status: over.line.status, error: over.line.error, method: over.line.method, path: over.line.path }, { status: 431, error: 'bad_request', method: '', path: '' });
     });
 
     // ~30 KB again: past Node's default for undici's head limit (16 KiB), well within the 64 KiB default.
