@@ -50,10 +50,11 @@ class SessionState implements IdleConnection {
   }
 
   /**
-   * The client's GOAWAY: Node emits the streams of the same read on the next tick, so the
-   * stream ids are compared after them, and Node destroys the session soon after: its last id is read now.
+   * The client's GOAWAY, or its connection closing (a client that gives up after a reset, as
+   * curl does, sends no GOAWAY). Node emits the streams of the same read on the next tick, so
+   * the stream ids are compared after them, and Node destroys the session soon after: its last id is read now.
    */
-  goingAway(): void {
+  clientLeaving(): void {
     // After our own GOAWAY Node refuses new streams itself, as it should: those are no limit's doing (ending() counted the rest).
     if (this.session.closed) return;
     const last = this.session.state.lastProcStreamID;
@@ -206,7 +207,9 @@ export class H2Front implements Drainable {
       this.#idle.delete(state);
     });
     session.on('error', () => {});
-    session.once('goaway', () => state.goingAway());
+    session.once('goaway', () => state.clientLeaving());
+    // Prepended: Node's own listener destroys the session, and with it the stream ids it kept.
+    state.context.socket.prependOnceListener('close', () => state.clientLeaving());
     // FINDINGS: a 16 MiB connection window is what lets MB-sized tensors run at full speed.
     session.setLocalWindowSize(limits.connectionWindow);
     if (this.#draining) session.close();

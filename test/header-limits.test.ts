@@ -14,6 +14,7 @@ import * as grpc from '@grpc/grpc-js';
 import { grpcClients, h2Request, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy, type LogLine } from './helpers/harness.js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
+import { H2, headerFrames, literalField, rawH2Client } from './helpers/raw-h2.js';
 import { eventually, sample } from './helpers/ops.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import { ProxyMetrics } from '../src/metrics.js';
@@ -168,6 +169,22 @@ describe('header fields within --mtls_max_header_size all pass, however many, bo
       assert.ok(typeof line.subject === 'string' && line.subject !== '');
       const text = await metrics.get(restMode)!.registry.metrics();
       assert.equal(sample(text, 'ovms_mtls_h2_streams_reset_unseen_total', { listener: 'rest' }), 1);
+    });
+
+    test(`--mtls_rest_mode ${restMode}: such a request is logged too when the client then drops the connection without a GOAWAY, as curl does`, { timeout: 20_000 }, async () => {
+      const front = fronts.get(restMode)!;
+      const from = front.logs.lines.length;
+      const client = await rawH2Client(front.restPort, pki);
+      // Our SETTINGS acknowledged (the client does so as it reads them): Node now holds the stream to the limit.
+      await client.waitForFrame(H2.SETTINGS);
+      // Fields of 8000 bytes: one field over 64 KiB would be a connection error (COMPRESSION_ERROR), not a reset.
+      const fields = [[':method', 'GET'], [':path', '/v2/health/live'], [':scheme', 'https'], [':authority', 'a'], ...Array.from({ length: 10 }, (_, i) => [`x-big-${i}`, 'a'.repeat(8000)])];
+      client.socket.write(headerFrames(1, Buffer.concat(fields.map(([name, value]) => literalField(name!, value!)))));
+      const reset = await client.waitForFrame(H2.RST_STREAM);
+      assert.equal(reset.payload.readUInt32BE(0), h2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
+      client.socket.destroy();
+      const line = await warnLine(front, from);
+      assert.deepEqual({ listener: line.listener, streams: line.streams }, { listener: 'rest', streams: 1 });
     });
   }
 });
