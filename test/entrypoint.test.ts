@@ -45,17 +45,22 @@ interface Started {
   argvFile: string;
   grpcPort: number;
   restPort: number;
+  adminPort: number;
 }
 
-/** `ovms-mtls <ovmsArgs> --mtls_* <per-run certs> --mtls_ovms_binary <fake>`; {grpc}/{rest} become free public ports. */
+/**
+ * `ovms-mtls <ovmsArgs> --mtls_* <per-run certs> --mtls_ovms_binary <fake> <extra>`; {grpc}/{rest}/{admin}
+ * become free ports, chosen in one go: ports chosen one call at a time were released in between,
+ * so the system could hand the admin port out again as a public one.
+ */
 async function start(ovmsArgs: string[], env: Record<string, string> = {}, extra: string[] = []): Promise<Started> {
-  const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+  const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3)) as [number, number, number];
   runCounter += 1;
   const argvFile = join(dir, `argv-${runCounter}.jsonl`);
-  const args = ovmsArgs.map((a) => a.replace('{grpc}', String(grpcPort)).replace('{rest}', String(restPort)));
+  const ports = (a: string) => a.replace('{grpc}', String(grpcPort)).replace('{rest}', String(restPort)).replace('{admin}', String(adminPort));
   // Root here (CI too): stay root unless a test is about users (test/privileges.test.ts).
-  const wrapper = startWrapper([...args, ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', ...extra], { FAKE_OVMS_ARGV_FILE: argvFile, ...env });
-  return { wrapper, argvFile, grpcPort, restPort };
+  const wrapper = startWrapper([...ovmsArgs.map(ports), ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', ...extra.map(ports)], { FAKE_OVMS_ARGV_FILE: argvFile, ...env });
+  return { wrapper, argvFile, grpcPort, restPort, adminPort };
 }
 
 async function stopWrapper(wrapper: Wrapper): Promise<void> {
@@ -199,8 +204,8 @@ describe('serving: listeners and the argv OVMS gets', () => {
 
   test('the admin listener reports /readyz false while OVMS starts, true once it is ready, and counts the traffic', async () => {
     const gate = join(dir, `gate-admin-${runCounter + 1}`);
-    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
-    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_START_GATE_FILE: gate }, ['--mtls_admin_port', String(adminPort)]);
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], { FAKE_OVMS_START_GATE_FILE: gate }, ['--mtls_admin_port', '{admin}']);
+    const { adminPort } = s;
     const admin = (path: string) => fetch(`http://127.0.0.1:${adminPort}${path}`);
     try {
       await s.wrapper.waitForEvent('ovms_started');
@@ -228,12 +233,12 @@ describe('serving: listeners and the argv OVMS gets', () => {
 
   test('/readyz stays 503 and ovms_up 0 while OVMS answers on its ports but is still loading its models; both turn once OVMS says ready', async () => {
     const loaded = join(dir, `models-loaded-${runCounter + 1}`);
-    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
     const s = await start(
       ['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'],
       { FAKE_OVMS_LOAD_GATE_FILE: loaded },
-      ['--mtls_admin_port', String(adminPort)],
+      ['--mtls_admin_port', '{admin}'],
     );
+    const { adminPort } = s;
     const readyz = async () => {
       const res = await fetch(`http://127.0.0.1:${adminPort}/readyz`);
       return { status: res.status, report: (await res.json()) as { checks: Record<string, { ok: boolean; detail: string }> } };
@@ -378,8 +383,8 @@ describe('exit codes and signals', () => {
   });
 
   test('a stopped OVMS (SIGSTOP): /readyz says so and ovms_up is 0, the wrapper leaves it be (no restart), and SIGTERM continues it so it exits by itself with its code, not SIGKILL', async () => {
-    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
-    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_admin_port', String(adminPort), '--mtls_shutdown_timeout', '20']);
+    const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_admin_port', '{admin}', '--mtls_shutdown_timeout', '20']);
+    const { adminPort } = s;
     try {
       await s.wrapper.waitForEvent('ovms_ready');
       const [run] = fakeRuns(s.argvFile);
@@ -558,8 +563,8 @@ describe('exit codes and signals', () => {
   });
 
   test('with --mtls_restart on-failure an OVMS that fails at every start is given up after 5 failures in a row: the wrapper exits with its code, its error in the log; /readyz and ovms_up say down meanwhile', async () => {
-    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
-    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_restart', 'on-failure'], { FAKE_OVMS_EXIT_CODE: '7' }, ['--mtls_admin_port', String(adminPort)]);
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_restart', 'on-failure'], { FAKE_OVMS_EXIT_CODE: '7' }, ['--mtls_admin_port', '{admin}']);
+    const { adminPort } = s;
     try {
       await s.wrapper.waitForEvent('ovms_restarting');
       const readyz = await fetch(`http://127.0.0.1:${adminPort}/readyz`);
@@ -613,8 +618,8 @@ describe('the hang watchdog (--mtls_ovms_hang_timeout)', () => {
   const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
   test('on-failure: an OVMS stopped (SIGSTOP) once ready is ended after the timeout, logged ovms_hung, and started again: a new pid answers, one restart counted', async () => {
-    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
-    const s = await start(BOTH_PORTS, {}, ['--mtls_ovms_hang_timeout', '1', '--mtls_restart', 'on-failure', '--mtls_admin_port', String(adminPort)]);
+    const s = await start(BOTH_PORTS, {}, ['--mtls_ovms_hang_timeout', '1', '--mtls_restart', 'on-failure', '--mtls_admin_port', '{admin}']);
+    const { adminPort } = s;
     try {
       await s.wrapper.waitForEvent('ovms_ready');
       const [first] = fakeRuns(s.argvFile);
@@ -669,8 +674,8 @@ describe('the hang watchdog (--mtls_ovms_hang_timeout)', () => {
   test('an OVMS slow to open its ports and then to load its models (each longer than the timeout) is not killed; once ready and then stopped, it is', async () => {
     const opened = join(dir, `ports-open-${runCounter + 1}`);
     const loaded = join(dir, `models-loaded-${runCounter + 1}`);
-    const [adminPort] = (await freeLoopbackPorts(1)) as [number];
-    const s = await start(BOTH_PORTS, { FAKE_OVMS_START_GATE_FILE: opened, FAKE_OVMS_LOAD_GATE_FILE: loaded }, ['--mtls_ovms_hang_timeout', '1', '--mtls_admin_port', String(adminPort)]);
+    const s = await start(BOTH_PORTS, { FAKE_OVMS_START_GATE_FILE: opened, FAKE_OVMS_LOAD_GATE_FILE: loaded }, ['--mtls_ovms_hang_timeout', '1', '--mtls_admin_port', '{admin}']);
+    const { adminPort } = s;
     const readyz = async () => (await fetch(`http://127.0.0.1:${adminPort}/readyz`)).json() as Promise<{ checks: Record<string, { detail: string }> }>;
     try {
       await s.wrapper.waitForEvent('ovms_started');
