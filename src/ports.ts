@@ -25,12 +25,21 @@ function close(server: Server): Promise<void> {
   return new Promise((resolve) => server.close(() => resolve()));
 }
 
-/** `count` distinct ports that were free on `host` a moment ago. */
-export async function freeLoopbackPorts(count: number, host = '127.0.0.1'): Promise<number[]> {
+/**
+ * `count` distinct ports that were free on `host` a moment ago, none of them in `except`.
+ * A port of `except` the system offers is held with the others, so it cannot come twice.
+ */
+export async function freeLoopbackPorts(count: number, host = '127.0.0.1', except: ReadonlySet<number> = new Set()): Promise<number[]> {
   const servers: Server[] = [];
+  const chosen: number[] = [];
   try {
-    for (let i = 0; i < count; i += 1) servers.push(await listenOn(host, 0));
-    return servers.map((s) => (s.address() as AddressInfo).port);
+    while (chosen.length < count) {
+      const server = await listenOn(host, 0);
+      servers.push(server);
+      const { port } = server.address() as AddressInfo;
+      if (!except.has(port)) chosen.push(port);
+    }
+    return chosen;
   } finally {
     await Promise.all(servers.map(close));
   }
@@ -56,16 +65,23 @@ export async function isPortTaken(port: number, host = '127.0.0.1'): Promise<boo
 export class LoopbackUpstreams {
   readonly host: string;
   readonly #wanted: { readonly grpc: boolean; readonly rest: boolean };
+  readonly #ours: ReadonlySet<number>;
   #ports: { grpc?: number; rest?: number } = {};
 
-  constructor(wanted: { grpc: boolean; rest: boolean }, host = '127.0.0.1') {
+  /**
+   * `ours`: the public and admin ports. They are bound only after OVMS's ports are chosen, and
+   * one that was free until then (picked by the operator or a test among free ports) could be
+   * offered for OVMS too: OVMS then found it taken by our own listener and was started again.
+   */
+  constructor(wanted: { grpc: boolean; rest: boolean }, host = '127.0.0.1', ours: readonly number[] = []) {
     this.#wanted = wanted;
     this.host = host;
+    this.#ours = new Set(ours);
   }
 
   async choose(): Promise<void> {
     const names = (['grpc', 'rest'] as const).filter((n) => this.#wanted[n]);
-    const ports = await freeLoopbackPorts(names.length, this.host);
+    const ports = await freeLoopbackPorts(names.length, this.host, this.#ours);
     const next: { grpc?: number; rest?: number } = {};
     names.forEach((name, i) => (next[name] = ports[i]!));
     this.#ports = next;

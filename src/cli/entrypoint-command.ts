@@ -151,7 +151,8 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
   const binds = await resolveListenAddresses({ ...settings.listeners, admin: settings.common.admin });
   const material = loadTlsMaterialSync(settings.common.tls);
-  const upstreams = new LoopbackUpstreams({ grpc: binds.grpc !== undefined, rest: binds.rest !== undefined });
+  const ours = [binds.grpc?.port, binds.rest?.port, binds.admin?.port].filter((port): port is number => port !== undefined && port > 0);
+  const upstreams = new LoopbackUpstreams({ grpc: binds.grpc !== undefined, rest: binds.rest !== undefined }, undefined, ours);
   await upstreams.choose();
   const config: Config = {
     ...settings.common,
