@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFile } from 'node:child_process';
+import { spawn, spawnSync, execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
@@ -15,17 +15,20 @@ import { freeLoopbackPorts } from '../src/ports.js';
 const run = promisify(execFile);
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 
-/** Starts `demo ARGS` and resolves with it and what it printed once it says it is running. */
-async function startDemo(args: string[]): Promise<{ child: ReturnType<typeof spawn>; out: string }> {
-  const child = spawn(process.execPath, [BIN, 'demo', ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+/** Starts `demo ARGS` (under `wrap`, a command line ending in the one it runs) and resolves with it and what it printed once it says it is running. */
+async function startDemo(args: string[], wrap: string[] = []): Promise<{ child: ReturnType<typeof spawn>; out: string }> {
+  const [command, ...prefix] = [...wrap, process.execPath];
+  const child = spawn(command!, [...prefix, BIN, 'demo', ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
+  let err = '';
   child.stdout!.setEncoding('utf8');
+  child.stderr!.setEncoding('utf8').on('data', (c: string) => (err += c));
   await new Promise<void>((resolve, reject) => {
     child.stdout!.on('data', (c: string) => {
       out += c;
       if (out.includes('Press Ctrl-C')) resolve();
     });
-    child.once('exit', (code) => reject(new Error(`demo exited ${code}: ${out}`)));
+    child.once('exit', (code) => reject(new Error(`demo exited ${code}: ${out}${err}`)));
   });
   return { child, out };
 }
@@ -56,6 +59,27 @@ test('demo starts certificates, a model server and the proxy, and every printed 
     if (child.exitCode === null) child.kill('SIGKILL');
   }
 });
+
+/** A network namespace of its own (root, or user namespaces allowed): its ephemeral port range can be set. */
+const NET_NAMESPACE = spawnSync('unshare', ['--user', '--map-root-user', '--net', 'true']).status === 0;
+
+test(
+  'demo on ports the system could have given its model server first: the model server takes others, and the demo starts',
+  { skip: NET_NAMESPACE ? false : 'unshare --user --net is not available here' },
+  async () => {
+    // With the ephemeral range 40000-40003 the system gives 40001 first (odd ports, lower half first): asked for as --port,
+    // it went to the model server, started on port 0 before the proxy binds, and the demo exited "the port is already in use".
+    const range = 'ip link set lo up && sysctl -qw net.ipv4.ip_local_port_range="40000 40003" && exec "$@"';
+    const wrap = ['unshare', '--user', '--map-root-user', '--net', 'sh', '-c', range, 'sh'];
+    const { child, out } = await startDemo(['--port', '40001', '--rest_port', '40003'], wrap);
+    try {
+      assert.match(out, /localhost:40001 /);
+      assert.equal(await interrupt(child), 0);
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+  },
+);
 
 test('demo --dir on a new directory says the certificates are kept, and keeps them after Ctrl-C', async () => {
   const parent = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-keep-'));

@@ -15,6 +15,7 @@ import { createLogger, LOG_LEVELS } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy } from '../proxy.js';
 import { startModelServer, type ModelServer } from '../demo/model-server.js';
+import { freeLoopbackPorts } from '../ports.js';
 import { PROTO_DIR } from '../demo/grpc-client.js';
 import type { OptionSpec, RawOptions } from '../options.js';
 import { parseCommandLine } from './options-parser.js';
@@ -92,6 +93,16 @@ async function assertNoCertificateSet(dir: string): Promise<void> {
   }
 }
 
+/**
+ * Free ports for the stand-in model server, other than the demo's own: those are bound after it,
+ * and one that is free until then (a port in the ephemeral range) could otherwise be the one
+ * the system gave the model server, and the demo stopped, saying another process used its port.
+ */
+async function modelServerPorts(grpcPort: number, restPort: number): Promise<{ grpcPort: number; restPort: number }> {
+  const [grpc, rest] = (await freeLoopbackPorts(2, '127.0.0.1', new Set([grpcPort, restPort]))) as [number, number];
+  return { grpcPort: grpc, restPort: rest };
+}
+
 export async function runDemoCommand(argv: readonly string[], io: Io): Promise<number> {
   const parsed = await parseCommandLine(argv, DEMO_OPTIONS, USAGE);
   const grpcPort = parsed['port'] === undefined ? 9443 : parsePort('port', parsed['port']);
@@ -108,7 +119,7 @@ export async function runDemoCommand(argv: readonly string[], io: Io): Promise<n
   // Everything after the temporary directory exists is inside the try: a failure anywhere removes it.
   try {
     await certsInit({ dir: certDir, force: true });
-    model = await startModelServer({ grpcPort: 0, restPort: 0 });
+    model = await startModelServer(await modelServerPorts(grpcPort, restPort));
     const config = demoConfig(certDir, { grpc: grpcPort, rest: restPort }, { grpc: model.grpcPort!, rest: model.restPort! }, logLevel);
     const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger });
     io.stdout.write(demoInstructions({ certDir, grpcPort: proxy.port('grpc')!, restPort: proxy.port('rest')!, kept: keep }));
