@@ -74,13 +74,15 @@ describe('admin listener', () => {
 
   test('/readyz is 503 while the model server starts and 200 once it answers', async () => {
     pki = await pkiPromise;
-    const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
-    const front = await startTestProxy({ pki, upstream: { grpcPort, restPort } });
+    // In one call: the model server's ports stay free until it starts, and a port the proxy or the admin
+    // listener took from the system could otherwise be one of them (the proxy then answered for the model server).
+    const [grpcPort, restPort, frontGrpc, frontRest, adminPort] = (await freeLoopbackPorts(5)) as [number, number, number, number, number];
+    const front = await startTestProxy({ pki, upstream: { grpcPort, restPort }, listen: { grpcPort: frontGrpc, restPort: frontRest } });
     const config = baseConfig({ pki, upstream: { grpcPort, restPort } });
     const material = loadTlsMaterialSync(config.tls);
     let proxy: RunningProxy | undefined = front.proxy;
     const checks = { listeners: listenersCheck(() => proxy), upstream: upstreamCheck(config), certificates: certificatesCheck(() => material) };
-    const admin = await startAdminServer({ hosts: ['127.0.0.1'], port: 0, metrics: new ProxyMetrics(), health: () => readinessReport(checks) });
+    const admin = await startAdminServer({ hosts: ['127.0.0.1'], port: adminPort, metrics: new ProxyMetrics(), health: () => readinessReport(checks) });
     let upstream: Awaited<ReturnType<typeof startModelServer>> | undefined;
     try {
       const starting = await httpGet(admin.port, '/readyz');

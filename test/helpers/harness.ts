@@ -60,6 +60,8 @@ export interface ProxySetup {
   pki: TestPki;
   /** `host`: where both upstreams listen (127.0.0.1 unless given). */
   upstream?: { grpcPort?: number; restPort?: number; host?: string };
+  /** The proxy's own ports; the system picks them unless given. */
+  listen?: { grpcPort?: number; restPort?: number };
   tls?: Partial<TlsFiles>;
   limits?: Partial<Limits>;
   allow?: Partial<Config['allow']>;
@@ -82,8 +84,8 @@ export function baseConfig(setup: ProxySetup): Config {
   const { pki } = setup;
   const host = setup.upstream?.host ?? '127.0.0.1';
   return {
-    grpc: setup.upstream?.grpcPort ? { hosts: ['127.0.0.1'], port: 0, upstream: { host, port: setup.upstream.grpcPort } } : undefined,
-    rest: setup.upstream?.restPort ? { hosts: ['127.0.0.1'], port: 0, upstream: { host, port: setup.upstream.restPort } } : undefined,
+    grpc: setup.upstream?.grpcPort ? { hosts: ['127.0.0.1'], port: setup.listen?.grpcPort ?? 0, upstream: { host, port: setup.upstream.grpcPort } } : undefined,
+    rest: setup.upstream?.restPort ? { hosts: ['127.0.0.1'], port: setup.listen?.restPort ?? 0, upstream: { host, port: setup.upstream.restPort } } : undefined,
     tls: { cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']!, crl: pki.paths['client_cert_ca.crl'], ...setup.tls },
     allow: { ...EMPTY_ALLOW_LIST, ...setup.allow },
     limits: { ...DEFAULTS.limits, ...setup.limits },
