@@ -21,7 +21,7 @@ import { ProxyMetrics } from '../src/metrics.js';
 import { resolveBindAddresses, resolveListenAddresses, type Lookup } from '../src/bind-addresses.js';
 import { hostAndPort } from '../src/addresses.js';
 import { FAKE_OVMS, makeFakeExecutable, startWrapper, tlsArgs } from './helpers/entrypoint.js';
-import { freeLoopbackPorts } from '../src/ports.js';
+import { freeLoopbackPorts, isPortTaken } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 let pki: TestPki;
@@ -75,7 +75,7 @@ describe('the admin port and a public port with the same number', SAFETY, () => 
   });
 
   test('ovms-mtls proxy with the admin port on 0.0.0.0 and the REST port on ::1, the same number, starts and serves both', async () => {
-    const [port] = (await freeLoopbackPorts(1, '::1')) as [number];
+    const [port] = (await freeOnBothLoopbacks(1)) as [number];
     const cli = startCli(['proxy', '--rest_port', String(port), '--rest_bind_address', '::1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
       '--mtls_admin_port', String(port), '--mtls_admin_bind_address', '0.0.0.0', '--mtls_workers', '1', ...tlsFlags()]);
     try {
@@ -90,6 +90,19 @@ describe('the admin port and a public port with the same number', SAFETY, () => 
     }
   });
 });
+
+/**
+ * `count` ports free on ::1 and on 127.0.0.1 alike, for a proxy that binds both (localhost, or :: and 0.0.0.0 beside ::1).
+ * Ports free on ::1 alone could be in use on 127.0.0.1, by this file's model server among others.
+ */
+async function freeOnBothLoopbacks(count: number): Promise<number[]> {
+  const takenOnIpv4 = new Set<number>();
+  for (;;) {
+    const ports = await freeLoopbackPorts(count, '::1', takenOnIpv4);
+    for (const port of ports) if (await isPortTaken(port, '127.0.0.1')) takenOnIpv4.add(port);
+    if (ports.every((port) => !takenOnIpv4.has(port))) return ports;
+  }
+}
 
 /** A name service of our own: `names` maps each name to its addresses, in order; any other name is not found. */
 function namesOf(names: Record<string, string[]>): Lookup {
@@ -193,7 +206,7 @@ async function stopped(cli: LongRunningCli): Promise<void> {
 
 describe('ovms-mtls proxy with host names as bind addresses', () => {
   test('localhost for 127.0.0.1 and ::1 listens on both, public and admin ports, with 2 workers; the listening lines name each address', NEEDS_NAMESPACES, async () => {
-    const [grpc, rest, admin] = (await freeLoopbackPorts(3, '::1')) as [number, number, number];
+    const [grpc, rest, admin] = (await freeOnBothLoopbacks(3)) as [number, number, number];
     const cli = await started(['--port', String(grpc), '--grpc_bind_address', 'localhost', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
       '--rest_port', String(rest), '--rest_bind_address', 'localhost', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
       '--mtls_admin_port', String(admin), '--mtls_admin_bind_address', 'localhost', '--mtls_workers', '2'], await withHosts(BOTH));
@@ -219,7 +232,7 @@ describe('ovms-mtls proxy with host names as bind addresses', () => {
   });
 
   test(':: next to a name for an IPv4 address is bound IPv6-only, as next to the address itself: both serve', NEEDS_NAMESPACES, async () => {
-    const [rest] = (await freeLoopbackPorts(1, '::1')) as [number];
+    const [rest] = (await freeOnBothLoopbacks(1)) as [number];
     const cli = await started(['--rest_port', String(rest), '--rest_bind_address', '::,v4only', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, '--mtls_workers', '1'],
       await withHosts('127.0.0.1 v4only\n'));
     try {
@@ -280,7 +293,7 @@ describe('ovms-mtls proxy with host names as bind addresses', () => {
 describe('the OVMS entrypoint with a host name as bind address', () => {
   test('--rest_bind_address localhost (127.0.0.1 and ::1) serves OVMS on both', NEEDS_NAMESPACES, async () => {
     makeFakeExecutable();
-    const [rest] = (await freeLoopbackPorts(1, '::1')) as [number];
+    const [rest] = (await freeOnBothLoopbacks(1)) as [number];
     const wrapper = startWrapper(['--rest_port', String(rest), '--rest_bind_address', 'localhost', '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_workers', '1', ...tlsArgs(pki)],
       {}, await withHosts(BOTH));
     try {
