@@ -11,7 +11,7 @@ import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer as createH2cServer } from 'node:http2';
-import { createServer, type AddressInfo } from 'node:net';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -139,14 +139,11 @@ function onlyReply(result: GoResult): Record<string, unknown> {
 
 const param = (reply: Record<string, unknown>, name: string) => (reply.parameters as Record<string, Record<string, unknown>>)[name];
 
-/** A loopback port that was free a moment ago: connections to it are refused. */
-async function closedPort(): Promise<number> {
-  const server = createServer().listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
+/**
+ * The discard port, which nothing here serves: connections to it are refused. A port freed
+ * by the test could be handed out again by the system to one of the other servers bound after it.
+ */
+const DISCARD_PORT = 9;
 
 /** Runs a Go call that must be refused; the proxy's client_refused line for it. */
 async function refusedGoClient(front: StartedProxy, cert: string | null): Promise<LogLine> {
@@ -173,7 +170,7 @@ before(async () => {
   for (const mode of ['terminate', 'relay'] as const) {
     toGrpcio[mode] = await startTestProxy({ pki, tls, upstream: { grpcPort: grpcio.port }, grpcMode: mode });
     toStandIn[mode] = await startTestProxy({ pki, tls, upstream: { grpcPort: standIn.grpcPort! }, grpcMode: mode });
-    toNowhere[mode] = await startTestProxy({ pki, tls, upstream: { grpcPort: await closedPort() }, grpcMode: mode });
+    toNowhere[mode] = await startTestProxy({ pki, tls, upstream: { grpcPort: DISCARD_PORT }, grpcMode: mode });
     idleFronts[mode] = await startTestProxy({ pki, tls, upstream: { grpcPort: grpcio.port }, grpcMode: mode, limits: { idleTimeoutMs: 300 } });
   }
 });
