@@ -241,12 +241,18 @@ function checkClientCas(cas: X509Certificate[], path: string): void {
   });
 }
 
+/** A certificate or a key where the CRL belongs (the files of a set sit side by side) gets told so: a DER hint would send the user converting it. */
+function notPemCrl(text: string): string {
+  const instead = '(give the CRL the client CA issues: client_cert_ca.crl of `ovms-mtls certs init`)';
+  if (/-----BEGIN CERTIFICATE-----/.test(text)) return `holds a certificate, not a CRL ${instead}`;
+  if (/-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----/.test(text)) return `holds a private key, not a CRL ${instead}`;
+  return 'holds no PEM CRL (expected -----BEGIN X509 CRL-----; convert DER with `openssl crl -inform DER -in FILE -out FILE.pem`)';
+}
+
 function checkCrlPem(crl: Buffer, path: string): void {
   const text = crl.toString('latin1');
   if (isBlank(crl)) throw new TlsMaterialError(`--mtls_crl: ${path} is empty (expected a PEM CRL, -----BEGIN X509 CRL-----; leave --mtls_crl out to run without revocation checks)`);
-  if (!/-----BEGIN X509 CRL-----/.test(text)) {
-    throw new TlsMaterialError(`--mtls_crl: ${path} holds no PEM CRL (expected -----BEGIN X509 CRL-----; convert DER with \`openssl crl -inform DER -in FILE -out FILE.pem\`)`);
-  }
+  if (!/-----BEGIN X509 CRL-----/.test(text)) throw new TlsMaterialError(`--mtls_crl: ${path} ${notPemCrl(text)}`);
   try {
     createSecureContext({ crl: pemBlocks(crl, PEM_CRL) });
   } catch {

@@ -113,6 +113,9 @@ describe('proxy command line', () => {
     // A leaf as the client CA: the line named the certificate but not what to give instead.
     ['a client certificate given as the client CA', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client.pem']!],
       /^ovms-mtls: --mtls_client_ca: .*client\.pem: certificate #1 \(.*\) is not a CA certificate: give the CA that issues the client certificates \(client_cert_ca\.pem of `ovms-mtls certs init`\)/],
+    // The CA certificate as the CRL, its neighbour in the set: the line said to convert it from DER.
+    ['the client CA certificate given as the CRL', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags(), '--mtls_crl', pki.paths['client_cert_ca.pem']!],
+      /^ovms-mtls: --mtls_crl: .*client_cert_ca\.pem holds a certificate, not a CRL \(give the CRL the client CA issues: client_cert_ca\.crl of `ovms-mtls certs init`\)\n$/],
     ['an upstream that is not host:port', () => ['--port', '1', '--mtls_grpc_upstream', 'localhost', ...tlsFlags()], /--mtls_grpc_upstream: 'localhost' is not host:port/],
     ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
     ['a stray word after a boolean option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()],
