@@ -84,7 +84,7 @@ describe('proxy command line', () => {
     [['check', '-h'], /^ovms-mtls check [\s\S]*\n {2}--mtls_crl /],
     [['probe', '--help'], /^ovms-mtls probe --host[\s\S]*\n {2}--servername +Name the server certificate must carry \(default: --host\)/],
     [['demo', '--help'], /^ovms-mtls demo [\s\S]*\n {2}--port +Public gRPC port \(default: 9443\)/],
-    [['certs', 'init', '--help'], /ovms-mtls certs init [\s\S]*\n {2}--server_name +Server certificate CN/],
+    [['certs', 'init', '--help'], /ovms-mtls certs init [\s\S]*\n {2}--server_name +Server certificate CN[\s\S]*\n {2}--days +Validity in days, 1 to 36500 \(default: 1\)\n/],
   ];
   for (const [argv, expected] of commandHelps) {
     test(`${argv.join(' ')} prints that command's usage and options and exits 0`, async () => {

@@ -27,7 +27,7 @@ them (a longer --days is cut to the CA's expiry, with a note). No openssl needed
 `;
 
 const DIR: OptionSpec = { name: 'dir', type: 'string', describe: 'Directory of the certificate set', defaultDescription: DEFAULT_DIR };
-const DAYS: OptionSpec = { name: 'days', type: 'number', describe: 'Validity in days', defaultDescription: '1' };
+const DAYS: OptionSpec = { name: 'days', type: 'number', describe: 'Validity in days, 1 to 36500', defaultDescription: '1' };
 // No yargs `choices`: its complaint spans several lines; certs-command checks the value in one.
 const KEY: OptionSpec = { name: 'key', type: 'string', describe: `Key type: ${KEY_KINDS.join(', ')}`, defaultDescription: 'ec' };
 const FORCE: OptionSpec = { name: 'force', type: 'boolean', describe: 'Overwrite existing files' };
