@@ -187,8 +187,8 @@ function mtlsSpec(name: string): OptionSpec {
   return spec;
 }
 
-/** Splits an OVMS-style argv; throws a ConfigError naming the flag on mistakes. */
-export function splitOvmsArgv(argv: readonly string[]): SplitOvmsArgv {
+/** Splits an OVMS-style argv; throws a ConfigError naming the flag on mistakes. `env`: for OVMS_MTLS_OVMS_HELP. */
+export function splitOvmsArgv(argv: readonly string[], env: NodeJS.ProcessEnv = {}): SplitOvmsArgv {
   const mtls: RawOptions = {};
   const listeners: RawOptions = {};
   const passthrough: string[] = [];
@@ -233,30 +233,29 @@ export function splitOvmsArgv(argv: readonly string[]): SplitOvmsArgv {
     openOption = taken.length === 1 && option.inlineValue === undefined && !OVMS_FLAGS.has(name) ? name : undefined;
     i += taken.length - 1;
   }
-  const mode = modeOf(help, nonServing, mtls);
+  const mode = modeOf(help, nonServing, mtls, env);
   // Only when serving do our options follow the user's; a one-shot run gets their argv as is.
   if (mode.kind === 'serve' && openOption !== undefined) throw unknownOptionLast(openOption);
   return { mode, mtls, listeners, passthrough };
 }
 
-function modeOf(help: boolean, nonServing: string | undefined, mtls: RawOptions): OvmsMode {
+function modeOf(help: boolean, nonServing: string | undefined, mtls: RawOptions, env: NodeJS.ProcessEnv): OvmsMode {
   if (help) return { kind: 'help' };
   const ovmsHelp = mtls['mtls_ovms_help'];
   if (ovmsHelp === true || (typeof ovmsHelp === 'string' && !isFalse(ovmsHelp))) return { kind: 'ovms-help' };
   if (nonServing === 'version') return { kind: 'version' };
   if (nonServing !== undefined) return { kind: 'direct', flag: nonServing };
+  if (ovmsHelp === undefined && ovmsHelpFromEnv(env)) return { kind: 'ovms-help' };
   return { kind: 'serve' };
 }
 
 /**
- * OVMS_MTLS_OVMS_HELP, as every option may come from the environment: it was read by nothing, and
- * the wrapper served instead of showing OVMS's help. The command line wins (`--mtls_ovms_help=false`),
- * and only a run that would serve turns into the help, as `--mtls_ovms_help` does not outrank `--help`.
+ * OVMS_MTLS_OVMS_HELP, as every option may come from the environment. The command line wins
+ * (`--mtls_ovms_help=false`), and it turns only a run that would serve into the help.
  */
-export function withOvmsHelpFromEnv(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): SplitOvmsArgv {
+function ovmsHelpFromEnv(env: NodeJS.ProcessEnv): boolean {
   const value = env[envVarName('mtls_ovms_help')];
-  if (split.mode.kind !== 'serve' || split.mtls['mtls_ovms_help'] !== undefined || !value || isFalse(value)) return split;
-  return { ...split, mode: { kind: 'ovms-help' } };
+  return value !== undefined && value !== '' && !isFalse(value);
 }
 
 /** OVMS's own loopback listeners; a port is present only for a listener the user asked for. */

@@ -42,6 +42,8 @@ export const CIPHERS = [
 ].join(':');
 
 const PEM_CERT = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
+/** Any PEM private key (PKCS#8, RSA, EC, encrypted): what a mixed-up file holds instead of a certificate or CRL. */
+const PEM_PRIVATE_KEY_HEADER = /-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----/;
 /** 1.2.840.113549.1.7 (PKCS #7 content types), contents octets. */
 const PKCS7_OID_PREFIX = '2a864886f70d0107';
 
@@ -139,7 +141,7 @@ function parseKey(pem: Buffer, path: string): KeyObject {
  */
 function notPemCertificate(bytes: Buffer, path: string, role: FileRole): string {
   if (isBlank(bytes)) return 'is empty (expected a PEM certificate, -----BEGIN CERTIFICATE-----)';
-  if (/-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----/.test(bytes.toString('latin1'))) return `holds a private key, not a certificate (${keyInsteadOfCertificateHint(role)})`;
+  if (PEM_PRIVATE_KEY_HEADER.test(bytes.toString('latin1'))) return `holds a private key, not a certificate (${keyInsteadOfCertificateHint(role)})`;
   if (isPkcs12(bytes)) return pkcs12Hint(path);
   if (isDerCertificate(bytes)) return `holds a DER (binary) certificate, not PEM (convert it: \`openssl x509 -inform DER -in ${path} -out ${path}.pem\`)`;
   return 'holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)';
@@ -245,7 +247,7 @@ function checkClientCas(cas: X509Certificate[], path: string): void {
 function notPemCrl(text: string): string {
   const instead = '(give the CRL the client CA issues: client_cert_ca.crl of `ovms-mtls certs init`)';
   if (/-----BEGIN CERTIFICATE-----/.test(text)) return `holds a certificate, not a CRL ${instead}`;
-  if (/-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----/.test(text)) return `holds a private key, not a CRL ${instead}`;
+  if (PEM_PRIVATE_KEY_HEADER.test(text)) return `holds a private key, not a CRL ${instead}`;
   return 'holds no PEM CRL (expected -----BEGIN X509 CRL-----; convert DER with `openssl crl -inform DER -in FILE -out FILE.pem`)';
 }
 

@@ -15,7 +15,7 @@ import { ServingOperations } from './serving-operations.js';
 import { WorkerPool } from '../workers.js';
 import { resolveListenAddresses } from '../bind-addresses.js';
 import { productVersion } from '../version.js';
-import { splitOvmsArgv, ovmsServeArgv, withOvmsHelpFromEnv, type SplitOvmsArgv } from '../ovms-args.js';
+import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
 import { entrypointSettings, ovmsBinary, type EntrypointSettings } from '../entrypoint-config.js';
 import { exitCodeOf, findSetpriv, runToCompletion, spawnCommand } from '../ovms-child.js';
 import { OvmsSupervisor, type HangWatchSettings } from '../ovms-supervisor.js';
@@ -46,7 +46,7 @@ function assertExecutable(binary: string): void {
 }
 
 export async function runEntrypointCommand(argv: readonly string[], io: Io): Promise<number> {
-  const split = withOvmsHelpFromEnv(splitOvmsArgv(argv), io.env);
+  const split = splitOvmsArgv(argv, io.env);
   switch (split.mode.kind) {
     case 'help':
       io.stdout.write(helpText());
