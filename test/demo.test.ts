@@ -2,8 +2,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync } from 'node:fs';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { existsSync, watch } from 'node:fs';
+import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -91,6 +91,28 @@ test('demo --dir on a new directory says the certificates are kept, and keeps th
     assert.equal(await interrupt(child), 0);
     assert.ok(existsSync(join(dir, 'client.key')) && existsSync(join(dir, 'client_cert_ca.key')), 'the set outlives the demo');
   } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+    await rm(parent, { recursive: true, force: true });
+  }
+});
+
+test('a Ctrl-C while the demo is still starting (its certificates being written) stops it with 0 once started, instead of killing it', async () => {
+  const parent = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-early-'));
+  const dir = join(parent, 'certs');
+  await mkdir(dir);
+  // The first certificate file is the moment: the demo is running its own code, well before it says "Press Ctrl-C".
+  const watcher = watch(dir);
+  const firstFile = once(watcher, 'change');
+  const child = spawn(process.execPath, [BIN, 'demo', '--dir', dir, '--port', '0', '--rest_port', '0'], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout!.setEncoding('utf8').on('data', (c: string) => (out += c));
+  try {
+    await firstFile;
+    assert.doesNotMatch(out, /Press Ctrl-C/);
+    assert.equal(await interrupt(child), 0);
+    assert.ok(existsSync(join(dir, 'client.key')), 'the set it was writing is whole and kept');
+  } finally {
+    watcher.close();
     if (child.exitCode === null) child.kill('SIGKILL');
     await rm(parent, { recursive: true, force: true });
   }
