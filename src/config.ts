@@ -461,9 +461,17 @@ function lastOf(value: RawOptions[string]): RawOptions[string] {
   return Array.isArray(value) ? value.at(-1) : value;
 }
 
+/** A count of upstream connections in relay mode would be taken and do nothing: relay gives each client its own connection. */
+function refuseTerminateOnlyOptions(raw: RawOptions, grpcMode: ForwardMode): void {
+  if (grpcMode !== 'relay' || raw['mtls_grpc_upstream_connections'] === undefined) return;
+  throw new ConfigError('--mtls_grpc_upstream_connections applies to --mtls_grpc_mode terminate only: in relay mode each client gets its own connection to the model server; drop the option (or OVMS_MTLS_GRPC_UPSTREAM_CONNECTIONS)');
+}
+
 /** Everything except the listeners, shared by `proxy` and the OVMS entrypoint. */
 export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFiles>): Omit<Config, 'grpc' | 'rest'> {
   const adminPort = raw['mtls_admin_port'] === undefined ? 0 : parsePort('mtls_admin_port', raw['mtls_admin_port']);
+  const grpcMode = parseChoice(raw, 'mtls_grpc_mode', FORWARD_MODES, DEFAULTS.grpcMode);
+  refuseTerminateOnlyOptions(raw, grpcMode);
   return {
     tls: parseTlsFiles(raw, tlsDefaults),
     allow: parseAllowList(raw),
@@ -473,7 +481,7 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     accessLog: parseBoolean('mtls_access_log', raw['mtls_access_log'], DEFAULTS.accessLog),
     admin: adminPort > 0 ? { port: adminPort, hosts: parseBindAddresses('mtls_admin_bind_address', raw['mtls_admin_bind_address'], DEFAULTS.adminBindAddress) } : undefined,
     workers: parseWorkers(raw),
-    grpcMode: parseChoice(raw, 'mtls_grpc_mode', FORWARD_MODES, DEFAULTS.grpcMode),
+    grpcMode,
     grpcUpstreamConnections: numberOr(raw, 'mtls_grpc_upstream_connections', DEFAULTS.grpcUpstreamConnections, 1, DEFAULTS.maxGrpcUpstreamConnections),
     restMode: parseChoice(raw, 'mtls_rest_mode', FORWARD_MODES, DEFAULTS.restMode),
   };

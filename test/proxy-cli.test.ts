@@ -141,6 +141,15 @@ describe('proxy command line', () => {
     });
   }
 
+  // Relay gives each client its own upstream connection: the count was taken and did nothing.
+  test('an upstream connection count in gRPC relay mode exits 2 before listening, instead of being taken and doing nothing', async () => {
+    const res = await startupOutcome(['--mtls_grpc_mode', 'relay', '--mtls_grpc_upstream_connections', '4']);
+    assert.equal(res.listened, false, 'the proxy started');
+    assert.equal(res.code, 2);
+    assert.match(res.stderr, /^ovms-mtls: --mtls_grpc_upstream_connections applies to --mtls_grpc_mode terminate only: in relay mode each client gets its own connection to the model server/);
+    assert.equal(res.stderr.trim().split('\n').length, 1, res.stderr);
+  });
+
   test('an allow option given without a value exits 2 before listening, instead of admitting every client', async () => {
     for (const args of [['--mtls_allow_cn', '--mtls_workers', '1'], ['--mtls_allow_uri='], ['--mtls_allow_fingerprint', ',']]) {
       const res = await startupOutcome(args);
