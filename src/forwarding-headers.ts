@@ -21,10 +21,20 @@ export function forwardedFor(previous: readonly string[], context: ConnectionCon
   return [...previous, context.remoteAddress ?? 'unknown'].join(', ');
 }
 
+/** X-Forwarded-For as we send it; `client`: the client's own, whose lines Node's headers object joins with ", ". */
+function forwardedForValue(client: string | string[] | undefined, context: ConnectionContext): string {
+  // Per call and request: most clients send none, and then no list is built.
+  return client === undefined ? (context.remoteAddress ?? 'unknown') : forwardedFor([client].flat(), context);
+}
+
 /** The headers that say who the client is and how it came: ours to set, in both forwarders. */
 export function setForwardingHeaders(out: Record<string, unknown>, clientForwardedFor: string | string[] | undefined, context: ConnectionContext): void {
-  // Per call and request: most clients send none, and then no list is built.
-  out['x-forwarded-for'] = clientForwardedFor === undefined ? (context.remoteAddress ?? 'unknown') : forwardedFor([clientForwardedFor].flat(), context);
+  out['x-forwarded-for'] = forwardedForValue(clientForwardedFor, context);
   out['x-forwarded-proto'] = 'https';
   out[XFCC] = context.identity.xfcc;
+}
+
+/** setForwardingHeaders() for a flat name, value list. */
+export function pushForwardingFields(out: string[], clientForwardedFor: string | string[] | undefined, context: ConnectionContext): void {
+  out.push('x-forwarded-for', forwardedForValue(clientForwardedFor, context), 'x-forwarded-proto', 'https', XFCC, context.identity.xfcc);
 }

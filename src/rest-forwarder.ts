@@ -6,7 +6,7 @@ import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
+import { FORWARDING_FIELDS, disguisesOurs, pushForwardingFields, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
 import { hostAndPort } from './addresses.js';
 import { responseHeadTooLargeMessage } from './http1-framing.js';
@@ -606,17 +606,68 @@ function connectionListed(headers: IncomingHttpHeaders): ReadonlySet<string> {
   return new Set(String(value).split(',').map((v) => v.trim().toLowerCase()).filter(Boolean));
 }
 
-/** `authority`: requestAuthority() of the request, its Host line upstream. */
-export function upstreamHeaders(req: ClientRequestLike, context: ConnectionContext, authority: string | undefined): Record<string, string | string[]> {
+/**
+ * Request fields never passed on as the client sent them: hop-by-hop ones, Host (the
+ * authority's, set once), and ours (set by us: a client's copy would stand for them).
+ */
+const NOT_PASSED_ON: ReadonlySet<string> = new Set([...HOP_BY_HOP, 'host', ...FORWARDING_FIELDS]);
+
+/** `name` (lower-case) is a client field the model server gets; `listed`: connectionListed() of the request. */
+function passedOn(name: string, listed: ReadonlySet<string>): boolean {
+  return !(NOT_PASSED_ON.has(name) || name.startsWith(':') || listed.has(name) || disguisesOurs(name));
+}
+
+/**
+ * The fields the model server gets: the client's, then ours. From Node's headers object
+ * when it holds one name per line the client sent (nearly every request, and the cheapest),
+ * else from the lines as sent (clientLines()). `authority`: requestAuthority() of the request.
+ */
+export function upstreamHeaders(req: ClientRequestLike, context: ConnectionContext, authority: string | undefined): Record<string, string | string[]> | string[] {
   const incoming = req.headers;
   const listed = connectionListed(incoming);
   const out: Record<string, string | string[]> = {};
+  let names = 0;
   for (const name in incoming) {
-    if (name.startsWith(':') || HOP_BY_HOP.has(name) || listed.has(name) || name === XFCC || disguisesOurs(name)) continue;
-    out[name] = incoming[name]!;
+    names++;
+    if (passedOn(name, listed)) out[name] = incoming[name]!;
   }
+  if (names * 2 !== req.rawHeaders.length) return clientLines(req, listed, context, authority);
   if (authority !== undefined) out['host'] = authority;
   setForwardingHeaders(out, incoming['x-forwarded-for'], context);
+  return out;
+}
+
+/**
+ * A request with a field name on more than one line, for which Node's headers object
+ * kept only the first line (Authorization, User-Agent, Referer, From...) or joined them
+ * into one, where the relay and nginx pass every line on: each line in the order sent, as
+ * a flat name, value list. Names lower-cased, as HTTP/2 sends them and as the headers
+ * object has them, so the model server sees the same names whichever path or front a
+ * request took. An HTTP/2 client's cookies are one line joined with "; " (RFC 9113 8.2.3:
+ * HTTP/2 lets a client split them; an HTTP/1.1 server may not take them apart).
+ */
+function clientLines(req: ClientRequestLike, listed: ReadonlySet<string>, context: ConnectionContext, authority: string | undefined): string[] {
+  const raw = req.rawHeaders;
+  const joinCookies = req.httpVersionMajor === 2;
+  const out: string[] = [];
+  /** Where the first cookie's value is in `out`, once there. */
+  let cookieAt = -1;
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!.toLowerCase();
+    if (!passedOn(name, listed)) continue;
+    const value = raw[i + 1]!;
+    if (joinCookies && name === 'cookie') {
+      if (cookieAt >= 0) {
+        out[cookieAt] += `; ${value}`;
+        continue;
+      }
+      cookieAt = out.length + 1;
+    }
+    out.push(name, value);
+  }
+  // undici sends Host first, wherever it is in the list.
+  if (authority !== undefined) out.push('host', authority);
+  pushForwardingFields(out, req.headers['x-forwarded-for'], context);
   return out;
 }
 

@@ -7,15 +7,14 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import { connect as connectH2, constants as h2Constants, type ClientHttp2Session } from 'node:http2';
-import { createServer as createTcpServer, type AddressInfo, type Server as TcpServer } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { grpcClients, h2Request, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy, type LogLine } from './helpers/harness.js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
 import { H2, headerFrames, literalField, rawH2Client } from './helpers/raw-h2.js';
 import { eventually, sample } from './helpers/ops.js';
+import { headReadingUpstream } from './helpers/scripted-upstream.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -30,25 +29,14 @@ interface FieldCountingUpstream {
 
 async function fieldCountingUpstream(): Promise<FieldCountingUpstream> {
   const counts: number[] = [];
-  const server: TcpServer = createTcpServer((socket) => {
-    let head = '';
-    socket.on('error', () => {});
-    socket.on('data', (chunk: Buffer) => {
-      head += chunk.toString('latin1');
-      const end = head.indexOf('\r\n\r\n');
-      if (end < 0) return;
-      const lines = head.slice(0, end).split('\r\n');
-      head = '';
-      counts.push(lines.filter((l) => l.startsWith('x-f-')).length);
-      const wanted = Number(/[?&]fields=(\d+)/.exec(lines[0]!)?.[1] ?? 0);
-      const size = Number(/[?&]size=(\d+)/.exec(lines[0]!)?.[1] ?? 1);
-      // One answer per connection: the relay passes the client's `connection: close` on and waits for the model server to close.
-      socket.end(`HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n${numberedFields('x-r-', wanted, size)}\r\nok`);
-    });
+  const upstream = await headReadingUpstream((socket, lines) => {
+    counts.push(lines.filter((l) => l.startsWith('x-f-')).length);
+    const wanted = Number(/[?&]fields=(\d+)/.exec(lines[0]!)?.[1] ?? 0);
+    const size = Number(/[?&]size=(\d+)/.exec(lines[0]!)?.[1] ?? 1);
+    // One answer per connection: the relay passes the client's `connection: close` on and waits for the model server to close.
+    socket.end(`HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n${numberedFields('x-r-', wanted, size)}\r\nok`);
   });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  return { port: (server.address() as AddressInfo).port, counts, close: () => server.close() };
+  return { port: upstream.port, counts, close: upstream.close };
 }
 
 /** `count` lines `<prefix>N: 111...` (`size` digits), each with its CRLF. */

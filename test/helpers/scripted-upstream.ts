@@ -30,6 +30,27 @@ export async function scriptedUpstream(answer: (socket: Socket, first: Buffer) =
   return { port: (server.address() as AddressInfo).port, sockets, close: () => server.close() };
 }
 
+/**
+ * A raw TCP "model server" that hands `onHead` each request head as the lines it came in
+ * (request line first, up to the empty line): no HTTP library in front of it merges, drops
+ * or counts fields. For requests without a body; answering is `onHead`'s.
+ */
+export function headReadingUpstream(onHead: (socket: Socket, lines: string[]) => void): Promise<ScriptedUpstream> {
+  return scriptedUpstream((socket, first) => {
+    let head = '';
+    const read = (chunk: Buffer) => {
+      head += chunk.toString('latin1');
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      const lines = head.slice(0, end).split('\r\n');
+      head = '';
+      onHead(socket, lines);
+    };
+    read(first);
+    socket.on('data', read);
+  });
+}
+
 /** One HTTP/2 frame (RFC 9113 4.1), for an upstream that must send exactly these frames. */
 export function h2Frame(type: number, flags: number, streamId: number, payload: Buffer = Buffer.alloc(0)): Buffer {
   const header = Buffer.alloc(9);
