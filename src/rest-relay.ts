@@ -93,7 +93,7 @@ export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext, 
   return Buffer.from(text + forwardingFields(previous, context), 'latin1');
 }
 
-/** RFC 9112 9.3, 9.6: the server closes the connection after this response. */
+/** RFC 9112 9.3, 9.6: the connection closes after this response, or after the response to this request. */
 function closesAfter(head: Http1Head): boolean {
   const options = head.values('connection');
   return head.minorVersion === 0 ? !hasOption(options, 'keep-alive') : hasOption(options, 'close');
@@ -273,7 +273,10 @@ class RelayedHttp1Connection implements RelayedConnection {
    * may retry (RFC 9112 9.3.2); nothing written after it could be read as an answer to them.
    */
   #upstreamLast = false;
-  /** Drain or revocation: responses say `connection: close`; the connection ends when the last one is done. */
+  /**
+   * Drain, revocation, or the client's last request (`connection: close`, HTTP/1.0 without keep-alive):
+   * the last response says `connection: close`, and the connection ends when it is done.
+   */
   #closing = false;
   /** A request we refused (bad framing): answered once the responses before it are done. */
   #refusal: FramingError | undefined;
@@ -358,10 +361,15 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   /** Requests already forwarded are answered, the last with `connection: close`; none after them is read. */
   closeGracefully(): void {
-    this.#closing = true;
-    this.#fromClient.stop();
+    this.#readNoMore();
     this.#stopHeadDeadline();
     this.#closeIfDone();
+  }
+
+  /** Requests read so far are answered; none after them is read. */
+  #readNoMore(): void {
+    this.#closing = true;
+    this.#fromClient.stop();
   }
 
   #fromClientData(chunk: Buffer): void {
@@ -437,6 +445,9 @@ class RelayedHttp1Connection implements RelayedConnection {
     // An absolute-form target names its own authority: the model server gets it as Host too, so the two cannot disagree.
     const bytes = authority === host ? relayedRequestHead(head, raw, this.#parts.context, this.#ourFields) : rebuiltRequestHead(head, this.#parts.context, authority);
     if (awaitsContinue(head, body)) this.#continueWhenFirst(exchange);
+    // RFC 9112 9.6: the client sends nothing after it and waits for our close. A model server that ignores
+    // the option and keeps its connection open left the client waiting until --mtls_idle_timeout.
+    if (closesAfter(head)) this.#readNoMore();
     return { bytes, body };
   }
 

@@ -264,6 +264,38 @@ async function gatedUpstream(): Promise<{ port: number; release(): void; arrived
   };
 }
 
+describe("rest relay: a client's last request", () => {
+  // The idle timeout is long: a relay that waited for it instead of closing fails by the test's own timeout.
+  for (const [what, request] of [
+    ['`Connection: close`', 'GET /v2/health/ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n'],
+    ['an HTTP/1.0 request without keep-alive', 'GET /v2/health/ready HTTP/1.0\r\n\r\n'],
+  ] as const) {
+    test(`after the response to ${what} the connection closes, though the model server answers keep-alive and stays open; a request pipelined after it never reaches the model server`, { timeout: 30_000 }, async () => {
+      let received = '';
+      const scripted = await scriptedUpstream((s, first) => {
+        received += first.toString('latin1');
+        s.on('data', (bytes: Buffer) => (received += bytes.toString('latin1')));
+        s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+      });
+      const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay', limits: { idleTimeoutMs: 600_000 } });
+      try {
+        const socket = await openRaw(local.restPort);
+        socket.write(`${request}GET /after-close HTTP/1.1\r\nhost: a\r\n\r\n`);
+        const text = await readToClose(socket);
+        assert.deepEqual(statuses(text), [200]);
+        // RFC 9112 9.6: the server SHOULD say so in its final response.
+        assert.match(text, /\r\nconnection: close\r\n\r\nok$/);
+        assert.doesNotMatch(received, /after-close/);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+        assert.deepEqual({ status: line.status, error: line.error }, { status: 200, error: undefined });
+      } finally {
+        await local.proxy.shutdown(1000);
+        scripted.close();
+      }
+    });
+  }
+});
+
 describe('rest relay: drain and upstream failures', () => {
   test('on shutdown an idle connection closes at once; a response still coming says connection: close and completes', async () => {
     const gated = await gatedUpstream();
