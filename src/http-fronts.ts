@@ -26,6 +26,8 @@ class SessionState implements IdleConnection {
   readonly #observer: ProxyObserver;
   /** The highest stream id our handlers saw (client ids are odd: -1 before stream 1). */
   #lastSeen = -1;
+  /** A PING of watch() is unanswered. */
+  #probing = false;
 
   constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver) {
     this.session = session;
@@ -61,13 +63,43 @@ class SessionState implements IdleConnection {
     if (last !== undefined) setImmediate(() => this.#reportUnseenUpTo(last));
   }
 
+  /**
+   * At every idle sweep. A header field over 64 KiB as sent is one nghttp2 cannot decode: it answers
+   * GOAWAY(COMPRESSION_ERROR) and stops reading the connection, and Node emits nothing, not even when
+   * the client then closes (unread). The connection, its streams and their upstream calls were held
+   * for good. What is left to see is a stream id Node took and no handler of ours saw: a PING then
+   * tells a live connection (its answer comes; a plain reset, reported now) from one nghttp2 gave up
+   * (never answered by the next sweep: reported and destroyed). Nothing is sent while no id is missing.
+   */
+  watch(): void {
+    if (this.session.destroyed) return;
+    if (this.#probing) {
+      this.#gaveUp();
+      return;
+    }
+    const last = this.session.state.lastProcStreamID;
+    if (last === undefined || last <= this.#lastSeen) return;
+    this.#probing = true;
+    this.session.ping((err) => {
+      this.#probing = false;
+      // A header block still arriving at the sweep has its 'stream' event by now, maybe a tick after the answer: the ids are compared after it.
+      if (!err) setImmediate(() => this.#reportUnseenUpTo(last));
+    });
+  }
+
+  #gaveUp(): void {
+    const last = this.session.state.lastProcStreamID;
+    if (last !== undefined) this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
+    this.session.destroy();
+  }
+
   /** `id`: a client stream id, or 0 (lastProcStreamID before any stream). */
-  #reportUnseenUpTo(id: number): void {
+  #reportUnseenUpTo(id: number, goAway?: 'COMPRESSION_ERROR'): void {
     if (id < 1 || id <= this.#lastSeen) return;
     const streams = (id - this.#lastSeen) / 2;
     this.#lastSeen = id;
     const { context } = this;
-    this.#observer.unseenResets({ listener: context.listener, remote: context.remoteAddress, subject: context.identity.subject, serial: context.identity.serial, streams });
+    this.#observer.unseenResets({ listener: context.listener, remote: context.remoteAddress, subject: context.identity.subject, serial: context.identity.serial, streams, ...(goAway ? { goAway } : {}) });
   }
 
   /** GOAWAY (last stream id: the last one taken); Node ends the connection once no stream is open. */

@@ -23,6 +23,8 @@ export interface IdleConnection {
   readonly streams: StreamActivity;
   /** No stream open for the timeout. Returns true to be told again after another idle spell. */
   closeIdle(): boolean;
+  /** At every sweep, streams open or not. */
+  watch?(): void;
 }
 
 /**
@@ -60,6 +62,7 @@ export class IdleSweeper {
   #sweep(): void {
     const now = performance.now();
     for (const connection of this.#connections) {
+      connection.watch?.();
       const { open, idleSince } = connection.streams;
       if (open > 0 || now - Math.max(idleSince, this.#toldAt.get(connection) ?? idleSince) < this.#ms) continue;
       if (connection.closeIdle()) this.#toldAt.set(connection, now);

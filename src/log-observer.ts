@@ -13,6 +13,16 @@ function unseenResetsMessage(streams: number): string {
   return `${streams} HTTP/2 request(s) on this connection were reset by Node before the proxy saw them (no access line): most likely a header list over --mtls_max_header_size (HTTP/2 counts 32 bytes more per field); else a malformed request, or more at once than --mtls_max_concurrent_streams or --mtls_max_session_memory allow`;
 }
 
+/**
+ * nghttp2 cannot decode a header name or value longer than 64 KiB as sent (a compile-time limit of its
+ * HPACK decoder, far above any --mtls_max_header_size it could be reset under): it ends the connection
+ * with GOAWAY(COMPRESSION_ERROR), and the client sees every call on it fail (grpc-js: INTERNAL
+ * "Received RST_STREAM with code 9"). Node tells no JavaScript code of that either.
+ */
+function undecodableFieldMessage(streams: number): string {
+  return `${streams} HTTP/2 request(s) on this connection carried a header field larger than 64 KiB, which Node's HTTP/2 decoder cannot read: it ended the whole connection (GOAWAY COMPRESSION_ERROR), and the requests in flight on it were cut too. Header lists are limited to --mtls_max_header_size; send large data in the body`;
+}
+
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
 export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
   // Children carry the event name already serialized: an access line costs one object less to copy and write.
@@ -30,7 +40,7 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
       logger.warn({ event: 'upstream_error', listener, reason: code }, 'upstream error');
     },
     unseenResets(record) {
-      logger.warn({ event: 'h2_streams_reset_unseen', ...record }, unseenResetsMessage(record.streams));
+      logger.warn({ event: 'h2_streams_reset_unseen', ...record }, record.goAway ? undecodableFieldMessage(record.streams) : unseenResetsMessage(record.streams));
     },
     request(record) {
       if (!options.accessLog) return;

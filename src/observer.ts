@@ -52,6 +52,11 @@ export interface UnseenResets {
   readonly serial: string;
   /** How many: stream ids the client used that never reached our handlers. */
   readonly streams: number;
+  /**
+   * Node ended the whole connection over them: a header field it cannot decode at all (over 64 KiB as
+   * sent), answered with GOAWAY(COMPRESSION_ERROR); the requests in flight on it were cut too.
+   */
+  readonly goAway?: 'COMPRESSION_ERROR';
 }
 
 /**

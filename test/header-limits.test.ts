@@ -9,7 +9,7 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect as connectH2, constants as h2Constants, type ClientHttp2Session } from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
-import { grpcClients, h2Request, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy, type LogLine } from './helpers/harness.js';
+import { grpcClients, grpcFrame, h2Request, startTestProxy, startUpstream, tlsClientOptions, type ProxySetup, type StartedProxy, type LogLine } from './helpers/harness.js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
 import { H2, headerFrames, literalField, rawH2Client } from './helpers/raw-h2.js';
@@ -63,6 +63,15 @@ function countFields(text: string, prefix: string): number {
   return head.split('\r\n').filter((l) => l.startsWith(prefix)).length;
 }
 
+/** A proxy in each REST mode, each with a metrics registry of its own. */
+async function startMeteredFronts(fronts: Map<ForwardMode, StartedProxy>, metrics: Map<ForwardMode, ProxyMetrics>, setup: Omit<ProxySetup, 'restMode' | 'observer'>): Promise<void> {
+  for (const restMode of FORWARD_MODES) {
+    const observer = new ProxyMetrics({ processMetrics: false });
+    metrics.set(restMode, observer);
+    fronts.set(restMode, await startTestProxy({ ...setup, restMode, observer }));
+  }
+}
+
 describe('header fields within --mtls_max_header_size all pass, however many, both REST modes', () => {
   let pki: TestPki;
   let upstream: FieldCountingUpstream;
@@ -72,11 +81,7 @@ describe('header fields within --mtls_max_header_size all pass, however many, bo
   before(async () => {
     pki = await createTestPki();
     upstream = await fieldCountingUpstream();
-    for (const restMode of FORWARD_MODES) {
-      const observer = new ProxyMetrics({ processMetrics: false });
-      metrics.set(restMode, observer);
-      fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, observer }));
-    }
+    await startMeteredFronts(fronts, metrics, { pki, upstream: { restPort: upstream.port } });
   });
   after(async () => {
     for (const front of fronts.values()) await front.proxy.shutdown(1000);
@@ -225,4 +230,107 @@ describe('gRPC port: a call whose metadata is over --mtls_max_header_size, reset
     assert.match(line.msg, /--mtls_max_header_size/);
     assert.equal(front.logs.lines.filter((l) => l.event === 'access').length, 0);
   });
+});
+
+/**
+ * A header name or value over 64 KiB as sent (HPACK, after Huffman coding) is one nghttp2 cannot
+ * decode at all: it ends the connection with GOAWAY(COMPRESSION_ERROR), whatever the limits, and
+ * stops reading it. Node emits nothing. 'Z' is 8 bits in Huffman code, so 70 000 of them go out as
+ * 70 000 bytes (the same count of 'a', 5 bits each, is an ordinary over-the-limit reset).
+ * The idle timeout is short so that the sweeps that find such a connection (every second) come quickly,
+ * and long enough that the two sweeps it takes come well before the idle close of a connection with no stream open.
+ */
+describe('a header field over 64 KiB, which ends the HTTP/2 connection, is logged and counted, and the connection closed', () => {
+  const UNDECODABLE = 'Z'.repeat(70_000);
+  let pki: TestPki;
+  let upstream: ModelServer;
+  const fronts = new Map<ForwardMode, StartedProxy>();
+  const metrics = new Map<ForwardMode, ProxyMetrics>();
+
+  before(async () => {
+    pki = await createTestPki();
+    upstream = await startUpstream();
+    await startMeteredFronts(fronts, metrics, { pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, limits: { idleTimeoutMs: 4000 } });
+  });
+  after(async () => {
+    for (const front of fronts.values()) await front.proxy.shutdown(1000);
+    await upstream.close();
+    await pki.cleanup();
+  });
+
+  /** The warn line of a connection Node ended, logged since line `from`. */
+  async function goAwayLine(front: StartedProxy, from: number): Promise<LogLine> {
+    const find = () => front.logs.lines.slice(from).find((l) => l.event === 'h2_streams_reset_unseen' && l.goAway === 'COMPRESSION_ERROR');
+    await eventually(() => find() !== undefined, 'a h2_streams_reset_unseen line with goAway');
+    return find()!;
+  }
+
+  test('gRPC, grpc-js: the call and one in flight on the same connection fail; the operator gets a warn line naming the option, the count, and the held call its access line', { timeout: 30_000 }, async () => {
+    const front = fronts.get('terminate')!;
+    const observer = metrics.get('terminate')!;
+    const openStreams = async () => sample(await observer.registry.metrics(), 'ovms_mtls_open_streams', { listener: 'grpc' });
+    const clients = grpcClients(front.grpcAddress, pki);
+    try {
+      const held = unary(clients.echo, 'Hold', { payload: Buffer.from('x') });
+      held.catch(() => {});
+      await eventually(async () => (await openStreams()) === 1, 'the held call in flight');
+      const md = new grpc.Metadata();
+      md.set('x-big', UNDECODABLE);
+      await assert.rejects(unary(clients.echo, 'Unary', { payload: Buffer.from('hi') }, md), (err: grpc.ServiceError) => err.code === grpc.status.INTERNAL);
+      await assert.rejects(held, (err: grpc.ServiceError) => err.code === grpc.status.INTERNAL);
+    } finally {
+      clients.close();
+    }
+    const line = await goAwayLine(front, 0);
+    assert.deepEqual({ level: line.level, listener: line.listener, streams: line.streams }, { level: 'warn', listener: 'grpc', streams: 1 });
+    assert.match(line.msg, /larger than 64 KiB[^]*--mtls_max_header_size/);
+    assert.ok(typeof line.subject === 'string' && line.subject !== '');
+    // Node held the connection and the call to the model server until something ended them.
+    await eventually(async () => (await openStreams()) === 0, 'the held call closed');
+    const text = await observer.registry.metrics();
+    assert.equal(sample(text, 'ovms_mtls_h2_streams_reset_unseen_total', { listener: 'grpc' }), 1);
+    assert.equal(sample(text, 'ovms_mtls_open_connections', { listener: 'grpc' }), 0);
+    assert.ok(front.logs.lines.some((l) => l.event === 'access' && l.path === '/ovmsmtls.test.Echo/Hold'));
+  });
+
+  // A call held open keeps the idle timeout from closing the connection meanwhile: only the probe could.
+  test('after an ordinary over-the-limit reset, a client that then sends nothing keeps a working connection, and the reset is logged without a GOAWAY', { timeout: 30_000 }, async () => {
+    const front = fronts.get('terminate')!;
+    const from = front.logs.lines.length;
+    const session = connectH2(`https://localhost:${front.grpcPort}`, { ...tlsClientOptions(pki), maxSendHeaderBlockLength: 1 << 20 });
+    session.on('error', () => {});
+    const call = (method: string) => ({ ':method': 'POST', ':path': `/ovmsmtls.test.Echo/${method}`, 'content-type': 'application/grpc', te: 'trailers' });
+    try {
+      // Node enforces the limit once the client has acknowledged our SETTINGS: after a first answer it has.
+      assert.equal((await h2Request(session, call('Unary'), grpcFrame(Buffer.alloc(0)))).headers[':status'], 200);
+      const held = session.request(call('Hold'));
+      held.on('error', () => {});
+      held.end(grpcFrame(Buffer.alloc(0)));
+      assert.equal(await resetCode(session, { ...call('Unary'), 'x-big': 'a'.repeat(70_000) }), h2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
+      const line = await warnLine(front, from);
+      assert.deepEqual({ streams: line.streams, goAway: line.goAway }, { streams: 1, goAway: undefined });
+      assert.equal((await h2Request(session, call('Unary'), grpcFrame(Buffer.alloc(0)))).headers[':status'], 200);
+      assert.equal(held.closed, false);
+    } finally {
+      session.destroy();
+    }
+  });
+
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: HTTP/2 on the REST port, a client that ignores the GOAWAY and stays: the proxy closes the connection, with the warn line`, { timeout: 30_000 }, async () => {
+      const front = fronts.get(restMode)!;
+      const from = front.logs.lines.length;
+      const client = await rawH2Client(front.restPort, pki);
+      await client.waitForFrame(H2.SETTINGS);
+      const fields = [[':method', 'GET'], [':path', '/v2/health/live'], [':scheme', 'https'], [':authority', 'a'], ['x-big', UNDECODABLE]];
+      client.socket.write(headerFrames(1, Buffer.concat(fields.map(([name, value]) => literalField(name!, value!)))));
+      const goAway = await client.waitForFrame(H2.GOAWAY);
+      assert.equal(goAway.payload.readUInt32BE(4), h2Constants.NGHTTP2_COMPRESSION_ERROR);
+      // Before the fix Node kept it open for good: this waited for ever.
+      await client.closed;
+      const line = await goAwayLine(front, from);
+      assert.deepEqual({ listener: line.listener, streams: line.streams }, { listener: 'rest', streams: 1 });
+    });
+
+  }
 });
