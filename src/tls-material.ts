@@ -1,5 +1,4 @@
-import { readFileSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { X509Certificate, constants as cryptoConstants, createPrivateKey, type KeyObject } from 'node:crypto';
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
 import { TlsMaterialError } from './errors.js';
@@ -7,6 +6,7 @@ import type { TlsFiles } from './config.js';
 import { checkTrust, subjectCn } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
 import { readSingleTlv, readTlvs, TAG_INTEGER, TAG_OID } from './x509/der.js';
+import { FileKindError, readRegularFile, readRegularFileSync } from './regular-file.js';
 
 export { subjectCn };
 
@@ -50,7 +50,29 @@ const PKCS7_OID_PREFIX = '2a864886f70d0107';
 type FileRole = 'mtls_cert' | 'mtls_key' | 'mtls_client_ca' | 'mtls_crl';
 type FileContents = Record<FileRole, Buffer | undefined>;
 
+/**
+ * Far above any real file: a CRL of 10,000 revocations is about 0.5 MiB (test/large-crl), so this takes
+ * over a million. What is larger is the wrong file, and reading it whole would take the memory it names.
+ */
+export const MAX_TLS_FILE_BYTES = 64 * 1024 * 1024;
+
+/** What `ovms-mtls certs init` names each file: the hint for a path that names something else. */
+const SET_FILE_NAMES: Record<FileRole, string> = {
+  mtls_cert: 'server.pem',
+  mtls_key: 'server.key',
+  mtls_client_ca: 'client_cert_ca.pem',
+  mtls_crl: 'client_cert_ca.crl',
+};
+
+function describeKindError(role: FileRole, path: string, err: FileKindError): TlsMaterialError {
+  const where = `--${role}: ${path} ${err.message}`;
+  if (err.problem === 'directory') return new TlsMaterialError(`${where} (give the file inside it, such as ${join(path, SET_FILE_NAMES[role])})`);
+  if (err.problem === 'too_large') return new TlsMaterialError(`${where} (${role === 'mtls_crl' ? 'a CRL of a million revocations is about 50 MiB' : 'PEM certificates and keys are a few KiB each'}: is it the right file?)`);
+  return new TlsMaterialError(`${where} (give the path of the PEM file itself, such as ${SET_FILE_NAMES[role]} of \`ovms-mtls certs init\`; a pipe or device cannot be read again at reload)`);
+}
+
 function describeReadError(role: FileRole, path: string, err: NodeJS.ErrnoException): TlsMaterialError {
+  if (err instanceof FileKindError) return describeKindError(role, path, err);
   const where = `--${role}: ${path}`;
   switch (err.code) {
     case 'ENOENT':
@@ -58,8 +80,6 @@ function describeReadError(role: FileRole, path: string, err: NodeJS.ErrnoExcept
     case 'EACCES':
     case 'EPERM':
       return new TlsMaterialError(`${where} cannot be read by uid ${process.getuid?.() ?? '?'} (check the file's owner and mode)`);
-    case 'EISDIR':
-      return new TlsMaterialError(`${where} is a directory, not a PEM file`);
     default:
       return new TlsMaterialError(`${where} cannot be read (${err.code ?? err.message})`);
   }
@@ -86,7 +106,7 @@ function readAllSync(files: TlsFiles): FileContents {
     out[role] = undefined;
     if (path === undefined) continue;
     try {
-      out[role] = readFileSync(path);
+      out[role] = readRegularFileSync(path, MAX_TLS_FILE_BYTES);
     } catch (err) {
       const error = unreadable(role, path, files, err as NodeJS.ErrnoException);
       if (error) throw error;
@@ -101,7 +121,7 @@ async function readAll(files: TlsFiles): Promise<FileContents> {
     out[role] = undefined;
     if (path === undefined) continue;
     try {
-      out[role] = await readFile(path);
+      out[role] = await readRegularFile(path, MAX_TLS_FILE_BYTES);
     } catch (err) {
       const error = unreadable(role, path, files, err as NodeJS.ErrnoException);
       if (error) throw error;

@@ -9,15 +9,17 @@ import { grpcClients, h2Session, startUpstream, tlsClientOptions } from './helpe
 import { connect as tlsConnect } from 'node:tls';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
-import { readFileSync } from 'node:fs';
-import { mkdtemp, open, rm } from 'node:fs/promises';
-import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { eventually } from './helpers/ops.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
+
+const HOLD_OPEN = fileURLToPath(new URL('./fixtures/hold-open.js', import.meta.url));
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -301,21 +303,20 @@ describe('proxy command line', () => {
   // SIGUSR1 opened the inspector and SIGHUP (a `systemctl reload` right after start) ended the process, by its default action.
   for (const signal of ['SIGUSR1', 'SIGHUP'] as const) {
     test(`${signal} while the proxy is still starting (reading its key) neither opens the inspector nor ends it: the start goes on`, { timeout: 60_000 }, async () => {
-      // A FIFO as the key holds the proxy inside its read until this test writes the key: a start-up that lasts as long as it must, no timing.
-      const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-fifo-'));
-      const fifo = join(dir, 'server.key');
-      assert.equal(spawnSync('mkfifo', [fifo]).status, 0, 'mkfifo');
+      // test/fixtures/hold-open holds the proxy inside its key read until this test lets it go: a start-up that lasts as long as it must, no timing.
+      const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-hold-'));
+      const key = join(dir, 'server.key');
+      await writeFile(key, readFileSync(pki.paths['server.key']!));
       const [restPort] = (await freeLoopbackPorts(1)) as [number];
       const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
-        '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', fifo, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_workers', '1']);
+        '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', key, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!, '--mtls_workers', '1'],
+      { env: { NODE_OPTIONS: `--import=${HOLD_OPEN}`, HOLD_OPEN_PATH: key } });
       const exitedEarly = once(cli.child, 'exit').then(([code, by]) => Promise.reject(new Error(`the proxy exited (${code ?? by}): ${cli.stderr()}`)));
       exitedEarly.catch(() => {});
       try {
-        // Opening the writing end returns once the proxy has opened the reading end.
-        const writer = await open(fifo, 'w');
+        await Promise.race([eventually(() => existsSync(`${key}.held`), 'the proxy held in its key read'), exitedEarly]);
         process.kill(cli.child.pid!, signal);
-        await writer.writeFile(readFileSync(pki.paths['server.key']!)).catch(() => {});
-        await writer.close();
+        await writeFile(`${key}.go`, '');
         await Promise.race([cli.logs.waitFor((l) => l.event === 'listening'), exitedEarly]);
       } finally {
         cli.child.kill('SIGTERM');
