@@ -10,6 +10,7 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, open, rm, symlink, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -185,6 +186,34 @@ describe('a TLS file path that names no regular file', () => {
       killIfRunning(cli.child);
       await rm(certs.dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('the certs and probe commands, given a path that names no regular file', () => {
+  test('certs revoke --cert a FIFO or /dev/zero, and certs renew-crl with its CRL a FIFO, exit 2 with one line and leave no lock behind', async () => {
+    const certs = join(dir, 'certs');
+    assert.equal((await runBounded(['certs', 'init', '--dir', certs])).code, 0);
+    const crl = join(certs, 'client_cert_ca.crl');
+    await rm(crl);
+    assert.equal(spawnSync('mkfifo', [crl]).status, 0);
+    const runs: [string[], RegExp][] = [
+      [['revoke', '--dir', certs, '--cert', paths.fifo], /^ovms-mtls: \S+\/fifo is a FIFO \(named pipe\), not a regular file \(give the PEM file itself, as `ovms-mtls certs` wrote it\)\n$/],
+      [['revoke', '--dir', certs, '--cert', '/dev/zero'], /^ovms-mtls: \/dev\/zero is a character device, not a regular file /],
+      [['renew-crl', '--dir', certs], /^ovms-mtls: \S+\/client_cert_ca\.crl is a FIFO \(named pipe\), not a regular file /],
+    ];
+    for (const [args, line] of runs) {
+      const res = await runBounded(['certs', ...args]);
+      assert.equal(res.code, 2, res.stderr);
+      assert.match(res.stderr, line);
+      assert.equal(res.stderr.trim().split('\n').length, 1, res.stderr);
+    }
+    assert.equal(existsSync(`${crl}.lock`), false);
+  });
+
+  test('probe --mtls_cert a FIFO exits 2 with one line before connecting', async () => {
+    const res = await runBounded(['probe', '--host', '127.0.0.1', '--port', '9', '--mtls_cert', paths.fifo, '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!]);
+    assert.equal(res.code, 2, res.stderr);
+    assert.equal(res.stderr, `ovms-mtls: --mtls_cert: ${paths.fifo} is a FIFO (named pipe), not a regular file (give the path of the PEM file itself)\n`);
   });
 });
 

@@ -4,6 +4,8 @@ import { chmod, lstat, mkdir, open, readFile, rename, stat, unlink } from 'node:
 import { setTimeout as sleep } from 'node:timers/promises';
 import { isAbsolute, join, resolve } from 'node:path';
 import { ConfigError } from '../errors.js';
+import { FileKindError, readRegularFile } from '../regular-file.js';
+import { MAX_TLS_FILE_BYTES } from '../tls-material.js';
 
 export const KEY_MODE = 0o600;
 export const PUBLIC_MODE = 0o644;
@@ -110,8 +112,9 @@ export async function readMaterial(path: string, dir: string): Promise<string> {
 
 export async function readOptionalMaterial(path: string): Promise<string | undefined> {
   try {
-    return await readFile(path, 'utf8');
+    return (await readRegularFile(path, MAX_TLS_FILE_BYTES)).toString('utf8');
   } catch (err) {
+    if (err instanceof FileKindError) throw new ConfigError(`${path} ${err.message} (give the PEM file itself, as \`ovms-mtls certs\` wrote it)`, { cause: err });
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw new ConfigError(`cannot read ${path}: ${(err as Error).message}`, { cause: err });
   }

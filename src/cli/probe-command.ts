@@ -1,4 +1,3 @@
-import { readFileSync } from 'node:fs';
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { createSecureContext } from 'node:tls';
 import { ConfigError } from '../errors.js';
@@ -7,6 +6,8 @@ import type { OptionSpec } from '../options.js';
 import { runProbe, type ProbeOptions, type StepResult } from '../probe.js';
 import { parseCommandLine } from './options-parser.js';
 import { unbracketed } from '../addresses.js';
+import { FileKindError, readRegularFileSync } from '../regular-file.js';
+import { MAX_TLS_FILE_BYTES } from '../tls-material.js';
 
 /**
  * The probe's own options. They are not product options (no OVMS_MTLS_*
@@ -36,8 +37,9 @@ function readPem(flag: string, value: unknown): Buffer {
   if (typeof value !== 'string' || value === '') throw new ConfigError(`--${flag} is required (a PEM file; \`ovms-mtls certs init\` makes client.pem, client.key and server_ca.pem)`);
   let pem: Buffer;
   try {
-    pem = readFileSync(value);
+    pem = readRegularFileSync(value, MAX_TLS_FILE_BYTES);
   } catch (err) {
+    if (err instanceof FileKindError) throw new ConfigError(`--${flag}: ${value} ${err.message} (give the path of the PEM file itself)`);
     throw new ConfigError(`--${flag}: ${value} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}; check the path)`);
   }
   return checkPem(flag, value, pem);
