@@ -189,6 +189,27 @@ describe('a TLS file path that names no regular file', () => {
   });
 });
 
+test('the OVMS entrypoint reloading onto a FIFO key logs one line, and SIGTERM still stops it and OVMS', async () => {
+  const certs = await plainCertDir({ cert: pki.server.certPem, key: pki.server.keyPem, clientCa: pki.clientCa.certPem, crl: pki.crlPem });
+  const [restPort] = (await freeLoopbackPorts(1)) as [number];
+  const wrapper = startWrapper(['--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', ...tlsFlags(certs.files as ReturnType<typeof set>), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root']);
+  try {
+    await unlessHung(wrapper.waitForEvent('ovms_ready'), 'OVMS to be ready');
+    await rm(certs.files.key);
+    assert.equal(spawnSync('mkfifo', [certs.files.key]).status, 0);
+    wrapper.child.kill('SIGHUP');
+    const failed = await unlessHung(wrapper.waitForLog((l) => l.event === 'reload_failed' && l.trigger === 'signal'), 'the failed reload');
+    assert.match(String(failed.reason), /^--mtls_key: \S+ is a FIFO \(named pipe\), not a regular file /);
+    wrapper.child.kill('SIGTERM');
+    const result = await unlessHung(wrapper.exited, 'the entrypoint to exit on SIGTERM');
+    assert.equal(result.code, 0, wrapper.stderr());
+    assert.ok(wrapper.logs.some((l) => l.event === 'ovms_exited'), 'OVMS stopped with it');
+  } finally {
+    killIfRunning(wrapper.child);
+    await rm(certs.dir, { recursive: true, force: true });
+  }
+});
+
 describe('the certs and probe commands, given a path that names no regular file', () => {
   test('certs revoke --cert a FIFO or /dev/zero, and certs renew-crl with its CRL a FIFO, exit 2 with one line and leave no lock behind', async () => {
     const certs = join(dir, 'certs');
