@@ -41,7 +41,7 @@ var __ovmsMtlsRoot = (function () {
     });
   } catch (e) {
     // No writable temp dir (read-only root file system): the proxy works
-    // without these files; only \`probe\` (protos) and --version need them.
+    // without these files; only \`probe\` needs them (the protos; --version reads the asset).
     return path.dirname(process.execPath);
   }
   process.once("exit", function () { try { fs.rmSync(root, { recursive: true, force: true }); } catch (e) { /* best effort */ } });

@@ -115,6 +115,21 @@ describe('single executable', () => {
     }
   });
 
+  // A read-only root file system with no writable /tmp mounted (docker run --read-only without
+  // --tmpfs /tmp): the executable cannot unpack its package.json and .proto files there.
+  test('with no writable temporary directory it still knows its version, and probe says in one line what it needs', async () => {
+    const noTemp = { ...bareEnv, TMPDIR: join(dir, 'missing') };
+    const pkg = JSON.parse(await readFile(join(ROOT, 'package.json'), 'utf8')) as { version: string };
+    const { stdout } = await run(exe, ['--version'], { cwd: dir, env: noTemp });
+    assert.equal(stdout, `ovms-mtls ${pkg.version}\n`);
+    const probe = await run(exe, ['probe', '--host', '127.0.0.1', '--port', String(ports.grpc), '--model', 'dummy',
+      '--mtls_cert', pki.paths['client.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!], { cwd: dir, env: noTemp })
+      .then(() => assert.fail('probe passed without its .proto files'), (err: { code: number; stderr: string }) => err);
+    assert.equal(probe.code, 2, probe.stderr);
+    assert.match(probe.stderr, /^ovms-mtls: .*kserve_v2\.proto.*TMPDIR.*\n$/);
+    assert.equal(probe.stderr.split('\n').length, 2, probe.stderr);
+  });
+
   test('stops on SIGTERM with exit code 0', async () => {
     child!.kill('SIGTERM');
     const [code] = await once(child!, 'exit');

@@ -4,9 +4,13 @@
  * both sides decode exactly the same way (keepCase, longs as strings,
  * bytes as Buffer, defaults filled in).
  */
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import { ConfigError } from '../errors.js';
 
 /**
  * Directory holding kserve_v2.proto and test_echo.proto. Resolved from the
@@ -32,10 +36,22 @@ let cached: grpc.GrpcObject | undefined;
 
 /** Parses both protos once per process; later calls reuse the result. */
 export function loadProtos(): grpc.GrpcObject {
-  cached ??= grpc.loadPackageDefinition(
-    protoLoader.loadSync(['kserve_v2.proto', 'test_echo.proto'], LOADER_OPTIONS),
-  );
+  cached ??= grpc.loadPackageDefinition(protoLoader.loadSync(requireProtoFiles(['kserve_v2.proto', 'test_echo.proto']), LOADER_OPTIONS));
   return cached;
+}
+
+/**
+ * The single executable unpacks its .proto files into the temporary directory at start; with none
+ * writable (a read-only root file system and no tmpfs on /tmp) they are missing, and the loader
+ * would only say ENOENT for a bare file name.
+ */
+function requireProtoFiles(names: string[]): string[] {
+  const missing = names.find((name) => !existsSync(join(PROTO_DIR, name)));
+  if (missing === undefined) return names;
+  throw new ConfigError(
+    `${join(PROTO_DIR, missing)} does not exist: the single executable unpacks its .proto files into the temporary directory (${tmpdir()}) at start, ` +
+      'and it was not writable; mount a writable /tmp (a tmpfs, or an emptyDir in Kubernetes) or set TMPDIR to a writable directory',
+  );
 }
 
 /** Finds a service constructor by its full name, e.g. `inference.GRPCInferenceService`. */
