@@ -1,6 +1,6 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { chmod, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, chown, mkdtemp, rm } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -97,6 +97,28 @@ describe('privilege drop as root', { skip: root ? false : 'needs root' }, () => 
     }
   });
 
+  // Kubernetes' runAsUser: a uid that /etc/passwd does not know (os.userInfo() and os.homedir() throw for it) and no HOME.
+  test('started as a uid with no passwd entry and no HOME, the entrypoint serves and runs OVMS as that uid', async () => {
+    const uid = uidWithoutPasswdEntry();
+    const argvFile = join(dir, 'no-passwd.jsonl');
+    const [rest] = await freeLoopbackPorts(1);
+    await Promise.all([pki.dir, ...Object.values(pki.paths)].map((path) => chown(path, uid, uid)));
+    const asThatUid = ['setpriv', `--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', 'env', '-u', 'HOME'];
+    const wrapper = startWrapper(['--rest_port', String(rest), '--rest_bind_address', '127.0.0.1', '--mtls_workers', '2', ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS], { FAKE_OVMS_ARGV_FILE: argvFile }, asThatUid);
+    try {
+      await wrapper.waitForEvent('ovms_ready');
+      assert.equal((await https1(rest!, pki, { path: '/v2/health/ready' })).status, 200);
+      assert.deepEqual(fakeRuns(argvFile).map((r) => [r.uid, r.gid]), [[uid, uid]]);
+      wrapper.child.kill('SIGTERM');
+      assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
+      assert.equal(wrapper.stderr(), '');
+      assert.deepEqual(wrapper.logs.filter((l) => ['warn', 'error', 'fatal'].includes(l.level)), []);
+    } finally {
+      wrapper.child.kill('SIGKILL');
+      await wrapper.exited;
+    }
+  });
+
   test('a --mtls_ovms_user that does not exist is a one-line startup error and OVMS never starts', async () => {
     const argvFile = join(dir, 'missing.jsonl');
     const [rest] = await freeLoopbackPorts(1);
@@ -129,3 +151,11 @@ describe('privilege drop as root', { skip: root ? false : 'needs root' }, () => 
     assert.match(wrapper.stderr(), /--mtls_user: .*could then neither stop OVMS nor start it again/);
   });
 });
+
+/** 5000 (the OVMS image's `ovms`) unless this machine has a user there: the next uid it does not know. */
+function uidWithoutPasswdEntry(): number {
+  const known = new Set(parsePasswd(readFileSync('/etc/passwd', 'utf8')).map((a) => a.uid));
+  let uid = 5000;
+  while (known.has(uid)) uid += 1;
+  return uid;
+}
