@@ -6,6 +6,7 @@ import { ALL_OPTIONS, optionsFromEnv, type RawOptions } from './options.js';
 import { DEFAULTS, RESTART_MODES, checkAdminPort, optionalString, parseChoice, parseCommonConfig, parsePublicListeners, secondsOr, type Config, type PublicListenerSpec, type TlsFiles } from './config.js';
 import { ovmsGrpcServers, type SplitOvmsArgv } from './ovms-args.js';
 import type { RestartPolicy } from './ovms-supervisor.js';
+import type { UserOption } from './privileges.js';
 
 export interface EntrypointSettings {
   readonly common: Omit<Config, 'grpc' | 'rest'>;
@@ -16,6 +17,8 @@ export interface EntrypointSettings {
   readonly hangTimeoutMs: number;
   readonly ovmsUser: string;
   readonly proxyUser: string;
+  /** --mtls_ovms_user and --mtls_user as given (flag or environment), not defaulted. */
+  readonly usersGiven: Partial<Record<UserOption, string>>;
   /** The user's OVMS arguments minus ours and the listener options. */
   readonly passthrough: readonly string[];
 }
@@ -70,8 +73,18 @@ export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv)
     hangTimeoutMs: secondsOr(raw, 'mtls_ovms_hang_timeout', DEFAULTS.ovms.hangTimeoutMs),
     ovmsUser,
     proxyUser: optionalString(raw, 'mtls_user') ?? ovmsUser,
+    usersGiven: usersGiven(raw),
     passthrough: split.passthrough,
   };
+}
+
+function usersGiven(raw: RawOptions): Partial<Record<UserOption, string>> {
+  const given: Partial<Record<UserOption, string>> = {};
+  for (const flag of ['mtls_ovms_user', 'mtls_user'] as const) {
+    const name = optionalString(raw, flag);
+    if (name !== undefined) given[flag] = name;
+  }
+  return given;
 }
 
 /** The OVMS binary, checked before anything listens; for one-shot modes too. */

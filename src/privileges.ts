@@ -85,6 +85,24 @@ export function planPrivileges(options: PlanOptions): PrivilegePlan {
   return { ovms: resolve(options.ovmsUser, 'mtls_ovms_user'), proxy: resolve(options.proxyUser, 'mtls_user') };
 }
 
+export type UserOption = 'mtls_ovms_user' | 'mtls_user';
+
+/**
+ * The user options given to an entrypoint started as anybody but root, which has nothing to drop:
+ * those naming a user other than `uid` (or none there is), which it cannot take.
+ */
+export function usersNotTaken(given: Partial<Record<UserOption, string>>, uid: number, passwd?: string): UserOption[] {
+  return (Object.keys(given) as UserOption[]).filter((flag) => !namesUid(given[flag]!, uid, passwd));
+}
+
+function namesUid(nameOrUid: string, uid: number, passwd: string | undefined): boolean {
+  try {
+    return lookupUser(nameOrUid, { flag: 'mtls_user', ...(passwd !== undefined ? { passwd } : {}) }).uid === uid;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Irreversibly becomes `user`: supplementary groups, then gid, then uid
  * (after setuid we could no longer change the groups). Call after the ports

@@ -97,22 +97,42 @@ describe('privilege drop as root', { skip: root ? false : 'needs root' }, () => 
     }
   });
 
-  // Kubernetes' runAsUser: a uid that /etc/passwd does not know (os.userInfo() and os.homedir() throw for it) and no HOME.
-  test('started as a uid with no passwd entry and no HOME, the entrypoint serves and runs OVMS as that uid', async () => {
+  /** The entrypoint as Kubernetes' runAsUser starts it: a uid that /etc/passwd does not know (os.userInfo() and os.homedir() throw for it), no HOME. */
+  async function startAsUidWithoutPasswdEntry(name: string, extra: string[]) {
     const uid = uidWithoutPasswdEntry();
-    const argvFile = join(dir, 'no-passwd.jsonl');
+    const argvFile = join(dir, `${name}.jsonl`);
     const [rest] = await freeLoopbackPorts(1);
     await Promise.all([pki.dir, ...Object.values(pki.paths)].map((path) => chown(path, uid, uid)));
     const asThatUid = ['setpriv', `--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', 'env', '-u', 'HOME'];
-    const wrapper = startWrapper(['--rest_port', String(rest), '--rest_bind_address', '127.0.0.1', '--mtls_workers', '2', ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS], { FAKE_OVMS_ARGV_FILE: argvFile }, asThatUid);
+    const wrapper = startWrapper(['--rest_port', String(rest), '--rest_bind_address', '127.0.0.1', '--mtls_workers', '2', ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, ...extra], { FAKE_OVMS_ARGV_FILE: argvFile }, asThatUid);
+    return { uid, argvFile, rest: rest!, wrapper };
+  }
+
+  test('started as a uid with no passwd entry and no HOME, the entrypoint serves and runs OVMS as that uid', async () => {
+    const { uid, argvFile, rest, wrapper } = await startAsUidWithoutPasswdEntry('no-passwd', []);
     try {
       await wrapper.waitForEvent('ovms_ready');
-      assert.equal((await https1(rest!, pki, { path: '/v2/health/ready' })).status, 200);
+      assert.equal((await https1(rest, pki, { path: '/v2/health/ready' })).status, 200);
       assert.deepEqual(fakeRuns(argvFile).map((r) => [r.uid, r.gid]), [[uid, uid]]);
       wrapper.child.kill('SIGTERM');
       assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
       assert.equal(wrapper.stderr(), '');
       assert.deepEqual(wrapper.logs.filter((l) => ['warn', 'error', 'fatal'].includes(l.level)), []);
+    } finally {
+      wrapper.child.kill('SIGKILL');
+      await wrapper.exited;
+    }
+  });
+
+  // Not root, the entrypoint has nothing to switch from: OVMS ran as the starting uid without a word where --mtls_ovms_user named another.
+  test('started as another uid than root, a --mtls_ovms_user naming someone else gets a warning that it is not taken; one naming that uid gets none', async () => {
+    const { uid, argvFile, wrapper } = await startAsUidWithoutPasswdEntry('not-taken', ['--mtls_ovms_user', 'nobody', '--mtls_user', String(uidWithoutPasswdEntry())]);
+    try {
+      await wrapper.waitForEvent('ovms_ready');
+      assert.deepEqual(fakeRuns(argvFile).map((r) => r.uid), [uid]);
+      const warnings = wrapper.logs.filter((l) => l.level === 'warn');
+      assert.deepEqual(warnings.map((l) => [l.event, l['option']]), [['option_ignored', 'mtls_ovms_user']]);
+      assert.match(String(warnings[0]!.msg), new RegExp(`^--mtls_ovms_user 'nobody' is not taken: the entrypoint started as uid ${uid}, not root, so OVMS and the proxy both run as uid ${uid}`));
     } finally {
       wrapper.child.kill('SIGKILL');
       await wrapper.exited;

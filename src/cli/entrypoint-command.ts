@@ -22,7 +22,7 @@ import { OvmsSupervisor, type HangWatchSettings } from '../ovms-supervisor.js';
 import { ovmsLivenessCheck, ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
 import { hangCheckPeriodMs } from '../ovms-watchdog.js';
 import { LoopbackUpstreams } from '../ports.js';
-import { dropPrivileges, isRoot, planPrivileges, type PrivilegePlan } from '../privileges.js';
+import { dropPrivileges, isRoot, planPrivileges, usersNotTaken, type PrivilegePlan, type UserOption } from '../privileges.js';
 import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
 import { logSupervisorEvents, ovmsStopShareMs, runUntilDone } from './entrypoint-lifecycle.js';
@@ -118,6 +118,22 @@ function checkUsersCompatible(settings: EntrypointSettings, plan: PrivilegePlan)
   }
 }
 
+/**
+ * Started as anybody but root there is nothing to switch from: a user option naming someone else is
+ * passed over, and says so, as `proxy` does of --mtls_user. Silently, OVMS ran as the starting uid
+ * where the option asked for another.
+ */
+function warnUsersNotTaken(given: Partial<Record<UserOption, string>>, logger: Logger): void {
+  const uid = process.getuid?.();
+  if (uid === undefined) return;
+  for (const flag of usersNotTaken(given, uid)) {
+    logger.warn(
+      { event: 'option_ignored', option: flag },
+      `--${flag} '${given[flag]}' is not taken: the entrypoint started as uid ${uid}, not root, so OVMS and the proxy both run as uid ${uid} (start it as root for it to switch users, or leave the option out)`,
+    );
+  }
+}
+
 function listenerConfig(spec: PublicListenerSpec | undefined, upstreams: LoopbackUpstreams, name: 'grpc' | 'rest'): Config['grpc'] {
   if (!spec) return undefined;
   return { hosts: spec.hosts, resolvedFrom: spec.resolvedFrom, port: spec.port ?? 0, upstream: upstreams.upstream(name) };
@@ -146,6 +162,7 @@ export interface Serving {
 export async function startServing(settings: EntrypointSettings, options: ServingOptions = {}): Promise<{ running: Serving; logger: Logger }> {
   const logger = options.logger ?? createLogger({ level: settings.common.logLevel });
   const plan = planPrivileges({ ovmsUser: settings.ovmsUser, proxyUser: settings.proxyUser, root: isRoot() });
+  if (!isRoot()) warnUsersNotTaken(settings.usersGiven, logger);
   checkUsersCompatible(settings, plan);
   assertExecutable(settings.binary);
   // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
