@@ -4,9 +4,9 @@
 // Run after `npm run build` (it bundles the compiled dist/ output):
 //   1. esbuild bundles bin -> dist/src/cli/main.js and every dependency into one
 //      CommonJS script (a SEA main script must be CommonJS and self-contained);
-//   2. the .proto files and package.json travel as SEA assets and are
-//      extracted at start-up into a private temporary directory, because the
-//      code finds them relative to `import.meta.url`;
+//   2. the .proto files and package.json travel as SEA assets, read from
+//      there (src/version.ts, src/demo/protocol.ts), not from files next to
+//      the executable;
 //   3. node --experimental-sea-config makes the blob, postject injects it into
 //      a copy of this machine's node binary.
 // Usage: node scripts/build-binary.mjs [--print-output]
@@ -25,27 +25,18 @@ const ASSETS = ['package.json', 'proto/kserve_v2.proto', 'proto/test_echo.proto'
 const SEA_FUSE = 'NODE_SEA_FUSE_fce680ab2cc467b6e072b8b5df1996b2';
 
 // Runs first in the bundle: decides the directory that stands in for the
-// package root. In the executable: a fresh private temp dir holding the
-// assets, removed at exit. As a plain script (debugging): the repository.
+// package root in each module's import.meta.url. As a plain script
+// (debugging): the repository. In the executable: the executable's own
+// directory, and nothing is written at start (every process, cluster workers
+// included, runs this): the code reads package.json and the .proto files
+// from the SEA assets, writing the protos out only when a command loads them
+// (src/demo/protocol.ts), so serving leaves nothing behind in /tmp.
 const BANNER = `"use strict";
 var __ovmsMtlsRoot = (function () {
-  var fs = require("node:fs"), os = require("node:os"), path = require("node:path");
+  var path = require("node:path");
   var sea; try { sea = require("node:sea"); } catch (e) { sea = undefined; }
   if (!sea || !sea.isSea()) return path.resolve(__dirname, "..", "..");
-  var root;
-  try {
-    root = fs.mkdtempSync(path.join(os.tmpdir(), "ovms-mtls-"));
-    ${JSON.stringify(ASSETS)}.forEach(function (name) {
-      fs.mkdirSync(path.dirname(path.join(root, name)), { recursive: true });
-      fs.writeFileSync(path.join(root, name), Buffer.from(sea.getRawAsset(name)), { mode: 0o444 });
-    });
-  } catch (e) {
-    // No writable temp dir (read-only root file system): the proxy works
-    // without these files; only \`probe\` needs them (the protos; --version reads the asset).
-    return path.dirname(process.execPath);
-  }
-  process.once("exit", function () { try { fs.rmSync(root, { recursive: true, force: true }); } catch (e) { /* best effort */ } });
-  return root;
+  return path.dirname(process.execPath);
 })();
 function __ovmsMtlsUrl(rel) {
   return require("node:url").pathToFileURL(require("node:path").join(__ovmsMtlsRoot, rel)).href;

@@ -7,7 +7,8 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { copyFile, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -15,7 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, https1, startUpstream } from './helpers/harness.js';
-import { httpGet, sample } from './helpers/ops.js';
+import { eventually, httpGet, sample } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -116,7 +117,7 @@ describe('single executable', () => {
   });
 
   // A read-only root file system with no writable /tmp mounted (docker run --read-only without
-  // --tmpfs /tmp): the executable cannot unpack its package.json and .proto files there.
+  // --tmpfs /tmp): the executable cannot write out its .proto files there.
   test('with no writable temporary directory it still knows its version, and probe says in one line what it needs', async () => {
     const noTemp = { ...bareEnv, TMPDIR: join(dir, 'missing') };
     const pkg = JSON.parse(await readFile(join(ROOT, 'package.json'), 'utf8')) as { version: string };
@@ -130,6 +131,47 @@ describe('single executable', () => {
     assert.equal(probe.stderr.split('\n').length, 2, probe.stderr);
   });
 
+  // Every process (the primary and each cluster worker) used to unpack its assets into a fresh
+  // temporary directory at start; one killed by SIGKILL (the OOM killer) left it in a /tmp that
+  // outlives container restarts (a Kubernetes emptyDir), so they piled up.
+  test('serving with workers writes nothing to the temporary directory, even when a worker or the whole process is killed', async () => {
+    const temp = join(dir, 'serving-tmp');
+    await mkdir(temp);
+    const env = { ...bareEnv, TMPDIR: temp };
+    const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+    const serving = spawn(exe, ['proxy', '--mtls_workers', '2',
+      '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
+      '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!],
+    { cwd: dir, env, stdio: ['ignore', 'pipe', 'inherit'] });
+    const lines: string[] = [];
+    createInterface({ input: serving.stdout! }).on('line', (line) => lines.push(line));
+    const event = (name: string): Record<string, unknown> | undefined =>
+      lines.map((line) => JSON.parse(line) as Record<string, unknown>).find((record) => record['event'] === name);
+    try {
+      await eventually(() => event('workers_listening') !== undefined, 'workers_listening');
+      const pids = event('workers_listening')!['pids'] as number[];
+      assert.deepEqual(await readdir(temp), [], 'written while serving');
+
+      process.kill(pids[0]!, 'SIGKILL');
+      await eventually(() => lines.some((line) => /"event":"listening"/.test(line) && !pids.includes(JSON.parse(line).pid as number)), 'a new worker listening');
+      assert.deepEqual(await readdir(temp), [], 'left behind by the killed worker or written by its successor');
+
+      const { stdout } = await run(exe, ['probe', '--host', '127.0.0.1', '--port', String(grpcPort), '--rest_port', String(restPort), '--model', 'dummy',
+        '--mtls_cert', pki.paths['client.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!], { cwd: dir, env });
+      assert.match(stdout, /^probe: all 7 steps passed$/m);
+      assert.deepEqual(await readdir(temp), [], 'left behind by probe');
+
+      serving.kill('SIGKILL');
+      await once(serving, 'exit');
+      const workersGone = (): boolean => lines.filter((line) => /"event":"listening"/.test(line)).every((line) => !alive(JSON.parse(line).pid as number));
+      await eventually(workersGone, 'the workers to exit after their primary');
+      assert.deepEqual(await readdir(temp), [], 'left behind after SIGKILL');
+    } finally {
+      if (serving.exitCode === null && serving.signalCode === null) serving.kill('SIGKILL');
+    }
+  });
+
   test('stops on SIGTERM with exit code 0', async () => {
     child!.kill('SIGTERM');
     const [code] = await once(child!, 'exit');
@@ -137,3 +179,12 @@ describe('single executable', () => {
     child = undefined;
   });
 });
+
+/** A zombie counts as gone: its parent was killed, and who reaps it next is up to the container. */
+function alive(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}

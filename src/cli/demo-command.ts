@@ -16,7 +16,7 @@ import { loadTlsMaterialSync } from '../tls-material.js';
 import { startProxy } from '../proxy.js';
 import { startModelServer, type ModelServer } from '../demo/model-server.js';
 import { freeLoopbackPorts } from '../ports.js';
-import { PROTO_DIR } from '../demo/grpc-client.js';
+import { protoDir } from '../demo/grpc-client.js';
 import type { OptionSpec, RawOptions } from '../options.js';
 import { parseCommandLine } from './options-parser.js';
 import { waitForStopSignal } from './lifecycle.js';
@@ -77,7 +77,7 @@ gRPC (KServe ServerLive/ServerReady/ModelMetadata) like a client would:
   ${cli} probe --host localhost --port ${grpcPort} --rest_port ${restPort} --mtls_cert ${certDir}/client.pem --mtls_key ${certDir}/client.key --mtls_ca ${certDir}/server_ca.pem --model dummy
 
 gRPC with grpcurl, if you have it:
-  grpcurl -cacert ${certDir}/server_ca.pem -cert ${certDir}/client.pem -key ${certDir}/client.key -import-path ${PROTO_DIR} -proto kserve_v2.proto localhost:${grpcPort} inference.GRPCInferenceService/ServerReady
+  grpcurl -cacert ${certDir}/server_ca.pem -cert ${certDir}/client.pem -key ${certDir}/client.key -import-path ${protoDir()} -proto kserve_v2.proto localhost:${grpcPort} inference.GRPCInferenceService/ServerReady
 
 Press Ctrl-C to stop.
 `;

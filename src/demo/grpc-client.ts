@@ -11,7 +11,7 @@ import {
   type ModelMetadataResponse, type ModelRef, type ModelStreamInferResponse, type ServerMetadataResponse,
 } from './protocol.js';
 
-export { PROTO_DIR, loadProtos } from './protocol.js';
+export { protoDir, loadProtos } from './protocol.js';
 export type * from './protocol.js';
 
 type UnaryMethod<Req, Res> = (

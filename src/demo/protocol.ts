@@ -4,54 +4,74 @@
  * both sides decode exactly the same way (keepCase, longs as strings,
  * bytes as Buffer, defaults filled in).
  */
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { getAsset, isSea } from 'node:sea';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ConfigError } from '../errors.js';
 
-/**
- * Directory holding kserve_v2.proto and test_echo.proto. Resolved from the
- * compiled file (dist/src/demo/protocol.js -> <repo>/proto/), because the
- * package ships `proto/` next to `dist/`, not inside it.
- */
-export const PROTO_DIR: string = fileURLToPath(new URL('../../../proto/', import.meta.url));
-
 export const KSERVE_SERVICE = 'inference.GRPCInferenceService';
 export const ECHO_SERVICE = 'ovmsmtls.test.Echo';
 
-const LOADER_OPTIONS: protoLoader.Options = {
-  keepCase: true,
-  longs: String,
-  enums: String,
-  bytes: Buffer,
-  defaults: true,
-  oneofs: true,
-  includeDirs: [PROTO_DIR],
-};
+const PROTO_FILES = ['kserve_v2.proto', 'test_echo.proto'];
+
+let protoDirectory: string | undefined;
+
+/**
+ * Directory holding kserve_v2.proto and test_echo.proto. From the package: resolved from the
+ * compiled file (dist/src/demo/protocol.js -> <repo>/proto/), because the package ships `proto/`
+ * next to `dist/`, not inside it. The single executable carries them as assets and writes them out
+ * only here, on first need: serving never loads them, and a process killed with SIGKILL would
+ * otherwise leave its copy behind in a /tmp that outlives container restarts (a Kubernetes emptyDir).
+ */
+export function protoDir(): string {
+  protoDirectory ??= isSea() ? unpackSeaProtos() : fileURLToPath(new URL('../../../proto/', import.meta.url));
+  return protoDirectory;
+}
+
+function unpackSeaProtos(): string {
+  try {
+    const dir = mkdtempSync(join(tmpdir(), 'ovms-mtls-'));
+    process.once('exit', () => removeQuietly(dir));
+    for (const name of PROTO_FILES) writeFileSync(join(dir, name), getAsset(`proto/${name}`, 'utf8'), { mode: 0o444 });
+    return dir;
+  } catch (err) {
+    throw new ConfigError(
+      `cannot write ${PROTO_FILES.join(' and ')} (carried inside the executable) to the temporary directory ${tmpdir()}: ${(err as NodeJS.ErrnoException).code ?? String(err)}; ` +
+        'mount a writable /tmp (a tmpfs, or an emptyDir in Kubernetes) or set TMPDIR to a writable directory',
+    );
+  }
+}
+
+/** At exit nothing can report a failure any more; a leftover directory is harmless. */
+function removeQuietly(dir: string): void {
+  try {
+    rmSync(dir, { recursive: true, force: true });
+  } catch {
+    // best effort
+  }
+}
 
 let cached: grpc.GrpcObject | undefined;
 
 /** Parses both protos once per process; later calls reuse the result. */
 export function loadProtos(): grpc.GrpcObject {
-  cached ??= grpc.loadPackageDefinition(protoLoader.loadSync(requireProtoFiles(['kserve_v2.proto', 'test_echo.proto']), LOADER_OPTIONS));
+  cached ??= grpc.loadPackageDefinition(protoLoader.loadSync(requireProtoFiles(PROTO_FILES), loaderOptions()));
   return cached;
 }
 
-/**
- * The single executable unpacks its .proto files into the temporary directory at start; with none
- * writable (a read-only root file system and no tmpfs on /tmp) they are missing, and the loader
- * would only say ENOENT for a bare file name.
- */
+function loaderOptions(): protoLoader.Options {
+  return { keepCase: true, longs: String, enums: String, bytes: Buffer, defaults: true, oneofs: true, includeDirs: [protoDir()] };
+}
+
+/** The loader would only say ENOENT for a bare file name. */
 function requireProtoFiles(names: string[]): string[] {
-  const missing = names.find((name) => !existsSync(join(PROTO_DIR, name)));
+  const missing = names.find((name) => !existsSync(join(protoDir(), name)));
   if (missing === undefined) return names;
-  throw new ConfigError(
-    `${join(PROTO_DIR, missing)} does not exist: the single executable unpacks its .proto files into the temporary directory (${tmpdir()}) at start, ` +
-      'and it was not writable; mount a writable /tmp (a tmpfs, or an emptyDir in Kubernetes) or set TMPDIR to a writable directory',
-  );
+  throw new ConfigError(`${join(protoDir(), missing)} does not exist: the .proto files belong next to dist/ in the package; reinstall it`);
 }
 
 /** Finds a service constructor by its full name, e.g. `inference.GRPCInferenceService`. */
@@ -61,7 +81,7 @@ export function serviceConstructor(fullName: string): grpc.ServiceClientConstruc
     node = (node as Record<string, unknown> | undefined)?.[part];
   }
   if (typeof node !== 'function' || !('service' in node)) {
-    throw new Error(`service ${fullName} not found in ${PROTO_DIR}`);
+    throw new Error(`service ${fullName} not found in ${protoDir()}`);
   }
   return node as grpc.ServiceClientConstructor;
 }
