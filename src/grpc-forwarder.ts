@@ -62,7 +62,7 @@ export class GrpcForwarder {
 
   #startUnlessReset(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext): void {
     if (stream.closed || stream.destroyed) {
-      this.#options.observer.request(accessRecord(context, headers, { status: 0, grpcStatus: undefined, bytesIn: 0, bytesOut: 0, started: performance.now(), error: 'client_cancelled' }));
+      this.#options.observer.request(accessRecord(context, headers, { status: 0, grpcStatus: undefined, bytesIn: 0, bytesOut: 0, started: performance.now(), error: context.closedBy ?? 'client_cancelled' }));
       return;
     }
     new GrpcCall(stream, headers, context, this.#options, this.#shared).start();
@@ -427,11 +427,12 @@ class GrpcCall {
         // The upstream answered before it had the whole request; we stopped sending it.
         upstream.close(NGHTTP2_NO_ERROR);
       } else {
-        // Client cancelled (RST_STREAM) or went away: free the upstream call at once.
+        // Client cancelled (RST_STREAM) or went away, or we cut its connection: free the upstream call at once.
         const code = this.#client.rstCode;
         upstream.close(code === undefined || code === NGHTTP2_NO_ERROR ? NGHTTP2_CANCEL : code);
-        this.#outcome.error ??= 'client_cancelled';
-        this.#shared.cancels.count(this.#context);
+        const { closedBy } = this.#context;
+        this.#outcome.error ??= closedBy ?? 'client_cancelled';
+        if (closedBy === undefined) this.#shared.cancels.count(this.#context);
       }
     }
     if (this.#upstreamDone) this.#shared.cancels.settle(this.#context);

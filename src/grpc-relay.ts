@@ -87,6 +87,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     });
     // Whichever side goes first, the other follows; written bytes are flushed before the FIN.
     client.on('close', () => {
+      if (context.closedBy !== undefined) this.#failed(context.closedBy);
       upstream.destroy();
       idle.delete(this);
       this.#report();

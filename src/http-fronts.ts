@@ -90,6 +90,7 @@ class SessionState implements IdleConnection {
   #gaveUp(): void {
     const last = this.session.state.lastProcStreamID;
     if (last !== undefined) this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
+    this.context.closedBy ??= 'proxy_closed_undecodable_header';
     this.session.destroy();
   }
 

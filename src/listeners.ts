@@ -23,6 +23,23 @@ export interface ConnectionContext {
   readonly certificate: X509Certificate;
   readonly remoteAddress: string | undefined;
   readonly socket: TLSSocket;
+  /**
+   * Set just before the proxy itself destroys the connection: the requests in flight on it are
+   * logged with this, not as cancelled by a client that did nothing. Read only when one ends cut short.
+   */
+  closedBy: ProxyCut | undefined;
+}
+
+/**
+ * Why the proxy cut a connection under requests still in flight: a revoked client's grace ran out,
+ * nghttp2 gave up decoding a header field over 64 KiB (http-fronts.ts), the shutdown timeout ran out.
+ */
+export type ProxyCut = 'proxy_closed_revoked' | 'proxy_closed_undecodable_header' | 'shutdown_timeout';
+
+/** Destroys a connection, first noting why, for the access lines of what was in flight on it. */
+export function cutConnection(context: ConnectionContext, why: ProxyCut): void {
+  context.closedBy ??= why;
+  context.socket.destroy();
 }
 
 /** Where an authorized connection goes, by negotiated ALPN protocol. */
@@ -122,7 +139,7 @@ export class SecureListener {
   }
 
   destroyAll(): void {
-    for (const socket of this.#connections.keys()) socket.destroy();
+    for (const context of this.#connections.values()) cutConnection(context, 'shutdown_timeout');
   }
 
   /**
@@ -130,8 +147,9 @@ export class SecureListener {
    * by force after `graceMs` so a never-ending stream cannot outlive revocation.
    */
   closeConnection(socket: TLSSocket, graceMs: number): void {
-    if (!this.#connections.has(socket)) return;
-    const timer = setTimeout(() => socket.destroy(), graceMs);
+    const context = this.#connections.get(socket);
+    if (!context) return;
+    const timer = setTimeout(() => cutConnection(context, 'proxy_closed_revoked'), graceMs);
     timer.unref();
     socket.once('close', () => clearTimeout(timer));
     if (this.#options.handover.close) this.#options.handover.close(socket);
@@ -204,7 +222,7 @@ export class SecureListener {
       return;
     }
     observer.handshakeAccepted(this.name);
-    const context: ConnectionContext = { listener: this.name, identity, certificate: peer!, remoteAddress: remoteOf(socket), socket };
+    const context: ConnectionContext = { listener: this.name, identity, certificate: peer!, remoteAddress: remoteOf(socket), socket, closedBy: undefined };
     this.#track(socket, context);
     if (socket.alpnProtocol === 'h2') this.#options.handover.h2(socket, context);
     else this.#options.handover.http1(socket, context);

@@ -110,7 +110,7 @@ export class RestForwarder {
 
   #forwardUnlessReset(req: Http2ServerRequest, res: ClientResponseLike, context: ConnectionContext, started: number, authority: string | undefined): void {
     if (req.stream.closed || req.stream.destroyed) {
-      this.#log(req, context, started, { status: 0, bytesIn: 0, bytesOut: 0, error: 'client_closed' });
+      this.#log(req, context, started, { status: 0, bytesIn: 0, bytesOut: 0, error: context.closedBy ?? 'client_closed' });
       return;
     }
     this.#forward(req, res, context, started, authority);
@@ -158,9 +158,9 @@ export class RestForwarder {
       this.#live.delete(endNow);
       // The client went away: the model should stop working for nobody.
       const cut = stats.error === undefined && !deliveredWhole(res);
-      if (cut) stats.error = cutBy(req);
+      if (cut) stats.error = context.closedBy ?? cutBy(req);
       if (req.httpVersionMajor === 2) {
-        if (cut) this.#cancels.count(context);
+        if (cut && context.closedBy === undefined) this.#cancels.count(context);
         else this.#cancels.settle(context);
       }
       // Only now, with our own answer (a 408) out: aborting before it stalled an HTTP/2 client session sharing our process (tests; cause not found).

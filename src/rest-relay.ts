@@ -628,7 +628,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (this.#finished) return;
     this.#finished = true;
     this.#parts.upstream.destroy();
-    this.#reportUnfinished('client_closed');
+    this.#reportUnfinished(this.#parts.context.closedBy ?? 'client_closed');
   }
 
   /** Every exchange still open is logged once, with why it did not finish. */

@@ -265,7 +265,7 @@ describe('a header field over 64 KiB, which ends the HTTP/2 connection, is logge
     return find()!;
   }
 
-  test('gRPC, grpc-js: the call and one in flight on the same connection fail; the operator gets a warn line naming the option, the count, and the held call its access line', { timeout: 30_000 }, async () => {
+  test('gRPC, grpc-js: the call and one in flight on the same connection fail; the operator gets a warn line naming the option, the count, and the held call its access line, which says the proxy closed it', { timeout: 30_000 }, async () => {
     const front = fronts.get('terminate')!;
     const observer = metrics.get('terminate')!;
     const openStreams = async () => sample(await observer.registry.metrics(), 'ovms_mtls_open_streams', { listener: 'grpc' });
@@ -290,7 +290,9 @@ describe('a header field over 64 KiB, which ends the HTTP/2 connection, is logge
     const text = await observer.registry.metrics();
     assert.equal(sample(text, 'ovms_mtls_h2_streams_reset_unseen_total', { listener: 'grpc' }), 1);
     assert.equal(sample(text, 'ovms_mtls_open_connections', { listener: 'grpc' }), 0);
-    assert.ok(front.logs.lines.some((l) => l.event === 'access' && l.path === '/ovmsmtls.test.Echo/Hold'));
+    // The proxy cut it (the client can no longer be heard): its line says so, not client_cancelled.
+    const heldLine = front.logs.lines.find((l) => l.event === 'access' && l.path === '/ovmsmtls.test.Echo/Hold');
+    assert.equal(heldLine?.error, 'proxy_closed_undecodable_header');
   });
 
   // A call held open keeps the idle timeout from closing the connection meanwhile: only the probe could.

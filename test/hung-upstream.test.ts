@@ -232,7 +232,7 @@ describe('shutdown with calls stuck on a model server that never answers', () =>
     }
   });
 
-  test('gRPC relay: frames are not decoded, so a call still open is ended with its connection (UNAVAILABLE), and the model server connection closes', { timeout: 30_000 }, async () => {
+  test('gRPC relay: frames are not decoded, so a call still open is ended with its connection (UNAVAILABLE, logged shutdown_timeout), and the model server connection closes', { timeout: 30_000 }, async () => {
     const upstream = await hungGrpcServer();
     const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.port }, grpcMode: 'relay' });
     const client = new grpc.Client(local.grpcAddress, clientCredentials(pki));
@@ -242,6 +242,8 @@ describe('shutdown with calls stuck on a model server that never answers', () =>
       await local.proxy.shutdown(SHUTDOWN_MS);
       assert.equal((await held.ended).code, grpc.status.UNAVAILABLE);
       await eventually(() => upstream.open.size === 0, 'the call ended at the model server');
+      // The proxy cut the connection: its line says why, not nothing (a clean close) or the client's doing.
+      assert.equal((await local.logs.waitFor((l) => l.event === 'relay_access')).error, 'shutdown_timeout');
     } finally {
       client.close();
       upstream.server.close();
@@ -329,4 +331,40 @@ describe('an upload the model server does not read', () => {
       upstream.server.close();
     }
   });
+});
+
+describe('calls cut when the proxy itself ends the connection', () => {
+  for (const mode of ['terminate', 'relay'] as const) {
+    test(`${mode} mode: a revoked client's connection still busy when its grace runs out: what was cut is logged proxy_closed_revoked (gRPC, REST over HTTP/2 and HTTP/1.1), not as the client's doing`, { timeout: 30_000 }, async () => {
+      const grpcUpstream = await hungGrpcServer();
+      const restUpstream = await hungRestServer();
+      const local = await startTestProxy({ pki, upstream: { grpcPort: grpcUpstream.port, restPort: restUpstream.port }, grpcMode: mode, restMode: mode });
+      const client = new grpc.Client(local.grpcAddress, clientCredentials(pki));
+      const session = h2Session(local.restPort, pki);
+      const http1 = await openRaw(local.restPort, pki);
+      try {
+        const held = unary(client, '/hung.Svc/Hold');
+        session.request({ ':method': 'GET', ':path': '/v1/models/held' }).on('error', () => {});
+        http1.write('GET /v1/models/held HTTP/1.1\r\nHost: localhost\r\n\r\n');
+        await eventually(() => grpcUpstream.open.size === 1 && restUpstream.sockets.length === 2, 'the three requests at the model servers');
+
+        // What the reload does for a client whose certificate it finds revoked (tls-reload.ts), with a short grace.
+        for (const listener of local.proxy.listeners()) for (const socket of listener.connections.keys()) listener.closeConnection(socket, 200);
+
+        await held.ended;
+        const lines = () => local.logs.lines.filter((l) => l.event === 'access' || l.event === 'relay_access');
+        await eventually(() => lines().length === 3, 'a line per request (per connection in gRPC relay)');
+        const seen = lines().map((l) => `${l.event} ${l.listener} ${l.protocol} ${l.error}`).sort();
+        const grpcLine = mode === 'relay' ? 'relay_access grpc undefined proxy_closed_revoked' : 'access grpc h2 proxy_closed_revoked';
+        assert.deepEqual(seen, [grpcLine, 'access rest h2 proxy_closed_revoked', 'access rest http/1.1 proxy_closed_revoked'].sort());
+      } finally {
+        http1.destroy();
+        session.destroy();
+        client.close();
+        await local.proxy.shutdown(1000);
+        grpcUpstream.server.close();
+        restUpstream.close();
+      }
+    });
+  }
 });
