@@ -3,7 +3,8 @@ import type { TLSSocket } from 'node:tls';
 import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, goAway, type OnFrame } from './h2-frames.js';
+import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, goAway, type OnFrame, type OnGoAway } from './h2-frames.js';
+import { h2ErrorName } from './grpc-status.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
 /**
@@ -50,6 +51,9 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   #bytesIn = 0;
   #bytesOut = 0;
   #error: string | undefined;
+  /** The last GOAWAY from each side: why a connection ended is often only there (C-core's ENHANCE_YOUR_CALM "too_many_pings"). */
+  #clientGoAway: SeenGoAway | undefined;
+  #upstreamGoAway: SeenGoAway | undefined;
   /** Toward the client, pausing the upstream while the client is slow. */
   readonly #write = (chunk: Buffer): void => {
     if (!this.#client.write(chunk)) this.#upstream.pause();
@@ -60,8 +64,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     this.#upstream = upstream;
     this.#context = context;
     this.#observer = observer;
-    this.#toClient = new GoAwayInserter(this.streams.fromServer);
-    this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.#clientFrame });
+    this.#toClient = new GoAwayInserter(this.streams.fromServer, this.#upstreamWentAway);
+    this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.#clientFrame, onGoAway: this.#clientWentAway });
     idle.add(this);
     client.on('data', (chunk: Buffer) => {
       // The upstream has gone: what the client still sends is read (so its FIN is seen) and dropped.
@@ -109,6 +113,14 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
       this.#ignoredGoAwayAfter ??= this.streams.lastClientId;
     }
     this.streams.fromClient(type, streamId, flags);
+  };
+
+  readonly #clientWentAway: OnGoAway = (code, debug) => {
+    this.#clientGoAway = seenGoAway(code, debug);
+  };
+
+  readonly #upstreamWentAway: OnGoAway = (code, debug) => {
+    this.#upstreamGoAway = seenGoAway(code, debug);
   };
 
   /**
@@ -162,6 +174,20 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
       goAway: this.#toClient.sent,
       idle: this.#idleClosed,
       error: this.#error,
+      clientGoAway: this.#clientGoAway?.code,
+      clientGoAwayDebug: this.#clientGoAway?.debug,
+      upstreamGoAway: this.#upstreamGoAway?.code,
+      upstreamGoAwayDebug: this.#upstreamGoAway?.debug,
     });
   }
+}
+
+interface SeenGoAway {
+  readonly code: string;
+  readonly debug: string | undefined;
+}
+
+/** Debug data is opaque bytes (RFC 9113 section 6.8); what gRPC servers put there is ASCII. */
+function seenGoAway(code: number, debug: Buffer): SeenGoAway {
+  return { code: h2ErrorName(code), debug: debug.length === 0 ? undefined : debug.toString('latin1').replace(/[^\x20-\x7e]/g, '?') };
 }

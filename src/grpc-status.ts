@@ -12,9 +12,14 @@ export const GRPC_STATUS = {
 const RESET_NAMES = ['NO_ERROR', 'PROTOCOL_ERROR', 'INTERNAL_ERROR', 'FLOW_CONTROL_ERROR', 'SETTINGS_TIMEOUT', 'STREAM_CLOSED',
   'FRAME_SIZE_ERROR', 'REFUSED_STREAM', 'CANCEL', 'COMPRESSION_ERROR', 'CONNECT_ERROR', 'ENHANCE_YOUR_CALM', 'INADEQUATE_SECURITY', 'HTTP_1_1_REQUIRED'];
 
+/** An HTTP/2 error code (RST_STREAM, GOAWAY) by its RFC 9113 name, or `code N` for one it does not define. */
+export function h2ErrorName(code: number): string {
+  return RESET_NAMES[code] ?? `code ${code}`;
+}
+
 /** The gRPC status a client derives from an RST_STREAM code (gRPC over HTTP/2 spec, "Errors"). */
 export function statusForReset(rstCode: number): { status: number; name: string } {
-  const name = RESET_NAMES[rstCode] ?? `code ${rstCode}`;
+  const name = h2ErrorName(rstCode);
   switch (name) {
     case 'REFUSED_STREAM':
       return { status: GRPC_STATUS.UNAVAILABLE, name };

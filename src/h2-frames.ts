@@ -27,13 +27,24 @@ export interface FrameCursorOptions {
   readonly skip?: number;
   /** Called with each frame header as it is read. */
   readonly onFrame?: OnFrame;
+  /** Called with each GOAWAY's error code and the start of its debug data, once those bytes are in. */
+  readonly onGoAway?: OnGoAway;
 }
 
 export type OnFrame = (type: number, streamId: number, flags: number) => void;
+export type OnGoAway = (errorCode: number, debug: Buffer) => void;
+
+/** A GOAWAY's last stream id and error code (RFC 9113 section 6.8), then this much of its debug data: enough for a reason such as C-core's "too_many_pings". */
+const GOAWAY_FIXED_BYTES = 8;
+const GOAWAY_DEBUG_KEPT = 64;
 
 export class FrameCursor {
   readonly #header = Buffer.alloc(FRAME_HEADER_BYTES);
   readonly #onFrame: OnFrame | undefined;
+  readonly #onGoAway: OnGoAway | undefined;
+  /** The start of a GOAWAY's payload, while its bytes arrive (GOAWAYs are rare: the one payload that is read). */
+  #goAway: Buffer | undefined;
+  #goAwayFill = 0;
   #skip: number;
   #headerFill = 0;
   #payloadLeft = 0;
@@ -44,6 +55,7 @@ export class FrameCursor {
   constructor(options: FrameCursorOptions = {}) {
     this.#skip = options.skip ?? 0;
     this.#onFrame = options.onFrame;
+    this.#onGoAway = options.onGoAway;
   }
 
   /**
@@ -71,6 +83,7 @@ export class FrameCursor {
       }
       if (this.#payloadLeft > 0) {
         const n = Math.min(this.#payloadLeft, length - i);
+        if (this.#goAway !== undefined) this.#keepGoAway(chunk, i, n);
         this.#payloadLeft -= n;
         i += n;
       } else if (this.#headerFill === 0 && length - i >= FRAME_HEADER_BYTES) {
@@ -97,7 +110,22 @@ export class FrameCursor {
 
   #frameHeader(type: number, flags: number, streamId: number): void {
     if (type === TYPE_HEADERS || type === TYPE_PUSH_PROMISE || type === TYPE_CONTINUATION) this.#inHeaderBlock = (flags & FLAG_END_HEADERS) === 0;
+    else if (type === TYPE_GOAWAY && this.#onGoAway !== undefined && this.#payloadLeft >= GOAWAY_FIXED_BYTES) {
+      this.#goAway = Buffer.allocUnsafe(Math.min(this.#payloadLeft, GOAWAY_FIXED_BYTES + GOAWAY_DEBUG_KEPT));
+      this.#goAwayFill = 0;
+    }
     this.#onFrame?.(type, streamId, flags);
+  }
+
+  /** Copies what this read has of the GOAWAY's kept bytes; reports it once they are all in. */
+  #keepGoAway(chunk: Buffer, at: number, available: number): void {
+    const kept = this.#goAway!;
+    const n = Math.min(available, kept.length - this.#goAwayFill);
+    chunk.copy(kept, this.#goAwayFill, at, at + n);
+    this.#goAwayFill += n;
+    if (this.#goAwayFill < kept.length) return;
+    this.#goAway = undefined;
+    this.#onGoAway!(kept.readUInt32BE(4), kept.subarray(GOAWAY_FIXED_BYTES));
   }
 }
 
@@ -114,10 +142,10 @@ export class GoAwayInserter {
   /** The upstream's own GOAWAY went by: ours (last stream id 2^31-1) would raise its last stream id, a protocol error. */
   #upstreamWentAway = false;
 
-  /** `onFrame` sees each of the upstream's frame headers as it goes by. */
-  constructor(onFrame?: OnFrame) {
+  /** `onFrame` sees each of the upstream's frame headers as it goes by, `onGoAway` each of its GOAWAYs. */
+  constructor(onFrame?: OnFrame, onGoAway?: OnGoAway) {
     this.#onUpstreamFrame = onFrame;
-    this.#cursor = new FrameCursor({ onFrame: (type, id, flags) => this.#onFrame(type, id, flags) });
+    this.#cursor = new FrameCursor({ onFrame: (type, id, flags) => this.#onFrame(type, id, flags), onGoAway });
   }
 
   get sent(): boolean {

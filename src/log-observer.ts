@@ -23,6 +23,16 @@ function undecodableFieldMessage(streams: number): string {
   return `${streams} HTTP/2 request(s) on this connection carried a header field larger than 64 KiB, which Node's HTTP/2 decoder cannot read: it ended the whole connection (GOAWAY COMPRESSION_ERROR), and the requests in flight on it were cut too. Header lists are limited to --mtls_max_header_size; send large data in the body`;
 }
 
+/**
+ * In relay mode the proxy answers no PINGs and holds no calls: the model server's GOAWAY with an error
+ * is the one word on why a client's connection was ended, and C-core's most common one is the client's to fix.
+ */
+function upstreamGoAwayMessage(code: string, debug: string | undefined): string {
+  const said = `the model server ended a relayed connection with GOAWAY ${code}${debug ? ` (${debug})` : ''}`;
+  if (code === 'ENHANCE_YOUR_CALM' && debug === 'too_many_pings') return `${said}: the client sends keepalive PINGs more often than the model server allows; raise the client's keepalive time or stop its pings without calls`;
+  return `${said}; the client's calls on it were ended or must be retried on a new connection`;
+}
+
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
 export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
   // Children carry the event name already serialized: an access line costs one object less to copy and write.
@@ -47,6 +57,11 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
       accessLine(record);
     },
     relayed(record) {
+      const { upstreamGoAway, upstreamGoAwayDebug } = record;
+      if (upstreamGoAway !== undefined && upstreamGoAway !== 'NO_ERROR') {
+        const who = { listener: record.listener, remote: record.remote, subject: record.subject, serial: record.serial };
+        logger.warn({ event: 'upstream_goaway', ...who, code: upstreamGoAway, debug: upstreamGoAwayDebug }, upstreamGoAwayMessage(upstreamGoAway, upstreamGoAwayDebug));
+      }
       if (!options.accessLog) return;
       relayLines.info(record, 'relayed connection closed');
     },

@@ -42,6 +42,11 @@ export interface RelayRecord {
   /** We closed it for having no stream open for --mtls_idle_timeout. */
   readonly idle: boolean;
   readonly error?: string | undefined;
+  /** The last GOAWAY each side sent, when one did: its error code's name (NO_ERROR, ENHANCE_YOUR_CALM...) and debug data. */
+  readonly clientGoAway?: string | undefined;
+  readonly clientGoAwayDebug?: string | undefined;
+  readonly upstreamGoAway?: string | undefined;
+  readonly upstreamGoAwayDebug?: string | undefined;
 }
 
 /** HTTP/2 requests Node reset on a connection before any handler of ours saw them, so they have no access line. */

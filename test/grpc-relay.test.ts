@@ -86,6 +86,8 @@ describe('grpc relay mode: calls pass unchanged', () => {
     assert.equal(line.calls, 1);
     assert.equal(line.goAway, false);
     assert.equal(line.idle, false);
+    // Node's close() sends GOAWAY(NO_ERROR); the model server sent none.
+    assert.deepEqual([line.clientGoAway, line.upstreamGoAway], ['NO_ERROR', undefined]);
   });
 });
 
@@ -251,6 +253,33 @@ describe('grpc relay mode: graceful endings', () => {
 });
 
 describe('grpc relay mode: a model server that closes first', () => {
+  test('its GOAWAY error code and debug data (C-core: ENHANCE_YOUR_CALM, too_many_pings) and the client\'s own GOAWAY code are on the relay_access line, and the model server\'s error is a warn line', { timeout: 30_000 }, async () => {
+    const model = await scriptedUpstream((socket) => {
+      socket.write(h2Frame(H2.SETTINGS, 0, 0));
+      const goAwayPayload = Buffer.concat([Buffer.from([0, 0, 0, 1, 0, 0, 0, 0x0b]), Buffer.from('too_many_pings')]);
+      // Open until the client has had its say: a client's GOAWAY is read only while the model server is there to take it.
+      socket.once('data', () => socket.write(h2Frame(H2.GOAWAY, 0, 0, goAwayPayload)));
+    });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
+    try {
+      const client = await rawH2Client(local.grpcPort, pki);
+      client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
+      const theirs = await client.waitForFrame(H2.GOAWAY);
+      assert.equal(theirs.payload.readUInt32BE(4), 0x0b, 'passed on untouched');
+      // INTERNAL_ERROR (2), as a client that gives up on the connection may send.
+      client.socket.end(h2Frame(H2.GOAWAY, 0, 0, Buffer.from([0, 0, 0, 0, 0, 0, 0, 2])));
+      await client.closed;
+      const line = await local.logs.waitFor((l) => l.event === 'relay_access');
+      assert.deepEqual([line.upstreamGoAway, line.upstreamGoAwayDebug, line.clientGoAway, line.clientGoAwayDebug], ['ENHANCE_YOUR_CALM', 'too_many_pings', 'INTERNAL_ERROR', undefined]);
+      const warn = local.logs.lines.find((l) => l.event === 'upstream_goaway');
+      assert.deepEqual([warn?.level, warn?.listener, warn?.code, warn?.debug, warn?.subject], ['warn', 'grpc', 'ENHANCE_YOUR_CALM', 'too_many_pings', 'CN=client,OU=tests']);
+      assert.match(String(warn?.msg), /ENHANCE_YOUR_CALM[^]*too_many_pings[^]*keepalive/);
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+
   test('while the client is still sending, the client connection is still read to its end, closed and logged, never left paused', { timeout: 30_000 }, async () => {
     // Takes 64 KiB and closes cleanly (FIN): the relay holds the rest of the client's bytes.
     const model = await scriptedUpstream((socket, first) => {

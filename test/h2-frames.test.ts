@@ -59,6 +59,35 @@ describe('frame headers toward the upstream', () => {
   });
 });
 
+describe('GOAWAY error codes, for the relay_access line', () => {
+  /** A GOAWAY's payload: last stream id, error code, debug data. */
+  const goAwayPayload = (code: number, debug: Buffer) => Buffer.concat([Buffer.from([0, 0, 0, 5]), Buffer.from([0, 0, 0, code]), debug]);
+
+  test('each GOAWAY among other frames is reported with its error code and the first 64 bytes of its debug data, however the bytes are chunked', () => {
+    const goAwayArb = fc.record({ code: fc.nat(13), debug: fc.uint8Array({ maxLength: 100 }).map((a) => Buffer.from(a)) });
+    const unitArb = fc.oneof(frameArb.map((f) => ({ frame: f, goAway: undefined })), goAwayArb.map((g) => ({ frame: { type: 0x7, flags: 0, payload: goAwayPayload(g.code, g.debug) }, goAway: g })));
+    fc.assert(
+      fc.property(fc.array(unitArb, { maxLength: 8 }), fc.array(fc.nat(), { maxLength: 12 }), (units, cuts) => {
+        const seen: [number, string][] = [];
+        const cursor = new FrameCursor({ onGoAway: (code, debug) => seen.push([code, debug.toString('hex')]) });
+        for (const chunk of chunked(Buffer.concat(units.map((u) => encode(u.frame, 0))), cuts)) cursor.advance(chunk);
+        const expected = units.flatMap((u) => (u.goAway ? [[u.goAway.code, u.goAway.debug.subarray(0, 64).toString('hex')] as [number, string]] : []));
+        assert.deepEqual(seen, expected);
+      }),
+      { numRuns: 500 },
+    );
+  });
+
+  test('a GOAWAY too short to hold an error code is passed over, and the frames after it still followed', () => {
+    const seen: number[] = [];
+    const frames: number[] = [];
+    const cursor = new FrameCursor({ onGoAway: (code) => seen.push(code), onFrame: (type) => frames.push(type) });
+    cursor.advance(Buffer.concat([encode({ type: 0x7, flags: 0, payload: Buffer.alloc(4) }, 0), encode({ type: 0x7, flags: 0, payload: goAwayPayload(11, Buffer.from('too_many_pings')) }, 0), encode({ type: 0x6, flags: 0, payload: Buffer.alloc(8) }, 0)]));
+    assert.deepEqual(seen, [11]);
+    assert.deepEqual(frames, [0x7, 0x7, 0x6]);
+  });
+});
+
 describe('GOAWAY insertion between upstream frames', () => {
   test('the GOAWAY lands between two whole frames, after the first, never inside a header block, however the bytes are chunked', () => {
     fc.assert(
