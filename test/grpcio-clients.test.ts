@@ -30,10 +30,15 @@ type Result = Record<string, unknown> & { code: string };
 
 /** Runs the grpcio client with a certificate of the test PKI by base name (`null`: none), one JSON result per case. */
 async function grpcioClient(port: number, cert: string | null, cases: string[]): Promise<Record<string, Result>> {
+  return (await grpcioClientRun(port, cert, cases)).results;
+}
+
+/** The same, with what C-core logged (errors only, as by default). */
+async function grpcioClientRun(port: number, cert: string | null, cases: string[]): Promise<{ results: Record<string, Result>; stderr: string }> {
   const identity = cert ? [pki.paths[`${cert}.pem`]!, pki.paths[`${cert}.key`]!] : [];
-  const { stdout } = await run(PYTHON, [GRPCIO_SCRIPT, 'client', `127.0.0.1:${port}`, pki.paths['server_ca.pem']!, ...identity, cases.join(',')],
-    { env: stubs.env(), timeout: 120_000 });
-  return JSON.parse(stdout) as Record<string, Result>;
+  const { stdout, stderr } = await run(PYTHON, [GRPCIO_SCRIPT, 'client', `127.0.0.1:${port}`, pki.paths['server_ca.pem']!, ...identity, cases.join(',')],
+    { env: { ...stubs.env(), GRPC_VERBOSITY: 'ERROR' }, timeout: 120_000 });
+  return { results: JSON.parse(stdout) as Record<string, Result>, stderr };
 }
 
 /** A bare HTTP/2 gRPC call straight to the grpcio server: its grpc-status, or the stream error. */
@@ -127,4 +132,27 @@ describe('grpcio (C-core) clients and server through the proxy', () => {
       }
     });
   }
+});
+
+describe('a grpcio (C-core) model server that polices keepalive PINGs, relay mode', () => {
+  // In relay mode the client's PINGs reach the model server (terminate mode answers them in the proxy).
+  test('a grpcio client pinging each second with no call open gets the server\'s GOAWAY ENHANCE_YOUR_CALM "too_many_pings" as sent; relay_access carries it and an upstream_goaway warn line says what to change', async () => {
+    const strict = await startGrpcioServer(stubs, ['strict-pings']);
+    const front = await startTestProxy({ pki, upstream: { grpcPort: strict.port }, grpcMode: 'relay' });
+    try {
+      const { results, stderr } = await grpcioClientRun(front.grpcPort, 'client', ['keepalive']);
+      assert.deepEqual(results.keepalive, { code: 'OK', connection_ended: true });
+      // C-core names the code and debug data it read, and doubles its keepalive time on this one.
+      assert.match(stderr, /GOAWAY with error code ENHANCE_YOUR_CALM and debug data equal to "too_many_pings"/);
+      await eventually(() => front.logs.lines.some((l) => l.event === 'relay_access'), 'the relay_access line');
+      const line = front.logs.lines.find((l) => l.event === 'relay_access')!;
+      assert.deepEqual([line.subject, line.upstreamGoAway, line.upstreamGoAwayDebug, line.error], ['CN=client,OU=tests', 'ENHANCE_YOUR_CALM', 'too_many_pings', undefined]);
+      const warn = front.logs.lines.find((l) => l.event === 'upstream_goaway');
+      assert.deepEqual([warn?.level, warn?.listener, warn?.subject, warn?.code, warn?.debug], ['warn', 'grpc', 'CN=client,OU=tests', 'ENHANCE_YOUR_CALM', 'too_many_pings']);
+      assert.match(String(warn?.msg), /too_many_pings\): the client sends keepalive PINGs more often than the model server allows/);
+    } finally {
+      await front.proxy.shutdown(1000);
+      await strict.stop();
+    }
+  });
 });

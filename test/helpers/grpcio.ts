@@ -45,8 +45,9 @@ export interface GrpcioServer {
   stop(): Promise<void>;
 }
 
-export async function startGrpcioServer(stubs: PythonStubs): Promise<GrpcioServer> {
-  const child = spawn(PYTHON, [GRPCIO_SCRIPT, 'server'], { env: stubs.env() });
+/** `options`: the script's server options (`strict-pings`). */
+export async function startGrpcioServer(stubs: PythonStubs, options: string[] = []): Promise<GrpcioServer> {
+  const child = spawn(PYTHON, [GRPCIO_SCRIPT, 'server', ...options], { env: stubs.env() });
   let stderr = '';
   child.stderr.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
   const events: Record<string, unknown>[] = [];
