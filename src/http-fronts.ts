@@ -19,6 +19,9 @@ export interface Drainable {
 }
 
 /** What the front keeps per HTTP/2 connection. */
+/** The client's socket went away: connections end so every day, and the connection's own lines say it. */
+const CLIENT_WENT_AWAY: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED']);
+
 class SessionState implements IdleConnection {
   readonly streams = new StreamCount();
   readonly session: ServerHttp2Session;
@@ -92,6 +95,18 @@ class SessionState implements IdleConnection {
     if (last !== undefined) this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
     this.context.closedBy ??= 'proxy_closed_undecodable_header';
     this.session.destroy();
+  }
+
+  /**
+   * Node ended the connection with an error: a PING or SETTINGS flood (nghttp2 counts unanswered ones;
+   * about a thousand in one read), a protocol error, the client's GOAWAY with an error code. It had
+   * been swallowed, and such a connection closed with no line at all.
+   */
+  failed(err: NodeJS.ErrnoException): void {
+    const code = err.code ?? 'unknown';
+    if (CLIENT_WENT_AWAY.has(code)) return;
+    const { context } = this;
+    this.#observer.h2SessionFailed({ listener: context.listener, remote: context.remoteAddress, subject: context.identity.subject, serial: context.identity.serial, code, message: err.message });
   }
 
   /** `id`: a client stream id, or 0 (lastProcStreamID before any stream). */
@@ -239,7 +254,7 @@ export class H2Front implements Drainable {
       this.#sessions.delete(session);
       this.#idle.delete(state);
     });
-    session.on('error', () => {});
+    session.on('error', (err: NodeJS.ErrnoException) => state.failed(err));
     session.once('goaway', () => state.clientLeaving());
     // Prepended: Node's own listener destroys the session, and with it the stream ids it kept.
     state.context.socket.prependOnceListener('close', () => state.clientLeaving());

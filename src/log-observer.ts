@@ -52,6 +52,9 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
     unseenResets(record) {
       logger.warn({ event: 'h2_streams_reset_unseen', ...record }, record.goAway ? undecodableFieldMessage(record.streams) : unseenResetsMessage(record.streams));
     },
+    h2SessionFailed(record) {
+      logger.warn({ event: 'h2_session_error', ...record }, `Node ended this client's HTTP/2 connection: ${record.message}; the requests in flight on it were cut (${record.code})`);
+    },
     request(record) {
       if (!options.accessLog) return;
       accessLine(record);

@@ -65,6 +65,20 @@ export interface UnseenResets {
 }
 
 /**
+ * An HTTP/2 connection Node ended with an error of its own: a flood its nghttp2 detected (about a
+ * thousand PINGs or SETTINGS in one read), a protocol error, the client's GOAWAY with an error code.
+ * Not the client's socket going away (ECONNRESET, EPIPE), which ends connections every day.
+ */
+export interface H2SessionFailure {
+  readonly listener: ListenerName;
+  readonly remote: string | undefined;
+  readonly subject: string;
+  readonly serial: string;
+  readonly code: string;
+  readonly message: string;
+}
+
+/**
  * What the data path reports. The logger and the metrics registry each
  * implement it; the data path knows neither.
  */
@@ -82,6 +96,7 @@ export interface ProxyObserver {
   relayed(record: RelayRecord): void;
   upstreamError(listener: ListenerName, code: string): void;
   unseenResets(record: UnseenResets): void;
+  h2SessionFailed(record: H2SessionFailure): void;
 }
 
 export const NOOP_OBSERVER: ProxyObserver = {
@@ -97,6 +112,7 @@ export const NOOP_OBSERVER: ProxyObserver = {
   relayed() {},
   upstreamError() {},
   unseenResets() {},
+  h2SessionFailed() {},
 };
 
 /** Fans every event out to several observers. */

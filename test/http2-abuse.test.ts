@@ -4,8 +4,11 @@ import { once } from 'node:events';
 import { createServer as createH2cServer, constants, type Http2Server, type ServerHttp2Stream } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { eventually } from './helpers/ops.js';
+import { connect as netConnect } from 'node:net';
+import { connect as tlsConnect } from 'node:tls';
+import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { eventually, sample } from './helpers/ops.js';
+import { ProxyMetrics } from '../src/metrics.js';
 import { END_HEADERS, END_STREAM, H2, h2Frame, literalField, rawH2Client } from './helpers/raw-h2.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -310,5 +313,74 @@ describe('slow reader on the shared upstream connection, terminate mode', () => 
       await front.proxy.shutdown(1000);
       upstream.server.close();
     }
+  });
+});
+
+/** PING frames (RFC 9113 6.7) with distinct opaque data, as one write: a flood when there are a thousand or more. */
+function pings(count: number): Buffer {
+  const frames: Buffer[] = [];
+  for (let i = 0; i < count; i += 1) {
+    const opaque = Buffer.alloc(8);
+    opaque.writeUInt32BE(i, 4);
+    frames.push(h2Frame(H2_PING, 0, 0, opaque));
+  }
+  return Buffer.concat(frames);
+}
+
+const H2_PING = 0x6;
+
+// nghttp2 ends a connection that leaves too many of its answers unread (a PING or SETTINGS flood): Node's
+// 'error' on the session was swallowed, and the connection closed with no line and no count.
+describe('an HTTP/2 connection Node ends for a flood, terminate mode', () => {
+  let upstream: ModelServer;
+  let front: StartedProxy;
+  let metrics: ProxyMetrics;
+
+  before(async () => {
+    upstream = await startUpstream();
+    metrics = new ProxyMetrics({ processMetrics: false });
+    front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, observer: metrics });
+  });
+
+  after(async () => {
+    await front.proxy.shutdown(1000);
+    await upstream.close();
+  });
+
+  for (const listener of ['grpc', 'rest'] as const) {
+    test(`${listener} port: a PING flood closes the client's connection with a warn line naming the client and Node's reason, and is counted`, async () => {
+      const from = front.logs.lines.length;
+      const flooder = await rawH2Client(listener === 'grpc' ? front.grpcPort : front.restPort, pki);
+      try {
+        flooder.socket.write(pings(2000));
+        await flooder.closed;
+      } finally {
+        flooder.socket.destroy();
+      }
+      const find = () => front.logs.lines.slice(from).find((l) => l.event === 'h2_session_error');
+      await eventually(() => find() !== undefined, 'an h2_session_error line');
+      const line = find()!;
+      assert.deepEqual([line.level, line.listener, line.code], ['warn', listener, 'ERR_HTTP2_ERROR']);
+      assert.match(String(line.subject), /CN=client/);
+      assert.match(String(line.msg), /^Node ended this client's HTTP\/2 connection: Flooding was detected/);
+      assert.equal(sample(await metrics.registry.metrics(), 'ovms_mtls_h2_session_errors_total', { listener, code: 'ERR_HTTP2_ERROR' }), 1);
+    });
+  }
+
+  test('a client that simply drops its connection (TCP reset) gets no such line', async () => {
+    const from = front.logs.lines.length;
+    // TLS over a socket of our own: a TLSSocket cannot send a TCP reset itself.
+    const tcp = netConnect({ port: front.grpcPort, host: '127.0.0.1' });
+    tcp.on('error', () => {});
+    const client = tlsConnect({ socket: tcp, ...tlsClientOptions(pki), ALPNProtocols: ['h2'] });
+    client.on('error', () => {});
+    await once(client, 'secureConnect');
+    client.write(Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]));
+    const open = async () => sample(await metrics.registry.metrics(), 'ovms_mtls_open_connections', { listener: 'grpc' });
+    await eventually(async () => (await open()) === 1, 'the connection counted open');
+    tcp.resetAndDestroy();
+    // The session's error (ECONNRESET) comes before its close, which the gauge counts.
+    await eventually(async () => (await open()) === 0, 'the connection counted closed');
+    assert.deepEqual(front.logs.lines.slice(from).filter((l) => l.event === 'h2_session_error'), []);
   });
 });
