@@ -7,6 +7,7 @@
 import type { X509Certificate } from 'node:crypto';
 import { dottedOid, encodeTlv, readSingleTlv, readTlvs, TAG_BOOLEAN, TAG_OID, type Tlv } from './x509/der.js';
 import { normaliseSerial } from './x509.js';
+import type { RevokedSerials } from './x509/revoked-serials.js';
 import { crlPemBody, crlSignatureValid, readCrlDer, revokedSerials, TAG_CRL_EXTENSIONS } from './x509/crl.js';
 
 export interface CrlInfo {
@@ -17,7 +18,7 @@ export interface CrlInfo {
   readonly issuerKey: string;
   readonly thisUpdate: Date;
   readonly nextUpdate: Date | undefined;
-  readonly revokedSerials: ReadonlySet<string>;
+  readonly revokedSerials: RevokedSerials;
   readonly tbs: Buffer;
   readonly signatureAlgorithm: string;
   readonly signature: Buffer;
@@ -43,7 +44,7 @@ function parseOneCrl(pem: string, index: number): CrlInfo {
     issuerKey: tlvHex(crl.issuer),
     thisUpdate: crl.thisUpdate,
     nextUpdate: crl.nextUpdate,
-    revokedSerials: new Set(revokedSerials(crl)),
+    revokedSerials: revokedSerials(crl),
     tbs: crl.tbs,
     signatureAlgorithm: crl.signatureAlgorithm,
     signature: crl.signature,
@@ -118,7 +119,7 @@ export interface PresentedCertificate {
 /** Answers "does any loaded CRL revoke this certificate?", by issuer name + serial. */
 export class RevocationIndex {
   /** Issuer Name DER (hex) -> the serial sets of its CRLs: the CRLs' own sets, not copies (100,000 entries are common). */
-  readonly #byIssuer = new Map<string, ReadonlySet<string>[]>();
+  readonly #byIssuer = new Map<string, RevokedSerials[]>();
   readonly #size: number;
 
   constructor(crls: readonly CrlInfo[]) {

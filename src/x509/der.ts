@@ -26,6 +26,19 @@ export function readTlvs(der: Buffer): Tlv[] {
   return items;
 }
 
+/** Where the contents of the TLV at `offset` begin. */
+export function contentsStart(der: Buffer, offset: number): number {
+  return offset + 1 + readLength(der, offset + 1).headerLength;
+}
+
+/** Where the TLV at `offset` ends, checked as readTlvs checks it against its container's end `limit`. */
+export function tlvEnd(der: Buffer, offset: number, limit: number): number {
+  const { length, headerLength } = readLength(der, offset + 1);
+  const end = offset + 1 + headerLength + length;
+  if (end > limit) throw new Error('DER value runs past its container');
+  return end;
+}
+
 export function readSingleTlv(der: Buffer): Tlv {
   const items = readTlvs(der);
   if (items.length !== 1) throw new Error(`expected one DER value, found ${items.length}`);
