@@ -179,7 +179,9 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
     port: (name) => addresses[name]?.[0]?.port,
     listeners: () => parts.map((p) => p.listener),
     reloadTls(material, allow) {
-      for (const part of parts) part.listener.setSecureContext(secureContextOptions(material), material.clientCas, allow);
+      // Split the PEM bundles once for all listeners: a million-entry CRL is 50 MiB of text to search.
+      const options = secureContextOptions(material);
+      for (const part of parts) part.listener.setSecureContext(options, material.clientCas, allow);
     },
     shutdown: (timeoutMs) => shutdown(parts, timeoutMs, logger),
   };

@@ -14,7 +14,8 @@ export interface TrustInput {
   /** The server certificate file: leaf first, then the CAs that signed it. */
   readonly serverChain: readonly X509Certificate[];
   readonly clientCas: readonly X509Certificate[];
-  readonly crl?: Buffer | undefined;
+  /** The CRL file as latin1 text. */
+  readonly crl?: string | undefined;
   readonly now: Date;
 }
 
@@ -25,7 +26,7 @@ export interface TrustInput {
 export function checkTrust(input: TrustInput): readonly CrlInfo[] {
   checkServerChain(input.serverChain, input.files.cert, input.now);
   checkClientCaValidity(input.clientCas, input.files.clientCa, input.now);
-  if (!input.crl) return [];
+  if (input.crl === undefined) return [];
   const crls = readCrls(input.crl, input.files.crl!);
   checkCrls(crls, input);
   return crls;
@@ -73,9 +74,9 @@ function checkClientCaValidity(cas: readonly X509Certificate[], path: string, no
   }
 }
 
-function readCrls(pem: Buffer, path: string): CrlInfo[] {
+function readCrls(pem: string, path: string): CrlInfo[] {
   try {
-    return parseCrlFile(pem.toString('latin1'));
+    return parseCrlFile(pem);
   } catch (err) {
     throw new TlsMaterialError(`--mtls_crl: ${path} is not a valid CRL (${(err as Error).message})`, { cause: err });
   }

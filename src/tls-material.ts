@@ -271,12 +271,11 @@ function notPemCrl(text: string): string {
   return 'holds no PEM CRL (expected -----BEGIN X509 CRL-----; convert DER with `openssl crl -inform DER -in FILE -out FILE.pem`)';
 }
 
-function checkCrlPem(crl: Buffer, path: string): void {
-  const text = crl.toString('latin1');
-  if (isBlank(crl)) throw new TlsMaterialError(`--mtls_crl: ${path} is empty (expected a PEM CRL, -----BEGIN X509 CRL-----; leave --mtls_crl out to run without revocation checks)`);
+function checkCrlPem(text: string, path: string): void {
+  if (text.trim() === '') throw new TlsMaterialError(`--mtls_crl: ${path} is empty (expected a PEM CRL, -----BEGIN X509 CRL-----; leave --mtls_crl out to run without revocation checks)`);
   if (!/-----BEGIN X509 CRL-----/.test(text)) throw new TlsMaterialError(`--mtls_crl: ${path} ${notPemCrl(text)}`);
   try {
-    createSecureContext({ crl: pemBlocks(crl, PEM_CRL) });
+    createSecureContext({ crl: text.match(PEM_CRL) ?? [] });
   } catch {
     throw new TlsMaterialError(`--mtls_crl: ${path} is not a valid CRL`);
   }
@@ -304,8 +303,10 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   checkServerCert(serverCert, files.cert, now);
   const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
   checkClientCas(clientCas, files.clientCa);
-  if (raw.mtls_crl) checkCrlPem(raw.mtls_crl, files.crl!);
-  const crls = checkTrust({ files, serverChain: chain, clientCas, crl: raw.mtls_crl, now });
+  // One latin1 copy of the CRL for every check: a million entries are 50 MiB of text.
+  const crlText = raw.mtls_crl?.toString('latin1');
+  if (crlText !== undefined) checkCrlPem(crlText, files.crl!);
+  const crls = checkTrust({ files, serverChain: chain, clientCas, crl: crlText, now });
   return { files, key, cert, ca, crl: raw.mtls_crl, crls, serverCert, serverChain: chain, clientCas };
 }
 
@@ -350,7 +351,8 @@ export function secureContextOptions(material: TlsMaterial): SecureContextOption
     key: material.key,
     cert: material.cert,
     ca: pemBlocks(material.ca, PEM_CERT),
-    ...(material.crl ? { crl: pemBlocks(material.crl, PEM_CRL) } : {}),
+    // The blocks parsed at validation, not the file split again for each listener.
+    ...(material.crl ? { crl: material.crls.map((crl) => crl.pem) } : {}),
     minVersion: 'TLSv1.2',
     ciphers: CIPHERS,
     honorCipherOrder: true,
