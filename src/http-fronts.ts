@@ -4,7 +4,7 @@ import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { headerFieldsWithin, type Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
-import type { ProxyObserver } from './observer.js';
+import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, type IdleConnection } from './idle-sweep.js';
 import { requestHeadTooLargeMessage } from './http1-framing.js';
 
@@ -18,10 +18,10 @@ export interface Drainable {
   drain(): void;
 }
 
-/** What the front keeps per HTTP/2 connection. */
 /** The client's socket went away: connections end so every day, and the connection's own lines say it. */
 const CLIENT_WENT_AWAY: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED']);
 
+/** What the front keeps per HTTP/2 connection. */
 class SessionState implements IdleConnection {
   readonly streams = new StreamCount();
   readonly session: ServerHttp2Session;
@@ -94,6 +94,7 @@ class SessionState implements IdleConnection {
     const last = this.session.state.lastProcStreamID;
     if (last !== undefined) this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
     this.context.closedBy ??= 'proxy_closed_undecodable_header';
+    // The session, not the socket as listeners.ts cutConnection() does: a destroyed socket reached the client as a reset (ECONNRESET).
     this.session.destroy();
   }
 
@@ -105,8 +106,7 @@ class SessionState implements IdleConnection {
   failed(err: NodeJS.ErrnoException): void {
     const code = err.code ?? 'unknown';
     if (CLIENT_WENT_AWAY.has(code)) return;
-    const { context } = this;
-    this.#observer.h2SessionFailed({ listener: context.listener, remote: context.remoteAddress, subject: context.identity.subject, serial: context.identity.serial, code, message: err.message });
+    this.#observer.h2SessionFailed({ ...clientRef(this.context), code, message: err.message });
   }
 
   /** `id`: a client stream id, or 0 (lastProcStreamID before any stream). */
@@ -114,14 +114,17 @@ class SessionState implements IdleConnection {
     if (id < 1 || id <= this.#lastSeen) return;
     const streams = (id - this.#lastSeen) / 2;
     this.#lastSeen = id;
-    const { context } = this;
-    this.#observer.unseenResets({ listener: context.listener, remote: context.remoteAddress, subject: context.identity.subject, serial: context.identity.serial, streams, ...(goAway ? { goAway } : {}) });
+    this.#observer.unseenResets({ ...clientRef(this.context), streams, ...(goAway ? { goAway } : {}) });
   }
 
   /** GOAWAY (last stream id: the last one taken); Node ends the connection once no stream is open. */
-  closeIdle(): boolean {
+  close(): void {
     this.ending();
     this.session.close();
+  }
+
+  closeIdle(): boolean {
+    this.close();
     return false;
   }
 }
@@ -148,8 +151,8 @@ export class H2Front implements Drainable {
   readonly #server: Http2Server;
   readonly #states = new WeakMap<ServerHttp2Session, SessionState>();
   readonly #idle: IdleSweeper;
-  readonly #sessions = new Set<ServerHttp2Session>();
-  readonly #bySocket = new WeakMap<TLSSocket, ServerHttp2Session>();
+  readonly #sessions = new Set<SessionState>();
+  readonly #bySocket = new WeakMap<TLSSocket, SessionState>();
   #arriving: ConnectionContext | undefined;
   #draining = false;
 
@@ -225,19 +228,14 @@ export class H2Front implements Drainable {
 
   drain(): void {
     this.#draining = true;
-    for (const session of this.#sessions) this.#close(session);
+    for (const state of this.#sessions) state.close();
   }
 
   /** GOAWAY on one connection: streams in flight finish, no new ones start. */
   closeConnection(socket: TLSSocket): void {
-    const session = this.#bySocket.get(socket);
-    if (session) this.#close(session);
+    const state = this.#bySocket.get(socket);
+    if (state) state.close();
     else socket.end();
-  }
-
-  #close(session: ServerHttp2Session): void {
-    this.#states.get(session)?.ending();
-    session.close();
   }
 
   #onSession(session: ServerHttp2Session, limits: Limits, observer: ProxyObserver): void {
@@ -247,11 +245,11 @@ export class H2Front implements Drainable {
     }
     const state = new SessionState(session, this.#arriving, observer);
     this.#states.set(session, state);
-    this.#bySocket.set(this.#arriving.socket, session);
-    this.#sessions.add(session);
+    this.#bySocket.set(this.#arriving.socket, state);
+    this.#sessions.add(state);
     this.#idle.add(state);
     session.once('close', () => {
-      this.#sessions.delete(session);
+      this.#sessions.delete(state);
       this.#idle.delete(state);
     });
     session.on('error', (err: NodeJS.ErrnoException) => state.failed(err));

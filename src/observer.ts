@@ -1,4 +1,5 @@
 import type { Refusal } from './client-identity.js';
+import type { ConnectionContext } from './listeners.js';
 
 export type ListenerName = 'grpc' | 'rest';
 
@@ -7,13 +8,21 @@ export function elapsedMs(started: number): number {
   return Math.round((performance.now() - started) * 1000) / 1000;
 }
 
-/** One finished request or RPC: the access-log line and the request metrics. */
-export interface AccessRecord {
+/** Whose connection a record is about: its listener and its client. */
+export interface ClientRef {
   readonly listener: ListenerName;
-  readonly protocol: 'h2' | 'http/1.1';
   readonly remote: string | undefined;
   readonly subject: string;
   readonly serial: string;
+}
+
+export function clientRef(context: ConnectionContext): ClientRef {
+  return { listener: context.listener, remote: context.remoteAddress, subject: context.identity.subject, serial: context.identity.serial };
+}
+
+/** One finished request or RPC: the access-log line and the request metrics. */
+export interface AccessRecord extends ClientRef {
+  readonly protocol: 'h2' | 'http/1.1';
   readonly method: string;
   readonly path: string;
   readonly status: number;
@@ -27,11 +36,7 @@ export interface AccessRecord {
 }
 
 /** One relayed connection (`--mtls_grpc_mode relay`), reported when it closes: the relay sees no calls. */
-export interface RelayRecord {
-  readonly listener: ListenerName;
-  readonly remote: string | undefined;
-  readonly subject: string;
-  readonly serial: string;
+export interface RelayRecord extends ClientRef {
   /** Calls the client started (HTTP/2 streams), counted from frame headers. */
   readonly calls: number;
   readonly bytesIn: number;
@@ -50,11 +55,7 @@ export interface RelayRecord {
 }
 
 /** HTTP/2 requests Node reset on a connection before any handler of ours saw them, so they have no access line. */
-export interface UnseenResets {
-  readonly listener: ListenerName;
-  readonly remote: string | undefined;
-  readonly subject: string;
-  readonly serial: string;
+export interface UnseenResets extends ClientRef {
   /** How many: stream ids the client used that never reached our handlers. */
   readonly streams: number;
   /**
@@ -69,11 +70,7 @@ export interface UnseenResets {
  * thousand PINGs or SETTINGS in one read), a protocol error, the client's GOAWAY with an error code.
  * Not the client's socket going away (ECONNRESET, EPIPE), which ends connections every day.
  */
-export interface H2SessionFailure {
-  readonly listener: ListenerName;
-  readonly remote: string | undefined;
-  readonly subject: string;
-  readonly serial: string;
+export interface H2SessionFailure extends ClientRef {
   readonly code: string;
   readonly message: string;
 }

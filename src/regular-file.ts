@@ -16,6 +16,13 @@ import { open, stat } from 'node:fs/promises';
 const OPEN_FLAGS = constants.O_RDONLY | (constants.O_NONBLOCK ?? 0) | (constants.O_NOCTTY ?? 0);
 const CHUNK_BYTES = 64 * 1024;
 
+/**
+ * The cap for PEM files (certificates, keys, CRLs), for every reader of them: far above any real one, as a
+ * CRL of 10,000 revocations is about 0.5 MiB (test/large-crl), so this takes over a million. What is
+ * larger is the wrong file, and reading it whole would take the memory it names.
+ */
+export const MAX_TLS_FILE_BYTES = 64 * 1024 * 1024;
+
 /** The path names something other than a regular file, or a larger one than its reader takes; the message says which, starting with "is". */
 export class FileKindError extends Error {
   constructor(

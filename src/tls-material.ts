@@ -6,7 +6,7 @@ import type { TlsFiles } from './config.js';
 import { checkTrust, subjectCn } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
 import { readSingleTlv, readTlvs, TAG_INTEGER, TAG_OID } from './x509/der.js';
-import { FileKindError, readRegularFile, readRegularFileSync } from './regular-file.js';
+import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile, readRegularFileSync } from './regular-file.js';
 
 export { subjectCn };
 
@@ -49,12 +49,6 @@ const PKCS7_OID_PREFIX = '2a864886f70d0107';
 
 type FileRole = 'mtls_cert' | 'mtls_key' | 'mtls_client_ca' | 'mtls_crl';
 type FileContents = Record<FileRole, Buffer | undefined>;
-
-/**
- * Far above any real file: a CRL of 10,000 revocations is about 0.5 MiB (test/large-crl), so this takes
- * over a million. What is larger is the wrong file, and reading it whole would take the memory it names.
- */
-export const MAX_TLS_FILE_BYTES = 64 * 1024 * 1024;
 
 /** What `ovms-mtls certs init` names each file: the hint for a path that names something else. */
 const SET_FILE_NAMES: Record<FileRole, string> = {

@@ -5,8 +5,7 @@ import { createServer as createH2cServer, constants, type Http2Server, type Serv
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { connect as netConnect } from 'node:net';
-import { connect as tlsConnect } from 'node:tls';
-import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { END_HEADERS, END_STREAM, H2, h2Frame, literalField, rawH2Client } from './helpers/raw-h2.js';
@@ -322,12 +321,10 @@ function pings(count: number): Buffer {
   for (let i = 0; i < count; i += 1) {
     const opaque = Buffer.alloc(8);
     opaque.writeUInt32BE(i, 4);
-    frames.push(h2Frame(H2_PING, 0, 0, opaque));
+    frames.push(h2Frame(H2.PING, 0, 0, opaque));
   }
   return Buffer.concat(frames);
 }
-
-const H2_PING = 0x6;
 
 // nghttp2 ends a connection that leaves too many of its answers unread (a PING or SETTINGS flood): Node's
 // 'error' on the session was swallowed, and the connection closed with no line and no count.
@@ -369,16 +366,13 @@ describe('an HTTP/2 connection Node ends for a flood, terminate mode', () => {
 
   test('a client that simply drops its connection (TCP reset) gets no such line', async () => {
     const from = front.logs.lines.length;
-    // TLS over a socket of our own: a TLSSocket cannot send a TCP reset itself.
     const tcp = netConnect({ port: front.grpcPort, host: '127.0.0.1' });
     tcp.on('error', () => {});
-    const client = tlsConnect({ socket: tcp, ...tlsClientOptions(pki), ALPNProtocols: ['h2'] });
-    client.on('error', () => {});
-    await once(client, 'secureConnect');
-    client.write(Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]));
+    const client = await rawH2Client(front.grpcPort, pki, tcp);
     const open = async () => sample(await metrics.registry.metrics(), 'ovms_mtls_open_connections', { listener: 'grpc' });
     await eventually(async () => (await open()) === 1, 'the connection counted open');
     tcp.resetAndDestroy();
+    await client.closed;
     // The session's error (ECONNRESET) comes before its close, which the gauge counts.
     await eventually(async () => (await open()) === 0, 'the connection counted closed');
     assert.deepEqual(front.logs.lines.slice(from).filter((l) => l.event === 'h2_session_error'), []);

@@ -4,8 +4,7 @@ import { chmod, lstat, mkdir, open, readFile, rename, stat, unlink } from 'node:
 import { setTimeout as sleep } from 'node:timers/promises';
 import { isAbsolute, join, resolve } from 'node:path';
 import { ConfigError } from '../errors.js';
-import { FileKindError, readRegularFile } from '../regular-file.js';
-import { MAX_TLS_FILE_BYTES } from '../tls-material.js';
+import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile } from '../regular-file.js';
 
 export const KEY_MODE = 0o600;
 export const PUBLIC_MODE = 0o644;

@@ -6,8 +6,7 @@ import type { OptionSpec } from '../options.js';
 import { runProbe, type ProbeOptions, type StepResult } from '../probe.js';
 import { parseCommandLine } from './options-parser.js';
 import { unbracketed } from '../addresses.js';
-import { FileKindError, readRegularFileSync } from '../regular-file.js';
-import { MAX_TLS_FILE_BYTES } from '../tls-material.js';
+import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFileSync } from '../regular-file.js';
 
 /**
  * The probe's own options. They are not product options (no OVMS_MTLS_*

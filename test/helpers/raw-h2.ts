@@ -1,4 +1,5 @@
 import { once } from 'node:events';
+import type { Socket } from 'node:net';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import type { TestPki } from './pki.js';
 import { tlsClientOptions } from './harness.js';
@@ -7,7 +8,7 @@ import { h2Frame } from './scripted-upstream.js';
 
 export { h2Frame };
 
-export const H2 = { DATA: 0x0, HEADERS: 0x1, RST_STREAM: 0x3, SETTINGS: 0x4, GOAWAY: 0x7, CONTINUATION: 0x9 } as const;
+export const H2 = { DATA: 0x0, HEADERS: 0x1, RST_STREAM: 0x3, SETTINGS: 0x4, PING: 0x6, GOAWAY: 0x7, CONTINUATION: 0x9 } as const;
 export const END_STREAM = 0x1;
 export const END_HEADERS = 0x4;
 const ACK = 0x1;
@@ -94,8 +95,9 @@ export interface RawH2Client {
  * and their ACK) and otherwise sends only what a test writes: it ignores
  * flow control and GOAWAY, as a broken or hostile client would.
  */
-export async function rawH2Client(port: number, pki: TestPki): Promise<RawH2Client> {
-  const socket: TLSSocket = tlsConnect({ port, host: '127.0.0.1', ...tlsClientOptions(pki), ALPNProtocols: ['h2'] });
+export async function rawH2Client(port: number, pki: TestPki, over?: Socket): Promise<RawH2Client> {
+  // `over`: a TCP connection of the test's own, for what a TLSSocket cannot do itself (a TCP reset).
+  const socket: TLSSocket = tlsConnect({ ...(over ? { socket: over } : { port, host: '127.0.0.1' }), ...tlsClientOptions(pki), ALPNProtocols: ['h2'] });
   socket.on('error', () => {});
   const closed = once(socket, 'close');
   await once(socket, 'secureConnect');
