@@ -81,7 +81,8 @@ class SessionState implements IdleConnection {
       return;
     }
     const last = this.session.state.lastProcStreamID;
-    if (last === undefined || last <= this.#lastSeen) return;
+    // 0 until the client's first stream: nothing can be missing yet (each idle connection got a PING at every sweep).
+    if (last === undefined || last < 1 || last <= this.#lastSeen) return;
     this.#probing = true;
     this.session.ping((err) => {
       this.#probing = false;

@@ -43,11 +43,11 @@ function watchGoAway(session: ClientHttp2Session) {
   return { seen, mark: () => (marked = true), closed: once(session, 'close').then(turnLater) };
 }
 
-/** A client that ignores a GOAWAY, and the GOAWAY error codes it got. */
-async function stubbornH2Client(port: number): Promise<{ goAwayCodes: () => number[]; ended: Promise<unknown> }> {
+/** A client that ignores a GOAWAY (and answers no PING), the GOAWAY error codes it got, and the PINGs. */
+async function stubbornH2Client(port: number): Promise<{ goAwayCodes: () => number[]; pings: () => number; ended: Promise<unknown> }> {
   const client = await rawH2Client(port, pki);
   const goAwayCodes = () => client.frames.filter((f) => f.type === H2.GOAWAY).map((f) => f.payload.readUInt32BE(4));
-  return { goAwayCodes, ended: client.closed };
+  return { goAwayCodes, pings: () => client.frames.filter((f) => f.type === H2.PING).length, ended: client.closed };
 }
 
 for (const grpcMode of ['terminate', 'relay'] as const) {
@@ -125,6 +125,8 @@ for (const grpcMode of ['terminate', 'relay'] as const) {
       const client = await stubbornH2Client(front.grpcPort);
       await client.ended;
       assert.deepEqual(client.goAwayCodes(), [0]);
+      // The sweep's PING is for a connection with a stream the proxy never saw: this one opened none.
+      assert.equal(client.pings(), 0, 'the proxy sent PINGs to a connection that never opened a stream');
       if (grpcMode === 'relay') {
         const line = await front.logs.waitFor((l) => l.event === 'relay_access' && l.calls === 0);
         assert.equal(line.idle, true, 'the connection line says why it closed');
