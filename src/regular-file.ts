@@ -33,7 +33,7 @@ export class FileKindError extends Error {
   }
 }
 
-export function describeKind(stats: Stats): string {
+function describeKind(stats: Stats): string {
   if (stats.isDirectory()) return 'a directory';
   if (stats.isFIFO()) return 'a FIFO (named pipe)';
   if (stats.isCharacterDevice()) return 'a character device';
@@ -42,7 +42,7 @@ export function describeKind(stats: Stats): string {
   return 'not a regular file';
 }
 
-export function formatBytes(bytes: number): string {
+function formatBytes(bytes: number): string {
   const mib = bytes / (1024 * 1024);
   return mib >= 1 ? `${Math.floor(mib)} MiB` : `${bytes} bytes`;
 }
