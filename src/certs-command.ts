@@ -8,12 +8,14 @@ import { randomBytes, X509Certificate } from 'node:crypto';
 import { resolve } from 'node:path';
 import { ConfigError, isUserError } from './errors.js';
 import { issuedBy } from './tls-checks.js';
+import { notPemCertificate } from './pem-shapes.js';
 import {
   assertAbsent,
   ensureDirectory,
   KEY_MODE,
   PUBLIC_MODE,
   readMaterial,
+  readMaterialBytes,
   readOptionalMaterial,
   resolveCertPath,
   withFileLock,
@@ -166,7 +168,7 @@ export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> 
   const clientCa = await readClientCa(dir);
   assertCaInValidity(clientCa, dir, 'a CRL');
   const certPath = await resolveCertPath(dir, o.cert);
-  const target = parseCertFile(certPath, await readMaterial(certPath, dir));
+  const target = parseCertToRevoke(certPath, await readMaterialBytes(certPath, dir, 'cert'));
   assertIssuedBy(target, new X509Certificate(clientCa.certPem), certPath);
 
   const crlPath = resolve(dir, CERT_FILES.clientCaCrl);
@@ -322,11 +324,13 @@ function assertCaInValidity(ca: Issued, dir: string, signs: 'a certificate' | 'a
   }
 }
 
-function parseCertFile(path: string, pem: string): X509Certificate {
+/** The certificate `revoke --cert` names: a key or a file of no PEM certificate is told apart, as for the proxy's own files. */
+function parseCertToRevoke(path: string, bytes: Buffer): X509Certificate {
+  if (!bytes.includes('-----BEGIN CERTIFICATE-----')) throw new ConfigError(`--cert ${path} ${notPemCertificate(bytes, path, 'cert')}`);
   try {
-    return new X509Certificate(pem);
+    return new X509Certificate(bytes);
   } catch (err) {
-    throw new ConfigError(`${path} is not a PEM certificate: ${(err as Error).message}`, { cause: err });
+    throw new ConfigError(`--cert ${path} holds no valid X.509 certificate (${(err as Error).message})`, { cause: err });
   }
 }
 

@@ -199,6 +199,25 @@ describe('certs client and revoke (CLI)', () => {
     const crl = openssl(['crl', '-in', 'client_cert_ca.crl', '-CAfile', 'client_cert_ca.pem', '-noout'], dir);
     assert.match(crl.out, /verify OK/);
   });
+
+  test('certs revoke --cert naming a key, a DER certificate or a directory says which, naming --cert, and leaves the CRL as it was', async () => {
+    const dir = await init();
+    const crlPath = join(dir, 'client_cert_ca.crl');
+    const crlBefore = await readFile(crlPath);
+    await writeFile(join(dir, 'client.der'), new X509Certificate(await readFile(join(dir, 'client.pem'))).raw);
+    const cases: [string, RegExp][] = [
+      ['client.key', /^ovms-mtls: --cert \S+client\.key holds a private key, not a certificate \(give the certificate \(\.pem\) to --cert, not its key\)$/],
+      ['client.der', /^ovms-mtls: --cert \S+client\.der holds a DER \(binary\) certificate, not PEM \(convert it: `openssl x509 -inform DER/],
+      ['.', /^ovms-mtls: --cert \S+ is a directory, not a regular file/],
+    ];
+    for (const [cert, expected] of cases) {
+      const result = await runCli(['certs', 'revoke', '--dir', dir, '--cert', join(dir, cert)]);
+      assert.equal(result.code, 2, result.stderr);
+      assert.equal(result.stderr.trim().split('\n').length, 1, result.stderr);
+      assert.match(result.stderr.trim(), expected);
+    }
+    assert.deepEqual(await readFile(crlPath), crlBefore);
+  });
 });
 
 describe('certs renew-crl (CLI)', () => {

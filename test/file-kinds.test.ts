@@ -218,8 +218,8 @@ describe('the certs and probe commands, given a path that names no regular file'
     await rm(crl);
     assert.equal(spawnSync('mkfifo', [crl]).status, 0);
     const runs: [string[], RegExp][] = [
-      [['revoke', '--dir', certs, '--cert', paths.fifo], /^ovms-mtls: \S+\/fifo is a FIFO \(named pipe\), not a regular file \(give the PEM file itself, as `ovms-mtls certs` wrote it\)\n$/],
-      [['revoke', '--dir', certs, '--cert', '/dev/zero'], /^ovms-mtls: \/dev\/zero is a character device, not a regular file /],
+      [['revoke', '--dir', certs, '--cert', paths.fifo], /^ovms-mtls: --cert \S+\/fifo is a FIFO \(named pipe\), not a regular file \(give the PEM file itself, as `ovms-mtls certs` wrote it\)\n$/],
+      [['revoke', '--dir', certs, '--cert', '/dev/zero'], /^ovms-mtls: --cert \/dev\/zero is a character device, not a regular file /],
       [['renew-crl', '--dir', certs], /^ovms-mtls: \S+\/client_cert_ca\.crl is a FIFO \(named pipe\), not a regular file /],
     ];
     for (const [args, line] of runs) {

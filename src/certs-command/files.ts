@@ -104,18 +104,28 @@ async function removeTemps(staged: { temp: string }[]): Promise<void> {
 
 /** Reads a PEM file of the PKI; a missing one means `certs init` has not run for this directory. */
 export async function readMaterial(path: string, dir: string): Promise<string> {
-  const text = await readOptionalMaterial(path);
-  if (text === undefined) throw new ConfigError(`${path} not found: run \`ovms-mtls certs init --dir ${dir}\` first`);
-  return text;
+  return (await readMaterialBytes(path, dir)).toString('utf8');
+}
+
+/** `option`: the flag that named the path (`cert` for `--cert`), for an error line to name it too. */
+export async function readMaterialBytes(path: string, dir: string, option?: string): Promise<Buffer> {
+  const bytes = await readOptionalBytes(path, option);
+  if (bytes === undefined) throw new ConfigError(`${path} not found: run \`ovms-mtls certs init --dir ${dir}\` first`);
+  return bytes;
 }
 
 export async function readOptionalMaterial(path: string): Promise<string | undefined> {
+  return (await readOptionalBytes(path))?.toString('utf8');
+}
+
+async function readOptionalBytes(path: string, option?: string): Promise<Buffer | undefined> {
   try {
-    return (await readRegularFile(path, MAX_TLS_FILE_BYTES)).toString('utf8');
+    return await readRegularFile(path, MAX_TLS_FILE_BYTES);
   } catch (err) {
-    if (err instanceof FileKindError) throw new ConfigError(`${path} ${err.message} (give the PEM file itself, as \`ovms-mtls certs\` wrote it)`, { cause: err });
+    const named = option === undefined ? path : `--${option} ${path}`;
+    if (err instanceof FileKindError) throw new ConfigError(`${named} ${err.message} (give the PEM file itself, as \`ovms-mtls certs\` wrote it)`, { cause: err });
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw new ConfigError(`cannot read ${path}: ${(err as Error).message}`, { cause: err });
+    throw new ConfigError(`cannot read ${named}: ${(err as Error).message}`, { cause: err });
   }
 }
 
