@@ -27,6 +27,11 @@ function keyInsteadOfCertificateHint(role: string): string {
   return role === 'mtls_cert' ? '--mtls_cert and --mtls_key swapped?' : `give the certificate (.pem) to --${role}, not its key`;
 }
 
+/** A key OpenSSL could not read because it is encrypted (it then asks for a passphrase nobody types, and reports 'interrupted or cancelled'). */
+export function isEncryptedKey(pem: Buffer, err: unknown): boolean {
+  return /ENCRYPTED/.test(pem.toString('latin1')) || (err as { code?: string }).code === 'ERR_MISSING_PASSPHRASE';
+}
+
 export function notPemKey(bytes: Buffer, path: string): string {
   if (isBlank(bytes)) return 'is empty (expected a PEM private key, -----BEGIN PRIVATE KEY-----)';
   if (isPkcs12(bytes)) return pkcs12Hint(path);

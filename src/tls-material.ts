@@ -6,7 +6,7 @@ import type { TlsFiles } from './config.js';
 import { checkTrust, subjectCn } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile, readRegularFileSync } from './regular-file.js';
-import { notPemCertificate, notPemCrl, notPemKey } from './pem-shapes.js';
+import { isEncryptedKey, notPemCertificate, notPemCrl, notPemKey } from './pem-shapes.js';
 
 export { subjectCn };
 
@@ -136,9 +136,8 @@ function parseKey(pem: Buffer, path: string): KeyObject {
   try {
     return createPrivateKey(pem);
   } catch (err) {
-    const encrypted = /ENCRYPTED/.test(pem.toString('latin1')) || (err as { code?: string }).code === 'ERR_MISSING_PASSPHRASE';
     throw new TlsMaterialError(
-      encrypted
+      isEncryptedKey(pem, err)
         ? `--mtls_key: ${path} is encrypted, and the proxy takes no passphrase (decrypt it: \`openssl pkey -in ${path} -out ${path}.plain\` asks for the passphrase once)`
         : `--mtls_key: ${path} ${notPemKey(pem, path)}`,
     );

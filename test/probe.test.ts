@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { PassThrough } from 'node:stream';
+import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { connect as netConnect } from 'node:net';
@@ -236,6 +237,32 @@ describe('probe', () => {
       const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...files, '--mtls_ca', pki.paths['server_ca.pem']!]);
       assert.equal(res.code, 2, res.stderr);
       assert.equal(res.stderr, message);
+      assert.equal(res.stdout, '');
+    }
+  });
+
+  test('a DER CA, a DER certificate or key, a key given as a certificate or an encrypted key is named as such in one line with exit 2; a DER CA was skipped and the probe blamed the server certificate', async () => {
+    const derCa = join(pki.dir, 'server_ca.der');
+    const derCert = join(pki.dir, 'client.der');
+    const derKey = join(pki.dir, 'client.key.der');
+    const encryptedKey = join(pki.dir, 'client.enc.key');
+    await writeFile(derCa, new X509Certificate(pki.serverCa.certPem).raw);
+    await writeFile(derCert, new X509Certificate(pki.client.certPem).raw);
+    await writeFile(derKey, createPrivateKey(pki.client.keyPem).export({ format: 'der', type: 'pkcs8' }));
+    await writeFile(encryptedKey, createPrivateKey(pki.client.keyPem).export({ format: 'pem', type: 'pkcs8', cipher: 'aes-256-cbc', passphrase: 'x' }));
+    const [cert, key, ca] = [pki.paths['client.pem']!, pki.paths['client.key']!, pki.paths['server_ca.pem']!];
+    const cases: [[string, string, string], RegExp][] = [
+      [[cert, key, derCa], /^ovms-mtls: --mtls_ca: \S+server_ca\.der holds a DER \(binary\) certificate, not PEM \(convert it: `openssl x509 -inform DER /],
+      [[derCert, key, ca], /^ovms-mtls: --mtls_cert: \S+client\.der holds a DER \(binary\) certificate, not PEM /],
+      [[cert, derKey, ca], /^ovms-mtls: --mtls_key: \S+client\.key\.der holds a DER \(binary\) key, not PEM \(convert it: `openssl pkey -inform DER /],
+      [[key, cert, ca], /^ovms-mtls: --mtls_cert: \S+client\.key holds a private key, not a certificate \(--mtls_cert and --mtls_key swapped\?\)$/],
+      [[cert, encryptedKey, ca], /^ovms-mtls: --mtls_key: \S+client\.enc\.key is encrypted, and probe takes no passphrase /],
+    ];
+    for (const [[certFile, keyFile, caFile], message] of cases) {
+      const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), '--mtls_cert', certFile, '--mtls_key', keyFile, '--mtls_ca', caFile]);
+      assert.equal(res.code, 2, res.stdout);
+      assert.equal(res.stderr.trim().split('\n').length, 1, res.stderr);
+      assert.match(res.stderr.trim(), message);
       assert.equal(res.stdout, '');
     }
   });

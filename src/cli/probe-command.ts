@@ -7,6 +7,7 @@ import { runProbe, type ProbeOptions, type StepResult } from '../probe.js';
 import { parseCommandLine } from './options-parser.js';
 import { unbracketed } from '../addresses.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFileSync } from '../regular-file.js';
+import { isEncryptedKey, notPemCertificate, notPemKey } from '../pem-shapes.js';
 
 /**
  * The probe's own options. They are not product options (no OVMS_MTLS_*
@@ -44,15 +45,34 @@ function readPem(flag: string, value: unknown): Buffer {
   return checkPem(flag, value, pem);
 }
 
-/** Fails with a one-line message before any connection when a file is not what its flag needs. */
+/**
+ * Fails with a one-line message before any connection when a file is not what its flag needs.
+ * Node's TLS takes PEM only: a DER CA would be skipped without a word, and the probe would then
+ * blame the server certificate for not being trusted.
+ */
 function checkPem(flag: string, path: string, pem: Buffer): Buffer {
+  const problem = flag === 'mtls_key' ? keyProblem(path, pem) : certificateProblem(flag, path, pem);
+  if (problem !== undefined) throw new ConfigError(`--${flag}: ${path} ${problem}`);
+  return pem;
+}
+
+function keyProblem(path: string, pem: Buffer): string | undefined {
   try {
-    if (flag === 'mtls_key') createPrivateKey(pem);
-    else new X509Certificate(pem);
-    return pem;
+    createPrivateKey(pem);
+    return undefined;
+  } catch (err) {
+    if (isEncryptedKey(pem, err)) return `is encrypted, and probe takes no passphrase (decrypt it: \`openssl pkey -in ${path} -out ${path}.plain\` asks for the passphrase once)`;
+    return notPemKey(pem, path);
+  }
+}
+
+function certificateProblem(flag: string, path: string, pem: Buffer): string | undefined {
+  if (!pem.includes('-----BEGIN CERTIFICATE-----')) return notPemCertificate(pem, path, flag);
+  try {
+    new X509Certificate(pem);
+    return undefined;
   } catch {
-    const what = flag === 'mtls_key' ? 'an unencrypted PEM private key' : 'a PEM certificate';
-    throw new ConfigError(`--${flag}: ${path} is not ${what} (check the path; \`ovms-mtls certs client\` makes a client pair)`);
+    return 'holds no valid PEM certificate (check the path; `ovms-mtls certs client` makes a client pair)';
   }
 }
 
