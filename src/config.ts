@@ -202,8 +202,15 @@ export function parseHostPort(name: string, value: unknown): HostPort {
   return { host: match[1]!, port };
 }
 
-/** `::1:9000` is one IPv6 address and no port: the spelling meant is shown. */
+/** `::1:9000` is one IPv6 address and no port, `http://ovms:8000` a URL: the spelling meant is shown. */
 function hostPortExample(text: string): string {
+  const url = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/([^/?#]*)/.exec(text);
+  if (url) {
+    const hostPort = /:\d+$/.test(url[2]!) ? url[2]! : `${url[2]!}:PORT`;
+    // Users copy OVMS's URLs from its docs; an https:// one also needs telling that the upstream hop has no TLS.
+    const plain = /^(https|grpcs)$/i.test(url[1]!) ? '; the model server is reached without TLS, h2c for gRPC and HTTP/1.1 for REST' : '';
+    return `a URL: give host:port alone, ${hostPort}${plain}`;
+  }
   const colon = text.lastIndexOf(':');
   const host = text.slice(0, colon);
   const port = text.slice(colon + 1);

@@ -119,6 +119,11 @@ describe('proxy command line', () => {
     ['the client CA certificate given as the CRL', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags(), '--mtls_crl', pki.paths['client_cert_ca.pem']!],
       /^ovms-mtls: --mtls_crl: .*client_cert_ca\.pem holds a certificate, not a CRL \(give the CRL the client CA issues: client_cert_ca\.crl of `ovms-mtls certs init`\)\n$/],
     ['an upstream that is not host:port', () => ['--port', '1', '--mtls_grpc_upstream', 'localhost', ...tlsFlags()], /--mtls_grpc_upstream: 'localhost' is not host:port/],
+    // A URL pasted from OVMS's docs got only the generic example; an https:// one did not say the hop to the model server has no TLS.
+    ['an upstream given as a URL', () => ['--rest_port', '1', '--mtls_rest_upstream', 'http://127.0.0.1:8000/', ...tlsFlags()],
+      /^ovms-mtls: --mtls_rest_upstream: 'http:\/\/127\.0\.0\.1:8000\/' is not host:port \(a URL: give host:port alone, 127\.0\.0\.1:8000\)\n$/],
+    ['an upstream given as an https:// URL', () => ['--port', '1', '--mtls_grpc_upstream', 'https://ovms:9000', ...tlsFlags()],
+      /^ovms-mtls: --mtls_grpc_upstream: 'https:\/\/ovms:9000' is not host:port \(a URL: give host:port alone, ovms:9000; the model server is reached without TLS, h2c for gRPC and HTTP\/1\.1 for REST\)\n$/],
     ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
     ['a stray word after a boolean option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()],
       /^ovms-mtls: unexpected argument 'maybe'; options take their value as --name VALUE or --name=VALUE \(see `ovms-mtls --help`\)\n$/],
