@@ -293,6 +293,16 @@ describe('Kubernetes manifests', () => {
     assert.equal(json.model_config_list[0].config.name, 'dummy');
   });
 
+  // config/ovms-mtls.env told Kubernetes users to make this ConfigMap, and no pod read it: an
+  // allow-list put there was never applied, and every client the CA vouches for got in.
+  test('the ConfigMap config/ovms-mtls.env says to create is read by the container (envFrom), and optional', () => {
+    const name = /kubectl create configmap (\S+) --from-env-file=config\/ovms-mtls\.env/.exec(read('config/ovms-mtls.env'))?.[1];
+    assert.ok(name, 'config/ovms-mtls.env no longer says how to make its ConfigMap');
+    const refs = ((container['envFrom'] ?? []) as Yaml[]).map((source) => source['configMapRef'] as Yaml | undefined);
+    // Optional: a pod whose required ConfigMap is missing never starts (CreateContainerConfigError).
+    assert.deepEqual(refs.filter((ref) => ref?.['name'] === name), [{ name, optional: true }], `the Deployment does not read the ConfigMap ${name}`);
+  });
+
   test('the Service selects the pods and targets their mTLS ports', () => {
     const service = byKind('Service')[0]!;
     const labels = deployment['spec']['template']['metadata']['labels'];
