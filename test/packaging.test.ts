@@ -7,14 +7,14 @@
 import { test, describe, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse, parseAllDocuments } from 'yaml';
-import { ALL_OPTIONS, envVarName, optionSpec } from '../src/options.js';
-import { DEFAULTS, proxyConfigFromOptions } from '../src/config.js';
+import { ALL_OPTIONS, envVarName, optionSpec, optionsFromEnv } from '../src/options.js';
+import { DEFAULTS, parseAllowList, proxyConfigFromOptions } from '../src/config.js';
 import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
 import { PROXY_OPTIONS, PROXY_USAGE } from '../src/cli/proxy-command.js';
 import { PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
@@ -347,6 +347,26 @@ describe('example configuration', () => {
     assert.deepEqual(listed, expected, 'regenerate the entries for new or removed options in src/options.ts');
     for (const option of ALL_OPTIONS) assert.ok(text.includes(`# --${option.name}: `), `--${option.name} has no description line`);
   });
+
+  // The env file and the README gave `\,` for a comma inside a value, and systemd's EnvironmentFile=
+  // drops the backslash: `OVMS_MTLS_ALLOW_CN=Smith\, John` became an allow-list of CN Smith and CN John.
+  const systemdEnvParser = '/usr/lib/systemd/user-environment-generators/30-systemd-environment-d-generator';
+  test('the env file\'s systemd spelling of a comma inside a value reaches the proxy as one value, through systemd\'s own parser',
+    { skip: !existsSync(systemdEnvParser) && 'systemd is not installed' }, async (t) => {
+      const [, example, asWritten] = /^#\s+(OVMS_MTLS_ALLOW_CN=\S.*?)\s+\(systemd; docker and kubectl: (.+)\)$/m.exec(read('config/ovms-mtls.env')) ?? [];
+      assert.ok(example && asWritten, 'config/ovms-mtls.env does not show how systemd users write a comma inside a value');
+      // docker run --env-file and kubectl --from-env-file pass the value on as written.
+      assert.deepEqual(parseAllowList(optionsFromEnv({ OVMS_MTLS_ALLOW_CN: asWritten })).cn, ['Smith, John']);
+      // The generator reads environment.d files with the parser of EnvironmentFile= (parse_env_file_internal)
+      // and prints the result shell-quoted.
+      const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-systemd-env-'));
+      t.after(() => rm(dir, { recursive: true, force: true }));
+      mkdirSync(join(dir, 'environment.d'));
+      writeFileSync(join(dir, 'environment.d', '50-ovms-mtls.conf'), example + '\n');
+      writeFileSync(join(dir, 'parsed'), execFileSync(systemdEnvParser, { env: { XDG_CONFIG_HOME: dir }, encoding: 'utf8' }));
+      const value = execFileSync('/bin/sh', ['-c', '. "$1" && printf %s "$OVMS_MTLS_ALLOW_CN"', 'sh', join(dir, 'parsed')], { encoding: 'utf8' });
+      assert.deepEqual(parseAllowList(optionsFromEnv({ OVMS_MTLS_ALLOW_CN: value })).cn, ['Smith, John']);
+    });
 
   test('config/config.json serves the demo dummy model', () => {
     const config = JSON.parse(read('config/config.json'));
