@@ -1,6 +1,7 @@
 import { SocketAddress, isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { readFileSync } from 'node:fs';
+import { posix } from 'node:path';
 import { ConfigError } from './errors.js';
 import { clientAddress, unbracketed } from './addresses.js';
 import type { RawOptions } from './options.js';
@@ -516,8 +517,27 @@ export function proxyConfigFromOptions(raw: RawOptions): Config {
  * One worker per CPU this process may use: the CPUs it may run on, capped by a
  * cgroup v2 CPU quota (a Kubernetes CPU limit of 2 on a 64-core node means 2).
  */
-export function defaultWorkerCount(cpuMax: string | undefined = readCgroupCpuMax()): number {
-  return Math.max(1, Math.min(availableParallelism(), cpusFromCgroupQuota(cpuMax) ?? Infinity));
+export function defaultWorkerCount(quotaCpus: number | undefined = cgroupCpuQuota()): number {
+  return Math.max(1, Math.min(availableParallelism(), quotaCpus ?? Infinity));
+}
+
+/**
+ * The tightest cgroup v2 CPU quota on this process, in CPUs: its own cgroup's cpu.max and those
+ * of the cgroups above it. In a container (a cgroup namespace of its own) the process's cgroup is
+ * the root it sees, `/`; a systemd service sits at /system.slice/NAME.service, where CPUQuota=
+ * puts its cpu.max (a slice above may hold one too), and the root of the hierarchy has none.
+ */
+export function cgroupCpuQuota(procSelfCgroup = textOrEmpty('/proc/self/cgroup'), root = '/sys/fs/cgroup'): number | undefined {
+  const own = /^0::(\/.*)$/m.exec(procSelfCgroup)?.[1] ?? '/';
+  // A cgroup outside our namespace shows as /../..: none of it is visible under root.
+  let dir = own.split('/').includes('..') ? '/' : own;
+  let tightest: number | undefined;
+  for (;;) {
+    const cpus = cpusFromCgroupQuota(textOrEmpty(posix.join(root, dir, 'cpu.max')));
+    if (cpus !== undefined && (tightest === undefined || cpus < tightest)) tightest = cpus;
+    if (dir === '/') return tightest;
+    dir = posix.dirname(dir);
+  }
 }
 
 /** `cpu.max` holds "QUOTA PERIOD" or "max PERIOD"; undefined when there is no quota. */
@@ -529,10 +549,10 @@ export function cpusFromCgroupQuota(cpuMax: string | undefined): number | undefi
   return Math.max(1, Math.ceil(q / p));
 }
 
-function readCgroupCpuMax(): string | undefined {
+function textOrEmpty(path: string): string {
   try {
-    return readFileSync('/sys/fs/cgroup/cpu.max', 'utf8');
+    return readFileSync(path, 'utf8');
   } catch {
-    return undefined;
+    return '';
   }
 }
