@@ -9,11 +9,13 @@
  * (the image has them at /certs and /ovms/bin/ovms), and root stays root
  * (--mtls_ovms_user root; the pod runs as uid 5000, which changes nothing
  * here: started as a non-root user the entrypoint drops nothing).
+ * deploy/systemd/ovms-mtls.service likewise, below: its ExecStart as the
+ * unit's user, groups and capabilities would run it.
  */
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, mkdtemp, readFile, readlink, rename, rm, symlink, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, mkdtemp, readFile, readlink, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -22,6 +24,8 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { FAKE_OVMS, makeFakeExecutable, startWrapper, type Wrapper } from './helpers/entrypoint.js';
 import { FILE_NAMES, servedSerial, type SetContents, type TlsClient } from './helpers/reload.js';
 import { eventually, httpGet } from './helpers/ops.js';
+import { startCli } from './helpers/cli.js';
+import { https1, startUpstream, type LogLine } from './helpers/harness.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { issueServerCert, type Issued } from '../src/x509.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
@@ -30,6 +34,7 @@ import { splitOvmsArgv } from '../src/ovms-args.js';
 type Yaml = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
 
 const MANIFEST = fileURLToPath(new URL('../../deploy/kubernetes/deployment.yaml', import.meta.url));
+const UNIT = fileURLToPath(new URL('../../deploy/systemd/ovms-mtls.service', import.meta.url));
 const TINI = '/usr/bin/tini';
 
 let pki: TestPki;
@@ -144,6 +149,100 @@ describe('deploy/kubernetes/deployment.yaml run as written', () => {
       // SIGTERM, not SIGKILL: tini would die alone and leave ovms-mtls and OVMS running.
       if (pod.wrapper.child.exitCode === null && pod.wrapper.child.signalCode === null) pod.wrapper.child.kill('SIGTERM');
       await pod.wrapper.exited;
+    }
+  });
+});
+
+/** The unit's `Key=value` lines, continuation lines joined; a repeated key keeps its last value. */
+function unitDirectives(text: string): Map<string, string> {
+  const directives = new Map<string, string>();
+  for (const line of text.replace(/\\\n\s*/g, ' ').split('\n')) {
+    const m = /^([A-Za-z]+)=(.*)$/.exec(line);
+    if (m) directives.set(m[1]!, m[2]!.trim());
+  }
+  return directives;
+}
+
+/** `CAP_NET_BIND_SERVICE CAP_X` -> setpriv's `+net_bind_service,+x`. */
+const setprivCaps = (caps: string) => caps.split(/\s+/).map((c) => '+' + c.replace(/^CAP_/, '').toLowerCase()).join(',');
+
+/**
+ * What systemd does for the unit that can be done without systemd: a user of the DynamicUser range
+ * with the SupplementaryGroups group only, NoNewPrivileges, the ambient and bounding capabilities,
+ * the header's install modes and owners; ExecReload's SIGHUP to the main process, and KillSignal to
+ * every process of the unit (KillMode=control-group, the default), the proxy's workers included.
+ */
+describe('deploy/systemd/ovms-mtls.service run as written', { skip: !(process.getuid?.() === 0 && existsSync('/usr/bin/setpriv') && existsSync('/usr/bin/setsid')) && 'needs root and util-linux setpriv/setsid' }, () => {
+  const DYNAMIC_UID = 65001; // in systemd's DynamicUser range (61184-65519)
+  const GROUP_GID = 65002;
+
+  test('the dynamic user reads the installed files through the group, serves, reloads on ExecReload, and drains on SIGTERM to the whole unit', async () => {
+    const text = await readFile(UNIT, 'utf8');
+    const unit = unitDirectives(text);
+    const group = unit.get('SupplementaryGroups')!;
+    const dirs = /^#\s+install -d -m (\d+) -o root -g (\S+) \/etc\/ovms-mtls \/etc\/ovms-mtls\/certs$/m.exec(text);
+    const files = /^#\s+install -m (\d+) -g (\S+) certs\/server\.pem certs\/server\.key certs\/client_cert_ca\.pem certs\/client_cert_ca\.crl \/etc\/ovms-mtls\/certs\/$/m.exec(text);
+    assert.ok(dirs && files, 'the install steps in the unit header changed: update this test');
+    assert.deepEqual([dirs[2], files[2]], [group, group], 'the files are installed for another group than SupplementaryGroups=');
+    assert.equal(unit.get('DynamicUser'), 'yes');
+    assert.equal(unit.get('KillMode') ?? 'control-group', 'control-group');
+
+    const root = await mkdtemp(join(tmpdir(), 'ovms-mtls-systemd-'));
+    await chmod(root, 0o755);
+    const etc = join(root, 'etc/ovms-mtls');
+    const upstream = await startUpstream();
+    try {
+      for (const dir of [etc, join(etc, 'certs')]) {
+        await mkdir(dir, { recursive: true });
+        await chown(dir, 0, GROUP_GID);
+        await chmod(dir, parseInt(dirs[1]!, 8));
+      }
+      const contents = { 'server.pem': pki.server.certPem, 'server.key': pki.server.keyPem, 'client_cert_ca.pem': pki.clientCa.certPem, 'client_cert_ca.crl': pki.crlPem };
+      for (const [name, pem] of Object.entries(contents)) {
+        const path = join(etc, 'certs', name);
+        await writeFile(path, pem);
+        await chown(path, 0, GROUP_GID);
+        await chmod(path, parseInt(files[1]!, 8));
+      }
+
+      const [program, ...execArgs] = unit.get('ExecStart')!.split(/\s+/);
+      assert.equal(program, '/usr/local/bin/ovms-mtls');
+      const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3)) as [number, number, number];
+      const replacements: Record<string, string> = {
+        '--port': String(grpcPort), '--rest_port': String(restPort), '--mtls_admin_port': String(adminPort),
+        '--mtls_grpc_upstream': `127.0.0.1:${upstream.grpcPort}`, '--mtls_rest_upstream': `127.0.0.1:${upstream.restPort}`,
+      };
+      const args = execArgs.map((arg, i) => replacements[execArgs[i - 1]!] ?? arg.replace(/^\/etc\/ovms-mtls\//, etc + '/'));
+      const caps = setprivCaps(unit.get('AmbientCapabilities')!);
+      const user = ['/usr/bin/setsid', '/usr/bin/setpriv', '--reuid', String(DYNAMIC_UID), '--regid', String(DYNAMIC_UID), '--groups', String(GROUP_GID),
+        ...(unit.get('NoNewPrivileges') === 'yes' ? ['--no-new-privs'] : []),
+        '--inh-caps', caps, '--ambient-caps', caps, '--bounding-set', `-all,${setprivCaps(unit.get('CapabilityBoundingSet')!)}`];
+      const service = startCli(args, { wrap: user });
+      const mainPid = service.child.pid!;
+      /** Bounded, and over at once if the service exits (a file it cannot read: exit 2). */
+      const logged = async (what: string, match: (l: LogLine) => boolean) => {
+        await eventually(() => service.logs.lines.some(match) || service.child.exitCode !== null, what);
+        assert.ok(service.logs.lines.some(match), `${what}: the service exited with ${service.child.exitCode}: ${service.stderr()}`);
+      };
+      try {
+        await logged('listening', (l) => l.event === 'workers_listening');
+        assert.equal((await https1(restPort, pki, { path: '/v2/health/ready' })).status, 200);
+        assert.equal((await httpGet(adminPort, '/readyz')).status, 200);
+
+        assert.equal(unit.get('ExecReload'), '/bin/kill -HUP $MAINPID');
+        process.kill(mainPid, 'SIGHUP');
+        await logged('reloaded on SIGHUP', (l) => l.event === 'reloaded' && l['trigger'] === 'signal');
+
+        process.kill(-mainPid, unit.get('KillSignal') as NodeJS.Signals);
+        assert.equal(await service.exited, 0, service.stderr());
+        assert.ok(service.logs.lines.some((l) => l.event === 'stopped'));
+      } finally {
+        if (service.child.exitCode === null && service.child.signalCode === null) process.kill(-mainPid, 'SIGKILL');
+        await service.exited;
+      }
+    } finally {
+      await upstream.close();
+      await rm(root, { recursive: true, force: true });
     }
   });
 });
