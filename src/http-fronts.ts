@@ -377,6 +377,17 @@ function missingHostRefusal(req: IncomingMessage): OwnAnswer | undefined {
   return { status: 400, error: 'bad_request', close: true };
 }
 
+/**
+ * A request Node parsed behind a response that closes the connection (ours with `connection: close`,
+ * a drain's, one to an HTTP/1.0 client), or once our end is closing: Node never sends its answer,
+ * and the model server, had it been forwarded, would have worked for nobody.
+ */
+function answeredNever(socket: Socket, open: ReadonlySet<ServerResponse>): boolean {
+  if (socket.writableEnded || socket.destroyed) return true;
+  for (const res of open) if (!res.shouldKeepAlive) return true;
+  return false;
+}
+
 /** A whole HTTP/1.1 response of our own, after which the connection closes. */
 export function closingAnswer(status: number, contentType: string, body: string): Buffer {
   const payload = Buffer.from(body);
@@ -391,7 +402,8 @@ export function closingAnswer(status: number, contentType: string, body: string)
 export class H1Front implements Drainable {
   readonly #server: HttpServer;
   readonly #contexts = new WeakMap<Socket, ConnectionContext>();
-  readonly #active = new Map<Socket, number>();
+  /** Per connection, its responses not closed yet: the one being written and those of pipelined requests queued behind it. */
+  readonly #active = new Map<Socket, Set<ServerResponse>>();
   /** Connections to close once their current response is done (revoked clients). */
   readonly #closing = new WeakSet<Socket>();
   /** The last request Node parsed on each connection. */
@@ -433,7 +445,7 @@ export class H1Front implements Drainable {
     this.#server.emit('listening');
     // Any socket timeout (ours above, Node's keep-alive one) lands here; without a listener Node would cut a busy connection too.
     this.#server.on('timeout', (socket: Socket) => {
-      if ((this.#active.get(socket) ?? 0) > 0) return;
+      if (this.#busy(socket)) return;
       // Node's headersTimeout check would answer a head that stopped arriving up to a quarter of the timeout later: closing it as idle first left no answer and no access line.
       if (this.#headArriving(socket)) this.#refuse(socket, { status: 408, message: headStalledMessage(idleMs), error: 'client_header_timeout' });
       else socket.destroy();
@@ -472,9 +484,14 @@ export class H1Front implements Drainable {
     return err.code === 'HPE_INVALID_EOF_STATE' && this.#latest.get(socket)?.complete === false;
   }
 
+  /** A response of the connection is still open. */
+  #busy(socket: Socket): boolean {
+    return (this.#active.get(socket)?.size ?? 0) > 0;
+  }
+
   /** Requests that arrived whole before the bad bytes are still waiting for their answers. */
   #owesAnswers(socket: Socket): boolean {
-    return (this.#active.get(socket) ?? 0) > 0 && this.#latest.get(socket)?.complete === true;
+    return this.#busy(socket) && this.#latest.get(socket)?.complete === true;
   }
 
   /** Our own answer to what Node's parser refused; the connection then closes. */
@@ -490,8 +507,8 @@ export class H1Front implements Drainable {
 
   accept(socket: TLSSocket, context: ConnectionContext): void {
     this.#contexts.set(socket, context);
-    this.#active.set(socket, 0);
-    socket.once('close', () => this.#active.delete(socket));
+    this.#active.set(socket, new Set());
+    socket.once('close', () => this.#closeQueuedResponses(socket));
     if (this.#draining) {
       socket.destroy();
       return;
@@ -503,7 +520,7 @@ export class H1Front implements Drainable {
 
   drain(): void {
     this.#draining = true;
-    for (const [socket, active] of this.#active) if (active === 0) socket.end();
+    for (const [socket, responses] of this.#active) if (responses.size === 0) socket.end();
   }
 
   /** Once every connection is gone: stops Node's headersTimeout check timer. */
@@ -514,18 +531,24 @@ export class H1Front implements Drainable {
   /** Closes one connection now if idle, else right after the response in progress. */
   closeConnection(socket: TLSSocket): void {
     this.#closing.add(socket);
-    if ((this.#active.get(socket) ?? 0) === 0) socket.end();
+    if (!this.#busy(socket)) socket.end();
   }
 
   /** `unmet`: what Node found the request cannot have (its Expect), answered instead of the handler. */
   #onRequest(req: IncomingMessage, res: ServerResponse, handler: RequestHandler, unmet?: OwnAnswer): void {
     const socket = req.socket;
     const context = this.#contexts.get(socket);
-    if (!context) {
+    const open = this.#active.get(socket);
+    if (!context || !open) {
       socket.destroy();
       return;
     }
-    this.#active.set(socket, (this.#active.get(socket) ?? 0) + 1);
+    if (answeredNever(socket, open)) {
+      // Not read, as the relay reads nothing after such an answer: its body is dropped, it has no access line.
+      req.resume();
+      return;
+    }
+    open.add(res);
     this.#latest.set(socket, req);
     // An HTTP/1.1 request in flight counts as an open stream, as an HTTP/2 stream does.
     this.#observer.streamOpened(context.listener);
@@ -533,12 +556,9 @@ export class H1Front implements Drainable {
     if (closing()) res.shouldKeepAlive = false;
     res.once('close', () => {
       this.#observer.streamClosed(context.listener);
-      const active = this.#active.get(socket);
-      // A connection cut mid-request closes before its response does; counting it again would keep it (and its request) for good.
-      if (active === undefined) return;
-      const left = active - 1;
-      this.#active.set(socket, left);
-      if (left > 0) return;
+      open.delete(res);
+      // The connection is gone (it closes before its responses do): nothing more to answer or close on it.
+      if (!this.#active.has(socket) || open.size > 0) return;
       this.#readAtRest.set(socket, socket.bytesRead);
       const refusal = this.#refuseAfterAnswers.get(socket);
       if (refusal) this.#refuse(socket, refusal);
@@ -547,6 +567,25 @@ export class H1Front implements Drainable {
     const own = headTooLarge(req, this.#maxHeaderSize) ?? versionRefusal(req) ?? missingHostRefusal(req) ?? unmet;
     if (own) this.#answerOurselves(req, res, context, own);
     else handler(req, res, context);
+  }
+
+  /**
+   * The connection closed. Node closes the response it was writing, not those of pipelined
+   * requests queued behind it (its socketOnClose leaves them, "Abort socket._httpMessage ?"):
+   * they never emitted 'close', so their requests stayed in flight for good (open_streams,
+   * the forwarder's upstream request, still running, and their access lines). They are
+   * closed here, after the socket's other 'close' listeners, Node's among them.
+   */
+  #closeQueuedResponses(socket: Socket): void {
+    const open = this.#active.get(socket);
+    this.#active.delete(socket);
+    if (open === undefined || open.size === 0) return;
+    process.nextTick(() => {
+      for (const res of open) {
+        res.destroy();
+        res.emit('close');
+      }
+    });
   }
 
   /** Answered here, after Node parsed the request, in its turn among the requests pipelined with it. */

@@ -78,6 +78,18 @@ describe('REST requests Node would answer on its own get an answer and one acces
       assert.deepEqual(http10.lines.map(summary), [{ status: 200, error: undefined, method: 'GET', path: '/v2/health/live', protocol: 'http/1.1' }]);
     });
 
+    test(`--mtls_rest_mode ${restMode}: a request pipelined behind an answer that closes the connection is not read: the model server never gets it, and it has no access line`, { timeout: 20_000 }, async () => {
+      const behind = `/v2/models/dummy?behind-a-closing-answer-${restMode}`;
+      const { text, lines } = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\n\r\n' + `GET ${behind} HTTP/1.1\r\nhost: a\r\n\r\n`, 1);
+      assert.deepEqual(statuses(text), [400]);
+      // Sent after that connection closed: once the model server has it, anything forwarded before it has arrived too.
+      const marker = `/v2/health/live?after-${restMode}`;
+      await exchangeHttp1(restMode, `GET ${marker} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n`, 1);
+      await eventually(() => both.upstream.received.some((r) => r.path === marker), 'the model server to get the request sent after');
+      assert.deepEqual(both.upstream.received.filter((r) => r.path === behind), []);
+      assert.deepEqual(lines.map(summary), [{ status: 400, error: 'bad_request', method: 'GET', path: '/v2/health/live', protocol: 'http/1.1' }]);
+    });
+
     test(`--mtls_rest_mode ${restMode}: CONNECT gets 405 and a close, after the answer to the request before it, and an access line naming it`, { timeout: 20_000 }, async () => {
       const { text, lines } = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\n\r\n' + 'CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n', 2);
       assert.deepEqual(statuses(text), [200, 405]);

@@ -15,6 +15,7 @@ import { runInNewContext } from 'node:vm';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
+import { openRaw, readUntil } from './helpers/raw-http1.js';
 import { GateBoard } from './helpers/sse.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -115,6 +116,21 @@ for (const restMode of ['terminate', 'relay'] as const) {
         collectGarbage();
         return proxySide.every((ref) => ref.deref() === undefined);
       }, `every proxy-side socket of the ${CUTS} cut connections collected (nothing of the proxy still holds one)`);
+    });
+
+    test('a client that pipelines two SSE requests and leaves during the first: neither is left in flight, the model server works for nobody on neither, each has its access line', async () => {
+      const body = JSON.stringify({ model: 'dummy', stream: true });
+      const request = (path: string) => `POST ${path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`;
+      const socket = await openRaw(front.restPort, pki);
+      socket.write(request('/v3/chat/completions?first') + request('/v3/chat/completions?second'));
+      await readUntil(socket, /data:/);
+      socket.destroy();
+      const inFlight = async () => sample(await metrics.text(), 'ovms_mtls_open_streams', { listener: 'rest' });
+      await eventually(async () => (await inFlight()) === 0, 'no request in flight');
+      await eventually(() => counter.live() === 0, 'no connection to the model server');
+      for (const path of ['/v3/chat/completions?first', '/v3/chat/completions?second']) {
+        await eventually(() => front.logs.lines.some((line) => line.event === 'access' && line.path === path && line.error === 'client_closed'), `the access line of ${path}`);
+      }
     });
   });
 }
