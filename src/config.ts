@@ -219,8 +219,17 @@ function hostPortExample(text: string): string {
   return 'example: 127.0.0.1:9000 or [::1]:9000';
 }
 
+/**
+ * A DNS name as resolvers take it: labels of letters, digits, hyphens (not at either end) and
+ * underscores, which Docker Compose service names may hold (`model_server`) and Docker's DNS
+ * resolves, though RFC 1123 host names may not; then an optional root dot (a fully qualified
+ * `ovms.ns.svc.cluster.local.`, looked up without the search domains). Both were refused as
+ * "not host:port".
+ */
+const DNS_NAME = /^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$/;
+
 function isHostName(host: string): boolean {
-  return isIP(host) !== 0 || /^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$/.test(host);
+  return isIP(host) !== 0 || DNS_NAME.test(host);
 }
 
 /** Each address that takes a port on every address of its family. */

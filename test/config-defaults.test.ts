@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { cgroupCpuQuota, cpusFromCgroupQuota, defaultWorkerCount, parseLimits } from '../src/config.js';
+import { cgroupCpuQuota, cpusFromCgroupQuota, defaultWorkerCount, parseHostPort, parseLimits } from '../src/config.js';
 
 test('the default worker count follows a cgroup CPU quota and never exceeds the CPUs', () => {
   assert.equal(cpusFromCgroupQuota('max 100000'), undefined);
@@ -47,4 +47,12 @@ test('--mtls_idle_timeout is seconds (65 by default); a bad value names the opti
   assert.equal(parseLimits({}).idleTimeoutMs, 65_000);
   assert.equal(parseLimits({ mtls_idle_timeout: '2.5' }).idleTimeoutMs, 2_500);
   assert.throws(() => parseLimits({ mtls_idle_timeout: 'soon' }), /--mtls_idle_timeout/);
+});
+
+test('an upstream named as Docker Compose names a service (model_server) or with the root dot of a fully qualified name is host:port; a name with a space or an empty label is not', () => {
+  assert.deepEqual(parseHostPort('mtls_rest_upstream', 'model_server:8000'), { host: 'model_server', port: 8000 });
+  assert.deepEqual(parseHostPort('mtls_grpc_upstream', 'ovms.default.svc.cluster.local.:9000'), { host: 'ovms.default.svc.cluster.local.', port: 9000 });
+  for (const bad of ['model server:8000', 'a..b:8000', '.a:8000', '-a:8000']) {
+    assert.throws(() => parseHostPort('mtls_rest_upstream', bad), { message: `--mtls_rest_upstream: '${bad}' is not host:port (example: 127.0.0.1:9000 or [::1]:9000)` });
+  }
 });
