@@ -14,7 +14,12 @@ import { responseHeadTooLargeMessage } from './http1-framing.js';
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
 
-/** Hop-by-hop headers (RFC 9110 7.6.1) plus the HTTP/2-only ones. */
+/**
+ * Never passed on, either way: the hop-by-hop fields (RFC 9110 7.6.1), HTTP/2's
+ * HTTP2-Settings, and Expect, which is no hop-by-hop field but has been met by
+ * the time we forward (Node's fronts send the 100 themselves), and which undici
+ * refuses to send (NotSupportedError).
+ */
 const HOP_BY_HOP = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings', 'expect',
 ]);
