@@ -280,6 +280,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   #closing = false;
   /** A request we refused (bad framing): answered once the responses before it are done. */
   #refusal: FramingError | undefined;
+  /** The refused request's access line: logged when its answer goes out, or with status 0 when the connection ends first. */
+  #refusalLine: Exchange | undefined;
   #finished = false;
   /** A parsed head whose framing is being checked: a refusal's access line names its method and path. */
   #judging: Http1Head | undefined;
@@ -405,10 +407,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#watchHead();
       return;
     }
-    this.#refusal = new FramingError(408, headStalledMessage(this.#parts.limits.idleTimeoutMs));
-    this.#parts.client.pause();
-    this.#reportRefusal(this.#refusal, 'client_header_timeout');
-    this.#closeIfDone();
+    this.#refuse(new FramingError(408, headStalledMessage(this.#parts.limits.idleTimeoutMs)), 'client_header_timeout');
   }
 
   /** Before anything that ends the connection: what the client should get is still in the batch. */
@@ -507,7 +506,9 @@ class RelayedHttp1Connection implements RelayedConnection {
   #closeIfDone(): void {
     if (this.#finished || this.#exchanges.length > 0 || this.#receiving !== undefined) return;
     if (this.#refusal) {
+      const line = this.#takeRefusalLine();
       this.#end(refusalAnswer(this.#refusal));
+      if (line) this.#log(line);
       return;
     }
     // A head begun before the drain is never finished: nothing of it went upstream.
@@ -522,9 +523,14 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#fail();
       return;
     }
+    this.#refuse(err, err instanceof RoutingRefused ? err.refusal.error : undefined);
+  }
+
+  /** Nothing more is read; the refusal is answered once the responses owed before it are done. */
+  #refuse(err: FramingError, error = 'bad_request'): void {
     this.#refusal = err;
     this.#parts.client.pause();
-    this.#reportRefusal(err, err instanceof RoutingRefused ? err.refusal.error : undefined);
+    this.#refusalLine = { method: this.#judging?.method ?? '', path: this.#judging?.target ?? '', started: performance.now(), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error };
     this.#closeIfDone();
   }
 
@@ -642,6 +648,9 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#report(exchange);
     }
     this.#receiving = undefined;
+    // Refused behind responses that never all came (the model server's last, a cut, a shutdown): its answer never went out.
+    const refused = this.#takeRefusalLine();
+    if (refused) this.#log({ ...refused, status: 0, answered: false });
   }
 
   #report(exchange: Exchange): void {
@@ -649,9 +658,10 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#log(exchange);
   }
 
-  /** A request refused before it reached the upstream still gets its access line. */
-  #reportRefusal(err: FramingError, error = 'bad_request'): void {
-    this.#log({ method: this.#judging?.method ?? '', path: this.#judging?.target ?? '', started: performance.now(), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error });
+  #takeRefusalLine(): Exchange | undefined {
+    const line = this.#refusalLine;
+    this.#refusalLine = undefined;
+    return line;
   }
 
   #log(exchange: Exchange): void {

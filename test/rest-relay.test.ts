@@ -488,6 +488,16 @@ describe('rest relay: drain and upstream failures', () => {
       }, { keepOpen }));
   }
 
+  test('a request refused behind the model server\'s last response (connection: close) gets no answer, and its access line claims none: status 0, with why it was refused', { timeout: 30_000 }, () =>
+    withScriptedUpstream('HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok', async (local) => {
+      const socket = await openRaw(local.restPort);
+      socket.write('GET /first HTTP/1.1\r\nhost: a\r\n\r\nGET /second#fragment HTTP/1.1\r\nhost: a\r\n\r\n');
+      assert.deepEqual(statuses(await readToClose(socket)), [200]);
+      const refused = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second#fragment');
+      assert.equal(refused.status, 0);
+      assert.equal(refused.error, 'bad_request_target');
+    }));
+
   // Each shape is followed in the same write by a response to the pipelined /second: an answer made of the broken one's tail.
   for (const [what, broken, clientGets, close] of [
     ['a chunked body cut by the close', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n', true],
