@@ -5,7 +5,9 @@
  * privilege drop) and it hands connections round-robin, Node's default on
  * Linux. Everything that must exist once stays in the primary: OVMS, the
  * admin port, the certificate watch, signals and the exit code. A worker
- * that dies outside shutdown is logged and replaced.
+ * that dies outside shutdown is logged and replaced. A worker whose event
+ * loop is stuck holds up nothing of the primary's: every wait on one is
+ * bounded, and the line that ends the wait names it.
  */
 import cluster, { type Worker } from 'node:cluster';
 import type { AddressInfo } from 'node:net';
@@ -48,6 +50,8 @@ interface Member {
   /** Said hello: its messages are heard from now on (see FromWorker). */
   greeted: boolean;
   up: boolean;
+  /** Did not answer the last metrics request: said once, until it answers again. */
+  silent: boolean;
   /** Its counters and histograms as last scraped: what it leaves in the sums when it exits or falls silent. */
   counted?: MetricsJson | undefined;
 }
@@ -124,10 +128,21 @@ export class WorkerPool implements RunningProxy {
     const asks = [...this.#members.values()].filter((m) => m.up).map(async (m) => {
       const metrics = await this.#askMetrics(m.worker, timeoutMs);
       if (metrics) m.counted = monotonicPart(metrics);
+      if (this.#members.has(m.worker.id)) this.#noteAnswer(m, metrics !== undefined, timeoutMs);
       return this.#members.has(m.worker.id) ? metrics ?? m.counted : undefined;
     });
     const live = (await Promise.all(asks)).filter((m): m is MetricsJson => m !== undefined);
     return [...live, this.#retired];
+  }
+
+  /** A worker that stops answering is named once, and once more when it answers again. */
+  #noteAnswer(member: Member, answered: boolean, timeoutMs: number): void {
+    const silent = !answered;
+    if (silent === member.silent) return;
+    member.silent = silent;
+    const { id, process: { pid } } = member.worker;
+    if (answered) this.#options.logger.info({ event: 'worker_answering', worker: id, pid }, `worker ${id} (pid ${pid}) answers again`);
+    else this.#options.logger.warn({ event: 'worker_unresponsive', worker: id, pid, timeoutMs }, `worker ${id} (pid ${pid}) did not answer within ${timeoutMs} ms (event loop stuck or process stopped?): /metrics has its counters as last scraped`);
   }
 
   /** Every worker drains (stops accepting, in-flight calls finish for up to `timeoutMs`) and exits. */
@@ -140,7 +155,7 @@ export class WorkerPool implements RunningProxy {
     let settle!: { resolve: () => void; reject: (err: Error) => void };
     const listening = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
     listening.catch(() => undefined);
-    const member: Member = { worker, listening, greeted: false, up: false };
+    const member: Member = { worker, listening, greeted: false, up: false, silent: false };
     this.#members.set(worker.id, member);
     worker.on('message', (message: unknown) => {
       if (isMessage<FromWorker>(message)) this.#onMessage(member, message, settle);
@@ -189,7 +204,10 @@ export class WorkerPool implements RunningProxy {
     const delay = wasUp ? 0 : Math.min(REPLACE_BACKOFF.maxMs, REPLACE_BACKOFF.initialMs * 2 ** (this.#failuresInARow - 1));
     this.#replaceTimer = setTimeout(() => {
       if (this.#stopping) return;
-      this.#fork().listening.catch((err: Error) => this.#options.logger.error({ event: 'worker_start_failed', reason: err.message }, `a new worker failed to start: ${err.message}`));
+      this.#fork().listening.catch((err: Error) => {
+        // Stopped before it listened because the pool is shutting down: no failure.
+        if (!this.#stopping) this.#options.logger.error({ event: 'worker_start_failed', reason: err.message }, `a new worker failed to start: ${err.message}`);
+      });
     }, delay);
   }
 
@@ -199,11 +217,18 @@ export class WorkerPool implements RunningProxy {
     if (this.#members.size === 0) return;
     const exited = new Promise<void>((resolve) => (this.#allExited = resolve));
     this.#broadcast({ type: 'drain', timeoutMs });
-    const backstop = setTimeout(() => {
-      for (const m of this.#members.values()) m.worker.process.kill('SIGKILL');
-    }, timeoutMs + DRAIN_BACKSTOP_MS);
+    const backstop = setTimeout(() => this.#killStragglers(timeoutMs + DRAIN_BACKSTOP_MS), timeoutMs + DRAIN_BACKSTOP_MS);
     await exited;
     clearTimeout(backstop);
+  }
+
+  /** Workers still there well after their drain should have ended them: stuck (or stopped), so killed, each named. */
+  #killStragglers(afterMs: number): void {
+    for (const { worker } of this.#members.values()) {
+      const { id, process: { pid } } = worker;
+      this.#options.logger.error({ event: 'worker_killed', worker: id, pid, afterMs }, `worker ${id} (pid ${pid}) had not exited ${afterMs / 1000} s into the shutdown (event loop stuck or process stopped?): killed with SIGKILL`);
+      worker.process.kill('SIGKILL');
+    }
   }
 
   #askMetrics(worker: Worker, timeoutMs: number): Promise<MetricsJson | undefined> {

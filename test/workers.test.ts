@@ -9,7 +9,9 @@ import { createHash } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
@@ -57,13 +59,13 @@ interface Running {
   adminPort: number;
 }
 
-async function startWorkersCli(flags: string[] = certFlags()): Promise<Running> {
+async function startWorkersCli(flags: string[] = certFlags(), env: NodeJS.ProcessEnv = {}): Promise<Running> {
   const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3)) as [number, number, number];
   const cli = startCli([
     'proxy', '--mtls_workers', '2', '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
     '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
     '--mtls_admin_port', String(adminPort), ...flags,
-  ]);
+  ], { env });
   await Promise.race([cli.logs.waitFor((l) => l.event === 'workers_listening'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
   return { cli, grpcPort, restPort, adminPort };
 }
@@ -222,6 +224,112 @@ describe('proxy mode with two workers', SAFETY, () => {
       if (child.exitCode === null) process.kill(-child.pid!, 'SIGKILL');
     }
   });
+});
+
+const STALL_WORKER = fileURLToPath(new URL('./fixtures/stall-worker.js', import.meta.url));
+
+/** test/fixtures/stall-worker preloaded into the primary and every worker, with its settings. */
+function stallEnv(settings: { stall: string; workers: readonly number[] }): NodeJS.ProcessEnv {
+  return { NODE_OPTIONS: `--import=${STALL_WORKER}`, STALL_PATH: settings.stall, STALL_WORKERS: settings.workers.join(',') };
+}
+
+/** The pid a stalled worker wrote as it blocked (test/fixtures/stall-worker). */
+async function stalledPid(stall: string, worker: number): Promise<number> {
+  const file = `${stall}.worker-${worker}`;
+  await eventually(() => existsSync(file), `worker ${worker} to block`);
+  return Number(readFileSync(file, 'utf8'));
+}
+
+interface StallRun {
+  readonly r: Running;
+  /** test/fixtures/stall-worker's STALL_PATH: the chosen workers block while it exists. */
+  readonly stall: string;
+  /** The pid of the worker the test stopped or stalled, to be killed at the end whatever the proxy did. */
+  stuck(pid: number): number;
+}
+
+/** Two workers under test/fixtures/stall-worker, `workers` blocking while the file exists (created first if `fromStart`); nothing outlives `body`. */
+async function withStallingWorkers(options: { name: string; workers: readonly number[]; fromStart: boolean }, body: (run: StallRun) => Promise<void>): Promise<void> {
+  const stall = join(dir, options.name);
+  if (options.fromStart) await writeFile(stall, '');
+  const r = await startWorkersCli([...certFlags(), '--mtls_shutdown_timeout', '1'], stallEnv({ stall, workers: options.workers }));
+  let stuck: number | undefined;
+  try {
+    await body({ r, stall, stuck: (pid) => (stuck = pid) });
+  } finally {
+    try {
+      if (stuck !== undefined) process.kill(stuck, 'SIGKILL');
+    } catch {
+      // Gone already: the proxy killed it.
+    }
+    await rm(stall, { force: true });
+    await stop(r.cli);
+  }
+}
+
+/** A line that must come soon: waited for a bounded time, so that a test missing it fails and stops its children. */
+async function lineSoon(logs: LogCapture, match: (l: LogLine) => boolean, what: string): Promise<LogLine> {
+  await eventually(() => logs.lines.some(match), what);
+  return logs.lines.find(match)!;
+}
+
+/** SIGTERM: the proxy exits 0, having killed the stuck worker and no other, with a line naming it. */
+async function sigtermKillsOnly(r: Running, stuck: number): Promise<void> {
+  r.cli.child.kill('SIGTERM');
+  await eventually(() => r.cli.child.exitCode !== null || r.cli.child.signalCode !== null, 'the proxy to exit after SIGTERM', 60_000);
+  assert.equal(await r.cli.exited, 0, r.cli.stderr());
+  assert.deepEqual(r.cli.logs.lines.filter((l) => l.event === 'worker_killed').map((l) => l['pid']), [stuck]);
+}
+
+describe('a worker that stops making progress without exiting', SAFETY, () => {
+  for (const how of ['SIGSTOP', 'a blocked event loop'] as const) {
+    test(`${how}: /metrics answers, naming it once until it answers again; SIGHUP is not held up; SIGTERM kills it with a line naming it and exits 0`, () =>
+      withStallingWorkers({ name: `stall-${how === 'SIGSTOP' ? 'stop' : 'loop'}`, workers: [1], fromStart: false }, async ({ r, stall, stuck }) => {
+        await servedCalls(r, 4);
+        const before = (await httpGet(r.adminPort, '/metrics')).body;
+        const victim = stuck(((await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[])[0]!);
+        const stallIt = async () => {
+          if (how === 'SIGSTOP') return process.kill(victim, 'SIGSTOP');
+          await writeFile(stall, '');
+          assert.equal(await stalledPid(stall, 1), victim);
+        };
+        const resumeIt = async () => {
+          if (how === 'SIGSTOP') return process.kill(victim, 'SIGCONT');
+          await rm(`${stall}.worker-1`);
+          await rm(stall);
+        };
+        await stallIt();
+        const during = await httpGet(r.adminPort, '/metrics');
+        assert.equal(during.status, 200);
+        assert.equal(sumOf(during.body, 'ovms_mtls_requests_total'), sumOf(before, 'ovms_mtls_requests_total'), "the stalled worker's counts as last scraped");
+        const named = await lineSoon(r.cli.logs, (l) => l.event === 'worker_unresponsive', 'a worker_unresponsive line');
+        assert.equal(named['pid'], victim);
+        assert.equal((await httpGet(r.adminPort, '/metrics')).status, 200);
+        assert.equal(r.cli.logs.lines.filter((l) => l.event === 'worker_unresponsive').length, 1, 'said once while it stays stuck');
+        assert.equal((await httpGet(r.adminPort, '/healthz')).status, 200);
+        assert.equal((await httpGet(r.adminPort, '/readyz')).status, 200);
+
+        r.cli.child.kill('SIGHUP');
+        await r.cli.logs.waitFor((l) => l.event === 'reloaded' && l['worker'] === undefined);
+        await r.cli.logs.waitFor((l) => l.event === 'reloaded' && l['worker'] !== undefined && l['pid'] !== victim);
+
+        await resumeIt();
+        // Scrapes until one finds it answering: the first may come before it has caught up.
+        const answering = (l: LogLine) => l.event === 'worker_answering';
+        await eventually(async () => (await httpGet(r.adminPort, '/metrics')).status === 200 && r.cli.logs.lines.some(answering), 'a worker_answering line');
+        assert.equal(r.cli.logs.lines.find(answering)!['pid'], victim);
+        await stallIt();
+        await sigtermKillsOnly(r, victim);
+      }));
+  }
+
+  test('a replacement stuck in its start at SIGTERM is killed and named, and no error says a worker failed to start', () =>
+    withStallingWorkers({ name: 'stall-replacement', workers: [3], fromStart: true }, async ({ r, stall, stuck }) => {
+      const [first] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      process.kill(first!, 'SIGKILL');
+      await sigtermKillsOnly(r, stuck(await stalledPid(stall, 3)));
+      assert.deepEqual(r.cli.logs.lines.filter((l) => l.event === 'worker_start_failed'), []);
+    }));
 });
 
 describe('certificate reload with two workers', SAFETY, () => {
