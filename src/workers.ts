@@ -77,12 +77,17 @@ export class WorkerPool implements RunningProxy {
     this.#tls = tlsTexts(options.material);
   }
 
-  /** Forks every worker; resolves when all listen. Rejects with the first worker's startup error, every worker gone. */
-  async start(): Promise<this> {
+  /**
+   * Forks every worker; resolves when all listen, or at once when `stopRequested` resolves first
+   * (a SIGTERM must not wait for a worker stuck in its start: shutdown() ends it). Rejects with
+   * the first worker's startup error, every worker gone.
+   */
+  async start(stopRequested: Promise<unknown> = new Promise(() => undefined)): Promise<this> {
     cluster.setupPrimary({ exec: WORKER_ENTRY, args: [] });
     const members = Array.from({ length: this.#options.config.workers }, () => this.#fork());
     try {
-      await Promise.all(members.map((m) => m.listening));
+      const allListening = Promise.all(members.map((m) => m.listening)).then(() => true);
+      if (!(await Promise.race([allListening, stopRequested.then(() => false)]))) return this;
     } catch (err) {
       await this.#stopAll(0);
       throw err;

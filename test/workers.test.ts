@@ -59,14 +59,16 @@ interface Running {
   adminPort: number;
 }
 
-async function startWorkersCli(flags: string[] = certFlags(), env: NodeJS.ProcessEnv = {}): Promise<Running> {
+/** `until`: the log line that says it is up (a worker that never starts holds back `workers_listening`). */
+async function startWorkersCli(flags: string[] = certFlags(), options: { env?: NodeJS.ProcessEnv; until?: (l: LogLine) => boolean } = {}): Promise<Running> {
   const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3)) as [number, number, number];
   const cli = startCli([
     'proxy', '--mtls_workers', '2', '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`,
     '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
     '--mtls_admin_port', String(adminPort), ...flags,
-  ], { env });
-  await Promise.race([cli.logs.waitFor((l) => l.event === 'workers_listening'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
+  ], { env: options.env ?? {} });
+  const until = options.until ?? ((l) => l.event === 'workers_listening');
+  await Promise.race([cli.logs.waitFor(until), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
   return { cli, grpcPort, restPort, adminPort };
 }
 
@@ -249,10 +251,10 @@ interface StallRun {
 }
 
 /** Two workers under test/fixtures/stall-worker, `workers` blocking while the file exists (created first if `fromStart`); nothing outlives `body`. */
-async function withStallingWorkers(options: { name: string; workers: readonly number[]; fromStart: boolean }, body: (run: StallRun) => Promise<void>): Promise<void> {
+async function withStallingWorkers(options: { name: string; workers: readonly number[]; fromStart: boolean; until?: (l: LogLine) => boolean }, body: (run: StallRun) => Promise<void>): Promise<void> {
   const stall = join(dir, options.name);
   if (options.fromStart) await writeFile(stall, '');
-  const r = await startWorkersCli([...certFlags(), '--mtls_shutdown_timeout', '1'], stallEnv({ stall, workers: options.workers }));
+  const r = await startWorkersCli([...certFlags(), '--mtls_shutdown_timeout', '1'], { env: stallEnv({ stall, workers: options.workers }), until: options.until });
   let stuck: number | undefined;
   try {
     await body({ r, stall, stuck: (pid) => (stuck = pid) });
@@ -322,6 +324,12 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
         await sigtermKillsOnly(r, victim);
       }));
   }
+
+  test('a worker stuck in its start does not hold SIGTERM up: the proxy drains the other, kills it with a line naming it, and exits 0', () =>
+    withStallingWorkers({ name: 'stall-start', workers: [2], fromStart: true, until: (l) => l.event === 'listening' && l['worker'] === 1 }, async ({ r, stall, stuck }) => {
+      await sigtermKillsOnly(r, stuck(await stalledPid(stall, 2)));
+      assert.equal(r.cli.logs.lines.filter((l) => l.event === 'worker_draining').length, 1, 'the worker that listened drained');
+    }));
 
   test('a replacement stuck in its start at SIGTERM is killed and named, and no error says a worker failed to start', () =>
     withStallingWorkers({ name: 'stall-replacement', workers: [3], fromStart: true }, async ({ r, stall, stuck }) => {

@@ -63,7 +63,7 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
       const stop = waitForStopSignal(logger);
       let running: Serving;
       try {
-        ({ running } = await startServing(settings, { logger }));
+        ({ running } = await startServing(settings, { logger, stopRequested: stop.signal }));
       } catch (err) {
         stop.dispose();
         throw err;
@@ -144,6 +144,8 @@ export interface ServingOptions {
   readonly logger?: Logger;
   /** Extra observer for the proxy (metrics); single-process only (--mtls_workers 1). */
   readonly observer?: ProxyObserver;
+  /** The first SIGTERM/SIGINT: workers still starting are not waited for once it came. */
+  readonly stopRequested?: Promise<unknown>;
 }
 
 export interface Serving {
@@ -191,7 +193,7 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   const observer = options.observer ? combineObservers(operations.requestObserver, options.observer) : operations.requestObserver;
   let proxy: RunningProxy;
   try {
-    proxy = workers ? await workers.start() : await startProxy({ config, material, logger, notReady: { grpc: notReady, rest: notReady }, observer });
+    proxy = workers ? await workers.start(options.stopRequested) : await startProxy({ config, material, logger, notReady: { grpc: notReady, rest: notReady }, observer });
   } catch (err) {
     await operations.close();
     throw err;

@@ -63,7 +63,7 @@ export async function runProxyCommand(argv: readonly string[], env: NodeJS.Proce
   const stop = waitForStopSignal(logger);
   let proxy: RunningProxy;
   try {
-    proxy = workers ? await workers.start() : await startProxy({ config, material, logger, observer: ops.requestObserver });
+    proxy = workers ? await workers.start(stop.signal) : await startProxy({ config, material, logger, observer: ops.requestObserver });
   } catch (err) {
     stop.dispose();
     await ops.close();
