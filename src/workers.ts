@@ -28,6 +28,16 @@ const WORKER_ENTRY = fileURLToPath(new URL('./cli/worker-entry.js', import.meta.
 /** A worker past its drain timeout is killed this much later: its own timeout should have ended it. */
 const DRAIN_BACKSTOP_MS = 5000;
 const REPLACE_BACKOFF = { initialMs: 500, maxMs: 30_000 };
+/**
+ * A worker that exits sooner than this after it listens counts as one that failed to start: replacing
+ * it at once, as one that served, forked a new worker every second for ever when each died at start.
+ */
+const SETTLE_MS = 10_000;
+
+/** None after a worker that served; doubling with each worker in a row, in the same place, that did not settle. */
+function replacementDelayMs(failures: number): number {
+  return failures === 0 ? 0 : Math.min(REPLACE_BACKOFF.maxMs, REPLACE_BACKOFF.initialMs * 2 ** (failures - 1));
+}
 
 export interface WorkerPoolOptions {
   readonly config: Config;
@@ -50,6 +60,13 @@ interface Member {
   /** Said hello: its messages are heard from now on (see FromWorker). */
   greeted: boolean;
   up: boolean;
+  /** When it said it listens (performance.now()). */
+  listeningSince?: number | undefined;
+  /**
+   * The workers before it in its place that exited before they settled. Per place, not per pool:
+   * the other workers serving on must not cut the backoff of one that keeps failing.
+   */
+  readonly failuresBefore: number;
   /** Did not answer the last metrics request: said once, until it answers again. */
   silent: boolean;
   /** Its counters and histograms as last scraped: what it leaves in the sums when it exits or falls silent. */
@@ -64,7 +81,6 @@ export class WorkerPool implements RunningProxy {
   #nextRequest = 1;
   #started = false;
   #stopping = false;
-  #failuresInARow = 0;
   #replaceTimer: NodeJS.Timeout | undefined;
   #allExited: (() => void) | undefined;
   /** What every worker serves, including one started after the files went bad. */
@@ -155,12 +171,12 @@ export class WorkerPool implements RunningProxy {
     return this.#stopAll(timeoutMs);
   }
 
-  #fork(): Member {
+  #fork(failuresBefore = 0): Member {
     const worker = cluster.fork();
     let settle!: { resolve: () => void; reject: (err: Error) => void };
     const listening = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
     listening.catch(() => undefined);
-    const member: Member = { worker, listening, greeted: false, up: false, silent: false };
+    const member: Member = { worker, listening, greeted: false, up: false, silent: false, failuresBefore };
     this.#members.set(worker.id, member);
     worker.on('message', (message: unknown) => {
       if (isMessage<FromWorker>(message)) this.#onMessage(member, message, settle);
@@ -182,7 +198,7 @@ export class WorkerPool implements RunningProxy {
       }
       case 'listening':
         member.up = true;
-        this.#failuresInARow = 0;
+        member.listeningSince = performance.now();
         for (const [name, list] of Object.entries(message.addresses)) this.addresses[name as ListenerName] ??= list;
         return settle.resolve();
       case 'failed':
@@ -199,21 +215,20 @@ export class WorkerPool implements RunningProxy {
     if (this.#members.size === 0) this.#allExited?.();
     if (!this.#started || this.#stopping) return;
     const pid = member.worker.process.pid;
-    this.#options.logger.error({ event: 'worker_exited', worker: member.worker.id, pid, code, signal }, `worker ${member.worker.id} (pid ${pid}) exited with ${signal ?? code}: starting a new one`);
-    this.#scheduleReplacement(member.up);
+    const settled = member.listeningSince !== undefined && performance.now() - member.listeningSince >= SETTLE_MS;
+    const failures = settled ? 0 : member.failuresBefore + 1;
+    const delayMs = replacementDelayMs(failures);
+    const when = delayMs === 0 ? 'starting a new one' : `starting a new one in ${delayMs / 1000} s (workers keep exiting soon after they start)`;
+    this.#options.logger.error({ event: 'worker_exited', worker: member.worker.id, pid, code, signal, restartInMs: delayMs }, `worker ${member.worker.id} (pid ${pid}) exited with ${signal ?? code}: ${when}`);
+    this.#replaceTimer = setTimeout(() => this.#replace(failures), delayMs);
   }
 
-  /** At once after a crash of a worker that served; with backoff while new workers keep failing to start. */
-  #scheduleReplacement(wasUp: boolean): void {
-    if (!wasUp) this.#failuresInARow += 1;
-    const delay = wasUp ? 0 : Math.min(REPLACE_BACKOFF.maxMs, REPLACE_BACKOFF.initialMs * 2 ** (this.#failuresInARow - 1));
-    this.#replaceTimer = setTimeout(() => {
-      if (this.#stopping) return;
-      this.#fork().listening.catch((err: Error) => {
-        // Stopped before it listened because the pool is shutting down: no failure.
-        if (!this.#stopping) this.#options.logger.error({ event: 'worker_start_failed', reason: err.message }, `a new worker failed to start: ${err.message}`);
-      });
-    }, delay);
+  #replace(failuresBefore: number): void {
+    if (this.#stopping) return;
+    this.#fork(failuresBefore).listening.catch((err: Error) => {
+      // Stopped before it listened because the pool is shutting down: no failure.
+      if (!this.#stopping) this.#options.logger.error({ event: 'worker_start_failed', reason: err.message }, `a new worker failed to start: ${err.message}`);
+    });
   }
 
   async #stopAll(timeoutMs: number): Promise<void> {

@@ -231,8 +231,8 @@ describe('proxy mode with two workers', SAFETY, () => {
 const STALL_WORKER = fileURLToPath(new URL('./fixtures/stall-worker.js', import.meta.url));
 
 /** test/fixtures/stall-worker preloaded into the primary and every worker, with its settings. */
-function stallEnv(settings: { stall: string; workers: readonly number[] }): NodeJS.ProcessEnv {
-  return { NODE_OPTIONS: `--import=${STALL_WORKER}`, STALL_PATH: settings.stall, STALL_WORKERS: settings.workers.join(',') };
+function stallEnv(settings: { stall?: string; workers?: readonly number[]; crash?: string }): NodeJS.ProcessEnv {
+  return { NODE_OPTIONS: `--import=${STALL_WORKER}`, STALL_PATH: settings.stall, STALL_WORKERS: settings.workers?.join(','), CRASH_PATH: settings.crash };
 }
 
 /** The pid a stalled worker wrote as it blocked (test/fixtures/stall-worker). */
@@ -338,6 +338,23 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
       await sigtermKillsOnly(r, stuck(await stalledPid(stall, 3)));
       assert.deepEqual(r.cli.logs.lines.filter((l) => l.event === 'worker_start_failed'), []);
     }));
+
+  test('workers that exit right after they start listening are replaced with a growing delay, not in a loop', async () => {
+    const crash = join(dir, 'crash');
+    const r = await startWorkersCli(certFlags(), { env: stallEnv({ crash }) });
+    try {
+      await writeFile(crash, '');
+      const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      process.kill(victim!, 'SIGKILL');
+      // Five exits take long enough for the other worker to have served 10 s: its doing well must not reset the delay.
+      await linesMatching(r.cli.logs, 4, (l) => l.event === 'worker_exited' && l['code'] === 3);
+      const delays = r.cli.logs.lines.filter((l) => l.event === 'worker_exited').map((l) => l['restartInMs'] as number);
+      assert.deepEqual(delays.slice(0, 5), [500, 1000, 2000, 4000, 8000]);
+    } finally {
+      await rm(crash, { force: true });
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
 });
 
 describe('certificate reload with two workers', SAFETY, () => {
