@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createHash } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -259,13 +259,17 @@ async function withStallingWorkers(options: { name: string; workers: readonly nu
   try {
     await body({ r, stall, stuck: (pid) => (stuck = pid) });
   } finally {
-    try {
-      if (stuck !== undefined) process.kill(stuck, 'SIGKILL');
-    } catch {
-      // Gone already: the proxy killed it.
-    }
+    killIfAlive(stuck);
     await rm(stall, { force: true });
     await stop(r.cli);
+  }
+}
+
+function killIfAlive(pid: number | undefined): void {
+  try {
+    if (pid !== undefined) process.kill(pid, 'SIGKILL');
+  } catch {
+    // Gone already: the proxy killed it.
   }
 }
 
@@ -275,12 +279,22 @@ async function lineSoon(logs: LogCapture, match: (l: LogLine) => boolean, what: 
   return logs.lines.find(match)!;
 }
 
-/** SIGTERM: the proxy exits 0, having killed the stuck worker and no other, with a line naming it. */
-async function sigtermKillsOnly(r: Running, stuck: number): Promise<void> {
-  r.cli.child.kill('SIGTERM');
-  await eventually(() => r.cli.child.exitCode !== null || r.cli.child.signalCode !== null, 'the proxy to exit after SIGTERM', 60_000);
-  assert.equal(await r.cli.exited, 0, r.cli.stderr());
-  assert.deepEqual(r.cli.logs.lines.filter((l) => l.event === 'worker_killed').map((l) => l['pid']), [stuck]);
+/** The proxy or the entrypoint, as sigtermKillsOnly sees it. */
+interface Primary {
+  readonly child: ChildProcess;
+  lines(): readonly LogLine[];
+  stderr(): string;
+}
+
+const primaryOf = (r: Running): Primary => ({ child: r.cli.child, lines: () => r.cli.logs.lines, stderr: r.cli.stderr });
+
+/** SIGTERM: the process exits 0 (waited for a bounded time), having killed the stuck worker and no other, with a line naming it. */
+async function sigtermKillsOnly(primary: Primary, stuck: number): Promise<void> {
+  const { child } = primary;
+  child.kill('SIGTERM');
+  await eventually(() => child.exitCode !== null || child.signalCode !== null, 'the process to exit after SIGTERM', 60_000);
+  assert.equal(child.exitCode, 0, primary.stderr());
+  assert.deepEqual(primary.lines().filter((l) => l.event === 'worker_killed').map((l) => l['pid']), [stuck]);
 }
 
 describe('a worker that stops making progress without exiting', SAFETY, () => {
@@ -321,13 +335,13 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
         await eventually(async () => (await httpGet(r.adminPort, '/metrics')).status === 200 && r.cli.logs.lines.some(answering), 'a worker_answering line');
         assert.equal(r.cli.logs.lines.find(answering)!['pid'], victim);
         await stallIt();
-        await sigtermKillsOnly(r, victim);
+        await sigtermKillsOnly(primaryOf(r), victim);
       }));
   }
 
   test('a worker stuck in its start does not hold SIGTERM up: the proxy drains the other, kills it with a line naming it, and exits 0', () =>
     withStallingWorkers({ name: 'stall-start', workers: [2], fromStart: true, until: (l) => l.event === 'listening' && l['worker'] === 1 }, async ({ r, stall, stuck }) => {
-      await sigtermKillsOnly(r, stuck(await stalledPid(stall, 2)));
+      await sigtermKillsOnly(primaryOf(r), stuck(await stalledPid(stall, 2)));
       assert.equal(r.cli.logs.lines.filter((l) => l.event === 'worker_draining').length, 1, 'the worker that listened drained');
     }));
 
@@ -335,7 +349,7 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
     withStallingWorkers({ name: 'stall-replacement', workers: [3], fromStart: true }, async ({ r, stall, stuck }) => {
       const [first] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
       process.kill(first!, 'SIGKILL');
-      await sigtermKillsOnly(r, stuck(await stalledPid(stall, 3)));
+      await sigtermKillsOnly(primaryOf(r), stuck(await stalledPid(stall, 3)));
       assert.deepEqual(r.cli.logs.lines.filter((l) => l.event === 'worker_start_failed'), []);
     }));
 
@@ -601,6 +615,28 @@ describe('the OVMS entrypoint with two workers', SAFETY, () => {
     } finally {
       clients.close();
       await writeFile(gate, '');
+      if (wrapper.child.exitCode === null) wrapper.child.kill('SIGKILL');
+    }
+  });
+
+  test('SIGTERM while a worker is stuck in its start: the other drains, the stuck one is killed and named, OVMS is stopped, and the exit code is OVMS code 0', async () => {
+    const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+    const stall = join(dir, 'entrypoint-stall');
+    await writeFile(stall, '');
+    const wrapper = startWrapper([
+      '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1',
+      ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_workers', '2', '--mtls_shutdown_timeout', '2',
+    ], { NODE_OPTIONS: `--import=${STALL_WORKER}`, STALL_PATH: stall, STALL_WORKERS: '2' });
+    let stuck: number | undefined;
+    try {
+      await wrapper.waitForLog((l) => l.event === 'listening' && l['worker'] === 1);
+      stuck = await stalledPid(stall, 2);
+      await sigtermKillsOnly({ child: wrapper.child, lines: () => wrapper.logs, stderr: wrapper.stderr }, stuck);
+      assert.ok(wrapper.logs.some((l) => l.event === 'worker_draining' && l['worker'] === 1), 'the worker that listened drained');
+      assert.ok(wrapper.logs.some((l) => l.event === 'ovms_exited'), 'OVMS was stopped');
+    } finally {
+      killIfAlive(stuck);
+      await rm(stall, { force: true });
       if (wrapper.child.exitCode === null) wrapper.child.kill('SIGKILL');
     }
   });
