@@ -238,7 +238,7 @@ class GrpcCall {
   #upstream: ClientHttp2Stream | undefined;
   #session: ClientHttp2Session | undefined;
   #trailers: OutgoingHttpHeaders | undefined;
-  /** The upstream finished the call properly (trailers or Trailers-Only seen). */
+  /** The upstream's side of the call is over: trailers or Trailers-Only seen, or its response ended without them. */
   #upstreamDone = false;
   /** The client has been given a status of ours; the first one given is the one it gets. */
   #statusGiven = false;
@@ -261,6 +261,9 @@ class GrpcCall {
     client.on('error', ignore);
     client.on('close', () => this.#onClientClose());
     client.on('wantTrailers', () => {
+      // No trailers of the model server's nor status of ours: it ended its response with END_STREAM on a DATA
+      // frame. While the client still sends (a ModelStreamInfer stream) its call stays open, so no 'close' says so.
+      if (this.#trailers === undefined) this.#endedWithoutStatus();
       client.sendTrailers(this.#trailers ?? {});
       // Most calls have sent their whole request by now: nothing to stop. Otherwise the reset
       // that stops the client waits a turn: Node frames the trailers after this handler
@@ -347,19 +350,30 @@ class GrpcCall {
       this.#fail(this.#outcome.error ? { code: this.#outcome.error } : { code: 'ECONNRESET' });
       return;
     }
-    const where = `upstream ${hostAndPort(this.#options.upstream.host, this.#options.upstream.port)}`;
     const rstCode = upstream.rstCode ?? NGHTTP2_NO_ERROR;
     if (rstCode === NGHTTP2_NO_ERROR) {
-      // END_STREAM or RST_STREAM(NO_ERROR) without a grpc-status: INTERNAL by the gRPC spec, and
-      // not worth a retry. The connection is fine, so this is no upstream connection failure.
-      this.#finishWithStatus(GRPC_STATUS.INTERNAL, `${where} ended the call without a gRPC status`, 'upstream_no_status');
+      this.#endedWithoutStatus();
       return;
     }
     // The upstream reset this one stream. Node cannot send a bare RST_STREAM with a chosen
     // code on a stream whose response is open (close(code) writes END_STREAM first), so the
     // client gets the status the gRPC spec derives from that reset code, with a message.
     const reset = statusForReset(rstCode);
-    this.#finishWithStatus(reset.status, `${where} reset the call (${reset.name})`, `upstream_reset_${rstCode}`);
+    this.#finishWithStatus(reset.status, `${this.#where()} reset the call (${reset.name})`, `upstream_reset_${rstCode}`);
+  }
+
+  /**
+   * END_STREAM or RST_STREAM(NO_ERROR) without a grpc-status: INTERNAL by the gRPC spec, and not
+   * worth a retry. The connection is fine, so this is no upstream connection failure; nor did the
+   * client cancel when it is then stopped from sending: the model server's side of the call is done.
+   */
+  #endedWithoutStatus(): void {
+    this.#upstreamDone = true;
+    this.#finishWithStatus(GRPC_STATUS.INTERNAL, `${this.#where()} ended the call without a gRPC status`, 'upstream_no_status');
+  }
+
+  #where(): string {
+    return `upstream ${hostAndPort(this.#options.upstream.host, this.#options.upstream.port)}`;
   }
 
   /**

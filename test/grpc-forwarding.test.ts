@@ -5,7 +5,7 @@ import * as grpc from '@grpc/grpc-js';
 import { connect as connectH2, constants, createServer as createH2cServer, type Http2Session, type IncomingHttpHeaders, type ServerHttp2Stream, type ServerOptions, type Settings } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { clientCredentials, countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly, inferRequest } from './helpers/grpc-calls.js';
 import { GRPC_RESPONSE_HEADER_BLOCK, answerOk, framedH2cUpstream, goAwayOnFirstConnection, h2Frame } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -416,6 +416,32 @@ describe('grpc upstream failures', () => {
       assert.equal(scripted.sockets.length, 1);
     } finally {
       session.close();
+      await local.proxy.shutdown(1000);
+      scripted.close();
+    }
+  });
+
+  test('a stream the upstream ends without a gRPC status while the client still sends (as on ModelStreamInfer) is INTERNAL with our message, logged upstream_no_status, not client_cancelled', NOT_FOR_EVER, async () => {
+    // A message, then DATA with END_STREAM and no trailers; the proxy's request side stays open meanwhile.
+    const scripted = await framedH2cUpstream((id) => Buffer.concat([h2Frame(0x1, 0x4, id, GRPC_RESPONSE_HEADER_BLOCK), h2Frame(0x0, 0, id, grpcFrame(Buffer.from('hi'))), h2Frame(0x0, 0x1, id)]));
+    const local = await startTestProxy({ pki, upstream: { grpcPort: scripted.port } });
+    const client = new grpc.Client(local.grpcAddress, clientCredentials(pki));
+    try {
+      const call = client.makeBidiStreamRequest('/t.S/Stream', (b: Buffer) => b, (b: Buffer) => b);
+      const ended = new Promise<grpc.ServiceError | undefined>((resolve) => {
+        call.on('error', resolve);
+        call.on('status', (s: grpc.StatusObject) => s.code === grpc.status.OK && resolve(undefined));
+      });
+      call.on('data', () => {});
+      call.write(Buffer.from('x'));
+      const err = await ended;
+      assert.equal(err?.code, grpc.status.INTERNAL);
+      assert.match(err?.details ?? '', /upstream 127\.0\.0\.1:\d+ ended the call without a gRPC status/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Stream');
+      assert.equal(line.error, 'upstream_no_status');
+      assert.equal(line.grpcStatus, String(grpc.status.INTERNAL));
+    } finally {
+      client.close();
       await local.proxy.shutdown(1000);
       scripted.close();
     }
