@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse, OutgoingHttpHeaders, IncomingHttpHeaders } from 'node:http';
 import { constants as http2Constants, Http2ServerResponse, type Http2ServerRequest, type ServerHttp2Stream } from 'node:http2';
 import { Readable } from 'node:stream';
-import { Pool, type Dispatcher } from 'undici';
+import { Pool, buildConnector, type Dispatcher } from 'undici';
 import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
@@ -86,10 +86,11 @@ export class RestForwarder {
   readonly #cancels = new CancelTally();
   /** Per request whose response to the client is still open: what ends it at shutdown (endAll). */
   readonly #live = new Set<(message: string) => void>();
+  readonly #resets = new UpstreamResets();
 
   constructor(options: RestForwarderOptions) {
     this.#options = options;
-    this.#pool = upstreamPool(options);
+    this.#pool = upstreamPool(options, this.#resets.connector(options.connectTimeoutMs));
   }
 
   handle(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext): void {
@@ -144,7 +145,7 @@ export class RestForwarder {
 
   #forward(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number, authority: string | undefined): void {
     const stats: ExchangeStats = { status: 0, bytesIn: 0, bytesOut: 0 };
-    const exchange = new UpstreamExchange(res, stats, this.#options, context);
+    const exchange = new UpstreamExchange(res, stats, this.#options, context, this.#resets);
     const length = bodyLength(req);
     // A request without a body cannot stall, and an HTTP/2 one is never read (req.complete stays false): no timer, or it would cut a slow answer or a live stream.
     const stall = length === 0 ? undefined : this.#watchBody(req, () => {
@@ -238,7 +239,7 @@ export const UPSTREAM_IDLE_MS = 4000;
  * a response head between that and --mtls_max_header_size, which the relay
  * passes on, was a 502.
  */
-function upstreamPool(options: Pick<RestForwarderOptions, 'upstream' | 'connectTimeoutMs' | 'maxHeaderSize'>): Pool {
+function upstreamPool(options: Pick<RestForwarderOptions, 'upstream' | 'maxHeaderSize'>, connect: buildConnector.connector): Pool {
   const { upstream } = options;
   return new Pool(`http://${hostAndPort(upstream.host, upstream.port)}`, {
     pipelining: 1,
@@ -247,8 +248,41 @@ function upstreamPool(options: Pick<RestForwarderOptions, 'upstream' | 'connectT
     headersTimeout: 0,
     bodyTimeout: 0,
     maxHeaderSize: options.maxHeaderSize,
-    connect: { timeout: options.connectTimeoutMs },
+    connect,
   });
+}
+
+/**
+ * Whether an upstream connection is reporting a TCP reset at this moment. undici takes a reset
+ * of a connection whose response body runs until close (no Content-Length, not chunked: an
+ * HTTP/1.0 answer, or `connection: close` without a length) for the body's end, a workaround
+ * for macOS, which reports ECONNRESET after whole bodies too, and ends the response from inside
+ * that socket's 'error' event. RFC 9112 (section 8) counts such a body complete only when the
+ * connection indicated no error; the relay reads it so (a reset cuts it short), and the client
+ * must not get it as whole (a last chunk, an END_STREAM).
+ */
+class UpstreamResets {
+  #resetting = false;
+
+  get resetting(): boolean {
+    return this.#resetting;
+  }
+
+  /** undici's own connector (`timeoutMs`: --mtls_upstream_connect_timeout), each socket watched ahead of undici's listeners. */
+  connector(timeoutMs: number): buildConnector.connector {
+    const connect = buildConnector({ timeout: timeoutMs });
+    return (options, callback) => connect(options, (...args) => {
+      args[1]?.prependListener('error', this.#onError);
+      callback(...args);
+    });
+  }
+
+  readonly #onError = (err: NodeJS.ErrnoException): void => {
+    if (err.code !== 'ECONNRESET') return;
+    this.#resetting = true;
+    // After every listener of this 'error', undici's among them, has run.
+    queueMicrotask(() => (this.#resetting = false));
+  };
 }
 
 /**
@@ -437,6 +471,9 @@ function bodyStream(req: ClientRequestLike, count: (n: number) => void, received
 /** Why we abort an upstream request (the client left, or we answered it ourselves); one object, no stack per request. */
 const GIVEN_UP = new Error('the proxy gave up this request');
 
+/** A body that runs until close, ended by a reset (UpstreamResets): cut short, not complete. */
+const RESET_MID_BODY: NodeJS.ErrnoException = Object.assign(new Error('the upstream reset the connection in the middle of a body that runs until close'), { code: 'ECONNRESET' });
+
 /** One request's upstream side: undici calls these as the answer arrives. */
 class UpstreamExchange implements Dispatcher.DispatchHandler {
   readonly #res: ClientResponseLike;
@@ -444,13 +481,15 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   readonly #options: RestForwarderOptions;
   readonly #context: ConnectionContext;
   readonly #http2: boolean;
+  readonly #resets: UpstreamResets;
   #controller: Dispatcher.DispatchController | undefined;
   /** The upstream request has ended, answered or failed. */
   #ended = false;
   /** Set once we answered the client ourselves or it left: nothing from the upstream may follow. */
   givenUp = false;
 
-  constructor(res: ClientResponseLike, stats: ExchangeStats, options: RestForwarderOptions, context: ConnectionContext) {
+  constructor(res: ClientResponseLike, stats: ExchangeStats, options: RestForwarderOptions, context: ConnectionContext, resets: UpstreamResets) {
+    this.#resets = resets;
     this.#res = res;
     this.#stats = stats;
     this.#options = options;
@@ -507,7 +546,12 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     }
   }
 
-  onResponseEnd(): void {
+  onResponseEnd(controller: Dispatcher.DispatchController): void {
+    // Only a body that runs until close ends while its connection reports a reset.
+    if (this.#resets.resetting) {
+      this.onResponseError(controller, RESET_MID_BODY);
+      return;
+    }
     this.#ended = true;
     if (!this.givenUp) this.#res.end();
   }

@@ -12,7 +12,7 @@ import type { AddressInfo, Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
-import { openRaw, readToClose } from './helpers/raw-http1.js';
+import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { behindProxy } from './helpers/scripted-upstream.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -509,6 +509,43 @@ describe('rest upstream failures', () => {
         session.destroy();
       }
     }));
+
+  /** An event stream whose body runs until close: no length, not chunked (an HTTP/1.0-style answer). */
+  const untilClose = (socket: Socket) => socket.write('HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: 0\n\n');
+
+  for (const [how, close] of [['reset', (s: Socket) => s.resetAndDestroy()], ['clean close', (s: Socket) => s.end()]] as const) {
+    const cut = how === 'reset';
+    test(`--mtls_rest_mode terminate: a body that runs until close, ended by a ${how}, ${cut ? 'is cut short for the client, as the relay reads it (RFC 9112 8): no last chunk over HTTP/1.1, RST_STREAM(INTERNAL_ERROR) over HTTP/2' : 'is complete for the client'}`, { timeout: 30_000 }, () =>
+      behindProxy({ pki, restMode: 'terminate', answer: untilClose }, async (local, upstream) => {
+        const http1 = await openRaw(local.restPort, pki);
+        http1.write('GET /v3/sse HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+        // Both readers from the start: the first event may come in the same read as the head.
+        const firstEvent = readUntil(http1, /data: 0/);
+        const answer = readToClose(http1);
+        await firstEvent;
+        close(upstream.sockets[0]!);
+        const text = await answer;
+        assert.match(text, /transfer-encoding: chunked/i);
+        assert.equal(text.endsWith('\r\n0\r\n\r\n'), !cut, text);
+        const h1Line = await local.logs.waitFor((l) => l.event === 'access' && l.protocol === 'http/1.1');
+        assert.equal(h1Line.error, cut ? 'ECONNRESET' : undefined);
+
+        const session = h2Session(local.restPort, pki);
+        try {
+          const stream = session.request({ ':path': '/v3/sse' }, { endStream: true });
+          stream.on('error', () => {});
+          const closed = new Promise((resolve) => stream.once('close', resolve));
+          await once(stream, 'data');
+          close(upstream.sockets[1]!);
+          await closed;
+          assert.equal(stream.rstCode, cut ? http2Constants.NGHTTP2_INTERNAL_ERROR : http2Constants.NGHTTP2_NO_ERROR);
+          const h2Line = await local.logs.waitFor((l) => l.event === 'access' && l.protocol === 'h2');
+          assert.equal(h2Line.error, cut ? 'ECONNRESET' : undefined);
+        } finally {
+          session.destroy();
+        }
+      }));
+  }
 
   test('an unreachable upstream answers 502 with a small JSON error body', async () => {
     const server = await startUpstream({ grpcPort: null });
