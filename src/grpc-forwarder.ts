@@ -242,6 +242,8 @@ class GrpcCall {
   #upstreamDone = false;
   /** The client has been given a status of ours; the first one given is the one it gets. */
   #statusGiven = false;
+  /** The client's stream has been given its end: trailers, or a Trailers-Only answer. */
+  #statusSent = false;
   #unforwardRequest: (() => void) | undefined;
   #unforwardResponse: (() => void) | undefined;
 
@@ -265,6 +267,7 @@ class GrpcCall {
       // frame. While the client still sends (a ModelStreamInfer stream) its call stays open, so no 'close' says so.
       if (this.#trailers === undefined) this.#endedWithoutStatus();
       client.sendTrailers(this.#trailers ?? {});
+      this.#statusSent = true;
       // Most calls have sent their whole request by now: nothing to stop. Otherwise the reset
       // that stops the client waits a turn: Node frames the trailers after this handler
       // returns, and a reset submitted here goes out first and discards them (the client then
@@ -325,6 +328,7 @@ class GrpcCall {
       this.#upstreamDone = true;
       this.#outcome.grpcStatus = headers['grpc-status'] as string | undefined;
       client.respond(headers, { endStream: true });
+      this.#statusSent = true;
       upstream.resume();
       this.#stopRequest();
       return;
@@ -417,6 +421,7 @@ class GrpcCall {
     if (!client.headersSent) {
       this.#outcome.status = 200;
       client.respond(grpcErrorHeaders(status, message), { endStream: true });
+      this.#statusSent = true;
       this.#stopRequest();
       return;
     }
@@ -444,12 +449,24 @@ class GrpcCall {
         // Client cancelled (RST_STREAM) or went away, or we cut its connection: free the upstream call at once.
         const code = this.#client.rstCode;
         upstream.close(code === undefined || code === NGHTTP2_NO_ERROR ? NGHTTP2_CANCEL : code);
-        const { closedBy } = this.#context;
-        this.#outcome.error ??= closedBy ?? 'client_cancelled';
-        if (closedBy === undefined) this.#shared.cancels.count(this.#context);
+        this.#clientLeft();
       }
     }
-    if (this.#upstreamDone) this.#shared.cancels.settle(this.#context);
+    if (this.#upstreamDone && !this.#statusSent) {
+      // The model server's answer was whole, but the client reset its stream (or left) before the end of it
+      // reached it, as a slow reader that gives up does: the status it never got is not logged as its outcome.
+      this.#outcome.grpcStatus = undefined;
+      this.#clientLeft();
+    } else if (this.#upstreamDone) {
+      this.#shared.cancels.settle(this.#context);
+    }
     this.#options.observer.request(accessRecord(this.#context, this.#headers, this.#outcome));
+  }
+
+  /** The client cancelled (RST_STREAM) or went away, unless we cut its connection (closedBy). */
+  #clientLeft(): void {
+    const { closedBy } = this.#context;
+    this.#outcome.error ??= closedBy ?? 'client_cancelled';
+    if (closedBy === undefined) this.#shared.cancels.count(this.#context);
   }
 }

@@ -42,6 +42,18 @@ const NOT_FOR_EVER = { timeout: 30_000 };
 type OnH2cStream = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, flags: number, raw?: string[]) => void;
 
 /**
+ * For an h2c upstream's 'stream' handler: true for a call to `path`, which the caller answers;
+ * any other call gets an OK Trailers-Only answer. The request body is read and dropped either way.
+ */
+function isCallTo(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, path: string): boolean {
+  stream.on('error', () => {});
+  stream.resume();
+  if (headers[':path'] === path) return true;
+  stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '0' }, { endStream: true });
+  return false;
+}
+
+/**
  * A proxy in front of a bare h2c server whose streams `onStream` answers (what no gRPC
  * server library would send); both are closed after `run`, however it ends.
  */
@@ -447,6 +459,40 @@ describe('grpc upstream failures', () => {
     }
   });
 
+  test('a client that cancels before the whole answer reached it (a slow reader) is logged client_cancelled with no grpc-status, though the model server had finished', NOT_FOR_EVER, async () => {
+    // Larger than the client's stream window (65535, Node's default): most of it waits at the proxy.
+    const big = grpcFrame(Buffer.alloc(512 * 1024));
+    let bigDone!: () => void;
+    const bigClosed = new Promise<void>((resolve) => (bigDone = resolve));
+    const onStream: OnH2cStream = (stream, headers) => {
+      if (!isCallTo(stream, headers, '/t.S/Big')) return;
+      stream.on('close', bigDone);
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+      stream.end(big);
+    };
+    await behindH2cUpstream({ onStream }, async (local) => {
+      const slow = h2Session(local.grpcPort, pki);
+      const other = h2Session(local.grpcPort, pki);
+      try {
+        const stream = slow.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Big' });
+        stream.on('error', () => {});
+        stream.end(grpcFrame(Buffer.alloc(1)));
+        stream.pause();
+        await bigClosed;
+        // Answered after the big call's trailers on the one upstream connection: the proxy has them too.
+        await h2Request(other, { ...ECHO_UNARY_HEADERS, ':path': '/t.S/Quick' }, grpcFrame(Buffer.alloc(1)));
+        stream.close(constants.NGHTTP2_CANCEL);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Big');
+        assert.equal(line.error, 'client_cancelled');
+        assert.equal(line.grpcStatus, undefined);
+      } finally {
+        slow.destroy();
+        other.destroy();
+      }
+    });
+  });
+
   test('a status the upstream sends before reading the whole request ends the client stream too, with RST_STREAM(NO_ERROR), and is logged', NOT_FOR_EVER, async (t) => {
     // As a server answers a message over its size limit: Trailers-Only at once, the request unread.
     const onStream = (stream: ServerHttp2Stream) => {
@@ -577,12 +623,7 @@ describe('grpc: clients that read slowly', () => {
     // Each ServerStream call answers 2 stream windows: once written, the proxy has read one and holds it for the client.
     const flushed: Promise<void>[] = [];
     const onStream: OnH2cStream = (stream, headers) => {
-      stream.on('error', () => {});
-      stream.resume();
-      if (headers[':path'] !== '/ovmsmtls.test.Echo/ServerStream') {
-        stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '0' }, { endStream: true });
-        return;
-      }
+      if (!isCallTo(stream, headers, '/ovmsmtls.test.Echo/ServerStream')) return;
       stream.respond({ ':status': 200, 'content-type': 'application/grpc' });
       flushed.push(new Promise((resolve) => stream.write(Buffer.alloc(2 * limits.streamWindow), () => resolve())));
     };
