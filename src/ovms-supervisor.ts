@@ -66,11 +66,14 @@ export interface SupervisorEvents {
   givingUp: [failuresInARow: number, status: ExitStatus];
   /** Respawning at once after a start failure that `retryStart` accepted. */
   retrying: [status: ExitStatus];
-  /** OVMS answered nothing for the hang timeout: it is being ended; its `exit` follows, then the restart policy applies as for a failure. */
-  hung: [hang: Hang, restart: boolean];
+  /** OVMS answered nothing for the hang timeout: it is being ended; its `exit` follows, then what `next` says (the restart policy, as for a failure). */
+  hung: [hang: Hang, next: AfterHang];
   /** Final: OVMS is down and will not be started again. */
   done: [status: ExitStatus];
 }
+
+/** What follows a hung run: a restart, giving up (on-failure's failures in a row are used up), or the end (mode never). */
+export type AfterHang = 'restart' | 'give-up' | 'exit';
 
 /** Exponential: initial * 2^failures, capped. */
 export function nextBackoffMs(policy: RestartPolicy, consecutiveFailures: number): number {
@@ -103,6 +106,10 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
   #hangWatch: HangWatch | undefined;
   /** The run the watchdog is ending: its exit is a failure whatever its code. */
   #hungChild: ChildProcess | undefined;
+  /** How long that run had run when it hung: its length for the failure count, so that `hung` announces the restart that happens. */
+  #hungAfterMs = 0;
+  /** When the current run was spawned (performance.now()). */
+  #startedAt = 0;
   /** SIGKILL timers of the current run, cleared when it exits. */
   readonly #escalations = new Set<NodeJS.Timeout>();
 
@@ -162,7 +169,7 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
     const child = spawnChild(this.#options.command(), ['ignore', 'inherit', 'inherit']);
     this.#child = child;
     this.#readyThisRun = false;
-    const started = performance.now();
+    this.#startedAt = performance.now();
     const exited = waitForExit(child);
     child.once('spawn', () => {
       this.emit('spawn', child.pid);
@@ -172,7 +179,7 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
       this.#endWatching();
       // Helpers OVMS forked would outlive it: reparented, holding memory and maybe its loopback ports, zombies if we are PID 1.
       killGroup(child);
-      return this.#onExit(child, status, performance.now() - started);
+      return this.#onExit(child, status, performance.now() - this.#startedAt);
     });
   }
 
@@ -205,7 +212,8 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
   #endHung(child: ChildProcess, hang: Hang, stopGraceMs: number): void {
     if (this.#stopping || this.#child !== child) return;
     this.#hungChild = child;
-    this.emit('hung', hang, this.#options.restart.mode === 'on-failure');
+    this.#hungAfterMs = performance.now() - this.#startedAt;
+    this.emit('hung', hang, this.#afterFailure(this.#hungAfterMs));
     this.#terminate(child, 'SIGTERM', stopGraceMs);
   }
 
@@ -222,7 +230,8 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
     this.#ready = false;
     this.emit('exit', exitStatus, child.pid);
     // Ended by the watchdog: a failure even when OVMS took its SIGTERM and exited 0.
-    const status: ExitStatus = this.#hungChild === child ? { ...exitStatus, hung: true } : exitStatus;
+    const hung = this.#hungChild === child;
+    const status: ExitStatus = hung ? { ...exitStatus, hung: true } : exitStatus;
     this.#hungChild = undefined;
     this.#lastStatus = status;
     if (this.#stopping) return this.#finish(status);
@@ -232,19 +241,30 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
       return this.#spawn();
     }
     if (this.#options.restart.mode !== 'on-failure' || !failed(status)) return this.#finish(status);
-    if (ranMs >= this.#options.restart.stableAfterMs) this.#consecutiveFailures = 0;
-    if (this.#consecutiveFailures + 1 >= this.#options.restart.maxFailuresInARow) {
-      this.emit('givingUp', this.#consecutiveFailures + 1, status);
+    const failures = this.#failuresInARowWith(hung ? this.#hungAfterMs : ranMs);
+    if (failures >= this.#options.restart.maxFailuresInARow) {
+      this.emit('givingUp', failures, status);
       return this.#finish(status);
     }
-    const delay = nextBackoffMs(this.#options.restart, this.#consecutiveFailures);
-    this.#consecutiveFailures += 1;
+    const delay = nextBackoffMs(this.#options.restart, failures - 1);
+    this.#consecutiveFailures = failures;
     this.emit('restarting', this.#restarts + 1, delay);
     this.#restartTimer = setTimeout(() => {
       this.#restarts += 1;
       this.emit('restarted', this.#restarts);
       this.#spawn();
     }, delay);
+  }
+
+  /** This failure's place in the failures in a row: a run as long as stableAfterMs starts the count over. */
+  #failuresInARowWith(ranMs: number): number {
+    return ranMs >= this.#options.restart.stableAfterMs ? 1 : this.#consecutiveFailures + 1;
+  }
+
+  /** What follows a run that fails after `ranMs`. */
+  #afterFailure(ranMs: number): AfterHang {
+    if (this.#options.restart.mode !== 'on-failure') return 'exit';
+    return this.#failuresInARowWith(ranMs) < this.#options.restart.maxFailuresInARow ? 'restart' : 'give-up';
   }
 
   #finish(status: ExitStatus): void {

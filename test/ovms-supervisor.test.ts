@@ -2,9 +2,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { OvmsSupervisor, type HangWatchSettings, type RestartPolicy } from '../src/ovms-supervisor.js';
+import { OvmsSupervisor, type AfterHang, type HangWatchSettings, type RestartPolicy } from '../src/ovms-supervisor.js';
 import { describeExit, exitCodeOf, HUNG_EXIT_CODE, spawnChild, waitForExit, type ExitStatus, type SpawnCommand } from '../src/ovms-child.js';
 import { hangCheckPeriodMs, type Hang, type Liveness } from '../src/ovms-watchdog.js';
+import { logSupervisorEvents } from '../src/cli/entrypoint-lifecycle.js';
+import { createLogger } from '../src/log.js';
+import { LogCapture } from './helpers/harness.js';
 
 /** An OVMS stand-in that fails with code 3, after `seconds`. */
 function failingAfter(seconds: number): SpawnCommand {
@@ -75,13 +78,13 @@ test('hang watch: an OVMS deaf to SIGTERM is SIGKILLed after the stop grace, and
     hangWatch: { timeoutMs: 500, stopGraceMs: 200, check: async () => 'stopped' },
   });
   const exits: ExitStatus[] = [];
-  const restarted: boolean[] = [];
+  const restarted: AfterHang[] = [];
   supervisor.on('exit', (status) => exits.push(status));
-  supervisor.on('hung', (_hang, restart) => restarted.push(restart));
+  supervisor.on('hung', (_hang, next) => restarted.push(next));
   supervisor.start();
   await once(supervisor, 'restarting');
   assert.deepEqual(exits, [{ code: null, signal: 'SIGKILL' }]);
-  assert.deepEqual(restarted, [true]);
+  assert.deepEqual(restarted, ['restart']);
   await once(supervisor, 'spawn');
   assert.equal(supervisor.state().restarts, 1);
   assert.equal(spawned, 2);
@@ -148,5 +151,33 @@ test('--mtls_restart on-failure: a restart is counted (restarted) when OVMS star
     assert.deepEqual(countedAfter, [1]);
   } finally {
     await restarted.stop('SIGKILL', 0);
+  }
+});
+
+// A fifth failure in a row that was a hang was announced "then restarting it" (ovms_hung), and the next line gave up.
+test('hang watch: the hung event says what follows, and it is what happens: giving up, not a restart, when that failure is the last allowed in a row', { timeout: 60_000 }, async () => {
+  const policy: RestartPolicy = { mode: 'on-failure', initialBackoffMs: 10, maxBackoffMs: 10, stableAfterMs: 60_000, maxFailuresInARow: 2 };
+  let spawned = 0;
+  const supervisor = new OvmsSupervisor({
+    // The first run fails at once; the second is ready, then answers nothing.
+    command: () => (spawned++ === 0 ? failingAfter(0) : runningUntilSignalled('exit 0')),
+    probe: async () => spawned === 2,
+    restart: policy,
+    hangWatch: { timeoutMs: 500, stopGraceMs: 5000, check: async () => 'silent' },
+  });
+  const seen = recordEvents(supervisor);
+  const announced: AfterHang[] = [];
+  supervisor.on('hung', (_hang, next) => announced.push(next));
+  const logs = new LogCapture();
+  logSupervisorEvents(supervisor, createLogger({ level: 'info', destination: logs }), () => ({}));
+  supervisor.start();
+  try {
+    assert.deepEqual(await supervisor.done, { code: 0, signal: null, hung: true });
+    assert.deepEqual(seen, ['spawn', 'exit', 'restarting', 'spawn', 'ready', 'hung', 'exit', 'done']);
+    assert.deepEqual(announced, ['give-up']);
+    const hung = logs.lines.find((l) => l.event === 'ovms_hung')!;
+    assert.match(hung['msg'] as string, /then exiting with 124 \(--mtls_restart on-failure gives up: too many failures in a row\)/);
+  } finally {
+    await supervisor.stop('SIGKILL', 0);
   }
 });

@@ -10,7 +10,7 @@
  */
 import type { Logger } from '../log.js';
 import { describeExit, exitCodeOf, HUNG_EXIT_CODE, type ExitStatus } from '../ovms-child.js';
-import type { OvmsSupervisor } from '../ovms-supervisor.js';
+import type { AfterHang, OvmsSupervisor } from '../ovms-supervisor.js';
 import type { RunningProxy } from '../proxy.js';
 import type { LoopbackPorts } from '../ovms-args.js';
 import { waitForStopSignal, type StopSignal } from './lifecycle.js';
@@ -121,6 +121,12 @@ function finish(logger: Logger, exitCode: number, why: string): number {
   return exitCode;
 }
 
+const AFTER_HANG: Readonly<Record<AfterHang, string>> = {
+  restart: 'then restarting it (--mtls_restart on-failure)',
+  'give-up': `then exiting with ${HUNG_EXIT_CODE} (--mtls_restart on-failure gives up: too many failures in a row) so that the orchestrator restarts the container`,
+  exit: `then exiting with ${HUNG_EXIT_CODE} (--mtls_restart never) so that the orchestrator restarts the container`,
+};
+
 /** One JSON line per OVMS state change. */
 export function logSupervisorEvents(supervisor: OvmsSupervisor, logger: Logger, ports: () => LoopbackPorts): void {
   supervisor.on('spawn', (pid) => logger.info({ event: 'ovms_started', pid, ports: ports() }, 'OVMS started'));
@@ -130,9 +136,9 @@ export function logSupervisorEvents(supervisor: OvmsSupervisor, logger: Logger, 
     logger[status.code === 0 ? 'info' : 'warn'](fields, describeExit(status));
   });
   supervisor.on('restarting', (attempt, delayMs) => logger.warn({ event: 'ovms_restarting', attempt, delayMs }, `restarting OVMS in ${delayMs} ms`));
-  supervisor.on('hung', (hang, restart) => {
+  supervisor.on('hung', (hang, next) => {
     const what = hang.stopped ? 'is stopped (SIGSTOP or SIGTSTP)' : 'does not answer';
-    const then = restart ? 'then restarting it (--mtls_restart on-failure)' : `then exiting with ${HUNG_EXIT_CODE} (--mtls_restart never) so that the orchestrator restarts the container`;
+    const then = AFTER_HANG[next];
     logger.error(
       { event: 'ovms_hung', pid: hang.pid, state: hang.stopped ? 'stopped' : 'not_answering', silentMs: hang.silentMs },
       `OVMS (pid ${hang.pid}) ${what}: no answer for ${(hang.silentMs / 1000).toFixed(1)} s (--mtls_ovms_hang_timeout); ending it (SIGTERM, then SIGKILL), ${then}`,
