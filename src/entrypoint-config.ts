@@ -60,7 +60,7 @@ export function grpcConnectionsForServers(servers: number): number {
 
 export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): EntrypointSettings {
   const raw = entrypointOptions(split, env);
-  const ovmsUser = optionalString(raw, 'mtls_ovms_user') ?? DEFAULTS.ovms.user;
+  const ovmsUser = ovmsUserOf(raw);
   const listeners = parsePublicListeners(raw);
   const parsed = parseCommonConfig(raw, containerTlsDefaults(raw));
   checkAdminPort(parsed.admin, listeners);
@@ -85,6 +85,15 @@ function usersGiven(raw: RawOptions): Partial<Record<UserOption, string>> {
     if (name !== undefined) given[flag] = name;
   }
   return given;
+}
+
+function ovmsUserOf(raw: RawOptions): string {
+  return optionalString(raw, 'mtls_ovms_user') ?? DEFAULTS.ovms.user;
+}
+
+/** The user OVMS runs as when started as root; for one-shot modes too (an empty value is the default, as when serving). */
+export function ovmsUser(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): string {
+  return ovmsUserOf(entrypointOptions(split, env));
 }
 
 /** The OVMS binary, checked before anything listens; for one-shot modes too. */

@@ -747,6 +747,19 @@ describe('non-serving invocations', () => {
     assert.deepEqual(fakeRuns(s.argvFile)[0]!.argv, ['--pull', '--source_model', 'OpenVINO/model name', '--model_repository_path', '/models']);
   });
 
+  // Serving took an empty OVMS_MTLS_OVMS_USER (a manifest's substitution of nothing) for the default user; --list_models looked up user '' and exited 2.
+  test('an empty OVMS_MTLS_OVMS_USER or --mtls_ovms_user= means the default user for a one-shot run too, as when serving', async () => {
+    const ending = async (env: Record<string, string>, extra: string[] = []) => {
+      const argvFile = join(dir, `one-shot-user-${++runCounter}.jsonl`);
+      const wrapper = startWrapper(['--list_models', '--model_repository_path', '/models', '--mtls_ovms_binary', FAKE_OVMS, ...extra], { FAKE_OVMS_ARGV_FILE: argvFile, ...env });
+      await once(wrapper.child, 'close');
+      return { exit: await wrapper.exited, stderr: wrapper.stderr(), uids: fakeRuns(argvFile).map((r) => r.uid) };
+    };
+    const unset = await ending({});
+    assert.deepEqual(await ending({ OVMS_MTLS_OVMS_USER: '' }), unset);
+    assert.deepEqual(await ending({}, ['--mtls_ovms_user=']), unset);
+  });
+
   test("--version prints ours, then OVMS's, with OVMS's exit code", async () => {
     const s = await start(['--version'], { FAKE_OVMS_ONESHOT_EXIT_CODE: '6' });
     assert.deepEqual(await s.wrapper.exited, { code: 6, signal: null });

@@ -16,7 +16,7 @@ import { WorkerPool } from '../workers.js';
 import { resolveListenAddresses } from '../bind-addresses.js';
 import { productVersion } from '../version.js';
 import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
-import { entrypointSettings, ovmsBinary, type EntrypointSettings } from '../entrypoint-config.js';
+import { entrypointSettings, ovmsBinary, ovmsUser, type EntrypointSettings } from '../entrypoint-config.js';
 import { exitCodeOf, findSetpriv, runToCompletion, spawnCommand } from '../ovms-child.js';
 import { OvmsSupervisor, type HangWatchSettings } from '../ovms-supervisor.js';
 import { ovmsLivenessCheck, ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
@@ -88,8 +88,7 @@ async function runVersion(split: SplitOvmsArgv, io: Io): Promise<number> {
 
 /** --pull, --list_models ... write model files: as root they run as the OVMS user, like serving does. */
 function oneShotPrivileges(split: SplitOvmsArgv, io: Io): PrivilegePlan {
-  const user = split.mtls['mtls_ovms_user'] ?? io.env['OVMS_MTLS_OVMS_USER'] ?? DEFAULTS.ovms.user;
-  return planPrivileges({ ovmsUser: String(user), proxyUser: 'root', root: isRoot() });
+  return planPrivileges({ ovmsUser: ovmsUser(split, io.env), proxyUser: 'root', root: isRoot() });
 }
 
 /** A non-serving OVMS invocation: run OVMS with these arguments and exit with its code; nothing listens. */
