@@ -114,13 +114,24 @@ export function waitForExit(child: ChildProcess): Promise<ExitStatus> {
   });
 }
 
+/** `signal` to OVMS and every process of its group (OVMS leads it: spawnChild), the helpers it forked. */
+export function signalGroup(child: ChildProcess, signal: NodeJS.Signals): void {
+  try {
+    if (child.pid !== undefined) process.kill(-child.pid, signal);
+  } catch {
+    child.kill(signal);
+  }
+}
+
 /**
  * Runs a one-shot OVMS command (--version, --pull ...) with our stdio,
  * forwarding SIGTERM/SIGINT/SIGHUP; resolves with its exit status.
+ * They go to OVMS's whole group, as a terminal's Ctrl-C reaches a plain `ovms --pull` and
+ * whatever it runs (a model converter): OVMS is in a session of its own, which no terminal signals.
  */
 export async function runToCompletion(command: SpawnCommand): Promise<ExitStatus> {
   const child = spawnChild(command, 'inherit');
-  const forward = (signal: NodeJS.Signals) => child.kill(signal);
+  const forward = (signal: NodeJS.Signals) => signalGroup(child, signal);
   const signals: NodeJS.Signals[] = ['SIGTERM', 'SIGINT', 'SIGHUP'];
   for (const s of signals) process.on(s, forward);
   try {

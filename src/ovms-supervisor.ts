@@ -8,7 +8,7 @@
 import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ChildProcess } from 'node:child_process';
-import { failed, spawnChild, waitForExit, type ExitStatus, type SpawnCommand } from './ovms-child.js';
+import { failed, signalGroup, spawnChild, waitForExit, type ExitStatus, type SpawnCommand } from './ovms-child.js';
 import { HangWatch, type Hang, type HangWatchOptions } from './ovms-watchdog.js';
 
 export interface RestartPolicy {
@@ -81,12 +81,8 @@ export function nextBackoffMs(policy: RestartPolicy, consecutiveFailures: number
 }
 
 function killGroup(child: ChildProcess): void {
-  try {
-    // OVMS leads its own process group; take helpers it forked along.
-    if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
-  } catch {
-    child.kill('SIGKILL');
-  }
+  // OVMS leads its own process group; take helpers it forked along.
+  signalGroup(child, 'SIGKILL');
 }
 
 export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {

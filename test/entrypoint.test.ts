@@ -2,7 +2,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -758,6 +758,23 @@ describe('non-serving invocations', () => {
     const unset = await ending({});
     assert.deepEqual(await ending({ OVMS_MTLS_OVMS_USER: '' }), unset);
     assert.deepEqual(await ending({}, ['--mtls_ovms_user=']), unset);
+  });
+
+  // A terminal's Ctrl-C on a plain `ovms --pull` reaches its whole process group; through the wrapper (OVMS in a session of its own) only OVMS got it, and what it had forked ran on.
+  test('SIGINT during a one-shot run (Ctrl-C on --pull) reaches what OVMS forked too: nothing runs on, and the wrapper exits 128+2', async () => {
+    const helperFile = join(dir, `one-shot-helper-${runCounter + 1}`);
+    const s = await start(['--pull', '--source_model', 'm', '--model_repository_path', '/models'], { FAKE_OVMS_ONESHOT_HELPER_PID_FILE: helperFile });
+    let helper: number | undefined;
+    try {
+      await eventually(async () => (await readFile(helperFile, 'utf8').catch(() => '')) !== '', 'the helper OVMS forked');
+      helper = Number(readFileSync(helperFile, 'utf8'));
+      s.wrapper.child.kill('SIGINT');
+      assert.deepEqual(await s.wrapper.exited, { code: 128 + 2, signal: null });
+      await eventually(() => processGone(helper!), `the helper (pid ${helper}) to be gone`, 5000);
+    } finally {
+      if (helper !== undefined && !processGone(helper)) process.kill(helper, 'SIGKILL');
+      await stopWrapper(s.wrapper);
+    }
   });
 
   test("--version prints ours, then OVMS's, with OVMS's exit code", async () => {
