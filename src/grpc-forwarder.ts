@@ -344,7 +344,11 @@ class GrpcCall {
   #onUpstreamClose(): void {
     const client = this.#client;
     const upstream = this.#upstream!;
-    if (this.#upstreamDone || client.closed || client.destroyed) return;
+    if (client.closed || client.destroyed) return;
+    if (this.#upstreamDone) {
+      if (!upstream.readableEnded && !client.writableEnded) this.#deliverHeldResponse(upstream);
+      return;
+    }
     if (upstream.rstCode === NGHTTP2_REFUSED_STREAM && !client.headersSent) {
       this.#refuse();
       return;
@@ -378,6 +382,22 @@ class GrpcCall {
 
   #where(): string {
     return `upstream ${hostAndPort(this.#options.upstream.host, this.#options.upstream.port)}`;
+  }
+
+  /**
+   * The whole response had come (its trailers), then an RST_STREAM with an error code: a server
+   * that stops reading a request it answered early (h2 before 0.3.16 sends CANCEL). Node then
+   * destroys the stream, and the rest of the response it still held for a client that reads
+   * slowly was never emitted, nor its 'end': the client waited for good. It goes on from here.
+   */
+  #deliverHeldResponse(upstream: ClientHttp2Stream): void {
+    const client = this.#client;
+    this.#unforwardResponse?.();
+    for (let chunk: Buffer | null = upstream.read(); chunk !== null; chunk = upstream.read()) {
+      this.#outcome.bytesOut += chunk.length;
+      client.write(chunk);
+    }
+    client.end();
   }
 
   /**

@@ -1,8 +1,8 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
+import { EventEmitter, once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
-import { connect as connectH2, constants, createServer as createH2cServer, type Http2Session, type IncomingHttpHeaders, type ServerHttp2Stream, type ServerOptions, type Settings } from 'node:http2';
+import { connect as connectH2, constants, createServer as createH2cServer, type ClientHttp2Session, type Http2Session, type IncomingHttpHeaders, type ServerHttp2Stream, type ServerOptions, type Settings } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { clientCredentials, countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
@@ -617,6 +617,15 @@ describe('grpc: repeated metadata', () => {
   });
 });
 
+/** A client taking no response bytes (stream windows of 0) until it changes its settings; its connection window is wide. */
+async function slowReader(port: number): Promise<ClientHttp2Session> {
+  const session = connectH2(`https://localhost:${port}`, { ...tlsClientOptions(pki), settings: { initialWindowSize: 0 } });
+  session.on('error', () => {});
+  await once(session, 'connect');
+  session.setLocalWindowSize(16 * 1024 * 1024);
+  return session;
+}
+
 describe('grpc: clients that read slowly', () => {
   test('response bytes the proxy holds for clients that read slowly leave room for their next call (not RESOURCE_EXHAUSTED)', NOT_FOR_EVER, async () => {
     const limits = { streamWindow: 256 * 1024, maxConcurrentStreams: 32, maxSessionMemoryMiB: 1 };
@@ -629,11 +638,8 @@ describe('grpc: clients that read slowly', () => {
     };
     await behindH2cUpstream({ onStream, limits }, async (local) => {
       // Stream windows of 0 until the proxy holds what it read for each call.
-      const session = connectH2(`https://localhost:${local.grpcPort}`, { ...tlsClientOptions(pki), settings: { initialWindowSize: 0 } });
-      session.on('error', () => {});
+      const session = await slowReader(local.grpcPort);
       try {
-        await once(session, 'connect');
-        session.setLocalWindowSize(16 * 1024 * 1024);
         const firstData: Promise<unknown>[] = [];
         for (let i = 0; i < 24; i++) {
           const stream = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/ovmsmtls.test.Echo/ServerStream' });
@@ -650,6 +656,52 @@ describe('grpc: clients that read slowly', () => {
         const next = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(1))).catch((err: Error) => err);
         assert.ok(!(next instanceof Error), `the next call failed: ${String(next)}`);
         assert.equal(next.headers['grpc-status'], '0');
+      } finally {
+        session.destroy();
+      }
+    });
+  });
+
+  test('a whole response, then an RST_STREAM(CANCEL) for the request the server no longer reads (h2 before 0.3.16, nginx ticket 2376): a slow client still gets all of it and the status', NOT_FOR_EVER, async (t) => {
+    const limits = { streamWindow: 65_535 };
+    // A stream window for the client, which the proxy holds, and a little more, which arrives once it holds that.
+    const body = grpcFrame(Buffer.alloc(limits.streamWindow + 1000, 7));
+    const resets = new EventEmitter();
+    const onStream: OnH2cStream = (stream) => {
+      stream.on('error', () => {});
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      stream.on('wantTrailers', () => {
+        stream.sendTrailers({ 'grpc-status': '0' });
+        // After the trailers (a reset submitted in this handler would go out first).
+        setImmediate(() => stream.close(constants.NGHTTP2_CANCEL));
+      });
+      // The PING's answer comes once the proxy has read the frames before it, the reset among them.
+      const session = stream.session!;
+      stream.on('close', () => session.ping(() => resets.emit('taken')));
+      stream.end(body);
+    };
+    await behindH2cUpstream({ onStream, limits }, async (local) => {
+      // A stream window of 0: the client takes nothing until the whole response has reached the proxy.
+      const session = await slowReader(local.grpcPort);
+      try {
+        // A client-streaming call whose request is still open when the server has answered.
+        const call = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/AnswersEarly' });
+        call.on('error', () => {});
+        call.write(grpcFrame(Buffer.alloc(1)));
+        const chunks: Buffer[] = [];
+        call.on('data', (chunk: Buffer) => chunks.push(chunk));
+        let trailers: IncomingHttpHeaders | undefined;
+        call.on('trailers', (received: IncomingHttpHeaders) => (trailers = received));
+        await once(call, 'response');
+        await once(resets, 'taken', { signal: t.signal });
+        session.settings({ initialWindowSize: 1024 * 1024 });
+        // Without the fix the rest and the trailers never come: the test's timeout gives the wait up.
+        await once(call, 'end', { signal: t.signal });
+        assert.equal(Buffer.concat(chunks).length, body.length);
+        assert.equal(trailers?.['grpc-status'], '0');
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/AnswersEarly');
+        assert.equal(line.grpcStatus, '0');
+        assert.equal(line.bytesOut, body.length);
       } finally {
         session.destroy();
       }
