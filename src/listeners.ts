@@ -4,7 +4,7 @@ import { createServer as createTcpServer, type AddressInfo, type ListenOptions, 
 import { bindsIpv6Only, type AllowList, type BindSpec, type Limits } from './config.js';
 import { bindEach, type SkippedAddress } from './bind-addresses.js';
 import { ListenError } from './errors.js';
-import { identityFromCertificate, isAllowed, presentedCertificates, refusal, verificationRefusal, type ClientIdentity } from './client-identity.js';
+import { identityFromCertificate, isAllowed, presentedCertificates, refusal, verificationRefusal, type ClientIdentity, type Refusal, type RefusalReason } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
 import { handshakeFailureReason } from './handshake-failures.js';
 import { namesIssuer, pathToTrust } from './tls-checks.js';
@@ -41,6 +41,9 @@ export function cutConnection(context: ConnectionContext, why: ProxyCut): void {
   context.closedBy ??= why;
   context.socket.destroy();
 }
+
+/** Why the TLS material in force refuses a client chain verified under earlier material (tls-reload.ts liveJudge). */
+export type LateJudge = (presented: readonly X509Certificate[]) => RefusalReason | undefined;
 
 /** Where an authorized connection goes, by negotiated ALPN protocol. */
 export interface Handover {
@@ -93,6 +96,11 @@ export class SecureListener {
   #allow: AllowList;
   /** The client CAs of the context in force, to tell an untrusted client from a CRL problem. */
   #trustedCas: readonly X509Certificate[];
+  /** How many times the context was replaced; each handshake is stamped with the count it began under. */
+  #contexts = 0;
+  readonly #handshakeContext = new WeakMap<Socket, number>();
+  /** How the context in force judges a client verified under an earlier one (none before a reload). */
+  #judgeLate: LateJudge | undefined;
 
   constructor(options: SecureListenerOptions) {
     this.name = options.name;
@@ -123,11 +131,16 @@ export class SecureListener {
     });
   }
 
-  /** New handshakes use the new material; live connections keep theirs. */
-  setSecureContext(options: SecureContextOptions, clientCas: readonly X509Certificate[], allow?: AllowList): void {
+  /**
+   * New handshakes use the new material; live connections keep theirs. `judgeLate` judges
+   * the clients of handshakes under way now, which OpenSSL verifies under the old material.
+   */
+  setSecureContext(options: SecureContextOptions, clientCas: readonly X509Certificate[], allow?: AllowList, judgeLate?: LateJudge): void {
     for (const server of this.#servers) server.tls.setSecureContext(options);
     this.#trustedCas = clientCas;
     if (allow) this.#allow = allow;
+    this.#contexts += 1;
+    this.#judgeLate = judgeLate;
   }
 
   /**
@@ -187,7 +200,9 @@ export class SecureListener {
         socket.destroy();
         return;
       }
-      if (limits.maxConnections === 0 || this.#admit(socket, limits.maxConnections)) tls.emit('connection', socket);
+      if (limits.maxConnections !== 0 && !this.#admit(socket, limits.maxConnections)) return;
+      this.#handshakeContext.set(socket, this.#contexts);
+      tls.emit('connection', socket);
     });
     return { tcp, tls };
   }
@@ -208,7 +223,7 @@ export class SecureListener {
     const { observer } = this.#options;
     // Read once: each call parses anew.
     const peer = socket.getPeerX509Certificate();
-    const refused = verificationRefusal(socket, peer, this.#trustedCas) ?? this.#chainRefusal(peer);
+    const refused = verificationRefusal(socket, peer, this.#trustedCas) ?? this.#chainRefusal(peer) ?? this.#lateRefusal(socket, peer);
     if (refused) {
       observer.handshakeRefused(this.name, refused, remoteOf(socket), peer?.subject.replace(/\n/g, ','));
       answerRefusal(socket, refused);
@@ -240,6 +255,18 @@ export class SecureListener {
     // No path by names (not seen for a verified chain): what the client sent plus a root, as before.
     const depth = pathToTrust(presented, this.#trustedCas, namesIssuer)?.length ?? presented.length + 1;
     return depth > this.#options.limits.verifyDepth ? refusal('chain_too_long', `depth ${depth}`) : undefined;
+  }
+
+  /**
+   * A reload during this handshake closed the live connections its new CRL or CAs refuse, but
+   * this one was not live yet, and OpenSSL verified it under the material the handshake began
+   * with: a client revoked then was let in, and no reload would close it. Judged as the new
+   * material judges, like a handshake begun after the reload.
+   */
+  #lateRefusal(socket: TLSSocket, peer: X509Certificate | undefined): Refusal | undefined {
+    if (!peer || !this.#judgeLate || this.#handshakeContext.get(parentOf(socket)!) === this.#contexts) return undefined;
+    const reason = this.#judgeLate(presentedCertificates(peer));
+    return reason ? refusal(reason) : undefined;
   }
 
   #track(socket: TLSSocket, context: ConnectionContext): void {
@@ -275,7 +302,12 @@ function destroyIfPeerStaysOpen(socket: TLSSocket, graceMs: number): void {
  * by its IPv4 address (clientAddress).
  */
 function remoteOf(socket: TLSSocket): string | undefined {
-  return clientAddress((socket as TLSSocket & { _parent?: Socket | null })._parent?.remoteAddress ?? socket.remoteAddress);
+  return clientAddress(parentOf(socket)?.remoteAddress ?? socket.remoteAddress);
+}
+
+/** The TCP socket Node's TLS server wrapped in `socket`. */
+function parentOf(socket: TLSSocket): Socket | null | undefined {
+  return (socket as TLSSocket & { _parent?: Socket | null })._parent;
 }
 
 function listenOn(server: TcpServer, options: ListenOptions & { host: string; port: number }, name: ListenerName): Promise<void> {

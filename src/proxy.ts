@@ -13,6 +13,7 @@ import { grpcRelay } from './grpc-relay.js';
 import { restRelay } from './rest-relay.js';
 import type { Relay } from './relay.js';
 import { secureContextOptions, type TlsMaterial } from './tls-material.js';
+import { liveJudge } from './tls-reload.js';
 import { combineObservers, elapsedMs, NOOP_OBSERVER, type ListenerName, type ProxyObserver } from './observer.js';
 import { loggingObserver } from './log-observer.js';
 import { hostAndPort } from './addresses.js';
@@ -181,7 +182,8 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
     reloadTls(material, allow) {
       // Split the PEM bundles once for all listeners: a million-entry CRL is 50 MiB of text to search.
       const options = secureContextOptions(material);
-      for (const part of parts) part.listener.setSecureContext(options, material.clientCas, allow);
+      const judge = liveJudge(material);
+      for (const part of parts) part.listener.setSecureContext(options, material.clientCas, allow, judge);
     },
     shutdown: (timeoutMs) => shutdown(parts, timeoutMs, logger),
   };

@@ -120,7 +120,7 @@ export class TlsReloader {
 
   /** A new CRL or client CA bundle only affects new handshakes: find and end the live connections it refuses. */
   #closeRevoked(material: TlsMaterial): number {
-    const index = new RevocationIndex(material.crls);
+    const judge = liveJudge(material);
     // Many connections share one certificate: judge each presented chain once.
     const verdicts = new Map<string, LiveRefusal | undefined>();
     let closed = 0;
@@ -128,7 +128,7 @@ export class TlsReloader {
       for (const [socket, context] of [...listener.connections]) {
         const chain = presentedCertificates(context.certificate);
         const key = chain.map((cert) => cert.fingerprint256).join('/');
-        if (!verdicts.has(key)) verdicts.set(key, liveRefusal(chain, material.clientCas, index));
+        if (!verdicts.has(key)) verdicts.set(key, judge(chain));
         const reason = verdicts.get(key);
         if (!reason) continue;
         const { identity } = context;
@@ -205,7 +205,13 @@ function sameMaterial(a: TlsMaterial, b: TlsMaterial): boolean {
 }
 
 
-type LiveRefusal = 'revoked' | 'unknown_ca';
+export type LiveRefusal = 'revoked' | 'unknown_ca';
+
+/** Judges a chain verified under earlier material as a handshake under `material` would. */
+export function liveJudge(material: TlsMaterial): (presented: readonly X509Certificate[]) => LiveRefusal | undefined {
+  const index = new RevocationIndex(material.crls);
+  return (presented) => liveRefusal(presented, material.clientCas, index);
+}
 
 /** Why a connection verified at its handshake would be refused by a handshake under the new material. */
 function liveRefusal(presented: readonly X509Certificate[], cas: readonly X509Certificate[], index: RevocationIndex): LiveRefusal | undefined {

@@ -1,6 +1,7 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
+import { EventEmitter, once } from 'node:events';
+import { connect as connectTcp, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { Agent } from 'node:https';
 import { join } from 'node:path';
@@ -197,6 +198,53 @@ async function h2Get(session: ClientHttp2Session, path = '/v2/health/live'): Pro
   return Number(headers[':status']);
 }
 
+/**
+ * A loopback TCP hop to `port` that passes a client's first flight (its ClientHello) and the
+ * server's answer, then holds the client's next flight (its certificate, TLS 1.3) until released:
+ * a handshake kept under way for as long as a test needs.
+ */
+async function handshakeHoldingHop(port: number): Promise<{ port: number; holding: Promise<void>; release(): void; close(): void }> {
+  const held = new EventEmitter();
+  let released = false;
+  const sockets: Socket[] = [];
+  const server = createTcpServer((client) => {
+    const toProxy = connectTcp(port, '127.0.0.1');
+    for (const s of [client, toProxy]) {
+      sockets.push(s);
+      s.on('error', () => {});
+    }
+    toProxy.pipe(client);
+    let flights = 0;
+    client.on('data', (chunk: Buffer) => {
+      flights += 1;
+      if (flights === 1 || released) {
+        toProxy.write(chunk);
+        return;
+      }
+      client.pause();
+      held.emit('holding');
+      held.once('release', () => {
+        toProxy.write(chunk);
+        client.resume();
+      });
+    });
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return {
+    port: (server.address() as AddressInfo).port,
+    holding: once(held, 'holding').then(() => undefined),
+    release() {
+      released = true;
+      held.emit('release');
+    },
+    close() {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
+}
+
 describe('revocation reaches live connections', SAFETY, () => {
   test('a CRL reload sends GOAWAY to the HTTP/2 connection of a client it now revokes, while another client carries on', async () => {
     const r = await startWithReloader(await plainCertDir(originalSet()));
@@ -223,6 +271,27 @@ describe('revocation reaches live connections', SAFETY, () => {
     } finally {
       alice.close();
       revoked.destroy();
+      await r.stop();
+    }
+  });
+
+  test('a client whose TLS handshake was under way when the CRL revoking it was reloaded is refused, not let in under the CRL its handshake began with', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    const hop = await handshakeHoldingHop(r.front.restPort);
+    const revoked = h2(hop.port, bob);
+    try {
+      await hop.holding;
+      await writeFile(r.certs.files.crl!, await crlRevoking(bob));
+      const outcome = await r.reloader.reload('signal');
+      assert.equal(outcome.ok && outcome.revokedConnections, 0);
+      hop.release();
+      // Let in, bob would be answered 200 on a connection no reload closes.
+      assert.equal(await h2Get(revoked, '/v2/health/ready'), 403);
+      const line = await r.front.logs.waitFor((l) => l.event === 'client_refused' && /CN=bob/.test(String(l.subject)));
+      assert.equal(line.reason, 'revoked');
+    } finally {
+      revoked.destroy();
+      hop.close();
       await r.stop();
     }
   });
