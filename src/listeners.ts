@@ -96,6 +96,8 @@ export class SecureListener {
   #allow: AllowList;
   /** The client CAs of the context in force, to tell an untrusted client from a CRL problem. */
   #trustedCas: readonly X509Certificate[];
+  /** Connections closeConnection is ending, within their grace. */
+  readonly #revoked = new WeakSet<Socket>();
   /** How many times the context was replaced; each handshake is stamped with the count it began under. */
   #contexts = 0;
   readonly #handshakeContext = new WeakMap<Socket, number>();
@@ -158,15 +160,19 @@ export class SecureListener {
   /**
    * Ends one live connection (its client was just revoked): gracefully, then
    * by force after `graceMs` so a never-ending stream cannot outlive revocation.
+   * False when it is being ended already: a later reload that refuses it again
+   * must not count, log or time it a second time.
    */
-  closeConnection(socket: TLSSocket, graceMs: number): void {
+  closeConnection(socket: TLSSocket, graceMs: number): boolean {
     const context = this.#connections.get(socket);
-    if (!context) return;
+    if (!context || this.#revoked.has(socket)) return false;
+    this.#revoked.add(socket);
     const timer = setTimeout(() => cutConnection(context, 'proxy_closed_revoked'), graceMs);
     timer.unref();
     socket.once('close', () => clearTimeout(timer));
     if (this.#options.handover.close) this.#options.handover.close(socket);
     else socket.end();
+    return true;
   }
 
   /**

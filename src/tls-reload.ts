@@ -130,7 +130,7 @@ export class TlsReloader {
         const key = chain.map((cert) => cert.fingerprint256).join('/');
         if (!verdicts.has(key)) verdicts.set(key, judge(chain));
         const reason = verdicts.get(key);
-        if (!reason) continue;
+        if (!reason || !listener.closeConnection(socket, this.#options.revokedGraceMs)) continue;
         const { identity } = context;
         this.#options.logger.warn(
           { event: 'connection_revoked', reason, listener: listener.name, remote: context.remoteAddress, subject: identity.subject, serial: identity.serial },
@@ -138,7 +138,6 @@ export class TlsReloader {
             ? 'closing a live connection: its client certificate is revoked by the new CRL'
             : 'closing a live connection: its client certificate is not issued by a CA of the new --mtls_client_ca',
         );
-        listener.closeConnection(socket, this.#options.revokedGraceMs);
         closed += 1;
       }
     }

@@ -350,6 +350,31 @@ describe('revocation reaches live connections', SAFETY, () => {
     });
   }
 
+  test('a revoked connection still within its grace is closed, logged and counted once, not again by each later reload that refuses it', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    const credentials = grpc.credentials.createSsl(Buffer.from(pki.serverCa.certPem), Buffer.from(bob.keyPem), Buffer.from(bob.certPem));
+    const echo = echoClient(r.front.grpcAddress, credentials);
+    try {
+      const held = new Promise<void>((resolve) => {
+        const call = echo.Hold({ payload: Buffer.from('x') }, new grpc.Metadata(), {}, () => undefined);
+        call.on('metadata', () => resolve());
+      });
+      await held;
+      await writeFile(r.certs.files.crl!, await crlRevoking(bob));
+      const first = await r.reloader.reload('signal');
+      assert.equal(first.ok && first.revokedConnections, 1);
+      // Another CRL that still revokes bob: his connection is within its grace (an hour), its call still held.
+      await writeFile(r.certs.files.crl!, await createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: bob.serialHex }], crlNumber: 3 }));
+      const second = await r.reloader.reload('signal');
+      assert.equal(second.ok && second.changed, true);
+      assert.equal(second.ok && second.revokedConnections, 0);
+      assert.equal(r.front.logs.lines.filter((l) => l.event === 'connection_revoked').length, 1);
+    } finally {
+      echo.close();
+      await r.stop();
+    }
+  });
+
   test('a revoked client whose call never ends is cut once the grace period is over', async () => {
     const r = await startWithReloader(await plainCertDir(originalSet()), { graceMs: 50 });
     const credentials = grpc.credentials.createSsl(Buffer.from(pki.serverCa.certPem), Buffer.from(bob.keyPem), Buffer.from(bob.certPem));
