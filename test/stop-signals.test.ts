@@ -36,6 +36,28 @@ for (const [first, second] of [['SIGINT', 'SIGINT'], ['SIGTERM', 'SIGINT'], ['SI
   });
 }
 
+// The second signal ended the process by its default action, and the access lines the batching
+// held (up to 250 ms: calls that finished in the drain) died with it.
+test('a second SIGTERM writes the access lines still batched, and a line saying it ends the drain, before the process dies of it', async () => {
+  const child = spawn(process.execPath, [CHILD], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ACCESS_LINE_IN_DRAIN: '1' } });
+  const exited = once(child, 'exit') as Promise<[number | null, NodeJS.Signals | null]>;
+  const watchdog = setTimeout(() => child.kill('SIGKILL'), 30_000);
+  let stdout = '';
+  child.stdout.setEncoding('utf8').on('data', (chunk: string) => {
+    if (stdout === '' && chunk.startsWith('ready')) child.kill('SIGTERM');
+    stdout += chunk;
+  });
+  child.stderr.setEncoding('utf8').on('data', (chunk: string) => {
+    if (chunk.includes('access-logged')) child.kill('SIGTERM');
+  });
+  const [code, signal] = await exited;
+  clearTimeout(watchdog);
+  assert.deepEqual({ code, signal }, { code: null, signal: 'SIGTERM' });
+  const lines = stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+  assert.ok(lines.some((l) => l['event'] === 'access' && l['path'] === '/finished-in-the-drain'), stdout);
+  assert.ok(lines.some((l) => l['event'] === 'signal' && l['again'] === true), stdout);
+});
+
 /** A new PID namespace (root, or user namespaces allowed): the child is its PID 1, as in a container without tini. */
 const PID_NAMESPACE = spawnSync('unshare', ['--pid', '--fork', 'true']).status === 0;
 

@@ -16,7 +16,8 @@ export interface StopSignal {
 /**
  * Install first, before anything starts: a SIGTERM while starting then drains
  * instead of killing the process. A second SIGINT or SIGTERM during a long drain
- * ends the process at once, by that signal (the default action). The second one
+ * ends the process at once, by that signal (the default action), after a line that
+ * says so (it also writes out the access lines still batched). The second one
  * is caught and raised again with the handlers gone, rather than left to the
  * default by removing the handlers at the first: a signal that comes before
  * the first one's handler has run (one right after our 'signal' line, which a
@@ -37,6 +38,8 @@ export function waitForStopSignal(logger: Logger): StopSignal {
     if (stopping) {
       process.off('SIGTERM', onStop);
       process.off('SIGINT', onStop);
+      // Written at once, with the access lines the batching still holds (calls that finished in the drain): the process dies next.
+      logger.warn({ event: 'signal', signal: s, again: true }, `${s} received again: ending now, without waiting for the drain`);
       endBySignal(s);
       return;
     }
