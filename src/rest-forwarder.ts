@@ -125,9 +125,9 @@ export class RestForwarder {
   /** Answered by us before anything goes upstream; the body is read and dropped (HTTP/2: and the client told to stop sending it). */
   #refuse(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number, refusal: { status: number; message: string; error: string; headers?: OutgoingHttpHeaders }): void {
     if (req.httpVersionMajor === 2 && bodyLength(req) !== 0) whenAnsweredMidBody(req, res);
-    answerJson(res, refusal.status, refusal.message, refusal.headers);
+    const bytesOut = answerJson(res, refusal.status, refusal.message, refusal.headers);
     req.resume();
-    this.#log(req, context, started, { status: refusal.status, bytesIn: 0, bytesOut: 0, error: refusal.error });
+    this.#log(req, context, started, { status: refusal.status, bytesIn: 0, bytesOut, error: refusal.error });
   }
 
   /**
@@ -568,7 +568,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     }
     this.#options.observer.upstreamError(this.#context.listener, code);
     this.#stats.status = 502;
-    answerJson(res, 502, message);
+    this.#stats.bytesOut += answerJson(res, 502, message);
   }
 
   /** A head over the limit is named as the relay names it (undici's own words name neither the limit nor the option). */
@@ -583,12 +583,15 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
  * errors"), with our headers only: an upstream head whose writeHead threw
  * has left its headers set (a content-length of its own, say).
  */
-function answerJson(res: ClientResponseLike, status: number, error: string, headers?: OutgoingHttpHeaders): void {
+function answerJson(res: ClientResponseLike, status: number, error: string, headers?: OutgoingHttpHeaders): number {
   for (const name of res.getHeaderNames()) if (!name.startsWith(':')) res.removeHeader(name);
   // Http2ServerResponse's removeHeader('date') only turns its own date off, leaving the upstream's.
   if (res.hasHeader('date')) res.setHeader('date', new Date().toUTCString());
   res.writeHead(status, { 'content-type': 'application/json', ...headers });
-  res.end(JSON.stringify({ error }));
+  const body = JSON.stringify({ error });
+  res.end(body);
+  // Its length, for sent bytes: these bodies reach the client as the model server's do.
+  return Buffer.byteLength(body);
 }
 
 /**
@@ -605,7 +608,7 @@ function answerInstead(req: ClientRequestLike, res: ClientResponseLike, exchange
   stats.status = answer.status;
   // The rest of a body will not be read; on HTTP/1.1 the connection cannot carry another request.
   if (req.httpVersionMajor === 1) (res as ServerResponse).shouldKeepAlive = false;
-  answerJson(res, answer.status, answer.message);
+  stats.bytesOut += answerJson(res, answer.status, answer.message);
 }
 
 /**

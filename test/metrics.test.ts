@@ -119,6 +119,28 @@ describe('metrics from real traffic', () => {
     }
   });
 
+  test("the proxy's own REST answers count their body in sent bytes, in both REST modes: 503 while the model server is not ready, 502 when it is down", async () => {
+    const closed = await startUpstream({ grpcPort: null });
+    const downPort = closed.restPort!;
+    await closed.close();
+    for (const restMode of ['terminate', 'relay'] as const) {
+      for (const [why, setup] of [['not ready', { upstream: { restPort: upstream.restPort! }, notReady: { rest: () => 'the model server is loading its models' } }], ['down', { upstream: { restPort: downPort } }]] as const) {
+        const m = new ProxyMetrics({ processMetrics: false });
+        const events = requestEvents();
+        const local = await startTestProxy({ pki, restMode, ...setup, observer: combineObservers(m, events.observer) });
+        try {
+          const seen = events.next();
+          const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+          await seen;
+          assert.ok(res.status === 503 || res.status === 502, `${restMode}, ${why}: ${res.status}`);
+          assert.equal(sample(await m.text(), 'ovms_mtls_sent_bytes_total', { listener: 'rest' }), Buffer.byteLength(res.body), `${restMode}, model server ${why}: the ${res.status} body the client got`);
+        } finally {
+          await local.proxy.shutdown(1000);
+        }
+      }
+    }
+  });
+
   test('open connection gauges go back to zero once clients disconnect', async () => {
     // Every client above used a fresh connection and has closed it; wait for the proxy to notice.
     frontStopped = true;
