@@ -294,13 +294,13 @@ function answerH2Ourselves(req: Http2ServerRequest, res: Http2ServerResponse, co
   res.statusCode = answer.status;
   res.end();
   req.resume();
-  logOwnAnswer(observer, context, 'h2', { method: req.method, path: answer.path, status: answer.status, error: answer.error });
+  logOwnAnswer(observer, context, 'h2', { method: req.method, path: answer.path, status: answer.status, error: answer.error, bytesOut: 0 });
 }
 
 /** The access line of an answer of ours that no request handler saw. */
-function logOwnAnswer(observer: ProxyObserver, context: ConnectionContext, protocol: 'h2' | 'http/1.1', answer: { method: string; path: string; status: number; error: string }): void {
+function logOwnAnswer(observer: ProxyObserver, context: ConnectionContext, protocol: 'h2' | 'http/1.1', answer: { method: string; path: string; status: number; error: string; bytesOut: number }): void {
   const { identity } = context;
-  observer.request({ listener: context.listener, protocol, remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: 0, durationMs: 0, error: answer.error });
+  observer.request({ listener: context.listener, protocol, remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: answer.bytesOut, durationMs: 0, error: answer.error });
 }
 
 /** What a client whose request head did not arrive in time is told, in both REST modes. */
@@ -500,9 +500,10 @@ export class H1Front implements Drainable {
       socket.destroy();
       return;
     }
-    socket.end(closingAnswer(refusal.status, 'text/plain; charset=utf-8', `${refusal.message}\n`));
+    const body = `${refusal.message}\n`;
+    socket.end(closingAnswer(refusal.status, 'text/plain; charset=utf-8', body));
     const context = this.#contexts.get(socket);
-    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: refusal.method ?? '', path: refusal.path ?? '', status: refusal.status, error: refusal.error });
+    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: refusal.method ?? '', path: refusal.path ?? '', status: refusal.status, error: refusal.error, bytesOut: Buffer.byteLength(body) });
   }
 
   accept(socket: TLSSocket, context: ConnectionContext): void {
@@ -597,6 +598,6 @@ export class H1Front implements Drainable {
     // Whatever body it has is read and dropped (Node does so once the answer is out).
     req.resume();
     const [method, path] = answer.unparsed ? ['', ''] : [req.method ?? '', req.url ?? ''];
-    logOwnAnswer(this.#observer, context, 'http/1.1', { method, path, status: answer.status, error: answer.error });
+    logOwnAnswer(this.#observer, context, 'http/1.1', { method, path, status: answer.status, error: answer.error, bytesOut: answer.body === undefined ? 0 : Buffer.byteLength(answer.body) });
   }
 }

@@ -178,14 +178,24 @@ function withConnectionClose(head: Http1Head): Buffer {
 }
 
 
-/** What our own answer to a request the client framed wrongly looks like. */
-function refusalAnswer(err: FramingError): Buffer {
-  if (err instanceof RoutingRefused) return closingAnswer(err.status, 'application/json', JSON.stringify({ error: err.message }));
-  return closingAnswer(err.status, 'text/plain; charset=utf-8', `${err.message}\n`);
+/** An answer of our own: the whole message, and its body's length, which counts as sent bytes as the model server's bodies do. */
+interface OwnAnswer {
+  readonly wire: Buffer;
+  readonly bodyBytes: number;
 }
 
-function badGatewayAnswer(message: string): Buffer {
-  return closingAnswer(502, 'application/json', JSON.stringify({ error: message }));
+function ownAnswer(status: number, contentType: string, body: string): OwnAnswer {
+  return { wire: closingAnswer(status, contentType, body), bodyBytes: Buffer.byteLength(body) };
+}
+
+function jsonAnswer(status: number, message: string): OwnAnswer {
+  return ownAnswer(status, 'application/json', JSON.stringify({ error: message }));
+}
+
+/** What our own answer to a request the client framed wrongly looks like. */
+function refusalAnswer(err: FramingError): OwnAnswer {
+  if (err instanceof RoutingRefused) return jsonAnswer(err.status, err.message);
+  return ownAnswer(err.status, 'text/plain; charset=utf-8', `${err.message}\n`);
 }
 
 /** Small enough to copy into one buffer; larger reads go out as they are. */
@@ -507,8 +517,9 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (this.#finished || this.#exchanges.length > 0 || this.#receiving !== undefined) return;
     if (this.#refusal) {
       const line = this.#takeRefusalLine();
-      this.#end(refusalAnswer(this.#refusal));
-      if (line) this.#log(line);
+      const answer = refusalAnswer(this.#refusal);
+      this.#end(answer.wire);
+      if (line) this.#log({ ...line, bytesOut: answer.bodyBytes });
       return;
     }
     // A head begun before the drain is never finished: nothing of it went upstream.
@@ -548,7 +559,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       return;
     }
     waiting.status = 503;
-    this.#end(closingAnswer(503, 'application/json', JSON.stringify({ error: message })));
+    this.#answerInstead(waiting, jsonAnswer(503, message));
   }
 
   /**
@@ -560,7 +571,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     exchange.error = 'client_body_timeout';
     if (this.#exchanges.length === 1 && this.#exchanges[0] === exchange && !exchange.answered) {
       exchange.status = 408;
-      this.#end(closingAnswer(408, 'application/json', JSON.stringify({ error: bodyStalledMessage(this.#parts.limits.idleTimeoutMs) })));
+      this.#answerInstead(exchange, jsonAnswer(408, bodyStalledMessage(this.#parts.limits.idleTimeoutMs)));
       return;
     }
     this.#fail();
@@ -596,7 +607,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (!waiting.answered) {
       waiting.status = 502;
       waiting.error = code;
-      this.#end(badGatewayAnswer(message));
+      this.#answerInstead(waiting, jsonAnswer(502, message));
       return;
     }
     waiting.error = code;
@@ -604,6 +615,12 @@ class RelayedHttp1Connection implements RelayedConnection {
   }
 
   /** Closes both sides after `last` (our own answer) and what was written before it; `unfinished` is logged for requests left unanswered. */
+  /** Our own answer in place of the model server's to `exchange`; the connection then closes. */
+  #answerInstead(exchange: Exchange, answer: OwnAnswer): void {
+    exchange.bytesOut += answer.bodyBytes;
+    this.#end(answer.wire);
+  }
+
   #end(last?: Buffer, unfinished = 'closed'): void {
     if (this.#finished) return;
     this.#finished = true;

@@ -17,6 +17,7 @@ import { join } from 'node:path';
 import { request as httpsRequest } from 'node:https';
 import type { IncomingMessage } from 'node:http';
 import { GateBoard } from './helpers/sse.js';
+import { openRaw, readToClose } from './helpers/raw-http1.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -51,6 +52,21 @@ async function refusedConnection(port: number, client: TestPki['client']): Promi
   // Read the refusal's answer: a paused socket would never see the close behind it.
   socket.resume();
   await once(socket, 'close');
+}
+
+/** The body of a whole HTTP/1.1 response as read off the wire, its chunked framing taken off. */
+function responseBody(response: string): string {
+  const headEnd = response.indexOf('\r\n\r\n');
+  const rest = response.slice(headEnd + 4);
+  if (!/^transfer-encoding: chunked$/im.test(response.slice(0, headEnd))) return rest;
+  let body = '';
+  for (let at = 0; ;) {
+    const sizeEnd = rest.indexOf('\r\n', at);
+    const size = parseInt(rest.slice(at, sizeEnd), 16);
+    if (!size) return body;
+    body += rest.slice(sizeEnd + 2, sizeEnd + 2 + size);
+    at = sizeEnd + 2 + size + 2;
+  }
 }
 
 describe('metrics from real traffic', () => {
@@ -134,6 +150,32 @@ describe('metrics from real traffic', () => {
           await seen;
           assert.ok(res.status === 503 || res.status === 502, `${restMode}, ${why}: ${res.status}`);
           assert.equal(sample(await m.text(), 'ovms_mtls_sent_bytes_total', { listener: 'rest' }), Buffer.byteLength(res.body), `${restMode}, model server ${why}: the ${res.status} body the client got`);
+        } finally {
+          await local.proxy.shutdown(1000);
+        }
+      }
+    }
+  });
+
+  test("the proxy's own answers to a malformed head (400) and a stalled body (408) count their body in sent bytes, in both REST modes", async () => {
+    const requestsFor = {
+      'malformed head': 'GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n',
+      'stalled body': 'POST /v2/models/dummy/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{',
+    };
+    for (const restMode of ['terminate', 'relay'] as const) {
+      for (const [what, request] of Object.entries(requestsFor)) {
+        const m = new ProxyMetrics({ processMetrics: false });
+        const events = requestEvents();
+        const local = await startTestProxy({ pki, restMode, upstream: { restPort: upstream.restPort! }, limits: { idleTimeoutMs: 300 }, observer: combineObservers(m, events.observer) });
+        try {
+          const seen = events.next();
+          const socket = await openRaw(local.restPort, pki);
+          socket.write(request);
+          const answer = await readToClose(socket);
+          await seen;
+          const body = responseBody(answer);
+          assert.match(answer, /^HTTP\/1\.1 40[08] /, `${restMode}, ${what}`);
+          assert.equal(sample(await m.text(), 'ovms_mtls_sent_bytes_total', { listener: 'rest' }), Buffer.byteLength(body), `${restMode}, ${what}: the body the client got`);
         } finally {
           await local.proxy.shutdown(1000);
         }
