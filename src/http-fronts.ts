@@ -5,7 +5,7 @@ import type { TLSSocket } from 'node:tls';
 import { headerFieldsWithin, type Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { clientRef, type ProxyObserver } from './observer.js';
-import { IdleSweeper, StreamCount, type IdleConnection } from './idle-sweep.js';
+import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
 import { requestHeadTooLargeMessage } from './http1-framing.js';
 
 /** `rawHeaders`: the fields as received, a flat name, value list (Node passes it; @types/node does not declare it). */
@@ -29,8 +29,8 @@ class SessionState implements IdleConnection {
   readonly #observer: ProxyObserver;
   /** The highest stream id our handlers saw (client ids are odd: -1 before stream 1). */
   #lastSeen = -1;
-  /** A PING of watch() is unanswered. */
-  #probing = false;
+  /** Sweeps since the PING of watch() went out unanswered; undefined while none is. */
+  #unansweredSweeps: number | undefined;
 
   constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver) {
     this.session = session;
@@ -72,23 +72,33 @@ class SessionState implements IdleConnection {
    * the client then closes (unread). The connection, its streams and their upstream calls were held
    * for good. What is left to see is a stream id Node took and no handler of ours saw: a PING then
    * tells a live connection (its answer comes; a plain reset, reported now) from one nghttp2 gave up
-   * (never answered by the next sweep: reported and destroyed). Nothing is sent while no id is missing.
+   * (no answer by the next sweep, or with calls in flight an idle timeout: reported and destroyed).
+   * Nothing is sent while no id is missing.
    */
   watch(): void {
     if (this.session.destroyed) return;
-    if (this.#probing) {
-      this.#gaveUp();
+    if (this.#unansweredSweeps !== undefined) {
+      if (++this.#unansweredSweeps >= this.#sweepsToAnswer()) this.#gaveUp();
       return;
     }
     const last = this.session.state.lastProcStreamID;
     // 0 until the client's first stream: nothing can be missing yet (each idle connection got a PING at every sweep).
     if (last === undefined || last < 1 || last <= this.#lastSeen) return;
-    this.#probing = true;
+    this.#unansweredSweeps = 0;
     this.session.ping((err) => {
-      this.#probing = false;
+      this.#unansweredSweeps = undefined;
       // A header block still arriving at the sweep has its 'stream' event by now, maybe a tick after the answer: the ids are compared after it.
       if (!err) setImmediate(() => this.#reportUnseenUpTo(last));
     });
+  }
+
+  /**
+   * A live client that reads slowly answers late: the PING waits behind the answers it has not read yet (and
+   * Node's memory limit resets streams, unseen, precisely then). Given one sweep, its calls were all cut with
+   * the connection; with none in flight, there is nothing to lose (and the idle close would come first).
+   */
+  #sweepsToAnswer(): number {
+    return this.streams.open > 0 ? SWEEPS_PER_IDLE_TIMEOUT : 1;
   }
 
   #gaveUp(): void {

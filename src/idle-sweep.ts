@@ -27,6 +27,9 @@ export interface IdleConnection {
   watch?(): void;
 }
 
+/** Sweeps in one idle timeout: a connection is told between 1 and 1 + 1/this of the timeout after its last stream closed. */
+export const SWEEPS_PER_IDLE_TIMEOUT = 4;
+
 /**
  * Closes multiplexed connections that have had no stream open for `ms`
  * (nginx's keepalive_timeout for HTTP/2, Envoy's idle_timeout). One timer for
@@ -47,7 +50,7 @@ export class IdleSweeper {
 
   add(connection: IdleConnection): void {
     this.#connections.add(connection);
-    this.#timer ??= setInterval(() => this.#sweep(), Math.max(10, this.#ms / 4)).unref();
+    this.#timer ??= setInterval(() => this.#sweep(), Math.max(10, this.#ms / SWEEPS_PER_IDLE_TIMEOUT)).unref();
   }
 
   delete(connection: IdleConnection): void {

@@ -12,7 +12,8 @@ import * as grpc from '@grpc/grpc-js';
 import { grpcClients, grpcFrame, h2Request, startTestProxy, startUpstream, tlsClientOptions, type ProxySetup, type StartedProxy, type LogLine } from './helpers/harness.js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
-import { H2, headerFrames, literalField, rawH2Client } from './helpers/raw-h2.js';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { END_STREAM, H2, answerPings, grpcHeaderBlock, h2Frame, headerFrames, literalField, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 import { eventually, sample } from './helpers/ops.js';
 import { headReadingUpstream } from './helpers/scripted-upstream.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
@@ -315,6 +316,35 @@ describe('a header field over 64 KiB, which ends the HTTP/2 connection, is logge
       assert.equal(held.closed, false);
     } finally {
       session.destroy();
+    }
+  });
+
+  // The PING waits behind whatever the client has not read yet, and Node's memory limit resets streams (unseen) precisely when a client reads slowly.
+  test('after an ordinary over-the-limit reset, a live client that reads nothing for two sweeps keeps its connection and its call in flight', { timeout: 60_000 }, async () => {
+    const front = fronts.get('terminate')!;
+    const from = front.logs.lines.length;
+    const client = await rawH2Client(front.grpcPort, pki);
+    answerPings(client);
+    const call = (id: number, method: string, ...metadata: Buffer[]) =>
+      Buffer.concat([headerFrames(id, Buffer.concat([grpcHeaderBlock(`/ovmsmtls.test.Echo/${method}`), ...metadata])), h2Frame(H2.DATA, END_STREAM, id, grpcFrame(Buffer.alloc(0)))]);
+    try {
+      await client.waitForFrame(H2.SETTINGS);
+      client.socket.write(call(1, 'Hold'));
+      // Two fields Node can decode, together over the limit: reset without an event, so the next sweep PINGs.
+      client.socket.write(call(3, 'Unary', literalField('x-a', 'a'.repeat(40_000)), literalField('x-b', 'b'.repeat(40_000))));
+      client.socket.pause();
+      // The sweeps come every second (idle timeout 4 s): the PING, then one more, before the client reads again.
+      await sleep(2500);
+      client.socket.resume();
+      client.socket.write(call(5, 'Unary'));
+      // Before the fix the proxy had destroyed the connection at the second sweep, as if nghttp2 had given up on it: no answer came.
+      await eventually(() => streamFrames(client.frames, 5).includes('end'), 'the answer to a call after the pause');
+      assert.deepEqual(streamFrames(client.frames, 1).filter((frame) => frame !== 'headers'), [], 'the held call goes on');
+      assert.deepEqual(streamFrames(client.frames, 3), [`reset ${h2Constants.NGHTTP2_ENHANCE_YOUR_CALM}`]);
+      const line = await warnLine(front, from);
+      assert.deepEqual({ streams: line.streams, goAway: line.goAway }, { streams: 1, goAway: undefined });
+    } finally {
+      client.socket.destroy();
     }
   });
 

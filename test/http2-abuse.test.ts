@@ -8,7 +8,7 @@ import { connect as netConnect } from 'node:net';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
-import { END_HEADERS, END_STREAM, H2, h2Frame, literalField, rawH2Client } from './helpers/raw-h2.js';
+import { END_HEADERS, END_STREAM, H2, grpcHeaderBlock, h2Frame, literalField, rawH2Client } from './helpers/raw-h2.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { CANCELS_BEFORE_DEFERRED_OPEN } from '../src/cancel-tally.js';
@@ -28,12 +28,6 @@ function rapidReset(socket: { write(bytes: Buffer): unknown }, block: Buffer, pa
     }
     socket.write(Buffer.concat(burst));
   }
-}
-
-/** The header block of a gRPC call to `path`, as a hostile client would write it by hand. */
-function grpcHeaderBlock(path: string): Buffer {
-  const fields: [string, string][] = [[':method', 'POST'], [':scheme', 'https'], [':path', path], [':authority', 'localhost'], ['content-type', 'application/grpc'], ['te', 'trailers']];
-  return Buffer.concat(fields.map(([name, value]) => literalField(name, value)));
 }
 
 /** One SETTINGS parameter (RFC 9113 6.5.1). */

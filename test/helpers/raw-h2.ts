@@ -44,6 +44,12 @@ export function headerBlock(fields: Record<string, string>): Buffer {
   return Buffer.concat(Object.entries(fields).map(([name, value]) => literalField(name, value)));
 }
 
+/** The header block of a gRPC call to `path`, as a hostile client would write it by hand. */
+export function grpcHeaderBlock(path: string): Buffer {
+  const fields: [string, string][] = [[':method', 'POST'], [':scheme', 'https'], [':path', path], [':authority', 'localhost'], ['content-type', 'application/grpc'], ['te', 'trailers']];
+  return Buffer.concat(fields.map(([name, value]) => literalField(name, value)));
+}
+
 /**
  * What a stream got, in order: `end` for a frame with END_STREAM, `reset <code>` for a
  * RST_STREAM, `data` and `headers` for the rest.
@@ -111,4 +117,14 @@ export async function rawH2Client(port: number, pki: TestPki, over?: Socket): Pr
     return reader.frames.find((f) => f.type === type)!;
   };
   return { socket, frames: reader.frames, closed, waitForFrame };
+}
+
+/** Answers the server's PINGs from now on, as every HTTP/2 client library does (rawH2Client answers none). */
+export function answerPings(client: RawH2Client): void {
+  let answered = 0;
+  client.socket.on('data', () => {
+    const pings = client.frames.filter((f) => f.type === H2.PING && (f.flags & ACK) === 0);
+    for (const ping of pings.slice(answered)) client.socket.write(h2Frame(H2.PING, ACK, 0, ping.payload));
+    answered = pings.length;
+  });
 }
