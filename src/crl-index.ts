@@ -6,7 +6,6 @@
  */
 import type { X509Certificate } from 'node:crypto';
 import { dottedOid, encodeTlv, readSingleTlv, readTlvs, TAG_BOOLEAN, TAG_OID, type Tlv } from './x509/der.js';
-import { normaliseSerial } from './x509.js';
 import type { RevokedSerials } from './x509/revoked-serials.js';
 import { crlPemBody, crlSignatureValid, readCrlDer, revokedSerials, TAG_CRL_EXTENSIONS } from './x509/crl.js';
 
@@ -66,17 +65,23 @@ function extensionsIn(tbsFields: readonly Tlv[], wrapperTag: number): { oid: str
     .map(([oid, critical]) => ({ oid: dottedOid(oid!.value), critical: critical?.tag === TAG_BOOLEAN && critical.value[0] !== 0 }));
 }
 
-/** Issuer and subject Name DER (hex) of a certificate, from its raw DER. */
-export function certificateNames(der: Buffer): { issuerKey: string; subjectKey: string } {
+/**
+ * Issuer and subject Name DER (hex) of a certificate, from its raw DER, and its serial as the CRL
+ * index holds serials (the INTEGER's contents octets, leading zero octets left out). Not Node's
+ * `serialNumber`: it spells a negative serial `-1234`, which matched no CRL entry, though OpenSSL
+ * revokes such a client by its DER value.
+ */
+export function certificateNames(der: Buffer): { issuerKey: string; subjectKey: string; serialKey: string } {
   const [tbs] = readTlvs(readSingleTlv(der).value);
   if (!tbs) throw new Error('certificate is not a signed structure');
   const fields = readTlvs(tbs.value);
   // [0] EXPLICIT version is optional (absent in v1 certificates).
   const offset = fields[0]?.tag === 0xa0 ? 1 : 0;
+  const serial = fields[offset];
   const issuer = fields[offset + 2];
   const subject = fields[offset + 4];
   if (!issuer || !subject) throw new Error('certificate has no issuer or subject');
-  return { issuerKey: tlvHex(issuer), subjectKey: tlvHex(subject) };
+  return { issuerKey: tlvHex(issuer), subjectKey: tlvHex(subject), serialKey: serial ? withoutLeadingZeros(serial.value).toString('hex') : '' };
 }
 
 /** Extensions OpenSSL 3 verifies when critical (X509_supported_extension); any other critical one fails verification. */
@@ -110,10 +115,9 @@ export function crlsForCa(crls: readonly CrlInfo[], ca: X509Certificate): CrlInf
   return crls.filter((crl) => crl.issuerKey === subjectKey);
 }
 
-/** A certificate as the peer presented it: raw DER and serial. */
+/** A certificate as the peer presented it: its raw DER, from which issuer and serial are read. */
 export interface PresentedCertificate {
   readonly raw: Buffer;
-  readonly serialNumber: string;
 }
 
 /** Answers "does any loaded CRL revoke this certificate?", by issuer name + serial. */
@@ -141,15 +145,22 @@ export class RevocationIndex {
 
   isRevoked(cert: PresentedCertificate): boolean {
     if (this.#byIssuer.size === 0) return false;
-    const sets = this.#byIssuer.get(certificateNames(cert.raw).issuerKey);
-    const serial = normaliseSerial(cert.serialNumber);
-    return sets !== undefined && sets.some((set) => set.has(serial));
+    const { issuerKey, serialKey } = certificateNames(cert.raw);
+    const sets = this.#byIssuer.get(issuerKey);
+    return sets !== undefined && sets.some((set) => set.has(serialKey));
   }
 
   /** True when the leaf or any CA certificate of the presented chain is revoked. */
   revokesAny(chain: readonly PresentedCertificate[]): boolean {
     return chain.some((cert) => this.isRevoked(cert));
   }
+}
+
+/** An INTEGER's contents octets without leading zero octets (one kept for zero), as revokedSerials stores each entry. */
+function withoutLeadingZeros(contents: Buffer): Buffer {
+  let first = 0;
+  while (first < contents.length - 1 && contents[first] === 0) first++;
+  return contents.subarray(first);
 }
 
 function tlvHex(tlv: Tlv): string {

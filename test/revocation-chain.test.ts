@@ -1,7 +1,7 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import type * as grpc from '@grpc/grpc-js';
-import { copyFile, writeFile } from 'node:fs/promises';
+import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -10,7 +10,8 @@ import { eventually } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { FORWARD_MODES } from '../src/config.js';
 import { closedByReload, reloaderFor } from './helpers/reload.js';
-import { createCrl } from '../src/x509.js';
+import { createCrl, type Issued } from '../src/x509.js';
+import { runCommand } from './helpers/cli.js';
 
 test('a CRL reload that revokes an intermediate CA closes the live connection of a client chained through it', async () => {
   const pki = await createTestPki();
@@ -71,6 +72,15 @@ describe('a reload closes what a new handshake would refuse', () => {
     await closedByReload(pki, files, pki.chainedLeafOnly, revokeIntermediate, /CN=chained client/, 'revoked');
   });
 
+  test('a CRL that revokes a client whose serial is negative (high bit set, no leading zero) closes its live connection, as OpenSSL refuses it', async () => {
+    // RFC 5280 asks for positive serials and for users to cope with CAs that encode random bytes
+    // without clearing the top bit. OpenSSL revokes such a client by its DER value; Node spells it "-1234".
+    const negative = await opensslClient(pki, 'negative', '/CN=negative serial client', 'client_cert_ca', '-0x1234');
+    const files = await startOnOwnFiles(pki, upstream, pki.clientCa.certPem, pki.crlPem);
+    const revokeNegative = async () => writeFile(files.crlFile!, await opensslCrl(pki, 'client_cert_ca', negative));
+    await closedByReload(pki, files, negative, revokeNegative, /CN=negative serial client/, 'revoked');
+  });
+
   for (const grpcMode of FORWARD_MODES) {
     test(`--mtls_grpc_mode ${grpcMode}: the idle connection closes without waiting for the grace period, and the next call is refused revoked`, async () => {
       const crl = join(pki.dir, `grpc-${grpcMode}.crl`);
@@ -96,3 +106,31 @@ describe('a reload closes what a new handshake would refuse', () => {
     });
   }
 });
+
+/** Runs openssl in pki.dir and fails the test on a non-zero exit. */
+async function openssl(pki: TestPki, ...args: string[]): Promise<void> {
+  const run = await runCommand('openssl', args, { cwd: pki.dir });
+  assert.equal(run.code, 0, run.stderr);
+}
+
+/** A client certificate the openssl CLI makes as NAME.pem / NAME.key, signed by `ca` (a base name in pki.dir) with `serial`. */
+async function opensslClient(pki: TestPki, name: string, subject: string, ca: string, serial: string): Promise<Issued> {
+  await writeFile(join(pki.dir, `${name}.cnf`), '[req]\ndistinguished_name=dn\n[dn]\n[ext]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n');
+  await openssl(pki, 'ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', `${name}.key`);
+  await openssl(pki, 'req', '-new', '-key', `${name}.key`, '-subj', subject, '-config', `${name}.cnf`, '-out', `${name}.csr`);
+  await openssl(pki, 'x509', '-req', '-in', `${name}.csr`, '-CA', `${ca}.pem`, '-CAkey', `${ca}.key`, '-set_serial', serial, '-days', '1', '-extfile', `${name}.cnf`, '-extensions', 'ext', '-out', `${name}.pem`);
+  return { certPem: await readFile(join(pki.dir, `${name}.pem`), 'utf8'), keyPem: await readFile(join(pki.dir, `${name}.key`), 'utf8'), serialHex: '' };
+}
+
+/** The CRL of CA `ca` (a base name in pki.dir: BASE.pem, BASE.key) as `openssl ca` writes it, revoking `revoked` (each entry keeps its serial's sign). */
+async function opensslCrl(pki: TestPki, ca: string, ...revoked: Issued[]): Promise<string> {
+  const at = (suffix: string) => `${ca}-crl${suffix}`;
+  const config = `[ca]\ndefault_ca=d\n[d]\ndatabase=${at('.index')}\ncrlnumber=${at('.number')}\ndefault_md=sha256\ndefault_crl_days=1\ncertificate=${ca}.pem\nprivate_key=${ca}.key\n`;
+  await Promise.all([writeFile(join(pki.dir, at('.cnf')), config), writeFile(join(pki.dir, at('.index')), ''), writeFile(join(pki.dir, at('.number')), '01\n')]);
+  for (const client of revoked) {
+    await writeFile(join(pki.dir, at('-revoke.pem')), client.certPem);
+    await openssl(pki, 'ca', '-config', at('.cnf'), '-revoke', at('-revoke.pem'));
+  }
+  await openssl(pki, 'ca', '-config', at('.cnf'), '-gencrl', '-out', at('.pem'));
+  return readFile(join(pki.dir, at('.pem')), 'utf8');
+}
