@@ -143,16 +143,22 @@ export class RevocationIndex {
     return this.#size;
   }
 
-  isRevoked(cert: PresentedCertificate): boolean {
+  /**
+   * `issuer`, when known, is the certificate that signed `cert`: its CRLs are those named by its
+   * subject, as checkCrls tied them to it. The issuer field of `cert` may spell that name otherwise
+   * (a PrintableString where the CA now writes a UTF8String, other case), which OpenSSL takes for
+   * the same name; looked up by those bytes, a revoked client was found in no CRL.
+   */
+  isRevoked(cert: PresentedCertificate, issuer?: PresentedCertificate): boolean {
     if (this.#byIssuer.size === 0) return false;
     const { issuerKey, serialKey } = certificateNames(cert.raw);
-    const sets = this.#byIssuer.get(issuerKey);
+    const sets = this.#byIssuer.get(issuer ? certificateNames(issuer.raw).subjectKey : issuerKey);
     return sets !== undefined && sets.some((set) => set.has(serialKey));
   }
 
-  /** True when the leaf or any CA certificate of the presented chain is revoked. */
-  revokesAny(chain: readonly PresentedCertificate[]): boolean {
-    return chain.some((cert) => this.isRevoked(cert));
+  /** True when any certificate of `path` (leaf first, each followed by its issuer, as pathToTrust builds it) is revoked. */
+  revokesAny(path: readonly PresentedCertificate[]): boolean {
+    return path.some((cert, i) => this.isRevoked(cert, path[i + 1]));
   }
 }
 

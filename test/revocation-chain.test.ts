@@ -81,6 +81,13 @@ describe('a reload closes what a new handshake would refuse', () => {
     await closedByReload(pki, files, negative, revokeNegative, /CN=negative serial client/, 'revoked');
   });
 
+  test('a CRL that revokes a client whose issuer name is spelled otherwise than its CA\'s subject (PrintableString, UTF8String) closes its live connection, as OpenSSL refuses it', async () => {
+    const client = await clientOfRespelledCa(pki);
+    const files = await startOnOwnFiles(pki, upstream, pki.clientCa.certPem + (await readFile(join(pki.dir, 'canon_new.pem'), 'utf8')), pki.crlPem + (await opensslCrl(pki, 'canon_new')));
+    const revokeClient = async () => writeFile(files.crlFile!, pki.crlPem + (await opensslCrl(pki, 'canon_new', client)));
+    await closedByReload(pki, files, client, revokeClient, /CN=client of the respelled CA/, 'revoked');
+  });
+
   for (const grpcMode of FORWARD_MODES) {
     test(`--mtls_grpc_mode ${grpcMode}: the idle connection closes without waiting for the grace period, and the next call is refused revoked`, async () => {
       const crl = join(pki.dir, `grpc-${grpcMode}.crl`);
@@ -133,4 +140,20 @@ async function opensslCrl(pki: TestPki, ca: string, ...revoked: Issued[]): Promi
   }
   await openssl(pki, 'ca', '-config', at('.cnf'), '-gencrl', '-out', at('.pem'));
   return readFile(join(pki.dir, at('.pem')), 'utf8');
+}
+
+/**
+ * One CA key under the name CN=Canon CA, certified twice: with the name as a PrintableString
+ * (`string_mask=default`, OpenSSL's default before 1.0) and as a UTF8String (`utf8only`, since).
+ * RFC 5280 and OpenSSL take both for the same name. Returns the client issued under the old spelling.
+ */
+async function clientOfRespelledCa(pki: TestPki): Promise<Issued> {
+  const extensions = '[e]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n';
+  await openssl(pki, 'ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'canon_old.key');
+  for (const [name, mask] of [['canon_old', 'default'], ['canon_new', 'utf8only']] as const) {
+    await writeFile(join(pki.dir, `${name}.cnf`), `[req]\ndistinguished_name=dn\nstring_mask=${mask}\n[dn]\n${extensions}`);
+    await openssl(pki, 'req', '-x509', '-key', 'canon_old.key', '-subj', '/CN=Canon CA', '-config', `${name}.cnf`, '-extensions', 'e', '-days', '1', '-out', `${name}.pem`);
+  }
+  await copyFile(join(pki.dir, 'canon_old.key'), join(pki.dir, 'canon_new.key'));
+  return opensslClient(pki, 'respelled', '/CN=client of the respelled CA', 'canon_old', '0x42');
 }
