@@ -145,7 +145,9 @@ export function namesIssuer(cert: X509Certificate, issuer: X509Certificate): boo
  * The chain a handshake would build now, leaf first: each issuer taken from the
  * new client CA bundle when it holds one (so a bundled intermediate the client did
  * not send is checked against the CRLs too), else from what the client sent.
- * Undefined when it reaches no certificate of the bundle. `isIssuer` proves each link by
+ * Undefined when it ends in no self-signed CA of the bundle: Node sets no partial-chain
+ * flag, so OpenSSL trusts an intermediate CA of the bundle only through its root there, and
+ * a bundle cut down to the intermediate refuses its clients. `isIssuer` proves each link by
  * its signature unless told otherwise.
  */
 export function pathToTrust(
@@ -156,14 +158,13 @@ export function pathToTrust(
   const leaf = presented[0];
   if (!leaf) return undefined;
   const path = [leaf];
-  let trusted = cas.some((ca) => ca.fingerprint256 === leaf.fingerprint256);
-  for (let cert = leaf; path.length < MAX_PATH && !cert.checkIssued(cert); ) {
-    const fromBundle = cas.find((ca) => isIssuer(cert, ca));
-    const issuer = fromBundle ?? presented.find((candidate) => candidate !== cert && isIssuer(cert, candidate));
+  let cert = leaf;
+  while (path.length < MAX_PATH && !cert.checkIssued(cert)) {
+    const issuer = cas.find((ca) => isIssuer(cert, ca)) ?? presented.find((candidate) => candidate !== cert && isIssuer(cert, candidate));
     if (!issuer || path.some((known) => known.fingerprint256 === issuer.fingerprint256)) break;
-    trusted ||= fromBundle !== undefined;
     path.push(issuer);
     cert = issuer;
   }
-  return trusted ? path : undefined;
+  const anchored = cert.checkIssued(cert) && cas.some((ca) => ca.fingerprint256 === cert.fingerprint256);
+  return anchored ? path : undefined;
 }

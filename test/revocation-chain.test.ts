@@ -5,7 +5,8 @@ import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import type { ModelServer } from '../src/demo/model-server.js';
-import { assertRefusedCall, grpcClients, startTestProxy, startUpstream } from './helpers/harness.js';
+import { once } from 'node:events';
+import { assertRefusedAnswer, assertRefusedCall, grpcClients, h2Session, https1, readyStatus, startTestProxy, startUpstream } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { FORWARD_MODES } from '../src/config.js';
@@ -86,6 +87,25 @@ describe('a reload closes what a new handshake would refuse', () => {
     const files = await startOnOwnFiles(pki, upstream, pki.clientCa.certPem + (await readFile(join(pki.dir, 'canon_new.pem'), 'utf8')), pki.crlPem + (await opensslCrl(pki, 'canon_new')));
     const revokeClient = async () => writeFile(files.crlFile!, pki.crlPem + (await opensslCrl(pki, 'canon_new', client)));
     await closedByReload(pki, files, client, revokeClient, /CN=client of the respelled CA/, 'revoked');
+  });
+
+  test('a CA bundle cut down to an intermediate CA without its root closes the live connections of that intermediate\'s clients, which OpenSSL no longer verifies', async () => {
+    const { front, reloader, caFile } = await startOnOwnFiles(pki, upstream, pki.clientCa.certPem + pki.intermediateCa.certPem, undefined);
+    const target = h2Session(front.restPort, pki, pki.chainedLeafOnly);
+    try {
+      assert.equal(await readyStatus(target), 200);
+      const closed = once(target, 'close');
+      await writeFile(caFile, pki.intermediateCa.certPem);
+      const outcome = await reloader.reload('api');
+      assert.equal(outcome.ok && outcome.revokedConnections, 1);
+      await closed;
+      // OpenSSL's verdict at the next handshake: a chain must end in a self-signed CA of the bundle (Node sets no partial-chain flag).
+      assertRefusedAnswer(await https1(front.restPort, pki, { path: '/v2/health/live', client: pki.chainedLeafOnly }), 'unknown_ca');
+    } finally {
+      reloader.close();
+      target.destroy();
+      await front.proxy.shutdown(1000);
+    }
   });
 
   for (const grpcMode of FORWARD_MODES) {
