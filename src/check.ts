@@ -8,7 +8,7 @@ import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
 import { loadTlsMaterialSync, validTo, type TlsMaterial } from './tls-material.js';
 import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
-import { commonName, issuedBy, subjectCn } from './tls-checks.js';
+import { commonName, issuedBy, subjectCn, unanchoredCaMessage, unanchoredCas } from './tls-checks.js';
 
 export type FindingLevel = 'ok' | 'warn' | 'fail' | 'info';
 
@@ -84,7 +84,9 @@ function serverIssuerNote(ca: X509Certificate, m: TlsMaterial): Finding | undefi
 function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
   const count = `${m.clientCas.length} CA${m.clientCas.length === 1 ? '' : 's'}`;
   const findings: Finding[] = [{ level: 'ok', text: `client CA bundle ${m.files.clientCa}: ${count}` }];
+  const unanchored = new Set(unanchoredCas(m.clientCas));
   for (const ca of m.clientCas) {
+    if (unanchored.has(ca)) findings.push({ level: 'warn', text: unanchoredCaMessage(ca, m.files.clientCa) });
     const shared = serverIssuerNote(ca, m);
     if (shared) findings.push(shared);
     const expired = validTo(ca) <= now;

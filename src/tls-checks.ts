@@ -168,3 +168,19 @@ export function pathToTrust(
   const anchored = cert.checkIssued(cert) && cas.some((ca) => ca.fingerprint256 === cert.fingerprint256);
   return anchored ? path : undefined;
 }
+
+/**
+ * The CAs of a client CA bundle that lead to no self-signed CA of the bundle: an intermediate
+ * given without its root. Node sets no partial-chain flag, so OpenSSL trusts a client chain only
+ * up to a self-signed CA it holds, and every client of such an intermediate is refused as
+ * unknown_ca (Go and ghostunnel take an intermediate as a trust anchor: users coming from them
+ * hit this).
+ */
+export function unanchoredCas(cas: readonly X509Certificate[]): X509Certificate[] {
+  return cas.filter((ca) => pathToTrust([ca], cas) === undefined);
+}
+
+/** What to tell about one of unanchoredCas(): the CA, its missing issuer and what to do. */
+export function unanchoredCaMessage(ca: X509Certificate, bundle: string): string {
+  return `client CA ${subjectCn(ca)} in ${bundle} is an intermediate CA without its root (${commonName(ca.issuer)}) in the bundle: OpenSSL trusts a client chain only up to a self-signed CA of the bundle, so its clients are refused as unknown_ca; append the root CA to ${bundle}`;
+}

@@ -98,6 +98,16 @@ describe('ovms-mtls check', () => {
     assert.equal(result.code, 0, result.stdout + result.stderr);
   });
 
+  // Go and ghostunnel take an intermediate CA as a trust anchor; OpenSSL in Node does not, so this set refused every client without a word.
+  test('an intermediate CA given as the client CA without its root is reported: every client of it would be refused as unknown_ca', async () => {
+    const alone = await runCli(['check', ...flags({ ...goodFiles(), clientCa: pki.paths['intermediate_ca.pem']!, crl: undefined })]);
+    assert.equal(alone.code, 0, alone.stdout + alone.stderr);
+    assert.match(alone.stdout, /^WARN +client CA ovms-mtls test intermediate CA in \S+intermediate_ca\.pem is an intermediate CA without its root \(ovms-mtls test client CA\) in the bundle: .*refused as unknown_ca; append the root CA/m);
+    const withRoot = await runCli(['check', ...flags({ ...goodFiles(), clientCa: await write('root_and_intermediate.pem', pki.clientCa.certPem + pki.intermediateCa.certPem), crl: undefined })]);
+    assert.equal(withRoot.code, 0, withRoot.stdout + withRoot.stderr);
+    assert.doesNotMatch(withRoot.stdout, /without its root/);
+  });
+
   test('an expired CRL is reported, since it would lock every client out', async () => {
     const expired = await createCrl({ issuer: pki.clientCa, thisUpdate: new Date(Date.now() - 3 * DAY_MS), nextUpdate: new Date(Date.now() - DAY_MS) });
     const crl = await write('expired.crl', expired);

@@ -148,6 +148,21 @@ describe('proxy command line', () => {
     });
   }
 
+  // OpenSSL in Node trusts a client chain only up to a self-signed CA of the bundle: this set served and refused every client, saying nothing at start.
+  test('an intermediate CA without its root as --mtls_client_ca starts with a warning that names it and says what to add', { timeout: 60_000 }, async () => {
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', '--mtls_workers', '1', ...tlsFlags(), '--mtls_client_ca', pki.paths['intermediate_ca.pem']!]);
+    try {
+      await cli.logs.waitFor((l) => l.event === 'listening');
+      const warned = cli.logs.lines.filter((l) => l.event === 'client_ca_unanchored');
+      assert.equal(warned.length, 1, JSON.stringify(cli.logs.lines));
+      assert.match(String(warned[0]!.msg), /^client CA ovms-mtls test intermediate CA in \S+intermediate_ca\.pem is an intermediate CA without its root \(ovms-mtls test client CA\) in the bundle: .*append the root CA/);
+    } finally {
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
+    }
+  });
+
   // Relay gives each client its own upstream connection: the count was taken and did nothing.
   test('an upstream connection count in gRPC relay mode exits 2 before listening, instead of being taken and doing nothing', async () => {
     const res = await startupOutcome(['--mtls_grpc_mode', 'relay', '--mtls_grpc_upstream_connections', '4']);
