@@ -16,7 +16,9 @@ export const CANCELS_BEFORE_DEFERRED_OPEN = 10;
 export class CancelTally {
   readonly #counts = new WeakMap<ConnectionContext, number>();
 
+  /** A request the client cancelled; one ended by a cut of ours (closedBy) is no cancel of the client's. */
   count(context: ConnectionContext): void {
+    if (context.closedBy !== undefined) return;
     this.#counts.set(context, (this.#counts.get(context) ?? 0) + 1);
   }
 

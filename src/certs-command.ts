@@ -8,7 +8,7 @@ import { randomBytes, X509Certificate } from 'node:crypto';
 import { resolve } from 'node:path';
 import { ConfigError, isUserError } from './errors.js';
 import { issuedBy } from './tls-checks.js';
-import { notPemCertificate } from './pem-shapes.js';
+import { firstPemCertificate } from './pem-shapes.js';
 import {
   assertAbsent,
   ensureDirectory,
@@ -326,12 +326,9 @@ function assertCaInValidity(ca: Issued, dir: string, signs: 'a certificate' | 'a
 
 /** The certificate `revoke --cert` names: a key or a file of no PEM certificate is told apart, as for the proxy's own files. */
 function parseCertToRevoke(path: string, bytes: Buffer): X509Certificate {
-  if (!bytes.includes('-----BEGIN CERTIFICATE-----')) throw new ConfigError(`--cert ${path} ${notPemCertificate(bytes, path, 'cert')}`);
-  try {
-    return new X509Certificate(bytes);
-  } catch (err) {
-    throw new ConfigError(`--cert ${path} holds no valid X.509 certificate (${(err as Error).message})`, { cause: err });
-  }
+  const cert = firstPemCertificate(bytes, path, 'cert');
+  if (typeof cert === 'string') throw new ConfigError(`--cert ${path} ${cert}`);
+  return cert;
 }
 
 function assertIssuedBy(cert: X509Certificate, ca: X509Certificate, certPath: string): void {

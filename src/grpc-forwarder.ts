@@ -485,8 +485,7 @@ class GrpcCall {
 
   /** The client cancelled (RST_STREAM) or went away, unless we cut its connection (closedBy). */
   #clientLeft(): void {
-    const { closedBy } = this.#context;
-    this.#outcome.error ??= closedBy ?? 'client_cancelled';
-    if (closedBy === undefined) this.#shared.cancels.count(this.#context);
+    this.#outcome.error ??= this.#context.closedBy ?? 'client_cancelled';
+    this.#shared.cancels.count(this.#context);
   }
 }

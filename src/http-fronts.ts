@@ -309,8 +309,7 @@ function answerH2Ourselves(req: Http2ServerRequest, res: Http2ServerResponse, co
 
 /** The access line of an answer of ours that no request handler saw. */
 function logOwnAnswer(observer: ProxyObserver, context: ConnectionContext, protocol: 'h2' | 'http/1.1', answer: { method: string; path: string; status: number; error: string; bytesOut: number }): void {
-  const { identity } = context;
-  observer.request({ listener: context.listener, protocol, remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: answer.bytesOut, durationMs: 0, error: answer.error });
+  observer.request({ ...clientRef(context), protocol, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: answer.bytesOut, durationMs: 0, error: answer.error });
 }
 
 /** What a client whose request head did not arrive in time is told, in both REST modes. */
@@ -398,11 +397,17 @@ function answeredNever(socket: Socket, open: ReadonlySet<ServerResponse>): boole
   return false;
 }
 
+/** A whole HTTP/1.1 response of our own, and its body's length, which counts as sent bytes as the model server's bodies do. */
+export interface ClosingAnswer {
+  readonly wire: Buffer;
+  readonly bodyBytes: number;
+}
+
 /** A whole HTTP/1.1 response of our own, after which the connection closes. */
-export function closingAnswer(status: number, contentType: string, body: string): Buffer {
+export function closingAnswer(status: number, contentType: string, body: string): ClosingAnswer {
   const payload = Buffer.from(body);
   const head = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Unknown'}\r\ncontent-type: ${contentType}\r\ncontent-length: ${payload.length}\r\nconnection: close\r\n\r\n`;
-  return Buffer.concat([Buffer.from(head, 'latin1'), payload]);
+  return { wire: Buffer.concat([Buffer.from(head, 'latin1'), payload]), bodyBytes: payload.length };
 }
 
 /**
@@ -510,10 +515,10 @@ export class H1Front implements Drainable {
       socket.destroy();
       return;
     }
-    const body = `${refusal.message}\n`;
-    socket.end(closingAnswer(refusal.status, 'text/plain; charset=utf-8', body));
+    const answer = closingAnswer(refusal.status, 'text/plain; charset=utf-8', `${refusal.message}\n`);
+    socket.end(answer.wire);
     const context = this.#contexts.get(socket);
-    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: refusal.method ?? '', path: refusal.path ?? '', status: refusal.status, error: refusal.error, bytesOut: Buffer.byteLength(body) });
+    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: refusal.method ?? '', path: refusal.path ?? '', status: refusal.status, error: refusal.error, bytesOut: answer.bodyBytes });
   }
 
   accept(socket: TLSSocket, context: ConnectionContext): void {

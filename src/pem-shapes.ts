@@ -87,3 +87,16 @@ export function notPemCrl(text: string): string {
   if (PEM_PRIVATE_KEY_HEADER.test(text)) return `holds a private key, not a CRL ${instead}`;
   return 'holds no PEM CRL (expected -----BEGIN X509 CRL-----; convert DER with `openssl crl -inform DER -in FILE -out FILE.pem`)';
 }
+
+/**
+ * The first certificate of a PEM file given to `--option`, or what the file holds instead, in
+ * the words of notPemCertificate (a key, DER, PKCS#12 ...) or that its PEM block is no valid one.
+ */
+export function firstPemCertificate(bytes: Buffer, path: string, option: string): X509Certificate | string {
+  if (!bytes.includes('-----BEGIN CERTIFICATE-----')) return notPemCertificate(bytes, path, option);
+  try {
+    return new X509Certificate(bytes);
+  } catch {
+    return 'holds no valid PEM certificate (a damaged or truncated block)';
+  }
+}

@@ -29,7 +29,7 @@ export function answerRefusal(socket: TLSSocket, refused: Refusal): void {
     answerOverHttp2(socket, refused);
     return;
   }
-  socket.end(closingAnswer(403, 'application/json', JSON.stringify({ error: refusalMessage(refused) })));
+  socket.end(closingAnswer(403, 'application/json', JSON.stringify({ error: refusalMessage(refused) })).wire);
   // Read and drop the request: closing with it unread would reset the connection and lose the answer.
   socket.resume();
 }

@@ -166,7 +166,7 @@ export class RestForwarder {
       const cut = stats.error === undefined && !deliveredWhole(res);
       if (cut) stats.error = context.closedBy ?? cutBy(req);
       if (req.httpVersionMajor === 2) {
-        if (cut && context.closedBy === undefined) this.#cancels.count(context);
+        if (cut) this.#cancels.count(context);
         else this.#cancels.settle(context);
       }
       // Only now, with our own answer (a 408) out: aborting before it stalled an HTTP/2 client session sharing our process (tests; cause not found).

@@ -7,7 +7,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
 import { SECOND_HOST, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { closingAnswer, expectationNames, headStalledMessage } from './http-fronts.js';
+import { closingAnswer, expectationNames, headStalledMessage, type ClosingAnswer } from './http-fronts.js';
 import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
 
 /** The fallback is the terminating HTTP/1.1 front, which answers 503/502 with the reason. */
@@ -178,24 +178,14 @@ function withConnectionClose(head: Http1Head): Buffer {
 }
 
 
-/** An answer of our own: the whole message, and its body's length, which counts as sent bytes as the model server's bodies do. */
-interface OwnAnswer {
-  readonly wire: Buffer;
-  readonly bodyBytes: number;
-}
-
-function ownAnswer(status: number, contentType: string, body: string): OwnAnswer {
-  return { wire: closingAnswer(status, contentType, body), bodyBytes: Buffer.byteLength(body) };
-}
-
-function jsonAnswer(status: number, message: string): OwnAnswer {
-  return ownAnswer(status, 'application/json', JSON.stringify({ error: message }));
+function jsonAnswer(status: number, message: string): ClosingAnswer {
+  return closingAnswer(status, 'application/json', JSON.stringify({ error: message }));
 }
 
 /** What our own answer to a request the client framed wrongly looks like. */
-function refusalAnswer(err: FramingError): OwnAnswer {
+function refusalAnswer(err: FramingError): ClosingAnswer {
   if (err instanceof RoutingRefused) return jsonAnswer(err.status, err.message);
-  return ownAnswer(err.status, 'text/plain; charset=utf-8', `${err.message}\n`);
+  return closingAnswer(err.status, 'text/plain; charset=utf-8', `${err.message}\n`);
 }
 
 /** Small enough to copy into one buffer; larger reads go out as they are. */
@@ -614,13 +604,13 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#fail();
   }
 
-  /** Closes both sides after `last` (our own answer) and what was written before it; `unfinished` is logged for requests left unanswered. */
   /** Our own answer in place of the model server's to `exchange`; the connection then closes. */
-  #answerInstead(exchange: Exchange, answer: OwnAnswer): void {
+  #answerInstead(exchange: Exchange, answer: ClosingAnswer): void {
     exchange.bytesOut += answer.bodyBytes;
     this.#end(answer.wire);
   }
 
+  /** Closes both sides after `last` (our own answer) and what was written before it; `unfinished` is logged for requests left unanswered. */
   #end(last?: Buffer, unfinished = 'closed'): void {
     if (this.#finished) return;
     this.#finished = true;

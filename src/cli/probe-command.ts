@@ -7,7 +7,7 @@ import { runProbe, type ProbeOptions, type StepResult } from '../probe.js';
 import { parseCommandLine } from './options-parser.js';
 import { unbracketed } from '../addresses.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFileSync } from '../regular-file.js';
-import { isEncryptedKey, notPemCertificate, notPemKey } from '../pem-shapes.js';
+import { firstPemCertificate, isEncryptedKey, notPemKey } from '../pem-shapes.js';
 
 /**
  * The probe's own options. They are not product options (no OVMS_MTLS_*
@@ -67,13 +67,8 @@ function keyProblem(path: string, pem: Buffer): string | undefined {
 }
 
 function certificateProblem(flag: string, path: string, pem: Buffer): string | undefined {
-  if (!pem.includes('-----BEGIN CERTIFICATE-----')) return notPemCertificate(pem, path, flag);
-  try {
-    new X509Certificate(pem);
-    return undefined;
-  } catch {
-    return 'holds no valid PEM certificate (check the path; `ovms-mtls certs client` makes a client pair)';
-  }
+  const cert = firstPemCertificate(pem, path, flag);
+  return typeof cert === 'string' ? cert : undefined;
 }
 
 /**
