@@ -12,6 +12,13 @@ import { hostAndPort } from './addresses.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_REFUSED_STREAM, NGHTTP2_FLAG_END_STREAM } = constants;
 
+/**
+ * On a working connection our RST_STREAM for a call the client left goes out at once, and Node
+ * then closes the upstream stream. Still open after this long, the connection is checked
+ * (UpstreamH2Sessions.suspect).
+ */
+export const CANCEL_SENT_MS = 2000;
+
 /** Headers that must not cross an HTTP/2 hop; `session.request` throws on them. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'http2-settings', 'host']);
 
@@ -469,6 +476,7 @@ class GrpcCall {
         // Client cancelled (RST_STREAM) or went away, or we cut its connection: free the upstream call at once.
         const code = this.#client.rstCode;
         upstream.close(code === undefined || code === NGHTTP2_NO_ERROR ? NGHTTP2_CANCEL : code);
+        this.#watchCancel(upstream);
         this.#clientLeft();
       }
     }
@@ -481,6 +489,14 @@ class GrpcCall {
       this.#shared.cancels.settle(this.#context);
     }
     this.#options.observer.request(accessRecord(this.#context, this.#headers, this.#outcome));
+  }
+
+  /** A cancel that has not gone out after CANCEL_SENT_MS is a sign of a connection that no longer reads or writes. */
+  #watchCancel(upstream: ClientHttp2Stream): void {
+    const session = this.#session;
+    if (!session || upstream.destroyed) return;
+    const timer = setTimeout(() => this.#shared.pool.suspect(session), CANCEL_SENT_MS).unref();
+    upstream.once('close', () => clearTimeout(timer));
   }
 
   /** The client cancelled (RST_STREAM) or went away, unless we cut its connection (closedBy). */

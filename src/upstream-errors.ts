@@ -1,6 +1,7 @@
 import type { HostPort } from './config.js';
 import { CONNECT_TIMEOUT } from './upstream-connect.js';
 import { hostAndPort } from './addresses.js';
+import { PING_ANSWER_MS, UPSTREAM_UNRESPONSIVE } from './upstream-h2.js';
 
 /**
  * The one place upstream failures become client-visible text. Never echo raw
@@ -21,6 +22,8 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
       return { code, message: `${where} closed the connection` };
     case CONNECT_TIMEOUT:
       return { code, message: `${where} did not accept the connection in time (--mtls_upstream_connect_timeout)` };
+    case UPSTREAM_UNRESPONSIVE:
+      return { code, message: `${where} stopped answering on its HTTP/2 connection (no answer to a PING in ${PING_ANSWER_MS / 1000} s), which was closed: a response header field over 64 KiB, which the proxy cannot decode, does this; retry the call` };
     case 'ETIMEDOUT':
       return { code, message: `${where} did not answer in time` };
     // Our own shortage, not the model server's: say which limit to raise.

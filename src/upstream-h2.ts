@@ -17,6 +17,23 @@ export function isSessionRefusal(session: ClientHttp2Session, err: unknown): boo
 }
 
 /**
+ * How long the model server gets to answer a PING that checks a connection we suspect
+ * (UpstreamH2Session.suspect); a live one answers within milliseconds, even when busy.
+ */
+export const PING_ANSWER_MS = 10_000;
+
+/**
+ * Our PINGs on one connection come at least this far apart. C-core (OVMS) counts a PING that
+ * comes within 5 minutes of the previous one, with no response data sent between them, as a
+ * strike, and at the third ends the connection with GOAWAY ENHANCE_YOUR_CALM "too_many_pings":
+ * every client's calls on it with it.
+ */
+export const MIN_PING_SPACING_MS = 301_000;
+
+/** The code calls get when a connection that stopped answering is closed (see upstream-errors.ts). */
+export const UPSTREAM_UNRESPONSIVE = 'UPSTREAM_UNRESPONSIVE';
+
+/**
  * One reusable h2c session to the upstream. Calls share it; when it dies
  * (upstream restart, GOAWAY, connection refused) the next call opens a new
  * one, so the proxy recovers without a restart.
@@ -38,6 +55,9 @@ export class UpstreamH2Session {
   readonly maxSendHeaderListSize: number;
 
   readonly #onSettings: () => void;
+  /** When the current session was last sent a PING of suspect(); a PING of ours is unanswered while #checking. */
+  #pingedAt: number | undefined;
+  #checking = false;
 
   /** `onSettings`: the upstream advertised its SETTINGS (maxHeaderListSize may have changed). */
   constructor(upstream: HostPort, limits: Limits, onSettings: () => void = () => {}) {
@@ -71,6 +91,29 @@ export class UpstreamH2Session {
   }
 
   /**
+   * A call on `session` looks stuck (a cancel of ours has not gone out): a PING tells a live
+   * connection from one that no longer reads or writes, which is destroyed, so that its calls
+   * end UNAVAILABLE and the next call opens a new one. The case in point: a response header
+   * field over 64 KiB as sent. nghttp2 cannot decode it, answers GOAWAY(COMPRESSION_ERROR) and
+   * stops reading and writing, and Node tells no JavaScript code: every call on the connection,
+   * every client's, and every call opened on it later waited for good (or for its deadline).
+   */
+  suspect(session: ClientHttp2Session): void {
+    if (session !== this.#session || session.closed || session.destroyed || this.#checking) return;
+    const now = performance.now();
+    if (this.#pingedAt !== undefined && now - this.#pingedAt < MIN_PING_SPACING_MS) return;
+    this.#pingedAt = now;
+    this.#checking = true;
+    const unresponsive = Object.assign(new Error(`no answer to a PING in ${PING_ANSWER_MS / 1000} s`), { code: UPSTREAM_UNRESPONSIVE });
+    const timer = setTimeout(() => session.destroy(unresponsive), PING_ANSWER_MS).unref();
+    session.once('close', () => clearTimeout(timer));
+    session.ping(() => {
+      clearTimeout(timer);
+      this.#checking = false;
+    });
+  }
+
+  /**
    * Graceful (GOAWAY, in-flight streams finish) for up to `graceMs`, then destroyed. A model
    * server that has stopped reading (SIGSTOP, stuck) with our socket's buffers full never lets
    * the GOAWAY, or the RST_STREAMs of the calls we cancelled, out, and a session waits for its
@@ -89,6 +132,9 @@ export class UpstreamH2Session {
 
   #connect(): ClientHttp2Session {
     const limits = this.#limits;
+    // A PING policy (C-core's) counts per connection: a new one starts afresh.
+    this.#pingedAt = undefined;
+    this.#checking = false;
     const session = connect(this.#url, {
       settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2 },
       maxHeaderListPairs: headerFieldsWithin(limits.maxHeaderSize * 2),
@@ -166,6 +212,11 @@ export class UpstreamH2Sessions {
     let lowest = Infinity;
     for (const one of this.#sessions) lowest = Math.min(lowest, one.maxHeaderListSize);
     this.#maxHeaderListSize = lowest;
+  }
+
+  /** See UpstreamH2Session.suspect. */
+  suspect(session: ClientHttp2Session): void {
+    for (const one of this.#sessions) one.suspect(session);
   }
 
   /** Closes a session that refused a new stream; the next call its slot gets reconnects. */

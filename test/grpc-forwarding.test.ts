@@ -375,6 +375,52 @@ describe('grpc upstream failures', () => {
     });
   });
 
+  test('a model server answer with one header field over 64 KiB, which Node cannot decode, no longer holds every call on the shared connection: once a client gives up its call, the others get UNAVAILABLE saying why, and the next call is served', { timeout: 60_000 }, async (t) => {
+    let heldArrived!: () => void;
+    const held = new Promise<void>((resolve) => (heldArrived = resolve));
+    let upstreamClosed!: () => void;
+    const closed = new Promise<void>((resolve) => (upstreamClosed = resolve));
+    const onStream: OnH2cStream = (stream, headers) => {
+      if (headers[':path'] === '/t.S/Held') {
+        stream.on('error', () => {});
+        heldArrived();
+        return;
+      }
+      if (!isCallTo(stream, headers, '/t.S/Big')) return;
+      // '~' takes 13 bits Huffman-coded, so the field goes out as it is: 70000 bytes.
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'x-big': '~'.repeat(70_000) }, { endStream: true });
+      // Node answers the field with GOAWAY(COMPRESSION_ERROR), on which the model server closes the connection.
+      stream.session!.on('error', () => {}).once('close', upstreamClosed);
+    };
+    await behindH2cUpstream({ onStream, serverOptions: { maxSendHeaderBlockLength: 1 << 20 } }, async (local) => {
+      const first = h2Session(local.grpcPort, pki);
+      const second = h2Session(local.grpcPort, pki);
+      try {
+        // One client's call the model server is working on; another's gets the answer Node cannot read.
+        const heldCall = first.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Held' });
+        heldCall.on('error', () => {});
+        heldCall.end(grpcFrame(Buffer.alloc(0)));
+        await held;
+        const bigCall = second.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Big' });
+        bigCall.on('error', () => {});
+        bigCall.end(grpcFrame(Buffer.alloc(0)));
+        await closed;
+        // Its client gives up, as at its deadline.
+        bigCall.close(constants.NGHTTP2_CANCEL);
+        const [headers] = await once(heldCall, 'response', { signal: t.signal });
+        assert.equal(headers['grpc-status'], String(grpc.status.UNAVAILABLE));
+        assert.match(decodeURIComponent(String(headers['grpc-message'])), /^upstream 127\.0\.0\.1:\d+ stopped answering on its HTTP\/2 connection \(no answer to a PING in 10 s\), which was closed: a response header field over 64 KiB/);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Held');
+        assert.equal(line.error, 'UPSTREAM_UNRESPONSIVE');
+        const next = await h2Request(second, { ...ECHO_UNARY_HEADERS, ':path': '/t.S/Next' }, grpcFrame(Buffer.alloc(0)));
+        assert.equal(next.headers['grpc-status'], '0');
+      } finally {
+        first.close();
+        second.close();
+      }
+    });
+  });
+
   test('metadata over 64 KiB in a request sent before the client has our SETTINGS: up to twice --mtls_max_header_size reaches the model server, more gets RESOURCE_EXHAUSTED naming the option', async () => {
     // Our front holds a client to the 64 KiB it advertises only once the client has acknowledged
     // it; a first request sent with the preface (RFC 9113 allows it) may carry about 150 KB.
