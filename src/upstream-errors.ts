@@ -23,7 +23,7 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
     case CONNECT_TIMEOUT:
       return { code, message: `${where} did not accept the connection in time (--mtls_upstream_connect_timeout)` };
     case UPSTREAM_UNRESPONSIVE:
-      return { code, message: `${where} stopped answering on its HTTP/2 connection (no answer to a PING in ${PING_ANSWER_MS / 1000} s), which was closed: a response header field over 64 KiB, which the proxy cannot decode, does this; retry the call` };
+      return { code, message: `${where} stopped answering on its HTTP/2 connection (no answer to a PING in ${PING_ANSWER_MS / 1000} s), which was closed: a model server that stopped reading, or a response header field over 64 KiB, which the proxy cannot decode; retry the call` };
     case 'ETIMEDOUT':
       return { code, message: `${where} did not answer in time` };
     // Our own shortage, not the model server's: say which limit to raise.
