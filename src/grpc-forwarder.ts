@@ -10,7 +10,7 @@ import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.
 import { CancelTally } from './cancel-tally.js';
 import { hostAndPort } from './addresses.js';
 
-const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_REFUSED_STREAM, NGHTTP2_FLAG_END_STREAM } = constants;
+const { NGHTTP2_CANCEL, NGHTTP2_ENHANCE_YOUR_CALM, NGHTTP2_NO_ERROR, NGHTTP2_REFUSED_STREAM, NGHTTP2_FLAG_END_STREAM } = constants;
 
 /**
  * On a working connection our RST_STREAM for a call the client left goes out at once, and Node
@@ -374,7 +374,14 @@ class GrpcCall {
     // code on a stream whose response is open (close(code) writes END_STREAM first), so the
     // client gets the status the gRPC spec derives from that reset code, with a message.
     const reset = statusForReset(rstCode);
-    this.#finishWithStatus(reset.status, `${this.#where()} reset the call (${reset.name})`, `upstream_reset_${rstCode}`);
+    this.#finishWithStatus(reset.status, this.#resetMessage(rstCode, reset.name), `upstream_reset_${rstCode}`);
+  }
+
+  /** Node resets a call itself, with ENHANCE_YOUR_CALM and no word to us, when its answer's metadata is over our limit. */
+  #resetMessage(rstCode: number, name: string): string {
+    const said = `${this.#where()} reset the call (${name})`;
+    if (rstCode !== NGHTTP2_ENHANCE_YOUR_CALM) return said;
+    return `${said}, or its response metadata was over the ${this.#options.limits.maxHeaderSize * 2} bytes this proxy takes (twice --mtls_max_header_size)`;
   }
 
   /**

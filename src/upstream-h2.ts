@@ -30,6 +30,15 @@ export const PING_ANSWER_MS = 10_000;
  */
 export const MIN_PING_SPACING_MS = 301_000;
 
+/**
+ * The largest frame we let the model server send (SETTINGS_MAX_FRAME_SIZE; 16 KiB unless said).
+ * nghttp2 ends a whole connection, every client's calls on it, on a header block of more than 8
+ * CONTINUATION frames (its CONTINUATION-flood guard), whatever our header list limit: at 16 KiB
+ * frames, any answer with more than 144 KiB of metadata did that, where a list merely over our
+ * limit resets its own call. C-core (OVMS) frames its header blocks by this setting.
+ */
+export const UPSTREAM_MAX_FRAME_SIZE = 1024 * 1024;
+
 /** The code calls get when a connection that stopped answering is closed (see upstream-errors.ts). */
 export const UPSTREAM_UNRESPONSIVE = 'UPSTREAM_UNRESPONSIVE';
 
@@ -136,7 +145,7 @@ export class UpstreamH2Session {
     this.#pingedAt = undefined;
     this.#checking = false;
     const session = connect(this.#url, {
-      settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2 },
+      settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2, maxFrameSize: UPSTREAM_MAX_FRAME_SIZE },
       maxHeaderListPairs: headerFieldsWithin(limits.maxHeaderSize * 2),
       maxSessionMemory: limits.maxSessionMemoryMiB,
       // nghttp2 compares its bound of the encoded block (11 bytes a field over name and value),

@@ -134,6 +134,20 @@ describe('grpcio (C-core) clients and server through the proxy', () => {
   }
 });
 
+describe('a grpcio (C-core) model server answering with more metadata than the proxy takes, terminate mode', () => {
+  test('fails that call alone, RESOURCE_EXHAUSTED naming the limit: another client\'s call held on the shared upstream connection goes on to its own end', async () => {
+    const front = fronts.terminate!;
+    const heldBefore = upstream.held();
+    const held = grpcioClient(front.grpcPort, 'client', ['long_deadline']);
+    await eventually(() => upstream.held() > heldBefore, 'the grpcio server to hold the call');
+    const { big_metadata: big } = await grpcioClient(front.grpcPort, 'client', ['big_metadata']);
+    assert.equal(big!.code, 'RESOURCE_EXHAUSTED');
+    assert.match(String(big!.details), /reset the call \(ENHANCE_YOUR_CALM\), or its response metadata was over the 131072 bytes this proxy takes \(twice --mtls_max_header_size\)$/);
+    // Not UNAVAILABLE: nghttp2 ended the whole connection on a header block of more than 8 CONTINUATION frames.
+    assert.equal((await held).long_deadline!.code, 'DEADLINE_EXCEEDED');
+  });
+});
+
 describe('a grpcio (C-core) model server that polices keepalive PINGs, relay mode', () => {
   // In relay mode the client's PINGs reach the model server (terminate mode answers them in the proxy).
   test('a grpcio client pinging each second with no call open gets the server\'s GOAWAY ENHANCE_YOUR_CALM "too_many_pings" as sent; relay_access carries it and an upstream_goaway warn line says what to change', async () => {

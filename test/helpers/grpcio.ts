@@ -1,7 +1,7 @@
 /**
  * The grpcio (C-core) KServe stand-in of test/fixtures/kserve_grpcio.py, shared by the tests
  * that put a real C-core server behind the proxy: it echoes metadata, XFCC and received bytes,
- * and reports each held call that ended because its client went away.
+ * and reports each held call as it starts and as it ends because its client went away.
  */
 import { execFile, spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { once } from 'node:events';
@@ -42,6 +42,8 @@ export interface GrpcioServer {
   events: Record<string, unknown>[];
   /** How many held calls have ended because their client went away. */
   clientsLeft(): number;
+  /** How many held calls have started. */
+  held(): number;
   stop(): Promise<void>;
 }
 
@@ -65,6 +67,7 @@ export async function startGrpcioServer(stubs: PythonStubs, options: string[] = 
     port,
     events,
     clientsLeft: () => events.filter((e) => e.event === 'client_left').length,
+    held: () => events.filter((e) => e.event === 'held').length,
     async stop() {
       child.stdin.end();
       if (child.exitCode === null) await once(child, 'exit');
