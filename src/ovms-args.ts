@@ -46,12 +46,12 @@ const FLAG_OR_VALUE = new Set(['add_to_config', 'remove_from_config']);
  */
 const OVMS_FLAGS = new Set([
   ...NON_SERVING_FLAGS.filter((flag) => !FLAG_OR_VALUE.has(flag)),
-  'help', 'metrics_enable', 'allow_credentials', 'overwrite_models',
+  'help', 'metrics_enable', 'allow_credentials', 'overwrite_models', 'verbose_response',
   'stateful', 'idle_sequence_cleanup', 'low_latency_transformation', 'draft_eagle3_mode',
 ]);
 
 /**
- * OVMS options that take a value (cli_parser.cpp, graph_cli_parser.cpp). cxxopts gives such
+ * OVMS options that take a value (cli_parser.cpp and the --task parsers in graph_export/). cxxopts gives such
  * an option the next argument whatever it is, so one left without a value would take
  * whatever comes next: another of the user's options, or the `--port` we append.
  */
@@ -64,7 +64,10 @@ const OVMS_VALUE_OPTIONS = new Set([
   'shape', 'layout', 'model_version_policy', 'nireq', 'target_device', 'plugin_config', 'max_sequence_number',
   'max_num_seqs', 'pipeline_type', 'enable_prefix_caching', 'max_num_batched_tokens', 'cache_size', 'draft_source_model',
   'dynamic_split_fuse', 'reasoning_parser', 'tool_parser', 'enable_tool_guided_generation', 'kv_cache_precision',
-  'max_prompt_len', 'model_distribution_policy',
+  'max_prompt_len', 'model_distribution_policy', 'api_key_file', 'allowed_media_domains', 'source_loras', 'vocoder', 'mean',
+  'scale', 'color_format', 'precision', 'cache_interval_multiplier', 'num_streams', 'normalize', 'truncate', 'pooling',
+  'max_length', 'resolution', 'max_resolution', 'default_resolution', 'num_images_per_prompt', 'guidance_scale',
+  'max_num_images_per_prompt', 'default_num_inference_steps', 'max_num_inference_steps',
 ]);
 
 /** Proxy-mode options: meaningless here because OVMS's loopback ports are chosen at start. */

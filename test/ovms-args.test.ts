@@ -71,6 +71,15 @@ describe('passthrough arguments', () => {
     assert.throws(() => splitOvmsArgv(['--newer_flag', '--port', '9000']), /--newer_flag has no value/);
   });
 
+  // `ovms --config_path c.json --rest_port 8000 --log_level TRACE --verbose_response` was refused as an unknown option left last.
+  test("current OVMS flags and options are known: a last --verbose_response is OVMS's flag, a last --api_key_file lacks its value", () => {
+    assert.deepEqual(splitOvmsArgv(['--config_path', '/c.json', '--rest_port', '8000', '--log_level', 'TRACE', '--verbose_response']).passthrough, ['--config_path', '/c.json', '--log_level', 'TRACE', '--verbose_response']);
+    assert.throws(() => splitOvmsArgv(['--rest_port', '8000', '--verbose_response', 'false']), /--verbose_response=false/);
+    for (const option of ['api_key_file', 'allowed_media_domains', 'source_loras', 'num_streams', 'pooling', 'resolution']) {
+      assert.throws(() => splitOvmsArgv(['--rest_port', '8000', '--config_path', '/c.json', `--${option}`]), (err: unknown) => err instanceof ConfigError && err.message.startsWith(`--${option} needs a value`));
+    }
+  });
+
   test('a one-shot run gets nothing appended: an unknown last option is left to OVMS', () => {
     const split = splitOvmsArgv(['--list_models', '--model_repository_path', '/m', '--newer_flag']);
     assert.deepEqual(split.mode, { kind: 'direct', flag: 'list_models' });
