@@ -293,12 +293,20 @@ function requiredString(raw: RawOptions, name: string, hint: string): string {
   return v;
 }
 
-function parseBoolean(name: string, value: unknown, fallback: boolean): boolean {
+const TRUE_WORDS = ['1', 'true', 'yes', 'on'];
+const FALSE_WORDS = ['0', 'false', 'no', 'off'];
+
+/** A value a flag takes, in any case: `true`, `0`, `Off`... */
+export function isBooleanWord(value: string): boolean {
+  return [...TRUE_WORDS, ...FALSE_WORDS].includes(value.toLowerCase());
+}
+
+export function parseBoolean(name: string, value: unknown, fallback: boolean): boolean {
   if (value === undefined) return fallback;
   if (typeof value === 'boolean') return value;
   const text = String(value).toLowerCase();
-  if (['1', 'true', 'yes', 'on'].includes(text)) return true;
-  if (['0', 'false', 'no', 'off'].includes(text)) return false;
+  if (TRUE_WORDS.includes(text)) return true;
+  if (FALSE_WORDS.includes(text)) return false;
   throw new ConfigError(`${flag(name)}: '${String(value)}' is not true or false`);
 }
 

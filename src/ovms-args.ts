@@ -9,6 +9,7 @@
  * else reaches OVMS as the same argv elements, untouched.
  */
 import { ConfigError } from './errors.js';
+import { isBooleanWord, parseBoolean } from './config.js';
 import { MTLS_OPTIONS, PUBLIC_OPTIONS, envVarName, type OptionSpec, type RawOptions } from './options.js';
 
 /** What the command line asks for. */
@@ -89,17 +90,6 @@ function longOption(arg: string): LongOption | undefined {
   return { name: match[1]!, inlineValue: match[2] };
 }
 
-const FALSE_WORDS = ['false', '0', 'no', 'off'];
-const BOOLEAN_WORDS = [...FALSE_WORDS, 'true', '1', 'yes', 'on'];
-
-function isFalse(value: string): boolean {
-  return FALSE_WORDS.includes(value.toLowerCase());
-}
-
-function isBooleanWord(value: string | undefined): boolean {
-  return value !== undefined && BOOLEAN_WORDS.includes(value.toLowerCase());
-}
-
 /**
  * A flag takes its value only as `--flag=value`, as cxxopts does for OVMS's own
  * flags: `--mtls_access_log false` would turn the access log ON and hand OVMS a
@@ -113,7 +103,7 @@ function flagValue(option: LongOption, next: string | undefined): string | true 
 
 /** Ours and OVMS's flags alike (`--metrics_enable false` makes OVMS exit 64, after our listeners are up). */
 function refuseSeparateFlagValue(option: LongOption, next: string | undefined): void {
-  if (option.inlineValue === undefined && isBooleanWord(next)) {
+  if (option.inlineValue === undefined && next !== undefined && isBooleanWord(next)) {
     throw new ConfigError(`--${option.name} is a flag and takes no separate value: write --${option.name}=${next} (or --${option.name} alone for true)`);
   }
 }
@@ -242,13 +232,16 @@ export function splitOvmsArgv(argv: readonly string[], env: NodeJS.ProcessEnv = 
   return { mode, mtls, listeners, passthrough };
 }
 
+/**
+ * A value that is no boolean word (`--mtls_ovms_help=flase`) is refused, as for every other flag:
+ * taken as true, it printed OVMS's help and exited 0 where the user had meant to serve.
+ */
 function modeOf(help: boolean, nonServing: string | undefined, mtls: RawOptions, env: NodeJS.ProcessEnv): OvmsMode {
   if (help) return { kind: 'help' };
-  const ovmsHelp = mtls['mtls_ovms_help'];
-  if (ovmsHelp === true || (typeof ovmsHelp === 'string' && !isFalse(ovmsHelp))) return { kind: 'ovms-help' };
+  if (parseBoolean('mtls_ovms_help', mtls['mtls_ovms_help'], false)) return { kind: 'ovms-help' };
   if (nonServing === 'version') return { kind: 'version' };
   if (nonServing !== undefined) return { kind: 'direct', flag: nonServing };
-  if (ovmsHelp === undefined && ovmsHelpFromEnv(env)) return { kind: 'ovms-help' };
+  if (mtls['mtls_ovms_help'] === undefined && ovmsHelpFromEnv(env)) return { kind: 'ovms-help' };
   return { kind: 'serve' };
 }
 
@@ -258,7 +251,7 @@ function modeOf(help: boolean, nonServing: string | undefined, mtls: RawOptions,
  */
 function ovmsHelpFromEnv(env: NodeJS.ProcessEnv): boolean {
   const value = env[envVarName('mtls_ovms_help')];
-  return value !== undefined && value !== '' && !isFalse(value);
+  return value !== undefined && value !== '' && parseBoolean('mtls_ovms_help', value, false);
 }
 
 /** OVMS's own loopback listeners; a port is present only for a listener the user asked for. */
