@@ -5,6 +5,7 @@
  * mapping is derived from it. Every default lives in src/config.ts.
  */
 import { FORWARD_MODES, RESTART_MODES } from './config.js';
+import { ConfigError } from './errors.js';
 import { LOG_LEVELS } from './log.js';
 
 export type OptionType = 'string' | 'number' | 'boolean' | 'array';
@@ -83,6 +84,11 @@ export function envVarName(optionName: string): string {
 }
 
 export type RawOptions = Record<string, string | number | boolean | string[] | undefined>;
+
+/** An option given with nothing (last, before another option, or an unset shell variable): the same line in every command. */
+export function optionNeedsValue(name: string): ConfigError {
+  return new ConfigError(`--${name} needs a value (--${name} VALUE or --${name}=VALUE)`);
+}
 
 /** Values from the environment, for every option not given on the command line. */
 export function optionsFromEnv(env: NodeJS.ProcessEnv, specs: readonly OptionSpec[] = ALL_OPTIONS): RawOptions {

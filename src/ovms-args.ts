@@ -10,7 +10,7 @@
  */
 import { ConfigError } from './errors.js';
 import { isBooleanWord, parseBoolean } from './config.js';
-import { MTLS_OPTIONS, PUBLIC_OPTIONS, envVarName, type OptionSpec, type RawOptions } from './options.js';
+import { MTLS_OPTIONS, PUBLIC_OPTIONS, envVarName, optionNeedsValue, type OptionSpec, type RawOptions } from './options.js';
 
 /** What the command line asks for. */
 export type OvmsMode =
@@ -108,10 +108,6 @@ function refuseSeparateFlagValue(option: LongOption, next: string | undefined): 
   }
 }
 
-function needsValue(name: string): ConfigError {
-  return new ConfigError(`--${name} needs a value (--${name} VALUE or --${name}=VALUE)`);
-}
-
 /** `next` can be the value of a value-taking option: a `--` option after it is a missing value instead. */
 function isValue(next: string | undefined): next is string {
   return next !== undefined && !next.startsWith('--');
@@ -120,7 +116,7 @@ function isValue(next: string | undefined): next is string {
 /** Takes the value of a value-taking option; `next` is the following argument. */
 function optionValue(option: LongOption, next: string | undefined): { value: string; consumed: number } {
   if (option.inlineValue !== undefined) return { value: option.inlineValue, consumed: 0 };
-  if (!isValue(next)) throw needsValue(option.name);
+  if (!isValue(next)) throw optionNeedsValue(option.name);
   return { value: next, consumed: 1 };
 }
 
@@ -146,7 +142,7 @@ function ovmsOption(option: LongOption, arg: string, next: string | undefined): 
   }
   if (option.inlineValue !== undefined) return [arg];
   if (OVMS_VALUE_OPTIONS.has(option.name)) {
-    if (next === undefined || isKnownOption(next)) throw needsValue(option.name);
+    if (next === undefined || isKnownOption(next)) throw optionNeedsValue(option.name);
     return [arg, next];
   }
   return next !== undefined && longOption(next) === undefined ? [arg, next] : [arg];

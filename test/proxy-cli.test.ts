@@ -182,6 +182,14 @@ describe('proxy command line', () => {
     }
   });
 
+  // The CRL went unloaded without a word, and a revoked client was served.
+  test('--mtls_crl given without a value (an unset shell variable) exits 2 before listening, instead of serving without revocation checks', async () => {
+    const res = await startupOutcome(['--mtls_crl', '--mtls_workers', '1']);
+    assert.equal(res.listened, false, 'the proxy started');
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, 'ovms-mtls: --mtls_crl needs a value (--mtls_crl VALUE or --mtls_crl=VALUE)\n');
+  });
+
   test('a duration or number option given without a value exits 2 before listening, instead of a 0 s timeout or the default', async () => {
     const cases: [string[], RegExp][] = [
       [['--mtls_handshake_timeout', '--mtls_workers', '1'], /^ovms-mtls: --mtls_handshake_timeout: '' is not a number of seconds >= 0/],

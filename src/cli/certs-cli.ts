@@ -1,7 +1,7 @@
 import { certsClient, certsInit, certsRenewCrl, certsRevoke, type CertsReport } from '../certs-command.js';
 import { parseInteger } from '../config.js';
 import { ConfigError } from '../errors.js';
-import type { OptionSpec } from '../options.js';
+import { optionNeedsValue, type OptionSpec } from '../options.js';
 import { KEY_KINDS, type KeyKind } from '../x509.js';
 import { parseCommandLine } from './options-parser.js';
 import type { Io } from './main.js';
@@ -105,7 +105,7 @@ function text(p: Parsed, name: string): string | undefined {
   const value = p[name];
   const last: unknown = Array.isArray(value) ? value.at(-1) : value;
   if (last === undefined) return undefined;
-  if (String(last).trim() === '') throw new ConfigError(`--${name} needs a value (--${name} VALUE or --${name}=VALUE)`);
+  if (String(last).trim() === '') throw optionNeedsValue(name);
   return String(last);
 }
 

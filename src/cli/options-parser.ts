@@ -1,7 +1,8 @@
 import yargsFactory from 'yargs';
 import type { Argv, Options } from 'yargs';
 import { ConfigError } from '../errors.js';
-import { optionsFromEnv, envVarName, type OptionSpec, type RawOptions } from '../options.js';
+import { parseBoolean } from '../config.js';
+import { optionsFromEnv, envVarName, optionNeedsValue, type OptionSpec, type RawOptions } from '../options.js';
 
 /** yargs settings shared by every command: snake_case names as OVMS spells them, no magic. */
 export const PARSER_CONFIGURATION = {
@@ -39,8 +40,32 @@ export function collectOptions(parsed: Record<string, unknown>, specs: readonly 
     const value = parsed[spec.name];
     if (value === undefined) continue;
     out[spec.name] = spec.type !== 'array' && Array.isArray(value) ? (value.at(-1) as string) : (value as RawOptions[string]);
+    refuseBlankText(spec, out[spec.name]);
   }
   return out;
+}
+
+/**
+ * A text option given with nothing (`--mtls_crl $UNSET`, `--grpc_bind_address=`) was taken for
+ * absent: the proxy served without revocation checks, or on every address, and said nothing.
+ * Numbers and allow-lists have messages of their own (config.ts).
+ */
+function refuseBlankText(spec: OptionSpec, value: RawOptions[string]): void {
+  if (spec.type === 'string' && String(value).trim() === '') throw optionNeedsValue(spec.name);
+}
+
+/**
+ * yargs reads `--flag=VALUE` as true for the word `true` alone: `--mtls_access_log=1` or `=TRUE`
+ * turned the access log off, where OVMS_MTLS_ACCESS_LOG=1 and the entrypoint read them as on,
+ * and `=maybe` passed unnoticed. The value is read here with the words of every flag.
+ */
+function flagValuesSpelledOut(argv: readonly string[], specs: readonly OptionSpec[]): string[] {
+  const flags = new Set(specs.filter((spec) => spec.type === 'boolean').map((spec) => spec.name));
+  return argv.map((arg) => {
+    const match = /^--([\w-]+)=([\s\S]*)$/.exec(arg);
+    if (!match || !flags.has(match[1]!)) return arg;
+    return `--${match[1]}=${parseBoolean(match[1]!, match[2], false)}`;
+  });
 }
 
 /** `COMMAND --help`: thrown by parseCommandLine so every command gets it; main prints `text` and exits 0. */
@@ -63,7 +88,7 @@ export function commandHelp(usage: string, specs: readonly OptionSpec[]): string
 /** Parses `argv` for one command; user mistakes become one-line ConfigErrors, `--help` / `-h` a HelpRequested. */
 export async function parseCommandLine(argv: readonly string[], specs: readonly OptionSpec[], usage: string): Promise<Record<string, unknown>> {
   if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(commandHelp(usage, specs));
-  const y = yargsFactory([...argv])
+  const y = yargsFactory(flagValuesSpelledOut(argv, specs))
     .parserConfiguration(PARSER_CONFIGURATION)
     .scriptName('ovms-mtls')
     .usage(usage)

@@ -1,0 +1,33 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
+import { PROXY_OPTIONS } from '../src/cli/proxy-command.js';
+import { ConfigError } from '../src/errors.js';
+import type { RawOptions } from '../src/options.js';
+
+/** What `ovms-mtls proxy ARGV` reads from its command line, before config.ts validates it. */
+async function proxyOptions(argv: string[]): Promise<RawOptions> {
+  return collectOptions(await parseCommandLine(argv, PROXY_OPTIONS, 'usage'), PROXY_OPTIONS, {});
+}
+
+function refusal(message: string): (err: unknown) => boolean {
+  return (err: unknown) => err instanceof ConfigError && err.message === message;
+}
+
+// yargs took `=1` and `=TRUE` as false: `proxy --mtls_access_log=1` turned the access log off.
+test('a flag given as --flag=VALUE takes the boolean words of OVMS_MTLS_* and the entrypoint, in any case, and refuses others', async () => {
+  for (const word of ['1', 'TRUE', 'True', 'yes', 'on']) assert.equal((await proxyOptions([`--mtls_access_log=${word}`]))['mtls_access_log'], true, word);
+  for (const word of ['0', 'FALSE', 'no', 'off']) assert.equal((await proxyOptions([`--mtls_access_log=${word}`]))['mtls_access_log'], false, word);
+  assert.equal((await proxyOptions(['--mtls_access_log']))['mtls_access_log'], true);
+  assert.equal((await proxyOptions(['--mtls_access_log', 'false']))['mtls_access_log'], false);
+  await assert.rejects(proxyOptions(['--mtls_access_log=maybe']), refusal("--mtls_access_log: 'maybe' is not true or false"));
+});
+
+// `proxy ... --mtls_crl $CRL` with CRL unset served without revocation checks, admitting revoked clients.
+test('a text option given with nothing is refused by name, as in the entrypoint, instead of being taken for absent', async () => {
+  for (const argv of [['--mtls_crl'], ['--mtls_crl', ''], ['--mtls_crl', '--port', '1'], ['--grpc_bind_address='], ['--mtls_crl', 'a.crl', '--mtls_crl', ' ']]) {
+    const name = argv[0]!.replace(/^--|=$/g, '');
+    await assert.rejects(proxyOptions(argv), refusal(`--${name} needs a value (--${name} VALUE or --${name}=VALUE)`), argv.join(' '));
+  }
+  assert.equal((await proxyOptions(['--mtls_crl', '', '--mtls_crl', 'a.crl']))['mtls_crl'], 'a.crl');
+});
