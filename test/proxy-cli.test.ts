@@ -73,6 +73,8 @@ describe('proxy command line', () => {
     assert.equal(res.code, 0);
     assert.match(res.stdout, /ovms-mtls proxy/);
     assert.match(res.stdout, /--mtls_cert[\s\S]*env: OVMS_MTLS_CERT/);
+    // It said `--opt value` works for every option: the entrypoint refuses `--mtls_access_log false` (OVMS would get a stray word).
+    assert.match(res.stdout, /a flag takes its value\nonly after '=', as OVMS's own do: --mtls_access_log=false \(true\|false\|1\|0\|yes\|no\|on\|off\)/);
     // The values of a choice option, as `proxy --help` lists them: without them `on-failure` was named nowhere here.
     assert.match(res.stdout, /\n {2}--mtls_restart +[^\n]*\(never\|on-failure\) \(default: never\)\n/);
     assert.match(res.stdout, /\n {2}--mtls_log_level +Log level \(fatal\|error\|warn\|info\|debug\|trace\|silent\) \(default: info\)\n/);

@@ -22,7 +22,9 @@ Usage:
   ovms-mtls COMMAND --help                       one command's usage and options
 
 Options (every option also reads OVMS_MTLS_<NAME>, e.g. --mtls_cert -> OVMS_MTLS_CERT;
-the command line wins; --opt value and --opt=value both work; a repeated option keeps its last value):
+the command line wins; --opt value and --opt=value both work, but a flag takes its value
+only after '=', as OVMS's own do: --mtls_access_log=false (true|false|1|0|yes|no|on|off),
+--mtls_access_log alone is true; a repeated option keeps its last value, an allow-list adds to it):
 ${ALL_OPTIONS.map(optionLine).join('')}
 OVMS's own help: ovms-mtls --mtls_ovms_help
 `;
