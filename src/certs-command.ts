@@ -7,7 +7,7 @@
 import { randomBytes, X509Certificate } from 'node:crypto';
 import { resolve } from 'node:path';
 import { ConfigError, isUserError } from './errors.js';
-import { issuedBy } from './tls-checks.js';
+import { issuedBy, oneLineName } from './tls-checks.js';
 import { firstPemCertificate } from './pem-shapes.js';
 import {
   assertAbsent,
@@ -179,7 +179,7 @@ export async function certsRevoke(o: CertsRevokeOptions): Promise<RevokeReport> 
 async function revokeInCrl(dir: string, clientCa: Issued, crlPath: string, certPath: string, target: X509Certificate): Promise<RevokeReport> {
   const previous = await readPreviousCrl(crlPath, clientCa);
   const serialHex = normaliseSerial(target.serialNumber);
-  const subject = target.subject.replace(/\n/g, ', ');
+  const subject = oneLineName(target, 'subject');
   const already = previous?.revoked.find((entry) => entry.serialHex === serialHex);
   if (already && previous) {
     const validUntil = previous.nextUpdate ?? previous.thisUpdate;
@@ -334,7 +334,7 @@ function parseCertToRevoke(path: string, bytes: Buffer): X509Certificate {
 function assertIssuedBy(cert: X509Certificate, ca: X509Certificate, certPath: string): void {
   if (cert.fingerprint256 === ca.fingerprint256) throw new ConfigError(`${certPath} is the client CA itself, not a client certificate`);
   if (!issuedBy(cert, ca)) {
-    throw new ConfigError(`${certPath} was not issued by ${CERT_FILES.clientCaCert} in this directory; its issuer is ${cert.issuer.replace(/\n/g, ', ')}`);
+    throw new ConfigError(`${certPath} was not issued by ${CERT_FILES.clientCaCert} in this directory; its issuer is ${oneLineName(cert, 'issuer')}`);
   }
 }
 

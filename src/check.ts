@@ -8,7 +8,7 @@ import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
 import { loadTlsMaterialSync, validTo, type TlsMaterial } from './tls-material.js';
 import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
-import { commonName, issuedBy, subjectCn, unanchoredCaMessage, unanchoredCas } from './tls-checks.js';
+import { commonName, issuedBy, nameOf, subjectCn, unanchoredCaMessage, unanchoredCas } from './tls-checks.js';
 
 export type FindingLevel = 'ok' | 'warn' | 'fail' | 'info';
 
@@ -122,7 +122,7 @@ function describeCrl(crl: CrlInfo, cas: readonly X509Certificate[], now: Date): 
 function issuerCn(cert: X509Certificate): string {
   const { issuerKey, subjectKey } = certificateNames(cert.raw);
   if (issuerKey === subjectKey) return 'itself (self-signed)';
-  return commonName(cert.issuer);
+  return commonName(nameOf(cert, 'issuer'));
 }
 
 /** "3 days", "5 h", "12 min": enough to notice a certificate about to expire. */

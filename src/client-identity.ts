@@ -2,7 +2,7 @@ import type { X509Certificate } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import type { AllowList } from './config.js';
 import { unsupportedCriticalExtensions } from './crl-index.js';
-import { pathToTrust } from './tls-checks.js';
+import { EMPTY_NAME, nameOf, pathToTrust } from './tls-checks.js';
 import { x509 } from './x509/peculiar.js';
 
 /** Who the client is, computed once per TLS connection. */
@@ -93,11 +93,11 @@ export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | u
   const reason = OPENSSL_REASONS[code];
   // The issuer is what the operator compares with --mtls_client_ca: a client intermediate left out
   // of the bundle, or a bundle holding the server's CA (cert-manager's ca.crt) instead of the clients'.
-  if (reason === 'unknown_ca') return refusal(reason, `${code}; issued by ${rfc2253Subject(peer.issuer)}`);
+  if (reason === 'unknown_ca') return refusal(reason, `${code}; issued by ${describedName(peer, 'issuer')}`);
   // OpenSSL reports the last of its errors: a client that sends its own root along (OpenSSL clients
   // add the CA they trust to their chain) ends on "no CRL" for a CA we never trusted.
   if (CRL_REASONS.has(reason) && !pathToTrust(presentedCertificates(peer), trustedCas)) {
-    return refusal('unknown_ca', `no trusted CA in its chain, OpenSSL's last error ${code}; issued by ${rfc2253Subject(peer.issuer)}`);
+    return refusal('unknown_ca', `no trusted CA in its chain, OpenSSL's last error ${code}; issued by ${describedName(peer, 'issuer')}`);
   }
   // Also when OpenSSL's last error is about a CRL: that of a CA nobody may add a CRL for.
   const unfit = !reason || CRL_REASONS.has(reason) ? unfitIssuer(peer) : undefined;
@@ -128,7 +128,7 @@ function unfitIssuer(leaf: X509Certificate): string | undefined {
         : pathLength !== undefined && i - 1 > pathLength
           ? `allows ${pathLength} CA certificate(s) below it (pathlen), and the chain has ${i - 1}`
           : undefined;
-    if (lack) return `${rfc2253Subject(issuer.subject)}, sent by the client, signed ${rfc2253Subject(chain[i - 1]!.subject)} but ${lack}: it may not issue that certificate`;
+    if (lack) return `${describedName(issuer, 'subject')}, sent by the client, signed ${describedName(chain[i - 1]!, 'subject')} but ${lack}: it may not issue that certificate`;
   }
   return undefined;
 }
@@ -149,7 +149,7 @@ function unsupportedCriticalNote(leaf: X509Certificate): string {
   for (const cert of presentedCertificates(leaf)) {
     const oids = safely(() => unsupportedCriticalExtensions(cert.raw));
     if (oids.length > 0) {
-      return `; ${rfc2253Subject(cert.subject)} marks extension ${oids.join(', ')} critical, which OpenSSL cannot process: reissue it with that extension non-critical or without it`;
+      return `; ${describedName(cert, 'subject')} marks extension ${oids.join(', ')} critical, which OpenSSL cannot process: reissue it with that extension non-critical or without it`;
     }
   }
   return '';
@@ -192,6 +192,16 @@ export function parseSubjectAltName(san: string | undefined): { dns: string[]; u
 /** Node prints the subject one attribute per line in certificate order; RFC 2253 reverses it. */
 export function rfc2253Subject(subject: string): string {
   return subject.split('\n').filter(Boolean).reverse().join(',');
+}
+
+/** A certificate's subject or issuer in RFC 2253 form; '' for an empty one (XFCC's `Subject=""`, as Envoy's). */
+export function rfc2253Name(cert: X509Certificate, which: 'subject' | 'issuer'): string {
+  return rfc2253Subject(nameOf(cert, which));
+}
+
+/** rfc2253Name() for a message, which says when the name is empty. */
+function describedName(cert: X509Certificate, which: 'subject' | 'issuer'): string {
+  return rfc2253Name(cert, which) || EMPTY_NAME;
 }
 
 /**
@@ -257,10 +267,11 @@ export function identityFromCertificate(cert: X509Certificate): ClientIdentity {
 
 function buildIdentity(cert: X509Certificate, fingerprint: string): ClientIdentity {
   const { dns, uris } = parseSubjectAltName(cert.subjectAltName);
+  const subject = nameOf(cert, 'subject');
   const base = {
-    subject: rfc2253Subject(cert.subject),
-    cn: attributes(cert.subject, 'CN').at(-1),
-    ous: Object.freeze(attributes(cert.subject, 'OU')),
+    subject: rfc2253Subject(subject),
+    cn: attributes(subject, 'CN').at(-1),
+    ous: Object.freeze(attributes(subject, 'OU')),
     serial: cert.serialNumber.toLowerCase(),
     fingerprint: fingerprint.replace(/:/g, '').toLowerCase(),
     uris: Object.freeze(uris),

@@ -4,7 +4,7 @@ import { createServer as createTcpServer, type AddressInfo, type ListenOptions, 
 import { bindsIpv6Only, type AllowList, type BindSpec, type Limits } from './config.js';
 import { bindEach, type SkippedAddress } from './bind-addresses.js';
 import { ListenError } from './errors.js';
-import { identityFromCertificate, isAllowed, presentedCertificates, refusal, verificationRefusal, type ClientIdentity, type Refusal, type RefusalReason } from './client-identity.js';
+import { identityFromCertificate, isAllowed, presentedCertificates, refusal, rfc2253Name, verificationRefusal, type ClientIdentity, type Refusal, type RefusalReason } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
 import { handshakeFailureReason } from './handshake-failures.js';
 import { namesIssuer, pathToTrust } from './tls-checks.js';
@@ -231,7 +231,7 @@ export class SecureListener {
     const peer = socket.getPeerX509Certificate();
     const refused = verificationRefusal(socket, peer, this.#trustedCas) ?? this.#chainRefusal(peer) ?? this.#lateRefusal(socket, peer);
     if (refused) {
-      observer.handshakeRefused(this.name, refused, remoteOf(socket), peer?.subject.replace(/\n/g, ','));
+      observer.handshakeRefused(this.name, refused, remoteOf(socket), peer && rfc2253Name(peer, 'subject'));
       answerRefusal(socket, refused);
       return;
     }

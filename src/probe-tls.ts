@@ -8,6 +8,7 @@
 import { isIP } from 'node:net';
 import { checkServerIdentity, connect as tlsConnect, type ConnectionOptions, type PeerCertificate, type TLSSocket } from 'node:tls';
 import { hostAndPort } from './addresses.js';
+import { subjectCn } from './tls-checks.js';
 
 export type Layer = 'network' | 'server certificate' | 'client certificate' | 'protocol' | 'upstream' | 'model';
 
@@ -117,7 +118,7 @@ function isIpSniWarningCode(arg: unknown): boolean {
 
 function describeSession(socket: TLSSocket): string {
   const peer = socket.getPeerX509Certificate();
-  const cn = peer ? (/CN=([^\n]*)/.exec(peer.subject)?.[1] ?? peer.subject) : 'unknown';
+  const cn = peer ? subjectCn(peer) : 'unknown';
   const alpn = socket.alpnProtocol || 'no ALPN';
   // Not "client certificate accepted": a server may finish the handshake and refuse it with its first answer (ours, nginx).
   return `${socket.getProtocol() ?? 'TLS'}, ${alpn}, server certificate "${cn}" valid until ${peer ? new Date(peer.validTo).toISOString().slice(0, 10) : '?'}`;

@@ -32,13 +32,33 @@ export function checkTrust(input: TrustInput): readonly CrlInfo[] {
   return crls;
 }
 
+/**
+ * A certificate's subject or issuer name as Node prints it, one RDN a line; '' for an empty
+ * name, for which Node gives undefined although its type says string. A certificate that names
+ * its holder in subjectAltName alone may have an empty subject (RFC 5280 4.1.2.6; SPIFFE IDs,
+ * certificates without a CN), and any client can send one with an empty issuer too: read
+ * these names only through here.
+ */
+export function nameOf(cert: X509Certificate, which: 'subject' | 'issuer'): string {
+  return (cert[which] as string | undefined) ?? '';
+}
+
 /** The CN of a distinguished name as Node prints it (one RDN a line), else the whole name on one line. */
 export function commonName(dn: string): string {
+  if (dn === '') return EMPTY_NAME;
   return /(?:^|\n)CN=([^\n]*)/.exec(dn)?.[1] ?? dn.replace(/\n/g, ', ');
 }
 
+/** How messages name an empty subject or issuer. */
+export const EMPTY_NAME = '(empty name)';
+
+/** The whole name on one line, in certificate order (`CN=x, O=y` as Node lists it). */
+export function oneLineName(cert: X509Certificate, which: 'subject' | 'issuer'): string {
+  return nameOf(cert, which).replace(/\n/g, ', ') || EMPTY_NAME;
+}
+
 export function subjectCn(cert: X509Certificate): string {
-  return commonName(cert.subject);
+  return commonName(nameOf(cert, 'subject'));
 }
 
 /** checkIssued() compares names only; verify() proves the issuer's key signed it (false, not a throw, for a key it cannot use). */
@@ -182,5 +202,5 @@ export function unanchoredCas(cas: readonly X509Certificate[]): X509Certificate[
 
 /** What to tell about one of unanchoredCas(): the CA, its missing issuer and what to do. */
 export function unanchoredCaMessage(ca: X509Certificate, bundle: string): string {
-  return `client CA ${subjectCn(ca)} in ${bundle} is an intermediate CA without its root (${commonName(ca.issuer)}) in the bundle: OpenSSL trusts a client chain only up to a self-signed CA of the bundle, so its clients are refused as unknown_ca; append the root CA to ${bundle}`;
+  return `client CA ${subjectCn(ca)} in ${bundle} is an intermediate CA without its root (${commonName(nameOf(ca, 'issuer'))}) in the bundle: OpenSSL trusts a client chain only up to a self-signed CA of the bundle, so its clients are refused as unknown_ca; append the root CA to ${bundle}`;
 }

@@ -302,3 +302,47 @@ describe('CA bundles and chains', () => {
     });
   });
 });
+
+describe('certificates with an empty subject', () => {
+  /** Self-signed, so its issuer is empty too: a certificate any client can make. */
+  async function namelessSelfSigned(): Promise<Issued> {
+    const at = (file: string) => join(pki.dir, file);
+    const made = await runCommand('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', at('nameless.key'), '-out', at('nameless.pem'),
+      '-subj', '/', '-addext', 'subjectAltName=critical,DNS:nameless.example', '-days', '1']);
+    assert.equal(made.code, 0, made.stderr);
+    return { certPem: await readFile(at('nameless.pem'), 'utf8'), keyPem: await readFile(at('nameless.key'), 'utf8'), serialHex: '' };
+  }
+
+  test('a client with an empty subject and issuer is refused unknown_ca, and one the client CA names in subjectAltName alone gets in by its URI with Subject="" in XFCC; the proxy serves on', async () => {
+    // Node gives undefined, not '', for an empty name: reading it as a string took the process down at the handshake.
+    const [stranger, sanOnly] = await Promise.all([
+      namelessSelfSigned(),
+      opensslIssue('san_only', '/', `${CLIENT_EXTENSIONS}\nsubjectAltName=critical,URI:spiffe://example.org/ns/prod/sa/nameless`, 'client_cert_ca'),
+    ]);
+    await withProxy({ allow: { uri: ['spiffe://example.org/ns/prod/**'] } }, async (front) => {
+      assert.equal(await attempt(front, stranger), 'unknown_ca');
+      const refused = front.logs.lines.filter((l) => l.event === 'client_refused').at(-1)!;
+      assert.equal(refused.subject, '');
+      assert.match(String(refused.msg), /issued by \(empty name\)/);
+      assert.equal(await attempt(front, sanOnly), 'accepted');
+      assert.match(String(upstream.received.at(-1)!.headers['x-forwarded-client-cert']), /^Hash=[0-9a-f]{64};Subject="";URI=spiffe:\/\/example\.org\/ns\/prod\/sa\/nameless$/);
+      const access = await front.logs.waitFor((l) => l.event === 'access');
+      assert.equal(access.subject, '');
+      assert.equal(await attempt(front, pki.client), 'not_allowed');
+    });
+    await withProxy({ allow: { cn: ['client'] } }, async (front) => {
+      assert.equal(await attempt(front, sanOnly), 'not_allowed');
+      assert.equal(front.logs.lines.filter((l) => l.event === 'client_refused').at(-1)!.subject, '');
+    });
+  });
+
+  test('a client refused at verification is logged with its subject in RFC 2253 order, as a not_allowed refusal and the access lines write it', async () => {
+    const expired = await issueClientCert({ issuer: pki.clientCa, commonName: 'late', organizationalUnit: 'ops', notBefore: new Date(Date.now() - 10 * 86_400_000), days: 1 });
+    await withProxy({ allow: { cn: ['alice'] } }, async (front) => {
+      assert.equal(await attempt(front, expired), 'expired');
+      assert.equal(await attempt(front, pki.client), 'not_allowed');
+      const subjects = front.logs.lines.filter((l) => l.event === 'client_refused').map((l) => [l.reason, l.subject]);
+      assert.deepEqual(subjects, [['expired', 'CN=late,OU=ops'], ['not_allowed', 'CN=client,OU=tests']]);
+    });
+  });
+});

@@ -11,6 +11,8 @@ import { createCa, createCrl } from '../src/x509.js';
 import { checkTlsFiles } from '../src/check.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { TlsMaterialError } from '../src/errors.js';
+import { ProxyMetrics } from '../src/metrics.js';
+import { sample } from './helpers/ops.js';
 import type { TlsFiles } from '../src/config.js';
 
 let pki: TestPki;
@@ -177,6 +179,22 @@ describe('ovms-mtls check', () => {
     const cert = await write('server_with_chain.pem', pki.server.certPem + pki.serverCa.certPem);
     const report = checkTlsFiles({ ...goodFiles(), cert });
     assert.equal(report.ok, true, JSON.stringify(report.findings));
+  });
+
+  test('a server certificate that names its host in subjectAltName alone (an empty subject, no CN) passes check, and the proxy\'s expiry gauge takes it', async () => {
+    // Node gives undefined, not '', for an empty name: check and the proxy's start (with an admin port) ended in "internal error: TypeError".
+    const at = (file: string) => join(pki.dir, file);
+    await writeFile(at('san_only_server.cnf'), '[req]\ndistinguished_name=dn\n[dn]\n[ext]\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=critical,DNS:localhost\n');
+    await openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', at('san_only_server.key'), '-subj', '/', '-config', at('san_only_server.cnf'), '-out', at('san_only_server.csr')]);
+    await openssl(['x509', '-req', '-in', at('san_only_server.csr'), '-CA', pki.paths['server_ca.pem']!, '-CAkey', pki.paths['server_ca.key']!, '-CAcreateserial', '-days', '1',
+      '-extfile', at('san_only_server.cnf'), '-extensions', 'ext', '-out', at('san_only_server.pem')]);
+    const files = { ...goodFiles(), cert: at('san_only_server.pem'), key: at('san_only_server.key') };
+    const result = await runCli(['check', ...flags(files)]);
+    assert.equal(result.code, 0, result.stdout + result.stderr);
+    assert.match(result.stdout, /OK {4}server certificate .*san_only_server\.pem: \(empty name\), issued by ovms-mtls test server CA/);
+    const metrics = new ProxyMetrics({ processMetrics: false });
+    metrics.setCertificates(loadTlsMaterialSync(files));
+    assert.ok(sample(await metrics.text(), 'ovms_mtls_certificate_expiry_timestamp_seconds', { role: 'server', subject: '(empty name)' })! > Date.now() / 1000);
   });
 
   test('a missing file is reported with the flag and the path', async () => {

@@ -9,7 +9,7 @@ import type { TlsMaterial } from '../tls-material.js';
 import { NOOP_OBSERVER, type ProxyObserver } from '../observer.js';
 import type { AdminServer } from '../admin.js';
 import { TlsReloader } from '../tls-reload.js';
-import { unanchoredCaMessage, unanchoredCas } from '../tls-checks.js';
+import { nameOf, unanchoredCaMessage, unanchoredCas } from '../tls-checks.js';
 import type { WorkerPool } from '../workers.js';
 import { aggregatedMetrics, type MetricsSource } from '../metrics-aggregate.js';
 import { ProxyMetrics, certificatesCheck, listenersCheck, startAdminIfConfigured, type HealthCheck } from '../operations.js';
@@ -48,7 +48,7 @@ export class ServingOperations {
   /** A bundle that refuses every client of one of its CAs loads and serves: said at start and at each reload, once per process that owns the reload. */
   #warnUnanchoredCas(material: TlsMaterial): void {
     for (const ca of unanchoredCas(material.clientCas)) {
-      this.#options.logger.warn({ event: 'client_ca_unanchored', subject: ca.subject.replace(/\n/g, ',') }, unanchoredCaMessage(ca, material.files.clientCa));
+      this.#options.logger.warn({ event: 'client_ca_unanchored', subject: nameOf(ca, 'subject').replace(/\n/g, ',') }, unanchoredCaMessage(ca, material.files.clientCa));
     }
   }
 
