@@ -189,9 +189,14 @@ export function parseSubjectAltName(san: string | undefined): { dns: string[]; u
   return { dns, uris };
 }
 
-/** Node prints the subject one attribute per line in certificate order; RFC 2253 reverses it. */
+/**
+ * Node prints the subject one RDN a line in certificate order, the attributes of a multi-valued
+ * RDN joined by ` + `. RFC 2253 as OpenSSL writes it (`-nameopt RFC2253`, Envoy's XFCC) reverses
+ * every attribute and joins those of one RDN by a bare `+`: RFC 4514 parsers refuse
+ * `OU=ops + CN=admin`. A `+` inside a value is always `\+` (see attributes()).
+ */
 export function rfc2253Subject(subject: string): string {
-  return subject.split('\n').filter(Boolean).reverse().join(',');
+  return subject.split('\n').filter(Boolean).reverse().map((rdn) => rdn.split(' + ').reverse().join('+')).join(',');
 }
 
 /** A certificate's subject or issuer in RFC 2253 form; '' for an empty one (XFCC's `Subject=""`, as Envoy's). */

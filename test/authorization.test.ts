@@ -141,7 +141,7 @@ describe('allow-lists', () => {
       return { cn, ous, subject };
     };
     assert.deepEqual(await subject('/O=x\\, CN=admin/CN=user'), { cn: 'user', ous: [], subject: 'CN=user,O=x\\, CN=admin' });
-    assert.deepEqual(await subject('/OU=ops+CN=admin/OU=a\\+b'), { cn: 'admin', ous: ['ops', 'a+b'], subject: 'OU=a\\+b,OU=ops + CN=admin' });
+    assert.deepEqual(await subject('/OU=ops+CN=admin/OU=a\\+b'), { cn: 'admin', ous: ['ops', 'a+b'], subject: 'OU=a\\+b,CN=admin+OU=ops' });
     assert.deepEqual(await subject('/CN=admin/CN=user'), { cn: 'user', ous: [], subject: 'CN=user,CN=admin' });
   });
 
@@ -299,6 +299,23 @@ describe('CA bundles and chains', () => {
       assert.equal(await attempt(front, pki.client), 'accepted');
       assert.equal(await attempt(front, pki.foreignClient), 'accepted');
       assert.equal(await attempt(front, pki.revokedClient), 'revoked');
+    });
+  });
+});
+
+describe('the subject as the model server gets it', () => {
+  test('XFCC\'s Subject is the subject as openssl -nameopt RFC2253 (and Envoy) write it: a multi-valued RDN joined by a bare +, quotes, commas, semicolons and = escaped', async () => {
+    const tricky = await opensslIssue('tricky_subject', '/O=a\\, "b"; c=d <e>/OU=ops+CN=admin/OU=x\\+y', CLIENT_EXTENSIONS, 'client_cert_ca');
+    const printed = await runCommand('openssl', ['x509', '-noout', '-subject', '-nameopt', 'RFC2253', '-in', join(pki.dir, 'tricky_subject.pem')]);
+    const expected = printed.stdout.trim().replace(/^subject=/, '');
+    assert.match(expected, /\+/);
+    await withProxy({}, async (front) => {
+      assert.equal(await attempt(front, tricky), 'accepted');
+      const xfcc = String(upstream.received.at(-1)!.headers['x-forwarded-client-cert']);
+      // Envoy's quoting: a quoted value with \\ and \" inside.
+      const quoted = /;Subject="((?:[^"\\]|\\.)*)"/.exec(xfcc)?.[1];
+      assert.equal(quoted?.replace(/\\(.)/g, '$1'), expected, xfcc);
+      assert.equal((await front.logs.waitFor((l) => l.event === 'access')).subject, expected);
     });
   });
 });
