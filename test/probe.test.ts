@@ -218,6 +218,23 @@ describe('probe', () => {
     }
   });
 
+  test('control characters a server sends (CR, LF, escape sequences) are printed as \\u001b, so its answer cannot erase the FAIL line or print a pass of its own', async () => {
+    const body = 'busy\x1b[1A\x1b[2K\rok    rest  REST GET /v2/health/ready: HTTP 200\nprobe: all 2 steps passed\x1b[8m\u009b2J';
+    const { server, port } = await bareTlsServer({ ALPNProtocols: ['http/1.1'] }, (socket) => {
+      socket.once('data', () => socket.end(`HTTP/1.1 503 Service Unavailable\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`));
+    });
+    try {
+      const { code, out } = await probe(['--rest_port', String(port), ...clientFlags()]);
+      assert.equal(code, 1);
+      // Only the line ends formatStep writes itself.
+      assert.deepEqual([...out].filter((char) => char !== '\n' && /\p{Cc}/u.test(char)), [], JSON.stringify(out));
+      assert.doesNotMatch(out, /^probe: all/m);
+      assert.match(out, /^FAIL .*REST GET \/v2\/health\/ready: HTTP 503\n {6}-> upstream layer: the model server is not ready yet \(busy\\u001b\[1A\\u001b\[2K\\u000dok .*\\u000aprobe: all 2 steps passed\\u001b\[8m\\u009b2J\)$/m);
+    } finally {
+      server.close();
+    }
+  });
+
   test('nothing listening is reported as the network layer', async () => {
     const { code, out } = await probe(['--port', String((await freeLoopbackPorts(1))[0]), ...clientFlags()]);
     assert.equal(code, 1);

@@ -117,9 +117,22 @@ function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   };
 }
 
+/** A step's lines. What the server sent (a body, a grpc-message) is in them: printable() each. */
 export function formatStep(step: StepResult): string {
-  const head = `${step.ok ? 'ok  ' : 'FAIL'}  ${step.listener.padEnd(4)}  ${step.step}: ${step.detail}\n`;
-  return step.diagnosis ? `${head}      -> ${step.diagnosis.layer} layer: ${step.diagnosis.cause}\n` : head;
+  const head = `${step.ok ? 'ok  ' : 'FAIL'}  ${step.listener.padEnd(4)}  ${printable(step.step)}: ${printable(step.detail)}\n`;
+  return step.diagnosis ? `${head}      -> ${step.diagnosis.layer} layer: ${printable(step.diagnosis.cause)}\n` : head;
+}
+
+// eslint-disable-next-line no-control-regex -- the control characters are what must not reach a terminal
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/g;
+
+/**
+ * Control characters (C0, DEL, C1) written as `\u001b`: the text goes to a terminal, where a
+ * server's CR, LF or escape sequence would start a line of its own, move the cursor or erase and
+ * hide lines (a failed step shown as passed).
+ */
+function printable(text: string): string {
+  return text.replace(CONTROL, (char) => `\\u${char.charCodeAt(0).toString(16).padStart(4, '0')}`);
 }
 
 /** `ovms-mtls probe ...`: 0 when every step passed, 1 when one failed. */
