@@ -25,6 +25,8 @@ export interface ClientIdentity {
 export interface Refusal {
   readonly reason: RefusalReason;
   readonly detail: string;
+  /** For our log only, never the client's answer: the error of an `internal_error`. */
+  readonly error?: string;
 }
 
 export type RefusalReason =
@@ -39,7 +41,8 @@ export type RefusalReason =
   | 'chain_too_long'
   | 'not_allowed'
   | 'too_many_connections'
-  | 'verify_failed';
+  | 'verify_failed'
+  | 'internal_error';
 
 const OPENSSL_REASONS: Record<string, RefusalReason> = {
   UNABLE_TO_VERIFY_LEAF_SIGNATURE: 'unknown_ca',
@@ -75,6 +78,7 @@ const REASON_TEXT: Record<RefusalReason, string> = {
   not_allowed: 'client certificate matches no --mtls_allow_* rule',
   too_many_connections: 'the listener already holds --mtls_max_connections open connections',
   verify_failed: 'client certificate failed verification',
+  internal_error: 'the proxy failed to judge this client certificate, a defect of the proxy (its log has the error)',
 };
 
 export function refusal(reason: RefusalReason, opensslCode?: string): Refusal {

@@ -67,6 +67,9 @@ export interface SecureListenerOptions extends BindSpec {
   readonly descriptors?: DescriptorHeadroom | undefined;
 }
 
+/** What a finished handshake comes to: the client refused (its subject for the log line), or who it is. */
+type Judged = { readonly refused: Refusal; readonly subject: string | undefined } | { readonly identity: ClientIdentity; readonly peer: X509Certificate };
+
 /** The flags a user changes when a bind fails, for the error message. */
 const PORT_FLAG: Record<ListenerName, string> = { grpc: '--port', rest: '--rest_port' };
 export const BIND_FLAG: Record<ListenerName, string> = { grpc: 'grpc_bind_address', rest: 'rest_bind_address' };
@@ -227,26 +230,42 @@ export class SecureListener {
 
   #onSecureConnection(socket: TLSSocket): void {
     const { observer } = this.#options;
-    // Read once: each call parses anew.
-    const peer = socket.getPeerX509Certificate();
-    const refused = verificationRefusal(socket, peer, this.#trustedCas) ?? this.#chainRefusal(peer) ?? this.#lateRefusal(socket, peer);
-    if (refused) {
-      observer.handshakeRefused(this.name, refused, remoteOf(socket), peer && rfc2253Name(peer, 'subject'));
-      answerRefusal(socket, refused);
-      return;
-    }
-    const identity = identityFromCertificate(peer!);
-    if (!isAllowed(identity, this.#allow)) {
-      const notAllowed = refusal('not_allowed');
-      observer.handshakeRefused(this.name, notAllowed, remoteOf(socket), identity.subject);
-      answerRefusal(socket, notAllowed);
+    const judged = this.#judgeSafely(socket);
+    if ('refused' in judged) {
+      observer.handshakeRefused(this.name, judged.refused, remoteOf(socket), judged.subject);
+      answerRefusal(socket, judged.refused);
       return;
     }
     observer.handshakeAccepted(this.name);
-    const context: ConnectionContext = { listener: this.name, identity, certificate: peer!, remoteAddress: remoteOf(socket), socket, closedBy: undefined };
+    const context: ConnectionContext = { listener: this.name, identity: judged.identity, certificate: judged.peer, remoteAddress: remoteOf(socket), socket, closedBy: undefined };
     this.#track(socket, context);
     if (socket.alpnProtocol === 'h2') this.#options.handover.h2(socket, context);
     else this.#options.handover.http1(socket, context);
+  }
+
+  /**
+   * Any client can send any certificate, trusted or not, before we have judged it: one our
+   * judgement cannot handle (an exception of ours, as an empty subject once was) refuses that
+   * client, where it took down the process and every connection it served, or, as the OVMS
+   * entrypoint, the model server too.
+   */
+  #judgeSafely(socket: TLSSocket): Judged {
+    try {
+      return this.#judge(socket);
+    } catch (err) {
+      const error = err instanceof Error ? (err.stack ?? `${err.name}: ${err.message}`) : String(err);
+      return { refused: { ...refusal('internal_error'), error }, subject: undefined };
+    }
+  }
+
+  #judge(socket: TLSSocket): Judged {
+    // Read once: each call parses anew.
+    const peer = socket.getPeerX509Certificate();
+    const refused = verificationRefusal(socket, peer, this.#trustedCas) ?? this.#chainRefusal(peer) ?? this.#lateRefusal(socket, peer);
+    if (refused) return { refused, subject: peer && rfc2253Name(peer, 'subject') };
+    const identity = identityFromCertificate(peer!);
+    if (!isAllowed(identity, this.#allow)) return { refused: refusal('not_allowed'), subject: identity.subject };
+    return { identity, peer: peer! };
   }
 
   /**

@@ -41,7 +41,8 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
   return {
     ...NOOP_OBSERVER,
     handshakeRefused(listener, refusal, remote, subject) {
-      logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject }, refusal.detail);
+      if (refusal.error === undefined) logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject }, refusal.detail);
+      else logger.error({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, error: refusal.error }, refusal.detail);
     },
     handshakeFailed(listener, code, remote) {
       logger.info({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));

@@ -5,7 +5,8 @@ import { createServer, connect as tcpConnect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
-import { grpcClients, h2Session, startUpstream, tlsClientOptions } from './helpers/harness.js';
+import { grpcClients, h2Session, https1, startUpstream, tlsClientOptions } from './helpers/harness.js';
+import { issueClientCert } from '../src/x509.js';
 import { connect as tlsConnect } from 'node:tls';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
@@ -20,6 +21,7 @@ import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 const HOLD_OPEN = fileURLToPath(new URL('./fixtures/hold-open.js', import.meta.url));
+const JUDGEMENT_DEFECT = fileURLToPath(new URL('./fixtures/judgement-defect.js', import.meta.url));
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -166,6 +168,27 @@ describe('proxy command line', () => {
   });
 
   // Relay gives each client its own upstream connection: the count was taken and did nothing.
+  test('a client certificate the proxy\'s own judgement fails on is refused as internal_error with the error logged, and the proxy serves on', { timeout: 60_000 }, async () => {
+    const defective = await issueClientCert({ issuer: pki.clientCa, commonName: 'judgement-defect' });
+    const { cli, restPort } = await startProxyCli(tlsFlags(), { NODE_OPTIONS: `--import=${JUDGEMENT_DEFECT}`, DEFECT_CN: 'judgement-defect' });
+    try {
+      const refused = await https1(restPort, pki, { path: '/v2/health/ready', client: defective });
+      assert.equal(refused.status, 403);
+      assert.match(refused.body, /client certificate refused \(internal_error\): the proxy failed to judge/);
+      assert.doesNotMatch(refused.body, /stand-in defect|at /, 'the error stays in our log');
+      const line = await cli.logs.waitFor((l) => l.event === 'client_refused' && l['reason'] === 'internal_error');
+      assert.equal(line.level, 'error');
+      assert.match(String(line['error']), /TypeError: a stand-in defect in judging this certificate\n\s+at /);
+      assert.equal(line['subject'], undefined);
+      const served = await https1(restPort, pki, { path: '/v2/health/ready' });
+      assert.equal(served.status, 200);
+      assert.equal(cli.child.exitCode, null);
+    } finally {
+      cli.child.kill('SIGTERM');
+      await cli.exited;
+    }
+  });
+
   test('an upstream connection count in gRPC relay mode exits 2 before listening, instead of being taken and doing nothing', async () => {
     const res = await startupOutcome(['--mtls_grpc_mode', 'relay', '--mtls_grpc_upstream_connections', '4']);
     assert.equal(res.listened, false, 'the proxy started');
