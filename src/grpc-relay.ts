@@ -3,7 +3,7 @@ import type { TLSSocket } from 'node:tls';
 import type { ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, goAway, type OnFrame, type OnGoAway } from './h2-frames.js';
+import { CLIENT_PREFACE_BYTES, DrainPingAck, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, goAway, type OnFrame, type OnGoAway } from './h2-frames.js';
 import { h2ErrorName } from './grpc-status.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
@@ -24,14 +24,6 @@ export function grpcRelay(options: GrpcRelayOptions): Relay {
   return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, options.observer, idle) });
 }
 
-/**
- * How long after our GOAWAY a new stream from the client is still taken as one
- * it sent before the GOAWAY reached it. The relay cannot refuse a single stream
- * (it would have to decode HPACK), so a client that opens one later loses the
- * connection, as RFC 9113 section 6.8 forbids it to open any.
- */
-export const GOAWAY_GRACE_MS = 1000;
-
 /** One client connection and its own upstream connection, with backpressure both ways. */
 class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #client: TLSSocket;
@@ -46,7 +38,11 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   /** Client-to-upstream frames. */
   readonly #fromClient: FrameCursor;
   #idleClosed = false;
-  /** Set by the frame that opened a stream past our GOAWAY's grace: the last stream id opened before it. */
+  /** Once our GOAWAY has gone out and the client's frames are followed from a boundary: looks for the ACK of the PING after it. */
+  #drainPingAck: DrainPingAck | undefined;
+  /** The client acknowledged the PING after our GOAWAY: it has read the GOAWAY. */
+  #clientReadGoAway = false;
+  /** Set by the frame that opened a stream after the client read our GOAWAY: the last stream id opened before it. */
   #ignoredGoAwayAfter: number | undefined;
   #bytesIn = 0;
   #bytesOut = 0;
@@ -71,9 +67,9 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
       // The upstream has gone: what the client still sends is read (so its FIN is seen) and dropped.
       if (upstream.writableEnded || upstream.destroyed) return;
       this.#bytesIn += chunk.length;
-      this.#fromClient.advance(chunk);
-      if (this.#ignoredGoAwayAfter !== undefined) this.#cutOff(this.#ignoredGoAwayAfter);
-      else if (!upstream.write(chunk)) client.pause();
+      if (this.#drainPingAck) this.#drainPingAck.pass(chunk, this.#toUpstream, this.#goAwayRead);
+      else if (this.#toClient.sent) this.#lookForDrainPingAck(chunk);
+      else this.#toUpstream(chunk);
     });
     upstream.on('drain', () => client.resume());
     upstream.on('data', (chunk: Buffer) => {
@@ -107,11 +103,41 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     });
   }
 
-  readonly #clientFrame: OnFrame = (type, streamId, flags) => {
-    const sentAt = this.#toClient.sentAt;
-    if (sentAt > 0 && this.streams.opens(type, streamId) && performance.now() - sentAt > GOAWAY_GRACE_MS) {
-      this.#ignoredGoAwayAfter ??= this.streams.lastClientId;
+  readonly #toUpstream = (piece: Buffer): void => {
+    this.#fromClient.advance(piece);
+    this.#writeUpstream(piece);
+  };
+
+  /** `piece`, already followed, to the upstream; unless it opened a stream the client was told not to open. */
+  #writeUpstream(piece: Buffer): void {
+    if (this.#upstream.destroyed) return;
+    if (this.#ignoredGoAwayAfter !== undefined) this.#cutOff(this.#ignoredGoAwayAfter);
+    else if (!this.#upstream.write(piece)) this.#client.pause();
+  }
+
+  /**
+   * The first read since our GOAWAY and its PING went out: the rest of the frame in progress
+   * goes as before (it began before the PING, so it is not its ACK), the frames after it
+   * through a DrainPingAck.
+   */
+  #lookForDrainPingAck(chunk: Buffer): void {
+    let at = 0;
+    if (!this.#fromClient.betweenFrames) {
+      at = this.#fromClient.advance(chunk, true);
+      this.#writeUpstream(at === chunk.length ? chunk : chunk.subarray(0, at));
+      if (!this.#fromClient.betweenFrames) return;
     }
+    this.#drainPingAck = new DrainPingAck();
+    if (at < chunk.length) this.#drainPingAck.pass(chunk.subarray(at), this.#toUpstream, this.#goAwayRead);
+  }
+
+  readonly #goAwayRead = (): void => {
+    this.#clientReadGoAway = true;
+  };
+
+  readonly #clientFrame: OnFrame = (type, streamId, flags) => {
+    // RFC 9113 section 6.8 forbids it; the relay cannot refuse one stream without decoding HPACK.
+    if (this.#clientReadGoAway && this.streams.opens(type, streamId)) this.#ignoredGoAwayAfter ??= this.streams.lastClientId;
     this.streams.fromClient(type, streamId, flags);
   };
 
@@ -124,9 +150,9 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   };
 
   /**
-   * The client opened a stream well after our GOAWAY: nothing of this read goes
-   * upstream, the client is told the last stream that was taken, and both
-   * connections close.
+   * The client opened a stream after it had read our GOAWAY: nothing from the piece of
+   * this read that holds it on goes upstream, the client is told the last stream that
+   * was taken, and both connections close.
    */
   #cutOff(lastTaken: number): void {
     this.#failed('client_ignored_goaway');

@@ -11,9 +11,11 @@ const TYPE_DATA = 0x0;
 const TYPE_RST_STREAM = 0x3;
 const TYPE_GOAWAY = 0x7;
 const TYPE_PUSH_PROMISE = 0x5;
+const TYPE_PING = 0x6;
 const TYPE_CONTINUATION = 0x9;
 const FLAG_END_STREAM = 0x1;
 const FLAG_END_HEADERS = 0x4;
+const FLAG_ACK = 0x1;
 const MAX_STREAM_ID = 0x7fffffff;
 const NO_ERROR = 0x0;
 export const PROTOCOL_ERROR = 0x1;
@@ -64,6 +66,11 @@ export class FrameCursor {
    */
   get atBoundary(): boolean {
     return this.#sawFrame && this.#headerFill === 0 && this.#payloadLeft === 0 && !this.#inHeaderBlock;
+  }
+
+  /** Between two frames (or before the first), wherever the last read ended. */
+  get betweenFrames(): boolean {
+    return this.#skip === 0 && this.#headerFill === 0 && this.#payloadLeft === 0;
   }
 
   /**
@@ -138,7 +145,6 @@ export class GoAwayInserter {
   readonly #onUpstreamFrame: OnFrame | undefined;
   #pending = false;
   #sent = false;
-  #sentAt = 0;
   /** The upstream's own GOAWAY went by: ours (last stream id 2^31-1) would raise its last stream id, a protocol error. */
   #upstreamWentAway = false;
 
@@ -150,11 +156,6 @@ export class GoAwayInserter {
 
   get sent(): boolean {
     return this.#sent;
-  }
-
-  /** When our GOAWAY went out (performance.now()); 0 before. */
-  get sentAt(): number {
-    return this.#sentAt;
   }
 
   /** Between two of the upstream's frames, where a frame of ours may go. */
@@ -194,8 +195,7 @@ export class GoAwayInserter {
   #send(write: (chunk: Buffer) => void): void {
     this.#pending = false;
     this.#sent = true;
-    this.#sentAt = performance.now();
-    write(gracefulGoAway());
+    write(GOAWAY_THEN_PING);
   }
 }
 
@@ -271,6 +271,81 @@ export function goAway(lastStreamId: number, errorCode: number): Buffer {
   frame.writeUInt32BE(errorCode, FRAME_HEADER_BYTES + 4);
   return frame;
 }
+
+/**
+ * The opaque data of the PING that follows our GOAWAY (RFC 9113 section 6.7). A client
+ * answers PINGs in order with the frames it reads, so what it sent before its ACK it sent
+ * before it had read the GOAWAY, and a stream it opens after the ACK is one it was told not
+ * to open: C-core's and grpc-go's servers time their final GOAWAY the same way.
+ */
+export const DRAIN_PING_DATA = Buffer.from('ovms-mtl', 'latin1');
+const PING_FRAME_BYTES = FRAME_HEADER_BYTES + 8;
+
+function drainPing(): Buffer {
+  const frame = Buffer.alloc(PING_FRAME_BYTES);
+  frame.writeUIntBE(8, 0, 3);
+  frame[3] = TYPE_PING;
+  DRAIN_PING_DATA.copy(frame, FRAME_HEADER_BYTES);
+  return frame;
+}
+
+/**
+ * Client-to-upstream bytes once our GOAWAY and its PING have gone out, starting between two
+ * frames: takes the client's ACK of that PING out (the upstream never sent the PING, and
+ * Node's HTTP/2 server ends a session on an ACK it did not ask for) and says where it was.
+ * Holds back at most one frame header, or one PING ACK, split across reads.
+ */
+export class DrainPingAck {
+  /** The start of a frame not judged yet: a header, or a PING ACK, not whole yet. Never passed on. */
+  #held: Buffer = Buffer.alloc(0);
+  /** Bytes left of a frame judged not to be our ACK. */
+  #passing = 0;
+  #seen = false;
+
+  /** Calls `forward` with what goes on, in order, and `onAck` between what came before our ACK and what came after it. */
+  pass(chunk: Buffer, forward: (piece: Buffer) => void, onAck: () => void): void {
+    if (this.#seen) return forward(chunk);
+    const bytes = this.#held.length === 0 ? chunk : Buffer.concat([this.#held, chunk]);
+    const end = this.#judge(bytes);
+    if (this.#seen) {
+      if (end > 0) forward(bytes.subarray(0, end));
+      onAck();
+      if (end + PING_FRAME_BYTES < bytes.length) forward(bytes.subarray(end + PING_FRAME_BYTES));
+      return;
+    }
+    this.#held = Buffer.from(bytes.subarray(end));
+    if (end > 0) forward(end === bytes.length ? bytes : bytes.subarray(0, end));
+  }
+
+  /** Walks the frames of `bytes`: returns where our ACK starts, or where the part to hold back starts (bytes.length for none). */
+  #judge(bytes: Buffer): number {
+    let at = 0;
+    while (at < bytes.length) {
+      if (this.#passing > 0) {
+        const n = Math.min(this.#passing, bytes.length - at);
+        this.#passing -= n;
+        at += n;
+        continue;
+      }
+      if (bytes.length - at < FRAME_HEADER_BYTES) return at;
+      const length = bytes.readUIntBE(at, 3);
+      if (bytes[at + 3] !== TYPE_PING || (bytes[at + 4]! & FLAG_ACK) === 0 || length !== DRAIN_PING_DATA.length) {
+        this.#passing = FRAME_HEADER_BYTES + length;
+        continue;
+      }
+      if (bytes.length - at < PING_FRAME_BYTES) return at;
+      if (DRAIN_PING_DATA.equals(bytes.subarray(at + FRAME_HEADER_BYTES, at + PING_FRAME_BYTES))) {
+        this.#seen = true;
+        return at;
+      }
+      at += PING_FRAME_BYTES;
+    }
+    return at;
+  }
+}
+
+/** Our graceful GOAWAY and the PING whose ACK says the client has read it, in one write. */
+const GOAWAY_THEN_PING = Buffer.concat([gracefulGoAway(), drainPing()]);
 
 /**
  * The first GOAWAY of a graceful shutdown: last stream id 2^31-1 and

@@ -1,15 +1,15 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { scriptedUpstream } from './helpers/scripted-upstream.js';
-import { END_HEADERS, H2, H2FrameReader, h2Frame, rawH2Client } from './helpers/raw-h2.js';
-import { CLIENT_PREFACE_BYTES } from '../src/h2-frames.js';
-import { GOAWAY_GRACE_MS } from '../src/grpc-relay.js';
+import { END_HEADERS, H2, H2FrameReader, answerPings, h2Frame, rawH2Client } from './helpers/raw-h2.js';
+import { CLIENT_PREFACE_BYTES, FrameCursor } from '../src/h2-frames.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -221,7 +221,7 @@ describe('grpc relay mode: graceful endings', () => {
     }
   });
 
-  test('a client that opens a stream after the GOAWAY (past the grace for one already on its way) is told the last stream taken and cut off; the stream never reaches the model server', { timeout: 30_000 }, async () => {
+  test('a client that opens a stream after it has read the GOAWAY (it acknowledged the PING that follows it) is told the last stream taken and cut off; the stream never reaches the model server, nor the ACK', { timeout: 30_000 }, async () => {
     const received = new H2FrameReader();
     const model = await scriptedUpstream((socket, first) => {
       socket.write(h2Frame(H2.SETTINGS, 0, 0));
@@ -231,13 +231,15 @@ describe('grpc relay mode: graceful endings', () => {
     const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
     try {
       const client = await rawH2Client(local.grpcPort, pki);
+      answerPings(client);
       // The relay never decodes HPACK: any header block will do for the stand-in.
       client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
       await eventually(() => received.frames.some((f) => f.type === H2.HEADERS), 'the first stream at the model server');
       const [listener] = local.proxy.listeners();
       listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
       assert.equal((await client.waitForFrame(H2.GOAWAY)).payload.readUInt32BE(0), 2 ** 31 - 1);
-      await sleep(GOAWAY_GRACE_MS + 200);
+      // Answered as it arrived: the ACK is on its way before the next stream.
+      await client.waitForFrame(H2.PING);
       client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 3, Buffer.from([0x83])));
       await client.closed;
       const goAways = client.frames.filter((f) => f.type === H2.GOAWAY).map((f) => [f.payload.readUInt32BE(0), f.payload.readUInt32BE(4)]);
@@ -245,6 +247,60 @@ describe('grpc relay mode: graceful endings', () => {
       const line = await local.logs.waitFor((l) => l.event === 'relay_access');
       assert.equal(line.error, 'client_ignored_goaway');
       assert.deepEqual(received.frames.filter((f) => f.type === H2.HEADERS).map((f) => f.streamId), [1]);
+      assert.deepEqual(received.frames.filter((f) => f.type === H2.PING), [], 'the model server never sent that PING');
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+
+  test('a stream the client opened before it read the GOAWAY reaches the model server however late the relay reads it (a model server not reading, a slow link), and the connection is not cut', { timeout: 120_000 }, async () => {
+    const headers: number[] = [];
+    /** The flags of each PING the model server reads. */
+    const pings: number[] = [];
+    let modelSocket: Socket | undefined;
+    const model = await scriptedUpstream((socket, first) => {
+      socket.write(h2Frame(H2.SETTINGS, 0, 0));
+      const cursor = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: (type, id, flags) => {
+        if (type === H2.HEADERS) headers.push(id);
+        if (type === H2.PING) pings.push(flags);
+      } });
+      cursor.advance(first);
+      socket.on('data', (chunk: Buffer) => cursor.advance(chunk));
+      // Reads nothing more until told: what the client sends from now on waits in front of the relay.
+      socket.pause();
+      modelSocket = socket;
+    });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
+    try {
+      const client = await rawH2Client(local.grpcPort, pki);
+      answerPings(client);
+      const [listener] = local.proxy.listeners();
+      await eventually(() => listener!.connections.size === 1, 'the connection tracked');
+      const ours = [...listener!.connections.keys()][0]!;
+      client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
+      const data = h2Frame(H2.DATA, 0, 1, Buffer.alloc(16 * 1024));
+      while (!ours.isPaused()) {
+        if (!client.socket.write(data)) await Promise.race([once(client.socket, 'drain'), sleep(100)]);
+      }
+      // 16 MiB more queued behind what the relay holds, then a second call: all before any GOAWAY.
+      for (let i = 0; i < 1024; i++) client.socket.write(data);
+      client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 3, Buffer.from([0x83])));
+      listener!.closeConnection(ours, 60_000);
+      await client.waitForFrame(H2.GOAWAY);
+      // The PING after the GOAWAY came in the same read (one write of ours), and its ACK is queued now; a PING of the client's own follows it.
+      client.socket.write(h2Frame(H2.PING, 0, 0, Buffer.from('client!!')));
+      // Longer than any allowance a clock could make for streams "already on their way".
+      await sleep(1500);
+      modelSocket!.resume();
+      await eventually(() => pings.length > 0 || client.socket.destroyed, "the client's own PING at the model server");
+      assert.deepEqual(headers, [1, 3]);
+      assert.deepEqual(pings, [0], 'the ACK of our PING was taken out');
+      assert.deepEqual(client.frames.filter((f) => f.type === H2.GOAWAY).length, 1, 'no final GOAWAY');
+      client.socket.end();
+      await client.closed;
+      const line = await local.logs.waitFor((l) => l.event === 'relay_access');
+      assert.deepEqual([line.error, line.goAway, line.calls], [undefined, true, 2]);
     } finally {
       await local.proxy.shutdown(1000);
       model.close();

@@ -2,7 +2,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { chunked } from './helpers/chunks.js';
-import { CLIENT_PREFACE_BYTES, FrameCursor, GoAwayInserter, OpenStreams, gracefulGoAway } from '../src/h2-frames.js';
+import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, DrainPingAck, FrameCursor, GoAwayInserter, OpenStreams, gracefulGoAway } from '../src/h2-frames.js';
 
 interface Frame {
   type: number;
@@ -89,7 +89,7 @@ describe('GOAWAY error codes, for the relay_access line', () => {
 });
 
 describe('GOAWAY insertion between upstream frames', () => {
-  test('the GOAWAY lands between two whole frames, after the first, never inside a header block, however the bytes are chunked', () => {
+  test('the GOAWAY, and the PING after it, land between two whole frames, after the first, never inside a header block, however the bytes are chunked', () => {
     fc.assert(
       fc.property(unitsArb, fc.array(fc.nat(), { maxLength: 10 }), fc.nat(), (units, cuts, when) => {
         const frames = units.flat();
@@ -108,11 +108,12 @@ describe('GOAWAY insertion between upstream frames', () => {
         // Once every frame has passed, the stream is between frames: the GOAWAY is always out.
         assert.equal(inserter.sent, true);
         const result = decode(Buffer.concat(out));
-        assert.equal(result.length, frames.length + 1);
+        assert.equal(result.length, frames.length + 2);
         const at = result.findIndex((f) => f.type === 0x7);
         assert.ok(allowed.has(at), `GOAWAY at ${at}, allowed after ${[...allowed].join(',')}`);
         assert.deepEqual(result[at], { type: 0x7, flags: 0, payload: gracefulGoAway().subarray(9) });
-        const rest = result.filter((_, i) => i !== at);
+        assert.deepEqual(result[at + 1], { type: 0x6, flags: 0, payload: DRAIN_PING_DATA });
+        const rest = result.filter((_, i) => i !== at && i !== at + 1);
         assert.deepEqual(rest.map((f) => [f.type, f.flags, f.payload.toString('hex')]), frames.map((f) => [f.type, f.flags, f.payload.toString('hex')]));
       }),
       { numRuns: 500 },
@@ -136,9 +137,9 @@ describe('GOAWAY insertion between upstream frames', () => {
     const theirs = encode({ type: 0x7, flags: 0, payload: Buffer.from('0000000300000000', 'hex') }, 0);
     inserter.pass(Buffer.concat([encode({ type: 0x4, flags: 0, payload: Buffer.alloc(0) }, 0), theirs]), (b) => out.push(b));
     const frames = decode(Buffer.concat(out));
-    assert.deepEqual(frames.map((f) => f.type), [0x4, 0x7, 0x7]);
+    assert.deepEqual(frames.map((f) => f.type), [0x4, 0x7, 0x6, 0x7]);
     assert.equal(frames[1]!.payload.readUInt32BE(0), 0x7fffffff);
-    assert.equal(frames[2]!.payload.readUInt32BE(0), 3);
+    assert.equal(frames[3]!.payload.readUInt32BE(0), 3);
   });
 
   test('asked twice, it sends one GOAWAY', () => {
@@ -157,6 +158,47 @@ describe('GOAWAY insertion between upstream frames', () => {
     assert.equal(frame.readUInt32BE(5), 0);
     assert.equal(frame.readUInt32BE(9), 0x7fffffff);
     assert.equal(frame.readUInt32BE(13), 0);
+  });
+});
+
+describe("the client's ACK of the PING after our GOAWAY", () => {
+  const ping = (flags: number, data: Buffer) => ({ type: 0x6, flags, payload: data });
+  /** PINGs that are not the ACK of ours: the client's own with our data, ACKs of the model server's, a malformed one. */
+  const otherPingArb = fc.constantFrom(ping(0, DRAIN_PING_DATA), ping(1, Buffer.from('c-core!!')), ping(1, Buffer.from('ovms-mtl!')), ping(1, DRAIN_PING_DATA.subarray(0, 7)));
+  const otherArb = fc.oneof(frameArb, otherPingArb);
+
+  test('is taken out of the bytes, whatever comes around it and however they are chunked; onAck comes between the bytes before it and those after', () => {
+    fc.assert(
+      fc.property(fc.array(otherArb, { maxLength: 6 }), fc.option(fc.array(otherArb, { maxLength: 6 })), fc.array(fc.nat(), { maxLength: 12 }), (before, after, cuts) => {
+        const ours = encode(ping(1, DRAIN_PING_DATA), 0);
+        const head = Buffer.concat(before.map((f) => encode(f, 0)));
+        const tail = after === null ? Buffer.alloc(0) : Buffer.concat(after.map((f) => encode(f, 0)));
+        const input = after === null ? head : Buffer.concat([head, ours, tail]);
+        const out: Buffer[] = [];
+        let ackAt: number | undefined;
+        const catcher = new DrainPingAck();
+        for (const chunk of chunked(input, cuts)) catcher.pass(chunk, (piece) => out.push(Buffer.from(piece)), () => (ackAt = Buffer.concat(out).length));
+        const passed = Buffer.concat(out);
+        if (after === null) {
+          // No ACK: everything passes; nothing is held back once the last frame is whole.
+          assert.equal(ackAt, undefined);
+          assert.equal(passed.toString('hex'), head.toString('hex'));
+        } else {
+          assert.equal(ackAt, head.length);
+          assert.equal(passed.toString('hex'), Buffer.concat([head, tail]).toString('hex'));
+        }
+      }),
+      { numRuns: 1000 },
+    );
+  });
+
+  test('after it, bytes pass as they come, even ones that look like it', () => {
+    const catcher = new DrainPingAck();
+    const out: Buffer[] = [];
+    const ours = encode(ping(1, DRAIN_PING_DATA), 0);
+    catcher.pass(Buffer.concat([ours, ours.subarray(0, 5)]), (piece) => out.push(piece), () => {});
+    catcher.pass(ours.subarray(5), (piece) => out.push(piece), () => assert.fail('once only'));
+    assert.equal(Buffer.concat(out).toString('hex'), ours.toString('hex'));
   });
 });
 
