@@ -24,6 +24,10 @@ export function grpcRelay(options: GrpcRelayOptions): Relay {
   return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, options.observer, idle) });
 }
 
+/** The relay_access error of a connection the model server closed under calls in flight. */
+export const UPSTREAM_CLOSED_MID_CALL = 'upstream_closed_mid_call';
+const MAX_STREAM_ID = 0x7fffffff;
+
 /** One client connection and its own upstream connection, with backpressure both ways. */
 class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #client: TLSSocket;
@@ -50,6 +54,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   /** The last GOAWAY from each side: why a connection ended is often only there (C-core's ENHANCE_YOUR_CALM "too_many_pings"). */
   #clientGoAway: SeenGoAway | undefined;
   #upstreamGoAway: SeenGoAway | undefined;
+  /** The last stream id of the upstream's last GOAWAY: the streams past it it never processed. */
+  #upstreamLastStreamId: number | undefined;
   /** Toward the client, pausing the upstream while the client is slow. */
   readonly #write = (chunk: Buffer): void => {
     if (!this.#client.write(chunk)) this.#upstream.pause();
@@ -79,7 +85,10 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     client.on('drain', () => upstream.resume());
     // 'end' and 'close' come once; on() spares the wrapper once() keeps per listener for the connection's life.
     client.on('end', () => upstream.end());
-    upstream.on('end', () => client.end());
+    upstream.on('end', () => {
+      this.#noteCallsCut();
+      client.end();
+    });
     client.on('error', (err: NodeJS.ErrnoException) => this.#failed('client_' + (err.code ?? 'error')));
     upstream.on('error', (err: NodeJS.ErrnoException) => {
       this.#failed('upstream_' + (err.code ?? 'error'));
@@ -145,9 +154,23 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     this.#clientGoAway = seenGoAway(code, debug);
   };
 
-  readonly #upstreamWentAway: OnGoAway = (code, debug) => {
+  readonly #upstreamWentAway: OnGoAway = (code, debug, lastStreamId) => {
     this.#upstreamGoAway = seenGoAway(code, debug);
+    this.#upstreamLastStreamId = lastStreamId;
   };
+
+  /**
+   * The model server closed its connection first (a crash, an OOM kill: a FIN, no GOAWAY) under
+   * calls it had taken and not answered: their clients get UNAVAILABLE, so the line says why, as
+   * terminate mode's per-call lines do. Streams past its GOAWAY's last stream id it never
+   * processed (a restart), and the client retries them elsewhere: not counted.
+   */
+  #noteCallsCut(): void {
+    if (this.#error !== undefined || this.#client.readableEnded) return;
+    if (this.streams.unansweredUpTo(this.#upstreamLastStreamId ?? MAX_STREAM_ID) === 0) return;
+    this.#failed(UPSTREAM_CLOSED_MID_CALL);
+    this.#observer.upstreamError('grpc', 'UPSTREAM_CLOSED');
+  }
 
   /**
    * The client opened a stream after it had read our GOAWAY: nothing from the piece of

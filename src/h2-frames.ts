@@ -34,7 +34,7 @@ export interface FrameCursorOptions {
 }
 
 export type OnFrame = (type: number, streamId: number, flags: number) => void;
-export type OnGoAway = (errorCode: number, debug: Buffer) => void;
+export type OnGoAway = (errorCode: number, debug: Buffer, lastStreamId: number) => void;
 
 /** A GOAWAY's last stream id and error code (RFC 9113 section 6.8), then this much of its debug data: enough for a reason such as C-core's "too_many_pings". */
 const GOAWAY_FIXED_BYTES = 8;
@@ -132,7 +132,7 @@ export class FrameCursor {
     this.#goAwayFill += n;
     if (this.#goAwayFill < kept.length) return;
     this.#goAway = undefined;
-    this.#onGoAway!(kept.readUInt32BE(4), kept.subarray(GOAWAY_FIXED_BYTES));
+    this.#onGoAway!(kept.readUInt32BE(4), kept.subarray(GOAWAY_FIXED_BYTES), kept.readUInt32BE(0) & MAX_STREAM_ID);
   }
 }
 
@@ -255,6 +255,13 @@ export class OpenStreams implements StreamActivity {
     if (ended === undefined) return;
     if ((ended | side) === (CLIENT_ENDED | SERVER_ENDED)) this.#close(streamId);
     else this.#ended!.set(streamId, ended | side);
+  }
+
+  /** Open streams up to `lastStreamId` that the server has not ended: calls still waiting for (the rest of) their answer. */
+  unansweredUpTo(lastStreamId: number): number {
+    let unanswered = 0;
+    for (const [id, ended] of this.#ended ?? []) if (id <= lastStreamId && (ended & SERVER_ENDED) === 0) unanswered++;
+    return unanswered;
   }
 
   #close(streamId: number): void {

@@ -7,9 +7,10 @@ import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
-import { scriptedUpstream } from './helpers/scripted-upstream.js';
+import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { END_HEADERS, H2, H2FrameReader, answerPings, h2Frame, rawH2Client } from './helpers/raw-h2.js';
 import { CLIENT_PREFACE_BYTES, FrameCursor } from '../src/h2-frames.js';
+import { UPSTREAM_CLOSED_MID_CALL } from '../src/grpc-relay.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -335,6 +336,33 @@ describe('grpc relay mode: a model server that closes first', () => {
       model.close();
     }
   });
+
+  const answered = (id: number) => Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, id, GRPC_RESPONSE_HEADER_BLOCK), h2Frame(H2.HEADERS, END_HEADERS | 0x1, id, Buffer.from([0x40, 0x0b, ...Buffer.from('grpc-status'), 0x01, 0x30]))]);
+  const endings: [string, (id: number) => Buffer, string | undefined][] = [
+    ['under a call whose answer has begun (a crash: FIN, no GOAWAY): the line says so, with an upstream_error line', (id) => h2Frame(H2.HEADERS, END_HEADERS, id, GRPC_RESPONSE_HEADER_BLOCK), UPSTREAM_CLOSED_MID_CALL],
+    ['after a GOAWAY that did not take the call (a restart; the client retries it): no error', () => h2Frame(H2.GOAWAY, 0, 0, Buffer.alloc(8)), undefined],
+    ['after answering the call in full, while the client has not ended its side: no error', answered, undefined],
+  ];
+  for (const [name, answer, error] of endings) {
+    test(`a model server that closes its connection ${name}`, { timeout: 30_000 }, async () => {
+      const model = await framedH2cUpstream(answer);
+      const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
+      try {
+        const client = await rawH2Client(local.grpcPort, pki);
+        client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
+        await eventually(() => client.frames.some((f) => f.type === H2.HEADERS || f.type === H2.GOAWAY), "the model server's answer");
+        model.sockets[0]!.end();
+        await client.closed;
+        const line = await local.logs.waitFor((l) => l.event === 'relay_access');
+        assert.equal(line.error, error);
+        const upstreamErrors = local.logs.lines.filter((l) => l.event === 'upstream_error').map((l) => l.reason);
+        assert.deepEqual(upstreamErrors, error ? ['UPSTREAM_CLOSED'] : []);
+      } finally {
+        await local.proxy.shutdown(1000);
+        model.close();
+      }
+    });
+  }
 
   test('while the client is still sending, the client connection is still read to its end, closed and logged, never left paused', { timeout: 30_000 }, async () => {
     // Takes 64 KiB and closes cleanly (FIN): the relay holds the rest of the client's bytes.

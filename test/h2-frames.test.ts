@@ -243,6 +243,14 @@ describe('open streams, from the frame headers of both directions', () => {
     assert.ok(streams.idleSince > busySince);
   });
 
+  test('calls still waiting for their answer, up to a last stream id: a stream the server has ended is not one, though the client still sends', () => {
+    const streams = follow([['C', HEADERS, 0x4, 1], ['C', HEADERS, 0x4, 3], ['C', HEADERS, 0x4, 5], ['S', HEADERS, 0x4, 1], ['S', HEADERS, 0x4 | END_STREAM, 3]]);
+    assert.equal(streams.open, 3);
+    assert.equal(streams.unansweredUpTo(2 ** 31 - 1), 2);
+    assert.equal(streams.unansweredUpTo(3), 1);
+    assert.equal(streams.unansweredUpTo(0), 0);
+  });
+
   test('each new stream id is a call; trailers and frames of old ids are not', () => {
     const streams = follow([['C', HEADERS, 0x4, 1], ['C', HEADERS, 0x4 | END_STREAM, 1], ['C', HEADERS, 0x4, 3], ['C', HEADERS, 0x4, 1]]);
     assert.equal(streams.started, 2);
