@@ -8,8 +8,8 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, scriptedUpstream } from './helpers/scripted-upstream.js';
-import { END_HEADERS, H2, H2FrameReader, answerPings, h2Frame, rawH2Client } from './helpers/raw-h2.js';
-import { CLIENT_PREFACE_BYTES, FrameCursor } from '../src/h2-frames.js';
+import { END_HEADERS, END_STREAM, H2, H2FrameReader, answerPings, byteByByte, grpcHeaderBlock, h2Frame, rawH2Client, streamFrames } from './helpers/raw-h2.js';
+import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, FrameCursor } from '../src/h2-frames.js';
 import { UPSTREAM_CLOSED_MID_CALL } from '../src/grpc-relay.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly } from './helpers/grpc-calls.js';
@@ -252,6 +252,34 @@ describe('grpc relay mode: graceful endings', () => {
     } finally {
       await local.proxy.shutdown(1000);
       model.close();
+    }
+  });
+
+  test('one TLS record per byte, preface and every frame split at every offset: a call is answered; the ACK of our PING is taken out, so the model server (Node, which ends a session on an ACK it did not ask for) goes on; a stream after it is cut off', { timeout: 60_000 }, async () => {
+    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! }, grpcMode: 'relay' });
+    try {
+      const client = await rawH2Client(local.grpcPort, pki, undefined, byteByByte);
+      // Acknowledged as it came: no write of the helper's own lands inside the frames below.
+      await client.waitForFrame(H2.SETTINGS);
+      const call = Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 1, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary')), h2Frame(H2.DATA, END_STREAM, 1, grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])))]);
+      await byteByByte(client.socket, call);
+      await eventually(() => streamFrames(client.frames, 1).includes('end'), 'the answer to the call');
+      assert.deepEqual(streamFrames(client.frames, 1), ['headers', 'data', 'end']);
+      const [listener] = local.proxy.listeners();
+      listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
+      await client.waitForFrame(H2.GOAWAY);
+      const ping = await client.waitForFrame(H2.PING);
+      assert.deepEqual(ping.payload, DRAIN_PING_DATA);
+      await byteByByte(client.socket, h2Frame(H2.PING, 0x1, 0, ping.payload));
+      const own = Buffer.from('client!!');
+      await byteByByte(client.socket, h2Frame(H2.PING, 0, 0, own));
+      await eventually(() => client.frames.some((f) => f.type === H2.PING && f.payload.equals(own)), "the model server's answer to the client's own PING");
+      await byteByByte(client.socket, h2Frame(H2.HEADERS, END_HEADERS, 3, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary')));
+      await client.closed;
+      const goAways = client.frames.filter((f) => f.type === H2.GOAWAY).map((f) => [f.payload.readUInt32BE(0), f.payload.readUInt32BE(4)]);
+      assert.deepEqual(goAways, [[2 ** 31 - 1, 0], [1, 1]], 'ours only: the model server never refused the connection');
+    } finally {
+      await local.proxy.shutdown(1000);
     }
   });
 

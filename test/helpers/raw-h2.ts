@@ -101,13 +101,14 @@ export interface RawH2Client {
  * and their ACK) and otherwise sends only what a test writes: it ignores
  * flow control and GOAWAY, as a broken or hostile client would.
  */
-export async function rawH2Client(port: number, pki: TestPki, over?: Socket): Promise<RawH2Client> {
+export async function rawH2Client(port: number, pki: TestPki, over?: Socket, send: (socket: TLSSocket, bytes: Buffer) => unknown = (sock, bytes) => sock.write(bytes)): Promise<RawH2Client> {
   // `over`: a TCP connection of the test's own, for what a TLSSocket cannot do itself (a TCP reset).
+  // `send`: how the preface and SETTINGS go (byteByByte: one TLS record per byte).
   const socket: TLSSocket = tlsConnect({ ...(over ? { socket: over } : { port, host: '127.0.0.1' }), ...tlsClientOptions(pki), ALPNProtocols: ['h2'] });
   socket.on('error', () => {});
   const closed = once(socket, 'close');
   await once(socket, 'secureConnect');
-  socket.write(Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]));
+  await send(socket, Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]));
   const reader = new H2FrameReader();
   socket.on('data', (chunk: Buffer) => {
     for (const frame of reader.push(chunk)) if (frame.type === H2.SETTINGS && (frame.flags & ACK) === 0) socket.write(h2Frame(H2.SETTINGS, ACK, 0));
@@ -117,6 +118,14 @@ export async function rawH2Client(port: number, pki: TestPki, over?: Socket): Pr
     return reader.frames.find((f) => f.type === type)!;
   };
   return { socket, frames: reader.frames, closed, waitForFrame };
+}
+
+/** Writes `bytes` one TLS record per byte: the reader gets each byte in a read of its own, every frame split at every offset. */
+export async function byteByByte(socket: TLSSocket, bytes: Buffer): Promise<void> {
+  for (let i = 0; i < bytes.length; i++) {
+    socket.write(bytes.subarray(i, i + 1));
+    await new Promise((resolve) => setImmediate(resolve));
+  }
 }
 
 /** Answers the server's PINGs from now on, as every HTTP/2 client library does (rawH2Client answers none). */
