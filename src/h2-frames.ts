@@ -296,6 +296,8 @@ function drainPing(): Buffer {
   return frame;
 }
 
+const NOTHING_HELD = Buffer.alloc(0);
+
 /**
  * Client-to-upstream bytes once our GOAWAY and its PING have gone out, starting between two
  * frames: takes the client's ACK of that PING out (the upstream never sent the PING, and
@@ -304,7 +306,7 @@ function drainPing(): Buffer {
  */
 export class DrainPingAck {
   /** The start of a frame not judged yet: a header, or a PING ACK, not whole yet. Never passed on. */
-  #held: Buffer = Buffer.alloc(0);
+  #held: Buffer = NOTHING_HELD;
   /** Bytes left of a frame judged not to be our ACK. */
   #passing = 0;
   #seen = false;
@@ -320,7 +322,8 @@ export class DrainPingAck {
       if (end + PING_FRAME_BYTES < bytes.length) forward(bytes.subarray(end + PING_FRAME_BYTES));
       return;
     }
-    this.#held = Buffer.from(bytes.subarray(end));
+    // A copy: a few bytes, not the whole read kept alive.
+    this.#held = end === bytes.length ? NOTHING_HELD : Buffer.from(bytes.subarray(end));
     if (end > 0) forward(end === bytes.length ? bytes : bytes.subarray(0, end));
   }
 
