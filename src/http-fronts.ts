@@ -387,6 +387,20 @@ function missingHostRefusal(req: IncomingMessage): OwnAnswer | undefined {
 }
 
 /**
+ * A request llhttp took as asking to switch protocols (an Upgrade field and a Connection option
+ * `upgrade`; a few spellings it does not take are counted too, which costs those a reconnect).
+ * With no 'upgrade' listener Node serves it as a plain request (as the relay does), but its
+ * parser drops whatever came after it in the same read: a request pipelined behind it was never
+ * answered, and a body cut by that read lost its head, its rest then read as a request of its
+ * own and forwarded. Its answer closes the connection instead; nothing after it is forwarded
+ * (answeredNever), and the client may send those requests again.
+ */
+function takenForUpgrade(req: IncomingMessage): boolean {
+  const connection = req.headers.connection;
+  return req.headers.upgrade !== undefined && connection !== undefined && connection.split(',').some((option) => option.trim().toLowerCase() === 'upgrade');
+}
+
+/**
  * A request Node parsed behind a response that closes the connection (ours with `connection: close`,
  * a drain's, one to an HTTP/1.0 client), or once our end is closing: Node never sends its answer,
  * and the model server, had it been forwarded, would have worked for nobody.
@@ -569,7 +583,7 @@ export class H1Front implements Drainable {
     // An HTTP/1.1 request in flight counts as an open stream, as an HTTP/2 stream does.
     this.#observer.streamOpened(context.listener);
     const closing = () => this.#draining || this.#closing.has(socket);
-    if (closing()) res.shouldKeepAlive = false;
+    if (closing() || takenForUpgrade(req)) res.shouldKeepAlive = false;
     res.once('close', () => {
       this.#observer.streamClosed(context.listener);
       open.delete(res);

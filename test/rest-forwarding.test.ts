@@ -405,6 +405,34 @@ describe('HTTP/1.1 Host lines and absolute-form targets: the model server sees o
   });
 });
 
+describe('HTTP/1.1 message boundaries behind a request that asks to switch protocols (served plainly, never switched)', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: what the client sends after it is read as the client framed it: bytes of a body never reach the model server as a request of their own`, async () => {
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode });
+      const from = upstream.received.length;
+      try {
+        const socket = await openRaw(local.restPort, pki);
+        // Node's parser reads nothing after such a request in the same read: the POST head was lost, and its body read as a request.
+        const inBody = 'GET /v2/health/ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n';
+        const body = `{"a"${inBody}`;
+        socket.write('GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n' +
+          `POST /v2/models/dummy/infer HTTP/1.1\r\nhost: localhost\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body.slice(0, 4)}`);
+        const first = await readUntil(socket, /^HTTP\/1\.1 200 [^]*?\r\n\r\n/);
+        const rest = readToClose(socket);
+        socket.write(body.slice(4));
+        const answers = [...`${first}${await rest}`.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1]));
+        const paths = upstream.received.slice(from).filter((r) => r.protocol === 'rest').map((r) => r.path);
+        assert.ok(!paths.includes('/v2/health/ready'), `the model server got a request made of body bytes: ${JSON.stringify(paths)}`);
+        // The relay reads on and answers both; terminate mode ends the connection after the first answer, and the POST may be retried.
+        assert.deepEqual(paths, ['/v2/health/live', '/v2/models/dummy/infer'].slice(0, answers.length));
+        if (restMode === 'terminate') assert.match(first, /\r\nconnection: close\r\n/i);
+      } finally {
+        await local.proxy.shutdown(1000);
+      }
+    });
+  }
+});
+
 describe('upstream answers (--mtls_rest_mode terminate)', () => {
   test('an interim 103 Early Hints is not passed on; the final answer is', () =>
     behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.write('HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok') }, async (local) => {
