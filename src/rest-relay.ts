@@ -519,12 +519,31 @@ class RelayedHttp1Connection implements RelayedConnection {
   #clientFramingError(err: FramingError): void {
     if (!(err instanceof FramingError)) throw err;
     if (this.#receiving) {
-      // Part of this request's body already went upstream: nothing can be answered on this connection.
-      this.#receiving.error = 'bad_request_body';
-      this.#fail();
+      this.#badBody(this.#receiving, err);
       return;
     }
     this.#refuse(err, err instanceof RoutingRefused ? err.refusal.error : undefined);
+  }
+
+  /**
+   * A body framed wrongly after its head went upstream: the model server's connection is cut, so
+   * it never gets a whole request, and the client gets the 400 naming the problem (README: a
+   * malformed chunk line or trailer is answered 400) when no answer to it or before it is owed;
+   * else the client's connection is cut too.
+   */
+  #badBody(exchange: Exchange, err: FramingError): void {
+    exchange.error = 'bad_request_body';
+    if (!this.#mayAnswerInstead(exchange)) {
+      this.#fail();
+      return;
+    }
+    exchange.status = err.status;
+    this.#answerInstead(exchange, refusalAnswer(err));
+  }
+
+  /** Our own answer can take the place of the model server's: nothing of it went out, and no response before it is owed. */
+  #mayAnswerInstead(exchange: Exchange): boolean {
+    return this.#exchanges.length === 1 && this.#exchanges[0] === exchange && !exchange.answered;
   }
 
   /** Nothing more is read; the refusal is answered once the responses owed before it are done. */
@@ -559,7 +578,7 @@ class RelayedHttp1Connection implements RelayedConnection {
    */
   #bodyStalled(exchange: Exchange): void {
     exchange.error = 'client_body_timeout';
-    if (this.#exchanges.length === 1 && this.#exchanges[0] === exchange && !exchange.answered) {
+    if (this.#mayAnswerInstead(exchange)) {
       exchange.status = 408;
       this.#answerInstead(exchange, jsonAnswer(408, bodyStalledMessage(this.#parts.limits.idleTimeoutMs)));
       return;

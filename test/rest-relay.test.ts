@@ -8,6 +8,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { behindProxy, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw as openRawWith, readToClose, readUntil } from './helpers/raw-http1.js';
+import { eventually } from './helpers/ops.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
 import { NOOP_OBSERVER } from '../src/observer.js';
@@ -55,6 +56,32 @@ describe('rest relay: HTTP/1.1 framing', () => {
     assert.equal(line.subject, 'CN=client,OU=tests');
     assert.equal(line.method, 'POST');
     assert.equal(line.path, '/v2/models/dummy/infer');
+  });
+
+  test('a chunked body framed wrongly, after its head went upstream, gets 400 naming the problem and the connection closes, not a bare reset', async () => {
+    const bodies: readonly [string, RegExp][] = [
+      ['0x5\r\nhello\r\n0\r\n\r\n', /malformed chunk-size line/],
+      ['5 \r\nhello\r\n0\r\n\r\n', /malformed chunk-size line/],
+      ['10000000000000005\r\nhello\r\n0\r\n\r\n', /chunk size too large/],
+      ['3\r\nhello\r\n0\r\n\r\n', /chunk data not followed by CRLF/],
+      ['5\r\nhello\r\n0\r\nbad trailer\r\n\r\n', /malformed trailer/],
+    ];
+    for (const [body, problem] of bodies) {
+      const from = upstream.received.length;
+      const logged = front.logs.lines.length;
+      const socket = await openRaw(front.restPort);
+      socket.write('POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n');
+      // The head has reached the model server, which waits for the body.
+      await eventually(() => upstream.received.length > from, 'the head upstream');
+      socket.write(body);
+      const text = await readToClose(socket);
+      assert.deepEqual(statuses(text), [400], body);
+      assert.match(text, /\r\nconnection: close\r\n/);
+      assert.match(text, problem);
+      const line = () => front.logs.lines.slice(logged).find((l) => l.event === 'access' && l.path === '/echo-body');
+      await eventually(() => line() !== undefined, 'its access line');
+      assert.deepEqual([line()!.status, line()!.error], [400, 'bad_request_body']);
+    }
   });
 
   test('a refused request after good ones is answered after their responses, in order', async () => {
