@@ -405,7 +405,7 @@ describe('HTTP/1.1 Host lines and absolute-form targets: the model server sees o
   });
 });
 
-describe('HTTP/1.1 message boundaries behind a request that asks to switch protocols (served plainly, never switched)', () => {
+describe('HTTP/1.1 message boundaries behind a request that asks to switch protocols (served plainly, never switched) or to tunnel (405)', () => {
   for (const restMode of FORWARD_MODES) {
     test(`--mtls_rest_mode ${restMode}: what the client sends after it is read as the client framed it: bytes of a body never reach the model server as a request of their own`, async () => {
       const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode });
@@ -426,6 +426,25 @@ describe('HTTP/1.1 message boundaries behind a request that asks to switch proto
         // The relay reads on and answers both; terminate mode ends the connection after the first answer, and the POST may be retried.
         assert.deepEqual(paths, ['/v2/health/live', '/v2/models/dummy/infer'].slice(0, answers.length));
         if (restMode === 'terminate') assert.match(first, /\r\nconnection: close\r\n/i);
+      } finally {
+        await local.proxy.shutdown(1000);
+      }
+    });
+
+    test(`--mtls_rest_mode ${restMode}: a CONNECT pipelined behind a large response gets its 405 after that whole response, then the connection closes`, { timeout: 30_000 }, async () => {
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode });
+      try {
+        const socket = await openRaw(local.restPort, pki);
+        // Larger than the socket buffers: the response waits for the client to read, more than once.
+        socket.write('GET /stream-bytes?n=3000000 HTTP/1.1\r\nhost: localhost\r\n\r\nCONNECT localhost:443 HTTP/1.1\r\nhost: localhost:443\r\n\r\n');
+        const text = await readToClose(socket);
+        const second = text.indexOf('HTTP/1.1 405 ');
+        assert.match(text, /^HTTP\/1\.1 200 OK\r\n[^]*?\r\ncontent-length: 3000000\r\n/i);
+        assert.equal(second - text.indexOf('\r\n\r\n') - 4, 3_000_000, 'the whole first body, then the 405');
+        assert.match(text.slice(second), /CONNECT is not supported\n$/);
+        await eventually(() => local.logs.lines.filter((l) => l.event === 'access').length === 2, 'both access lines');
+        const lines = local.logs.lines.filter((l) => l.event === 'access').map((l) => [l.method, l.status, l.error]);
+        assert.deepEqual(lines.sort(), [['CONNECT', 405, 'bad_request'], ['GET', 200, undefined]]);
       } finally {
         await local.proxy.shutdown(1000);
       }
