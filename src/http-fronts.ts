@@ -568,7 +568,7 @@ export class H1Front implements Drainable {
 
   drain(): void {
     this.#draining = true;
-    for (const [socket, responses] of this.#active) if (responses.size === 0) socket.end();
+    for (const socket of this.#active.keys()) this.#closeAfterAnswers(socket);
   }
 
   /** Once every connection is gone: stops Node's headersTimeout check timer. */
@@ -579,7 +579,22 @@ export class H1Front implements Drainable {
   /** Closes one connection now if idle, else right after the response in progress. */
   closeConnection(socket: TLSSocket): void {
     this.#closing.add(socket);
-    if (!this.#busy(socket)) socket.end();
+    this.#closeAfterAnswers(socket);
+  }
+
+  /**
+   * An idle connection ends now. On a busy one the last answer owed, if its head has not gone
+   * out yet, says `connection: close`: it had said keep-alive and the connection then closed
+   * under a keep-alive client, which sent its next request on it and got a reset (Node's
+   * https: ECONNRESET "socket hang up", never retried) instead of opening a new connection.
+   * Only the last: Node ends the connection after an answer that says close, and the answers
+   * pipelined behind it would never go out.
+   */
+  #closeAfterAnswers(socket: Socket): void {
+    const open = this.#active.get(socket);
+    const last = open === undefined ? undefined : [...open].at(-1);
+    if (last === undefined) socket.end();
+    else if (!last.headersSent) last.shouldKeepAlive = false;
   }
 
   /** `unmet`: what Node found the request cannot have (its Expect), answered instead of the handler. */

@@ -1,0 +1,77 @@
+/**
+ * What clients that are busy when the proxy starts draining see: a keep-alive
+ * client must learn from the answer it is waiting for that the connection ends,
+ * so that its next request opens a new one (another replica, behind a Service)
+ * instead of being sent down a connection that is closing.
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer, type Server, type ServerResponse } from 'node:http';
+import { Agent, request as httpsRequest } from 'node:https';
+import type { AddressInfo } from 'node:net';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startTestProxy, tlsClientOptions } from './helpers/harness.js';
+import { FORWARD_MODES } from '../src/config.js';
+
+let pki: TestPki;
+
+before(async () => {
+  pki = await createTestPki();
+});
+
+after(async () => {
+  await pki.cleanup();
+});
+
+/** A REST model server that holds each answer until the test releases it. */
+async function heldAnswers(): Promise<{ server: Server; port: number; arrived: Promise<void>; release(): void }> {
+  const held: ServerResponse[] = [];
+  let arrive = (): void => {};
+  const arrived = new Promise<void>((resolve) => (arrive = resolve));
+  const server = createServer((_req, res) => {
+    held.push(res);
+    arrive();
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const release = () => {
+    for (const res of held.splice(0)) res.end('{"ready":true}');
+  };
+  return { server, port: (server.address() as AddressInfo).port, arrived, release };
+}
+
+/** One GET through a keep-alive agent: its status and `connection` field, or the code of the error it failed with. */
+function keptAliveGet(port: number, agent: Agent): Promise<string> {
+  return new Promise((resolve) => {
+    const req = httpsRequest({ host: '127.0.0.1', port, path: '/v2/models/dummy', agent, ...tlsClientOptions(pki) }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(`${res.statusCode} connection: ${res.headers.connection}`));
+    });
+    req.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
+    req.end();
+  });
+}
+
+describe('a keep-alive HTTP/1.1 client whose request is in flight when the drain begins', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: its answer says connection: close, so its next request opens a new connection (refused here: no other replica) rather than dying on the closing one`, { timeout: 30_000 }, async () => {
+      const upstream = await heldAnswers();
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode });
+      const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+      try {
+        const answer = keptAliveGet(local.restPort, agent);
+        await upstream.arrived;
+        const drained = local.proxy.shutdown(20_000);
+        upstream.release();
+        assert.equal(await answer, '200 connection: close');
+        // Before the fix: ECONNRESET ("socket hang up"), the request sent on the connection the proxy was closing.
+        assert.equal(await keptAliveGet(local.restPort, agent), 'ECONNREFUSED');
+        await drained;
+      } finally {
+        agent.destroy();
+        upstream.server.close();
+      }
+    });
+  }
+});
