@@ -149,5 +149,13 @@ export async function runWorker(): Promise<number> {
   const timeoutMs = await inbox.drain;
   logger.info({ event: 'worker_draining' }, 'worker draining');
   await proxy.shutdown(timeoutMs);
+  if (start.config.admin) await handOverCounts(inbox.metrics);
   return 0;
+}
+
+/** The primary serves /metrics after this worker has gone: it gets the final counts, sent before the exit. */
+async function handOverCounts(metrics: ProxyMetrics): Promise<void> {
+  const final = await metrics.registry.getMetricsAsJSON();
+  if (!process.connected) return;
+  await new Promise<void>((resolve) => process.send!({ type: 'final', metrics: final } satisfies FromWorker, () => resolve()));
 }

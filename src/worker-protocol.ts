@@ -45,7 +45,12 @@ export type FromWorker =
   | { readonly type: 'listening'; readonly addresses: Readonly<Partial<Record<ListenerName, readonly AddressInfo[]>>> }
   /** Startup failed; `code` is an OvmsMtlsError code when the user can fix it (a port in use). */
   | { readonly type: 'failed'; readonly message: string; readonly code?: string | undefined }
-  | { readonly type: 'metrics'; readonly id: number; readonly metrics: MetricsJson };
+  | { readonly type: 'metrics'; readonly id: number; readonly metrics: MetricsJson }
+  /**
+   * Drained, about to exit: its counters as they end. The primary keeps them in the sums; as last
+   * scraped, the calls it finished since (in the drain, mostly) fell out of /metrics.
+   */
+  | { readonly type: 'final'; readonly metrics: MetricsJson };
 
 export function isMessage<T extends { type: string }>(value: unknown): value is T {
   return typeof value === 'object' && value !== null && typeof (value as { type?: unknown }).type === 'string';

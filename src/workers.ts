@@ -69,7 +69,7 @@ interface Member {
   readonly failuresBefore: number;
   /** Did not answer the last metrics request: said once, until it answers again. */
   silent: boolean;
-  /** Its counters and histograms as last scraped: what it leaves in the sums when it exits or falls silent. */
+  /** Its counters and histograms as last scraped (or as handed over after its drain): what it leaves in the sums when it exits or falls silent. */
   counted?: MetricsJson | undefined;
 }
 
@@ -183,7 +183,9 @@ export class WorkerPool implements RunningProxy {
     });
     worker.on('exit', (code, signal) => {
       settle.reject(new Error(`worker ${worker.id} exited (${signal ?? code}) before listening`));
-      this.#onExit(member, code, signal);
+      // Node may report the exit before the channel has delivered the worker's last message (its final counts).
+      if (worker.isConnected()) worker.once('disconnect', () => this.#onExit(member, code, signal));
+      else this.#onExit(member, code, signal);
     });
     return member;
   }
@@ -205,6 +207,10 @@ export class WorkerPool implements RunningProxy {
         return settle.reject(startupError(message));
       case 'metrics':
         this.#pending.get(message.id)?.(message.metrics);
+        return;
+      case 'final':
+        // What it leaves in the sums when it exits (#onExit), in place of its counts as last scraped.
+        member.counted = monotonicPart(message.metrics);
         return;
     }
   }

@@ -23,7 +23,7 @@ import { openRaw } from './helpers/raw-http1.js';
 import { GateBoard } from './helpers/sse.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import { plainCertDir, replaceAtomically, servedSerial, type CertDir, type TlsClient } from './helpers/reload.js';
-import { FAKE_OVMS, makeFakeExecutable, startWrapper, streamAcrossSigterm, tlsArgs } from './helpers/entrypoint.js';
+import { FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, streamAcrossSigterm, tlsArgs } from './helpers/entrypoint.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
 import { createCrl, issueClientCert, issueServerCert, type Issued } from '../src/x509.js';
@@ -297,6 +297,34 @@ async function sigtermKillsOnly(primary: Primary, stuck: number): Promise<void> 
   assert.equal(child.exitCode, 0, primary.stderr());
   assert.deepEqual(primary.lines().filter((l) => l.event === 'worker_killed').map((l) => l['pid']), [stuck]);
 }
+
+// Apart: under load the suite above takes most of its SAFETY time already.
+describe('proxy mode with two workers, at shutdown', SAFETY, () => {
+  test('SIGTERM: the calls a worker served stay in /metrics once it has drained and exited, while the other still drains a stream', async () => {
+    const r = await startWorkersCli();
+    const clients = grpcClients(`localhost:${r.grpcPort}`, pki);
+    try {
+      // Never scraped before the drain: all that /metrics knows of them is what each worker hands over.
+      const calls = 6;
+      assert.equal(workersOf(await servedCalls(r, calls)).size, 2, 'both workers served calls');
+      const bidi = clients.echo.Bidi();
+      const replies = bidi[Symbol.asyncIterator]();
+      bidi.write({ payload: Buffer.from('held') });
+      await replies.next();
+      const pids = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      r.cli.child.kill('SIGTERM');
+      await eventually(() => pids.some(processGone), 'the worker without the stream to exit');
+      const during = await httpGet(r.adminPort, '/metrics');
+      assert.equal(sumOf(during.body, 'ovms_mtls_requests_total'), calls);
+      bidi.end();
+      assert.equal((await replies.next()).done, true);
+      assert.equal(await r.cli.exited, 0, r.cli.stderr());
+    } finally {
+      clients.close();
+      await stop(r.cli);
+    }
+  });
+});
 
 describe('a worker that stops making progress without exiting', SAFETY, () => {
   for (const how of ['SIGSTOP', 'a blocked event loop'] as const) {
