@@ -83,6 +83,16 @@ export const BIND_FLAG: Record<ListenerName, string> = { grpc: 'grpc_bind_addres
 export const TCP_KEEPALIVE_DELAY_MS = 60_000;
 
 /**
+ * Once the proxy drains, a connection whose side of ours has ended (an idle keep-alive
+ * connection closed at the drain's start, one closed after its last answer) is destroyed this
+ * long after, whether the client has closed its side or not: time for the last bytes to reach
+ * it before a reset could drop them (Go's server waits 500 ms so). A client that reads its idle
+ * pooled connections only at their next use (Python's requests and urllib3) never closes its
+ * side before then, and held the drain, and OVMS's stop behind it, until --mtls_shutdown_timeout.
+ */
+const DRAIN_LINGER_MS = 1000;
+
+/**
  * A public TLS port: verifies the client certificate and the allow-list after
  * the handshake and before a single byte of HTTP is read, then hands the
  * socket to the HTTP/2 or HTTP/1.1 server. Refused clients are logged with
@@ -106,6 +116,8 @@ export class SecureListener {
   readonly #handshakeContext = new WeakMap<Socket, number>();
   /** How the context in force judges a client verified under an earlier one (none before a reload). */
   #judgeLate: LateJudge | undefined;
+  /** Stopped accepting: the shutdown waits for the connections, and ended ones get a short linger. */
+  #draining = false;
 
   constructor(options: SecureListenerOptions) {
     this.name = options.name;
@@ -153,6 +165,8 @@ export class SecureListener {
    * closed: draining them is the protocol layer's job.
    */
   async stopAccepting(): Promise<void> {
+    this.#draining = true;
+    for (const socket of this.#connections.keys()) if (socket.writableFinished) this.#destroyIfPeerStaysOpen(socket);
     await Promise.all(this.#servers.map(({ tcp }) => new Promise<void>((resolve) => (tcp.listening ? tcp.close(() => resolve()) : resolve()))));
   }
 
@@ -298,11 +312,17 @@ export class SecureListener {
     this.#connections.set(socket, context);
     this.#options.observer.connectionOpened(this.name);
     // on(), not once(): 'finish' comes once anyway, and once() keeps a wrapper per idle connection.
-    socket.on('finish', () => destroyIfPeerStaysOpen(socket, this.#options.limits.idleTimeoutMs));
+    socket.on('finish', () => this.#destroyIfPeerStaysOpen(socket));
     socket.on('close', () => {
       this.#connections.delete(socket);
       this.#options.observer.connectionClosed(this.name);
     });
+  }
+
+  /** Our side has ended: the client gets the idle timeout to close its side, or, in a drain, DRAIN_LINGER_MS. */
+  #destroyIfPeerStaysOpen(socket: TLSSocket): void {
+    const { idleTimeoutMs } = this.#options.limits;
+    destroyIfPeerStaysOpen(socket, this.#draining ? Math.min(DRAIN_LINGER_MS, idleTimeoutMs) : idleTimeoutMs);
   }
 }
 

@@ -12,6 +12,7 @@ import { Agent, request as httpsRequest } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, tlsClientOptions } from './helpers/harness.js';
+import { openRaw, readUntil } from './helpers/raw-http1.js';
 import { FORWARD_MODES } from '../src/config.js';
 
 let pki: TestPki;
@@ -70,6 +71,29 @@ describe('a keep-alive HTTP/1.1 client whose request is in flight when the drain
         await drained;
       } finally {
         agent.destroy();
+        upstream.server.close();
+      }
+    });
+  }
+});
+
+describe('an idle keep-alive HTTP/1.1 connection whose client leaves its side open once the proxy has closed its own (Python requests does so until its next use of the connection)', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: the drain closes it and finishes without waiting for the client to close its side`, { timeout: 30_000 }, async () => {
+      const upstream = await heldAnswers();
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode });
+      const socket = await openRaw(local.restPort, pki, { allowHalfOpen: true });
+      try {
+        socket.write('GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\n\r\n');
+        await upstream.arrived;
+        upstream.release();
+        await readUntil(socket, /\{"ready":true\}$/);
+        // Left as it is: the proxy's close_notify and FIN do not make it close, as in a pool.
+        await local.proxy.shutdown(20_000);
+        // Before the fix the drain waited for the client until the timeout ran out, and then forced it.
+        assert.equal(local.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain had to force the idle connection closed');
+      } finally {
+        socket.destroy();
         upstream.server.close();
       }
     });

@@ -3,9 +3,12 @@ import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import type { TestPki } from './pki.js';
 import { tlsClientOptions } from './harness.js';
 
-/** An mTLS connection that speaks HTTP/1.1 as the test writes it, byte for byte; a reset shows as 'close'. */
-export async function openRaw(port: number, pki: TestPki): Promise<TLSSocket> {
-  const socket = tlsConnect({ host: '127.0.0.1', port, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki) });
+/**
+ * An mTLS connection that speaks HTTP/1.1 as the test writes it, byte for byte; a reset shows as 'close'.
+ * `allowHalfOpen`: it does not close its side when the server closes its own.
+ */
+export async function openRaw(port: number, pki: TestPki, options: { allowHalfOpen?: boolean } = {}): Promise<TLSSocket> {
+  const socket = tlsConnect({ host: '127.0.0.1', port, ALPNProtocols: ['http/1.1'], ...tlsClientOptions(pki), ...options });
   socket.on('error', () => {});
   await once(socket, 'secureConnect');
   return socket;
