@@ -114,6 +114,17 @@ describe('certs init', () => {
     );
   });
 
+  test('an IPv6 --san written with an IPv4 tail names that address, not another one', async () => {
+    const dir = freshDir();
+    await certsInit({ dir, serverName: 'ovms.internal', san: ['IP:::ffff:10.0.0.1', 'IP:2001:db8::1.2.3.4'] });
+    const cert = new X509Certificate(await readFile(join(dir, CERT_FILES.serverCert)));
+    // Before: IP Address:0:0:0:0:0:0:FFFF:10 and IP Address:2001:DB8:0:0:0:0:0:1, the tail read as one hex group.
+    assert.equal(cert.subjectAltName, 'DNS:ovms.internal, IP Address:0:0:0:0:0:FFFF:A00:1, IP Address:2001:DB8:0:0:0:0:102:304');
+    assert.equal(cert.checkIP('::ffff:10.0.0.1'), '::ffff:10.0.0.1');
+    assert.equal(cert.checkIP('2001:db8::1.2.3.4'), '2001:db8::1.2.3.4');
+    assert.equal(cert.checkIP('2001:db8::1'), undefined);
+  });
+
   test('adds no loopback addresses for another server name and uses an IP server name as an IP SAN', async () => {
     const named = freshDir();
     await certsInit({ dir: named, serverName: 'ovms.internal' });

@@ -72,9 +72,22 @@ function subjectAltNames(o: LeafOptions): x509.JsonGeneralName[] {
   }
   return [
     ...(o.dns ?? []).map((value) => ({ type: 'dns' as const, value })),
-    ...(o.ips ?? []).map((value) => ({ type: 'ip' as const, value })),
+    ...(o.ips ?? []).map((value) => ({ type: 'ip' as const, value: hexOnlyIpv6(value) })),
     ...(o.uris ?? []).map((value) => ({ type: 'url' as const, value })),
   ];
+}
+
+/**
+ * @peculiar/x509 reads an IPv6 address as hex groups only: a dotted IPv4 tail went into the certificate
+ * as other bytes (::ffff:10.0.0.1 as ::ffff:10, 2001:db8::1.2.3.4 as 2001:db8::1, another host), so the
+ * tail is written as the two hex groups it stands for.
+ */
+function hexOnlyIpv6(ip: string): string {
+  const dotted = /^(.*:)(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(ip);
+  if (!dotted || isIP(ip) !== 6) return ip;
+  const [a, b, c, d] = dotted.slice(2).map(Number) as [number, number, number, number];
+  const group = (high: number, low: number) => ((high << 8) | low).toString(16);
+  return `${dotted[1]}${group(a, b)}:${group(c, d)}`;
 }
 
 function subjectName(commonName: string, organizationalUnit?: string): x509.JsonName {
