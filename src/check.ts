@@ -8,7 +8,7 @@ import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
 import { loadTlsMaterialSync, validTo, type TlsMaterial } from './tls-material.js';
 import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
-import { commonName, issuedBy, nameOf, subjectCn, unanchoredCaMessage, unanchoredCas } from './tls-checks.js';
+import { caValidity, commonName, issuedBy, nameOf, subjectCn, unanchoredCaMessage, unanchoredCas } from './tls-checks.js';
 
 export type FindingLevel = 'ok' | 'warn' | 'fail' | 'info';
 
@@ -89,15 +89,20 @@ function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
     if (unanchored.has(ca)) findings.push({ level: 'warn', text: unanchoredCaMessage(ca, m.files.clientCa) });
     const shared = serverIssuerNote(ca, m);
     if (shared) findings.push(shared);
-    const expired = validTo(ca) <= now;
-    findings.push({
-      level: expired ? 'warn' : 'info',
-      text: expired
-        ? `client CA ${subjectCn(ca)} expired on ${validTo(ca).toISOString()}: its clients are refused`
-        : `client CA ${subjectCn(ca)}, valid until ${validTo(ca).toISOString()} (${timeLeft(validTo(ca), now)} left)`,
-    });
+    findings.push(clientCaValidityFinding(ca, now));
   }
   return findings;
+}
+
+function clientCaValidityFinding(ca: X509Certificate, now: Date): Finding {
+  switch (caValidity(ca, now)) {
+    case 'expired':
+      return { level: 'warn', text: `client CA ${subjectCn(ca)} expired on ${validTo(ca).toISOString()}: its clients are refused` };
+    case 'not yet valid':
+      return { level: 'warn', text: `client CA ${subjectCn(ca)} is not valid before ${new Date(ca.validFrom).toISOString()}: its clients are refused until then (check the clock)` };
+    case 'valid':
+      return { level: 'info', text: `client CA ${subjectCn(ca)}, valid until ${validTo(ca).toISOString()} (${timeLeft(validTo(ca), now)} left)` };
+  }
 }
 
 function crlFindings(m: TlsMaterial, now: Date): Finding[] {

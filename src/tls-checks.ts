@@ -86,12 +86,26 @@ function checkServerChain(chain: readonly X509Certificate[], path: string, now: 
   }
 }
 
-/** One expired CA among several may be a rotation leftover; all expired means no client can connect. */
+/**
+ * One CA outside its validity among several may be a rotation leftover or the next CA; none within it means
+ * no client can connect: OpenSSL refuses a chain whose CA has expired or is not valid yet (CERT_NOT_YET_VALID,
+ * which names no CA, so the clients' own certificates get the blame).
+ */
 function checkClientCaValidity(cas: readonly X509Certificate[], path: string, now: Date): void {
-  if (cas.length > 0 && cas.every((ca) => new Date(ca.validTo) <= now)) {
-    const first = cas[0]!;
-    throw new TlsMaterialError(`--mtls_client_ca: ${path}: every CA has expired (${subjectCn(first)} on ${new Date(first.validTo).toISOString()}); no client certificate can verify (renew the CA; \`ovms-mtls certs init --force\` makes a new dev set)`);
+  if (cas.length === 0 || cas.some((ca) => caValidity(ca, now) === 'valid')) return;
+  const early = cas.find((ca) => caValidity(ca, now) === 'not yet valid');
+  if (early) {
+    throw new TlsMaterialError(
+      `--mtls_client_ca: ${path}: no CA is valid yet (${subjectCn(early)} is not valid before ${new Date(early.validFrom).toISOString()}); every client is refused until then (check the clock of this machine and of the one that made the CA)`,
+    );
   }
+  const first = cas[0]!;
+  throw new TlsMaterialError(`--mtls_client_ca: ${path}: every CA has expired (${subjectCn(first)} on ${new Date(first.validTo).toISOString()}); no client certificate can verify (renew the CA; \`ovms-mtls certs init --force\` makes a new dev set)`);
+}
+
+export function caValidity(ca: X509Certificate, now: Date): 'valid' | 'expired' | 'not yet valid' {
+  if (new Date(ca.validTo) <= now) return 'expired';
+  return new Date(ca.validFrom) > now ? 'not yet valid' : 'valid';
 }
 
 function readCrls(pem: string, path: string): CrlInfo[] {

@@ -110,6 +110,20 @@ describe('ovms-mtls check', () => {
     assert.doesNotMatch(withRoot.stdout, /without its root/);
   });
 
+  // OpenSSL refuses every client of a CA not valid yet, as CERT_NOT_YET_VALID; check said OK ("valid until ... left").
+  test('a client CA not valid yet (made on a machine whose clock is ahead) is refused alone, and reported next to a valid one', async () => {
+    const early = await createCa({ commonName: 'ovms-mtls test future CA', notBefore: new Date(Date.now() + DAY_MS), days: 30 });
+    const alone = await write('future_ca.pem', early.certPem);
+    await assertRefused(
+      { ...goodFiles(), clientCa: alone, crl: undefined },
+      /--mtls_client_ca: \S+future_ca\.pem: no CA is valid yet \(ovms-mtls test future CA is not valid before \S+\); every client is refused until then \(check the clock/,
+    );
+    const next = await write('current_and_future_ca.pem', pki.clientCa.certPem + early.certPem);
+    const both = await runCli(['check', ...flags({ ...goodFiles(), clientCa: next, crl: undefined })]);
+    assert.equal(both.code, 0, both.stdout + both.stderr);
+    assert.match(both.stdout, /^WARN +client CA ovms-mtls test future CA is not valid before \S+: its clients are refused until then \(check the clock\)$/m);
+  });
+
   test('an expired CRL is reported, since it would lock every client out', async () => {
     const expired = await createCrl({ issuer: pki.clientCa, thisUpdate: new Date(Date.now() - 3 * DAY_MS), nextUpdate: new Date(Date.now() - DAY_MS) });
     const crl = await write('expired.crl', expired);
