@@ -32,6 +32,8 @@ export interface HandshakeResult {
   readonly ok: boolean;
   readonly detail: string;
   readonly diagnosis?: Diagnosis;
+  /** The protocol the server chose by ALPN ('' for none), once the handshake succeeded. */
+  readonly alpn?: string;
 }
 
 // The TLS alerts a server sends when it refuses the client certificate, as OpenSSL names them in its messages.
@@ -152,7 +154,7 @@ export function tlsHandshake(target: TlsTarget): Promise<HandshakeResult> {
       secured = true;
       if (socket.alpnProtocol !== 'h2') socket.write(`HEAD /v2/health/live HTTP/1.1\r\nHost: ${target.servername}\r\nConnection: close\r\n\r\n`);
     });
-    socket.once('data', () => finish({ ok: true, detail: describeSession(socket) }));
+    socket.once('data', () => finish({ ok: true, detail: describeSession(socket), alpn: socket.alpnProtocol || '' }));
     socket.on('error', fail);
     socket.on('close', () => {
       if (secured) finish({ ok: false, detail: 'closed by the server', diagnosis: refusedAfterHandshake() });

@@ -7,7 +7,7 @@ import { request as httpsRequest } from 'node:https';
 import { isIP } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { kserveClient, unary, type KserveClient } from './demo/grpc-client.js';
-import { dropIpSniWarning, serverNameOptions, tlsHandshake, type Diagnosis, type TlsTarget } from './probe-tls.js';
+import { dropIpSniWarning, serverNameOptions, tlsHandshake, type Diagnosis, type HandshakeResult, type TlsTarget } from './probe-tls.js';
 import { hostAndPort } from './addresses.js';
 import { REFUSAL_PREFIX } from './refusal-answer.js';
 
@@ -52,10 +52,10 @@ function target(options: ProbeOptions, port: number): TlsTarget {
   return { host: options.host, port, servername: options.servername ?? options.host, cert: options.cert, key: options.key, ca: options.ca, timeoutMs: options.timeoutMs };
 }
 
-async function handshakeStep(options: ProbeOptions, port: number, listener: StepResult['listener'], report: Report): Promise<boolean> {
+async function handshakeStep(options: ProbeOptions, port: number, listener: StepResult['listener'], report: Report): Promise<HandshakeResult> {
   const result = await tlsHandshake(target(options, port));
-  report({ listener, step: `TLS handshake with ${hostAndPort(options.host, port)}`, ...result });
-  return result.ok;
+  report({ listener, step: `TLS handshake with ${hostAndPort(options.host, port)}`, ok: result.ok, detail: result.detail, diagnosis: result.diagnosis });
+  return result;
 }
 
 // ---------------------------------------------------------------- gRPC
@@ -100,8 +100,21 @@ function grpcClient(options: ProbeOptions, port: number): KserveClient {
   return kserveClient(hostAndPort(options.host, port), credentials, options.servername ? { 'grpc.ssl_target_name_override': options.servername } : {});
 }
 
+/**
+ * gRPC runs on HTTP/2 only, and a TLS client gets it only when the server picks h2 by ALPN (grpc-js and
+ * grpc-go refuse the connection otherwise): a server that did not is no gRPC port, whatever it serves.
+ */
+function withoutHttp2(alpn: string): StepResult {
+  return {
+    listener: 'grpc', step: 'gRPC over HTTP/2', ok: false, detail: `ALPN ${alpn || 'none'}`,
+    diagnosis: { layer: 'protocol', cause: `the server did not agree to HTTP/2 in the TLS handshake (ALPN ${alpn ? `chose ${alpn}` : 'chose nothing'}), which gRPC needs: is --port an HTTP/1.1 or REST port? (use --rest_port for it)` },
+  };
+}
+
 async function probeGrpc(options: ProbeOptions, port: number, report: Report): Promise<void> {
-  if (!(await handshakeStep(options, port, 'grpc', report))) return;
+  const handshake = await handshakeStep(options, port, 'grpc', report);
+  if (!handshake.ok) return;
+  if (handshake.alpn !== 'h2') return report(withoutHttp2(handshake.alpn ?? ''));
   const client = grpcClient(options, port);
   const deadline = () => ({ deadline: Date.now() + options.timeoutMs });
   try {
@@ -190,7 +203,7 @@ async function restStep(options: ProbeOptions, port: number, path: string, what:
 }
 
 async function probeRest(options: ProbeOptions, port: number, report: Report): Promise<void> {
-  if (!(await handshakeStep(options, port, 'rest', report))) return;
+  if (!(await handshakeStep(options, port, 'rest', report)).ok) return;
   const ready = await restStep(options, port, '/v2/health/ready', 'server', report);
   if (ready && options.model) await restStep(options, port, `/v2/models/${encodeURIComponent(options.model)}`, 'model', report);
 }

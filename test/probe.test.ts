@@ -170,6 +170,24 @@ describe('probe', () => {
     }
   });
 
+  // Before: 'upstream layer: the proxy accepted the client but could not reach a ready model server: No connection established. Last error: Protocol error'.
+  test('gRPC against a TLS server that does not pick HTTP/2 (an HTTP/1.1 server, or one without ALPN) is the protocol layer, not the upstream', async () => {
+    const answer = (socket: import('node:tls').TLSSocket) => socket.once('data', () => socket.end('HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n'));
+    for (const ALPNProtocols of [['http/1.1'], undefined]) {
+      const { server, port } = await bareTlsServer({ ALPNProtocols }, answer);
+      try {
+        const { code, out } = await probe(['--port', String(port), ...clientFlags()]);
+        assert.equal(code, 1);
+        assert.match(out, /^ok +grpc +TLS handshake/m);
+        const alpn = ALPNProtocols ? 'chose http/1[.]1' : 'chose nothing';
+        assert.match(out, new RegExp(`^FAIL +grpc +gRPC over HTTP/2: ALPN \\S+\n {6}-> protocol layer: the server did not agree to HTTP/2 in the TLS handshake \\(ALPN ${alpn}\\), which gRPC needs: is --port an HTTP/1\\.1 or REST port\\?`, 'm'));
+        assert.doesNotMatch(out, /upstream layer/);
+      } finally {
+        server.close();
+      }
+    }
+  });
+
   test('a server that finishes the handshake and then says nothing is the protocol layer, not the network', async () => {
     const held: import('node:tls').TLSSocket[] = [];
     const { server, port } = await bareTlsServer({ ca: pki.clientCa.certPem, requestCert: true, rejectUnauthorized: true, ALPNProtocols: ['http/1.1'] }, (socket) => held.push(socket));
