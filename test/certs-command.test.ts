@@ -125,6 +125,35 @@ describe('certs init', () => {
     assert.equal(cert.checkIP('2001:db8::1'), undefined);
   });
 
+  // Before: '--server_name "bücher.example" is not a valid DNS name' with no way forward.
+  test('a name in another script goes in as the A-label clients match, and Python verifies the server by its Unicode name', async () => {
+    const dir = freshDir();
+    await certsInit({ dir, serverName: 'bücher.example', san: ['DNS:日本.jp'] });
+    const [certPem, keyPem] = await Promise.all([readFile(join(dir, CERT_FILES.serverCert)), readFile(join(dir, CERT_FILES.serverKey))]);
+    assert.equal(new X509Certificate(certPem).subjectAltName, 'DNS:xn--bcher-kva.example, DNS:xn--wgv71a.jp');
+    const server = tls.createServer({ cert: certPem, key: keyPem }, (socket) => socket.end());
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    let python: ReturnType<typeof spawn> | undefined;
+    try {
+      const { port } = server.address() as AddressInfo;
+      const script = [
+        'import socket, ssl, sys',
+        'context = ssl.create_default_context(cafile=sys.argv[1])',
+        'for name in ("bücher.example", "日本.jp"):',
+        '    context.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[2]))), server_hostname=name).close()',
+      ].join('\n');
+      python = spawn('/usr/bin/python3', ['-c', script, join(dir, CERT_FILES.serverCaCert), String(port)], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let stderr = '';
+      python.stderr!.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+      const [code] = (await once(python, 'exit')) as [number | null];
+      assert.equal(code, 0, stderr);
+    } finally {
+      python?.kill();
+      server.close();
+    }
+  });
+
   test('adds no loopback addresses for another server name and uses an IP server name as an IP SAN', async () => {
     const named = freshDir();
     await certsInit({ dir: named, serverName: 'ovms.internal' });

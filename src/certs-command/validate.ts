@@ -1,5 +1,6 @@
 /** Checks of `ovms-mtls certs` options: each failure is a one-line ConfigError naming the flag. */
 import { isIP } from 'node:net';
+import { domainToASCII } from 'node:url';
 import { ConfigError } from '../errors.js';
 import { KEY_KINDS, type KeyKind } from '../x509.js';
 
@@ -38,13 +39,18 @@ export function serverSubjectAltNames(serverName: string, extra: string[]): { dn
   return { dns: [...dns], ips: [...ips] };
 }
 
+/**
+ * A name in another script (bücher.example) is returned as its A-label (xn--bcher-kva.example): a certificate
+ * holds only those (RFC 5280 7.2), and that is the name curl, browsers and Python's idna codec look up and match.
+ */
 export function checkDnsName(value: string, what: string): string {
   const label = '[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?';
   const hostname = new RegExp(`^(\\*\\.)?${label}(\\.${label})*\\.?$`);
-  if (value.length > 253 || !hostname.test(value)) {
-    throw new ConfigError(`${what} "${value}" is not a valid DNS name (letters, digits, '-', '.', optional leading '*.')`);
+  const name = /[^\x00-\x7f]/.test(value) ? domainToASCII(value) : value;
+  if (name.length > 253 || !hostname.test(name)) {
+    throw new ConfigError(`${what} "${value}" is not a valid DNS name (letters, digits, '-', '.', optional leading '*.'; letters of any script)`);
   }
-  return value;
+  return name;
 }
 
 // RFC 3986's characters (unreserved, reserved, '%'). A URI SAN is an IA5String: a non-ASCII byte makes Go's
