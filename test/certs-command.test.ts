@@ -164,7 +164,7 @@ describe('certs init', () => {
   });
 
   test('rejects malformed --san entries before writing anything', async () => {
-    for (const san of ['ovms.example.com', 'IP:999.1.1.1', 'DNS:bad name', 'URI:spiffe://x', 'DNS:']) {
+    for (const san of ['ovms.example.com', 'IP:999.1.1.1', 'DNS:bad name', 'URI:spiffe://x', 'DNS:', 'DNS:bü\tcher.example', 'DNS:bü cher.example']) {
       const dir = freshDir();
       await assert.rejects(certsInit({ dir, san: [san] }), configError(/--san .*expected DNS:<name> or IP:<address>|--san .*not a valid DNS name/));
       await assert.rejects(stat(dir), { code: 'ENOENT' });

@@ -46,7 +46,8 @@ export function serverSubjectAltNames(serverName: string, extra: string[]): { dn
 export function checkDnsName(value: string, what: string): string {
   const label = '[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?';
   const hostname = new RegExp(`^(\\*\\.)?${label}(\\.${label})*\\.?$`);
-  const name = /[^\x00-\x7f]/.test(value) ? domainToASCII(value) : value;
+  // domainToASCII drops tabs and newlines inside a name: one with them stays as given, and is refused.
+  const name = /\P{ASCII}/u.test(value) && !/[\p{Cc}\s]/u.test(value) ? domainToASCII(value) : value;
   if (name.length > 253 || !hostname.test(name)) {
     throw new ConfigError(`${what} "${value}" is not a valid DNS name (letters, digits, '-', '.', optional leading '*.'; letters of any script)`);
   }
