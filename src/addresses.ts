@@ -1,5 +1,6 @@
-/** How IP addresses are written where a user or a model server reads them. */
+/** How IP addresses and host names are written where a user or a model server reads them. */
 import { isIPv4, isIPv6 } from 'node:net';
+import { domainToASCII } from 'node:url';
 
 /**
  * `host:port` as RFC 3986 writes an authority: an IPv6 address in brackets
@@ -30,4 +31,14 @@ export function clientAddress(address: string | undefined): string | undefined {
   if (address === undefined || !address.startsWith(IPV4_MAPPED)) return address;
   const ipv4 = address.slice(IPV4_MAPPED.length);
   return isIPv4(ipv4) ? ipv4 : address;
+}
+
+/**
+ * A host name in another script (bücher.example) as its A-label (xn--bcher-kva.example): a
+ * certificate holds only those (RFC 5280 7.2), and they are what clients look up and match. An
+ * ASCII name, and one with white space or a control character, which domainToASCII would drop
+ * silently, come back as given, for the caller to refuse; '' for one it cannot convert.
+ */
+export function aLabel(name: string): string {
+  return /\P{ASCII}/u.test(name) && !/[\p{Cc}\s]/u.test(name) ? domainToASCII(name) : name;
 }

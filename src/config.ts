@@ -3,7 +3,7 @@ import { availableParallelism } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { posix } from 'node:path';
 import { ConfigError } from './errors.js';
-import { clientAddress, unbracketed } from './addresses.js';
+import { aLabel, clientAddress, unbracketed } from './addresses.js';
 import type { RawOptions } from './options.js';
 import type { LevelWithSilent } from 'pino';
 import { LOG_LEVELS } from './log.js';
@@ -355,7 +355,7 @@ export function parseAllowList(raw: RawOptions): AllowList {
     cn: allowRules(raw, 'mtls_allow_cn'),
     ou: allowRules(raw, 'mtls_allow_ou'),
     // DNS names are case-insensitive (RFC 4343): isAllowed compares lower case.
-    dns: allowRules(raw, 'mtls_allow_dns').map((name) => name.toLowerCase()),
+    dns: allowRules(raw, 'mtls_allow_dns').map(dnsRule),
     uri: allowRules(raw, 'mtls_allow_uri'),
     fingerprint: allowRules(raw, 'mtls_allow_fingerprint').map((f) => normalizeFingerprint(f)),
   };
@@ -373,6 +373,16 @@ function allowRules(raw: RawOptions, name: string): string[] {
     throw new ConfigError(`${flag(name)} was given without a value; an empty allow-list would admit every client the CA vouches for (give a value, or leave the option out)`);
   }
   return rules;
+}
+
+/**
+ * A DNS rule in any case, and in another script as the A-label certificates hold (`certs` writes
+ * bücher.example as xn--bcher-kva.example): given as written, it matched no certificate.
+ */
+function dnsRule(name: string): string {
+  const ascii = aLabel(name);
+  if (ascii === '') throw new ConfigError(`--mtls_allow_dns: '${name}' is not a host name (no IDNA form)`);
+  return ascii.toLowerCase();
 }
 
 function normalizeFingerprint(value: string): string {

@@ -133,6 +133,20 @@ describe('allow-lists', () => {
     });
   });
 
+  test('--mtls_allow_dns in another script matches the A-label a certificate holds (certs writes bücher.example so); a name with no IDNA form is refused', async () => {
+    const allow = parseAllowList({ mtls_allow_dns: ['Bücher.example'] });
+    assert.deepEqual(allow.dns, ['xn--bcher-kva.example']);
+    const [books, other] = await Promise.all([
+      issueClientCert({ issuer: pki.clientCa, commonName: 'books', dns: ['xn--bcher-kva.example'] }),
+      issueClientCert({ issuer: pki.clientCa, commonName: 'other', dns: ['bucher.example'] }),
+    ]);
+    await withProxy({ allow }, async (front) => {
+      assert.equal(await attempt(front, books), 'accepted');
+      assert.equal(await attempt(front, other), 'not_allowed');
+    });
+    assert.throws(() => parseAllowList({ mtls_allow_dns: ['bü\u00adß\u200b.example\uFFFF'] }), /--mtls_allow_dns: '.*' is not a host name/);
+  });
+
   test('the CN and OUs are the attributes themselves: not text inside another value, also in a multi-valued RDN, the last CN when there are several', async () => {
     const subject = async (subj: string) => {
       const made = await runCommand('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', '/dev/null', '-subj', subj, '-multivalue-rdn', '-days', '1']);

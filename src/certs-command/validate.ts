@@ -1,7 +1,7 @@
 /** Checks of `ovms-mtls certs` options: each failure is a one-line ConfigError naming the flag. */
 import { isIP } from 'node:net';
-import { domainToASCII } from 'node:url';
 import { ConfigError } from '../errors.js';
+import { aLabel } from '../addresses.js';
 import { KEY_KINDS, type KeyKind } from '../x509.js';
 
 // Files of the PKI itself, which `certs client --name` must not overwrite.
@@ -46,8 +46,7 @@ export function serverSubjectAltNames(serverName: string, extra: string[]): { dn
 export function checkDnsName(value: string, what: string): string {
   const label = '[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?';
   const hostname = new RegExp(`^(\\*\\.)?${label}(\\.${label})*\\.?$`);
-  // domainToASCII drops tabs and newlines inside a name: one with them stays as given, and is refused.
-  const name = /\P{ASCII}/u.test(value) && !/[\p{Cc}\s]/u.test(value) ? domainToASCII(value) : value;
+  const name = aLabel(value);
   if (name.length > 253 || !hostname.test(name)) {
     throw new ConfigError(`${what} "${value}" is not a valid DNS name (letters, digits, '-', '.', optional leading '*.'; letters of any script)`);
   }
