@@ -22,6 +22,13 @@ export const CANCEL_SENT_MS = 2000;
 /** Headers that must not cross an HTTP/2 hop; `session.request` throws on them. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'http2-settings', 'host']);
 
+/**
+ * The one connection-specific field nghttp2 lets through in a response or trailers it receives
+ * (it drops the stream on the others), and on which Node's respond() and sendTrailers() throw
+ * ERR_HTTP2_INVALID_CONNECTION_HEADERS: thrown in an event handler, that ended the process.
+ */
+const CONNECTION_SPECIFIC_RECEIVED = 'http2-settings';
+
 export interface GrpcForwarderOptions {
   readonly upstream: HostPort;
   readonly limits: Limits;
@@ -118,6 +125,14 @@ export function separateRepeated(headers: IncomingHttpHeaders, raw: readonly str
     if (values.length > 1 && values.join(', ') === joined) (out ??= { ...headers })[name] = values;
   }
   return out ?? headers;
+}
+
+/** The model server's response headers or trailers as the client's stream can send them. */
+function forClient(headers: IncomingHttpHeaders): IncomingHttpHeaders {
+  if (headers[CONNECTION_SPECIFIC_RECEIVED] === undefined) return headers;
+  const out = { ...headers };
+  delete out[CONNECTION_SPECIFIC_RECEIVED];
+  return out;
 }
 
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ConnectionContext): OutgoingHttpHeaders {
@@ -298,9 +313,9 @@ class GrpcCall {
     }
     this.#upstream = upstream;
     upstream.on('error', (err) => this.#onUpstreamError(err));
-    upstream.on('response', (headers, flags, raw?: string[]) => this.#onResponse(separateRepeated(headers, raw), flags));
+    upstream.on('response', (headers, flags, raw?: string[]) => this.#onResponse(forClient(separateRepeated(headers, raw)), flags));
     upstream.on('trailers', (received, _flags, raw?: string[]) => {
-      const trailers = separateRepeated(received, raw);
+      const trailers = forClient(separateRepeated(received, raw));
       this.#trailers = trailers;
       this.#outcome.grpcStatus = trailers['grpc-status'] as string | undefined;
       this.#upstreamDone = true;
