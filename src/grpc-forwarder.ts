@@ -127,6 +127,11 @@ export function separateRepeated(headers: IncomingHttpHeaders, raw: readonly str
   return out ?? headers;
 }
 
+/** A final status Node's respond() sends (RFC 9110 15: 1xx are interim, none goes past 599). */
+function sendableStatus(status: number): boolean {
+  return status >= 200 && status <= 599;
+}
+
 /** The model server's response headers or trailers as the client's stream can send them. */
 function forClient(headers: IncomingHttpHeaders): IncomingHttpHeaders {
   if (headers[CONNECTION_SPECIFIC_RECEIVED] === undefined) return headers;
@@ -345,6 +350,10 @@ class GrpcCall {
     const upstream = this.#upstream!;
     this.#outcome.status = Number(headers[':status']);
     if (client.closed || client.destroyed) return;
+    if (!sendableStatus(this.#outcome.status)) {
+      this.#refuseStatus(upstream);
+      return;
+    }
     if (flags & NGHTTP2_FLAG_END_STREAM) {
       // Trailers-Only: one HEADERS frame carrying the status; keep it that way (FINDINGS).
       this.#upstreamDone = true;
@@ -357,6 +366,16 @@ class GrpcCall {
     }
     client.respond(headers, { waitForTrailers: true });
     this.#unforwardResponse = forward(upstream, client, this.#options.limits.streamWindow, (n) => (this.#outcome.bytesOut += n));
+  }
+
+  /**
+   * nghttp2 takes any three digits for a status; Node's respond() throws on one past 599, and
+   * thrown in the 'response' handler that ended the process. The call fails alone.
+   */
+  #refuseStatus(upstream: ClientHttp2Stream): void {
+    const status = this.#outcome.status;
+    this.#finishWithStatus(GRPC_STATUS.INTERNAL, `${this.#where()} answered with HTTP status ${status}, which is no HTTP response status`, 'bad_response');
+    upstream.close(NGHTTP2_CANCEL);
   }
 
   #onUpstreamError(err: unknown): void {

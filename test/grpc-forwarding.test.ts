@@ -504,6 +504,20 @@ describe('grpc upstream failures', () => {
     });
   });
 
+  test('a model server answer with an HTTP status past 599 (nghttp2 takes any three digits) fails that call with INTERNAL naming it, where respond() threw and ended the process', NOT_FOR_EVER, async () => {
+    const status = (code: string) => (id: number) => h2Frame(0x1, 0x5, id, Buffer.concat([literalField(':status', code), literalField('grpc-status', '0')]));
+    await callEach({ '/t.S/Status994': status('994'), '/t.S/Status600': status('600'), '/t.S/Fine': status('200') }, async (path, res, local) => {
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === path);
+      if (path === '/t.S/Fine') {
+        assert.equal(res.headers['grpc-status'], '0');
+        return;
+      }
+      assert.equal(res.headers['grpc-status'], String(grpc.status.INTERNAL), path);
+      assert.match(String(res.headers['grpc-message']), /answered with HTTP status (994|600), which is no HTTP response status/);
+      assert.equal(line.error, 'bad_response');
+    });
+  });
+
   test('a stream the upstream ends without a gRPC status while the client still sends (as on ModelStreamInfer) is INTERNAL with our message, logged upstream_no_status, not client_cancelled', NOT_FOR_EVER, async () => {
     // A message, then DATA with END_STREAM and no trailers; the proxy's request side stays open meanwhile.
     const scripted = await framedH2cUpstream((id) => Buffer.concat([h2Frame(0x1, 0x4, id, GRPC_RESPONSE_HEADER_BLOCK), h2Frame(0x0, 0, id, grpcFrame(Buffer.from('hi'))), h2Frame(0x0, 0x1, id)]));
