@@ -1,4 +1,5 @@
 import { test, before, after, describe } from 'node:test';
+import fc from 'fast-check';
 import assert from 'node:assert/strict';
 import { EventEmitter, once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
@@ -516,6 +517,34 @@ describe('grpc upstream failures', () => {
       assert.match(String(res.headers['grpc-message']), /answered with HTTP status (994|600), which is no HTTP response status/);
       assert.equal(line.error, 'bad_response');
     });
+  });
+
+  test('property: whatever status, header fields and trailers the model server sends, every call is answered and the proxy serves on', NOT_FOR_EVER, async () => {
+    const names = ['http2-settings', 'te', 'host', 'date', 'content-length', 'set-cookie', 'location', 'grpc-status', 'x-a', 'a-bin', ':status', ':path'];
+    const value = fc.string({ unit: fc.constantFrom('0', '5', 'a', ' ', ',', '-', '\t', '\u007f'), maxLength: 6 });
+    const fields = fc.array(fc.tuple(fc.constantFrom(...names), value), { maxLength: 4 });
+    const block = (list: [string, string][]) => Buffer.concat(list.map(([name, v]) => literalField(name, v)));
+    let answer: (id: number) => Buffer = () => Buffer.alloc(0);
+    const scripted = await framedH2cUpstream((id) => answer(id));
+    const local = await startTestProxy({ pki, upstream: { grpcPort: scripted.port } });
+    let session = h2Session(local.grpcPort, pki);
+    try {
+      await fc.assert(fc.asyncProperty(fc.integer({ min: 100, max: 999 }), fields, fields, fc.boolean(), async (status, head, trailers, trailersOnly) => {
+        answer = (id) => {
+          const response = block([[':status', String(status)], ['content-type', 'application/grpc'], ...head]);
+          const end = block([['grpc-status', '0'], ...trailers]);
+          if (trailersOnly) return h2Frame(0x1, 0x5, id, Buffer.concat([response, end]));
+          return Buffer.concat([h2Frame(0x1, 0x4, id, response), h2Frame(0x0, 0, id, grpcFrame(Buffer.from('hi'))), h2Frame(0x1, 0x5, id, end)]);
+        };
+        if (session.closed || session.destroyed) session = h2Session(local.grpcPort, pki);
+        // A reset or an answer both count: what must not happen is no answer, or the process ending.
+        await h2Request(session, { ...ECHO_UNARY_HEADERS }, grpcFrame(Buffer.alloc(1))).catch(() => undefined);
+      }), { numRuns: 200 });
+    } finally {
+      session.close();
+      await local.proxy.shutdown(1000);
+      scripted.close();
+    }
   });
 
   test('a stream the upstream ends without a gRPC status while the client still sends (as on ModelStreamInfer) is INTERNAL with our message, logged upstream_no_status, not client_cancelled', NOT_FOR_EVER, async () => {
