@@ -6,7 +6,7 @@
 import type { X509Certificate } from 'node:crypto';
 import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
-import { loadTlsMaterialSync, validTo, type TlsMaterial } from './tls-material.js';
+import { loadTlsMaterialSync, validFrom, validTo, type TlsMaterial } from './tls-material.js';
 import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
 import { caValidity, commonName, issuedBy, nameOf, subjectCn, unanchoredCaMessage, unanchoredCas } from './tls-checks.js';
 
@@ -99,7 +99,7 @@ function clientCaValidityFinding(ca: X509Certificate, now: Date): Finding {
     case 'expired':
       return { level: 'warn', text: `client CA ${subjectCn(ca)} expired on ${validTo(ca).toISOString()}: its clients are refused` };
     case 'not yet valid':
-      return { level: 'warn', text: `client CA ${subjectCn(ca)} is not valid before ${new Date(ca.validFrom).toISOString()}: its clients are refused until then (check the clock)` };
+      return { level: 'warn', text: `client CA ${subjectCn(ca)} is not valid before ${validFrom(ca).toISOString()}: its clients are refused until then (check the clock)` };
     case 'valid':
       return { level: 'info', text: `client CA ${subjectCn(ca)}, valid until ${validTo(ca).toISOString()} (${timeLeft(validTo(ca), now)} left)` };
   }

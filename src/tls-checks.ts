@@ -43,18 +43,27 @@ export function nameOf(cert: X509Certificate, which: 'subject' | 'issuer'): stri
   return (cert[which] as string | undefined) ?? '';
 }
 
+/** How messages name an empty subject or issuer. */
+export const EMPTY_NAME = '(empty name)';
+
 /** The CN of a distinguished name as Node prints it (one RDN a line), else the whole name on one line. */
 export function commonName(dn: string): string {
   if (dn === '') return EMPTY_NAME;
   return /(?:^|\n)CN=([^\n]*)/.exec(dn)?.[1] ?? dn.replace(/\n/g, ', ');
 }
 
-/** How messages name an empty subject or issuer. */
-export const EMPTY_NAME = '(empty name)';
-
 /** The whole name on one line, in certificate order (`CN=x, O=y` as Node lists it). */
 export function oneLineName(cert: X509Certificate, which: 'subject' | 'issuer'): string {
   return nameOf(cert, which).replace(/\n/g, ', ') || EMPTY_NAME;
+}
+
+/** `validTo` parsed; Node 20 has no `validToDate`. */
+export function validTo(cert: X509Certificate): Date {
+  return new Date(cert.validTo);
+}
+
+export function validFrom(cert: X509Certificate): Date {
+  return new Date(cert.validFrom);
 }
 
 export function subjectCn(cert: X509Certificate): string {
@@ -80,8 +89,8 @@ function checkServerChain(chain: readonly X509Certificate[], path: string, now: 
         `--mtls_cert: ${path}: certificate #${i + 1} (${subjectCn(parent)}) did not issue certificate #${i} (${subjectCn(child)}); put the server certificate first, then each CA in signing order`,
       );
     }
-    if (new Date(parent.validTo) <= now) {
-      throw new TlsMaterialError(`--mtls_cert: ${path}: chain certificate #${i + 1} (${subjectCn(parent)}) expired on ${new Date(parent.validTo).toISOString()} (replace it with the CA's current certificate)`);
+    if (validTo(parent) <= now) {
+      throw new TlsMaterialError(`--mtls_cert: ${path}: chain certificate #${i + 1} (${subjectCn(parent)}) expired on ${validTo(parent).toISOString()} (replace it with the CA's current certificate)`);
     }
   }
 }
@@ -96,16 +105,16 @@ function checkClientCaValidity(cas: readonly X509Certificate[], path: string, no
   const early = cas.find((ca) => caValidity(ca, now) === 'not yet valid');
   if (early) {
     throw new TlsMaterialError(
-      `--mtls_client_ca: ${path}: no CA is valid yet (${subjectCn(early)} is not valid before ${new Date(early.validFrom).toISOString()}); every client is refused until then (check the clock of this machine and of the one that made the CA)`,
+      `--mtls_client_ca: ${path}: no CA is valid yet (${subjectCn(early)} is not valid before ${validFrom(early).toISOString()}); every client is refused until then (check the clock of this machine and of the one that made the CA)`,
     );
   }
   const first = cas[0]!;
-  throw new TlsMaterialError(`--mtls_client_ca: ${path}: every CA has expired (${subjectCn(first)} on ${new Date(first.validTo).toISOString()}); no client certificate can verify (renew the CA; \`ovms-mtls certs init --force\` makes a new dev set)`);
+  throw new TlsMaterialError(`--mtls_client_ca: ${path}: every CA has expired (${subjectCn(first)} on ${validTo(first).toISOString()}); no client certificate can verify (renew the CA; \`ovms-mtls certs init --force\` makes a new dev set)`);
 }
 
 export function caValidity(ca: X509Certificate, now: Date): 'valid' | 'expired' | 'not yet valid' {
-  if (new Date(ca.validTo) <= now) return 'expired';
-  return new Date(ca.validFrom) > now ? 'not yet valid' : 'valid';
+  if (validTo(ca) <= now) return 'expired';
+  return validFrom(ca) > now ? 'not yet valid' : 'valid';
 }
 
 function readCrls(pem: string, path: string): CrlInfo[] {

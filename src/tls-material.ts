@@ -3,12 +3,12 @@ import { X509Certificate, constants as cryptoConstants, createPrivateKey, type K
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
 import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
-import { checkTrust, subjectCn } from './tls-checks.js';
+import { checkTrust, subjectCn, validFrom, validTo } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile, readRegularFileSync } from './regular-file.js';
 import { isEncryptedKey, notPemCertificate, notPemCrl, notPemKey } from './pem-shapes.js';
 
-export { subjectCn };
+export { subjectCn, validFrom, validTo };
 
 /** Everything a listener needs to build its TLS context, already validated. */
 export interface TlsMaterial {
@@ -142,15 +142,6 @@ function parseKey(pem: Buffer, path: string): KeyObject {
         : `--mtls_key: ${path} ${notPemKey(pem, path)}`,
     );
   }
-}
-
-/** `validTo` parsed; Node 20 has no `validToDate`. */
-export function validTo(cert: X509Certificate): Date {
-  return new Date(cert.validTo);
-}
-
-export function validFrom(cert: X509Certificate): Date {
-  return new Date(cert.validFrom);
 }
 
 function checkServerCert(cert: X509Certificate, path: string, now: Date): void {
