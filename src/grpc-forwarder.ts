@@ -2,7 +2,7 @@ import { constants, type ClientHttp2Session, type ClientHttp2Stream, type Incomi
 import type { HostPort, Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, statusForReset } from './grpc-status.js';
+import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, grpcTimeoutMs, statusForReset } from './grpc-status.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { UpstreamH2Sessions, isSessionRefusal } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
@@ -18,6 +18,9 @@ const { NGHTTP2_CANCEL, NGHTTP2_ENHANCE_YOUR_CALM, NGHTTP2_NO_ERROR, NGHTTP2_REF
  * (UpstreamH2Sessions.suspect).
  */
 export const CANCEL_SENT_MS = 2000;
+
+/** A reset after this share of the call's grpc-timeout is logged as its deadline passing. */
+const DEADLINE_SLACK = 0.9;
 
 /** Headers that must not cross an HTTP/2 hop; `session.request` throws on them. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'http2-settings', 'host']);
@@ -542,7 +545,17 @@ class GrpcCall {
 
   /** The client cancelled (RST_STREAM) or went away, unless we cut its connection (closedBy). */
   #clientLeft(): void {
-    this.#outcome.error ??= this.#context.closedBy ?? 'client_cancelled';
+    this.#outcome.error ??= this.#context.closedBy ?? this.#whyClientReset();
     this.#shared.cancels.count(this.#context);
+  }
+
+  /**
+   * A client resets its call with CANCEL both when told to and when its deadline passes; only
+   * the time tells them apart. A tenth of slack: our clock starts when the headers were read,
+   * a little after the client's.
+   */
+  #whyClientReset(): string {
+    const timeoutMs = grpcTimeoutMs(this.#headers['grpc-timeout']);
+    return timeoutMs !== undefined && elapsedMs(this.#outcome.started) >= timeoutMs * DEADLINE_SLACK ? 'client_deadline_exceeded' : 'client_cancelled';
   }
 }

@@ -55,3 +55,13 @@ export function grpcErrorHeaders(code: number, message: string): Record<string, 
     'grpc-message': encodeGrpcMessage(message),
   };
 }
+
+const TIMEOUT_UNIT_MS: Readonly<Record<string, number>> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 };
+
+/** A grpc-timeout value (1 to 8 digits and a unit, gRPC over HTTP/2) in milliseconds; undefined when absent or malformed. */
+export function grpcTimeoutMs(value: unknown): number | undefined {
+  if (typeof value !== 'string') return undefined;
+  const match = /^(\d{1,8})([HMSmun])$/.exec(value);
+  if (!match) return undefined;
+  return Number(match[1]) * TIMEOUT_UNIT_MS[match[2]!]!;
+}

@@ -607,6 +607,40 @@ describe('grpc upstream failures', () => {
     });
   });
 
+  test('a call whose client deadline passed is logged client_deadline_exceeded; one cancelled well before its grpc-timeout, client_cancelled', NOT_FOR_EVER, async () => {
+    const held = new Set<string>();
+    const onStream: OnH2cStream = (stream, headers) => {
+      if (!isCallTo(stream, headers, '/t.S/Hold')) return;
+      const id = String(headers['x-call']);
+      held.add(id);
+      stream.on('close', () => held.delete(id));
+    };
+    await behindH2cUpstream({ onStream }, async (local) => {
+      const client = new grpc.Client(local.grpcAddress, clientCredentials(pki));
+      const session = h2Session(local.grpcPort, pki);
+      try {
+        const metadata = new grpc.Metadata();
+        metadata.set('x-call', 'deadline');
+        const ended = new Promise<grpc.ServiceError | null>((resolve) =>
+          client.makeUnaryRequest('/t.S/Hold', (b: Buffer) => b, (b: Buffer) => b, Buffer.from('x'), metadata, { deadline: Date.now() + 300 }, (err) => resolve(err)));
+        assert.equal((await ended)?.code, grpc.status.DEADLINE_EXCEEDED);
+        const timedOut = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Hold');
+        assert.equal(timedOut.error, 'client_deadline_exceeded');
+
+        const cancelled = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Hold', 'grpc-timeout': '60S', 'x-call': 'cancel' });
+        cancelled.on('error', () => {});
+        cancelled.end(grpcFrame(Buffer.alloc(1)));
+        await eventually(() => held.has('cancel'), 'the call at the model server');
+        cancelled.close(constants.NGHTTP2_CANCEL);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Hold' && l !== timedOut);
+        assert.equal(line.error, 'client_cancelled');
+      } finally {
+        client.close();
+        session.destroy();
+      }
+    });
+  });
+
   test('a status the upstream sends before reading the whole request ends the client stream too, with RST_STREAM(NO_ERROR), and is logged', NOT_FOR_EVER, async (t) => {
     // As a server answers a message over its size limit: Trailers-Only at once, the request unread.
     const onStream = (stream: ServerHttp2Stream) => {
