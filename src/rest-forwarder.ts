@@ -560,9 +560,10 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#ended = true;
     if (this.givenUp) return;
     const res = this.#res;
-    const { code, message } = this.#describe(err);
+    const begun = res.headersSent || res.destroyed;
+    const { code, message } = this.#describe(err, begun);
     this.#stats.error ??= code;
-    if (res.headersSent || res.destroyed) {
+    if (begun) {
       cutShort(res);
       return;
     }
@@ -571,9 +572,15 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#stats.bytesOut += answerJson(res, 502, message);
   }
 
-  /** A head over the limit is named as the relay names it (undici's own words name neither the limit nor the option). */
-  #describe(err: Error): { code: string; message: string } {
-    if ((err as NodeJS.ErrnoException).code === 'UND_ERR_HEADERS_OVERFLOW') return { code: 'bad_response', message: responseHeadTooLargeMessage(this.#options.maxHeaderSize) };
+  /**
+   * A head over the limit is named as the relay names it (undici's own words name neither the limit nor the option).
+   * `begun`: the answer's head went out already.
+   */
+  #describe(err: Error, begun: boolean): { code: string; message: string } {
+    const { code } = err as NodeJS.ErrnoException;
+    if (code === 'UND_ERR_HEADERS_OVERFLOW') return { code: 'bad_response', message: responseHeadTooLargeMessage(this.#options.maxHeaderSize) };
+    // A body shorter than its Content-Length that the model server's close ended: undici names it so after a `connection: close` head, a closed socket otherwise.
+    if (begun && code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') return describeUpstreamError(this.#options.upstream, { code: 'UND_ERR_SOCKET' });
     return describeUpstreamError(this.#options.upstream, err);
   }
 }

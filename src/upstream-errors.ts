@@ -49,6 +49,8 @@ const UNDICI_CODES: ReadonlyMap<string, string> = new Map([
   ['UND_ERR_CONNECT_TIMEOUT', CONNECT_TIMEOUT],
   // The model server closed the connection: before answering, or the client would have been cut instead.
   ['UND_ERR_SOCKET', 'UPSTREAM_CLOSED'],
+  // undici's parser failing on a head with a Content-Length (one that is no number, or next to Transfer-Encoding).
+  ['UND_ERR_RES_CONTENT_LENGTH_MISMATCH', 'UPSTREAM_BAD_RESPONSE'],
 ]);
 
 /**
@@ -58,8 +60,16 @@ const UNDICI_CODES: ReadonlyMap<string, string> = new Map([
  */
 const UNDICI_BAD_RESPONSE = new Set(['bad response', 'bad upgrade']);
 
+/**
+ * undici's parser refusing what the model server sent (a status line or header line that is
+ * not HTTP/1.1, bare LF line ends): an HTTPParserError, whose code is undefined for most of
+ * them, so only its name tells. It was "failed (UPSTREAM_ERROR)", saying nothing.
+ */
+const isParserError = (err: unknown): boolean => err instanceof Error && err.name === 'HTTPParserError';
+
 function errorCode(err: unknown): string {
   const own = ownCode(err);
+  if (isParserError(err)) return 'UPSTREAM_BAD_RESPONSE';
   if (own === 'UND_ERR_SOCKET' && err instanceof Error && UNDICI_BAD_RESPONSE.has(err.message)) return 'UPSTREAM_BAD_RESPONSE';
   const code = own === undefined ? undefined : (UNDICI_CODES.get(own) ?? own);
   // A call waiting on a session that never connected is cancelled with the session's failure as its cause: name that.

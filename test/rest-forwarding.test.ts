@@ -509,6 +509,49 @@ describe('upstream answers (--mtls_rest_mode terminate)', () => {
       assert.equal(line.error, 'UPSTREAM_BAD_RESPONSE');
     }));
 
+  /** Heads undici's parser refuses, by request path; they were a 502 "failed (UPSTREAM_ERROR)" or naming undici's own code. */
+  const NOT_HTTP11: Record<string, string> = {
+    '/no-colon': 'HTTP/1.1 200 OK\r\nbad header line\r\ncontent-length: 2\r\n\r\nok',
+    '/bare-lf': 'HTTP/1.1 200 OK\ncontent-length: 2\n\nok',
+    '/length-not-a-number': 'HTTP/1.1 200 OK\r\ncontent-length: 2x\r\n\r\nok',
+    '/length-and-chunked': 'HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
+  };
+  const answerByPath = (answers: Record<string, string>) => (socket: Socket, first: Buffer): void => {
+    const path = /^[A-Z]+ (\S+)/.exec(first.toString('latin1'))![1]!;
+    socket.end(answers[path]);
+  };
+
+  test('a response that is not valid HTTP/1.1 (a header line without a colon, bare LF line ends, a Content-Length that is no number or next to Transfer-Encoding) gets a 502 saying so, logged UPSTREAM_BAD_RESPONSE', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: answerByPath(NOT_HTTP11) }, async (local, upstream) => {
+      const expected = `upstream 127.0.0.1:${upstream.port} sent a response that is not valid HTTP/1.1`;
+      const session = h2Session(local.restPort, pki);
+      try {
+        for (const path of Object.keys(NOT_HTTP11)) {
+          const res = await https1(local.restPort, pki, { path });
+          assert.equal(res.status, 502, path);
+          assert.equal(JSON.parse(res.body).error, expected, path);
+          const h2 = await h2Request(session, { ':method': 'GET', ':path': path });
+          assert.equal(h2.headers[':status'], 502, path);
+          assert.equal(JSON.parse(h2.body.toString()).error, expected, path);
+          const lines = () => local.logs.lines.filter((l) => l.event === 'access' && l.path === path);
+          await eventually(() => lines().length === 2, `two access lines for ${path}`);
+          assert.deepEqual(lines().map((l) => l.error), ['UPSTREAM_BAD_RESPONSE', 'UPSTREAM_BAD_RESPONSE'], path);
+        }
+      } finally {
+        session.destroy();
+      }
+    }));
+
+  test('a body shorter than its Content-Length, ended by the model server\'s close after `connection: close`, cuts the answer short and is logged UPSTREAM_CLOSED, as without that field', () =>
+    behindProxy({ pki, restMode: 'terminate', answer: answerByPath({ '/short': 'HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 100\r\n\r\nabc' }) }, async (local) => {
+      const socket = await openRaw(local.restPort, pki);
+      socket.write('GET /short HTTP/1.1\r\nhost: a\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.match(text, /^HTTP\/1\.1 200 OK\r\n[^]*content-length: 100\r\n[^]*\r\n\r\nabc$/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/short');
+      assert.equal(line.error, 'UPSTREAM_CLOSED');
+    }));
+
   test('a model server on an IPv6 address ([::1]) is reached', async () => {
     const server = createHttpServer((req, res) => res.end(`seen ${req.url}`));
     server.listen(0, '::1');
