@@ -242,6 +242,9 @@ export class Http1Reader {
     const end = data.indexOf(HEAD_END, Math.max(0, carried - 3));
     if (end < 0) {
       if (data.length > this.#maxHeadSize) throw this.#tooLarge();
+      // A peer that ends its lines with LF alone never sends CRLF CRLF: its head, refused once whole, would be waited
+      // for until the head timeout (a client's, answered 408) or for ever (the model server's, no timeout on an answer).
+      if (hasBareLineEnd(data, Math.max(0, carried - 1))) throw this.#bareLineEnd();
       return chunk.length;
     }
     if (end + 4 > this.#maxHeadSize) throw this.#tooLarge();
@@ -383,6 +386,10 @@ export class Http1Reader {
     return lineOf(this.#pending.take());
   }
 
+  #bareLineEnd(): FramingError {
+    return new FramingError(this.#kind === 'request' ? 400 : 502, BARE_LINE_END);
+  }
+
   #tooLarge(): FramingError {
     return this.#kind === 'request'
       ? new FramingError(431, requestHeadTooLargeMessage(this.#maxHeadSize))
@@ -408,11 +415,26 @@ function lineOf(bytes: Buffer): string {
   return line;
 }
 
+const BARE_LINE_END = 'header lines must end with CRLF (bare CR or LF found)';
+
+/**
+ * A line end other than CRLF in `data` from `from` on: an LF without its CR, or a CR followed by
+ * anything but LF (a CR last in `data` may still get its LF in the next read).
+ */
+function hasBareLineEnd(data: Buffer, from: number): boolean {
+  for (let i = from; i < data.length; i++) {
+    const byte = data[i];
+    if (byte === LF && (i === 0 || data[i - 1] !== CR)) return true;
+    if (byte === CR && i + 1 < data.length && data[i + 1] !== LF) return true;
+  }
+  return false;
+}
+
 /** The lines of a head's text (CRLF CRLF included), without their CRLFs. */
 function splitHead(text: string): string[] {
   const lines = text.slice(0, -4).split('\r\n');
   for (const line of lines) {
-    if (line.includes('\n') || line.includes('\r')) throw new FramingError(400, 'header lines must end with CRLF (bare CR or LF found)');
+    if (line.includes('\n') || line.includes('\r')) throw new FramingError(400, BARE_LINE_END);
   }
   return lines;
 }

@@ -195,6 +195,9 @@ const REFUSED_REQUESTS: readonly [string, string, number, RegExp][] = [
   ['a no-break space after chunked', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\xa0\r\n\r\n0\r\n\r\n', 501, /only chunked/],
   ['a bare LF ending a header line', 'GET / HTTP/1.1\nhost: a\r\n\r\n', 400, /bare CR or LF/],
   ['a bare CR inside a header line', 'GET / HTTP/1.1\r\nhost: a\rb\r\n\r\n', 400, /bare CR or LF/],
+  // No CRLF CRLF ever comes: refused as soon as the bare line end arrives, not waited for.
+  ['a head whose lines all end with a bare LF', 'GET / HTTP/1.1\nhost: a\n\n', 400, /bare CR or LF/],
+  ['a head whose lines all end with a bare CR', 'GET / HTTP/1.1\rhost: a\r\r', 400, /bare CR or LF/],
   ['a folded header line', 'GET / HTTP/1.1\r\nx-a: 1\r\n 2\r\n\r\n', 400, /obs-fold/],
   ['white space before the colon', 'GET / HTTP/1.1\r\nhost : a\r\n\r\n', 400, /malformed header line/],
   ['a NUL in a value', 'GET / HTTP/1.1\r\nx-a: a\0b\r\n\r\n', 400, /control character/],
@@ -239,6 +242,7 @@ const REFUSED_RESPONSES: readonly [string, string, RegExp][] = [
   ['both Content-Length and Transfer-Encoding', 'HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n', /both Content-Length and Transfer-Encoding/],
   ['Transfer-Encoding in HTTP/1.0', 'HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n', /HTTP\/1\.0/],
   ['a list of agreeing Content-Lengths', 'HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok', /invalid Content-Length/],
+  ['a head whose lines all end with a bare LF', 'HTTP/1.1 200 OK\ncontent-length: 2\n\nok', /bare CR or LF/],
 ];
 
 describe('HTTP/1.1 responses refused', () => {

@@ -7,7 +7,7 @@ import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { behindProxy, scriptedUpstream } from './helpers/scripted-upstream.js';
-import { openRaw as openRawWith, readToClose, readUntil } from './helpers/raw-http1.js';
+import { openRaw as openRawWith, readToClose, readToCloseWithin, readUntil } from './helpers/raw-http1.js';
 import { eventually } from './helpers/ops.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
@@ -83,6 +83,28 @@ describe('rest relay: HTTP/1.1 framing', () => {
       assert.deepEqual([line()!.status, line()!.error], [400, 'bad_request_body']);
     }
   });
+
+  // A peer ending its lines with LF alone never sends CRLF CRLF: the client got 408 after --mtls_idle_timeout, naming the timeout; the model server's answer was waited for for ever.
+  test('a request head whose lines end with a bare LF gets 400 naming it at once, as in terminate mode, not a 408 after the idle timeout', async () => {
+    const before = upstream.received.length;
+    const socket = await openRaw(front.restPort);
+    socket.write('GET /v2/health/ready HTTP/1.1\nhost: a\n\n');
+    const text = await readToCloseWithin(socket, 10_000);
+    assert.deepEqual(statuses(text), [400]);
+    assert.match(text, /bare CR or LF/);
+    assert.equal(upstream.received.length, before);
+  });
+
+  test('a model server answer whose lines end with a bare LF is a 502 naming it, not an answer waited for for ever', () =>
+    withScriptedUpstream('HTTP/1.1 200 OK\ncontent-length: 2\n\nok', async (local) => {
+      const socket = await openRaw(local.restPort);
+      socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
+      const text = await readToCloseWithin(socket, 10_000);
+      assert.deepEqual(statuses(text), [502]);
+      assert.match(text, /bare CR or LF/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assert.deepEqual([line.status, line.error], [502, 'bad_response']);
+    }, { keepOpen: true }));
 
   test('a refused request after good ones is answered after their responses, in order', async () => {
     const socket = await openRaw(front.restPort);

@@ -22,6 +22,16 @@ export async function readToClose(socket: TLSSocket): Promise<string> {
   return Buffer.concat(chunks).toString('latin1');
 }
 
+/** As readToClose(), but a bounded wait: a server that has not closed by `ms` has the connection closed by us, and what came by then is returned. */
+export async function readToCloseWithin(socket: TLSSocket, ms: number): Promise<string> {
+  const bound = setTimeout(() => socket.destroy(), ms);
+  try {
+    return await readToClose(socket);
+  } finally {
+    clearTimeout(bound);
+  }
+}
+
 /** Resolves with what arrived once `pattern` shows up in it. */
 export function readUntil(socket: TLSSocket, pattern: RegExp): Promise<string> {
   return new Promise((resolve, reject) => {
