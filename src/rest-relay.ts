@@ -188,6 +188,16 @@ function refusalAnswer(err: FramingError): ClosingAnswer {
   return closingAnswer(err.status, 'text/plain; charset=utf-8', `${err.message}\n`);
 }
 
+/**
+ * Our own answer as a request of `method` may get it: to a HEAD, the head alone (RFC 9110 9.3.2:
+ * no content; its Content-Length says what a GET would get), as Node's server sends it in terminate
+ * mode. The body had gone out too, bytes a client reads as the start of the next response.
+ */
+function answerTo(method: string, answer: ClosingAnswer): ClosingAnswer {
+  if (method !== 'HEAD') return answer;
+  return { wire: answer.wire.subarray(0, answer.wire.length - answer.bodyBytes), bodyBytes: 0 };
+}
+
 /** Small enough to copy into one buffer; larger reads go out as they are. */
 const COALESCE_BYTES = 64 * 1024;
 
@@ -507,7 +517,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (this.#finished || this.#exchanges.length > 0 || this.#receiving !== undefined) return;
     if (this.#refusal) {
       const line = this.#takeRefusalLine();
-      const answer = refusalAnswer(this.#refusal);
+      const answer = answerTo(line?.method ?? '', refusalAnswer(this.#refusal));
       this.#end(answer.wire);
       if (line) this.#log({ ...line, bytesOut: answer.bodyBytes });
       return;
@@ -625,8 +635,9 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   /** Our own answer in place of the model server's to `exchange`; the connection then closes. */
   #answerInstead(exchange: Exchange, answer: ClosingAnswer): void {
-    exchange.bytesOut += answer.bodyBytes;
-    this.#end(answer.wire);
+    const sent = answerTo(exchange.method, answer);
+    exchange.bytesOut += sent.bodyBytes;
+    this.#end(sent.wire);
   }
 
   /** Closes both sides after `last` (our own answer) and what was written before it; `unfinished` is logged for requests left unanswered. */

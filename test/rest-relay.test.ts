@@ -479,6 +479,20 @@ describe('rest relay: drain and upstream failures', () => {
       assert.match(JSON.parse(res.body).error, new RegExp(`upstream 127\\.0\\.0\\.1:${port} closed the connection before answering`));
     }));
 
+  // The JSON went out after the head too: bytes a client reads as the start of the next response (RFC 9110 9.3.2: no content).
+  test('a HEAD gets our own answers head alone, as in terminate mode: the 502 when the upstream closes before answering, the 400 to a refused head', () =>
+    withScriptedUpstream('', async (local) => {
+      const socket = await openRaw(local.restPort);
+      socket.write('HEAD /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.match(text, /^HTTP\/1\.1 502 Bad Gateway\r\n[^]*\r\ncontent-length: \d+\r\n[^]*\r\n\r\n$/);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assert.deepEqual([line.status, line.bytesOut], [502, 0]);
+      const refused = await openRaw(local.restPort);
+      refused.write('HEAD /v2/health/live HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n');
+      assert.match(await readToClose(refused), /^HTTP\/1\.1 400 Bad Request\r\n[^]*\r\n\r\n$/);
+    }));
+
   test('an upstream that sends 100 Continue and then closes still gives the client a 502 after the 100', () =>
     withScriptedUpstream('HTTP/1.1 100 Continue\r\n\r\n', async (local) => {
       const socket = await openRaw(local.restPort);
