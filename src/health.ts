@@ -85,13 +85,27 @@ export interface UpstreamReadiness extends CheckResult {
 }
 
 export function upstreamReadiness(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs = UPSTREAM_CHECK_TIMEOUT_MS): () => Promise<UpstreamReadiness> {
-  return async () => {
+  return oneAtATime(async () => {
     // Both at once: a model server that answers neither takes one timeout, not two, within the kubelet's probe timeout or the scrape's.
     const results = await Promise.all([
       ...(config.rest ? [restReady(config.rest.upstream, timeoutMs)] : []),
       ...(config.grpc ? [grpcServerReady(config.grpc.upstream, timeoutMs)] : []),
     ]);
     return { ok: results.every((r) => r.ok), detail: results.map((r) => r.detail).join('; '), unanswered: results.some((r) => !r.answered) };
+  });
+}
+
+/**
+ * Callers that come while a run is under way share its answer. Every /readyz and every scrape
+ * asks the model server, each ask a connection per port: a burst of admin requests (a client
+ * pipelining thousands of /readyz on one connection, many scrapers) opened as many connections
+ * to the model server at once, each held for up to the timeout by one that hangs.
+ */
+function oneAtATime<T>(run: () => Promise<T>): () => Promise<T> {
+  let running: Promise<T> | undefined;
+  return () => {
+    running ??= run().finally(() => (running = undefined));
+    return running;
   };
 }
 

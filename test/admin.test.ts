@@ -72,6 +72,45 @@ describe('admin listener', () => {
     }
   });
 
+  test('/readyz requests that come while the model server is being asked share that check: a burst opens one connection to it, not one per request', async () => {
+    pki = await pkiPromise;
+    const burst = 20;
+    let asked = 0;
+    let released = false;
+    const held: (() => void)[] = [];
+    const rest = createHttpServer((req, res) => {
+      asked += 1;
+      req.resume();
+      const answer = () => res.end('ready');
+      if (released) answer();
+      else held.push(answer);
+    });
+    rest.listen(0, '127.0.0.1');
+    await once(rest, 'listening');
+    const config = baseConfig({ pki, upstream: { restPort: (rest.address() as AddressInfo).port } });
+    const check = upstreamCheck(config);
+    let arrived!: () => void;
+    const allArrived = new Promise<void>((resolve) => (arrived = resolve));
+    let requests = 0;
+    const health = () => {
+      if (++requests === burst) arrived();
+      return readinessReport({ upstream: check });
+    };
+    const admin = await startAdminServer({ hosts: ['127.0.0.1'], port: 0, metrics: new ProxyMetrics(), health });
+    try {
+      const answers = Array.from({ length: burst }, () => httpGet(admin.port, '/readyz'));
+      // Every request has reached readinessReport (and started or joined a check) before the model server answers.
+      await allArrived;
+      released = true;
+      for (const answer of held.splice(0)) answer();
+      for (const answer of await Promise.all(answers)) assert.equal(answer.status, 200, answer.body);
+      assert.equal(asked, 1, 'the model server was asked once for the whole burst');
+    } finally {
+      await admin.close();
+      rest.close();
+    }
+  });
+
   test('/readyz is 503 while the model server starts and 200 once it answers', async () => {
     pki = await pkiPromise;
     // In one call: the model server's ports stay free until it starts, and a port the proxy or the admin
