@@ -33,6 +33,24 @@ function upstreamGoAwayMessage(code: string, debug: string | undefined): string 
   return `${said}; the client's calls on it were ended or must be retried on a new connection`;
 }
 
+/**
+ * A refused client chose the names in its certificate, and OpenSSL takes certificates of up to
+ * 100 KiB: a self-made one made each refusal line about 90 KB long (its subject, and its issuer in
+ * the message), many log bytes per handshake, lines split by log collectors (16 KiB) and, in the
+ * entrypoint, past PIPE_BUF, where OVMS's lines can land inside ours (log.ts). Real names are far
+ * shorter than these bounds (RFC 5280: 64 characters a CN). At 3 UTF-8 bytes a character at
+ * most, the line stays under PIPE_BUF.
+ */
+const REFUSED_SUBJECT_CHARS = 256;
+const REFUSAL_DETAIL_CHARS = 768;
+
+/** `text` cut to `max` characters (not inside a surrogate pair), saying how much was cut. */
+function clipped(text: string, max: number): string {
+  if (text.length <= max) return text;
+  const end = /[\ud800-\udbff]/.test(text[max - 1]!) ? max - 1 : max;
+  return `${text.slice(0, end)}... (${text.length - end} more characters)`;
+}
+
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
 export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
   // Children carry the event name already serialized: an access line costs one object less to copy and write.
@@ -40,9 +58,11 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
   const relayLines = logger.child({ event: ACCESS_EVENTS.relayed });
   return {
     ...NOOP_OBSERVER,
-    handshakeRefused(listener, refusal, remote, subject) {
-      if (refusal.error === undefined) logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject }, refusal.detail);
-      else logger.error({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, error: refusal.error }, refusal.detail);
+    handshakeRefused(listener, refusal, remote, fullSubject) {
+      const subject = fullSubject === undefined ? undefined : clipped(fullSubject, REFUSED_SUBJECT_CHARS);
+      const detail = clipped(refusal.detail, REFUSAL_DETAIL_CHARS);
+      if (refusal.error === undefined) logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject }, detail);
+      else logger.error({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, error: refusal.error }, detail);
     },
     handshakeFailed(listener, code, remote) {
       logger.info({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));

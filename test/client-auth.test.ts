@@ -8,7 +8,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, assertRefusedCall, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
-import { issueClientCert, type Issued } from '../src/x509.js';
+import { createCa, issueClientCert, type Issued } from '../src/x509.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { eventually, sample } from './helpers/ops.js';
 import { runCommand } from './helpers/cli.js';
@@ -57,6 +57,16 @@ describe('refused clients', () => {
       assert.equal(upstream.received.length, receivedBefore);
     });
   }
+
+  test('a refused client cannot make its log line long: its self-made names of 20000 characters are cut, saying how much, and the line stays under PIPE_BUF', async () => {
+    const stranger = await issueClientCert({ issuer: await createCa({ commonName: 'I'.repeat(20_000) }), commonName: 'S'.repeat(20_000) });
+    const before = front.logs.lines.length;
+    assertRefusedAnswer(await https1(front.restPort, pki, { path: '/v2/health/ready', client: stranger }), 'unknown_ca');
+    const line = await front.logs.waitFor((l) => l.event === 'client_refused' && front.logs.lines.indexOf(l) >= before);
+    assert.match(String(line['subject']), /^CN=S{253}\.\.\. \(19747 more characters\)$/);
+    assert.match(String(line.msg), /^client certificate is not issued by a trusted client CA \(UNABLE_TO_VERIFY_LEAF_SIGNATURE; issued by CN=I+\.\.\. \(\d+ more characters\)$/);
+    assert.ok(Buffer.byteLength(JSON.stringify(line)) < 4096, `a line of ${Buffer.byteLength(JSON.stringify(line))} bytes`);
+  });
 
   test('a client presenting a valid certificate is accepted on both ports', async () => {
     const c = grpcClients(front.grpcAddress, pki);
