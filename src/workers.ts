@@ -146,14 +146,17 @@ export class WorkerPool implements RunningProxy {
    */
   async collectMetrics(): Promise<MetricsJson[]> {
     const timeoutMs = this.#options.metricsTimeoutMs ?? 2000;
-    const asks = [...this.#members.values()].filter((m) => m.up).map(async (m) => {
+    const asked = [...this.#members.values()].filter((m) => m.up);
+    const answers = await Promise.all(asked.map(async (m) => {
       const metrics = await this.#askMetrics(m.worker, timeoutMs);
       if (metrics) m.counted = monotonicPart(metrics);
       if (this.#members.has(m.worker.id)) this.#noteAnswer(m, metrics !== undefined, timeoutMs);
-      return this.#members.has(m.worker.id) ? metrics ?? m.counted : undefined;
-    });
-    const live = (await Promise.all(asks)).filter((m): m is MetricsJson => m !== undefined);
-    return [...live, this.#retired];
+      return metrics;
+    }));
+    // Who is still a member is read with the retired sum, once every answer is in: a worker that answered and then
+    // exited while another was slow to answer is in that sum already, and was counted twice (a total that then fell).
+    const live = asked.flatMap((m, i) => (this.#members.has(m.worker.id) ? [answers[i] ?? m.counted] : []));
+    return [...live.filter((m): m is MetricsJson => m !== undefined), this.#retired];
   }
 
   /** A worker that stops answering is named once, and once more when it answers again. */

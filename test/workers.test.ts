@@ -17,7 +17,12 @@ import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startCli, BIN, type LongRunningCli } from './helpers/cli.js';
-import { grpcClients, h2Request, h2Session, https1, startUpstream, LogCapture, type LogLine } from './helpers/harness.js';
+import { baseConfig, grpcClients, h2Request, h2Session, https1, startUpstream, LogCapture, type LogLine } from './helpers/harness.js';
+import cluster, { type Worker } from 'node:cluster';
+import { WorkerPool } from '../src/workers.js';
+import { createLogger } from '../src/log.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
+import type { MetricsJson } from '../src/metrics-aggregate.js';
 import { httpGet, eventually } from './helpers/ops.js';
 import { openRaw } from './helpers/raw-http1.js';
 import { GateBoard } from './helpers/sse.js';
@@ -667,6 +672,39 @@ describe('the OVMS entrypoint with two workers', SAFETY, () => {
       killIfAlive(stuck);
       await rm(stall, { force: true });
       if (wrapper.child.exitCode === null) wrapper.child.kill('SIGKILL');
+    }
+  });
+});
+
+/** The values of one metric in every part of a scrape, added up. */
+function scrapedSum(parts: MetricsJson[], name: string): number {
+  return parts.flatMap((part) => part.filter((m) => m.name === name)).flatMap((m) => m.values).reduce((n, v) => n + v.value, 0);
+}
+
+describe('a scrape that a worker exit overtakes', SAFETY, () => {
+  test('a worker that answered a scrape and exited while the other was still to answer is counted once in it: the total does not fall at the next scrape', async () => {
+    const config = { ...baseConfig({ pki, upstream: { restPort: upstream.restPort! } }), workers: 2, logLevel: 'warn' as const, admin: { hosts: ['127.0.0.1'], port: 0 } };
+    const logs = new LogCapture();
+    // No timeout in the way: the stopped worker answers once it is continued.
+    const pool = await new WorkerPool({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'info', destination: logs }), metricsTimeoutMs: 300_000 }).start();
+    const [first, second] = Object.values(cluster.workers!) as [Worker, Worker];
+    try {
+      const calls = 6;
+      for (let i = 0; i < calls; i += 1) assert.equal((await https1(pool.port('rest')!, pki, { path: '/v2/health/ready' })).status, 200);
+      await eventually(async () => scrapedSum(await pool.collectMetrics(), 'ovms_mtls_requests_total') === calls, 'every call counted');
+      second.process.kill('SIGSTOP');
+      // Our listener comes after the pool's: when it runs, the pool has taken the first worker's answer.
+      const firstAnswered = new Promise<void>((resolve) => first.on('message', (m: { type?: string }) => m.type === 'metrics' && resolve()));
+      const racing = pool.collectMetrics();
+      await firstAnswered;
+      first.process.kill('SIGKILL');
+      await logs.waitFor((l) => l.event === 'worker_exited');
+      second.process.kill('SIGCONT');
+      assert.equal(scrapedSum(await racing, 'ovms_mtls_requests_total'), calls, 'the exited worker is counted once');
+      assert.equal(scrapedSum(await pool.collectMetrics(), 'ovms_mtls_requests_total'), calls);
+    } finally {
+      second.process.kill('SIGCONT');
+      await pool.shutdown(1000);
     }
   });
 });
