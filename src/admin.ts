@@ -12,6 +12,7 @@ import type { HealthReport } from './health.js';
 import type { Logger } from './log.js';
 import type { MetricsSource } from './metrics-aggregate.js';
 import { hostAndPort } from './addresses.js';
+import { oneAtATime } from './one-at-a-time.js';
 
 export interface AdminOptions extends BindSpec {
   /** 0 asks the OS for a free port (tests). */
@@ -40,9 +41,12 @@ function sendJson(res: ServerResponse, status: number, body: unknown): void {
 }
 
 function routes(options: AdminOptions, started: number): Record<string, Route> {
+  // With workers, each rendering asks every one of them for its metrics, on their event loops, which serve the clients:
+  // 500 scrapes at once took ~4 s of each worker's CPU and made both look stuck (worker_unresponsive). Concurrent scrapes share one.
+  const metricsText = oneAtATime(() => options.metrics.text());
   return {
     '/metrics': async (res) => {
-      const text = await options.metrics.text();
+      const text = await metricsText();
       res.writeHead(200, { 'content-type': options.metrics.contentType, 'cache-control': 'no-store' });
       res.end(text);
     },
@@ -111,9 +115,11 @@ export async function startAdminServer(options: AdminOptions): Promise<AdminServ
   }))).then(() => undefined);
   let port = options.port;
   let skipped: SkippedAddress[];
+  // One handler for every address: scrapes on any of them share a rendering.
+  const serve = handler(options);
   try {
     skipped = await bindEach(options, async (host) => {
-      const server = createServer(handler(options));
+      const server = createServer(serve);
       await listen(server, host, port, bindsIpv6Only(host, options.hosts));
       servers.push(server);
       port = (server.address() as AddressInfo).port;

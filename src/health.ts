@@ -10,6 +10,7 @@ import type { Config, HostPort } from './config.js';
 import type { RunningProxy } from './proxy.js';
 import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
 import { hostAndPort } from './addresses.js';
+import { oneAtATime } from './one-at-a-time.js';
 
 export interface CheckResult {
   readonly ok: boolean;
@@ -84,6 +85,11 @@ export interface UpstreamReadiness extends CheckResult {
   readonly unanswered: boolean;
 }
 
+/**
+ * Each /readyz and each scrape asks, a connection per port: one at a time, or a burst of admin
+ * requests (a client pipelining thousands of /readyz on one connection, many scrapers) opened as
+ * many connections to the model server at once, each held up to the timeout by one that hangs.
+ */
 export function upstreamReadiness(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs = UPSTREAM_CHECK_TIMEOUT_MS): () => Promise<UpstreamReadiness> {
   return oneAtATime(async () => {
     // Both at once: a model server that answers neither takes one timeout, not two, within the kubelet's probe timeout or the scrape's.
@@ -93,20 +99,6 @@ export function upstreamReadiness(config: Pick<Config, 'grpc' | 'rest'>, timeout
     ]);
     return { ok: results.every((r) => r.ok), detail: results.map((r) => r.detail).join('; '), unanswered: results.some((r) => !r.answered) };
   });
-}
-
-/**
- * Callers that come while a run is under way share its answer. Every /readyz and every scrape
- * asks the model server, each ask a connection per port: a burst of admin requests (a client
- * pipelining thousands of /readyz on one connection, many scrapers) opened as many connections
- * to the model server at once, each held for up to the timeout by one that hangs.
- */
-function oneAtATime<T>(run: () => Promise<T>): () => Promise<T> {
-  let running: Promise<T> | undefined;
-  return () => {
-    running ??= run().finally(() => (running = undefined));
-    return running;
-  };
 }
 
 interface PortAnswer extends CheckResult {

@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createServer as createHttpServer } from 'node:http';
 import { createServer as createH2cServer } from 'node:http2';
-import type { AddressInfo } from 'node:net';
+import { connect as connectTcp, type AddressInfo } from 'node:net';
 import { createInterface } from 'node:readline';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, https1, startTestProxy, startUpstream } from './helpers/harness.js';
@@ -108,6 +108,40 @@ describe('admin listener', () => {
     } finally {
       await admin.close();
       rest.close();
+    }
+  });
+
+  test('scrapes that come while the metrics are being rendered share that rendering: a burst asks the workers once, not once per scrape', async () => {
+    const burst = 20;
+    let renderings = 0;
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    const metrics = { contentType: 'text/plain; version=0.0.4; charset=utf-8', text: async () => {
+      renderings += 1;
+      await released;
+      return 'ovms_mtls_ovms_up 1\n';
+    } };
+    const admin = await startAdminServer({ hosts: ['127.0.0.1'], port: 0, metrics, health: () => ({ ready: true, checks: {} }) });
+    try {
+      const sockets = await Promise.all(Array.from({ length: burst }, async () => {
+        const socket = connectTcp(admin.port, '127.0.0.1');
+        await once(socket, 'connect');
+        return socket;
+      }));
+      const answers = sockets.map(async (socket) => {
+        const chunks: Buffer[] = [];
+        socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+        socket.write('GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n');
+        await once(socket, 'close');
+        return Buffer.concat(chunks).toString('latin1');
+      });
+      // Sent after every scrape, on a connection of its own: once it is answered, the scrapes have been read.
+      assert.equal((await httpGet(admin.port, '/healthz')).status, 200);
+      release();
+      for (const answer of await Promise.all(answers)) assert.match(answer, /^HTTP\/1\.1 200 [^]*\r\novms_mtls_ovms_up 1\n\r\n0\r\n\r\n$/);
+      assert.equal(renderings, 1, 'the metrics were rendered once for the whole burst');
+    } finally {
+      await admin.close();
     }
   });
 
