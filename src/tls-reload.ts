@@ -120,23 +120,21 @@ export class TlsReloader {
 
   /** A new CRL or client CA bundle only affects new handshakes: find and end the live connections it refuses. */
   #closeRevoked(material: TlsMaterial): number {
-    const judge = liveJudge(material);
+    const judge = sweepJudge(liveJudge(material));
     // Many connections share one certificate: judge each presented chain once.
-    const verdicts = new Map<string, LiveRefusal | undefined>();
+    const verdicts = new Map<string, SweepVerdict | undefined>();
     let closed = 0;
     for (const listener of this.#options.proxy.listeners()) {
       for (const [socket, context] of [...listener.connections]) {
         const chain = presentedCertificates(context.certificate);
         const key = chain.map((cert) => cert.fingerprint256).join('/');
         if (!verdicts.has(key)) verdicts.set(key, judge(chain));
-        const reason = verdicts.get(key);
-        if (!reason || !listener.closeConnection(socket, this.#options.revokedGraceMs)) continue;
+        const verdict = verdicts.get(key);
+        if (!verdict || !listener.closeConnection(socket, this.#options.revokedGraceMs)) continue;
         const { identity } = context;
         this.#options.logger.warn(
-          { event: 'connection_revoked', reason, listener: listener.name, remote: context.remoteAddress, subject: identity.subject, serial: identity.serial },
-          reason === 'revoked'
-            ? 'closing a live connection: its client certificate is revoked by the new CRL'
-            : 'closing a live connection: its client certificate is not issued by a CA of the new --mtls_client_ca',
+          { event: 'connection_revoked', reason: verdict.reason, listener: listener.name, remote: context.remoteAddress, subject: identity.subject, serial: identity.serial, ...(verdict.error ? { error: verdict.error } : {}) },
+          `closing a live connection: ${SWEEP_MESSAGES[verdict.reason]}`,
         );
         closed += 1;
       }
@@ -205,6 +203,35 @@ function sameMaterial(a: TlsMaterial, b: TlsMaterial): boolean {
 
 
 export type LiveRefusal = 'revoked' | 'unknown_ca';
+
+/** Why the sweep after a reload closes a live connection: what a new handshake would refuse, or a chain it cannot read. */
+interface SweepVerdict {
+  readonly reason: LiveRefusal | 'unreadable';
+  readonly error?: string;
+}
+
+const SWEEP_MESSAGES: Record<SweepVerdict['reason'], string> = {
+  revoked: 'its client certificate is revoked by the new CRL',
+  unknown_ca: 'its client certificate is not issued by a CA of the new --mtls_client_ca',
+  unreadable: 'its client certificate could not be read to check it against the new set (its next handshake is verified as usual)',
+};
+
+/**
+ * OpenSSL takes certificates in BER (a length in more octets than needed, an indefinite length) that
+ * the CRL index cannot read. Such a chain threw out of the reload: the process ended, taking every
+ * connection (and, as the entrypoint, OVMS) with it. Unjudged, it is closed like a refused one, as it
+ * may be revoked: its client reconnects, and OpenSSL judges that handshake under the new set.
+ */
+function sweepJudge(judge: ReturnType<typeof liveJudge>): (chain: readonly X509Certificate[]) => SweepVerdict | undefined {
+  return (chain) => {
+    try {
+      const reason = judge(chain);
+      return reason ? { reason } : undefined;
+    } catch (err) {
+      return { reason: 'unreadable', error: (err as Error).message };
+    }
+  };
+}
 
 /** Judges a chain verified under earlier material as a handshake under `material` would. */
 export function liveJudge(material: TlsMaterial): (presented: readonly X509Certificate[]) => LiveRefusal | undefined {

@@ -6,12 +6,16 @@ import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { once } from 'node:events';
+import type { ClientHttp2Session } from 'node:http2';
 import { assertRefusedAnswer, assertRefusedCall, grpcClients, h2Session, https1, readyStatus, startTestProxy, startUpstream } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { FORWARD_MODES } from '../src/config.js';
 import { closedByReload, reloaderFor } from './helpers/reload.js';
 import { createCrl, type Issued } from '../src/x509.js';
+import { X509Certificate, sign } from 'node:crypto';
+import { encodeTlv, readSingleTlv, readTlvs, TAG_BIT_STRING, TAG_INTEGER, TAG_SEQUENCE } from '../src/x509/der.js';
+import { toPem } from '../src/x509/keys.js';
 import { runCommand } from './helpers/cli.js';
 
 test('a CRL reload that revokes an intermediate CA closes the live connection of a client chained through it', async () => {
@@ -87,6 +91,32 @@ describe('a reload closes what a new handshake would refuse', () => {
     const files = await startOnOwnFiles(pki, upstream, pki.clientCa.certPem + (await readFile(join(pki.dir, 'canon_new.pem'), 'utf8')), pki.crlPem + (await opensslCrl(pki, 'canon_new')));
     const revokeClient = async () => writeFile(files.crlFile!, pki.crlPem + (await opensslCrl(pki, 'canon_new', client)));
     await closedByReload(pki, files, client, revokeClient, /CN=client of the respelled CA/, 'revoked');
+  });
+
+  test('a client whose certificate is BER-encoded (OpenSSL takes it; the CRL index reads DER only) is closed by a CRL reload instead of ending the process, is let in again, and the proxy reloads on', async () => {
+    const ber = withBerSerialLength(pki.client, pki.clientCa);
+    const { front, reloader } = await startOnOwnFiles(pki, upstream, pki.clientCa.certPem, pki.crlPem);
+    const target = h2Session(front.restPort, pki, ber);
+    let again: ClientHttp2Session | undefined;
+    try {
+      assert.equal(await readyStatus(target), 200);
+      const closed = once(target, 'close');
+      const outcome = await reloader.reload('api');
+      assert.equal(outcome.ok && outcome.revokedConnections, 1);
+      await closed;
+      const line = await front.logs.waitFor((l) => l.event === 'connection_revoked');
+      assert.equal(line['reason'], 'unreadable');
+      assert.match(String(line['error']), /DER/);
+      // Its next handshake is OpenSSL's to judge under the new set, which lets it in.
+      again = h2Session(front.restPort, pki, ber);
+      assert.equal(await readyStatus(again), 200);
+      assert.equal((await reloader.reload('api')).ok, true);
+    } finally {
+      reloader.close();
+      target.destroy();
+      again?.destroy();
+      await front.proxy.shutdown(1000);
+    }
   });
 
   test('a CA bundle cut down to an intermediate CA without its root closes the live connections of that intermediate\'s clients, which OpenSSL no longer verifies', async () => {
@@ -176,4 +206,19 @@ async function clientOfRespelledCa(pki: TestPki): Promise<Issued> {
   }
   await copyFile(join(pki.dir, 'canon_old.key'), join(pki.dir, 'canon_new.key'));
   return opensslClient(pki, 'respelled', '/CN=client of the respelled CA', 'canon_old', '0x42');
+}
+
+/**
+ * `client` re-signed by `issuer` with its serial's length in five octets where one does: BER, which
+ * OpenSSL accepts at the handshake (it keeps the bytes the signature covers), as some CAs issue.
+ */
+function withBerSerialLength(client: Issued, issuer: Issued): Issued {
+  const [tbs, algorithm] = readTlvs(readSingleTlv(new X509Certificate(client.certPem).raw).value);
+  const [version, serial, ...rest] = readTlvs(tbs!.value);
+  const der = (field: { tag: number; value: Buffer }) => encodeTlv(field.tag, field.value);
+  const berSerial = Buffer.concat([Buffer.from([TAG_INTEGER, 0x85, 0, 0, 0, 0, serial!.value.length]), serial!.value]);
+  const berTbs = encodeTlv(TAG_SEQUENCE, Buffer.concat([der(version!), berSerial, ...rest.map(der)]));
+  const signature = sign('sha256', berTbs, { key: issuer.keyPem, dsaEncoding: 'der' });
+  const signed = encodeTlv(TAG_SEQUENCE, Buffer.concat([berTbs, der(algorithm!), encodeTlv(TAG_BIT_STRING, Buffer.concat([Buffer.from([0]), signature]))]));
+  return { ...client, certPem: toPem(signed, 'CERTIFICATE') };
 }
