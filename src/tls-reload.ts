@@ -8,7 +8,7 @@
  * proxy) otherwise lets them run on.
  */
 import type { X509Certificate } from 'node:crypto';
-import { watch, realpathSync, type FSWatcher } from 'node:fs';
+import { watch, realpathSync, statSync, type FSWatcher } from 'node:fs';
 import { dirname } from 'node:path';
 import { DEFAULTS, type TlsFiles } from './config.js';
 import type { Logger } from './log.js';
@@ -41,7 +41,8 @@ export interface TlsReloaderOptions {
 
 export class TlsReloader {
   readonly #options: TlsReloaderOptions;
-  readonly #watchers = new Map<string, FSWatcher>();
+  /** Each watched directory path, with which directory it was when its watch began. */
+  readonly #watchers = new Map<string, { watcher: FSWatcher; identity: string }>();
   #current: TlsMaterial;
   #queue: Promise<unknown> = Promise.resolve();
   #debounce: NodeJS.Timeout | undefined;
@@ -79,7 +80,7 @@ export class TlsReloader {
   close(): void {
     this.#watching = false;
     clearTimeout(this.#debounce);
-    for (const watcher of this.#watchers.values()) watcher.close();
+    for (const { watcher } of this.#watchers.values()) watcher.close();
     this.#watchers.clear();
   }
 
@@ -142,23 +143,27 @@ export class TlsReloader {
     return closed;
   }
 
-  /** Watches follow symlink targets, which move when a Kubernetes secret swaps its `..data` link. */
+  /**
+   * Watches follow symlink targets, which move when a Kubernetes secret swaps its `..data` link,
+   * and directories replaced at the same path: a watch stays on the directory it began on, so
+   * after a directory was renamed over or removed and made again, it saw nothing more.
+   */
   #refreshWatchers(): void {
-    const wanted = watchedDirectories(this.#options.files);
-    for (const [dir, watcher] of this.#watchers) {
-      if (wanted.has(dir)) continue;
+    const wanted = watchTargets(this.#options.files);
+    for (const [dir, { watcher, identity }] of this.#watchers) {
+      if (wanted.get(dir) === identity) continue;
       watcher.close();
       this.#watchers.delete(dir);
     }
-    for (const dir of wanted) {
+    for (const [dir, identity] of wanted) {
       if (this.#watchers.has(dir)) continue;
       try {
         const watcher = watch(dir, { persistent: false }, () => this.#onDirectoryEvent());
         watcher.on('error', () => {
           watcher.close();
-          this.#watchers.delete(dir);
+          if (this.#watchers.get(dir)?.watcher === watcher) this.#watchers.delete(dir);
         });
-        this.#watchers.set(dir, watcher);
+        this.#watchers.set(dir, { watcher, identity });
       } catch (err) {
         this.#options.logger.warn({ event: 'watch_failed', dir, reason: (err as Error).message }, `cannot watch ${dir} for certificate changes; SIGHUP still reloads`);
       }
@@ -168,6 +173,34 @@ export class TlsReloader {
   #onDirectoryEvent(): void {
     clearTimeout(this.#debounce);
     this.#debounce = setTimeout(() => void this.reload('file'), this.#options.debounceMs ?? DEFAULTS.reloadDebounceMs);
+  }
+}
+
+/**
+ * The directories to watch, each with which directory it is now (device and inode). One missing
+ * right now (removed, to be made again) is watched through the nearest directory above it, which
+ * sees it come back.
+ */
+function watchTargets(files: TlsFiles): Map<string, string> {
+  const targets = new Map<string, string>();
+  for (const dir of watchedDirectories(files)) {
+    let at = dir;
+    let identity = directoryIdentity(at);
+    while (identity === undefined && dirname(at) !== at) {
+      at = dirname(at);
+      identity = directoryIdentity(at);
+    }
+    if (identity !== undefined) targets.set(at, identity);
+  }
+  return targets;
+}
+
+function directoryIdentity(dir: string): string | undefined {
+  try {
+    const stats = statSync(dir);
+    return stats.isDirectory() ? `${stats.dev}:${stats.ino}` : undefined;
+  } catch {
+    return undefined;
   }
 }
 

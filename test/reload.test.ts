@@ -2,7 +2,7 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { EventEmitter, once } from 'node:events';
 import { connect as connectTcp, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
-import { readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { Agent } from 'node:https';
 import { join } from 'node:path';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
@@ -129,6 +129,35 @@ describe('reload keeps every call alive', SAFETY, () => {
       await kubernetesSwap(r.certs.dir, 'v3', originalSet());
       await r.front.logs.waitFor((l) => l.event === 'reloaded' && r.reloader.material.cert.toString() === pki.server.certPem);
       assert.equal(await servedSerial(r.front.restPort, as(pki.client)), pki.server.serialHex);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a certificate directory replaced whole (another renamed over it, or removed and made again) is watched anew: later rotations inside it are caught', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true });
+    const { dir } = r.certs;
+    const serving = (set: Issued) => r.front.logs.waitFor((l) => l.event === 'reloaded' && r.reloader.material.cert.toString() === set.certPem);
+    const rotateInside = async (set: Issued) => {
+      await replaceAtomically(r.certs.files.key, set.keyPem);
+      await replaceAtomically(r.certs.files.cert, set.certPem);
+      await serving(set);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), set.serialHex);
+    };
+    try {
+      const next = await plainCertDir({ ...originalSet(), cert: newServer.certPem, key: newServer.keyPem });
+      dirs.push(next.dir, `${dir}.old`);
+      await rename(dir, `${dir}.old`);
+      await rename(next.dir, dir);
+      await serving(newServer);
+      await rotateInside(pki.server);
+      // Removed: the reload fails (no files) and the watch waits above it for the directory to come back.
+      await rm(dir, { recursive: true });
+      await r.front.logs.waitFor((l) => l.event === 'reload_failed' && /does not exist/.test(String(l.reason)));
+      await mkdir(dir);
+      for (const [role, name] of Object.entries(FILE_NAMES)) await writeFile(join(dir, name), { ...originalSet(), cert: newServer.certPem, key: newServer.keyPem }[role as keyof SetContents]);
+      await serving(newServer);
+      await rotateInside(pki.server);
     } finally {
       await r.stop();
     }
