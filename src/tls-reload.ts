@@ -39,6 +39,9 @@ export interface TlsReloaderOptions {
   readonly onReload?: (outcome: ReloadOutcome) => void;
 }
 
+/** How many quiet times a reload may wait for after the first change in a watched directory. */
+const QUIET_WAIT_CAP = 10;
+
 export class TlsReloader {
   readonly #options: TlsReloaderOptions;
   /** Each watched directory path, with which directory it was when its watch began. */
@@ -46,6 +49,8 @@ export class TlsReloader {
   #current: TlsMaterial;
   #queue: Promise<unknown> = Promise.resolve();
   #debounce: NodeJS.Timeout | undefined;
+  /** When the first directory change not yet reloaded came. */
+  #firstChangeAt: number | undefined;
   #watching = false;
   #reloads = 0;
   #failures = 0;
@@ -80,6 +85,7 @@ export class TlsReloader {
   close(): void {
     this.#watching = false;
     clearTimeout(this.#debounce);
+    this.#firstChangeAt = undefined;
     for (const { watcher } of this.#watchers.values()) watcher.close();
     this.#watchers.clear();
   }
@@ -170,9 +176,23 @@ export class TlsReloader {
     }
   }
 
+  /**
+   * Waits for a quiet time, as writers touch several files, but at most QUIET_WAIT_CAP quiet times after
+   * the first change: a directory never quiet (the proxy's log written beside the certificates, under
+   * steady traffic) held every rotation back for as long as the writes went on.
+   */
   #onDirectoryEvent(): void {
+    const quietMs = this.#options.debounceMs ?? DEFAULTS.reloadDebounceMs;
+    const now = Date.now();
+    this.#firstChangeAt ??= now;
     clearTimeout(this.#debounce);
-    this.#debounce = setTimeout(() => void this.reload('file'), this.#options.debounceMs ?? DEFAULTS.reloadDebounceMs);
+    this.#debounce = setTimeout(
+      () => {
+        this.#firstChangeAt = undefined;
+        void this.reload('file');
+      },
+      Math.max(0, Math.min(quietMs, this.#firstChangeAt + quietMs * QUIET_WAIT_CAP - now)),
+    );
   }
 }
 

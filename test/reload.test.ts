@@ -55,7 +55,7 @@ interface Running {
   stop(): Promise<void>;
 }
 
-async function startWithReloader(certs: CertDir, options: { watch?: boolean; graceMs?: number; restMode?: ForwardMode } = {}): Promise<Running> {
+async function startWithReloader(certs: CertDir, options: { watch?: boolean; graceMs?: number; restMode?: ForwardMode; debounceMs?: number } = {}): Promise<Running> {
   dirs.push(certs.dir);
   board = new GateBoard();
   const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, tls: certs.files, restMode: options.restMode ?? 'terminate' });
@@ -63,7 +63,7 @@ async function startWithReloader(certs: CertDir, options: { watch?: boolean; gra
   const reloader = reloaderFor(front, certs.files, {
     // An hour: only a graceful close can end a revoked connection, unless a test asks for the cut.
     revokedGraceMs: options.graceMs ?? 3_600_000,
-    debounceMs: 20,
+    debounceMs: options.debounceMs ?? 20,
     onReload: (o) => outcomes.push(o),
   });
   if (options.watch) reloader.watch();
@@ -192,6 +192,30 @@ describe('reload keeps every call alive', SAFETY, () => {
       assert.deepEqual(r.reloader.counts, { reloads: 0, failures: 0 });
       assert.equal(r.front.logs.lines.filter((l) => l.event === 'reloaded').length, 0);
     } finally {
+      await r.stop();
+    }
+  });
+
+  test('a file written beside the certificates more often than the quiet time (a log) does not hold a rotation back for ever', async () => {
+    // A quiet time the writes below never leave, however slow this machine.
+    const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true, debounceMs: 500 });
+    let writing = true;
+    const log = (async () => {
+      // Until the rotation is in force, or a bound that fails the test (far beyond the cap on the quiet time).
+      for (let line = 0; writing && line < 20_000; line++) {
+        await writeFile(join(r.certs.dir, 'proxy.log'), `line ${line}\n`, { flag: 'a' });
+        await new Promise((resolve) => setTimeout(resolve, 2));
+      }
+    })();
+    try {
+      await replaceAtomically(r.certs.files.key, newServer.keyPem);
+      await replaceAtomically(r.certs.files.cert, newServer.certPem);
+      const rotated = r.front.logs.waitFor((l) => l.event === 'reloaded' && r.reloader.material.cert.toString() === newServer.certPem).then(() => true);
+      assert.equal(await Promise.race([rotated, log.then(() => false)]), true, 'the rotation waited for the log to stop');
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+    } finally {
+      writing = false;
+      await log;
       await r.stop();
     }
   });
