@@ -48,6 +48,8 @@ export class TlsReloader {
   readonly #watchers = new Map<string, { watcher: FSWatcher; identity: string }>();
   #current: TlsMaterial;
   #queue: Promise<unknown> = Promise.resolve();
+  /** The reload requested and not started yet. */
+  #waiting: { trigger: ReloadTrigger; outcome: Promise<ReloadOutcome> } | undefined;
   #debounce: NodeJS.Timeout | undefined;
   /** When the first directory change not yet reloaded came. */
   #firstChangeAt: number | undefined;
@@ -75,11 +77,26 @@ export class TlsReloader {
     this.#refreshWatchers();
   }
 
-  /** Reloads now; concurrent requests run one after another. Never rejects. */
+  /**
+   * Reloads now, after the reload running, if any. Never rejects. Requests that come while one
+   * waits to start share it, as it reads the files they were made after: a burst (SIGHUPs, the
+   * watch and a reloader sidecar at once) ran one reload each, and each one holds up every
+   * connection while it checks the CRL. The shared reload applies the set unchanged or not
+   * when any of its requests asks (a signal, not a file event).
+   */
   reload(trigger: ReloadTrigger): Promise<ReloadOutcome> {
-    const next = this.#queue.then(() => this.#reloadOnce(trigger));
-    this.#queue = next;
-    return next;
+    if (this.#waiting) {
+      if (trigger !== 'file') this.#waiting.trigger = trigger;
+      return this.#waiting.outcome;
+    }
+    const outcome = this.#queue.then(() => {
+      const { trigger: asked } = this.#waiting!;
+      this.#waiting = undefined;
+      return this.#reloadOnce(asked);
+    });
+    this.#waiting = { trigger, outcome };
+    this.#queue = outcome;
+    return outcome;
   }
 
   close(): void {

@@ -220,6 +220,22 @@ describe('reload keeps every call alive', SAFETY, () => {
     }
   });
 
+  test('a burst of reload requests (SIGHUPs, a watch and a reloader sidecar at once) costs one reload of the newest files, not one each', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    try {
+      await replaceAtomically(r.certs.files.key, newServer.keyPem);
+      await replaceAtomically(r.certs.files.cert, newServer.certPem);
+      const triggers = ['file', 'signal', 'api', 'signal', 'file'] as const;
+      const outcomes = await Promise.all(Array.from({ length: 20 }, (_, i) => r.reloader.reload(triggers[i % triggers.length]!)));
+      assert.deepEqual(r.reloader.counts, { reloads: 1, failures: 0 });
+      assert.ok(outcomes.every((o) => o.ok && o.changed && o.material.cert.toString() === newServer.certPem));
+      assert.equal(r.front.logs.lines.filter((l) => l.event === 'reloaded').length, 1);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+    } finally {
+      await r.stop();
+    }
+  });
+
   test('a truncated certificate fails the reload with the startup message and keeps the old one', async () => {
     const r = await startWithReloader(await plainCertDir(originalSet()));
     try {
