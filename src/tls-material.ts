@@ -188,6 +188,29 @@ function checkCrlPem(text: string, path: string): void {
   }
 }
 
+/** What OpenSSL's security level refuses in a server certificate file, and the fix. */
+const OPENSSL_PAIR_REFUSALS: Record<string, string> = {
+  ERR_SSL_EE_KEY_TOO_SMALL: 'the server certificate\'s key is too small for OpenSSL (an RSA key under 1024 bits): reissue it with 2048 bits or more (`ovms-mtls certs init --key rsa2048`, or the default EC key)',
+  ERR_SSL_CA_KEY_TOO_SMALL: 'a CA certificate of the chain has a key too small for OpenSSL (an RSA key under 1024 bits): use the CA\'s current certificate, with 2048 bits or more',
+  ERR_SSL_CA_MD_TOO_WEAK: 'a certificate of it is signed with a digest OpenSSL refuses (SHA-1 or MD5): reissue it signed with SHA-256',
+};
+
+/**
+ * Each file parses and the key matches, yet OpenSSL may refuse the pair when it builds the TLS
+ * context (its security level: weak keys and digests). That came at startup as an internal error
+ * with a stack trace (after `check` had said the proxy would start), at a reload as OpenSSL's bare
+ * code: build it here, where every reader of the set gets one line naming the file and the fix.
+ */
+function checkOpensslTakesPair(cert: Buffer, key: Buffer, files: TlsFiles): void {
+  try {
+    createSecureContext({ cert, key });
+  } catch (err) {
+    const { code, message } = err as NodeJS.ErrnoException;
+    const why = (code && OPENSSL_PAIR_REFUSALS[code]) ?? `OpenSSL refuses it with --mtls_key ${files.key} (${message})`;
+    throw new TlsMaterialError(`--mtls_cert: ${files.cert}: ${why}`);
+  }
+}
+
 /** A key that fits a later certificate of the file means the chain is upside down (CA first), not a wrong key. */
 function keyMismatch(chain: X509Certificate[], privateKey: KeyObject, files: TlsFiles): TlsMaterialError {
   const holder = chain.findIndex((cert) => cert.checkPrivateKey(privateKey));
@@ -208,6 +231,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const privateKey = parseKey(key, files.key);
   if (!serverCert.checkPrivateKey(privateKey)) throw keyMismatch(chain, privateKey, files);
   checkServerCert(serverCert, files.cert, now);
+  checkOpensslTakesPair(cert, key, files);
   const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
   checkClientCas(clientCas, files.clientCa);
   // One latin1 copy of the CRL for every check: a million entries are 50 MiB of text.

@@ -11,7 +11,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
-import { runCli, startCli } from './helpers/cli.js';
+import { runCli, runCommand, startCli } from './helpers/cli.js';
 import {
   FILE_NAMES, kubernetesCertDir, kubernetesSwap, plainCertDir, postSse, reloaderFor, replaceAtomically, servedSerial, startInFlight,
   type CertDir, type SetContents, type TlsClient,
@@ -231,6 +231,28 @@ describe('reload keeps every call alive', SAFETY, () => {
       assert.ok(outcomes.every((o) => o.ok && o.changed && o.material.cert.toString() === newServer.certPem));
       assert.equal(r.front.logs.lines.filter((l) => l.event === 'reloaded').length, 1);
       assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a server certificate OpenSSL refuses to serve (signed with SHA-1) fails the reload with one line naming the file and the fix, as `check` and a start do', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    try {
+      const sha1 = await sha1SignedServerCert(r.certs.dir);
+      await replaceAtomically(r.certs.files.cert, sha1);
+      const outcome = await r.reloader.reload('api');
+      const expected = /^--mtls_cert: \S+server\.pem: a certificate of it is signed with a digest OpenSSL refuses \(SHA-1 or MD5\): reissue it signed with SHA-256$/;
+      assert.match(outcome.ok ? 'reloaded' : outcome.reason, expected);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), pki.server.serialHex);
+      const tlsArgs = ['--mtls_cert', r.certs.files.cert, '--mtls_key', r.certs.files.key, '--mtls_client_ca', r.certs.files.clientCa];
+      const check = await runCli(['check', ...tlsArgs]);
+      assert.equal(check.code, 1, check.stdout);
+      assert.match(check.stdout, /FAIL +--mtls_cert: .*signed with a digest OpenSSL refuses/);
+      const [port] = await freeLoopbackPorts(1);
+      const start = await runCli(['proxy', '--rest_port', String(port), '--mtls_rest_upstream', '127.0.0.1:1', '--mtls_workers', '1', ...tlsArgs]);
+      assert.equal(start.code, 2, start.stderr);
+      assert.deepEqual(start.stderr.trim().split('\n'), [`ovms-mtls: ${outcome.ok ? '' : outcome.reason}`]);
     } finally {
       await r.stop();
     }
@@ -545,3 +567,19 @@ describe('the proxy command reloads on SIGHUP and on file changes', SAFETY, () =
     }
   });
 });
+
+/** The test server certificate's key and names in a certificate the server CA signs with SHA-1, as the openssl CLI still does when asked. */
+async function sha1SignedServerCert(dir: string): Promise<string> {
+  const at = (name: string) => join(dir, name);
+  await writeFile(at('sha1.cnf'), '[req]\ndistinguished_name=dn\n[dn]\n[ext]\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
+  await writeFile(at('server_ca.key'), pki.serverCa.keyPem);
+  await writeFile(at('server_ca.pem'), pki.serverCa.certPem);
+  for (const args of [
+    ['req', '-new', '-key', at(FILE_NAMES.key), '-subj', '/CN=localhost', '-config', at('sha1.cnf'), '-out', at('sha1.csr')],
+    ['x509', '-req', '-sha1', '-in', at('sha1.csr'), '-CA', at('server_ca.pem'), '-CAkey', at('server_ca.key'), '-set_serial', '7', '-days', '1', '-extfile', at('sha1.cnf'), '-extensions', 'ext', '-out', at('sha1.pem')],
+  ]) {
+    const run = await runCommand('openssl', args);
+    assert.equal(run.code, 0, run.stderr);
+  }
+  return readFile(at('sha1.pem'), 'utf8');
+}
