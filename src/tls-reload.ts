@@ -9,7 +9,7 @@
  */
 import type { X509Certificate } from 'node:crypto';
 import { watch, realpathSync, statSync, type FSWatcher } from 'node:fs';
-import { dirname } from 'node:path';
+import { basename, dirname } from 'node:path';
 import { DEFAULTS, type TlsFiles } from './config.js';
 import type { Logger } from './log.js';
 import type { RunningProxy } from './proxy.js';
@@ -44,8 +44,8 @@ const QUIET_WAIT_CAP = 10;
 
 export class TlsReloader {
   readonly #options: TlsReloaderOptions;
-  /** Each watched directory path, with which directory it was when its watch began. */
-  readonly #watchers = new Map<string, { watcher: FSWatcher; identity: string }>();
+  /** Each watched directory path, with which directory it was when its watch began and the names awaited in it. */
+  readonly #watchers = new Map<string, WatchTarget & { readonly watcher: FSWatcher }>();
   #current: TlsMaterial;
   #queue: Promise<unknown> = Promise.resolve();
   /** The reload requested and not started yet. */
@@ -174,23 +174,39 @@ export class TlsReloader {
   #refreshWatchers(): void {
     const wanted = watchTargets(this.#options.files);
     for (const [dir, { watcher, identity }] of this.#watchers) {
-      if (wanted.get(dir) === identity) continue;
+      const target = wanted.get(dir);
+      if (target?.identity === identity) {
+        this.#watchers.set(dir, { ...target, watcher });
+        continue;
+      }
       watcher.close();
       this.#watchers.delete(dir);
     }
-    for (const [dir, identity] of wanted) {
+    for (const [dir, target] of wanted) {
       if (this.#watchers.has(dir)) continue;
       try {
-        const watcher = watch(dir, { persistent: false }, () => this.#onDirectoryEvent());
+        const watcher = watch(dir, { persistent: false }, (_event, name) => {
+          if (this.#awaited(dir, name)) this.#onDirectoryEvent();
+        });
         watcher.on('error', () => {
           watcher.close();
           if (this.#watchers.get(dir)?.watcher === watcher) this.#watchers.delete(dir);
         });
-        this.#watchers.set(dir, { watcher, identity });
+        this.#watchers.set(dir, { ...target, watcher });
       } catch (err) {
         this.#options.logger.warn({ event: 'watch_failed', dir, reason: (err as Error).message }, `cannot watch ${dir} for certificate changes; SIGHUP still reloads`);
       }
     }
+  }
+
+  /**
+   * A change in a directory watched in place of a missing one below it counts only for that one's
+   * name: the parent may be busy (/tmp, a volume of other files), and each of its changes was a
+   * failed reload.
+   */
+  #awaited(dir: string, name: string | null): boolean {
+    const awaiting = this.#watchers.get(dir)?.awaiting;
+    return awaiting === undefined || name === null || awaiting.has(name);
   }
 
   /**
@@ -213,23 +229,38 @@ export class TlsReloader {
   }
 }
 
+interface WatchTarget {
+  /** Which directory it is now (device and inode). */
+  readonly identity: string;
+  /** For one watched in place of a missing directory below it: the names on the way there; undefined, any change counts. */
+  readonly awaiting: ReadonlySet<string> | undefined;
+}
+
 /**
- * The directories to watch, each with which directory it is now (device and inode). One missing
- * right now (removed, to be made again) is watched through the nearest directory above it, which
- * sees it come back.
+ * The directories to watch. One missing right now (removed, to be made again) is watched
+ * through the nearest directory above it, which sees it come back.
  */
-function watchTargets(files: TlsFiles): Map<string, string> {
-  const targets = new Map<string, string>();
+function watchTargets(files: TlsFiles): Map<string, WatchTarget> {
+  const targets = new Map<string, WatchTarget>();
   for (const dir of watchedDirectories(files)) {
     let at = dir;
+    let below: string | undefined;
     let identity = directoryIdentity(at);
     while (identity === undefined && dirname(at) !== at) {
+      below = basename(at);
       at = dirname(at);
       identity = directoryIdentity(at);
     }
-    if (identity !== undefined) targets.set(at, identity);
+    if (identity !== undefined) targets.set(at, { identity, awaiting: awaitingIn(targets.get(at), below) });
   }
   return targets;
+}
+
+/** What a directory's watch waits for once `below` (undefined: the directory itself) is wanted too. */
+function awaitingIn(known: WatchTarget | undefined, below: string | undefined): ReadonlySet<string> | undefined {
+  if (below === undefined) return undefined;
+  if (known === undefined) return new Set([below]);
+  return known.awaiting && new Set([...known.awaiting, below]);
 }
 
 function directoryIdentity(dir: string): string | undefined {

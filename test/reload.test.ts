@@ -134,7 +134,7 @@ describe('reload keeps every call alive', SAFETY, () => {
     }
   });
 
-  test('a certificate directory replaced whole (another renamed over it, or removed and made again) is watched anew: later rotations inside it are caught', async () => {
+  test('a certificate directory replaced whole (another renamed over it, or removed and made again) is watched anew: later rotations inside it are caught, and changes beside it while it is missing are not taken for it', async () => {
     const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true });
     const { dir } = r.certs;
     const serving = (set: Issued) => r.front.logs.waitFor((l) => l.event === 'reloaded' && r.reloader.material.cert.toString() === set.certPem);
@@ -154,6 +154,19 @@ describe('reload keeps every call alive', SAFETY, () => {
       // Removed: the reload fails (no files) and the watch waits above it for the directory to come back.
       await rm(dir, { recursive: true });
       await r.front.logs.waitFor((l) => l.event === 'reload_failed' && /does not exist/.test(String(l.reason)));
+      // The last events of the removal may start one more reload: let them pass (ten quiet times) and any reload end.
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      await r.reloader.reload('signal');
+      // Meanwhile the directory above (here the temporary directory) is busy: over the longest wait of the watch (10 quiet times).
+      const failedBefore = r.outcomes.length;
+      const sibling = `${dir}.busy`;
+      dirs.push(sibling);
+      for (let i = 0; i < 40; i++) {
+        await writeFile(sibling, String(i));
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      await r.reloader.reload('signal');
+      assert.deepEqual(r.outcomes.slice(failedBefore).map((o) => o.trigger), ['signal'], 'no reload for changes beside the missing directory');
       await mkdir(dir);
       for (const [role, name] of Object.entries(FILE_NAMES)) await writeFile(join(dir, name), { ...originalSet(), cert: newServer.certPem, key: newServer.keyPem }[role as keyof SetContents]);
       await serving(newServer);
