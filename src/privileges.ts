@@ -85,6 +85,53 @@ export function planPrivileges(options: PlanOptions): PrivilegePlan {
   return { ovms: resolve(options.ovmsUser, 'mtls_ovms_user'), proxy: resolve(options.proxyUser, 'mtls_user') };
 }
 
+/** Switching users takes both: setgroups/setgid, then setuid (Linux capability numbers). */
+const SWITCH_CAPABILITIES = [
+  { name: 'CAP_SETGID', bit: 6n, add: 'SETGID' },
+  { name: 'CAP_SETUID', bit: 7n, add: 'SETUID' },
+] as const;
+
+/** A capability set line of /proc/<pid>/status (`CapEff:\t000001ffffffffff`); undefined when missing. */
+function capabilitySet(status: string, field: 'CapEff' | 'CapBnd'): bigint | undefined {
+  const hex = new RegExp(`^${field}:\\s*([0-9a-f]+)$`, 'm').exec(status)?.[1];
+  return hex === undefined ? undefined : BigInt(`0x${hex}`);
+}
+
+/**
+ * The switch capabilities a process with this /proc/<pid>/status lacks. The proxy drops with its
+ * effective set; OVMS's setpriv, a root exec, gets the bounding set: both must have them.
+ */
+export function missingSwitchCapabilities(status: string): (typeof SWITCH_CAPABILITIES)[number][] {
+  const sets = [capabilitySet(status, 'CapEff'), capabilitySet(status, 'CapBnd')];
+  return SWITCH_CAPABILITIES.filter(({ bit }) => sets.some((set) => set !== undefined && (set & (1n << bit)) === 0n));
+}
+
+function ownStatus(): string {
+  try {
+    return readFileSync('/proc/self/status', 'utf8');
+  } catch {
+    // Not Linux or no /proc: nothing to tell; a failed switch still stops the start.
+    return '';
+  }
+}
+
+/**
+ * Root without CAP_SETUID/CAP_SETGID (docker --cap-drop ALL, a Kubernetes securityContext that
+ * drops them) cannot run OVMS as its user: setpriv failed, then the proxy's own drop threw an
+ * internal error with a stack, after the listeners were up. Refused before anything starts.
+ */
+export function assertCanSwitchUsers(plan: PrivilegePlan, status: string = ownStatus()): void {
+  const target = plan.ovms ?? plan.proxy;
+  if (!target) return;
+  const missing = missingSwitchCapabilities(status);
+  if (missing.length === 0) return;
+  const names = missing.map((cap) => cap.name).join(' and ');
+  const adds = missing.map((cap) => `--cap-add ${cap.add}`).join(' ');
+  throw new ConfigError(
+    `--${plan.ovms ? 'mtls_ovms_user' : 'mtls_user'}: started as root without ${names} (e.g. --cap-drop ALL), so it cannot switch to '${target.name}' (uid ${target.uid}): give ${missing.length > 1 ? 'them' : 'it'} back (docker ${adds}, Kubernetes securityContext.capabilities.add), or start it as that user (docker --user ${target.uid}, Kubernetes runAsUser: ${target.uid})`,
+  );
+}
+
 export type UserOption = 'mtls_ovms_user' | 'mtls_user';
 
 /**

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1 } from './helpers/harness.js';
 import { fakeRuns, FAKE_OVMS, makeFakeExecutable, startWrapper, tlsArgs } from './helpers/entrypoint.js';
-import { lookupUser, parsePasswd, planPrivileges } from '../src/privileges.js';
+import { assertCanSwitchUsers, lookupUser, missingSwitchCapabilities, parsePasswd, planPrivileges } from '../src/privileges.js';
 import { spawnCommand } from '../src/ovms-child.js';
 import { ConfigError } from '../src/errors.js';
 import { freeLoopbackPorts } from '../src/ports.js';
@@ -41,6 +41,28 @@ describe('user lookup', () => {
     const plan = planPrivileges({ ovmsUser: 'ovms', proxyUser: 'root', root: true, passwd: PASSWD });
     assert.equal(plan.ovms?.uid, 5000);
     assert.equal(plan.proxy, undefined);
+  });
+});
+
+describe('capabilities to switch users', () => {
+  const status = (eff: string, bnd: string) => `Name:\tnode\nCapInh:\t0000000000000000\nCapPrm:\t${eff}\nCapEff:\t${eff}\nCapBnd:\t${bnd}\n`;
+  const ALL = '000001ffffffffff';
+
+  test('CAP_SETGID and CAP_SETUID are needed in the effective set (the proxy drops) and in the bounding set (setpriv runs OVMS)', () => {
+    assert.deepEqual(missingSwitchCapabilities(status(ALL, ALL)), []);
+    assert.deepEqual(missingSwitchCapabilities(status('0000000000000400', ALL)).map((c) => c.name), ['CAP_SETGID', 'CAP_SETUID']);
+    assert.deepEqual(missingSwitchCapabilities(status(ALL, '000001ffffffff7f')).map((c) => c.name), ['CAP_SETUID']);
+    assert.deepEqual(missingSwitchCapabilities(''), [], 'no /proc: nothing to tell');
+  });
+
+  test('root without them is refused in one line naming the user, what is missing and both ways out; staying root needs none', () => {
+    const plan = planPrivileges({ ovmsUser: 'ovms', proxyUser: 'ovms', root: true, passwd: PASSWD });
+    assert.throws(
+      () => assertCanSwitchUsers(plan, status('0000000000000400', ALL)),
+      (err: unknown) => err instanceof ConfigError && err.message === "--mtls_ovms_user: started as root without CAP_SETGID and CAP_SETUID (e.g. --cap-drop ALL), so it cannot switch to 'ovms' (uid 5000): give them back (docker --cap-add SETGID --cap-add SETUID, Kubernetes securityContext.capabilities.add), or start it as that user (docker --user 5000, Kubernetes runAsUser: 5000)",
+    );
+    assert.doesNotThrow(() => assertCanSwitchUsers({}, status('0000000000000400', ALL)));
+    assert.doesNotThrow(() => assertCanSwitchUsers(plan, status(ALL, ALL)));
   });
 });
 
@@ -147,6 +169,29 @@ describe('privilege drop as root', { skip: root ? false : 'needs root' }, () => 
     assert.match(wrapper.stderr(), /^ovms-mtls: --mtls_ovms_user: user 'no-such-user-ovms-mtls' does not exist/);
     assert.deepEqual(fakeRuns(argvFile), []);
   });
+
+  // docker run --user root --cap-drop ALL: setpriv could not switch, then the proxy's own drop threw an internal error with a stack (exit 70) after the listeners were up.
+  for (const mode of ['serving', 'a one-shot run'] as const) {
+    test(`root without CAP_SETUID and CAP_SETGID, ${mode} is a one-line startup error (exit 2) before anything listens or OVMS is run`, async () => {
+      const argvFile = join(dir, `no-caps-${mode.length}.jsonl`);
+      const [rest] = await freeLoopbackPorts(1);
+      const ovmsArgs = mode === 'serving' ? ['--rest_port', String(rest), '--model_path', '/m'] : ['--list_models'];
+      const withoutCaps = ['setpriv', '--bounding-set=-setuid,-setgid'];
+      const wrapper = startWrapper([...ovmsArgs, ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'nobody'], { FAKE_OVMS_ARGV_FILE: argvFile }, withoutCaps);
+      try {
+        assert.deepEqual(await wrapper.exited, { code: 2, signal: null });
+        assert.equal(
+          wrapper.stderr(),
+          "ovms-mtls: --mtls_ovms_user: started as root without CAP_SETGID and CAP_SETUID (e.g. --cap-drop ALL), so it cannot switch to 'nobody' (uid 65534): give them back (docker --cap-add SETGID --cap-add SETUID, Kubernetes securityContext.capabilities.add), or start it as that user (docker --user 65534, Kubernetes runAsUser: 65534)\n",
+        );
+        assert.deepEqual(wrapper.logs.map((l) => l.event), []);
+        assert.deepEqual(fakeRuns(argvFile), []);
+      } finally {
+        wrapper.child.kill('SIGKILL');
+        await wrapper.exited;
+      }
+    });
+  }
 
   test('a proxy user other than the OVMS user is refused at startup: after the drop it could not signal OVMS, which outlived it', async () => {
     const argvFile = join(dir, 'two-users.jsonl');

@@ -22,7 +22,7 @@ import { OvmsSupervisor, type HangWatchSettings } from '../ovms-supervisor.js';
 import { ovmsLivenessCheck, ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
 import { hangCheckPeriodMs } from '../ovms-watchdog.js';
 import { LoopbackUpstreams } from '../ports.js';
-import { dropPrivileges, isRoot, planPrivileges, usersNotTaken, type PrivilegePlan, type UserOption } from '../privileges.js';
+import { assertCanSwitchUsers, dropPrivileges, isRoot, planPrivileges, usersNotTaken, type PrivilegePlan, type UserOption } from '../privileges.js';
 import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
 import { logSupervisorEvents, ovmsStopShareMs, runUntilDone } from './entrypoint-lifecycle.js';
@@ -88,7 +88,9 @@ async function runVersion(split: SplitOvmsArgv, io: Io): Promise<number> {
 
 /** --pull, --list_models ... write model files: as root they run as the OVMS user, like serving does. */
 function oneShotPrivileges(split: SplitOvmsArgv, io: Io): PrivilegePlan {
-  return planPrivileges({ ovmsUser: ovmsUser(split, io.env), proxyUser: 'root', root: isRoot() });
+  const plan = planPrivileges({ ovmsUser: ovmsUser(split, io.env), proxyUser: 'root', root: isRoot() });
+  assertCanSwitchUsers(plan);
+  return plan;
 }
 
 /** A non-serving OVMS invocation: run OVMS with these arguments and exit with its code; nothing listens. */
@@ -165,6 +167,7 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   const plan = planPrivileges({ ovmsUser: settings.ovmsUser, proxyUser: settings.proxyUser, root: isRoot() });
   if (!isRoot()) warnUsersNotTaken(settings.usersGiven, logger);
   checkUsersCompatible(settings, plan);
+  assertCanSwitchUsers(plan);
   assertExecutable(settings.binary);
   // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
   const binds = await resolveListenAddresses({ ...settings.listeners, admin: settings.common.admin });
