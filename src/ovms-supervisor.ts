@@ -231,7 +231,7 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
     this.#hungChild = undefined;
     this.#lastStatus = status;
     if (this.#stopping) return this.#finish(status);
-    if (!this.#readyThisRun && this.#options.retryStart && (await this.#options.retryStart(status))) {
+    if (!this.#readyThisRun && (await this.#retryAccepted(status))) {
       if (this.#stopping) return this.#finish(status);
       this.emit('retrying', status);
       return this.#spawn();
@@ -250,6 +250,20 @@ export class OvmsSupervisor extends EventEmitter<SupervisorEvents> {
       this.emit('restarted', this.#restarts);
       this.#spawn();
     }, delay);
+  }
+
+  /**
+   * Whether `retryStart` wants a respawn at once. A question it cannot answer is a no, and the
+   * restart policy applies: at the open-files limit the port check's own listen failed (EMFILE),
+   * and that rejection, escaping this exit handler, ended the whole entrypoint as a proxy failure (70).
+   */
+  async #retryAccepted(status: ExitStatus): Promise<boolean> {
+    if (!this.#options.retryStart) return false;
+    try {
+      return await this.#options.retryStart(status);
+    } catch {
+      return false;
+    }
   }
 
   /** This failure's place in the failures in a row: a run as long as stableAfterMs starts the count over. */

@@ -1,7 +1,8 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -22,6 +23,7 @@ import { entrypointSettings } from '../src/entrypoint-config.js';
 import { startServing } from '../src/cli/entrypoint-command.js';
 import { PROXY_FATAL_EXIT_CODE, runUntilDone } from '../src/cli/entrypoint-lifecycle.js';
 import { createLogger } from '../src/log.js';
+import { openFilesLimit } from '../src/fd-headroom.js';
 
 const JSON_VALUE = '{"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}';
 
@@ -61,6 +63,12 @@ async function start(ovmsArgs: string[], env: Record<string, string> = {}, extra
   // Root here (CI too): stay root unless a test is about users (test/privileges.test.ts).
   const wrapper = startWrapper([...ovmsArgs.map(ports), ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', ...extra.map(ports)], { FAKE_OVMS_ARGV_FILE: argvFile, ...env });
   return { wrapper, argvFile, grpcPort, restPort, adminPort };
+}
+
+/** `prlimit --nofile=SOFT:` on a running process: its hard limit stays, so the soft one can be raised again. */
+function setSoftOpenFilesLimit(pid: number, soft: string): void {
+  const result = spawnSync('prlimit', ['--pid', String(pid), `--nofile=${soft}:`], { encoding: 'utf8' });
+  assert.equal(result.status, 0, `prlimit failed: ${result.stderr}`);
 }
 
 async function stopWrapper(wrapper: Wrapper): Promise<void> {
@@ -555,6 +563,33 @@ describe('exit codes and signals', () => {
       await s.wrapper.waitForEvent('ovms_ready');
       assert.equal(fakeRuns(s.argvFile).length, 2);
       assert.equal((await https1(s.restPort, pki, { path: '/v2/health/live' })).status, 200);
+      s.wrapper.child.kill('SIGTERM');
+      assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
+  // A wrapper serving many clients can be at its open-files limit when OVMS crashes. The restart's spawn then fails
+  // with EMFILE, and the check whether a loopback port was taken meanwhile could not listen either: that error ended
+  // the whole wrapper as a proxy failure (exit 70) instead of the restart policy's backoff.
+  test('with --mtls_restart on-failure a restart that fails at the open-files limit (EMFILE) backs off as any failure, and OVMS serves again once descriptors are free', async () => {
+    const crashGate = join(dir, 'crash-gate-emfile');
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1', '--mtls_restart', 'on-failure', '--mtls_workers', '1'], { FAKE_OVMS_CRASH_GATE_FILE: crashGate });
+    const pid = s.wrapper.child.pid!;
+    try {
+      const first = await s.wrapper.waitForEvent('ovms_ready');
+      const limit = openFilesLimit(readFileSync(`/proc/${pid}/limits`, 'utf8'));
+      // Below what it holds: no descriptor can be opened, whichever closes meanwhile.
+      setSoftOpenFilesLimit(pid, String(readdirSync(`/proc/${pid}/fd`).length - 3));
+      await writeFile(crashGate, '');
+      await s.wrapper.waitForLog((l) => l.event === 'ovms_exited' && l['code'] === 1);
+      await rm(crashGate);
+      await s.wrapper.waitForLog((l) => l.event === 'ovms_exited' && l['spawnError'] === 'EMFILE');
+      setSoftOpenFilesLimit(pid, limit === undefined ? 'unlimited' : String(limit));
+      await s.wrapper.waitForLog((l) => l.event === 'ovms_ready' && l['pid'] !== first['pid']);
+      assert.equal((await https1(s.restPort, pki, { path: '/v2/health/live' })).status, 200);
+      assert.deepEqual(s.wrapper.logs.filter((l) => l.event === 'proxy_failed'), []);
       s.wrapper.child.kill('SIGTERM');
       assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
     } finally {
