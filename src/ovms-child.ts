@@ -67,6 +67,8 @@ export interface CommandSpec {
   readonly runAs?: UserAccount | undefined;
   /** Path of setpriv; without it OVMS can outlive a SIGKILLed wrapper. */
   readonly setpriv?: string | undefined;
+  /** OVMS's environment; ours when absent. */
+  readonly env?: NodeJS.ProcessEnv | undefined;
 }
 
 export interface SpawnCommand {
@@ -74,6 +76,7 @@ export interface SpawnCommand {
   readonly args: readonly string[];
   readonly uid?: number;
   readonly gid?: number;
+  readonly env?: NodeJS.ProcessEnv;
 }
 
 /**
@@ -86,9 +89,10 @@ export interface SpawnCommand {
  */
 export function spawnCommand(spec: CommandSpec): SpawnCommand {
   const { binary, args, runAs, setpriv } = spec;
-  if (!setpriv) return { file: binary, args, ...(runAs ? { uid: runAs.uid, gid: runAs.gid } : {}) };
+  const env = spec.env ? { env: spec.env } : {};
+  if (!setpriv) return { file: binary, args, ...(runAs ? { uid: runAs.uid, gid: runAs.gid } : {}), ...env };
   const user = runAs ? [`--reuid=${runAs.uid}`, `--regid=${runAs.gid}`, runAs.inPasswd ? '--init-groups' : '--clear-groups'] : [];
-  return { file: setpriv, args: [...user, '--pdeathsig=SIGKILL', '--', binary, ...args] };
+  return { file: setpriv, args: [...user, '--pdeathsig=SIGKILL', '--', binary, ...args], ...env };
 }
 
 export function spawnChild(command: SpawnCommand, stdio: StdioOptions): ChildProcess {
@@ -97,6 +101,7 @@ export function spawnChild(command: SpawnCommand, stdio: StdioOptions): ChildPro
     // Own process group: a terminal's Ctrl-C reaches only us, and we forward it once.
     detached: true,
     ...(command.uid !== undefined ? { uid: command.uid, gid: command.gid } : {}),
+    ...(command.env ? { env: command.env } : {}),
   });
 }
 

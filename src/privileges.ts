@@ -13,6 +13,8 @@ export interface UserAccount {
   readonly gid: number;
   /** False for a bare numeric id with no /etc/passwd entry: no supplementary groups to look up. */
   readonly inPasswd: boolean;
+  /** Its home directory from /etc/passwd; `/` for a bare numeric id, as Docker gives one. */
+  readonly home: string;
 }
 
 /** Entries of an /etc/passwd text; malformed lines are skipped. */
@@ -20,9 +22,9 @@ export function parsePasswd(text: string): UserAccount[] {
   const accounts: UserAccount[] = [];
   for (const line of text.split('\n')) {
     if (!line || line.startsWith('#')) continue;
-    const [name, , uid, gid] = line.split(':');
+    const [name, , uid, gid, , home] = line.split(':');
     if (!name || !/^\d+$/.test(uid ?? '') || !/^\d+$/.test(gid ?? '')) continue;
-    accounts.push({ name, uid: Number(uid), gid: Number(gid), inPasswd: true });
+    accounts.push({ name, uid: Number(uid), gid: Number(gid), inPasswd: true, home: home || '/' });
   }
   return accounts;
 }
@@ -43,7 +45,7 @@ export function lookupUser(nameOrUid: string, options: LookupOptions): UserAccou
   const accounts = parsePasswd(passwd);
   const found = accounts.find((a) => a.name === nameOrUid) ?? (/^\d+$/.test(nameOrUid) ? accounts.find((a) => a.uid === Number(nameOrUid)) : undefined);
   if (found) return found;
-  if (/^\d+$/.test(nameOrUid)) return { name: nameOrUid, uid: Number(nameOrUid), gid: Number(nameOrUid), inPasswd: false };
+  if (/^\d+$/.test(nameOrUid)) return { name: nameOrUid, uid: Number(nameOrUid), gid: Number(nameOrUid), inPasswd: false, home: '/' };
   throw new ConfigError(`--${options.flag}: user '${nameOrUid}' does not exist (create it, e.g. \`useradd --system ${nameOrUid}\`, or pass an existing user or numeric uid)`);
 }
 
@@ -53,6 +55,20 @@ function readPasswd(flag: string): string {
   } catch (err) {
     throw new ConfigError(`--${flag}: cannot read /etc/passwd to look the user up (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
   }
+}
+
+/**
+ * The environment OVMS gets when it runs as `user` after a start as root; undefined: ours as it is.
+ * setpriv changes the user, not the environment, and the HOME that docker and Kubernetes set for
+ * root (root's home, mode 0700) was OVMS's too: what it or the tools it runs cache under ~
+ * (a --pull's Hugging Face downloads) failed with "Permission denied". It gets its user's home, as
+ * su and gosu give; a HOME set to anything else was set on purpose and stays.
+ */
+export function ovmsEnvironment(user: UserAccount | undefined, env: NodeJS.ProcessEnv = process.env, passwd?: string): NodeJS.ProcessEnv | undefined {
+  if (!user) return undefined;
+  const rootHome = parsePasswd(passwd ?? readPasswd('mtls_ovms_user')).find((account) => account.uid === 0)?.home ?? '/root';
+  if (env['HOME'] !== undefined && env['HOME'] !== rootHome) return undefined;
+  return { ...env, HOME: user.home };
 }
 
 export function isRoot(): boolean {

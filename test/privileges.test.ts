@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1 } from './helpers/harness.js';
 import { fakeRuns, FAKE_OVMS, makeFakeExecutable, startWrapper, tlsArgs } from './helpers/entrypoint.js';
-import { assertCanSwitchUsers, lookupUser, missingSwitchCapabilities, parsePasswd, planPrivileges } from '../src/privileges.js';
+import { assertCanSwitchUsers, lookupUser, missingSwitchCapabilities, ovmsEnvironment, parsePasswd, planPrivileges } from '../src/privileges.js';
 import { spawnCommand } from '../src/ovms-child.js';
 import { ConfigError } from '../src/errors.js';
 import { freeLoopbackPorts } from '../src/ports.js';
@@ -21,9 +21,9 @@ describe('user lookup', () => {
   });
 
   test('a user is found by name or by uid; a bare uid without entry stands for itself', () => {
-    assert.deepEqual(lookupUser('ovms', { flag: 'mtls_user', passwd: PASSWD }), { name: 'ovms', uid: 5000, gid: 5000, inPasswd: true });
+    assert.deepEqual(lookupUser('ovms', { flag: 'mtls_user', passwd: PASSWD }), { name: 'ovms', uid: 5000, gid: 5000, inPasswd: true, home: '/home/ovms' });
     assert.equal(lookupUser('65534', { flag: 'mtls_user', passwd: PASSWD }).name, 'nobody');
-    assert.deepEqual(lookupUser('1234', { flag: 'mtls_user', passwd: PASSWD }), { name: '1234', uid: 1234, gid: 1234, inPasswd: false });
+    assert.deepEqual(lookupUser('1234', { flag: 'mtls_user', passwd: PASSWD }), { name: '1234', uid: 1234, gid: 1234, inPasswd: false, home: '/' });
   });
 
   test('a user that does not exist is a ConfigError naming the flag and the fix', () => {
@@ -41,6 +41,21 @@ describe('user lookup', () => {
     const plan = planPrivileges({ ovmsUser: 'ovms', proxyUser: 'root', root: true, passwd: PASSWD });
     assert.equal(plan.ovms?.uid, 5000);
     assert.equal(plan.proxy, undefined);
+  });
+});
+
+describe("OVMS's environment after a start as root", () => {
+  const ovms = lookupUser('ovms', { flag: 'mtls_ovms_user', passwd: PASSWD });
+
+  test("root's HOME (what docker and Kubernetes set) or none becomes the OVMS user's home; the rest of the environment stays", () => {
+    assert.deepEqual(ovmsEnvironment(ovms, { HOME: '/root', GRPC_SERVERS: '2' }, PASSWD), { HOME: '/home/ovms', GRPC_SERVERS: '2' });
+    assert.deepEqual(ovmsEnvironment(ovms, { HF_TOKEN: 't' }, PASSWD), { HF_TOKEN: 't', HOME: '/home/ovms' });
+    assert.deepEqual(ovmsEnvironment(lookupUser('4321', { flag: 'mtls_ovms_user', passwd: PASSWD }), { HOME: '/root' }, PASSWD), { HOME: '/' });
+  });
+
+  test('a HOME set to anything else was set on purpose and stays; no user switch, no change', () => {
+    assert.equal(ovmsEnvironment(ovms, { HOME: '/data' }, PASSWD), undefined);
+    assert.equal(ovmsEnvironment(undefined, { HOME: '/root' }, PASSWD), undefined);
   });
 });
 
@@ -68,12 +83,12 @@ describe('capabilities to switch users', () => {
 
 describe('the OVMS spawn command', () => {
   test('setpriv changes the user first and sets the parent-death signal after, then runs OVMS with its argv', () => {
-    const cmd = spawnCommand({ binary: '/ovms/bin/ovms', args: ['--plugin_config', '{"A": 1}'], runAs: { name: 'ovms', uid: 5000, gid: 5000, inPasswd: true }, setpriv: '/usr/bin/setpriv' });
+    const cmd = spawnCommand({ binary: '/ovms/bin/ovms', args: ['--plugin_config', '{"A": 1}'], runAs: { name: 'ovms', uid: 5000, gid: 5000, inPasswd: true, home: '/home/ovms' }, setpriv: '/usr/bin/setpriv' });
     assert.deepEqual(cmd, { file: '/usr/bin/setpriv', args: ['--reuid=5000', '--regid=5000', '--init-groups', '--pdeathsig=SIGKILL', '--', '/ovms/bin/ovms', '--plugin_config', '{"A": 1}'] });
   });
 
   test('without setpriv, Node switches the user', () => {
-    assert.deepEqual(spawnCommand({ binary: '/x', args: [], runAs: { name: 'n', uid: 7, gid: 8, inPasswd: false } }), { file: '/x', args: [], uid: 7, gid: 8 });
+    assert.deepEqual(spawnCommand({ binary: '/x', args: [], runAs: { name: 'n', uid: 7, gid: 8, inPasswd: false, home: '/' } }), { file: '/x', args: [], uid: 7, gid: 8 });
   });
 });
 
@@ -92,6 +107,30 @@ describe('privilege drop as root', { skip: root ? false : 'needs root' }, () => 
   after(async () => {
     await pki.cleanup();
     await rm(dir, { recursive: true, force: true });
+  });
+
+  // setpriv switches the user, not the environment: OVMS ran as nobody with HOME=/root (mode 0700), and whatever it cached under ~ failed.
+  test("OVMS run as --mtls_ovms_user gets that user's HOME instead of root's: serving, a restart after the proxy's drop, and a one-shot run", async () => {
+    const argvFile = join(dir, 'home.jsonl');
+    const [rest] = await freeLoopbackPorts(1);
+    const asRootStarts = { FAKE_OVMS_ARGV_FILE: argvFile, HOME: lookupUser('0', { flag: 'mtls_user' }).home };
+    const users = ['--mtls_ovms_user', 'nobody', '--mtls_user', 'nobody'];
+    const wrapper = startWrapper(
+      ['--rest_port', String(rest), '--rest_bind_address', '127.0.0.1', ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, ...users, '--mtls_restart', 'on-failure', '--mtls_workers', '1'],
+      { ...asRootStarts, FAKE_OVMS_EXIT_CODE: '5', FAKE_OVMS_FAIL_RUNS: '1' },
+    );
+    try {
+      await wrapper.waitForEvent('ovms_ready');
+      wrapper.child.kill('SIGTERM');
+      assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
+    } finally {
+      wrapper.child.kill('SIGKILL');
+      await wrapper.exited;
+    }
+    const oneShot = startWrapper(['--list_models', '--mtls_ovms_binary', FAKE_OVMS, ...users], asRootStarts);
+    assert.deepEqual(await oneShot.exited, { code: 0, signal: null });
+    const nobodyHome = lookupUser('nobody', { flag: 'mtls_ovms_user' }).home;
+    assert.deepEqual(fakeRuns(argvFile).map((r) => [r.uid, r.home]), [[65534, nobodyHome], [65534, nobodyHome], [65534, nobodyHome]]);
   });
 
   test('OVMS runs as --mtls_ovms_user and the proxy drops to --mtls_user after reading the root-only key', async () => {

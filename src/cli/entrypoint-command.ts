@@ -22,7 +22,7 @@ import { OvmsSupervisor, type HangWatchSettings } from '../ovms-supervisor.js';
 import { ovmsLivenessCheck, ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
 import { hangCheckPeriodMs } from '../ovms-watchdog.js';
 import { LoopbackUpstreams } from '../ports.js';
-import { assertCanSwitchUsers, dropPrivileges, isRoot, planPrivileges, usersNotTaken, type PrivilegePlan, type UserOption } from '../privileges.js';
+import { assertCanSwitchUsers, dropPrivileges, isRoot, ovmsEnvironment, planPrivileges, usersNotTaken, type PrivilegePlan, type UserOption } from '../privileges.js';
 import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
 import { logSupervisorEvents, ovmsStopShareMs, runUntilDone } from './entrypoint-lifecycle.js';
@@ -97,7 +97,7 @@ function oneShotPrivileges(split: SplitOvmsArgv, io: Io): PrivilegePlan {
 async function runOneShot(split: SplitOvmsArgv, io: Io, args: readonly string[], plan: PrivilegePlan): Promise<number> {
   const binary = ovmsBinary(split, io.env);
   assertExecutable(binary);
-  const status = await runToCompletion(spawnCommand({ binary, args, runAs: plan.ovms, setpriv: findSetpriv() }));
+  const status = await runToCompletion(spawnCommand({ binary, args, runAs: plan.ovms, setpriv: findSetpriv(), env: ovmsEnvironment(plan.ovms) }));
   return exitCodeOf(status);
 }
 
@@ -259,9 +259,11 @@ function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, ups
   const setpriv = findSetpriv();
   if (!setpriv) logger.warn({ event: 'no_setpriv' }, 'setpriv not found: OVMS would outlive ovms-mtls if ovms-mtls were killed with SIGKILL');
   let portRetries: number = DEFAULTS.ovms.portRetries;
+  // Once, as root: restarts after the proxy's drop keep it.
+  const env = ovmsEnvironment(plan.ovms);
   return new OvmsSupervisor({
     // As root at the first spawn; after the drop we already are the OVMS user (see checkUsersCompatible).
-    command: () => spawnCommand({ binary: settings.binary, args: ovmsServeArgv(settings.passthrough, upstreams.current(), { sharedGrpcConnection: settings.common.grpcMode === 'terminate' }), runAs: isRoot() ? plan.ovms : undefined, setpriv }),
+    command: () => spawnCommand({ binary: settings.binary, args: ovmsServeArgv(settings.passthrough, upstreams.current(), { sharedGrpcConnection: settings.common.grpcMode === 'terminate' }), runAs: isRoot() ? plan.ovms : undefined, setpriv, env }),
     probe: ovmsReadinessProbe(upstreams.host, () => upstreams.current()),
     restart: settings.restart,
     ...(settings.hangTimeoutMs > 0 ? { hangWatch: hangWatchSettings(settings, config) } : {}),

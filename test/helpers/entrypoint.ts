@@ -103,6 +103,7 @@ export interface FakeRun {
   pid: number;
   uid: number;
   gid: number;
+  home: string | undefined;
 }
 
 export function fakeRuns(argvFile: string): FakeRun[] {
