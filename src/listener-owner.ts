@@ -30,26 +30,52 @@ async function readOrEmpty(path: string): Promise<string> {
   }
 }
 
+/** Whether `pid` holds one of `inodes`; undefined when its fds cannot be read (gone, or not ours to read). */
+async function holdsOneOf(pid: number, inodes: ReadonlySet<string>): Promise<boolean | undefined> {
+  let fds: string[];
+  try {
+    fds = await readdir(`/proc/${pid}/fd`);
+  } catch {
+    return undefined;
+  }
+  for (const fd of fds) {
+    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+    const inode = /^socket:\[(\d+)\]$/.exec(target)?.[1];
+    if (inode !== undefined && inodes.has(inode)) return true;
+  }
+  return false;
+}
+
+/** The process group of a /proc/<pid>/stat text: the third field after the command name in parentheses. */
+export function processGroupOf(stat: string): number | undefined {
+  const group = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[2];
+  return group !== undefined && /^\d+$/.test(group) ? Number(group) : undefined;
+}
+
+/** The other processes of the group `leader` leads. */
+async function groupMembers(leader: number): Promise<number[]> {
+  const pids = (await readdir('/proc').catch(() => [])).filter((name) => /^\d+$/.test(name) && Number(name) !== leader);
+  const members = await Promise.all(pids.map(async (pid) => (processGroupOf(await readOrEmpty(`/proc/${pid}/stat`)) === leader ? Number(pid) : undefined)));
+  return members.filter((pid): pid is number => pid !== undefined);
+}
+
 /**
- * 'ours' when `pid` holds a socket listening on `port`, 'foreign' when only
- * other processes do, 'none' when nothing listens, 'unknown' when /proc does
- * not tell (not Linux, or the process's fds are not readable to us).
+ * 'ours' when `pid`, or a process of the group it leads, holds a socket listening on `port`;
+ * 'foreign' when only other processes do, 'none' when nothing listens, 'unknown' when /proc does
+ * not tell (not Linux, or the process's fds are not readable to us). The group counts because
+ * OVMS leads one (ovms-child.ts spawnChild): a script given as --mtls_ovms_binary that runs OVMS
+ * without `exec` leaves OVMS a child in it, and OVMS was never seen ready (503 for ever).
  */
 export async function listenerOwner(pid: number, port: number): Promise<'ours' | 'foreign' | 'none' | 'unknown'> {
   const tables = await Promise.all([readOrEmpty('/proc/net/tcp'), readOrEmpty('/proc/net/tcp6')]);
   if (!tables[0] && !tables[1]) return 'unknown';
   const inodes = new Set(tables.flatMap((t) => listeningInodes(t, port)));
   if (inodes.size === 0) return 'none';
-  let fds: string[];
-  try {
-    fds = await readdir(`/proc/${pid}/fd`);
-  } catch {
-    return 'unknown';
-  }
-  for (const fd of fds) {
-    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
-    const inode = /^socket:\[(\d+)\]$/.exec(target)?.[1];
-    if (inode !== undefined && inodes.has(inode)) return 'ours';
+  const held = await holdsOneOf(pid, inodes);
+  if (held === undefined) return 'unknown';
+  if (held) return 'ours';
+  for (const member of await groupMembers(pid)) {
+    if (await holdsOneOf(member, inodes)) return 'ours';
   }
   return 'foreign';
 }

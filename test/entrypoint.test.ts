@@ -299,6 +299,24 @@ describe('serving: listeners and the argv OVMS gets', () => {
     }
   });
 
+  // Custom images start OVMS from a script (environment set-up first); without `exec`, OVMS is the script's child and
+  // holds the ports, not the process the wrapper started: OVMS was never seen ready, and every call got 503 for ever.
+  test('an OVMS started by a script without exec (--mtls_ovms_binary) is seen ready and serves; on SIGTERM nothing of it is left', async () => {
+    const script = join(dir, 'start-ovms.sh');
+    await writeFile(script, `#!/bin/sh\nexport SET_UP=1\n'${FAKE_OVMS}' "$@"\n`, { mode: 0o755 });
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_ovms_binary', script]);
+    try {
+      await eventually(() => s.wrapper.logs.some((l) => l.event === 'ovms_ready'), 'OVMS seen ready', 60_000);
+      assert.equal((await https1(s.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      const [run] = fakeRuns(s.argvFile);
+      s.wrapper.child.kill('SIGTERM');
+      await s.wrapper.exited;
+      await eventually(() => processGone(run!.pid), `OVMS pid ${run!.pid} is gone`, 10_000);
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
+  });
+
   test('a loopback port taken between choosing it and OVMS binding it is detected, and OVMS is started again on new ports', async () => {
     const thiefPidFile = join(dir, 'thief.pid');
     const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1'], { FAKE_OVMS_STEAL_PORT_RUNS: '1', FAKE_OVMS_THIEF_PID_FILE: thiefPidFile });
