@@ -143,5 +143,7 @@ export async function runToCompletion(command: SpawnCommand): Promise<ExitStatus
     return await waitForExit(child);
   } finally {
     for (const s of signals) process.off(s, forward);
+    // As when serving: what OVMS forked and left behind (a converter of a --pull that crashed) must not run on after us.
+    signalGroup(child, 'SIGKILL');
   }
 }

@@ -830,6 +830,23 @@ describe('non-serving invocations', () => {
     }
   });
 
+  // The wrapper returned with OVMS's code and the converter an OVMS --pull had started ran on, orphaned.
+  test('a one-shot OVMS that exits while what it forked still runs (a --pull that crashed mid-conversion): nothing runs on after the wrapper', async () => {
+    const helperFile = join(dir, 'one-shot-left-behind.pid');
+    const script = join(dir, 'pull-crashes.sh');
+    await writeFile(script, `#!/bin/sh\nsleep 300 &\necho $! > '${helperFile}'\nexit 3\n`, { mode: 0o755 });
+    const s = await start(['--pull', '--source_model', 'm', '--model_repository_path', '/models'], {}, ['--mtls_ovms_binary', script]);
+    let helper: number | undefined;
+    try {
+      assert.deepEqual(await s.wrapper.exited, { code: 3, signal: null });
+      helper = Number(readFileSync(helperFile, 'utf8'));
+      await eventually(() => processGone(helper!), `the helper (pid ${helper}) to be gone`, 5000);
+    } finally {
+      if (helper !== undefined && !processGone(helper)) process.kill(helper, 'SIGKILL');
+      await stopWrapper(s.wrapper);
+    }
+  });
+
   test("--version prints ours, then OVMS's, with OVMS's exit code", async () => {
     const s = await start(['--version'], { FAKE_OVMS_ONESHOT_EXIT_CODE: '6' });
     assert.deepEqual(await s.wrapper.exited, { code: 6, signal: null });
