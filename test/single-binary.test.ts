@@ -11,6 +11,8 @@ import { readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createSecureServer, type ServerHttp2Stream } from 'node:http2';
+import type { AddressInfo } from 'node:net';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -169,6 +171,37 @@ describe('single executable', () => {
       assert.deepEqual(await readdir(temp), [], 'left behind after SIGKILL');
     } finally {
       if (serving.exitCode === null && serving.signalCode === null) serving.kill('SIGKILL');
+    }
+  });
+
+  // A health check's probe is SIGKILLed at its timeout (Docker), a probe waiting on a hung model
+  // server gets Ctrl-C: no exit handler runs, and each one left its .proto files behind.
+  test('a probe ended by a signal while it waits on a server that never answers leaves nothing in the temporary directory', async () => {
+    const temp = join(dir, 'probe-tmp');
+    await mkdir(temp);
+    const calls: ServerHttp2Stream[] = [];
+    const silent = createSecureServer({ key: pki.server.keyPem, cert: pki.server.certPem }, () => undefined).on('stream', (stream) => calls.push(stream));
+    silent.listen(0, '127.0.0.1');
+    await once(silent, 'listening');
+    try {
+      for (const signal of ['SIGINT', 'SIGKILL'] as const) {
+        const before = calls.length;
+        const probe = spawn(exe, ['probe', '--host', '127.0.0.1', '--port', String((silent.address() as AddressInfo).port),
+          '--mtls_cert', pki.paths['client.pem']!, '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!],
+        { cwd: dir, env: { ...bareEnv, TMPDIR: temp }, stdio: 'ignore' });
+        try {
+          // Its first gRPC call arrived: the .proto files were loaded before it was sent.
+          await eventually(() => calls.length > before, `the probe's ServerLive call (${signal})`);
+          probe.kill(signal);
+          await once(probe, 'exit');
+        } finally {
+          if (probe.exitCode === null && probe.signalCode === null) probe.kill('SIGKILL');
+        }
+        assert.deepEqual(await readdir(temp), [], `left behind by a probe ended with ${signal}`);
+      }
+    } finally {
+      for (const call of calls) call.session?.destroy();
+      silent.close();
     }
   });
 

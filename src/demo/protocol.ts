@@ -21,21 +21,31 @@ const PROTO_FILES = ['kserve_v2.proto', 'test_echo.proto'];
 let protoDirectory: string | undefined;
 
 /**
- * Directory holding kserve_v2.proto and test_echo.proto. From the package: resolved from the
- * compiled file (dist/src/demo/protocol.js -> <repo>/proto/), because the package ships `proto/`
- * next to `dist/`, not inside it. The single executable carries them as assets and writes them out
- * only here, on first need: serving never loads them, and a process killed with SIGKILL would
- * otherwise leave its copy behind in a /tmp that outlives container restarts (a Kubernetes emptyDir).
+ * Directory holding kserve_v2.proto and test_echo.proto, for a command that hands it to another
+ * program (demo's grpcurl line). From the package: resolved from the compiled file
+ * (dist/src/demo/protocol.js -> <repo>/proto/), because the package ships `proto/` next to `dist/`,
+ * not inside it. The single executable carries them as assets and writes them out here, on first
+ * need, until it exits.
  */
 export function protoDir(): string {
-  protoDirectory ??= isSea() ? unpackSeaProtos() : fileURLToPath(new URL('../../../proto/', import.meta.url));
+  protoDirectory ??= isSea() ? unpackSeaProtosUntilExit() : fileURLToPath(new URL('../../../proto/', import.meta.url));
   return protoDirectory;
 }
 
+function unpackSeaProtosUntilExit(): string {
+  const dir = unpackSeaProtos();
+  process.once('exit', () => removeQuietly(dir));
+  return dir;
+}
+
+/**
+ * The executable's assets in a new private directory: the loader reads files only. Serving never
+ * calls this, so a serving process leaves nothing in a /tmp that outlives container restarts
+ * (a Kubernetes emptyDir).
+ */
 function unpackSeaProtos(): string {
   try {
     const dir = mkdtempSync(join(tmpdir(), 'ovms-mtls-'));
-    process.once('exit', () => removeQuietly(dir));
     for (const name of PROTO_FILES) writeFileSync(join(dir, name), getAsset(`proto/${name}`, 'utf8'), { mode: 0o444 });
     return dir;
   } catch (err) {
@@ -46,7 +56,7 @@ function unpackSeaProtos(): string {
   }
 }
 
-/** At exit nothing can report a failure any more; a leftover directory is harmless. */
+/** A leftover directory is harmless, and at exit nothing could report it any more. */
 function removeQuietly(dir: string): void {
   try {
     rmSync(dir, { recursive: true, force: true });
@@ -59,19 +69,37 @@ let cached: grpc.GrpcObject | undefined;
 
 /** Parses both protos once per process; later calls reuse the result. */
 export function loadProtos(): grpc.GrpcObject {
-  cached ??= grpc.loadPackageDefinition(protoLoader.loadSync(requireProtoFiles(PROTO_FILES), loaderOptions()));
+  cached ??= grpc.loadPackageDefinition(isSea() ? loadSeaDefinition() : loadDefinition(protoDir()));
   return cached;
 }
 
-function loaderOptions(): protoLoader.Options {
-  return { keepCase: true, longs: String, enums: String, bytes: Buffer, defaults: true, oneofs: true, includeDirs: [protoDir()] };
+function loadDefinition(dir: string): protoLoader.PackageDefinition {
+  return protoLoader.loadSync(requireProtoFiles(dir, PROTO_FILES), loaderOptions(dir));
+}
+
+/**
+ * The loader reads the files at once, so their directory goes as soon as it has: a probe ended by
+ * a signal while it waits on a server (Ctrl-C, SIGTERM, a health check's SIGKILL at its timeout)
+ * runs no exit handler, and left its copy behind each time.
+ */
+function loadSeaDefinition(): protoLoader.PackageDefinition {
+  const dir = unpackSeaProtos();
+  try {
+    return loadDefinition(dir);
+  } finally {
+    removeQuietly(dir);
+  }
+}
+
+function loaderOptions(dir: string): protoLoader.Options {
+  return { keepCase: true, longs: String, enums: String, bytes: Buffer, defaults: true, oneofs: true, includeDirs: [dir] };
 }
 
 /** The loader would only say ENOENT for a bare file name. */
-function requireProtoFiles(names: string[]): string[] {
-  const missing = names.find((name) => !existsSync(join(protoDir(), name)));
+function requireProtoFiles(dir: string, names: string[]): string[] {
+  const missing = names.find((name) => !existsSync(join(dir, name)));
   if (missing === undefined) return names;
-  throw new ConfigError(`${join(protoDir(), missing)} does not exist: the .proto files belong next to dist/ in the package; reinstall it`);
+  throw new ConfigError(`${join(dir, missing)} does not exist: the .proto files belong next to dist/ in the package; reinstall it`);
 }
 
 /** Finds a service constructor by its full name, e.g. `inference.GRPCInferenceService`. */
@@ -81,7 +109,7 @@ export function serviceConstructor(fullName: string): grpc.ServiceClientConstruc
     node = (node as Record<string, unknown> | undefined)?.[part];
   }
   if (typeof node !== 'function' || !('service' in node)) {
-    throw new Error(`service ${fullName} not found in ${protoDir()}`);
+    throw new Error(`service ${fullName} not found in ${PROTO_FILES.join(' or ')}`);
   }
   return node as grpc.ServiceClientConstructor;
 }
