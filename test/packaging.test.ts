@@ -17,7 +17,7 @@ import { ALL_OPTIONS, envVarName, optionSpec, optionsFromEnv } from '../src/opti
 import { DEFAULTS, parseAllowList, proxyConfigFromOptions } from '../src/config.js';
 import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
 import { PROXY_OPTIONS, PROXY_USAGE } from '../src/cli/proxy-command.js';
-import { PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
+import { DEFAULT_PROBE_TIMEOUT_S, PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv, UNCAPPED_OVMS_STREAMS } from '../src/ovms-args.js';
 import { UPSTREAM_CHECK_TIMEOUT_MS } from '../src/health.js';
@@ -97,6 +97,26 @@ describe('docker-compose.yml', () => {
   test('the probe service waits until ovms-secure passes its healthcheck, not merely until it started', () => {
     assert.ok(services['ovms-secure']!['healthcheck'], 'ovms-secure has no healthcheck to wait for');
     assert.deepEqual(services['probe']!['depends_on'], { 'ovms-secure': { condition: 'service_healthy' } });
+  });
+
+  // Docker SIGKILLs a check still running at its timeout and records only "Health check exceeded
+  // timeout": with the probe's default 10 s per step and a 10 s timeout, a hung OVMS (a ServerLive
+  // with no answer) never got the probe's "no answer before the deadline" into the health log.
+  test('the healthcheck outlasts every step of the probe it runs, so the probe reports the failing layer', async () => {
+    const healthcheck = services['ovms-secure']!['healthcheck'] as Yaml;
+    const [form, program, command, ...args] = healthcheck['test'] as string[];
+    assert.deepEqual([form, program, command], ['CMD', '/usr/local/bin/ovms-mtls', 'probe']);
+    const parsed = await parseCommandLine(args, PROBE_OPTIONS, PROBE_USAGE);
+    const given = (name: string) => [parsed[name]].flat().at(-1) as string | number | undefined;
+    const stepSeconds = Number(given('timeout') ?? DEFAULT_PROBE_TIMEOUT_S);
+    // One after another, each up to --timeout: per port its TLS handshake, gRPC ServerLive and
+    // ServerReady or REST /v2/health/ready, and with --model that model's metadata.
+    const perPort = (grpc: boolean) => (grpc ? 3 : 2) + (given('model') === undefined ? 0 : 1);
+    const steps = (given('port') === undefined ? 0 : perPort(true)) + (given('rest_port') === undefined ? 0 : perPort(false));
+    const startSeconds = 2; // the executable's own start, on a loaded machine
+    const timeout = Number(/^(\d+)s$/.exec(String(healthcheck['timeout']))?.[1]);
+    assert.ok(timeout >= steps * stepSeconds + startSeconds,
+      `healthcheck timeout ${healthcheck['timeout']}: the probe may take ${steps} steps x ${stepSeconds} s (--timeout) + ${startSeconds} s to start`);
   });
 
   test('the servers get longer than their shutdown timeout to stop (compose SIGKILLs after 10 s by default)', () => {

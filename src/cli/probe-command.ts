@@ -14,6 +14,9 @@ import { firstPemCertificate, isEncryptedKey, notPemKey } from '../pem-shapes.js
  * environment): inside the container OVMS_MTLS_CERT names the SERVER
  * certificate, which must never be picked up as the probe's client cert.
  */
+/** Seconds each step may take unless --timeout says otherwise. */
+export const DEFAULT_PROBE_TIMEOUT_S = 10;
+
 export const PROBE_OPTIONS: readonly OptionSpec[] = [
   { name: 'host', type: 'string', describe: 'Host name or IP of the deployment' },
   { name: 'port', type: 'number', describe: 'Public gRPC (mTLS) port to check' },
@@ -23,7 +26,7 @@ export const PROBE_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_ca', type: 'string', describe: 'CA that issued the SERVER certificate (PEM)' },
   { name: 'model', type: 'string', describe: 'Also fetch this model\'s metadata' },
   { name: 'servername', type: 'string', describe: 'Name the server certificate must carry', defaultDescription: '--host' },
-  { name: 'timeout', type: 'number', describe: 'Seconds each step may take', defaultDescription: '10' },
+  { name: 'timeout', type: 'number', describe: 'Seconds each step may take', defaultDescription: String(DEFAULT_PROBE_TIMEOUT_S) },
 ];
 
 export const PROBE_USAGE = `ovms-mtls probe --host HOST [--port P] [--rest_port R] \\
@@ -96,7 +99,7 @@ function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   const grpcPort = parsed['port'] === undefined ? undefined : parsePort('port', last(parsed['port']));
   const restPort = parsed['rest_port'] === undefined ? undefined : parsePort('rest_port', last(parsed['rest_port']));
   if (!grpcPort && !restPort) throw new ConfigError('nothing to probe: give --port (gRPC) and/or --rest_port (REST)');
-  const timeout = parsed['timeout'] === undefined ? 10 : Number(last(parsed['timeout']));
+  const timeout = parsed['timeout'] === undefined ? DEFAULT_PROBE_TIMEOUT_S : Number(last(parsed['timeout']));
   // Past MAX_SECONDS Node fires timers after 1 ms: every step would fail as "no answer within" that long.
   if (!Number.isFinite(timeout) || timeout <= 0 || timeout > MAX_SECONDS) {
     throw new ConfigError(`--timeout: '${String(parsed['timeout'])}' is not a number of seconds > 0 and <= ${MAX_SECONDS}`);
