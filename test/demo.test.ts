@@ -39,18 +39,23 @@ async function interrupt(child: ReturnType<typeof spawn>): Promise<number | null
   return code;
 }
 
+/** Runs the curl and probe commands the demo printed, each as a shell runs a pasted line. */
+async function assertPastedCommandsWork(out: string): Promise<void> {
+  const commands = out.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('curl ') || l.startsWith('bin/ovms-mtls probe'));
+  assert.equal(commands.length, 4);
+  const [infer, sse, refused, probe] = commands as [string, string, string, string];
+  const inferred = JSON.parse((await run('bash', ['-c', infer], { cwd: ROOT })).stdout);
+  assert.deepEqual(inferred.outputs[0].data, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+  assert.match((await run('bash', ['-c', sse], { cwd: ROOT })).stdout, /data: \[DONE\]/);
+  assert.match(JSON.parse((await run('bash', ['-c', refused], { cwd: ROOT })).stdout).error, /^client certificate refused \(no_certificate\): /);
+  assert.match((await run('bash', ['-c', probe], { cwd: ROOT })).stdout, /ServerReady/);
+}
+
 test('demo starts certificates, a model server and the proxy, and every printed command works as pasted', async () => {
   const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
   const { child, out } = await startDemo(['--port', String(grpcPort), '--rest_port', String(restPort)]);
   try {
-    const commands = out.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('curl ') || l.startsWith('bin/ovms-mtls probe'));
-    assert.equal(commands.length, 4);
-    const [infer, sse, refused, probe] = commands as [string, string, string, string];
-    const inferred = JSON.parse((await run('bash', ['-c', infer], { cwd: ROOT })).stdout);
-    assert.deepEqual(inferred.outputs[0].data, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
-    assert.match((await run('bash', ['-c', sse], { cwd: ROOT })).stdout, /data: \[DONE\]/);
-    assert.match(JSON.parse((await run('bash', ['-c', refused], { cwd: ROOT })).stdout).error, /^client certificate refused \(no_certificate\): /);
-    assert.match((await run('bash', ['-c', probe], { cwd: ROOT })).stdout, /ServerReady/);
+    await assertPastedCommandsWork(out);
     const certDir = /Throwaway certificates \(valid 1 day\), removed on exit: (\S+)/.exec(out)![1]!;
     assert.ok(existsSync(certDir));
     assert.equal(await interrupt(child), 0);
@@ -90,6 +95,20 @@ test('demo --dir on a new directory says the certificates are kept, and keeps th
     assert.doesNotMatch(out, /[Tt]hrowaway/);
     assert.equal(await interrupt(child), 0);
     assert.ok(existsSync(join(dir, 'client.key')) && existsSync(join(dir, 'client_cert_ca.key')), 'the set outlives the demo');
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+    await rm(parent, { recursive: true, force: true });
+  }
+});
+
+// Printed unquoted, a path with a space split in two: curl looked up the host `sp`, probe refused an extra argument.
+test('demo --dir on a path with a space and a quote prints commands that work as pasted', async () => {
+  const parent = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-paste-'));
+  const dir = join(parent, "Bob's certs");
+  const { child, out } = await startDemo(['--dir', dir, '--port', '0', '--rest_port', '0']);
+  try {
+    await assertPastedCommandsWork(out);
+    assert.equal(await interrupt(child), 0);
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');
     await rm(parent, { recursive: true, force: true });

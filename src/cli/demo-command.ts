@@ -54,10 +54,19 @@ function ownCommand(): string {
   return isSea() ? process.execPath : 'bin/ovms-mtls';
 }
 
+/**
+ * A path as one word of a pasted shell command: as it is when it holds nothing a shell would read
+ * otherwise, else in single quotes (a space in --dir, TMPDIR or the checkout's path split it).
+ */
+function shellWord(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", "'\\''")}'`;
+}
+
 /** The commands printed for the user, with the real paths and ports filled in. `kept`: the certificates outlive the demo (--dir). */
 function demoInstructions({ certDir, grpcPort, restPort, kept }: { certDir: string; grpcPort: number; restPort: number; kept: boolean }): string {
-  const cli = ownCommand();
-  const tls = `--cacert ${certDir}/server_ca.pem --cert ${certDir}/client.pem --key ${certDir}/client.key`;
+  const cli = shellWord(ownCommand());
+  const cert = (name: string) => shellWord(join(certDir, name));
+  const tls = `--cacert ${cert('server_ca.pem')} --cert ${cert('client.pem')} --key ${cert('client.key')}`;
   const infer = `'{"inputs":[{"name":"b","shape":[1,10],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9,10]}]}'`;
   return `
 ovms-mtls demo is running: mTLS gRPC on 127.0.0.1:${grpcPort}, mTLS REST on 127.0.0.1:${restPort}
@@ -71,13 +80,13 @@ Server-Sent Events, event by event:
   curl -sSN ${tls} -H 'content-type: application/json' -d '{"model":"dummy","stream":true,"messages":[]}' https://localhost:${restPort}/v3/chat/completions
 
 Refused without a client certificate (answered 403 with the reason the proxy logs):
-  curl -sS --cacert ${certDir}/server_ca.pem https://localhost:${restPort}/v2/health/ready
+  curl -sS --cacert ${cert('server_ca.pem')} https://localhost:${restPort}/v2/health/ready
 
 gRPC (KServe ServerLive/ServerReady/ModelMetadata) like a client would:
-  ${cli} probe --host localhost --port ${grpcPort} --rest_port ${restPort} --mtls_cert ${certDir}/client.pem --mtls_key ${certDir}/client.key --mtls_ca ${certDir}/server_ca.pem --model dummy
+  ${cli} probe --host localhost --port ${grpcPort} --rest_port ${restPort} --mtls_cert ${cert('client.pem')} --mtls_key ${cert('client.key')} --mtls_ca ${cert('server_ca.pem')} --model dummy
 
 gRPC with grpcurl, if you have it:
-  grpcurl -cacert ${certDir}/server_ca.pem -cert ${certDir}/client.pem -key ${certDir}/client.key -import-path ${protoDir()} -proto kserve_v2.proto localhost:${grpcPort} inference.GRPCInferenceService/ServerReady
+  grpcurl -cacert ${cert('server_ca.pem')} -cert ${cert('client.pem')} -key ${cert('client.key')} -import-path ${shellWord(protoDir())} -proto kserve_v2.proto localhost:${grpcPort} inference.GRPCInferenceService/ServerReady
 
 Press Ctrl-C to stop.
 `;
