@@ -152,6 +152,15 @@ describe('proxy command line', () => {
     });
   }
 
+  // yargs translated its own messages: under de_DE the first said "Unbekanntes Argument: bogus", the second "Unbekanntes Argument: maybe".
+  test('under a non-English locale an unknown option and a stray word get the same lines', async () => {
+    const german = { LANG: 'de_DE.UTF-8', LC_ALL: 'de_DE.UTF-8', LANGUAGE: 'de' };
+    const unknown = await runCli(['proxy', '--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], { env: german });
+    assert.equal(unknown.stderr, 'ovms-mtls: unknown option --mtls_bogus (see `ovms-mtls --help`)\n');
+    const stray = await runCli(['proxy', '--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()], { env: german });
+    assert.match(stray.stderr, /^ovms-mtls: unexpected argument 'maybe'; /);
+  });
+
   // OpenSSL in Node trusts a client chain only up to a self-signed CA of the bundle: this set served and refused every client, saying nothing at start.
   test('an intermediate CA without its root as --mtls_client_ca starts with a warning that names it and says what to add', { timeout: 60_000 }, async () => {
     const [restPort] = (await freeLoopbackPorts(1)) as [number];

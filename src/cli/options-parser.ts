@@ -92,6 +92,9 @@ export async function parseCommandLine(argv: readonly string[], specs: readonly 
     .parserConfiguration(PARSER_CONFIGURATION)
     .scriptName('ovms-mtls')
     .usage(usage)
+    // yargs follows LANG/LC_ALL: under de_DE its "Unknown argument" came out as "Unbekanntes Argument",
+    // which unknownOptionMessage does not recognise (the single executable, without yargs' locale files, stayed English).
+    .locale('en')
     .strict()
     .version(false)
     .help(false)
