@@ -360,6 +360,18 @@ describe('example configuration', () => {
     }
   });
 
+  // "files" named all of dist/: after `npm run build:binary`, `npm pack` took the 100 MB executable, its blob and
+  // bundle, and the compiled tests and benchmarks (632 files, 39 MB packed).
+  test('the npm package holds what bin/ovms-mtls and the package entry run, not the single executable or the compiled tests', () => {
+    const packed = execFileSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+    const files = (JSON.parse(packed) as [{ files: { path: string }[] }])[0].files.map((f) => f.path);
+    const pkg = JSON.parse(read('package.json')) as { main: string };
+    for (const needed of ['bin/ovms-mtls', 'dist/src/cli/main.js', pkg.main, 'proto/kserve_v2.proto', 'config/ovms-mtls.env']) {
+      assert.ok(files.includes(needed.replace(/^\.\//, '')), `${needed} is not in the package`);
+    }
+    assert.deepEqual(files.filter((path) => path.startsWith('dist/') && !path.startsWith('dist/src/')), []);
+  });
+
   test('config/ovms-mtls.env documents every OVMS_MTLS_* variable and no other', () => {
     const text = read('config/ovms-mtls.env');
     const listed = [...text.matchAll(/^#?(OVMS_MTLS_[A-Z0-9_]+)=/gm)].map((m) => m[1]!).sort();
