@@ -9,14 +9,14 @@ import { unbracketed } from '../addresses.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFileSync } from '../regular-file.js';
 import { firstPemCertificate, isEncryptedKey, notPemKey } from '../pem-shapes.js';
 
+/** Seconds each step may take unless --timeout says otherwise. */
+export const DEFAULT_PROBE_TIMEOUT_S = 10;
+
 /**
  * The probe's own options. They are not product options (no OVMS_MTLS_*
  * environment): inside the container OVMS_MTLS_CERT names the SERVER
  * certificate, which must never be picked up as the probe's client cert.
  */
-/** Seconds each step may take unless --timeout says otherwise. */
-export const DEFAULT_PROBE_TIMEOUT_S = 10;
-
 export const PROBE_OPTIONS: readonly OptionSpec[] = [
   { name: 'host', type: 'string', describe: 'Host name or IP of the deployment' },
   { name: 'port', type: 'number', describe: 'Public gRPC (mTLS) port to check' },
