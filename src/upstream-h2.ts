@@ -39,6 +39,9 @@ export const MIN_PING_SPACING_MS = 301_000;
  */
 export const UPSTREAM_MAX_FRAME_SIZE = 1024 * 1024;
 
+/** How long a closed connection waits for the model server's FIN once ours went out: a live one answers at once. */
+const PEER_FIN_WAIT_MS = 1000;
+
 /** The code calls get when a connection that stopped answering is closed (see upstream-errors.ts). */
 export const UPSTREAM_UNRESPONSIVE = 'UPSTREAM_UNRESPONSIVE';
 
@@ -134,7 +137,13 @@ export class UpstreamH2Session {
     const socket = this.#socket;
     this.#session = undefined;
     if (!session || session.destroyed) return;
-    const timer = setTimeout(() => socket?.destroy(), graceMs);
+    let timer = setTimeout(() => socket?.destroy(), graceMs);
+    // Every stream over, GOAWAY and our FIN written: Node still waits for the model server's FIN, which
+    // one that is frozen never sends. Each stop took the whole --mtls_shutdown_timeout (30 s), silently.
+    socket?.once('finish', () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => socket.destroy(), Math.min(graceMs, PEER_FIN_WAIT_MS));
+    });
     await new Promise<void>((resolve) => session.close(() => resolve()));
     clearTimeout(timer);
   }

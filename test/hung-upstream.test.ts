@@ -9,7 +9,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createServer as createH2cServer, constants as h2, type ClientHttp2Stream, type Http2Server, type ServerHttp2Stream } from 'node:http2';
-import type { AddressInfo, Socket } from 'node:net';
+import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { clientCredentials, grpcFrame, h2Request, h2Session, https1, startTestProxy, type StartedProxy } from './helpers/harness.js';
@@ -247,6 +247,36 @@ describe('shutdown with calls stuck on a model server that never answers', () =>
     } finally {
       client.close();
       upstream.server.close();
+    }
+  });
+});
+
+describe('shutdown in front of a frozen model server', () => {
+  // Its kernel accepts and buffers; the process never reads, writes or closes (SIGSTOP, a deadlock).
+  test('gRPC terminate: with no call left, the upstream connection does not hold the stop for the shutdown timeout', { timeout: 60_000 }, async () => {
+    const frozen: Socket[] = [];
+    const server = createTcpServer((socket) => {
+      socket.pause();
+      frozen.push(socket);
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const local = await startTestProxy({ pki, upstream: { grpcPort: (server.address() as AddressInfo).port } });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      const call = session.request({ ':method': 'POST', ':path': '/hung.Svc/Hold', 'content-type': 'application/grpc', te: 'trailers' });
+      call.on('error', () => {});
+      call.end(ONE_MESSAGE);
+      await eventually(() => frozen.length === 1, 'the proxy connected to the model server');
+      call.close(h2.NGHTTP2_CANCEL);
+      await local.logs.waitFor((l) => l.event === 'access' && l.path === '/hung.Svc/Hold');
+      session.close();
+      // Ten minutes: past the test's own limit, so a stop that waits for the model server's FIN fails the test.
+      await local.proxy.shutdown(600_000);
+    } finally {
+      session.destroy();
+      for (const socket of frozen) socket.destroy();
+      server.close();
     }
   });
 });
