@@ -45,6 +45,8 @@ export interface RunningProxy {
    * `timeoutMs`, then cut whatever is left.
    */
   shutdown(timeoutMs: number): Promise<void>;
+  /** Rejects when the proxy can serve no more and the run must end (workers: see WorkerPool.failed). */
+  readonly failed?: Promise<never>;
 }
 
 const GRPC_PORT_HINT =

@@ -87,10 +87,23 @@ export class WorkerPool implements RunningProxy {
   #tls: TlsTexts;
   /** Counters and histograms of the workers that exited, summed: /metrics totals must never fall. */
   #retired: MetricsJson = [];
+  /**
+   * Rejects once no worker can serve again: every worker exited, which closed the public ports
+   * (node:cluster keeps a shared port open only while a worker listens on it), and a new one could
+   * not open them again. The primary runs as --mtls_user by then, which may not bind a port below
+   * 1024, or another process took the port: retrying for ever kept a process that served nothing.
+   */
+  readonly failed: Promise<never>;
+  readonly #fail: (err: Error) => void;
+  #lost = false;
 
   constructor(options: WorkerPoolOptions) {
     this.#options = options;
     this.#tls = tlsTexts(options.material);
+    let fail!: (err: Error) => void;
+    this.failed = new Promise<never>((_resolve, reject) => (fail = reject));
+    this.failed.catch(() => undefined);
+    this.#fail = fail;
   }
 
   /**
@@ -222,7 +235,7 @@ export class WorkerPool implements RunningProxy {
     this.#members.delete(member.worker.id);
     if (member.counted) this.#retired = sumMonotonic(this.#retired, member.counted);
     if (this.#members.size === 0) this.#allExited?.();
-    if (!this.#started || this.#stopping) return;
+    if (!this.#started || this.#stopping || this.#lost) return;
     const pid = member.worker.process.pid;
     const settled = member.listeningSince !== undefined && performance.now() - member.listeningSince >= SETTLE_MS;
     const failures = settled ? 0 : member.failuresBefore + 1;
@@ -233,11 +246,20 @@ export class WorkerPool implements RunningProxy {
   }
 
   #replace(failuresBefore: number): void {
-    if (this.#stopping) return;
+    if (this.#stopping || this.#lost) return;
     this.#fork(failuresBefore).listening.catch((err: Error) => {
       // Stopped before it listened because the pool is shutting down: no failure.
-      if (!this.#stopping) this.#options.logger.error({ event: 'worker_start_failed', reason: err.message }, `a new worker failed to start: ${err.message}`);
+      if (this.#stopping || this.#lost) return;
+      if (err instanceof ListenError) return this.#cannotListenAgain(err);
+      this.#options.logger.error({ event: 'worker_start_failed', reason: err.message }, `a new worker failed to start: ${err.message}`);
     });
+  }
+
+  /** A bind that failed once the pool served: the ports closed with the last worker, and what opened them at the start is gone. */
+  #cannotListenAgain(err: ListenError): void {
+    this.#lost = true;
+    const reason = `every worker exited, which closed the public ports, and a new worker cannot open them again (${err.message}): exiting, so that a fresh start binds them`;
+    this.#fail(new ListenError(reason, { cause: err }));
   }
 
   async #stopAll(timeoutMs: number): Promise<void> {

@@ -8,6 +8,7 @@ import { once } from 'node:events';
 import { createHash } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createServer, type Server } from 'node:net';
 import { createInterface } from 'node:readline';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -84,6 +85,31 @@ async function stop(cli: LongRunningCli): Promise<number | null> {
 }
 
 const workersOf = (lines: LogLine[]) => new Set(lines.map((l) => l['worker']));
+
+const root = process.getuid?.() === 0;
+
+/** Whether `server` could listen on 127.0.0.1:`port` now; it keeps listening if so. */
+function bindsNow(server: Server, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const failed = () => resolve(false);
+    server.once('error', failed);
+    server.listen(port, '127.0.0.1', () => {
+      server.off('error', failed);
+      resolve(true);
+    });
+  });
+}
+
+/** A port below 1024 that nothing on 127.0.0.1 listens on (root only). */
+async function freePrivilegedPort(): Promise<number> {
+  for (let port = 1023; port >= 600; port -= 1) {
+    const server = createServer();
+    if (!(await bindsNow(server, port))) continue;
+    await new Promise((resolve) => server.close(resolve));
+    return port;
+  }
+  throw new Error('no free port below 1024 on 127.0.0.1');
+}
 
 /** Resolves once `count` lines match: the workers log each finished call after the client has its answer. */
 async function linesMatching(logs: LogCapture, count: number, match: (l: LogLine) => boolean): Promise<LogLine[]> {
@@ -210,6 +236,25 @@ describe('proxy mode with two workers', SAFETY, () => {
       assert.equal(sumOf(after, 'ovms_mtls_open_connections'), 0, 'gauges count only the living');
     } finally {
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  test('every worker killed at once and the port taken before a new one listens: the proxy exits 70 with one line saying why, not replacing workers for ever', async () => {
+    const r = await startWorkersCli();
+    const squatter = createServer();
+    try {
+      const pids = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      for (const pid of pids) process.kill(pid, 'SIGKILL');
+      // The port closes with the last worker (node:cluster); another process takes it before a new worker listens.
+      await eventually(() => bindsNow(squatter, r.restPort), 'the REST port to close with the last worker');
+      await eventually(() => r.cli.child.exitCode !== null, 'the proxy to exit', 60_000);
+      assert.equal(r.cli.child.exitCode, 70, r.cli.stderr());
+      const failed = r.cli.logs.lines.filter((l) => l.event === 'proxy_failed');
+      assert.equal(failed.length, 1);
+      assert.match(String(failed[0]!['reason']), /^every worker exited, .*cannot listen on 127\.0\.0\.1:\d+: .*in use/);
+    } finally {
+      squatter.close();
+      await stop(r.cli);
     }
   });
 
@@ -649,6 +694,28 @@ describe('the OVMS entrypoint with two workers', SAFETY, () => {
     } finally {
       clients.close();
       await writeFile(gate, '');
+      if (wrapper.child.exitCode === null) wrapper.child.kill('SIGKILL');
+    }
+  });
+
+  // node:cluster closes a shared port when its last worker leaves; as --mtls_user the primary cannot bind it again.
+  test('started as root on a port below 1024, every worker killed at once: no endless replacing of workers that cannot listen; OVMS is stopped and the exit code is 70, with one line saying why', { skip: !root && 'binding a port below 1024 needs root' }, async () => {
+    const restPort = await freePrivilegedPort();
+    const wrapper = startWrapper([
+      '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1',
+      ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'nobody', '--mtls_user', 'nobody', '--mtls_workers', '2',
+    ]);
+    try {
+      const pids = (await wrapper.waitForEvent('workers_listening'))['pids'] as number[];
+      await wrapper.waitForEvent('ovms_ready');
+      for (const pid of pids) process.kill(pid, 'SIGKILL');
+      await eventually(() => wrapper.child.exitCode !== null || wrapper.child.signalCode !== null, 'the entrypoint to exit', 60_000);
+      assert.equal(wrapper.child.exitCode, 70, wrapper.stderr());
+      const failed = wrapper.logs.filter((l) => l.event === 'proxy_failed');
+      assert.equal(failed.length, 1);
+      assert.match(String(failed[0]!['reason']), new RegExp(`^every worker exited, .*--rest_port ${restPort}: cannot listen on 127\\.0\\.0\\.1:${restPort}: permission denied`));
+      assert.ok(wrapper.logs.some((l) => l.event === 'ovms_exited'), 'OVMS was stopped');
+    } finally {
       if (wrapper.child.exitCode === null) wrapper.child.kill('SIGKILL');
     }
   });

@@ -5,7 +5,7 @@
  *    timeout (see shutdownBudget).
  *  - OVMS exits for good (also when --mtls_restart on-failure gives up):
  *    drain the listeners; OVMS's exit code (128+N when it died of signal N).
- *  - The proxy fails (an uncaught error): OVMS gets SIGTERM, SIGKILL after
+ *  - The proxy fails (an uncaught error, workers that cannot listen again): OVMS gets SIGTERM, SIGKILL after
  *    the shutdown timeout; exit code 70 (EX_SOFTWARE, as for internal errors).
  */
 import type { Logger } from '../log.js';
@@ -14,6 +14,7 @@ import type { AfterHang, OvmsSupervisor } from '../ovms-supervisor.js';
 import type { RunningProxy } from '../proxy.js';
 import type { LoopbackPorts } from '../ovms-args.js';
 import { waitForStopSignal, type StopSignal } from './lifecycle.js';
+import { isUserError } from '../errors.js';
 
 export const PROXY_FATAL_EXIT_CODE = 70;
 
@@ -58,7 +59,7 @@ export interface RunUntilDoneOptions {
   readonly shutdownTimeoutMs: number;
   /** Signal handlers installed before startup, so a SIGTERM while starting drains instead of killing. */
   readonly stop?: StopSignal;
-  /** Rejects when the proxy fails; defaults to uncaught exceptions and unhandled rejections. */
+  /** Rejects when the proxy fails; defaults to uncaught exceptions, unhandled rejections and the proxy's `failed`. */
   readonly fatal?: Promise<never>;
 }
 
@@ -88,7 +89,7 @@ export async function runUntilDone(options: RunUntilDoneOptions): Promise<number
   const { proxy, supervisor, logger, shutdownTimeoutMs } = options;
   const stop = options.stop ?? waitForStopSignal(logger);
   const uncaught = uncaughtErrors();
-  const fatal = options.fatal ?? uncaught.promise;
+  const fatal = options.fatal ?? (proxy.failed ? Promise.race([uncaught.promise, proxy.failed]) : uncaught.promise);
   try {
     const ending = await Promise.race<Ending>([
       stop.signal.then((signal) => ({ kind: 'signal', signal })),
@@ -105,7 +106,8 @@ export async function runUntilDone(options: RunUntilDoneOptions): Promise<number
         return finish(logger, exitCodeOf(ending.status), ending.status.hung ? 'OVMS hung (--mtls_ovms_hang_timeout)' : 'OVMS exited');
       case 'fatal': {
         const error = ending.error instanceof Error ? ending.error : new Error(String(ending.error));
-        logger.fatal({ event: 'proxy_failed', err: error }, `proxy failed: ${error.message}; stopping OVMS`);
+        // One the user can act on is said in its line; a bug keeps its stack.
+        logger.fatal({ event: 'proxy_failed', ...(isUserError(error) ? { reason: error.message } : { err: error }) }, `proxy failed: ${error.message}; stopping OVMS`);
         await supervisor.stop('SIGTERM', shutdownTimeoutMs);
         return finish(logger, PROXY_FATAL_EXIT_CODE, 'proxy failed');
       }

@@ -11,6 +11,7 @@ import { ServingOperations } from './serving-operations.js';
 import { WorkerPool } from '../workers.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
 import { waitForStopSignal } from './lifecycle.js';
+import { PROXY_FATAL_EXIT_CODE } from './entrypoint-lifecycle.js';
 
 // --mtls_user too: only the entrypoint drops privileges, and a proxy that took the option would stay root without a word.
 const ENTRYPOINT_ONLY = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_ovms_hang_timeout', 'mtls_restart', 'mtls_user']);
@@ -46,7 +47,7 @@ export const PROXY_USAGE = `ovms-mtls proxy --port 9443 --mtls_grpc_upstream 127
 
 Terminates mutual TLS in front of a model server that runs elsewhere.`;
 
-/** `ovms-mtls proxy ...`: runs until SIGTERM/SIGINT, then drains and returns 0. */
+/** `ovms-mtls proxy ...`: runs until SIGTERM/SIGINT, then drains and returns 0; 70 when the proxy can serve no more. */
 export async function runProxyCommand(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
   refuseEntrypointOptions(argv);
   const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
@@ -71,10 +72,19 @@ export async function runProxyCommand(argv: readonly string[], env: NodeJS.Proce
   }
   ops.attach(proxy);
   stop.onReload(() => ops.reload());
-  await stop.signal;
+  const failure = await Promise.race([stop.signal.then(() => undefined), failureOf(proxy)]);
   ops.stopWatching();
-  await proxy.shutdown(config.shutdownTimeoutMs);
+  if (failure) {
+    stop.dispose();
+    logger.fatal({ event: 'proxy_failed', reason: failure.message }, `proxy failed: ${failure.message}`);
+  }
+  await proxy.shutdown(failure ? 0 : config.shutdownTimeoutMs);
   await ops.close();
-  logger.info({ event: 'stopped' }, 'stopped');
-  return 0;
+  logger.info({ event: 'stopped', ...(failure ? { exitCode: PROXY_FATAL_EXIT_CODE } : {}) }, 'stopped');
+  return failure ? PROXY_FATAL_EXIT_CODE : 0;
+}
+
+/** Resolves with the error that ends the run if the proxy can serve no more (never, for a single process). */
+function failureOf(proxy: RunningProxy): Promise<Error> {
+  return proxy.failed?.catch((err: Error) => err) ?? new Promise<never>(() => undefined);
 }
