@@ -76,6 +76,8 @@ class Inbox {
       case 'metrics':
         void this.metrics.registry.getMetricsAsJSON().then((metrics) => send({ type: 'metrics', id: message.id, metrics }));
         return;
+      case 'ping':
+        return send({ type: 'pong' });
       case 'drain':
         return this.#drain(message.timeoutMs);
     }

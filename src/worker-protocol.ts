@@ -32,6 +32,8 @@ export type ToWorker =
   /** The primary validated a new certificate set: load it and close revoked connections. */
   | { readonly type: 'reload'; readonly tls: TlsTexts }
   | { readonly type: 'metrics'; readonly id: number }
+  /** Are you alive? (A worker that answers nothing for long is stuck: see workers.ts.) */
+  | { readonly type: 'ping' }
   | { readonly type: 'drain'; readonly timeoutMs: number };
 
 /** Worker -> primary. */
@@ -46,6 +48,7 @@ export type FromWorker =
   /** Startup failed; `code` is an OvmsMtlsError code when the user can fix it (a port in use). */
   | { readonly type: 'failed'; readonly message: string; readonly code?: string | undefined }
   | { readonly type: 'metrics'; readonly id: number; readonly metrics: MetricsJson }
+  | { readonly type: 'pong' }
   /**
    * Drained, about to exit: its counters as they end. The primary keeps them in the sums; as last
    * scraped, the calls it finished since (in the drain, mostly) fell out of /metrics.

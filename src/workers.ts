@@ -7,7 +7,8 @@
  * admin port, the certificate watch, signals and the exit code. A worker
  * that dies outside shutdown is logged and replaced. A worker whose event
  * loop is stuck holds up nothing of the primary's: every wait on one is
- * bounded, and the line that ends the wait names it.
+ * bounded, and the line that ends the wait names it; one that answers no
+ * ping for a minute (MISSED_PINGS) is killed, and so replaced.
  */
 import cluster, { type Worker } from 'node:cluster';
 import type { AddressInfo } from 'node:net';
@@ -33,6 +34,18 @@ const REPLACE_BACKOFF = { initialMs: 500, maxMs: 30_000 };
  * it at once, as one that served, forked a new worker every second for ever when each died at start.
  */
 const SETTLE_MS = 10_000;
+/** How often each listening worker is asked whether it is alive; any message from it counts as an answer. */
+const PING_MS = 5000;
+/**
+ * A listening worker that has answered none of this many pings in a row (a minute) is stuck (event
+ * loop blocked, process stopped) and is killed, so that a new one takes its place. Left alone, it held
+ * the connections it had and one new connection per listener without an answer for ever, and its
+ * share of the capacity was gone until a restart. Far above anything a worker does in one go (a
+ * reload of a large CRL takes seconds). Counted in pings, not in time since its last answer: after
+ * the whole container was frozen (docker pause), or the primary itself was held up, every worker
+ * would have looked silent for that long.
+ */
+const MISSED_PINGS = 12;
 
 /** None after a worker that served; doubling with each worker in a row, in the same place, that did not settle. */
 function replacementDelayMs(failures: number): number {
@@ -62,6 +75,13 @@ interface Member {
   up: boolean;
   /** When it said it listens (performance.now()). */
   listeningSince?: number | undefined;
+  /** When its last message came (performance.now()). */
+  heardAt: number;
+  /** When it was last pinged, and how many pings in a row it has left unanswered (MISSED_PINGS). */
+  pingedAt?: number | undefined;
+  missed: number;
+  /** Killed as stuck: its exit is on the way. */
+  hung: boolean;
   /**
    * The workers before it in its place that exited before they settled. Per place, not per pool:
    * the other workers serving on must not cut the backoff of one that keeps failing.
@@ -82,6 +102,7 @@ export class WorkerPool implements RunningProxy {
   #started = false;
   #stopping = false;
   #replaceTimer: NodeJS.Timeout | undefined;
+  #pinger: NodeJS.Timeout | undefined;
   #allExited: (() => void) | undefined;
   /** What every worker serves, including one started after the files went bad. */
   #tls: TlsTexts;
@@ -122,6 +143,8 @@ export class WorkerPool implements RunningProxy {
       throw err;
     }
     this.#started = true;
+    this.#pinger = setInterval(() => this.#pingListening(), PING_MS);
+    this.#pinger.unref();
     this.#options.logger.info({ event: 'workers_listening', workers: members.length, pids: members.map((m) => m.worker.process.pid) }, `${members.length} workers listening`);
     return this;
   }
@@ -192,7 +215,7 @@ export class WorkerPool implements RunningProxy {
     let settle!: { resolve: () => void; reject: (err: Error) => void };
     const listening = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
     listening.catch(() => undefined);
-    const member: Member = { worker, listening, greeted: false, up: false, silent: false, failuresBefore };
+    const member: Member = { worker, listening, greeted: false, up: false, silent: false, failuresBefore, heardAt: performance.now(), missed: 0, hung: false };
     this.#members.set(worker.id, member);
     worker.on('message', (message: unknown) => {
       if (isMessage<FromWorker>(message)) this.#onMessage(member, message, settle);
@@ -207,6 +230,7 @@ export class WorkerPool implements RunningProxy {
   }
 
   #onMessage(member: Member, message: FromWorker, settle: { resolve: () => void; reject: (err: Error) => void }): void {
+    member.heardAt = performance.now();
     switch (message.type) {
       case 'hello': {
         member.greeted = true;
@@ -228,7 +252,33 @@ export class WorkerPool implements RunningProxy {
         // What it leaves in the sums when it exits (#onExit), in place of its counts as last scraped.
         member.counted = monotonicPart(message.metrics);
         return;
+      case 'pong':
+        return;
     }
+  }
+
+  /** Pings every listening worker; one that answered none of MISSED_PINGS in a row is killed, and its exit brings a new one (#onExit). */
+  #pingListening(): void {
+    const now = performance.now();
+    for (const member of this.#members.values()) {
+      if (!member.up || member.hung) continue;
+      const answered = member.pingedAt === undefined || member.heardAt >= member.pingedAt;
+      member.missed = answered ? 0 : member.missed + 1;
+      if (member.missed >= MISSED_PINGS) {
+        this.#killHung(member, now - member.heardAt);
+        continue;
+      }
+      member.pingedAt = now;
+      this.#send(member.worker, { type: 'ping' });
+    }
+  }
+
+  #killHung(member: Member, silentMs: number): void {
+    member.hung = true;
+    const { id, process: { pid } } = member.worker;
+    const seconds = Math.round(silentMs / 1000);
+    this.#options.logger.error({ event: 'worker_hung', worker: id, pid, silentMs: Math.round(silentMs) }, `worker ${id} (pid ${pid}) has answered nothing for ${seconds} s (event loop stuck or process stopped?): killed with SIGKILL, a new one takes its place`);
+    member.worker.process.kill('SIGKILL');
   }
 
   #onExit(member: Member, code: number | null, signal: string | null): void {
@@ -265,6 +315,7 @@ export class WorkerPool implements RunningProxy {
   async #stopAll(timeoutMs: number): Promise<void> {
     this.#stopping = true;
     clearTimeout(this.#replaceTimer);
+    clearInterval(this.#pinger);
     if (this.#members.size === 0) return;
     const exited = new Promise<void>((resolve) => (this.#allExited = resolve));
     this.#broadcast({ type: 'drain', timeoutMs });
