@@ -53,7 +53,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_max_connections', type: 'number', describe: 'Maximum open connections per listener in each worker (0 = unlimited)', defaultDescription: '0' },
   { name: 'mtls_max_concurrent_streams', type: 'number', describe: 'HTTP/2 streams a client may open at once per connection', defaultDescription: '128' },
   { name: 'mtls_max_header_size', type: 'number', describe: 'Largest request header block accepted, in bytes', defaultDescription: '65536' },
-  { name: 'mtls_max_session_memory', type: 'number', describe: 'HTTP/2 memory per connection, in MiB, on top of one stream window for each stream it may open (--mtls_max_concurrent_streams), before the peer is told to calm down', defaultDescription: '64' },
+  { name: 'mtls_max_session_memory', type: 'number', describe: 'HTTP/2 memory per client connection, in MiB, on top of one stream window for each stream it may open (--mtls_max_concurrent_streams), before the peer is told to calm down', defaultDescription: '64' },
   { name: 'mtls_stream_window', type: 'number', describe: 'HTTP/2 per-stream flow-control window, in bytes', defaultDescription: '1048576' },
   { name: 'mtls_connection_window', type: 'number', describe: 'HTTP/2 per-connection flow-control window, in bytes', defaultDescription: '16777216' },
   { name: 'mtls_ovms_binary', type: 'string', describe: 'entrypoint mode: OVMS executable', defaultDescription: '/ovms/bin/ovms' },

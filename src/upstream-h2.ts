@@ -42,6 +42,18 @@ export const UPSTREAM_MAX_FRAME_SIZE = 1024 * 1024;
 /** How long a closed connection waits for the model server's FIN once ours went out: a live one answers at once. */
 const PEER_FIN_WAIT_MS = 1000;
 
+/**
+ * The HTTP/2 memory budget of an upstream connection, in Node's unit (10^6 bytes): 4.3 GB, well
+ * within the 32 bits Node keeps the option in. Node counts in it the request bytes queued for the
+ * model server, and once they pass it resets every response that arrives on the connection
+ * (RST_STREAM ENHANCE_YOUR_CALM). This one connection carries every client's calls, each of which
+ * may queue a stream window (stream-forward.ts): with --mtls_max_session_memory here (64 MB),
+ * about 60 ModelStreamInfer clients sending faster than the model server read made every call of
+ * every client fail RESOURCE_EXHAUSTED. What the proxy holds is bounded per call and per client
+ * connection (http-fronts.ts), not here.
+ */
+export const UPSTREAM_SESSION_MEMORY_MB = 4294;
+
 /** The code calls get when a connection that stopped answering is closed (see upstream-errors.ts). */
 export const UPSTREAM_UNRESPONSIVE = 'UPSTREAM_UNRESPONSIVE';
 
@@ -156,7 +168,7 @@ export class UpstreamH2Session {
     const session = connect(this.#url, {
       settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2, maxFrameSize: UPSTREAM_MAX_FRAME_SIZE },
       maxHeaderListPairs: headerFieldsWithin(limits.maxHeaderSize * 2),
-      maxSessionMemory: limits.maxSessionMemoryMiB,
+      maxSessionMemory: UPSTREAM_SESSION_MEMORY_MB,
       // nghttp2 compares its bound of the encoded block (11 bytes a field over name and value),
       // which is below our list size (32 bytes a field), so a list within ours always goes out.
       maxSendHeaderBlockLength: this.maxSendHeaderListSize,

@@ -856,3 +856,65 @@ describe('grpc: clients that read slowly', () => {
     });
   });
 });
+
+describe('grpc: a model server that reads slowly', () => {
+  test('request bytes queued on the shared upstream connection for a model server that reads slowly (ModelStreamInfer clients sending fast) leave every call answered, not RESOURCE_EXHAUSTED', NOT_FOR_EVER, async (t) => {
+    // A 1 MB budget per connection; 16 streams that each get ~450 KiB in queue well over 1 MB on the upstream connection.
+    const limits = { streamWindow: 256 * 1024, maxSessionMemoryMiB: 1 };
+    const streams = 16;
+    const chunk = Buffer.alloc(64 * 1024, 7);
+    const held: ServerHttp2Stream[] = [];
+    const onStream: OnH2cStream = (stream, headers) => {
+      if (headers[':path'] !== '/t.S/NotRead') {
+        isCallTo(stream, headers, '');
+        return;
+      }
+      // The model server is busy: it reads none of these requests until told.
+      stream.on('error', () => {});
+      stream.pause();
+      held.push(stream);
+    };
+    await behindH2cUpstream({ onStream, limits, serverOptions: { maxSessionMemory: 1000 } }, async (local) => {
+      const session = h2Session(local.grpcPort, pki);
+      try {
+        const calls = Array.from({ length: streams }, () => {
+          const call = session.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/NotRead' });
+          call.on('error', () => {});
+          // One chunk at a time: Node would hand queued writes on as one, their callbacks all at its end.
+          let sent = 0;
+          const sendOne = (): void => {
+            call.write(chunk, () => {
+              sent += chunk.length;
+              if (sent < 16 * chunk.length) sendOne();
+              else call.end();
+            });
+          };
+          sendOne();
+          return { call, sent: () => sent };
+        });
+        // 7 chunks through per stream: past the client's window to the proxy (256 KiB) and the model server's (64 KiB), the rest queued by the proxy.
+        await eventually(() => held.length === streams && calls.every((c) => c.sent() >= 7 * chunk.length), 'the request bytes to be queued in the proxy', 20_000);
+        // Without the fix, Node reset every answer on the upstream connection (ENHANCE_YOUR_CALM): the call got RESOURCE_EXHAUSTED.
+        const other = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(1)));
+        assert.equal(other.headers['grpc-status'], '0', String(other.headers['grpc-message']));
+        // The model server reads on and answers: each streaming call gets its answer too.
+        const answered = held.map((stream) => {
+          stream.resume();
+          return once(stream, 'end', { signal: t.signal }).then(() => answerOk(stream));
+        });
+        const statuses = await Promise.all(calls.map(({ call }) =>
+          new Promise<unknown>((resolve) => {
+            // answerOk sends its status in trailers; a reset of ours would come Trailers-Only.
+            call.on('response', (headers) => headers['grpc-status'] !== undefined && resolve(headers['grpc-status']));
+            call.on('trailers', (trailers) => resolve(trailers['grpc-status']));
+            call.resume();
+          }),
+        ));
+        await Promise.all(answered);
+        assert.deepEqual(statuses, Array(streams).fill('0'));
+      } finally {
+        session.destroy();
+      }
+    });
+  });
+});
