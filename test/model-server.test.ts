@@ -187,6 +187,24 @@ describe('Echo gRPC service', () => {
     assert.deepEqual(final.metadata.get('x-trailer-echo'), ['ok']);
   });
 
+  test('a long ServerStream that waits for the client again and again leaves no listeners behind (no MaxListenersExceededWarning)', async () => {
+    const warnings: string[] = [];
+    const onWarning = (warning: Error) => warnings.push(warning.name);
+    process.on('warning', onWarning);
+    try {
+      // Every 16 replies the server waits for the stream to drain: over a thousand waits.
+      const call = echo.ServerStream({ payload: Buffer.from('x'), count: 20_000 });
+      let replies = 0;
+      for await (const _ of call) replies += 1;
+      assert.equal(replies, 20_000);
+      // Node emits 'warning' on the next tick.
+      await new Promise((resolve) => setImmediate(resolve));
+      assert.deepEqual(warnings.filter((name) => name === 'MaxListenersExceededWarning'), []);
+    } finally {
+      process.off('warning', onWarning);
+    }
+  });
+
   test('Bidi echoes each message before the next one is sent', () => checkBidi(echo));
 
   test('streaming calls with fail_with_code end with that status and the -bin trailer', async () => {

@@ -85,8 +85,19 @@ const clientStream = (onCancel: CancelRecorder): grpc.handleClientStreamingCall<
 };
 
 /** Waits for the transport to take more, or for the call to die (then writing is pointless). */
+/**
+ * The call can take more, or is over. The waits that lost the race are taken off: left on, they
+ * added three listeners per drain, and a long stream to a slow client piled up thousands of them
+ * (MaxListenersExceededWarning on the model server's stderr). Race has handled their rejections.
+ */
 async function drained(call: grpc.ServerWritableStream<EchoRequest, EchoReply>): Promise<void> {
-  await Promise.race([once(call, 'drain'), once(call, 'cancelled'), once(call, 'close')]);
+  const done = new AbortController();
+  const { signal } = done;
+  try {
+    await Promise.race([once(call, 'drain', { signal }), once(call, 'cancelled', { signal }), once(call, 'close', { signal })]);
+  } finally {
+    done.abort();
+  }
 }
 
 const serverStream = (onCancel: CancelRecorder): grpc.handleServerStreamingCall<EchoRequest, EchoReply> => async (call) => {
