@@ -81,7 +81,7 @@ describe('proxy command line', () => {
     assert.match(res.stdout, /\n {2}--mtls_restart +[^\n]*\(never\|on-failure\) \(default: never\)\n/);
     assert.match(res.stdout, /\n {2}--mtls_log_level +Log level \(fatal\|error\|warn\|info\|debug\|trace\|silent\) \(default: info\)\n/);
     // The budget Node gets is this plus a window per stream the connection may open (http-fronts.ts frontSessionMemory), not per open one.
-    assert.match(res.stdout, /--mtls_max_session_memory +HTTP\/2 memory per connection, in MiB, on top of one stream window for each stream it may open \(--mtls_max_concurrent_streams\)/);
+    assert.match(res.stdout, /--mtls_max_session_memory +HTTP\/2 memory per client connection, in MiB, on top of one stream window for each stream it may open \(--mtls_max_concurrent_streams\)/);
   });
 
   // Each command's --help was refused as an unknown option (exit 2).
