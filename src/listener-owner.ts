@@ -46,9 +46,16 @@ async function holdsOneOf(pid: number, inodes: ReadonlySet<string>): Promise<boo
   return false;
 }
 
-/** The process group of a /proc/<pid>/stat text: the third field after the command name in parentheses. */
-export function processGroupOf(stat: string): number | undefined {
-  const group = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[2];
+/**
+ * The fields of a /proc/<pid>/stat text after the command name, which is in parentheses and may
+ * hold spaces and parentheses itself: state, ppid, process group, ...
+ */
+export function statFields(stat: string): string[] {
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
+function processGroupOf(stat: string): number | undefined {
+  const group = statFields(stat)[2];
   return group !== undefined && /^\d+$/.test(group) ? Number(group) : undefined;
 }
 

@@ -8,7 +8,7 @@ import { readFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { connect } from 'node:net';
 import type { LoopbackPorts } from './ovms-args.js';
-import { listenerOwner } from './listener-owner.js';
+import { listenerOwner, statFields } from './listener-owner.js';
 import type { Config } from './config.js';
 import { upstreamReadiness } from './health.js';
 import type { Liveness } from './ovms-watchdog.js';
@@ -48,8 +48,7 @@ function restLive(host: string, port: number): Promise<boolean> {
  */
 export async function processStopped(pid: number): Promise<boolean> {
   try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.charAt(stat.lastIndexOf(')') + 2);
+    const [state] = statFields(await readFile(`/proc/${pid}/stat`, 'utf8'));
     return state === 'T' || state === 't';
   } catch {
     return false;

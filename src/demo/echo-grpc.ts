@@ -84,7 +84,6 @@ const clientStream = (onCancel: CancelRecorder): grpc.handleClientStreamingCall<
   });
 };
 
-/** Waits for the transport to take more, or for the call to die (then writing is pointless). */
 /**
  * The call can take more, or is over. The waits that lost the race are taken off: left on, they
  * added three listeners per drain, and a long stream to a slow client piled up thousands of them
