@@ -155,6 +155,13 @@ describe('certs init (CLI)', () => {
     assert.match(renew.stderr, /^ovms-mtls: --days needs a value/);
   });
 
+  test('a --dir the kernel will not create (under /proc) is one line naming it, exit 2, instead of spinning in mkdir -p', async () => {
+    // `timeout` bounds the run: Node's own recursive mkdir retries such a path for ever.
+    const result = await runCli(['certs', 'init', '--dir', '/proc/ovms-mtls-certs/set'], { wrap: ['timeout', '60'] });
+    assert.equal(result.code, 2, result.stderr);
+    assert.equal(result.stderr.trim(), "ovms-mtls: cannot create directory /proc/ovms-mtls-certs/set: ENOENT: no such file or directory, mkdir '/proc/ovms-mtls-certs'");
+  });
+
   test('an unknown subcommand is refused with a hint, and `certs --help` prints the usage', async () => {
     const unknown = await runCli(['certs', 'renew']);
     assert.equal(unknown.code, 2);

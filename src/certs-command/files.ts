@@ -2,7 +2,7 @@
 import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { isAbsolute, join, resolve } from 'node:path';
+import { isAbsolute, join, resolve, sep } from 'node:path';
 import { ConfigError } from '../errors.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile } from '../regular-file.js';
 
@@ -28,11 +28,28 @@ export interface WrittenFile {
 
 export async function ensureDirectory(dir: string): Promise<void> {
   try {
-    await mkdir(dir, { recursive: true, mode: DIR_MODE });
+    await makeDirectories(resolve(dir));
   } catch (err) {
     throw new ConfigError(`cannot create directory ${dir}: ${(err as Error).message}`, { cause: err });
   }
   if (!(await stat(dir)).isDirectory()) throw new ConfigError(`${dir} exists and is not a directory`);
+}
+
+/**
+ * `mkdir -p` one level at a time. Node's own `recursive` retries a level whose mkdir says ENOENT while
+ * its parent exists, and so spins for ever under /proc or /sys; here that ENOENT is the answer.
+ */
+async function makeDirectories(dir: string): Promise<void> {
+  const levels = dir.split(sep).filter((part) => part !== '');
+  let path: string = sep;
+  for (const level of levels) {
+    path = join(path, level);
+    try {
+      await mkdir(path, { mode: DIR_MODE });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+  }
 }
 
 /** Refuses before anything is written, so a refused run leaves the directory as it was. */
