@@ -8,6 +8,8 @@ import { eventually, requestEvents, sample } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { ProxyMetrics } from '../src/metrics.js';
+import { aggregatedMetrics, monotonicPart, sumMonotonic, type MetricsJson } from '../src/metrics-aggregate.js';
+import type { AccessRecord } from '../src/observer.js';
 import { grpcRoute, restRoute, OTHER_ROUTE } from '../src/metric-routes.js';
 import { combineObservers } from '../src/observer.js';
 import { loadTlsMaterialSync, validTo } from '../src/tls-material.js';
@@ -261,6 +263,32 @@ describe('metrics the data path does not see', () => {
     assert.equal(sample(await a.text(), 'ovms_mtls_ovms_restarts_total'), 1);
     assert.equal(sample(await b.text(), 'ovms_mtls_ovms_restarts_total'), 0);
     assert.ok(sample(await b.text(), 'ovms_mtls_process_cpu_seconds_total') !== undefined);
+  });
+});
+
+describe('metrics merged from several workers', () => {
+  /** A worker's registry after it has served one REST request that took `durationMs`. */
+  async function workerAfterOneRequest(durationMs: number): Promise<MetricsJson> {
+    const worker = new ProxyMetrics({ processMetrics: false });
+    const record: AccessRecord = { listener: 'rest', remote: '127.0.0.1', subject: 'client', serial: '01', protocol: 'http/1.1', method: 'GET', path: '/v2/health/ready', status: 200, bytesIn: 0, bytesOut: 0, durationMs };
+    worker.request(record);
+    return worker.registry.getMetricsAsJSON();
+  }
+
+  test('a worker that exits does not make a seconds total fall: the same durations added in another order round to a smaller float, which Prometheus reads as a counter reset', async () => {
+    const primary = new ProxyMetrics({ processMetrics: false });
+    const [first, second, third] = await Promise.all([100, 200, 300].map(workerAfterOneRequest));
+    const replacement = await new ProxyMetrics({ processMetrics: false }).registry.getMetricsAsJSON();
+    // As WorkerPool.collectMetrics() hands them over: the live workers, then the counts of those that exited.
+    let workers: MetricsJson[] = [first!, second!, third!, []];
+    const served = aggregatedMetrics(primary.registry, async () => workers);
+    const labels = { listener: 'rest', route: '/v2/health/ready' };
+    const before = await served.text();
+    workers = [second!, third!, replacement, sumMonotonic([], monotonicPart(first!))];
+    const after = await served.text();
+    assert.equal(sample(after, 'ovms_mtls_request_duration_seconds_count', labels), 3);
+    const [was, now] = [before, after].map((text) => sample(text, 'ovms_mtls_request_duration_seconds_sum', labels)!);
+    assert.ok(now! >= was!, `the seconds total fell from ${was} to ${now}`);
   });
 });
 
