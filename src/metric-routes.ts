@@ -4,6 +4,7 @@
  * label value is a new time series in Prometheus: so names become
  * placeholders and anything unknown shares one label.
  */
+import { ABSOLUTE_FORM } from './rest-forwarder.js';
 
 export const OTHER_ROUTE = '{other}';
 
@@ -61,7 +62,8 @@ const REST_RULES: readonly RouteRule[] = [
 
 /** A REST request target (with or without query) as a route label. */
 export function restRoute(target: string): string {
-  const path = target.split('?', 1)[0] ?? '';
+  // Both REST modes forward an absolute-form target (http://host/v2/...), which the model server serves by its path: labelled by that path.
+  const path = target.replace(ABSOLUTE_FORM, '').split('?', 1)[0] ?? '';
   for (const rule of REST_RULES) {
     const match = rule.pattern.exec(path);
     if (match) return rule.label(match);

@@ -298,7 +298,7 @@ function isForwardableTarget(target: string): boolean {
 }
 
 /** An absolute-form target (`http://host:port/path`); its authority is the first group. */
-const ABSOLUTE_FORM = /^https?:\/\/([^/?#]*)/i;
+export const ABSOLUTE_FORM = /^https?:\/\/([^/?#]*)/i;
 
 /**
  * An authority as the Host line of an HTTP/1.1 request may carry it (RFC 9112

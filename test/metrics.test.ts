@@ -302,6 +302,9 @@ describe('route labels stay bounded', () => {
     ['/v3/v1/embeddings', '/v3/v1/embeddings'],
     ['/v1/models/resnet:predict', '/v1/models/{model}:predict'],
     ['/v1/config/reload', '/v1/config/reload'],
+    // Absolute-form, which both REST modes forward to its path (RFC 9112 3.2.2).
+    ['http://localhost:9000/v2/models/resnet/versions/3/infer?x=1', '/v2/models/{model}/versions/{version}/infer'],
+    ['HTTPS://ovms/v2/health/ready', '/v2/health/ready'],
     ['/etc/passwd', OTHER_ROUTE],
     ['/v2/models/a/b/c/d', OTHER_ROUTE],
   ];
