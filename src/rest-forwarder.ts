@@ -563,11 +563,13 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     const begun = res.headersSent || res.destroyed;
     const { code, message } = this.#describe(err, begun);
     this.#stats.error ??= code;
+    // Counted before and after the answer has begun alike, as the relay counts it: a model server
+    // that crashes in the middle of a streamed answer is the failure an alert on this is for.
+    this.#options.observer.upstreamError(this.#context.listener, code);
     if (begun) {
       cutShort(res);
       return;
     }
-    this.#options.observer.upstreamError(this.#context.listener, code);
     this.#stats.status = 502;
     this.#stats.bytesOut += answerJson(res, 502, message);
   }

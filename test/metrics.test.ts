@@ -4,7 +4,7 @@ import { connect as tlsConnect } from 'node:tls';
 import { once } from 'node:events';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
-import { eventually, requestEvents, sample } from './helpers/ops.js';
+import { eventually, requestEvents, sample, sumOf } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { ProxyMetrics } from '../src/metrics.js';
@@ -20,6 +20,7 @@ import { request as httpsRequest } from 'node:https';
 import type { IncomingMessage } from 'node:http';
 import { GateBoard } from './helpers/sse.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
+import { scriptedUpstream } from './helpers/scripted-upstream.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -194,6 +195,50 @@ describe('metrics from real traffic', () => {
     assert.equal(sample(text, 'ovms_mtls_open_connections', { listener: 'grpc' }), 0);
     assert.equal(sample(text, 'ovms_mtls_open_streams', { listener: 'grpc' }), 0);
     assert.ok(sample(text, 'ovms_mtls_connections_total', { listener: 'rest' })! >= 1);
+  });
+});
+
+describe('upstream errors', () => {
+  test('a model server that resets in the middle of a response counts one upstream error, in both REST modes, for HTTP/1.1 and HTTP/2 clients', async () => {
+    // The head and a first event of a stream, then a reset: an LLM answer cut by a crash.
+    const upstream = await scriptedUpstream((socket) => {
+      socket.write('HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n');
+      setTimeout(() => socket.resetAndDestroy(), 50);
+    });
+    try {
+      for (const restMode of ['terminate', 'relay'] as const) {
+        const m = new ProxyMetrics({ processMetrics: false });
+        const events = requestEvents();
+        const local = await startTestProxy({ pki, restMode, upstream: { restPort: upstream.port }, observer: combineObservers(m, events.observer) });
+        try {
+          let seen = events.next();
+          const socket = await openRaw(local.restPort, pki);
+          socket.write('POST /v3/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}');
+          assert.match(await readToClose(socket), /hello\r\n$/, `${restMode}: the answer was cut after its first chunk`);
+          await seen;
+          assert.equal(sumOf(await m.text(), 'ovms_mtls_upstream_errors_total'), 1, `${restMode}, HTTP/1.1`);
+          seen = events.next();
+          const session = h2Session(local.restPort, pki);
+          const stream = session.request({ ':method': 'POST', ':path': '/v3/chat/completions' });
+          // Not once(stream, 'close'): it rejects on the 'error' a cut stream emits first.
+          const closed = new Promise((resolve) => stream.once('close', resolve));
+          stream.on('error', () => {});
+          stream.resume();
+          stream.end('{}');
+          await closed;
+          session.close();
+          assert.equal(stream.rstCode, 2, `${restMode}: the HTTP/2 answer was cut (INTERNAL_ERROR)`);
+          await seen;
+          const text = await m.text();
+          assert.equal(sample(text, 'ovms_mtls_requests_total', { listener: 'rest', status: '200' }), 2);
+          assert.equal(sumOf(text, 'ovms_mtls_upstream_errors_total'), 2, `${restMode}, HTTP/2`);
+        } finally {
+          await local.proxy.shutdown(1000);
+        }
+      }
+    } finally {
+      upstream.close();
+    }
   });
 });
 

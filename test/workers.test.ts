@@ -24,7 +24,7 @@ import { WorkerPool } from '../src/workers.js';
 import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import type { MetricsJson } from '../src/metrics-aggregate.js';
-import { httpGet, eventually } from './helpers/ops.js';
+import { httpGet, eventually, sumOf } from './helpers/ops.js';
 import { openRaw } from './helpers/raw-http1.js';
 import { GateBoard } from './helpers/sse.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
@@ -124,10 +124,6 @@ async function linesMatching(logs: LogCapture, count: number, match: (l: LogLine
 async function servedCalls(r: Running, calls: number): Promise<LogLine[]> {
   for (let i = 0; i < calls; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
   return linesMatching(r.cli.logs, calls, (l) => l.event === 'access');
-}
-
-function sumOf(metrics: string, name: string): number {
-  return metrics.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `)).reduce((n, l) => n + Number(l.split(' ').at(-1)), 0);
 }
 
 /** A raw HTTP/1.1 connection and what came on it; `answer` is all of it once a response has ended, undefined if it closed first. */

@@ -37,6 +37,11 @@ export function sample(text: string, name: string, labels: Record<string, string
   return undefined;
 }
 
+/** The sum of every sample of `name`, whatever its labels. */
+export function sumOf(metrics: string, name: string): number {
+  return metrics.split('\n').filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `)).reduce((n, l) => n + Number(l.split(' ').at(-1)), 0);
+}
+
 /** Emits 'request' after the observers before it in combineObservers have seen the record. */
 export function requestEvents(): { observer: ProxyObserver; next(): Promise<AccessRecord> } {
   const events = new EventEmitter();
