@@ -424,6 +424,23 @@ export function closingAnswer(status: number, contentType: string, body: string)
   return { wire: Buffer.concat([Buffer.from(head, 'latin1'), payload]), bodyBytes: payload.length };
 }
 
+/** What Node's parser refused in a request body, as its handler answers it: the status and the words naming the problem. */
+export interface BodyRefusal {
+  readonly status: number;
+  readonly message: string;
+}
+
+/** Per HTTP/1.1 request whose body is on its way: who answers it if the rest of that body is malformed. */
+const bodyRefusers = new WeakMap<IncomingMessage, (refusal: BodyRefusal) => void>();
+
+/**
+ * `answer` takes the place of the model server's answer to `req` if Node's parser finds the rest
+ * of its body malformed (a bad chunk line or trailer), as the relay answers such a request.
+ */
+export function onMalformedBody(req: IncomingMessage, answer: (refusal: BodyRefusal) => void): void {
+  bodyRefusers.set(req, answer);
+}
+
 /**
  * The HTTP/1.1 side of a listener. Tracks requests per socket so a drain can
  * close idle keep-alive connections at once and busy ones after their response.
@@ -441,6 +458,8 @@ export class H1Front implements Drainable {
   readonly #refuseAfterAnswers = new WeakMap<Socket, Refusal>();
   /** socket.bytesRead when its last request in flight was answered. */
   readonly #readAtRest = new WeakMap<Socket, number>();
+  /** Connections whose request in flight had a malformed body, answered by its handler: what follows it is dropped. */
+  readonly #badBodies = new WeakSet<Socket>();
   #draining = false;
 
   readonly #observer: ProxyObserver;
@@ -496,8 +515,26 @@ export class H1Front implements Drainable {
         socket.destroy();
         return;
       }
-      this.#refuseOrDefer(socket, refusalOf(err, options.limits));
+      const refusal = refusalOf(err, options.limits);
+      if (!this.#refuseBody(socket, refusal)) this.#refuseOrDefer(socket, refusal);
     });
+  }
+
+  /**
+   * Bad bytes in the body of the request in flight: its handler answers it (onMalformedBody), so it has one access
+   * line with its method, path and status. Answered here instead, it had two: our refusal, with no method or path, and the
+   * request's own, status 0 `client_closed` as if the client had left, two requests in the metrics for one.
+   * Node's parser reports every later read of the connection too: those are dropped.
+   */
+  #refuseBody(socket: Socket, refusal: Refusal): boolean {
+    if (this.#badBodies.has(socket)) return true;
+    const req = this.#latest.get(socket);
+    // Its answer still open: one that went out whole before (an early 413) leaves the bytes to #refuseOrDefer, as before.
+    const answer = req?.complete === false && this.#busy(socket) ? bodyRefusers.get(req) : undefined;
+    if (answer === undefined) return false;
+    this.#badBodies.add(socket);
+    answer(refusal);
+    return true;
   }
 
   #refuseOrDefer(socket: Socket, refusal: Refusal): void {

@@ -10,6 +10,7 @@ import { FORWARDING_FIELDS, disguisesOurs, pushForwardingFields, setForwardingHe
 import { CancelTally } from './cancel-tally.js';
 import { hostAndPort } from './addresses.js';
 import { responseHeadTooLargeMessage } from './http1-framing.js';
+import { onMalformedBody } from './http-fronts.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
 type ClientResponseLike = ServerResponse | Http2ServerResponse;
@@ -159,6 +160,9 @@ export class RestForwarder {
     /** The body as it streams upstream, once it does: dropped, with its hold on the request, when the answer ends first. */
     let body: Readable | undefined;
     if (length !== 0) whenAnsweredMidBody(req, res, () => stopReadingBody(req, body));
+    if (length !== 0 && req.httpVersionMajor === 1) {
+      onMalformedBody(req as IncomingMessage, (refusal) => answerInstead(req, res, exchange, stats, { ...refusal, error: 'bad_request_body', plain: true }));
+    }
     res.once('close', () => {
       clearTimeout(stall);
       this.#live.delete(endNow);
@@ -593,11 +597,15 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
  * has left its headers set (a content-length of its own, say).
  */
 function answerJson(res: ClientResponseLike, status: number, error: string, headers?: OutgoingHttpHeaders): number {
+  return answerOwn(res, status, { 'content-type': 'application/json', ...headers }, JSON.stringify({ error }));
+}
+
+/** answerJson() with `headers` and `body` as given; returns the body's length. */
+function answerOwn(res: ClientResponseLike, status: number, headers: OutgoingHttpHeaders, body: string): number {
   for (const name of res.getHeaderNames()) if (!name.startsWith(':')) res.removeHeader(name);
   // Http2ServerResponse's removeHeader('date') only turns its own date off, leaving the upstream's.
   if (res.hasHeader('date')) res.setHeader('date', new Date().toUTCString());
-  res.writeHead(status, { 'content-type': 'application/json', ...headers });
-  const body = JSON.stringify({ error });
+  res.writeHead(status, headers);
   res.end(body);
   // Its length, for sent bytes: these bodies reach the client as the model server's do.
   return Buffer.byteLength(body);
@@ -607,7 +615,7 @@ function answerJson(res: ClientResponseLike, status: number, error: string, head
  * We end the request ourselves (its body stalled, the proxy stops): nothing more from the
  * model server reaches the client, which gets our answer, or a cut if its response has begun.
  */
-function answerInstead(req: ClientRequestLike, res: ClientResponseLike, exchange: UpstreamExchange, stats: ExchangeStats, answer: { status: number; message: string; error: string }): void {
+function answerInstead(req: ClientRequestLike, res: ClientResponseLike, exchange: UpstreamExchange, stats: ExchangeStats, answer: { status: number; message: string; error: string; plain?: boolean }): void {
   stats.error = answer.error;
   exchange.giveUp();
   if (res.headersSent) {
@@ -617,7 +625,8 @@ function answerInstead(req: ClientRequestLike, res: ClientResponseLike, exchange
   stats.status = answer.status;
   // The rest of a body will not be read; on HTTP/1.1 the connection cannot carry another request.
   if (req.httpVersionMajor === 1) (res as ServerResponse).shouldKeepAlive = false;
-  stats.bytesOut += answerJson(res, answer.status, answer.message);
+  // `plain`: a line of text, as the relay and our other refusals of what Node's parser rejects word it.
+  stats.bytesOut += answer.plain ? answerOwn(res, answer.status, { 'content-type': 'text/plain; charset=utf-8' }, `${answer.message}\n`) : answerJson(res, answer.status, answer.message);
 }
 
 /**

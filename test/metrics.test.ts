@@ -11,7 +11,7 @@ import { ProxyMetrics } from '../src/metrics.js';
 import { aggregatedMetrics, monotonicPart, sumMonotonic, type MetricsJson } from '../src/metrics-aggregate.js';
 import type { AccessRecord } from '../src/observer.js';
 import { grpcRoute, restRoute, OTHER_ROUTE } from '../src/metric-routes.js';
-import { combineObservers } from '../src/observer.js';
+import { combineObservers, NOOP_OBSERVER } from '../src/observer.js';
 import { loadTlsMaterialSync, validTo } from '../src/tls-material.js';
 import { createCrl } from '../src/x509.js';
 import { writeFile } from 'node:fs/promises';
@@ -182,6 +182,28 @@ describe('metrics from real traffic', () => {
         } finally {
           await local.proxy.shutdown(1000);
         }
+      }
+    }
+  });
+
+  test('a request whose chunked body is malformed is one request, answered 400 with bad_request_body, in both REST modes', async () => {
+    for (const restMode of ['terminate', 'relay'] as const) {
+      const m = new ProxyMetrics({ processMetrics: false });
+      const records: AccessRecord[] = [];
+      const local = await startTestProxy({ pki, restMode, upstream: { restPort: upstream.restPort! }, observer: combineObservers(m, { ...NOOP_OBSERVER, request: (r) => records.push(r) }) });
+      try {
+        const socket = await openRaw(local.restPort, pki);
+        socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n');
+        const answer = await readToClose(socket);
+        assert.match(answer, /^HTTP\/1\.1 400 /, restMode);
+        // Every line of the connection is in once the proxy has stopped.
+        await local.proxy.shutdown(1000);
+        assert.deepEqual(records.map((r) => [r.method, r.path, r.status, r.error]), [['POST', '/v2/models/dummy/infer', 400, 'bad_request_body']], restMode);
+        const text = await m.text();
+        assert.equal(sumOf(text, 'ovms_mtls_requests_total'), 1, restMode);
+        assert.equal(sample(text, 'ovms_mtls_sent_bytes_total', { listener: 'rest' }), Buffer.byteLength(responseBody(answer)), restMode);
+      } finally {
+        await local.proxy.shutdown(1000);
       }
     }
   });
