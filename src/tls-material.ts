@@ -290,6 +290,10 @@ export function secureContextOptions(material: TlsMaterial): SecureContextOption
     // No session tickets: every connection gets a full handshake and a fresh certificate check
     // against the CRLs in force now. Issuing tickets cost 14 % of a handshake's CPU and 10 KiB
     // per idle connection (bench), and gRPC clients hold their connections anyway.
-    secureOptions: cryptoConstants.SSL_OP_NO_TICKET,
+    // No renegotiation: a TLS 1.2 client could ask for a new handshake on a live connection (three
+    // each, Node's limit, then a 400 logged as a malformed request) and present another certificate
+    // there that nothing judges; Node refuses it only on the HTTP/2 it serves (RFC 9113 9.2.1), not
+    // on HTTP/1.1 nor the gRPC relay's HTTP/2. OpenSSL answers it with a no_renegotiation alert.
+    secureOptions: cryptoConstants.SSL_OP_NO_TICKET | cryptoConstants.SSL_OP_NO_RENEGOTIATION,
   };
 }

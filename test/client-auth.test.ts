@@ -206,6 +206,33 @@ describe('TLS settings', () => {
     });
   }
 
+  /** A TLS 1.2 client asks for a new handshake on a live connection: 'renegotiated', or the error it got. */
+  async function renegotiation(port: number, alpn: string): Promise<string> {
+    const socket = tlsConnect({ host: '127.0.0.1', port, ...tlsClientOptions(pki), maxVersion: 'TLSv1.2', ALPNProtocols: [alpn] });
+    try {
+      await once(socket, 'secureConnect');
+      return await new Promise<string>((resolve) => {
+        socket.once('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
+        socket.once('close', () => resolve('closed'));
+        socket.renegotiate({}, (err) => resolve(err ? ((err as NodeJS.ErrnoException).code ?? err.message) : 'renegotiated'));
+      });
+    } finally {
+      socket.destroy();
+    }
+  }
+
+  test('a client-initiated TLS 1.2 renegotiation is refused by the protocol on every port and in every mode (nginx and Envoy do not take it either)', async () => {
+    const relay = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, grpcMode: 'relay', restMode: 'relay' });
+    try {
+      for (const [mode, proxy] of [['terminate', front], ['relay', relay]] as const) {
+        assert.equal(await renegotiation(proxy.restPort, 'http/1.1'), 'ERR_SSL_NO_RENEGOTIATION', `${mode} REST over HTTP/1.1`);
+        assert.equal(await renegotiation(proxy.grpcPort, 'h2'), 'ERR_SSL_NO_RENEGOTIATION', `${mode} gRPC over HTTP/2`);
+      }
+    } finally {
+      await relay.proxy.shutdown(1000);
+    }
+  });
+
   test('a connection that never completes its handshake is closed by the handshake timeout', async () => {
     const socket = tcpConnect(front.restPort, '127.0.0.1');
     socket.on('error', () => {});
