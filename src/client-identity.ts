@@ -107,7 +107,46 @@ export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | u
   const unfit = !reason || CRL_REASONS.has(reason) ? unfitIssuer(peer) : undefined;
   if (unfit) return refusal('verify_failed', `${code}; ${unfit}`);
   if (reason) return refusal(reason, code);
-  return refusal('verify_failed', `${code}${unsupportedCriticalNote(peer)}`);
+  return refusal('verify_failed', `${code}${weakCertificateNote(peer, trustedCas) || unsupportedCriticalNote(peer)}`);
+}
+
+/**
+ * OpenSSL's security level (Node's default, 1) refuses a chain holding a certificate signed with
+ * SHA-1 or MD5, or an RSA or DSA key under 1024 bits (CA_MD_TOO_WEAK, EE_KEY_TOO_SMALL,
+ * CA_KEY_TOO_SMALL), and these reach Node as UNSPECIFIED: the log said only that. Older enterprise
+ * PKIs and devices still issue SHA-1 client certificates, and Go, Java and grpcio clients send
+ * them: name the certificate and what its issuer has to change. The trust anchor's own
+ * signature is not checked by OpenSSL, nor here.
+ */
+function weakCertificateNote(leaf: X509Certificate, trustedCas: readonly X509Certificate[]): string {
+  const presented = presentedCertificates(leaf);
+  for (const cert of pathToTrust(presented, trustedCas) ?? presented) {
+    const weakness = weaknessOf(cert);
+    if (weakness) return `; ${describedName(cert, 'subject')} ${weakness.what}, which OpenSSL refuses at its security level: reissue it ${weakness.fix}`;
+  }
+  return '';
+}
+
+const WEAK_DIGESTS = new Set(['SHA-1', 'MD5', 'MD4', 'MD2']);
+
+function weaknessOf(cert: X509Certificate): { what: string; fix: string } | undefined {
+  const { asymmetricKeyType: type, asymmetricKeyDetails: details } = cert.publicKey;
+  const bits = details?.modulusLength;
+  if (bits !== undefined && bits < 1024 && (type === 'rsa' || type === 'rsa-pss' || type === 'dsa')) {
+    return { what: `has a ${bits}-bit ${type.toUpperCase()} key`, fix: 'with a key of 2048 bits or more' };
+  }
+  if (cert.checkIssued(cert)) return undefined;
+  const digest = signatureDigest(cert);
+  return digest && WEAK_DIGESTS.has(digest) ? { what: `is signed with ${digest}`, fix: 'signed with SHA-256' } : undefined;
+}
+
+/** `SHA-256`, `SHA-1`...; undefined for a signature without a separate digest (Ed25519) or one the parser does not know. */
+function signatureDigest(cert: X509Certificate): string | undefined {
+  try {
+    return (safelyParse(cert)?.signatureAlgorithm as { hash?: { name?: string } } | undefined)?.hash?.name;
+  } catch {
+    return undefined;
+  }
 }
 
 /**

@@ -243,6 +243,22 @@ describe('client certificates from other tools, over a real proxy', () => {
     assert.match(line.msg, /CN=private-critical marks extension 1\.3\.6\.1\.4\.1\.55555\.1 critical, which OpenSSL cannot process: reissue it with that extension non-critical or without it/);
   });
 
+  test('a client certificate signed with SHA-1 or with an RSA key under 1024 bits is refused naming the certificate and what to reissue, not only UNSPECIFIED', async () => {
+    await openssl('genrsa', '-out', 'sha1-signed.key', '2048');
+    await openssl('req', '-new', '-key', 'sha1-signed.key', '-subj', '/CN=sha1-signed', '-config', 'ext.cnf', '-out', 'sha1-signed.csr');
+    await openssl('x509', '-req', '-sha1', '-in', 'sha1-signed.csr', '-CA', 'clientca.pem', '-CAkey', 'clientca.key', '-CAcreateserial', '-days', '1', '-extfile', 'ext.cnf', '-extensions', 'client', '-out', 'sha1-signed.pem');
+    await openssl('genrsa', '-out', 'rsa768.key', '768');
+    await issue('rsa768', 'rsa768.key', 'clientca', 'client');
+    const port = proxy.port('rest')!;
+    // Node's own client, as curl and Python's, refuses to send either; Go, Java and grpcio send them.
+    for (const client of ['sha1-signed', 'rsa768']) assert.equal(await restStatus(port, client, 'DEFAULT@SECLEVEL=0'), 403, client);
+    const sha1 = await logs.waitFor((l) => l.event === 'client_refused' && l.subject === 'CN=sha1-signed');
+    assert.equal(sha1.reason, 'verify_failed');
+    assert.match(sha1.msg, /\(UNSPECIFIED; CN=sha1-signed is signed with SHA-1, which OpenSSL refuses at its security level: reissue it signed with SHA-256\)$/);
+    const small = await logs.waitFor((l) => l.event === 'client_refused' && l.subject === 'CN=rsa768');
+    assert.match(small.msg, /\(UNSPECIFIED; CN=rsa768 has a 768-bit RSA key, which OpenSSL refuses at its security level: reissue it with a key of 2048 bits or more\)$/);
+  });
+
   test('a client of a CA outside --mtls_client_ca is refused as unknown_ca, with its issuer, even when it sends that CA along (not as crl_missing)', async () => {
     await makeCa('otherca', 'Material Other CA');
     for (const [client, ca] of [['server-ca-client', 'serverca'], ['other-ca-client', 'otherca']] as const) {
@@ -289,10 +305,11 @@ describe('check: what loads but bites later', () => {
 });
 
 /** One HTTPS/1.1 request to /v2/health/live presenting `client`: the status (403 when the proxy refuses the certificate), or 'failed'. */
-async function restStatus(port: number, client: string): Promise<number | 'failed'> {
+/** `ciphers` lowers the client's own OpenSSL security level, for clients (Go, Java) that send what OpenSSL would not. */
+async function restStatus(port: number, client: string, ciphers?: string): Promise<number | 'failed'> {
   const [ca, cert, key] = await Promise.all([readFile(path('serverca.pem')), readFile(path(`${client}.pem`)), readFile(path(`${client}.key`))]);
   return new Promise((resolve) => {
-    const req = httpsRequest({ host: '127.0.0.1', port, servername: 'localhost', path: '/v2/health/live', ca, cert, key, agent: false }, (res) => {
+    const req = httpsRequest({ host: '127.0.0.1', port, servername: 'localhost', path: '/v2/health/live', ca, cert, key, agent: false, ...(ciphers ? { ciphers } : {}) }, (res) => {
       res.resume();
       res.on('end', () => resolve(res.statusCode ?? 0));
     });
