@@ -1,6 +1,7 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { readFile } from 'node:fs/promises';
 import { connect as tlsConnect } from 'node:tls';
 import { connect as tcpConnect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
@@ -268,6 +269,21 @@ describe('TLS settings', () => {
     assert.equal(line.reason, 'tlsv1_alert_unknown_ca');
     assert.equal(line.remote, '127.0.0.1');
     assert.match(line.msg, /refused our server certificate: give it the CA that signed --mtls_cert.*\(TLS alert unknown_ca\)$/);
+  });
+
+  test('a client certificate chain over OpenSSL\'s 100 KiB limit fails the handshake with a line saying so, not only excessive_message_size', async () => {
+    const filler = { key: `${pki.dir}/filler.key`, pem: `${pki.dir}/filler.pem` };
+    assert.equal((await runCommand('openssl', ['ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', filler.key])).code, 0);
+    // One certificate carrying 110 KB, as a CA bundle of some hundred certificates appended to the client's would.
+    const made = await runCommand('openssl', ['req', '-new', '-x509', '-key', filler.key, '-subj', '/CN=filler', '-days', '1', '-addext', `nsComment=${'x'.repeat(110_000)}`, '-out', filler.pem]);
+    assert.equal(made.code, 0, made.stderr);
+    const from = front.logs.lines.length;
+    const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), cert: pki.client.certPem + (await readFile(filler.pem, 'utf8')) });
+    socket.on('error', () => {});
+    const line = await failureAfter(from);
+    socket.destroy();
+    assert.equal(line.reason, 'excessive_message_size');
+    assert.match(line.msg, /certificate chain over OpenSSL's 100 KiB limit .*: it should send its own certificate and intermediates only$/);
   });
 
   test('a plaintext client on a TLS port is told so', async () => {
