@@ -286,6 +286,16 @@ describe('TLS settings', () => {
     assert.match(line.msg, /certificate chain over OpenSSL's 100 KiB limit .*: it should send its own certificate and intermediates only$/);
   });
 
+  test('a TLS 1.3 client taking no signature our EC server key can make is told to serve a key type it supports', async () => {
+    const from = front.logs.lines.length;
+    const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), sigalgs: 'rsa_pss_rsae_sha256:rsa_pkcs1_sha256' });
+    socket.on('error', () => {});
+    const line = await failureAfter(from);
+    socket.destroy();
+    assert.equal(line.reason, 'no_suitable_signature_algorithm');
+    assert.match(line.msg, /^the client accepts no signature algorithm the key of --mtls_cert can make .*: serve a certificate with a key type the client supports$/);
+  });
+
   test('a plaintext client on a TLS port is told so', async () => {
     const from = front.logs.lines.length;
     const socket = tcpConnect(front.restPort, '127.0.0.1');
