@@ -100,12 +100,17 @@ export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | u
   if (reason === 'unknown_ca') return refusal(reason, `${code}; issued by ${describedName(peer, 'issuer')}`);
   // OpenSSL reports the last of its errors: a client that sends its own root along (OpenSSL clients
   // add the CA they trust to their chain) ends on "no CRL" for a CA we never trusted.
-  if (CRL_REASONS.has(reason) && !pathToTrust(presentedCertificates(peer), trustedCas)) {
+  const path = CRL_REASONS.has(reason) ? pathToTrust(presentedCertificates(peer), trustedCas) : undefined;
+  if (CRL_REASONS.has(reason) && !path) {
     return refusal('unknown_ca', `no trusted CA in its chain, OpenSSL's last error ${code}; issued by ${describedName(peer, 'issuer')}`);
   }
   // Also when OpenSSL's last error is about a CRL: that of a CA nobody may add a CRL for.
   const unfit = !reason || CRL_REASONS.has(reason) ? unfitIssuer(peer) : undefined;
   if (unfit) return refusal('verify_failed', `${code}; ${unfit}`);
+  const sentCa = reason === 'crl_missing' && path ? caSentByClient(path, trustedCas) : undefined;
+  if (sentCa) {
+    return refusal(reason!, `${code}; ${describedName(sentCa, 'subject')}, which the client sent with its certificate (it is not in --mtls_client_ca), has no CRL in --mtls_crl: add that CA's CRL there`);
+  }
   if (reason) return refusal(reason, code);
   return refusal('verify_failed', `${code}${weakCertificateNote(peer, trustedCas) || unsupportedCriticalNote(peer)}`);
 }
@@ -147,6 +152,16 @@ function signatureDigest(cert: X509Certificate): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/**
+ * The first CA of a verified path that the client sent and --mtls_client_ca does not hold: its
+ * intermediate. Startup and reloads insist on a CRL for every CA of the bundle, and Node checks
+ * the CRL of every CA of the chain, so "no CRL" for a chain through such a CA is that CA's CRL
+ * missing, which "one CRL per trusted CA" did not lead the operator to.
+ */
+function caSentByClient(path: readonly X509Certificate[], trustedCas: readonly X509Certificate[]): X509Certificate | undefined {
+  return path.slice(1).find((ca) => !trustedCas.some((trusted) => trusted.fingerprint256 === ca.fingerprint256));
 }
 
 /**

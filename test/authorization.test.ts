@@ -278,9 +278,12 @@ describe('CA bundles and chains', () => {
     });
   });
 
-  test('without the intermediate CRL a chained client is refused as crl_missing, since Node checks every CA of the chain', async () => {
+  test('without the intermediate CRL a chained client is refused as crl_missing, since Node checks every CA of the chain, and the line names the CA the client sent', async () => {
     await withProxy({}, async (front) => {
       assert.equal(await attempt(front, pki.chainedClient), 'crl_missing');
+      // Every CA of --mtls_client_ca has its CRL (startup insists): "give one CRL per trusted CA" alone sent the operator looking for nothing.
+      const line = front.logs.lines.findLast((l) => l.event === 'client_refused')!;
+      assert.match(line.msg, /\(UNABLE_TO_GET_CRL; CN=ovms-mtls test intermediate CA, which the client sent with its certificate \(it is not in --mtls_client_ca\), has no CRL in --mtls_crl: add that CA's CRL there\)$/);
     });
   });
 
