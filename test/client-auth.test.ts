@@ -242,6 +242,12 @@ describe('TLS settings', () => {
     await front.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === 'handshake_timeout');
   });
 
+  /** Material a client brings from other tools, made by the openssl CLI. */
+  async function openssl(...args: string[]): Promise<void> {
+    const made = await runCommand('openssl', args);
+    assert.equal(made.code, 0, `openssl ${args[0]}: ${made.stderr}`);
+  }
+
   /** The first handshake_failed line logged after `from` lines. */
   async function failureAfter(from: number) {
     await eventually(() => front.logs.lines.slice(from).some((l) => l.event === 'handshake_failed'), 'a handshake_failed line');
@@ -273,10 +279,9 @@ describe('TLS settings', () => {
 
   test('a client certificate chain over OpenSSL\'s 100 KiB limit fails the handshake with a line saying so, not only excessive_message_size', async () => {
     const filler = { key: `${pki.dir}/filler.key`, pem: `${pki.dir}/filler.pem` };
-    assert.equal((await runCommand('openssl', ['ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', filler.key])).code, 0);
+    await openssl('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', filler.key);
     // One certificate carrying 110 KB, as a CA bundle of some hundred certificates appended to the client's would.
-    const made = await runCommand('openssl', ['req', '-new', '-x509', '-key', filler.key, '-subj', '/CN=filler', '-days', '1', '-addext', `nsComment=${'x'.repeat(110_000)}`, '-out', filler.pem]);
-    assert.equal(made.code, 0, made.stderr);
+    await openssl('req', '-new', '-x509', '-key', filler.key, '-subj', '/CN=filler', '-days', '1', '-addext', `nsComment=${'x'.repeat(110_000)}`, '-out', filler.pem);
     const from = front.logs.lines.length;
     const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), cert: pki.client.certPem + (await readFile(filler.pem, 'utf8')) });
     socket.on('error', () => {});
@@ -294,6 +299,20 @@ describe('TLS settings', () => {
     socket.destroy();
     assert.equal(line.reason, 'no_suitable_signature_algorithm');
     assert.match(line.msg, /^the client accepts no signature algorithm the key of --mtls_cert can make .*: serve a certificate with a key type the client supports$/);
+  });
+
+  test('a TLS 1.2 client whose certificate key is on a curve we do not take (brainpool) is told to use P-256 or P-384', async () => {
+    const brainpool = { key: `${pki.dir}/brainpool.key`, csr: `${pki.dir}/brainpool.csr`, pem: `${pki.dir}/brainpool.pem` };
+    await openssl('ecparam', '-name', 'brainpoolP256r1', '-genkey', '-noout', '-out', brainpool.key);
+    await openssl('req', '-new', '-key', brainpool.key, '-subj', '/CN=brainpool client', '-out', brainpool.csr);
+    await openssl('x509', '-req', '-in', brainpool.csr, '-CA', pki.paths['client_cert_ca.pem']!, '-CAkey', pki.paths['client_cert_ca.key']!, '-days', '1', '-out', brainpool.pem);
+    const from = front.logs.lines.length;
+    const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), maxVersion: 'TLSv1.2', cert: await readFile(brainpool.pem), key: await readFile(brainpool.key) });
+    socket.on('error', () => {});
+    const line = await failureAfter(from);
+    socket.destroy();
+    assert.equal(line.reason, 'wrong_curve');
+    assert.match(line.msg, /^the client certificate has an EC key on a curve we do not take .*: issue it with a P-256 or P-384 key$/);
   });
 
   test('a plaintext client on a TLS port is told so', async () => {
