@@ -8,7 +8,7 @@ import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
 import { loadTlsMaterialSync, validFrom, validTo, type TlsMaterial } from './tls-material.js';
 import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
-import { caValidity, commonName, issuedBy, nameOf, subjectCn, unanchoredCaMessage, unanchoredCas } from './tls-checks.js';
+import { caValidity, commonName, issuedBy, nameOf, securityLevelWeakness, subjectCn, unanchoredCaMessage, unanchoredCas, weakClientCaMessage } from './tls-checks.js';
 
 export type FindingLevel = 'ok' | 'warn' | 'fail' | 'info';
 
@@ -87,6 +87,8 @@ function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
   const unanchored = new Set(unanchoredCas(m.clientCas));
   for (const ca of m.clientCas) {
     if (unanchored.has(ca)) findings.push({ level: 'warn', text: unanchoredCaMessage(ca, m.files.clientCa) });
+    const weakness = securityLevelWeakness(ca);
+    if (weakness) findings.push({ level: 'warn', text: weakClientCaMessage(ca, m.files.clientCa, weakness) });
     const shared = serverIssuerNote(ca, m);
     if (shared) findings.push(shared);
     findings.push(clientCaValidityFinding(ca, now));

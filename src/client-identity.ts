@@ -2,7 +2,7 @@ import type { X509Certificate } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import type { AllowList } from './config.js';
 import { unsupportedCriticalExtensions } from './crl-index.js';
-import { EMPTY_NAME, nameOf, pathToTrust } from './tls-checks.js';
+import { EMPTY_NAME, nameOf, pathToTrust, securityLevelWeakness } from './tls-checks.js';
 import { x509 } from './x509/peculiar.js';
 
 /** Who the client is, computed once per TLS connection. */
@@ -126,32 +126,10 @@ export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | u
 function weakCertificateNote(leaf: X509Certificate, trustedCas: readonly X509Certificate[]): string {
   const presented = presentedCertificates(leaf);
   for (const cert of pathToTrust(presented, trustedCas) ?? presented) {
-    const weakness = weaknessOf(cert);
+    const weakness = securityLevelWeakness(cert);
     if (weakness) return `; ${describedName(cert, 'subject')} ${weakness.what}, which OpenSSL refuses at its security level: reissue it ${weakness.fix}`;
   }
   return '';
-}
-
-const WEAK_DIGESTS = new Set(['SHA-1', 'MD5', 'MD4', 'MD2']);
-
-function weaknessOf(cert: X509Certificate): { what: string; fix: string } | undefined {
-  const { asymmetricKeyType: type, asymmetricKeyDetails: details } = cert.publicKey;
-  const bits = details?.modulusLength;
-  if (bits !== undefined && bits < 1024 && (type === 'rsa' || type === 'rsa-pss' || type === 'dsa')) {
-    return { what: `has a ${bits}-bit ${type.toUpperCase()} key`, fix: 'with a key of 2048 bits or more' };
-  }
-  if (cert.checkIssued(cert)) return undefined;
-  const digest = signatureDigest(cert);
-  return digest && WEAK_DIGESTS.has(digest) ? { what: `is signed with ${digest}`, fix: 'signed with SHA-256' } : undefined;
-}
-
-/** `SHA-256`, `SHA-1`...; undefined for a signature without a separate digest (Ed25519) or one the parser does not know. */
-function signatureDigest(cert: X509Certificate): string | undefined {
-  try {
-    return (safelyParse(cert)?.signatureAlgorithm as { hash?: { name?: string } } | undefined)?.hash?.name;
-  } catch {
-    return undefined;
-  }
 }
 
 /**

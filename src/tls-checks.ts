@@ -8,6 +8,7 @@ import type { X509Certificate } from 'node:crypto';
 import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
 import { crlSignedBy, crlsForCa, parseCrlFile, type CrlInfo } from './crl-index.js';
+import { x509 } from './x509/peculiar.js';
 
 export interface TrustInput {
   readonly files: TlsFiles;
@@ -226,4 +227,36 @@ export function unanchoredCas(cas: readonly X509Certificate[]): X509Certificate[
 /** What to tell about one of unanchoredCas(): the CA, its missing issuer and what to do. */
 export function unanchoredCaMessage(ca: X509Certificate, bundle: string): string {
   return `client CA ${subjectCn(ca)} in ${bundle} is an intermediate CA without its root (${commonName(nameOf(ca, 'issuer'))}) in the bundle: OpenSSL trusts a client chain only up to a self-signed CA of the bundle, so its clients are refused as unknown_ca; append the root CA to ${bundle}`;
+}
+
+const WEAK_DIGESTS = new Set(['SHA-1', 'MD5', 'MD4', 'MD2']);
+
+/**
+ * What OpenSSL's security level (Node's default, 1) refuses in a certificate of a client chain:
+ * an RSA or DSA key under 1024 bits, or a signature with SHA-1 or MD5 (not checked on a
+ * self-signed trust anchor, whose own signature OpenSSL skips). Node names none of these errors.
+ */
+export function securityLevelWeakness(cert: X509Certificate): { what: string; fix: string } | undefined {
+  const { asymmetricKeyType: type, asymmetricKeyDetails: details } = cert.publicKey;
+  const bits = details?.modulusLength;
+  if (bits !== undefined && bits < 1024 && (type === 'rsa' || type === 'rsa-pss' || type === 'dsa')) {
+    return { what: `has a ${bits}-bit ${type.toUpperCase()} key`, fix: 'with a key of 2048 bits or more' };
+  }
+  if (cert.checkIssued(cert)) return undefined;
+  const digest = signatureDigest(cert);
+  return digest && WEAK_DIGESTS.has(digest) ? { what: `is signed with ${digest}`, fix: 'signed with SHA-256' } : undefined;
+}
+
+/** `SHA-256`, `SHA-1`...; undefined for a signature without a separate digest (Ed25519) or one the parser does not know. */
+function signatureDigest(cert: X509Certificate): string | undefined {
+  try {
+    return (new x509.X509Certificate(cert.raw).signatureAlgorithm as { hash?: { name?: string } }).hash?.name;
+  } catch {
+    return undefined;
+  }
+}
+
+/** What to tell about a CA of the client CA bundle that securityLevelWeakness() finds. */
+export function weakClientCaMessage(ca: X509Certificate, bundle: string, weakness: { what: string; fix: string }): string {
+  return `client CA ${subjectCn(ca)} in ${bundle} ${weakness.what}, which OpenSSL refuses at its security level: every client whose chain runs through it is refused (verify_failed); reissue it ${weakness.fix}`;
 }

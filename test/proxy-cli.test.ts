@@ -4,7 +4,7 @@ import { once } from 'node:events';
 import { createServer, connect as tcpConnect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
+import { runCli, runCommand, startCli, type LongRunningCli } from './helpers/cli.js';
 import { grpcClients, h2Session, https1, startUpstream, tlsClientOptions } from './helpers/harness.js';
 import { issueClientCert } from '../src/x509.js';
 import { connect as tlsConnect } from 'node:tls';
@@ -170,6 +170,32 @@ describe('proxy command line', () => {
       const warned = cli.logs.lines.filter((l) => l.event === 'client_ca_unanchored');
       assert.equal(warned.length, 1, JSON.stringify(cli.logs.lines));
       assert.match(String(warned[0]!.msg), /^client CA ovms-mtls test intermediate CA in \S+intermediate_ca\.pem is an intermediate CA without its root \(ovms-mtls test client CA\) in the bundle: .*append the root CA/);
+    } finally {
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
+    }
+  });
+
+  // OpenSSL's security level refuses every client of a SHA-1-signed CA as UNSPECIFIED: this set served, and `check` and the start said nothing.
+  test('a client CA signed with SHA-1 in --mtls_client_ca starts with a warning that names it and says what to reissue', { timeout: 60_000 }, async () => {
+    const ext = join(pki.dir, 'ca-ext.cnf');
+    await writeFile(ext, 'basicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n');
+    const [csr, sha1Ca, bundle] = ['sha1_ca.csr', 'sha1_ca.pem', 'root_and_sha1_ca.pem'].map((name) => join(pki.dir, name)) as [string, string, string];
+    for (const args of [
+      ['req', '-new', '-key', pki.paths['intermediate_ca.key']!, '-subj', '/CN=SHA-1 signed CA', '-out', csr],
+      ['x509', '-req', '-sha1', '-in', csr, '-CA', pki.paths['client_cert_ca.pem']!, '-CAkey', pki.paths['client_cert_ca.key']!, '-days', '1', '-extfile', ext, '-out', sha1Ca],
+    ]) {
+      const made = await runCommand('openssl', args);
+      assert.equal(made.code, 0, made.stderr);
+    }
+    await writeFile(bundle, pki.clientCa.certPem + readFileSync(sha1Ca, 'utf8'));
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', '--mtls_workers', '1', ...tlsFlags(), '--mtls_client_ca', bundle]);
+    try {
+      await cli.logs.waitFor((l) => l.event === 'listening');
+      const warned = cli.logs.lines.filter((l) => l.event === 'client_ca_weak');
+      assert.equal(warned.length, 1, JSON.stringify(cli.logs.lines));
+      assert.match(String(warned[0]!.msg), /^client CA SHA-1 signed CA in \S+root_and_sha1_ca\.pem is signed with SHA-1, which OpenSSL refuses at its security level: every client whose chain runs through it is refused \(verify_failed\); reissue it signed with SHA-256$/);
     } finally {
       cli.child.kill('SIGTERM');
       assert.equal(await cli.exited, 0);

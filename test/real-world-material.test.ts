@@ -295,6 +295,15 @@ describe('check: what loads but bites later', () => {
     assert.ok(!texts(files('leaf-chain.pem', 'server.key')).some((t) => t.includes('holds no CA certificate')));
   });
 
+  test('a client CA signed with SHA-1 in the bundle: check warns that its clients are refused and says what to reissue', async () => {
+    await openssl('req', '-new', '-key', 'clientca.key', '-subj', '/CN=Material SHA-1 CA', '-config', 'ext.cnf', '-out', 'sha1-ca.csr');
+    await openssl('x509', '-req', '-sha1', '-in', 'sha1-ca.csr', '-CA', 'clientca.pem', '-CAkey', 'clientca.key', '-days', '1', '-extfile', 'ext.cnf', '-extensions', 'ca', '-out', 'sha1-ca.pem');
+    await writeFile(path('with-sha1-ca.pem'), (await readFile(path('clientca.pem'), 'utf8')) + (await readFile(path('sha1-ca.pem'), 'utf8')));
+    const found = texts(files('server.pem', 'server.key', 'with-sha1-ca.pem'));
+    assert.ok(found.some((t) => /^warn client CA Material SHA-1 CA in \S+with-sha1-ca\.pem is signed with SHA-1, which OpenSSL refuses at its security level: every client whose chain runs through it is refused \(verify_failed\); reissue it signed with SHA-256$/.test(t)), found.join('\n'));
+    assert.ok(!texts(files('server.pem', 'server.key')).some((t) => t.includes('security level')));
+  });
+
   test('cert-manager\'s ca.crt of the server secret as --mtls_client_ca: check says clients of another CA will be refused', () => {
     for (const bundle of ['serverca.pem', 'server-intermediate.pem']) {
       const found = texts(files('leaf-chain.pem', 'server.key', bundle));
@@ -304,8 +313,10 @@ describe('check: what loads but bites later', () => {
   });
 });
 
-/** One HTTPS/1.1 request to /v2/health/live presenting `client`: the status (403 when the proxy refuses the certificate), or 'failed'. */
-/** `ciphers` lowers the client's own OpenSSL security level, for clients (Go, Java) that send what OpenSSL would not. */
+/**
+ * One HTTPS/1.1 request to /v2/health/live presenting `client`: the status (403 when the proxy refuses the certificate), or 'failed'.
+ * `ciphers` lowers the client's own OpenSSL security level, for clients (Go, Java) that send what OpenSSL would not.
+ */
 async function restStatus(port: number, client: string, ciphers?: string): Promise<number | 'failed'> {
   const [ca, cert, key] = await Promise.all([readFile(path('serverca.pem')), readFile(path(`${client}.pem`)), readFile(path(`${client}.key`))]);
   return new Promise((resolve) => {

@@ -2,6 +2,7 @@
  * What both serving commands (`proxy` and the OVMS entrypoint) run beside
  * the listeners: metrics, the admin listener and certificate hot reload.
  */
+import type { X509Certificate } from 'node:crypto';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { RunningProxy } from '../proxy.js';
@@ -9,7 +10,7 @@ import type { TlsMaterial } from '../tls-material.js';
 import { NOOP_OBSERVER, type ProxyObserver } from '../observer.js';
 import type { AdminServer } from '../admin.js';
 import { TlsReloader } from '../tls-reload.js';
-import { nameOf, unanchoredCaMessage, unanchoredCas } from '../tls-checks.js';
+import { nameOf, securityLevelWeakness, unanchoredCaMessage, unanchoredCas, weakClientCaMessage } from '../tls-checks.js';
 import type { WorkerPool } from '../workers.js';
 import { aggregatedMetrics, type MetricsSource } from '../metrics-aggregate.js';
 import { ProxyMetrics, certificatesCheck, listenersCheck, startAdminIfConfigured, type HealthCheck } from '../operations.js';
@@ -42,13 +43,18 @@ export class ServingOperations {
     this.#material = options.material;
     this.metrics.setCertificates(options.material);
     this.metrics.materialLoaded();
-    this.#warnUnanchoredCas(options.material);
+    this.#warnCasRefusingClients(options.material);
   }
 
   /** A bundle that refuses every client of one of its CAs loads and serves: said at start and at each reload, once per process that owns the reload. */
-  #warnUnanchoredCas(material: TlsMaterial): void {
+  #warnCasRefusingClients(material: TlsMaterial): void {
+    const subject = (ca: X509Certificate) => nameOf(ca, 'subject').replace(/\n/g, ',');
     for (const ca of unanchoredCas(material.clientCas)) {
-      this.#options.logger.warn({ event: 'client_ca_unanchored', subject: nameOf(ca, 'subject').replace(/\n/g, ',') }, unanchoredCaMessage(ca, material.files.clientCa));
+      this.#options.logger.warn({ event: 'client_ca_unanchored', subject: subject(ca) }, unanchoredCaMessage(ca, material.files.clientCa));
+    }
+    for (const ca of material.clientCas) {
+      const weakness = securityLevelWeakness(ca);
+      if (weakness) this.#options.logger.warn({ event: 'client_ca_weak', subject: subject(ca) }, weakClientCaMessage(ca, material.files.clientCa, weakness));
     }
   }
 
@@ -92,7 +98,7 @@ export class ServingOperations {
         if (!outcome.ok) return;
         this.#material = outcome.material;
         this.metrics.setCertificates(outcome.material);
-        this.#warnUnanchoredCas(outcome.material);
+        this.#warnCasRefusingClients(outcome.material);
       },
     });
     this.#reloader.watch();
