@@ -141,19 +141,37 @@ interface RestAnswer {
   body: string;
 }
 
+// The report shows 160 characters of a body at most: a longer one (a stream, a file, a misrouted download) is not read to its end.
+const MAX_BODY_BYTES = 64 * 1024;
+
+/**
+ * One GET, bounded as a whole by --timeout: a socket idle timeout alone let a server that sends a
+ * byte a second, or an endless body, hold the probe (and its memory) for as long as it kept sending.
+ */
 function httpsGet(options: ProbeOptions, port: number, path: string): Promise<RestAnswer> {
   return new Promise((resolve, reject) => {
+    const settle = (outcome: () => void) => {
+      clearTimeout(timer);
+      outcome();
+      req.destroy();
+    };
     const req = httpsRequest({
       host: options.host, port, path, agent: false, ...serverNameOptions(options.servername ?? options.host),
-      cert: options.cert, key: options.key, ca: options.ca, timeout: options.timeoutMs,
+      cert: options.cert, key: options.key, ca: options.ca,
     }, (res) => {
       const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8').trim() }));
-      res.on('error', reject);
+      let size = 0;
+      const answer = () => settle(() => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).subarray(0, MAX_BODY_BYTES).toString('utf8').trim() }));
+      res.on('data', (c: Buffer) => {
+        chunks.push(c);
+        size += c.length;
+        if (size >= MAX_BODY_BYTES) answer();
+      });
+      res.on('end', answer);
+      res.on('error', (err) => settle(() => reject(err)));
     });
-    req.on('timeout', () => req.destroy(Object.assign(new Error('timeout'), { code: 'PROBE_TIMEOUT' })));
-    req.on('error', reject);
+    const timer = setTimeout(() => settle(() => reject(Object.assign(new Error('timeout'), { code: 'PROBE_TIMEOUT' }))), options.timeoutMs);
+    req.on('error', (err) => settle(() => reject(err)));
     req.end();
   });
 }
@@ -188,6 +206,11 @@ function short(text: string): string {
   return text.length > 160 ? `${text.slice(0, 157)}...` : text;
 }
 
+// As gRPC's DEADLINE_EXCEEDED: the handshake step has shown the port answers HTTP.
+function restTimeout(options: ProbeOptions): Diagnosis {
+  return { layer: 'upstream', cause: `no complete answer within ${options.timeoutMs} ms: the model server may be overloaded or hung` };
+}
+
 async function restStep(options: ProbeOptions, port: number, path: string, what: 'server' | 'model', report: Report): Promise<boolean> {
   const step = `REST GET ${path}`;
   try {
@@ -197,7 +220,7 @@ async function restStep(options: ProbeOptions, port: number, path: string, what:
     return ok;
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
-    report({ listener: 'rest', step, ok: false, detail: e.code ?? e.message, diagnosis: { layer: 'protocol', cause: `the request failed after a good handshake (${e.code ?? e.message}): is --rest_port an HTTP port?` } });
+    report({ listener: 'rest', step, ok: false, detail: e.code ?? e.message, diagnosis: e.code === 'PROBE_TIMEOUT' ? restTimeout(options) : { layer: 'protocol', cause: `the request failed after a good handshake (${e.code ?? e.message}): is --rest_port an HTTP port?` } });
     return false;
   }
 }

@@ -48,6 +48,14 @@ async function probe(args: string[]): Promise<{ code: number; out: string }> {
   return { code, out: Buffer.concat(chunks).toString('utf8') };
 }
 
+/** `running`'s result, or a failed test if it has not settled within 20 s (a bounded wait, not a timing assertion). */
+async function settledWithin<T>(running: Promise<T>, what: string): Promise<T> {
+  let settled = false;
+  void running.finally(() => (settled = true)).catch(() => undefined);
+  await eventually(() => settled, `${what} to end`);
+  return running;
+}
+
 /** A bare TLS server on 127.0.0.1 serving the test server certificate; `onSecure` gets each accepted connection. */
 async function bareTlsServer(options: TlsOptions, onSecure: (socket: import('node:tls').TLSSocket) => void = () => undefined): Promise<{ server: TlsServer; port: number }> {
   const server = createTlsServer({ cert: pki.server.certPem, key: pki.server.keyPem, ...options }, onSecure);
@@ -199,6 +207,36 @@ describe('probe', () => {
     } finally {
       held.forEach((socket) => socket.destroy());
       server.close();
+    }
+  });
+
+  // Before: --timeout was the socket's idle time, so a byte every 100 ms held the probe for as long as the server kept
+  // sending (a step "may take" --timeout seconds), and an endless body was buffered whole (2.6 GB and counting).
+  test('a REST answer that never ends, trickled or endless, ends its step: the trickle fails within --timeout as the upstream layer, the endless body is read only as far as the report shows', async () => {
+    const sending = new Set<ReturnType<typeof setInterval>>();
+    const answerGet = (pace: number, chunk: Buffer) => (socket: import('node:tls').TLSSocket) => socket.once('data', (request: Buffer) => {
+      socket.on('error', () => undefined);
+      if (request.toString('latin1').startsWith('HEAD ')) return socket.end('HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+      socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n');
+      const timer = setInterval(() => socket.write(`${chunk.length.toString(16)}\r\n${chunk.toString('latin1')}\r\n`), pace);
+      sending.add(timer);
+      socket.on('close', () => clearInterval(timer));
+    });
+    const trickle = await bareTlsServer({ ALPNProtocols: ['http/1.1'] }, answerGet(100, Buffer.from('x')));
+    const endless = await bareTlsServer({ ALPNProtocols: ['http/1.1'] }, answerGet(10, Buffer.alloc(16 * 1024, 'x')));
+    try {
+      const [slow, flood] = await Promise.all([
+        settledWithin(probe(['--rest_port', String(trickle.port), '--timeout', '1', ...clientFlags()]), 'the probe of the trickling server'),
+        settledWithin(probe(['--rest_port', String(endless.port), ...clientFlags()]), 'the probe of the endless body'),
+      ]);
+      assert.equal(slow.code, 1, slow.out);
+      assert.match(slow.out, /^FAIL +rest +REST GET \/v2\/health\/ready: PROBE_TIMEOUT\n {6}-> upstream layer: no complete answer within 1000 ms: the model server may be overloaded or hung$/m);
+      assert.equal(flood.code, 0, flood.out);
+      assert.match(flood.out, /^ok +rest +REST GET \/v2\/health\/ready: HTTP 200$/m);
+    } finally {
+      sending.forEach((timer) => clearInterval(timer));
+      trickle.server.close();
+      endless.server.close();
     }
   });
 
