@@ -39,18 +39,29 @@ export interface HandshakeResult {
 // The TLS alerts a server sends when it refuses the client certificate, as OpenSSL names them in its messages.
 const CLIENT_CERT_ALERT = /alert (certificate required|bad certificate|unknown ca|certificate revoked|certificate expired|certificate unknown|access denied|handshake failure)/i;
 
+// A TLS alert as OpenSSL words it: "sslv3 alert handshake failure", "tlsv1 alert protocol version", "tlsv1 unrecognized name".
+const TLS_ALERT = /\b(?:sslv3|tlsv1\d?) (?:alert )?([a-z ]+?)(?::|$)/i;
+
 const UNTRUSTED_SERVER = new Set([
   'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
   'SELF_SIGNED_CERT_IN_CHAIN', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'CERT_SIGNATURE_FAILURE', 'CERT_UNTRUSTED',
 ]);
 
+/**
+ * How far the connection got when it failed. Until the server has sent its certificate it has not
+ * seen ours, so an alert then is about the hello (name, TLS version, cipher, ALPN), never the client
+ * certificate; and a connection the server accepted but never answered is no firewall.
+ */
+export type HandshakeStage = 'connecting' | 'hello sent' | 'server certificate received' | 'secured';
+
 /** Maps a client-side socket error to the layer that failed. */
-export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, secured: boolean): Diagnosis {
+export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, stage: HandshakeStage): Diagnosis {
   const code = err.code ?? '';
   const at = hostAndPort(target.host, target.port);
   if (code === 'ECONNREFUSED') return { layer: 'network', cause: `nothing listens on ${at} (wrong port, or the server is not running)` };
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return { layer: 'network', cause: `host name ${target.host} does not resolve` };
-  if (code === 'PROBE_TIMEOUT' && secured) return silentAfterHandshake(target);
+  if (code === 'PROBE_TIMEOUT' && stage === 'secured') return silentAfterHandshake(target);
+  if (code === 'PROBE_TIMEOUT' && stage !== 'connecting') return silentHandshake(target);
   if (code === 'ETIMEDOUT' || code === 'PROBE_TIMEOUT') return { layer: 'network', cause: `no answer from ${at} within ${target.timeoutMs} ms (firewall, or the wrong host)` };
   if (UNTRUSTED_SERVER.has(code)) return { layer: 'server certificate', cause: `the server certificate is not trusted by --mtls_ca (${code}): pass the CA that issued the server certificate` };
   if (code === 'CERT_HAS_EXPIRED') return { layer: 'server certificate', cause: 'the server certificate has expired: renew it on the server' };
@@ -60,12 +71,36 @@ export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, 
   if (code === 'ERR_SSL_WRONG_VERSION_NUMBER' || code === 'ERR_SSL_PACKET_LENGTH_TOO_LONG' || /wrong version number|packet length too long|http request/i.test(err.message)) {
     return { layer: 'protocol', cause: `${at} does not speak TLS: is it the model server's own plain port instead of the mTLS port?` };
   }
+  const helloAlert = stage === 'hello sent' ? TLS_ALERT.exec(err.message)?.[1] : undefined;
+  if (helloAlert) return helloRefused(helloAlert.toLowerCase(), target);
   const alert = CLIENT_CERT_ALERT.exec(err.message);
   if (alert) {
     return { layer: 'client certificate', cause: `the server refused the client certificate (TLS alert "${alert[1]!.toLowerCase()}"): check it was issued by the server's client CA, is valid and not revoked` };
   }
-  if (secured) return refusedAfterHandshake();
+  if (stage === 'secured') return refusedAfterHandshake();
   return { layer: 'network', cause: `the connection failed before the TLS handshake finished (${code || err.message})` };
+}
+
+/** The server refused our hello with an alert, before it sent its certificate (so before it saw ours). */
+function helloRefused(alert: string, target: TlsTarget): Diagnosis {
+  if (alert === 'unrecognized name') {
+    const cause = isIP(target.servername) === 0
+      ? `the server serves no certificate for the name ${target.servername} (TLS alert "unrecognized name"): give a name it serves with --servername`
+      : `the server wants the name it serves, and ${target.servername} is an IP address, which TLS does not send as a name (TLS alert "unrecognized name"): give that name with --servername`;
+    return { layer: 'server certificate', cause };
+  }
+  const why = alert === 'protocol version' ? 'no TLS version in common (this client speaks TLS 1.2 and 1.3)'
+    : alert === 'no application protocol' ? 'it speaks neither h2 nor http/1.1 (ALPN): is it an HTTP port?'
+      : 'no TLS version, cipher or ALPN protocol in common with this client (TLS 1.2 and 1.3, h2 and http/1.1)';
+  return { layer: 'protocol', cause: `the server refused the TLS hello (TLS alert "${alert}") before sending its certificate, so not for the client certificate: ${why}` };
+}
+
+// The kernel completes a TCP connection for a listening process even when it is stopped or hung; a firewall would not.
+function silentHandshake(target: TlsTarget): Diagnosis {
+  return {
+    layer: 'network',
+    cause: `${hostAndPort(target.host, target.port)} accepted the connection but did not answer the TLS handshake within ${target.timeoutMs} ms: the server is hung or stopped, or a load balancer or port-forward in front of it has no backend`,
+  };
 }
 
 function refusedAfterHandshake(): Diagnosis {
@@ -132,7 +167,7 @@ function describeSession(socket: TLSSocket): string {
  */
 export function tlsHandshake(target: TlsTarget): Promise<HandshakeResult> {
   return new Promise((resolve) => {
-    let secured = false;
+    let stage: HandshakeStage = 'connecting';
     let settled = false;
     const socket = tlsConnect({
       host: target.host, port: target.port, ...serverNameOptions(target.servername),
@@ -146,18 +181,20 @@ export function tlsHandshake(target: TlsTarget): Promise<HandshakeResult> {
       resolve(result);
     };
     const fail = (err: NodeJS.ErrnoException) => {
-      const diagnosis = diagnoseTlsError(err, target, secured);
+      if (stage === 'hello sent' && socket.getPeerX509Certificate()) stage = 'server certificate received';
+      const diagnosis = diagnoseTlsError(err, target, stage);
       finish({ ok: false, detail: err.code ?? err.message, diagnosis });
     };
     const timer = setTimeout(() => fail(Object.assign(new Error('timeout'), { code: 'PROBE_TIMEOUT' })), target.timeoutMs);
+    socket.once('connect', () => (stage = 'hello sent'));
     socket.on('secureConnect', () => {
-      secured = true;
+      stage = 'secured';
       if (socket.alpnProtocol !== 'h2') socket.write(`HEAD /v2/health/live HTTP/1.1\r\nHost: ${target.servername}\r\nConnection: close\r\n\r\n`);
     });
     socket.once('data', () => finish({ ok: true, detail: describeSession(socket), alpn: socket.alpnProtocol || '' }));
     socket.on('error', fail);
     socket.on('close', () => {
-      if (secured) finish({ ok: false, detail: 'closed by the server', diagnosis: refusedAfterHandshake() });
+      if (stage === 'secured') finish({ ok: false, detail: 'closed by the server', diagnosis: refusedAfterHandshake() });
       else fail(Object.assign(new Error('closed before the handshake finished'), { code: 'ECONNRESET' }));
     });
   });

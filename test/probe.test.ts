@@ -6,7 +6,7 @@ import { PassThrough } from 'node:stream';
 import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { connect as netConnect } from 'node:net';
+import { connect as netConnect, createServer as createNetServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { createServer as createTlsServer, type Server as TlsServer, type TlsOptions } from 'node:tls';
 import { join } from 'node:path';
@@ -175,6 +175,56 @@ describe('probe', () => {
       assert.equal(out.split('\n').length, 4, out);
     } finally {
       server.kill();
+    }
+  });
+
+  // Before: 'network layer: the connection failed before the TLS handshake finished (ERR_SSL_TLSV1_UNRECOGNIZED_NAME)' (nginx's
+  // ssl_reject_handshake, an ingress routing by name), the same for an ALPN or TLS version refused, and a hello refused for want of
+  // a common cipher was 'client certificate layer: the server refused the client certificate (TLS alert "handshake failure")'.
+  test('a server that refuses the TLS hello, before it has seen the client certificate, is named by what it refused: the name, ALPN or cipher, not the network or the client certificate', async () => {
+    const [namedPort] = await freeLoopbackPorts(1);
+    const named = spawn('openssl', ['s_server', '-accept', `127.0.0.1:${namedPort}`, '-cert', pki.paths['server.pem']!, '-key', pki.paths['server.key']!,
+      '-servername', 'ovms.example.com', '-servername_fatal', '-cert2', pki.paths['server.pem']!, '-key2', pki.paths['server.key']!, '-www'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    const otherAlpn = await bareTlsServer({ ALPNProtocols: ['postgresql'] });
+    const noCommonCipher = await bareTlsServer({ maxVersion: 'TLSv1.2', ciphers: 'AES128-SHA' });
+    try {
+      let banner = '';
+      named.stdout.setEncoding('utf8').on('data', (chunk: string) => (banner += chunk));
+      await eventually(() => banner.includes('ACCEPT'), 'openssl s_server accepting');
+      const cases: [string[], RegExp][] = [
+        [['--port', String(namedPort), '--servername', 'localhost'],
+          /-> server certificate layer: the server serves no certificate for the name localhost \(TLS alert "unrecognized name"\): give a name it serves with --servername$/m],
+        [['--rest_port', String(otherAlpn.port)],
+          /-> protocol layer: the server refused the TLS hello \(TLS alert "no application protocol"\) before sending its certificate, so not for the client certificate: it speaks neither h2 nor http\/1\.1 \(ALPN\): is it an HTTP port\?$/m],
+        [['--rest_port', String(noCommonCipher.port)],
+          /-> protocol layer: the server refused the TLS hello \(TLS alert "handshake failure"\) before sending its certificate, so not for the client certificate: no TLS version, cipher or ALPN protocol in common/m],
+      ];
+      for (const [args, cause] of cases) {
+        const { code, out } = await probe([...args, ...clientFlags()]);
+        assert.equal(code, 1, out);
+        assert.match(out, cause);
+      }
+    } finally {
+      named.kill();
+      otherAlpn.server.close();
+      noCommonCipher.server.close();
+    }
+  });
+
+  // Before: 'network layer: no answer from 127.0.0.1:P within 1000 ms (firewall, or the wrong host)', for a connection the server had accepted.
+  test('a server that accepts the connection but never answers the TLS hello (stopped or hung) is not blamed on a firewall', async () => {
+    const held: import('node:net').Socket[] = [];
+    const silent = createNetServer((socket) => held.push(socket.on('error', () => undefined)));
+    silent.listen(0, '127.0.0.1');
+    await once(silent, 'listening');
+    try {
+      const { code, out } = await probe(['--rest_port', String((silent.address() as import('node:net').AddressInfo).port), '--timeout', '1', ...clientFlags()]);
+      assert.equal(code, 1);
+      assert.match(out, /-> network layer: 127\.0\.0\.1:\d+ accepted the connection but did not answer the TLS handshake within 1000 ms: the server is hung or stopped/);
+      assert.doesNotMatch(out, /firewall/);
+    } finally {
+      held.forEach((socket) => socket.destroy());
+      silent.close();
     }
   });
 
