@@ -227,6 +227,24 @@ describe('ovms-mtls check', () => {
     assert.match(result.stderr, /--mtls_allow_fingerprint: 'abc' is not a SHA-256 fingerprint/);
   });
 
+  // Before: `check --mtls_log_level warning` (or OVMS_MTLS_GRPC_MODE=Relay in the container's environment) printed
+  // "Result: OK - the proxy would start" and exited 0, while the proxy and the entrypoint refused to start.
+  test('an option the proxy refuses (a log level, a worker count, a mode from the environment) fails check with the proxy\'s line and exit 2', async () => {
+    const cases: [string[], NodeJS.ProcessEnv][] = [
+      [['--mtls_log_level', 'warning'], {}],
+      [['--mtls_workers', '0'], {}],
+      [[], { OVMS_MTLS_GRPC_MODE: 'Relay' }],
+    ];
+    for (const [options, env] of cases) {
+      const checked = await runCli(['check', ...flags(goodFiles()), ...options], { env });
+      const started = await runCli(['proxy', '--rest_port', '1', '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...flags(goodFiles()), ...options], { env });
+      assert.equal(started.code, 2, started.stdout + started.stderr);
+      assert.equal(checked.code, 2, checked.stdout + checked.stderr);
+      assert.equal(checked.stderr, started.stderr);
+      assert.equal(checked.stdout, '');
+    }
+  });
+
   test('the proxy refuses to start on an expired CRL with the message check prints', async () => {
     const expired = await createCrl({ issuer: pki.clientCa, thisUpdate: new Date(Date.now() - 3 * DAY_MS), nextUpdate: new Date(Date.now() - DAY_MS) });
     const crl = await write('expired_for_proxy.crl', expired);

@@ -1,7 +1,6 @@
-import { existsSync } from 'node:fs';
 import { ALL_OPTIONS } from '../options.js';
-import { DEFAULTS, parseAllowList, parseLimits, parseTlsFiles, type TlsFiles } from '../config.js';
-import type { RawOptions } from '../options.js';
+import { DEFAULTS, parseCommonConfig } from '../config.js';
+import { containerTlsDefaults } from '../entrypoint-config.js';
 import { checkTlsFiles, formatReport } from '../check.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
 import type { Io } from './main.js';
@@ -12,24 +11,14 @@ Validates the TLS material the proxy would load, with the same checks and messag
 and prints a short report. Exit 0 only when the proxy would start and serve. Without file options
 it checks the container paths (${DEFAULTS.tlsFilesInContainer.cert}, ...).`;
 
-/**
- * The container layout when no file is named, as the entrypoint uses it; the
- * CRL only when it exists there and the CA bundle was not named elsewhere.
- */
-function containerDefaults(raw: RawOptions): Partial<TlsFiles> {
-  const { crl, ...rest } = DEFAULTS.tlsFilesInContainer;
-  const useCrl = raw['mtls_client_ca'] === undefined && existsSync(crl);
-  return useCrl ? { ...rest, crl } : rest;
-}
-
 /** `ovms-mtls check ...`: 0 when the material is good, 1 when the proxy would refuse it. */
 export async function runCheckCommand(argv: readonly string[], io: Io): Promise<number> {
   const parsed = await parseCommandLine(argv, ALL_OPTIONS, CHECK_USAGE);
   const raw = collectOptions(parsed, ALL_OPTIONS, io.env);
-  // The proxy refuses bad allow-lists and limits before it looks at a file: so does check.
-  parseAllowList(raw);
-  parseLimits(raw);
-  const report = checkTlsFiles(parseTlsFiles(raw, containerDefaults(raw)));
+  // The proxy and the entrypoint refuse a bad option (a log level, a mode, a worker count, an allow-list) before they look
+  // at a file, and take the container's files as the entrypoint does when none is named: so does check, with their parser.
+  const { tls } = parseCommonConfig(raw, containerTlsDefaults(raw));
+  const report = checkTlsFiles(tls);
   io.stdout.write(formatReport(report));
   return report.ok ? 0 : 1;
 }
