@@ -75,11 +75,26 @@ function grpcDiagnosis(err: grpc.ServiceError): Diagnosis {
     return { layer: 'client certificate', cause: 'the server answered the gRPC call with plain HTTP 400, as nginx does when it refuses the client certificate: check it was issued by the server\'s client CA, is valid and not revoked (or, if --port is a REST port, use --rest_port for it)' };
   }
   if (http) return { layer: 'protocol', cause: `the port answered plain HTTP ${http[1]}, not gRPC: is --port the REST port? (use --rest_port for it)` };
+  const contentType = answeredNotGrpc(err);
+  if (contentType !== undefined) {
+    return { layer: 'protocol', cause: `the port answered HTTP/2 with ${contentType}, not gRPC (application/grpc): is --port a web or REST port rather than the model server's gRPC port?` };
+  }
   if (err.code === grpc.status.NOT_FOUND) return { layer: 'model', cause: `the model is not served (${err.details}): check --model_name or config.json` };
   if (err.code === grpc.status.UNAVAILABLE) return { layer: 'upstream', cause: `the proxy accepted the client but could not reach a ready model server: ${err.details}` };
   if (err.code === grpc.status.DEADLINE_EXCEEDED) return { layer: 'upstream', cause: 'no answer before the deadline: the model server may be overloaded or hung' };
   if (err.code === grpc.status.UNIMPLEMENTED) return { layer: 'protocol', cause: 'the server does not implement KServe GRPCInferenceService: is this a model server port?' };
   return { layer: 'upstream', cause: `the call failed with ${grpc.status[err.code]}: ${err.details}` };
+}
+
+/**
+ * The content type of an HTTP/2 answer that is no gRPC at all (a web page, JSON). grpc-js reads its body as gRPC
+ * messages anyway: an HTML page became "RESOURCE_EXHAUSTED: Received message larger than max", or a wait for the
+ * rest of a message that never comes, reported as a hung model server at the deadline.
+ */
+function answeredNotGrpc(err: grpc.ServiceError & { headers?: grpc.Metadata }): string | undefined {
+  const [contentType] = err.headers?.get('content-type') ?? [];
+  if (typeof contentType !== 'string' || /^application\/grpc(?:[+;]|$)/i.test(contentType)) return undefined;
+  return contentType;
 }
 
 async function grpcStep<T>(report: Report, step: string, call: () => Promise<T>, judge: (value: T) => { ok: boolean; detail: string; diagnosis?: Diagnosis }): Promise<boolean> {

@@ -9,6 +9,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { connect as netConnect, createServer as createNetServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { createServer as createTlsServer, type Server as TlsServer, type TlsOptions } from 'node:tls';
+import { createSecureServer } from 'node:http2';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
@@ -175,6 +176,26 @@ describe('probe', () => {
       assert.equal(out.split('\n').length, 4, out);
     } finally {
       server.kill();
+    }
+  });
+
+  // Before: 'upstream layer: the call failed with RESOURCE_EXHAUSTED: Received message larger than max (1919246692 vs 1073741824)'
+  // for a page reading "ready", and '... INTERNAL: Received RST_STREAM with code 0 (Call ended without gRPC status)' for an HTML page.
+  test('an HTTP/2 server answering the gRPC call with a web page or JSON is the protocol layer naming the content type, not the upstream', async () => {
+    for (const [contentType, body] of [['text/plain', 'ready\n'], ['text/html', '<!DOCTYPE html><html><body>Welcome to nginx!</body></html>'], ['application/json', '{"error":"no route"}']] as const) {
+      const web = createSecureServer({ cert: pki.server.certPem, key: pki.server.keyPem }, (_req, res) => {
+        res.writeHead(200, { 'content-type': contentType });
+        res.end(body);
+      });
+      web.listen(0, '127.0.0.1');
+      await once(web, 'listening');
+      try {
+        const { code, out } = await probe(['--port', String((web.address() as import('node:net').AddressInfo).port), ...clientFlags()]);
+        assert.equal(code, 1);
+        assert.match(out, new RegExp(`^FAIL +grpc +gRPC ServerLive: .*\n {6}-> protocol layer: the port answered HTTP/2 with ${contentType.replace('/', '\\/')}, not gRPC \\(application/grpc\\): is --port a web or REST port`, 'm'));
+      } finally {
+        web.close();
+      }
     }
   });
 
