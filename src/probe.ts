@@ -134,7 +134,9 @@ async function probeGrpc(options: ProbeOptions, port: number, report: Report): P
   const deadline = () => ({ deadline: Date.now() + options.timeoutMs });
   try {
     const live = await grpcStep(report, 'gRPC ServerLive', () => unary(client, 'ServerLive', {}, new grpc.Metadata(), deadline()),
-      (r) => ({ ok: r.response.live, detail: r.response.live ? 'live' : 'not live' }));
+      (r) => r.response.live
+        ? { ok: true, detail: 'live' }
+        : { ok: false, detail: 'not live', diagnosis: { layer: 'upstream', cause: 'the model server answers but says it is not live (failed, or shutting down): see its log' } });
     if (!live) return;
     const ready = await grpcStep(report, 'gRPC ServerReady', () => unary(client, 'ServerReady', {}, new grpc.Metadata(), deadline()),
       (r) => r.response.ready

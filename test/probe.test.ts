@@ -18,6 +18,8 @@ import { eventually } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { run } from '../src/cli/main.js';
+import * as grpc from '@grpc/grpc-js';
+import { KSERVE_SERVICE, serviceConstructor } from '../src/demo/protocol.js';
 
 
 let pki: TestPki;
@@ -55,6 +57,15 @@ async function settledWithin<T>(running: Promise<T>, what: string): Promise<T> {
   void running.finally(() => (settled = true)).catch(() => undefined);
   await eventually(() => settled, `${what} to end`);
   return running;
+}
+
+/** A gRPC server with mTLS offering KServe with only `handlers` (the other methods answer UNIMPLEMENTED). */
+async function kserveServer(handlers: grpc.UntypedServiceImplementation): Promise<{ port: number; stop(): void }> {
+  const server = new grpc.Server();
+  server.addService(serviceConstructor(KSERVE_SERVICE).service, handlers);
+  const credentials = grpc.ServerCredentials.createSsl(Buffer.from(pki.clientCa.certPem), [{ cert_chain: Buffer.from(pki.server.certPem), private_key: Buffer.from(pki.server.keyPem) }], true);
+  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', credentials, (err, bound) => (err ? reject(err) : resolve(bound))));
+  return { port, stop: () => server.forceShutdown() };
 }
 
 /** A bare TLS server on 127.0.0.1 serving the test server certificate; `onSecure` gets each accepted connection. */
@@ -176,6 +187,18 @@ describe('probe', () => {
       assert.equal(out.split('\n').length, 4, out);
     } finally {
       server.kill();
+    }
+  });
+
+  // Before: 'FAIL  grpc  gRPC ServerLive: not live' and no line naming a layer.
+  test('a model server answering ServerLive with live false fails the step naming the upstream layer', async () => {
+    const kserve = await kserveServer({ ServerLive: (_call: unknown, done: (err: null, res: { live: boolean }) => void) => done(null, { live: false }) });
+    try {
+      const { code, out } = await probe(['--port', String(kserve.port), ...clientFlags()]);
+      assert.equal(code, 1);
+      assert.match(out, /^FAIL +grpc +gRPC ServerLive: not live\n {6}-> upstream layer: the model server answers but says it is not live/m);
+    } finally {
+      kserve.stop();
     }
   });
 
