@@ -228,12 +228,26 @@ function restTimeout(options: ProbeOptions): Diagnosis {
   return { layer: 'upstream', cause: `no complete answer within ${options.timeoutMs} ms: the model server may be overloaded or hung` };
 }
 
+/**
+ * KServe model metadata is a JSON object; a web server or an ingress's default backend answers 200 with a page for
+ * any path, which passed as the model. Only the start is looked at: the body may have been cut at MAX_BODY_BYTES.
+ */
+function isJsonObject(body: string): boolean {
+  return body.startsWith('{');
+}
+
+function notModelMetadata(): Diagnosis {
+  return { layer: 'protocol', cause: 'the port answered HTTP 200, but not with KServe model metadata (a JSON object): is --rest_port a web server or an ingress default rather than the model server\'s REST port?' };
+}
+
 async function restStep(options: ProbeOptions, port: number, path: string, what: 'server' | 'model', report: Report): Promise<boolean> {
   const step = `REST GET ${path}`;
   try {
     const answer = await httpsGet(options, port, path);
-    const ok = answer.status === 200;
-    report({ listener: 'rest', step, ok, detail: `HTTP ${answer.status}${ok && what === 'model' ? ` ${short(answer.body)}` : ''}`, diagnosis: ok ? undefined : restDiagnosis(answer, what, options.model) });
+    const notMetadata = what === 'model' && answer.status === 200 && !isJsonObject(answer.body);
+    const ok = answer.status === 200 && !notMetadata;
+    const diagnosis = notMetadata ? notModelMetadata() : ok ? undefined : restDiagnosis(answer, what, options.model);
+    report({ listener: 'rest', step, ok, detail: `HTTP ${answer.status}${what === 'model' && answer.status === 200 ? ` ${short(answer.body)}` : ''}`, diagnosis });
     return ok;
   } catch (err) {
     const e = err as NodeJS.ErrnoException;

@@ -10,6 +10,7 @@ import { connect as netConnect, createServer as createNetServer } from 'node:net
 import { tmpdir } from 'node:os';
 import { createServer as createTlsServer, type Server as TlsServer, type TlsOptions } from 'node:tls';
 import { createSecureServer } from 'node:http2';
+import { createServer as createHttpsServer } from 'node:https';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
@@ -187,6 +188,23 @@ describe('probe', () => {
       assert.equal(out.split('\n').length, 4, out);
     } finally {
       server.kill();
+    }
+  });
+
+  // Before: 'ok    rest  REST GET /v2/models/dummy: HTTP 200 <html>...' and 'probe: all 3 steps passed', exit 0, for a web server.
+  test('a REST port answering the model step with a web page (200 for any path) fails it as the protocol layer instead of passing', async () => {
+    const web = createHttpsServer({ cert: pki.server.certPem, key: pki.server.keyPem }, (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/html' });
+      res.end('<!DOCTYPE html><html><body>Welcome to nginx!</body></html>');
+    });
+    web.listen(0, '127.0.0.1');
+    await once(web, 'listening');
+    try {
+      const { code, out } = await probe(['--rest_port', String((web.address() as import('node:net').AddressInfo).port), '--model', 'dummy', ...clientFlags()]);
+      assert.equal(code, 1, out);
+      assert.match(out, /^FAIL +rest +REST GET \/v2\/models\/dummy: HTTP 200 <!DOCTYPE html>.*\n {6}-> protocol layer: the port answered HTTP 200, but not with KServe model metadata \(a JSON object\)/m);
+    } finally {
+      web.close();
     }
   });
 
