@@ -66,7 +66,7 @@ function proxyRefusal(text: string): Diagnosis | undefined {
   return { layer: 'client certificate', cause: `the server refused the client certificate and says why: ${text}` };
 }
 
-function grpcDiagnosis(err: grpc.ServiceError): Diagnosis {
+function grpcDiagnosis(err: grpc.ServiceError, model: string | undefined): Diagnosis {
   const refused = err.code === grpc.status.UNAUTHENTICATED || err.code === grpc.status.PERMISSION_DENIED ? proxyRefusal(err.details ?? '') : undefined;
   if (refused) return refused;
   const http = /Received HTTP status code (\d+)/.exec(err.details ?? '');
@@ -80,6 +80,10 @@ function grpcDiagnosis(err: grpc.ServiceError): Diagnosis {
     return { layer: 'protocol', cause: `the port answered HTTP/2 with ${contentType}, not gRPC (application/grpc): is --port a web or REST port rather than the model server's gRPC port?` };
   }
   if (err.code === grpc.status.NOT_FOUND) return { layer: 'model', cause: `the model is not served (${err.details}): check --model_name or config.json` };
+  // Asked after ServerReady passed: OVMS answers UNAVAILABLE for a model whose version is not loaded (yet).
+  if (err.code === grpc.status.UNAVAILABLE && model !== undefined) {
+    return { layer: 'model', cause: `the model server is ready but model ${model} is not available (${err.details}): it is still loading, or failed to load (see the model server's log)` };
+  }
   if (err.code === grpc.status.UNAVAILABLE) return { layer: 'upstream', cause: `the proxy accepted the client but could not reach a ready model server: ${err.details}` };
   if (err.code === grpc.status.DEADLINE_EXCEEDED) return { layer: 'upstream', cause: 'no answer before the deadline: the model server may be overloaded or hung' };
   if (err.code === grpc.status.UNIMPLEMENTED) return { layer: 'protocol', cause: 'the server does not implement KServe GRPCInferenceService: is this a model server port?' };
@@ -97,14 +101,14 @@ function answeredNotGrpc(err: grpc.ServiceError & { headers?: grpc.Metadata }): 
   return contentType;
 }
 
-async function grpcStep<T>(report: Report, step: string, call: () => Promise<T>, judge: (value: T) => { ok: boolean; detail: string; diagnosis?: Diagnosis }): Promise<boolean> {
+async function grpcStep<T>(report: Report, step: string, call: () => Promise<T>, judge: (value: T) => { ok: boolean; detail: string; diagnosis?: Diagnosis }, model?: string): Promise<boolean> {
   try {
     const verdict = judge(await call());
     report({ listener: 'grpc', step, ...verdict });
     return verdict.ok;
   } catch (err) {
     const e = err as grpc.ServiceError;
-    report({ listener: 'grpc', step, ok: false, detail: `${grpc.status[e.code] ?? 'ERROR'}: ${e.details ?? e.message}`, diagnosis: grpcDiagnosis(e) });
+    report({ listener: 'grpc', step, ok: false, detail: `${grpc.status[e.code] ?? 'ERROR'}: ${e.details ?? e.message}`, diagnosis: grpcDiagnosis(e, model) });
     return false;
   }
 }
@@ -145,7 +149,7 @@ async function probeGrpc(options: ProbeOptions, port: number, report: Report): P
     if (!ready || !options.model) return;
     const model = options.model;
     await grpcStep(report, `gRPC ModelMetadata ${model}`, () => unary(client, 'ModelMetadata', { name: model }, new grpc.Metadata(), deadline()),
-      (r) => ({ ok: true, detail: `versions [${r.response.versions.join(', ')}], inputs ${r.response.inputs.map((t) => `${t.name} ${t.datatype} [${t.shape.join(',')}]`).join('; ')}` }))
+      (r) => ({ ok: true, detail: `versions [${r.response.versions.join(', ')}], inputs ${r.response.inputs.map((t) => `${t.name} ${t.datatype} [${t.shape.join(',')}]`).join('; ')}` }), model);
   } finally {
     client.close();
   }

@@ -220,6 +220,23 @@ describe('probe', () => {
     }
   });
 
+  // Before: 'upstream layer: the proxy accepted the client but could not reach a ready model server: Model with requested version is not loaded yet'.
+  test('a ready model server answering ModelMetadata UNAVAILABLE (the model not loaded) is the model layer, not an unreachable upstream', async () => {
+    type Done = (err: grpc.ServiceError | null, res?: object) => void;
+    const kserve = await kserveServer({
+      ServerLive: (_call: unknown, done: Done) => done(null, { live: true }),
+      ServerReady: (_call: unknown, done: Done) => done(null, { ready: true }),
+      ModelMetadata: (_call: unknown, done: Done) => done(Object.assign(new Error('Model with requested version is not loaded yet'), { code: grpc.status.UNAVAILABLE, details: 'Model with requested version is not loaded yet', metadata: new grpc.Metadata() })),
+    });
+    try {
+      const { code, out } = await probe(['--port', String(kserve.port), '--model', 'dummy', ...clientFlags()]);
+      assert.equal(code, 1);
+      assert.match(out, /^FAIL +grpc +gRPC ModelMetadata dummy: UNAVAILABLE: Model with requested version is not loaded yet\n {6}-> model layer: the model server is ready but model dummy is not available/m);
+    } finally {
+      kserve.stop();
+    }
+  });
+
   // Before: 'upstream layer: the call failed with RESOURCE_EXHAUSTED: Received message larger than max (1919246692 vs 1073741824)'
   // for a page reading "ready", and '... INTERNAL: Received RST_STREAM with code 0 (Call ended without gRPC status)' for an HTML page.
   test('an HTTP/2 server answering the gRPC call with a web page or JSON is the protocol layer naming the content type, not the upstream', async () => {
