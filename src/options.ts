@@ -90,6 +90,15 @@ export function optionNeedsValue(name: string): ConfigError {
   return new ConfigError(`--${name} needs a value (--${name} VALUE or --${name}=VALUE)`);
 }
 
+/**
+ * A text option given with nothing on the command line (`--mtls_crl $UNSET`, `--grpc_bind_address=`)
+ * was taken for absent: the proxy and the entrypoint served without revocation checks, or on every
+ * address, and said nothing. Numbers and allow-lists have messages of their own (config.ts).
+ */
+export function refuseBlankText(spec: OptionSpec, value: RawOptions[string]): void {
+  if (spec.type === 'string' && String(value).trim() === '') throw optionNeedsValue(spec.name);
+}
+
 /** Values from the environment, for every option not given on the command line. */
 export function optionsFromEnv(env: NodeJS.ProcessEnv, specs: readonly OptionSpec[] = ALL_OPTIONS): RawOptions {
   const out: RawOptions = {};

@@ -10,7 +10,7 @@
  */
 import { ConfigError } from './errors.js';
 import { isBooleanWord, parseBoolean } from './config.js';
-import { MTLS_OPTIONS, PUBLIC_OPTIONS, envVarName, optionNeedsValue, type OptionSpec, type RawOptions } from './options.js';
+import { MTLS_OPTIONS, PUBLIC_OPTIONS, envVarName, optionNeedsValue, optionSpec, refuseBlankText, type OptionSpec, type RawOptions } from './options.js';
 
 /** What the command line asks for. */
 export type OvmsMode =
@@ -223,9 +223,18 @@ export function splitOvmsArgv(argv: readonly string[], env: NodeJS.ProcessEnv = 
     i += taken.length - 1;
   }
   const mode = modeOf(help, nonServing, mtls, env);
+  if (mode.kind !== 'help') refuseBlankValues({ ...listeners, ...mtls });
   // Only when serving do our options follow the user's; a one-shot run gets their argv as is.
   if (mode.kind === 'serve' && openOption !== undefined) throw unknownOptionLast(openOption);
   return { mode, mtls, listeners, passthrough };
+}
+
+/**
+ * As in `proxy`, a text option whose last value is blank is refused: taken for absent,
+ * `--grpc_bind_address=` bound every address and `--mtls_crl ""` served without revocation checks.
+ */
+function refuseBlankValues(given: RawOptions): void {
+  for (const [name, value] of Object.entries(given)) refuseBlankText(optionSpec(name)!, value);
 }
 
 /**

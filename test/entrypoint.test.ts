@@ -801,7 +801,7 @@ describe('non-serving invocations', () => {
   });
 
   // Serving took an empty OVMS_MTLS_OVMS_USER (a manifest's substitution of nothing) for the default user; --list_models looked up user '' and exited 2.
-  test('an empty OVMS_MTLS_OVMS_USER or --mtls_ovms_user= means the default user for a one-shot run too, as when serving', async () => {
+  test('an empty OVMS_MTLS_OVMS_USER means the default user for a one-shot run too, as when serving; --mtls_ovms_user= is refused by both, as every blank text option', async () => {
     const ending = async (env: Record<string, string>, extra: string[] = []) => {
       const argvFile = join(dir, `one-shot-user-${++runCounter}.jsonl`);
       const wrapper = startWrapper(['--list_models', '--model_repository_path', '/models', '--mtls_ovms_binary', FAKE_OVMS, ...extra], { FAKE_OVMS_ARGV_FILE: argvFile, ...env });
@@ -810,7 +810,8 @@ describe('non-serving invocations', () => {
     };
     const unset = await ending({});
     assert.deepEqual(await ending({ OVMS_MTLS_OVMS_USER: '' }), unset);
-    assert.deepEqual(await ending({}, ['--mtls_ovms_user=']), unset);
+    const needsValue = 'ovms-mtls: --mtls_ovms_user needs a value (--mtls_ovms_user VALUE or --mtls_ovms_user=VALUE)\n';
+    assert.deepEqual(await ending({}, ['--mtls_ovms_user=']), { exit: { code: 2, signal: null }, stderr: needsValue, uids: [] });
   });
 
   // A terminal's Ctrl-C on a plain `ovms --pull` reaches its whole process group; through the wrapper (OVMS in a session of its own) only OVMS got it, and what it had forked ran on.
@@ -890,6 +891,21 @@ describe('non-serving invocations', () => {
     assert.match(s.wrapper.stderr(), /^ovms-mtls: --mtls_access_log is a flag and takes no separate value: write --mtls_access_log=false .*\n$/);
     assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
     assert.deepEqual(fakeRuns(s.argvFile), []);
+  });
+
+  // Taken for absent, the blank address bound the public port on every address (0.0.0.0), without a word.
+  test('a blank bind address (--rest_bind_address=, an unset variable) is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {
+    const s = await start(['--rest_port', '{rest}', '--rest_bind_address=']);
+    try {
+      // Without the refusal it serves: the listening line ends the wait instead of the test's timeout.
+      const listening = s.wrapper.waitForEvent('listening').then((l) => l, () => undefined);
+      assert.deepEqual(await Promise.race([s.wrapper.exited, listening]), { code: 2, signal: null });
+      assert.equal(s.wrapper.stderr(), 'ovms-mtls: --rest_bind_address needs a value (--rest_bind_address VALUE or --rest_bind_address=VALUE)\n');
+      assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+      assert.deepEqual(fakeRuns(s.argvFile), []);
+    } finally {
+      await stopWrapper(s.wrapper);
+    }
   });
 
   test('a last OVMS option without its value (--model_path) is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {

@@ -28,6 +28,18 @@ describe('listener options in every OVMS spelling', () => {
     assert.throws(() => splitOvmsArgv(['--port']), (err: unknown) => err instanceof ConfigError && /--port needs a value/.test(err.message));
     assert.throws(() => splitOvmsArgv(['--rest_port', '--port', '1']), /--rest_port needs a value/);
   });
+
+  // Taken for absent, `--grpc_bind_address=$UNSET` bound 0.0.0.0 and `--mtls_crl "$UNSET"` served without revocation checks, without a word.
+  test('a blank bind address or text option of ours is refused by name, as in proxy; a later value wins over it, and --help still helps', () => {
+    const needsValue = (name: string) => (err: unknown) => err instanceof ConfigError && err.message === `--${name} needs a value (--${name} VALUE or --${name}=VALUE)`;
+    for (const blank of [['--grpc_bind_address='], ['--rest_bind_address', ''], ['--mtls_crl', ' '], ['--mtls_client_ca='], ['--mtls_ovms_user=']]) {
+      const name = blank[0]!.replace(/^--|=$/g, '');
+      assert.throws(() => splitOvmsArgv(['--port', '9000', '--rest_port', '8000', ...blank]), needsValue(name), blank.join(' '));
+      assert.throws(() => splitOvmsArgv(['--list_models', ...blank]), needsValue(name), `one-shot: ${blank.join(' ')}`);
+    }
+    assert.equal(splitOvmsArgv(['--port', '9000', '--grpc_bind_address=', '--grpc_bind_address', '127.0.0.1']).listeners['grpc_bind_address'], '127.0.0.1');
+    assert.deepEqual(splitOvmsArgv(['--help', '--grpc_bind_address=']).mode, { kind: 'help' });
+  });
 });
 
 describe('passthrough arguments', () => {

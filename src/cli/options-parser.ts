@@ -2,7 +2,7 @@ import yargsFactory from 'yargs';
 import type { Argv, Options } from 'yargs';
 import { ConfigError } from '../errors.js';
 import { parseBoolean } from '../config.js';
-import { optionsFromEnv, envVarName, optionNeedsValue, type OptionSpec, type RawOptions } from '../options.js';
+import { optionsFromEnv, envVarName, refuseBlankText, type OptionSpec, type RawOptions } from '../options.js';
 
 /** yargs settings shared by every command: snake_case names as OVMS spells them, no magic. */
 export const PARSER_CONFIGURATION = {
@@ -43,15 +43,6 @@ export function collectOptions(parsed: Record<string, unknown>, specs: readonly 
     refuseBlankText(spec, out[spec.name]);
   }
   return out;
-}
-
-/**
- * A text option given with nothing (`--mtls_crl $UNSET`, `--grpc_bind_address=`) was taken for
- * absent: the proxy served without revocation checks, or on every address, and said nothing.
- * Numbers and allow-lists have messages of their own (config.ts).
- */
-function refuseBlankText(spec: OptionSpec, value: RawOptions[string]): void {
-  if (spec.type === 'string' && String(value).trim() === '') throw optionNeedsValue(spec.name);
 }
 
 /**
