@@ -101,11 +101,22 @@ function flagValue(option: LongOption, next: string | undefined): string | true 
   return option.inlineValue ?? true;
 }
 
-/** Ours and OVMS's flags alike (`--metrics_enable false` makes OVMS exit 64, after our listeners are up). */
-function refuseSeparateFlagValue(option: LongOption, next: string | undefined): void {
+/**
+ * Ours and OVMS's flags alike (`--metrics_enable false` makes OVMS exit 64, after our listeners are up).
+ * `spelling` gives the word the suggested `--flag=WORD` takes: ours read every boolean word.
+ */
+function refuseSeparateFlagValue(option: LongOption, next: string | undefined, spelling: (word: string) => string = (word) => word): void {
   if (option.inlineValue === undefined && next !== undefined && isBooleanWord(next)) {
-    throw new ConfigError(`--${option.name} is a flag and takes no separate value: write --${option.name}=${next} (or --${option.name} alone for true)`);
+    throw new ConfigError(`--${option.name} is a flag and takes no separate value: write --${option.name}=${spelling(next)} (or --${option.name} alone for true)`);
   }
+}
+
+/**
+ * cxxopts reads a flag's value as t, T, true, True, 1 or their false counterparts, and nothing else:
+ * `--metrics_enable=TRUE` or `=yes` makes OVMS exit 64 ("Argument 'TRUE' failed to parse").
+ */
+function cxxoptsWord(word: string): string {
+  return parseBoolean('', word, false) ? 'true' : 'false';
 }
 
 /** `next` can be the value of a value-taking option: a `--` option after it is a missing value instead. */
@@ -137,7 +148,7 @@ function isKnownOption(arg: string): boolean {
  */
 function ovmsOption(option: LongOption, arg: string, next: string | undefined): string[] {
   if (OVMS_FLAGS.has(option.name)) {
-    refuseSeparateFlagValue(option, next);
+    refuseSeparateFlagValue(option, next, cxxoptsWord);
     return [arg];
   }
   if (option.inlineValue !== undefined) return [arg];

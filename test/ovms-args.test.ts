@@ -137,7 +137,11 @@ describe('--mtls_* options', () => {
 
   test('an OVMS flag followed by a separate true/false is refused the same way, before OVMS would exit 64 on the stray word', () => {
     assert.throws(() => splitOvmsArgv(['--port', '1', '--metrics_enable', 'false']), (err: unknown) => err instanceof ConfigError && err.message.includes('--metrics_enable=false'));
-    assert.throws(() => splitOvmsArgv(['--allow_credentials', 'TRUE', '--rest_port', '2']), /--allow_credentials=TRUE/);
+    // In the spelling cxxopts reads: OVMS exits 64 on `--allow_credentials=TRUE` or `=yes` ("Argument 'TRUE' failed to parse").
+    for (const [word, cxxopts] of [['TRUE', 'true'], ['yes', 'true'], ['on', 'true'], ['1', 'true'], ['NO', 'false'], ['off', 'false']]) {
+      const expected = `--allow_credentials is a flag and takes no separate value: write --allow_credentials=${cxxopts} (or --allow_credentials alone for true)`;
+      assert.throws(() => splitOvmsArgv(['--allow_credentials', word!, '--rest_port', '2']), (err: unknown) => err instanceof ConfigError && err.message === expected, word);
+    }
     assert.deepEqual(splitOvmsArgv(['--metrics_enable', '--rest_port', '2', '--metrics_list', 'ovms_requests_success']).passthrough, ['--metrics_enable', '--metrics_list', 'ovms_requests_success']);
     assert.deepEqual(splitOvmsArgv(['--metrics_enable=false', '--port', '1']).passthrough, ['--metrics_enable=false']);
   });
