@@ -169,6 +169,21 @@ function unknownOptionLast(name: string): ConfigError {
   return new ConfigError(`--${name} has no value and is not an OVMS flag ovms-mtls knows: give it a value (--${name}=VALUE), or write --${name}=true if it is a flag`);
 }
 
+/** `--port 9000` as ONE argument, where no value-taking option came before it: cxxopts sees no option in it. */
+function joinedOption(arg: string): boolean {
+  return /^--[A-Za-z0-9][\w.-]*\s/.test(arg);
+}
+
+/**
+ * A command line given as one string (Kubernetes `args: ["--port 9000 --rest_port 8000 ..."]`)
+ * reached OVMS as a stray argument it refuses (exit 64), after our listeners were up; with every
+ * option in it, the wrapper said "no public port: give --port", naming what the user had given.
+ */
+function joinedArgument(arg: string): ConfigError {
+  const firstWords = arg.trim().split(/\s+/).slice(0, 2).map((word) => `'${word}'`).join(', ');
+  return new ConfigError(`'${arg}' is one argument, from which OVMS reads no option (it would exit 64): give each option and each value as an argument of its own (${firstWords}, ...; in Kubernetes args, one list item each)`);
+}
+
 function store(target: RawOptions, spec: OptionSpec, value: string | boolean): void {
   if (spec.type === 'array') {
     const previous = target[spec.name];
@@ -196,6 +211,8 @@ export function splitOvmsArgv(argv: readonly string[], env: NodeJS.ProcessEnv = 
   let nonServing: string | undefined;
   /** The last argument OVMS gets, when it is an unknown option standing alone. */
   let openOption: string | undefined;
+  /** The first option written together with its value in one argument (`--port 9000`). */
+  let joined: string | undefined;
   for (let i = 0; i < argv.length; i += 1) {
     const arg = argv[i]!;
     if (arg === '--') {
@@ -205,7 +222,12 @@ export function splitOvmsArgv(argv: readonly string[], env: NodeJS.ProcessEnv = 
     }
     if (arg === '-h') { help = true; continue; }
     const option = longOption(arg);
-    if (!option) { passthrough.push(arg); openOption = undefined; continue; }
+    if (!option) {
+      if (joinedOption(arg)) joined ??= arg;
+      passthrough.push(arg);
+      openOption = undefined;
+      continue;
+    }
     const { name } = option;
     if (name.startsWith('mtls_')) {
       const spec = mtlsSpec(name);
@@ -237,6 +259,7 @@ export function splitOvmsArgv(argv: readonly string[], env: NodeJS.ProcessEnv = 
   if (mode.kind !== 'help') refuseBlankValues({ ...listeners, ...mtls });
   // Only when serving do our options follow the user's; a one-shot run gets their argv as is.
   if (mode.kind === 'serve' && openOption !== undefined) throw unknownOptionLast(openOption);
+  if (mode.kind === 'serve' && joined !== undefined) throw joinedArgument(joined);
   return { mode, mtls, listeners, passthrough };
 }
 

@@ -61,6 +61,18 @@ describe('passthrough arguments', () => {
     assert.throws(() => splitOvmsArgv(['--port', '9000', '--model_path', '--model_name', 'm']), needsValue('model_path'));
   });
 
+  // All in one Kubernetes args item, the wrapper said "no public port: give --port"; one option so joined reached OVMS, which exits 64 on it.
+  test('an option and its value given as ONE argument (a command line as one string) is refused when serving, naming it and the split that works', () => {
+    const joined = (arg: string, firstWords: string) => (err: unknown) =>
+      err instanceof ConfigError && err.message === `'${arg}' is one argument, from which OVMS reads no option (it would exit 64): give each option and each value as an argument of its own (${firstWords}, ...; in Kubernetes args, one list item each)`;
+    const whole = '--model_name resnet --model_path /models/resnet --port 9000 --rest_port 8000';
+    assert.throws(() => splitOvmsArgv([whole]), joined(whole, "'--model_name', 'resnet'"));
+    assert.throws(() => splitOvmsArgv(['--port', '9000', '--model_name', 'm', '--model_path', '/m', '--rest_port 8000']), joined('--rest_port 8000', "'--rest_port', '8000'"));
+    // As a value it is a value (cxxopts gives the option the next argument), and a one-shot run's argv is OVMS's to judge.
+    assert.deepEqual(splitOvmsArgv(['--rest_port', '8000', '--extra_quantization_params', '--sym --ratio 1.0']).passthrough, ['--extra_quantization_params', '--sym --ratio 1.0']);
+    assert.deepEqual(splitOvmsArgv(['--list_models', '--model_repository_path /models']).passthrough, ['--list_models', '--model_repository_path /models']);
+  });
+
   test('a value that starts with -- but is no option we know is a value, as for cxxopts (optimum-cli arguments)', () => {
     for (const value of ['--sym', '--sym --ratio 1.0 --group-size -1']) {
       const argv = ['--source_model', 'org/model', '--task', 'text_generation', '--extra_quantization_params', value];
