@@ -99,12 +99,28 @@ export function refuseBlankText(spec: OptionSpec, value: RawOptions[string]): vo
   if (spec.type === 'string' && String(value).trim() === '') throw optionNeedsValue(spec.name);
 }
 
+/**
+ * Kubernetes gives every pod a variable per Service of its namespace, `<NAME>_PORT=tcp://10.96.0.12:9000`
+ * (Docker's links): for a Service named ovms-mtls, as deploy/kubernetes names it, that is OVMS_MTLS_PORT,
+ * for ovms-mtls-rest OVMS_MTLS_REST_PORT. Read as --port, a pod that serves REST only failed to start on a
+ * variable nobody had set. A port option never has this shape, so such a value is no option of ours.
+ */
+export function isServiceLink(variable: string, value: string | undefined): boolean {
+  return variable.endsWith('_PORT') && /^(tcp|udp|sctp):\/\/\S+:\d+$/.test(value ?? '');
+}
+
+/** The options whose OVMS_MTLS_* variable optionsFromEnv passes over as a Kubernetes service link, for a warning naming them. */
+export function serviceLinkOptions(env: NodeJS.ProcessEnv, specs: readonly OptionSpec[] = ALL_OPTIONS): string[] {
+  return specs.map((spec) => spec.name).filter((name) => isServiceLink(envVarName(name), env[envVarName(name)]));
+}
+
 /** Values from the environment, for every option not given on the command line. */
 export function optionsFromEnv(env: NodeJS.ProcessEnv, specs: readonly OptionSpec[] = ALL_OPTIONS): RawOptions {
   const out: RawOptions = {};
   for (const spec of specs) {
-    const value = env[envVarName(spec.name)];
-    if (value === undefined || value === '') continue;
+    const variable = envVarName(spec.name);
+    const value = env[variable];
+    if (value === undefined || value === '' || isServiceLink(variable, value)) continue;
     // A list stays whole here: config.ts splits it at the commas that are not `\,`, as it does a command-line value.
     out[spec.name] = spec.type === 'array' ? [value] : value;
   }

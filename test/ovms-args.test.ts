@@ -3,6 +3,8 @@ import assert from 'node:assert/strict';
 import { splitOvmsArgv, ovmsGrpcServers, ovmsServeArgv } from '../src/ovms-args.js';
 import { ConfigError } from '../src/errors.js';
 import { containerTlsDefaults, entrypointSettings } from '../src/entrypoint-config.js';
+import { warnServiceLinks } from '../src/cli/lifecycle.js';
+import { createLogger } from '../src/log.js';
 
 const JSON_VALUE = '{"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}';
 
@@ -265,6 +267,22 @@ describe('entrypoint settings', () => {
       assert.equal(tls.crl, crl);
       assert.equal(tls.crlOptional, undefined);
     }
+  });
+
+  // A Service named ovms-mtls (deploy/kubernetes's) gives every pod OVMS_MTLS_PORT=tcp://IP:PORT: a REST-only pod failed to start, "--port: 'tcp://...' is not a whole number".
+  test('Kubernetes service links (OVMS_MTLS_PORT=tcp://10.96.0.12:9000) are no options: passed over with a warning naming them, unless the command line gives the option', () => {
+    const links = { OVMS_MTLS_PORT: 'tcp://10.96.0.12:9000', OVMS_MTLS_REST_PORT: 'tcp://10.96.0.13:8000', OVMS_MTLS_ADMIN_PORT: 'tcp://10.96.0.14:9901', OVMS_MTLS_PORT_9000_TCP: 'tcp://10.96.0.12:9000', OVMS_MTLS_SERVICE_PORT: '9000' };
+    const settings = entrypointSettings(splitOvmsArgv(['--rest_port', '8000']), links);
+    assert.deepEqual(Object.keys(settings.listeners), ['rest']);
+    assert.equal(settings.listeners.rest!.port, 8000);
+    assert.equal(settings.common.admin, undefined);
+    // A port in the variable is still one.
+    assert.equal(entrypointSettings(splitOvmsArgv(['--rest_port', '8000']), { OVMS_MTLS_PORT: '9000' }).listeners.grpc!.port, 9000);
+    const lines: string[] = [];
+    warnServiceLinks(links, ['--rest_port', '8000'], createLogger({ level: 'info', destination: { write: (line: string) => lines.push(line) } }));
+    const warned = lines.map((line) => JSON.parse(line) as { event: string; variable: string; msg: string });
+    assert.deepEqual(warned.map((l) => [l.event, l.variable]), [['variable_ignored', 'OVMS_MTLS_PORT'], ['variable_ignored', 'OVMS_MTLS_ADMIN_PORT']]);
+    assert.match(warned[0]!.msg, /^OVMS_MTLS_PORT=tcp:\/\/10\.96\.0\.12:9000 is the variable Kubernetes sets for a Service of that name \(a service link\), not a value for --port: ignored/);
   });
 
   test('the default CRL is not applied to a client CA given by the user', () => {

@@ -26,7 +26,7 @@ import { assertCanSwitchUsers, dropPrivileges, isRoot, ovmsEnvironment, planPriv
 import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
 import { logSupervisorEvents, ovmsStopShareMs, runUntilDone } from './entrypoint-lifecycle.js';
-import { waitForStopSignal } from './lifecycle.js';
+import { waitForStopSignal, warnServiceLinks } from './lifecycle.js';
 import type { Io } from './main.js';
 
 /** A directory passes the X_OK check (search permission) but cannot be run: the listeners would start, then OVMS fail with 126. */
@@ -60,6 +60,7 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
     case 'serve': {
       const settings = entrypointSettings(split, io.env);
       const logger = createLogger({ level: settings.common.logLevel });
+      warnServiceLinks(io.env, argv, logger);
       const stop = waitForStopSignal(logger);
       let running: Serving;
       try {

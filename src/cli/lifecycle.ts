@@ -1,6 +1,7 @@
 import type { Logger } from '../log.js';
 import { constants as osConstants } from 'node:os';
 import { keepInspectorOff } from '../inspector-signal.js';
+import { envVarName, serviceLinkOptions } from '../options.js';
 
 export interface StopSignal {
   /** The first SIGTERM or SIGINT. */
@@ -82,4 +83,19 @@ export function waitForStopSignal(logger: Logger): StopSignal {
 function endBySignal(signal: NodeJS.Signals): void {
   if (process.pid === 1) process.exit(128 + osConstants.signals[signal]);
   process.kill(process.pid, signal);
+}
+
+/**
+ * The Kubernetes service links optionsFromEnv passed over, unless the command line gives that option
+ * anyway: a listener the user may have meant to come from the variable is not there.
+ */
+export function warnServiceLinks(env: NodeJS.ProcessEnv, argv: readonly string[], logger: Logger): void {
+  for (const name of serviceLinkOptions(env)) {
+    if (argv.some((arg) => arg === `--${name}` || arg.startsWith(`--${name}=`))) continue;
+    const variable = envVarName(name);
+    logger.warn(
+      { event: 'variable_ignored', variable },
+      `${variable}=${env[variable]} is the variable Kubernetes sets for a Service of that name (a service link), not a value for --${name}: ignored (give --${name} on the command line if you meant one; enableServiceLinks: false in the pod spec keeps such variables out)`,
+    );
+  }
 }

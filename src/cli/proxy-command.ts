@@ -10,7 +10,7 @@ import { updatingOvmsUp, upstreamCheck } from '../operations.js';
 import { ServingOperations } from './serving-operations.js';
 import { WorkerPool } from '../workers.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
-import { waitForStopSignal } from './lifecycle.js';
+import { waitForStopSignal, warnServiceLinks } from './lifecycle.js';
 import { PROXY_FATAL_EXIT_CODE } from './entrypoint-lifecycle.js';
 
 // --mtls_user too: only the entrypoint drops privileges, and a proxy that took the option would stay root without a word.
@@ -56,6 +56,7 @@ export async function runProxyCommand(argv: readonly string[], env: NodeJS.Proce
   const config = { ...options, ...(await resolveListenAddresses(options)) };
   const logger = createLogger({ level: config.logLevel });
   warnEntrypointOnlyVariables(env, logger);
+  warnServiceLinks(env, argv, logger);
   const material = loadTlsMaterialSync(config.tls);
   // --mtls_workers > 1: forked workers serve; this process keeps the admin port, the reload watch and the signals.
   const workers = config.workers > 1 ? new WorkerPool({ config, material, logger }) : undefined;
