@@ -25,8 +25,9 @@ export interface EntrypointSettings {
 
 /** Our options and the listener options, environment first, command line on top. */
 export function entrypointOptions(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): RawOptions {
-  const specs = ALL_OPTIONS.filter((s) => s.name !== 'mtls_grpc_upstream' && s.name !== 'mtls_rest_upstream');
-  return { ...optionsFromEnv(env, specs), ...split.listeners, ...split.mtls };
+  const given = { ...split.listeners, ...split.mtls };
+  const specs = ALL_OPTIONS.filter((s) => s.name !== 'mtls_grpc_upstream' && s.name !== 'mtls_rest_upstream' && given[s.name] === undefined);
+  return { ...optionsFromEnv(env, specs), ...given };
 }
 
 /**

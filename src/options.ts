@@ -114,13 +114,32 @@ export function serviceLinkOptions(env: NodeJS.ProcessEnv, specs: readonly Optio
   return specs.map((spec) => spec.name).filter((name) => isServiceLink(envVarName(name), env[envVarName(name)]));
 }
 
-/** Values from the environment, for every option not given on the command line. */
+/**
+ * Unset, these let in clients the user meant to keep out: every client the CA vouches for, or
+ * revoked ones. Set to nothing (`OVMS_MTLS_ALLOW_CN=${CN}` with CN unset, a value left out of
+ * an env file), such a variable is refused as `--mtls_allow_cn=` is, not taken for unset.
+ */
+const OPENS_WHEN_UNSET: ReadonlyMap<string, string> = new Map([
+  ...['cn', 'ou', 'dns', 'uri', 'fingerprint'].map((kind): [string, string] => [`mtls_allow_${kind}`, 'an empty allow-list would admit every client the CA vouches for']),
+  ['mtls_crl', 'read as unset, it could leave revocation unchecked'],
+]);
+
+function refuseEmptyVariable(spec: OptionSpec): void {
+  const risk = OPENS_WHEN_UNSET.get(spec.name);
+  if (risk !== undefined) throw new ConfigError(`${envVarName(spec.name)} is set but empty: ${risk} (give it a value, or unset it)`);
+}
+
+/** Values from the environment, for every option not given on the command line. Set to nothing, a variable counts as unset (but see OPENS_WHEN_UNSET). */
 export function optionsFromEnv(env: NodeJS.ProcessEnv, specs: readonly OptionSpec[] = ALL_OPTIONS): RawOptions {
   const out: RawOptions = {};
   for (const spec of specs) {
     const variable = envVarName(spec.name);
     const value = env[variable];
-    if (value === undefined || value === '' || isServiceLink(variable, value)) continue;
+    if (value === undefined || isServiceLink(variable, value)) continue;
+    if (value === '') {
+      refuseEmptyVariable(spec);
+      continue;
+    }
     // A list stays whole here: config.ts splits it at the commas that are not `\,`, as it does a command-line value.
     out[spec.name] = spec.type === 'array' ? [value] : value;
   }

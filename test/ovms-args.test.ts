@@ -299,6 +299,14 @@ describe('entrypoint settings', () => {
     assert.equal(settings.binary, '/ovms/bin/ovms');
   });
 
+  test('an allow-list or CRL variable set to nothing is refused, unless the command line gives the option; other empty variables count as unset', () => {
+    assert.throws(() => entrypointSettings(splitOvmsArgv(['--port', '9000']), { OVMS_MTLS_ALLOW_OU: '' }), /OVMS_MTLS_ALLOW_OU is set but empty: an empty allow-list would admit every client/);
+    assert.throws(() => entrypointSettings(splitOvmsArgv(['--port', '9000']), { OVMS_MTLS_CRL: '' }), /OVMS_MTLS_CRL is set but empty/);
+    const given = entrypointSettings(splitOvmsArgv(['--port', '9000', '--mtls_allow_ou=ops']), { OVMS_MTLS_ALLOW_OU: '', OVMS_MTLS_RESTART: '' });
+    assert.deepEqual(given.common.allow.ou, ['ops']);
+    assert.equal(given.restart.mode, 'never');
+  });
+
   test('no public port at all is a ConfigError', () => {
     assert.throws(() => entrypointSettings(splitOvmsArgv(['--model_name', 'x']), {}), /no public port/);
   });

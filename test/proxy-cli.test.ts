@@ -59,9 +59,9 @@ async function startProxyCli(extra: string[] = [], env: NodeJS.ProcessEnv = {}):
  * Runs `proxy` on a free loopback REST port with `extra` options until it exits, or until it
  * listens (then stops it): a configuration the proxy must refuse shows as `listened: false`.
  */
-async function startupOutcome(extra: string[]): Promise<{ listened: boolean; code: number | null; stderr: string }> {
+async function startupOutcome(extra: string[], env: NodeJS.ProcessEnv = {}): Promise<{ listened: boolean; code: number | null; stderr: string }> {
   const [restPort] = (await freeLoopbackPorts(1)) as [number];
-  const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags(), ...extra]);
+  const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', ...tlsFlags(), ...extra], { env });
   const closed = once(cli.child, 'close');
   const listened = await Promise.race([cli.exited.then(() => false), cli.logs.waitFor((l) => l.event === 'listening').then(() => true)]);
   if (listened) cli.child.kill('SIGTERM');
@@ -240,6 +240,20 @@ describe('proxy command line', () => {
       assert.match(res.stderr, /^ovms-mtls: --mtls_allow_\w+ was given without a value; an empty allow-list would admit every client/);
       assert.equal(res.stderr.trim().split('\n').length, 1, res.stderr);
     }
+  });
+
+  // An empty variable was taken for unset: OVMS_MTLS_ALLOW_CN= (a compose `${CN}` of nothing) admitted every
+  // client the CA vouches for, and OVMS_MTLS_CRL= served revoked clients, where `--mtls_allow_cn=` and `--mtls_crl=` are refused.
+  test('an allow-list or CRL variable set to nothing exits 2 before listening, naming the variable; a command-line value wins over it', async () => {
+    for (const [variable, risk] of [['OVMS_MTLS_ALLOW_CN', 'an empty allow-list would admit every client the CA vouches for'], ['OVMS_MTLS_ALLOW_FINGERPRINT', 'an empty allow-list'], ['OVMS_MTLS_CRL', 'read as unset, it could leave revocation unchecked']] as const) {
+      const res = await startupOutcome(['--mtls_workers', '1'], { [variable]: '' });
+      assert.equal(res.listened, false, `${variable}= started the proxy`);
+      assert.equal(res.code, 2);
+      assert.ok(res.stderr.startsWith(`ovms-mtls: ${variable} is set but empty: ${risk}`), res.stderr);
+      assert.equal(res.stderr.trim().split('\n').length, 1, res.stderr);
+    }
+    const overridden = await startupOutcome(['--mtls_workers', '1', '--mtls_allow_cn', 'client'], { OVMS_MTLS_ALLOW_CN: '' });
+    assert.equal(overridden.listened, true, overridden.stderr);
   });
 
   // The CRL went unloaded without a word, and a revoked client was served.

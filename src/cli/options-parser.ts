@@ -35,7 +35,7 @@ export function addOptions(y: Argv, specs: readonly OptionSpec[]): Argv {
  * times keep the last one, as OVMS does.
  */
 export function collectOptions(parsed: Record<string, unknown>, specs: readonly OptionSpec[], env: NodeJS.ProcessEnv): RawOptions {
-  const out: RawOptions = optionsFromEnv(env, specs);
+  const out: RawOptions = optionsFromEnv(env, specs.filter((spec) => parsed[spec.name] === undefined));
   for (const spec of specs) {
     const value = parsed[spec.name];
     if (value === undefined) continue;
