@@ -282,8 +282,20 @@ export function expectationNames(value: string): string[] {
   return value.split(',').map((member) => member.split(/[;=]/, 1)[0]!.trim().toLowerCase()).filter((name) => name !== '');
 }
 
-/** The answer to an expectation that cannot be met, as Node gives it (no body), in terminate mode. */
-const EXPECTATION_FAILED: OwnAnswer = { status: 417, error: 'bad_request', close: false };
+/** Why a request is refused 417, in both REST modes: Node's own 417 said nothing. `expect`: the field's values, joined. */
+export function unmetExpectationMessage(expect: string): string {
+  return `Expect: ${JSON.stringify(expect)} cannot be met; the only expectation supported is 100-continue`;
+}
+
+/** Why an HTTP/1.1 request without Host is refused 400, in both REST modes (RFC 9112 3.2). */
+export const MISSING_HOST_MESSAGE = 'an HTTP/1.1 request needs a Host field';
+
+const UNMET_EXPECTATION = { status: 417, error: 'bad_request' } as const;
+
+/** The answer to an expectation that cannot be met, in terminate mode; the connection stays, as Node keeps it. */
+function expectationFailed(expect: string): OwnAnswer {
+  return { ...UNMET_EXPECTATION, close: false, body: `${unmetExpectationMessage(expect)}\n` };
+}
 
 /**
  * An HTTP/2 request whose Expect is not exactly `100-continue`: Node's compatibility
@@ -296,15 +308,16 @@ function meetExpectation(req: Http2ServerRequest, res: Http2ServerResponse, cont
     onRequest(req, res, context);
     return;
   }
-  answerH2Ourselves(req, res, context, observer, { ...EXPECTATION_FAILED, path: req.url });
+  answerH2Ourselves(req, res, context, observer, { ...UNMET_EXPECTATION, path: req.url, message: unmetExpectationMessage(String(req.headers['expect'])) });
 }
 
-/** As Node's compatibility layer answers on its own (a status, no body), with the access line it would not give. */
-function answerH2Ourselves(req: Http2ServerRequest, res: Http2ServerResponse, context: ConnectionContext, observer: ProxyObserver, answer: { status: number; error: string; path: string }): void {
-  res.statusCode = answer.status;
-  res.end();
+/** What Node's compatibility layer would answer on its own (a bare status), with the reason as a line and the access line it would not give. */
+function answerH2Ourselves(req: Http2ServerRequest, res: Http2ServerResponse, context: ConnectionContext, observer: ProxyObserver, answer: { status: number; error: string; path: string; message: string }): void {
+  const body = `${answer.message}\n`;
+  res.writeHead(answer.status, { 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(body) });
+  res.end(body);
   req.resume();
-  logOwnAnswer(observer, context, 'h2', { method: req.method, path: answer.path, status: answer.status, error: answer.error, bytesOut: 0 });
+  logOwnAnswer(observer, context, 'h2', { method: req.method, path: answer.path, status: answer.status, error: answer.error, bytesOut: Buffer.byteLength(body) });
 }
 
 /** The access line of an answer of ours that no request handler saw. */
@@ -379,11 +392,11 @@ function versionRefusal(req: IncomingMessage): OwnAnswer | undefined {
 /**
  * RFC 9112 3.2: an HTTP/1.1 request without Host gets 400. Node's server answers it
  * (requireHostHeader) before any event our code sees, so the request had no access line;
- * it is answered here instead, as Node did (no body, the connection closed).
+ * it is answered here instead, as Node did (the connection closed), and says why, as the relay does.
  */
 function missingHostRefusal(req: IncomingMessage): OwnAnswer | undefined {
   if (req.httpVersionMinor === 0 || req.headers.host !== undefined) return undefined;
-  return { status: 400, error: 'bad_request', close: true };
+  return { status: 400, error: 'bad_request', close: true, body: `${MISSING_HOST_MESSAGE}\n` };
 }
 
 /**
@@ -488,7 +501,7 @@ export class H1Front implements Drainable {
     // the relay forwards all of them: maxHeaderSize is the one limit, in both modes.
     this.#server.maxHeadersCount = 0;
     // Node answers any Expect but 100-continue with 417 on its own, which would leave the request without its access line.
-    this.#server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => this.#onRequest(req, res, options.onRequest, EXPECTATION_FAILED));
+    this.#server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => this.#onRequest(req, res, options.onRequest, expectationFailed(String(req.headers.expect))));
     // Node checks headersTimeout from a timer it starts on 'listening'; this server never listens itself (sockets are handed in).
     this.#server.emit('listening');
     // Any socket timeout (ours above, Node's keep-alive one) lands here; without a listener Node would cut a busy connection too.

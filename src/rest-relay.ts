@@ -7,7 +7,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
 import { SECOND_HOST, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { closingAnswer, expectationNames, headStalledMessage, type ClosingAnswer } from './http-fronts.js';
+import { MISSING_HOST_MESSAGE, closingAnswer, expectationNames, headStalledMessage, unmetExpectationMessage, type ClosingAnswer } from './http-fronts.js';
 import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
 
 /** The fallback is the terminating HTTP/1.1 front, which answers 503/502 with the reason. */
@@ -111,7 +111,7 @@ const hasOption = (options: readonly string[], name: string): boolean => options
 function hostOf(head: Http1Head): string | undefined {
   const hosts = head.values('host');
   if (hosts.length > 1) throw new RoutingRefused(SECOND_HOST);
-  if (head.minorVersion === 1 && hosts.length === 0) throw new FramingError(400, 'an HTTP/1.1 request needs a Host field');
+  if (head.minorVersion === 1 && hosts.length === 0) throw new FramingError(400, MISSING_HOST_MESSAGE);
   return hosts[0];
 }
 
@@ -163,7 +163,7 @@ function expectations(head: Http1Head): string[] {
 function checkExpectations(head: Http1Head): void {
   const names = expectations(head);
   if (names.length === 0 || names.includes('100-continue')) return;
-  throw new FramingError(417, `Expect: ${JSON.stringify(head.values('expect').join(', '))} cannot be met; the only expectation supported is 100-continue`);
+  throw new FramingError(417, unmetExpectationMessage(head.values('expect').join(', ')));
 }
 
 const CONTINUE = Buffer.from('HTTP/1.1 100 Continue\r\n\r\n', 'latin1');

@@ -110,6 +110,14 @@ describe('REST requests Node would answer on its own get an answer and one acces
       identity(lines[0]!);
     });
 
+    // Terminate mode answered as Node does, a bare 400: only the relay said what was missing.
+    test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 request without Host gets 400 saying so, and an access line`, { timeout: 20_000 }, async () => {
+      const { text, lines } = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\n\r\n', 1);
+      assert.deepEqual(statuses(text), [400]);
+      assert.match(text, /\r\n\r\nan HTTP\/1\.1 request needs a Host field\n$/);
+      assert.deepEqual(lines.map((l) => [l.status, l.error]), [[400, 'bad_request']]);
+    });
+
     test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 Expect other than 100-continue gets 417 and an access line naming the request`, { timeout: 20_000 }, async () => {
       const { text, lines } = await exchangeHttp1(
         restMode,
@@ -118,6 +126,8 @@ describe('REST requests Node would answer on its own get an answer and one acces
       );
       // Node keeps the connection for the next request (the relay closes it, rest-relay-drogon.test.ts): both are logged.
       assert.deepEqual(statuses(text), restMode === 'terminate' ? [417, 200] : [417]);
+      // Node's own 417 had no body in terminate mode: the client was not told why.
+      assert.match(text, /\r\n\r\nExpect: "x-fast-lane" cannot be met; the only expectation supported is 100-continue\n/);
       assert.deepEqual(lines.map(summary), [
         { status: 417, error: 'bad_request', method: 'POST', path: '/echo-body', protocol: 'http/1.1' },
         ...(restMode === 'terminate' ? [{ status: 200, error: undefined, method: 'GET', path: '/v2/health/live', protocol: 'http/1.1' }] : []),
@@ -128,6 +138,7 @@ describe('REST requests Node would answer on its own get an answer and one acces
     test(`--mtls_rest_mode ${restMode}: an HTTP/2 Expect other than 100-continue gets 417 and an access line; 100-Continue is a 100-continue there too`, { timeout: 20_000 }, async () => {
       const refused = await exchangeH2(restMode, { ':method': 'POST', ':path': '/echo-body', expect: 'x-fast-lane' }, 'abc', 1);
       assert.equal(refused.status, 417);
+      assert.equal(refused.body, 'Expect: "x-fast-lane" cannot be met; the only expectation supported is 100-continue\n');
       assert.deepEqual(refused.lines.map(summary), [{ status: 417, error: 'bad_request', method: 'POST', path: '/echo-body', protocol: 'h2' }]);
       identity(refused.lines[0]!);
       const met = await exchangeH2(restMode, { ':method': 'POST', ':path': '/echo-body', expect: '100-Continue' }, 'abc', 1);
