@@ -1,6 +1,7 @@
 import type { IncomingMessage, ServerResponse, OutgoingHttpHeaders, IncomingHttpHeaders } from 'node:http';
 import { constants as http2Constants, Http2ServerResponse, type Http2ServerRequest, type ServerHttp2Stream } from 'node:http2';
 import { Readable } from 'node:stream';
+import type { Socket } from 'node:net';
 import { Pool, buildConnector, type Dispatcher } from 'undici';
 import type { HostPort } from './config.js';
 import type { ConnectionContext } from './listeners.js';
@@ -88,6 +89,8 @@ export class RestForwarder {
   /** Per request whose response to the client is still open: what ends it at shutdown (endAll). */
   readonly #live = new Set<(message: string) => void>();
   readonly #resets = new UpstreamResets();
+  /** Per HTTP/1.1 connection, the error of its last answer that went out, if it failed: what closed it under the answers queued behind. */
+  readonly #lastFailure = new WeakMap<Socket, string>();
 
   constructor(options: RestForwarderOptions) {
     this.#options = options;
@@ -163,12 +166,17 @@ export class RestForwarder {
     if (length !== 0 && req.httpVersionMajor === 1) {
       onMalformedBody(req as IncomingMessage, (refusal) => answerInstead(req, res, exchange, stats, { ...refusal, error: 'bad_request_body', plain: true }));
     }
+    // Node's HTTP/1.1 server queues the answer to a pipelined request until those before it are done.
+    let onWire = hasTheConnection(res);
+    if (!onWire) res.once('socket', () => (onWire = true));
     res.once('close', () => {
       clearTimeout(stall);
       this.#live.delete(endNow);
+      if (!onWire) this.#neverSent(req, stats, context);
       // The client went away: the model should stop working for nobody.
       const cut = stats.error === undefined && !deliveredWhole(res);
       if (cut) stats.error = context.closedBy ?? cutBy(req);
+      if (onWire && req.httpVersionMajor === 1) this.#noteEnded(req.socket, stats.error);
       if (req.httpVersionMajor === 2) {
         if (cut) this.#cancels.count(context);
         else this.#cancels.settle(context);
@@ -189,6 +197,23 @@ export class RestForwarder {
     if (length === 0) dispatch(null);
     else if (length !== undefined && length > WHOLE_BODY_BYTES) dispatch(bodyStream(req, counted, []));
     else readWholeOrStream(req, counted, dispatch);
+  }
+
+  /**
+   * An HTTP/1.1 request pipelined behind another whose answer ended the connection (cut short,
+   * or an answer of ours that closes it): its own answer, queued behind, never went out, whatever
+   * the model server or we had put in it. Its line said the status and bytes of that answer, and
+   * `client_closed` when we had closed the connection. It gets what ended the connection.
+   */
+  #neverSent(req: ClientRequestLike, stats: ExchangeStats, context: ConnectionContext): void {
+    stats.status = 0;
+    stats.bytesOut = 0;
+    stats.error ??= context.closedBy ?? this.#lastFailure.get(req.socket) ?? 'client_closed';
+  }
+
+  #noteEnded(socket: Socket, error: string | undefined): void {
+    if (error === undefined) this.#lastFailure.delete(socket);
+    else this.#lastFailure.set(socket, error);
   }
 
   /**
@@ -627,6 +652,15 @@ function answerInstead(req: ClientRequestLike, res: ClientResponseLike, exchange
   if (req.httpVersionMajor === 1) (res as ServerResponse).shouldKeepAlive = false;
   // `plain`: a line of text, as the relay and our other refusals of what Node's parser rejects word it.
   stats.bytesOut += answer.plain ? answerOwn(res, answer.status, { 'content-type': 'text/plain; charset=utf-8' }, `${answer.message}\n`) : answerJson(res, answer.status, answer.message);
+}
+
+/**
+ * Node's HTTP/1.1 server gives a pipelined request's response the connection (its 'socket'
+ * event) only once the responses before it are done; a connection that closes first never
+ * carries it. An HTTP/2 response has its own stream at once.
+ */
+function hasTheConnection(res: ClientResponseLike): boolean {
+  return res instanceof Http2ServerResponse || res.socket !== null;
 }
 
 /**

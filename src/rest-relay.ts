@@ -542,13 +542,13 @@ class RelayedHttp1Connection implements RelayedConnection {
    * else the client's connection is cut too.
    */
   #badBody(exchange: Exchange, err: FramingError): void {
-    exchange.error = 'bad_request_body';
+    const why = (exchange.error = 'bad_request_body');
     if (!this.#mayAnswerInstead(exchange)) {
-      this.#fail();
+      this.#fail(why);
       return;
     }
     exchange.status = err.status;
-    this.#answerInstead(exchange, refusalAnswer(err));
+    this.#answerInstead(exchange, refusalAnswer(err), why);
   }
 
   /** Our own answer can take the place of the model server's: nothing of it went out, and no response before it is owed. */
@@ -572,13 +572,13 @@ class RelayedHttp1Connection implements RelayedConnection {
   endNow(message: string): void {
     const waiting = this.#exchanges[0];
     if (this.#finished || !waiting) return;
-    waiting.error = 'shutdown_timeout';
+    const why = (waiting.error = 'shutdown_timeout');
     if (waiting.answered) {
-      this.#fail();
+      this.#fail(why);
       return;
     }
     waiting.status = 503;
-    this.#answerInstead(waiting, jsonAnswer(503, message));
+    this.#answerInstead(waiting, jsonAnswer(503, message), why);
   }
 
   /**
@@ -587,13 +587,13 @@ class RelayedHttp1Connection implements RelayedConnection {
    * if nothing of an answer went out yet, else the connection is cut.
    */
   #bodyStalled(exchange: Exchange): void {
-    exchange.error = 'client_body_timeout';
+    const why = (exchange.error = 'client_body_timeout');
     if (this.#mayAnswerInstead(exchange)) {
       exchange.status = 408;
-      this.#answerInstead(exchange, jsonAnswer(408, bodyStalledMessage(this.#parts.limits.idleTimeoutMs)));
+      this.#answerInstead(exchange, jsonAnswer(408, bodyStalledMessage(this.#parts.limits.idleTimeoutMs)), why);
       return;
     }
-    this.#fail();
+    this.#fail(why);
   }
 
   /** The upstream closed or failed: a request still waiting gets a 502 if nothing of its answer was sent. */
@@ -626,18 +626,21 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (!waiting.answered) {
       waiting.status = 502;
       waiting.error = code;
-      this.#answerInstead(waiting, jsonAnswer(502, message));
+      this.#answerInstead(waiting, jsonAnswer(502, message), code);
       return;
     }
     waiting.error = code;
-    this.#fail();
+    this.#fail(code);
   }
 
-  /** Our own answer in place of the model server's to `exchange`; the connection then closes. */
-  #answerInstead(exchange: Exchange, answer: ClosingAnswer): void {
+  /**
+   * Our own answer in place of the model server's to `exchange`, whose error is `why`; the connection
+   * then closes, and the requests pipelined behind it, never answered, are logged with that why too.
+   */
+  #answerInstead(exchange: Exchange, answer: ClosingAnswer, why: string): void {
     const sent = answerTo(exchange.method, answer);
     exchange.bytesOut += sent.bodyBytes;
-    this.#end(sent.wire);
+    this.#end(sent.wire, why);
   }
 
   /** Closes both sides after `last` (our own answer) and what was written before it; `unfinished` is logged for requests left unanswered. */
@@ -656,15 +659,15 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#reportUnfinished(unfinished);
   }
 
-  /** Cuts both sides: a half-relayed message cannot be finished. */
-  #fail(): void {
+  /** Cuts both sides: a half-relayed message cannot be finished. `why`: the cut request's error, which the others in flight get too. */
+  #fail(why: string): void {
     if (this.#finished) return;
     this.#finished = true;
     // Whole responses that came in the same read as the failure are owed to the client still.
     this.#flushToClient();
     this.#parts.upstream.destroy();
     this.#parts.client.destroy();
-    this.#reportUnfinished('aborted');
+    this.#reportUnfinished(why);
   }
 
   #clientGone(): void {

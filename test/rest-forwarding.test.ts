@@ -10,7 +10,7 @@ import { request as httpsRequest, Agent as HttpsAgent } from 'node:https';
 import { createServer as createHttpServer, type IncomingMessage, type ClientRequest } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { behindProxy } from './helpers/scripted-upstream.js';
@@ -274,6 +274,43 @@ describe('request targets with a #fragment', () => {
         } finally {
           session.destroy();
         }
+      }));
+  }
+});
+
+describe('a request pipelined behind an answer after which the connection closes: its line claims no answer', () => {
+  const PIPELINED = 'GET /first HTTP/1.1\r\nhost: a\r\n\r\nGET /second HTTP/1.1\r\nhost: a\r\n\r\n';
+  const HEAD_AND_PART = 'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc';
+
+  /** The two lines, once both are logged; the client got the first answer alone (or the start of it). */
+  async function linesOfBoth(local: StartedProxy, received: string): Promise<{ first: LogLine; second: LogLine }> {
+    assert.equal(received.match(/^HTTP\/1\.1 /gm)?.length, 1, received);
+    const first = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/first');
+    const second = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second');
+    return { first, second };
+  }
+
+  for (const restMode of FORWARD_MODES) {
+    // Terminate mode asks for each on a connection of its own: the one for /first is cut, the one for /second goes on.
+    test(`--mtls_rest_mode ${restMode}: the model server cuts the first answer: the second, never sent, has status 0, no bytes out, and the first's error, not client_closed or an unlisted word`, () =>
+      behindProxy({ pki, restMode, answer: (socket, first) => (first.includes('/first') ? socket.end(HEAD_AND_PART) : socket.write(HEAD_AND_PART)) }, async (local) => {
+        const socket = await openRaw(local.restPort, pki);
+        socket.write(PIPELINED);
+        const { first, second } = await linesOfBoth(local, await readToClose(socket));
+        assert.match(String(first.error), /^(UPSTREAM_CLOSED|upstream_closed_mid_response)$/);
+        assert.deepEqual([second.status, second.bytesOut, second.error], [0, 0, first.error]);
+      }));
+
+    test(`--mtls_rest_mode ${restMode}: the shutdown timeout runs out with both waiting: the first gets the 503, the second, never sent, has status 0 and no bytes out, shutdown_timeout`, () =>
+      behindProxy({ pki, restMode, answer: () => {} }, async (local, upstream) => {
+        const socket = await openRaw(local.restPort, pki);
+        socket.write(PIPELINED);
+        await eventually(() => upstream.sockets.length > 0, 'the model server to get the requests');
+        const received = readToClose(socket);
+        await local.proxy.shutdown(300);
+        const { first, second } = await linesOfBoth(local, await received);
+        assert.deepEqual([first.status, first.error], [503, 'shutdown_timeout']);
+        assert.deepEqual([second.status, second.bytesOut, second.error], [0, 0, 'shutdown_timeout']);
       }));
   }
 });
