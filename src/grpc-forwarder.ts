@@ -239,6 +239,15 @@ interface CallOutcome {
   error?: string | undefined;
 }
 
+/**
+ * What the access line shows as the path: `:path`, or for a CONNECT, which has none (RFC 9113
+ * 8.5), its `:authority`, as the REST port logs one (HTTP/1.1's authority-form target). The
+ * line had said "undefined".
+ */
+function requestTarget(headers: IncomingHttpHeaders): string {
+  return headers[':path'] ?? headers[':authority'] ?? '';
+}
+
 function accessRecord(context: ConnectionContext, headers: IncomingHttpHeaders, o: CallOutcome) {
   return {
     listener: context.listener,
@@ -247,7 +256,7 @@ function accessRecord(context: ConnectionContext, headers: IncomingHttpHeaders, 
     subject: context.identity.subject,
     serial: context.identity.serial,
     method: String(headers[':method']),
-    path: String(headers[':path']),
+    path: requestTarget(headers),
     status: o.status,
     grpcStatus: o.grpcStatus,
     bytesIn: o.bytesIn,

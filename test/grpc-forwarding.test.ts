@@ -154,6 +154,8 @@ describe('grpc forwarding', () => {
       const line = await front.logs.waitFor((l) => l.event === 'access' && l.method === 'CONNECT');
       assert.equal(line.status, 405);
       assert.equal(line.error, 'method_not_allowed');
+      // A CONNECT has no :path: the line names the authority it asked for, as the REST port's does, not "undefined".
+      assert.equal(line.path, 'elsewhere.example:443');
     } finally {
       tunnel.close();
       other.close();
