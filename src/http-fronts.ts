@@ -454,6 +454,33 @@ export function onMalformedBody(req: IncomingMessage, answer: (refusal: BodyRefu
   bodyRefusers.set(req, answer);
 }
 
+/** What Node 20's ConnectionsList (internal: node_http_parser.cc) gives of each parser. */
+interface ParserEntry {
+  readonly socket?: Socket;
+}
+
+/**
+ * Node's own list of an HTTP server's parsers, set up on 'listening' (the list its headersTimeout
+ * check reads): `active()` holds those inside a message, a head begun and not complete among them
+ * (and those of connections that have sent nothing yet). Internal, reached by its symbol's
+ * description as pino's are; without it (another Node), no message is taken for begun.
+ */
+class NodeParsers {
+  readonly #list: { active(): ParserEntry[] } | undefined;
+
+  constructor(server: HttpServer) {
+    const key = Object.getOwnPropertySymbols(server).find((symbol) => symbol.description === 'http.server.connections');
+    const list = key === undefined ? undefined : (server as unknown as Record<symbol, unknown>)[key];
+    this.#list = typeof (list as { active?: unknown } | undefined)?.active === 'function' ? (list as { active(): ParserEntry[] }) : undefined;
+  }
+
+  /** Node's parser of `socket` has begun a message after bytes came (a connection that sent nothing is in the list too). */
+  midMessage(socket: Socket): boolean {
+    if (this.#list === undefined || socket.bytesRead === 0) return false;
+    return this.#list.active().some((parser) => parser.socket === socket);
+  }
+}
+
 /**
  * The HTTP/1.1 side of a listener. Tracks requests per socket so a drain can
  * close idle keep-alive connections at once and busy ones after their response.
@@ -478,6 +505,7 @@ export class H1Front implements Drainable {
   readonly #observer: ProxyObserver;
   readonly #idleTimeoutMs: number;
   readonly #maxHeaderSize: number;
+  readonly #parsers: NodeParsers;
 
   constructor(options: { limits: Limits; observer: ProxyObserver; onRequest: RequestHandler }) {
     this.#observer = options.observer;
@@ -504,6 +532,7 @@ export class H1Front implements Drainable {
     this.#server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => this.#onRequest(req, res, options.onRequest, expectationFailed(String(req.headers.expect))));
     // Node checks headersTimeout from a timer it starts on 'listening'; this server never listens itself (sockets are handed in).
     this.#server.emit('listening');
+    this.#parsers = new NodeParsers(this.#server);
     // Any socket timeout (ours above, Node's keep-alive one) lands here; without a listener Node would cut a busy connection too.
     this.#server.on('timeout', (socket: Socket) => {
       if (this.#busy(socket)) return;
@@ -524,7 +553,7 @@ export class H1Front implements Drainable {
       }
       // Node's head timeout also counts a connection that has sent nothing yet; when its check runs before our idle
       // timer (a late event loop), that connection is idle, as our timer would have found it: closed, no 408.
-      if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' && !this.#headArriving(socket)) {
+      if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' && !this.#headArriving(socket, true)) {
         socket.destroy();
         return;
       }
@@ -571,9 +600,18 @@ export class H1Front implements Drainable {
     socket.on('timeout', () => this.#server.emit('timeout', socket));
   }
 
-  /** Bytes came after the last answer and made no request yet: part of a head (not the rest of a body answered early, read and dropped). */
-  #headArriving(socket: Socket): boolean {
-    return socket.bytesRead > (this.#readAtRest.get(socket) ?? 0) && this.#latest.get(socket)?.complete !== false;
+  /**
+   * Part of a head came and made no request yet (not the rest of a body answered early, read and
+   * dropped): bytes after the last answer, or, when they came in the same read as the request
+   * before it (pipelined), a message Node's parser has begun. That one had been closed as idle,
+   * with no 408 and no access line, where the relay answers it. `nodeExpired`: Node's headersTimeout
+   * check gave up on the connection, which it does only to a parser inside a message (taking it off
+   * its list first), or to a connection that has sent nothing yet.
+   */
+  #headArriving(socket: Socket, nodeExpired = false): boolean {
+    if (this.#latest.get(socket)?.complete === false) return false;
+    if (socket.bytesRead > (this.#readAtRest.get(socket) ?? 0)) return true;
+    return nodeExpired ? socket.bytesRead > 0 : this.#parsers.midMessage(socket);
   }
 
   /** The connection ended while the body of a request we took was still arriving. */
