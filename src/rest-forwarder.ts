@@ -131,7 +131,18 @@ export class RestForwarder {
     if (req.httpVersionMajor === 2 && bodyLength(req) !== 0) whenAnsweredMidBody(req, res);
     const bytesOut = answerJson(res, refusal.status, refusal.message, refusal.headers);
     req.resume();
-    this.#log(req, context, started, { status: refusal.status, bytesIn: 0, bytesOut, error: refusal.error });
+    const stats: ExchangeStats = { status: refusal.status, bytesIn: 0, bytesOut, error: refusal.error };
+    if (hasTheConnection(res)) {
+      this.#log(req, context, started, stats);
+      return;
+    }
+    // Queued behind a pipelined request: logged once it is out, or as never sent when the connection ended first.
+    let onWire = false;
+    res.once('socket', () => (onWire = true));
+    res.once('close', () => {
+      if (!onWire) this.#neverSent(req, stats, context);
+      this.#log(req, context, started, stats);
+    });
   }
 
   /**

@@ -301,6 +301,27 @@ describe('a request pipelined behind an answer after which the connection closes
         assert.deepEqual([second.status, second.bytesOut, second.error], [0, 0, first.error]);
       }));
 
+    test(`--mtls_rest_mode ${restMode}: a request the proxy refuses (a #fragment target), pipelined: its 400 is logged when it goes out, and as never sent (status 0, no bytes out) when the answer before it is cut`, () => {
+      // Each request answered, on a kept-alive connection too: terminate mode sends /cut on the one /whole used.
+      const answer = (socket: Socket, first: Buffer) => {
+        const reply = (request: Buffer) => (request.includes('/cut') ? socket.end(HEAD_AND_PART) : socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'));
+        reply(first);
+        socket.on('data', reply);
+      };
+      return behindProxy({ pki, restMode, answer }, async (local) => {
+        for (const [first, refused, statuses] of [['/whole', '/sent#x', ['200', '400']], ['/cut', '/unsent#x', ['200']]] as const) {
+          const socket = await openRaw(local.restPort, pki);
+          socket.write(`GET ${first} HTTP/1.1\r\nhost: a\r\n\r\nGET ${refused} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n`);
+          assert.deepEqual((await readToClose(socket)).match(/(?<=HTTP\/1\.1 )\d{3}/g), statuses);
+        }
+        const sent = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/sent#x');
+        assert.equal(sent.status, 400);
+        assert.ok(Number(sent.bytesOut) > 0);
+        const unsent = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/unsent#x');
+        assert.deepEqual([unsent.status, unsent.bytesOut, unsent.error], [0, 0, 'bad_request_target']);
+      });
+    });
+
     test(`--mtls_rest_mode ${restMode}: the shutdown timeout runs out with both waiting: the first gets the 503, the second, never sent, has status 0 and no bytes out, shutdown_timeout`, () =>
       behindProxy({ pki, restMode, answer: () => {} }, async (local, upstream) => {
         const socket = await openRaw(local.restPort, pki);
