@@ -5,6 +5,8 @@
  */
 export class OvmsMtlsError extends Error {
   readonly code: string;
+  /** What the process exits with: 2, the usage error, unless the input was fine and the start failed anyway. */
+  readonly exitCode: number = 2;
   constructor(code: string, message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = new.target.name;
@@ -37,6 +39,17 @@ export class ListenError extends OvmsMtlsError {
 export class ChildProcessError extends OvmsMtlsError {
   constructor(message: string, options?: { cause?: unknown }) {
     super('ERR_OVMS_CHILD', message, options);
+  }
+}
+
+/**
+ * The start failed for a reason outside the input (a worker killed before it listened): one line
+ * like the others, but exit 70 (EX_SOFTWARE), as a proxy that fails once serving exits.
+ */
+export class StartFailure extends OvmsMtlsError {
+  override readonly exitCode = 70;
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_START', message, options);
   }
 }
 

@@ -21,7 +21,7 @@ import type { UserAccount } from './privileges.js';
 import type { CheckResult } from './health.js';
 import { tlsTexts, type TlsMaterial, type TlsTexts } from './tls-material.js';
 import { monotonicPart, sumMonotonic, type MetricsJson } from './metrics-aggregate.js';
-import { ListenError, TlsMaterialError } from './errors.js';
+import { ListenError, StartFailure, TlsMaterialError } from './errors.js';
 import { isMessage, type FromWorker, type ToWorker, type UpstreamPorts } from './worker-protocol.js';
 
 /** The module a worker process starts from; a single executable ignores it and runs its own main. */
@@ -221,7 +221,7 @@ export class WorkerPool implements RunningProxy {
       if (isMessage<FromWorker>(message)) this.#onMessage(member, message, settle);
     });
     worker.on('exit', (code, signal) => {
-      settle.reject(new Error(`worker ${worker.id} exited (${signal ?? code}) before listening`));
+      settle.reject(new StartFailure(`worker ${worker.id} (pid ${worker.process.pid}) exited (${signal ?? code}) before it listened${exitHint(signal)}`));
       // Node may report the exit before the channel has delivered the worker's last message (its final counts).
       if (worker.isConnected()) worker.once('disconnect', () => this.#onExit(member, code, signal));
       else this.#onExit(member, code, signal);
@@ -359,6 +359,11 @@ export class WorkerPool implements RunningProxy {
       if (err) this.#options.logger.debug({ event: 'worker_send_failed', worker: worker.id, reason: err.message }, 'message to a worker not delivered');
     });
   }
+}
+
+/** Why a worker may have ended before it listened: the proxy sends no SIGKILL to a worker that is starting. */
+function exitHint(signal: string | null): string {
+  return signal === 'SIGKILL' ? ' (killed from outside: the out-of-memory killer, or a kill -9?)' : '';
 }
 
 /** A worker's startup error as the same one-line user error the single-process path throws. */

@@ -420,6 +420,15 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
       assert.equal(r.cli.logs.lines.filter((l) => l.event === 'worker_draining').length, 1, 'the worker that listened drained');
     }));
 
+  test('a worker killed in its start (the out-of-memory killer) ends the run in one line naming it, exit 70, no stack trace', () =>
+    withStallingWorkers({ name: 'killed-start', workers: [2], fromStart: true, until: (l) => l.event === 'listening' && l['worker'] === 1 }, async ({ r, stall }) => {
+      const pid = await stalledPid(stall, 2);
+      process.kill(pid, 'SIGKILL');
+      await eventually(() => r.cli.child.exitCode !== null || r.cli.child.signalCode !== null, 'the proxy to exit', 60_000);
+      assert.equal(r.cli.child.exitCode, 70, r.cli.stderr());
+      assert.equal(r.cli.stderr(), `ovms-mtls: worker 2 (pid ${pid}) exited (SIGKILL) before it listened (killed from outside: the out-of-memory killer, or a kill -9?)\n`);
+    }));
+
   test('a replacement stuck in its start at SIGTERM is killed and named, and no error says a worker failed to start', () =>
     withStallingWorkers({ name: 'stall-replacement', workers: [3], fromStart: true }, async ({ r, stall, stuck }) => {
       const [first] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];

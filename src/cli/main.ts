@@ -91,7 +91,7 @@ export function main(argv: readonly string[]): void {
     (err: unknown) => {
       if (isUserError(err)) {
         process.stderr.write(`ovms-mtls: ${userErrorLine(err.message, argv, io.env)}\n`);
-        process.exit(2);
+        process.exit(err.exitCode);
       }
       process.stderr.write(`ovms-mtls: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
       process.exit(70);
