@@ -54,6 +54,19 @@ const UNTRUSTED_SERVER = new Set([
  */
 export type HandshakeStage = 'connecting' | 'hello sent' | 'server certificate received' | 'secured';
 
+/**
+ * OpenSSL says UNABLE_TO_VERIFY_LEAF_SIGNATURE both for a server certificate from another CA and for
+ * one whose server leaves out the intermediate CA that issued it; passing that intermediate alone
+ * as --mtls_ca does not help (a trusted chain ends at a root), so the advice names both ways out.
+ */
+function untrustedServerFix(code: string): string {
+  if (code === 'DEPTH_ZERO_SELF_SIGNED_CERT') return 'it is self-signed: pass that certificate itself, if you trust it';
+  if (code === 'UNABLE_TO_VERIFY_LEAF_SIGNATURE') {
+    return 'pass the CA that issued it; if that is an intermediate CA, pass its root and have the server send the intermediate after its own certificate (or put both in --mtls_ca)';
+  }
+  return 'pass the root CA of the chain the server sends';
+}
+
 /** Maps a client-side socket error to the layer that failed. */
 export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, stage: HandshakeStage): Diagnosis {
   const code = err.code ?? '';
@@ -63,7 +76,7 @@ export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, 
   if (code === 'PROBE_TIMEOUT' && stage === 'secured') return silentAfterHandshake(target);
   if (code === 'PROBE_TIMEOUT' && stage !== 'connecting') return silentHandshake(target);
   if (code === 'ETIMEDOUT' || code === 'PROBE_TIMEOUT') return { layer: 'network', cause: `no answer from ${at} within ${target.timeoutMs} ms (firewall, or the wrong host)` };
-  if (UNTRUSTED_SERVER.has(code)) return { layer: 'server certificate', cause: `the server certificate is not trusted by --mtls_ca (${code}): pass the CA that issued the server certificate` };
+  if (UNTRUSTED_SERVER.has(code)) return { layer: 'server certificate', cause: `the server certificate is not trusted by --mtls_ca (${code}): ${untrustedServerFix(code)}` };
   if (code === 'CERT_HAS_EXPIRED') return { layer: 'server certificate', cause: 'the server certificate has expired: renew it on the server' };
   if (code === 'INVALID_PURPOSE') return { layer: 'server certificate', cause: 'the server certificate is not for servers (its extended key usage lacks serverAuth; a client certificate?): give the server its server certificate' };
   if (code === 'CERT_NOT_YET_VALID') return { layer: 'server certificate', cause: 'the server certificate is not valid yet: check the clocks' };

@@ -17,6 +17,7 @@ import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harn
 import { BIN, cleanEnv, runCli } from './helpers/cli.js';
 import { eventually } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
+import { issueServerCert } from '../src/x509.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { run } from '../src/cli/main.js';
 import * as grpc from '@grpc/grpc-js';
@@ -149,6 +150,19 @@ describe('probe', () => {
     const { code, out } = await probe(['--rest_port', String(front.restPort), ...clientFlags('client', 'other_ca')]);
     assert.equal(code, 1);
     assert.match(out, /-> server certificate layer: the server certificate is not trusted by --mtls_ca/);
+  });
+
+  test('a server that leaves out the intermediate CA of its certificate is told apart from nothing: the advice names the intermediate', async () => {
+    const leaf = await issueServerCert({ issuer: pki.intermediateCa, commonName: 'localhost', dns: ['localhost'], ips: ['127.0.0.1'] });
+    const { server, port } = await bareTlsServer({ cert: leaf.certPem, key: leaf.keyPem });
+    try {
+      // The client CA is the intermediate's root: trusted, yet the chain cannot be built without the intermediate.
+      const { code, out } = await probe(['--rest_port', String(port), ...clientFlags('client', 'client_cert_ca')]);
+      assert.equal(code, 1);
+      assert.match(out, /UNABLE_TO_VERIFY_LEAF_SIGNATURE\n {6}-> server certificate layer: .*if that is an intermediate CA, pass its root and have the server send the intermediate after its own certificate/);
+    } finally {
+      server.close();
+    }
   });
 
   test('a server serving a client certificate is the server certificate layer, not the network', async () => {
