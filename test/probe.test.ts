@@ -489,6 +489,21 @@ describe('probe', () => {
     assert.equal(res.stderr, "ovms-mtls: --timeout: '99999999999' is not a number of seconds > 0 and <= 2000000\n");
   });
 
+  test('a URL or host:port given as --host (as clients are given the deployment) is a one-line usage error showing the split, not a name that does not resolve', async () => {
+    const cases: [string, string][] = [
+      ['https://ovms.example:8443/v2/health/ready', ', not a URL: for https://ovms.example:8443/v2/health/ready give --host ovms.example and --port 8443 (gRPC) or --rest_port 8443 (REST)'],
+      ['localhost:9443', ' without a port: for localhost:9443 give --host localhost and --port 9443 (gRPC) or --rest_port 9443 (REST)'],
+      ['[::1]:9443', ' without a port: for [::1]:9443 give --host [::1] and --port 9443 (gRPC) or --rest_port 9443 (REST)'],
+    ];
+    for (const [host, words] of cases) {
+      const res = await runCli(['probe', '--host', host, '--rest_port', String(front.restPort), ...clientFlags()]);
+      assert.equal(res.code, 2, res.stdout);
+      assert.equal(res.stderr, `ovms-mtls: --host takes a host name or address${words}\n`);
+    }
+    // An IPv6 address, bracketed or not, is a host.
+    assert.equal((await probe(['--host', '[::1]', '--rest_port', '1', ...clientFlags()])).code, 1);
+  });
+
   test('in the container, where OVMS_MTLS_CERT names the server certificate, a missing --mtls_cert does not blame that variable, which probe never reads', async () => {
     const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', '1', '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!],
       { env: { ...cleanEnv(), OVMS_MTLS_CERT: pki.paths['server.pem']! } });

@@ -90,12 +90,28 @@ function checkClientPair(certPath: string, cert: Buffer, keyPath: string, key: B
   }
 }
 
+/**
+ * The host as given, without what belongs in other options: a URL or `host:port`, as clients are
+ * given the deployment, would be looked up as a host name and reported as one that does not resolve.
+ */
+function hostOption(given: string): string {
+  const url = /^[a-z][a-z0-9+.-]*:\/\/(\[[^\]]*\]|[^/:?#]*)(?::(\d+))?/i.exec(given);
+  if (url) throw new ConfigError(`--host takes a host name or address, not a URL: for ${given} give ${hostAdvice(url[1] || 'HOST', url[2])}`);
+  const hostPort = /^(\[[^\]]*\]|[^:]+):(\d+)$/.exec(given);
+  if (hostPort) throw new ConfigError(`--host takes a host name or address without a port: for ${given} give ${hostAdvice(hostPort[1]!, hostPort[2])}`);
+  // `[::1]`, as in the URL a client is given, would be looked up as a host name and "not resolve".
+  return unbracketed(given);
+}
+
+function hostAdvice(host: string, port: string | undefined): string {
+  return port === undefined ? `--host ${host}` : `--host ${host} and --port ${port} (gRPC) or --rest_port ${port} (REST)`;
+}
+
 function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   const last = (v: unknown) => (Array.isArray(v) ? v.at(-1) : v);
   const given = last(parsed['host']);
   if (typeof given !== 'string' || given === '') throw new ConfigError('--host is required (the address clients use, e.g. --host localhost)');
-  // `[::1]`, as in the URL a client is given, would be looked up as a host name and "not resolve".
-  const host = unbracketed(given);
+  const host = hostOption(given);
   const grpcPort = parsed['port'] === undefined ? undefined : parsePort('port', last(parsed['port']));
   const restPort = parsed['rest_port'] === undefined ? undefined : parsePort('rest_port', last(parsed['rest_port']));
   if (!grpcPort && !restPort) throw new ConfigError('nothing to probe: give --port (gRPC) and/or --rest_port (REST)');
