@@ -1,6 +1,6 @@
 import { constants, type ClientHttp2Session, type ClientHttp2Stream, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
 import type { HostPort, Limits } from './config.js';
-import type { ConnectionContext } from './listeners.js';
+import { requestStart, type ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, grpcTimeoutMs, statusForReset } from './grpc-status.js';
 import { describeUpstreamError } from './upstream-errors.js';
@@ -211,7 +211,7 @@ const CONNECT_REFUSED: LocalAnswer = {
 
 /** A Trailers-Only answer of ours; a client still sending is stopped, and the call logged. */
 function answerLocally(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, observer: ProxyObserver, answer: LocalAnswer): void {
-  const started = performance.now();
+  const started = requestStart(context);
   const status = answer.status ?? 200;
   stream.on('error', ignore);
   stream.respond({ ...grpcErrorHeaders(answer.grpcStatus, answer.message), ...answer.headers, ':status': status }, { endStream: true });
@@ -292,7 +292,7 @@ class GrpcCall {
     this.#context = context;
     this.#options = options;
     this.#shared = shared;
-    this.#outcome = { status: 0, grpcStatus: undefined, bytesIn: 0, bytesOut: 0, started: performance.now() };
+    this.#outcome = { status: 0, grpcStatus: undefined, bytesIn: 0, bytesOut: 0, started: requestStart(context) };
   }
 
   start(): void {

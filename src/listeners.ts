@@ -28,6 +28,26 @@ export interface ConnectionContext {
    * logged with this, not as cancelled by a client that did nothing. Read only when one ends cut short.
    */
   closedBy: ProxyCut | undefined;
+  /**
+   * When a relay began holding the connection while it tried the model server, set as it hands the
+   * connection to the terminating front; cleared once its first requests have started (requestStart).
+   */
+  heldSince?: number | undefined;
+}
+
+/**
+ * When a request's clock starts: now, or, for the first requests on a connection a relay held,
+ * when the hold began. Those waited through it: sent while held, or (gRPC clients, which wait for
+ * the server's SETTINGS) sent as soon as the front answered. The requests read in the same turn
+ * of the event loop (pipelined, or calls queued together) waited alike; later ones did not.
+ */
+export function requestStart(context: ConnectionContext): number {
+  const held = context.heldSince;
+  if (held === undefined) return performance.now();
+  setImmediate(() => {
+    context.heldSince = undefined;
+  });
+  return held;
 }
 
 /**

@@ -4,7 +4,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Config, ListenerConfig } from './config.js';
 import type { Logger } from './log.js';
-import { BIND_FLAG, SecureListener, type ConnectionContext } from './listeners.js';
+import { BIND_FLAG, SecureListener, requestStart, type ConnectionContext } from './listeners.js';
 import { logSkipped, type SkippedAddress } from './bind-addresses.js';
 import { H1Front, H2Front, type Drainable, type RequestHandler } from './http-fronts.js';
 import { GrpcForwarder, separateRepeated } from './grpc-forwarder.js';
@@ -56,7 +56,7 @@ const GRPC_PORT_HINT =
 /** The 426 an HTTP/1.1 request on the gRPC port gets, with its access line: an operator sees who is pointed at the wrong port. */
 function answerHttp1OnGrpcPort(observer: ProxyObserver): RequestHandler {
   return (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse, context: ConnectionContext) => {
-    const started = performance.now();
+    const started = requestStart(context);
     res.writeHead(426, { 'content-type': 'text/plain; charset=utf-8', upgrade: 'h2', connection: 'close' });
     res.end(GRPC_PORT_HINT);
     const { identity } = context;

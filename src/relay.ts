@@ -49,12 +49,16 @@ export class Relay implements Drainable {
       fallback(socket, context);
       return;
     }
+    const heldSince = performance.now();
     const upstream = connect({ host: target.host, port: target.port, noDelay: true });
     failIfNotConnectedWithin(upstream, this.#options.connectTimeoutMs);
     const onConnectError = (err: NodeJS.ErrnoException) => {
       observer.upstreamError(listener, err.code ?? 'connect_error');
       // Not one byte has been read from the client yet: the terminating front gets the whole connection.
-      if (!socket.destroyed) fallback(socket, context);
+      if (socket.destroyed) return;
+      // The first requests on it waited through the hold, and their access lines say so (requestStart).
+      context.heldSince = heldSince;
+      fallback(socket, context);
     };
     upstream.once('error', onConnectError);
     upstream.once('connect', () => {

@@ -4,7 +4,7 @@ import { Readable } from 'node:stream';
 import type { Socket } from 'node:net';
 import { Pool, buildConnector, type Dispatcher } from 'undici';
 import type { HostPort } from './config.js';
-import type { ConnectionContext } from './listeners.js';
+import { requestStart, type ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { FORWARDING_FIELDS, disguisesOurs, pushForwardingFields, setForwardingHeaders } from './forwarding-headers.js';
@@ -98,7 +98,7 @@ export class RestForwarder {
   }
 
   handle(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext): void {
-    const started = performance.now();
+    const started = requestStart(context);
     const notReady = this.#options.notReady?.();
     if (notReady !== undefined) {
       this.#refuse(req, res, context, started, { status: 503, message: notReady, error: 'not_ready', headers: { 'retry-after': '1' } });

@@ -6,6 +6,7 @@ import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, https1, startTestProxy } from './helpers/harness.js';
 import { startBlackhole, type Blackhole } from './helpers/blackhole.js';
+import { openRaw, readUntil } from './helpers/raw-http1.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { parseLimits, FORWARD_MODES } from '../src/config.js';
 
@@ -60,6 +61,48 @@ describe('an upstream that never accepts the connection (SYNs dropped)', () => {
       }
     });
   }
+});
+
+describe('relay mode: the access line counts the time the relay held the request', () => {
+  // The relay holds the connection up to the connect timeout before the terminating path takes it.
+  const HOLD_MS = 1000;
+  const limits = { upstreamConnectTimeoutMs: HOLD_MS };
+  /** The logged duration may miss the client's own handshake and the answer's way back, not a hold. */
+  function assertCountsTheHold(durationMs: unknown, waitedMs: number): void {
+    assert.ok((durationMs as number) > waitedMs - HOLD_MS / 2, `logged ${String(durationMs)} ms; the client waited ${waitedMs.toFixed(1)} ms from its send`);
+  }
+
+  test(`REST: the 502's duration counts from when the relay took the request`, async () => {
+    const local = await startTestProxy({ pki, upstream: { restPort: blackhole.port }, restMode: 'relay', limits });
+    const socket = await openRaw(local.restPort, pki);
+    try {
+      const sent = performance.now();
+      socket.write('GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\n\r\n');
+      assert.match(await readUntil(socket, /\r\n\r\n/), /^HTTP\/1\.1 502 /);
+      const waited = performance.now() - sent;
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
+      assertCountsTheHold(line.durationMs, waited);
+    } finally {
+      socket.destroy();
+      await local.proxy.shutdown(1000);
+    }
+  });
+
+  test(`gRPC: the UNAVAILABLE call's duration counts from when the relay took the call`, async () => {
+    const local = await startTestProxy({ pki, upstream: { grpcPort: blackhole.port }, grpcMode: 'relay', limits });
+    const c = grpcClients(local.grpcAddress, pki);
+    try {
+      const sent = performance.now();
+      const err = await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+      const waited = performance.now() - sent;
+      assert.equal(err.code, grpc.status.UNAVAILABLE);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.listener === 'grpc');
+      assertCountsTheHold(line.durationMs, waited);
+    } finally {
+      c.close();
+      await local.proxy.shutdown(1000);
+    }
+  });
 });
 
 test('--mtls_upstream_connect_timeout is seconds (10 by default); a bad value names the option', () => {
