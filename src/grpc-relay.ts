@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import type { ConnectionContext } from './listeners.js';
+import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { CLIENT_PREFACE_BYTES, DrainPingAck, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, goAway, type OnFrame, type OnGoAway } from './h2-frames.js';
@@ -34,7 +34,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #upstream: Socket;
   readonly #context: ConnectionContext;
   readonly #observer: ProxyObserver;
-  readonly #started = performance.now();
+  /** From when the relay took the connection, if the client was already waiting. */
+  readonly #started: number;
   /** Followed from both directions' frame headers: each call, and whether any is open. */
   readonly streams = new OpenStreams();
   /** Upstream-to-client frames, so a GOAWAY of ours never lands inside one of the upstream's. */
@@ -66,6 +67,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     this.#upstream = upstream;
     this.#context = context;
     this.#observer = observer;
+    this.#started = requestStart(context);
     this.#toClient = new GoAwayInserter(this.streams.fromServer, this.#upstreamWentAway);
     this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.#clientFrame, onGoAway: this.#clientWentAway });
     idle.add(this);

@@ -29,8 +29,9 @@ export interface ConnectionContext {
    */
   closedBy: ProxyCut | undefined;
   /**
-   * When a relay began holding the connection while it tried the model server, set as it hands the
-   * connection to the terminating front; cleared once its first requests have started (requestStart).
+   * When a relay took the connection, set (relay.ts noteHold) when the client had sent bytes
+   * while the relay connected upstream, as it joins the connection or hands it to the terminating
+   * front; cleared once its first requests have started (requestStart).
    */
   heldSince?: number | undefined;
 }
@@ -38,7 +39,7 @@ export interface ConnectionContext {
 /**
  * When a request's clock starts: now, or, for the first requests on a connection a relay held,
  * when the hold began. Those waited through it: sent while held, or (gRPC clients, which wait for
- * the server's SETTINGS) sent as soon as the front answered. The requests read in the same turn
+ * the server's SETTINGS) sent as soon as the server side answered. The requests read in the same turn
  * of the event loop (pipelined, or calls queued together) waited alike; later ones did not.
  */
 export function requestStart(context: ConnectionContext): number {

@@ -29,6 +29,15 @@ export interface RelayOptions {
 }
 
 /**
+ * A client that sent its first bytes while the relay was connecting upstream waited from when
+ * the relay took it: the access lines of its first requests count from there (requestStart).
+ * One that has sent nothing yet (a connection opened ahead of its use) was not kept waiting.
+ */
+function noteHold(socket: TLSSocket, context: ConnectionContext, heldSince: number): void {
+  if (socket.readableLength > 0) context.heldSince = heldSince;
+}
+
+/**
  * The relay modes (ghostunnel's model): after the client certificate has been
  * judged, each client connection gets one upstream connection of its own and
  * the decrypted bytes flow between them. What is relayed per protocol is in
@@ -56,8 +65,7 @@ export class Relay implements Drainable {
       observer.upstreamError(listener, err.code ?? 'connect_error');
       // Not one byte has been read from the client yet: the terminating front gets the whole connection.
       if (socket.destroyed) return;
-      // The first requests on it waited through the hold, and their access lines say so (requestStart).
-      context.heldSince = heldSince;
+      noteHold(socket, context, heldSince);
       fallback(socket, context);
     };
     upstream.once('error', onConnectError);
@@ -67,6 +75,7 @@ export class Relay implements Drainable {
         upstream.destroy();
         return;
       }
+      noteHold(socket, context, heldSince);
       const relayed = this.#options.join(socket, upstream, context);
       this.#relayed.set(socket, relayed);
       socket.on('close', () => this.#relayed.delete(socket));

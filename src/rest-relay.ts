@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { HostPort, Limits } from './config.js';
-import type { ConnectionContext } from './listeners.js';
+import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
@@ -445,7 +445,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (refusal) throw new RoutingRefused(refusal);
     const body = requestFraming(head);
     checkExpectations(head);
-    const exchange: Exchange = { method: head.method, path: head.target, http10: head.minorVersion === 0, started: performance.now(), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
+    const exchange: Exchange = { method: head.method, path: head.target, http10: head.minorVersion === 0, started: requestStart(this.#parts.context), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
     this.#exchanges.push(exchange);
     this.#receiving = exchange;
     this.#parts.observer.streamOpened('rest');
@@ -560,7 +560,7 @@ class RelayedHttp1Connection implements RelayedConnection {
   #refuse(err: FramingError, error = 'bad_request'): void {
     this.#refusal = err;
     this.#parts.client.pause();
-    this.#refusalLine = { method: this.#judging?.method ?? '', path: this.#judging?.target ?? '', started: performance.now(), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error };
+    this.#refusalLine = { method: this.#judging?.method ?? '', path: this.#judging?.target ?? '', started: requestStart(this.#parts.context), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error };
     this.#closeIfDone();
   }
 

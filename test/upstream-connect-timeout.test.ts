@@ -5,7 +5,7 @@ import { once } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, https1, startTestProxy } from './helpers/harness.js';
-import { startBlackhole, type Blackhole } from './helpers/blackhole.js';
+import { startBlackhole, startLateAcceptor, type Blackhole } from './helpers/blackhole.js';
 import { openRaw, readUntil } from './helpers/raw-http1.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { parseLimits, FORWARD_MODES } from '../src/config.js';
@@ -64,21 +64,22 @@ describe('an upstream that never accepts the connection (SYNs dropped)', () => {
 });
 
 describe('relay mode: the access line counts the time the relay held the request', () => {
-  // The relay holds the connection up to the connect timeout before the terminating path takes it.
+  // The relay holds a client's connection while it connects upstream: up to the connect timeout, after
+  // which the terminating path takes it, or until the model server accepts, after which it relays.
   const HOLD_MS = 1000;
-  const limits = { upstreamConnectTimeoutMs: HOLD_MS };
   /** The logged duration may miss the client's own handshake and the answer's way back, not a hold. */
   function assertCountsTheHold(durationMs: unknown, waitedMs: number): void {
     assert.ok((durationMs as number) > waitedMs - HOLD_MS / 2, `logged ${String(durationMs)} ms; the client waited ${waitedMs.toFixed(1)} ms from its send`);
   }
 
-  test(`REST: the 502's duration counts from when the relay took the request`, async () => {
-    const local = await startTestProxy({ pki, upstream: { restPort: blackhole.port }, restMode: 'relay', limits });
+  /** A raw GET through a REST relay in front of `restPort`, answered with `answer`: its access line counts the client's wait. */
+  async function assertRestWaitCounted(restPort: number, connectTimeoutMs: number, answer: RegExp): Promise<void> {
+    const local = await startTestProxy({ pki, upstream: { restPort }, restMode: 'relay', limits: { upstreamConnectTimeoutMs: connectTimeoutMs } });
     const socket = await openRaw(local.restPort, pki);
     try {
       const sent = performance.now();
       socket.write('GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\n\r\n');
-      assert.match(await readUntil(socket, /\r\n\r\n/), /^HTTP\/1\.1 502 /);
+      assert.match(await readUntil(socket, answer), answer);
       const waited = performance.now() - sent;
       const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/ready');
       assertCountsTheHold(line.durationMs, waited);
@@ -86,10 +87,14 @@ describe('relay mode: the access line counts the time the relay held the request
       socket.destroy();
       await local.proxy.shutdown(1000);
     }
+  }
+
+  test(`REST: the 502's duration counts from when the relay took the request`, async () => {
+    await assertRestWaitCounted(blackhole.port, HOLD_MS, /^HTTP\/1\.1 502 [^]*\r\n\r\n/);
   });
 
   test(`gRPC: the UNAVAILABLE call's duration counts from when the relay took the call`, async () => {
-    const local = await startTestProxy({ pki, upstream: { grpcPort: blackhole.port }, grpcMode: 'relay', limits });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: blackhole.port }, grpcMode: 'relay', limits: { upstreamConnectTimeoutMs: HOLD_MS } });
     const c = grpcClients(local.grpcAddress, pki);
     try {
       const sent = performance.now();
@@ -101,6 +106,35 @@ describe('relay mode: the access line counts the time the relay held the request
     } finally {
       c.close();
       await local.proxy.shutdown(1000);
+    }
+  });
+
+  test(`REST: a request the relay held until the model server accepted counts from when the relay took it`, async () => {
+    // Accepting after half a second, the model server gets the relay's connection at the kernel's
+    // first SYN retransmission, a second after the first SYN.
+    const late = await startLateAcceptor(HOLD_MS / 2);
+    try {
+      await assertRestWaitCounted(late.port, 10 * HOLD_MS, /^HTTP\/1\.1 200 [^]*\r\n\r\nok/);
+    } finally {
+      late.close();
+    }
+  });
+
+  test(`gRPC: the relay_access line of a connection held until the model server accepted counts from when the relay took it`, async () => {
+    const late = await startLateAcceptor(HOLD_MS / 2);
+    const local = await startTestProxy({ pki, upstream: { grpcPort: late.port }, grpcMode: 'relay', limits: { upstreamConnectTimeoutMs: 10 * HOLD_MS } });
+    const c = grpcClients(local.grpcAddress, pki);
+    try {
+      const sent = performance.now();
+      // The stand-in answers in HTTP/1.1, which ends the call and the connection: what is logged is the wait.
+      await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+      const waited = performance.now() - sent;
+      const line = await local.logs.waitFor((l) => l.event === 'relay_access');
+      assertCountsTheHold(line.durationMs, waited);
+    } finally {
+      c.close();
+      await local.proxy.shutdown(1000);
+      late.close();
     }
   });
 });

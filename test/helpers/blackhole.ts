@@ -4,15 +4,21 @@ import { connect, type Socket } from 'node:net';
 
 /**
  * Listens with a backlog of one (Node turns 0 into 511) and blocks its event
- * loop for good, so nothing is ever accepted; the ready line goes out first
- * (pipes are synchronous on Linux).
+ * loop for WAIT_MS (for good when Infinity), so nothing is accepted meanwhile;
+ * the ready line goes out first (pipes are synchronous on Linux). Afterwards
+ * it answers each request head with a 200 "ok".
  */
-const NEVER_ACCEPTS = `
-const server = require('node:net').createServer();
+function neverAcceptsFor(waitMs: number): string {
+  return `
+const server = require('node:net').createServer((socket) => {
+  socket.on('error', () => {});
+  socket.on('data', () => socket.write('HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok'));
+});
 server.listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => {
   process.stdout.write(server.address().port + '\\n');
-  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ${String(waitMs)});
 });`;
+}
 
 export interface Blackhole {
   readonly port: number;
@@ -25,8 +31,16 @@ export interface Blackhole {
  * two connections of ours) and nobody ever accepts, so the kernel drops
  * further SYNs.
  */
-export async function startBlackhole(): Promise<Blackhole> {
-  const child = spawn(process.execPath, ['-e', NEVER_ACCEPTS], { stdio: ['ignore', 'pipe', 'inherit'] });
+export function startBlackhole(): Promise<Blackhole> {
+  return startLateAcceptor(Infinity);
+}
+
+/**
+ * As startBlackhole, until `ms` have passed: then the port accepts (the kernel's
+ * next SYN retransmission, a second or more later, gets through) and answers.
+ */
+export async function startLateAcceptor(ms: number): Promise<Blackhole> {
+  const child = spawn(process.execPath, ['-e', neverAcceptsFor(ms)], { stdio: ['ignore', 'pipe', 'inherit'] });
   const [line] = (await once(child.stdout!, 'data')) as [Buffer];
   const port = Number(line.toString().trim());
   const fillers: Socket[] = [];
