@@ -7,6 +7,9 @@ import { domainToASCII } from 'node:url';
  * (`[::1]:9000`). Without them `:::9443` or `::1:9000` cannot be split, and
  * cannot be pasted into a URL, a curl command or --mtls_grpc_upstream.
  */
+/** An absolute-form request target (`http://host:port/path`); its authority is the first group. */
+export const ABSOLUTE_FORM = /^https?:\/\/([^/?#]*)/i;
+
 export function hostAndPort(host: string, port: number | string): string {
   return `${host.includes(':') ? `[${host}]` : host}:${port}`;
 }

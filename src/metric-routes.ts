@@ -4,7 +4,7 @@
  * label value is a new time series in Prometheus: so names become
  * placeholders and anything unknown shares one label.
  */
-import { ABSOLUTE_FORM } from './rest-forwarder.js';
+import { ABSOLUTE_FORM } from './addresses.js';
 
 export const OTHER_ROUTE = '{other}';
 

@@ -9,7 +9,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { FORWARDING_FIELDS, disguisesOurs, pushForwardingFields, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
-import { hostAndPort } from './addresses.js';
+import { ABSOLUTE_FORM, hostAndPort } from './addresses.js';
 import { responseHeadTooLargeMessage } from './http1-framing.js';
 import { onMalformedBody } from './http-fronts.js';
 
@@ -337,8 +337,6 @@ function isForwardableTarget(target: string): boolean {
   return (target.startsWith('/') || ABSOLUTE_FORM.test(target)) && !target.includes('#');
 }
 
-/** An absolute-form target (`http://host:port/path`); its authority is the first group. */
-export const ABSOLUTE_FORM = /^https?:\/\/([^/?#]*)/i;
 
 /**
  * An authority as the Host line of an HTTP/1.1 request may carry it (RFC 9112
