@@ -137,9 +137,7 @@ export class RestForwarder {
       return;
     }
     // Queued behind a pipelined request: logged once it is out, or as never sent when the connection ended first.
-    let onWire = false;
-    res.once('socket', () => (onWire = true));
-    res.once('close', () => {
+    onClose(res, (onWire) => {
       if (!onWire) this.#neverSent(req, stats, context);
       this.#log(req, context, started, stats);
     });
@@ -177,10 +175,7 @@ export class RestForwarder {
     if (length !== 0 && req.httpVersionMajor === 1) {
       onMalformedBody(req as IncomingMessage, (refusal) => answerInstead(req, res, exchange, stats, { ...refusal, error: 'bad_request_body', plain: true }));
     }
-    // Node's HTTP/1.1 server queues the answer to a pipelined request until those before it are done.
-    let onWire = hasTheConnection(res);
-    if (!onWire) res.once('socket', () => (onWire = true));
-    res.once('close', () => {
+    onClose(res, (onWire) => {
       clearTimeout(stall);
       this.#live.delete(endNow);
       if (!onWire) this.#neverSent(req, stats, context);
@@ -670,6 +665,17 @@ function answerInstead(req: ClientRequestLike, res: ClientResponseLike, exchange
  */
 function hasTheConnection(res: ClientResponseLike): boolean {
   return res instanceof Http2ServerResponse || res.socket !== null;
+}
+
+/**
+ * Runs `done` when `res` closes, saying whether it ever had the connection: Node's HTTP/1.1 server
+ * queues the answer to a pipelined request until those before it are done, and a connection that
+ * closes first never carries it.
+ */
+function onClose(res: ClientResponseLike, done: (onWire: boolean) => void): void {
+  let onWire = hasTheConnection(res);
+  if (!onWire) res.once('socket', () => (onWire = true));
+  res.once('close', () => done(onWire));
 }
 
 /**
