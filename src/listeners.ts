@@ -89,7 +89,7 @@ export interface SecureListenerOptions extends BindSpec {
 }
 
 /** What a finished handshake comes to: the client refused (its subject for the log line), or who it is. */
-type Judged = { readonly refused: Refusal; readonly subject: string | undefined } | { readonly identity: ClientIdentity; readonly peer: X509Certificate };
+type Judged = { readonly refused: Refusal; readonly subject: string | undefined; readonly serial?: string } | { readonly identity: ClientIdentity; readonly peer: X509Certificate };
 
 /** The flags a user changes when a bind fails, for the error message. */
 const PORT_FLAG: Record<ListenerName, string> = { grpc: '--port', rest: '--rest_port' };
@@ -267,7 +267,7 @@ export class SecureListener {
     const { observer } = this.#options;
     const judged = this.#judgeSafely(socket);
     if ('refused' in judged) {
-      observer.handshakeRefused(this.name, judged.refused, remoteOf(socket), judged.subject);
+      observer.handshakeRefused(this.name, judged.refused, remoteOf(socket), judged.subject, judged.serial);
       answerRefusal(socket, judged.refused);
       return;
     }
@@ -297,9 +297,9 @@ export class SecureListener {
     // Read once: each call parses anew.
     const peer = socket.getPeerX509Certificate();
     const refused = verificationRefusal(socket, peer, this.#trustedCas) ?? this.#chainRefusal(peer) ?? this.#lateRefusal(socket, peer);
-    if (refused) return { refused, subject: peer && rfc2253Name(peer, 'subject') };
+    if (refused) return { refused, subject: peer && rfc2253Name(peer, 'subject'), serial: peer?.serialNumber.toLowerCase() };
     const identity = identityFromCertificate(peer!);
-    if (!isAllowed(identity, this.#allow)) return { refused: refusal('not_allowed'), subject: identity.subject };
+    if (!isAllowed(identity, this.#allow)) return { refused: refusal('not_allowed'), subject: identity.subject, serial: identity.serial };
     return { identity, peer: peer! };
   }
 

@@ -58,11 +58,11 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
   const relayLines = logger.child({ event: ACCESS_EVENTS.relayed });
   return {
     ...NOOP_OBSERVER,
-    handshakeRefused(listener, refusal, remote, fullSubject) {
+    handshakeRefused(listener, refusal, remote, fullSubject, serial) {
       const subject = fullSubject === undefined ? undefined : clipped(fullSubject, REFUSED_SUBJECT_CHARS);
       const detail = clipped(refusal.detail, REFUSAL_DETAIL_CHARS);
-      if (refusal.error === undefined) logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject }, detail);
-      else logger.error({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, error: refusal.error }, detail);
+      if (refusal.error === undefined) logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial }, detail);
+      else logger.error({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial, error: refusal.error }, detail);
     },
     handshakeFailed(listener, code, remote) {
       logger.info({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));

@@ -81,7 +81,8 @@ export interface H2SessionFailure extends ClientRef {
  */
 export interface ProxyObserver {
   handshakeAccepted(listener: ListenerName): void;
-  handshakeRefused(listener: ListenerName, refusal: Refusal, remote: string | undefined, subject?: string): void;
+  /** `subject` and `serial` are the client certificate's, when it sent one. */
+  handshakeRefused(listener: ListenerName, refusal: Refusal, remote: string | undefined, subject?: string, serial?: string): void;
   handshakeFailed(listener: ListenerName, code: string, remote: string | undefined): void;
   /** Closed before its handshake to keep descriptors spare; the headroom logs these itself, a line per interval. */
   openFilesRefused(listener: ListenerName): void;

@@ -71,13 +71,14 @@ describe('allow-lists', () => {
     ['--mtls_allow_uri with an exact URI', { uri: ['spiffe://test.local/client'] }, () => pki.client, () => alice],
   ];
   for (const [label, allow, admitted, refused] of cases) {
-    test(`${label} admits the matching client and refuses another at the connection, logging not_allowed`, async () => {
+    test(`${label} admits the matching client and refuses another at the connection, logging not_allowed with its serial`, async () => {
       await withProxy({ allow }, async (front) => {
         assert.equal(await attempt(front, admitted()), 'accepted');
         assert.equal(await attempt(front, refused()), 'not_allowed');
         const line = front.logs.lines.find((l) => l.event === 'client_refused')!;
         assert.equal(line.level, 'warn');
         assert.match(String(line.subject), /CN=/);
+        assert.equal(line['serial'], refused().serialHex);
       });
     });
   }

@@ -41,7 +41,7 @@ const refusedCases: [string, () => Issued | null, string][] = [
 
 describe('refused clients', () => {
   for (const [label, client, reason] of refusedCases) {
-    test(`a client with ${label} is refused on both ports before anything reaches the upstream, told ${reason}, as the log says`, async () => {
+    test(`a client with ${label} is refused on both ports before anything reaches the upstream, told ${reason}, as the log says with its serial`, async () => {
       const receivedBefore = upstream.received.length;
       const refusalsBefore = front.logs.lines.filter((l) => l.event === 'client_refused' && l.reason === reason).length;
       const c = grpcClients(front.grpcAddress, pki, client());
@@ -55,6 +55,8 @@ describe('refused clients', () => {
       await front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === reason && front.logs.lines.filter((m) => m.event === 'client_refused' && m.reason === reason).length >= refusalsBefore + 2);
       const line = front.logs.lines.find((l) => l.event === 'client_refused' && l.reason === reason)!;
       assert.equal(line.level, 'warn');
+      // Which of a client's certificates was refused: a revoked one still in use, or its successor.
+      assert.equal(line['serial'], client()?.serialHex);
       assert.equal(upstream.received.length, receivedBefore);
     });
   }
