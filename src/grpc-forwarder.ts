@@ -116,18 +116,37 @@ interface CallShared {
  * `raw` is the flat name, value list Node passes with the headers; only a field
  * Node joined is touched (it keeps the first of a single-value field, cookies are
  * joined with "; "), so most calls get their headers object back as it is.
+ * Linear in the fields: one name sent 2,000 times (a 2 KiB header block, each
+ * repeat one HPACK byte) had each of them gather all the others, 40 ms of the
+ * event loop per call.
  */
 export function separateRepeated(headers: IncomingHttpHeaders, raw: readonly string[] | undefined): IncomingHttpHeaders {
-  if (!raw) return headers;
+  if (!raw || !anyJoined(headers, raw)) return headers;
   let out: IncomingHttpHeaders | undefined;
-  for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i]!;
-    const joined = headers[name];
-    if (typeof joined !== 'string' || joined === raw[i + 1]) continue;
-    const values = raw.filter((_, j) => j % 2 === 1 && raw[j - 1] === name);
-    if (values.length > 1 && values.join(', ') === joined) (out ??= { ...headers })[name] = values;
+  for (const [name, values] of valuesByName(raw)) {
+    if (values.length > 1 && values.join(', ') === headers[name]) (out ??= { ...headers })[name] = values;
   }
   return out ?? headers;
+}
+
+/** Whether the headers object holds a value other than the field's own for some field: Node joined, or kept only the first. */
+function anyJoined(headers: IncomingHttpHeaders, raw: readonly string[]): boolean {
+  for (let i = 0; i < raw.length; i += 2) {
+    const kept = headers[raw[i]!];
+    if (typeof kept === 'string' && kept !== raw[i + 1]) return true;
+  }
+  return false;
+}
+
+/** Each name of a flat name, value list with its values in the order sent. */
+function valuesByName(raw: readonly string[]): Map<string, string[]> {
+  const byName = new Map<string, string[]>();
+  for (let i = 0; i < raw.length; i += 2) {
+    const values = byName.get(raw[i]!);
+    if (values) values.push(raw[i + 1]!);
+    else byName.set(raw[i]!, [raw[i + 1]!]);
+  }
+  return byName;
 }
 
 /** A final status Node's respond() sends (RFC 9110 15: 1xx are interim, none goes past 599). */

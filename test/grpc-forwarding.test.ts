@@ -14,6 +14,7 @@ import { eventually } from './helpers/ops.js';
 import { END_STREAM, H2, headerBlock, headerFrames, literalField, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import type { Limits } from '../src/config.js';
+import { separateRepeated } from '../src/grpc-forwarder.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -764,6 +765,20 @@ describe('grpc: repeated metadata', () => {
         session.close();
       }
     });
+  });
+
+  test('a key sent 2,000 times is separated in one pass over the fields (it took one pass per field: 40 ms of the event loop for a 2 KiB header block)', () => {
+    const raw = Array.from({ length: 2000 }, () => ['x-a', '']).flat();
+    let reads = 0;
+    const counted = new Proxy(raw, {
+      get(target, key, receiver) {
+        if (typeof key === 'string' && /^\d+$/.test(key)) reads++;
+        return Reflect.get(target, key, receiver) as unknown;
+      },
+    });
+    const separated = separateRepeated({ ':path': '/t.S/M', 'x-a': fields(raw, 'x-a').join(', ') }, counted);
+    assert.deepEqual(separated['x-a'], fields(raw, 'x-a'));
+    assert.ok(reads <= 4 * raw.length, `${reads} reads of a list of ${raw.length} entries`);
   });
 });
 
