@@ -163,7 +163,9 @@ function forClient(headers: IncomingHttpHeaders): IncomingHttpHeaders {
 }
 
 export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: ConnectionContext): OutgoingHttpHeaders {
-  const out: OutgoingHttpHeaders = {};
+  // No prototype, as Node's own headers objects: assigned to a plain object, a `__proto__` key
+  // (a legal metadata key) set its prototype instead, and the model server never got it.
+  const out = Object.create(null) as OutgoingHttpHeaders;
   for (const name in headers) {
     if (HOP_BY_HOP.has(name) || name === XFCC || disguisesOurs(name)) continue;
     out[name] = headers[name];

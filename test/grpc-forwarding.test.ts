@@ -767,6 +767,27 @@ describe('grpc: repeated metadata', () => {
     });
   });
 
+  test('a key named __proto__ (a legal metadata key) reaches the model server, once or repeated, as the relay passes it', NOT_FOR_EVER, async () => {
+    const received: string[][] = [];
+    const onStream: OnH2cStream = (stream, _headers, _flags, raw) => {
+      received.push(raw ?? []);
+      answerOk(stream);
+    };
+    await behindH2cUpstream({ onStream }, async (local) => {
+      const session = h2Session(local.grpcPort, pki);
+      try {
+        for (const value of ['x', ['y', 'z']]) {
+          // Defined, not assigned: in an object literal, or assigned, __proto__ sets the prototype.
+          const headers = Object.defineProperty({ ...ECHO_UNARY_HEADERS }, '__proto__', { value, enumerable: true });
+          await h2Request(session, headers, grpcFrame(Buffer.alloc(1)));
+        }
+        assert.deepEqual(received.map((raw) => fields(raw, '__proto__')), [['x'], ['y', 'z']]);
+      } finally {
+        session.close();
+      }
+    });
+  });
+
   test('a key sent 2,000 times is separated in one pass over the fields (it took one pass per field: 40 ms of the event loop for a 2 KiB header block)', () => {
     const raw = Array.from({ length: 2000 }, () => ['x-a', '']).flat();
     let reads = 0;
