@@ -6,7 +6,7 @@ import { headerFieldsWithin, type Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
-import { requestHeadTooLargeMessage } from './http1-framing.js';
+import { H2_WITHOUT_ALPN, requestHeadTooLargeMessage } from './http1-framing.js';
 
 /** `rawHeaders`: the fields as received, a flat name, value list (Node passes it; @types/node does not declare it). */
 export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, rawHeaders?: string[]) => void;
@@ -346,6 +346,7 @@ const CONNECT_REFUSED: Refusal = { status: 405, message: 'CONNECT is not support
 function refusalOf(err: NodeJS.ErrnoException & { reason?: string }, limits: Limits): Refusal {
   if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, message: headStalledMessage(limits.idleTimeoutMs), error: 'client_header_timeout' };
   if (err.code === 'HPE_HEADER_OVERFLOW') return { status: 431, message: requestHeadTooLargeMessage(limits.maxHeaderSize), error: 'bad_request' };
+  if (err.code === 'HPE_PAUSED_H2_UPGRADE') return { status: 400, message: H2_WITHOUT_ALPN, error: 'bad_request' };
   return { status: 400, message: `malformed request: ${err.reason ?? err.code ?? err.message}`, error: 'bad_request' };
 }
 

@@ -138,15 +138,23 @@ const FIELD_LINES = `(?:${TOKEN}:[^${CTL}]*\\r\\n)*\\r\\n$`;
 
 export type MessageKind = 'request' | 'response';
 
+/** The first line of the HTTP/2 connection preface (RFC 9113 3.4). */
+const H2_PREFACE_LINE = 'PRI * HTTP/2.0';
+/**
+ * For a TLS client that speaks HTTP/2 without offering it by ALPN (HAProxy's `proto h2` without
+ * `alpn h2`): the connection is HTTP/1.1, and "malformed request" did not say why.
+ */
+export const H2_WITHOUT_ALPN = 'HTTP/2 without ALPN: this connection negotiated HTTP/1.1; offer h2 by ALPN (RFC 9113 3.3 requires it over TLS), or send HTTP/1.1';
+
 /**
  * Per kind: the start line alone (for the line-by-line reader) and the whole
  * head (one pass), with the same capture groups, so one function reads both.
  */
-const GRAMMAR: Record<MessageKind, { line: RegExp; head: RegExp; malformed: () => FramingError; start: (line: string, m: RegExpExecArray) => StartLine }> = {
+const GRAMMAR: Record<MessageKind, { line: RegExp; head: RegExp; malformed: (line: string) => FramingError; start: (line: string, m: RegExpExecArray) => StartLine }> = {
   request: {
     line: new RegExp(`^${REQUEST_START}$`),
     head: new RegExp(`^${REQUEST_START}\\r\\n${FIELD_LINES}`),
-    malformed: () => new FramingError(400, 'malformed request line (expected "METHOD target HTTP/1.1")'),
+    malformed: (line) => new FramingError(400, line === H2_PREFACE_LINE ? H2_WITHOUT_ALPN : 'malformed request line (expected "METHOD target HTTP/1.1")'),
     start: (line, m) => ({ startLine: line, method: m[1]!, target: m[2]!, status: 0, minorVersion: m[3] === '0' ? 0 : 1 }),
   },
   response: {
@@ -471,7 +479,7 @@ export function parseHeadByLine(text: string, kind: MessageKind): Http1Head {
   const lines = splitHead(text);
   const grammar = GRAMMAR[kind];
   const match = grammar.line.exec(lines[0]!);
-  if (!match) throw grammar.malformed();
+  if (!match) throw grammar.malformed(lines[0]!);
   return new Http1Head(text, grammar.start(lines[0]!, match), parseFields(lines));
 }
 

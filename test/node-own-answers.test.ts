@@ -67,6 +67,14 @@ describe('REST requests Node would answer on its own get an answer and one acces
       assert.deepEqual(identity(lines[0]!), identity(after.lines[0]!));
     });
 
+    test(`--mtls_rest_mode ${restMode}: the HTTP/2 preface on a connection that negotiated no h2 gets 400 naming ALPN, and its access line`, { timeout: 20_000 }, async () => {
+      // A TLS client that speaks HTTP/2 without offering it by ALPN (HAProxy's \`proto h2\` without \`alpn h2\`).
+      const { text, lines } = await exchangeHttp1(restMode, 'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n', 1);
+      assert.deepEqual(statuses(text), [400]);
+      assert.match(text, /HTTP\/2 without ALPN: this connection negotiated HTTP\/1\.1; offer h2 by ALPN/);
+      assert.deepEqual({ status: lines[0]!.status, error: lines[0]!.error }, { status: 400, error: 'bad_request' });
+    });
+
     test(`--mtls_rest_mode ${restMode}: an HTTP/1.1 request without a Host field gets 400 and a close, and an access line naming it; an HTTP/1.0 one needs none`, { timeout: 20_000 }, async () => {
       const { text, lines } = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\n\r\n' + 'GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\n\r\n', 1);
       assert.deepEqual(statuses(text), [400]);
