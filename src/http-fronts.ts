@@ -414,6 +414,44 @@ function takenForUpgrade(req: IncomingMessage): boolean {
   return req.headers.upgrade !== undefined && connection !== undefined && connection.split(',').some((option) => option.trim().toLowerCase() === 'upgrade');
 }
 
+/** What Node's HTTP/1.1 server and net.Socket keep on a connection, read and set here (see holdBack()). */
+interface NodeSocketState {
+  /** Set by Node's server when it decided to stop reading (its flood check); it then pauses its parser. */
+  _paused?: boolean;
+  /** `reading` is what net.Socket looks at before it starts the handle again. */
+  _handle?: { reading?: boolean; readStart?(): number; readStop?(): number } | null;
+}
+
+/**
+ * Stops reading `socket`. Node's HTTP/1.1 parser reads a connection straight from its handle
+ * (it consumes it), so socket.pause() does not stop it: the handle is stopped; what one read
+ * brought is still parsed. Node's own flood check, which pauses the parser instead, is taken
+ * over (its flag cleared): the TLS records already read still reached the paused parser,
+ * which refused the next pipelined request as malformed ("Paused"): 30 POSTs of 300 KB
+ * pipelined, answered with their bodies, got a 400 after the 23rd answer and no more.
+ */
+function holdBack(socket: Socket): void {
+  const state = socket as unknown as NodeSocketState;
+  state._paused = false;
+  const handle = state._handle;
+  if (handle?.reading === true && typeof handle.readStop === 'function') {
+    handle.reading = false;
+    handle.readStop();
+  }
+}
+
+function readOn(socket: Socket): void {
+  const handle = (socket as unknown as NodeSocketState)._handle;
+  if (handle?.reading !== false || typeof handle.readStart !== 'function') return;
+  handle.reading = true;
+  handle.readStart();
+}
+
+/** Node's server has just decided to stop reading the connection (a flood of pipelined requests, or a client not reading its answers). */
+function nodeHoldsBack(socket: Socket): boolean {
+  return (socket as unknown as NodeSocketState)._paused === true;
+}
+
 /**
  * A request Node parsed behind a response that closes the connection (ours with `connection: close`,
  * a drain's, one to an HTTP/1.0 client), or once our end is closing: Node never sends its answer,
@@ -485,6 +523,13 @@ class NodeParsers {
 /**
  * The HTTP/1.1 side of a listener. Tracks requests per socket so a drain can
  * close idle keep-alive connections at once and busy ones after their response.
+ * A connection with more requests owed answers than --mtls_max_concurrent_streams,
+ * or whose client does not read its answers, is read no further until half of them
+ * are answered and what was written has drained: Node's server parses every pipelined
+ * request it can read and hands it over at once, and its own check stops only once
+ * answers pile up unread, so a client that kept writing GETs to a model server slow
+ * to answer had 100,000 requests parsed and held, the event loop busy with them,
+ * while other clients waited (13 s for a GET) and memory grew.
  */
 export class H1Front implements Drainable {
   readonly #server: HttpServer;
@@ -501,6 +546,10 @@ export class H1Front implements Drainable {
   readonly #readAtRest = new WeakMap<Socket, number>();
   /** Connections whose request in flight had a malformed body, answered by its handler: what follows it is dropped. */
   readonly #badBodies = new WeakSet<Socket>();
+  /** Connections not read while too many of their requests wait for answers, or their client does not read them (holdBack()). */
+  readonly #heldBack = new WeakSet<Socket>();
+  /** --mtls_max_concurrent_streams: requests of one connection owed answers before we read it no further. */
+  readonly #maxOwed: number;
   #draining = false;
 
   readonly #observer: ProxyObserver;
@@ -511,6 +560,7 @@ export class H1Front implements Drainable {
   constructor(options: { limits: Limits; observer: ProxyObserver; onRequest: RequestHandler }) {
     this.#observer = options.observer;
     this.#maxHeaderSize = options.limits.maxHeaderSize;
+    this.#maxOwed = options.limits.maxConcurrentStreams;
     const idleMs = (this.#idleTimeoutMs = options.limits.idleTimeoutMs);
     this.#server = createHttpServer(
       {
@@ -620,6 +670,18 @@ export class H1Front implements Drainable {
     return err.code === 'HPE_INVALID_EOF_STATE' && this.#latest.get(socket)?.complete === false;
   }
 
+  #holdBack(socket: Socket): void {
+    holdBack(socket);
+    this.#heldBack.add(socket);
+  }
+
+  /** Reads a held connection again once half its requests owed answers are answered and the client reads what was written. */
+  #readOnIfHeld(socket: Socket, open: ReadonlySet<ServerResponse> | undefined): void {
+    // At least one: a request whose body is still to come is the last one read, and waits for it alone.
+    if (open === undefined || socket.destroyed || open.size > Math.max(1, this.#maxOwed / 2) || socket.writableNeedDrain) return;
+    if (this.#heldBack.delete(socket)) readOn(socket);
+  }
+
   /** A response of the connection is still open. */
   #busy(socket: Socket): boolean {
     return (this.#active.get(socket)?.size ?? 0) > 0;
@@ -646,6 +708,7 @@ export class H1Front implements Drainable {
     this.#contexts.set(socket, context);
     this.#active.set(socket, new Set());
     socket.once('close', () => this.#closeQueuedResponses(socket));
+    socket.on('drain', () => this.#readOnIfHeld(socket, this.#active.get(socket)));
     if (this.#draining) {
       socket.destroy();
       return;
@@ -702,6 +765,7 @@ export class H1Front implements Drainable {
     }
     open.add(res);
     this.#latest.set(socket, req);
+    if (nodeHoldsBack(socket) || open.size > this.#maxOwed || socket.writableNeedDrain) this.#holdBack(socket);
     // An HTTP/1.1 request in flight counts as an open stream, as an HTTP/2 stream does.
     this.#observer.streamOpened(context.listener);
     const closing = () => this.#draining || this.#closing.has(socket);
@@ -709,6 +773,7 @@ export class H1Front implements Drainable {
     res.once('close', () => {
       this.#observer.streamClosed(context.listener);
       open.delete(res);
+      this.#readOnIfHeld(socket, open);
       // The connection is gone (it closes before its responses do): nothing more to answer or close on it.
       if (!this.#active.has(socket) || open.size > 0) return;
       this.#readAtRest.set(socket, socket.bytesRead);

@@ -51,7 +51,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_upstream_connect_timeout', type: 'number', describe: 'Seconds a connection to the model server may take to be established before the request fails with 502 / UNAVAILABLE', defaultDescription: '10' },
   { name: 'mtls_idle_timeout', type: 'number', describe: 'Seconds before an HTTP/1.1 connection with no request in flight is closed, an HTTP/2 connection with no stream open gets a GOAWAY, and a request head or body that stops arriving gets 408', defaultDescription: '65' },
   { name: 'mtls_max_connections', type: 'number', describe: 'Maximum open connections per listener in each worker (0 = unlimited)', defaultDescription: '0' },
-  { name: 'mtls_max_concurrent_streams', type: 'number', describe: 'HTTP/2 streams a client may open at once per connection', defaultDescription: '128' },
+  { name: 'mtls_max_concurrent_streams', type: 'number', describe: 'HTTP/2 streams a client may open at once per connection; also the pipelined HTTP/1.1 requests of a connection forwarded at once (terminate mode)', defaultDescription: '128' },
   { name: 'mtls_max_header_size', type: 'number', describe: 'Largest request header block accepted, in bytes', defaultDescription: '65536' },
   { name: 'mtls_max_session_memory', type: 'number', describe: 'HTTP/2 memory per client connection, in MiB, on top of one stream window for each stream it may open (--mtls_max_concurrent_streams), before the peer is told to calm down', defaultDescription: '64' },
   { name: 'mtls_stream_window', type: 'number', describe: 'HTTP/2 per-stream flow-control window, in bytes', defaultDescription: '1048576' },

@@ -129,7 +129,7 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
 function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: ProxyObserver): Assembled {
   const { limits, restMode } = options.config;
   const notReady = options.notReady?.rest;
-  const forwarder = new RestForwarder({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, bodyTimeoutMs: limits.idleTimeoutMs, maxHeaderSize: limits.maxHeaderSize, observer, notReady });
+  const forwarder = new RestForwarder({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, bodyTimeoutMs: limits.idleTimeoutMs, maxHeaderSize: limits.maxHeaderSize, maxRequestsInFlight: limits.maxConcurrentStreams, observer, notReady });
   const onRequest = forwarder.handle.bind(forwarder);
   const h2 = new H2Front({ limits, observer, onRequest });
   const h1 = new H1Front({ limits, observer, onRequest });

@@ -61,6 +61,60 @@ export interface RestForwarderOptions {
   readonly observer: ProxyObserver;
   /** Returns why the upstream cannot take requests yet, or undefined when ready. */
   readonly notReady?: () => string | undefined;
+  /** Requests of one HTTP/1.1 connection with the model server at once (pipelined); --mtls_max_concurrent_streams. */
+  readonly maxRequestsInFlight: number;
+}
+
+/**
+ * How many of each HTTP/1.1 connection's requests are with the model server at once. Node's
+ * HTTP/1.1 server hands every pipelined request over as soon as it is parsed, and each took an
+ * upstream connection of its own: one client writing 5,000 GETs in one go had the proxy open
+ * 5,000 connections to the model server and run them all at once (13,600 in 9 s from a client
+ * that kept writing to a model server that took 3 s per answer), past the limit an HTTP/2
+ * client has (--mtls_max_concurrent_streams), though the answers go out one after another
+ * anyway. Past the limit a request is forwarded when one before it is done. (H1Front reads such
+ * a connection no further meanwhile, so the requests waiting here stay few.)
+ */
+class PipelineTurns {
+  readonly #limit: number;
+  readonly #lines = new WeakMap<Socket, { inFlight: number; waiting: Set<() => void> }>();
+
+  constructor(limit: number) {
+    this.#limit = limit;
+  }
+
+  /** Runs `start` now or in turn, and `never` instead if `res` closes first (its connection went). */
+  take(socket: Socket, res: ClientResponseLike, start: () => void, never: () => void): void {
+    let line = this.#lines.get(socket);
+    if (line === undefined) this.#lines.set(socket, (line = { inFlight: 0, waiting: new Set() }));
+    const { waiting } = line;
+    const begin = () => {
+      line.inFlight++;
+      res.once('close', () => {
+        line.inFlight--;
+        // A connection gone closes the waiting responses too: none of them is forwarded.
+        if (socket.destroyed) return;
+        const next = waiting.values().next();
+        if (!next.done) next.value();
+      });
+      start();
+    };
+    if (line.inFlight < this.#limit) {
+      begin();
+      return;
+    }
+    const turn = () => {
+      waiting.delete(turn);
+      res.off('close', gone);
+      begin();
+    };
+    const gone = () => {
+      waiting.delete(turn);
+      never();
+    };
+    waiting.add(turn);
+    res.once('close', gone);
+  }
 }
 
 interface ExchangeStats {
@@ -91,10 +145,14 @@ export class RestForwarder {
   readonly #resets = new UpstreamResets();
   /** Per HTTP/1.1 connection, the error of its last answer that went out, if it failed: what closed it under the answers queued behind. */
   readonly #lastFailure = new WeakMap<Socket, string>();
+  readonly #pipelines: PipelineTurns;
+  /** Set by endAll(): a pipelined request whose turn comes after it gets 503 with this, not forwarded. */
+  #endingWith: string | undefined;
 
   constructor(options: RestForwarderOptions) {
     this.#options = options;
     this.#pool = upstreamPool(options, this.#resets.connector(options.connectTimeoutMs));
+    this.#pipelines = new PipelineTurns(options.maxRequestsInFlight);
   }
 
   handle(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext): void {
@@ -115,7 +173,24 @@ export class RestForwarder {
       setImmediate(() => this.#forwardUnlessReset(req as Http2ServerRequest, res, context, started, authority));
       return;
     }
+    if (req.httpVersionMajor === 1) {
+      this.#pipelines.take(req.socket, res, () => this.#forwardInTurn(req, res, context, started, authority), () => this.#logNeverSent(req, context, started));
+      return;
+    }
     this.#forward(req, res, context, started, authority);
+  }
+
+  /** A pipelined HTTP/1.1 request whose turn came after endAll() is answered 503, not forwarded. */
+  #forwardInTurn(req: ClientRequestLike, res: ClientResponseLike, context: ConnectionContext, started: number, authority: string | undefined): void {
+    if (this.#endingWith === undefined) this.#forward(req, res, context, started, authority);
+    else this.#refuse(req, res, context, started, { status: 503, message: this.#endingWith, error: 'shutdown_timeout' });
+  }
+
+  /** A pipelined request still waiting for its turn when its connection closed: never forwarded, never answered. */
+  #logNeverSent(req: ClientRequestLike, context: ConnectionContext, started: number): void {
+    const stats: ExchangeStats = { status: 0, bytesIn: 0, bytesOut: 0 };
+    this.#neverSent(req, stats, context);
+    this.#log(req, context, started, stats);
   }
 
   #forwardUnlessReset(req: Http2ServerRequest, res: ClientResponseLike, context: ConnectionContext, started: number, authority: string | undefined): void {
@@ -149,6 +224,7 @@ export class RestForwarder {
    * complete), and its upstream request is aborted, rather than the connection being cut under it.
    */
   endAll(message: string): void {
+    this.#endingWith = message;
     for (const end of this.#live) end(message);
   }
 
