@@ -4,11 +4,14 @@
  * function so the OVMS entrypoint can swap the upstream check for its own
  * knowledge of the child process.
  */
+import type { X509Certificate } from 'node:crypto';
 import { connect as connectH2 } from 'node:http2';
 import { request as httpRequest } from 'node:http';
 import type { Config, HostPort } from './config.js';
 import type { RunningProxy } from './proxy.js';
-import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
+import { subjectCn, validFrom, validTo, type TlsMaterial } from './tls-material.js';
+import { caValidity } from './tls-checks.js';
+import { crlsForCa } from './crl-index.js';
 import { hostAndPort } from './addresses.js';
 import { oneAtATime } from './one-at-a-time.js';
 
@@ -48,21 +51,43 @@ export function listenersCheck(proxy: () => Pick<RunningProxy, 'listeners'> | un
   };
 }
 
-/** The certificates in use must be inside their validity and the CRLs fresh. */
+/**
+ * Ready while the material in force can admit a client: the server certificate inside its
+ * validity, and at least one client CA inside its own with, when CRLs are on, none of its CRLs
+ * past their next update. The rule startup applies: a bundle may hold a CA that expired (a
+ * rotation's leftover) or is not valid yet (the next CA) next to the one in use, and such a
+ * proxy serves. Failing on any of them took every replica out of its Service at once
+ * (all share the bundle), for as long as the leftover stayed, while each served its clients.
+ * What refuses only some clients is still named in the detail.
+ */
 export function certificatesCheck(material: () => TlsMaterial, now: () => Date = () => new Date()): HealthCheck {
   return () => {
     const m = material();
     const at = now();
-    const problems: string[] = [];
-    if (validTo(m.serverCert) <= at) problems.push(`server certificate ${subjectCn(m.serverCert)} expired ${validTo(m.serverCert).toISOString()}`);
-    for (const ca of m.clientCas) {
-      if (validTo(ca) <= at) problems.push(`client CA ${subjectCn(ca)} expired ${validTo(ca).toISOString()}`);
-    }
-    for (const { nextUpdate: next } of m.crls) {
-      if (next && next <= at) problems.push(`CRL expired ${next.toISOString()} (every client is refused until it is renewed)`);
-    }
-    return problems.length === 0 ? { ok: true, detail: `server certificate valid until ${validTo(m.serverCert).toISOString()}` } : { ok: false, detail: problems.join('; ') };
+    const serverExpired = validTo(m.serverCert) <= at;
+    const caProblems = m.clientCas.map((ca) => clientCaProblems(m, ca, at));
+    const served = caProblems.some((problems) => problems.length === 0);
+    const strayCrls = m.crls.filter((crl) => !m.clientCas.some((ca) => crlsForCa([crl], ca).length > 0) && crl.nextUpdate !== undefined && crl.nextUpdate <= at);
+    const problems = [
+      ...(serverExpired ? [`server certificate ${subjectCn(m.serverCert)} expired ${validTo(m.serverCert).toISOString()}`] : []),
+      ...caProblems.flat(),
+      ...strayCrls.map((crl) => `CRL expired ${crl.nextUpdate!.toISOString()} for a CA clients send, CRL #${crl.index} (its clients are refused until it is renewed)`),
+    ];
+    if (serverExpired || !served) return { ok: false, detail: `${problems.join('; ')}${served ? '' : ' (no client can be admitted)'}` };
+    const valid = `server certificate valid until ${validTo(m.serverCert).toISOString()}`;
+    return { ok: true, detail: problems.length === 0 ? valid : `${valid}; ${problems.join('; ')}` };
   };
+}
+
+/** Why no client of this CA can be admitted now: none when its clients can be. */
+function clientCaProblems(m: TlsMaterial, ca: X509Certificate, at: Date): string[] {
+  const validity = caValidity(ca, at);
+  const stale = crlsForCa(m.crls, ca).filter((crl) => crl.nextUpdate !== undefined && crl.nextUpdate <= at);
+  return [
+    ...(validity === 'expired' ? [`client CA ${subjectCn(ca)} expired ${validTo(ca).toISOString()}`] : []),
+    ...(validity === 'not yet valid' ? [`client CA ${subjectCn(ca)} is not valid before ${validFrom(ca).toISOString()}`] : []),
+    ...stale.map((crl) => `CRL expired ${crl.nextUpdate!.toISOString()} for client CA ${subjectCn(ca)} (its clients are refused until it is renewed)`),
+  ];
 }
 
 /** How long /readyz waits for the model server; an orchestrator's probe timeout must be longer (deploy/kubernetes). */

@@ -16,6 +16,9 @@ import { startAdminServer } from '../src/admin.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { certificatesCheck, listenersCheck, readinessReport, upstreamCheck, type HealthReport } from '../src/health.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
+import { createCa } from '../src/x509.js';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { RunningProxy } from '../src/proxy.js';
 
 const pkiPromise = createTestPki();
@@ -193,6 +196,26 @@ describe('admin listener', () => {
     assert.match(late.detail, /CRL expired/);
     const muchLater = await certificatesCheck(() => material, () => new Date(Date.now() + 5000 * 24 * 3600 * 1000))();
     assert.match(muchLater.detail, /server certificate localhost expired/);
+  });
+
+  // A bundle holding a rotation's leftover CA (or the next CA) next to the one in use starts and
+  // serves, as `check` says; /readyz said 503 for as long as that CA stayed, on every replica at once.
+  test('a client CA expired or not valid yet next to the one in use keeps the replica ready; a bundle that admits no client does not', async () => {
+    pki = await pkiPromise;
+    const day = 24 * 3600 * 1000;
+    const [old, next] = await Promise.all([
+      createCa({ commonName: 'ovms-mtls test rotated-out CA', notBefore: new Date(Date.now() - 10 * day), days: 5 }),
+      createCa({ commonName: 'ovms-mtls test next CA', notBefore: new Date(Date.now() + day / 2), days: 30 }),
+    ]);
+    const bundle = join(pki.dir, 'rotation_bundle.pem');
+    await writeFile(bundle, old.certPem + pki.clientCa.certPem + next.certPem);
+    const material = loadTlsMaterialSync({ ...baseConfig({ pki }).tls, clientCa: bundle, crl: undefined });
+    const now = await certificatesCheck(() => material)();
+    assert.equal(now.ok, true, now.detail);
+    assert.match(now.detail, /client CA ovms-mtls test rotated-out CA expired .*client CA ovms-mtls test next CA is not valid before/);
+    const allOut = await certificatesCheck(() => material, () => new Date(Date.now() + 40 * day))();
+    assert.equal(allOut.ok, false);
+    assert.match(allOut.detail, /no client can be admitted/);
   });
 
   test('--mtls_admin_bind_address 127.0.0.1,:: serves on both (:: bound IPv6-only next to an IPv4 address)', async () => {
