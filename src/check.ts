@@ -8,7 +8,7 @@ import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
 import { loadTlsMaterialSync, validFrom, validTo, type TlsMaterial } from './tls-material.js';
 import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
-import { caValidity, commonName, issuedBy, nameOf, securityLevelWeakness, subjectCn, unanchoredCaMessage, unanchoredCas, weakClientCaMessage } from './tls-checks.js';
+import { caValidity, commonName, issuedBy, nameOf, securityLevelWeakness, subjectCn, timeLeft, unanchoredCaMessage, unanchoredCas, weakClientCaMessage } from './tls-checks.js';
 
 export type FindingLevel = 'ok' | 'warn' | 'fail' | 'info';
 
@@ -132,10 +132,3 @@ function issuerCn(cert: X509Certificate): string {
   return commonName(nameOf(cert, 'issuer'));
 }
 
-/** "3 days", "5 h", "12 min": enough to notice a certificate about to expire. */
-export function timeLeft(until: Date, now: Date): string {
-  const minutes = Math.floor((until.getTime() - now.getTime()) / 60_000);
-  if (minutes >= 2 * 24 * 60) return `${Math.floor(minutes / (24 * 60))} days`;
-  if (minutes >= 120) return `${Math.floor(minutes / 60)} h`;
-  return `${Math.max(0, minutes)} min`;
-}

@@ -2,7 +2,7 @@ import type { X509Certificate } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import type { AllowList } from './config.js';
 import { unsupportedCriticalExtensions } from './crl-index.js';
-import { EMPTY_NAME, nameOf, pathToTrust, securityLevelWeakness } from './tls-checks.js';
+import { EMPTY_NAME, nameOf, pathToTrust, securityLevelWeakness, timeLeft, validFrom, validTo } from './tls-checks.js';
 import { x509 } from './x509/peculiar.js';
 
 /** Who the client is, computed once per TLS connection. */
@@ -111,8 +111,34 @@ export function verificationRefusal(socket: TLSSocket, peer: X509Certificate | u
   if (sentCa) {
     return refusal(reason!, `${code}; ${describedName(sentCa, 'subject')}, which the client sent with its certificate (it is not in --mtls_client_ca), has no CRL in --mtls_crl: add that CA's CRL there`);
   }
+  if (reason === 'expired' || reason === 'not_yet_valid') return validityRefusal(reason, code, peer, trustedCas);
   if (reason) return refusal(reason, code);
   return refusal('verify_failed', `${code}${weakCertificateNote(peer, trustedCas) || unsupportedCriticalNote(peer)}`);
+}
+
+/**
+ * OpenSSL's CERT_HAS_EXPIRED and CERT_NOT_YET_VALID are about any certificate of the chain, the
+ * client CA of the bundle included, and Node does not say which: a client CA that expired while the
+ * proxy ran refused every client as "client certificate has expired", blaming certificates that
+ * were fine, and neither line gave a date or said that a clock may be off. Name the certificate,
+ * the one nearest the trust anchor first (the one OpenSSL reports), and its date.
+ */
+function validityRefusal(reason: 'expired' | 'not_yet_valid', code: string, peer: X509Certificate, trustedCas: readonly X509Certificate[], now = new Date()): Refusal {
+  const chain = pathToTrust(presentedCertificates(peer), trustedCas) ?? presentedCertificates(peer);
+  const index = chain.findLastIndex((cert) => (reason === 'expired' ? validTo(cert) <= now : validFrom(cert) > now));
+  // Judged a moment after OpenSSL: a certificate it found out of its validity may be back in it (not valid yet, then valid).
+  if (index < 0) return refusal(reason, code);
+  const cert = chain[index]!;
+  const trusted = trustedCas.some((ca) => ca.fingerprint256 === cert.fingerprint256);
+  const who = index === 0 ? 'client certificate' : trusted ? `client CA ${describedName(cert, 'subject')} of --mtls_client_ca` : `CA ${describedName(cert, 'subject')}, sent by the client,`;
+  if (reason === 'not_yet_valid') {
+    const ahead = `${who} is not valid before ${validFrom(cert).toISOString()} (CERT_NOT_YET_VALID), ${timeLeft(validFrom(cert), now)} ahead of this machine's clock`;
+    return { reason, detail: `${ahead}: the clock of the machine that issued it, or of this one, is off (issuers backdate notBefore a few minutes for this), or it was issued for later` };
+  }
+  const expired = `${who} expired on ${validTo(cert).toISOString()} (CERT_HAS_EXPIRED)`;
+  if (index === 0) return { reason, detail: `${expired}: the client needs a renewed certificate` };
+  if (trusted) return { reason, detail: `${expired}: every client certificate it issued is refused, however long each is valid; put the CA's renewed certificate in --mtls_client_ca` };
+  return { reason, detail: `${expired}: the client must send that CA's renewed certificate with its own` };
 }
 
 /**

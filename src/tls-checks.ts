@@ -67,6 +67,15 @@ export function validFrom(cert: X509Certificate): Date {
   return new Date(cert.validFrom);
 }
 
+/** "3 days", "5 h", "12 min", "40 s" from `now` until `until` (0 s if past): enough to notice a certificate about to expire, or a clock a few seconds off. */
+export function timeLeft(until: Date, now: Date): string {
+  const seconds = Math.max(0, Math.floor((until.getTime() - now.getTime()) / 1000));
+  const minutes = Math.floor(seconds / 60);
+  if (minutes >= 2 * 24 * 60) return `${Math.floor(minutes / (24 * 60))} days`;
+  if (minutes >= 120) return `${Math.floor(minutes / 60)} h`;
+  return minutes >= 2 ? `${minutes} min` : `${seconds} s`;
+}
+
 export function subjectCn(cert: X509Certificate): string {
   return commonName(nameOf(cert, 'subject'));
 }
