@@ -8,7 +8,16 @@
 const DISTRUST_ALERTS = new Set(['tlsv1_alert_unknown_ca', 'sslv3_alert_bad_certificate', 'sslv3_alert_certificate_unknown',
   'sslv3_alert_certificate_expired', 'sslv3_alert_unsupported_certificate', 'tlsv1_alert_access_denied']);
 
+/**
+ * Every client's handshake fails once the certificate we serve, or a CA certificate we send with
+ * it, has expired: OpenSSL clients with a certificate_expired alert, Go's and Java's with another
+ * distrust alert, Node's (grpc-js) with a bare close, as they judge after the handshake. Those lines
+ * told the operator to hand out the CA or check the name, or blamed TCP health checks.
+ */
+export const SERVER_CERTIFICATE_EXPIRED = 'server_certificate_expired';
+
 const DETAILS: Record<string, string> = {
+  [SERVER_CERTIFICATE_EXPIRED]: 'our server certificate (--mtls_cert), or a CA certificate the file sends with it, has expired, so every client refuses it: renew it (a reload picks it up; `ovms-mtls check` names the certificate and its date)',
   not_tls: 'the client did not start TLS: a plaintext client (an insecure gRPC channel, http://) on a TLS port?',
   handshake_timeout: 'the client did not finish the TLS handshake within --mtls_handshake_timeout',
   client_closed: 'the client closed the connection before the TLS handshake finished: a TCP health check, or a client that does not trust our server certificate',
@@ -22,6 +31,11 @@ const DETAILS: Record<string, string> = {
   // OpenSSL's cap on a Certificate message (max_cert_list); the client is told only "illegal parameter".
   excessive_message_size: 'the client sent a certificate chain over OpenSSL\'s 100 KiB limit (a whole CA bundle appended to its certificate?): it should send its own certificate and intermediates only',
 };
+
+/** `reason` as the log and metrics give it: what the certificate we serve explains, when it has expired. */
+export function judgedWithServedCertificate(reason: string, servedExpired: boolean): string {
+  return servedExpired && (DISTRUST_ALERTS.has(reason) || reason === 'client_closed') ? SERVER_CERTIFICATE_EXPIRED : reason;
+}
 
 const DISTRUST_DETAIL = 'the client refused our server certificate: give it the CA that signed --mtls_cert, and connect by a name the certificate holds';
 

@@ -6,8 +6,8 @@ import { bindEach, type SkippedAddress } from './bind-addresses.js';
 import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, presentedCertificates, refusal, rfc2253Name, verificationRefusal, type ClientIdentity, type Refusal, type RefusalReason } from './client-identity.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
-import { handshakeFailureReason } from './handshake-failures.js';
-import { namesIssuer, pathToTrust } from './tls-checks.js';
+import { handshakeFailureReason, judgedWithServedCertificate } from './handshake-failures.js';
+import { namesIssuer, pathToTrust, validTo } from './tls-checks.js';
 import { clientAddress, hostAndPort } from './addresses.js';
 import { answerRefusal } from './refusal-answer.js';
 import type { DescriptorHeadroom } from './fd-headroom.js';
@@ -78,14 +78,26 @@ export interface SecureListenerOptions extends BindSpec {
   readonly name: ListenerName;
   readonly port: number;
   readonly secureContext: SecureContextOptions;
-  /** The client CAs of that context, as the material parsed them. */
-  readonly clientCas: readonly X509Certificate[];
+  /** The certificates of that context, as the material parsed them. */
+  readonly certificates: ContextCertificates;
   readonly limits: Limits;
   readonly allow: AllowList;
   readonly observer: ProxyObserver;
   readonly handover: Handover;
   /** Shared by the process's listeners; none where the open-files limit is unknown. */
   readonly descriptors?: DescriptorHeadroom | undefined;
+}
+
+/** What a TLS context serves and trusts, as the material parsed it. */
+export interface ContextCertificates {
+  /** The server certificate file: the server certificate, then the CAs sent with it. */
+  readonly serverChain: readonly X509Certificate[];
+  readonly clientCas: readonly X509Certificate[];
+}
+
+/** When the first certificate we serve expires (ms since the epoch): from then on, clients refuse it. */
+function servedUntil(serverChain: readonly X509Certificate[]): number {
+  return Math.min(...serverChain.map((cert) => validTo(cert).getTime()));
 }
 
 /** What a finished handshake comes to: the client refused (its subject for the log line), or who it is. */
@@ -130,6 +142,8 @@ export class SecureListener {
   #allow: AllowList;
   /** The client CAs of the context in force, to tell an untrusted client from a CRL problem. */
   #trustedCas: readonly X509Certificate[];
+  /** When the first certificate the context serves expires (ms since the epoch). */
+  #servedUntil: number;
   /** Connections closeConnection is ending, within their grace. */
   readonly #revoked = new WeakSet<Socket>();
   /** How many times the context was replaced; each handshake is stamped with the count it began under. */
@@ -144,7 +158,8 @@ export class SecureListener {
     this.name = options.name;
     this.#options = options;
     this.#allow = options.allow;
-    this.#trustedCas = options.clientCas;
+    this.#trustedCas = options.certificates.clientCas;
+    this.#servedUntil = servedUntil(options.certificates.serverChain);
   }
 
   /** Live, authorized connections and what is known about each. */
@@ -173,9 +188,10 @@ export class SecureListener {
    * New handshakes use the new material; live connections keep theirs. `judgeLate` judges
    * the clients of handshakes under way now, which OpenSSL verifies under the old material.
    */
-  setSecureContext(options: SecureContextOptions, clientCas: readonly X509Certificate[], allow?: AllowList, judgeLate?: LateJudge): void {
+  setSecureContext(options: SecureContextOptions, certificates: ContextCertificates, allow?: AllowList, judgeLate?: LateJudge): void {
     for (const server of this.#servers) server.tls.setSecureContext(options);
-    this.#trustedCas = clientCas;
+    this.#trustedCas = certificates.clientCas;
+    this.#servedUntil = servedUntil(certificates.serverChain);
     if (allow) this.#allow = allow;
     this.#contexts += 1;
     this.#judgeLate = judgeLate;
@@ -233,7 +249,8 @@ export class SecureListener {
     });
     tls.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));
     tls.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
-      this.#options.observer.handshakeFailed(this.name, handshakeFailureReason(err), remoteOf(socket));
+      const reason = judgedWithServedCertificate(handshakeFailureReason(err), Date.now() >= this.#servedUntil);
+      this.#options.observer.handshakeFailed(this.name, reason, remoteOf(socket));
       socket.destroy();
     });
     const tcp = createTcpServer({ noDelay: true, keepAlive: true, keepAliveInitialDelay: TCP_KEEPALIVE_DELAY_MS }, (socket: Socket) => {

@@ -1,7 +1,7 @@
 import { ACCESS_EVENTS, type Logger } from './log.js';
 import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 import { accessLineWriter } from './access-line.js';
-import { handshakeFailureDetail } from './handshake-failures.js';
+import { SERVER_CERTIFICATE_EXPIRED, handshakeFailureDetail } from './handshake-failures.js';
 
 /**
  * Node resets such a stream inside its HTTP/2 layer (RST_STREAM ENHANCE_YOUR_CALM for a header list
@@ -65,7 +65,8 @@ export function loggingObserver(logger: Logger, options: { accessLog: boolean })
       else logger.error({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial, error: refusal.error }, detail);
     },
     handshakeFailed(listener, code, remote) {
-      logger.info({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));
+      // Most failures are one client's business; an expired server certificate fails every client.
+      logger[code === SERVER_CERTIFICATE_EXPIRED ? 'error' : 'info']({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));
     },
     upstreamError(listener, code) {
       logger.warn({ event: 'upstream_error', listener, reason: code }, 'upstream error');

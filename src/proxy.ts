@@ -93,7 +93,7 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
     resolvedFrom: cfg.resolvedFrom,
     port: cfg.port,
     secureContext: secureContextOptions(options.material),
-    clientCas: options.material.clientCas,
+    certificates: options.material,
     limits: config.limits,
     allow: config.allow,
     observer,
@@ -185,7 +185,7 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
       // Split the PEM bundles once for all listeners: a million-entry CRL is 50 MiB of text to search.
       const options = secureContextOptions(material);
       const judge = liveJudge(material);
-      for (const part of parts) part.listener.setSecureContext(options, material.clientCas, allow, judge);
+      for (const part of parts) part.listener.setSecureContext(options, material, allow, judge);
     },
     shutdown: (timeoutMs) => shutdown(parts, timeoutMs, logger),
   };

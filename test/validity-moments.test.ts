@@ -2,7 +2,8 @@
  * Certificates that leave or enter their validity: OpenSSL's CERT_HAS_EXPIRED and
  * CERT_NOT_YET_VALID name no certificate, so the refusal must say which one of the chain it is,
  * its date, and when a clock may be off. One case waits, bounded, for a client CA to expire while
- * the proxy runs, in relay mode on both ports (terminate mode judges the same way).
+ * the proxy runs, in relay mode on both ports (terminate mode judges the same way), and one for
+ * the server certificate to expire.
  */
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
@@ -15,7 +16,8 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, assertRefusedCall, grpcClients, https1, startTestProxy, startUpstream, type ProxySetup, type StartedProxy } from './helpers/harness.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
-import { createCa, issueClientCert, type Issued } from '../src/x509.js';
+import { createCa, issueClientCert, issueServerCert, type Issued } from '../src/x509.js';
+import { runCommand } from './helpers/cli.js';
 
 const DAY_MS = 24 * 3600 * 1000;
 
@@ -99,5 +101,31 @@ describe('a client CA that expires while the proxy runs (relay mode on both port
     assert.match(await refusedCallText(relay.grpcAddress, client, 'expired'), named);
     const line = await relay.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'expired');
     assert.match(line.msg, named);
+  });
+});
+
+describe('the server certificate expiring while the proxy runs', () => {
+  test('every client refuses it: each failed handshake says our certificate expired, at error, whether the client sends an alert (curl) or closes (grpc-js)', async () => {
+    const shortServer = await issueServerCert({ issuer: pki.serverCa, commonName: 'localhost', dns: ['localhost'], ips: ['127.0.0.1'], days: 6000 / DAY_MS });
+    const cert = join(pki.dir, 'short_lived_server.pem');
+    const key = join(pki.dir, 'short_lived_server.key');
+    await Promise.all([writeFile(cert, shortServer.certPem), writeFile(key, shortServer.keyPem, { mode: 0o600 })]);
+    const expiring = await proxyWith({ tls: { cert, key } });
+    await pastExpiry(shortServer.certPem);
+    const curl = await runCommand('curl', ['-s', '--http1.1', '--cacert', pki.paths['server_ca.pem']!, '--cert', pki.paths['client.pem']!,
+      '--key', pki.paths['client.key']!, `https://localhost:${expiring.restPort}/v2/health/live`]);
+    assert.equal(curl.code, 60, 'curl: certificate has expired');
+    const c = grpcClients(expiring.grpcAddress, pki);
+    try {
+      await assert.rejects(unary(c.kserve, 'ServerLive', {}, new grpc.Metadata(), { deadline: Date.now() + 5000 }), /certificate has expired/);
+    } finally {
+      c.close();
+    }
+    const failures = (listener: string) => expiring.logs.waitFor((l) => l.event === 'handshake_failed' && l.listener === listener);
+    for (const line of [await failures('rest'), await failures('grpc')]) {
+      assert.equal(line.reason, 'server_certificate_expired', line.msg);
+      assert.equal(line.level, 'error');
+      assert.match(line.msg, /^our server certificate \(--mtls_cert\), or a CA certificate the file sends with it, has expired, so every client refuses it: renew it/);
+    }
   });
 });
