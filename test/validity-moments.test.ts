@@ -8,6 +8,7 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { X509Certificate } from 'node:crypto';
+import { Agent } from 'node:https';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -16,6 +17,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, assertRefusedCall, grpcClients, https1, startTestProxy, startUpstream, type ProxySetup, type StartedProxy } from './helpers/harness.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
+import { FORWARD_MODES } from '../src/config.js';
 import { createCa, issueClientCert, issueServerCert, type Issued } from '../src/x509.js';
 import { runCommand } from './helpers/cli.js';
 
@@ -128,4 +130,30 @@ describe('the server certificate expiring while the proxy runs', () => {
       assert.match(line.msg, /^our server certificate \(--mtls_cert\), or a CA certificate the file sends with it, has expired, so every client refuses it: renew it/);
     }
   });
+});
+
+describe('a connection whose client certificate expires while it is open (README: time is judged at the handshake only)', () => {
+  for (const mode of FORWARD_MODES) {
+    test(`goes on, in ${mode} mode on both ports, while a new connection of that client is refused`, async () => {
+      const proxy = mode === 'terminate' ? front : await proxyWith({ grpcMode: mode, restMode: mode });
+      const brief = await issueClientCert({ issuer: pki.clientCa, commonName: `brief ${mode}`, days: 6000 / DAY_MS });
+      const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+      const c = grpcClients(proxy.grpcAddress, pki, brief);
+      try {
+        // Used every second, as a busy client does: an idle relayed connection closes with its upstream one (the model server's keep-alive timeout).
+        const end = Date.parse(new X509Certificate(brief.certPem).validTo) + 1500;
+        for (;;) {
+          const past = Date.now() >= end;
+          assert.equal((await https1(proxy.restPort, pki, { path: '/v2/health/ready', client: brief, agent })).status, 200);
+          assert.equal((await unary(c.kserve, 'ServerLive', {})).response.live, true);
+          if (past) break;
+          await sleep(1000);
+        }
+        assert.match(await refusalText(proxy.restPort, brief, 'expired'), /client certificate expired on/);
+      } finally {
+        c.close();
+        agent.destroy();
+      }
+    });
+  }
 });
