@@ -23,6 +23,8 @@ export interface TlsMaterial {
   /** `cert` parsed: the server certificate first, then the chain the file carries. */
   readonly serverChain: readonly X509Certificate[];
   readonly clientCas: readonly X509Certificate[];
+  /** The moment the checks judged the dates against: a worker judges the set at the same moment. */
+  readonly validatedAt: Date;
 }
 
 /**
@@ -238,7 +240,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const crlText = raw.mtls_crl?.toString('latin1');
   if (crlText !== undefined) checkCrlPem(crlText, files.crl!);
   const crls = checkTrust({ files, serverChain: chain, clientCas, crl: crlText, now });
-  return { files, key, cert, ca, crl: raw.mtls_crl, crls, serverCert, serverChain: chain, clientCas };
+  return { files, key, cert, ca, crl: raw.mtls_crl, crls, serverCert, serverChain: chain, clientCas, validatedAt: now };
 }
 
 /** Reads and validates at startup; throws TlsMaterialError with a one-line reason. */
@@ -257,14 +259,27 @@ export interface TlsTexts {
   readonly cert: string;
   readonly ca: string;
   readonly crl?: string | undefined;
+  /** validatedAt, in ms: a number survives the IPC channel's JSON. */
+  readonly validatedAt: number;
 }
 
 export function tlsTexts(material: TlsMaterial): TlsTexts {
-  return { key: material.key.toString('latin1'), cert: material.cert.toString('latin1'), ca: material.ca.toString('latin1'), crl: material.crl?.toString('latin1') };
+  return {
+    key: material.key.toString('latin1'),
+    cert: material.cert.toString('latin1'),
+    ca: material.ca.toString('latin1'),
+    crl: material.crl?.toString('latin1'),
+    validatedAt: material.validatedAt.getTime(),
+  };
 }
 
-/** The same checks on contents read elsewhere (a worker gets them from the primary). */
-export function tlsMaterialFromTexts(files: TlsFiles, texts: TlsTexts, now = new Date()): TlsMaterial {
+/**
+ * The same checks on contents read elsewhere (a worker gets them from the primary), judged at the
+ * moment the primary judged them. At the worker's own moment, a set in force whose CRL (of any CA)
+ * had passed its next update since, or whose certificate had expired, failed every worker started
+ * to replace one that exited (worker_start_failed, for ever), while the running ones served it.
+ */
+export function tlsMaterialFromTexts(files: TlsFiles, texts: TlsTexts, now = new Date(texts.validatedAt)): TlsMaterial {
   const bytes = (text: string | undefined) => (text === undefined ? undefined : Buffer.from(text, 'latin1'));
   return validate(files, { mtls_cert: bytes(texts.cert), mtls_key: bytes(texts.key), mtls_client_ca: bytes(texts.ca), mtls_crl: bytes(texts.crl) }, now);
 }

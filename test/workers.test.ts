@@ -15,6 +15,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startCli, BIN, type LongRunningCli } from './helpers/cli.js';
@@ -32,7 +33,7 @@ import { plainCertDir, replaceAtomically, servedSerial, type CertDir, type TlsCl
 import { FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, streamAcrossSigterm, tlsArgs } from './helpers/entrypoint.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
-import { createCrl, issueClientCert, issueServerCert, type Issued } from '../src/x509.js';
+import { createCa, createCrl, issueClientCert, issueServerCert, parseCrl, type Issued } from '../src/x509.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 let pki: TestPki;
@@ -208,6 +209,27 @@ describe('proxy mode with two workers', SAFETY, () => {
       for (let i = 0; i < 4; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/live' })).status, 200);
       const served = await linesMatching(r.cli.logs, 4, (l) => l.event === 'access');
       assert.ok(served.every((l) => l['pid'] !== victim));
+    } finally {
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  // The running workers serve a set whose CRL of a second CA has lapsed (only that CA's clients are refused);
+  // the worker started in place of one that exits judged the primary's set at its own moment and failed, for ever.
+  test('a worker replaced after a CRL of the set in force passed its next update starts on that set and serves', async () => {
+    const partnerCa = await createCa({ commonName: 'ovms-mtls test partner CA' });
+    const lapsing = await createCrl({ issuer: partnerCa, nextUpdate: new Date(Date.now() + 6000) });
+    const [bundle, crls] = [join(dir, 'partner_bundle.pem'), join(dir, 'partner_bundle.crl')];
+    await Promise.all([writeFile(bundle, pki.clientCa.certPem + partnerCa.certPem), writeFile(crls, pki.crlPem + lapsing)]);
+    const r = await startWorkersCli(certFlags({ cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: bundle, crl: crls }));
+    try {
+      const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      // A wait for the moment, not a timed assertion.
+      await sleep(Math.max(0, parseCrl(lapsing).nextUpdate!.getTime() - Date.now()) + 1500);
+      process.kill(victim!, 'SIGKILL');
+      const next = await r.cli.logs.waitFor((l) => (l.event === 'listening' && Number(l['worker']) > 2) || l.event === 'worker_start_failed');
+      assert.equal(next.event, 'listening', next.msg);
+      for (let i = 0; i < 4; i += 1) assert.equal((await https1(r.restPort, pki, { path: '/v2/health/live' })).status, 200);
     } finally {
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
     }
