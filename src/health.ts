@@ -52,8 +52,8 @@ export function listenersCheck(proxy: () => Pick<RunningProxy, 'listeners'> | un
 }
 
 /**
- * Ready while the material in force can admit a client: the server certificate inside its
- * validity, and at least one client CA inside its own with, when CRLs are on, none of its CRLs
+ * Ready while the material in force can admit a client: the server certificate and the CAs its
+ * file sends with it inside their validity, and at least one client CA inside its own with, when CRLs are on, none of its CRLs
  * past their next update. The rule startup applies: a bundle may hold a CA that expired (a
  * rotation's leftover) or is not valid yet (the next CA) next to the one in use, and such a
  * proxy serves. Failing on any of them took every replica out of its Service at once
@@ -64,12 +64,14 @@ export function certificatesCheck(material: () => TlsMaterial, now: () => Date =
   return () => {
     const m = material();
     const at = now();
-    const serverExpired = validTo(m.serverCert) <= at;
+    // A CA the file sends with the server certificate that expires fails every client just the same.
+    const lapsed = m.serverChain.filter((cert) => validTo(cert) <= at);
+    const serverExpired = lapsed.length > 0;
     const caProblems = m.clientCas.map((ca) => clientCaProblems(m, ca, at));
     const served = caProblems.some((problems) => problems.length === 0);
     const strayCrls = m.crls.filter((crl) => !m.clientCas.some((ca) => crlsForCa([crl], ca).length > 0) && crl.nextUpdate !== undefined && crl.nextUpdate <= at);
     const problems = [
-      ...(serverExpired ? [`server certificate ${subjectCn(m.serverCert)} expired ${validTo(m.serverCert).toISOString()}`] : []),
+      ...lapsed.map((cert) => `${cert === m.serverCert ? 'server certificate' : 'CA certificate sent with the server certificate,'} ${subjectCn(cert)} expired ${validTo(cert).toISOString()}`),
       ...caProblems.flat(),
       ...strayCrls.map((crl) => `CRL expired ${crl.nextUpdate!.toISOString()} for a CA clients send, CRL #${crl.index} (its clients are refused until it is renewed)`),
     ];

@@ -38,7 +38,7 @@ function defineMetrics(registry: Registry) {
     unseenResets: new Counter({ name: name('h2_streams_reset_unseen_total'), help: 'HTTP/2 requests Node reset before the proxy saw them (no access line; mostly a header list over --mtls_max_header_size), by listener', labelNames: ['listener'], registers }),
     h2SessionErrors: new Counter({ name: name('h2_session_errors_total'), help: 'HTTP/2 client connections Node ended with an error of its own (flood, protocol error, the client\'s GOAWAY with an error code), by listener and error code', labelNames: ['listener', 'code'], registers }),
     upstreamErrors: new Counter({ name: name('upstream_errors_total'), help: 'Failures talking to the model server, by listener and error code', labelNames: ['listener', 'code'], registers }),
-    certExpiry: new Gauge({ name: name('certificate_expiry_timestamp_seconds'), help: 'notAfter (unix time) of the server certificate and of each trusted client CA', labelNames: ['role', 'subject', 'serial'], registers }),
+    certExpiry: new Gauge({ name: name('certificate_expiry_timestamp_seconds'), help: 'notAfter (unix time) of the server certificate, of each CA sent with it and of each trusted client CA', labelNames: ['role', 'subject', 'serial'], registers }),
     crlNextUpdate: new Gauge({ name: name('crl_next_update_timestamp_seconds'), help: 'nextUpdate (unix time) of each loaded CRL; after it passes every client is refused', labelNames: ['crl'], registers }),
     reloads: new Counter({ name: name('tls_reloads_total'), help: 'Certificate reloads by result (success, failure); a failure keeps the previous material', labelNames: ['result'], registers }),
     lastReload: new Gauge({ name: name('tls_last_reload_success_timestamp_seconds'), help: 'When TLS material was last loaded successfully (unix time)', registers }),
@@ -142,6 +142,10 @@ export class ProxyMetrics implements ProxyObserver {
     this.#m.certExpiry.reset();
     const serverCert = material.serverCert;
     this.#m.certExpiry.set({ role: 'server', subject: subjectCn(serverCert), serial: serverCert.serialNumber.toLowerCase() }, unixSeconds(validTo(serverCert)));
+    // An intermediate CA sent with the server certificate that expires fails every client as well.
+    for (const ca of material.serverChain.slice(1)) {
+      this.#m.certExpiry.set({ role: 'server_chain', subject: subjectCn(ca), serial: ca.serialNumber.toLowerCase() }, unixSeconds(validTo(ca)));
+    }
     for (const ca of material.clientCas) {
       this.#m.certExpiry.set({ role: 'client_ca', subject: subjectCn(ca), serial: ca.serialNumber.toLowerCase() }, unixSeconds(validTo(ca)));
     }

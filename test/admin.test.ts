@@ -16,7 +16,7 @@ import { startAdminServer } from '../src/admin.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { certificatesCheck, listenersCheck, readinessReport, upstreamCheck, type HealthReport } from '../src/health.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
-import { createCa } from '../src/x509.js';
+import { createCa, issueServerCert } from '../src/x509.js';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { RunningProxy } from '../src/proxy.js';
@@ -216,6 +216,21 @@ describe('admin listener', () => {
     const allOut = await certificatesCheck(() => material, () => new Date(Date.now() + 40 * day))();
     assert.equal(allOut.ok, false);
     assert.match(allOut.detail, /no client can be admitted/);
+  });
+
+  // Every client refuses the server once a CA sent with its certificate has expired; /readyz said ready.
+  test('the certificate check fails once an intermediate CA sent with the server certificate has expired', async () => {
+    pki = await pkiPromise;
+    const day = 24 * 3600 * 1000;
+    const intermediate = await createCa({ commonName: 'ovms-mtls test short server intermediate', issuer: pki.serverCa, days: 0.5 });
+    const leaf = await issueServerCert({ issuer: intermediate, commonName: 'localhost', dns: ['localhost'], days: 1 });
+    const [cert, key] = [join(pki.dir, 'chained_server.pem'), join(pki.dir, 'chained_server.key')];
+    await Promise.all([writeFile(cert, leaf.certPem + intermediate.certPem), writeFile(key, leaf.keyPem, { mode: 0o600 })]);
+    const material = loadTlsMaterialSync({ ...baseConfig({ pki }).tls, cert, key });
+    assert.equal((await certificatesCheck(() => material)()).ok, true);
+    const later = await certificatesCheck(() => material, () => new Date(Date.now() + 0.75 * day))();
+    assert.equal(later.ok, false, later.detail);
+    assert.match(later.detail, /^CA certificate sent with the server certificate, ovms-mtls test short server intermediate expired /);
   });
 
   test('--mtls_admin_bind_address 127.0.0.1,:: serves on both (:: bound IPv6-only next to an IPv4 address)', async () => {

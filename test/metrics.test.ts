@@ -13,7 +13,7 @@ import type { AccessRecord } from '../src/observer.js';
 import { grpcRoute, restRoute, OTHER_ROUTE } from '../src/metric-routes.js';
 import { combineObservers, NOOP_OBSERVER } from '../src/observer.js';
 import { loadTlsMaterialSync, validTo } from '../src/tls-material.js';
-import { createCrl } from '../src/x509.js';
+import { createCa, createCrl, issueServerCert } from '../src/x509.js';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { request as httpsRequest } from 'node:https';
@@ -297,6 +297,18 @@ describe('metrics the data path does not see', () => {
     assert.equal(sample(text, 'ovms_mtls_certificate_expiry_timestamp_seconds', { role: 'server', subject: 'localhost' }), expected);
     assert.equal(sample(text, 'ovms_mtls_certificate_expiry_timestamp_seconds', { role: 'client_ca', subject: 'ovms-mtls test client CA' }), Math.floor(validTo(material.clientCas[0]!).getTime() / 1000));
     assert.ok(sample(text, 'ovms_mtls_crl_next_update_timestamp_seconds', { crl: '1' })! > Date.now() / 1000);
+  });
+
+  test('the expiry gauge holds the notAfter of a CA sent with the server certificate, as role server_chain', async () => {
+    const intermediate = await createCa({ commonName: 'ovms-mtls test metrics server intermediate', issuer: pki.serverCa, days: 3 });
+    const leaf = await issueServerCert({ issuer: intermediate, commonName: 'localhost', dns: ['localhost'], days: 1 });
+    const [cert, key] = [join(pki.dir, 'metrics-chain.pem'), join(pki.dir, 'metrics-chain.key')];
+    await Promise.all([writeFile(cert, leaf.certPem + intermediate.certPem), writeFile(key, leaf.keyPem, { mode: 0o600 })]);
+    const m = new ProxyMetrics({ processMetrics: false });
+    const material = loadTlsMaterialSync({ cert, key, clientCa: pki.paths['client_cert_ca.pem']! });
+    m.setCertificates(material);
+    const gauge = sample(await m.text(), 'ovms_mtls_certificate_expiry_timestamp_seconds', { role: 'server_chain', subject: 'ovms-mtls test metrics server intermediate' });
+    assert.equal(gauge, Math.floor(validTo(material.serverChain[1]!).getTime() / 1000));
   });
 
   test('the CRL gauge follows the CRL loaded last', async () => {
