@@ -1,5 +1,6 @@
 import { pino, type Logger, type DestinationStream, type LevelWithSilent } from 'pino';
 import pretty from 'pino-pretty';
+import { BACKLOG_BYTES, LineSink, type SinkOptions } from './log-sink.js';
 
 export type { Logger };
 
@@ -28,52 +29,45 @@ function isAccessLine(line: string): boolean {
   return ACCESS_MARKERS.some((marker) => line.includes(marker));
 }
 
-/** sonic-boom in buffer mode; its type declarations know only strings. */
-interface ByteSink {
-  write(bytes: Buffer): boolean;
-  flush(): void;
-}
-
 /**
  * JSON lines to `fd`. An access line is buffered (one write per request cost
  * a syscall, 15-20 % of a small request's CPU); any other line goes out at
  * once, with the access lines before it, so order holds and a warning is
  * never late. A waiting line is written within 250 ms, and at exit. Our own
- * timer rather than sonic-boom's periodic flush, which writes even when
- * nothing waits (an empty write every 250 ms, for ever).
+ * timer, so that nothing is written (nor tried) while nothing waits.
  *
- * `flush()`, not `flushSync()`: in sync mode both write synchronously, but
- * flushSync() also fsyncs, and on a log file that held the event loop for
- * 1-5 ms four times a second under load (every request waited behind it).
- * Nothing needs the disk sync: written bytes outlive the process anyway.
- * flush() writes everything held, because the buffer is always emptied down
- * to under minLength, which is below sonic-boom's maxWrite (one chunk).
- *
- * Each line goes in as UTF-8 bytes (sonic-boom's buffer mode): in its string
- * mode every write measured the whole pending batch again (a flatten and a
- * UTF-8 count of up to 8 KiB per line) and every flush encoded the batch
- * twice; a line cost 1.95 µs in-process, 1.25 µs this way.
+ * Each line goes in as UTF-8 bytes and is measured alone: measuring the
+ * whole pending batch again on every line (sonic-boom's string mode) cost a
+ * line 1.95 µs in-process, 1.25 µs this way. The batches go to a LineSink,
+ * which never blocks and never syncs the disk (an fsync held the event loop
+ * for 1-5 ms under load: written bytes outlive the process anyway); see
+ * log-sink.ts for a reader that lags, stops or vanishes.
  */
-export function accessBufferedDestination(fd: number): DestinationStream {
-  // minLength above any batch we build: sonic-boom never writes on its own, the batching below decides.
-  const out = pino.destination({ dest: fd, sync: true, minLength: 2 * ACCESS_BATCH_BYTES, contentMode: 'buffer' }) as unknown as ByteSink;
+export function accessBufferedDestination(fd: number, options: SinkOptions = {}): DestinationStream {
+  const sink = new LineSink(fd, options);
   let waiting: NodeJS.Timeout | undefined;
+  let pending: Buffer[] = [];
   let held = 0;
   const flush = (): void => {
     clearTimeout(waiting);
     waiting = undefined;
+    if (held === 0) return;
+    const batch = pending.length === 1 ? pending[0]! : Buffer.concat(pending, held);
+    const lines = pending.length;
+    pending = [];
     held = 0;
-    out.flush();
+    sink.write(batch, lines);
   };
   process.once('exit', () => {
-    if (waiting) flush();
+    flush();
+    sink.drainBeforeExit();
   });
   return {
     write(line: string): void {
       const bytes = Buffer.from(line, 'utf8');
       // Each write is whole lines, at most PIPE_BUF bytes of them; a longer line goes alone.
       if (held > 0 && held + bytes.length > ACCESS_BATCH_BYTES) flush();
-      out.write(bytes);
+      pending.push(bytes);
       held += bytes.length;
       if (!isAccessLine(line) || held > ACCESS_BATCH_BYTES) flush();
       else if (!waiting) waiting = setTimeout(flush, ACCESS_FLUSH_MS).unref();
@@ -82,9 +76,9 @@ export function accessBufferedDestination(fd: number): DestinationStream {
 }
 
 /** A person at a terminal reads colourised lines; pipes and log collectors get JSON. */
-function defaultDestination(): DestinationStream {
+function defaultDestination(options: SinkOptions): DestinationStream {
   if (process.stdout.isTTY) return pretty({ sync: true, colorize: true, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname,name' });
-  return accessBufferedDestination(1);
+  return accessBufferedDestination(1, options);
 }
 
 /** pino's isoTime, formatted once per millisecond: a loaded proxy writes many lines in each. */
@@ -103,12 +97,15 @@ function isoTimeByMillisecond(): () => string {
 
 /**
  * One JSON line per event on stdout (pretty lines on a terminal). Writes are
- * synchronous, access lines batched: a line is never lost when the process
- * exits right after logging it (fatal errors, signals).
+ * synchronous, access lines batched: a line is not lost when the process
+ * exits right after logging it (fatal errors, signals), unless the reader of
+ * stdout takes nothing for a second then. Nor does a reader that lags hold
+ * up the proxy: lines it has no room for wait, within a bound, or are dropped
+ * and counted (log-sink.ts).
  */
 export function createLogger(options: LoggerOptions): Logger {
-  const destination = options.destination ?? defaultDestination();
-  return pino(
+  const destination = options.destination ?? defaultDestination({ onDropped: (lines, reason) => reportDroppedLines(logger, lines, reason) });
+  const logger = pino(
     {
       level: options.level,
       base: { name: 'ovms-mtls' },
@@ -117,4 +114,11 @@ export function createLogger(options: LoggerOptions): Logger {
     },
     destination,
   );
+  return logger;
+}
+
+/** Written once lines flow again: how many the log lost while its reader lagged (EAGAIN) or failed (EPIPE, ENOSPC ...). */
+function reportDroppedLines(logger: Logger, lines: number, reason: string): void {
+  const why = reason === 'EAGAIN' ? `nobody read the log for a while and over ${BACKLOG_BYTES / 1024} KiB waited` : `writing the log failed (${reason})`;
+  logger.warn({ event: 'log_lines_dropped', lines, reason, pid: process.pid }, `${lines} log line(s) dropped: ${why}; requests were served meanwhile`);
 }

@@ -61,3 +61,14 @@ export async function eventually(probe: () => boolean | Promise<boolean>, what: 
     delay = Math.min(delay * 2, 500);
   }
 }
+
+/** `promise`, or a failure naming `what` if it has not settled after `boundMs`: for what must not hang, never for how fast it is. */
+export async function settlesWithin<T>(promise: Promise<T>, boundMs: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const bound = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`still waiting for ${what} after ${boundMs / 1000} s: hung`)), boundMs)));
+  try {
+    return await Promise.race([promise, bound]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
