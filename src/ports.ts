@@ -7,7 +7,8 @@
  * start and picks new ports.
  */
 import { once } from 'node:events';
-import { createServer, type AddressInfo, type Server } from 'node:net';
+import { createServer, isIPv6, type AddressInfo, type Server } from 'node:net';
+import { ListenError } from './errors.js';
 
 async function listenOn(host: string, port: number): Promise<Server> {
   const server = createServer();
@@ -34,7 +35,7 @@ export async function freeLoopbackPorts(count: number, host = '127.0.0.1', excep
   const chosen: number[] = [];
   try {
     while (chosen.length < count) {
-      const server = await listenOn(host, 0);
+      const server = await listenOn(host, 0).catch((err: NodeJS.ErrnoException) => Promise.reject(noLoopbackAddress(err, host)));
       servers.push(server);
       const { port } = server.address() as AddressInfo;
       if (!except.has(port)) chosen.push(port);
@@ -43,6 +44,21 @@ export async function freeLoopbackPorts(count: number, host = '127.0.0.1', excep
   } finally {
     await Promise.all(servers.map(close));
   }
+}
+
+/**
+ * The model server's loopback address missing, as in a network namespace set up IPv6-only
+ * without 127.0.0.1 on its loopback interface: one line saying so and how to add it, where
+ * the system's EADDRNOTAVAIL came out as an internal error with a stack trace. OVMS keeps
+ * 127.0.0.1 rather than ::1: older releases refuse an IPv6 bind address.
+ */
+function noLoopbackAddress(err: NodeJS.ErrnoException, host: string): Error {
+  if (err.code !== 'EADDRNOTAVAIL') return err;
+  return new ListenError(
+    `cannot pick a loopback port for the model server: ${host} is not on this machine (the loopback interface has no such address); ` +
+      `the model server listens on ${host} whatever the public addresses are, as older OVMS releases refuse an IPv6 bind address: add it, e.g. ip addr add ${host}/${isIPv6(host) ? 128 : 8} dev lo`,
+    { cause: err },
+  );
 }
 
 /** True when something already listens on host:port (we cannot bind it). */

@@ -5,8 +5,12 @@
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
 import { createServer as createTcpServer, type AddressInfo } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
@@ -17,6 +21,7 @@ import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { END_HEADERS, END_STREAM, H2, h2Frame, headerBlock, rawH2Client } from './helpers/raw-h2.js';
 import { plainCertDir, reloaderFor } from './helpers/reload.js';
 import { runCli, startCli } from './helpers/cli.js';
+import { FAKE_OVMS, makeFakeExecutable, tlsArgs } from './helpers/entrypoint.js';
 import { eventually } from './helpers/ops.js';
 import { startProxy, type RunningProxy } from '../src/proxy.js';
 import { createLogger } from '../src/log.js';
@@ -289,5 +294,27 @@ describe('ovms-mtls proxy bound to ::1, and probe', SAFETY, () => {
       cli.child.kill('SIGTERM');
       assert.equal(await cli.exited, 0);
     }
+  });
+});
+
+/** A network namespace of our own (root, or user namespaces allowed): its loopback interface can lose 127.0.0.1. */
+const NET_NAMESPACE = spawnSync('unshare', ['--user', '--map-root-user', '--net', 'true']).status === 0;
+
+describe('a loopback interface without 127.0.0.1 (a network namespace set up IPv6-only)', { ...SAFETY, skip: NET_NAMESPACE ? false : 'unshare --user --net is not available here' }, () => {
+  // The entrypoint starts OVMS on 127.0.0.1 behind IPv6 public ports too; without that address it exited 70
+  // with "internal error: Error: listen EADDRNOTAVAIL: address not available 127.0.0.1" and a stack trace.
+  test('the entrypoint exits 2 with one line naming the address and how to add it, before OVMS starts', async () => {
+    makeFakeExecutable();
+    const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-no-ipv4-loopback-'));
+    dirs.push(dir);
+    const argvFile = join(dir, 'ovms-runs.jsonl');
+    const ipv6Only = 'ip link set lo up && ip addr del 127.0.0.1/8 dev lo && exec "$@"';
+    const res = await runCli(['--model_name', 'm', '--model_path', '/models/m', '--rest_port', '8443', '--rest_bind_address', '::',
+      '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_workers', '1', ...tlsArgs(pki)],
+    { wrap: ['unshare', '--user', '--map-root-user', '--net', 'sh', '-c', ipv6Only, 'sh'], env: { FAKE_OVMS_ARGV_FILE: argvFile } });
+    assert.equal(res.stderr, 'ovms-mtls: cannot pick a loopback port for the model server: 127.0.0.1 is not on this machine (the loopback interface has no such address); '
+      + 'the model server listens on 127.0.0.1 whatever the public addresses are, as older OVMS releases refuse an IPv6 bind address: add it, e.g. ip addr add 127.0.0.1/8 dev lo\n');
+    assert.equal(res.code, 2);
+    assert.equal(existsSync(argvFile), false, 'OVMS was started');
   });
 });
