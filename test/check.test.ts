@@ -245,6 +245,34 @@ describe('ovms-mtls check', () => {
     }
   });
 
+  // Before: each of these printed "Result: OK - the proxy would start" and exited 0, while the proxy refused to start.
+  test('a public bind address, an upstream or a port the proxy refuses fails check with the proxy\'s line and exit 2', async () => {
+    const upstreams = ['--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_rest_upstream', '127.0.0.1:9'];
+    const cases: string[][] = [
+      ['--rest_port', '1', '--rest_bind_address', '::,::1', ...upstreams],
+      ['--port', '1', '--grpc_bind_address', '[::1]:9443', ...upstreams],
+      ['--rest_port', '1', '--rest_bind_address', '::1', ...upstreams, '--mtls_rest_upstream', '::1:8000'],
+      ['--port', '1', '--rest_port', '1', '--grpc_bind_address', '127.0.0.1', '--rest_bind_address', '127.0.0.1', ...upstreams],
+      ['--rest_port', '1', '--rest_bind_address', '127.0.0.1', '--mtls_admin_port', '1', '--mtls_admin_bind_address', 'localhost,127.0.0.1', ...upstreams],
+    ];
+    for (const options of cases) {
+      const checked = await runCli(['check', ...flags(goodFiles()), ...options]);
+      const started = await runCli(['proxy', ...flags(goodFiles()), ...options]);
+      assert.equal(started.code, 2, started.stdout + started.stderr);
+      assert.equal(checked.code, 2, checked.stdout + checked.stderr);
+      assert.equal(checked.stderr, started.stderr);
+      assert.equal(checked.stdout, '');
+    }
+  });
+
+  test('good listener options pass check: the entrypoint\'s (ports and addresses, no upstream) and the proxy\'s', async () => {
+    for (const options of [['--port', '9000', '--rest_port', '8000', '--grpc_bind_address', '::', '--rest_bind_address', '0.0.0.0,[::]'],
+      ['--rest_port', '8443', '--rest_bind_address', '::1', '--mtls_rest_upstream', '[::1]:8000', '--mtls_admin_port', '8443', '--mtls_admin_bind_address', '127.0.0.1']]) {
+      const checked = await runCli(['check', ...flags(goodFiles()), ...options]);
+      assert.equal(checked.code, 0, checked.stdout + checked.stderr);
+    }
+  });
+
   test('the proxy refuses to start on an expired CRL with the message check prints', async () => {
     const expired = await createCrl({ issuer: pki.clientCa, thisUpdate: new Date(Date.now() - 3 * DAY_MS), nextUpdate: new Date(Date.now() - DAY_MS) });
     const crl = await write('expired_for_proxy.crl', expired);

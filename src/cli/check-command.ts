@@ -1,5 +1,5 @@
-import { ALL_OPTIONS } from '../options.js';
-import { DEFAULTS, parseCommonConfig } from '../config.js';
+import { ALL_OPTIONS, type RawOptions } from '../options.js';
+import { DEFAULTS, checkAdminPort, optionalString, parseCommonConfig, parseHostPort, parsePublicListeners, type Config } from '../config.js';
 import { containerTlsDefaults } from '../entrypoint-config.js';
 import { checkTlsFiles, formatReport } from '../check.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
@@ -17,8 +17,25 @@ export async function runCheckCommand(argv: readonly string[], io: Io): Promise<
   const raw = collectOptions(parsed, ALL_OPTIONS, io.env);
   // The proxy and the entrypoint refuse a bad option (a log level, a mode, a worker count, an allow-list) before they look
   // at a file, and take the container's files as the entrypoint does when none is named: so does check, with their parser.
-  const { tls } = parseCommonConfig(raw, containerTlsDefaults(raw));
+  const { tls, admin } = parseCommonConfig(raw, containerTlsDefaults(raw));
+  checkListenerOptions(raw, admin);
   const report = checkTlsFiles(tls);
   io.stdout.write(formatReport(report));
   return report.ok ? 0 : 1;
+}
+
+/**
+ * The public ports' addresses and the upstreams, when given, as the proxy and the entrypoint read
+ * them: `check --rest_port 8443 --rest_bind_address ::,::1` (or an upstream `::1:8000`, a port
+ * shared by gRPC and REST or by the admin listener) said "OK - the proxy would start" and exited 0,
+ * where the proxy refused to start. Without a public port, check looks at the TLS material alone.
+ */
+function checkListenerOptions(raw: RawOptions, admin: Config['admin']): void {
+  if (raw['port'] === undefined && raw['rest_port'] === undefined) return;
+  const listeners = parsePublicListeners(raw);
+  checkAdminPort(admin, listeners);
+  for (const [name, listener] of [['mtls_grpc_upstream', listeners.grpc], ['mtls_rest_upstream', listeners.rest]] as const) {
+    const upstream = optionalString(raw, name);
+    if (listener && upstream !== undefined) parseHostPort(name, upstream);
+  }
 }
