@@ -504,6 +504,17 @@ describe('probe', () => {
     assert.equal((await probe(['--host', '[::1]', '--rest_port', '1', ...clientFlags()])).code, 1);
   });
 
+  // Before: `--host ' 127.0.0.1 '` (a value pasted with a space, as bind addresses and upstreams take it) failed
+  // "ENOTFOUND -> host name  127.0.0.1  does not resolve", the spaces hard to see; `--host ' '` looked up a blank name.
+  test('spaces around --host are dropped, as around a bind address or an upstream; a blank --host is the missing-option line', async () => {
+    const res = await probe(['--host', ' 127.0.0.1 ', '--rest_port', String(front.restPort), ...clientFlags()]);
+    assert.equal(res.code, 0, res.out);
+    assert.match(res.out, new RegExp(`TLS handshake with 127\\.0\\.0\\.1:${front.restPort}: `));
+    const blank = await runCli(['probe', '--host', ' ', '--rest_port', String(front.restPort), ...clientFlags()]);
+    assert.equal(blank.code, 2, blank.stdout);
+    assert.equal(blank.stderr, 'ovms-mtls: --host is required (the address clients use, e.g. --host localhost)\n');
+  });
+
   test('in the container, where OVMS_MTLS_CERT names the server certificate, a missing --mtls_cert does not blame that variable, which probe never reads', async () => {
     const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', '1', '--mtls_key', pki.paths['client.key']!, '--mtls_ca', pki.paths['server_ca.pem']!],
       { env: { ...cleanEnv(), OVMS_MTLS_CERT: pki.paths['server.pem']! } });

@@ -109,8 +109,10 @@ function hostAdvice(host: string, port: string | undefined): string {
 
 function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   const last = (v: unknown) => (Array.isArray(v) ? v.at(-1) : v);
-  const given = last(parsed['host']);
-  if (typeof given !== 'string' || given === '') throw new ConfigError('--host is required (the address clients use, e.g. --host localhost)');
+  // Spaces around it (a pasted value) are dropped, as around a bind address or an upstream: the name looked up would keep them.
+  const hostGiven = last(parsed['host']);
+  const given = typeof hostGiven === 'string' ? hostGiven.trim() : '';
+  if (given === '') throw new ConfigError('--host is required (the address clients use, e.g. --host localhost)');
   const host = hostOption(given);
   const grpcPort = parsed['port'] === undefined ? undefined : parsePort('port', last(parsed['port']));
   const restPort = parsed['rest_port'] === undefined ? undefined : parsePort('rest_port', last(parsed['rest_port']));
