@@ -298,6 +298,8 @@ class GrpcCall {
   #upstream: ClientHttp2Stream | undefined;
   #session: ClientHttp2Session | undefined;
   #trailers: OutgoingHttpHeaders | undefined;
+  /** The upstream stream's first error, kept for the client's message: a refused connection names the addresses tried. */
+  #upstreamError: unknown;
   /** The upstream's side of the call is over: trailers or Trailers-Only seen, or its response ended without them. */
   #upstreamDone = false;
   /** The client has been given a status of ours; the first one given is the one it gets. */
@@ -412,7 +414,9 @@ class GrpcCall {
   }
 
   #onUpstreamError(err: unknown): void {
-    if (this.#outcome.error === undefined) this.#outcome.error = describeUpstreamError(this.#options.upstream, err).code;
+    if (this.#outcome.error !== undefined) return;
+    this.#upstreamError = err;
+    this.#outcome.error = describeUpstreamError(this.#options.upstream, err).code;
   }
 
   #onUpstreamClose(): void {
@@ -429,7 +433,7 @@ class GrpcCall {
     }
     const sessionGone = !this.#session || this.#session.destroyed || this.#session.closed;
     if (sessionGone) {
-      this.#fail(this.#outcome.error ? { code: this.#outcome.error } : { code: 'ECONNRESET' });
+      this.#fail(this.#outcome.error ? { code: this.#outcome.error, cause: this.#upstreamError } : { code: 'ECONNRESET' });
       return;
     }
     const rstCode = upstream.rstCode ?? NGHTTP2_NO_ERROR;

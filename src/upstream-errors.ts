@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import type { HostPort } from './config.js';
 import { CONNECT_TIMEOUT } from './upstream-connect.js';
 import { hostAndPort } from './addresses.js';
@@ -12,7 +13,7 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
   const where = `upstream ${hostAndPort(upstream.host, upstream.port)}`;
   switch (code) {
     case 'ECONNREFUSED':
-      return { code, message: `${where} refused the connection (is the model server running?)` };
+      return { code, message: refusedMessage(where, upstream, err) };
     case 'UPSTREAM_CLOSED':
       return { code, message: `${where} closed the connection before answering` };
     case 'UPSTREAM_BAD_RESPONSE':
@@ -42,6 +43,31 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
     default:
       return { code, message: `${where} failed (${code})` };
   }
+}
+
+/**
+ * A host name's refusal names the addresses tried: `localhost` is ::1 first in many /etc/hosts
+ * files, and a model server listening on 127.0.0.1 alone refuses it there while "running" all
+ * along; the name alone sent users to check a model server that was up.
+ */
+function refusedMessage(where: string, upstream: HostPort, err: unknown): string {
+  const tried = isIP(upstream.host) === 0 ? refusedAddresses(err) : [];
+  if (tried.length === 0) return `${where} refused the connection (is the model server running?)`;
+  const which = tried.length === 1 ? 'that address' : 'one of them';
+  return `${where} refused the connection at ${tried.join(' and ')} (is the model server running, and listening on ${which}?)`;
+}
+
+/**
+ * The addresses of a refused connection, as the system reports them: Node's error names the one it
+ * tried (`address`, `port`); with several (happy eyeballs), an AggregateError holds one per address;
+ * an HTTP/2 stream cancelled for its session's failure carries that failure as its cause.
+ */
+function refusedAddresses(err: unknown, depth = 0): string[] {
+  if (!err || typeof err !== 'object' || depth > 3) return [];
+  const { address, port, errors, cause } = err as { address?: unknown; port?: unknown; errors?: unknown; cause?: unknown };
+  const own = typeof address === 'string' && typeof port === 'number' ? [hostAndPort(address, port)] : [];
+  const inner = [...(Array.isArray(errors) ? errors : []), cause].flatMap((e) => refusedAddresses(e, depth + 1));
+  return [...new Set([...own, ...inner])];
 }
 
 /** undici's names for failures we already name (the REST forwarder's upstream client). */

@@ -6,6 +6,7 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { lookup } from 'node:dns/promises';
 import { once } from 'node:events';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -26,11 +27,12 @@ import { eventually } from './helpers/ops.js';
 import { startProxy, type RunningProxy } from '../src/proxy.js';
 import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
-import { FORWARD_MODES, parseBindAddresses, parseHostPort, type Config } from '../src/config.js';
+import { FORWARD_MODES, parseBindAddresses, parseHostPort, type Config, type ForwardMode } from '../src/config.js';
 import { upstreamCheck } from '../src/health.js';
 import { describeListenError } from '../src/listeners.js';
 import { adminBindProblem } from '../src/admin.js';
 import { freeLoopbackPorts } from '../src/ports.js';
+import { hostAndPort } from '../src/addresses.js';
 import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
 import { run } from '../src/cli/main.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -202,21 +204,45 @@ describe('a model server on [::1]', SAFETY, () => {
   test('one that is gone is named [::1]:port in what the clients get, in both modes', async () => {
     const [gone] = (await freeLoopbackPorts(1, '::1')) as [number];
     for (const mode of FORWARD_MODES) {
-      const front = await startTestProxy({ pki, upstream: { grpcPort: gone, restPort: gone, host: '::1' }, grpcMode: mode, restMode: mode });
-      const session = h2Over('127.0.0.1', front.grpcPort);
-      try {
-        const res = await https1(front.restPort, pki, { path: '/v2/health/ready' });
-        assert.equal(res.status, 502);
-        assert.equal(JSON.parse(res.body).error, `upstream [::1]:${gone} refused the connection (is the model server running?)`);
-        if (mode === 'terminate') {
-          const call = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)));
-          assert.equal(call.headers['grpc-status'], '14');
-          assert.equal(decodeURIComponent(String(call.headers['grpc-message'])), `upstream [::1]:${gone} refused the connection (is the model server running?)`);
-        }
-      } finally {
-        session.destroy();
-        await front.proxy.shutdown(1000);
-      }
+      const answers = await answersFromGone('::1', gone, mode);
+      assert.equal(answers.rest, `upstream [::1]:${gone} refused the connection (is the model server running?)`);
+      if (mode === 'terminate') assert.equal(answers.grpc, `upstream [::1]:${gone} refused the connection (is the model server running?)`);
+    }
+  });
+});
+
+/** What a REST request and a gRPC call get (502, UNAVAILABLE) through a proxy in front of a model server at `host`:`port` that is gone. */
+async function answersFromGone(host: string, port: number, mode: ForwardMode): Promise<{ rest: string; grpc: string }> {
+  const front = await startTestProxy({ pki, upstream: { grpcPort: port, restPort: port, host }, grpcMode: mode, restMode: mode });
+  const session = h2Over('127.0.0.1', front.grpcPort);
+  try {
+    const res = await https1(front.restPort, pki, { path: '/v2/health/ready' });
+    assert.equal(res.status, 502);
+    const call = await h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)));
+    assert.equal(call.headers['grpc-status'] ?? call.trailers?.['grpc-status'], '14');
+    return { rest: JSON.parse(res.body).error, grpc: decodeURIComponent(String(call.headers['grpc-message'] ?? call.trailers?.['grpc-message'])) };
+  } finally {
+    session.destroy();
+    await front.proxy.shutdown(1000);
+  }
+}
+
+describe('a model server named by a host name', SAFETY, () => {
+  // Before: "upstream localhost:PORT refused the connection (is the model server running?)", where localhost
+  // was ::1 in /etc/hosts and the model server, up all along, listened on 127.0.0.1 alone: nothing said which address refused.
+  test('that refuses: what the clients get names each address tried, in both modes, REST and gRPC', async () => {
+    const [gone] = (await freeLoopbackPorts(1)) as [number];
+    const tried = [...new Set((await lookup('localhost', { all: true })).map((a) => hostAndPort(a.address, gone)))].sort();
+    const said = (message: string): string[] => {
+      const match = /^upstream localhost:(\d+) refused the connection at (.+) \(is the model server running, and listening on (that address|one of them)\?\)$/.exec(message);
+      assert.ok(match, message);
+      assert.equal(match[1], String(gone));
+      return match[2]!.split(' and ').sort();
+    };
+    for (const mode of FORWARD_MODES) {
+      const answers = await answersFromGone('localhost', gone, mode);
+      assert.deepEqual(said(answers.rest), tried);
+      assert.deepEqual(said(answers.grpc), tried);
     }
   });
 });
