@@ -100,7 +100,7 @@ export class DescriptorHeadroom {
   admit(connection: Closable): boolean {
     if (this.#estimate + DESCRIPTORS_PER_CONNECTION <= this.#ceiling) {
       this.#estimate += DESCRIPTORS_PER_CONNECTION;
-    } else if (!this.#roomAfterCounting()) {
+    } else if (!this.#roomAfterCounting(1)) {
       this.#refused();
       return false;
     }
@@ -109,16 +109,24 @@ export class DescriptorHeadroom {
     return true;
   }
 
-  /** Counts the descriptors unless it did so too recently; true when this connection may stay. */
-  #roomAfterCounting(): boolean {
+  /**
+   * Whether a connection accepted now would be taken: /readyz fails while none would, so that the
+   * Service sends new clients to replicas that can take them. Counted again, when the estimate says
+   * no, as admit() counts: a readiness answer must not stay "full" after the connections ended.
+   */
+  hasRoom(): boolean {
+    return this.#estimate + DESCRIPTORS_PER_CONNECTION <= this.#ceiling || this.#roomAfterCounting(0);
+  }
+
+  /** Counts the descriptors unless it did so too recently; true when one more connection fits besides the `accepted` one already in the count. */
+  #roomAfterCounting(accepted: 0 | 1): boolean {
     const started = this.#now();
     if (started < this.#nextCountAt) return false;
-    const open = this.#count();
+    const others = this.#count() - accepted;
     const took = this.#now() - started;
-    // This connection is in the count; its upstream one may not be yet.
-    const room = open + DESCRIPTORS_PER_CONNECTION - 1 <= this.#ceiling;
-    // Refused, this connection's descriptor is freed at once.
-    this.#estimate = room ? open + DESCRIPTORS_PER_CONNECTION - 1 : open - 1;
+    // The accepted connection's upstream descriptor may not be open yet; refused, its own is freed at once.
+    const room = others + DESCRIPTORS_PER_CONNECTION <= this.#ceiling;
+    this.#estimate = room && accepted ? others + DESCRIPTORS_PER_CONNECTION : others;
     this.#nextCountAt = started + (room ? 10 * took : Math.max(MIN_RECOUNT_WHILE_FULL_MS, 10 * took));
     return room;
   }

@@ -41,13 +41,17 @@ export async function readinessReport(checks: Readonly<Record<string, HealthChec
   return { ready: entries.every(([, r]) => r.ok), checks: Object.fromEntries(entries) };
 }
 
-/** Up while every listener holds its ports; false once shutdown has begun. */
-export function listenersCheck(proxy: () => Pick<RunningProxy, 'listeners'> | undefined): HealthCheck {
+/** What /readyz says while the public ports close every new connection at once (fd-headroom.ts). */
+export const AT_OPEN_FILES_LIMIT = 'at the open-files limit: new connections are closed at once until connections end (open_files_exhausted)';
+
+/** Up while every listener holds its ports and new connections are taken; false once shutdown has begun. */
+export function listenersCheck(proxy: () => Pick<RunningProxy, 'listeners' | 'takesNewConnections'> | undefined): HealthCheck {
   return () => {
     const running = proxy();
     if (!running) return { ok: false, detail: 'listeners not started' };
     const down = running.listeners().filter((l) => l.addresses().length === 0).map((l) => l.name);
-    return down.length === 0 ? { ok: true, detail: 'listening' } : { ok: false, detail: `not listening: ${down.join(', ')}` };
+    if (down.length > 0) return { ok: false, detail: `not listening: ${down.join(', ')}` };
+    return running.takesNewConnections?.() === false ? { ok: false, detail: `listening, but ${AT_OPEN_FILES_LIMIT}` } : { ok: true, detail: 'listening' };
   };
 }
 

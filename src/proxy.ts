@@ -47,6 +47,8 @@ export interface RunningProxy {
   shutdown(timeoutMs: number): Promise<void>;
   /** Rejects when the proxy can serve no more and the run must end (workers: see WorkerPool.failed). */
   readonly failed?: Promise<never>;
+  /** False while a connection accepted now would be closed at once to keep open files spare (fd-headroom.ts). */
+  takesNewConnections?(): boolean;
 }
 
 const GRPC_PORT_HINT =
@@ -188,6 +190,7 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
       for (const part of parts) part.listener.setSecureContext(options, material, allow, judge);
     },
     shutdown: (timeoutMs) => shutdown(parts, timeoutMs, logger),
+    takesNewConnections: () => options.descriptors?.hasRoom() ?? true,
   };
 }
 

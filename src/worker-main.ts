@@ -48,6 +48,8 @@ class Inbox {
   tls: TlsTexts | undefined;
   upstreams: LiveUpstreams | undefined;
   reloader: TlsReloader | undefined;
+  /** Once it serves: does it take new connections (see RunningProxy.takesNewConnections)? */
+  takesNewConnections: () => boolean = () => true;
   readonly started: Promise<StartMessage>;
   readonly drain: Promise<number>;
   #start!: (m: StartMessage) => void;
@@ -77,7 +79,7 @@ class Inbox {
         void this.metrics.registry.getMetricsAsJSON().then((metrics) => send({ type: 'metrics', id: message.id, metrics }));
         return;
       case 'ping':
-        return send({ type: 'pong' });
+        return send({ type: 'pong', room: this.takesNewConnections() });
       case 'drain':
         return this.#drain(message.timeoutMs);
     }
@@ -118,6 +120,7 @@ async function serve(start: StartMessage, inbox: Inbox, logger: Logger): Promise
     inbox.reloader = new TlsReloader({ files: config.tls, current: material, proxy, logger, revokedGraceMs: config.shutdownTimeoutMs, load });
     // A reload that came while the listeners were starting found no reloader: apply it now.
     if (inbox.tls !== start.tls) void inbox.reloader.reload('api');
+    inbox.takesNewConnections = () => proxy.takesNewConnections?.() ?? true;
     send({ type: 'listening', addresses: proxy.addresses });
     return proxy;
   } catch (err) {

@@ -48,7 +48,8 @@ export type FromWorker =
   /** Startup failed; `code` is an OvmsMtlsError code when the user can fix it (a port in use). */
   | { readonly type: 'failed'; readonly message: string; readonly code?: string | undefined }
   | { readonly type: 'metrics'; readonly id: number; readonly metrics: MetricsJson }
-  | { readonly type: 'pong' }
+  /** `room`: a connection handed to it now would be taken, not closed at its open-files limit (fd-headroom.ts). */
+  | { readonly type: 'pong'; readonly room: boolean }
   /**
    * Drained, about to exit: its counters as they end. The primary keeps them in the sums; as last
    * scraped, the calls it finished since (in the drain, mostly) fell out of /metrics.

@@ -18,7 +18,7 @@ import type { Logger } from './log.js';
 import type { ListenerName } from './observer.js';
 import type { RunningProxy } from './proxy.js';
 import type { UserAccount } from './privileges.js';
-import type { CheckResult } from './health.js';
+import { AT_OPEN_FILES_LIMIT, type CheckResult } from './health.js';
 import { tlsTexts, type TlsMaterial, type TlsTexts } from './tls-material.js';
 import { monotonicPart, sumMonotonic, type MetricsJson } from './metrics-aggregate.js';
 import { ListenError, StartFailure, TlsMaterialError } from './errors.js';
@@ -82,6 +82,8 @@ interface Member {
   missed: number;
   /** Killed as stuck: its exit is on the way. */
   hung: boolean;
+  /** Its last pong said it is at its open-files limit: it closes each connection handed to it. */
+  full: boolean;
   /**
    * The workers before it in its place that exited before they settled. Per place, not per pool:
    * the other workers serving on must not cut the backoff of one that keeps failing.
@@ -169,11 +171,17 @@ export class WorkerPool implements RunningProxy {
     this.#broadcast({ type: 'upstream', notReady: this.#options.notReady?.(), ports: this.#options.ports?.() });
   }
 
-  /** For /readyz: listening while at least one worker is, until shutdown begins. */
+  /**
+   * For /readyz: ready while at least one listening worker takes new connections (as its last pong
+   * said, PING_MS apart), until shutdown begins. One at its open-files limit beside one that is
+   * not is named but keeps the pod ready.
+   */
   check(): CheckResult {
-    const up = [...this.#members.values()].filter((m) => m.up).length;
-    const detail = `${up} of ${this.#options.config.workers} workers listening`;
-    return { ok: up > 0 && !this.#stopping, detail: this.#stopping ? `draining; ${detail}` : detail };
+    const up = [...this.#members.values()].filter((m) => m.up);
+    const full = up.filter((m) => m.full).length;
+    const listening = `${up.length} of ${this.#options.config.workers} workers listening`;
+    const detail = full === 0 ? listening : `${listening}, ${full} ${AT_OPEN_FILES_LIMIT}`;
+    return { ok: up.length > full && !this.#stopping, detail: this.#stopping ? `draining; ${detail}` : detail };
   }
 
   /**
@@ -215,7 +223,7 @@ export class WorkerPool implements RunningProxy {
     let settle!: { resolve: () => void; reject: (err: Error) => void };
     const listening = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
     listening.catch(() => undefined);
-    const member: Member = { worker, listening, greeted: false, up: false, silent: false, failuresBefore, heardAt: performance.now(), missed: 0, hung: false };
+    const member: Member = { worker, listening, greeted: false, up: false, silent: false, failuresBefore, heardAt: performance.now(), missed: 0, hung: false, full: false };
     this.#members.set(worker.id, member);
     worker.on('message', (message: unknown) => {
       if (isMessage<FromWorker>(message)) this.#onMessage(member, message, settle);
@@ -253,6 +261,7 @@ export class WorkerPool implements RunningProxy {
         member.counted = monotonicPart(message.metrics);
         return;
       case 'pong':
+        member.full = !message.room;
         return;
     }
   }

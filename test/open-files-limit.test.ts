@@ -89,6 +89,15 @@ describe(`the proxy under an open-files limit of ${LIMIT}`, () => {
           else refused = true;
         }
         assert.ok(refused, `${held.length} connections served under a limit of ${LIMIT}`);
+        // Said 200 while every new client was closed at once: the Service kept sending clients that other replicas could serve.
+        // With two workers, one full beside one with room stays ready: fill both.
+        await eventually(async () => {
+          const readiness = await within(httpGet(adminPort, '/readyz'), '/readyz answer');
+          if (readiness.status === 503) return /at the open-files limit/.test(readiness.body);
+          const outcome = await handshake(restPort);
+          if ('served' in outcome) held.push(outcome.served);
+          return false;
+        }, '/readyz to answer 503 at the open-files limit', 30_000);
         const warning = await within(cli.logs.waitFor((l) => l.event === 'open_files_exhausted'), 'open_files_exhausted line');
         assert.equal(warning.level, 'warn');
         assert.equal(warning['limit'], LIMIT);
@@ -104,6 +113,7 @@ describe(`the proxy under an open-files limit of ${LIMIT}`, () => {
         assert.equal(cli.logs.lines.filter((l) => l.event === 'reload_failed').length, 0, 'the reload could open its files');
 
         for (const socket of held.splice(0)) socket.destroy();
+        await eventually(async () => (await within(httpGet(adminPort, '/readyz'), '/readyz answer')).status === 200, '/readyz to answer 200 once connections closed', 30_000);
         await eventually(async () => {
           const outcome = await handshake(restPort);
           assert.ok(!('waiting' in outcome), 'a new client waits although every other connection has closed');
