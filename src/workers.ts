@@ -172,16 +172,22 @@ export class WorkerPool implements RunningProxy {
   }
 
   /**
-   * For /readyz: ready while at least one listening worker takes new connections (as its last pong
-   * said, PING_MS apart), until shutdown begins. One at its open-files limit beside one that is
-   * not is named but keeps the pod ready.
+   * For /readyz: ready while at least one listening worker serves, until shutdown begins. A worker
+   * does not when it left the last ping unanswered (event loop stuck, process stopped: PING_MS
+   * apart, and killed only after MISSED_PINGS), or its last pong said it is at its open-files
+   * limit. Counting them, /readyz said 200 for a minute while every worker was stuck and each
+   * client waited. One that does not serve beside one that does is named but keeps the pod ready.
    */
   check(): CheckResult {
     const up = [...this.#members.values()].filter((m) => m.up);
-    const full = up.filter((m) => m.full).length;
-    const listening = `${up.length} of ${this.#options.config.workers} workers listening`;
-    const detail = full === 0 ? listening : `${listening}, ${full} ${AT_OPEN_FILES_LIMIT}`;
-    return { ok: up.length > full && !this.#stopping, detail: this.#stopping ? `draining; ${detail}` : detail };
+    const silent = up.filter((m) => m.missed > 0).length;
+    const full = up.filter((m) => m.missed === 0 && m.full).length;
+    const notes = [
+      ...(silent > 0 ? [`${silent} answering no ping (event loop stuck or process stopped?)`] : []),
+      ...(full > 0 ? [`${full} ${AT_OPEN_FILES_LIMIT}`] : []),
+    ];
+    const detail = [`${up.length} of ${this.#options.config.workers} workers listening`, ...notes].join(', ');
+    return { ok: up.length > silent + full && !this.#stopping, detail: this.#stopping ? `draining; ${detail}` : detail };
   }
 
   /**

@@ -436,6 +436,18 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
       }));
   }
 
+  test('every worker stuck: /readyz answers 503 naming them within a few pings, not 200 while each client waits, and 200 once they answer again', () =>
+    withStallingWorkers({ name: 'stall-all', workers: [1, 2], fromStart: false }, async ({ r, stall }) => {
+      assert.equal((await httpGet(r.adminPort, '/readyz')).status, 200);
+      await writeFile(stall, '');
+      await Promise.all([stalledPid(stall, 1), stalledPid(stall, 2)]);
+      // Pinged every 5 s: unready once a ping has gone unanswered, waited for a bounded time.
+      await eventually(async () => (await httpGet(r.adminPort, '/readyz')).status === 503, '/readyz to answer 503', 60_000);
+      assert.match((await httpGet(r.adminPort, '/readyz')).body, /2 of 2 workers listening, 2 answering no ping/);
+      await rm(stall);
+      await eventually(async () => (await httpGet(r.adminPort, '/readyz')).status === 200, '/readyz to answer 200 again', 60_000);
+    }));
+
   test('a worker stuck in its start does not hold SIGTERM up: the proxy drains the other, kills it with a line naming it, and exits 0', () =>
     withStallingWorkers({ name: 'stall-start', workers: [2], fromStart: true, until: (l) => l.event === 'listening' && l['worker'] === 1 }, async ({ r, stall, stuck }) => {
       await sigtermKillsOnly(primaryOf(r), stuck(await stalledPid(stall, 2)));
