@@ -6,16 +6,17 @@ import { createServer as createHttpServer } from 'node:http';
 import { createServer as createH2cServer } from 'node:http2';
 import { connect as connectTcp, type AddressInfo } from 'node:net';
 import { createInterface } from 'node:readline';
+import { readFileSync } from 'node:fs';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, https1, startTestProxy, startUpstream } from './helpers/harness.js';
 import { eventually, httpGet, sample } from './helpers/ops.js';
-import { BIN } from './helpers/cli.js';
+import { BIN, runCommand } from './helpers/cli.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { startModelServer } from '../src/demo/model-server.js';
 import { startAdminServer } from '../src/admin.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { certificatesCheck, listenersCheck, readinessReport, upstreamCheck, type HealthReport } from '../src/health.js';
-import { loadTlsMaterialSync } from '../src/tls-material.js';
+import { loadTlsMaterialSync, tlsMaterialFromTexts } from '../src/tls-material.js';
 import { createCa, issueServerCert } from '../src/x509.js';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -216,6 +217,36 @@ describe('admin listener', () => {
     const allOut = await certificatesCheck(() => material, () => new Date(Date.now() + 40 * day))();
     assert.equal(allOut.ok, false);
     assert.match(allOut.detail, /no client can be admitted/);
+  });
+
+  // OpenSSL verifies a client chain up to a self-signed CA of the bundle: judged one CA at a time, /readyz said 200 while every client was refused.
+  test('the certificate check fails for a bundle whose CAs admit no client: an intermediate without its root, one whose root expired, a key too weak for OpenSSL', async () => {
+    pki = await pkiPromise;
+    const day = 24 * 3600 * 1000;
+    const files = baseConfig({ pki }).tls;
+    const check = (ca: string, at = new Date()) => certificatesCheck(() => tlsMaterialFromTexts({ ...files, crl: undefined }, { key: pki.server.keyPem, cert: pki.server.certPem, ca, validatedAt: Date.now() }), () => at)();
+    const root = await createCa({ commonName: 'ovms-mtls test one-day root' });
+    const intermediate = await createCa({ commonName: 'ovms-mtls test ten-day intermediate', issuer: root, pathLen: 0, days: 10 });
+
+    const unanchored = await check(intermediate.certPem);
+    assert.equal(unanchored.ok, false);
+    assert.match(unanchored.detail, /client CA ovms-mtls test ten-day intermediate leads to no root CA of the bundle .*no client can be admitted/);
+
+    const chained = root.certPem + intermediate.certPem;
+    assert.equal((await check(chained)).ok, true);
+    const rootGone = await check(chained, new Date(Date.now() + 2 * day));
+    assert.equal(rootGone.ok, false);
+    assert.match(rootGone.detail, /client CA ovms-mtls test one-day root \(issuer of client CA ovms-mtls test ten-day intermediate\) expired/);
+
+    const weakCa = join(pki.dir, 'weak_ca.pem');
+    const made = await runCommand('openssl', ['req', '-x509', '-newkey', 'rsa:512', '-nodes', '-keyout', join(pki.dir, 'weak_ca.key'), '-subj', '/CN=weak CA', '-days', '2',
+      '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign', '-out', weakCa]);
+    assert.equal(made.code, 0, made.stderr);
+    const weakOnly = await check(readFileSync(weakCa, 'utf8'));
+    assert.equal(weakOnly.ok, false);
+    assert.match(weakOnly.detail, /client CA weak CA has a 512-bit RSA key, which OpenSSL refuses at its security level/);
+    const besideGood = await check(pki.clientCa.certPem + readFileSync(weakCa, 'utf8'));
+    assert.equal(besideGood.ok, true, besideGood.detail);
   });
 
   // Every client refuses the server once a CA sent with its certificate has expired; /readyz said ready.
