@@ -153,6 +153,8 @@ export class SecureListener {
   #judgeLate: LateJudge | undefined;
   /** Stopped accepting: the shutdown waits for the connections, and ended ones get a short linger. */
   #draining = false;
+  /** What waits for the last live connection to close (stopAccepting). */
+  readonly #whenNoneLeft: (() => void)[] = [];
 
   constructor(options: SecureListenerOptions) {
     this.name = options.name;
@@ -205,6 +207,18 @@ export class SecureListener {
     this.#draining = true;
     for (const socket of this.#connections.keys()) if (socket.writableFinished) this.#destroyIfPeerStaysOpen(socket);
     await Promise.all(this.#servers.map(({ tcp }) => new Promise<void>((resolve) => (tcp.listening ? tcp.close(() => resolve()) : resolve()))));
+    await this.#noneLeft();
+  }
+
+  /**
+   * A TCP server closes once its raw sockets have; the TLS socket over one closes after it, and
+   * with it the HTTP layer's response, whose 'close' writes the access line of a call cut short
+   * (the shutdown timeout ran out, the model server died). Resolving at the TCP server's close let
+   * the process exit first: those lines were never written (with workers, every one of them).
+   */
+  #noneLeft(): Promise<void> {
+    if (this.#connections.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#whenNoneLeft.push(resolve));
   }
 
   destroyAll(): void {
@@ -354,6 +368,7 @@ export class SecureListener {
     socket.on('close', () => {
       this.#connections.delete(socket);
       this.#options.observer.connectionClosed(this.name);
+      if (this.#connections.size === 0) for (const resolve of this.#whenNoneLeft.splice(0)) resolve();
     });
   }
 

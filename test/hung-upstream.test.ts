@@ -17,6 +17,9 @@ import { h2Frame, scriptedUpstream, type ScriptedUpstream } from './helpers/scri
 import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+import { startCli } from './helpers/cli.js';
+import { tlsArgs } from './helpers/entrypoint.js';
 
 const SHUTDOWN_MS = 2000;
 /** An SSE head and first event, then nothing more: a stream that stalls. */
@@ -249,6 +252,41 @@ describe('shutdown with calls stuck on a model server that never answers', () =>
       upstream.server.close();
     }
   });
+});
+
+describe('the proxy command, whose process exits once its shutdown is over', () => {
+  for (const workers of [1, 2]) {
+    test(`--mtls_workers ${workers}: the access lines of the event streams the shutdown timeout cut short are written before the process exits`, { timeout: 60_000 }, async () => {
+      const rest = await hungRestServer();
+      const [restPort] = (await freeLoopbackPorts(1)) as [number];
+      const cli = startCli([
+        'proxy', '--mtls_workers', String(workers), '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1',
+        '--mtls_rest_upstream', `127.0.0.1:${rest.port}`, ...tlsArgs(pki), '--mtls_shutdown_timeout', '1',
+      ]);
+      // Every line is read once stdout has closed, not at the exit.
+      const closed = once(cli.child, 'close');
+      const clients: Socket[] = [];
+      try {
+        await cli.logs.waitFor((l) => l.event === (workers > 1 ? 'workers_listening' : 'listening'));
+        for (let i = 0; i < 3; i += 1) {
+          const client = await openRaw(restPort, pki);
+          clients.push(client);
+          client.write('GET /sse HTTP/1.1\r\nhost: localhost\r\n\r\n');
+          await readUntil(client, /data: 1/);
+        }
+        cli.child.kill('SIGTERM');
+        assert.equal(await cli.exited, 0);
+        await closed;
+        const lines = cli.logs.lines.filter((l) => l.event === 'access');
+        assert.deepEqual(lines.map((l) => [l.path, l.status, l.error]), Array(3).fill(['/sse', 200, 'shutdown_timeout']));
+      } finally {
+        for (const client of clients) client.destroy();
+        if (cli.child.exitCode === null && cli.child.signalCode === null) cli.child.kill('SIGTERM');
+        await cli.exited;
+        rest.close();
+      }
+    });
+  }
 });
 
 describe('shutdown in front of a frozen model server', () => {
