@@ -91,9 +91,17 @@ class Inbox {
   }
 }
 
+/**
+ * With a callback: a primary that died (SIGKILL, the out-of-memory killer) while a message to it
+ * was on its way (an answer to a scrape or ping it sent, the hello of a worker starting) fails the
+ * write with EPIPE, and without one that failure was an uncaught 'error' whose stack trace went to
+ * the container log. Nothing to do about it: the worker ends at the disconnect that follows.
+ */
 function send(message: FromWorker): void {
-  if (process.connected) process.send!(message);
+  if (process.connected) process.send!(message, undefined, undefined, ignoreSendFailure);
 }
+
+function ignoreSendFailure(): void {}
 
 /** Signals: SIGINT/SIGTERM drain (the primary sends `drain` too); SIGHUP is the primary's to handle. */
 function handleSignals(inbox: Inbox, timeoutMs: () => number): void {

@@ -367,6 +367,29 @@ async function sigtermKillsOnly(primary: Primary, stuck: number): Promise<void> 
 }
 
 // Apart: under load the suite above takes most of its SAFETY time already.
+describe('a primary killed with SIGKILL (the out-of-memory killer, the grace period of docker stop run out)', SAFETY, () => {
+  test('a worker that still had a scrape to answer exits at the disconnect, and writes no stack trace to the log', async () => {
+    const r = await startWorkersCli();
+    const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as [number];
+    // The workers share its stdout and stderr: they close once every worker is gone too.
+    const closed = once(r.cli.child, 'close');
+    try {
+      // Stopped, the worker reads the scrape's request only once continued, when the primary is gone.
+      process.kill(victim, 'SIGSTOP');
+      assert.equal((await httpGet(r.adminPort, '/metrics')).status, 200);
+      r.cli.child.kill('SIGKILL');
+      await r.cli.exited;
+      process.kill(victim, 'SIGCONT');
+      await eventually(() => processGone(victim), `worker ${victim} to exit`);
+      await closed;
+      assert.equal(r.cli.stderr(), '');
+    } finally {
+      if (!processGone(victim)) process.kill(victim, 'SIGKILL');
+      await stop(r.cli);
+    }
+  });
+});
+
 describe('proxy mode with two workers, at shutdown', SAFETY, () => {
   test('SIGTERM: the calls a worker served stay in /metrics once it has drained and exited, while the other still drains a stream', async () => {
     const r = await startWorkersCli();
