@@ -80,7 +80,7 @@ interface Member {
   /** When it was last pinged, and how many pings in a row it has left unanswered (MISSED_PINGS). */
   pingedAt?: number | undefined;
   missed: number;
-  /** Killed as stuck: its exit is on the way. */
+  /** Killed by the pool as stuck (#killHung, #killStragglers), with a line saying so: its exit is on the way. */
   hung: boolean;
   /** Its last pong said it is at its open-files limit: it closes each connection handed to it. */
   full: boolean;
@@ -300,7 +300,8 @@ export class WorkerPool implements RunningProxy {
     this.#members.delete(member.worker.id);
     if (member.counted) this.#retired = sumMonotonic(this.#retired, member.counted);
     if (this.#members.size === 0) this.#allExited?.();
-    if (!this.#started || this.#stopping || this.#lost) return;
+    if (this.#stopping) return this.#exitedInDrain(member, code, signal);
+    if (!this.#started || this.#lost) return;
     const pid = member.worker.process.pid;
     const settled = member.listeningSince !== undefined && performance.now() - member.listeningSince >= SETTLE_MS;
     const failures = settled ? 0 : member.failuresBefore + 1;
@@ -308,6 +309,16 @@ export class WorkerPool implements RunningProxy {
     const when = delayMs === 0 ? 'starting a new one' : `starting a new one in ${delayMs / 1000} s (workers keep exiting soon after they start)`;
     this.#options.logger.error({ event: 'worker_exited', worker: member.worker.id, pid, code, signal, restartInMs: delayMs }, `worker ${member.worker.id} (pid ${pid}) exited with ${signal ?? code}: ${when}`);
     this.#replaceTimer = setTimeout(() => this.#replace(failures), delayMs);
+  }
+
+  /**
+   * A worker that drained exits 0. One that ends otherwise in the shutdown (the out-of-memory killer, a
+   * kill -9) cut the calls it still had, and was logged by no line: the operator saw a clean stop.
+   */
+  #exitedInDrain(member: Member, code: number | null, signal: string | null): void {
+    if (member.hung || (code === 0 && signal === null)) return;
+    const { id, process: { pid } } = member.worker;
+    this.#options.logger.error({ event: 'worker_exited', worker: id, pid, code, signal }, `worker ${id} (pid ${pid}) exited with ${signal ?? code} during the shutdown: the calls it still had were cut (not replaced: the proxy is stopping)`);
   }
 
   #replace(failuresBefore: number): void {
@@ -341,7 +352,9 @@ export class WorkerPool implements RunningProxy {
 
   /** Workers still there well after their drain should have ended them: stuck (or stopped), so killed, each named. */
   #killStragglers(afterMs: number): void {
-    for (const { worker } of this.#members.values()) {
+    for (const member of this.#members.values()) {
+      const { worker } = member;
+      member.hung = true;
       const { id, process: { pid } } = worker;
       this.#options.logger.error({ event: 'worker_killed', worker: id, pid, afterMs }, `worker ${id} (pid ${pid}) had not exited ${afterMs / 1000} s into the shutdown (event loop stuck or process stopped?): killed with SIGKILL`);
       worker.process.kill('SIGKILL');

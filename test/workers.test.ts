@@ -390,6 +390,18 @@ describe('a primary killed with SIGKILL (the out-of-memory killer, the grace per
   });
 });
 
+/** A bidi stream on one worker, then SIGTERM: resolves once the other worker, with nothing to drain, has exited. */
+async function drainHoldingStream(r: Running, clients: ReturnType<typeof grpcClients>) {
+  const bidi = clients.echo.Bidi();
+  const replies = bidi[Symbol.asyncIterator]();
+  bidi.write({ payload: Buffer.from('held') });
+  await replies.next();
+  const pids = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+  r.cli.child.kill('SIGTERM');
+  await eventually(() => pids.some(processGone), 'the worker without the stream to exit');
+  return { bidi, replies, pids };
+}
+
 describe('proxy mode with two workers, at shutdown', SAFETY, () => {
   test('SIGTERM: the calls a worker served stay in /metrics once it has drained and exited, while the other still drains a stream', async () => {
     const r = await startWorkersCli();
@@ -398,18 +410,31 @@ describe('proxy mode with two workers, at shutdown', SAFETY, () => {
       // Never scraped before the drain: all that /metrics knows of them is what each worker hands over.
       const calls = 6;
       assert.equal(workersOf(await servedCalls(r, calls)).size, 2, 'both workers served calls');
-      const bidi = clients.echo.Bidi();
-      const replies = bidi[Symbol.asyncIterator]();
-      bidi.write({ payload: Buffer.from('held') });
-      await replies.next();
-      const pids = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
-      r.cli.child.kill('SIGTERM');
-      await eventually(() => pids.some(processGone), 'the worker without the stream to exit');
+      const { bidi, replies } = await drainHoldingStream(r, clients);
       const during = await httpGet(r.adminPort, '/metrics');
       assert.equal(sumOf(during.body, 'ovms_mtls_requests_total'), calls);
       bidi.end();
       assert.equal((await replies.next()).done, true);
       assert.equal(await r.cli.exited, 0, r.cli.stderr());
+    } finally {
+      clients.close();
+      await stop(r.cli);
+    }
+  });
+
+  test('a worker killed (SIGKILL) in the middle of its drain is named in a worker_exited line, and not replaced', async () => {
+    const r = await startWorkersCli();
+    const clients = grpcClients(`localhost:${r.grpcPort}`, pki);
+    try {
+      const { bidi, pids } = await drainHoldingStream(r, clients);
+      const ended = new Promise<grpc.status>((resolve) => bidi.on('error', (err: grpc.ServiceError) => resolve(err.code)));
+      const holder = pids.find((pid) => !processGone(pid))!;
+      process.kill(holder, 'SIGKILL');
+      assert.equal(await ended, grpc.status.UNAVAILABLE);
+      assert.equal(await r.cli.exited, 0, r.cli.stderr());
+      const exited = r.cli.logs.lines.filter((l) => l.event === 'worker_exited');
+      assert.deepEqual(exited.map((l) => [l['pid'], l['signal'], l['restartInMs']]), [[holder, 'SIGKILL', undefined]]);
+      assert.equal(r.cli.logs.lines.filter((l) => l.event === 'listening' && l['worker'] === 3).length, 0, 'no worker started in its place');
     } finally {
       clients.close();
       await stop(r.cli);
