@@ -30,7 +30,7 @@ import { openRaw } from './helpers/raw-http1.js';
 import { GateBoard } from './helpers/sse.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import { plainCertDir, replaceAtomically, servedSerial, type CertDir, type TlsClient } from './helpers/reload.js';
-import { FAKE_OVMS, makeFakeExecutable, processGone, startWrapper, streamAcrossSigterm, tlsArgs } from './helpers/entrypoint.js';
+import { FAKE_OVMS, fakeRuns, makeFakeExecutable, processGone, startWrapper, streamAcrossSigterm, tlsArgs } from './helpers/entrypoint.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { unary, type EchoReply } from '../src/demo/grpc-client.js';
 import { createCa, createCrl, issueClientCert, issueServerCert, parseCrl, type Issued } from '../src/x509.js';
@@ -366,7 +366,6 @@ async function sigtermKillsOnly(primary: Primary, stuck: number): Promise<void> 
   assert.deepEqual(primary.lines().filter((l) => l.event === 'worker_killed').map((l) => l['pid']), [stuck]);
 }
 
-// Apart: under load the suite above takes most of its SAFETY time already.
 describe('a primary killed with SIGKILL (the out-of-memory killer, the grace period of docker stop run out)', SAFETY, () => {
   test('a worker that still had a scrape to answer exits at the disconnect, and writes no stack trace to the log', async () => {
     const r = await startWorkersCli();
@@ -402,6 +401,7 @@ async function drainHoldingStream(r: Running, clients: ReturnType<typeof grpcCli
   return { bidi, replies, pids };
 }
 
+// Apart: under load the suite above takes most of its SAFETY time already.
 describe('proxy mode with two workers, at shutdown', SAFETY, () => {
   test('SIGTERM: the calls a worker served stay in /metrics once it has drained and exited, while the other still drains a stream', async () => {
     const r = await startWorkersCli();
@@ -829,21 +829,23 @@ describe('the OVMS entrypoint with two workers', SAFETY, () => {
     }
   });
 
-  test('SIGTERM while a worker is stuck in its start: the other drains, the stuck one is killed and named, OVMS is stopped, and the exit code is OVMS code 0', async () => {
+  test('SIGTERM while a worker is stuck in its start: the other drains, the stuck one is killed and named, OVMS is never started (it would load its models to be stopped at once), and the exit code is 0', async () => {
     const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
     const stall = join(dir, 'entrypoint-stall');
+    const argvFile = join(dir, 'entrypoint-stall-ovms-runs.jsonl');
     await writeFile(stall, '');
     const wrapper = startWrapper([
       '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1',
       ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_workers', '2', '--mtls_shutdown_timeout', '2',
-    ], { NODE_OPTIONS: `--import=${STALL_WORKER}`, STALL_PATH: stall, STALL_WORKERS: '2' });
+    ], { NODE_OPTIONS: `--import=${STALL_WORKER}`, STALL_PATH: stall, STALL_WORKERS: '2', FAKE_OVMS_ARGV_FILE: argvFile });
     let stuck: number | undefined;
     try {
       await wrapper.waitForLog((l) => l.event === 'listening' && l['worker'] === 1);
       stuck = await stalledPid(stall, 2);
       await sigtermKillsOnly({ child: wrapper.child, lines: () => wrapper.logs, stderr: wrapper.stderr }, stuck);
       assert.ok(wrapper.logs.some((l) => l.event === 'worker_draining' && l['worker'] === 1), 'the worker that listened drained');
-      assert.ok(wrapper.logs.some((l) => l.event === 'ovms_exited'), 'OVMS was stopped');
+      assert.deepEqual(fakeRuns(argvFile), [], 'OVMS was started after the SIGTERM');
+      assert.equal(wrapper.logs.some((l) => l.event === 'ovms_started'), false);
     } finally {
       killIfAlive(stuck);
       await rm(stall, { force: true });

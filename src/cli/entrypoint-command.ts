@@ -165,6 +165,8 @@ export interface Serving {
  */
 export async function startServing(settings: EntrypointSettings, options: ServingOptions = {}): Promise<{ running: Serving; logger: Logger }> {
   const logger = options.logger ?? createLogger({ level: settings.common.logLevel });
+  const stop = { requested: false };
+  void options.stopRequested?.then(() => (stop.requested = true));
   const plan = planPrivileges({ ovmsUser: settings.ovmsUser, proxyUser: settings.proxyUser, root: isRoot() });
   if (!isRoot()) warnUsersNotTaken(settings.usersGiven, logger);
   checkUsersCompatible(settings, plan);
@@ -206,7 +208,10 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   logSupervisorEvents(supervisor, logger, () => upstreams.current());
   countSupervisorEvents(supervisor, operations.metrics);
   if (workers) tellWorkersAboutOvms(supervisor, workers);
-  supervisor.start();
+  // Asked to stop while the listeners started (workers take a while to fork): OVMS would start
+  // loading its models only to be signalled at once, sitting out its share of the shutdown timeout
+  // until SIGKILL (exit 137) where it does not act on a signal during its load.
+  if (!stop.requested) supervisor.start();
   workers?.upstreamChanged();
   if (plan.proxy) {
     dropPrivileges(plan.proxy);
