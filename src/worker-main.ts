@@ -146,21 +146,21 @@ export async function runWorker(): Promise<number> {
     if (isMessage<ToWorker>(message)) inbox.handle(message);
   });
   send({ type: 'hello' });
-  let shutdownTimeoutMs = 0;
+  let signalDrainMs = 0;
   // Set once started: a SIGUSR1 before that is ignored without a line.
   const logging: { logger?: Logger } = {};
-  handleSignals(inbox, () => shutdownTimeoutMs);
+  handleSignals(inbox, () => signalDrainMs);
   keepInspectorOff(() => logging.logger);
   // Told to stop before being told to start (the primary is shutting down): nothing to drain.
   const start = await Promise.race([inbox.started, inbox.drain.then(() => undefined)]);
   if (!start) return 0;
-  shutdownTimeoutMs = start.config.shutdownTimeoutMs;
+  signalDrainMs = start.drainMs;
   const logger = createLogger({ level: start.config.logLevel }).child({ worker: cluster.worker?.id, pid: process.pid });
   logging.logger = logger;
   const proxy = await serve(start, inbox, logger);
   if (!proxy) return 1;
   const timeoutMs = await inbox.drain;
-  logger.info({ event: 'worker_draining' }, 'worker draining');
+  logger.info({ event: 'worker_draining', timeoutMs }, 'worker draining');
   await proxy.shutdown(timeoutMs);
   if (start.config.admin) await handOverCounts(inbox.metrics);
   return 0;

@@ -26,6 +26,11 @@ export type ToWorker =
       /** Entrypoint mode: calls wait for OVMS; `notReady` is the reason while it is not ready. */
       readonly gated: boolean;
       readonly notReady?: string | undefined;
+      /**
+       * What a drain this worker starts on a signal of its own may take (a terminal's Ctrl-C reaches every
+       * worker): the primary's stop budget, which in the entrypoint keeps OVMS's share of the shutdown timeout.
+       */
+      readonly drainMs: number;
       readonly ports?: UpstreamPorts | undefined;
     }
   | { readonly type: 'upstream'; readonly notReady?: string | undefined; readonly ports?: UpstreamPorts | undefined }

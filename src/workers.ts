@@ -63,6 +63,8 @@ export interface WorkerPoolOptions {
   readonly notReady?: () => string | undefined;
   /** Entrypoint mode: OVMS's current loopback ports, sent with every upstream change. */
   readonly ports?: () => UpstreamPorts;
+  /** What a stop leaves the workers' drain (the entrypoint keeps OVMS's share out of it); default: the shutdown timeout. */
+  readonly drainMs?: number | undefined;
   /** How long a /metrics scrape waits for each worker. Default 2000 ms. */
   readonly metricsTimeoutMs?: number;
 }
@@ -249,8 +251,8 @@ export class WorkerPool implements RunningProxy {
       case 'hello': {
         member.greeted = true;
         if (this.#stopping) return this.#send(member.worker, { type: 'drain', timeoutMs: 0 });
-        const { config, dropTo, notReady, ports } = this.#options;
-        return this.#send(member.worker, { type: 'start', config, tls: this.#tls, dropTo, gated: notReady !== undefined, notReady: notReady?.(), ports: ports?.() });
+        const { config, dropTo, notReady, ports, drainMs = config.shutdownTimeoutMs } = this.#options;
+        return this.#send(member.worker, { type: 'start', config, tls: this.#tls, dropTo, gated: notReady !== undefined, notReady: notReady?.(), ports: ports?.(), drainMs });
       }
       case 'listening':
         member.up = true;

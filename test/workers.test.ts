@@ -852,6 +852,26 @@ describe('the OVMS entrypoint with two workers', SAFETY, () => {
       if (wrapper.child.exitCode === null) wrapper.child.kill('SIGKILL');
     }
   });
+
+  test("a terminal's Ctrl-C (SIGINT to the wrapper and to each worker): each worker's own drain keeps OVMS's share of --mtls_shutdown_timeout out, as the wrapper's does", async () => {
+    const [grpcPort] = (await freeLoopbackPorts(1)) as [number];
+    const wrapper = startWrapper([
+      '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1',
+      ...tlsArgs(pki), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root', '--mtls_workers', '2', '--mtls_shutdown_timeout', '4',
+    ]);
+    try {
+      const pids = (await wrapper.waitForEvent('workers_listening'))['pids'] as number[];
+      await wrapper.waitForEvent('ovms_ready');
+      // The workers first: each drains on its own signal, before the wrapper's drain message could reach it.
+      for (const pid of pids) process.kill(pid, 'SIGINT');
+      wrapper.child.kill('SIGINT');
+      assert.deepEqual(await wrapper.exited, { code: 0, signal: null }, wrapper.stderr());
+      // OVMS's share of 4 s is 2 s (half, at most 5 s): the drain gets the other 2 s.
+      assert.deepEqual(wrapper.logs.filter((l) => l.event === 'worker_draining').map((l) => l['timeoutMs']), [2000, 2000]);
+    } finally {
+      if (wrapper.child.exitCode === null) wrapper.child.kill('SIGKILL');
+    }
+  });
 });
 
 /** The values of one metric in every part of a scrape, added up. */

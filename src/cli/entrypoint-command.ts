@@ -25,7 +25,7 @@ import { LoopbackUpstreams } from '../ports.js';
 import { assertCanSwitchUsers, dropPrivileges, isRoot, ovmsEnvironment, planPrivileges, usersNotTaken, type PrivilegePlan, type UserOption } from '../privileges.js';
 import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
-import { logSupervisorEvents, ovmsStopShareMs, runUntilDone } from './entrypoint-lifecycle.js';
+import { logSupervisorEvents, ovmsStopShareMs, runUntilDone, shutdownBudget } from './entrypoint-lifecycle.js';
 import { waitForStopSignal, warnServiceLinks } from './lifecycle.js';
 import type { Io } from './main.js';
 
@@ -191,7 +191,8 @@ export async function startServing(settings: EntrypointSettings, options: Servin
     return state?.up ? 'OVMS is starting' : 'OVMS is not running';
   };
   // --mtls_workers > 1: forked workers serve and drop privileges themselves; OVMS stays this process's child.
-  const workers = config.workers > 1 ? new WorkerPool({ config, material, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current() }) : undefined;
+  const drainMs = shutdownBudget(config.shutdownTimeoutMs).drainMs;
+  const workers = config.workers > 1 ? new WorkerPool({ config, material, logger, dropTo: plan.proxy, notReady, ports: () => upstreams.current(), drainMs }) : undefined;
   // ovms_up means what /readyz's upstream check says (models loaded), as in proxy mode, so each scrape runs it.
   const ovmsReady = (metrics: ProxyMetrics) => updatingOvmsUp(metrics, ovmsReadiness(() => holder.supervisor, upstreamReadiness(config)));
   const operations = await ServingOperations.start({ config, material, logger, upstreamCheck: ovmsReady, workers, scrapeChecksUpstream: true });
