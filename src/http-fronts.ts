@@ -7,6 +7,7 @@ import type { ConnectionContext } from './listeners.js';
 import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
 import { H2_WITHOUT_ALPN, requestHeadTooLargeMessage } from './http1-framing.js';
+import { ResetAllowance } from './reset-allowance.js';
 
 /** `rawHeaders`: the fields as received, a flat name, value list (Node passes it; @types/node does not declare it). */
 export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, rawHeaders?: string[]) => void;
@@ -31,6 +32,8 @@ class SessionState implements IdleConnection {
   #lastSeen = -1;
   /** Sweeps since the PING of watch() went out unanswered; undefined while none is. */
   #unansweredSweeps: number | undefined;
+  /** What nghttp2's reset limit leaves the client: a graceful GOAWAY goes out before it would cut the connection. */
+  readonly #resets = new ResetAllowance();
 
   constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver) {
     this.session = session;
@@ -41,11 +44,14 @@ class SessionState implements IdleConnection {
   /**
    * A stream reached our handlers. Client stream ids rise by two, so ids skipped since the
    * last one are streams Node reset itself without a JavaScript event (a header list over
-   * maxHeaderListSize, say): no access line, no metric, unless counted here. One comparison a stream.
+   * maxHeaderListSize, say): no access line, no metric, unless counted here. The streams opened
+   * since are also what the client may reset: they are taken from its reset allowance.
    */
   seen(id: number): void {
+    const opened = Math.max(0, (id - this.#lastSeen) / 2);
     this.#reportUnseenUpTo(id - 2);
     this.#lastSeen = id;
+    if (!this.#resets.take(opened) && !this.session.closed) this.close();
   }
 
   /** The connection is ending: streams Node took in after the last one we saw never reached us either. */

@@ -218,6 +218,18 @@ for (const mode of FORWARD_MODES) {
         assert.deepEqual(run.stdout.trim().split('\n'), ['200 1', '200 0', '200 0', '404 0']);
       });
 
+      if (version === '2') {
+        test('curl --http2 with 3,000 URLs from a --config list: every one answered; curl\'s reset after each (RST_STREAM on a closed stream, curl 7.88) no longer has nghttp2 cut the connection with GOAWAY(INTERNAL_ERROR) ("Error in the HTTP2 framing layer") every ~1,000', async () => {
+          const urls = 3000;
+          const list = join(pki.dir, `urls-${mode}.cfg`);
+          await writeFile(list, `url = "${url('/v2/health/ready')}"\noutput = "/dev/null"\n`.repeat(urls));
+          const run = await runClient('curl', [...curlArgs(), flag, '-w', '%{http_code}\n', '--config', list]);
+          assert.equal(run.stderr, '');
+          assert.equal(run.code, 0);
+          assert.deepEqual(run.stdout.trim().split('\n'), Array.from({ length: urls }, () => '200'));
+        });
+      }
+
       test(`curl ${flag} -N: Server-Sent Events arrive one by one, each before the stream ends`, async () => {
         const body = JSON.stringify({ model: 'm', stream: true });
         const { events, code } = await releasedOneByOne('curl', [...curlArgs(), flag, '-N', url('/v3/chat/completions'), '-H', 'content-type: application/json', '-d', body],

@@ -1,0 +1,42 @@
+/**
+ * nghttp2 (1.57 on, inside Node) answers rapid reset (CVE-2023-44487) with a token bucket of the
+ * RST_STREAM frames a client may send on one connection: 1,000 at first, 33 more each second
+ * (whole seconds). Once it runs dry, nghttp2 ends the connection with GOAWAY(INTERNAL_ERROR),
+ * failing the request in flight; Node 20 takes no setting for it (`streamResetBurst` is Node 22's).
+ * curl 7.88 (Debian 12) sends RST_STREAM(STREAM_CLOSED) after every request it completes, even
+ * one the answer's END_STREAM closed, so a URL list or `--parallel` run of more than ~1,000
+ * requests on one connection failed one with "Error in the HTTP2 framing layer", then again
+ * every ~1,000. Resets of streams already closed reach no JavaScript event, but each follows a
+ * stream the client opened: opened streams, taken from a bucket of the same size and refill,
+ * bound them. A graceful GOAWAY (NO_ERROR, the last stream taken) before it runs dry lets the
+ * streams in flight finish, and curl, as other clients, goes on over a new connection.
+ */
+export const RESET_BURST = 1000;
+export const RESETS_PER_SECOND = 33;
+/**
+ * Streams kept in hand: nghttp2 refills at the seconds it sees a reset and this bucket at those
+ * it sees a stream, so the two can differ by a second or two of refill, and our GOAWAY must be
+ * submitted before the resets of the streams already opened arrive (nghttp2 stops counting then).
+ */
+const HEADROOM = 150;
+
+/** Per HTTP/2 connection: whether the client's streams so far leave room for as many resets. */
+export class ResetAllowance {
+  #left = RESET_BURST;
+  #second = wholeSecondsNow();
+
+  /** Counts `streams` newly opened; false once they come within HEADROOM of what nghttp2 allows. */
+  take(streams: number): boolean {
+    const second = wholeSecondsNow();
+    if (second > this.#second) {
+      this.#left = Math.min(RESET_BURST, this.#left + (second - this.#second) * RESETS_PER_SECOND);
+      this.#second = second;
+    }
+    this.#left -= streams;
+    return this.#left > HEADROOM;
+  }
+}
+
+function wholeSecondsNow(): number {
+  return Math.floor(performance.now() / 1000);
+}
