@@ -2,7 +2,8 @@
  * nghttp2 (1.57 on, inside Node) answers rapid reset (CVE-2023-44487) with a token bucket of the
  * RST_STREAM frames a client may send on one connection: 1,000 at first, 33 more each second
  * (whole seconds). Once it runs dry, nghttp2 ends the connection with GOAWAY(INTERNAL_ERROR),
- * failing the request in flight; Node 20 takes no setting for it (`streamResetBurst` is Node 22's).
+ * failing the request in flight; Node 20 ignores the options later versions take for it
+ * (`streamResetBurst`, `streamResetRate`: set, curl failed at the same requests).
  * curl 7.88 (Debian 12) sends RST_STREAM(STREAM_CLOSED) after every request it completes, even
  * one the answer's END_STREAM closed, so a URL list or `--parallel` run of more than ~1,000
  * requests on one connection failed one with "Error in the HTTP2 framing layer", then again
