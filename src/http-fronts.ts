@@ -32,26 +32,32 @@ class SessionState implements IdleConnection {
   #lastSeen = -1;
   /** Sweeps since the PING of watch() went out unanswered; undefined while none is. */
   #unansweredSweeps: number | undefined;
-  /** What nghttp2's reset limit leaves the client: a graceful GOAWAY goes out before it would cut the connection. */
-  readonly #resets = new ResetAllowance();
+  /**
+   * REST port only: what nghttp2's reset limit leaves the client, so that a graceful GOAWAY goes out
+   * before it would cut the connection. Not on the gRPC port: gRPC clients send no reset after a
+   * finished call, and a GOAWAY every ~850 calls would cost a busy channel a reconnect (a new
+   * handshake) several times a second.
+   */
+  readonly #resets: ResetAllowance | undefined;
 
   constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver) {
     this.session = session;
     this.context = context;
     this.#observer = observer;
+    this.#resets = context.listener === 'rest' ? new ResetAllowance() : undefined;
   }
 
   /**
    * A stream reached our handlers. Client stream ids rise by two, so ids skipped since the
    * last one are streams Node reset itself without a JavaScript event (a header list over
    * maxHeaderListSize, say): no access line, no metric, unless counted here. The streams opened
-   * since are also what the client may reset: they are taken from its reset allowance.
+   * since are also what the client may reset: on the REST port they are taken from its reset allowance.
    */
   seen(id: number): void {
     const opened = Math.max(0, (id - this.#lastSeen) / 2);
     this.#reportUnseenUpTo(id - 2);
     this.#lastSeen = id;
-    if (!this.#resets.take(opened) && !this.session.closed) this.close();
+    if (this.#resets?.take(opened) === false && !this.session.closed) this.close();
   }
 
   /** The connection is ending: streams Node took in after the last one we saw never reached us either. */

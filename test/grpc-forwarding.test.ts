@@ -138,6 +138,22 @@ describe('grpc forwarding', () => {
     assert.equal(seen.headers['forwarded'], 'for=203.0.113.7');
   });
 
+  test('a busy gRPC connection is never handed over: 1,200 calls in a burst on one connection, no GOAWAY (the reset allowance is the REST port\'s)', async () => {
+    const session = h2Session(front.grpcPort, pki);
+    let goaway = false;
+    session.on('goaway', () => (goaway = true));
+    try {
+      for (let batch = 0; batch < 12; batch++) {
+        const answers = await Promise.all(Array.from({ length: 100 }, () => h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)))));
+        assert.deepEqual(new Set(answers.map((a) => (a.trailers ?? a.headers)['grpc-status'])), new Set(['0']));
+      }
+      assert.equal(goaway, false);
+      assert.equal(session.closed, false);
+    } finally {
+      session.close();
+    }
+  });
+
   test('a CONNECT on the gRPC port is answered 405 by the proxy and leaves the shared upstream connection to the other clients', async () => {
     await unary(clients.echo, 'Unary', { payload: Buffer.from('x') });
     const before = relay.connections();
