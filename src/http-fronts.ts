@@ -33,25 +33,30 @@ class SessionState implements IdleConnection {
   /** Sweeps since the PING of watch() went out unanswered; undefined while none is. */
   #unansweredSweeps: number | undefined;
   /**
-   * REST port only: what nghttp2's reset limit leaves the client, so that a graceful GOAWAY goes out
-   * before it would cut the connection. Not on the gRPC port: gRPC clients send no reset after a
-   * finished call, and a GOAWAY every ~850 calls would cost a busy channel a reconnect (a new
-   * handshake) several times a second.
+   * For curl on the REST port only: what nghttp2's reset limit leaves it, so that a graceful GOAWAY
+   * goes out before that limit cuts the connection (see reset-allowance.ts). Only curl resets every
+   * stream it completes; for any other client a GOAWAY every ~850 requests cost a reconnect several
+   * times a second when busy, and the requests it had in flight past the GOAWAY were refused
+   * (REFUSED_STREAM: 300 errors in 5 s of the REST HTTP/2 benchmark), which not every client retries.
    */
-  readonly #resets: ResetAllowance | undefined;
+  #resets: ResetAllowance | undefined;
 
   constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver) {
     this.session = session;
     this.context = context;
     this.#observer = observer;
-    this.#resets = context.listener === 'rest' ? new ResetAllowance() : undefined;
+  }
+
+  /** Called with a request's User-Agent; the connection's first curl request starts its reset allowance. */
+  userAgent(value: string | undefined): void {
+    if (this.#resets === undefined && this.context.listener === 'rest' && value?.startsWith('curl/')) this.#resets = new ResetAllowance();
   }
 
   /**
    * A stream reached our handlers. Client stream ids rise by two, so ids skipped since the
    * last one are streams Node reset itself without a JavaScript event (a header list over
    * maxHeaderListSize, say): no access line, no metric, unless counted here. The streams opened
-   * since are also what the client may reset: on the REST port they are taken from its reset allowance.
+   * since are also what the client may reset: for curl they are taken from its reset allowance.
    */
   seen(id: number): void {
     const opened = Math.max(0, (id - this.#lastSeen) / 2);
@@ -206,6 +211,7 @@ export class H2Front implements Drainable {
     }
     if (onRequest) {
       this.#server.on('request', (req, res) => {
+        this.#states.get(req.stream.session as ServerHttp2Session)?.userAgent(req.headers['user-agent']);
         const context = this.#enter(req.stream, observer);
         if (context) onRequest(req, res, context);
       });

@@ -10,7 +10,9 @@
  * every ~1,000. Resets of streams already closed reach no JavaScript event, but each follows a
  * stream the client opened: opened streams, taken from a bucket of the same size and refill,
  * bound them. A graceful GOAWAY (NO_ERROR, the last stream taken) before it runs dry lets the
- * streams in flight finish, and curl, as other clients, goes on over a new connection.
+ * streams in flight finish, and curl goes on over a new connection. For curl alone (its
+ * User-Agent, REST port): other clients send no such resets, and for them the GOAWAY only cost
+ * reconnects and refused the requests they had sent past it.
  */
 export const RESET_BURST = 1000;
 export const RESETS_PER_SECOND = 33;

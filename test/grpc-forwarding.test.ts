@@ -26,7 +26,7 @@ before(async () => {
   pki = await createTestPki();
   upstream = await startUpstream();
   relay = await countingRelay(upstream.grpcPort!);
-  front = await startTestProxy({ pki, upstream: { grpcPort: relay.port } });
+  front = await startTestProxy({ pki, upstream: { grpcPort: relay.port, restPort: upstream.restPort! } });
   clients = grpcClients(front.grpcAddress, pki);
 });
 
@@ -138,21 +138,28 @@ describe('grpc forwarding', () => {
     assert.equal(seen.headers['forwarded'], 'for=203.0.113.7');
   });
 
-  test('a busy gRPC connection is never handed over: 1,200 calls in a burst on one connection, no GOAWAY (the reset allowance is the REST port\'s)', async () => {
-    const session = h2Session(front.grpcPort, pki);
-    let goaway = false;
-    session.on('goaway', () => (goaway = true));
-    try {
-      for (let batch = 0; batch < 12; batch++) {
-        const answers = await Promise.all(Array.from({ length: 100 }, () => h2Request(session, ECHO_UNARY_HEADERS, grpcFrame(Buffer.alloc(0)))));
-        assert.deepEqual(new Set(answers.map((a) => (a.trailers ?? a.headers)['grpc-status'])), new Set(['0']));
+  // curl alone resets every stream it completes and gets a graceful GOAWAY before nghttp2's reset limit (rest-real-clients).
+  const busyCases = [
+    { port: 'gRPC', portOf: () => front.grpcPort, headers: ECHO_UNARY_HEADERS, body: grpcFrame(Buffer.alloc(0)), ok: (a: H2Response) => (a.trailers ?? a.headers)['grpc-status'] === '0' },
+    { port: 'REST', portOf: () => front.restPort, headers: { ':path': '/v2/health/ready', 'user-agent': 'python-httpx/0.27' }, body: undefined, ok: (a: H2Response) => a.headers[':status'] === 200 },
+  ];
+  for (const { port, portOf, headers, body, ok } of busyCases) {
+    test(`a busy HTTP/2 connection to the ${port} port of a client other than curl is never handed over: 1,200 requests in bursts of 100, no GOAWAY`, async () => {
+      const session = h2Session(portOf(), pki);
+      let goaway = false;
+      session.on('goaway', () => (goaway = true));
+      try {
+        for (let batch = 0; batch < 12; batch++) {
+          const answers = await Promise.all(Array.from({ length: 100 }, () => h2Request(session, headers, body)));
+          assert.equal(answers.filter(ok).length, 100);
+        }
+        assert.equal(goaway, false);
+        assert.equal(session.closed, false);
+      } finally {
+        session.close();
       }
-      assert.equal(goaway, false);
-      assert.equal(session.closed, false);
-    } finally {
-      session.close();
-    }
-  });
+    });
+  }
 
   test('a CONNECT on the gRPC port is answered 405 by the proxy and leaves the shared upstream connection to the other clients', async () => {
     await unary(clients.echo, 'Unary', { payload: Buffer.from('x') });
