@@ -211,8 +211,7 @@ export class H2Front implements Drainable {
     }
     if (onRequest) {
       this.#server.on('request', (req, res) => {
-        this.#states.get(req.stream.session as ServerHttp2Session)?.userAgent(req.headers['user-agent']);
-        const context = this.#enter(req.stream, observer);
+        const context = this.#enter(req.stream, observer, req.headers['user-agent']);
         if (context) onRequest(req, res, context);
       });
       // Node's own answer (417, any value but the exact `100-continue`) would reach the client with no access line.
@@ -229,13 +228,14 @@ export class H2Front implements Drainable {
   }
 
   /** The stream's connection context, counted as an open stream until it closes. */
-  #enter(stream: ServerHttp2Stream, observer: ProxyObserver): ConnectionContext | undefined {
+  #enter(stream: ServerHttp2Stream, observer: ProxyObserver, userAgent?: string): ConnectionContext | undefined {
     const state = this.#states.get(stream.session as ServerHttp2Session);
     if (!state) {
       stream.close();
       return undefined;
     }
     const { context, streams } = state;
+    state.userAgent(userAgent);
     if (stream.id !== undefined) state.seen(stream.id);
     observer.streamOpened(context.listener);
     streams.opened();
