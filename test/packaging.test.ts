@@ -24,6 +24,7 @@ import { UPSTREAM_CHECK_TIMEOUT_MS } from '../src/health.js';
 import { createCrl } from '../src/x509.js';
 import { createTestPki } from './helpers/pki.js';
 import { https1 } from './helpers/harness.js';
+import { runCli } from './helpers/cli.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -370,6 +371,27 @@ describe('example configuration', () => {
       assert.ok(files.includes(needed.replace(/^\.\//, '')), `${needed} is not in the package`);
     }
     assert.deepEqual(files.filter((path) => path.startsWith('dist/') && !path.startsWith('dist/src/')), []);
+  });
+
+  // The layout names a top-level certs/ that the README's and the Dockerfile's commands use: a fresh clone
+  // lacked it, and a key written there must never be one `git add` away from a commit.
+  test('certs/ is in the repository with its README only, and git ignores every file `certs` writes there', async (t: TestContext) => {
+    assert.equal(execFileSync('git', ['ls-files', 'certs'], { cwd: ROOT, encoding: 'utf8' }), 'certs/README.md\n');
+    const dir = await mkdtemp(join(tmpdir(), 'certs-layout-'));
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    // certs/README.md's own commands, pointed at a temporary directory.
+    const block = /```sh\n([\s\S]*?)```/.exec(read('certs/README.md'))![1]!;
+    const script = block.replaceAll('--dir certs', `--dir ${dir}`).replaceAll('certs/', `${dir}/`);
+    const made = spawnSync('/bin/sh', ['-e', '-c', script], { cwd: ROOT, encoding: 'utf8' });
+    assert.equal(made.status, 0, made.stderr);
+    const client = await runCli(['certs', 'client', '--dir', dir, '--name', 'alice', '--days', '1']);
+    assert.equal(client.code, 0, client.stderr);
+    const written = readdirSync(dir);
+    assert.ok(written.includes('server.key') && written.includes('alice.key'), written.join(' '));
+    for (const name of written) {
+      const ignored = spawnSync('git', ['check-ignore', '-q', `certs/${name}`], { cwd: ROOT });
+      assert.equal(ignored.status, 0, `certs/${name} would not be ignored by git`);
+    }
   });
 
   test('config/ovms-mtls.env documents every OVMS_MTLS_* variable and no other', () => {
