@@ -4,13 +4,12 @@
  * function so the OVMS entrypoint can swap the upstream check for its own
  * knowledge of the child process.
  */
-import type { X509Certificate } from 'node:crypto';
 import { connect as connectH2 } from 'node:http2';
 import { request as httpRequest } from 'node:http';
 import type { Config, HostPort } from './config.js';
 import type { RunningProxy } from './proxy.js';
-import { subjectCn, validFrom, validTo, type TlsMaterial } from './tls-material.js';
-import { caValidity, pathToTrust, securityLevelWeakness } from './tls-checks.js';
+import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
+import { clientCaObstacles } from './tls-checks.js';
 import { crlsForCa } from './crl-index.js';
 import { hostAndPort } from './addresses.js';
 import { oneAtATime } from './one-at-a-time.js';
@@ -71,7 +70,7 @@ export function certificatesCheck(material: () => TlsMaterial, now: () => Date =
     // A CA the file sends with the server certificate that expires fails every client just the same.
     const lapsed = m.serverChain.filter((cert) => validTo(cert) <= at);
     const serverExpired = lapsed.length > 0;
-    const caProblems = m.clientCas.map((ca) => clientCaProblems(m, ca, at));
+    const caProblems = m.clientCas.map((ca) => clientCaObstacles(ca, m.clientCas, m.crls, at));
     const served = caProblems.some((problems) => problems.length === 0);
     const strayCrls = m.crls.filter((crl) => !m.clientCas.some((ca) => crlsForCa([crl], ca).length > 0) && crl.nextUpdate !== undefined && crl.nextUpdate <= at);
     const problems = [
@@ -83,32 +82,6 @@ export function certificatesCheck(material: () => TlsMaterial, now: () => Date =
     const valid = `server certificate valid until ${validTo(m.serverCert).toISOString()}`;
     return { ok: true, detail: problems.length === 0 ? valid : `${valid}; ${problems.join('; ')}` };
   };
-}
-
-/**
- * Why no client of this CA can be admitted now: none when its clients can be. OpenSSL verifies a
- * client chain up to a self-signed CA of the bundle, so every CA on that path counts (an intermediate
- * whose root expired admits nobody), and a CA that leads to no such root admits nobody either
- * (logged client_ca_unanchored); so does one OpenSSL's security level refuses (client_ca_weak).
- * Counting each CA alone, /readyz said 200 for such bundles while every client was refused.
- */
-function clientCaProblems(m: TlsMaterial, ca: X509Certificate, at: Date): string[] {
-  const path = pathToTrust([ca], m.clientCas);
-  if (!path) return [`client CA ${subjectCn(ca)} leads to no root CA of the bundle (its clients are refused as unknown_ca)`];
-  return path.flatMap((link) => linkProblems(m, link, at, link === ca ? `client CA ${subjectCn(ca)}` : `client CA ${subjectCn(link)} (issuer of client CA ${subjectCn(ca)})`));
-}
-
-/** What keeps one CA of a client chain from verifying a client now. */
-function linkProblems(m: TlsMaterial, link: X509Certificate, at: Date, name: string): string[] {
-  const validity = caValidity(link, at);
-  const stale = crlsForCa(m.crls, link).filter((crl) => crl.nextUpdate !== undefined && crl.nextUpdate <= at);
-  const weakness = securityLevelWeakness(link);
-  return [
-    ...(validity === 'expired' ? [`${name} expired ${validTo(link).toISOString()}`] : []),
-    ...(validity === 'not yet valid' ? [`${name} is not valid before ${validFrom(link).toISOString()}`] : []),
-    ...stale.map((crl) => `CRL expired ${crl.nextUpdate!.toISOString()} for ${name} (its clients are refused until it is renewed)`),
-    ...(weakness ? [`${name} ${weakness.what}, which OpenSSL refuses at its security level (its clients are refused)`] : []),
-  ];
 }
 
 /** How long /readyz waits for the model server; an orchestrator's probe timeout must be longer (deploy/kubernetes). */

@@ -27,10 +27,49 @@ export interface TrustInput {
 export function checkTrust(input: TrustInput): readonly CrlInfo[] {
   checkServerChain(input.serverChain, input.files.cert, input.now);
   checkClientCaValidity(input.clientCas, input.files.clientCa, input.now);
-  if (input.crl === undefined) return [];
-  const crls = readCrls(input.crl, input.files.crl!);
-  checkCrls(crls, input);
+  const crls = input.crl === undefined ? [] : readCrls(input.crl, input.files.crl!);
+  if (input.crl !== undefined) checkCrls(crls, input);
+  checkSomeCaAdmits(input.clientCas, crls, input.files.clientCa, input.now);
   return crls;
+}
+
+/**
+ * Why no client of this CA of the bundle can be admitted at `at`: none when its clients can be.
+ * OpenSSL verifies a client chain up to a self-signed CA of the bundle, so every CA on that path
+ * counts (an intermediate whose root expired admits nobody), and a CA that leads to no such root
+ * admits nobody either (logged client_ca_unanchored); so does one OpenSSL's security level
+ * refuses (client_ca_weak). Start, reload, `check` and /readyz all judge a bundle by this.
+ */
+export function clientCaObstacles(ca: X509Certificate, cas: readonly X509Certificate[], crls: readonly CrlInfo[], at: Date): string[] {
+  const path = pathToTrust([ca], cas);
+  if (!path) return [`client CA ${subjectCn(ca)} leads to no root CA of the bundle (its clients are refused as unknown_ca; append its root, ${commonName(nameOf(ca, 'issuer'))})`];
+  return path.flatMap((link) => linkObstacles(link, crls, at, link === ca ? `client CA ${subjectCn(ca)}` : `client CA ${subjectCn(link)} (issuer of client CA ${subjectCn(ca)})`));
+}
+
+/** What keeps one CA of a client chain from verifying a client at `at`. */
+function linkObstacles(link: X509Certificate, crls: readonly CrlInfo[], at: Date, name: string): string[] {
+  const validity = caValidity(link, at);
+  const stale = crlsForCa(crls, link).filter((crl) => crl.nextUpdate !== undefined && crl.nextUpdate <= at);
+  const weakness = securityLevelWeakness(link);
+  return [
+    ...(validity === 'expired' ? [`${name} expired ${validTo(link).toISOString()}`] : []),
+    ...(validity === 'not yet valid' ? [`${name} is not valid before ${validFrom(link).toISOString()}`] : []),
+    ...stale.map((crl) => `CRL expired ${crl.nextUpdate!.toISOString()} for ${name} (its clients are refused until it is renewed)`),
+    ...(weakness ? [`${name} ${weakness.what}, which OpenSSL refuses at its security level (its clients are refused; reissue it ${weakness.fix})`] : []),
+  ];
+}
+
+/**
+ * A bundle in which no CA can admit a client would serve nobody: refused at start and at reload
+ * (the old set keeps serving), as a bundle of expired CAs is. Each CA that cannot alone (a
+ * rotation's leftover, the next CA) is only warned about. A bundle of an intermediate without
+ * its root, or of a CA OpenSSL finds too weak, started with a warning and refused every client.
+ */
+function checkSomeCaAdmits(cas: readonly X509Certificate[], crls: readonly CrlInfo[], path: string, at: Date): void {
+  if (cas.length === 0) return;
+  const obstacles = cas.map((ca) => clientCaObstacles(ca, cas, crls, at));
+  if (obstacles.some((found) => found.length === 0)) return;
+  throw new TlsMaterialError(`--mtls_client_ca: ${path}: no CA of the bundle can admit a client, so every client would be refused: ${obstacles.flat().join('; ')}`);
 }
 
 /**

@@ -101,10 +101,14 @@ describe('ovms-mtls check', () => {
   });
 
   // Go and ghostunnel take an intermediate CA as a trust anchor; OpenSSL in Node does not, so this set refused every client without a word.
-  test('an intermediate CA given as the client CA without its root is reported: every client of it would be refused as unknown_ca', async () => {
+  test('an intermediate CA given as the client CA without its root is reported: warned beside a CA in use, failed alone', async () => {
+    const beside = await runCli(['check', ...flags({ ...goodFiles(), clientCa: await write('other_root_and_intermediate.pem', pki.otherCa.certPem + pki.intermediateCa.certPem), crl: undefined })]);
+    assert.equal(beside.code, 0, beside.stdout + beside.stderr);
+    assert.match(beside.stdout, /^WARN +client CA ovms-mtls test intermediate CA in \S+other_root_and_intermediate\.pem is an intermediate CA without its root \(ovms-mtls test client CA\) in the bundle: .*refused as unknown_ca; append the root CA/m);
+    // Alone it admits nobody: the proxy refuses to start with it, and check says so.
     const alone = await runCli(['check', ...flags({ ...goodFiles(), clientCa: pki.paths['intermediate_ca.pem']!, crl: undefined })]);
-    assert.equal(alone.code, 0, alone.stdout + alone.stderr);
-    assert.match(alone.stdout, /^WARN +client CA ovms-mtls test intermediate CA in \S+intermediate_ca\.pem is an intermediate CA without its root \(ovms-mtls test client CA\) in the bundle: .*refused as unknown_ca; append the root CA/m);
+    assert.notEqual(alone.code, 0, alone.stdout + alone.stderr);
+    assert.match(alone.stdout, /^FAIL +--mtls_client_ca: \S+intermediate_ca\.pem: no CA of the bundle can admit a client, .*append its root, ovms-mtls test client CA\)$/m);
     const withRoot = await runCli(['check', ...flags({ ...goodFiles(), clientCa: await write('root_and_intermediate.pem', pki.clientCa.certPem + pki.intermediateCa.certPem), crl: undefined })]);
     assert.equal(withRoot.code, 0, withRoot.stdout + withRoot.stderr);
     assert.doesNotMatch(withRoot.stdout, /without its root/);

@@ -162,18 +162,29 @@ describe('proxy command line', () => {
   });
 
   // OpenSSL in Node trusts a client chain only up to a self-signed CA of the bundle: this set served and refused every client, saying nothing at start.
-  test('an intermediate CA without its root as --mtls_client_ca starts with a warning that names it and says what to add', { timeout: 60_000 }, async () => {
+  test('an intermediate CA without its root next to a CA in use starts with a warning that names it and says what to add', { timeout: 60_000 }, async () => {
     const [restPort] = (await freeLoopbackPorts(1)) as [number];
-    const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', '--mtls_workers', '1', ...tlsFlags(), '--mtls_client_ca', pki.paths['intermediate_ca.pem']!]);
+    const bundle = join(pki.dir, 'other_root_and_intermediate.pem');
+    await writeFile(bundle, pki.otherCa.certPem + pki.intermediateCa.certPem);
+    const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', '--mtls_workers', '1', ...tlsFlags(), '--mtls_client_ca', bundle]);
     try {
       await cli.logs.waitFor((l) => l.event === 'listening');
       const warned = cli.logs.lines.filter((l) => l.event === 'client_ca_unanchored');
       assert.equal(warned.length, 1, JSON.stringify(cli.logs.lines));
-      assert.match(String(warned[0]!.msg), /^client CA ovms-mtls test intermediate CA in \S+intermediate_ca\.pem is an intermediate CA without its root \(ovms-mtls test client CA\) in the bundle: .*append the root CA/);
+      assert.match(String(warned[0]!.msg), /^client CA ovms-mtls test intermediate CA in \S+other_root_and_intermediate\.pem is an intermediate CA without its root \(ovms-mtls test client CA\) in the bundle: .*append the root CA/);
     } finally {
       cli.child.kill('SIGTERM');
       assert.equal(await cli.exited, 0);
     }
+  });
+
+  // Alone, the same intermediate started, refused every client, and only /readyz (503) said so; a bundle of expired CAs was already refused at start.
+  test('a client CA bundle in which no CA can admit a client is refused at start with one line naming why', async () => {
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const alone = await runCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', '--mtls_workers', '1', ...tlsFlags(), '--mtls_client_ca', pki.paths['intermediate_ca.pem']!]);
+    assert.equal(alone.code, 2, alone.stdout + alone.stderr);
+    assert.match(alone.stderr, /--mtls_client_ca: \S+intermediate_ca\.pem: no CA of the bundle can admit a client, so every client would be refused: client CA ovms-mtls test intermediate CA leads to no root CA of the bundle \(its clients are refused as unknown_ca; append its root, ovms-mtls test client CA\)/);
+    assert.doesNotMatch(alone.stderr, /\n\s+at /);
   });
 
   // OpenSSL's security level refuses every client of a SHA-1-signed CA as UNSPECIFIED: this set served, and `check` and the start said nothing.

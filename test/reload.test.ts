@@ -283,6 +283,20 @@ describe('reload keeps every call alive', SAFETY, () => {
       await r.stop();
     }
   });
+
+  // A start refuses such a bundle; a reload took it and refused every client until the next rotation.
+  test('a client CA bundle in which no CA can admit a client (an intermediate without its root) fails the reload and the old set keeps admitting', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()));
+    try {
+      await writeFile(r.certs.files.crl!, await createCrl({ issuer: pki.intermediateCa, crlNumber: 1 }));
+      await writeFile(r.certs.files.clientCa, pki.intermediateCa.certPem);
+      const outcome = await r.reloader.reload('signal');
+      assert.match(outcome.ok ? 'reloaded' : outcome.reason, /^--mtls_client_ca: \S+: no CA of the bundle can admit a client, so every client would be refused: client CA ovms-mtls test intermediate CA leads to no root CA/);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), pki.server.serialHex);
+    } finally {
+      await r.stop();
+    }
+  });
 });
 
 /** A CRL revoking the usual revoked client and `extra`, newer than the original. */
