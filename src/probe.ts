@@ -113,10 +113,18 @@ async function grpcStep<T>(report: Report, step: string, call: () => Promise<T>,
   }
 }
 
+/**
+ * Straight to the deployment, as the REST steps (Node's https) always go. grpc-js alone honours
+ * grpc_proxy, https_proxy and http_proxy, which a container set up for Hugging Face downloads behind
+ * a corporate proxy has: the gRPC steps went to that proxy and failed as "could not reach a ready
+ * model server", blaming OVMS, while the REST steps passed.
+ */
+const DIRECT: grpc.ChannelOptions = { 'grpc.enable_http_proxy': 0 };
+
 function grpcClient(options: ProbeOptions, port: number): KserveClient {
   if (isIP(options.servername ?? options.host) !== 0) dropIpSniWarning();
   const credentials = grpc.credentials.createSsl(options.ca, options.key, options.cert);
-  return kserveClient(hostAndPort(options.host, port), credentials, options.servername ? { 'grpc.ssl_target_name_override': options.servername } : {});
+  return kserveClient(hostAndPort(options.host, port), credentials, { ...DIRECT, ...(options.servername ? { 'grpc.ssl_target_name_override': options.servername } : {}) });
 }
 
 /**

@@ -522,6 +522,18 @@ describe('probe', () => {
     assert.equal(res.stderr, 'ovms-mtls: --mtls_cert is required (a PEM file; `ovms-mtls certs init` makes client.pem, client.key and server_ca.pem)\n');
   });
 
+  // A container set up for Hugging Face downloads behind a corporate proxy has these; grpc-js alone
+  // honoured them, so the gRPC steps went to the proxy and failed as "could not reach a ready model server".
+  test('http(s)_proxy and grpc_proxy in the environment are not used: gRPC goes to the deployment directly, as REST always did', async () => {
+    const [nothingListens] = await freeLoopbackPorts(1);
+    const proxy = `http://127.0.0.1:${nothingListens}`;
+    const res = await runCli(['probe', '--host', '127.0.0.1', '--port', String(front.grpcPort), '--rest_port', String(front.restPort), ...clientFlags()],
+      { env: { https_proxy: proxy, http_proxy: proxy, grpc_proxy: proxy, HTTPS_PROXY: proxy, HTTP_PROXY: proxy } });
+    assert.equal(res.code, 0, res.stdout + res.stderr);
+    assert.match(res.stdout, /all \d+ steps passed/);
+    assert.equal(res.stderr, '');
+  });
+
   test('the built CLI exits 0 on success and a missing client key is a one-line usage error with exit 2', async () => {
     const ok = spawn(process.execPath, [BIN, 'probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags()], { stdio: ['ignore', 'pipe', 'pipe'] });
     ok.stdout.resume();
