@@ -193,6 +193,19 @@ function store(target: RawOptions, spec: OptionSpec, value: string | boolean): v
   }
 }
 
+/**
+ * One of ours written with dashes or capitals (`--mtls-cert`, `--MTLS_KEY=`). No OVMS option starts so,
+ * yet it went to OVMS as one of OVMS's, with its value: the wrapper served with other certificates
+ * (those mounted at /certs) until OVMS refused the option (exit 64), or said "--mtls_cert:
+ * /certs/server.pem does not exist", a path the user never gave.
+ */
+function misspelledOwnOption(name: string): ConfigError | undefined {
+  const canonical = name.toLowerCase().replace(/-/g, '_');
+  if (name.startsWith('mtls_') || !canonical.startsWith('mtls_')) return undefined;
+  const spelling = MTLS_BY_NAME.has(canonical) ? `: --${canonical}` : '';
+  return new ConfigError(`unknown option --${name} (ovms-mtls writes its options in lower case with underscores${spelling}; see \`ovms-mtls --help\`)`);
+}
+
 function mtlsSpec(name: string): OptionSpec {
   const spec = MTLS_BY_NAME.get(name);
   if (!spec) throw new ConfigError(`unknown option --${name} (options starting with mtls_ belong to ovms-mtls; see \`ovms-mtls --help\`)`);
@@ -229,6 +242,8 @@ export function splitOvmsArgv(argv: readonly string[], env: NodeJS.ProcessEnv = 
       continue;
     }
     const { name } = option;
+    const misspelled = misspelledOwnOption(name);
+    if (misspelled) throw misspelled;
     if (name.startsWith('mtls_')) {
       const spec = mtlsSpec(name);
       if (spec.type === 'boolean') {

@@ -922,4 +922,23 @@ describe('non-serving invocations', () => {
     assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
     assert.match(s.wrapper.stderr(), /^ovms-mtls: unknown option --mtls_nonsense .*\n$/);
   });
+
+  // No OVMS option starts so: it went to OVMS as one of its own, with its value. The wrapper served with
+  // the other certificates (here the test's; in the container the ones mounted at /certs) until OVMS
+  // refused the option, or, without them, said "--mtls_cert: /certs/server.pem does not exist", a path
+  // the user never gave.
+  test('one of our options written with dashes or capitals (--mtls-cert, --MTLS_KEY=) is one line naming the spelling, exit 2, before anything listens or OVMS is run', async () => {
+    for (const [misspelled, right] of [[['--mtls-cert', '/x.pem'], '--mtls_cert'], [['--MTLS_KEY=/x.key'], '--mtls_key']] as const) {
+      const s = await start(['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--model_name', 'm', '--model_path', '/m'], {}, [...misspelled]);
+      try {
+        assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
+        const name = misspelled[0].split('=')[0];
+        assert.equal(s.wrapper.stderr(), `ovms-mtls: unknown option ${name} (ovms-mtls writes its options in lower case with underscores: ${right}; see \`ovms-mtls --help\`)\n`);
+        assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+        assert.deepEqual(fakeRuns(s.argvFile), []);
+      } finally {
+        await stopWrapper(s.wrapper);
+      }
+    }
+  });
 });

@@ -137,6 +137,14 @@ describe('--mtls_* options', () => {
     assert.throws(() => splitOvmsArgv(['--mtls_certificate', 'x']), (err: unknown) => err instanceof ConfigError && err.message.includes('--mtls_certificate'));
   });
 
+  test('our option with dashes or capitals is refused naming the spelling that works, not handed to OVMS; OVMS\'s own dashed option passes', () => {
+    const refused = (argv: string[], message: string) => assert.throws(() => splitOvmsArgv(argv), (err: unknown) => err instanceof ConfigError && err.message === message);
+    refused(['--port', '1', '--mtls-cert', '/c.pem'], 'unknown option --mtls-cert (ovms-mtls writes its options in lower case with underscores: --mtls_cert; see `ovms-mtls --help`)');
+    refused(['--MTLS_ALLOW_CN=alice', '--port', '1'], 'unknown option --MTLS_ALLOW_CN (ovms-mtls writes its options in lower case with underscores: --mtls_allow_cn; see `ovms-mtls --help`)');
+    refused(['--Mtls-Nonsense', 'x'], 'unknown option --Mtls-Nonsense (ovms-mtls writes its options in lower case with underscores; see `ovms-mtls --help`)');
+    assert.deepEqual(splitOvmsArgv(['--pull', '--source_model', 'm', '--weight-format', 'int4']).passthrough, ['--pull', '--source_model', 'm', '--weight-format', 'int4']);
+  });
+
   test('proxy-mode upstream options are refused with the reason', () => {
     assert.throws(() => splitOvmsArgv(['--mtls_grpc_upstream=127.0.0.1:1']), /ovms-mtls proxy/);
   });
