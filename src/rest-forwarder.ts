@@ -596,6 +596,8 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   #ended = false;
   /** Set once we answered the client ourselves or it left: nothing from the upstream may follow. */
   givenUp = false;
+  /** The answer is a 204 or a 304: it has no body, whatever its Content-Length says (RFC 9110 6.4.1, 8.6). */
+  #bodiless = false;
 
   constructor(res: ClientResponseLike, stats: ExchangeStats, options: RestForwarderOptions, context: ConnectionContext, resets: UpstreamResets) {
     this.#resets = resets;
@@ -632,6 +634,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     if (this.givenUp || statusCode < 200) return;
     const res = this.#res;
     this.#stats.status = statusCode;
+    this.#bodiless = statusCode === 204 || statusCode === 304;
     try {
       res.writeHead(statusCode, responseHeaders(headers, this.#http2));
     } catch (err) {
@@ -665,7 +668,14 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     if (!this.givenUp) this.#res.end();
   }
 
-  onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
+  onResponseError(controller: Dispatcher.DispatchController, err: Error): void {
+    if (this.#bodiless && (err as NodeJS.ErrnoException).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') {
+      // undici takes the Content-Length a 304 may carry (the length of the representation the client has, RFC 9110 8.6)
+      // for a body that never came, and fails a whole answer: the client got an empty reply (HTTP/1.1) in its place.
+      // Its connection is gone; the answer is not.
+      this.onResponseEnd(controller);
+      return;
+    }
     this.#ended = true;
     if (this.givenUp) return;
     const res = this.#res;

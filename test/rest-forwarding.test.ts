@@ -627,6 +627,52 @@ describe('upstream answers (--mtls_rest_mode terminate)', () => {
   });
 });
 
+describe('answers without a body whatever their Content-Length says (RFC 9110 6.4.1)', () => {
+  /** A model server answering every request head on a connection with `answer`, kept alive. */
+  const answerEachHead = (answer: string) => (socket: Socket, first: Buffer): void => {
+    let text = '';
+    const read = (chunk: Buffer) => {
+      text += chunk.toString('latin1');
+      for (let end = text.indexOf('\r\n\r\n'); end >= 0; end = text.indexOf('\r\n\r\n')) {
+        text = text.slice(end + 4);
+        socket.write(answer);
+      }
+    };
+    read(first);
+    socket.on('data', read);
+  };
+  /** A 304 may carry the length of the representation the client already has (RFC 9110 8.6). */
+  const NOT_MODIFIED = 'HTTP/1.1 304 Not Modified\r\netag: "v1"\r\ncontent-length: 123\r\n\r\n';
+
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: a 304 with a Content-Length reaches HTTP/1.1 and HTTP/2 clients as sent, on a connection that serves the next request`, () =>
+      behindProxy({ pki, restMode, answer: answerEachHead(NOT_MODIFIED) }, async (local) => {
+        const socket = await openRaw(local.restPort, pki);
+        const session = h2Session(local.restPort, pki);
+        try {
+          for (const round of [1, 2]) {
+            const heads = readUntil(socket, /\r\n\r\n/);
+            socket.write('GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\nif-none-match: "v1"\r\n\r\n');
+            const head = await heads;
+            assert.match(head, /^HTTP\/1\.1 304 Not Modified\r\n/, `round ${round}`);
+            assert.match(head, /\r\ncontent-length: 123\r\n/i, `round ${round}`);
+            assert.match(head, /\r\netag: "v1"\r\n/i, `round ${round}`);
+          }
+          const h2 = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy', 'if-none-match': '"v1"' });
+          assert.equal(h2.headers[':status'], 304);
+          assert.equal(h2.headers['etag'], '"v1"');
+          const lines = () => local.logs.lines.filter((l) => l.event === 'access' && l.path === '/v2/models/dummy');
+          await eventually(() => lines().length === 3, 'three access lines');
+          assert.deepEqual(lines().map((l) => [l.status, l.error]), [[304, undefined], [304, undefined], [304, undefined]]);
+          assert.equal(local.logs.lines.filter((l) => l.event === 'upstream_error').length, 0);
+        } finally {
+          socket.destroy();
+          session.destroy();
+        }
+      }));
+  }
+});
+
 describe('rest upstream failures', () => {
   test('--mtls_rest_mode terminate: an upstream that closes before answering gives the client a 502 naming it', () =>
     behindProxy({ pki, restMode: 'terminate', answer: (socket) => socket.end() }, async (local, upstream) => {
