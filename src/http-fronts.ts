@@ -6,7 +6,7 @@ import { headerFieldsWithin, type Limits } from './config.js';
 import type { ConnectionContext } from './listeners.js';
 import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
-import { H2_WITHOUT_ALPN, requestHeadTooLargeMessage } from './http1-framing.js';
+import { H2_WITHOUT_ALPN, commaList, onlyChunked, requestHeadTooLargeMessage, unsupportedCodingMessage } from './http1-framing.js';
 import { ResetAllowance } from './reset-allowance.js';
 
 /** `rawHeaders`: the fields as received, a flat name, value list (Node passes it; @types/node does not declare it). */
@@ -419,6 +419,20 @@ function missingHostRefusal(req: IncomingMessage): OwnAnswer | undefined {
 }
 
 /**
+ * RFC 9112 6.1: a request with a transfer coding besides its last `chunked` (`gzip, chunked`) gets 501, as
+ * from the relay. llhttp takes such a body by its chunked framing and hands it over still gzip-coded; the
+ * forwarder drops Transfer-Encoding (hop-by-hop), so the model server got those compressed bytes as the
+ * body itself, with nothing saying so. (llhttp refuses a request whose last coding is not chunked itself.)
+ */
+function transferCodingRefusal(req: IncomingMessage): OwnAnswer | undefined {
+  const field = req.headers['transfer-encoding'];
+  if (field === undefined) return undefined;
+  const codings = commaList(field);
+  if (onlyChunked(codings)) return undefined;
+  return { status: 501, error: 'bad_request', close: true, body: `${unsupportedCodingMessage(codings)}\n` };
+}
+
+/**
  * A request llhttp took as asking to switch protocols (an Upgrade field and a Connection option
  * `upgrade`; a few spellings it does not take are counted too, which costs those a reconnect).
  * With no 'upgrade' listener Node serves it as a plain request (as the relay does), but its
@@ -799,7 +813,7 @@ export class H1Front implements Drainable {
       if (refusal) this.#refuse(socket, refusal);
       else if (closing()) socket.end();
     });
-    const own = headTooLarge(req, this.#maxHeaderSize) ?? versionRefusal(req) ?? missingHostRefusal(req) ?? unmet;
+    const own = headTooLarge(req, this.#maxHeaderSize) ?? versionRefusal(req) ?? missingHostRefusal(req) ?? transferCodingRefusal(req) ?? unmet;
     if (own) this.#answerOurselves(req, res, context, own);
     else handler(req, res, context);
   }

@@ -516,13 +516,23 @@ function contentLength(head: Http1Head, status: number): number | undefined {
   return Number(lengths[0]);
 }
 
+/** A request's transfer codings (commaList() of its Transfer-Encoding values) are `chunked` alone, the one coding served. */
+export function onlyChunked(codings: readonly string[]): boolean {
+  return codings.length === 1 && codings[0]!.toLowerCase() === 'chunked';
+}
+
+/** Why a request with other transfer codings is refused 501 (RFC 9112 6.1), in both REST modes. */
+export function unsupportedCodingMessage(codings: readonly string[]): string {
+  return `Transfer-Encoding ${JSON.stringify(codings.join(', '))} is not supported (only chunked)`;
+}
+
 /** RFC 9112 6.3 for requests, refusing everything a second parser might read differently. */
 export function requestFraming(head: Http1Head): BodyFraming {
   const codings = head.values('transfer-encoding');
   if (codings.length > 0) {
     if (head.minorVersion === 0) throw new FramingError(400, 'Transfer-Encoding is not allowed in an HTTP/1.0 request');
     if (head.has('content-length')) throw new FramingError(400, 'request has both Content-Length and Transfer-Encoding');
-    if (codings.length !== 1 || codings[0]!.toLowerCase() !== 'chunked') throw new FramingError(501, `Transfer-Encoding ${JSON.stringify(codings.join(', '))} is not supported (only chunked)`);
+    if (!onlyChunked(codings)) throw new FramingError(501, unsupportedCodingMessage(codings));
     return { kind: 'chunked' };
   }
   const length = contentLength(head, 400);

@@ -143,6 +143,18 @@ describe('REST requests Node would answer on its own get an answer and one acces
       identity(lines[0]!);
     });
 
+    test(`--mtls_rest_mode ${restMode}: a transfer coding besides chunked (gzip, chunked; on one line or two) gets 501 naming it, and the model server never gets the body, still gzip-coded, as if it were plain`, { timeout: 20_000 }, async () => {
+      for (const codings of ['transfer-encoding: gzip, chunked', 'transfer-encoding: gzip\r\ntransfer-encoding: chunked', 'transfer-encoding: identity, chunked']) {
+        const seen = both.upstream.received.length;
+        const { text, lines } = await exchangeHttp1(restMode, `POST /echo-body HTTP/1.1\r\nhost: a\r\nconnection: close\r\n${codings}\r\n\r\n3\r\nabc\r\n0\r\n\r\n`, 1);
+        const coding = codings.includes('identity') ? 'identity' : 'gzip';
+        assert.deepEqual(statuses(text), [501], codings);
+        assert.match(text, new RegExp(`\\r\\n\\r\\nTransfer-Encoding "${coding}, chunked" is not supported \\(only chunked\\)\\n$`), codings);
+        assert.deepEqual(lines.map(summary), [{ status: 501, error: 'bad_request', method: 'POST', path: '/echo-body', protocol: 'http/1.1' }], codings);
+        assert.equal(both.upstream.received.length, seen, codings);
+      }
+    });
+
     test(`--mtls_rest_mode ${restMode}: an HTTP/2 Expect other than 100-continue gets 417 and an access line; 100-Continue is a 100-continue there too`, { timeout: 20_000 }, async () => {
       const refused = await exchangeH2(restMode, { ':method': 'POST', ':path': '/echo-body', expect: 'x-fast-lane' }, 'abc', 1);
       assert.equal(refused.status, 417);
