@@ -2,6 +2,7 @@ import { ACCESS_EVENTS, type Logger } from './log.js';
 import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 import { accessLineWriter } from './access-line.js';
 import { SERVER_CERTIFICATE_EXPIRED, handshakeFailureDetail } from './handshake-failures.js';
+import { RepeatBudget, type RepeatLimit } from './repeat-budget.js';
 
 /**
  * Node resets such a stream inside its HTTP/2 layer (RST_STREAM ENHANCE_YOUR_CALM for a header list
@@ -51,22 +52,49 @@ function clipped(text: string, max: number): string {
   return `${text.slice(0, end)}... (${text.length - end} more characters)`;
 }
 
+/** What the summary of held-back lines says: how many, and that the metric has every one. */
+function heldBackMessage(count: number, limit: RepeatLimit, what: string): string {
+  const seconds = limit.windowMs / 1000;
+  return `${count} more ${what} with this reason on this listener within the last ${seconds} s were not logged one by one (at most ${limit.perWindow} lines each ${seconds} s per reason and listener); ovms_mtls_handshakes_total counts every one`;
+}
+
+export interface LoggingObserverOptions {
+  readonly accessLog: boolean;
+  /** How many failed or refused handshake lines of one kind are written in full; default: repeat-budget.ts. */
+  readonly repeats?: RepeatLimit | undefined;
+}
+
+/** The logging observer, and what it has held back written out (at shutdown). */
+export type LoggingObserver = ProxyObserver & { flushHeldLines(): void };
+
 /** Access lines at info, refusals at warn: the log says who was refused and why. */
-export function loggingObserver(logger: Logger, options: { accessLog: boolean }): ProxyObserver {
+export function loggingObserver(logger: Logger, options: LoggingObserverOptions): LoggingObserver {
   // Children carry the event name already serialized: an access line costs one object less to copy and write.
   const accessLine = accessLineWriter(logger.child({ event: ACCESS_EVENTS.request }), 'request');
   const relayLines = logger.child({ event: ACCESS_EVENTS.relayed });
+  // Handshakes anyone can fail or have refused, as often as they like: see repeat-budget.ts.
+  const handshakeLines = new RepeatBudget(options.repeats);
   return {
     ...NOOP_OBSERVER,
+    flushHeldLines: () => handshakeLines.flush(),
     handshakeRefused(listener, refusal, remote, fullSubject, serial) {
-      const subject = fullSubject === undefined ? undefined : clipped(fullSubject, REFUSED_SUBJECT_CHARS);
-      const detail = clipped(refusal.detail, REFUSAL_DETAIL_CHARS);
-      if (refusal.error === undefined) logger.warn({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial }, detail);
-      else logger.error({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial, error: refusal.error }, detail);
+      const level = refusal.error === undefined ? 'warn' : 'error';
+      handshakeLines.offer(`refused ${listener} ${refusal.reason}`, () => {
+        const subject = fullSubject === undefined ? undefined : clipped(fullSubject, REFUSED_SUBJECT_CHARS);
+        const detail = clipped(refusal.detail, REFUSAL_DETAIL_CHARS);
+        logger[level]({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial, error: refusal.error }, detail);
+      }, (suppressed, limit) => {
+        logger[level]({ event: 'client_refused', listener, reason: refusal.reason, suppressed }, heldBackMessage(suppressed, limit, 'refused clients'));
+      });
     },
     handshakeFailed(listener, code, remote) {
       // Most failures are one client's business; an expired server certificate fails every client.
-      logger[code === SERVER_CERTIFICATE_EXPIRED ? 'error' : 'info']({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));
+      const level = code === SERVER_CERTIFICATE_EXPIRED ? 'error' : 'info';
+      handshakeLines.offer(`failed ${listener} ${code}`, () => {
+        logger[level]({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));
+      }, (suppressed, limit) => {
+        logger[level]({ event: 'handshake_failed', listener, reason: code, suppressed }, heldBackMessage(suppressed, limit, 'failed handshakes'));
+      });
     },
     upstreamError(listener, code) {
       logger.warn({ event: 'upstream_error', listener, reason: code }, 'upstream error');

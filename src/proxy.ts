@@ -18,6 +18,7 @@ import { combineObservers, elapsedMs, NOOP_OBSERVER, type ListenerName, type Pro
 import { loggingObserver } from './log-observer.js';
 import { hostAndPort } from './addresses.js';
 import { DescriptorHeadroom } from './fd-headroom.js';
+import type { RepeatLimit } from './repeat-budget.js';
 
 export interface ProxyOptions {
   readonly config: Config;
@@ -29,6 +30,8 @@ export interface ProxyOptions {
   readonly notReady?: Partial<Record<ListenerName, () => string | undefined>>;
   /** Refuses connections short of the open-files limit; default: this process's limit, if known. */
   readonly descriptors?: DescriptorHeadroom | undefined;
+  /** How many failed or refused handshake lines of one kind are logged in full; default: repeat-budget.ts. */
+  readonly handshakeLineLimit?: RepeatLimit | undefined;
 }
 
 export interface RunningProxy {
@@ -161,7 +164,8 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
   const { config, logger } = proxyOptions;
   // One for both listeners: they share the process's descriptors.
   const options = { ...proxyOptions, descriptors: proxyOptions.descriptors ?? DescriptorHeadroom.forThisProcess(logger) };
-  const observer = combineObservers(loggingObserver(logger, { accessLog: config.accessLog }), options.observer ?? NOOP_OBSERVER);
+  const logging = loggingObserver(logger, { accessLog: config.accessLog, repeats: options.handshakeLineLimit });
+  const observer = combineObservers(logging, options.observer ?? NOOP_OBSERVER);
   const parts: Assembled[] = [];
   if (config.grpc) parts.push(assembleGrpc(config.grpc, options, observer));
   if (config.rest) parts.push(assembleRest(config.rest, options, observer));
@@ -189,7 +193,11 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
       const judge = liveJudge(material);
       for (const part of parts) part.listener.setSecureContext(options, material, allow, judge);
     },
-    shutdown: (timeoutMs) => shutdown(parts, timeoutMs, logger),
+    shutdown: async (timeoutMs) => {
+      await shutdown(parts, timeoutMs, logger);
+      // No handshake comes after the listeners closed: what the log held back is said now, not lost at exit.
+      logging.flushHeldLines();
+    },
     takesNewConnections: () => options.descriptors?.hasRoom() ?? true,
   };
 }

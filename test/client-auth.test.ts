@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { readFile } from 'node:fs/promises';
 import { connect as tlsConnect } from 'node:tls';
-import { connect as tcpConnect } from 'node:net';
+import { connect as tcpConnect, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, assertRefusedCall, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
@@ -361,5 +361,45 @@ describe('connection limit', () => {
       held.destroy();
       await limited.proxy.shutdown(1000);
     }
+  });
+});
+
+describe('a scanner on a public port', () => {
+  /** Opens `count` connections one after the other and waits until each has closed; `open` starts one. */
+  async function connectEach(count: number, open: () => Socket): Promise<void> {
+    for (let i = 0; i < count; i++) {
+      const socket = open();
+      socket.on('error', () => {});
+      socket.resume();
+      await once(socket, 'close');
+    }
+  }
+
+  test('failed and refused handshakes are logged in full a few times per reason, the rest in one line saying how many; the metric counts every one', async () => {
+    const metrics = new ProxyMetrics({ processMetrics: false });
+    // One window for the whole test: which lines are written in full does not depend on the machine's speed.
+    const scanned = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, observer: metrics, handshakeLineLimit: { perWindow: 10, windowMs: 3_600_000 } });
+    const handshakes = async (result: string, reason: string) => sample(await metrics.text(), 'ovms_mtls_handshakes_total', { listener: 'rest', result, reason });
+    try {
+      // A TCP check or port scan: connect, hang up before any TLS.
+      await connectEach(30, () => {
+        const socket = tcpConnect(scanned.restPort, '127.0.0.1');
+        socket.once('connect', () => socket.end());
+        return socket;
+      });
+      // A TLS scanner: a handshake with no certificate.
+      await connectEach(15, () => tlsConnect({ host: '127.0.0.1', port: scanned.restPort, ...tlsClientOptions(pki, null), ALPNProtocols: ['http/1.1'] }));
+      await eventually(async () => (await handshakes('failed', 'client_closed')) === 30 && (await handshakes('refused', 'no_certificate')) === 15, 'every handshake counted');
+      const inFull = (event: string) => scanned.logs.lines.filter((l) => l.event === event && l.suppressed === undefined);
+      assert.equal(inFull('handshake_failed').length, 10);
+      assert.equal(inFull('client_refused').length, 10);
+      assert.ok(inFull('handshake_failed').every((l) => l.reason === 'client_closed' && l.remote === '127.0.0.1'));
+    } finally {
+      await scanned.proxy.shutdown(1000);
+    }
+    // What the window held back is said at the latest when the proxy stops, one line per reason and listener.
+    const summaries = scanned.logs.lines.filter((l) => l.suppressed !== undefined).map((l) => [l.event, l.level, l.listener, l.reason, l.suppressed]);
+    assert.deepEqual(summaries, [['handshake_failed', 'info', 'rest', 'client_closed', 20], ['client_refused', 'warn', 'rest', 'no_certificate', 5]]);
+    assert.match(scanned.logs.lines.find((l) => l.suppressed === 20)!.msg, /^20 more failed handshakes with this reason on this listener within the last 3600 s were not logged one by one \(at most 10 lines .*ovms_mtls_handshakes_total counts every one$/);
   });
 });

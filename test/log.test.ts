@@ -7,6 +7,7 @@ import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { accessBufferedDestination, createLogger, type Logger } from '../src/log.js';
 import { eventually } from './helpers/ops.js';
+import { RepeatBudget } from '../src/repeat-budget.js';
 
 const LOG_MODULE = fileURLToPath(new URL('../src/log.js', import.meta.url));
 
@@ -182,5 +183,35 @@ describe('log lines', () => {
     while (Date.now() < later) await new Promise((resolve) => setTimeout(resolve, 5));
     logger.info('third');
     assert.ok(timeOf(lines[2]!) >= later);
+  });
+});
+
+describe('lines repeated at will (repeat-budget.ts)', () => {
+  /** A budget of `perWindow` lines per key on a clock the test moves; what it wrote, in order. */
+  function budget(perWindow: number, windowMs: number, now: () => number = () => 0) {
+    const written: string[] = [];
+    const repeats = new RepeatBudget({ perWindow, windowMs }, now);
+    const offer = (key: string) => repeats.offer(key, () => written.push(key), (count) => written.push(`${key} x${count}`));
+    return { repeats, written, offer };
+  }
+
+  test('each key has its own lines in full per window; the next window starts by saying how many of each the last held back', () => {
+    let now = 0;
+    const { written, offer } = budget(2, 1000, () => now);
+    for (let i = 0; i < 5; i++) offer('a');
+    offer('b');
+    assert.deepEqual(written, ['a', 'a', 'b']);
+    now = 1000;
+    offer('b');
+    assert.deepEqual(written, ['a', 'a', 'b', 'a x3', 'b']);
+  });
+
+  test('a window that ends in silence says what it held back once its time is up', async () => {
+    const { written, offer } = budget(1, 20, () => performance.now());
+    offer('a');
+    offer('a');
+    offer('a');
+    await eventually(() => written.length === 2, 'the summary line');
+    assert.deepEqual(written, ['a', 'a x2']);
   });
 });

@@ -67,6 +67,7 @@ export interface ProxySetup {
   allow?: Partial<Config['allow']>;
   observer?: ProxyObserver;
   notReady?: Parameters<typeof startProxy>[0]['notReady'];
+  handshakeLineLimit?: Parameters<typeof startProxy>[0]['handshakeLineLimit'];
   grpcMode?: Config['grpcMode'];
   restMode?: Config['restMode'];
   grpcUpstreamConnections?: number;
@@ -108,6 +109,7 @@ export async function startTestProxy(setup: ProxySetup): Promise<StartedProxy> {
     logger: createLogger({ level: 'debug', destination: logs }),
     ...(setup.observer ? { observer: setup.observer } : {}),
     ...(setup.notReady ? { notReady: setup.notReady } : {}),
+    handshakeLineLimit: setup.handshakeLineLimit,
   });
   const grpcPort = proxy.port('grpc') ?? 0;
   return { proxy, logs, grpcPort, restPort: proxy.port('rest') ?? 0, grpcAddress: `localhost:${grpcPort}` };
