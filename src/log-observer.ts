@@ -35,14 +35,16 @@ function upstreamGoAwayMessage(code: string, debug: string | undefined): string 
 }
 
 /**
- * A refused client chose the names in its certificate, and OpenSSL takes certificates of up to
- * 100 KiB: a self-made one made each refusal line about 90 KB long (its subject, and its issuer in
- * the message), many log bytes per handshake, lines split by log collectors (16 KiB) and, in the
- * entrypoint, past PIPE_BUF, where OVMS's lines can land inside ours (log.ts). Real names are far
- * shorter than these bounds (RFC 5280: 64 characters a CN). At 3 UTF-8 bytes a character at
- * most, the line stays under PIPE_BUF.
+ * A refused client chose the names and the serial number in its certificate, and OpenSSL takes
+ * certificates of up to 100 KiB: a self-made one made each refusal line about 90 KB long (its
+ * subject, and its issuer in the message; a serial of 30,000 bytes, 60,000 hex digits), many log
+ * bytes per handshake, lines split by log collectors (16 KiB) and, in the entrypoint, past
+ * PIPE_BUF, where OVMS's lines can land inside ours (log.ts). Real names and serials are far
+ * shorter than these bounds (RFC 5280: 64 characters a CN, 20 octets a serial). At 3 UTF-8 bytes
+ * a character at most, the line stays under PIPE_BUF.
  */
 const REFUSED_SUBJECT_CHARS = 256;
+const REFUSED_SERIAL_CHARS = 64;
 const REFUSAL_DETAIL_CHARS = 768;
 
 /** `text` cut to `max` characters (not inside a surrogate pair), saying how much was cut. */
@@ -81,8 +83,9 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
       const level = refusal.error === undefined ? 'warn' : 'error';
       handshakeLines.offer(`refused ${listener} ${refusal.reason}`, () => {
         const subject = fullSubject === undefined ? undefined : clipped(fullSubject, REFUSED_SUBJECT_CHARS);
+        const shortSerial = serial === undefined ? undefined : clipped(serial, REFUSED_SERIAL_CHARS);
         const detail = clipped(refusal.detail, REFUSAL_DETAIL_CHARS);
-        logger[level]({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial, error: refusal.error }, detail);
+        logger[level]({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial: shortSerial, error: refusal.error }, detail);
       }, (suppressed, limit) => {
         logger[level]({ event: 'client_refused', listener, reason: refusal.reason, suppressed }, heldBackMessage(suppressed, limit, 'refused clients'));
       });

@@ -71,6 +71,20 @@ describe('refused clients', () => {
     assert.ok(Buffer.byteLength(JSON.stringify(line)) < 4096, `a line of ${Buffer.byteLength(JSON.stringify(line))} bytes`);
   });
 
+  test('a refused client cannot make its log line long with a self-made serial number of 30,000 bytes either: it is cut like its names', async () => {
+    const [key, cert] = [`${pki.dir}/long-serial.key`, `${pki.dir}/long-serial.pem`];
+    const serial = `0x7${'f'.repeat(59_999)}`;
+    const made = await runCommand('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', cert,
+      '-subj', '/CN=long serial', '-set_serial', serial, '-days', '1', '-addext', 'extendedKeyUsage=clientAuth']);
+    assert.equal(made.code, 0, made.stderr);
+    const before = front.logs.lines.length;
+    const stranger = { certPem: await readFile(cert, 'utf8'), keyPem: await readFile(key, 'utf8'), serialHex: serial.slice(2) };
+    assertRefusedAnswer(await https1(front.restPort, pki, { path: '/v2/health/ready', client: stranger }), 'unknown_ca');
+    const line = await front.logs.waitFor((l) => l.event === 'client_refused' && front.logs.lines.indexOf(l) >= before);
+    assert.match(String(line['serial']), /^7f{63}\.\.\. \(59936 more characters\)$/);
+    assert.ok(Buffer.byteLength(JSON.stringify(line)) < 4096, `a line of ${Buffer.byteLength(JSON.stringify(line))} bytes`);
+  });
+
   test('a client presenting a valid certificate is accepted on both ports', async () => {
     const c = grpcClients(front.grpcAddress, pki);
     try {
