@@ -113,7 +113,7 @@ export class ProxyMetrics implements ProxyObserver {
     const route = listener === 'grpc' ? grpcRoute(record.path) : restRoute(record.path);
     // Not 'POST' for every gRPC-port record: an HTTP/1.1 client's GET there (answered 426) is a GET.
     const method = normaliseMethod(record.method);
-    this.#m.requests.inc({ listener, method, route, status: String(record.status), grpc_status: record.grpcStatus ?? '' });
+    this.#m.requests.inc({ listener, method, route, status: String(record.status), grpc_status: grpcStatusLabel(record.grpcStatus) });
     this.#m.duration.observe({ listener, route }, record.durationMs / 1000);
     this.#m.bytesIn.inc({ listener }, record.bytesIn);
     this.#m.bytesOut.inc({ listener }, record.bytesOut);
@@ -185,4 +185,16 @@ const METHODS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIO
 /** Clients choose the method string: anything unusual shares one label. */
 function normaliseMethod(method: string): string {
   return METHODS.has(method) ? method : 'OTHER';
+}
+
+/** gRPC's status codes, 0 (OK) to 16 (UNAUTHENTICATED). */
+const GRPC_STATUSES = new Set(Array.from({ length: 17 }, (_, code) => String(code)));
+
+/**
+ * The model server chooses the grpc-status string: one that sent anything else (`bogus-1`, a
+ * number past 16) added a series per value. Those share one label; '' stays for no status.
+ */
+function grpcStatusLabel(status: string | undefined): string {
+  if (status === undefined) return '';
+  return GRPC_STATUSES.has(status) ? status : 'other';
 }

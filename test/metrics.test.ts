@@ -2,6 +2,8 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect as tlsConnect } from 'node:tls';
 import { once } from 'node:events';
+import { createServer as createH2cServer } from 'node:http2';
+import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { eventually, requestEvents, sample, sumOf } from './helpers/ops.js';
@@ -416,6 +418,38 @@ describe('route labels stay bounded', () => {
       session.close();
       await proxy.shutdown(1000);
       await upstream.close();
+      await pki.cleanup();
+    }
+  });
+
+  test('a model server answering with grpc-status values outside gRPC\'s codes adds one series for them, not one per value', async () => {
+    const pki = await createTestPki();
+    // A bare h2c server, as no gRPC library would send such a status: bogus-0, bogus-1, ... then 16 and 3.
+    const statuses = ['bogus-0', 'bogus-1', 'bogus-2', '17', '16', '3'];
+    let answered = 0;
+    const upstream = createH2cServer();
+    upstream.on('stream', (stream) => {
+      stream.on('error', () => {});
+      stream.resume();
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': statuses[answered++]! }, { endStream: true });
+    });
+    upstream.listen(0, '127.0.0.1');
+    await once(upstream, 'listening');
+    const metrics = new ProxyMetrics({ processMetrics: false });
+    const { proxy, grpcPort } = await startTestProxy({ pki, upstream: { grpcPort: (upstream.address() as AddressInfo).port }, observer: metrics });
+    const session = h2Session(grpcPort, pki);
+    try {
+      for (let i = 0; i < statuses.length; i++) {
+        await h2Request(session, { ':method': 'POST', ':path': '/inference.GRPCInferenceService/ModelInfer', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.alloc(0)));
+      }
+      await eventually(async () => sumOf(await metrics.text(), 'ovms_mtls_requests_total') === statuses.length, 'every call counted');
+      const labels = (await metrics.text()).split('\n').filter((l) => l.startsWith('ovms_mtls_requests_total{')).map((l) => /grpc_status="([^"]*)"/.exec(l)![1]);
+      assert.deepEqual(labels.sort(), ['16', '3', 'other']);
+      assert.equal(sample(await metrics.text(), 'ovms_mtls_requests_total', { grpc_status: 'other' }), 4);
+    } finally {
+      session.close();
+      await proxy.shutdown(1000);
+      upstream.close();
       await pki.cleanup();
     }
   });
