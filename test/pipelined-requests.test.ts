@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import type { Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy } from './helpers/harness.js';
-import { openRaw } from './helpers/raw-http1.js';
+import { openRaw, readToClose } from './helpers/raw-http1.js';
 import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { eventually } from './helpers/ops.js';
 import { NOOP_OBSERVER, type ProxyObserver } from '../src/observer.js';
@@ -120,6 +120,48 @@ describe('an HTTP/1.1 client pipelining many requests (--mtls_rest_mode terminat
       release();
       await eventually(() => streams.open() === 0, 'the requests it left to be let go');
       assert.ok(state.received < 100, `${state.received} requests reached the model server`);
+    } finally {
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+
+  // Paths only the pipeline limit takes: a request still waiting for its turn is neither forwarded nor lost from the log.
+  test('at the shutdown timeout, requests waiting for their turn are never forwarded: the first owed answer is a 503 that closes, and each request has its access line', { timeout: 60_000 }, async () => {
+    const { upstream, state } = await holdingUpstream();
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, limits: { maxConcurrentStreams: LIMIT } });
+    try {
+      const socket = await openRaw(local.restPort, pki);
+      const answers = readToClose(socket);
+      socket.write(pipelined(LIMIT + 2));
+      await eventually(() => state.received === LIMIT, 'the first requests at the model server');
+      await local.proxy.shutdown(200);
+      // After an answer saying close an HTTP/1.1 client sends again what was not answered; none of it was forwarded after the first LIMIT.
+      const received = await answers;
+      assert.deepEqual([received.match(/(?<=HTTP\/1\.1 )\d{3}/g), /\r\nconnection: close\r\n/i.test(received)], [['503'], true]);
+      assert.match(received, /--mtls_shutdown_timeout ran out/);
+      assert.equal(state.received, LIMIT);
+      const lines = local.logs.lines.filter((l) => l.event === 'access');
+      assert.deepEqual(lines.map((l) => [l.path, l.status, l.error]), Array.from({ length: LIMIT + 2 }, (_, i) => [`/r/${i}`, i === 0 ? 503 : 0, 'shutdown_timeout']));
+    } finally {
+      upstream.close();
+    }
+  });
+
+  test('a client that leaves while requests wait for their turn: those are never forwarded, and logged as never answered', { timeout: 60_000 }, async () => {
+    const { upstream, state, release } = await holdingUpstream();
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, limits: { maxConcurrentStreams: LIMIT } });
+    try {
+      const socket = await openRaw(local.restPort, pki);
+      socket.write(pipelined(LIMIT + 2));
+      await eventually(() => state.received === LIMIT, 'the first requests at the model server');
+      socket.destroy();
+      // Held back, the connection is not read: its leaving shows when the first answer is written to it.
+      release();
+      await eventually(() => local.logs.lines.filter((l) => l.event === 'access').length === LIMIT + 2, 'an access line for each request');
+      const waiting = local.logs.lines.filter((l) => l.event === 'access').filter((l) => l.path === `/r/${LIMIT}` || l.path === `/r/${LIMIT + 1}`);
+      assert.deepEqual(waiting.map((l) => [l.path, l.status, l.bytesIn, l.bytesOut, l.error]), [[`/r/${LIMIT}`, 0, 0, 0, 'client_closed'], [`/r/${LIMIT + 1}`, 0, 0, 0, 'client_closed']]);
+      assert.equal(state.received, LIMIT);
     } finally {
       await local.proxy.shutdown(1000);
       upstream.close();
