@@ -583,6 +583,18 @@ const GIVEN_UP = new Error('the proxy gave up this request');
 /** A body that runs until close, ended by a reset (UpstreamResets): cut short, not complete. */
 const RESET_MID_BODY: NodeJS.ErrnoException = Object.assign(new Error('the upstream reset the connection in the middle of a body that runs until close'), { code: 'ECONNRESET' });
 
+/**
+ * Resumes a paused upstream answer once the call stack is clear. A 'drain' can come from inside
+ * another upstream answer's data callback: Node's HTTP/1.1 server, handed a pipelined answer
+ * queued behind the one on the wire, tells the one on the wire 'drain' then and there
+ * (updateOutgoingData), and undici refuses a resume while any of its parsers is running
+ * (assert(currentParser === null)): the second answer failed as ERR_ASSERTION and the first,
+ * never resumed, stalled for good.
+ */
+function resumeOutsideParser(controller: Dispatcher.DispatchController): void {
+  queueMicrotask(() => controller.resume());
+}
+
 /** One request's upstream side: undici calls these as the answer arrives. */
 class UpstreamExchange implements Dispatcher.DispatchHandler {
   readonly #res: ClientResponseLike;
@@ -654,7 +666,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     // A listener only when needed: most responses never fill the buffer.
     if (res.writableLength >= BODY_BUFFER && !controller.paused) {
       controller.pause();
-      res.once('drain', () => controller.resume());
+      res.once('drain', () => resumeOutsideParser(controller));
     }
   }
 

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import type { Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy } from './helpers/harness.js';
-import { openRaw, readToClose } from './helpers/raw-http1.js';
+import { openRaw, readToClose, readToCloseWithin } from './helpers/raw-http1.js';
 import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { eventually } from './helpers/ops.js';
 import { NOOP_OBSERVER, type ProxyObserver } from '../src/observer.js';
@@ -183,6 +183,40 @@ describe('an HTTP/1.1 client pipelining many requests (--mtls_rest_mode terminat
       const bodies = received.split(/HTTP\/1\.1 200 OK\r\n[^]*?\r\n\r\n/).filter(Boolean);
       assert.deepEqual([bodies.length, bodies.findIndex((b, i) => b !== `/r/${i}${body(i)}`)], [30, -1]);
       socket.destroy();
+    } finally {
+      await local.proxy.shutdown(1000);
+      upstream.close();
+    }
+  });
+  test('two pipelined answers, the second arriving while the first waits for the client to read over 1 MiB of it: both come whole (the first stalled for ever, the second failed as an upstream error ERR_ASSERTION)', { timeout: 60_000 }, async () => {
+    // More than every buffer between the model server and a client that does not read (kernel and the proxy's 1 MiB) can hold.
+    const FIRST = 48 * 1024 * 1024;
+    const sockets = new Map<string, Socket>();
+    const upstream = await scriptedUpstream((socket: Socket, first: Buffer) => {
+      const path = first.toString('latin1').split(' ')[1]!;
+      sockets.set(path, socket);
+      if (path === '/first') socket.write(Buffer.concat([Buffer.from(`HTTP/1.1 200 OK\r\ncontent-length: ${FIRST}\r\n\r\n`), Buffer.alloc(FIRST, 0x61)]));
+    });
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.port } });
+    try {
+      const socket = await openRaw(local.restPort, pki);
+      socket.write('GET /first HTTP/1.1\r\nhost: a\r\n\r\nGET /second HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+      // Not read by the client, the first answer fills what lies between and the proxy stops reading it: its unsent rest stays put.
+      let unsent = -1;
+      let still = 0;
+      await eventually(() => {
+        const now = sockets.get('/first')?.writableLength ?? -1;
+        still = now > 0 && now === unsent ? still + 1 : 0;
+        unsent = now;
+        return still >= 3 && sockets.has('/second');
+      }, 'the proxy to stop reading the first answer, and the second request at the model server');
+      // Written by the proxy into the second answer, queued behind the first: Node tells the first answer 'drain' then and there.
+      sockets.get('/second')!.write('HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond');
+      const received = await readToCloseWithin(socket, 30_000);
+      const heads = [...received.matchAll(/HTTP\/1\.1 (\d{3}) [^]*?\r\n\r\n/g)];
+      assert.deepEqual(heads.map((m) => m[1]), ['200', '200'], `${received.length} bytes came; the proxy logged ${JSON.stringify(local.logs.lines.filter((l) => l.event !== 'listening'))}`);
+      assert.equal(heads[1]!.index! - heads[0]![0].length, FIRST, 'the first answer whole');
+      assert.ok(received.endsWith('\r\n\r\nsecond'), 'the second answer whole');
     } finally {
       await local.proxy.shutdown(1000);
       upstream.close();
