@@ -316,9 +316,12 @@ export class WorkerPool implements RunningProxy {
   /**
    * A worker that drained exits 0. One that ends otherwise in the shutdown (the out-of-memory killer, a
    * kill -9) cut the calls it still had, and was logged by no line: the operator saw a clean stop.
+   * One that never listened had no calls: the start failed (every worker fails a bind of a port in
+   * use, exit 1) or was stopped (a Ctrl-C reaches a worker before its handlers), and the one line
+   * that says why is the start's. Naming it here put error lines about calls cut before that line.
    */
   #exitedInDrain(member: Member, code: number | null, signal: string | null): void {
-    if (member.hung || (code === 0 && signal === null)) return;
+    if (member.hung || member.listeningSince === undefined || (code === 0 && signal === null)) return;
     const { id, process: { pid } } = member.worker;
     this.#options.logger.error({ event: 'worker_exited', worker: id, pid, code, signal }, `worker ${id} (pid ${pid}) exited with ${signal ?? code} during the shutdown: the calls it still had were cut (not replaced: the proxy is stopping)`);
   }

@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startCli, BIN, type LongRunningCli } from './helpers/cli.js';
+import { runCli, startCli, BIN, type LongRunningCli } from './helpers/cli.js';
 import { baseConfig, grpcClients, h2Request, h2Session, https1, startUpstream, LogCapture, type LogLine } from './helpers/harness.js';
 import cluster, { type Worker } from 'node:cluster';
 import { WorkerPool } from '../src/workers.js';
@@ -273,6 +273,22 @@ describe('proxy mode with two workers', SAFETY, () => {
     } finally {
       squatter.close();
       await stop(r.cli);
+    }
+  });
+
+  // Every worker fails the bind and exits 1 in the stop that follows: each was logged as a worker_exited error whose
+  // calls "were cut", before the one line that says what is wrong.
+  test('a port in use with 4 workers is the one line on stderr and exit 2: no worker_exited line about calls cut', async () => {
+    const squatter = createServer();
+    const [busy] = (await freeLoopbackPorts(1)) as [number];
+    assert.ok(await bindsNow(squatter, busy));
+    try {
+      const run = await runCli(['proxy', '--mtls_workers', '4', '--rest_port', String(busy), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, ...certFlags()]);
+      assert.equal(run.code, 2, run.stderr);
+      assert.equal(run.stderr, `ovms-mtls: --rest_port ${busy}: cannot listen on 127.0.0.1:${busy}: the port is already in use (stop what uses it or pick another port)\n`);
+      assert.doesNotMatch(run.stdout, /worker_exited/);
+    } finally {
+      squatter.close();
     }
   });
 
