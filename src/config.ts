@@ -542,29 +542,50 @@ export function proxyConfigFromOptions(raw: RawOptions): Config {
 
 /**
  * One worker per CPU this process may use: the CPUs it may run on, capped by a
- * cgroup v2 CPU quota (a Kubernetes CPU limit of 2 on a 64-core node means 2).
+ * cgroup CPU quota (a Kubernetes CPU limit of 2 on a 64-core node means 2).
  */
 export function defaultWorkerCount(quotaCpus: number | undefined = cgroupCpuQuota()): number {
   return Math.max(1, Math.min(availableParallelism(), quotaCpus ?? Infinity));
 }
 
+/** The cgroup v1 line for the cpu controller, alone or mounted with others (`4:cpu,cpuacct:/kubepods/...`). */
+const V1_CPU_CGROUP = /^\d+:(?:[^:]*,)?cpu(?:,[^:]*)?:(\/.*)$/m;
+
 /**
- * The tightest cgroup v2 CPU quota on this process, in CPUs: its own cgroup's cpu.max and those
- * of the cgroups above it. In a container (a cgroup namespace of its own) the process's cgroup is
- * the root it sees, `/`; a systemd service sits at /system.slice/NAME.service, where CPUQuota=
- * puts its cpu.max (a slice above may hold one too), and the root of the hierarchy has none.
+ * The tightest CPU quota on this process, in CPUs: its own cgroup's and those of the cgroups above
+ * it, in cgroup v2 (`cpu.max`) and in cgroup v1 (`cpu.cfs_quota_us`, under the cpu controller's
+ * mount). v1 is what Docker and Kubernetes use on hosts still booted with it (RHEL 8, Amazon Linux
+ * 2): read v2 alone, a CPU limit of 2 there left one worker per CPU of the node, each some 40 MB of its own.
+ * In a container (a cgroup namespace of its own) the process's cgroup is the root it sees, `/`; a
+ * systemd service sits at /system.slice/NAME.service, where CPUQuota= puts its quota (a slice
+ * above may hold one too), and the root of the hierarchy has none. A v1 container without a
+ * namespace of its own is shown its host path, which does not exist under the mount: the walk up
+ * reaches the mount's root, which is the container's own cgroup.
  */
 export function cgroupCpuQuota(procSelfCgroup = textOrEmpty('/proc/self/cgroup'), root = '/sys/fs/cgroup'): number | undefined {
-  const own = /^0::(\/.*)$/m.exec(procSelfCgroup)?.[1] ?? '/';
-  // A cgroup outside our namespace shows as /../..: none of it is visible under root.
+  const v2 = tightestUpFrom(/^0::(\/.*)$/m.exec(procSelfCgroup)?.[1] ?? '/', (dir) => cpusFromCgroupQuota(textOrEmpty(posix.join(root, dir, 'cpu.max'))));
+  const v1Own = V1_CPU_CGROUP.exec(procSelfCgroup)?.[1];
+  const v1 = v1Own === undefined ? undefined : tightestUpFrom(v1Own, (dir) => cpusFromV1Quota(posix.join(root, 'cpu', dir)));
+  return v1 === undefined || (v2 !== undefined && v2 < v1) ? v2 : v1;
+}
+
+/** The smallest quota of cgroup `own` and those above it; a path outside our namespace (/../..) has none of it visible. */
+function tightestUpFrom(own: string, quotaOf: (dir: string) => number | undefined): number | undefined {
   let dir = own.split('/').includes('..') ? '/' : own;
   let tightest: number | undefined;
   for (;;) {
-    const cpus = cpusFromCgroupQuota(textOrEmpty(posix.join(root, dir, 'cpu.max')));
+    const cpus = quotaOf(dir);
     if (cpus !== undefined && (tightest === undefined || cpus < tightest)) tightest = cpus;
     if (dir === '/') return tightest;
     dir = posix.dirname(dir);
   }
+}
+
+/** cgroup v1 keeps quota and period in two files; a quota of -1 is none. */
+function cpusFromV1Quota(dir: string): number | undefined {
+  const quota = textOrEmpty(posix.join(dir, 'cpu.cfs_quota_us')).trim();
+  const period = textOrEmpty(posix.join(dir, 'cpu.cfs_period_us')).trim();
+  return cpusFromCgroupQuota(`${quota} ${period}`);
 }
 
 /** `cpu.max` holds "QUOTA PERIOD" or "max PERIOD"; undefined when there is no quota. */

@@ -2,7 +2,7 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { cgroupCpuQuota, cpusFromCgroupQuota, defaultWorkerCount, parseHostPort, parseLimits } from '../src/config.js';
 
 test('the default worker count follows a cgroup CPU quota and never exceeds the CPUs', () => {
@@ -16,15 +16,26 @@ test('the default worker count follows a cgroup CPU quota and never exceeds the 
   assert.equal(defaultWorkerCount(cpusFromCgroupQuota('6400000 100000')), availableParallelism());
 });
 
-/** A cgroup v2 hierarchy in a temporary directory: cgroup path -> its cpu.max (none for a cgroup without one). */
-async function cgroupTree(t: TestContext, cpuMax: Record<string, string>): Promise<string> {
+/** A cgroup hierarchy in a temporary directory: file path -> its content. */
+async function cgroupFiles(t: TestContext, files: Record<string, string>): Promise<string> {
   const root = await mkdtemp(join(tmpdir(), 'ovms-mtls-cgroup-'));
   t.after(() => rm(root, { recursive: true, force: true }));
-  for (const [path, value] of Object.entries(cpuMax)) {
-    await mkdir(join(root, path), { recursive: true });
-    await writeFile(join(root, path, 'cpu.max'), value + '\n');
+  for (const [path, value] of Object.entries(files)) {
+    await mkdir(dirname(join(root, path)), { recursive: true });
+    await writeFile(join(root, path), value + '\n');
   }
   return root;
+}
+
+/** A cgroup v2 hierarchy: cgroup path -> its cpu.max (none for a cgroup without one). */
+function cgroupTree(t: TestContext, cpuMax: Record<string, string>): Promise<string> {
+  return cgroupFiles(t, Object.fromEntries(Object.entries(cpuMax).map(([path, value]) => [join(path, 'cpu.max'), value])));
+}
+
+/** A cgroup v1 cpu controller mounted at <root>/cpu: cgroup path -> its cpu.cfs_quota_us, with a period of 100 ms. */
+function cgroupV1Tree(t: TestContext, quotaUs: Record<string, string>): Promise<string> {
+  const files = Object.entries(quotaUs).flatMap(([path, quota]) => [[join('cpu', path, 'cpu.cfs_quota_us'), quota], [join('cpu', path, 'cpu.cfs_period_us'), '100000']]);
+  return cgroupFiles(t, Object.fromEntries(files));
 }
 
 // Only <root>/cpu.max was read: under systemd the root of the hierarchy has none, and a CPUQuota=
@@ -55,4 +66,20 @@ test('an upstream named as Docker Compose names a service (model_server) or with
   for (const bad of ['model server:8000', 'a..b:8000', '.a:8000', '-a:8000']) {
     assert.throws(() => parseHostPort('mtls_rest_upstream', bad), { message: `--mtls_rest_upstream: '${bad}' is not host:port (example: 127.0.0.1:9000 or [::1]:9000)` });
   }
+});
+
+// Only cgroup v2's cpu.max was read: on a host booted with cgroup v1 (RHEL 8, Amazon Linux 2), a container's
+// CPU limit of 2 (docker run --cpus 2, a Kubernetes limit) left one worker per CPU of the whole node.
+test('a cgroup v1 CPU quota caps the workers too: a container (its host path shown, its own cgroup mounted), a systemd unit, cpu,cpuacct', async (t) => {
+  const container = await cgroupV1Tree(t, { '.': '200000' });
+  assert.equal(cgroupCpuQuota('12:memory:/kubepods/pod1/c1\n4:cpu,cpuacct:/kubepods/pod1/c1\n0::/\n', container), 2);
+  assert.equal(cgroupCpuQuota('1:cpu:/docker/abc\n2:cpuacct:/docker/abc\n3:cpuset:/docker/abc\n', container), 2);
+  const unit = await cgroupV1Tree(t, { '.': '-1', 'system.slice': '-1', 'system.slice/ovms-mtls.service': '150000' });
+  assert.equal(cgroupCpuQuota('5:cpuacct,cpu:/system.slice/ovms-mtls.service\n', unit), 2);
+  // No quota (-1), and only controllers other than cpu (cpuset, cpuacct) on the line.
+  assert.equal(cgroupCpuQuota('4:cpu,cpuacct:/\n', await cgroupV1Tree(t, { '.': '-1' })), undefined);
+  assert.equal(cgroupCpuQuota('3:cpuset:/x\n2:cpuacct:/x\n', container), undefined);
+  // The tighter of v1 and v2 where both hold one.
+  const both = await cgroupFiles(t, { 'cpu.max': '300000 100000', 'cpu/cpu.cfs_quota_us': '100000', 'cpu/cpu.cfs_period_us': '100000' });
+  assert.equal(cgroupCpuQuota('1:cpu:/\n0::/\n', both), 1);
 });
