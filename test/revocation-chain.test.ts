@@ -125,7 +125,8 @@ describe('a reload closes what a new handshake would refuse', () => {
     try {
       assert.equal(await readyStatus(target), 200);
       const closed = once(target, 'close');
-      await writeFile(caFile, pki.intermediateCa.certPem);
+      // Beside another root, so that the bundle still admits someone: one that admits nobody fails the reload and keeps the old set.
+      await writeFile(caFile, pki.otherCa.certPem + pki.intermediateCa.certPem);
       const outcome = await reloader.reload('api');
       assert.equal(outcome.ok && outcome.revokedConnections, 1);
       await closed;
