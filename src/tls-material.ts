@@ -7,6 +7,7 @@ import { checkTrust, subjectCn, validFrom, validTo } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile, readRegularFileSync } from './regular-file.js';
 import { isEncryptedKey, notPemCertificate, notPemCrl, notPemKey } from './pem-shapes.js';
+import { accessDenial } from './access-denial.js';
 
 export { subjectCn, validFrom, validTo };
 
@@ -71,7 +72,7 @@ function describeReadError(role: FileRole, path: string, err: NodeJS.ErrnoExcept
       return new TlsMaterialError(`${where} does not exist (mount the certificates there or pass --${role} PATH; \`ovms-mtls certs init\` makes a set)`);
     case 'EACCES':
     case 'EPERM':
-      return new TlsMaterialError(`${where} cannot be read by uid ${process.getuid?.() ?? '?'} (check the file's owner and mode)`);
+      return new TlsMaterialError(`${where} ${accessDenial(path)}`);
     default:
       return new TlsMaterialError(`${where} cannot be read (${err.code ?? err.message})`);
   }

@@ -5,6 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { isAbsolute, join, resolve, sep } from 'node:path';
 import { ConfigError } from '../errors.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile } from '../regular-file.js';
+import { accessDenial } from '../access-denial.js';
 
 export const KEY_MODE = 0o600;
 export const PUBLIC_MODE = 0o644;
@@ -141,7 +142,9 @@ async function readOptionalBytes(path: string, option?: string): Promise<Buffer 
   } catch (err) {
     const named = option === undefined ? path : `--${option} ${path}`;
     if (err instanceof FileKindError) throw new ConfigError(`${named} ${err.message} (give the PEM file itself, as \`ovms-mtls certs\` wrote it)`, { cause: err });
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    const { code } = err as NodeJS.ErrnoException;
+    if (code === 'ENOENT') return undefined;
+    if (code === 'EACCES' || code === 'EPERM') throw new ConfigError(`${named} ${accessDenial(path)}`, { cause: err });
     throw new ConfigError(`cannot read ${named}: ${(err as Error).message}`, { cause: err });
   }
 }

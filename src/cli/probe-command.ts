@@ -8,6 +8,7 @@ import { parseCommandLine } from './options-parser.js';
 import { unbracketed } from '../addresses.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFileSync } from '../regular-file.js';
 import { firstPemCertificate, isEncryptedKey, notPemKey } from '../pem-shapes.js';
+import { accessDenial } from '../access-denial.js';
 
 /** Seconds each step may take unless --timeout says otherwise. */
 export const DEFAULT_PROBE_TIMEOUT_S = 10;
@@ -43,7 +44,9 @@ function readPem(flag: string, value: unknown): Buffer {
     pem = readRegularFileSync(value, MAX_TLS_FILE_BYTES);
   } catch (err) {
     if (err instanceof FileKindError) throw new ConfigError(`--${flag}: ${value} ${err.message} (give the path of the PEM file itself)`);
-    throw new ConfigError(`--${flag}: ${value} cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'}; check the path)`);
+    const { code } = err as NodeJS.ErrnoException;
+    if (code === 'EACCES' || code === 'EPERM') throw new ConfigError(`--${flag}: ${value} ${accessDenial(value)}`);
+    throw new ConfigError(`--${flag}: ${value} cannot be read (${code ?? 'error'}; check the path)`);
   }
   return checkPem(flag, value, pem);
 }
