@@ -1,3 +1,4 @@
+import { accessSync, constants as fsConstants } from 'node:fs';
 import { join } from 'node:path';
 import { X509Certificate, constants as cryptoConstants, createPrivateKey, type KeyObject } from 'node:crypto';
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
@@ -91,6 +92,25 @@ function filesToRead(files: TlsFiles): [FileRole, string | undefined][] {
 function unreadable(role: FileRole, path: string, files: TlsFiles, err: NodeJS.ErrnoException): TlsMaterialError | undefined {
   if (role === 'mtls_crl' && files.crlOptional && err.code === 'ENOENT') return undefined;
   return describeReadError(role, path, err);
+}
+
+/**
+ * The files of the set this process cannot read now, one line each (a missing optional CRL is no
+ * problem). Started as root, the proxy reads a root-only key, then drops to its user: every reload
+ * after that (each certificate rotation) failed, and nothing said so until the first one did.
+ */
+export function unreadableTlsFiles(files: TlsFiles): string[] {
+  const lines: string[] = [];
+  for (const [role, path] of filesToRead(files)) {
+    if (path === undefined) continue;
+    try {
+      accessSync(path, fsConstants.R_OK);
+    } catch (err) {
+      const error = unreadable(role, path, files, err as NodeJS.ErrnoException);
+      if (error) lines.push(error.message);
+    }
+  }
+  return lines;
 }
 
 function readAllSync(files: TlsFiles): FileContents {

@@ -1,8 +1,9 @@
 /**
  * TLS files the process may not read, as deployments hand them over: a key only root may read
  * while the proxy runs as another uid (the image's `ovms`, OpenShift's arbitrary uid with group 0),
- * and a readable file in a directory it may not enter (also a Kubernetes secret mount's hidden
- * version directory). Each run here is a child process as that uid, through setpriv.
+ * a readable file in a directory it may not enter (also a Kubernetes secret mount's hidden
+ * version directory), and the entrypoint started as root that drops to its user after reading
+ * a root-only key. Each run here is a child process as that uid, through setpriv.
  */
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -11,7 +12,10 @@ import { chmod, chown, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { runCli } from './helpers/cli.js';
+import { FAKE_OVMS, makeFakeExecutable, startWrapper } from './helpers/entrypoint.js';
 import { kubernetesCertDir, plainCertDir, type CertDir, type SetContents } from './helpers/reload.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+import { lookupUser } from '../src/privileges.js';
 
 /** OpenShift's way: an arbitrary uid from the namespace's range, no passwd entry, group 0. */
 const UID = 1000680000;
@@ -22,6 +26,7 @@ let pki: TestPki;
 const dirs: string[] = [];
 
 before(async () => {
+  makeFakeExecutable();
   pki = await createTestPki();
 });
 after(async () => {
@@ -101,5 +106,35 @@ describe('a TLS file the proxy may not read', { skip: SKIP }, () => {
       await proxyRefusal(mounted),
       new RegExp(`^ovms-mtls: --mtls_cert: ${escape(mounted.files.cert)} cannot be read by uid ${UID} \\(groups 0\\): the directory ${escape(version)} \\(mode 0700, owner uid 0, group 0\\) does not let it in`),
     );
+  });
+
+  test('the entrypoint started as root that drops to its user after reading a root-only key warns at start that reloads will fail, and they do until the key is readable', async () => {
+    const certs = await openCertDir(plainCertDir);
+    await chmod(certs.files.key, 0o600);
+    const [rest] = await freeLoopbackPorts(1);
+    const wrapper = startWrapper(['--rest_port', String(rest), '--rest_bind_address', '127.0.0.1', ...tlsFlags(certs), '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'nobody']);
+    try {
+      const nobody = lookupUser('nobody', { flag: 'mtls_ovms_user' });
+      // OVMS answers after the drop, and the warning comes with the drop.
+      await wrapper.waitForEvent('ovms_ready');
+      const warning = wrapper.logs.find((l) => l['event'] === 'tls_files_unreadable');
+      assert.ok(warning, 'a warning at start that reloads will fail');
+      const reason = `--mtls_key: ${certs.files.key} cannot be read by uid ${nobody.uid} (groups ${nobody.gid}): the file is mode 0600, owner uid 0, group 0`;
+      assert.ok(String(warning['reason']).startsWith(reason), String(warning['reason']));
+      assert.match(String(warning['msg']), /^reloads read the certificates as nobody, and --mtls_key: .* every reload \(a certificate rotation, SIGHUP\) fails until it can$/);
+      assert.equal(wrapper.logs.filter((l) => l['event'] === 'tls_files_unreadable').length, 1, 'only the key is named');
+
+      wrapper.child.kill('SIGHUP');
+      const failed = await wrapper.waitForEvent('reload_failed');
+      assert.equal(failed['reason'], warning['reason']);
+      await chown(certs.files.key, nobody.uid, nobody.gid);
+      wrapper.child.kill('SIGHUP');
+      assert.equal((await wrapper.waitForEvent('reloaded'))['trigger'], 'signal');
+      wrapper.child.kill('SIGTERM');
+      assert.deepEqual(await wrapper.exited, { code: 0, signal: null });
+    } finally {
+      wrapper.child.kill('SIGKILL');
+      await wrapper.exited;
+    }
   });
 });

@@ -4,10 +4,10 @@
  * ports behind them, drops privileges, and lives exactly as long as OVMS.
  */
 import { accessSync, statSync, constants as fsConstants } from 'node:fs';
-import type { Config, PublicListenerSpec } from '../config.js';
+import type { Config, PublicListenerSpec, TlsFiles } from '../config.js';
 import { ChildProcessError, ConfigError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
-import { loadTlsMaterialSync } from '../tls-material.js';
+import { loadTlsMaterialSync, unreadableTlsFiles } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
 import { combineObservers, type ProxyObserver } from '../observer.js';
 import { updatingOvmsUp, upstreamReadiness, type CheckResult, type HealthCheck, type ProxyMetrics, type UpstreamReadiness } from '../operations.js';
@@ -217,10 +217,21 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   if (plan.proxy) {
     dropPrivileges(plan.proxy);
     logger.info({ event: 'privileges_dropped', user: plan.proxy.name, uid: plan.proxy.uid, gid: plan.proxy.gid }, `proxy now runs as ${plan.proxy.name}`);
+    warnUnreadableAfterDrop(material.files, plan.proxy.name, logger);
   }
   // After the drop, so reloads read the files as the proxy's user (see README).
   operations.attach(proxy);
   return { running: { proxy, supervisor, operations, shutdownTimeoutMs: settings.common.shutdownTimeoutMs }, logger };
+}
+
+/** Reloads read the files as the user dropped to: say at start what the first rotation would otherwise find out. */
+function warnUnreadableAfterDrop(files: TlsFiles, user: string, logger: Logger): void {
+  for (const reason of unreadableTlsFiles(files)) {
+    logger.warn(
+      { event: 'tls_files_unreadable', user, reason },
+      `reloads read the certificates as ${user}, and ${reason}: every reload (a certificate rotation, SIGHUP) fails until it can`,
+    );
+  }
 }
 
 /**
