@@ -106,6 +106,8 @@ export const DEFAULTS = {
   shutdownTimeoutSeconds: 30,
   /** Quiet time after the last change in a certificate directory before reloading: writers touch several files. */
   reloadDebounceMs: 200,
+  /** How often the certificate files are looked at while a directory of theirs cannot be watched (inotify limits). */
+  reloadPollMs: 5_000,
   logLevel: 'info' as LevelWithSilent,
   accessLog: true,
   grpcMode: 'terminate' as ForwardMode,

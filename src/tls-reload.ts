@@ -33,6 +33,8 @@ export interface TlsReloaderOptions {
   /** How long a revoked client's connection may finish its in-flight calls before it is cut. */
   readonly revokedGraceMs: number;
   readonly debounceMs?: number;
+  /** How often the files are looked at while a directory cannot be watched; default DEFAULTS.reloadPollMs. */
+  readonly pollMs?: number;
   /** Where a new set comes from; default: the files. A worker's comes from the primary, which read and validated the files. */
   readonly load?: () => Promise<TlsMaterial>;
   /** Every reload attempt, for metrics (reloads, failures) and for whoever shows the current certificate. */
@@ -54,6 +56,11 @@ export class TlsReloader {
   /** When the first directory change not yet reloaded came. */
   #firstChangeAt: number | undefined;
   #watching = false;
+  /** Directories whose watch could not be placed (inotify instance or watch limit, EMFILE): the files are polled meanwhile. */
+  readonly #unwatched = new Set<string>();
+  #poll: NodeJS.Timeout | undefined;
+  /** What the files were at the last poll. */
+  #polledSignature = '';
   #reloads = 0;
   #failures = 0;
 
@@ -105,6 +112,8 @@ export class TlsReloader {
     this.#firstChangeAt = undefined;
     for (const { watcher } of this.#watchers.values()) watcher.close();
     this.#watchers.clear();
+    this.#unwatched.clear();
+    this.#pollWhileUnwatched();
   }
 
   async #reloadOnce(trigger: ReloadTrigger): Promise<ReloadOutcome> {
@@ -182,6 +191,8 @@ export class TlsReloader {
       watcher.close();
       this.#watchers.delete(dir);
     }
+    const wasPolling = this.#unwatched.size > 0;
+    for (const dir of this.#unwatched) if (!wanted.has(dir)) this.#unwatched.delete(dir);
     for (const [dir, target] of wanted) {
       if (this.#watchers.has(dir)) continue;
       try {
@@ -193,10 +204,56 @@ export class TlsReloader {
           if (this.#watchers.get(dir)?.watcher === watcher) this.#watchers.delete(dir);
         });
         this.#watchers.set(dir, { ...target, watcher });
+        this.#unwatched.delete(dir);
       } catch (err) {
-        this.#options.logger.warn({ event: 'watch_failed', dir, reason: (err as Error).message }, `cannot watch ${dir} for certificate changes; SIGHUP still reloads`);
+        this.#watchFailed(dir, err as Error);
       }
     }
+    if (wasPolling && this.#unwatched.size === 0) {
+      this.#options.logger.info({ event: 'watch_restored' }, 'watching the certificate directories again; the files are no longer polled');
+    }
+    this.#pollWhileUnwatched();
+  }
+
+  /**
+   * A watch fails when the uid's inotify instances (fs.inotify.max_user_instances, 128 by default and
+   * shared by every container of that uid on a Kubernetes node) or watches are used up. It said
+   * "SIGHUP still reloads", which nobody sends in a pod: rotations were never picked up, and the old
+   * certificate served until it expired. The files are polled instead, and the watch tried again.
+   */
+  #watchFailed(dir: string, err: Error): void {
+    if (this.#unwatched.has(dir)) return;
+    // Once polling, each new version directory of a secret mount fails the same way: said once.
+    const level = this.#unwatched.size === 0 ? 'warn' : 'debug';
+    this.#unwatched.add(dir);
+    this.#options.logger[level](
+      { event: 'watch_failed', dir, reason: err.message },
+      `cannot watch ${dir} for certificate changes (${err.message}); looking at the files every ${this.#pollMs() / 1000} s instead until the watch can be placed`,
+    );
+  }
+
+  #pollMs(): number {
+    return this.#options.pollMs ?? DEFAULTS.reloadPollMs;
+  }
+
+  #pollWhileUnwatched(): void {
+    if (!this.#watching || this.#unwatched.size === 0) {
+      clearInterval(this.#poll);
+      this.#poll = undefined;
+      return;
+    }
+    if (this.#poll) return;
+    this.#polledSignature = filesSignature(this.#options.files);
+    this.#poll = setInterval(() => this.#pollFiles(), this.#pollMs()).unref();
+  }
+
+  /** Tries the missing watches again, and takes a changed file for a directory event. */
+  #pollFiles(): void {
+    this.#refreshWatchers();
+    const signature = filesSignature(this.#options.files);
+    if (signature === this.#polledSignature) return;
+    this.#polledSignature = signature;
+    this.#onDirectoryEvent();
   }
 
   /**
@@ -270,6 +327,21 @@ function directoryIdentity(dir: string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** Which file each path names now and its size and modification time: a Kubernetes swap changes the file, an edit in place its time. */
+function filesSignature(files: TlsFiles): string {
+  return [files.cert, files.key, files.clientCa, files.crl]
+    .map((path) => {
+      if (path === undefined) return '';
+      try {
+        const { dev, ino, size, mtimeMs, ctimeMs } = statSync(path);
+        return `${dev}:${ino}:${size}:${mtimeMs}:${ctimeMs}`;
+      } catch (err) {
+        return (err as NodeJS.ErrnoException).code ?? 'unreadable';
+      }
+    })
+    .join('/');
 }
 
 function watchedDirectories(files: TlsFiles): Set<string> {

@@ -8,12 +8,12 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { chmod, chown, readdir, rm } from 'node:fs/promises';
+import { chmod, chown, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { runCli } from './helpers/cli.js';
 import { FAKE_OVMS, makeFakeExecutable, startWrapper } from './helpers/entrypoint.js';
-import { kubernetesCertDir, plainCertDir, type CertDir, type SetContents } from './helpers/reload.js';
+import { kubernetesCertDir, openToAll, plainCertDir, type CertDir, type SetContents } from './helpers/reload.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { lookupUser } from '../src/privileges.js';
 
@@ -40,12 +40,7 @@ const serverSet = (): SetContents => ({ cert: pki.server.certPem, key: pki.serve
 async function openCertDir(make: (contents: SetContents) => Promise<CertDir>): Promise<CertDir> {
   const certs = await make(serverSet());
   dirs.push(certs.dir);
-  await chmod(certs.dir, 0o755);
-  for (const name of await readdir(certs.dir)) {
-    if (name.startsWith('..v')) await chmod(join(certs.dir, name), 0o755);
-  }
-  for (const path of Object.values(certs.files)) await chmod(path!, 0o644);
-  return certs;
+  return openToAll(certs);
 }
 
 function tlsFlags(certs: CertDir): string[] {

@@ -1,6 +1,9 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { EventEmitter, once } from 'node:events';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { createInterface } from 'node:readline';
 import { connect as connectTcp, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { mkdir, readFile, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { Agent } from 'node:https';
@@ -13,7 +16,7 @@ import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { runCli, runCommand, startCli } from './helpers/cli.js';
 import {
-  FILE_NAMES, kubernetesCertDir, kubernetesSwap, plainCertDir, postSse, reloaderFor, replaceAtomically, servedSerial, startInFlight,
+  FILE_NAMES, kubernetesCertDir, kubernetesSwap, openToAll, plainCertDir, postSse, reloaderFor, replaceAtomically, servedSerial, startInFlight,
   type CertDir, type SetContents, type TlsClient,
 } from './helpers/reload.js';
 import type { ReloadOutcome, TlsReloader } from '../src/tls-reload.js';
@@ -591,6 +594,63 @@ describe('the proxy command reloads on SIGHUP and on file changes', SAFETY, () =
     } finally {
       board.openAll();
       if (cli.child.exitCode === null) cli.child.kill('SIGKILL');
+    }
+  });
+});
+
+/** A uid of its own (OpenShift's range, no passwd entry): the inotify limit below is per uid, so nothing else on the machine shares it. */
+const POLLING_UID = 1000680001;
+const AS_POLLING_UID = ['setpriv', `--reuid=${POLLING_UID}`, '--regid=0', '--clear-groups'];
+/** Takes every inotify instance the uid may have (fs.inotify.max_user_instances), says how many, and holds them. */
+const INOTIFY_HOG = `
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+held = 0
+while libc.inotify_init() >= 0:
+    held += 1
+print("held", held, flush=True)
+time.sleep(3600)
+`;
+
+describe('certificate directories that cannot be watched', { ...SAFETY, skip: !(process.getuid?.() === 0 && existsSync('/usr/bin/setpriv') && existsSync('/usr/bin/python3')) && 'needs root, setpriv and python3' }, () => {
+  test('with the uid\'s inotify instances used up (a node\'s containers of one uid share 128), the proxy polls the files and serves a Kubernetes secret update', async () => {
+    const certs = await openToAll(await kubernetesCertDir(originalSet()));
+    dirs.push(certs.dir);
+    const hog = spawn('setpriv', [...AS_POLLING_UID, '/usr/bin/python3', '-c', INOTIFY_HOG], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      const [held] = (await once(createInterface({ input: hog.stdout! }), 'line')) as [string];
+      assert.match(held, /^held \d+$/);
+      const [port] = (await freeLoopbackPorts(1)) as [number];
+      const { cert, key, clientCa, crl } = certs.files;
+      const cli = startCli(
+        // One process: the reloaded line is then the one that serves.
+        ['proxy', '--rest_port', String(port), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, '--mtls_workers', '1',
+          '--mtls_cert', cert, '--mtls_key', key, '--mtls_client_ca', clientCa, '--mtls_crl', crl!],
+        { wrap: AS_POLLING_UID },
+      );
+      try {
+        const failed = await Promise.race([cli.logs.waitFor((l) => l.event === 'watch_failed'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
+        assert.match(String(failed.msg), /^cannot watch \S+ for certificate changes \(EMFILE: too many open files, watch .*\); looking at the files every 5 s instead until the watch can be placed$/);
+        await cli.logs.waitFor((l) => l.event === 'listening');
+        assert.equal(await servedSerial(port, as(pki.client)), pki.server.serialHex);
+        await kubernetesSwap(certs.dir, 'v2', { ...originalSet(), cert: newServer.certPem, key: newServer.keyPem });
+        const polled = await cli.logs.waitFor((l) => l.event === 'reloaded' && l.trigger === 'file');
+        assert.equal(await servedSerial(port, as(pki.client)), newServer.serialHex);
+        assert.equal(cli.logs.lines.filter((l) => l.event === 'watch_failed' && l.level === 'warn').length, 1, 'one warning, not one per directory or per poll');
+
+        // Instances free again: the watch is placed, and the next update is caught as well.
+        hog.kill('SIGKILL');
+        await cli.logs.waitFor((l) => l.event === 'watch_restored');
+        await kubernetesSwap(certs.dir, 'v3', originalSet());
+        await cli.logs.waitFor((l) => l.event === 'reloaded' && l !== polled);
+        assert.equal(await servedSerial(port, as(pki.client)), pki.server.serialHex);
+        cli.child.kill('SIGTERM');
+        assert.equal(await cli.exited, 0, cli.stderr());
+      } finally {
+        if (cli.child.exitCode === null && cli.child.signalCode === null) cli.child.kill('SIGKILL');
+      }
+    } finally {
+      hog.kill('SIGKILL');
     }
   });
 });

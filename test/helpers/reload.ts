@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { on, once } from 'node:events';
-import { mkdir, mkdtemp, rename, symlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, rename, symlink, writeFile } from 'node:fs/promises';
 import { request as httpsRequest, type Agent } from 'node:https';
 import type { ClientRequest, IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -83,6 +83,16 @@ export async function kubernetesCertDir(contents: SetContents): Promise<CertDir>
   await symlink('..v1', join(dir, '..data'));
   for (const name of Object.values(FILE_NAMES)) await symlink(join('..data', name), join(dir, name));
   return { dir, files: filesIn(dir) };
+}
+
+/** Lets any uid enter the directory (and a secret mount's version directories) and read the files: a test may then take some of that away. */
+export async function openToAll(certs: CertDir): Promise<CertDir> {
+  await chmod(certs.dir, 0o755);
+  for (const name of await readdir(certs.dir)) {
+    if (name.startsWith('..v')) await chmod(join(certs.dir, name), 0o755);
+  }
+  for (const path of Object.values(certs.files)) await chmod(path!, 0o644);
+  return certs;
 }
 
 async function writeVersion(dir: string, version: string, contents: SetContents): Promise<void> {
