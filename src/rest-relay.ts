@@ -170,6 +170,9 @@ const CONTINUE = Buffer.from('HTTP/1.1 100 Continue\r\n\r\n', 'latin1');
 
 const NOTHING = Buffer.alloc(0);
 
+/** The access-line error and upstream-error code of a request the model server's idle close met (#closedAsIdle). */
+const UPSTREAM_CLOSED_IDLE = 'UPSTREAM_CLOSED_IDLE';
+
 /** A response head that tells the client this connection ends after it. */
 function withConnectionClose(head: Http1Head): Buffer {
   let text = head.startLine + '\r\n';
@@ -250,6 +253,8 @@ interface Exchange {
   status: number;
   /** A final response head went to the client: an upstream failure can no longer become a 502. */
   answered: boolean;
+  /** An interim response (ours or the model server's) went to the client: it has heard back, so a silent close would not read as an idle close. */
+  heardInterim?: boolean;
   /** Its response has ended; if its body is still arriving (an early 413, say), it is logged once that is done. */
   responded?: boolean;
   error?: string | undefined;
@@ -293,6 +298,11 @@ class RelayedHttp1Connection implements RelayedConnection {
   /** The refused request's access line: logged when its answer goes out, or with status 0 when the connection ends first. */
   #refusalLine: Exchange | undefined;
   #finished = false;
+  /**
+   * A response has ended on this connection: a request after it went out on a kept-alive connection, which the
+   * model server may close as idle just as that request arrives.
+   */
+  #reused = false;
   /** A parsed head whose framing is being checked: a refusal's access line names its method and path. */
   #judging: Http1Head | undefined;
   readonly #fromClient: Http1Reader;
@@ -471,6 +481,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     const body = responseFraming(head, exchange.method);
     if (!this.#interim) this.#upstreamLast = body.kind === 'until-close' || closesAfter(head);
     const bytes = this.#interim ? interimFor(exchange, head, raw) : this.#closing && last ? withConnectionClose(head) : raw;
+    if (this.#interim && bytes.length > 0) exchange.heardInterim = true;
     // An interim response (100 Continue) does not answer the request: a 502 can still follow it.
     if (!this.#interim) exchange.answered = true;
     return { bytes, body };
@@ -480,6 +491,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (this.#interim) return;
     const exchange = this.#exchanges.shift()!;
     exchange.responded = true;
+    this.#reused = true;
     this.#settle(exchange);
     if (this.#upstreamLast) {
       this.#fromUpstream.stop();
@@ -504,6 +516,7 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   #sendContinue(exchange: Exchange, write: (bytes: Buffer) => void): void {
     exchange.ownContinue = 'sent';
+    exchange.heardInterim = true;
     write(CONTINUE);
   }
 
@@ -611,8 +624,26 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#end();
       return;
     }
+    if (this.#closedAsIdle(waiting)) {
+      this.#parts.observer.upstreamError('rest', UPSTREAM_CLOSED_IDLE);
+      this.#end(undefined, UPSTREAM_CLOSED_IDLE);
+      return;
+    }
     const { code, message } = describeUpstreamError(this.#parts.target, err ?? { code: 'UPSTREAM_CLOSED' });
     this.#upstreamFailed(code, message);
+  }
+
+  /**
+   * The model server closed its kept-alive connection (FIN or reset) without a byte of an answer to `waiting`,
+   * sent after another request's response: its idle timeout (OVMS's Drogon: 60 s) met the request on the way.
+   * The client, whose connection to us was as idle, gets the same silent close it would get from the model
+   * server directly, so its own retry on a fresh connection works as there (curl and Go's net/http resend such
+   * a request; RFC 9112 9.3.1 leaves that to it); a 502 is an answer they do not retry. A first request on a
+   * connection keeps its 502: a client retries only a request on a connection it reused, and one that had a
+   * 100 (Continue) has heard back.
+   */
+  #closedAsIdle(waiting: Exchange): boolean {
+    return this.#reused && !waiting.answered && !waiting.heardInterim;
   }
 
   #upstreamFailed(code: string, message: string): void {

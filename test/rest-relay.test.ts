@@ -1,6 +1,7 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { execFile } from 'node:child_process';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { createServer as createHttpServer, type ServerResponse } from 'node:http';
 import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
@@ -502,6 +503,50 @@ describe('rest relay: drain and upstream failures', () => {
       assert.match(text, /closed the connection before answering/);
       const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
       assert.equal(line.status, 502);
+    }));
+
+  /**
+   * A model server whose idle close meets the client's next request (OVMS's Drogon closes after 60 s idle): it answers
+   * the first request of each connection and closes on the first bytes of the next, unanswered, with `close`.
+   */
+  const closingWhenReused = (close: (socket: Socket) => void) => (socket: Socket): void => {
+    socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+    socket.once('data', () => close(socket));
+  };
+
+  for (const [how, close] of [['closes (FIN)', (s: Socket) => s.end()], ['resets', (s: Socket) => s.resetAndDestroy()]] as const) {
+    test(`a model server that ${how} a kept-alive connection as the next request arrives: the client's connection closes unanswered, as from the model server directly (which a client retries on a new connection), not with a 502`, () =>
+      behindProxy({ pki, restMode: 'relay', answer: closingWhenReused(close) }, async (local) => {
+        const socket = await openRaw(local.restPort);
+        socket.write('GET /first HTTP/1.1\r\nhost: a\r\n\r\n');
+        await readUntil(socket, /ok$/);
+        socket.write('GET /second HTTP/1.1\r\nhost: a\r\n\r\n');
+        assert.equal(await readToClose(socket), '');
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second');
+        assert.deepEqual([line.status, line.bytesOut, line.error], [0, 0, 'UPSTREAM_CLOSED_IDLE']);
+      }));
+  }
+
+  test('curl with two URLs on one connection, the model server closing it as the second arrives: curl retries on a new connection and gets both answers, as directly', () =>
+    behindProxy({ pki, restMode: 'relay', answer: closingWhenReused((s) => s.end()) }, async (local, scripted) => {
+      const url = (path: string) => `https://localhost:${local.restPort}${path}`;
+      const curl = ['-sS', '--http1.1', '--cert', pki.paths['client.pem']!, '--key', pki.paths['client.key']!, '--cacert', pki.paths['server_ca.pem']!, '-w', ' %{http_code}\n', url('/first'), url('/second')];
+      const out = await new Promise<string>((resolve) => execFile('curl', curl, { timeout: 30_000 }, (err, stdout, stderr) => resolve(`${stdout}${err ? `exit ${String(err.code)}: ${stderr}` : ''}`)));
+      assert.equal(out, 'ok 200\nok 200\n');
+      assert.equal(scripted.sockets.length, 2);
+    }));
+
+  test('a request that already had its 100 Continue when the model server closes its kept-alive connection still gets the 502: the client heard back, and would not retry', () =>
+    behindProxy({ pki, restMode: 'relay', answer: closingWhenReused((s) => s.end()) }, async (local) => {
+      const socket = await openRaw(local.restPort);
+      socket.write('GET /first HTTP/1.1\r\nhost: a\r\n\r\n');
+      await readUntil(socket, /ok$/);
+      socket.write(`POST /second HTTP/1.1\r\nhost: a\r\ncontent-length: ${INFER_BODY.length}\r\nexpect: 100-continue\r\n\r\n`);
+      await readUntil(socket, /100 Continue\r\n\r\n$/);
+      socket.write(INFER_BODY);
+      assert.deepEqual(statuses(await readToClose(socket)), [502]);
+      const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second');
+      assert.deepEqual([line.status, line.error], [502, 'UPSTREAM_CLOSED']);
     }));
 
   test('a response framed by both Content-Length and Transfer-Encoding becomes a 502 and never reaches the client', () =>
