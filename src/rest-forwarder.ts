@@ -276,8 +276,10 @@ export class RestForwarder {
       stats.bytesIn += n;
       stall?.refresh();
     };
-    if (length === 0) dispatch(null);
-    else if (length !== undefined && length > WHOLE_BODY_BYTES) dispatch(bodyStream(req, counted, []));
+    if (length === 0) {
+      if (IDEMPOTENT_METHODS.has(req.method ?? 'GET')) exchange.retryOnce(() => dispatch(null));
+      dispatch(null);
+    } else if (length !== undefined && length > WHOLE_BODY_BYTES) dispatch(bodyStream(req, counted, []));
     else readWholeOrStream(req, counted, dispatch);
   }
 
@@ -337,7 +339,7 @@ export class RestForwarder {
  * An upstream connection idle this long is closed by us. A server closes its
  * idle connections too (Node after 5 s, OVMS's Drogon after 60 s, nginx after
  * 75 s); when it does so just as we send a request, that request fails with
- * 502. Closing first removes that race. A server's shorter `Keep-Alive:
+ * 502 (unless UpstreamExchange.retryOnce() sends it again). Closing first removes that race. A server's shorter `Keep-Alive:
  * timeout=` hint wins (undici closes 2 s before it). A request in flight is
  * never cut by it: only idle connections time out.
  */
@@ -595,6 +597,15 @@ function resumeOutsideParser(controller: Dispatcher.DispatchController): void {
   queueMicrotask(() => controller.resume());
 }
 
+/** RFC 9110 9.2.2. */
+const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE']);
+
+/** undici's and the system's names for a connection the model server closed (FIN or reset). */
+const CLOSED_CODES = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE']);
+
+/** The upstream-error code of a request whose kept-alive connection the model server closed under it, before any answer. */
+export const UPSTREAM_CLOSED_IDLE = 'UPSTREAM_CLOSED_IDLE';
+
 /** One request's upstream side: undici calls these as the answer arrives. */
 class UpstreamExchange implements Dispatcher.DispatchHandler {
   readonly #res: ClientResponseLike;
@@ -610,6 +621,10 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   givenUp = false;
   /** The answer is a 204 or a 304: it has no body, whatever its Content-Length says (RFC 9110 6.4.1, 8.6). */
   #bodiless = false;
+  /** Sends the request again, once: see retryOnce(). */
+  #retry: (() => void) | undefined;
+  /** The model server's answer began (a head, interim or final): a failure now is no idle close. */
+  #heardBack = false;
 
   constructor(res: ClientResponseLike, stats: ExchangeStats, options: RestForwarderOptions, context: ConnectionContext, resets: UpstreamResets) {
     this.#resets = resets;
@@ -623,6 +638,18 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   /** The upstream request has ended, answered or failed. */
   get upstreamEnded(): boolean {
     return this.#ended;
+  }
+
+  /**
+   * An idempotent request without a body is sent once more (the pool picks the connection) when the model server closes
+   * the kept-alive one under it before a byte of its answer: its idle close met the request (a server's idle
+   * timeout shorter than ours, UPSTREAM_IDLE_MS, without a `Keep-Alive: timeout` hint), as nginx retries such a
+   * request after a cached connection fails (RFC 9110 9.2.2). Bodies and other methods get the 502, as from nginx.
+   * undici does not say whether the connection was a kept-alive one: on a new one the retry is only one more
+   * attempt, whose failure is the 502.
+   */
+  retryOnce(retry: () => void): void {
+    this.#retry = retry;
   }
 
   /** Nothing more from the upstream goes to the client; a request not sent yet never will be. */
@@ -642,6 +669,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   }
 
   onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+    this.#heardBack = true;
     // An interim answer (103) is not passed on; the final one follows.
     if (this.givenUp || statusCode < 200) return;
     const res = this.#res;
@@ -688,6 +716,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
       this.onResponseEnd(controller);
       return;
     }
+    if (this.#retriedAfter(err)) return;
     this.#ended = true;
     if (this.givenUp) return;
     const res = this.#res;
@@ -703,6 +732,17 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     }
     this.#stats.status = 502;
     this.#stats.bytesOut += answerJson(res, 502, message);
+  }
+
+  /** The connection closed before any answer and the request may go again (retryOnce): it has, counted as the relay counts such a close. */
+  #retriedAfter(err: Error): boolean {
+    const retry = this.#retry;
+    if (!retry || this.givenUp || this.#heardBack || !CLOSED_CODES.has(String((err as NodeJS.ErrnoException).code))) return false;
+    this.#retry = undefined;
+    this.#controller = undefined;
+    this.#options.observer.upstreamError(this.#context.listener, UPSTREAM_CLOSED_IDLE);
+    retry();
+    return true;
   }
 
   /**

@@ -5,7 +5,7 @@ import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
-import { SECOND_HOST, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
+import { SECOND_HOST, UPSTREAM_CLOSED_IDLE, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
 import { describeUpstreamError } from './upstream-errors.js';
 import { MISSING_HOST_MESSAGE, closingAnswer, expectationNames, headStalledMessage, unmetExpectationMessage, type ClosingAnswer } from './http-fronts.js';
 import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
@@ -169,9 +169,6 @@ function checkExpectations(head: Http1Head): void {
 const CONTINUE = Buffer.from('HTTP/1.1 100 Continue\r\n\r\n', 'latin1');
 
 const NOTHING = Buffer.alloc(0);
-
-/** The access-line error and upstream-error code of a request the model server's idle close met (#closedAsIdle). */
-const UPSTREAM_CLOSED_IDLE = 'UPSTREAM_CLOSED_IDLE';
 
 /** A response head that tells the client this connection ends after it. */
 function withConnectionClose(head: Http1Head): Buffer {

@@ -7,7 +7,7 @@ import { createServer as createHttpServer, type ServerResponse } from 'node:http
 import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
-import { behindProxy, scriptedUpstream } from './helpers/scripted-upstream.js';
+import { behindProxy, closingWhenReused, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw as openRawWith, readToClose, readToCloseWithin, readUntil } from './helpers/raw-http1.js';
 import { eventually } from './helpers/ops.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -504,15 +504,6 @@ describe('rest relay: drain and upstream failures', () => {
       const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/models/dummy/infer');
       assert.equal(line.status, 502);
     }));
-
-  /**
-   * A model server whose idle close meets the client's next request (OVMS's Drogon closes after 60 s idle): it answers
-   * the first request of each connection and closes on the first bytes of the next, unanswered, with `close`.
-   */
-  const closingWhenReused = (close: (socket: Socket) => void) => (socket: Socket): void => {
-    socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
-    socket.once('data', () => close(socket));
-  };
 
   for (const [how, close] of [['closes (FIN)', (s: Socket) => s.end()], ['resets', (s: Socket) => s.resetAndDestroy()]] as const) {
     test(`a model server that ${how} a kept-alive connection as the next request arrives: the client's connection closes unanswered, as from the model server directly (which a client retries on a new connection), not with a 502`, () =>

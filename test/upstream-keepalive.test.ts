@@ -4,7 +4,7 @@ import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1, startTestProxy } from './helpers/harness.js';
-import { scriptedUpstream } from './helpers/scripted-upstream.js';
+import { behindProxy, closingWhenReused, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { UPSTREAM_IDLE_MS } from '../src/rest-forwarder.js';
 
 let pki: TestPki;
@@ -49,6 +49,19 @@ describe('kept-alive upstream connections (--mtls_rest_mode terminate)', () => {
       upstream.close();
     }
   });
+
+  // A GET is idempotent (RFC 9110 9.2.2); a POST is not: the model server may have taken it.
+  for (const [method, status, connections] of [['GET', 200, 2], ['POST', 502, 1]] as const) {
+    test(`a ${method} whose pooled connection the model server closes as it arrives (its idle close shorter than ours) ${status === 200 ? 'goes again on a new connection and is answered' : 'gets the 502'}, as from nginx`, () =>
+      behindProxy({ pki, restMode: 'terminate', answer: closingWhenReused((s) => s.end()) }, async (local, upstream) => {
+        assert.equal((await https1(local.restPort, pki, { path: '/first' })).status, 200);
+        const res = await https1(local.restPort, pki, { path: '/second', method, ...(method === 'POST' ? { body: '{}' } : {}) });
+        assert.equal(res.status, status);
+        assert.equal(upstream.sockets.length, connections);
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/second');
+        assert.deepEqual([line.status, line.error], [status, status === 200 ? undefined : 'UPSTREAM_CLOSED']);
+      }));
+  }
 });
 
 function chunk(text: string): string {

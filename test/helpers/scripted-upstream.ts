@@ -51,6 +51,16 @@ export function headReadingUpstream(onHead: (socket: Socket, lines: string[]) =>
   });
 }
 
+/**
+ * The `answer` of a model server whose idle close meets the next request on a kept-alive connection (OVMS's Drogon
+ * closes after 60 s idle): it answers the first request of each connection with 200 `ok` and, on the first bytes of
+ * the next, closes (`close`: a FIN or a reset) without answering it.
+ */
+export const closingWhenReused = (close: (socket: Socket) => void) => (socket: Socket): void => {
+  socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+  socket.once('data', () => close(socket));
+};
+
 /** One HTTP/2 frame (RFC 9113 4.1), for an upstream that must send exactly these frames. */
 export function h2Frame(type: number, flags: number, streamId: number, payload: Buffer = Buffer.alloc(0)): Buffer {
   const header = Buffer.alloc(9);
