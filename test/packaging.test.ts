@@ -7,7 +7,7 @@
 import { test, describe, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -373,17 +373,21 @@ describe('example configuration', () => {
     assert.deepEqual(files.filter((path) => path.startsWith('dist/') && !path.startsWith('dist/src/')), []);
   });
 
+  /** A set made by certs/README.md's own commands, pointed at `dir` in place of certs/. */
+  function makeSetAsCertsReadmeSays(dir: string): void {
+    const block = /```sh\n([\s\S]*?)```/.exec(read('certs/README.md'))![1]!;
+    const script = block.replaceAll('--dir certs', `--dir ${dir}`).replaceAll('certs/', `${dir}/`);
+    const made = spawnSync('/bin/sh', ['-e', '-c', script], { cwd: ROOT, encoding: 'utf8' });
+    assert.equal(made.status, 0, made.stderr);
+  }
+
   // The layout names a top-level certs/ that the README's and the Dockerfile's commands use: a fresh clone
   // lacked it, and a key written there must never be one `git add` away from a commit.
   test('certs/ is in the repository with its README only, and git ignores every file `certs` writes there', async (t: TestContext) => {
     assert.equal(execFileSync('git', ['ls-files', 'certs'], { cwd: ROOT, encoding: 'utf8' }), 'certs/README.md\n');
     const dir = await mkdtemp(join(tmpdir(), 'certs-layout-'));
     t.after(() => rm(dir, { recursive: true, force: true }));
-    // certs/README.md's own commands, pointed at a temporary directory.
-    const block = /```sh\n([\s\S]*?)```/.exec(read('certs/README.md'))![1]!;
-    const script = block.replaceAll('--dir certs', `--dir ${dir}`).replaceAll('certs/', `${dir}/`);
-    const made = spawnSync('/bin/sh', ['-e', '-c', script], { cwd: ROOT, encoding: 'utf8' });
-    assert.equal(made.status, 0, made.stderr);
+    makeSetAsCertsReadmeSays(dir);
     const client = await runCli(['certs', 'client', '--dir', dir, '--name', 'alice', '--days', '1']);
     assert.equal(client.code, 0, client.stderr);
     const written = readdirSync(dir);
@@ -393,6 +397,28 @@ describe('example configuration', () => {
       assert.equal(ignored.status, 0, `certs/${name} would not be ignored by git`);
     }
   });
+
+  // certs/README.md said the image read the keys as root at start; it runs as ovms (uid 5000), which
+  // cannot read the mode 0600 server.key that certs init writes for the user who ran it: exit 2 at start.
+  test('certs/README.md hands server.key to the uid the image runs as, which can then load the set',
+    { skip: !(process.getuid?.() === 0 && existsSync('/usr/bin/setpriv')) && 'needs root and util-linux setpriv' }, async (t) => {
+      const imageUid = (parse(read('deploy/kubernetes/deployment.yaml')) as Yaml)['spec']['template']['spec']['securityContext']['runAsUser'] as number;
+      const [, chown, uid] = /`sudo (chown (\d+) certs\/server\.key)`/.exec(read('certs/README.md')) ?? [];
+      assert.equal(Number(uid), imageUid, `certs/README.md gives no \`sudo chown ${imageUid} certs/server.key\` for the image's user`);
+      const dir = await mkdtemp(join(tmpdir(), 'certs-image-uid-'));
+      t.after(() => rm(dir, { recursive: true, force: true }));
+      chmodSync(dir, 0o755);
+      makeSetAsCertsReadmeSays(dir);
+      const checkAsImage = () => runCli(['check', '--mtls_cert', join(dir, 'server.pem'), '--mtls_key', join(dir, 'server.key'),
+        '--mtls_client_ca', join(dir, 'client_cert_ca.pem'), '--mtls_crl', join(dir, 'client_cert_ca.crl')],
+      { wrap: ['setpriv', `--reuid=${imageUid}`, `--regid=${imageUid}`, '--clear-groups'], cwd: '/' });
+      const asWritten = await checkAsImage();
+      assert.equal(asWritten.code, 1, 'the step is needed: the image\'s uid cannot read the key certs init wrote');
+      assert.match(asWritten.stdout, new RegExp(`--mtls_key: ${dir}/server\\.key cannot be read by uid ${imageUid} `));
+      execFileSync('/bin/sh', ['-e', '-c', chown!.replaceAll('certs/', `${dir}/`)]);
+      const handedOver = await checkAsImage();
+      assert.equal(handedOver.code, 0, handedOver.stdout + handedOver.stderr);
+    });
 
   test('config/ovms-mtls.env documents every OVMS_MTLS_* variable and no other', () => {
     const text = read('config/ovms-mtls.env');
