@@ -43,6 +43,14 @@ export function containerTlsDefaults(raw: RawOptions): Partial<TlsFiles> {
   return { cert: d.cert, key: d.key, clientCa: d.clientCa, ...(defaultCa ? { crl: d.crl, crlOptional: true } : {}) };
 }
 
+/**
+ * The entrypoint's supervision of OVMS (--mtls_restart, --mtls_ovms_hang_timeout), read as the entrypoint reads
+ * them: `check` reads them with this too, or it said "the proxy would start" where the entrypoint exited 2.
+ */
+export function ovmsSupervision(raw: RawOptions): Pick<EntrypointSettings, 'restart' | 'hangTimeoutMs'> {
+  return { restart: restartPolicy(raw), hangTimeoutMs: secondsOr(raw, 'mtls_ovms_hang_timeout', DEFAULTS.ovms.hangTimeoutMs) };
+}
+
 function restartPolicy(raw: RawOptions): RestartPolicy {
   const mode = parseChoice(raw, 'mtls_restart', RESTART_MODES, DEFAULTS.ovms.restart);
   const d = DEFAULTS.ovms;
@@ -70,8 +78,7 @@ export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv)
     listeners,
     common,
     binary: optionalString(raw, 'mtls_ovms_binary') ?? DEFAULTS.ovms.binary,
-    restart: restartPolicy(raw),
-    hangTimeoutMs: secondsOr(raw, 'mtls_ovms_hang_timeout', DEFAULTS.ovms.hangTimeoutMs),
+    ...ovmsSupervision(raw),
     ovmsUser,
     proxyUser: optionalString(raw, 'mtls_user') ?? ovmsUser,
     usersGiven: usersGiven(raw),

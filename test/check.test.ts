@@ -14,6 +14,8 @@ import { TlsMaterialError } from '../src/errors.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { sample } from './helpers/ops.js';
 import type { TlsFiles } from '../src/config.js';
+import { entrypointSettings } from '../src/entrypoint-config.js';
+import { splitOvmsArgv } from '../src/ovms-args.js';
 
 let pki: TestPki;
 before(async () => {
@@ -247,6 +249,25 @@ describe('ovms-mtls check', () => {
       assert.equal(checked.stderr, started.stderr);
       assert.equal(checked.stdout, '');
     }
+  });
+
+  // Before: `check --mtls_ovms_hang_timeout=60s` (or OVMS_MTLS_RESTART=always in the container's environment) printed
+  // "Result: OK - the proxy would start" and exited 0, while the entrypoint exited 2 on it.
+  test('an OVMS supervision option the entrypoint refuses (--mtls_restart, --mtls_ovms_hang_timeout) fails check with the entrypoint\'s line and exit 2', async () => {
+    const cases: [string[], NodeJS.ProcessEnv][] = [
+      [['--mtls_ovms_hang_timeout=60s'], {}],
+      [['--mtls_restart=always'], {}],
+      [[], { OVMS_MTLS_OVMS_HANG_TIMEOUT: '-1' }],
+    ];
+    for (const [options, env] of cases) {
+      const checked = await runCli(['check', ...flags(goodFiles()), ...options], { env });
+      assert.equal(checked.code, 2, checked.stdout + checked.stderr);
+      assert.equal(checked.stdout, '');
+      assert.throws(() => entrypointSettings(splitOvmsArgv(['--port', '9000', ...options]), env),
+        (err: Error) => checked.stderr.startsWith(`ovms-mtls: ${err.message}`), checked.stderr);
+    }
+    const good = await runCli(['check', ...flags(goodFiles()), '--mtls_restart=on-failure', '--mtls_ovms_hang_timeout=60']);
+    assert.equal(good.code, 0, good.stdout + good.stderr);
   });
 
   // Before: each of these printed "Result: OK - the proxy would start" and exited 0, while the proxy refused to start.

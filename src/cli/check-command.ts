@@ -1,6 +1,6 @@
 import { ALL_OPTIONS, type RawOptions } from '../options.js';
 import { DEFAULTS, checkAdminPort, optionalString, parseCommonConfig, parseHostPort, parsePublicListeners, type Config } from '../config.js';
-import { containerTlsDefaults } from '../entrypoint-config.js';
+import { containerTlsDefaults, ovmsSupervision } from '../entrypoint-config.js';
 import { checkTlsFiles, formatReport } from '../check.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
 import type { Io } from './main.js';
@@ -19,6 +19,7 @@ export async function runCheckCommand(argv: readonly string[], io: Io): Promise<
   // at a file, and take the container's files as the entrypoint does when none is named: so does check, with their parser.
   const { tls, admin } = parseCommonConfig(raw, containerTlsDefaults(raw));
   checkListenerOptions(raw, admin);
+  ovmsSupervision(raw);
   const report = checkTlsFiles(tls);
   io.stdout.write(formatReport(report));
   return report.ok ? 0 : 1;
