@@ -13,7 +13,7 @@ import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { DEFAULTS, EMPTY_ALLOW_LIST, type Config } from '../src/config.js';
 import { LogCapture } from './helpers/harness.js';
-import { createCrl, parseCrl } from '../src/x509.js';
+import { KEY_KINDS, createCrl, parseCrl } from '../src/x509.js';
 
 let root: string;
 let counter = 0;
@@ -169,6 +169,11 @@ describe('certs init (CLI)', () => {
     const help = await runCli(['certs', '--help']);
     assert.equal(help.code, 0);
     assert.match(help.stdout, /ovms-mtls certs init/);
+    // The client line said `[--key ec]`, though certs client takes every key type init takes.
+    for (const subcommand of ['init', 'client']) {
+      const line = help.stdout.split('\n').find((l) => l.includes(`ovms-mtls certs ${subcommand} `));
+      assert.ok(line?.includes(`[--key ${KEY_KINDS.join('|')}]`), `certs ${subcommand} usage: ${line}`);
+    }
   });
 });
 

@@ -9,8 +9,8 @@ import type { Io } from './main.js';
 const DEFAULT_DIR = 'certs';
 
 export const CERTS_USAGE = `Usage:
-  ovms-mtls certs init   [--dir ${DEFAULT_DIR}] [--server_name localhost] [--san DNS:x,IP:y,...] [--days 1] [--key ec|rsa2048|rsa3072|rsa4096] [--force]
-  ovms-mtls certs client [--dir ${DEFAULT_DIR}] --name NAME [--uri spiffe://...] [--dns NAME] [--days 1] [--key ec] [--force]
+  ovms-mtls certs init   [--dir ${DEFAULT_DIR}] [--server_name localhost] [--san DNS:x,IP:y,...] [--days 1] [--key ${KEY_KINDS.join('|')}] [--force]
+  ovms-mtls certs client [--dir ${DEFAULT_DIR}] --name NAME [--uri spiffe://...] [--dns NAME] [--days 1] [--key ${KEY_KINDS.join('|')}] [--force]
   ovms-mtls certs revoke [--dir ${DEFAULT_DIR}] --cert FILE
   ovms-mtls certs renew-crl [--dir ${DEFAULT_DIR}] [--days N]
 
