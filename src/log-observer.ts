@@ -55,9 +55,10 @@ function clipped(text: string, max: number): string {
 }
 
 /** What the summary of held-back lines says: how many, and that the metric has every one. */
-function heldBackMessage(count: number, limit: RepeatLimit, what: string): string {
+function heldBackMessage(count: number, limit: RepeatLimit, what: 'failed handshake' | 'refused client'): string {
   const seconds = limit.windowMs / 1000;
-  return `${count} more ${what} with this reason on this listener within the last ${seconds} s were not logged one by one (at most ${limit.perWindow} lines each ${seconds} s per reason and listener); ovms_mtls_handshakes_total counts every one`;
+  const counted = count === 1 ? `1 more ${what} with this reason on this listener within the last ${seconds} s was` : `${count} more ${what}s with this reason on this listener within the last ${seconds} s were`;
+  return `${counted} not logged one by one (at most ${limit.perWindow} lines each ${seconds} s per reason and listener); ovms_mtls_handshakes_total counts every one`;
 }
 
 export interface LoggingObserverOptions {
@@ -87,7 +88,7 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
         const detail = clipped(refusal.detail, REFUSAL_DETAIL_CHARS);
         logger[level]({ event: 'client_refused', listener, remote, reason: refusal.reason, subject, serial: shortSerial, error: refusal.error }, detail);
       }, (suppressed, limit) => {
-        logger[level]({ event: 'client_refused', listener, reason: refusal.reason, suppressed }, heldBackMessage(suppressed, limit, 'refused clients'));
+        logger[level]({ event: 'client_refused', listener, reason: refusal.reason, suppressed }, heldBackMessage(suppressed, limit, 'refused client'));
       });
     },
     handshakeFailed(listener, code, remote) {
@@ -96,7 +97,7 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
       handshakeLines.offer(`failed ${listener} ${code}`, () => {
         logger[level]({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));
       }, (suppressed, limit) => {
-        logger[level]({ event: 'handshake_failed', listener, reason: code, suppressed }, heldBackMessage(suppressed, limit, 'failed handshakes'));
+        logger[level]({ event: 'handshake_failed', listener, reason: code, suppressed }, heldBackMessage(suppressed, limit, 'failed handshake'));
       });
     },
     upstreamError(listener, code) {
