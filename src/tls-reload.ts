@@ -120,7 +120,7 @@ export class TlsReloader {
     const { logger, files } = this.#options;
     let material: TlsMaterial;
     try {
-      material = await (this.#options.load ?? (() => loadTlsMaterial(files)))();
+      material = await this.#loadSettled();
       checkCrlKept(files, this.#current, material);
       // A directory event for an unrelated file is no reason to rebuild contexts; an explicit request is.
       if (trigger === 'file' && sameMaterial(material, this.#current)) {
@@ -144,6 +144,25 @@ export class TlsReloader {
       'TLS material reloaded for new connections',
     );
     return this.#report({ ok: true, trigger, material, changed: true, revokedConnections });
+  }
+
+  /**
+   * The new set, read again when a file changed while it was read: a Kubernetes secret update (the ..data swap)
+   * that lands between the certificate and the key gave a mismatched pair, a `reload_failed` error line and a
+   * counted failure, for a rotation that was fine. A set that fails when nothing moved under it is the failure.
+   */
+  async #loadSettled(): Promise<TlsMaterial> {
+    const { files, logger } = this.#options;
+    const load = this.#options.load ?? (() => loadTlsMaterial(files));
+    for (let attempt = 1; ; attempt++) {
+      const before = filesSignature(files);
+      try {
+        return await load();
+      } catch (err) {
+        if (attempt >= MAX_READS_WHILE_CHANGING || filesSignature(files) === before) throw err;
+        logger.debug({ event: 'reload_reread', reason: (err as Error).message }, 'certificate files changed while being read; reading them again');
+      }
+    }
   }
 
   #report(outcome: ReloadOutcome): ReloadOutcome {
@@ -319,6 +338,9 @@ function awaitingIn(known: WatchTarget | undefined, below: string | undefined): 
   if (known === undefined) return new Set([below]);
   return known.awaiting && new Set([...known.awaiting, below]);
 }
+
+/** Reads of a set whose files keep changing under each read, before its failure counts: a writer that never settles. */
+const MAX_READS_WHILE_CHANGING = 3;
 
 function directoryIdentity(dir: string): string | undefined {
   try {

@@ -20,6 +20,7 @@ import {
   type CertDir, type SetContents, type TlsClient,
 } from './helpers/reload.js';
 import type { ReloadOutcome, TlsReloader } from '../src/tls-reload.js';
+import { tlsMaterialFromTexts } from '../src/tls-material.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import { echoClient, type EchoReply } from '../src/demo/grpc-client.js';
 import { createCrl, issueClientCert, issueServerCert, normaliseSerial, type Issued } from '../src/x509.js';
@@ -271,6 +272,39 @@ describe('reload keeps every call alive', SAFETY, () => {
       assert.deepEqual(start.stderr.trim().split('\n'), [`ovms-mtls: ${outcome.ok ? '' : outcome.reason}`]);
     } finally {
       await r.stop();
+    }
+  });
+
+  // kubelet swaps ..data between any two reads: the reload read the new certificate and the old key, failed and was counted.
+  test('a Kubernetes secret update landing between the reads of the certificate and the key is read again, not a failed reload', async () => {
+    const certs = await kubernetesCertDir(originalSet());
+    dirs.push(certs.dir);
+    const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, tls: certs.files });
+    const outcomes: ReloadOutcome[] = [];
+    let swapped = false;
+    const read = (path: string | undefined) => readFile(path!, 'latin1');
+    const reloader = reloaderFor(front, certs.files, {
+      revokedGraceMs: 3_600_000,
+      onReload: (o) => outcomes.push(o),
+      // The files read one after another, as the default reader does, with the swap landing after the first read, once.
+      load: async () => {
+        const cert = await read(certs.files.cert);
+        if (!swapped) {
+          swapped = true;
+          await kubernetesSwap(certs.dir, 'v2', { ...originalSet(), cert: newServer.certPem, key: newServer.keyPem });
+        }
+        return tlsMaterialFromTexts(certs.files, { cert, key: await read(certs.files.key), ca: await read(certs.files.clientCa), crl: await read(certs.files.crl), validatedAt: Date.now() });
+      },
+    });
+    try {
+      const outcome = await reloader.reload('file');
+      assert.equal(outcome.ok, true, outcome.ok ? '' : outcome.reason);
+      assert.deepEqual(outcomes.map((o) => o.ok), [true]);
+      assert.equal(front.logs.lines.filter((l) => l.event === 'reload_failed').length, 0);
+      assert.equal(await servedSerial(front.restPort, as(pki.client)), newServer.serialHex);
+    } finally {
+      reloader.close();
+      await front.proxy.shutdown(1000);
     }
   });
 
