@@ -6,7 +6,7 @@ import { Pool, buildConnector, type Dispatcher } from 'undici';
 import type { HostPort } from './config.js';
 import { requestStart, type ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { describeUpstreamError } from './upstream-errors.js';
+import { UPSTREAM_CLOSED_IDLE, describeUpstreamError } from './upstream-errors.js';
 import { FORWARDING_FIELDS, disguisesOurs, pushForwardingFields, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
 import { ABSOLUTE_FORM, hostAndPort } from './addresses.js';
@@ -602,9 +602,6 @@ const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'D
 
 /** undici's and the system's names for a connection the model server closed (FIN or reset). */
 const CLOSED_CODES = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE']);
-
-/** The upstream-error code of a request whose kept-alive connection the model server closed under it, before any answer. */
-export const UPSTREAM_CLOSED_IDLE = 'UPSTREAM_CLOSED_IDLE';
 
 /** One request's upstream side: undici calls these as the answer arrives. */
 class UpstreamExchange implements Dispatcher.DispatchHandler {

@@ -5,8 +5,8 @@ import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
-import { SECOND_HOST, UPSTREAM_CLOSED_IDLE, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
-import { describeUpstreamError } from './upstream-errors.js';
+import { SECOND_HOST, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
+import { UPSTREAM_CLOSED_IDLE, describeUpstreamError } from './upstream-errors.js';
 import { MISSING_HOST_MESSAGE, closingAnswer, expectationNames, headStalledMessage, unmetExpectationMessage, type ClosingAnswer } from './http-fronts.js';
 import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
 

@@ -5,6 +5,12 @@ import { hostAndPort } from './addresses.js';
 import { PING_ANSWER_MS, UPSTREAM_UNRESPONSIVE } from './upstream-h2.js';
 
 /**
+ * The model server closed a kept-alive connection under a request before any byte of its answer: its
+ * idle close met the request. Both REST modes count it under this code (and the relay logs it so).
+ */
+export const UPSTREAM_CLOSED_IDLE = 'UPSTREAM_CLOSED_IDLE';
+
+/**
  * The one place upstream failures become client-visible text. Never echo raw
  * internal error text: say which upstream and what kind of failure.
  */
