@@ -77,7 +77,7 @@ const PROXY_ONLY = new Set(['mtls_grpc_upstream', 'mtls_rest_upstream']);
 const MTLS_BY_NAME = new Map(MTLS_OPTIONS.map((spec) => [spec.name, spec]));
 const PUBLIC_BY_NAME = new Map(PUBLIC_OPTIONS.map((spec) => [spec.name, spec]));
 
-interface LongOption {
+export interface LongOption {
   readonly name: string;
   /** Set for the `--name=value` spelling. */
   readonly inlineValue: string | undefined;
@@ -105,7 +105,7 @@ function flagValue(option: LongOption, next: string | undefined): string | true 
  * Ours and OVMS's flags alike (`--metrics_enable false` makes OVMS exit 64, after our listeners are up).
  * `spelling` gives the word the suggested `--flag=WORD` takes: ours read every boolean word.
  */
-function refuseSeparateFlagValue(option: LongOption, next: string | undefined, spelling: (word: string) => string = (word) => word): void {
+export function refuseSeparateFlagValue(option: LongOption, next: string | undefined, spelling: (word: string) => string = (word) => word): void {
   if (option.inlineValue === undefined && next !== undefined && isBooleanWord(next)) {
     throw new ConfigError(`--${option.name} is a flag and takes no separate value: write --${option.name}=${spelling(next)} (or --${option.name} alone for true)`);
   }

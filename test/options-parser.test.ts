@@ -19,8 +19,16 @@ test('a flag given as --flag=VALUE takes the boolean words of OVMS_MTLS_* and th
   for (const word of ['1', 'TRUE', 'True', 'yes', 'on']) assert.equal((await proxyOptions([`--mtls_access_log=${word}`]))['mtls_access_log'], true, word);
   for (const word of ['0', 'FALSE', 'no', 'off']) assert.equal((await proxyOptions([`--mtls_access_log=${word}`]))['mtls_access_log'], false, word);
   assert.equal((await proxyOptions(['--mtls_access_log']))['mtls_access_log'], true);
-  assert.equal((await proxyOptions(['--mtls_access_log', 'false']))['mtls_access_log'], false);
   await assert.rejects(proxyOptions(['--mtls_access_log=maybe']), refusal("--mtls_access_log: 'maybe' is not true or false"));
+});
+
+// yargs took `--mtls_access_log false` as false but `--mtls_access_log 0` as a stray word, and the entrypoint refuses both.
+test('a flag followed by a separate boolean word is refused naming --flag=WORD, as the entrypoint refuses it', async () => {
+  for (const word of ['false', 'true', '0', 'off', 'Yes']) {
+    const expected = `--mtls_access_log is a flag and takes no separate value: write --mtls_access_log=${word} (or --mtls_access_log alone for true)`;
+    await assert.rejects(proxyOptions(['--mtls_access_log', word, '--port', '1']), refusal(expected), word);
+  }
+  assert.equal((await proxyOptions(['--mtls_access_log', '--port', '1']))['mtls_access_log'], true);
 });
 
 // `proxy ... --mtls_crl $CRL` with CRL unset served without revocation checks, admitting revoked clients.

@@ -3,6 +3,7 @@ import type { Argv, Options } from 'yargs';
 import { ConfigError } from '../errors.js';
 import { parseBoolean } from '../config.js';
 import { optionsFromEnv, envVarName, refuseBlankText, type OptionSpec, type RawOptions } from '../options.js';
+import { refuseSeparateFlagValue } from '../ovms-args.js';
 
 /** yargs settings shared by every command: snake_case names as OVMS spells them, no magic. */
 export const PARSER_CONFIGURATION = {
@@ -59,6 +60,19 @@ function flagValuesSpelledOut(argv: readonly string[], specs: readonly OptionSpe
   });
 }
 
+/**
+ * yargs took the word after a flag as its value for `true` and `false` only: `proxy --mtls_access_log false`
+ * turned the log off while `--mtls_access_log 0` was "unexpected argument '0'", and the entrypoint refuses
+ * both. Every command now refuses a separate boolean word after a flag, naming `--flag=WORD`.
+ */
+function refuseSeparateFlagValues(argv: readonly string[], specs: readonly OptionSpec[]): void {
+  const flags = new Set(specs.filter((spec) => spec.type === 'boolean').map((spec) => spec.name));
+  argv.forEach((arg, i) => {
+    const name = /^--([\w-]+)$/.exec(arg)?.[1];
+    if (name !== undefined && flags.has(name)) refuseSeparateFlagValue({ name, inlineValue: undefined }, argv[i + 1]);
+  });
+}
+
 /** `COMMAND --help`: thrown by parseCommandLine so every command gets it; main prints `text` and exits 0. */
 export class HelpRequested extends Error {
   constructor(readonly text: string) {
@@ -79,6 +93,7 @@ export function commandHelp(usage: string, specs: readonly OptionSpec[]): string
 /** Parses `argv` for one command; user mistakes become one-line ConfigErrors, `--help` / `-h` a HelpRequested. */
 export async function parseCommandLine(argv: readonly string[], specs: readonly OptionSpec[], usage: string): Promise<Record<string, unknown>> {
   if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(commandHelp(usage, specs));
+  refuseSeparateFlagValues(argv, specs);
   const y = yargsFactory(flagValuesSpelledOut(argv, specs))
     .parserConfiguration(PARSER_CONFIGURATION)
     .scriptName('ovms-mtls')
