@@ -8,11 +8,12 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startCli } from './helpers/cli.js';
+import { runCli, startCli } from './helpers/cli.js';
 import { startUpstream, tlsClientOptions } from './helpers/harness.js';
 import { readUntil } from './helpers/raw-http1.js';
 import { eventually, httpGet } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
+import { tooFewFilesToLoad } from '../src/cli/launch.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 // Not lower: Node's module loader reads the program's modules many at a time as it starts, and
@@ -132,4 +133,13 @@ describe(`the proxy under an open-files limit of ${LIMIT}`, () => {
       }
     });
   }
+});
+
+// Node's loader opens the program's modules many at a time: under a limit this small the start
+// failed before main() ran, with Node's stack trace (EMFILE on some module) and no word of the limit.
+test('under an open-files limit too small to load the program: one line naming the limit and how to raise it, exit 1', async () => {
+  const res = await runCli(['check', '--help'], { wrap: ['prlimit', '--nofile=20:20'] });
+  assert.equal(res.stderr, `ovms-mtls: ${tooFewFilesToLoad(20)}\n`);
+  assert.match(res.stderr, /open-files limit \(20\) is too small to load the program: raise it/);
+  assert.equal(res.code, 1);
 });

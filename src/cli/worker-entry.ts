@@ -1,5 +1,5 @@
 // The module cluster forks for each proxy worker (src/workers.ts): main()
 // sees it runs as a cluster worker and takes its orders over IPC, not argv.
-import { main } from './main.js';
+import { launch } from './launch.js';
 
-main([]);
+await launch([]);
