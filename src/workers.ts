@@ -20,7 +20,7 @@ import type { RunningProxy } from './proxy.js';
 import type { UserAccount } from './privileges.js';
 import { AT_OPEN_FILES_LIMIT, type CheckResult } from './health.js';
 import { tlsTexts, type TlsMaterial, type TlsTexts } from './tls-material.js';
-import { monotonicPart, sumMonotonic, type MetricsJson } from './metrics-aggregate.js';
+import { sumMonotonic, type MetricsJson } from './metrics-aggregate.js';
 import { ListenError, StartFailure, TlsMaterialError } from './errors.js';
 import { isMessage, type FromWorker, type ToWorker, type UpstreamPorts } from './worker-protocol.js';
 
@@ -93,8 +93,11 @@ interface Member {
   readonly failuresBefore: number;
   /** Did not answer the last metrics request: said once, until it answers again. */
   silent: boolean;
-  /** Its counters and histograms as last scraped (or as handed over after its drain): what it leaves in the sums when it exits or falls silent. */
-  counted?: MetricsJson | undefined;
+  /**
+   * Its metrics as last scraped (or as handed over after its drain). While it is silent they stand in for it whole: its
+   * connections, streams and memory are still there. When it exits, its counters and histograms stay in the sums.
+   */
+  lastScraped?: MetricsJson | undefined;
 }
 
 export class WorkerPool implements RunningProxy {
@@ -194,20 +197,21 @@ export class WorkerPool implements RunningProxy {
 
   /**
    * Every listening worker's metrics, and the counts of those that exited. A worker that does not
-   * answer in time adds its counts as last scraped; one that exited meanwhile is in the retired sum.
+   * answer in time is there as last scraped, gauges too: left out, the connections it still holds and
+   * its memory vanished from the sums while it was stuck. One that exited meanwhile is in the retired sum.
    */
   async collectMetrics(): Promise<MetricsJson[]> {
     const timeoutMs = this.#options.metricsTimeoutMs ?? 2000;
     const asked = [...this.#members.values()].filter((m) => m.up);
     const answers = await Promise.all(asked.map(async (m) => {
       const metrics = await this.#askMetrics(m.worker, timeoutMs);
-      if (metrics) m.counted = monotonicPart(metrics);
+      if (metrics) m.lastScraped = metrics;
       if (this.#members.has(m.worker.id)) this.#noteAnswer(m, metrics !== undefined, timeoutMs);
       return metrics;
     }));
     // Who is still a member is read with the retired sum, once every answer is in: a worker that answered and then
     // exited while another was slow to answer is in that sum already, and was counted twice (a total that then fell).
-    const live = asked.flatMap((m, i) => (this.#members.has(m.worker.id) ? [answers[i] ?? m.counted] : []));
+    const live = asked.flatMap((m, i) => (this.#members.has(m.worker.id) ? [answers[i] ?? m.lastScraped] : []));
     return [...live.filter((m): m is MetricsJson => m !== undefined), this.#retired];
   }
 
@@ -218,7 +222,7 @@ export class WorkerPool implements RunningProxy {
     member.silent = silent;
     const { id, process: { pid } } = member.worker;
     if (answered) this.#options.logger.info({ event: 'worker_answering', worker: id, pid }, `worker ${id} (pid ${pid}) answers again`);
-    else this.#options.logger.warn({ event: 'worker_unresponsive', worker: id, pid, timeoutMs }, `worker ${id} (pid ${pid}) did not answer within ${timeoutMs} ms (event loop stuck or process stopped?): /metrics has its counters as last scraped`);
+    else this.#options.logger.warn({ event: 'worker_unresponsive', worker: id, pid, timeoutMs }, `worker ${id} (pid ${pid}) did not answer within ${timeoutMs} ms (event loop stuck or process stopped?): /metrics has its numbers as last scraped`);
   }
 
   /** Every worker drains (stops accepting, in-flight calls finish for up to `timeoutMs`) and exits. */
@@ -266,7 +270,7 @@ export class WorkerPool implements RunningProxy {
         return;
       case 'final':
         // What it leaves in the sums when it exits (#onExit), in place of its counts as last scraped.
-        member.counted = monotonicPart(message.metrics);
+        member.lastScraped = message.metrics;
         return;
       case 'pong':
         member.full = !message.room;
@@ -300,7 +304,7 @@ export class WorkerPool implements RunningProxy {
 
   #onExit(member: Member, code: number | null, signal: string | null): void {
     this.#members.delete(member.worker.id);
-    if (member.counted) this.#retired = sumMonotonic(this.#retired, member.counted);
+    if (member.lastScraped) this.#retired = sumMonotonic(this.#retired, member.lastScraped);
     if (this.#members.size === 0) this.#allExited?.();
     if (this.#stopping) return this.#exitedInDrain(member, code, signal);
     if (!this.#started || this.#lost) return;

@@ -940,3 +940,23 @@ describe('a scrape that a worker exit overtakes', SAFETY, () => {
     }
   });
 });
+
+describe('a scrape while every worker is stopped', SAFETY, () => {
+  test('the connections they still hold stay in ovms_mtls_open_connections as last scraped: not 0 while every client waits', async () => {
+    const config = { ...baseConfig({ pki, upstream: { restPort: upstream.restPort! } }), workers: 2, logLevel: 'warn' as const, admin: { hosts: ['127.0.0.1'], port: 0 } };
+    const pool = await new WorkerPool({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: 'warn', destination: new LogCapture() }), metricsTimeoutMs: 1000 }).start();
+    const workers = Object.values(cluster.workers!) as Worker[];
+    const sessions = Array.from({ length: 4 }, () => h2Session(pool.port('rest')!, pki));
+    const open = async () => scrapedSum(await pool.collectMetrics(), 'ovms_mtls_open_connections');
+    try {
+      for (const session of sessions) assert.equal((await h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' })).headers[':status'], 200);
+      await eventually(async () => (await open()) === sessions.length, 'every connection counted open');
+      for (const worker of workers) worker.process.kill('SIGSTOP');
+      assert.equal(await open(), sessions.length, 'the stopped workers still hold every connection');
+    } finally {
+      for (const worker of workers) worker.process.kill('SIGCONT');
+      for (const session of sessions) session.close();
+      await pool.shutdown(1000);
+    }
+  });
+});
