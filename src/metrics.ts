@@ -10,6 +10,7 @@ import type { Refusal } from './client-identity.js';
 import type { AccessRecord, H2SessionFailure, ListenerName, ProxyObserver, RelayRecord, UnseenResets } from './observer.js';
 import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
 import { grpcRoute, restRoute } from './metric-routes.js';
+import { replaceEventLoopDelayGauges } from './event-loop-delay.js';
 
 export const METRIC_PREFIX = 'ovms_mtls_';
 
@@ -56,7 +57,10 @@ export class ProxyMetrics implements ProxyObserver {
 
   constructor(options: MetricsOptions = {}) {
     this.#m = defineMetrics(this.registry);
-    if (options.processMetrics !== false) collectDefaultMetrics({ register: this.registry, prefix: METRIC_PREFIX });
+    if (options.processMetrics !== false) {
+      collectDefaultMetrics({ register: this.registry, prefix: METRIC_PREFIX });
+      replaceEventLoopDelayGauges(this.registry, METRIC_PREFIX);
+    }
     // Counters that should read 0, not be absent, before the first event.
     for (const result of ['success', 'failure']) this.#m.reloads.inc({ result }, 0);
     this.#m.ovmsRestarts.inc(0);

@@ -345,6 +345,17 @@ describe('metrics the data path does not see', () => {
     assert.equal(sample(await b.text(), 'ovms_mtls_ovms_restarts_total'), 0);
     assert.ok(sample(await b.text(), 'ovms_mtls_process_cpu_seconds_total') !== undefined);
   });
+
+  test('a scrape with no event-loop sample since the one before serves the delays of the last window that had some, not a minimum of 292 years and a mean of NaN', async () => {
+    const metrics = new ProxyMetrics();
+    const delays = (text: string) => Object.fromEntries(['min', 'max', 'mean', 'stddev', 'p50', 'p90', 'p99'].map((s) => [s, sample(text, `ovms_mtls_nodejs_eventloop_lag_${s}_seconds`)!]));
+    await eventually(async () => delays(await metrics.text()).max! > 0, 'a window with event-loop samples');
+    // Both renderings read the delays in the same turn of the event loop: no sample can come between them.
+    const [first, second] = (await Promise.all([metrics.text(), metrics.text()])).map(delays);
+    for (const [statistic, seconds] of Object.entries(second!)) assert.ok(Number.isFinite(seconds), `${statistic} is ${seconds}`);
+    assert.ok(second!.min! <= second!.max!, `min ${second!.min} above max ${second!.max}`);
+    assert.deepEqual(second, first);
+  });
 });
 
 describe('metrics merged from several workers', () => {
