@@ -242,8 +242,9 @@ export class TlsReloader {
    */
   #watchFailed(dir: string, err: Error): void {
     if (this.#unwatched.has(dir)) return;
-    // Once polling, each new version directory of a secret mount fails the same way: said once.
-    const level = this.#unwatched.size === 0 ? 'warn' : 'debug';
+    // Once polling, each new version directory of a secret mount fails the same way: said once. The one that failed
+    // before has left the set by then (the rotation replaced it), while the files are still polled: a warning each rotation.
+    const level = this.#unwatched.size === 0 && this.#poll === undefined ? 'warn' : 'debug';
     this.#unwatched.add(dir);
     this.#options.logger[level](
       { event: 'watch_failed', dir, reason: err.message },

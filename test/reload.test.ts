@@ -1,13 +1,13 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { EventEmitter, once } from 'node:events';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { connect as connectTcp, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { mkdir, readFile, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { Agent } from 'node:https';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
@@ -632,6 +632,18 @@ describe('the proxy command reloads on SIGHUP and on file changes', SAFETY, () =
   });
 });
 
+/** The proxy command on a REST port only, reading `certs`, run under `wrap`; in one process: the reloaded line is then the one that serves. */
+async function startRestProxy(certs: CertDir, wrap: readonly string[]): Promise<{ port: number; cli: ReturnType<typeof startCli> }> {
+  const [port] = (await freeLoopbackPorts(1)) as [number];
+  const { cert, key, clientCa, crl } = certs.files;
+  const cli = startCli(
+    ['proxy', '--rest_port', String(port), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, '--mtls_workers', '1',
+      '--mtls_cert', cert, '--mtls_key', key, '--mtls_client_ca', clientCa, '--mtls_crl', crl!],
+    { wrap },
+  );
+  return { port, cli };
+}
+
 /** A uid of its own (OpenShift's range, no passwd entry): the inotify limit below is per uid, so nothing else on the machine shares it. */
 const POLLING_UID = 1000680001;
 const AS_POLLING_UID = ['setpriv', `--reuid=${POLLING_UID}`, '--regid=0', '--clear-groups'];
@@ -654,14 +666,7 @@ describe('certificate directories that cannot be watched', { ...SAFETY, skip: !(
     try {
       const [held] = (await once(createInterface({ input: hog.stdout! }), 'line')) as [string];
       assert.match(held, /^held \d+$/);
-      const [port] = (await freeLoopbackPorts(1)) as [number];
-      const { cert, key, clientCa, crl } = certs.files;
-      const cli = startCli(
-        // One process: the reloaded line is then the one that serves.
-        ['proxy', '--rest_port', String(port), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, '--mtls_workers', '1',
-          '--mtls_cert', cert, '--mtls_key', key, '--mtls_client_ca', clientCa, '--mtls_crl', crl!],
-        { wrap: AS_POLLING_UID },
-      );
+      const { port, cli } = await startRestProxy(certs, AS_POLLING_UID);
       try {
         const failed = await Promise.race([cli.logs.waitFor((l) => l.event === 'watch_failed'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
         assert.match(String(failed.msg), /^cannot watch \S+ for certificate changes \(EMFILE: too many open files, watch .*\); looking at the files every 5 s instead until the watch can be placed$/);
@@ -685,6 +690,39 @@ describe('certificate directories that cannot be watched', { ...SAFETY, skip: !(
       }
     } finally {
       hog.kill('SIGKILL');
+    }
+  });
+});
+
+/**
+ * The CLI in a user namespace of its own whose processes may hold one inotify watch: the limit
+ * (fs.inotify.max_user_watches, which other containers of the uid use up as well) counts per
+ * namespace, so nothing outside it shares this one.
+ */
+const ONE_INOTIFY_WATCH = ['unshare', '--user', '--map-root-user', 'sh', '-c', 'echo 1 > /proc/sys/user/max_inotify_watches && exec "$@"', 'sh'];
+const USER_NAMESPACE = spawnSync('unshare', ['--user', '--map-root-user', 'sh', '-c', 'echo 1 > /proc/sys/user/max_inotify_watches']).status === 0;
+
+describe('a certificate directory that cannot be watched beside one that can', { ...SAFETY, skip: !USER_NAMESPACE && 'unshare --user, with its own inotify limits, is not available here' }, () => {
+  test('each new version directory of a secret mount that cannot be watched either is no new warning while the files are polled', async () => {
+    const certs = await kubernetesCertDir(originalSet());
+    dirs.push(certs.dir);
+    // The mount directory takes the one watch; its version directory (..v1, then each new one) cannot have one.
+    const { cli } = await startRestProxy(certs, ONE_INOTIFY_WATCH);
+    try {
+      await Promise.race([cli.logs.waitFor((l) => l.event === 'listening' && l.listener === 'rest'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
+      const reloaded = new Set<object>();
+      for (const [version, contents] of [['v2', { ...originalSet(), cert: newServer.certPem, key: newServer.keyPem }], ['v3', originalSet()]] as const) {
+        await kubernetesSwap(certs.dir, version, contents);
+        // The watches are placed again before the reloaded line: a warning for this version directory is logged by then.
+        reloaded.add(await cli.logs.waitFor((l) => l.event === 'reloaded' && l.trigger === 'file' && !reloaded.has(l)));
+      }
+      const warnings = cli.logs.lines.filter((l) => l.event === 'watch_failed' && l.level === 'warn');
+      assert.deepEqual(warnings.map((l) => basename(String(l.dir))), ['..v1'], 'one warning when the polling began, not one per rotation');
+      assert.match(String(warnings[0]!.reason), /^ENOSPC/);
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0, cli.stderr());
+    } finally {
+      if (cli.child.exitCode === null && cli.child.signalCode === null) cli.child.kill('SIGKILL');
     }
   });
 });
