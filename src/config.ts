@@ -524,24 +524,6 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
   };
 }
 
-/** `ovms-mtls proxy`: public listeners forward to upstreams given on the command line. */
-export function proxyConfigFromOptions(raw: RawOptions): Config {
-  const listeners = parsePublicListeners(raw);
-  const common = parseCommonConfig(raw);
-  checkAdminPort(common.admin, listeners);
-  // The example is the port OVMS's docs (and ours) give that protocol: REST pointed at the gRPC port answers nothing useful.
-  const upstream = (name: string, listenerFlag: string, example: string) => {
-    const value = optionalString(raw, name);
-    if (value === undefined) throw new ConfigError(`--${name} is required with --${listenerFlag} (host:port of the model server, e.g. ${example})`);
-    return parseHostPort(name, value);
-  };
-  return {
-    ...common,
-    grpc: listeners.grpc ? { hosts: listeners.grpc.hosts, port: listeners.grpc.port ?? 0, upstream: upstream('mtls_grpc_upstream', 'port', '127.0.0.1:9000') } : undefined,
-    rest: listeners.rest ? { hosts: listeners.rest.hosts, port: listeners.rest.port ?? 0, upstream: upstream('mtls_rest_upstream', 'rest_port', '127.0.0.1:8000') } : undefined,
-  };
-}
-
 /**
  * One worker per CPU this process may use: the CPUs it may run on, capped by a
  * cgroup CPU quota (a Kubernetes CPU limit of 2 on a 64-core node means 2).

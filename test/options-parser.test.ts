@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
-import { PROXY_OPTIONS } from '../src/cli/proxy-command.js';
+import { PROXY_OPTIONS } from '../src/proxy-options.js';
 import { ConfigError } from '../src/errors.js';
 import type { RawOptions } from '../src/options.js';
 

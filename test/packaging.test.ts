@@ -14,9 +14,10 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse, parseAllDocuments } from 'yaml';
 import { ALL_OPTIONS, envVarName, optionSpec, optionsFromEnv } from '../src/options.js';
-import { DEFAULTS, parseAllowList, proxyConfigFromOptions } from '../src/config.js';
+import { DEFAULTS, parseAllowList } from '../src/config.js';
+import { PROXY_OPTIONS, proxyConfigFromOptions } from '../src/proxy-options.js';
 import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
-import { PROXY_OPTIONS, PROXY_USAGE } from '../src/cli/proxy-command.js';
+import { PROXY_USAGE } from '../src/cli/proxy-command.js';
 import { DEFAULT_PROBE_TIMEOUT_S, PROBE_OPTIONS, PROBE_USAGE } from '../src/cli/probe-command.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv, UNCAPPED_OVMS_STREAMS } from '../src/ovms-args.js';
@@ -359,6 +360,21 @@ describe('example configuration', () => {
       await proxy.shutdown(1000);
       await pki.cleanup();
     }
+  });
+
+  // The command line refuses an option it does not know; the package entry took any name and
+  // dropped it: `mtls_alow_cn: 'alice'` (one l) made a proxy that let in every client the CA vouches for.
+  test('the package entry refuses an option name `ovms-mtls proxy` does not take, as the command line does, naming the one meant', async () => {
+    const lib = (await import('ovms-mtls')) as typeof import('../src/index.js');
+    const given = { rest_port: '8443', mtls_rest_upstream: '127.0.0.1:8000', mtls_cert: 'server.pem', mtls_key: 'server.key', mtls_client_ca: 'client_cert_ca.pem' };
+    const refused = (extra: Record<string, string>, message: RegExp) => assert.throws(() => lib.proxyConfigFromOptions({ ...given, ...extra }), { code: 'ERR_CONFIG', message });
+    refused({ mtls_alow_cn: 'alice' }, /^unknown option 'mtls_alow_cn': the names are those of `ovms-mtls proxy --help`, without the dashes$/);
+    refused({ mtlsAllowCn: 'alice' }, /^unknown option 'mtlsAllowCn' \(did you mean 'mtls_allow_cn'\?\)/);
+    refused({ '--mtls_allow_cn': 'alice' }, /^unknown option '--mtls_allow_cn' \(did you mean 'mtls_allow_cn'\?\)/);
+    refused({ allow_cn: 'alice' }, /^unknown option 'allow_cn' \(did you mean 'mtls_allow_cn'\?\)/);
+    refused({ OVMS_MTLS_REST_PORT: '8443' }, /^unknown option 'OVMS_MTLS_REST_PORT' \(did you mean 'rest_port'\?\)/);
+    refused({ mtls_ovms_binary: '/ovms/bin/ovms' }, /^--mtls_ovms_binary applies to the OVMS entrypoint only/);
+    assert.deepEqual(lib.proxyConfigFromOptions({ ...given, mtls_allow_cn: 'alice' }).allow.cn, ['alice']);
   });
 
   // "files" named all of dist/: after `npm run build:binary`, `npm pack` took the 100 MB executable, its blob and

@@ -1,7 +1,6 @@
-import { ALL_OPTIONS, envVarName, type OptionSpec } from '../options.js';
+import { envVarName } from '../options.js';
 import type { Logger } from 'pino';
-import { ConfigError } from '../errors.js';
-import { proxyConfigFromOptions } from '../config.js';
+import { ENTRYPOINT_ONLY, PROXY_OPTIONS, entrypointOnlyError, proxyConfigFromOptions } from '../proxy-options.js';
 import { resolveListenAddresses } from '../bind-addresses.js';
 import { createLogger } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
@@ -13,17 +12,11 @@ import { collectOptions, parseCommandLine } from './options-parser.js';
 import { waitForStopSignal, warnServiceLinks } from './lifecycle.js';
 import { PROXY_FATAL_EXIT_CODE } from './entrypoint-lifecycle.js';
 
-// --mtls_user too: only the entrypoint drops privileges, and a proxy that took the option would stay root without a word.
-const ENTRYPOINT_ONLY = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_ovms_hang_timeout', 'mtls_restart', 'mtls_user']);
-export const PROXY_OPTIONS: readonly OptionSpec[] = ALL_OPTIONS.filter((o) => !ENTRYPOINT_ONLY.has(o.name));
-
 /** An entrypoint option given to `proxy`: one line saying so, rather than yargs' "unknown option". */
 function refuseEntrypointOptions(argv: readonly string[]): void {
   for (const arg of argv) {
     const name = /^--(mtls_[a-z_]+)(=|$)/.exec(arg)?.[1];
-    if (name === undefined || !ENTRYPOINT_ONLY.has(name)) continue;
-    const hint = name === 'mtls_user' ? 'start `ovms-mtls proxy` as the user it should run as (systemd User=, docker --user)' : '`ovms-mtls proxy` starts no OVMS';
-    throw new ConfigError(`--${name} applies to the OVMS entrypoint only: ${hint}`);
+    if (name !== undefined && ENTRYPOINT_ONLY.has(name)) throw entrypointOnlyError(name);
   }
 }
 

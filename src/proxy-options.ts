@@ -1,0 +1,64 @@
+/**
+ * What `ovms-mtls proxy` takes, and the configuration it makes of it. The package entry exports
+ * proxyConfigFromOptions for programs, which give the command line's option names as keys: a
+ * name the command line would refuse is refused here too, where it was dropped without a word.
+ */
+import { ALL_OPTIONS, type OptionSpec, type RawOptions } from './options.js';
+import { ConfigError } from './errors.js';
+import { checkAdminPort, optionalString, parseCommonConfig, parseHostPort, parsePublicListeners, type Config } from './config.js';
+
+// --mtls_user too: only the entrypoint drops privileges, and a proxy that took the option would stay root without a word.
+export const ENTRYPOINT_ONLY: ReadonlySet<string> = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_ovms_hang_timeout', 'mtls_restart', 'mtls_user']);
+export const PROXY_OPTIONS: readonly OptionSpec[] = ALL_OPTIONS.filter((o) => !ENTRYPOINT_ONLY.has(o.name));
+const PROXY_OPTION_NAMES: ReadonlySet<string> = new Set(PROXY_OPTIONS.map((o) => o.name));
+
+/** An entrypoint option given to `proxy`: one line saying so, rather than "unknown option". */
+export function entrypointOnlyError(name: string): ConfigError {
+  const hint = name === 'mtls_user' ? 'start `ovms-mtls proxy` as the user it should run as (systemd User=, docker --user)' : '`ovms-mtls proxy` starts no OVMS';
+  return new ConfigError(`--${name} applies to the OVMS entrypoint only: ${hint}`);
+}
+
+/**
+ * `mtlsAllowCn`, `--mtls_allow_cn`, `mtls-allow-cn`, `allow_cn`, `OVMS_MTLS_ALLOW_CN` (its variable):
+ * the option a program spelling a flag its own way meant, if any.
+ */
+function optionMeant(name: string): string | undefined {
+  const snakeCase = /^[A-Z0-9_]+$/.test(name)
+    ? name.toLowerCase().replace(/^ovms_mtls_/, '')
+    : name.replace(/^-+/, '').replace(/-/g, '_').replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+  return [snakeCase, `mtls_${snakeCase}`].find((candidate) => PROXY_OPTION_NAMES.has(candidate));
+}
+
+/**
+ * A misspelt name would otherwise be an option not given: `mtls_alow_cn` left the allow-list
+ * empty, and every client the CA vouches for got in.
+ */
+function refuseNamesProxyLacks(raw: RawOptions): void {
+  for (const name of Object.keys(raw)) {
+    if (PROXY_OPTION_NAMES.has(name)) continue;
+    if (ENTRYPOINT_ONLY.has(name)) throw entrypointOnlyError(name);
+    const meant = optionMeant(name);
+    throw new ConfigError(meant === undefined
+      ? `unknown option '${name}': the names are those of \`ovms-mtls proxy --help\`, without the dashes`
+      : `unknown option '${name}' (did you mean '${meant}'?)`);
+  }
+}
+
+/** `ovms-mtls proxy`: public listeners forward to upstreams given on the command line. */
+export function proxyConfigFromOptions(raw: RawOptions): Config {
+  refuseNamesProxyLacks(raw);
+  const listeners = parsePublicListeners(raw);
+  const common = parseCommonConfig(raw);
+  checkAdminPort(common.admin, listeners);
+  // The example is the port OVMS's docs (and ours) give that protocol: REST pointed at the gRPC port answers nothing useful.
+  const upstream = (name: string, listenerFlag: string, example: string) => {
+    const value = optionalString(raw, name);
+    if (value === undefined) throw new ConfigError(`--${name} is required with --${listenerFlag} (host:port of the model server, e.g. ${example})`);
+    return parseHostPort(name, value);
+  };
+  return {
+    ...common,
+    grpc: listeners.grpc ? { hosts: listeners.grpc.hosts, port: listeners.grpc.port ?? 0, upstream: upstream('mtls_grpc_upstream', 'port', '127.0.0.1:9000') } : undefined,
+    rest: listeners.rest ? { hosts: listeners.rest.hosts, port: listeners.rest.port ?? 0, upstream: upstream('mtls_rest_upstream', 'rest_port', '127.0.0.1:8000') } : undefined,
+  };
+}
