@@ -81,6 +81,20 @@ function defaultDestination(options: SinkOptions): DestinationStream {
   return accessBufferedDestination(1, options);
 }
 
+/**
+ * Every logger without a destination of its own writes through this one: a program embedding
+ * the package may make a logger per proxy it starts, and each opened a descriptor of its own on
+ * stdout and an exit hook it never gave back (Node warned of a leak at the eleventh), and held
+ * its access lines apart, so another logger's warning overtook them.
+ */
+let stdoutDestination: DestinationStream | undefined;
+
+/** The logger that opens it reports the lines it had to drop. */
+function sharedStdoutDestination(reporter: () => Logger): DestinationStream {
+  stdoutDestination ??= defaultDestination({ onDropped: (lines, reason) => reportDroppedLines(reporter(), lines, reason) });
+  return stdoutDestination;
+}
+
 /** pino's isoTime, formatted once per millisecond: a loaded proxy writes many lines in each. */
 function isoTimeByMillisecond(): () => string {
   let last = -1;
@@ -104,8 +118,8 @@ function isoTimeByMillisecond(): () => string {
  * and counted (log-sink.ts).
  */
 export function createLogger(options: LoggerOptions): Logger {
-  const destination = options.destination ?? defaultDestination({ onDropped: (lines, reason) => reportDroppedLines(logger, lines, reason) });
-  const logger = pino(
+  const destination: DestinationStream = options.destination ?? sharedStdoutDestination(() => logger);
+  const logger: Logger = pino(
     {
       level: options.level,
       base: { name: 'ovms-mtls' },

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs, { openSync, closeSync, readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { accessBufferedDestination, createLogger, type Logger } from '../src/log.js';
 import { eventually } from './helpers/ops.js';
@@ -163,6 +163,26 @@ describe('log destination', () => {
       assert.equal((err as { status: number }).status, 3);
     }
     assert.deepEqual(events(stdout), ['access:1', 'access:2', 'access:3', 'access:4', 'access:5']);
+  });
+
+  // A program embedding the package makes a logger per proxy it starts (as src/index.ts shows). Each
+  // opened a descriptor of its own on a piped stdout and an exit hook, never given back: at the
+  // eleventh, Node warned of an EventEmitter leak; and one logger's warning overtook the access
+  // lines another still held.
+  test('loggers writing to stdout share it: no descriptor or exit hook per logger, and their lines stay in order', () => {
+    const script = `import { createLogger } from ${JSON.stringify(LOG_MODULE)};
+      import { readdirSync } from 'node:fs';
+      const held = () => [readdirSync('/proc/self/fd').length, process.listenerCount('exit')];
+      const first = createLogger({ level: 'info' });
+      const heldByOne = held();
+      const loggers = Array.from({ length: 11 }, () => createLogger({ level: 'info' }));
+      if (String(held()) !== String(heldByOne)) process.stderr.write('12 loggers hold [descriptors, exit hooks] ' + held() + ', one held ' + heldByOne + '\\n');
+      first.info({ event: 'access', n: 1 });
+      loggers.at(-1).warn({ event: 'upstream_error', n: 2 });`;
+    // Through `| cat`, stdout is a pipe (FIFO) as under docker or systemd, where a logger opens a descriptor of its own.
+    const run = spawnSync('/bin/sh', ['-c', '"$0" --input-type=module -e "$1" | cat', process.execPath, script], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    assert.equal(run.stderr, '');
+    assert.deepEqual(events(run.stdout), ['access:1', 'upstream_error:2']);
   });
 });
 
