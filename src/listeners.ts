@@ -151,6 +151,12 @@ export class SecureListener {
   readonly #handshakeContext = new WeakMap<Socket, number>();
   /** How the context in force judges a client verified under an earlier one (none before a reload). */
   #judgeLate: LateJudge | undefined;
+  /**
+   * TCP connections whose TLS handshake has not finished. The TCP server's close waits for them
+   * too, so one whose client sends nothing (a port scanner, a load balancer's TCP check) held the
+   * shutdown until --mtls_handshake_timeout, past --mtls_shutdown_timeout: destroyAll cuts them.
+   */
+  readonly #handshaking = new Set<Socket>();
   /** Stopped accepting: the shutdown waits for the connections, and ended ones get a short linger. */
   #draining = false;
   /** What waits for the last live connection to close (stopAccepting). */
@@ -223,6 +229,7 @@ export class SecureListener {
 
   destroyAll(): void {
     for (const context of this.#connections.values()) cutConnection(context, 'shutdown_timeout');
+    for (const socket of this.#handshaking) socket.destroy();
   }
 
   /**
@@ -277,6 +284,8 @@ export class SecureListener {
       }
       if (limits.maxConnections !== 0 && !this.#admit(socket, limits.maxConnections)) return;
       this.#handshakeContext.set(socket, this.#contexts);
+      this.#handshaking.add(socket);
+      socket.once('close', () => this.#handshaking.delete(socket));
       tls.emit('connection', socket);
     });
     return { tcp, tls };
@@ -295,6 +304,7 @@ export class SecureListener {
   }
 
   #onSecureConnection(socket: TLSSocket): void {
+    this.#handshaking.delete(parentOf(socket)!);
     const { observer } = this.#options;
     const judged = this.#judgeSafely(socket);
     if ('refused' in judged) {

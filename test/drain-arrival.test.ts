@@ -5,7 +5,8 @@ import { connect as netConnect, createServer as createTcpServer, type AddressInf
 import { connect as tlsConnect } from 'node:tls';
 import { connect as h2Connect } from 'node:http2';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { settlesWithin } from './helpers/ops.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import type { Config } from '../src/config.js';
 
@@ -120,4 +121,25 @@ describe('a connection whose handshake finishes during a drain', () => {
       assert.notEqual(seen, 'status 200');
     });
   }
+});
+
+// A client that connects and sends nothing (a port scanner, a load balancer's TCP check) held the
+// drain until --mtls_handshake_timeout: a RunningProxy's shutdown(1000) took 10 s, and `ovms-mtls
+// proxy --mtls_shutdown_timeout 1` as long to stop on SIGTERM, past a container's grace period.
+describe('a connection whose handshake never starts', () => {
+  test('is cut at the shutdown timeout, not waited for until the handshake timeout', { timeout: 120_000 }, async () => {
+    const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, limits: { handshakeTimeoutMs: 600_000 } });
+    const silent = netConnect({ host: '127.0.0.1', port: local.restPort });
+    silent.on('error', () => {});
+    try {
+      await once(silent, 'connect');
+      const closed = once(silent, 'close');
+      // Served after it, so the proxy has taken the silent connection in too (it accepts in order).
+      assert.equal((await https1(local.restPort, pki, { path: '/v2/health/live' })).status, 200);
+      await settlesWithin(local.proxy.shutdown(1000), 60_000, 'the shutdown, held by a connection that never starts its handshake');
+      await closed;
+    } finally {
+      silent.destroy();
+    }
+  });
 });
