@@ -3,14 +3,14 @@
  * proxyConfigFromOptions for programs, which give the command line's option names as keys: a
  * name the command line would refuse is refused here too, where it was dropped without a word.
  */
-import { ALL_OPTIONS, type OptionSpec, type RawOptions } from './options.js';
+import { ALL_OPTIONS, refuseBlankText, type OptionSpec, type RawOptions } from './options.js';
 import { ConfigError } from './errors.js';
 import { checkAdminPort, optionalString, parseCommonConfig, parseHostPort, parsePublicListeners, type Config } from './config.js';
 
 // --mtls_user too: only the entrypoint drops privileges, and a proxy that took the option would stay root without a word.
 export const ENTRYPOINT_ONLY: ReadonlySet<string> = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_ovms_hang_timeout', 'mtls_restart', 'mtls_user']);
 export const PROXY_OPTIONS: readonly OptionSpec[] = ALL_OPTIONS.filter((o) => !ENTRYPOINT_ONLY.has(o.name));
-const PROXY_OPTION_NAMES: ReadonlySet<string> = new Set(PROXY_OPTIONS.map((o) => o.name));
+const PROXY_OPTIONS_BY_NAME: ReadonlyMap<string, OptionSpec> = new Map(PROXY_OPTIONS.map((o) => [o.name, o]));
 
 /** An entrypoint option given to `proxy`: one line saying so, rather than "unknown option". */
 export function entrypointOnlyError(name: string): ConfigError {
@@ -26,16 +26,21 @@ function optionMeant(name: string): string | undefined {
   const snakeCase = /^[A-Z0-9_]+$/.test(name)
     ? name.toLowerCase().replace(/^ovms_mtls_/, '')
     : name.replace(/^-+/, '').replace(/-/g, '_').replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
-  return [snakeCase, `mtls_${snakeCase}`].find((candidate) => PROXY_OPTION_NAMES.has(candidate));
+  return [snakeCase, `mtls_${snakeCase}`].find((candidate) => PROXY_OPTIONS_BY_NAME.has(candidate));
 }
 
 /**
- * A misspelt name would otherwise be an option not given: `mtls_alow_cn` left the allow-list
- * empty, and every client the CA vouches for got in.
+ * What the command line refuses before the configuration is read. Taken for an option not given,
+ * a misspelt name (`mtls_alow_cn`) left the allow-list empty, and every client the CA vouches for
+ * got in; an empty `mtls_crl` left revocation unchecked, an empty bind address bound them all.
  */
-function refuseNamesProxyLacks(raw: RawOptions): void {
-  for (const name of Object.keys(raw)) {
-    if (PROXY_OPTION_NAMES.has(name)) continue;
+function refuseWhatCommandLineRefuses(raw: RawOptions): void {
+  for (const [name, value] of Object.entries(raw)) {
+    const spec = PROXY_OPTIONS_BY_NAME.get(name);
+    if (spec) {
+      if (value !== undefined) refuseBlankText(spec, value);
+      continue;
+    }
     if (ENTRYPOINT_ONLY.has(name)) throw entrypointOnlyError(name);
     const meant = optionMeant(name);
     throw new ConfigError(meant === undefined
@@ -46,7 +51,7 @@ function refuseNamesProxyLacks(raw: RawOptions): void {
 
 /** `ovms-mtls proxy`: public listeners forward to upstreams given on the command line. */
 export function proxyConfigFromOptions(raw: RawOptions): Config {
-  refuseNamesProxyLacks(raw);
+  refuseWhatCommandLineRefuses(raw);
   const listeners = parsePublicListeners(raw);
   const common = parseCommonConfig(raw);
   checkAdminPort(common.admin, listeners);

@@ -377,6 +377,17 @@ describe('example configuration', () => {
     assert.deepEqual(lib.proxyConfigFromOptions({ ...given, mtls_allow_cn: 'alice' }).allow.cn, ['alice']);
   });
 
+  // The command line refuses `--mtls_crl=` and `--rest_bind_address=`; the package entry took an empty value for
+  // no value: { mtls_crl: '' } (an unset variable's `?? ''`) served without revocation checks, and an empty bind address on every address.
+  test('the package entry refuses a text option given empty, as the command line does', async () => {
+    const lib = (await import('ovms-mtls')) as typeof import('../src/index.js');
+    const given = { rest_port: '8443', mtls_rest_upstream: '127.0.0.1:8000', mtls_cert: 'server.pem', mtls_key: 'server.key', mtls_client_ca: 'client_cert_ca.pem' };
+    for (const name of ['mtls_crl', 'rest_bind_address', 'mtls_rest_mode']) {
+      assert.throws(() => lib.proxyConfigFromOptions({ ...given, [name]: ' ' }), { code: 'ERR_CONFIG', message: new RegExp(`^--${name} needs a value`) }, name);
+    }
+    assert.equal(lib.proxyConfigFromOptions({ ...given, mtls_crl: undefined }).tls.crl, undefined, 'undefined is an option not given');
+  });
+
   // "files" named all of dist/: after `npm run build:binary`, `npm pack` took the 100 MB executable, its blob and
   // bundle, and the compiled tests and benchmarks (632 files, 39 MB packed).
   test('the npm package holds what bin/ovms-mtls and the package entry run, not the single executable or the compiled tests', () => {
