@@ -4,14 +4,14 @@
  * bench/results/latest.{md,json,svg}. See bench/README.md.
  */
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { constants as osConstants, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { writeBenchPki } from './pki.js';
 import { SCENARIOS } from './scenarios.js';
 import { USAGE, UsageError, parseOptions, type Options } from './options.js';
 import { findNginx, loadAverage, machine } from './machine.js';
-import { startTarget, startUpstream, type BenchContext, type TargetSpec } from './targets.js';
+import { startTarget, startUpstream, stopAllTargets, type BenchContext, type TargetSpec } from './targets.js';
 import { measure, type Measurement } from './measure.js';
 import { markdownReport, num, verdicts, withRatios, type BenchResults } from './report.js';
 import { svgChart } from './chart.js';
@@ -84,6 +84,26 @@ function progress(i: number, total: number, m: Measurement, unit: string): void 
   process.stderr.write(`[${i}/${total}] ${m.scenario} · ${m.label}: ${what}, ${m.errors} errors\n`);
 }
 
+/**
+ * Ctrl-C or `kill` mid-run: the proxy or nginx being measured would outlive
+ * the bench (nothing tells them it went), holding its ports, and the
+ * temporary directory would stay with its private keys. Stop them, remove
+ * it, then exit as the signal would have. Drivers and the upstream follow
+ * by themselves: they exit when their IPC channel to the bench closes.
+ */
+function stopOnSignals(dir: string, keep: boolean): void {
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      process.stderr.write(`bench: interrupted (${signal}): stopping the targets${keep ? '' : ` and removing ${dir}`}\n`);
+      void stopAllTargets().finally(() => {
+        if (keep) process.stderr.write(`bench: kept ${dir}\n`);
+        else rmSync(dir, { recursive: true, force: true });
+        process.exit(128 + osConstants.signals[signal]);
+      });
+    });
+  }
+}
+
 async function main(): Promise<number> {
   const options = parseOptions(process.argv.slice(2), REPO);
   if (!options) {
@@ -100,6 +120,7 @@ async function main(): Promise<number> {
     notes.push(message);
   }
   const dir = mkdtempSync(join(tmpdir(), 'ovms-mtls-bench-'));
+  stopOnSignals(dir, options.keep);
   const pkiDir = join(dir, 'pki');
   mkdirSync(pkiDir, { mode: 0o755 });
   const pki = await writeBenchPki(pkiDir);

@@ -76,23 +76,57 @@ export function usesGrpcPort(scenario: ScenarioId): boolean {
   return scenario.startsWith('grpc') || scenario === 'idle';
 }
 
+/**
+ * Proxies and nginx still running. They have no IPC channel to notice that
+ * the bench went away (drivers and upstreams do), so an interrupted bench
+ * stops them itself: stopAllTargets().
+ */
+const running = new Set<ChildProcess>();
+let stopping = false;
+
 /** Spawns under bash so the file-descriptor limit can be raised to the hard limit first. */
 function spawnWithFdLimit(argv: string[], logFile: string, cwd: string): ChildProcess {
+  // Once the bench is stopping, a target started now would outlive it.
+  if (stopping) throw new Error('the bench is stopping');
   const fd = openSync(logFile, 'w');
   try {
-    return spawn('bash', ['-c', 'ulimit -n "$(ulimit -Hn)"; exec "$@"', 'bench-target', ...argv], { cwd, stdio: ['ignore', fd, fd], detached: false });
+    const child = spawn('bash', ['-c', 'ulimit -n "$(ulimit -Hn)"; exec "$@"', 'bench-target', ...argv], { cwd, stdio: ['ignore', fd, fd], detached: false });
+    running.add(child);
+    child.once('exit', () => running.delete(child));
+    return child;
   } finally {
     closeSync(fd);
+  }
+}
+
+/**
+ * SIGKILL to every process of the tree: sent to a master alone, it leaves
+ * the children running (nginx's workers keep serving its ports).
+ */
+function killTree(root: number): void {
+  for (const pid of processTree(root)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone already
+    }
   }
 }
 
 async function stopProcess(child: ChildProcess, signal: NodeJS.Signals): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = once(child, 'exit');
-  child.kill(signal);
-  const timer = setTimeout(() => child.kill('SIGKILL'), STOP_TIMEOUT_MS);
+  if (signal === 'SIGKILL') killTree(child.pid!);
+  else child.kill(signal);
+  const timer = setTimeout(() => killTree(child.pid!), STOP_TIMEOUT_MS);
   await exited;
   clearTimeout(timer);
+}
+
+/** Stops every proxy and nginx still running, and starts no more (an interrupted bench). */
+export async function stopAllTargets(): Promise<void> {
+  stopping = true;
+  await Promise.all([...running].map((child) => stopProcess(child, 'SIGTERM')));
 }
 
 function shrink(file: string): void {
