@@ -54,7 +54,25 @@ export interface Options {
   keep: boolean;
 }
 
-/** The parsed command line, or undefined when help was asked for. Throws on an unknown scenario. */
+/**
+ * The number an option's value spells. Anything else is a usage error: read
+ * as NaN, '--duration 3s' measured nothing and reported 0 operations/s.
+ */
+function numberOf(option: string, value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n)) throw new UsageError(`--${option} takes a number, not '${value}'`);
+  return n;
+}
+
+function workerCounts(values: string[]): number[] {
+  return values.map((v) => {
+    const n = numberOf('workers', v);
+    if (!Number.isInteger(n) || n < 1) throw new UsageError(`--workers takes worker counts of 1 or more (--workers 1,2), not '${v}'`);
+    return n;
+  });
+}
+
+/** The parsed command line, or undefined when help was asked for. Throws on an unknown scenario or a value that is not a number. */
 export function parseOptions(argv: string[], repoRoot: string): Options | undefined {
   const { values } = parseArgs({
     args: argv,
@@ -69,8 +87,8 @@ export function parseOptions(argv: string[], repoRoot: string): Options | undefi
   if (values.help) return undefined;
   const profile: Profile = values.full ? 'full' : 'quick';
   const base = PROFILES[profile];
-  const seconds = (v: string | undefined, fallback: number) => (v === undefined ? fallback : Math.max(0.2, Number(v)) * 1000);
-  const count = (v: string, max: number) => Math.max(1, Math.min(max, Math.floor(Number(v)) || 1));
+  const seconds = (option: string, v: string | undefined, fallback: number) => (v === undefined ? fallback : Math.max(0.2, numberOf(option, v)) * 1000);
+  const count = (option: string, v: string, max: number) => Math.max(1, Math.min(max, Math.floor(numberOf(option, v)) || 1));
   const list = (v: string | undefined) => v?.split(',').map((s) => s.trim()).filter(Boolean);
   const scenarios = (list(values.scenarios) ?? SCENARIOS.map((s) => s.id)) as ScenarioId[];
   for (const s of [...scenarios, ...(values['cpu-prof'] ? [values['cpu-prof']] : [])]) {
@@ -81,21 +99,21 @@ export function parseOptions(argv: string[], repoRoot: string): Options | undefi
   return {
     profile,
     settings: {
-      warmupMs: seconds(values.warmup, base.warmupMs),
-      durationMs: seconds(values.duration, base.durationMs),
+      warmupMs: seconds('warmup', values.warmup, base.warmupMs),
+      durationMs: seconds('duration', values.duration, base.durationMs),
       maxOps: base.maxOps,
-      idleConnections: values.idle === undefined ? base.idleConnections : Math.max(1, Math.min(15_000, Number(values.idle))),
-      rounds: Math.max(1, Math.min(20, Number(values.rounds ?? base.rounds) || 1)),
+      idleConnections: values.idle === undefined ? base.idleConnections : Math.max(1, Math.min(15_000, numberOf('idle', values.idle))),
+      rounds: values.rounds === undefined ? base.rounds : Math.max(1, Math.min(20, Math.floor(numberOf('rounds', values.rounds)) || 1)),
     },
-    workers: (list(values.workers) ?? ['1', '2']).map(Number).filter((n) => Number.isInteger(n) && n > 0),
+    workers: workerCounts(list(values.workers) ?? ['1', '2']),
     scenarios,
     kinds: new Set(kinds),
     nginx: !values['no-nginx'],
     cpuProf: values['cpu-prof'] as ScenarioId | undefined,
     load: {
-      ...(values.drivers ? { drivers: count(values.drivers, 16) } : {}),
-      ...(values.connections ? { connections: count(values.connections, 1000) } : {}),
-      ...(values.streams ? { streams: count(values.streams, 1000) } : {}),
+      ...(values.drivers ? { drivers: count('drivers', values.drivers, 16) } : {}),
+      ...(values.connections ? { connections: count('connections', values.connections, 1000) } : {}),
+      ...(values.streams ? { streams: count('streams', values.streams, 1000) } : {}),
     },
     compare: values.compare !== undefined ? resolve(values.compare) : values['compare-node-flags'] !== undefined || values['compare-args'] !== undefined ? join(repoRoot, 'bin/ovms-mtls') : undefined,
     compareNodeFlags: values['compare-node-flags']?.split(' ').filter(Boolean),
