@@ -47,6 +47,8 @@ export interface Measurement {
   readonly runs?: readonly number[];
   /** With several rounds: every round's CPU per operation, in the order of `runs` (A/B work compares these round by round). */
   readonly cpuUsPerOpRuns?: readonly (number | undefined)[];
+  /** With several rounds: every round's errors, in the order of `runs` (`errors` is their sum). */
+  readonly errorsRuns?: readonly number[];
 }
 
 class Drivers {
@@ -126,7 +128,7 @@ function driverSpecs(scenario: Scenario, target: RunningTarget, settings: Profil
   }));
 }
 
-function mergeErrors(into: Record<string, number>, from: Record<string, number>): void {
+export function mergeErrors(into: Record<string, number>, from: Record<string, number>): void {
   for (const [reason, count] of Object.entries(from)) into[reason] = (into[reason] ?? 0) + count;
 }
 

@@ -3,7 +3,7 @@
  * worker count) and against the direct path, the Markdown tables, and the
  * verdict on each target of issue #6.
  */
-import type { Measurement } from './measure.js';
+import { mergeErrors, type Measurement } from './measure.js';
 import { SCENARIOS } from './scenarios.js';
 import type { ScenarioId } from './protocol.js';
 
@@ -39,6 +39,38 @@ export interface BenchResults {
   readonly rows: readonly Row[];
   readonly verdicts: readonly Verdict[];
   readonly profileSummary?: string | undefined;
+}
+
+/**
+ * Per scenario and target, the least disturbed round (its other figures come
+ * with it): on a shared machine interference only ever slows a run down, so
+ * that is the round with the highest throughput - or, for SSE, whose rate is
+ * fixed by the upstream, the lowest p99 latency. Errors are not a round's
+ * figure but the target's: those of every round count (a failed call in a
+ * round that measured slower is still a failed call).
+ */
+export function bestRuns(all: readonly Measurement[]): Measurement[] {
+  const groups = new Map<string, Measurement[]>();
+  for (const m of all) {
+    const key = `${m.scenario}\u0000${m.target}`;
+    groups.set(key, [...(groups.get(key) ?? []), m]);
+  }
+  const better = (a: Measurement, b: Measurement) => (a.scenario === 'sse' ? (b.p99Ms ?? Infinity) < (a.p99Ms ?? Infinity) : b.throughput > a.throughput);
+  return [...groups.values()].map((runs) => {
+    const best = runs.reduce((a, b) => (better(a, b) ? b : a));
+    if (runs.length === 1) return best;
+    const tenths = (n: number) => Math.round(n * 10) / 10;
+    const errorSamples: Record<string, number> = {};
+    for (const r of runs) mergeErrors(errorSamples, r.errorSamples);
+    return {
+      ...best,
+      errors: runs.reduce((n, r) => n + r.errors, 0),
+      errorSamples,
+      runs: runs.map((r) => tenths(r.throughput)),
+      cpuUsPerOpRuns: runs.map((r) => (r.cpuUsPerOp === undefined ? undefined : tenths(r.cpuUsPerOp))),
+      errorsRuns: runs.map((r) => r.errors),
+    };
+  });
 }
 
 export function withRatios(measurements: readonly Measurement[]): Row[] {

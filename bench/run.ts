@@ -13,7 +13,7 @@ import { USAGE, UsageError, parseOptions, type Options } from './options.js';
 import { findNginx, loadAverage, machine } from './machine.js';
 import { startTarget, startUpstream, stopAllTargets, type BenchContext, type TargetSpec } from './targets.js';
 import { measure, type Measurement } from './measure.js';
-import { markdownReport, num, verdicts, withRatios, type BenchResults } from './report.js';
+import { bestRuns, markdownReport, num, verdicts, withRatios, type BenchResults } from './report.js';
 import { svgChart } from './chart.js';
 import { summarizeProfile } from './profile-summary.js';
 
@@ -54,27 +54,6 @@ async function workersMissing(ctx: BenchContext): Promise<string | undefined> {
   } catch (err) {
     return `it did not start: ${(err as Error).message.split('\n')[0]}`;
   }
-}
-
-/**
- * Per scenario and target, the least disturbed round (its other figures come
- * with it): on a shared machine interference only ever slows a run down, so
- * that is the round with the highest throughput - or, for SSE, whose rate is
- * fixed by the upstream, the lowest p99 latency.
- */
-function bestRuns(all: Measurement[]): Measurement[] {
-  const groups = new Map<string, Measurement[]>();
-  for (const m of all) {
-    const key = `${m.scenario}\u0000${m.target}`;
-    groups.set(key, [...(groups.get(key) ?? []), m]);
-  }
-  const better = (a: Measurement, b: Measurement) => (a.scenario === 'sse' ? (b.p99Ms ?? Infinity) < (a.p99Ms ?? Infinity) : b.throughput > a.throughput);
-  return [...groups.values()].map((runs) => {
-    const best = runs.reduce((a, b) => (better(a, b) ? b : a));
-    if (runs.length === 1) return best;
-    const tenths = (n: number) => Math.round(n * 10) / 10;
-    return { ...best, runs: runs.map((r) => tenths(r.throughput)), cpuUsPerOpRuns: runs.map((r) => (r.cpuUsPerOp === undefined ? undefined : tenths(r.cpuUsPerOp))) };
-  });
 }
 
 function progress(i: number, total: number, m: Measurement, unit: string): void {
