@@ -79,13 +79,15 @@ export interface H2Outcome {
   grpcStatus: string | undefined;
   grpcMessage: string | undefined;
   bytes: number;
+  /** The reply's bytes, when asked for (`keepBody`). */
+  chunks: Buffer[] | undefined;
   rstCode: number | undefined;
 }
 
-/** Sends `headers` + `body` on a new stream and collects what comes back. */
-export function h2Exchange(session: ClientHttp2Session, headers: OutgoingHttpHeaders, body: Buffer | undefined): Promise<H2Outcome> {
+/** Sends `headers` + `body` on a new stream and collects what comes back (the reply's bytes too with `keepBody`). */
+export function h2Exchange(session: ClientHttp2Session, headers: OutgoingHttpHeaders, body: Buffer | undefined, keepBody = false): Promise<H2Outcome> {
   return new Promise((resolve) => {
-    const outcome: H2Outcome = { status: 0, grpcStatus: undefined, grpcMessage: undefined, bytes: 0, rstCode: undefined };
+    const outcome: H2Outcome = { status: 0, grpcStatus: undefined, grpcMessage: undefined, bytes: 0, chunks: keepBody ? [] : undefined, rstCode: undefined };
     let stream: ClientHttp2Stream;
     try {
       stream = session.request(headers, { endStream: body === undefined });
@@ -106,7 +108,10 @@ export function h2Exchange(session: ClientHttp2Session, headers: OutgoingHttpHea
       outcome.grpcStatus = t['grpc-status'] as string | undefined;
       outcome.grpcMessage = t['grpc-message'] as string | undefined;
     });
-    stream.on('data', (c: Buffer) => (outcome.bytes += c.length));
+    stream.on('data', (c: Buffer) => {
+      outcome.bytes += c.length;
+      outcome.chunks?.push(c);
+    });
     stream.on('error', () => {});
     stream.on('close', () => {
       if (stream.rstCode !== undefined && stream.rstCode !== constants.NGHTTP2_NO_ERROR) outcome.rstCode = stream.rstCode;

@@ -1,7 +1,7 @@
 /**
  * KServe-style JSON inference over HTTP/1.1 (kept-alive sockets, one request
  * in flight each) and over HTTP/2 (streams on a few sessions). Every answer
- * must be 200 with the echoed body.
+ * must be 200 with the echoed body, byte for byte.
  */
 import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
@@ -26,6 +26,17 @@ export function kserveJsonBody(bytes: number): Buffer {
   return Buffer.from(head.replace('N', String(values.length)) + values.join(',') + tail);
 }
 
+/**
+ * Why an echoed body is wrong, or undefined when it is the request's: a
+ * forwarder that garbles bytes without changing their count must show up
+ * as errors, not as throughput.
+ */
+export function echoProblem(chunks: readonly Buffer[], sent: Buffer): string | undefined {
+  const reply = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
+  if (reply.length !== sent.length) return `reply ${reply.length} bytes, expected ${sent.length}`;
+  return reply.equals(sent) ? undefined : 'reply differs from the request body it echoes';
+}
+
 export function restH1Load(spec: DriverSpec): Load {
   const body = kserveJsonBody(spec.payloadBytes);
   const tls = clientTlsOptions(spec.endpoint);
@@ -43,9 +54,9 @@ export function restH1Load(spec: DriverSpec): Load {
   const exchange = () =>
     new Promise<string | undefined>((resolve) => {
       const req = send(options, (res: IncomingMessage) => {
-        let bytes = 0;
-        res.on('data', (c: Buffer) => (bytes += c.length));
-        res.on('end', () => resolve(res.statusCode !== 200 ? `http status ${res.statusCode}` : bytes !== body.length ? `reply ${bytes} bytes, expected ${body.length}` : undefined));
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => resolve(res.statusCode !== 200 ? `http status ${res.statusCode}` : echoProblem(chunks, body)));
         res.on('error', (err) => resolve(`response: ${(err as NodeJS.ErrnoException).code ?? err.message}`));
       });
       req.on('error', (err) => resolve(`request: ${(err as NodeJS.ErrnoException).code ?? err.message}`));
@@ -74,11 +85,10 @@ export function restH2Load(spec: DriverSpec): Load {
     prepare: () => pool.ready(),
     slots: spec.connections * spec.streamsPerConnection,
     loop: timedLoop(async (slot) => {
-      const o = await h2Exchange(pool.session(slot), headers, body);
+      const o = await h2Exchange(pool.session(slot), headers, body, true);
       return o.rstCode !== undefined ? `stream reset ${o.rstCode}`
         : o.status !== 200 ? `http status ${o.status}`
-        : o.bytes !== body.length ? `reply ${o.bytes} bytes, expected ${body.length}`
-        : undefined;
+        : echoProblem(o.chunks!, body);
     }),
     close: () => pool.close(),
   };
