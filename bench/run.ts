@@ -92,7 +92,10 @@ async function main(): Promise<number> {
   if (!existsSync(join(REPO, 'dist/src/cli/main.js'))) throw new UsageError('dist/src is missing: build first (npx tsc -p tsconfig.json)');
   const loadBefore = loadAverage();
   const notes: string[] = [];
-  const nginx = options.nginx ? findNginx() : undefined;
+  // The machine line names the nginx installed even when --no-nginx skips it.
+  const installedNginx = findNginx();
+  const nginx = options.nginx ? installedNginx : undefined;
+  if (!options.nginx && installedNginx) notes.push('nginx skipped (--no-nginx): no nginx rows, every ratio to nginx reads –');
   if (options.nginx && !nginx) {
     const message = 'nginx is not installed: skipping the nginx rows and every ratio to nginx (apt-get install -y nginx-light; see bench/README.md)';
     process.stderr.write(`bench: ${message}\n`);
@@ -169,7 +172,7 @@ async function main(): Promise<number> {
     const results: BenchResults = {
       date: new Date().toISOString(),
       profile: options.profile,
-      machine: machine(nginx, loadBefore),
+      machine: machine(installedNginx, loadBefore),
       notes,
       rows,
       verdicts: verdicts(rows),

@@ -6,11 +6,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runCommand } from './helpers/cli.js';
+import { findNginx } from '../bench/machine.js';
 
 const RUN = fileURLToPath(new URL('../bench/run.js', import.meta.url));
 
@@ -39,3 +40,17 @@ for (const [args, message] of CASES) {
     }
   });
 }
+
+test('bench --no-nginx with nginx installed: the report names the installed nginx and says it was skipped, not "nginx not installed"', { skip: findNginx() === undefined && 'nginx is not installed' }, async () => {
+  const out = join(mkdtempSync(join(tmpdir(), 'bench-options-')), 'results');
+  try {
+    const r = await runCommand(process.execPath, [RUN, '--no-nginx', '--targets', 'direct', '--scenarios', 'rest-h1-1k', '--warmup', '0.2', '--duration', '0.2', '--rounds', '1', '--connections', '1', '--drivers', '1', '--out', out]);
+    assert.equal(r.code, 0, r.stderr);
+    const report = readFileSync(join(out, 'latest.md'), 'utf8');
+    assert.doesNotMatch(report, /nginx not installed/);
+    assert.match(report, /Node v[\d.]+, nginx\/[\d.]+\./);
+    assert.match(report, /^- nginx skipped \(--no-nginx\)/m);
+  } finally {
+    rmSync(join(out, '..'), { recursive: true, force: true });
+  }
+});
