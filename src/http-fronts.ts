@@ -22,6 +22,19 @@ export interface Drainable {
 /** The client's socket went away: connections end so every day, and the connection's own lines say it. */
 const CLIENT_WENT_AWAY: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED']);
 
+interface UnansweredPing {
+  /** Sweeps since it went out, or since the client last sent anything (-1 just after). */
+  sweeps: number;
+  /** The bytes moved on the connection when it went out, or when they last grew. */
+  bytesMoved: number;
+  /** It went out for a stream id Node took and no handler saw (an undecodable header field). */
+  readonly missing: boolean;
+}
+
+function unansweredMessage(open: number): string {
+  return `the client answered no PING, and no byte moved either way, for an idle timeout with ${open} request(s) open (gone without its close reaching the proxy, or a protocol error of its own after which Node stopped reading it): closed`;
+}
+
 /** What the front keeps per HTTP/2 connection. */
 class SessionState implements IdleConnection {
   readonly streams = new StreamCount();
@@ -30,8 +43,8 @@ class SessionState implements IdleConnection {
   readonly #observer: ProxyObserver;
   /** The highest stream id our handlers saw (client ids are odd: -1 before stream 1). */
   #lastSeen = -1;
-  /** Sweeps since the PING of watch() went out unanswered; undefined while none is. */
-  #unansweredSweeps: number | undefined;
+  /** The PING of watch() while it goes unanswered. */
+  #unanswered: UnansweredPing | undefined;
   /**
    * For curl on the REST port only: what nghttp2's reset limit leaves it, so that a graceful GOAWAY
    * goes out before that limit cuts the connection (see reset-allowance.ts). Only curl resets every
@@ -90,23 +103,50 @@ class SessionState implements IdleConnection {
    * for good. What is left to see is a stream id Node took and no handler of ours saw: a PING then
    * tells a live connection (its answer comes; a plain reset, reported now) from one nghttp2 gave up
    * (no answer by the next sweep, or with calls in flight an idle timeout: reported and destroyed).
-   * Nothing is sent while no id is missing.
+   *
+   * Node 20 misses two more ends with streams open: a client that dies while the answers to it are
+   * backed up (a slow reader killed: its socket's close is never reported), and a protocol error of the
+   * client's (DATA after END_STREAM, a frame over the maximum size), where nghttp2 sends GOAWAY and stops
+   * reading. Both were held until the process ended. So while streams are open a PING goes out at every
+   * sweep, and a connection that answers none for an idle timeout, with no byte moving either way meanwhile, is
+   * closed, as nginx's send_timeout would. A live slow reader is not: the PING waits behind what it has not
+   * read, but each byte its kernel takes from ours as it reads starts the wait again.
    */
   watch(): void {
     if (this.session.destroyed) return;
-    if (this.#unansweredSweeps !== undefined) {
-      if (++this.#unansweredSweeps >= this.#sweepsToAnswer()) this.#gaveUp();
+    if (this.#unanswered !== undefined) {
+      this.#keepWaitingIfHeard(this.#unanswered);
+      if (++this.#unanswered.sweeps >= this.#sweepsToAnswer()) this.#gaveUp();
       return;
     }
-    const last = this.session.state.lastProcStreamID;
+    const last = this.session.state.lastProcStreamID ?? 0;
     // 0 until the client's first stream: nothing can be missing yet (each idle connection got a PING at every sweep).
-    if (last === undefined || last < 1 || last <= this.#lastSeen) return;
-    this.#unansweredSweeps = 0;
+    const missing = last >= 1 && last > this.#lastSeen;
+    if (!missing && this.streams.open === 0) return;
+    this.#unanswered = { sweeps: 0, bytesMoved: this.#bytesMoved(), missing };
     this.session.ping((err) => {
-      this.#unansweredSweeps = undefined;
+      this.#unanswered = undefined;
       // A header block still arriving at the sweep has its 'stream' event by now, maybe a tick after the answer: the ids are compared after it.
-      if (!err) setImmediate(() => this.#reportUnseenUpTo(last));
+      if (!err && missing) setImmediate(() => this.#reportUnseenUpTo(last));
     });
+  }
+
+  /**
+   * Bytes moved on the client's TCP connection so far, both ways: what it sent (a PING's answer, WINDOW_UPDATEs)
+   * and what its kernel took from ours as it read. The TLS socket's own counts stand still under HTTP/2.
+   */
+  #bytesMoved(): number {
+    const tcp = (this.context.socket as TLSSocket & { _parent?: Socket | null })._parent ?? this.context.socket;
+    return tcp.bytesRead + tcp.bytesWritten;
+  }
+
+  /** A connection that is only waiting for a stream id, as before, is not given more time for bytes. */
+  #keepWaitingIfHeard(wait: UnansweredPing): void {
+    if (wait.missing) return;
+    const now = this.#bytesMoved();
+    if (now === wait.bytesMoved) return;
+    wait.bytesMoved = now;
+    wait.sweeps = -1;
   }
 
   /**
@@ -120,8 +160,17 @@ class SessionState implements IdleConnection {
 
   #gaveUp(): void {
     const last = this.session.state.lastProcStreamID;
-    if (last !== undefined) this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
-    this.context.closedBy ??= 'proxy_closed_undecodable_header';
+    if (last !== undefined && last > this.#lastSeen) {
+      this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
+      this.context.closedBy ??= 'proxy_closed_undecodable_header';
+    } else {
+      this.context.closedBy ??= 'proxy_closed_unresponsive';
+      this.#observer.h2SessionFailed({ ...clientRef(this.context), code: 'PING_UNANSWERED', message: unansweredMessage(this.streams.open) });
+      this.session.destroy();
+      // Node ends the socket after the session, waiting for its writes to finish: to a client that is gone, never.
+      this.context.socket.destroy();
+      return;
+    }
     // The session, not the socket as listeners.ts cutConnection() does: a destroyed socket reached the client as a reset (ECONNRESET).
     this.session.destroy();
   }

@@ -53,9 +53,9 @@ export function requestStart(context: ConnectionContext): number {
 
 /**
  * Why the proxy cut a connection under requests still in flight: a revoked client's grace ran out,
- * nghttp2 gave up decoding a header field over 64 KiB (http-fronts.ts), the shutdown timeout ran out.
+ * nghttp2 gave up decoding a header field over 64 KiB or the client answered no PING (http-fronts.ts), the shutdown timeout ran out.
  */
-export type ProxyCut = 'proxy_closed_revoked' | 'proxy_closed_undecodable_header' | 'shutdown_timeout';
+export type ProxyCut = 'proxy_closed_revoked' | 'proxy_closed_undecodable_header' | 'proxy_closed_unresponsive' | 'shutdown_timeout';
 
 /** Destroys a connection, first noting why, for the access lines of what was in flight on it. */
 export function cutConnection(context: ConnectionContext, why: ProxyCut): void {

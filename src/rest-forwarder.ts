@@ -256,7 +256,8 @@ export class RestForwarder {
       this.#live.delete(endNow);
       if (!onWire) this.#neverSent(req, stats, context);
       // The client went away: the model should stop working for nobody.
-      const cut = stats.error === undefined && !deliveredWhole(res);
+      // A session the proxy destroyed itself (http-fronts.ts #gaveUp) leaves its streams reading as ended: an answer the model server had not finished was not delivered.
+      const cut = stats.error === undefined && (!deliveredWhole(res) || (context.closedBy !== undefined && !exchange.upstreamEnded));
       if (cut) stats.error = context.closedBy ?? cutBy(req);
       if (onWire && req.httpVersionMajor === 1) this.#noteEnded(req.socket, stats.error);
       if (req.httpVersionMajor === 2) {

@@ -1,0 +1,128 @@
+/**
+ * HTTP/2 client connections whose end Node 20 never reports while streams are open: a client
+ * killed while the answers to it were backed up, and a client's protocol error after which
+ * nghttp2 sends GOAWAY and stops reading. Both were held, with their requests to the model server,
+ * until the process ended. The idle sweep's PING now finds them (http-fronts.ts watch()). Found by
+ * probing REST over HTTP/2 with curl, nghttp and a frame-level client.
+ */
+import { test, before, after, describe } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { scriptedUpstream } from './helpers/scripted-upstream.js';
+import { eventually } from './helpers/ops.js';
+import { runCommand } from './helpers/cli.js';
+import { END_HEADERS, END_STREAM, H2, answerPings, h2Frame, headerBlock, headerFrames, literalField, rawH2Client } from './helpers/raw-h2.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import { FORWARD_MODES } from '../src/config.js';
+
+/** Short, so that the sweeps (a quarter of it each) come within the test's bounds. */
+const IDLE_MS = 2000;
+/** Far more than a client reading 100 KB/s takes in the test's time: the proxy's writes to it back up. */
+const DOWNLOAD_BYTES = 400 * 1024 * 1024;
+
+let pki: TestPki;
+let upstream: ModelServer;
+
+before(async () => {
+  [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
+});
+
+after(() => Promise.all([upstream.close(), pki.cleanup()]));
+
+function restListener(local: StartedProxy) {
+  return local.proxy.listeners().find((l) => l.name === 'rest')!;
+}
+
+/** Bounded: the connection is let go, or the test fails naming what was held. */
+async function released(local: StartedProxy, what: string): Promise<void> {
+  await eventually(() => restListener(local).connections.size === 0, what, 30_000);
+}
+
+const postHeaders = (path: string, extra: Record<string, string> = {}) =>
+  headerBlock({ ':method': 'POST', ':scheme': 'https', ':path': path, ':authority': 'localhost', ...extra });
+
+for (const restMode of FORWARD_MODES) {
+  describe(`REST over HTTP/2, --mtls_rest_mode ${restMode}: connections Node never says ended`, () => {
+    test('a client killed while its download is backed up (curl --limit-rate, then SIGKILL): connection, stream and model-server request released, logged proxy_closed_unresponsive', async () => {
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+      const tls = ['--cert', pki.paths['client.pem']!, '--key', pki.paths['client.key']!, '--cacert', pki.paths['server_ca.pem']!];
+      const curl = spawn('curl', ['-sS', '--http2', ...tls, '--limit-rate', '100k', '-o', '/dev/null', `https://localhost:${local.restPort}/stream-bytes?n=${DOWNLOAD_BYTES}`], { stdio: 'ignore' });
+      try {
+        await eventually(() => upstream.received.some((r) => r.path.startsWith('/stream-bytes')), 'the download at the model server');
+        // A wait for the moment, not a timed assertion: by then more was sent than curl's windows and buffers take at 100 KB/s.
+        await sleep(2500);
+        curl.kill('SIGKILL');
+        await released(local, "the killed client's connection released");
+        await upstream.waitFor('restAborted', '/stream-bytes');
+        const line = await local.logs.waitFor((l) => l.event === 'access' && String(l.path).startsWith('/stream-bytes'));
+        assert.equal(line.error, 'proxy_closed_unresponsive');
+        const failed = await local.logs.waitFor((l) => l.event === 'h2_session_error');
+        assert.equal(failed['code'], 'PING_UNANSWERED');
+      } finally {
+        curl.kill('SIGKILL');
+        await local.proxy.shutdown(1000);
+      }
+    });
+
+    // The PING waits behind what the client has not read; each byte its kernel takes as it reads starts the wait again.
+    test('a live client reading slowly, far longer than an idle timeout, is not closed: its download completes', async () => {
+      // An idle timeout shorter than the time the PING waits behind what curl has not read yet at 100 KB/s.
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: 1000 } });
+      const tls = ['--cert', pki.paths['client.pem']!, '--key', pki.paths['client.key']!, '--cacert', pki.paths['server_ca.pem']!];
+      try {
+        const bytes = 1536 * 1024;
+        const run = await runCommand('curl', ['-sS', '--http2', ...tls, '--limit-rate', '100k', '-o', '/dev/null', '-w', '%{size_download}', `https://localhost:${local.restPort}/stream-bytes?n=${bytes}`]);
+        assert.deepEqual({ code: run.code, stdout: run.stdout, stderr: run.stderr }, { code: 0, stdout: String(bytes), stderr: '' });
+        const line = await local.logs.waitFor((l) => l.event === 'access' && String(l.path).startsWith('/stream-bytes'));
+        assert.equal(line.error, undefined);
+        assert.ok(!local.logs.lines.some((l) => l.event === 'h2_session_error'), 'no connection closed as unresponsive');
+      } finally {
+        await local.proxy.shutdown(1000);
+      }
+    });
+
+    for (const [what, frames] of [
+      ['DATA after END_STREAM (GOAWAY STREAM_CLOSED)', [h2Frame(H2.DATA, END_STREAM, 1, Buffer.from('abc')), h2Frame(H2.DATA, 0, 1, Buffer.from('def'))]],
+      ['a DATA frame over SETTINGS_MAX_FRAME_SIZE (GOAWAY FRAME_SIZE_ERROR)', [h2Frame(H2.DATA, 0, 1, Buffer.alloc(20_000, 0x61))]],
+    ] as const) {
+      test(`a connection nghttp2 ends for the client's protocol error, ${what}: closed, with its access line and an h2_session_error line`, async () => {
+        const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+        const client = await rawH2Client(local.restPort, pki);
+        try {
+          client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 1, postHeaders('/echo-body')), ...frames]));
+          await client.waitForFrame(H2.GOAWAY);
+          client.socket.end();
+          await released(local, 'the connection closed');
+          // Its line is written now, not at shutdown; what it says depends on how far the answer got before nghttp2 stopped.
+          await local.logs.waitFor((l) => l.event === 'access' && l.path === '/echo-body');
+          assert.equal((await local.logs.waitFor((l) => l.event === 'h2_session_error'))['code'], 'PING_UNANSWERED');
+        } finally {
+          client.socket.destroy();
+          await local.proxy.shutdown(1000);
+        }
+      });
+    }
+
+    test('a request held when the proxy ends its connection itself (a header field over 64 KiB on another stream) is logged proxy_closed_undecodable_header, not as an answer delivered whole', async () => {
+      const model = await scriptedUpstream(() => {});
+      const local = await startTestProxy({ pki, upstream: { restPort: model.port }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+      const client = await rawH2Client(local.restPort, pki);
+      answerPings(client);
+      try {
+        client.socket.write(h2Frame(H2.HEADERS, END_HEADERS | END_STREAM, 1, postHeaders('/held')));
+        await eventually(() => model.sockets.length > 0, 'the held request at the model server');
+        client.socket.write(headerFrames(3, Buffer.concat([postHeaders('/big'), literalField('x-big', 'a'.repeat(70_000))])));
+        await released(local, 'the connection closed by the proxy');
+        const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/held');
+        assert.equal(line.error, 'proxy_closed_undecodable_header', JSON.stringify({ status: line.status, bytesOut: line.bytesOut }));
+      } finally {
+        client.socket.destroy();
+        await local.proxy.shutdown(1000);
+        model.close();
+      }
+    });
+  });
+}
