@@ -101,18 +101,34 @@ export function unsupportedCriticalExtensions(der: Buffer): string[] {
     .map((extension) => extension.oid);
 }
 
+/** Signature verdicts by CA fingerprint: /readyz asks at each probe, and a CRL of 100,000 entries is megabytes to hash. */
+const signatureVerdicts = new WeakMap<CrlInfo, Map<string, boolean | undefined>>();
+
 /**
  * Whether `ca` signed the CRL: true, false, or undefined when the signature
  * algorithm is one we cannot check here (RSA-PSS); OpenSSL still checks it at handshake.
  */
 export function crlSignedBy(crl: CrlInfo, ca: X509Certificate): boolean | undefined {
-  return crlSignatureValid(crl, ca.publicKey);
+  const verdicts = signatureVerdicts.get(crl) ?? new Map<string, boolean | undefined>();
+  signatureVerdicts.set(crl, verdicts);
+  if (!verdicts.has(ca.fingerprint256)) verdicts.set(ca.fingerprint256, crlSignatureValid(crl, ca.publicKey));
+  return verdicts.get(ca.fingerprint256);
 }
 
-/** The CRL whose issuer name is this CA's subject. */
-export function crlsForCa(crls: readonly CrlInfo[], ca: X509Certificate): CrlInfo[] {
+/** The CRLs whose issuer name is this CA's subject, whichever key signed them. */
+export function crlsNamingCa(crls: readonly CrlInfo[], ca: X509Certificate): CrlInfo[] {
   const { subjectKey } = certificateNames(ca.raw);
   return crls.filter((crl) => crl.issuerKey === subjectKey);
+}
+
+/**
+ * The CRLs of this CA: its subject as their issuer name, signed by its key (or by an algorithm
+ * only OpenSSL checks). A CA renewed with a new key keeps its name, and a bundle holds both
+ * during the rotation, each with its own CRL: OpenSSL tells those apart by key, and matched by
+ * name alone each CA got the other's CRL too, "not signed by that CA's key", and the set was refused.
+ */
+export function crlsForCa(crls: readonly CrlInfo[], ca: X509Certificate): CrlInfo[] {
+  return crlsNamingCa(crls, ca).filter((crl) => crlSignedBy(crl, ca) !== false);
 }
 
 /** A certificate as the peer presented it: its raw DER, from which issuer and serial are read. */
@@ -120,19 +136,19 @@ export interface PresentedCertificate {
   readonly raw: Buffer;
 }
 
-/** Answers "does any loaded CRL revoke this certificate?", by issuer name + serial. */
+/** Answers "does any loaded CRL revoke this certificate?", by issuer name + serial, and by the issuer's key when it is known. */
 export class RevocationIndex {
-  /** Issuer Name DER (hex) -> the serial sets of its CRLs: the CRLs' own sets, not copies (100,000 entries are common). */
-  readonly #byIssuer = new Map<string, RevokedSerials[]>();
+  /** Issuer Name DER (hex) -> its CRLs, each holding its serial set (100,000 entries are common: never copied). */
+  readonly #byIssuer = new Map<string, CrlInfo[]>();
   readonly #size: number;
 
   constructor(crls: readonly CrlInfo[]) {
     let size = 0;
     for (const crl of crls) {
       if (crl.revokedSerials.size === 0) continue;
-      const sets = this.#byIssuer.get(crl.issuerKey) ?? [];
-      sets.push(crl.revokedSerials);
-      this.#byIssuer.set(crl.issuerKey, sets);
+      const own = this.#byIssuer.get(crl.issuerKey) ?? [];
+      own.push(crl);
+      this.#byIssuer.set(crl.issuerKey, own);
       size += crl.revokedSerials.size;
     }
     this.#size = size;
@@ -145,19 +161,22 @@ export class RevocationIndex {
 
   /**
    * `issuer`, when known, is the certificate that signed `cert`: its CRLs are those named by its
-   * subject, as checkCrls tied them to it. The issuer field of `cert` may spell that name otherwise
-   * (a PrintableString where the CA now writes a UTF8String, other case), which OpenSSL takes for
-   * the same name; looked up by those bytes, a revoked client was found in no CRL.
+   * subject and signed by its key, as checkCrls tied them to it. The issuer field of `cert` may
+   * spell that name otherwise (a PrintableString where the CA now writes a UTF8String, other
+   * case), which OpenSSL takes for the same name; looked up by those bytes, a revoked client was
+   * found in no CRL. Two CAs of one name (a CA renewed with a new key) number their certificates
+   * apart: a serial the old one revoked says nothing about the new one's certificate of that serial.
    */
-  isRevoked(cert: PresentedCertificate, issuer?: PresentedCertificate): boolean {
+  isRevoked(cert: PresentedCertificate, issuer?: X509Certificate): boolean {
     if (this.#byIssuer.size === 0) return false;
     const { issuerKey, serialKey } = certificateNames(cert.raw);
-    const sets = this.#byIssuer.get(issuer ? certificateNames(issuer.raw).subjectKey : issuerKey);
-    return sets !== undefined && sets.some((set) => set.has(serialKey));
+    const named = this.#byIssuer.get(issuer ? certificateNames(issuer.raw).subjectKey : issuerKey) ?? [];
+    const crls = issuer ? named.filter((crl) => crlSignedBy(crl, issuer) !== false) : named;
+    return crls.some((crl) => crl.revokedSerials.has(serialKey));
   }
 
   /** True when any certificate of `path` (leaf first, each followed by its issuer, as pathToTrust builds it) is revoked. */
-  revokesAny(path: readonly PresentedCertificate[]): boolean {
+  revokesAny(path: readonly X509Certificate[]): boolean {
     return path.some((cert, i) => this.isRevoked(cert, path[i + 1]));
   }
 }

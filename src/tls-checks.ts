@@ -7,7 +7,7 @@
 import type { X509Certificate } from 'node:crypto';
 import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
-import { crlSignedBy, crlsForCa, parseCrlFile, type CrlInfo } from './crl-index.js';
+import { crlsForCa, crlsNamingCa, parseCrlFile, type CrlInfo } from './crl-index.js';
 import { x509 } from './x509/peculiar.js';
 
 export interface TrustInput {
@@ -179,22 +179,31 @@ function checkCrls(crls: readonly CrlInfo[], input: TrustInput): void {
   for (const crl of crls) {
     checkFreshness(crl, path, input.now);
     refuseDelta(crl, path);
+    refuseUnsigned(crl, input);
   }
   input.clientCas.forEach((ca, i) => {
-    const own = crlsForCa(crls, ca);
-    if (own.length === 0) {
+    if (crlsForCa(crls, ca).length > 0) return;
+    const named = crlsNamingCa(crls, ca)[0];
+    if (!named) {
       throw new TlsMaterialError(
         `--mtls_crl: ${path} has no CRL for CA #${i + 1} (${subjectCn(ca)}) of --mtls_client_ca ${input.files.clientCa}; with CRLs on, every client of that CA is refused (append that CA's CRL to the file)`,
       );
     }
-    for (const crl of own) {
-      if (crlSignedBy(crl, ca) === false) {
-        throw new TlsMaterialError(
-          `--mtls_crl: ${path}: CRL #${crl.index} names ${subjectCn(ca)} as its issuer but is not signed by that CA's key (a CRL of an older CA with the same name?); publish a CRL from the current CA`,
-        );
-      }
-    }
+    // refuseUnsigned() let it through: another CA of the bundle with this name signed it.
+    const signer = input.clientCas.findIndex((other) => crlsForCa([named], other).length > 0);
+    throw new TlsMaterialError(
+      `--mtls_crl: ${path} has no CRL for CA #${i + 1} (${subjectCn(ca)}) of --mtls_client_ca ${input.files.clientCa}: CRL #${named.index} names it as its issuer but is signed by the key of CA #${signer + 1}, of the same name (a CA renewed with a new key); with CRLs on, every client of CA #${i + 1} is refused (append its own CRL too, or take it out of the bundle once its clients have moved)`,
+    );
   });
+}
+
+/** A CRL in the name of a CA of the bundle that no CA of that name signed: an older CA's, or a forgery. */
+function refuseUnsigned(crl: CrlInfo, input: TrustInput): void {
+  const namesakes = input.clientCas.filter((ca) => crlsNamingCa([crl], ca).length > 0);
+  if (namesakes.length === 0 || namesakes.some((ca) => crlsForCa([crl], ca).length > 0)) return;
+  throw new TlsMaterialError(
+    `--mtls_crl: ${input.files.crl!}: CRL #${crl.index} names ${subjectCn(namesakes[0]!)} as its issuer but is not signed by that CA's key (a CRL of an older CA with the same name?); publish a CRL from the current CA`,
+  );
 }
 
 /**

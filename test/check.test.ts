@@ -155,6 +155,18 @@ describe('ovms-mtls check', () => {
     await assertRefused({ ...goodFiles(), crl }, /CRL #1 names ovms-mtls test client CA as its issuer but is not signed by that CA's key/);
   });
 
+  test('a client CA renewed with a new key under the same name, given only the new key\'s CRL, is named as the CA without a CRL', async () => {
+    const renewed = await createCa({ commonName: 'ovms-mtls test client CA' });
+    const clientCa = await write('renewed_ca.pem', pki.clientCa.certPem + renewed.certPem);
+    await assertRefused(
+      { ...goodFiles(), clientCa, crl: await write('renewed_only.crl', await createCrl({ issuer: renewed })) },
+      /--mtls_crl: \S+renewed_only\.crl has no CRL for CA #1 \(ovms-mtls test client CA\) of --mtls_client_ca \S+renewed_ca\.pem: CRL #1 names it as its issuer but is signed by the key of CA #2, of the same name/,
+    );
+    const both = await runCli(['check', ...flags({ ...goodFiles(), clientCa, crl: await write('renewed_both.crl', pki.crlPem + (await createCrl({ issuer: renewed }))) })]);
+    assert.equal(both.code, 0, both.stdout + both.stderr);
+    assert.match(both.stdout, /CRL #2 of ovms-mtls test client CA: 0 revoked, .*signature ok/);
+  });
+
   test('a key that does not match the certificate is reported', async () => {
     await assertRefused({ ...goodFiles(), key: pki.paths['client.key']! }, /--mtls_key: .*client\.key does not match --mtls_cert .*server\.pem/);
   });

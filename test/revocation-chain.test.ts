@@ -12,7 +12,7 @@ import { eventually } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { FORWARD_MODES } from '../src/config.js';
 import { closedByReload, reloaderFor } from './helpers/reload.js';
-import { createCrl, type Issued } from '../src/x509.js';
+import { createCa, createCrl, issueClientCert, type Issued } from '../src/x509.js';
 import { X509Certificate, sign } from 'node:crypto';
 import { encodeTlv, readSingleTlv, readTlvs, TAG_BIT_STRING, TAG_INTEGER, TAG_SEQUENCE } from '../src/x509/der.js';
 import { toPem } from '../src/x509/keys.js';
@@ -135,6 +135,37 @@ describe('a reload closes what a new handshake would refuse', () => {
     } finally {
       reloader.close();
       target.destroy();
+      await front.proxy.shutdown(1000);
+    }
+  });
+
+  test('a client CA renewed with a new key under the same name, each key with its CRL: both CAs\' clients are admitted, each one\'s revocations apply to its own clients only', async () => {
+    // The usual rotation: the new CA keeps the old one's name, and the bundle holds both until every client has moved.
+    const [oldCa, newCa] = await Promise.all([createCa({ commonName: 'ovms-mtls test renewed CA' }), createCa({ commonName: 'ovms-mtls test renewed CA' })]);
+    const [oldClient, newClient, newRevoked] = await Promise.all([
+      issueClientCert({ issuer: oldCa, commonName: 'client of the old key' }),
+      issueClientCert({ issuer: newCa, commonName: 'client of the new key' }),
+      issueClientCert({ issuer: newCa, commonName: 'revoked client of the new key' }),
+    ]);
+    const newCrl = await createCrl({ issuer: newCa, revoked: [{ serialHex: newRevoked.serialHex }] });
+    const { front, reloader, crlFile } = await startOnOwnFiles(pki, upstream, oldCa.certPem + newCa.certPem, (await createCrl({ issuer: oldCa })) + newCrl);
+    const sessions = [h2Session(front.restPort, pki, oldClient), h2Session(front.restPort, pki, newClient)];
+    try {
+      for (const session of sessions) assert.equal(await readyStatus(session), 200);
+      assertRefusedAnswer(await https1(front.restPort, pki, { path: '/v2/health/live', client: newRevoked }), 'revoked');
+      // The old key revokes its client, and a serial that is the new client's too (CAs numbering their certificates alike share serials).
+      const closed = once(sessions[0]!, 'close');
+      await writeFile(crlFile!, (await createCrl({ issuer: oldCa, revoked: [{ serialHex: oldClient.serialHex }, { serialHex: newClient.serialHex }], crlNumber: 2 })) + newCrl);
+      const outcome = await reloader.reload('api');
+      assert.equal(outcome.ok && outcome.revokedConnections, 1, outcome.ok ? '' : outcome.reason);
+      await closed;
+      assert.match(String((await front.logs.waitFor((l) => l.event === 'connection_revoked'))['subject']), /CN=client of the old key/);
+      // OpenSSL's verdict agrees: the new key's client is admitted on its live connection and on a new one.
+      assert.equal(await readyStatus(sessions[1]!), 200);
+      assert.equal((await https1(front.restPort, pki, { path: '/v2/health/live', client: newClient })).status, 200);
+    } finally {
+      reloader.close();
+      for (const session of sessions) session.destroy();
       await front.proxy.shutdown(1000);
     }
   });
