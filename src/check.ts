@@ -7,6 +7,7 @@ import type { X509Certificate } from 'node:crypto';
 import type { TlsFiles } from './config.js';
 import { isUserError } from './errors.js';
 import { loadTlsMaterialSync, validFrom, validTo, type TlsMaterial } from './tls-material.js';
+import { javaCaNamesMessage } from './ca-names.js';
 import { crlSignedBy, crlsForCa, certificateNames, type CrlInfo } from './crl-index.js';
 import { caValidity, commonName, issuedBy, nameOf, securityLevelWeakness, subjectCn, timeLeft, unanchoredCaMessage, unanchoredCas, weakClientCaMessage } from './tls-checks.js';
 
@@ -84,6 +85,8 @@ function serverIssuerNote(ca: X509Certificate, m: TlsMaterial): Finding | undefi
 function clientCaFindings(m: TlsMaterial, now: Date): Finding[] {
   const count = `${m.clientCas.length} CA${m.clientCas.length === 1 ? '' : 's'}`;
   const findings: Finding[] = [{ level: 'ok', text: `client CA bundle ${m.files.clientCa}: ${count}` }];
+  const javaRefuses = javaCaNamesMessage(m.clientCas, m.files.clientCa);
+  if (javaRefuses) findings.push({ level: 'warn', text: javaRefuses });
   const unanchored = new Set(unanchoredCas(m.clientCas));
   for (const ca of m.clientCas) {
     if (unanchored.has(ca)) findings.push({ level: 'warn', text: unanchoredCaMessage(ca, m.files.clientCa) });

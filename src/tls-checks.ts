@@ -9,6 +9,7 @@ import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
 import { crlsForCa, crlsNamingCa, parseCrlFile, type CrlInfo } from './crl-index.js';
 import { x509 } from './x509/peculiar.js';
+import { checkCaNamesFit } from './ca-names.js';
 
 export interface TrustInput {
   readonly files: TlsFiles;
@@ -26,6 +27,7 @@ export interface TrustInput {
  */
 export function checkTrust(input: TrustInput): readonly CrlInfo[] {
   checkServerChain(input.serverChain, input.files.cert, input.now);
+  checkCaNamesFit(input.clientCas, input.files.clientCa);
   checkClientCaValidity(input.clientCas, input.files.clientCa, input.now);
   const crls = input.crl === undefined ? [] : readCrls(input.crl, input.files.crl!);
   if (input.crl !== undefined) checkCrls(crls, input);

@@ -5,7 +5,8 @@ import { readFile, writeFile } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { connect as tlsConnect, createServer as createTlsServer } from 'node:tls';
 import { join } from 'node:path';
-import { createTestPki, type TestPki } from './helpers/pki.js';
+import { casWithNamesOf, createTestPki, type TestPki } from './helpers/pki.js';
+import { CA_NAMES_LIMIT, JAVA_CA_NAMES_LIMIT } from '../src/ca-names.js';
 import { runCli, runCommand } from './helpers/cli.js';
 import { createCa, createCrl } from '../src/x509.js';
 import { checkTlsFiles } from '../src/check.js';
@@ -165,6 +166,23 @@ describe('ovms-mtls check', () => {
     const both = await runCli(['check', ...flags({ ...goodFiles(), clientCa, crl: await write('renewed_both.crl', pki.crlPem + (await createCrl({ issuer: renewed }))) })]);
     assert.equal(both.code, 0, both.stdout + both.stderr);
     assert.match(both.stdout, /CRL #2 of ovms-mtls test client CA: 0 revoked, .*signature ok/);
+  });
+
+  test('a client CA bundle whose names are more than the TLS request for a client certificate carries (a corporate trust store) is refused, as no handshake could complete', async () => {
+    const clientCa = await write('too_many_cas.pem', await casWithNamesOf(CA_NAMES_LIMIT + 1, pki.clientCa));
+    await assertRefused(
+      { ...goodFiles(), clientCa, crl: undefined },
+      /--mtls_client_ca: \S+too_many_cas\.pem: the names of its \d+ CAs take 65401 bytes in the TLS request for a client certificate, which carries at most 65400: handshakes would fail \(internal_error; .*keep only the CAs that issue your clients' certificates/,
+    );
+  });
+
+  test('a client CA bundle whose names are over 32 KiB loads, with a warning that Java clients refuse the request', async () => {
+    const clientCa = await write('many_cas.pem', await casWithNamesOf(JAVA_CA_NAMES_LIMIT + 1, pki.clientCa));
+    const result = await runCli(['check', ...flags({ ...goodFiles(), clientCa, crl: undefined })]);
+    assert.equal(result.code, 0, result.stdout + result.stderr);
+    assert.match(result.stdout, /^WARN +client CA bundle \S+many_cas\.pem: the names of its \d+ CAs take 32701 bytes .*Java clients refuse a request over 32 KiB .*-Djdk\.tls\.maxHandshakeMessageSize=65536/m);
+    const fewer = await runCli(['check', ...flags({ ...goodFiles(), clientCa: await write('fewer_cas.pem', await casWithNamesOf(JAVA_CA_NAMES_LIMIT, pki.clientCa)), crl: undefined })]);
+    assert.doesNotMatch(fewer.stdout, /Java/);
   });
 
   test('a key that does not match the certificate is reported', async () => {

@@ -1,11 +1,13 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { readFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { connect as tcpConnect, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
-import { createTestPki, type TestPki } from './helpers/pki.js';
+import { casWithNamesOf, createTestPki, type TestPki } from './helpers/pki.js';
+import { CA_NAMES_LIMIT } from '../src/ca-names.js';
 import { assertRefusedAnswer, assertRefusedCall, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -351,6 +353,22 @@ describe('TLS settings', () => {
       assert.equal(session.remoteSettings.maxHeaderListSize, 64 * 1024);
     } finally {
       session.close();
+    }
+  });
+});
+
+describe('a client CA bundle of many CAs', () => {
+  test('names taking the most the proxy accepts still let TLS 1.3 and TLS 1.2 clients through (Node sends every CA\'s name when it asks for a client certificate)', async () => {
+    const clientCa = join(pki.dir, 'largest_accepted_bundle.pem');
+    await writeFile(clientCa, await casWithNamesOf(CA_NAMES_LIMIT, pki.clientCa));
+    const large = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, tls: { clientCa, crl: undefined } });
+    try {
+      for (const maxVersion of ['TLSv1.3', 'TLSv1.2'] as const) {
+        const answer = await https1(large.restPort, pki, { path: '/v2/health/ready', maxVersion });
+        assert.equal(answer.status, 200, `${maxVersion}: ${answer.body}`);
+      }
+    } finally {
+      await large.proxy.shutdown(1000);
     }
   });
 });

@@ -3,9 +3,10 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createServer, connect as tcpConnect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
-import { createTestPki, type TestPki } from './helpers/pki.js';
+import { casWithNamesOf, createTestPki, type TestPki } from './helpers/pki.js';
+import { JAVA_CA_NAMES_LIMIT } from '../src/ca-names.js';
 import { runCli, runCommand, startCli, type LongRunningCli } from './helpers/cli.js';
-import { grpcClients, h2Session, https1, startUpstream, tlsClientOptions } from './helpers/harness.js';
+import { grpcClients, h2Session, https1, startUpstream, tlsClientOptions, type LogLine } from './helpers/harness.js';
 import { issueClientCert } from '../src/x509.js';
 import { connect as tlsConnect } from 'node:tls';
 import { GateBoard, sseEvents } from './helpers/sse.js';
@@ -40,6 +41,21 @@ after(async () => {
 
 function tlsFlags(): string[] {
   return ['--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!];
+}
+
+/** Starts the proxy on `bundle` as --mtls_client_ca until it listens, then stops it: the one `event` warning it logged on the way. */
+async function warningsAtStart(bundle: string, event: string): Promise<LogLine> {
+  const [restPort] = (await freeLoopbackPorts(1)) as [number];
+  const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', '--mtls_workers', '1', ...tlsFlags(), '--mtls_client_ca', bundle]);
+  try {
+    await cli.logs.waitFor((l) => l.event === 'listening');
+    const warned = cli.logs.lines.filter((l) => l.event === event);
+    assert.equal(warned.length, 1, JSON.stringify(cli.logs.lines));
+    return warned[0]!;
+  } finally {
+    cli.child.kill('SIGTERM');
+    assert.equal(await cli.exited, 0);
+  }
 }
 
 async function startProxyCli(extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<{ cli: LongRunningCli; grpcPort: number; restPort: number }> {
@@ -200,17 +216,15 @@ describe('proxy command line', () => {
       assert.equal(made.code, 0, made.stderr);
     }
     await writeFile(bundle, pki.clientCa.certPem + readFileSync(sha1Ca, 'utf8'));
-    const [restPort] = (await freeLoopbackPorts(1)) as [number];
-    const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', '127.0.0.1:9', '--mtls_workers', '1', ...tlsFlags(), '--mtls_client_ca', bundle]);
-    try {
-      await cli.logs.waitFor((l) => l.event === 'listening');
-      const warned = cli.logs.lines.filter((l) => l.event === 'client_ca_weak');
-      assert.equal(warned.length, 1, JSON.stringify(cli.logs.lines));
-      assert.match(String(warned[0]!.msg), /^client CA SHA-1 signed CA in \S+root_and_sha1_ca\.pem is signed with SHA-1, which OpenSSL refuses at its security level: every client whose chain runs through it is refused \(verify_failed\); reissue it signed with SHA-256$/);
-    } finally {
-      cli.child.kill('SIGTERM');
-      assert.equal(await cli.exited, 0);
-    }
+    const warned = await warningsAtStart(bundle, 'client_ca_weak');
+    assert.match(String(warned.msg), /^client CA SHA-1 signed CA in \S+root_and_sha1_ca\.pem is signed with SHA-1, which OpenSSL refuses at its security level: every client whose chain runs through it is refused \(verify_failed\); reissue it signed with SHA-256$/);
+  });
+
+  test('a client CA bundle whose names are over 32 KiB starts with a warning that Java clients refuse the request for a client certificate', { timeout: 60_000 }, async () => {
+    const bundle = join(pki.dir, 'many_cas.pem');
+    await writeFile(bundle, await casWithNamesOf(JAVA_CA_NAMES_LIMIT + 1, pki.clientCa));
+    const warned = await warningsAtStart(bundle, 'client_ca_names_large');
+    assert.match(String(warned.msg), /^client CA bundle \S+many_cas\.pem: the names of its \d+ CAs take 32701 bytes .*Java clients refuse a request over 32 KiB/);
   });
 
   // Relay gives each client its own upstream connection: the count was taken and did nothing.

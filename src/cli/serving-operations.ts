@@ -10,6 +10,7 @@ import type { TlsMaterial } from '../tls-material.js';
 import { NOOP_OBSERVER, type ProxyObserver } from '../observer.js';
 import type { AdminServer } from '../admin.js';
 import { TlsReloader } from '../tls-reload.js';
+import { javaCaNamesMessage } from '../ca-names.js';
 import { nameOf, securityLevelWeakness, unanchoredCaMessage, unanchoredCas, weakClientCaMessage } from '../tls-checks.js';
 import type { WorkerPool } from '../workers.js';
 import { aggregatedMetrics, type MetricsSource } from '../metrics-aggregate.js';
@@ -49,6 +50,8 @@ export class ServingOperations {
   /** A bundle that refuses every client of one of its CAs loads and serves: said at start and at each reload, once per process that owns the reload. */
   #warnCasRefusingClients(material: TlsMaterial): void {
     const subject = (ca: X509Certificate) => nameOf(ca, 'subject').replace(/\n/g, ',');
+    const javaRefuses = javaCaNamesMessage(material.clientCas, material.files.clientCa);
+    if (javaRefuses) this.#options.logger.warn({ event: 'client_ca_names_large' }, javaRefuses);
     for (const ca of unanchoredCas(material.clientCas)) {
       this.#options.logger.warn({ event: 'client_ca_unanchored', subject: subject(ca) }, unanchoredCaMessage(ca, material.files.clientCa));
     }

@@ -7,7 +7,10 @@
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import assert from 'node:assert/strict';
+import { X509Certificate } from 'node:crypto';
 import { createCa, createCrl, issueClientCert, issueServerCert, type Issued } from '../../src/x509.js';
+import { caNamesBytes } from '../../src/ca-names.js';
 
 export type { Issued } from '../../src/x509.js';
 
@@ -146,4 +149,23 @@ async function writePkiFiles(
     }),
   );
   return paths;
+}
+
+/**
+ * CA certificates (self-signed, long names, as corporate CAs' DNs run to a few hundred bytes and
+ * bundles to hundreds of CAs) whose names, with `first`'s, take exactly `bytes` in the TLS request
+ * for a client certificate: the measure the proxy holds bundles to.
+ */
+export async function casWithNamesOf(bytes: number, first: Issued): Promise<string> {
+  const NAME_BYTES = 2_000;
+  const namesOf = (pems: string[]) => caNamesBytes(pems.map((pem) => new X509Certificate(pem)));
+  const ca = (i: number, padding: number) => createCa({ commonName: `ovms-mtls test corporate CA ${i} ${'x'.repeat(padding)}` });
+  const pems = [first.certPem];
+  while (bytes - namesOf(pems) > 2 * NAME_BYTES) pems.push((await ca(pems.length, NAME_BYTES)).certPem);
+  // The last name takes what is left: measured once, then grown or shrunk by the difference.
+  const guess = await ca(pems.length, NAME_BYTES);
+  const last = await ca(pems.length, NAME_BYTES + bytes - namesOf([...pems, guess.certPem]));
+  pems.push(last.certPem);
+  assert.equal(namesOf(pems), bytes);
+  return pems.join('');
 }
