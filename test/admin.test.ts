@@ -17,7 +17,8 @@ import { startAdminServer } from '../src/admin.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { certificatesCheck, listenersCheck, readinessReport, upstreamCheck, type HealthReport } from '../src/health.js';
 import { loadTlsMaterialSync, tlsMaterialFromTexts } from '../src/tls-material.js';
-import { createCa, issueServerCert } from '../src/x509.js';
+import { createCa, createCrl, issueServerCert } from '../src/x509.js';
+import { X509Certificate } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { RunningProxy } from '../src/proxy.js';
@@ -199,6 +200,28 @@ describe('admin listener', () => {
     assert.match(muchLater.detail, /server certificate localhost expired/);
   });
 
+  // Each probe proved every link's signature and parsed every intermediate again: 0.4 s a probe for a
+  // bundle of 600 intermediate CAs, during which every request of the process waited.
+  test('a certificate check on a bundle of intermediate CAs with their CRLs proves no signature and reads no key again at the next probe', async () => {
+    pki = await pkiPromise;
+    const intermediates = await Promise.all(Array.from({ length: 12 }, (_, i) => createCa({ commonName: `ovms-mtls test issuing CA ${i}`, issuer: pki.clientCa })));
+    const bundle = join(pki.dir, 'intermediates_bundle.pem');
+    const crl = join(pki.dir, 'intermediates_bundle.crl');
+    await writeFile(bundle, pki.clientCa.certPem + intermediates.map((ca) => ca.certPem).join(''));
+    await writeFile(crl, pki.crlPem + (await Promise.all(intermediates.map((issuer) => createCrl({ issuer })))).join(''));
+    const material = loadTlsMaterialSync({ ...baseConfig({ pki }).tls, clientCa: bundle, crl });
+    const check = certificatesCheck(() => material);
+    assert.equal((await check()).ok, true);
+    const keyReads = countingKeyReads();
+    try {
+      const again = await check();
+      assert.equal(again.ok, true, again.detail);
+    } finally {
+      keyReads.stop();
+    }
+    assert.equal(keyReads.count, 0, 'each signature proof and each key check reads a certificate\'s public key');
+  });
+
   // A bundle holding a rotation's leftover CA (or the next CA) next to the one in use starts and
   // serves, as `check` says; /readyz said 503 for as long as that CA stayed, on every replica at once.
   test('a client CA expired or not valid yet next to the one in use keeps the replica ready; a bundle that admits no client does not', async () => {
@@ -344,3 +367,22 @@ describe('proxy command with --mtls_admin_port', () => {
     }
   });
 });
+
+/** Counts reads of X509Certificate#publicKey until stop(): what proving a signature or judging a key takes. */
+function countingKeyReads(): { readonly count: number; stop(): void } {
+  const original = Object.getOwnPropertyDescriptor(X509Certificate.prototype, 'publicKey')!;
+  let count = 0;
+  Object.defineProperty(X509Certificate.prototype, 'publicKey', {
+    ...original,
+    get(this: X509Certificate) {
+      count++;
+      return original.get!.call(this) as unknown;
+    },
+  });
+  return {
+    get count() {
+      return count;
+    },
+    stop: () => Object.defineProperty(X509Certificate.prototype, 'publicKey', original),
+  };
+}
