@@ -9,7 +9,7 @@ import { createInterface } from 'node:readline';
 import { readFileSync } from 'node:fs';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, https1, startTestProxy, startUpstream } from './helpers/harness.js';
-import { eventually, httpGet, sample } from './helpers/ops.js';
+import { countingUses, eventually, httpGet, sample } from './helpers/ops.js';
 import { BIN, runCommand } from './helpers/cli.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { startModelServer } from '../src/demo/model-server.js';
@@ -212,7 +212,7 @@ describe('admin listener', () => {
     const material = loadTlsMaterialSync({ ...baseConfig({ pki }).tls, clientCa: bundle, crl });
     const check = certificatesCheck(() => material);
     assert.equal((await check()).ok, true);
-    const keyReads = countingKeyReads();
+    const keyReads = countingUses(X509Certificate.prototype, 'publicKey');
     try {
       const again = await check();
       assert.equal(again.ok, true, again.detail);
@@ -368,21 +368,3 @@ describe('proxy command with --mtls_admin_port', () => {
   });
 });
 
-/** Counts reads of X509Certificate#publicKey until stop(): what proving a signature or judging a key takes. */
-function countingKeyReads(): { readonly count: number; stop(): void } {
-  const original = Object.getOwnPropertyDescriptor(X509Certificate.prototype, 'publicKey')!;
-  let count = 0;
-  Object.defineProperty(X509Certificate.prototype, 'publicKey', {
-    ...original,
-    get(this: X509Certificate) {
-      count++;
-      return original.get!.call(this) as unknown;
-    },
-  });
-  return {
-    get count() {
-      return count;
-    },
-    stop: () => Object.defineProperty(X509Certificate.prototype, 'publicKey', original),
-  };
-}

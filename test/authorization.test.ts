@@ -5,7 +5,8 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, https1, startTestProxy, startUpstream, type ProxySetup, type StartedProxy } from './helpers/harness.js';
-import { createCrl, issueClientCert, type Issued } from '../src/x509.js';
+import { createCa, createCrl, issueClientCert, type Issued } from '../src/x509.js';
+import { countingUses } from './helpers/ops.js';
 import { identityFromCertificate, uriPatternMatches } from '../src/client-identity.js';
 import { runCommand } from './helpers/cli.js';
 import { parseAllowList } from '../src/config.js';
@@ -305,6 +306,25 @@ describe('CA bundles and chains', () => {
     });
     await withProxy({ tls, limits: { verifyDepth: 3 } }, async (front) => {
       assert.equal(await attempt(front, pki.chainedLeafOnly), 'accepted');
+    });
+  });
+
+  test('a client of the last of many intermediate CAs of the bundle: --mtls_verify_depth counts its path, which the handshake finds by name, not by trying each CA of the bundle', async () => {
+    const intermediates = await Promise.all(Array.from({ length: 30 }, (_, i) => createCa({ commonName: `ovms-mtls test issuing CA ${i}`, issuer: pki.clientCa })));
+    const leaf = await issueClientCert({ issuer: intermediates.at(-1)!, commonName: 'client of the last issuing CA' });
+    const clientCa = join(pki.dir, 'many_intermediates.pem');
+    await writeFile(clientCa, pki.clientCa.certPem + intermediates.map((ca) => ca.certPem).join(''));
+    await withProxy({ tls: { clientCa, crl: undefined }, limits: { verifyDepth: 2 } }, async (front) => {
+      assert.equal(await attempt(front, leaf), 'chain_too_long');
+    });
+    await withProxy({ tls: { clientCa, crl: undefined }, limits: { verifyDepth: 3 } }, async (front) => {
+      const issuerChecks = countingUses(X509Certificate.prototype, 'checkIssued');
+      try {
+        assert.equal(await attempt(front, leaf), 'accepted');
+      } finally {
+        issuerChecks.stop();
+      }
+      assert.ok(issuerChecks.count < intermediates.length, `${issuerChecks.count} issuer checks for one handshake`);
     });
   });
 

@@ -72,3 +72,21 @@ export async function settlesWithin<T>(promise: Promise<T>, boundMs: number, wha
     clearTimeout(timer);
   }
 }
+
+/** Counts uses of a method or getter of `prototype` until stop(): how often a code path does some costly work (a signature proof, an issuer check). */
+export function countingUses(prototype: object, name: string): { readonly count: number; stop(): void } {
+  const original = Object.getOwnPropertyDescriptor(prototype, name)!;
+  let count = 0;
+  const counted = <T extends (...args: never[]) => unknown>(use: T) =>
+    function (this: unknown, ...args: Parameters<T>) {
+      count++;
+      return use.apply(this, args);
+    };
+  Object.defineProperty(prototype, name, original.get ? { ...original, get: counted(original.get) } : { ...original, value: counted(original.value as (...args: never[]) => unknown) });
+  return {
+    get count() {
+      return count;
+    },
+    stop: () => Object.defineProperty(prototype, name, original),
+  };
+}
