@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
@@ -160,6 +160,24 @@ describe('certs init (CLI)', () => {
     const result = await runCli(['certs', 'init', '--dir', '/proc/ovms-mtls-certs/set'], { wrap: ['timeout', '60'] });
     assert.equal(result.code, 2, result.stderr);
     assert.equal(result.stderr.trim(), "ovms-mtls: cannot create directory /proc/ovms-mtls-certs/set: ENOENT: no such file or directory, mkdir '/proc/ovms-mtls-certs'");
+  });
+
+  // Each of these was "internal error:" with Node's stack trace and exit 70: only ENOENT was an answer.
+  test('a --dir that is a file or a symlink loop, or a --cert name past the system limit, is one line naming the path, exit 2', async () => {
+    const dir = await init();
+    const loop = join(root, 'loop');
+    await symlink(loop, loop);
+    const cases = [
+      ['certs', 'client', '--dir', join(dir, 'client_cert_ca.crl'), '--name', 'ml'],
+      ['certs', 'init', '--dir', loop],
+      ['certs', 'client', '--dir', loop, '--name', 'ml'],
+      ['certs', 'revoke', '--dir', dir, '--cert', 'c'.repeat(300)],
+    ];
+    for (const args of cases) {
+      const result = await runCli(args);
+      assert.equal(result.code, 2, `${args.join(' ')}: ${result.stderr}`);
+      assert.match(result.stderr, /^ovms-mtls: cannot (check|create directory) \S+: (ENOTDIR|ELOOP|ENAMETOOLONG): [^\n]*\n$/, args.join(' '));
+    }
   });
 
   test('an unknown subcommand is refused with a hint, and `certs --help` prints the usage', async () => {

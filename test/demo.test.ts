@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync, execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, watch } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -98,6 +98,41 @@ test('demo --dir on a new directory says the certificates are kept, and keeps th
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');
     await rm(parent, { recursive: true, force: true });
+  }
+});
+
+// Read raw, a repeated --dir (a list) served from a temporary directory removed on exit, saying "Throwaway".
+test('demo with --dir given twice keeps the last one, as every option does', async () => {
+  const parent = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-twice-'));
+  const dir = join(parent, 'second');
+  const { child, out } = await startDemo(['--dir', join(parent, 'first'), '--dir', dir, '--port', '0', '--rest_port', '0']);
+  try {
+    assert.ok(out.includes(`Demo certificates (valid 1 day), kept after exit: ${dir}\n`), out);
+    assert.equal(await interrupt(child), 0);
+    assert.ok(existsSync(join(dir, 'client_cert_ca.key')), 'the set outlives the demo');
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+    await rm(parent, { recursive: true, force: true });
+  }
+});
+
+// `--dir=` wrote the set, CA keys included, into the current directory; a --dir that is a file was a stack trace.
+test('demo with a blank --dir, or a --dir that is a file, exits 2 with one line and writes nothing', async () => {
+  const cwd = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-blank-'));
+  try {
+    for (const args of [['--dir='], ['--dir'], ['--dir', ' ']]) {
+      // `timeout` bounds the run: a demo that takes the blank for the current directory serves until stopped.
+      const res = await runCli(['demo', ...args, '--port', '0', '--rest_port', '0'], { cwd, wrap: ['timeout', '60'] });
+      assert.equal(res.code, 2, res.stdout + res.stderr);
+      assert.equal(res.stderr, 'ovms-mtls: --dir needs a value (--dir VALUE or --dir=VALUE)\n');
+    }
+    assert.deepEqual(await readdir(cwd), []);
+    await writeFile(join(cwd, 'file'), 'not a directory');
+    const res = await runCli(['demo', '--dir', join(cwd, 'file'), '--port', '0', '--rest_port', '0']);
+    assert.equal(res.code, 2, res.stdout + res.stderr);
+    assert.match(res.stderr, /^ovms-mtls: demo --dir: cannot check \S+: ENOTDIR: [^\n]*\n$/);
+  } finally {
+    await rm(cwd, { recursive: true, force: true });
   }
 });
 

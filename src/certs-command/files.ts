@@ -28,12 +28,15 @@ export interface WrittenFile {
 }
 
 export async function ensureDirectory(dir: string): Promise<void> {
+  let isDirectory: boolean;
   try {
     await makeDirectories(resolve(dir));
+    // Inside the try: a symlink loop passes mkdir (EEXIST) and fails only here, with ELOOP.
+    isDirectory = (await stat(dir)).isDirectory();
   } catch (err) {
     throw new ConfigError(`cannot create directory ${dir}: ${(err as Error).message}`, { cause: err });
   }
-  if (!(await stat(dir)).isDirectory()) throw new ConfigError(`${dir} exists and is not a directory`);
+  if (!isDirectory) throw new ConfigError(`${dir} exists and is not a directory`);
 }
 
 /**
@@ -160,13 +163,17 @@ export async function resolveCertPath(dir: string, cert: string): Promise<string
   throw new ConfigError(`--cert ${cert}: no such file${candidates.length > 0 ? ` (also looked for ${candidates.join(' and ')})` : ''}`);
 }
 
+/**
+ * Only ENOENT means absent. Any other answer (a --dir that is a file: ENOTDIR; a symlink loop: ELOOP;
+ * a name past the system's limit: ENAMETOOLONG) is the user's path to fix, said in one line.
+ */
 async function exists(path: string): Promise<boolean> {
   try {
     await lstat(path);
     return true;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw err;
+    throw new ConfigError(`cannot check ${path}: ${(err as Error).message} (check the path)`, { cause: err });
   }
 }
 

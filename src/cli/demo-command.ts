@@ -17,8 +17,8 @@ import { startProxy } from '../proxy.js';
 import { startModelServer, type ModelServer } from '../demo/model-server.js';
 import { freeLoopbackPorts } from '../ports.js';
 import { protoDir } from '../demo/grpc-client.js';
-import type { OptionSpec, RawOptions } from '../options.js';
-import { parseCommandLine } from './options-parser.js';
+import type { OptionSpec } from '../options.js';
+import { collectOptions, parseCommandLine } from './options-parser.js';
 import { waitForStopSignal } from './lifecycle.js';
 import type { Io } from './main.js';
 
@@ -113,11 +113,14 @@ async function modelServerPorts(grpcPort: number, restPort: number): Promise<{ g
 }
 
 export async function runDemoCommand(argv: readonly string[], io: Io): Promise<number> {
-  const parsed = await parseCommandLine(argv, DEMO_OPTIONS, USAGE);
+  // As in every command, a repeated option keeps its last value and one given with nothing is refused:
+  // read raw, `--dir a --dir b` (a list) served from a temporary directory removed on exit, and
+  // `--dir=` wrote the set, CA keys included, into the current directory. No OVMS_MTLS_* here: the demo takes none.
+  const parsed = collectOptions(await parseCommandLine(argv, DEMO_OPTIONS, USAGE), DEMO_OPTIONS, {});
   const grpcPort = parsed['port'] === undefined ? 9443 : parsePort('port', parsed['port']);
   const restPort = parsed['rest_port'] === undefined ? 8443 : parsePort('rest_port', parsed['rest_port']);
   // Checked before the temporary directory exists: a bad value would otherwise leave it behind.
-  const logLevel = parseChoice(parsed as RawOptions, 'mtls_log_level', LOG_LEVELS, 'warn');
+  const logLevel = parseChoice(parsed, 'mtls_log_level', LOG_LEVELS, 'warn');
   const keep = typeof parsed['dir'] === 'string';
   const certDir = keep ? resolve(String(parsed['dir'])) : await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-'));
   const logger = createLogger({ level: logLevel });
