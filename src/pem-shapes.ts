@@ -100,3 +100,20 @@ export function firstPemCertificate(bytes: Buffer, path: string, option: string)
     return 'holds no valid PEM certificate (a damaged or truncated block)';
   }
 }
+
+/**
+ * The label of the first PEM block with a BEGIN line and no END line before the next block or the
+ * end of the file: a file cut short (a paste missing its last lines, an interrupted copy). The block
+ * patterns skip such a block, so a lone one was "holds no PEM certificate (expected -----BEGIN
+ * CERTIFICATE-----)" of a file starting with that very line, a cut-short CRL "has no CRL for CA #1
+ * ... append that CA's CRL", and the last CA of a bundle went missing without a word.
+ */
+export function cutShortPemBlock(text: string): string | undefined {
+  const begins = [...text.matchAll(/-----BEGIN ([A-Z0-9 ]+)-----/g)];
+  for (const [i, begin] of begins.entries()) {
+    const next = begins[i + 1]?.index ?? text.length;
+    const end = text.indexOf(`-----END ${begin[1]}-----`, begin.index);
+    if (end === -1 || end > next) return begin[1];
+  }
+  return undefined;
+}

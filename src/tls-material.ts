@@ -7,7 +7,7 @@ import type { TlsFiles } from './config.js';
 import { checkTrust, subjectCn, validFrom, validTo } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile, readRegularFileSync } from './regular-file.js';
-import { isEncryptedKey, notPemCertificate, notPemCrl, notPemKey } from './pem-shapes.js';
+import { cutShortPemBlock, isEncryptedKey, notPemCertificate, notPemCrl, notPemKey } from './pem-shapes.js';
 import { accessDenial } from './access-denial.js';
 
 export { subjectCn, validFrom, validTo };
@@ -143,7 +143,15 @@ async function readAll(files: TlsFiles): Promise<FileContents> {
   return out;
 }
 
+/** Before any parsing: the parsers' own words for a file cut short send the user after something else. */
+function refuseCutShort(role: FileRole, path: string, text: string): void {
+  const label = cutShortPemBlock(text);
+  if (label === undefined) return;
+  throw new TlsMaterialError(`--${role}: ${path} is cut short: a -----BEGIN ${label}----- block has no -----END ${label}----- line (copy the whole file again)`);
+}
+
 export function parseCertificates(pem: string, role: FileRole, path: string): X509Certificate[] {
+  refuseCutShort(role, path, pem);
   const blocks = pem.match(PEM_CERT) ?? [];
   if (blocks.length === 0) throw new TlsMaterialError(`--${role}: ${path} ${notPemCertificate(Buffer.from(pem, 'latin1'), path, role)}`);
   return blocks.map((block, i) => {
@@ -156,6 +164,7 @@ export function parseCertificates(pem: string, role: FileRole, path: string): X5
 }
 
 function parseKey(pem: Buffer, path: string): KeyObject {
+  refuseCutShort('mtls_key', path, pem.toString('latin1'));
   try {
     return createPrivateKey(pem);
   } catch (err) {
@@ -202,6 +211,7 @@ function checkClientCas(cas: X509Certificate[], path: string): void {
 }
 
 function checkCrlPem(text: string, path: string): void {
+  refuseCutShort('mtls_crl', path, text);
   if (text.trim() === '') throw new TlsMaterialError(`--mtls_crl: ${path} is empty (expected a PEM CRL, -----BEGIN X509 CRL-----; leave --mtls_crl out to run without revocation checks)`);
   if (!/-----BEGIN X509 CRL-----/.test(text)) throw new TlsMaterialError(`--mtls_crl: ${path} ${notPemCrl(text)}`);
   try {

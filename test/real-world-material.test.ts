@@ -174,6 +174,11 @@ describe('files that are not what the flag wants get one line naming the file an
     await openssl('rsa', '-in', 'rsa.key', '-traditional', '-aes256', '-passout', 'pass:secret', '-out', 'rsa-encrypted.key');
     await openssl('pkcs8', '-topk8', '-in', 'server.key', '-passout', 'pass:secret', '-out', 'pkcs8-encrypted.key');
     await writeFile(path('empty'), '');
+    const cut = async (from: string, to: string, keep: number, before = '') => writeFile(path(to), before + (await readFile(path(from), 'latin1')).slice(0, keep));
+    await cut('server.pem', 'server-cut.pem', 300);
+    await cut('server.key', 'server-cut.key', 100);
+    await cut('serverca.pem', 'bundle-cut.pem', 300, await readFile(path('clientca.pem'), 'latin1'));
+    await cut('clientca.crl', 'crl-cut.crl', 200);
   });
 
   const cases: [string, () => TlsFiles, RegExp][] = [
@@ -188,6 +193,11 @@ describe('files that are not what the flag wants get one line naming the file an
     ['the certificate given as the key', () => files('server.pem', 'server.pem'), /^--mtls_key: \S+server\.pem holds a certificate, not a private key \(--mtls_cert and --mtls_key swapped\?\)$/],
     ['a DER certificate given as the key', () => files('server.pem', 'server.der'), /^--mtls_key: \S+server\.der holds a DER \(binary\) certificate, not a private key \(--mtls_cert and --mtls_key swapped\?\)$/],
     ['a PKCS#1 key with Proc-Type: 4,ENCRYPTED', () => files('server.pem', 'rsa-encrypted.key'), /^--mtls_key: \S+rsa-encrypted\.key is encrypted, and the proxy takes no passphrase \(decrypt it: `openssl pkey -in \S+rsa-encrypted\.key -out \S+rsa-encrypted\.key\.plain` asks for the passphrase once\)$/],
+    // A BEGIN line without its END: said to hold no certificate (expected that very BEGIN line), a CRL "for no CA", or a bundle's last CA dropped unsaid.
+    ['a certificate cut short', () => files('server-cut.pem', 'server.key'), /^--mtls_cert: \S+server-cut\.pem is cut short: a -----BEGIN CERTIFICATE----- block has no -----END CERTIFICATE----- line \(copy the whole file again\)$/],
+    ['a key cut short', () => files('server.pem', 'server-cut.key'), /^--mtls_key: \S+server-cut\.key is cut short: a -----BEGIN (EC )?PRIVATE KEY----- block has no -----END/],
+    ['a client CA bundle whose last CA is cut short', () => files('server.pem', 'server.key', 'bundle-cut.pem'), /^--mtls_client_ca: \S+bundle-cut\.pem is cut short: a -----BEGIN CERTIFICATE----- block/],
+    ['a CRL cut short', () => files('server.pem', 'server.key', 'clientca.pem', 'crl-cut.crl'), /^--mtls_crl: \S+crl-cut\.crl is cut short: a -----BEGIN X509 CRL----- block has no -----END X509 CRL----- line/],
     ['an encrypted PKCS#8 key', () => files('server.pem', 'pkcs8-encrypted.key'), /^--mtls_key: \S+pkcs8-encrypted\.key is encrypted, and the proxy takes no passphrase \(decrypt it: `openssl pkey -in \S+pkcs8-encrypted\.key /],
   ];
   for (const [what, tls, message] of cases) {
