@@ -235,7 +235,7 @@ async function proxied(spec: TargetSpec, ctx: BenchContext, scenario: ScenarioId
       '--port', String(grpcPort), '--grpc_bind_address', HOST, '--rest_port', String(restPort), '--rest_bind_address', HOST,
       '--mtls_grpc_upstream', `${HOST}:${ctx.upstream.grpc}`, '--mtls_rest_upstream', `${HOST}:${ctx.upstream.rest}`,
       '--mtls_cert', ctx.pki.serverCert, '--mtls_key', ctx.pki.serverKey, '--mtls_client_ca', ctx.pki.clientCa, '--mtls_crl', ctx.pki.crl,
-      '--mtls_log_level', 'info', '--mtls_access_log', String(spec.accessLog),
+      '--mtls_log_level', 'info', `--mtls_access_log=${spec.accessLog}`,
       // nginx's keepalive_timeout here: the idle scenario's connections must outlive their opening.
       '--mtls_idle_timeout', '600',
       '--mtls_workers', String(spec.workers), '--mtls_shutdown_timeout', '2', ...ctx.proxyArgs, ...(spec.extraArgs ?? []),
