@@ -280,7 +280,7 @@ export class RestForwarder {
     if (length === 0) {
       if (IDEMPOTENT_METHODS.has(req.method ?? 'GET')) exchange.retryOnce(() => dispatch(null));
       dispatch(null);
-    } else if (length !== undefined && length > WHOLE_BODY_BYTES) dispatch(bodyStream(req, counted, []));
+    } else if (length !== undefined && length > WHOLE_BODY_BYTES) dispatch(bodyStream(req, counted, [], req.httpVersionMajor === 2 ? length : undefined));
     else readWholeOrStream(req, counted, dispatch);
   }
 
@@ -547,7 +547,8 @@ function readWholeOrStream(req: ClientRequestLike, count: (n: number) => void, s
     if (bytes <= WHOLE_BODY_BYTES) return;
     req.off('data', onData);
     req.off('end', onEnd);
-    send(bodyStream(req, count, chunks));
+    // Of undeclared length: a declared one over WHOLE_BODY_BYTES streams from the start.
+    send(bodyStream(req, count, chunks, undefined));
   };
   const onEnd = () => send(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, bytes));
   req.on('data', onData);
@@ -559,12 +560,16 @@ function readWholeOrStream(req: ClientRequestLike, count: (n: number) => void, s
  * request itself: the pool destroys its body when done or failed, and the
  * client's request must outlive that (a 502 still goes out on it).
  */
-function bodyStream(req: ClientRequestLike, count: (n: number) => void, received: readonly Buffer[]): Readable {
+function bodyStream(req: ClientRequestLike, count: (n: number) => void, received: readonly Buffer[], declared: number | undefined): Readable {
+  const holdLast = lastByteHold(declared);
   const onData = (chunk: Buffer) => {
     count(chunk.length);
-    if (!body.push(chunk)) req.pause();
+    if (!body.push(holdLast.pass(chunk))) req.pause();
   };
-  const onEnd = () => body.push(null);
+  const onEnd = () => {
+    body.push(holdLast.release());
+    body.push(null);
+  };
   const body = new Readable({
     highWaterMark: BODY_BUFFER,
     read: () => req.resume(),
@@ -574,11 +579,34 @@ function bodyStream(req: ClientRequestLike, count: (n: number) => void, received
       callback(err);
     },
   });
-  for (const chunk of received) body.push(chunk);
+  for (const chunk of received) body.push(holdLast.pass(chunk));
   req.on('data', onData);
   req.once('end', onEnd);
   return body;
 }
+
+/**
+ * An HTTP/2 body of declared length keeps its last byte until the client's END_STREAM. nghttp2
+ * resets a stream whose DATA runs past its content-length only at the frame that does: passed on
+ * as it came, every declared byte had reached the model server, which took the request as complete
+ * and ran it. Held back, the upstream request is aborted one byte short instead.
+ */
+function lastByteHold(declared: number | undefined): { pass(chunk: Buffer): Buffer; release(): Buffer } {
+  let left = declared;
+  let held: Buffer = EMPTY;
+  return {
+    pass(chunk) {
+      if (left === undefined) return chunk;
+      left -= chunk.length;
+      if (left > 0) return chunk;
+      held = chunk.subarray(chunk.length - 1);
+      return chunk.subarray(0, chunk.length - 1);
+    },
+    release: () => held,
+  };
+}
+
+const EMPTY = Buffer.alloc(0);
 
 /** Why we abort an upstream request (the client left, or we answered it ourselves); one object, no stack per request. */
 const GIVEN_UP = new Error('the proxy gave up this request');
