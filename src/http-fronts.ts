@@ -23,7 +23,7 @@ export interface Drainable {
 const CLIENT_WENT_AWAY: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED']);
 
 interface UnansweredPing {
-  /** Sweeps since it went out, or since the client last sent anything (-1 just after). */
+  /** Sweeps since it went out, or since bytes last moved on the connection (-1 just after). */
   sweeps: number;
   /** The bytes moved on the connection when it went out, or when they last grew. */
   bytesMoved: number;
@@ -160,19 +160,23 @@ class SessionState implements IdleConnection {
 
   #gaveUp(): void {
     const last = this.session.state.lastProcStreamID;
-    if (last !== undefined && last > this.#lastSeen) {
-      this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
-      this.context.closedBy ??= 'proxy_closed_undecodable_header';
-    } else {
-      this.context.closedBy ??= 'proxy_closed_unresponsive';
-      this.#observer.h2SessionFailed({ ...clientRef(this.context), code: 'PING_UNANSWERED', message: unansweredMessage(this.streams.open) });
-      this.session.destroy();
-      // Node ends the socket after the session, waiting for its writes to finish: to a client that is gone, never.
-      this.context.socket.destroy();
-      return;
-    }
+    if (last !== undefined && last > this.#lastSeen) this.#closeUndecodable(last);
+    else this.#closeUnresponsive();
+  }
+
+  #closeUndecodable(last: number): void {
+    this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
+    this.context.closedBy ??= 'proxy_closed_undecodable_header';
     // The session, not the socket as listeners.ts cutConnection() does: a destroyed socket reached the client as a reset (ECONNRESET).
     this.session.destroy();
+  }
+
+  #closeUnresponsive(): void {
+    this.context.closedBy ??= 'proxy_closed_unresponsive';
+    this.#observer.h2SessionFailed({ ...clientRef(this.context), code: 'PING_UNANSWERED', message: unansweredMessage(this.streams.open) });
+    this.session.destroy();
+    // Node ends the socket after the session, once its writes are done: to a client that is gone, never.
+    this.context.socket.destroy();
   }
 
   /**
