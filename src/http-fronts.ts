@@ -3,7 +3,7 @@ import { STATUS_CODES, createServer as createHttpServer, type Server as HttpServ
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { headerFieldsWithin, type Limits } from './config.js';
-import type { ConnectionContext } from './listeners.js';
+import { parentOf, type ConnectionContext } from './listeners.js';
 import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
 import { H2_WITHOUT_ALPN, commaList, onlyChunked, requestHeadTooLargeMessage, unsupportedCodingMessage } from './http1-framing.js';
@@ -136,7 +136,7 @@ class SessionState implements IdleConnection {
    * and what its kernel took from ours as it read. The TLS socket's own counts stand still under HTTP/2.
    */
   #bytesMoved(): number {
-    const tcp = (this.context.socket as TLSSocket & { _parent?: Socket | null })._parent ?? this.context.socket;
+    const tcp = parentOf(this.context.socket) ?? this.context.socket;
     return tcp.bytesRead + tcp.bytesWritten;
   }
 

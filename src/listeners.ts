@@ -414,7 +414,7 @@ function remoteOf(socket: TLSSocket): string | undefined {
 }
 
 /** The TCP socket Node's TLS server wrapped in `socket`. */
-function parentOf(socket: TLSSocket): Socket | null | undefined {
+export function parentOf(socket: TLSSocket): Socket | null | undefined {
   return (socket as TLSSocket & { _parent?: Socket | null })._parent;
 }
 

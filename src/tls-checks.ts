@@ -336,7 +336,7 @@ function bundleIssuer(cert: X509Certificate, cas: readonly X509Certificate[], is
  * hit this).
  */
 export function unanchoredCas(cas: readonly X509Certificate[]): X509Certificate[] {
-  return cas.filter((ca) => pathToTrust([ca], cas) === undefined);
+  return cas.filter((ca) => bundlePath(ca, cas) === undefined);
 }
 
 /** What to tell about one of unanchoredCas(): the CA, its missing issuer and what to do. */

@@ -51,8 +51,7 @@ export function collectOptions(parsed: Record<string, unknown>, specs: readonly 
  * turned the access log off, where OVMS_MTLS_ACCESS_LOG=1 and the entrypoint read them as on,
  * and `=maybe` passed unnoticed. The value is read here with the words of every flag.
  */
-function flagValuesSpelledOut(argv: readonly string[], specs: readonly OptionSpec[]): string[] {
-  const flags = new Set(specs.filter((spec) => spec.type === 'boolean').map((spec) => spec.name));
+function flagValuesSpelledOut(argv: readonly string[], flags: ReadonlySet<string>): string[] {
   return argv.map((arg) => {
     const match = /^--([\w-]+)=([\s\S]*)$/.exec(arg);
     if (!match || !flags.has(match[1]!)) return arg;
@@ -65,8 +64,7 @@ function flagValuesSpelledOut(argv: readonly string[], specs: readonly OptionSpe
  * turned the log off while `--mtls_access_log 0` was "unexpected argument '0'", and the entrypoint refuses
  * both. Every command now refuses a separate boolean word after a flag, naming `--flag=WORD`.
  */
-function refuseSeparateFlagValues(argv: readonly string[], specs: readonly OptionSpec[]): void {
-  const flags = new Set(specs.filter((spec) => spec.type === 'boolean').map((spec) => spec.name));
+function refuseSeparateFlagValues(argv: readonly string[], flags: ReadonlySet<string>): void {
   argv.forEach((arg, i) => {
     const name = /^--([\w-]+)$/.exec(arg)?.[1];
     if (name !== undefined && flags.has(name)) refuseSeparateFlagValue({ name, inlineValue: undefined }, argv[i + 1]);
@@ -93,8 +91,9 @@ export function commandHelp(usage: string, specs: readonly OptionSpec[]): string
 /** Parses `argv` for one command; user mistakes become one-line ConfigErrors, `--help` / `-h` a HelpRequested. */
 export async function parseCommandLine(argv: readonly string[], specs: readonly OptionSpec[], usage: string): Promise<Record<string, unknown>> {
   if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(commandHelp(usage, specs));
-  refuseSeparateFlagValues(argv, specs);
-  const y = yargsFactory(flagValuesSpelledOut(argv, specs))
+  const flags = new Set(specs.filter((spec) => spec.type === 'boolean').map((spec) => spec.name));
+  refuseSeparateFlagValues(argv, flags);
+  const y = yargsFactory(flagValuesSpelledOut(argv, flags))
     .parserConfiguration(PARSER_CONFIGURATION)
     .scriptName('ovms-mtls')
     .usage(usage)
