@@ -10,7 +10,7 @@
  *   await proxy.shutdown(config.shutdownTimeoutMs);
  */
 export { startProxy, type ProxyOptions, type RunningProxy } from './proxy.js';
-export { proxyConfigFromOptions } from './proxy-options.js';
+export { libraryProxyConfig as proxyConfigFromOptions } from './proxy-options.js';
 export type { Config } from './config.js';
 export { resolveListenAddresses } from './bind-addresses.js';
 export { loadTlsMaterialSync, type TlsMaterial } from './tls-material.js';

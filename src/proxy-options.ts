@@ -67,3 +67,18 @@ export function proxyConfigFromOptions(raw: RawOptions): Config {
     rest: listeners.rest ? { hosts: listeners.rest.hosts, port: listeners.rest.port ?? 0, upstream: upstream('mtls_rest_upstream', 'rest_port', '127.0.0.1:8000') } : undefined,
   };
 }
+
+// The command serves these around startProxy(); a program that gave them got one process and no admin port, without a word.
+const COMMAND_ONLY: readonly string[] = ['mtls_workers', 'mtls_admin_port', 'mtls_admin_bind_address'];
+
+/**
+ * proxyConfigFromOptions for the package entry: also refuses what only the `ovms-mtls proxy`
+ * command serves (its workers and admin listener), which startProxy() does not.
+ */
+export function libraryProxyConfig(raw: RawOptions): Config {
+  const given = COMMAND_ONLY.find((name) => raw[name] !== undefined);
+  if (given !== undefined) {
+    throw new ConfigError(`${given} is served by the \`ovms-mtls proxy\` command (its workers and admin listener), not by startProxy(): leave it out, or run the command`);
+  }
+  return proxyConfigFromOptions(raw);
+}

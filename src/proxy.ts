@@ -45,7 +45,7 @@ export interface RunningProxy {
   listeners(): readonly SecureListener[];
   /**
    * Stop accepting, let in-flight calls finish (GOAWAY on HTTP/2) for up to
-   * `timeoutMs`, then cut whatever is left.
+   * `timeoutMs`, then cut whatever is left. A second call waits for the first, whose timeout stands.
    */
   shutdown(timeoutMs: number): Promise<void>;
   /** Rejects when the proxy can serve no more and the run must end (workers: see WorkerPool.failed). */
@@ -177,6 +177,7 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
     throw err;
   }
   const addresses: Partial<Record<ListenerName, AddressInfo[]>> = {};
+  let stopping: Promise<void> | undefined;
   for (const part of parts) addresses[part.listener.name] = part.listener.addresses();
   for (const part of parts) {
     const { name } = part.listener;
@@ -193,10 +194,14 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
       const judge = liveJudge(material);
       for (const part of parts) part.listener.setSecureContext(options, material, allow, judge);
     },
-    shutdown: async (timeoutMs) => {
-      await shutdown(parts, timeoutMs, logger);
-      // No handshake comes after the listeners closed: what the log held back is said now, not lost at exit.
-      logging.flushHeldLines();
+    // A second call (a signal during a library's own shutdown) waits for the first: it ran the timeout and its lines again.
+    shutdown: (timeoutMs) => {
+      stopping ??= (async () => {
+        await shutdown(parts, timeoutMs, logger);
+        // No handshake comes after the listeners closed: what the log held back is said now, not lost at exit.
+        logging.flushHeldLines();
+      })();
+      return stopping;
     },
     takesNewConnections: () => options.descriptors?.hasRoom() ?? true,
   };

@@ -377,6 +377,15 @@ describe('example configuration', () => {
     assert.deepEqual(lib.proxyConfigFromOptions({ ...given, mtls_allow_cn: 'alice' }).allow.cn, ['alice']);
   });
 
+  // startProxy() serves neither workers nor the admin listener: `mtls_workers: '4'` gave one process, without a word.
+  test('the package entry refuses what only the `ovms-mtls proxy` command serves: workers and the admin listener', async () => {
+    const lib = (await import('ovms-mtls')) as typeof import('../src/index.js');
+    const given = { rest_port: '8443', mtls_rest_upstream: '127.0.0.1:8000', mtls_cert: 'server.pem', mtls_key: 'server.key', mtls_client_ca: 'client_cert_ca.pem' };
+    for (const [name, value] of [['mtls_workers', '4'], ['mtls_admin_port', '9100'], ['mtls_admin_bind_address', '127.0.0.1']] as const) {
+      assert.throws(() => lib.proxyConfigFromOptions({ ...given, [name]: value }), { code: 'ERR_CONFIG', message: new RegExp(`^${name} is served by the \\\`ovms-mtls proxy\\\` command .*not by startProxy\\(\\)`) }, name);
+    }
+  });
+
   // The command line refuses `--mtls_crl=` and `--rest_bind_address=`; the package entry took an empty value for
   // no value: { mtls_crl: '' } (an unset variable's `?? ''`) served without revocation checks, and an empty bind address on every address.
   test('the package entry refuses a text option given empty, as the command line does', async () => {
