@@ -110,7 +110,7 @@ class SessionState implements IdleConnection {
    * reading. Both were held until the process ended. So while streams are open a PING goes out at every
    * sweep, and a connection that answers none for an idle timeout, with no byte moving either way meanwhile, is
    * closed, as nginx's send_timeout would. A live slow reader is not: the PING waits behind what it has not
-   * read, but each byte its kernel takes from ours as it reads starts the wait again.
+   * read, but each write of ours its kernel takes as it reads starts the wait again.
    */
   watch(): void {
     if (this.session.destroyed) return;
