@@ -15,3 +15,6 @@ export type { Config } from './config.js';
 export { resolveListenAddresses } from './bind-addresses.js';
 export { loadTlsMaterialSync, type TlsMaterial } from './tls-material.js';
 export { createLogger, type Logger } from './log.js';
+// A program's own metrics or audit trail: what the data path reports (startProxy's `observer`), each event once.
+export { NOOP_OBSERVER, type ProxyObserver, type AccessRecord, type RelayRecord, type ClientRef, type UnseenResets, type H2SessionFailure, type ListenerName } from './observer.js';
+export type { Refusal } from './client-identity.js';

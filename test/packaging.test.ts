@@ -25,6 +25,8 @@ import { UPSTREAM_CHECK_TIMEOUT_MS } from '../src/health.js';
 import { createCrl } from '../src/x509.js';
 import { createTestPki } from './helpers/pki.js';
 import { https1 } from './helpers/harness.js';
+import { eventually } from './helpers/ops.js';
+import { startModelServer } from '../src/demo/model-server.js';
 import { runCli } from './helpers/cli.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 
@@ -375,6 +377,31 @@ describe('example configuration', () => {
     refused({ OVMS_MTLS_REST_PORT: '8443' }, /^unknown option 'OVMS_MTLS_REST_PORT' \(did you mean 'rest_port'\?\)/);
     refused({ mtls_ovms_binary: '/ovms/bin/ovms' }, /^--mtls_ovms_binary applies to the OVMS entrypoint only/);
     assert.deepEqual(lib.proxyConfigFromOptions({ ...given, mtls_allow_cn: 'alice' }).allow.cn, ['alice']);
+  });
+
+  // ProxyObserver, which startProxy's `observer` takes, was not exported: a program could not name what it implements.
+  test('the package entry exports what a program needs to observe the data path: ProxyObserver and NOOP_OBSERVER', async () => {
+    const lib = (await import('ovms-mtls')) as typeof import('../src/index.js');
+    const pki = await createTestPki();
+    const upstream = await startModelServer({ restPort: 0 });
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const paths: string[] = [];
+    const observer: import('../src/index.js').ProxyObserver = { ...lib.NOOP_OBSERVER, request: (record) => paths.push(record.path) };
+    const options = lib.proxyConfigFromOptions({
+      rest_port: String(restPort), rest_bind_address: '127.0.0.1', mtls_rest_upstream: `127.0.0.1:${upstream.restPort}`,
+      mtls_cert: pki.paths['server.pem']!, mtls_key: pki.paths['server.key']!, mtls_client_ca: pki.paths['client_cert_ca.pem']!,
+    });
+    const config = { ...options, ...(await lib.resolveListenAddresses(options)) };
+    const proxy = await lib.startProxy({ config, material: lib.loadTlsMaterialSync(config.tls), logger: lib.createLogger({ level: 'silent' }), observer });
+    try {
+      assert.equal((await https1(restPort, pki, { path: '/v2/health/ready' })).status, 200);
+      await eventually(() => paths.length > 0, 'the request reported to the observer');
+      assert.deepEqual(paths, ['/v2/health/ready']);
+    } finally {
+      await proxy.shutdown(1000);
+      await upstream.close();
+      await pki.cleanup();
+    }
   });
 
   // startProxy() serves neither workers nor the admin listener: `mtls_workers: '4'` gave one process, without a word.
