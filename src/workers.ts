@@ -141,8 +141,9 @@ export class WorkerPool implements RunningProxy {
    */
   async start(stopRequested: Promise<unknown> = new Promise(() => undefined)): Promise<this> {
     cluster.setupPrimary({ exec: WORKER_ENTRY, args: [] });
-    const members = Array.from({ length: this.#options.config.workers }, () => this.#fork());
+    const members: Member[] = [];
     try {
+      for (let i = 0; i < this.#options.config.workers; i += 1) members.push(this.#fork());
       const allListening = Promise.all(members.map((m) => m.listening)).then(() => true);
       if (!(await Promise.race([allListening, stopRequested.then(() => false)]))) return this;
     } catch (err) {
@@ -231,7 +232,7 @@ export class WorkerPool implements RunningProxy {
   }
 
   #fork(failuresBefore = 0): Member {
-    const worker = cluster.fork();
+    const worker = forkWorker();
     let settle!: { resolve: () => void; reject: (err: Error) => void };
     const listening = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
     listening.catch(() => undefined);
@@ -246,7 +247,30 @@ export class WorkerPool implements RunningProxy {
       if (worker.isConnected()) worker.once('disconnect', () => this.#onExit(member, code, signal));
       else this.#onExit(member, code, signal);
     });
+    // Node reports a process it could not start (no pid) by this event alone, never by 'exit'. Unhandled, it ended
+    // the primary with a stack trace (exit 1), and every worker with it: a pids limit reached, the executable moved.
+    worker.on('error', (err: Error) => {
+      if (worker.process.pid !== undefined) return this.#options.logger.warn({ event: 'worker_error', worker: worker.id, pid: worker.process.pid, reason: err.message }, `worker ${worker.id} (pid ${worker.process.pid}): ${err.message}`);
+      const failure = spawnFailure(`worker ${worker.id}`, err);
+      settle.reject(failure);
+      this.#onSpawnFailed(member, failure);
+    });
     return member;
+  }
+
+  /** A worker whose process never started: it leaves the pool as one that exited before it listened would. */
+  #onSpawnFailed(member: Member, failure: StartFailure): void {
+    this.#members.delete(member.worker.id);
+    if (this.#members.size === 0) this.#allExited?.();
+    if (this.#stopping || !this.#started || this.#lost) return;
+    this.#replaceLater(member.failuresBefore + 1, failure.message);
+  }
+
+  /** Its line names why; the next try waits as after a worker that exited soon after it started. */
+  #replaceLater(failures: number, reason: string): void {
+    const delayMs = replacementDelayMs(failures);
+    this.#options.logger.error({ event: 'worker_start_failed', reason, restartInMs: delayMs }, `${reason}: trying again in ${delayMs / 1000} s`);
+    this.#replaceTimer = setTimeout(() => this.#replace(failures), delayMs);
   }
 
   #onMessage(member: Member, message: FromWorker, settle: { resolve: () => void; reject: (err: Error) => void }): void {
@@ -332,9 +356,15 @@ export class WorkerPool implements RunningProxy {
 
   #replace(failuresBefore: number): void {
     if (this.#stopping || this.#lost) return;
-    this.#fork(failuresBefore).listening.catch((err: Error) => {
-      // Stopped before it listened because the pool is shutting down: no failure.
-      if (this.#stopping || this.#lost) return;
+    let member: Member;
+    try {
+      member = this.#fork(failuresBefore);
+    } catch (err) {
+      return this.#replaceLater(failuresBefore + 1, (err as Error).message);
+    }
+    member.listening.catch((err: Error) => {
+      // Stopped before it listened because the pool is shutting down: no failure; a spawn failure has its line already.
+      if (this.#stopping || this.#lost || err instanceof SpawnFailure) return;
       if (err instanceof ListenError) return this.#cannotListenAgain(err);
       this.#options.logger.error({ event: 'worker_start_failed', reason: err.message }, `a new worker failed to start: ${err.message}`);
     });
@@ -395,6 +425,34 @@ export class WorkerPool implements RunningProxy {
     worker.send(message, (err: Error | null) => {
       if (err) this.#options.logger.debug({ event: 'worker_send_failed', worker: worker.id, reason: err.message }, 'message to a worker not delivered');
     });
+  }
+}
+
+/** A worker process that could not be started at all. */
+class SpawnFailure extends StartFailure {}
+
+/** cluster.fork(), whose spawn errors other than the usual few (ENOMEM, say) are thrown rather than reported by 'error'. */
+function forkWorker(): Worker {
+  try {
+    return cluster.fork();
+  } catch (err) {
+    throw spawnFailure('a new worker', err);
+  }
+}
+
+function spawnFailure(who: string, err: unknown): SpawnFailure {
+  const reason = err instanceof Error ? err.message : String(err);
+  return new SpawnFailure(`${who} could not be started: ${reason}${spawnHint((err as NodeJS.ErrnoException).code)}`, { cause: err });
+}
+
+/** What the usual spawn errors come to for the operator. */
+function spawnHint(code: string | undefined): string {
+  switch (code) {
+    case 'EAGAIN': return ' (the limit on processes and threads is reached: the container\'s pids limit, ulimit -u or systemd\'s TasksMax)';
+    case 'ENOMEM': return ' (out of memory)';
+    case 'ENOENT': return ` (${process.execPath} was moved or deleted since the start; workers start from that path)`;
+    case 'EMFILE': case 'ENFILE': return ' (the open-files limit is reached)';
+    default: return '';
   }
 }
 

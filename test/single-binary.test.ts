@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
-import { copyFile, mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createSecureServer, type ServerHttp2Stream } from 'node:http2';
@@ -169,6 +169,47 @@ describe('single executable', () => {
       const workersGone = (): boolean => lines.filter((line) => /"event":"listening"/.test(line)).every((line) => !alive(JSON.parse(line).pid as number));
       await eventually(workersGone, 'the workers to exit after their primary');
       assert.deepEqual(await readdir(temp), [], 'left behind after SIGKILL');
+    } finally {
+      if (serving.exitCode === null && serving.signalCode === null) serving.kill('SIGKILL');
+    }
+  });
+
+  // Workers start from the executable's path: replaced or moved after the start (an upgrade that moves the old file
+  // aside), the next worker could not be started. Node reports that as an 'error' event alone, which nothing handled:
+  // the primary died of it with a stack trace (exit 1), and the worker still serving died with it.
+  test('a worker that cannot be started again (the executable moved away) is logged and tried again while the other worker serves on', async () => {
+    const home = join(dir, 'moved');
+    await mkdir(home);
+    const moving = join(home, 'ovms-mtls');
+    await copyFile(exe, moving);
+    const [restPort, adminPort] = (await freeLoopbackPorts(2)) as [number, number];
+    const serving = spawn(moving, ['proxy', '--mtls_workers', '2',
+      '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!,
+      '--mtls_admin_port', String(adminPort)], { cwd: dir, env: bareEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    const lines: string[] = [];
+    let stderr = '';
+    createInterface({ input: serving.stdout! }).on('line', (line) => lines.push(line));
+    serving.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    const records = (name: string): Record<string, unknown>[] =>
+      lines.map((line) => JSON.parse(line) as Record<string, unknown>).filter((record) => record['event'] === name);
+    try {
+      await eventually(() => records('workers_listening').length > 0, 'workers_listening');
+      const pids = records('workers_listening')[0]!['pids'] as number[];
+      await rename(moving, `${moving}.old`);
+      process.kill(pids[0]!, 'SIGKILL');
+      await eventually(() => records('worker_start_failed').length > 0 || serving.exitCode !== null, 'worker_start_failed');
+      assert.equal(serving.exitCode, null, `the proxy exited: ${stderr}`);
+      assert.equal(stderr, '');
+      assert.match(String(records('worker_start_failed')[0]!['reason']), /^worker \d+ could not be started: spawn .*ovms-mtls ENOENT \(.*ovms-mtls was moved or deleted since the start/);
+      assert.equal((await https1(restPort, pki, { path: '/v2/models/dummy' })).status, 200);
+      assert.match((await httpGet(adminPort, '/readyz')).body, /1 of 2 workers listening/);
+
+      await rename(`${moving}.old`, moving);
+      await eventually(async () => /2 of 2 workers listening/.test((await httpGet(adminPort, '/readyz')).body), 'a new worker listening', 60_000);
+      serving.kill('SIGTERM');
+      const [code] = await once(serving, 'exit');
+      assert.equal(code, 0);
     } finally {
       if (serving.exitCode === null && serving.signalCode === null) serving.kill('SIGKILL');
     }
