@@ -132,11 +132,16 @@ function silentAfterHandshake(target: TlsTarget): Diagnosis {
 }
 
 /**
- * SNI and the name the server certificate must carry. RFC 6066 forbids an IP address as SNI (Node warns
- * on stderr and will drop it), so an IP is sent as no SNI and still checked against the certificate's IP SANs.
+ * How the server certificate is checked: SNI, the name it must carry, and that it must verify at all.
+ * RFC 6066 forbids an IP address as SNI (Node warns on stderr and will drop it), so an IP is sent as no
+ * SNI and still checked against the certificate's IP SANs. rejectUnauthorized is said, not left to
+ * Node's default: NODE_TLS_REJECT_UNAUTHORIZED=0 left in a shell turned that off, and the probe passed
+ * the handshake and REST steps for a server certificate --mtls_ca did not issue, then blamed the model
+ * server for the gRPC call that grpc-js refused.
  */
-export function serverNameOptions(servername: string): Pick<ConnectionOptions, 'servername' | 'checkServerIdentity'> {
+export function serverVerification(servername: string): Pick<ConnectionOptions, 'servername' | 'checkServerIdentity' | 'rejectUnauthorized'> {
   return {
+    rejectUnauthorized: true,
     servername: isIP(servername) === 0 ? servername : '',
     checkServerIdentity: (_host: string, cert: PeerCertificate) => checkServerIdentity(servername, cert),
   };
@@ -148,7 +153,7 @@ let ipSniWarningDropped = false;
 /**
  * grpc-js sends the host it dials as SNI, an IP address too (no channel option turns that off), and
  * Node then prints DEP0123 on stderr in the middle of the report. Only that warning is dropped: the
- * address is still checked against the certificate's IP SANs, as serverNameOptions does for our own
+ * address is still checked against the certificate's IP SANs, as serverVerification does for our own
  * connections.
  */
 export function dropIpSniWarning(): void {
@@ -183,7 +188,7 @@ export function tlsHandshake(target: TlsTarget): Promise<HandshakeResult> {
     let stage: HandshakeStage = 'connecting';
     let settled = false;
     const socket = tlsConnect({
-      host: target.host, port: target.port, ...serverNameOptions(target.servername),
+      host: target.host, port: target.port, ...serverVerification(target.servername),
       cert: target.cert, key: target.key, ca: target.ca, ALPNProtocols: ['h2', 'http/1.1'],
     });
     const finish = (result: HandshakeResult) => {

@@ -7,7 +7,7 @@ import { request as httpsRequest } from 'node:https';
 import { isIP } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { kserveClient, unary, type KserveClient } from './demo/grpc-client.js';
-import { dropIpSniWarning, serverNameOptions, tlsHandshake, type Diagnosis, type HandshakeResult, type TlsTarget } from './probe-tls.js';
+import { dropIpSniWarning, serverVerification, tlsHandshake, type Diagnosis, type HandshakeResult, type TlsTarget } from './probe-tls.js';
 import { hostAndPort } from './addresses.js';
 import { REFUSAL_PREFIX } from './refusal-answer.js';
 
@@ -185,7 +185,7 @@ function httpsGet(options: ProbeOptions, port: number, path: string): Promise<Re
       req.destroy();
     };
     const req = httpsRequest({
-      host: options.host, port, path, agent: false, ...serverNameOptions(options.servername ?? options.host),
+      host: options.host, port, path, agent: false, ...serverVerification(options.servername ?? options.host),
       cert: options.cert, key: options.key, ca: options.ca,
     }, (res) => {
       const chunks: Buffer[] = [];

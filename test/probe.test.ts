@@ -152,6 +152,16 @@ describe('probe', () => {
     assert.match(out, /-> server certificate layer: the server certificate is not trusted by --mtls_ca/);
   });
 
+  test('NODE_TLS_REJECT_UNAUTHORIZED=0 in the environment does not make it trust a server certificate the given CA did not issue', async () => {
+    const res = await runCli(['probe', '--host', '127.0.0.1', '--port', String(front.grpcPort), '--rest_port', String(front.restPort), ...clientFlags('client', 'other_ca')],
+      { env: { NODE_TLS_REJECT_UNAUTHORIZED: '0' } });
+    assert.equal(res.code, 1, res.stdout);
+    assert.match(res.stdout, /^FAIL +grpc +TLS handshake/m);
+    assert.match(res.stdout, /^FAIL +rest +TLS handshake/m);
+    assert.equal(res.stdout.match(/-> server certificate layer: the server certificate is not trusted by --mtls_ca/g)?.length, 2, res.stdout);
+    assert.doesNotMatch(res.stdout, /^ok|upstream layer/m);
+  });
+
   test('a server that leaves out the intermediate CA of its certificate is told apart from nothing: the advice names the intermediate', async () => {
     const leaf = await issueServerCert({ issuer: pki.intermediateCa, commonName: 'localhost', dns: ['localhost'], ips: ['127.0.0.1'] });
     const { server, port } = await bareTlsServer({ cert: leaf.certPem, key: leaf.keyPem });
