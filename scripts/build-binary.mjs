@@ -88,7 +88,10 @@ async function main() {
     main: script,
     output: blob,
     disableExperimentalSEAWarning: true,
-    useCodeCache: true,
+    // No code cache: V8 rejects it whenever NODE_OPTIONS holds a V8 flag (--max-old-space-size, the one
+    // way to size the heap of the executable), and Node then writes "Warning: Code cache data rejected."
+    // on stderr in every process, each worker too. It saved about 0.06 s of CPU per process start.
+    useCodeCache: false,
     assets: Object.fromEntries(ASSETS.map((name) => [name, join(ROOT, name)])),
   };
   writeFileSync(join(WORK, 'sea-config.json'), JSON.stringify(seaConfig, null, 2));

@@ -59,6 +59,17 @@ describe('single executable', () => {
     assert.equal(stdout, `ovms-mtls ${pkg.version}\n`);
   });
 
+  // Every argument is the executable's own, so NODE_OPTIONS is the one way to give Node or V8 an option (a heap size).
+  // A V8 flag there made V8 reject the code cache built into the executable, and every process (each worker too)
+  // printed "Warning: Code cache data rejected." and advice to run `ovms-mtls --trace-warnings`, an OVMS option.
+  test('a V8 option in NODE_OPTIONS (a heap size) puts nothing on stderr', async () => {
+    const env = { ...bareEnv, NODE_OPTIONS: '--max-old-space-size=200' };
+    const { stdout, stderr } = await run(exe, ['check', '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!,
+      '--mtls_client_ca', pki.paths['client_cert_ca.pem']!], { cwd: dir, env });
+    assert.match(stdout, /^Result: OK/m);
+    assert.equal(stderr, '');
+  });
+
   test('runs the proxy and carries a real gRPC call and a real REST call', async () => {
     [ports.grpc, ports.rest, ports.admin] = (await freeLoopbackPorts(3)) as [number, number, number];
     child = spawn(exe, ['proxy',
