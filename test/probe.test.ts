@@ -544,6 +544,18 @@ describe('probe', () => {
     assert.equal(res.stderr, '');
   });
 
+  // `probe ... | grep -q FAIL` in a script: grep exits at its first match, and the probe's next line met a closed pipe.
+  test('a reader of its output that is gone costs the output, not a stack trace: the exit code is still the result', async () => {
+    const child = spawn(process.execPath, [BIN, 'probe', '--host', '127.0.0.1', '--port', String(front.grpcPort), '--rest_port', String(front.restPort), ...clientFlags()],
+      { env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+    child.stdout.destroy();
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+    const [code] = await once(child, 'close');
+    assert.equal(stderr, '');
+    assert.equal(code, 0);
+  });
+
   test('the built CLI exits 0 on success and a missing client key is a one-line usage error with exit 2', async () => {
     const ok = spawn(process.execPath, [BIN, 'probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags()], { stdio: ['ignore', 'pipe', 'pipe'] });
     ok.stdout.resume();

@@ -70,6 +70,19 @@ describe('single executable', () => {
     assert.equal(stderr, '');
   });
 
+  // Its entry runs main() as a plain script: the failed write's error event came before main's exit, which the ES
+  // module bin/ovms-mtls reached first, so only the executable died of it (stack trace, exit 1).
+  test('stdout closed by its reader or on a full disk: no stack trace, and the exit code of the command', async () => {
+    const closed = spawn(exe, ['--help'], { cwd: dir, env: bareEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    closed.stdout!.destroy();
+    let stderr = '';
+    closed.stderr!.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+    assert.equal((await once(closed, 'close'))[0], 0);
+    assert.equal(stderr, '');
+    const full = await run('/bin/sh', ['-c', `"${exe}" --version > /dev/full`], { cwd: dir, env: bareEnv });
+    assert.equal(full.stderr, 'ovms-mtls: cannot write to stdout (ENOSPC): the rest of the output is lost\n');
+  });
+
   test('runs the proxy and carries a real gRPC call and a real REST call', async () => {
     [ports.grpc, ports.rest, ports.admin] = (await freeLoopbackPorts(3)) as [number, number, number];
     child = spawn(exe, ['proxy',

@@ -76,6 +76,15 @@ export function userErrorLine(message: string, argv: readonly string[], env: Nod
 function ignoreHangup(): void {}
 
 /**
+ * A reader of stdout that is gone (`probe ... | grep -q FAIL`: grep exits at its first match) or a full
+ * disk costs the rest of the output, and the command still ends with its own exit code. Unhandled, the
+ * write error ended the process with Node's stack trace and exit 1.
+ */
+function carryOnWithoutStdout(err: NodeJS.ErrnoException): void {
+  if (err.code !== 'EPIPE') process.stderr.write(`ovms-mtls: cannot write to stdout (${err.code ?? err.message}): the rest of the output is lost\n`);
+}
+
+/**
  * The process entry: the only place that exits. User errors print one line, no stack.
  * A proxy worker (--mtls_workers) gets its orders from the primary, not from argv.
  */
@@ -85,6 +94,7 @@ export function main(argv: readonly string[]): void {
   // SIGHUP's default ends the process, and the serving commands take it (reload) only once started:
   // ignored until then, as the files read a moment later are the current ones anyway.
   process.on('SIGHUP', ignoreHangup);
+  process.stdout.on('error', carryOnWithoutStdout);
   const io: Io = { stdout: process.stdout, stderr: process.stderr, env: process.env };
   (cluster.isWorker ? runWorker() : run(argv, io)).then(
     (code) => process.exit(code),
