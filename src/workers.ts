@@ -451,6 +451,8 @@ function spawnHint(code: string | undefined): string {
     case 'EAGAIN': return ' (the limit on processes and threads is reached: the container\'s pids limit, ulimit -u or systemd\'s TasksMax)';
     case 'ENOMEM': return ' (out of memory)';
     case 'ENOENT': return ` (${process.execPath} was moved or deleted since the start; workers start from that path)`;
+    // Workers started later are forked by the primary as --mtls_user, the entrypoint's first ones as root.
+    case 'EACCES': return ` (the user this process runs as may not execute ${process.execPath}: after --mtls_user it is no longer root; put it where that user can run it, e.g. /usr/local/bin, mode 0755)`;
     case 'EMFILE': case 'ENFILE': return ' (the open-files limit is reached)';
     default: return '';
   }

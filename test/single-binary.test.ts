@@ -10,7 +10,7 @@ import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { createSecureServer, type ServerHttp2Stream } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { createInterface } from 'node:readline';
@@ -19,6 +19,7 @@ import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, https1, startUpstream } from './helpers/harness.js';
 import { eventually, httpGet, sample } from './helpers/ops.js';
+import { FAKE_OVMS, makeFakeExecutable, tlsArgs } from './helpers/entrypoint.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -207,35 +208,41 @@ describe('single executable', () => {
     const moving = join(home, 'ovms-mtls');
     await copyFile(exe, moving);
     const [restPort, adminPort] = (await freeLoopbackPorts(2)) as [number, number];
-    const serving = spawn(moving, ['proxy', '--mtls_workers', '2',
+    const pool = startWithWorkers(moving, ['proxy', '--mtls_workers', '2',
       '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
       '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!,
-      '--mtls_admin_port', String(adminPort)], { cwd: dir, env: bareEnv, stdio: ['ignore', 'pipe', 'pipe'] });
-    const lines: string[] = [];
-    let stderr = '';
-    createInterface({ input: serving.stdout! }).on('line', (line) => lines.push(line));
-    serving.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    const records = (name: string): Record<string, unknown>[] =>
-      lines.map((line) => JSON.parse(line) as Record<string, unknown>).filter((record) => record['event'] === name);
+      '--mtls_admin_port', String(adminPort)], bareEnv);
     try {
-      await eventually(() => records('workers_listening').length > 0, 'workers_listening');
-      const pids = records('workers_listening')[0]!['pids'] as number[];
-      await rename(moving, `${moving}.old`);
-      process.kill(pids[0]!, 'SIGKILL');
-      await eventually(() => records('worker_start_failed').length > 0 || serving.exitCode !== null, 'worker_start_failed');
-      assert.equal(serving.exitCode, null, `the proxy exited: ${stderr}`);
-      assert.equal(stderr, '');
-      assert.match(String(records('worker_start_failed')[0]!['reason']), /^worker \d+ could not be started: spawn .*ovms-mtls ENOENT \(.*ovms-mtls was moved or deleted since the start/);
+      const reason = await pool.replacementFailure(() => rename(moving, `${moving}.old`));
+      assert.match(reason, /^worker \d+ could not be started: spawn .*ovms-mtls ENOENT \(.*ovms-mtls was moved or deleted since the start/);
       assert.equal((await https1(restPort, pki, { path: '/v2/models/dummy' })).status, 200);
       assert.match((await httpGet(adminPort, '/readyz')).body, /1 of 2 workers listening/);
 
       await rename(`${moving}.old`, moving);
       await eventually(async () => /2 of 2 workers listening/.test((await httpGet(adminPort, '/readyz')).body), 'a new worker listening', 60_000);
-      serving.kill('SIGTERM');
-      const [code] = await once(serving, 'exit');
-      assert.equal(code, 0);
+      assert.equal(await pool.stop(), 0);
     } finally {
-      if (serving.exitCode === null && serving.signalCode === null) serving.kill('SIGKILL');
+      pool.kill();
+    }
+  });
+
+  // The entrypoint forks its first workers as root; the primary then runs as --mtls_user, and so forks those that replace them.
+  test('the executable in a directory only root may enter, run as the entrypoint with --mtls_user: a replacement worker that cannot be started says why', { skip: process.getuid?.() !== 0 && 'needs root' }, async () => {
+    makeFakeExecutable();
+    const home = join(dir, 'root-only');
+    await mkdir(home, { mode: 0o700 });
+    const hidden = join(home, 'ovms-mtls');
+    await copyFile(exe, hidden);
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    // The stand-in OVMS is a node script: node must be on its PATH.
+    const pool = startWithWorkers(hidden, ['--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', ...tlsArgs(pki),
+      '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'nobody', '--mtls_user', 'nobody', '--mtls_workers=2'], { ...bareEnv, PATH: dirname(process.execPath) });
+    try {
+      const reason = await pool.replacementFailure(async () => undefined);
+      assert.match(reason, /could not be started: spawn .*root-only\/ovms-mtls EACCES \(the user this process runs as may not execute .*root-only\/ovms-mtls: after --mtls_user it is no longer root/);
+      assert.equal(await pool.stop(), 0);
+    } finally {
+      pool.kill();
     }
   });
 
@@ -277,6 +284,39 @@ describe('single executable', () => {
     child = undefined;
   });
 });
+
+/** `executable` serving with workers: its JSON lines, and a worker killed to see what replacing it comes to. */
+function startWithWorkers(executable: string, args: readonly string[], env: NodeJS.ProcessEnv) {
+  const serving = spawn(executable, args, { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const lines: string[] = [];
+  let stderr = '';
+  createInterface({ input: serving.stdout! }).on('line', (line) => lines.push(line));
+  serving.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  const records = (name: string): Record<string, unknown>[] =>
+    lines.flatMap((line) => (line.startsWith('{') ? [JSON.parse(line) as Record<string, unknown>] : [])).filter((record) => record['event'] === name);
+  return {
+    /** Once the workers listen: `before`, then one worker killed; the reason its replacement could not start, the primary still up. */
+    async replacementFailure(before: () => Promise<unknown>): Promise<string> {
+      await eventually(() => records('workers_listening').length > 0 || serving.exitCode !== null, 'workers_listening');
+      const pids = records('workers_listening')[0]?.['pids'] as number[] | undefined;
+      assert.ok(pids, `no workers: ${stderr}`);
+      await before();
+      process.kill(pids[0]!, 'SIGKILL');
+      await eventually(() => records('worker_start_failed').length > 0 || serving.exitCode !== null, 'worker_start_failed');
+      assert.equal(serving.exitCode, null, `the primary exited: ${stderr}`);
+      assert.equal(stderr, '');
+      return String(records('worker_start_failed')[0]!['reason']);
+    },
+    async stop(): Promise<number | null> {
+      serving.kill('SIGTERM');
+      const [code] = (await once(serving, 'exit')) as [number | null];
+      return code;
+    },
+    kill(): void {
+      if (serving.exitCode === null && serving.signalCode === null) serving.kill('SIGKILL');
+    },
+  };
+}
 
 /** A zombie counts as gone: its parent was killed, and who reaps it next is up to the container. */
 function alive(pid: number): boolean {
