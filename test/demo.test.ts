@@ -184,6 +184,14 @@ test('demo with a bad --mtls_log_level exits 2 with one line and leaves no tempo
   }
 });
 
+// A read-only root file system with no writable /tmp (docker run --read-only without --tmpfs /tmp): the throwaway
+// certificates have nowhere to go. That was "internal error" with a stack trace and exit 70.
+test('demo with no writable temporary directory exits 2 with one line saying what to do', async () => {
+  const res = await runCli(['demo', '--port', '0', '--rest_port', '0'], { env: { ...process.env, TMPDIR: join(tmpdir(), 'ovms-mtls-no-such-dir') }, wrap: ['timeout', '60'] });
+  assert.equal(res.code, 2, res.stdout + res.stderr);
+  assert.match(res.stderr, /^ovms-mtls: demo: cannot create a directory for its throwaway certificates in \S+ovms-mtls-no-such-dir: ENOENT; mount a writable \/tmp or set TMPDIR to a writable directory\n$/);
+});
+
 test('demo --dir on a directory that holds a certificate set exits 2 with one line and leaves the set as it was', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-dir-'));
   try {

@@ -112,6 +112,16 @@ async function modelServerPorts(grpcPort: number, restPort: number): Promise<{ g
   return { grpcPort: grpc, restPort: rest };
 }
 
+/** Where the certificates go without --dir; a temporary directory that cannot be made (no writable /tmp) is the user's to fix. */
+async function throwawayDirectory(): Promise<string> {
+  try {
+    return await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-'));
+  } catch (err) {
+    const why = (err as NodeJS.ErrnoException).code ?? String(err);
+    throw new ConfigError(`demo: cannot create a directory for its throwaway certificates in ${tmpdir()}: ${why}; mount a writable /tmp or set TMPDIR to a writable directory`);
+  }
+}
+
 export async function runDemoCommand(argv: readonly string[], io: Io): Promise<number> {
   // As in every command, a repeated option keeps its last value and one given with nothing is refused:
   // read raw, `--dir a --dir b` (a list) served from a temporary directory removed on exit, and
@@ -122,7 +132,7 @@ export async function runDemoCommand(argv: readonly string[], io: Io): Promise<n
   // Checked before the temporary directory exists: a bad value would otherwise leave it behind.
   const logLevel = parseChoice(parsed, 'mtls_log_level', LOG_LEVELS, 'warn');
   const keep = typeof parsed['dir'] === 'string';
-  const certDir = keep ? resolve(String(parsed['dir'])) : await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-'));
+  const certDir = keep ? resolve(String(parsed['dir'])) : await throwawayDirectory();
   const logger = createLogger({ level: logLevel });
   if (keep) await assertNoCertificateSet(certDir);
   let model: ModelServer | undefined;
