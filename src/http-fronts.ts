@@ -3,7 +3,8 @@ import { STATUS_CODES, createServer as createHttpServer, type Server as HttpServ
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { headerFieldsWithin, type Limits } from './config.js';
-import { parentOf, type ConnectionContext } from './listeners.js';
+import type { ConnectionContext } from './listeners.js';
+import { tcpBytesMoved } from './send-stall.js';
 import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
 import { H2_WITHOUT_ALPN, commaList, onlyChunked, requestHeadTooLargeMessage, unsupportedCodingMessage } from './http1-framing.js';
@@ -131,13 +132,9 @@ class SessionState implements IdleConnection {
     });
   }
 
-  /**
-   * Bytes moved on the client's TCP connection so far, both ways: what it sent (a PING's answer, WINDOW_UPDATEs)
-   * and what its kernel took from ours as it read. The TLS socket's own counts stand still under HTTP/2.
-   */
+  /** Bytes moved on the client's TCP connection so far, both ways: a PING's answer, WINDOW_UPDATEs, what its kernel took from ours. */
   #bytesMoved(): number {
-    const tcp = parentOf(this.context.socket) ?? this.context.socket;
-    return tcp.bytesRead + tcp.bytesWritten;
+    return tcpBytesMoved(this.context.socket);
   }
 
   /** A connection that is only waiting for a stream id, as before, is not given more time for bytes. */

@@ -5,12 +5,13 @@ import { bindsIpv6Only, type AllowList, type BindSpec, type Limits } from './con
 import { bindEach, type SkippedAddress } from './bind-addresses.js';
 import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, presentedCertificates, refusal, rfc2253Name, verificationRefusal, type ClientIdentity, type Refusal, type RefusalReason } from './client-identity.js';
-import type { ListenerName, ProxyObserver } from './observer.js';
+import { clientRef, type ListenerName, type ProxyObserver } from './observer.js';
 import { handshakeFailureReason, judgedWithServedCertificate } from './handshake-failures.js';
 import { namesIssuer, pathToTrust, validTo } from './tls-checks.js';
 import { clientAddress, hostAndPort } from './addresses.js';
 import { answerRefusal } from './refusal-answer.js';
 import type { DescriptorHeadroom } from './fd-headroom.js';
+import { SendStallSweeper } from './send-stall.js';
 
 /** What the protocol layer learns about a connection that passed every check. */
 export interface ConnectionContext {
@@ -53,7 +54,8 @@ export function requestStart(context: ConnectionContext): number {
 
 /**
  * Why the proxy cut a connection under requests still in flight: a revoked client's grace ran out,
- * nghttp2 gave up decoding a header field over 64 KiB or the client answered no PING (http-fronts.ts), the shutdown timeout ran out.
+ * nghttp2 gave up decoding a header field over 64 KiB or the client answered no PING (http-fronts.ts), the client took nothing
+ * of what waited for it (send-stall.ts), the shutdown timeout ran out.
  */
 export type ProxyCut = 'proxy_closed_revoked' | 'proxy_closed_undecodable_header' | 'proxy_closed_unresponsive' | 'shutdown_timeout';
 
@@ -161,6 +163,8 @@ export class SecureListener {
   #draining = false;
   /** What waits for the last live connection to close (stopAccepting). */
   readonly #whenNoneLeft: (() => void)[] = [];
+  /** Closes a connection whose client takes none of the bytes waiting for it (nginx's send_timeout). */
+  readonly #sendStall: SendStallSweeper<ConnectionContext>;
 
   constructor(options: SecureListenerOptions) {
     this.name = options.name;
@@ -168,6 +172,11 @@ export class SecureListener {
     this.#allow = options.allow;
     this.#trustedCas = options.certificates.clientCas;
     this.#servedUntil = servedUntil(options.certificates.serverChain);
+    const { idleTimeoutMs } = options.limits;
+    this.#sendStall = new SendStallSweeper(idleTimeoutMs, this.#connections, (_socket, context, waitingBytes) => {
+      options.observer.clientUnresponsive({ ...clientRef(context), waitingBytes, idleTimeoutMs });
+      cutConnection(context, 'proxy_closed_unresponsive');
+    });
   }
 
   /** Live, authorized connections and what is known about each. */
@@ -372,11 +381,13 @@ export class SecureListener {
 
   #track(socket: TLSSocket, context: ConnectionContext): void {
     this.#connections.set(socket, context);
+    this.#sendStall.start();
     this.#options.observer.connectionOpened(this.name);
     // on(), not once(): 'finish' comes once anyway, and once() keeps a wrapper per idle connection.
     socket.on('finish', () => this.#destroyIfPeerStaysOpen(socket));
     socket.on('close', () => {
       this.#connections.delete(socket);
+      this.#sendStall.stopIfEmpty();
       this.#options.observer.connectionClosed(this.name);
       if (this.#connections.size === 0) for (const resolve of this.#whenNoneLeft.splice(0)) resolve();
     });

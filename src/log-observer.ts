@@ -25,6 +25,15 @@ function undecodableFieldMessage(streams: number): string {
 }
 
 /**
+ * A client that stopped reading (SIGSTOP, a debugger, a wedged process) or vanished without a FIN or reset
+ * reaching us, while an answer was flowing to it: backpressure had held its connection and its model-server
+ * request for as long as that lasted. nginx's send_timeout closes such a connection too.
+ */
+function unresponsiveMessage(waitingBytes: number, idleTimeoutMs: number): string {
+  return `the client took none of the bytes waiting for it (${waitingBytes} in the proxy, more in the kernel's buffers), and sent nothing, for ${idleTimeoutMs / 1000} s (--mtls_idle_timeout): closed; the requests in flight on it were cut (proxy_closed_unresponsive)`;
+}
+
+/**
  * In relay mode the proxy answers no PINGs and holds no calls: the model server's GOAWAY with an error
  * is the one word on why a client's connection was ended, and C-core's most common one is the client's to fix.
  */
@@ -108,6 +117,10 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
     },
     h2SessionFailed(record) {
       logger.warn({ event: 'h2_session_error', ...record }, `Node ended this client's HTTP/2 connection: ${record.message}; the requests in flight on it were cut (${record.code})`);
+    },
+    clientUnresponsive(record) {
+      const { waitingBytes, idleTimeoutMs, ...client } = record;
+      logger.warn({ event: 'client_unresponsive', ...client, waitingBytes }, unresponsiveMessage(waitingBytes, idleTimeoutMs));
     },
     request(record) {
       if (!options.accessLog) return;

@@ -7,7 +7,7 @@
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { Refusal } from './client-identity.js';
-import type { AccessRecord, H2SessionFailure, ListenerName, ProxyObserver, RelayRecord, UnseenResets } from './observer.js';
+import type { AccessRecord, H2SessionFailure, ListenerName, ProxyObserver, RelayRecord, UnresponsiveClient, UnseenResets } from './observer.js';
 import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
 import { grpcRoute, restRoute } from './metric-routes.js';
 import { replaceEventLoopDelayGauges } from './event-loop-delay.js';
@@ -37,6 +37,7 @@ function defineMetrics(registry: Registry) {
     connectionsTotal: new Counter({ name: name('connections_total'), help: 'Client connections accepted since start', labelNames: ['listener'], registers }),
     streams: new Gauge({ name: name('open_streams'), help: 'Requests and RPCs in flight', labelNames: ['listener'], registers }),
     unseenResets: new Counter({ name: name('h2_streams_reset_unseen_total'), help: 'HTTP/2 requests Node reset before the proxy saw them (no access line; mostly a header list over --mtls_max_header_size), by listener', labelNames: ['listener'], registers }),
+    unresponsiveClients: new Counter({ name: name('unresponsive_clients_total'), help: 'HTTP/1.1 and relayed gRPC client connections closed because the client took none of the bytes waiting for it, and sent none, for --mtls_idle_timeout, by listener', labelNames: ['listener'], registers }),
     h2SessionErrors: new Counter({ name: name('h2_session_errors_total'), help: 'HTTP/2 client connections Node ended with an error of its own (flood, protocol error, the client\'s GOAWAY with an error code), by listener and error code', labelNames: ['listener', 'code'], registers }),
     upstreamErrors: new Counter({ name: name('upstream_errors_total'), help: 'Failures talking to the model server, by listener and error code', labelNames: ['listener', 'code'], registers }),
     certExpiry: new Gauge({ name: name('certificate_expiry_timestamp_seconds'), help: 'notAfter (unix time) of the server certificate, of each CA sent with it and of each trusted client CA', labelNames: ['role', 'subject', 'serial'], registers }),
@@ -139,6 +140,10 @@ export class ProxyMetrics implements ProxyObserver {
 
   h2SessionFailed(record: H2SessionFailure): void {
     this.#m.h2SessionErrors.inc({ listener: record.listener, code: record.code });
+  }
+
+  clientUnresponsive(record: UnresponsiveClient): void {
+    this.#m.unresponsiveClients.inc({ listener: record.listener });
   }
 
   /** Expiry gauges for the material now in use; call at start and after every reload. */

@@ -76,6 +76,16 @@ export interface H2SessionFailure extends ClientRef {
 }
 
 /**
+ * A client of an HTTP/1.1 connection or a relayed gRPC one that took none of the bytes waiting for it,
+ * and sent none, for --mtls_idle_timeout (send-stall.ts): closed, what was in flight on it cut.
+ */
+export interface UnresponsiveClient extends ClientRef {
+  /** What the proxy held for it beyond what the kernel took (the kernel's buffers hold more). */
+  readonly waitingBytes: number;
+  readonly idleTimeoutMs: number;
+}
+
+/**
  * What the data path reports. The logger and the metrics registry each
  * implement it; the data path knows neither.
  */
@@ -95,6 +105,7 @@ export interface ProxyObserver {
   upstreamError(listener: ListenerName, code: string): void;
   unseenResets(record: UnseenResets): void;
   h2SessionFailed(record: H2SessionFailure): void;
+  clientUnresponsive(record: UnresponsiveClient): void;
 }
 
 export const NOOP_OBSERVER: ProxyObserver = {
@@ -111,6 +122,7 @@ export const NOOP_OBSERVER: ProxyObserver = {
   upstreamError() {},
   unseenResets() {},
   h2SessionFailed() {},
+  clientUnresponsive() {},
 };
 
 /** Fans every event out to several observers. */

@@ -49,7 +49,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_shutdown_timeout', type: 'number', describe: 'Seconds to let in-flight calls finish on shutdown (the entrypoint stops OVMS after them, within this time)', defaultDescription: '30' },
   { name: 'mtls_handshake_timeout', type: 'number', describe: 'Seconds a client gets to complete the TLS handshake', defaultDescription: '10' },
   { name: 'mtls_upstream_connect_timeout', type: 'number', describe: 'Seconds a connection to the model server may take to be established before the request fails with 502 / UNAVAILABLE', defaultDescription: '10' },
-  { name: 'mtls_idle_timeout', type: 'number', describe: 'Seconds before an HTTP/1.1 connection with no request in flight is closed, an HTTP/2 connection with no stream open gets a GOAWAY, and a request head or body that stops arriving gets 408', defaultDescription: '65' },
+  { name: 'mtls_idle_timeout', type: 'number', describe: 'Seconds before an HTTP/1.1 connection with no request in flight is closed, an HTTP/2 connection with no stream open gets a GOAWAY, a request head or body that stops arriving gets 408, and a client that takes none of what waits for it is closed', defaultDescription: '65' },
   { name: 'mtls_max_connections', type: 'number', describe: 'Maximum open connections per listener in each worker (0 = unlimited)', defaultDescription: '0' },
   { name: 'mtls_max_concurrent_streams', type: 'number', describe: 'HTTP/2 streams a client may open at once per connection; also the pipelined HTTP/1.1 requests of a connection forwarded at once (terminate mode)', defaultDescription: '128' },
   { name: 'mtls_max_header_size', type: 'number', describe: 'Largest request header block accepted, in bytes', defaultDescription: '65536' },
