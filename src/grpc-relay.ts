@@ -3,7 +3,7 @@ import type { TLSSocket } from 'node:tls';
 import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { CLIENT_PREFACE_BYTES, DrainPingAck, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, goAway, type OnFrame, type OnGoAway } from './h2-frames.js';
+import { CLIENT_PREFACE_BYTES, DrainPingAck, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, goAway, isServerPreface, type OnFrame, type OnGoAway } from './h2-frames.js';
 import { h2ErrorName } from './grpc-status.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
@@ -21,12 +21,43 @@ export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { reado
  */
 export function grpcRelay(options: GrpcRelayOptions): Relay {
   const idle = new IdleSweeper(options.idleTimeoutMs);
-  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context) => new RelayedH2Connection(client, upstream, context, options.observer, idle) });
+  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context, handBack) => new RelayedH2Connection({ client, upstream, context, observer: options.observer, idle, handBack }) });
 }
 
 /** The relay_access error of a connection the model server closed under calls in flight. */
 export const UPSTREAM_CLOSED_MID_CALL = 'upstream_closed_mid_call';
 const MAX_STREAM_ID = 0x7fffffff;
+
+/** The upstream_error reason of a model server whose first bytes are no HTTP/2 server preface. */
+export const UPSTREAM_NOT_HTTP2 = 'UPSTREAM_NOT_HTTP2';
+
+/**
+ * How much of what the client sends is kept until the model server's preface is in. Until the
+ * model server's SETTINGS, a client may send one 64 KiB flow-control window of DATA (RFC 9113
+ * 6.9.2) and its header blocks: more means a model server that accepted and says nothing, and
+ * the connection stays relayed as before.
+ */
+const KEPT_BEFORE_PREFACE_MAX = 256 * 1024;
+
+/**
+ * What the client sent upstream before the model server's first frame header was in, and the
+ * model server's bytes so far. Until that header is in, nothing goes to the client.
+ */
+interface BeforePreface {
+  /** undefined: more than KEPT_BEFORE_PREFACE_MAX, the client can no longer be handed back. */
+  sent: Buffer[] | undefined;
+  sentBytes: number;
+  received: Buffer;
+}
+
+interface RelayedH2Parts {
+  readonly client: TLSSocket;
+  readonly upstream: Socket;
+  readonly context: ConnectionContext;
+  readonly observer: ProxyObserver;
+  readonly idle: IdleSweeper;
+  readonly handBack: () => void;
+}
 
 /** One client connection and its own upstream connection, with backpressure both ways. */
 class RelayedH2Connection implements RelayedConnection, IdleConnection {
@@ -57,13 +88,20 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   #upstreamGoAway: SeenGoAway | undefined;
   /** The last stream id of the upstream's last GOAWAY: the streams past it it never processed. */
   #upstreamLastStreamId: number | undefined;
+  #beforePreface: BeforePreface | undefined = { sent: [], sentBytes: 0, received: Buffer.alloc(0) };
+  readonly #idle: IdleSweeper;
+  readonly #handBack: () => void;
+  /** Removes each listener this connection added to the client socket, which lives on if handed back. */
+  readonly #clientListeners: (() => void)[] = [];
   /** Toward the client, pausing the upstream while the client is slow. */
   readonly #write = (chunk: Buffer): void => {
     if (!this.#client.write(chunk)) this.#upstream.pause();
   };
 
-  constructor(client: TLSSocket, upstream: Socket, context: ConnectionContext, observer: ProxyObserver, idle: IdleSweeper) {
+  constructor({ client, upstream, context, observer, idle, handBack }: RelayedH2Parts) {
     this.#client = client;
+    this.#idle = idle;
+    this.#handBack = handBack;
     this.#upstream = upstream;
     this.#context = context;
     this.#observer = observer;
@@ -71,33 +109,38 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     this.#toClient = new GoAwayInserter(this.streams.fromServer, this.#upstreamWentAway);
     this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.#clientFrame, onGoAway: this.#clientWentAway });
     idle.add(this);
-    client.on('data', (chunk: Buffer) => {
+    this.#onClient('data', (chunk: Buffer) => {
       // The upstream has gone: what the client still sends is read (so its FIN is seen) and dropped.
       if (upstream.writableEnded || upstream.destroyed) return;
       this.#bytesIn += chunk.length;
+      this.#keepUntilPreface(chunk);
       if (this.#drainPingAck) this.#drainPingAck.pass(chunk, this.#toUpstream, this.#goAwayRead);
       else if (this.#toClient.sent) this.#lookForDrainPingAck(chunk);
       else this.#toUpstream(chunk);
     });
     upstream.on('drain', () => client.resume());
     upstream.on('data', (chunk: Buffer) => {
-      this.#bytesOut += chunk.length;
-      this.#toClient.pass(chunk, this.#write);
+      const passed = this.#beforePreface ? this.#judgePreface(this.#beforePreface, chunk) : chunk;
+      if (passed === undefined) return;
+      this.#bytesOut += passed.length;
+      this.#toClient.pass(passed, this.#write);
     });
-    client.on('drain', () => upstream.resume());
+    this.#onClient('drain', () => upstream.resume());
     // 'end' and 'close' come once; on() spares the wrapper once() keeps per listener for the connection's life.
-    client.on('end', () => upstream.end());
+    this.#onClient('end', () => upstream.end());
     upstream.on('end', () => {
+      if (this.#handedBackFor('UPSTREAM_CLOSED')) return;
       this.#noteCallsCut();
       client.end();
     });
-    client.on('error', (err: NodeJS.ErrnoException) => this.#failed('client_' + (err.code ?? 'error')));
+    this.#onClient('error', (err: NodeJS.ErrnoException) => this.#failed('client_' + (err.code ?? 'error')));
     upstream.on('error', (err: NodeJS.ErrnoException) => {
+      if (this.#handedBackFor(err.code ?? 'error')) return;
       this.#failed('upstream_' + (err.code ?? 'error'));
       observer.upstreamError('grpc', err.code ?? 'error');
     });
     // Whichever side goes first, the other follows; written bytes are flushed before the FIN.
-    client.on('close', () => {
+    this.#onClient('close', () => {
       if (context.closedBy !== undefined) this.#failed(context.closedBy);
       upstream.destroy();
       idle.delete(this);
@@ -112,6 +155,68 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
       // Paused while the upstream was full, the client would never be read again, nor its FIN.
       client.resume();
     });
+  }
+
+  #onClient<A extends unknown[]>(event: string, listener: (...args: A) => void): void {
+    const loose = listener as (...args: unknown[]) => void;
+    this.#client.on(event, loose);
+    this.#clientListeners.push(() => this.#client.off(event, loose));
+  }
+
+  #keepUntilPreface(chunk: Buffer): void {
+    const before = this.#beforePreface;
+    if (!before?.sent) return;
+    before.sentBytes += chunk.length;
+    if (before.sentBytes > KEPT_BEFORE_PREFACE_MAX) before.sent = undefined;
+    else before.sent.push(chunk);
+  }
+
+  /**
+   * The model server's bytes until its first frame header is in: an HTTP/2 server's preface lets
+   * them all through (returned); anything else (the HTTP/1.1 answer of a REST port given as the
+   * gRPC upstream) never reaches the client, whose HTTP/2 connection it would break with no
+   * status: the client is handed back to the terminating front, which answers each of its calls
+   * UNAVAILABLE saying why (upstream-errors.ts).
+   */
+  #judgePreface(before: BeforePreface, chunk: Buffer): Buffer | undefined {
+    const received = before.received.length === 0 ? chunk : Buffer.concat([before.received, chunk]);
+    if (received.length < SERVER_PREFACE_HEADER_BYTES) {
+      before.received = received;
+      return undefined;
+    }
+    if (isServerPreface(received)) {
+      this.#beforePreface = undefined;
+      return received;
+    }
+    if (!this.#handedBackFor(UPSTREAM_NOT_HTTP2)) {
+      this.#failed('upstream_not_http2');
+      this.#observer.upstreamError('grpc', UPSTREAM_NOT_HTTP2);
+      this.#upstream.destroy();
+    }
+    return undefined;
+  }
+
+  /**
+   * Before the model server's preface (an HTTP/2 server's first frame), the client has been sent
+   * nothing: one whose upstream closed, failed or spoke something else goes to the terminating
+   * front with what it sent, as a client whose upstream connection failed does (relay.ts). False
+   * when it cannot be: past the preface, too much kept, or the client gone, ended, or sent our GOAWAY.
+   */
+  #handedBackFor(code: string): boolean {
+    const kept = this.#beforePreface?.sent;
+    this.#beforePreface = undefined;
+    const client = this.#client;
+    if (!kept || this.#toClient.sent || client.destroyed || client.readableEnded) return false;
+    this.#observer.upstreamError('grpc', code);
+    for (const remove of this.#clientListeners) remove();
+    this.#idle.delete(this);
+    this.#upstream.removeAllListeners();
+    this.#upstream.on('error', () => {});
+    this.#upstream.destroy();
+    client.pause();
+    if (kept.length > 0) client.unshift(Buffer.concat(kept));
+    this.#handBack();
+    return true;
   }
 
   readonly #toUpstream = (piece: Buffer): void => {

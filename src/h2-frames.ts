@@ -365,3 +365,17 @@ const GOAWAY_THEN_PING = Buffer.concat([gracefulGoAway(), drainPing()]);
 export function gracefulGoAway(): Buffer {
   return goAway(MAX_STREAM_ID, NO_ERROR);
 }
+
+const TYPE_SETTINGS = 0x4;
+
+/**
+ * Whether a connection's first frame header is an HTTP/2 server's preface (RFC 9113 section 3.4):
+ * a SETTINGS frame, not an acknowledgement, on stream 0, its length a whole number of settings.
+ * An HTTP/1.1 server's answer to the client's preface ("HTTP/1.1 400 ...") is not one.
+ */
+export function isServerPreface(header: Buffer): boolean {
+  return header.length >= FRAME_HEADER_BYTES && header[3] === TYPE_SETTINGS && (header[4]! & FLAG_ACK) === 0 && (header.readUInt32BE(5) & MAX_STREAM_ID) === 0 && header.readUIntBE(0, 3) % 6 === 0;
+}
+
+/** The bytes an HTTP/2 server's preface is judged from (isServerPreface). */
+export const SERVER_PREFACE_HEADER_BYTES = FRAME_HEADER_BYTES;

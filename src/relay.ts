@@ -24,8 +24,12 @@ export interface RelayOptions {
   readonly notReady?: (() => string | undefined) | undefined;
   /** Where a connection goes when it cannot be relayed: the terminating front, which answers with the reason. */
   readonly fallback: (socket: TLSSocket, context: ConnectionContext) => void;
-  /** Joins an authorized client socket and a connected upstream socket. */
-  readonly join: (client: TLSSocket, upstream: Socket, context: ConnectionContext) => RelayedConnection;
+  /**
+   * Joins an authorized client socket and a connected upstream socket. `handBack`: the joined
+   * connection gives the client up before relaying anything to it (the upstream turned out not to
+   * be what it relays to), all it read from the client back in the socket: the fallback takes it.
+   */
+  readonly join: (client: TLSSocket, upstream: Socket, context: ConnectionContext, handBack: () => void) => RelayedConnection;
 }
 
 /**
@@ -76,7 +80,11 @@ export class Relay implements Drainable {
         return;
       }
       noteHold(socket, context, heldSince);
-      const relayed = this.#options.join(socket, upstream, context);
+      const handBack = () => {
+        this.#relayed.delete(socket);
+        if (!socket.destroyed) fallback(socket, context);
+      };
+      const relayed = this.#options.join(socket, upstream, context, handBack);
       this.#relayed.set(socket, relayed);
       socket.on('close', () => this.#relayed.delete(socket));
       if (this.#draining) relayed.closeGracefully();

@@ -41,6 +41,9 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
     case 'ENOTFOUND':
     case 'EAI_AGAIN':
       return { code, message: `${where}: host name does not resolve` };
+    // nghttp2's "Protocol error": bytes that are no HTTP/2 frames, as an HTTP/1.1 server's answer to the preface.
+    case 'ERR_HTTP2_ERROR':
+      return { code, message: `${where} does not speak HTTP/2 (h2c) as a gRPC server does: is it the model server's gRPC port (OVMS --port), not its REST port?` };
     case 'ERR_HTTP2_GOAWAY_SESSION':
     case 'ERR_HTTP2_INVALID_SESSION':
     case 'ERR_HTTP2_SESSION_ERROR':

@@ -10,7 +10,8 @@ import { eventually, sample } from './helpers/ops.js';
 import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { END_HEADERS, END_STREAM, H2, H2FrameReader, answerPings, byteByByte, grpcHeaderBlock, h2Frame, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, FrameCursor } from '../src/h2-frames.js';
-import { UPSTREAM_CLOSED_MID_CALL } from '../src/grpc-relay.js';
+import { UPSTREAM_CLOSED_MID_CALL, UPSTREAM_NOT_HTTP2 } from '../src/grpc-relay.js';
+import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { ECHO_UNARY_HEADERS, checkCancellation, checkErrorStatus, checkLargeMessage, checkMetadataRoundTrip, checkModelInfer, checkStreaming, checkTrailersOnly } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -168,6 +169,46 @@ describe('grpc relay mode: when the upstream cannot take the connection', () => 
     } finally {
       c.close();
       await local.proxy.shutdown(1000);
+    }
+  });
+});
+
+describe('a gRPC upstream that is no HTTP/2 server, or closes before its preface', () => {
+  /** The status a grpc-js call gets through a proxy whose gRPC upstream is `port`, in `mode`, with the upstream_error reasons logged. */
+  async function callThrough(port: number, mode: ForwardMode): Promise<{ status: grpc.ServiceError; reasons: unknown[] }> {
+    const local = await startTestProxy({ pki, upstream: { grpcPort: port }, grpcMode: mode });
+    const c = grpcClients(local.grpcAddress, pki);
+    try {
+      const status = await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
+      await local.logs.waitFor((l) => l.event === 'access' || l.event === 'relay_access');
+      return { status, reasons: local.logs.lines.filter((l) => l.event === 'upstream_error').map((l) => l.reason) };
+    } finally {
+      c.close();
+      await local.proxy.shutdown(1000);
+    }
+  }
+
+  // Before, in relay mode: the model server's HTTP/1.1 answer to the preface went to the client as they were, and the
+  // call failed on a broken HTTP/2 connection with no status from the proxy; in terminate mode it said "failed (ERR_HTTP2_ERROR)".
+  for (const mode of FORWARD_MODES) {
+    test(`${mode} mode: the model server's REST port given as its gRPC one gets UNAVAILABLE saying the upstream does not speak HTTP/2`, async () => {
+      const { status, reasons } = await callThrough(upstream.restPort!, mode);
+      assert.equal(status.code, grpc.status.UNAVAILABLE);
+      assert.equal(status.details, `upstream 127.0.0.1:${upstream.restPort} does not speak HTTP/2 (h2c) as a gRPC server does: is it the model server's gRPC port (OVMS --port), not its REST port?`);
+      assert.deepEqual(reasons, mode === 'relay' ? [UPSTREAM_NOT_HTTP2, 'ERR_HTTP2_ERROR'] : ['ERR_HTTP2_ERROR']);
+    });
+  }
+
+  // Before: the relay passed the close on, and grpc-js reported a dropped connection with no reason from the proxy.
+  test('relay mode: one that accepts and closes at once gets UNAVAILABLE saying it closed the connection', async () => {
+    const closing = await scriptedUpstream((socket) => socket.end());
+    try {
+      const { status, reasons } = await callThrough(closing.port, 'relay');
+      assert.equal(status.code, grpc.status.UNAVAILABLE);
+      assert.equal(status.details, `upstream 127.0.0.1:${closing.port} closed the connection`);
+      assert.equal(reasons[0], 'UPSTREAM_CLOSED');
+    } finally {
+      closing.close();
     }
   });
 });

@@ -7,6 +7,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, https1, startTestProxy } from './helpers/harness.js';
 import { startBlackhole, startLateAcceptor, type Blackhole } from './helpers/blackhole.js';
 import { openRaw, readUntil } from './helpers/raw-http1.js';
+import { H2, h2Frame } from './helpers/raw-h2.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { parseLimits, FORWARD_MODES } from '../src/config.js';
 
@@ -121,12 +122,13 @@ describe('relay mode: the access line counts the time the relay held the request
   });
 
   test(`gRPC: the relay_access line of a connection held until the model server accepted counts from when the relay took it`, async () => {
-    const late = await startLateAcceptor(HOLD_MS / 2);
+    // An HTTP/2 server's preface (an empty SETTINGS frame), then a close: the relay relays it (an HTTP/1.1
+    // answer would send the client to the terminating path), the call ends and the connection with it.
+    const late = await startLateAcceptor(HOLD_MS / 2, { bytes: h2Frame(H2.SETTINGS, 0, 0), close: true });
     const local = await startTestProxy({ pki, upstream: { grpcPort: late.port }, grpcMode: 'relay', limits: { upstreamConnectTimeoutMs: 10 * HOLD_MS } });
     const c = grpcClients(local.grpcAddress, pki);
     try {
       const sent = performance.now();
-      // The stand-in answers in HTTP/1.1, which ends the call and the connection: what is logged is the wait.
       await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
       const waited = performance.now() - sent;
       const line = await local.logs.waitFor((l) => l.event === 'relay_access');

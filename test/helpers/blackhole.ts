@@ -2,17 +2,26 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { connect, type Socket } from 'node:net';
 
+/** What a late acceptor answers each read with (an HTTP/1.1 200 "ok" unless told), and whether it then closes. */
+export interface LateAnswer {
+  readonly bytes: Buffer;
+  readonly close: boolean;
+}
+
+const HTTP_OK: LateAnswer = { bytes: Buffer.from('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'), close: false };
+
 /**
  * Listens with a backlog of one (Node turns 0 into 511) and blocks its event
  * loop for WAIT_MS (for good when Infinity), so nothing is accepted meanwhile;
  * the ready line goes out first (pipes are synchronous on Linux). Afterwards
- * it answers each request head with a 200 "ok".
+ * it answers each read with `answer`.
  */
-function neverAcceptsFor(waitMs: number): string {
+function neverAcceptsFor(waitMs: number, answer: LateAnswer): string {
   return `
+const answer = Buffer.from('${answer.bytes.toString('base64')}', 'base64');
 const server = require('node:net').createServer((socket) => {
   socket.on('error', () => {});
-  socket.on('data', () => socket.write('HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok'));
+  socket.on('data', () => ${answer.close ? 'socket.end(answer)' : 'socket.write(answer)'});
 });
 server.listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => {
   process.stdout.write(server.address().port + '\\n');
@@ -39,8 +48,8 @@ export function startBlackhole(): Promise<Blackhole> {
  * As startBlackhole, until `ms` have passed: then the port accepts (the kernel's
  * next SYN retransmission, a second or more later, gets through) and answers.
  */
-export async function startLateAcceptor(ms: number): Promise<Blackhole> {
-  const child = spawn(process.execPath, ['-e', neverAcceptsFor(ms)], { stdio: ['ignore', 'pipe', 'inherit'] });
+export async function startLateAcceptor(ms: number, answer: LateAnswer = HTTP_OK): Promise<Blackhole> {
+  const child = spawn(process.execPath, ['-e', neverAcceptsFor(ms, answer)], { stdio: ['ignore', 'pipe', 'inherit'] });
   const [line] = (await once(child.stdout!, 'data')) as [Buffer];
   const port = Number(line.toString().trim());
   const fillers: Socket[] = [];
