@@ -133,9 +133,21 @@ function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
       resolve({ ok, answered: true, detail: `${where} /v2/health/ready answered ${res.statusCode}` });
     });
     req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
-    req.on('error', (err: NodeJS.ErrnoException) => resolve({ ok: false, answered: false, detail: `${where}: ${err.code ?? err.message}` }));
+    req.on('error', (err: NodeJS.ErrnoException) => resolve({ ok: false, answered: false, detail: `${where}: ${failure(err, 'rest')}` }));
     req.end();
   });
+}
+
+/**
+ * A port's failure as the detail says it: the system's code, or, for a port that answered in the
+ * other protocol (the model server's ports swapped in --mtls_grpc_upstream and --mtls_rest_upstream),
+ * which port was expected: the parser's code alone (HPE_INVALID_CONSTANT, ERR_HTTP2_ERROR) said neither.
+ */
+function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc'): string {
+  const code = err.code ?? err.message;
+  if (port === 'rest' && code.startsWith('HPE_')) return `answered, but not in HTTP/1.1 (${code}): is it the model server's REST port (OVMS --rest_port)?`;
+  if (port === 'grpc' && code === 'ERR_HTTP2_ERROR') return `answered, but not in HTTP/2 (${code}): is it the model server's gRPC port (OVMS --port)?`;
+  return code;
 }
 
 /** An empty gRPC message: flag 0, length 0. ServerReadyRequest has no fields. */
@@ -154,7 +166,7 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<PortAns
       resolve(result);
     };
     const timer = setTimeout(() => finish({ ok: false, answered: false, detail: `${where}: no answer within ${timeoutMs} ms` }), timeoutMs);
-    session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, answered: false, detail: `${where}: ${err.code ?? err.message}` }));
+    session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, answered: false, detail: `${where}: ${failure(err, 'grpc')}` }));
     // Given, not left to Node: from an IPv6 URL it builds `::1:9000`, without the brackets an authority needs.
     const authority = hostAndPort(upstream.host, upstream.port);
     const stream = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerReady', ':authority': authority, 'content-type': 'application/grpc', te: 'trailers' });
@@ -166,7 +178,7 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<PortAns
     // A connection that fails cancels the pending stream first (ERR_HTTP2_STREAM_CANCEL): name the connection's error, as REST does.
     stream.on('error', (err: NodeJS.ErrnoException) => {
       const why = (err.cause as NodeJS.ErrnoException | undefined) ?? err;
-      finish({ ok: false, answered: false, detail: `${where}: ${why.code ?? why.message}` });
+      finish({ ok: false, answered: false, detail: `${where}: ${failure(why, 'grpc')}` });
     });
     stream.on('end', () => {
       const body = Buffer.concat(chunks).subarray(5);

@@ -77,6 +77,23 @@ describe('admin listener', () => {
     }
   });
 
+  // Before: "REST 127.0.0.1:G: HPE_INVALID_CONSTANT; gRPC 127.0.0.1:R: ERR_HTTP2_ERROR", which named neither port's mistake.
+  test('with the model server\'s ports swapped, the detail says which port each upstream should be', async () => {
+    pki = await pkiPromise;
+    const model = await startModelServer({ grpcPort: 0, restPort: 0 });
+    try {
+      const config = baseConfig({ pki, upstream: { restPort: model.grpcPort!, grpcPort: model.restPort! } });
+      const result = await upstreamCheck(config, 1000)();
+      assert.equal(result.ok, false);
+      assert.equal(result.detail, [
+        `REST 127.0.0.1:${model.grpcPort}: answered, but not in HTTP/1.1 (HPE_INVALID_CONSTANT): is it the model server's REST port (OVMS --rest_port)?`,
+        `gRPC 127.0.0.1:${model.restPort}: answered, but not in HTTP/2 (ERR_HTTP2_ERROR): is it the model server's gRPC port (OVMS --port)?`,
+      ].join('; '));
+    } finally {
+      await model.close();
+    }
+  });
+
   test('/readyz requests that come while the model server is being asked share that check: a burst opens one connection to it, not one per request', async () => {
     pki = await pkiPromise;
     const burst = 20;
