@@ -7,6 +7,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { FORWARDING_FIELDS, XFCC, disguisesOurs, forwardedFor } from './forwarding-headers.js';
 import { SECOND_HOST, bodyStalledMessage, requestAuthority, routingRefusal, type RoutingRefusal } from './rest-forwarder.js';
 import { UPSTREAM_CLOSED_IDLE, describeUpstreamError } from './upstream-errors.js';
+import { isServerPreface } from './h2-frames.js';
 import { MISSING_HOST_MESSAGE, closingAnswer, expectationNames, headStalledMessage, unmetExpectationMessage, type ClosingAnswer } from './http-fronts.js';
 import { FramingError, Http1Reader, commaList, requestFraming, responseFraming, type BodyFraming, type HeaderField, type Http1Head } from './http1-framing.js';
 
@@ -612,6 +613,13 @@ class RelayedHttp1Connection implements RelayedConnection {
     // Only a clean close ends a body that runs until close (RFC 9112 6.3); a reset cut it short.
     const complete = err === undefined ? this.#fromUpstream.finish() : this.#fromUpstream.atBoundary;
     if (!complete) {
+      // An HTTP/2 server's SETTINGS and GOAWAY (the gRPC port given as the REST upstream) are no response: say so.
+      const held = this.#fromUpstream.heldHead;
+      if (isServerPreface(held)) {
+        const { code, message } = describeUpstreamError(this.#parts.target, { code: 'UPSTREAM_BAD_RESPONSE', data: held });
+        this.#upstreamFailed(code, message);
+        return;
+      }
       // Part of a response (maybe only part of its head) came: to the client this is a reset.
       this.#upstreamFailed('upstream_closed_mid_response', describeUpstreamError(this.#parts.target, { code: 'ECONNRESET' }).message);
       return;

@@ -3,6 +3,7 @@ import type { HostPort } from './config.js';
 import { CONNECT_TIMEOUT } from './upstream-connect.js';
 import { hostAndPort } from './addresses.js';
 import { PING_ANSWER_MS, UPSTREAM_UNRESPONSIVE } from './upstream-h2.js';
+import { isServerPreface } from './h2-frames.js';
 
 /**
  * The model server closed a kept-alive connection under a request before any byte of its answer: its
@@ -23,6 +24,7 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
     case 'UPSTREAM_CLOSED':
       return { code, message: `${where} closed the connection before answering` };
     case 'UPSTREAM_BAD_RESPONSE':
+      if (answeredInHttp2(err)) return { code, message: `${where} answered in HTTP/2 (h2c), as a gRPC server does: is it the model server's REST port (OVMS --rest_port), not its gRPC port?` };
       return { code, message: `${where} sent a response that is not valid HTTP/1.1` };
     case 'ECONNRESET':
     case 'EPIPE':
@@ -77,6 +79,17 @@ function refusedAddresses(err: unknown, depth = 0): string[] {
   const own = typeof address === 'string' && typeof port === 'number' ? [hostAndPort(address, port)] : [];
   const inner = [...(Array.isArray(errors) ? errors : []), cause].flatMap((e) => refusedAddresses(e, depth + 1));
   return [...new Set([...own, ...inner])];
+}
+
+/**
+ * Whether the bytes a response failed on (`data`: undici's parser error holds them as text, the REST
+ * relay gives them as they came) begin with an HTTP/2 server's preface: the model server's gRPC port
+ * given as --mtls_rest_upstream, whose answer to an HTTP/1.1 request is its SETTINGS and a GOAWAY.
+ */
+function answeredInHttp2(err: unknown): boolean {
+  const data = err && typeof err === 'object' && 'data' in err ? err.data : undefined;
+  if (typeof data === 'string') return isServerPreface(Buffer.from(data, 'latin1'));
+  return Buffer.isBuffer(data) && isServerPreface(data);
 }
 
 /** undici's names for failures we already name (the REST forwarder's upstream client). */

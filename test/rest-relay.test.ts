@@ -346,6 +346,27 @@ describe("rest relay: a client's last request", () => {
   }
 });
 
+// Before: the relay answered 502 "upstream HOST:PORT closed the connection" (the model server's SETTINGS and GOAWAY
+// taken for a response cut short), terminate mode "sent a response that is not valid HTTP/1.1": neither named the port.
+describe("the model server's gRPC port given as its REST one", () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`${restMode} mode: 502 saying the upstream answered in HTTP/2 and which port to give`, async () => {
+      const grpcOnly = await startUpstream({ restPort: null });
+      const local = await startTestProxy({ pki, upstream: { restPort: grpcOnly.grpcPort! }, restMode });
+      try {
+        const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+        assert.equal(res.status, 502);
+        assert.deepEqual(JSON.parse(res.body), { error: `upstream 127.0.0.1:${grpcOnly.grpcPort} answered in HTTP/2 (h2c), as a gRPC server does: is it the model server's REST port (OVMS --rest_port), not its gRPC port?` });
+        const line = await local.logs.waitFor((l) => l.event === 'access');
+        assert.equal(line.error, 'UPSTREAM_BAD_RESPONSE');
+      } finally {
+        await local.proxy.shutdown(1000);
+        await grpcOnly.close();
+      }
+    });
+  }
+});
+
 describe('rest relay: drain and upstream failures', () => {
   test('on shutdown an idle connection closes at once; a response still coming says connection: close and completes', async () => {
     const gated = await gatedUpstream();
