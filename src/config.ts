@@ -201,12 +201,16 @@ export function parseHostPort(name: string, value: unknown): HostPort {
   if (match[1]!.includes('%')) {
     throw new ConfigError(`${flag(name)}: '${text}': an IPv6 address with a zone (%...) is not supported; give one without (a global or unique local address)`);
   }
-  const port = parseInteger(name, match[2], 1, 65535);
+  // The whole value, not the port alone: "'0' is not a whole number" did not say which part was meant.
+  const port = Number(match[2]);
+  if (port < 1 || port > 65535) throw new ConfigError(`${flag(name)}: '${text}': port ${match[2]!} is not between 1 and 65535`);
   return { host: match[1]!, port };
 }
 
 /** `::1:9000` is one IPv6 address and no port, `http://ovms:8000` a URL: the spelling meant is shown. */
 function hostPortExample(text: string): string {
+  // gRPC's target syntax (unix:/path, unix:///path) or a socket's path: "a URL: give host:port alone, :PORT" was no help.
+  if (/^unix:/i.test(text) || text.startsWith('/')) return 'a unix socket: the proxy reaches the model server over TCP only; give its host:port, e.g. 127.0.0.1:9000';
   const url = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/([^/?#]*)/.exec(text);
   if (url) {
     const hostPort = /:\d+$/.test(url[2]!) ? url[2]! : `${url[2]!}:PORT`;

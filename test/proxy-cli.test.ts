@@ -144,6 +144,13 @@ describe('proxy command line', () => {
       /^ovms-mtls: --mtls_rest_upstream: 'http:\/\/127\.0\.0\.1:8000\/' is not host:port \(a URL: give host:port alone, 127\.0\.0\.1:8000\)\n$/],
     ['an upstream given as an https:// URL', () => ['--port', '1', '--mtls_grpc_upstream', 'https://ovms:9000', ...tlsFlags()],
       /^ovms-mtls: --mtls_grpc_upstream: 'https:\/\/ovms:9000' is not host:port \(a URL: give host:port alone, ovms:9000; the model server is reached without TLS, h2c for gRPC and HTTP\/1\.1 for REST\)\n$/],
+    // Before: "'unix:///run/ovms.sock' is not host:port (a URL: give host:port alone, :PORT)", and a port out of range
+    // named alone ("'0' is not a whole number between 1 and 65535"), without the value it came in.
+    ['an upstream given as a unix socket, in gRPC\'s target syntax', () => ['--port', '1', '--mtls_grpc_upstream', 'unix:///run/ovms.sock', ...tlsFlags()],
+      /^ovms-mtls: --mtls_grpc_upstream: 'unix:\/\/\/run\/ovms\.sock' is not host:port \(a unix socket: the proxy reaches the model server over TCP only; give its host:port, e\.g\. 127\.0\.0\.1:9000\)\n$/],
+    ['an upstream given as a socket path', () => ['--rest_port', '1', '--mtls_rest_upstream', '/run/ovms.sock', ...tlsFlags()],
+      /^ovms-mtls: --mtls_rest_upstream: '\/run\/ovms\.sock' is not host:port \(a unix socket: the proxy reaches/],
+    ['an upstream port out of range', () => ['--port', '1', '--mtls_grpc_upstream', 'ovms:0', ...tlsFlags()], /^ovms-mtls: --mtls_grpc_upstream: 'ovms:0': port 0 is not between 1 and 65535\n$/],
     ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
     ['a stray word after a boolean option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()],
       /^ovms-mtls: unexpected argument 'maybe'; options take their value as --name VALUE or --name=VALUE \(see `ovms-mtls --help`\)\n$/],
