@@ -139,7 +139,7 @@ function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
 }
 
 /**
- * A port's failure as the detail says it: the system's code, or, for a port that answered in the
+ * A port's failure as the detail says it: the system's code, a name that does not resolve as such, or, for a port that answered in the
  * other protocol (the model server's ports swapped in --mtls_grpc_upstream and --mtls_rest_upstream),
  * which port was expected: the parser's code alone (HPE_INVALID_CONSTANT, ERR_HTTP2_ERROR) said neither.
  */
@@ -147,6 +147,8 @@ function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc'): string {
   const code = err.code ?? err.message;
   if (port === 'rest' && code.startsWith('HPE_')) return `answered, but not in HTTP/1.1 (${code}): is it the model server's REST port (OVMS --rest_port)?`;
   if (port === 'grpc' && code === 'ERR_HTTP2_ERROR') return `answered, but not in HTTP/2 (${code}): is it the model server's gRPC port (OVMS --port)?`;
+  // A Compose service or Kubernetes Service not there yet; the name is looked up again at each check and connection.
+  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return `host name does not resolve (${code})`;
   return code;
 }
 

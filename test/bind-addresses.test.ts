@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcClients, https1, startUpstream, type LogLine } from './helpers/harness.js';
 import { unary } from '../src/demo/grpc-client.js';
+import { status, type ServiceError } from '@grpc/grpc-js';
 import { httpGet } from './helpers/ops.js';
 import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
 import { checkAdminPort, parseBindAddresses, type BindSpec } from '../src/config.js';
@@ -203,6 +204,37 @@ async function stopped(cli: LongRunningCli): Promise<void> {
   cli.child.kill('SIGTERM');
   assert.equal(await cli.exited, 0);
 }
+
+describe('ovms-mtls proxy with its upstream named by a host name', () => {
+  // docker-compose starts the proxy before the model server's service name exists: the proxy must serve, say so, and recover.
+  test('one that does not resolve yet: the proxy starts, clients and /readyz are told, and once the name resolves it serves without a restart', NEEDS_NAMESPACES, async () => {
+    const [grpc, rest, admin] = (await freeLoopbackPorts(3)) as [number, number, number];
+    const wrap = await withHosts('127.0.0.1 localhost\n');
+    const hostsFile = wrap.at(-2)!;
+    const cli = await started(['--port', String(grpc), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `model-server:${upstream.grpcPort}`,
+      '--rest_port', String(rest), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `model-server:${upstream.restPort}`,
+      '--mtls_admin_port', String(admin), '--mtls_workers', '1'], wrap);
+    const clients = grpcClients(`127.0.0.1:${grpc}`, pki);
+    try {
+      const refused = await https1(rest, pki, { path: '/v2/health/ready' });
+      assert.deepEqual([refused.status, JSON.parse(refused.body)], [502, { error: `upstream model-server:${upstream.restPort}: host name does not resolve` }]);
+      const err = await unary(clients.kserve, 'ServerLive', {}).then(() => assert.fail('should fail'), (e: ServiceError) => e);
+      assert.deepEqual([err.code, err.details], [status.UNAVAILABLE, `upstream model-server:${upstream.grpcPort}: host name does not resolve`]);
+      const notReady = await httpGet(admin, '/readyz');
+      assert.equal(notReady.status, 503);
+      assert.equal(JSON.parse(notReady.body).checks.upstream.detail,
+        `REST model-server:${upstream.restPort}: host name does not resolve (ENOTFOUND); gRPC model-server:${upstream.grpcPort}: host name does not resolve (ENOTFOUND)`);
+      // Written in place: the file bind-mounted over /etc/hosts is this inode.
+      await writeFile(hostsFile, '127.0.0.1 localhost\n127.0.0.1 model-server\n');
+      assert.equal((await https1(rest, pki, { path: '/v2/health/ready' })).status, 200);
+      assert.equal((await unary(clients.kserve, 'ServerLive', {})).response.live, true);
+      assert.equal((await httpGet(admin, '/readyz')).status, 200);
+    } finally {
+      clients.close();
+      await stopped(cli);
+    }
+  });
+});
 
 describe('ovms-mtls proxy with host names as bind addresses', () => {
   test('localhost for 127.0.0.1 and ::1 listens on both, public and admin ports, with 2 workers; the listening lines name each address', NEEDS_NAMESPACES, async () => {
