@@ -13,7 +13,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { eventually } from './helpers/ops.js';
-import { runCommand } from './helpers/cli.js';
+import { assertSlowDownloadCompletes, curlTls } from './helpers/slow-download.js';
 import { END_HEADERS, END_STREAM, H2, answerPings, h2Frame, headerBlock, headerFrames, literalField, rawH2Client } from './helpers/raw-h2.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
@@ -48,8 +48,7 @@ for (const restMode of FORWARD_MODES) {
   describe(`REST over HTTP/2, --mtls_rest_mode ${restMode}: connections Node never says ended`, () => {
     test('a client killed while its download is backed up (curl --limit-rate, then SIGKILL): connection, stream and model-server request released, logged proxy_closed_unresponsive', async () => {
       const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
-      const tls = ['--cert', pki.paths['client.pem']!, '--key', pki.paths['client.key']!, '--cacert', pki.paths['server_ca.pem']!];
-      const curl = spawn('curl', ['-sS', '--http2', ...tls, '--limit-rate', '100k', '-o', '/dev/null', `https://localhost:${local.restPort}/stream-bytes?n=${DOWNLOAD_BYTES}`], { stdio: 'ignore' });
+      const curl = spawn('curl', ['-sS', '--http2', ...curlTls(pki), '--limit-rate', '100k', '-o', '/dev/null', `https://localhost:${local.restPort}/stream-bytes?n=${DOWNLOAD_BYTES}`], { stdio: 'ignore' });
       try {
         await eventually(() => upstream.received.some((r) => r.path.startsWith('/stream-bytes')), 'the download at the model server');
         // A wait for the moment, not a timed assertion: by then more was sent than curl's windows and buffers take at 100 KB/s.
@@ -71,14 +70,8 @@ for (const restMode of FORWARD_MODES) {
     test('a live client reading slowly, far longer than an idle timeout, is not closed: its download completes', async () => {
       // An idle timeout shorter than the time the PING waits behind what curl has not read yet at 100 KB/s.
       const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: 1000 } });
-      const tls = ['--cert', pki.paths['client.pem']!, '--key', pki.paths['client.key']!, '--cacert', pki.paths['server_ca.pem']!];
       try {
-        const bytes = 1536 * 1024;
-        const run = await runCommand('curl', ['-sS', '--http2', ...tls, '--limit-rate', '100k', '-o', '/dev/null', '-w', '%{size_download}', `https://localhost:${local.restPort}/stream-bytes?n=${bytes}`]);
-        assert.deepEqual({ code: run.code, stdout: run.stdout, stderr: run.stderr }, { code: 0, stdout: String(bytes), stderr: '' });
-        const line = await local.logs.waitFor((l) => l.event === 'access' && String(l.path).startsWith('/stream-bytes'));
-        assert.equal(line.error, undefined);
-        assert.ok(!local.logs.lines.some((l) => l.event === 'h2_session_error'), 'no connection closed as unresponsive');
+        await assertSlowDownloadCompletes(local, pki, { protocol: '--http2', rate: '100k', bytes: 1536 * 1024, closedAs: 'h2_session_error' });
       } finally {
         await local.proxy.shutdown(1000);
       }

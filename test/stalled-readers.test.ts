@@ -13,7 +13,7 @@ import { spawn } from 'node:child_process';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { grpcFrame, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
-import { runCommand } from './helpers/cli.js';
+import { assertSlowDownloadCompletes, curlTls } from './helpers/slow-download.js';
 import { END_HEADERS, END_STREAM, H2, grpcHeaderBlock, h2Frame, rawH2Client } from './helpers/raw-h2.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
@@ -38,7 +38,6 @@ async function released(local: StartedProxy, listener: ListenerName, what: strin
   await eventually(() => local.proxy.listeners().find((l) => l.name === listener)!.connections.size === 0, what, 30_000);
 }
 
-const curlTls = () => ['--cert', pki.paths['client.pem']!, '--key', pki.paths['client.key']!, '--cacert', pki.paths['server_ca.pem']!];
 
 async function assertClosedAsUnresponsive(local: StartedProxy, listener: ListenerName): Promise<void> {
   const warned = await local.logs.waitFor((l) => l.event === 'client_unresponsive');
@@ -53,7 +52,7 @@ for (const restMode of FORWARD_MODES) {
       const downloads = () => upstream.received.filter((r) => r.path.startsWith('/stream-bytes')).length;
       const aborted = () => upstream.restAborted.filter((path) => path === '/stream-bytes').length;
       const [downloadsBefore, abortedBefore] = [downloads(), aborted()];
-      const curl = spawn('curl', ['-sS', '--http1.1', ...curlTls(), '-o', '/dev/null', `https://localhost:${local.restPort}/stream-bytes?n=${ENDLESS_BYTES}`], { stdio: 'ignore' });
+      const curl = spawn('curl', ['-sS', '--http1.1', ...curlTls(pki), '-o', '/dev/null', `https://localhost:${local.restPort}/stream-bytes?n=${ENDLESS_BYTES}`], { stdio: 'ignore' });
       try {
         await eventually(() => downloads() > downloadsBefore, 'the download at the model server');
         curl.kill('SIGSTOP');
@@ -72,12 +71,7 @@ for (const restMode of FORWARD_MODES) {
     test('a live client reading steadily for several idle timeouts is not closed: its download completes', async () => {
       const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
       try {
-        const bytes = 16 * 1024 * 1024;
-        const run = await runCommand('curl', ['-sS', '--http1.1', ...curlTls(), '--limit-rate', '2M', '-o', '/dev/null', '-w', '%{size_download}', `https://localhost:${local.restPort}/stream-bytes?n=${bytes}`]);
-        assert.deepEqual({ code: run.code, stdout: run.stdout, stderr: run.stderr }, { code: 0, stdout: String(bytes), stderr: '' });
-        const line = await local.logs.waitFor((l) => l.event === 'access' && String(l.path).startsWith('/stream-bytes'));
-        assert.equal(line.error, undefined);
-        assert.ok(!local.logs.lines.some((l) => l.event === 'client_unresponsive'), 'no connection closed as unresponsive');
+        await assertSlowDownloadCompletes(local, pki, { protocol: '--http1.1', rate: '2M', bytes: 16 * 1024 * 1024, closedAs: 'client_unresponsive' });
       } finally {
         await local.proxy.shutdown(1000);
       }
