@@ -3,12 +3,13 @@ import { STATUS_CODES, createServer as createHttpServer, type Server as HttpServ
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { headerFieldsWithin, type Limits } from './config.js';
-import type { ConnectionContext } from './listeners.js';
+import { parentOf, type ConnectionContext } from './listeners.js';
 import { tcpBytesMoved } from './send-stall.js';
 import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
 import { H2_WITHOUT_ALPN, commaList, onlyChunked, requestHeadTooLargeMessage, unsupportedCodingMessage } from './http1-framing.js';
 import { ResetAllowance } from './reset-allowance.js';
+import { ClientAcks, type AckWatcher, type CountedSocket } from './client-acks.js';
 
 /** `rawHeaders`: the fields as received, a flat name, value list (Node passes it; @types/node does not declare it). */
 export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, rawHeaders?: string[]) => void;
@@ -26,8 +27,10 @@ const CLIENT_WENT_AWAY: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE', 'E
 interface UnansweredPing {
   /** Sweeps since it went out, or since bytes last moved on the connection (-1 just after). */
   sweeps: number;
-  /** The bytes moved on the connection when it went out, or when they last grew. */
+  /** Node's count of the bytes moved on the connection when it went out, or when it last grew. */
   bytesMoved: number;
+  /** What the kernel says the client sent and took (client-acks.ts), at its first sample or when it last grew. */
+  taken?: number;
   /** It went out for a stream id Node took and no handler saw (an undecodable header field). */
   readonly missing: boolean;
 }
@@ -37,11 +40,12 @@ function unansweredMessage(open: number): string {
 }
 
 /** What the front keeps per HTTP/2 connection. */
-class SessionState implements IdleConnection {
+class SessionState implements IdleConnection, AckWatcher {
   readonly streams = new StreamCount();
   readonly session: ServerHttp2Session;
   readonly context: ConnectionContext;
   readonly #observer: ProxyObserver;
+  readonly #acks: ClientAcks;
   /** The highest stream id our handlers saw (client ids are odd: -1 before stream 1). */
   #lastSeen = -1;
   /** The PING of watch() while it goes unanswered. */
@@ -55,10 +59,11 @@ class SessionState implements IdleConnection {
    */
   #resets: ResetAllowance | undefined;
 
-  constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver) {
+  constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver, acks: ClientAcks) {
     this.session = session;
     this.context = context;
     this.#observer = observer;
+    this.#acks = acks;
   }
 
   /** Called with a request's User-Agent; the connection's first curl request starts its reset allowance. */
@@ -110,14 +115,23 @@ class SessionState implements IdleConnection {
    * client's (DATA after END_STREAM, a frame over the maximum size), where nghttp2 sends GOAWAY and stops
    * reading. Both were held until the process ended. So while streams are open a PING goes out at every
    * sweep, and a connection that answers none for an idle timeout, with no byte moving either way meanwhile, is
-   * closed, as nginx's send_timeout would. A live slow reader is not: the PING waits behind what it has not
-   * read, but each write of ours its kernel takes as it reads starts the wait again.
+   * closed. A live slow reader is not: the PING waits behind what it has not read, but each byte its kernel
+   * takes from ours as it reads starts the wait again. Node cannot tell that: its count grows as our kernel
+   * takes bytes, into a send buffer of MBs that fills whether the client reads or not, and stands still while
+   * the client reads what is already there. So the kernel's own count is read (client-acks.ts) where there is one.
    */
   watch(): void {
     if (this.session.destroyed) return;
-    if (this.#unanswered !== undefined) {
-      this.#keepWaitingIfHeard(this.#unanswered);
-      if (++this.#unanswered.sweeps >= this.#sweepsToAnswer()) this.#gaveUp();
+    const wait = this.#unanswered;
+    if (wait !== undefined) {
+      // Its last call has ended: no call to lose, and the idle close ends the connection gracefully (what our kernel still holds for a slow reader goes out first).
+      if (!wait.missing && this.streams.open === 0) {
+        wait.sweeps = 0;
+        return;
+      }
+      if (!wait.missing && this.#acks.covers(this)) this.#acks.want(this);
+      else this.#keepWaitingIfHeard(wait);
+      if (++wait.sweeps >= this.#sweepsToAnswer()) this.#gaveUp();
       return;
     }
     const last = this.session.state.lastProcStreamID ?? 0;
@@ -137,6 +151,19 @@ class SessionState implements IdleConnection {
     return tcpBytesMoved(this.context.socket);
   }
 
+  tcp(): CountedSocket | undefined {
+    const handle = (parentOf(this.context.socket) as { _handle?: CountedSocket | null } | null | undefined)?._handle;
+    return handle ? { bytesRead: handle.bytesRead, bytesWritten: handle.bytesWritten, writeQueueSize: handle.writeQueueSize, fd: handle.fd } : undefined;
+  }
+
+  /** The kernel's count, after a sweep that asked for it: the first one starts the wait, each that grew starts it again. */
+  sampled(taken: number | 'gone' | 'sent'): void {
+    const wait = this.#unanswered;
+    if (wait === undefined || taken === 'gone' || (typeof taken === 'number' && wait.taken !== undefined && taken <= wait.taken)) return;
+    if (typeof taken === 'number') wait.taken = taken;
+    wait.sweeps = 0;
+  }
+
   /** A connection that is only waiting for a stream id, as before, is not given more time for bytes. */
   #keepWaitingIfHeard(wait: UnansweredPing): void {
     if (wait.missing) return;
@@ -149,7 +176,7 @@ class SessionState implements IdleConnection {
   /**
    * A live client that reads slowly answers late: the PING waits behind the answers it has not read yet (and
    * Node's memory limit resets streams, unseen, precisely then). Given one sweep, its calls were all cut with
-   * the connection; with none in flight, there is nothing to lose (and the idle close would come first).
+   * the connection. One waiting only for a stream id gets one sweep when no call is open.
    */
   #sweepsToAnswer(): number {
     return this.streams.open > 0 ? SWEEPS_PER_IDLE_TIMEOUT : 1;
@@ -229,6 +256,7 @@ export class H2Front implements Drainable {
   readonly #server: Http2Server;
   readonly #states = new WeakMap<ServerHttp2Session, SessionState>();
   readonly #idle: IdleSweeper;
+  readonly #acks = new ClientAcks();
   readonly #sessions = new Set<SessionState>();
   readonly #bySocket = new WeakMap<TLSSocket, SessionState>();
   #arriving: ConnectionContext | undefined;
@@ -322,7 +350,7 @@ export class H2Front implements Drainable {
       session.destroy();
       return;
     }
-    const state = new SessionState(session, this.#arriving, observer);
+    const state = new SessionState(session, this.#arriving, observer, this.#acks);
     this.#states.set(session, state);
     this.#bySocket.set(this.#arriving.socket, state);
     this.#sessions.add(state);

@@ -22,7 +22,7 @@ export function listeningInodes(procNetTcp: string, port: number): string[] {
   return inodes;
 }
 
-async function readOrEmpty(path: string): Promise<string> {
+export async function readOrEmpty(path: string): Promise<string> {
   try {
     return await readFile(path, 'utf8');
   } catch {

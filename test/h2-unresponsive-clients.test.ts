@@ -119,3 +119,74 @@ for (const restMode of FORWARD_MODES) {
     });
   });
 }
+
+/**
+ * The PING of the idle sweep waits behind what the client has not read. Node counts what it hands to its
+ * own kernel, whose send buffer (MBs, autotuned) fills whether the client reads or not: a client reading
+ * slowly what was already there looked dead once the model server went quiet, and one that stopped
+ * reading looked alive while that buffer filled. The kernel's own count (/proc/net/tcp) tells them apart.
+ * Found with grpcio, grpc-go and curl on the gRPC port; the REST port's HTTP/2 side is the same code.
+ */
+describe('HTTP/2 clients behind on their reading: what the client\'s kernel took, not what ours did', () => {
+  const head = (length: number) => `HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: ${length}\r\n\r\n`;
+
+  test('a live client reading slowly while the model server is quiet is not closed: a pause longer than the idle timeout, then the rest', async () => {
+    const part = 4.5 * 1024 * 1024;
+    // The model server sends 4.5 MiB, more than the proxy's kernel takes in, then is quiet for 20 s: longer than
+    // curl at 250 KB/s takes to read what that kernel holds (MBs on loopback, ~15 s), which Node does not see.
+    const model = await scriptedUpstream((socket) => {
+      socket.write(head(part + 1) + 'a'.repeat(part));
+      setTimeout(() => socket.end('b'), 20_000);
+    });
+    const local = await startTestProxy({ pki, upstream: { restPort: model.port }, limits: { idleTimeoutMs: 10_000 } });
+    try {
+      await assertSlowDownloadCompletes(local, pki, { protocol: '--http2', rate: '250k', path: '/quiet', bytes: part + 1, closedAs: 'h2_session_error' });
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+
+  test('a client that stops reading (SIGSTOP) a stream that trickles on is closed, and its model-server request with it', async () => {
+    let ended = false;
+    // 1 KB every 50 ms: far less than the proxy's kernel would buffer in the test's time.
+    const model = await scriptedUpstream((socket) => {
+      socket.write(head(1e12));
+      const timer = setInterval(() => socket.write('t'.repeat(1000)), 50);
+      socket.once('close', () => {
+        ended = true;
+        clearInterval(timer);
+      });
+    });
+    const local = await startTestProxy({ pki, upstream: { restPort: model.port }, limits: { idleTimeoutMs: IDLE_MS } });
+    const curl = spawn('curl', ['-sS', '--http2', ...curlTls(pki), '-o', '/dev/null', `https://localhost:${local.restPort}/trickle`], { stdio: 'ignore' });
+    try {
+      await eventually(() => model.sockets.length > 0, 'the request at the model server');
+      curl.kill('SIGSTOP');
+      await released(local, "the stopped client's connection released");
+      await eventually(() => ended, 'the model-server request ended', 5000);
+      assert.equal((await local.logs.waitFor((l) => l.event === 'h2_session_error'))['code'], 'PING_UNANSWERED');
+      assert.equal((await local.logs.waitFor((l) => l.event === 'access' && l.path === '/trickle')).error, 'proxy_closed_unresponsive');
+    } finally {
+      curl.kill('SIGKILL');
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+
+  test('a slow reader whose answer has ended, its PING still behind what it has not read: no connection closed as unresponsive', async () => {
+    const size = 3 * 1024 * 1024;
+    // Held open across a sweep (a PING goes out behind the 3 MiB), then ended while curl still reads at 100 KB/s.
+    const model = await scriptedUpstream((socket) => {
+      socket.write(head(size) + 'a'.repeat(size - 1));
+      setTimeout(() => socket.end('b'), IDLE_MS / 2);
+    });
+    const local = await startTestProxy({ pki, upstream: { restPort: model.port }, limits: { idleTimeoutMs: IDLE_MS } });
+    try {
+      await assertSlowDownloadCompletes(local, pki, { protocol: '--http2', rate: '100k', path: '/ending', bytes: size, closedAs: 'h2_session_error' });
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+});

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createHook } from 'node:async_hooks';
 import { IdleSweeper, StreamCount, type IdleConnection } from '../src/idle-sweep.js';
+import { unackedBytes } from '../src/client-acks.js';
 
 const MS = 80;
 
@@ -56,4 +57,15 @@ describe('idle sweeper', () => {
       hook.disable();
     }
   });
+});
+
+test('unackedBytes reads tx_queue of the asked sockets from /proc/net/tcp text, by inode', () => {
+  const text = [
+    '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode',
+    '   0: 0100007F:4A6B 0100007F:C350 01 003FA9C0:00000000 01:00000014 00000000     0        0 4842338 1 0000000000000000 20 4 1 10 -1',
+    '   1: 0100007F:4A6B 0100007F:C351 01 00000000:00000011 00:00000000 00000000     0        0 4842339 1 0000000000000000 20 4 1 10 -1',
+    '   2: 00000000:4A6B 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4842340 1 0000000000000000 100 0 0 10 0',
+  ].join('\n');
+  assert.deepEqual([...unackedBytes(text, new Set(['4842338', '4842339']))], [['4842338', 0x3fa9c0], ['4842339', 0]]);
+  assert.equal(unackedBytes(text, new Set(['999'])).size, 0);
 });

@@ -13,7 +13,10 @@ export interface SlowDownload {
   readonly protocol: '--http1.1' | '--http2';
   /** curl --limit-rate. */
   readonly rate: string;
+  /** The answer's length. */
   readonly bytes: number;
+  /** Default: the stand-in model server's /stream-bytes?n=bytes. */
+  readonly path?: string;
   /** The log event a connection closed as unresponsive would have. */
   readonly closedAs: string;
 }
@@ -21,9 +24,10 @@ export interface SlowDownload {
 /** The download completes whole, its access line has no error, and no connection was closed as unresponsive. */
 export async function assertSlowDownloadCompletes(local: StartedProxy, pki: TestPki, download: SlowDownload): Promise<void> {
   const { protocol, rate, bytes, closedAs } = download;
-  const run = await runCommand('curl', ['-sS', protocol, ...curlTls(pki), '--limit-rate', rate, '-o', '/dev/null', '-w', '%{size_download}', `https://localhost:${local.restPort}/stream-bytes?n=${bytes}`]);
+  const path = download.path ?? `/stream-bytes?n=${bytes}`;
+  const run = await runCommand('curl', ['-sS', protocol, ...curlTls(pki), '--limit-rate', rate, '-o', '/dev/null', '-w', '%{size_download}', `https://localhost:${local.restPort}${path}`]);
   assert.deepEqual({ code: run.code, stdout: run.stdout, stderr: run.stderr }, { code: 0, stdout: String(bytes), stderr: '' });
-  const line = await local.logs.waitFor((l) => l.event === 'access' && String(l.path).startsWith('/stream-bytes'));
+  const line = await local.logs.waitFor((l) => l.event === 'access' && String(l.path).startsWith(path.split('?')[0]!));
   assert.equal(line.error, undefined);
   assert.ok(!local.logs.lines.some((l) => l.event === closedAs), 'no connection closed as unresponsive');
 }
