@@ -192,12 +192,12 @@ export class Http1Reader {
     this.#handler = handler;
   }
 
-  /** True between messages: nothing of a next message has arrived. */
   /** The bytes of a head not yet whole (empty between messages and in a body). */
   get heldHead(): Buffer {
     return this.#state === 'head' ? this.#pending.bytes : Buffer.alloc(0);
   }
 
+  /** True between messages: nothing of a next message has arrived. */
   get atBoundary(): boolean {
     return this.#state === 'head' && this.#pending.length === 0;
   }

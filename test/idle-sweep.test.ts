@@ -68,4 +68,7 @@ test('unackedBytes reads tx_queue of the asked sockets from /proc/net/tcp text, 
   ].join('\n');
   assert.deepEqual([...unackedBytes(text, new Set(['4842338', '4842339']))], [['4842338', 0x3fa9c0], ['4842339', 0]]);
   assert.equal(unackedBytes(text, new Set(['999'])).size, 0);
+  // The digits of a uid (field 8) are no inode: only the 10th field is.
+  const uidLike = '   3: 0100007F:4A6B 0100007F:C352 01 00000005:00000000 00:00000000 00000000  4842341        0 7 1 0000000000000000 20 4 1 10 -1';
+  assert.deepEqual([...unackedBytes([text, uidLike].join('\n'), new Set(['4842341', '7']))], [['7', 5]]);
 });
