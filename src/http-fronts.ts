@@ -138,7 +138,7 @@ class SessionState implements IdleConnection, AckWatcher {
     // 0 until the client's first stream: nothing can be missing yet (each idle connection got a PING at every sweep).
     const missing = last >= 1 && last > this.#lastSeen;
     if (!missing && this.streams.open === 0) return;
-    this.#unanswered = { sweeps: 0, bytesMoved: this.#bytesMoved(), missing };
+    this.#unanswered = { sweeps: 0, bytesMoved: tcpBytesMoved(this.context.socket), missing };
     this.session.ping((err) => {
       this.#unanswered = undefined;
       // A header block still arriving at the sweep has its 'stream' event by now, maybe a tick after the answer: the ids are compared after it.
@@ -146,11 +146,7 @@ class SessionState implements IdleConnection, AckWatcher {
     });
   }
 
-  /** Bytes moved on the client's TCP connection so far, both ways: a PING's answer, WINDOW_UPDATEs, what its kernel took from ours. */
-  #bytesMoved(): number {
-    return tcpBytesMoved(this.context.socket);
-  }
-
+  /** The client's TCP counts, for the kernel's view of what it took (client-acks.ts). */
   tcp(): CountedSocket | undefined {
     const handle = (parentOf(this.context.socket) as { _handle?: CountedSocket | null } | null | undefined)?._handle;
     return handle ? { bytesRead: handle.bytesRead, bytesWritten: handle.bytesWritten, writeQueueSize: handle.writeQueueSize, fd: handle.fd } : undefined;
@@ -167,7 +163,7 @@ class SessionState implements IdleConnection, AckWatcher {
   /** A connection that is only waiting for a stream id, as before, is not given more time for bytes. */
   #keepWaitingIfHeard(wait: UnansweredPing): void {
     if (wait.missing) return;
-    const now = this.#bytesMoved();
+    const now = tcpBytesMoved(this.context.socket);
     if (now === wait.bytesMoved) return;
     wait.bytesMoved = now;
     wait.sweeps = -1;
