@@ -8,13 +8,12 @@ import { connect as netConnect } from 'node:net';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
-import { END_HEADERS, END_STREAM, H2, grpcHeaderBlock, h2Frame, literalField, rawH2Client } from './helpers/raw-h2.js';
+import { END_HEADERS, END_STREAM, H2, SETTINGS_INITIAL_WINDOW_SIZE, grpcHeaderBlock, h2Frame, literalField, rawH2Client, setting } from './helpers/raw-h2.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { CANCELS_BEFORE_DEFERRED_OPEN } from '../src/cancel-tally.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
-const SETTINGS_INITIAL_WINDOW_SIZE = 0x4;
 const CANCEL = Buffer.from([0, 0, 0, constants.NGHTTP2_CANCEL]);
 const INTERNAL_ERROR = Buffer.from([0, 0, 0, constants.NGHTTP2_INTERNAL_ERROR]);
 
@@ -28,14 +27,6 @@ function rapidReset(socket: { write(bytes: Buffer): unknown }, block: Buffer, pa
     }
     socket.write(Buffer.concat(burst));
   }
-}
-
-/** One SETTINGS parameter (RFC 9113 6.5.1). */
-function setting(id: number, value: number): Buffer {
-  const entry = Buffer.alloc(6);
-  entry.writeUInt16BE(id, 0);
-  entry.writeUInt32BE(value, 2);
-  return entry;
 }
 
 let pki: TestPki;

@@ -18,7 +18,7 @@ import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
 import { eventually } from './helpers/ops.js';
-import { END_HEADERS, H2, h2Frame, headerBlock, rawH2Client, streamFrames } from './helpers/raw-h2.js';
+import { END_HEADERS, END_STREAM, H2, SETTINGS_INITIAL_WINDOW_SIZE, h2Frame, headerBlock, rawH2Client, setting, streamFrames } from './helpers/raw-h2.js';
 
 const INPUT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
 const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], datatype: 'FP32', data: INPUT }] });
@@ -795,6 +795,59 @@ describe('clients that leave (--mtls_rest_mode terminate)', () => {
         session.destroy();
       }
     }));
+});
+
+describe('HTTP/2 clients that leave once the body has come, before its END_STREAM', () => {
+  const BODY = Buffer.alloc(1000, 0x61);
+  const CANCEL = Buffer.from([0, 0, 0, http2Constants.NGHTTP2_CANCEL]);
+  const withLength = (socket: Socket) => socket.write(Buffer.concat([Buffer.from(`HTTP/1.1 200 OK\r\ncontent-length: ${BODY.length}\r\n\r\n`), BODY]));
+
+  /**
+   * A raw client's GET /download with a stream window of `window` bytes. Node sends the END_STREAM
+   * after the last write in a DATA frame of its own, and nghttp2 holds even that empty frame while
+   * the window is 0: here the END_STREAM is still owed, for sure, when the client has read `read`
+   * body bytes and leaves (`leave`), as curl does when it has content-length bytes (a soak saw 28
+   * of 590 complete downloads logged as client_closed). Resolves with the access line.
+   */
+  async function readThenLeave(local: StartedProxy, window: number, read: number, leave: 'reset' | 'close'): Promise<LogLine> {
+    const client = await rawH2Client(local.restPort, pki);
+    try {
+      client.socket.write(h2Frame(H2.SETTINGS, 0, 0, setting(SETTINGS_INITIAL_WINDOW_SIZE, window)));
+      client.socket.write(h2Frame(H2.HEADERS, END_HEADERS | END_STREAM, 1, headerBlock({ ':method': 'GET', ':scheme': 'https', ':path': '/download', ':authority': 'localhost' })));
+      const bodyBytes = () => client.frames.filter((f) => f.type === H2.DATA && f.streamId === 1).reduce((n, f) => n + f.payload.length, 0);
+      await eventually(() => bodyBytes() === read, `${read} body bytes`);
+      assert.ok(!streamFrames(client.frames, 1).includes('end'), 'the END_STREAM is still owed when the client leaves');
+      if (leave === 'reset') client.socket.write(h2Frame(H2.RST_STREAM, 0, 1, CANCEL));
+      else client.socket.destroy();
+      return await local.logs.waitFor((l) => l.event === 'access' && l.path === '/download');
+    } finally {
+      client.socket.destroy();
+    }
+  }
+
+  // HTTP/2 clients of the REST port take the terminating path in both modes.
+  for (const restMode of FORWARD_MODES) {
+    for (const leave of ['reset', 'close'] as const) {
+      test(`--mtls_rest_mode ${restMode}: a client that ${leave === 'reset' ? 'resets the stream (CANCEL)' : 'closes its connection'} having read every byte of a body of declared length got the whole answer: logged without client_closed`, () =>
+        behindProxy({ pki, restMode, answer: withLength }, async (local) => {
+          const line = await readThenLeave(local, BODY.length, BODY.length, leave);
+          assert.deepEqual([line.status, line.bytesOut, line.error], [200, BODY.length, undefined]);
+        }));
+    }
+  }
+
+  const owed: [string, (socket: Socket) => void, number, number][] = [
+    ['half of a body of declared length read, the rest held back by the window', withLength, BODY.length / 2, BODY.length / 2],
+    ['half of a body of declared length read, the rest not yet sent by the model server', (socket) => socket.write(Buffer.concat([Buffer.from(`HTTP/1.1 200 OK\r\ncontent-length: ${BODY.length}\r\n\r\n`), BODY.subarray(0, BODY.length / 2)])), 65_535, BODY.length / 2],
+    ['every byte of a body without declared length read (chunked: only END_STREAM says it ended)', (socket) => socket.write(`HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n${BODY.length.toString(16)}\r\n${BODY.toString()}\r\n0\r\n\r\n`), BODY.length, BODY.length],
+  ];
+  for (const [what, answer, window, read] of owed) {
+    test(`a client that resets the stream with bytes or its END_STREAM still owed is logged as client_closed: ${what}`, () =>
+      behindProxy({ pki, restMode: 'terminate', answer }, async (local) => {
+        const line = await readThenLeave(local, window, read, 'reset');
+        assert.deepEqual([line.status, line.error], [200, 'client_closed']);
+      }));
+  }
 });
 
 /** curl over the test PKI, ended by `timeout` if it hangs: its exit code (124 then) and output. */

@@ -13,6 +13,15 @@ export const END_STREAM = 0x1;
 export const END_HEADERS = 0x4;
 const ACK = 0x1;
 const MAX_FRAME_PAYLOAD = 16_384;
+export const SETTINGS_INITIAL_WINDOW_SIZE = 0x4;
+
+/** One SETTINGS parameter (RFC 9113 6.5.1). */
+export function setting(id: number, value: number): Buffer {
+  const entry = Buffer.alloc(6);
+  entry.writeUInt16BE(id, 0);
+  entry.writeUInt32BE(value, 2);
+  return entry;
+}
 
 /** An HPACK string length: an integer with a 7-bit prefix, Huffman bit clear (RFC 7541 5.1). */
 function stringLength(length: number): Buffer {
