@@ -4,7 +4,7 @@ import { requestStart, type ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
 import { GRPC_STATUS, encodeGrpcMessage, grpcErrorHeaders, grpcTimeoutMs, statusForReset } from './grpc-status.js';
 import { describeUpstreamError } from './upstream-errors.js';
-import { UpstreamH2Sessions, isSessionRefusal } from './upstream-h2.js';
+import { UpstreamH2Sessions, isSessionRefusal, spokeHttp2 } from './upstream-h2.js';
 import { forward } from './stream-forward.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
@@ -510,7 +510,7 @@ class GrpcCall {
 
   /** The upstream cannot finish the call: the client gets UNAVAILABLE, never a hang. */
   #fail(err: unknown): void {
-    const { code, message } = describeUpstreamError(this.#options.upstream, err);
+    const { code, message } = describeUpstreamError(this.#options.upstream, err, spokeHttp2(this.#session));
     this.#options.observer.upstreamError(this.#context.listener, code);
     this.#finishWithStatus(GRPC_STATUS.UNAVAILABLE, message, code);
   }

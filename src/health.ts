@@ -13,6 +13,8 @@ import { clientCaObstacles } from './tls-checks.js';
 import { crlsForCa } from './crl-index.js';
 import { hostAndPort } from './addresses.js';
 import { oneAtATime } from './one-at-a-time.js';
+import { MEANT_PORT, NAME_DOES_NOT_RESOLVE, http2Refusal } from './upstream-errors.js';
+import { noteSettings, spokeHttp2 } from './upstream-h2.js';
 
 export interface CheckResult {
   readonly ok: boolean;
@@ -142,13 +144,14 @@ function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
  * A port's failure as the detail says it: the system's code, a name that does not resolve as such, or, for a port that answered in the
  * other protocol (the model server's ports swapped in --mtls_grpc_upstream and --mtls_rest_upstream),
  * which port was expected: the parser's code alone (HPE_INVALID_CONSTANT, ERR_HTTP2_ERROR) said neither.
+ * `spokeHttp2`: the gRPC port had sent its SETTINGS; an ERR_HTTP2_ERROR then is nghttp2 refusing what it sent later.
  */
-function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc'): string {
+function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2 = false): string {
   const code = err.code ?? err.message;
-  if (port === 'rest' && code.startsWith('HPE_')) return `answered, but not in HTTP/1.1 (${code}): is it the model server's REST port (OVMS --rest_port)?`;
-  if (port === 'grpc' && code === 'ERR_HTTP2_ERROR') return `answered, but not in HTTP/2 (${code}): is it the model server's gRPC port (OVMS --port)?`;
+  if (port === 'rest' && code.startsWith('HPE_')) return `answered, but not in HTTP/1.1 (${code}): ${MEANT_PORT.rest}?`;
+  if (port === 'grpc' && code === 'ERR_HTTP2_ERROR') return spokeHttp2 ? http2Refusal(err) : `answered, but not in HTTP/2 (${code}): ${MEANT_PORT.grpc}?`;
   // A Compose service or Kubernetes Service not there yet; the name is looked up again at each check and connection.
-  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return `host name does not resolve (${code})`;
+  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return `${NAME_DOES_NOT_RESOLVE} (${code})`;
   return code;
 }
 
@@ -162,13 +165,14 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<PortAns
   const where = `gRPC ${hostAndPort(upstream.host, upstream.port)}`;
   return new Promise((resolve) => {
     const session = connectH2(`http://${hostAndPort(upstream.host, upstream.port)}`);
+    noteSettings(session);
     const finish = (result: PortAnswer) => {
       clearTimeout(timer);
       session.destroy();
       resolve(result);
     };
     const timer = setTimeout(() => finish({ ok: false, answered: false, detail: `${where}: no answer within ${timeoutMs} ms` }), timeoutMs);
-    session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, answered: false, detail: `${where}: ${failure(err, 'grpc')}` }));
+    session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, answered: false, detail: `${where}: ${failure(err, 'grpc', spokeHttp2(session))}` }));
     // Given, not left to Node: from an IPv6 URL it builds `::1:9000`, without the brackets an authority needs.
     const authority = hostAndPort(upstream.host, upstream.port);
     const stream = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerReady', ':authority': authority, 'content-type': 'application/grpc', te: 'trailers' });
@@ -180,7 +184,7 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<PortAns
     // A connection that fails cancels the pending stream first (ERR_HTTP2_STREAM_CANCEL): name the connection's error, as REST does.
     stream.on('error', (err: NodeJS.ErrnoException) => {
       const why = (err.cause as NodeJS.ErrnoException | undefined) ?? err;
-      finish({ ok: false, answered: false, detail: `${where}: ${failure(why, 'grpc')}` });
+      finish({ ok: false, answered: false, detail: `${where}: ${failure(why, 'grpc', spokeHttp2(session))}` });
     });
     stream.on('end', () => {
       const body = Buffer.concat(chunks).subarray(5);

@@ -12,10 +12,47 @@ import { isServerPreface } from './h2-frames.js';
 export const UPSTREAM_CLOSED_IDLE = 'UPSTREAM_CLOSED_IDLE';
 
 /**
+ * Which port the model server's port was meant to be, for one that answered in the other's protocol
+ * (--mtls_grpc_upstream and --mtls_rest_upstream swapped); /readyz (health.ts) asks the same.
+ */
+export const MEANT_PORT = {
+  grpc: "is it the model server's gRPC port (OVMS --port)",
+  rest: "is it the model server's REST port (OVMS --rest_port)",
+} as const;
+
+/** A model server's host name the system cannot resolve (ENOTFOUND, EAI_AGAIN): a Compose service or Kubernetes Service not there yet. */
+export const NAME_DOES_NOT_RESOLVE = 'host name does not resolve';
+
+/** nghttp2's NGHTTP2_ERR_TOO_MANY_CONTINUATIONS (not in Node's constants): its guard against CONTINUATION floods. */
+const TOO_MANY_CONTINUATIONS = -905;
+
+/**
+ * What nghttp2 refused of a model server that had spoken HTTP/2 (its SETTINGS came), from Node's
+ * error (NghttpError: nghttp2's code in `errno`, its words in `message`), or from the cause of ours.
+ * Such a server's gRPC port is right: telling users to check it sent them the wrong way. More than
+ * 8 CONTINUATION frames after a HEADERS is response metadata over 9 MiB from C-core (OVMS frames
+ * it by our 1 MiB SETTINGS_MAX_FRAME_SIZE), over 144 KiB from a server that frames it at 16 KiB.
+ */
+export function http2Refusal(err: unknown): string {
+  const refused = nghttp2Error(err);
+  const words = refused?.message ? ` (nghttp2: "${refused.message}")` : '';
+  if (refused?.errno === TOO_MANY_CONTINUATIONS) return `speaks HTTP/2, but sent a header block in more than 8 CONTINUATION frames (response metadata too large), which the proxy's HTTP/2 client refuses${words}`;
+  return `speaks HTTP/2, but sent what the proxy's HTTP/2 client refuses${words}`;
+}
+
+/** Node's NghttpError (code ERR_HTTP2_ERROR) in `err` or its cause. */
+function nghttp2Error(err: unknown, depth = 0): { errno?: unknown; message?: string } | undefined {
+  if (!err || typeof err !== 'object' || depth > 2) return undefined;
+  if (err instanceof Error && ownCode(err) === 'ERR_HTTP2_ERROR') return err as Error & { errno?: unknown };
+  return 'cause' in err ? nghttp2Error(err.cause, depth + 1) : undefined;
+}
+
+/**
  * The one place upstream failures become client-visible text. Never echo raw
  * internal error text: say which upstream and what kind of failure.
+ * `spokeHttp2`: the model server had sent its HTTP/2 SETTINGS on the connection that failed (upstream-h2.ts spokeHttp2()).
  */
-export function describeUpstreamError(upstream: HostPort, err: unknown): { code: string; message: string } {
+export function describeUpstreamError(upstream: HostPort, err: unknown, spokeHttp2 = false): { code: string; message: string } {
   const code = errorCode(err);
   const where = `upstream ${hostAndPort(upstream.host, upstream.port)}`;
   switch (code) {
@@ -24,7 +61,7 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
     case 'UPSTREAM_CLOSED':
       return { code, message: `${where} closed the connection before answering` };
     case 'UPSTREAM_BAD_RESPONSE':
-      if (answeredInHttp2(err)) return { code, message: `${where} answered in HTTP/2 (h2c), as a gRPC server does: is it the model server's REST port (OVMS --rest_port), not its gRPC port?` };
+      if (answeredInHttp2(err)) return { code, message: `${where} answered in HTTP/2 (h2c), as a gRPC server does: ${MEANT_PORT.rest}, not its gRPC port?` };
       return { code, message: `${where} sent a response that is not valid HTTP/1.1` };
     case 'ECONNRESET':
     case 'EPIPE':
@@ -42,10 +79,12 @@ export function describeUpstreamError(upstream: HostPort, err: unknown): { code:
       return { code, message: `cannot connect to ${where}: the machine is out of file descriptors (fs.file-max)` };
     case 'ENOTFOUND':
     case 'EAI_AGAIN':
-      return { code, message: `${where}: host name does not resolve` };
-    // nghttp2's "Protocol error": bytes that are no HTTP/2 frames, as an HTTP/1.1 server's answer to the preface.
+      return { code, message: `${where}: ${NAME_DOES_NOT_RESOLVE}` };
+    // nghttp2 ended the connection. Before the model server's SETTINGS: bytes that are no HTTP/2 frames, as an HTTP/1.1
+    // server's answer to the preface. After them: a server that speaks HTTP/2 sent what nghttp2 refuses.
     case 'ERR_HTTP2_ERROR':
-      return { code, message: `${where} does not speak HTTP/2 (h2c) as a gRPC server does: is it the model server's gRPC port (OVMS --port), not its REST port?` };
+      if (spokeHttp2) return { code, message: `${where} ${http2Refusal(err)}; the connection was closed, with every call on it` };
+      return { code, message: `${where} does not speak HTTP/2 (h2c) as a gRPC server does: ${MEANT_PORT.grpc}, not its REST port?` };
     case 'ERR_HTTP2_GOAWAY_SESSION':
     case 'ERR_HTTP2_INVALID_SESSION':
     case 'ERR_HTTP2_SESSION_ERROR':

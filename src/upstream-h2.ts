@@ -54,6 +54,25 @@ const PEER_FIN_WAIT_MS = 1000;
  */
 export const UPSTREAM_SESSION_MEMORY_MB = 4294;
 
+/** Upstream sessions on which the model server's SETTINGS arrived: it speaks HTTP/2, whatever fails later. */
+const HEARD_SETTINGS = new WeakSet<ClientHttp2Session>();
+
+/**
+ * From now on, notes when the model server's SETTINGS arrive on `session`, for spokeHttp2(). Not
+ * Node's 'connect': it comes once TCP connects, for a peer that answers in HTTP/1.1 too.
+ */
+export function noteSettings(session: ClientHttp2Session): void {
+  session.once('remoteSettings', () => HEARD_SETTINGS.add(session));
+}
+
+/**
+ * Whether the model server sent its SETTINGS on `session` (noteSettings()): then an ERR_HTTP2_ERROR
+ * is nghttp2 refusing something it sent later, not a port that does not speak HTTP/2 (upstream-errors.ts).
+ */
+export function spokeHttp2(session: ClientHttp2Session | undefined): boolean {
+  return session !== undefined && HEARD_SETTINGS.has(session);
+}
+
 /** The code calls get when a connection that stopped answering is closed (see upstream-errors.ts). */
 export const UPSTREAM_UNRESPONSIVE = 'UPSTREAM_UNRESPONSIVE';
 
@@ -192,6 +211,7 @@ export class UpstreamH2Session {
     };
     session.once('goaway', forget);
     session.once('close', forget);
+    noteSettings(session);
     session.on('remoteSettings', (settings) => {
       this.#maxHeaderListSize = settings.maxHeaderListSize ?? Infinity;
       this.#onSettings();

@@ -10,6 +10,7 @@ import { readFileSync } from 'node:fs';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, https1, startTestProxy, startUpstream } from './helpers/harness.js';
 import { countingUses, eventually, httpGet, sample } from './helpers/ops.js';
+import { HTTP2_REFUSALS, framedH2cUpstream } from './helpers/scripted-upstream.js';
 import { BIN, runCommand } from './helpers/cli.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { startModelServer } from '../src/demo/model-server.js';
@@ -93,6 +94,20 @@ describe('admin listener', () => {
       await model.close();
     }
   });
+
+  // Before: "answered, but not in HTTP/2 (ERR_HTTP2_ERROR): is it the model server's gRPC port", for a port that was.
+  for (const [what, answer, refused] of HTTP2_REFUSALS) {
+    test(`an h2c model server that sends its SETTINGS, then ${what}: the detail says what the proxy refused, not to check the port`, async () => {
+      const h2c = await framedH2cUpstream(answer);
+      try {
+        const result = await upstreamCheck(baseConfig({ pki: await pkiPromise, upstream: { grpcPort: h2c.port } }), 1000)();
+        assert.equal(result.ok, false);
+        assert.equal(result.detail, `gRPC 127.0.0.1:${h2c.port}: speaks HTTP/2, but sent ${refused}`);
+      } finally {
+        h2c.close();
+      }
+    });
+  }
 
   test('/readyz requests that come while the model server is being asked share that check: a burst opens one connection to it, not one per request', async () => {
     pki = await pkiPromise;

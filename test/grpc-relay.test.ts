@@ -7,7 +7,7 @@ import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
-import { GRPC_RESPONSE_HEADER_BLOCK, framedH2cUpstream, scriptedUpstream } from './helpers/scripted-upstream.js';
+import { GRPC_RESPONSE_HEADER_BLOCK, HTTP2_REFUSALS, framedH2cUpstream, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { END_HEADERS, END_STREAM, H2, H2FrameReader, answerPings, byteByByte, grpcHeaderBlock, h2Frame, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, FrameCursor } from '../src/h2-frames.js';
 import { UPSTREAM_CLOSED_MID_CALL, UPSTREAM_NOT_HTTP2 } from '../src/grpc-relay.js';
@@ -196,6 +196,22 @@ describe('a gRPC upstream that is no HTTP/2 server, or closes before its preface
       assert.equal(status.code, grpc.status.UNAVAILABLE);
       assert.equal(status.details, `upstream 127.0.0.1:${upstream.restPort} does not speak HTTP/2 (h2c) as a gRPC server does: is it the model server's gRPC port (OVMS --port), not its REST port?`);
       assert.deepEqual(reasons, mode === 'relay' ? [UPSTREAM_NOT_HTTP2, 'ERR_HTTP2_ERROR'] : ['ERR_HTTP2_ERROR']);
+    });
+  }
+
+  // Before: the same hint, to check a port that was right, when a model server that had spoken HTTP/2 (its SETTINGS
+  // came) later sent what nghttp2 refuses: Node reports both as ERR_HTTP2_ERROR. Relay mode passes such frames on to the client.
+  for (const [what, answer, refused] of HTTP2_REFUSALS) {
+    test(`terminate mode: an h2c model server that sends its SETTINGS, then ${what}, gets UNAVAILABLE saying what the proxy refused, not to check the port`, async () => {
+      const h2c = await framedH2cUpstream(answer);
+      try {
+        const { status, reasons } = await callThrough(h2c.port, 'terminate');
+        assert.equal(status.code, grpc.status.UNAVAILABLE);
+        assert.equal(status.details, `upstream 127.0.0.1:${h2c.port} speaks HTTP/2, but sent ${refused}; the connection was closed, with every call on it`);
+        assert.deepEqual(reasons, ['ERR_HTTP2_ERROR']);
+      } finally {
+        h2c.close();
+      }
     });
   }
 

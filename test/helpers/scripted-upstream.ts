@@ -93,6 +93,25 @@ export function framedH2cUpstream(answer: (streamId: number) => Buffer): Promise
 }
 
 /**
+ * What an h2c model server may send, after its SETTINGS, that nghttp2 refuses, ending the proxy's whole connection
+ * (Node: ERR_HTTP2_ERROR, as for a port that answers in HTTP/1.1): per case, framedH2cUpstream()'s answer to a
+ * stream and what the proxy says it sent. More than 8 CONTINUATION frames is nghttp2's guard against CONTINUATION
+ * floods: response metadata over 9 MiB from C-core (OVMS), over 144 KiB from a server that frames it at 16 KiB.
+ */
+export const HTTP2_REFUSALS: readonly [string, (streamId: number) => Buffer, string][] = [
+  [
+    'response metadata in 9 CONTINUATION frames',
+    (id) => Buffer.concat([h2Frame(0x1, 0, id, GRPC_RESPONSE_HEADER_BLOCK), ...Array.from({ length: 9 }, () => h2Frame(0x9, 0, id, Buffer.from('\x00\x01a\x01b', 'latin1')))]),
+    'a header block in more than 8 CONTINUATION frames (response metadata too large), which the proxy\'s HTTP/2 client refuses (nghttp2: "Too many CONTINUATION frames following a HEADER frame")',
+  ],
+  [
+    'a WINDOW_UPDATE of 0 for the connection',
+    () => h2Frame(0x8, 0, 0, Buffer.alloc(4)),
+    'what the proxy\'s HTTP/2 client refuses (nghttp2: "Protocol error")',
+  ],
+];
+
+/**
  * A proxy whose REST port, in `restMode`, forwards to a scripted upstream
  * answering with `answer`; both are closed after `run`, however it ends.
  */
