@@ -4,7 +4,7 @@ import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { headerFieldsWithin, type Limits } from './config.js';
 import { parentOf, type ConnectionContext } from './listeners.js';
-import { tcpBytesMoved } from './send-stall.js';
+import { tcpBytesMoved, tcpBytesRead } from './send-stall.js';
 import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
 import { H2_WITHOUT_ALPN, commaList, onlyChunked, requestHeadTooLargeMessage, unsupportedCodingMessage } from './http1-framing.js';
@@ -35,6 +35,9 @@ interface UnansweredPing {
   readonly missing: boolean;
 }
 
+/** The fewest bytes a stream costs the client that opens it: its HEADERS frame's 9-byte header. */
+const MIN_STREAM_BYTES = 9;
+
 function unansweredMessage(open: number): string {
   return `the client answered no PING, and no byte moved either way, for an idle timeout with ${open} request(s) open (gone without its close reaching the proxy, or a protocol error of its own after which Node stopped reading it): closed`;
 }
@@ -48,6 +51,8 @@ class SessionState implements IdleConnection, AckWatcher {
   readonly #acks: ClientAcks;
   /** The highest stream id our handlers saw (client ids are odd: -1 before stream 1). */
   #lastSeen = -1;
+  /** Streams counted so far, seen or not: see #streamsPossible. */
+  #streamsCounted = 0;
   /** The PING of watch() while it goes unanswered. */
   #unanswered: UnansweredPing | undefined;
   /**
@@ -78,9 +83,9 @@ class SessionState implements IdleConnection, AckWatcher {
    * since are also what the client may reset: for curl they are taken from its reset allowance.
    */
   seen(id: number): void {
-    const opened = Math.max(0, (id - this.#lastSeen) / 2);
-    this.#reportUnseenUpTo(id - 2);
+    const opened = 1 + this.#reportUnseenUpTo(id - 2, undefined, 1);
     this.#lastSeen = id;
+    this.#streamsCounted += 1;
     if (this.#resets?.take(opened) === false && !this.session.closed) this.close();
   }
 
@@ -210,12 +215,30 @@ class SessionState implements IdleConnection, AckWatcher {
     this.#observer.h2SessionFailed({ ...clientRef(this.context), code, message: err.message });
   }
 
-  /** `id`: a client stream id, or 0 (lastProcStreamID before any stream). */
-  #reportUnseenUpTo(id: number, goAway?: 'COMPRESSION_ERROR'): void {
-    if (id < 1 || id <= this.#lastSeen) return;
-    const streams = (id - this.#lastSeen) / 2;
+  /**
+   * `id`: a client stream id, or 0 (lastProcStreamID before any stream). `alsoOpened`: streams the
+   * client's bytes paid for besides these (the one just seen). Returns how many were reported.
+   */
+  #reportUnseenUpTo(id: number, goAway?: 'COMPRESSION_ERROR', alsoOpened = 0): number {
+    if (id < 1 || id <= this.#lastSeen) return 0;
+    const ids = (id - this.#lastSeen) / 2;
+    const streams = Math.min(ids, this.#streamsPossible(alsoOpened));
     this.#lastSeen = id;
-    this.#observer.unseenResets({ ...clientRef(this.context), streams, ...(goAway ? { goAway } : {}) });
+    this.#streamsCounted += streams;
+    if (streams > 0) this.#observer.unseenResets({ ...clientRef(this.context), streams, ...(streams < ids ? { skippedIds: ids - streams } : {}), ...(goAway ? { goAway } : {}) });
+    return streams;
+  }
+
+  /**
+   * How many more streams the client can have opened, by what it has sent: each cost it one HEADERS
+   * frame at least. Stream ids only have to rise (RFC 9113 5.1.1), and a client that opened stream
+   * 2^31-3 first was reported as a billion requests Node had reset, in the line and in
+   * ovms_mtls_h2_streams_reset_unseen_total. The bound counts the TCP bytes (TLS records and handshake:
+   * a request that came with the handshake's last bytes is counted all the same), so it errs high.
+   */
+  #streamsPossible(alsoOpened: number): number {
+    const paidFor = Math.floor(tcpBytesRead(this.context.socket) / MIN_STREAM_BYTES);
+    return Math.max(0, paidFor - this.#streamsCounted - alsoOpened);
   }
 
   /** GOAWAY (last stream id: the last one taken); Node ends the connection once no stream is open. */

@@ -10,8 +10,10 @@ import { RepeatBudget, type RepeatLimit } from './repeat-budget.js';
  * the reset (grpc-js: RESOURCE_EXHAUSTED "Bandwidth exhausted or memory limit exceeded"), and
  * without this line the operator saw nothing at all.
  */
-function unseenResetsMessage(streams: number): string {
-  return `${streams} HTTP/2 request(s) on this connection were reset by Node before the proxy saw them (no access line): most likely a header list over --mtls_max_header_size (HTTP/2 counts 32 bytes more per field); else a malformed request, or more at once than --mtls_max_concurrent_streams or --mtls_max_session_memory allow`;
+function unseenResetsMessage(streams: number, skippedIds: number | undefined): string {
+  const count = skippedIds === undefined ? `${streams}` : `At most ${streams}`;
+  const skipped = skippedIds === undefined ? '' : `. The client also skipped ${skippedIds} stream id(s), more than what it sent could have opened (ids need only rise; no client library skips them)`;
+  return `${count} HTTP/2 request(s) on this connection were reset by Node before the proxy saw them (no access line): most likely a header list over --mtls_max_header_size (HTTP/2 counts 32 bytes more per field); else a malformed request, or more at once than --mtls_max_concurrent_streams or --mtls_max_session_memory allow${skipped}`;
 }
 
 /**
@@ -113,7 +115,7 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
       logger.warn({ event: 'upstream_error', listener, reason: code }, 'upstream error');
     },
     unseenResets(record) {
-      logger.warn({ event: 'h2_streams_reset_unseen', ...record }, record.goAway ? undecodableFieldMessage(record.streams) : unseenResetsMessage(record.streams));
+      logger.warn({ event: 'h2_streams_reset_unseen', ...record }, record.goAway ? undecodableFieldMessage(record.streams) : unseenResetsMessage(record.streams, record.skippedIds));
     },
     h2SessionFailed(record) {
       logger.warn({ event: 'h2_session_error', ...record }, `Node ended this client's HTTP/2 connection: ${record.message}; the requests in flight on it were cut (${record.code})`);

@@ -59,6 +59,11 @@ export interface UnseenResets extends ClientRef {
   /** How many: stream ids the client used that never reached our handlers. */
   readonly streams: number;
   /**
+   * Stream ids passed over besides, more than the client's bytes could have opened streams on: a client
+   * may skip ids (RFC 9113 5.1.1), so `streams` is then an upper bound.
+   */
+  readonly skippedIds?: number;
+  /**
    * Node ended the whole connection over them: a header field it cannot decode at all (over 64 KiB as
    * sent), answered with GOAWAY(COMPRESSION_ERROR); the requests in flight on it were cut too.
    */

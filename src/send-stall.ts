@@ -15,6 +15,11 @@ export function tcpBytesMoved(socket: TLSSocket): number {
   return tcp.bytesRead + tcp.bytesWritten;
 }
 
+/** Bytes the client has sent on the TCP connection under a TLS socket so far (TLS records, handshake included). */
+export function tcpBytesRead(socket: TLSSocket): number {
+  return (parentOf(socket) ?? socket).bytesRead;
+}
+
 /** A connection seen with bytes waiting for its client: how far it had moved then, and since when it has not moved. */
 interface Waiting {
   readonly moved: number;

@@ -39,6 +39,17 @@ after(async () => {
   await pki.cleanup();
 });
 
+/** Another client's unary call through `front` is answered, echoing `text`. */
+async function assertOthersServed(front: StartedProxy, text: string): Promise<void> {
+  const victim = grpcClients(front.grpcAddress, pki);
+  try {
+    const reply = await unary(victim.echo, 'Unary', { payload: Buffer.from(text) });
+    assert.equal(Buffer.from(reply.response.payload!).toString(), text);
+  } finally {
+    victim.close();
+  }
+}
+
 describe('rapid reset (CVE-2023-44487), terminate mode', () => {
   let upstream: ModelServer;
   let front: StartedProxy;
@@ -68,17 +79,6 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     }
   }
 
-  /** Another client's unary call is answered, echoing `text`. */
-  async function assertOthersServed(text: string): Promise<void> {
-    const victim = grpcClients(front.grpcAddress, pki);
-    try {
-      const reply = await unary(victim.echo, 'Unary', { payload: Buffer.from(text) });
-      assert.equal(Buffer.from(reply.response.payload!).toString(), text);
-    } finally {
-      victim.close();
-    }
-  }
-
   test('streams a client opens and resets in the same breath do not reach the shared model server connection; other clients carry on', async () => {
     const pairs = 500; // under nghttp2's own burst of 1,000 resets, so every one is processed
     const upstreamBefore = seenUpstream();
@@ -86,7 +86,7 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     await offendAndLeave(pairs, CANCEL, () => cancelledLines() - loggedBefore >= pairs);
     // Another client's call completes; it goes up the same upstream connection after whatever the
     // offender's did, so once it is answered the model server has seen all of those.
-    await assertOthersServed('still here');
+    await assertOthersServed(front, 'still here');
     const opened = seenUpstream() - upstreamBefore - 1;
     // Without the deferred open every pair was a stream opened and reset upstream (500 here).
     // A pair split across two reads may still get through; a handful, never hundreds.
@@ -97,7 +97,7 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     const pairs = 100;
     const loggedBefore = cancelledLines();
     await offendAndLeave(pairs, INTERNAL_ERROR, () => cancelledLines() - loggedBefore >= pairs);
-    await assertOthersServed('up');
+    await assertOthersServed(front, 'up');
   });
 
   test('a connection that completes its calls and cancels one now and then keeps the direct path', async () => {
@@ -348,6 +348,25 @@ describe('an HTTP/2 connection Node ends for a flood, terminate mode', () => {
       assert.equal(sample(await metrics.registry.metrics(), 'ovms_mtls_h2_session_errors_total', { listener, code: 'ERR_HTTP2_ERROR' }), 1);
     });
   }
+
+  test('a client that skips stream ids (its first stream 2^31-3) is answered, and not reported as a billion requests Node reset', async () => {
+    const from = front.logs.lines.length;
+    const client = await rawH2Client(front.grpcPort, pki);
+    const id = 0x7ffffffd;
+    try {
+      client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, id, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary')), h2Frame(H2.DATA, END_STREAM, id, grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])))]));
+      await eventually(() => client.frames.some((f) => f.streamId === id && f.type === H2.HEADERS && (f.flags & END_STREAM) !== 0), 'the call answered');
+    } finally {
+      client.socket.destroy();
+    }
+    await assertOthersServed(front, 'after the skip');
+    const lines = front.logs.lines.slice(from).filter((l) => l.event === 'h2_streams_reset_unseen');
+    const reported = lines.reduce((sum, l) => sum + Number(l.streams), 0);
+    // Every stream costs its client a 9-byte frame header at least: what it sent bounds the count.
+    assert.ok(reported < 1000, `${reported} requests reported reset unseen for a client that sent one`);
+    assert.ok(lines.every((l) => Number(l.skippedIds) > 1_000_000_000 && /^At most \d+ .* skipped \d+ stream id/.test(String(l.msg))), JSON.stringify(lines));
+    assert.equal(sample(await metrics.registry.metrics(), 'ovms_mtls_h2_streams_reset_unseen_total', { listener: 'grpc' }) ?? 0, reported);
+  });
 
   test('a client that simply drops its connection (TCP reset) gets no such line', async () => {
     const from = front.logs.lines.length;
