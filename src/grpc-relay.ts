@@ -2,8 +2,9 @@ import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
-import { elapsedMs, type ProxyObserver } from './observer.js';
-import { CLIENT_PREFACE_BYTES, DrainPingAck, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, goAway, isServerPreface, type OnFrame, type OnGoAway } from './h2-frames.js';
+import { clientRef, elapsedMs, type ProxyObserver } from './observer.js';
+import { RESET_BURST, RESETS_PER_SECOND, ResetAllowance } from './reset-allowance.js';
+import { CLIENT_PREFACE_BYTES, DrainPingAck, ENHANCE_YOUR_CALM, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, TYPE_RST_STREAM, goAway, isServerPreface, type OnFrame, type OnGoAway } from './h2-frames.js';
 import { h2ErrorName } from './grpc-status.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
@@ -27,6 +28,14 @@ export function grpcRelay(options: GrpcRelayOptions): Relay {
 /** The relay_access error of a connection the model server closed under calls in flight. */
 export const UPSTREAM_CLOSED_MID_CALL = 'upstream_closed_mid_call';
 const MAX_STREAM_ID = 0x7fffffff;
+
+/** How long a client that was cut off has to read our last GOAWAY before its connection is closed. */
+const CUT_OFF_GRACE_MS = 1000;
+
+/** The relay_access error of a connection closed for rapid reset, and the h2_session_error line's code. */
+export const CLIENT_RAPID_RESET = 'client_rapid_reset';
+export const RAPID_RESET = 'RAPID_RESET';
+const RAPID_RESET_MESSAGE = `the client reset more streams than nghttp2 allows a client of terminate mode (${RESET_BURST} at once, ${RESETS_PER_SECOND} more each second): rapid reset (CVE-2023-44487). It was sent GOAWAY ENHANCE_YOUR_CALM and its connection to the model server closed`;
 
 /** The upstream_error reason of a model server whose first bytes are no HTTP/2 server preface. */
 export const UPSTREAM_NOT_HTTP2 = 'UPSTREAM_NOT_HTTP2';
@@ -80,6 +89,10 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   #clientReadGoAway = false;
   /** Set by the frame that opened a stream after the client read our GOAWAY: the last stream id opened before it. */
   #ignoredGoAwayAfter: number | undefined;
+  /** The client's RST_STREAM frames, held to the budget nghttp2 holds terminate mode's clients to. */
+  readonly #resets = new ResetAllowance(0);
+  /** Set by the RST_STREAM that ran that budget dry: nothing from its read on goes upstream. */
+  #resetFlood = false;
   #bytesIn = 0;
   #bytesOut = 0;
   #error: string | undefined;
@@ -227,7 +240,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   /** `piece`, already followed, to the upstream; unless it opened a stream the client was told not to open. */
   #writeUpstream(piece: Buffer): void {
     if (this.#upstream.destroyed) return;
-    if (this.#ignoredGoAwayAfter !== undefined) this.#cutOff(this.#ignoredGoAwayAfter);
+    if (this.#resetFlood) this.#cutOffResetFlood();
+    else if (this.#ignoredGoAwayAfter !== undefined) this.#cutOff(this.#ignoredGoAwayAfter, PROTOCOL_ERROR, 'client_ignored_goaway');
     else if (!this.#upstream.write(piece)) this.#client.pause();
   }
 
@@ -254,6 +268,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #clientFrame: OnFrame = (type, streamId, flags) => {
     // RFC 9113 section 6.8 forbids it; the relay cannot refuse one stream without decoding HPACK.
     if (this.#clientReadGoAway && this.streams.opens(type, streamId)) this.#ignoredGoAwayAfter ??= this.streams.lastClientId;
+    if (type === TYPE_RST_STREAM && !this.#resetFlood && !this.#resets.take(1)) this.#resetFlood = true;
     this.streams.fromClient(type, streamId, flags);
   };
 
@@ -280,16 +295,35 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   }
 
   /**
-   * The client opened a stream after it had read our GOAWAY: nothing from the piece of
-   * this read that holds it on goes upstream, the client is told the last stream that
-   * was taken, and both connections close.
+   * Rapid reset through the relay: each stream a client opened and reset at once reached the model
+   * server, whose own limits were the only ones. A C-core server (grpcio 1.51) given 5 s of it grew
+   * by 800 MB and was still busy 20 s later, another client's call timing out meanwhile. The client
+   * is held to the budget of resets terminate mode's get from nghttp2 (reset-allowance.ts).
    */
-  #cutOff(lastTaken: number): void {
-    this.#failed('client_ignored_goaway');
+  #cutOffResetFlood(): void {
+    this.#observer.h2SessionFailed({ ...clientRef(this.#context), code: RAPID_RESET, message: RAPID_RESET_MESSAGE, byProxy: true });
+    this.#cutOff(this.streams.lastClientId, ENHANCE_YOUR_CALM, CLIENT_RAPID_RESET);
+  }
+
+  /**
+   * The client broke a rule (opened a stream after it had read our GOAWAY, reset too many): nothing
+   * from the piece of this read that holds the frame on goes upstream, the client is told the last
+   * stream that was taken and why, and both connections close.
+   */
+  #cutOff(lastTaken: number, errorCode: number, reason: string): void {
+    this.#failed(reason);
     this.#upstream.destroy();
     const client = this.#client;
-    if (this.#toClient.atBoundary) client.end(goAway(lastTaken, PROTOCOL_ERROR), () => client.destroy());
-    else client.destroy();
+    if (!this.#toClient.atBoundary) {
+      client.destroy();
+      return;
+    }
+    client.end(goAway(lastTaken, errorCode));
+    // Closed at once, with what the client sent since still unread, the connection was reset, and a
+    // client that kept writing (a reset flood) lost the GOAWAY with it: what it sends now is read and
+    // dropped (the 'data' listener: the upstream is gone) until it closes, or the grace is up.
+    client.resume();
+    setTimeout(() => client.destroy(), CUT_OFF_GRACE_MS).unref();
   }
 
   /** A graceful GOAWAY at the next frame boundary toward the client. */

@@ -8,7 +8,7 @@ import type { StreamActivity } from './idle-sweep.js';
  */
 const FRAME_HEADER_BYTES = 9;
 const TYPE_DATA = 0x0;
-const TYPE_RST_STREAM = 0x3;
+export const TYPE_RST_STREAM = 0x3;
 const TYPE_GOAWAY = 0x7;
 const TYPE_PUSH_PROMISE = 0x5;
 const TYPE_PING = 0x6;
@@ -19,6 +19,7 @@ const FLAG_ACK = 0x1;
 const MAX_STREAM_ID = 0x7fffffff;
 const NO_ERROR = 0x0;
 export const PROTOCOL_ERROR = 0x1;
+export const ENHANCE_YOUR_CALM = 0xb;
 
 /** The client's connection preface (RFC 9113 section 3.4) comes before its first frame. */
 export const CLIENT_PREFACE_BYTES = 24;

@@ -118,7 +118,8 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
       logger.warn({ event: 'h2_streams_reset_unseen', ...record }, record.goAway ? undecodableFieldMessage(record.streams) : unseenResetsMessage(record.streams, record.skippedIds));
     },
     h2SessionFailed(record) {
-      logger.warn({ event: 'h2_session_error', ...record }, `Node ended this client's HTTP/2 connection: ${record.message}; the requests in flight on it were cut (${record.code})`);
+      const { byProxy, ...fields } = record;
+      logger.warn({ event: 'h2_session_error', ...fields }, `${byProxy ? 'The proxy' : 'Node'} ended this client's HTTP/2 connection: ${record.message}; the requests in flight on it were cut (${record.code})`);
     },
     clientUnresponsive(record) {
       const { waitingBytes, idleTimeoutMs, ...client } = record;

@@ -78,6 +78,8 @@ export interface UnseenResets extends ClientRef {
 export interface H2SessionFailure extends ClientRef {
   readonly code: string;
   readonly message: string;
+  /** The proxy ended it itself (the gRPC relay, which has no Node HTTP/2 session to do it). */
+  readonly byProxy?: true;
 }
 
 /**

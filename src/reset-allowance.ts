@@ -23,12 +23,20 @@ export const RESETS_PER_SECOND = 33;
  */
 const HEADROOM = 150;
 
-/** Per HTTP/2 connection: whether the client's streams so far leave room for as many resets. */
+/**
+ * Per HTTP/2 connection: whether the client's streams so far leave room for as many resets. The gRPC
+ * relay counts the client's resets themselves, with no headroom (`headroom` 0): nghttp2's own budget.
+ */
 export class ResetAllowance {
+  readonly #headroom: number;
   #left = RESET_BURST;
   #second = wholeSecondsNow();
 
-  /** Counts `streams` newly opened; false once they come within HEADROOM of what nghttp2 allows. */
+  constructor(headroom = HEADROOM) {
+    this.#headroom = headroom;
+  }
+
+  /** Counts `streams` newly opened (or reset); false once they come within the headroom of what nghttp2 allows. */
   take(streams: number): boolean {
     const second = wholeSecondsNow();
     if (second > this.#second) {
@@ -36,7 +44,7 @@ export class ResetAllowance {
       this.#second = second;
     }
     this.#left -= streams;
-    return this.#left > HEADROOM;
+    return this.#left > this.#headroom;
   }
 }
 

@@ -12,6 +12,7 @@ import { END_HEADERS, END_STREAM, H2, SETTINGS_INITIAL_WINDOW_SIZE, grpcHeaderBl
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { CANCELS_BEFORE_DEFERRED_OPEN } from '../src/cancel-tally.js';
+import { RESET_BURST } from '../src/reset-allowance.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 const CANCEL = Buffer.from([0, 0, 0, constants.NGHTTP2_CANCEL]);
@@ -48,6 +49,25 @@ async function assertOthersServed(front: StartedProxy, text: string): Promise<vo
   } finally {
     victim.close();
   }
+}
+
+/** The stand-in model server (gRPC and REST) and a proxy in front of it whose metrics a test reads. */
+interface CountedProxy {
+  upstream: ModelServer;
+  front: StartedProxy;
+  metrics: ProxyMetrics;
+}
+
+async function stopCountedProxy({ front, upstream }: CountedProxy): Promise<void> {
+  await front.proxy.shutdown(1000);
+  await upstream.close();
+}
+
+async function startCountedProxy(grpcMode: 'terminate' | 'relay'): Promise<CountedProxy> {
+  const upstream = await startUpstream();
+  const metrics = new ProxyMetrics({ processMetrics: false });
+  const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, grpcMode, observer: metrics });
+  return { upstream, front, metrics };
 }
 
 describe('rapid reset (CVE-2023-44487), terminate mode', () => {
@@ -148,6 +168,58 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     } finally {
       session.close();
     }
+  });
+});
+
+describe('rapid reset (CVE-2023-44487), gRPC relay mode', () => {
+  let counted: CountedProxy;
+
+  before(async () => {
+    counted = await startCountedProxy('relay');
+  });
+
+  after(() => stopCountedProxy(counted));
+
+  const PATH = '/ovmsmtls.test.Echo/Unary';
+
+  // Every pair went to the client's own model-server connection: a C-core server (grpcio 1.51) given
+  // 5 s of it grew by 800 MB, and another client's call timed out. nghttp2 (this stand-in) ends it
+  // itself after 1,000 (GOAWAY INTERNAL_ERROR), and the proxy logged nothing.
+  test('a client that resets more streams than nghttp2 allows is cut off by the proxy: GOAWAY ENHANCE_YOUR_CALM, a named warn line, counted; other clients carry on', async () => {
+    const from = counted.front.logs.lines.length;
+    const offender = await rawH2Client(counted.front.grpcPort, pki);
+    try {
+      rapidReset(offender.socket, grpcHeaderBlock(PATH), RESET_BURST + 200);
+      await offender.closed;
+    } finally {
+      offender.socket.destroy();
+    }
+    const goAways = offender.frames.filter((f) => f.type === H2.GOAWAY).map((f) => f.payload.readUInt32BE(4));
+    assert.deepEqual(goAways, [constants.NGHTTP2_ENHANCE_YOUR_CALM]);
+    const line = await counted.front.logs.waitFor((l) => counted.front.logs.lines.indexOf(l) >= from && l.event === 'h2_session_error');
+    assert.deepEqual([line.level, line.listener, line.code], ['warn', 'grpc', 'RAPID_RESET']);
+    assert.match(String(line.subject), /CN=client/);
+    assert.match(String(line.msg), /^The proxy ended this client's HTTP\/2 connection: the client reset more streams than nghttp2 allows .*rapid reset \(CVE-2023-44487\)/);
+    const access = await counted.front.logs.waitFor((l) => counted.front.logs.lines.indexOf(l) >= from && l.event === 'relay_access');
+    assert.equal(access.error, 'client_rapid_reset');
+    assert.equal(sample(await counted.metrics.registry.metrics(), 'ovms_mtls_h2_session_errors_total', { listener: 'grpc', code: 'RAPID_RESET' }), 1);
+    await assertOthersServed(counted.front, 'still served');
+  });
+
+  test('a client that cancels calls now and then keeps its connection: cancels pass to the model server, its next calls are answered', async () => {
+    const from = counted.front.logs.lines.length;
+    const client = await rawH2Client(counted.front.grpcPort, pki);
+    try {
+      rapidReset(client.socket, grpcHeaderBlock(PATH), 100);
+      const id = 1 + 2 * 100;
+      client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, id, grpcHeaderBlock(PATH)), h2Frame(H2.DATA, END_STREAM, id, grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])))]));
+      await eventually(() => client.frames.some((f) => f.streamId === id && f.type === H2.HEADERS && (f.flags & END_STREAM) !== 0), 'the call after 100 cancels answered');
+      assert.deepEqual(client.frames.filter((f) => f.type === H2.GOAWAY), []);
+    } finally {
+      client.socket.destroy();
+    }
+    await counted.front.logs.waitFor((l) => counted.front.logs.lines.indexOf(l) >= from && l.event === 'relay_access');
+    assert.deepEqual(counted.front.logs.lines.slice(from).filter((l) => l.event === 'h2_session_error'), []);
   });
 });
 
@@ -319,15 +391,10 @@ describe('an HTTP/2 connection Node ends for a flood, terminate mode', () => {
   let metrics: ProxyMetrics;
 
   before(async () => {
-    upstream = await startUpstream();
-    metrics = new ProxyMetrics({ processMetrics: false });
-    front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, observer: metrics });
+    ({ upstream, front, metrics } = await startCountedProxy('terminate'));
   });
 
-  after(async () => {
-    await front.proxy.shutdown(1000);
-    await upstream.close();
-  });
+  after(() => stopCountedProxy({ upstream, front, metrics }));
 
   for (const listener of ['grpc', 'rest'] as const) {
     test(`${listener} port: a PING flood closes the client's connection with a warn line naming the client and Node's reason, and is counted`, async () => {
