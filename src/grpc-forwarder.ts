@@ -198,6 +198,11 @@ export function headerListSize(headers: OutgoingHttpHeaders): number {
 
 function ignore(): void {}
 
+/** A status of ours as trailers. */
+function statusTrailers(status: number, message: string): OutgoingHttpHeaders {
+  return { 'grpc-status': String(status), 'grpc-message': encodeGrpcMessage(message) };
+}
+
 /** Why a request's metadata is not sent on: the model server's limit, or ours when it is the lower. */
 function metadataTooLarge(size: number, pool: UpstreamH2Sessions): string {
   const included = 'x-forwarded-client-cert included';
@@ -356,9 +361,14 @@ class GrpcCall {
     upstream.on('response', (headers, flags, raw?: string[]) => this.#onResponse(forClient(separateRepeated(headers, raw)), flags));
     upstream.on('trailers', (received, _flags, raw?: string[]) => {
       const trailers = forClient(separateRepeated(received, raw));
+      this.#upstreamDone = true;
+      const tooLarge = this.#overOurLimit(trailers, 'trailing metadata');
+      if (tooLarge !== undefined) {
+        this.#refuseTrailers(tooLarge);
+        return;
+      }
       this.#trailers = trailers;
       this.#outcome.grpcStatus = trailers['grpc-status'] as string | undefined;
-      this.#upstreamDone = true;
     });
     upstream.on('close', () => this.#onUpstreamClose());
     if (!client.endAfterHeaders) this.#unforwardRequest = forward(client, upstream, this.#options.limits.streamWindow, (n) => (this.#outcome.bytesIn += n));
@@ -389,6 +399,11 @@ class GrpcCall {
       this.#refuseStatus(upstream);
       return;
     }
+    const tooLarge = this.#overOurLimit(headers, 'response metadata');
+    if (tooLarge !== undefined) {
+      this.#refuseHeaders(upstream, flags, tooLarge);
+      return;
+    }
     if (flags & NGHTTP2_FLAG_END_STREAM) {
       // Trailers-Only: one HEADERS frame carrying the status; keep it that way (FINDINGS).
       this.#upstreamDone = true;
@@ -411,6 +426,39 @@ class GrpcCall {
     const status = this.#outcome.status;
     this.#finishWithStatus(GRPC_STATUS.INTERNAL, `${this.#where()} answered with HTTP status ${status}, which is no HTTP response status`, 'bad_response');
     upstream.close(NGHTTP2_CANCEL);
+  }
+
+  /**
+   * Node holds the model server's answers to our SETTINGS_MAX_HEADER_LIST_SIZE (twice the limit) only once it
+   * has acknowledged them: a call opened before that (the first on each upstream connection) takes any. The
+   * client's stream then refused to send one over what the front sends (maxSendHeaderBlockLength, the same
+   * twice), with RST_STREAM(FRAME_SIZE_ERROR), which was logged as the client's cancel. Counted as Node counts
+   * what it receives (32 bytes a field), so the first call is held to the limit of the later ones.
+   */
+  #overOurLimit(fields: IncomingHttpHeaders, what: string): string | undefined {
+    const size = headerListSize(fields);
+    const limit = this.#options.limits.maxHeaderSize * 2;
+    if (size <= limit) return undefined;
+    return `${this.#where()} answered with ${what} of ${size} bytes, over the ${limit} bytes this proxy takes (twice --mtls_max_header_size)`;
+  }
+
+  /** The client gets our status in place of the answer, and the model server a cancel for a call it is still answering. */
+  #refuseHeaders(upstream: ClientHttp2Stream, flags: number, message: string): void {
+    this.#options.observer.upstreamError(this.#context.listener, 'bad_response');
+    // A Trailers-Only answer is the model server's whole call: nothing to cancel, and no client cancel to count.
+    if (flags & NGHTTP2_FLAG_END_STREAM) this.#upstreamDone = true;
+    this.#finishWithStatus(GRPC_STATUS.RESOURCE_EXHAUSTED, message, 'bad_response');
+    if (!this.#upstreamDone) upstream.close(NGHTTP2_CANCEL);
+  }
+
+  /** The answer, already going to the client, ends with our status in place of the model server's trailers. */
+  #refuseTrailers(message: string): void {
+    this.#options.observer.upstreamError(this.#context.listener, 'bad_response');
+    if (this.#statusGiven) return;
+    this.#statusGiven = true;
+    this.#outcome.error = 'bad_response';
+    this.#outcome.grpcStatus = String(GRPC_STATUS.RESOURCE_EXHAUSTED);
+    this.#trailers = statusTrailers(GRPC_STATUS.RESOURCE_EXHAUSTED, message);
   }
 
   #onUpstreamError(err: unknown): void {
@@ -532,7 +580,7 @@ class GrpcCall {
     }
     this.#unforwardRequest?.();
     client.resume();
-    this.#trailers = { 'grpc-status': String(status), 'grpc-message': encodeGrpcMessage(message) };
+    this.#trailers = statusTrailers(status, message);
     this.#unforwardResponse?.();
     if (!client.writableEnded) client.end();
   }

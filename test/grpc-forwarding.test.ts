@@ -979,3 +979,80 @@ describe('grpc: a model server that reads slowly', () => {
     });
   });
 });
+
+/**
+ * Node holds the model server's answer to our SETTINGS_MAX_HEADER_LIST_SIZE (twice --mtls_max_header_size,
+ * 131072 bytes by default) only once the model server has acknowledged them: the first call on each upstream
+ * connection (each test here has a proxy of its own), opened before that, took a larger one. The client's
+ * stream then refused to send it on: grpc-js got INTERNAL "Received RST_STREAM with code 6" and the access
+ * line said client_cancelled.
+ */
+describe('grpc: model-server metadata over twice --mtls_max_header_size, on the first call of an upstream connection', () => {
+  /** Nine fields of 15 000 bytes: 135 KB, over 131072 bytes. */
+  const bigMetadata = (): Record<string, string> => Object.fromEntries(Array.from({ length: 9 }, (_, i) => [`x-big-${i}`, 'a'.repeat(15_000)]));
+  type Where = 'headers' | 'trailers' | 'trailers-only';
+
+  /**
+   * An h2c model server answering each call with the big metadata where its `x-big-in` asks (none when not
+   * given); `resets` has the RST_STREAM code each such call ended with.
+   */
+  function bigAnswers(): { onStream: OnH2cStream; resets: Map<string, number | undefined>; sessions: Set<Http2Session> } {
+    const resets = new Map<string, number | undefined>();
+    const sessions = new Set<Http2Session>();
+    const onStream: OnH2cStream = (stream, headers) => {
+      stream.on('error', () => {});
+      stream.resume();
+      sessions.add(stream.session!);
+      const where = headers['x-big-in'] as Where | undefined;
+      stream.on('close', () => where && resets.set(where, stream.rstCode));
+      const ok = { ':status': 200, 'content-type': 'application/grpc' };
+      if (where === 'trailers-only') {
+        stream.respond({ ...ok, 'grpc-status': '0', ...bigMetadata() }, { endStream: true });
+        return;
+      }
+      if (where === 'headers') {
+        // The rest of the answer never comes: the call ends only when the proxy cancels it.
+        stream.respond({ ...ok, ...bigMetadata() });
+        return;
+      }
+      stream.respond(ok, { waitForTrailers: true });
+      stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0', ...(where === 'trailers' ? bigMetadata() : {}) }));
+      stream.end(grpcFrame(Buffer.alloc(0)));
+    };
+    return { onStream, resets, sessions };
+  }
+
+  function call(c: ReturnType<typeof grpcClients>, where?: Where): Promise<grpc.ServiceError | 'ok'> {
+    const md = new grpc.Metadata();
+    if (where) md.set('x-big-in', where);
+    return unary(c.echo, 'Unary', { payload: Buffer.from('hi') }, md).then(() => 'ok' as const, (e: grpc.ServiceError) => e);
+  }
+
+  for (const where of ['headers', 'trailers', 'trailers-only'] as const) {
+    test(`in the ${where}: the client gets RESOURCE_EXHAUSTED naming the option and the size, the access line bad_response; its other calls and the upstream connection go on`, NOT_FOR_EVER, async () => {
+      const upstreamSide = bigAnswers();
+      // Node's server sends no header block over 64 KiB unless told: it would reset the call itself.
+      await behindH2cUpstream({ onStream: upstreamSide.onStream, serverOptions: { maxSendHeaderBlockLength: 1024 * 1024 } }, async (local) => {
+        const c = grpcClients(local.grpcAddress, pki);
+        try {
+          const [big, alongside] = await Promise.all([call(c, where), call(c)]);
+          assert.equal(alongside, 'ok');
+          assert.notEqual(big, 'ok');
+          const err = big as grpc.ServiceError;
+          assert.equal(err.code, grpc.status.RESOURCE_EXHAUSTED, err.details);
+          assert.match(err.details, /metadata of 135\d{3} bytes, over the 131072 bytes this proxy takes \(twice --mtls_max_header_size\)/);
+          assert.equal(await call(c), 'ok');
+          assert.equal(upstreamSide.sessions.size, 1);
+          await eventually(() => local.logs.lines.filter((l) => l.event === 'access').length === 3, 'the three access lines');
+          const line = local.logs.lines.find((l) => l.event === 'access' && l.error !== undefined);
+          assert.deepEqual({ error: line?.error, grpcStatus: line?.grpcStatus }, { error: 'bad_response', grpcStatus: String(grpc.status.RESOURCE_EXHAUSTED) });
+          assert.ok(local.logs.lines.some((l) => l.event === 'upstream_error' && l.reason === 'bad_response'));
+          // The model server's call is cancelled when its answer cannot go on; one answered in full is over.
+          if (where === 'headers') await eventually(() => upstreamSide.resets.get(where) === constants.NGHTTP2_CANCEL, 'the model-server call to be cancelled');
+        } finally {
+          c.close();
+        }
+      });
+    });
+  }
+});
