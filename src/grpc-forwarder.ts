@@ -9,6 +9,7 @@ import { forward } from './stream-forward.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
 import { hostAndPort } from './addresses.js';
+import { clientHeaderBlockLimit, headerBlockBound, headerListSize } from './header-sizes.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_ENHANCE_YOUR_CALM, NGHTTP2_NO_ERROR, NGHTTP2_REFUSED_STREAM, NGHTTP2_FLAG_END_STREAM } = constants;
 
@@ -179,21 +180,6 @@ export function upstreamRequestHeaders(headers: IncomingHttpHeaders, context: Co
   if (out['te'] === undefined && String(headers['content-type'] ?? '').startsWith('application/grpc')) out['te'] = 'trailers';
   setForwardingHeaders(out, headers['x-forwarded-for'], context);
   return out;
-}
-
-/**
- * RFC 9113 section 6.5.2: each field's name and value octets plus 32. Node reads and writes
- * HTTP/2 fields as Latin-1, one octet per character, so a string's length is its size on the wire.
- */
-export function headerListSize(headers: OutgoingHttpHeaders): number {
-  let size = 0;
-  for (const name in headers) {
-    const value = headers[name];
-    if (value === undefined) continue;
-    if (Array.isArray(value)) for (const one of value) size += name.length + one.length + 32;
-    else size += name.length + String(value).length + 32;
-  }
-  return size;
 }
 
 function ignore(): void {}
@@ -433,11 +419,12 @@ class GrpcCall {
    * has acknowledged them: a call opened before that (the first on each upstream connection) takes any. The
    * client's stream then refused to send one over what the front sends (maxSendHeaderBlockLength, the same
    * twice), with RST_STREAM(FRAME_SIZE_ERROR), which was logged as the client's cancel. Counted as Node counts
-   * what it receives (32 bytes a field), so the first call is held to the limit of the later ones.
+   * what it receives (32 bytes a field), so the first call is held to the limit of the later ones; and by
+   * nghttp2's bound of what it sends, over that only for two or three fields a few bytes within the limit.
    */
-  #overOurLimit(fields: IncomingHttpHeaders, what: string): string | undefined {
-    const size = headerListSize(fields);
-    const limit = this.#options.limits.maxHeaderSize * 2;
+  #overOurLimit(fields: IncomingHttpHeaders, what: 'response metadata' | 'trailing metadata'): string | undefined {
+    const size = Math.max(headerListSize(fields), headerBlockBound(fields, what === 'response metadata'));
+    const limit = clientHeaderBlockLimit(this.#options.limits.maxHeaderSize);
     if (size <= limit) return undefined;
     return `${this.#where()} answered with ${what} of ${size} bytes, over the ${limit} bytes this proxy takes (twice --mtls_max_header_size)`;
   }

@@ -11,6 +11,7 @@ import { FORWARDING_FIELDS, disguisesOurs, pushForwardingFields, setForwardingHe
 import { CancelTally } from './cancel-tally.js';
 import { ABSOLUTE_FORM, hostAndPort } from './addresses.js';
 import { responseHeadTooLargeMessage } from './http1-framing.js';
+import { clientHeaderBlockLimit, headerBlockBound } from './header-sizes.js';
 import { onMalformedBody } from './http-fronts.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
@@ -714,8 +715,13 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#stats.status = statusCode;
     this.#bodiless = statusCode === 204 || statusCode === 304;
     this.#declaredLength = headers['content-length'] !== undefined;
+    const head = responseHeaders(headers, this.#http2);
+    if (this.#http2 && this.#overHttp2Limit(statusCode, head)) {
+      controller.abort(Object.assign(new Error('response head too large for HTTP/2'), { code: HEAD_OVER_HTTP2_LIMIT }));
+      return;
+    }
     try {
-      res.writeHead(statusCode, responseHeaders(headers, this.#http2));
+      res.writeHead(statusCode, head);
     } catch (err) {
       // A head Node refuses to send (HTTP/2: a status past 599, say) fails the request: onResponseError answers 502, no stream is left open.
       controller.abort(err as Error);
@@ -723,6 +729,15 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     }
     // Send the headers now: an SSE client should see the stream open before the first event.
     if (headers['content-length'] === undefined) (res as ServerResponse).flushHeaders();
+  }
+
+  /**
+   * undici counts a head's names and values only, so a head of many short fields within the limit
+   * is several times it as HTTP/2 sends it: Node refused to send it to an HTTP/2 client (RST_STREAM
+   * (FRAME_SIZE_ERROR), logged client_closed) and closed the client's connection, every other request on it with it.
+   */
+  #overHttp2Limit(statusCode: number, head: OutgoingHttpHeaders): boolean {
+    return headerBlockBound({ ':status': statusCode, ...head }, true) > clientHeaderBlockLimit(this.#options.maxHeaderSize);
   }
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
@@ -793,10 +808,18 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   #describe(err: Error, begun: boolean): { code: string; message: string } {
     const { code } = err as NodeJS.ErrnoException;
     if (code === 'UND_ERR_HEADERS_OVERFLOW') return { code: 'bad_response', message: responseHeadTooLargeMessage(this.#options.maxHeaderSize) };
+    if (code === HEAD_OVER_HTTP2_LIMIT) return { code: 'bad_response', message: http2HeadTooLargeMessage(this.#options.maxHeaderSize) };
     // A body shorter than its Content-Length that the model server's close ended: undici names it so after a `connection: close` head, a closed socket otherwise.
     if (begun && code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') return describeUpstreamError(this.#options.upstream, { code: 'UND_ERR_SOCKET' });
     return describeUpstreamError(this.#options.upstream, err);
   }
+}
+
+/** The code of the error that ends an exchange whose response head HTTP/2 cannot send (#overHttp2Limit). */
+const HEAD_OVER_HTTP2_LIMIT = 'OVMS_MTLS_HEAD_OVER_HTTP2_LIMIT';
+
+function http2HeadTooLargeMessage(maxHeaderSize: number): string {
+  return `the model server's response header section is larger than the ${clientHeaderBlockLimit(maxHeaderSize)} bytes this proxy sends to an HTTP/2 client (twice --mtls_max_header_size, 12 bytes more per field as HTTP/2 counts it)`;
 }
 
 /**
