@@ -23,6 +23,7 @@ import { tlsTexts, type TlsMaterial, type TlsTexts } from './tls-material.js';
 import { sumMonotonic, type MetricsJson } from './metrics-aggregate.js';
 import { ListenError, StartFailure, TlsMaterialError } from './errors.js';
 import { isMessage, type FromWorker, type ToWorker, type UpstreamPorts } from './worker-protocol.js';
+import { HandoffWatch } from './cluster-handoffs.js';
 
 /** The module a worker process starts from; a single executable ignores it and runs its own main. */
 const WORKER_ENTRY = fileURLToPath(new URL('./cli/worker-entry.js', import.meta.url));
@@ -71,6 +72,8 @@ export interface WorkerPoolOptions {
 
 interface Member {
   readonly worker: Worker;
+  /** The connections Node's round-robin handed it that it has not taken yet: closed when it exits (cluster-handoffs.ts). */
+  readonly handoffs: HandoffWatch;
   readonly listening: Promise<void>;
   /** Said hello: its messages are heard from now on (see FromWorker). */
   greeted: boolean;
@@ -236,7 +239,7 @@ export class WorkerPool implements RunningProxy {
     let settle!: { resolve: () => void; reject: (err: Error) => void };
     const listening = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
     listening.catch(() => undefined);
-    const member: Member = { worker, listening, greeted: false, up: false, silent: false, failuresBefore, heardAt: performance.now(), missed: 0, hung: false, full: false };
+    const member: Member = { worker, handoffs: new HandoffWatch(worker.process), listening, greeted: false, up: false, silent: false, failuresBefore, heardAt: performance.now(), missed: 0, hung: false, full: false };
     this.#members.set(worker.id, member);
     worker.on('message', (message: unknown) => {
       if (isMessage<FromWorker>(message)) this.#onMessage(member, message, settle);
@@ -328,16 +331,17 @@ export class WorkerPool implements RunningProxy {
 
   #onExit(member: Member, code: number | null, signal: string | null): void {
     this.#members.delete(member.worker.id);
+    const untaken = member.handoffs.closeUntaken();
     if (member.lastScraped) this.#retired = sumMonotonic(this.#retired, member.lastScraped);
     if (this.#members.size === 0) this.#allExited?.();
-    if (this.#stopping) return this.#exitedInDrain(member, code, signal);
+    if (this.#stopping) return this.#exitedInDrain(member, code, signal, untaken);
     if (!this.#started || this.#lost) return;
     const pid = member.worker.process.pid;
     const settled = member.listeningSince !== undefined && performance.now() - member.listeningSince >= SETTLE_MS;
     const failures = settled ? 0 : member.failuresBefore + 1;
     const delayMs = replacementDelayMs(failures);
     const when = delayMs === 0 ? 'starting a new one' : `starting a new one in ${delayMs / 1000} s (workers keep exiting soon after they start)`;
-    this.#options.logger.error({ event: 'worker_exited', worker: member.worker.id, pid, code, signal, restartInMs: delayMs }, `worker ${member.worker.id} (pid ${pid}) exited with ${signal ?? code}: ${when}`);
+    this.#options.logger.error({ event: 'worker_exited', worker: member.worker.id, pid, code, signal, restartInMs: delayMs, ...untakenField(untaken) }, `worker ${member.worker.id} (pid ${pid}) exited with ${signal ?? code}: ${when}${untakenNote(untaken)}`);
     this.#replaceTimer = setTimeout(() => this.#replace(failures), delayMs);
   }
 
@@ -348,10 +352,10 @@ export class WorkerPool implements RunningProxy {
    * use, exit 1) or was stopped (a Ctrl-C reaches a worker before its handlers), and the one line
    * that says why is the start's. Naming it here put error lines about calls cut before that line.
    */
-  #exitedInDrain(member: Member, code: number | null, signal: string | null): void {
+  #exitedInDrain(member: Member, code: number | null, signal: string | null, untaken: number): void {
     if (member.hung || member.listeningSince === undefined || (code === 0 && signal === null)) return;
     const { id, process: { pid } } = member.worker;
-    this.#options.logger.error({ event: 'worker_exited', worker: id, pid, code, signal }, `worker ${id} (pid ${pid}) exited with ${signal ?? code} during the shutdown: the calls it still had were cut (not replaced: the proxy is stopping)`);
+    this.#options.logger.error({ event: 'worker_exited', worker: id, pid, code, signal, ...untakenField(untaken) }, `worker ${id} (pid ${pid}) exited with ${signal ?? code} during the shutdown: the calls it still had were cut (not replaced: the proxy is stopping)${untakenNote(untaken)}`);
   }
 
   #replace(failuresBefore: number): void {
@@ -426,6 +430,16 @@ export class WorkerPool implements RunningProxy {
       if (err) this.#options.logger.debug({ event: 'worker_send_failed', worker: worker.id, reason: err.message }, 'message to a worker not delivered');
     });
   }
+}
+
+/** The worker_exited line's count of the connections handed to the worker that it never took, when there were any. */
+function untakenField(untaken: number): { untakenConnections?: number } {
+  return untaken > 0 ? { untakenConnections: untaken } : {};
+}
+
+function untakenNote(untaken: number): string {
+  if (untaken === 0) return '';
+  return `; ${untaken === 1 ? 'a connection' : `${untaken} connections`} handed to it that it had not taken yet closed (their clients see the connection close before the handshake)`;
 }
 
 /** A worker process that could not be started at all. */

@@ -6,7 +6,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createHash } from 'node:crypto';
-import type { TLSSocket } from 'node:tls';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer, type Server } from 'node:net';
 import { createInterface } from 'node:readline';
@@ -25,7 +25,7 @@ import { WorkerPool } from '../src/workers.js';
 import { createLogger } from '../src/log.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 import type { MetricsJson } from '../src/metrics-aggregate.js';
-import { httpGet, eventually, sumOf } from './helpers/ops.js';
+import { httpGet, eventually, settlesWithin, sumOf } from './helpers/ops.js';
 import { openRaw } from './helpers/raw-http1.js';
 import { GateBoard } from './helpers/sse.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
@@ -127,6 +127,17 @@ async function servedCalls(r: Running, calls: number): Promise<LogLine[]> {
   return linesMatching(r.cli.logs, calls, (l) => l.event === 'access');
 }
 
+/** A TLS connection with the client certificate (kept in `sockets`): 'secure' once a worker completed the handshake, 'closed' if it closed first. */
+function handshakeOrClose(port: number, sockets: TLSSocket[]): Promise<'secure' | 'closed'> {
+  const socket = tlsConnect({ host: '127.0.0.1', port, ca: pki.serverCa.certPem, cert: pki.client.certPem, key: pki.client.keyPem, servername: 'localhost' });
+  sockets.push(socket);
+  socket.on('error', () => undefined);
+  return new Promise((resolve) => {
+    socket.once('secureConnect', () => resolve('secure'));
+    socket.once('close', () => resolve('closed'));
+  });
+}
+
 /** A raw HTTP/1.1 connection and what came on it; `answer` is all of it once a response has ended, undefined if it closed first. */
 interface Tracked {
   readonly socket: TLSSocket;
@@ -210,6 +221,33 @@ describe('proxy mode with two workers', SAFETY, () => {
       const served = await linesMatching(r.cli.logs, 4, (l) => l.event === 'access');
       assert.ok(served.every((l) => l['pid'] !== victim));
     } finally {
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  // Node's round-robin hands a connection to the stopped worker and waits for its answer; it never comes. Unfixed, the
+  // primary held that connection open for ever once the worker was killed: the client waited, and an fd leaked each time.
+  test('a worker killed before it took the connection it was handed (stopped, then killed): the primary closes that connection, not holds it for ever', async () => {
+    const r = await startWorkersCli();
+    const sockets: TLSSocket[] = [];
+    const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+    try {
+      process.kill(victim!, 'SIGSTOP');
+      const states: ('secure' | 'closed' | undefined)[] = [];
+      const handshakes = [r.restPort, r.grpcPort].flatMap((port) => [0, 1, 2].map(() => handshakeOrClose(port, sockets))).map((h, i) => h.then((state) => (states[i] = state)));
+      // Of each port's three, the stopped worker was handed one (it was free) and the other worker took the others.
+      await eventually(() => states.filter((state) => state === 'secure').length === 4, 'two handshakes on each port');
+      const untaken = handshakes.filter((_h, i) => states[i] === undefined);
+      assert.equal(untaken.length, 2, 'one connection per port waits on the stopped worker');
+      process.kill(victim!, 'SIGKILL');
+      const exited = await lineSoon(r.cli.logs, (l) => l.event === 'worker_exited', 'a worker_exited line');
+      assert.equal(exited['pid'], victim);
+      const outcomes = await settlesWithin(Promise.all(untaken), 60_000, 'the connections handed to the killed worker to close');
+      assert.deepEqual(outcomes, ['closed', 'closed']);
+      assert.equal(exited['untakenConnections'], 2);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      killIfAlive(victim);
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
     }
   });
