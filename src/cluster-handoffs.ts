@@ -10,8 +10,9 @@
  *
  * This watches the hand-offs to one worker and, once it is gone, answers for it the way a worker
  * that took the connection does: Node's own callback then closes the primary's copy and forgets the
- * hand-off. The message names are Node's (lib/internal/cluster); were they to change, the watch sees
- * no hand-off and nothing changes from before, which the tests of the pool would show.
+ * hand-off. It also takes the worker out of the round-robin as soon as its channel ends (see
+ * #leaveRoundRobinAtChannelEnd). The message names are Node's (lib/internal/cluster); were they to
+ * change, the watch sees no hand-off and nothing changes from before, which the tests of the pool would show.
  */
 import type { ChildProcess } from 'node:child_process';
 
@@ -48,14 +49,10 @@ export class HandoffWatch {
       return send(message, ...rest);
     };
     child.send = watched as ChildProcess['send'];
+    this.#leaveRoundRobinAtChannelEnd(child);
     child.on('internalMessage', (message: ClusterMessage) => {
       if (message?.cmd === CLUSTER_COMMAND && typeof message.ack === 'number') this.#untaken.delete(message.ack);
     });
-  }
-
-  /** How many connections handed over wait for the worker's answer now. */
-  get untaken(): number {
-    return this.#untaken.size;
   }
 
   /**
@@ -72,6 +69,24 @@ export class HandoffWatch {
       handle.close();
     }
     return untaken.length;
+  }
+
+  /**
+   * Node ends the channel with disconnect() when it reads its end (the worker died), but while a socket sent
+   * to the worker still awaits its receipt (it was stopped or busy) it holds the 'disconnect' event back until
+   * that receipt, which never comes. Cluster takes the worker out of the round-robin at that event, else only
+   * at its exit, and a connection accepted in between went to the dead worker if it was free on that port:
+   * Node found its channel closed and dropped the connection unclosed, and the client waited for ever. The
+   * event is given now instead (once: Node no longer can), and that connection goes to another worker. The
+   * pool never disconnects a worker itself (it asks it to drain and exit), so this is always the channel's end.
+   */
+  #leaveRoundRobinAtChannelEnd(child: ChildProcess): void {
+    const disconnect = child.disconnect.bind(child);
+    child.disconnect = () => {
+      disconnect();
+      // Held back: the channel is still there (once it is really disconnected, Node sets it to null and emits the event).
+      if (!child.connected && child.channel) child.emit('disconnect');
+    };
   }
 
   #noteSent(message: ClusterMessage, handle: unknown): void {

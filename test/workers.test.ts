@@ -19,7 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { runCli, startCli, BIN, type LongRunningCli } from './helpers/cli.js';
-import { baseConfig, grpcClients, h2Request, h2Session, https1, startUpstream, LogCapture, type LogLine } from './helpers/harness.js';
+import { baseConfig, grpcClients, grpcFrame, h2Request, h2Session, https1, startUpstream, LogCapture, type LogLine } from './helpers/harness.js';
 import cluster, { type Worker } from 'node:cluster';
 import { WorkerPool } from '../src/workers.js';
 import { createLogger } from '../src/log.js';
@@ -248,6 +248,55 @@ describe('proxy mode with two workers', SAFETY, () => {
     } finally {
       for (const socket of sockets) socket.destroy();
       killIfAlive(victim);
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  // The primary stopped while the worker dies: once it runs again, it reads the end of the worker's channel before the
+  // worker's exit, and a connection is accepted in between. Node hands it to the dead worker, which was free on that
+  // port, finds the channel closed and drops it unclosed: its client waited for ever. It must go to the other worker.
+  test('a connection accepted between the end of a dead worker\'s channel and its exit goes to another worker, not dropped unclosed', async () => {
+    const r = await startWorkersCli();
+    const sockets: TLSSocket[] = [];
+    const primary = r.cli.child.pid!;
+    const seen = new Set<LogLine>();
+    const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+    try {
+      // Round-robin hands a connection to the first free worker, and a worker that took one goes last: after a gRPC call the
+      // other worker served, the victim comes first on that port.
+      for (let served = false; !served; ) {
+        const session = h2Session(r.grpcPort, pki);
+        await h2Request(session, { ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerLive', 'content-type': 'application/grpc', te: 'trailers' }, grpcFrame(Buffer.alloc(0)));
+        session.close();
+        const line = await r.cli.logs.waitFor((l) => l.event === 'access' && l['listener'] === 'grpc' && !seen.has(l));
+        seen.add(line);
+        served = line['pid'] !== victim;
+      }
+      process.kill(victim!, 'SIGSTOP');
+      // A REST connection waits on the stopped worker (its channel holds a socket not yet received); on gRPC it is free.
+      const states: ('secure' | 'closed' | undefined)[] = [];
+      const rest = [0, 1, 2].map(() => handshakeOrClose(r.restPort, sockets)).map((h, i) => h.then((state) => (states[i] = state)));
+      await eventually(() => states.filter((state) => state === 'secure').length === 2, 'two REST handshakes');
+      const untaken = rest.find((_h, i) => states[i] === undefined)!;
+      process.kill(primary, 'SIGSTOP');
+      process.kill(victim!, 'SIGKILL');
+      await eventually(() => processGone(victim!), 'the worker to be gone');
+      const grpcSocket = tlsConnect({ host: '127.0.0.1', port: r.grpcPort, ca: pki.serverCa.certPem, cert: pki.client.certPem, key: pki.client.keyPem, servername: 'localhost', ALPNProtocols: ['h2'] });
+      sockets.push(grpcSocket);
+      grpcSocket.on('error', () => undefined);
+      const grpcHandshake = new Promise<string>((resolve) => {
+        grpcSocket.once('secureConnect', () => resolve('secure'));
+        grpcSocket.once('close', () => resolve('closed'));
+      });
+      await once(grpcSocket, 'connect');
+      process.kill(primary, 'SIGCONT');
+      assert.equal(await settlesWithin(grpcHandshake, 60_000, 'the gRPC connection accepted as the worker died'), 'secure');
+      assert.equal(await settlesWithin(untaken, 60_000, 'the REST connection handed to the dead worker'), 'closed');
+      await lineSoon(r.cli.logs, (l) => l.event === 'listening' && Number(l['worker']) > 2, 'a new worker listening');
+    } finally {
+      killIfAlive(victim);
+      process.kill(primary, 'SIGCONT');
+      for (const socket of sockets) socket.destroy();
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
     }
   });
