@@ -142,12 +142,12 @@ function validityRefusal(reason: 'expired' | 'not_yet_valid', code: string, peer
 }
 
 /**
- * OpenSSL's security level (Node's default, 1) refuses a chain holding a certificate signed with
- * SHA-1 or MD5, or an RSA or DSA key under 1024 bits (CA_MD_TOO_WEAK, EE_KEY_TOO_SMALL,
- * CA_KEY_TOO_SMALL), and these reach Node as UNSPECIFIED: the log said only that. Older enterprise
- * PKIs and devices still issue SHA-1 client certificates, and Go, Java and grpcio clients send
- * them: name the certificate and what its issuer has to change. The trust anchor's own
- * signature is not checked by OpenSSL, nor here.
+ * OpenSSL's security level refuses a chain holding a certificate signed with SHA-1 or MD5, or a
+ * key too small (RSA or DSA under 1024 bits up to Node 22, under 2048 from Node 24):
+ * CA_MD_TOO_WEAK, EE_KEY_TOO_SMALL, CA_KEY_TOO_SMALL. These reach Node as UNSPECIFIED: the
+ * log said only that. Older enterprise PKIs and devices still issue SHA-1 client certificates,
+ * and Go, Java and grpcio clients send them: name the certificate and what its issuer has to
+ * change. The trust anchor's own signature is not checked by OpenSSL, nor here.
  */
 function weakCertificateNote(leaf: X509Certificate, trustedCas: readonly X509Certificate[]): string {
   const presented = presentedCertificates(leaf);

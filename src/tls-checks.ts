@@ -5,6 +5,7 @@
  * so each fails with the same one-line message.
  */
 import type { X509Certificate } from 'node:crypto';
+import { createSecureContext } from 'node:tls';
 import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
 import { certificateNames, crlsForCa, crlsNamingCa, parseCrlFile, type CrlInfo } from './crl-index.js';
@@ -347,9 +348,10 @@ export function unanchoredCaMessage(ca: X509Certificate, bundle: string): string
 const WEAK_DIGESTS = new Set(['SHA-1', 'MD5', 'MD4', 'MD2']);
 
 /**
- * What OpenSSL's security level (Node's default, 1) refuses in a certificate of a client chain:
- * an RSA or DSA key under 1024 bits, or a signature with SHA-1 or MD5 (not checked on a
- * self-signed trust anchor, whose own signature OpenSSL skips). Node names none of these errors.
+ * What OpenSSL's security level refuses in a certificate of a client chain: a key too small
+ * (RSA or DSA under 1024 bits at level 1, Node 20's and 22's default; under 2048 at level 2,
+ * Node 24's), or a signature with SHA-1 or MD5 (not checked on a self-signed trust anchor,
+ * whose own signature OpenSSL skips). Node names none of these errors.
  */
 export function securityLevelWeakness(cert: X509Certificate): Weakness | undefined {
   if (!weaknesses.has(cert)) weaknesses.set(cert, weaknessOf(cert));
@@ -366,14 +368,32 @@ type Weakness = { what: string; fix: string };
 const weaknesses = new WeakMap<X509Certificate, Weakness | undefined>();
 
 function weaknessOf(cert: X509Certificate): Weakness | undefined {
-  const { asymmetricKeyType: type, asymmetricKeyDetails: details } = cert.publicKey;
-  const bits = details?.modulusLength;
-  if (bits !== undefined && bits < 1024 && (type === 'rsa' || type === 'rsa-pss' || type === 'dsa')) {
-    return { what: `has a ${bits}-bit ${type.toUpperCase()} key`, fix: 'with a key of 2048 bits or more' };
-  }
+  if (opensslRefusesKeyOf(cert)) return { what: `has ${keyDescription(cert)}`, fix: 'with a key of 2048 bits or more' };
   if (cert.checkIssued(cert)) return undefined;
   const digest = signatureDigest(cert);
   return digest && WEAK_DIGESTS.has(digest) ? { what: `is signed with ${digest}`, fix: 'signed with SHA-256' } : undefined;
+}
+
+/**
+ * Whether this Node's OpenSSL refuses the certificate's key at its security level, asked of
+ * OpenSSL itself (it checks a certificate's key as it loads it): the level, and so the smallest
+ * key taken, differs between Node versions (1 up to Node 22, 2 from Node 24), and a fixed
+ * "under 1024 bits" let a 1536-bit CA pass unnamed where Node 24 refuses its clients.
+ */
+function opensslRefusesKeyOf(cert: X509Certificate): boolean {
+  try {
+    createSecureContext({ cert: cert.toString() });
+    return false;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ERR_SSL_EE_KEY_TOO_SMALL';
+  }
+}
+
+/** "a 1024-bit RSA key", "an EC key on curve secp160r1": what a message about its size names. */
+export function keyDescription(cert: X509Certificate): string {
+  const { asymmetricKeyType: type = 'unknown', asymmetricKeyDetails: details } = cert.publicKey;
+  if (details?.modulusLength !== undefined) return `a ${details.modulusLength}-bit ${type.toUpperCase()} key`;
+  return `an ${type.toUpperCase()} key${details?.namedCurve ? ` on curve ${details.namedCurve}` : ''}`;
 }
 
 /** `SHA-256`, `SHA-1`...; undefined for a signature without a separate digest (Ed25519) or one the parser does not know. */

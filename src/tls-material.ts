@@ -4,7 +4,7 @@ import { X509Certificate, constants as cryptoConstants, createPrivateKey, type K
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
 import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
-import { checkTrust, subjectCn, validFrom, validTo } from './tls-checks.js';
+import { checkTrust, keyDescription, subjectCn, validFrom, validTo } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile, readRegularFileSync } from './regular-file.js';
 import { cutShortPemBlock, isEncryptedKey, notPemCertificate, notPemCrl, notPemKey } from './pem-shapes.js';
@@ -221,12 +221,24 @@ function checkCrlPem(text: string, path: string): void {
   }
 }
 
-/** What OpenSSL's security level refuses in a server certificate file, and the fix. */
-const OPENSSL_PAIR_REFUSALS: Record<string, string> = {
-  ERR_SSL_EE_KEY_TOO_SMALL: 'the server certificate\'s key is too small for OpenSSL (an RSA key under 1024 bits): reissue it with 2048 bits or more (`ovms-mtls certs init --key rsa2048`, or the default EC key)',
-  ERR_SSL_CA_KEY_TOO_SMALL: 'a CA certificate of the chain has a key too small for OpenSSL (an RSA key under 1024 bits): use the CA\'s current certificate, with 2048 bits or more',
-  ERR_SSL_CA_MD_TOO_WEAK: 'a certificate of it is signed with a digest OpenSSL refuses (SHA-1 or MD5): reissue it signed with SHA-256',
-};
+/**
+ * What OpenSSL's security level refuses in a server certificate file, and the fix. The smallest key
+ * it takes depends on the Node version (its level: RSA 1024 bits up to Node 22, 2048 from Node 24),
+ * so the message names the key as it is rather than a size: Node 24 refused a 1024-bit key that was
+ * said to be "under 1024 bits".
+ */
+function opensslPairRefusal(code: string | undefined, serverCert: X509Certificate): string | undefined {
+  switch (code) {
+    case 'ERR_SSL_EE_KEY_TOO_SMALL':
+      return `the server certificate's key (${keyDescription(serverCert)}) is smaller than this Node's OpenSSL accepts at its security level: reissue it with 2048 bits or more (\`ovms-mtls certs init --key rsa2048\`, or the default EC key)`;
+    case 'ERR_SSL_CA_KEY_TOO_SMALL':
+      return 'a CA certificate of the chain has a key smaller than this Node\'s OpenSSL accepts at its security level: use the CA\'s current certificate, with 2048 bits or more';
+    case 'ERR_SSL_CA_MD_TOO_WEAK':
+      return 'a certificate of it is signed with a digest OpenSSL refuses (SHA-1 or MD5): reissue it signed with SHA-256';
+    default:
+      return undefined;
+  }
+}
 
 /**
  * Each file parses and the key matches, yet OpenSSL may refuse the pair when it builds the TLS
@@ -234,12 +246,12 @@ const OPENSSL_PAIR_REFUSALS: Record<string, string> = {
  * with a stack trace (after `check` had said the proxy would start), at a reload as OpenSSL's bare
  * code: build it here, where every reader of the set gets one line naming the file and the fix.
  */
-function checkOpensslTakesPair(cert: Buffer, key: Buffer, files: TlsFiles): void {
+function checkOpensslTakesPair(cert: Buffer, key: Buffer, serverCert: X509Certificate, files: TlsFiles): void {
   try {
     createSecureContext({ cert, key });
   } catch (err) {
     const { code, message } = err as NodeJS.ErrnoException;
-    const why = (code && OPENSSL_PAIR_REFUSALS[code]) ?? `OpenSSL refuses it with --mtls_key ${files.key} (${message})`;
+    const why = opensslPairRefusal(code, serverCert) ?? `OpenSSL refuses it with --mtls_key ${files.key} (${message})`;
     throw new TlsMaterialError(`--mtls_cert: ${files.cert}: ${why}`);
   }
 }
@@ -264,7 +276,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const privateKey = parseKey(key, files.key);
   if (!serverCert.checkPrivateKey(privateKey)) throw keyMismatch(chain, privateKey, files);
   checkServerCert(serverCert, files.cert, now);
-  checkOpensslTakesPair(cert, key, files);
+  checkOpensslTakesPair(cert, key, serverCert, files);
   const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
   checkClientCas(clientCas, files.clientCa);
   // One latin1 copy of the CRL for every check: a million entries are 50 MiB of text.

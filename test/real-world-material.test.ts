@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { request as httpsRequest } from 'node:https';
-import { connect as tlsConnect, createServer as createTlsServer, type TLSSocket } from 'node:tls';
+import { connect as tlsConnect, createSecureContext, createServer as createTlsServer, type TLSSocket } from 'node:tls';
 import { runCommand } from './helpers/cli.js';
 import { baseConfig, LogCapture, startUpstream } from './helpers/harness.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -269,6 +269,21 @@ describe('client certificates from other tools, over a real proxy', () => {
     assert.match(small.msg, /\(UNSPECIFIED; CN=rsa768 has a 768-bit RSA key, which OpenSSL refuses at its security level: reissue it with a key of 2048 bits or more\)$/);
   });
 
+  test('a client certificate with a 1536-bit RSA key: served where this Node\'s OpenSSL takes it (security level 1, Node 20 and 22); where it does not (level 2, Node 24), refused with the log naming the key, not only UNSPECIFIED', async () => {
+    await openssl('genrsa', '-out', 'rsa1536.key', '1536');
+    await issue('rsa1536', 'rsa1536.key', 'clientca', 'client');
+    const pem = await readFile(path('rsa1536.pem'));
+    const status = await restStatus(proxy.port('rest')!, 'rsa1536', 'DEFAULT@SECLEVEL=0');
+    if (opensslTakesCertificate(pem)) {
+      assert.equal(status, 200);
+      return;
+    }
+    assert.equal(status, 403);
+    const refused = await logs.waitFor((l) => l.event === 'client_refused' && l.subject === 'CN=rsa1536');
+    assert.equal(refused.reason, 'verify_failed');
+    assert.match(refused.msg, /\(UNSPECIFIED; CN=rsa1536 has a 1536-bit RSA key, which OpenSSL refuses at its security level: reissue it with a key of 2048 bits or more\)$/);
+  });
+
   test('a client of a CA outside --mtls_client_ca is refused as unknown_ca, with its issuer, even when it sends that CA along (not as crl_missing)', async () => {
     await makeCa('otherca', 'Material Other CA');
     for (const [client, ca] of [['server-ca-client', 'serverca'], ['other-ca-client', 'otherca']] as const) {
@@ -328,6 +343,16 @@ describe('check: what loads but bites later', () => {
  * One HTTPS/1.1 request to /v2/health/live presenting `client`: the status (403 when the proxy refuses the certificate), or 'failed'.
  * `ciphers` lowers the client's own OpenSSL security level, for clients (Go, Java) that send what OpenSSL would not.
  */
+/** Whether this Node's OpenSSL, at its default security level, takes the certificate's key. */
+function opensslTakesCertificate(cert: Buffer): boolean {
+  try {
+    createSecureContext({ cert });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 async function restStatus(port: number, client: string, ciphers?: string): Promise<number | 'failed'> {
   const [ca, cert, key] = await Promise.all([readFile(path('serverca.pem')), readFile(path(`${client}.pem`)), readFile(path(`${client}.key`))]);
   return new Promise((resolve) => {
