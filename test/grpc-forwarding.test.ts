@@ -423,7 +423,7 @@ describe('grpc upstream failures', () => {
     });
   });
 
-  test('a model server answer with one header field over 64 KiB, which Node cannot decode, no longer holds every call on the shared connection: once a client gives up its call, the others get UNAVAILABLE saying why, and the next call is served', { timeout: 60_000 }, async (t) => {
+  test('a model server answer with one header field over 64 KiB, which Node cannot decode, no longer holds every call on the shared connection: the others get UNAVAILABLE saying why (Node 22 on: at once; Node 20: once a client gives up its call), and the next call is served', { timeout: 60_000 }, async () => {
     let heldArrived!: () => void;
     const held = new Promise<void>((resolve) => (heldArrived = resolve));
     let upstreamClosed!: () => void;
@@ -447,19 +447,27 @@ describe('grpc upstream failures', () => {
         // One client's call the model server is working on; another's gets the answer Node cannot read.
         const heldCall = first.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Held' });
         heldCall.on('error', () => {});
+        const heldAnswer = once(heldCall, 'response').then(([headers]) => headers as IncomingHttpHeaders);
         heldCall.end(grpcFrame(Buffer.alloc(0)));
         await held;
         const bigCall = second.request({ ...ECHO_UNARY_HEADERS, ':path': '/t.S/Big' });
         bigCall.on('error', () => {});
         bigCall.end(grpcFrame(Buffer.alloc(0)));
         await closed;
-        // Its client gives up, as at its deadline.
+        // Its client gives up, as at its deadline: what Node 20, which reports nothing of the failed connection, needed.
         bigCall.close(constants.NGHTTP2_CANCEL);
-        const [headers] = await once(heldCall, 'response', { signal: t.signal });
+        const headers = await heldAnswer;
         assert.equal(headers['grpc-status'], String(grpc.status.UNAVAILABLE));
-        assert.match(decodeURIComponent(String(headers['grpc-message'])), /^upstream 127\.0\.0\.1:\d+ stopped answering on its HTTP\/2 connection \(no answer to a PING in 10 s\), which was closed: a model server that stopped reading, or a response header field over 64 KiB/);
+        const message = decodeURIComponent(String(headers['grpc-message']));
         const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/t.S/Held');
-        assert.equal(line.error, 'UPSTREAM_UNRESPONSIVE');
+        // Which of the two the proxy saw depends on the Node version; each must say why, with its own code.
+        if (line.error === 'UPSTREAM_UNRESPONSIVE') {
+          assert.match(message, /^upstream 127\.0\.0\.1:\d+ stopped answering on its HTTP\/2 connection \(no answer to a PING in 10 s\), which was closed: a model server that stopped reading, or a response header field over 64 KiB/);
+        } else {
+          // Not "does not speak HTTP/2 ... is it the model server's REST port?": it had spoken HTTP/2 all along.
+          assert.match(message, /^upstream 127\.0\.0\.1:\d+ speaks HTTP\/2, but sent what the proxy's HTTP\/2 client refuses \(nghttp2: "Protocol error"\); the connection was closed, with every call on it$/);
+          assert.equal(line.error, 'ERR_HTTP2_ERROR');
+        }
         const next = await h2Request(second, { ...ECHO_UNARY_HEADERS, ':path': '/t.S/Next' }, grpcFrame(Buffer.alloc(0)));
         assert.equal(next.headers['grpc-status'], '0');
       } finally {
