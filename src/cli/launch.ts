@@ -13,14 +13,32 @@ export async function launch(argv: readonly string[]): Promise<void> {
   try {
     cli = await import('./main.js');
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EMFILE') throw err;
+    if (!loadFailedForLimit(err, limit)) throw err;
     process.stderr.write(`ovms-mtls: ${tooFewFilesToLoad(limit)}\n`);
     process.exit(1);
   }
   cli.main(argv);
 }
 
+/** The errors Node's loader turns an EMFILE into: a module's package.json it could not read, a package it could not find. */
+const LOADER_ERRORS = new Set(['ERR_INVALID_PACKAGE_CONFIG', 'ERR_MODULE_NOT_FOUND']);
+
+/**
+ * Whether loading failed for the open-files limit. EMFILE reaches us as itself only sometimes: Node 24's
+ * loader reports "Cannot read package config ...: too many open files." (ERR_INVALID_PACKAGE_CONFIG), and
+ * Node 20's, at some limits, "Cannot find package .../node_modules/yargs/index.js" (ERR_MODULE_NOT_FOUND),
+ * each with its stack trace. Under a limit below what the message asks for, either is taken for it.
+ */
+function loadFailedForLimit(err: unknown, limit: number | undefined): boolean {
+  const { code, message } = err as NodeJS.ErrnoException;
+  if (code === 'EMFILE' || /too many open files/i.test(String(message))) return true;
+  return code !== undefined && LOADER_ERRORS.has(code) && limit !== undefined && limit < ENOUGH_FILES_TO_LOAD;
+}
+
+/** What tooFewFilesToLoad() asks for: far more than loading takes (about 70 with Node 20, 25 with Node 24). */
+const ENOUGH_FILES_TO_LOAD = 1024;
+
 export function tooFewFilesToLoad(limit: number | undefined): string {
   const which = limit === undefined ? 'the open-files limit' : `the open-files limit (${limit})`;
-  return `${which} is too small to load the program: raise it to 1024 or more (ulimit -n 1024; docker run --ulimit nofile=65536; LimitNOFILE= in a systemd unit)`;
+  return `${which} is too small to load the program: raise it to ${ENOUGH_FILES_TO_LOAD} or more (ulimit -n ${ENOUGH_FILES_TO_LOAD}; docker run --ulimit nofile=65536; LimitNOFILE= in a systemd unit)`;
 }
