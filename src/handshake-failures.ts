@@ -39,13 +39,18 @@ export function judgedWithServedCertificate(reason: string, servedExpired: boole
 
 const DISTRUST_DETAIL = 'the client refused our server certificate: give it the CA that signed --mtls_cert, and connect by a name the certificate holds';
 
-/** A short, stable reason: `not_tls`, `client_closed`, or OpenSSL's code in lower case (`tlsv1_alert_unknown_ca`). */
+/**
+ * A short, stable reason: `not_tls`, `client_closed`, or OpenSSL's code in lower case (`tlsv1_alert_unknown_ca`).
+ * OpenSSL 3.2 renamed the alerts it had named "sslv3 alert ..." to "ssl/tls alert ..." (Node 22 and 24:
+ * ERR_SSL_SSL/TLS_ALERT_BAD_CERTIFICATE), so the same client refusal became another log reason and metrics
+ * label (with a slash), and an expired server certificate was no longer recognised in it: the old name stays.
+ */
 export function handshakeFailureReason(err: NodeJS.ErrnoException): string {
   if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') return 'not_tls';
   if (err.code === 'ERR_TLS_HANDSHAKE_TIMEOUT') return 'handshake_timeout';
   // Node reports a client's FIN during the handshake as ECONNRESET ("socket hang up") too.
   if (err.code === 'ECONNRESET' || err.code === 'EPIPE') return 'client_closed';
-  return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase();
+  return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase().replace(/^ssl\/tls_alert_/, 'sslv3_alert_');
 }
 
 /** One sentence for the log line: what happened, and where the fix usually is. */

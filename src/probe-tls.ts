@@ -39,8 +39,9 @@ export interface HandshakeResult {
 // The TLS alerts a server sends when it refuses the client certificate, as OpenSSL names them in its messages.
 const CLIENT_CERT_ALERT = /alert (certificate required|bad certificate|unknown ca|certificate revoked|certificate expired|certificate unknown|access denied|handshake failure)/i;
 
-// A TLS alert as OpenSSL words it: "sslv3 alert handshake failure", "tlsv1 alert protocol version", "tlsv1 unrecognized name".
-const TLS_ALERT = /\b(?:sslv3|tlsv1\d?) (?:alert )?([a-z ]+?)(?::|$)/i;
+// A TLS alert as OpenSSL words it: "sslv3 alert handshake failure" ("ssl/tls alert handshake failure" from
+// OpenSSL 3.2 on: Node 22 and 24), "tlsv1 alert protocol version", "tlsv1 unrecognized name".
+const TLS_ALERT = /\b(?:sslv3|ssl\/tls|tlsv1\d?) (?:alert )?([a-z ]+?)(?::|$)/i;
 
 const UNTRUSTED_SERVER = new Set([
   'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
