@@ -369,9 +369,15 @@ const weaknesses = new WeakMap<X509Certificate, Weakness | undefined>();
 
 function weaknessOf(cert: X509Certificate): Weakness | undefined {
   if (opensslRefusesKeyOf(cert)) return { what: `has ${keyDescription(cert)}`, fix: 'with a key of 2048 bits or more' };
+  const digest = weakSignatureDigest(cert);
+  return digest ? { what: `is signed with ${digest}`, fix: 'signed with SHA-256' } : undefined;
+}
+
+/** `SHA-1`, `MD5`...: the digest of a signature OpenSSL's security level refuses; undefined for a self-signed certificate, whose own signature it skips. */
+export function weakSignatureDigest(cert: X509Certificate): string | undefined {
   if (cert.checkIssued(cert)) return undefined;
   const digest = signatureDigest(cert);
-  return digest && WEAK_DIGESTS.has(digest) ? { what: `is signed with ${digest}`, fix: 'signed with SHA-256' } : undefined;
+  return digest && WEAK_DIGESTS.has(digest) ? digest : undefined;
 }
 
 /**

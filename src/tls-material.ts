@@ -4,7 +4,7 @@ import { X509Certificate, constants as cryptoConstants, createPrivateKey, type K
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
 import { TlsMaterialError } from './errors.js';
 import type { TlsFiles } from './config.js';
-import { checkTrust, keyDescription, subjectCn, validFrom, validTo } from './tls-checks.js';
+import { checkTrust, keyDescription, subjectCn, validFrom, validTo, weakSignatureDigest } from './tls-checks.js';
 import { PEM_CRL, type CrlInfo } from './crl-index.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile, readRegularFileSync } from './regular-file.js';
 import { cutShortPemBlock, isEncryptedKey, notPemCertificate, notPemCrl, notPemKey } from './pem-shapes.js';
@@ -246,14 +246,17 @@ function opensslPairRefusal(code: string | undefined, serverCert: X509Certificat
  * with a stack trace (after `check` had said the proxy would start), at a reload as OpenSSL's bare
  * code: build it here, where every reader of the set gets one line naming the file and the fix.
  */
-function checkOpensslTakesPair(cert: Buffer, key: Buffer, serverCert: X509Certificate, files: TlsFiles): void {
+function checkOpensslTakesPair(cert: Buffer, key: Buffer, chain: readonly X509Certificate[], files: TlsFiles): void {
   try {
     createSecureContext({ cert, key });
   } catch (err) {
     const { code, message } = err as NodeJS.ErrnoException;
-    const why = opensslPairRefusal(code, serverCert) ?? `OpenSSL refuses it with --mtls_key ${files.key} (${message})`;
+    const why = opensslPairRefusal(code, chain[0]!) ?? `OpenSSL refuses it with --mtls_key ${files.key} (${message})`;
     throw new TlsMaterialError(`--mtls_cert: ${files.cert}: ${why}`);
   }
+  // Node 22 and 24 serve a chain signed with SHA-1, which Node 20 refused (CA_MD_TOO_WEAK): every OpenSSL
+  // client (curl, Python, Node's own) refuses it still. Refused alike on every Node version.
+  if (chain.some((c) => weakSignatureDigest(c) !== undefined)) throw new TlsMaterialError(`--mtls_cert: ${files.cert}: ${opensslPairRefusal('ERR_SSL_CA_MD_TOO_WEAK', chain[0]!)!}`);
 }
 
 /** A key that fits a later certificate of the file means the chain is upside down (CA first), not a wrong key. */
@@ -276,7 +279,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const privateKey = parseKey(key, files.key);
   if (!serverCert.checkPrivateKey(privateKey)) throw keyMismatch(chain, privateKey, files);
   checkServerCert(serverCert, files.cert, now);
-  checkOpensslTakesPair(cert, key, serverCert, files);
+  checkOpensslTakesPair(cert, key, chain, files);
   const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
   checkClientCas(clientCas, files.clientCa);
   // One latin1 copy of the CRL for every check: a million entries are 50 MiB of text.
