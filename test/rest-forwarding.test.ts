@@ -343,7 +343,13 @@ describe('request authorities (both REST modes serve HTTP/2 by forwarding)', () 
         const session = h2Session(local.restPort, pki);
         try {
           for (const authority of ['user@localhost', 'localhost:1:2']) {
-            const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy', ':authority': authority });
+            const res = await h2Request(session, { ':method': 'GET', ':path': '/v2/models/dummy', ':authority': authority }).catch((err: NodeJS.ErrnoException) => err);
+            if (res instanceof Error) {
+              // Node 24's nghttp2 resets a userinfo authority itself (RFC 9113 8.1.1: malformed), before any handler of ours; it still never reaches the model server.
+              assert.equal(authority, 'user@localhost', res.message);
+              assert.match(res.message, /NGHTTP2_PROTOCOL_ERROR/);
+              continue;
+            }
             assert.equal(res.headers[':status'], 400, authority);
             assert.equal(JSON.parse(res.body.toString()).error, `request authority ${JSON.stringify(authority)} is not forwarded: send host[:port] only, without a user@ part`);
           }
