@@ -239,7 +239,12 @@ function answerLocally(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, 
  */
 function stopRequestBody(stream: ServerHttp2Stream): void {
   stream.resume();
-  if (!stream.readableEnded && !stream.closed && !stream.destroyed) stream.close(NGHTTP2_NO_ERROR);
+  // Not in the tick of respond(): Node 22 then sent the RST_STREAM before the answer's HEADERS, and
+  // a client still sending got no status at all (grpc-js: INTERNAL "Received RST_STREAM with code 0
+  // (Call ended without gRPC status)" for the UNAVAILABLE of a model server still starting).
+  setImmediate(() => {
+    if (!stream.readableEnded && !stream.closed && !stream.destroyed) stream.close(NGHTTP2_NO_ERROR);
+  });
 }
 
 interface CallOutcome {
