@@ -5,7 +5,6 @@
  * load starts.
  */
 import { fork, spawn, type ChildProcess } from 'node:child_process';
-import { createServer } from 'node:net';
 import { once } from 'node:events';
 import { mkdirSync, openSync, closeSync, readFileSync, writeFileSync, existsSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -17,6 +16,7 @@ import { nginxConfig } from './nginx-config.js';
 import { connectH2, grpcFrame, h2Exchange, judgeGrpc } from './load/h2-pool.js';
 import { PATHS } from './protocol.js';
 import { processTree } from './procstat.js';
+import { freeLoopbackPorts } from '../src/ports.js';
 
 /** `pipe`: node-pipe.ts, the floor of any Node.js proxy, launched like the proxy. */
 export type TargetKind = 'direct' | 'nginx' | 'proxy' | 'pipe';
@@ -62,15 +62,6 @@ export interface RunningTarget {
 const HOST = '127.0.0.1';
 const READY_TIMEOUT_MS = 20_000;
 const STOP_TIMEOUT_MS = 10_000;
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  server.listen(0, HOST);
-  await once(server, 'listening');
-  const port = (server.address() as { port: number }).port;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 export function usesGrpcPort(scenario: ScenarioId): boolean {
   return scenario.startsWith('grpc') || scenario === 'idle';
@@ -215,7 +206,9 @@ async function direct(ctx: BenchContext, scenario: ScenarioId): Promise<RunningT
 }
 
 async function proxied(spec: TargetSpec, ctx: BenchContext, scenario: ScenarioId, cpuProfileDir: string | undefined): Promise<RunningTarget> {
-  const [grpcPort, restPort] = [await freePort(), await freePort()];
+  // Held together while chosen: two ports picked one after the other (each freed before the next) came out equal,
+  // and the proxy refused to start ("--port and --rest_port are both 40201"), losing a round.
+  const [grpcPort, restPort] = (await freeLoopbackPorts(2, HOST)) as [number, number];
   const dir = join(ctx.dir, `${spec.id}-${scenario}`);
   mkdirSync(dir, { recursive: true, mode: 0o755 });
   const log = join(dir, spec.kind === 'nginx' ? 'error.log' : 'proxy.log');
