@@ -4,15 +4,16 @@ import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { clientRef, elapsedMs, type ProxyObserver } from './observer.js';
 import { RESET_BURST, RESETS_PER_SECOND, ResetAllowance } from './reset-allowance.js';
-import { CLIENT_PREFACE_BYTES, DrainPingAck, ENHANCE_YOUR_CALM, FrameCursor, GoAwayInserter, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, TYPE_RST_STREAM, goAway, isServerPreface, type OnFrame, type OnGoAway } from './h2-frames.js';
+import { CLIENT_PREFACE_BYTES, DrainPingAck, EMPTY_SETTINGS, ENHANCE_YOUR_CALM, FLAG_ACK, FrameCursor, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, TYPE_RST_STREAM, TYPE_SETTINGS, ToClient, cappedFirstSettings, frameLength, goAway, isServerPreface, type OnFrame, type OnGoAway } from './h2-frames.js';
 import { h2ErrorName } from './grpc-status.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
 /**
  * The fallback is the terminating HTTP/2 front, which answers UNAVAILABLE per
- * call. A connection with no stream open for `idleTimeoutMs` is closed.
+ * call. A connection with no stream open for `idleTimeoutMs` is closed; a client
+ * may have `maxConcurrentStreams` open at once (--mtls_max_concurrent_streams).
  */
-export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { readonly idleTimeoutMs: number };
+export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { readonly idleTimeoutMs: number; readonly maxConcurrentStreams: number };
 
 /**
  * `--mtls_grpc_mode relay`: the decrypted HTTP/2 bytes go to the upstream h2c
@@ -22,7 +23,8 @@ export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { reado
  */
 export function grpcRelay(options: GrpcRelayOptions): Relay {
   const idle = new IdleSweeper(options.idleTimeoutMs);
-  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context, handBack) => new RelayedH2Connection({ client, upstream, context, observer: options.observer, idle, handBack }) });
+  const { observer, maxConcurrentStreams } = options;
+  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context, handBack) => new RelayedH2Connection({ client, upstream, context, observer, idle, handBack, maxConcurrentStreams }) });
 }
 
 /** The relay_access error of a connection the model server closed under calls in flight. */
@@ -36,6 +38,17 @@ const CUT_OFF_GRACE_MS = 1000;
 export const CLIENT_RAPID_RESET = 'client_rapid_reset';
 export const RAPID_RESET = 'RAPID_RESET';
 const RAPID_RESET_MESSAGE = `the client reset more streams than nghttp2 allows a client of terminate mode (${RESET_BURST} at once, ${RESETS_PER_SECOND} more each second): rapid reset (CVE-2023-44487). It was sent GOAWAY ENHANCE_YOUR_CALM and its connection to the model server closed`;
+
+/** The relay_access error of a connection closed for opening more streams than it was allowed, and the h2_session_error line's code. */
+export const CLIENT_TOO_MANY_STREAMS = 'client_too_many_streams';
+export const TOO_MANY_STREAMS = 'TOO_MANY_STREAMS';
+
+/**
+ * The streams HTTP/2 clients open before they have read the server's SETTINGS, whose limit they
+ * may take for unlimited until then (RFC 9113 6.5.2): nghttp2's default (Node, grpc-js, curl),
+ * grpc-go's and Go's own. A client that opens more before it has acknowledged ours is cut off all the same.
+ */
+export const STREAMS_BEFORE_SETTINGS = 100;
 
 /** The upstream_error reason of a model server whose first bytes are no HTTP/2 server preface. */
 export const UPSTREAM_NOT_HTTP2 = 'UPSTREAM_NOT_HTTP2';
@@ -66,6 +79,7 @@ interface RelayedH2Parts {
   readonly observer: ProxyObserver;
   readonly idle: IdleSweeper;
   readonly handBack: () => void;
+  readonly maxConcurrentStreams: number;
 }
 
 /** One client connection and its own upstream connection, with backpressure both ways. */
@@ -78,8 +92,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #started: number;
   /** Followed from both directions' frame headers: each call, and whether any is open. */
   readonly streams = new OpenStreams();
-  /** Upstream-to-client frames, so a GOAWAY of ours never lands inside one of the upstream's. */
-  readonly #toClient: GoAwayInserter;
+  /** Upstream-to-client frames, so a GOAWAY of ours never lands inside one of the upstream's, and its SETTINGS carry our stream limit. */
+  readonly #toClient: ToClient;
   /** Client-to-upstream frames. */
   readonly #fromClient: FrameCursor;
   #idleClosed = false;
@@ -93,6 +107,12 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #resets = new ResetAllowance(0);
   /** Set by the RST_STREAM that ran that budget dry: nothing from its read on goes upstream. */
   #resetFlood = false;
+  /** --mtls_max_concurrent_streams: the client is told at most this many in the upstream's SETTINGS, and held to it. */
+  readonly #maxStreams: number;
+  /** The client acknowledged the upstream's first SETTINGS, which carries our limit: from then on it has it. */
+  #limitKnown = false;
+  /** Set by the HEADERS that opened a stream past the limit. */
+  #tooManyStreams: TooManyStreams | undefined;
   #bytesIn = 0;
   #bytesOut = 0;
   #error: string | undefined;
@@ -111,7 +131,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     if (!this.#client.write(chunk)) this.#upstream.pause();
   };
 
-  constructor({ client, upstream, context, observer, idle, handBack }: RelayedH2Parts) {
+  constructor({ client, upstream, context, observer, idle, handBack, maxConcurrentStreams }: RelayedH2Parts) {
     this.#client = client;
     this.#idle = idle;
     this.#handBack = handBack;
@@ -119,7 +139,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     this.#context = context;
     this.#observer = observer;
     this.#started = requestStart(context);
-    this.#toClient = new GoAwayInserter(this.streams.fromServer, this.#upstreamWentAway);
+    this.#maxStreams = maxConcurrentStreams;
+    this.#toClient = new ToClient({ onFrame: this.streams.fromServer, onGoAway: this.#upstreamWentAway, maxConcurrentStreams });
     this.#fromClient = new FrameCursor({ skip: CLIENT_PREFACE_BYTES, onFrame: this.#clientFrame, onGoAway: this.#clientWentAway });
     idle.add(this);
     this.#onClient('data', (chunk: Buffer) => {
@@ -185,8 +206,9 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   }
 
   /**
-   * The model server's bytes until its first frame header is in: an HTTP/2 server's preface lets
-   * them all through (returned); anything else (the HTTP/1.1 answer of a REST port given as the
+   * The model server's bytes until its first frame is in: an HTTP/2 server's preface (a SETTINGS
+   * frame) lets them all through (returned), its stream limit lowered to ours or ours added
+   * (ToClient lowers those of its later SETTINGS); anything else (the HTTP/1.1 answer of a REST port given as the
    * gRPC upstream) never reaches the client, whose HTTP/2 connection it would break with no
    * status: the client is handed back to the terminating front, which answers each of its calls
    * UNAVAILABLE saying why (upstream-errors.ts).
@@ -198,8 +220,14 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
       return undefined;
     }
     if (isServerPreface(received)) {
+      const length = frameLength(received);
+      if (received.length < length) {
+        before.received = received;
+        return undefined;
+      }
       this.#beforePreface = undefined;
-      return received;
+      const settings = cappedFirstSettings(received.subarray(0, length), this.#maxStreams);
+      return settings.length === length ? received : Buffer.concat([settings, received.subarray(length)]);
     }
     if (!this.#handedBackFor(UPSTREAM_NOT_HTTP2)) {
       this.#failed('upstream_not_http2');
@@ -241,6 +269,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   #writeUpstream(piece: Buffer): void {
     if (this.#upstream.destroyed) return;
     if (this.#resetFlood) this.#cutOffResetFlood();
+    else if (this.#tooManyStreams) this.#cutOffTooManyStreams(this.#tooManyStreams);
     else if (this.#ignoredGoAwayAfter !== undefined) this.#cutOff(this.#ignoredGoAwayAfter, PROTOCOL_ERROR, 'client_ignored_goaway');
     else if (!this.#upstream.write(piece)) this.#client.pause();
   }
@@ -266,8 +295,14 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   };
 
   readonly #clientFrame: OnFrame = (type, streamId, flags) => {
-    // RFC 9113 section 6.8 forbids it; the relay cannot refuse one stream without decoding HPACK.
-    if (this.#clientReadGoAway && this.streams.opens(type, streamId)) this.#ignoredGoAwayAfter ??= this.streams.lastClientId;
+    if (this.streams.opens(type, streamId)) {
+      // RFC 9113 section 6.8 forbids it; the relay cannot refuse one stream without decoding HPACK.
+      if (this.#clientReadGoAway) this.#ignoredGoAwayAfter ??= this.streams.lastClientId;
+      const limit = this.#streamLimit();
+      if (this.streams.open >= limit) this.#tooManyStreams ??= { lastTaken: this.streams.lastClientId, limit, acknowledged: this.#limitKnown };
+    } else if (type === TYPE_SETTINGS && (flags & FLAG_ACK) !== 0) {
+      this.#limitKnown = true;
+    }
     if (type === TYPE_RST_STREAM && !this.#resetFlood && !this.#resets.take(1)) this.#resetFlood = true;
     this.streams.fromClient(type, streamId, flags);
   };
@@ -279,7 +314,17 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #upstreamWentAway: OnGoAway = (code, debug, lastStreamId) => {
     this.#upstreamGoAway = seenGoAway(code, debug);
     this.#upstreamLastStreamId = lastStreamId;
+    this.streams.closeAbove(lastStreamId);
   };
+
+  /**
+   * The streams the client may have open when it opens another: ours once it has acknowledged the
+   * SETTINGS that carry it (clients ACK in order, after applying them); before, the streams clients
+   * open before they have it, unless ours is more.
+   */
+  #streamLimit(): number {
+    return this.#limitKnown ? this.#maxStreams : Math.max(this.#maxStreams, STREAMS_BEFORE_SETTINGS);
+  }
 
   /**
    * The model server closed its connection first (a crash, an OOM kill: a FIN, no GOAWAY) under
@@ -306,7 +351,24 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
   }
 
   /**
-   * The client broke a rule (opened a stream after it had read our GOAWAY, reset too many): nothing
+   * A stream past the limit: RFC 9113 5.1.2 allows a stream error, which a relay can only give by
+   * passing the HEADERS on (the HPACK table is the connection's) and resetting the stream both ways,
+   * every refused stream reaching the model server as in a rapid reset. Clients keep to the limit
+   * (grpc-js, grpc-go and C-core queue their calls), so one that does not is broken or hostile: it
+   * is cut off, as terminate mode's nghttp2 cuts one off past a limit it has acknowledged, and the
+   * stream never reaches the model server. Without it, a client opening streams without end grew a
+   * C-core server (grpcio) started with grpc.max_concurrent_streams=2147483647, as the README tells
+   * `proxy` users to, from 69 to 869 MB in 4 s, another client timing out.
+   */
+  #cutOffTooManyStreams({ lastTaken, limit, acknowledged }: TooManyStreams): void {
+    const which = acknowledged ? `the limit it had acknowledged (--mtls_max_concurrent_streams=${limit})` : `the ${limit} the proxy allows before the client has acknowledged its SETTINGS (--mtls_max_concurrent_streams=${this.#maxStreams})`;
+    const message = `the client opened more streams at once than ${which}: RFC 9113 5.1.2. It was sent GOAWAY PROTOCOL_ERROR and its connection to the model server closed`;
+    this.#observer.h2SessionFailed({ ...clientRef(this.#context), code: TOO_MANY_STREAMS, message, byProxy: true });
+    this.#cutOff(lastTaken, PROTOCOL_ERROR, CLIENT_TOO_MANY_STREAMS);
+  }
+
+  /**
+   * The client broke a rule (opened a stream after it had read our GOAWAY, reset too many, opened too many): nothing
    * from the piece of this read that holds the frame on goes upstream, the client is told the last
    * stream that was taken and why, and both connections close.
    */
@@ -314,11 +376,13 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     this.#failed(reason);
     this.#upstream.destroy();
     const client = this.#client;
-    if (!this.#toClient.atBoundary) {
+    // Nothing of the model server's has reached the client: a SETTINGS frame of ours is the server preface a GOAWAY must follow.
+    const nothingSent = this.#bytesOut === 0;
+    if (!nothingSent && !this.#toClient.atBoundary) {
       client.destroy();
       return;
     }
-    client.end(goAway(lastTaken, errorCode));
+    client.end(nothingSent ? Buffer.concat([EMPTY_SETTINGS, goAway(lastTaken, errorCode)]) : goAway(lastTaken, errorCode));
     // Closed at once, with what the client sent since still unread, the connection was reset, and a
     // client that kept writing (a reset flood) lost the GOAWAY with it: what it sends now is read and
     // dropped (the 'data' listener: the upstream is gone) until it closes, or the grace is up.
@@ -370,6 +434,14 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
       upstreamGoAwayDebug: this.#upstreamGoAway?.debug,
     });
   }
+}
+
+/** The stream that was one too many: the last stream id taken before it, and the limit it broke. */
+interface TooManyStreams {
+  readonly lastTaken: number;
+  readonly limit: number;
+  /** Whether the client had acknowledged the SETTINGS with our limit. */
+  readonly acknowledged: boolean;
 }
 
 interface SeenGoAway {

@@ -11,11 +11,12 @@ const TYPE_DATA = 0x0;
 export const TYPE_RST_STREAM = 0x3;
 const TYPE_GOAWAY = 0x7;
 const TYPE_PUSH_PROMISE = 0x5;
+export const TYPE_SETTINGS = 0x4;
 const TYPE_PING = 0x6;
 const TYPE_CONTINUATION = 0x9;
 const FLAG_END_STREAM = 0x1;
 const FLAG_END_HEADERS = 0x4;
-const FLAG_ACK = 0x1;
+export const FLAG_ACK = 0x1;
 const MAX_STREAM_ID = 0x7fffffff;
 const NO_ERROR = 0x0;
 export const PROTOCOL_ERROR = 0x1;
@@ -32,6 +33,8 @@ export interface FrameCursorOptions {
   readonly onFrame?: OnFrame;
   /** Called with each GOAWAY's error code and the start of its debug data, once those bytes are in. */
   readonly onGoAway?: OnGoAway;
+  /** A frame type whose payload the caller holds back: `advance` returns right after the header of each such frame that has one. */
+  readonly stopAfterHeaderOf?: number;
 }
 
 export type OnFrame = (type: number, streamId: number, flags: number) => void;
@@ -45,6 +48,8 @@ export class FrameCursor {
   readonly #header = Buffer.alloc(FRAME_HEADER_BYTES);
   readonly #onFrame: OnFrame | undefined;
   readonly #onGoAway: OnGoAway | undefined;
+  readonly #stopType: number;
+  #stopAfterHeader = false;
   /** The start of a GOAWAY's payload, while its bytes arrive (GOAWAYs are rare: the one payload that is read). */
   #goAway: Buffer | undefined;
   #goAwayFill = 0;
@@ -59,6 +64,12 @@ export class FrameCursor {
     this.#skip = options.skip ?? 0;
     this.#onFrame = options.onFrame;
     this.#onGoAway = options.onGoAway;
+    this.#stopType = options.stopAfterHeaderOf ?? -1;
+  }
+
+  /** What is still to come of the current frame's payload. */
+  get payloadLeft(): number {
+    return this.#payloadLeft;
   }
 
   /**
@@ -77,7 +88,8 @@ export class FrameCursor {
   /**
    * Follows the frames in `chunk`. With `stopAtBoundary`, stops at the first
    * frame boundary strictly inside the chunk and returns its offset; otherwise
-   * (or when there is none) consumes it all and returns its length.
+   * (or when there is none) consumes it all and returns its length. Also stops
+   * right after the header of a `stopAfterHeaderOf` frame with a payload.
    */
   advance(chunk: Buffer, stopAtBoundary = false): number {
     const length = chunk.length;
@@ -108,6 +120,10 @@ export class FrameCursor {
         this.#payloadLeft = this.#header.readUIntBE(0, 3);
         this.#frameHeader(this.#header[3]!, this.#header[4]!, this.#header.readUInt32BE(5) & MAX_STREAM_ID);
       }
+      if (this.#stopAfterHeader) {
+        this.#stopAfterHeader = false;
+        return i;
+      }
       if (this.#payloadLeft === 0 && this.#headerFill === 0) {
         this.#sawFrame = true;
         if (stopAtBoundary && i < length && !this.#inHeaderBlock) return i;
@@ -117,6 +133,7 @@ export class FrameCursor {
   }
 
   #frameHeader(type: number, flags: number, streamId: number): void {
+    if (type === this.#stopType && this.#payloadLeft > 0) this.#stopAfterHeader = true;
     if (type === TYPE_HEADERS || type === TYPE_PUSH_PROMISE || type === TYPE_CONTINUATION) this.#inHeaderBlock = (flags & FLAG_END_HEADERS) === 0;
     else if (type === TYPE_GOAWAY && this.#onGoAway !== undefined && this.#payloadLeft >= GOAWAY_FIXED_BYTES) {
       this.#goAway = Buffer.allocUnsafe(Math.min(this.#payloadLeft, GOAWAY_FIXED_BYTES + GOAWAY_DEBUG_KEPT));
@@ -137,22 +154,42 @@ export class FrameCursor {
   }
 }
 
+export interface ToClientOptions {
+  /** Sees each of the upstream's frame headers as it goes by. */
+  readonly onFrame?: OnFrame;
+  /** Sees each of the upstream's GOAWAYs. */
+  readonly onGoAway?: OnGoAway;
+  /** Our own limit of streams per client: each SETTINGS_MAX_CONCURRENT_STREAMS of the upstream's SETTINGS is lowered to it. */
+  readonly maxConcurrentStreams?: number;
+}
+
+/** A SETTINGS payload of the upstream's, held back until it is whole. */
+interface HeldSettings {
+  readonly payload: Buffer;
+  fill: number;
+}
+
 /**
- * One direction toward the client: passes the upstream's bytes on and, when
- * asked, slips a graceful GOAWAY in at the next frame boundary.
+ * The upstream-to-client direction: passes the upstream's bytes on as they come, but for the
+ * payload of a SETTINGS frame, held until whole and its stream limit lowered to ours (its length
+ * never changes, so its header has gone before it); when asked, slips a graceful GOAWAY in at
+ * the next frame boundary.
  */
-export class GoAwayInserter {
+export class ToClient {
   readonly #cursor: FrameCursor;
   readonly #onUpstreamFrame: OnFrame | undefined;
+  readonly #maxStreams: number | undefined;
+  #held: HeldSettings | undefined;
   #pending = false;
   #sent = false;
   /** The upstream's own GOAWAY went by: ours (last stream id 2^31-1) would raise its last stream id, a protocol error. */
   #upstreamWentAway = false;
 
-  /** `onFrame` sees each of the upstream's frame headers as it goes by, `onGoAway` each of its GOAWAYs. */
-  constructor(onFrame?: OnFrame, onGoAway?: OnGoAway) {
-    this.#onUpstreamFrame = onFrame;
-    this.#cursor = new FrameCursor({ onFrame: (type, id, flags) => this.#onFrame(type, id, flags), onGoAway });
+  constructor(options: ToClientOptions = {}) {
+    this.#onUpstreamFrame = options.onFrame;
+    this.#maxStreams = options.maxConcurrentStreams;
+    const stopAfterHeaderOf = this.#maxStreams === undefined ? undefined : TYPE_SETTINGS;
+    this.#cursor = new FrameCursor({ onFrame: (type, id, flags) => this.#onFrame(type, id, flags), onGoAway: options.onGoAway, stopAfterHeaderOf });
   }
 
   get sent(): boolean {
@@ -172,24 +209,54 @@ export class GoAwayInserter {
   }
 
   pass(chunk: Buffer, write: (chunk: Buffer) => void): void {
-    if (!this.#pending) {
-      this.#cursor.advance(chunk);
+    if (this.#pending || this.#held) {
+      this.#passPiecewise(chunk, write);
+      return;
+    }
+    const at = this.#cursor.advance(chunk);
+    if (!this.#held) {
       write(chunk);
       return;
     }
-    const cut = this.#cursor.advance(chunk, true);
-    write(cut === chunk.length ? chunk : chunk.subarray(0, cut));
-    if (this.#cursor.atBoundary) this.#send(write);
-    if (cut < chunk.length) {
-      const rest = chunk.subarray(cut);
-      this.#cursor.advance(rest);
-      write(rest);
+    // A SETTINGS frame header ends at `at`: what came up to there goes, its payload is held.
+    write(chunk.subarray(0, at));
+    if (at < chunk.length) this.#passPiecewise(chunk.subarray(at), write);
+  }
+
+  /** The slow way, for a chunk with a SETTINGS payload in it or a GOAWAY of ours waiting. */
+  #passPiecewise(chunk: Buffer, write: (chunk: Buffer) => void): void {
+    let at = 0;
+    while (at < chunk.length) {
+      if (this.#held) {
+        at = this.#holdSettings(this.#held, chunk, at, write);
+      } else {
+        const rest = at === 0 ? chunk : chunk.subarray(at);
+        const taken = this.#cursor.advance(rest, this.#pending);
+        write(taken === rest.length ? rest : rest.subarray(0, taken));
+        at += taken;
+      }
+      if (this.#pending && this.#cursor.atBoundary) this.#send(write);
     }
+  }
+
+  /** Takes what `chunk` has of the held SETTINGS payload from `at`; writes the frame's payload once whole. Returns where its bytes end. */
+  #holdSettings(held: HeldSettings, chunk: Buffer, at: number, write: (chunk: Buffer) => void): number {
+    const end = Math.min(chunk.length, at + held.payload.length - held.fill);
+    chunk.copy(held.payload, held.fill, at, end);
+    held.fill += end - at;
+    this.#cursor.advance(chunk.subarray(at, end));
+    if (held.fill === held.payload.length) {
+      this.#held = undefined;
+      capConcurrentStreams(held.payload, this.#maxStreams!);
+      write(held.payload);
+    }
+    return end;
   }
 
   #onFrame(type: number, streamId: number, flags: number): void {
     // Ours, if pending, goes out at the boundary before this frame: the lower id then follows it.
     if (type === TYPE_GOAWAY && !this.#sent) this.#upstreamWentAway = true;
+    else if (type === TYPE_SETTINGS && this.#maxStreams !== undefined && this.#cursor.payloadLeft > 0) this.#held = { payload: Buffer.alloc(this.#cursor.payloadLeft), fill: 0 };
     this.#onUpstreamFrame?.(type, streamId, flags);
   }
 
@@ -198,6 +265,43 @@ export class GoAwayInserter {
     this.#sent = true;
     write(GOAWAY_THEN_PING);
   }
+}
+
+const SETTINGS_MAX_CONCURRENT_STREAMS = 0x3;
+const SETTING_BYTES = 6;
+
+/** Lowers each SETTINGS_MAX_CONCURRENT_STREAMS of a SETTINGS payload to `cap`, in place; false when it has none. */
+function capConcurrentStreams(payload: Buffer, cap: number): boolean {
+  let found = false;
+  for (let at = 0; at + SETTING_BYTES <= payload.length; at += SETTING_BYTES) {
+    if (payload.readUInt16BE(at) !== SETTINGS_MAX_CONCURRENT_STREAMS) continue;
+    found = true;
+    if (payload.readUInt32BE(at + 2) > cap) payload.writeUInt32BE(cap, at + 2);
+  }
+  return found;
+}
+
+/**
+ * The server's first SETTINGS frame, whole, with its stream limit at most `cap`: lowered in
+ * place, or added (6 bytes more) when it names none, which there means unlimited (RFC 9113
+ * 6.5.2). A later SETTINGS that names none leaves the limit as it was, so only the first needs one.
+ */
+export function cappedFirstSettings(frame: Buffer, cap: number): Buffer {
+  if (capConcurrentStreams(frame.subarray(FRAME_HEADER_BYTES), cap)) return frame;
+  const capped = Buffer.alloc(frame.length + SETTING_BYTES);
+  frame.copy(capped);
+  capped.writeUIntBE(frame.length - FRAME_HEADER_BYTES + SETTING_BYTES, 0, 3);
+  capped.writeUInt16BE(SETTINGS_MAX_CONCURRENT_STREAMS, frame.length);
+  capped.writeUInt32BE(cap, frame.length + 2);
+  return capped;
+}
+
+/** An empty SETTINGS frame: a server preface (RFC 9113 3.4), all settings at their defaults. */
+export const EMPTY_SETTINGS: Buffer = Buffer.from([0, 0, 0, TYPE_SETTINGS, 0, 0, 0, 0, 0]);
+
+/** The length of a whole frame whose header starts `bytes`. */
+export function frameLength(bytes: Buffer): number {
+  return FRAME_HEADER_BYTES + bytes.readUIntBE(0, 3);
 }
 
 const CLIENT_ENDED = 1;
@@ -263,6 +367,11 @@ export class OpenStreams implements StreamActivity {
     let unanswered = 0;
     for (const [id, ended] of this.#ended ?? []) if (id <= lastStreamId && (ended & SERVER_ENDED) === 0) unanswered++;
     return unanswered;
+  }
+
+  /** The server's GOAWAY: streams past its last stream id it never processed, and the client takes them for closed (RFC 9113 6.8). */
+  closeAbove(lastStreamId: number): void {
+    for (const id of this.#ended?.keys() ?? []) if (id > lastStreamId) this.#close(id);
   }
 
   #close(streamId: number): void {
@@ -366,8 +475,6 @@ const GOAWAY_THEN_PING = Buffer.concat([gracefulGoAway(), drainPing()]);
 export function gracefulGoAway(): Buffer {
   return goAway(MAX_STREAM_ID, NO_ERROR);
 }
-
-const TYPE_SETTINGS = 0x4;
 
 /**
  * Whether a connection's first frame header is an HTTP/2 server's preface (RFC 9113 section 3.4):

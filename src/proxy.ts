@@ -120,7 +120,7 @@ function assembleGrpc(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
   // The terminating front stays: it answers while the upstream is not ready or unreachable.
   const relay =
     grpcMode === 'relay'
-      ? grpcRelay({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, idleTimeoutMs: limits.idleTimeoutMs, observer, notReady, fallback: (s, c) => h2.accept(s, c) })
+      ? grpcRelay({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, idleTimeoutMs: limits.idleTimeoutMs, maxConcurrentStreams: limits.maxConcurrentStreams, observer, notReady, fallback: (s, c) => h2.accept(s, c) })
       : undefined;
   const fronts: Drainable[] = relay ? [relay, h2, h1] : [h2, h1];
   const close = (graceMs: number): Promise<void> => {

@@ -2,7 +2,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { chunked } from './helpers/chunks.js';
-import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, DrainPingAck, FrameCursor, GoAwayInserter, OpenStreams, gracefulGoAway } from '../src/h2-frames.js';
+import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, DrainPingAck, FrameCursor, OpenStreams, ToClient, cappedFirstSettings, gracefulGoAway } from '../src/h2-frames.js';
 
 interface Frame {
   type: number;
@@ -99,7 +99,7 @@ describe('GOAWAY insertion between upstream frames', () => {
         const askAt = when % (chunks.length + 1);
         const out: Buffer[] = [];
         const write = (b: Buffer) => out.push(Buffer.from(b));
-        const inserter = new GoAwayInserter();
+        const inserter = new ToClient();
         chunks.forEach((chunk, i) => {
           if (i === askAt) inserter.request(write);
           inserter.pass(chunk, write);
@@ -122,7 +122,7 @@ describe('GOAWAY insertion between upstream frames', () => {
 
   test("after the upstream's own GOAWAY none of ours follows (it would raise the last stream id)", () => {
     const out: Buffer[] = [];
-    const inserter = new GoAwayInserter();
+    const inserter = new ToClient();
     const theirs = encode({ type: 0x7, flags: 0, payload: Buffer.from('0000000300000000', 'hex') }, 0);
     inserter.pass(Buffer.concat([encode({ type: 0x4, flags: 0, payload: Buffer.alloc(0) }, 0), theirs]), (b) => out.push(b));
     inserter.request((b) => out.push(b));
@@ -132,7 +132,7 @@ describe('GOAWAY insertion between upstream frames', () => {
 
   test("a GOAWAY of ours that is waiting goes out before the upstream's own", () => {
     const out: Buffer[] = [];
-    const inserter = new GoAwayInserter();
+    const inserter = new ToClient();
     inserter.request((b) => out.push(b));
     const theirs = encode({ type: 0x7, flags: 0, payload: Buffer.from('0000000300000000', 'hex') }, 0);
     inserter.pass(Buffer.concat([encode({ type: 0x4, flags: 0, payload: Buffer.alloc(0) }, 0), theirs]), (b) => out.push(b));
@@ -144,7 +144,7 @@ describe('GOAWAY insertion between upstream frames', () => {
 
   test('asked twice, it sends one GOAWAY', () => {
     const out: Buffer[] = [];
-    const inserter = new GoAwayInserter();
+    const inserter = new ToClient();
     inserter.pass(encode({ type: 0x4, flags: 0, payload: Buffer.alloc(0) }), (b) => out.push(b));
     inserter.request((b) => out.push(b));
     inserter.request((b) => out.push(b));
@@ -158,6 +158,63 @@ describe('GOAWAY insertion between upstream frames', () => {
     assert.equal(frame.readUInt32BE(5), 0);
     assert.equal(frame.readUInt32BE(9), 0x7fffffff);
     assert.equal(frame.readUInt32BE(13), 0);
+  });
+});
+
+describe("the model server's SETTINGS toward the client, with our stream limit", () => {
+  const CAP = 100;
+  const MAX_CONCURRENT_STREAMS = 0x3;
+  const entry = (id: number, value: number) => {
+    const bytes = Buffer.alloc(6);
+    bytes.writeUInt16BE(id, 0);
+    bytes.writeUInt32BE(value, 2);
+    return bytes;
+  };
+  const entryArb = fc.tuple(fc.constantFrom(1, 2, 3, 3, 4, 5, 6), fc.oneof(fc.nat(2 * CAP), fc.constant(0xffffffff), fc.nat(0xffffffff))).map(([id, value]) => entry(id, value));
+  const settingsArb = fc.array(entryArb, { maxLength: 5 }).map((entries): Frame => ({ type: 0x4, flags: 0, payload: Buffer.concat(entries) }));
+  /** What the client should get of a frame: a SETTINGS payload's stream limits at most CAP (in its whole 6-byte entries). */
+  const expected = (frame: Frame): Frame => {
+    if (frame.type !== 0x4) return frame;
+    const payload = Buffer.from(frame.payload);
+    for (let at = 0; at + 6 <= payload.length; at += 6) if (payload.readUInt16BE(at) === MAX_CONCURRENT_STREAMS && payload.readUInt32BE(at + 2) > CAP) payload.writeUInt32BE(CAP, at + 2);
+    return { ...frame, payload };
+  };
+  const shown = (frames: readonly Frame[]) => frames.map((f) => [f.type, f.flags, f.payload.toString('hex')]);
+
+  test('each SETTINGS_MAX_CONCURRENT_STREAMS over ours is lowered to it and every other byte passes unchanged, however the bytes are chunked; a GOAWAY of ours still lands between two whole frames', () => {
+    fc.assert(
+      fc.property(fc.array(fc.oneof(settingsArb.map((f) => [f]), frameArb.map((f) => [f]), headerBlockArb), { minLength: 1, maxLength: 10 }), fc.array(fc.nat(), { maxLength: 10 }), fc.option(fc.nat()), (units, cuts, when) => {
+        const frames = units.flat();
+        const allowed = new Set(units.map((_, i) => units.slice(0, i + 1).flat().length));
+        const chunks = chunked(Buffer.concat(frames.map((f) => encode(f, 0))), cuts);
+        const askAt = when === null ? -1 : when % (chunks.length + 1);
+        const out: Buffer[] = [];
+        const write = (b: Buffer) => out.push(Buffer.from(b));
+        const toClient = new ToClient({ maxConcurrentStreams: CAP });
+        chunks.forEach((chunk, i) => {
+          if (i === askAt) toClient.request(write);
+          toClient.pass(chunk, write);
+        });
+        if (askAt === chunks.length) toClient.request(write);
+        const result = decode(Buffer.concat(out));
+        const at = result.findIndex((f, i) => f.type === 0x7 && f.payload.equals(gracefulGoAway().subarray(9)) && result[i + 1]?.payload.equals(DRAIN_PING_DATA));
+        if (askAt >= 0) assert.ok(allowed.has(at), `GOAWAY at ${at}, allowed after ${[...allowed].join(',')}`);
+        const relayed = askAt >= 0 ? result.filter((_, i) => i !== at && i !== at + 1) : result;
+        assert.deepEqual(shown(relayed), shown(frames.map(expected)));
+      }),
+      { numRuns: 1000 },
+    );
+  });
+
+  test("the first SETTINGS gets our limit added when it names none (unlimited), lowered when it allows more, and keeps a smaller one and every other setting", () => {
+    const frame = (...entries: Buffer[]) => encode({ type: 0x4, flags: 0, payload: Buffer.concat(entries) }, 0);
+    const cases: [Buffer, Buffer][] = [
+      [frame(), frame(entry(MAX_CONCURRENT_STREAMS, CAP))],
+      [frame(entry(4, 65535)), frame(entry(4, 65535), entry(MAX_CONCURRENT_STREAMS, CAP))],
+      [frame(entry(MAX_CONCURRENT_STREAMS, 0xffffffff), entry(6, 8192)), frame(entry(MAX_CONCURRENT_STREAMS, CAP), entry(6, 8192))],
+      [frame(entry(6, 8192), entry(MAX_CONCURRENT_STREAMS, 4)), frame(entry(6, 8192), entry(MAX_CONCURRENT_STREAMS, 4))],
+    ];
+    for (const [given, told] of cases) assert.equal(cappedFirstSettings(given, CAP).toString('hex'), told.toString('hex'));
   });
 });
 
@@ -249,6 +306,13 @@ describe('open streams, from the frame headers of both directions', () => {
     assert.equal(streams.unansweredUpTo(2 ** 31 - 1), 2);
     assert.equal(streams.unansweredUpTo(3), 1);
     assert.equal(streams.unansweredUpTo(0), 0);
+  });
+
+  test("the streams past the last stream id of the server's GOAWAY are closed: it never processed them, and the client takes them for closed", () => {
+    const streams = follow([['C', HEADERS, 0x4, 1], ['C', HEADERS, 0x4, 3], ['C', HEADERS, 0x4, 5], ['C', HEADERS, 0x4, 7]]);
+    streams.closeAbove(3);
+    assert.equal(streams.open, 2);
+    assert.equal(streams.unansweredUpTo(2 ** 31 - 1), 2);
   });
 
   test('each new stream id is a call; trailers and frames of old ids are not', () => {

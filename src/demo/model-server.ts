@@ -28,6 +28,8 @@ export interface ModelServerOptions {
   testService?: boolean;
   /** Awaited before writing SSE event #index ([DONE] is the last index); lets tests release events one by one. */
   sseGate?: SseGate;
+  /** The gRPC port's SETTINGS_MAX_CONCURRENT_STREAMS (grpc.max_concurrent_streams); unset: none sent, unlimited. */
+  grpcMaxConcurrentStreams?: number;
 }
 
 export interface ReceivedRequest {
@@ -48,6 +50,8 @@ export interface ModelServer {
   readonly cancelled: string[];
   /** REST paths (without query) whose client went away before the response finished. */
   readonly restAborted: string[];
+  /** The most gRPC streams (HTTP/2, all connections) open at once so far, from the request's HEADERS to the stream's close. */
+  readonly mostGrpcStreamsOpen: number;
   /** Resolves once `path` appears in `cancelled` or `restAborted` (at once if already there): await it instead of sleeping. */
   waitFor(kind: RecordKind, path: string): Promise<void>;
   /** Closes listeners and destroys open connections and streams. */
@@ -64,6 +68,8 @@ const GRPC_SERVER_OPTIONS: grpc.ServerOptions = {
 
 class Recorder {
   readonly received: ReceivedRequest[] = [];
+  grpcStreamsOpen = 0;
+  mostGrpcStreamsOpen = 0;
   readonly cancelled: string[] = [];
   readonly restAborted: string[] = [];
   private readonly events = new EventEmitter();
@@ -100,13 +106,13 @@ function copyHeaders(headers: IncomingHttpHeaders): Record<string, string | stri
  * wrong. So we listen on grpc-js's own HTTP/2 servers for the raw headers.
  * This reads a private field (pinned grpc-js 1.14.x); fail loudly if it moves.
  */
-function tapRawHeaders(server: grpc.Server, onStream: (headers: IncomingHttpHeaders) => void): void {
+function tapRawHeaders(server: grpc.Server, onStream: (stream: EventEmitter, headers: IncomingHttpHeaders) => void): void {
   const servers = (server as unknown as { http2Servers?: unknown }).http2Servers;
   if (!(servers instanceof Map) || servers.size === 0) {
     throw new Error('cannot observe raw gRPC headers: grpc-js internals changed (Server.http2Servers)');
   }
   for (const h2 of servers.keys() as Iterable<EventEmitter>) {
-    h2.prependListener('stream', (_stream: unknown, headers: IncomingHttpHeaders) => onStream(headers));
+    h2.prependListener('stream', (stream: EventEmitter, headers: IncomingHttpHeaders) => onStream(stream, headers));
   }
 }
 
@@ -121,13 +127,16 @@ function bindGrpc(server: grpc.Server, host: string, port: number): Promise<numb
 }
 
 async function startGrpc(options: ModelServerOptions, host: string, port: number, rec: Recorder) {
-  const server = new grpc.Server(GRPC_SERVER_OPTIONS);
+  const limit = options.grpcMaxConcurrentStreams;
+  const server = new grpc.Server(limit === undefined ? GRPC_SERVER_OPTIONS : { ...GRPC_SERVER_OPTIONS, 'grpc.max_concurrent_streams': limit });
   const onCancel = (path: string) => rec.record('cancelled', path);
   server.addService(serviceConstructor(KSERVE_SERVICE).service, kserveHandlers(onCancel));
   if (options.testService) server.addService(serviceConstructor(ECHO_SERVICE).service, echoHandlers(onCancel));
   const bound = await bindGrpc(server, host, port);
-  tapRawHeaders(server, (headers) => {
+  tapRawHeaders(server, (stream, headers) => {
     rec.received.push({ protocol: 'grpc', path: String(headers[':path'] ?? ''), headers: copyHeaders(headers) });
+    rec.mostGrpcStreamsOpen = Math.max(rec.mostGrpcStreamsOpen, ++rec.grpcStreamsOpen);
+    stream.once('close', () => rec.grpcStreamsOpen--);
   });
   return { server, port: bound };
 }
@@ -170,6 +179,9 @@ export async function startModelServer(options: ModelServerOptions = {}): Promis
     received: rec.received,
     cancelled: rec.cancelled,
     restAborted: rec.restAborted,
+    get mostGrpcStreamsOpen() {
+      return rec.mostGrpcStreamsOpen;
+    },
     waitFor: (kind, path) => rec.waitFor(kind, path),
     async close() {
       // forceShutdown cancels live calls and destroys sessions at once,
