@@ -53,7 +53,7 @@ function openDescriptors(): number {
 
 /** What admit() needs of a connection: to hear when it closes. */
 export interface Closable {
-  once(event: 'close', listener: () => void): unknown;
+  on(event: 'close', listener: () => void): unknown;
 }
 
 export interface HeadroomProbes {
@@ -104,7 +104,8 @@ export class DescriptorHeadroom {
       this.#refused();
       return false;
     }
-    connection.once('close', () => this.#estimate--);
+    // on(): 'close' comes once, and once() keeps a wrapper for the connection's life.
+    connection.on('close', () => this.#estimate--);
     if (this.#refusing) this.#maybeRecovered();
     return true;
   }

@@ -375,14 +375,15 @@ export class H2Front implements Drainable {
     this.#bySocket.set(this.#arriving.socket, state);
     this.#sessions.add(state);
     this.#idle.add(state);
-    session.once('close', () => {
+    // on(), not once(), for what comes once: once() keeps a wrapper per listener for the connection's life.
+    session.on('close', () => {
       this.#sessions.delete(state);
       this.#idle.delete(state);
     });
     session.on('error', (err: NodeJS.ErrnoException) => state.failed(err));
     session.once('goaway', () => state.clientLeaving());
     // Prepended: Node's own listener destroys the session, and with it the stream ids it kept.
-    state.context.socket.prependOnceListener('close', () => state.clientLeaving());
+    state.context.socket.prependListener('close', () => state.clientLeaving());
     // FINDINGS: a 16 MiB connection window is what lets MB-sized tensors run at full speed.
     session.setLocalWindowSize(limits.connectionWindow);
     if (this.#draining) session.close();
@@ -837,7 +838,7 @@ export class H1Front implements Drainable {
   accept(socket: TLSSocket, context: ConnectionContext): void {
     this.#contexts.set(socket, context);
     this.#active.set(socket, new Set());
-    socket.once('close', () => this.#closeQueuedResponses(socket));
+    socket.on('close', () => this.#closeQueuedResponses(socket));
     socket.on('drain', () => this.#readOnIfHeld(socket, this.#active.get(socket)));
     if (this.#draining) {
       socket.destroy();

@@ -294,7 +294,8 @@ export class SecureListener {
       if (limits.maxConnections !== 0 && !this.#admit(socket, limits.maxConnections)) return;
       this.#handshakeContext.set(socket, this.#contexts);
       this.#handshaking.add(socket);
-      socket.once('close', () => this.#handshaking.delete(socket));
+      // on(), not once(): 'close' comes once, and once() keeps a wrapper for the connection's life.
+      socket.on('close', () => this.#handshaking.delete(socket));
       tls.emit('connection', socket);
     });
     return { tcp, tls };
@@ -308,7 +309,7 @@ export class SecureListener {
       return false;
     }
     this.#open++;
-    socket.once('close', () => this.#open--);
+    socket.on('close', () => this.#open--);
     return true;
   }
 
