@@ -135,7 +135,7 @@ function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
       resolve({ ok, answered: true, detail: `${where} /v2/health/ready answered ${res.statusCode}` });
     });
     req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
-    req.on('error', (err: NodeJS.ErrnoException) => resolve({ ok: false, answered: false, detail: `${where}: ${failure(err, 'rest')}` }));
+    req.on('error', (err: NodeJS.ErrnoException) => resolve(portFailure(where, err, 'rest')));
     req.end();
   });
 }
@@ -146,13 +146,24 @@ function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
  * which port was expected: the parser's code alone (HPE_INVALID_CONSTANT, ERR_HTTP2_ERROR) said neither.
  * `spokeHttp2`: the gRPC port had sent its SETTINGS; an ERR_HTTP2_ERROR then is nghttp2 refusing what it sent later.
  */
-function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2 = false): string {
+function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2: boolean): string {
   const code = err.code ?? err.message;
   if (port === 'rest' && code.startsWith('HPE_')) return `answered, but not in HTTP/1.1 (${code}): ${MEANT_PORT.rest}?`;
   if (port === 'grpc' && code === 'ERR_HTTP2_ERROR') return spokeHttp2 ? http2Refusal(err) : `answered, but not in HTTP/2 (${code}): ${MEANT_PORT.grpc}?`;
   // A Compose service or Kubernetes Service not there yet; the name is looked up again at each check and connection.
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return `${NAME_DOES_NOT_RESOLVE} (${code})`;
   return code;
+}
+
+/**
+ * A port that failed the check, and whether it answered. Bytes came back from it when it spoke HTTP/2 (its
+ * SETTINGS), or when the parser refused what it sent (the port answered in the other protocol): an answer,
+ * whatever it says, as the hang watchdog counts them (ovmsLivenessCheck). Refused or reset before a byte, it gave none.
+ */
+function portFailure(where: string, err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2 = false): PortAnswer {
+  const code = err.code ?? err.message;
+  const answered = spokeHttp2 || (port === 'rest' ? code.startsWith('HPE_') : code === 'ERR_HTTP2_ERROR');
+  return { ok: false, answered, detail: `${where}: ${failure(err, port, spokeHttp2)}` };
 }
 
 /** An empty gRPC message: flag 0, length 0. ServerReadyRequest has no fields. */
@@ -172,7 +183,7 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<PortAns
       resolve(result);
     };
     const timer = setTimeout(() => finish({ ok: false, answered: false, detail: `${where}: no answer within ${timeoutMs} ms` }), timeoutMs);
-    session.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, answered: false, detail: `${where}: ${failure(err, 'grpc', spokeHttp2(session))}` }));
+    session.on('error', (err: NodeJS.ErrnoException) => finish(portFailure(where, err, 'grpc', spokeHttp2(session))));
     // Given, not left to Node: from an IPv6 URL it builds `::1:9000`, without the brackets an authority needs.
     const authority = hostAndPort(upstream.host, upstream.port);
     const stream = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerReady', ':authority': authority, 'content-type': 'application/grpc', te: 'trailers' });
@@ -184,7 +195,7 @@ function grpcServerReady(upstream: HostPort, timeoutMs: number): Promise<PortAns
     // A connection that fails cancels the pending stream first (ERR_HTTP2_STREAM_CANCEL): name the connection's error, as REST does.
     stream.on('error', (err: NodeJS.ErrnoException) => {
       const why = (err.cause as NodeJS.ErrnoException | undefined) ?? err;
-      finish({ ok: false, answered: false, detail: `${where}: ${failure(why, 'grpc', spokeHttp2(session))}` });
+      finish(portFailure(where, why, 'grpc', spokeHttp2(session)));
     });
     stream.on('end', () => {
       const body = Buffer.concat(chunks).subarray(5);

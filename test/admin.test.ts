@@ -16,7 +16,7 @@ import { freeLoopbackPorts } from '../src/ports.js';
 import { startModelServer } from '../src/demo/model-server.js';
 import { startAdminServer } from '../src/admin.js';
 import { ProxyMetrics } from '../src/metrics.js';
-import { certificatesCheck, listenersCheck, readinessReport, upstreamCheck, type HealthReport } from '../src/health.js';
+import { certificatesCheck, listenersCheck, readinessReport, upstreamCheck, upstreamReadiness, type HealthReport } from '../src/health.js';
 import { loadTlsMaterialSync, tlsMaterialFromTexts } from '../src/tls-material.js';
 import { createCa, createCrl, issueServerCert } from '../src/x509.js';
 import { X509Certificate } from 'node:crypto';
@@ -79,13 +79,15 @@ describe('admin listener', () => {
   });
 
   // Before: "REST 127.0.0.1:G: HPE_INVALID_CONSTANT; gRPC 127.0.0.1:R: ERR_HTTP2_ERROR", which named neither port's mistake.
-  test('with the model server\'s ports swapped, the detail says which port each upstream should be', async () => {
+  test('with the model server\'s ports swapped, the detail says which port each upstream should be; each port counts as answering', async () => {
     pki = await pkiPromise;
     const model = await startModelServer({ grpcPort: 0, restPort: 0 });
     try {
       const config = baseConfig({ pki, upstream: { restPort: model.grpcPort!, grpcPort: model.restPort! } });
-      const result = await upstreamCheck(config, 1000)();
+      const result = await upstreamReadiness(config, 1000)();
       assert.equal(result.ok, false);
+      // Each port answered, as the detail says: not a silent model server to the hang watchdog.
+      assert.equal(result.unanswered, false);
       assert.equal(result.detail, [
         `REST 127.0.0.1:${model.grpcPort}: answered, but not in HTTP/1.1 (HPE_INVALID_CONSTANT): is it the model server's REST port (OVMS --rest_port)?`,
         `gRPC 127.0.0.1:${model.restPort}: answered, but not in HTTP/2 (ERR_HTTP2_ERROR): is it the model server's gRPC port (OVMS --port)?`,
@@ -97,12 +99,14 @@ describe('admin listener', () => {
 
   // Before: "answered, but not in HTTP/2 (ERR_HTTP2_ERROR): is it the model server's gRPC port", for a port that was.
   for (const [what, answer, refused] of HTTP2_REFUSALS) {
-    test(`an h2c model server that sends its SETTINGS, then ${what}: the detail says what the proxy refused, not to check the port`, async () => {
+    test(`an h2c model server that sends its SETTINGS, then ${what}: the detail says what the proxy refused, not to check the port, and it counts as an answer`, async () => {
       const h2c = await framedH2cUpstream(answer);
       try {
-        const result = await upstreamCheck(baseConfig({ pki: await pkiPromise, upstream: { grpcPort: h2c.port } }), 1000)();
+        const result = await upstreamReadiness(baseConfig({ pki: await pkiPromise, upstream: { grpcPort: h2c.port } }), 1000)();
         assert.equal(result.ok, false);
         assert.equal(result.detail, `gRPC 127.0.0.1:${h2c.port}: speaks HTTP/2, but sent ${refused}`);
+        // It answered (the hang watchdog's "any answer counts"): was `answered: false`, as for a port that said nothing.
+        assert.equal(result.unanswered, false);
       } finally {
         h2c.close();
       }
