@@ -8,6 +8,7 @@ import { UpstreamH2Sessions, isSessionRefusal, spokeHttp2 } from './upstream-h2.
 import { forward } from './stream-forward.js';
 import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
+import { resetClientStream } from './reset-allowance.js';
 import { hostAndPort } from './addresses.js';
 import { clientHeaderBlockLimit, headerBlockBound, headerListSize } from './header-sizes.js';
 
@@ -536,7 +537,7 @@ class GrpcCall {
     this.#statusGiven = true;
     this.#outcome.error = 'upstream_refused_stream';
     this.#unforwardRequest?.();
-    this.#client.close(NGHTTP2_REFUSED_STREAM);
+    resetClientStream(this.#client, NGHTTP2_REFUSED_STREAM);
   }
 
   /** The proxy stops (endAll): the client gets UNAVAILABLE saying so, the model server a cancel. */

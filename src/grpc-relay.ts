@@ -3,7 +3,7 @@ import type { TLSSocket } from 'node:tls';
 import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { clientRef, elapsedMs, type ProxyObserver } from './observer.js';
-import { RESET_BURST, RESETS_PER_SECOND, ResetAllowance } from './reset-allowance.js';
+import { RAPID_RESET, RESET_BURST, RESETS_PER_SECOND, ResetAllowance } from './reset-allowance.js';
 import { CLIENT_PREFACE_BYTES, DrainPingAck, EMPTY_SETTINGS, ENHANCE_YOUR_CALM, FLAG_ACK, FrameCursor, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, TYPE_RST_STREAM, TYPE_SETTINGS, ToClient, cappedFirstSettings, frameLength, goAway, isServerPreface, type OnFrame, type OnGoAway } from './h2-frames.js';
 import { h2ErrorName } from './grpc-status.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
@@ -34,9 +34,8 @@ const MAX_STREAM_ID = 0x7fffffff;
 /** How long a client that was cut off has to read our last GOAWAY before its connection is closed. */
 const CUT_OFF_GRACE_MS = 1000;
 
-/** The relay_access error of a connection closed for rapid reset, and the h2_session_error line's code. */
+/** The relay_access error of a connection closed for rapid reset. */
 export const CLIENT_RAPID_RESET = 'client_rapid_reset';
-export const RAPID_RESET = 'RAPID_RESET';
 const RAPID_RESET_MESSAGE = `the client reset more streams than nghttp2 allows a client of terminate mode (${RESET_BURST} at once, ${RESETS_PER_SECOND} more each second): rapid reset (CVE-2023-44487). It was sent GOAWAY ENHANCE_YOUR_CALM and its connection to the model server closed`;
 
 /** The relay_access error of a connection closed for opening more streams than it was allowed, and the h2_session_error line's code. */

@@ -8,7 +8,7 @@ import { tcpBytesMoved, tcpBytesRead } from './send-stall.js';
 import { clientRef, type ProxyObserver } from './observer.js';
 import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection } from './idle-sweep.js';
 import { H2_WITHOUT_ALPN, commaList, onlyChunked, requestHeadTooLargeMessage, unsupportedCodingMessage } from './http1-framing.js';
-import { ResetAllowance } from './reset-allowance.js';
+import { RAPID_RESET, RESET_BURST, RESETS_PER_SECOND, ResetAllowance, resetByClient } from './reset-allowance.js';
 import { ClientAcks, type AckWatcher, type CountedSocket } from './client-acks.js';
 import { clientHeaderBlockLimit } from './header-sizes.js';
 
@@ -39,6 +39,14 @@ interface UnansweredPing {
 /** The fewest bytes a stream costs the client that opens it: its HEADERS frame's 9-byte header. */
 const MIN_STREAM_BYTES = 9;
 
+/**
+ * nghttp2 counts every RST_STREAM a client sends (reset-allowance.ts) and, once its budget is spent,
+ * sends GOAWAY(INTERNAL_ERROR) and reads no more of the connection once its streams are over, telling
+ * no JavaScript code. The resets counted here are those of streams we saw: the budget is taken as spent
+ * a second's refill past it, as nghttp2 refills at other second boundaries.
+ */
+const RAPID_RESET_MESSAGE = `the client reset more streams than nghttp2 allows (${RESET_BURST} at once, ${RESETS_PER_SECOND} more each second): rapid reset (CVE-2023-44487). nghttp2 sent it GOAWAY INTERNAL_ERROR; the connection closes once the streams still open on it end`;
+
 function unansweredMessage(open: number): string {
   return `the client answered no PING, and no byte moved either way, for an idle timeout with ${open} request(s) open (gone without its close reaching the proxy, or a protocol error of its own after which Node stopped reading it): closed`;
 }
@@ -64,6 +72,10 @@ class SessionState implements IdleConnection, AckWatcher {
    * (REFUSED_STREAM: 300 errors in 5 s of the REST HTTP/2 benchmark), which not every client retries.
    */
   #resets: ResetAllowance | undefined;
+  /** The client's resets against nghttp2's budget for them, from its first reset; see clientReset(). */
+  #clientResets: ResetAllowance | undefined;
+  /** nghttp2 has cut the connection for rapid reset, and the line said so. */
+  #rapidReset = false;
 
   constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver, acks: ClientAcks) {
     this.session = session;
@@ -88,6 +100,20 @@ class SessionState implements IdleConnection, AckWatcher {
     this.#lastSeen = id;
     this.#streamsCounted += 1;
     if (this.#resets?.take(opened) === false && !this.session.closed) this.close();
+  }
+
+  /**
+   * A stream we saw closed. One the client reset is taken from nghttp2's budget, unless a GOAWAY went out
+   * (nghttp2 counts no more then); once it is spent, the connection's one rapid-reset line.
+   */
+  streamClosed(stream: ServerHttp2Stream): void {
+    if (this.#rapidReset || this.session.closed || this.session.destroyed || !resetByClient(stream)) return;
+    this.#clientResets ??= new ResetAllowance(-RESETS_PER_SECOND);
+    if (this.#clientResets.take(1)) return;
+    this.#rapidReset = true;
+    this.#observer.h2SessionFailed({ ...clientRef(this.context), code: RAPID_RESET, message: RAPID_RESET_MESSAGE });
+    // Its streams still open may finish (nghttp2's GOAWAY spared them); then the connection closes, not at an idle sweep.
+    this.close();
   }
 
   /** The connection is ending: streams Node took in after the last one we saw never reached us either. */
@@ -222,6 +248,11 @@ class SessionState implements IdleConnection, AckWatcher {
    */
   #reportUnseenUpTo(id: number, goAway?: 'COMPRESSION_ERROR', alsoOpened = 0): number {
     if (id < 1 || id <= this.#lastSeen) return 0;
+    // After nghttp2's GOAWAY for rapid reset the streams it took in later are refused, and a PING goes unanswered: already said.
+    if (this.#rapidReset) {
+      this.#lastSeen = id;
+      return 0;
+    }
     const ids = (id - this.#lastSeen) / 2;
     const streams = Math.min(ids, this.#streamsPossible(alsoOpened));
     this.#lastSeen = id;
@@ -340,6 +371,7 @@ export class H2Front implements Drainable {
     stream.once('close', () => {
       observer.streamClosed(context.listener);
       streams.closed();
+      state.streamClosed(stream);
     });
     return context;
   }

@@ -1,3 +1,5 @@
+import { constants, type Http2Stream } from 'node:http2';
+
 /**
  * nghttp2 (1.57 on, inside Node) answers rapid reset (CVE-2023-44487) with a token bucket of the
  * RST_STREAM frames a client may send on one connection: 1,000 at first, 33 more each second
@@ -16,6 +18,9 @@
  */
 export const RESET_BURST = 1000;
 export const RESETS_PER_SECOND = 33;
+
+/** The code of the h2_session_error line and metric for a client cut for rapid reset, in both gRPC modes. */
+export const RAPID_RESET = 'RAPID_RESET';
 /**
  * Streams kept in hand: nghttp2 refills at the seconds it sees a reset and this bucket at those
  * it sees a stream, so the two can differ by a second or two of refill, and our GOAWAY must be
@@ -46,6 +51,21 @@ export class ResetAllowance {
     this.#left -= streams;
     return this.#left > this.#headroom;
   }
+}
+
+/** Client streams the proxy reset itself: no RST_STREAM of the client's, none nghttp2 counts. */
+const RESET_BY_PROXY = new WeakSet<Http2Stream>();
+
+/** Resets a client's stream with `code`, as the proxy's own reset (see resetByClient()). */
+export function resetClientStream(stream: Http2Stream, code: number): void {
+  RESET_BY_PROXY.add(stream);
+  stream.close(code);
+}
+
+/** Whether a closed client stream ended with a reset of the client's (an RST_STREAM with an error code, CANCEL included). */
+export function resetByClient(stream: Http2Stream): boolean {
+  const code = stream.rstCode;
+  return code !== undefined && code !== constants.NGHTTP2_NO_ERROR && !RESET_BY_PROXY.has(stream);
 }
 
 function wholeSecondsNow(): number {

@@ -9,6 +9,7 @@ import { elapsedMs, type ProxyObserver } from './observer.js';
 import { UPSTREAM_CLOSED_IDLE, describeUpstreamError } from './upstream-errors.js';
 import { FORWARDING_FIELDS, disguisesOurs, pushForwardingFields, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
+import { resetClientStream } from './reset-allowance.js';
 import { ABSOLUTE_FORM, hostAndPort } from './addresses.js';
 import { responseHeadTooLargeMessage } from './http1-framing.js';
 import { clientHeaderBlockLimit, headerBlockBound } from './header-sizes.js';
@@ -887,7 +888,7 @@ function onClose(res: ClientResponseLike, done: (onWire: boolean) => void): void
  * a plain destroy() sends NO_ERROR there, which reads as a clean end.
  */
 function cutShort(res: ClientResponseLike): void {
-  if (res instanceof Http2ServerResponse) res.stream.close(http2Constants.NGHTTP2_INTERNAL_ERROR);
+  if (res instanceof Http2ServerResponse) resetClientStream(res.stream, http2Constants.NGHTTP2_INTERNAL_ERROR);
   else res.destroy();
 }
 

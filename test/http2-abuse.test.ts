@@ -111,6 +111,8 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     // Without the deferred open every pair was a stream opened and reset upstream (500 here).
     // A pair split across two reads may still get through; a handful, never hundreds.
     assert.ok(opened <= CANCELS_BEFORE_DEFERRED_OPEN + 20, `the model server saw ${opened} of the ${pairs} reset streams`);
+    // Within nghttp2's budget of resets: no rapid-reset line.
+    assert.deepEqual(front.logs.lines.filter((l) => l.event === 'h2_session_error'), []);
   });
 
   test('resets with an error code (a stream error, not a cancel) are handled the same way and take nothing down', async () => {
@@ -168,6 +170,41 @@ describe('rapid reset (CVE-2023-44487), terminate mode', () => {
     } finally {
       session.close();
     }
+  });
+});
+
+describe('rapid reset (CVE-2023-44487) past nghttp2\'s limit, terminate mode', () => {
+  let counted: CountedProxy;
+
+  before(async () => {
+    counted = await startCountedProxy('terminate');
+  });
+
+  after(() => stopCountedProxy(counted));
+
+  // nghttp2 ends such a connection itself (GOAWAY INTERNAL_ERROR) and stops reading it, telling no JavaScript code: the
+  // proxy said nothing until its idle sweep found the connection silent, then a wrong h2_streams_reset_unseen line
+  // ("a header field larger than 64 KiB ... COMPRESSION_ERROR").
+  test('a client that resets more streams than nghttp2 allows: one warn line naming rapid reset, counted as in relay mode, no other; the connection closes; other clients carry on', async () => {
+    const from = counted.front.logs.lines.length;
+    const offender = await rawH2Client(counted.front.grpcPort, pki);
+    try {
+      rapidReset(offender.socket, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary'), RESET_BURST + 200);
+      await offender.closed;
+    } finally {
+      offender.socket.destroy();
+    }
+    assert.equal(offender.frames.find((f) => f.type === H2.GOAWAY)?.payload.readUInt32BE(4), constants.NGHTTP2_INTERNAL_ERROR, 'nghttp2\'s GOAWAY');
+    const sessionLines = () => counted.front.logs.lines.slice(from).filter((l) => l.event === 'h2_session_error');
+    await eventually(() => sessionLines().length > 0, 'an h2_session_error line');
+    const [line] = sessionLines();
+    assert.deepEqual([line!.level, line!.listener, line!.code], ['warn', 'grpc', 'RAPID_RESET']);
+    assert.match(String(line!.subject), /CN=client/);
+    assert.match(String(line!.msg), /^Node ended this client's HTTP\/2 connection: the client reset more streams than nghttp2 allows \(1000 at once, 33 more each second\): rapid reset \(CVE-2023-44487\)/);
+    assert.equal(sample(await counted.metrics.registry.metrics(), 'ovms_mtls_h2_session_errors_total', { listener: 'grpc', code: 'RAPID_RESET' }), 1);
+    await assertOthersServed(counted.front, 'still served');
+    assert.equal(sessionLines().length, 1);
+    assert.deepEqual(counted.front.logs.lines.slice(from).filter((l) => l.event === 'h2_streams_reset_unseen'), []);
   });
 });
 
