@@ -489,11 +489,16 @@ class GrpcCall {
     this.#finishWithStatus(reset.status, this.#resetMessage(rstCode, reset.name), `upstream_reset_${rstCode}`);
   }
 
-  /** Node resets a call itself, with ENHANCE_YOUR_CALM and no word to us, when its answer's metadata is over our limit. */
+  /**
+   * Once the model server has acknowledged our SETTINGS, Node resets a call itself, with ENHANCE_YOUR_CALM, when its
+   * answer's metadata is over our SETTINGS_MAX_HEADER_LIST_SIZE (the limit #overOurLimit holds the first call to), and
+   * tells no JavaScript code: the stream closes with that code as when the model server resets it (no event, state or
+   * performance entry differs). The likelier cause, with the option to change, comes first.
+   */
   #resetMessage(rstCode: number, name: string): string {
-    const said = `${this.#where()} reset the call (${name})`;
-    if (rstCode !== NGHTTP2_ENHANCE_YOUR_CALM) return said;
-    return `${said}, or its response metadata was over the ${this.#options.limits.maxHeaderSize * 2} bytes this proxy takes (twice --mtls_max_header_size)`;
+    if (rstCode !== NGHTTP2_ENHANCE_YOUR_CALM) return `${this.#where()} reset the call (${name})`;
+    const limit = clientHeaderBlockLimit(this.#options.limits.maxHeaderSize);
+    return `the call was reset (${name}), most likely by this proxy's HTTP/2 client because ${this.#where()} answered with metadata over the ${limit} bytes this proxy takes (twice --mtls_max_header_size): Node resets such an answer without saying why; else by ${this.#where()} itself`;
   }
 
   /**

@@ -1064,6 +1064,28 @@ describe('grpc: model-server metadata over twice --mtls_max_header_size, on the 
     });
   }
 
+  // Node resets such an answer itself (ENHANCE_YOUR_CALM) once the model server has acknowledged our SETTINGS, and tells
+  // no JavaScript code why: a reset from the model server with that code looks the same. The message said "reset the
+  // call (ENHANCE_YOUR_CALM), or ..." as if the model server's reset came first.
+  test('on a later call (our SETTINGS acknowledged, Node resets the answer itself): RESOURCE_EXHAUSTED naming the likely cause and the option first', NOT_FOR_EVER, async () => {
+    const upstreamSide = bigAnswers();
+    await behindH2cUpstream({ onStream: upstreamSide.onStream, serverOptions: { maxSendHeaderBlockLength: 1024 * 1024 } }, async (local) => {
+      const c = grpcClients(local.grpcAddress, pki);
+      try {
+        assert.equal(await call(c), 'ok');
+        const err = (await call(c, 'headers')) as grpc.ServiceError;
+        assert.equal(err.code, grpc.status.RESOURCE_EXHAUSTED, err.details);
+        assert.match(err.details, /^the call was reset \(ENHANCE_YOUR_CALM\), most likely by this proxy's HTTP\/2 client because upstream 127\.0\.0\.1:\d+ answered with metadata over the 131072 bytes this proxy takes \(twice --mtls_max_header_size\): Node resets such an answer without saying why; else by upstream 127\.0\.0\.1:\d+ itself$/);
+        assert.equal(await call(c), 'ok');
+        assert.equal(upstreamSide.sessions.size, 1);
+      } finally {
+        c.close();
+      }
+      await eventually(() => local.logs.lines.filter((l) => l.event === 'access').length === 3, 'the three access lines');
+      assert.deepEqual(local.logs.lines.filter((l) => l.event === 'access').map((l) => l.error), [undefined, 'upstream_reset_11', undefined]);
+    });
+  });
+
   test('three fields within the limit as received, over it as nghttp2 bounds what it sends (with the date Node adds): RESOURCE_EXHAUSTED on every call, not only the first', NOT_FOR_EVER, async () => {
     // --mtls_max_header_size 1024: 2048 bytes. :status, content-type and x-a of 1910 bytes come to 2047 as received (32
     // bytes a field) and, with Node's date, to 2049 by nghttp2's bound (12 a field, 17 a block). C-core sends no date.
