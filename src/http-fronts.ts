@@ -72,7 +72,7 @@ class SessionState implements IdleConnection, AckWatcher {
    * (REFUSED_STREAM: 300 errors in 5 s of the REST HTTP/2 benchmark), which not every client retries.
    */
   #resets: ResetAllowance | undefined;
-  /** The client's resets against nghttp2's budget for them, from its first reset; see clientReset(). */
+  /** The client's resets against nghttp2's budget for them, from its first reset; see streamClosed(). */
   #clientResets: ResetAllowance | undefined;
   /** nghttp2 has cut the connection for rapid reset, and the line said so. */
   #rapidReset = false;

@@ -19,7 +19,7 @@ import { constants, type Http2Stream } from 'node:http2';
 export const RESET_BURST = 1000;
 export const RESETS_PER_SECOND = 33;
 
-/** The code of the h2_session_error line and metric for a client cut for rapid reset, in both gRPC modes. */
+/** The code of the h2_session_error line and metric for a client cut for rapid reset: by the gRPC relay, or by nghttp2 in terminate mode. */
 export const RAPID_RESET = 'RAPID_RESET';
 /**
  * Streams kept in hand: nghttp2 refills at the seconds it sees a reset and this bucket at those
@@ -31,6 +31,7 @@ const HEADROOM = 150;
 /**
  * Per HTTP/2 connection: whether the client's streams so far leave room for as many resets. The gRPC
  * relay counts the client's resets themselves, with no headroom (`headroom` 0): nghttp2's own budget.
+ * Terminate mode's fronts count them past it (a negative headroom) to know that nghttp2's has run out.
  */
 export class ResetAllowance {
   readonly #headroom: number;

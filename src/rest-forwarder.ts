@@ -645,7 +645,11 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   #controller: Dispatcher.DispatchController | undefined;
   /** The upstream request has ended, answered or failed. */
   #ended = false;
-  /** Set once we answered the client ourselves or it left: nothing from the upstream may follow. */
+  /**
+   * Set once we answered the client ourselves or it left: nothing from the upstream may follow. It covers a
+   * destroyed response: Node's HTTP/1.1 server destroys one as it emits its 'close' (onClose() gives up), ours
+   * are destroyed after giving up (cutShort), and an Http2ServerResponse has no `destroyed` at all.
+   */
   givenUp = false;
   /** The answer is a 204 or a 304: it has no body, whatever its Content-Length says (RFC 9110 6.4.1, 8.6). */
   #bodiless = false;
@@ -744,7 +748,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
     this.#stats.bytesOut += chunk.length;
     const res = this.#res;
-    if (this.givenUp || res.destroyed) return;
+    if (this.givenUp) return;
     (res as ServerResponse).write(chunk);
     // A listener only when needed: most responses never fill the buffer.
     if (res.writableLength >= BODY_BUFFER && !controller.paused) {
@@ -777,7 +781,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#ended = true;
     if (this.givenUp) return;
     const res = this.#res;
-    const begun = res.headersSent || res.destroyed;
+    const begun = res.headersSent;
     const { code, message } = this.#describe(err, begun);
     this.#stats.error ??= code;
     // Counted before and after the answer has begun alike, as the relay counts it: a model server

@@ -60,6 +60,7 @@ const HEARD_SETTINGS = new WeakSet<ClientHttp2Session>();
 /**
  * From now on, notes when the model server's SETTINGS arrive on `session`, for spokeHttp2(). Not
  * Node's 'connect': it comes once TCP connects, for a peer that answers in HTTP/1.1 too.
+ * (UpstreamH2Session notes them in its own 'remoteSettings' listener.)
  */
 export function noteSettings(session: ClientHttp2Session): void {
   session.once('remoteSettings', () => HEARD_SETTINGS.add(session));
@@ -211,8 +212,8 @@ export class UpstreamH2Session {
     };
     session.once('goaway', forget);
     session.once('close', forget);
-    noteSettings(session);
     session.on('remoteSettings', (settings) => {
+      HEARD_SETTINGS.add(session);
       this.#maxHeaderListSize = settings.maxHeaderListSize ?? Infinity;
       this.#onSettings();
     });
