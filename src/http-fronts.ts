@@ -40,12 +40,22 @@ interface UnansweredPing {
 const MIN_STREAM_BYTES = 9;
 
 /**
- * nghttp2 counts every RST_STREAM a client sends (reset-allowance.ts) and, once its budget is spent,
+ * nghttp2 counts every RST_STREAM a client sends (reset-allowance.ts) and, at the first past its budget,
  * sends GOAWAY(INTERNAL_ERROR) and reads no more of the connection once its streams are over, telling
- * no JavaScript code. The resets counted here are those of streams we saw: the budget is taken as spent
- * a second's refill past it, as nghttp2 refills at other second boundaries.
+ * no JavaScript code. The resets counted here are those of the streams we saw, against the same budget
+ * (`headroom` -1: spent at the same reset). nghttp2 takes no new stream after its GOAWAY, so a margin
+ * past it was never reached on the REST port. Its refill comes at other second boundaries: a client
+ * that resets at about the refill rate may find one count a few resets ahead of the other, and the
+ * connection is then closed by the one ahead. When nghttp2's is, no stream comes after its GOAWAY to
+ * bring ours to the end, and the connection sat silent until the idle close: with our count within a
+ * second's refill of the end, the idle sweep sends a PING, which goes unanswered once nghttp2 reads no
+ * more (#gaveUp).
  */
-const RAPID_RESET_MESSAGE = `the client reset more streams than nghttp2 allows (${RESET_BURST} at once, ${RESETS_PER_SECOND} more each second): rapid reset (CVE-2023-44487). nghttp2 sent it GOAWAY INTERNAL_ERROR; the connection closes once the streams still open on it end`;
+function rapidResetMessage(atSweep: boolean): string {
+  const said = `the client reset more streams than nghttp2 allows (${RESET_BURST} at once, ${RESETS_PER_SECOND} more each second): rapid reset (CVE-2023-44487)`;
+  if (atSweep) return `${said}, within a second's refill of it by the proxy's count. nghttp2 sent it GOAWAY INTERNAL_ERROR and read no more of it: it answered no PING since; closed`;
+  return `${said}. nghttp2 sent it GOAWAY INTERNAL_ERROR (or the proxy a GOAWAY, had nghttp2's count, refilled at other seconds, a few resets to go); the connection closes once the streams still open on it end`;
+}
 
 function unansweredMessage(open: number): string {
   return `the client answered no PING, and no byte moved either way, for an idle timeout with ${open} request(s) open (gone without its close reaching the proxy, or a protocol error of its own after which Node stopped reading it): closed`;
@@ -108,12 +118,16 @@ class SessionState implements IdleConnection, AckWatcher {
    */
   streamClosed(stream: ServerHttp2Stream): void {
     if (this.#rapidReset || this.session.closed || this.session.destroyed || !resetByClient(stream)) return;
-    this.#clientResets ??= new ResetAllowance(-RESETS_PER_SECOND);
+    this.#clientResets ??= new ResetAllowance(-1);
     if (this.#clientResets.take(1)) return;
-    this.#rapidReset = true;
-    this.#observer.h2SessionFailed({ ...clientRef(this.context), code: RAPID_RESET, message: RAPID_RESET_MESSAGE });
-    // Its streams still open may finish (nghttp2's GOAWAY spared them); then the connection closes, not at an idle sweep.
+    this.#reportRapidReset(false);
+    // Its streams still open may finish (a GOAWAY spares them); then the connection closes, not at an idle sweep.
     this.close();
+  }
+
+  #reportRapidReset(atSweep: boolean): void {
+    this.#rapidReset = true;
+    this.#observer.h2SessionFailed({ ...clientRef(this.context), code: RAPID_RESET, message: rapidResetMessage(atSweep) });
   }
 
   /** The connection is ending: streams Node took in after the last one we saw never reached us either. */
@@ -168,7 +182,8 @@ class SessionState implements IdleConnection, AckWatcher {
     }
     const last = this.session.state.lastProcStreamID ?? 0;
     // 0 until the client's first stream: nothing can be missing yet (each idle connection got a PING at every sweep).
-    const missing = last >= 1 && last > this.#lastSeen;
+    // A client whose resets came within a second's refill of nghttp2's budget may have been cut by it (see rapidResetMessage()): a PING tells.
+    const missing = (last >= 1 && last > this.#lastSeen) || this.#mayBeCutForResets();
     if (!missing && this.streams.open === 0) return;
     this.#unanswered = { sweeps: 0, bytesMoved: tcpBytesMoved(this.context.socket), missing };
     this.session.ping((err) => {
@@ -212,8 +227,22 @@ class SessionState implements IdleConnection, AckWatcher {
 
   #gaveUp(): void {
     const last = this.session.state.lastProcStreamID;
-    if (last !== undefined && last > this.#lastSeen) this.#closeUndecodable(last);
+    if (this.#mayBeCutForResets()) this.#closeAfterRapidReset();
+    else if (last !== undefined && last > this.#lastSeen) this.#closeUndecodable(last);
     else this.#closeUnresponsive();
+  }
+
+  /** Our count of the client's resets came within a second's refill of nghttp2's budget, and no line said so yet. */
+  #mayBeCutForResets(): boolean {
+    return !this.#rapidReset && (this.#clientResets?.left ?? RESET_BURST) <= RESETS_PER_SECOND;
+  }
+
+  /** nghttp2 cut the client a few resets before our count did (see rapidResetMessage()): said now, in place of the rest. */
+  #closeAfterRapidReset(): void {
+    this.#reportRapidReset(true);
+    this.context.closedBy ??= 'proxy_closed_unresponsive';
+    this.session.destroy();
+    this.context.socket.destroy();
   }
 
   #closeUndecodable(last: number): void {

@@ -31,7 +31,7 @@ const HEADROOM = 150;
 /**
  * Per HTTP/2 connection: whether the client's streams so far leave room for as many resets. The gRPC
  * relay counts the client's resets themselves, with no headroom (`headroom` 0): nghttp2's own budget.
- * Terminate mode's fronts count them past it (a negative headroom) to know that nghttp2's has run out.
+ * Terminate mode's fronts count them to its first reset past it (`headroom` -1), where nghttp2 sends its GOAWAY.
  */
 export class ResetAllowance {
   readonly #headroom: number;
@@ -40,6 +40,11 @@ export class ResetAllowance {
 
   constructor(headroom = HEADROOM) {
     this.#headroom = headroom;
+  }
+
+  /** What is left of the budget at the last take(): negative past it. */
+  get left(): number {
+    return this.#left;
   }
 
   /** Counts `streams` newly opened (or reset); false once they come within the headroom of what nghttp2 allows. */
