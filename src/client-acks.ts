@@ -23,16 +23,30 @@ export function unackedBytes(procNetTcp: string, inodes: ReadonlySet<string>, in
   return into;
 }
 
-/** The tx_queue of the line whose inode field (the 10th) is `inode`: the same digits may stand in another field. */
+/** The tx_queue of the line whose inode field (the 10th) is `inode`. */
 function txQueueOf(procNetTcp: string, inode: string): number | undefined {
+  const fields = fieldsOf(procNetTcp, inode);
+  if (fields === undefined) return undefined;
+  const txQueue = parseInt(fields[4]?.split(':')[0] ?? '', 16);
+  return Number.isFinite(txQueue) ? txQueue : undefined;
+}
+
+/** TCP_CLOSE_WAIT, the `st` field of a socket whose peer has closed its side (sent FIN). */
+const CLOSE_WAIT = '08';
+
+/** Whether the client closed its side of socket `inode` (the kernel got its FIN), from /proc/net/tcp text. */
+export function closedByPeer(procNetTcp: string, inode: string): boolean {
+  return fieldsOf(procNetTcp, inode)?.[3] === CLOSE_WAIT;
+}
+
+/** The fields of the line whose inode field (the 10th) is `inode`: the same digits may stand in another field. */
+function fieldsOf(procNetTcp: string, inode: string): string[] | undefined {
   const needle = ` ${inode} `;
   for (let at = procNetTcp.indexOf(needle); at !== -1; at = procNetTcp.indexOf(needle, at + 1)) {
     const start = procNetTcp.lastIndexOf('\n', at) + 1;
     const end = procNetTcp.indexOf('\n', at);
     const fields = procNetTcp.slice(start, end === -1 ? undefined : end).trim().split(/\s+/);
-    if (fields[9] !== inode) continue;
-    const txQueue = parseInt(fields[4]?.split(':')[0] ?? '', 16);
-    return Number.isFinite(txQueue) ? txQueue : undefined;
+    if (fields[9] === inode) return fields;
   }
   return undefined;
 }
@@ -63,6 +77,12 @@ function sameWrites(a: CountedSocket, b: CountedSocket): boolean {
   return a.bytesWritten === b.bytesWritten && a.writeQueueSize === b.writeQueueSize;
 }
 
+function kernelSays(tables: readonly string[], unacked: ReadonlyMap<string, number>, inode: string, tcp: CountedSocket): number | 'gone' | 'closed' {
+  const txQueue = unacked.get(inode);
+  if (txQueue === undefined) return 'gone';
+  return tables.some((table) => closedByPeer(table, inode)) ? 'closed' : progressOf(tcp, txQueue);
+}
+
 /** Reads of /proc during which Node wrote to a socket, after which its sample is given up until the next sweep. */
 const RETRIES = 3;
 
@@ -71,10 +91,11 @@ export interface AckWatcher {
   tcp(): CountedSocket | undefined;
   /**
    * Bytes the client sent plus the bytes its kernel acknowledged, as the kernel says now; 'gone'
-   * when the socket is no longer in the kernel's tables (reset); 'sent' when the client sent bytes
-   * while /proc was read (Node's counts and the kernel's then do not match, and it is alive anyway).
+   * when the socket is no longer in the kernel's tables (reset); 'closed' when the client closed its
+   * side (FIN); 'sent' when the client sent bytes while /proc was read (Node's counts and the
+   * kernel's then do not match, and it is alive anyway).
    */
-  sampled(progress: number | 'gone' | 'sent'): void;
+  sampled(progress: number | 'gone' | 'closed' | 'sent'): void;
 }
 
 /**
@@ -136,7 +157,7 @@ export class ClientAcks {
       const [then, now] = [before.get(watcher), watcher.tcp()];
       if (then === undefined || now === undefined) continue;
       if (now.bytesRead !== then.bytesRead) watcher.sampled('sent');
-      else if (sameWrites(then, now)) watcher.sampled(unacked.has(inode) ? progressOf(now, unacked.get(inode)!) : 'gone');
+      else if (sameWrites(then, now)) watcher.sampled(kernelSays(tables, unacked, inode, now));
       else this.#retry(watcher);
     }
   }

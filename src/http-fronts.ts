@@ -1,4 +1,4 @@
-import { createServer as createHttp2Server, type Http2Server, type ServerHttp2Session, type ServerHttp2Stream, type IncomingHttpHeaders, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
+import { constants as h2Constants, createServer as createHttp2Server, type Http2Server, type ServerHttp2Session, type ServerHttp2Stream, type IncomingHttpHeaders, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
 import { STATUS_CODES, createServer as createHttpServer, type Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
@@ -61,6 +61,30 @@ function unansweredMessage(open: number): string {
   return `the client answered no PING, and no byte moved either way, for an idle timeout with ${open} request(s) open (gone without its close reaching the proxy, or a protocol error of its own after which Node stopped reading it): closed`;
 }
 
+/** The h2_session_error code of a connection nghttp2 ended for the client's protocol error, on every Node version. */
+const PROTOCOL_ERROR = 'PROTOCOL_ERROR';
+
+const PROTOCOL_ERROR_MESSAGE = 'the client broke the HTTP/2 protocol (DATA past END_STREAM or past its content-length, a frame over SETTINGS_MAX_FRAME_SIZE, ...), and nghttp2 sent GOAWAY and stopped reading it';
+
+/** nghttp2's NGHTTP2_ERR_PROTO: what Node 22+ destroys a session with once nghttp2 has ended it (GOAWAY sent, nothing more read). */
+const NGHTTP2_ERR_PROTO = -505;
+
+function nghttp2GaveUp(error: Error | undefined): boolean {
+  const err = error as NodeJS.ErrnoException | undefined;
+  return err?.code === 'ERR_HTTP2_ERROR' && err.errno === NGHTTP2_ERR_PROTO;
+}
+
+/**
+ * Node 22+ ends a session nghttp2 gave up on at once (Node 20 never says, and the idle sweep finds it), by calling its
+ * destroy() with an NghttpError. By its 'error' event the streams are closed, their access lines written, and the
+ * session's state gone: `onGiveUp` runs before, while they can still be told why. It returns the GOAWAY code Node
+ * should send where nghttp2 sent none (a content-length overrun): Node's default, INTERNAL_ERROR, blamed the proxy.
+ */
+function beforeNghttp2End(session: ServerHttp2Session, onGiveUp: () => number): void {
+  const destroy = session.destroy.bind(session);
+  session.destroy = (error?: Error, code?: number) => destroy(error, nghttp2GaveUp(error) && !session.destroyed ? (code ?? onGiveUp()) : code);
+}
+
 /** What the front keeps per HTTP/2 connection. */
 class SessionState implements IdleConnection, AckWatcher {
   readonly streams = new StreamCount();
@@ -74,6 +98,8 @@ class SessionState implements IdleConnection, AckWatcher {
   #streamsCounted = 0;
   /** The PING of watch() while it goes unanswered. */
   #unanswered: UnansweredPing | undefined;
+  /** Node 22+ is ending the connection nghttp2 gave up on (beforeNghttp2End): what it was, for its 'error' event. */
+  #nghttp2Ended: 'undecodable' | 'protocol' | undefined;
   /**
    * For curl on the REST port only: what nghttp2's reset limit leaves it, so that a graceful GOAWAY
    * goes out before that limit cuts the connection (see reset-allowance.ts). Only curl resets every
@@ -200,9 +226,14 @@ class SessionState implements IdleConnection, AckWatcher {
   }
 
   /** The kernel's count, after a sweep that asked for it: the first one starts the wait, each that grew starts it again. */
-  sampled(taken: number | 'gone' | 'sent'): void {
+  sampled(taken: number | 'gone' | 'closed' | 'sent'): void {
     const wait = this.#unanswered;
-    if (wait === undefined || taken === 'gone' || (typeof taken === 'number' && wait.taken !== undefined && taken <= wait.taken)) return;
+    if (wait === undefined) return;
+    if (taken === 'gone' || taken === 'closed') {
+      this.#clientLeft(taken);
+      return;
+    }
+    if (typeof taken === 'number' && wait.taken !== undefined && taken <= wait.taken) return;
     if (typeof taken === 'number') wait.taken = taken;
     wait.sweeps = 0;
   }
@@ -229,6 +260,7 @@ class SessionState implements IdleConnection, AckWatcher {
     const last = this.session.state.lastProcStreamID;
     if (this.#mayBeCutForResets()) this.#closeAfterRapidReset();
     else if (last !== undefined && last > this.#lastSeen) this.#closeUndecodable(last);
+    else if (this.#nghttp2Stopped()) this.#closeProtocolError();
     else this.#closeUnresponsive();
   }
 
@@ -245,11 +277,68 @@ class SessionState implements IdleConnection, AckWatcher {
     this.context.socket.destroy();
   }
 
+  /**
+   * Node 20: nghttp2 ended the connection itself (GOAWAY for a protocol error of the client's) and sends nothing
+   * more: our PING is still in its queue, though the socket, which the kernel still has, has nothing queued that
+   * it could be waiting behind. A client that reads nothing leaves our writes queued on the socket instead.
+   */
+  #nghttp2Stopped(): boolean {
+    return (this.session.state.outboundQueueSize ?? 0) > 0 && this.tcp()?.writeQueueSize === 0;
+  }
+
   #closeUndecodable(last: number): void {
-    this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
-    this.context.closedBy ??= 'proxy_closed_undecodable_header';
+    this.#noteUndecodable(last);
     // The session, not the socket as listeners.ts cutConnection() does: a destroyed socket reached the client as a reset (ECONNRESET).
     this.session.destroy();
+  }
+
+  #noteUndecodable(last: number): void {
+    this.#reportUnseenUpTo(last, 'COMPRESSION_ERROR');
+    this.context.closedBy ??= 'proxy_closed_undecodable_header';
+  }
+
+  #closeProtocolError(): void {
+    this.#noteProtocolError();
+    this.session.destroy();
+  }
+
+  #noteProtocolError(): void {
+    this.context.closedBy ??= 'client_protocol_error';
+    this.#observer.h2SessionFailed({ ...clientRef(this.context), code: PROTOCOL_ERROR, message: PROTOCOL_ERROR_MESSAGE });
+  }
+
+  /**
+   * Node 22+ is ending the connection nghttp2 gave up on (beforeNghttp2End): named as Node 20's sweep names it, an
+   * undecodable header field by the stream id no handler saw, else the client's protocol error. Returns the GOAWAY code.
+   */
+  nghttp2GaveUp(): number {
+    const last = this.session.state.lastProcStreamID;
+    if (last !== undefined && last > this.#lastSeen) {
+      this.#nghttp2Ended = 'undecodable';
+      this.#noteUndecodable(last);
+      return h2Constants.NGHTTP2_COMPRESSION_ERROR;
+    }
+    this.#nghttp2Ended = 'protocol';
+    this.#noteProtocolError();
+    return h2Constants.NGHTTP2_PROTOCOL_ERROR;
+  }
+
+  /**
+   * Node 20, its PING unanswered: the client reset the connection or closed its side (killed while the answers to
+   * it were backed up), which Node 20 never reports, and the kernel's tables tell. Named as Node 22+ names it when
+   * it reports it: the client closed, unless nghttp2 had ended the connection for its protocol error first (a client
+   * that then closed its side). Not after a reset: Node 20 stops writing once a write fails, and nghttp2 then holds
+   * frames too.
+   */
+  #clientLeft(how: 'gone' | 'closed'): void {
+    if (how === 'closed' && this.#nghttp2Stopped()) this.#closeProtocolError();
+    else this.#clientGone();
+  }
+
+  #clientGone(): void {
+    // With the error Node 22+ gives: the streams end as reset (an answer cut short, not one delivered), and failed() logs no line.
+    this.session.destroy(Object.assign(new Error('the client reset the connection: the kernel no longer has it'), { code: 'ECONNRESET' }));
+    this.context.socket.destroy();
   }
 
   #closeUnresponsive(): void {
@@ -267,7 +356,8 @@ class SessionState implements IdleConnection, AckWatcher {
    */
   failed(err: NodeJS.ErrnoException): void {
     const code = err.code ?? 'unknown';
-    if (CLIENT_WENT_AWAY.has(code)) return;
+    // Named, and logged as Node 20's sweep logs it, when Node began to end it (nghttp2GaveUp()).
+    if (CLIENT_WENT_AWAY.has(code) || (this.#nghttp2Ended !== undefined && nghttp2GaveUp(err))) return;
     this.#observer.h2SessionFailed({ ...clientRef(this.context), code, message: err.message });
   }
 
@@ -442,6 +532,7 @@ export class H2Front implements Drainable {
       this.#idle.delete(state);
     });
     session.on('error', (err: NodeJS.ErrnoException) => state.failed(err));
+    beforeNghttp2End(session, () => state.nghttp2GaveUp());
     session.once('goaway', () => state.clientLeaving());
     // Prepended: Node's own listener destroys the session, and with it the stream ids it kept.
     state.context.socket.prependListener('close', () => state.clientLeaving());

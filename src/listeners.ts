@@ -54,10 +54,11 @@ export function requestStart(context: ConnectionContext): number {
 
 /**
  * Why the proxy cut a connection under requests still in flight: a revoked client's grace ran out,
- * nghttp2 gave up decoding a header field over 64 KiB or the client answered no PING (http-fronts.ts), the client took nothing
+ * nghttp2 gave up decoding a header field over 64 KiB or ended the connection for the client's protocol error, or the
+ * client answered no PING (http-fronts.ts), the client took nothing
  * of what waited for it (send-stall.ts), the shutdown timeout ran out.
  */
-export type ProxyCut = 'proxy_closed_revoked' | 'proxy_closed_undecodable_header' | 'proxy_closed_unresponsive' | 'shutdown_timeout';
+export type ProxyCut = 'proxy_closed_revoked' | 'proxy_closed_undecodable_header' | 'proxy_closed_unresponsive' | 'client_protocol_error' | 'shutdown_timeout';
 
 /** Destroys a connection, first noting why, for the access lines of what was in flight on it. */
 export function cutConnection(context: ConnectionContext, why: ProxyCut): void {

@@ -46,8 +46,10 @@ const postHeaders = (path: string, extra: Record<string, string> = {}) =>
 
 for (const restMode of FORWARD_MODES) {
   describe(`REST over HTTP/2, --mtls_rest_mode ${restMode}: connections Node never says ended`, () => {
-    test('a client killed while its download is backed up (curl --limit-rate, then SIGKILL): connection, stream and model-server request released, logged proxy_closed_unresponsive', async () => {
-      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
+    // Node 22+ reports its close; Node 20 never does, and the kernel's tables tell (client-acks.ts): client_closed either way.
+    test('a client killed while its download is backed up (curl --limit-rate, then SIGKILL): connection, stream and model-server request released, logged client_closed, with no h2_session_error line', async () => {
+      // Long enough that the client, which takes nothing for seconds at a time as it reads, is not found unresponsive before it is killed.
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: 5 * IDLE_MS } });
       const curl = spawn('curl', ['-sS', '--http2', ...curlTls(pki), '--limit-rate', '100k', '-o', '/dev/null', `https://localhost:${local.restPort}/stream-bytes?n=${DOWNLOAD_BYTES}`], { stdio: 'ignore' });
       try {
         await eventually(() => upstream.received.some((r) => r.path.startsWith('/stream-bytes')), 'the download at the model server');
@@ -57,9 +59,8 @@ for (const restMode of FORWARD_MODES) {
         await released(local, "the killed client's connection released");
         await upstream.waitFor('restAborted', '/stream-bytes');
         const line = await local.logs.waitFor((l) => l.event === 'access' && String(l.path).startsWith('/stream-bytes'));
-        assert.equal(line.error, 'proxy_closed_unresponsive');
-        const failed = await local.logs.waitFor((l) => l.event === 'h2_session_error');
-        assert.equal(failed['code'], 'PING_UNANSWERED');
+        assert.equal(line.error, 'client_closed');
+        assert.deepEqual(local.logs.lines.filter((l) => l.event === 'h2_session_error'), []);
       } finally {
         curl.kill('SIGKILL');
         await local.proxy.shutdown(1000);
@@ -81,7 +82,8 @@ for (const restMode of FORWARD_MODES) {
       ['DATA after END_STREAM (GOAWAY STREAM_CLOSED)', [h2Frame(H2.DATA, END_STREAM, 1, Buffer.from('abc')), h2Frame(H2.DATA, 0, 1, Buffer.from('def'))]],
       ['a DATA frame over SETTINGS_MAX_FRAME_SIZE (GOAWAY FRAME_SIZE_ERROR)', [h2Frame(H2.DATA, 0, 1, Buffer.alloc(20_000, 0x61))]],
     ] as const) {
-      test(`a connection nghttp2 ends for the client's protocol error, ${what}: closed, with its access line and an h2_session_error line`, async () => {
+      // Node 22+ says at once that nghttp2 gave up on it; Node 20 never does, and the idle sweep finds it: the same line either way.
+      test(`a connection nghttp2 ends for the client's protocol error, ${what}: closed, with its access line and an h2_session_error line, PROTOCOL_ERROR`, async () => {
         const local = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode, limits: { idleTimeoutMs: IDLE_MS } });
         const client = await rawH2Client(local.restPort, pki);
         try {
@@ -91,7 +93,7 @@ for (const restMode of FORWARD_MODES) {
           await released(local, 'the connection closed');
           // Its line is written now, not at shutdown; what it says depends on how far the answer got before nghttp2 stopped.
           await local.logs.waitFor((l) => l.event === 'access' && l.path === '/echo-body');
-          assert.equal((await local.logs.waitFor((l) => l.event === 'h2_session_error'))['code'], 'PING_UNANSWERED');
+          assert.equal((await local.logs.waitFor((l) => l.event === 'h2_session_error'))['code'], 'PROTOCOL_ERROR');
         } finally {
           client.socket.destroy();
           await local.proxy.shutdown(1000);

@@ -313,9 +313,10 @@ describe('a header field over 64 KiB, which ends the HTTP/2 connection, is logge
     assert.ok(typeof line.subject === 'string' && line.subject !== '');
     // Node held the connection and the call to the model server until something ended them.
     await eventually(async () => (await openStreams()) === 0, 'the held call closed');
+    // Its socket closes a moment after its streams: on Node 22+, which ends the session itself, often after this line.
+    await eventually(async () => sample(await observer.registry.metrics(), 'ovms_mtls_open_connections', { listener: 'grpc' }) === 0, 'the connection closed');
     const text = await observer.registry.metrics();
     assert.equal(sample(text, 'ovms_mtls_h2_streams_reset_unseen_total', { listener: 'grpc' }), 1);
-    assert.equal(sample(text, 'ovms_mtls_open_connections', { listener: 'grpc' }), 0);
     // The proxy cut it (the client can no longer be heard): its line says so, not client_cancelled.
     const heldLine = front.logs.lines.find((l) => l.event === 'access' && l.path === '/ovmsmtls.test.Echo/Hold');
     assert.equal(heldLine?.error, 'proxy_closed_undecodable_header');

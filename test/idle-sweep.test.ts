@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createHook } from 'node:async_hooks';
 import { IdleSweeper, StreamCount, type IdleConnection } from '../src/idle-sweep.js';
-import { unackedBytes } from '../src/client-acks.js';
+import { closedByPeer, unackedBytes } from '../src/client-acks.js';
 
 const MS = 80;
 
@@ -71,4 +71,13 @@ test('unackedBytes reads tx_queue of the asked sockets from /proc/net/tcp text, 
   // The digits of a uid (field 8) are no inode: only the 10th field is.
   const uidLike = '   3: 0100007F:4A6B 0100007F:C352 01 00000005:00000000 00:00000000 00000000  4842341        0 7 1 0000000000000000 20 4 1 10 -1';
   assert.deepEqual([...unackedBytes([text, uidLike].join('\n'), new Set(['4842341', '7']))], [['7', 5]]);
+});
+
+test('closedByPeer finds a socket whose client closed its side (CLOSE_WAIT, st 08) by inode', () => {
+  const text = [
+    '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode',
+    '   0: 0100007F:4A6B 0100007F:C350 08 00000000:00000000 00:00000000 00000000     0        0 4842338 1 0000000000000000 20 4 1 10 -1',
+    '   1: 0100007F:4A6B 0100007F:C351 01 00000000:00000000 00:00000000 00000000     0        0 4842339 1 0000000000000000 20 4 1 10 -1',
+  ].join('\n');
+  assert.deepEqual(['4842338', '4842339', '999'].map((inode) => closedByPeer(text, inode)), [true, false, false]);
 });
