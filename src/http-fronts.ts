@@ -312,6 +312,11 @@ class SessionState implements IdleConnection, AckWatcher {
    * undecodable header field by the stream id no handler saw, else the client's protocol error. Returns the GOAWAY code.
    */
   nghttp2GaveUp(): number {
+    // A rapid reset already said (streamClosed()): the GOAWAY nghttp2 sent for it stands, and no second line.
+    if (this.#rapidReset) {
+      this.#nghttp2Ended = 'protocol';
+      return h2Constants.NGHTTP2_INTERNAL_ERROR;
+    }
     const last = this.session.state.lastProcStreamID;
     if (last !== undefined && last > this.#lastSeen) {
       this.#nghttp2Ended = 'undecodable';
