@@ -5,7 +5,7 @@
 #     IMAGE --model_name dummy --model_path /models/dummy --port 9000 --rest_port 8000
 # The public ports speak mutual TLS; OVMS itself listens on loopback only.
 ARG OVMS_TAG=2025.2
-ARG NODE_VERSION=20
+ARG NODE_VERSION=24
 
 # ---- build stage: compiler, npm and sources stay here ----
 FROM node:${NODE_VERSION}-bookworm AS build
