@@ -98,8 +98,8 @@ class SessionState implements IdleConnection, AckWatcher {
   #streamsCounted = 0;
   /** The PING of watch() while it goes unanswered. */
   #unanswered: UnansweredPing | undefined;
-  /** Node 22+ is ending the connection nghttp2 gave up on (beforeNghttp2End): what it was, for its 'error' event. */
-  #nghttp2Ended: 'undecodable' | 'protocol' | undefined;
+  /** Node 22+ is ending the connection nghttp2 gave up on (beforeNghttp2End), already named: its 'error' event adds no line. */
+  #nghttp2Ended = false;
   /**
    * For curl on the REST port only: what nghttp2's reset limit leaves it, so that a graceful GOAWAY
    * goes out before that limit cuts the connection (see reset-allowance.ts). Only curl resets every
@@ -312,18 +312,14 @@ class SessionState implements IdleConnection, AckWatcher {
    * undecodable header field by the stream id no handler saw, else the client's protocol error. Returns the GOAWAY code.
    */
   nghttp2GaveUp(): number {
+    this.#nghttp2Ended = true;
     // A rapid reset already said (streamClosed()): the GOAWAY nghttp2 sent for it stands, and no second line.
-    if (this.#rapidReset) {
-      this.#nghttp2Ended = 'protocol';
-      return h2Constants.NGHTTP2_INTERNAL_ERROR;
-    }
+    if (this.#rapidReset) return h2Constants.NGHTTP2_INTERNAL_ERROR;
     const last = this.session.state.lastProcStreamID;
     if (last !== undefined && last > this.#lastSeen) {
-      this.#nghttp2Ended = 'undecodable';
       this.#noteUndecodable(last);
       return h2Constants.NGHTTP2_COMPRESSION_ERROR;
     }
-    this.#nghttp2Ended = 'protocol';
     this.#noteProtocolError();
     return h2Constants.NGHTTP2_PROTOCOL_ERROR;
   }
@@ -362,7 +358,7 @@ class SessionState implements IdleConnection, AckWatcher {
   failed(err: NodeJS.ErrnoException): void {
     const code = err.code ?? 'unknown';
     // Named, and logged as Node 20's sweep logs it, when Node began to end it (nghttp2GaveUp()).
-    if (CLIENT_WENT_AWAY.has(code) || (this.#nghttp2Ended !== undefined && nghttp2GaveUp(err))) return;
+    if (CLIENT_WENT_AWAY.has(code) || (this.#nghttp2Ended && nghttp2GaveUp(err))) return;
     this.#observer.h2SessionFailed({ ...clientRef(this.context), code, message: err.message });
   }
 
