@@ -3,28 +3,39 @@
  * hands it to a worker in an IPC message that carries the socket; the primary closes its own copy
  * only once the worker answers that it took it. A worker that dies before it answers (SIGKILL, the
  * out-of-memory killer, a crash, the pool's kill of a stuck worker, which never answers the one it
- * was handed last) never does, and Node (20) waits for ever: the connection stayed open in the
- * primary, which never reads it, so its client waited for a TLS handshake that never came, and the
- * primary kept a file descriptor and Node's callback (holding the dead worker's objects) for each,
- * for the life of the process: a connection or two per listener each time a busy worker was killed.
+ * was handed last) never does, and Node waits for ever: the connection stayed open in the primary,
+ * which never reads it, so its client waited for a TLS handshake that never came, and the primary
+ * kept a file descriptor and Node's callback (holding the dead worker's objects) for each, for the
+ * life of the process: a connection or two per listener each time a busy worker was killed.
  *
- * This watches the hand-offs to one worker and, once it is gone, answers for it the way a worker
- * that took the connection does: Node's own callback then closes the primary's copy and forgets the
- * hand-off. It also takes the worker out of the round-robin as soon as its channel ends (see
- * #leaveRoundRobinAtChannelEnd). The message names are Node's (lib/internal/cluster); were they to
- * change, the watch sees no hand-off and nothing changes from before, which the tests of the pool would show.
+ * This watches the hand-offs to one worker and, once it is gone, answers for it. Where another
+ * worker still serves that port, the answer is the one a worker that is closing its server gives
+ * (not taken): Node's own callback hands the connection to another worker, whose client never
+ * knows. A worker answers before it reads a byte of the connection, so one it did not answer for
+ * was never read. Where none serves it, Node has closed that port's listener and forgotten its
+ * queue, and a connection given back would wait there for ever: the answer is then "taken", on
+ * which Node's callback closes the primary's copy. It also takes the worker out of the round-robin
+ * as soon as its channel ends (see #leaveRoundRobinAtChannelEnd). The message names are Node's
+ * (lib/internal/cluster); were they to change, the watch sees no hand-off and nothing changes from
+ * before, which the tests of the pool would show.
  */
 import type { ChildProcess } from 'node:child_process';
 
 /** Every internal message of Node's cluster carries this `cmd`. */
 const CLUSTER_COMMAND = 'NODE_CLUSTER';
 
-/** The fields of Node's cluster messages read here: `act: 'newconn'` hands a connection over, `ack` answers the message of that `seq`. */
+/**
+ * The fields of Node's cluster messages read here. To the worker: `act: 'newconn'` hands over a connection
+ * on the port of that `key`; a message with `ack` and `key` (and no `errno`) tells it that it now serves that
+ * port. From the worker: `ack` answers the message of that `seq`; `act: 'close'` says it no longer serves `key`.
+ */
 interface ClusterMessage {
   readonly cmd?: unknown;
   readonly act?: unknown;
   readonly seq?: unknown;
   readonly ack?: unknown;
+  readonly key?: unknown;
+  readonly errno?: unknown;
 }
 
 /** The primary's copy of a connection handed over (a libuv TCP handle). */
@@ -34,10 +45,22 @@ interface SentHandle {
 
 type Send = (message: unknown, ...rest: unknown[]) => boolean;
 
+/** What became of the connections a dead worker had been handed and had not taken. */
+export interface UntakenOutcome {
+  /** Given to another worker that serves the same port. */
+  readonly handedOn: number;
+  /** Closed: no other worker served the port. */
+  readonly closed: number;
+}
+
 export class HandoffWatch {
+  /** The watches of every worker not yet gone: where another worker serving a port is looked for. */
+  static readonly #alive = new Set<HandoffWatch>();
   readonly #child: ChildProcess;
   /** Connections handed to the worker that it has not answered for yet, by the hand-off's sequence number. */
-  readonly #untaken = new Map<number, SentHandle>();
+  readonly #untaken = new Map<number, { readonly handle: SentHandle; readonly key: string }>();
+  /** The ports (Node's keys) on which round-robin hands this worker connections: as Node's own list of them. */
+  readonly #serving = new Set<string>();
 
   constructor(child: ChildProcess) {
     this.#child = child;
@@ -51,24 +74,41 @@ export class HandoffWatch {
     child.send = watched as ChildProcess['send'];
     this.#leaveRoundRobinAtChannelEnd(child);
     child.on('internalMessage', (message: ClusterMessage) => {
-      if (message?.cmd === CLUSTER_COMMAND && typeof message.ack === 'number') this.#untaken.delete(message.ack);
+      if (message?.cmd !== CLUSTER_COMMAND) return;
+      if (typeof message.ack === 'number') this.#untaken.delete(message.ack);
+      else if (message.act === 'close' && typeof message.key === 'string') this.#serving.delete(message.key);
     });
+    HandoffWatch.#alive.add(this);
   }
 
   /**
-   * Once the worker has exited and its channel has closed (no answer can come any more): closes
-   * each connection it did not take, and says how many there were. Its client sees the connection
-   * close before the handshake, which clients take as a failed connect (and may retry).
+   * Once the worker has exited and its channel has closed (no answer can come any more, and Node has taken it out
+   * of the round-robin): gives each connection it did not take to another worker serving that port, or closes it
+   * where there is none (its client sees the connection close before the handshake, and may retry).
    */
-  closeUntaken(): number {
+  settleUntaken(): UntakenOutcome {
+    HandoffWatch.#alive.delete(this);
+    this.#serving.clear();
     const untaken = [...this.#untaken];
     this.#untaken.clear();
-    for (const [seq, handle] of untaken) {
+    let handedOn = 0;
+    for (const [seq, { handle, key }] of untaken) {
+      if (HandoffWatch.#servedByAnother(key)) {
+        this.#child.emit('internalMessage', { cmd: CLUSTER_COMMAND, ack: seq, accepted: false });
+        handedOn += 1;
+        continue;
+      }
       this.#child.emit('internalMessage', { cmd: CLUSTER_COMMAND, ack: seq, accepted: true });
       // Closed already by Node's callback; this one is for a Node whose callback did not know the answer.
       handle.close();
     }
-    return untaken.length;
+    return { handedOn, closed: untaken.length - handedOn };
+  }
+
+  /** A worker whose channel is open is still in Node's list of that port's workers, so the port's listener and queue are alive. */
+  static #servedByAnother(key: string): boolean {
+    for (const watch of HandoffWatch.#alive) if (watch.#child.connected && watch.#serving.has(key)) return true;
+    return false;
   }
 
   /**
@@ -90,8 +130,10 @@ export class HandoffWatch {
   }
 
   #noteSent(message: ClusterMessage, handle: unknown): void {
-    if (message?.cmd !== CLUSTER_COMMAND || message.act !== 'newconn' || typeof message.seq !== 'number') return;
-    if (isSentHandle(handle)) this.#untaken.set(message.seq, handle);
+    if (message?.cmd !== CLUSTER_COMMAND || typeof message.key !== 'string') return;
+    const { key } = message;
+    if (message.act === 'newconn' && typeof message.seq === 'number' && isSentHandle(handle)) this.#untaken.set(message.seq, { handle, key });
+    else if (typeof message.ack === 'number' && !message.errno) this.#serving.add(key);
   }
 }
 

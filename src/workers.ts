@@ -23,7 +23,7 @@ import { tlsTexts, type TlsMaterial, type TlsTexts } from './tls-material.js';
 import { sumMonotonic, type MetricsJson } from './metrics-aggregate.js';
 import { ListenError, StartFailure, TlsMaterialError } from './errors.js';
 import { isMessage, type FromWorker, type ToWorker, type UpstreamPorts } from './worker-protocol.js';
-import { HandoffWatch } from './cluster-handoffs.js';
+import { HandoffWatch, type UntakenOutcome } from './cluster-handoffs.js';
 
 /** The module a worker process starts from; a single executable ignores it and runs its own main. */
 const WORKER_ENTRY = fileURLToPath(new URL('./cli/worker-entry.js', import.meta.url));
@@ -264,6 +264,7 @@ export class WorkerPool implements RunningProxy {
   /** A worker whose process never started: it leaves the pool as one that exited before it listened would. */
   #onSpawnFailed(member: Member, failure: StartFailure): void {
     this.#members.delete(member.worker.id);
+    member.handoffs.settleUntaken();
     if (this.#members.size === 0) this.#allExited?.();
     if (this.#stopping || !this.#started || this.#lost) return;
     this.#replaceLater(member.failuresBefore + 1, failure.message);
@@ -331,7 +332,7 @@ export class WorkerPool implements RunningProxy {
 
   #onExit(member: Member, code: number | null, signal: string | null): void {
     this.#members.delete(member.worker.id);
-    const untaken = member.handoffs.closeUntaken();
+    const untaken = member.handoffs.settleUntaken();
     if (member.lastScraped) this.#retired = sumMonotonic(this.#retired, member.lastScraped);
     if (this.#members.size === 0) this.#allExited?.();
     if (this.#stopping) return this.#exitedInDrain(member, code, signal, untaken);
@@ -352,7 +353,7 @@ export class WorkerPool implements RunningProxy {
    * use, exit 1) or was stopped (a Ctrl-C reaches a worker before its handlers), and the one line
    * that says why is the start's. Naming it here put error lines about calls cut before that line.
    */
-  #exitedInDrain(member: Member, code: number | null, signal: string | null, untaken: number): void {
+  #exitedInDrain(member: Member, code: number | null, signal: string | null, untaken: UntakenOutcome): void {
     if (member.hung || member.listeningSince === undefined || (code === 0 && signal === null)) return;
     const { id, process: { pid } } = member.worker;
     this.#options.logger.error({ event: 'worker_exited', worker: id, pid, code, signal, ...untakenField(untaken) }, `worker ${id} (pid ${pid}) exited with ${signal ?? code} during the shutdown: the calls it still had were cut (not replaced: the proxy is stopping)${untakenNote(untaken)}`);
@@ -432,14 +433,18 @@ export class WorkerPool implements RunningProxy {
   }
 }
 
-/** The worker_exited line's count of the connections handed to the worker that it never took, when there were any. */
-function untakenField(untaken: number): { untakenConnections?: number } {
-  return untaken > 0 ? { untakenConnections: untaken } : {};
+/** The worker_exited line's counts of the connections handed to the worker that it never took, when there were any. */
+function untakenField({ handedOn, closed }: UntakenOutcome): { untakenConnections?: number; untakenClosed?: number } {
+  return { ...(handedOn + closed > 0 ? { untakenConnections: handedOn + closed } : {}), ...(closed > 0 ? { untakenClosed: closed } : {}) };
 }
 
-function untakenNote(untaken: number): string {
-  if (untaken === 0) return '';
-  return `; ${untaken === 1 ? 'a connection' : `${untaken} connections`} handed to it that it had not taken yet closed (their clients see the connection close before the handshake)`;
+function untakenNote({ handedOn, closed }: UntakenOutcome): string {
+  const connections = (n: number) => (n === 1 ? 'a connection' : `${n} connections`);
+  const notes = [
+    ...(handedOn > 0 ? [`${connections(handedOn)} handed to it that it had not taken yet went to another worker`] : []),
+    ...(closed > 0 ? [`${connections(closed)} handed to it that it had not taken yet closed, no other worker serving the port (their clients see the connection close before the handshake)`] : []),
+  ];
+  return notes.map((note) => `; ${note}`).join('');
 }
 
 /** A worker process that could not be started at all. */

@@ -10,7 +10,7 @@ import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer, type Server } from 'node:net';
 import { createInterface } from 'node:readline';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { tmpdir } from 'node:os';
@@ -227,7 +227,7 @@ describe('proxy mode with two workers', SAFETY, () => {
 
   // Node's round-robin hands a connection to the stopped worker and waits for its answer; it never comes. Unfixed, the
   // primary held that connection open for ever once the worker was killed: the client waited, and an fd leaked each time.
-  test('a worker killed before it took the connection it was handed (stopped, then killed): the primary closes that connection, not holds it for ever', async () => {
+  test('a worker killed before it took the connection it was handed (stopped, then killed): the other worker serves that connection, not the primary holding it for ever', async () => {
     const r = await startWorkersCli();
     const sockets: TLSSocket[] = [];
     const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
@@ -242,12 +242,45 @@ describe('proxy mode with two workers', SAFETY, () => {
       process.kill(victim!, 'SIGKILL');
       const exited = await lineSoon(r.cli.logs, (l) => l.event === 'worker_exited', 'a worker_exited line');
       assert.equal(exited['pid'], victim);
-      const outcomes = await settlesWithin(Promise.all(untaken), 60_000, 'the connections handed to the killed worker to close');
-      assert.deepEqual(outcomes, ['closed', 'closed']);
+      const outcomes = await settlesWithin(Promise.all(untaken), 60_000, 'the connections handed to the killed worker to be served');
+      assert.deepEqual(outcomes, ['secure', 'secure']);
       assert.equal(exited['untakenConnections'], 2);
+      assert.equal(exited['untakenClosed'], undefined);
+      assert.match(String(exited['msg']), /2 connections handed to it that it had not taken yet went to another worker/);
     } finally {
       for (const socket of sockets) socket.destroy();
       killIfAlive(victim);
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+  });
+
+  // Node closes a port's listener and queue when its last worker leaves; a connection given back then would wait for ever.
+  test('both workers killed before they took the connections they were handed: every one is closed, none waits, and new workers serve', async () => {
+    const r = await startWorkersCli();
+    const sockets: TLSSocket[] = [];
+    const pids = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+    try {
+      for (const pid of pids) process.kill(pid, 'SIGSTOP');
+      const primaryFds = () => readdirSync(`/proc/${r.cli.child.pid}/fd`).length;
+      const before = primaryFds();
+      // Of each port's three, each stopped worker is handed one and the third waits in Node's queue.
+      const handshakes = [r.restPort, r.grpcPort].flatMap((port) => [0, 1, 2].map(() => handshakeOrClose(port, sockets)));
+      await eventually(() => primaryFds() >= before + 6, 'the primary to accept the six connections');
+      for (const pid of pids) process.kill(pid, 'SIGKILL');
+      const outcomes = await settlesWithin(Promise.all(handshakes), 60_000, 'the connections handed to the killed workers to close');
+      assert.deepEqual(outcomes, Array(6).fill('closed'));
+      const exits = () => r.cli.logs.lines.filter((l) => l.event === 'worker_exited');
+      await eventually(() => exits().length === 2, 'two worker_exited lines');
+      const untaken = exits().map((l) => ({ all: Number(l['untakenConnections'] ?? 0), closed: Number(l['untakenClosed'] ?? 0) }));
+      assert.equal(untaken[0]!.all + untaken[1]!.all, 4, 'each worker was handed one connection per port');
+      assert.equal(untaken[1]!.closed, 2, 'the last worker to go closed its two: no worker was left to serve them');
+      await lineSoon(r.cli.logs, (l) => l.event === 'listening' && Number(l['worker']) > 2, 'a new worker listening');
+      let served = false;
+      await eventually(async () => (served = (await handshakeOrClose(r.grpcPort, sockets)) === 'secure'), 'a new worker to serve');
+      assert.equal(served, true);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      for (const pid of pids) killIfAlive(pid);
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
     }
   });
@@ -291,7 +324,7 @@ describe('proxy mode with two workers', SAFETY, () => {
       await once(grpcSocket, 'connect');
       process.kill(primary, 'SIGCONT');
       assert.equal(await settlesWithin(grpcHandshake, 60_000, 'the gRPC connection accepted as the worker died'), 'secure');
-      assert.equal(await settlesWithin(untaken, 60_000, 'the REST connection handed to the dead worker'), 'closed');
+      assert.equal(await settlesWithin(untaken, 60_000, 'the REST connection handed to the dead worker'), 'secure', 'given to the other worker');
       await lineSoon(r.cli.logs, (l) => l.event === 'listening' && Number(l['worker']) > 2, 'a new worker listening');
     } finally {
       killIfAlive(victim);
