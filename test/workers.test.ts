@@ -581,10 +581,13 @@ describe('proxy mode with two workers, at shutdown', SAFETY, () => {
     const clients = grpcClients(`localhost:${r.grpcPort}`, pki);
     try {
       const { bidi, pids } = await drainHoldingStream(r, clients);
-      const ended = new Promise<grpc.status>((resolve) => bidi.on('error', (err: grpc.ServiceError) => resolve(err.code)));
+      const ended = new Promise<grpc.ServiceError>((resolve) => bidi.on('error', resolve));
       const holder = pids.find((pid) => !processGone(pid))!;
       process.kill(holder, 'SIGKILL');
-      assert.equal(await ended, grpc.status.UNAVAILABLE);
+      // grpc-js names a connection that went away UNAVAILABLE, or INTERNAL "Received RST_STREAM with code 2" where Node's
+      // client closed the stream (INTERNAL_ERROR) before it saw the socket's error: once in a loaded run. Either way the call ended.
+      const { code, details } = await ended;
+      assert.ok(code === grpc.status.UNAVAILABLE || (code === grpc.status.INTERNAL && /^Received RST_STREAM with code 2\b/.test(details)), `${code} ${details}`);
       assert.equal(await r.cli.exited, 0, r.cli.stderr());
       const exited = r.cli.logs.lines.filter((l) => l.event === 'worker_exited');
       assert.deepEqual(exited.map((l) => [l['pid'], l['signal'], l['restartInMs']]), [[holder, 'SIGKILL', undefined]]);
