@@ -57,8 +57,9 @@ function rapidResetMessage(atSweep: boolean): string {
   return `${said}. nghttp2 sent it GOAWAY INTERNAL_ERROR (or the proxy a GOAWAY, had nghttp2's count, refilled at other seconds, a few resets to go); the connection closes once the streams still open on it end`;
 }
 
+/** A client's protocol error and a client that left have lines of their own (PROTOCOL_ERROR, client_closed): not named here. */
 function unansweredMessage(open: number): string {
-  return `the client answered no PING, and no byte moved either way, for an idle timeout with ${open} request(s) open (gone without its close reaching the proxy, or a protocol error of its own after which Node stopped reading it): closed`;
+  return `the client answered no PING, and no byte moved either way, for an idle timeout with ${open} request(s) open (stopped or wedged, or gone without a FIN or reset reaching the proxy): closed`;
 }
 
 /** The h2_session_error code of a connection nghttp2 ended for the client's protocol error, on every Node version. */
