@@ -10,7 +10,7 @@ import { XFCC, disguisesOurs, setForwardingHeaders } from './forwarding-headers.
 import { CancelTally } from './cancel-tally.js';
 import { resetClientStream } from './reset-allowance.js';
 import { hostAndPort } from './addresses.js';
-import { clientHeaderBlockLimit, headerBlockBound, headerListSize } from './header-sizes.js';
+import { forwardedHeaderBlockLimit, headerBlockBound, headerListSize } from './header-sizes.js';
 
 const { NGHTTP2_CANCEL, NGHTTP2_ENHANCE_YOUR_CALM, NGHTTP2_NO_ERROR, NGHTTP2_REFUSED_STREAM, NGHTTP2_FLAG_END_STREAM } = constants;
 
@@ -430,7 +430,7 @@ class GrpcCall {
    */
   #overOurLimit(fields: IncomingHttpHeaders, what: 'response metadata' | 'trailing metadata'): string | undefined {
     const size = Math.max(headerListSize(fields), headerBlockBound(fields, what === 'response metadata'));
-    const limit = clientHeaderBlockLimit(this.#options.limits.maxHeaderSize);
+    const limit = forwardedHeaderBlockLimit(this.#options.limits.maxHeaderSize);
     if (size <= limit) return undefined;
     return `${this.#where()} answered with ${what} of ${size} bytes, over the ${limit} bytes this proxy takes (twice --mtls_max_header_size)`;
   }
@@ -497,7 +497,7 @@ class GrpcCall {
    */
   #resetMessage(rstCode: number, name: string): string {
     if (rstCode !== NGHTTP2_ENHANCE_YOUR_CALM) return `${this.#where()} reset the call (${name})`;
-    const limit = clientHeaderBlockLimit(this.#options.limits.maxHeaderSize);
+    const limit = forwardedHeaderBlockLimit(this.#options.limits.maxHeaderSize);
     return `the call was reset (${name}), most likely by this proxy's HTTP/2 client because ${this.#where()} answered with metadata over the ${limit} bytes this proxy takes (twice --mtls_max_header_size): Node resets such an answer without saying why; else by ${this.#where()} itself`;
   }
 

@@ -1,10 +1,12 @@
 import type { OutgoingHttpHeaders } from 'node:http2';
 
 /**
- * The largest header block the client-facing HTTP/2 sessions send (their maxSendHeaderBlockLength):
- * as large as the model server's answers the gRPC forwarder takes (upstream-h2.ts: twice the limit).
+ * Twice --mtls_max_header_size: the largest header block the proxy forwards over HTTP/2. It sends
+ * blocks up to this to HTTP/2 clients (http-fronts.ts, rest-forwarder.ts), and to the gRPC model server,
+ * whose answers it takes up to this too (upstream-h2.ts). A client's own request is held to the limit
+ * itself: the room over it is for what the proxy adds (x-forwarded-client-cert) and what the model server says.
  */
-export function clientHeaderBlockLimit(maxHeaderSize: number): number {
+export function forwardedHeaderBlockLimit(maxHeaderSize: number): number {
   return maxHeaderSize * 2;
 }
 

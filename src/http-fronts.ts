@@ -10,7 +10,7 @@ import { IdleSweeper, StreamCount, SWEEPS_PER_IDLE_TIMEOUT, type IdleConnection 
 import { H2_WITHOUT_ALPN, commaList, onlyChunked, requestHeadTooLargeMessage, unsupportedCodingMessage } from './http1-framing.js';
 import { RAPID_RESET, RESET_BURST, RESETS_PER_SECOND, ResetAllowance, resetByClient } from './reset-allowance.js';
 import { ClientAcks, type AckWatcher, type CountedSocket } from './client-acks.js';
-import { clientHeaderBlockLimit } from './header-sizes.js';
+import { forwardedHeaderBlockLimit } from './header-sizes.js';
 
 /** `rawHeaders`: the fields as received, a flat name, value list (Node passes it; @types/node does not declare it). */
 export type StreamHandler = (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, context: ConnectionContext, rawHeaders?: string[]) => void;
@@ -447,7 +447,7 @@ export class H2Front implements Drainable {
       // As large as the model server's answers we take (upstream-h2.ts: twice the limit). Node's
       // default, 64 KiB, failed a larger one (RST_STREAM(FRAME_SIZE_ERROR)), and a frame that
       // cannot be sent makes Node close the whole session: the client's next calls were refused.
-      maxSendHeaderBlockLength: clientHeaderBlockLimit(limits.maxHeaderSize),
+      maxSendHeaderBlockLength: forwardedHeaderBlockLimit(limits.maxHeaderSize),
       maxSessionMemory: frontSessionMemory(limits),
     });
     this.#server.on('session', (session) => this.#onSession(session, limits, observer));

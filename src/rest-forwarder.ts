@@ -12,7 +12,7 @@ import { CancelTally } from './cancel-tally.js';
 import { resetClientStream } from './reset-allowance.js';
 import { ABSOLUTE_FORM, hostAndPort } from './addresses.js';
 import { responseHeadTooLargeMessage } from './http1-framing.js';
-import { clientHeaderBlockLimit, headerBlockBound } from './header-sizes.js';
+import { forwardedHeaderBlockLimit, headerBlockBound } from './header-sizes.js';
 import { onMalformedBody } from './http-fronts.js';
 
 type ClientRequestLike = IncomingMessage | Http2ServerRequest;
@@ -742,7 +742,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
    * (FRAME_SIZE_ERROR), logged client_closed) and closed the client's connection, every other request on it with it.
    */
   #overHttp2Limit(statusCode: number, head: OutgoingHttpHeaders): boolean {
-    return headerBlockBound({ ':status': statusCode, ...head }, true) > clientHeaderBlockLimit(this.#options.maxHeaderSize);
+    return headerBlockBound({ ':status': statusCode, ...head }, true) > forwardedHeaderBlockLimit(this.#options.maxHeaderSize);
   }
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
@@ -824,7 +824,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
 const HEAD_OVER_HTTP2_LIMIT = 'OVMS_MTLS_HEAD_OVER_HTTP2_LIMIT';
 
 function http2HeadTooLargeMessage(maxHeaderSize: number): string {
-  return `the model server's response header section is larger than the ${clientHeaderBlockLimit(maxHeaderSize)} bytes this proxy sends to an HTTP/2 client (twice --mtls_max_header_size, 12 bytes more per field as HTTP/2 counts it)`;
+  return `the model server's response header section is larger than the ${forwardedHeaderBlockLimit(maxHeaderSize)} bytes this proxy sends to an HTTP/2 client (twice --mtls_max_header_size, 12 bytes more per field as HTTP/2 counts it)`;
 }
 
 /**

@@ -3,6 +3,7 @@ import { connect as netConnect, type Socket } from 'node:net';
 import { failIfNotConnectedWithin } from './upstream-connect.js';
 import { headerFieldsWithin, type HostPort, type Limits } from './config.js';
 import { hostAndPort } from './addresses.js';
+import { forwardedHeaderBlockLimit } from './header-sizes.js';
 
 /** Errors `session.request()` throws because of the session, not of the request. */
 const SESSION_REFUSALS = new Set(['ERR_HTTP2_GOAWAY_SESSION', 'ERR_HTTP2_INVALID_SESSION', 'ERR_HTTP2_OUT_OF_STREAMS']);
@@ -108,7 +109,7 @@ export class UpstreamH2Session {
     this.#upstream = upstream;
     this.#limits = limits;
     this.#onSettings = onSettings;
-    this.maxSendHeaderListSize = limits.maxHeaderSize * 2;
+    this.maxSendHeaderListSize = forwardedHeaderBlockLimit(limits.maxHeaderSize);
     this.#url = `http://${hostAndPort(upstream.host, upstream.port)}`;
   }
 
@@ -186,8 +187,8 @@ export class UpstreamH2Session {
     this.#pingedAt = undefined;
     this.#checking = false;
     const session = connect(this.#url, {
-      settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: limits.maxHeaderSize * 2, maxFrameSize: UPSTREAM_MAX_FRAME_SIZE },
-      maxHeaderListPairs: headerFieldsWithin(limits.maxHeaderSize * 2),
+      settings: { enablePush: false, initialWindowSize: limits.streamWindow, maxHeaderListSize: forwardedHeaderBlockLimit(limits.maxHeaderSize), maxFrameSize: UPSTREAM_MAX_FRAME_SIZE },
+      maxHeaderListPairs: headerFieldsWithin(forwardedHeaderBlockLimit(limits.maxHeaderSize)),
       maxSessionMemory: UPSTREAM_SESSION_MEMORY_MB,
       // nghttp2 compares its bound of the encoded block (11 bytes a field over name and value),
       // which is below our list size (32 bytes a field), so a list within ours always goes out.
