@@ -101,9 +101,13 @@ export function upstreamCheck(config: Pick<Config, 'grpc' | 'rest'>, timeoutMs =
   };
 }
 
-/** What upstreamCheck finds, and whether a port gave no answer at all (refused, reset, or silent until the timeout). */
+/**
+ * What upstreamCheck finds, whether a port gave no answer at all (refused, reset, or silent until the timeout), and
+ * whether one answered in the other protocol (the REST port in HTTP/2, the gRPC port in HTTP/1.1): a server is there, not the one meant.
+ */
 export interface UpstreamReadiness extends CheckResult {
   readonly unanswered: boolean;
+  readonly otherProtocol: boolean;
 }
 
 /**
@@ -118,12 +122,18 @@ export function upstreamReadiness(config: Pick<Config, 'grpc' | 'rest'>, timeout
       ...(config.rest ? [restReady(config.rest.upstream, timeoutMs)] : []),
       ...(config.grpc ? [grpcServerReady(config.grpc.upstream, timeoutMs)] : []),
     ]);
-    return { ok: results.every((r) => r.ok), detail: results.map((r) => r.detail).join('; '), unanswered: results.some((r) => !r.answered) };
+    return {
+      ok: results.every((r) => r.ok),
+      detail: results.map((r) => r.detail).join('; '),
+      unanswered: results.some((r) => !r.answered),
+      otherProtocol: results.some((r) => r.otherProtocol === true),
+    };
   });
 }
 
 interface PortAnswer extends CheckResult {
   readonly answered: boolean;
+  readonly otherProtocol?: boolean;
 }
 
 function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
@@ -148,8 +158,8 @@ function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
  */
 function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2: boolean): string {
   const code = err.code ?? err.message;
-  if (port === 'rest' && code.startsWith('HPE_')) return `answered, but not in HTTP/1.1 (${code}): ${MEANT_PORT.rest}?`;
-  if (port === 'grpc' && code === 'ERR_HTTP2_ERROR') return spokeHttp2 ? http2Refusal(err) : `answered, but not in HTTP/2 (${code}): ${MEANT_PORT.grpc}?`;
+  if (port === 'grpc' && spokeHttp2 && code === 'ERR_HTTP2_ERROR') return http2Refusal(err);
+  if (answeredInOtherProtocol(code, port, spokeHttp2)) return `answered, but not in ${port === 'rest' ? 'HTTP/1.1' : 'HTTP/2'} (${code}): ${MEANT_PORT[port]}?`;
   // A Compose service or Kubernetes Service not there yet; the name is looked up again at each check and connection.
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return `${NAME_DOES_NOT_RESOLVE} (${code})`;
   return code;
@@ -162,8 +172,13 @@ function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2: 
  */
 function portFailure(where: string, err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2 = false): PortAnswer {
   const code = err.code ?? err.message;
-  const answered = spokeHttp2 || (port === 'rest' ? code.startsWith('HPE_') : code === 'ERR_HTTP2_ERROR');
-  return { ok: false, answered, detail: `${where}: ${failure(err, port, spokeHttp2)}` };
+  const otherProtocol = answeredInOtherProtocol(code, port, spokeHttp2);
+  return { ok: false, answered: spokeHttp2 || otherProtocol, otherProtocol, detail: `${where}: ${failure(err, port, spokeHttp2)}` };
+}
+
+/** The parser refused the first bytes back: HTTP/1.1's (HPE_*) on the REST port, nghttp2 before any SETTINGS on the gRPC port. */
+function answeredInOtherProtocol(code: string, port: 'rest' | 'grpc', spokeHttp2: boolean): boolean {
+  return port === 'rest' ? code.startsWith('HPE_') : code === 'ERR_HTTP2_ERROR' && !spokeHttp2;
 }
 
 /** An empty gRPC message: flag 0, length 0. ServerReadyRequest has no fields. */

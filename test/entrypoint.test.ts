@@ -270,6 +270,35 @@ describe('serving: listeners and the argv OVMS gets', () => {
     }
   });
 
+  // Before: "answers but is not ready yet (loading models?)" (gRPC only) and "OVMS is starting" for good (both ports,
+  // the REST port speaking HTTP/2 only): a wait for something that never comes, where a server answers on each port.
+  const OTHER_PROTOCOL = "answers, but a port speaks the other protocol, which no wait will change (its gRPC and REST servers on each other's ports? the program run as OVMS, --mtls_ovms_binary, must serve gRPC on --port and REST on --rest_port)";
+  const restOnGrpcPort = (port: string) => `gRPC 127.0.0.1:${port}: answered, but not in HTTP/2 (ERR_HTTP2_ERROR): is it the model server's gRPC port (OVMS --port)?`;
+  const grpcOnRestPort = (port: string) => `REST 127.0.0.1:${port}: answered, but not in HTTP/1.1 (HPE_INVALID_CONSTANT): is it the model server's REST port (OVMS --rest_port)?`;
+  for (const [what, ovmsArgs, seen] of [
+    ['gRPC only, its port answering HTTP/1.1', ['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1'], (o: Record<string, string>) => restOnGrpcPort(o['port']!)],
+    [
+      'both ports, each in the other protocol',
+      ['--port', '{grpc}', '--grpc_bind_address', '127.0.0.1', '--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'],
+      (o: Record<string, string>) => `${grpcOnRestPort(o['rest_port']!)}; ${restOnGrpcPort(o['port']!)}`,
+    ],
+  ] as const) {
+    test(`/readyz names an OVMS whose ports answer in the other protocol (${what}) as misconfigured, not as loading or starting`, async () => {
+      const s = await start([...ovmsArgs], { FAKE_OVMS_SWAP_PORTS: '1' }, ['--mtls_admin_port', '{admin}']);
+      const upstreamDetail = async () => ((await (await fetch(`http://127.0.0.1:${s.adminPort}/readyz`)).json()) as { checks: Record<string, { detail: string }> }).checks['upstream']!.detail;
+      try {
+        // The fake starts its REST server last, whichever port it takes.
+        await s.wrapper.waitForOvmsLine((l) => l.includes('Started REST server'));
+        const [run] = fakeRuns(s.argvFile);
+        const expected = `OVMS (pid ${run!.pid}) ${OTHER_PROTOCOL}: ${seen(run!.options)}`;
+        let said = '';
+        await eventually(async () => (said = await upstreamDetail()) === expected, 'the other protocol named in /readyz').catch(() => assert.equal(said, expected));
+      } finally {
+        await stopWrapper(s.wrapper);
+      }
+    });
+  }
+
   test('a SIGTERM that arrives while the wrapper is still starting drains and exits with OVMS code, instead of killing the wrapper', async () => {
     const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1']);
     await s.wrapper.waitForLog((l) => l.event === 'listening');

@@ -243,7 +243,8 @@ function warnUnreadableAfterDrop(files: TlsFiles, user: string, logger: Logger):
 function ovmsReadiness(supervisor: () => OvmsSupervisor | undefined, modelsLoaded: () => Promise<UpstreamReadiness>): HealthCheck {
   return async (): Promise<CheckResult> => {
     const state = supervisor()?.state();
-    if (!state?.ready) return { ok: false, detail: state?.up ? 'OVMS is starting' : 'OVMS is not running' };
+    if (!state?.up) return { ok: false, detail: 'OVMS is not running' };
+    if (!state.ready) return { ok: false, detail: await startingDetail(state.pid, modelsLoaded) };
     const loaded = await modelsLoaded();
     if (loaded.ok) return { ok: true, detail: `OVMS ready (pid ${state.pid})` };
     return { ok: false, detail: `OVMS (pid ${state.pid}) ${await notReadyBecause(state.pid, loaded)}: ${loaded.detail}` };
@@ -251,11 +252,28 @@ function ovmsReadiness(supervisor: () => OvmsSupervisor | undefined, modelsLoade
 }
 
 /**
- * An OVMS that hangs or is stopped is not "loading models": the operator is told which it is.
- * Without --mtls_ovms_hang_timeout it stays so (nothing restarts it); with it, the watchdog
- * ends it once the same check has found it so for the whole timeout.
+ * A port that answers in the other protocol is a server there, just not the one meant there: no wait
+ * makes it right. The program run as OVMS put its gRPC and REST servers on each other's ports.
+ */
+const ANSWERS_IN_OTHER_PROTOCOL =
+  "answers, but a port speaks the other protocol, which no wait will change (its gRPC and REST servers on each other's ports? the program run as OVMS, --mtls_ovms_binary, must serve gRPC on --port and REST on --rest_port)";
+
+/**
+ * Not ready in the supervisor's eyes: its ports not open yet, or a REST port that answers in HTTP/2 only
+ * (its probe wants /v2/health/live answered 200), which would otherwise read "starting" for good.
+ */
+async function startingDetail(pid: number | undefined, modelsLoaded: () => Promise<UpstreamReadiness>): Promise<string> {
+  const seen = await modelsLoaded();
+  return seen.otherProtocol ? `OVMS (pid ${pid}) ${ANSWERS_IN_OTHER_PROTOCOL}: ${seen.detail}` : 'OVMS is starting';
+}
+
+/**
+ * An OVMS that hangs or is stopped is not "loading models", nor is one that answers in the other protocol:
+ * the operator is told which it is. Without --mtls_ovms_hang_timeout a hung one stays so (nothing restarts it);
+ * with it, the watchdog ends it once the same check has found it so for the whole timeout.
  */
 async function notReadyBecause(pid: number | undefined, loaded: UpstreamReadiness): Promise<string> {
+  if (loaded.otherProtocol) return ANSWERS_IN_OTHER_PROTOCOL;
   if (!loaded.unanswered) return 'answers but is not ready yet (loading models?)';
   if (pid !== undefined && (await processStopped(pid))) return 'is stopped (SIGSTOP or SIGTSTP; it answers nothing until SIGCONT)';
   return 'does not answer (hung?)';
