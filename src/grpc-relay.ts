@@ -4,7 +4,7 @@ import { requestStart, type ConnectionContext } from './listeners.js';
 import { Relay, type RelayedConnection, type RelayOptions } from './relay.js';
 import { clientRef, elapsedMs, type ProxyObserver } from './observer.js';
 import { RAPID_RESET, RESET_BURST, RESETS_PER_SECOND, ResetAllowance } from './reset-allowance.js';
-import { CLIENT_PREFACE_BYTES, DrainPingAck, EMPTY_SETTINGS, ENHANCE_YOUR_CALM, FLAG_ACK, FrameCursor, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, TYPE_RST_STREAM, TYPE_SETTINGS, ToClient, cappedFirstSettings, frameLength, goAway, isServerPreface, type OnFrame, type OnGoAway } from './h2-frames.js';
+import { CLIENT_PREFACE_BYTES, DrainPingAck, EMPTY_SETTINGS, ENHANCE_YOUR_CALM, FLAG_ACK, FrameCursor, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, TYPE_RST_STREAM, TYPE_SETTINGS, ToClient, frameLength, goAway, isServerPreface, type OnFrame, type OnGoAway, withStreamLimit } from './h2-frames.js';
 import { h2ErrorName } from './grpc-status.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
@@ -206,8 +206,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
 
   /**
    * The model server's bytes until its first frame is in: an HTTP/2 server's preface (a SETTINGS
-   * frame) lets them all through (returned), its stream limit lowered to ours or ours added
-   * (ToClient lowers those of its later SETTINGS); anything else (the HTTP/1.1 answer of a REST port given as the
+   * frame) lets them all through (returned), with ours added when it names no stream limit
+   * (ToClient lowers the limits of every SETTINGS, this one's too, to ours); anything else (the HTTP/1.1 answer of a REST port given as the
    * gRPC upstream) never reaches the client, whose HTTP/2 connection it would break with no
    * status: the client is handed back to the terminating front, which answers each of its calls
    * UNAVAILABLE saying why (upstream-errors.ts).
@@ -225,7 +225,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
         return undefined;
       }
       this.#beforePreface = undefined;
-      const settings = cappedFirstSettings(received.subarray(0, length), this.#maxStreams);
+      const settings = withStreamLimit(received.subarray(0, length), this.#maxStreams);
       return settings.length === length ? received : Buffer.concat([settings, received.subarray(length)]);
     }
     if (!this.#handedBackFor(UPSTREAM_NOT_HTTP2)) {

@@ -270,30 +270,34 @@ export class ToClient {
 const SETTINGS_MAX_CONCURRENT_STREAMS = 0x3;
 const SETTING_BYTES = 6;
 
-/** Lowers each SETTINGS_MAX_CONCURRENT_STREAMS of a SETTINGS payload to `cap`, in place; false when it has none. */
-function capConcurrentStreams(payload: Buffer, cap: number): boolean {
-  let found = false;
-  for (let at = 0; at + SETTING_BYTES <= payload.length; at += SETTING_BYTES) {
-    if (payload.readUInt16BE(at) !== SETTINGS_MAX_CONCURRENT_STREAMS) continue;
-    found = true;
-    if (payload.readUInt32BE(at + 2) > cap) payload.writeUInt32BE(cap, at + 2);
-  }
-  return found;
+/** Each SETTINGS_MAX_CONCURRENT_STREAMS entry of a SETTINGS payload: the offset of its value. */
+function* streamLimits(payload: Buffer): Generator<number> {
+  for (let at = 0; at + SETTING_BYTES <= payload.length; at += SETTING_BYTES) if (payload.readUInt16BE(at) === SETTINGS_MAX_CONCURRENT_STREAMS) yield at + 2;
+}
+
+function namesStreamLimit(payload: Buffer): boolean {
+  return streamLimits(payload).next().done !== true;
+}
+
+/** Lowers each SETTINGS_MAX_CONCURRENT_STREAMS of a SETTINGS payload to `cap`, in place. */
+function capConcurrentStreams(payload: Buffer, cap: number): void {
+  for (const value of streamLimits(payload)) if (payload.readUInt32BE(value) > cap) payload.writeUInt32BE(cap, value);
 }
 
 /**
- * The server's first SETTINGS frame, whole, with its stream limit at most `cap`: lowered in
- * place, or added (6 bytes more) when it names none, which there means unlimited (RFC 9113
- * 6.5.2). A later SETTINGS that names none leaves the limit as it was, so only the first needs one.
+ * The server's first SETTINGS frame, whole, naming a stream limit: as it is when it names one (ToClient
+ * lowers it to ours, as it lowers those of every SETTINGS), else with ours added (6 bytes more, which only
+ * the whole frame can take), as naming none there means unlimited (RFC 9113 6.5.2). A later SETTINGS that
+ * names none leaves the limit as it was, so only the first needs one.
  */
-export function cappedFirstSettings(frame: Buffer, cap: number): Buffer {
-  if (capConcurrentStreams(frame.subarray(FRAME_HEADER_BYTES), cap)) return frame;
-  const capped = Buffer.alloc(frame.length + SETTING_BYTES);
-  frame.copy(capped);
-  capped.writeUIntBE(frame.length - FRAME_HEADER_BYTES + SETTING_BYTES, 0, 3);
-  capped.writeUInt16BE(SETTINGS_MAX_CONCURRENT_STREAMS, frame.length);
-  capped.writeUInt32BE(cap, frame.length + 2);
-  return capped;
+export function withStreamLimit(frame: Buffer, cap: number): Buffer {
+  if (namesStreamLimit(frame.subarray(FRAME_HEADER_BYTES))) return frame;
+  const grown = Buffer.alloc(frame.length + SETTING_BYTES);
+  frame.copy(grown);
+  grown.writeUIntBE(frame.length - FRAME_HEADER_BYTES + SETTING_BYTES, 0, 3);
+  grown.writeUInt16BE(SETTINGS_MAX_CONCURRENT_STREAMS, frame.length);
+  grown.writeUInt32BE(cap, frame.length + 2);
+  return grown;
 }
 
 /** An empty SETTINGS frame: a server preface (RFC 9113 3.4), all settings at their defaults. */

@@ -2,7 +2,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { chunked } from './helpers/chunks.js';
-import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, DrainPingAck, FrameCursor, OpenStreams, ToClient, cappedFirstSettings, gracefulGoAway } from '../src/h2-frames.js';
+import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, DrainPingAck, FrameCursor, OpenStreams, ToClient, gracefulGoAway, withStreamLimit } from '../src/h2-frames.js';
 
 interface Frame {
   type: number;
@@ -206,7 +206,7 @@ describe("the model server's SETTINGS toward the client, with our stream limit",
     );
   });
 
-  test("the first SETTINGS gets our limit added when it names none (unlimited), lowered when it allows more, and keeps a smaller one and every other setting", () => {
+  test("the first SETTINGS gets our limit added when it names none (unlimited), lowered when it allows more (by ToClient, as every SETTINGS), and keeps a smaller one and every other setting", () => {
     const frame = (...entries: Buffer[]) => encode({ type: 0x4, flags: 0, payload: Buffer.concat(entries) }, 0);
     const cases: [Buffer, Buffer][] = [
       [frame(), frame(entry(MAX_CONCURRENT_STREAMS, CAP))],
@@ -214,7 +214,11 @@ describe("the model server's SETTINGS toward the client, with our stream limit",
       [frame(entry(MAX_CONCURRENT_STREAMS, 0xffffffff), entry(6, 8192)), frame(entry(MAX_CONCURRENT_STREAMS, CAP), entry(6, 8192))],
       [frame(entry(6, 8192), entry(MAX_CONCURRENT_STREAMS, 4)), frame(entry(6, 8192), entry(MAX_CONCURRENT_STREAMS, 4))],
     ];
-    for (const [given, told] of cases) assert.equal(cappedFirstSettings(given, CAP).toString('hex'), told.toString('hex'));
+    for (const [given, told] of cases) {
+      const out: Buffer[] = [];
+      new ToClient({ maxConcurrentStreams: CAP }).pass(withStreamLimit(given, CAP), (b) => out.push(Buffer.from(b)));
+      assert.equal(Buffer.concat(out).toString('hex'), told.toString('hex'));
+    }
   });
 });
 
