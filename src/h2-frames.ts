@@ -267,7 +267,8 @@ export class ToClient {
   }
 }
 
-const SETTINGS_MAX_CONCURRENT_STREAMS = 0x3;
+/** The stream limit's identifier in a SETTINGS payload (RFC 9113 6.5.2). */
+export const SETTINGS_MAX_CONCURRENT_STREAMS = 0x3;
 const SETTING_BYTES = 6;
 
 /** Each SETTINGS_MAX_CONCURRENT_STREAMS entry of a SETTINGS payload: the offset of its value. */

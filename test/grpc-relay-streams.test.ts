@@ -10,13 +10,13 @@ import { END_HEADERS, H2, grpcHeaderBlock, h2Frame, literalField, rawH2Client, t
 import { unary } from '../src/demo/grpc-client.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { STREAMS_BEFORE_SETTINGS } from '../src/grpc-relay.js';
+import { SETTINGS_MAX_CONCURRENT_STREAMS } from '../src/h2-frames.js';
 import type { ModelServer, ModelServerOptions } from '../src/demo/model-server.js';
 
 /** --mtls_max_concurrent_streams in these tests. */
 const LIMIT = 8;
 /** A unary call the stand-in never answers: its stream stays open until cancelled. */
 const HOLD = '/ovmsmtls.test.Echo/Hold';
-const SETTINGS_MAX_CONCURRENT_STREAMS = 0x3;
 
 let pki: TestPki;
 

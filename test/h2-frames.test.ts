@@ -2,7 +2,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { chunked } from './helpers/chunks.js';
-import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, DrainPingAck, FrameCursor, OpenStreams, ToClient, gracefulGoAway, withStreamLimit } from '../src/h2-frames.js';
+import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, DrainPingAck, FrameCursor, OpenStreams, SETTINGS_MAX_CONCURRENT_STREAMS, ToClient, gracefulGoAway, withStreamLimit } from '../src/h2-frames.js';
 
 interface Frame {
   type: number;
@@ -163,7 +163,6 @@ describe('GOAWAY insertion between upstream frames', () => {
 
 describe("the model server's SETTINGS toward the client, with our stream limit", () => {
   const CAP = 100;
-  const MAX_CONCURRENT_STREAMS = 0x3;
   const entry = (id: number, value: number) => {
     const bytes = Buffer.alloc(6);
     bytes.writeUInt16BE(id, 0);
@@ -176,7 +175,7 @@ describe("the model server's SETTINGS toward the client, with our stream limit",
   const expected = (frame: Frame): Frame => {
     if (frame.type !== 0x4) return frame;
     const payload = Buffer.from(frame.payload);
-    for (let at = 0; at + 6 <= payload.length; at += 6) if (payload.readUInt16BE(at) === MAX_CONCURRENT_STREAMS && payload.readUInt32BE(at + 2) > CAP) payload.writeUInt32BE(CAP, at + 2);
+    for (let at = 0; at + 6 <= payload.length; at += 6) if (payload.readUInt16BE(at) === SETTINGS_MAX_CONCURRENT_STREAMS && payload.readUInt32BE(at + 2) > CAP) payload.writeUInt32BE(CAP, at + 2);
     return { ...frame, payload };
   };
   const shown = (frames: readonly Frame[]) => frames.map((f) => [f.type, f.flags, f.payload.toString('hex')]);
@@ -209,10 +208,10 @@ describe("the model server's SETTINGS toward the client, with our stream limit",
   test("the first SETTINGS gets our limit added when it names none (unlimited), lowered when it allows more (by ToClient, as every SETTINGS), and keeps a smaller one and every other setting", () => {
     const frame = (...entries: Buffer[]) => encode({ type: 0x4, flags: 0, payload: Buffer.concat(entries) }, 0);
     const cases: [Buffer, Buffer][] = [
-      [frame(), frame(entry(MAX_CONCURRENT_STREAMS, CAP))],
-      [frame(entry(4, 65535)), frame(entry(4, 65535), entry(MAX_CONCURRENT_STREAMS, CAP))],
-      [frame(entry(MAX_CONCURRENT_STREAMS, 0xffffffff), entry(6, 8192)), frame(entry(MAX_CONCURRENT_STREAMS, CAP), entry(6, 8192))],
-      [frame(entry(6, 8192), entry(MAX_CONCURRENT_STREAMS, 4)), frame(entry(6, 8192), entry(MAX_CONCURRENT_STREAMS, 4))],
+      [frame(), frame(entry(SETTINGS_MAX_CONCURRENT_STREAMS, CAP))],
+      [frame(entry(4, 65535)), frame(entry(4, 65535), entry(SETTINGS_MAX_CONCURRENT_STREAMS, CAP))],
+      [frame(entry(SETTINGS_MAX_CONCURRENT_STREAMS, 0xffffffff), entry(6, 8192)), frame(entry(SETTINGS_MAX_CONCURRENT_STREAMS, CAP), entry(6, 8192))],
+      [frame(entry(6, 8192), entry(SETTINGS_MAX_CONCURRENT_STREAMS, 4)), frame(entry(6, 8192), entry(SETTINGS_MAX_CONCURRENT_STREAMS, 4))],
     ];
     for (const [given, told] of cases) {
       const out: Buffer[] = [];
