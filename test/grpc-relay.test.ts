@@ -229,6 +229,90 @@ describe('a gRPC upstream that is no HTTP/2 server, or closes before its preface
   });
 });
 
+/**
+ * Relay mode keeps what a client sends before the model server's first frame header (KEPT_BEFORE_PREFACE_MAX, 256 KiB),
+ * so that a client whose model server turns out to speak no HTTP/2 is served again by the terminating path. Past that
+ * it cannot be: the connection stays relayed, and ends. The model server here says nothing until it has received
+ * `answerAfter` bytes of the first connection, then answers in HTTP/1.1 (its REST port given as the gRPC one); later
+ * connections (the terminating path's) get that answer at once.
+ */
+describe('relay mode: what a client sent before the model server spoke, on both sides of the 256 KiB kept', () => {
+  /** A header value no HPACK table holds (over its 4 KiB): each request sends it, Huffman-coded (~8.5 KB), toward the kept bytes. */
+  const PAD_BYTES = 12 * 1024;
+  /** Safety net so a regression fails instead of hanging; nothing asserts on time. */
+  const SAFETY = { timeout: 120_000 };
+  const http1Answer = 'HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n';
+
+  function quietUntil(answerAfter: number): Promise<Awaited<ReturnType<typeof scriptedUpstream>>> {
+    let connections = 0;
+    return scriptedUpstream((socket, first) => {
+      connections += 1;
+      if (connections > 1) return void socket.end(http1Answer);
+      let received = first.length;
+      const answerOnceEnough = () => {
+        if (received <= answerAfter) return false;
+        socket.end(http1Answer);
+        return true;
+      };
+      if (answerOnceEnough()) return;
+      const count = (chunk: Buffer) => {
+        received += chunk.length;
+        if (answerOnceEnough()) socket.off('data', count);
+      };
+      socket.on('data', count);
+    });
+  }
+
+  /** `calls` unary calls sent together on one connection, each with a PAD_BYTES header: the grpc-status and message each got, 'no answer' (its stream ended with none), or its error's code. */
+  async function callsThrough(local: StartedProxy, calls: number): Promise<(string | undefined)[]> {
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      return await Promise.all(Array.from({ length: calls }, (_, i) => {
+        const headers = { ...ECHO_UNARY_HEADERS, 'x-pad': String(i % 10).repeat(PAD_BYTES) };
+        return h2Request(session, headers, grpcFrame(Buffer.from('x'))).then(
+          (res) => (res.headers[':status'] === undefined ? 'no answer' : `${String(res.headers['grpc-status'] ?? res.trailers?.['grpc-status'])} ${String(res.headers['grpc-message'] ?? res.trailers?.['grpc-message'])}`),
+          (err: NodeJS.ErrnoException) => err.code,
+        );
+      }));
+    } finally {
+      session.destroy();
+    }
+  }
+
+  test('under it (8 calls, ~70 KB, the model server answering HTTP/1.1 once it has 48 KiB): the client is served again, each call UNAVAILABLE saying the upstream does not speak HTTP/2', SAFETY, async () => {
+    const model = await quietUntil(48 * 1024);
+    const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
+    try {
+      const said = `upstream 127.0.0.1:${model.port} does not speak HTTP/2 (h2c) as a gRPC server does: is it the model server's gRPC port (OVMS --port), not its REST port?`;
+      assert.deepEqual(await callsThrough(local, 8), Array(8).fill(`14 ${said}`));
+      await eventually(() => local.logs.lines.filter((l) => l.event === 'access').length === 8, 'an access line for each call');
+      assert.deepEqual(local.logs.lines.filter((l) => l.event === 'relay_access'), [], 'the connection was not ended as relayed');
+      assert.equal(local.logs.lines.find((l) => l.event === 'upstream_error')?.reason, UPSTREAM_NOT_HTTP2);
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+
+  test('past it (40 calls, ~350 KB, the model server answering once it has more than 256 KiB): the connection stays relayed and is closed, its calls without a status, logged upstream_not_http2', SAFETY, async () => {
+    const model = await quietUntil(256 * 1024);
+    const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
+    try {
+      const got = await callsThrough(local, 40);
+      // The connection closes under them: each stream ends with no response at all (or, with a reset, an error).
+      assert.ok(got.every((g) => g === 'no answer' || g?.startsWith('ERR_') || g === 'ECONNRESET'), `no call answered: ${[...new Set(got)].join(', ')}`);
+      const line = await local.logs.waitFor((l) => l.event === 'relay_access');
+      assert.equal(line.error, 'upstream_not_http2');
+      assert.equal(local.logs.lines.find((l) => l.event === 'upstream_error')?.reason, UPSTREAM_NOT_HTTP2);
+      assert.equal(model.sockets.length, 1, 'no second connection: the terminating path was not tried');
+      assert.deepEqual(local.logs.lines.filter((l) => l.event === 'access'), []);
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+});
+
 describe('grpc relay mode: graceful endings', () => {
   const hold = { ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Hold', 'content-type': 'application/grpc', te: 'trailers' };
 
