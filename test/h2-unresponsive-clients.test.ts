@@ -17,6 +17,8 @@ import { assertSlowDownloadCompletes, curlTls } from './helpers/slow-download.js
 import { END_HEADERS, END_STREAM, H2, answerPings, h2Frame, headerBlock, headerFrames, literalField, rawH2Client } from './helpers/raw-h2.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+import { startCli, type LongRunningCli } from './helpers/cli.js';
 
 /** Short, so that the sweeps (a quarter of it each) come within the test's bounds. */
 const IDLE_MS = 2000;
@@ -195,6 +197,64 @@ describe('HTTP/2 clients behind on their reading: what the client\'s kernel took
     } finally {
       await local.proxy.shutdown(1000);
       model.close();
+    }
+  });
+});
+
+/**
+ * Where /proc/net/tcp cannot be read (a /proc mounted with subset=pid, as hardened containers have it; not Linux),
+ * ClientAcks gives up the kernel's count at its first sample (covers() turns false) and the idle sweep goes by Node's
+ * own counts of the connection's bytes, as the README says. A client that stopped reading is still closed, and named
+ * as unresponsive: with no tables to say the client left, nothing names it client_closed.
+ */
+describe('without /proc/net/tcp (the proxy in a private mount namespace whose /proc shows processes only)', () => {
+  const HIDE_PROC_NET = ['unshare', '--mount', '--propagation', 'private', 'sh', '-c', 'mount -t proc -o subset=pid proc /proc && exec "$@"', 'sh'];
+  const SAFETY = { timeout: 120_000 };
+
+  /** `ovms-mtls proxy`, one worker, REST over the stand-in model server, in that namespace. */
+  async function startWithoutProcNet(): Promise<{ cli: LongRunningCli; restPort: number }> {
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const cli = startCli([
+      'proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_idle_timeout', String(IDLE_MS / 1000), '--mtls_workers', '1',
+      '--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!,
+    ], { wrap: HIDE_PROC_NET });
+    await Promise.race([cli.logs.waitFor((l) => l.event === 'listening' && l.listener === 'rest'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
+    return { cli, restPort };
+  }
+
+  async function stop(cli: LongRunningCli): Promise<void> {
+    cli.child.kill('SIGTERM');
+    await cli.exited;
+  }
+
+  test('a client that stops reading (SIGSTOP) mid-download is closed by Node\'s counts: h2_session_error PING_UNANSWERED, its access line proxy_closed_unresponsive, the model-server request ended', SAFETY, async () => {
+    const { cli, restPort } = await startWithoutProcNet();
+    // A download that never ends (1 TB): read at full speed until the client stops, then Node's counts stand still.
+    const path = '/stream-bytes?n=1000000000000';
+    let curl: ReturnType<typeof spawn> | undefined;
+    try {
+      curl = spawn('curl', ['-sS', '--http2', ...curlTls(pki), '-o', '/dev/null', `https://localhost:${restPort}${path}`], { stdio: 'ignore' });
+      await eventually(() => upstream.received.some((r) => r.path === path), 'the download at the model server');
+      const abortedBefore = upstream.restAborted.length;
+      curl.kill('SIGSTOP');
+      assert.equal((await cli.logs.waitFor((l) => l.event === 'h2_session_error'))['code'], 'PING_UNANSWERED');
+      assert.equal((await cli.logs.waitFor((l) => l.event === 'access' && l.path === path)).error, 'proxy_closed_unresponsive');
+      await eventually(() => upstream.restAborted.length > abortedBefore, 'the model-server request ended');
+    } finally {
+      curl?.kill('SIGKILL');
+      await stop(cli);
+    }
+  });
+
+  // Its PING waits behind what it has not read for longer than the idle timeout; Node's count, which moves as the proxy's
+  // kernel drains, is what keeps it. With no count at all (the kernel's given up, Node's not taken up) it was cut.
+  test('a live client reading slowly (curl --limit-rate 2M, 24 MB) for several idle timeouts is not closed: its download completes', SAFETY, async () => {
+    const { cli, restPort } = await startWithoutProcNet();
+    try {
+      await assertSlowDownloadCompletes({ restPort, logs: cli.logs }, pki, { protocol: '--http2', rate: '2M', bytes: 24 * 1024 * 1024, closedAs: 'h2_session_error' });
+    } finally {
+      await stop(cli);
     }
   });
 });

@@ -22,7 +22,7 @@ export interface SlowDownload {
 }
 
 /** The download completes whole, its access line has no error, and no connection was closed as unresponsive. */
-export async function assertSlowDownloadCompletes(local: StartedProxy, pki: TestPki, download: SlowDownload): Promise<void> {
+export async function assertSlowDownloadCompletes(local: Pick<StartedProxy, 'restPort' | 'logs'>, pki: TestPki, download: SlowDownload): Promise<void> {
   const { protocol, rate, bytes, closedAs } = download;
   const path = download.path ?? `/stream-bytes?n=${bytes}`;
   const run = await runCommand('curl', ['-sS', protocol, ...curlTls(pki), '--limit-rate', rate, '-o', '/dev/null', '-w', '%{size_download}', `https://localhost:${local.restPort}${path}`]);
