@@ -473,6 +473,8 @@ function spawnHint(code: string | undefined): string {
     // Workers started later are forked by the primary as --mtls_user, the entrypoint's first ones as root.
     case 'EACCES': return ` (the user this process runs as may not execute ${process.execPath}: after --mtls_user it is no longer root; put it where that user can run it, e.g. /usr/local/bin, mode 0755)`;
     case 'EMFILE': case 'ENFILE': return ' (the open-files limit is reached)';
+    // Thrown by cluster.fork(), not emitted: the kernel refused to run a worker with the primary's environment.
+    case 'E2BIG': return ' (the environment is more than the kernel passes to a new program: a quarter of the stack limit, ulimit -s, in all, 128 KiB for each variable)';
     default: return '';
   }
 }

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createHash } from 'node:crypto';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createServer, type Server } from 'node:net';
 import { createInterface } from 'node:readline';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
@@ -691,6 +691,68 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
       await rm(crash, { force: true });
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
     }
+  });
+});
+
+/**
+ * cluster.fork() throws, rather than emitting 'error', for the spawn errors Node does not expect (all but EACCES, EAGAIN,
+ * EMFILE, ENFILE, ENOENT): E2BIG here, an environment larger than the kernel passes to a new program (a quarter of the
+ * stack limit). The proxy starts with 800 KB of environment under the usual 8 MiB stack limit (2 MiB allowed), and
+ * `prlimit --pid` then lowers its stack limit to 2 MiB (512 KiB allowed), which the workers it forks inherit.
+ */
+describe('a worker the kernel will not start (fork throws: spawn E2BIG)', SAFETY, () => {
+  const PADDED_ENV = Object.fromEntries(Array.from({ length: 8 }, (_, i) => [`TEST_PAD_${i}`, 'x'.repeat(100_000)]));
+  const LOW_STACK = String(2 * 1024 * 1024);
+  const E2BIG_HINT = ' (the environment is more than the kernel passes to a new program: a quarter of the stack limit, ulimit -s, in all, 128 KiB for each variable)';
+
+  function stackLimit(pid: number, soft: string): void {
+    const set = spawnSync('prlimit', ['--pid', String(pid), `--stack=${soft}:`], { encoding: 'utf8' });
+    assert.equal(set.status, 0, set.stderr);
+  }
+
+  const softStackLimit = (pid: number) => spawnSync('prlimit', ['--pid', String(pid), '--stack', '--raw', '--noheadings', '--output', 'SOFT'], { encoding: 'utf8' }).stdout.trim();
+
+  test('at the start: one line saying a new worker could not be started and why, exit 70, no stack trace', async () => {
+    const hold = join(dir, 'hold-primary');
+    await writeFile(hold, '');
+    const [grpcPort] = (await freeLoopbackPorts(1)) as [number];
+    const cli = startCli(['proxy', '--mtls_workers', '2', '--port', String(grpcPort), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${upstream.grpcPort}`, ...certFlags()], {
+      env: { ...PADDED_ENV, NODE_OPTIONS: `--import=${STALL_WORKER}`, HOLD_PRIMARY_PATH: hold },
+    });
+    try {
+      await eventually(() => existsSync(`${hold}.primary`), 'the primary to hold before its first line');
+      stackLimit(Number(readFileSync(`${hold}.primary`, 'utf8')), LOW_STACK);
+      await rm(hold);
+      assert.equal(await cli.exited, 70, cli.stderr());
+      assert.equal(cli.stderr(), `ovms-mtls: a new worker could not be started: spawn E2BIG${E2BIG_HINT}\n`);
+      assert.deepEqual(cli.logs.lines.filter((l) => l.event === 'listening'), []);
+    } finally {
+      await rm(hold, { force: true });
+      await stop(cli);
+    }
+  });
+
+  test('after the start: a worker that exits is not replaced while fork throws, each try a worker_start_failed line with a growing delay; once it can be, it is, and the port serves on', async () => {
+    const r = await startWorkersCli(certFlags(), { env: PADDED_ENV });
+    try {
+      const primary = r.cli.child.pid!;
+      const usual = softStackLimit(primary);
+      const [victim] = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+      stackLimit(primary, LOW_STACK);
+      process.kill(victim!, 'SIGKILL');
+      const failed = await linesMatching(r.cli.logs, 2, (l) => l.event === 'worker_start_failed');
+      assert.deepEqual(failed.slice(0, 2).map((l) => l['reason']), Array(2).fill(`a new worker could not be started: spawn E2BIG${E2BIG_HINT}`));
+      const [first, second] = failed.map((l) => l['restartInMs'] as number);
+      assert.ok(second! > first!, `a growing delay: ${first} ms, then ${second} ms`);
+      assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200, 'the other worker serves meanwhile');
+      stackLimit(primary, usual);
+      const replaced = await r.cli.logs.waitFor((l) => l.event === 'listening' && (l['worker'] as number) > 2);
+      assert.notEqual(replaced['pid'], victim);
+      assert.equal((await https1(r.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+    } finally {
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
+    }
+    assert.doesNotMatch(r.cli.stderr(), /\n\s+at /, 'no stack trace');
   });
 });
 
