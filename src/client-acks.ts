@@ -68,13 +68,16 @@ export interface CountedSocket {
   readonly fd: number | undefined;
 }
 
-/** Bytes the client sent plus the bytes its kernel acknowledged, given the socket's unacknowledged bytes. */
+/**
+ * Bytes the client sent plus the bytes its kernel acknowledged, given the socket's unacknowledged bytes. With Node's
+ * counts from before /proc was read, what the client's kernel took at least: bytes Node wrote while the table was
+ * read are in `tx_queue` or not, and what our kernel has taken only grows. Counts taken after counted those bytes
+ * as acknowledged when they were not in the table yet. Requiring no write during the read, and reading again (three
+ * times) when there was one, left a model server writing more often than /proc is read (every 2 ms) with no sample
+ * at all: a client reading slowly was closed as unresponsive while its PING waited behind what its kernel held.
+ */
 function progressOf(tcp: CountedSocket, txQueue: number): number {
   return tcp.bytesRead + tcp.bytesWritten - tcp.writeQueueSize - txQueue;
-}
-
-function sameWrites(a: CountedSocket, b: CountedSocket): boolean {
-  return a.bytesWritten === b.bytesWritten && a.writeQueueSize === b.writeQueueSize;
 }
 
 function kernelSays(tables: readonly string[], unacked: ReadonlyMap<string, number>, inode: string, tcp: CountedSocket): number | 'gone' | 'closed' {
@@ -82,9 +85,6 @@ function kernelSays(tables: readonly string[], unacked: ReadonlyMap<string, numb
   if (txQueue === undefined) return 'gone';
   return tables.some((table) => closedByPeer(table, inode)) ? 'closed' : progressOf(tcp, txQueue);
 }
-
-/** Reads of /proc during which Node wrote to a socket, after which its sample is given up until the next sweep. */
-const RETRIES = 3;
 
 /** A connection waiting to learn whether its client's kernel took bytes since the last sample. */
 export interface AckWatcher {
@@ -107,7 +107,6 @@ export class ClientAcks {
   #available = true;
   readonly #waiting = new Set<AckWatcher>();
   readonly #inodes = new WeakMap<AckWatcher, string>();
-  readonly #retries = new WeakMap<AckWatcher, number>();
   /** Connections whose socket /proc does not show (no descriptor, or it closed as it was looked up). */
   readonly #unknown = new WeakSet<AckWatcher>();
   #reading = false;
@@ -120,7 +119,6 @@ export class ClientAcks {
   /** A sample for `watcher` soon (after the current sweep). */
   want(watcher: AckWatcher): void {
     if (!this.#available) return;
-    this.#retries.delete(watcher);
     this.#waiting.add(watcher);
     this.#schedule();
   }
@@ -157,20 +155,9 @@ export class ClientAcks {
       const [then, now] = [before.get(watcher), watcher.tcp()];
       if (then === undefined || now === undefined) continue;
       if (now.bytesRead !== then.bytesRead) watcher.sampled('sent');
-      else if (sameWrites(then, now)) watcher.sampled(kernelSays(tables, unacked, inode, now));
-      else this.#retry(watcher);
+      // Counted from before the read: see progressOf().
+      else watcher.sampled(kernelSays(tables, unacked, inode, then));
     }
-  }
-
-  /** Node wrote to the socket while /proc was read, so what the kernel said does not match its counts: read again. */
-  #retry(watcher: AckWatcher): void {
-    const tries = (this.#retries.get(watcher) ?? 0) + 1;
-    if (tries > RETRIES) {
-      this.#retries.delete(watcher);
-      return;
-    }
-    this.#retries.set(watcher, tries);
-    this.#waiting.add(watcher);
   }
 
   async #inodeOf(watcher: AckWatcher): Promise<string | undefined> {

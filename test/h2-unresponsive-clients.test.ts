@@ -11,9 +11,9 @@ import { spawn } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
-import { scriptedUpstream } from './helpers/scripted-upstream.js';
+import { scriptedUpstream, type ScriptedUpstream } from './helpers/scripted-upstream.js';
 import { eventually } from './helpers/ops.js';
-import { assertSlowDownloadCompletes, curlTls } from './helpers/slow-download.js';
+import { assertSlowDownloadCompletes, curlTls, type SlowDownload } from './helpers/slow-download.js';
 import { END_HEADERS, END_STREAM, H2, answerPings, h2Frame, headerBlock, headerFrames, literalField, rawH2Client } from './helpers/raw-h2.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
@@ -134,6 +134,17 @@ for (const restMode of FORWARD_MODES) {
 describe('HTTP/2 clients behind on their reading: what the client\'s kernel took, not what ours did', () => {
   const head = (length: number) => `HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: ${length}\r\n\r\n`;
 
+  /** curl's download from `model` through a proxy closing unresponsive clients after `idleTimeoutMs` completes whole. */
+  async function assertCompletesThrough(model: ScriptedUpstream, idleTimeoutMs: number, download: Omit<SlowDownload, 'protocol' | 'closedAs'>): Promise<void> {
+    const local = await startTestProxy({ pki, upstream: { restPort: model.port }, limits: { idleTimeoutMs } });
+    try {
+      await assertSlowDownloadCompletes(local, pki, { ...download, protocol: '--http2', closedAs: 'h2_session_error' });
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  }
+
   test('a live client reading slowly while the model server is quiet is not closed: a pause longer than the idle timeout, then the rest', async () => {
     const part = 4.5 * 1024 * 1024;
     // The model server sends 4.5 MiB, more than the proxy's kernel takes in, then is quiet for 20 s: longer than
@@ -142,13 +153,7 @@ describe('HTTP/2 clients behind on their reading: what the client\'s kernel took
       socket.write(head(part + 1) + 'a'.repeat(part));
       setTimeout(() => socket.end('b'), 20_000);
     });
-    const local = await startTestProxy({ pki, upstream: { restPort: model.port }, limits: { idleTimeoutMs: 10_000 } });
-    try {
-      await assertSlowDownloadCompletes(local, pki, { protocol: '--http2', rate: '250k', path: '/quiet', bytes: part + 1, closedAs: 'h2_session_error' });
-    } finally {
-      await local.proxy.shutdown(1000);
-      model.close();
-    }
+    await assertCompletesThrough(model, 10_000, { rate: '250k', path: '/quiet', bytes: part + 1 });
   });
 
   test('a client that stops reading (SIGSTOP) a stream that trickles on is closed, and its model-server request with it', async () => {
@@ -184,6 +189,30 @@ describe('HTTP/2 clients behind on their reading: what the client\'s kernel took
     }
   });
 
+  // The kernel's count is of the moment /proc/net/tcp was read; Node's counts, taken before and after, had to be equal for
+  // it to be used, and three reads more were tried when they were not. A model server writing more often than /proc is
+  // read (every 2 ms here) left no read without a write in it: the client, reading all along, had no sample, and its
+  // PING, waiting behind what it had not read yet, went unanswered: closed as unresponsive within an idle timeout.
+  test('a live client reading slowly a stream the model server writes in small pieces (every 2 ms, more often than /proc is read) is not closed: its download completes', async () => {
+    // 150 KB/s for 10 s, to curl reading 100 KB/s: what it is behind grows to ~500 KB, which the kernels hold once the answer ends.
+    const size = 1.5 * 1024 * 1024;
+    const bytesPerMs = 150;
+    const model = await scriptedUpstream((socket) => {
+      socket.write(head(size));
+      const start = performance.now();
+      let sent = 0;
+      const timer = setInterval(() => {
+        // As much as brings it to the rate, however late the timer fires on a loaded machine.
+        const piece = Math.min(Math.round((performance.now() - start) * bytesPerMs), size) - sent;
+        sent += piece;
+        socket.write('p'.repeat(piece));
+        if (sent === size) clearInterval(timer);
+      }, 2);
+      socket.once('close', () => clearInterval(timer));
+    });
+    await assertCompletesThrough(model, IDLE_MS, { rate: '100k', path: '/pieces', bytes: size });
+  });
+
   test('a slow reader whose answer has ended, its PING still behind what it has not read: no connection closed as unresponsive', async () => {
     const size = 3 * 1024 * 1024;
     // Held open across a sweep (a PING goes out behind the 3 MiB), then ended while curl still reads at 100 KB/s.
@@ -191,13 +220,7 @@ describe('HTTP/2 clients behind on their reading: what the client\'s kernel took
       socket.write(head(size) + 'a'.repeat(size - 1));
       setTimeout(() => socket.end('b'), IDLE_MS / 2);
     });
-    const local = await startTestProxy({ pki, upstream: { restPort: model.port }, limits: { idleTimeoutMs: IDLE_MS } });
-    try {
-      await assertSlowDownloadCompletes(local, pki, { protocol: '--http2', rate: '100k', path: '/ending', bytes: size, closedAs: 'h2_session_error' });
-    } finally {
-      await local.proxy.shutdown(1000);
-      model.close();
-    }
+    await assertCompletesThrough(model, IDLE_MS, { rate: '100k', path: '/ending', bytes: size });
   });
 });
 
