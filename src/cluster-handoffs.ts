@@ -12,10 +12,12 @@
  * worker still serves that port, the answer is the one a worker that is closing its server gives
  * (not taken): Node's own callback hands the connection to another worker, whose client never
  * knows. A worker answers before it reads a byte of the connection, so one it did not answer for
- * was never read. Where none serves it, Node has closed that port's listener and forgotten its
- * queue, and a connection given back would wait there for ever: the answer is then "taken", on
- * which Node's callback closes the primary's copy. It also takes the worker out of the round-robin
- * as soon as its channel ends (see #leaveRoundRobinAtChannelEnd). The message names are Node's
+ * was never read. Where no other worker is left in the round-robin it came from, Node has closed
+ * that one's listener and forgotten its queue (a worker that serves the port later opens another),
+ * and a connection given back would wait there for ever: the answer is then "taken", on
+ * which Node's callback closes the primary's copy. A live worker that closed its server answers "not
+ * taken" itself, and the same holds for that answer (#answered). It also takes the worker out of the
+ * round-robin as soon as its channel ends (see #leaveRoundRobinAtChannelEnd). The message names are Node's
  * (lib/internal/cluster); were they to change, the watch sees no hand-off and nothing changes from
  * before, which the tests of the pool would show.
  */
@@ -53,14 +55,25 @@ export interface UntakenOutcome {
   readonly closed: number;
 }
 
+/**
+ * One port's round-robin as Node keeps it (a RoundRobinHandle): its listener and queue live from the first worker
+ * that serves the port until the last one leaves it, when Node closes both and forgets it; a worker that serves the
+ * port later opens a new one. A connection handed out belongs to the one it came from: given back to a round-robin
+ * that is gone, it waits in a queue nobody reads, for ever.
+ */
+class PortRoundRobin {
+  /** The watches of the workers in Node's list of the port's workers: they joined it and have not left. */
+  readonly members = new Set<HandoffWatch>();
+}
+
 export class HandoffWatch {
-  /** The watches of every worker not yet gone: where another worker serving a port is looked for. */
-  static readonly #alive = new Set<HandoffWatch>();
+  /** Each port's round-robin in use, by Node's key; one whose last worker left is replaced by the next one opened. */
+  static readonly #roundRobins = new Map<string, PortRoundRobin>();
   readonly #child: ChildProcess;
   /** Connections handed to the worker that it has not answered for yet, by the hand-off's sequence number. */
-  readonly #untaken = new Map<number, { readonly handle: SentHandle; readonly key: string }>();
-  /** The ports (Node's keys) on which round-robin hands this worker connections: as Node's own list of them. */
-  readonly #serving = new Set<string>();
+  readonly #untaken = new Map<number, { readonly handle: SentHandle; readonly roundRobin: PortRoundRobin | undefined }>();
+  /** The round-robins that hand this worker connections: as Node's own lists of the ports' workers. */
+  readonly #joined = new Set<PortRoundRobin>();
 
   constructor(child: ChildProcess) {
     this.#child = child;
@@ -73,12 +86,14 @@ export class HandoffWatch {
     };
     child.send = watched as ChildProcess['send'];
     this.#leaveRoundRobinAtChannelEnd(child);
-    child.on('internalMessage', (message: ClusterMessage) => {
+    // Node takes a worker out of every round-robin when its channel ends (the event, not the exit, when it comes first).
+    child.on('disconnect', () => this.#leaveAll());
+    // First, so that a "not taken" answer is seen before Node's own callback acts on it (#answered).
+    child.prependListener('internalMessage', (message: ClusterMessage) => {
       if (message?.cmd !== CLUSTER_COMMAND) return;
-      if (typeof message.ack === 'number') this.#untaken.delete(message.ack);
-      else if (message.act === 'close' && typeof message.key === 'string') this.#serving.delete(message.key);
+      if (typeof message.ack === 'number') this.#answered(message.ack, message);
+      else if (message.act === 'close' && typeof message.key === 'string') this.#leave(HandoffWatch.#roundRobins.get(message.key));
     });
-    HandoffWatch.#alive.add(this);
   }
 
   /**
@@ -87,13 +102,12 @@ export class HandoffWatch {
    * where there is none (its client sees the connection close before the handshake, and may retry).
    */
   settleUntaken(): UntakenOutcome {
-    HandoffWatch.#alive.delete(this);
-    this.#serving.clear();
+    this.#leaveAll();
     const untaken = [...this.#untaken];
     this.#untaken.clear();
     let handedOn = 0;
-    for (const [seq, { handle, key }] of untaken) {
-      if (HandoffWatch.#servedByAnother(key)) {
+    for (const [seq, { handle, roundRobin }] of untaken) {
+      if (this.#anotherServes(roundRobin)) {
         this.#child.emit('internalMessage', { cmd: CLUSTER_COMMAND, ack: seq, accepted: false });
         handedOn += 1;
         continue;
@@ -105,10 +119,48 @@ export class HandoffWatch {
     return { handedOn, closed: untaken.length - handedOn };
   }
 
-  /** A worker whose channel is open is still in Node's list of that port's workers, so the port's listener and queue are alive. */
-  static #servedByAnother(key: string): boolean {
-    for (const watch of HandoffWatch.#alive) if (watch.#child.connected && watch.#serving.has(key)) return true;
+  /**
+   * The worker's answer for a connection handed to it. "Not taken" comes from a worker that closed its server (its own
+   * SIGTERM or SIGINT, or the shutdown's drain) after the connection was sent: Node then gives the connection back to the
+   * round-robin it came from, and where every worker has left that one (each closed its server in turn), it waited there
+   * for ever, unread, even once new workers served the port. Such an answer is read as "taken": Node closes the primary's
+   * copy (the worker closed its own), and the client sees its connection close before the handshake, as at a closed port.
+   */
+  #answered(seq: number, message: ClusterMessage & { accepted?: unknown }): void {
+    const sent = this.#untaken.get(seq);
+    if (!sent) return;
+    this.#untaken.delete(seq);
+    if (message.accepted === false && !this.#anotherServes(sent.roundRobin)) (message as { accepted: boolean }).accepted = true;
+  }
+
+  /**
+   * Whether a connection given back to `roundRobin` goes to a worker: another one in it has its channel open. One whose
+   * channel ended is still in Node's list until the event of that end (next tick), and Node drops a connection it hands
+   * to it, unclosed.
+   */
+  #anotherServes(roundRobin: PortRoundRobin | undefined): boolean {
+    for (const watch of roundRobin?.members ?? []) if (watch !== this && watch.#child.connected) return true;
     return false;
+  }
+
+  #join(key: string): void {
+    let roundRobin = HandoffWatch.#roundRobins.get(key);
+    if (!roundRobin) HandoffWatch.#roundRobins.set(key, (roundRobin = new PortRoundRobin()));
+    roundRobin.members.add(this);
+    this.#joined.add(roundRobin);
+  }
+
+  /** Once its last worker has left, Node has closed the port's round-robin: the next worker to serve the port opens another. */
+  #leave(roundRobin: PortRoundRobin | undefined): void {
+    if (!roundRobin) return;
+    roundRobin.members.delete(this);
+    this.#joined.delete(roundRobin);
+    if (roundRobin.members.size > 0) return;
+    for (const [key, current] of HandoffWatch.#roundRobins) if (current === roundRobin) HandoffWatch.#roundRobins.delete(key);
+  }
+
+  #leaveAll(): void {
+    for (const roundRobin of [...this.#joined]) this.#leave(roundRobin);
   }
 
   /**
@@ -129,11 +181,12 @@ export class HandoffWatch {
     };
   }
 
+  /** A hand-off belongs to the port's round-robin of the moment; a reply without errno to the worker's query joins it to one. */
   #noteSent(message: ClusterMessage, handle: unknown): void {
     if (message?.cmd !== CLUSTER_COMMAND || typeof message.key !== 'string') return;
     const { key } = message;
-    if (message.act === 'newconn' && typeof message.seq === 'number' && isSentHandle(handle)) this.#untaken.set(message.seq, { handle, key });
-    else if (typeof message.ack === 'number' && !message.errno) this.#serving.add(key);
+    if (message.act === 'newconn' && typeof message.seq === 'number' && isSentHandle(handle)) this.#untaken.set(message.seq, { handle, roundRobin: HandoffWatch.#roundRobins.get(key) });
+    else if (typeof message.ack === 'number' && !message.errno) this.#join(key);
   }
 }
 

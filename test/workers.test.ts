@@ -8,6 +8,7 @@ import { once } from 'node:events';
 import { createHash } from 'node:crypto';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import type { ClientHttp2Session } from 'node:http2';
 import { createServer, type Server } from 'node:net';
 import { createInterface } from 'node:readline';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
@@ -1142,6 +1143,58 @@ describe('a scrape while every worker is stopped', SAFETY, () => {
       for (const worker of workers) worker.process.kill('SIGCONT');
       for (const session of sessions) session.close();
       await pool.shutdown(1000);
+    }
+  });
+});
+
+/** A gRPC Bidi call on a connection of its own, answered once and left open: the worker that has it drains until it ends. */
+async function heldBidi(port: number): Promise<ClientHttp2Session> {
+  const session = h2Session(port, pki);
+  const stream = session.request({ ':method': 'POST', ':path': '/ovmsmtls.test.Echo/Bidi', 'content-type': 'application/grpc', te: 'trailers' }, { endStream: false });
+  stream.on('error', () => undefined);
+  // EchoRequest { payload: "hi" }
+  stream.write(grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69])));
+  await once(stream, 'data');
+  return session;
+}
+
+describe('workers that drain on a SIGTERM of their own (not the primary\'s)', SAFETY, () => {
+  // Each worker closes its ports and drains a call it holds; the primary, stopped meanwhile, accepted connections and hands
+  // them out before it reads that the workers closed their ports. Each worker answers "not taken", and Node gave each back to
+  // the port's round-robin, which every worker had left: unfixed, those connections waited in the primary for ever, unread,
+  // even once new workers served the ports, and the primary kept a file descriptor for each.
+  test('connections handed to them after they closed their ports are closed, none waits for ever, and the new workers serve', async () => {
+    const r = await startWorkersCli();
+    const sockets: TLSSocket[] = [];
+    const sessions: ClientHttp2Session[] = [];
+    const primary = r.cli.child.pid!;
+    const pids = (await r.cli.logs.waitFor((l) => l.event === 'workers_listening'))['pids'] as number[];
+    try {
+      // Round-robin hands the first connection to one worker and the next to the other: a call held on each.
+      for (let i = 0; i < 2; i += 1) sessions.push(await heldBidi(r.grpcPort));
+      process.kill(primary, 'SIGSTOP');
+      // Accepted by the kernel while the primary is stopped: it hands them out once it runs again, before it reads the workers' news.
+      const handshakes = [r.restPort, r.grpcPort].flatMap((port) => [0, 1, 2].map(() => handshakeOrClose(port, sockets)));
+      await Promise.all(sockets.map((socket) => once(socket, 'connect')));
+      for (const pid of pids) process.kill(pid, 'SIGTERM');
+      // A worker closes its listeners (telling the primary, which reads it later) as it logs this line; its log is not the primary's to pass on.
+      await linesMatching(r.cli.logs, 2, (l) => l.event === 'worker_draining');
+      process.kill(primary, 'SIGCONT');
+      await eventually(async () => (await handshakeOrClose(r.restPort, sockets)) === 'closed', 'the ports to close');
+      for (const session of sessions) session.destroy();
+      await linesMatching(r.cli.logs, 2, (l) => l.event === 'worker_exited');
+      await lineSoon(r.cli.logs, (l) => l.event === 'listening' && Number(l['worker']) > 2, 'a new worker listening');
+      const outcomes = await settlesWithin(Promise.all(handshakes), 60_000, 'the connections handed to the draining workers to close');
+      assert.deepEqual(outcomes, Array(6).fill('closed'));
+      let served = false;
+      await eventually(async () => (served = (await handshakeOrClose(r.grpcPort, sockets)) === 'secure'), 'a new worker to serve');
+      assert.equal(served, true);
+    } finally {
+      process.kill(primary, 'SIGCONT');
+      for (const session of sessions) session.destroy();
+      for (const socket of sockets) socket.destroy();
+      for (const pid of pids) killIfAlive(pid);
+      assert.equal(await stop(r.cli), 0, r.cli.stderr());
     }
   });
 });
