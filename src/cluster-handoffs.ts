@@ -64,6 +64,7 @@ export interface UntakenOutcome {
 class PortRoundRobin {
   /** The watches of the workers in Node's list of the port's workers: they joined it and have not left. */
   readonly members = new Set<HandoffWatch>();
+  constructor(readonly key: string) {}
 }
 
 export class HandoffWatch {
@@ -145,7 +146,7 @@ export class HandoffWatch {
 
   #join(key: string): void {
     let roundRobin = HandoffWatch.#roundRobins.get(key);
-    if (!roundRobin) HandoffWatch.#roundRobins.set(key, (roundRobin = new PortRoundRobin()));
+    if (!roundRobin) HandoffWatch.#roundRobins.set(key, (roundRobin = new PortRoundRobin(key)));
     roundRobin.members.add(this);
     this.#joined.add(roundRobin);
   }
@@ -156,7 +157,7 @@ export class HandoffWatch {
     roundRobin.members.delete(this);
     this.#joined.delete(roundRobin);
     if (roundRobin.members.size > 0) return;
-    for (const [key, current] of HandoffWatch.#roundRobins) if (current === roundRobin) HandoffWatch.#roundRobins.delete(key);
+    if (HandoffWatch.#roundRobins.get(roundRobin.key) === roundRobin) HandoffWatch.#roundRobins.delete(roundRobin.key);
   }
 
   #leaveAll(): void {

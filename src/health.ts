@@ -156,10 +156,9 @@ function restReady(upstream: HostPort, timeoutMs: number): Promise<PortAnswer> {
  * which port was expected: the parser's code alone (HPE_INVALID_CONSTANT, ERR_HTTP2_ERROR) said neither.
  * `spokeHttp2`: the gRPC port had sent its SETTINGS; an ERR_HTTP2_ERROR then is nghttp2 refusing what it sent later.
  */
-function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2: boolean): string {
-  const code = err.code ?? err.message;
+function failure(err: NodeJS.ErrnoException, code: string, port: 'rest' | 'grpc', spokeHttp2: boolean, otherProtocol: boolean): string {
+  if (otherProtocol) return `answered, but not in ${port === 'rest' ? 'HTTP/1.1' : 'HTTP/2'} (${code}): ${MEANT_PORT[port]}?`;
   if (port === 'grpc' && spokeHttp2 && code === 'ERR_HTTP2_ERROR') return http2Refusal(err);
-  if (answeredInOtherProtocol(code, port, spokeHttp2)) return `answered, but not in ${port === 'rest' ? 'HTTP/1.1' : 'HTTP/2'} (${code}): ${MEANT_PORT[port]}?`;
   // A Compose service or Kubernetes Service not there yet; the name is looked up again at each check and connection.
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return `${NAME_DOES_NOT_RESOLVE} (${code})`;
   return code;
@@ -173,7 +172,7 @@ function failure(err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2: 
 function portFailure(where: string, err: NodeJS.ErrnoException, port: 'rest' | 'grpc', spokeHttp2 = false): PortAnswer {
   const code = err.code ?? err.message;
   const otherProtocol = answeredInOtherProtocol(code, port, spokeHttp2);
-  return { ok: false, answered: spokeHttp2 || otherProtocol, otherProtocol, detail: `${where}: ${failure(err, port, spokeHttp2)}` };
+  return { ok: false, answered: spokeHttp2 || otherProtocol, otherProtocol, detail: `${where}: ${failure(err, code, port, spokeHttp2, otherProtocol)}` };
 }
 
 /** The parser refused the first bytes back: HTTP/1.1's (HPE_*) on the REST port, nghttp2 before any SETTINGS on the gRPC port. */

@@ -139,6 +139,13 @@ function handshakeOrClose(port: number, sockets: TLSSocket[]): Promise<'secure' 
   });
 }
 
+/** Once the ports are open again, a handshake on `port` succeeds (a new worker took it). */
+async function aNewWorkerServes(port: number, sockets: TLSSocket[]): Promise<void> {
+  let served = false;
+  await eventually(async () => (served = (await handshakeOrClose(port, sockets)) === 'secure'), 'a new worker to serve');
+  assert.equal(served, true);
+}
+
 /** A raw HTTP/1.1 connection and what came on it; `answer` is all of it once a response has ended, undefined if it closed first. */
 interface Tracked {
   readonly socket: TLSSocket;
@@ -276,9 +283,7 @@ describe('proxy mode with two workers', SAFETY, () => {
       assert.equal(untaken[0]!.all + untaken[1]!.all, 4, 'each worker was handed one connection per port');
       assert.equal(untaken[1]!.closed, 2, 'the last worker to go closed its two: no worker was left to serve them');
       await lineSoon(r.cli.logs, (l) => l.event === 'listening' && Number(l['worker']) > 2, 'a new worker listening');
-      let served = false;
-      await eventually(async () => (served = (await handshakeOrClose(r.grpcPort, sockets)) === 'secure'), 'a new worker to serve');
-      assert.equal(served, true);
+      await aNewWorkerServes(r.grpcPort, sockets);
     } finally {
       for (const socket of sockets) socket.destroy();
       for (const pid of pids) killIfAlive(pid);
@@ -1186,9 +1191,7 @@ describe('workers that drain on a SIGTERM of their own (not the primary\'s)', SA
       await lineSoon(r.cli.logs, (l) => l.event === 'listening' && Number(l['worker']) > 2, 'a new worker listening');
       const outcomes = await settlesWithin(Promise.all(handshakes), 60_000, 'the connections handed to the draining workers to close');
       assert.deepEqual(outcomes, Array(6).fill('closed'));
-      let served = false;
-      await eventually(async () => (served = (await handshakeOrClose(r.grpcPort, sockets)) === 'secure'), 'a new worker to serve');
-      assert.equal(served, true);
+      await aNewWorkerServes(r.grpcPort, sockets);
     } finally {
       process.kill(primary, 'SIGCONT');
       for (const session of sessions) session.destroy();
