@@ -127,11 +127,23 @@ const MAX_CHUNK_SIZE_DIGITS = 13;
 const TOKEN = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]+";
 /** Control characters other than HTAB: never allowed in a field value, reason phrase or chunk extension. */
 const CTL = '\\x00-\\x08\\x0a-\\x1f\\x7f';
-const REQUEST_START = `(${TOKEN}) ([^\\x00-\\x20\\x7f]+) HTTP/1\\.([01])`;
+/** The target is printable ASCII: llhttp (Node, terminate mode) refuses a byte above 0x7e in it, so a model server may too. */
+const REQUEST_START = `(${TOKEN}) ([\\x21-\\x7e]+) HTTP/1\\.([01])`;
+/** A request line whose target holds bytes above 0x7e (obs-text): refused with its own message. */
+const NON_ASCII_TARGET = new RegExp(`^${TOKEN} [^\\x00-\\x20\\x7f]*[\\x80-\\xff]`);
+const NON_ASCII_TARGET_MESSAGE = 'request target must be printable ASCII (percent-encode other bytes)';
 const STATUS_START = `HTTP/1\\.([01]) ([1-9][0-9]{2})(?: [^${CTL}]*)?`;
 const FIELD_LINE = new RegExp(`^(${TOKEN}):[ \\t]*(.*?)[ \\t]*$`);
 const BAD_VALUE_CHAR = new RegExp(`[${CTL}]`);
-const CHUNK_LINE = new RegExp(`^([0-9A-Fa-f]+)(?:[ \\t]*;[^${CTL}]*)?$`);
+/** RFC 9110 5.6.4: between double quotes, any visible or obs-text byte, space or tab; a backslash quotes the next one. */
+const QUOTED_STRING = '"(?:[\\t \\x21\\x23-\\x5b\\x5d-\\x7e\\x80-\\xff]|\\\\[\\t \\x21-\\x7e\\x80-\\xff])*"';
+/**
+ * A chunk size and its extensions (RFC 9112 7.1.1), without the optional white space around `;` and `=`:
+ * llhttp refuses that, and a token value with obs-text, so whatever we forward a model server behind us reads too.
+ */
+const CHUNK_LINE = new RegExp(`^([0-9A-Fa-f]+)(?:;${TOKEN}(?:=(?:${TOKEN}|${QUOTED_STRING}))?)*$`);
+/** A chunk size, then an extension (however malformed): that is what a refusal names. */
+const CHUNK_SIZE_FIRST = /^[0-9A-Fa-f]+[ \t]*;/;
 const DIGITS = /^[0-9]{1,15}$/;
 /** Field lines and the empty line after them; a whole head is its start line, CRLF, then these. */
 const FIELD_LINES = `(?:${TOKEN}:[^${CTL}]*\\r\\n)*\\r\\n$`;
@@ -154,7 +166,7 @@ const GRAMMAR: Record<MessageKind, { line: RegExp; head: RegExp; malformed: (lin
   request: {
     line: new RegExp(`^${REQUEST_START}$`),
     head: new RegExp(`^${REQUEST_START}\\r\\n${FIELD_LINES}`),
-    malformed: (line) => new FramingError(400, line === H2_PREFACE_LINE ? H2_WITHOUT_ALPN : 'malformed request line (expected "METHOD target HTTP/1.1")'),
+    malformed: (line) => new FramingError(400, malformedRequestLineMessage(line)),
     start: (line, m) => ({ startLine: line, method: m[1]!, target: m[2]!, status: 0, minorVersion: m[3] === '0' ? 0 : 1 }),
   },
   response: {
@@ -164,6 +176,12 @@ const GRAMMAR: Record<MessageKind, { line: RegExp; head: RegExp; malformed: (lin
     start: (line, m) => ({ startLine: line, method: '', target: '', status: Number(m[2]), minorVersion: m[1] === '0' ? 0 : 1 }),
   },
 };
+
+function malformedRequestLineMessage(line: string): string {
+  if (line === H2_PREFACE_LINE) return H2_WITHOUT_ALPN;
+  if (NON_ASCII_TARGET.test(line)) return NON_ASCII_TARGET_MESSAGE;
+  return 'malformed request line (expected "METHOD target HTTP/1.1")';
+}
 
 type State = 'head' | 'length' | 'until-close' | 'chunk-size' | 'chunk-data' | 'chunk-crlf' | 'trailers';
 
@@ -346,7 +364,7 @@ export class Http1Reader {
     if (lf < 0) return stop;
     const line = this.#takeLine();
     const match = CHUNK_LINE.exec(line);
-    if (!match) throw new FramingError(400, 'malformed chunk-size line');
+    if (!match) throw new FramingError(400, CHUNK_SIZE_FIRST.test(line) ? MALFORMED_CHUNK_EXTENSION : 'malformed chunk-size line');
     const digits = match[1]!.replace(/^0+(?=.)/, '');
     if (digits.length > MAX_CHUNK_SIZE_DIGITS) throw new FramingError(400, 'chunk size too large');
     this.#remaining = parseInt(digits, 16);
@@ -427,6 +445,8 @@ function lineOf(bytes: Buffer): string {
   if (line.includes('\r')) throw new FramingError(400, 'stray CR in a line');
   return line;
 }
+
+const MALFORMED_CHUNK_EXTENSION = 'malformed chunk extension (expected ";name" or ";name=value" after the chunk size, without white space)';
 
 const BARE_LINE_END = 'header lines must end with CRLF (bare CR or LF found)';
 
@@ -531,8 +551,13 @@ export function unsupportedCodingMessage(codings: readonly string[]): string {
   return `Transfer-Encoding ${JSON.stringify(codings.join(', '))} is not supported (only chunked)`;
 }
 
+/** In the lower-cased head, a Content-Length or Transfer-Encoding field line with a tab within or after its value (one before it is fine). */
+const FRAMING_FIELD_WITH_TAB = /\r\n(?:content-length|transfer-encoding):[ \t]*[^ \t\r][^\r]*\t/;
+
 /** RFC 9112 6.3 for requests, refusing everything a second parser might read differently. */
 export function requestFraming(head: Http1Head): BodyFraming {
+  // RFC 9110 allows it as optional white space; llhttp (Node, terminate mode) refuses it after the value, so a model server may read the framing otherwise.
+  if (head.matches(FRAMING_FIELD_WITH_TAB)) throw new FramingError(400, 'tab within or after a Content-Length or Transfer-Encoding value (only spaces may follow it)');
   const codings = head.values('transfer-encoding');
   if (codings.length > 0) {
     if (head.minorVersion === 0) throw new FramingError(400, 'Transfer-Encoding is not allowed in an HTTP/1.0 request');

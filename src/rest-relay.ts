@@ -1,3 +1,4 @@
+import { METHODS } from 'node:http';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { HostPort, Limits } from './config.js';
@@ -57,6 +58,12 @@ export function relayedRequestHead(head: Http1Head, raw: Buffer, context: Connec
   const fields = ours ?? Buffer.from(forwardingFields([], context), 'latin1');
   // raw ends with the empty line; ours brings its own.
   return Buffer.concat([raw.subarray(0, raw.length - 2), fields], raw.length - 2 + fields.length);
+}
+
+/** The head the model server gets for a request judgeRequest() passed. */
+export function forwardedHead(head: Http1Head, raw: Buffer, judged: Pick<JudgedRequest, 'host' | 'authority'>, context: ConnectionContext, ours?: Buffer): Buffer {
+  // An absolute-form target names its own authority: the model server gets it as Host too, so the two cannot disagree.
+  return judged.authority === judged.host ? relayedRequestHead(head, raw, context, ours) : rebuiltRequestHead(head, context, judged.authority);
 }
 
 /**
@@ -165,6 +172,33 @@ function checkExpectations(head: Http1Head): void {
   const names = expectations(head);
   if (names.length === 0 || names.includes('100-continue')) return;
   throw new FramingError(417, unmetExpectationMessage(head.values('expect').join(', ')));
+}
+
+/**
+ * The methods llhttp knows (Node's http.METHODS), which terminate mode's server takes; any other it
+ * refuses, and so may the model server, after the relay had passed it on. PRI begins the HTTP/2 preface only.
+ */
+const KNOWN_METHODS = new Set(METHODS.filter((method) => method !== 'PRI'));
+
+/** What the relay makes of a request head it may forward: its Host, the authority it names, its body framing, and whether it is the connection's last. */
+export interface JudgedRequest {
+  readonly host: string | undefined;
+  readonly authority: string | undefined;
+  readonly body: BodyFraming;
+  readonly last: boolean;
+}
+
+/** Every check a request head passes before it goes upstream; a FramingError (RoutingRefused among them) names what is refused. */
+export function judgeRequest(head: Http1Head): JudgedRequest {
+  if (head.method === 'CONNECT') throw new FramingError(405, 'CONNECT is not supported');
+  if (!KNOWN_METHODS.has(head.method)) throw new FramingError(400, `unknown method ${JSON.stringify(head.method.slice(0, 32))}`);
+  const host = hostOf(head);
+  const authority = requestAuthority(head.target, { host });
+  const refusal = routingRefusal(head.target, authority);
+  if (refusal) throw new RoutingRefused(refusal);
+  const body = requestFraming(head);
+  checkExpectations(head);
+  return { host, authority, body, last: closesAfter(head) };
 }
 
 const CONTINUE = Buffer.from('HTTP/1.1 100 Continue\r\n\r\n', 'latin1');
@@ -446,25 +480,19 @@ class RelayedHttp1Connection implements RelayedConnection {
   #requestHead(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } {
     this.#stopHeadDeadline();
     this.#judging = head;
-    if (head.method === 'CONNECT') throw new FramingError(405, 'CONNECT is not supported');
-    const host = hostOf(head);
-    const authority = requestAuthority(head.target, { host });
-    const refusal = routingRefusal(head.target, authority);
-    if (refusal) throw new RoutingRefused(refusal);
-    const body = requestFraming(head);
-    checkExpectations(head);
+    const judged = judgeRequest(head);
+    const { body, last } = judged;
     const exchange: Exchange = { method: head.method, path: head.target, http10: head.minorVersion === 0, started: requestStart(this.#parts.context), bytesIn: 0, bytesOut: 0, status: 0, answered: false };
     this.#exchanges.push(exchange);
     this.#receiving = exchange;
     this.#parts.observer.streamOpened('rest');
     this.#judging = undefined;
     this.#ourFields ??= Buffer.from(forwardingFields([], this.#parts.context), 'latin1');
-    // An absolute-form target names its own authority: the model server gets it as Host too, so the two cannot disagree.
-    const bytes = authority === host ? relayedRequestHead(head, raw, this.#parts.context, this.#ourFields) : rebuiltRequestHead(head, this.#parts.context, authority);
+    const bytes = forwardedHead(head, raw, judged, this.#parts.context, this.#ourFields);
     if (awaitsContinue(head, body)) this.#continueWhenFirst(exchange);
     // RFC 9112 9.6: the client sends nothing after it and waits for our close. A model server that ignores
     // the option and keeps its connection open left the client waiting until --mtls_idle_timeout.
-    if (closesAfter(head)) this.#readNoMore();
+    if (last) this.#readNoMore();
     return { bytes, body };
   }
 
