@@ -172,6 +172,7 @@ export interface RecordedConnection {
   /** llhttp's error code when it refused what it read. */
   parseError?: string;
   closed: boolean;
+  readonly whenClosed: Promise<void>;
 }
 
 export async function recordingServer(): Promise<RecordingServer> {
@@ -190,7 +191,7 @@ export async function recordingServer(): Promise<RecordingServer> {
     });
   });
   server.on('connection', (socket: Socket) => {
-    const connection: RecordedConnection = { requests: [], closed: false };
+    const connection: RecordedConnection = { requests: [], closed: false, whenClosed: once(socket, 'close').then(() => undefined) };
     connections.push(connection);
     bySocket.set(socket, connection);
     socket.on('close', () => (connection.closed = true));
@@ -222,8 +223,10 @@ export async function llhttpSplit(server: RecordingServer, bytes: Buffer): Promi
   socket.on('data', () => {});
   await once(socket, 'connect');
   socket.end(bytes);
-  await eventually(() => server.connections.length > from && server.connections[from]!.closed, 'the recording server to close the connection');
+  await once(socket, 'close');
+  await eventually(() => server.connections.length > from, 'the recording server to take the connection');
   const connection = server.connections[from]!;
+  await connection.whenClosed;
   const requests = connection.requests.map(({ method, target, body, complete }) => ({ method, target, body, complete }));
   // The stream ended inside a message: not a refusal of what came before.
   const refused = connection.parseError === 'HPE_INVALID_EOF_STATE' ? undefined : connection.parseError;
@@ -282,7 +285,10 @@ export async function exchange(setup: { restPort: number; pki: TestPki; upstream
   const answer = await readToCloseWithin(socket, 30_000);
   const upstream = () => setup.upstream.connections.slice(fromConnection);
   // The relay's own upstream connection closes with the client's; terminate mode's are pooled, its requests all answered by now.
-  if (setup.relay) await eventually(() => upstream().every((c) => c.closed), 'the model server to see its connections close');
+  if (setup.relay) {
+    await Promise.all(upstream().map((c) => c.whenClosed));
+    await eventually(() => upstream().every((c) => c.closed), 'the model server to see its connections close');
+  }
   return { answer, upstream: upstream(), parsed: setup.upstream.requests.slice(fromRequest), records: setup.records.slice(fromRecord) };
 }
 
