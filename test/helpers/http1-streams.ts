@@ -11,6 +11,7 @@ import { FramingError, Http1Reader } from '../../src/http1-framing.js';
 import { forwardedHead, judgeRequest } from '../../src/rest-relay.js';
 import type { ConnectionContext } from '../../src/listeners.js';
 import type { AccessRecord } from '../../src/observer.js';
+import { chunked } from './chunks.js';
 import { eventually } from './ops.js';
 import type { TestPki } from './pki.js';
 import { openRaw, readToCloseWithin } from './raw-http1.js';
@@ -123,11 +124,11 @@ export interface Split {
 const CONTEXT = { remoteAddress: '127.0.0.1', identity: { xfcc: 'Hash=ab;Subject="CN=c"' } } as unknown as ConnectionContext;
 
 /**
- * How the REST relay splits `bytes` (its reader, with every check of judgeRequest()), and the
+ * How the REST relay splits `bytes`, arriving in reads cut at `cuts` (its reader, with every check of judgeRequest()), and the
  * bytes it forwards: heads as rewritten, bodies as they came, trailers left out; nothing after a
  * refusal, nor after a request that ends the connection.
  */
-export function relaySplit(bytes: Buffer): Split & { forwarded: Buffer } {
+export function relaySplit(bytes: Buffer, cuts: number[] = []): Split & { forwarded: Buffer } {
   const requests: ParsedRequest[] = [];
   const out: Buffer[] = [];
   const reader = new Http1Reader('request', 64 * 1024, {
@@ -146,7 +147,8 @@ export function relaySplit(bytes: Buffer): Split & { forwarded: Buffer } {
     dropTrailers: true,
   });
   try {
-    reader.push(bytes, (b) => out.push(Buffer.from(b)));
+    // As reads cut it: a head, chunk line or CRLF split across two reads is read as one.
+    for (const read of chunked(bytes, cuts)) reader.push(read, (b) => out.push(Buffer.from(b)));
   } catch (err) {
     if (!(err instanceof FramingError)) throw err;
     return { requests, refused: err.message, forwarded: Buffer.concat(out) };
