@@ -543,8 +543,10 @@ function contentLength(head: Http1Head, status: number): number | undefined {
 
 /** A request's transfer codings (commaList() of its Transfer-Encoding values) are `chunked` alone, the one coding served. */
 export function onlyChunked(codings: readonly string[]): boolean {
-  return codings.length === 1 && codings[0]!.toLowerCase() === 'chunked';
+  return codings.length === 1 && isChunked(codings[0]!);
 }
+
+const isChunked = (coding: string): boolean => coding.toLowerCase() === 'chunked';
 
 /** Why a request with other transfer codings is refused 501 (RFC 9112 6.1), in both REST modes. */
 export function unsupportedCodingMessage(codings: readonly string[]): string {
@@ -562,6 +564,8 @@ export function requestFraming(head: Http1Head): BodyFraming {
   if (codings.length > 0) {
     if (head.minorVersion === 0) throw new FramingError(400, 'Transfer-Encoding is not allowed in an HTTP/1.0 request');
     if (head.has('content-length')) throw new FramingError(400, 'request has both Content-Length and Transfer-Encoding');
+    // RFC 9112 6.1 forbids it: faulty framing (terminate mode's parser answers 400 too), not a coding we lack (501).
+    if (codings.length > 1 && codings.every(isChunked)) throw new FramingError(400, `chunked applied more than once (Transfer-Encoding ${JSON.stringify(codings.join(', '))})`);
     if (!onlyChunked(codings)) throw new FramingError(501, unsupportedCodingMessage(codings));
     return { kind: 'chunked' };
   }
