@@ -13,7 +13,7 @@ import { startUpstream, tlsClientOptions } from './helpers/harness.js';
 import { readUntil } from './helpers/raw-http1.js';
 import { eventually, httpGet } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
-import { tooFewFilesToLoad } from '../src/cli/launch.js';
+import { loadFailedForLimit, tooFewFilesToLoad } from '../src/cli/launch.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 // Not lower: Node's module loader reads the program's modules many at a time as it starts, and
@@ -139,8 +139,8 @@ describe(`the proxy under an open-files limit of ${LIMIT}`, () => {
 // failed before main() ran, with Node's stack trace (EMFILE on some module) and no word of the limit.
 // How many descriptors Node itself needs differs by version (Node 24 starts under 23, Node 20 under
 // 19), and so does what its loader makes of EMFILE (Node 24: ERR_INVALID_PACKAGE_CONFIG; Node 20, at
-// some limits: ERR_MODULE_NOT_FOUND for yargs): every limit from Node's own start up to one that
-// runs is tried.
+// some limits and depending on timing: ERR_MODULE_NOT_FOUND for yargs, ERR_UNSUPPORTED_DIR_IMPORT for
+// escalade/sync, see the next test): every limit from Node's own start up to one that runs is tried.
 test('under an open-files limit too small to load the program: one line naming the limit and how to raise it, exit 1, at every limit where the program has begun to load', async () => {
   const explained: number[] = [];
   for (let limit = 16; ; limit += 1) {
@@ -155,4 +155,22 @@ test('under an open-files limit too small to load the program: one line naming t
   }
   assert.ok(explained.length > 0, 'no limit under which the program began to load and could not finish');
   assert.match(`ovms-mtls: ${tooFewFilesToLoad(20)}`, /open-files limit \(20\) is too small to load the program: raise it to 1024 or more \(ulimit -n 1024;/);
+});
+
+// The loader reads each package.json synchronously while its reads of module sources, started many at a time, hold
+// descriptors: one that fails for EMFILE is taken for a package.json that is not there. Node 20 then resolves as if the
+// package had no "exports" or "main", and what fails is named by how that package is laid out: an ESM import of a
+// package's subpath (yargs's of escalade/sync) ERR_UNSUPPORTED_DIR_IMPORT, a require() from CommonJS (@peculiar/x509's
+// of its asn1 packages, tslib, pino-pretty's of dateformat) MODULE_NOT_FOUND. Seen in a loaded run of the test above
+// (limit 54: Node's stack trace for escalade/sync), and for every such package.json with an EMFILE injected at its
+// open (strace -e inject=openat:error=EMFILE -P .../package.json).
+test('every error Node 20 turns an EMFILE on a package.json into is taken for the limit under a small one, and none under a large one', () => {
+  for (const code of ['ERR_INVALID_PACKAGE_CONFIG', 'ERR_MODULE_NOT_FOUND', 'MODULE_NOT_FOUND', 'ERR_UNSUPPORTED_DIR_IMPORT']) {
+    const err = Object.assign(new Error(`the loader's ${code}`), { code });
+    assert.equal(loadFailedForLimit(err, 54), true, `${code} under a limit of 54`);
+    // Where the limit leaves plenty, such an error is a broken install: Node's own message says more than ours would.
+    assert.equal(loadFailedForLimit(err, 65_536), false, `${code} under a limit of 65536`);
+  }
+  assert.equal(loadFailedForLimit(Object.assign(new Error('too many open files'), { code: 'EMFILE' }), 65_536), true);
+  assert.equal(loadFailedForLimit(new SyntaxError('Unexpected token'), 54), false);
 });

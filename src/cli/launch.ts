@@ -20,16 +20,23 @@ export async function launch(argv: readonly string[]): Promise<void> {
   cli.main(argv);
 }
 
-/** The errors Node's loader turns an EMFILE into: a module's package.json it could not read, a package it could not find. */
-const LOADER_ERRORS = new Set(['ERR_INVALID_PACKAGE_CONFIG', 'ERR_MODULE_NOT_FOUND']);
+/**
+ * The errors Node's loader turns an EMFILE into: a module's package.json it could not read, or, where it takes
+ * that package.json for absent, what resolving without it comes to: a package it could not find, a subpath
+ * import that names a directory.
+ */
+const LOADER_ERRORS = new Set(['ERR_INVALID_PACKAGE_CONFIG', 'ERR_MODULE_NOT_FOUND', 'MODULE_NOT_FOUND', 'ERR_UNSUPPORTED_DIR_IMPORT']);
 
 /**
  * Whether loading failed for the open-files limit. EMFILE reaches us as itself only sometimes: Node 24's
- * loader reports "Cannot read package config ...: too many open files." (ERR_INVALID_PACKAGE_CONFIG), and
- * Node 20's, at some limits, "Cannot find package .../node_modules/yargs/index.js" (ERR_MODULE_NOT_FOUND),
- * each with its stack trace. Under a limit below what the message asks for, either is taken for it.
+ * loader reports "Cannot read package config ...: too many open files." (ERR_INVALID_PACKAGE_CONFIG). Node 20's
+ * takes a package.json it could not open for none, and fails on what that package's "exports" or "main" would
+ * have resolved: "Cannot find package .../node_modules/yargs/index.js" (ERR_MODULE_NOT_FOUND), "Directory
+ * import .../escalade/sync is not supported" (ERR_UNSUPPORTED_DIR_IMPORT; yargs imports it), "Cannot find module
+ * '@peculiar/asn1-schema'" from a require() (MODULE_NOT_FOUND). Which one depends on which read the limit cut,
+ * and so on timing. Under a limit below what the message asks for, any of them is taken for it.
  */
-function loadFailedForLimit(err: unknown, limit: number | undefined): boolean {
+export function loadFailedForLimit(err: unknown, limit: number | undefined): boolean {
   const { code, message } = err as NodeJS.ErrnoException;
   if (code === 'EMFILE' || /too many open files/i.test(String(message))) return true;
   return code !== undefined && LOADER_ERRORS.has(code) && limit !== undefined && limit < ENOUGH_FILES_TO_LOAD;
