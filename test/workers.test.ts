@@ -56,6 +56,8 @@ after(async () => {
 // Safety net so a regression fails instead of hanging; nothing asserts on time. It bounds a
 // whole suite (each of these takes 80-120 s on a loaded 2-core machine), not one test.
 const SAFETY = { timeout: 300_000 };
+/** Bounds a wait for a worker's process to start, as the waits for connections to settle here are bounded (60 s). */
+const WORKER_START_BOUND_MS = 60_000;
 
 function certFlags(files: { cert: string; key: string; clientCa: string; crl?: string | undefined } = { cert: pki.paths['server.pem']!, key: pki.paths['server.key']!, clientCa: pki.paths['client_cert_ca.pem']! }): string[] {
   return ['--mtls_cert', files.cert, '--mtls_key', files.key, '--mtls_client_ca', files.clientCa, ...(files.crl ? ['--mtls_crl', files.crl] : [])];
@@ -467,7 +469,8 @@ function stallEnv(settings: { stall?: string; workers?: readonly number[]; crash
 /** The pid a stalled worker wrote as it blocked (test/fixtures/stall-worker). */
 async function stalledPid(stall: string, worker: number): Promise<number> {
   const file = `${stall}.worker-${worker}`;
-  await eventually(() => existsSync(file), `worker ${worker} to block`);
+  // A worker blocking from its start writes it once it has started: a process start.
+  await eventually(() => existsSync(file), `worker ${worker} to block`, WORKER_START_BOUND_MS);
   return Number(readFileSync(file, 'utf8'));
 }
 
@@ -502,9 +505,13 @@ function killIfAlive(pid: number | undefined): void {
   }
 }
 
-/** A line that must come soon: waited for a bounded time, so that a test missing it fails and stops its children. */
+/**
+ * A line that must come soon: waited for a bounded time, so that a test missing it fails and stops its children.
+ * Often it is a new worker's `listening`: a process start, which takes seconds when the machine is loaded (2.5 s
+ * only to load the program at a load of 7 on 2 cores), so the bound is WORKER_START_BOUND_MS, not eventually()'s 20 s.
+ */
 async function lineSoon(logs: LogCapture, match: (l: LogLine) => boolean, what: string): Promise<LogLine> {
-  await eventually(() => logs.lines.some(match), what);
+  await eventually(() => logs.lines.some(match), what, WORKER_START_BOUND_MS);
   return logs.lines.find(match)!;
 }
 
