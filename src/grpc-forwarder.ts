@@ -482,6 +482,7 @@ class GrpcCall {
       this.#endedWithoutStatus();
       return;
     }
+    if (rstCode === NGHTTP2_ENHANCE_YOUR_CALM) this.#shared.pool.discard(this.#session!);
     // The upstream reset this one stream. Node cannot send a bare RST_STREAM with a chosen
     // code on a stream whose response is open (close(code) writes END_STREAM first), so the
     // client gets the status the gRPC spec derives from that reset code, with a message.
@@ -493,12 +494,15 @@ class GrpcCall {
    * Once the model server has acknowledged our SETTINGS, Node resets a call itself, with ENHANCE_YOUR_CALM, when its
    * answer's metadata is over our SETTINGS_MAX_HEADER_LIST_SIZE (the limit #overOurLimit holds the first call to), and
    * tells no JavaScript code: the stream closes with that code as when the model server resets it (no event, state or
-   * performance entry differs). The likelier cause, with the option to change, comes first.
+   * performance entry differs). The likelier cause, with the option to change, comes first. Node also resets so every
+   * answer on a connection whose count of its own memory has gone wrong, for good (seen on Node 20 after uploads
+   * cancelled under small windows: every call of every client failed from then on), so the connection is replaced
+   * (#onUpstreamClose); its calls under way finish on it.
    */
   #resetMessage(rstCode: number, name: string): string {
     if (rstCode !== NGHTTP2_ENHANCE_YOUR_CALM) return `${this.#where()} reset the call (${name})`;
     const limit = forwardedHeaderBlockLimit(this.#options.limits.maxHeaderSize);
-    return `the call was reset (${name}), most likely by this proxy's HTTP/2 client because ${this.#where()} answered with metadata over the ${limit} bytes this proxy takes (twice --mtls_max_header_size): Node resets such an answer without saying why; else by ${this.#where()} itself`;
+    return `the call was reset (${name}), most likely by this proxy's HTTP/2 client because ${this.#where()} answered with metadata over the ${limit} bytes this proxy takes (twice --mtls_max_header_size): Node resets such an answer without saying why; else by ${this.#where()} itself, or by Node for its own miscount of the connection's memory (the next calls go over a new connection)`;
   }
 
   /**

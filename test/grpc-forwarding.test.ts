@@ -1067,7 +1067,7 @@ describe('grpc: model-server metadata over twice --mtls_max_header_size, on the 
   // Node resets such an answer itself (ENHANCE_YOUR_CALM) once the model server has acknowledged our SETTINGS, and tells
   // no JavaScript code why: a reset from the model server with that code looks the same. The message said "reset the
   // call (ENHANCE_YOUR_CALM), or ..." as if the model server's reset came first.
-  test('on a later call (our SETTINGS acknowledged, Node resets the answer itself): RESOURCE_EXHAUSTED naming the likely cause and the option first', NOT_FOR_EVER, async () => {
+  test('on a later call (our SETTINGS acknowledged, Node resets the answer itself): RESOURCE_EXHAUSTED naming the likely cause and the option first, and the next call goes over a new upstream connection', NOT_FOR_EVER, async () => {
     const upstreamSide = bigAnswers();
     await behindH2cUpstream({ onStream: upstreamSide.onStream, serverOptions: { maxSendHeaderBlockLength: 1024 * 1024 } }, async (local) => {
       const c = grpcClients(local.grpcAddress, pki);
@@ -1075,9 +1075,10 @@ describe('grpc: model-server metadata over twice --mtls_max_header_size, on the 
         assert.equal(await call(c), 'ok');
         const err = (await call(c, 'headers')) as grpc.ServiceError;
         assert.equal(err.code, grpc.status.RESOURCE_EXHAUSTED, err.details);
-        assert.match(err.details, /^the call was reset \(ENHANCE_YOUR_CALM\), most likely by this proxy's HTTP\/2 client because upstream 127\.0\.0\.1:\d+ answered with metadata over the 131072 bytes this proxy takes \(twice --mtls_max_header_size\): Node resets such an answer without saying why; else by upstream 127\.0\.0\.1:\d+ itself$/);
+        assert.match(err.details, /^the call was reset \(ENHANCE_YOUR_CALM\), most likely by this proxy's HTTP\/2 client because upstream 127\.0\.0\.1:\d+ answered with metadata over the 131072 bytes this proxy takes \(twice --mtls_max_header_size\): Node resets such an answer without saying why; else by upstream 127\.0\.0\.1:\d+ itself, or by Node for its own miscount of the connection's memory \(the next calls go over a new connection\)$/);
         assert.equal(await call(c), 'ok');
-        assert.equal(upstreamSide.sessions.size, 1);
+        // Node resets every answer on a connection whose memory it miscounted, for good: the next call goes over a new one.
+        assert.equal(upstreamSide.sessions.size, 2);
       } finally {
         c.close();
       }
