@@ -156,6 +156,7 @@ async function runGrpcCall(session: ClientHttp2Session, workload: GrpcWorkload, 
   };
   const what = `call ${index} (${call.shape}, messages of ${sizes.join(', ')} bytes${call.cancel ? `, cancel after ${call.cancel.bytes} ${call.cancel.after}` : ''}${call.slow ? ', slow reader' : ''})`;
   const outcome = await h2Exchange(session, headers, chunked(request, call.cuts), expected.length, { cancel: call.cancel, slow: call.slow, label: what });
+  if (!outcome.cancelled) assert.equal(outcome.headers['grpc-status'], undefined, `${what}: a Trailers-Only answer, grpc-status ${String(outcome.headers['grpc-status'])}: ${String(outcome.headers['grpc-message'])}`);
   assertExchange(outcome, expected, what);
   if (outcome.cancelled) return;
   assertFields(outcome.headers, call.echoed, `${what}: response metadata`);
