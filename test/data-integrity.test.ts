@@ -13,10 +13,10 @@ import assert from 'node:assert/strict';
 import { connect as connectH2, type ClientHttp2Session } from 'node:http2';
 import fc from 'fast-check';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startTestProxy, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { grpcFrame, startTestProxy, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { chunked } from './helpers/chunks.js';
 import {
-  assertPrefix, assertSameBytes, flights, grpcMessage, grpcMessages, h2Exchange, Http1Connection, patternBytes, sseBody, startGrpcEcho, startRestEcho,
+  assertPrefix, assertSameBytes, flights, grpcMessages, h2Exchange, Http1Connection, patternBytes, sseBody, startGrpcEcho, startRestEcho,
   ECHOED_PREFIX, GRPC_PATHS, GRPC_SHAPES, REPLY_FRAMING_HEADER, REPLY_SEED, REPLY_SIZES, SSE_SPEC_HEADER, TRAILED_PREFIX,
   type CancelPoint, type GrpcShape, type H2Outcome, type Peer, type SseSpec,
 } from './helpers/integrity-peers.js';
@@ -147,7 +147,7 @@ async function runGrpcCall(session: ClientHttp2Session, workload: GrpcWorkload, 
   const tag = callTag(workload, index);
   const sizes = messageSizes(workload, index);
   const server = call.shape === 'server';
-  const request = server ? grpcMessage(patternBytes(tag + 999, 16)) : grpcMessages(tag, sizes);
+  const request = server ? grpcFrame(patternBytes(tag + 999, 16)) : grpcMessages(tag, sizes);
   const expected = server ? grpcMessages(tag, sizes) : request;
   const headers = {
     ':method': 'POST', ':path': GRPC_PATHS[call.shape], 'content-type': 'application/grpc', te: 'trailers',

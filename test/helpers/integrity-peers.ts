@@ -13,6 +13,7 @@ import type { AddressInfo } from 'node:net';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import type { Writable } from 'node:stream';
 import { chunked } from './chunks.js';
+import { grpcFrame } from './harness.js';
 
 const { NGHTTP2_CANCEL } = constants;
 
@@ -36,16 +37,9 @@ export function patternText(tag: number, size: number): string {
   return bytes.toString('latin1');
 }
 
-/** A gRPC length-prefixed message (uncompressed). */
-export function grpcMessage(payload: Buffer): Buffer {
-  const prefix = Buffer.alloc(5);
-  prefix.writeUInt32BE(payload.length, 1);
-  return Buffer.concat([prefix, payload]);
-}
-
 /** Messages of the given sizes, message i made from tag `seed + i`, one after another. */
 export function grpcMessages(seed: number, sizes: readonly number[]): Buffer {
-  return Buffer.concat(sizes.map((size, i) => grpcMessage(patternBytes(seed + i, size))));
+  return Buffer.concat(sizes.map((size, i) => grpcFrame(patternBytes(seed + i, size))));
 }
 
 /** Where `actual` first differs from `expected` (a length difference counts at the shorter end); -1 when equal. */
@@ -157,7 +151,7 @@ function serveGrpc(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): voi
     }
     const sizes = String(headers[REPLY_SIZES] ?? '').split(',').filter(Boolean).map(Number);
     const seed = Number(headers[REPLY_SEED] ?? 0);
-    await writeAll(stream, sizes.map((size, i) => grpcMessage(patternBytes(seed + i, size))));
+    await writeAll(stream, sizes.map((size, i) => grpcFrame(patternBytes(seed + i, size))));
     if (!stream.destroyed) stream.end();
   });
 }
