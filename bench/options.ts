@@ -3,6 +3,7 @@
  * the experiment options (--compare, --node-flags, --proxy-args, load
  * overrides) exist for A/B measurements of a change.
  */
+import { execFileSync } from 'node:child_process';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import type { ScenarioId } from './protocol.js';
@@ -31,8 +32,9 @@ export const USAGE = `usage: npm run bench -- [options]
                          and requests in flight per HTTP/2 connection (defaults: bench/scenarios.ts)
   --proxy-args "A ..."   extra options for every proxy (experiments)
   --compare FILE         A/B: also run the proxy launched by FILE (another build's bin/ovms-mtls)
-  --compare-node-flags "F ..."  --compare-args "A ..."
-                         A/B: node options or proxy options for those B rows (FILE defaults to bin/ovms-mtls)
+  --compare-node-flags "F ..."  --compare-args "A ..."  --compare-node NODE
+                         A/B: node options, proxy options or another node executable (another Node version)
+                         for those B rows (FILE defaults to bin/ovms-mtls)
   --out DIR              where results go (default bench/results)
   --keep                 keep the temporary directory (configs, logs, certificates)`;
 
@@ -48,6 +50,8 @@ export interface Options {
   compare: string | undefined;
   compareNodeFlags: string[] | undefined;
   compareArgs: string[] | undefined;
+  /** The node executable and its version for the B rows, when not this one. */
+  compareNode: { path: string; version: string } | undefined;
   proxyArgs: string[];
   load: { drivers?: number; connections?: number; streams?: number };
   out: string;
@@ -72,6 +76,17 @@ function workerCounts(values: string[]): number[] {
   });
 }
 
+/** The node executable given to --compare-node and the version it reports; a usage error when it does not run. */
+function nodeExecutable(path: string): { path: string; version: string } {
+  try {
+    const version = execFileSync(path, ['-p', 'process.version'], { encoding: 'utf8', timeout: 30_000, stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    if (/^v\d+\.\d+\.\d+/.test(version)) return { path, version };
+  } catch {
+    // reported below, as for output that is not a version
+  }
+  throw new UsageError(`--compare-node: '${path}' did not run as node (node -p process.version); give the path of a node executable`);
+}
+
 /** The parsed command line, or undefined when help was asked for. Throws on an unknown scenario or a value that is not a number. */
 export function parseOptions(argv: string[], repoRoot: string): Options | undefined {
   const { values } = parseArgs({
@@ -80,7 +95,7 @@ export function parseOptions(argv: string[], repoRoot: string): Options | undefi
       full: { type: 'boolean' }, workers: { type: 'string' }, scenarios: { type: 'string' }, targets: { type: 'string' },
       duration: { type: 'string' }, warmup: { type: 'string' }, idle: { type: 'string' }, rounds: { type: 'string' },
       'no-nginx': { type: 'boolean' }, 'cpu-prof': { type: 'string' }, 'node-flags': { type: 'string' }, 'proxy-args': { type: 'string' },
-      compare: { type: 'string' }, 'compare-node-flags': { type: 'string' }, 'compare-args': { type: 'string' }, drivers: { type: 'string' }, connections: { type: 'string' }, streams: { type: 'string' },
+      compare: { type: 'string' }, 'compare-node-flags': { type: 'string' }, 'compare-node': { type: 'string' }, 'compare-args': { type: 'string' }, drivers: { type: 'string' }, connections: { type: 'string' }, streams: { type: 'string' },
       out: { type: 'string' }, keep: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
     },
   });
@@ -115,7 +130,8 @@ export function parseOptions(argv: string[], repoRoot: string): Options | undefi
       ...(values.connections ? { connections: count('connections', values.connections, 1000) } : {}),
       ...(values.streams ? { streams: count('streams', values.streams, 1000) } : {}),
     },
-    compare: values.compare !== undefined ? resolve(values.compare) : values['compare-node-flags'] !== undefined || values['compare-args'] !== undefined ? join(repoRoot, 'bin/ovms-mtls') : undefined,
+    compare: values.compare !== undefined ? resolve(values.compare) : values['compare-node-flags'] !== undefined || values['compare-args'] !== undefined || values['compare-node'] !== undefined ? join(repoRoot, 'bin/ovms-mtls') : undefined,
+    compareNode: values['compare-node'] === undefined ? undefined : nodeExecutable(resolve(values['compare-node'])),
     compareNodeFlags: values['compare-node-flags']?.split(' ').filter(Boolean),
     compareArgs: values['compare-args']?.split(' ').filter(Boolean),
     proxyArgs: values['proxy-args']?.split(' ').filter(Boolean) ?? [],

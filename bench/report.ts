@@ -131,7 +131,7 @@ export function markdownScaling(rows: readonly Row[]): string | undefined {
   if (counts.length < 2) return undefined;
   const kinds: { label: string; pick: (r: Row) => boolean }[] = [
     { label: 'ovms-mtls', pick: (r) => r.kind === 'proxy' && !r.accessLog && !r.target.startsWith('compare') },
-    { label: 'ovms-mtls relay', pick: (r) => r.target.endsWith('-relay') },
+    { label: 'ovms-mtls relay', pick: (r) => r.target.endsWith('-relay') && !r.target.startsWith('compare') },
     { label: 'nginx', pick: (r) => r.kind === 'nginx' },
   ];
   const head = `| Scenario | ${kinds.flatMap((k) => counts.slice(1).map((n) => `${k.label} ${n} vs 1 worker`)).join(' | ')} |`;

@@ -19,6 +19,7 @@ import { summarizeProfile } from './profile-summary.js';
 
 const HERE = fileURLToPath(new URL('.', import.meta.url));
 const REPO = resolve(HERE, '../..');
+const RELAY_ARGS = ['--mtls_grpc_mode', 'relay', '--mtls_rest_mode', 'relay'];
 
 function targetList(options: Options, workers: number[], nginx: boolean): TargetSpec[] {
   const list: TargetSpec[] = [];
@@ -29,13 +30,18 @@ function targetList(options: Options, workers: number[], nginx: boolean): Target
     if (options.kinds.has('proxy')) list.push({ id: `ovms-mtls-${n}w`, label: `ovms-mtls, ${w(n)}`, kind: 'proxy', workers: n, accessLog: false });
     if (options.kinds.has('proxy-log')) list.push({ id: `ovms-mtls-${n}w-log`, label: `ovms-mtls, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true });
     if (options.kinds.has('proxy-relay')) {
-      list.push({ id: `ovms-mtls-${n}w-relay`, label: `ovms-mtls relay, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, extraArgs: ['--mtls_grpc_mode', 'relay', '--mtls_rest_mode', 'relay'] });
+      list.push({ id: `ovms-mtls-${n}w-relay`, label: `ovms-mtls relay, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, extraArgs: RELAY_ARGS });
     }
     // One process, nothing to scale: measured once, beside the 1-worker rows.
     if (options.kinds.has('node-pipe') && n === 1) list.push({ id: 'node-pipe', label: 'bare Node TLS pipe (reference)', kind: 'pipe', workers: 1, accessLog: false });
     if (options.compare) {
-      if (options.kinds.has('proxy')) list.push({ id: `compare-${n}w`, label: `B: ovms-mtls, ${w(n)}`, kind: 'proxy', workers: n, accessLog: false, cli: options.compare, nodeFlags: options.compareNodeFlags, extraArgs: options.compareArgs });
-      if (options.kinds.has('proxy-log')) list.push({ id: `compare-${n}w-log`, label: `B: ovms-mtls, ${w(n)}, access log`, kind: 'proxy', workers: n, accessLog: true, cli: options.compare, nodeFlags: options.compareNodeFlags, extraArgs: options.compareArgs });
+      const b = { cli: options.compare, nodeFlags: options.compareNodeFlags, extraArgs: options.compareArgs, node: options.compareNode?.path };
+      const on = options.compareNode ? `, Node ${options.compareNode.version}` : '';
+      if (options.kinds.has('proxy')) list.push({ id: `compare-${n}w`, label: `B: ovms-mtls, ${w(n)}${on}`, kind: 'proxy', workers: n, accessLog: false, ...b });
+      if (options.kinds.has('proxy-log')) list.push({ id: `compare-${n}w-log`, label: `B: ovms-mtls, ${w(n)}, access log${on}`, kind: 'proxy', workers: n, accessLog: true, ...b });
+      if (options.kinds.has('proxy-relay')) {
+        list.push({ id: `compare-${n}w-relay`, label: `B: ovms-mtls relay, ${w(n)}, access log${on}`, kind: 'proxy', workers: n, accessLog: true, ...b, extraArgs: [...RELAY_ARGS, ...(options.compareArgs ?? [])] });
+      }
     }
   }
   return list;

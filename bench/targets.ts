@@ -33,6 +33,8 @@ export interface TargetSpec {
   readonly nodeFlags?: readonly string[] | undefined;
   /** Proxy only: options added after the context's (A/B of an option). */
   readonly extraArgs?: readonly string[] | undefined;
+  /** Proxy only: another node executable (A/B of Node versions); default the bench's own. */
+  readonly node?: string | undefined;
 }
 
 export interface BenchContext {
@@ -221,7 +223,7 @@ async function proxied(spec: TargetSpec, ctx: BenchContext, scenario: ScenarioId
     }));
     argv = [ctx.nginx!, '-e', log, '-p', dir, '-c', conf];
   } else {
-    const node = [process.execPath, ...(spec.nodeFlags ?? ctx.nodeFlags)];
+    const node = [spec.node ?? process.execPath, ...(spec.nodeFlags ?? ctx.nodeFlags)];
     if (cpuProfileDir) node.push('--cpu-prof', `--cpu-prof-dir=${cpuProfileDir}`);
     const cli = spec.kind === 'pipe' ? fileURLToPath(new URL('./node-pipe.js', import.meta.url)) : (spec.cli ?? join(ctx.repoRoot, 'bin/ovms-mtls'));
     argv = [...node, cli, 'proxy',
