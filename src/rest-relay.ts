@@ -244,6 +244,8 @@ const COALESCE_BYTES = 64 * 1024;
 class WriteBatch {
   #parts: Buffer[] = [];
   #bytes = 0;
+  /** Where the message begun last starts in the batch, if it begins after the last flush. */
+  #messageAt: number | undefined;
 
   readonly add = (bytes: Buffer): void => {
     const last = this.#parts.at(-1);
@@ -256,8 +258,27 @@ class WriteBatch {
     this.#bytes += bytes.length;
   };
 
+  /** What is added next begins a message: dropMessage() can take it back until it is flushed. */
+  startMessage(): void {
+    this.#messageAt = this.#bytes;
+  }
+
+  /** Takes back what was added of the message begun last, if none of it was flushed yet. */
+  dropMessage(): void {
+    if (this.#messageAt === undefined) return;
+    let excess = this.#bytes - this.#messageAt;
+    this.#bytes = this.#messageAt;
+    this.#messageAt = undefined;
+    while (excess > 0) {
+      const last = this.#parts.pop()!;
+      if (last.length > excess) this.#parts.push(last.subarray(0, last.length - excess));
+      excess -= last.length;
+    }
+  }
+
   /** Writes what was collected; false when the socket asked us to wait. */
   flush(socket: Socket): boolean {
+    this.#messageAt = undefined;
     const parts = this.#parts;
     if (parts.length === 0) return true;
     const bytes = this.#bytes;
@@ -459,7 +480,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#watchHead();
       return;
     }
-    this.#refuse(new FramingError(408, headStalledMessage(this.#parts.limits.idleTimeoutMs)), 'client_header_timeout');
+    this.#refuse(new FramingError(408, headStalledMessage(this.#parts.limits.idleTimeoutMs)), this.#headLine('client_header_timeout'));
   }
 
   /** Before anything that ends the connection: what the client should get is still in the batch. */
@@ -479,6 +500,7 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   #requestHead(head: Http1Head, raw: Buffer): { bytes: Buffer; body: BodyFraming } {
     this.#stopHeadDeadline();
+    this.#toUpstream.startMessage();
     this.#judging = head;
     const judged = judgeRequest(head);
     const { body, last } = judged;
@@ -571,23 +593,34 @@ class RelayedHttp1Connection implements RelayedConnection {
       this.#badBody(this.#receiving, err);
       return;
     }
-    this.#refuse(err, err instanceof RoutingRefused ? err.refusal.error : undefined);
+    this.#refuse(err, this.#headLine(err instanceof RoutingRefused ? err.refusal.error : 'bad_request'));
+  }
+
+  /** The access line of a request refused at its head: the method and path of the head judged, if one was read whole. */
+  #headLine(error: string): Exchange {
+    const head = this.#judging;
+    return { method: head?.method ?? '', path: head?.target ?? '', started: requestStart(this.#parts.context), bytesIn: 0, bytesOut: 0, status: 0, answered: false, error };
   }
 
   /**
-   * A body framed wrongly after its head went upstream: the model server's connection is cut, so
-   * it never gets a whole request, and the client gets the 400 naming the problem (README: a
-   * malformed chunk line or trailer is answered 400) when no answer to it or before it is owed;
-   * else the client's connection is cut too.
+   * A body framed wrongly (README: a malformed chunk line or trailer is answered 400) is refused as a
+   * head is, after the answers owed before it. What of it is still in the write batch (its head, when
+   * it came in the same read) never goes upstream; the model server's connection, which may have its
+   * head, is cut with the refusal, so it never gets a whole request. Once an answer to it went out (an
+   * early 413), the client's connection is cut instead.
    */
   #badBody(exchange: Exchange, err: FramingError): void {
     const why = (exchange.error = 'bad_request_body');
-    if (!this.#mayAnswerInstead(exchange)) {
+    if (exchange.answered) {
       this.#fail(why);
       return;
     }
-    exchange.status = err.status;
-    this.#answerInstead(exchange, refusalAnswer(err), why);
+    // Not answered, it is still in the queue, and last: nothing after a request is read before its body ends.
+    this.#exchanges.pop();
+    this.#receiving = undefined;
+    this.#parts.observer.streamClosed('rest');
+    this.#toUpstream.dropMessage();
+    this.#refuse(err, exchange);
   }
 
   /** Our own answer can take the place of the model server's: nothing of it went out, and no response before it is owed. */
@@ -595,11 +628,11 @@ class RelayedHttp1Connection implements RelayedConnection {
     return this.#exchanges.length === 1 && this.#exchanges[0] === exchange && !exchange.answered;
   }
 
-  /** Nothing more is read; the refusal is answered once the responses owed before it are done. */
-  #refuse(err: FramingError, error = 'bad_request'): void {
+  /** Nothing more is read; the refusal is answered once the responses owed before it are done. `line`: the refused request's access line. */
+  #refuse(err: FramingError, line: Exchange): void {
     this.#refusal = err;
     this.#parts.client.pause();
-    this.#refusalLine = { method: this.#judging?.method ?? '', path: this.#judging?.target ?? '', started: requestStart(this.#parts.context), bytesIn: 0, bytesOut: 0, status: err.status, answered: true, error };
+    this.#refusalLine = { ...line, status: err.status, answered: true };
     this.#closeIfDone();
   }
 
@@ -713,6 +746,8 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#finished = true;
     const { client, upstream } = this.#parts;
     this.#flushToClient();
+    // The rest of the read under way is not the client's: not an answer "nobody asked for" (a refused request's own, say).
+    this.#fromUpstream.stop();
     upstream.destroy();
     if (last) client.end(last);
     else client.end();

@@ -263,8 +263,11 @@ export function splitDisagreement(reader: Split, llhttp: Split): string | undefi
 /** Ends every generated stream: reached only when everything before it was read as requests, and it closes the connection. */
 export const LAST_REQUEST = 'GET /v2/health/ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n';
 
-/** Access-line errors of a request the relay refused (answered itself, nothing of it forwarded). */
-const REFUSAL_ERRORS = new Set(['bad_request', 'bad_request_target', 'bad_request_authority', 'client_header_timeout']);
+/**
+ * Access-line errors of a request the relay refused (answered itself, nothing of it forwarded). A body
+ * refused is among them: its head, in the same read as the bad line (a stream written at once), never went on.
+ */
+const REFUSAL_ERRORS = new Set(['bad_request', 'bad_request_body', 'bad_request_target', 'bad_request_authority', 'client_header_timeout']);
 
 /** What one client connection through a proxy came to: what the client read, what the model server parsed, the access lines. */
 export interface Exchanged {
@@ -309,9 +312,6 @@ export function relayDefect(result: Exchanged, xfcc: string): string | undefined
   const parsed = result.parsed;
   const refused = result.records.filter((r) => r.error !== undefined && REFUSAL_ERRORS.has(r.error));
   const forwarded = result.records.filter((r) => !refused.includes(r));
-  // A body the relay refused cuts the model server's connection, and every request in flight with it (same error):
-  // what was still in the relay's write batch, the refused head among it, never went out.
-  while (forwarded.length > parsed.length && forwarded.at(-1)?.error === 'bad_request_body') forwarded.pop();
   const parseError = result.upstream.map((c) => c.parseError).find((code) => code !== undefined && code !== 'HPE_INVALID_EOF_STATE');
   if (parseError) return `the model server refused what the relay forwarded: ${parseError}`;
   const seen = (list: { method: string; target?: string; path?: string }[]) => list.map((r) => `${r.method} ${r.target ?? r.path}`);
