@@ -119,6 +119,7 @@ export interface MessageHandler {
 const CR = 0x0d;
 const LF = 0x0a;
 const HEAD_END = Buffer.from('\r\n\r\n');
+const CRLF = Buffer.from('\r\n');
 /** Chunk-size lines carry extensions nobody uses; a long one is an attack, not a request. */
 const MAX_CHUNK_LINE = 4096;
 /** 13 hex digits stay below 2^53. */
@@ -229,21 +230,30 @@ export class Http1Reader {
   push(chunk: Buffer, out: (bytes: Buffer) => void): void {
     let pos = 0;
     while (pos < chunk.length) {
-      if (this.#state === 'head') {
-        if (this.#stopped) return;
-        pos = this.#readHead(chunk, pos, out);
-        continue;
+      switch (this.#state) {
+        case 'head':
+          if (this.#stopped) return;
+          pos = this.#readHead(chunk, pos, out);
+          break;
+        // Chunk framing goes on once judged (a line split across reads is held): no message ends in it.
+        case 'chunk-size':
+          pos = this.#readChunkLine(chunk, pos, out);
+          break;
+        case 'chunk-crlf':
+          pos = this.#readChunkCrlf(chunk, pos, out);
+          break;
+        case 'trailers':
+          pos = this.#readTrailers(chunk, pos, out);
+          // A cast: TypeScript would keep `#state` narrowed across the call above.
+          if ((this.#state as State) === 'head') this.#handler.end();
+          break;
+        default: {
+          const from = pos;
+          pos = this.#readPayload(chunk, pos);
+          out(chunk.subarray(from, pos));
+          if ((this.#state as State) === 'head') this.#handler.end();
+        }
       }
-      if (this.#state === 'trailers') {
-        pos = this.#readTrailers(chunk, pos, out);
-        if ((this.#state as State) === 'head') this.#handler.end();
-        continue;
-      }
-      const from = pos;
-      pos = this.#readBody(chunk, pos);
-      if (pos > from) out(chunk.subarray(from, pos));
-      // A cast: TypeScript would keep `#state` narrowed across the call above.
-      if ((this.#state as State) === 'head') this.#handler.end();
     }
   }
 
@@ -323,8 +333,8 @@ export class Http1Reader {
     }
   }
 
-  /** Consumes body bytes from `pos`; returns where it stopped (the state says why). */
-  #readBody(chunk: Buffer, pos: number): number {
+  /** Consumes payload bytes (at least one) from `pos`; returns where it stopped (the state says why). */
+  #readPayload(chunk: Buffer, pos: number): number {
     switch (this.#state) {
       case 'length': {
         const take = Math.min(this.#remaining, chunk.length - pos);
@@ -336,8 +346,6 @@ export class Http1Reader {
       case 'until-close':
         this.#handler.body(chunk.length - pos);
         return chunk.length;
-      case 'chunk-size':
-        return this.#readChunkLine(chunk, pos);
       case 'chunk-data': {
         const take = Math.min(this.#remaining, chunk.length - pos);
         this.#remaining -= take;
@@ -348,38 +356,46 @@ export class Http1Reader {
         }
         return pos + take;
       }
-      case 'chunk-crlf':
-        return this.#readChunkCrlf(chunk, pos);
       default:
         return chunk.length;
     }
   }
 
-  #readChunkLine(chunk: Buffer, pos: number): number {
+  /**
+   * A chunk-size line goes on whole and judged: one split across reads is held (at most MAX_CHUNK_LINE
+   * bytes) until its LF, so a model server never gets the first bytes of a line then refused. A line
+   * within one read goes on as the slice it is.
+   */
+  #readChunkLine(chunk: Buffer, pos: number, out: (bytes: Buffer) => void): number {
     const lf = chunk.indexOf(LF, pos);
     const stop = lf < 0 ? chunk.length : lf + 1;
     this.#lineBytes += stop - pos;
     if (this.#lineBytes > MAX_CHUNK_LINE) throw new FramingError(400, 'chunk-size line too long');
     this.#pending.append(chunk.subarray(pos, stop));
     if (lf < 0) return stop;
-    const line = this.#takeLine();
+    const bytes = this.#pending.take();
+    const line = lineOf(bytes);
     const match = CHUNK_LINE.exec(line);
     if (!match) throw new FramingError(400, CHUNK_SIZE_FIRST.test(line) ? MALFORMED_CHUNK_EXTENSION : 'malformed chunk-size line');
     const digits = match[1]!.replace(/^0+(?=.)/, '');
     if (digits.length > MAX_CHUNK_SIZE_DIGITS) throw new FramingError(400, 'chunk size too large');
+    out(bytes);
     this.#remaining = parseInt(digits, 16);
     this.#lineBytes = 0;
     this.#state = this.#remaining === 0 ? 'trailers' : 'chunk-data';
     return stop;
   }
 
-  #readChunkCrlf(chunk: Buffer, pos: number): number {
+  /** The CRLF after chunk data, passed on once both bytes are checked: a CR that ended a read waits for its LF. */
+  #readChunkCrlf(chunk: Buffer, pos: number, out: (bytes: Buffer) => void): number {
+    const from = pos;
     while (this.#crlfSeen < 2 && pos < chunk.length) {
       if (chunk[pos] !== (this.#crlfSeen === 0 ? CR : LF)) throw new FramingError(400, 'chunk data not followed by CRLF');
       this.#crlfSeen++;
       pos++;
     }
     if (this.#crlfSeen === 2) {
+      out(pos - from === 2 ? chunk.subarray(from, pos) : CRLF);
       this.#state = 'chunk-size';
       this.#lineBytes = 0;
     }
@@ -410,11 +426,6 @@ export class Http1Reader {
       if (!this.#handler.dropTrailers) out(bytes);
     }
     return pos;
-  }
-
-  /** The pending line without its CRLF. */
-  #takeLine(): string {
-    return lineOf(this.#pending.take());
   }
 
   #bareLineEnd(): FramingError {

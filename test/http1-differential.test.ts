@@ -6,6 +6,7 @@
  * access line), or responses paired with the wrong requests.
  */
 import { test, describe, before, after } from 'node:test';
+import { once } from 'node:events';
 import type { Socket } from 'node:net';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
@@ -69,12 +70,15 @@ const inOrder = (restMode: ForwardMode, requests: string[]) => (restMode === 're
 const parseErrors = (result: Exchanged) => result.upstream.map((c) => c.parseError).filter((code) => code !== undefined);
 
 describe('the REST relay reader against llhttp, on generated request streams', () => {
-  test('unit level, the stream cut into reads anywhere: every request the relay reads whole, llhttp reads the same from what the relay forwards (method, target, body length), and no request more', { timeout: 120_000 }, async () => {
+  test('unit level, the stream cut into reads anywhere: every request the relay reads whole, llhttp reads the same from what the relay forwards (method, target, body length), and no request more; the relay forwards the same bytes as when the stream comes in one read', { timeout: 120_000 }, async () => {
     await fc.assert(
       fc.asyncProperty(streamArb, fc.array(fc.nat(), { maxLength: 6 }), async (text, cuts) => {
-        const relay = relaySplit(Buffer.from(text, 'latin1'), cuts);
+        const bytes = Buffer.from(text, 'latin1');
+        const relay = relaySplit(bytes, cuts);
         const disagreement = splitDisagreement(relay, await llhttpSplit(llhttp, relay.forwarded));
         assert.equal(disagreement, undefined, `${JSON.stringify(text)} cut at ${cuts.join(', ')}`);
+        // Nothing of a line the relay refuses (a chunk line split across reads, say) goes on before it is judged.
+        assert.equal(relay.forwarded.toString('latin1'), relaySplit(bytes).forwarded.toString('latin1'), `${JSON.stringify(text)} cut at ${cuts.join(', ')}`);
       }),
       { numRuns: 3000 },
     );
@@ -115,6 +119,54 @@ const unescaped = (text: string) => text.replace(/\\([rnt]|x[0-9a-f]{2})/g, (_, 
 const FIRST = 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\n\r\n';
 /** A chunked request to the model server's echo; `body` after its head, as sent. */
 const chunkedRequest = (body: string) => `POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n${body}`;
+
+/** Malformed chunk lines, each then cut into two reads at every one of its bytes (its CRLF included). */
+const SPLIT_CHUNK_LINES = ['zz', '3;a b', '3;a=\x80', '3 ;a'];
+/** A chunked request whose first chunk is whole and whose second has `line` for its chunk line. */
+const secondChunkLine = (line: string) => ({ before: chunkedRequest('3\r\nabc\r\n'), line: `${unescaped(line)}\r\n`, after: 'abc\r\n0\r\n\r\n' });
+
+describe('a malformed chunk line split across reads', () => {
+  test('unit level: nothing of the line is forwarded before the refusal, wherever the read ends in it', () => {
+    for (const spelled of SPLIT_CHUNK_LINES) {
+      const { before, line, after } = secondChunkLine(spelled);
+      const stream = Buffer.from(before + line + after, 'latin1');
+      const whole = relaySplit(stream);
+      assert.match(whole.refused ?? '', /malformed chunk/);
+      assert.ok(whole.forwarded.toString('latin1').endsWith('3\r\nabc\r\n'));
+      for (let at = before.length + 1; at < before.length + line.length; at++) {
+        const cut = relaySplit(stream, [at]);
+        assert.equal(cut.refused, whole.refused, `${JSON.stringify(line)} cut after ${at - before.length} bytes`);
+        assert.equal(cut.forwarded.toString('latin1'), whole.forwarded.toString('latin1'), `${JSON.stringify(line)} cut after ${at - before.length} bytes`);
+      }
+    }
+  });
+
+  test('--mtls_rest_mode relay: written in two parts cut at every byte of the line, the model server gets the head and the whole chunk before it, not a byte of the line; the client gets the 400 naming it', { timeout: 60_000 }, () => {
+    const received = new Map<Socket, Buffer[]>();
+    const record = (socket: Socket, first: Buffer) => {
+      received.set(socket, [first]);
+      socket.on('data', (bytes: Buffer) => received.get(socket)!.push(bytes));
+    };
+    return behindProxy({ pki, restMode: 'relay', answer: record }, async (local, upstream) => {
+      const { before, line, after } = secondChunkLine('3;a b');
+      for (let cut = 1; cut < line.length; cut++) {
+        const connection = upstream.sockets.length;
+        const socket = await openRaw(local.restPort, pki);
+        socket.write(before + line.slice(0, cut));
+        await eventually(() => upstream.sockets[connection] !== undefined, 'the relay\'s connection to the model server');
+        const bytes = () => Buffer.concat(received.get(upstream.sockets[connection]!) ?? []).toString('latin1');
+        // Its first read handled: the head and the whole chunk before the line are with the model server.
+        await eventually(() => bytes().includes('\r\n\r\n3\r\nabc\r\n'), 'the first part at the model server');
+        socket.write(line.slice(cut) + after);
+        const text = await readToCloseWithin(socket, 20_000);
+        assert.deepEqual(answerStatuses(text), [400], text);
+        assert.match(text, /malformed chunk extension/);
+        if (!upstream.sockets[connection]!.closed) await once(upstream.sockets[connection]!, 'close');
+        assert.ok(bytes().endsWith('\r\n\r\n3\r\nabc\r\n'), `cut after ${cut} bytes of ${JSON.stringify(line)}, the model server got ${JSON.stringify(bytes().slice(-40))}`);
+      }
+    });
+  });
+});
 
 describe('what the relay forwarded and llhttp refused, refused by the relay now', () => {
   for (const [what, request, message] of REFUSED_IN_THE_HEAD) {
