@@ -243,6 +243,9 @@ const REFUSED_RESPONSES: readonly [string, string, RegExp][] = [
   ['Transfer-Encoding in HTTP/1.0', 'HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n', /HTTP\/1\.0/],
   ['a list of agreeing Content-Lengths', 'HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok', /invalid Content-Length/],
   ['a head whose lines all end with a bare LF', 'HTTP/1.1 200 OK\ncontent-length: 2\n\nok', /bare CR or LF/],
+  // llhttp, in Node's HTTP client (and undici), refuses these.
+  ['a tab after the Content-Length value', 'HTTP/1.1 200 OK\r\ncontent-length: 2\t\r\n\r\nok', /tab within or after a Content-Length or Transfer-Encoding value/],
+  ['a tab after the Transfer-Encoding value', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\t\r\n\r\n2\r\nok\r\n0\r\n\r\n', /tab within or after a Content-Length or Transfer-Encoding value/],
 ];
 
 describe('HTTP/1.1 responses refused', () => {
