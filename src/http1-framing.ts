@@ -612,7 +612,11 @@ export function requestFraming(head: Http1Head): BodyFraming {
 
 /** RFC 9112 6.3 for a response to a request made with `method`. */
 export function responseFraming(head: Http1Head, method: string): BodyFraming {
-  if (method === 'HEAD' || head.status < 200 || head.status === 204 || head.status === 304) return NO_BODY;
+  if (method === 'HEAD' || head.status < 200 || head.status === 204 || head.status === 304) {
+    // No body follows, but llhttp (the client's, undici's) refuses a malformed Content-Length on any answer.
+    contentLength(head, 502);
+    return NO_BODY;
+  }
   const codings = framingValues(head, 'transfer-encoding', 502);
   if (codings.length > 0) {
     // Faulty framing (RFC 9112 6.1, 6.3), which the client might read otherwise; nginx answers 502 too.

@@ -388,3 +388,31 @@ describe('answers with a tab within or after a framing value', () => {
     }
   }
 });
+
+/**
+ * Answers without a body whose Content-Length is malformed: llhttp refuses them as it refuses one on an
+ * answer with a body (HPE_INVALID_CONTENT_LENGTH in Node's HTTP client and in undici), so the relay did
+ * not send them on either. Each row: the request's method and the answer.
+ */
+const MALFORMED_LENGTH_WITHOUT_BODY: readonly [string, string][] = [
+  ['HEAD', 'HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\n'],
+  ['GET', 'HTTP/1.1 204 No Content\r\ncontent-length: 2\t\r\n\r\n'],
+  ['GET', 'HTTP/1.1 304 Not Modified\r\ncontent-length: x\r\n\r\n'],
+];
+
+describe('answers without a body whose Content-Length is malformed', () => {
+  for (const [method, answer] of MALFORMED_LENGTH_WITHOUT_BODY) {
+    const [statusLine, field] = answer.split('\r\n');
+    for (const restMode of FORWARD_MODES) {
+      test(`--mtls_rest_mode ${restMode}: ${method} answered ${JSON.stringify(`${statusLine!.slice(9)}, ${field}`)}: 502; the access line says it was a bad response`, { timeout: 30_000 }, () =>
+        behindProxy({ pki, restMode, answer: (socket) => socket.write(answer) }, async (local) => {
+          const socket = await openRaw(local.restPort, pki);
+          socket.write(`${method} /v2/a HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n`);
+          const text = await readToCloseWithin(socket, 20_000);
+          assert.deepEqual(answerStatuses(text), [502], text);
+          const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/a');
+          assert.deepEqual([line.status, line.error], [502, restMode === 'relay' ? 'bad_response' : 'UPSTREAM_BAD_RESPONSE']);
+        }));
+    }
+  }
+});

@@ -238,7 +238,7 @@ describe('HTTP/1.1 requests refused', () => {
 });
 
 /** Responses whose framing the client might read otherwise than we do: each is refused before a byte goes to the client. */
-const REFUSED_RESPONSES: readonly [string, string, RegExp][] = [
+const REFUSED_RESPONSES: readonly [string, string, RegExp, string?][] = [
   ['both Content-Length and Transfer-Encoding', 'HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n', /both Content-Length and Transfer-Encoding/],
   ['Transfer-Encoding in HTTP/1.0', 'HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n', /HTTP\/1\.0/],
   ['a list of agreeing Content-Lengths', 'HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok', /invalid Content-Length/],
@@ -246,13 +246,17 @@ const REFUSED_RESPONSES: readonly [string, string, RegExp][] = [
   // llhttp, in Node's HTTP client (and undici), refuses these.
   ['a tab after the Content-Length value', 'HTTP/1.1 200 OK\r\ncontent-length: 2\t\r\n\r\nok', /tab within or after a Content-Length or Transfer-Encoding value/],
   ['a tab after the Transfer-Encoding value', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\t\r\n\r\n2\r\nok\r\n0\r\n\r\n', /tab within or after a Content-Length or Transfer-Encoding value/],
+  // Without a body too: llhttp refuses the field whatever follows.
+  ['a 204 with a tab after the Content-Length value', 'HTTP/1.1 204 No Content\r\ncontent-length: 2\t\r\n\r\n', /tab within or after a Content-Length/],
+  ['a 304 with a Content-Length that is no number', 'HTTP/1.1 304 Not Modified\r\ncontent-length: x\r\n\r\n', /invalid Content-Length: "x"/],
+  ['an answer to HEAD with a list of agreeing Content-Lengths', 'HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\n', /invalid Content-Length/, 'HEAD'],
 ];
 
 describe('HTTP/1.1 responses refused', () => {
-  for (const [what, text, message] of REFUSED_RESPONSES) {
+  for (const [what, text, message, method = 'GET'] of REFUSED_RESPONSES) {
     test(`${what}: 502`, () => {
       const out: Buffer[] = [];
-      const reader = new Http1Reader('response', 1024, { head: (head, raw) => ({ bytes: raw, body: responseFraming(head, 'GET') }), body: () => {}, end: () => {} });
+      const reader = new Http1Reader('response', 1024, { head: (head, raw) => ({ bytes: raw, body: responseFraming(head, method) }), body: () => {}, end: () => {} });
       assert.throws(() => reader.push(Buffer.from(text), (b) => out.push(b)), (err: unknown) => err instanceof FramingError && err.status === 502 && message.test(err.message));
       assert.deepEqual(out, []);
     });
