@@ -495,7 +495,7 @@ class GrpcCall {
    * answer's metadata is over our SETTINGS_MAX_HEADER_LIST_SIZE (the limit #overOurLimit holds the first call to), and
    * tells no JavaScript code: the stream closes with that code as when the model server resets it (no event, state or
    * performance entry differs). The likelier cause, with the option to change, comes first. Node also resets so every
-   * answer on a connection whose count of its own memory has gone wrong, for good (seen on Node 20 and 24 after uploads
+   * answer on a connection whose count of its own memory has gone wrong, for good (seen on Node 20, 22 and 24 after uploads
    * cancelled under small windows: every call of every client failed from then on), so the connection is replaced
    * (#onUpstreamClose); its calls under way finish on it.
    */

@@ -300,7 +300,7 @@ const TEST_MS = 200_000;
 const params = (numRuns: number) => ({ numRuns, includeErrorInReport: true, timeout: RUN_HANG_MS, interruptAfterTimeLimit: SHRINK_MS });
 
 /**
- * Not in terminate mode with the smallest windows: there, on Node 20 and 24, uploads cancelled partway leave Node's HTTP/2
+ * Not in terminate mode with the smallest windows: there, on Node 20, 22 and 24, uploads cancelled partway leave Node's HTTP/2
  * client miscounting its upstream connection's memory once in about a hundred runs, after which it resets every answer
  * on that connection (ENHANCE_YOUR_CALM). The proxy now replaces such a connection, but the calls under way on it when
  * that happens still fail (README, "Choices": gRPC terminate mode). Every other mode and window size cancels calls.
