@@ -1,4 +1,4 @@
-import type { IncomingMessage, ServerResponse, OutgoingHttpHeaders, IncomingHttpHeaders } from 'node:http';
+import { validateHeaderName, validateHeaderValue, type IncomingMessage, type ServerResponse, type OutgoingHttpHeaders, type IncomingHttpHeaders } from 'node:http';
 import { constants as http2Constants, Http2ServerResponse, type Http2ServerRequest, type ServerHttp2Stream } from 'node:http2';
 import { Readable } from 'node:stream';
 import type { Socket } from 'node:net';
@@ -388,9 +388,55 @@ class UpstreamResets {
   connector(timeoutMs: number): buildConnector.connector {
     const connect = buildConnector({ timeout: timeoutMs });
     return (options, callback) => connect(options, (...args) => {
-      args[1]?.prependListener('error', this.#onError);
+      args[1]?.prependListener('error', this.#onError).prependListener('end', this.#onEnd);
       callback(...args);
     });
+  }
+
+  /** The answers we paused (onResponseData) and have not resumed. */
+  readonly #paused = new Set<Dispatcher.DispatchController>();
+
+  /** Stops reading an answer whose client has a full buffer. */
+  pause(controller: Dispatcher.DispatchController): void {
+    controller.pause();
+    this.#paused.add(controller);
+  }
+
+  /** Reads it on (its client drained, or its connection ended). */
+  resume(controller: Dispatcher.DispatchController): void {
+    this.#paused.delete(controller);
+    controller.resume();
+  }
+
+  /** The exchange ended: nothing more to resume. */
+  forget(controller: Dispatcher.DispatchController): void {
+    this.#paused.delete(controller);
+  }
+
+  /**
+   * undici ends an answer whose connection ends (a body that runs until close, or `connection: close`)
+   * from the socket's 'end', asserting its parser is not paused. We pause it when the client's side is
+   * full, and when that came with the last bytes, the model server's FIN already read, the assertion
+   * (`assert(!this.paused)`) threw out of the process, which stops on an uncaught exception: an answer
+   * without a Content-Length of about 1 MiB plus a window to an HTTP/2 client that reads slower than
+   * the model server sends. A connection that ends has nothing more to hold back: every paused answer
+   * is resumed first (undici does not say which is this connection's; the others pause again at their
+   * next bytes).
+   */
+  readonly #onEnd = (): void => {
+    if (this.#paused.size === 0) return;
+    // Resumed, the answer's last bytes come again to onResponseData, whose client is still full: not paused again.
+    this.#ending = true;
+    for (const controller of [...this.#paused]) this.resume(controller);
+    // After every listener of this 'end', undici's among them, has run.
+    queueMicrotask(() => (this.#ending = false));
+  };
+
+  #ending = false;
+
+  /** An upstream connection is ending under a paused answer (#onEnd): pausing now would stop it for good. */
+  get ending(): boolean {
+    return this.#ending;
   }
 
   readonly #onError = (err: NodeJS.ErrnoException): void => {
@@ -624,8 +670,8 @@ const RESET_MID_BODY: NodeJS.ErrnoException = Object.assign(new Error('the upstr
  * (assert(currentParser === null)): the second answer failed as ERR_ASSERTION and the first,
  * never resumed, stalled for good.
  */
-function resumeOutsideParser(controller: Dispatcher.DispatchController): void {
-  queueMicrotask(() => controller.resume());
+function resumeOutsideParser(controller: Dispatcher.DispatchController, resets: UpstreamResets): void {
+  queueMicrotask(() => resets.resume(controller));
 }
 
 /** RFC 9110 9.2.2. */
@@ -733,7 +779,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
       return;
     }
     // Send the headers now: an SSE client should see the stream open before the first event.
-    if (headers['content-length'] === undefined) (res as ServerResponse).flushHeaders();
+    if (headers['content-length'] === undefined) flushHead(res);
   }
 
   /**
@@ -751,13 +797,14 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     if (this.givenUp) return;
     (res as ServerResponse).write(chunk);
     // A listener only when needed: most responses never fill the buffer.
-    if (res.writableLength >= BODY_BUFFER && !controller.paused) {
-      controller.pause();
-      res.once('drain', () => resumeOutsideParser(controller));
+    if (res.writableLength >= BODY_BUFFER && !controller.paused && !this.#resets.ending) {
+      this.#resets.pause(controller);
+      res.once('drain', () => resumeOutsideParser(controller, this.#resets));
     }
   }
 
-  onResponseEnd(controller: Dispatcher.DispatchController): void {
+  onResponseEnd(controller: Dispatcher.DispatchController, trailers?: IncomingHttpHeaders): void {
+    this.#resets.forget(controller);
     // Only a body that runs until close ends while its connection reports a reset.
     if (this.#resets.resetting) {
       this.onResponseError(controller, RESET_MID_BODY);
@@ -766,10 +813,13 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#ended = true;
     if (this.givenUp) return;
     this.#passedWhole = this.#declaredLength && this.#http2 && !(this.#res as Http2ServerResponse).stream.closed;
+    const passed = trailers === undefined ? undefined : responseTrailers(trailers, this.#http2);
+    if (passed !== undefined) this.#res.addTrailers(passed);
     this.#res.end();
   }
 
   onResponseError(controller: Dispatcher.DispatchController, err: Error): void {
+    this.#resets.forget(controller);
     if (this.#bodiless && (err as NodeJS.ErrnoException).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') {
       // undici takes the Content-Length a 304 may carry (the length of the representation the client has, RFC 9110 8.6)
       // for a body that never came, and fails a whole answer: the client got an empty reply (HTTP/1.1) in its place.
@@ -818,6 +868,17 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     if (begun && code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') return describeUpstreamError(this.#options.upstream, { code: 'UND_ERR_SOCKET' });
     return describeUpstreamError(this.#options.upstream, err);
   }
+}
+
+/**
+ * Sends a response's head before any of its body. Not ServerResponse.flushHeaders(): Node (20 to 24)
+ * writes the head it flushes as UTF-8, where every other head goes out as latin1, one byte a character,
+ * so a value with obs-text from the model server (`caf\xe9`, which undici reads as latin1) reached an
+ * HTTP/1.1 client as `caf\xc3\xa9` on every answer without a Content-Length. An empty write sends it as latin1.
+ */
+function flushHead(res: ClientResponseLike): void {
+  if (res instanceof Http2ServerResponse) (res as unknown as ServerResponse).flushHeaders();
+  else res.write(EMPTY);
 }
 
 /** The code of the error that ends an exchange whose response head HTTP/2 cannot send (#overHttp2Limit). */
@@ -980,7 +1041,7 @@ export function upstreamHeaders(req: ClientRequestLike, context: ConnectionConte
  * into one, where the relay and nginx pass every line on: each line in the order sent, as
  * a flat name, value list. Names lower-cased, as HTTP/2 sends them and as the headers
  * object has them, so the model server sees the same names whichever path or front a
- * request took. An HTTP/2 client's cookies are one line joined with "; " (RFC 9113 8.2.3:
+ * request took. An HTTP/2 client's cookies are one line, the crumbs not empty joined with "; " (RFC 9113 8.2.3:
  * HTTP/2 lets a client split them; an HTTP/1.1 server may not take them apart).
  */
 function clientLines(req: ClientRequestLike, listed: ReadonlySet<string>, context: ConnectionContext, authority: string | undefined): string[] {
@@ -995,7 +1056,8 @@ function clientLines(req: ClientRequestLike, listed: ReadonlySet<string>, contex
     const value = raw[i + 1]!;
     if (joinCookies && name === 'cookie') {
       if (cookieAt >= 0) {
-        out[cookieAt] += `; ${value}`;
+        // An empty crumb adds nothing: joined, it left the line ending in "; " (a value may not end in white space, RFC 9110 5.5).
+        if (value !== '') out[cookieAt] = out[cookieAt] === '' ? value : `${out[cookieAt]}; ${value}`;
         continue;
       }
       cookieAt = out.length + 1;
@@ -1006,6 +1068,35 @@ function clientLines(req: ClientRequestLike, listed: ReadonlySet<string>, contex
   if (authority !== undefined) out.push('host', authority);
   pushForwardingFields(out, req.headers['x-forwarded-for'], context);
   return out;
+}
+
+/**
+ * The trailer fields of a chunked answer as the client gets them, undefined when none: the end-to-end
+ * ones, as responseHeaders() passes a head's, each Node can send (an HTTP/2 stream sends them from an
+ * event handler, where a field Node refuses would throw out of the process). They had been dropped:
+ * a client read them through the relay and not here. Node sends them to an HTTP/1.1 client only when
+ * its answer is chunked, which a chunked answer's is (never to an HTTP/1.0 one, RFC 9112 7.1.2).
+ */
+function responseTrailers(trailers: IncomingHttpHeaders, forHttp2: boolean): OutgoingHttpHeaders | undefined {
+  const out: OutgoingHttpHeaders = {};
+  let count = 0;
+  for (const [name, value] of Object.entries(responseHeaders(trailers, forHttp2))) {
+    if (value === undefined || !sendable(name, value)) continue;
+    out[name] = value;
+    count++;
+  }
+  return count === 0 ? undefined : out;
+}
+
+/** Node's HTTP/1.1 and HTTP/2 writers take this field (a name without ':' and values without control characters). */
+function sendable(name: string, value: number | string | readonly string[]): boolean {
+  try {
+    validateHeaderName(name);
+    for (const one of [value].flat()) validateHeaderValue(name, String(one));
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function responseHeaders(headers: IncomingHttpHeaders, forHttp2: boolean): OutgoingHttpHeaders {
