@@ -88,8 +88,14 @@ export class UpstreamH2Session {
   readonly #limits: Limits;
   readonly #url: string;
   #session: ClientHttp2Session | undefined;
-  /** The TCP connection under #session (see close()). */
+  /** The TCP connection under the session being opened (see #connect()). */
   #socket: Socket | undefined;
+  /**
+   * Every session this one opened that has not closed, with its TCP connection: the current one and
+   * those no longer current (told to go away by the model server, or retired by us) whose calls go on.
+   * close() ends them all: one whose call is stuck (a model server that stopped reading) waits for good.
+   */
+  readonly #open = new Map<ClientHttp2Session, Socket>();
   #maxHeaderListSize = Infinity;
   /**
    * The largest request header list we send: twice --mtls_max_header_size, as for the
@@ -159,26 +165,16 @@ export class UpstreamH2Session {
   }
 
   /**
-   * Graceful (GOAWAY, in-flight streams finish) for up to `graceMs`, then destroyed. A model
+   * Every session opened and not yet closed, the current one and those no longer current: graceful
+   * (GOAWAY, in-flight streams finish) for up to `graceMs`, then destroyed. A model
    * server that has stopped reading (SIGSTOP, stuck) with our socket's buffers full never lets
    * the GOAWAY, or the RST_STREAMs of the calls we cancelled, out, and a session waits for its
    * write in progress even when destroyed: the session never closed and the proxy never
    * exited. Destroying its socket ends it.
    */
   async close(graceMs: number): Promise<void> {
-    const session = this.#session;
-    const socket = this.#socket;
     this.#session = undefined;
-    if (!session || session.destroyed) return;
-    let timer = setTimeout(() => socket?.destroy(), graceMs);
-    // Every stream over, GOAWAY and our FIN written: Node still waits for the model server's FIN, which
-    // one that is frozen never sends. Each stop took the whole --mtls_shutdown_timeout (30 s), silently.
-    socket?.once('finish', () => {
-      clearTimeout(timer);
-      timer = setTimeout(() => socket.destroy(), Math.min(graceMs, PEER_FIN_WAIT_MS));
-    });
-    await new Promise<void>((resolve) => session.close(() => resolve()));
-    clearTimeout(timer);
+    await Promise.all([...this.#open].map(([session, socket]) => closeWithin(session, socket, graceMs)));
   }
 
   #connect(): ClientHttp2Session {
@@ -205,6 +201,8 @@ export class UpstreamH2Session {
         return socket;
       },
     });
+    // connect() called createConnection() before it returned.
+    this.#open.set(session, this.#socket!);
     // Without an 'error' listener a GOAWAY or refused connect crashes the process (FINDINGS).
     // Each call sees the failure on its own stream; nothing more to do here.
     session.on('error', () => {});
@@ -212,7 +210,10 @@ export class UpstreamH2Session {
       if (this.#session === session) this.#session = undefined;
     };
     session.once('goaway', forget);
-    session.once('close', forget);
+    session.once('close', () => {
+      forget();
+      this.#open.delete(session);
+    });
     session.on('remoteSettings', (settings) => {
       HEARD_SETTINGS.add(session);
       this.#maxHeaderListSize = settings.maxHeaderListSize ?? Infinity;
@@ -223,6 +224,26 @@ export class UpstreamH2Session {
     });
     return session;
   }
+}
+
+/**
+ * Closes `session` gracefully (GOAWAY, its streams finish) for up to `graceMs`, then destroys its
+ * socket: see UpstreamH2Session.close().
+ */
+async function closeWithin(session: ClientHttp2Session, socket: Socket, graceMs: number): Promise<void> {
+  if (session.destroyed) return;
+  let timer = setTimeout(() => socket.destroy(), graceMs);
+  // Every stream over, GOAWAY and our FIN written: Node still waits for the model server's FIN, which
+  // one that is frozen never sends. Each stop took the whole --mtls_shutdown_timeout (30 s), silently.
+  socket.once('finish', () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => socket.destroy(), Math.min(graceMs, PEER_FIN_WAIT_MS));
+  });
+  // Not close(callback): on a session already closing (after the model server's GOAWAY) Node drops the callback.
+  const closed = new Promise<void>((resolve) => session.once('close', () => resolve()));
+  session.close();
+  await closed;
+  clearTimeout(timer);
 }
 
 /**

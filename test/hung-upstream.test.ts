@@ -8,6 +8,7 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import { createServer as createH2cServer, constants as h2, type ClientHttp2Stream, type Http2Server, type ServerHttp2Stream } from 'node:http2';
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
@@ -108,6 +109,26 @@ function streamToFirstMessage(client: grpc.Client, path: string): { ended: Promi
  * Writes an endless upload into `stream` and resolves once it is stuck: the write blocked and
  * nothing more taken since the last look (every buffer on the way full), and `arrived()` true.
  */
+/** SETTINGS (every stream window at its largest), the ACK of ours, and a WINDOW_UPDATE opening the connection's as wide. */
+const WIDE_OPEN = (() => {
+  const wide = 0x7fffffff;
+  const settings = Buffer.alloc(6);
+  settings.writeUInt16BE(0x4, 0);
+  settings.writeUInt32BE(wide, 2);
+  const increment = Buffer.alloc(4);
+  increment.writeUInt32BE(wide - 65535);
+  return Buffer.concat([h2Frame(0x4, 0, 0, settings), h2Frame(0x4, 0x1, 0), h2Frame(0x8, 0, 0, increment)]);
+})();
+
+/** TCP connections to 127.0.0.1:`port` that a process still holds (an inode in /proc/net/tcp; one closed but still sending has none). */
+function heldConnectionsTo(port: number): number {
+  const remote = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  return readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1).filter((line) => {
+    const fields = line.trim().split(/\s+/);
+    return fields[2] === remote && fields[9] !== undefined && fields[9] !== '0';
+  }).length;
+}
+
 async function uploadUntilStuck(stream: ClientHttp2Stream, arrived: () => boolean): Promise<void> {
   const chunk = Buffer.alloc(1 << 20);
   let sent = 0;
@@ -204,14 +225,8 @@ describe('shutdown with calls stuck on a model server that never answers', () =>
   test('gRPC terminate: a model server that stops reading its connection mid-upload (as a SIGSTOPped one does) does not keep the proxy from finishing its shutdown, and the call gets UNAVAILABLE saying why', { timeout: 60_000 }, async () => {
     // Its SETTINGS and WINDOW_UPDATE open every window wide, then it reads nothing more: what the proxy
     // forwards fills the socket buffers between them, and the proxy's writes to it never complete.
-    const wide = 0x7fffffff;
-    const settings = Buffer.alloc(6);
-    settings.writeUInt16BE(0x4, 0);
-    settings.writeUInt32BE(wide, 2);
-    const increment = Buffer.alloc(4);
-    increment.writeUInt32BE(wide - 65535);
     const stopped = await scriptedUpstream((socket) => {
-      socket.write(Buffer.concat([h2Frame(0x4, 0, 0, settings), h2Frame(0x4, 0x1, 0), h2Frame(0x8, 0, 0, increment)]));
+      socket.write(WIDE_OPEN);
       socket.pause();
     });
     const local = await startTestProxy({ pki, upstream: { grpcPort: stopped.port } });
@@ -229,6 +244,32 @@ describe('shutdown with calls stuck on a model server that never answers', () =>
       const [grpcStatus, message] = await status;
       assert.equal(grpcStatus, String(grpc.status.UNAVAILABLE));
       assert.match(String(message), /the proxy is shutting down/);
+    } finally {
+      session.destroy();
+      stopped.close();
+    }
+  });
+
+  test('gRPC terminate: an upstream connection no longer current (the model server sent GOAWAY) whose call is stuck is ended by the shutdown too, not left open for good', { timeout: 60_000 }, async () => {
+    // GOAWAY(last stream 1, NO_ERROR) at once: the call on stream 1 may go on, the next would take a new
+    // connection. Then it reads nothing more, and the call's upload fills the socket buffers.
+    const goaway = Buffer.alloc(8);
+    goaway.writeUInt32BE(1, 0);
+    const stopped = await scriptedUpstream((socket) => {
+      socket.write(Buffer.concat([WIDE_OPEN, h2Frame(0x7, 0, 0, goaway)]));
+      socket.pause();
+    });
+    const local = await startTestProxy({ pki, upstream: { grpcPort: stopped.port } });
+    const session = h2Session(local.grpcPort, pki);
+    try {
+      const upload = session.request({ ':method': 'POST', ':path': '/hung.Svc/Upload', 'content-type': 'application/grpc', te: 'trailers' });
+      upload.on('error', () => {});
+      await uploadUntilStuck(upload, () => stopped.sockets.length === 1);
+
+      await local.proxy.shutdown(SHUTDOWN_MS);
+
+      // Still open, it would hold its descriptor, and keep a proxy process from exiting.
+      await eventually(() => heldConnectionsTo(stopped.port) === 0, 'no connection of the proxy to the model server left open');
     } finally {
       session.destroy();
       stopped.close();
