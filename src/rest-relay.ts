@@ -205,10 +205,17 @@ const CONTINUE = Buffer.from('HTTP/1.1 100 Continue\r\n\r\n', 'latin1');
 
 const NOTHING = Buffer.alloc(0);
 
-/** A response head that tells the client this connection ends after it. */
+/**
+ * A response head that tells the client this connection ends after it. The fields the model server's
+ * Connection named go with that line (RFC 9110 7.6.1): without it they would pass as end-to-end. Not
+ * the ones that frame the answer, which the relay reads and the client must.
+ */
 function withConnectionClose(head: Http1Head): Buffer {
+  const hopByHop = new Set(['connection', 'keep-alive', ...head.values('connection').map((option) => option.toLowerCase())]);
+  hopByHop.delete('content-length');
+  hopByHop.delete('transfer-encoding');
   let text = head.startLine + '\r\n';
-  for (const field of head.fields) if (field.name !== 'connection' && field.name !== 'keep-alive') text += field.line + '\r\n';
+  for (const field of head.fields) if (!hopByHop.has(field.name)) text += field.line + '\r\n';
   return Buffer.from(text + 'connection: close\r\n\r\n', 'latin1');
 }
 

@@ -346,6 +346,27 @@ describe("rest relay: a client's last request", () => {
   }
 });
 
+describe("rest relay: the model server's Connection options, where the relay rewrites that field", () => {
+  test('a client\'s last request: the fields the model server\'s Connection named go with that line, not passed on as end-to-end; the framing stays', { timeout: 30_000 }, async () => {
+    const scripted = await scriptedUpstream((s) => {
+      s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: keep-alive, X-Hop, content-length\r\nx-hop: gone\r\nx-kept: yes\r\nkeep-alive: timeout=5\r\n\r\nok');
+    });
+    const local = await startTestProxy({ pki, upstream: { restPort: scripted.port }, restMode: 'relay' });
+    try {
+      const socket = await openRaw(local.restPort);
+      socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+      const text = await readToClose(socket);
+      assert.deepEqual(statuses(text), [200]);
+      assert.doesNotMatch(text, /x-hop|keep-alive/i);
+      // RFC 9110 7.6.1 would drop Content-Length too; the relay keeps what frames the answer.
+      assert.match(text, /^HTTP\/1\.1 200 OK\r\ncontent-length: 2\r\nx-kept: yes\r\nconnection: close\r\n\r\nok$/);
+    } finally {
+      await local.proxy.shutdown(1000);
+      scripted.close();
+    }
+  });
+});
+
 // Before: the relay answered 502 "upstream HOST:PORT closed the connection" (the model server's SETTINGS and GOAWAY
 // taken for a response cut short), terminate mode "sent a response that is not valid HTTP/1.1": neither named the port.
 describe("the model server's gRPC port given as its REST one", () => {
