@@ -395,6 +395,8 @@ class UpstreamResets {
 
   /** The answers we paused (onResponseData) and have not resumed. */
   readonly #paused = new Set<Dispatcher.DispatchController>();
+  /** Within an upstream connection's 'end' that resumed paused answers (#onEnd). */
+  #ending = false;
 
   /** Stops reading an answer whose client has a full buffer. */
   pause(controller: Dispatcher.DispatchController): void {
@@ -431,8 +433,6 @@ class UpstreamResets {
     // After every listener of this 'end', undici's among them, has run.
     queueMicrotask(() => (this.#ending = false));
   };
-
-  #ending = false;
 
   /** An upstream connection is ending under a paused answer (#onEnd): pausing now would stop it for good. */
   get ending(): boolean {
