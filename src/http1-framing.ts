@@ -610,17 +610,23 @@ export function requestFraming(head: Http1Head): BodyFraming {
   return length === undefined ? NO_BODY : { kind: 'length', length };
 }
 
+function refuseLengthBesideCoding(head: Http1Head): void {
+  if (head.has('content-length')) throw new FramingError(502, 'the upstream sent both Content-Length and Transfer-Encoding');
+}
+
 /** RFC 9112 6.3 for a response to a request made with `method`. */
 export function responseFraming(head: Http1Head, method: string): BodyFraming {
   if (method === 'HEAD' || head.status < 200 || head.status === 204 || head.status === 304) {
-    // No body follows, but llhttp (the client's, undici's) refuses a malformed Content-Length on any answer.
+    // No body follows, but llhttp (the client's, undici's) refuses a malformed Content-Length, or one
+    // beside a Transfer-Encoding, on any answer.
     contentLength(head, 502);
+    if (head.has('transfer-encoding')) refuseLengthBesideCoding(head);
     return NO_BODY;
   }
   const codings = framingValues(head, 'transfer-encoding', 502);
   if (codings.length > 0) {
     // Faulty framing (RFC 9112 6.1, 6.3), which the client might read otherwise; nginx answers 502 too.
-    if (head.has('content-length')) throw new FramingError(502, 'the upstream sent both Content-Length and Transfer-Encoding');
+    refuseLengthBesideCoding(head);
     if (head.minorVersion === 0) throw new FramingError(502, 'the upstream sent Transfer-Encoding in an HTTP/1.0 response');
     return codings.at(-1)!.toLowerCase() === 'chunked' ? { kind: 'chunked' } : { kind: 'until-close' };
   }

@@ -361,7 +361,8 @@ describe('answers without a body from a model server that sends one anyway', () 
  * most clients) and in undici (terminate mode), refuses a tab within or after a Content-Length, and
  * reads `chunked\t` as another coding, its body running until the connection closes: where the relay
  * read a chunked body, its client would have read the rest of the connection as this answer. It refuses
- * a malformed Content-Length on an answer without a body too (HEAD, 204, 304).
+ * a malformed Content-Length, or one beside a Transfer-Encoding, on an answer without a body too
+ * (HEAD, 204, 304).
  * Each row: the request's method, the answer, and the modes that refuse it (terminate mode's undici
  * reads `chunked\t` until close).
  */
@@ -372,6 +373,8 @@ const MALFORMED_ANSWER_FRAMING: readonly [string, string, readonly ForwardMode[]
   ['HEAD', 'HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\n', FORWARD_MODES],
   ['GET', 'HTTP/1.1 204 No Content\r\ncontent-length: 2\t\r\n\r\n', FORWARD_MODES],
   ['GET', 'HTTP/1.1 304 Not Modified\r\ncontent-length: x\r\n\r\n', FORWARD_MODES],
+  ['HEAD', 'HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n', FORWARD_MODES],
+  ['GET', 'HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n', FORWARD_MODES],
 ];
 
 describe('answers with malformed framing values', () => {
@@ -386,7 +389,7 @@ describe('answers with malformed framing values', () => {
           assert.deepEqual(answerStatuses(text), [502], text);
           assert.doesNotMatch(text, /\r\n\r\nok|\r\nok\r\n/);
           // An answer to HEAD has no body to name it in.
-          if (restMode === 'relay' && method !== 'HEAD') assert.match(text, /tab within or after a Content-Length or Transfer-Encoding value|invalid Content-Length/);
+          if (restMode === 'relay' && method !== 'HEAD') assert.match(text, /tab within or after a Content-Length or Transfer-Encoding value|invalid Content-Length|both Content-Length and Transfer-Encoding/);
           const line = await local.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/a');
           // Each mode's code for a malformed answer (README, Logs).
           assert.deepEqual([line.status, line.error], [502, restMode === 'relay' ? 'bad_response' : 'UPSTREAM_BAD_RESPONSE']);

@@ -250,6 +250,8 @@ const REFUSED_RESPONSES: readonly [string, string, RegExp, string?][] = [
   ['a 204 with a tab after the Content-Length value', 'HTTP/1.1 204 No Content\r\ncontent-length: 2\t\r\n\r\n', /tab within or after a Content-Length/],
   ['a 304 with a Content-Length that is no number', 'HTTP/1.1 304 Not Modified\r\ncontent-length: x\r\n\r\n', /invalid Content-Length: "x"/],
   ['an answer to HEAD with a list of agreeing Content-Lengths', 'HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\n', /invalid Content-Length/, 'HEAD'],
+  ['an answer to HEAD with both Content-Length and Transfer-Encoding', 'HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n', /both Content-Length and Transfer-Encoding/, 'HEAD'],
+  ['a 304 with both Transfer-Encoding and Content-Length', 'HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n', /both Content-Length and Transfer-Encoding/],
 ];
 
 describe('HTTP/1.1 responses refused', () => {
