@@ -104,8 +104,13 @@ export function rebuiltRequestHead(head: Http1Head, context: ConnectionContext, 
 /** RFC 9112 9.3, 9.6: the connection closes after this response, or after the response to this request. */
 function closesAfter(head: Http1Head): boolean {
   const options = head.values('connection');
-  return head.minorVersion === 0 ? !hasOption(options, 'keep-alive') : hasOption(options, 'close');
+  if (head.minorVersion !== 0) return hasOption(options, 'close');
+  // Node 20's llhttp (9.3) reads `keep-alive` with a tab after it as another option, so closes after
+  // this one: a model server or client that reads it so must get nothing more on this connection.
+  return !hasOption(options, 'keep-alive') || head.fieldValues('connection').some((value) => KEEP_ALIVE_THEN_TAB.test(value));
 }
+
+const KEEP_ALIVE_THEN_TAB = /keep-alive *\t/i;
 
 const hasOption = (options: readonly string[], name: string): boolean => options.some((option) => option.toLowerCase() === name);
 

@@ -198,6 +198,26 @@ describe('what the relay forwarded and llhttp refused, refused by the relay now'
   }
 });
 
+/** Connection values of an HTTP/1.0 request: Node 20's llhttp (9.3) closes after one where a tab follows `keep-alive`. */
+const KEEP_ALIVE_THEN_TAB = ['keep-alive\t', 'keep-alive \t', 'Keep-Alive\t, x'];
+const KEEP_ALIVE = ['keep-alive', 'keep-alive ', '\tkeep-alive', 'x,\tkeep-alive'];
+const http10Then11 = (connection: string) => `GET /v2/health/live HTTP/1.0\r\nhost: a\r\nconnection: ${connection}\r\n\r\nGET /v2/health/ready HTTP/1.1\r\nhost: a\r\n\r\n`;
+
+describe('an HTTP/1.0 request whose keep-alive option a tab follows (found by the unit-level property)', () => {
+  test('unit level: the relay reads nothing after it, as Node 20\'s llhttp does; with no tab after the option it reads on', () => {
+    const readByRelay = (connection: string) => relaySplit(Buffer.from(http10Then11(connection), 'latin1')).requests.map((r) => `${r.method} ${r.target}`);
+    for (const connection of KEEP_ALIVE_THEN_TAB) assert.deepEqual(readByRelay(connection), ['GET /v2/health/live'], JSON.stringify(connection));
+    for (const connection of KEEP_ALIVE) assert.deepEqual(readByRelay(connection), ['GET /v2/health/live', 'GET /v2/health/ready'], JSON.stringify(connection));
+  });
+
+  test('--mtls_rest_mode relay: answered, then the connection closes; the model server parses that request alone and no bytes after it', { timeout: 30_000 }, async () => {
+    const result = await through('relay', 'GET /v2/health/live HTTP/1.0\r\nhost: a\r\nconnection: keep-alive\t\r\n\r\n');
+    assert.deepEqual(answerStatuses(result.answer), [200], result.answer);
+    assert.deepEqual(parsedBy(result), ['GET /v2/health/live']);
+    assert.deepEqual(parseErrors(result), []);
+  });
+});
+
 /**
  * Where the two REST modes knowingly answer a client otherwise (README, REST relay): found by running
  * the generated streams through both. Each row: the stream (the closing request follows it), then per
