@@ -51,7 +51,7 @@ describe('access lines', () => {
         assert.ok(lines[0]!.endsWith('}\n'));
         JSON.parse(lines[0]!);
       }),
-      { numRuns: 2000 },
+      { numRuns: 2000, includeErrorInReport: true },
     );
   });
 

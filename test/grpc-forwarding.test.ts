@@ -573,7 +573,7 @@ describe('grpc upstream failures', () => {
         if (session.closed || session.destroyed) session = h2Session(local.grpcPort, pki);
         // A reset or an answer both count: what must not happen is no answer, or the process ending.
         await h2Request(session, { ...ECHO_UNARY_HEADERS }, grpcFrame(Buffer.alloc(1))).catch(() => undefined);
-      }), { numRuns: 200 });
+      }), { numRuns: 200, includeErrorInReport: true });
     } finally {
       session.close();
       await local.proxy.shutdown(1000);

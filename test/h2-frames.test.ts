@@ -54,7 +54,7 @@ describe('frame headers toward the upstream', () => {
         for (const chunk of chunked(input, cuts)) cursor.advance(chunk);
         assert.deepEqual(seen, frames.map(([f, id]) => [f.type, id]));
       }),
-      { numRuns: 500 },
+      { numRuns: 500, includeErrorInReport: true },
     );
   });
 });
@@ -74,7 +74,7 @@ describe('GOAWAY error codes, for the relay_access line', () => {
         const expected = units.flatMap((u) => (u.goAway ? [[u.goAway.code, u.goAway.debug.subarray(0, 64).toString('hex')] as [number, string]] : []));
         assert.deepEqual(seen, expected);
       }),
-      { numRuns: 500 },
+      { numRuns: 500, includeErrorInReport: true },
     );
   });
 
@@ -116,7 +116,7 @@ describe('GOAWAY insertion between upstream frames', () => {
         const rest = result.filter((_, i) => i !== at && i !== at + 1);
         assert.deepEqual(rest.map((f) => [f.type, f.flags, f.payload.toString('hex')]), frames.map((f) => [f.type, f.flags, f.payload.toString('hex')]));
       }),
-      { numRuns: 500 },
+      { numRuns: 500, includeErrorInReport: true },
     );
   });
 
@@ -201,7 +201,7 @@ describe("the model server's SETTINGS toward the client, with our stream limit",
         const relayed = askAt >= 0 ? result.filter((_, i) => i !== at && i !== at + 1) : result;
         assert.deepEqual(shown(relayed), shown(frames.map(expected)));
       }),
-      { numRuns: 1000 },
+      { numRuns: 1000, includeErrorInReport: true },
     );
   });
 
@@ -248,7 +248,7 @@ describe("the client's ACK of the PING after our GOAWAY", () => {
           assert.equal(passed.toString('hex'), Buffer.concat([head, tail]).toString('hex'));
         }
       }),
-      { numRuns: 1000 },
+      { numRuns: 1000, includeErrorInReport: true },
     );
   });
 

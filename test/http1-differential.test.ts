@@ -80,7 +80,7 @@ describe('the REST relay reader against llhttp, on generated request streams', (
         // Nothing of a line the relay refuses (a chunk line split across reads, say) goes on before it is judged.
         assert.equal(relay.forwarded.toString('latin1'), relaySplit(bytes).forwarded.toString('latin1'), `${JSON.stringify(text)} cut at ${cuts.join(', ')}`);
       }),
-      { numRuns: 3000 },
+      { numRuns: 3000, includeErrorInReport: true },
     );
   });
 
@@ -89,7 +89,7 @@ describe('the REST relay reader against llhttp, on generated request streams', (
       fc.asyncProperty(streamArb, async (text) => {
         assert.equal(relayDefect(await through('relay', text), xfcc), undefined, JSON.stringify(text));
       }),
-      { numRuns: 1200 },
+      { numRuns: 1200, includeErrorInReport: true },
     );
   });
 });

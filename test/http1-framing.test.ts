@@ -101,7 +101,7 @@ describe('HTTP/1.1 message framing', () => {
         assert.deepEqual(seen.ends, expectedEnds(messages));
         assert.equal(seen.payload, messages.reduce((n, m) => n + m.payload, 0));
       }),
-      { numRuns: 300 },
+      { numRuns: 300, includeErrorInReport: true },
     );
   });
 
@@ -113,7 +113,7 @@ describe('HTTP/1.1 message framing', () => {
         assert.deepEqual(seen.ends, expectedEnds(messages));
         assert.equal(seen.payload, messages.reduce((n, m) => n + m.payload, 0));
       }),
-      { numRuns: 300 },
+      { numRuns: 300, includeErrorInReport: true },
     );
   });
 
@@ -128,7 +128,7 @@ describe('HTTP/1.1 message framing', () => {
           assert.deepEqual(trickled.ends, whole.ends);
           assert.equal(trickled.payload, whole.payload);
         }),
-        { numRuns: 100 },
+        { numRuns: 100, includeErrorInReport: true },
       );
     }
   });
@@ -322,7 +322,7 @@ describe('HTTP/1.1 heads: the one-pass grammar and the line-by-line parser', () 
         const kind = text.startsWith('HTTP/') ? 'response' : 'request';
         assert.deepEqual(reading(() => parseHead(raw, kind)), reading(() => parseHeadByLine(text, kind)));
       }),
-      { numRuns: 3000 },
+      { numRuns: 3000, includeErrorInReport: true },
     );
   });
 
@@ -336,7 +336,7 @@ describe('HTTP/1.1 heads: the one-pass grammar and the line-by-line parser', () 
         assert.doesNotMatch(expected, /\r\nupgrade:/i);
         assert.deepEqual(expected.match(/\r\nx[-_]forwarded[-_]client[-_]cert:[^\r]*/gi), ['\r\nx-forwarded-client-cert: Hash=ab;Subject="CN=c"']);
       }),
-      { numRuns: 1000 },
+      { numRuns: 1000, includeErrorInReport: true },
     );
   });
 });
