@@ -4,16 +4,15 @@
  * server here is raw TCP, so no HTTP library in front of it merges or drops lines: it records
  * each request head's field lines and answers with repeated fields of its own.
  */
-import { test, describe, before, after } from 'node:test';
+import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import type { ClientHttp2Stream } from 'node:http2';
-import { h2Session, startTestProxy, type StartedProxy } from './helpers/harness.js';
-import { createTestPki, type TestPki } from './helpers/pki.js';
+import { h2Session } from './helpers/harness.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
 import { H2, END_HEADERS, END_STREAM, h2Frame, literalField, rawH2Client } from './helpers/raw-h2.js';
 import { eventually } from './helpers/ops.js';
-import { headReadingUpstream, type ScriptedUpstream } from './helpers/scripted-upstream.js';
+import { headReadingUpstream, scriptedRestModeFronts, type ScriptedUpstream } from './helpers/scripted-upstream.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 
 /** A field line as [name lower-cased, value]: names are case-insensitive, and terminate mode sends them lower-cased. */
@@ -65,24 +64,12 @@ const EXPECTED_ANSWER_FIELDS: Field[] = [
 ];
 
 describe('a repeated field reaches the other side line by line, both REST modes, HTTP/1.1 and HTTP/2', () => {
-  let pki: TestPki;
-  let upstream: ScriptedUpstream;
   const heads: HeadsByPath = new Map();
-  const fronts = new Map<ForwardMode, StartedProxy>();
-  before(async () => {
-    pki = await createTestPki();
-    upstream = await recordingUpstream(heads);
-    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode }));
-  });
-  after(async () => {
-    for (const front of fronts.values()) await front.proxy.shutdown(1000);
-    upstream?.close();
-    await pki?.cleanup();
-  });
+  const both = scriptedRestModeFronts(() => recordingUpstream(heads));
 
   /** `raw` on a new HTTP/1.1 connection: what came back until the proxy closed it. */
   async function http1Exchange(restMode: ForwardMode, raw: string): Promise<string> {
-    const socket = await openRaw(fronts.get(restMode)!.restPort, pki);
+    const socket = await openRaw(both.front(restMode).restPort, both.pki);
     socket.write(raw);
     return readToClose(socket);
   }
@@ -107,7 +94,7 @@ describe('a repeated field reaches the other side line by line, both REST modes,
 
     test(`--mtls_rest_mode ${restMode}, HTTP/2: every field of a repeated request field reaches the model server as a line of its own, in order; its cookies as one line joined with '; ' (RFC 9113 8.2.3)`, { timeout: 20_000 }, async () => {
       const path = `/v2/models/h2-${restMode}`;
-      const client = await rawH2Client(fronts.get(restMode)!.restPort, pki);
+      const client = await rawH2Client(both.front(restMode).restPort, both.pki);
       try {
         const pseudo: Field[] = [[':method', 'GET'], [':scheme', 'https'], [':path', path], [':authority', 'a']];
         const block = Buffer.concat([...pseudo, ...REPEATED_REQUEST_FIELDS, ...COOKIES].map(([name, value]) => literalField(name, value)));
@@ -142,7 +129,7 @@ describe('a repeated field reaches the other side line by line, both REST modes,
     });
 
     test(`--mtls_rest_mode ${restMode}, HTTP/2: every line of a repeated answer field reaches the client as a field of its own`, { timeout: 20_000 }, async () => {
-      const session = h2Session(fronts.get(restMode)!.restPort, pki);
+      const session = h2Session(both.front(restMode).restPort, both.pki);
       try {
         const stream: ClientHttp2Stream = session.request({ ':method': 'GET', ':path': `/v2/models/h2-answer-${restMode}` });
         // Node's client passes the fields as they came after its merged object (not in @types/node).
