@@ -106,7 +106,8 @@ export class Http1Head implements StartLine {
 export type BodyFraming =
   | { readonly kind: 'none' }
   | { readonly kind: 'length'; readonly length: number }
-  | { readonly kind: 'chunked' }
+  /** `dechunked`: only the chunks' data is passed on, the chunk lines, their CRLFs and the trailer section left out. */
+  | { readonly kind: 'chunked'; readonly dechunked?: boolean }
   /** Response body that ends when the server closes the connection. */
   | { readonly kind: 'until-close' };
 
@@ -210,6 +211,8 @@ export class Http1Reader {
   #lineBytes = 0;
   /** Of the CRLF after chunk data, how many bytes have been checked. */
   #crlfSeen = 0;
+  /** The chunked body under way goes on as its data alone (BodyFraming `dechunked`). */
+  #dechunked = false;
   #stopped = false;
 
   constructor(kind: MessageKind, maxHeadSize: number, handler: MessageHandler) {
@@ -334,6 +337,7 @@ export class Http1Reader {
       case 'chunked':
         this.#state = 'chunk-size';
         this.#lineBytes = 0;
+        this.#dechunked = body.dechunked === true;
         return;
       case 'until-close':
         this.#state = 'until-close';
@@ -386,7 +390,7 @@ export class Http1Reader {
     if (!match) throw new FramingError(400, CHUNK_SIZE_FIRST.test(line) ? MALFORMED_CHUNK_EXTENSION : 'malformed chunk-size line');
     const digits = match[1]!.replace(/^0+(?=.)/, '');
     if (digits.length > MAX_CHUNK_SIZE_DIGITS) throw new FramingError(400, 'chunk size too large');
-    out(bytes);
+    if (!this.#dechunked) out(bytes);
     this.#remaining = parseInt(digits, 16);
     this.#lineBytes = 0;
     this.#state = this.#remaining === 0 ? 'trailers' : 'chunk-data';
@@ -402,7 +406,7 @@ export class Http1Reader {
       pos++;
     }
     if (this.#crlfSeen === 2) {
-      out(pos - from === 2 ? chunk.subarray(from, pos) : CRLF);
+      if (!this.#dechunked) out(pos - from === 2 ? chunk.subarray(from, pos) : CRLF);
       this.#state = 'chunk-size';
       this.#lineBytes = 0;
     }
@@ -425,12 +429,12 @@ export class Http1Reader {
       const bytes = this.#pending.take();
       const line = lineOf(bytes);
       if (line === '') {
-        out(bytes);
+        if (!this.#dechunked) out(bytes);
         this.#state = 'head';
         return pos;
       }
       if (!FIELD_LINE.test(line) || BAD_VALUE_CHAR.test(line)) throw new FramingError(400, 'malformed trailer field');
-      if (!this.#handler.dropTrailers) out(bytes);
+      if (!this.#handler.dropTrailers && !this.#dechunked) out(bytes);
     }
     return pos;
   }

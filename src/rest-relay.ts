@@ -213,17 +213,41 @@ const NOTHING = Buffer.alloc(0);
 /**
  * A response head that tells the client this connection ends after it. The fields the model server's
  * Connection named go with that line (RFC 9110 7.6.1): without it they would pass as end-to-end. Not
- * the ones that frame the answer, which the relay reads and the client must.
+ * the ones that frame the answer, which the relay reads and the client must; but a `dechunked` body
+ * (dechunkedFor()) has no framing left, it ends at our close: its Transfer-Encoding goes, and the
+ * Trailer field announcing trailers that are left out with the chunk framing.
  */
-function withConnectionClose(head: Http1Head): Buffer {
+function withConnectionClose(head: Http1Head, dechunked = false): Buffer {
   const hopByHop = new Set(['connection', 'keep-alive', ...head.values('connection').map((option) => option.toLowerCase())]);
   hopByHop.delete('content-length');
-  hopByHop.delete('transfer-encoding');
+  if (dechunked) hopByHop.add('transfer-encoding').add('trailer');
+  else hopByHop.delete('transfer-encoding');
   let text = head.startLine + '\r\n';
   for (const field of head.fields) if (!hopByHop.has(field.name)) text += field.line + '\r\n';
   return Buffer.from(text + 'connection: close\r\n\r\n', 'latin1');
 }
 
+/**
+ * RFC 9112 7.1: an HTTP/1.0 client knows no chunked coding (a server must not send it one), and would read
+ * the chunk framing as part of the body. A model server that chunks its answer anyway (the relay passes the
+ * request's version on) has the client get the chunks' data alone, ended by our close, as nginx and terminate
+ * mode send it.
+ */
+function dechunkedFor(exchange: Exchange, body: BodyFraming): boolean {
+  return exchange.http10 === true && body.kind === 'chunked';
+}
+
+const KEEP_ALIVE_END = Buffer.from('connection: keep-alive\r\n\r\n', 'latin1');
+
+/**
+ * RFC 9112 9.3: an HTTP/1.0 client keeps its connection only after an answer that says `keep-alive`; without
+ * it, it takes the answer for the connection's last (ApacheBench waits for the close). An HTTP/1.1 answer kept
+ * alive by default (a model server that reads the request's version as its own) gets the option said.
+ */
+function saysKeepAlive(head: Http1Head, raw: Buffer): Buffer {
+  if (hasOption(head.values('connection'), 'keep-alive')) return raw;
+  return Buffer.concat([raw.subarray(0, raw.length - 2), KEEP_ALIVE_END], raw.length - 2 + KEEP_ALIVE_END.length);
+}
 
 function jsonAnswer(status: number, message: string): ClosingAnswer {
   return closingAnswer(status, 'application/json', JSON.stringify({ error: message }));
@@ -353,6 +377,8 @@ class RelayedHttp1Connection implements RelayedConnection {
    * may retry (RFC 9112 9.3.2); nothing written after it could be read as an answer to them.
    */
   #upstreamLast = false;
+  /** The response arriving goes to an HTTP/1.0 client without its chunk framing (dechunkedFor()): the connection closes after it. */
+  #dechunking = false;
   /**
    * Drain, revocation, or the client's last request (`connection: close`, HTTP/1.0 without keep-alive):
    * the last response says `connection: close`, and the connection ends when it is done.
@@ -539,12 +565,21 @@ class RelayedHttp1Connection implements RelayedConnection {
     // Once closing, no request after those in the queue is read: the only one left is the last.
     const last = this.#exchanges.length === 1;
     const body = responseFraming(head, exchange.method);
-    if (!this.#interim) this.#upstreamLast = body.kind === 'until-close' || closesAfter(head);
-    const bytes = this.#interim ? interimFor(exchange, head, raw) : this.#closing && last ? withConnectionClose(head) : raw;
-    if (this.#interim && bytes.length > 0) exchange.heardInterim = true;
-    // An interim response (100 Continue) does not answer the request: a 502 can still follow it.
-    if (!this.#interim) exchange.answered = true;
-    return { bytes, body };
+    if (this.#interim) {
+      const bytes = interimFor(exchange, head, raw);
+      if (bytes.length > 0) exchange.heardInterim = true;
+      // An interim response (100 Continue) does not answer the request: a 502 can still follow it.
+      return { bytes, body };
+    }
+    exchange.answered = true;
+    this.#upstreamLast = body.kind === 'until-close' || closesAfter(head);
+    if (dechunkedFor(exchange, body)) {
+      // Its body ends at our close: the connection ends with it, whatever the model server's does.
+      this.#dechunking = true;
+      return { bytes: withConnectionClose(head, true), body: { kind: 'chunked', dechunked: true } };
+    }
+    if (this.#closing && last) return { bytes: withConnectionClose(head), body };
+    return { bytes: exchange.http10 && !this.#upstreamLast ? saysKeepAlive(head, raw) : raw, body };
   }
 
   #responseEnded(): void {
@@ -553,9 +588,9 @@ class RelayedHttp1Connection implements RelayedConnection {
     exchange.responded = true;
     this.#reused = true;
     this.#settle(exchange);
-    if (this.#upstreamLast) {
+    if (this.#upstreamLast || this.#dechunking) {
       this.#fromUpstream.stop();
-      this.#end(undefined, 'UPSTREAM_CLOSED');
+      this.#end(undefined, this.#upstreamLast ? 'UPSTREAM_CLOSED' : 'closed');
       return;
     }
     const next = this.#exchanges[0];
