@@ -6,7 +6,7 @@ import { Pool, buildConnector, type Dispatcher } from 'undici';
 import type { HostPort } from './config.js';
 import { requestStart, type ConnectionContext } from './listeners.js';
 import { elapsedMs, type ProxyObserver } from './observer.js';
-import { UPSTREAM_CLOSED_IDLE, describeUpstreamError } from './upstream-errors.js';
+import { UPSTREAM_CLOSED_IDLE, describeUpstreamError, isBadResponse } from './upstream-errors.js';
 import { FORWARDING_FIELDS, disguisesOurs, pushForwardingFields, setForwardingHeaders } from './forwarding-headers.js';
 import { CancelTally } from './cancel-tally.js';
 import { resetClientStream } from './reset-allowance.js';
@@ -848,7 +848,8 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
   /** The connection closed before any answer and the request may go again (retryOnce): it has, counted as the relay counts such a close. */
   #retriedAfter(err: Error): boolean {
     const retry = this.#retry;
-    if (!retry || this.givenUp || this.#heardBack || !CLOSED_CODES.has(String((err as NodeJS.ErrnoException).code))) return false;
+    // undici's "bad response" (a 100 the model server sent unasked) comes as UND_ERR_SOCKET too, before any head reaches us: the request was answered, not dropped.
+    if (!retry || this.givenUp || this.#heardBack || !CLOSED_CODES.has(String((err as NodeJS.ErrnoException).code)) || isBadResponse(err)) return false;
     this.#retry = undefined;
     this.#controller = undefined;
     this.#options.observer.upstreamError(this.#context.listener, UPSTREAM_CLOSED_IDLE);

@@ -154,6 +154,14 @@ const UNDICI_BAD_RESPONSE = new Set(['bad response', 'bad upgrade']);
  */
 const isParserError = (err: unknown): boolean => err instanceof Error && err.name === 'HTTPParserError';
 
+/**
+ * The model server answered with what the proxy's client refuses (undici's "bad response": a 100 it never asked
+ * for, an upgrade; a head its parser refuses): it did answer, unlike a connection closed under the request.
+ */
+export function isBadResponse(err: unknown): boolean {
+  return errorCode(err) === 'UPSTREAM_BAD_RESPONSE';
+}
+
 function errorCode(err: unknown): string {
   const own = ownCode(err);
   if (isParserError(err)) return 'UPSTREAM_BAD_RESPONSE';

@@ -7,8 +7,10 @@
  */
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import { execFile } from 'node:child_process';
 import type { Socket } from 'node:net';
+import { h2Session } from './helpers/harness.js';
 import { scriptedRestModeFronts, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
@@ -41,6 +43,7 @@ const SCRIPTS: Record<string, Script> = {
   '/echo': (request) => withLength(`${request.method} ${request.body}`)(request),
   /** HTTP/1.1 with a length, but not the `keep-alive` an HTTP/1.0 client needs to keep its connection. */
   '/silent-on-keep-alive': () => ({ answer: 'HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok' }),
+  '/continue-unasked': () => ({ answer: 'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok' }),
 };
 
 /** Every request the model server got, in the order it got them. */
@@ -206,4 +209,61 @@ describe('HTTP/1.0 clients, both REST modes', () => {
       });
     });
   }
+});
+
+describe('interim answers and HTTP/2 clients, which take the terminating path in both REST modes', () => {
+  /** One request on a new HTTP/2 connection: the interim statuses seen, the status and the body. */
+  async function h2Exchange(restMode: ForwardMode, headers: Record<string, string>, body?: string): Promise<{ interim: number[]; status: number; body: string }> {
+    const session = h2Session(both.front(restMode).restPort, both.pki);
+    try {
+      const stream = session.request(headers, { endStream: body === undefined });
+      const interim: number[] = [];
+      stream.on('headers', (h: Record<string, unknown>) => interim.push(Number(h[':status'])));
+      if (body !== undefined) {
+        if (headers['expect'] === undefined) stream.end(body);
+        else stream.once('continue', () => stream.end(body));
+      }
+      const [response] = (await once(stream, 'response')) as [Record<string, unknown>];
+      const chunks: Buffer[] = [];
+      stream.on('data', (c: Buffer) => chunks.push(c));
+      await once(stream, 'end');
+      return { interim, status: Number(response[':status']), body: Buffer.concat(chunks).toString() };
+    } finally {
+      session.close();
+    }
+  }
+
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: a 103 Early Hints and a 102 from the model server do not reach an HTTP/2 client (terminate mode passes none on); the answer does`, async () => {
+      assert.deepEqual(await h2Exchange(restMode, { ':method': 'GET', ':path': '/interim' }), { interim: [], status: 200, body: 'final' });
+    });
+
+    test(`--mtls_rest_mode ${restMode}: Expect: 100-continue from an HTTP/2 client gets our 100 before the body (Node's client, curl --http2), and the model server never sees the Expect`, async () => {
+      const from = arrived.length;
+      assert.deepEqual(await h2Exchange(restMode, { ':method': 'POST', ':path': '/echo', expect: '100-continue', 'content-length': '5' }, 'hello'), { interim: [100], status: 200, body: 'POST hello' });
+      const port = both.front(restMode).restPort;
+      const verbose = await new Promise<string>((resolve, reject) => {
+        execFile('curl', ['-v', '--http2', ...curlTls(), '-H', 'Expect: 100-continue', '--data-binary', 'curl', `https://localhost:${port}/echo`], (err, stdout, stderr) => (err ? reject(new Error(stderr)) : resolve(`${stderr}\n${stdout}`)));
+      });
+      assert.match(verbose, /< HTTP\/2 100 \r?\n[^]*< HTTP\/2 200 [^]*POST curl$/);
+      const seen = arrived.slice(from);
+      assert.deepEqual(seen.map(({ method, body }) => `${method} ${body}`), ['POST hello', 'POST curl']);
+      assert.ok(seen.every(({ fields }) => !fields.some((line) => /^expect:/i.test(line))));
+    });
+
+    test(`--mtls_rest_mode ${restMode}: a 100 Continue the model server sends unasked is a 502 on the terminating path (its client, undici, refuses one), and the request reaches the model server once, not again`, async () => {
+      const from = arrived.length;
+      const answered = await h2Exchange(restMode, { ':method': 'GET', ':path': '/continue-unasked' });
+      assert.equal(answered.status, 502);
+      assert.match(answered.body, /sent a response that is not valid HTTP\/1\.1/);
+      assert.deepEqual(arrivedSince(from), ['GET /continue-unasked']);
+    });
+  }
+
+  test('--mtls_rest_mode terminate, HTTP/1.1: the same unasked 100 is a 502, the request sent once', async () => {
+    const from = arrived.length;
+    const text = await exchange('terminate', 'GET /continue-unasked HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n');
+    assert.match(text, /^HTTP\/1\.1 502 /);
+    assert.deepEqual(arrivedSince(from), ['GET /continue-unasked']);
+  });
 });
