@@ -119,22 +119,30 @@ export async function startUpstream(options: ModelServerOptions = {}): Promise<M
   return startModelServer({ grpcPort: 0, restPort: 0, testService: true, ...options });
 }
 
-/** A REST-only model server and a proxy in front of it in each REST mode, for tests that hold the two modes to the same answers. */
-export interface RestModeFronts {
+/** A model server and a proxy in front of it in each REST mode, for tests that hold the two modes to the same answers. */
+export interface RestModeFrontsOf<U> {
   readonly pki: TestPki;
-  readonly upstream: ModelServer;
+  readonly upstream: U;
   front(restMode: ForwardMode): StartedProxy;
 }
 
+/** A REST-only stand-in model server and a proxy in front of it in each REST mode. */
+export type RestModeFronts = RestModeFrontsOf<ModelServer>;
+
 /** Starts them before the file's tests and stops them after. */
 export function restModeFronts(): RestModeFronts {
+  return restModeFrontsOf(() => startUpstream({ grpcPort: null }), (upstream) => upstream.restPort!);
+}
+
+/** As restModeFronts(), in front of the model server `start` makes (a scripted one, say), whose REST port `restPort` names. */
+export function restModeFrontsOf<U extends { close(): unknown }>(start: () => Promise<U>, restPort: (upstream: U) => number): RestModeFrontsOf<U> {
   let pki: TestPki | undefined;
-  let upstream: ModelServer | undefined;
+  let upstream: U | undefined;
   const fronts = new Map<ForwardMode, StartedProxy>();
   before(async () => {
     pki = await createTestPki();
-    upstream = await startUpstream({ grpcPort: null });
-    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode }));
+    upstream = await start();
+    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: restPort(upstream) }, restMode }));
   });
   after(async () => {
     for (const front of fronts.values()) await front.proxy.shutdown(1000);

@@ -1,11 +1,10 @@
-import { before, after } from 'node:test';
 import { once } from 'node:events';
 import { constants, type Http2Session, type ServerHttp2Stream } from 'node:http2';
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { CLIENT_PREFACE_BYTES, FrameCursor, TYPE_HEADERS } from '../../src/h2-frames.js';
-import { FORWARD_MODES, type ForwardMode } from '../../src/config.js';
-import { grpcFrame, startTestProxy, type StartedProxy } from './harness.js';
-import { createTestPki, type TestPki } from './pki.js';
+import type { ForwardMode } from '../../src/config.js';
+import { grpcFrame, restModeFrontsOf, startTestProxy, type RestModeFrontsOf, type StartedProxy } from './harness.js';
+import type { TestPki } from './pki.js';
 
 export interface ScriptedUpstream {
   readonly port: number;
@@ -112,31 +111,9 @@ export const HTTP2_REFUSALS: readonly [string, (streamId: number) => Buffer, str
   ],
 ];
 
-/**
- * A proxy per REST mode in front of the one scripted upstream `start` makes, started before the
- * file's (or describe block's) tests and closed after them; as harness.ts restModeFronts() in
- * front of the stand-in model server.
- */
-export function scriptedRestModeFronts(start: () => Promise<ScriptedUpstream>): { readonly pki: TestPki; front(restMode: ForwardMode): StartedProxy } {
-  let pki: TestPki | undefined;
-  let upstream: ScriptedUpstream | undefined;
-  const fronts = new Map<ForwardMode, StartedProxy>();
-  before(async () => {
-    pki = await createTestPki();
-    upstream = await start();
-    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode }));
-  });
-  after(async () => {
-    for (const front of fronts.values()) await front.proxy.shutdown(1000);
-    upstream?.close();
-    await pki?.cleanup();
-  });
-  return {
-    get pki() {
-      return pki!;
-    },
-    front: (restMode) => fronts.get(restMode)!,
-  };
+/** harness.ts restModeFronts() in front of the upstream `start` makes: a scripted one, or any other with a port. */
+export function scriptedRestModeFronts<U extends { readonly port: number; close(): unknown }>(start: () => Promise<U>): RestModeFrontsOf<U> {
+  return restModeFrontsOf(start, (upstream) => upstream.port);
 }
 
 /**
