@@ -618,8 +618,11 @@ function refuseLengthBesideCoding(head: Http1Head): void {
   if (head.has('content-length')) throw new FramingError(502, 'the upstream sent both Content-Length and Transfer-Encoding');
 }
 
-/** RFC 9112 6.3 for a response to a request made with `method`. */
-export function responseFraming(head: Http1Head, method: string): BodyFraming {
+/**
+ * RFC 9112 6.3 for a response to a request made with `method`; `http10Request`: that request was HTTP/1.0,
+ * and the connection closes after this response (see below).
+ */
+export function responseFraming(head: Http1Head, method: string, http10Request = false): BodyFraming {
   if (method === 'HEAD' || head.status < 200 || head.status === 204 || head.status === 304) {
     // No body follows, but llhttp (the client's, undici's) refuses a malformed Content-Length, or one
     // beside a Transfer-Encoding, on any answer.
@@ -631,7 +634,11 @@ export function responseFraming(head: Http1Head, method: string): BodyFraming {
   if (codings.length > 0) {
     // Faulty framing (RFC 9112 6.1, 6.3), which the client might read otherwise; nginx answers 502 too.
     refuseLengthBesideCoding(head);
-    if (head.minorVersion === 0) throw new FramingError(502, 'the upstream sent Transfer-Encoding in an HTTP/1.0 response');
+    // Drogon (OVMS) streams its answer to an HTTP/1.0 request that way. RFC 9112 6.1: framing to read and
+    // then close on; its client knows no chunked coding, so it gets the data alone, ended by the close.
+    if (head.minorVersion === 0 && !(http10Request && codings.length === 1 && isChunked(codings[0]!))) {
+      throw new FramingError(502, 'the upstream sent Transfer-Encoding in an HTTP/1.0 response');
+    }
     return codings.at(-1)!.toLowerCase() === 'chunked' ? { kind: 'chunked' } : { kind: 'until-close' };
   }
   const length = contentLength(head, 502);

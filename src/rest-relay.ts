@@ -564,7 +564,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (!this.#interim) exchange.status = head.status;
     // Once closing, no request after those in the queue is read: the only one left is the last.
     const last = this.#exchanges.length === 1;
-    const body = responseFraming(head, exchange.method);
+    const body = responseFraming(head, exchange.method, exchange.http10);
     if (this.#interim) {
       const bytes = interimFor(exchange, head, raw);
       if (bytes.length > 0) exchange.heardInterim = true;

@@ -265,6 +265,19 @@ describe('HTTP/1.1 responses refused', () => {
   }
 });
 
+describe('an HTTP/1.0 answer with Transfer-Encoding, to an HTTP/1.0 request (OVMS\'s Drogon streams so)', () => {
+  const framing = (head: string, http10Request: boolean) => responseFraming(parseHead(Buffer.from(`${head}\r\n\r\n`, 'latin1'), 'response'), 'GET', http10Request);
+  test('chunked alone is read as chunked (the relay passes the data on and closes); to an HTTP/1.1 request it stays a 502', () => {
+    assert.deepEqual(framing('HTTP/1.0 200 OK\r\ntransfer-encoding: chunked', true), { kind: 'chunked' });
+    assert.throws(() => framing('HTTP/1.0 200 OK\r\ntransfer-encoding: chunked', false), /Transfer-Encoding in an HTTP\/1\.0 response/);
+  });
+  test('with another coding, or beside a Content-Length, it is a 502 still', () => {
+    assert.throws(() => framing('HTTP/1.0 200 OK\r\ntransfer-encoding: gzip, chunked', true), /Transfer-Encoding in an HTTP\/1\.0 response/);
+    assert.throws(() => framing('HTTP/1.0 200 OK\r\ntransfer-encoding: chunked, chunked', true), /Transfer-Encoding in an HTTP\/1\.0 response/);
+    assert.throws(() => framing('HTTP/1.0 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked', true), /both Content-Length and Transfer-Encoding/);
+  });
+});
+
 /** Names the relay looks up, in any case, with values that are lists, empty, padded or odd. */
 const NAMES = ['content-length', 'transfer-encoding', 'x-forwarded-for', 'x-forwarded-client-cert', 'x-forwarded-proto', 'upgrade', 'connection', 'host'];
 const headFieldArb = fc.tuple(

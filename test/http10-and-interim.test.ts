@@ -47,6 +47,14 @@ const SCRIPTS: Record<string, Script> = {
   /** HTTP/1.1 with a length, but not the `keep-alive` an HTTP/1.0 client needs to keep its connection. */
   '/silent-on-keep-alive': () => ({ answer: 'HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok' }),
   '/continue-unasked': () => ({ answer: 'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok' }),
+  /**
+   * As OVMS's Drogon streams (server-sent events): the request's version in the status line, chunked coding whenever
+   * the connection is to stay, HTTP/1.0 included (faulty framing by RFC 9112 6.1, to be read and then closed on).
+   */
+  '/drogon-stream': (request) => ({
+    answer: `HTTP/${request.version === '1.0' ? '1.0' : '1.1'} 200 OK\r\n${keptAlive(request) ? 'connection: Keep-Alive\r\n' : ''}content-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n` +
+      '9\r\ndata: a\n\n\r\n9\r\ndata: b\n\n\r\n0\r\n\r\n',
+  }),
 };
 
 /** Every request the model server got, in the order it got them. */
@@ -155,6 +163,13 @@ describe('HTTP/1.0 clients, both REST modes', () => {
           assert.equal(answer!.body, 'hello, world', JSON.stringify(text));
           assert.equal(field(answer!.fields, 'content-length'), undefined);
         }
+      });
+
+      test('an event stream that the model server sends as OVMS\'s Drogon does to a keep-alive request (HTTP/1.0 and chunked, in relay mode) reaches the client as its events alone, the connection then closed; not a 502', async () => {
+        const text = await exchange(restMode, 'GET /drogon-stream HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /length HTTP/1.0\r\n\r\n');
+        const [answer] = readAsHttp10(text, ['GET', 'GET']);
+        assert.equal(answer!.status, 200, JSON.stringify(text));
+        assert.equal(answer!.body, 'data: a\n\ndata: b\n\n', JSON.stringify(text));
       });
 
       test('without keep-alive the connection closes after the answer; with it, it stays after answers of known length that say keep-alive, and pipelined requests are answered in order, bodies by Content-Length reaching the model server', async () => {
