@@ -312,7 +312,9 @@ describe('a malformed chunked body pipelined behind a request still unanswered',
         assert.deepEqual(answerStatuses(alone.answer), [400], alone.answer);
         const result = await through(restMode, FIRST + chunkedRequest(body));
         assert.deepEqual(answerStatuses(result.answer), [200, 400], result.answer);
-        assert.ok(result.answer.endsWith(alone.answer), `${JSON.stringify(result.answer)} does not end with ${JSON.stringify(alone.answer)}`);
+        // Node's 400 (terminate mode) has a Date field: the two may be a second apart.
+        const undated = (text: string) => text.replace(/^date: .*$/gim, 'date: -');
+        assert.ok(undated(result.answer).endsWith(undated(alone.answer)), `${JSON.stringify(result.answer)} does not end with ${JSON.stringify(alone.answer)}`);
         assert.deepEqual(parsedBy(result), ['GET /v2/health/live']);
         assert.deepEqual(parseErrors(result), []);
         assert.deepEqual(logged(result.records), [['GET', '/v2/health/live', 200, undefined], ['POST', '/echo-body', 400, 'bad_request_body']]);
