@@ -19,15 +19,15 @@ import { h2Frame, literalField } from './helpers/raw-h2.js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertSameBytes } from './helpers/integrity-peers.js';
 import {
-  exchangeArb, expectedResponse, expectedTerminated, fieldMap, framed, recordingGrpcServer, sendCall, sentFields, shown, terminated, CALL_ID,
-  type FieldMap,
+  answerFrames, callArb, exchangeArb, expectedResponse, expectedTerminated, fieldMap, firstOfCarriedOnce, framed, framedAnswerArb, recordingGrpcServer, sendCall, sentFields, shown, terminated, CALL_ID,
+  type FieldMap, type FramedAnswerSpec,
   type AnsweredCall, type GrpcExchange, type ReceivedCall, type RecordingGrpcServer,
 } from './helpers/grpc-fidelity.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import { XFCC } from '../src/forwarding-headers.js';
 
 /** Runs per mode; GRPC_FIDELITY_RUNS=N runs N instead (the file stays under about 30 s with the default). */
-const RUNS = Number(process.env['GRPC_FIDELITY_RUNS'] ?? 30);
+const RUNS = Number(process.env['GRPC_FIDELITY_RUNS'] ?? 60);
 
 /**
  * A run whose calls have not all ended after RUN_HANG_MS, far beyond what any takes, has hung: it fails.
@@ -35,6 +35,8 @@ const RUNS = Number(process.env['GRPC_FIDELITY_RUNS'] ?? 30);
  */
 const RUN_HANG_MS = 20_000;
 const SHRINK_MS = 60_000;
+const params = (numRuns: number) => ({ numRuns, includeErrorInReport: true, timeout: RUN_HANG_MS, interruptAfterTimeLimit: SHRINK_MS, markInterruptAsFailure: true });
+/** GRPC_FIDELITY_MODE=terminate (or relay) runs the properties of that mode alone. */
 const ONLY_MODE = process.env['GRPC_FIDELITY_MODE'];
 
 // grpc-js logs each answer field it will not report (values outside printable ASCII): the property compares what it reports.
@@ -58,9 +60,26 @@ after(async () => {
 });
 
 function openSession(port: number): ClientHttp2Session {
-  const session = connectH2(`https://localhost:${port}`, { ...tlsClientOptions(pki), settings: { maxHeaderListSize: 4 * 1024 * 1024 }, maxHeaderListPairs: 100_000 });
+  const session = connectH2(`https://localhost:${port}`, { ...tlsClientOptions(pki), settings: { maxHeaderListSize: 4 * 1024 * 1024 }, maxHeaderListPairs: 100_000, maxSendHeaderBlockLength: 4 * 1024 * 1024 });
   session.on('error', () => {});
   return session;
+}
+
+/**
+ * A proxy in `mode` in front of a model server written frame by frame (framedH2cUpstream) answering each
+ * stream with `answer`, and a session to it: `run` gets the proxy's port and the session; all are closed after.
+ */
+async function behindFramedUpstream(mode: ForwardMode, answer: (streamId: number) => Buffer, run: (port: number, session: ClientHttp2Session) => Promise<void>): Promise<void> {
+  const scripted = await framedH2cUpstream(answer);
+  const local = await startTestProxy({ pki, upstream: { grpcPort: scripted.port }, grpcMode: mode });
+  const session = openSession(local.grpcPort);
+  try {
+    await run(local.grpcPort, session);
+  } finally {
+    session.close();
+    await local.proxy.shutdown(1000);
+    scripted.close();
+  }
 }
 
 /** One exchange through the proxy on `session`. */
@@ -120,6 +139,16 @@ function withoutAddedDate(mode: ForwardMode, proxied: GrpcJsOutcome, direct: Grp
   return { ...proxied, metadata: without(proxied.metadata, direct.metadata), trailers: headersOnly ? without(proxied.trailers, direct.trailers) : proxied.trailers };
 }
 
+/**
+ * Past 128 fields in a header block grpc-js's HTTP/2 client (Node's default maxHeaderListPairs) resets the
+ * stream itself, and reports ENHANCE_YOUR_CALM or INTERNAL_ERROR as the bytes happen to arrive (the relay's
+ * too, which passes them unchanged): those answers are the Node client's part of the property.
+ */
+function withinGrpcJsFieldCount({ answer }: GrpcExchange): boolean {
+  const headers = answer.metadata.length + (answer.trailersOnly ? answer.trailers.length : 0);
+  return headers < 100 && answer.trailers.length < 100;
+}
+
 for (const mode of FORWARD_MODES.filter((m) => ONLY_MODE === undefined || m === ONLY_MODE)) {
   describe(`--mtls_grpc_mode ${mode}: calls pass as documented`, () => {
     test('Node HTTP/2 client: metadata, paths, messages, statuses and trailers, several calls at once on one connection', { timeout: 300_000 }, async () => {
@@ -132,7 +161,7 @@ for (const mode of FORWARD_MODES.filter((m) => ONLY_MODE === undefined || m === 
             const results = await Promise.all(exchanges.map((exchange) => through(session, exchange)));
             exchanges.forEach((exchange, i) => departures(mode, exchange, authority, results[i]!));
           }),
-          { numRuns: RUNS, includeErrorInReport: true, timeout: RUN_HANG_MS, interruptAfterTimeLimit: SHRINK_MS, markInterruptAsFailure: true },
+          params(RUNS),
         );
       } finally {
         session.close();
@@ -148,18 +177,22 @@ for (const mode of FORWARD_MODES.filter((m) => ONLY_MODE === undefined || m === 
         const id = `j${nextId++}`;
         const received = upstream.expect(id, answer);
         const outcome = await grpcJsCall(client, call, id);
-        return { outcome, received: await received };
+        // A call grpc-js failed itself (metadata over its own limits) never reached the model server.
+        return { outcome, received: upstream.reached(id) ? await received : undefined };
       };
       try {
         await fc.assert(
-          fc.asyncProperty(exchangeArb, async (exchange) => {
+          fc.asyncProperty(exchangeArb.filter(withinGrpcJsFieldCount), async (exchange) => {
             const straight = await made(direct, exchange);
             const through = await made(proxied, exchange);
-            assert.deepEqual(shown(withoutAddressing(fieldMap(through.received.raw))), shown(expectedThrough(mode, straight.received, ourXfcc(through.received))), 'the request fields the model server got');
-            if (exchange.answer.timing !== 'early') assertSameBytes(through.received.body, straight.received.body, 'the messages the model server got');
+            assert.equal(through.received === undefined, straight.received === undefined, 'the call reached the model server');
+            if (through.received && straight.received) {
+              assert.deepEqual(shown(withoutAddressing(fieldMap(through.received.raw))), shown(expectedThrough(mode, straight.received, ourXfcc(through.received))), 'the request fields the model server got');
+              if (exchange.answer.timing !== 'early' && straight.received.complete) assertSameBytes(through.received.body, straight.received.body, 'the messages the model server got');
+            }
             assert.deepEqual(withoutAddedDate(mode, through.outcome, straight.outcome), straight.outcome, 'what grpc-js reports');
           }),
-          { numRuns: Math.ceil(RUNS / 2), includeErrorInReport: true, timeout: RUN_HANG_MS, interruptAfterTimeLimit: SHRINK_MS, markInterruptAsFailure: true },
+          params(Math.ceil(RUNS / 2)),
         );
       } finally {
         direct.close();
@@ -176,13 +209,48 @@ async function example(mode: ForwardMode, metadata: GrpcExchange['call']['metada
   try {
     const exchange: GrpcExchange = {
       call: { path: '/t.S/Example', metadata: [['content-type', 'application/grpc'], ...metadata], messages: [{ compressed: false, size: 3, tag: 1 }] },
-      answer: { contentType: 'application/grpc', metadata: [], trailersOnly: false, messages: [{ compressed: false, size: 2, tag: 2 }], trailers: [['grpc-status', '0']], timing: 'after-request', ...answer },
+      answer: { status: 200, contentType: 'application/grpc', metadata: [], trailersOnly: false, messages: [{ compressed: false, size: 2, tag: 2 }], trailers: [['grpc-status', '0']], timing: 'after-request', ...answer },
     };
     return await through(session, exchange);
   } finally {
     session.close();
   }
 }
+
+describe('answers written frame by frame (what Node\'s HTTP/2 server cannot send): repeated single-valued keys, messages cut anywhere, a reset after the trailers', () => {
+  for (const mode of FORWARD_MODES.filter((m) => ONLY_MODE === undefined || m === ONLY_MODE)) {
+    test(`--mtls_grpc_mode ${mode}`, { timeout: 300_000 }, async () => {
+      let answer: FramedAnswerSpec | undefined;
+      let requestBytes = 0;
+      await behindFramedUpstream(mode, (id) => answerFrames(id, answer!, requestBytes), async (port, first) => {
+        let session = first;
+        // One small request message at most: this model server reads none, and grants the connection window back as it answers.
+        const smallCall = callArb.map((call) => ({ ...call, messages: call.messages.slice(0, 1).map((m) => ({ ...m, size: m.size % 100 })) }));
+        try {
+          await fc.assert(
+            fc.asyncProperty(smallCall, framedAnswerArb, async (call, planned) => {
+              answer = planned;
+              requestBytes = framed(call.messages).length;
+              if (session.closed || session.destroyed) session = openSession(port);
+              const answered = await sendCall(session, call, 'f');
+              const headers = fieldMap(answered.raw);
+              const trailers = fieldMap(answered.rawTrailers);
+              const expectedHeaders = expectedResponse(mode, planned, headers);
+              const expectedTrailers = fieldMap(planned.trailersOnly ? [] : planned.trailers);
+              assert.deepEqual(shown(headers), shown(mode === 'relay' ? expectedHeaders : firstOfCarriedOnce(expectedHeaders)), 'the response fields the client got');
+              assert.equal(answered.endedWithHeaders, planned.trailersOnly, 'Trailers-Only');
+              assertSameBytes(answered.body, planned.trailersOnly ? Buffer.alloc(0) : framed(planned.messages), 'the messages the client got');
+              assert.deepEqual(shown(trailers), shown(mode === 'relay' ? expectedTrailers : firstOfCarriedOnce(expectedTrailers)), 'the trailers the client got');
+            }),
+            params(RUNS),
+          );
+        } finally {
+          session.close();
+        }
+      });
+    });
+  }
+});
 
 describe('examples the property found', () => {
   test('terminate mode: a call\'s `cookie` metadata values reach the model server one field each, as sent, not joined into one "a=1; b=2"', async () => {
@@ -211,28 +279,19 @@ describe('what terminate mode changes, as the README documents it', () => {
 
   test('a key Node carries once (etag, location, ...), repeated in the model server\'s response metadata or trailers, reaches a client of terminate mode with its first value, of the relay with all', async () => {
     const fields = (id: number, list: [string, string][], flags: number) => h2Frame(0x1, flags, id, Buffer.concat(list.map(([name, value]) => literalField(name, value))));
-    const scripted = await framedH2cUpstream((id) => Buffer.concat([
+    const answer = (id: number) => Buffer.concat([
       fields(id, [[':status', '200'], ['content-type', 'application/grpc'], ['etag', 'a'], ['etag', 'b'], ['x-k', '1'], ['x-k', '2']], 0x4),
       h2Frame(0x0, 0, id, grpcFrame(Buffer.from('hi'))),
       fields(id, [['grpc-status', '0'], ['location', 'l1'], ['location', 'l2']], 0x5),
-    ]));
-    try {
-      for (const mode of FORWARD_MODES) {
-        const local = await startTestProxy({ pki, upstream: { grpcPort: scripted.port }, grpcMode: mode });
-        const session = openSession(local.grpcPort);
-        try {
-          const answered = await sendCall(session, { path: '/t.S/Repeated', metadata: [['content-type', 'application/grpc']], messages: [] }, 'r');
-          const all = mode === 'relay';
-          assert.deepEqual(fieldMap(answered.raw).get('etag'), all ? ['a', 'b'] : ['a'], mode);
-          assert.deepEqual(fieldMap(answered.raw).get('x-k'), ['1', '2'], mode);
-          assert.deepEqual(fieldMap(answered.rawTrailers).get('location'), all ? ['l1', 'l2'] : ['l1'], mode);
-        } finally {
-          session.close();
-          await local.proxy.shutdown(1000);
-        }
-      }
-    } finally {
-      scripted.close();
+    ]);
+    for (const mode of FORWARD_MODES) {
+      await behindFramedUpstream(mode, answer, async (_port, session) => {
+        const answered = await sendCall(session, { path: '/t.S/Repeated', metadata: [['content-type', 'application/grpc']], messages: [] }, 'r');
+        const all = mode === 'relay';
+        assert.deepEqual(fieldMap(answered.raw).get('etag'), all ? ['a', 'b'] : ['a'], mode);
+        assert.deepEqual(fieldMap(answered.raw).get('x-k'), ['1', '2'], mode);
+        assert.deepEqual(fieldMap(answered.rawTrailers).get('location'), all ? ['l1', 'l2'] : ['l1'], mode);
+      });
     }
   });
 });

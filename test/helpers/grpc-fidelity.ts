@@ -12,6 +12,7 @@ import fc from 'fast-check';
 import { patternBytes } from './integrity-peers.js';
 import { pick } from './http1-streams.js';
 import { encodeGrpcMessage } from '../../src/grpc-status.js';
+import { h2Frame, literalField } from './raw-h2.js';
 import { disguisesOurs, XFCC } from '../../src/forwarding-headers.js';
 
 /** A header section as fields in order: [name, value]. */
@@ -37,6 +38,8 @@ export interface CallSpec {
 export type AnswerTiming = 'after-request' | 'headers-first' | 'early';
 
 export interface GrpcAnswerSpec {
+  /** The HTTP status: 200, or one a gateway or a server in trouble answers a gRPC call with. */
+  readonly status: number;
   readonly contentType: string;
   readonly metadata: Fields;
   /** Trailers-Only: the status and trailers in the response HEADERS, with END_STREAM. */
@@ -66,7 +69,19 @@ const shortValue = fc.oneof(
 );
 /** A value of several KiB, now and then. */
 const longValue = fc.tuple(fc.integer({ min: 1000, max: 12_000 }), fc.nat()).map(([n, tag]) => Buffer.from(patternBytes(tag, n).map((b) => 0x21 + (b % 94))).toString('latin1'));
-const valueArb = fc.oneof({ weight: 30, arbitrary: shortValue }, { weight: 1, arbitrary: longValue });
+/** One value of tens of KB, near the limits the README documents (requests: --mtls_max_header_size, 64 KiB by default; answers: twice that). */
+const hugeValue = fc.tuple(fc.integer({ min: 20_000, max: 50_000 }), fc.nat()).map(([n, tag]) => Buffer.from(patternBytes(tag, n).map((b) => 0x21 + (b % 94))).toString('latin1'));
+const valueArb = fc.oneof({ weight: 60, arbitrary: shortValue }, { weight: 2, arbitrary: longValue }, { weight: 1, arbitrary: hugeValue });
+
+/** Fields as HTTP/2 counts them (RFC 9113 6.5.2: name, value and 32 bytes each). */
+export function listSize(fields: Fields): number {
+  return fields.reduce((size, [name, value]) => size + name.length + value.length + 32, 0);
+}
+
+/** The request metadata a client may send within --mtls_max_header_size (64 KiB), the pseudo-headers, a long path and our call id left room. */
+const REQUEST_METADATA_MAX = 56_000;
+/** The response metadata (or trailers) the proxy takes: twice --mtls_max_header_size, with room. */
+const ANSWER_METADATA_MAX = 120_000;
 
 /** A `-bin` value: arbitrary bytes in base64, padded or not (the gRPC spec has receivers take both). */
 const binValueArb = fc.tuple(fc.uint8Array({ maxLength: 64 }), fc.boolean()).map(([bytes, padded]) => {
@@ -109,7 +124,8 @@ export const requestMetadataArb: fc.Arbitrary<Fields> = fc
     const seen = new Set<string>();
     const once = [...reserved, ...fields].filter(([name]) => !SINGLE_VALUED.has(name) || (!seen.has(name) && seen.add(name)));
     return [['content-type', contentType], ...(te ? [['te', 'trailers'] as const] : []), ...once, ...many];
-  });
+  })
+  .filter((fields) => listSize(fields) <= REQUEST_METADATA_MAX);
 
 /** Names Node's HTTP/2 stack carries once (its kSingleValueHeaders among those the grammar makes). */
 const SINGLE_VALUED = new Set(['user-agent', 'authorization', 'content-type']);
@@ -151,7 +167,7 @@ const singleValuedFieldsArb = fc.uniqueArray(fc.tuple(pick('etag', 'location', '
 const metadataFieldsArb = fc.tuple(
   fc.array(answerField, { maxLength: 10 }),
   fc.oneof({ weight: 8, arbitrary: fc.constant<Fields>([]) }, { weight: 1, arbitrary: fc.integer({ min: 30, max: 300 }).map((n): Fields => Array.from({ length: n }, (_, i) => [`x-r-${i % 29}`, `v${i}`])) }),
-).map(([fields, many]): Fields => [...fields, ...many]);
+).map(([fields, many]): Fields => [...fields, ...many]).filter((fields) => listSize(fields) <= ANSWER_METADATA_MAX / 2);
 /** Response metadata, with a Date of the model server's own now and then. */
 const answerMetadataArb = fc
   .tuple(metadataFieldsArb, singleValuedFieldsArb, fc.oneof({ weight: 5, arbitrary: fc.constant<Fields>([]) }, { weight: 1, arbitrary: fc.constant<Fields>([['date', 'Tue, 01 Dec 2026 00:00:00 GMT']]) }))
@@ -163,6 +179,7 @@ const trailersArb = fc
   .map(([status, message, details, fields]): Fields => [['grpc-status', status], ...(message === null ? [] : [['grpc-message', message] as const]), ...(details === null ? [] : [['grpc-status-details-bin', details] as const]), ...fields]);
 
 export const answerArb: fc.Arbitrary<GrpcAnswerSpec> = fc.record({
+  status: fc.oneof({ weight: 12, arbitrary: fc.constant(200) }, { weight: 1, arbitrary: pick(400, 401, 404, 429, 500, 502, 503, 504) }),
   contentType: pick('application/grpc', 'application/grpc+proto'),
   metadata: answerMetadataArb,
   trailersOnly: fc.oneof({ weight: 3, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
@@ -208,6 +225,8 @@ export interface ReceivedCall {
   readonly raw: readonly string[];
   /** The request's bytes, read to the end (early answers: up to where the stream closed). */
   readonly body: Buffer;
+  /** The request's end came (not a reset before it). */
+  readonly complete: boolean;
   /** Why the model server could not send the planned answer, if it could not. */
   readonly answerError: string | undefined;
 }
@@ -216,6 +235,8 @@ export interface RecordingGrpcServer {
   readonly port: number;
   /** Plans the answer to the call carrying `id`; resolves with what that call was. */
   expect(id: string, answer: GrpcAnswerSpec): Promise<ReceivedCall>;
+  /** Whether the call carrying `id` reached this server (a client may fail a call before sending it); its plan is dropped if not. */
+  reached(id: string): boolean;
   close(): Promise<void>;
 }
 
@@ -236,7 +257,7 @@ export async function recordingGrpcServer(): Promise<RecordingGrpcServer> {
     const chunks: Buffer[] = [];
     let answerError: string | undefined;
     stream.on('data', (c: Buffer) => chunks.push(c));
-    const record = () => plan.received({ raw, body: Buffer.concat(chunks), answerError });
+    const record = () => plan.received({ raw, body: Buffer.concat(chunks), answerError, complete: stream.readableEnded });
     // An answer Node refuses to send (the grammar's mistake) fails its run, and does not end the test process.
     const safely = (send: () => void) => {
       try {
@@ -258,6 +279,10 @@ export async function recordingGrpcServer(): Promise<RecordingGrpcServer> {
     };
     if (stream.readableEnded) whenRequestEnds();
     else stream.once('end', whenRequestEnds);
+    // A client that resets its call before the request ends (grpc-js past its own metadata limit) gets no answer; what came is recorded.
+    stream.once('close', () => {
+      if (!stream.readableEnded) record();
+    });
   });
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
@@ -269,6 +294,7 @@ export async function recordingGrpcServer(): Promise<RecordingGrpcServer> {
   return {
     port: (server.address() as AddressInfo).port,
     expect: (id, answer) => new Promise((received) => planned.set(id, { answer, received })),
+    reached: (id) => !planned.delete(id),
     close: () => {
       for (const s of sessions) s.destroy();
       return new Promise((resolve) => server.close(() => resolve()));
@@ -285,7 +311,7 @@ const AS_SENT_ENDED = { endStream: true, sendDate: false } as ServerStreamRespon
 
 /** The response HEADERS' fields (a Trailers-Only answer's status and trailers among them). */
 export function responseFields(answer: GrpcAnswerSpec): Fields {
-  return [[':status', '200'], ['content-type', answer.contentType], ...answer.metadata, ...(answer.trailersOnly ? answer.trailers : [])];
+  return [[':status', String(answer.status)], ['content-type', answer.contentType], ...answer.metadata, ...(answer.trailersOnly ? answer.trailers : [])];
 }
 
 function responseHeaders(answer: GrpcAnswerSpec): OutgoingHttpHeaders {
@@ -432,3 +458,84 @@ export function expectedResponse(mode: 'terminate' | 'relay', answer: GrpcAnswer
 
 /** An IMF-fixdate (RFC 9110 5.6.7). */
 const HTTP_DATE = /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT$/;
+
+// ---------------------------------------------------------------------------------------------
+// A model server written frame by frame, for answers Node's HTTP/2 server cannot give.
+// ---------------------------------------------------------------------------------------------
+
+/** Keys Node's HTTP/2 stack carries once (kSingleValueHeaders) that the frame-level answers repeat. */
+export const CARRIED_ONCE = ['etag', 'location', 'age', 'content-language'];
+
+/** How a frame-level answer ends after its trailers: there, or with an RST_STREAM as servers that stop reading a request send. */
+export type AnswerEnd = 'trailers' | 'reset-no-error' | 'reset-cancel';
+
+export interface FramedAnswerSpec extends GrpcAnswerSpec {
+  /** Where the answer's messages are cut into DATA frames (offsets into them). */
+  readonly cuts: readonly number[];
+  readonly end: AnswerEnd;
+}
+
+/** Answers with repeated single-valued keys, messages cut anywhere into DATA frames (within one 64 KiB window), trailers without a status, and resets after the trailers. */
+export const framedAnswerArb: fc.Arbitrary<FramedAnswerSpec> = fc
+  .tuple(
+    answerArb,
+    fc.array(fc.tuple(pick(...CARRIED_ONCE), shortValue), { maxLength: 4 }),
+    fc.array(fc.tuple(pick(...CARRIED_ONCE), shortValue), { maxLength: 3 }),
+    fc.array(fc.record({ compressed: fc.boolean(), size: fc.nat(12_000), tag: fc.nat() }), { maxLength: 4 }),
+    fc.array(fc.nat(60_000), { maxLength: 5 }),
+    pick<AnswerEnd>('trailers', 'trailers', 'reset-no-error', 'reset-cancel'),
+    fc.oneof({ weight: 8, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
+  )
+  .map(([answer, repeated, repeatedInTrailers, messages, cuts, end, noStatus]) => ({
+    ...answer,
+    metadata: [...answer.metadata.filter(([name]) => !CARRIED_ONCE.includes(name)), ...repeated],
+    // Now and then trailers without a grpc-status, empty ones too: passed on as they are, for the client to judge.
+    trailers: [...answer.trailers.filter(([name]) => !noStatus || name !== 'grpc-status'), ...repeatedInTrailers],
+    messages,
+    cuts: [...new Set(cuts)].sort((a, b) => a - b),
+    end,
+  }));
+
+const FRAME = { DATA: 0x0, HEADERS: 0x1, RST_STREAM: 0x3, WINDOW_UPDATE: 0x8, CONTINUATION: 0x9 } as const;
+
+/** A header block as HEADERS and CONTINUATION frames of 16 KiB at most; END_STREAM on the HEADERS when `ends`. */
+function headerBlockFrames(streamId: number, fields: Fields, ends: boolean): Buffer {
+  const block = Buffer.concat(fields.map(([name, value]) => literalField(name, value, 'latin1')));
+  const frames: Buffer[] = [];
+  for (let at = 0; at === 0 || at < block.length; at += 16_384) {
+    const last = at + 16_384 >= block.length;
+    const flags = (last ? 0x4 : 0) | (at === 0 && ends ? 0x1 : 0);
+    frames.push(h2Frame(at === 0 ? FRAME.HEADERS : FRAME.CONTINUATION, flags, streamId, block.subarray(at, at + 16_384)));
+  }
+  return Buffer.concat(frames);
+}
+
+/** The whole answer to stream `streamId` as frames, and `grant` bytes more of the connection's window for the request. */
+export function answerFrames(streamId: number, answer: FramedAnswerSpec, grant: number): Buffer {
+  const window = Buffer.alloc(4);
+  window.writeUInt32BE(grant);
+  // A WINDOW_UPDATE of 0 is a connection error (RFC 9113 6.9).
+  const frames = grant > 0 ? [h2Frame(FRAME.WINDOW_UPDATE, 0, 0, window)] : [];
+  if (answer.trailersOnly) return Buffer.concat([...frames, headerBlockFrames(streamId, responseFields(answer), true)]);
+  frames.push(headerBlockFrames(streamId, responseFields(answer), false));
+  const body = framed(answer.messages);
+  let from = 0;
+  for (const cut of [...answer.cuts.filter((c) => c < body.length), body.length]) {
+    if (cut <= from && !(cut === 0 && body.length === 0)) continue;
+    for (let at = from; at < cut; at += 16_384) frames.push(h2Frame(FRAME.DATA, 0, streamId, body.subarray(at, Math.min(cut, at + 16_384))));
+    from = cut;
+  }
+  frames.push(headerBlockFrames(streamId, answer.trailers, true));
+  const code = { trailers: undefined, 'reset-no-error': 0, 'reset-cancel': 8 }[answer.end];
+  if (code !== undefined) frames.push(h2Frame(FRAME.RST_STREAM, 0, streamId, Buffer.from([0, 0, 0, code])));
+  return Buffer.concat(frames);
+}
+
+/** What a client of terminate mode gets of fields that repeat a key Node carries once: its first value (README). */
+export function firstOfCarriedOnce(fields: FieldMap): FieldMap {
+  for (const name of CARRIED_ONCE) {
+    const values = fields.get(name);
+    if (values && values.length > 1) fields.set(name, values.slice(0, 1));
+  }
+  return fields;
+}

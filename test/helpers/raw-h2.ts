@@ -33,9 +33,10 @@ function stringLength(length: number): Buffer {
   return Buffer.from(octets);
 }
 
-/** HPACK literal field without indexing, new name (RFC 7541 6.2.2). */
-export function literalField(name: string, value: string): Buffer {
-  return Buffer.concat([Buffer.from([0x00]), stringLength(name.length), Buffer.from(name), stringLength(value.length), Buffer.from(value)]);
+/** HPACK literal field without indexing, new name (RFC 7541 6.2.2); `encoding`: latin1 for a value's bytes as Node reads them (obs-text). */
+export function literalField(name: string, value: string, encoding: BufferEncoding = 'utf8'): Buffer {
+  const bytes = Buffer.from(value, encoding);
+  return Buffer.concat([Buffer.from([0x00]), stringLength(name.length), Buffer.from(name), stringLength(bytes.length), bytes]);
 }
 
 /** A header block as HEADERS and CONTINUATION frames of at most 16 KiB (the default SETTINGS_MAX_FRAME_SIZE). */
