@@ -7,7 +7,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { CALL_ID, framed, type CallSpec } from './grpc-fidelity.js';
 
-/** What grpc-js reported of a call. */
+/** What grpc-js reported of a call (after an error status, the messages it had delivered before it dropped the rest). */
 export interface GrpcJsOutcome {
   readonly metadata: Record<string, string[]>;
   readonly messages: string[];
@@ -47,7 +47,20 @@ export function grpcJsCall(client: grpc.Client, call: CallSpec, id: string): Pro
     stream.on('metadata', (m: grpc.Metadata) => (metadata = m));
     stream.on('data', (m: Buffer) => messages.push(`${m.length}:${m.subarray(0, 8).toString('hex')}`));
     stream.on('error', () => {});
-    stream.on('status', (status: grpc.StatusObject) => resolve({ metadata: shownMetadata(metadata), messages, code: status.code, details: status.details, trailers: shownMetadata(status.metadata) }));
+    let status: grpc.StatusObject | undefined;
+    let closed = false;
+    // grpc-js reports the status as it comes, with messages still buffered in the stream: once both are in.
+    const settle = () => {
+      if (status && closed) resolve({ metadata: shownMetadata(metadata), messages, code: status.code, details: status.details, trailers: shownMetadata(status.metadata) });
+    };
+    stream.on('status', (s: grpc.StatusObject) => {
+      status = s;
+      settle();
+    });
+    stream.on('close', () => {
+      closed = true;
+      settle();
+    });
     // Each message's bytes without gRPC's 5-byte prefix: grpc-js frames them itself.
     for (const message of call.messages) stream.write(framed([{ ...message, compressed: false }]).subarray(5));
     stream.end();
