@@ -1063,7 +1063,8 @@ export class H1Front implements Drainable {
       if (!this.#active.has(socket) || open.size > 0) return;
       this.#readAtRest.set(socket, socket.bytesRead);
       const refusal = this.#refuseAfterAnswers.get(socket);
-      if (refusal) this.#refuse(socket, refusal);
+      // After this 'close' event's other listeners, the forwarder's among them, which logs the answer before: access lines in the order of the requests.
+      if (refusal) process.nextTick(() => this.#refuse(socket, refusal));
       else if (closing()) socket.end();
     });
     const own = headTooLarge(req, this.#maxHeaderSize) ?? versionRefusal(req) ?? missingHostRefusal(req) ?? transferCodingRefusal(req) ?? unmet;
@@ -1099,6 +1100,11 @@ export class H1Front implements Drainable {
     // Whatever body it has is read and dropped (Node does so once the answer is out).
     req.resume();
     const [method, path] = answer.unparsed ? ['', ''] : [req.method ?? '', req.url ?? ''];
-    logOwnAnswer(this.#observer, context, 'http/1.1', { method, path, status: answer.status, error: answer.error, bytesOut: answer.body === undefined ? 0 : Buffer.byteLength(answer.body) });
+    const bytesOut = answer.body === undefined ? 0 : Buffer.byteLength(answer.body);
+    // Logged once out, after the answers before it, as the forwarder logs those: access lines in the order of the requests.
+    // A connection that closed first never carried it: status 0, the refusal's error kept (README, Logs).
+    let onWire = res.socket !== null;
+    if (!onWire) res.once('socket', () => (onWire = true));
+    res.once('close', () => logOwnAnswer(this.#observer, context, 'http/1.1', { method, path, status: onWire ? answer.status : 0, error: answer.error, bytesOut: onWire ? bytesOut : 0 }));
   }
 }
