@@ -778,8 +778,9 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
       controller.abort(err as Error);
       return;
     }
-    // Send the headers now: an SSE client should see the stream open before the first event.
-    if (headers['content-length'] === undefined) flushHead(res);
+    // Send the headers now: an SSE client should see the stream open before the first event. And
+    // into the queue of an answer pipelined behind others, after its `100 Continue` (flushHead()).
+    if (headers['content-length'] === undefined || !hasTheConnection(res)) flushHead(res);
   }
 
   /**
@@ -875,11 +876,15 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
  * Sends a response's head before any of its body. Not ServerResponse.flushHeaders(): Node (20 to 24)
  * writes the head it flushes as UTF-8, where every other head goes out as latin1, one byte a character,
  * so a value with obs-text from the model server (`caf\xe9`, which undici reads as latin1) reached an
- * HTTP/1.1 client as `caf\xc3\xa9` on every answer without a Content-Length. An empty write sends it as latin1.
+ * HTTP/1.1 client as `caf\xc3\xa9` on every answer without a Content-Length. An empty write sends it as latin1:
+ * an empty string, not a Buffer, which Node 20 writes after the head by putting the head in front of
+ * whatever the response holds queued (OutgoingMessage _send's unshift). For a request pipelined behind
+ * answers still going out, that is the `100 Continue` Node wrote when it parsed the request: the client
+ * read the answer's head, then `HTTP/1.1 100 Continue` as its body.
  */
 function flushHead(res: ClientResponseLike): void {
   if (res instanceof Http2ServerResponse) (res as unknown as ServerResponse).flushHeaders();
-  else res.write(EMPTY);
+  else (res as ServerResponse).write('', 'latin1');
 }
 
 /** The code of the error that ends an exchange whose response head HTTP/2 cannot send (#overHttp2Limit). */
