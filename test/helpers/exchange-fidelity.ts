@@ -146,6 +146,8 @@ export interface Received {
   readonly url: string;
   readonly rawHeaders: string[];
   readonly body: Buffer;
+  /** A chunked body's trailer fields, as they came. */
+  readonly rawTrailers: string[];
 }
 
 export interface RecordingModelServer {
@@ -168,7 +170,7 @@ export async function recordingModelServer(): Promise<RecordingModelServer> {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
-      plan.received({ method: req.method ?? '', url: req.url ?? '', rawHeaders: req.rawHeaders, body: Buffer.concat(chunks) });
+      plan.received({ method: req.method ?? '', url: req.url ?? '', rawHeaders: req.rawHeaders, body: Buffer.concat(chunks), rawTrailers: req.rawTrailers });
       answer(req, res, plan.answer);
     });
   });
@@ -184,11 +186,11 @@ export async function recordingModelServer(): Promise<RecordingModelServer> {
   };
 }
 
-/** The answer's own lines as the model server writes them: its fields, a Date, and a Content-Length when framed so. */
-export function answerLines(answer: AnswerSpec, method: string): Lines {
+/** The answer's own lines as the model server writes them: its fields, a Date, and a Content-Length when framed so. `http10`: to an HTTP/1.0 request, which no chunked answer can carry trailers to. */
+export function answerLines(answer: AnswerSpec, method: string, http10 = false): Lines {
   const length: Lines = answer.framing === 'length' && answer.status !== 204 && answer.status !== 304 ? [['Content-Length', String(answer.body.length)]] : [];
   // Trailer names the trailer fields to come (RFC 9110 6.6.2); Node refuses it on an answer that cannot carry them.
-  const trailer: Lines = answer.trailers.length > 0 && method !== 'HEAD' ? [['Trailer', [...new Set(answer.trailers.map(([name]) => name))].join(', ')]] : [];
+  const trailer: Lines = answer.trailers.length > 0 && method !== 'HEAD' && !http10 ? [['Trailer', [...new Set(answer.trailers.map(([name]) => name))].join(', ')]] : [];
   return [...answer.lines, ['Date', ANSWER_DATE], ...length, ...trailer];
 }
 
@@ -196,9 +198,15 @@ function answer(req: IncomingMessage, res: ServerResponse, spec: AnswerSpec): vo
   if (spec.earlyHints) res.writeEarlyHints({ link: '</style.css>; rel=preload; as=style' });
   // No Content-Length and no chunking: Node ends such a body by closing the connection.
   if (spec.framing === 'close') res.useChunkedEncodingByDefault = false;
-  res.writeHead(spec.status, answerLines(spec, req.method ?? '').flat());
+  const http10 = req.httpVersion === '1.0';
+  res.writeHead(spec.status, answerLines(spec, req.method ?? '', http10).flat());
   // A HEAD's answer has no body, so no chunked one to carry trailers (Node throws on them).
-  if (spec.trailers.length > 0 && req.method !== 'HEAD') res.addTrailers(spec.trailers.map(([n, v]): [string, string] => [n, v]));
+  if (spec.trailers.length > 0 && req.method !== 'HEAD' && !http10) res.addTrailers(spec.trailers.map(([n, v]): [string, string] => [n, v]));
+  // Node 20 puts a head that waits for a body Buffer in front of what it holds back for a pipelined
+  // response not yet on the connection, our 103 among it (OutgoingMessage _send's unshift): written
+  // now with an empty latin1 string, it goes after the 103, as a model server must send them
+  // (flushHeaders() would write it as UTF-8; an answer without a body sends it with end() alike).
+  if (spec.earlyHints) res.write('', 'latin1');
   if (req.method === 'HEAD' || spec.body.length === 0) {
     res.end();
     return;
@@ -403,3 +411,47 @@ export function expectedTrailers(answer: AnswerSpec, method: string): string[] {
 export function expectedAnswerBody(answer: AnswerSpec, method: string): Buffer {
   return method === 'HEAD' ? Buffer.alloc(0) : answer.body;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Requests as a raw-socket client writes them: what Node's client never sends.
+// ---------------------------------------------------------------------------------------------
+
+/** A request written byte by byte: its version, and for a chunked body its chunk extensions and trailer fields. */
+export interface RawRequestSpec {
+  readonly request: ClientRequestSpec;
+  readonly version: '1.1' | '1.0';
+  /** `;ext=v` after every chunk size. */
+  readonly chunkExtension: boolean;
+  /** Trailer fields after the last chunk (neither mode forwards them: README, REST relay). */
+  readonly trailers: Lines;
+}
+
+/**
+ * A request's bytes (latin1: obs-text goes as the single bytes it stands for). `last`: it says
+ * `Connection: close` (HTTP/1.1; HTTP/1.0 closes by default), so the connection ends after its answer.
+ */
+export function rawRequestBytes(raw: RawRequestSpec, id: string, last: boolean): Buffer {
+  const { request } = raw;
+  const close: Lines = last && raw.version === '1.1' ? [['Connection', 'close']] : [];
+  const head = [`${request.method} ${request.target} HTTP/${raw.version}`, ...[...requestLines(request, id, false), ...close].map(([name, value]) => `${name}: ${value}`), '', ''].join('\r\n');
+  const body = request.framing === 'unframed' ? chunkedBytes(pieces(request.body, request.cuts), raw) : request.body;
+  return Buffer.concat([Buffer.from(head, 'latin1'), body]);
+}
+
+function chunkedBytes(chunks: readonly Buffer[], raw: RawRequestSpec): Buffer {
+  const extension = raw.chunkExtension ? ';ext=v' : '';
+  const trailers = raw.trailers.map(([name, value]) => `${name}: ${value}\r\n`).join('');
+  return Buffer.concat([
+    ...chunks.flatMap((chunk) => [Buffer.from(`${chunk.length.toString(16)}${extension}\r\n`), chunk, Buffer.from('\r\n')]),
+    Buffer.from(`0${extension}\r\n${trailers}\r\n`, 'latin1'),
+  ]);
+}
+
+/** Requests any raw client may send: Node's client's, with chunk extensions and trailer fields now and then; HTTP/1.0 when `http10` (no chunked body there). */
+export const rawRequestArb = (http10: boolean): fc.Arbitrary<RawRequestSpec> =>
+  fc.record({
+    request: clientRequestArb.map((request): ClientRequestSpec => (http10 && request.framing === 'unframed' ? { ...request, framing: 'length' } : request)),
+    version: fc.constant(http10 ? ('1.0' as const) : ('1.1' as const)),
+    chunkExtension: fc.boolean(),
+    trailers: fc.oneof({ weight: 4, arbitrary: fc.constant<Lines>([]) }, { weight: 1, arbitrary: fc.array(fc.tuple(pick('x-sum', 'X-Checksum', 'server-timing'), valueArb), { minLength: 1, maxLength: 2 }) }),
+  });
