@@ -882,6 +882,8 @@ export class H1Front implements Drainable {
       this.#refuseOrDefer(socket, { ...CONNECT_REFUSED, method: 'CONNECT', path: req.url ?? '' });
     });
     this.#server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
+      // Our answer to what it refused is on its way (end() called): Node's parser reports the reads after it too, and a destroy() here cut the answer off (a 431 whose head came in two reads reached the client as nothing).
+      if (socket.writableEnded) return;
       // A client that leaves in the middle of a body (an upload it gave up, once answered early) has a request with its own access line: no answer, no second line.
       if (!socket.writable || this.#leftMidBody(socket, err)) {
         socket.destroy();

@@ -372,6 +372,29 @@ describe('Expect: 100-continue on a request pipelined behind an answer still goi
   }
 });
 
+/**
+ * A request head over --mtls_max_header_size (64 KiB) that came in two writes: terminate mode had
+ * its 431 on the way (end()) when Node's parser reported the next read too, and that second report
+ * destroyed the connection under the answer: the client read nothing. The relay answers 431.
+ */
+describe('a request head too large, written in two parts', () => {
+  const head = Buffer.from(`GET /v2/health/live HTTP/1.1\r\nhost: a\r\nx-big: ${'v'.repeat(70_000)}\r\nconnection: close\r\n\r\n`, 'latin1');
+  for (const mode of FORWARD_MODES) {
+    for (const cut of [21, 1000, 65_600, 69_000]) {
+      test(`--mtls_rest_mode ${mode}: cut after ${cut} bytes: 431, and its access line`, { timeout: 30_000 }, async () => {
+        const front = fronts.get(mode)!;
+        const from = front.records.length;
+        const socket = await openRaw(front.proxy.restPort, pki);
+        socket.write(head.subarray(0, cut));
+        socket.write(head.subarray(cut));
+        const { responses } = parseResponses(Buffer.from(await readToCloseWithin(socket, HANG_MS), 'latin1'), ['GET']);
+        assert.deepEqual(responses.map((r) => r.status), [431]);
+        assert.deepEqual((await recordsFrom(front, from, 1, mode)).map((r) => [r.status, r.error]), [[431, 'bad_request']]);
+      });
+    }
+  }
+});
+
 /** The stream as each mode handled it, the same but for what the README lists. */
 function assertRawAgree(stream: RawStream, terminate: RawSeen, relay: RawSeen): void {
   // Every request is answered, in both modes: none follows an answer that ends the connection.
