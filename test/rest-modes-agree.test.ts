@@ -13,15 +13,14 @@
  * REST_MODES_RUNS=N runs each property N times (default 60, for CI); REST_MODES_SEED and
  * REST_MODES_PATH replay what a failure reported.
  */
-import { test, describe, before, after } from 'node:test';
+import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
 import fc from 'fast-check';
 import { NOOP_OBSERVER, type AccessRecord } from '../src/observer.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
-import { startTestProxy, type StartedProxy } from './helpers/harness.js';
-import { createTestPki, type TestPki } from './helpers/pki.js';
+import { restModeFrontsOf, startTestProxy, type StartedProxy } from './helpers/harness.js';
 import { assertSameBytes } from './helpers/integrity-peers.js';
 import { eventually, settlesWithin } from './helpers/ops.js';
 import { pick } from './helpers/http1-streams.js';
@@ -29,7 +28,7 @@ import { chunked } from './helpers/chunks.js';
 import { openRaw, parseResponses, readToCloseWithin, type ParsedResponse } from './helpers/raw-http1.js';
 import {
   EXCHANGE_ID, HOP_BY_HOP, answerArb, endToEnd, exchangeArb, fieldMap, rawRequestArb, rawRequestBytes, recordingModelServer, requestLines, sendHttp1, shown,
-  type AnswerSpec, type Answered, type ClientRequestSpec, type Exchange, type FieldMap, type Lines, type RawRequestSpec, type Received, type RecordingModelServer,
+  type AnswerSpec, type Answered, type ClientRequestSpec, type Exchange, type FieldMap, type Lines, type RawRequestSpec, type Received,
 } from './helpers/exchange-fidelity.js';
 
 /** Runs per property: REST_MODES_RUNS, or 60, which keeps the file under 20 s here (about 8). */
@@ -46,26 +45,13 @@ interface Front {
   readonly records: AccessRecord[];
 }
 
-let pki: TestPki;
-let upstream: RecordingModelServer;
-const fronts = new Map<ForwardMode, Front>();
+/** Each mode's access lines, in the order they were logged. */
+const records = new Map<ForwardMode, AccessRecord[]>(FORWARD_MODES.map((mode) => [mode, []]));
+const both = restModeFrontsOf(recordingModelServer, (model) => model.port, (restMode) => ({
+  observer: { ...NOOP_OBSERVER, request: (record) => records.get(restMode)!.push(record) },
+}));
+const frontOf = (mode: ForwardMode): Front => ({ proxy: both.front(mode), records: records.get(mode)! });
 let nextId = 0;
-
-before(async () => {
-  pki = await createTestPki();
-  upstream = await recordingModelServer();
-  for (const restMode of FORWARD_MODES) {
-    const records: AccessRecord[] = [];
-    const proxy = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, observer: { ...NOOP_OBSERVER, request: (record) => records.push(record) } });
-    fronts.set(restMode, { proxy, records });
-  }
-});
-
-after(async () => {
-  for (const front of fronts.values()) await front.proxy.proxy.shutdown(1000);
-  await upstream?.close();
-  await pki?.cleanup();
-});
 
 /** What one request came to in one mode. */
 interface Seen {
@@ -149,11 +135,11 @@ const accessLine = (record: AccessRecord | undefined) => record && { method: rec
 // ---------------------------------------------------------------------------------------------
 
 async function viaNodeClient(mode: ForwardMode, { request, answer }: Exchange): Promise<Seen> {
-  const front = fronts.get(mode)!;
+  const front = frontOf(mode);
   const id = `${mode}-${nextId++}`;
   const from = front.records.length;
-  const received = upstream.expect(id, answer);
-  const answered = await sendHttp1(front.proxy.restPort, pki, request, id);
+  const received = both.upstream.expect(id, answer);
+  const answered = await sendHttp1(front.proxy.restPort, both.pki, request, id);
   return { received: await received, answered, record: (await recordsFrom(front, from, 1, mode))[0] };
 }
 
@@ -245,12 +231,12 @@ interface RawSeen {
 }
 
 async function viaRawClient(mode: ForwardMode, stream: RawStream): Promise<RawSeen> {
-  const front = fronts.get(mode)!;
+  const front = frontOf(mode);
   const ids = stream.requests.map(() => `${mode}-${nextId++}`);
-  const received = stream.requests.map(({ answer }, i) => upstream.expect(ids[i]!, answer));
+  const received = stream.requests.map(({ answer }, i) => both.upstream.expect(ids[i]!, answer));
   const bytes = Buffer.concat([...stream.requests.map(({ raw }, i) => rawRequestBytes(raw, ids[i]!, endsConnection(stream, i))), Buffer.from(stream.refusal ?? '', 'latin1')]);
   const from = front.records.length;
-  const socket = await openRaw(front.proxy.restPort, pki);
+  const socket = await openRaw(front.proxy.restPort, both.pki);
   for (const piece of chunked(bytes, [...stream.writes])) socket.write(piece);
   const text = await readToCloseWithin(socket, HANG_MS);
   const methods = [...stream.requests.map(({ raw }) => raw.request.method), ...(stream.refusal === undefined ? [] : [stream.refusal.slice(0, stream.refusal.indexOf(' '))])];
@@ -306,11 +292,11 @@ describe('found by comparing the modes', () => {
   for (const mode of FORWARD_MODES) {
     for (const [what, refused] of REFUSED_BEHIND) {
       test(`--mtls_rest_mode ${mode}: ${what}, pipelined behind a request forwarded: the access lines in the order the requests came`, { timeout: 30_000 }, async () => {
-        const front = fronts.get(mode)!;
+        const front = frontOf(mode);
         const id = `${mode}-${nextId++}`;
-        const received = upstream.expect(id, { status: 200, lines: [], body: Buffer.from('ok'), framing: 'length', trailers: [], earlyHints: false });
+        const received = both.upstream.expect(id, { status: 200, lines: [], body: Buffer.from('ok'), framing: 'length', trailers: [], earlyHints: false });
         const from = front.records.length;
-        const socket = await openRaw(front.proxy.restPort, pki);
+        const socket = await openRaw(front.proxy.restPort, both.pki);
         socket.write(`GET /v2/health/live HTTP/1.1\r\nhost: a\r\n${EXCHANGE_ID}: ${id}\r\n\r\n${refused}`);
         const { responses } = parseResponses(Buffer.from(await readToCloseWithin(socket, HANG_MS), 'latin1'), ['GET', 'POST']);
         await received;
@@ -350,9 +336,9 @@ describe('Expect: 100-continue on a request pipelined behind an answer still goi
       });
       model.listen(0, '127.0.0.1');
       await once(model, 'listening');
-      const local = await startTestProxy({ pki, upstream: { restPort: (model.address() as AddressInfo).port }, restMode: mode });
+      const local = await startTestProxy({ pki: both.pki, upstream: { restPort: (model.address() as AddressInfo).port }, restMode: mode });
       try {
-        const socket = await openRaw(local.restPort, pki);
+        const socket = await openRaw(local.restPort, both.pki);
         socket.pause();
         socket.write('GET /first HTTP/1.1\r\nhost: a\r\n\r\nPOST /second HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 1\r\nconnection: close\r\n\r\nx');
         await eventually(() => (mode === 'terminate' ? seen.secondClosed : seen.second), 'the second answer at the proxy');
@@ -382,9 +368,9 @@ describe('a request head too large, written in two parts', () => {
   for (const mode of FORWARD_MODES) {
     for (const cut of [21, 1000, 65_600, 69_000]) {
       test(`--mtls_rest_mode ${mode}: cut after ${cut} bytes: 431, and its access line`, { timeout: 30_000 }, async () => {
-        const front = fronts.get(mode)!;
+        const front = frontOf(mode);
         const from = front.records.length;
-        const socket = await openRaw(front.proxy.restPort, pki);
+        const socket = await openRaw(front.proxy.restPort, both.pki);
         socket.write(head.subarray(0, cut));
         socket.write(head.subarray(cut));
         const { responses } = parseResponses(Buffer.from(await readToCloseWithin(socket, HANG_MS), 'latin1'), ['GET']);

@@ -134,15 +134,22 @@ export function restModeFronts(): RestModeFronts {
   return restModeFrontsOf(() => startUpstream({ grpcPort: null }), (upstream) => upstream.restPort!);
 }
 
-/** As restModeFronts(), in front of the model server `start` makes (a scripted one, say), whose REST port `restPort` names. */
-export function restModeFrontsOf<U extends { close(): unknown }>(start: () => Promise<U>, restPort: (upstream: U) => number): RestModeFrontsOf<U> {
+/**
+ * As restModeFronts(), in front of the model server `start` makes (a scripted one, say), whose REST port `restPort` names;
+ * `more`: further proxy options per mode (an observer, say).
+ */
+export function restModeFrontsOf<U extends { close(): unknown }>(
+  start: () => Promise<U>,
+  restPort: (upstream: U) => number,
+  more: (restMode: ForwardMode) => Partial<ProxySetup> = () => ({}),
+): RestModeFrontsOf<U> {
   let pki: TestPki | undefined;
   let upstream: U | undefined;
   const fronts = new Map<ForwardMode, StartedProxy>();
   before(async () => {
     pki = await createTestPki();
     upstream = await start();
-    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: restPort(upstream) }, restMode }));
+    for (const restMode of FORWARD_MODES) fronts.set(restMode, await startTestProxy({ pki, upstream: { restPort: restPort(upstream) }, restMode, ...more(restMode) }));
   });
   after(async () => {
     for (const front of fronts.values()) await front.proxy.shutdown(1000);
