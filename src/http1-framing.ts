@@ -620,7 +620,7 @@ function refuseLengthBesideCoding(head: Http1Head): void {
 
 /**
  * RFC 9112 6.3 for a response to a request made with `method`; `http10Request`: that request was HTTP/1.0,
- * and the connection closes after this response (see below).
+ * which an HTTP/1.0 answer may then stream chunked (see below).
  */
 export function responseFraming(head: Http1Head, method: string, http10Request = false): BodyFraming {
   if (method === 'HEAD' || head.status < 200 || head.status === 204 || head.status === 304) {
