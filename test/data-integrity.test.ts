@@ -286,8 +286,14 @@ async function runH2Workload(proxy: StartedProxy, workload: H2Workload): Promise
 
 // ---------------------------------------------------------------------------------------------
 
+/**
+ * DATA_INTEGRITY_TIMES=N runs each property N times as often, its time limits N times as long: to look for what
+ * CI's runs are too few to meet (each CI run draws a new seed).
+ */
+const TIMES = Math.max(1, Math.floor(Number(process.env['DATA_INTEGRITY_TIMES']) || 1));
+
 /** Runs per mode and window size; the whole file stays within about 90 s on an idle machine. */
-const RUNS = { grpc: 24, http1: 24, http2: 16, all: 8 };
+const RUNS = { grpc: 24 * TIMES, http1: 24 * TIMES, http2: 16 * TIMES, all: 8 * TIMES };
 
 /**
  * A dropped byte can leave a client waiting for ever (a Content-Length never reached, a frame never
@@ -295,8 +301,8 @@ const RUNS = { grpc: 24, http1: 24, http2: 16, all: 8 };
  * stops after SHRINK_MS so the counterexample found so far is still reported within the test's time.
  */
 const RUN_HANG_MS = 60_000;
-const SHRINK_MS = 100_000;
-const TEST_MS = 200_000;
+const SHRINK_MS = 100_000 * TIMES;
+const TEST_MS = 200_000 * TIMES;
 const params = (numRuns: number) => ({ numRuns, includeErrorInReport: true, timeout: RUN_HANG_MS, interruptAfterTimeLimit: SHRINK_MS });
 
 /**
