@@ -6,9 +6,9 @@ import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { connect as tcpConnect, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
-import { casWithNamesOf, createTestPki, type TestPki } from './helpers/pki.js';
+import { casWithNamesOf, type TestPki } from './helpers/pki.js';
 import { CA_NAMES_LIMIT } from '../src/ca-names.js';
-import { assertRefusedAnswer, assertRefusedCall, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { assertRefusedAnswer, assertRefusedCall, grpcClients, grpcFrame, h2Request, h2Session, https1, startProxyFixture, startTestProxy, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { createCa, issueClientCert, type Issued } from '../src/x509.js';
@@ -19,18 +19,10 @@ import { runCommand } from './helpers/cli.js';
 let pki: TestPki;
 let upstream: ModelServer;
 let front: StartedProxy;
+let closeAll: () => Promise<void>;
 
-before(async () => {
-  pki = await createTestPki();
-  upstream = await startUpstream();
-  front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, limits: { handshakeTimeoutMs: 300 } });
-});
-
-after(async () => {
-  await front.proxy.shutdown(1000);
-  await upstream.close();
-  await pki.cleanup();
-});
+before(async () => ({ pki, upstream, front, close: closeAll } = await startProxyFixture({ limits: { handshakeTimeoutMs: 300 } })));
+after(() => closeAll());
 
 const refusedCases: [string, () => Issued | null, string][] = [
   ['no certificate', () => null, 'no_certificate'],
@@ -241,7 +233,7 @@ describe('TLS settings', () => {
   }
 
   test('a client-initiated TLS 1.2 renegotiation is refused by the protocol on every port and in every mode (nginx and Envoy do not take it either)', async () => {
-    const relay = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, grpcMode: 'relay', restMode: 'relay' });
+    const relay = await startTestProxy({ pki, upstream, grpcMode: 'relay', restMode: 'relay' });
     try {
       for (const [mode, proxy] of [['terminate', front], ['relay', relay]] as const) {
         assert.equal(await renegotiation(proxy.restPort, 'http/1.1'), 'ERR_SSL_NO_RENEGOTIATION', `${mode} REST over HTTP/1.1`);

@@ -4,24 +4,18 @@ import { once } from 'node:events';
 import { connect as netConnect, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
 import { connect as h2Connect } from 'node:http2';
-import { createTestPki, type TestPki } from './helpers/pki.js';
-import { https1, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import type { TestPki } from './helpers/pki.js';
+import { https1, startTestProxy, startUpstream, startUpstreamFixture, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { eventually, settlesWithin } from './helpers/ops.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import type { Config } from '../src/config.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
+let closeAll: () => Promise<void>;
 
-before(async () => {
-  pki = await createTestPki();
-  upstream = await startUpstream({});
-});
-
-after(async () => {
-  await upstream.close();
-  await pki.cleanup();
-});
+before(async () => ({ pki, upstream, close: closeAll } = await startUpstreamFixture()));
+after(() => closeAll());
 
 /**
  * A loopback hop in front of `targetPort` that passes the client's first
@@ -110,13 +104,13 @@ const MODES: { name: string; restMode: Config['restMode']; grpcMode: Config['grp
 describe('a connection whose handshake finishes during a drain', () => {
   for (const { name, restMode, grpcMode } of MODES) {
     test(`REST, ${name} mode: closed without being served, and the drain does not wait for it`, { timeout: 30_000 }, async () => {
-      const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, restMode, grpcMode });
+      const local = await startTestProxy({ pki, upstream, restMode, grpcMode });
       const seen = await arriveDuringDrain(local, local.restPort, http1Exchange);
       assert.doesNotMatch(seen, /HTTP\/1\.1 200/);
     });
 
     test(`gRPC, ${name} mode: the call is not served, and the drain does not wait for it`, { timeout: 30_000 }, async () => {
-      const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, restMode, grpcMode });
+      const local = await startTestProxy({ pki, upstream, restMode, grpcMode });
       const seen = await arriveDuringDrain(local, local.grpcPort, http2Exchange);
       assert.notEqual(seen, 'status 200');
     });

@@ -276,7 +276,7 @@ describe('a header field over 64 KiB, which ends the HTTP/2 connection, is logge
   before(async () => {
     pki = await createTestPki();
     upstream = await startUpstream();
-    await startMeteredFronts(fronts, metrics, { pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, limits: { idleTimeoutMs: 4000 } });
+    await startMeteredFronts(fronts, metrics, { pki, upstream, limits: { idleTimeoutMs: 4000 } });
   });
   after(async () => {
     for (const front of fronts.values()) await front.proxy.shutdown(1000);

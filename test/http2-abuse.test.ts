@@ -66,7 +66,7 @@ async function stopCountedProxy({ front, upstream }: CountedProxy): Promise<void
 async function startCountedProxy(grpcMode: 'terminate' | 'relay'): Promise<CountedProxy> {
   const upstream = await startUpstream();
   const metrics = new ProxyMetrics({ processMetrics: false });
-  const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, grpcMode, observer: metrics });
+  const front = await startTestProxy({ pki, upstream, grpcMode, observer: metrics });
   return { upstream, front, metrics };
 }
 

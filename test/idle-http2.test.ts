@@ -3,8 +3,8 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ClientHttp2Session } from 'node:http2';
-import { createTestPki, type TestPki } from './helpers/pki.js';
-import { grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import type { TestPki } from './helpers/pki.js';
+import { grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstreamFixture, type StartedProxy } from './helpers/harness.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { eventually } from './helpers/ops.js';
 import { H2, rawH2Client } from './helpers/raw-h2.js';
@@ -22,16 +22,10 @@ const HI = grpcFrame(Buffer.from([0x0a, 0x02, 0x68, 0x69]));
 
 let pki: TestPki;
 let upstream: ModelServer;
+let closeAll: () => Promise<void>;
 
-before(async () => {
-  pki = await createTestPki();
-  upstream = await startUpstream();
-});
-
-after(async () => {
-  await upstream.close();
-  await pki.cleanup();
-});
+before(async () => ({ pki, upstream, close: closeAll } = await startUpstreamFixture()));
+after(() => closeAll());
 
 /** What a session saw: the GOAWAY's error code, and whether it came before `mark()`. */
 function watchGoAway(session: ClientHttp2Session) {

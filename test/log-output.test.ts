@@ -11,9 +11,9 @@ import type { ClientHttp2Session } from 'node:http2';
 import { createInterface } from 'node:readline';
 import { closeSync, openSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { createTestPki, type TestPki } from './helpers/pki.js';
+import type { TestPki } from './helpers/pki.js';
 import { startCli } from './helpers/cli.js';
-import { h2Session, readyStatus, startUpstream, type LogLine } from './helpers/harness.js';
+import { h2Session, readyStatus, startUpstreamFixture, type LogLine } from './helpers/harness.js';
 import { eventually, settlesWithin } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { accessBufferedDestination, createLogger } from '../src/log.js';
@@ -96,14 +96,9 @@ describe('a log reader that stops', () => {
 describe('the proxy with a log reader that stops', () => {
   let pki: TestPki;
   let upstream: ModelServer;
-  before(async () => {
-    pki = await createTestPki();
-    upstream = await startUpstream();
-  });
-  after(async () => {
-    await upstream.close();
-    await pki.cleanup();
-  });
+  let closeAll: () => Promise<void>;
+  before(async () => ({ pki, upstream, close: closeAll } = await startUpstreamFixture()));
+  after(() => closeAll());
 
   for (const workers of [1, 2]) {
     test(`--mtls_workers ${workers}: requests are answered while nobody reads stdout, and their access lines arrive once the reader is back`, async () => {

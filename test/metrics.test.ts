@@ -37,7 +37,7 @@ before(async () => {
   requests = requestEvents();
   front = await startTestProxy({
     pki,
-    upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! },
+    upstream,
     observer: combineObservers(metrics, requests.observer),
   });
 });

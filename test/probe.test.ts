@@ -12,8 +12,8 @@ import { createServer as createTlsServer, type Server as TlsServer, type TlsOpti
 import { createSecureServer } from 'node:http2';
 import { createServer as createHttpsServer } from 'node:https';
 import { join } from 'node:path';
-import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import type { TestPki } from './helpers/pki.js';
+import { startProxyFixture, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { BIN, cleanEnv, runCli } from './helpers/cli.js';
 import { eventually } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
@@ -27,18 +27,10 @@ import { KSERVE_SERVICE, serviceConstructor } from '../src/demo/protocol.js';
 let pki: TestPki;
 let upstream: ModelServer;
 let front: StartedProxy;
+let closeAll: () => Promise<void>;
 
-before(async () => {
-  pki = await createTestPki();
-  upstream = await startUpstream();
-  front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! } });
-});
-
-after(async () => {
-  await front.proxy.shutdown(1000);
-  await upstream.close();
-  await pki.cleanup();
-});
+before(async () => ({ pki, upstream, front, close: closeAll } = await startProxyFixture()));
+after(() => closeAll());
 
 function clientFlags(client = 'client', ca = 'server_ca'): string[] {
   return ['--mtls_cert', pki.paths[`${client}.pem`]!, '--mtls_key', pki.paths[`${client}.key`]!, '--mtls_ca', pki.paths[`${ca}.pem`]!];

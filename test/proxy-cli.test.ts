@@ -3,10 +3,10 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createServer, connect as tcpConnect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
-import { casWithNamesOf, createTestPki, type TestPki } from './helpers/pki.js';
+import { casWithNamesOf, type TestPki } from './helpers/pki.js';
 import { JAVA_CA_NAMES_LIMIT } from '../src/ca-names.js';
 import { runCli, runCommand, startCli, type LongRunningCli } from './helpers/cli.js';
-import { grpcClients, h2Session, https1, startUpstream, tlsClientOptions, type LogLine } from './helpers/harness.js';
+import { grpcClients, h2Session, https1, startUpstreamFixture, tlsClientOptions, type LogLine } from './helpers/harness.js';
 import { issueClientCert } from '../src/x509.js';
 import { connect as tlsConnect } from 'node:tls';
 import { GateBoard, sseEvents } from './helpers/sse.js';
@@ -27,16 +27,13 @@ const JUDGEMENT_DEFECT = fileURLToPath(new URL('./fixtures/judgement-defect.js',
 let pki: TestPki;
 let upstream: ModelServer;
 let board = new GateBoard();
+let closeAll: () => Promise<void>;
 
-before(async () => {
-  pki = await createTestPki();
-  upstream = await startUpstream({ sseGate: (i) => board.wait(i) });
-});
+before(async () => ({ pki, upstream, close: closeAll } = await startUpstreamFixture({ sseGate: (i) => board.wait(i) })));
 
 after(async () => {
   board.openAll();
-  await upstream.close();
-  await pki.cleanup();
+  await closeAll();
 });
 
 function tlsFlags(): string[] {

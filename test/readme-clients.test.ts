@@ -29,7 +29,7 @@ let local: StartedProxy;
 
 before(async () => {
   [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
-  local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! } });
+  local = await startTestProxy({ pki, upstream });
 });
 
 after(async () => {

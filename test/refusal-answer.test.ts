@@ -7,8 +7,8 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { connect as tlsConnect } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
-import { createTestPki, type TestPki } from './helpers/pki.js';
-import { assertRefusedCall, grpcClients, h2Request, h2Session, https1, refusedWording, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import type { TestPki } from './helpers/pki.js';
+import { assertRefusedCall, grpcClients, h2Request, h2Session, https1, refusedWording, startProxyFixture, startTestProxy, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { issueClientCert, type Issued } from '../src/x509.js';
@@ -17,20 +17,15 @@ import type { ModelServer } from '../src/demo/model-server.js';
 let pki: TestPki;
 let upstream: ModelServer;
 let front: StartedProxy;
+let closeAll: () => Promise<void>;
 /** Issued by the trusted client CA, but not on the allow-list. */
 let stranger: Issued;
 
 before(async () => {
-  [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
+  ({ pki, upstream, front, close: closeAll } = await startProxyFixture({ allow: { cn: ['client'] } }));
   stranger = await issueClientCert({ issuer: pki.clientCa, commonName: 'stranger' });
-  front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, allow: { cn: ['client'] } });
 });
-
-after(async () => {
-  await front.proxy.shutdown(1000);
-  await upstream.close();
-  await pki.cleanup();
-});
+after(() => closeAll());
 
 async function refusedCall(client: Issued): Promise<grpc.ServiceError> {
   const c = grpcClients(front.grpcAddress, pki, client);

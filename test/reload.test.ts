@@ -62,7 +62,7 @@ interface Running {
 async function startWithReloader(certs: CertDir, options: { watch?: boolean; graceMs?: number; restMode?: ForwardMode; debounceMs?: number } = {}): Promise<Running> {
   dirs.push(certs.dir);
   board = new GateBoard();
-  const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, tls: certs.files, restMode: options.restMode ?? 'terminate' });
+  const front = await startTestProxy({ pki, upstream, tls: certs.files, restMode: options.restMode ?? 'terminate' });
   const outcomes: ReloadOutcome[] = [];
   const reloader = reloaderFor(front, certs.files, {
     // An hour: only a graceful close can end a revoked connection, unless a test asks for the cut.

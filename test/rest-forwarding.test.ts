@@ -9,8 +9,8 @@ import { createHash } from 'node:crypto';
 import { request as httpsRequest, Agent as HttpsAgent } from 'node:https';
 import { createServer as createHttpServer, type IncomingMessage, type ClientRequest } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
-import { createTestPki, type TestPki } from './helpers/pki.js';
-import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type StartedProxy } from './helpers/harness.js';
+import type { TestPki } from './helpers/pki.js';
+import { countingRelay, h2Request, h2Session, https1, startTestProxy, startUpstream, startUpstreamFixture, tlsClientOptions, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { behindProxy } from './helpers/scripted-upstream.js';
@@ -26,16 +26,13 @@ const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], dataty
 let pki: TestPki;
 let upstream: ModelServer;
 let board = new GateBoard();
+let closeAll: () => Promise<void>;
 
-before(async () => {
-  pki = await createTestPki();
-  upstream = await startUpstream({ sseGate: (i) => board.wait(i) });
-});
+before(async () => ({ pki, upstream, close: closeAll } = await startUpstreamFixture({ sseGate: (i) => board.wait(i) })));
 
 after(async () => {
   board.openAll();
-  await upstream.close();
-  await pki.cleanup();
+  await closeAll();
 });
 
 const lastRest = (path: string) => upstream.received.filter((r) => r.protocol === 'rest' && r.path === path).at(-1)!;

@@ -3,11 +3,10 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { readFile } from 'node:fs/promises';
 import { connect, type TLSSocket } from 'node:tls';
-import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import type { TestPki } from './helpers/pki.js';
+import { startProxyFixture, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { TCP_KEEPALIVE_DELAY_MS } from '../src/listeners.js';
-import type { ModelServer } from '../src/demo/model-server.js';
 
 /** `tr` in /proc/net/tcp: which timer the socket has pending; 2 is the keepalive timer. */
 const KEEPALIVE_TIMER = 2;
@@ -15,20 +14,11 @@ const KEEPALIVE_TIMER = 2;
 const TICKS_PER_SECOND = 100;
 
 let pki: TestPki;
-let upstream: ModelServer;
 let front: StartedProxy;
+let closeAll: () => Promise<void>;
 
-before(async () => {
-  pki = await createTestPki();
-  upstream = await startUpstream();
-  front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! } });
-});
-
-after(async () => {
-  await front.proxy.shutdown(1000);
-  await upstream.close();
-  await pki.cleanup();
-});
+before(async () => ({ pki, front, close: closeAll } = await startProxyFixture()));
+after(() => closeAll());
 
 /** The proxy's end of a loopback connection, as the kernel shows it: its pending timer and the ticks left on it. */
 async function serverSideTimer(serverPort: number, clientPort: number): Promise<{ timer: number; ticksLeft: number } | undefined> {

@@ -30,7 +30,7 @@ const started: StartedProxy[] = [];
 
 /** A proxy in front of the file's model server, without a CRL unless given; stopped after the file's tests. */
 async function proxyWith(setup: Omit<ProxySetup, 'pki'>): Promise<StartedProxy> {
-  const proxy = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, ...setup, tls: { crl: undefined, ...setup.tls } });
+  const proxy = await startTestProxy({ pki, upstream, ...setup, tls: { crl: undefined, ...setup.tls } });
   started.push(proxy);
   return proxy;
 }

@@ -119,6 +119,39 @@ export async function startUpstream(options: ModelServerOptions = {}): Promise<M
   return startModelServer({ grpcPort: 0, restPort: 0, testService: true, ...options });
 }
 
+/** What most test files start in `before` and close in `after`: this run's certificates and a model server. */
+export interface UpstreamFixture {
+  pki: TestPki;
+  upstream: ModelServer;
+  close(): Promise<void>;
+}
+
+export async function startUpstreamFixture(options: ModelServerOptions = {}): Promise<UpstreamFixture> {
+  const [pki, upstream] = await Promise.all([createTestPki(), startUpstream(options)]);
+  return {
+    pki,
+    upstream,
+    close: async () => {
+      await upstream.close();
+      await pki.cleanup();
+    },
+  };
+}
+
+/** The same with a proxy in front of the model server; `setup` adds to the proxy's. */
+export async function startProxyFixture(setup: Omit<ProxySetup, 'pki' | 'upstream'> = {}): Promise<UpstreamFixture & { front: StartedProxy }> {
+  const fixture = await startUpstreamFixture();
+  const front = await startTestProxy({ pki: fixture.pki, upstream: fixture.upstream, ...setup });
+  return {
+    ...fixture,
+    front,
+    close: async () => {
+      await front.proxy.shutdown(1000);
+      await fixture.close();
+    },
+  };
+}
+
 /** A model server and a proxy in front of it in each REST mode, for tests that hold the two modes to the same answers. */
 export interface RestModeFrontsOf<U> {
   readonly pki: TestPki;
