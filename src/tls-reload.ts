@@ -18,7 +18,8 @@ import { RevocationIndex } from './crl-index.js';
 import { presentedCertificates } from './client-identity.js';
 import { pathToTrust } from './tls-checks.js';
 
-export type ReloadTrigger = 'signal' | 'file' | 'api';
+/** `primary`: a worker loading the set its primary validated; `api`: a caller of the library. */
+export type ReloadTrigger = 'signal' | 'file' | 'primary' | 'api';
 
 export type ReloadOutcome =
   | { readonly ok: true; readonly trigger: ReloadTrigger; readonly material: TlsMaterial; readonly changed: boolean; readonly revokedConnections: number }

@@ -73,7 +73,7 @@ class Inbox {
       case 'reload':
         this.tls = message.tls;
         // Before the reloader exists, serve() loads this set once it does.
-        void this.reloader?.reload('api');
+        void this.reloader?.reload('primary');
         return;
       case 'metrics':
         void this.metrics.registry.getMetricsAsJSON().then((metrics) => send({ type: 'metrics', id: message.id, metrics }));
@@ -127,7 +127,7 @@ async function serve(start: StartMessage, inbox: Inbox, logger: Logger): Promise
     const load = async () => tlsMaterialFromTexts(config.tls, inbox.tls ?? start.tls);
     inbox.reloader = new TlsReloader({ files: config.tls, current: material, proxy, logger, revokedGraceMs: config.shutdownTimeoutMs, load });
     // A reload that came while the listeners were starting found no reloader: apply it now.
-    if (inbox.tls !== start.tls) void inbox.reloader.reload('api');
+    if (inbox.tls !== start.tls) void inbox.reloader.reload('primary');
     inbox.takesNewConnections = () => proxy.takesNewConnections?.() ?? true;
     send({ type: 'listening', addresses: proxy.addresses });
     return proxy;

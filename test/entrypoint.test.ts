@@ -538,7 +538,7 @@ describe('exit codes and signals', () => {
       s.wrapper.child.kill('SIGTERM');
       await s.wrapper.waitForOvmsLine((l) => l.includes('ignoring SIGTERM'));
       s.wrapper.child.kill('SIGHUP');
-      // A worker's own `reloaded` line (trigger `api`: the primary's order) may come first.
+      // A worker's own `reloaded` line (trigger `primary`) may come first.
       await s.wrapper.waitForLog((l) => l.event === 'reloaded' && l['trigger'] === 'signal');
       process.kill(run!.pid, 'SIGKILL');
       assert.deepEqual(await s.wrapper.exited, { code: 137, signal: null });

@@ -124,7 +124,7 @@ describe('a TLS file the proxy may not read', { skip: SKIP }, () => {
       assert.equal(failed['reason'], warning['reason']);
       await chown(certs.files.key, nobody.uid, nobody.gid);
       wrapper.child.kill('SIGHUP');
-      // A worker's own `reloaded` line (trigger `api`: the primary's order) may come first.
+      // A worker's own `reloaded` line (trigger `primary`) may come first.
       await wrapper.waitForLog((l) => l.event === 'reloaded' && l['trigger'] === 'signal');
       wrapper.child.kill('SIGTERM');
       assert.deepEqual(await wrapper.exited, { code: 0, signal: null });

@@ -641,8 +641,9 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
         assert.equal((await httpGet(r.adminPort, '/readyz')).status, 200);
 
         r.cli.child.kill('SIGHUP');
-        await r.cli.logs.waitFor((l) => l.event === 'reloaded' && l['worker'] === undefined);
-        await r.cli.logs.waitFor((l) => l.event === 'reloaded' && l['worker'] !== undefined && l['pid'] !== victim);
+        assert.equal((await r.cli.logs.waitFor((l) => l.event === 'reloaded' && l['worker'] === undefined)).trigger, 'signal');
+        const workerLine = await r.cli.logs.waitFor((l) => l.event === 'reloaded' && l['worker'] !== undefined && l['pid'] !== victim);
+        assert.equal(workerLine.trigger, 'primary', 'a worker says whose order it reloaded on');
 
         await resumeIt();
         // Scrapes until one finds it answering: the first may come before it has caught up.
