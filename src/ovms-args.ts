@@ -200,10 +200,21 @@ function store(target: RawOptions, spec: OptionSpec, value: string | boolean): v
  * /certs/server.pem does not exist", a path the user never gave.
  */
 function misspelledOwnOption(name: string): ConfigError | undefined {
-  const canonical = name.toLowerCase().replace(/-/g, '_');
+  const canonical = snakeCaseName(name);
   if (name.startsWith('mtls_') || !canonical.startsWith('mtls_')) return undefined;
-  const spelling = MTLS_BY_NAME.has(canonical) ? `: --${canonical}` : '';
-  return new ConfigError(`unknown option --${name} (ovms-mtls writes its options in lower case with underscores${spelling}; see \`ovms-mtls --help\`)`);
+  const spelling = spellingHint(MTLS_BY_NAME.has(canonical) ? [canonical] : []);
+  return new ConfigError(`unknown option --${name} (${spelling}; see \`ovms-mtls --help\`)`);
+}
+
+/** How ovms-mtls spells an option name: lower case, underscores (`--MTLS-CERT` is `mtls_cert`). */
+export function snakeCaseName(name: string): string {
+  return name.toLowerCase().replace(/-/g, '_');
+}
+
+/** The words every command uses for an option written with dashes or capitals, naming the ones meant. */
+export function spellingHint(meant: readonly string[]): string {
+  const names = meant.length > 0 ? `: ${meant.map((name) => `--${name}`).join(', ')}` : '';
+  return `ovms-mtls writes its options in lower case with underscores${names}`;
 }
 
 function mtlsSpec(name: string): OptionSpec {

@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
 import { PROXY_OPTIONS } from '../src/proxy-options.js';
+import { PROBE_OPTIONS } from '../src/cli/probe-command.js';
 import { ConfigError } from '../src/errors.js';
 import type { RawOptions } from '../src/options.js';
 
@@ -38,4 +39,15 @@ test('a text option given with nothing is refused by name, as in the entrypoint,
     await assert.rejects(proxyOptions(argv), refusal(`--${name} needs a value (--${name} VALUE or --${name}=VALUE)`), argv.join(' '));
   }
   assert.equal((await proxyOptions(['--mtls_crl', '', '--mtls_crl', 'a.crl']))['mtls_crl'], 'a.crl');
+});
+
+// The entrypoint named `--mtls_cert` for `--mtls-cert`; `proxy`, `check`, `probe` and `certs` said only "unknown option".
+test('an option written with dashes or capitals is refused naming how it is spelt, in every command as in the entrypoint', async () => {
+  const spelling = (given: string, meant: string) => `unknown option ${given} (ovms-mtls writes its options in lower case with underscores: ${meant}; see \`ovms-mtls --help\`)`;
+  await assert.rejects(proxyOptions(['--mtls-cert', 'server.pem']), refusal(spelling('--mtls-cert', '--mtls_cert')));
+  await assert.rejects(proxyOptions(['--REST_PORT=8443']), refusal(spelling('--REST_PORT', '--rest_port')));
+  await assert.rejects(proxyOptions(['--mtls-cert', 'a', '--Mtls_Key', 'b']), refusal(spelling('--mtls-cert, --Mtls_Key', '--mtls_cert, --mtls_key')));
+  await assert.rejects(parseCommandLine(['--mtls-ca', 'ca.pem'], PROBE_OPTIONS, 'usage'), refusal(spelling('--mtls-ca', '--mtls_ca')));
+  // A name no command takes in any spelling keeps the plain line.
+  await assert.rejects(proxyOptions(['--mtls_bogus', 'x']), refusal('unknown option --mtls_bogus (see `ovms-mtls --help`)'));
 });

@@ -3,7 +3,7 @@ import type { Argv, Options } from 'yargs';
 import { ConfigError } from '../errors.js';
 import { parseBoolean } from '../config.js';
 import { optionsFromEnv, envVarName, refuseBlankText, type OptionSpec, type RawOptions } from '../options.js';
-import { refuseSeparateFlagValue } from '../ovms-args.js';
+import { refuseSeparateFlagValue, snakeCaseName, spellingHint } from '../ovms-args.js';
 
 /** yargs settings shared by every command: snake_case names as OVMS spells them, no magic. */
 export const PARSER_CONFIGURATION = {
@@ -105,7 +105,7 @@ export async function parseCommandLine(argv: readonly string[], specs: readonly 
     .help(false)
     .exitProcess(false)
     .fail((message, err) => {
-      throw err ?? new ConfigError(unknownOptionMessage(message, argv));
+      throw err ?? new ConfigError(unknownOptionMessage(message, argv, specs));
     });
   addOptions(y, specs);
   return (await y.parseAsync()) as Record<string, unknown>;
@@ -114,17 +114,21 @@ export async function parseCommandLine(argv: readonly string[], specs: readonly 
 /**
  * yargs lists stray words (`--mtls_access_log maybe`, `proxy extra`) with unknown options, by
  * bare name; printed as `--maybe` they would send the user after an option never typed.
+ * `proxy --mtls-cert` was a bare "unknown option" where the entrypoint names `--mtls_cert`.
  */
-function unknownOptionMessage(message: string, argv: readonly string[]): string {
+function unknownOptionMessage(message: string, argv: readonly string[], specs: readonly OptionSpec[]): string {
   const unknown = /^Unknown arguments?: (.*)$/.exec(message);
   if (!unknown) return message;
   const names = unknown[1]!.split(', ');
   const stray = names.filter((n) => argv.includes(n));
-  const options = names.filter((n) => !stray.includes(n)).map((n) => (n.length > 1 ? `--${n}` : `-${n}`));
+  const unknownNames = names.filter((n) => !stray.includes(n));
+  const options = unknownNames.map((n) => (n.length > 1 ? `--${n}` : `-${n}`));
   const parts = [
     ...(options.length > 0 ? [`unknown option ${options.join(', ')}`] : []),
     ...(stray.length > 0 ? [`unexpected argument ${stray.map((w) => `'${w}'`).join(', ')}`] : []),
   ];
   const hint = stray.length > 0 ? '; options take their value as --name VALUE or --name=VALUE' : '';
-  return `${parts.join('; ')}${hint} (see \`ovms-mtls --help\`)`;
+  const meant = unknownNames.map(snakeCaseName).filter((name, i) => name !== unknownNames[i] && specs.some((spec) => spec.name === name));
+  const spelling = meant.length > 0 ? `${spellingHint(meant)}; ` : '';
+  return `${parts.join('; ')}${hint} (${spelling}see \`ovms-mtls --help\`)`;
 }
