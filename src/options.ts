@@ -61,7 +61,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_ovms_user', type: 'string', describe: 'entrypoint mode, started as root: user OVMS runs as', defaultDescription: 'ovms' },
   { name: 'mtls_user', type: 'string', describe: 'entrypoint mode, started as root: user the proxy drops to after binding ports and reading keys; the --mtls_ovms_user or root (another user could not signal OVMS)', defaultDescription: 'the --mtls_ovms_user' },
   { name: 'mtls_restart', type: 'string', describe: 'entrypoint mode: restart OVMS when it fails, with backoff; after 5 failures in a row, exit with its code', defaultDescription: 'never', choices: RESTART_MODES },
-  { name: 'mtls_ovms_hang_timeout', type: 'number', describe: 'entrypoint mode: seconds OVMS may go without answering (deadlocked, or stopped with SIGSTOP) once it was ready, before it is ended (SIGTERM, then SIGKILL) and --mtls_restart applies; 0 = off', defaultDescription: '0 (off)' },
+  { name: 'mtls_ovms_hang_timeout', type: 'number', describe: 'entrypoint mode: seconds OVMS may go without answering (deadlocked, or stopped with SIGSTOP) once it has answered on its ports (a "not ready" answer while models load counts), before it is ended (SIGTERM, then SIGKILL) and --mtls_restart applies; 0 = off', defaultDescription: '0 (off)' },
   { name: 'mtls_admin_port', type: 'number', describe: 'Plain-HTTP admin port for /metrics, /healthz, /readyz', defaultDescription: 'off' },
   { name: 'mtls_admin_bind_address', type: 'string', describe: 'Address the admin port binds', defaultDescription: '127.0.0.1' },
   { name: 'mtls_workers', type: 'number', describe: 'Worker processes sharing the listeners', defaultDescription: 'number of CPUs' },
