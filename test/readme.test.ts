@@ -1,6 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { freeLoopbackPorts } from '../src/ports.js';
+import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
+import { startUpstream } from './helpers/harness.js';
 import { ALL_OPTIONS } from '../src/options.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv } from '../src/ovms-args.js';
@@ -56,4 +62,62 @@ test('the defaults the README and --help give are the ones the entrypoint and th
   }
   assert.equal(readmeDefault('mtls_stream_window'), `${limits.streamWindow / 2 ** 20} MiB, ${limits.connectionWindow / 2 ** 20} MiB (bytes, 65535-2147483647)`);
   assert.deepEqual(['mtls_stream_window', 'mtls_connection_window'].map((name) => ALL_OPTIONS.find((o) => o.name === name)!.defaultDescription), [String(limits.streamWindow), String(limits.connectionWindow)]);
+});
+
+/**
+ * The commands of a README ```sh block under `heading`, as argv arrays: continuation lines joined,
+ * `bin/ovms-mtls` dropped, an optional `[...]` part kept when it names a file of the set (or the
+ * demo model) and left out otherwise (`[--days N]` is a placeholder, not a value).
+ */
+function readmeCommands(heading: string): string[][] {
+  const section = readme.slice(readme.indexOf(`${heading}\n`));
+  const block = /```sh\n([\s\S]*?)```/.exec(section)![1]!.replaceAll('\\\n', ' ');
+  return block.split('\n').filter((line) => line.startsWith('bin/ovms-mtls ')).map((line) =>
+    line
+      .replace(/\[([^\]]*)\]/g, (_, inner: string) => (/certs\/|^--model dummy$/.test(inner) ? inner : ''))
+      .trim().split(/\s+/).slice(1));
+}
+
+/** A README command with the set in `dir` and this run's ports and upstreams in place of the README's. */
+function asRun(argv: string[], dir: string, swap: Record<string, string>): string[] {
+  return argv.map((arg, i) => swap[arg] ?? (argv[i - 1] === '--dir' && arg === 'certs' ? dir : arg.replace(/^certs\//, `${dir}/`)));
+}
+
+// The certificates, check, proxy and probe commands the README gives were checked by nobody: a flag renamed, or a
+// placeholder such as `check --mtls_cert ...`, would reach users unnoticed.
+test("the README's certs, check, proxy and probe commands, as pasted, make a set, serve it and pass the probe", async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'readme-certs-'));
+  const upstream = await startUpstream({ grpcPort: 0, restPort: 0 });
+  const [grpcPort, restPort] = (await freeLoopbackPorts(2)) as [number, number];
+  const swap = {
+    '9443': String(grpcPort), '8443': String(restPort),
+    '127.0.0.1:9000': `127.0.0.1:${upstream.grpcPort}`, '127.0.0.1:8000': `127.0.0.1:${upstream.restPort}`,
+  };
+  const certsCommands = readmeCommands('### Certificates, checks, probe');
+  const probe = certsCommands.pop()!;
+  assert.deepEqual(certsCommands.map((argv) => argv.slice(0, 2).join(' ')), ['certs init', 'certs client', 'certs revoke', 'certs renew-crl', 'check --mtls_cert']);
+  assert.equal(probe[0], 'probe');
+  let proxy: LongRunningCli | undefined;
+  try {
+    for (const argv of certsCommands) {
+      const result = await runCli(asRun(argv, dir, swap));
+      assert.equal(result.code, 0, `${argv.join(' ')}: ${result.stderr}${result.stdout}`);
+    }
+    const [proxyCommand] = readmeCommands('### Standalone proxy');
+    // Loopback only, as every test binds; one worker is enough here.
+    proxy = startCli([...asRun(proxyCommand!, dir, swap), '--grpc_bind_address', '127.0.0.1', '--rest_bind_address', '127.0.0.1', '--mtls_workers', '1']);
+    const started = proxy;
+    const listening = (listener: string) => started.logs.waitFor((line) => line.event === 'listening' && line.listener === listener);
+    // A proxy that refuses the README's options exits: the test fails with what it said instead of waiting.
+    const exitedEarly = started.exited.then((code) => assert.fail(`the README's proxy command exited (${code}): ${started.stderr()}`));
+    await Promise.race([Promise.all([listening('grpc'), listening('rest')]), exitedEarly]);
+    const probed = await runCli(asRun(probe, dir, swap));
+    assert.equal(probed.code, 0, probed.stdout + probed.stderr);
+    assert.match(probed.stdout, /probe: all 7 steps passed/);
+  } finally {
+    proxy?.child.kill('SIGTERM');
+    await proxy?.exited;
+    await upstream.close();
+    await rm(dir, { recursive: true, force: true });
+  }
 });
