@@ -428,14 +428,18 @@ export interface PublicListenerSpec extends BindSpec {
   readonly port?: number | undefined;
 }
 
+/** OVMS refuses this too; the second bind would fail as "the port is already in use", as if by another process. */
+export function refuseSharedPublicPort(grpcPort: number, restPort: number): void {
+  if (grpcPort > 0 && grpcPort === restPort) {
+    throw new ConfigError(`--port and --rest_port are both ${grpcPort}: gRPC and REST need a port each, as for OVMS`);
+  }
+}
+
 /** The public listeners as OVMS's own options describe them; 0 or absent = off. */
 export function parsePublicListeners(raw: RawOptions): { grpc?: PublicListenerSpec; rest?: PublicListenerSpec } {
   const grpcPort = raw['port'] === undefined ? 0 : parsePort('port', lastOf(raw['port']));
   const restPort = raw['rest_port'] === undefined ? 0 : parsePort('rest_port', lastOf(raw['rest_port']));
-  // OVMS refuses this too; here it would fail at bind time as "the port is already in use", as if by another process.
-  if (grpcPort > 0 && grpcPort === restPort) {
-    throw new ConfigError(`--port and --rest_port are both ${grpcPort}: gRPC and REST need a port each, as for OVMS`);
-  }
+  refuseSharedPublicPort(grpcPort, restPort);
   const result: { grpc?: PublicListenerSpec; rest?: PublicListenerSpec } = {};
   if (grpcPort > 0) result.grpc = { port: grpcPort, hosts: parseBindAddresses('grpc_bind_address', lastOf(raw['grpc_bind_address']), DEFAULTS.bindAddress) };
   if (restPort > 0) result.rest = { port: restPort, hosts: parseBindAddresses('rest_bind_address', lastOf(raw['rest_bind_address']), DEFAULTS.bindAddress) };

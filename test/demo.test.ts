@@ -184,6 +184,20 @@ test('demo with a bad --mtls_log_level exits 2 with one line and leaves no tempo
   }
 });
 
+// `demo --port 9443 --rest_port 9443` said "the port is already in use", as if another process held it; the proxy names both options.
+test('demo with the same port for gRPC and REST exits 2 naming both options, as the proxy does, and leaves no temporary directory behind', async () => {
+  const scratch = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-test-'));
+  try {
+    const [port] = await freeLoopbackPorts(1);
+    const res = await runCli(['demo', '--port', String(port), '--rest_port', String(port)], { env: { ...process.env, TMPDIR: scratch }, wrap: ['timeout', '60'] });
+    assert.equal(res.code, 2, res.stdout + res.stderr);
+    assert.equal(res.stderr, `ovms-mtls: --port and --rest_port are both ${port}: gRPC and REST need a port each, as for OVMS\n`);
+    assert.deepEqual(await readdir(scratch), []);
+  } finally {
+    await rm(scratch, { recursive: true, force: true });
+  }
+});
+
 // A read-only root file system with no writable /tmp (docker run --read-only without --tmpfs /tmp): the throwaway
 // certificates have nowhere to go. That was "internal error" with a stack trace and exit 70.
 test('demo with no writable temporary directory exits 2 with one line saying what to do', async () => {

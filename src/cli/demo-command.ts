@@ -9,7 +9,7 @@ import { isSea } from 'node:sea';
 import { join, resolve } from 'node:path';
 import { CERT_FILES, certsInit } from '../certs-command.js';
 import { assertAbsent } from '../certs-command/files.js';
-import { DEFAULTS, EMPTY_ALLOW_LIST, parseChoice, parsePort, type Config } from '../config.js';
+import { DEFAULTS, EMPTY_ALLOW_LIST, parseChoice, parsePort, refuseSharedPublicPort, type Config } from '../config.js';
 import { ConfigError } from '../errors.js';
 import { createLogger, LOG_LEVELS } from '../log.js';
 import { loadTlsMaterialSync } from '../tls-material.js';
@@ -129,6 +129,7 @@ export async function runDemoCommand(argv: readonly string[], io: Io): Promise<n
   const parsed = collectOptions(await parseCommandLine(argv, DEMO_OPTIONS, USAGE), DEMO_OPTIONS, {});
   const grpcPort = parsed['port'] === undefined ? 9443 : parsePort('port', parsed['port']);
   const restPort = parsed['rest_port'] === undefined ? 8443 : parsePort('rest_port', parsed['rest_port']);
+  refuseSharedPublicPort(grpcPort, restPort);
   // Checked before the temporary directory exists: a bad value would otherwise leave it behind.
   const logLevel = parseChoice(parsed, 'mtls_log_level', LOG_LEVELS, 'warn');
   const keep = typeof parsed['dir'] === 'string';
