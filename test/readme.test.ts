@@ -34,9 +34,12 @@ function readmeDefault(name: string): string {
 
 // The README's table, --help (defaultDescription) and the code each state the defaults; nothing held them together.
 test('the defaults the README and --help give are the ones the entrypoint and the proxy apply', () => {
-  const { common, restart, hangTimeoutMs, binary, ovmsUser } = entrypointSettings(splitOvmsArgv(['--port', '9000']), {});
+  const { common, restart, hangTimeoutMs, binary, ovmsUser, listeners } = entrypointSettings(splitOvmsArgv(['--port', '9000', '--rest_port', '8000']), {});
   const { limits } = common;
   const applied: Record<string, string | number | boolean> = {
+    grpc_bind_address: listeners.grpc!.hosts.join(','),
+    rest_bind_address: listeners.rest!.hosts.join(','),
+    mtls_grpc_upstream_connections: common.grpcUpstreamConnections,
     mtls_verify_depth: limits.verifyDepth,
     mtls_log_level: common.logLevel,
     mtls_access_log: common.accessLog,
