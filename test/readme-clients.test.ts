@@ -17,10 +17,10 @@ import type { ModelServer } from '../src/demo/model-server.js';
 const run = promisify(execFile);
 const README = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
 
-/** The ```python blocks of the README's Clients section, in order. */
-function clientSnippets(): string[] {
+/** The ```LANGUAGE blocks of the README's Clients section, in order. */
+function clientSnippets(language = 'python'): string[] {
   const section = README.slice(README.indexOf('### Clients'), README.indexOf('## Command-line reference'));
-  return [...section.matchAll(/```python\n([\s\S]*?)```/g)].map((m) => m[1]!);
+  return [...section.matchAll(new RegExp(`\`\`\`${language}\\n([\\s\\S]*?)\`\`\``, 'g'))].map((m) => m[1]!);
 }
 
 let pki: TestPki;
@@ -53,6 +53,11 @@ function runPython(code: string): Promise<{ stdout: string; stderr: string }> {
   return run(PYTHON, ['-c', code], { env: { PATH: process.env.PATH, LANG: 'C.UTF-8' }, timeout: 60_000 });
 }
 
+/** A shell snippet, as pasted into sh, without an HTTP proxy from the environment. */
+function runShell(code: string): Promise<{ stdout: string; stderr: string }> {
+  return run('/bin/sh', ['-c', code], { env: { PATH: process.env.PATH, LANG: 'C.UTF-8' }, timeout: 60_000 });
+}
+
 describe('README client snippets', () => {
   test('the README has the grpcio and the requests snippet', () => {
     const snippets = clientSnippets();
@@ -71,13 +76,23 @@ describe('README client snippets', () => {
     assert.equal(stdout, '200\n');
   });
 
-  test('a certificate the proxy does not trust: grpcio gets UNAUTHENTICATED naming unknown_ca and requests a 403, as the README says', async () => {
+  // The README gave no curl line; the one it gives now is run as pasted, so a change to it cannot break unnoticed.
+  test('curl, as pasted: the REST readiness answers 200', async () => {
+    const [curl] = clientSnippets('sh');
+    assert.match(curl!, /^curl /);
+    const { stdout } = await runShell(asRun(curl!));
+    assert.equal(stdout, '200\n');
+  });
+
+  test('a certificate the proxy does not trust: grpcio gets UNAUTHENTICATED naming unknown_ca requests and curl a 403, as the README says', async () => {
     const [grpcSnippet, restSnippet] = clientSnippets() as [string, string];
     await assert.rejects(runPython(asRun(grpcSnippet, 'foreign_client')),
       (err: { stderr: string }) => /StatusCode\.UNAUTHENTICATED/.test(err.stderr) && /client certificate refused \(unknown_ca\): client certificate is not issued by a trusted client CA/.test(err.stderr));
     const { stdout } = await runPython(asRun(restSnippet, 'foreign_client'));
     assert.equal(stdout, '403\n');
+    const curl = await runShell(asRun(clientSnippets('sh')[0]!, 'foreign_client'));
+    assert.match(curl.stdout, /^\{"error":"client certificate refused \(unknown_ca\): .*"\}403\n$/);
     const refused = local.logs.lines.filter((l) => l.event === 'client_refused');
-    assert.ok(refused.length >= 2, 'the proxy logged both refusals');
+    assert.ok(refused.length >= 3, 'the proxy logged each refusal');
   });
 });
