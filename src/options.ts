@@ -83,6 +83,9 @@ export function envVarName(optionName: string): string {
   return 'OVMS_MTLS_' + optionName.replace(/^mtls_/, '').toUpperCase();
 }
 
+/** For the usage of the commands that read the environment: `proxy --help` and `check --help` did not say they do. */
+export const ENVIRONMENT_HELP = 'Every option can also come from the environment as OVMS_MTLS_<NAME without mtls_> (--mtls_cert -> OVMS_MTLS_CERT,\n--port -> OVMS_MTLS_PORT); the command line wins.';
+
 export type RawOptions = Record<string, string | number | boolean | string[] | undefined>;
 
 /** An option given with nothing (last, before another option, or an unset shell variable): the same line in every command. */

@@ -99,8 +99,9 @@ describe('proxy command line', () => {
 
   // Each command's --help was refused as an unknown option (exit 2).
   const commandHelps: [string[], RegExp][] = [
-    [['proxy', '--help'], /^ovms-mtls proxy --port[\s\S]*\n {2}--mtls_grpc_upstream +proxy mode: host:port/],
-    [['check', '-h'], /^ovms-mtls check [\s\S]*\n {2}--mtls_crl /],
+    // Both read OVMS_MTLS_* too, which only the top-level --help said.
+    [['proxy', '--help'], /^ovms-mtls proxy --port[\s\S]*\nEvery option can also come from the environment as OVMS_MTLS_<NAME without mtls_> \(--mtls_cert -> OVMS_MTLS_CERT,[\s\S]*\n {2}--mtls_grpc_upstream +proxy mode: host:port/],
+    [['check', '-h'], /^ovms-mtls check [\s\S]*\nEvery option can also come from the environment as OVMS_MTLS_[\s\S]*\n {2}--mtls_crl /],
     [['probe', '--help'], /^ovms-mtls probe --host[\s\S]*\n {2}--servername +Name the server certificate must carry \(default: --host\)/],
     [['demo', '--help'], /^ovms-mtls demo [\s\S]*\n {2}--port +Public gRPC port \(default: 9443\)/],
     [['certs', 'init', '--help'], /ovms-mtls certs init [\s\S]*\n {2}--server_name +Server certificate CN[\s\S]*\n {2}--days +Validity in days, 1 to 36500 \(default: 1\)\n/],

@@ -1,4 +1,4 @@
-import { ALL_OPTIONS, type RawOptions } from '../options.js';
+import { ALL_OPTIONS, ENVIRONMENT_HELP, type RawOptions } from '../options.js';
 import { DEFAULTS, checkAdminPort, optionalString, parseCommonConfig, parseHostPort, parsePublicListeners, type Config } from '../config.js';
 import { containerTlsDefaults, ovmsSupervision } from '../entrypoint-config.js';
 import { checkTlsFiles, formatReport } from '../check.js';
@@ -9,7 +9,8 @@ export const CHECK_USAGE = `ovms-mtls check [--mtls_cert F --mtls_key F --mtls_c
 
 Validates the TLS material the proxy would load, with the same checks and messages as at startup,
 and prints a short report. Exit 0 only when the proxy would start and serve. Without file options
-it checks the container paths (${DEFAULTS.tlsFilesInContainer.cert}, ...).`;
+it checks the container paths (${DEFAULTS.tlsFilesInContainer.cert}, ...).
+${ENVIRONMENT_HELP}`;
 
 /** `ovms-mtls check ...`: 0 when the material is good, 1 when the proxy would refuse it. */
 export async function runCheckCommand(argv: readonly string[], io: Io): Promise<number> {

@@ -1,4 +1,4 @@
-import { envVarName } from '../options.js';
+import { ENVIRONMENT_HELP, envVarName } from '../options.js';
 import type { Logger } from 'pino';
 import { ENTRYPOINT_ONLY, PROXY_OPTIONS, entrypointOnlyError, proxyConfigFromOptions } from '../proxy-options.js';
 import { resolveListenAddresses } from '../bind-addresses.js';
@@ -38,7 +38,8 @@ export const PROXY_USAGE = `ovms-mtls proxy --port 9443 --mtls_grpc_upstream 127
     --rest_port 8443 --mtls_rest_upstream 127.0.0.1:8000 \\
     --mtls_cert server.pem --mtls_key server.key --mtls_client_ca client_cert_ca.pem [--mtls_crl client_cert_ca.crl]
 
-Terminates mutual TLS in front of a model server that runs elsewhere.`;
+Terminates mutual TLS in front of a model server that runs elsewhere.
+${ENVIRONMENT_HELP}`;
 
 /** `ovms-mtls proxy ...`: runs until SIGTERM/SIGINT, then drains and returns 0; 70 when the proxy can serve no more. */
 export async function runProxyCommand(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
