@@ -64,7 +64,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_ovms_hang_timeout', type: 'number', describe: 'entrypoint mode: seconds OVMS may go without answering (deadlocked, or stopped with SIGSTOP) once it has answered on its ports (a "not ready" answer while models load counts), before it is ended (SIGTERM, then SIGKILL) and --mtls_restart applies; 0 = off', defaultDescription: '0 (off)' },
   { name: 'mtls_admin_port', type: 'number', describe: 'Plain-HTTP admin port for /metrics, /healthz, /readyz', defaultDescription: 'off' },
   { name: 'mtls_admin_bind_address', type: 'string', describe: 'Address the admin port binds', defaultDescription: '127.0.0.1' },
-  { name: 'mtls_workers', type: 'number', describe: 'Worker processes sharing the listeners', defaultDescription: 'number of CPUs' },
+  { name: 'mtls_workers', type: 'number', describe: 'Worker processes sharing the listeners', defaultDescription: 'CPUs available (a cgroup CPU quota, as a container CPU limit sets, caps it)' },
 ];
 
 export const ALL_OPTIONS: readonly OptionSpec[] = [...PUBLIC_OPTIONS, ...MTLS_OPTIONS];
