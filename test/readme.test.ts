@@ -7,7 +7,8 @@ import { join } from 'node:path';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
 import { startUpstream } from './helpers/harness.js';
-import { ALL_OPTIONS } from '../src/options.js';
+import { ALL_OPTIONS, envVarName } from '../src/options.js';
+import { PROBE_OPTIONS } from '../src/cli/probe-command.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv } from '../src/ovms-args.js';
 
@@ -123,4 +124,18 @@ test("the README's certs, check, proxy and probe commands, as pasted, make a set
     await upstream.close();
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+// A renamed or removed option stayed in the prose and examples unnoticed: only the other way (every option named) was checked.
+test('every --mtls_ option and OVMS_MTLS_ variable the README, docs and deployment files name is one the commands take', () => {
+  const options = new Set([...ALL_OPTIONS, ...PROBE_OPTIONS].map((o) => o.name));
+  const variables = new Set(ALL_OPTIONS.map((o) => envVarName(o.name)));
+  const files = ['README.md', 'docs/operations.md', 'certs/README.md', 'docker-compose.yml', 'deploy/kubernetes/deployment.yaml', 'deploy/systemd/ovms-mtls.service', 'config/ovms-mtls.env'];
+  const unknown = files.flatMap((file) => {
+    const text = readFileSync(new URL(file, ROOT), 'utf8');
+    const flags = [...text.matchAll(/--(mtls_[a-z_]+)/g)].map((m) => m[1]!).filter((name) => !options.has(name)).map((name) => `--${name}`);
+    const envs = [...text.matchAll(/\bOVMS_MTLS_[A-Z_]+\b/g)].map((m) => m[0]).filter((name) => !variables.has(name));
+    return [...new Set([...flags, ...envs])].map((name) => `${file}: ${name}`);
+  });
+  assert.deepEqual(unknown, []);
 });
