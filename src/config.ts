@@ -313,7 +313,7 @@ export function parseBoolean(name: string, value: unknown, fallback: boolean): b
   const text = String(value).toLowerCase();
   if (TRUE_WORDS.includes(text)) return true;
   if (FALSE_WORDS.includes(text)) return false;
-  throw new ConfigError(`${flag(name)}: '${String(value)}' is not true or false`);
+  throw new ConfigError(`${flag(name)}: '${String(value)}' is not true or false: give one of ${TRUE_WORDS.join(', ')} or ${FALSE_WORDS.join(', ')}`);
 }
 
 /** A number of seconds, in ms; absent = `fallbackMs`. */

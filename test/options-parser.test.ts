@@ -20,7 +20,7 @@ test('a flag given as --flag=VALUE takes the boolean words of OVMS_MTLS_* and th
   for (const word of ['1', 'TRUE', 'True', 'yes', 'on']) assert.equal((await proxyOptions([`--mtls_access_log=${word}`]))['mtls_access_log'], true, word);
   for (const word of ['0', 'FALSE', 'no', 'off']) assert.equal((await proxyOptions([`--mtls_access_log=${word}`]))['mtls_access_log'], false, word);
   assert.equal((await proxyOptions(['--mtls_access_log']))['mtls_access_log'], true);
-  await assert.rejects(proxyOptions(['--mtls_access_log=maybe']), refusal("--mtls_access_log: 'maybe' is not true or false"));
+  await assert.rejects(proxyOptions(['--mtls_access_log=maybe']), refusal("--mtls_access_log: 'maybe' is not true or false: give one of 1, true, yes, on or 0, false, no, off"));
 });
 
 // yargs took `--mtls_access_log false` as false but `--mtls_access_log 0` as a stray word, and the entrypoint refuses both.

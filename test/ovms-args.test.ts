@@ -198,7 +198,7 @@ describe('modes', () => {
 
   // Taken as true, a mistyped value printed OVMS's help and exited 0 where the user meant to serve.
   test('--mtls_ovms_help and OVMS_MTLS_OVMS_HELP take the boolean words of every flag, and refuse any other value by name', () => {
-    const notBoolean = (err: unknown) => err instanceof ConfigError && err.message === "--mtls_ovms_help: 'flase' is not true or false";
+    const notBoolean = (err: unknown) => err instanceof ConfigError && err.message === "--mtls_ovms_help: 'flase' is not true or false: give one of 1, true, yes, on or 0, false, no, off";
     assert.throws(() => splitOvmsArgv(['--mtls_ovms_help=flase', '--port', '1']), notBoolean);
     assert.throws(() => splitOvmsArgv(['--port', '1'], { OVMS_MTLS_OVMS_HELP: 'flase' }), notBoolean);
     assert.deepEqual(splitOvmsArgv(['--port', '1'], { OVMS_MTLS_OVMS_HELP: 'Off' }).mode, { kind: 'serve' });
