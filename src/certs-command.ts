@@ -5,6 +5,7 @@
  * world-readable keys). Pure Node: no openssl CLI needed.
  */
 import { randomBytes, X509Certificate } from 'node:crypto';
+import { readdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { ConfigError, isUserError } from './errors.js';
 import { issuedBy, oneLineName } from './tls-checks.js';
@@ -104,6 +105,7 @@ export async function certsInit(o: CertsInitOptions): Promise<CertsReport> {
   const san = serverSubjectAltNames(serverName, o.san ?? []);
   await ensureDirectory(dir);
   if (!o.force) await assertAbsent(dir, Object.values(CERT_FILES));
+  const orphaned = await clientsOfClientCa(dir);
 
   // A random suffix keeps every init's CA names distinct: OpenSSL looks issuers and CRLs up by
   // name, so a client cert from an earlier init must not find a same-named but different CA.
@@ -135,8 +137,46 @@ export async function certsInit(o: CertsInitOptions): Promise<CertsReport> {
     summary: summarise(dir, files, validUntil, [
       'The CAs and the CRL expire then too (an expired CRL makes the proxy refuse every client): run `certs init --force` before that.',
       ...oneDayNote(days),
+      ...orphanedNote(dir, orphaned),
     ]),
   };
+}
+
+/**
+ * The client certificates `certs client` wrote to `dir` under its current client CA: `init --force`
+ * replaces that CA, and these files, left in place beside the new set, would no longer get in.
+ */
+async function clientsOfClientCa(dir: string): Promise<string[]> {
+  const caPem = await readOptionalMaterial(resolve(dir, CERT_FILES.clientCaCert)).catch(() => undefined);
+  const ca = caPem === undefined ? undefined : parseCertificate(caPem);
+  if (ca === undefined) return [];
+  const ours = new Set<string>(Object.values(CERT_FILES));
+  const names = (await readdir(dir)).filter((name) => name.endsWith('.pem') && !ours.has(name)).sort();
+  const issued = await Promise.all(
+    names.map(async (name) => {
+      const pem = await readOptionalMaterial(resolve(dir, name)).catch(() => undefined);
+      const cert = pem === undefined ? undefined : parseCertificate(pem);
+      return cert !== undefined && issuedBy(cert, ca);
+    }),
+  );
+  return names.filter((_, i) => issued[i]);
+}
+
+function parseCertificate(pem: string): X509Certificate | undefined {
+  try {
+    return new X509Certificate(pem);
+  } catch {
+    return undefined;
+  }
+}
+
+function orphanedNote(dir: string, names: string[]): string[] {
+  if (names.length === 0) return [];
+  const clients = names.map((name) => name.slice(0, -'.pem'.length));
+  return [
+    `Note: ${names.join(', ')} ${names.length === 1 ? 'was' : 'were'} issued by the client CA this replaced and no longer get${names.length === 1 ? 's' : ''} in: ` +
+      `issue ${names.length === 1 ? 'it' : 'them'} again with \`ovms-mtls certs client --dir ${dir} --name ${clients.length === 1 ? clients[0] : 'NAME'} --force\`.`,
+  ];
 }
 
 export async function certsClient(o: CertsClientOptions): Promise<CertsReport> {

@@ -189,6 +189,21 @@ describe('certs init', () => {
     assert.deepEqual((await readdir(dir)).filter((name) => name.endsWith('.tmp')), []);
   });
 
+  test('with --force, names the client certificates left in the directory that the replaced client CA issued, and how to issue them again', async () => {
+    const dir = freshDir();
+    await certsInit({ dir });
+    await certsClient({ dir, name: 'alice' });
+    await certsClient({ dir, name: 'bob' });
+    await writeFile(join(dir, 'notes.pem'), 'not a certificate');
+    const replaced = await certsInit({ dir, force: true });
+    assert.match(replaced.summary, /\nNote: alice\.pem, bob\.pem were issued by the client CA this replaced and no longer get in: issue them again with `ovms-mtls certs client --dir \S+ --name NAME --force`\.$/);
+
+    await certsClient({ dir, name: 'alice', force: true });
+    const again = await certsInit({ dir, force: true });
+    // bob.pem came from the CA before: the one this init replaces did not issue it.
+    assert.match(again.summary, /\nNote: alice\.pem was issued by the client CA this replaced and no longer gets in: issue it again with `ovms-mtls certs client --dir \S+ --name alice --force`\.$/);
+  });
+
   test('summarises the files and warns that one-day certificates expire tomorrow', async () => {
     const report = await certsInit({ dir: freshDir() });
     assert.match(report.summary, /Wrote 9 files to /);
