@@ -4,11 +4,10 @@
  * product's JSON lines and OVMS's own lines, which must pass through as is.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { once } from 'node:events';
 import { chmodSync, existsSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { BIN, cleanEnv } from './cli.js';
+import { BIN, cleanEnv, exitWithOutput } from './cli.js';
 import type { TestPki } from './pki.js';
 import assert from 'node:assert/strict';
 import type { LogLine } from './harness.js';
@@ -67,7 +66,7 @@ export function startWrapper(args: readonly string[], env: Record<string, string
     }
     for (const check of [...checks]) check();
   });
-  const exited = once(child, 'exit').then(([code, signal]) => ({ code, signal }) as ExitResult);
+  const exited = exitWithOutput(child);
   const waitFor = <T>(find: () => T | undefined, what: string): Promise<T> =>
     new Promise((resolve, reject) => {
       const check = () => {
@@ -78,9 +77,7 @@ export function startWrapper(args: readonly string[], env: Record<string, string
       };
       checks.add(check);
       check();
-      void exited.then(async (r) => {
-        // Lines still in the pipe arrive before 'close'; look once more then.
-        if (child.stdout && !child.stdout.readableEnded) await once(child.stdout, 'close').catch(() => undefined);
+      void exited.then((r) => {
         check();
         if (checks.delete(check)) reject(new Error(`wrapper exited (${r.code ?? r.signal}) before ${what}; stderr: ${stderr}`));
       });
