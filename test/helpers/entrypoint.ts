@@ -55,7 +55,7 @@ export function startWrapper(args: readonly string[], env: Record<string, string
   const ovmsLines: string[] = [];
   let stderr = '';
   const checks = new Set<() => void>();
-  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  child.stderr!.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
   createInterface({ input: child.stdout! }).on('line', (line) => {
     try {
       const parsed = JSON.parse(line) as LogLine;
