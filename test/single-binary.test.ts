@@ -240,6 +240,8 @@ describe('single executable', () => {
     try {
       const reason = await pool.replacementFailure(async () => undefined);
       assert.match(reason, /could not be started: spawn .*root-only\/ovms-mtls EACCES \(the user this process runs as may not execute .*root-only\/ovms-mtls: after --mtls_user it is no longer root/);
+      // A stand-in OVMS still starting has no SIGTERM handler yet: it would die of the signal (143), not stop (0).
+      await pool.logged('ovms_ready');
       assert.equal(await pool.stop(), 0);
     } finally {
       pool.kill();
@@ -306,6 +308,10 @@ function startWithWorkers(executable: string, args: readonly string[], env: Node
       assert.equal(serving.exitCode, null, `the primary exited: ${stderr}`);
       assert.equal(stderr, '');
       return String(records('worker_start_failed')[0]!['reason']);
+    },
+    /** Once a line with this event is out (or the process exited). */
+    async logged(event: string): Promise<void> {
+      await eventually(() => records(event).length > 0 || serving.exitCode !== null, event);
     },
     async stop(): Promise<number | null> {
       serving.kill('SIGTERM');
