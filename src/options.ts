@@ -85,6 +85,46 @@ export function envVarName(optionName: string): string {
 
 /** For the usage of the commands that read the environment: `proxy --help` and `check --help` did not say they do. */
 export const ENVIRONMENT_HELP = 'Every option can also come from the environment as OVMS_MTLS_<NAME without mtls_> (--mtls_cert -> OVMS_MTLS_CERT,\n--port -> OVMS_MTLS_PORT); the command line wins.';
+/** How a name is compared with the option names: case, leading dashes and `-` for `_` aside. */
+function comparable(name: string): string {
+  return name.replace(/^-+/, '').toLowerCase().replace(/-/g, '_');
+}
+
+/** Edits (a character added, dropped or changed, or two neighbours swapped) that turn `a` into `b`. */
+function editDistance(a: string, b: string): number {
+  let before: number[] = [];
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i += 1) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j += 1) {
+      const change = previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1);
+      let best = Math.min(previous[j]! + 1, row[j - 1]! + 1, change);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) best = Math.min(best, before[j - 2]! + 1);
+      row.push(best);
+    }
+    [before, previous] = [previous, row];
+  }
+  return previous[b.length]!;
+}
+
+/**
+ * The name among `candidates` a misspelt one most likely meant (`mtls_cetr`, `mtls-cert`, `MTLS_ALOW_CN`):
+ * the one closest to it, within two edits (one for a name of three letters or fewer). None when two are
+ * as close: a guess between them would send the user after the wrong one.
+ */
+export function closestName(name: string, candidates: Iterable<string>): string | undefined {
+  const wanted = comparable(name);
+  const allowed = wanted.length <= 3 ? 1 : 2;
+  let best: string | undefined;
+  let bestDistance = allowed + 1;
+  let tied = false;
+  for (const candidate of candidates) {
+    const distance = editDistance(wanted, comparable(candidate));
+    if (distance < bestDistance) [best, bestDistance, tied] = [candidate, distance, false];
+    else if (distance === bestDistance) tied = true;
+  }
+  return tied ? undefined : best;
+}
 
 export type RawOptions = Record<string, string | number | boolean | string[] | undefined>;
 
@@ -132,8 +172,31 @@ function refuseEmptyVariable(spec: OptionSpec): void {
   if (risk !== undefined) throw new ConfigError(`${envVarName(spec.name)} is set but empty: ${risk} (give it a value, or unset it)`);
 }
 
+const OPTION_VARIABLES: ReadonlyMap<string, string> = new Map(ALL_OPTIONS.map((spec) => [envVarName(spec.name), spec.name]));
+
+/**
+ * The names Kubernetes gives a Service's variables (`<NAME>_SERVICE_HOST`, `_SERVICE_PORT[_<PORT NAME>]`,
+ * `_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]`, and `_PORT` of a link's value: isServiceLink) and Docker's container links (`<NAME>_NAME`,
+ * `<NAME>_ENV_<VAR>`): a Service named ovms-mtls or ovms-mtls-admin sets them in every pod of its namespace.
+ */
+const LINK_VARIABLE = /^OVMS_MTLS_(?:\w+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?|NAME|ENV_\w+)$/;
+
+/**
+ * An OVMS_MTLS_* variable that names no option was passed over without a word: OVMS_MTLS_ALOW_CN=alice
+ * left the allow-list empty, and every client the CA vouches for got in, where `--mtls_alow_cn` is refused.
+ */
+function refuseUnknownVariables(env: NodeJS.ProcessEnv): void {
+  for (const variable of Object.keys(env)) {
+    if (!variable.startsWith('OVMS_MTLS_') || OPTION_VARIABLES.has(variable) || LINK_VARIABLE.test(variable) || isServiceLink(variable, env[variable])) continue;
+    const meant = closestName(variable, OPTION_VARIABLES.keys());
+    const hint = meant === undefined ? 'the variables are the options\' names, listed by `ovms-mtls --help`' : `did you mean ${meant}, for --${OPTION_VARIABLES.get(meant)}?`;
+    throw new ConfigError(`${variable} is set in the environment but is no option's variable (${hint}): correct its name, or unset it`);
+  }
+}
+
 /** Values from the environment, for every option not given on the command line. Set to nothing, a variable counts as unset (but see OPENS_WHEN_UNSET). */
 export function optionsFromEnv(env: NodeJS.ProcessEnv, specs: readonly OptionSpec[] = ALL_OPTIONS): RawOptions {
+  refuseUnknownVariables(env);
   const out: RawOptions = {};
   for (const spec of specs) {
     const variable = envVarName(spec.name);

@@ -10,7 +10,7 @@
  */
 import { ConfigError } from './errors.js';
 import { isBooleanWord, parseBoolean } from './config.js';
-import { MTLS_OPTIONS, PUBLIC_OPTIONS, envVarName, optionNeedsValue, optionSpec, refuseBlankText, type OptionSpec, type RawOptions } from './options.js';
+import { MTLS_OPTIONS, PUBLIC_OPTIONS, closestName, envVarName, optionNeedsValue, optionSpec, refuseBlankText, type OptionSpec, type RawOptions } from './options.js';
 
 /** What the command line asks for. */
 export type OvmsMode =
@@ -200,26 +200,19 @@ function store(target: RawOptions, spec: OptionSpec, value: string | boolean): v
  * /certs/server.pem does not exist", a path the user never gave.
  */
 function misspelledOwnOption(name: string): ConfigError | undefined {
-  const canonical = snakeCaseName(name);
+  const canonical = name.toLowerCase().replace(/-/g, '_');
   if (name.startsWith('mtls_') || !canonical.startsWith('mtls_')) return undefined;
-  const spelling = spellingHint(MTLS_BY_NAME.has(canonical) ? [canonical] : []);
-  return new ConfigError(`unknown option --${name} (${spelling}; see \`ovms-mtls --help\`)`);
-}
-
-/** How ovms-mtls spells an option name: lower case, underscores (`--MTLS-CERT` is `mtls_cert`). */
-export function snakeCaseName(name: string): string {
-  return name.toLowerCase().replace(/-/g, '_');
-}
-
-/** The words every command uses for an option written with dashes or capitals, naming the ones meant. */
-export function spellingHint(meant: readonly string[]): string {
-  const names = meant.length > 0 ? `: ${meant.map((name) => `--${name}`).join(', ')}` : '';
-  return `ovms-mtls writes its options in lower case with underscores${names}`;
+  const meant = MTLS_BY_NAME.has(canonical) ? canonical : closestName(canonical, MTLS_BY_NAME.keys());
+  const spelling = meant === undefined ? '' : `: --${meant}`;
+  return new ConfigError(`unknown option --${name} (ovms-mtls writes its options in lower case with underscores${spelling}; see \`ovms-mtls --help\`)`);
 }
 
 function mtlsSpec(name: string): OptionSpec {
   const spec = MTLS_BY_NAME.get(name);
-  if (!spec) throw new ConfigError(`unknown option --${name} (options starting with mtls_ belong to ovms-mtls; see \`ovms-mtls --help\`)`);
+  if (!spec) {
+    const meant = closestName(name, MTLS_BY_NAME.keys());
+    throw new ConfigError(`unknown option --${name} (${meant === undefined ? '' : `did you mean --${meant}? `}options starting with mtls_ belong to ovms-mtls; see \`ovms-mtls --help\`)`);
+  }
   if (PROXY_ONLY.has(name)) {
     throw new ConfigError(`--${name} is for \`ovms-mtls proxy\`; as the OVMS entrypoint, OVMS runs on loopback ports chosen at start`);
   }

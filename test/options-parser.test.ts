@@ -5,6 +5,7 @@ import { PROXY_OPTIONS } from '../src/proxy-options.js';
 import { PROBE_OPTIONS } from '../src/cli/probe-command.js';
 import { ConfigError } from '../src/errors.js';
 import type { RawOptions } from '../src/options.js';
+import { runCli } from './helpers/cli.js';
 
 /** What `ovms-mtls proxy ARGV` reads from its command line, before config.ts validates it. */
 async function proxyOptions(argv: string[]): Promise<RawOptions> {
@@ -42,12 +43,27 @@ test('a text option given with nothing is refused by name, as in the entrypoint,
 });
 
 // The entrypoint named `--mtls_cert` for `--mtls-cert`; `proxy`, `check`, `probe` and `certs` said only "unknown option".
-test('an option written with dashes or capitals is refused naming how it is spelt, in every command as in the entrypoint', async () => {
-  const spelling = (given: string, meant: string) => `unknown option ${given} (ovms-mtls writes its options in lower case with underscores: ${meant}; see \`ovms-mtls --help\`)`;
-  await assert.rejects(proxyOptions(['--mtls-cert', 'server.pem']), refusal(spelling('--mtls-cert', '--mtls_cert')));
-  await assert.rejects(proxyOptions(['--REST_PORT=8443']), refusal(spelling('--REST_PORT', '--rest_port')));
-  await assert.rejects(proxyOptions(['--mtls-cert', 'a', '--Mtls_Key', 'b']), refusal(spelling('--mtls-cert, --Mtls_Key', '--mtls_cert, --mtls_key')));
-  await assert.rejects(parseCommandLine(['--mtls-ca', 'ca.pem'], PROBE_OPTIONS, 'usage'), refusal(spelling('--mtls-ca', '--mtls_ca')));
-  // A name no command takes in any spelling keeps the plain line.
-  await assert.rejects(proxyOptions(['--mtls_bogus', 'x']), refusal('unknown option --mtls_bogus (see `ovms-mtls --help`)'));
+test('an option written with dashes or capitals is refused naming the option meant, in every command as in the entrypoint', async () => {
+  const unknown = (options: string) => `unknown option ${options} (see \`ovms-mtls --help\`)`;
+  await assert.rejects(proxyOptions(['--mtls-cert', 'server.pem']), refusal(unknown('--mtls-cert (did you mean --mtls_cert?)')));
+  await assert.rejects(proxyOptions(['--REST_PORT=8443']), refusal(unknown('--REST_PORT (did you mean --rest_port?)')));
+  await assert.rejects(proxyOptions(['--mtls-cert', 'a', '--Mtls_Key', 'b']), refusal(unknown('--mtls-cert (did you mean --mtls_cert?), --Mtls_Key (did you mean --mtls_key?)')));
+  await assert.rejects(parseCommandLine(['--mtls-ca', 'ca.pem'], PROBE_OPTIONS, 'usage'), refusal(unknown('--mtls-ca (did you mean --mtls_ca?)')));
+  // A name no command takes in any spelling, nor close to one, keeps the plain line.
+  await assert.rejects(proxyOptions(['--mtls_bogus', 'x']), refusal(unknown('--mtls_bogus')));
+});
+
+// Every command said only "unknown option --forc (see `ovms-mtls --help`)", leaving the user to find the typo.
+test('a misspelt option of certs, check or probe is refused naming the option meant, in one line, exit 2', async () => {
+  const cases: [string[], string][] = [
+    [['certs', 'init', '--dir', 'unwritten', '--forc'], 'unknown option --forc (did you mean --force?)'],
+    [['certs', 'client', '--nmae', 'alice'], 'unknown option --nmae (did you mean --name?)'],
+    [['check', '--mtls_client-ca', 'ca.pem'], 'unknown option --mtls_client-ca (did you mean --mtls_client_ca?)'],
+    [['probe', '--hots', 'localhost'], 'unknown option --hots (did you mean --host?)'],
+  ];
+  for (const [argv, message] of cases) {
+    const res = await runCli(argv);
+    assert.equal(res.code, 2, argv.join(' '));
+    assert.equal(res.stderr, `ovms-mtls: ${message} (see \`ovms-mtls --help\`)\n`);
+  }
 });

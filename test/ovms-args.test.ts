@@ -137,6 +137,17 @@ describe('--mtls_* options', () => {
     assert.throws(() => splitOvmsArgv(['--mtls_certificate', 'x']), (err: unknown) => err instanceof ConfigError && err.message.includes('--mtls_certificate'));
   });
 
+  // Refused without a hint: `--mtls_cetr` sent the user to --help to find what was misspelt.
+  test('a misspelt --mtls_ option, in any spelling, is refused naming the option meant; none when nothing is close or two are as close', () => {
+    const refused = (argv: string[], message: string) => assert.throws(() => splitOvmsArgv(argv), (err: unknown) => err instanceof ConfigError && err.message === message);
+    refused(['--port', '1', '--mtls_cetr', '/c.pem'], 'unknown option --mtls_cetr (did you mean --mtls_cert? options starting with mtls_ belong to ovms-mtls; see `ovms-mtls --help`)');
+    refused(['--mtls_alow_cn=alice', '--port', '1'], 'unknown option --mtls_alow_cn (did you mean --mtls_allow_cn? options starting with mtls_ belong to ovms-mtls; see `ovms-mtls --help`)');
+    refused(['--Mtls-Alow-Cn', 'alice'], 'unknown option --Mtls-Alow-Cn (ovms-mtls writes its options in lower case with underscores: --mtls_allow_cn; see `ovms-mtls --help`)');
+    refused(['--mtls_nonsense', 'x'], 'unknown option --mtls_nonsense (options starting with mtls_ belong to ovms-mtls; see `ovms-mtls --help`)');
+    // Two edits from both --mtls_allow_cn and --mtls_allow_ou: a guess could send the user after the wrong one.
+    refused(['--mtls_allow_xx', 'x'], 'unknown option --mtls_allow_xx (options starting with mtls_ belong to ovms-mtls; see `ovms-mtls --help`)');
+  });
+
   test('our option with dashes or capitals is refused naming the spelling that works, not handed to OVMS; OVMS\'s own dashed option passes', () => {
     const refused = (argv: string[], message: string) => assert.throws(() => splitOvmsArgv(argv), (err: unknown) => err instanceof ConfigError && err.message === message);
     refused(['--port', '1', '--mtls-cert', '/c.pem'], 'unknown option --mtls-cert (ovms-mtls writes its options in lower case with underscores: --mtls_cert; see `ovms-mtls --help`)');
@@ -291,6 +302,22 @@ describe('entrypoint settings', () => {
     const warned = lines.map((line) => JSON.parse(line) as { event: string; variable: string; msg: string });
     assert.deepEqual(warned.map((l) => [l.event, l.variable]), [['variable_ignored', 'OVMS_MTLS_PORT'], ['variable_ignored', 'OVMS_MTLS_ADMIN_PORT']]);
     assert.match(warned[0]!.msg, /^OVMS_MTLS_PORT=tcp:\/\/10\.96\.0\.12:9000 is the variable Kubernetes sets for a Service of that name \(a service link\), not a value for --port: ignored/);
+  });
+
+  // OVMS_MTLS_ALOW_CN=alice was passed over without a word: the allow-list stayed empty and every client the CA vouches for got in.
+  test('an OVMS_MTLS_* variable that names no option is refused naming the variable meant; Kubernetes and Docker link variables pass', () => {
+    const refused = (env: NodeJS.ProcessEnv, message: string) => assert.throws(() => entrypointSettings(splitOvmsArgv(['--port', '9000']), env), (err: unknown) => err instanceof ConfigError && err.message === message);
+    refused({ OVMS_MTLS_ALOW_CN: 'alice' }, "OVMS_MTLS_ALOW_CN is set in the environment but is no option's variable (did you mean OVMS_MTLS_ALLOW_CN, for --mtls_allow_cn?): correct its name, or unset it");
+    // A port variable that holds a port, not a service link's tcp://: a typo of ours.
+    refused({ OVMS_MTLS_ADMN_PORT: '9901' }, "OVMS_MTLS_ADMN_PORT is set in the environment but is no option's variable (did you mean OVMS_MTLS_ADMIN_PORT, for --mtls_admin_port?): correct its name, or unset it");
+    refused({ OVMS_MTLS_NONSENSE: '1' }, "OVMS_MTLS_NONSENSE is set in the environment but is no option's variable (the variables are the options' names, listed by `ovms-mtls --help`): correct its name, or unset it");
+    const links = {
+      OVMS_MTLS_SERVICE_HOST: '10.96.0.12', OVMS_MTLS_SERVICE_PORT: '9443', OVMS_MTLS_SERVICE_PORT_GRPC: '9443', OVMS_MTLS_PORT_9443_TCP: 'tcp://10.96.0.12:9443',
+      OVMS_MTLS_PORT_9443_TCP_PROTO: 'tcp', OVMS_MTLS_PORT_9443_TCP_PORT: '9443', OVMS_MTLS_PORT_9443_TCP_ADDR: '10.96.0.12',
+      OVMS_MTLS_ADMIN_SERVICE_HOST: '10.96.0.14', OVMS_MTLS_ADMIN_PORT: 'tcp://10.96.0.14:9901', OVMS_MTLS_METRICS_PORT: 'tcp://10.96.0.15:9902',
+      OVMS_MTLS_NAME: '/web/ovms-mtls', OVMS_MTLS_ENV_PATH: '/usr/bin',
+    };
+    assert.equal(entrypointSettings(splitOvmsArgv(['--port', '9000']), links).listeners.grpc!.port, 9000);
   });
 
   test('the default CRL is not applied to a client CA given by the user', () => {

@@ -150,6 +150,10 @@ describe('proxy command line', () => {
       /^ovms-mtls: --mtls_rest_upstream: '\/run\/ovms\.sock' is not host:port \(a unix socket: the proxy reaches/],
     ['an upstream port out of range', () => ['--port', '1', '--mtls_grpc_upstream', 'ovms:0', ...tlsFlags()], /^ovms-mtls: --mtls_grpc_upstream: 'ovms:0': port 0 is not between 1 and 65535\n$/],
     ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
+    ['a misspelt option, which names the option meant', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_alow_cn', 'alice', ...tlsFlags()],
+      /^ovms-mtls: unknown option --mtls_alow_cn \(did you mean --mtls_allow_cn\?\) \(see `ovms-mtls --help`\)\n$/],
+    ['our option with dashes, which names the spelling that works', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls-cert', 'x', ...tlsFlags()],
+      /^ovms-mtls: unknown option --mtls-cert \(did you mean --mtls_cert\?\) \(see `ovms-mtls --help`\)\n$/],
     ['a stray word after a boolean option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()],
       /^ovms-mtls: unexpected argument 'maybe'; options take their value as --name VALUE or --name=VALUE \(see `ovms-mtls --help`\)\n$/],
     ['no public port at all', () => [...tlsFlags()], /no public port: give --port \(gRPC\) and\/or --rest_port \(REST\)/],
@@ -172,6 +176,31 @@ describe('proxy command line', () => {
       assert.equal(res.stdout, '');
     });
   }
+
+  // yargs read no option after `--` and said nothing: the proxy served without the allow-list given after it. Its dot
+  // notation made `--mtls_allow_cn.x alice` an allow-list of the CN "[object Object]", its negation one of the CN "false".
+  test('an option after --, with a dotted name or negated with --no- exits 2 before listening, instead of serving without it', async () => {
+    const cases: [string[], string][] = [
+      [['--', '--mtls_allow_cn', 'alice'], "'--' ends the options, and nothing after it would be read ('--mtls_allow_cn' 'alice'): remove it"],
+      [['--mtls_allow_cn.x', 'alice'], 'unknown option --mtls_allow_cn.x (did you mean --mtls_allow_cn?) (see `ovms-mtls --help`)'],
+      [['--no-mtls_allow_cn'], 'unknown option --no-mtls_allow_cn (see `ovms-mtls --help`)'],
+      [['--no-mtls_access_log'], 'unknown option --no-mtls_access_log (did you mean --mtls_access_log=false?) (see `ovms-mtls --help`)'],
+    ];
+    for (const [args, message] of cases) {
+      const res = await startupOutcome(['--mtls_workers', '1', ...args]);
+      assert.equal(res.listened, false, `${args.join(' ')} started the proxy`);
+      assert.equal(res.code, 2);
+      assert.equal(res.stderr, `ovms-mtls: ${message}\n`);
+    }
+  });
+
+  // OVMS_MTLS_ALOW_CN=alice was passed over without a word, and the proxy admitted every client the CA vouches for.
+  test('an OVMS_MTLS_* variable that names no option exits 2 before listening, naming the variable meant', async () => {
+    const res = await startupOutcome(['--mtls_workers', '1'], { OVMS_MTLS_ALOW_CN: 'alice' });
+    assert.equal(res.listened, false, 'the proxy started');
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, "ovms-mtls: OVMS_MTLS_ALOW_CN is set in the environment but is no option's variable (did you mean OVMS_MTLS_ALLOW_CN, for --mtls_allow_cn?): correct its name, or unset it\n");
+  });
 
   // yargs translated its own messages: under de_DE the first said "Unbekanntes Argument: bogus", the second "Unbekanntes Argument: maybe".
   test('under a non-English locale an unknown option and a stray word get the same lines', async () => {

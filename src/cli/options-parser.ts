@@ -2,12 +2,18 @@ import yargsFactory from 'yargs';
 import type { Argv, Options } from 'yargs';
 import { ConfigError } from '../errors.js';
 import { parseBoolean } from '../config.js';
-import { optionsFromEnv, envVarName, refuseBlankText, type OptionSpec, type RawOptions } from '../options.js';
-import { refuseSeparateFlagValue, snakeCaseName, spellingHint } from '../ovms-args.js';
+import { closestName, optionsFromEnv, envVarName, refuseBlankText, type OptionSpec, type RawOptions } from '../options.js';
+import { refuseSeparateFlagValue } from '../ovms-args.js';
 
-/** yargs settings shared by every command: snake_case names as OVMS spells them, no magic. */
+/**
+ * yargs settings shared by every command: snake_case names as OVMS spells them, no magic. Its dot
+ * notation made `--mtls_allow_cn.x alice` an allow-list of the CN "[object Object]", and its negation
+ * `--no-mtls_allow_cn` one of the CN "false": both are unknown options now.
+ */
 export const PARSER_CONFIGURATION = {
   'camel-case-expansion': false,
+  'dot-notation': false,
+  'boolean-negation': false,
   'strip-aliased': true,
   'duplicate-arguments-array': true,
   'flatten-duplicate-arrays': true,
@@ -91,6 +97,7 @@ export function commandHelp(usage: string, specs: readonly OptionSpec[]): string
 /** Parses `argv` for one command; user mistakes become one-line ConfigErrors, `--help` / `-h` a HelpRequested. */
 export async function parseCommandLine(argv: readonly string[], specs: readonly OptionSpec[], usage: string): Promise<Record<string, unknown>> {
   if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(commandHelp(usage, specs));
+  refuseEndOfOptions(argv);
   const flags = new Set(specs.filter((spec) => spec.type === 'boolean').map((spec) => spec.name));
   refuseSeparateFlagValues(argv, flags);
   const y = yargsFactory(flagValuesSpelledOut(argv, flags))
@@ -112,23 +119,39 @@ export async function parseCommandLine(argv: readonly string[], specs: readonly 
 }
 
 /**
+ * yargs reads no option after `--`, and said nothing: `proxy ... -- --mtls_allow_cn alice` served
+ * without its allow-list, admitting every client the CA vouches for.
+ */
+function refuseEndOfOptions(argv: readonly string[]): void {
+  const at = argv.indexOf('--');
+  if (at === -1) return;
+  const after = argv.slice(at + 1, at + 3).map((word) => `'${word}'`).join(' ');
+  throw new ConfigError(`'--' ends the options, and nothing after it would be read${after ? ` (${after}${at + 3 < argv.length ? ' ...' : ''})` : ''}: remove it`);
+}
+
+/** `--mtls_cetr (did you mean --mtls_cert?)`; `--no-FLAG`, which yargs no longer reads as false, `--FLAG=false`. */
+function withSuggestion(name: string, specs: readonly OptionSpec[]): string {
+  const option = name.length > 1 ? `--${name}` : `-${name}`;
+  const negated = /^no-(.+)$/.exec(name)?.[1];
+  const flag = specs.find((spec) => spec.type === 'boolean' && spec.name === negated);
+  const meant = flag ? `--${flag.name}=false` : closestName(name, specs.map((spec) => spec.name));
+  return meant === undefined ? option : `${option} (did you mean ${meant.startsWith('--') ? meant : `--${meant}`}?)`;
+}
+
+/**
  * yargs lists stray words (`--mtls_access_log maybe`, `proxy extra`) with unknown options, by
  * bare name; printed as `--maybe` they would send the user after an option never typed.
- * `proxy --mtls-cert` was a bare "unknown option" where the entrypoint names `--mtls_cert`.
  */
 function unknownOptionMessage(message: string, argv: readonly string[], specs: readonly OptionSpec[]): string {
   const unknown = /^Unknown arguments?: (.*)$/.exec(message);
   if (!unknown) return message;
   const names = unknown[1]!.split(', ');
   const stray = names.filter((n) => argv.includes(n));
-  const unknownNames = names.filter((n) => !stray.includes(n));
-  const options = unknownNames.map((n) => (n.length > 1 ? `--${n}` : `-${n}`));
+  const options = names.filter((n) => !stray.includes(n)).map((n) => withSuggestion(n, specs));
   const parts = [
     ...(options.length > 0 ? [`unknown option ${options.join(', ')}`] : []),
     ...(stray.length > 0 ? [`unexpected argument ${stray.map((w) => `'${w}'`).join(', ')}`] : []),
   ];
   const hint = stray.length > 0 ? '; options take their value as --name VALUE or --name=VALUE' : '';
-  const meant = unknownNames.map(snakeCaseName).filter((name, i) => name !== unknownNames[i] && specs.some((spec) => spec.name === name));
-  const spelling = meant.length > 0 ? `${spellingHint(meant)}; ` : '';
-  return `${parts.join('; ')}${hint} (${spelling}see \`ovms-mtls --help\`)`;
+  return `${parts.join('; ')}${hint} (see \`ovms-mtls --help\`)`;
 }
