@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { spawnSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -911,8 +911,34 @@ describe('non-serving invocations', () => {
   test('a directory as --mtls_ovms_binary is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {
     const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_ovms_binary', dir]);
     assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
-    assert.equal(s.wrapper.stderr(), `ovms-mtls: --mtls_ovms_binary: ${dir} does not exist or is not an executable file (pass --mtls_ovms_binary PATH to the ovms executable)\n`);
+    assert.equal(s.wrapper.stderr(), `ovms-mtls: --mtls_ovms_binary: ${dir} is a directory, not the executable in it (pass --mtls_ovms_binary PATH to the ovms executable)\n`);
     assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+  });
+
+  // "does not exist or is not an executable file" for a file that exists; and a launcher script whose interpreter is missing (or
+  // whose first line ends in a CR) passed, the listeners came up, and setpriv said "No such file or directory" of the script (exit 127).
+  test('an --mtls_ovms_binary that cannot run says why in one line, exit 2, before anything listens or OVMS is run', async () => {
+    const script = async (name: string, text: string, mode: number) => {
+      const path = join(dir, name);
+      await writeFile(path, text, { mode });
+      await chmod(path, mode);
+      return path;
+    };
+    const unexecutable = await script('ovms-0644.sh', '#!/bin/sh\nexit 0\n', 0o644);
+    const noInterpreter = await script('ovms-bash.sh', '#!/nonexistent/bin/bash\nexec /ovms/bin/ovms "$@"\n', 0o755);
+    const crlf = await script('ovms-crlf.sh', '#!/bin/sh\r\nexec /ovms/bin/ovms "$@"\r\n', 0o755);
+    const cases: [string, string][] = [
+      [join(dir, 'no-such-ovms'), 'does not exist (pass --mtls_ovms_binary PATH to the ovms executable)'],
+      [unexecutable, 'is not executable (mode 0644: chmod +x it) (pass --mtls_ovms_binary PATH to the ovms executable)'],
+      [noInterpreter, 'is a script whose interpreter /nonexistent/bin/bash (its first line, #!) does not exist or cannot be run here (install it in the image, or name one that is there, such as #!/bin/sh)'],
+      [crlf, `is a script with Windows line endings: its first line names the interpreter '/bin/sh\\r', which no system has (convert it: \`sed -i 's/\\r$//' ${crlf}\` or dos2unix)`],
+    ];
+    for (const [binary, problem] of cases) {
+      const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_ovms_binary', binary]);
+      assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null }, binary);
+      assert.equal(s.wrapper.stderr(), `ovms-mtls: --mtls_ovms_binary: ${binary} ${problem}\n`);
+      assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+    }
   });
 
   test('--mtls_access_log false (separate value) is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {

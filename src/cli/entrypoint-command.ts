@@ -3,9 +3,9 @@
  * public mTLS listeners (as root if started so), starts OVMS on loopback
  * ports behind them, drops privileges, and lives exactly as long as OVMS.
  */
-import { accessSync, statSync, constants as fsConstants } from 'node:fs';
 import type { Config, PublicListenerSpec, TlsFiles } from '../config.js';
 import { ChildProcessError, ConfigError } from '../errors.js';
+import { ovmsBinaryProblem } from '../ovms-binary.js';
 import { createLogger, type Logger } from '../log.js';
 import { loadTlsMaterialSync, unreadableTlsFiles } from '../tls-material.js';
 import { startProxy, type RunningProxy } from '../proxy.js';
@@ -29,20 +29,9 @@ import { logSupervisorEvents, ovmsStopShareMs, runUntilDone, shutdownBudget } fr
 import { waitForStopSignal, warnServiceLinks } from './lifecycle.js';
 import type { Io } from './main.js';
 
-/** A directory passes the X_OK check (search permission) but cannot be run: the listeners would start, then OVMS fail with 126. */
-function isExecutable(path: string): boolean {
-  try {
-    accessSync(path, fsConstants.X_OK);
-    return statSync(path).isFile();
-  } catch {
-    return false;
-  }
-}
-
 function assertExecutable(binary: string): void {
-  if (!isExecutable(binary)) {
-    throw new ChildProcessError(`--mtls_ovms_binary: ${binary} does not exist or is not an executable file (pass --mtls_ovms_binary PATH to the ovms executable)`);
-  }
+  const problem = ovmsBinaryProblem(binary);
+  if (problem !== undefined) throw new ChildProcessError(`--mtls_ovms_binary: ${binary} ${problem}`);
 }
 
 export async function runEntrypointCommand(argv: readonly string[], io: Io): Promise<number> {
@@ -83,7 +72,7 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
 async function runVersion(split: SplitOvmsArgv, io: Io): Promise<number> {
   io.stdout.write(`ovms-mtls ${productVersion()}\n`);
   const binary = ovmsBinary(split, io.env);
-  if (!isExecutable(binary)) return 0;
+  if (ovmsBinaryProblem(binary) !== undefined) return 0;
   return exitCodeOf(await runToCompletion(spawnCommand({ binary, args: ['--version'], setpriv: findSetpriv() })));
 }
 

@@ -1,0 +1,71 @@
+/**
+ * What is wrong with the program named by --mtls_ovms_binary, checked before anything listens. The line
+ * said "does not exist or is not an executable file" whatever the cause, and a launcher script whose
+ * interpreter is missing (`#!/bin/bash` in an image without bash, or a first line ending in a CR, saved
+ * on Windows) passed, to fail once the listeners were up: setpriv's "failed to execute run-ovms.sh: No
+ * such file or directory" named a file that exists, and the wrapper exited 127.
+ */
+import { accessSync, closeSync, constants, openSync, readSync, statSync } from 'node:fs';
+
+/** A `#!` line is read up to this: Linux reads no further (BINPRM_BUF_SIZE). */
+const SHEBANG_BYTES = 256;
+
+function executable(path: string): boolean {
+  try {
+    accessSync(path, constants.X_OK);
+    return statSync(path).isFile();
+  } catch {
+    return false;
+  }
+}
+
+function firstBytes(path: string): string {
+  const fd = openSync(path, constants.O_RDONLY | (constants.O_NONBLOCK ?? 0));
+  try {
+    const buffer = Buffer.alloc(SHEBANG_BYTES);
+    return buffer.subarray(0, readSync(fd, buffer, 0, SHEBANG_BYTES, 0)).toString('latin1');
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** The interpreter a script's `#!` line names, as the kernel takes it: up to the first blank, a CR included. */
+function interpreterOf(path: string): string | undefined {
+  let head: string;
+  try {
+    head = firstBytes(path);
+  } catch {
+    return undefined; // Unreadable but executable: the kernel may still run it, and says why if not.
+  }
+  return /^#![ \t]*([^ \t\n]+)/.exec(head)?.[1];
+}
+
+function interpreterProblem(path: string): string | undefined {
+  const interpreter = interpreterOf(path);
+  if (interpreter === undefined || executable(interpreter)) return undefined;
+  if (interpreter.endsWith('\r')) {
+    return `is a script with Windows line endings: its first line names the interpreter '${interpreter.slice(0, -1)}\\r', which no system has (convert it: \`sed -i 's/\\r$//' ${path}\` or dos2unix)`;
+  }
+  return `is a script whose interpreter ${interpreter} (its first line, #!) does not exist or cannot be run here (install it in the image, or name one that is there, such as #!/bin/sh)`;
+}
+
+function fileProblem(path: string): string | undefined {
+  let stats;
+  try {
+    stats = statSync(path);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    return code === 'ENOENT' ? 'does not exist' : `cannot be examined (${code ?? (err as Error).message})`;
+  }
+  if (stats.isDirectory()) return 'is a directory, not the executable in it';
+  if (!stats.isFile()) return 'is not a regular file';
+  if (!executable(path)) return `is not executable (mode 0${(stats.mode & 0o7777).toString(8)}: chmod +x it)`;
+  return undefined;
+}
+
+/** Why `path` cannot be run as OVMS, in words to follow the path in an error line; undefined if it can. */
+export function ovmsBinaryProblem(path: string): string | undefined {
+  const problem = fileProblem(path);
+  if (problem !== undefined) return `${problem} (pass --mtls_ovms_binary PATH to the ovms executable)`;
+  return interpreterProblem(path);
+}
