@@ -12,7 +12,7 @@ const MAX_LINK_HOPS = 40;
 
 /** `cannot be read by uid U (groups G): <why> (<what to do>)`, to follow the path in an error line. */
 export function accessDenial(path: string): string {
-  const who = `uid ${process.getuid?.() ?? '?'} (groups ${processGroups().join(',') || '?'})`;
+  const who = processIdentity();
   const shut = closedDirectory(path);
   if (shut !== undefined) {
     return `cannot be read by ${who}: the directory ${shut} (${ownerAndMode(statOrUndefined(shut))}) does not let it in (every directory on the way needs x permission for it)`;
@@ -20,6 +20,21 @@ export function accessDenial(path: string): string {
   const stats = statOrUndefined(path);
   if (stats === undefined) return `cannot be read by ${who} (check the owner and mode of the file and of the directories on the way)`;
   return `cannot be read by ${who}: the file is ${ownerAndMode(stats)} (give that uid or one of its groups read permission: chown, chgrp or chmod; in Kubernetes, the pod's fsGroup and the volume's defaultMode)`;
+}
+
+/**
+ * `uid U (groups G) may not create files in DIR (mode, owner): what to do`, for a file this process could not
+ * create in `dir` (EACCES): `certs init --dir` said "EACCES: permission denied, open
+ * '.../server.pem.4242.1f2e3d4c.tmp'", naming a temp file the user never asked for, and not what to change.
+ */
+export function writeDenial(dir: string): string {
+  const shut = closedDirectory(dir) ?? (searchable(dir) ? undefined : dir);
+  const where = shut === undefined ? `create files in ${dir}` : `enter ${shut}`;
+  return `${processIdentity()} may not ${where} (${ownerAndMode(statOrUndefined(shut ?? dir))}): give --dir a directory this user may write, or run as its owner`;
+}
+
+function processIdentity(): string {
+  return `uid ${process.getuid?.() ?? '?'} (groups ${processGroups().join(',') || '?'})`;
 }
 
 function processGroups(): number[] {

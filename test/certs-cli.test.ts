@@ -1,9 +1,10 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
@@ -160,6 +161,30 @@ describe('certs init (CLI)', () => {
     const result = await runCli(['certs', 'init', '--dir', '/proc/ovms-mtls-certs/set'], { wrap: ['timeout', '60'] });
     assert.equal(result.code, 2, result.stderr);
     assert.equal(result.stderr.trim(), "ovms-mtls: cannot create directory /proc/ovms-mtls-certs/set: ENOENT: no such file or directory, mkdir '/proc/ovms-mtls-certs'");
+  });
+
+  // It said "EACCES: permission denied, open '.../server.pem.4242.1f2e3d4c.tmp'": a temp file the user never asked for, and not what to change.
+  test('a --dir its user may not write is one line naming the uid and the directory that refused it, exit 2, nothing written', { skip: !(process.getuid?.() === 0 && existsSync('/usr/bin/setpriv')) && 'needs root and util-linux setpriv' }, async () => {
+    // Not under `root`: mkdtemp makes it 0700, which the user may not enter at all (the message says so, tested below).
+    const base = await mkdtemp(join(tmpdir(), 'ovms-mtls-certs-nobody-'));
+    await chmod(base, 0o755);
+    try {
+      const shut = join(base, 'read-only');
+      await mkdir(shut, { mode: 0o555 });
+      await chmod(shut, 0o555);
+      const asNobody = { wrap: ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'], cwd: '/' };
+      const files = await runCli(['certs', 'init', '--dir', shut], asNobody);
+      assert.equal(files.code, 2, files.stderr);
+      assert.equal(files.stderr, `ovms-mtls: cannot write ${join(shut, 'server.pem')}: uid 65534 (groups 65534) may not create files in ${shut} (mode 0555, owner uid 0, group 0): give --dir a directory this user may write, or run as its owner; none of the 9 files was replaced\n`);
+      const nested = await runCli(['certs', 'init', '--dir', join(shut, 'set', 'a')], asNobody);
+      assert.equal(nested.code, 2, nested.stderr);
+      assert.equal(nested.stderr, `ovms-mtls: cannot create directory ${join(shut, 'set', 'a')}: uid 65534 (groups 65534) may not create files in ${shut} (mode 0555, owner uid 0, group 0): give --dir a directory this user may write, or run as its owner\n`);
+      assert.deepEqual(await readdir(shut), []);
+      const enclosed = await runCli(['certs', 'init', '--dir', join(root, 'set')], asNobody);
+      assert.equal(enclosed.stderr, `ovms-mtls: cannot create directory ${join(root, 'set')}: uid 65534 (groups 65534) may not enter ${root} (mode 0700, owner uid 0, group 0): give --dir a directory this user may write, or run as its owner\n`);
+    } finally {
+      await rm(base, { recursive: true });
+    }
   });
 
   // Each of these was "internal error:" with Node's stack trace and exit 70: only ENOENT was an answer.

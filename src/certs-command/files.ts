@@ -2,10 +2,10 @@
 import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { isAbsolute, join, resolve, sep } from 'node:path';
+import { dirname, isAbsolute, join, resolve, sep } from 'node:path';
 import { ConfigError } from '../errors.js';
 import { FileKindError, MAX_TLS_FILE_BYTES, readRegularFile } from '../regular-file.js';
-import { accessDenial } from '../access-denial.js';
+import { accessDenial, writeDenial } from '../access-denial.js';
 
 export const KEY_MODE = 0o600;
 export const PUBLIC_MODE = 0o644;
@@ -27,6 +27,15 @@ export interface WrittenFile {
   description: string;
 }
 
+/** Why a file or directory could not be made (`path` if the error names none), in words to act on where there are any; else Node's own. */
+function writeFailure(err: unknown, path: string): string {
+  const { code, message } = err as NodeJS.ErrnoException;
+  const dir = dirname((err as NodeJS.ErrnoException).path ?? path);
+  if (code === 'EACCES' || code === 'EPERM') return writeDenial(dir);
+  if (code === 'EROFS') return `${dir} is on a read-only file system (give --dir a writable directory)`;
+  return message;
+}
+
 export async function ensureDirectory(dir: string): Promise<void> {
   let isDirectory: boolean;
   try {
@@ -34,7 +43,7 @@ export async function ensureDirectory(dir: string): Promise<void> {
     // Inside the try: a symlink loop passes mkdir (EEXIST) and fails only here, with ELOOP.
     isDirectory = (await stat(dir)).isDirectory();
   } catch (err) {
-    throw new ConfigError(`cannot create directory ${dir}: ${(err as Error).message}`, { cause: err });
+    throw new ConfigError(`cannot create directory ${dir}: ${writeFailure(err, resolve(dir))}`, { cause: err });
   }
   if (!isDirectory) throw new ConfigError(`${dir} exists and is not a directory`);
 }
@@ -115,7 +124,7 @@ async function stageFile(path: string, contents: string, mode: number): Promise<
     return temp;
   } catch (err) {
     await unlink(temp).catch(() => undefined);
-    throw new Error(`cannot write ${path}: ${(err as Error).message}`, { cause: err });
+    throw new Error(`cannot write ${path}: ${writeFailure(err, path)}`, { cause: err });
   }
 }
 
