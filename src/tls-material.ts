@@ -74,6 +74,11 @@ function describeReadError(role: FileRole, path: string, err: NodeJS.ErrnoExcept
     case 'EACCES':
     case 'EPERM':
       return new TlsMaterialError(`${where} ${accessDenial(path)}`);
+    // These said "cannot be read (ELOOP)", with nothing on what to change.
+    case 'ELOOP':
+      return new TlsMaterialError(`${where} is a symbolic link that never reaches a file (a loop, or more than 40 links): point it at the PEM file`);
+    case 'ENOTDIR':
+      return new TlsMaterialError(`${where} does not exist: a part of the path before its last is a file, not a directory (check the path)`);
     default:
       return new TlsMaterialError(`${where} cannot be read (${err.code ?? err.message})`);
   }

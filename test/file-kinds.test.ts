@@ -29,7 +29,7 @@ const HANG_GUARD_MS = 60_000;
 let pki: TestPki;
 let dir: string;
 let socketServer: Server;
-const paths = { fifo: '', directory: '', socket: '', huge: '' };
+const paths = { fifo: '', directory: '', socket: '', huge: '', loop: '' };
 
 before(async () => {
   makeFakeExecutable();
@@ -39,6 +39,8 @@ before(async () => {
   assert.equal(spawnSync('mkfifo', [paths.fifo]).status, 0);
   paths.directory = join(dir, 'a-directory');
   await mkdir(paths.directory);
+  paths.loop = join(dir, 'loop');
+  await symlink(paths.loop, paths.loop);
   paths.socket = join(dir, 'socket');
   socketServer = createServer().listen(paths.socket);
   await once(socketServer, 'listening');
@@ -106,6 +108,9 @@ const cases: [string, keyof ReturnType<typeof set>, () => string, RegExp][] = [
   ['a directory as the client CA', 'clientCa', () => paths.directory, /^ovms-mtls: --mtls_client_ca: \S+\/a-directory is a directory, not a regular file \(give the file inside it, such as \S+\/a-directory\/client_cert_ca\.pem\)/],
   ['/dev/zero as the certificate', 'cert', () => '/dev/zero', new RegExp(`^ovms-mtls: --mtls_cert: /dev/zero ${NOT_REGULAR('a character device', 'server.pem').source}`)],
   ['a socket as the CRL', 'crl', () => paths.socket, new RegExp(`^ovms-mtls: --mtls_crl: \\S+/socket ${NOT_REGULAR('a socket', 'client_cert_ca.crl').source}`)],
+  // Both said "cannot be read (ELOOP)" / "(ENOTDIR)", with nothing on what to change.
+  ['a symlink loop as the certificate', 'cert', () => paths.loop, /^ovms-mtls: --mtls_cert: \S+\/loop is a symbolic link that never reaches a file \(a loop, or more than 40 links\): point it at the PEM file\n$/],
+  ['a path through a file as the key', 'key', () => `${pki.paths['server.key']!}/server.key`, /^ovms-mtls: --mtls_key: \S+\/server\.key\/server\.key does not exist: a part of the path before its last is a file, not a directory \(check the path\)\n$/],
   ['a 2 GiB file as the CRL', 'crl', () => paths.huge, /^ovms-mtls: --mtls_crl: \S+\/huge\.crl is 2048 MiB, more than the 64 MiB limit \(a CRL of a million revocations is about 50 MiB: is it the right file\?\)/],
 ];
 
