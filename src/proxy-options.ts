@@ -5,7 +5,10 @@
  */
 import { ALL_OPTIONS, refuseBlankText, type OptionSpec, type RawOptions } from './options.js';
 import { ConfigError } from './errors.js';
-import { checkAdminPort, optionalString, parseCommonConfig, parseHostPort, parsePublicListeners, type Config } from './config.js';
+import { hostAndPort } from './addresses.js';
+import { checkAdminPort, optionalString, parseCommonConfig, parseHostPort, parsePublicListeners, type Config, type HostPort, type PublicListenerSpec } from './config.js';
+
+type PublicListeners = { readonly grpc?: PublicListenerSpec | undefined; readonly rest?: PublicListenerSpec | undefined };
 
 // --mtls_user too: only the entrypoint drops privileges, and a proxy that took the option would stay root without a word.
 export const ENTRYPOINT_ONLY: ReadonlySet<string> = new Set(['mtls_ovms_binary', 'mtls_ovms_help', 'mtls_ovms_user', 'mtls_ovms_hang_timeout', 'mtls_restart', 'mtls_user']);
@@ -61,11 +64,39 @@ export function proxyConfigFromOptions(raw: RawOptions): Config {
     if (value === undefined) throw new ConfigError(`--${name} is required with --${listenerFlag} (host:port of the model server, e.g. ${example})`);
     return parseHostPort(name, value);
   };
-  return {
+  const config = {
     ...common,
     grpc: listeners.grpc ? { hosts: listeners.grpc.hosts, port: listeners.grpc.port ?? 0, upstream: upstream('mtls_grpc_upstream', 'port', '127.0.0.1:9000') } : undefined,
     rest: listeners.rest ? { hosts: listeners.rest.hosts, port: listeners.rest.port ?? 0, upstream: upstream('mtls_rest_upstream', 'rest_port', '127.0.0.1:8000') } : undefined,
   };
+  refuseUpstreamOnOwnPort(listeners, { grpc: config.grpc?.upstream, rest: config.rest?.upstream });
+  return config;
+}
+
+const WILDCARDS: ReadonlySet<string> = new Set(['0.0.0.0', '::']);
+
+/** Whether a listener bound to `hosts` takes connections to `host`, as far as can be told without a lookup. */
+function listensOn(hosts: readonly string[], host: string): boolean {
+  const target = host.toLowerCase();
+  const loopback = target === 'localhost' || /^127\./.test(target) || (target === '::1' && hosts.includes('::'));
+  return hosts.some((bind) => bind.toLowerCase() === target || (WILDCARDS.has(bind) && loopback));
+}
+
+/**
+ * An upstream that is one of the proxy's own public ports (a port number pasted twice) started, and each
+ * call went to the proxy's TLS port in plain HTTP: every call failed, 502 or UNAVAILABLE, and every one
+ * logged a failed handshake of the proxy's own, which named nothing the user had set.
+ */
+export function refuseUpstreamOnOwnPort(listeners: PublicListeners, upstreams: { grpc?: HostPort | undefined; rest?: HostPort | undefined }): void {
+  const own = [['port', listeners.grpc], ['rest_port', listeners.rest]] as const;
+  for (const [name, upstream] of [['mtls_grpc_upstream', upstreams.grpc], ['mtls_rest_upstream', upstreams.rest]] as const) {
+    if (!upstream) continue;
+    const { host, port } = upstream;
+    const target = own.find(([, listener]) => listener?.port === port && listensOn(listener.hosts, host));
+    if (target) {
+      throw new ConfigError(`--${name} ${hostAndPort(host, port)} is this proxy's own --${target[0]}: it would forward every call to itself (give the model server's host:port)`);
+    }
+  }
 }
 
 // The command serves these around startProxy(); a program that gave them got one process and no admin port, without a word.

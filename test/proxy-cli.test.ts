@@ -194,6 +194,24 @@ describe('proxy command line', () => {
     }
   });
 
+  // It started, and every call went to its own TLS port in plain HTTP: 502 / UNAVAILABLE, and a failed handshake of its own logged for each.
+  test('an upstream that is the proxy\'s own public port exits 2 before listening, and check says so too', async () => {
+    const [port] = (await freeLoopbackPorts(1)) as [number];
+    const loop = ['--port', String(port), '--grpc_bind_address', '127.0.0.1', '--mtls_grpc_upstream', `127.0.0.1:${port}`];
+    const message = `ovms-mtls: --mtls_grpc_upstream 127.0.0.1:${port} is this proxy's own --port: it would forward every call to itself (give the model server's host:port)\n`;
+    const res = await startupOutcome(['--mtls_workers', '1', ...loop]);
+    assert.equal(res.listened, false, 'the proxy started');
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, message);
+    const check = await runCli(['check', ...tlsFlags(), ...loop]);
+    assert.equal(check.code, 2);
+    assert.equal(check.stderr, message);
+    // Through a wildcard bind, a loopback name reaches the REST port as well.
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const viaWildcard = await runCli(['check', ...tlsFlags(), '--rest_port', String(restPort), '--rest_bind_address', '::', '--mtls_rest_upstream', `[::1]:${restPort}`]);
+    assert.equal(viaWildcard.stderr, `ovms-mtls: --mtls_rest_upstream [::1]:${restPort} is this proxy's own --rest_port: it would forward every call to itself (give the model server's host:port)\n`);
+  });
+
   // OVMS_MTLS_ALOW_CN=alice was passed over without a word, and the proxy admitted every client the CA vouches for.
   test('an OVMS_MTLS_* variable that names no option exits 2 before listening, naming the variable meant', async () => {
     const res = await startupOutcome(['--mtls_workers', '1'], { OVMS_MTLS_ALOW_CN: 'alice' });

@@ -4,6 +4,7 @@ import { containerTlsDefaults, ovmsSupervision } from '../entrypoint-config.js';
 import { checkTlsFiles, formatReport } from '../check.js';
 import { collectOptions, parseCommandLine } from './options-parser.js';
 import type { Io } from './main.js';
+import { refuseUpstreamOnOwnPort } from '../proxy-options.js';
 
 export const CHECK_USAGE = `ovms-mtls check [--mtls_cert F --mtls_key F --mtls_client_ca F [--mtls_crl F]] [other proxy options]
 
@@ -36,8 +37,9 @@ function checkListenerOptions(raw: RawOptions, admin: Config['admin']): void {
   if (raw['port'] === undefined && raw['rest_port'] === undefined) return;
   const listeners = parsePublicListeners(raw);
   checkAdminPort(admin, listeners);
-  for (const [name, listener] of [['mtls_grpc_upstream', listeners.grpc], ['mtls_rest_upstream', listeners.rest]] as const) {
-    const upstream = optionalString(raw, name);
-    if (listener && upstream !== undefined) parseHostPort(name, upstream);
-  }
+  const upstream = (name: string, listener: unknown) => {
+    const value = optionalString(raw, name);
+    return listener && value !== undefined ? parseHostPort(name, value) : undefined;
+  };
+  refuseUpstreamOnOwnPort(listeners, { grpc: upstream('mtls_grpc_upstream', listeners.grpc), rest: upstream('mtls_rest_upstream', listeners.rest) });
 }
