@@ -264,6 +264,21 @@ function checkOpensslTakesPair(cert: Buffer, key: Buffer, chain: readonly X509Ce
   if (chain.some((c) => weakSignatureDigest(c) !== undefined)) throw new TlsMaterialError(`--mtls_cert: ${files.cert}: ${opensslPairRefusal('ERR_SSL_CA_MD_TOO_WEAK', chain[0]!)!}`);
 }
 
+/** The curves TLS 1.3 signs with (ecdsa_secp256r1_sha256 ...); clients offer no other for a server's key. */
+const SERVER_KEY_CURVES: ReadonlySet<string> = new Set(['prime256v1', 'secp384r1', 'secp521r1']);
+
+/**
+ * A server key on another curve (secp256k1, P-192) loaded, `check` said OK and the proxy started, and every
+ * handshake then failed (curl: "sslv3 alert handshake failure"; the log: no_suitable_signature_algorithm).
+ */
+function checkClientsCanVerify(serverCert: X509Certificate, file: string): void {
+  const curve = serverCert.publicKey.asymmetricKeyDetails?.namedCurve;
+  if (curve === undefined || SERVER_KEY_CURVES.has(curve)) return;
+  throw new TlsMaterialError(
+    `--mtls_cert: ${file} holds ${keyDescription(serverCert)}, with which no TLS client lets a server sign (TLS 1.3 takes P-256, P-384 and P-521; curl, Go and Java offer no other): every handshake would fail; reissue it with a P-256 key (the default of \`ovms-mtls certs init\`) or RSA 2048`,
+  );
+}
+
 /** A key that fits a later certificate of the file means the chain is upside down (CA first), not a wrong key. */
 function keyMismatch(chain: X509Certificate[], privateKey: KeyObject, files: TlsFiles): TlsMaterialError {
   const holder = chain.findIndex((cert) => cert.checkPrivateKey(privateKey));
@@ -285,6 +300,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   if (!serverCert.checkPrivateKey(privateKey)) throw keyMismatch(chain, privateKey, files);
   checkServerCert(serverCert, files.cert, now);
   checkOpensslTakesPair(cert, key, chain, files);
+  checkClientsCanVerify(serverCert, files.cert);
   const clientCas = parseCertificates(ca.toString('latin1'), 'mtls_client_ca', files.clientCa);
   checkClientCas(clientCas, files.clientCa);
   // One latin1 copy of the CRL for every check: a million entries are 50 MiB of text.

@@ -212,6 +212,30 @@ describe('proxy command line', () => {
     assert.equal(viaWildcard.stderr, `ovms-mtls: --mtls_rest_upstream [::1]:${restPort} is this proxy's own --rest_port: it would forward every call to itself (give the model server's host:port)\n`);
   });
 
+  // secp256k1 and P-192 keys loaded, check said OK, the proxy started, and every handshake failed (no_suitable_signature_algorithm).
+  test('a server key on a curve no TLS client verifies a server by exits 2 before listening, and check fails it', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-curve-'));
+    try {
+      for (const curve of ['secp256k1', 'prime192v1']) {
+        const [cert, key] = [join(dir, `${curve}.pem`), join(dir, `${curve}.key`)];
+        assert.equal((await runCommand('openssl', ['ecparam', '-name', curve, '-genkey', '-noout', '-out', key])).code, 0);
+        const made = await runCommand('openssl', ['req', '-x509', '-key', key, '-out', cert, '-subj', '/CN=localhost', '-days', '2',
+          '-addext', 'basicConstraints=critical,CA:FALSE', '-addext', 'subjectAltName=DNS:localhost', '-addext', 'extendedKeyUsage=serverAuth']);
+        assert.equal(made.code, 0, made.stderr);
+        const message = `--mtls_cert: ${cert} holds an EC key on curve ${curve}, with which no TLS client lets a server sign (TLS 1.3 takes P-256, P-384 and P-521; curl, Go and Java offer no other): every handshake would fail; reissue it with a P-256 key (the default of \`ovms-mtls certs init\`) or RSA 2048`;
+        const res = await startupOutcome(['--mtls_workers', '1', '--mtls_cert', cert, '--mtls_key', key]);
+        assert.equal(res.listened, false, `${curve}: the proxy started`);
+        assert.equal(res.code, 2);
+        assert.equal(res.stderr, `ovms-mtls: ${message}\n`);
+        const check = await runCli(['check', ...tlsFlags(), '--mtls_cert', cert, '--mtls_key', key]);
+        assert.equal(check.code, 1);
+        assert.match(check.stdout, new RegExp(`^FAIL  ${message.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm'));
+      }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
   // OVMS_MTLS_ALOW_CN=alice was passed over without a word, and the proxy admitted every client the CA vouches for.
   test('an OVMS_MTLS_* variable that names no option exits 2 before listening, naming the variable meant', async () => {
     const res = await startupOutcome(['--mtls_workers', '1'], { OVMS_MTLS_ALOW_CN: 'alice' });
