@@ -435,6 +435,23 @@ describe('proxy command line', () => {
     }
   });
 
+  test('an upstream given for a protocol with no public port (an env file shared by deployments) is named in a warning: nothing listens for it', async () => {
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const cli = startCli(['proxy', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, ...tlsFlags()],
+      { env: { OVMS_MTLS_GRPC_UPSTREAM: `127.0.0.1:${upstream.grpcPort}` } });
+    try {
+      await cli.logs.waitFor((l) => l.event === 'listening' && l['listener'] === 'rest');
+      const ignored = cli.logs.lines.filter((l) => l.event === 'option_ignored');
+      assert.deepEqual(ignored.map((l) => [l.level, l['option'], l.msg]), [
+        ['warn', 'mtls_grpc_upstream', '--mtls_grpc_upstream is set, but --port is not: nothing listens for it, so it is not used (give --port to serve it)'],
+      ]);
+      assert.equal(cli.logs.lines.some((l) => l.event === 'listening' && l['listener'] === 'grpc'), false);
+    } finally {
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0, cli.stderr());
+    }
+  });
+
   test('a public port already in use exits 2 naming the port, and nothing keeps listening', async () => {
     const blocker = createServer().listen(0, '127.0.0.1');
     await once(blocker, 'listening');

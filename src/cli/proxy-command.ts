@@ -1,5 +1,6 @@
-import { ENVIRONMENT_HELP, envVarName } from '../options.js';
+import { ENVIRONMENT_HELP, envVarName, type RawOptions } from '../options.js';
 import type { Logger } from 'pino';
+import type { Config } from '../config.js';
 import { ENTRYPOINT_ONLY, PROXY_OPTIONS, entrypointOnlyError, proxyConfigFromOptions } from '../proxy-options.js';
 import { resolveListenAddresses } from '../bind-addresses.js';
 import { createLogger } from '../log.js';
@@ -34,6 +35,19 @@ function warnEntrypointOnlyVariables(env: NodeJS.ProcessEnv, logger: Logger): vo
   }
 }
 
+/**
+ * An upstream given for a protocol with no public port (`--mtls_rest_upstream` without `--rest_port`,
+ * or a variable from an env file shared by several deployments): nothing listens for that protocol,
+ * which the user may not have meant, and the proxy said nothing.
+ */
+function warnUpstreamsWithoutListener(raw: RawOptions, config: Config, logger: Logger): void {
+  const unused = [['mtls_grpc_upstream', 'port', config.grpc], ['mtls_rest_upstream', 'rest_port', config.rest]] as const;
+  for (const [upstream, port, listener] of unused) {
+    if (listener !== undefined || raw[upstream] === undefined) continue;
+    logger.warn({ event: 'option_ignored', option: upstream }, `--${upstream} is set, but --${port} is not: nothing listens for it, so it is not used (give --${port} to serve it)`);
+  }
+}
+
 export const PROXY_USAGE = `ovms-mtls proxy --port 9443 --mtls_grpc_upstream 127.0.0.1:9000 \\
     --rest_port 8443 --mtls_rest_upstream 127.0.0.1:8000 \\
     --mtls_cert server.pem --mtls_key server.key --mtls_client_ca client_cert_ca.pem [--mtls_crl client_cert_ca.crl]
@@ -45,12 +59,14 @@ ${ENVIRONMENT_HELP}`;
 export async function runProxyCommand(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
   refuseEntrypointOptions(argv);
   const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
-  const options = proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, env));
+  const raw = collectOptions(parsed, PROXY_OPTIONS, env);
+  const options = proxyConfigFromOptions(raw);
   // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
   const config = { ...options, ...(await resolveListenAddresses(options)) };
   const logger = createLogger({ level: config.logLevel });
   warnEntrypointOnlyVariables(env, logger);
   warnServiceLinks(env, argv, logger);
+  warnUpstreamsWithoutListener(raw, config, logger);
   const material = loadTlsMaterialSync(config.tls);
   // --mtls_workers > 1: forked workers serve; this process keeps the admin port, the reload watch and the signals.
   const workers = config.workers > 1 ? new WorkerPool({ config, material, logger }) : undefined;
