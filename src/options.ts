@@ -181,13 +181,17 @@ const OPTION_VARIABLES: ReadonlyMap<string, string> = new Map(ALL_OPTIONS.map((s
  */
 const LINK_VARIABLE = /^OVMS_MTLS_(?:\w+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?|NAME|ENV_\w+)$/;
 
+export function isLinkVariable(variable: string): boolean {
+  return LINK_VARIABLE.test(variable);
+}
+
 /**
  * An OVMS_MTLS_* variable that names no option was passed over without a word: OVMS_MTLS_ALOW_CN=alice
  * left the allow-list empty, and every client the CA vouches for got in, where `--mtls_alow_cn` is refused.
  */
 function refuseUnknownVariables(env: NodeJS.ProcessEnv): void {
   for (const variable of Object.keys(env)) {
-    if (!variable.startsWith('OVMS_MTLS_') || OPTION_VARIABLES.has(variable) || LINK_VARIABLE.test(variable) || isServiceLink(variable, env[variable])) continue;
+    if (!variable.startsWith('OVMS_MTLS_') || OPTION_VARIABLES.has(variable) || isLinkVariable(variable) || isServiceLink(variable, env[variable])) continue;
     const meant = closestName(variable, OPTION_VARIABLES.keys());
     const hint = meant === undefined ? 'the variables are the options\' names, listed by `ovms-mtls --help`' : `did you mean ${meant}, for --${OPTION_VARIABLES.get(meant)}?`;
     throw new ConfigError(`${variable} is set in the environment but is no option's variable (${hint}): correct its name, or unset it`);

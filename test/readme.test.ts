@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { runCli, startCli, type LongRunningCli } from './helpers/cli.js';
 import { startUpstream } from './helpers/harness.js';
-import { ALL_OPTIONS, envVarName } from '../src/options.js';
+import { ALL_OPTIONS, envVarName, isLinkVariable } from '../src/options.js';
 import { PROBE_OPTIONS } from '../src/cli/probe-command.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv } from '../src/ovms-args.js';
@@ -134,8 +134,9 @@ test('every --mtls_ option and OVMS_MTLS_ variable the README, docs and deployme
   const unknown = files.flatMap((file) => {
     const text = readFileSync(new URL(file, ROOT), 'utf8');
     const flags = [...text.matchAll(/--(mtls_[a-z_]+)/g)].map((m) => m[1]!).filter((name) => !options.has(name)).map((name) => `--${name}`);
-    const envs = [...text.matchAll(/\bOVMS_MTLS_[A-Z_]+\b/g)].map((m) => m[0]).filter((name) => !variables.has(name));
+    const envs = [...text.matchAll(/\bOVMS_MTLS_[A-Z_]+\b/g)].map((m) => m[0]).filter((name) => !variables.has(name) && !isLinkVariable(name));
     return [...new Set([...flags, ...envs])].map((name) => `${file}: ${name}`);
   });
-  assert.deepEqual(unknown, []);
+  // The README's own examples of a misspelling the commands refuse.
+  assert.deepEqual(unknown, ['README.md: --mtls_cetr', 'README.md: OVMS_MTLS_ALOW_CN']);
 });
