@@ -3,7 +3,7 @@
  * proxyConfigFromOptions for programs, which give the command line's option names as keys: a
  * name the command line would refuse is refused here too, where it was dropped without a word.
  */
-import { ALL_OPTIONS, refuseBlankText, type OptionSpec, type RawOptions } from './options.js';
+import { ALL_OPTIONS, closestName, refuseBlankText, type OptionSpec, type RawOptions } from './options.js';
 import { ConfigError } from './errors.js';
 import { hostAndPort } from './addresses.js';
 import { checkAdminPort, optionalString, parseCommonConfig, parseHostPort, parsePublicListeners, type Config, type HostPort, type PublicListenerSpec } from './config.js';
@@ -29,7 +29,7 @@ function optionMeant(name: string): string | undefined {
   const snakeCase = /^[A-Z0-9_]+$/.test(name)
     ? name.toLowerCase().replace(/^ovms_mtls_/, '')
     : name.replace(/^-+/, '').replace(/-/g, '_').replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
-  return [snakeCase, `mtls_${snakeCase}`].find((candidate) => PROXY_OPTIONS_BY_NAME.has(candidate));
+  return [snakeCase, `mtls_${snakeCase}`].find((candidate) => PROXY_OPTIONS_BY_NAME.has(candidate)) ?? closestName(snakeCase, PROXY_OPTIONS_BY_NAME.keys());
 }
 
 /**

@@ -370,7 +370,8 @@ describe('example configuration', () => {
     const lib = (await import('ovms-mtls')) as typeof import('../src/index.js');
     const given = { rest_port: '8443', mtls_rest_upstream: '127.0.0.1:8000', mtls_cert: 'server.pem', mtls_key: 'server.key', mtls_client_ca: 'client_cert_ca.pem' };
     const refused = (extra: Record<string, string>, message: RegExp) => assert.throws(() => lib.proxyConfigFromOptions({ ...given, ...extra }), { code: 'ERR_CONFIG', message });
-    refused({ mtls_alow_cn: 'alice' }, /^unknown option 'mtls_alow_cn': the names are those of `ovms-mtls proxy --help`, without the dashes$/);
+    refused({ mtls_alow_cn: 'alice' }, /^unknown option 'mtls_alow_cn' \(did you mean 'mtls_allow_cn'\?\)$/);
+    refused({ mtls_bogus: 'alice' }, /^unknown option 'mtls_bogus': the names are those of `ovms-mtls proxy --help`, without the dashes$/);
     refused({ mtlsAllowCn: 'alice' }, /^unknown option 'mtlsAllowCn' \(did you mean 'mtls_allow_cn'\?\)/);
     refused({ '--mtls_allow_cn': 'alice' }, /^unknown option '--mtls_allow_cn' \(did you mean 'mtls_allow_cn'\?\)/);
     refused({ allow_cn: 'alice' }, /^unknown option 'allow_cn' \(did you mean 'mtls_allow_cn'\?\)/);
