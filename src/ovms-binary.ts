@@ -6,6 +6,7 @@
  * such file or directory" named a file that exists, and the wrapper exited 127.
  */
 import { accessSync, closeSync, constants, openSync, readSync, statSync } from 'node:fs';
+import { describeIdentity, MAY_EXECUTE, MAY_READ, refusalFor, type Identity } from './access-denial.js';
 
 /** A `#!` line is read up to this: Linux reads no further (BINPRM_BUF_SIZE). */
 const SHEBANG_BYTES = 256;
@@ -40,9 +41,10 @@ function interpreterOf(path: string): string | undefined {
   return /^#![ \t]*([^ \t\n]+)/.exec(head)?.[1];
 }
 
-function interpreterProblem(path: string): string | undefined {
+function interpreterProblem(path: string, runAs: Identity | undefined): string | undefined {
   const interpreter = interpreterOf(path);
-  if (interpreter === undefined || executable(interpreter)) return undefined;
+  if (interpreter === undefined) return undefined;
+  if (executable(interpreter)) return runAs && scriptRefusal(path, interpreter, runAs);
   if (interpreter.endsWith('\r')) {
     return `is a script with Windows line endings: its first line names the interpreter '${interpreter.slice(0, -1)}\\r', which no system has (convert it: \`sed -i 's/\\r$//' ${path}\` or dos2unix)`;
   }
@@ -63,9 +65,34 @@ function fileProblem(path: string): string | undefined {
   return undefined;
 }
 
-/** Why `path` cannot be run as OVMS, in words to follow the path in an error line; undefined if it can. */
-export function ovmsBinaryProblem(path: string): string | undefined {
+/**
+ * Root passes access(X_OK) whenever any x bit is set, and the check runs as root: a binary the
+ * --mtls_ovms_user may not run (mode 0750 of root's group, in a directory of mode 0700) passed, and
+ * setpriv failed with "Permission denied" (exit 126) once the listeners were up. Judged for that user.
+ */
+function userRefusal(path: string, runAs: Identity, want: number): string | undefined {
+  const refusal = refusalFor(path, runAs, want);
+  if (refusal === undefined) return undefined;
+  const bit = want === MAY_READ ? 'r' : 'x';
+  return `${describeIdentity(runAs)}, the --mtls_ovms_user OVMS runs as: ${refusal}; give that user, one of its groups or all ${bit} permission on it (chmod, chgrp or chown), or pass --mtls_ovms_user a user that may`;
+}
+
+/** The interpreter must be run by OVMS's user, and reads the script as that user. */
+function scriptRefusal(path: string, interpreter: string, runAs: Identity): string | undefined {
+  const interpreterRefused = userRefusal(interpreter, runAs, MAY_EXECUTE);
+  if (interpreterRefused !== undefined) return `is a script whose interpreter ${interpreter} (its first line, #!) cannot be run by ${interpreterRefused}`;
+  const unreadable = userRefusal(path, runAs, MAY_READ);
+  return unreadable && `is a script, which its interpreter reads, and it cannot be read by ${unreadable}`;
+}
+
+/**
+ * Why `path` cannot be run as OVMS, in words to follow the path in an error line; undefined if it can.
+ * `runAs`: the user OVMS will run as (ovmsIdentity), when not this process's.
+ */
+export function ovmsBinaryProblem(path: string, runAs?: Identity): string | undefined {
   const problem = fileProblem(path);
   if (problem !== undefined) return `${problem} (pass --mtls_ovms_binary PATH to the ovms executable)`;
-  return interpreterProblem(path);
+  const refused = runAs && userRefusal(path, runAs, MAY_EXECUTE);
+  if (refused !== undefined) return `cannot be run by ${refused}`;
+  return interpreterProblem(path, runAs);
 }

@@ -7,7 +7,8 @@
 import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
 import { accessSync, constants as fsConstants } from 'node:fs';
 import { constants as osConstants } from 'node:os';
-import type { UserAccount } from './privileges.js';
+import { initGroups, type UserAccount } from './privileges.js';
+import type { Identity } from './access-denial.js';
 
 export interface ExitStatus {
   readonly code: number | null;
@@ -93,6 +94,16 @@ export function spawnCommand(spec: CommandSpec): SpawnCommand {
   if (!setpriv) return { file: binary, args, ...(runAs ? { uid: runAs.uid, gid: runAs.gid } : {}), ...env };
   const user = runAs ? [`--reuid=${runAs.uid}`, `--regid=${runAs.gid}`, runAs.inPasswd ? '--init-groups' : '--clear-groups'] : [];
   return { file: setpriv, args: [...user, '--pdeathsig=SIGKILL', '--', binary, ...args], ...env };
+}
+
+/**
+ * Who OVMS is when spawnCommand runs it as `user`, for judging its files before it starts: through
+ * setpriv, with the groups --init-groups gives a user in /etc/passwd; a bare uid (--clear-groups)
+ * and Node's own uid spawn (libuv clears the supplementary groups) keep only the gid.
+ */
+export function ovmsIdentity(user: UserAccount, setpriv: string | undefined): Identity {
+  const groups = setpriv && user.inPasswd ? initGroups(user) : [user.gid];
+  return { name: user.name, uid: user.uid, groups };
 }
 
 export function spawnChild(command: SpawnCommand, stdio: StdioOptions): ChildProcess {

@@ -50,11 +50,36 @@ export function lookupUser(nameOrUid: string, options: LookupOptions): UserAccou
 }
 
 function readPasswd(flag: string): string {
+  return readAccountFile('/etc/passwd', flag);
+}
+
+function readAccountFile(path: string, flag: string): string {
   try {
-    return readFileSync('/etc/passwd', 'utf8');
+    return readFileSync(path, 'utf8');
   } catch (err) {
-    throw new ConfigError(`--${flag}: cannot read /etc/passwd to look the user up (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+    throw new ConfigError(`--${flag}: cannot read ${path} to look the user up (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
   }
+}
+
+/** The gids of the /etc/group entries that list `name` as a member. */
+export function memberships(name: string, group: string): number[] {
+  const gids: number[] = [];
+  for (const line of group.split('\n')) {
+    const [, , gid, members] = line.split(':');
+    if (/^\d+$/.test(gid ?? '') && (members ?? '').split(',').includes(name)) gids.push(Number(gid));
+  }
+  return gids;
+}
+
+/**
+ * Every group OVMS has when setpriv runs it as `user` with --init-groups (see spawnCommand): its gid
+ * (--regid), then what initgroups(3) gives the passwd entry of its uid (as setpriv looks it up): that
+ * entry's gid and the groups listing its name.
+ */
+export function initGroups(user: UserAccount, files: { readonly passwd?: string; readonly group?: string } = {}): number[] {
+  const entry = parsePasswd(files.passwd ?? readPasswd('mtls_ovms_user')).find((account) => account.uid === user.uid) ?? user;
+  const member = memberships(entry.name, files.group ?? readAccountFile('/etc/group', 'mtls_ovms_user'));
+  return [...new Set([user.gid, entry.gid, ...member])];
 }
 
 /**

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { spawnSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
-import { chmod, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, chown, copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,6 +24,9 @@ import { startServing } from '../src/cli/entrypoint-command.js';
 import { PROXY_FATAL_EXIT_CODE, runUntilDone } from '../src/cli/entrypoint-lifecycle.js';
 import { createLogger } from '../src/log.js';
 import { openFilesLimit } from '../src/fd-headroom.js';
+
+/** Judging a binary for another user takes files of other owners, and a run as that user. */
+const ROOT_ONLY = process.getuid?.() !== 0 && 'needs root';
 
 const JSON_VALUE = '{"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}';
 
@@ -996,5 +999,80 @@ describe('non-serving invocations', () => {
         await stopWrapper(s.wrapper);
       }
     }
+  });
+});
+
+// The check ran as root, which access(2) lets run anything with an x bit: a binary only root may run (or in a directory
+// only root may enter) passed, the listeners came up, then setpriv failed with "Permission denied" (exit 126) as OVMS's user.
+describe("an --mtls_ovms_binary judged for the --mtls_ovms_user OVMS runs as, not for root", { skip: ROOT_ONLY }, () => {
+  const nobody = 'nobody (uid 65534, groups 65534), the --mtls_ovms_user OVMS runs as';
+  let open: string;
+
+  before(async () => {
+    open = await mkdtemp(join(tmpdir(), 'ovms-mtls-binary-user-'));
+    await chmod(open, 0o755);
+    await mkdir(join(open, 'shut'), { mode: 0o700 });
+    // A working interpreter, but in a directory only root may enter.
+    await copyFile('/bin/sh', join(open, 'shut', 'sh'));
+    await chmod(join(open, 'shut', 'sh'), 0o755);
+  });
+  after(async () => {
+    await rm(open, { recursive: true, force: true });
+  });
+
+  const script = async (name: string, text: string, mode: number, owner: [number, number] = [0, 0]) => {
+    const path = join(open, name);
+    await writeFile(path, text);
+    await chown(path, ...owner);
+    await chmod(path, mode);
+    return path;
+  };
+
+  test('one it may not run is one line naming the user, what refuses it and what to do, exit 2, before anything listens or OVMS is run', async () => {
+    const launcher = `#!/bin/sh\nexec ${FAKE_OVMS} "$@"\n`;
+    const ownerOnly = await script('ovms-0700.sh', launcher, 0o700);
+    const rootGroup = await script('ovms-0750.sh', launcher, 0o750);
+    // Its owner gets the owner's bits (none), though the others' would let it.
+    const ownerNoX = await script('ovms-0071.sh', launcher, 0o071, [65534, 65534]);
+    const inShut = await script('shut/ovms.sh', launcher, 0o755);
+    const shutInterpreter = await script('ovms-shut-sh.sh', `#!${join(open, 'shut', 'sh')}\nexec ${FAKE_OVMS} "$@"\n`, 0o755);
+    const unreadable = await script('ovms-0711.sh', launcher, 0o711);
+    const fix = (bit: string) => `give that user, one of its groups or all ${bit} permission on it (chmod, chgrp or chown), or pass --mtls_ovms_user a user that may`;
+    const shutDir = `the directory ${join(open, 'shut')} (mode 0700, owner uid 0, group 0) does not let it in (every directory on the way needs x permission for it)`;
+    const cases: [string, string][] = [
+      [ownerOnly, `cannot be run by ${nobody}: the file is mode 0700, owner uid 0, group 0; ${fix('x')}`],
+      [rootGroup, `cannot be run by ${nobody}: the file is mode 0750, owner uid 0, group 0; ${fix('x')}`],
+      [ownerNoX, `cannot be run by ${nobody}: the file is mode 071, owner uid 65534, group 65534; ${fix('x')}`],
+      [inShut, `cannot be run by ${nobody}: ${shutDir}; ${fix('x')}`],
+      [shutInterpreter, `is a script whose interpreter ${join(open, 'shut', 'sh')} (its first line, #!) cannot be run by ${nobody}: ${shutDir}; ${fix('x')}`],
+      [unreadable, `is a script, which its interpreter reads, and it cannot be read by ${nobody}: the file is mode 0711, owner uid 0, group 0; ${fix('r')}`],
+    ];
+    for (const [binary, problem] of cases) {
+      const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_ovms_binary', binary, '--mtls_ovms_user', 'nobody']);
+      try {
+        // Without the check it serves: the listening line ends the wait instead of the test's timeout.
+        const listening = s.wrapper.waitForEvent('listening').then((l) => l, () => undefined);
+        assert.deepEqual(await Promise.race([s.wrapper.exited, listening]), { code: 2, signal: null }, binary);
+        assert.equal(s.wrapper.stderr(), `ovms-mtls: --mtls_ovms_binary: ${binary} ${problem}\n`);
+        assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
+        assert.deepEqual(fakeRuns(s.argvFile), []);
+      } finally {
+        await stopWrapper(s.wrapper);
+      }
+    }
+  });
+
+  test('one it may run through its group, or one only root may run with --mtls_ovms_user root, is run', async () => {
+    const argvFile = join(open, 'runs.jsonl');
+    await writeFile(argvFile, '', { mode: 0o666 });
+    await chmod(argvFile, 0o666);
+    const launcher = `#!/bin/sh\nexec ${FAKE_OVMS} "$@"\n`;
+    const nogroup = await script('ovms-nogroup-0750.sh', launcher, 0o750, [0, 65534]);
+    const rootOnly = await script('ovms-root-0700.sh', launcher, 0o700);
+    for (const [binary, user] of [[nogroup, 'nobody'], [rootOnly, 'root']] as const) {
+      const wrapper = startWrapper(['--list_models', '--model_repository_path', '/models', '--mtls_ovms_binary', binary, '--mtls_ovms_user', user], { FAKE_OVMS_ARGV_FILE: argvFile });
+      assert.deepEqual(await wrapper.exited, { code: 0, signal: null }, wrapper.stderr());
+    }
+    assert.deepEqual(fakeRuns(argvFile).map((r) => r.uid), [65534, 0]);
   });
 });

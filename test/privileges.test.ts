@@ -2,13 +2,14 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { chmod, chown, mkdtemp, rm } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { https1 } from './helpers/harness.js';
 import { fakeRuns, FAKE_OVMS, makeFakeExecutable, startWrapper, tlsArgs } from './helpers/entrypoint.js';
-import { assertCanSwitchUsers, lookupUser, missingSwitchCapabilities, ovmsEnvironment, parsePasswd, planPrivileges } from '../src/privileges.js';
-import { spawnCommand } from '../src/ovms-child.js';
+import { assertCanSwitchUsers, initGroups, lookupUser, missingSwitchCapabilities, ovmsEnvironment, parsePasswd, planPrivileges } from '../src/privileges.js';
+import { ovmsIdentity, spawnCommand } from '../src/ovms-child.js';
 import { ConfigError } from '../src/errors.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 
@@ -89,6 +90,32 @@ describe('the OVMS spawn command', () => {
 
   test('without setpriv, Node switches the user', () => {
     assert.deepEqual(spawnCommand({ binary: '/x', args: [], runAs: { name: 'n', uid: 7, gid: 8, inPasswd: false, home: '/' } }), { file: '/x', args: [], uid: 7, gid: 8 });
+  });
+});
+
+describe("the groups OVMS runs with, for judging its binary before it starts", () => {
+  const GROUP = ['root:x:0:', 'video:x:44:ovms,other', 'render:x:105:ovms', 'ovms:x:5000:', 'staff:x:50:other'].join('\n');
+
+  test("setpriv --init-groups: the --regid, and the gid and member groups of its uid's first passwd entry", () => {
+    const ovms = lookupUser('ovms', { flag: 'mtls_ovms_user', passwd: PASSWD });
+    assert.deepEqual(initGroups(ovms, { passwd: PASSWD, group: GROUP }), [5000, 44, 105]);
+    // A second name for uid 5000: setpriv looks the uid up (getpwuid), which finds the first.
+    const alias = { ...ovms, name: 'alias', gid: 50 };
+    assert.deepEqual(initGroups(alias, { passwd: PASSWD, group: GROUP }), [50, 5000, 44, 105]);
+  });
+
+  // Compared with what the kernel then reports for each user of this system: the groups the child really gets.
+  test('as each user of /etc/passwd and a bare uid, with and without setpriv, the groups are those `id -G` reports in the child', { skip: root ? false : 'needs root' }, () => {
+    const users = [...parsePasswd(readFileSync('/etc/passwd', 'utf8')).filter((a) => a.uid !== 0), lookupUser('1000680000', { flag: 'mtls_ovms_user' })];
+    for (const user of users) {
+      for (const setpriv of ['/usr/bin/setpriv', undefined]) {
+        const cmd = spawnCommand({ binary: '/usr/bin/id', args: ['-G'], runAs: user, setpriv });
+        const run = spawnSync(cmd.file, [...cmd.args], { encoding: 'utf8', ...(cmd.uid !== undefined ? { uid: cmd.uid, gid: cmd.gid } : {}) });
+        assert.equal(run.status, 0, run.stderr);
+        const reported = run.stdout.trim().split(' ').map(Number).sort((a, b) => a - b);
+        assert.deepEqual([...ovmsIdentity(user, setpriv).groups].sort((a, b) => a - b), reported, `${user.name} ${setpriv ?? 'without setpriv'}`);
+      }
+    }
   });
 });
 

@@ -17,20 +17,21 @@ import { resolveListenAddresses } from '../bind-addresses.js';
 import { productVersion } from '../version.js';
 import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
 import { entrypointSettings, ovmsBinary, ovmsUser, type EntrypointSettings } from '../entrypoint-config.js';
-import { exitCodeOf, findSetpriv, runToCompletion, spawnCommand } from '../ovms-child.js';
+import { exitCodeOf, findSetpriv, ovmsIdentity, runToCompletion, spawnCommand } from '../ovms-child.js';
 import { OvmsSupervisor, type HangWatchSettings } from '../ovms-supervisor.js';
 import { ovmsLivenessCheck, ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
 import { hangCheckPeriodMs } from '../ovms-watchdog.js';
 import { LoopbackUpstreams } from '../ports.js';
-import { assertCanSwitchUsers, dropPrivileges, isRoot, ovmsEnvironment, planPrivileges, usersNotTaken, type PrivilegePlan, type UserOption } from '../privileges.js';
+import { assertCanSwitchUsers, dropPrivileges, isRoot, ovmsEnvironment, planPrivileges, usersNotTaken, type PrivilegePlan, type UserAccount, type UserOption } from '../privileges.js';
 import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
 import { logSupervisorEvents, ovmsStopShareMs, runUntilDone, shutdownBudget } from './entrypoint-lifecycle.js';
 import { waitForStopSignal, warnServiceLinks } from './lifecycle.js';
 import type { Io } from './main.js';
 
-function assertExecutable(binary: string): void {
-  const problem = ovmsBinaryProblem(binary);
+/** `runAs`: the user OVMS will run as (the plan's), whose permissions count rather than ours. */
+function assertExecutable(binary: string, runAs: UserAccount | undefined): void {
+  const problem = ovmsBinaryProblem(binary, runAs && ovmsIdentity(runAs, findSetpriv()));
   if (problem !== undefined) throw new ChildProcessError(`--mtls_ovms_binary: ${binary} ${problem}`);
 }
 
@@ -86,7 +87,7 @@ function oneShotPrivileges(split: SplitOvmsArgv, io: Io): PrivilegePlan {
 /** A non-serving OVMS invocation: run OVMS with these arguments and exit with its code; nothing listens. */
 async function runOneShot(split: SplitOvmsArgv, io: Io, args: readonly string[], plan: PrivilegePlan): Promise<number> {
   const binary = ovmsBinary(split, io.env);
-  assertExecutable(binary);
+  assertExecutable(binary, plan.ovms);
   const status = await runToCompletion(spawnCommand({ binary, args, runAs: plan.ovms, setpriv: findSetpriv(), env: ovmsEnvironment(plan.ovms) }));
   return exitCodeOf(status);
 }
@@ -160,7 +161,7 @@ export async function startServing(settings: EntrypointSettings, options: Servin
   if (!isRoot()) warnUsersNotTaken(settings.usersGiven, logger);
   checkUsersCompatible(settings, plan);
   assertCanSwitchUsers(plan);
-  assertExecutable(settings.binary);
+  assertExecutable(settings.binary, plan.ovms);
   // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
   const binds = await resolveListenAddresses({ ...settings.listeners, admin: settings.common.admin });
   const material = loadTlsMaterialSync(settings.common.tls);
