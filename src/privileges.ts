@@ -50,14 +50,10 @@ export function lookupUser(nameOrUid: string, options: LookupOptions): UserAccou
 }
 
 function readPasswd(flag: string): string {
-  return readAccountFile('/etc/passwd', flag);
-}
-
-function readAccountFile(path: string, flag: string): string {
   try {
-    return readFileSync(path, 'utf8');
+    return readFileSync('/etc/passwd', 'utf8');
   } catch (err) {
-    throw new ConfigError(`--${flag}: cannot read ${path} to look the user up (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+    throw new ConfigError(`--${flag}: cannot read /etc/passwd to look the user up (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
   }
 }
 
@@ -78,8 +74,17 @@ export function memberships(name: string, group: string): number[] {
  */
 export function initGroups(user: UserAccount, files: { readonly passwd?: string; readonly group?: string } = {}): number[] {
   const entry = parsePasswd(files.passwd ?? readPasswd('mtls_ovms_user')).find((account) => account.uid === user.uid) ?? user;
-  const member = memberships(entry.name, files.group ?? readAccountFile('/etc/group', 'mtls_ovms_user'));
+  const member = memberships(entry.name, files.group ?? etcGroupOrNone());
   return [...new Set([user.gid, entry.gid, ...member])];
+}
+
+/** An image without /etc/group (a minimal one) gives initgroups(3) no supplementary groups to add, not a reason to refuse. */
+function etcGroupOrNone(): string {
+  try {
+    return readFileSync('/etc/group', 'utf8');
+  } catch {
+    return '';
+  }
 }
 
 /**
