@@ -85,6 +85,7 @@ export function envVarName(optionName: string): string {
 
 /** For the usage of the commands that read the environment: `proxy --help` and `check --help` did not say they do. */
 export const ENVIRONMENT_HELP = 'Every option can also come from the environment as OVMS_MTLS_<NAME without mtls_> (--mtls_cert -> OVMS_MTLS_CERT,\n--port -> OVMS_MTLS_PORT); the command line wins.';
+
 /** How a name is compared with the option names: case, leading dashes and `-` for `_` aside. */
 function comparable(name: string): string {
   return name.replace(/^-+/, '').toLowerCase().replace(/-/g, '_');
