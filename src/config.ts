@@ -182,10 +182,20 @@ export function parsePort(name: string, value: unknown): number {
  */
 export const MAX_SECONDS = 2_000_000;
 
+const SECONDS_PER_UNIT: Readonly<Record<string, number>> = { ms: 0.001, s: 1, m: 60, h: 3600 };
+
+/** `: give 60 for 1m`, for a duration written with a unit (as Go, nginx and Kubernetes spell them), which is refused. */
+function secondsHint(value: unknown): string {
+  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)$/i.exec(String(value).trim());
+  if (!match) return '';
+  const seconds = Number((Number(match[1]) * SECONDS_PER_UNIT[match[2]!.toLowerCase()]!).toPrecision(12));
+  return `: give ${seconds} for ${match[0]}`;
+}
+
 function parseSeconds(name: string, value: unknown): number {
   // Number('') is 0: a flag given without a value (`--mtls_handshake_timeout $UNSET`) would be a 1 ms timeout.
   const n = String(value).trim() === '' ? NaN : Number(value);
-  if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0`);
+  if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0${secondsHint(value)}`);
   if (n > MAX_SECONDS) throw new ConfigError(`${flag(name)}: '${String(value)}' is more than ${MAX_SECONDS} seconds (23 days), the longest timeout supported`);
   return Math.round(n * 1000);
 }

@@ -60,6 +60,15 @@ test('--mtls_idle_timeout is seconds (65 by default); a bad value names the opti
   assert.throws(() => parseLimits({ mtls_idle_timeout: 'soon' }), /--mtls_idle_timeout/);
 });
 
+// `--mtls_idle_timeout 5m`, as Go, nginx and Kubernetes write durations, was refused without the number that works.
+test('a timeout written with a unit is refused naming the plain number of seconds it means', () => {
+  const cases: [string, string][] = [['5m', '300'], ['500ms', '0.5'], ['90S', '90'], ['1.5h', '5400'], ['3ms', '0.003']];
+  for (const [given, seconds] of cases) {
+    assert.throws(() => parseLimits({ mtls_idle_timeout: given }), { message: `--mtls_idle_timeout: '${given}' is not a number of seconds >= 0: give ${seconds} for ${given}` });
+  }
+  assert.throws(() => parseLimits({ mtls_idle_timeout: 'soon' }), { message: "--mtls_idle_timeout: 'soon' is not a number of seconds >= 0" });
+});
+
 test('an upstream named as Docker Compose names a service (model_server) or with the root dot of a fully qualified name is host:port; a name with a space or an empty label is not', () => {
   assert.deepEqual(parseHostPort('mtls_rest_upstream', 'model_server:8000'), { host: 'model_server', port: 8000 });
   assert.deepEqual(parseHostPort('mtls_grpc_upstream', 'ovms.default.svc.cluster.local.:9000'), { host: 'ovms.default.svc.cluster.local.', port: 9000 });

@@ -808,7 +808,7 @@ describe('the hang watchdog (--mtls_ovms_hang_timeout)', () => {
     } finally {
       await stopWrapper(s.wrapper);
     }
-    assert.equal(s.wrapper.stderr(), "ovms-mtls: --mtls_ovms_hang_timeout: '1m' is not a number of seconds >= 0 (set by OVMS_MTLS_OVMS_HANG_TIMEOUT in the environment)\n");
+    assert.equal(s.wrapper.stderr(), "ovms-mtls: --mtls_ovms_hang_timeout: '1m' is not a number of seconds >= 0: give 60 for 1m (set by OVMS_MTLS_OVMS_HANG_TIMEOUT in the environment)\n");
   });
 });
 
