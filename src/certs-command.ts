@@ -147,27 +147,24 @@ export async function certsInit(o: CertsInitOptions): Promise<CertsReport> {
  * replaces that CA, and these files, left in place beside the new set, would no longer get in.
  */
 async function clientsOfClientCa(dir: string): Promise<string[]> {
-  const caPem = await readOptionalMaterial(resolve(dir, CERT_FILES.clientCaCert)).catch(() => undefined);
-  const ca = caPem === undefined ? undefined : parseCertificate(caPem);
+  const ca = await certificateIn(resolve(dir, CERT_FILES.clientCaCert));
   if (ca === undefined) return [];
   const ours = new Set<string>(Object.values(CERT_FILES));
   const names = (await readdir(dir)).filter((name) => name.endsWith('.pem') && !ours.has(name)).sort();
   const issued = await Promise.all(
     names.map(async (name) => {
-      const pem = await readOptionalMaterial(resolve(dir, name)).catch(() => undefined);
-      const cert = pem === undefined ? undefined : parseCertificate(pem);
+      const cert = await certificateIn(resolve(dir, name));
       return cert !== undefined && issuedBy(cert, ca);
     }),
   );
   return names.filter((_, i) => issued[i]);
 }
 
-function parseCertificate(pem: string): X509Certificate | undefined {
-  try {
-    return new X509Certificate(pem);
-  } catch {
-    return undefined;
-  }
+/** The first certificate of the file at `path`, if it is one that holds any. */
+async function certificateIn(path: string): Promise<X509Certificate | undefined> {
+  const pem = await readOptionalMaterial(path).catch(() => undefined);
+  const cert = pem === undefined ? undefined : firstPemCertificate(Buffer.from(pem), path, 'cert');
+  return typeof cert === 'string' ? undefined : cert;
 }
 
 function orphanedNote(dir: string, names: string[]): string[] {
