@@ -9,7 +9,7 @@ import { runCli } from './helpers/cli.js';
 
 /** What `ovms-mtls proxy ARGV` reads from its command line, before config.ts validates it. */
 async function proxyOptions(argv: string[]): Promise<RawOptions> {
-  return collectOptions(await parseCommandLine(argv, PROXY_OPTIONS, 'usage'), PROXY_OPTIONS, {});
+  return collectOptions(await parseCommandLine(argv, PROXY_OPTIONS, 'usage', 'proxy'), PROXY_OPTIONS, {});
 }
 
 function refusal(message: string): (err: unknown) => boolean {
@@ -44,26 +44,32 @@ test('a text option given with nothing is refused by name, as in the entrypoint,
 
 // The entrypoint named `--mtls_cert` for `--mtls-cert`; `proxy`, `check`, `probe` and `certs` said only "unknown option".
 test('an option written with dashes or capitals is refused naming the option meant, in every command as in the entrypoint', async () => {
-  const unknown = (options: string) => `unknown option ${options} (see \`ovms-mtls --help\`)`;
+  const unknown = (options: string, command = 'proxy') => `unknown option ${options} (see \`ovms-mtls ${command} --help\`)`;
   await assert.rejects(proxyOptions(['--mtls-cert', 'server.pem']), refusal(unknown('--mtls-cert (did you mean --mtls_cert?)')));
   await assert.rejects(proxyOptions(['--REST_PORT=8443']), refusal(unknown('--REST_PORT (did you mean --rest_port?)')));
   await assert.rejects(proxyOptions(['--mtls-cert', 'a', '--Mtls_Key', 'b']), refusal(unknown('--mtls-cert (did you mean --mtls_cert?), --Mtls_Key (did you mean --mtls_key?)')));
-  await assert.rejects(parseCommandLine(['--mtls-ca', 'ca.pem'], PROBE_OPTIONS, 'usage'), refusal(unknown('--mtls-ca (did you mean --mtls_ca?)')));
+  await assert.rejects(parseCommandLine(['--mtls-ca', 'ca.pem'], PROBE_OPTIONS, 'usage', 'probe'), refusal(unknown('--mtls-ca (did you mean --mtls_ca?)', 'probe')));
   // A name no command takes in any spelling, nor close to one, keeps the plain line.
   await assert.rejects(proxyOptions(['--mtls_bogus', 'x']), refusal(unknown('--mtls_bogus')));
 });
 
-// Every command said only "unknown option --forc (see `ovms-mtls --help`)", leaving the user to find the typo.
-test('a misspelt option of certs, check or probe is refused naming the option meant, in one line, exit 2', async () => {
-  const cases: [string[], string][] = [
-    [['certs', 'init', '--dir', 'unwritten', '--forc'], 'unknown option --forc (did you mean --force?)'],
-    [['certs', 'client', '--nmae', 'alice'], 'unknown option --nmae (did you mean --name?)'],
-    [['check', '--mtls_client-ca', 'ca.pem'], 'unknown option --mtls_client-ca (did you mean --mtls_client_ca?)'],
-    [['probe', '--hots', 'localhost'], 'unknown option --hots (did you mean --host?)'],
+// Every command said only "unknown option --forc (see `ovms-mtls --help`)", leaving the user to find the typo;
+// and that help lists the commands, not their options: the line now names the command's own --help.
+test('a misspelt option of certs, check, probe or demo is refused naming the option meant and the command\'s own --help, in one line, exit 2', async () => {
+  const cases: [string[], string, string][] = [
+    [['certs', 'init', '--dir', 'unwritten', '--forc'], 'unknown option --forc (did you mean --force?)', 'certs init'],
+    [['certs', 'client', '--nmae', 'alice'], 'unknown option --nmae (did you mean --name?)', 'certs client'],
+    [['check', '--mtls_client-ca', 'ca.pem'], 'unknown option --mtls_client-ca (did you mean --mtls_client_ca?)', 'check'],
+    [['probe', '--hots', 'localhost'], 'unknown option --hots (did you mean --host?)', 'probe'],
+    [['demo', '--rest-port', '8443'], 'unknown option --rest-port (did you mean --rest_port?)', 'demo'],
   ];
-  for (const [argv, message] of cases) {
+  for (const [argv, message, command] of cases) {
     const res = await runCli(argv);
     assert.equal(res.code, 2, argv.join(' '));
-    assert.equal(res.stderr, `ovms-mtls: ${message} (see \`ovms-mtls --help\`)\n`);
+    assert.equal(res.stderr, `ovms-mtls: ${message} (see \`ovms-mtls ${command} --help\`)\n`);
+    // The command named there answers with its options, the one misspelt among them.
+    const help = await runCli([...command.split(' '), '--help']);
+    assert.equal(help.code, 0, `${command} --help`);
+    assert.match(help.stdout, new RegExp(`--${/did you mean --(\w+)/.exec(message)![1]}\\b`), `${command} --help`);
   }
 });

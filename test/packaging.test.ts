@@ -37,7 +37,7 @@ type Yaml = Record<string, any>; // eslint-disable-line @typescript-eslint/no-ex
 
 /** A `proxy` command line must get through the real parser and config validation. */
 async function assertValidProxyArgs(argv: string[]): Promise<void> {
-  const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
+  const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE, 'proxy');
   proxyConfigFromOptions(collectOptions(parsed, PROXY_OPTIONS, {}));
 }
 
@@ -110,7 +110,7 @@ describe('docker-compose.yml', () => {
     const healthcheck = services['ovms-secure']!['healthcheck'] as Yaml;
     const [form, program, command, ...args] = healthcheck['test'] as string[];
     assert.deepEqual([form, program, command], ['CMD', '/usr/local/bin/ovms-mtls', 'probe']);
-    const parsed = await parseCommandLine(args, PROBE_OPTIONS, PROBE_USAGE);
+    const parsed = await parseCommandLine(args, PROBE_OPTIONS, PROBE_USAGE, 'probe');
     const given = (name: string) => [parsed[name]].flat().at(-1) as string | number | undefined;
     const stepSeconds = Number(given('timeout') ?? DEFAULT_PROBE_TIMEOUT_S);
     // One after another, each up to --timeout: per port its TLS handshake, gRPC ServerLive and
@@ -142,7 +142,7 @@ describe('docker-compose.yml', () => {
     assertKnownMtlsFlags(services['ovms-secure']!['command']);
     const probe = services['probe']!['command'] as string[];
     assert.equal(probe[0], 'probe');
-    await parseCommandLine(probe.slice(1), PROBE_OPTIONS, PROBE_USAGE);
+    await parseCommandLine(probe.slice(1), PROBE_OPTIONS, PROBE_USAGE, 'probe');
   });
 
   describe('certs-init, run as compose runs it (sh -c) on a directory standing in for the certs volume', () => {

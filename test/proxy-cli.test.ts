@@ -151,11 +151,11 @@ describe('proxy command line', () => {
     ['an upstream port out of range', () => ['--port', '1', '--mtls_grpc_upstream', 'ovms:0', ...tlsFlags()], /^ovms-mtls: --mtls_grpc_upstream: 'ovms:0': port 0 is not between 1 and 65535\n$/],
     ['an unknown --mtls_ option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], /unknown option --mtls_bogus/],
     ['a misspelt option, which names the option meant', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_alow_cn', 'alice', ...tlsFlags()],
-      /^ovms-mtls: unknown option --mtls_alow_cn \(did you mean --mtls_allow_cn\?\) \(see `ovms-mtls --help`\)\n$/],
+      /^ovms-mtls: unknown option --mtls_alow_cn \(did you mean --mtls_allow_cn\?\) \(see `ovms-mtls proxy --help`\)\n$/],
     ['our option with dashes, which names the spelling that works', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls-cert', 'x', ...tlsFlags()],
-      /^ovms-mtls: unknown option --mtls-cert \(did you mean --mtls_cert\?\) \(see `ovms-mtls --help`\)\n$/],
+      /^ovms-mtls: unknown option --mtls-cert \(did you mean --mtls_cert\?\) \(see `ovms-mtls proxy --help`\)\n$/],
     ['a stray word after a boolean option', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()],
-      /^ovms-mtls: unexpected argument 'maybe'; options take their value as --name VALUE or --name=VALUE \(see `ovms-mtls --help`\)\n$/],
+      /^ovms-mtls: unexpected argument 'maybe'; options take their value as --name VALUE or --name=VALUE \(see `ovms-mtls proxy --help`\)\n$/],
     ['no public port at all', () => [...tlsFlags()], /no public port: give --port \(gRPC\) and\/or --rest_port \(REST\)/],
     ['a port that is not a number', () => ['--port=abc', '--mtls_grpc_upstream', '127.0.0.1:9', ...tlsFlags()], /--port: 'abc' is not a whole number between 0 and 65535/],
     ['no upstream connection at all', () => ['--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_grpc_upstream_connections', '0', ...tlsFlags()], /^ovms-mtls: --mtls_grpc_upstream_connections: '0' is not a whole number between 1 and 64/],
@@ -182,9 +182,9 @@ describe('proxy command line', () => {
   test('an option after --, with a dotted name or negated with --no- exits 2 before listening, instead of serving without it', async () => {
     const cases: [string[], string][] = [
       [['--', '--mtls_allow_cn', 'alice'], "'--' ends the options, and nothing after it would be read ('--mtls_allow_cn' 'alice'): remove it"],
-      [['--mtls_allow_cn.x', 'alice'], 'unknown option --mtls_allow_cn.x (did you mean --mtls_allow_cn?) (see `ovms-mtls --help`)'],
-      [['--no-mtls_allow_cn'], 'unknown option --no-mtls_allow_cn (see `ovms-mtls --help`)'],
-      [['--no-mtls_access_log'], 'unknown option --no-mtls_access_log (did you mean --mtls_access_log=false?) (see `ovms-mtls --help`)'],
+      [['--mtls_allow_cn.x', 'alice'], 'unknown option --mtls_allow_cn.x (did you mean --mtls_allow_cn?) (see `ovms-mtls proxy --help`)'],
+      [['--no-mtls_allow_cn'], 'unknown option --no-mtls_allow_cn (see `ovms-mtls proxy --help`)'],
+      [['--no-mtls_access_log'], 'unknown option --no-mtls_access_log (did you mean --mtls_access_log=false?) (see `ovms-mtls proxy --help`)'],
     ];
     for (const [args, message] of cases) {
       const res = await startupOutcome(['--mtls_workers', '1', ...args]);
@@ -248,7 +248,7 @@ describe('proxy command line', () => {
   test('under a non-English locale an unknown option and a stray word get the same lines', async () => {
     const german = { LANG: 'de_DE.UTF-8', LC_ALL: 'de_DE.UTF-8', LANGUAGE: 'de' };
     const unknown = await runCli(['proxy', '--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_bogus', 'x', ...tlsFlags()], { env: german });
-    assert.equal(unknown.stderr, 'ovms-mtls: unknown option --mtls_bogus (see `ovms-mtls --help`)\n');
+    assert.equal(unknown.stderr, 'ovms-mtls: unknown option --mtls_bogus (see `ovms-mtls proxy --help`)\n');
     const stray = await runCli(['proxy', '--port', '1', '--mtls_grpc_upstream', '127.0.0.1:9', '--mtls_access_log', 'maybe', ...tlsFlags()], { env: german });
     assert.match(stray.stderr, /^ovms-mtls: unexpected argument 'maybe'; /);
   });

@@ -90,7 +90,7 @@ export async function runCertsCommand(argv: readonly string[], io: Io): Promise<
   }
   if (!(sub in SPECS)) throw new ConfigError(`certs: unknown subcommand '${sub}' (use init, client, revoke or renew-crl; see \`ovms-mtls certs --help\`)`);
   const subcommand = sub as Subcommand;
-  const parsed = await parseCommandLine(rest, SPECS[subcommand], CERTS_USAGE);
+  const parsed = await parseCommandLine(rest, SPECS[subcommand], CERTS_USAGE, `certs ${subcommand}`);
   const report = await RUN[subcommand](parsed);
   io.stdout.write(report.summary + '\n');
   return 0;

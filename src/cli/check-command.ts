@@ -15,7 +15,7 @@ ${ENVIRONMENT_HELP}`;
 
 /** `ovms-mtls check ...`: 0 when the material is good, 1 when the proxy would refuse it. */
 export async function runCheckCommand(argv: readonly string[], io: Io): Promise<number> {
-  const parsed = await parseCommandLine(argv, ALL_OPTIONS, CHECK_USAGE);
+  const parsed = await parseCommandLine(argv, ALL_OPTIONS, CHECK_USAGE, 'check');
   const raw = collectOptions(parsed, ALL_OPTIONS, io.env);
   // The proxy and the entrypoint refuse a bad option (a log level, a mode, a worker count, an allow-list) before they look
   // at a file, and take the container's files as the entrypoint does when none is named: so does check, with their parser.

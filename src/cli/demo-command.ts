@@ -126,7 +126,7 @@ export async function runDemoCommand(argv: readonly string[], io: Io): Promise<n
   // As in every command, a repeated option keeps its last value and one given with nothing is refused:
   // read raw, `--dir a --dir b` (a list) served from a temporary directory removed on exit, and
   // `--dir=` wrote the set, CA keys included, into the current directory. No OVMS_MTLS_* here: the demo takes none.
-  const parsed = collectOptions(await parseCommandLine(argv, DEMO_OPTIONS, USAGE), DEMO_OPTIONS, {});
+  const parsed = collectOptions(await parseCommandLine(argv, DEMO_OPTIONS, USAGE, 'demo'), DEMO_OPTIONS, {});
   const grpcPort = parsed['port'] === undefined ? 9443 : parsePort('port', parsed['port']);
   const restPort = parsed['rest_port'] === undefined ? 8443 : parsePort('rest_port', parsed['rest_port']);
   refuseSharedPublicPort(grpcPort, restPort);

@@ -94,8 +94,11 @@ export function commandHelp(usage: string, specs: readonly OptionSpec[]): string
   return `${usage.trimEnd()}\n\nOptions:\n${lines.join('')}`;
 }
 
-/** Parses `argv` for one command; user mistakes become one-line ConfigErrors, `--help` / `-h` a HelpRequested. */
-export async function parseCommandLine(argv: readonly string[], specs: readonly OptionSpec[], usage: string): Promise<Record<string, unknown>> {
+/**
+ * Parses `argv` for `command` (`proxy`, `certs init`, ...); user mistakes become one-line ConfigErrors
+ * that point at that command's own `--help`, `--help` / `-h` a HelpRequested.
+ */
+export async function parseCommandLine(argv: readonly string[], specs: readonly OptionSpec[], usage: string, command: string): Promise<Record<string, unknown>> {
   if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(commandHelp(usage, specs));
   refuseEndOfOptions(argv);
   const flags = new Set(specs.filter((spec) => spec.type === 'boolean').map((spec) => spec.name));
@@ -112,7 +115,7 @@ export async function parseCommandLine(argv: readonly string[], specs: readonly 
     .help(false)
     .exitProcess(false)
     .fail((message, err) => {
-      throw err ?? new ConfigError(unknownOptionMessage(message, argv, specs));
+      throw err ?? new ConfigError(unknownOptionMessage(message, argv, specs, command));
     });
   addOptions(y, specs);
   return (await y.parseAsync()) as Record<string, unknown>;
@@ -142,7 +145,7 @@ function withSuggestion(name: string, specs: readonly OptionSpec[]): string {
  * yargs lists stray words (`--mtls_access_log maybe`, `proxy extra`) with unknown options, by
  * bare name; printed as `--maybe` they would send the user after an option never typed.
  */
-function unknownOptionMessage(message: string, argv: readonly string[], specs: readonly OptionSpec[]): string {
+function unknownOptionMessage(message: string, argv: readonly string[], specs: readonly OptionSpec[], command: string): string {
   const unknown = /^Unknown arguments?: (.*)$/.exec(message);
   if (!unknown) return message;
   const names = unknown[1]!.split(', ');
@@ -153,5 +156,6 @@ function unknownOptionMessage(message: string, argv: readonly string[], specs: r
     ...(stray.length > 0 ? [`unexpected argument ${stray.map((w) => `'${w}'`).join(', ')}`] : []),
   ];
   const hint = stray.length > 0 ? '; options take their value as --name VALUE or --name=VALUE' : '';
-  return `${parts.join('; ')}${hint} (see \`ovms-mtls --help\`)`;
+  // The top-level help lists commands, not their options: the command's own help is the one that answers.
+  return `${parts.join('; ')}${hint} (see \`ovms-mtls ${command} --help\`)`;
 }

@@ -161,7 +161,7 @@ function printable(text: string): string {
 
 /** `ovms-mtls probe ...`: 0 when every step passed, 1 when one failed. */
 export async function runProbeCommand(argv: readonly string[], stdout: NodeJS.WritableStream): Promise<number> {
-  const options = probeOptions(await parseCommandLine(argv, PROBE_OPTIONS, PROBE_USAGE));
+  const options = probeOptions(await parseCommandLine(argv, PROBE_OPTIONS, PROBE_USAGE, 'probe'));
   let failed = 0;
   let passed = 0;
   const ok = await runProbe(options, (step) => {

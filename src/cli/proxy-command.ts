@@ -58,7 +58,7 @@ ${ENVIRONMENT_HELP}`;
 /** `ovms-mtls proxy ...`: runs until SIGTERM/SIGINT, then drains and returns 0; 70 when the proxy can serve no more. */
 export async function runProxyCommand(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
   refuseEntrypointOptions(argv);
-  const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE);
+  const parsed = await parseCommandLine(argv, PROXY_OPTIONS, PROXY_USAGE, 'proxy');
   const raw = collectOptions(parsed, PROXY_OPTIONS, env);
   const options = proxyConfigFromOptions(raw);
   // Host names become their addresses here, once: the listeners, the workers and the admin port bind addresses.
