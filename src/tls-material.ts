@@ -299,7 +299,7 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
   const privateKey = parseKey(key, files.key);
   if (!serverCert.checkPrivateKey(privateKey)) throw keyMismatch(chain, privateKey, files);
   checkServerCert(serverCert, files.cert, now);
-  // Before OpenSSL's own judgement: Node 22 and 24 refuse a P-192 key by their security level, Node 20 takes it,
+  // Before OpenSSL's own judgement: Node 24 refuses a P-192 key by its security level, Node 20 and 22 take it,
   // and the curve is the reason on every version.
   checkClientsCanVerify(serverCert, files.cert);
   checkOpensslTakesPair(cert, key, chain, files);

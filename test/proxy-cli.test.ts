@@ -213,7 +213,7 @@ describe('proxy command line', () => {
   });
 
   // secp256k1 and P-192 keys loaded, check said OK, the proxy started, and every handshake failed (no_suitable_signature_algorithm).
-  // Node 22 and 24 refused the P-192 key by OpenSSL's security level instead, as too small for RSA 2048 (one line on every Node now).
+  // Node 24 refused the P-192 key by OpenSSL's security level instead, as too small for RSA 2048 (one line on every Node now).
   test('a server key on a curve no TLS client verifies a server by exits 2 before listening, and check fails it', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-curve-'));
     try {
