@@ -5,7 +5,7 @@
  * interface, plus setters for what the data path cannot see (certificates,
  * reloads, the OVMS child).
  */
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics, type Aggregator } from 'prom-client';
 import type { Refusal } from './client-identity.js';
 import type { AccessRecord, H2SessionFailure, ListenerName, ProxyObserver, RelayRecord, UnresponsiveClient, UnseenResets } from './observer.js';
 import { subjectCn, validTo, type TlsMaterial } from './tls-material.js';
@@ -61,6 +61,7 @@ export class ProxyMetrics implements ProxyObserver {
     if (options.processMetrics !== false) {
       collectDefaultMetrics({ register: this.registry, prefix: METRIC_PREFIX });
       replaceEventLoopDelayGauges(this.registry, METRIC_PREFIX);
+      mergeOpenFilesPerProcess(this.registry);
     }
     // Counters that should read 0, not be absent, before the first event.
     for (const result of ['success', 'failure']) this.#m.reloads.inc({ result }, 0);
@@ -182,6 +183,22 @@ export class ProxyMetrics implements ProxyObserver {
 
   ovmsRestarted(): void {
     this.#m.ovmsRestarts.inc();
+  }
+}
+
+/**
+ * The open-files limit is per process. Summed over the primary and its workers (prom-client's
+ * default merge), process_max_fds read three times `ulimit -n` with two workers, and the usual
+ * alert, process_open_fds / process_max_fds, stayed near a third while one worker was at its
+ * limit and closed every new connection (/readyz 503). Merged so, the ratio is the fullest
+ * process's: its descriptors, over the limit every process inherits from the primary.
+ */
+const OPEN_FILES_AGGREGATORS: Readonly<Record<string, Aggregator>> = { process_open_fds: 'max', process_max_fds: 'min' };
+
+function mergeOpenFilesPerProcess(registry: Registry): void {
+  for (const [name, aggregator] of Object.entries(OPEN_FILES_AGGREGATORS)) {
+    const metric = registry.getSingleMetric(METRIC_PREFIX + name) as { aggregator: Aggregator } | undefined;
+    if (metric) metric.aggregator = aggregator;
   }
 }
 

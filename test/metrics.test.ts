@@ -16,7 +16,7 @@ import { grpcRoute, restRoute, OTHER_ROUTE } from '../src/metric-routes.js';
 import { combineObservers, NOOP_OBSERVER } from '../src/observer.js';
 import { loadTlsMaterialSync, validTo } from '../src/tls-material.js';
 import { createCa, createCrl, issueServerCert } from '../src/x509.js';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { request as httpsRequest } from 'node:https';
 import type { IncomingMessage } from 'node:http';
@@ -381,6 +381,19 @@ describe('metrics merged from several workers', () => {
     assert.equal(sample(after, 'ovms_mtls_request_duration_seconds_count', labels), 3);
     const [was, now] = [before, after].map((text) => sample(text, 'ovms_mtls_request_duration_seconds_sum', labels)!);
     assert.ok(now! >= was!, `the seconds total fell from ${was} to ${now}`);
+  });
+
+  test('open files with workers: process_max_fds is the per-process limit (ulimit -n), not a sum, and process_open_fds the fullest process, so their ratio warns before a worker reaches its limit', async () => {
+    const limit = Number(/^Max open files\s+(\d+)/m.exec(await readFile('/proc/self/limits', 'utf8'))![1]);
+    const primary = new ProxyMetrics();
+    // Three workers, each holding as many descriptors as this process: the registries read /proc/self.
+    const worker = await new ProxyMetrics().registry.getMetricsAsJSON();
+    const held = worker.find((m) => m.name === 'ovms_mtls_process_open_fds')!.values[0]!.value;
+    const text = await aggregatedMetrics(primary.registry, async () => [worker, worker, worker, []]).text();
+    assert.equal(sample(text, 'ovms_mtls_process_max_fds'), limit);
+    const open = sample(text, 'ovms_mtls_process_open_fds')!;
+    // One process's count, give or take what this one opened meanwhile; summed, it was about four times as many.
+    assert.ok(open >= held && open < 2 * held, `process_open_fds ${open} with ${held} in each worker`);
   });
 });
 
