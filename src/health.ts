@@ -42,14 +42,21 @@ export async function readinessReport(checks: Readonly<Record<string, HealthChec
   return { ready: entries.every(([, r]) => r.ok), checks: Object.fromEntries(entries) };
 }
 
+/** What /readyz says once shutdown has begun (a signal): no new connections, calls in flight finish. */
+export const DRAINING = 'draining: shutting down, calls in flight finish (--mtls_shutdown_timeout)';
+
 /** What /readyz says while the public ports close every new connection at once (fd-headroom.ts). */
 export const AT_OPEN_FILES_LIMIT = 'at the open-files limit: new connections are closed at once until connections end (open_files_exhausted)';
 
-/** Up while every listener holds its ports and new connections are taken; false once shutdown has begun. */
-export function listenersCheck(proxy: () => Pick<RunningProxy, 'listeners' | 'takesNewConnections'> | undefined): HealthCheck {
+/**
+ * Up while every listener holds its ports and new connections are taken; false once shutdown has begun, said
+ * as such: a drain read "not listening: rest", as a port that could not be bound does, while calls still finished.
+ */
+export function listenersCheck(proxy: () => Pick<RunningProxy, 'listeners' | 'takesNewConnections' | 'draining'> | undefined): HealthCheck {
   return () => {
     const running = proxy();
     if (!running) return { ok: false, detail: 'listeners not started' };
+    if (running.draining?.() === true) return { ok: false, detail: DRAINING };
     const down = running.listeners().filter((l) => l.addresses().length === 0).map((l) => l.name);
     if (down.length > 0) return { ok: false, detail: `not listening: ${down.join(', ')}` };
     return running.takesNewConnections?.() === false ? { ok: false, detail: `listening, but ${AT_OPEN_FILES_LIMIT}` } : { ok: true, detail: 'listening' };

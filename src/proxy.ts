@@ -52,6 +52,8 @@ export interface RunningProxy {
   readonly failed?: Promise<never>;
   /** False while a connection accepted now would be closed at once to keep open files spare (fd-headroom.ts). */
   takesNewConnections?(): boolean;
+  /** True once shutdown() has begun: the listeners are closed or closing, and calls in flight finish. */
+  draining?(): boolean;
 }
 
 const GRPC_PORT_HINT =
@@ -204,6 +206,7 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
       return stopping;
     },
     takesNewConnections: () => options.descriptors?.hasRoom() ?? true,
+    draining: () => stopping !== undefined,
   };
 }
 

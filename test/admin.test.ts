@@ -9,6 +9,7 @@ import { createInterface } from 'node:readline';
 import { readFileSync } from 'node:fs';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, https1, startTestProxy, startUpstream } from './helpers/harness.js';
+import { heldChatStream } from './helpers/sse.js';
 import { countingUses, eventually, httpGet, sample } from './helpers/ops.js';
 import { HTTP2_REFUSALS, framedH2cUpstream } from './helpers/scripted-upstream.js';
 import { BIN, runCommand } from './helpers/cli.js';
@@ -16,7 +17,7 @@ import { freeLoopbackPorts } from '../src/ports.js';
 import { startModelServer } from '../src/demo/model-server.js';
 import { startAdminServer } from '../src/admin.js';
 import { ProxyMetrics } from '../src/metrics.js';
-import { certificatesCheck, listenersCheck, readinessReport, upstreamCheck, upstreamReadiness, type HealthReport } from '../src/health.js';
+import { DRAINING, certificatesCheck, listenersCheck, readinessReport, upstreamCheck, upstreamReadiness, type HealthReport } from '../src/health.js';
 import { loadTlsMaterialSync, tlsMaterialFromTexts } from '../src/tls-material.js';
 import { createCa, createCrl, issueServerCert } from '../src/x509.js';
 import { X509Certificate } from 'node:crypto';
@@ -220,6 +221,26 @@ describe('admin listener', () => {
     } finally {
       await admin.close();
       await upstream?.close();
+    }
+  });
+
+  test('/readyz while the proxy drains says draining, not that a port is not listening, until the call in flight has finished', async () => {
+    pki = await pkiPromise;
+    const held = await startUpstream({ sseGate: () => new Promise(() => {}) });
+    const local = await startTestProxy({ pki, upstream: { restPort: held.restPort! } });
+    const check = listenersCheck(() => local.proxy);
+    const client = await heldChatStream(local.restPort, pki, held);
+    try {
+      assert.deepEqual(await check(), { ok: true, detail: 'listening' });
+      const drained = local.proxy.shutdown(60_000);
+      assert.deepEqual(await check(), { ok: false, detail: DRAINING });
+      // The model server goes: the stream ends, and with it the drain.
+      await held.close();
+      await drained;
+      assert.deepEqual(await check(), { ok: false, detail: DRAINING });
+    } finally {
+      client.destroy();
+      await held.close();
     }
   });
 

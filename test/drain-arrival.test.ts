@@ -6,7 +6,8 @@ import { connect as tlsConnect } from 'node:tls';
 import { connect as h2Connect } from 'node:http2';
 import type { TestPki } from './helpers/pki.js';
 import { https1, startTestProxy, startUpstream, startUpstreamFixture, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
-import { eventually, settlesWithin } from './helpers/ops.js';
+import { settlesWithin } from './helpers/ops.js';
+import { heldChatStream } from './helpers/sse.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import type { Config } from '../src/config.js';
 
@@ -143,13 +144,8 @@ describe('a connection whose handshake never starts', () => {
 test('a second shutdown() waits for the first: one drain, one shutdown_timeout line', { timeout: 120_000 }, async () => {
   const held = await startUpstream({ sseGate: () => new Promise(() => {}) });
   const local = await startTestProxy({ pki, upstream: { restPort: held.restPort! } });
-  const client = tlsConnect({ ...tlsClientOptions(pki), host: '127.0.0.1', port: local.restPort });
-  client.on('error', () => {});
+  const client = await heldChatStream(local.restPort, pki, held);
   try {
-    await once(client, 'secureConnect');
-    const body = JSON.stringify({ model: 'm', stream: true, messages: [{ role: 'user', content: 'hi' }] });
-    client.write(`POST /v3/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
-    await eventually(() => held.received.length > 0, 'the stream to reach the model server');
     const first = local.proxy.shutdown(1000);
     const second = local.proxy.shutdown(1000);
     await settlesWithin(Promise.all([first, second]), 60_000, 'two shutdowns of a proxy holding a stream that never ends');
