@@ -439,7 +439,7 @@ class GrpcCall {
 
   /** The client gets our status in place of the answer, and the model server a cancel for a call it is still answering. */
   #refuseHeaders(upstream: ClientHttp2Stream, flags: number, message: string): void {
-    this.#options.observer.upstreamError(this.#context.listener, 'bad_response');
+    this.#options.observer.upstreamError(this.#context.listener, 'bad_response', message);
     // A Trailers-Only answer is the model server's whole call: nothing to cancel, and no client cancel to count.
     if (flags & NGHTTP2_FLAG_END_STREAM) this.#upstreamDone = true;
     this.#finishWithStatus(GRPC_STATUS.RESOURCE_EXHAUSTED, message, 'bad_response');
@@ -448,7 +448,7 @@ class GrpcCall {
 
   /** The answer, already going to the client, ends with our status in place of the model server's trailers. */
   #refuseTrailers(message: string): void {
-    this.#options.observer.upstreamError(this.#context.listener, 'bad_response');
+    this.#options.observer.upstreamError(this.#context.listener, 'bad_response', message);
     if (this.#statusGiven) return;
     this.#statusGiven = true;
     this.#outcome.error = 'bad_response';
@@ -563,7 +563,7 @@ class GrpcCall {
   /** The upstream cannot finish the call: the client gets UNAVAILABLE, never a hang. */
   #fail(err: unknown): void {
     const { code, message } = describeUpstreamError(this.#options.upstream, err, spokeHttp2(this.#session));
-    this.#options.observer.upstreamError(this.#context.listener, code);
+    this.#options.observer.upstreamError(this.#context.listener, code, message);
     this.#finishWithStatus(GRPC_STATUS.UNAVAILABLE, message, code);
   }
 

@@ -6,6 +6,8 @@ import { clientRef, elapsedMs, type ProxyObserver } from './observer.js';
 import { RAPID_RESET, RESET_BURST, RESETS_PER_SECOND, ResetAllowance } from './reset-allowance.js';
 import { CLIENT_PREFACE_BYTES, DrainPingAck, EMPTY_SETTINGS, ENHANCE_YOUR_CALM, FLAG_ACK, FrameCursor, OpenStreams, PROTOCOL_ERROR, SERVER_PREFACE_HEADER_BYTES, TYPE_RST_STREAM, TYPE_SETTINGS, ToClient, frameLength, goAway, isServerPreface, type OnFrame, type OnGoAway, withStreamLimit } from './h2-frames.js';
 import { h2ErrorName } from './grpc-status.js';
+import { UPSTREAM_NOT_HTTP2, describeUpstreamError } from './upstream-errors.js';
+import type { HostPort } from './config.js';
 import { IdleSweeper, type IdleConnection } from './idle-sweep.js';
 
 /**
@@ -24,7 +26,7 @@ export type GrpcRelayOptions = Omit<RelayOptions, 'listener' | 'join'> & { reado
 export function grpcRelay(options: GrpcRelayOptions): Relay {
   const idle = new IdleSweeper(options.idleTimeoutMs);
   const { observer, maxConcurrentStreams } = options;
-  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context, handBack) => new RelayedH2Connection({ client, upstream, context, observer, idle, handBack, maxConcurrentStreams }) });
+  return new Relay({ ...options, listener: 'grpc', join: (client, upstream, context, handBack) => new RelayedH2Connection({ client, upstream, target: options.upstream, context, observer, idle, handBack, maxConcurrentStreams }) });
 }
 
 /** The relay_access error of a connection the model server closed under calls in flight. */
@@ -49,8 +51,7 @@ export const TOO_MANY_STREAMS = 'TOO_MANY_STREAMS';
  */
 export const STREAMS_BEFORE_SETTINGS = 100;
 
-/** The upstream_error reason of a model server whose first bytes are no HTTP/2 server preface. */
-export const UPSTREAM_NOT_HTTP2 = 'UPSTREAM_NOT_HTTP2';
+export { UPSTREAM_NOT_HTTP2 };
 
 /**
  * How much of what the client sends is kept until the model server's preface is in. Until the
@@ -74,6 +75,8 @@ interface BeforePreface {
 interface RelayedH2Parts {
   readonly client: TLSSocket;
   readonly upstream: Socket;
+  /** Where `upstream` goes, for the upstream_error line. */
+  readonly target: HostPort;
   readonly context: ConnectionContext;
   readonly observer: ProxyObserver;
   readonly idle: IdleSweeper;
@@ -85,6 +88,7 @@ interface RelayedH2Parts {
 class RelayedH2Connection implements RelayedConnection, IdleConnection {
   readonly #client: TLSSocket;
   readonly #upstream: Socket;
+  readonly #target: HostPort;
   readonly #context: ConnectionContext;
   readonly #observer: ProxyObserver;
   /** From when the relay took the connection, if the client was already waiting. */
@@ -130,7 +134,8 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     if (!this.#client.write(chunk)) this.#upstream.pause();
   };
 
-  constructor({ client, upstream, context, observer, idle, handBack, maxConcurrentStreams }: RelayedH2Parts) {
+  constructor({ client, upstream, target, context, observer, idle, handBack, maxConcurrentStreams }: RelayedH2Parts) {
+    this.#target = target;
     this.#client = client;
     this.#idle = idle;
     this.#handBack = handBack;
@@ -170,7 +175,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     upstream.on('error', (err: NodeJS.ErrnoException) => {
       if (this.#handedBackFor(err.code ?? 'error')) return;
       this.#failed('upstream_' + (err.code ?? 'error'));
-      observer.upstreamError('grpc', err.code ?? 'error');
+      this.#upstreamError(err.code ?? 'error', err);
     });
     // Whichever side goes first, the other follows; written bytes are flushed before the FIN.
     this.#onClient('close', () => {
@@ -230,7 +235,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     }
     if (!this.#handedBackFor(UPSTREAM_NOT_HTTP2)) {
       this.#failed('upstream_not_http2');
-      this.#observer.upstreamError('grpc', UPSTREAM_NOT_HTTP2);
+      this.#upstreamError(UPSTREAM_NOT_HTTP2);
       this.#upstream.destroy();
     }
     return undefined;
@@ -247,7 +252,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     this.#beforePreface = undefined;
     const client = this.#client;
     if (!kept || this.#toClient.sent || client.destroyed || client.readableEnded) return false;
-    this.#observer.upstreamError('grpc', code);
+    this.#upstreamError(code);
     for (const remove of this.#clientListeners) remove();
     this.#idle.delete(this);
     this.#upstream.removeAllListeners();
@@ -257,6 +262,11 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     if (kept.length > 0) client.unshift(Buffer.concat(kept));
     this.#handBack();
     return true;
+  }
+
+  /** Counted, and logged saying which upstream and what failed, as the terminating path says it to its clients. */
+  #upstreamError(code: string, err: unknown = { code }): void {
+    this.#observer.upstreamError('grpc', code, describeUpstreamError(this.#target, err).message);
   }
 
   readonly #toUpstream = (piece: Buffer): void => {
@@ -335,7 +345,7 @@ class RelayedH2Connection implements RelayedConnection, IdleConnection {
     if (this.#error !== undefined || this.#client.readableEnded) return;
     if (this.streams.unansweredUpTo(this.#upstreamLastStreamId ?? MAX_STREAM_ID) === 0) return;
     this.#failed(UPSTREAM_CLOSED_MID_CALL);
-    this.#observer.upstreamError('grpc', 'UPSTREAM_CLOSED');
+    this.#observer.upstreamError('grpc', 'UPSTREAM_CLOSED', `${describeUpstreamError(this.#target, { code: 'UPSTREAM_CLOSED' }).message} the calls it had taken (a crash or an OOM kill?): their clients get UNAVAILABLE`);
   }
 
   /**

@@ -111,8 +111,8 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
         logger[level]({ event: 'handshake_failed', listener, reason: code, suppressed }, heldBackMessage(suppressed, limit, 'failed handshake'));
       });
     },
-    upstreamError(listener, code) {
-      logger.warn({ event: 'upstream_error', listener, reason: code }, 'upstream error');
+    upstreamError(listener, code, detail) {
+      logger.warn({ event: 'upstream_error', listener, reason: code }, detail);
     },
     unseenResets(record) {
       logger.warn({ event: 'h2_streams_reset_unseen', ...record }, record.goAway ? undecodableFieldMessage(record.streams) : unseenResetsMessage(record.streams, record.skippedIds));

@@ -109,7 +109,11 @@ export interface ProxyObserver {
   streamClosed(listener: ListenerName): void;
   request(record: AccessRecord): void;
   relayed(record: RelayRecord): void;
-  upstreamError(listener: ListenerName, code: string): void;
+  /**
+   * `code` is the metrics label and the log line's `reason`; `detail` says which upstream and what failed, as the
+   * client's 502 / UNAVAILABLE does (describeUpstreamError): the log had only "upstream error" and the code.
+   */
+  upstreamError(listener: ListenerName, code: string, detail: string): void;
   unseenResets(record: UnseenResets): void;
   h2SessionFailed(record: H2SessionFailure): void;
   clientUnresponsive(record: UnresponsiveClient): void;

@@ -5,6 +5,7 @@ import type { ConnectionContext } from './listeners.js';
 import type { Drainable } from './http-fronts.js';
 import type { ListenerName, ProxyObserver } from './observer.js';
 import { failIfNotConnectedWithin } from './upstream-connect.js';
+import { describeUpstreamError } from './upstream-errors.js';
 
 /** One client connection joined to its own upstream connection. */
 export interface RelayedConnection {
@@ -66,7 +67,7 @@ export class Relay implements Drainable {
     const upstream = connect({ host: target.host, port: target.port, noDelay: true });
     failIfNotConnectedWithin(upstream, this.#options.connectTimeoutMs);
     const onConnectError = (err: NodeJS.ErrnoException) => {
-      observer.upstreamError(listener, err.code ?? 'connect_error');
+      observer.upstreamError(listener, err.code ?? 'connect_error', describeUpstreamError(target, err).message);
       // Not one byte has been read from the client yet: the terminating front gets the whole connection.
       if (socket.destroyed) return;
       noteHold(socket, context, heldSince);

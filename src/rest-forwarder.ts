@@ -837,7 +837,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     this.#stats.error ??= code;
     // Counted before and after the answer has begun alike, as the relay counts it: a model server
     // that crashes in the middle of a streamed answer is the failure an alert on this is for.
-    this.#options.observer.upstreamError(this.#context.listener, code);
+    this.#options.observer.upstreamError(this.#context.listener, code, message);
     if (begun) {
       cutShort(res);
       return;
@@ -853,7 +853,7 @@ class UpstreamExchange implements Dispatcher.DispatchHandler {
     if (!retry || this.givenUp || this.#heardBack || !CLOSED_CODES.has(String((err as NodeJS.ErrnoException).code)) || isBadResponse(err)) return false;
     this.#retry = undefined;
     this.#controller = undefined;
-    this.#options.observer.upstreamError(this.#context.listener, UPSTREAM_CLOSED_IDLE);
+    this.#options.observer.upstreamError(this.#context.listener, UPSTREAM_CLOSED_IDLE, `${describeUpstreamError(this.#options.upstream, { code: UPSTREAM_CLOSED_IDLE }).message}: sent once more, on a new connection`);
     retry();
     return true;
   }

@@ -738,7 +738,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       return;
     }
     if (this.#closedAsIdle(waiting)) {
-      this.#parts.observer.upstreamError('rest', UPSTREAM_CLOSED_IDLE);
+      this.#parts.observer.upstreamError('rest', UPSTREAM_CLOSED_IDLE, `${describeUpstreamError(this.#parts.target, { code: UPSTREAM_CLOSED_IDLE }).message}: the client's connection is closed unanswered, as the model server closed it, for the client to retry`);
       this.#end(undefined, UPSTREAM_CLOSED_IDLE);
       return;
     }
@@ -761,7 +761,7 @@ class RelayedHttp1Connection implements RelayedConnection {
 
   #upstreamFailed(code: string, message: string): void {
     const waiting = this.#exchanges[0];
-    this.#parts.observer.upstreamError('rest', code);
+    this.#parts.observer.upstreamError('rest', code, message);
     if (!waiting) {
       // Every response owed is complete (what failed came after them, unasked): they still go to the client.
       this.#end();

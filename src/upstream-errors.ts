@@ -11,6 +11,9 @@ import { isServerPreface } from './h2-frames.js';
  */
 export const UPSTREAM_CLOSED_IDLE = 'UPSTREAM_CLOSED_IDLE';
 
+/** A relayed gRPC connection whose upstream's first bytes were no HTTP/2 server preface. */
+export const UPSTREAM_NOT_HTTP2 = 'UPSTREAM_NOT_HTTP2';
+
 /**
  * Which port the model server's port was meant to be, for one that answered in the other's protocol
  * (--mtls_grpc_upstream and --mtls_rest_upstream swapped); /readyz (health.ts) asks the same.
@@ -60,6 +63,8 @@ export function describeUpstreamError(upstream: HostPort, err: unknown, spokeHtt
       return { code, message: refusedMessage(where, upstream, err) };
     case 'UPSTREAM_CLOSED':
       return { code, message: `${where} closed the connection before answering` };
+    case UPSTREAM_CLOSED_IDLE:
+      return { code, message: `${where} closed a kept-alive connection as a request arrived on it, before answering (its idle timeout meeting the request)` };
     case 'UPSTREAM_BAD_RESPONSE':
       if (answeredInHttp2(err)) return { code, message: `${where} answered in HTTP/2 (h2c), as a gRPC server does: ${MEANT_PORT.rest}, not its gRPC port?` };
       return { code, message: `${where} sent a response that is not valid HTTP/1.1` };
@@ -82,6 +87,8 @@ export function describeUpstreamError(upstream: HostPort, err: unknown, spokeHtt
       return { code, message: `${where}: ${NAME_DOES_NOT_RESOLVE}` };
     // nghttp2 ended the connection. Before the model server's SETTINGS: bytes that are no HTTP/2 frames, as an HTTP/1.1
     // server's answer to the preface. After them: a server that speaks HTTP/2 sent what nghttp2 refuses.
+    case UPSTREAM_NOT_HTTP2:
+      return { code, message: `${where} does not speak HTTP/2 (h2c) as a gRPC server does: ${MEANT_PORT.grpc}, not its REST port?` };
     case 'ERR_HTTP2_ERROR':
       if (spokeHttp2) return { code, message: `${where} ${http2Refusal(err)}; the connection was closed, with every call on it` };
       return { code, message: `${where} does not speak HTTP/2 (h2c) as a gRPC server does: ${MEANT_PORT.grpc}, not its REST port?` };

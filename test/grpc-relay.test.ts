@@ -175,13 +175,14 @@ describe('grpc relay mode: when the upstream cannot take the connection', () => 
 
 describe('a gRPC upstream that is no HTTP/2 server, or closes before its preface', () => {
   /** The status a grpc-js call gets through a proxy whose gRPC upstream is `port`, in `mode`, with the upstream_error reasons logged. */
-  async function callThrough(port: number, mode: ForwardMode): Promise<{ status: grpc.ServiceError; reasons: unknown[] }> {
+  async function callThrough(port: number, mode: ForwardMode): Promise<{ status: grpc.ServiceError; reasons: unknown[]; messages: unknown[] }> {
     const local = await startTestProxy({ pki, upstream: { grpcPort: port }, grpcMode: mode });
     const c = grpcClients(local.grpcAddress, pki);
     try {
       const status = await unary(c.echo, 'Unary', { payload: Buffer.from('x') }).then(() => assert.fail('should fail'), (e: grpc.ServiceError) => e);
       await local.logs.waitFor((l) => l.event === 'access' || l.event === 'relay_access');
-      return { status, reasons: local.logs.lines.filter((l) => l.event === 'upstream_error').map((l) => l.reason) };
+      const lines = local.logs.lines.filter((l) => l.event === 'upstream_error');
+      return { status, reasons: lines.map((l) => l.reason), messages: lines.map((l) => l.msg) };
     } finally {
       c.close();
       await local.proxy.shutdown(1000);
@@ -196,6 +197,13 @@ describe('a gRPC upstream that is no HTTP/2 server, or closes before its preface
       assert.equal(status.code, grpc.status.UNAVAILABLE);
       assert.equal(status.details, `upstream 127.0.0.1:${upstream.restPort} does not speak HTTP/2 (h2c) as a gRPC server does: is it the model server's gRPC port (OVMS --port), not its REST port?`);
       assert.deepEqual(reasons, mode === 'relay' ? [UPSTREAM_NOT_HTTP2, 'ERR_HTTP2_ERROR'] : ['ERR_HTTP2_ERROR']);
+    });
+
+    // The lines said "upstream error" and the code alone: not which upstream, nor what to check.
+    test(`${mode} mode: each upstream_error line says what the client was told, naming the upstream and the port to check`, async () => {
+      const { status, messages } = await callThrough(upstream.restPort!, mode);
+      assert.ok(messages.length > 0);
+      for (const message of messages) assert.equal(message, status.details);
     });
   }
 

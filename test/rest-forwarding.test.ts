@@ -760,6 +760,30 @@ describe('rest upstream failures', () => {
   });
 });
 
+describe('the upstream_error line of a model server that refuses the connection', () => {
+  // It said "upstream error" and the code alone: not which upstream, nor what to check.
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: says what the client's 502 says, naming the upstream`, async () => {
+      const server = await startUpstream({ grpcPort: null });
+      const port = server.restPort!;
+      await server.close();
+      const local = await startTestProxy({ pki, upstream: { restPort: port }, restMode });
+      try {
+        const res = await https1(local.restPort, pki, { path: '/v2/health/ready' });
+        assert.equal(res.status, 502);
+        const told = (JSON.parse(res.body) as { error: string }).error;
+        assert.match(told, new RegExp(`^upstream 127\\.0\\.0\\.1:${port} refused the connection`));
+        await local.logs.waitFor((l) => l.event === 'access');
+        const lines = local.logs.lines.filter((l) => l.event === 'upstream_error');
+        assert.ok(lines.length > 0);
+        for (const line of lines) assert.deepEqual([line.level, line.reason, line.msg], ['warn', 'ECONNREFUSED', told]);
+      } finally {
+        await local.proxy.shutdown(1000);
+      }
+    });
+  }
+});
+
 describe('clients that leave (--mtls_rest_mode terminate)', () => {
   test('an HTTP/2 body that does not add up to its content-length (reset by nghttp2, PROTOCOL_ERROR) is logged as bad_request_body, not as a client that left, and never reaches the model server', () =>
     behindProxy({ pki, restMode: 'terminate', answer: () => {} }, async (local, upstream) => {
