@@ -17,17 +17,22 @@ import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { chmod, chown, mkdir, mkdtemp, readFile, readlink, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseAllDocuments } from 'yaml';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { FAKE_OVMS, makeFakeExecutable, startWrapper, type Wrapper } from './helpers/entrypoint.js';
-import { FILE_NAMES, servedSerial, type SetContents, type TlsClient } from './helpers/reload.js';
+import { FILE_NAMES, postSse, servedSerial, type SetContents, type TlsClient } from './helpers/reload.js';
 import { eventually, httpGet } from './helpers/ops.js';
 import { startCli } from './helpers/cli.js';
-import { https1, startUpstream, type LogLine } from './helpers/harness.js';
+import { clientCredentials, https1, startUpstream, type LogLine } from './helpers/harness.js';
+import { openRaw } from './helpers/raw-http1.js';
+import { sseEvents } from './helpers/sse.js';
+import * as grpc from '@grpc/grpc-js';
 import { freeLoopbackPorts } from '../src/ports.js';
-import { issueServerCert, type Issued } from '../src/x509.js';
+import { createCa, createCrl, issueClientCert, issueServerCert, type Issued } from '../src/x509.js';
+import { echoClient, unary, type EchoClient } from '../src/demo/grpc-client.js';
+import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import { entrypointSettings } from '../src/entrypoint-config.js';
 import { splitOvmsArgv } from '../src/ovms-args.js';
 
@@ -89,8 +94,8 @@ interface Pod {
   port(containerPort: number | string): number;
 }
 
-/** The container as the manifest says, each containerPort in the args replaced by a free one. */
-async function startPod(container: Yaml): Promise<Pod> {
+/** The container as the manifest says, each containerPort in the args replaced by a free one; `env`: the stand-in OVMS's knobs. */
+async function startPod(container: Yaml, env: Record<string, string> = {}): Promise<Pod> {
   const ports = container['ports'] as Yaml[];
   const free = await freeLoopbackPorts(ports.length);
   const byContainerPort = new Map(ports.map((p, i) => [Number(p['containerPort']), free[i]!]));
@@ -103,7 +108,7 @@ async function startPod(container: Yaml): Promise<Pod> {
   const mount = `${secretDir}/`;
   const certs = ['--mtls_cert', mount + FILE_NAMES.cert, '--mtls_key', mount + FILE_NAMES.key, '--mtls_client_ca', mount + FILE_NAMES.clientCa, '--mtls_crl', mount + FILE_NAMES.crl];
   const launcher = existsSync(TINI) ? [TINI, '-s', '--'] : [];
-  const wrapper = startWrapper([...args, ...certs, '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root'], {}, launcher);
+  const wrapper = startWrapper([...args, ...certs, '--mtls_ovms_binary', FAKE_OVMS, '--mtls_ovms_user', 'root'], env, launcher);
   return { wrapper, args: container['args'] as string[], port };
 }
 
@@ -149,6 +154,232 @@ describe('deploy/kubernetes/deployment.yaml run as written', () => {
       // SIGTERM, not SIGKILL: tini would die alone and leave ovms-mtls and OVMS running.
       if (pod.wrapper.child.exitCode === null && pod.wrapper.child.signalCode === null) pod.wrapper.child.kill('SIGTERM');
       await pod.wrapper.exited;
+    }
+  });
+});
+
+/** A gRPC client with a connection of its own: grpc-js otherwise shares one between clients of equal credentials, and one connection is one handshake on one worker. */
+function ownConnection(pod: Pod, identity: Issued): EchoClient {
+  return echoClient(`localhost:${pod.port('grpc-tls')}`, clientCredentials(pki, identity), { 'grpc.use_local_subchannel_pool': 1 });
+}
+
+/** gRPC unary calls and REST requests in a loop until stopped, each on a new connection (a new handshake, handed to the next worker); every failure kept. */
+function steadyTraffic(pod: Pod, identity: Issued): { stop(): Promise<{ calls: number; failures: string[] }> } {
+  const failures: string[] = [];
+  let calls = 0;
+  let running = true;
+  const grpcLoop = async () => {
+    while (running) {
+      const echo = ownConnection(pod, identity);
+      await unary(echo, 'Unary', { payload: Buffer.from('steady') }).then(() => (calls += 1), (err: Error) => failures.push(`gRPC: ${err.message}`));
+      echo.close();
+    }
+  };
+  const restLoop = async () => {
+    while (running) {
+      await https1(pod.port('rest-tls'), pki, { path: '/v2/health/ready', client: identity }).then(
+        ({ status }) => (status === 200 ? (calls += 1) : failures.push(`REST: ${status}`)),
+        (err: Error) => failures.push(`REST: ${err.message}`),
+      );
+    }
+  };
+  const loops = [grpcLoop(), grpcLoop(), restLoop(), restLoop()];
+  return {
+    async stop() {
+      running = false;
+      await Promise.all(loops);
+      return { calls, failures };
+    },
+  };
+}
+
+/** A bidi stream that answers each message, and its final status (grpc-js's 'error' event comes with a failed one). */
+function openBidi(echo: EchoClient) {
+  const call = echo.Bidi();
+  call.on('error', () => undefined);
+  const status = new Promise<grpc.StatusObject>((resolve) => call.on('status', resolve));
+  const replies = call[Symbol.asyncIterator]();
+  return {
+    call,
+    status,
+    async echo(text: string): Promise<string | undefined> {
+      call.write({ payload: Buffer.from(text) });
+      const next = await replies.next();
+      return next.done ? undefined : String((next.value as { payload: Buffer }).payload);
+    },
+  };
+}
+
+const asClient = (identity: Issued): TlsClient => ({ ca: pki.serverCa.certPem, cert: identity.certPem, key: identity.keyPem });
+
+describe('deploy/kubernetes/deployment.yaml under traffic (its 2 workers)', () => {
+  test("Secret rotations while clients keep calling: no call fails, every new handshake gets the new certificate, streams in flight carry on, one reload line per change in each process, a revoked client and then the dropped CA's clients are refused at their next connection, and half-written updates keep the old set", { timeout: 300_000 }, async () => {
+    const container = await readManifest();
+    const [server2, server3, bob, newClientCa] = await Promise.all([
+      issueServerCert({ issuer: pki.serverCa, commonName: 'localhost', dns: ['localhost'], ips: ['127.0.0.1'] }),
+      issueServerCert({ issuer: pki.serverCa, commonName: 'localhost', dns: ['localhost'], ips: ['127.0.0.1'] }),
+      issueClientCert({ issuer: pki.clientCa, commonName: 'bob' }),
+      createCa({ commonName: 'ovms-mtls test client CA 2027' }),
+    ]);
+    const [carol, newCaCrl, bobRevoked] = await Promise.all([
+      issueClientCert({ issuer: newClientCa, commonName: 'carol' }),
+      createCrl({ issuer: newClientCa, revoked: [] }),
+      createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: bob.serialHex }] }),
+    ]);
+    const sseGate = join(await mkdtemp(join(tmpdir(), 'ovms-mtls-sse-')), 'open');
+    await kubeletWrite(secretDir, originalSet());
+    const pod = await startPod(container, { FAKE_OVMS_SSE_GATE_FILE: sseGate });
+    const logs = pod.wrapper.logs;
+    const count = (match: (l: LogLine) => boolean) => logs.filter(match).length;
+    const reloadsIn = (worker: number | undefined) => count((l) => l.event === 'reloaded' && l['worker'] === worker);
+    const failedReloads = () => count((l) => l.event === 'reload_failed');
+    /** Each process (the primary, which reads the files, and both workers, which load what it validated) has logged `n` reloads. */
+    const reloadedEverywhere = (n: number) => pod.wrapper.waitForLog(() => [undefined, 1, 2].every((worker) => reloadsIn(worker) >= n));
+    const serialsOfNewHandshakes = async (identity: Issued) => {
+      const serials = new Set<string>();
+      for (let i = 0; i < 12; i += 1) serials.add(await servedSerial(pod.port(i % 2 ? 'grpc-tls' : 'rest-tls'), asClient(identity)));
+      return [...serials];
+    };
+    const longLived = ownConnection(pod, pki.client);
+    const bobLive = ownConnection(pod, bob);
+    try {
+      await pod.wrapper.waitForEvent('workers_listening');
+      await eventually(async () => (await httpGet(pod.port('admin'), '/readyz')).status === 200, '/readyz 200');
+      const bidi = openBidi(longLived);
+      assert.equal(await bidi.echo('before'), 'before');
+      const sse = sseEvents((await postSse(pod.port('rest-tls'), asClient(pki.client))).res)[Symbol.asyncIterator]();
+      assert.match(String((await sse.next()).value), /^data: /);
+      await unary(bobLive, 'Unary', { payload: Buffer.from('bob') });
+      let traffic = steadyTraffic(pod, pki.client);
+
+      // 1. The server certificate renewed.
+      await kubeletWrite(secretDir, { ...originalSet(), cert: server2.certPem, key: server2.keyPem });
+      await reloadedEverywhere(1);
+      assert.deepEqual(await serialsOfNewHandshakes(pki.client), [server2.serialHex]);
+      assert.equal(await bidi.echo('after the renewal'), 'after the renewal');
+
+      // 2. bob revoked, and a new client CA trusted beside the old one.
+      const overlap: SetContents = { cert: server2.certPem, key: server2.keyPem, clientCa: pki.clientCa.certPem + newClientCa.certPem, crl: bobRevoked + newCaCrl };
+      await kubeletWrite(secretDir, overlap);
+      await reloadedEverywhere(2);
+      const bobCut = await pod.wrapper.waitForLog((l) => l.event === 'connection_revoked');
+      assert.deepEqual([bobCut['reason'], bobCut['subject']], ['revoked', 'CN=bob']);
+      const bobAgain = ownConnection(pod, bob);
+      await assert.rejects(unary(bobAgain, 'Unary', { payload: Buffer.from('bob') }), (err: grpc.ServiceError) => err.code === grpc.status.UNAUTHENTICATED && /revoked/.test(err.details));
+      bobAgain.close();
+      const carolNow = ownConnection(pod, carol);
+      await unary(carolNow, 'Unary', { payload: Buffer.from('carol') });
+      carolNow.close();
+
+      // 3. The Secret updated in steps: a certificate without its key, then an empty file. Neither is taken, nor reaches a worker.
+      await kubeletWrite(secretDir, { ...overlap, cert: server3.certPem });
+      await pod.wrapper.waitForLog(() => failedReloads() >= 1);
+      assert.match(String(logs.findLast((l) => l.event === 'reload_failed')!['reason']), /--mtls_key: .* does not match --mtls_cert/);
+      await kubeletWrite(secretDir, { ...overlap, cert: '', key: server3.keyPem });
+      await pod.wrapper.waitForLog((l) => l.event === 'reload_failed' && /empty/.test(String(l['reason'])));
+      assert.deepEqual(await serialsOfNewHandshakes(pki.client), [server2.serialHex]);
+      assert.equal((await httpGet(pod.port('admin'), '/readyz')).status, 200);
+      await kubeletWrite(secretDir, { ...overlap, cert: server3.certPem, key: server3.keyPem });
+      await reloadedEverywhere(3);
+      assert.deepEqual(await serialsOfNewHandshakes(pki.client), [server3.serialHex]);
+      assert.equal(await bidi.echo('after the broken updates'), 'after the broken updates');
+      await writeFile(sseGate, '');
+      let events = 1;
+      for (let next = await sse.next(); !next.done; next = await sse.next()) events += 1;
+      assert.equal(events, CHAT_REPLY_WORDS.length + 1, 'every event of the stream begun before the rotations, [DONE] included');
+      bidi.call.end();
+      assert.equal((await bidi.status).code, grpc.status.OK);
+      const before = await traffic.stop();
+      assert.deepEqual(before.failures, []);
+      assert.ok(before.calls > 0);
+
+      // 4. The clients moved to the new CA: the old one is dropped.
+      traffic = steadyTraffic(pod, carol);
+      await kubeletWrite(secretDir, { cert: server3.certPem, key: server3.keyPem, clientCa: newClientCa.certPem, crl: newCaCrl });
+      await reloadedEverywhere(4);
+      assert.equal((await https1(pod.port('rest-tls'), pki, { path: '/v2/health/ready' })).status, 403);
+      assert.deepEqual(await serialsOfNewHandshakes(carol), [server3.serialHex]);
+      const after = await traffic.stop();
+      assert.deepEqual(after.failures, []);
+      assert.ok(after.calls > 0);
+
+      // One line per change in each process: four rotations, no storm of reloads (a kubelet update is several directory events).
+      assert.deepEqual([undefined, 1, 2].map(reloadsIn), [4, 4, 4]);
+      assert.equal(count((l) => l.event === 'reload_failed' && l['worker'] !== undefined), 0);
+      assert.ok(failedReloads() >= 2 && failedReloads() <= 4, `${failedReloads()} reload_failed lines for 2 broken updates`);
+      const metrics = (await httpGet(pod.port('admin'), '/metrics')).body;
+      assert.match(metrics, /^ovms_mtls_tls_reloads_total\{result="success"\} 4$/m);
+    } finally {
+      longLived.close();
+      bobLive.close();
+      pod.wrapper.child.kill('SIGTERM');
+      await pod.wrapper.exited;
+      await rm(dirname(sseGate), { recursive: true, force: true });
+    }
+  });
+
+  test("a rolling update's SIGTERM (to tini, after the preStop pause): /readyz turns 503 while /healthz stays 200, calls and an upload in flight on both workers complete, an SSE stream finishes, streams that never end get UNAVAILABLE saying why, then OVMS gets SIGTERM and the exit code is 0", { timeout: 300_000 }, async () => {
+    const container = await readManifest();
+    const sseGate = join(await mkdtemp(join(tmpdir(), 'ovms-mtls-sse-')), 'open');
+    await kubeletWrite(secretDir, originalSet());
+    const pod = await startPod(container, { FAKE_OVMS_SSE_GATE_FILE: sseGate });
+    const clients = Array.from({ length: 4 }, () => ownConnection(pod, pki.client));
+    try {
+      await pod.wrapper.waitForEvent('workers_listening');
+      await eventually(async () => (await httpGet(pod.port('admin'), '/readyz')).status === 200, '/readyz 200');
+      // Connections opened one after another alternate between the two workers.
+      const endless = clients.slice(0, 2).map(openBidi);
+      for (const stream of endless) assert.equal(await stream.echo('open'), 'open');
+      const unaryCalls = clients.slice(2).map((echo) => {
+        let write!: (text: string) => void;
+        const reply = new Promise<string>((resolve, reject) => {
+          const call = echo.ClientStream(new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(String(res!.payload))));
+          write = (text) => (text ? call.write({ payload: Buffer.from(text) }) : call.end());
+        });
+        write('in ');
+        return { reply, write };
+      });
+      const upload = await openRaw(pod.port('rest-tls'), pki);
+      let uploadAnswer = '';
+      upload.on('data', (chunk: Buffer) => (uploadAnswer += chunk.toString('latin1')));
+      const uploadClosed = new Promise((resolve) => upload.once('close', resolve));
+      upload.write('POST /echo-body HTTP/1.1\r\nhost: ovms\r\ncontent-length: 8\r\n\r\nbefore');
+      const sse = sseEvents((await postSse(pod.port('rest-tls'), asClient(pki.client))).res)[Symbol.asyncIterator]();
+      assert.match(String((await sse.next()).value), /^data: /);
+
+      pod.wrapper.child.kill('SIGTERM');
+      await pod.wrapper.waitForLog(() => pod.wrapper.logs.filter((l) => l.event === 'worker_draining').length === 2);
+      assert.equal((await httpGet(pod.port('admin'), '/readyz')).status, 503);
+      assert.equal((await httpGet(pod.port('admin'), '/healthz')).status, 200);
+
+      for (const call of unaryCalls) call.write('flight');
+      for (const call of unaryCalls) call.write('');
+      assert.deepEqual(await Promise.all(unaryCalls.map((c) => c.reply)), ['in flight', 'in flight']);
+      upload.write('!!');
+      await uploadClosed;
+      assert.match(uploadAnswer, /^HTTP\/1\.1 200 /);
+      assert.match(uploadAnswer, /\r\nconnection: close\r\n/i);
+      await writeFile(sseGate, '');
+      let events = 1;
+      for (let next = await sse.next(); !next.done; next = await sse.next()) events += 1;
+      assert.equal(events, CHAT_REPLY_WORDS.length + 1);
+      assert.equal((await httpGet(pod.port('admin'), '/readyz')).status, 503, 'not ready for as long as the drain lasts');
+      assert.equal(pod.wrapper.logs.some((l) => l.event === 'ovms_stopping'), false, 'OVMS signalled while streams were in flight');
+
+      for (const stream of endless) {
+        const status = await stream.status;
+        assert.deepEqual([status.code, status.details], [grpc.status.UNAVAILABLE, 'the proxy is shutting down: --mtls_shutdown_timeout ran out before this call finished (retry it)']);
+      }
+      assert.deepEqual(await pod.wrapper.exited, { code: 0, signal: null });
+      assert.equal(pod.wrapper.logs.find((l) => l.event === 'ovms_stopping')?.['signal'], 'SIGTERM');
+      assert.ok(pod.wrapper.ovmsLines.some((l) => l.includes('SIGTERM received')));
+      assert.equal(pod.wrapper.logs.find((l) => l.event === 'stopped')?.['exitCode'], 0);
+      assert.equal(pod.wrapper.logs.filter((l) => l.event === 'worker_exited' || l.event === 'worker_killed').length, 0);
+    } finally {
+      for (const echo of clients) echo.close();
+      if (pod.wrapper.child.exitCode === null && pod.wrapper.child.signalCode === null) pod.wrapper.child.kill('SIGTERM');
+      await pod.wrapper.exited;
+      await rm(dirname(sseGate), { recursive: true, force: true });
     }
   });
 });
