@@ -23,7 +23,7 @@ import { parseAllDocuments } from 'yaml';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { FAKE_OVMS, makeFakeExecutable, startWrapper, type Wrapper } from './helpers/entrypoint.js';
 import { FILE_NAMES, postSse, servedSerial, type SetContents, type TlsClient } from './helpers/reload.js';
-import { eventually, httpGet } from './helpers/ops.js';
+import { eventually, heldConnectionsTo, httpGet, sumOf } from './helpers/ops.js';
 import { startCli } from './helpers/cli.js';
 import { clientCredentials, https1, startUpstream, type LogLine } from './helpers/harness.js';
 import { openRaw } from './helpers/raw-http1.js';
@@ -163,32 +163,45 @@ function ownConnection(pod: Pod, identity: Issued): EchoClient {
   return echoClient(`localhost:${pod.port('grpc-tls')}`, clientCredentials(pki, identity), { 'grpc.use_local_subchannel_pool': 1 });
 }
 
+interface TrafficOutcome {
+  calls: number;
+  failures: string[];
+  /** Those of calls begun after mark(). */
+  failuresAfterMark: string[];
+}
+
 /** gRPC unary calls and REST requests in a loop until stopped, each on a new connection (a new handshake, handed to the next worker); every failure kept. */
-function steadyTraffic(pod: Pod, identity: Issued): { stop(): Promise<{ calls: number; failures: string[] }> } {
-  const failures: string[] = [];
+function steadyTraffic(pod: Pod, identity: Issued): { calls(): number; mark(): void; stop(): Promise<TrafficOutcome> } {
+  const failures: { message: string; afterMark: boolean }[] = [];
   let calls = 0;
+  let marked = false;
   let running = true;
-  const grpcLoop = async () => {
+  const loop = async (call: () => Promise<void>) => {
     while (running) {
-      const echo = ownConnection(pod, identity);
-      await unary(echo, 'Unary', { payload: Buffer.from('steady') }).then(() => (calls += 1), (err: Error) => failures.push(`gRPC: ${err.message}`));
+      const afterMark = marked;
+      await call().then(() => (calls += 1), (err: Error) => failures.push({ message: err.message, afterMark }));
+    }
+  };
+  const grpcCall = async () => {
+    const echo = ownConnection(pod, identity);
+    try {
+      await unary(echo, 'Unary', { payload: Buffer.from('steady') });
+    } finally {
       echo.close();
     }
   };
-  const restLoop = async () => {
-    while (running) {
-      await https1(pod.port('rest-tls'), pki, { path: '/v2/health/ready', client: identity }).then(
-        ({ status }) => (status === 200 ? (calls += 1) : failures.push(`REST: ${status}`)),
-        (err: Error) => failures.push(`REST: ${err.message}`),
-      );
-    }
+  const restCall = async () => {
+    const { status } = await https1(pod.port('rest-tls'), pki, { path: '/v2/health/ready', client: identity });
+    if (status !== 200) throw new Error(`REST: ${status}`);
   };
-  const loops = [grpcLoop(), grpcLoop(), restLoop(), restLoop()];
+  const loops = [loop(grpcCall), loop(grpcCall), loop(restCall), loop(restCall)];
   return {
+    calls: () => calls,
+    mark: () => (marked = true),
     async stop() {
       running = false;
       await Promise.all(loops);
-      return { calls, failures };
+      return { calls, failures: failures.map((f) => f.message), failuresAfterMark: failures.filter((f) => f.afterMark).map((f) => f.message) };
     },
   };
 }
@@ -380,6 +393,41 @@ describe('deploy/kubernetes/deployment.yaml under traffic (its 2 workers)', () =
       if (pod.wrapper.child.exitCode === null && pod.wrapper.child.signalCode === null) pod.wrapper.child.kill('SIGTERM');
       await pod.wrapper.exited;
       await rm(dirname(sseGate), { recursive: true, force: true });
+    }
+  });
+  test('a worker killed by the out-of-memory killer (SIGKILL) under traffic: only calls it had in flight fail, every call begun after its exit succeeds, a new worker takes its place, /readyz stays 200, the totals never fall, and the open connections counted are those clients hold', { timeout: 300_000 }, async () => {
+    const container = await readManifest();
+    await kubeletWrite(secretDir, originalSet());
+    const pod = await startPod(container);
+    const admin = pod.port('admin');
+    const requestsTotal = async () => sumOf((await httpGet(admin, '/metrics')).body, 'ovms_mtls_requests_total');
+    try {
+      const { pids } = await pod.wrapper.waitForEvent('workers_listening');
+      await eventually(async () => (await httpGet(admin, '/readyz')).status === 200, '/readyz 200');
+      const traffic = steadyTraffic(pod, pki.client);
+      await eventually(() => traffic.calls() >= 20, 'calls served by both workers');
+      const before = await requestsTotal();
+      const [victim] = pids as number[];
+      process.kill(victim!, 'SIGKILL');
+      const exited = await pod.wrapper.waitForEvent('worker_exited');
+      assert.deepEqual([exited['pid'], exited['signal']], [victim, 'SIGKILL']);
+      traffic.mark();
+      assert.equal((await httpGet(admin, '/readyz')).status, 200, 'the other worker serves');
+      await pod.wrapper.waitForLog((l) => l.event === 'listening' && l['listener'] === 'rest' && Number(l['worker']) === 3);
+      const callsAtReplacement = traffic.calls();
+      await eventually(() => traffic.calls() >= callsAtReplacement + 20, 'calls served with the new worker');
+      const outcome = await traffic.stop();
+      assert.deepEqual(outcome.failuresAfterMark, []);
+      // At most one per loop: the call each had on the killed worker.
+      assert.ok(outcome.failures.length <= 4, JSON.stringify(outcome.failures));
+      assert.ok((await requestsTotal()) >= before);
+      await eventually(async () => /"2 of 2 workers listening"/.test((await httpGet(admin, '/readyz')).body), 'both workers listening');
+      // What the workers count open is what clients still hold (grpc-js may keep a connection of a closed client that was reconnecting).
+      const held = () => heldConnectionsTo(pod.port('grpc-tls')) + heldConnectionsTo(pod.port('rest-tls'));
+      await eventually(async () => sumOf((await httpGet(admin, '/metrics')).body, 'ovms_mtls_open_connections') === held(), 'open connections as counted to match those clients hold');
+    } finally {
+      pod.wrapper.child.kill('SIGTERM');
+      assert.deepEqual(await pod.wrapper.exited, { code: 0, signal: null });
     }
   });
 });

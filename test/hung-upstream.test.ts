@@ -8,7 +8,6 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
 import { createServer as createH2cServer, constants as h2, type ClientHttp2Stream, type Http2Server, type ServerHttp2Stream } from 'node:http2';
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
@@ -16,7 +15,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { clientCredentials, grpcFrame, h2Request, h2Session, https1, startTestProxy, type StartedProxy } from './helpers/harness.js';
 import { h2Frame, scriptedUpstream, type ScriptedUpstream } from './helpers/scripted-upstream.js';
 import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
-import { eventually, sample } from './helpers/ops.js';
+import { eventually, heldConnectionsTo, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { startCli } from './helpers/cli.js';
@@ -119,15 +118,6 @@ const WIDE_OPEN = (() => {
   increment.writeUInt32BE(wide - 65535);
   return Buffer.concat([h2Frame(0x4, 0, 0, settings), h2Frame(0x4, 0x1, 0), h2Frame(0x8, 0, 0, increment)]);
 })();
-
-/** TCP connections to 127.0.0.1:`port` that a process still holds (an inode in /proc/net/tcp; one closed but still sending has none). */
-function heldConnectionsTo(port: number): number {
-  const remote = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`;
-  return readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1).filter((line) => {
-    const fields = line.trim().split(/\s+/);
-    return fields[2] === remote && fields[9] !== undefined && fields[9] !== '0';
-  }).length;
-}
 
 async function uploadUntilStuck(stream: ClientHttp2Stream, arrived: () => boolean): Promise<void> {
   const chunk = Buffer.alloc(1 << 20);

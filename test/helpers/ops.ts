@@ -4,6 +4,7 @@
  * observer that lets a test await the next finished request.
  */
 import { EventEmitter, once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { NOOP_OBSERVER, type AccessRecord, type ProxyObserver } from '../../src/observer.js';
 
@@ -89,4 +90,13 @@ export function countingUses(prototype: object, name: string): { readonly count:
     },
     stop: () => Object.defineProperty(prototype, name, original),
   };
+}
+
+/** TCP connections to 127.0.0.1:`port` that a process still holds (an inode in /proc/net/tcp; one closed but still sending has none). */
+export function heldConnectionsTo(port: number): number {
+  const remote = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  return readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1).filter((line) => {
+    const fields = line.trim().split(/\s+/);
+    return fields[2] === remote && fields[9] !== undefined && fields[9] !== '0';
+  }).length;
 }
