@@ -23,7 +23,7 @@ import { parseAllDocuments } from 'yaml';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { FAKE_OVMS, makeFakeExecutable, startWrapper, type Wrapper } from './helpers/entrypoint.js';
 import { FILE_NAMES, postSse, servedSerial, type SetContents, type TlsClient } from './helpers/reload.js';
-import { eventually, heldConnectionsTo, httpGet, sumOf } from './helpers/ops.js';
+import { eventually, heldConnectionsTo, httpGet, settlesWithin, sumOf } from './helpers/ops.js';
 import { startCli } from './helpers/cli.js';
 import { clientCredentials, https1, startUpstream, type LogLine } from './helpers/harness.js';
 import { openRaw } from './helpers/raw-http1.js';
@@ -247,7 +247,8 @@ describe('deploy/kubernetes/deployment.yaml under traffic (its 2 workers)', () =
     const reloadsIn = (worker: number | undefined) => count((l) => l.event === 'reloaded' && l['worker'] === worker);
     const failedReloads = () => count((l) => l.event === 'reload_failed');
     /** Each process (the primary, which reads the files, and both workers, which load what it validated) has logged `n` reloads. */
-    const reloadedEverywhere = (n: number) => pod.wrapper.waitForLog(() => [undefined, 1, 2].every((worker) => reloadsIn(worker) >= n));
+    const reloadedEverywhere = (n: number) =>
+      settlesWithin(pod.wrapper.waitForLog(() => [undefined, 1, 2].every((worker) => reloadsIn(worker) >= n)), 60_000, `reload ${n} in the primary and in both workers`);
     const serialsOfNewHandshakes = async (identity: Issued) => {
       const serials = new Set<string>();
       for (let i = 0; i < 12; i += 1) serials.add(await servedSerial(pod.port(i % 2 ? 'grpc-tls' : 'rest-tls'), asClient(identity)));
@@ -349,6 +350,8 @@ describe('deploy/kubernetes/deployment.yaml under traffic (its 2 workers)', () =
           const call = echo.ClientStream(new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(String(res!.payload))));
           write = (text) => (text ? call.write({ payload: Buffer.from(text) }) : call.end());
         });
+        // Handled here too: a test that fails before awaiting it closes the client, which rejects it.
+        reply.catch(() => undefined);
         write('in ');
         return { reply, write };
       });
