@@ -49,6 +49,12 @@ const PING_MS = 5000;
 const MISSED_PINGS = 12;
 
 /** None after a worker that served; doubling with each worker in a row, in the same place, that did not settle. */
+/** Why a replacement waits: a single early exit (an OOM kill soon after a start) read "workers keep exiting". */
+function earlyExits(failures: number): string {
+  const within = `within ${SETTLE_MS / 1000} s of listening`;
+  return failures === 1 ? `it exited ${within}` : `${failures} workers in a row exited ${within}`;
+}
+
 function replacementDelayMs(failures: number): number {
   return failures === 0 ? 0 : Math.min(REPLACE_BACKOFF.maxMs, REPLACE_BACKOFF.initialMs * 2 ** (failures - 1));
 }
@@ -341,7 +347,7 @@ export class WorkerPool implements RunningProxy {
     const settled = member.listeningSince !== undefined && performance.now() - member.listeningSince >= SETTLE_MS;
     const failures = settled ? 0 : member.failuresBefore + 1;
     const delayMs = replacementDelayMs(failures);
-    const when = delayMs === 0 ? 'starting a new one' : `starting a new one in ${delayMs / 1000} s (workers keep exiting soon after they start)`;
+    const when = delayMs === 0 ? 'starting a new one' : `starting a new one in ${delayMs / 1000} s (${earlyExits(failures)})`;
     this.#options.logger.error({ event: 'worker_exited', worker: member.worker.id, pid, code, signal, restartInMs: delayMs, ...untakenField(untaken) }, `worker ${member.worker.id} (pid ${pid}) exited with ${signal ?? code}: ${when}${untakenNote(untaken)}`);
     this.#replaceTimer = setTimeout(() => this.#replace(failures), delayMs);
   }

@@ -701,6 +701,10 @@ describe('a worker that stops making progress without exiting', SAFETY, () => {
       await linesMatching(r.cli.logs, 4, (l) => l.event === 'worker_exited' && l['code'] === 3);
       const delays = r.cli.logs.lines.filter((l) => l.event === 'worker_exited').map((l) => l['restartInMs'] as number);
       assert.deepEqual(delays.slice(0, 5), [500, 1000, 2000, 4000, 8000]);
+      // One early exit (an OOM kill after a start) is said as one; it read "workers keep exiting soon after they start".
+      const messages = r.cli.logs.lines.filter((l) => l.event === 'worker_exited').map((l) => l['msg'] as string);
+      assert.match(messages[0]!, /: starting a new one in 0\.5 s \(it exited within 10 s of listening\)$/);
+      assert.match(messages[1]!, /: starting a new one in 1 s \(2 workers in a row exited within 10 s of listening\)$/);
     } finally {
       await rm(crash, { force: true });
       assert.equal(await stop(r.cli), 0, r.cli.stderr());
