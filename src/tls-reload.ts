@@ -64,6 +64,8 @@ export class TlsReloader {
   #polledSignature = '';
   #reloads = 0;
   #failures = 0;
+  /** The files of the last failed reload as they stood after it, and why it failed; cleared by a success. */
+  #lastFailure: { readonly signature: string; readonly reason: string } | undefined;
 
   constructor(options: TlsReloaderOptions) {
     this.#options = options;
@@ -130,14 +132,19 @@ export class TlsReloader {
       }
       this.#options.proxy.reloadTls(material);
     } catch (err) {
-      this.#failures += 1;
       const reason = (err as Error).message;
+      if (this.#failedAgainAsBefore(trigger, reason)) {
+        logger.debug({ event: 'reload_still_failing', trigger, reason }, 'certificate directory changed; the certificate files are still the set that failed, as they were');
+        return { ok: false, trigger, reason };
+      }
+      this.#failures += 1;
       logger.error({ event: 'reload_failed', trigger, reason }, `TLS reload failed, still serving the previous certificates: ${reason}`);
       return this.#report({ ok: false, trigger, reason });
     } finally {
       if (this.#watching) this.#refreshWatchers();
     }
     this.#current = material;
+    this.#lastFailure = undefined;
     this.#reloads += 1;
     const revokedConnections = this.#closeRevoked(material);
     logger.info(
@@ -145,6 +152,19 @@ export class TlsReloader {
       'TLS material reloaded for new connections',
     );
     return this.#report({ ok: true, trigger, material, changed: true, revokedConnections });
+  }
+
+  /**
+   * A broken set was logged (and counted) again at each later change in its directory (the kubelet deleting the
+   * old version directory, a file written beside it): a second error for the same files. A file event that finds
+   * them as they were after the failure, failing alike, is that failure still; a signal or API request is always
+   * answered in full.
+   */
+  #failedAgainAsBefore(trigger: ReloadTrigger, reason: string): boolean {
+    const signature = filesSignature(this.#options.files);
+    const before = this.#lastFailure;
+    this.#lastFailure = { signature, reason };
+    return trigger === 'file' && before?.signature === signature && before.reason === reason;
   }
 
   /**

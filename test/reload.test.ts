@@ -201,6 +201,30 @@ describe('reload keeps every call alive', SAFETY, () => {
     }
   });
 
+  // Each later change beside a broken set (the kubelet deleting the old version directory, a file written there)
+  // logged reload_failed again and counted another failure, for the same files.
+  test('a broken set is logged and counted once, not again at each later change beside it while its files stay as they were', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true });
+    try {
+      await replaceAtomically(r.certs.files.key, newServer.keyPem);
+      const failed = await r.front.logs.waitFor((l) => l.event === 'reload_failed');
+      await writeFile(join(r.certs.dir, 'notes.txt'), 'not a certificate');
+      const next = await r.front.logs.waitFor((l) => l !== failed && (l.event === 'reload_failed' || l.event === 'reload_still_failing'));
+      assert.equal(next.event, 'reload_still_failing');
+      assert.match(String(next.reason), /--mtls_key: .*server\.key does not match --mtls_cert/);
+      assert.equal(r.front.logs.lines.filter((l) => l.event === 'reload_failed').length, 1);
+      assert.equal(r.reloader.counts.failures, 1);
+      // A signal is answered in full, and a fix is taken as ever.
+      assert.equal((await r.reloader.reload('signal')).ok, false);
+      assert.equal(r.front.logs.lines.filter((l) => l.event === 'reload_failed').length, 2);
+      await replaceAtomically(r.certs.files.cert, newServer.certPem);
+      await reloadedLine(r, 'file');
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+    } finally {
+      await r.stop();
+    }
+  });
+
   test('a change to an unrelated file in the directory reloads nothing', async () => {
     const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true });
     try {
