@@ -8,13 +8,19 @@
  *   const proxy = await startProxy({ config, material: loadTlsMaterialSync(config.tls), logger: createLogger({ level: config.logLevel }) });
  *   ...
  *   await proxy.shutdown(config.shutdownTimeoutMs);
+ *
+ * What they throw or reject with for bad input is an OvmsMtlsError (ConfigError, TlsMaterialError,
+ * ListenError) whose one-line `message` is what the command prints.
  */
 export { startProxy, type ProxyOptions, type RunningProxy } from './proxy.js';
 export { libraryProxyConfig as proxyConfigFromOptions } from './proxy-options.js';
+export type { RawOptions } from './options.js';
 export type { Config } from './config.js';
 export { resolveListenAddresses } from './bind-addresses.js';
-export { loadTlsMaterialSync, type TlsMaterial } from './tls-material.js';
-export { createLogger, type Logger } from './log.js';
+// loadTlsMaterial reads without blocking, for a reload while the proxy serves (reloadTls).
+export { loadTlsMaterialSync, loadTlsMaterial, type TlsMaterial } from './tls-material.js';
+export { createLogger, type Logger, type LoggerOptions } from './log.js';
+export { OvmsMtlsError, ConfigError, TlsMaterialError, ListenError } from './errors.js';
 // A program's own metrics or audit trail: what the data path reports (startProxy's `observer`), each event once.
-export { NOOP_OBSERVER, type ProxyObserver, type AccessRecord, type RelayRecord, type ClientRef, type UnseenResets, type H2SessionFailure, type ListenerName } from './observer.js';
+export { NOOP_OBSERVER, type ProxyObserver, type AccessRecord, type RelayRecord, type ClientRef, type UnseenResets, type H2SessionFailure, type UnresponsiveClient, type ListenerName } from './observer.js';
 export type { Refusal } from './client-identity.js';

@@ -12,8 +12,11 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { once } from 'node:events';
+import { createServer as createTcpServer, type AddressInfo } from 'node:net';
 import { parse, parseAllDocuments } from 'yaml';
 import { ALL_OPTIONS, envVarName, optionSpec, optionsFromEnv } from '../src/options.js';
+import type { LoggerOptions, RawOptions } from '../src/index.js';
 import { DEFAULTS, parseAllowList } from '../src/config.js';
 import { PROXY_OPTIONS, proxyConfigFromOptions } from '../src/proxy-options.js';
 import { collectOptions, parseCommandLine } from '../src/cli/options-parser.js';
@@ -412,6 +415,44 @@ describe('example configuration', () => {
     for (const [name, value] of [['mtls_workers', '4'], ['mtls_admin_port', '9100'], ['mtls_admin_bind_address', '127.0.0.1']] as const) {
       assert.throws(() => lib.proxyConfigFromOptions({ ...given, [name]: value }), { code: 'ERR_CONFIG', message: new RegExp(`^${name} is served by the \\\`ovms-mtls proxy\\\` command .*not by startProxy\\(\\)`) }, name);
     }
+  });
+
+  // The classes of the errors the package entry throws were not exported: a program could tell bad input from
+  // a bug only by `code` strings, and could not type a logger's options or the raw options without dist/src paths.
+  test('the package entry exports the errors it throws for bad input, each an OvmsMtlsError with the line the command prints', async (t) => {
+    const lib = (await import('ovms-mtls')) as typeof import('../src/index.js');
+    const pki = await createTestPki();
+    t.after(() => pki.cleanup());
+    const blocker = createTcpServer().listen(0, '127.0.0.1');
+    await once(blocker, 'listening');
+    t.after(() => blocker.close());
+    const busy = (blocker.address() as AddressInfo).port;
+    const tls: RawOptions = { mtls_cert: pki.paths['server.pem']!, mtls_key: pki.paths['server.key']!, mtls_client_ca: pki.paths['client_cert_ca.pem']! };
+    const given: RawOptions = { ...tls, rest_port: String(busy), rest_bind_address: '127.0.0.1', mtls_rest_upstream: '127.0.0.1:9' };
+    const thrown = async (run: () => unknown): Promise<unknown> => {
+      try {
+        await run();
+      } catch (err) {
+        return err;
+      }
+      assert.fail('no error');
+    };
+    const config = lib.proxyConfigFromOptions(given);
+    const logged: string[] = [];
+    const loggerOptions: LoggerOptions = { level: 'info', destination: { write: (line: string) => void logged.push(line) } };
+    const cases = [
+      { cls: lib.ConfigError, err: await thrown(() => lib.proxyConfigFromOptions({ ...given, rest_port: 'abc' })), argv: ['--rest_port', 'abc'] },
+      { cls: lib.TlsMaterialError, err: await thrown(() => lib.loadTlsMaterialSync({ ...config.tls, cert: pki.paths['client.pem']! })), argv: ['--mtls_cert', pki.paths['client.pem']!] },
+      { cls: lib.TlsMaterialError, err: await thrown(() => lib.loadTlsMaterial({ ...config.tls, cert: pki.paths['client.pem']! })), argv: ['--mtls_cert', pki.paths['client.pem']!] },
+      { cls: lib.ListenError, err: await thrown(() => lib.startProxy({ config, material: lib.loadTlsMaterialSync(config.tls), logger: lib.createLogger(loggerOptions) })), argv: [] },
+    ];
+    const asArgv = Object.entries(given).flatMap(([name, value]) => [`--${name}`, String(value)]);
+    for (const { cls, err, argv } of cases) {
+      assert.ok(err instanceof cls && err instanceof lib.OvmsMtlsError, `${String(err)} is not a ${cls.name}`);
+      const cli = await runCli(['proxy', ...asArgv, ...argv]);
+      assert.equal(cli.stderr, `ovms-mtls: ${err.message}\n`);
+    }
+    assert.deepEqual(logged, [], 'a start that failed logged nothing');
   });
 
   // The command line refuses `--mtls_crl=` and `--rest_bind_address=`; the package entry took an empty value for
