@@ -468,7 +468,7 @@ describe('example configuration', () => {
 
   // "files" named all of dist/: after `npm run build:binary`, `npm pack` took the 100 MB executable, its blob and
   // bundle, and the compiled tests and benchmarks (632 files, 39 MB packed).
-  test('the npm package holds what bin/ovms-mtls and the package entry run, not the single executable or the compiled tests', () => {
+  test('the npm package holds what bin/ovms-mtls and the package entry run, not the single executable, the compiled tests or source maps without their sources', () => {
     const packed = execFileSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
     const files = (JSON.parse(packed) as [{ files: { path: string }[] }])[0].files.map((f) => f.path);
     const pkg = JSON.parse(read('package.json')) as { main: string };
@@ -476,6 +476,9 @@ describe('example configuration', () => {
       assert.ok(files.includes(needed.replace(/^\.\//, '')), `${needed} is not in the package`);
     }
     assert.deepEqual(files.filter((path) => path.startsWith('dist/') && !path.startsWith('dist/src/')), []);
+    // The source maps name src/*.ts, which the package does not hold: a third of its unpacked size, useless to a debugger.
+    assert.deepEqual(files.filter((path) => path.endsWith('.map')), []);
+    assert.deepEqual(files.filter((path) => /\.(key|pem|crl|p12)$|(^|\/)(test|bench|certs)\//.test(path)), [], 'keys, certificates, tests or benchmarks');
   });
 
   /** A set made by certs/README.md's own commands, pointed at `dir` in place of certs/. */
