@@ -15,10 +15,12 @@
 export { startProxy, type ProxyOptions, type RunningProxy } from './proxy.js';
 export { libraryProxyConfig as proxyConfigFromOptions } from './proxy-options.js';
 export type { RawOptions } from './options.js';
-export type { Config } from './config.js';
+export type { Config, TlsFiles } from './config.js';
 export { resolveListenAddresses } from './bind-addresses.js';
 // loadTlsMaterial reads without blocking, for a reload while the proxy serves (reloadTls).
 export { loadTlsMaterialSync, loadTlsMaterial, type TlsMaterial } from './tls-material.js';
+// What `ovms-mtls proxy` does on SIGHUP and file changes: reloadTls alone leaves revoked clients' live connections open.
+export { TlsReloader, type TlsReloaderOptions, type ReloadOutcome, type ReloadTrigger } from './tls-reload.js';
 export { createLogger, type Logger, type LoggerOptions } from './log.js';
 export { OvmsMtlsError, ConfigError, TlsMaterialError, ListenError } from './errors.js';
 // A program's own metrics or audit trail: what the data path reports (startProxy's `observer`), each event once.

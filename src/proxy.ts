@@ -39,7 +39,7 @@ export interface RunningProxy {
   readonly addresses: Readonly<Partial<Record<ListenerName, readonly AddressInfo[]>>>;
   /** The first bound port of a listener; handy with port 0. */
   port(listener: ListenerName): number | undefined;
-  /** New handshakes use the new material; live connections keep going. */
+  /** New handshakes use the new material; live connections keep going, a revoked client's too (TlsReloader closes those). */
   reloadTls(material: TlsMaterial, allow?: Config['allow']): void;
   /** Live connections by listener, for revocation checks. */
   listeners(): readonly SecureListener[];

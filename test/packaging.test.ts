@@ -7,7 +7,7 @@
 import { test, describe, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -27,10 +27,11 @@ import { splitOvmsArgv, UNCAPPED_OVMS_STREAMS } from '../src/ovms-args.js';
 import { UPSTREAM_CHECK_TIMEOUT_MS } from '../src/health.js';
 import { createCrl } from '../src/x509.js';
 import { createTestPki } from './helpers/pki.js';
-import { https1 } from './helpers/harness.js';
+import { https1, LogCapture } from './helpers/harness.js';
+import { closedByReload } from './helpers/reload.js';
 import { eventually } from './helpers/ops.js';
 import { startModelServer } from '../src/demo/model-server.js';
-import { runCli } from './helpers/cli.js';
+import { runCli, runCommand } from './helpers/cli.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -453,6 +454,75 @@ describe('example configuration', () => {
       assert.equal(cli.stderr, `ovms-mtls: ${err.message}\n`);
     }
     assert.deepEqual(logged, [], 'a start that failed logged nothing');
+  });
+
+  // A program reloading with proxy.reloadTls() (all the package entry offered) left a client it had just revoked
+  // connected for as long as it kept its connection; `ovms-mtls proxy` closes it, through TlsReloader, which was not exported.
+  test('the package entry exports the reloader the command uses: a CRL that revokes a connected client closes its connection', async (t) => {
+    const lib = (await import('ovms-mtls')) as typeof import('../src/index.js');
+    const pki = await createTestPki();
+    const upstream = await startModelServer({ restPort: 0 });
+    const started: { proxy?: import('../src/index.js').RunningProxy } = {};
+    t.after(async () => {
+      await started.proxy?.shutdown(1000); // closedByReload shuts it down too; a second call waits for the first
+      await upstream.close();
+      await pki.cleanup();
+    });
+    const crl = join(pki.dir, 'reloaded.crl');
+    writeFileSync(crl, await createCrl({ issuer: pki.clientCa }));
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const options = lib.proxyConfigFromOptions({
+      rest_port: String(restPort), rest_bind_address: '127.0.0.1', mtls_rest_upstream: `127.0.0.1:${upstream.restPort}`,
+      mtls_cert: pki.paths['server.pem']!, mtls_key: pki.paths['server.key']!, mtls_client_ca: pki.paths['client_cert_ca.pem']!, mtls_crl: crl,
+    });
+    const config = { ...options, ...(await lib.resolveListenAddresses(options)) };
+    const material = lib.loadTlsMaterialSync(config.tls);
+    const logs = new LogCapture();
+    const logger = lib.createLogger({ level: 'debug', destination: logs });
+    const proxy = (started.proxy = await lib.startProxy({ config, material, logger }));
+    const reloader = new lib.TlsReloader({ files: config.tls, current: material, proxy, logger, revokedGraceMs: 1000 });
+    const front = { proxy, logs, restPort, grpcPort: 0, grpcAddress: '' };
+    const revokeClient = async () => writeFileSync(crl, await createCrl({ issuer: pki.clientCa, revoked: [{ serialHex: pki.revokedClient.serialHex }] }));
+    await closedByReload(pki, { front, reloader }, pki.revokedClient, revokeClient, /CN=revoked client/, 'revoked');
+  });
+
+  // The README named the library entry and showed no code: what a program writes was in src/index.ts's comment alone.
+  test('the README\'s library example compiles as a strict TypeScript program importing the package by name (node16 and bundler resolution), and runs to its end: the process exits by itself', async (t) => {
+    const readme = read('README.md');
+    const section = readme.slice(readme.indexOf('### As a library'), readme.indexOf('### Certificates, checks, probe'));
+    const example = /```ts\n([\s\S]*?)```/.exec(section)?.[1];
+    assert.ok(example, 'the README has no ```ts block under "As a library"');
+    const pki = await createTestPki();
+    const upstream = await startModelServer({ restPort: 0 });
+    // A program of its own with the package among its dependencies, linked as `npm link` does.
+    const dir = await mkdtemp(join(tmpdir(), 'readme-library-'));
+    mkdirSync(join(dir, 'node_modules', '@types'), { recursive: true });
+    symlinkSync(ROOT, join(dir, 'node_modules', 'ovms-mtls'));
+    symlinkSync(join(ROOT, 'node_modules', '@types', 'node'), join(dir, 'node_modules', '@types', 'node'));
+    writeFileSync(join(dir, 'package.json'), JSON.stringify({ name: 'gateway', type: 'module', private: true }));
+    t.after(async () => {
+      await rm(dir, { recursive: true, force: true });
+      await upstream.close();
+      await pki.cleanup();
+    });
+    const [restPort] = (await freeLoopbackPorts(1)) as [number];
+    const asRun = example
+      .replace(/'certs\/([a-z_.]+)'/g, (_, name: string) => `'${pki.paths[name]}'`)
+      .replace("rest_port: '8443',", `rest_port: '${restPort}', rest_bind_address: '127.0.0.1',`)
+      .replace('127.0.0.1:8000', `127.0.0.1:${upstream.restPort}`);
+    assert.doesNotMatch(asRun, /certs\/|8443|:8000/, 'a path or port of the example was not swapped for this run\'s');
+    writeFileSync(join(dir, 'example.ts'), asRun);
+    const tsc = join(ROOT, 'node_modules/typescript/bin/tsc');
+    for (const [module, resolution] of [['node16', 'node16'], ['esnext', 'bundler']] as const) {
+      const compilerOptions = { target: 'ES2022', module, moduleResolution: resolution, strict: true, exactOptionalPropertyTypes: true, noUncheckedIndexedAccess: true, types: ['node'], outDir: resolution };
+      writeFileSync(join(dir, `tsconfig.${resolution}.json`), JSON.stringify({ compilerOptions, files: ['example.ts'] }));
+      const compiled = await runCommand(process.execPath, [tsc, '-p', `tsconfig.${resolution}.json`], { cwd: dir });
+      assert.equal(compiled.code, 0, `${resolution}: ${compiled.stdout}`);
+    }
+    const ran = await runCommand(process.execPath, [join(dir, 'node16', 'example.js')], { cwd: dir });
+    assert.equal(ran.code, 0, ran.stderr);
+    const events = ran.stdout.split('\n').filter((line) => line.startsWith('{')).map((line) => (JSON.parse(line) as { event?: string }).event);
+    assert.deepEqual(events.filter((event) => event === 'listening' || event === 'reloaded'), ['listening', 'reloaded'], ran.stdout);
   });
 
   // The command line refuses `--mtls_crl=` and `--rest_bind_address=`; the package entry took an empty value for
