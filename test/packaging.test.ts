@@ -356,8 +356,15 @@ describe('example configuration', () => {
       mtls_cert: pki.paths['server.pem']!, mtls_key: pki.paths['server.key']!, mtls_client_ca: pki.paths['client_cert_ca.pem']!,
     });
     const config = { ...options, ...(await lib.resolveListenAddresses(options)) };
+    // The README says the library leaves the process to its host: no signal or error handlers, no process state changed.
+    const processState = () => ({
+      handlers: ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'uncaughtException', 'unhandledRejection'].map((event) => process.listenerCount(event)),
+      umask: process.umask(), cwd: process.cwd(), title: process.title, exitCode: process.exitCode,
+    });
+    const before = processState();
     const proxy = await lib.startProxy({ config, material: lib.loadTlsMaterialSync(config.tls), logger: lib.createLogger({ level: 'silent' }) });
     try {
+      assert.deepEqual(processState(), before);
       assert.equal(proxy.port('rest'), restPort);
       const answer = await https1(restPort, pki, { path: '/v2/health/ready' });
       assert.equal(answer.status, 502);
