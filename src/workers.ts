@@ -48,13 +48,13 @@ const PING_MS = 5000;
  */
 const MISSED_PINGS = 12;
 
-/** None after a worker that served; doubling with each worker in a row, in the same place, that did not settle. */
 /** Why a replacement waits: a single early exit (an OOM kill soon after a start) read "workers keep exiting". */
 function earlyExits(failures: number): string {
   const within = `within ${SETTLE_MS / 1000} s of listening`;
   return failures === 1 ? `it exited ${within}` : `${failures} workers in a row exited ${within}`;
 }
 
+/** None after a worker that served; doubling with each worker in a row, in the same place, that did not settle. */
 function replacementDelayMs(failures: number): number {
   return failures === 0 ? 0 : Math.min(REPLACE_BACKOFF.maxMs, REPLACE_BACKOFF.initialMs * 2 ** (failures - 1));
 }
