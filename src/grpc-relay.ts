@@ -51,8 +51,6 @@ export const TOO_MANY_STREAMS = 'TOO_MANY_STREAMS';
  */
 export const STREAMS_BEFORE_SETTINGS = 100;
 
-export { UPSTREAM_NOT_HTTP2 };
-
 /**
  * How much of what the client sends is kept until the model server's preface is in. Until the
  * model server's SETTINGS, a client may send one 64 KiB flow-control window of DATA (RFC 9113
