@@ -528,3 +528,56 @@ describe('deploy/systemd/ovms-mtls.service run as written', { skip: !(process.ge
     }
   });
 });
+
+const OPERATIONS = fileURLToPath(new URL('../../docs/operations.md', import.meta.url));
+
+/** The value of `--name=value` in a container's args. */
+const argValue = (args: string[], name: string) => args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+
+// The pod docs/operations.md gives for Kubernetes' native sidecars was prose nobody ran: a swapped port, a missing
+// restartPolicy (OVMS then an init container that never ends, the proxy never started) or a grace period shorter
+// than the proxy's pause and drain would reach users as written.
+describe("docs/operations.md's native-sidecar pod", () => {
+  test('OVMS is a restartable init container on loopback at the ports the proxy forwards to, the grace period covers the pause, the drain and OVMS\'s stop, and the proxy\'s args serve with /readyz 200', async () => {
+    const block = /native sidecar[\s\S]*?```yaml\n([\s\S]*?)```/.exec(await readFile(OPERATIONS, 'utf8'));
+    assert.ok(block, 'docs/operations.md has no yaml block after "native sidecar"');
+    const pod = (parseAllDocuments(block[1]!)[0]!.toJSON() as Yaml)['spec'] as Yaml;
+    const ovms = (pod['initContainers'] as Yaml[]).find((c) => c['name'] === 'ovms')!;
+    const proxy = (pod['containers'] as Yaml[])[0]!;
+    assert.equal(ovms['restartPolicy'], 'Always');
+    assert.equal((pod['containers'] as Yaml[]).length, 1);
+    const ovmsArgs = ovms['args'] as string[];
+    const args = proxy['args'] as string[];
+    assert.equal(argValue(ovmsArgs, 'grpc_bind_address'), '127.0.0.1');
+    assert.equal(argValue(ovmsArgs, 'rest_bind_address'), '127.0.0.1');
+    assert.equal(argValue(args, 'mtls_grpc_upstream'), `127.0.0.1:${argValue(ovmsArgs, 'port')}`);
+    assert.equal(argValue(args, 'mtls_rest_upstream'), `127.0.0.1:${argValue(ovmsArgs, 'rest_port')}`);
+    const pause = Number((proxy['lifecycle']['preStop']['exec']['command'] as string[]).at(-1));
+    const ovmsShareS = 5; // OVMS's own stop, as for the entrypoint's share
+    assert.ok(pod['terminationGracePeriodSeconds'] >= pause + Number(argValue(args, 'mtls_shutdown_timeout')) + ovmsShareS);
+
+    const upstream = await startUpstream();
+    const [grpcPort, restPort, adminPort] = (await freeLoopbackPorts(3)) as [number, number, number];
+    const swap: Record<string, string> = {
+      '--port': String(grpcPort), '--rest_port': String(restPort), '--mtls_admin_port': String(adminPort), '--mtls_admin_bind_address': '127.0.0.1',
+      '--mtls_grpc_upstream': `127.0.0.1:${upstream.grpcPort}`, '--mtls_rest_upstream': `127.0.0.1:${upstream.restPort}`,
+    };
+    const asRun = args.map((arg) => {
+      const [name, value] = arg.split('=', 2) as [string, string | undefined];
+      if (swap[name] !== undefined) return `${name}=${swap[name]}`;
+      return value?.startsWith('/certs/') ? `${name}=${join(pki.dir, value.slice('/certs/'.length))}` : arg;
+    });
+    const running = startCli([...asRun, '--grpc_bind_address=127.0.0.1', '--rest_bind_address=127.0.0.1', '--mtls_workers=1']);
+    try {
+      const exitedEarly = running.exited.then((code) => assert.fail(`the documented proxy args exited (${code}): ${running.stderr()}`));
+      const listening = (listener: string) => running.logs.waitFor((line: LogLine) => line.event === 'listening' && line.listener === listener);
+      await Promise.race([Promise.all([listening('grpc'), listening('rest'), listening('admin')]), exitedEarly]);
+      assert.equal((await httpGet(adminPort, '/readyz')).status, 200);
+      assert.equal((await https1(restPort, pki, { path: '/v2/health/ready' })).status, 200);
+    } finally {
+      running.child.kill('SIGTERM');
+      await running.exited;
+      await upstream.close();
+    }
+  });
+});
