@@ -65,7 +65,13 @@ export interface Limits {
   readonly streamWindow: number;
   readonly connectionWindow: number;
   readonly verifyDepth: number;
+  /** TLS 1.2 and 1.3, or 1.3 alone. */
+  readonly minTlsVersion: MinTlsVersion;
 }
+
+/** The lowest TLS version a client may speak (`--mtls_min_tls_version`); 1.0 and 1.1 are never offered. */
+export const MIN_TLS_VERSIONS = ['1.2', '1.3'] as const;
+export type MinTlsVersion = (typeof MIN_TLS_VERSIONS)[number];
 
 /**
  * The most fields a header list of `bytes` can hold: each counts its name, value and 32 octets
@@ -128,6 +134,7 @@ export const DEFAULTS = {
     streamWindow: 1024 * 1024,
     connectionWindow: 16 * 1024 * 1024,
     verifyDepth: 5,
+    minTlsVersion: '1.2' as MinTlsVersion,
   } satisfies Limits,
   tlsFilesInContainer: {
     cert: '/certs/server.pem',
@@ -363,7 +370,18 @@ export function parseLimits(raw: RawOptions): Limits {
     streamWindow: numberOr(raw, 'mtls_stream_window', d.streamWindow, 65535, 2 ** 31 - 1),
     connectionWindow: numberOr(raw, 'mtls_connection_window', d.connectionWindow, 65535, 2 ** 31 - 1),
     verifyDepth: numberOr(raw, 'mtls_verify_depth', d.verifyDepth, 1, 100),
+    minTlsVersion: parseMinTlsVersion(raw, d.minTlsVersion),
   };
+}
+
+/** `1.3`, or `TLSv1.3` as nginx's ssl_protocols and Node's minVersion write it. */
+function parseMinTlsVersion(raw: RawOptions, fallback: MinTlsVersion): MinTlsVersion {
+  const value = optionalString(raw, 'mtls_min_tls_version');
+  if (value === undefined) return fallback;
+  const version = value.replace(/^tlsv/i, '');
+  if ((MIN_TLS_VERSIONS as readonly string[]).includes(version)) return version as MinTlsVersion;
+  const why = /^1(\.[01])?$/.test(version) ? 'TLS 1.0 and 1.1 are never offered (deprecated by RFC 8996)' : 'that is no TLS version';
+  throw new ConfigError(`${flag('mtls_min_tls_version')}: '${value}': ${why}; give 1.2 (TLS 1.2 and 1.3, the default) or 1.3 (TLS 1.3 only)`);
 }
 
 export function parseAllowList(raw: RawOptions): AllowList {

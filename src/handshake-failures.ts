@@ -3,6 +3,7 @@
  * operator can do about it. A refused client certificate is not here: that is
  * a refusal (client-identity.ts), judged after a handshake that succeeded.
  */
+import type { MinTlsVersion } from './config.js';
 
 /** Client alerts that mean "I do not accept your server certificate". */
 const DISTRUST_ALERTS = new Set(['tlsv1_alert_unknown_ca', 'sslv3_alert_bad_certificate', 'sslv3_alert_certificate_unknown',
@@ -21,8 +22,6 @@ const DETAILS: Record<string, string> = {
   not_tls: 'the client did not start TLS: a plaintext client (an insecure gRPC channel, http://) on a TLS port?',
   handshake_timeout: 'the client did not finish the TLS handshake within --mtls_handshake_timeout',
   client_closed: 'the client closed the connection before the TLS handshake finished: a TCP health check, or a client that does not trust our server certificate',
-  unsupported_protocol: 'the client offers no TLS version we accept (TLS 1.2 and 1.3)',
-  tlsv1_alert_protocol_version: 'the client accepts no TLS version we offer (TLS 1.2 and 1.3)',
   no_shared_cipher: 'the client offers no cipher suite we accept',
   no_application_protocol: 'the client offers no application protocol we speak (ALPN h2, http/1.1 or http/1.0)',
   no_suitable_signature_algorithm: 'the client accepts no signature algorithm the key of --mtls_cert can make (an EC or Ed25519 key, and a client that takes RSA signatures only, or the reverse): serve a certificate with a key type the client supports',
@@ -53,8 +52,16 @@ export function handshakeFailureReason(err: NodeJS.ErrnoException): string {
   return (err.code ?? 'handshake_error').replace(/^ERR_SSL_/, '').toLowerCase().replace(/^ssl\/tls_alert_/, 'sslv3_alert_');
 }
 
+/** No TLS version in common: the words name the versions this proxy takes. */
+const VERSION_DETAILS: Record<string, (taken: string) => string> = {
+  unsupported_protocol: (taken) => `the client offers no TLS version we accept (${taken})`,
+  tlsv1_alert_protocol_version: (taken) => `the client accepts no TLS version we offer (${taken})`,
+};
+
 /** One sentence for the log line: what happened, and where the fix usually is. */
-export function handshakeFailureDetail(reason: string): string {
+export function handshakeFailureDetail(reason: string, minTlsVersion: MinTlsVersion = '1.2'): string {
   if (DISTRUST_ALERTS.has(reason)) return `${DISTRUST_DETAIL} (TLS alert ${reason.replace(/^(tlsv1|sslv3)_alert_/, '')})`;
+  const versions = VERSION_DETAILS[reason];
+  if (versions) return versions(minTlsVersion === '1.3' ? 'TLS 1.3 only, --mtls_min_tls_version' : 'TLS 1.2 and 1.3');
   return DETAILS[reason] ?? `TLS handshake failed (${reason})`;
 }

@@ -207,7 +207,7 @@ export class SecureListener {
    * the clients of handshakes under way now, which OpenSSL verifies under the old material.
    */
   setSecureContext(options: SecureContextOptions, certificates: ContextCertificates, allow?: AllowList, judgeLate?: LateJudge): void {
-    for (const server of this.#servers) server.tls.setSecureContext(options);
+    for (const server of this.#servers) server.tls.setSecureContext(this.#withVersions(options));
     this.#trustedCas = certificates.clientCas;
     this.#servedUntil = servedUntil(certificates.serverChain);
     if (allow) this.#allow = allow;
@@ -266,10 +266,15 @@ export class SecureListener {
    * offers it to a worker again at once, so it waited (no answer, no log) until
    * a connection closed while the primary and the workers spun on it.
    */
+  /** The TLS versions are the listener's (--mtls_min_tls_version), whatever material a reload brings. */
+  #withVersions(options: SecureContextOptions): SecureContextOptions {
+    return { ...options, minVersion: `TLSv${this.#options.limits.minTlsVersion}` };
+  }
+
   #createServer(): { tcp: TcpServer; tls: TlsServer } {
     const { limits } = this.#options;
     const tls = createTlsServer({
-      ...this.#options.secureContext,
+      ...this.#withVersions(this.#options.secureContext),
       requestCert: true,
       // We judge the certificate ourselves to log WHY it was refused; Node's
       // own rejection gives no reason (FINDINGS).

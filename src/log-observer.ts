@@ -3,6 +3,7 @@ import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 import { accessLineWriter } from './access-line.js';
 import { SERVER_CERTIFICATE_EXPIRED, handshakeFailureDetail } from './handshake-failures.js';
 import { RepeatBudget, type RepeatLimit } from './repeat-budget.js';
+import type { MinTlsVersion } from './config.js';
 
 /**
  * Node resets such a stream inside its HTTP/2 layer (RST_STREAM ENHANCE_YOUR_CALM for a header list
@@ -76,6 +77,8 @@ export interface LoggingObserverOptions {
   readonly accessLog: boolean;
   /** How many failed or refused handshake lines of one kind are written in full; default: repeat-budget.ts. */
   readonly repeats?: RepeatLimit | undefined;
+  /** Named in the line of a client that has no TLS version in common with the proxy; default 1.2. */
+  readonly minTlsVersion?: MinTlsVersion | undefined;
 }
 
 /** The logging observer, and what it has held back written out (at shutdown). */
@@ -106,7 +109,7 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
       // Most failures are one client's business; an expired server certificate fails every client.
       const level = code === SERVER_CERTIFICATE_EXPIRED ? 'error' : 'info';
       handshakeLines.offer(`failed ${listener} ${code}`, () => {
-        logger[level]({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code));
+        logger[level]({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code, options.minTlsVersion));
       }, (suppressed, limit) => {
         logger[level]({ event: 'handshake_failed', listener, reason: code, suppressed }, heldBackMessage(suppressed, limit, 'failed handshake'));
       });

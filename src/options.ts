@@ -41,6 +41,7 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_allow_uri', type: 'array', describe: 'Allow only clients with a URI SAN matching this pattern; * = one path segment, ** = any suffix (repeatable)' },
   { name: 'mtls_allow_fingerprint', type: 'array', describe: 'Allow only clients whose certificate DER has this SHA-256 (hex, colons optional; repeatable)' },
   { name: 'mtls_verify_depth', type: 'number', describe: 'Maximum client certificate chain length', defaultDescription: '5' },
+  { name: 'mtls_min_tls_version', type: 'string', describe: 'Lowest TLS version clients may use on the public ports: 1.2 (TLS 1.2 and 1.3) or 1.3 (TLS 1.3 only)', defaultDescription: '1.2' },
   { name: 'mtls_log_level', type: 'string', describe: 'Log level', defaultDescription: 'info', choices: LOG_LEVELS },
   { name: 'mtls_access_log', type: 'boolean', describe: 'Log one line per request/RPC', defaultDescription: 'true' },
   { name: 'mtls_grpc_mode', type: 'string', describe: 'gRPC port: terminate (per-call HTTP/2, XFCC, per-call access log) or relay (HTTP/2 frames passed to one upstream connection per client; fastest, per-connection log, no XFCC)', defaultDescription: 'terminate', choices: FORWARD_MODES },

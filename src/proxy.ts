@@ -166,7 +166,7 @@ export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningPro
   const { config, logger } = proxyOptions;
   // One for both listeners: they share the process's descriptors.
   const options = { ...proxyOptions, descriptors: proxyOptions.descriptors ?? DescriptorHeadroom.forThisProcess(logger) };
-  const logging = loggingObserver(logger, { accessLog: config.accessLog, repeats: options.handshakeLineLimit });
+  const logging = loggingObserver(logger, { accessLog: config.accessLog, repeats: options.handshakeLineLimit, minTlsVersion: config.limits.minTlsVersion });
   const observer = combineObservers(logging, options.observer ?? NOOP_OBSERVER);
   const parts: Assembled[] = [];
   if (config.grpc) parts.push(assembleGrpc(config.grpc, options, observer));

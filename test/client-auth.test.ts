@@ -8,13 +8,14 @@ import { connect as tcpConnect, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { casWithNamesOf, type TestPki } from './helpers/pki.js';
 import { CA_NAMES_LIMIT } from '../src/ca-names.js';
-import { assertRefusedAnswer, assertRefusedCall, grpcClients, grpcFrame, h2Request, h2Session, https1, startProxyFixture, startTestProxy, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { assertRefusedAnswer, assertRefusedCall, baseConfig, grpcClients, grpcFrame, h2Request, h2Session, https1, negotiatedVersion, startProxyFixture, startTestProxy, tlsClientOptions, type LogCapture, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { createCa, issueClientCert, type Issued } from '../src/x509.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { eventually, sample } from './helpers/ops.js';
 import { runCommand } from './helpers/cli.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -172,6 +173,16 @@ describe('spoofed identity headers', () => {
   });
 });
 
+/**
+ * The first handshake_failed line with `reason` logged after `from` lines. Others may come between: a TLS 1.3
+ * client that hangs up right after its handshake is logged client_closed, its side of the handshake ending before ours.
+ */
+async function handshakeFailure(logs: LogCapture, reason: string, from = 0): Promise<LogLine> {
+  const matches = (l: LogLine) => l.event === 'handshake_failed' && l.reason === reason;
+  await eventually(() => logs.lines.slice(from).some(matches), `a handshake_failed line with reason ${reason}`);
+  return logs.lines.slice(from).find(matches)!;
+}
+
 describe('TLS settings', () => {
   test('TLS 1.3 is negotiated by a modern client', async () => {
     const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), ALPNProtocols: ['http/1.1'] });
@@ -180,10 +191,12 @@ describe('TLS settings', () => {
     socket.destroy();
   });
 
-  test('TLS 1.1 is refused', async () => {
+  test('TLS 1.1 is refused, the line naming the versions taken', async () => {
+    const from = front.logs.lines.length;
     const socket = tlsConnect({ host: '127.0.0.1', port: front.restPort, ...tlsClientOptions(pki), minVersion: 'TLSv1.1', maxVersion: 'TLSv1.1', ciphers: 'DEFAULT@SECLEVEL=0' });
     const [err] = (await once(socket, 'error').catch((e: unknown) => [e])) as [NodeJS.ErrnoException];
     assert.match(String(err.code ?? err.message), /VERSION|PROTOCOL|ALERT|ECONNRESET/i);
+    assert.equal((await handshakeFailure(front.logs, 'unsupported_protocol', from)).msg, 'the client offers no TLS version we accept (TLS 1.2 and 1.3)');
   });
 
   test('a TLS 1.2 client offering only CBC suites finds no shared cipher', async () => {
@@ -345,6 +358,28 @@ describe('TLS settings', () => {
       assert.equal(session.remoteSettings.maxHeaderListSize, 64 * 1024);
     } finally {
       session.close();
+    }
+  });
+});
+
+// A policy of TLS 1.3 only could not be met: the listeners set TLS 1.2 as their minimum, over Node's --tls-min-v1.3 too.
+describe('--mtls_min_tls_version=1.3', () => {
+  test('TLS 1.2 clients fail their handshake on both ports and in both modes, also after a reload, logged naming the option; TLS 1.3 clients are served', async () => {
+    for (const mode of ['terminate', 'relay'] as const) {
+      const strict = await startTestProxy({ pki, upstream, grpcMode: mode, restMode: mode, limits: { minTlsVersion: '1.3' } });
+      try {
+        for (const [port, alpn] of [[strict.grpcPort, 'h2'], [strict.restPort, 'http/1.1']] as const) {
+          assert.equal(await negotiatedVersion(port, pki, 'TLSv1.3', alpn), 'TLSv1.3', `${mode} ${alpn}`);
+          assert.equal(await negotiatedVersion(port, pki, 'TLSv1.2', alpn), 'ERR_SSL_TLSV1_ALERT_PROTOCOL_VERSION', `${mode} ${alpn}`);
+        }
+        assert.equal((await handshakeFailure(strict.logs, 'unsupported_protocol')).msg, 'the client offers no TLS version we accept (TLS 1.3 only, --mtls_min_tls_version)');
+        assert.equal((await https1(strict.restPort, pki, { path: '/v2/health/ready' })).status, 200);
+        strict.proxy.reloadTls(loadTlsMaterialSync(baseConfig({ pki }).tls));
+        assert.equal(await negotiatedVersion(strict.restPort, pki, 'TLSv1.2', 'http/1.1'), 'ERR_SSL_TLSV1_ALERT_PROTOCOL_VERSION', `${mode}, after a reload`);
+        assert.equal(await negotiatedVersion(strict.restPort, pki, 'TLSv1.3', 'http/1.1'), 'TLSv1.3', `${mode}, after a reload`);
+      } finally {
+        await strict.proxy.shutdown(1000);
+      }
     }
   });
 });

@@ -6,7 +6,7 @@ import * as grpc from '@grpc/grpc-js';
 import { casWithNamesOf, type TestPki } from './helpers/pki.js';
 import { JAVA_CA_NAMES_LIMIT } from '../src/ca-names.js';
 import { runCli, runCommand, startCli, type LongRunningCli } from './helpers/cli.js';
-import { grpcClients, h2Session, https1, startUpstreamFixture, tlsClientOptions, type LogLine } from './helpers/harness.js';
+import { grpcClients, h2Session, https1, negotiatedVersion, startUpstreamFixture, tlsClientOptions, type LogLine } from './helpers/harness.js';
 import { issueClientCert } from '../src/x509.js';
 import { connect as tlsConnect } from 'node:tls';
 import { GateBoard, sseEvents } from './helpers/sse.js';
@@ -566,6 +566,27 @@ describe('proxy command line', () => {
     const missingFile = await runCli(['proxy', '--rest_port', '18443', '--mtls_rest_upstream', '127.0.0.1:9'], { env: { OVMS_MTLS_CERT: '/nonexistent/server.pem', OVMS_MTLS_KEY: '/nonexistent/server.key', OVMS_MTLS_CLIENT_CA: '/nonexistent/ca.pem' } });
     assert.equal(missingFile.code, 2);
     assert.match(missingFile.stderr, /^ovms-mtls: --mtls_\w+: \/nonexistent\/.* \(set by OVMS_MTLS_\w+ in the environment\)\n$/);
+  });
+});
+
+describe('--mtls_min_tls_version from the command line', () => {
+  test('TLSv1.3 (nginx\'s spelling) with 2 workers refuses a TLS 1.2 client and serves a TLS 1.3 one; 1.1, 1.0 and other words are refused at start naming the choices', async () => {
+    const { cli, restPort } = await startProxyCli([...tlsFlags(), '--mtls_workers=2', '--mtls_min_tls_version=TLSv1.3']);
+    try {
+      // Each worker in turn takes a connection: a few of each reach both.
+      for (let i = 0; i < 4; i += 1) {
+        assert.equal(await negotiatedVersion(restPort, pki, 'TLSv1.2'), 'ERR_SSL_TLSV1_ALERT_PROTOCOL_VERSION');
+        assert.equal(await negotiatedVersion(restPort, pki, 'TLSv1.3'), 'TLSv1.3');
+      }
+    } finally {
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0);
+    }
+    const choices = 'give 1.2 (TLS 1.2 and 1.3, the default) or 1.3 (TLS 1.3 only)';
+    const old = await startupOutcome(['--mtls_min_tls_version=1.1']);
+    assert.deepEqual(old, { listened: false, code: 2, stderr: `ovms-mtls: --mtls_min_tls_version: '1.1': TLS 1.0 and 1.1 are never offered (deprecated by RFC 8996); ${choices}\n` });
+    const fromEnv = await startupOutcome([], { OVMS_MTLS_MIN_TLS_VERSION: 'tls13' });
+    assert.deepEqual(fromEnv, { listened: false, code: 2, stderr: `ovms-mtls: --mtls_min_tls_version: 'tls13': that is no TLS version; ${choices} (set by OVMS_MTLS_MIN_TLS_VERSION in the environment)\n` });
   });
 });
 

@@ -42,6 +42,7 @@ test('the defaults the README and --help give are the ones the entrypoint and th
     rest_bind_address: listeners.rest!.hosts.join(','),
     mtls_grpc_upstream_connections: common.grpcUpstreamConnections,
     mtls_verify_depth: limits.verifyDepth,
+    mtls_min_tls_version: limits.minTlsVersion,
     mtls_log_level: common.logLevel,
     mtls_access_log: common.accessLog,
     mtls_grpc_mode: common.grpcMode,

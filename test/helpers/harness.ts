@@ -12,6 +12,7 @@ import { request as httpsRequest, type RequestOptions } from 'node:https';
 import type { IncomingMessage } from 'node:http';
 import { createServer as createTcpServer, Socket, type Server as TcpServer } from 'node:net';
 import { once } from 'node:events';
+import { connect as tlsConnect, type SecureVersion } from 'node:tls';
 import { startModelServer, type ModelServer, type ModelServerOptions } from '../../src/demo/model-server.js';
 import { echoClient, kserveClient, type EchoClient, type KserveClient } from '../../src/demo/grpc-client.js';
 import { startProxy, type RunningProxy } from '../../src/proxy.js';
@@ -222,6 +223,19 @@ export function tlsClientOptions(pki: TestPki, client: Issued | null = pki.clien
     ...(client ? { cert: client.certPem, key: client.keyPem } : {}),
     servername: 'localhost',
   };
+}
+
+/** The TLS version a client speaking at most `maxVersion` got on `port`, or the code its handshake failed with. */
+export async function negotiatedVersion(port: number, pki: TestPki, maxVersion: SecureVersion, alpn = 'http/1.1'): Promise<string> {
+  const socket = tlsConnect({ host: '127.0.0.1', port, ...tlsClientOptions(pki), maxVersion, ALPNProtocols: [alpn] });
+  try {
+    return await new Promise<string>((resolve) => {
+      socket.once('secureConnect', () => resolve(socket.getProtocol() ?? 'none'));
+      socket.once('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
+    });
+  } finally {
+    socket.destroy();
+  }
 }
 
 export interface Http1Response {
