@@ -433,9 +433,19 @@ export class H2Front implements Drainable {
   readonly #bySocket = new WeakMap<TLSSocket, SessionState>();
   #arriving: ConnectionContext | undefined;
   #draining = false;
+  /** See the constructor's `goAwayOnceIdleOnDrain`. */
+  readonly #goAwayOnceIdle: boolean;
 
-  constructor(options: { limits: Limits; observer: ProxyObserver; onStream?: StreamHandler; onRequest?: RequestHandler }) {
+  /**
+   * `goAwayOnceIdleOnDrain`: a drain tells a connection with streams open to go away only once they are over, not at
+   * once (the REST port). httpx (httpcore 0.16 to 1.0, the openai SDK's transport) fails every stream it still reads
+   * when any GOAWAY arrives, last stream id or not: an event stream in flight was cut at the drain's start
+   * (RemoteProtocolError ConnectionTerminated), which the drain is there to let finish. Streams the client opens
+   * meanwhile are served; what is still open when the shutdown timeout runs out is ended as on any connection.
+   */
+  constructor(options: { limits: Limits; observer: ProxyObserver; onStream?: StreamHandler; onRequest?: RequestHandler; goAwayOnceIdleOnDrain?: boolean }) {
     const { limits, observer } = options;
+    this.#goAwayOnceIdle = options.goAwayOnceIdleOnDrain ?? false;
     this.#idle = new IdleSweeper(limits.idleTimeoutMs);
     this.#server = createHttp2Server({
       settings: {
@@ -493,6 +503,7 @@ export class H2Front implements Drainable {
       observer.streamClosed(context.listener);
       streams.closed();
       state.streamClosed(stream);
+      if (this.#draining && streams.open === 0 && !state.session.closed) state.close();
     });
     return context;
   }
@@ -508,7 +519,7 @@ export class H2Front implements Drainable {
 
   drain(): void {
     this.#draining = true;
-    for (const state of this.#sessions) state.close();
+    for (const state of this.#sessions) if (!this.#goAwayOnceIdle || state.streams.open === 0) state.close();
   }
 
   /** GOAWAY on one connection: streams in flight finish, no new ones start. */

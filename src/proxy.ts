@@ -138,7 +138,7 @@ function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
   const notReady = options.notReady?.rest;
   const forwarder = new RestForwarder({ upstream: cfg.upstream, connectTimeoutMs: limits.upstreamConnectTimeoutMs, bodyTimeoutMs: limits.idleTimeoutMs, maxHeaderSize: limits.maxHeaderSize, maxRequestsInFlight: limits.maxConcurrentStreams, observer, notReady });
   const onRequest = forwarder.handle.bind(forwarder);
-  const h2 = new H2Front({ limits, observer, onRequest });
+  const h2 = new H2Front({ limits, observer, onRequest, goAwayOnceIdleOnDrain: true });
   const h1 = new H1Front({ limits, observer, onRequest });
   // HTTP/2 clients of the REST port keep the terminating front: the upstream speaks HTTP/1.1 only.
   const relay =

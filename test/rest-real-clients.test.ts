@@ -8,12 +8,9 @@
  */
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { refusedWording, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
@@ -22,6 +19,7 @@ import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FORWARD_MODES } from '../src/config.js';
 import { eventually } from './helpers/ops.js';
+import { assertChatStream, releasedOneByOne, runClient } from './helpers/client-processes.js';
 
 const PYTHON = '/usr/bin/python3';
 const SCRIPT = fileURLToPath(new URL('../../test/fixtures/rest_requests.py', import.meta.url));
@@ -36,12 +34,6 @@ let board = new GateBoard();
 let largeFile: string;
 let largeSha256: string;
 let inferFile: string;
-
-/**
- * No proxy variables, and none of the CA-bundle ones this machine sets: requests lets
- * REQUESTS_CA_BUNDLE override a Session's `verify`, and curl would read CURL_CA_BUNDLE.
- */
-const clientEnv = (): NodeJS.ProcessEnv => ({ PATH: process.env.PATH, LANG: 'C.UTF-8' });
 
 before(async () => {
   const requests = await runClient(PYTHON, ['-c', 'import requests']);
@@ -62,21 +54,6 @@ after(async () => {
   await pki.cleanup();
 });
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function runClient(file: string, args: string[]): Promise<Run> {
-  return new Promise((resolve) => {
-    execFile(file, args, { env: clientEnv(), timeout: 30_000, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
-      const code = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
 /** curl with a certificate of the test PKI by base name (`null`: none), trusting the server CA. */
 function curlArgs(client: string | null = 'client'): string[] {
   const cert = client ? ['--cert', pki.paths[`${client}.pem`]!, '--key', pki.paths[`${client}.key`]!] : [];
@@ -93,44 +70,6 @@ async function python(port: number, client: string, cases: string[]): Promise<Re
     if (!('event' in result)) results[String(result.case)] = result;
   }
   return results;
-}
-
-/**
- * Releases the upstream's events one at a time: event i+1 is not even written upstream until
- * the client has printed event i, so a client that got them only at the end would hang here.
- * Returns what the client printed, one line per event.
- */
-async function releasedOneByOne(command: string, args: string[], eventOf: (line: string) => string | undefined): Promise<{ events: string[]; code: number; lines: string[] }> {
-  board = new GateBoard();
-  const child = spawn(command, args, { env: clientEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
-  const exited = once(child, 'exit');
-  const events: string[] = [];
-  const lines: string[] = [];
-  try {
-    board.open(0);
-    for await (const line of createInterface({ input: child.stdout })) {
-      lines.push(line);
-      const event = eventOf(line);
-      if (event === undefined) continue;
-      events.push(event);
-      // Still running: this event came before the stream ended.
-      assert.equal(child.exitCode, null, `exited before event ${events.length}: ${stderr}`);
-      board.open(events.length);
-    }
-    const [code] = await exited;
-    return { events, code: code as number, lines };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
-}
-
-/** The chat reply's words, then [DONE]: what a client of the stand-in's stream must see. */
-function assertChatStream(events: string[]): void {
-  const words = events.slice(0, -1).map((e) => JSON.parse(e.replace(/^data: /, '')).choices[0].delta.content as string);
-  assert.deepEqual(words, CHAT_REPLY_WORDS);
-  assert.equal(events.at(-1), 'data: [DONE]');
 }
 
 for (const mode of FORWARD_MODES) {
@@ -232,7 +171,7 @@ for (const mode of FORWARD_MODES) {
 
       test(`curl ${flag} -N: Server-Sent Events arrive one by one, each before the stream ends`, async () => {
         const body = JSON.stringify({ model: 'm', stream: true });
-        const { events, code } = await releasedOneByOne('curl', [...curlArgs(), flag, '-N', url('/v3/chat/completions'), '-H', 'content-type: application/json', '-d', body],
+        const { events, code } = await releasedOneByOne(board = new GateBoard(), 'curl', [...curlArgs(), flag, '-N', url('/v3/chat/completions'), '-H', 'content-type: application/json', '-d', body],
           (line) => (line.startsWith('data: ') ? line : undefined));
         assert.equal(code, 0);
         assertChatStream(events);
@@ -251,7 +190,7 @@ for (const mode of FORWARD_MODES) {
       const run = await runClient('curl', [...curlArgs(), '--http1.0', url('/v2/models/dummy/infer'), '-d', INFER_BODY]);
       assert.equal(run.code, 0, run.stderr);
       assert.deepEqual(JSON.parse(run.stdout).outputs[0].data, INPUT.map((x) => x + 1));
-      const { events, code } = await releasedOneByOne('curl', [...curlArgs(), '--http1.0', '-N', url('/v3/chat/completions'), '-d', JSON.stringify({ stream: true })],
+      const { events, code } = await releasedOneByOne(board = new GateBoard(), 'curl', [...curlArgs(), '--http1.0', '-N', url('/v3/chat/completions'), '-d', JSON.stringify({ stream: true })],
         (line) => (line.startsWith('data: ') ? line : undefined));
       assert.equal(code, 0);
       assertChatStream(events);
@@ -282,7 +221,7 @@ for (const mode of FORWARD_MODES) {
     });
 
     test('Python requests stream=True, iter_lines(): Server-Sent Events arrive one by one, each before the stream ends', async () => {
-      const { events, code, lines } = await releasedOneByOne(PYTHON, [SCRIPT, String(front.restPort), pki.dir, 'client', 'sse'], (line) => {
+      const { events, code, lines } = await releasedOneByOne(board = new GateBoard(), PYTHON, [SCRIPT, String(front.restPort), pki.dir, 'client', 'sse'], (line) => {
         const printed = JSON.parse(line) as { event?: string };
         return printed.event;
       });
