@@ -1,6 +1,6 @@
 /**
  * The README's client snippets (Usage > Clients), run as a user pastes them:
- * Debian's python3 with grpcio and requests, against the proxy and the
+ * Debian's python3 with grpcio, requests and httpx, against the proxy and the
  * stand-in model server, with the README's paths and ports swapped for this
  * run's. The refused case uses a certificate of a CA the proxy does not trust.
  */
@@ -59,11 +59,12 @@ function runShell(code: string): Promise<{ stdout: string; stderr: string }> {
 }
 
 describe('README client snippets', () => {
-  test('the README has the grpcio and the requests snippet', () => {
+  test('the README has the grpcio, the requests and the httpx snippet', () => {
     const snippets = clientSnippets();
-    assert.equal(snippets.length, 2);
+    assert.equal(snippets.length, 3);
     assert.match(snippets[0]!, /grpc\.secure_channel/);
     assert.match(snippets[1]!, /requests\.get/);
+    assert.match(snippets[2]!, /httpx\.Client\(verify=context, http2=True/);
   });
 
   test('grpcio, as pasted: ServerReady over mTLS says ready', async () => {
@@ -76,6 +77,12 @@ describe('README client snippets', () => {
     assert.equal(stdout, '200\n');
   });
 
+  // The openai SDK is not installed here; its http_client is this httpx.Client, which the README tells users to pass.
+  test('httpx, as pasted: the REST readiness answers 200 over HTTP/2', async () => {
+    const { stdout } = await runPython(asRun(clientSnippets()[2]!));
+    assert.equal(stdout, '200 HTTP/2\n');
+  });
+
   // The README gave no curl line; the one it gives now is run as pasted, so a change to it cannot break unnoticed.
   test('curl, as pasted: the REST readiness answers 200', async () => {
     const [curl] = clientSnippets('sh');
@@ -84,15 +91,16 @@ describe('README client snippets', () => {
     assert.equal(stdout, '200\n');
   });
 
-  test('a certificate the proxy does not trust: grpcio gets UNAUTHENTICATED naming unknown_ca requests and curl a 403, as the README says', async () => {
-    const [grpcSnippet, restSnippet] = clientSnippets() as [string, string];
+  test('a certificate the proxy does not trust: grpcio gets UNAUTHENTICATED naming unknown_ca, requests, httpx and curl a 403, as the README says', async () => {
+    const [grpcSnippet, restSnippet, httpxSnippet] = clientSnippets() as [string, string, string];
     await assert.rejects(runPython(asRun(grpcSnippet, 'foreign_client')),
       (err: { stderr: string }) => /StatusCode\.UNAUTHENTICATED/.test(err.stderr) && /client certificate refused \(unknown_ca\): client certificate is not issued by a trusted client CA/.test(err.stderr));
     const { stdout } = await runPython(asRun(restSnippet, 'foreign_client'));
     assert.equal(stdout, '403\n');
+    assert.equal((await runPython(asRun(httpxSnippet, 'foreign_client'))).stdout, '403 HTTP/2\n');
     const curl = await runShell(asRun(clientSnippets('sh')[0]!, 'foreign_client'));
     assert.match(curl.stdout, /^\{"error":"client certificate refused \(unknown_ca\): .*"\}403\n$/);
     const refused = local.logs.lines.filter((l) => l.event === 'client_refused');
-    assert.ok(refused.length >= 3, 'the proxy logged each refusal');
+    assert.ok(refused.length >= 4, 'the proxy logged each refusal');
   });
 });
