@@ -102,14 +102,16 @@ for (const mode of FORWARD_MODES) {
     for (const http of HTTP_VERSIONS) {
       const client = `httpx.Client(http2=${http === '2' ? 'True' : 'False'})`;
 
-      test(`${client}: a readiness GET, a KServe infer, a 4 MB upload and a 4 MB download, all on one pooled connection over HTTP/${http}`, async () => {
-        const results = await httpx(front.restPort, http, ['ready', 'infer', 'large']);
+      test(`${client}: a readiness GET, a KServe infer, a 4 MB upload and a 4 MB download, then 200 GETs, infers and chat streams in turn, all on one pooled connection over HTTP/${http}`, async () => {
+        board.openAll();
+        const results = await httpx(front.restPort, http, ['ready', 'infer', 'large', 'sequential']);
         assert.deepEqual([results.ready!.status, results.ready!.httpVersion], [200, `HTTP/${http}`]);
         assert.deepEqual(results.infer!.data, INPUT.map((x) => x + 1));
         const large = results.large as { upload: { bytes: number; sha256: string }; uploadExpected: string; download: unknown; connections: number };
         assert.deepEqual(large.upload, { bytes: LARGE_BYTES, sha256: large.uploadExpected });
         assert.deepEqual(large.download, { status: 200, bytes: LARGE_BYTES, matches: true });
         assert.equal(large.connections, 1);
+        assert.deepEqual(results.sequential, { case: 'sequential', statuses: [200], count: 200, connections: 1 });
       });
 
       test(`${client}, stream() and iter_lines(): a chat completion's events arrive one by one, each before the stream ends, then data: [DONE]`, async () => {
@@ -128,9 +130,14 @@ for (const mode of FORWARD_MODES) {
       });
     }
 
-    test('httpx.AsyncClient(http2=True): 50 infers at once share one connection, and each gets its own answer', async () => {
-      const { concurrent } = await httpx(front.restPort, '2', ['concurrent']);
+    test('httpx.AsyncClient(http2=True): 50 infers at once share one connection, each getting its own answer; so do 10 chat streams at once, each whole', async () => {
+      board.openAll();
+      const { concurrent, concurrent_streams: streams } = await httpx(front.restPort, '2', ['concurrent', 'concurrent_streams']);
       assert.deepEqual(concurrent, { case: 'concurrent', right: 50, versions: ['HTTP/2'], connections: 1 });
+      assert.equal(streams!.connections, 1);
+      const all = streams!.streams as string[][];
+      assert.equal(all.length, 10);
+      for (const events of all) assertChatStream(events);
     });
   });
 }
@@ -159,6 +166,13 @@ describe('httpx and a draining proxy (SIGTERM)', () => {
   }
 
   for (const mode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${mode}: an idle pooled HTTP/1.1 connection is closed at once, so httpx's next request opens a new one (httpx.ConnectError here, no replica left: what HTTPTransport(retries=N) retries) instead of dying on the closed one`, async () => {
+      const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode: mode });
+      const result = await httpxStepped(front.restPort, '1.1', 'pooled_twice', () => front.proxy.shutdown(20_000));
+      assert.equal(result.first, 200);
+      assert.deepEqual(result.then, { exception: 'httpx.ConnectError', message: '[Errno 111] Connection refused', transportError: true });
+    });
+
     test(`--mtls_rest_mode ${mode}: an httpx.Client(http2=True) chat stream in flight when the drain begins arrives whole, to data: [DONE] (httpx failed it at the drain's GOAWAY: RemoteProtocolError ConnectionTerminated)`, async () => {
       const { result, front } = await drainedWhileStreaming(mode);
       assert.equal(result.exception, undefined, JSON.stringify(result));
