@@ -437,11 +437,12 @@ export class H2Front implements Drainable {
   readonly #goAwayOnceIdle: boolean;
 
   /**
-   * `goAwayOnceIdleOnDrain`: a drain tells a connection with streams open to go away only once they are over, not at
-   * once (the REST port). httpx (httpcore 0.16 to 1.0, the openai SDK's transport) fails every stream it still reads
-   * when any GOAWAY arrives, last stream id or not: an event stream in flight was cut at the drain's start
-   * (RemoteProtocolError ConnectionTerminated), which the drain is there to let finish. Streams the client opens
-   * meanwhile are served; what is still open when the shutdown timeout runs out is ended as on any connection.
+   * `goAwayOnceIdleOnDrain`: a drain tells a connection with streams open to go away only once they are over, or once
+   * its client starts another (the REST port), not at once. httpx (httpcore 0.16 to 1.0, the openai SDK's transport)
+   * fails every stream it still reads when any GOAWAY arrives, last stream id or not: an event stream in flight was cut
+   * at the drain's start (RemoteProtocolError ConnectionTerminated), which the drain is there to let finish. A client
+   * that starts another request meanwhile gets the GOAWAY with it (that request served): it would otherwise keep a
+   * busy connection here to the end of the drain, its last requests ended by the shutdown timeout.
    */
   constructor(options: { limits: Limits; observer: ProxyObserver; onStream?: StreamHandler; onRequest?: RequestHandler; goAwayOnceIdleOnDrain?: boolean }) {
     const { limits, observer } = options;
@@ -499,6 +500,9 @@ export class H2Front implements Drainable {
     if (stream.id !== undefined) state.seen(stream.id);
     observer.streamOpened(context.listener);
     streams.opened();
+    // A client starting a request in the drain is using the connection on: told to go away now, this request still
+    // served, it moves its next ones elsewhere instead of keeping the connection busy until the timeout cuts it.
+    if (this.#draining && !state.session.closed) state.close();
     stream.once('close', () => {
       observer.streamClosed(context.listener);
       streams.closed();

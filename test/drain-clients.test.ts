@@ -11,7 +11,9 @@ import { createServer, type Server, type ServerResponse } from 'node:http';
 import { Agent, request as httpsRequest } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startTestProxy, tlsClientOptions } from './helpers/harness.js';
+import { h2Request, h2Session, startTestProxy, tlsClientOptions } from './helpers/harness.js';
+import { eventually } from './helpers/ops.js';
+import type { ClientHttp2Session } from 'node:http2';
 import { openRaw, readUntil } from './helpers/raw-http1.js';
 import { FORWARD_MODES } from '../src/config.js';
 
@@ -26,7 +28,7 @@ after(async () => {
 });
 
 /** A REST model server that holds each answer until the test releases it. */
-async function heldAnswers(): Promise<{ server: Server; port: number; arrived: Promise<void>; release(): void }> {
+async function heldAnswers(): Promise<{ server: Server; port: number; arrived: Promise<void>; heldCount(): number; release(): void }> {
   const held: ServerResponse[] = [];
   let arrive = (): void => {};
   const arrived = new Promise<void>((resolve) => (arrive = resolve));
@@ -39,7 +41,7 @@ async function heldAnswers(): Promise<{ server: Server; port: number; arrived: P
   const release = () => {
     for (const res of held.splice(0)) res.end('{"ready":true}');
   };
-  return { server, port: (server.address() as AddressInfo).port, arrived, release };
+  return { server, port: (server.address() as AddressInfo).port, arrived, heldCount: () => held.length, release };
 }
 
 /** One GET through a keep-alive agent: its status and `connection` field, or the code of the error it failed with. */
@@ -94,6 +96,47 @@ describe('an idle keep-alive HTTP/1.1 connection whose client leaves its side op
         assert.equal(local.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain had to force the idle connection closed');
       } finally {
         socket.destroy();
+        upstream.server.close();
+      }
+    });
+  }
+});
+
+/** Resolves once `session`'s PING is answered: whatever the proxy wrote on the connection before it has arrived. */
+function pinged(session: ClientHttp2Session): Promise<void> {
+  return new Promise((resolve, reject) => session.ping((err) => (err ? reject(err) : resolve())));
+}
+
+describe('an HTTP/2 client of the REST port whose request is in flight when the drain begins', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: its connection gets no GOAWAY while only that request runs (httpx fails every stream it reads at one), and gets it with the next request it starts, which is served too`, { timeout: 30_000 }, async () => {
+      const upstream = await heldAnswers();
+      const front = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode });
+      const busy = h2Session(front.restPort, pki);
+      const idle = h2Session(front.restPort, pki);
+      const goaways: number[] = [];
+      busy.on('goaway', (_code: number, lastStreamId: number) => goaways.push(lastStreamId));
+      try {
+        await once(idle, 'connect');
+        const first = h2Request(busy, { ':path': '/v2/models/dummy' });
+        await upstream.arrived;
+        const drained = front.proxy.shutdown(20_000);
+        await once(idle, 'goaway');
+        await pinged(busy);
+        assert.deepEqual(goaways, [], 'a GOAWAY while only the first request ran');
+        const second = h2Request(busy, { ':path': '/v2/models/dummy' });
+        await eventually(() => upstream.heldCount() === 2, 'the second request to reach the model server');
+        // Held upstream, the requests cannot end: a GOAWAY now is the one their start brought.
+        await eventually(() => goaways.length > 0, 'a GOAWAY once the client started another request');
+        assert.deepEqual(goaways, [3], 'the GOAWAY names the second request as the last served');
+        upstream.release();
+        assert.deepEqual([(await first).headers[':status'], (await second).headers[':status']], [200, 200]);
+        await drained;
+        assert.equal(front.logs.lines.filter((l) => l.event === 'shutdown_timeout').length, 0);
+      } finally {
+        upstream.release();
+        busy.destroy();
+        idle.destroy();
         upstream.server.close();
       }
     });
