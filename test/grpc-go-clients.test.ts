@@ -9,25 +9,22 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer as createH2cServer } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, countingRelay, refusedWording, startTestProxy, startUpstream, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
+import { buildGoFixture } from './helpers/go-build.js';
 import { goAwayOnFirstConnection } from './helpers/scripted-upstream.js';
 import { PROTO_DIR, pythonStubs, startGrpcioServer, type GrpcioServer, type PythonStubs } from './helpers/grpcio.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FAILURE_TRAILER_BIN, failureMessage } from '../src/demo/echo-grpc.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
 
-const CLIENT_SOURCE = fileURLToPath(new URL('../../test/fixtures/kserve-go-client', import.meta.url));
-/** Reused across runs: a cold build of grpc-go takes ~15 s on two cores, a warm one ~1 s. */
-const GO_CACHE = join(tmpdir(), 'ovms-mtls-go-build-cache');
 const KSERVE = '/inference.GRPCInferenceService';
 const ECHO = '/ovmsmtls.test.Echo';
 const XFCC_OF_CLIENT = /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests";URI=spiffe:\/\/test.local\/client$/;
@@ -78,26 +75,6 @@ const toStandIn: Partial<Record<Mode, StartedProxy>> = {};
 const toNowhere: Partial<Record<Mode, StartedProxy>> = {};
 /** Close connections idle for 300 ms. */
 const idleFronts: Partial<Record<Mode, StartedProxy>> = {};
-
-/** GOPATH mode against Debian's Go sources: no module proxy, no network. */
-function goEnv(): NodeJS.ProcessEnv {
-  return {
-    PATH: process.env.PATH, HOME: workDir, GO111MODULE: 'off', GOPATH: `${join(workDir, 'gopath')}:/usr/share/gocode`,
-    GOCACHE: GO_CACHE, GOPROXY: 'off', GOFLAGS: '', CGO_ENABLED: '0',
-  };
-}
-
-async function buildGoClient(): Promise<string> {
-  await run('go', ['version'], { env: goEnv() }).catch(() => {
-    throw new Error('go is missing: these tests need Debian\'s golang-go, golang-google-grpc-dev and golang-google-protobuf-dev (apt-get install -y golang-go golang-google-grpc-dev golang-google-protobuf-dev; .ci/run does it)');
-  });
-  await mkdir(GO_CACHE, { recursive: true });
-  const binary = join(workDir, 'kserve-go-client');
-  await run('go', ['build', '-o', binary, '.'], { cwd: CLIENT_SOURCE, env: goEnv(), timeout: 300_000 }).catch((err: { stderr?: string }) => {
-    throw new Error(`building test/fixtures/kserve-go-client failed (are golang-google-grpc-dev and golang-google-protobuf-dev installed?): ${err.stderr ?? String(err)}`);
-  });
-  return binary;
-}
 
 interface ClientOptions {
   /** Base name of a certificate of the test PKI; null: none. */
@@ -159,7 +136,7 @@ async function refusedGoClient(front: StartedProxy, cert: string | null): Promis
 before(async () => {
   pki = await createTestPki();
   workDir = await mkdtemp(join(tmpdir(), 'ovms-mtls-go-'));
-  clientBinary = await buildGoClient();
+  clientBinary = await buildGoFixture('kserve-go-client', workDir, ['golang-google-grpc-dev', 'golang-google-protobuf-dev']);
   descriptors = join(workDir, 'protos.pb');
   await run('protoc', ['-I', PROTO_DIR, '--include_imports', '--descriptor_set_out', descriptors, 'kserve_v2.proto', 'test_echo.proto'], { cwd: PROTO_DIR });
   stubs = await pythonStubs();
