@@ -6,8 +6,8 @@ import { closingAnswer } from './http-fronts.js';
 
 /**
  * How long a refused connection stays open for its answer to be read. Nothing from
- * the client is used meanwhile: HTTP/1.1 bytes are discarded, HTTP/2 requests get
- * the same fixed answer.
+ * the client is used meanwhile: HTTP/1.1 bytes are discarded (the answer goes out at the
+ * first of them), HTTP/2 requests get the same fixed answer.
  */
 const REFUSAL_ANSWER_MS = 2000;
 
@@ -29,7 +29,10 @@ export function answerRefusal(socket: TLSSocket, refused: Refusal): void {
     answerOverHttp2(socket, refused);
     return;
   }
-  socket.end(closingAnswer(403, 'application/json', JSON.stringify({ error: refusalMessage(refused) })).wire);
+  // Once the client's request has begun, not before: Go's net/http takes an answer that comes before its
+  // request as "Unsolicited response received on idle HTTP channel", closes the connection and fails the
+  // request with "readLoopPeekFailLocked: <nil>", the reason never read.
+  socket.once('data', () => socket.end(closingAnswer(403, 'application/json', JSON.stringify({ error: refusalMessage(refused) })).wire));
   // Read and drop the request: closing with it unread would reset the connection and lose the answer.
   socket.resume();
 }
