@@ -18,8 +18,12 @@ export type RequestHandler = (req: IncomingMessage | Http2ServerRequest, res: Se
 
 /** What the shutdown needs from each protocol front. */
 export interface Drainable {
-  /** Finish in-flight work, refuse new work: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1. */
-  drain(): void;
+  /**
+   * Finish in-flight work, refuse new work: GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1.
+   * `keepAliveGraceMs`: how long an HTTP/1.1 connection whose last answer said keep-alive stays open
+   * for the request its client may be sending on it already (see H1Front.drain()).
+   */
+  drain(keepAliveGraceMs: number): void;
 }
 
 /** The client's socket went away: connections end so every day, and the connection's own lines say it. */
@@ -851,6 +855,9 @@ export class H1Front implements Drainable {
   /** --mtls_max_concurrent_streams: requests of one connection owed answers before we read it no further. */
   readonly #maxOwed: number;
   #draining = false;
+  /** When each connection last had nothing in flight: accepted, or its last answer done. */
+  readonly #quietSince = new WeakMap<Socket, number>();
+  #keepAliveGraceMs = 0;
 
   readonly #observer: ProxyObserver;
   readonly #idleTimeoutMs: number;
@@ -1015,13 +1022,22 @@ export class H1Front implements Drainable {
       socket.destroy();
       return;
     }
+    this.#quietSince.set(socket, performance.now());
     // Node's keepAliveTimeout starts after a first response; a connection that never sends a request needs this one.
     socket.setTimeout(this.#idleTimeoutMs);
     this.#server.emit('connection', socket);
   }
 
-  drain(): void {
+  /**
+   * A keep-alive client may be sending its next request as we close an idle connection: Go's
+   * net/http does not resend a POST written before it read our close ("Post ...: EOF"), and a
+   * client in a steady loop sends one within a millisecond of its last answer. So a connection
+   * whose last answer said keep-alive stays open until it has been quiet for `keepAliveGraceMs`
+   * since that answer; a request that comes meanwhile is answered with `connection: close`.
+   */
+  drain(keepAliveGraceMs: number): void {
     this.#draining = true;
+    this.#keepAliveGraceMs = keepAliveGraceMs;
     for (const socket of this.#active.keys()) this.#closeAfterAnswers(socket);
   }
 
@@ -1047,8 +1063,22 @@ export class H1Front implements Drainable {
   #closeAfterAnswers(socket: Socket): void {
     const open = this.#active.get(socket);
     const last = open === undefined ? undefined : [...open].at(-1);
-    if (last === undefined) socket.end();
+    if (last === undefined) this.#endOnceQuiet(socket);
     else if (!last.headersSent) last.shouldKeepAlive = false;
+  }
+
+  /** Ends a connection with nothing in flight: in a drain, once it has been quiet for the grace (drain()); a revoked client's at once. */
+  #endOnceQuiet(socket: Socket): void {
+    const graceLeft = this.#closing.has(socket) ? 0 : this.#keepAliveGraceMs - (performance.now() - (this.#quietSince.get(socket) ?? 0));
+    if (graceLeft <= 0) {
+      socket.end();
+      return;
+    }
+    // A request that came meanwhile says connection: close in its answer, after which its 'close' ends the connection.
+    const timer = setTimeout(() => {
+      if (!this.#busy(socket) && !this.#headArriving(socket)) socket.end();
+    }, graceLeft);
+    socket.once('close', () => clearTimeout(timer));
   }
 
   /** `unmet`: what Node found the request cannot have (its Expect), answered instead of the handler. */
@@ -1079,9 +1109,12 @@ export class H1Front implements Drainable {
       // The connection is gone (it closes before its responses do): nothing more to answer or close on it.
       if (!this.#active.has(socket) || open.size > 0) return;
       this.#readAtRest.set(socket, socket.bytesRead);
+      this.#quietSince.set(socket, performance.now());
       const refusal = this.#refuseAfterAnswers.get(socket);
       // After this 'close' event's other listeners, the forwarder's among them, which logs the answer before: access lines in the order of the requests.
       if (refusal) process.nextTick(() => this.#refuse(socket, refusal));
+      // An answer that went out saying keep-alive before the drain began: its client may be sending its next request.
+      else if (closing() && res.shouldKeepAlive) this.#endOnceQuiet(socket);
       else if (closing()) socket.end();
     });
     const own = headTooLarge(req, this.#maxHeaderSize) ?? versionRefusal(req) ?? missingHostRefusal(req) ?? transferCodingRefusal(req) ?? unmet;

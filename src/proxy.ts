@@ -221,6 +221,15 @@ function goodbyeMs(timeoutMs: number): number {
   return Math.min(1000, timeoutMs / 10);
 }
 
+/**
+ * How long a drain keeps an HTTP/1.1 connection whose last answer said keep-alive open for the
+ * request its client may be sending (H1Front.drain()): a client in a steady loop sends its next one
+ * within milliseconds of an answer; a quarter of the drain at most, so that it never runs into the timeout.
+ */
+function keepAliveGraceMs(drainMs: number): number {
+  return Math.min(1000, drainMs / 4);
+}
+
 /** Resolves true if `done` has not settled within `ms`. */
 async function outlasts(done: Promise<unknown>, ms: number): Promise<boolean> {
   let timer: NodeJS.Timeout | undefined;
@@ -235,8 +244,9 @@ async function outlasts(done: Promise<unknown>, ms: number): Promise<boolean> {
 async function shutdown(parts: Assembled[], timeoutMs: number, logger: Logger): Promise<void> {
   const deadline = performance.now() + timeoutMs;
   const allClosed = Promise.all(parts.map((p) => p.listener.stopAccepting()));
-  for (const part of parts) for (const front of part.fronts) front.drain();
   const goodbye = goodbyeMs(timeoutMs);
+  const keepAliveGrace = keepAliveGraceMs(timeoutMs - goodbye);
+  for (const part of parts) for (const front of part.fronts) front.drain(keepAliveGrace);
   if (await outlasts(allClosed, timeoutMs - goodbye)) {
     const left = parts.reduce((n, p) => n + p.listener.connections.size, 0);
     logger.warn({ event: 'shutdown_timeout', connections: left }, `shutdown timeout: ending what is still in flight on ${left} connection(s)`);

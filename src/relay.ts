@@ -9,8 +9,12 @@ import { describeUpstreamError } from './upstream-errors.js';
 
 /** One client connection joined to its own upstream connection. */
 export interface RelayedConnection {
-  /** Let what is in flight finish, start nothing new, then close (drain, revocation). */
-  closeGracefully(): void;
+  /**
+   * Let what is in flight finish, start nothing new, then close (drain, revocation). `keepAliveGraceMs`
+   * (a drain, HTTP/1.1): how long a connection whose last answer said keep-alive waits for the request its
+   * client may be sending already (Drainable.drain()).
+   */
+  closeGracefully(keepAliveGraceMs?: number): void;
   /** The shutdown timeout is running out: end what is in flight now, saying why where the protocol can. */
   endNow?(message: string): void;
 }
@@ -92,9 +96,9 @@ export class Relay implements Drainable {
     });
   }
 
-  drain(): void {
+  drain(keepAliveGraceMs: number): void {
     this.#draining = true;
-    for (const relayed of this.#relayed.values()) relayed.closeGracefully();
+    for (const relayed of this.#relayed.values()) relayed.closeGracefully(keepAliveGraceMs);
   }
 
   /** Ends what each relayed connection has in flight (RelayedConnection.endNow). */

@@ -384,6 +384,10 @@ class RelayedHttp1Connection implements RelayedConnection {
    * the last response says `connection: close`, and the connection ends when it is done.
    */
   #closing = false;
+  /** A drain waits for the request the client may be sending after an answer that said keep-alive: the next one read is the last (closeGracefully()). */
+  #lingering: { graceMs: number; timer?: NodeJS.Timeout } | undefined;
+  /** When the connection last had nothing in flight: joined, or its last response done. */
+  #quietSince = performance.now();
   /** A request we refused (bad framing): answered once the responses before it are done. */
   #refusal: FramingError | undefined;
   /** The refused request's access line: logged when its answer goes out, or with status 0 when the connection ends first. */
@@ -472,16 +476,39 @@ class RelayedHttp1Connection implements RelayedConnection {
     else this.#bodyStalled(this.#receiving);
   }
 
-  /** Requests already forwarded are answered, the last with `connection: close`; none after them is read. */
-  closeGracefully(): void {
+  /**
+   * Requests already forwarded are answered, the last with `connection: close`; none after them is read.
+   * In a drain, one whose last answer went out saying keep-alive (or that has none in flight) first waits
+   * for the client's next request, as H1Front.drain() does: that one is read, answered with `connection: close`.
+   */
+  closeGracefully(keepAliveGraceMs = 0): void {
+    const last = this.#exchanges.at(-1);
+    if (keepAliveGraceMs > 0 && !this.#closing && (last === undefined || last.answered)) {
+      this.#lingering = { graceMs: keepAliveGraceMs };
+      this.#endOnceQuiet();
+      return;
+    }
     this.#readNoMore();
     this.#stopHeadDeadline();
     this.#closeIfDone();
   }
 
+  /** Lingering: ends the connection once it has had nothing in flight for the grace; a head arriving is read (#requestHead). */
+  #endOnceQuiet(): void {
+    const lingering = this.#lingering;
+    if (lingering === undefined || this.#finished) return;
+    clearTimeout(lingering.timer);
+    if (this.#exchanges.length > 0 || this.#receiving !== undefined || !this.#fromClient.atBoundary) return;
+    const graceLeft = lingering.graceMs - (performance.now() - this.#quietSince);
+    if (graceLeft > 0) lingering.timer = setTimeout(() => this.#endOnceQuiet(), graceLeft);
+    else this.closeGracefully();
+  }
+
   /** Requests read so far are answered; none after them is read. */
   #readNoMore(): void {
     this.#closing = true;
+    clearTimeout(this.#lingering?.timer);
+    this.#lingering = undefined;
     this.#fromClient.stop();
   }
 
@@ -552,7 +579,8 @@ class RelayedHttp1Connection implements RelayedConnection {
     if (awaitsContinue(head, body)) this.#continueWhenFirst(exchange);
     // RFC 9112 9.6: the client sends nothing after it and waits for our close. A model server that ignores
     // the option and keeps its connection open left the client waiting until --mtls_idle_timeout.
-    if (last) this.#readNoMore();
+    // Lingering in a drain, this is the request the client was sending: its answer says close.
+    if (last || this.#lingering) this.#readNoMore();
     return { bytes, body };
   }
 
@@ -587,6 +615,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     const exchange = this.#exchanges.shift()!;
     exchange.responded = true;
     this.#reused = true;
+    this.#quietSince = performance.now();
     this.#settle(exchange);
     if (this.#upstreamLast || this.#dechunking) {
       this.#fromUpstream.stop();
@@ -595,6 +624,7 @@ class RelayedHttp1Connection implements RelayedConnection {
     }
     const next = this.#exchanges[0];
     if (next?.ownContinue === 'owed') this.#sendContinue(next, this.#toClient.add);
+    this.#endOnceQuiet();
     this.#closeIfDone();
   }
 
@@ -791,6 +821,7 @@ class RelayedHttp1Connection implements RelayedConnection {
   #end(last?: Buffer, unfinished = 'closed'): void {
     if (this.#finished) return;
     this.#finished = true;
+    clearTimeout(this.#lingering?.timer);
     const { client, upstream } = this.#parts;
     this.#flushToClient();
     // The rest of the read under way is not the client's: not an answer "nobody asked for" (a refused request's own, say).
@@ -809,6 +840,7 @@ class RelayedHttp1Connection implements RelayedConnection {
   #fail(why: string): void {
     if (this.#finished) return;
     this.#finished = true;
+    clearTimeout(this.#lingering?.timer);
     // Whole responses that came in the same read as the failure are owed to the client still.
     this.#flushToClient();
     this.#parts.upstream.destroy();

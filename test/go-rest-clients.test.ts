@@ -16,10 +16,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { once } from 'node:events';
-import { connect as tlsConnect } from 'node:tls';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, refusedWording, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
-import { readUntil } from './helpers/raw-http1.js';
+import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { buildGoFixture } from './helpers/go-build.js';
 import { GateBoard } from './helpers/sse.js';
 import { reloaderFor } from './helpers/reload.js';
@@ -34,6 +34,8 @@ const UPLOAD_BYTES = 3_000_000;
 const DOWNLOAD_BYTES = 20_000_000;
 /** The discard port, which nothing here serves: connections to it are refused. */
 const DISCARD_PORT = 9;
+/** What Go reports for a request it could not send anywhere once the proxy stopped listening: not lost, refused. */
+const DIAL_REFUSED = /dial tcp 127\.0\.0\.1:\d+: connect: connection refused$/;
 
 interface GoResult {
   status: number;
@@ -179,6 +181,10 @@ function failuresOf(outcome: SteadyOutcome): Record<string, number> {
   return counts;
 }
 
+/** Failures other than a refused dial, which Go meets once the proxy has stopped listening (another replica takes it). */
+function lostRequests(outcome: SteadyOutcome): Record<string, number> {
+  return Object.fromEntries(Object.entries(failuresOf(outcome)).filter(([what]) => !DIAL_REFUSED.test(what.replace(/ADDR/g, '127.0.0.1:1'))));
+}
 
 /** A proxy of its own in front of the stand-in, for a test that reloads or drains it; stopped after `use`. */
 async function withOwnProxy(restMode: ForwardMode, use: (front: StartedProxy) => Promise<void>): Promise<void> {
@@ -188,6 +194,28 @@ async function withOwnProxy(restMode: ForwardMode, use: (front: StartedProxy) =>
   } finally {
     await front.proxy.shutdown(1000);
   }
+}
+
+/** withOwnProxy() with a raw HTTP/1.1 connection to it. */
+async function withRawClient(restMode: ForwardMode, use: (front: StartedProxy, socket: TLSSocket) => Promise<void>): Promise<void> {
+  await withOwnProxy(restMode, async (front) => {
+    const socket = await openRaw(front.restPort, pki);
+    try {
+      await use(front, socket);
+    } finally {
+      socket.destroy();
+    }
+  });
+}
+
+/** A KServe infer as a raw HTTP/1.1 client writes it. */
+const RAW_INFER = `POST /v2/models/dummy/infer HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: ${INFER_BODY.length}\r\n\r\n${INFER_BODY}`;
+
+/** What a raw client read to the close: the infer's answer, saying the connection closes. Before the fix: nothing. */
+function assertClosingAnswer(answer: string): void {
+  assert.match(answer, /^HTTP\/1\.1 200 /);
+  assert.match(answer, /\r\nconnection: close\r\n/i);
+  assert.match(answer, /"outputs"/);
 }
 
 for (const restMode of FORWARD_MODES) {
@@ -336,6 +364,89 @@ for (const restMode of FORWARD_MODES) {
         } finally {
           go.close();
           reloader.close();
+        }
+      });
+    });
+
+    test('a drain (SIGTERM) under a steady stream of GETs and POSTs (with and without a length over HTTP/1.1) over an HTTP/1.1 pool and HTTP/2: no request is lost, each one Go could not send is refused at its dial', async () => {
+      await withOwnProxy(restMode, async (front) => {
+        const go = await goClient(front.restPort);
+        try {
+          // A body of unknown length over HTTP/2 is left out: a stream Go opens as the GOAWAY comes is one nghttp2 does not
+          // take (it takes none once its GOAWAY is out), and Go sends it again only with a GetBody (see the README).
+          const streams = await Promise.all(['h1', 'h2'].flatMap((protocol) => [
+            go.steady(protocol, { path: '/v2/health/ready' }, 2),
+            go.steady(protocol, { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY }, 3),
+            ...(protocol === 'h1' ? [go.steady(protocol, { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY, unknown_length: true }, 3)] : []),
+          ]));
+          await front.proxy.shutdown(20_000);
+          for (const stream of streams) {
+            const outcome = await stream.stop();
+            // Before the fix: "Post ...: EOF" over HTTP/1.1, a POST written to a connection the drain was closing.
+            assert.deepEqual(lostRequests(outcome), {});
+            assert.ok(outcome.ok >= 20);
+          }
+        } finally {
+          go.close();
+        }
+      });
+    });
+
+    test('HTTP/1.1: a POST written on a kept-alive connection as the drain begins, before the client could read any close, is answered with connection: close, not dropped (what Go reports as "Post ...: EOF")', async () => {
+      await withRawClient(restMode, async (front, socket) => {
+        socket.write('GET /v2/health/ready HTTP/1.1\r\nhost: localhost\r\n\r\n');
+        await readUntil(socket, /\r\n\r\n$/);
+        const drained = front.proxy.shutdown(20_000);
+        // In the same turn as the drain's start: the client has had no chance to see anything the drain sent.
+        socket.write(RAW_INFER);
+        assertClosingAnswer(await readToClose(socket));
+        await drained;
+      });
+    });
+
+    test('HTTP/1.1: an answer whose head said keep-alive before the drain began: the POST written right after its last byte is answered with connection: close too', async () => {
+      await withRawClient(restMode, async (front, socket) => {
+        socket.write(`GET /stream-bytes?n=${UPLOAD_BYTES} HTTP/1.1\r\nhost: localhost\r\n\r\n`);
+        let received = Buffer.alloc(0);
+        let drained: Promise<void> | undefined;
+        await new Promise<void>((resolve) => {
+          const onData = (chunk: Buffer) => {
+            received = Buffer.concat([received, chunk]);
+            const headEnd = received.indexOf('\r\n\r\n');
+            if (headEnd < 0) return;
+            drained ??= front.proxy.shutdown(20_000);
+            if (received.length < headEnd + 4 + UPLOAD_BYTES) return;
+            socket.off('data', onData);
+            // At once, as a client in a loop does.
+            socket.write(RAW_INFER);
+            resolve();
+          };
+          socket.on('data', onData);
+        });
+        assert.match(received.toString('latin1', 0, 64), /^HTTP\/1\.1 200 /);
+        assertClosingAnswer(await readToClose(socket));
+        await drained;
+      });
+    });
+
+    test('HTTP/1.1: a POST Go sends on its pooled connection just as the drain begins is answered, saying connection: close; the next request goes to a new connection (refused: no other replica here)', async () => {
+      await withOwnProxy(restMode, async (front) => {
+        const go = await goClient(front.restPort);
+        try {
+          assert.equal((await go.request('h1', { path: '/v2/health/ready' })).status, 200);
+          const drained = front.proxy.shutdown(20_000);
+          const post = await go.request('h1', { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY });
+          // Before the fix: a refused dial when Go saw the close first, "Post ...: EOF" when the POST was on its
+          // way as the proxy closed the idle connection (Go cannot send that again: it may have been taken).
+          assert.equal(post.status, 200, post.err);
+          assert.equal(post.reused, true);
+          assert.equal(post.close, true, 'the answer said connection: close');
+          const next = await go.request('h1', { path: '/v2/health/ready' });
+          assert.match(next.err ?? '', DIAL_REFUSED);
+          await drained;
+          assert.equal(front.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain did not wait out its timeout');
+        } finally {
+          go.close();
         }
       });
     });
