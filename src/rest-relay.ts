@@ -421,6 +421,8 @@ class RelayedHttp1Connection implements RelayedConnection {
         const received = this.#receiving!;
         this.#receiving = undefined;
         this.#settle(received);
+        // A body that came after its early answer (a 413) held a drain's wait for the next request: it starts now.
+        this.#endOnceQuiet();
         this.#closeIfDone();
       },
       // Trailer fields all left out, the chunked framing kept, as terminate mode does in effect (undici

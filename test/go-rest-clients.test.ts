@@ -16,6 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { once } from 'node:events';
+import { createServer as createTcpServer, type AddressInfo } from 'node:net';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, refusedWording, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
@@ -452,3 +453,33 @@ for (const restMode of FORWARD_MODES) {
     });
   });
 }
+
+describe('--mtls_rest_mode relay, drain', () => {
+  test('an upload answered early (413) before the drain: once the rest of its body is in, the connection closes after the quiet second, not at the shutdown timeout', async () => {
+    // Answers each request head at once, 413 and keep-alive, and reads its body on.
+    const early = createTcpServer((socket) => {
+      socket.on('data', (chunk: Buffer) => {
+        if (chunk.includes('HTTP/1.1\r\n')) socket.write('HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n');
+      });
+      socket.on('error', () => {});
+    });
+    early.listen(0, '127.0.0.1');
+    await once(early, 'listening');
+    const front = await startTestProxy({ pki, upstream: { restPort: (early.address() as AddressInfo).port }, restMode: 'relay' });
+    const socket = await openRaw(front.restPort, pki);
+    try {
+      socket.write('POST /v2/models/dummy/infer HTTP/1.1\r\nhost: localhost\r\ncontent-length: 10\r\n\r\n12345');
+      await readUntil(socket, /^HTTP\/1\.1 413 [^]*\r\n\r\n$/);
+      const drained = front.proxy.shutdown(5000);
+      socket.write('67890');
+      // Before the fix the drain waited for this connection until its timeout ran out.
+      assert.match(await readToClose(socket), /^$/);
+      await drained;
+      assert.equal(front.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain waited out its timeout');
+    } finally {
+      socket.destroy();
+      await front.proxy.shutdown(1000);
+      early.close();
+    }
+  });
+});
