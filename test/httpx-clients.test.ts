@@ -166,7 +166,7 @@ describe('httpx and a draining proxy (SIGTERM)', () => {
   }
 
   for (const mode of FORWARD_MODES) {
-    test(`--mtls_rest_mode ${mode}: an idle pooled HTTP/1.1 connection is closed at once, so httpx's next request opens a new one (httpx.ConnectError here, no replica left: what HTTPTransport(retries=N) retries) instead of dying on the closed one`, async () => {
+    test(`--mtls_rest_mode ${mode}: an idle pooled HTTP/1.1 connection is closed by the drain (once quiet for its second), so httpx's next request, sent after the drain, opens a new one (httpx.ConnectError here, no replica left: what HTTPTransport(retries=N) retries) instead of dying on the closed one`, async () => {
       const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort! }, restMode: mode });
       const result = await httpxStepped(front.restPort, '1.1', 'pooled_twice', () => front.proxy.shutdown(20_000));
       assert.equal(result.first, 200);
