@@ -1075,8 +1075,9 @@ export class H1Front implements Drainable {
       return;
     }
     // A request that came meanwhile says connection: close in its answer, after which its 'close' ends the connection.
+    // Part of a head is not waited for past the grace: a client stalled mid-head held the drain to its timeout.
     const timer = setTimeout(() => {
-      if (!this.#busy(socket) && !this.#headArriving(socket)) socket.end();
+      if (!this.#busy(socket)) socket.end();
     }, graceLeft);
     socket.once('close', () => clearTimeout(timer));
   }

@@ -495,12 +495,16 @@ class RelayedHttp1Connection implements RelayedConnection {
     this.#closeIfDone();
   }
 
-  /** Lingering: ends the connection once it has had nothing in flight for the grace; a head arriving is read (#requestHead). */
+  /**
+   * Lingering: ends the connection once it has had nothing in flight for the grace; a head that arrives whole
+   * within it is read (#requestHead). One still arriving when the grace is over is not waited for: a client
+   * stalled mid-head held the drain to its timeout.
+   */
   #endOnceQuiet(): void {
     const lingering = this.#lingering;
     if (lingering === undefined || this.#finished) return;
     clearTimeout(lingering.timer);
-    if (this.#exchanges.length > 0 || this.#receiving !== undefined || !this.#fromClient.atBoundary) return;
+    if (this.#exchanges.length > 0 || this.#receiving !== undefined) return;
     const graceLeft = lingering.graceMs - (performance.now() - this.#quietSince);
     if (graceLeft > 0) lingering.timer = setTimeout(() => this.#endOnceQuiet(), graceLeft);
     else this.closeGracefully();

@@ -102,6 +102,35 @@ describe('an idle keep-alive HTTP/1.1 connection whose client leaves its side op
   }
 });
 
+describe('a keep-alive HTTP/1.1 client that begins a request head in the drain\'s grace and never finishes it', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: the connection closes once the grace is over; the drain does not wait for the rest of the head until its timeout`, { timeout: 60_000 }, async () => {
+      const upstream = await heldAnswers();
+      // As OVMS's 60 s: Node's 5 s would close the relay's upstream connection, and with it the client's, within the drain.
+      upstream.server.keepAliveTimeout = 0;
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode });
+      const socket = await openRaw(local.restPort, pki);
+      try {
+        socket.write('GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\n\r\n');
+        await upstream.arrived;
+        upstream.release();
+        await readUntil(socket, /\{"ready":true\}$/);
+        const closed = once(socket, 'close');
+        const drained = local.proxy.shutdown(20_000);
+        socket.write('GET /v2/models/dummy HTTP/1.1\r\nhos');
+        await drained;
+        await closed;
+        // Before the fix the drain waited for the rest of the head until its timeout ran out, and then forced the connection.
+        assert.equal(local.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain waited for the head until its timeout');
+        assert.equal(upstream.heldCount(), 0, 'the part of a head went upstream');
+      } finally {
+        socket.destroy();
+        upstream.server.close();
+      }
+    });
+  }
+});
+
 /** Resolves once `session`'s PING is answered: whatever the proxy wrote on the connection before it has arrived. */
 function pinged(session: ClientHttp2Session): Promise<void> {
   return new Promise((resolve, reject) => session.ping((err) => (err ? reject(err) : resolve())));
