@@ -827,7 +827,6 @@ class RelayedHttp1Connection implements RelayedConnection {
   #end(last?: Buffer, unfinished = 'closed'): void {
     if (this.#finished) return;
     this.#finished = true;
-    clearTimeout(this.#lingering?.timer);
     const { client, upstream } = this.#parts;
     this.#flushToClient();
     // The rest of the read under way is not the client's: not an answer "nobody asked for" (a refused request's own, say).
@@ -846,7 +845,6 @@ class RelayedHttp1Connection implements RelayedConnection {
   #fail(why: string): void {
     if (this.#finished) return;
     this.#finished = true;
-    clearTimeout(this.#lingering?.timer);
     // Whole responses that came in the same read as the failure are owed to the client still.
     this.#flushToClient();
     this.#parts.upstream.destroy();
@@ -864,6 +862,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   /** Every exchange still open is logged once, with why it did not finish. */
   #reportUnfinished(error: string): void {
     this.#stopHeadDeadline();
+    // Also when the client left first: the drain's wait would otherwise outlive the connection, and a library's shutdown with it.
+    clearTimeout(this.#lingering?.timer);
     const open = this.#exchanges.splice(0);
     // Answered already, its body still arriving: not in the queue any more, still not logged.
     if (this.#receiving?.responded) open.push(this.#receiving);

@@ -131,6 +131,32 @@ describe('a keep-alive HTTP/1.1 client that begins a request head in the drain\'
   }
 });
 
+describe('an idle keep-alive HTTP/1.1 connection whose client leaves in the drain\'s grace', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: nothing of it outlives the shutdown (a program using the package exits at once)`, { timeout: 30_000 }, async () => {
+      const upstream = await heldAnswers();
+      const timers = () => process.getActiveResourcesInfo().filter((resource) => resource === 'Timeout').length;
+      const timersBefore = timers();
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode });
+      const socket = await openRaw(local.restPort, pki);
+      try {
+        socket.write('GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\n\r\n');
+        await upstream.arrived;
+        upstream.release();
+        await readUntil(socket, /\{"ready":true\}$/);
+        const drained = local.proxy.shutdown(20_000);
+        socket.destroy();
+        await drained;
+        // Before the fix (relay mode) the drain's timer for this connection ran on for up to its second.
+        assert.equal(timers(), timersBefore, `timers left: ${process.getActiveResourcesInfo().join(', ')}`);
+      } finally {
+        socket.destroy();
+        upstream.server.close();
+      }
+    });
+  }
+});
+
 /** Resolves once `session`'s PING is answered: whatever the proxy wrote on the connection before it has arrived. */
 function pinged(session: ClientHttp2Session): Promise<void> {
   return new Promise((resolve, reject) => session.ping((err) => (err ? reject(err) : resolve())));
