@@ -56,6 +56,8 @@ export class Relay implements Drainable {
   readonly #options: RelayOptions;
   readonly #relayed = new Map<TLSSocket, RelayedConnection>();
   #draining = false;
+  /** The drain's (drain()): also for a connection whose upstream connection was still being made when it began. */
+  #keepAliveGraceMs = 0;
 
   constructor(options: RelayOptions) {
     this.#options = options;
@@ -92,12 +94,14 @@ export class Relay implements Drainable {
       const relayed = this.#options.join(socket, upstream, context, handBack);
       this.#relayed.set(socket, relayed);
       socket.on('close', () => this.#relayed.delete(socket));
-      if (this.#draining) relayed.closeGracefully();
+      // Taken before the drain, its client may have written its first request already, as on a kept-alive connection.
+      if (this.#draining) relayed.closeGracefully(this.#keepAliveGraceMs);
     });
   }
 
   drain(keepAliveGraceMs: number): void {
     this.#draining = true;
+    this.#keepAliveGraceMs = keepAliveGraceMs;
     for (const relayed of this.#relayed.values()) relayed.closeGracefully(keepAliveGraceMs);
   }
 

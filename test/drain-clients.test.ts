@@ -14,7 +14,8 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { h2Request, h2Session, startTestProxy, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import type { ClientHttp2Session } from 'node:http2';
-import { openRaw, readUntil } from './helpers/raw-http1.js';
+import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
+import { NOOP_OBSERVER } from '../src/observer.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import type { TLSSocket } from 'node:tls';
 
@@ -154,6 +155,31 @@ describe('an idle keep-alive HTTP/1.1 connection whose client leaves in the drai
         // Before the fix (relay mode) the drain's timer for this connection ran on for up to its second.
         assert.equal(timers(), timersBefore, `timers left: ${process.getActiveResourcesInfo().join(', ')}`);
       });
+    });
+  }
+});
+
+describe('a keep-alive HTTP/1.1 client whose connection was taken just before the drain, its first request written at once', () => {
+  for (const restMode of FORWARD_MODES) {
+    test(`--mtls_rest_mode ${restMode}: that request is answered, saying connection: close (the relay was still connecting to the model server when the drain began)`, { timeout: 30_000 }, async () => {
+      const upstream = await heldAnswers();
+      upstream.server.keepAliveTimeout = 0;
+      let drained: Promise<void> | undefined;
+      // After the connection is handed over (the relay starts its upstream connection then) and before any I/O completes.
+      const observer = { ...NOOP_OBSERVER, handshakeAccepted: () => process.nextTick(() => (drained ??= local.proxy.shutdown(20_000))) };
+      const local = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode, observer });
+      const socket = await openRaw(local.restPort, pki);
+      try {
+        const answer = readToClose(socket);
+        void upstream.arrived.then(() => upstream.release());
+        socket.write('GET /v2/models/dummy HTTP/1.1\r\nhost: a\r\n\r\n');
+        // Before the fix (relay mode): nothing, the connection closed under the request (Go: "Get ...: EOF", not retried on a new connection).
+        assert.match(await answer, /^HTTP\/1\.1 200 [^]*\r\nconnection: close\r\n[^]*\{"ready":true\}$/i);
+        await drained;
+      } finally {
+        socket.destroy();
+        upstream.server.close();
+      }
     });
   }
 });
