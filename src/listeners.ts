@@ -260,17 +260,17 @@ export class SecureListener {
     return true;
   }
 
+  /** The TLS versions are the listener's (--mtls_min_tls_version), whatever material a reload brings. */
+  #withVersions(options: SecureContextOptions): SecureContextOptions {
+    return { ...options, minVersion: `TLSv${this.#options.limits.minTlsVersion}` };
+  }
+
   /**
    * The limit is ours, not Node's `server.maxConnections`: in a cluster worker
    * Node answers a connection over it by handing it back to the primary, which
    * offers it to a worker again at once, so it waited (no answer, no log) until
    * a connection closed while the primary and the workers spun on it.
    */
-  /** The TLS versions are the listener's (--mtls_min_tls_version), whatever material a reload brings. */
-  #withVersions(options: SecureContextOptions): SecureContextOptions {
-    return { ...options, minVersion: `TLSv${this.#options.limits.minTlsVersion}` };
-  }
-
   #createServer(): { tcp: TcpServer; tls: TlsServer } {
     const { limits } = this.#options;
     const tls = createTlsServer({
