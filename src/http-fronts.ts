@@ -854,10 +854,10 @@ export class H1Front implements Drainable {
   readonly #heldBack = new WeakSet<Socket>();
   /** --mtls_max_concurrent_streams: requests of one connection owed answers before we read it no further. */
   readonly #maxOwed: number;
-  #draining = false;
+  /** Set by drain(), its keep-alive grace. */
+  #drainGraceMs: number | undefined;
   /** When each connection last had nothing in flight: accepted, or its last answer done. */
   readonly #quietSince = new WeakMap<Socket, number>();
-  #keepAliveGraceMs = 0;
 
   readonly #observer: ProxyObserver;
   readonly #idleTimeoutMs: number;
@@ -1018,7 +1018,7 @@ export class H1Front implements Drainable {
     this.#active.set(socket, new Set());
     socket.on('close', () => this.#closeQueuedResponses(socket));
     socket.on('drain', () => this.#readOnIfHeld(socket, this.#active.get(socket)));
-    if (this.#draining) {
+    if (this.#drainGraceMs !== undefined) {
       socket.destroy();
       return;
     }
@@ -1036,8 +1036,7 @@ export class H1Front implements Drainable {
    * since that answer; a request that comes meanwhile is answered with `connection: close`.
    */
   drain(keepAliveGraceMs: number): void {
-    this.#draining = true;
-    this.#keepAliveGraceMs = keepAliveGraceMs;
+    this.#drainGraceMs = keepAliveGraceMs;
     for (const socket of this.#active.keys()) this.#closeAfterAnswers(socket);
   }
 
@@ -1069,7 +1068,7 @@ export class H1Front implements Drainable {
 
   /** Ends a connection with nothing in flight: in a drain, once it has been quiet for the grace (drain()); a revoked client's at once. */
   #endOnceQuiet(socket: Socket): void {
-    const graceLeft = this.#closing.has(socket) ? 0 : this.#keepAliveGraceMs - (performance.now() - (this.#quietSince.get(socket) ?? 0));
+    const graceLeft = this.#closing.has(socket) ? 0 : (this.#drainGraceMs ?? 0) - (performance.now() - (this.#quietSince.get(socket) ?? 0));
     if (graceLeft <= 0) {
       socket.end();
       return;
@@ -1101,7 +1100,7 @@ export class H1Front implements Drainable {
     if (nodeHoldsBack(socket) || open.size > this.#maxOwed || socket.writableNeedDrain) this.#holdBack(socket);
     // An HTTP/1.1 request in flight counts as an open stream, as an HTTP/2 stream does.
     this.#observer.streamOpened(context.listener);
-    const closing = () => this.#draining || this.#closing.has(socket);
+    const closing = () => this.#drainGraceMs !== undefined || this.#closing.has(socket);
     if (closing() || takenForUpgrade(req)) res.shouldKeepAlive = false;
     res.once('close', () => {
       this.#observer.streamClosed(context.listener);

@@ -55,9 +55,8 @@ function noteHold(socket: TLSSocket, context: ConnectionContext, heldSince: numb
 export class Relay implements Drainable {
   readonly #options: RelayOptions;
   readonly #relayed = new Map<TLSSocket, RelayedConnection>();
-  #draining = false;
-  /** The drain's (drain()): also for a connection whose upstream connection was still being made when it began. */
-  #keepAliveGraceMs = 0;
+  /** Set by drain(), its keep-alive grace: also for a connection whose upstream connection was still being made when it began. */
+  #drainGraceMs: number | undefined;
 
   constructor(options: RelayOptions) {
     this.#options = options;
@@ -65,7 +64,7 @@ export class Relay implements Drainable {
 
   accept(socket: TLSSocket, context: ConnectionContext): void {
     const { upstream: target, observer, listener, fallback } = this.#options;
-    if (this.#draining || this.#options.notReady?.() !== undefined) {
+    if (this.#drainGraceMs !== undefined || this.#options.notReady?.() !== undefined) {
       fallback(socket, context);
       return;
     }
@@ -95,13 +94,12 @@ export class Relay implements Drainable {
       this.#relayed.set(socket, relayed);
       socket.on('close', () => this.#relayed.delete(socket));
       // Taken before the drain, its client may have written its first request already, as on a kept-alive connection.
-      if (this.#draining) relayed.closeGracefully(this.#keepAliveGraceMs);
+      if (this.#drainGraceMs !== undefined) relayed.closeGracefully(this.#drainGraceMs);
     });
   }
 
   drain(keepAliveGraceMs: number): void {
-    this.#draining = true;
-    this.#keepAliveGraceMs = keepAliveGraceMs;
+    this.#drainGraceMs = keepAliveGraceMs;
     for (const relayed of this.#relayed.values()) relayed.closeGracefully(keepAliveGraceMs);
   }
 
