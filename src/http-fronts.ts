@@ -1018,14 +1018,13 @@ export class H1Front implements Drainable {
     this.#active.set(socket, new Set());
     socket.on('close', () => this.#closeQueuedResponses(socket));
     socket.on('drain', () => this.#readOnIfHeld(socket, this.#active.get(socket)));
-    if (this.#drainGraceMs !== undefined) {
-      socket.destroy();
-      return;
-    }
     this.#quietSince.set(socket, performance.now());
     // Node's keepAliveTimeout starts after a first response; a connection that never sends a request needs this one.
     socket.setTimeout(this.#idleTimeoutMs);
     this.#server.emit('connection', socket);
+    // Its handshake ended in the drain: its client writes its first request now, and a connection closed under it
+    // is an error it does not retry (Go: a fresh connection's EOF), so that request is answered, with connection: close.
+    if (this.#drainGraceMs !== undefined) this.#endOnceQuiet(socket);
   }
 
   /**

@@ -104,10 +104,12 @@ const MODES: { name: string; restMode: Config['restMode']; grpcMode: Config['grp
 
 describe('a connection whose handshake finishes during a drain', () => {
   for (const { name, restMode, grpcMode } of MODES) {
-    test(`REST, ${name} mode: closed without being served, and the drain does not wait for it`, { timeout: 30_000 }, async () => {
+    // Its client writes its first request at once, and a fresh connection closed under it is an error it does not
+    // retry (Go: "Get ...: EOF"); before, it was closed unanswered. An HTTP/2 client is told by a GOAWAY (below) instead.
+    test(`REST, ${name} mode: its first request is answered, saying connection: close, and the drain does not wait for more`, { timeout: 30_000 }, async () => {
       const local = await startTestProxy({ pki, upstream, restMode, grpcMode });
       const seen = await arriveDuringDrain(local, local.restPort, http1Exchange);
-      assert.doesNotMatch(seen, /HTTP\/1\.1 200/);
+      assert.match(seen, /^HTTP\/1\.1 200 [^]*\r\nconnection: close\r\n/i);
     });
 
     test(`gRPC, ${name} mode: the call is not served, and the drain does not wait for it`, { timeout: 30_000 }, async () => {
