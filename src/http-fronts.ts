@@ -437,6 +437,8 @@ export class H2Front implements Drainable {
   readonly #bySocket = new WeakMap<TLSSocket, SessionState>();
   #arriving: ConnectionContext | undefined;
   #draining = false;
+  /** Set by drain(): how long a connection whose handshake ends in the drain waits for its client's first request. */
+  #drainGraceMs = 0;
   /** See the constructor's `goAwayOnceIdleOnDrain`. */
   readonly #goAwayOnceIdle: boolean;
 
@@ -525,9 +527,26 @@ export class H2Front implements Drainable {
     }
   }
 
-  drain(): void {
+  drain(keepAliveGraceMs: number): void {
     this.#draining = true;
+    this.#drainGraceMs = keepAliveGraceMs;
     for (const state of this.#sessions) if (!this.#goAwayOnceIdle || state.streams.open === 0) state.close();
+  }
+
+  /**
+   * A connection whose handshake ended in the drain, on the REST port: its client sends its first request at once, and
+   * a GOAWAY before it fails it in httpx (any GOAWAY fails its streams), so that request gets the GOAWAY with it and is
+   * served (#enter); one that sends none in the grace is told to go away then. gRPC clients retry a stream a GOAWAY refused.
+   */
+  #goAwayUnlessUsedSoon(state: SessionState): void {
+    if (!this.#goAwayOnceIdle) {
+      state.close();
+      return;
+    }
+    const timer = setTimeout(() => {
+      if (!state.session.closed && state.streams.open === 0) state.close();
+    }, this.#drainGraceMs);
+    state.session.once('close', () => clearTimeout(timer));
   }
 
   /** GOAWAY on one connection: streams in flight finish, no new ones start. */
@@ -559,7 +578,7 @@ export class H2Front implements Drainable {
     state.context.socket.prependListener('close', () => state.clientLeaving());
     // FINDINGS: a 16 MiB connection window is what lets MB-sized tensors run at full speed.
     session.setLocalWindowSize(limits.connectionWindow);
-    if (this.#draining) session.close();
+    if (this.#draining) this.#goAwayUnlessUsedSoon(state);
   }
 }
 

@@ -4,6 +4,7 @@ import { once } from 'node:events';
 import { connect as netConnect, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
 import { connect as h2Connect } from 'node:http2';
+import type { OutgoingHttpHeaders } from 'node:http';
 import type { TestPki } from './helpers/pki.js';
 import { https1, startTestProxy, startUpstream, startUpstreamFixture, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
 import { settlesWithin } from './helpers/ops.js';
@@ -82,18 +83,34 @@ function http1Exchange(hopPort: number): Promise<string> {
   });
 }
 
-/** HTTP/2 over the hop: the status of one gRPC call, or how it failed, once the connection is gone. */
-function http2Exchange(hopPort: number): Promise<string> {
+/** HTTP/2 over the hop, no request sent: the GOAWAY that came, once the connection is gone. */
+function http2Silence(hopPort: number): Promise<string> {
   return new Promise((resolve) => {
     const session = h2Connect(`https://127.0.0.1:${hopPort}`, { ...tlsClientOptions(pki) });
+    let goaway = 'no GOAWAY';
+    session.on('error', () => {});
+    session.on('goaway', (code: number, lastStreamId: number) => (goaway = `GOAWAY ${code} last stream ${lastStreamId}`));
+    session.on('close', () => resolve(goaway));
+  });
+}
+
+const GRPC_CALL = { headers: { ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerLive', 'content-type': 'application/grpc', te: 'trailers' }, body: Buffer.alloc(5) };
+const REST_GET = { headers: { ':method': 'GET', ':path': '/v2/health/ready' }, body: Buffer.alloc(0) };
+
+/** HTTP/2 over the hop: the status of one request (`what`), or how it failed, and whether a GOAWAY came, once the connection is gone. */
+function http2Exchange(what: { headers: OutgoingHttpHeaders; body: Buffer }): (hopPort: number) => Promise<string> {
+  return (hopPort) => new Promise((resolve) => {
+    const session = h2Connect(`https://127.0.0.1:${hopPort}`, { ...tlsClientOptions(pki) });
     let outcome = 'no answer';
+    let goaway = '';
     session.on('error', (err: NodeJS.ErrnoException) => (outcome = err.code ?? err.message));
-    const call = session.request({ ':method': 'POST', ':path': '/inference.GRPCInferenceService/ServerLive', 'content-type': 'application/grpc', te: 'trailers' });
+    session.on('goaway', (code: number, lastStreamId: number) => (goaway = `, GOAWAY ${code} last stream ${lastStreamId}`));
+    const call = session.request(what.headers);
     call.on('response', (headers) => (outcome = `status ${headers[':status']}`));
     call.on('error', (err: NodeJS.ErrnoException) => (outcome = err.code ?? err.message));
-    call.end(Buffer.alloc(5));
+    call.end(what.body);
     call.resume();
-    session.on('close', () => resolve(outcome));
+    session.on('close', () => resolve(outcome + goaway));
   });
 }
 
@@ -114,8 +131,20 @@ describe('a connection whose handshake finishes during a drain', () => {
 
     test(`gRPC, ${name} mode: the call is not served, and the drain does not wait for it`, { timeout: 30_000 }, async () => {
       const local = await startTestProxy({ pki, upstream, restMode, grpcMode });
-      const seen = await arriveDuringDrain(local, local.grpcPort, http2Exchange);
-      assert.notEqual(seen, 'status 200');
+      const seen = await arriveDuringDrain(local, local.grpcPort, http2Exchange(GRPC_CALL));
+      assert.doesNotMatch(seen, /^status 200/);
+    });
+
+    // httpx, the openai SDK's transport, fails every stream it reads when a GOAWAY comes: one before its first request failed it.
+    test(`REST over HTTP/2, ${name} mode: its first request is answered, the GOAWAY coming with it, and the drain does not wait for more`, { timeout: 30_000 }, async () => {
+      const local = await startTestProxy({ pki, upstream, restMode, grpcMode });
+      const seen = await arriveDuringDrain(local, local.restPort, http2Exchange(REST_GET));
+      assert.equal(seen, 'status 200, GOAWAY 0 last stream 1');
+    });
+
+    test(`REST over HTTP/2, ${name} mode: a client that sends no request is told to go away, and the drain does not wait for it`, { timeout: 30_000 }, async () => {
+      const local = await startTestProxy({ pki, upstream, restMode, grpcMode });
+      assert.equal(await arriveDuringDrain(local, local.restPort, http2Silence), 'GOAWAY 0 last stream 0');
     });
   }
 });
