@@ -10,20 +10,19 @@
  */
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { once } from 'node:events';
 import { createServer as createTcpServer, type AddressInfo } from 'node:net';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { baseConfig, refusedWording, startTestProxy, startUpstream, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
+import { refusedWording, startTestProxy, startUpstream, tlsClientOptions, withDownAndStartingFronts, type StartedProxy } from './helpers/harness.js';
 import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { buildGoFixture } from './helpers/go-build.js';
 import { GateBoard } from './helpers/sse.js';
-import { reloaderFor } from './helpers/reload.js';
+import { CommandedClient } from './helpers/client-processes.js';
+import { reloadsUnderSteadyStreams } from './helpers/reload.js';
 import { eventually } from './helpers/ops.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -33,8 +32,6 @@ const INFER_BODY = JSON.stringify({ inputs: [{ name: 'b', shape: [1, 10], dataty
 const CHAT_BODY = JSON.stringify({ model: 'm', stream: true, messages: [{ role: 'user', content: 'hi' }] });
 const UPLOAD_BYTES = 3_000_000;
 const DOWNLOAD_BYTES = 20_000_000;
-/** The discard port, which nothing here serves: connections to it are refused. */
-const DISCARD_PORT = 9;
 /** What Go reports for a request it could not send anywhere once the proxy stopped listening: not lost, refused. */
 const DIAL_REFUSED = /dial tcp 127\.0\.0\.1:\d+: connect: connection refused$/;
 
@@ -85,66 +82,16 @@ let board = new GateBoard();
 let upstream: ModelServer;
 const fronts = new Map<ForwardMode, StartedProxy>();
 
-/** One Go process, its commands and their results by id (test/fixtures/go-rest-client). */
-class GoRestClient {
-  readonly #child: ChildProcessWithoutNullStreams;
-  readonly #waiting = new Map<number, (line: Record<string, unknown>) => void>();
-  readonly #events = new Map<number, (line: Record<string, unknown>) => void>();
-  #next = 1;
-  #stderr = '';
-
+/** One Go process, its commands (JSON lines) and their results by id (test/fixtures/go-rest-client). */
+class GoRestClient extends CommandedClient<RequestSpec, GoResult, SteadyOutcome> {
   constructor(port: number, cert: string) {
     const identity = ['-cert', pki.paths[`${cert}.pem`]!, '-key', pki.paths[`${cert}.key`]!];
     // No proxy variables: net/http honours HTTPS_PROXY.
-    this.#child = spawn(binary, ['-base', `https://127.0.0.1:${port}`, '-ca', pki.paths['server_ca.pem']!, ...identity, '-server-name', 'localhost'], { env: { PATH: process.env.PATH } });
-    this.#child.stderr.on('data', (chunk: Buffer) => (this.#stderr += chunk.toString()));
-    createInterface({ input: this.#child.stdout }).on('line', (text) => {
-      const line = JSON.parse(text) as Record<string, unknown> & { id: number };
-      if ('event' in line || 'progress' in line) this.#events.get(line.id)?.(line);
-      else this.#waiting.get(line.id)?.(line);
-    });
-    this.#child.once('exit', (code) => {
-      for (const settle of this.#waiting.values()) settle({ exited: code, stderr: this.#stderr });
-    });
-  }
-
-  /** Sends a command; its id, and its final line once it comes. `onEvent`: SSE events and progress lines on the way. */
-  send(command: Record<string, unknown>, onEvent?: (line: Record<string, unknown>) => void): { id: number; done: Promise<Record<string, unknown>> } {
-    const id = this.#next++;
-    if (onEvent) this.#events.set(id, onEvent);
-    const done = new Promise<Record<string, unknown>>((resolve) => this.#waiting.set(id, resolve));
-    this.#child.stdin.write(`${JSON.stringify({ id, ...command })}\n`);
-    return { id, done: done.then((line) => (assert.ok(!('exited' in line), `the Go client exited: ${this.#stderr}`), line)) };
+    super('Go client', binary, ['-base', `https://127.0.0.1:${port}`, '-ca', pki.paths['server_ca.pem']!, ...identity, '-server-name', 'localhost'], (id, command) => JSON.stringify({ id, ...command }));
   }
 
   async client(name: string, spec: ClientSpec): Promise<void> {
     await this.send({ op: 'client', name, ...spec }).done;
-  }
-
-  async request(client: string, spec: RequestSpec): Promise<GoResult> {
-    return (await this.send({ op: 'request', client, ...spec }).done).result as GoResult;
-  }
-
-  async parallel(client: string, spec: RequestSpec): Promise<GoResult[]> {
-    return (await this.send({ op: 'request', client, ...spec }).done).results as GoResult[];
-  }
-
-  /** Requests back to back from `workers` goroutines until stop(); resolves once 20 were answered. */
-  async steady(client: string, spec: RequestSpec, workers: number): Promise<{ stop: () => Promise<SteadyOutcome> }> {
-    let running!: () => void;
-    const started = new Promise<void>((resolve) => (running = resolve));
-    const { id, done } = this.send({ op: 'steady', client, workers, ...spec }, () => running());
-    await started;
-    return {
-      stop: async () => {
-        await this.send({ op: 'stop', target: id }).done;
-        return (await done).steady as SteadyOutcome;
-      },
-    };
-  }
-
-  close(): void {
-    this.#child.stdin.end();
   }
 }
 
@@ -254,11 +201,7 @@ for (const restMode of FORWARD_MODES) {
         const go = await goClient(fronts.get(restMode)!.restPort);
         try {
           board = new GateBoard();
-          board.open(0);
-          let released = 0;
-          // Each event is released only once Go has read the one before it: nothing is held back in the proxy.
-          const streamed = go.send({ op: 'request', client: protocol, method: 'POST', path: '/v3/chat/completions', body: CHAT_BODY, read: 'sse' }, () => board.open(++released));
-          const whole = (await streamed.done).result as GoResult;
+          const whole = await go.releasedOneByOne(board, { op: 'request', client: protocol, method: 'POST', path: '/v3/chat/completions', body: CHAT_BODY, read: 'sse' });
           assert.equal(whole.err, undefined);
           assert.equal(whole.events!.length, CHAT_REPLY_WORDS.length + 1);
           assert.equal(whole.events!.at(-1), 'data: [DONE]\n');
@@ -319,54 +262,28 @@ for (const restMode of FORWARD_MODES) {
     });
 
     test('a model server that is down, or not ready: 502 naming the refused connection, 503 with Retry-After, and the connection kept', async () => {
-      const down = await startTestProxy({ pki, upstream: { restPort: DISCARD_PORT }, restMode });
-      const starting = await startTestProxy({ pki, upstream: { restPort: DISCARD_PORT }, restMode, notReady: { rest: () => 'OVMS is starting' } });
-      try {
-        for (const [front, status, words] of [[down, 502, /refused the connection \(is the model server running\?\)/], [starting, 503, /^OVMS is starting$/]] as const) {
-          const go = await goClient(front.restPort);
-          try {
-            for (const protocol of ['h1', 'h2']) {
-              for (const spec of [{ path: '/v2/health/ready' }, { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY }]) {
-                const answer = await go.request(protocol, spec);
-                assert.equal(answer.status, status, answer.err);
-                assert.match((JSON.parse(answer.body!) as { error: string }).error, words);
-                if (status === 503) assert.deepEqual(answer.header?.['Retry-After'], ['1']);
-              }
-              assert.equal((await go.request(protocol, { path: '/v2/health/ready' })).reused, true);
-            }
-          } finally {
-            go.close();
-          }
-        }
-      } finally {
-        await down.proxy.shutdown(1000);
-        await starting.proxy.shutdown(1000);
-      }
-    });
-
-    test('certificate reloads (SIGHUP) under a steady stream of GETs and POSTs over an HTTP/1.1 pool and HTTP/2: no request fails', async () => {
-      await withOwnProxy(restMode, async (front) => {
-        const reloader = reloaderFor(front, baseConfig({ pki }).tls, { revokedGraceMs: 1000 });
+      await withDownAndStartingFronts(pki, restMode, async (front, status, words) => {
         const go = await goClient(front.restPort);
         try {
-          const streams = await Promise.all(['h1', 'h2'].flatMap((protocol) => [
-            go.steady(protocol, { path: '/v2/health/ready' }, 3),
-            go.steady(protocol, { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY }, 3),
-          ]));
-          for (let i = 0; i < 5; i++) {
-            const outcome = await reloader.reload('api');
-            assert.equal(outcome.ok, true, outcome.ok ? '' : outcome.reason);
-          }
-          for (const stream of streams) {
-            const outcome = await stream.stop();
-            assert.deepEqual(failuresOf(outcome), {});
-            assert.deepEqual(Object.keys(outcome.statuses), ['200']);
+          for (const protocol of ['h1', 'h2']) {
+            for (const spec of [{ path: '/v2/health/ready' }, { method: 'POST', path: '/v2/models/dummy/infer', body: INFER_BODY }]) {
+              const answer = await go.request(protocol, spec);
+              assert.equal(answer.status, status, answer.err);
+              assert.match((JSON.parse(answer.body!) as { error: string }).error, words);
+              if (status === 503) assert.deepEqual(answer.header?.['Retry-After'], ['1']);
+            }
+            assert.equal((await go.request(protocol, { path: '/v2/health/ready' })).reused, true);
           }
         } finally {
           go.close();
-          reloader.close();
         }
       });
+    });
+
+    test('certificate reloads (SIGHUP) under a steady stream of GETs and POSTs over an HTTP/1.1 pool and HTTP/2: no request fails', async () => {
+      await withOwnProxy(restMode, (front) => reloadsUnderSteadyStreams(front, pki, {
+        start: () => goClient(front.restPort), clients: ['h1', 'h2'], workers: 3, inferBody: INFER_BODY, failures: (outcome) => Object.entries(failuresOf(outcome)),
+      }));
     });
 
     test('a drain (SIGTERM) under a steady stream of GETs and POSTs (with and without a length over HTTP/1.1) over an HTTP/1.1 pool and HTTP/2: no request is lost, each one Go could not send is refused at its dial', async () => {

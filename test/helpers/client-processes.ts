@@ -3,7 +3,7 @@
  * and an event stream released to them one event at a time.
  */
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
+import { execFile, spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
 import { CHAT_REPLY_WORDS } from '../../src/demo/openai-chat.js';
@@ -65,4 +65,85 @@ export function assertChatStream(events: string[]): void {
   const words = events.slice(0, -1).map((e) => JSON.parse(e.replace(/^data: /, '')).choices[0].delta.content as string);
   assert.deepEqual(words, CHAT_REPLY_WORDS);
   assert.equal(events.at(-1), 'data: [DONE]');
+}
+
+/** A command to a commanded client: `op` and its fields. */
+export type Command = { op: string } & Record<string, unknown>;
+
+/**
+ * A long-running REST client process in another language (test/fixtures/go-rest-client, java-rest-client) that
+ * reads one command a line on stdin, runs each on its own, and writes JSON lines on stdout carrying the command's
+ * id: its final line, and on the way lines with `event` (an SSE event or line read) or `progress`. So a test can
+ * act (drain, reload, release an event) while requests are in flight. `encode` writes a command as the client reads it;
+ * `Spec`: what a request says, `Result` its outcome, `Outcome` a steady stream's.
+ */
+export class CommandedClient<Spec extends object, Result, Outcome> {
+  readonly #child: ChildProcessWithoutNullStreams;
+  readonly #waiting = new Map<number, (line: Record<string, unknown>) => void>();
+  readonly #events = new Map<number, (line: Record<string, unknown>) => void>();
+  readonly #what: string;
+  readonly #encode: (id: number, command: Command) => string;
+  #next = 1;
+  #stderr = '';
+
+  constructor(what: string, command: string, args: string[], encode: (id: number, command: Command) => string) {
+    this.#what = what;
+    this.#encode = encode;
+    this.#child = spawn(command, args, { env: clientEnv() });
+    this.#child.stderr.on('data', (chunk: Buffer) => (this.#stderr += chunk.toString()));
+    createInterface({ input: this.#child.stdout }).on('line', (text) => {
+      const line = JSON.parse(text) as Record<string, unknown> & { id: number };
+      if ('event' in line || 'progress' in line) this.#events.get(line.id)?.(line);
+      else this.#waiting.get(line.id)?.(line);
+    });
+    this.#child.once('exit', (code) => {
+      for (const settle of this.#waiting.values()) settle({ exited: code, stderr: this.#stderr });
+    });
+  }
+
+  /** Sends a command; its id, and its final line once it comes. `onEvent`: events and progress lines on the way. */
+  send(command: Command, onEvent?: (line: Record<string, unknown>) => void): { id: number; done: Promise<Record<string, unknown>> } {
+    const id = this.#next++;
+    if (onEvent) this.#events.set(id, onEvent);
+    const done = new Promise<Record<string, unknown>>((resolve) => this.#waiting.set(id, resolve));
+    this.#child.stdin.write(`${this.#encode(id, command)}\n`);
+    return { id, done: done.then((line) => (assert.ok(!('exited' in line), `the ${this.#what} exited: ${this.#stderr}`), line)) };
+  }
+
+  async request(client: string, spec: Spec): Promise<Result> {
+    return (await this.send({ op: 'request', client, ...spec }).done).result as Result;
+  }
+
+  /**
+   * Sends `command` (a request for an event stream) with the model server's events released one at a time by
+   * `board` (its sseGate, fresh): event i+1 is written only once the client has reported event i, so nothing may be
+   * held back on the way. Its result.
+   */
+  async releasedOneByOne(board: GateBoard, command: Command): Promise<Result> {
+    board.open(0);
+    let released = 0;
+    return (await this.send(command, () => board.open(++released)).done).result as Result;
+  }
+
+  async parallel(client: string, spec: Spec): Promise<Result[]> {
+    return (await this.send({ op: 'request', client, ...spec }).done).results as Result[];
+  }
+
+  /** Requests back to back from `workers` workers until stop(); resolves once 20 were answered. */
+  async steady(client: string, spec: Spec, workers: number): Promise<{ stop: () => Promise<Outcome> }> {
+    let running!: () => void;
+    const started = new Promise<void>((resolve) => (running = resolve));
+    const { id, done } = this.send({ op: 'steady', client, workers, ...spec }, () => running());
+    await started;
+    return {
+      stop: async () => {
+        await this.send({ op: 'stop', target: id }).done;
+        return (await done).steady as Outcome;
+      },
+    };
+  }
+
+  close(): void {
+    this.#child.stdin.end();
+  }
 }

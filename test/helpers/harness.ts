@@ -348,3 +348,23 @@ export function assertRefusedCall(err: grpc.ServiceError, reason: string): void 
   assert.equal(err.code, reason === 'not_allowed' ? grpc.status.PERMISSION_DENIED : grpc.status.UNAUTHENTICATED, err.details);
   assert.match(err.details, refusedWording(reason));
 }
+
+/** The discard port, which nothing here serves: connections to it are refused. */
+export const DISCARD_PORT = 9;
+
+/**
+ * A proxy in front of a model server that is down, then one whose model server is starting (not ready): `use` runs
+ * with each, and the status and words its REST clients must read (502 naming the refused connection; 503 with the
+ * not-ready reason and Retry-After). Both proxies are stopped after.
+ */
+export async function withDownAndStartingFronts(pki: TestPki, restMode: ForwardMode, use: (front: StartedProxy, status: 502 | 503, words: RegExp) => Promise<void>): Promise<void> {
+  const down = await startTestProxy({ pki, upstream: { restPort: DISCARD_PORT }, restMode });
+  const starting = await startTestProxy({ pki, upstream: { restPort: DISCARD_PORT }, restMode, notReady: { rest: () => 'OVMS is starting' } });
+  try {
+    await use(down, 502, /refused the connection \(is the model server running\?\)/);
+    await use(starting, 503, /^OVMS is starting$/);
+  } finally {
+    await down.proxy.shutdown(1000);
+    await starting.proxy.shutdown(1000);
+  }
+}

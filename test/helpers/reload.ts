@@ -19,7 +19,7 @@ import type { TlsFiles } from '../../src/config.js';
 import { TlsReloader, type TlsReloaderOptions } from '../../src/tls-reload.js';
 import { loadTlsMaterialSync } from '../../src/tls-material.js';
 import { createLogger } from '../../src/log.js';
-import { h2Session, readyStatus, type StartedProxy } from './harness.js';
+import { baseConfig, h2Session, readyStatus, type StartedProxy } from './harness.js';
 import type { TestPki } from './pki.js';
 import { sseEvents, type GateBoard } from './sse.js';
 
@@ -173,4 +173,42 @@ export function postSse(port: number, client: TlsClient, agent: Agent | false = 
     req.on('error', reject);
     req.end(JSON.stringify({ model: 'dummy', stream: true }));
   });
+}
+
+/** A client process with steady streams of requests (test/helpers/client-processes.ts CommandedClient). */
+interface SteadyClient<O> {
+  steady(client: string, spec: { method?: string; path: string; body?: string }, workers: number): Promise<{ stop: () => Promise<O> }>;
+  close(): void;
+}
+
+/**
+ * Five reloads of the API of `front` (started on `pki`'s files) while a client process (`start`) sends steady
+ * streams of readiness GETs and KServe infers (`inferBody`) from `workers` workers on each of its `clients`: each
+ * reload goes through, and every request is answered 200; `failures`: a stream's failed requests, none expected.
+ */
+export async function reloadsUnderSteadyStreams<O extends { statuses: Record<string, number> }>(
+  front: StartedProxy,
+  pki: TestPki,
+  run: { start: () => Promise<SteadyClient<O>>; clients: readonly string[]; workers: number; inferBody: string; failures: (outcome: O) => unknown[] },
+): Promise<void> {
+  const reloader = reloaderFor(front, baseConfig({ pki }).tls, { revokedGraceMs: 1000 });
+  const client = await run.start();
+  try {
+    const streams = await Promise.all(run.clients.flatMap((name) => [
+      client.steady(name, { path: '/v2/health/ready' }, run.workers),
+      client.steady(name, { method: 'POST', path: '/v2/models/dummy/infer', body: run.inferBody }, run.workers),
+    ]));
+    for (let i = 0; i < 5; i++) {
+      const outcome = await reloader.reload('api');
+      assert.equal(outcome.ok, true, outcome.ok ? '' : outcome.reason);
+    }
+    for (const stream of streams) {
+      const outcome = await stream.stop();
+      assert.deepEqual(run.failures(outcome), []);
+      assert.deepEqual(Object.keys(outcome.statuses), ['200']);
+    }
+  } finally {
+    client.close();
+    reloader.close();
+  }
 }
