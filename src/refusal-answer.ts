@@ -67,16 +67,34 @@ function createRefusalServer(): Http2Server {
   return server;
 }
 
+/**
+ * How long a refused HTTP/2 connection stays without an open stream before its GOAWAY. Java's HttpClient
+ * before JDK 24 (JDK-8335181) fails every request still under way when any GOAWAY arrives: an upload, whose
+ * answer it reads only once the upload is out, failed with "IOException: ...: GOAWAY received" behind a GOAWAY
+ * sent with the first answer, the reason never read. Within REFUSAL_ANSWER_MS, which ends a client that keeps asking.
+ */
+const REFUSAL_GOAWAY_QUIET_MS = 500;
+
 function answerSession(session: ServerHttp2Session, refused: Refusal): void {
   session.on('error', () => session.destroy());
-  session.on('stream', (stream, headers) => answerStream(stream, headers, refused));
-  // GOAWAY once the requests that came with the first have been seen: a client that sent
-  // several at once gets an answer to each, not a GOAWAY that refuses the rest.
-  session.once('stream', () => setImmediate(() => session.close()));
+  let open = 0;
+  let quiet: NodeJS.Timeout | undefined;
+  session.once('close', () => clearTimeout(quiet));
+  session.on('stream', (stream, headers) => {
+    open += 1;
+    clearTimeout(quiet);
+    // Every request of the connection is answered, those sent with the first as well as those after it.
+    stream.once('close', () => {
+      if (--open === 0 && !session.closed) quiet = setTimeout(() => session.close(), REFUSAL_GOAWAY_QUIET_MS).unref();
+    });
+    answerStream(stream, headers, refused);
+  });
 }
 
 function answerStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, refused: Refusal): void {
   stream.on('error', () => {});
+  // Read and drop the request body, as over HTTP/1.1: Java's HttpClient reads no answer before its upload is out.
+  stream.resume();
   const message = refusalMessage(refused);
   if (String(headers['content-type'] ?? '').startsWith('application/grpc')) {
     const code = refused.reason === 'not_allowed' ? GRPC_STATUS.PERMISSION_DENIED : GRPC_STATUS.UNAUTHENTICATED;
