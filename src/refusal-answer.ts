@@ -79,7 +79,13 @@ function answerSession(session: ServerHttp2Session, refused: Refusal): void {
   session.on('error', () => session.destroy());
   let open = 0;
   let quiet: NodeJS.Timeout | undefined;
-  session.once('close', () => clearTimeout(quiet));
+  // A client that keeps asking is never quiet: told to go away halfway, its later requests go to a new connection
+  // (and are refused there, saying why) rather than one cut under them by REFUSAL_ANSWER_MS.
+  const busy = setTimeout(() => session.closed || session.close(), REFUSAL_ANSWER_MS / 2).unref();
+  session.once('close', () => {
+    clearTimeout(quiet);
+    clearTimeout(busy);
+  });
   session.on('stream', (stream, headers) => {
     open += 1;
     clearTimeout(quiet);

@@ -21,7 +21,7 @@ import { refusedWording, startTestProxy, startUpstream, tlsClientOptions, withDo
 import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { buildGoFixture } from './helpers/go-build.js';
 import { GateBoard } from './helpers/sse.js';
-import { CommandedClient } from './helpers/client-processes.js';
+import { JsonLinesClient, failuresOf, type ClientSpec, type SteadyOutcome } from './helpers/client-processes.js';
 import { reloadsUnderSteadyStreams } from './helpers/reload.js';
 import { eventually } from './helpers/ops.js';
 import { CHAT_REPLY_WORDS } from '../src/demo/openai-chat.js';
@@ -52,29 +52,6 @@ interface GoResult {
   close: boolean;
 }
 
-interface SteadyOutcome {
-  ok: number;
-  failures: GoResult[] | null;
-  statuses: Record<string, number>;
-}
-
-interface ClientSpec {
-  h2: boolean;
-  expect_continue_ms?: number;
-  no_cert?: boolean;
-}
-
-interface RequestSpec {
-  method?: string;
-  path: string;
-  body?: string;
-  body_bytes?: number;
-  unknown_length?: boolean;
-  headers?: Record<string, string>;
-  read?: 'body' | 'sse' | 'pattern';
-  parallel?: number;
-}
-
 let pki: TestPki;
 let workDir: string;
 let binary: string;
@@ -83,15 +60,11 @@ let upstream: ModelServer;
 const fronts = new Map<ForwardMode, StartedProxy>();
 
 /** One Go process, its commands (JSON lines) and their results by id (test/fixtures/go-rest-client). */
-class GoRestClient extends CommandedClient<RequestSpec, GoResult, SteadyOutcome> {
+class GoRestClient extends JsonLinesClient<GoResult> {
   constructor(port: number, cert: string) {
     const identity = ['-cert', pki.paths[`${cert}.pem`]!, '-key', pki.paths[`${cert}.key`]!];
-    // No proxy variables: net/http honours HTTPS_PROXY.
-    super('Go client', binary, ['-base', `https://127.0.0.1:${port}`, '-ca', pki.paths['server_ca.pem']!, ...identity, '-server-name', 'localhost'], (id, command) => JSON.stringify({ id, ...command }));
-  }
-
-  async client(name: string, spec: ClientSpec): Promise<void> {
-    await this.send({ op: 'client', name, ...spec }).done;
+    // No proxy variables (clientEnv): net/http honours HTTPS_PROXY.
+    super('Go client', binary, ['-base', `https://127.0.0.1:${port}`, '-ca', pki.paths['server_ca.pem']!, ...identity, '-server-name', 'localhost']);
   }
 }
 
@@ -119,18 +92,8 @@ after(async () => {
   await pki.cleanup();
 });
 
-/** The Go outcomes of a steady stream, each failure by its message with addresses taken out, and how many. */
-function failuresOf(outcome: SteadyOutcome): Record<string, number> {
-  const counts: Record<string, number> = {};
-  for (const failure of outcome.failures ?? []) {
-    const what = failure.err!.replace(/127\.0\.0\.1:\d+/g, 'ADDR');
-    counts[what] = (counts[what] ?? 0) + 1;
-  }
-  return counts;
-}
-
 /** Failures other than a refused dial, which Go meets once the proxy has stopped listening (another replica takes it). */
-function lostRequests(outcome: SteadyOutcome): Record<string, number> {
+function lostRequests(outcome: SteadyOutcome<GoResult>): Record<string, number> {
   return Object.fromEntries(Object.entries(failuresOf(outcome)).filter(([what]) => !DIAL_REFUSED.test(what.replace(/ADDR/g, '127.0.0.1:1'))));
 }
 
@@ -201,7 +164,7 @@ for (const restMode of FORWARD_MODES) {
         const go = await goClient(fronts.get(restMode)!.restPort);
         try {
           board = new GateBoard();
-          const whole = await go.releasedOneByOne(board, { op: 'request', client: protocol, method: 'POST', path: '/v3/chat/completions', body: CHAT_BODY, read: 'sse' });
+          const { result: whole } = await go.releasedOneByOne(board, { op: 'request', client: protocol, method: 'POST', path: '/v3/chat/completions', body: CHAT_BODY, read: 'sse' });
           assert.equal(whole.err, undefined);
           assert.equal(whole.events!.length, CHAT_REPLY_WORDS.length + 1);
           assert.equal(whole.events!.at(-1), 'data: [DONE]\n');

@@ -161,7 +161,7 @@ for (const restMode of FORWARD_MODES) {
       test(`${version}: a streamed chat completion read with BodyHandlers.ofLines() arrives event by event, ending with data: [DONE]; closing the line stream mid-way frees the model server's request`, async () => {
         await withJava(rest.front(restMode).restPort, 'client', async (java) => {
           board = new GateBoard();
-          const whole = await java.releasedOneByOne(board, { op: 'request', client: version, method: 'POST', path: '/v3/chat/completions', body: CHAT_BODY, read: 'lines' });
+          const { result: whole } = await java.releasedOneByOne(board, { op: 'request', client: version, method: 'POST', path: '/v3/chat/completions', body: CHAT_BODY, read: 'lines' });
           assert.equal(whole.err, undefined);
           assert.equal(whole.status, 200);
           assert.equal(whole.events!.length, CHAT_REPLY_WORDS.length + 1);

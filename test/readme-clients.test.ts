@@ -12,6 +12,7 @@ import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { PYTHON } from './helpers/grpcio.js';
+import { buildRustProgram } from './helpers/rust-build.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
 const run = promisify(execFile);
@@ -89,6 +90,17 @@ describe('README client snippets', () => {
     assert.match(curl!, /^curl /);
     const { stdout } = await runShell(asRun(curl!));
     assert.equal(stdout, '200\n');
+  });
+
+  // Built with the crates of the Rust client fixture (a few seconds once test/rust-clients.test.ts or .ci/run built those).
+  test('Rust reqwest on rustls, as pasted (built offline): the REST readiness answers 200 over HTTP/2; a certificate the proxy does not trust gets the 403', async () => {
+    const [snippet] = clientSnippets('rust');
+    assert.match(snippet!, /reqwest::Client::builder\(\)/);
+    for (const [client, expected] of [['client', '200 OK HTTP/2.0\n'], ['foreign_client', '403 Forbidden HTTP/2.0\n']] as const) {
+      const binary = await buildRustProgram(`readme-client-${client.replace('_', '-')}`, asRun(snippet!, client), 'rust-rest-client');
+      const { stdout } = await run(binary, [], { env: { PATH: process.env.PATH }, timeout: 60_000 });
+      assert.equal(stdout, expected);
+    }
   });
 
   test('a certificate the proxy does not trust: grpcio gets UNAUTHENTICATED naming unknown_ca, requests, httpx and curl a 403, as the README says', async () => {

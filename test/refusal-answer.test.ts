@@ -60,6 +60,24 @@ describe('a refused client is told why', () => {
     await closed;
   });
 
+  test('REST over HTTP/2: a client that keeps asking on its refused connection gets 403 each time, and a GOAWAY before the connection ends (not a cut under a request)', { timeout: 30_000 }, async () => {
+    const session = h2Session(front.restPort, pki, pki.revokedClient);
+    let goaway = false;
+    session.on('goaway', () => (goaway = true));
+    session.on('error', () => {});
+    const closed = once(session, 'close');
+    const statuses = new Set<unknown>();
+    // Back to back, never quiet: before, no GOAWAY came, and the connection was cut under a request after 2 s.
+    while (!session.closed && !session.destroyed && !goaway) {
+      const answer = await h2Request(session, { ':method': 'GET', ':path': '/v2/health/ready' }).catch((err: Error) => err.message);
+      statuses.add(typeof answer === 'string' ? answer : answer.headers[':status']);
+    }
+    await closed;
+    assert.equal(goaway, true, 'the connection ended without a GOAWAY');
+    // A request that crossed the GOAWAY is refused unprocessed (REFUSED_STREAM): the client sends it again on a new connection.
+    assert.deepEqual([...statuses].filter((s) => s !== 'Stream closed with error code NGHTTP2_REFUSED_STREAM'), [403]);
+  });
+
   test('gRPC content on the REST port and plain HTTP/2 on the gRPC port are answered in their own protocol', async () => {
     const session = h2Session(front.grpcPort, pki, stranger);
     try {

@@ -119,10 +119,11 @@ export class CommandedClient<Spec extends object, Result, Outcome> {
    * `board` (its sseGate, fresh): event i+1 is written only once the client has reported event i, so nothing may be
    * held back on the way. Its result.
    */
-  async releasedOneByOne(board: GateBoard, command: Command): Promise<Result> {
+  async releasedOneByOne(board: GateBoard, command: Command): Promise<{ result: Result; released: number }> {
     board.open(0);
     let released = 0;
-    return (await this.send(command, () => board.open(++released)).done).result as Result;
+    const result = (await this.send(command, () => board.open(++released)).done).result as Result;
+    return { result, released };
   }
 
   async parallel(client: string, spec: Spec): Promise<Result[]> {
@@ -146,4 +147,57 @@ export class CommandedClient<Spec extends object, Result, Outcome> {
   close(): void {
     this.#child.stdin.end();
   }
+}
+
+/** A client the JSON-lines programs (go-rest-client, rust-rest-client) define, by name, for requests to name. */
+export interface ClientSpec {
+  h2: boolean;
+  expect_continue_ms?: number;
+  no_cert?: boolean;
+}
+
+/** A request of a JSON-lines program. */
+export interface RequestSpec {
+  method?: string;
+  path: string;
+  /** '1.0': an HTTP/1.0 request (rust-rest-client). */
+  version?: '1.0';
+  body?: string;
+  body_bytes?: number;
+  unknown_length?: boolean;
+  headers?: Record<string, string>;
+  read?: 'body' | 'sse' | 'pattern';
+  parallel?: number;
+}
+
+/** What a steady stream of a JSON-lines program's requests came to. */
+export interface SteadyOutcome<Result> {
+  ok: number;
+  failures: Result[] | null;
+  statuses: Record<string, number>;
+}
+
+/** A compiled client of test/fixtures that reads its commands as JSON lines (go-rest-client, rust-rest-client). */
+export class JsonLinesClient<Result> extends CommandedClient<RequestSpec, Result, SteadyOutcome<Result>> {
+  readonly #name: string;
+
+  constructor(what: string, binary: string, args: string[]) {
+    super(what, binary, args, (id, command) => JSON.stringify({ id, ...command }));
+    this.#name = what;
+  }
+
+  async client(name: string, spec: ClientSpec): Promise<void> {
+    const line = await this.send({ op: 'client', name, ...spec }).done;
+    assert.equal(line.err, undefined, `the ${this.#name} could not make client ${name}`);
+  }
+}
+
+/** Each failure of a steady stream by its message with addresses taken out (ADDR), and how many times it came. */
+export function failuresOf<Result extends { err?: string }>(outcome: SteadyOutcome<Result>): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const failure of outcome.failures ?? []) {
+    const what = failure.err!.replace(/127\.0\.0\.1:\d+|localhost:\d+/g, 'ADDR');
+    counts[what] = (counts[what] ?? 0) + 1;
+  }
+  return counts;
 }

@@ -2,14 +2,10 @@
  * Builds the Go programs of test/fixtures (a grpc-go client, a net/http client) with Debian's
  * golang-go in GOPATH mode: no module proxy, no network.
  */
-import { execFile } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { promisify } from 'node:util';
-
-const run = promisify(execFile);
+import { buildOrExplain, fixtureSource, requireTool } from './fixture-build.js';
 
 /** Reused across runs: a cold build of grpc-go takes ~15 s on two cores, a warm one ~1 s. */
 const GO_CACHE = join(tmpdir(), 'ovms-mtls-go-build-cache');
@@ -28,14 +24,9 @@ export function goEnv(workDir: string): NodeJS.ProcessEnv {
  */
 export async function buildGoFixture(fixture: string, workDir: string, packages: readonly string[]): Promise<string> {
   const needs = ['golang-go', ...packages];
-  await run('go', ['version'], { env: goEnv(workDir) }).catch(() => {
-    throw new Error(`go is missing: these tests need Debian's ${needs.join(', ')} (apt-get install -y ${needs.join(' ')}; .ci/run does it)`);
-  });
+  await requireTool('go', ['version'], { env: goEnv(workDir) }, needs);
   await mkdir(GO_CACHE, { recursive: true });
   const binary = join(workDir, fixture);
-  const source = fileURLToPath(new URL(`../../../test/fixtures/${fixture}`, import.meta.url));
-  await run('go', ['build', '-o', binary, '.'], { cwd: source, env: goEnv(workDir), timeout: 300_000 }).catch((err: { stderr?: string }) => {
-    throw new Error(`building test/fixtures/${fixture} failed (are ${needs.join(', ')} installed?): ${err.stderr ?? String(err)}`);
-  });
+  await buildOrExplain(fixture, 'go', ['build', '-o', binary, '.'], { cwd: fixtureSource(fixture), env: goEnv(workDir), timeout: 300_000 }, needs);
   return binary;
 }

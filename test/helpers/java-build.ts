@@ -3,22 +3,18 @@
  * (javac, standard library only), and turns PEM files into the PKCS12 key store Java loads.
  */
 import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { buildOrExplain, fixtureSource, requireTool } from './fixture-build.js';
 
 const run = promisify(execFile);
-const NEEDS = 'openjdk-17-jdk-headless (apt-get install -y openjdk-17-jdk-headless; .ci/run does it)';
+const NEEDS = ['openjdk-17-jdk-headless'];
 
 /** Compiles RestClient.java into `workDir`; the classpath to run it from. */
 export async function buildJavaFixture(workDir: string): Promise<string> {
-  await run('javac', ['-version']).catch(() => {
-    throw new Error(`javac is missing: these tests need Debian's ${NEEDS}`);
-  });
-  const source = fileURLToPath(new URL('../../../test/fixtures/java-rest-client/RestClient.java', import.meta.url));
-  await run('javac', ['-d', workDir, source], { timeout: 120_000 }).catch((err: { stderr?: string }) => {
-    throw new Error(`building test/fixtures/java-rest-client failed (is ${NEEDS}?): ${err.stderr ?? String(err)}`);
-  });
+  await requireTool('javac', ['-version'], {}, NEEDS);
+  const source = join(fixtureSource('java-rest-client'), 'RestClient.java');
+  await buildOrExplain('java-rest-client', 'javac', ['-d', workDir, source], { timeout: 120_000 }, NEEDS);
   return workDir;
 }
 
