@@ -81,7 +81,9 @@ function answerSession(session: ServerHttp2Session, refused: Refusal): void {
   let quiet: NodeJS.Timeout | undefined;
   // A client that keeps asking is never quiet: told to go away halfway, its later requests go to a new connection
   // (and are refused there, saying why) rather than one cut under them by REFUSAL_ANSWER_MS.
-  const busy = setTimeout(() => session.closed || session.close(), REFUSAL_ANSWER_MS / 2).unref();
+  const busy = setTimeout(() => {
+    if (!session.closed) session.close();
+  }, REFUSAL_ANSWER_MS / 2).unref();
   session.once('close', () => {
     clearTimeout(quiet);
     clearTimeout(busy);
