@@ -436,9 +436,8 @@ export class H2Front implements Drainable {
   readonly #sessions = new Set<SessionState>();
   readonly #bySocket = new WeakMap<TLSSocket, SessionState>();
   #arriving: ConnectionContext | undefined;
-  #draining = false;
-  /** Set by drain(): how long a connection whose handshake ends in the drain waits for its client's first request. */
-  #drainGraceMs = 0;
+  /** Set by drain(), its keep-alive grace: how long a connection whose handshake ends in the drain waits for its client's first request. */
+  #drainGraceMs: number | undefined;
   /** See the constructor's `goAwayOnceIdleOnDrain`. */
   readonly #goAwayOnceIdle: boolean;
 
@@ -508,12 +507,12 @@ export class H2Front implements Drainable {
     streams.opened();
     // A client starting a request in the drain is using the connection on: told to go away now, this request still
     // served, it moves its next ones elsewhere instead of keeping the connection busy until the timeout cuts it.
-    if (this.#draining && !state.session.closed) state.close();
+    if (this.#drainGraceMs !== undefined && !state.session.closed) state.close();
     stream.once('close', () => {
       observer.streamClosed(context.listener);
       streams.closed();
       state.streamClosed(stream);
-      if (this.#draining && streams.open === 0 && !state.session.closed) state.close();
+      if (this.#drainGraceMs !== undefined && streams.open === 0 && !state.session.closed) state.close();
     });
     return context;
   }
@@ -528,7 +527,6 @@ export class H2Front implements Drainable {
   }
 
   drain(keepAliveGraceMs: number): void {
-    this.#draining = true;
     this.#drainGraceMs = keepAliveGraceMs;
     for (const state of this.#sessions) if (!this.#goAwayOnceIdle || state.streams.open === 0) state.close();
   }
@@ -538,14 +536,14 @@ export class H2Front implements Drainable {
    * a GOAWAY before it fails it in httpx (any GOAWAY fails its streams), so that request gets the GOAWAY with it and is
    * served (#enter); one that sends none in the grace is told to go away then. gRPC clients retry a stream a GOAWAY refused.
    */
-  #goAwayUnlessUsedSoon(state: SessionState): void {
+  #goAwayUnlessUsedSoon(state: SessionState, graceMs: number): void {
     if (!this.#goAwayOnceIdle) {
       state.close();
       return;
     }
     const timer = setTimeout(() => {
       if (!state.session.closed && state.streams.open === 0) state.close();
-    }, this.#drainGraceMs);
+    }, graceMs);
     state.session.once('close', () => clearTimeout(timer));
   }
 
@@ -578,7 +576,7 @@ export class H2Front implements Drainable {
     state.context.socket.prependListener('close', () => state.clientLeaving());
     // FINDINGS: a 16 MiB connection window is what lets MB-sized tensors run at full speed.
     session.setLocalWindowSize(limits.connectionWindow);
-    if (this.#draining) this.#goAwayUnlessUsedSoon(state);
+    if (this.#drainGraceMs !== undefined) this.#goAwayUnlessUsedSoon(state, this.#drainGraceMs);
   }
 }
 
