@@ -288,15 +288,23 @@ for (const restMode of FORWARD_MODES) {
     test('HTTP/1.1: an answer whose head said keep-alive before the drain began: the POST written right after its last byte is answered with connection: close too', async () => {
       await withRawClient(restMode, async (front, socket) => {
         socket.write(`GET /stream-bytes?n=${UPLOAD_BYTES} HTTP/1.1\r\nhost: localhost\r\n\r\n`);
-        let received = Buffer.alloc(0);
+        // Only the head is kept, the body counted: this process is also the proxy, whose keep-alive grace runs while
+        // it reads, and copying the whole answer at every chunk took more than that grace on a loaded machine.
+        let head = Buffer.alloc(0);
+        let bodyLeft = -1;
         let drained: Promise<void> | undefined;
         await new Promise<void>((resolve) => {
           const onData = (chunk: Buffer) => {
-            received = Buffer.concat([received, chunk]);
-            const headEnd = received.indexOf('\r\n\r\n');
-            if (headEnd < 0) return;
-            drained ??= front.proxy.shutdown(20_000);
-            if (received.length < headEnd + 4 + UPLOAD_BYTES) return;
+            if (bodyLeft < 0) {
+              head = Buffer.concat([head, chunk]);
+              const headEnd = head.indexOf('\r\n\r\n');
+              if (headEnd < 0) return;
+              bodyLeft = headEnd + 4 + UPLOAD_BYTES - head.length;
+              drained ??= front.proxy.shutdown(20_000);
+            } else {
+              bodyLeft -= chunk.length;
+            }
+            if (bodyLeft > 0) return;
             socket.off('data', onData);
             // At once, as a client in a loop does.
             socket.write(RAW_INFER);
@@ -304,7 +312,7 @@ for (const restMode of FORWARD_MODES) {
           };
           socket.on('data', onData);
         });
-        assert.match(received.toString('latin1', 0, 64), /^HTTP\/1\.1 200 /);
+        assert.match(head.toString('latin1', 0, 64), /^HTTP\/1\.1 200 /);
         assertClosingAnswer(await readToClose(socket));
         await drained;
       });
