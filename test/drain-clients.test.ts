@@ -18,6 +18,7 @@ import { openRaw, readToClose, readUntil } from './helpers/raw-http1.js';
 import { NOOP_OBSERVER } from '../src/observer.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 import type { TLSSocket } from 'node:tls';
+import { END_HEADERS, END_STREAM, H2, h2Frame, headerBlock, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 
 let pki: TestPki;
 
@@ -219,6 +220,51 @@ describe('an HTTP/2 client of the REST port whose request is in flight when the 
         upstream.release();
         busy.destroy();
         idle.destroy();
+        upstream.server.close();
+      }
+    });
+  }
+});
+
+/** A GET of `/v2/models/dummy` on stream `id`, whole in one HEADERS frame. */
+function rawGet(id: number): Buffer {
+  return h2Frame(H2.HEADERS, END_HEADERS | END_STREAM, id, headerBlock({ ':method': 'GET', ':scheme': 'https', ':path': '/v2/models/dummy', ':authority': 'localhost' }));
+}
+
+describe('an HTTP/2 client of the REST port that sends a request past the last stream id of the GOAWAY a drain sent it', () => {
+  for (const restMode of FORWARD_MODES) {
+    // Java's HttpClient sends such requests (JDK 17 and 25 alike) and fails them when the connection ends (README,
+    // Clients, Java): what the proxy does with them is what tells a client it may send them again elsewhere.
+    test(`--mtls_rest_mode ${restMode}: that request never reaches the model server and gets no frame, those up to the last stream id are answered whole, and the connection then ends with a FIN, not a reset`, { timeout: 30_000 }, async () => {
+      const upstream = await heldAnswers();
+      const front = await startTestProxy({ pki, upstream: { restPort: upstream.port }, restMode });
+      const client = await rawH2Client(front.restPort, pki);
+      const errors: string[] = [];
+      client.socket.on('error', (err: NodeJS.ErrnoException) => errors.push(err.code ?? err.message));
+      const ended = once(client.socket, 'end');
+      try {
+        client.socket.write(rawGet(1));
+        await upstream.arrived;
+        const drained = front.proxy.shutdown(20_000);
+        client.socket.write(rawGet(3));
+        const goaway = await client.waitForFrame(H2.GOAWAY);
+        assert.equal(goaway.payload.readUInt32BE(0) & 0x7fffffff, 3, 'the GOAWAY names the request that brought it as the last one taken');
+        // Written after the GOAWAY came, as a client whose request had already picked the connection sends it.
+        client.socket.write(Buffer.concat([rawGet(5), h2Frame(H2.PING, 0, 0, Buffer.alloc(8))]));
+        // Its PING answered: the proxy has read stream 5's HEADERS, sent before it.
+        await eventually(() => client.frames.some((f) => f.type === H2.PING && (f.flags & 0x1) !== 0), 'the answer to the PING sent after stream 5');
+        assert.equal(upstream.heldCount(), 2, 'requests at the model server: streams 1 and 3, not 5');
+        upstream.release();
+        await ended;
+        await client.closed;
+        assert.deepEqual([1, 3, 5].map((id) => streamFrames(client.frames, id)), [['headers', 'data', 'end'], ['headers', 'data', 'end'], []]);
+        assert.equal(upstream.heldCount(), 0, 'stream 5 reached the model server');
+        assert.deepEqual(errors, []);
+        await drained;
+        assert.equal(front.logs.lines.filter((l) => l.event === 'shutdown_timeout').length, 0);
+      } finally {
+        upstream.release();
+        client.socket.destroy();
         upstream.server.close();
       }
     });
