@@ -9,6 +9,8 @@
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import { once } from 'node:events';
+import { createServer as createTcpServer, Socket } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -201,10 +203,73 @@ async function twoReplicas(mode: Mode): Promise<[StartedProxy, StartedProxy]> {
   return [await start(), await start()];
 }
 
+/** The calls a replica has served: an access line each (terminate mode), a relay_access line each connection once closed (relay). */
+function callsServed(front: StartedProxy): number {
+  const lines = front.logs.lines.filter((l) => l.listener === 'grpc');
+  return lines.filter((l) => l.event === 'access').length + lines.reduce((sum, l) => sum + (l.event === 'relay_access' ? (l.calls as number) : 0), 0);
+}
+
 /** Successes at least `more` past where the stream stood: calls went on. */
 async function goesOn(steady: Steady, more: number, what: string): Promise<void> {
   const from = steady.ok();
   await eventually(() => steady.ok() >= from + more, what);
+}
+
+/**
+ * A TCP relay in front of one replica that can hold back what the replica sends its clients, in order, while what the
+ * clients send goes on: so a client sends calls after the drain's GOAWAY went out and before it has read it, as on a
+ * real network where the two cross. Nothing is lost: what was held goes out on release(), a close after it.
+ */
+interface HoldingRelay {
+  port: number;
+  /** Holds what comes from the replica from now on; takes no more connections (the replica's listener closes in the drain). */
+  hold(): void;
+  /** Bytes the clients sent since hold(). */
+  sentSinceHold(): number;
+  release(): void;
+  close(): void;
+}
+
+async function holdingRelay(targetPort: number): Promise<HoldingRelay> {
+  let held: (() => void)[] | undefined;
+  let sent = 0;
+  const toClientInOrder = (send: () => void) => (held ? held.push(send) : send());
+  const sockets = new Set<Socket>();
+  const server = createTcpServer((client) => {
+    const upstream = new Socket();
+    upstream.connect(targetPort, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      s.setNoDelay(true);
+      s.on('error', () => {});
+      sockets.add(s);
+    }
+    client.on('data', (chunk: Buffer) => {
+      if (held) sent += chunk.length;
+      upstream.write(chunk);
+    });
+    client.on('close', () => upstream.destroy());
+    upstream.on('data', (chunk: Buffer) => toClientInOrder(() => client.write(chunk)));
+    upstream.on('close', () => toClientInOrder(() => client.end()));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return {
+    port: (server.address() as { port: number }).port,
+    hold: () => {
+      held = [];
+      server.close();
+    },
+    sentSinceHold: () => sent,
+    release: () => {
+      const sends = held ?? [];
+      held = undefined;
+      for (const send of sends) send();
+    },
+    close: () => {
+      server.close();
+      for (const s of sockets) s.destroy();
+    },
+  };
 }
 
 for (const mode of GRPC_MODES) {
@@ -231,6 +296,48 @@ for (const mode of GRPC_MODES) {
             assert.equal(draining.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain waited out its timeout');
           } finally {
             client.close();
+            await drained?.catch(() => {});
+            await draining.proxy.shutdown(1000);
+            await staying.proxy.shutdown(1000);
+          }
+        });
+      }
+
+      for (const busy of [true, false]) {
+        const connection = busy ? 'a ModelStreamInfer stream open on its connection (ends intact)' : 'its connection idle (the drain closes it at once)';
+        test(`${name}, ${connection}: calls it sent after the drain's GOAWAY went out, before it read it, are not lost (${mode === 'terminate' ? 'not taken by the draining replica, sent again to the other' : 'taken: the GOAWAY names the last stream id possible'})`, async () => {
+          const [draining, staying] = await twoReplicas(mode);
+          const relay = await holdingRelay(draining.grpcPort);
+          // pick_first: every call goes to the draining replica (through the relay) while it is there.
+          const client = makeClient([relay.port, staying.grpcPort], 'pick_first');
+          let drained: Promise<void> | undefined;
+          try {
+            const stream = busy ? await client.stream() : undefined;
+            const warmUp = busy ? 1 : (await (await client.steady(1)).stop()).ok;
+            relay.hold();
+            drained = draining.proxy.shutdown(20_000);
+            const started = client.steady(WORKERS);
+            // The calls' HEADERS and DATA (about 100 bytes each) have gone to the replica; its GOAWAY is held.
+            await eventually(() => relay.sentSinceHold() >= WORKERS * 90, 'the client sent its calls');
+            relay.release();
+            const steady = await started;
+            stream?.resume();
+            const streamed = await stream?.result;
+            await drained;
+            await goesOn(steady, 20, 'calls went on after the drain');
+            const outcome = await steady.stop();
+            assert.deepEqual(failuresOf(outcome), {}, `calls failed (${outcome.ok} succeeded)`);
+            if (streamed) {
+              assert.equal(streamed.code, 'OK', streamed.message);
+              assert.deepEqual(streamed.ids, STREAM_IDS);
+            }
+            // Terminate: nghttp2 took none of them. Relay: its connection carried them (those sent before the release) to the model server.
+            if (mode === 'terminate') assert.equal(callsServed(draining), warmUp, 'the draining replica served none of the calls sent after its GOAWAY');
+            else assert.ok(callsServed(draining) > warmUp, 'the draining replica served the calls sent after its GOAWAY');
+            assert.equal(draining.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain waited out its timeout');
+          } finally {
+            client.close();
+            relay.close();
             await drained?.catch(() => {});
             await draining.proxy.shutdown(1000);
             await staying.proxy.shutdown(1000);
