@@ -145,6 +145,8 @@ function grpcJsDrainClient(ports: number[], policy: Policy): DrainClient {
     'grpc.default_authority': 'localhost',
     'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ [policy]: {} }] }),
   });
+  // Set by close(): steady workers end too, so a test that failed half-way leaves none calling.
+  let closed = false;
   const infer = () => new Promise<void>((resolve, reject) => {
     kserve.ModelInfer(inferRequest(), new grpc.Metadata(), { deadline: Date.now() + 20_000 }, (err) => (err ? reject(err) : resolve()));
   });
@@ -176,7 +178,7 @@ function grpcJsDrainClient(ports: number[], policy: Policy): DrainClient {
       let stopped = false;
       const outcome: Outcome = { ok: 0, failures: [], statuses: {} };
       const worker = async () => {
-        while (!stopped) {
+        while (!stopped && !closed) {
           await infer().then(() => { outcome.ok += 1; }, (err: grpc.ServiceError) => { outcome.failures!.push({ err: `${grpc.status[err.code]}: ${err.details}` }); });
         }
       };
@@ -191,7 +193,10 @@ function grpcJsDrainClient(ports: number[], policy: Policy): DrainClient {
         },
       };
     },
-    close: () => kserve.close(),
+    close: () => {
+      closed = true;
+      kserve.close();
+    },
   };
 }
 
