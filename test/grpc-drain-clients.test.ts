@@ -281,7 +281,7 @@ for (const mode of GRPC_MODES) {
   describe(`--mtls_grpc_mode ${mode}: a rolling update (drain of one replica, SIGTERM) under real gRPC clients configured with both replicas`, () => {
     for (const [name, makeClient] of Object.entries(CLIENTS)) {
       for (const policy of POLICIES) {
-        test(`${name}, ${policy}: no ModelInfer call of a steady stream (${WORKERS} in flight) fails, a ModelStreamInfer stream open across the drain ends intact, calls go on through the other replica`, async () => {
+        test(`${name}, ${policy}: no ModelInfer call of a steady stream (${WORKERS} in flight) fails, a ModelStreamInfer stream open across the drain ends intact${policy === 'pick_first' ? ' (it is on the draining replica)' : ''}, calls go on through the other replica`, async () => {
           const [draining, staying] = await twoReplicas(mode);
           const client = makeClient([draining.grpcPort, staying.grpcPort], policy);
           let drained: Promise<void> | undefined;
@@ -298,6 +298,9 @@ for (const mode of GRPC_MODES) {
             assert.deepEqual(failuresOf(outcome), {}, `calls failed (${outcome.ok} succeeded)`);
             assert.equal(streamed.code, 'OK', streamed.message);
             assert.deepEqual(streamed.ids, STREAM_IDS);
+            if (policy === 'pick_first' && mode === 'terminate') {
+              assert.ok(draining.logs.lines.some((l) => l.event === 'access' && l.path === `${KSERVE}/ModelStreamInfer` && l.grpcStatus === '0'), 'the draining replica served the stream');
+            }
             assert.equal(draining.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain waited out its timeout');
           } finally {
             client.close();
