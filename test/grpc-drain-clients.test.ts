@@ -8,26 +8,24 @@
  */
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { createServer as createTcpServer, Socket } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { clientCredentials, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { inferRequest } from './helpers/grpc-calls.js';
-import { buildGoFixture } from './helpers/go-build.js';
-import { GRPCIO_SCRIPT, PROTO_DIR, PYTHON, pythonStubs, type PythonStubs } from './helpers/grpcio.js';
+import { buildKserveGoClient } from './helpers/go-build.js';
+import { GRPCIO_SCRIPT, PYTHON, pythonStubs, type PythonStubs } from './helpers/grpcio.js';
 import { CommandedClient, failuresOf, type Command, type SteadyOutcome } from './helpers/client-processes.js';
 import { eventually } from './helpers/ops.js';
-import { kserveClient, type KserveClient } from '../src/demo/grpc-client.js';
+import { echoClient, kserveClient, type EchoClient, type KserveClient } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 
-const run = promisify(execFile);
 const KSERVE = '/inference.GRPCInferenceService';
+const ECHO_UNARY = '/ovmsmtls.test.Echo/Unary';
 const GRPC_MODES = ['terminate', 'relay'] as const;
 type Mode = (typeof GRPC_MODES)[number];
 const POLICIES = ['pick_first', 'round_robin'] as const;
@@ -62,7 +60,8 @@ interface GatedStream {
 /** A gRPC client configured with both replicas' addresses. */
 interface DrainClient {
   stream(): Promise<GatedStream>;
-  steady(workers: number): Promise<Steady>;
+  /** `payloadBytes`: Echo/Unary calls of that many bytes instead of ModelInfer. */
+  steady(workers: number, payloadBytes?: number): Promise<Steady>;
   close(): void;
 }
 
@@ -70,9 +69,7 @@ before(async () => {
   pki = await createTestPki();
   upstream = await startUpstream();
   workDir = await mkdtemp(join(tmpdir(), 'ovms-mtls-grpc-drain-'));
-  goBinary = await buildGoFixture('kserve-go-client', workDir, ['golang-google-grpc-dev', 'golang-google-protobuf-dev']);
-  descriptors = join(workDir, 'protos.pb');
-  await run('protoc', ['-I', PROTO_DIR, '--include_imports', '--descriptor_set_out', descriptors, 'kserve_v2.proto'], { cwd: PROTO_DIR });
+  ({ binary: goBinary, descriptors } = await buildKserveGoClient(workDir));
   stubs = await pythonStubs();
 });
 
@@ -84,9 +81,16 @@ after(async () => {
 });
 
 /** A client process of test/fixtures speaking the JSON-line commands steady, stop, stream and resume. */
-function commandedDrainClient(what: string, command: string, args: string[], streamCall: Record<string, unknown>, idsOf: (result: Record<string, unknown>) => string[]): DrainClient {
+interface Speaks {
+  /** What a stream command says. */
+  streamCall: Record<string, unknown>;
+  idsOf: (result: Record<string, unknown>) => string[];
+  /** What a steady command says: ModelInfer calls, or Echo/Unary calls of `payloadBytes`. */
+  steadyCalls: (payloadBytes?: number) => Record<string, unknown>;
+}
+
+function commandedDrainClient(what: string, command: string, args: string[], { streamCall, idsOf, steadyCalls }: Speaks): DrainClient {
   const client = new CommandedClient<object, unknown, Outcome>(what, command, args, (id, c: Command) => JSON.stringify({ id, ...c }));
-  const steadyCall = { method: `${KSERVE}/ModelInfer`, requests: [inferRequest()] };
   return {
     async stream() {
       let first!: () => void;
@@ -99,11 +103,11 @@ function commandedDrainClient(what: string, command: string, args: string[], str
       await Promise.race([firstIn, result]);
       return { resume: () => void client.send({ op: 'resume', target: id }), result };
     },
-    async steady(workers) {
+    async steady(workers, payloadBytes) {
       let ok = 0;
       let started!: () => void;
       const running = new Promise<void>((resolve) => (started = resolve));
-      const { id, done } = client.send({ op: 'steady', workers, call: steadyCall }, (line) => {
+      const { id, done } = client.send({ op: 'steady', workers, ...steadyCalls(payloadBytes) }, (line) => {
         ok = line.progress as number;
         started();
       });
@@ -126,29 +130,40 @@ function goDrainClient(ports: number[], policy: Policy): DrainClient {
   const identity = ['-cert', pki.paths['client.pem']!, '-key', pki.paths['client.key']!];
   const addrs = ports.map((p) => `127.0.0.1:${p}`).join(',');
   return commandedDrainClient('grpc-go client', goBinary, ['-addrs', addrs, '-lb', policy, '-ca', pki.paths['server_ca.pem']!, ...identity, '-descriptors', descriptors, '-commands'],
-    { method: `${KSERVE}/ModelStreamInfer`, requests: streamRequests },
-    (r) => ((r.replies ?? []) as { infer_response: { id: string } }[]).map((reply) => reply.infer_response.id));
+    {
+      streamCall: { method: `${KSERVE}/ModelStreamInfer`, requests: streamRequests },
+      idsOf: (r) => ((r.replies ?? []) as { infer_response: { id: string } }[]).map((reply) => reply.infer_response.id),
+      steadyCalls: (payloadBytes) => ({
+        call: payloadBytes ? { method: ECHO_UNARY, requests: [{ payload: Buffer.alloc(payloadBytes).toString('base64') }] } : { method: `${KSERVE}/ModelInfer`, requests: [inferRequest()] },
+      }),
+    });
 }
 
 function grpcioDrainClient(ports: number[], policy: Policy): DrainClient {
   const target = `ipv4:${ports.map((p) => `127.0.0.1:${p}`).join(',')}`;
   // CommandedClient runs it with PATH and LANG only: env(1) adds where the stubs are.
   return commandedDrainClient('grpcio client', 'env', [`PYTHONPATH=${stubs.dir}`, PYTHON, GRPCIO_SCRIPT, 'commands', target, pki.paths['server_ca.pem']!, pki.paths['client.pem']!, pki.paths['client.key']!, policy],
-    {}, (r) => r.ids as string[]);
+    { streamCall: {}, idsOf: (r) => r.ids as string[], steadyCalls: (payloadBytes) => (payloadBytes ? { payload_bytes: payloadBytes } : {}) });
 }
 
 /** grpc-js in this process, with the same steady stream and stream. */
 function grpcJsDrainClient(ports: number[], policy: Policy): DrainClient {
   const target = `ipv4:${ports.map((p) => `127.0.0.1:${p}`).join(',')}`;
-  const kserve: KserveClient = kserveClient(target, clientCredentials(pki), {
+  const options = {
     'grpc.ssl_target_name_override': 'localhost',
     'grpc.default_authority': 'localhost',
     'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ [policy]: {} }] }),
-  });
+  };
+  const kserve: KserveClient = kserveClient(target, clientCredentials(pki), options);
+  // On kserve's channel (its connection), as one client of a service's several methods would be.
+  const echo: EchoClient = echoClient(target, clientCredentials(pki), { ...options, channelOverride: kserve.getChannel() } as grpc.ChannelOptions);
   // Set by close(): steady workers end too, so a test that failed half-way leaves none calling.
   let closed = false;
-  const infer = () => new Promise<void>((resolve, reject) => {
-    kserve.ModelInfer(inferRequest(), new grpc.Metadata(), { deadline: Date.now() + 20_000 }, (err) => (err ? reject(err) : resolve()));
+  const call = (payloadBytes?: number) => new Promise<void>((resolve, reject) => {
+    const options = { deadline: Date.now() + 20_000 };
+    const done = (err: grpc.ServiceError | null) => (err ? reject(err) : resolve());
+    if (payloadBytes) echo.Unary({ payload: Buffer.alloc(payloadBytes) }, new grpc.Metadata(), options, done);
+    else kserve.ModelInfer(inferRequest(), new grpc.Metadata(), options, done);
   });
   return {
     async stream() {
@@ -174,12 +189,12 @@ function grpcJsDrainClient(ports: number[], policy: Policy): DrainClient {
         result,
       };
     },
-    async steady(workers) {
+    async steady(workers, payloadBytes) {
       let stopped = false;
       const outcome: Outcome = { ok: 0, failures: [], statuses: {} };
       const worker = async () => {
         while (!stopped && !closed) {
-          await infer().then(() => { outcome.ok += 1; }, (err: grpc.ServiceError) => { outcome.failures!.push({ err: `${grpc.status[err.code]}: ${err.details}` }); });
+          await call(payloadBytes).then(() => { outcome.ok += 1; }, (err: grpc.ServiceError) => { outcome.failures!.push({ err: `${grpc.status[err.code]}: ${err.details}` }); });
         }
       };
       const running = Array.from({ length: workers }, worker);
@@ -196,9 +211,26 @@ function grpcJsDrainClient(ports: number[], policy: Policy): DrainClient {
     close: () => {
       closed = true;
       kserve.close();
+      echo.close();
     },
   };
 }
+
+/**
+ * How much of a call each client keeps to send it again (its per-call retry buffer, by default): a call whose messages
+ * are larger is committed to its first try. grpc-go 1.33: 256 KiB (rpc_util.go maxRetryRPCBufferSize); C-core:
+ * grpc.per_rpc_retry_buffer_size 256 KiB; grpc-js: grpc.per_rpc_retry_buffer_size 1 MiB.
+ */
+const RETRY_BUFFER = { 'grpc-go': 256 * 1024, grpcio: 256 * 1024, 'grpc-js': 1024 * 1024 } as const;
+
+/** What each client reports for a call past the GOAWAY's last stream id that it cannot send again. */
+const REFUSED_NOT_RESENT = { 'grpc-go': 'UNAVAILABLE: the connection is draining', grpcio: 'UNAVAILABLE: GOAWAY received', 'grpc-js': 'UNAVAILABLE: Stream refused by server' } as const;
+
+/**
+ * What the client must have sent while the GOAWAY is held for its large calls to be under way. Terminate mode: most of
+ * four calls' starts. Relay mode: what the model server's windows let through (the stand-in's: 64 KiB a connection).
+ */
+const SENT_BEFORE_RELEASE: Record<Mode, number> = { terminate: 4 * 200 * 1024, relay: 60 * 1024 };
 
 const CLIENTS = { 'grpc-go': goDrainClient, grpcio: grpcioDrainClient, 'grpc-js': grpcJsDrainClient } as const;
 
@@ -227,8 +259,10 @@ async function goesOn(steady: Steady, more: number, what: string): Promise<void>
  */
 interface HoldingRelay {
   port: number;
-  /** Holds what comes from the replica from now on; takes no more connections (the replica's listener closes in the drain). */
+  /** Holds what comes from the replica from now on. */
   hold(): void;
+  /** Takes no more connections, as the replica's listener closes in its drain. */
+  stopListening(): void;
   /** Bytes the clients sent since hold(). */
   sentSinceHold(): number;
   release(): void;
@@ -262,8 +296,8 @@ async function holdingRelay(targetPort: number): Promise<HoldingRelay> {
     port: (server.address() as { port: number }).port,
     hold: () => {
       held = [];
-      server.close();
     },
+    stopListening: () => server.close(),
     sentSinceHold: () => sent,
     release: () => {
       const sends = held ?? [];
@@ -277,18 +311,65 @@ async function holdingRelay(targetPort: number): Promise<HoldingRelay> {
   };
 }
 
+/** Two replicas and a client of both; the first one, behind a HoldingRelay (which the client dials), drains. */
+interface Replicas {
+  draining: StartedProxy;
+  relay: HoldingRelay;
+  client: DrainClient;
+  /** Starts the drain (SIGTERM) of the first replica. */
+  drain(): Promise<void>;
+}
+
+async function withReplicas(mode: Mode, makeClient: (ports: number[], policy: Policy) => DrainClient, policy: Policy, use: (replicas: Replicas) => Promise<void>): Promise<void> {
+  const [draining, staying] = await twoReplicas(mode);
+  const relay = await holdingRelay(draining.grpcPort);
+  // pick_first: every call goes to the draining replica while it is there.
+  const client = makeClient([relay.port, staying.grpcPort], policy);
+  let drained: Promise<void> | undefined;
+  try {
+    const drain = () => {
+      relay.stopListening();
+      return (drained ??= draining.proxy.shutdown(20_000));
+    };
+    await use({ draining, relay, client, drain });
+    assert.equal(draining.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain waited out its timeout');
+  } finally {
+    client.close();
+    relay.close();
+    await drained?.catch(() => {});
+    await draining.proxy.shutdown(1000);
+    await staying.proxy.shutdown(1000);
+  }
+}
+
+/**
+ * Holds the draining replica's bytes back, starts its drain and a steady stream, and lets them through once the client
+ * has sent `sentBytes` (its calls' starts): calls that crossed the drain's GOAWAY. The steady stream, once under way.
+ */
+async function steadyAcrossTheGoAway({ relay, client, drain }: Replicas, sentBytes: number, payloadBytes?: number): Promise<Steady> {
+  relay.hold();
+  void drain();
+  const started = client.steady(WORKERS, payloadBytes);
+  await eventually(() => relay.sentSinceHold() >= sentBytes, 'the client sent its calls');
+  relay.release();
+  return started;
+}
+
+/** The stream ended intact: every reply, status OK. */
+function assertIntact(streamed: { code: string; ids: string[]; message?: string }): void {
+  assert.equal(streamed.code, 'OK', streamed.message);
+  assert.deepEqual(streamed.ids, STREAM_IDS);
+}
+
 for (const mode of GRPC_MODES) {
   describe(`--mtls_grpc_mode ${mode}: a rolling update (drain of one replica, SIGTERM) under real gRPC clients configured with both replicas`, () => {
     for (const [name, makeClient] of Object.entries(CLIENTS)) {
       for (const policy of POLICIES) {
         test(`${name}, ${policy}: no ModelInfer call of a steady stream (${WORKERS} in flight) fails, a ModelStreamInfer stream open across the drain ends intact${policy === 'pick_first' ? ' (it is on the draining replica)' : ''}, calls go on through the other replica`, async () => {
-          const [draining, staying] = await twoReplicas(mode);
-          const client = makeClient([draining.grpcPort, staying.grpcPort], policy);
-          let drained: Promise<void> | undefined;
-          try {
+          await withReplicas(mode, makeClient, policy, async ({ draining, client, drain }) => {
             const stream = await client.stream();
             const steady = await client.steady(WORKERS);
-            drained = draining.proxy.shutdown(20_000);
+            const drained = drain();
             await goesOn(steady, 40, 'calls went on while the replica drained');
             stream.resume();
             const streamed = await stream.result;
@@ -296,62 +377,56 @@ for (const mode of GRPC_MODES) {
             await goesOn(steady, 20, 'calls went on after the drain');
             const outcome = await steady.stop();
             assert.deepEqual(failuresOf(outcome), {}, `calls failed (${outcome.ok} succeeded)`);
-            assert.equal(streamed.code, 'OK', streamed.message);
-            assert.deepEqual(streamed.ids, STREAM_IDS);
+            assertIntact(streamed);
             if (policy === 'pick_first' && mode === 'terminate') {
               assert.ok(draining.logs.lines.some((l) => l.event === 'access' && l.path === `${KSERVE}/ModelStreamInfer` && l.grpcStatus === '0'), 'the draining replica served the stream');
             }
-            assert.equal(draining.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain waited out its timeout');
-          } finally {
-            client.close();
-            await drained?.catch(() => {});
-            await draining.proxy.shutdown(1000);
-            await staying.proxy.shutdown(1000);
-          }
+          });
         });
       }
 
       for (const busy of [true, false]) {
         const connection = busy ? 'a ModelStreamInfer stream open on its connection (ends intact)' : 'its connection idle (the drain closes it at once)';
         test(`${name}, ${connection}: calls it sent after the drain's GOAWAY went out, before it read it, are not lost (${mode === 'terminate' ? 'not taken by the draining replica, sent again to the other' : 'taken: the GOAWAY names the last stream id possible'})`, async () => {
-          const [draining, staying] = await twoReplicas(mode);
-          const relay = await holdingRelay(draining.grpcPort);
-          // pick_first: every call goes to the draining replica (through the relay) while it is there.
-          const client = makeClient([relay.port, staying.grpcPort], 'pick_first');
-          let drained: Promise<void> | undefined;
-          try {
+          await withReplicas(mode, makeClient, 'pick_first', async (replicas) => {
+            const { draining, client, drain } = replicas;
             const stream = busy ? await client.stream() : undefined;
             const warmUp = busy ? 1 : (await (await client.steady(1)).stop()).ok;
-            relay.hold();
-            drained = draining.proxy.shutdown(20_000);
-            const started = client.steady(WORKERS);
             // The calls' HEADERS and DATA (about 100 bytes each) have gone to the replica; its GOAWAY is held.
-            await eventually(() => relay.sentSinceHold() >= WORKERS * 90, 'the client sent its calls');
-            relay.release();
-            const steady = await started;
+            const steady = await steadyAcrossTheGoAway(replicas, WORKERS * 90);
             stream?.resume();
             const streamed = await stream?.result;
-            await drained;
+            await drain();
             await goesOn(steady, 20, 'calls went on after the drain');
             const outcome = await steady.stop();
             assert.deepEqual(failuresOf(outcome), {}, `calls failed (${outcome.ok} succeeded)`);
-            if (streamed) {
-              assert.equal(streamed.code, 'OK', streamed.message);
-              assert.deepEqual(streamed.ids, STREAM_IDS);
-            }
+            if (streamed) assertIntact(streamed);
             // Terminate: nghttp2 took none of them. Relay: its connection carried them (those sent before the release) to the model server.
             if (mode === 'terminate') assert.equal(callsServed(draining), warmUp, 'the draining replica served none of the calls sent after its GOAWAY');
             else assert.ok(callsServed(draining) > warmUp, 'the draining replica served the calls sent after its GOAWAY');
-            assert.equal(draining.logs.lines.find((l) => l.event === 'shutdown_timeout'), undefined, 'the drain waited out its timeout');
-          } finally {
-            client.close();
-            relay.close();
-            await drained?.catch(() => {});
-            await draining.proxy.shutdown(1000);
-            await staying.proxy.shutdown(1000);
-          }
+          });
         });
       }
+
+      const bytes = RETRY_BUFFER[name as keyof typeof RETRY_BUFFER] + 64 * 1024;
+      test(`${name}: Echo calls of ${bytes / 1024} KiB (more than it keeps to send a call again) sent after the drain's GOAWAY went out, before it read it, ${mode === 'terminate' ? 'fail UNAVAILABLE: the client cannot send them again (no server that ignores them can help it)' : 'are taken and answered'}`, async () => {
+        await withReplicas(mode, makeClient, 'pick_first', async (replicas) => {
+          const stream = await replicas.client.stream();
+          const steady = await steadyAcrossTheGoAway(replicas, SENT_BEFORE_RELEASE[mode], bytes);
+          stream.resume();
+          assertIntact(await stream.result);
+          await replicas.drain();
+          await goesOn(steady, 20, 'calls went on after the drain');
+          const failures = failuresOf(await steady.stop());
+          if (mode === 'relay') {
+            assert.deepEqual(failures, {});
+          } else {
+            // Those it had started before it read the GOAWAY: the first of each worker, most likely all.
+            assert.deepEqual(Object.keys(failures), [REFUSED_NOT_RESENT[name as keyof typeof REFUSED_NOT_RESENT]]);
+            assert.ok(Object.values(failures)[0]! <= WORKERS);
+          }
+        });
+      });
     }
   });
 }

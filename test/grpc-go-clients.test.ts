@@ -7,20 +7,19 @@
  */
 import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer as createH2cServer } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { baseConfig, countingRelay, refusedWording, startTestProxy, startUpstream, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
-import { buildGoFixture } from './helpers/go-build.js';
+import { buildKserveGoClient } from './helpers/go-build.js';
 import { goAwayOnFirstConnection } from './helpers/scripted-upstream.js';
-import { PROTO_DIR, pythonStubs, startGrpcioServer, type GrpcioServer, type PythonStubs } from './helpers/grpcio.js';
+import { pythonStubs, startGrpcioServer, type GrpcioServer, type PythonStubs } from './helpers/grpcio.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { FAILURE_TRAILER_BIN, failureMessage } from '../src/demo/echo-grpc.js';
 import { loadTlsMaterialSync } from '../src/tls-material.js';
@@ -32,8 +31,6 @@ const LARGE_BYTES = 2_900_000;
 /** The stand-in's dummy model takes [1, 10] and adds 1. */
 const TEN_VALUES = Array.from({ length: 10 }, (_, i) => i);
 const BYTES_0_TO_255 = Buffer.from(Array.from({ length: 256 }, (_, i) => i)).toString('base64');
-
-const run = promisify(execFile);
 
 type Mode = 'terminate' | 'relay';
 
@@ -136,9 +133,7 @@ async function refusedGoClient(front: StartedProxy, cert: string | null): Promis
 before(async () => {
   pki = await createTestPki();
   workDir = await mkdtemp(join(tmpdir(), 'ovms-mtls-go-'));
-  clientBinary = await buildGoFixture('kserve-go-client', workDir, ['golang-google-grpc-dev', 'golang-google-protobuf-dev']);
-  descriptors = join(workDir, 'protos.pb');
-  await run('protoc', ['-I', PROTO_DIR, '--include_imports', '--descriptor_set_out', descriptors, 'kserve_v2.proto', 'test_echo.proto'], { cwd: PROTO_DIR });
+  ({ binary: clientBinary, descriptors } = await buildKserveGoClient(workDir));
   stubs = await pythonStubs();
   grpcio = await startGrpcioServer(stubs);
   standIn = await startUpstream();
