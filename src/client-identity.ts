@@ -42,6 +42,11 @@ export type RefusalReason =
   | 'not_allowed'
   | 'too_many_connections'
   | 'verify_failed'
+  | 'ocsp_revoked'
+  | 'ocsp_unknown'
+  | 'ocsp_unavailable'
+  | 'ocsp_invalid'
+  | 'ocsp_no_responder'
   | 'internal_error';
 
 const OPENSSL_REASONS: Record<string, RefusalReason> = {
@@ -78,6 +83,11 @@ const REASON_TEXT: Record<RefusalReason, string> = {
   not_allowed: 'client certificate matches no --mtls_allow_* rule',
   too_many_connections: 'the listener already holds --mtls_max_connections open connections',
   verify_failed: 'client certificate failed verification',
+  ocsp_revoked: 'client certificate is revoked by its OCSP responder',
+  ocsp_unknown: 'the OCSP responder answered that the client certificate is unknown to it',
+  ocsp_unavailable: 'the OCSP status of the client certificate could not be learnt (--mtls_ocsp fails closed)',
+  ocsp_invalid: 'the OCSP responder\'s answer cannot be trusted (--mtls_ocsp fails closed)',
+  ocsp_no_responder: 'no OCSP responder to ask about the client certificate',
   internal_error: 'the proxy failed to judge this client certificate, a defect of the proxy (its log has the error)',
 };
 

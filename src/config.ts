@@ -7,6 +7,7 @@ import { aLabel, clientAddress, unbracketed } from './addresses.js';
 import type { RawOptions } from './options.js';
 import type { LevelWithSilent } from 'pino';
 import { LOG_LEVELS } from './log.js';
+import { OCSP_MODES, type OcspSettings } from './ocsp.js';
 
 export interface HostPort {
   readonly host: string;
@@ -99,6 +100,8 @@ export interface Config {
   readonly grpcUpstreamConnections: number;
   /** `terminate`: Node's HTTP server and client per request. `relay`: HTTP/1.1 heads parsed, bodies passed as they are. */
   readonly restMode: ForwardMode;
+  /** Client certificates' OCSP status, asked before a connection is served; absent: not asked (`--mtls_ocsp off`). */
+  readonly ocsp?: OcspSettings | undefined;
 }
 
 export const FORWARD_MODES = ['terminate', 'relay'] as const;
@@ -122,6 +125,8 @@ export const DEFAULTS = {
   /** Each is a descriptor and an HTTP/2 session per worker; OVMS caps --grpc_workers at its core count. */
   maxGrpcUpstreamConnections: 64,
   restMode: 'terminate' as ForwardMode,
+  /** A lookup's bound: nginx's resolver and OCSP timeouts are a few seconds too; a client waits this long at most. */
+  ocspTimeoutSeconds: 5,
   limits: {
     handshakeTimeoutMs: 10_000,
     idleTimeoutMs: 65_000,
@@ -557,7 +562,29 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     grpcMode,
     grpcUpstreamConnections: numberOr(raw, 'mtls_grpc_upstream_connections', DEFAULTS.grpcUpstreamConnections, 1, DEFAULTS.maxGrpcUpstreamConnections),
     restMode: parseChoice(raw, 'mtls_rest_mode', FORWARD_MODES, DEFAULTS.restMode),
+    ocsp: parseOcsp(raw),
   };
+}
+
+/** `--mtls_ocsp` and its companions; those given without it would silently do nothing, so they are refused. */
+function parseOcsp(raw: RawOptions): OcspSettings | undefined {
+  const mode = parseChoice(raw, 'mtls_ocsp', OCSP_MODES, 'off');
+  const responder = optionalString(raw, 'mtls_ocsp_responder');
+  if (mode === 'off') {
+    const stray = ['mtls_ocsp_responder', 'mtls_ocsp_timeout'].find((name) => raw[name] !== undefined);
+    if (stray) throw new ConfigError(`--${stray} applies only with --mtls_ocsp leaf or chain: add --mtls_ocsp, or drop --${stray}`);
+    return undefined;
+  }
+  return { mode, responder: responder === undefined ? undefined : parseResponderUrl(responder), timeoutMs: timeoutOr(raw, 'mtls_ocsp_timeout', DEFAULTS.ocspTimeoutSeconds * 1000) };
+}
+
+function parseResponderUrl(value: string): string {
+  const hint = 'give an http:// URL, e.g. http://ocsp.example.com/ or http://10.0.0.5:2560/ocsp';
+  if (!URL.canParse(value)) throw new ConfigError(`--mtls_ocsp_responder: '${value}' is not a URL (${hint})`);
+  const url = new URL(value);
+  if (url.protocol !== 'http:') throw new ConfigError(`--mtls_ocsp_responder: '${value}' is not http:// (OCSP is asked over plain HTTP, its answers being signed; ${hint})`);
+  if (url.username || url.password) throw new ConfigError(`--mtls_ocsp_responder: '${value}' holds a user name or password, which OCSP does not use (${hint})`);
+  return url.href;
 }
 
 /**

@@ -12,6 +12,7 @@ import { clientAddress, hostAndPort } from './addresses.js';
 import { answerRefusal } from './refusal-answer.js';
 import type { DescriptorHeadroom } from './fd-headroom.js';
 import { SendStallSweeper } from './send-stall.js';
+import type { OcspChecker } from './ocsp.js';
 
 /** What the protocol layer learns about a connection that passed every check. */
 export interface ConnectionContext {
@@ -89,6 +90,8 @@ export interface SecureListenerOptions extends BindSpec {
   readonly handover: Handover;
   /** Shared by the process's listeners; none where the open-files limit is unknown. */
   readonly descriptors?: DescriptorHeadroom | undefined;
+  /** Asked about every client that passed the other checks before it is served (--mtls_ocsp); shared by the process's listeners. */
+  readonly ocsp?: OcspChecker | undefined;
 }
 
 /** What a TLS context serves and trusts, as the material parsed it. */
@@ -104,7 +107,9 @@ function servedUntil(serverChain: readonly X509Certificate[]): number {
 }
 
 /** What a finished handshake comes to: the client refused (its subject for the log line), or who it is. */
-type Judged = { readonly refused: Refusal; readonly subject: string | undefined; readonly serial?: string } | { readonly identity: ClientIdentity; readonly peer: X509Certificate };
+type Judged = Refused | Passed;
+type Refused = { readonly refused: Refusal; readonly subject: string | undefined; readonly serial?: string };
+type Passed = { readonly identity: ClientIdentity; readonly peer: X509Certificate };
 
 /** The flags a user changes when a bind fails, for the error message. */
 const PORT_FLAG: Record<ListenerName, string> = { grpc: '--port', rest: '--rest_port' };
@@ -160,6 +165,8 @@ export class SecureListener {
    * shutdown until --mtls_handshake_timeout, past --mtls_shutdown_timeout: destroyAll cuts them.
    */
   readonly #handshaking = new Set<Socket>();
+  /** Handshaken connections waiting for their OCSP status: destroyAll cuts them too. */
+  readonly #awaitingOcsp = new Set<TLSSocket>();
   /** Stopped accepting: the shutdown waits for the connections, and ended ones get a short linger. */
   #draining = false;
   /** What waits for the last live connection to close (stopAccepting). */
@@ -173,6 +180,7 @@ export class SecureListener {
     this.#allow = options.allow;
     this.#trustedCas = options.certificates.clientCas;
     this.#servedUntil = servedUntil(options.certificates.serverChain);
+    options.ocsp?.trust(options.certificates.clientCas);
     const { idleTimeoutMs } = options.limits;
     this.#sendStall = new SendStallSweeper(idleTimeoutMs, this.#connections, (_socket, context, waitingBytes) => {
       options.observer.clientUnresponsive({ ...clientRef(context), waitingBytes, idleTimeoutMs });
@@ -209,6 +217,7 @@ export class SecureListener {
   setSecureContext(options: SecureContextOptions, certificates: ContextCertificates, allow?: AllowList, judgeLate?: LateJudge): void {
     for (const server of this.#servers) server.tls.setSecureContext(this.#withVersions(options));
     this.#trustedCas = certificates.clientCas;
+    this.#options.ocsp?.trust(certificates.clientCas);
     this.#servedUntil = servedUntil(certificates.serverChain);
     if (allow) this.#allow = allow;
     this.#contexts += 1;
@@ -240,6 +249,7 @@ export class SecureListener {
   destroyAll(): void {
     for (const context of this.#connections.values()) cutConnection(context, 'shutdown_timeout');
     for (const socket of this.#handshaking) socket.destroy();
+    for (const socket of this.#awaitingOcsp) socket.destroy();
   }
 
   /**
@@ -321,14 +331,40 @@ export class SecureListener {
 
   #onSecureConnection(socket: TLSSocket): void {
     this.#handshaking.delete(parentOf(socket)!);
-    const { observer } = this.#options;
     const judged = this.#judgeSafely(socket);
-    if ('refused' in judged) {
-      observer.handshakeRefused(this.name, judged.refused, remoteOf(socket), judged.subject, judged.serial);
-      answerRefusal(socket, judged.refused);
-      return;
-    }
-    observer.handshakeAccepted(this.name);
+    if ('refused' in judged) this.#refuse(socket, judged);
+    else if (this.#options.ocsp) this.#admitOnOcsp(socket, judged, this.#options.ocsp);
+    else this.#handOver(socket, judged);
+  }
+
+  #refuse(socket: TLSSocket, judged: Refused): void {
+    this.#options.observer.handshakeRefused(this.name, judged.refused, remoteOf(socket), judged.subject, judged.serial);
+    if (!socket.destroyed) answerRefusal(socket, judged.refused);
+  }
+
+  /**
+   * The OCSP status comes asynchronously: the connection waits for it, what the client sends
+   * meanwhile buffered by the TLS socket, and is refused or handed over then. Judged on the chain
+   * as verified under the CAs in force at the handshake.
+   */
+  #admitOnOcsp(socket: TLSSocket, judged: Passed, ocsp: OcspChecker): void {
+    const path = pathToTrust(presentedCertificates(judged.peer), this.#trustedCas, namesIssuer) ?? [judged.peer];
+    this.#awaitingOcsp.add(socket);
+    // No one else listens yet: a client's reset while it waits must not throw.
+    const ignore = () => {};
+    socket.on('error', ignore);
+    void ocsp.judge(path).catch(internalError).then((refused) => {
+      this.#awaitingOcsp.delete(socket);
+      socket.off('error', ignore);
+      const { identity } = judged;
+      if (refused) this.#refuse(socket, { refused, subject: identity.subject, serial: identity.serial });
+      // A client that left while it waited is not served, nor counted as accepted.
+      else if (!socket.destroyed) this.#handOver(socket, judged);
+    });
+  }
+
+  #handOver(socket: TLSSocket, judged: Passed): void {
+    this.#options.observer.handshakeAccepted(this.name);
     const context: ConnectionContext = { listener: this.name, identity: judged.identity, certificate: judged.peer, remoteAddress: remoteOf(socket), socket, closedBy: undefined };
     this.#track(socket, context);
     if (socket.alpnProtocol === 'h2') this.#options.handover.h2(socket, context);
@@ -345,8 +381,7 @@ export class SecureListener {
     try {
       return this.#judge(socket);
     } catch (err) {
-      const error = err instanceof Error ? (err.stack ?? `${err.name}: ${err.message}`) : String(err);
-      return { refused: { ...refusal('internal_error'), error }, subject: undefined };
+      return { refused: internalError(err), subject: undefined };
     }
   }
 
@@ -405,6 +440,12 @@ export class SecureListener {
     const { idleTimeoutMs } = this.#options.limits;
     destroyIfPeerStaysOpen(socket, this.#draining ? Math.min(DRAIN_LINGER_MS, idleTimeoutMs) : idleTimeoutMs);
   }
+}
+
+/** A defect of ours while judging a client: refused, the error kept for our log. */
+function internalError(err: unknown): Refusal {
+  const error = err instanceof Error ? (err.stack ?? `${err.name}: ${err.message}`) : String(err);
+  return { ...refusal('internal_error'), error };
 }
 
 /**

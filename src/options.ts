@@ -7,6 +7,7 @@
 import { FORWARD_MODES, RESTART_MODES } from './config.js';
 import { ConfigError } from './errors.js';
 import { LOG_LEVELS } from './log.js';
+import { OCSP_MODES } from './ocsp.js';
 
 export type OptionType = 'string' | 'number' | 'boolean' | 'array';
 
@@ -35,6 +36,9 @@ export const MTLS_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_key', type: 'string', describe: 'Server private key (PEM)', defaultDescription: '/certs/server.key in entrypoint mode' },
   { name: 'mtls_client_ca', type: 'string', describe: 'CA bundle that client certificates must chain to (PEM)', defaultDescription: '/certs/client_cert_ca.pem in entrypoint mode' },
   { name: 'mtls_crl', type: 'string', describe: 'Certificate revocation list(s) for client certificates (PEM)', defaultDescription: '/certs/client_cert_ca.crl whenever it exists, also when added later (entrypoint mode)' },
+  { name: 'mtls_ocsp', type: 'string', describe: 'OCSP check of client certificates before a connection is served: off, leaf (the client certificate) or chain (every certificate of the verified chain below its root); fails closed', defaultDescription: 'off', choices: OCSP_MODES },
+  { name: 'mtls_ocsp_responder', type: 'string', describe: 'With --mtls_ocsp: http:// URL of the OCSP responder asked instead of the one each certificate names (Authority Information Access)', defaultDescription: "the certificate's own" },
+  { name: 'mtls_ocsp_timeout', type: 'number', describe: 'With --mtls_ocsp: seconds one OCSP lookup may take before the client is refused (ocsp_unavailable)', defaultDescription: '5' },
   { name: 'mtls_allow_cn', type: 'array', describe: 'Allow only clients with this subject CN (repeatable; allow-lists are OR-ed; a comma separates values, \\, is a comma inside one)' },
   { name: 'mtls_allow_ou', type: 'array', describe: 'Allow only clients with this subject OU (repeatable)' },
   { name: 'mtls_allow_dns', type: 'array', describe: 'Allow only clients with this DNS SAN (repeatable)' },
@@ -167,6 +171,7 @@ export function serviceLinkOptions(env: NodeJS.ProcessEnv, specs: readonly Optio
 const OPENS_WHEN_UNSET: ReadonlyMap<string, string> = new Map([
   ...['cn', 'ou', 'dns', 'uri', 'fingerprint'].map((kind): [string, string] => [`mtls_allow_${kind}`, 'an empty allow-list would admit every client the CA vouches for']),
   ['mtls_crl', 'read as unset, it could leave revocation unchecked'],
+  ['mtls_ocsp', 'read as unset, it would leave OCSP unchecked'],
 ]);
 
 function refuseEmptyVariable(spec: OptionSpec): void {

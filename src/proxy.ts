@@ -4,6 +4,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Config, ListenerConfig } from './config.js';
 import type { Logger } from './log.js';
+import { OcspChecker } from './ocsp.js';
 import { BIND_FLAG, SecureListener, requestStart, type ConnectionContext } from './listeners.js';
 import { logSkipped, type SkippedAddress } from './bind-addresses.js';
 import { H1Front, H2Front, type Drainable, type RequestHandler } from './http-fronts.js';
@@ -30,6 +31,8 @@ export interface ProxyOptions {
   readonly notReady?: Partial<Record<ListenerName, () => string | undefined>>;
   /** Refuses connections short of the open-files limit; default: this process's limit, if known. */
   readonly descriptors?: DescriptorHeadroom | undefined;
+  /** Shared by both listeners (one cache of answers per process); default: one made from config.ocsp, if set. */
+  readonly ocsp?: OcspChecker | undefined;
   /** How many failed or refused handshake lines of one kind are logged in full; default: repeat-budget.ts. */
   readonly handshakeLineLimit?: RepeatLimit | undefined;
 }
@@ -105,6 +108,7 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
     allow: config.allow,
     observer,
     descriptors: options.descriptors,
+    ocsp: options.ocsp,
     handover: {
       h2: (s, c) => (relays.h2 ?? h2).accept(s, c),
       http1: (s, c) => (relays.http1 ?? h1).accept(s, c),
@@ -165,7 +169,11 @@ function assembleRest(cfg: ListenerConfig, options: ProxyOptions, observer: Prox
 export async function startProxy(proxyOptions: ProxyOptions): Promise<RunningProxy> {
   const { config, logger } = proxyOptions;
   // One for both listeners: they share the process's descriptors.
-  const options = { ...proxyOptions, descriptors: proxyOptions.descriptors ?? DescriptorHeadroom.forThisProcess(logger) };
+  const options = {
+    ...proxyOptions,
+    descriptors: proxyOptions.descriptors ?? DescriptorHeadroom.forThisProcess(logger),
+    ocsp: proxyOptions.ocsp ?? (config.ocsp && new OcspChecker(config.ocsp)),
+  };
   const logging = loggingObserver(logger, { accessLog: config.accessLog, repeats: options.handshakeLineLimit, minTlsVersion: config.limits.minTlsVersion });
   const observer = combineObservers(logging, options.observer ?? NOOP_OBSERVER);
   const parts: Assembled[] = [];

@@ -72,6 +72,7 @@ export interface ProxySetup {
   grpcMode?: Config['grpcMode'];
   restMode?: Config['restMode'];
   grpcUpstreamConnections?: number;
+  ocsp?: Config['ocsp'];
 }
 
 export interface StartedProxy {
@@ -98,6 +99,7 @@ export function baseConfig(setup: ProxySetup): Config {
     grpcMode: setup.grpcMode ?? 'terminate',
     grpcUpstreamConnections: setup.grpcUpstreamConnections ?? 1,
     restMode: setup.restMode ?? 'terminate',
+    ...(setup.ocsp ? { ocsp: setup.ocsp } : {}),
   };
 }
 

@@ -1,0 +1,346 @@
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import type * as grpc from '@grpc/grpc-js';
+import { X509Certificate } from 'node:crypto';
+import { connect } from 'node:tls';
+import { connect as netConnect } from 'node:net';
+import { once } from 'node:events';
+import { createTestPki, type TestPki } from './helpers/pki.js';
+import { assertRefusedAnswer, assertRefusedCall, grpcClients, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type ProxySetup, type StartedProxy } from './helpers/harness.js';
+import { issueForOcsp, startOcspResponder, type OcspResponderStandIn } from './helpers/ocsp-responder.js';
+import { eventually } from './helpers/ops.js';
+import { unary } from '../src/demo/grpc-client.js';
+import type { ModelServer } from '../src/demo/model-server.js';
+import { OcspChecker, type OcspSettings } from '../src/ocsp.js';
+import { parseCommonConfig } from '../src/config.js';
+import { ConfigError } from '../src/errors.js';
+import type { Issued } from '../src/x509.js';
+
+let pki: TestPki;
+let upstream: ModelServer;
+/** Signs with the client CA's own key. */
+let responder: OcspResponderStandIn;
+
+before(async () => {
+  [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
+  responder = await startOcspResponder(pki.clientCa);
+});
+after(async () => {
+  await responder.close();
+  await upstream.close();
+  await pki.cleanup();
+});
+
+const LEAF: OcspSettings = { mode: 'leaf', timeoutMs: 5_000 };
+let clients = 0;
+
+/** A client certificate of the client CA whose Authority Information Access names `url` (the stand-in's by default; null: none). */
+function ocspClient(url: string | null = responder.url, issuer: Issued = pki.clientCa): Promise<Issued & { name: string }> {
+  const name = `ocsp client ${++clients}`;
+  return issueForOcsp({ issuer, commonName: name, kind: 'client', ...(url === null ? {} : { ocspUrl: url }) }).then((issued) => ({ ...issued, name }));
+}
+
+/** A proxy checking OCSP (no CRL: OCSP alone, as some PKIs publish), REST and gRPC, in front of the model server. */
+async function withProxy(setup: Omit<ProxySetup, 'pki' | 'upstream'>, body: (front: StartedProxy) => Promise<void>): Promise<void> {
+  const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort!, grpcPort: upstream.grpcPort! }, tls: { crl: undefined }, ocsp: LEAF, ...setup });
+  try {
+    await body(front);
+  } finally {
+    await front.proxy.shutdown(1000);
+  }
+}
+
+/** One REST request as `client`: 'accepted', or the client_refused line, whose reason the 403 names too. */
+async function attempt(front: StartedProxy, client: Issued & { name: string }): Promise<'accepted' | LogLine> {
+  const response = await https1(front.restPort, pki, { path: '/v2/health/live', client });
+  if (response.status === 200) return 'accepted';
+  const line = await front.logs.waitFor((l) => l.event === 'client_refused' && l.subject === `CN=${client.name}`);
+  assertRefusedAnswer(response, String(line.reason));
+  return line;
+}
+
+function escaped(text: string): string {
+  return text.replace(/[/.]/g, '\\$&');
+}
+
+/** Refused for `reason`, the log line's words matching each of `words`. */
+async function assertRefused(front: StartedProxy, client: Issued & { name: string }, reason: string, ...words: RegExp[]): Promise<void> {
+  const outcome = await attempt(front, client);
+  assert.notEqual(outcome, 'accepted', `${client.name} must be refused`);
+  const line = outcome as LogLine;
+  assert.equal(line.reason, reason, line.msg);
+  for (const word of words) assert.match(line.msg, word);
+}
+
+/** One gRPC call (KServe ServerLive) as `client`: 'served', or the error a refused call ends with. */
+async function grpcCall(front: StartedProxy, client: Issued): Promise<'served' | grpc.ServiceError> {
+  const c = grpcClients(front.grpcAddress, pki, client);
+  try {
+    return await unary(c.kserve, 'ServerLive', {}).then((r) => (assert.equal(r.response.live, true), 'served' as const), (e: grpc.ServiceError) => e);
+  } finally {
+    c.close();
+  }
+}
+
+async function assertCallRefused(front: StartedProxy, client: Issued, reason: string): Promise<void> {
+  const outcome = await grpcCall(front, client);
+  assert.notEqual(outcome, 'served', 'the call must be refused');
+  assertRefusedCall(outcome as grpc.ServiceError, reason);
+}
+
+describe('--mtls_ocsp leaf', () => {
+  test('a client the responder calls good is served over REST (HTTP/1.1 and HTTP/2) and gRPC, after one lookup of its serial', async () => {
+    const client = await ocspClient();
+    await withProxy({}, async (front) => {
+      assert.equal(await attempt(front, client), 'accepted');
+      const session = h2Session(front.restPort, pki, client);
+      try {
+        assert.equal((await h2Request(session, { ':path': '/v2/health/live' })).headers[':status'], 200);
+      } finally {
+        session.close();
+      }
+      assert.equal(await grpcCall(front, client), 'served');
+      assert.deepEqual(responder.asked.filter((serial) => serial === client.serialHex), [client.serialHex]);
+    });
+  });
+
+  test('a client the responder calls revoked is refused over REST and gRPC, naming the responder and the revocation', async () => {
+    const client = await ocspClient();
+    responder.behaviour.statuses.set(client.serialHex, 'revoked');
+    await withProxy({}, async (front) => {
+      await assertRefused(front, client, 'ocsp_revoked', /revoked by its OCSP responder/, new RegExp(`OCSP responder ${escaped(responder.url)}: revoked at \\d{4}-`));
+      await assertCallRefused(front, client, 'ocsp_revoked');
+      // The revoked answer is kept too: asked once for both connections.
+      assert.equal(responder.asked.filter((serial) => serial === client.serialHex).length, 1);
+    });
+  });
+
+  test('a client the responder does not know is refused (ocsp_unknown)', async () => {
+    const client = await ocspClient();
+    responder.behaviour.statuses.set(client.serialHex, 'unknown');
+    await withProxy({}, async (front) => {
+      await assertRefused(front, client, 'ocsp_unknown', /: it does not know this certificate/);
+      await assertCallRefused(front, client, 'ocsp_unknown');
+    });
+  });
+
+  test('connections of one certificate, at once and after, make one lookup; another certificate its own', async () => {
+    const [client, other] = await Promise.all([ocspClient(), ocspClient()]);
+    await withProxy({}, async (front) => {
+      const together = await Promise.all([attempt(front, client), attempt(front, client), attempt(front, client)]);
+      assert.deepEqual(together, ['accepted', 'accepted', 'accepted']);
+      assert.equal(await attempt(front, client), 'accepted');
+      assert.equal(await attempt(front, other), 'accepted');
+      assert.equal(responder.asked.filter((serial) => serial === client.serialHex).length, 1);
+      assert.equal(responder.asked.filter((serial) => serial === other.serialHex).length, 1);
+    });
+  });
+
+  test('a certificate naming no OCSP responder, or an https:// one, with no --mtls_ocsp_responder, is refused saying so', async () => {
+    const [client, https] = await Promise.all([ocspClient(null), ocspClient('https://127.0.0.1:9/ocsp')]);
+    await withProxy({}, async (front) => {
+      await assertRefused(front, client, 'ocsp_no_responder', /names no OCSP responder/, /--mtls_ocsp_responder/);
+      await assertRefused(front, https, 'ocsp_no_responder', /https:\/\/127\.0\.0\.1:9\/ocsp, is not an http:\/\/ URL/, /--mtls_ocsp_responder/);
+    });
+  });
+
+  test('--mtls_ocsp_responder is asked instead of the responder the certificate names', async () => {
+    // The certificate names the discard port, where nothing answers.
+    const [client, bare] = await Promise.all([ocspClient('http://127.0.0.1:9/ocsp'), ocspClient(null)]);
+    await withProxy({ ocsp: { ...LEAF, responder: responder.url } }, async (front) => {
+      assert.equal(await attempt(front, client), 'accepted');
+      assert.equal(await attempt(front, bare), 'accepted');
+      assert.ok(responder.asked.includes(client.serialHex) && responder.asked.includes(bare.serialHex));
+    });
+  });
+
+  test('relay modes (REST and gRPC): a good client is served, a revoked one refused', async () => {
+    const [good, revoked] = await Promise.all([ocspClient(), ocspClient()]);
+    responder.behaviour.statuses.set(revoked.serialHex, 'revoked');
+    await withProxy({ restMode: 'relay', grpcMode: 'relay' }, async (front) => {
+      assert.equal(await attempt(front, good), 'accepted');
+      await assertRefused(front, revoked, 'ocsp_revoked');
+      assert.equal(await grpcCall(front, good), 'served');
+      await assertCallRefused(front, revoked, 'ocsp_revoked');
+    });
+  });
+});
+
+describe('fails closed: a status that cannot be learnt or trusted refuses the client, naming the cause', () => {
+  /** A stand-in of its own per case, so that its behaviour is the case's alone. */
+  async function refusedWith(setUp: (r: OcspResponderStandIn) => void, reason: string, ...words: RegExp[]): Promise<void> {
+    const own = await startOcspResponder(pki.clientCa);
+    try {
+      setUp(own);
+      const client = await ocspClient(own.url);
+      await withProxy({ ocsp: { ...LEAF, timeoutMs: 300 } }, async (front) => {
+        await assertRefused(front, client, reason, new RegExp(escaped(own.url)), ...words);
+      });
+    } finally {
+      await own.close();
+    }
+  }
+
+  test('the responder is down: connection refused', async () => {
+    await refusedWith((r) => void r.close(), 'ocsp_unavailable', /connection refused/);
+  });
+
+  test('the responder does not answer within --mtls_ocsp_timeout', async () => {
+    await refusedWith((r) => (r.behaviour.mode = 'hang'), 'ocsp_unavailable', /no answer within 0\.3 s/);
+  });
+
+  test('the responder answers HTTP 500', async () => {
+    await refusedWith((r) => (r.behaviour.mode = 'http500'), 'ocsp_unavailable', /answered HTTP 500/);
+  });
+
+  test('the responder answers tryLater', async () => {
+    await refusedWith((r) => (r.behaviour.mode = 'tryLater'), 'ocsp_unavailable', /answered tryLater/);
+  });
+
+  test('the responder answers bytes that are no OCSP response', async () => {
+    await refusedWith((r) => (r.behaviour.mode = 'garbage'), 'ocsp_invalid', /cannot be read/);
+  });
+
+  test('the answer is signed by a stranger (a CA that did not issue the certificate)', async () => {
+    await refusedWith((r) => (r.behaviour.signer = { issued: pki.otherCa, include: false }), 'ocsp_invalid', /bad signature/);
+  });
+
+  test('the answer is stale: its nextUpdate has passed', async () => {
+    await refusedWith((r) => {
+      r.behaviour.thisUpdateMs = -7_200_000;
+      r.behaviour.nextUpdateMs = -3_600_000;
+    }, 'ocsp_invalid', /stale/, /nextUpdate/);
+  });
+
+  test('the answer\'s thisUpdate is in the future', async () => {
+    await refusedWith((r) => (r.behaviour.thisUpdateMs = 3_600_000), 'ocsp_invalid', /thisUpdate .* is in the future/);
+  });
+
+  test('a delegated responder certificate without the OCSPSigning extended key usage', async () => {
+    const delegate = await issueForOcsp({ issuer: pki.clientCa, commonName: 'responder without EKU', kind: 'noEku' });
+    await refusedWith((r) => (r.behaviour.signer = { issued: delegate, include: true }), 'ocsp_invalid', /CN=responder without EKU/, /id-kp-OCSPSigning/);
+  });
+
+  test('a responder certificate with OCSPSigning but issued by another CA', async () => {
+    const delegate = await issueForOcsp({ issuer: pki.otherCa, commonName: 'foreign responder', kind: 'ocspSigning' });
+    await refusedWith((r) => (r.behaviour.signer = { issued: delegate, include: true }), 'ocsp_invalid', /CN=foreign responder/, /did not issue/);
+  });
+
+  test('a client that resets its connection while its lookup hangs is neither served nor counted, and the proxy carries on', async () => {
+    const own = await startOcspResponder(pki.clientCa);
+    own.behaviour.mode = 'hang';
+    try {
+      const client = await ocspClient(own.url);
+      await withProxy({ ocsp: { ...LEAF, timeoutMs: 300 } }, async (front) => {
+        const raw = netConnect({ host: '127.0.0.1', port: front.restPort });
+        const socket = connect({ socket: raw, ...tlsClientOptions(pki, client), ALPNProtocols: ['http/1.1'] });
+        socket.on('error', () => {});
+        await once(socket, 'secureConnect');
+        socket.write('GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n');
+        await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
+        // A reset, not a FIN: the proxy's socket gets ECONNRESET while nothing of the fronts listens on it yet.
+        raw.resetAndDestroy();
+        // The lookup's end refuses it in the log; it never reached the model server.
+        await front.logs.waitFor((l) => l.event === 'client_refused' && l.subject === `CN=${client.name}`);
+        assert.equal(front.logs.lines.filter((l) => l.event === 'access').length, 0);
+        own.behaviour.mode = 'answer';
+        assert.equal(await attempt(front, client), 'accepted');
+      });
+    } finally {
+      await own.close();
+    }
+  });
+});
+
+test('a delegated responder certificate issued by the CA for OCSP signing is trusted', async () => {
+  const own = await startOcspResponder(await issueForOcsp({ issuer: pki.clientCa, commonName: 'delegated responder', kind: 'ocspSigning' }));
+  own.behaviour.signer.include = true;
+  try {
+    const [good, revoked] = await Promise.all([ocspClient(own.url), ocspClient(own.url)]);
+    own.behaviour.statuses.set(revoked.serialHex, 'revoked');
+    await withProxy({}, async (front) => {
+      assert.equal(await attempt(front, good), 'accepted');
+      await assertRefused(front, revoked, 'ocsp_revoked');
+    });
+  } finally {
+    await own.close();
+  }
+});
+
+describe('--mtls_ocsp chain', () => {
+  /** An intermediate CA the root's responder answers for, and a client of it its own responder answers for. */
+  async function chain() {
+    const rootResponder = await startOcspResponder(pki.clientCa);
+    const intermediate = await issueForOcsp({ issuer: pki.clientCa, commonName: `ocsp intermediate ${++clients}`, kind: 'ca', ocspUrl: rootResponder.url });
+    const leafResponder = await startOcspResponder(intermediate);
+    const leaf = await ocspClient(leafResponder.url, intermediate);
+    return { rootResponder, leafResponder, intermediate, client: { ...leaf, certPem: leaf.certPem + intermediate.certPem } };
+  }
+
+  test('an intermediate CA its responder calls revoked refuses its clients in chain mode; leaf mode asks about the leaf alone', async () => {
+    const { rootResponder, leafResponder, intermediate, client } = await chain();
+    rootResponder.behaviour.statuses.set(intermediate.serialHex, 'revoked');
+    try {
+      await withProxy({ ocsp: { ...LEAF, mode: 'chain' } }, async (front) => {
+        await assertRefused(front, client, 'ocsp_revoked', /CA CN=ocsp intermediate/);
+      });
+      await withProxy({}, async (front) => {
+        assert.equal(await attempt(front, client), 'accepted');
+      });
+      assert.deepEqual(rootResponder.asked, [intermediate.serialHex]);
+      assert.deepEqual(leafResponder.asked, [client.serialHex, client.serialHex]);
+    } finally {
+      await Promise.all([rootResponder.close(), leafResponder.close()]);
+    }
+  });
+
+  test('a chain whose every certificate is good is served; the root itself is not asked about', async () => {
+    const { rootResponder, leafResponder, intermediate, client } = await chain();
+    try {
+      await withProxy({ ocsp: { ...LEAF, mode: 'chain' } }, async (front) => {
+        assert.equal(await attempt(front, client), 'accepted');
+      });
+      assert.deepEqual(rootResponder.asked, [intermediate.serialHex]);
+      assert.deepEqual(leafResponder.asked, [client.serialHex]);
+    } finally {
+      await Promise.all([rootResponder.close(), leafResponder.close()]);
+    }
+  });
+});
+
+test('a change of the client CAs forgets the answers verified under the old ones; the same CAs keep them', async () => {
+  const client = await ocspClient();
+  const checker = new OcspChecker(LEAF);
+  const [leaf, ca, other] = [client.certPem, pki.clientCa.certPem, pki.otherCa.certPem].map((pem) => new X509Certificate(pem));
+  checker.trust([ca!]);
+  assert.equal(await checker.judge([leaf!, ca!]), undefined);
+  checker.trust([ca!]);
+  assert.equal(await checker.judge([leaf!, ca!]), undefined);
+  assert.equal(checker.lookups, 1);
+  checker.trust([ca!, other!]);
+  responder.behaviour.statuses.set(client.serialHex, 'revoked');
+  assert.equal((await checker.judge([leaf!, ca!]))?.reason, 'ocsp_revoked');
+  assert.equal(checker.lookups, 2);
+});
+
+describe('options', () => {
+  const base = { mtls_cert: 'a.pem', mtls_key: 'a.key', mtls_client_ca: 'ca.pem' };
+  const refused = (message: string) => (err: unknown) => err instanceof ConfigError && err.message === message;
+
+  test('off by default; leaf and chain with the responder and the timeout', () => {
+    assert.equal(parseCommonConfig(base).ocsp, undefined);
+    assert.equal(parseCommonConfig({ ...base, mtls_ocsp: 'off' }).ocsp, undefined);
+    assert.deepEqual(parseCommonConfig({ ...base, mtls_ocsp: 'leaf' }).ocsp, { mode: 'leaf', responder: undefined, timeoutMs: 5000 });
+    assert.deepEqual(parseCommonConfig({ ...base, mtls_ocsp: 'chain', mtls_ocsp_responder: 'http://ocsp.example.com:2560/', mtls_ocsp_timeout: 2 }).ocsp, { mode: 'chain', responder: 'http://ocsp.example.com:2560/', timeoutMs: 2000 });
+  });
+
+  test('bad values are refused naming the option and what to give', () => {
+    assert.throws(() => parseCommonConfig({ ...base, mtls_ocsp: 'on' }), refused("--mtls_ocsp: 'on' is not one of off, leaf, chain"));
+    assert.throws(() => parseCommonConfig({ ...base, mtls_ocsp: 'leaf', mtls_ocsp_responder: 'ocsp.example.com' }), refused("--mtls_ocsp_responder: 'ocsp.example.com' is not a URL (give an http:// URL, e.g. http://ocsp.example.com/ or http://10.0.0.5:2560/ocsp)"));
+    assert.throws(() => parseCommonConfig({ ...base, mtls_ocsp: 'leaf', mtls_ocsp_responder: 'https://ocsp.example.com/' }), /--mtls_ocsp_responder: 'https:\/\/ocsp.example.com\/' is not http:\/\//);
+    assert.throws(() => parseCommonConfig({ ...base, mtls_ocsp: 'leaf', mtls_ocsp_responder: 'http://u:p@ocsp.example.com/' }), /holds a user name or password/);
+    assert.throws(() => parseCommonConfig({ ...base, mtls_ocsp: 'leaf', mtls_ocsp_timeout: 0 }), /--mtls_ocsp_timeout: '0' would time out at once/);
+    assert.throws(() => parseCommonConfig({ ...base, mtls_ocsp_responder: 'http://ocsp.example.com/' }), refused('--mtls_ocsp_responder applies only with --mtls_ocsp leaf or chain: add --mtls_ocsp, or drop --mtls_ocsp_responder'));
+    assert.throws(() => parseCommonConfig({ ...base, mtls_ocsp_timeout: 3 }), refused('--mtls_ocsp_timeout applies only with --mtls_ocsp leaf or chain: add --mtls_ocsp, or drop --mtls_ocsp_timeout'));
+  });
+});
