@@ -13,6 +13,8 @@ import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { OcspChecker, type OcspSettings } from '../src/ocsp.js';
 import { parseCommonConfig } from '../src/config.js';
+import { freeLoopbackPorts } from '../src/ports.js';
+import { startCli } from './helpers/cli.js';
 import { ConfigError } from '../src/errors.js';
 import type { Issued } from '../src/x509.js';
 
@@ -321,6 +323,27 @@ test('a change of the client CAs forgets the answers verified under the old ones
   responder.behaviour.statuses.set(client.serialHex, 'revoked');
   assert.equal((await checker.judge([leaf!, ca!]))?.reason, 'ocsp_revoked');
   assert.equal(checker.lookups, 2);
+});
+
+test('the proxy command with two workers takes --mtls_ocsp, and --mtls_ocsp_responder from its OVMS_MTLS_* variable', async () => {
+  const [restPort] = (await freeLoopbackPorts(1)) as [number];
+  const [good, revoked] = await Promise.all([ocspClient(null), ocspClient(null)]);
+  responder.behaviour.statuses.set(revoked.serialHex, 'revoked');
+  const files = ['--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!];
+  const cli = startCli(['proxy', '--mtls_workers', '2', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, ...files, '--mtls_ocsp', 'leaf'], {
+    env: { OVMS_MTLS_OCSP_RESPONDER: responder.url },
+  });
+  try {
+    await Promise.race([cli.logs.waitFor((l) => l.event === 'workers_listening'), cli.exited.then((code) => assert.fail(`the proxy exited (${code}): ${cli.stderr()}`))]);
+    assert.equal((await https1(restPort, pki, { path: '/v2/health/live', client: good })).status, 200);
+    assertRefusedAnswer(await https1(restPort, pki, { path: '/v2/health/live', client: revoked }), 'ocsp_revoked');
+    const line = await cli.logs.waitFor((l) => l.event === 'client_refused');
+    assert.equal(line.reason, 'ocsp_revoked');
+    assert.match(line.msg, new RegExp(`OCSP responder ${escaped(responder.url)}: revoked at`));
+  } finally {
+    if (cli.child.exitCode === null) cli.child.kill('SIGTERM');
+    assert.equal(await cli.exited, 0, cli.stderr());
+  }
 });
 
 describe('options', () => {
