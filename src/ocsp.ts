@@ -159,11 +159,11 @@ export class OcspChecker {
       return { refused: refusal('ocsp_no_responder', `${who}the OCSP responder the certificate names, ${url}, is not an http:// URL (OCSP is asked over plain HTTP, its answers being signed): give --mtls_ocsp_responder`) };
     }
     const id = certId(cert, issuer);
+    const source = `${who}OCSP responder ${url}`;
     this.#lookups += 1;
     const body = await post(url, requestFor(id), this.#settings.timeoutMs).catch((err: unknown) => {
-      throw err instanceof LookupFailure ? new LookupFailure(err.reason, `${who}OCSP responder ${url}: ${err.message}`) : err;
+      throw err instanceof LookupFailure ? new LookupFailure(err.reason, `${source}: ${err.message}`) : err;
     });
-    const source = `${who}OCSP responder ${url}`;
     try {
       return statusIn(body, id, issuer, this.#now(), source);
     } catch (err) {
