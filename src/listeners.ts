@@ -350,15 +350,12 @@ export class SecureListener {
   #admitOnOcsp(socket: TLSSocket, judged: Passed, ocsp: OcspChecker): void {
     const path = pathToTrust(presentedCertificates(judged.peer), this.#trustedCas, namesIssuer) ?? [judged.peer];
     this.#awaitingOcsp.add(socket);
-    // No one else listens yet: a client's reset while it waits must not throw.
-    const ignore = () => {};
-    socket.on('error', ignore);
+    // A client's reset meanwhile does not throw: Node's TLS server listens for its sockets' errors.
     void ocsp.judge(path).catch(internalError).then((refused) => {
       this.#awaitingOcsp.delete(socket);
-      socket.off('error', ignore);
       const { identity } = judged;
       if (refused) this.#refuse(socket, { refused, subject: identity.subject, serial: identity.serial });
-      // A client that left while it waited is not served, nor counted as accepted.
+      // A client that left while it waited is not served: handed over, it stayed among the live connections for ever.
       else if (!socket.destroyed) this.#handOver(socket, judged);
     });
   }

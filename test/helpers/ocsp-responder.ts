@@ -26,8 +26,8 @@ export interface ResponderBehaviour {
   statuses: Map<string, CertState>;
   /** Whose key signs (the issuing CA, a delegated responder, a stranger); `include` sends its certificate along. */
   signer: { issued: Issued; include: boolean };
-  /** answer: a signed status; garbage: bytes that are no OCSP; http500; tryLater: an unsigned tryLater; hang: never answers. */
-  mode: 'answer' | 'garbage' | 'http500' | 'tryLater' | 'hang';
+  /** answer: a signed status; garbage: bytes that are no OCSP; http500; tryLater: an unsigned tryLater; hold: no answer until release(). */
+  mode: 'answer' | 'garbage' | 'http500' | 'tryLater' | 'hold';
   /** Offsets from now, in ms; nextUpdate null leaves it out. */
   thisUpdateMs: number;
   nextUpdateMs: number | null;
@@ -38,19 +38,26 @@ export interface OcspResponderStandIn {
   readonly behaviour: ResponderBehaviour;
   /** Serials asked about, in order, one per request. */
   readonly asked: string[];
+  /** Answers the requests held so far, and those to come, with a signed status. */
+  release(): void;
   close(): Promise<void>;
 }
 
 export async function startOcspResponder(signer: Issued, path = '/ocsp'): Promise<OcspResponderStandIn> {
   const behaviour: ResponderBehaviour = { statuses: new Map(), signer: { issued: signer, include: false }, mode: 'answer', thisUpdateMs: -60_000, nextUpdateMs: 3_600_000 };
   const asked: string[] = [];
-  const server = createServer((req, res) => void answer(req, res, behaviour, asked));
+  const held: (() => void)[] = [];
+  const server = createServer((req, res) => void answer(req, res, behaviour, asked, held));
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://127.0.0.1:${port}${path}`,
     behaviour,
     asked,
+    release: () => {
+      behaviour.mode = 'answer';
+      for (const respond of held.splice(0)) respond();
+    },
     close: () => {
       server.closeAllConnections();
       return new Promise((resolve) => server.close(() => resolve()));
@@ -58,14 +65,17 @@ export async function startOcspResponder(signer: Issued, path = '/ocsp'): Promis
   };
 }
 
-async function answer(req: IncomingMessage, res: ServerResponse, behaviour: ResponderBehaviour, asked: string[]): Promise<void> {
+async function answer(req: IncomingMessage, res: ServerResponse, behaviour: ResponderBehaviour, asked: string[], held: (() => void)[]): Promise<void> {
   const chunks: Buffer[] = [];
   for await (const chunk of req) chunks.push(chunk as Buffer);
   const request = AsnConvert.parse(Buffer.concat(chunks), OCSPRequest);
   const certId = request.tbsRequest.requestList[0]!.reqCert;
   const serial = Buffer.from(certId.serialNumber).toString('hex').replace(/^(00)+(?=.)/, '');
   asked.push(serial);
-  if (behaviour.mode === 'hang') return;
+  if (behaviour.mode === 'hold') {
+    held.push(() => res.writeHead(200, { 'content-type': 'application/ocsp-response' }).end(Buffer.from(signedResponse(certId, behaviour.statuses.get(serial) ?? 'good', behaviour))));
+    return;
+  }
   if (behaviour.mode === 'http500') {
     res.writeHead(500).end('responder broken');
     return;
