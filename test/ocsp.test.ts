@@ -16,7 +16,7 @@ import { parseCommonConfig } from '../src/config.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { startCli } from './helpers/cli.js';
 import { ConfigError } from '../src/errors.js';
-import type { Issued } from '../src/x509.js';
+import { createCa, type Issued } from '../src/x509.js';
 
 let pki: TestPki;
 let upstream: ModelServer;
@@ -312,6 +312,25 @@ describe('--mtls_ocsp chain', () => {
       await Promise.all([rootResponder.close(), leafResponder.close()]);
     }
   });
+});
+
+test('answers signed with an RSA issuer key (sha256WithRSAEncryption, as AD CS signs) are verified: good and revoked', async () => {
+  const rsaCa = await createCa({ commonName: 'ocsp RSA CA', key: 'rsa2048' });
+  const own = await startOcspResponder(rsaCa);
+  try {
+    const [good, revoked] = await Promise.all([ocspClient(own.url, rsaCa), ocspClient(own.url, rsaCa)]);
+    own.behaviour.statuses.set(revoked.serialHex, 'revoked');
+    const checker = new OcspChecker(LEAF);
+    const ca = new X509Certificate(rsaCa.certPem);
+    assert.equal(await checker.judge([new X509Certificate(good.certPem), ca]), undefined);
+    assert.equal((await checker.judge([new X509Certificate(revoked.certPem), ca]))?.reason, 'ocsp_revoked');
+    // And a key of another type at the same name does not verify them.
+    own.behaviour.signer = { issued: await createCa({ commonName: 'ocsp RSA CA' }), include: false };
+    const fresh = await ocspClient(own.url, rsaCa);
+    assert.equal((await checker.judge([new X509Certificate(fresh.certPem), ca]))?.reason, 'ocsp_invalid');
+  } finally {
+    await own.close();
+  }
 });
 
 test('a change of the client CAs forgets the answers verified under the old ones; the same CAs keep them', async () => {
