@@ -9,6 +9,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, assertRefusedCall, grpcClients, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type ProxySetup, type StartedProxy } from './helpers/harness.js';
 import { issueForOcsp, startOcspResponder, type OcspResponderStandIn } from './helpers/ocsp-responder.js';
 import { eventually } from './helpers/ops.js';
+import { readToClose } from './helpers/raw-http1.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { OcspChecker, type OcspSettings } from '../src/ocsp.js';
@@ -256,6 +257,30 @@ describe('fails closed: a status that cannot be learnt or trusted refuses the cl
       await own.close();
     }
   });
+});
+
+test('a drain that begins while a client waits for its lookup: once the answer comes, its request is answered with connection: close, and the drain ends', async () => {
+  const own = await startOcspResponder(pki.clientCa);
+  own.behaviour.mode = 'hold';
+  try {
+    const client = await ocspClient(own.url);
+    await withProxy({}, async (front) => {
+      const socket = connect({ port: front.restPort, host: '127.0.0.1', ...tlsClientOptions(pki, client), ALPNProtocols: ['http/1.1'] });
+      socket.on('error', () => {});
+      await once(socket, 'secureConnect');
+      socket.write('GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n');
+      await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
+      const drained = front.proxy.shutdown(20_000);
+      own.release();
+      const answer = await readToClose(socket);
+      assert.match(answer, /^HTTP\/1\.1 200 /);
+      assert.match(answer, /\r\nconnection: close\r\n/i);
+      await drained;
+      assert.equal(front.logs.lines.filter((l) => l.event === 'shutdown_timeout').length, 0);
+    });
+  } finally {
+    await own.close();
+  }
 });
 
 test('a delegated responder certificate issued by the CA for OCSP signing is trusted', async () => {
