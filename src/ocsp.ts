@@ -81,16 +81,10 @@ export class OcspChecker {
   #trusted = '';
   /** Bumped when answers are forgotten: a lookup begun before is not kept. */
   #generation = 0;
-  #lookups = 0;
 
   constructor(settings: OcspSettings, now: () => number = Date.now) {
     this.#settings = settings;
     this.#now = now;
-  }
-
-  /** Lookups sent to a responder so far. */
-  get lookups(): number {
-    return this.#lookups;
   }
 
   /**
@@ -160,7 +154,6 @@ export class OcspChecker {
     }
     const id = certId(cert, issuer);
     const source = `${who}OCSP responder ${url}`;
-    this.#lookups += 1;
     const body = await post(url, requestFor(id), this.#settings.timeoutMs).catch((err: unknown) => {
       throw err instanceof LookupFailure ? new LookupFailure(err.reason, `${source}: ${err.message}`) : err;
     });

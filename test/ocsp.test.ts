@@ -361,16 +361,17 @@ test('answers signed with an RSA issuer key (sha256WithRSAEncryption, as AD CS s
 test('a change of the client CAs forgets the answers verified under the old ones; the same CAs keep them', async () => {
   const client = await ocspClient();
   const checker = new OcspChecker(LEAF);
+  const lookups = () => responder.asked.filter((serial) => serial === client.serialHex).length;
   const [leaf, ca, other] = [client.certPem, pki.clientCa.certPem, pki.otherCa.certPem].map((pem) => new X509Certificate(pem));
   checker.trust([ca!]);
   assert.equal(await checker.judge([leaf!, ca!]), undefined);
   checker.trust([ca!]);
   assert.equal(await checker.judge([leaf!, ca!]), undefined);
-  assert.equal(checker.lookups, 1);
+  assert.equal(lookups(), 1);
   checker.trust([ca!, other!]);
   responder.behaviour.statuses.set(client.serialHex, 'revoked');
   assert.equal((await checker.judge([leaf!, ca!]))?.reason, 'ocsp_revoked');
-  assert.equal(checker.lookups, 2);
+  assert.equal(lookups(), 2);
 });
 
 test('the proxy command with two workers takes --mtls_ocsp, and --mtls_ocsp_responder from its OVMS_MTLS_* variable', async () => {
