@@ -5,6 +5,10 @@ import { X509Certificate } from 'node:crypto';
 import { connect } from 'node:tls';
 import { connect as netConnect } from 'node:net';
 import { once } from 'node:events';
+import { spawn } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, assertRefusedCall, grpcClients, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type ProxySetup, type StartedProxy } from './helpers/harness.js';
 import { issueForOcsp, startOcspResponder, type OcspResponderStandIn } from './helpers/ocsp-responder.js';
@@ -280,6 +284,45 @@ test('a drain that begins while a client waits for its lookup: once the answer c
     });
   } finally {
     await own.close();
+  }
+});
+
+/** OpenSSL's own responder (`openssl ocsp`), answering from a CA index file: a real peer's encoding, not ours. */
+async function withOpensslResponder(signer: Issued, statuses: Record<string, 'V' | 'R'>, use: (url: string) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-openssl-ocsp-'));
+  const day = (offset: number) => new Date(Date.now() + offset * 86_400_000).toISOString().replace(/[-:T]/g, '').slice(2, 14) + 'Z';
+  // index.txt: status, expiry, revocation date, serial (upper-case hex), file name, subject.
+  const index = Object.entries(statuses).map(([serial, status]) => [status, day(30), status === 'R' ? day(-1) : '', serial.toUpperCase(), 'unknown', '/CN=x'].join('\t'));
+  await Promise.all([
+    writeFile(join(dir, 'index.txt'), index.join('\n') + '\n'),
+    writeFile(join(dir, 'ca.pem'), pki.clientCa.certPem),
+    writeFile(join(dir, 'signer.pem'), signer.certPem),
+    writeFile(join(dir, 'signer.key'), signer.keyPem),
+  ]);
+  const [port] = (await freeLoopbackPorts(1)) as [number];
+  // OpenSSL 3.0's -port takes a port alone (it listens on every address); the proxy asks it on 127.0.0.1.
+  const server = spawn('openssl', ['ocsp', '-index', join(dir, 'index.txt'), '-port', `${port}`, '-CA', join(dir, 'ca.pem'), '-rsigner', join(dir, 'signer.pem'), '-rkey', join(dir, 'signer.key'), '-nmin', '5', '-ignore_err'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let said = '';
+  for (const output of [server.stdout, server.stderr]) output.on('data', (chunk: Buffer) => (said += chunk.toString()));
+  try {
+    // Not probed by a connection of our own: OpenSSL serves one connection at a time, and an empty one held it up.
+    await eventually(() => said.includes('waiting for OCSP client connections'), 'openssl ocsp listening');
+    await use(`http://127.0.0.1:${port}/`);
+  } finally {
+    server.kill();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+test('OpenSSL\'s own responder (openssl ocsp), signing as the CA and as a delegated responder: good served, revoked refused naming it, a serial it does not list unknown', async () => {
+  const delegate = await issueForOcsp({ issuer: pki.clientCa, commonName: 'openssl delegated responder', kind: 'ocspSigning' });
+  for (const signer of [pki.clientCa, delegate]) {
+    const [good, revoked, stranger] = await Promise.all([ocspClient(null), ocspClient(null), ocspClient(null)]);
+    await withOpensslResponder(signer, { [good.serialHex]: 'V', [revoked.serialHex]: 'R' }, (url) => withProxy({ ocsp: { ...LEAF, responder: url } }, async (front) => {
+      assert.equal(await attempt(front, good), 'accepted');
+      await assertRefused(front, revoked, 'ocsp_revoked', /revoked at /);
+      await assertRefused(front, stranger, 'ocsp_unknown');
+    }));
   }
 });
 
