@@ -354,9 +354,17 @@ export class SecureListener {
     void ocsp.judge(path).catch(internalError).then((refused) => {
       this.#awaitingOcsp.delete(socket);
       const { identity } = judged;
-      if (refused) this.#refuse(socket, { refused, subject: identity.subject, serial: identity.serial });
+      if (refused) {
+        this.#refuse(socket, { refused, subject: identity.subject, serial: identity.serial });
+        return;
+      }
       // A client that left while it waited is not served: handed over, it stayed among the live connections for ever.
-      else if (!socket.destroyed) this.#handOver(socket, judged);
+      if (socket.destroyed) return;
+      // Judged again: a reload while it waited (a CRL revoking it, its CA or allow-list rule taken out) closed only
+      // the live connections, among which it was not yet.
+      const now = this.#judgeSafely(socket);
+      if ('refused' in now) this.#refuse(socket, now);
+      else this.#handOver(socket, now);
     });
   }
 

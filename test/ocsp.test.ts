@@ -10,14 +10,15 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { assertRefusedAnswer, assertRefusedCall, grpcClients, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type ProxySetup, type StartedProxy } from './helpers/harness.js';
+import { assertRefusedAnswer, assertRefusedCall, baseConfig, grpcClients, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type ProxySetup, type StartedProxy } from './helpers/harness.js';
 import { issueForOcsp, startOcspResponder, type OcspResponderStandIn } from './helpers/ocsp-responder.js';
 import { eventually } from './helpers/ops.js';
 import { readToClose } from './helpers/raw-http1.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import { OcspChecker, type OcspSettings } from '../src/ocsp.js';
-import { parseCommonConfig } from '../src/config.js';
+import { EMPTY_ALLOW_LIST, parseCommonConfig } from '../src/config.js';
+import { loadTlsMaterialSync } from '../src/tls-material.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { startCli } from './helpers/cli.js';
 import { ConfigError } from '../src/errors.js';
@@ -323,6 +324,27 @@ test('OpenSSL\'s own responder (openssl ocsp), signing as the CA and as a delega
       await assertRefused(front, revoked, 'ocsp_revoked', /revoked at /);
       await assertRefused(front, stranger, 'ocsp_unknown');
     }));
+  }
+});
+
+test('a reload while a client waits for its lookup, taking it out of the allow-list: the good answer does not let it in, it is refused not_allowed', async () => {
+  const own = await startOcspResponder(pki.clientCa);
+  own.behaviour.mode = 'hold';
+  try {
+    const client = await ocspClient(own.url);
+    await withProxy({}, async (front) => {
+      const answer = https1(front.restPort, pki, { path: '/v2/health/live', client });
+      await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
+      front.proxy.reloadTls(loadTlsMaterialSync(baseConfig({ pki }).tls), { ...EMPTY_ALLOW_LIST, cn: ['someone else'] });
+      own.release();
+      const response = await answer;
+      assert.equal(response.status, 403);
+      const line = await front.logs.waitFor((l) => l.event === 'client_refused' && l.subject === `CN=${client.name}`);
+      assert.equal(line.reason, 'not_allowed');
+      assertRefusedAnswer(response, 'not_allowed');
+    });
+  } finally {
+    await own.close();
   }
 });
 
