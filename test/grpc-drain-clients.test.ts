@@ -419,7 +419,12 @@ for (const mode of GRPC_MODES) {
           await goesOn(steady, 20, 'calls went on after the drain');
           const failures = failuresOf(await steady.stop());
           if (mode === 'relay') {
-            assert.deepEqual(failures, {});
+            // Every call sent is taken. grpc-go 1.33 may still fail one it had queued but not sent when the GOAWAY came:
+            // its writer drops the stream's headers on a draining connection ("the connection is draining"), the message
+            // already buffered past its retry limit (once in a CI run; grpcio and grpc-js lose none), at most one per worker.
+            const unsent = name === 'grpc-go' ? REFUSED_NOT_RESENT['grpc-go'] : undefined;
+            assert.deepEqual(Object.keys(failures).filter((what) => what !== unsent), []);
+            assert.ok(Object.values(failures).every((n) => n <= WORKERS), JSON.stringify(failures));
           } else {
             // Those it had started before it read the GOAWAY: the first of each worker, most likely all.
             assert.deepEqual(Object.keys(failures), [REFUSED_NOT_RESENT[name as keyof typeof REFUSED_NOT_RESENT]]);
