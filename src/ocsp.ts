@@ -27,8 +27,6 @@ export interface OcspSettings {
   readonly timeoutMs: number;
 }
 
-/** How far the responder's clock may be from ours: 5 minutes, as OpenSSL's OCSP_check_validity allows. */
-const OCSP_CLOCK_SKEW_MS = CLOCK_SKEW_MS;
 /** Certificates whose answers are kept; the oldest go first. */
 export const OCSP_CACHE_ENTRIES = 10_000;
 /** Far above an answer with a responder certificate and a chain (a few KiB). */
@@ -74,7 +72,6 @@ class LookupFailure extends Error {
  */
 export class OcspChecker {
   readonly #settings: OcspSettings;
-  readonly #now: () => number;
   readonly #answers = new Map<string, Answer & { until: number }>();
   readonly #inFlight = new Map<string, Promise<Answer>>();
   /** The client CAs answers were verified under; a change forgets them (trust). */
@@ -82,9 +79,8 @@ export class OcspChecker {
   /** Bumped when answers are forgotten: a lookup begun before is not kept. */
   #generation = 0;
 
-  constructor(settings: OcspSettings, now: () => number = Date.now) {
+  constructor(settings: OcspSettings) {
     this.#settings = settings;
-    this.#now = now;
   }
 
   /**
@@ -120,7 +116,7 @@ export class OcspChecker {
     if (!issuer) return refusal('ocsp_unavailable', `${who}the verified chain holds no issuer certificate to ask about it`);
     const key = `${issuer.fingerprint256}/${cert.serialNumber}`;
     const kept = this.#answers.get(key);
-    if (kept && kept.until > this.#now()) return kept.refused;
+    if (kept && kept.until > Date.now()) return kept.refused;
     if (kept) this.#answers.delete(key);
     let pending = this.#inFlight.get(key);
     if (!pending) {
@@ -158,7 +154,7 @@ export class OcspChecker {
       throw err instanceof LookupFailure ? new LookupFailure(err.reason, `${source}: ${err.message}`) : err;
     });
     try {
-      return statusIn(body, id, issuer, this.#now(), source);
+      return statusIn(body, id, issuer, Date.now(), source);
     } catch (err) {
       if (err instanceof LookupFailure) throw new LookupFailure(err.reason, `${source}: ${err.message}`);
       throw new LookupFailure('ocsp_invalid', `${source}: its answer cannot be read (${(err as Error).message})`);
@@ -276,8 +272,8 @@ function statusIn(body: Buffer, id: CertID, issuer: X509Certificate, now: number
 /** The status the answer gives, `source` (the responder, and the CA asked about in chain mode) naming who said it. */
 function judged(single: SingleResponse, now: number, source: string): Answer {
   const { thisUpdate, nextUpdate, certStatus } = single;
-  if (thisUpdate.getTime() > now + OCSP_CLOCK_SKEW_MS) throw new LookupFailure('ocsp_invalid', `its answer's thisUpdate ${thisUpdate.toISOString()} is in the future (a clock off?)`);
-  if (nextUpdate && nextUpdate.getTime() < now - OCSP_CLOCK_SKEW_MS) throw new LookupFailure('ocsp_invalid', `its answer is stale: its nextUpdate ${nextUpdate.toISOString()} has passed`);
+  if (thisUpdate.getTime() > now + CLOCK_SKEW_MS) throw new LookupFailure('ocsp_invalid', `its answer's thisUpdate ${thisUpdate.toISOString()} is in the future (a clock off?)`);
+  if (nextUpdate && nextUpdate.getTime() < now - CLOCK_SKEW_MS) throw new LookupFailure('ocsp_invalid', `its answer is stale: its nextUpdate ${nextUpdate.toISOString()} has passed`);
   // Without nextUpdate "newer information is always available" (RFC 6960 4.2.2.1): used for this lookup alone.
   const until = nextUpdate?.getTime();
   if (certStatus.revoked) {
@@ -344,7 +340,7 @@ function safeVerify(digest: string | null, data: Buffer, key: KeyObject, signatu
 function signedFor(cert: X509Certificate, issuer: X509Certificate, now: number): boolean {
   if (!cert.checkIssued(issuer) || !cert.verify(issuer.publicKey)) return false;
   if (!(cert.keyUsage ?? []).includes(id_kp_OCSPSigning)) return false;
-  return Date.parse(cert.validFrom) <= now + OCSP_CLOCK_SKEW_MS && now - OCSP_CLOCK_SKEW_MS <= Date.parse(cert.validTo);
+  return Date.parse(cert.validFrom) <= now + CLOCK_SKEW_MS && now - CLOCK_SKEW_MS <= Date.parse(cert.validTo);
 }
 
 /** The certificates a BasicOCSPResponse carries ([0] EXPLICIT SEQUENCE OF Certificate), as their DER. */

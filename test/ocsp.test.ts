@@ -2,8 +2,8 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import type * as grpc from '@grpc/grpc-js';
 import { X509Certificate } from 'node:crypto';
-import { connect } from 'node:tls';
-import { connect as netConnect } from 'node:net';
+import { connect, type TLSSocket } from 'node:tls';
+import { connect as netConnect, type Socket } from 'node:net';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -174,6 +174,30 @@ describe('--mtls_ocsp leaf', () => {
   });
 });
 
+/**
+ * A proxy whose responder holds its answer until `own.release()`, and a client of it (AIA naming that responder)
+ * whose REST request waits for its lookup: `use` gets them once the responder has been asked.
+ */
+async function withLookupHeld(use: (front: StartedProxy, socket: TLSSocket, own: OcspResponderStandIn, client: Issued & { name: string }, raw: Socket) => Promise<void>): Promise<void> {
+  const own = await startOcspResponder(pki.clientCa);
+  own.behaviour.mode = 'hold';
+  try {
+    const client = await ocspClient(own.url);
+    await withProxy({}, async (front) => {
+      // A TCP connection of the test's own, for the reset a TLS socket cannot send.
+      const raw = netConnect({ host: '127.0.0.1', port: front.restPort });
+      const socket = connect({ socket: raw, ...tlsClientOptions(pki, client), ALPNProtocols: ['http/1.1'] });
+      socket.on('error', () => {});
+      await once(socket, 'secureConnect');
+      socket.write('GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n');
+      await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
+      await use(front, socket, own, client, raw);
+    });
+  } finally {
+    await own.close();
+  }
+}
+
 describe('fails closed: a status that cannot be learnt or trusted refuses the client, naming the cause', () => {
   /** A stand-in of its own per case, so that its behaviour is the case's alone. */
   async function refusedWith(setUp: (r: OcspResponderStandIn) => void, reason: string, ...words: RegExp[]): Promise<void> {
@@ -235,57 +259,32 @@ describe('fails closed: a status that cannot be learnt or trusted refuses the cl
   });
 
   test('a client that resets its connection while its lookup is under way is neither served nor kept among the live connections', async () => {
-    const own = await startOcspResponder(pki.clientCa);
-    own.behaviour.mode = 'hold';
-    try {
-      const client = await ocspClient(own.url);
-      await withProxy({}, async (front) => {
-        const raw = netConnect({ host: '127.0.0.1', port: front.restPort });
-        const socket = connect({ socket: raw, ...tlsClientOptions(pki, client), ALPNProtocols: ['http/1.1'] });
-        socket.on('error', () => {});
-        await once(socket, 'secureConnect');
-        socket.write('GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n');
-        await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
-        raw.resetAndDestroy();
-        await once(socket, 'close');
-        // One turn of the event loop's poll phase: the proxy reads the reset before the answer is sent.
-        await new Promise((resolve) => setImmediate(resolve));
-        own.release();
-        // The good answer, now kept, serves the next connection; the first is gone, and nothing of it is held.
-        assert.equal(await attempt(front, client), 'accepted');
-        assert.equal(own.asked.length, 1);
-        const [rest] = front.proxy.listeners().filter((l) => l.name === 'rest');
-        await eventually(() => rest!.connections.size === 0, 'no live connection left');
-        assert.equal(front.logs.lines.filter((l) => l.event === 'access').length, 1);
-      });
-    } finally {
-      await own.close();
-    }
+    await withLookupHeld(async (front, socket, own, client, raw) => {
+      raw.resetAndDestroy();
+      await once(socket, 'close');
+      // One turn of the event loop's poll phase: the proxy reads the reset before the answer is sent.
+      await new Promise((resolve) => setImmediate(resolve));
+      own.release();
+      // The good answer, now kept, serves the next connection; the first is gone, and nothing of it is held.
+      assert.equal(await attempt(front, client), 'accepted');
+      assert.equal(own.asked.length, 1);
+      const [rest] = front.proxy.listeners().filter((l) => l.name === 'rest');
+      await eventually(() => rest!.connections.size === 0, 'no live connection left');
+      assert.equal(front.logs.lines.filter((l) => l.event === 'access').length, 1);
+    });
   });
 });
 
 test('a drain that begins while a client waits for its lookup: once the answer comes, its request is answered with connection: close, and the drain ends', async () => {
-  const own = await startOcspResponder(pki.clientCa);
-  own.behaviour.mode = 'hold';
-  try {
-    const client = await ocspClient(own.url);
-    await withProxy({}, async (front) => {
-      const socket = connect({ port: front.restPort, host: '127.0.0.1', ...tlsClientOptions(pki, client), ALPNProtocols: ['http/1.1'] });
-      socket.on('error', () => {});
-      await once(socket, 'secureConnect');
-      socket.write('GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n');
-      await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
-      const drained = front.proxy.shutdown(20_000);
-      own.release();
-      const answer = await readToClose(socket);
-      assert.match(answer, /^HTTP\/1\.1 200 /);
-      assert.match(answer, /\r\nconnection: close\r\n/i);
-      await drained;
-      assert.equal(front.logs.lines.filter((l) => l.event === 'shutdown_timeout').length, 0);
-    });
-  } finally {
-    await own.close();
-  }
+  await withLookupHeld(async (front, socket, own) => {
+    const drained = front.proxy.shutdown(20_000);
+    own.release();
+    const answer = await readToClose(socket);
+    assert.match(answer, /^HTTP\/1\.1 200 /);
+    assert.match(answer, /\r\nconnection: close\r\n/i);
+    await drained;
+    assert.equal(front.logs.lines.filter((l) => l.event === 'shutdown_timeout').length, 0);
+  });
 });
 
 /** OpenSSL's own responder (`openssl ocsp`), answering from a CA index file: a real peer's encoding, not ours. */
@@ -328,24 +327,15 @@ test('OpenSSL\'s own responder (openssl ocsp), signing as the CA and as a delega
 });
 
 test('a reload while a client waits for its lookup, taking it out of the allow-list: the good answer does not let it in, it is refused not_allowed', async () => {
-  const own = await startOcspResponder(pki.clientCa);
-  own.behaviour.mode = 'hold';
-  try {
-    const client = await ocspClient(own.url);
-    await withProxy({}, async (front) => {
-      const answer = https1(front.restPort, pki, { path: '/v2/health/live', client });
-      await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
-      front.proxy.reloadTls(loadTlsMaterialSync(baseConfig({ pki }).tls), { ...EMPTY_ALLOW_LIST, cn: ['someone else'] });
-      own.release();
-      const response = await answer;
-      assert.equal(response.status, 403);
-      const line = await front.logs.waitFor((l) => l.event === 'client_refused' && l.subject === `CN=${client.name}`);
-      assert.equal(line.reason, 'not_allowed');
-      assertRefusedAnswer(response, 'not_allowed');
-    });
-  } finally {
-    await own.close();
-  }
+  await withLookupHeld(async (front, socket, own, client) => {
+    front.proxy.reloadTls(loadTlsMaterialSync(baseConfig({ pki }).tls), { ...EMPTY_ALLOW_LIST, cn: ['someone else'] });
+    own.release();
+    const answer = await readToClose(socket);
+    assert.match(answer, /^HTTP\/1\.1 403 /);
+    const line = await front.logs.waitFor((l) => l.event === 'client_refused' && l.subject === `CN=${client.name}`);
+    assert.equal(line.reason, 'not_allowed');
+    assert.match(answer, /not_allowed/);
+  });
 });
 
 test('a delegated responder certificate issued by the CA for OCSP signing is trusted', async () => {
