@@ -102,6 +102,8 @@ export interface Config {
   readonly restMode: ForwardMode;
   /** Client certificates' OCSP status, asked before a connection is served; absent: not asked (`--mtls_ocsp off`). */
   readonly ocsp?: OcspSettings | undefined;
+  /** Every connection to the public ports begins with a PROXY protocol header naming the client (proxy-protocol.ts); absent: off. */
+  readonly proxyProtocol?: boolean | undefined;
 }
 
 export const FORWARD_MODES = ['terminate', 'relay'] as const;
@@ -119,6 +121,7 @@ export const DEFAULTS = {
   reloadPollMs: 5_000,
   logLevel: 'info' as LevelWithSilent,
   accessLog: true,
+  proxyProtocol: false,
   grpcMode: 'terminate' as ForwardMode,
   /** Proxy mode; the entrypoint opens as many as OVMS runs gRPC servers (ovms-args.ts ovmsGrpcServers). */
   grpcUpstreamConnections: 1,
@@ -563,6 +566,7 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     grpcUpstreamConnections: numberOr(raw, 'mtls_grpc_upstream_connections', DEFAULTS.grpcUpstreamConnections, 1, DEFAULTS.maxGrpcUpstreamConnections),
     restMode: parseChoice(raw, 'mtls_rest_mode', FORWARD_MODES, DEFAULTS.restMode),
     ocsp: parseOcsp(raw),
+    proxyProtocol: parseBoolean('mtls_proxy_protocol', raw['mtls_proxy_protocol'], DEFAULTS.proxyProtocol),
   };
 }
 

@@ -9,6 +9,7 @@ import { clientRef, type ListenerName, type ProxyObserver } from './observer.js'
 import { handshakeFailureReason, judgedWithServedCertificate } from './handshake-failures.js';
 import { namesIssuer, pathToTrust, validTo } from './tls-checks.js';
 import { clientAddress, hostAndPort } from './addresses.js';
+import { awaitProxyHeader } from './proxy-protocol.js';
 import { answerRefusal } from './refusal-answer.js';
 import type { DescriptorHeadroom } from './fd-headroom.js';
 import { SendStallSweeper } from './send-stall.js';
@@ -92,6 +93,8 @@ export interface SecureListenerOptions extends BindSpec {
   readonly descriptors?: DescriptorHeadroom | undefined;
   /** Asked about every client that passed the other checks before it is served (--mtls_ocsp); shared by the process's listeners. */
   readonly ocsp?: OcspChecker | undefined;
+  /** Each connection begins with a PROXY protocol header (--mtls_proxy_protocol), read before the TLS handshake. */
+  readonly proxyProtocol?: boolean | undefined;
 }
 
 /** What a TLS context serves and trusts, as the material parsed it. */
@@ -132,6 +135,9 @@ export const TCP_KEEPALIVE_DELAY_MS = 60_000;
  * side before then, and held the drain, and OVMS's stop behind it, until --mtls_shutdown_timeout.
  */
 const DRAIN_LINGER_MS = 1000;
+
+/** TCP connections whose PROXY protocol header named a client: that address stands for the connection's own. */
+const declaredClients = new WeakMap<Socket, string>();
 
 /**
  * A public TLS port: verifies the client certificate and the allow-list after
@@ -312,9 +318,23 @@ export class SecureListener {
       this.#handshaking.add(socket);
       // on(), not once(): 'close' comes once, and once() keeps a wrapper for the connection's life.
       socket.on('close', () => this.#handshaking.delete(socket));
-      tls.emit('connection', socket);
+      if (this.#options.proxyProtocol) this.#startAfterProxyHeader(socket, tls);
+      else tls.emit('connection', socket);
     });
     return { tcp, tls };
+  }
+
+  /** The TLS handshake begins once the load balancer's header has named the client; a connection without one is closed. */
+  #startAfterProxyHeader(socket: Socket, tls: TlsServer): void {
+    awaitProxyHeader(socket, this.#options.limits.handshakeTimeoutMs, (outcome) => {
+      if ('failure' in outcome) {
+        this.#options.observer.handshakeFailed(this.name, outcome.failure, clientAddress(socket.remoteAddress), outcome.why);
+        socket.destroy();
+        return;
+      }
+      if (outcome.source !== undefined) declaredClients.set(socket, outcome.source);
+      tls.emit('connection', socket);
+    });
   }
 
   /** Under --mtls_max_connections: counted until it closes. Over it: refused, logged and counted, before any handshake. */
@@ -471,10 +491,12 @@ function destroyIfPeerStaysOpen(socket: TLSSocket, graceMs: number): void {
  * The client's address as cached at accept on the TCP socket the TLS socket wraps
  * (`_parent`, set by Node's TLS server): once a client has reset, the TLS socket's
  * own lookup finds nothing. An IPv4 client of a dual-stack `::` listener is named
- * by its IPv4 address (clientAddress).
+ * by its IPv4 address (clientAddress). Behind a load balancer that sends a PROXY protocol header,
+ * the client it names.
  */
 function remoteOf(socket: TLSSocket): string | undefined {
-  return clientAddress(parentOf(socket)?.remoteAddress ?? socket.remoteAddress);
+  const parent = parentOf(socket);
+  return (parent && declaredClients.get(parent)) ?? clientAddress(parent?.remoteAddress ?? socket.remoteAddress);
 }
 
 /** The TCP socket Node's TLS server wrapped in `socket`. */

@@ -105,11 +105,12 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
         logger[level]({ event: 'client_refused', listener, reason: refusal.reason, suppressed }, heldBackMessage(suppressed, limit, 'refused client'));
       });
     },
-    handshakeFailed(listener, code, remote) {
+    handshakeFailed(listener, code, remote, why) {
       // Most failures are one client's business; an expired server certificate fails every client.
       const level = code === SERVER_CERTIFICATE_EXPIRED ? 'error' : 'info';
       handshakeLines.offer(`failed ${listener} ${code}`, () => {
-        logger[level]({ event: 'handshake_failed', listener, remote, reason: code }, handshakeFailureDetail(code, options.minTlsVersion));
+        const detail = handshakeFailureDetail(code, options.minTlsVersion);
+        logger[level]({ event: 'handshake_failed', listener, remote, reason: code }, why === undefined ? detail : `${detail}: ${why}`);
       }, (suppressed, limit) => {
         logger[level]({ event: 'handshake_failed', listener, reason: code, suppressed }, heldBackMessage(suppressed, limit, 'failed handshake'));
       });

@@ -100,7 +100,8 @@ export interface ProxyObserver {
   handshakeAccepted(listener: ListenerName): void;
   /** `subject` and `serial` are the client certificate's, when it sent one. */
   handshakeRefused(listener: ListenerName, refusal: Refusal, remote: string | undefined, subject?: string, serial?: string): void;
-  handshakeFailed(listener: ListenerName, code: string, remote: string | undefined): void;
+  /** `why`: what this connection did, where the reason's own words (handshake-failures.ts) are not enough. */
+  handshakeFailed(listener: ListenerName, code: string, remote: string | undefined, why?: string): void;
   /** Closed before its handshake to keep descriptors spare; the headroom logs these itself, a line per interval. */
   openFilesRefused(listener: ListenerName): void;
   connectionOpened(listener: ListenerName): void;

@@ -109,6 +109,7 @@ function listenerWithFronts(name: ListenerName, cfg: ListenerConfig, options: Pr
     observer,
     descriptors: options.descriptors,
     ocsp: options.ocsp,
+    proxyProtocol: config.proxyProtocol,
     handover: {
       h2: (s, c) => (relays.h2 ?? h2).accept(s, c),
       http1: (s, c) => (relays.http1 ?? h1).accept(s, c),

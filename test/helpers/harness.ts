@@ -73,6 +73,7 @@ export interface ProxySetup {
   restMode?: Config['restMode'];
   grpcUpstreamConnections?: number;
   ocsp?: Config['ocsp'];
+  proxyProtocol?: boolean;
 }
 
 export interface StartedProxy {
@@ -100,6 +101,7 @@ export function baseConfig(setup: ProxySetup): Config {
     grpcUpstreamConnections: setup.grpcUpstreamConnections ?? 1,
     restMode: setup.restMode ?? 'terminate',
     ...(setup.ocsp ? { ocsp: setup.ocsp } : {}),
+    ...(setup.proxyProtocol ? { proxyProtocol: true } : {}),
   };
 }
 

@@ -1,0 +1,144 @@
+/**
+ * The PROXY protocol (HAProxy's specification, versions 1 and 2): an L4 load balancer in front
+ * (AWS NLB, HAProxy, a cloud Service of type LoadBalancer) connects to us from its own address and
+ * writes, before the client's first byte, a header naming the client's. Without it every access
+ * line, refusal and X-Forwarded-For named the load balancer. With --mtls_proxy_protocol every
+ * connection must begin with one (as nginx's `listen ... proxy_protocol`): accepting it from
+ * whoever sends it would let any client name itself.
+ */
+import { SocketAddress, isIPv4, isIPv6, type Socket } from 'node:net';
+import { clientAddress } from './addresses.js';
+
+/** The reasons a connection is closed before its TLS handshake begins (handshake-failures.ts words them). */
+export type HeaderFailure = 'proxy_protocol_missing' | 'proxy_protocol_invalid' | 'client_closed' | 'handshake_timeout';
+
+/** A whole header: its length in bytes, and the client's address (undefined: keep the connection's own). */
+export interface ProxyHeader {
+  readonly length: number;
+  readonly source: string | undefined;
+}
+
+export interface Unreadable {
+  readonly failure: 'proxy_protocol_missing' | 'proxy_protocol_invalid';
+  readonly why: string;
+}
+
+const V1_PREFIX = Buffer.from('PROXY ', 'latin1');
+/** The spec's bound: 'PROXY TCP6 ' + two full IPv6 addresses + two ports + spaces + CRLF. */
+const V1_MAX_LENGTH = 107;
+const V2_SIGNATURE = Buffer.from([0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a]);
+const V2_FIXED_LENGTH = 16;
+
+/** Whether `bytes` begins as `prefix` does, as far as either goes. */
+function beginsLike(bytes: Buffer, prefix: Buffer): boolean {
+  const n = Math.min(bytes.length, prefix.length);
+  return bytes.subarray(0, n).equals(prefix.subarray(0, n));
+}
+
+/** What begins `bytes`: a header, a reason it cannot be one, or undefined while more bytes are needed. */
+export function parseProxyHeader(bytes: Buffer): ProxyHeader | Unreadable | undefined {
+  if (beginsLike(bytes, V2_SIGNATURE)) return bytes.length < V2_SIGNATURE.length ? undefined : parseV2(bytes);
+  if (beginsLike(bytes, V1_PREFIX)) return bytes.length < V1_PREFIX.length ? undefined : parseV1(bytes);
+  return { failure: 'proxy_protocol_missing', why: `the connection began with ${firstBytes(bytes)}` };
+}
+
+function firstBytes(bytes: Buffer): string {
+  // 0x16 is a TLS handshake record: a client that connected past the load balancer.
+  if (bytes[0] === 0x16) return 'a TLS handshake, not a PROXY header';
+  const shown = bytes.subarray(0, 8).toString('latin1').replace(/[^\x20-\x7e]/g, '.');
+  return `"${shown}", not a PROXY header`;
+}
+
+function invalid(why: string): Unreadable {
+  return { failure: 'proxy_protocol_invalid', why };
+}
+
+function parseV1(bytes: Buffer): ProxyHeader | Unreadable | undefined {
+  const end = bytes.subarray(0, V1_MAX_LENGTH).indexOf('\r\n');
+  if (end === -1) return bytes.length < V1_MAX_LENGTH ? undefined : invalid(`a version 1 header has no CRLF within ${V1_MAX_LENGTH} bytes`);
+  const line = bytes.subarray(0, end).toString('latin1');
+  const fields = line.split(' ');
+  const length = end + 2;
+  if (fields[1] === 'UNKNOWN') return { length, source: undefined };
+  if (fields.length !== 6) return invalid(`a version 1 header needs 6 fields: "${printable(line)}"`);
+  const [, family, source, destination, sourcePort, destinationPort] = fields as [string, string, string, string, string, string];
+  if (family !== 'TCP4' && family !== 'TCP6') return invalid(`version 1 protocol "${printable(family)}" (TCP4, TCP6 or UNKNOWN)`);
+  const ipFamily = family === 'TCP4' ? 'ipv4' : 'ipv6';
+  for (const address of [source, destination]) {
+    if (!isAddressOf(address, ipFamily)) return invalid(`"${printable(address)}" is not an ${family === 'TCP4' ? 'IPv4' : 'IPv6'} address`);
+  }
+  for (const port of [sourcePort, destinationPort]) {
+    if (!/^(0|[1-9]\d{0,4})$/.test(port) || Number(port) > 65535) return invalid(`"${printable(port)}" is not a port`);
+  }
+  return { length, source: clientAddress(new SocketAddress({ address: source, family: ipFamily }).address) };
+}
+
+/** A zone (`fe80::1%eth0`) names an interface of the load balancer's host, not of ours. */
+function isAddressOf(text: string, family: 'ipv4' | 'ipv6'): boolean {
+  return family === 'ipv4' ? isIPv4(text) : isIPv6(text) && !text.includes('%');
+}
+
+function printable(text: string): string {
+  return text.slice(0, 48).replace(/[^\x20-\x7e]/g, '.');
+}
+
+const V2_LOCAL = 0x0;
+const V2_PROXY = 0x1;
+/** Address families (high nibble of byte 13) and the length of their address block. */
+const V2_INET = 0x1;
+const V2_INET6 = 0x2;
+const V2_ADDRESS_BYTES: Record<number, number> = { [V2_INET]: 12, [V2_INET6]: 36 };
+
+function parseV2(bytes: Buffer): ProxyHeader | Unreadable | undefined {
+  if (bytes.length < V2_FIXED_LENGTH) return undefined;
+  const version = bytes[12]! >> 4;
+  const command = bytes[12]! & 0x0f;
+  if (version !== 2) return invalid(`version ${version} after the version 2 signature`);
+  if (command !== V2_LOCAL && command !== V2_PROXY) return invalid(`version 2 command ${command} (0 LOCAL or 1 PROXY)`);
+  const family = bytes[13]! >> 4;
+  const transport = bytes[13]! & 0x0f;
+  const length = V2_FIXED_LENGTH + bytes.readUInt16BE(14);
+  if (bytes.length < length) return undefined;
+  // LOCAL: the load balancer's own connection (a health check); UNSPEC and AF_UNIX carry no IP address.
+  if (command === V2_LOCAL || family === 0x0 || family === 0x3) return { length, source: undefined };
+  if (family !== V2_INET && family !== V2_INET6) return invalid(`version 2 address family ${family}`);
+  if (transport !== 0x1) return invalid(`version 2 transport ${transport}, not STREAM (TCP)`);
+  const needed = V2_ADDRESS_BYTES[family]!;
+  if (length - V2_FIXED_LENGTH < needed) return invalid(`a version 2 ${family === V2_INET ? 'IPv4' : 'IPv6'} address block of ${length - V2_FIXED_LENGTH} bytes (${needed} needed)`);
+  const block = bytes.subarray(V2_FIXED_LENGTH);
+  return { length, source: family === V2_INET ? block.subarray(0, 4).join('.') : ipv6Text(block.subarray(0, 16)) };
+}
+
+function ipv6Text(raw: Buffer): string {
+  const groups = Array.from({ length: 8 }, (_, i) => raw.readUInt16BE(i * 2).toString(16));
+  return clientAddress(new SocketAddress({ address: groups.join(':'), family: 'ipv6' }).address)!;
+}
+
+/** What waiting for the header ended with: the client's address (undefined: the connection's own), or why it is closed. */
+export type HeaderOutcome = { readonly source: string | undefined } | { readonly failure: HeaderFailure; readonly why?: string };
+
+/**
+ * Reads the header off `socket` and calls `then` once: on success with the bytes after it put back
+ * and the socket paused, so a TLS server given it next reads them first (Node's TLSSocket takes
+ * what the socket holds before reading the handle).
+ */
+export function awaitProxyHeader(socket: Socket, timeoutMs: number, then: (outcome: HeaderOutcome) => void): void {
+  let held: Buffer = Buffer.alloc(0);
+  const finish = (outcome: HeaderOutcome): void => {
+    clearTimeout(timer);
+    socket.off('data', onData).off('end', onClosed).off('close', onClosed).off('error', onClosed);
+    then(outcome);
+  };
+  const onData = (chunk: Buffer): void => {
+    held = held.length === 0 ? chunk : Buffer.concat([held, chunk]);
+    const parsed = parseProxyHeader(held);
+    if (parsed === undefined) return;
+    if ('failure' in parsed) return finish(parsed);
+    socket.pause();
+    if (held.length > parsed.length) socket.unshift(held.subarray(parsed.length));
+    finish({ source: parsed.source });
+  };
+  const onClosed = (): void => finish({ failure: 'client_closed' });
+  const timer = setTimeout(() => finish({ failure: 'handshake_timeout' }), timeoutMs);
+  socket.on('data', onData).on('end', onClosed).on('close', onClosed).on('error', onClosed);
+}
