@@ -25,6 +25,8 @@ export interface ClientIdentity {
 export interface Refusal {
   readonly reason: RefusalReason;
   readonly detail: string;
+  /** What the refused client reads instead of `detail`, where that names what is the operator's alone (an internal OCSP responder's address). */
+  readonly clientDetail?: string;
   /** For our log only, never the client's answer: the error of an `internal_error`. */
   readonly error?: string;
 }

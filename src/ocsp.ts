@@ -128,7 +128,8 @@ export class OcspChecker {
 
   async #lookUp(cert: X509Certificate, issuer: X509Certificate, who: string, key: string): Promise<Answer> {
     const generation = this.#generation;
-    const answer = await this.#ask(cert, issuer, who).catch((err: unknown): Answer => ({ refused: failureRefusal(err, who) }));
+    const asked = await this.#ask(cert, issuer, who).catch((err: unknown): Answer => ({ refused: failureRefusal(err, who) }));
+    const answer = withResponderHidden(asked, this.#settings.responder);
     if (generation !== this.#generation) return answer;
     this.#inFlight.delete(key);
     if (answer.until !== undefined) this.#keep(key, { refused: answer.refused, until: answer.until });
@@ -160,6 +161,16 @@ export class OcspChecker {
       throw new LookupFailure('ocsp_invalid', `${source}: its answer cannot be read (${(err as Error).message})`);
     }
   }
+}
+
+/**
+ * --mtls_ocsp_responder is the operator's address, often an internal one: a refused client reads the
+ * option's name in its place (the log keeps it). A responder a certificate names is its holder's to know.
+ */
+function withResponderHidden(answer: Answer, responder: string | undefined): Answer {
+  const { refused } = answer;
+  if (responder === undefined || refused === undefined || !refused.detail.includes(responder)) return answer;
+  return { ...answer, refused: { ...refused, clientDetail: refused.detail.replaceAll(responder, '--mtls_ocsp_responder') } };
 }
 
 function failureRefusal(err: unknown, who: string): Refusal {

@@ -42,7 +42,7 @@ export const REFUSAL_PREFIX = 'client certificate refused';
 
 /** What the client reads; `reason` is the word our `client_refused` log line carries. */
 function refusalMessage(refused: Refusal): string {
-  return `${REFUSAL_PREFIX} (${refused.reason}): ${refused.detail}`;
+  return `${REFUSAL_PREFIX} (${refused.reason}): ${refused.clientDetail ?? refused.detail}`;
 }
 
 /** One HTTP/2 server for every refused connection; it never listens, sockets are handed to it. */

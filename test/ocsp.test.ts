@@ -162,6 +162,28 @@ describe('--mtls_ocsp leaf', () => {
     });
   });
 
+  test('the address of --mtls_ocsp_responder is logged but not told to a refused client, which reads the option\'s name; a responder its certificate names, it is told', async () => {
+    const [overridden, named] = await Promise.all([ocspClient('http://127.0.0.1:9/ocsp'), ocspClient()]);
+    for (const client of [overridden, named]) responder.behaviour.statuses.set(client.serialHex, 'revoked');
+    await withProxy({ ocsp: { ...LEAF, responder: responder.url } }, async (front) => {
+      const answer = await https1(front.restPort, pki, { path: '/v2/health/live', client: overridden });
+      assertRefusedAnswer(answer, 'ocsp_revoked');
+      assert.ok(!answer.body.includes(responder.url), answer.body);
+      assert.match(answer.body, /OCSP responder --mtls_ocsp_responder: revoked at \d{4}-/);
+      const call = await grpcCall(front, overridden);
+      assert.notEqual(call, 'served');
+      assert.match((call as grpc.ServiceError).details, /OCSP responder --mtls_ocsp_responder: revoked at/);
+      assert.ok(!(call as grpc.ServiceError).details.includes(responder.url));
+      const line = await front.logs.waitFor((l) => l.event === 'client_refused' && l.subject === `CN=${overridden.name}`);
+      assert.match(line.msg, new RegExp(`OCSP responder ${escaped(responder.url)}: revoked at`));
+    });
+    await withProxy({}, async (front) => {
+      const answer = await https1(front.restPort, pki, { path: '/v2/health/live', client: named });
+      assertRefusedAnswer(answer, 'ocsp_revoked');
+      assert.ok(answer.body.includes(`OCSP responder ${responder.url}: revoked at`), answer.body);
+    });
+  });
+
   test('relay modes (REST and gRPC): a good client is served, a revoked one refused', async () => {
     const [good, revoked] = await Promise.all([ocspClient(), ocspClient()]);
     responder.behaviour.statuses.set(revoked.serialHex, 'revoked');
