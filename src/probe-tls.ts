@@ -92,7 +92,16 @@ export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, 
     return { layer: 'client certificate', cause: `the server refused the client certificate (TLS alert "${alert[1]!.toLowerCase()}"): check it was issued by the server's client CA, is valid and not revoked` };
   }
   if (stage === 'secured') return refusedAfterHandshake();
+  if (stage === 'hello sent' && code === 'ECONNRESET') return closedOnHello();
   return { layer: 'network', cause: `the connection failed before the TLS handshake finished (${code || err.message})` };
+}
+
+/** A TLS server that refuses a hello says why in an alert; a close without one is something in front of TLS. */
+function closedOnHello(): Diagnosis {
+  return {
+    layer: 'network',
+    cause: 'the server closed the connection on the TLS hello without a TLS alert: a port that expects a PROXY protocol header first (ovms-mtls --mtls_proxy_protocol, nginx proxy_protocol: probe through the load balancer), or a server refusing connections over its limit (--mtls_max_connections); its log says which (ECONNRESET)',
+  };
 }
 
 /** The server refused our hello with an alert, before it sent its certificate (so before it saw ours). */

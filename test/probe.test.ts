@@ -436,6 +436,17 @@ describe('probe', () => {
     }
   });
 
+  test('a proxy that wants a PROXY protocol header first (--mtls_proxy_protocol) closes on the probe\'s hello: the report says so, not a bare network failure', async () => {
+    const behindBalancer = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, proxyProtocol: true });
+    try {
+      const { code, out } = await probe(['--port', String(behindBalancer.grpcPort), '--rest_port', String(behindBalancer.restPort), ...clientFlags()]);
+      assert.equal(code, 1);
+      assert.match(out, /^FAIL .*TLS handshake.*\n.*-> network layer: the server closed the connection on the TLS hello without a TLS alert: a port that expects a PROXY protocol header first \(ovms-mtls --mtls_proxy_protocol/m);
+    } finally {
+      await behindBalancer.proxy.shutdown(1000);
+    }
+  });
+
   test('nothing listening is reported as the network layer', async () => {
     const { code, out } = await probe(['--port', String((await freeLoopbackPorts(1))[0]), ...clientFlags()]);
     assert.equal(code, 1);
