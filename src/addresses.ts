@@ -45,3 +45,26 @@ export function clientAddress(address: string | undefined): string | undefined {
 export function aLabel(name: string): string {
   return /\P{ASCII}/u.test(name) && !/[\p{Cc}\s]/u.test(name) ? domainToASCII(name) : name;
 }
+
+/** An address range in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`; a bare address is the range of it alone). */
+export interface Subnet {
+  readonly address: string;
+  readonly prefix: number;
+  readonly family: 'ipv4' | 'ipv6';
+}
+
+/** `text` as a Subnet (an IPv4-mapped IPv6 range as its IPv4 one, as clientAddress names those clients), or undefined if it is none. */
+export function parseSubnet(text: string): Subnet | undefined {
+  const match = /^([^/]+?)(?:\/(\d{1,3}))?$/.exec(text.trim());
+  if (!match) return undefined;
+  const address = unbracketed(match[1]!);
+  const family = isIPv4(address) ? 'ipv4' : isIPv6(address) && !address.includes('%') ? 'ipv6' : undefined;
+  if (family === undefined) return undefined;
+  const bits = family === 'ipv4' ? 32 : 128;
+  const prefix = match[2] === undefined ? bits : Number(match[2]);
+  if (prefix > bits) return undefined;
+  const mapped = family === 'ipv6' ? clientAddress(address) : address;
+  if (mapped !== address && prefix >= 96) return { address: mapped!, prefix: prefix - 96, family: 'ipv4' };
+  return { address, prefix, family };
+}
+

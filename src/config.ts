@@ -3,7 +3,7 @@ import { availableParallelism } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { posix } from 'node:path';
 import { ConfigError } from './errors.js';
-import { aLabel, clientAddress, unbracketed } from './addresses.js';
+import { aLabel, clientAddress, parseSubnet, unbracketed, type Subnet } from './addresses.js';
 import type { RawOptions } from './options.js';
 import type { LevelWithSilent } from 'pino';
 import { LOG_LEVELS } from './log.js';
@@ -102,8 +102,14 @@ export interface Config {
   readonly restMode: ForwardMode;
   /** Client certificates' OCSP status, asked before a connection is served; absent: not asked (`--mtls_ocsp off`). */
   readonly ocsp?: OcspSettings | undefined;
-  /** Every connection to the public ports begins with a PROXY protocol header naming the client (proxy-protocol.ts); absent: off. */
-  readonly proxyProtocol?: boolean | undefined;
+  /** Connections to the public ports begin with a PROXY protocol header naming the client (proxy-protocol.ts); absent: off. */
+  readonly proxyProtocol?: ProxyProtocolSettings | undefined;
+}
+
+/** `--mtls_proxy_protocol` and `--mtls_proxy_protocol_from`. */
+export interface ProxyProtocolSettings {
+  /** The load balancers' addresses, whose connections alone carry a header; empty: every connection does. */
+  readonly from: readonly Subnet[];
 }
 
 export const FORWARD_MODES = ['terminate', 'relay'] as const;
@@ -121,7 +127,6 @@ export const DEFAULTS = {
   reloadPollMs: 5_000,
   logLevel: 'info' as LevelWithSilent,
   accessLog: true,
-  proxyProtocol: false,
   grpcMode: 'terminate' as ForwardMode,
   /** Proxy mode; the entrypoint opens as many as OVMS runs gRPC servers (ovms-args.ts ovmsGrpcServers). */
   grpcUpstreamConnections: 1,
@@ -566,8 +571,28 @@ export function parseCommonConfig(raw: RawOptions, tlsDefaults?: Partial<TlsFile
     grpcUpstreamConnections: numberOr(raw, 'mtls_grpc_upstream_connections', DEFAULTS.grpcUpstreamConnections, 1, DEFAULTS.maxGrpcUpstreamConnections),
     restMode: parseChoice(raw, 'mtls_rest_mode', FORWARD_MODES, DEFAULTS.restMode),
     ocsp: parseOcsp(raw),
-    proxyProtocol: parseBoolean('mtls_proxy_protocol', raw['mtls_proxy_protocol'], DEFAULTS.proxyProtocol),
+    proxyProtocol: parseProxyProtocol(raw),
   };
+}
+
+/** `--mtls_proxy_protocol` and the load balancers it may be narrowed to; `_from` without it would do nothing, so it is refused. */
+function parseProxyProtocol(raw: RawOptions): ProxyProtocolSettings | undefined {
+  const on = parseBoolean('mtls_proxy_protocol', raw['mtls_proxy_protocol'], false);
+  const from = stringList(raw, 'mtls_proxy_protocol_from');
+  if (raw['mtls_proxy_protocol_from'] !== undefined && from.length === 0) {
+    throw new ConfigError('--mtls_proxy_protocol_from was given without a value: give the load balancers\' addresses or ranges (10.0.0.0/8, 192.0.2.7, 2001:db8::/32), or leave it out for every connection to carry a header');
+  }
+  if (!on) {
+    if (from.length > 0) throw new ConfigError('--mtls_proxy_protocol_from applies only with --mtls_proxy_protocol: add --mtls_proxy_protocol, or drop --mtls_proxy_protocol_from');
+    return undefined;
+  }
+  return { from: from.map(subnetOf) };
+}
+
+function subnetOf(text: string): Subnet {
+  const subnet = parseSubnet(text);
+  if (subnet === undefined) throw new ConfigError(`--mtls_proxy_protocol_from: '${text}' is not an IP address or a CIDR range (give e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32)`);
+  return subnet;
 }
 
 /** `--mtls_ocsp` and its companions; those given without it would silently do nothing, so they are refused. */

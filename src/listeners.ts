@@ -1,7 +1,7 @@
 import type { X509Certificate } from 'node:crypto';
 import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket, type SecureContextOptions } from 'node:tls';
 import { createServer as createTcpServer, type AddressInfo, type ListenOptions, type Server as TcpServer, type Socket } from 'node:net';
-import { bindsIpv6Only, type AllowList, type BindSpec, type Limits } from './config.js';
+import { bindsIpv6Only, type AllowList, type BindSpec, type Limits, type ProxyProtocolSettings } from './config.js';
 import { bindEach, type SkippedAddress } from './bind-addresses.js';
 import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, presentedCertificates, refusal, rfc2253Name, verificationRefusal, type ClientIdentity, type Refusal, type RefusalReason } from './client-identity.js';
@@ -9,7 +9,7 @@ import { clientRef, type ListenerName, type ProxyObserver } from './observer.js'
 import { handshakeFailureReason, judgedWithServedCertificate } from './handshake-failures.js';
 import { namesIssuer, pathToTrust, validTo } from './tls-checks.js';
 import { clientAddress, hostAndPort } from './addresses.js';
-import { awaitProxyHeader } from './proxy-protocol.js';
+import { awaitProxyHeader, headerExpected } from './proxy-protocol.js';
 import { answerRefusal } from './refusal-answer.js';
 import type { DescriptorHeadroom } from './fd-headroom.js';
 import { SendStallSweeper } from './send-stall.js';
@@ -93,8 +93,8 @@ export interface SecureListenerOptions extends BindSpec {
   readonly descriptors?: DescriptorHeadroom | undefined;
   /** Asked about every client that passed the other checks before it is served (--mtls_ocsp); shared by the process's listeners. */
   readonly ocsp?: OcspChecker | undefined;
-  /** Each connection begins with a PROXY protocol header (--mtls_proxy_protocol), read before the TLS handshake. */
-  readonly proxyProtocol?: boolean | undefined;
+  /** Which connections begin with a PROXY protocol header (--mtls_proxy_protocol), read before the TLS handshake. */
+  readonly proxyProtocol?: ProxyProtocolSettings | undefined;
 }
 
 /** What a TLS context serves and trusts, as the material parsed it. */
@@ -173,6 +173,7 @@ export class SecureListener {
   readonly #handshaking = new Set<Socket>();
   /** Handshaken connections waiting for their OCSP status: destroyAll cuts them too. */
   readonly #awaitingOcsp = new Set<TLSSocket>();
+  readonly #expectsProxyHeader: (remote: string | undefined) => boolean;
   /** Stopped accepting: the shutdown waits for the connections, and ended ones get a short linger. */
   #draining = false;
   /** What waits for the last live connection to close (stopAccepting). */
@@ -187,6 +188,7 @@ export class SecureListener {
     this.#trustedCas = options.certificates.clientCas;
     this.#servedUntil = servedUntil(options.certificates.serverChain);
     options.ocsp?.trust(options.certificates.clientCas);
+    this.#expectsProxyHeader = headerExpected(options.proxyProtocol);
     const { idleTimeoutMs } = options.limits;
     this.#sendStall = new SendStallSweeper(idleTimeoutMs, this.#connections, (_socket, context, waitingBytes) => {
       options.observer.clientUnresponsive({ ...clientRef(context), waitingBytes, idleTimeoutMs });
@@ -318,7 +320,7 @@ export class SecureListener {
       this.#handshaking.add(socket);
       // on(), not once(): 'close' comes once, and once() keeps a wrapper for the connection's life.
       socket.on('close', () => this.#handshaking.delete(socket));
-      if (this.#options.proxyProtocol) this.#startAfterProxyHeader(socket, tls);
+      if (this.#expectsProxyHeader(socket.remoteAddress)) this.#startAfterProxyHeader(socket, tls);
       else tls.emit('connection', socket);
     });
     return { tcp, tls };

@@ -3,11 +3,13 @@
  * (AWS NLB, HAProxy, a cloud Service of type LoadBalancer) connects to us from its own address and
  * writes, before the client's first byte, a header naming the client's. Without it every access
  * line, refusal and X-Forwarded-For named the load balancer. With --mtls_proxy_protocol every
- * connection must begin with one (as nginx's `listen ... proxy_protocol`): accepting it from
- * whoever sends it would let any client name itself.
+ * connection must begin with one (as nginx's `listen ... proxy_protocol`), or, with
+ * --mtls_proxy_protocol_from, every connection from the load balancers' addresses and none from
+ * elsewhere: accepting it from whoever sends it would let any client name itself.
  */
-import { SocketAddress, isIPv4, isIPv6, type Socket } from 'node:net';
+import { BlockList, SocketAddress, isIPv4, isIPv6, type Socket } from 'node:net';
 import { clientAddress } from './addresses.js';
+import type { ProxyProtocolSettings } from './config.js';
 
 /** The reasons a connection is closed before its TLS handshake begins (handshake-failures.ts words them). */
 export type HeaderFailure = 'proxy_protocol_missing' | 'proxy_protocol_invalid' | 'client_closed' | 'handshake_timeout';
@@ -112,6 +114,21 @@ function parseV2(bytes: Buffer): ProxyHeader | Unreadable | undefined {
 function ipv6Text(raw: Buffer): string {
   const groups = Array.from({ length: 8 }, (_, i) => raw.readUInt16BE(i * 2).toString(16));
   return clientAddress(new SocketAddress({ address: groups.join(':'), family: 'ipv6' }).address)!;
+}
+
+/**
+ * Whether a connection from `remote` must begin with a header. Others go to TLS as they are, so a
+ * header from elsewhere fails there as not TLS.
+ */
+export function headerExpected(settings: ProxyProtocolSettings | undefined): (remote: string | undefined) => boolean {
+  if (settings === undefined) return () => false;
+  if (settings.from.length === 0) return () => true;
+  const balancers = new BlockList();
+  for (const { address, prefix, family } of settings.from) balancers.addSubnet(address, prefix, family);
+  return (remote) => {
+    const address = clientAddress(remote);
+    return address !== undefined && balancers.check(address, isIPv4(address) ? 'ipv4' : 'ipv6');
+  };
 }
 
 /** What waiting for the header ended with: the client's address (undefined: the connection's own), or why it is closed. */

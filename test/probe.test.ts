@@ -437,7 +437,7 @@ describe('probe', () => {
   });
 
   test('a proxy that wants a PROXY protocol header first (--mtls_proxy_protocol) closes on the probe\'s hello: the report says so, not a bare network failure', async () => {
-    const behindBalancer = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, proxyProtocol: true });
+    const behindBalancer = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, proxyProtocol: { from: [] } });
     try {
       const { code, out } = await probe(['--port', String(behindBalancer.grpcPort), '--rest_port', String(behindBalancer.restPort), ...clientFlags()]);
       assert.equal(code, 1);

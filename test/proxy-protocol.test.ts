@@ -5,6 +5,7 @@ import { BlockList, connect as netConnect, createServer as createTcpServer, type
 import { connect as tlsConnect } from 'node:tls';
 import fc from 'fast-check';
 import { parseProxyHeader } from '../src/proxy-protocol.js';
+import { parseSubnet } from '../src/addresses.js';
 import { parseCommonConfig, FORWARD_MODES } from '../src/config.js';
 import { ConfigError } from '../src/errors.js';
 import { freeLoopbackPorts } from '../src/ports.js';
@@ -132,14 +133,20 @@ function sameAddress(read: string, sent: string): boolean {
   return list.check(read.includes(':') ? read : `::ffff:${read}`, 'ipv6');
 }
 
-/**
- * The test's load balancer: takes TLS clients on 127.0.0.1 and passes each to `target`, its first bytes
- * preceded by `header`; `split`: the header alone, a byte per write, before any of the client's bytes.
- */
-async function proxyProtocolHop(target: number, header: Buffer, split = false): Promise<{ port: number; close(): Promise<void> }> {
+interface Hop {
+  /** What the load balancer writes before the client's first bytes. */
+  readonly header: Buffer;
+  /** The header alone, a byte per write, before any of the client's bytes. */
+  readonly split?: boolean;
+  /** The load balancer's own address, as the proxy sees it (127.0.0.1 unless given). */
+  readonly from?: string;
+}
+
+/** The test's load balancer: takes TLS clients on 127.0.0.1 and passes each to `target`, its first bytes preceded by the header. */
+async function proxyProtocolHop(target: number, { header, split = false, from = '127.0.0.1' }: Hop): Promise<{ port: number; close(): Promise<void> }> {
   const sockets = new Set<Socket>();
   const server: Server = createTcpServer((client) => {
-    const upstream = netConnect({ host: '127.0.0.1', port: target, noDelay: true });
+    const upstream = netConnect({ host: '127.0.0.1', port: target, noDelay: true, localAddress: from });
     for (const s of [client, upstream]) {
       sockets.add(s);
       s.on('error', () => {}).on('close', () => sockets.delete(s));
@@ -172,13 +179,13 @@ async function proxyProtocolHop(target: number, header: Buffer, split = false): 
   };
 }
 
-/** Runs `use` with a hop in front of `front`'s port, closing it after. */
-async function throughHop<T>(port: number, header: Buffer, use: (hopPort: number) => Promise<T>, split = false): Promise<T> {
-  const hop = await proxyProtocolHop(port, header, split);
+/** Runs `use` with a hop in front of `port`, closing it after; a bare header stands for a hop that sends it with the first bytes. */
+async function throughHop<T>(port: number, hop: Hop | Buffer, use: (hopPort: number) => Promise<T>): Promise<T> {
+  const running = await proxyProtocolHop(port, Buffer.isBuffer(hop) ? { header: hop } : hop);
   try {
-    return await use(hop.port);
+    return await use(running.port);
   } finally {
-    await hop.close();
+    await running.close();
   }
 }
 
@@ -204,7 +211,7 @@ for (const restMode of FORWARD_MODES) {
   describe(`--mtls_proxy_protocol, REST ${restMode} mode`, () => {
     let front: StartedProxy;
     before(async () => {
-      front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort, grpcPort: upstream.grpcPort }, restMode, proxyProtocol: true });
+      front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort, grpcPort: upstream.grpcPort }, restMode, proxyProtocol: { from: [] } });
     });
     after(() => front.proxy.shutdown(1000));
 
@@ -220,7 +227,7 @@ for (const restMode of FORWARD_MODES) {
     test('a version 2 header with an IPv6 client and extensions, written a byte at a time before the client\'s first byte', async () => {
       const path = `/v2/health/live?v2-${restMode}`;
       const tlvs = Buffer.from([0x05, 0x00, 0x04, 0x69, 0x64, 0x2d, 0x31]);
-      const answer = await throughHop(front.restPort, v2('2001:db8::7', tlvs), (port) => https1(port, pki, { path }), true);
+      const answer = await throughHop(front.restPort, { header: v2('2001:db8::7', tlvs), split: true }, (port) => https1(port, pki, { path }));
       assert.equal(answer.status, 200);
       assert.equal(lastSeen(path).headers['x-forwarded-for'], '2001:db8::7');
       assert.equal((await front.logs.waitFor((l) => l.event === 'access' && l.path === path)).remote, '2001:db8::7');
@@ -237,7 +244,7 @@ for (const restMode of FORWARD_MODES) {
 describe('--mtls_proxy_protocol on the gRPC port', () => {
   for (const grpcMode of FORWARD_MODES) {
     test(`${grpcMode} mode: a call through a load balancer is served, its client named by the header`, async () => {
-      const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort }, grpcMode, proxyProtocol: true });
+      const front = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort }, grpcMode, proxyProtocol: { from: [] } });
       try {
         await throughHop(front.grpcPort, v2('198.51.100.23'), async (port) => {
           const clients = grpcClients(`127.0.0.1:${port}`, pki);
@@ -260,7 +267,7 @@ describe('--mtls_proxy_protocol on the gRPC port', () => {
 describe('--mtls_proxy_protocol: what is refused', () => {
   let front: StartedProxy;
   before(async () => {
-    front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort }, proxyProtocol: true, limits: { handshakeTimeoutMs: 500 } });
+    front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort }, proxyProtocol: { from: [] }, limits: { handshakeTimeoutMs: 500 } });
   });
   after(() => front.proxy.shutdown(1000));
   const failure = (reason: string) => front.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === reason);
@@ -312,11 +319,11 @@ test('without --mtls_proxy_protocol a header is not taken: the connection fails 
   }
 });
 
-test('the proxy command with two workers takes --mtls_proxy_protocol from its OVMS_MTLS_* variable, and the metrics count the refusals', async () => {
+test('the proxy command with two workers takes --mtls_proxy_protocol and _from from their OVMS_MTLS_* variables, and the metrics count the refusals', async () => {
   const [restPort, adminPort] = (await freeLoopbackPorts(2)) as [number, number];
   const files = ['--mtls_cert', pki.paths['server.pem']!, '--mtls_key', pki.paths['server.key']!, '--mtls_client_ca', pki.paths['client_cert_ca.pem']!];
   const cli = startCli(['proxy', '--mtls_workers', '2', '--rest_port', String(restPort), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`, '--mtls_admin_port', String(adminPort), ...files], {
-    env: { OVMS_MTLS_PROXY_PROTOCOL: 'true' },
+    env: { OVMS_MTLS_PROXY_PROTOCOL: 'true', OVMS_MTLS_PROXY_PROTOCOL_FROM: '127.0.0.1,192.0.2.0/24' },
   });
   try {
     await Promise.race([cli.logs.waitFor((l) => l.event === 'workers_listening'), cli.exited.then((code) => assert.fail(`the proxy exited (${code}): ${cli.stderr()}`))]);
@@ -325,6 +332,8 @@ test('the proxy command with two workers takes --mtls_proxy_protocol from its OV
       assert.equal((await throughHop(restPort, v1(`192.0.2.${i + 10}`), (port) => https1(port, pki, { path }))).status, 200);
       assert.equal((await cli.logs.waitFor((l) => l.event === 'access' && l.path === path)).remote, `192.0.2.${i + 10}`);
     }
+    assert.equal((await https1(restPort, pki, { path: '/v2/health/live?cli-direct', localAddress: '127.0.0.2' })).status, 200);
+    assert.equal((await cli.logs.waitFor((l) => l.event === 'access' && l.path === '/v2/health/live?cli-direct')).remote, '127.0.0.2');
     await sendAndWaitForClose(restPort, Buffer.from([0x16, 0x03, 0x01, 0x00, 0x05]));
     await cli.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === 'proxy_protocol_missing');
     const metrics = (await httpGet(adminPort, '/metrics')).body;
@@ -335,16 +344,64 @@ test('the proxy command with two workers takes --mtls_proxy_protocol from its OV
   }
 });
 
-describe('options', () => {
-  const base = { mtls_cert: 'a.pem', mtls_key: 'a.key', mtls_client_ca: 'ca.pem' };
+describe('--mtls_proxy_protocol_from: only the load balancers\' connections carry a header', () => {
+  let front: StartedProxy;
+  before(async () => {
+    const from = [parseSubnet('127.0.0.2')!, parseSubnet('2001:db8::/32')!];
+    front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort }, proxyProtocol: { from } });
+  });
+  after(() => front.proxy.shutdown(1000));
 
-  test('off by default; on with true', () => {
-    assert.equal(parseCommonConfig(base).proxyProtocol, false);
-    assert.equal(parseCommonConfig({ ...base, mtls_proxy_protocol: true }).proxyProtocol, true);
-    assert.equal(parseCommonConfig({ ...base, mtls_proxy_protocol: 'true' }).proxyProtocol, true);
+  test('through the load balancer (127.0.0.2), the header names the client', async () => {
+    const path = '/v2/health/live?from-balancer';
+    assert.equal((await throughHop(front.restPort, { header: v1('203.0.113.60'), from: '127.0.0.2' }, (port) => https1(port, pki, { path }))).status, 200);
+    assert.equal((await front.logs.waitFor((l) => l.event === 'access' && l.path === path)).remote, '203.0.113.60');
   });
 
-  test('a value that is not a boolean is refused naming the option', () => {
+  test('a client reaching the port directly, from elsewhere, sends no header and is served under its own address', async () => {
+    const path = '/v2/health/live?direct';
+    assert.equal((await https1(front.restPort, pki, { path })).status, 200);
+    assert.equal((await front.logs.waitFor((l) => l.event === 'access' && l.path === path)).remote, '127.0.0.1');
+  });
+
+  test('a header from elsewhere is not taken: it fails as not TLS, named by its own address', async () => {
+    await throughHop(front.restPort, { header: v1('203.0.113.61'), from: '127.0.0.3' }, (port) => assert.rejects(https1(port, pki, { path: '/v2/health/live' })));
+    const line = await front.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === 'not_tls');
+    assert.equal(line.remote, '127.0.0.3');
+  });
+
+  test('a connection from the load balancer without a header is refused proxy_protocol_missing', async () => {
+    const socket = tlsConnect({ socket: netConnect({ host: '127.0.0.1', port: front.restPort, localAddress: '127.0.0.2' }), ...tlsClientOptions(pki) });
+    socket.on('error', () => {});
+    await new Promise((resolve) => socket.on('close', resolve));
+    assert.equal((await front.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === 'proxy_protocol_missing')).remote, '127.0.0.2');
+  });
+});
+
+describe('options', () => {
+  const base = { mtls_cert: 'a.pem', mtls_key: 'a.key', mtls_client_ca: 'ca.pem' };
+  const refused = (message: string) => (err: unknown) => err instanceof ConfigError && err.message === message;
+
+  test('off by default; on for every connection, or for those of the ranges given', () => {
+    assert.equal(parseCommonConfig(base).proxyProtocol, undefined);
+    assert.equal(parseCommonConfig({ ...base, mtls_proxy_protocol: 'false' }).proxyProtocol, undefined);
+    assert.deepEqual(parseCommonConfig({ ...base, mtls_proxy_protocol: true }).proxyProtocol, { from: [] });
+    assert.deepEqual(parseCommonConfig({ ...base, mtls_proxy_protocol: 'true', mtls_proxy_protocol_from: ['10.0.0.0/8, 192.0.2.7', '[2001:db8::]/32', '::ffff:198.51.100.0/120'] }).proxyProtocol, {
+      from: [
+        { address: '10.0.0.0', prefix: 8, family: 'ipv4' },
+        { address: '192.0.2.7', prefix: 32, family: 'ipv4' },
+        { address: '2001:db8::', prefix: 32, family: 'ipv6' },
+        { address: '198.51.100.0', prefix: 24, family: 'ipv4' },
+      ],
+    });
+  });
+
+  test('bad values are refused naming the option and what to give', () => {
     assert.throws(() => parseCommonConfig({ ...base, mtls_proxy_protocol: 'v2' }), (err: unknown) => err instanceof ConfigError && /--mtls_proxy_protocol/.test(err.message));
+    for (const range of ['10.0.0.0/33', '2001:db8::/129', 'lb.example', '10.0.0.0/', 'fe80::1%eth0', '10.0.0.0/8/8']) {
+      assert.throws(() => parseCommonConfig({ ...base, mtls_proxy_protocol: true, mtls_proxy_protocol_from: range }), refused(`--mtls_proxy_protocol_from: '${range}' is not an IP address or a CIDR range (give e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32)`), range);
+    }
+    assert.throws(() => parseCommonConfig({ ...base, mtls_proxy_protocol: true, mtls_proxy_protocol_from: '' }), /--mtls_proxy_protocol_from was given without a value/);
+    assert.throws(() => parseCommonConfig({ ...base, mtls_proxy_protocol_from: '10.0.0.0/8' }), refused('--mtls_proxy_protocol_from applies only with --mtls_proxy_protocol: add --mtls_proxy_protocol, or drop --mtls_proxy_protocol_from'));
   });
 });

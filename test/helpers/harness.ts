@@ -73,7 +73,7 @@ export interface ProxySetup {
   restMode?: Config['restMode'];
   grpcUpstreamConnections?: number;
   ocsp?: Config['ocsp'];
-  proxyProtocol?: boolean;
+  proxyProtocol?: Config['proxyProtocol'];
 }
 
 export interface StartedProxy {
@@ -101,7 +101,7 @@ export function baseConfig(setup: ProxySetup): Config {
     grpcUpstreamConnections: setup.grpcUpstreamConnections ?? 1,
     restMode: setup.restMode ?? 'terminate',
     ...(setup.ocsp ? { ocsp: setup.ocsp } : {}),
-    ...(setup.proxyProtocol ? { proxyProtocol: true } : {}),
+    ...(setup.proxyProtocol ? { proxyProtocol: setup.proxyProtocol } : {}),
   };
 }
 
