@@ -1,0 +1,96 @@
+/**
+ * PROXY protocol with a real L4 load balancer: Debian's HAProxy 2.6 (send-proxy, send-proxy-v2, health checks
+ * with check-send-proxy) in front of the proxy. Its connections come from 127.0.0.3, the clients from 127.0.0.1:
+ * the client's address must be the one the header carries. First, what haproxy sends, read by a plain TCP server.
+ */
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { once } from 'node:events';
+import { connect as netConnect, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
+import { HAPROXY_SOURCE, startHaproxy, type Haproxy, type HaproxyOptions } from './helpers/haproxy.js';
+import { eventually } from './helpers/ops.js';
+
+const V2_SIGNATURE = Buffer.from('\r\n\r\n\0\r\nQUIT\n', 'latin1');
+
+/** A plain TCP server on 127.0.0.1 that keeps, per connection, its TCP peer and every byte it sent. */
+async function recordingServer(): Promise<{ port: number; connections: { peer: string | undefined; data: Buffer }[]; close(): Promise<void> }> {
+  const connections: { peer: string | undefined; data: Buffer }[] = [];
+  const sockets = new Set<Socket>();
+  const server = createTcpServer((socket) => {
+    sockets.add(socket.once('close', () => sockets.delete(socket)));
+    const connection = { peer: socket.remoteAddress, data: Buffer.alloc(0) };
+    connections.push(connection);
+    socket.on('data', (chunk: Buffer) => (connection.data = Buffer.concat([connection.data, chunk]))).on('error', () => undefined);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return {
+    port: (server.address() as AddressInfo).port,
+    connections,
+    close: () => new Promise((resolve) => {
+      server.close(() => resolve());
+      for (const socket of sockets) socket.destroy();
+    }),
+  };
+}
+
+/** haproxy in front of a recording server for the test `use`; both stopped after. */
+async function withHaproxyInFrontOfRecorder(options: Omit<HaproxyOptions, 'server'>, use: (haproxy: Haproxy, recorder: Awaited<ReturnType<typeof recordingServer>>) => Promise<void>): Promise<void> {
+  const recorder = await recordingServer();
+  const haproxy = await startHaproxy({ ...options, server: { port: recorder.port } });
+  try {
+    await use(haproxy, recorder);
+  } finally {
+    await haproxy.stop();
+    await recorder.close();
+  }
+}
+
+/** Connects to haproxy from 127.0.0.1, sends `hello`; the client's port, once the recorder has all of it. */
+async function helloThrough(haproxy: Haproxy, recorder: Awaited<ReturnType<typeof recordingServer>>): Promise<{ clientPort: number; received: Buffer; peer: string | undefined }> {
+  const client = netConnect({ port: haproxy.port, host: '127.0.0.1', localAddress: '127.0.0.1' });
+  await once(client, 'connect');
+  try {
+    client.write('hello');
+    const carried = () => recorder.connections.find((c) => c.data.subarray(-5).toString() === 'hello');
+    await eventually(() => carried() !== undefined, `the client's bytes through haproxy (${haproxy.output()})`);
+    const { data, peer } = carried()!;
+    return { clientPort: client.localPort!, received: data, peer };
+  } finally {
+    client.destroy();
+  }
+}
+
+describe('haproxy as these tests run it, read by a plain TCP server', () => {
+  test('send-proxy: the v1 line names the client (127.0.0.1 and its port) and the frontend, then the client\'s bytes; the TCP peer is 127.0.0.3', async () => {
+    await withHaproxyInFrontOfRecorder({ proxyProtocol: 1 }, async (haproxy, recorder) => {
+      const { clientPort, received, peer } = await helloThrough(haproxy, recorder);
+      assert.equal(received.toString('latin1'), `PROXY TCP4 127.0.0.1 127.0.0.1 ${clientPort} ${haproxy.port}\r\nhello`);
+      assert.equal(peer, HAPROXY_SOURCE);
+    });
+  });
+
+  test('send-proxy-v2: signature, PROXY command over TCP4, 12 address bytes naming the client and the frontend, no TLV, then the client\'s bytes', async () => {
+    await withHaproxyInFrontOfRecorder({ proxyProtocol: 2 }, async (haproxy, recorder) => {
+      const { clientPort, received, peer } = await helloThrough(haproxy, recorder);
+      const addresses = Buffer.alloc(12);
+      addresses.set([127, 0, 0, 1, 127, 0, 0, 1]);
+      addresses.writeUInt16BE(clientPort, 8);
+      addresses.writeUInt16BE(haproxy.port, 10);
+      assert.deepEqual(received, Buffer.concat([V2_SIGNATURE, Buffer.from([0x21, 0x11, 0, 12]), addresses, Buffer.from('hello')]));
+      assert.equal(peer, HAPROXY_SOURCE);
+    });
+  });
+
+  test('health checks with check-send-proxy: v2 sends a LOCAL header with no address (0x20, AF_UNSPEC, length 0); v1 a TCP4 line naming the check\'s own connection, from 127.0.0.3', async () => {
+    for (const proxyProtocol of [1, 2] as const) {
+      await withHaproxyInFrontOfRecorder({ proxyProtocol, healthChecks: { intervalMs: 100 } }, async (haproxy, recorder) => {
+        await eventually(() => recorder.connections.length >= 2 && recorder.connections.slice(0, 2).every((c) => c.data.length > 0), `two health checks (${haproxy.output()})`);
+        for (const { data } of recorder.connections.slice(0, 2)) {
+          if (proxyProtocol === 2) assert.deepEqual(data, Buffer.concat([V2_SIGNATURE, Buffer.from([0x20, 0x00, 0, 0])]));
+          else assert.match(data.toString('latin1'), new RegExp(`^PROXY TCP4 ${HAPROXY_SOURCE.replaceAll('.', '\\.')} 127\\.0\\.0\\.1 \\d+ ${recorder.port}\\r\\n$`));
+        }
+      });
+    }
+  });
+});
