@@ -4,11 +4,15 @@
  * the client's address must be the one the header carries. First, what haproxy sends, read by a plain TCP server.
  */
 import assert from 'node:assert/strict';
-import { describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import { once } from 'node:events';
 import { connect as netConnect, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { HAPROXY_SOURCE, startHaproxy, type Haproxy, type HaproxyOptions } from './helpers/haproxy.js';
 import { eventually } from './helpers/ops.js';
+import { runClient } from './helpers/client-processes.js';
+import { startTestProxy, startUpstreamFixture, type LogCapture, type LogLine, type ProxySetup, type StartedProxy, type UpstreamFixture } from './helpers/harness.js';
+import type { TestPki } from './helpers/pki.js';
+import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 
 const V2_SIGNATURE = Buffer.from('\r\n\r\n\0\r\nQUIT\n', 'latin1');
 
@@ -34,14 +38,22 @@ async function recordingServer(): Promise<{ port: number; connections: { peer: s
   };
 }
 
+/** haproxy for the test `use`, stopped after. */
+async function withHaproxy(options: HaproxyOptions, use: (haproxy: Haproxy) => Promise<void>): Promise<void> {
+  const haproxy = await startHaproxy(options);
+  try {
+    await use(haproxy);
+  } finally {
+    await haproxy.stop();
+  }
+}
+
 /** haproxy in front of a recording server for the test `use`; both stopped after. */
 async function withHaproxyInFrontOfRecorder(options: Omit<HaproxyOptions, 'server'>, use: (haproxy: Haproxy, recorder: Awaited<ReturnType<typeof recordingServer>>) => Promise<void>): Promise<void> {
   const recorder = await recordingServer();
-  const haproxy = await startHaproxy({ ...options, server: { port: recorder.port } });
   try {
-    await use(haproxy, recorder);
+    await withHaproxy({ ...options, server: { port: recorder.port } }, (haproxy) => use(haproxy, recorder));
   } finally {
-    await haproxy.stop();
     await recorder.close();
   }
 }
@@ -93,4 +105,55 @@ describe('haproxy as these tests run it, read by a plain TCP server', () => {
       });
     }
   });
+});
+
+const VERSIONS = [1, 2] as const;
+
+/** The lines `match` takes among those `logs` wrote after its first `from`, once there is one. */
+async function linesAfter(logs: LogCapture, from: number, match: (line: LogLine) => boolean): Promise<LogLine[]> {
+  const taken = () => logs.lines.slice(from).filter(match);
+  await eventually(() => taken().length > 0, 'a log line');
+  return taken();
+}
+const sendProxy = (version: 1 | 2) => (version === 2 ? 'send-proxy-v2' : 'send-proxy');
+
+/** curl's arguments for `url`: the test PKI's client certificate (`withCertificate` false: none), trusting the server CA; prints the status last. */
+function curlThrough(pki: TestPki, url: string, withCertificate = true): string[] {
+  const cert = withCertificate ? ['--cert', pki.paths['client.pem']!, '--key', pki.paths['client.key']!] : [];
+  return ['-sS', ...cert, '--cacert', pki.paths['server_ca.pem']!, '-w', '\n%{http_code}', url];
+}
+
+/** The proxy in front of the stand-in model server, one per forwarding mode (gRPC and REST in that mode). */
+function frontsPerMode(setup: Partial<ProxySetup>): { fixture(): UpstreamFixture; front(mode: ForwardMode): StartedProxy } {
+  let fixture: UpstreamFixture | undefined;
+  const fronts = new Map<ForwardMode, StartedProxy>();
+  before(async () => {
+    fixture = await startUpstreamFixture();
+    for (const mode of FORWARD_MODES) fronts.set(mode, await startTestProxy({ pki: fixture.pki, upstream: fixture.upstream, grpcMode: mode, restMode: mode, ...setup }));
+  });
+  after(async () => {
+    for (const front of fronts.values()) await front.proxy.shutdown(1000);
+    await fixture?.close();
+  });
+  return { fixture: () => fixture!, front: (mode) => fronts.get(mode)! };
+}
+
+describe('haproxy sending PROXY headers to a proxy started without --mtls_proxy_protocol', () => {
+  const { fixture, front } = frontsPerMode({});
+
+  for (const version of VERSIONS) {
+    test(`${sendProxy(version)}: the header where TLS should begin fails the handshake (not_tls), logged with haproxy's address, ${HAPROXY_SOURCE}; curl gets no answer (exit 35, SSL connect error)`, async () => {
+      const { pki } = fixture();
+      const proxy = front('terminate');
+      const logged = proxy.logs.lines.length;
+      await withHaproxy({ server: { port: proxy.restPort }, proxyProtocol: version }, async (haproxy) => {
+        const run = await runClient('curl', curlThrough(pki, `https://127.0.0.1:${haproxy.port}/v2/health/ready`));
+        assert.equal(run.code, 35, `curl: an SSL connect error (${run.stderr})`);
+        assert.equal(run.stdout.split('\n').at(-1), '000');
+      });
+      const lines = await linesAfter(proxy.logs, logged, (l) => l.event === 'handshake_failed' || l.event === 'client_refused');
+      assert.deepEqual(lines.map(({ event, listener, remote, reason }) => ({ event, listener, remote, reason })),
+        [{ event: 'handshake_failed', listener: 'rest', remote: HAPROXY_SOURCE, reason: 'not_tls' }]);
+    });
+  }
 });

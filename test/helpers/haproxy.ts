@@ -34,6 +34,8 @@ export interface Haproxy {
   port: number;
   /** What haproxy wrote so far (its warnings and one log line per connection), for failure messages. */
   output(): string;
+  /** What haproxy makes of its server: `UP` or `DOWN`, and its last health check's outcome (`L4OK`...). */
+  serverHealth(): Promise<{ status: string; checkStatus: string }>;
   stop(): Promise<void>;
 }
 
@@ -65,15 +67,24 @@ function config(options: HaproxyOptions, port: number, adminSocket: string): str
   ].join('\n');
 }
 
-/** True once haproxy's admin socket answers a command. */
-function answers(adminSocket: string): Promise<boolean> {
+/** haproxy's reply to one command on its admin socket; '' if it cannot be reached. */
+function ask(adminSocket: string, command: string): Promise<string> {
   return new Promise((resolve) => {
-    const socket = netConnect(adminSocket, () => socket.end('show info\n'));
+    const socket = netConnect(adminSocket, () => socket.end(`${command}\n`));
     let reply = '';
     socket.setEncoding('utf8').on('data', (chunk: string) => (reply += chunk));
-    socket.on('close', () => resolve(reply.includes('Pid:')));
-    socket.on('error', () => resolve(false));
+    socket.on('close', () => resolve(reply));
+    socket.on('error', () => resolve(''));
   });
+}
+
+/** The backend server's row of `show stat`: its state (`UP`, `DOWN`...) and its last check's (`L4OK`, `L4CON`...). */
+async function serverHealth(adminSocket: string): Promise<{ status: string; checkStatus: string }> {
+  const [header, ...rows] = (await ask(adminSocket, 'show stat')).replace(/^# /, '').trim().split('\n').map((line) => line.split(','));
+  const row = rows.find((fields) => fields[1] === 'model');
+  assert.ok(header && row, 'haproxy reports no row for its server');
+  const field = (name: string) => row[header.indexOf(name)] ?? '';
+  return { status: field('status'), checkStatus: field('check_status') };
 }
 
 /** Starts haproxy in the foreground; resolves once it serves its frontend. Nothing is left running if it does not. */
@@ -101,11 +112,11 @@ export async function startHaproxy(options: HaproxyOptions): Promise<Haproxy> {
     throw new Error(`haproxy exited (${signal ?? code}) before serving 127.0.0.1:${port}`);
   });
   try {
-    await Promise.race([eventually(() => answers(adminSocket), "haproxy's admin socket"), gone]);
+    await Promise.race([eventually(async () => (await ask(adminSocket, 'show info')).includes('Pid:'), "haproxy's admin socket"), gone]);
   } catch (err) {
     await stop();
     throw new Error(`${(err as Error).message}\n${output}`, { cause: err });
   }
   gone.catch(() => undefined);
-  return { port: port!, output: () => output, stop };
+  return { port: port!, output: () => output, serverHealth: () => serverHealth(adminSocket), stop };
 }
