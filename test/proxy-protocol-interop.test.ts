@@ -5,13 +5,15 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
 import { once } from 'node:events';
 import { connect as netConnect, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { HAPROXY_SOURCE, startHaproxy, type Haproxy, type HaproxyOptions } from './helpers/haproxy.js';
 import { eventually } from './helpers/ops.js';
 import { runClient } from './helpers/client-processes.js';
-import { startTestProxy, startUpstreamFixture, type LogCapture, type LogLine, type ProxySetup, type StartedProxy, type UpstreamFixture } from './helpers/harness.js';
+import { assertRefusedCall, grpcClients, startTestProxy, startUpstreamFixture, type LogCapture, type LogLine, type ProxySetup, type StartedProxy, type UpstreamFixture } from './helpers/harness.js';
 import type { TestPki } from './helpers/pki.js';
+import { unary } from '../src/demo/grpc-client.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 
 const V2_SIGNATURE = Buffer.from('\r\n\r\n\0\r\nQUIT\n', 'latin1');
@@ -137,6 +139,109 @@ function frontsPerMode(setup: Partial<ProxySetup>): { fixture(): UpstreamFixture
   });
   return { fixture: () => fixture!, front: (mode) => fronts.get(mode)! };
 }
+
+describe('haproxy in front of the proxy with --mtls_proxy_protocol: the client is the address the header names', () => {
+  const { fixture, front } = frontsPerMode({ proxyProtocol: true });
+
+  for (const version of VERSIONS) {
+    for (const mode of FORWARD_MODES) {
+      test(`${sendProxy(version)}, ${mode} mode: curl's REST request is answered 200; its access line and the model server's X-Forwarded-For name 127.0.0.1, not haproxy's ${HAPROXY_SOURCE}`, async () => {
+        const { pki, upstream } = fixture();
+        const proxy = front(mode);
+        const path = `/v2/health/live?via=haproxy-v${version}-${mode}`;
+        await withHaproxy({ server: { port: proxy.restPort }, proxyProtocol: version }, async (haproxy) => {
+          const run = await runClient('curl', curlThrough(pki, `https://127.0.0.1:${haproxy.port}${path}`));
+          assert.equal(run.code, 0, `${run.stderr}\n${haproxy.output()}`);
+          assert.equal(run.stdout.split('\n').at(-1), '200', run.stdout);
+        });
+        const line = await proxy.logs.waitFor((l) => l.event === 'access' && l.listener === 'rest' && l.path === path);
+        assert.equal(line.remote, '127.0.0.1');
+        const seen = upstream.received.filter((r) => r.protocol === 'rest' && r.path === path);
+        assert.equal(seen.length, 1);
+        assert.equal(seen[0]!.headers['x-forwarded-for'], '127.0.0.1');
+      });
+
+      test(`${sendProxy(version)}, ${mode} mode: a grpc-js call through haproxy succeeds; its access line names 127.0.0.1`, async () => {
+        const { pki, upstream } = fixture();
+        const proxy = front(mode);
+        const mark = `haproxy-v${version}-${mode}`;
+        const logged = proxy.logs.lines.length;
+        await withHaproxy({ server: { port: proxy.grpcPort }, proxyProtocol: version }, async (haproxy) => {
+          const clients = grpcClients(`127.0.0.1:${haproxy.port}`, pki);
+          try {
+            const md = new grpc.Metadata();
+            md.set('x-test', mark);
+            await unary(clients.echo, 'Unary', { payload: Buffer.from(mark) }, md);
+          } finally {
+            clients.close();
+          }
+        });
+        const seen = upstream.received.find((r) => r.protocol === 'grpc' && r.headers['x-test'] === mark);
+        assert.ok(seen, 'the model server saw the call');
+        // Relay mode sets no headers on gRPC and writes one line per connection, when it ends (at haproxy's stop()).
+        if (mode === 'terminate') assert.equal(seen.headers['x-forwarded-for'], '127.0.0.1');
+        const event = mode === 'terminate' ? 'access' : 'relay_access';
+        const lines = await linesAfter(proxy.logs, logged, (l) => l.event === event && l.listener === 'grpc');
+        assert.deepEqual(lines.map((l) => l.remote), ['127.0.0.1']);
+      });
+    }
+
+    test(`${sendProxy(version)}: clients with no certificate are refused (curl on REST, grpc-js on gRPC); the client_refused lines name 127.0.0.1`, async () => {
+      const { pki } = fixture();
+      const proxy = front('terminate');
+      const refusals = (listener: string) => proxy.logs.lines.filter((l) => l.event === 'client_refused' && l.listener === listener && l.reason === 'no_certificate');
+      const [restBefore, grpcBefore] = [refusals('rest').length, refusals('grpc').length];
+      await withHaproxy({ server: { port: proxy.restPort }, proxyProtocol: version }, async (haproxy) => {
+        const run = await runClient('curl', curlThrough(pki, `https://127.0.0.1:${haproxy.port}/v2/models/dummy`, false));
+        assert.equal(run.stdout.split('\n').at(-1), '403', `${run.stdout}\n${run.stderr}`);
+      });
+      await withHaproxy({ server: { port: proxy.grpcPort }, proxyProtocol: version }, async (haproxy) => {
+        const clients = grpcClients(`127.0.0.1:${haproxy.port}`, pki, null);
+        try {
+          const err = await unary(clients.kserve, 'ServerLive', {}).then(() => assert.fail('a client with no certificate was served'), (e: grpc.ServiceError) => e);
+          assertRefusedCall(err, 'no_certificate');
+        } finally {
+          clients.close();
+        }
+      });
+      await eventually(() => refusals('rest').length > restBefore && refusals('grpc').length > grpcBefore, 'both client_refused lines');
+      assert.deepEqual([...refusals('rest').slice(restBefore), ...refusals('grpc').slice(grpcBefore)].map((l) => l.remote), ['127.0.0.1', '127.0.0.1']);
+    });
+  }
+});
+
+describe('haproxy health checks (check-send-proxy) against the proxy with --mtls_proxy_protocol', () => {
+  const { fixture, front } = frontsPerMode({ proxyProtocol: true });
+
+  /**
+   * The remotes a v1 check can be logged with: its header names 127.0.0.3. A v2 check's LOCAL header keeps the
+   * connection's own address, but haproxy resets a check's connection as soon as it has written the header, most
+   * often before Node's accept callback runs: the kernel then has no peer to tell (getpeername: ENOTCONN), and
+   * uv_accept drops the address accept() returned, so the line has no `remote`, as it would without the header.
+   */
+  const checkRemotes = (version: 1 | 2) => (version === 1 ? [HAPROXY_SOURCE] : [HAPROXY_SOURCE, undefined]);
+
+  for (const version of VERSIONS) {
+    const header = version === 2 ? 'a v2 LOCAL header (no address)' : `a v1 line naming the check's own connection (${HAPROXY_SOURCE})`;
+    test(`${sendProxy(version)}: each check, ${header} then a reset before TLS, is a client_closed handshake failure ${version === 2 ? `from ${HAPROXY_SOURCE} or with no remote` : `from ${HAPROXY_SOURCE}`}, never an error; haproxy counts the server UP (L4OK) and a client is still served`, async () => {
+      const { pki } = fixture();
+      const proxy = front(version === 2 ? 'terminate' : 'relay');
+      const logged = proxy.logs.lines.length;
+      const failed = () => proxy.logs.lines.slice(logged).filter((l) => l.event === 'handshake_failed');
+      await withHaproxy({ server: { port: proxy.restPort }, proxyProtocol: version, healthChecks: { intervalMs: 100 } }, async (haproxy) => {
+        await eventually(() => failed().length >= 3, `three health checks (${haproxy.output()})`);
+        assert.deepEqual(await haproxy.serverHealth(), { status: 'UP', checkStatus: 'L4OK' });
+        const run = await runClient('curl', curlThrough(pki, `https://127.0.0.1:${haproxy.port}/v2/health/ready`));
+        assert.equal(run.stdout.split('\n').at(-1), '200', `${run.stdout}\n${run.stderr}`);
+      });
+      const during = proxy.logs.lines.slice(logged);
+      const unexpected = during.filter((l) => l.level === 'error' || l.level === 'fatal' || l.level === 'warn' || 'err' in l || 'stack' in l ||
+        (l.event === 'handshake_failed' && !('suppressed' in l) && (l.reason !== 'client_closed' || !checkRemotes(version).includes(l.remote as string | undefined))));
+      assert.deepEqual(unexpected, []);
+      assert.ok(failed().every((l) => l.listener === 'rest'));
+    });
+  }
+});
 
 describe('haproxy sending PROXY headers to a proxy started without --mtls_proxy_protocol', () => {
   const { fixture, front } = frontsPerMode({});
