@@ -17,6 +17,7 @@ import { unary } from '../src/demo/grpc-client.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
 
 const V2_SIGNATURE = Buffer.from('\r\n\r\n\0\r\nQUIT\n', 'latin1');
+const VERSIONS = [1, 2] as const;
 
 /** A plain TCP server on 127.0.0.1 that keeps, per connection, its TCP peer and every byte it sent. */
 async function recordingServer(): Promise<{ port: number; connections: { peer: string | undefined; data: Buffer }[]; close(): Promise<void> }> {
@@ -60,9 +61,9 @@ async function withHaproxyInFrontOfRecorder(options: Omit<HaproxyOptions, 'serve
   }
 }
 
-/** Connects to haproxy from 127.0.0.1, sends `hello`; the client's port, once the recorder has all of it. */
-async function helloThrough(haproxy: Haproxy, recorder: Awaited<ReturnType<typeof recordingServer>>): Promise<{ clientPort: number; received: Buffer; peer: string | undefined }> {
-  const client = netConnect({ port: haproxy.port, host: '127.0.0.1', localAddress: '127.0.0.1' });
+/** Connects to haproxy from `host` (where it listens), sends `hello`; the client's port, once the recorder has all of it. */
+async function helloThrough(haproxy: Haproxy, recorder: Awaited<ReturnType<typeof recordingServer>>, host = '127.0.0.1'): Promise<{ clientPort: number; received: Buffer; peer: string | undefined }> {
+  const client = netConnect({ port: haproxy.port, host, localAddress: host });
   await once(client, 'connect');
   try {
     client.write('hello');
@@ -96,6 +97,36 @@ describe('haproxy as these tests run it, read by a plain TCP server', () => {
     });
   });
 
+  test('send-proxy-v2 with proxy-v2-options crc32c,unique-id: the TLVs follow the 12 address bytes (CRC32C, 4 bytes; UNIQUE_ID, the client\'s address:port)', async () => {
+    await withHaproxyInFrontOfRecorder({ proxyProtocol: 2, v2Extensions: ['crc32c', 'unique-id'] }, async (haproxy, recorder) => {
+      const { clientPort, received } = await helloThrough(haproxy, recorder);
+      const uniqueId = Buffer.from(`127.0.0.1:${clientPort}`);
+      const tlvs = 3 + 4 + 3 + uniqueId.length;
+      assert.deepEqual(received.subarray(0, 16), Buffer.concat([V2_SIGNATURE, Buffer.from([0x21, 0x11, 0, 12 + tlvs])]));
+      const after = received.subarray(16 + 12);
+      assert.deepEqual([after[0], after.readUInt16BE(1)], [0x03, 4]);
+      assert.deepEqual(after.subarray(7, 7 + 3 + uniqueId.length), Buffer.concat([Buffer.from([0x05, 0, uniqueId.length]), uniqueId]));
+      assert.equal(after.subarray(tlvs).toString(), 'hello');
+    });
+  });
+
+  test('an IPv6 client (haproxy listening on ::1): v1 sends a TCP6 line, v2 an INET6 block of 36 bytes (0x21)', async () => {
+    for (const proxyProtocol of VERSIONS) {
+      await withHaproxyInFrontOfRecorder({ proxyProtocol, listenHost: '::1' }, async (haproxy, recorder) => {
+        const { clientPort, received } = await helloThrough(haproxy, recorder, '::1');
+        if (proxyProtocol === 1) {
+          assert.equal(received.toString('latin1'), `PROXY TCP6 ::1 ::1 ${clientPort} ${haproxy.port}\r\nhello`);
+        } else {
+          const addresses = Buffer.alloc(36);
+          addresses[15] = addresses[31] = 1;
+          addresses.writeUInt16BE(clientPort, 32);
+          addresses.writeUInt16BE(haproxy.port, 34);
+          assert.deepEqual(received, Buffer.concat([V2_SIGNATURE, Buffer.from([0x21, 0x21, 0, 36]), addresses, Buffer.from('hello')]));
+        }
+      });
+    }
+  });
+
   test('health checks with check-send-proxy: v2 sends a LOCAL header with no address (0x20, AF_UNSPEC, length 0); v1 a TCP4 line naming the check\'s own connection, from 127.0.0.3', async () => {
     for (const proxyProtocol of [1, 2] as const) {
       await withHaproxyInFrontOfRecorder({ proxyProtocol, healthChecks: { intervalMs: 100 } }, async (haproxy, recorder) => {
@@ -109,7 +140,6 @@ describe('haproxy as these tests run it, read by a plain TCP server', () => {
   });
 });
 
-const VERSIONS = [1, 2] as const;
 
 /** The lines `match` takes among those `logs` wrote after its first `from`, once there is one. */
 async function linesAfter(logs: LogCapture, from: number, match: (line: LogLine) => boolean): Promise<LogLine[]> {
@@ -185,6 +215,34 @@ describe('haproxy in front of the proxy with --mtls_proxy_protocol: the client i
         assert.deepEqual(lines.map((l) => l.remote), ['127.0.0.1']);
       });
     }
+
+    if (version === 2) {
+      test('send-proxy-v2 with extensions (proxy-v2-options crc32c,unique-id): they are skipped; curl is answered 200 and named 127.0.0.1', async () => {
+        const { pki, upstream } = fixture();
+        const proxy = front('relay');
+        const path = '/v2/health/live?via=haproxy-v2-tlvs';
+        await withHaproxy({ server: { port: proxy.restPort }, proxyProtocol: 2, v2Extensions: ['crc32c', 'unique-id'] }, async (haproxy) => {
+          const run = await runClient('curl', curlThrough(pki, `https://127.0.0.1:${haproxy.port}${path}`));
+          assert.equal(run.stdout.split('\n').at(-1), '200', `${run.stdout}\n${run.stderr}`);
+        });
+        const line = await proxy.logs.waitFor((l) => l.event === 'access' && l.listener === 'rest' && l.path === path);
+        assert.equal(line.remote, '127.0.0.1');
+        assert.deepEqual(upstream.received.filter((r) => r.path === path).map((r) => r.headers['x-forwarded-for']), ['127.0.0.1']);
+      });
+    }
+
+    test(`${sendProxy(version)}, an IPv6 client (haproxy on ::1, the proxy on 127.0.0.1): curl's request is answered 200; the access line and X-Forwarded-For name ::1`, async () => {
+      const { pki, upstream } = fixture();
+      const proxy = front('terminate');
+      const path = `/v2/health/live?via=haproxy-v${version}-ipv6`;
+      await withHaproxy({ server: { port: proxy.restPort }, proxyProtocol: version, listenHost: '::1' }, async (haproxy) => {
+        const run = await runClient('curl', curlThrough(pki, `https://[::1]:${haproxy.port}${path}`));
+        assert.equal(run.stdout.split('\n').at(-1), '200', `${run.stdout}\n${run.stderr}\n${haproxy.output()}`);
+      });
+      const line = await proxy.logs.waitFor((l) => l.event === 'access' && l.listener === 'rest' && l.path === path);
+      assert.equal(line.remote, '::1');
+      assert.deepEqual(upstream.received.filter((r) => r.path === path).map((r) => r.headers['x-forwarded-for']), ['::1']);
+    });
 
     test(`${sendProxy(version)}: clients with no certificate are refused (curl on REST, grpc-js on gRPC); the client_refused lines name 127.0.0.1`, async () => {
       const { pki } = fixture();

@@ -27,10 +27,14 @@ export interface HaproxyOptions {
    * client behind it (v2: the LOCAL command) and closes once connected.
    */
   healthChecks?: { intervalMs: number };
+  /** The frontend's address; 127.0.0.1 unless given (`::1`: clients' headers name IPv6 addresses). */
+  listenHost?: string;
+  /** Extensions (TLVs) haproxy adds to a v2 header (`proxy-v2-options`): `crc32c`, `unique-id` (the client's address and port). */
+  v2Extensions?: ('crc32c' | 'unique-id')[];
 }
 
 export interface Haproxy {
-  /** The frontend's port on 127.0.0.1. */
+  /** The frontend's port (on `listenHost`). */
   port: number;
   /** What haproxy wrote so far (its warnings and one log line per connection), for failure messages. */
   output(): string;
@@ -42,8 +46,9 @@ export interface Haproxy {
 const BINARY = ['/usr/sbin/haproxy', ...(process.env['PATH'] ?? '').split(':').map((dir) => join(dir, 'haproxy'))].find((path) => existsSync(path));
 
 function config(options: HaproxyOptions, port: number, adminSocket: string): string {
-  const { server, proxyProtocol, healthChecks } = options;
+  const { server, proxyProtocol, healthChecks, listenHost = '127.0.0.1', v2Extensions = [] } = options;
   const check = healthChecks ? ` check inter ${healthChecks.intervalMs}ms check-send-proxy` : '';
+  const extensions = v2Extensions.length > 0 ? ` proxy-v2-options ${v2Extensions.join(',')}` : '';
   return [
     'global',
     // Its readiness: the socket answers once every listener is bound and the event loop runs.
@@ -59,10 +64,12 @@ function config(options: HaproxyOptions, port: number, adminSocket: string): str
     '  timeout client 60s',
     '  timeout server 60s',
     'frontend front',
-    `  bind 127.0.0.1:${port}`,
+    `  bind ${listenHost.includes(':') ? `[${listenHost}]` : listenHost}:${port}`,
+    // What the unique-id extension carries.
+    ...(v2Extensions.includes('unique-id') ? ['  unique-id-format %ci:%cp'] : []),
     '  default_backend back',
     'backend back',
-    `  server model ${server.host ?? '127.0.0.1'}:${server.port} ${proxyProtocol === 2 ? 'send-proxy-v2' : 'send-proxy'} source ${HAPROXY_SOURCE}${check}`,
+    `  server model ${server.host ?? '127.0.0.1'}:${server.port} ${proxyProtocol === 2 ? 'send-proxy-v2' : 'send-proxy'} source ${HAPROXY_SOURCE}${check}${extensions}`,
     '',
   ].join('\n');
 }
@@ -90,7 +97,7 @@ async function serverHealth(adminSocket: string): Promise<{ status: string; chec
 /** Starts haproxy in the foreground; resolves once it serves its frontend. Nothing is left running if it does not. */
 export async function startHaproxy(options: HaproxyOptions): Promise<Haproxy> {
   assert.ok(BINARY, 'haproxy is needed for this test (apt-get install haproxy)');
-  const [port] = await freeLoopbackPorts(1);
+  const [port] = await freeLoopbackPorts(1, options.listenHost);
   const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-haproxy-'));
   const adminSocket = join(dir, 'admin.sock');
   const file = join(dir, 'haproxy.cfg');
@@ -109,7 +116,7 @@ export async function startHaproxy(options: HaproxyOptions): Promise<Haproxy> {
     await rm(dir, { recursive: true, force: true });
   };
   const gone = exited.then(({ code, signal }) => {
-    throw new Error(`haproxy exited (${signal ?? code}) before serving 127.0.0.1:${port}`);
+    throw new Error(`haproxy exited (${signal ?? code}) before serving port ${port}`);
   });
   try {
     await Promise.race([eventually(async () => (await ask(adminSocket, 'show info')).includes('Pid:'), "haproxy's admin socket"), gone]);
