@@ -17,9 +17,13 @@ const DISTRUST_ALERTS = new Set(['tlsv1_alert_unknown_ca', 'sslv3_alert_bad_cert
  */
 export const SERVER_CERTIFICATE_EXPIRED = 'server_certificate_expired';
 
+/** A connection whose PROXY protocol header said LOCAL, closed before its handshake: the load balancer checking the port. */
+export const LOAD_BALANCER_CHECK = 'load_balancer_check';
+
 const DETAILS: Record<string, string> = {
+  [LOAD_BALANCER_CHECK]: 'the load balancer checked the port (a PROXY protocol LOCAL header, then a close before TLS); logged at debug',
   [SERVER_CERTIFICATE_EXPIRED]: 'our server certificate (--mtls_cert), or a CA certificate the file sends with it, has expired, so every client refuses it: renew it (a reload picks it up; `ovms-mtls check` names the certificate and its date)',
-  not_tls: 'the client did not start TLS: a plaintext client (an insecure gRPC channel, http://) on a TLS port?',
+  not_tls: 'the client did not start TLS: a plaintext client (an insecure gRPC channel, http://) on a TLS port, or a load balancer sending a PROXY protocol header (then start the proxy with --mtls_proxy_protocol, or name it in --mtls_proxy_protocol_from)?',
   handshake_timeout: 'the client did not finish the TLS handshake within --mtls_handshake_timeout',
   client_closed: 'the client closed the connection before the TLS handshake finished: a TCP health check, or a client that does not trust our server certificate',
   no_shared_cipher: 'the client offers no cipher suite we accept',

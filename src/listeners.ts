@@ -6,7 +6,7 @@ import { bindEach, type SkippedAddress } from './bind-addresses.js';
 import { ListenError } from './errors.js';
 import { identityFromCertificate, isAllowed, presentedCertificates, refusal, rfc2253Name, verificationRefusal, type ClientIdentity, type Refusal, type RefusalReason } from './client-identity.js';
 import { clientRef, type ListenerName, type ProxyObserver } from './observer.js';
-import { handshakeFailureReason, judgedWithServedCertificate } from './handshake-failures.js';
+import { LOAD_BALANCER_CHECK, handshakeFailureReason, judgedWithServedCertificate } from './handshake-failures.js';
 import { namesIssuer, pathToTrust, validTo } from './tls-checks.js';
 import { clientAddress, hostAndPort } from './addresses.js';
 import { awaitProxyHeader, headerExpected } from './proxy-protocol.js';
@@ -138,6 +138,18 @@ const DRAIN_LINGER_MS = 1000;
 
 /** TCP connections whose PROXY protocol header named a client: that address stands for the connection's own. */
 const declaredClients = new WeakMap<Socket, string>();
+
+/** TCP connections whose PROXY protocol header said LOCAL: the load balancer's health checks. */
+const balancerChecks = new WeakSet<Socket>();
+
+/**
+ * A health check behind a LOCAL header closes without a handshake every few seconds (HAProxy's
+ * check-send-proxy: 43,000 a day at its 2 s default), which is no client's failure: told apart.
+ */
+function asBalancerCheck(reason: string, socket: TLSSocket): string {
+  const parent = parentOf(socket);
+  return reason === 'client_closed' && parent && balancerChecks.has(parent) ? LOAD_BALANCER_CHECK : reason;
+}
 
 /**
  * A public TLS port: verifies the client certificate and the allow-list after
@@ -303,7 +315,7 @@ export class SecureListener {
     });
     tls.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));
     tls.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
-      const reason = judgedWithServedCertificate(handshakeFailureReason(err), Date.now() >= this.#servedUntil);
+      const reason = judgedWithServedCertificate(asBalancerCheck(handshakeFailureReason(err), socket), Date.now() >= this.#servedUntil);
       this.#options.observer.handshakeFailed(this.name, reason, remoteOf(socket));
       socket.destroy();
     });
@@ -335,6 +347,7 @@ export class SecureListener {
         return;
       }
       if (outcome.source !== undefined) declaredClients.set(socket, outcome.source);
+      if (outcome.local) balancerChecks.add(socket);
       tls.emit('connection', socket);
     });
   }

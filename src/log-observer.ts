@@ -1,7 +1,7 @@
 import { ACCESS_EVENTS, type Logger } from './log.js';
 import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 import { accessLineWriter } from './access-line.js';
-import { SERVER_CERTIFICATE_EXPIRED, handshakeFailureDetail } from './handshake-failures.js';
+import { LOAD_BALANCER_CHECK, SERVER_CERTIFICATE_EXPIRED, handshakeFailureDetail } from './handshake-failures.js';
 import { RepeatBudget, type RepeatLimit } from './repeat-budget.js';
 import type { MinTlsVersion } from './config.js';
 
@@ -106,8 +106,8 @@ export function loggingObserver(logger: Logger, options: LoggingObserverOptions)
       });
     },
     handshakeFailed(listener, code, remote, why) {
-      // Most failures are one client's business; an expired server certificate fails every client.
-      const level = code === SERVER_CERTIFICATE_EXPIRED ? 'error' : 'info';
+      // Most failures are one client's business; an expired server certificate fails every client; a load balancer's check is routine.
+      const level = code === SERVER_CERTIFICATE_EXPIRED ? 'error' : code === LOAD_BALANCER_CHECK ? 'debug' : 'info';
       handshakeLines.offer(`failed ${listener} ${code}`, () => {
         const detail = handshakeFailureDetail(code, options.minTlsVersion);
         logger[level]({ event: 'handshake_failed', listener, remote, reason: code }, why === undefined ? detail : `${detail}: ${why}`);

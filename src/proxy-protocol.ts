@@ -18,6 +18,8 @@ export type HeaderFailure = 'proxy_protocol_missing' | 'proxy_protocol_invalid' 
 export interface ProxyHeader {
   readonly length: number;
   readonly source: string | undefined;
+  /** Version 2's LOCAL command: the load balancer's own connection, a health check, with no client behind it. */
+  readonly local?: true;
 }
 
 export interface Unreadable {
@@ -101,8 +103,9 @@ function parseV2(bytes: Buffer): ProxyHeader | Unreadable | undefined {
   const transport = bytes[13]! & 0x0f;
   const length = V2_FIXED_LENGTH + bytes.readUInt16BE(14);
   if (bytes.length < length) return undefined;
-  // LOCAL: the load balancer's own connection (a health check); UNSPEC and AF_UNIX carry no IP address.
-  if (command === V2_LOCAL || family === 0x0 || family === 0x3) return { length, source: undefined };
+  if (command === V2_LOCAL) return { length, source: undefined, local: true };
+  // UNSPEC and AF_UNIX carry no IP address.
+  if (family === 0x0 || family === 0x3) return { length, source: undefined };
   if (family !== V2_INET && family !== V2_INET6) return invalid(`version 2 address family ${family}`);
   if (transport !== 0x1) return invalid(`version 2 transport ${transport}, not STREAM (TCP)`);
   const needed = V2_ADDRESS_BYTES[family]!;
@@ -132,7 +135,7 @@ export function headerExpected(settings: ProxyProtocolSettings | undefined): (re
 }
 
 /** What waiting for the header ended with: the client's address (undefined: the connection's own), or why it is closed. */
-export type HeaderOutcome = { readonly source: string | undefined } | { readonly failure: HeaderFailure; readonly why?: string };
+export type HeaderOutcome = Omit<ProxyHeader, 'length'> | { readonly failure: HeaderFailure; readonly why?: string };
 
 /**
  * Reads the header off `socket` and calls `then` once: on success with the bytes after it put back
@@ -153,7 +156,7 @@ export function awaitProxyHeader(socket: Socket, timeoutMs: number, then: (outco
     if ('failure' in parsed) return finish(parsed);
     socket.pause();
     if (held.length > parsed.length) socket.unshift(held.subarray(parsed.length));
-    finish({ source: parsed.source });
+    finish(parsed);
   };
   const onClosed = (): void => finish({ failure: 'client_closed' });
   const timer = setTimeout(() => finish({ failure: 'handshake_timeout' }), timeoutMs);

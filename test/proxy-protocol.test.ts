@@ -72,7 +72,7 @@ describe('reading the header', () => {
     const tlvs = Buffer.from([0x05, 0x00, 0x03, 0x61, 0x62, 0x63, 0xea, 0x00, 0x01, 0x00]);
     assert.deepEqual(parsed(v2('192.0.2.1')), { length: 28, source: '192.0.2.1' });
     assert.deepEqual(parsed(Buffer.concat([v2('2001:db8::7', tlvs), Buffer.from('after')])), { length: 52 + tlvs.length, source: '2001:db8::7' });
-    assert.deepEqual(parsed(v2('local')), { length: 16, source: undefined });
+    assert.deepEqual(parsed(v2('local')), { length: 16, source: undefined, local: true });
     assert.deepEqual(parsed(v2Raw(0x21, 0x00, Buffer.alloc(0))), { length: 16, source: undefined });
     assert.deepEqual(parsed(v2Raw(0x21, 0x31, Buffer.alloc(216))), { length: 232, source: undefined });
   });
@@ -189,6 +189,15 @@ async function throughHop<T>(port: number, hop: Hop | Buffer, use: (hopPort: num
   }
 }
 
+/** A client that writes `bytes` to `port`, closes its side at once, and waits for the proxy to close its own. */
+async function sendAndWaitForCloseAfterEnd(port: number, bytes: Buffer): Promise<void> {
+  const socket = netConnect({ host: '127.0.0.1', port });
+  socket.on('error', () => {});
+  socket.resume();
+  socket.end(bytes);
+  await once(socket, 'close');
+}
+
 /** A client that writes `bytes` to `port` and waits for the proxy to close the connection. */
 async function sendAndWaitForClose(port: number, bytes: Buffer): Promise<void> {
   const socket = netConnect({ host: '127.0.0.1', port });
@@ -287,16 +296,20 @@ describe('--mtls_proxy_protocol: what is refused', () => {
   });
 
   test('a connection that closes partway through its header, and one that stops sending it, are logged as any handshake that did so', async () => {
-    const leaving = netConnect({ host: '127.0.0.1', port: front.restPort });
-    leaving.on('error', () => {});
-    leaving.end('PROXY TCP4 203.0.');
+    await sendAndWaitForCloseAfterEnd(front.restPort, Buffer.from('PROXY TCP4 203.0.'));
     assert.equal((await failure('client_closed')).remote, '127.0.0.1');
-    leaving.destroy();
     const socket = netConnect({ host: '127.0.0.1', port: front.restPort });
     socket.on('error', () => {});
     socket.write(v2('192.0.2.1').subarray(0, 20));
     await once(socket, 'close');
     assert.equal((await failure('handshake_timeout')).remote, '127.0.0.1');
+  });
+
+  test('a LOCAL header, then a close before TLS, is the load balancer checking the port: load_balancer_check, logged at debug', async () => {
+    await sendAndWaitForCloseAfterEnd(front.restPort, v2('local'));
+    const line = await failure('load_balancer_check');
+    assert.deepEqual([line.level, line.remote], ['debug', '127.0.0.1']);
+    assert.match(line.msg, /the load balancer checked the port/);
   });
 
   test('behind a good header, a client refused for its certificate, and one failing its handshake, are named by the header', async () => {
@@ -314,6 +327,7 @@ test('without --mtls_proxy_protocol a header is not taken: the connection fails 
     await throughHop(front.restPort, v1('203.0.113.9'), (port) => assert.rejects(https1(port, pki, { path: '/v2/health/live' })));
     const line = await front.logs.waitFor((l) => l.event === 'handshake_failed');
     assert.deepEqual([line.reason, line.remote], ['not_tls', '127.0.0.1']);
+    assert.match(line.msg, /or a load balancer sending a PROXY protocol header \(then start the proxy with --mtls_proxy_protocol/);
   } finally {
     await front.proxy.shutdown(1000);
   }
