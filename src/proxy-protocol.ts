@@ -32,6 +32,12 @@ const V1_PREFIX = Buffer.from('PROXY ', 'latin1');
 const V1_MAX_LENGTH = 107;
 const V2_SIGNATURE = Buffer.from([0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a]);
 const V2_FIXED_LENGTH = 16;
+/**
+ * Version 2 allows 64 KiB of extensions; load balancers send tens of bytes (an AWS VPC endpoint id,
+ * HAProxy's unique id or TLS fields). A client sending 64 KiB a byte at a time would have each byte
+ * copy all before it (2 GB in all): a bound, nginx's too, keeps that small.
+ */
+const V2_MAX_LENGTH = 4096;
 
 /** Whether `bytes` begins as `prefix` does, as far as either goes. */
 function beginsLike(bytes: Buffer, prefix: Buffer): boolean {
@@ -102,6 +108,7 @@ function parseV2(bytes: Buffer): ProxyHeader | Unreadable | undefined {
   const family = bytes[13]! >> 4;
   const transport = bytes[13]! & 0x0f;
   const length = V2_FIXED_LENGTH + bytes.readUInt16BE(14);
+  if (length > V2_MAX_LENGTH) return invalid(`a version 2 header of ${length} bytes, over the ${V2_MAX_LENGTH} read`);
   if (bytes.length < length) return undefined;
   if (command === V2_LOCAL) return { length, source: undefined, local: true };
   // UNSPEC and AF_UNIX carry no IP address.

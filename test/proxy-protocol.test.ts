@@ -111,11 +111,14 @@ describe('reading the header', () => {
     assert.equal(fault(v2Raw(0x21, 0x12, Buffer.alloc(12))), 'version 2 transport 2, not STREAM (TCP)');
     assert.equal(fault(v2Raw(0x21, 0x11, Buffer.alloc(8))), 'a version 2 IPv4 address block of 8 bytes (12 needed)');
     assert.equal(fault(v2Raw(0x21, 0x21, Buffer.alloc(12))), 'a version 2 IPv6 address block of 12 bytes (36 needed)');
+    // Known from its first 16 bytes, before the rest is waited for.
+    assert.equal(fault(v2Raw(0x21, 0x11, Buffer.alloc(4081)).subarray(0, 16)), 'a version 2 header of 4097 bytes, over the 4096 read');
+    assert.deepEqual(parsed(v2Raw(0x21, 0x11, Buffer.alloc(4080))), { length: 4096, source: '0.0.0.0' });
   });
 
   test('any header, with any extensions and whatever follows, names its client and ends where it ends', () => {
     const client = fc.oneof(fc.ipV4(), fc.ipV6().filter((a) => !a.includes('.')));
-    fc.assert(fc.property(client, fc.uint8Array({ maxLength: 300 }), fc.uint8Array({ maxLength: 64 }), fc.boolean(), (address, tlvs, rest, textual) => {
+    fc.assert(fc.property(client, fc.uint8Array({ maxLength: 1000 }), fc.uint8Array({ maxLength: 64 }), fc.boolean(), (address, tlvs, rest, textual) => {
       const header = textual ? v1(address) : v2(address, Buffer.from(tlvs));
       const result = parseProxyHeader(Buffer.concat([header, Buffer.from(rest)]));
       assert.ok(result !== undefined && !('failure' in result));
