@@ -31,9 +31,9 @@ const DETAILS: Record<string, string> = {
   no_suitable_signature_algorithm: 'the client accepts no signature algorithm the key of --mtls_cert can make (an EC or Ed25519 key, and a client that takes RSA signatures only, or the reverse): serve a certificate with a key type the client supports',
   // TLS 1.2: the client signed with a key on a curve outside our groups. Under TLS 1.3 an OpenSSL client sends no certificate instead.
   wrong_curve: 'the client certificate has an EC key on a curve we do not take (such as brainpool or secp256k1): issue it with a P-256 or P-384 key',
-  // OpenSSL's cap on a Certificate message (max_cert_list); the client is told only "illegal parameter".
-  proxy_protocol_missing: 'the connection did not begin with a PROXY protocol header, which --mtls_proxy_protocol requires of every connection: a client connecting past the load balancer, or a load balancer not set to send one (HAProxy send-proxy or send-proxy-v2, an AWS NLB target group\'s proxy_protocol_v2.enabled)',
+  proxy_protocol_missing: 'the connection did not begin with a PROXY protocol header, which --mtls_proxy_protocol requires (of every connection, or of those from --mtls_proxy_protocol_from): a client connecting past the load balancer, or a load balancer not set to send one (HAProxy send-proxy or send-proxy-v2, an AWS NLB target group\'s proxy_protocol_v2.enabled)',
   proxy_protocol_invalid: 'the PROXY protocol header that began the connection is malformed',
+  // OpenSSL's cap on a Certificate message (max_cert_list); the client is told only "illegal parameter".
   excessive_message_size: 'the client sent a certificate chain over OpenSSL\'s 100 KiB limit (a whole CA bundle appended to its certificate?): it should send its own certificate and intermediates only',
 };
 

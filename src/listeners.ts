@@ -185,6 +185,7 @@ export class SecureListener {
   readonly #handshaking = new Set<Socket>();
   /** Handshaken connections waiting for their OCSP status: destroyAll cuts them too. */
   readonly #awaitingOcsp = new Set<TLSSocket>();
+  /** Whether a connection from that address begins with a PROXY protocol header (--mtls_proxy_protocol, _from). */
   readonly #expectsProxyHeader: (remote: string | undefined) => boolean;
   /** Stopped accepting: the shutdown waits for the connections, and ended ones get a short linger. */
   #draining = false;

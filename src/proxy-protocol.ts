@@ -147,13 +147,17 @@ export type HeaderOutcome = Omit<ProxyHeader, 'length'> | { readonly failure: He
 /**
  * Reads the header off `socket` and calls `then` once: on success with the bytes after it put back
  * and the socket paused, so a TLS server given it next reads them first (Node's TLSSocket takes
- * what the socket holds before reading the handle).
+ * what the socket holds before reading the handle). A socket we destroy meanwhile (a shutdown's
+ * destroyAll) is not the client's doing, and was never a handshake that failed: `then` is not called.
  */
 export function awaitProxyHeader(socket: Socket, timeoutMs: number, then: (outcome: HeaderOutcome) => void): void {
   let held: Buffer = Buffer.alloc(0);
-  const finish = (outcome: HeaderOutcome): void => {
+  const stopWaiting = (): void => {
     clearTimeout(timer);
-    socket.off('data', onData).off('end', onClosed).off('close', onClosed).off('error', onClosed);
+    socket.off('data', onData).off('end', onClosed).off('error', onClosed).off('close', stopWaiting);
+  };
+  const finish = (outcome: HeaderOutcome): void => {
+    stopWaiting();
     then(outcome);
   };
   const onData = (chunk: Buffer): void => {
@@ -167,5 +171,6 @@ export function awaitProxyHeader(socket: Socket, timeoutMs: number, then: (outco
   };
   const onClosed = (): void => finish({ failure: 'client_closed' });
   const timer = setTimeout(() => finish({ failure: 'handshake_timeout' }), timeoutMs);
-  socket.on('data', onData).on('end', onClosed).on('close', onClosed).on('error', onClosed);
+  // A client's FIN is 'end', its reset 'error'; 'close' alone is our own destroy().
+  socket.on('data', onData).on('end', onClosed).on('error', onClosed).on('close', stopWaiting);
 }

@@ -324,6 +324,20 @@ describe('--mtls_proxy_protocol: what is refused', () => {
   });
 });
 
+test('a shutdown whose timeout runs out cuts a connection still waiting for its header (as it does a handshake) without logging a client that closed', async () => {
+  const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort }, proxyProtocol: { from: [] } });
+  const socket = netConnect({ host: '127.0.0.1', port: front.restPort });
+  socket.on('error', () => {});
+  socket.write('PROXY TCP4 203.0.');
+  await once(socket, 'connect');
+  // Connections are accepted in order: once a later one is served, this one is waiting for the rest of its header.
+  assert.equal((await throughHop(front.restPort, v1('203.0.113.70'), (port) => https1(port, pki, { path: '/v2/health/live' }))).status, 200);
+  // Shorter than the 10 s handshake timeout, which the shutdown waits for as it does for a handshake under way.
+  await front.proxy.shutdown(1000);
+  await new Promise((resolve) => socket.on('close', resolve));
+  assert.deepEqual(front.logs.lines.filter((l) => l.event === 'handshake_failed'), []);
+});
+
 test('without --mtls_proxy_protocol a header is not taken: the connection fails as not TLS, its client the connection\'s own', async () => {
   const front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort } });
   try {
