@@ -3,6 +3,8 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { BlockList, connect as netConnect, createServer as createTcpServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
+import { request as httpsRequest } from 'node:https';
+import { createHash, randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import { parseProxyHeader } from '../src/proxy-protocol.js';
 import { parseSubnet } from '../src/addresses.js';
@@ -12,7 +14,7 @@ import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
 import type { TestPki } from './helpers/pki.js';
 import { grpcClients, https1, startTestProxy, startUpstreamFixture, tlsClientOptions, type StartedProxy } from './helpers/harness.js';
-import { checkModelInfer } from './helpers/grpc-calls.js';
+import { checkLargeMessage, checkModelInfer } from './helpers/grpc-calls.js';
 import { startCli } from './helpers/cli.js';
 import { httpGet, sample } from './helpers/ops.js';
 
@@ -192,6 +194,18 @@ async function throughHop<T>(port: number, hop: Hop | Buffer, use: (hopPort: num
   }
 }
 
+/** How many body bytes a GET of `path` on `port` brought (a 200 whose body ended whole). */
+function bytesDownloaded(port: number, path: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    httpsRequest({ host: '127.0.0.1', port, path, agent: false, ...tlsClientOptions(pki) }, (res) => {
+      let count = 0;
+      res.on('data', (chunk: Buffer) => (count += chunk.length));
+      res.on('end', () => (res.statusCode === 200 && res.complete ? resolve(count) : reject(new Error(`${res.statusCode}, complete: ${res.complete}`))));
+      res.on('error', reject);
+    }).on('error', reject).end();
+  });
+}
+
 /** A client that writes `bytes` to `port`, closes its side at once, and waits for the proxy to close its own. */
 async function sendAndWaitForCloseAfterEnd(port: number, bytes: Buffer): Promise<void> {
   const socket = netConnect({ host: '127.0.0.1', port });
@@ -245,6 +259,15 @@ for (const restMode of FORWARD_MODES) {
       assert.equal((await front.logs.waitFor((l) => l.event === 'access' && l.path === path)).remote, '2001:db8::7');
     });
 
+    test('8 MB up and 8 MB down, with the header split off the first TLS bytes, arrive whole: the connection handed to TLS streams as any other', async () => {
+      const body = randomBytes(8 * 1024 * 1024);
+      const up = await throughHop(front.restPort, v2('192.0.2.80'), (port) => https1(port, pki, { method: 'POST', path: '/echo-body', body, headers: { 'content-type': 'application/octet-stream' } }));
+      assert.equal(up.status, 200);
+      assert.deepEqual(JSON.parse(up.body), { bytes: body.length, sha256: createHash('sha256').update(body).digest('hex') });
+      const down = await throughHop(front.restPort, v1('192.0.2.81'), (port) => bytesDownloaded(port, `/stream-bytes?n=${8 * 1024 * 1024}`));
+      assert.equal(down, 8 * 1024 * 1024);
+    });
+
     test('a version 2 LOCAL header (a load balancer\'s health check) keeps the connection\'s own address', async () => {
       const path = `/v2/health/live?local-${restMode}`;
       assert.equal((await throughHop(front.restPort, v2('local'), (port) => https1(port, pki, { path }))).status, 200);
@@ -262,6 +285,7 @@ describe('--mtls_proxy_protocol on the gRPC port', () => {
           const clients = grpcClients(`127.0.0.1:${port}`, pki);
           try {
             await checkModelInfer(clients.kserve);
+            await checkLargeMessage(clients.echo, 8 * 1024 * 1024);
           } finally {
             clients.close();
           }
