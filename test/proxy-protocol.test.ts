@@ -206,21 +206,13 @@ function bytesDownloaded(port: number, path: string): Promise<number> {
   });
 }
 
-/** A client that writes `bytes` to `port`, closes its side at once, and waits for the proxy to close its own. */
-async function sendAndWaitForCloseAfterEnd(port: number, bytes: Buffer): Promise<void> {
+/** A client that writes `bytes` to `port` (`end`: and closes its side at once) and waits for the proxy to close the connection. */
+async function sendAndWaitForClose(port: number, bytes: Buffer, { end = false } = {}): Promise<void> {
   const socket = netConnect({ host: '127.0.0.1', port });
   socket.on('error', () => {});
   socket.resume();
-  socket.end(bytes);
-  await once(socket, 'close');
-}
-
-/** A client that writes `bytes` to `port` and waits for the proxy to close the connection. */
-async function sendAndWaitForClose(port: number, bytes: Buffer): Promise<void> {
-  const socket = netConnect({ host: '127.0.0.1', port });
-  socket.on('error', () => {});
-  socket.resume();
-  socket.write(bytes);
+  if (end) socket.end(bytes);
+  else socket.write(bytes);
   await once(socket, 'close');
 }
 
@@ -323,7 +315,7 @@ describe('--mtls_proxy_protocol: what is refused', () => {
   });
 
   test('a connection that closes partway through its header, and one that stops sending it, are logged as any handshake that did so', async () => {
-    await sendAndWaitForCloseAfterEnd(front.restPort, Buffer.from('PROXY TCP4 203.0.'));
+    await sendAndWaitForClose(front.restPort, Buffer.from('PROXY TCP4 203.0.'), { end: true });
     assert.equal((await failure('client_closed')).remote, '127.0.0.1');
     const socket = netConnect({ host: '127.0.0.1', port: front.restPort });
     socket.on('error', () => {});
@@ -333,7 +325,7 @@ describe('--mtls_proxy_protocol: what is refused', () => {
   });
 
   test('a LOCAL header, then a close before TLS, is the load balancer checking the port: load_balancer_check, logged at debug', async () => {
-    await sendAndWaitForCloseAfterEnd(front.restPort, v2('local'));
+    await sendAndWaitForClose(front.restPort, v2('local'), { end: true });
     const line = await failure('load_balancer_check');
     assert.deepEqual([line.level, line.remote], ['debug', '127.0.0.1']);
     assert.match(line.msg, /the load balancer checked the port/);
