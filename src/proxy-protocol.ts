@@ -135,10 +135,8 @@ export function headerExpected(settings: ProxyProtocolSettings | undefined): (re
   if (settings.from.length === 0) return () => true;
   const balancers = new BlockList();
   for (const { address, prefix, family } of settings.from) balancers.addSubnet(address, prefix, family);
-  return (remote) => {
-    const address = clientAddress(remote);
-    return address !== undefined && balancers.check(address, isIPv4(address) ? 'ipv4' : 'ipv6');
-  };
+  // BlockList matches an IPv4 client of a dual-stack listener (::ffff:a.b.c.d) against the IPv4 ranges itself.
+  return (remote) => remote !== undefined && balancers.check(remote, isIPv4(remote) ? 'ipv4' : 'ipv6');
 }
 
 /** What waiting for the header ended with: the client's address (undefined: the connection's own), or why it is closed. */

@@ -6,7 +6,7 @@ import { connect as tlsConnect } from 'node:tls';
 import { request as httpsRequest } from 'node:https';
 import { createHash, randomBytes } from 'node:crypto';
 import fc from 'fast-check';
-import { parseProxyHeader } from '../src/proxy-protocol.js';
+import { headerExpected, parseProxyHeader } from '../src/proxy-protocol.js';
 import { parseSubnet } from '../src/addresses.js';
 import { parseCommonConfig, FORWARD_MODES } from '../src/config.js';
 import { ConfigError } from '../src/errors.js';
@@ -423,6 +423,13 @@ describe('--mtls_proxy_protocol_from: only the load balancers\' connections carr
     await new Promise((resolve) => socket.on('close', resolve));
     assert.equal((await front.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === 'proxy_protocol_missing')).remote, '127.0.0.2');
   });
+});
+
+test('which connections must carry a header: all, or those of the ranges, an IPv4 client of a dual-stack listener (::ffff:a.b.c.d) by its IPv4 address', () => {
+  assert.equal(headerExpected(undefined)('127.0.0.1'), false);
+  assert.equal(headerExpected({ from: [] })('192.0.2.1'), true);
+  const fromBalancers = headerExpected({ from: [parseSubnet('10.0.0.0/8')!, parseSubnet('2001:db8::/32')!] });
+  assert.deepEqual(['10.1.2.3', '::ffff:10.1.2.3', '2001:db8::7', '11.0.0.1', '::ffff:11.0.0.1', '2001:db9::1', undefined].map(fromBalancers), [true, true, true, false, false, false, false]);
 });
 
 describe('options', () => {
