@@ -4,6 +4,7 @@
  * path they name exists, every ovms-mtls flag they pass is one the CLI knows,
  * and the pieces agree with each other (ports, names, labels).
  */
+import { createRequire } from 'node:module';
 import { test, describe, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -342,6 +343,13 @@ describe('Kubernetes manifests', () => {
 });
 
 describe('example configuration', () => {
+  // Tools that report their dependencies' versions read them so; without the entry in exports, ERR_PACKAGE_PATH_NOT_EXPORTED.
+  test('the package\'s package.json is readable by name (ovms-mtls/package.json), its version the one built', () => {
+    const pkg = JSON.parse(read('package.json')) as { version: string };
+    const byName = createRequire(import.meta.url)('ovms-mtls/package.json') as { version: string };
+    assert.equal(byName.version, pkg.version);
+  });
+
   // main, types and exports named dist/src/index.js, which nothing built: `import 'ovms-mtls'` failed with ERR_MODULE_NOT_FOUND.
   test('the package entry (package.json main, types, exports) is built, and a program that imports the package by name starts a proxy with it', async () => {
     const pkg = JSON.parse(read('package.json')) as { main: string; types: string; exports: Record<string, string> };
