@@ -12,17 +12,17 @@ import { clientAddress } from './addresses.js';
 import type { ProxyProtocolSettings } from './config.js';
 
 /** The reasons a connection is closed before its TLS handshake begins (handshake-failures.ts words them). */
-export type HeaderFailure = 'proxy_protocol_missing' | 'proxy_protocol_invalid' | 'client_closed' | 'handshake_timeout';
+type HeaderFailure = 'proxy_protocol_missing' | 'proxy_protocol_invalid' | 'client_closed' | 'handshake_timeout';
 
 /** A whole header: its length in bytes, and the client's address (undefined: keep the connection's own). */
-export interface ProxyHeader {
+interface ProxyHeader {
   readonly length: number;
   readonly source: string | undefined;
   /** Version 2's LOCAL command: the load balancer's own connection, a health check, with no client behind it. */
   readonly local?: true;
 }
 
-export interface Unreadable {
+interface Unreadable {
   readonly failure: 'proxy_protocol_missing' | 'proxy_protocol_invalid';
   readonly why: string;
 }
@@ -140,7 +140,7 @@ export function headerExpected(settings: ProxyProtocolSettings | undefined): (re
 }
 
 /** What waiting for the header ended with: the client's address (undefined: the connection's own), or why it is closed. */
-export type HeaderOutcome = Omit<ProxyHeader, 'length'> | { readonly failure: HeaderFailure; readonly why?: string };
+type HeaderOutcome = Omit<ProxyHeader, 'length'> | { readonly failure: HeaderFailure; readonly why?: string };
 
 /**
  * Reads the header off `socket` and calls `then` once: on success with the bytes after it put back
