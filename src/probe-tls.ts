@@ -5,9 +5,10 @@
  * certificate (FINDINGS), so "handshake done" proves nothing about the client
  * cert; the server speaking (HTTP/2 SETTINGS, or an HTTP/1.1 answer) does.
  */
-import { isIP } from 'node:net';
+import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { checkServerIdentity, connect as tlsConnect, type ConnectionOptions, type PeerCertificate, type TLSSocket } from 'node:tls';
 import { hostAndPort } from './addresses.js';
+import { proxyHeader } from './proxy-protocol.js';
 import { subjectCn } from './tls-checks.js';
 
 export type Layer = 'network' | 'server certificate' | 'client certificate' | 'protocol' | 'upstream' | 'model';
@@ -26,6 +27,8 @@ export interface TlsTarget {
   readonly key: Buffer;
   readonly ca: Buffer;
   readonly timeoutMs: number;
+  /** Begin each connection with a PROXY protocol header of this version, as a load balancer would. */
+  readonly proxyProtocol?: 1 | 2 | undefined;
 }
 
 export interface HandshakeResult {
@@ -92,16 +95,16 @@ export function diagnoseTlsError(err: NodeJS.ErrnoException, target: TlsTarget, 
     return { layer: 'client certificate', cause: `the server refused the client certificate (TLS alert "${alert[1]!.toLowerCase()}"): check it was issued by the server's client CA, is valid and not revoked` };
   }
   if (stage === 'secured') return refusedAfterHandshake();
-  if (stage === 'hello sent' && code === 'ECONNRESET') return closedOnHello();
+  if (stage === 'hello sent' && code === 'ECONNRESET') return closedOnHello(target);
   return { layer: 'network', cause: `the connection failed before the TLS handshake finished (${code || err.message})` };
 }
 
 /** A TLS server that refuses a hello says why in an alert; a close without one is something in front of TLS. */
-function closedOnHello(): Diagnosis {
-  return {
-    layer: 'network',
-    cause: 'the server closed the connection on the TLS hello without a TLS alert: a port that expects a PROXY protocol header first (ovms-mtls --mtls_proxy_protocol, nginx proxy_protocol: probe through the load balancer), or a server refusing connections over its limit (--mtls_max_connections); its log says which (ECONNRESET)',
-  };
+function closedOnHello(target: TlsTarget): Diagnosis {
+  const header = target.proxyProtocol === undefined
+    ? 'the server closed the connection on the TLS hello without a TLS alert: a port that expects a PROXY protocol header first (ovms-mtls --mtls_proxy_protocol, nginx proxy_protocol: probe through the load balancer, or with --proxy_protocol v2)'
+    : 'the server closed the connection on the PROXY protocol header and TLS hello without a TLS alert: a port that takes no PROXY header (started without --mtls_proxy_protocol, or this address is not in its --mtls_proxy_protocol_from: probe without --proxy_protocol)';
+  return { layer: 'network', cause: `${header}, or a server refusing connections over its limit (--mtls_max_connections); its log says which (ECONNRESET)` };
 }
 
 /** The server refused our hello with an alert, before it sent its certificate (so before it saw ours). */
@@ -189,6 +192,23 @@ function describeSession(socket: TLSSocket): string {
   return `${socket.getProtocol() ?? 'TLS'}, ${alpn}, server certificate "${cn}" valid until ${peer ? new Date(peer.validTo).toISOString().slice(0, 10) : '?'}`;
 }
 
+/** A TLS connection to the target as a client makes it, its PROXY header first if asked for. */
+export function openTls(target: TlsTarget, alpn: string[]): TLSSocket {
+  const tls = { ...serverVerification(target.servername), cert: target.cert, key: target.key, ca: target.ca, ALPNProtocols: alpn };
+  if (target.proxyProtocol === undefined) return tlsConnect({ host: target.host, port: target.port, ...tls });
+  // The TLS socket starts its handshake on the TCP socket's connect, after this listener has written the header.
+  return tlsConnect({ socket: connectWithProxyHeader(target.host, target.port, target.proxyProtocol), ...tls });
+}
+
+/** A TCP connection whose first bytes are a PROXY header naming its own two ends, as a load balancer's hop would name the client. */
+export function connectWithProxyHeader(host: string, port: number, version: 1 | 2): Socket {
+  const socket = netConnect({ host, port, noDelay: true });
+  socket.once('connect', () => {
+    socket.write(proxyHeader(version, { address: socket.localAddress!, port: socket.localPort! }, { address: socket.remoteAddress!, port: socket.remotePort! }));
+  });
+  return socket;
+}
+
 /**
  * Connects, completes the handshake and waits for the server's first bytes.
  * HTTP/2 servers send SETTINGS unasked; on HTTP/1.1 we ask for /v2/health/live.
@@ -197,10 +217,7 @@ export function tlsHandshake(target: TlsTarget): Promise<HandshakeResult> {
   return new Promise((resolve) => {
     let stage: HandshakeStage = 'connecting';
     let settled = false;
-    const socket = tlsConnect({
-      host: target.host, port: target.port, ...serverVerification(target.servername),
-      cert: target.cert, key: target.key, ca: target.ca, ALPNProtocols: ['h2', 'http/1.1'],
-    });
+    const socket = openTls(target, ['h2', 'http/1.1']);
     const finish = (result: HandshakeResult) => {
       if (settled) return;
       settled = true;

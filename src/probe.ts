@@ -4,10 +4,11 @@
  * client certificate, protocol, upstream, model) when one does.
  */
 import { request as httpsRequest } from 'node:https';
-import { isIP } from 'node:net';
+import { once } from 'node:events';
+import { createServer, isIP, type AddressInfo, type Socket } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { kserveClient, unary, type KserveClient } from './demo/grpc-client.js';
-import { dropIpSniWarning, serverVerification, tlsHandshake, type Diagnosis, type HandshakeResult, type TlsTarget } from './probe-tls.js';
+import { connectWithProxyHeader, dropIpSniWarning, openTls, serverVerification, tlsHandshake, type Diagnosis, type HandshakeResult, type TlsTarget } from './probe-tls.js';
 import { hostAndPort } from './addresses.js';
 import { REFUSAL_PREFIX } from './refusal-answer.js';
 
@@ -24,6 +25,8 @@ export interface ProbeOptions {
   readonly ca: Buffer;
   readonly model?: string | undefined;
   readonly timeoutMs: number;
+  /** Begin every connection with a PROXY protocol header of this version (a port behind an L4 load balancer). */
+  readonly proxyProtocol?: 1 | 2 | undefined;
 }
 
 export interface StepResult {
@@ -49,7 +52,7 @@ export async function runProbe(options: ProbeOptions, report: Report): Promise<b
 }
 
 function target(options: ProbeOptions, port: number): TlsTarget {
-  return { host: options.host, port, servername: options.servername ?? options.host, cert: options.cert, key: options.key, ca: options.ca, timeoutMs: options.timeoutMs };
+  return { host: options.host, port, servername: options.servername ?? options.host, cert: options.cert, key: options.key, ca: options.ca, timeoutMs: options.timeoutMs, proxyProtocol: options.proxyProtocol };
 }
 
 async function handshakeStep(options: ProbeOptions, port: number, listener: StepResult['listener'], report: Report): Promise<HandshakeResult> {
@@ -121,10 +124,49 @@ async function grpcStep<T>(report: Report, step: string, call: () => Promise<T>,
  */
 const DIRECT: grpc.ChannelOptions = { 'grpc.enable_http_proxy': 0 };
 
-function grpcClient(options: ProbeOptions, port: number): KserveClient {
-  if (isIP(options.servername ?? options.host) !== 0) dropIpSniWarning();
+function grpcClient(options: ProbeOptions, port: number, hop: Hop | undefined): KserveClient {
+  const servername = options.servername ?? options.host;
+  if (isIP(servername) !== 0) dropIpSniWarning();
   const credentials = grpc.credentials.createSsl(options.ca, options.key, options.cert);
-  return kserveClient(hostAndPort(options.host, port), credentials, { ...DIRECT, ...(options.servername ? { 'grpc.ssl_target_name_override': options.servername } : {}) });
+  // Through the hop the server certificate is still checked against the deployment's name, not the hop's address.
+  const nameOverride = options.servername !== undefined || hop !== undefined ? { 'grpc.ssl_target_name_override': servername } : {};
+  return kserveClient(hop ? hostAndPort('127.0.0.1', hop.port) : hostAndPort(options.host, port), credentials, { ...DIRECT, ...nameOverride });
+}
+
+interface Hop {
+  readonly port: number;
+  close(): void;
+}
+
+/**
+ * grpc-js takes no socket of ours, so with --proxy_protocol its calls go through a hop on loopback
+ * that passes each connection on to the deployment, the PROXY header before its first bytes.
+ */
+async function proxyHeaderHop(host: string, port: number, version: 1 | 2): Promise<Hop> {
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = connectWithProxyHeader(host, port, version);
+    for (const socket of [client, upstream]) {
+      sockets.add(socket);
+      socket.on('error', () => socket.destroy()).on('close', () => sockets.delete(socket));
+    }
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+    // Piped only once connected, so the header (written on connect) goes before the client's bytes.
+    upstream.once('connect', () => {
+      client.pipe(upstream);
+      upstream.pipe(client);
+    });
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return {
+    port: (server.address() as AddressInfo).port,
+    close: () => {
+      server.close();
+      for (const socket of sockets) socket.destroy();
+    },
+  };
 }
 
 /**
@@ -142,7 +184,8 @@ async function probeGrpc(options: ProbeOptions, port: number, report: Report): P
   const handshake = await handshakeStep(options, port, 'grpc', report);
   if (!handshake.ok) return;
   if (handshake.alpn !== 'h2') return report(withoutHttp2(handshake.alpn ?? ''));
-  const client = grpcClient(options, port);
+  const hop = options.proxyProtocol === undefined ? undefined : await proxyHeaderHop(options.host, port, options.proxyProtocol);
+  const client = grpcClient(options, port, hop);
   const deadline = () => ({ deadline: Date.now() + options.timeoutMs });
   try {
     const live = await grpcStep(report, 'gRPC ServerLive', () => unary(client, 'ServerLive', {}, new grpc.Metadata(), deadline()),
@@ -160,6 +203,7 @@ async function probeGrpc(options: ProbeOptions, port: number, report: Report): P
       (r) => ({ ok: true, detail: `versions [${r.response.versions.join(', ')}], inputs ${r.response.inputs.map((t) => `${t.name} ${t.datatype} [${t.shape.join(',')}]`).join('; ')}` }), model);
   } finally {
     client.close();
+    hop?.close();
   }
 }
 
@@ -184,10 +228,11 @@ function httpsGet(options: ProbeOptions, port: number, path: string): Promise<Re
       outcome();
       req.destroy();
     };
-    const req = httpsRequest({
-      host: options.host, port, path, agent: false, ...serverVerification(options.servername ?? options.host),
-      cert: options.cert, key: options.key, ca: options.ca,
-    }, (res) => {
+    // Node's client takes a connection of ours only without an agent.
+    const connection = options.proxyProtocol === undefined
+      ? { agent: false as const, ...serverVerification(options.servername ?? options.host), cert: options.cert, key: options.key, ca: options.ca }
+      : { createConnection: () => openTls(target(options, port), ['http/1.1']) };
+    const req = httpsRequest({ host: options.host, port, path, ...connection }, (res) => {
       const chunks: Buffer[] = [];
       let size = 0;
       const answer = () => settle(() => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).subarray(0, MAX_BODY_BYTES).toString('utf8').trim() }));

@@ -126,6 +126,50 @@ function ipv6Text(raw: Buffer): string {
   return clientAddress(new SocketAddress({ address: groups.join(':'), family: 'ipv6' }).address)!;
 }
 
+/** One end of a TCP connection, as a header names it. */
+export interface Endpoint {
+  readonly address: string;
+  readonly port: number;
+}
+
+/**
+ * The header a load balancer writes for a connection from `source` to `destination`, in version 1
+ * (text) or 2 (binary): what `probe --proxy_protocol` sends first, so that a port started with
+ * --mtls_proxy_protocol can be checked from inside the cluster, past its load balancer.
+ */
+export function proxyHeader(version: 1 | 2, source: Endpoint, destination: Endpoint): Buffer {
+  // The two ends of a connection share a family; a dual-stack socket names IPv4 ends ::ffff:a.b.c.d.
+  const [from, to] = [source, destination].map(({ address, port }) => ({ address: clientAddress(address.replace(/%.*$/, ''))!, port }));
+  const ipv6 = isIPv6(from!.address);
+  if (version === 1) return Buffer.from(`PROXY ${ipv6 ? 'TCP6' : 'TCP4'} ${from!.address} ${to!.address} ${from!.port} ${to!.port}\r\n`, 'latin1');
+  const addressBytes = ipv6 ? ipv6Bytes : (address: string) => Buffer.from(address.split('.').map(Number));
+  const ports = Buffer.alloc(4);
+  ports.writeUInt16BE(from!.port, 0);
+  ports.writeUInt16BE(to!.port, 2);
+  const block = Buffer.concat([addressBytes(from!.address), addressBytes(to!.address), ports]);
+  const fixed = Buffer.from([0x20 | V2_PROXY, ((ipv6 ? V2_INET6 : V2_INET) << 4) | 0x1, 0, 0]);
+  fixed.writeUInt16BE(block.length, 2);
+  return Buffer.concat([V2_SIGNATURE, fixed, block]);
+}
+
+/** An IPv6 address's 16 bytes, from any of its text forms (`::` shortened, an IPv4 tail). */
+function ipv6Bytes(address: string): Buffer {
+  const ipv4Tail = /:(\d+\.\d+\.\d+\.\d+)$/.exec(address);
+  const text = ipv4Tail ? `${address.slice(0, ipv4Tail.index)}:${ipv4AsGroups(ipv4Tail[1]!)}` : address;
+  const [head, tail] = text.split('::') as [string, string | undefined];
+  const groups = (part: string | undefined): string[] => (part ? part.split(':') : []);
+  const zeros = Array<string>(8 - groups(head).length - groups(tail).length).fill('0');
+  const all = tail === undefined ? groups(head) : [...groups(head), ...zeros, ...groups(tail)];
+  const bytes = Buffer.alloc(16);
+  all.forEach((group, i) => bytes.writeUInt16BE(parseInt(group, 16), i * 2));
+  return bytes;
+}
+
+function ipv4AsGroups(ipv4: string): string {
+  const [a, b, c, d] = ipv4.split('.').map(Number) as [number, number, number, number];
+  return `${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+}
+
 /**
  * Whether a connection from `remote` must begin with a header. Others go to TLS as they are, so a
  * header from elsewhere fails there as not TLS.

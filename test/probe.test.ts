@@ -447,6 +447,35 @@ describe('probe', () => {
     }
   });
 
+  for (const version of ['v1', 'v2', '2']) {
+    test(`--proxy_protocol ${version}: the probe begins each connection with the header a load balancer would send, and a proxy that wants one passes every step, gRPC and REST`, async () => {
+      const behindBalancer = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort!, restPort: upstream.restPort! }, proxyProtocol: { from: [] } });
+      try {
+        const { code, out } = await probe(['--port', String(behindBalancer.grpcPort), '--rest_port', String(behindBalancer.restPort), '--model', 'dummy', '--proxy_protocol', version, ...clientFlags()]);
+        assert.equal(code, 0, out);
+        assert.match(out, /^ok {4}grpc {2}gRPC ModelMetadata dummy: /m);
+        assert.match(out, /^ok {4}rest {2}REST GET \/v2\/models\/dummy: HTTP 200/m);
+        assert.match(out, /probe: all 7 steps passed/);
+        assert.equal(behindBalancer.logs.lines.filter((l) => l['msg'] === 'handshake_failed').length, 0);
+      } finally {
+        await behindBalancer.proxy.shutdown(1000);
+      }
+    });
+  }
+
+  test('--proxy_protocol sent to a port that takes none: the report names the header as what the port may have refused, not a missing one', async () => {
+    const { code, out } = await probe(['--rest_port', String(front.restPort), '--proxy_protocol', 'v2', ...clientFlags()]);
+    assert.equal(code, 1);
+    assert.match(out, /^FAIL .*TLS handshake.*\n.*-> network layer: the server closed the connection on the PROXY protocol header and TLS hello without a TLS alert: a port that takes no PROXY header \(started without --mtls_proxy_protocol, or this address is not in its --mtls_proxy_protocol_from: probe without --proxy_protocol\)/m);
+  });
+
+  test('--proxy_protocol takes v1 or v2 (1, 2), anything else is a one-line usage error with exit 2', async () => {
+    const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), '--proxy_protocol', 'v3', ...clientFlags()]);
+    assert.equal(res.code, 2, res.stderr);
+    assert.equal(res.stderr, "ovms-mtls: --proxy_protocol: 'v3' is no PROXY protocol version: give v1 (text, HAProxy send-proxy) or v2 (binary, send-proxy-v2, an AWS NLB)\n");
+    assert.equal(res.stdout, '');
+  });
+
   test('nothing listening is reported as the network layer', async () => {
     const { code, out } = await probe(['--port', String((await freeLoopbackPorts(1))[0]), ...clientFlags()]);
     assert.equal(code, 1);

@@ -15,6 +15,7 @@ import { assertRefusedCall, grpcClients, startTestProxy, startUpstreamFixture, t
 import type { TestPki } from './helpers/pki.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
+import { proxyHeader } from '../src/proxy-protocol.js';
 
 const V2_SIGNATURE = Buffer.from('\r\n\r\n\0\r\nQUIT\n', 'latin1');
 const VERSIONS = [1, 2] as const;
@@ -61,12 +62,12 @@ async function withHaproxyInFrontOfRecorder(options: Omit<HaproxyOptions, 'serve
   }
 }
 
-/** Connects to haproxy from `host` (where it listens), sends `hello`; the client's port, once the recorder has all of it. */
-async function helloThrough(haproxy: Haproxy, recorder: Awaited<ReturnType<typeof recordingServer>>, host = '127.0.0.1'): Promise<{ clientPort: number; received: Buffer; peer: string | undefined }> {
+/** Connects to haproxy from `host` (where it listens), sends `hello` (after `header`, if given); the client's port, once the recorder has all of it. */
+async function helloThrough(haproxy: Haproxy, recorder: Awaited<ReturnType<typeof recordingServer>>, host = '127.0.0.1', header?: Buffer): Promise<{ clientPort: number; received: Buffer; peer: string | undefined }> {
   const client = netConnect({ port: haproxy.port, host, localAddress: host });
   await once(client, 'connect');
   try {
-    client.write('hello');
+    client.write(header ? Buffer.concat([header, Buffer.from('hello')]) : 'hello');
     const carried = () => recorder.connections.find((c) => c.data.subarray(-5).toString() === 'hello');
     await eventually(() => carried() !== undefined, `the client's bytes through haproxy (${haproxy.output()})`);
     const { data, peer } = carried()!;
@@ -124,6 +125,19 @@ describe('haproxy as these tests run it, read by a plain TCP server', () => {
           assert.deepEqual(received, Buffer.concat([V2_SIGNATURE, Buffer.from([0x21, 0x21, 0, 36]), addresses, Buffer.from('hello')]));
         }
       });
+    }
+  });
+
+  test('the headers probe --proxy_protocol writes, v1 and v2, IPv4 and IPv6, are read by haproxy (accept-proxy), which passes on the client and frontend they name', async () => {
+    const connections = [{ client: '198.51.100.7', frontend: '192.0.2.1', family: 'TCP4' }, { client: '2001:db8::7', frontend: '2001:db8::1', family: 'TCP6' }];
+    for (const version of VERSIONS) {
+      for (const { client, frontend, family } of connections) {
+        await withHaproxyInFrontOfRecorder({ proxyProtocol: 1, acceptProxy: true }, async (haproxy, recorder) => {
+          const header = proxyHeader(version, { address: client, port: 4242 }, { address: frontend, port: 443 });
+          const { received } = await helloThrough(haproxy, recorder, '127.0.0.1', header);
+          assert.equal(received.toString('latin1'), `PROXY ${family} ${client} ${frontend} 4242 443\r\nhello`, `v${version}, ${client}`);
+        });
+      }
     }
   });
 

@@ -6,7 +6,7 @@ import { connect as tlsConnect } from 'node:tls';
 import { request as httpsRequest } from 'node:https';
 import { createHash, randomBytes } from 'node:crypto';
 import fc from 'fast-check';
-import { headerExpected, parseProxyHeader } from '../src/proxy-protocol.js';
+import { headerExpected, parseProxyHeader, proxyHeader } from '../src/proxy-protocol.js';
 import { parseSubnet } from '../src/addresses.js';
 import { parseCommonConfig, FORWARD_MODES } from '../src/config.js';
 import { ConfigError } from '../src/errors.js';
@@ -127,6 +127,23 @@ describe('reading the header', () => {
       assert.equal(result.length, header.length);
       assert.ok(sameAddress(result.source!, address), `${address} read as ${result.source}`);
     }));
+  });
+
+  test('the header probe --proxy_protocol writes, version 1 or 2, reads back as the address and length it was written with, any address in any spelling', () => {
+    const port = fc.integer({ min: 0, max: 65535 });
+    fc.assert(fc.property(fc.oneof(fc.ipV4(), fc.ipV6()), port, port, fc.constantFrom(1 as const, 2 as const), (address, from, to, version) => {
+      // A connection's two ends share a family: an IPv4-mapped end is an IPv4 connection.
+      const ipv4 = !address.includes(':') || /^::ffff:\d+\.\d+\.\d+\.\d+$/i.test(address);
+      const header = proxyHeader(version, { address, port: from }, { address: ipv4 ? '127.0.0.1' : '::1', port: to });
+      const result = parseProxyHeader(Buffer.concat([header, Buffer.from([0x16, 0x03, 0x01])]));
+      assert.ok(result !== undefined && !('failure' in result), `${address}: ${JSON.stringify(result)}`);
+      assert.equal(result.length, header.length);
+      assert.ok(sameAddress(result.source!, address), `${address} read as ${result.source}`);
+    }));
+    assert.equal(proxyHeader(1, { address: '::ffff:10.1.2.3', port: 5 }, { address: '::ffff:127.0.0.1', port: 443 }).toString('latin1'), 'PROXY TCP4 10.1.2.3 127.0.0.1 5 443\r\n');
+    assert.equal(proxyHeader(1, { address: 'fe80::1%eth0', port: 5 }, { address: 'fe80::2%eth0', port: 443 }).toString('latin1'), 'PROXY TCP6 fe80::1 fe80::2 5 443\r\n');
+    assert.equal(proxyHeader(2, { address: '2001:db8::7', port: 51234 }, { address: '::1', port: 443 }).toString('hex'),
+      `0d0a0d0a000d0a515549540a 21 21 0024 20010db8000000000000000000000007 ${'0'.repeat(30)}01 c822 01bb`.replaceAll(' ', ''));
   });
 });
 

@@ -28,6 +28,7 @@ export const PROBE_OPTIONS: readonly OptionSpec[] = [
   { name: 'model', type: 'string', describe: 'Also fetch this model\'s metadata' },
   { name: 'servername', type: 'string', describe: 'Name the server certificate must carry', defaultDescription: '--host' },
   { name: 'timeout', type: 'number', describe: 'Seconds each step may take', defaultDescription: String(DEFAULT_PROBE_TIMEOUT_S) },
+  { name: 'proxy_protocol', type: 'string', describe: 'Begin each connection with a PROXY protocol header, v1 or v2, as a load balancer would (a port started with --mtls_proxy_protocol, probed past its load balancer)', defaultDescription: 'none' },
 ];
 
 export const PROBE_USAGE = `ovms-mtls probe --host HOST [--port P] [--rest_port R] \\
@@ -125,6 +126,7 @@ function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   if (!Number.isFinite(timeout) || timeout <= 0 || timeout > MAX_SECONDS) {
     throw new ConfigError(`--timeout: '${String(parsed['timeout'])}' is not a number of seconds > 0 and <= ${MAX_SECONDS}`);
   }
+  const proxyProtocol = parsed['proxy_protocol'] === undefined ? undefined : proxyProtocolVersion(last(parsed['proxy_protocol']));
   const cert = readPem('mtls_cert', last(parsed['mtls_cert']));
   const key = readPem('mtls_key', last(parsed['mtls_key']));
   checkClientPair(String(last(parsed['mtls_cert'])), cert, String(last(parsed['mtls_key'])), key);
@@ -138,7 +140,14 @@ function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
     ca: readPem('mtls_ca', last(parsed['mtls_ca'])),
     model: last(parsed['model']) as string | undefined,
     timeoutMs: Math.max(1, Math.round(timeout * 1000)),
+    proxyProtocol,
   };
+}
+
+function proxyProtocolVersion(given: unknown): 1 | 2 {
+  const version = /^v?([12])$/i.exec(String(given).trim())?.[1];
+  if (version === undefined) throw new ConfigError(`--proxy_protocol: '${String(given)}' is no PROXY protocol version: give v1 (text, HAProxy send-proxy) or v2 (binary, send-proxy-v2, an AWS NLB)`);
+  return version === '1' ? 1 : 2;
 }
 
 /** A step's lines. What the server sent (a body, a grpc-message) is in them: printable() each. */

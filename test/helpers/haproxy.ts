@@ -31,6 +31,8 @@ export interface HaproxyOptions {
   listenHost?: string;
   /** Extensions (TLVs) haproxy adds to a v2 header (`proxy-v2-options`): `crc32c`, `unique-id` (the client's address and port). */
   v2Extensions?: ('crc32c' | 'unique-id')[];
+  /** The frontend itself takes only connections that begin with a PROXY header, v1 or v2 (`accept-proxy`), as a second load balancer behind a first. */
+  acceptProxy?: boolean;
 }
 
 export interface Haproxy {
@@ -46,7 +48,7 @@ export interface Haproxy {
 const BINARY = ['/usr/sbin/haproxy', ...(process.env['PATH'] ?? '').split(':').map((dir) => join(dir, 'haproxy'))].find((path) => existsSync(path));
 
 function config(options: HaproxyOptions, port: number, adminSocket: string): string {
-  const { server, proxyProtocol, healthChecks, listenHost = '127.0.0.1', v2Extensions = [] } = options;
+  const { server, proxyProtocol, healthChecks, listenHost = '127.0.0.1', v2Extensions = [], acceptProxy = false } = options;
   const check = healthChecks ? ` check inter ${healthChecks.intervalMs}ms check-send-proxy` : '';
   const extensions = v2Extensions.length > 0 ? ` proxy-v2-options ${v2Extensions.join(',')}` : '';
   return [
@@ -64,7 +66,7 @@ function config(options: HaproxyOptions, port: number, adminSocket: string): str
     '  timeout client 60s',
     '  timeout server 60s',
     'frontend front',
-    `  bind ${listenHost.includes(':') ? `[${listenHost}]` : listenHost}:${port}`,
+    `  bind ${listenHost.includes(':') ? `[${listenHost}]` : listenHost}:${port}${acceptProxy ? ' accept-proxy' : ''}`,
     // What the unique-id extension carries.
     ...(v2Extensions.includes('unique-id') ? ['  unique-id-format %ci:%cp'] : []),
     '  default_backend back',
