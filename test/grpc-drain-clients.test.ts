@@ -227,6 +227,17 @@ const RETRY_BUFFER = { 'grpc-go': 256 * 1024, grpcio: 256 * 1024, 'grpc-js': 102
 const REFUSED_NOT_RESENT = { 'grpc-go': 'UNAVAILABLE: the connection is draining', grpcio: 'UNAVAILABLE: GOAWAY received', 'grpc-js': 'UNAVAILABLE: Stream refused by server' } as const;
 
 /**
+ * grpc-js words the same refusal (RST_STREAM REFUSED_STREAM) as a write error when Node's HTTP/2 client reports it to a call
+ * still writing its message, as Node 24's does for these large calls (Node 20's reports the stream's close first).
+ */
+const REFUSED_WHILE_WRITING = 'UNAVAILABLE: Write error: Stream closed with error code NGHTTP2_REFUSED_STREAM';
+
+function refusedNotResent(name: string, failure: string): string {
+  const expected = REFUSED_NOT_RESENT[name as keyof typeof REFUSED_NOT_RESENT];
+  return name === 'grpc-js' && failure === REFUSED_WHILE_WRITING ? expected : failure;
+}
+
+/**
  * What the client must have sent while the GOAWAY is held for its large calls to be under way. Terminate mode: most of
  * four calls' starts. Relay mode: what the model server's windows let through (the stand-in's: 64 KiB a connection).
  */
@@ -427,8 +438,8 @@ for (const mode of GRPC_MODES) {
             assert.ok(Object.values(failures).every((n) => n <= WORKERS), JSON.stringify(failures));
           } else {
             // Those it had started before it read the GOAWAY: the first of each worker, most likely all.
-            assert.deepEqual(Object.keys(failures), [REFUSED_NOT_RESENT[name as keyof typeof REFUSED_NOT_RESENT]]);
-            assert.ok(Object.values(failures)[0]! <= WORKERS);
+            assert.deepEqual([...new Set(Object.keys(failures).map((failure) => refusedNotResent(name, failure)))], [REFUSED_NOT_RESENT[name as keyof typeof REFUSED_NOT_RESENT]]);
+            assert.ok(Object.values(failures).reduce((sum, n) => sum + n, 0) <= WORKERS, JSON.stringify(failures));
           }
         });
       });
