@@ -805,9 +805,8 @@ export interface BodyRefusal {
 
 /**
  * Per HTTP/1.1 request whose body is on its way: who answers it if the rest of that body is malformed.
- * A property of the request, not a WeakMap keyed by it: V8 keeps a WeakMap's entries for dead keys
- * until a full collection, and one entry per request made every request cost ~60 µs more CPU in the
- * REST bench (rest-h1-1k, terminate mode: 130-170 -> 220-350 µs per request).
+ * A property of the request, not a WeakMap keyed by it: a WeakMap entry per request took the proxy's
+ * CPU per request in the REST bench from ~100-150 to ~180-280 µs (bench/README.md, "A regression").
  */
 const BODY_REFUSER = Symbol('bodyRefuser');
 type RefusableRequest = IncomingMessage & { [BODY_REFUSER]?: (refusal: BodyRefusal) => void };
