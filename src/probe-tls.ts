@@ -194,10 +194,10 @@ function describeSession(socket: TLSSocket): string {
 
 /** A TLS connection to the target as a client makes it, its PROXY header first if asked for. */
 export function openTls(target: TlsTarget, alpn: string[]): TLSSocket {
-  const tls = { ...serverVerification(target.servername), cert: target.cert, key: target.key, ca: target.ca, ALPNProtocols: alpn };
-  if (target.proxyProtocol === undefined) return tlsConnect({ host: target.host, port: target.port, ...tls });
-  // The TLS socket starts its handshake on the TCP socket's connect, after this listener has written the header.
-  return tlsConnect({ socket: connectWithProxyHeader(target.host, target.port, target.proxyProtocol), ...tls });
+  const client = { ...serverVerification(target.servername), cert: target.cert, key: target.key, ca: target.ca, ALPNProtocols: alpn };
+  if (target.proxyProtocol === undefined) return tlsConnect({ host: target.host, port: target.port, ...client });
+  // The TLS socket starts its handshake on the TCP socket's connect, after connectWithProxyHeader's listener has written the header.
+  return tlsConnect({ socket: connectWithProxyHeader(target.host, target.port, target.proxyProtocol), ...client });
 }
 
 /** A TCP connection whose first bytes are a PROXY header naming its own two ends, as a load balancer's hop would name the client. */

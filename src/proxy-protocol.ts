@@ -138,18 +138,24 @@ export interface Endpoint {
  * --mtls_proxy_protocol can be checked from inside the cluster, past its load balancer.
  */
 export function proxyHeader(version: 1 | 2, source: Endpoint, destination: Endpoint): Buffer {
-  // The two ends of a connection share a family; a dual-stack socket names IPv4 ends ::ffff:a.b.c.d.
-  const [from, to] = [source, destination].map(({ address, port }) => ({ address: clientAddress(address.replace(/%.*$/, ''))!, port }));
-  const ipv6 = isIPv6(from!.address);
-  if (version === 1) return Buffer.from(`PROXY ${ipv6 ? 'TCP6' : 'TCP4'} ${from!.address} ${to!.address} ${from!.port} ${to!.port}\r\n`, 'latin1');
+  const from = asWritten(source);
+  const to = asWritten(destination);
+  // The two ends of a connection share a family.
+  const ipv6 = isIPv6(from.address);
+  if (version === 1) return Buffer.from(`PROXY ${ipv6 ? 'TCP6' : 'TCP4'} ${from.address} ${to.address} ${from.port} ${to.port}\r\n`, 'latin1');
   const addressBytes = ipv6 ? ipv6Bytes : (address: string) => Buffer.from(address.split('.').map(Number));
   const ports = Buffer.alloc(4);
-  ports.writeUInt16BE(from!.port, 0);
-  ports.writeUInt16BE(to!.port, 2);
-  const block = Buffer.concat([addressBytes(from!.address), addressBytes(to!.address), ports]);
+  ports.writeUInt16BE(from.port, 0);
+  ports.writeUInt16BE(to.port, 2);
+  const block = Buffer.concat([addressBytes(from.address), addressBytes(to.address), ports]);
   const fixed = Buffer.from([0x20 | V2_PROXY, ((ipv6 ? V2_INET6 : V2_INET) << 4) | 0x1, 0, 0]);
   fixed.writeUInt16BE(block.length, 2);
   return Buffer.concat([V2_SIGNATURE, fixed, block]);
+}
+
+/** An end as a header may name it: a dual-stack socket's IPv4 end (::ffff:a.b.c.d) as IPv4, no zone (it means nothing to the reader). */
+function asWritten({ address, port }: Endpoint): Endpoint {
+  return { address: clientAddress(address.replace(/%.*$/, ''))!, port };
 }
 
 /** An IPv6 address's 16 bytes, from any of its text forms (`::` shortened, an IPv4 tail). */
