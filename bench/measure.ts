@@ -8,7 +8,7 @@ import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { Histogram } from './histogram.js';
 import type { DriverMessage, DriverSpec, ParentMessage, PhaseResult } from './protocol.js';
-import { TreeSampler, memory, processTree } from './procstat.js';
+import { TreeSampler, cpuSeconds, memory, processTree } from './procstat.js';
 import type { Scenario, ProfileSettings } from './scenarios.js';
 import type { RunningTarget, TargetSpec } from './targets.js';
 
@@ -42,6 +42,11 @@ export interface Measurement {
   readonly peakRssMiB: number | undefined;
   /** Idle scenario: RSS growth per held connection, KiB. */
   readonly kibPerConnection: number | undefined;
+  /**
+   * Idle scenario: ms of CPU the target used per second of wall time with no connection open, then with
+   * the connections held and silent (timers, monitors, keep-alive: what a proxy costs while nothing happens).
+   */
+  readonly idleCpuMsPerSecond?: { readonly unconnected: number; readonly holding: number };
   readonly seconds: number;
   /** With several rounds: every round's throughput; the other figures are the best round's. */
   readonly runs?: readonly number[];
@@ -200,14 +205,30 @@ async function settledRssKiB(pid: number): Promise<number> {
   return lowest;
 }
 
+/**
+ * Long enough for /proc's 10 ms clock ticks to resolve a few ms per second: 10 s reads 5 ms/s as 50 ± 10 ms.
+ */
+const IDLE_CPU_SECONDS = 10;
+
+/** CPU the process tree used per second of wall time while the bench only watched it, ms. */
+async function cpuMsPerSecond(pid: number): Promise<number> {
+  const pids = processTree(pid);
+  const cpuBefore = cpuSeconds(pids);
+  const started = performance.now();
+  await sleep(IDLE_CPU_SECONDS * 1000);
+  return ((cpuSeconds(pids) - cpuBefore) * 1000) / ((performance.now() - started) / 1000);
+}
+
 async function measureIdle(scenario: Scenario, spec: TargetSpec, target: RunningTarget, settings: ProfileSettings): Promise<Measurement> {
   const before = await settledRssKiB(target.pid);
+  const unconnected = await cpuMsPerSecond(target.pid);
   const started = performance.now();
   const drivers = new Drivers(driverSpecs(scenario, target, settings));
   try {
     const holding = await drivers.collect('holding', 30_000 + settings.idleConnections * 20);
     const opened = holding.reduce((n, h) => n + h.opened, 0);
     const after = await settledRssKiB(target.pid);
+    const holdingCpu = await cpuMsPerSecond(target.pid);
     const peak = memory(processTree(target.pid)).peakKiB;
     drivers.broadcast({ type: 'release' });
     const dones = await drivers.collect('done', 30_000);
@@ -228,6 +249,7 @@ async function measureIdle(scenario: Scenario, spec: TargetSpec, target: Running
       upstreamCpuUsPerOp: undefined,
       peakRssMiB: peak / 1024,
       kibPerConnection: opened > 0 ? (after - before) / opened : undefined,
+      idleCpuMsPerSecond: { unconnected, holding: holdingCpu },
       seconds: (performance.now() - started) / 1000,
     };
   } finally {

@@ -119,8 +119,15 @@ export function markdownTables(rows: readonly Row[]): string {
   }
   const idle = rows.filter((r) => r.scenario === 'idle');
   if (idle.length > 0) {
-    out.push('', '| Idle mTLS HTTP/2 connections | Held | Errors | RSS per connection KiB | Peak RSS MiB |', '|---|--:|--:|--:|--:|');
-    for (const r of idle) out.push(`| ${r.label} | ${num(r.throughput)} | ${errorCell(r)} | ${num(r.kibPerConnection)} | ${num(r.peakRssMiB)} |`);
+    out.push(
+      '',
+      '| Idle mTLS HTTP/2 connections | Held | Errors | RSS per connection KiB | Peak RSS MiB | CPU ms/s, none open | CPU ms/s, all held |',
+      '|---|--:|--:|--:|--:|--:|--:|',
+    );
+    for (const r of idle) {
+      const cpu = r.idleCpuMsPerSecond;
+      out.push(`| ${r.label} | ${num(r.throughput)} | ${errorCell(r)} | ${num(r.kibPerConnection)} | ${num(r.peakRssMiB)} | ${num(cpu?.unconnected)} | ${num(cpu?.holding)} |`);
+    }
   }
   return out.join('\n');
 }

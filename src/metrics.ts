@@ -55,14 +55,11 @@ type Defined = ReturnType<typeof defineMetrics>;
 export class ProxyMetrics implements ProxyObserver {
   readonly registry = new Registry();
   readonly #m: Defined;
+  #processMetrics = false;
 
   constructor(options: MetricsOptions = {}) {
     this.#m = defineMetrics(this.registry);
-    if (options.processMetrics !== false) {
-      collectDefaultMetrics({ register: this.registry, prefix: METRIC_PREFIX });
-      replaceEventLoopDelayGauges(this.registry, METRIC_PREFIX);
-      mergeOpenFilesPerProcess(this.registry);
-    }
+    if (options.processMetrics !== false) this.collectProcessMetrics();
     // Counters that should read 0, not be absent, before the first event.
     for (const result of ['success', 'failure']) this.#m.reloads.inc({ result }, 0);
     this.#m.ovmsRestarts.inc(0);
@@ -70,6 +67,19 @@ export class ProxyMetrics implements ProxyObserver {
       this.#m.connections.set({ listener }, 0);
       this.#m.streams.set({ listener }, 0);
     }
+  }
+
+  /**
+   * Adds the Node process metrics, once. Their event-loop delay gauges sample every 10 ms, which wakes
+   * an idle process 100 times a second (~5 ms of CPU per second): a process that serves no /metrics
+   * (no --mtls_admin_port) is better off without them.
+   */
+  collectProcessMetrics(): void {
+    if (this.#processMetrics) return;
+    this.#processMetrics = true;
+    collectDefaultMetrics({ register: this.registry, prefix: METRIC_PREFIX });
+    replaceEventLoopDelayGauges(this.registry, METRIC_PREFIX);
+    mergeOpenFilesPerProcess(this.registry);
   }
 
   get contentType(): string {

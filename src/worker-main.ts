@@ -141,7 +141,8 @@ async function serve(start: StartMessage, inbox: Inbox, logger: Logger): Promise
 
 /** The worker process's whole life; resolves with its exit code. */
 export async function runWorker(): Promise<number> {
-  const inbox = new Inbox(new ProxyMetrics());
+  // Process metrics start with the config, and only if the primary serves /metrics (see collectProcessMetrics).
+  const inbox = new Inbox(new ProxyMetrics({ processMetrics: false }));
   process.on('message', (message: unknown) => {
     if (isMessage<ToWorker>(message)) inbox.handle(message);
   });
@@ -155,6 +156,7 @@ export async function runWorker(): Promise<number> {
   const start = await Promise.race([inbox.started, inbox.drain.then(() => undefined)]);
   if (!start) return 0;
   signalDrainMs = start.drainMs;
+  if (start.config.admin) inbox.metrics.collectProcessMetrics();
   const logger = createLogger({ level: start.config.logLevel }).child({ worker: cluster.worker?.id, pid: process.pid });
   logging.logger = logger;
   const proxy = await serve(start, inbox, logger);

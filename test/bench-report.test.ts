@@ -34,3 +34,14 @@ test('a target whose slower round failed calls reports them: Errors sums every r
   const goal = verdicts(rows).find((v) => v.goal.startsWith('gRPC 2.9 MB'))!;
   assert.deepEqual(goal.results, [{ target: 'ovms-mtls-1w', value: '1.20×, 8 errors', met: false }]);
 });
+
+test('the idle table gives the CPU a target used per second with no connection open and with all of them held', () => {
+  const idle = (target: string, kind: Measurement['kind'], unconnected: number, holding: number): Measurement => ({
+    ...round(target, kind, 2000, {}), scenario: 'idle', p50Ms: undefined, p99Ms: undefined, cpuUsPerOp: undefined, cpuCores: undefined,
+    kibPerConnection: 40.5, idleCpuMsPerSecond: { unconnected, holding },
+  });
+  const tables = markdownTables(withRatios([idle('nginx-1w', 'nginx', 0, 0.1), idle('ovms-mtls-1w', 'proxy', 1.62, 12.5)]));
+  assert.match(tables, /\| CPU ms\/s, none open \| CPU ms\/s, all held \|/);
+  assert.match(tables, /^\| nginx-1w \| 2,000 \| 0 \| 40\.5 \| 50\.0 \| 0\.00 \| 0\.10 \|$/m);
+  assert.match(tables, /^\| ovms-mtls-1w \| 2,000 \| 0 \| 40\.5 \| 50\.0 \| 1\.62 \| 12\.5 \|$/m);
+});

@@ -32,7 +32,7 @@ export interface ServingOperationsOptions {
 }
 
 export class ServingOperations {
-  readonly metrics = new ProxyMetrics();
+  readonly metrics: ProxyMetrics;
   readonly #options: ServingOperationsOptions;
   #material: TlsMaterial;
   #proxy: RunningProxy | undefined;
@@ -41,6 +41,7 @@ export class ServingOperations {
 
   private constructor(options: ServingOperationsOptions) {
     this.#options = options;
+    this.metrics = new ProxyMetrics({ processMetrics: options.config.admin !== undefined });
     this.#material = options.material;
     this.metrics.setCertificates(options.material);
     this.metrics.materialLoaded();
