@@ -704,7 +704,7 @@ describe('the hang watchdog (--mtls_ovms_hang_timeout)', () => {
   const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
   test('on-failure: an OVMS stopped (SIGSTOP) once ready is ended after the timeout, logged ovms_hung, and started again: a new pid answers, one restart counted', async () => {
-    const s = await start(BOTH_PORTS, {}, ['--mtls_ovms_hang_timeout', '1', '--mtls_restart', 'on-failure', '--mtls_admin_port', '{admin}']);
+    const s = await start(BOTH_PORTS, {}, ['--mtls_ovms_hang_timeout', '2', '--mtls_restart', 'on-failure', '--mtls_admin_port', '{admin}']);
     const { adminPort } = s;
     try {
       await s.wrapper.waitForEvent('ovms_ready');
@@ -714,7 +714,7 @@ describe('the hang watchdog (--mtls_ovms_hang_timeout)', () => {
       assert.equal(hung['pid'], first!.pid);
       assert.equal(hung['state'], 'stopped');
       assert.equal(hung['level'], 'error');
-      assert.ok((hung['silentMs'] as number) >= 1000, String(hung['silentMs']));
+      assert.ok((hung['silentMs'] as number) >= 2000, String(hung['silentMs']));
       assert.match(hung['msg'] as string, /is stopped \(SIGSTOP or SIGTSTP\): no answer for .* s \(--mtls_ovms_hang_timeout\); ending it \(SIGTERM, then SIGKILL\), then restarting it/);
       // SIGCONT came with the SIGTERM: it exits by itself (0), which still counts as a failure.
       await s.wrapper.waitForOvmsLine((l) => l.includes('SIGTERM received'));
@@ -733,7 +733,7 @@ describe('the hang watchdog (--mtls_ovms_hang_timeout)', () => {
 
   test('never: an OVMS that deadlocks (running, answering nothing, deaf to SIGTERM) is SIGKILLed and the wrapper exits 124 saying why', async () => {
     const freeze = join(dir, `freeze-${runCounter + 1}`);
-    const s = await start(BOTH_PORTS, { FAKE_OVMS_FREEZE_GATE_FILE: freeze }, ['--mtls_ovms_hang_timeout', '1', '--mtls_shutdown_timeout', '2']);
+    const s = await start(BOTH_PORTS, { FAKE_OVMS_FREEZE_GATE_FILE: freeze }, ['--mtls_ovms_hang_timeout', '2', '--mtls_shutdown_timeout', '2']);
     try {
       await s.wrapper.waitForEvent('ovms_ready');
       const [run] = fakeRuns(s.argvFile);
@@ -760,7 +760,7 @@ describe('the hang watchdog (--mtls_ovms_hang_timeout)', () => {
   test('an OVMS slow to open its ports and then to load its models (each longer than the timeout) is not killed; once ready and then stopped, it is', async () => {
     const opened = join(dir, `ports-open-${runCounter + 1}`);
     const loaded = join(dir, `models-loaded-${runCounter + 1}`);
-    const s = await start(BOTH_PORTS, { FAKE_OVMS_START_GATE_FILE: opened, FAKE_OVMS_LOAD_GATE_FILE: loaded }, ['--mtls_ovms_hang_timeout', '1', '--mtls_admin_port', '{admin}']);
+    const s = await start(BOTH_PORTS, { FAKE_OVMS_START_GATE_FILE: opened, FAKE_OVMS_LOAD_GATE_FILE: loaded }, ['--mtls_ovms_hang_timeout', '2', '--mtls_admin_port', '{admin}']);
     const { adminPort } = s;
     const readyz = async () => (await fetch(`http://127.0.0.1:${adminPort}/readyz`)).json() as Promise<{ checks: Record<string, { detail: string }> }>;
     try {

@@ -312,7 +312,9 @@ describe('--mtls_proxy_protocol on the gRPC port', () => {
 describe('--mtls_proxy_protocol: what is refused', () => {
   let front: StartedProxy;
   before(async () => {
-    front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort }, proxyProtocol: { from: [] }, limits: { handshakeTimeoutMs: 500 } });
+    // The handshake timeout bounds the wait for the header too; short, for the header that stops partway. It is a
+    // few seconds, not less: 'behind a good header' makes full TLS handshakes that a loaded machine can hold up.
+    front = await startTestProxy({ pki, upstream: { restPort: upstream.restPort }, proxyProtocol: { from: [] }, limits: { handshakeTimeoutMs: 3000 } });
   });
   after(() => front.proxy.shutdown(1000));
   const failure = (reason: string) => front.logs.waitFor((l) => l.event === 'handshake_failed' && l.reason === reason);

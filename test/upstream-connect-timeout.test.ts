@@ -68,9 +68,12 @@ describe('relay mode: the access line counts the time the relay held the request
   // The relay holds a client's connection while it connects upstream: up to the connect timeout, after
   // which the terminating path takes it, or until the model server accepts, after which it relays.
   const HOLD_MS = 1000;
-  /** The logged duration may miss the client's own handshake and the answer's way back, not a hold. */
+  /**
+   * The logged duration may miss the client's own connect and handshake and the answer's way back, not the hold. Judged
+   * against the hold itself, not the client's clock: on a loaded machine grpc-js alone can spend half a second before it sends.
+   */
   function assertCountsTheHold(durationMs: unknown, waitedMs: number): void {
-    assert.ok((durationMs as number) > waitedMs - HOLD_MS / 2, `logged ${String(durationMs)} ms; the client waited ${waitedMs.toFixed(1)} ms from its send`);
+    assert.ok((durationMs as number) >= HOLD_MS * 0.9, `logged ${String(durationMs)} ms for a ${HOLD_MS} ms hold; the client waited ${waitedMs.toFixed(1)} ms from its send`);
   }
 
   /** A raw GET through a REST relay in front of `restPort`, answered with `answer`: its access line counts the client's wait. */
