@@ -8,7 +8,7 @@ import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { Histogram } from './histogram.js';
 import type { DriverMessage, DriverSpec, ParentMessage, PhaseResult } from './protocol.js';
-import { TreeSampler, cpuSeconds, memory, processTree } from './procstat.js';
+import { TreeSampler, cpuNanoseconds, memory, processTree } from './procstat.js';
 import type { Scenario, ProfileSettings } from './scenarios.js';
 import type { RunningTarget, TargetSpec } from './targets.js';
 
@@ -205,18 +205,24 @@ async function settledRssKiB(pid: number): Promise<number> {
   return lowest;
 }
 
-/**
- * Long enough for /proc's 10 ms clock ticks to resolve a few ms per second: 10 s reads 5 ms/s as 50 ± 10 ms.
- */
-const IDLE_CPU_SECONDS = 10;
+/** Windows of CPU measured while idle; the quietest is reported (see cpuMsPerSecond). */
+const IDLE_CPU_WINDOWS = 3;
+const IDLE_CPU_WINDOW_MS = 3000;
 
-/** CPU the process tree used per second of wall time while the bench only watched it, ms. */
+/**
+ * CPU the process tree used per second of wall time while the bench only watched it, ms: the quietest of a few
+ * windows, as the first ones can still hold the garbage collection or lazy compiling that followed the last work.
+ */
 async function cpuMsPerSecond(pid: number): Promise<number> {
   const pids = processTree(pid);
-  const cpuBefore = cpuSeconds(pids);
-  const started = performance.now();
-  await sleep(IDLE_CPU_SECONDS * 1000);
-  return ((cpuSeconds(pids) - cpuBefore) * 1000) / ((performance.now() - started) / 1000);
+  let quietest = Infinity;
+  for (let i = 0; i < IDLE_CPU_WINDOWS; i++) {
+    const cpuBefore = cpuNanoseconds(pids);
+    const started = performance.now();
+    await sleep(IDLE_CPU_WINDOW_MS);
+    quietest = Math.min(quietest, (cpuNanoseconds(pids) - cpuBefore) / 1e6 / ((performance.now() - started) / 1000));
+  }
+  return quietest;
 }
 
 async function measureIdle(scenario: Scenario, spec: TargetSpec, target: RunningTarget, settings: ProfileSettings): Promise<Measurement> {
