@@ -150,7 +150,8 @@ test('demo --dir on a path with a space and a quote prints commands that work as
   }
 });
 
-test('a Ctrl-C while the demo is still starting (its certificates being written) stops it with 0 once started, instead of killing it', async () => {
+/** A demo interrupted once its first certificate file appears: its exit code, and whether it had said it was up by then. */
+async function interruptAtFirstCertificate(): Promise<{ code: number | null; wasUp: boolean; keptWhole: boolean }> {
   const parent = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-early-'));
   const dir = join(parent, 'certs');
   await mkdir(dir);
@@ -162,13 +163,25 @@ test('a Ctrl-C while the demo is still starting (its certificates being written)
   child.stdout!.setEncoding('utf8').on('data', (c: string) => (out += c));
   try {
     await firstFile;
-    assert.doesNotMatch(out, /Press Ctrl-C/);
-    assert.equal(await interrupt(child), 0);
-    assert.ok(existsSync(join(dir, 'client.key')), 'the set it was writing is whole and kept');
+    const wasUp = /Press Ctrl-C/.test(out);
+    const code = await interrupt(child);
+    return { code, wasUp, keptWhole: existsSync(join(dir, 'client.key')) };
   } finally {
     watcher.close();
     if (child.exitCode === null) child.kill('SIGKILL');
     await rm(parent, { recursive: true, force: true });
+  }
+}
+
+test('a Ctrl-C while the demo is still starting (its certificates being written) stops it with 0 once started, instead of killing it', async () => {
+  // A machine that holds this process up past the demo's start lets the Ctrl-C come late: such a try proves nothing, so it is tried again.
+  const tries: { code: number | null; wasUp: boolean; keptWhole: boolean }[] = [];
+  do tries.push(await interruptAtFirstCertificate());
+  while (tries.at(-1)!.wasUp && tries.length < 3);
+  assert.ok(tries.some((t) => !t.wasUp), 'one Ctrl-C came while the demo was starting');
+  for (const t of tries) {
+    assert.equal(t.code, 0);
+    assert.ok(t.keptWhole, 'the set it was writing is whole and kept');
   }
 });
 
