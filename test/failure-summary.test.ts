@@ -38,25 +38,31 @@ describe('outer suite', () => {
 const PASSING = `import { it } from 'node:test';
 it('passes too', () => {});
 `;
+const CRASHING = `process.stderr.write('the fixture file is missing\\n');
+throw new Error('crashed before any test');
+`;
 
-test('npm test lists each failed test after the TAP summary, with its suites, file, line and error; a passing run prints TAP alone', async (t) => {
+test('npm test lists each failed test after the TAP summary, with its suites, file, line and error, and a crashed file with its stderr; a passing run prints TAP alone', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'failure-summary-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
-  const failing = join(dir, 'failing.test.mjs');
-  const passing = join(dir, 'passing.test.mjs');
+  const [failing, passing, crashing] = ['failing', 'passing', 'crashing'].map((name) => join(dir, `${name}.test.mjs`)) as [string, string, string];
   await writeFile(failing, FAILING);
   await writeFile(passing, PASSING);
+  await writeFile(crashing, CRASHING);
 
-  const failed = await runNodeTest([passing, failing]);
+  const failed = await runNodeTest([passing, failing, crashing]);
   assert.equal(failed.code, 1);
-  const summaryAt = failed.stdout.indexOf('\n# fail 1\n');
-  const listAt = failed.stdout.indexOf('FAILED (1)');
+  const summaryAt = failed.stdout.indexOf('\n# fail 2\n');
+  const listAt = failed.stdout.indexOf('FAILED (2)');
   assert.ok(summaryAt > 0, failed.stdout);
   assert.ok(listAt > summaryAt, `the list of failures comes after the TAP summary:\n${failed.stdout}`);
   const list = failed.stdout.slice(listAt);
   assert.match(list, /^- outer suite > inner suite > adds wrongly$/m);
   assert.match(list, /failing\.test\.mjs:6:5$/m);
   assert.match(list, /AssertionError \[ERR_ASSERTION\]: the sum the test wanted/);
+  assert.match(list, /^- .*crashing\.test\.mjs$/m);
+  assert.match(list, /^ +the fixture file is missing$/m, 'a crashed file\'s stderr says why');
+  assert.match(list, /^ +Error: crashed before any test$/m);
   assert.doesNotMatch(list, /^- outer suite$|^- outer suite > inner suite$|passes/m, 'suites failed by their tests and passing tests are not listed');
 
   const passed = await runNodeTest([passing]);

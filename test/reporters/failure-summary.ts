@@ -7,6 +7,8 @@ import { fileURLToPath } from 'node:url';
 import type { TestEvent } from 'node:test/reporters';
 
 const STACK_LINES = 16;
+/** Of a whole file's failure (it crashed, or exited before its tests ended), the last of its stderr says why. */
+const STDERR_TAIL_CHARS = 2000;
 
 interface Failure {
   where: string;
@@ -16,9 +18,13 @@ interface Failure {
 
 export default async function* failureSummary(source: AsyncIterable<TestEvent>): AsyncGenerator<string, void> {
   const suitesByFile = new Map<string, string[]>();
+  const stderrByFile = new Map<string, string>();
   const failures: Failure[] = [];
   for await (const event of source) {
-    if (event.type === 'test:start') {
+    if (event.type === 'test:stderr') {
+      const file = event.data.file ?? '';
+      stderrByFile.set(file, ((stderrByFile.get(file) ?? '') + event.data.message).slice(-STDERR_TAIL_CHARS));
+    } else if (event.type === 'test:start') {
       const path = suitesByFile.get(event.data.file ?? '') ?? [];
       path.length = event.data.nesting;
       path.push(event.data.name);
@@ -28,7 +34,7 @@ export default async function* failureSummary(source: AsyncIterable<TestEvent>):
       failures.push({
         where: location(event.data.file, event.data.line, event.data.column),
         title: [...path.slice(0, event.data.nesting), event.data.name].join(' > '),
-        error: describe(event.data.details.error),
+        error: errorText(event.data.details.error) + (event.data.name === event.data.file ? stderrTail(stderrByFile.get(event.data.file)) : ''),
       });
     }
   }
@@ -51,14 +57,16 @@ function location(file: string | undefined, line: number | undefined, column: nu
 }
 
 // The runner wraps what a test threw in an ERR_TEST_FAILURE whose cause is the thrown value.
-function describe(error: unknown): string {
-  const wrapper = error as { failureType?: string; cause?: unknown; message?: string };
-  const cause = wrapper.cause ?? error;
-  const kind = wrapper.failureType === undefined ? '' : `[${wrapper.failureType}] `;
-  const text = cause instanceof Error || (typeof cause === 'object' && cause !== null && 'stack' in cause)
-    ? String((cause as { stack?: unknown }).stack ?? (cause as { message?: unknown }).message)
-    : String(cause ?? wrapper.message);
+function errorText(error: unknown): string {
+  const { failureType, cause } = error as { failureType?: string; cause?: unknown };
+  const thrown = (cause ?? error) as { stack?: unknown; message?: unknown } | null | undefined;
+  const text = String(thrown?.stack ?? thrown?.message ?? thrown);
+  const kind = failureType === undefined ? '' : `[${failureType}] `;
   return kind + text.split('\n').slice(0, STACK_LINES).join('\n');
+}
+
+function stderrTail(stderr: string | undefined): string {
+  return stderr ? `\nits stderr, last ${STDERR_TAIL_CHARS} characters at most:\n${stderr.trimEnd()}` : '';
 }
 
 function indent(text: string): string {
