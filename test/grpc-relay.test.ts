@@ -8,7 +8,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { GRPC_RESPONSE_HEADER_BLOCK, HTTP2_REFUSALS, framedH2cUpstream, scriptedUpstream } from './helpers/scripted-upstream.js';
-import { END_HEADERS, END_STREAM, H2, H2FrameReader, answerPings, byteByByte, grpcHeaderBlock, h2Frame, rawH2Client, streamFrames } from './helpers/raw-h2.js';
+import { ACK, END_HEADERS, END_STREAM, H2, H2FrameReader, answerPings, byteByByte, grpcHeaderBlock, h2Frame, rawH2Client, streamFrames, type RawH2Client } from './helpers/raw-h2.js';
 import { CLIENT_PREFACE_BYTES, DRAIN_PING_DATA, FrameCursor } from '../src/h2-frames.js';
 import { UPSTREAM_CLOSED_MID_CALL } from '../src/grpc-relay.js';
 import { UPSTREAM_NOT_HTTP2 } from '../src/upstream-errors.js';
@@ -372,7 +372,8 @@ describe('grpc relay mode: graceful endings', () => {
     }
   });
 
-  test('a client that opens a stream after it has read the GOAWAY (it acknowledged the PING that follows it) is told the last stream taken and cut off; the stream never reaches the model server, nor the ACK', { timeout: 30_000 }, async () => {
+  /** A relay in front of a model server that answers SETTINGS and records every frame it receives. */
+  async function relayToRecorder() {
     const received = new H2FrameReader();
     const model = await scriptedUpstream((socket, first) => {
       socket.write(h2Frame(H2.SETTINGS, 0, 0));
@@ -380,14 +381,43 @@ describe('grpc relay mode: graceful endings', () => {
       socket.on('data', (chunk: Buffer) => received.push(chunk));
     });
     const local = await startTestProxy({ pki, upstream: { grpcPort: model.port }, grpcMode: 'relay' });
+    return { received, model, local };
+  }
+
+  /** Stream 1 open (the relay never decodes HPACK: any header block will do for the stand-in), then the drain of its connection. */
+  async function openStreamThenDrain(client: RawH2Client, received: H2FrameReader, local: StartedProxy): Promise<void> {
+    client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
+    await eventually(() => received.frames.some((f) => f.type === H2.HEADERS), 'the first stream at the model server');
+    const [listener] = local.proxy.listeners();
+    listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
+  }
+
+  test('a stream whose HEADERS the client wrote in one go with its ACK (as C-core writes a call it started before it read the GOAWAY) is taken: the stream in flight and the connection live on', { timeout: 30_000 }, async () => {
+    const { received, model, local } = await relayToRecorder();
+    try {
+      const client = await rawH2Client(local.grpcPort, pki);
+      await openStreamThenDrain(client, received, local);
+      await client.waitForFrame(H2.GOAWAY);
+      const ping = await client.waitForFrame(H2.PING);
+      // One write, so one TLS record: the relay reads the ACK and the HEADERS together.
+      client.socket.write(Buffer.concat([h2Frame(H2.PING, ACK, 0, ping.payload), h2Frame(H2.HEADERS, END_HEADERS, 3, Buffer.from([0x83]))]));
+      await eventually(() => received.frames.filter((f) => f.type === H2.HEADERS).length === 2, 'the second stream at the model server');
+      assert.deepEqual(client.frames.filter((f) => f.type === H2.GOAWAY).map((f) => f.payload.readUInt32BE(0)), [2 ** 31 - 1], 'no final GOAWAY cut it off');
+      assert.equal(client.socket.destroyed, false);
+      assert.deepEqual(received.frames.filter((f) => f.type === H2.PING), [], 'the model server never sent that PING');
+      assert.equal(local.logs.lines.find((l) => l.event === 'relay_access'), undefined, 'the connection is still open');
+    } finally {
+      await local.proxy.shutdown(1000);
+      model.close();
+    }
+  });
+
+  test('a client that opens a stream after it has read the GOAWAY (it acknowledged the PING that follows it) is told the last stream taken and cut off; the stream never reaches the model server, nor the ACK', { timeout: 30_000 }, async () => {
+    const { received, model, local } = await relayToRecorder();
     try {
       const client = await rawH2Client(local.grpcPort, pki);
       answerPings(client);
-      // The relay never decodes HPACK: any header block will do for the stand-in.
-      client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
-      await eventually(() => received.frames.some((f) => f.type === H2.HEADERS), 'the first stream at the model server');
-      const [listener] = local.proxy.listeners();
-      listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
+      await openStreamThenDrain(client, received, local);
       assert.equal((await client.waitForFrame(H2.GOAWAY)).payload.readUInt32BE(0), 2 ** 31 - 1);
       // Answered as it arrived: the ACK is on its way before the next stream.
       await client.waitForFrame(H2.PING);

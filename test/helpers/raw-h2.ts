@@ -11,7 +11,7 @@ export { h2Frame };
 export const H2 = { DATA: 0x0, HEADERS: 0x1, RST_STREAM: 0x3, SETTINGS: 0x4, PING: 0x6, GOAWAY: 0x7, CONTINUATION: 0x9 } as const;
 export const END_STREAM = 0x1;
 export const END_HEADERS = 0x4;
-const ACK = 0x1;
+export const ACK = 0x1;
 const MAX_FRAME_PAYLOAD = 16_384;
 export const SETTINGS_INITIAL_WINDOW_SIZE = 0x4;
 
