@@ -10,9 +10,9 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createTestPki, type TestPki } from './helpers/pki.js';
+import type { TestPki } from './helpers/pki.js';
 import { startCli } from './helpers/cli.js';
-import { startUpstream } from './helpers/harness.js';
+import { startUpstreamFixture } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -22,15 +22,10 @@ const SAMPLING_MS = 10;
 
 let pki: TestPki;
 let upstream: ModelServer;
+let closeAll: () => Promise<void>;
 
-before(async () => {
-  [pki, upstream] = await Promise.all([createTestPki(), startUpstream()]);
-});
-
-after(async () => {
-  await upstream.close();
-  await pki.cleanup();
-});
+before(async () => ({ pki, upstream, close: closeAll } = await startUpstreamFixture()));
+after(() => closeAll());
 
 interface LibuvHandle {
   type: string;
