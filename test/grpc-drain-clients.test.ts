@@ -378,8 +378,8 @@ function assertIntact(streamed: { code: string; ids: string[]; message?: string 
  * and then (1 in ~20 runs of these cases under load) nghttp2 ends the draining connection for a protocol error of
  * grpcio's, the stream still open on it included. Captured with a frame recorder (h2c, grpcio 1.51): after the GOAWAY,
  * grpcio resets stream ids it had given calls but never sent HEADERS for (a known C-core bug, grpc/grpc#38758), and
- * a reset of a stream never opened is a connection error to nghttp2 (RFC 9113 6.4; pinned below, 'what ends the
- * connection'). Node's nghttp2 takes no stream after its own GOAWAY, so no drain through it can spare that. Any other
+ * a reset of a stream never opened is a connection error to nghttp2 (RFC 9113 6.4; pinned below, 'what ends a
+ * draining connection'). Node's nghttp2 takes no stream after its own GOAWAY, so no drain through it can spare that. Any other
  * ending still fails the test.
  */
 function assertIntactUnlessKnownCut(streamed: { code: string; ids: string[]; message?: string }, mode: Mode, client: string, draining: StartedProxy): void {
