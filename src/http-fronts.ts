@@ -71,6 +71,15 @@ const PROTOCOL_ERROR = 'PROTOCOL_ERROR';
 
 const PROTOCOL_ERROR_MESSAGE = 'the client broke the HTTP/2 protocol (DATA past END_STREAM or past its content-length, a frame over SETTINGS_MAX_FRAME_SIZE, ...), and nghttp2 sent GOAWAY and stopped reading it';
 
+/**
+ * The same after our GOAWAY from a C-core client (grpcio; its User-Agent names grpc-c/): what it does now and then in a
+ * drain, captured (README, graceful drain). The operator's way out is named, as the cut is not the client's alone to fix.
+ */
+const C_CORE_DRAIN_PROTOCOL_ERROR_MESSAGE = 'the client broke the HTTP/2 protocol after the proxy\'s GOAWAY, as C-core clients (grpcio) do now and then when told to go away (a drain) while starting calls: they reset a stream id they never opened (grpc/grpc#38758), and nghttp2 sent GOAWAY and stopped reading it; --mtls_grpc_mode relay is spared this';
+
+/** C-core's User-Agent (grpcio, gRPC C++, Ruby, PHP) ends with its own part: `grpc-c/<version> (<os>; chttp2)`. */
+const C_CORE_USER_AGENT = /\bgrpc-c\/\S+ \([^)]*; chttp2\)/;
+
 /** nghttp2's NGHTTP2_ERR_PROTO: what Node 22+ destroys a session with once nghttp2 has ended it (GOAWAY sent, nothing more read). */
 const NGHTTP2_ERR_PROTO = -505;
 
@@ -117,6 +126,8 @@ class SessionState implements IdleConnection, AckWatcher {
   #clientResets: ResetAllowance | undefined;
   /** nghttp2 has cut the connection for rapid reset, and the line said so. */
   #rapidReset = false;
+  /** Its client is C-core (C_CORE_USER_AGENT), by the first request that named one. */
+  #cCore: boolean | undefined;
 
   constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver, acks: ClientAcks) {
     this.session = session;
@@ -128,6 +139,8 @@ class SessionState implements IdleConnection, AckWatcher {
   /** Called with a request's User-Agent; the connection's first curl request starts its reset allowance. */
   userAgent(value: string | undefined): void {
     if (this.#resets === undefined && this.context.listener === 'rest' && value?.startsWith('curl/')) this.#resets = new ResetAllowance();
+    // Read once: one client library speaks on a connection.
+    if (value !== undefined) this.#cCore ??= C_CORE_USER_AGENT.test(value);
   }
 
   /**
@@ -309,7 +322,9 @@ class SessionState implements IdleConnection, AckWatcher {
 
   #noteProtocolError(): void {
     this.context.closedBy ??= 'client_protocol_error';
-    this.#observer.h2SessionFailed({ ...clientRef(this.context), code: PROTOCOL_ERROR, message: PROTOCOL_ERROR_MESSAGE });
+    // closed: our GOAWAY went out (close()).
+    const message = this.#cCore === true && this.session.closed ? C_CORE_DRAIN_PROTOCOL_ERROR_MESSAGE : PROTOCOL_ERROR_MESSAGE;
+    this.#observer.h2SessionFailed({ ...clientRef(this.context), code: PROTOCOL_ERROR, message });
   }
 
   /**
@@ -471,7 +486,7 @@ export class H2Front implements Drainable {
     const { onStream, onRequest } = options;
     if (onStream) {
       this.#server.on('stream', (stream, headers, _flags, rawHeaders?: string[]) => {
-        const context = this.#enter(stream, observer);
+        const context = this.#enter(stream, observer, headers['user-agent']);
         if (context) onStream(stream, headers, context, rawHeaders);
       });
     }
