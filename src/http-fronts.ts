@@ -126,8 +126,8 @@ class SessionState implements IdleConnection, AckWatcher {
   #clientResets: ResetAllowance | undefined;
   /** nghttp2 has cut the connection for rapid reset, and the line said so. */
   #rapidReset = false;
-  /** Its client is C-core (C_CORE_USER_AGENT), by the first request that named one. */
-  #cCore: boolean | undefined;
+  /** The first User-Agent a request on it named: one client library speaks on a connection. */
+  #userAgent: string | undefined;
 
   constructor(session: ServerHttp2Session, context: ConnectionContext, observer: ProxyObserver, acks: ClientAcks) {
     this.session = session;
@@ -139,8 +139,7 @@ class SessionState implements IdleConnection, AckWatcher {
   /** Called with a request's User-Agent; the connection's first curl request starts its reset allowance. */
   userAgent(value: string | undefined): void {
     if (this.#resets === undefined && this.context.listener === 'rest' && value?.startsWith('curl/')) this.#resets = new ResetAllowance();
-    // Read once: one client library speaks on a connection.
-    if (value !== undefined) this.#cCore ??= C_CORE_USER_AGENT.test(value);
+    this.#userAgent ??= value;
   }
 
   /**
@@ -322,8 +321,9 @@ class SessionState implements IdleConnection, AckWatcher {
 
   #noteProtocolError(): void {
     this.context.closedBy ??= 'client_protocol_error';
-    // closed: our GOAWAY went out (close()).
-    const message = this.#cCore === true && this.session.closed ? C_CORE_DRAIN_PROTOCOL_ERROR_MESSAGE : PROTOCOL_ERROR_MESSAGE;
+    // closed: our GOAWAY went out (close()). The User-Agent is judged here, where a line is written, not per connection.
+    const cCoreAfterGoAway = this.session.closed && C_CORE_USER_AGENT.test(this.#userAgent ?? '');
+    const message = cCoreAfterGoAway ? C_CORE_DRAIN_PROTOCOL_ERROR_MESSAGE : PROTOCOL_ERROR_MESSAGE;
     this.#observer.h2SessionFailed({ ...clientRef(this.context), code: PROTOCOL_ERROR, message });
   }
 

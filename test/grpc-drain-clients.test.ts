@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { clientCredentials, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { clientCredentials, drainOnlyConnection, startTestProxy, startUpstream, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { inferRequest } from './helpers/grpc-calls.js';
 import { buildKserveGoClient } from './helpers/go-build.js';
 import { GRPCIO_SCRIPT, PYTHON, pythonStubs, type PythonStubs } from './helpers/grpcio.js';
@@ -404,8 +404,7 @@ describe('--mtls_grpc_mode terminate: what ends a draining connection under grpc
   /** The same, its connection then drained: the GOAWAY read. */
   async function drainedWithStreamOpen(local: StartedProxy, userAgent = GRPCIO_USER_AGENT): Promise<RawH2Client> {
     const client = await withStreamOpen(local, userAgent);
-    const [listener] = local.proxy.listeners();
-    listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
+    drainOnlyConnection(local);
     await client.waitForFrame(H2.GOAWAY);
     return client;
   }
@@ -416,54 +415,51 @@ describe('--mtls_grpc_mode terminate: what ends a draining connection under grpc
     await eventually(() => client.frames.filter((f) => f.type === H2.PING && (f.flags & ACK) !== 0).length === nth, 'the PING answered');
   }
 
-  for (const [client, userAgent] of [['grpcio', GRPCIO_USER_AGENT], ['another client', 'grpc-go/1.33.0']] as const) {
-    test(`${client}: a reset of a stream id the client never opened (grpcio resets ids it gave calls it had not sent yet, grpc/grpc#38758) makes nghttp2 end the connection, the open stream with it, and the line says why${client === 'grpcio' ? ', naming grpcio\'s fault and relay mode' : ' in general terms'}; if this fails, Node tolerates it now and the rolling-update cases should no longer accept that cut`, { timeout: 30_000 }, async () => {
-      const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! } });
-      try {
-        const raw = await drainedWithStreamOpen(local, userAgent);
-        raw.socket.write(h2Frame(H2.RST_STREAM, 0, 3, Buffer.alloc(4)));
-        await raw.closed;
-        const goAways = raw.frames.filter((f) => f.type === H2.GOAWAY).map((f) => f.payload.readUInt32BE(4));
-        assert.equal(goAways.length, 2, 'the drain\'s GOAWAY, then one for the error');
-        assert.ok(goAways[0] === 0 && goAways[1] !== 0, `GOAWAY codes ${goAways.join(', ')}`);
-        assert.ok(!streamFrames(raw.frames, 1).includes('end'), `stream 1 ended by its server, not cut: ${streamFrames(raw.frames, 1).join(', ')}`);
-        const line = await local.logs.waitFor((l) => l.event === 'h2_session_error' && l.code === 'PROTOCOL_ERROR');
-        // Before the hint: the generic message, which named nothing a grpcio user could act on.
-        assert.equal(/grpc\/grpc#38758.*--mtls_grpc_mode relay/.test(String(line.msg)), client === 'grpcio', String(line.msg));
-      } finally {
-        await local.proxy.shutdown(1000);
-      }
-    });
+  /** A terminating proxy in front of the model server, for `use`, shut down after it. */
+  async function withTerminatingProxy(use: (local: StartedProxy) => Promise<void>): Promise<void> {
+    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! } });
+    try {
+      await use(local);
+    } finally {
+      await local.proxy.shutdown(1000);
+    }
   }
 
-  test('grpcio, with no GOAWAY of ours before it: the same reset gets the general line (the hint is for what follows a GOAWAY)', { timeout: 30_000 }, async () => {
-    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! } });
-    try {
-      const raw = await withStreamOpen(local);
-      raw.socket.write(h2Frame(H2.RST_STREAM, 0, 3, Buffer.alloc(4)));
-      await raw.closed;
-      const line = await local.logs.waitFor((l) => l.event === 'h2_session_error' && l.code === 'PROTOCOL_ERROR');
-      assert.doesNotMatch(String(line.msg), /grpc\/grpc#38758/);
-    } finally {
-      await local.proxy.shutdown(1000);
-    }
-  });
+  /** `raw` resets stream 3, which it never opened; resolves, once the connection is gone, with the line nghttp2's verdict got. */
+  async function resetNeverOpened(raw: RawH2Client, local: StartedProxy): Promise<LogLine> {
+    raw.socket.write(h2Frame(H2.RST_STREAM, 0, 3, Buffer.alloc(4)));
+    await raw.closed;
+    return local.logs.waitFor((l) => l.event === 'h2_session_error' && l.code === 'PROTOCOL_ERROR');
+  }
 
-  test('the control: HEADERS of a stream past the GOAWAY and then its reset (what grpcio sends for a call it had sent) leave the connection and the open stream alone', { timeout: 30_000 }, async () => {
-    const local = await startTestProxy({ pki, upstream: { grpcPort: upstream.grpcPort! } });
-    try {
-      const client = await drainedWithStreamOpen(local);
-      client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 3, grpcHeaderBlock(`${KSERVE}/ModelInfer`)), h2Frame(H2.RST_STREAM, 0, 3, Buffer.alloc(4))]));
-      // Answered after them: nghttp2 has read both frames and kept the connection.
-      await pingAnswered(client, 2);
-      assert.equal(client.socket.destroyed, false);
-      assert.ok(!streamFrames(client.frames, 1).some((f) => f === 'end' || f.startsWith('reset')), `stream 1: ${streamFrames(client.frames, 1).join(', ')}`);
-      assert.deepEqual(client.frames.filter((f) => f.type === H2.GOAWAY).map((f) => f.payload.readUInt32BE(4)), [0], 'no GOAWAY for an error');
-      assert.equal(local.logs.lines.find((l) => l.event === 'h2_session_error'), undefined);
-    } finally {
-      await local.proxy.shutdown(1000);
-    }
-  });
+  for (const [client, userAgent] of [['grpcio', GRPCIO_USER_AGENT], ['another client', 'grpc-go/1.33.0']] as const) {
+    test(`${client}: a reset of a stream id the client never opened (grpcio resets ids it gave calls it had not sent yet, grpc/grpc#38758) makes nghttp2 end the connection, the open stream with it, and the line says why${client === 'grpcio' ? ', naming grpcio\'s fault and relay mode' : ' in general terms'}; if this fails, Node tolerates it now and the rolling-update cases should no longer accept that cut`, { timeout: 30_000 }, () => withTerminatingProxy(async (local) => {
+      const raw = await drainedWithStreamOpen(local, userAgent);
+      const line = await resetNeverOpened(raw, local);
+      const goAways = raw.frames.filter((f) => f.type === H2.GOAWAY).map((f) => f.payload.readUInt32BE(4));
+      assert.equal(goAways.length, 2, 'the drain\'s GOAWAY, then one for the error');
+      assert.ok(goAways[0] === 0 && goAways[1] !== 0, `GOAWAY codes ${goAways.join(', ')}`);
+      assert.ok(!streamFrames(raw.frames, 1).includes('end'), `stream 1 ended by its server, not cut: ${streamFrames(raw.frames, 1).join(', ')}`);
+      // Before the hint: the generic message, which named nothing a grpcio user could act on.
+      assert.equal(/grpc\/grpc#38758.*--mtls_grpc_mode relay/.test(String(line.msg)), client === 'grpcio', String(line.msg));
+    }));
+  }
+
+  test('grpcio, with no GOAWAY of ours before it: the same reset gets the general line (the hint is for what follows a GOAWAY)', { timeout: 30_000 }, () => withTerminatingProxy(async (local) => {
+    const line = await resetNeverOpened(await withStreamOpen(local), local);
+    assert.doesNotMatch(String(line.msg), /grpc\/grpc#38758/);
+  }));
+
+  test('the control: HEADERS of a stream past the GOAWAY and then its reset (what grpcio sends for a call it had sent) leave the connection and the open stream alone', { timeout: 30_000 }, () => withTerminatingProxy(async (local) => {
+    const client = await drainedWithStreamOpen(local);
+    client.socket.write(Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 3, grpcHeaderBlock(`${KSERVE}/ModelInfer`)), h2Frame(H2.RST_STREAM, 0, 3, Buffer.alloc(4))]));
+    // Answered after them: nghttp2 has read both frames and kept the connection.
+    await pingAnswered(client, 2);
+    assert.equal(client.socket.destroyed, false);
+    assert.ok(!streamFrames(client.frames, 1).some((f) => f === 'end' || f.startsWith('reset')), `stream 1: ${streamFrames(client.frames, 1).join(', ')}`);
+    assert.deepEqual(client.frames.filter((f) => f.type === H2.GOAWAY).map((f) => f.payload.readUInt32BE(4)), [0], 'no GOAWAY for an error');
+    assert.equal(local.logs.lines.find((l) => l.event === 'h2_session_error'), undefined);
+  }));
 });
 
 for (const mode of GRPC_MODES) {

@@ -5,7 +5,7 @@ import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import * as grpc from '@grpc/grpc-js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
+import { countingRelay, drainOnlyConnection, grpcClients, grpcFrame, h2Request, h2Session, https1, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { GRPC_RESPONSE_HEADER_BLOCK, HTTP2_REFUSALS, framedH2cUpstream, scriptedUpstream } from './helpers/scripted-upstream.js';
 import { ACK, END_HEADERS, END_STREAM, H2, H2FrameReader, answerPings, byteByByte, grpcHeaderBlock, h2Frame, rawH2Client, streamFrames, type RawH2Client } from './helpers/raw-h2.js';
@@ -388,8 +388,7 @@ describe('grpc relay mode: graceful endings', () => {
   async function openStreamThenDrain(client: RawH2Client, received: H2FrameReader, local: StartedProxy): Promise<void> {
     client.socket.write(h2Frame(H2.HEADERS, END_HEADERS, 1, Buffer.from([0x83])));
     await eventually(() => received.frames.some((f) => f.type === H2.HEADERS), 'the first stream at the model server');
-    const [listener] = local.proxy.listeners();
-    listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
+    drainOnlyConnection(local);
   }
 
   test('a stream whose HEADERS the client wrote in one go with its ACK (as C-core writes a call it started before it read the GOAWAY) is taken: the stream in flight and the connection live on', { timeout: 30_000 }, async () => {
@@ -445,8 +444,7 @@ describe('grpc relay mode: graceful endings', () => {
       await byteByByte(client.socket, call);
       await eventually(() => streamFrames(client.frames, 1).includes('end'), 'the answer to the call');
       assert.deepEqual(streamFrames(client.frames, 1), ['headers', 'data', 'end']);
-      const [listener] = local.proxy.listeners();
-      listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
+      drainOnlyConnection(local);
       await client.waitForFrame(H2.GOAWAY);
       const ping = await client.waitForFrame(H2.PING);
       assert.deepEqual(ping.payload, DRAIN_PING_DATA);

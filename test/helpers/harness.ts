@@ -84,6 +84,12 @@ export interface StartedProxy {
   grpcAddress: string;
 }
 
+/** A drain of the one connection `local` holds (its GOAWAY, as for a revoked client), the rest of the proxy left serving. */
+export function drainOnlyConnection(local: StartedProxy): void {
+  const [listener] = local.proxy.listeners();
+  listener!.closeConnection([...listener!.connections.keys()][0]!, 30_000);
+}
+
 export function baseConfig(setup: ProxySetup): Config {
   const { pki } = setup;
   const host = setup.upstream?.host ?? '127.0.0.1';
