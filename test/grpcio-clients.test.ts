@@ -12,12 +12,15 @@ import { once } from 'node:events';
 import { connect as connectH2 } from 'node:http2';
 import { promisify } from 'node:util';
 import { createTestPki, type TestPki } from './helpers/pki.js';
-import { startTestProxy, type StartedProxy } from './helpers/harness.js';
+import { startTestProxy, type LogLine, type StartedProxy } from './helpers/harness.js';
 import { eventually } from './helpers/ops.js';
 import { GRPCIO_SCRIPT, PYTHON, pythonStubs, startGrpcioServer, type GrpcioServer, type PythonStubs } from './helpers/grpcio.js';
 
 const SERVICE = '/inference.GRPCInferenceService';
 const XFCC_OF_CLIENT = /^Hash=[0-9a-f]{64};Subject="CN=client,OU=tests";URI=spiffe:\/\/test.local\/client$/;
+
+/** 2.9 MB of zeros, gzipped, is ~3 KB: anything near the raw size means a side decompressed it. */
+const COMPRESSED_MAX = 100_000;
 
 const run = promisify(execFile);
 
@@ -112,6 +115,18 @@ describe('grpcio (C-core) clients and server through the proxy', () => {
         await eventually(() => upstream.clientsLeft() > leftBefore, `the grpcio server to see the ${mode} call end at its deadline`);
         const access = front.logs.lines.filter((l) => l.event === (mode === 'terminate' ? 'access' : 'relay_access'));
         assert.ok(access.some((l) => l.subject === 'CN=client,OU=tests'), 'an access line names the grpcio client');
+      });
+
+      test('gzip-compressed messages each way (the call\'s compression, the server\'s for its reply) pass as they are: 2.9 MB of zeros crosses as a few KB', async () => {
+        const front = fronts[mode]!;
+        const before = front.logs.lines.length;
+        const results = await grpcioClient(front.grpcPort, 'client', ['gzip']);
+        assert.deepEqual(results.gzip, { code: 'OK', received_bytes: 2_900_000, returned_bytes: 2_900_000 });
+        // Counted as they crossed the proxy: still compressed, so neither side's messages were opened or rewritten.
+        const ours = (l: LogLine) => mode === 'terminate' ? l.event === 'access' && l.path === `${SERVICE}/ModelInfer` : l.event === 'relay_access';
+        let line: LogLine | undefined;
+        await eventually(() => (line = front.logs.lines.slice(before).find(ours)) !== undefined, `the ${mode} access line of the compressed call`);
+        assert.ok(Number(line!.bytesIn) < COMPRESSED_MAX && Number(line!.bytesOut) < COMPRESSED_MAX, `bytes in ${line!.bytesIn}, out ${line!.bytesOut}: the messages crossed uncompressed`);
       });
 
       test('a grpcio client that sends its leaf and intermediate is served', async () => {
