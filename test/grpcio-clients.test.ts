@@ -117,7 +117,7 @@ describe('grpcio (C-core) clients and server through the proxy', () => {
         assert.ok(access.some((l) => l.subject === 'CN=client,OU=tests'), 'an access line names the grpcio client');
       });
 
-      test('gzip-compressed messages each way (the call\'s compression, the server\'s for its reply) pass as they are: 2.9 MB of zeros crosses as a few KB', async () => {
+      test('gzip-compressed messages each way (the call\'s compression, the server\'s for its reply) pass as they are: 2.9 MB of zeros crosses as a few KB', { timeout: 180_000 }, async () => {
         const front = fronts[mode]!;
         const before = front.logs.lines.length;
         const results = await grpcioClient(front.grpcPort, 'client', ['gzip']);
@@ -125,9 +125,8 @@ describe('grpcio (C-core) clients and server through the proxy', () => {
         // Counted as they crossed the proxy: still compressed, so neither side's messages were opened or rewritten.
         // Not the line of the last test's last call (its deadline's), written as it ended: an OK call, a connection of one call.
         const ours = (l: LogLine) => mode === 'terminate' ? l.event === 'access' && l.path === `${SERVICE}/ModelInfer` && l.grpcStatus === '0' : l.event === 'relay_access' && l.calls === 1;
-        let line: LogLine | undefined;
-        await eventually(() => (line = front.logs.lines.slice(before).find(ours)) !== undefined, `the ${mode} access line of the compressed call`);
-        assert.ok(Number(line!.bytesIn) < COMPRESSED_MAX && Number(line!.bytesOut) < COMPRESSED_MAX, `bytes in ${line!.bytesIn}, out ${line!.bytesOut}: the messages crossed uncompressed`);
+        const line = await front.logs.waitFor(ours, before);
+        assert.ok(Number(line.bytesIn) < COMPRESSED_MAX && Number(line.bytesOut) < COMPRESSED_MAX, `bytes in ${line.bytesIn}, out ${line.bytesOut}: the messages crossed uncompressed`);
       });
 
       test('a grpcio client that sends its leaf and intermediate is served', async () => {

@@ -49,9 +49,9 @@ export class LogCapture {
     }
   }
 
-  /** Resolves with the first line (already logged or future) that matches. */
-  waitFor(match: (l: LogLine) => boolean): Promise<LogLine> {
-    const found = this.lines.find(match);
+  /** Resolves with the first line (already logged from index `from` on, or future) that matches. */
+  waitFor(match: (l: LogLine) => boolean, from = 0): Promise<LogLine> {
+    const found = this.lines.slice(from).find(match);
     if (found) return Promise.resolve(found);
     return new Promise((resolve) => this.#waiters.push({ match, resolve }));
   }
