@@ -44,6 +44,7 @@ function defineMetrics(registry: Registry) {
     crlNextUpdate: new Gauge({ name: name('crl_next_update_timestamp_seconds'), help: 'nextUpdate (unix time) of each loaded CRL; after it passes every client is refused', labelNames: ['crl'], registers }),
     reloads: new Counter({ name: name('tls_reloads_total'), help: 'Certificate reloads by result (success, failure); a failure keeps the previous material', labelNames: ['result'], registers }),
     lastReload: new Gauge({ name: name('tls_last_reload_success_timestamp_seconds'), help: 'When TLS material was last loaded successfully (unix time)', registers }),
+    reloadFailing: new Gauge({ name: name('tls_reload_failing'), help: '1 while the certificate files are a set the last reload refused (the previous set still serves), 0 once a reload succeeds or the files are the set in use again', registers }),
     ovmsUp: new Gauge({ name: name('ovms_up'), help: '1 when the model server is running and ready, else 0', registers }),
     ovmsRestarts: new Counter({ name: name('ovms_restarts_total'), help: 'Times the OVMS child was restarted after it failed', registers }),
   };
@@ -62,6 +63,7 @@ export class ProxyMetrics implements ProxyObserver {
     if (options.processMetrics !== false) this.collectProcessMetrics();
     // Counters that should read 0, not be absent, before the first event.
     for (const result of ['success', 'failure']) this.#m.reloads.inc({ result }, 0);
+    this.#m.reloadFailing.set(0);
     this.#m.ovmsRestarts.inc(0);
     for (const listener of ['grpc', 'rest']) {
       this.#m.connections.set({ listener }, 0);
@@ -181,8 +183,13 @@ export class ProxyMetrics implements ProxyObserver {
     this.#m.lastReload.set(unixSeconds(new Date()));
   }
 
-  /** A certificate reload finished; `ok` false means the old material stays in use. */
-  reloaded(ok: boolean): void {
+  /**
+   * A certificate reload finished; `ok` false means the old material stays in use. `changed` false: the files were
+   * the set in use, nothing was loaded or counted, but a set that failed before is no longer what they hold.
+   */
+  reloaded({ ok, changed = true }: { readonly ok: boolean; readonly changed?: boolean }): void {
+    this.#m.reloadFailing.set(ok ? 0 : 1);
+    if (!changed) return;
     this.#m.reloads.inc({ result: ok ? 'success' : 'failure' });
     if (ok) this.materialLoaded();
   }

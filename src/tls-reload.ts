@@ -126,10 +126,7 @@ export class TlsReloader {
       material = await this.#loadSettled();
       checkCrlKept(files, this.#current, material);
       // A directory event for an unrelated file is no reason to rebuild contexts; an explicit request is.
-      if (trigger === 'file' && sameMaterial(material, this.#current)) {
-        logger.debug({ event: 'reload_unchanged', trigger }, 'certificate directory changed; TLS material unchanged');
-        return this.#report({ ok: true, trigger, material, changed: false, revokedConnections: 0 });
-      }
+      if (trigger === 'file' && sameMaterial(material, this.#current)) return this.#unchanged(trigger, material);
       this.#options.proxy.reloadTls(material);
     } catch (err) {
       const reason = (err as Error).message;
@@ -152,6 +149,25 @@ export class TlsReloader {
       'TLS material reloaded for new connections',
     );
     return this.#report({ ok: true, trigger, material, changed: true, revokedConnections });
+  }
+
+  /**
+   * The files are the set in use. After a failed set, that is the failure undone (a bad Secret rolled back): said at
+   * info, as the failure was said at error, or the last word of the log on TLS stayed an error while all was well.
+   */
+  #unchanged(trigger: ReloadTrigger, material: TlsMaterial): ReloadOutcome {
+    const { logger } = this.#options;
+    const failure = this.#lastFailure;
+    this.#lastFailure = undefined;
+    if (failure) {
+      logger.info(
+        { event: 'reload_recovered', trigger, previous_reason: failure.reason },
+        'certificate files are the set in use again: the set that failed to load is gone, the certificates served never changed',
+      );
+    } else {
+      logger.debug({ event: 'reload_unchanged', trigger }, 'certificate directory changed; TLS material unchanged');
+    }
+    return this.#report({ ok: true, trigger, material, changed: false, revokedConnections: 0 });
   }
 
   /**

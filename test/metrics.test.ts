@@ -325,12 +325,17 @@ describe('metrics the data path does not see', () => {
   test('reloads, reload failures, OVMS up and restarts are counted', async () => {
     const m = new ProxyMetrics({ processMetrics: false });
     assert.equal(sample(await m.text(), 'ovms_mtls_tls_reloads_total', { result: 'failure' }), 0);
-    m.reloaded(true);
-    m.reloaded(false);
-    m.reloaded(false);
+    assert.equal(sample(await m.text(), 'ovms_mtls_tls_reload_failing'), 0);
+    m.reloaded({ ok: true });
+    m.reloaded({ ok: false });
+    m.reloaded({ ok: false });
+    assert.equal(sample(await m.text(), 'ovms_mtls_tls_reload_failing'), 1);
+    // The files put back as the set in use: nothing counted, the failure is over.
+    m.reloaded({ ok: true, changed: false });
     m.setOvmsUp(true);
     m.ovmsRestarted();
     const text = await m.text();
+    assert.equal(sample(text, 'ovms_mtls_tls_reload_failing'), 0);
     assert.equal(sample(text, 'ovms_mtls_tls_reloads_total', { result: 'success' }), 1);
     assert.equal(sample(text, 'ovms_mtls_tls_reloads_total', { result: 'failure' }), 2);
     assert.equal(sample(text, 'ovms_mtls_ovms_up'), 1);

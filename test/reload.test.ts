@@ -15,6 +15,7 @@ import { grpcClients, startTestProxy, startUpstream, type StartedProxy } from '.
 import { GateBoard, sseEvents } from './helpers/sse.js';
 import { freeLoopbackPorts } from '../src/ports.js';
 import { runCli, runCommand, startCli } from './helpers/cli.js';
+import { httpGet, sample } from './helpers/ops.js';
 import {
   FILE_NAMES, kubernetesCertDir, kubernetesSwap, openToAll, plainCertDir, postSse, reloaderFor, replaceAtomically, servedSerial, startInFlight,
   type CertDir, type SetContents, type TlsClient,
@@ -220,6 +221,30 @@ describe('reload keeps every call alive', SAFETY, () => {
       await replaceAtomically(r.certs.files.cert, newServer.certPem);
       await reloadedLine(r, 'file');
       assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  // Undoing a broken set (a bad Secret rolled back) was a debug line only: the log's last word on TLS stayed the error.
+  test('a broken set put back as the set in use is said at info (reload_recovered), counted as nothing, and the served set never changed', async () => {
+    const r = await startWithReloader(await plainCertDir(originalSet()), { watch: true });
+    try {
+      await replaceAtomically(r.certs.files.key, newServer.keyPem);
+      const failed = await r.front.logs.waitFor((l) => l.event === 'reload_failed');
+      await replaceAtomically(r.certs.files.key, pki.server.keyPem);
+      const recovered = await r.front.logs.waitFor((l) => l.event === 'reload_recovered');
+      assert.equal(recovered.level, 'info');
+      assert.equal(recovered.trigger, 'file');
+      assert.equal(recovered.previous_reason, failed.reason);
+      assert.equal(r.front.logs.lines.filter((l) => l.event === 'reloaded').length, 0);
+      assert.deepEqual(r.reloader.counts, { reloads: 0, failures: 1 });
+      assert.deepEqual(r.outcomes.map((o) => [o.ok, o.ok && o.changed]), [[false, false], [true, false]]);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), pki.server.serialHex);
+      // Said once: the next change beside the set in use is the usual debug line.
+      await writeFile(join(r.certs.dir, 'notes.txt'), 'not a certificate');
+      await r.front.logs.waitFor((l) => l.event === 'reload_unchanged');
+      assert.equal(r.front.logs.lines.filter((l) => l.event === 'reload_recovered').length, 1);
     } finally {
       await r.stop();
     }
@@ -651,6 +676,38 @@ describe('the proxy command reloads on SIGHUP and on file changes', SAFETY, () =
       assert.equal(await cli.exited, 0, cli.stderr());
     } finally {
       board.openAll();
+      if (cli.child.exitCode === null) cli.child.kill('SIGKILL');
+    }
+  });
+});
+
+describe('the proxy command shows a failing reload in its metrics until it is over', SAFETY, () => {
+  test('with 2 workers, ovms_mtls_tls_reload_failing is 1 from a broken set until the files are the set in use again (reload_recovered), then 0', async () => {
+    const certs = await plainCertDir(originalSet());
+    dirs.push(certs.dir);
+    const [port, adminPort] = (await freeLoopbackPorts(2)) as [number, number];
+    const cli = startCli([
+      'proxy', '--mtls_workers', '2', '--rest_port', String(port), '--rest_bind_address', '127.0.0.1', '--mtls_rest_upstream', `127.0.0.1:${upstream.restPort}`,
+      '--mtls_cert', certs.files.cert, '--mtls_key', certs.files.key, '--mtls_client_ca', certs.files.clientCa, '--mtls_crl', certs.files.crl!,
+      '--mtls_admin_port', String(adminPort),
+    ]);
+    const failing = async () => sample((await httpGet(adminPort, '/metrics')).body, 'ovms_mtls_tls_reload_failing');
+    try {
+      await Promise.race([cli.logs.waitFor((l) => l.event === 'workers_listening'), cli.exited.then((code) => assert.fail(`proxy exited ${code}: ${cli.stderr()}`))]);
+      assert.equal(await failing(), 0);
+      await replaceAtomically(certs.files.key, newServer.keyPem);
+      await cli.logs.waitFor((l) => l.event === 'reload_failed');
+      assert.equal(await failing(), 1);
+      await replaceAtomically(certs.files.key, pki.server.keyPem);
+      await cli.logs.waitFor((l) => l.event === 'reload_recovered' && l.level === 'info');
+      const text = (await httpGet(adminPort, '/metrics')).body;
+      assert.equal(sample(text, 'ovms_mtls_tls_reload_failing'), 0);
+      assert.equal(sample(text, 'ovms_mtls_tls_reloads_total', { result: 'failure' }), 1);
+      assert.equal(sample(text, 'ovms_mtls_tls_reloads_total', { result: 'success' }), 0);
+      assert.equal(await servedSerial(port, as(pki.client)), pki.server.serialHex);
+      cli.child.kill('SIGTERM');
+      assert.equal(await cli.exited, 0, cli.stderr());
+    } finally {
       if (cli.child.exitCode === null) cli.child.kill('SIGKILL');
     }
   });

@@ -97,9 +97,8 @@ export class ServingOperations {
       logger,
       revokedGraceMs: config.shutdownTimeoutMs,
       onReload: (outcome) => {
-        if (outcome.ok && !outcome.changed) return;
-        this.metrics.reloaded(outcome.ok);
-        if (!outcome.ok) return;
+        this.metrics.reloaded(outcome);
+        if (!outcome.ok || !outcome.changed) return;
         this.#material = outcome.material;
         this.metrics.setCertificates(outcome.material);
         this.#warnCasRefusingClients(outcome.material);
