@@ -512,6 +512,10 @@ export class H2Front implements Drainable {
   #enter(stream: ServerHttp2Stream, observer: ProxyObserver, userAgent?: string): ConnectionContext | undefined {
     const state = this.#states.get(stream.session as ServerHttp2Session);
     if (!state) {
+      // Its session is gone already: bytes that waited for this front (a relayed client handed back, an OCSP answer
+      // awaited) reach nghttp2 in one piece, and a flood in them ends the session in the tick that made the stream.
+      // The stream is destroyed with that error, and an 'error' nobody listens to ended the process.
+      stream.on('error', () => {});
       stream.close();
       return undefined;
     }

@@ -21,10 +21,11 @@ function unseenResetsMessage(streams: number, skippedIds: number | undefined): s
  * nghttp2 cannot decode a header name or value longer than 64 KiB as sent (a compile-time limit of its
  * HPACK decoder, far above any --mtls_max_header_size it could be reset under): it ends the connection
  * with GOAWAY(COMPRESSION_ERROR), and the client sees every call on it fail (grpc-js: INTERNAL
- * "Received RST_STREAM with code 9"). Node tells no JavaScript code of that either.
+ * "Received RST_STREAM with code 9"). Node tells no JavaScript code of that either. Malformed HPACK
+ * ends it the same way and looks the same from here; real client libraries send the large field.
  */
 function undecodableFieldMessage(streams: number): string {
-  return `${streams} HTTP/2 request(s) on this connection carried a header field larger than 64 KiB, which Node's HTTP/2 decoder cannot read: it ended the whole connection (GOAWAY COMPRESSION_ERROR), and the requests in flight on it were cut too. Header lists are limited to --mtls_max_header_size; send large data in the body`;
+  return `${streams} HTTP/2 request(s) on this connection carried a header block Node's HTTP/2 decoder cannot decode: a header field larger than 64 KiB, which it never reads, or malformed HPACK (a broken or hostile client). It ended the whole connection (GOAWAY COMPRESSION_ERROR), and the requests in flight on it were cut too. Header lists are limited to --mtls_max_header_size; send large data in the body`;
 }
 
 /**

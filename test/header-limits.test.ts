@@ -13,7 +13,7 @@ import { grpcClients, grpcFrame, h2Request, startTestProxy, startUpstream, tlsCl
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { openRaw, readToClose } from './helpers/raw-http1.js';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { END_STREAM, H2, answerPings, grpcHeaderBlock, h2Frame, headerFrames, literalField, rawH2Client, streamFrames } from './helpers/raw-h2.js';
+import { END_HEADERS, END_STREAM, H2, answerPings, grpcHeaderBlock, h2Frame, headerFrames, literalField, rawH2Client, streamFrames } from './helpers/raw-h2.js';
 import { eventually, sample } from './helpers/ops.js';
 import { headReadingUpstream } from './helpers/scripted-upstream.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
@@ -391,4 +391,19 @@ describe('a header field over 64 KiB, which ends the HTTP/2 connection, is logge
     });
 
   }
+
+  // The line blamed a header field over 64 KiB for any header block nghttp2 could not decode: a client sending
+  // malformed HPACK (an integer past its bounds, six bytes in all) had the operator look for large fields.
+  test('malformed HPACK ends the connection alike, and the line names it beside the 64 KiB field', { timeout: 30_000 }, async () => {
+    const front = fronts.get('terminate')!;
+    const from = front.logs.lines.length;
+    const client = await rawH2Client(front.grpcPort, pki);
+    await client.waitForFrame(H2.SETTINGS);
+    client.socket.write(h2Frame(H2.HEADERS, END_STREAM | END_HEADERS, 1, Buffer.from([0xff, 0xff, 0xff, 0xff, 0xff, 0x0f])));
+    const goAway = await client.waitForFrame(H2.GOAWAY);
+    assert.equal(goAway.payload.readUInt32BE(4), h2Constants.NGHTTP2_COMPRESSION_ERROR);
+    await client.closed;
+    const line = await goAwayLine(front, from);
+    assert.match(line.msg, /cannot decode: a header field larger than 64 KiB[^]*or malformed HPACK/);
+  });
 });

@@ -10,6 +10,7 @@ import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { END_HEADERS, END_STREAM, H2, SETTINGS_INITIAL_WINDOW_SIZE, grpcHeaderBlock, h2Frame, literalField, rawH2Client, setting } from './helpers/raw-h2.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
+import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
 import { CANCELS_BEFORE_DEFERRED_OPEN } from '../src/cancel-tally.js';
 import { RESET_BURST } from '../src/reset-allowance.js';
@@ -501,5 +502,43 @@ describe('an HTTP/2 connection Node ends for a flood, terminate mode', () => {
     // The session's error (ECONNRESET) comes before its close, which the gauge counts.
     await eventually(async () => (await open()) === 0, 'the connection counted closed');
     assert.deepEqual(front.logs.lines.slice(from).filter((l) => l.event === 'h2_session_error'), []);
+  });
+});
+
+// A relayed client handed back to the terminating front brings what it sent meanwhile, which nghttp2 then reads in one
+// piece: a stream opened and a flood after it ended the session before the stream's event, and the stream's error,
+// with no listener yet, ended the whole process (every worker's clients with it). OCSP's wait held bytes back alike.
+describe('a flood in the bytes a relayed client sent before it was handed to the terminating front', () => {
+  test('ends that client\'s connection with a warn line, not the process', async () => {
+    const flood = Buffer.concat([
+      h2Frame(H2.HEADERS, END_HEADERS, 1, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary')),
+      // Empty DATA frames without END_STREAM: past Node's 1,000 such invalid frames, the session is ended.
+      ...Array.from({ length: 1200 }, () => h2Frame(H2.DATA, 0, 1)),
+    ]);
+    const preface = Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]);
+    // Closes without a byte once the whole burst has come through the relay, which then hands the client back with it.
+    const closing = await scriptedUpstream((socket, first) => {
+      let received = first.length;
+      const closeOnceAll = () => {
+        if (received >= preface.length + flood.length) socket.destroy();
+      };
+      socket.on('data', (chunk: Buffer) => {
+        received += chunk.length;
+        closeOnceAll();
+      });
+      closeOnceAll();
+    });
+    const front = await startTestProxy({ pki, upstream: { grpcPort: closing.port }, grpcMode: 'relay' });
+    try {
+      const flooder = await rawH2Client(front.grpcPort, pki);
+      flooder.socket.write(flood);
+      await flooder.closed;
+      const ended = await front.logs.waitFor((l) => l.event === 'h2_session_error');
+      assert.deepEqual([ended.level, ended.listener, ended.code], ['warn', 'grpc', 'ERR_HTTP2_TOO_MANY_INVALID_FRAMES']);
+      assert.ok(front.logs.lines.some((l) => l.event === 'upstream_error' && l.reason === 'UPSTREAM_CLOSED'), 'the client was handed back');
+    } finally {
+      await front.proxy.shutdown(1000);
+      closing.close();
+    }
   });
 });
