@@ -13,6 +13,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, assertRefusedCall, baseConfig, grpcClients, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type ProxySetup, type StartedProxy } from './helpers/harness.js';
 import { issueForOcsp, startOcspResponder, type OcspResponderStandIn } from './helpers/ocsp-responder.js';
 import { eventually } from './helpers/ops.js';
+import { END_HEADERS, H2, grpcHeaderBlock, h2Frame } from './helpers/raw-h2.js';
 import { readToClose } from './helpers/raw-http1.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -307,6 +308,38 @@ test('a drain that begins while a client waits for its lookup: once the answer c
     await drained;
     assert.equal(front.logs.lines.filter((l) => l.event === 'shutdown_timeout').length, 0);
   });
+});
+
+// The bytes a client sends while its lookup is under way reach nghttp2 in one piece once it is admitted: a stream and
+// a flood after it ended the session before the stream's event, whose error, with no listener yet, ended the process.
+test('gRPC: a flood sent while the client\'s lookup is under way ends that connection with a warn line once it is admitted, not the process', async () => {
+  const own = await startOcspResponder(pki.clientCa);
+  own.behaviour.mode = 'hold';
+  try {
+    const client = await ocspClient(own.url);
+    await withProxy({}, async (front) => {
+      const socket = connect({ port: front.grpcPort, host: '127.0.0.1', ...tlsClientOptions(pki, client), ALPNProtocols: ['h2'] });
+      socket.on('error', () => {});
+      // Read, so that the proxy's close reaches 'close' here.
+      socket.resume();
+      const closed = once(socket, 'close');
+      await once(socket, 'secureConnect');
+      socket.write(Buffer.concat([
+        Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'),
+        h2Frame(H2.SETTINGS, 0, 0),
+        h2Frame(H2.HEADERS, END_HEADERS, 1, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary')),
+        // Empty DATA frames without END_STREAM: past Node's 1,000 such invalid frames, the session is ended.
+        ...Array.from({ length: 1200 }, () => h2Frame(H2.DATA, 0, 1)),
+      ]));
+      await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
+      own.release();
+      await closed;
+      const ended = await front.logs.waitFor((l) => l.event === 'h2_session_error');
+      assert.deepEqual([ended.listener, ended.code], ['grpc', 'ERR_HTTP2_TOO_MANY_INVALID_FRAMES']);
+    });
+  } finally {
+    await own.close();
+  }
 });
 
 /** OpenSSL's own responder (`openssl ocsp`), answering from a CA index file: a real peer's encoding, not ours. */
