@@ -220,7 +220,7 @@ async function revokeInCrl(dir: string, clientCa: Issued, crlPath: string, certP
   const already = previous?.revoked.find((entry) => entry.serialHex === serialHex);
   if (already && previous) {
     const validUntil = previous.nextUpdate ?? previous.thisUpdate;
-    const summary = `${certPath} (serial ${serialHex}, ${subject}) was already revoked on ${already.date.toISOString()}; ${crlPath} is unchanged.`;
+    const summary = `${certPath} (serial ${serialHex}, ${subject}) was already revoked; ${crlPath} is unchanged. ${revocationDateNote(already.date)}`;
     return { dir, files: [], validUntil, summary, serialHex, alreadyRevoked: true, crlNumber: previous.crlNumber ?? 0n };
   }
 
@@ -231,6 +231,14 @@ async function revokeInCrl(dir: string, clientCa: Issued, crlPath: string, certP
     'ovms-mtls reloads the CRL on its own (file watch or SIGHUP), refuses this certificate from then on and closes its open connections.',
   ].join('\n');
   return { dir, files: next.files, validUntil: next.nextUpdate, summary, serialHex, alreadyRevoked: false, crlNumber: next.crlNumber };
+}
+
+/**
+ * A revocation's date in the CRL is the CRL's thisUpdate, backdated for clock skew as that is: shown
+ * as when the user revoked, it read 5 minutes before they did. Said as the CRL's date, with why.
+ */
+function revocationDateNote(date: Date): string {
+  return `The CRL dates the revocation ${date.toISOString()}: \`certs revoke\` dates it, as the CRL itself, ${CLOCK_SKEW_MS / 60_000} minutes before it runs, for machines whose clock is behind this one's.`;
 }
 
 export interface CertsRenewCrlOptions {
@@ -310,14 +318,18 @@ async function signingWith<T>(dir: string, sign: () => Promise<T>): Promise<T> {
 
 /**
  * Nothing a CA signs is of use after the CA expires: a certificate stops verifying then, whatever
- * date it carries. So what it signs ends with it, and this line says so (and by how much, when a
- * lifetime was asked for) instead of letting the holder read a later date than the one that counts.
+ * date it carries. So what it signs ends with it, and this line says so instead of letting the holder
+ * read a later date than the one that counts. Only a --days asked for is told by how much and how to
+ * get longer: without one (the default day, a lifetime taken over) the user asked for no length,
+ * and the way to it, a new set, replaces both CAs, so that no client then gets in until given new files.
  */
 function endsWithCaNote(what: string, caEnd: Date, dir: string, asked?: { days: number; shortMs: number }): string {
-  const shortfall = asked ? `, ${roughDuration(asked.shortMs)} short of the ${asked.days} day${asked.days === 1 ? '' : 's'} asked` : '';
+  const ends = `Note: ${what} ends with the client CA, at ${caEnd.toISOString()}`;
+  if (asked === undefined) return `${ends}: nothing outlives the CA that signs it.`;
   return (
-    `Note: ${what} ends with the client CA, at ${caEnd.toISOString()}${shortfall}: nothing outlives the CA that signs it. ` +
-    `For longer, make a new set before then: \`ovms-mtls certs init --dir ${dir} --force\``
+    `${ends}, ${roughDuration(asked.shortMs)} short of the ${asked.days} day${asked.days === 1 ? '' : 's'} asked: nothing outlives the CA that signs it. ` +
+    `For longer, make a new set before then with \`ovms-mtls certs init --dir ${dir} --force\`: ` +
+    `it replaces both CAs, so every client then needs the new ${CERT_FILES.serverCaCert} and a new certificate.`
   );
 }
 

@@ -333,7 +333,7 @@ describe('nothing certs signs outlives the client CA (CLI)', () => {
     assert.equal(client.code, 0, client.stderr);
     assert.equal(opensslDate(dir, ['x509', '-noout', '-enddate', '-in', 'yearly.pem']), caEnd);
     assert.match(client.stdout, new RegExp(`Certificates are valid until ${caEndIso}\\.`));
-    assert.match(client.stdout, new RegExp(`Note: the certificate ends with the client CA, at ${caEndIso}, 33\\d days short of the 365 days asked: nothing outlives the CA that signs it\\. For longer, make a new set before then: \`ovms-mtls certs init --dir ${dir} --force\``));
+    assert.match(client.stdout, new RegExp(`Note: the certificate ends with the client CA, at ${caEndIso}, 33\\d days short of the 365 days asked: nothing outlives the CA that signs it\\. For longer, make a new set before then with \`ovms-mtls certs init --dir ${dir} --force\`: it replaces both CAs, so every client then needs the new server_ca\\.pem and a new certificate\\.`));
 
     const renewed = await runCli(['certs', 'renew-crl', '--dir', dir, '--days', '365']);
     assert.equal(renewed.code, 0, renewed.stderr);
@@ -347,7 +347,9 @@ describe('nothing certs signs outlives the client CA (CLI)', () => {
     const inherited = await runCli(['certs', 'renew-crl', '--dir', dir]);
     assert.equal(inherited.code, 0, inherited.stderr);
     assert.equal(opensslDate(dir, ['crl', '-noout', '-nextupdate', '-in', 'client_cert_ca.crl']), caEnd);
-    assert.match(inherited.stdout, new RegExp(`Note: the CRL's next update ends with the client CA, at ${caEndIso}: nothing outlives`));
+    // No --days, no length asked for: only the date, without the new set (both CAs replaced) that a --days asked for is told of.
+    assert.match(inherited.stdout, new RegExp(`Note: the CRL's next update ends with the client CA, at ${caEndIso}: nothing outlives the CA that signs it\\.\n`));
+    assert.doesNotMatch(inherited.stdout, /--force/);
     assert.equal((await runCli(['check', '--mtls_cert', join(dir, 'server.pem'), '--mtls_key', join(dir, 'server.key'), '--mtls_client_ca', join(dir, 'client_cert_ca.pem'), '--mtls_crl', join(dir, 'client_cert_ca.crl')])).code, 0);
   });
 });

@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import tls from 'node:tls';
 import { CERT_FILES, certsClient, certsInit, certsRenewCrl, certsRevoke } from '../src/certs-command.js';
 import { ConfigError } from '../src/errors.js';
-import { createCa, issueClientCert, parseCrl, parseCrlSerials } from '../src/x509.js';
+import { CLOCK_SKEW_MS, createCa, createCrl, issueClientCert, parseCrl, parseCrlSerials } from '../src/x509.js';
 
 function openssl(args: string[], cwd: string): { status: number | null; out: string } {
   const result = spawnSync('openssl', args, { cwd, encoding: 'utf8' });
@@ -268,8 +268,31 @@ describe('certs client', () => {
     assert.equal(report.validUntil.getTime(), new Date(caEnd).getTime());
     const iso = new Date(caEnd).toISOString();
     assert.match(report.summary, new RegExp(`Note: the certificate ends with the client CA, at ${iso}, 364 days short of the 365 days asked: .*certs init --dir .* --force`));
+    // The way to longer replaces both CAs: said, as every client then needs new files.
+    assert.match(report.summary, /`: it replaces both CAs, so every client then needs the new server_ca\.pem and a new certificate\.$/);
     assert.doesNotMatch(report.summary, /expire in 1 day/);
     assert.equal(verifyClient(dir, 'long-lived.pem').status, 0);
+  });
+
+  // Right after a default init, `certs client`, `revoke` and `renew-crl` with no --days said "For longer, make a new set before
+  // then: `ovms-mtls certs init --dir ... --force`": to a user who asked for no length, a command that replaces both CAs and
+  // so locks every client out until given new files.
+  test('without --days, what the client CA ends says only when it ends, and suggests no certs init --force', async () => {
+    const caEnd = new Date(new X509Certificate(await readFile(join(dir, CERT_FILES.clientCaCert))).validTo).toISOString();
+    const endsWithCa = (what: string) => new RegExp(`\nNote: ${what} ends with the client CA, at ${caEnd}: nothing outlives the CA that signs it\\.(\n|$)`);
+    // A CRL living past the CA, whose lifetime the next one takes over: the CA is then what ends it, whenever this runs.
+    const issuer = { certPem: await readFile(join(dir, CERT_FILES.clientCaCert), 'utf8'), keyPem: await readFile(join(dir, CERT_FILES.clientCaKey), 'utf8'), serialHex: '' };
+    const outlivingCrl = async () => writeFile(join(dir, CERT_FILES.clientCaCrl), await createCrl({ issuer, nextUpdate: new Date(Date.now() + 400 * 86_400_000) }));
+
+    const summaries = [(await certsClient({ dir, name: 'default-days' })).summary];
+    assert.match(summaries[0]!, endsWithCa('the certificate'));
+    await outlivingCrl();
+    summaries.push((await certsRevoke({ dir, cert: 'default-days' })).summary);
+    assert.match(summaries[1]!, endsWithCa("the CRL's next update"));
+    await outlivingCrl();
+    summaries.push((await certsRenewCrl({ dir })).summary);
+    assert.match(summaries[2]!, endsWithCa("the CRL's next update"));
+    for (const summary of summaries) assert.doesNotMatch(summary, /--force|For longer/);
   });
 
   test('a renew-crl --days past the client CA\'s expiry says how much shorter the CRL lives, to the nearest day, not a day less', async () => {
@@ -401,15 +424,23 @@ describe('certs revoke', () => {
     assert.equal(verifyClient(dir, CERT_FILES.clientCert).status, 0);
   });
 
-  test('revoking a certificate twice leaves the CRL untouched', async () => {
+  // The second one said "was already revoked on <date>": the CRL's date, set 5 minutes before the first revoke ran, as if it were when the user revoked.
+  test('revoking a certificate twice leaves the CRL untouched and gives the revocation date as the CRL\'s, set before the revoke ran', async () => {
     await certsClient({ dir, name: 'erin' });
-    await certsRevoke({ dir, cert: 'erin' });
+    const revokedAt = Date.now();
+    const first = await certsRevoke({ dir, cert: 'erin' });
     const crlBefore = await readFile(join(dir, CERT_FILES.clientCaCrl), 'utf8');
     const again = await certsRevoke({ dir, cert: 'erin' });
     assert.equal(again.alreadyRevoked, true);
     assert.deepEqual(again.files, []);
-    assert.match(again.summary, /already revoked/);
     assert.equal(await readFile(join(dir, CERT_FILES.clientCaCrl), 'utf8'), crlBefore);
+    const dated = parseCrl(crlBefore).revoked.find((entry) => entry.serialHex === first.serialHex)!.date;
+    assert.ok(dated.getTime() < revokedAt, 'the CRL dates the revocation before the revoke ran');
+    assert.equal(
+      again.summary,
+      `${join(dir, 'erin.pem')} (serial ${first.serialHex}, CN=erin) was already revoked; ${join(dir, CERT_FILES.clientCaCrl)} is unchanged. ` +
+        `The CRL dates the revocation ${dated.toISOString()}: \`certs revoke\` dates it, as the CRL itself, ${CLOCK_SKEW_MS / 60_000} minutes before it runs, for machines whose clock is behind this one's.`,
+    );
   });
 
   test('refuses a certificate issued by another CA, and the client CA itself', async () => {

@@ -39,16 +39,24 @@ async function interrupt(child: ReturnType<typeof spawn>): Promise<number | null
   return code;
 }
 
-/** Runs the curl and probe commands the demo printed, each as a shell runs a pasted line. */
+/**
+ * Runs the curl and probe commands the demo printed, each as a shell runs a pasted line: in a directory
+ * of its own, as a new shell (in ~, say) is anywhere but the repository root.
+ */
 async function assertPastedCommandsWork(out: string): Promise<void> {
-  const commands = out.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('curl ') || l.startsWith('bin/ovms-mtls probe'));
+  const commands = out.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('curl ') || / probe --host /.test(l));
   assert.equal(commands.length, 4);
   const [infer, sse, refused, probe] = commands as [string, string, string, string];
-  const inferred = JSON.parse((await run('bash', ['-c', infer], { cwd: ROOT })).stdout);
-  assert.deepEqual(inferred.outputs[0].data, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
-  assert.match((await run('bash', ['-c', sse], { cwd: ROOT })).stdout, /data: \[DONE\]/);
-  assert.match(JSON.parse((await run('bash', ['-c', refused], { cwd: ROOT })).stdout).error, /^client certificate refused \(no_certificate\): /);
-  assert.match((await run('bash', ['-c', probe], { cwd: ROOT })).stdout, /ServerReady/);
+  const cwd = await mkdtemp(join(tmpdir(), 'ovms-mtls-demo-shell-'));
+  try {
+    const inferred = JSON.parse((await run('bash', ['-c', infer], { cwd })).stdout);
+    assert.deepEqual(inferred.outputs[0].data, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    assert.match((await run('bash', ['-c', sse], { cwd })).stdout, /data: \[DONE\]/);
+    assert.match(JSON.parse((await run('bash', ['-c', refused], { cwd })).stdout).error, /^client certificate refused \(no_certificate\): /);
+    assert.match((await run('bash', ['-c', probe], { cwd })).stdout, /ServerReady/);
+  } finally {
+    await rm(cwd, { recursive: true, force: true });
+  }
 }
 
 test('demo starts certificates, a model server and the proxy, and every printed command works as pasted', async () => {
@@ -130,7 +138,8 @@ test('demo with a blank --dir, or a --dir that is a file, exits 2 with one line 
     await writeFile(join(cwd, 'file'), 'not a directory');
     const res = await runCli(['demo', '--dir', join(cwd, 'file'), '--port', '0', '--rest_port', '0']);
     assert.equal(res.code, 2, res.stdout + res.stderr);
-    assert.match(res.stderr, /^ovms-mtls: demo --dir: cannot check \S+: ENOTDIR: [^\n]*\n$/);
+    // It said `cannot check FILE/server.pem: ENOTDIR: not a directory, lstat ...`, where `certs init --dir FILE` says this.
+    assert.equal(res.stderr, `ovms-mtls: ${join(cwd, 'file')} exists and is not a directory\n`);
   } finally {
     await rm(cwd, { recursive: true, force: true });
   }
@@ -234,4 +243,17 @@ test('demo --dir on a directory that holds a certificate set exits 2 with one li
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+// `demo --help` said `ovms-mtls demo [--port 9443] [--rest_port 8443] [--dir DIR]`, without the --mtls_log_level its
+// option list and the README name, and the top-level --help said `ovms-mtls demo` with no options at all.
+test("demo's usage line is the README's, in demo --help and in the top-level --help, and names every option demo takes", async () => {
+  const reference = (await readFile(join(ROOT, 'README.md'), 'utf8')).split('## Command-line reference\n')[1]!;
+  const synopsis = /^ovms-mtls demo .*$/m.exec(reference)![0];
+  const demoHelp = await runCli(['demo', '--help']);
+  assert.equal(demoHelp.stdout.split('\n')[0], synopsis);
+  const options = [...demoHelp.stdout.matchAll(/^ {2}(--\w+) /gm)].map((m) => m[1]!);
+  assert.deepEqual(options, ['--port', '--rest_port', '--dir', '--mtls_log_level']);
+  for (const option of options) assert.ok(synopsis.includes(`[${option} `), `${synopsis} names ${option}`);
+  assert.ok((await runCli(['--help'])).stdout.includes(`\n  ${synopsis}\n`), 'the top-level --help gives the same line');
 });

@@ -7,8 +7,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { isSea } from 'node:sea';
 import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { CERT_FILES, certsInit } from '../certs-command.js';
-import { assertAbsent } from '../certs-command/files.js';
+import { assertAbsent, ensureDirectory } from '../certs-command/files.js';
 import { DEFAULTS, EMPTY_ALLOW_LIST, parseChoice, parsePort, refuseSharedPublicPort, type Config } from '../config.js';
 import { ConfigError } from '../errors.js';
 import { createLogger, LOG_LEVELS } from '../log.js';
@@ -29,7 +30,10 @@ const DEMO_OPTIONS: readonly OptionSpec[] = [
   { name: 'mtls_log_level', type: 'string', describe: 'Log level of the proxy', defaultDescription: 'warn' },
 ];
 
-const USAGE = 'ovms-mtls demo [--port 9443] [--rest_port 8443] [--dir DIR]\n\nStarts throwaway certificates + a stand-in model server + the mTLS proxy on 127.0.0.1.';
+/** Every option of DEMO_OPTIONS, as the README's command-line reference gives it; the top-level --help shows it too. */
+export const DEMO_SYNOPSIS = 'ovms-mtls demo [--port 9443] [--rest_port 8443] [--dir DIR] [--mtls_log_level warn]';
+
+const USAGE = `${DEMO_SYNOPSIS}\n\nStarts throwaway certificates + a stand-in model server + the mTLS proxy on 127.0.0.1.`;
 
 function demoConfig(certDir: string, ports: { grpc: number; rest: number }, upstream: { grpc: number; rest: number }, logLevel: Config['logLevel']): Config {
   return {
@@ -49,9 +53,14 @@ function demoConfig(certDir: string, ports: { grpc: number; rest: number }, upst
   };
 }
 
-/** The command that runs this CLI again: the single executable has no bin/ovms-mtls beside it. */
+/**
+ * The command that runs this CLI again, as an absolute path: a line pasted into another shell runs
+ * wherever that shell is, not in the repository root. From the package: its own bin/ovms-mtls,
+ * resolved from the compiled file (dist/src/cli/demo-command.js -> <package>/bin/). The single
+ * executable has no bin/ovms-mtls beside it: it is the command itself.
+ */
 function ownCommand(): string {
-  return isSea() ? process.execPath : 'bin/ovms-mtls';
+  return isSea() ? process.execPath : fileURLToPath(new URL('../../../bin/ovms-mtls', import.meta.url));
 }
 
 /**
@@ -90,6 +99,15 @@ gRPC with grpcurl, if you have it:
 
 Press Ctrl-C to stop.
 `;
+}
+
+/**
+ * --dir is made as `certs init` makes it, before the demo looks inside: a --dir that is a file is then
+ * refused in the same words, not as ENOTDIR on the first file of the set looked for in it.
+ */
+async function prepareKeptDirectory(dir: string): Promise<void> {
+  await ensureDirectory(dir);
+  await assertNoCertificateSet(dir);
 }
 
 /** A --dir that already holds certificates may hold CA keys in use: the demo never overwrites them. */
@@ -135,7 +153,7 @@ export async function runDemoCommand(argv: readonly string[], io: Io): Promise<n
   const keep = typeof parsed['dir'] === 'string';
   const certDir = keep ? resolve(String(parsed['dir'])) : await throwawayDirectory();
   const logger = createLogger({ level: logLevel });
-  if (keep) await assertNoCertificateSet(certDir);
+  if (keep) await prepareKeptDirectory(certDir);
   let model: ModelServer | undefined;
   // Before the instructions say "Press Ctrl-C": a Ctrl-C right after them would otherwise kill the demo outright, leaving its temporary directory behind.
   const stop = waitForStopSignal(logger);

@@ -1,5 +1,6 @@
 import { ALL_OPTIONS, envVarName, type OptionSpec } from '../options.js';
 import { productVersion } from '../version.js';
+import { DEMO_SYNOPSIS } from './demo-command.js';
 
 function optionLine(spec: OptionSpec): string {
   // The values an option takes, as each command's --help lists them: `--mtls_restart` would otherwise not name `on-failure`.
@@ -17,7 +18,8 @@ Usage:
   ovms-mtls certs init|client|revoke|renew-crl [options]   make and manage certificates (no openssl needed)
   ovms-mtls check [--mtls_* options]             validate the TLS material the proxy would load
   ovms-mtls probe --host H [options]             check a running deployment like a client would
-  ovms-mtls demo                                 throwaway certs + stand-in model server + proxy, with commands to try
+  ${DEMO_SYNOPSIS}
+                                                 throwaway certs + stand-in model server + proxy, with commands to try
   ovms-mtls --help | --version
   ovms-mtls COMMAND --help                       one command's usage and options
 
