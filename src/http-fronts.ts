@@ -955,7 +955,11 @@ export class H1Front implements Drainable {
         return;
       }
       const refusal = refusalOf(err, options.limits);
-      if (!this.#refuseBody(socket, refusal)) this.#refuseOrDefer(socket, refusal);
+      if (this.#refuseBody(socket, refusal)) return;
+      // What llhttp refused comes behind an answer that closes the connection, as no request behind one is, it goes unanswered:
+      // llhttp refuses a request with one coding other than chunked (`foo`) after the head our 501 answers, and its 400 went out too.
+      if (answeredNever(socket, this.#active.get(socket) ?? new Set())) return;
+      this.#refuseOrDefer(socket, refusal);
     });
   }
 
