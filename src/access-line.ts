@@ -1,5 +1,12 @@
 import { pino, type Logger } from 'pino';
 import type { AccessRecord } from './observer.js';
+import { clipped } from './log.js';
+
+/**
+ * A refusal's detail can hold what the client sent (its Transfer-Encoding, its Expect), as long as a
+ * head may be: cut past this many characters, as the log cuts a refused certificate's names.
+ */
+const DETAIL_CHARS = 256;
 
 /** pino hands a string with any of these to JSON.stringify; the rest only need quotes. */
 // eslint-disable-next-line no-control-regex -- the control characters are what JSON must escape
@@ -21,7 +28,10 @@ function accessFields(r: AccessRecord): string {
   json += `,"subject":${jsonString(r.subject)},"serial":${jsonString(r.serial)},"method":${jsonString(r.method)},"path":${jsonString(r.path)},"status":${jsonNumber(r.status)}`;
   if (r.grpcStatus !== undefined) json += `,"grpcStatus":${jsonString(r.grpcStatus)}`;
   json += `,"bytesIn":${jsonNumber(r.bytesIn)},"bytesOut":${jsonNumber(r.bytesOut)},"durationMs":${jsonNumber(r.durationMs)}`;
-  if (r.error !== undefined) json += `,"error":${jsonString(r.error)}`;
+  if (r.error !== undefined) {
+    json += `,"error":${jsonString(r.error)}`;
+    if (r.detail !== undefined) json += `,"detail":${jsonString(clipped(r.detail, DETAIL_CHARS))}`;
+  }
   return json;
 }
 
@@ -50,7 +60,8 @@ function writesPlainLines(state: PinoState): boolean {
 
 /**
  * The access line at info, byte for byte what `logger.info(record, msg)`
- * writes (test/access-line.test.ts holds it to that), built from pino's own
+ * writes (test/access-line.test.ts holds it to that; a detail cut to
+ * DETAIL_CHARS first, on either path), built from pino's own
  * pieces (level, time, bindings, destination) with the record's fields
  * written by code that knows their types. One line per request is the
  * proxy's hottest log path: pino's generic object walk cost ~4.6 µs of a
@@ -59,7 +70,7 @@ function writesPlainLines(state: PinoState): boolean {
  */
 export function accessLineWriter(logger: Logger, msg: string): (record: AccessRecord) => void {
   const state = logger as unknown as PinoState;
-  if (!writesPlainLines(state)) return (record) => logger.info(record, msg);
+  if (!writesPlainLines(state)) return (record) => logger.info(record.detail === undefined ? record : { ...record, detail: clipped(record.detail, DETAIL_CHARS) }, msg);
   const s = pino.symbols;
   const levelStart = (state[s.lsCacheSym] as Record<number, string>)[logger.levels.values.info!]!;
   const time = state[s.timeSym] as () => string;

@@ -620,7 +620,7 @@ const UNMET_EXPECTATION = { status: 417, error: 'bad_request' } as const;
 
 /** The answer to an expectation that cannot be met, in terminate mode; the connection stays, as Node keeps it. */
 function expectationFailed(expect: string): OwnAnswer {
-  return { ...UNMET_EXPECTATION, close: false, body: `${unmetExpectationMessage(expect)}\n` };
+  return { ...UNMET_EXPECTATION, close: false, message: unmetExpectationMessage(expect) };
 }
 
 /**
@@ -643,12 +643,12 @@ function answerH2Ourselves(req: Http2ServerRequest, res: Http2ServerResponse, co
   res.writeHead(answer.status, { 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(body) });
   res.end(body);
   req.resume();
-  logOwnAnswer(observer, context, 'h2', { method: req.method, path: answer.path, status: answer.status, error: answer.error, bytesOut: Buffer.byteLength(body) });
+  logOwnAnswer(observer, context, 'h2', { method: req.method, path: answer.path, status: answer.status, error: answer.error, detail: answer.message, bytesOut: Buffer.byteLength(body) });
 }
 
-/** The access line of an answer of ours that no request handler saw. */
-function logOwnAnswer(observer: ProxyObserver, context: ConnectionContext, protocol: 'h2' | 'http/1.1', answer: { method: string; path: string; status: number; error: string; bytesOut: number }): void {
-  observer.request({ ...clientRef(context), protocol, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: answer.bytesOut, durationMs: 0, error: answer.error });
+/** The access line of an answer of ours that no request handler saw; `detail`: what the answer told the client. */
+function logOwnAnswer(observer: ProxyObserver, context: ConnectionContext, protocol: 'h2' | 'http/1.1', answer: { method: string; path: string; status: number; error: string; detail: string; bytesOut: number }): void {
+  observer.request({ ...clientRef(context), protocol, method: answer.method, path: answer.path, status: answer.status, bytesIn: 0, bytesOut: answer.bytesOut, durationMs: 0, error: answer.error, detail: answer.detail });
 }
 
 /** What a client whose request head did not arrive in time is told, in both REST modes. */
@@ -682,7 +682,8 @@ interface OwnAnswer {
   readonly error: string;
   /** The connection closes after it. */
   readonly close: boolean;
-  readonly body?: string;
+  /** Why, the answer's one line of text. */
+  readonly message: string;
   /** The access line leaves out the request's method and path, as for a head nobody parsed. */
   readonly unparsed?: boolean;
 }
@@ -702,7 +703,7 @@ function headSizeAsSent(req: IncomingMessage): number {
 
 function headTooLarge(req: IncomingMessage, maxHeaderSize: number): OwnAnswer | undefined {
   if (headSizeAsSent(req) <= maxHeaderSize) return undefined;
-  return { status: 431, error: 'bad_request', close: true, body: `${requestHeadTooLargeMessage(maxHeaderSize)}\n`, unparsed: true };
+  return { status: 431, error: 'bad_request', close: true, message: requestHeadTooLargeMessage(maxHeaderSize), unparsed: true };
 }
 
 /**
@@ -713,7 +714,7 @@ function headTooLarge(req: IncomingMessage, maxHeaderSize: number): OwnAnswer | 
  */
 function versionRefusal(req: IncomingMessage): OwnAnswer | undefined {
   if (req.httpVersionMajor === 1) return undefined;
-  return { status: 400, error: 'bad_request', close: true, body: `malformed request: HTTP/${req.httpVersion} is not served on an HTTP/1.1 connection; send HTTP/1.1, or negotiate h2 by ALPN\n` };
+  return { status: 400, error: 'bad_request', close: true, message: `malformed request: HTTP/${req.httpVersion} is not served on an HTTP/1.1 connection; send HTTP/1.1, or negotiate h2 by ALPN` };
 }
 
 /**
@@ -723,7 +724,7 @@ function versionRefusal(req: IncomingMessage): OwnAnswer | undefined {
  */
 function missingHostRefusal(req: IncomingMessage): OwnAnswer | undefined {
   if (req.httpVersionMinor === 0 || req.headers.host !== undefined) return undefined;
-  return { status: 400, error: 'bad_request', close: true, body: `${MISSING_HOST_MESSAGE}\n` };
+  return { status: 400, error: 'bad_request', close: true, message: MISSING_HOST_MESSAGE };
 }
 
 /**
@@ -737,7 +738,7 @@ function transferCodingRefusal(req: IncomingMessage): OwnAnswer | undefined {
   if (field === undefined) return undefined;
   const codings = commaList(field);
   if (onlyChunked(codings)) return undefined;
-  return { status: 501, error: 'bad_request', close: true, body: `${unsupportedCodingMessage(codings)}\n` };
+  return { status: 501, error: 'bad_request', close: true, message: unsupportedCodingMessage(codings) };
 }
 
 /**
@@ -959,7 +960,11 @@ export class H1Front implements Drainable {
         return;
       }
       const refusal = refusalOf(err, options.limits);
-      if (!this.#refuseBody(socket, refusal)) this.#refuseOrDefer(socket, refusal);
+      if (this.#refuseBody(socket, refusal)) return;
+      // What llhttp refused comes behind an answer that closes the connection, as no request behind one is, it goes unanswered:
+      // llhttp refuses a request with one coding other than chunked (`foo`) after the head our 501 answers, and its 400 went out too.
+      if (answeredNever(socket, this.#active.get(socket) ?? new Set())) return;
+      this.#refuseOrDefer(socket, refusal);
     });
   }
 
@@ -1051,7 +1056,7 @@ export class H1Front implements Drainable {
     const answer = closingAnswer(refusal.status, 'text/plain; charset=utf-8', `${refusal.message}\n`);
     socket.end(answer.wire);
     const context = this.#contexts.get(socket);
-    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: refusal.method ?? '', path: refusal.path ?? '', status: refusal.status, error: refusal.error, bytesOut: answer.bodyBytes });
+    if (context) logOwnAnswer(this.#observer, context, 'http/1.1', { method: refusal.method ?? '', path: refusal.path ?? '', status: refusal.status, error: refusal.error, detail: refusal.message, bytesOut: answer.bodyBytes });
   }
 
   accept(socket: TLSSocket, context: ConnectionContext): void {
@@ -1184,17 +1189,17 @@ export class H1Front implements Drainable {
   /** Answered here, after Node parsed the request, in its turn among the requests pipelined with it. */
   #answerOurselves(req: IncomingMessage, res: ServerResponse, context: ConnectionContext, answer: OwnAnswer): void {
     if (answer.close) res.shouldKeepAlive = false;
-    if (answer.body === undefined) res.writeHead(answer.status);
-    else res.writeHead(answer.status, { 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(answer.body) });
-    res.end(answer.body);
+    const body = `${answer.message}\n`;
+    const bytesOut = Buffer.byteLength(body);
+    res.writeHead(answer.status, { 'content-type': 'text/plain; charset=utf-8', 'content-length': bytesOut });
+    res.end(body);
     // Whatever body it has is read and dropped (Node does so once the answer is out).
     req.resume();
     const [method, path] = answer.unparsed ? ['', ''] : [req.method ?? '', req.url ?? ''];
-    const bytesOut = answer.body === undefined ? 0 : Buffer.byteLength(answer.body);
     // Logged once out, after the answers before it, as the forwarder logs those: access lines in the order of the requests.
     // A connection that closed first never carried it: status 0, the refusal's error kept (README, Logs).
     let onWire = res.socket !== null;
     if (!onWire) res.once('socket', () => (onWire = true));
-    res.once('close', () => logOwnAnswer(this.#observer, context, 'http/1.1', { method, path, status: onWire ? answer.status : 0, error: answer.error, bytesOut: onWire ? bytesOut : 0 }));
+    res.once('close', () => logOwnAnswer(this.#observer, context, 'http/1.1', { method, path, status: onWire ? answer.status : 0, error: answer.error, detail: answer.message, bytesOut: onWire ? bytesOut : 0 }));
   }
 }

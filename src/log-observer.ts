@@ -1,4 +1,4 @@
-import { ACCESS_EVENTS, type Logger } from './log.js';
+import { ACCESS_EVENTS, clipped, type Logger } from './log.js';
 import { NOOP_OBSERVER, type ProxyObserver } from './observer.js';
 import { accessLineWriter } from './access-line.js';
 import { LOAD_BALANCER_CHECK, SERVER_CERTIFICATE_EXPIRED, handshakeFailureDetail } from './handshake-failures.js';
@@ -59,13 +59,6 @@ function upstreamGoAwayMessage(code: string, debug: string | undefined): string 
 const REFUSED_SUBJECT_CHARS = 256;
 const REFUSED_SERIAL_CHARS = 64;
 const REFUSAL_DETAIL_CHARS = 768;
-
-/** `text` cut to `max` characters (not inside a surrogate pair), saying how much was cut. */
-function clipped(text: string, max: number): string {
-  if (text.length <= max) return text;
-  const end = /[\ud800-\udbff]/.test(text[max - 1]!) ? max - 1 : max;
-  return `${text.slice(0, end)}... (${text.length - end} more characters)`;
-}
 
 /** What the summary of held-back lines says: how many, and that the metric has every one. */
 function heldBackMessage(count: number, limit: RepeatLimit, what: 'failed handshake' | 'refused client'): string {

@@ -21,6 +21,13 @@ export interface LoggerOptions {
 const ACCESS_BATCH_BYTES = 4096;
 const ACCESS_FLUSH_MS = 250;
 
+/** `text` cut to `max` characters (not inside a surrogate pair), saying how much was cut: for text a client chose. */
+export function clipped(text: string, max: number): string {
+  if (text.length <= max) return text;
+  const end = /[\ud800-\udbff]/.test(text[max - 1]!) ? max - 1 : max;
+  return `${text.slice(0, end)}... (${text.length - end} more characters)`;
+}
+
 /** The `event` of the lines the log observer writes per request and per relayed connection. */
 export const ACCESS_EVENTS = { request: 'access', relayed: 'relay_access' } as const;
 const ACCESS_MARKERS = Object.values(ACCESS_EVENTS).map((event) => `"event":"${event}"`);

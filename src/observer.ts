@@ -33,6 +33,8 @@ export interface AccessRecord extends ClientRef {
   readonly durationMs: number;
   /** Set when the call failed because of the upstream or the client going away. */
   readonly error?: string | undefined;
+  /** Only with `error`, for a request the proxy refused itself: why, as its answer told the client. */
+  readonly detail?: string | undefined;
 }
 
 /** One relayed connection (`--mtls_grpc_mode relay`), reported when it closes: the relay sees no calls. */

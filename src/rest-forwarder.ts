@@ -124,6 +124,8 @@ interface ExchangeStats {
   bytesIn: number;
   bytesOut: number;
   error?: string | undefined;
+  /** A request we refused: why, as our answer told the client. */
+  detail?: string | undefined;
 }
 
 /**
@@ -208,7 +210,7 @@ export class RestForwarder {
     if (req.httpVersionMajor === 2 && bodyLength(req) !== 0) whenAnsweredMidBody(req, res);
     const bytesOut = answerJson(res, refusal.status, refusal.message, refusal.headers);
     req.resume();
-    const stats: ExchangeStats = { status: refusal.status, bytesIn: 0, bytesOut, error: refusal.error };
+    const stats: ExchangeStats = { status: refusal.status, bytesIn: 0, bytesOut, error: refusal.error, detail: refusal.message };
     if (hasTheConnection(res)) {
       this.#log(req, context, started, stats);
       return;
@@ -251,7 +253,11 @@ export class RestForwarder {
     let body: Readable | undefined;
     if (length !== 0) whenAnsweredMidBody(req, res, () => stopReadingBody(req, body));
     if (length !== 0 && req.httpVersionMajor === 1) {
-      onMalformedBody(req as IncomingMessage, (refusal) => answerInstead(req, res, exchange, stats, { ...refusal, error: 'bad_request_body', plain: true }));
+      onMalformedBody(req as IncomingMessage, (refusal) => {
+        // Also when our answer cannot go out (the model server's has begun): the log still says why the request was cut.
+        stats.detail = refusal.message;
+        answerInstead(req, res, exchange, stats, { ...refusal, error: 'bad_request_body', plain: true });
+      });
     }
     onClose(res, (onWire) => {
       clearTimeout(stall);
@@ -334,6 +340,7 @@ export class RestForwarder {
       bytesOut: stats.bytesOut,
       durationMs: elapsedMs(started),
       error: stats.error,
+      detail: stats.detail,
     });
   }
 }

@@ -347,6 +347,8 @@ interface Exchange {
   /** Its response has ended; if its body is still arriving (an early 413, say), it is logged once that is done. */
   responded?: boolean;
   error?: string | undefined;
+  /** A request we refused: why, as our answer told the client. */
+  detail?: string | undefined;
 }
 
 interface Http1ConnectionParts {
@@ -695,6 +697,8 @@ class RelayedHttp1Connection implements RelayedConnection {
   #badBody(exchange: Exchange, err: FramingError): void {
     const why = (exchange.error = 'bad_request_body');
     if (exchange.answered) {
+      // No answer of ours can go out now: the log still says why the request was cut.
+      exchange.detail = err.message;
       this.#fail(why);
       return;
     }
@@ -715,7 +719,7 @@ class RelayedHttp1Connection implements RelayedConnection {
   #refuse(err: FramingError, line: Exchange): void {
     this.#refusal = err;
     this.#parts.client.pause();
-    this.#refusalLine = { ...line, status: err.status, answered: true };
+    this.#refusalLine = { ...line, status: err.status, answered: true, detail: err.message };
     this.#closeIfDone();
   }
 
@@ -903,6 +907,7 @@ class RelayedHttp1Connection implements RelayedConnection {
       bytesOut: exchange.bytesOut,
       durationMs: elapsedMs(exchange.started),
       error: exchange.error,
+      detail: exchange.detail,
     });
   }
 }

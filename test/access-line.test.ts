@@ -11,7 +11,7 @@ const tricky = fc.string({ unit: fc.constantFrom('a', 'Z', '0', ' ', '"', '\\', 
 const text = fc.oneof(tricky, fc.string({ unit: 'binary', maxLength: 120 }), fc.string({ maxLength: 20 }));
 const number = fc.oneof(fc.nat(), fc.integer(), fc.double());
 
-/** Keys in AccessRecord's order, as every forwarder builds them; optional ones present as undefined too. */
+/** Keys in AccessRecord's order, as every forwarder builds them; optional ones present as undefined too; a detail only with an error. */
 const recordArb: fc.Arbitrary<AccessRecord> = fc.record({
   listener: fc.constantFrom('grpc', 'rest') as fc.Arbitrary<AccessRecord['listener']>,
   protocol: fc.constantFrom('h2', 'http/1.1') as fc.Arbitrary<AccessRecord['protocol']>,
@@ -26,7 +26,8 @@ const recordArb: fc.Arbitrary<AccessRecord> = fc.record({
   bytesOut: number,
   durationMs: number,
   error: fc.option(text, { nil: undefined }),
-});
+  detail: fc.option(text, { nil: undefined }),
+}).map((record) => (record.error === undefined ? { ...record, detail: undefined } : record));
 
 function capturing(level: 'info' | 'warn' = 'info'): { logger: Logger; lines: string[] } {
   const lines: string[] = [];
@@ -74,6 +75,15 @@ describe('access lines', () => {
     const { logger, lines } = capturing('warn');
     accessLineWriter(logger.child({ event: 'access' }), 'request')({ listener: 'grpc', protocol: 'h2', remote: undefined, subject: 'CN=a', serial: '01', method: 'POST', path: '/x', status: 200, bytesIn: 1, bytesOut: 1, durationMs: 1 });
     assert.deepEqual(lines, []);
+  });
+
+  test('a refusal\'s detail past 256 characters is cut, saying how much was, on the composed path and through pino alike', () => {
+    const { logger, lines } = capturing();
+    const refused: AccessRecord = { listener: 'rest', protocol: 'http/1.1', remote: undefined, subject: 'CN=a', serial: '01', method: 'POST', path: '/', status: 501, bytesIn: 0, bytesOut: 0, durationMs: 0, error: 'bad_request', detail: `Transfer-Encoding "${'x'.repeat(400)}" is not supported (only chunked)` };
+    accessLineWriter(logger.child({ event: 'access' }), 'request')(refused);
+    accessLineWriter(pino({ mixin: () => ({}) }, { write: (line: string) => lines.push(line) }), 'request')(refused);
+    const cut = `Transfer-Encoding "${'x'.repeat(237)}... (196 more characters)`;
+    assert.deepEqual(lines.map((line) => JSON.parse(line).detail), [cut, cut]);
   });
 
   test('a logger configured to rewrite lines (redaction, a mixin, a serializer) is left to pino', () => {

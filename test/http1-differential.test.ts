@@ -12,6 +12,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { NOOP_OBSERVER, type AccessRecord } from '../src/observer.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
+import { freeLoopbackPorts } from '../src/ports.js';
 import { startTestProxy, type StartedProxy } from './helpers/harness.js';
 import { createTestPki, type TestPki } from './helpers/pki.js';
 import { openRaw, readToCloseWithin } from './helpers/raw-http1.js';
@@ -288,6 +289,56 @@ describe('the two REST modes on streams from the generated corpus', () => {
       });
     }
   }
+});
+
+/**
+ * A single transfer coding other than chunked (RFC 9112 6.1: 501). In terminate mode llhttp refuses such a
+ * request itself, after the head our 501 answers: its refusal went out too, a second answer (400) to one
+ * request with a second access line, method and path empty. Relay mode, a relay port whose model server is
+ * down (served by the terminating path) and terminate mode each answer the 501 alone and log it once.
+ */
+const SINGLE_CODINGS = ['foo', 'identity'];
+
+/** Writes `text` on a new connection to `restPort`: what the client read until the proxy closed. */
+async function readAnswer(restPort: number, text: string): Promise<string> {
+  const socket = await openRaw(restPort, pki);
+  socket.write(text);
+  return readToCloseWithin(socket, 20_000);
+}
+
+describe('a single transfer coding other than chunked', () => {
+  const request = (coding: string) => `POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: ${coding}\r\n\r\n`;
+
+  for (const coding of SINGLE_CODINGS) {
+    for (const restMode of FORWARD_MODES) {
+      test(`--mtls_rest_mode ${restMode}: Transfer-Encoding: ${coding}: one answer, the 501 naming it, one access line, and the connection closes; nothing reaches the model server`, { timeout: 30_000 }, async () => {
+        const result = await through(restMode, request(coding));
+        assert.deepEqual(answerStatuses(result.answer), [501], result.answer);
+        assert.match(result.answer, new RegExp(`\\r\\n\\r\\nTransfer-Encoding "${coding}" is not supported \\(only chunked\\)\\n$`));
+        assert.deepEqual(logged(result.records), [['POST', '/echo-body', 501, 'bad_request']]);
+        assert.deepEqual(parsedBy(result), []);
+      });
+    }
+  }
+
+  test('--mtls_rest_mode relay, the model server down (the terminating path answers): one answer, the 501, and one access line', { timeout: 30_000 }, async () => {
+    const [downPort] = (await freeLoopbackPorts(1)) as [number];
+    const local = await startTestProxy({ pki, upstream: { restPort: downPort }, restMode: 'relay' });
+    try {
+      for (const coding of SINGLE_CODINGS) {
+        const from = local.logs.lines.length;
+        const answer = await readAnswer(local.restPort, request(coding));
+        assert.deepEqual(answerStatuses(answer), [501], answer);
+        await local.logs.waitFor((l) => l.event === 'access', from);
+        // A second answer's line would come in the same turn of events as the first.
+        await new Promise((resolve) => setImmediate(resolve));
+        const lines = local.logs.lines.slice(from).filter((l) => l.event === 'access');
+        assert.deepEqual(lines.map((l) => [l.method, l.path, l.status, l.error]), [['POST', '/echo-body', 501, 'bad_request']], coding);
+      }
+    } finally {
+      await local.proxy.shutdown(1000);
+    }
+  });
 });
 
 /**

@@ -182,6 +182,8 @@ describe('HTTP/1.1 message framing', () => {
 const REFUSED_REQUESTS: readonly [string, string, number, RegExp][] = [
   ['both Content-Length and Transfer-Encoding', 'POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n', 400, /both Content-Length and Transfer-Encoding/],
   ['a transfer coding other than chunked', 'POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n', 501, /only chunked/],
+  ['one transfer coding, not chunked', 'POST / HTTP/1.1\r\ntransfer-encoding: foo\r\n\r\n', 501, /Transfer-Encoding "foo" is not supported \(only chunked\)/],
+  ['identity alone', 'POST / HTTP/1.1\r\ntransfer-encoding: identity\r\n\r\n', 501, /Transfer-Encoding "identity" is not supported \(only chunked\)/],
   ['chunked named twice', 'POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n', 400, /chunked applied more than once/],
   ['Transfer-Encoding in HTTP/1.0', 'POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n', 400, /HTTP\/1\.0/],
   ['two different Content-Lengths', 'POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n', 400, /invalid Content-Length/],

@@ -6,7 +6,7 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { h2Request, h2Session, restModeFronts, startTestProxy, type LogLine } from './helpers/harness.js';
-import { openRaw, readToClose } from './helpers/raw-http1.js';
+import { openRaw, parseResponses, readToClose } from './helpers/raw-http1.js';
 import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
 import { FORWARD_MODES, type ForwardMode } from '../src/config.js';
@@ -167,6 +167,53 @@ describe('REST requests Node would answer on its own get an answer and one acces
       assert.deepEqual(met.lines.map(summary), [{ status: 200, error: undefined, method: 'POST', path: '/echo-body', protocol: 'h2' }]);
     });
   }
+});
+
+/** Requests the proxy refuses itself, in either mode: each row, what it is, the bytes, and its status and error. */
+const REFUSED: readonly [string, string, number, string][] = [
+  ['two Content-Length fields', 'POST /echo-body HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabc', 400, 'bad_request'],
+  ['a folded header line', 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\nx-a: 1\r\n 2\r\n\r\n', 400, 'bad_request'],
+  ['a bare LF ending the request line', 'GET /v2/health/live HTTP/1.1\nhost: a\r\n\r\n', 400, 'bad_request'],
+  ['a chunk size that is not hex', 'POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n', 400, 'bad_request_body'],
+  // Terminate mode keeps the connection after this 400: the request asks for the close.
+  ['a #fragment in the target', 'GET /v2/health/live#x HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n', 400, 'bad_request_target'],
+];
+
+/** What the proxy's one answer in `text` told the client: its line of text, or the `error` of its JSON. */
+function reasonGiven(text: string): string {
+  const { responses } = parseResponses(Buffer.from(text, 'latin1'), ['GET']);
+  const body = responses[0]!.body.toString();
+  return body.startsWith('{') ? (JSON.parse(body) as { error: string }).error : body.replace(/\n$/, '');
+}
+
+describe('a request the proxy refuses has an access line saying why, as its answer told the client, both modes', () => {
+  for (const restMode of FORWARD_MODES) {
+    for (const [what, raw, status, error] of REFUSED) {
+      test(`--mtls_rest_mode ${restMode}: ${what}: ${status} ${error}, and the line's detail is the answer's reason`, { timeout: 20_000 }, async () => {
+        const { text, lines } = await exchangeHttp1(restMode, raw, 1);
+        assert.deepEqual(statuses(text), [status], text);
+        assert.equal(lines.length, 1);
+        assert.deepEqual([lines[0]!.status, lines[0]!.error], [status, error]);
+        assert.ok(reasonGiven(text).length > 0, text);
+        assert.equal(lines[0]!.detail, reasonGiven(text));
+      });
+    }
+
+    test(`--mtls_rest_mode ${restMode}: a reason holding what the client sent (a Transfer-Encoding of 400 characters) is cut in the line past 256 characters, saying how much was cut; the client gets it whole`, { timeout: 20_000 }, async () => {
+      const { text, lines } = await exchangeHttp1(restMode, `POST /echo-body HTTP/1.1\r\nhost: a\r\ntransfer-encoding: ${'x'.repeat(400)}\r\n\r\n`, 1);
+      assert.deepEqual(statuses(text), [501], text);
+      const reason = reasonGiven(text);
+      assert.match(reason, /^Transfer-Encoding "x{400}" is not supported \(only chunked\)$/);
+      assert.equal(lines[0]!.detail, `${reason.slice(0, 256)}... (${reason.length - 256} more characters)`);
+    });
+  }
+
+  test('a request forwarded and answered by the model server has no detail', { timeout: 20_000 }, async () => {
+    for (const restMode of FORWARD_MODES) {
+      const { lines } = await exchangeHttp1(restMode, 'GET /v2/health/live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n', 1);
+      assert.deepEqual(lines.map((l) => [l.status, 'detail' in l]), [[200, false]], restMode);
+    }
+  });
 });
 
 test('terminate mode: requests Node would have answered itself are in the request metrics, and leave no stream counted open', { timeout: 30_000 }, async () => {

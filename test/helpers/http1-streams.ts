@@ -297,8 +297,11 @@ export async function exchange(setup: { restPort: number; pki: TestPki; upstream
   return { answer, upstream: upstream(), parsed: setup.upstream.requests.slice(fromRequest), records: setup.records.slice(fromRecord) };
 }
 
-/** The statuses of the responses in what a client read, in order (100 Continue included). */
-export const answerStatuses = (answer: string): number[] => [...answer.matchAll(/(?:^|\r\n|[^\r\n])HTTP\/1\.[01] (\d{3}) /g)].map((m) => Number(m[1]));
+/**
+ * The statuses of the responses in what a client read, in order (100 Continue included), wherever
+ * one begins: right after a body too, as after our own plain-text answers, which end with a bare LF.
+ */
+export const answerStatuses = (answer: string): number[] => [...answer.matchAll(/HTTP\/1\.[01] (\d{3}) /g)].map((m) => Number(m[1]));
 
 const isXfccName = (name: string) => name.toLowerCase().replaceAll('_', '-') === 'x-forwarded-client-cert';
 
