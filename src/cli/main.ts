@@ -29,12 +29,20 @@ const COMMANDS: Record<string, Command> = {
   demo: (argv, io) => runDemoCommand(argv, io),
 };
 
+/** The help alone, with exit 2, left the user to guess what was wrong (an image started without its args). */
+const NOTHING_TO_RUN = `nothing to run: give a command (${Object.keys(COMMANDS).join(', ')}) or OVMS's options, as to the ovms command (--port, --rest_port, --model_path ...); the usage follows`;
+
 /** Runs one command line and returns the exit code; throws only on bugs or user errors. */
 export async function run(argv: readonly string[], io: Io): Promise<number> {
   const [first, ...rest] = argv;
-  if (first === undefined || first === '--help' || first === '-h' || first === 'help') {
+  if (first === undefined) {
+    io.stderr.write(`ovms-mtls: ${NOTHING_TO_RUN}\n`);
     io.stdout.write(helpText());
-    return first === undefined ? 2 : 0;
+    return 2;
+  }
+  if (first === '--help' || first === '-h' || first === 'help') {
+    io.stdout.write(helpText());
+    return 0;
   }
   if (first === '-v') {
     io.stdout.write(`ovms-mtls ${productVersion()}\n`);
