@@ -27,6 +27,7 @@ import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
 import { logSupervisorEvents, ovmsStopShareMs, runUntilDone, shutdownBudget } from './entrypoint-lifecycle.js';
 import { waitForStopSignal, warnServiceLinks } from './lifecycle.js';
+import { releaseStopSignals } from '../startup-signals.js';
 import type { Io } from './main.js';
 
 /** `runAs`: the user OVMS will run as (the plan's), whose permissions count rather than ours. */
@@ -37,6 +38,8 @@ function assertExecutable(binary: OvmsBinary, runAs: UserAccount | undefined): v
 
 export async function runEntrypointCommand(argv: readonly string[], io: Io): Promise<number> {
   const split = splitOvmsArgv(argv, io.env);
+  // Only serving stops on SIGTERM/SIGINT; the other modes end by one, also one that came while the program loaded.
+  if (split.mode.kind !== 'serve') releaseStopSignals();
   switch (split.mode.kind) {
     case 'help':
       io.stdout.write(helpText());
