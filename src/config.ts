@@ -212,10 +212,19 @@ function secondsHint(value: unknown): string {
   return `: give ${seconds} for ${match[0]}`;
 }
 
+/**
+ * A number of seconds as written: digits, with a fraction if need be (2, 0.5); NaN otherwise. Number() took
+ * 0x10, 1e3 and Infinity, which whole-number options refuse, and '' for 0: a flag given without a value
+ * (`--mtls_handshake_timeout $UNSET`) would be a 1 ms timeout. Blanks around it go, as for whole numbers.
+ */
+export function plainSeconds(value: unknown): number {
+  const text = String(value).trim();
+  return /^(?:\d+(?:\.\d*)?|\.\d+)$/.test(text) ? Number(text) : NaN;
+}
+
 function parseSeconds(name: string, value: unknown): number {
-  // Number('') is 0: a flag given without a value (`--mtls_handshake_timeout $UNSET`) would be a 1 ms timeout.
-  const n = String(value).trim() === '' ? NaN : Number(value);
-  if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0${secondsHint(value)}`);
+  const n = plainSeconds(value);
+  if (Number.isNaN(n)) throw new ConfigError(`${flag(name)}: '${String(value)}' is not a number of seconds >= 0${secondsHint(value)}`);
   if (n > MAX_SECONDS) throw new ConfigError(`${flag(name)}: '${String(value)}' is more than ${MAX_SECONDS} seconds (23 days), the longest timeout supported`);
   return Math.round(n * 1000);
 }

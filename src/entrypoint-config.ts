@@ -8,10 +8,17 @@ import { ovmsGrpcServers, type SplitOvmsArgv } from './ovms-args.js';
 import type { RestartPolicy } from './ovms-supervisor.js';
 import type { UserOption } from './privileges.js';
 
+/** The program run as OVMS. */
+export interface OvmsBinary {
+  readonly path: string;
+  /** By --mtls_ovms_binary (flag or environment); otherwise the image's. */
+  readonly given: boolean;
+}
+
 export interface EntrypointSettings {
   readonly common: Omit<Config, 'grpc' | 'rest'>;
   readonly listeners: { readonly grpc?: PublicListenerSpec; readonly rest?: PublicListenerSpec };
-  readonly binary: string;
+  readonly binary: OvmsBinary;
   readonly restart: RestartPolicy;
   /** --mtls_ovms_hang_timeout: 0 = off. */
   readonly hangTimeoutMs: number;
@@ -77,7 +84,7 @@ export function entrypointSettings(split: SplitOvmsArgv, env: NodeJS.ProcessEnv)
   return {
     listeners,
     common,
-    binary: optionalString(raw, 'mtls_ovms_binary') ?? DEFAULTS.ovms.binary,
+    binary: ovmsBinaryOf(raw),
     ...ovmsSupervision(raw),
     ovmsUser,
     proxyUser: optionalString(raw, 'mtls_user') ?? ovmsUser,
@@ -104,7 +111,12 @@ export function ovmsUser(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): string {
   return ovmsUserOf(entrypointOptions(split, env));
 }
 
+function ovmsBinaryOf(raw: RawOptions): OvmsBinary {
+  const given = optionalString(raw, 'mtls_ovms_binary');
+  return given === undefined ? { path: DEFAULTS.ovms.binary, given: false } : { path: given, given: true };
+}
+
 /** The OVMS binary, checked before anything listens; for one-shot modes too. */
-export function ovmsBinary(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): string {
-  return optionalString(entrypointOptions(split, env), 'mtls_ovms_binary') ?? DEFAULTS.ovms.binary;
+export function ovmsBinary(split: SplitOvmsArgv, env: NodeJS.ProcessEnv): OvmsBinary {
+  return ovmsBinaryOf(entrypointOptions(split, env));
 }

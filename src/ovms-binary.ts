@@ -7,6 +7,7 @@
  */
 import { accessSync, closeSync, constants, openSync, readSync, statSync } from 'node:fs';
 import { describeIdentity, MAY_EXECUTE, MAY_READ, refusalFor, type Identity } from './access-denial.js';
+import type { OvmsBinary } from './entrypoint-config.js';
 
 /** A `#!` line is read up to this: Linux reads no further (BINPRM_BUF_SIZE). */
 const SHEBANG_BYTES = 256;
@@ -87,11 +88,12 @@ function scriptRefusal(path: string, interpreter: string, runAs: Identity): stri
 
 /**
  * Why `path` cannot be run as OVMS, in words to follow the path in an error line; undefined if it can.
+ * `given`: by --mtls_ovms_binary; the option is suggested only to a user who did not give it.
  * `runAs`: the user OVMS will run as (ovmsIdentity), when not this process's.
  */
-export function ovmsBinaryProblem(path: string, runAs?: Identity): string | undefined {
+export function ovmsBinaryProblem({ path, given }: OvmsBinary, runAs?: Identity): string | undefined {
   const problem = fileProblem(path);
-  if (problem !== undefined) return `${problem} (pass --mtls_ovms_binary PATH to the ovms executable)`;
+  if (problem !== undefined) return given ? problem : `${problem} (pass --mtls_ovms_binary PATH to the ovms executable)`;
   const refused = runAs && userRefusal(path, runAs, MAY_EXECUTE);
   if (refused !== undefined) return `cannot be run by ${refused}`;
   return interpreterProblem(path, runAs);

@@ -8,6 +8,7 @@
 import cluster from 'node:cluster';
 import { createLogger, type Logger } from './log.js';
 import { keepInspectorOff } from './inspector-signal.js';
+import { takeHeldStopSignal } from './startup-signals.js';
 import { isUserError } from './errors.js';
 import { ProxyMetrics } from './metrics.js';
 import { startProxy, type RunningProxy } from './proxy.js';
@@ -103,12 +104,15 @@ function send(message: FromWorker): void {
 
 function ignoreSendFailure(): void {}
 
-/** Signals: SIGINT/SIGTERM drain (the primary sends `drain` too); SIGHUP is the primary's to handle. */
+/**
+ * Signals: SIGINT/SIGTERM drain (the primary sends `drain` too), one that came while the worker loaded
+ * too (a Ctrl-C reaches the whole process group). SIGHUP is the primary's to handle: ignored here since launch().
+ */
 function handleSignals(inbox: Inbox, timeoutMs: () => number): void {
   const onStop = () => inbox.drainOnSignal(timeoutMs());
   process.on('SIGINT', onStop);
   process.on('SIGTERM', onStop);
-  process.on('SIGHUP', () => undefined);
+  if (takeHeldStopSignal() !== undefined) onStop();
 }
 
 async function serve(start: StartMessage, inbox: Inbox, logger: Logger): Promise<RunningProxy | undefined> {

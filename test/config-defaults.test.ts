@@ -60,6 +60,15 @@ test('--mtls_idle_timeout is seconds (65 by default); a bad value names the opti
   assert.throws(() => parseLimits({ mtls_idle_timeout: 'soon' }), /--mtls_idle_timeout/);
 });
 
+// 0x10, 1e3 and Infinity passed (Number()), where whole-number options refuse 0x10 and 1e1.
+test('a number of seconds is plain decimal digits, with a fraction if need be: hexadecimal, an exponent or Infinity is refused in the usual line', () => {
+  const accepted: [string, number][] = [['5', 5_000], ['2.5', 2_500], ['.5', 500], ['5.', 5_000], [' 5 ', 5_000]];
+  for (const [given, ms] of accepted) assert.equal(parseLimits({ mtls_idle_timeout: given }).idleTimeoutMs, ms, given);
+  for (const given of ['0x10', '1e3', '1E1', 'Infinity', '+5', '-1', '', '1_000', '5,5']) {
+    assert.throws(() => parseLimits({ mtls_idle_timeout: given }), { message: `--mtls_idle_timeout: '${given}' is not a number of seconds >= 0` }, given);
+  }
+});
+
 // `--mtls_idle_timeout 5m`, as Go, nginx and Kubernetes write durations, was refused without the number that works.
 test('a timeout written with a unit is refused naming the plain number of seconds it means', () => {
   const cases: [string, string][] = [['5m', '300'], ['500ms', '0.5'], ['90S', '90'], ['1.5h', '5400'], ['3ms', '0.003']];

@@ -2,7 +2,7 @@ import { test, before, after, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { chmod, chown, copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -24,6 +24,10 @@ import { startServing } from '../src/cli/entrypoint-command.js';
 import { PROXY_FATAL_EXIT_CODE, runUntilDone } from '../src/cli/entrypoint-lifecycle.js';
 import { createLogger } from '../src/log.js';
 import { openFilesLimit } from '../src/fd-headroom.js';
+import { DEFAULTS } from '../src/config.js';
+
+/** The image's OVMS, which the entrypoint runs unless --mtls_ovms_binary says otherwise. */
+const IMAGE_OVMS_HERE = existsSync(DEFAULTS.ovms.binary);
 
 /** Judging a binary for another user takes files of other owners, and a run as that user. */
 const ROOT_ONLY = process.getuid?.() !== 0 && 'needs root';
@@ -888,6 +892,19 @@ describe('non-serving invocations', () => {
     assert.ok(s.wrapper.ovmsLines.some((l) => l.includes('OpenVINO Model Server fake')));
   });
 
+  // It printed ours and exited 0 without a word about OVMS's, whose binary was not there; one given that could not run was passed over too.
+  test("--version without the image's OVMS (outside the container) prints ours, then a line on stderr saying why OVMS's is not shown, exit 0; an --mtls_ovms_binary that cannot run is refused, exit 2", { skip: IMAGE_OVMS_HERE && `${DEFAULTS.ovms.binary} exists here` }, async () => {
+    const outside = startWrapper(['--version']);
+    assert.deepEqual(await outside.exited, { code: 0, signal: null });
+    assert.match(outside.ovmsLines.join('\n'), /^ovms-mtls \d+\.\d+\.\d+$/);
+    assert.equal(outside.stderr(), `ovms-mtls: OVMS's version is not shown: ${DEFAULTS.ovms.binary} does not exist (pass --mtls_ovms_binary PATH to the ovms executable)\n`);
+    const missing = join(dir, 'no-such-ovms');
+    const given = startWrapper(['--version', '--mtls_ovms_binary', missing]);
+    assert.deepEqual(await given.exited, { code: 2, signal: null });
+    assert.deepEqual(given.ovmsLines, []);
+    assert.equal(given.stderr(), `ovms-mtls: --mtls_ovms_binary: ${missing} does not exist\n`);
+  });
+
   test("--mtls_ovms_help shows OVMS's own help", async () => {
     const s = await start(['--mtls_ovms_help']);
     assert.deepEqual(await s.wrapper.exited, { code: 0, signal: null });
@@ -914,7 +931,7 @@ describe('non-serving invocations', () => {
   test('a directory as --mtls_ovms_binary is one line on stderr and exit 2, before anything listens or OVMS is run', async () => {
     const s = await start(['--rest_port', '{rest}', '--rest_bind_address', '127.0.0.1'], {}, ['--mtls_ovms_binary', dir]);
     assert.deepEqual(await s.wrapper.exited, { code: 2, signal: null });
-    assert.equal(s.wrapper.stderr(), `ovms-mtls: --mtls_ovms_binary: ${dir} is a directory, not the executable in it (pass --mtls_ovms_binary PATH to the ovms executable)\n`);
+    assert.equal(s.wrapper.stderr(), `ovms-mtls: --mtls_ovms_binary: ${dir} is a directory, not the executable in it\n`);
     assert.equal(s.wrapper.logs.filter((l) => l.event === 'listening').length, 0);
   });
 
@@ -931,8 +948,9 @@ describe('non-serving invocations', () => {
     const noInterpreter = await script('ovms-bash.sh', '#!/nonexistent/bin/bash\nexec /ovms/bin/ovms "$@"\n', 0o755);
     const crlf = await script('ovms-crlf.sh', '#!/bin/sh\r\nexec /ovms/bin/ovms "$@"\r\n', 0o755);
     const cases: [string, string][] = [
-      [join(dir, 'no-such-ovms'), 'does not exist (pass --mtls_ovms_binary PATH to the ovms executable)'],
-      [unexecutable, 'is not executable (mode 0644: chmod +x it) (pass --mtls_ovms_binary PATH to the ovms executable)'],
+      // The option is not suggested to a user who gave it.
+      [join(dir, 'no-such-ovms'), 'does not exist'],
+      [unexecutable, 'is not executable (mode 0644: chmod +x it)'],
       [noInterpreter, 'is a script whose interpreter /nonexistent/bin/bash (its first line, #!) does not exist or cannot be run here (install it in the image, or name one that is there, such as #!/bin/sh)'],
       [crlf, `is a script with Windows line endings: its first line names the interpreter '/bin/sh\\r', which no system has (convert it: \`sed -i 's/\\r$//' ${crlf}\` or dos2unix)`],
     ];

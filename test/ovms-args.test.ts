@@ -331,7 +331,7 @@ describe('entrypoint settings', () => {
     assert.equal(settings.restart.mode, 'on-failure');
     assert.deepEqual(settings.listeners.grpc, { port: 9000, hosts: ['0.0.0.0'] });
     assert.equal(settings.listeners.rest, undefined);
-    assert.equal(settings.binary, '/ovms/bin/ovms');
+    assert.deepEqual(settings.binary, { path: '/ovms/bin/ovms', given: false });
   });
 
   test('an allow-list or CRL variable set to nothing is refused, unless the command line gives the option; other empty variables count as unset', () => {

@@ -525,10 +525,13 @@ describe('probe', () => {
     }
   });
 
-  test('a --timeout too long for a Node timer is a one-line usage error with exit 2, not a step failing at once', async () => {
-    const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags(), '--timeout', '99999999999']);
-    assert.equal(res.code, 2, res.stdout);
-    assert.equal(res.stderr, "ovms-mtls: --timeout: '99999999999' is not a number of seconds > 0 and <= 2000000\n");
+  // 1e3 and 0x10 passed, as Number() reads them, where the whole-number options refuse them.
+  test('a --timeout too long for a Node timer, or not plain decimal (1e3, 0x10), is a one-line usage error with exit 2, not a step failing at once', async () => {
+    for (const given of ['99999999999', '1e3', '0x10']) {
+      const res = await runCli(['probe', '--host', '127.0.0.1', '--rest_port', String(front.restPort), ...clientFlags(), '--timeout', given]);
+      assert.equal(res.code, 2, res.stdout);
+      assert.equal(res.stderr, `ovms-mtls: --timeout: '${given}' is not a number of seconds > 0 and <= 2000000\n`);
+    }
   });
 
   test('a URL or host:port given as --host (as clients are given the deployment) is a one-line usage error showing the split, not a name that does not resolve', async () => {

@@ -97,6 +97,14 @@ describe('proxy command line', () => {
     assert.match(res.stdout, /--mtls_max_session_memory +HTTP\/2 memory per client connection, in MiB, on top of one stream window for each stream it may open \(--mtls_max_concurrent_streams\)/);
   });
 
+  // The help alone and exit 2 left the user to guess what was wrong (an image started without its args).
+  test('no arguments: one line on stderr saying what to give, then the usage, exit 2', async () => {
+    const res = await runCli([]);
+    assert.equal(res.code, 2);
+    assert.equal(res.stderr, "ovms-mtls: nothing to run: give a command (proxy, certs, check, probe, demo) or OVMS's options, as to the ovms command (--port, --rest_port, --model_path ...); the usage follows\n");
+    assert.match(res.stdout, /^ovms-mtls \d+\.\d+\.\d+ - [^\n]*\n\nUsage:\n/);
+  });
+
   // Each command's --help was refused as an unknown option (exit 2).
   const commandHelps: [string[], RegExp][] = [
     // Both read OVMS_MTLS_* too, which only the top-level --help said.

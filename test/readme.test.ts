@@ -55,7 +55,7 @@ test('the defaults the README and --help give are the ones the entrypoint and th
     mtls_max_concurrent_streams: limits.maxConcurrentStreams,
     mtls_max_header_size: limits.maxHeaderSize,
     mtls_max_session_memory: limits.maxSessionMemoryMiB,
-    mtls_ovms_binary: binary,
+    mtls_ovms_binary: binary.path,
     mtls_ovms_user: ovmsUser,
     mtls_restart: restart.mode,
     mtls_ovms_hang_timeout: hangTimeoutMs / 1000,

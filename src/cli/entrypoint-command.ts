@@ -16,7 +16,7 @@ import { WorkerPool } from '../workers.js';
 import { resolveListenAddresses } from '../bind-addresses.js';
 import { productVersion } from '../version.js';
 import { splitOvmsArgv, ovmsServeArgv, type SplitOvmsArgv } from '../ovms-args.js';
-import { entrypointSettings, ovmsBinary, ovmsUser, type EntrypointSettings } from '../entrypoint-config.js';
+import { entrypointSettings, ovmsBinary, ovmsUser, type EntrypointSettings, type OvmsBinary } from '../entrypoint-config.js';
 import { exitCodeOf, findSetpriv, ovmsIdentity, runToCompletion, spawnCommand } from '../ovms-child.js';
 import { OvmsSupervisor, type HangWatchSettings } from '../ovms-supervisor.js';
 import { ovmsLivenessCheck, ovmsReadinessProbe, processStopped } from '../ovms-readiness.js';
@@ -27,16 +27,19 @@ import { DEFAULTS } from '../config.js';
 import { helpText } from './help.js';
 import { logSupervisorEvents, ovmsStopShareMs, runUntilDone, shutdownBudget } from './entrypoint-lifecycle.js';
 import { waitForStopSignal, warnServiceLinks } from './lifecycle.js';
+import { releaseStopSignals } from '../startup-signals.js';
 import type { Io } from './main.js';
 
 /** `runAs`: the user OVMS will run as (the plan's), whose permissions count rather than ours. */
-function assertExecutable(binary: string, runAs: UserAccount | undefined): void {
+function assertExecutable(binary: OvmsBinary, runAs: UserAccount | undefined): void {
   const problem = ovmsBinaryProblem(binary, runAs && ovmsIdentity(runAs, findSetpriv()));
-  if (problem !== undefined) throw new ChildProcessError(`--mtls_ovms_binary: ${binary} ${problem}`);
+  if (problem !== undefined) throw new ChildProcessError(`--mtls_ovms_binary: ${binary.path} ${problem}`);
 }
 
 export async function runEntrypointCommand(argv: readonly string[], io: Io): Promise<number> {
   const split = splitOvmsArgv(argv, io.env);
+  // Only serving stops on SIGTERM/SIGINT; the other modes end by one, also one that came while the program loaded.
+  if (split.mode.kind !== 'serve') releaseStopSignals();
   switch (split.mode.kind) {
     case 'help':
       io.stdout.write(helpText());
@@ -69,12 +72,21 @@ export async function runEntrypointCommand(argv: readonly string[], io: Io): Pro
   }
 }
 
-/** Our version, then OVMS's own (drop-in users expect it), with OVMS's exit code. */
+/**
+ * Our version, then OVMS's own (drop-in users expect it), with OVMS's exit code. An --mtls_ovms_binary that
+ * cannot run is refused, as in every mode. Without the image's OVMS (ovms-mtls run outside its container)
+ * ours is still of use: exit 0, with a line saying why OVMS's is missing, which said nothing.
+ */
 async function runVersion(split: SplitOvmsArgv, io: Io): Promise<number> {
-  io.stdout.write(`ovms-mtls ${productVersion()}\n`);
   const binary = ovmsBinary(split, io.env);
-  if (ovmsBinaryProblem(binary) !== undefined) return 0;
-  return exitCodeOf(await runToCompletion(spawnCommand({ binary, args: ['--version'], setpriv: findSetpriv() })));
+  if (binary.given) assertExecutable(binary, undefined);
+  io.stdout.write(`ovms-mtls ${productVersion()}\n`);
+  const problem = ovmsBinaryProblem(binary);
+  if (problem !== undefined) {
+    io.stderr.write(`ovms-mtls: OVMS's version is not shown: ${binary.path} ${problem}\n`);
+    return 0;
+  }
+  return exitCodeOf(await runToCompletion(spawnCommand({ binary: binary.path, args: ['--version'], setpriv: findSetpriv() })));
 }
 
 /** --pull, --list_models ... write model files: as root they run as the OVMS user, like serving does. */
@@ -88,7 +100,7 @@ function oneShotPrivileges(split: SplitOvmsArgv, io: Io): PrivilegePlan {
 async function runOneShot(split: SplitOvmsArgv, io: Io, args: readonly string[], plan: PrivilegePlan): Promise<number> {
   const binary = ovmsBinary(split, io.env);
   assertExecutable(binary, plan.ovms);
-  const status = await runToCompletion(spawnCommand({ binary, args, runAs: plan.ovms, setpriv: findSetpriv(), env: ovmsEnvironment(plan.ovms) }));
+  const status = await runToCompletion(spawnCommand({ binary: binary.path, args, runAs: plan.ovms, setpriv: findSetpriv(), env: ovmsEnvironment(plan.ovms) }));
   return exitCodeOf(status);
 }
 
@@ -289,7 +301,7 @@ function createSupervisor(settings: EntrypointSettings, plan: PrivilegePlan, ups
   const env = ovmsEnvironment(plan.ovms);
   return new OvmsSupervisor({
     // As root at the first spawn; after the drop we already are the OVMS user (see checkUsersCompatible).
-    command: () => spawnCommand({ binary: settings.binary, args: ovmsServeArgv(settings.passthrough, upstreams.current(), { sharedGrpcConnection: settings.common.grpcMode === 'terminate' }), runAs: isRoot() ? plan.ovms : undefined, setpriv, env }),
+    command: () => spawnCommand({ binary: settings.binary.path, args: ovmsServeArgv(settings.passthrough, upstreams.current(), { sharedGrpcConnection: settings.common.grpcMode === 'terminate' }), runAs: isRoot() ? plan.ovms : undefined, setpriv, env }),
     probe: ovmsReadinessProbe(upstreams.host, () => upstreams.current()),
     restart: settings.restart,
     ...(settings.hangTimeoutMs > 0 ? { hangWatch: hangWatchSettings(settings, config) } : {}),

@@ -2,15 +2,20 @@
  * Loads the command line and runs it, for bin/ovms-mtls and each proxy worker. This module
  * imports nothing heavy: Node's ESM loader opens a program's modules many at a time, and
  * under a small open-files limit (below about 100) that failed before main() could say why,
- * with Node's stack trace and no hint of the limit.
+ * with Node's stack trace and no hint of the limit. For the same reason it imports one module
+ * statically: the loader opens a module's static imports at once, and a second one failed under
+ * a limit that let each through alone.
  */
-import { openFilesLimit } from '../fd-headroom.js';
+import { guardStartupSignals } from '../startup-signals.js';
 
 export async function launch(argv: readonly string[]): Promise<void> {
-  // Read first: once the loader has failed, the descriptors it holds leave none to read it with.
-  const limit = openFilesLimit();
+  // First: loading the program takes a few hundred milliseconds, in which a signal met Node's defaults.
+  guardStartupSignals();
+  let limit: number | undefined;
   let cli: typeof import('./main.js');
   try {
+    // Read before the program loads: once the loader has failed, the descriptors it holds leave none to read it with.
+    limit = (await import('../fd-headroom.js')).openFilesLimit();
     cli = await import('./main.js');
   } catch (err) {
     if (!loadFailedForLimit(err, limit)) throw err;

@@ -1,6 +1,6 @@
 import type { Logger } from '../log.js';
-import { constants as osConstants } from 'node:os';
 import { keepInspectorOff } from '../inspector-signal.js';
+import { endBySignal, takeHeldStopSignal } from '../startup-signals.js';
 import { envVarName, serviceLinkOptions } from '../options.js';
 
 export interface StopSignal {
@@ -61,6 +61,9 @@ export function waitForStopSignal(logger: Logger): StopSignal {
   process.on('SIGINT', onStop);
   process.on('SIGHUP', onHup);
   keepInspectorOff(() => logger);
+  // One that came while the program loaded stops this start as one a moment later would.
+  const held = takeHeldStopSignal();
+  if (held !== undefined) onStop(held);
   return {
     signal,
     dispose,
@@ -72,17 +75,6 @@ export function waitForStopSignal(logger: Logger): StopSignal {
       }
     },
   };
-}
-
-/**
- * Dies of `signal` (its default action), as if no handler had caught it. PID 1 of a PID
- * namespace cannot: the kernel ignores a signal it has no handler for, from inside the
- * namespace and from outside (SIGKILL aside), so the drain would go on. It exits with the
- * code a shell (and tini) reports for death by that signal instead.
- */
-function endBySignal(signal: NodeJS.Signals): void {
-  if (process.pid === 1) process.exit(128 + osConstants.signals[signal]);
-  process.kill(process.pid, signal);
 }
 
 /**

@@ -10,7 +10,7 @@ import { HelpRequested } from './options-parser.js';
 import { runDemoCommand } from './demo-command.js';
 import { runEntrypointCommand } from './entrypoint-command.js';
 import { runWorker } from '../worker-main.js';
-import { keepInspectorOff } from '../inspector-signal.js';
+import { guardStartupSignals, releaseStopSignals } from '../startup-signals.js';
 import { ALL_OPTIONS, envVarName } from '../options.js';
 
 export interface Io {
@@ -29,12 +29,35 @@ const COMMANDS: Record<string, Command> = {
   demo: (argv, io) => runDemoCommand(argv, io),
 };
 
+/** The commands that stop on SIGTERM/SIGINT (waitForStopSignal) rather than run to their end. */
+const SERVING_COMMANDS: ReadonlySet<string> = new Set(['proxy', 'demo']);
+const HELP_WORDS: ReadonlySet<string> = new Set(['--help', '-h', 'help']);
+
+/**
+ * Whether the command line may start a serving command: one that takes a SIGTERM/SIGINT held since
+ * launch() as one that comes while it starts. An OVMS command line serves or not by its flags, which
+ * the entrypoint reads (it releases the signals for its one-shot modes).
+ */
+function mayServe(first: string | undefined): boolean {
+  if (first === undefined || HELP_WORDS.has(first) || first === '-v') return false;
+  return SERVING_COMMANDS.has(first) || first.startsWith('-');
+}
+
+/** The help alone, with exit 2, left the user to guess what was wrong (an image started without its args). */
+const NOTHING_TO_RUN = `nothing to run: give a command (${Object.keys(COMMANDS).join(', ')}) or OVMS's options, as to the ovms command (--port, --rest_port, --model_path ...); the usage follows`;
+
 /** Runs one command line and returns the exit code; throws only on bugs or user errors. */
 export async function run(argv: readonly string[], io: Io): Promise<number> {
   const [first, ...rest] = argv;
-  if (first === undefined || first === '--help' || first === '-h' || first === 'help') {
+  if (!mayServe(first)) releaseStopSignals();
+  if (first === undefined) {
+    io.stderr.write(`ovms-mtls: ${NOTHING_TO_RUN}\n`);
     io.stdout.write(helpText());
-    return first === undefined ? 2 : 0;
+    return 2;
+  }
+  if (HELP_WORDS.has(first)) {
+    io.stdout.write(helpText());
+    return 0;
   }
   if (first === '-v') {
     io.stdout.write(`ovms-mtls ${productVersion()}\n`);
@@ -73,8 +96,6 @@ export function userErrorLine(message: string, argv: readonly string[], env: Nod
   return onCommandLine || !env[variable] ? message : `${message} (set by ${variable} in the environment)`;
 }
 
-function ignoreHangup(): void {}
-
 /**
  * A reader of stdout that is gone (`probe ... | grep -q FAIL`: grep exits at its first match) or a full
  * disk costs the rest of the output, and the command still ends with its own exit code. Unhandled, the
@@ -89,11 +110,8 @@ function carryOnWithoutStdout(err: NodeJS.ErrnoException): void {
  * A proxy worker (--mtls_workers) gets its orders from the primary, not from argv.
  */
 export function main(argv: readonly string[]): void {
-  // First: until a listener exists, SIGUSR1 opens the inspector, and startup (reading keys, binding) takes a while.
-  keepInspectorOff(() => undefined);
-  // SIGHUP's default ends the process, and the serving commands take it (reload) only once started:
-  // ignored until then, as the files read a moment later are the current ones anyway.
-  process.on('SIGHUP', ignoreHangup);
+  // Done by launch() already, but the single executable's bundle (scripts/build-binary.mjs) runs main() alone.
+  guardStartupSignals();
   process.stdout.on('error', carryOnWithoutStdout);
   const io: Io = { stdout: process.stdout, stderr: process.stderr, env: process.env };
   (cluster.isWorker ? runWorker() : run(argv, io)).then(

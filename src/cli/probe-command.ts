@@ -1,7 +1,7 @@
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { createSecureContext } from 'node:tls';
 import { ConfigError } from '../errors.js';
-import { MAX_SECONDS, parsePort } from '../config.js';
+import { MAX_SECONDS, parsePort, plainSeconds } from '../config.js';
 import type { OptionSpec } from '../options.js';
 import { runProbe, type ProbeOptions, type StepResult } from '../probe.js';
 import { parseCommandLine } from './options-parser.js';
@@ -121,9 +121,9 @@ function probeOptions(parsed: Record<string, unknown>): ProbeOptions {
   const grpcPort = parsed['port'] === undefined ? undefined : parsePort('port', last(parsed['port']));
   const restPort = parsed['rest_port'] === undefined ? undefined : parsePort('rest_port', last(parsed['rest_port']));
   if (!grpcPort && !restPort) throw new ConfigError('nothing to probe: give --port (gRPC) and/or --rest_port (REST)');
-  const timeout = parsed['timeout'] === undefined ? DEFAULT_PROBE_TIMEOUT_S : Number(last(parsed['timeout']));
+  const timeout = parsed['timeout'] === undefined ? DEFAULT_PROBE_TIMEOUT_S : plainSeconds(last(parsed['timeout']));
   // Past MAX_SECONDS Node fires timers after 1 ms: every step would fail as "no answer within" that long.
-  if (!Number.isFinite(timeout) || timeout <= 0 || timeout > MAX_SECONDS) {
+  if (Number.isNaN(timeout) || timeout <= 0 || timeout > MAX_SECONDS) {
     throw new ConfigError(`--timeout: '${String(parsed['timeout'])}' is not a number of seconds > 0 and <= ${MAX_SECONDS}`);
   }
   const proxyProtocol = parsed['proxy_protocol'] === undefined ? undefined : proxyProtocolVersion(last(parsed['proxy_protocol']));
