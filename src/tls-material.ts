@@ -1,4 +1,4 @@
-import { accessSync, constants as fsConstants } from 'node:fs';
+import { accessSync, statSync, constants as fsConstants } from 'node:fs';
 import { join } from 'node:path';
 import { X509Certificate, constants as cryptoConstants, createPrivateKey, type KeyObject } from 'node:crypto';
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
@@ -27,6 +27,11 @@ export interface TlsMaterial {
   readonly clientCas: readonly X509Certificate[];
   /** The moment the checks judged the dates against: a worker judges the set at the same moment. */
   readonly validatedAt: Date;
+  /**
+   * What the files were (filesSignature) just before this set was read from them; undefined for a set made from
+   * texts (a worker's, sent by its primary). A watch placed later starts from it, not from the files then.
+   */
+  readonly filesSignature?: string | undefined;
 }
 
 /**
@@ -314,12 +319,29 @@ function validate(files: TlsFiles, raw: FileContents, now: Date): TlsMaterial {
 
 /** Reads and validates at startup; throws TlsMaterialError with a one-line reason. */
 export function loadTlsMaterialSync(files: TlsFiles, now = new Date()): TlsMaterial {
-  return validate(files, readAllSync(files), now);
+  const signature = filesSignature(files);
+  return { ...validate(files, readAllSync(files), now), filesSignature: signature };
 }
 
 /** Same checks, for reloads. */
 export async function loadTlsMaterial(files: TlsFiles, now = new Date()): Promise<TlsMaterial> {
-  return validate(files, await readAll(files), now);
+  const signature = filesSignature(files);
+  return { ...validate(files, await readAll(files), now), filesSignature: signature };
+}
+
+/** Which file each path names now and its size and modification time: a Kubernetes swap changes the file, an edit in place its time. */
+export function filesSignature(files: TlsFiles): string {
+  return [files.cert, files.key, files.clientCa, files.crl]
+    .map((path) => {
+      if (path === undefined) return '';
+      try {
+        const { dev, ino, size, mtimeMs, ctimeMs } = statSync(path);
+        return `${dev}:${ino}:${size}:${mtimeMs}:${ctimeMs}`;
+      } catch (err) {
+        return (err as NodeJS.ErrnoException).code ?? 'unreadable';
+      }
+    })
+    .join('/');
 }
 
 /** The file contents a validated set was made of, as text (latin1 keeps every byte): what the primary sends its workers. */

@@ -8,12 +8,12 @@
  * proxy) otherwise lets them run on.
  */
 import type { X509Certificate } from 'node:crypto';
-import { watch, realpathSync, statSync, type FSWatcher } from 'node:fs';
-import { basename, dirname } from 'node:path';
+import { watch, readlinkSync, statSync, type FSWatcher } from 'node:fs';
+import { basename, dirname, isAbsolute, join, sep } from 'node:path';
 import { DEFAULTS, type TlsFiles } from './config.js';
 import type { Logger } from './log.js';
 import type { RunningProxy } from './proxy.js';
-import { loadTlsMaterial, type TlsMaterial } from './tls-material.js';
+import { filesSignature, loadTlsMaterial, type TlsMaterial } from './tls-material.js';
 import { RevocationIndex } from './crl-index.js';
 import { presentedCertificates } from './client-identity.js';
 import { pathToTrust } from './tls-checks.js';
@@ -81,10 +81,21 @@ export class TlsReloader {
     return { reloads: this.#reloads, failures: this.#failures };
   }
 
-  /** Start watching the directories of the files (and of their symlink targets). */
+  /** Start watching the directories of the files (and of their symlink targets, and those holding a symlink on the way). */
   watch(): void {
     this.#watching = true;
     this.#refreshWatchers();
+    this.#catchUpWithFiles();
+  }
+
+  /**
+   * The proxy reads the files, then starts its listeners (and workers), then watches: a change in between
+   * made no event, and the old set served (a new CRL's revoked clients admitted) until the next change or
+   * SIGHUP. Files no longer as they were read are taken for a change seen by the watch.
+   */
+  #catchUpWithFiles(): void {
+    const readAs = this.#current.filesSignature;
+    if (readAs !== undefined && readAs !== filesSignature(this.#options.files)) this.#onDirectoryEvent();
   }
 
   /**
@@ -346,19 +357,22 @@ export class TlsReloader {
 interface WatchTarget {
   /** Which directory it is now (device and inode). */
   readonly identity: string;
-  /** For one watched in place of a missing directory below it: the names on the way there; undefined, any change counts. */
+  /** For one watched for some of its names only (a missing directory below it, a symlink on the way to a file): those names; undefined, any change counts. */
   readonly awaiting: ReadonlySet<string> | undefined;
 }
 
 /**
- * The directories to watch. One missing right now (removed, to be made again) is watched
- * through the nearest directory above it, which sees it come back.
+ * The directories to watch: those of the files, of their targets, and those holding a symlink on the way, for
+ * that link's name. A symlinked certificate directory (`certs -> certs.v1`) swapped for a link to a new one
+ * changed neither the directory the path names nor the one it resolved to, both the old target: nothing saw
+ * it, and the new set was never loaded. One missing right now (removed, to be made again) is watched through
+ * the nearest directory above it, which sees it come back.
  */
 function watchTargets(files: TlsFiles): Map<string, WatchTarget> {
   const targets = new Map<string, WatchTarget>();
-  for (const dir of watchedDirectories(files)) {
+  const want = (dir: string, name: string | undefined) => {
     let at = dir;
-    let below: string | undefined;
+    let below = name;
     let identity = directoryIdentity(at);
     while (identity === undefined && dirname(at) !== at) {
       below = basename(at);
@@ -366,6 +380,13 @@ function watchTargets(files: TlsFiles): Map<string, WatchTarget> {
       identity = directoryIdentity(at);
     }
     if (identity !== undefined) targets.set(at, { identity, awaiting: awaitingIn(targets.get(at), below) });
+  };
+  for (const path of [files.cert, files.key, files.clientCa, files.crl]) {
+    if (path === undefined) continue;
+    want(dirname(path), undefined);
+    const { real, links } = resolveSymlinks(path);
+    if (real !== undefined) want(dirname(real), undefined);
+    for (const link of links) want(dirname(link), basename(link));
   }
   return targets;
 }
@@ -389,34 +410,41 @@ function directoryIdentity(dir: string): string | undefined {
   }
 }
 
-/** Which file each path names now and its size and modification time: a Kubernetes swap changes the file, an edit in place its time. */
-function filesSignature(files: TlsFiles): string {
-  return [files.cert, files.key, files.clientCa, files.crl]
-    .map((path) => {
-      if (path === undefined) return '';
-      try {
-        const { dev, ino, size, mtimeMs, ctimeMs } = statSync(path);
-        return `${dev}:${ino}:${size}:${mtimeMs}:${ctimeMs}`;
-      } catch (err) {
-        return (err as NodeJS.ErrnoException).code ?? 'unreadable';
-      }
-    })
-    .join('/');
+/**
+ * Resolves `path` one name at a time, as the kernel does: the symlinks it goes through, and where it ends
+ * (undefined while a name on the way is missing, mid-swap: the directory watch above sees it come back).
+ */
+function resolveSymlinks(path: string): { real: string | undefined; links: string[] } {
+  const links: string[] = [];
+  const names = path.split(sep);
+  let at = isAbsolute(path) ? sep : process.cwd();
+  while (names.length > 0) {
+    const name = names.shift()!;
+    if (name === '' || name === '.') continue;
+    if (name === '..') {
+      at = dirname(at);
+      continue;
+    }
+    const next = join(at, name);
+    let target: string;
+    try {
+      target = readlinkSync(next);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EINVAL') return { real: undefined, links };
+      // Not a symlink: go on inside it.
+      at = next;
+      continue;
+    }
+    links.push(next);
+    if (links.length > MAX_SYMLINKS) return { real: undefined, links };
+    names.unshift(...target.split(sep));
+    if (isAbsolute(target)) at = sep;
+  }
+  return { real: at, links };
 }
 
-function watchedDirectories(files: TlsFiles): Set<string> {
-  const dirs = new Set<string>();
-  for (const path of [files.cert, files.key, files.clientCa, files.crl]) {
-    if (path === undefined) continue;
-    dirs.add(dirname(path));
-    try {
-      dirs.add(dirname(realpathSync(path)));
-    } catch {
-      // Missing right now (mid-swap): the directory watch above sees it come back.
-    }
-  }
-  return dirs;
-}
+/** Linux's limit on the symlinks followed for one path: more is a loop, which the read refuses. */
+const MAX_SYMLINKS = 40;
 
 /**
  * The container's default CRL may appear after start, but once in force its

@@ -17,7 +17,7 @@ import { freeLoopbackPorts } from '../src/ports.js';
 import { runCli, runCommand, startCli } from './helpers/cli.js';
 import { httpGet, sample } from './helpers/ops.js';
 import {
-  FILE_NAMES, kubernetesCertDir, kubernetesSwap, openToAll, plainCertDir, postSse, reloaderFor, replaceAtomically, servedSerial, startInFlight,
+  FILE_NAMES, kubernetesCertDir, kubernetesSwap, openToAll, plainCertDir, postSse, reloaderFor, replaceAtomically, servedSerial, startInFlight, symlinkedCertDir, symlinkedDirSwap,
   type CertDir, type SetContents, type TlsClient,
 } from './helpers/reload.js';
 import type { ReloadOutcome, TlsReloader } from '../src/tls-reload.js';
@@ -60,7 +60,11 @@ interface Running {
   stop(): Promise<void>;
 }
 
-async function startWithReloader(certs: CertDir, options: { watch?: boolean; graceMs?: number; restMode?: ForwardMode; debounceMs?: number } = {}): Promise<Running> {
+/** `beforeWatch`: what happens after the reloader took the files in force and before its watch is placed (the listeners starting). */
+async function startWithReloader(
+  certs: CertDir,
+  options: { watch?: boolean; graceMs?: number; restMode?: ForwardMode; debounceMs?: number; beforeWatch?: () => Promise<void> } = {},
+): Promise<Running> {
   dirs.push(certs.dir);
   board = new GateBoard();
   const front = await startTestProxy({ pki, upstream, tls: certs.files, restMode: options.restMode ?? 'terminate' });
@@ -71,6 +75,7 @@ async function startWithReloader(certs: CertDir, options: { watch?: boolean; gra
     debounceMs: options.debounceMs ?? 20,
     onReload: (o) => outcomes.push(o),
   });
+  await options.beforeWatch?.();
   if (options.watch) reloader.watch();
   return {
     front,
@@ -176,6 +181,50 @@ describe('reload keeps every call alive', SAFETY, () => {
       for (const [role, name] of Object.entries(FILE_NAMES)) await writeFile(join(dir, name), { ...originalSet(), cert: newServer.certPem, key: newServer.keyPem }[role as keyof SetContents]);
       await serving(newServer);
       await rotateInside(pki.server);
+    } finally {
+      await r.stop();
+    }
+  });
+
+  test('a symlinked certificate directory pointed at a new directory (a new link renamed over it) is caught: the client the new CRL revokes is cut, and the watch follows the link there', async () => {
+    const r = await startWithReloader(await symlinkedCertDir(originalSet()), { watch: true });
+    const revoked = h2(r.front.restPort, bob);
+    try {
+      assert.equal(await h2Get(revoked), 200);
+      const goaway = once(revoked, 'goaway');
+      await symlinkedDirSwap(r.certs.dir, 'v2', { ...originalSet(), crl: await crlRevoking(bob) });
+      await goaway;
+      assert.match(String((await r.front.logs.waitFor((l) => l.event === 'connection_revoked')).subject), /CN=bob/);
+      // Watched there: a rotation inside the new directory, then the link swapped again.
+      await replaceAtomically(r.certs.files.key, newServer.keyPem);
+      await replaceAtomically(r.certs.files.cert, newServer.certPem);
+      await r.front.logs.waitFor((l) => l.event === 'reloaded' && r.reloader.material.cert.toString() === newServer.certPem);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+      await symlinkedDirSwap(r.certs.dir, 'v3', originalSet());
+      await r.front.logs.waitFor((l) => l.event === 'reloaded' && r.reloader.material.cert.toString() === pki.server.certPem);
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), pki.server.serialHex);
+    } finally {
+      revoked.destroy();
+      await r.stop();
+    }
+  });
+
+  test('a change made after the files were read and before the watch is placed (while the listeners and workers start) is applied once the watch is placed', async () => {
+    const certs = await plainCertDir(originalSet());
+    const r = await startWithReloader(certs, {
+      watch: true,
+      beforeWatch: async () => {
+        await replaceAtomically(certs.files.crl!, await crlRevoking(bob));
+        await replaceAtomically(certs.files.key, newServer.keyPem);
+        await replaceAtomically(certs.files.cert, newServer.certPem);
+      },
+    });
+    try {
+      await reloadedLine(r, 'file');
+      assert.equal(await servedSerial(r.front.restPort, as(pki.client)), newServer.serialHex);
+      const refused = h2(r.front.restPort, bob);
+      await once(refused, 'close');
+      await r.front.logs.waitFor((l) => l.event === 'client_refused' && l.reason === 'revoked' && /CN=bob/.test(String(l.subject)));
     } finally {
       await r.stop();
     }

@@ -72,8 +72,22 @@ function filesIn(dir: string): TlsFiles {
 
 export async function plainCertDir(contents: SetContents): Promise<CertDir> {
   const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-reload-'));
-  for (const role of Object.keys(FILE_NAMES) as (keyof SetContents)[]) await writeFile(join(dir, FILE_NAMES[role]), contents[role]);
+  await writeSet(dir, contents);
   return { dir, files: filesIn(dir) };
+}
+
+/** A certificate directory that is a symlink, as an operator lays out rotations by hand: DIR/certs -> v1/ holding the files. */
+export async function symlinkedCertDir(contents: SetContents): Promise<CertDir> {
+  const dir = await mkdtemp(join(tmpdir(), 'ovms-mtls-reload-link-'));
+  await writeSet(join(dir, 'v1'), contents);
+  await symlink('v1', join(dir, 'certs'));
+  return { dir, files: filesIn(join(dir, 'certs')) };
+}
+
+/** The operator's swap of a symlinkedCertDir: a new directory, then `ln -s VERSION certs_tmp && mv -T certs_tmp certs`. */
+export async function symlinkedDirSwap(dir: string, version: string, contents: SetContents): Promise<void> {
+  await writeSet(join(dir, version), contents);
+  await replaceLinkAtomically(join(dir, 'certs'), version);
 }
 
 /** What kubelet mounts: DIR/NAME -> ..data/NAME, ..data -> ..VERSION/ holding the files. */
@@ -96,15 +110,25 @@ export async function openToAll(certs: CertDir): Promise<CertDir> {
 }
 
 async function writeVersion(dir: string, version: string, contents: SetContents): Promise<void> {
-  await mkdir(join(dir, `..${version}`));
-  for (const role of Object.keys(FILE_NAMES) as (keyof SetContents)[]) await writeFile(join(dir, `..${version}`, FILE_NAMES[role]), contents[role]);
+  await writeSet(join(dir, `..${version}`), contents);
+}
+
+/** Writes the set's files into `dir`, made if missing. */
+async function writeSet(dir: string, contents: SetContents): Promise<void> {
+  await mkdir(dir, { recursive: true });
+  for (const role of Object.keys(FILE_NAMES) as (keyof SetContents)[]) await writeFile(join(dir, FILE_NAMES[role]), contents[role]);
 }
 
 /** Kubelet's update: a new version directory, then one atomic rename of the `..data` link. */
 export async function kubernetesSwap(dir: string, version: string, contents: SetContents): Promise<void> {
   await writeVersion(dir, version, contents);
-  await symlink(`..${version}`, join(dir, '..data_tmp'));
-  await rename(join(dir, '..data_tmp'), join(dir, '..data'));
+  await replaceLinkAtomically(join(dir, '..data'), `..${version}`);
+}
+
+/** A new link beside `link`, renamed over it: readers find the old target or the new one, never none. */
+async function replaceLinkAtomically(link: string, target: string): Promise<void> {
+  await symlink(target, `${link}_tmp`);
+  await rename(`${link}_tmp`, link);
 }
 
 /** Write a temp file, then rename it over the old one: readers see old or new, never half. */
