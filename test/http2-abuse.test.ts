@@ -8,7 +8,7 @@ import { connect as netConnect } from 'node:net';
 import { countingRelay, grpcClients, grpcFrame, h2Request, h2Session, startTestProxy, startUpstream, type StartedProxy } from './helpers/harness.js';
 import { eventually, sample } from './helpers/ops.js';
 import { ProxyMetrics } from '../src/metrics.js';
-import { END_HEADERS, END_STREAM, H2, SETTINGS_INITIAL_WINDOW_SIZE, grpcHeaderBlock, h2Frame, literalField, rawH2Client, setting } from './helpers/raw-h2.js';
+import { CLIENT_PREFACE, END_HEADERS, END_STREAM, H2, SETTINGS_INITIAL_WINDOW_SIZE, grpcHeaderBlock, h2Frame, invalidFrameFlood, literalField, rawH2Client, setting } from './helpers/raw-h2.js';
 import { ECHO_UNARY_HEADERS } from './helpers/grpc-calls.js';
 import { scriptedUpstream } from './helpers/scripted-upstream.js';
 import { unary } from '../src/demo/grpc-client.js';
@@ -510,17 +510,12 @@ describe('an HTTP/2 connection Node ends for a flood, terminate mode', () => {
 // with no listener yet, ended the whole process (every worker's clients with it). OCSP's wait held bytes back alike.
 describe('a flood in the bytes a relayed client sent before it was handed to the terminating front', () => {
   test('ends that client\'s connection with a warn line, not the process', async () => {
-    const flood = Buffer.concat([
-      h2Frame(H2.HEADERS, END_HEADERS, 1, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary')),
-      // Empty DATA frames without END_STREAM: past Node's 1,000 such invalid frames, the session is ended.
-      ...Array.from({ length: 1200 }, () => h2Frame(H2.DATA, 0, 1)),
-    ]);
-    const preface = Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]);
+    const flood = invalidFrameFlood();
     // Closes without a byte once the whole burst has come through the relay, which then hands the client back with it.
     const closing = await scriptedUpstream((socket, first) => {
       let received = first.length;
       const closeOnceAll = () => {
-        if (received >= preface.length + flood.length) socket.destroy();
+        if (received >= CLIENT_PREFACE.length + flood.length) socket.destroy();
       };
       socket.on('data', (chunk: Buffer) => {
         received += chunk.length;

@@ -13,7 +13,7 @@ import { createTestPki, type TestPki } from './helpers/pki.js';
 import { assertRefusedAnswer, assertRefusedCall, baseConfig, grpcClients, h2Request, h2Session, https1, startTestProxy, startUpstream, tlsClientOptions, type LogLine, type ProxySetup, type StartedProxy } from './helpers/harness.js';
 import { issueForOcsp, startOcspResponder, type OcspResponderStandIn } from './helpers/ocsp-responder.js';
 import { eventually } from './helpers/ops.js';
-import { END_HEADERS, H2, grpcHeaderBlock, h2Frame } from './helpers/raw-h2.js';
+import { CLIENT_PREFACE, invalidFrameFlood } from './helpers/raw-h2.js';
 import { readToClose } from './helpers/raw-http1.js';
 import { unary } from '../src/demo/grpc-client.js';
 import type { ModelServer } from '../src/demo/model-server.js';
@@ -324,13 +324,7 @@ test('gRPC: a flood sent while the client\'s lookup is under way ends that conne
       socket.resume();
       const closed = once(socket, 'close');
       await once(socket, 'secureConnect');
-      socket.write(Buffer.concat([
-        Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'),
-        h2Frame(H2.SETTINGS, 0, 0),
-        h2Frame(H2.HEADERS, END_HEADERS, 1, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary')),
-        // Empty DATA frames without END_STREAM: past Node's 1,000 such invalid frames, the session is ended.
-        ...Array.from({ length: 1200 }, () => h2Frame(H2.DATA, 0, 1)),
-      ]));
+      socket.write(Buffer.concat([CLIENT_PREFACE, invalidFrameFlood()]));
       await eventually(() => own.asked.includes(client.serialHex), 'the lookup');
       own.release();
       await closed;

@@ -106,6 +106,14 @@ export interface RawH2Client {
   waitForFrame(type: number): Promise<H2Frame>;
 }
 
+/** What every HTTP/2 client sends first: the connection preface and an empty SETTINGS frame. */
+export const CLIENT_PREFACE = Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]);
+
+/** A gRPC call on stream 1 and 1,200 empty DATA frames without END_STREAM: past Node's 1,000 such invalid frames, it ends the session. */
+export function invalidFrameFlood(): Buffer {
+  return Buffer.concat([h2Frame(H2.HEADERS, END_HEADERS, 1, grpcHeaderBlock('/ovmsmtls.test.Echo/Unary')), ...Array.from({ length: 1200 }, () => h2Frame(H2.DATA, 0, 1))]);
+}
+
 /**
  * A client that speaks just enough HTTP/2 to be connected (preface, SETTINGS
  * and their ACK) and otherwise sends only what a test writes: it ignores
@@ -118,7 +126,7 @@ export async function rawH2Client(port: number, pki: TestPki, over?: Socket, sen
   socket.on('error', () => {});
   const closed = once(socket, 'close');
   await once(socket, 'secureConnect');
-  await send(socket, Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), h2Frame(H2.SETTINGS, 0, 0)]));
+  await send(socket, CLIENT_PREFACE);
   const reader = new H2FrameReader();
   socket.on('data', (chunk: Buffer) => {
     for (const frame of reader.push(chunk)) if (frame.type === H2.SETTINGS && (frame.flags & ACK) === 0) socket.write(h2Frame(H2.SETTINGS, ACK, 0));
